@@ -1,0 +1,49 @@
+//! Bulkhead: at most `max_concurrent` calls in flight, at most `max_waiting` waiting
+//! for up to `max_wait`, everyone else rejected at once with [`error::Full`].
+//!
+//! A permit is reserved in `poll_ready`, moved into the response future by `call`, and
+//! released when that future completes or is dropped. Every service made by one
+//! [`BulkheadLayer`] (and every clone of them) shares the same permits.
+//!
+//! # Two answers to overload
+//!
+//! | mode | configure | `poll_ready` when full | rejection |
+//! |---|---|---|---|
+//! | **fail fast** (default) | `max_waiting(0)` | `Ready` at once | `call` fails with [`error::Full`] at once |
+//! | bounded wait | `max_waiting(m)`, `max_wait(d)` | `Pending` for up to `d` (while fewer than `m` wait) | after `d`, or at once when `m` already wait |
+//! | **backpressure** | [`backpressure()`](BulkheadBuilder::backpressure) | `Pending` until a permit frees | never (like tower's `ConcurrencyLimit`) |
+//!
+//! Fail fast suits servers: axum assumes services are always ready, and a quick 503
+//! (the [`IntoResponse`](axum_core::response::IntoResponse) mapping of
+//! [`error::Full`] adds `Retry-After`) beats a pile-up. A rejection is a *ready* service
+//! whose `call` fails, never an error from `poll_ready`, so the service stays usable.
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use postbox::bulkhead::BulkheadLayer;
+//! use tower::{ServiceBuilder, service_fn};
+//!
+//! # fn main() -> Result<(), postbox::error::ConfigError> {
+//! let bulkhead = BulkheadLayer::builder()
+//!     .max_concurrent(32)
+//!     .max_waiting(8)
+//!     .max_wait(Duration::from_millis(50))
+//!     .build()?;
+//! let svc = ServiceBuilder::new()
+//!     .layer(bulkhead)
+//!     .service(service_fn(|x: u32| async move { Ok::<_, postbox::BoxError>(x) }));
+//! # let _ = svc; Ok(()) }
+//! ```
+//!
+//! # Cancel safety
+//! Dropping the response future releases its permit; dropping a service that is
+//! waiting gives up its waiting slot.
+
+pub mod error;
+pub mod future;
+mod layer;
+mod service;
+
+pub use self::layer::{BulkheadBuilder, BulkheadLayer};
+pub use self::service::Bulkhead;

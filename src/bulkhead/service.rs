@@ -1,0 +1,216 @@
+use super::error::Full;
+use super::future::ResponseFuture;
+use crate::BoxError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::time::Sleep;
+use tower_service::Service;
+
+/// State shared by every service of one [`BulkheadLayer`](super::BulkheadLayer).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) semaphore: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_concurrent: usize,
+    max_waiting: usize,
+    max_wait: Option<Duration>,
+}
+
+impl Shared {
+    pub(crate) fn new(max_concurrent: usize, max_waiting: usize, max_wait: Option<Duration>) -> Self {
+        Self {
+            semaphore: Arc::new(Semaphore::new(max_concurrent)),
+            waiting: AtomicUsize::new(0),
+            max_concurrent,
+            max_waiting,
+            max_wait,
+        }
+    }
+
+    fn full(&self) -> Full {
+        Full::new(self.max_concurrent, self.max_waiting)
+    }
+
+    /// Takes a waiting slot if fewer than `max_waiting` are taken.
+    fn enter_waiting(self: &Arc<Self>) -> Option<WaitSlot> {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_waiting).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| WaitSlot(self.clone()))
+    }
+}
+
+/// A taken waiting slot, given back on drop.
+struct WaitSlot(Arc<Shared>);
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send + Sync>>;
+
+/// A caller waiting for a permit (the slow path; allocated only when the bulkhead is
+/// full and waiting is allowed).
+struct Waiter {
+    acquire: Acquire,
+    timer: Option<Pin<Box<Sleep>>>,
+    _slot: WaitSlot,
+}
+
+enum State {
+    Empty,
+    Waiting(Box<Waiter>),
+    Ready(OwnedSemaphorePermit),
+    Rejected(Full),
+}
+
+/// Limits the calls in flight to the inner service; see the [module docs](super).
+///
+/// Errors become [`BoxError`]; a rejection is [`Full`].
+///
+/// # Clone
+/// A clone shares the permits but not a permit reserved by `poll_ready`: it starts
+/// unreserved.
+pub struct Bulkhead<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    state: State,
+}
+
+// === impl Bulkhead ===
+
+impl<S> Bulkhead<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self {
+            inner,
+            shared,
+            state: State::Empty,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    fn reject(&mut self, full: Full) {
+        tracing::debug!(waited = ?full.waited(), "bulkhead full; rejecting");
+        metrics::counter!("postbox_bulkhead_rejected_total").increment(1);
+        self.state = State::Rejected(full);
+    }
+}
+
+impl<S: Clone> Clone for Bulkhead<S> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.shared.clone())
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Bulkhead<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Empty => "empty",
+            State::Waiting(_) => "waiting",
+            State::Ready(_) => "ready",
+            State::Rejected(_) => "rejected",
+        };
+        f.debug_struct("Bulkhead")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<S, Req> Service<Req> for Bulkhead<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        loop {
+            match &mut self.state {
+                State::Ready(_) => return self.inner.poll_ready(cx).map_err(Into::into),
+                State::Rejected(_) => return Poll::Ready(Ok(())),
+                State::Empty => match self.shared.semaphore.clone().try_acquire_owned() {
+                    Ok(permit) => self.state = State::Ready(permit),
+                    Err(TryAcquireError::NoPermits) => match self.shared.enter_waiting() {
+                        None => {
+                            let full = self.shared.full();
+                            self.reject(full);
+                        }
+                        Some(slot) => {
+                            let timer = self.shared.max_wait.map(|d| Box::pin(tokio::time::sleep(d)));
+                            let acquire: Acquire = Box::pin(self.shared.semaphore.clone().acquire_owned());
+                            self.state = State::Waiting(Box::new(Waiter {
+                                acquire,
+                                timer,
+                                _slot: slot,
+                            }));
+                        }
+                    },
+                    // The semaphore is never closed.
+                    Err(TryAcquireError::Closed) => {
+                        let full = self.shared.full();
+                        self.reject(full);
+                    }
+                },
+                State::Waiting(w) => {
+                    if let Poll::Ready(res) = w.acquire.as_mut().poll(cx) {
+                        match res {
+                            Ok(permit) => self.state = State::Ready(permit),
+                            Err(_closed) => {
+                                let full = self.shared.full();
+                                self.reject(full);
+                            }
+                        }
+                        continue;
+                    }
+                    if let Some(timer) = &mut w.timer {
+                        if timer.as_mut().poll(cx).is_ready() {
+                            let waited = self.shared.max_wait.unwrap_or_default();
+                            let full = self.shared.full().after_waiting(waited);
+                            self.reject(full);
+                            continue;
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match std::mem::replace(&mut self.state, State::Empty) {
+            State::Ready(permit) => ResponseFuture::running(self.inner.call(req), permit),
+            State::Rejected(full) => ResponseFuture::rejected(full),
+            State::Empty | State::Waiting(_) => {
+                panic!("Bulkhead::call called before poll_ready returned Ready")
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Classification of errors: transport, connect, our own timeouts and rejections.
+
+use super::Classification;
+use crate::BoxError;
+use std::error::Error;
+use std::io;
+
+/// Gives access to an error as `&dyn Error`, so classifiers can walk its `source()`
+/// chain.
+///
+/// Implemented for [`BoxError`] (what most tower stacks carry), [`std::io::Error`],
+/// [`std::convert::Infallible`], postbox's own errors and, with the `grpc` feature,
+/// `tonic::Status`. For another error type `E: Error + 'static` the implementation
+/// is one line: `fn as_error(&self) -> Option<&(dyn Error + 'static)> { Some(self) }`.
+pub trait AsError {
+    /// The error as a trait object, or `None` if it can never occur.
+    fn as_error(&self) -> Option<&(dyn Error + 'static)>;
+}
+
+impl AsError for BoxError {
+    fn as_error(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&**self)
+    }
+}
+
+impl AsError for io::Error {
+    fn as_error(&self) -> Option<&(dyn Error + 'static)> {
+        Some(self)
+    }
+}
+
+impl AsError for std::convert::Infallible {
+    fn as_error(&self) -> Option<&(dyn Error + 'static)> {
+        match *self {}
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl AsError for tonic::Status {
+    fn as_error(&self) -> Option<&(dyn Error + 'static)> {
+        Some(self)
+    }
+}
+
+macro_rules! as_error_for {
+    ($($t:ty),* $(,)?) => {$(
+        impl AsError for $t {
+            fn as_error(&self) -> Option<&(dyn Error + 'static)> { Some(self) }
+        }
+    )*};
+}
+
+as_error_for!(
+    crate::timeout::error::Elapsed,
+    crate::timeout::error::DeadlineExceeded,
+    crate::bulkhead::error::Full,
+    crate::circuit_breaker::error::Open,
+);
+
+/// Classifies an error by walking its `source()` chain.
+///
+/// | error found in the chain | class | retryable | may have taken effect |
+/// |---|---|---|---|
+/// | [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | ignored | yes, after its `retry_after` | no |
+/// | [`bulkhead::error::Full`](crate::bulkhead::error::Full) | ignored | yes | no |
+/// | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
+/// | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | failure | no (the budget is spent) | yes, unless it expired before the call |
+/// | `io::Error` refused / not connected / address unavailable (connect) | failure | yes | no |
+/// | `io::Error` reset / aborted / broken pipe / unexpected EOF / timed out (transport) | failure | yes | yes |
+/// | `tonic::Status` (with `grpc`) | by its code, as [`GrpcClassifier`](super::GrpcClassifier) | | |
+/// | anything else | failure | yes | yes |
+///
+/// Retrying a call that may have taken effect is still subject to the retry layer's
+/// idempotency rules.
+pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
+    let mut cur: Option<&(dyn Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(open) = e.downcast_ref::<crate::circuit_breaker::error::Open>() {
+            return Classification::ignored()
+                .with_retryable(true)
+                .with_retry_after(Some(open.retry_after()));
+        }
+        if e.is::<crate::bulkhead::error::Full>() {
+            return Classification::ignored().with_retryable(true);
+        }
+        if e.is::<crate::timeout::error::Elapsed>() {
+            return Classification::failure();
+        }
+        if let Some(d) = e.downcast_ref::<crate::timeout::error::DeadlineExceeded>() {
+            return Classification::failure()
+                .with_retryable(false)
+                .with_effect(!d.expired_before_call());
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return classify_io(io.kind());
+        }
+        #[cfg(feature = "grpc")]
+        if let Some(status) = e.downcast_ref::<tonic::Status>() {
+            let code = super::grpc::GrpcCode::from_i32(status.code() as i32);
+            return super::grpc::default_class(code);
+        }
+        cur = e.source();
+    }
+    Classification::failure()
+}
+
+fn classify_io(kind: io::ErrorKind) -> Classification {
+    use io::ErrorKind::*;
+    match kind {
+        ConnectionRefused | NotConnected | AddrNotAvailable | AddrInUse => {
+            Classification::failure().with_effect(false)
+        }
+        _ => Classification::failure(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Class;
+
+    #[test]
+    fn connect_refused_is_retryable_failure_without_effect() {
+        let e: BoxError = io::Error::from(io::ErrorKind::ConnectionRefused).into();
+        let c = classify_error(&*e);
+        assert_eq!(c.class(), Class::Failure);
+        assert!(c.is_retryable());
+        assert!(!c.may_have_taken_effect());
+    }
+
+    #[test]
+    fn reset_after_send_may_have_taken_effect() {
+        let e: BoxError = io::Error::from(io::ErrorKind::ConnectionReset).into();
+        let c = classify_error(&*e);
+        assert_eq!(c.class(), Class::Failure);
+        assert!(c.may_have_taken_effect());
+    }
+
+    #[test]
+    fn io_error_found_deep_in_the_source_chain() {
+        #[derive(Debug)]
+        struct Wrapper(io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("client error (Connect)")
+            }
+        }
+        impl Error for Wrapper {
+            fn source(&self) -> Option<&(dyn Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e: BoxError = Box::new(Wrapper(io::ErrorKind::ConnectionRefused.into()));
+        assert!(!classify_error(&*e).may_have_taken_effect());
+    }
+
+    #[test]
+    fn own_rejections_are_ignored() {
+        let full: BoxError = crate::bulkhead::error::Full::new(1, 0).into();
+        assert!(classify_error(&*full).is_ignored());
+        let open: BoxError =
+            crate::circuit_breaker::error::Open::new(std::time::Duration::from_secs(3)).into();
+        let c = classify_error(&*open);
+        assert!(c.is_ignored());
+        assert_eq!(c.retry_after(), Some(std::time::Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn own_attempt_timeout_is_retryable_failure() {
+        let e: BoxError = crate::timeout::error::Elapsed::new(std::time::Duration::from_secs(1)).into();
+        let c = classify_error(&*e);
+        assert_eq!(c.class(), Class::Failure);
+        assert!(c.is_retryable());
+    }
+
+    #[test]
+    fn unknown_errors_are_retryable_failures() {
+        let e: BoxError = "boom".into();
+        assert_eq!(classify_error(&*e), Classification::failure());
+    }
+}

@@ -1,0 +1,301 @@
+//! gRPC classification: `grpc-status` from headers or trailers, `grpc-retry-pushback-ms`.
+//!
+//! A gRPC response carries its status in the trailers, except for "trailers-only"
+//! responses (most errors), which carry it in the headers. A tower layer sees the
+//! response when the headers arrive, so [`GrpcClassifier`] classifies from the headers
+//! when the status is there, maps a non-200 HTTP status as the gRPC spec says, and
+//! otherwise treats the response as a provisional success; the final answer comes from
+//! [`GrpcClassifier::classify_trailers`] when the body ends. A stream that ends without
+//! any `grpc-status` is an `UNKNOWN` failure, as tonic and grpc-go do.
+
+use super::{AsError, Classification, Classify, classify_error};
+use http::{HeaderMap, Response};
+use std::time::Duration;
+
+/// The canonical gRPC status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[allow(missing_docs, reason = "the canonical gRPC code names document themselves")]
+pub enum GrpcCode {
+    Ok = 0,
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+impl GrpcCode {
+    /// The code for a numeric value; out-of-range values are `Unknown`, as the spec says.
+    pub fn from_i32(v: i32) -> Self {
+        use GrpcCode::*;
+        match v {
+            0 => Ok,
+            1 => Cancelled,
+            3 => InvalidArgument,
+            4 => DeadlineExceeded,
+            5 => NotFound,
+            6 => AlreadyExists,
+            7 => PermissionDenied,
+            8 => ResourceExhausted,
+            9 => FailedPrecondition,
+            10 => Aborted,
+            11 => OutOfRange,
+            12 => Unimplemented,
+            13 => Internal,
+            14 => Unavailable,
+            15 => DataLoss,
+            16 => Unauthenticated,
+            _ => Unknown,
+        }
+    }
+
+    /// Reads `grpc-status` from a header map (headers or trailers).
+    pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
+        let v = headers.get("grpc-status")?.to_str().ok()?;
+        Some(v.trim().parse::<i32>().map_or(GrpcCode::Unknown, Self::from_i32))
+    }
+
+    /// The code the gRPC spec assigns to a non-200 HTTP status from a proxy.
+    pub fn from_http_status(status: http::StatusCode) -> Self {
+        match status.as_u16() {
+            400 => GrpcCode::Internal,
+            401 => GrpcCode::Unauthenticated,
+            403 => GrpcCode::PermissionDenied,
+            404 => GrpcCode::Unimplemented,
+            429 | 502 | 503 | 504 => GrpcCode::Unavailable,
+            _ => GrpcCode::Unknown,
+        }
+    }
+}
+
+/// The default class of a gRPC code (see the [module docs](super)).
+pub(crate) fn default_class(code: GrpcCode) -> Classification {
+    use GrpcCode::*;
+    match code {
+        Unavailable | DeadlineExceeded => Classification::failure(),
+        ResourceExhausted => Classification::overload(None),
+        Internal | Unknown | DataLoss => Classification::failure().with_retryable(false),
+        _ => Classification::success(),
+    }
+}
+
+/// Reads `grpc-retry-pushback-ms`.
+///
+/// `Some(Ok(d))` is a hint; `Some(Err(()))` is a pushback that is negative or not a
+/// number, which the gRPC retry design (A6) defines as "do not retry".
+pub fn retry_pushback(headers: &HeaderMap) -> Option<Result<Duration, ()>> {
+    let v = headers.get("grpc-retry-pushback-ms")?;
+    Some(
+        v.to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Duration::from_millis)
+            .ok_or(()),
+    )
+}
+
+/// Classifies gRPC responses by status code, with user overrides.
+///
+/// Defaults: `UNAVAILABLE` and `DEADLINE_EXCEEDED` are retryable failures;
+/// `RESOURCE_EXHAUSTED` is a retryable overload; `INTERNAL`, `UNKNOWN` (and a missing
+/// status) and `DATA_LOSS` are failures that are not retried; every other code is a
+/// success for the breaker and not retryable. `grpc-retry-pushback-ms` becomes the
+/// retry hint, or forbids a retry when negative.
+///
+/// # Example
+/// ```
+/// use http::HeaderMap;
+/// use postbox::classify::{Class, GrpcClassifier};
+///
+/// let mut trailers = HeaderMap::new();
+/// trailers.insert("grpc-status", "14".parse().unwrap()); // UNAVAILABLE
+/// let c = GrpcClassifier::new().classify_trailers(Some(&trailers));
+/// assert_eq!(c.class(), Class::Failure);
+/// assert!(c.is_retryable());
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcClassifier {
+    // bit i set: code i overridden; value bit in `failure` / `retryable`.
+    overridden: u32,
+    failure: u32,
+    retryable: u32,
+}
+
+// === impl GrpcClassifier ===
+
+impl GrpcClassifier {
+    /// The default gRPC classifier.
+    pub const fn new() -> Self {
+        Self {
+            overridden: 0,
+            failure: 0,
+            retryable: 0,
+        }
+    }
+
+    /// Counts `code` as a failure, retryable or not.
+    pub const fn with_failure(mut self, code: GrpcCode, retryable: bool) -> Self {
+        let bit = 1 << code as u32;
+        self.overridden |= bit;
+        self.failure |= bit;
+        if retryable {
+            self.retryable |= bit;
+        } else {
+            self.retryable &= !bit;
+        }
+        self
+    }
+
+    /// Counts `code` as a success (never retried).
+    pub const fn with_success(mut self, code: GrpcCode) -> Self {
+        let bit = 1 << code as u32;
+        self.overridden |= bit;
+        self.failure &= !bit;
+        self.retryable &= !bit;
+        self
+    }
+
+    /// Classifies a code and the header map it came in (for the pushback hint).
+    pub fn classify_code(&self, code: GrpcCode, headers: &HeaderMap) -> Classification {
+        let bit = 1 << code as u32;
+        let mut c = if self.overridden & bit != 0 {
+            if self.failure & bit != 0 {
+                Classification::failure().with_retryable(self.retryable & bit != 0)
+            } else {
+                Classification::success()
+            }
+        } else {
+            default_class(code)
+        };
+        if !c.is_success() {
+            match retry_pushback(headers) {
+                Some(Ok(d)) => c = c.with_retry_after(Some(d)),
+                Some(Err(())) => c = c.with_retryable(false),
+                None => {}
+            }
+        }
+        c
+    }
+
+    /// Classifies the end of a stream from its trailers; no trailers, or trailers
+    /// without `grpc-status`, are an `UNKNOWN` failure.
+    pub fn classify_trailers(&self, trailers: Option<&HeaderMap>) -> Classification {
+        match trailers.and_then(|t| GrpcCode::from_headers(t).map(|c| (c, t))) {
+            Some((code, t)) => self.classify_code(code, t),
+            None => self.classify_code(GrpcCode::Unknown, &HeaderMap::new()),
+        }
+    }
+
+    /// Classifies response headers: the status when present (trailers-only response),
+    /// the spec's mapping for a non-200 HTTP status, or `None` when the status will
+    /// arrive in the trailers.
+    pub fn classify_headers(&self, status: http::StatusCode, headers: &HeaderMap) -> Option<Classification> {
+        if let Some(code) = GrpcCode::from_headers(headers) {
+            return Some(self.classify_code(code, headers));
+        }
+        if status != http::StatusCode::OK {
+            return Some(self.classify_code(GrpcCode::from_http_status(status), headers));
+        }
+        None
+    }
+}
+
+impl<B, E: AsError> Classify<Response<B>, E> for GrpcClassifier {
+    /// Classifies from the headers; a response whose status is still to come in the
+    /// trailers is a provisional success (see the [module docs](self)).
+    fn classify(&self, outcome: Result<&Response<B>, &E>) -> Classification {
+        match outcome {
+            Ok(res) => self
+                .classify_headers(res.status(), res.headers())
+                .unwrap_or_else(Classification::success),
+            Err(e) => e
+                .as_error()
+                .map_or_else(Classification::failure, classify_error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Class;
+
+    fn trailers(status: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-status", status.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn grpc_status_read_from_trailers() {
+        let c = GrpcClassifier::new();
+        let unavailable = c.classify_trailers(Some(&trailers("14")));
+        assert_eq!(unavailable.class(), Class::Failure);
+        assert!(unavailable.is_retryable());
+        let invalid = c.classify_trailers(Some(&trailers("3")));
+        assert_eq!(invalid.class(), Class::Success);
+        assert!(!invalid.is_retryable());
+        assert!(c.classify_trailers(Some(&trailers("0"))).is_success());
+    }
+
+    #[test]
+    fn missing_grpc_status_is_an_unknown_failure() {
+        let c = GrpcClassifier::new();
+        assert_eq!(c.classify_trailers(None).class(), Class::Failure);
+        assert_eq!(c.classify_trailers(Some(&HeaderMap::new())).class(), Class::Failure);
+        assert_eq!(c.classify_trailers(Some(&trailers("banana"))).class(), Class::Failure);
+    }
+
+    #[test]
+    fn trailers_only_response_classified_from_headers() {
+        let res = Response::builder()
+            .header("grpc-status", "8")
+            .header("grpc-retry-pushback-ms", "250")
+            .body(())
+            .unwrap();
+        let c = Classify::<_, crate::BoxError>::classify(&GrpcClassifier::new(), Ok(&res));
+        assert_eq!(c.class(), Class::Overload);
+        assert_eq!(c.retry_after(), Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn negative_pushback_forbids_retry() {
+        let mut h = trailers("14");
+        h.insert("grpc-retry-pushback-ms", "-1".parse().unwrap());
+        assert!(!GrpcClassifier::new().classify_trailers(Some(&h)).is_retryable());
+    }
+
+    #[test]
+    fn non_200_http_status_maps_to_grpc_code() {
+        let c = GrpcClassifier::new()
+            .classify_headers(http::StatusCode::BAD_GATEWAY, &HeaderMap::new())
+            .unwrap();
+        assert_eq!(c.class(), Class::Failure);
+        assert!(c.is_retryable());
+        assert!(GrpcClassifier::new()
+            .classify_headers(http::StatusCode::OK, &HeaderMap::new())
+            .is_none());
+    }
+
+    #[test]
+    fn overrides_change_a_code() {
+        let c = GrpcClassifier::new()
+            .with_failure(GrpcCode::Aborted, true)
+            .with_success(GrpcCode::Unavailable);
+        let aborted = c.classify_trailers(Some(&trailers("10")));
+        assert!(aborted.is_failure() && aborted.is_retryable());
+        assert!(c.classify_trailers(Some(&trailers("14"))).is_success());
+    }
+}

@@ -1,0 +1,284 @@
+//! HTTP classification: status codes, ranges, `Retry-After`.
+
+use super::{AsError, Class, Classification, Classify, classify_error};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header::RETRY_AFTER};
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Classifies `http::Response`s by status, with user overrides.
+///
+/// Defaults:
+///
+/// | status | class | retryable |
+/// |---|---|---|
+/// | 1xx, 2xx, 3xx | success | no |
+/// | 408 Request Timeout | failure | yes |
+/// | 429 Too Many Requests | overload, hint from `Retry-After` | yes |
+/// | 503 with `Retry-After` | overload, hint from `Retry-After` | yes |
+/// | other 5xx (503 without `Retry-After` too) | failure | yes |
+/// | other 4xx | success (says nothing about the server's health) | no |
+///
+/// Errors are classified with [`classify_error`].
+///
+/// Overrides are checked before the defaults: first the closure set with
+/// [`with_fn`](Self::with_fn), then the rules in the reverse order they were added (the
+/// last one added wins).
+///
+/// # Example
+/// ```
+/// use http::StatusCode;
+/// use postbox::classify::{Class, Classification, HttpClassifier};
+///
+/// let classifier = HttpClassifier::new()
+///     // our dependency answers 409 when a lock is held: worth a retry
+///     .with_status(StatusCode::CONFLICT, Classification::failure())
+///     // 501 will never get better
+///     .with_status(StatusCode::NOT_IMPLEMENTED, Classification::failure().with_retryable(false));
+/// assert_eq!(classifier.classify_status(StatusCode::CONFLICT, &Default::default()).class(), Class::Failure);
+/// ```
+#[derive(Clone, Default)]
+pub struct HttpClassifier {
+    overrides: Option<Arc<Overrides>>,
+}
+
+type StatusFn = dyn Fn(StatusCode, &HeaderMap) -> Option<Classification> + Send + Sync;
+
+#[derive(Default)]
+struct Overrides {
+    rules: Vec<(RangeInclusive<u16>, Classification)>,
+    custom: Option<Arc<StatusFn>>,
+}
+
+// === impl HttpClassifier ===
+
+impl HttpClassifier {
+    /// The default HTTP classifier (see the table above).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn overrides_mut(&mut self) -> &mut Overrides {
+        let arc = self.overrides.get_or_insert_with(Default::default);
+        if Arc::get_mut(arc).is_none() {
+            let cloned = Overrides {
+                rules: arc.rules.clone(),
+                custom: arc.custom.clone(),
+            };
+            *arc = Arc::new(cloned);
+        }
+        Arc::get_mut(arc).expect("uniquely owned after copy-on-write")
+    }
+
+    /// Classifies `status` as `classification` (a server hint in `Retry-After` is still
+    /// read for overload classifications).
+    pub fn with_status(self, status: StatusCode, classification: Classification) -> Self {
+        let code = status.as_u16();
+        self.with_range(code..=code, classification)
+    }
+
+    /// Classifies every status in `range` (e.g. `500..=599`) as `classification`.
+    pub fn with_range(mut self, range: RangeInclusive<u16>, classification: Classification) -> Self {
+        self.overrides_mut().rules.push((range, classification));
+        self
+    }
+
+    /// Shorthand for a retryable failure on `status`.
+    pub fn with_failure(self, status: StatusCode) -> Self {
+        self.with_status(status, Classification::failure())
+    }
+
+    /// Shorthand for a success (not retryable) on `status`.
+    pub fn with_success(self, status: StatusCode) -> Self {
+        self.with_status(status, Classification::success())
+    }
+
+    /// A closure asked first; `None` falls through to the rules and defaults.
+    pub fn with_fn<F>(mut self, f: F) -> Self
+    where
+        F: Fn(StatusCode, &HeaderMap) -> Option<Classification> + Send + Sync + 'static,
+    {
+        self.overrides_mut().custom = Some(Arc::new(f));
+        self
+    }
+
+    /// Classifies a status and its headers.
+    pub fn classify_status(&self, status: StatusCode, headers: &HeaderMap) -> Classification {
+        if let Some(o) = &self.overrides {
+            if let Some(f) = &o.custom {
+                if let Some(c) = f(status, headers) {
+                    return c;
+                }
+            }
+            let code = status.as_u16();
+            if let Some((_, c)) = o.rules.iter().rev().find(|(r, _)| r.contains(&code)) {
+                let mut c = *c;
+                if c.class() == Class::Overload && c.retry_after().is_none() {
+                    c = c.with_retry_after(retry_after(headers, SystemTime::now()));
+                }
+                return c;
+            }
+        }
+        default_status(status, headers)
+    }
+}
+
+fn default_status(status: StatusCode, headers: &HeaderMap) -> Classification {
+    match status.as_u16() {
+        408 => Classification::failure(),
+        429 => Classification::overload(retry_after(headers, SystemTime::now())),
+        503 => match retry_after(headers, SystemTime::now()) {
+            Some(hint) => Classification::overload(Some(hint)),
+            None => Classification::failure(),
+        },
+        500..=599 => Classification::failure(),
+        _ => Classification::success(),
+    }
+}
+
+impl fmt::Debug for HttpClassifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (rules, custom) = match &self.overrides {
+            Some(o) => (o.rules.as_slice(), o.custom.is_some()),
+            None => (&[][..], false),
+        };
+        f.debug_struct("HttpClassifier")
+            .field("rules", &rules)
+            .field("custom", &custom)
+            .finish()
+    }
+}
+
+impl<B, E: AsError> Classify<Response<B>, E> for HttpClassifier {
+    fn classify(&self, outcome: Result<&Response<B>, &E>) -> Classification {
+        match outcome {
+            Ok(res) => self.classify_status(res.status(), res.headers()),
+            Err(e) => e
+                .as_error()
+                .map_or_else(Classification::failure, classify_error),
+        }
+    }
+}
+
+/// Reads the `Retry-After` header (delay-seconds or an HTTP-date) relative to `now`.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| parse_retry_after(v, now))
+}
+
+/// Parses a `Retry-After` value: delay-seconds (`"120"`) or an HTTP-date
+/// (`"Wed, 21 Oct 2015 07:28:00 GMT"`), relative to `now`.
+///
+/// A date in the past means "no wait" (`Some(Duration::ZERO)`); anything unparsable is
+/// `None`.
+pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let s = value.to_str().ok()?.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<u64>().ok().map(Duration::from_secs);
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BoxError;
+
+    fn response(status: u16, retry_after: Option<&str>) -> Response<()> {
+        let mut b = Response::builder().status(status);
+        if let Some(v) = retry_after {
+            b = b.header(RETRY_AFTER, v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn classify(c: &HttpClassifier, res: &Response<()>) -> Classification {
+        Classify::<_, BoxError>::classify(c, Ok(res))
+    }
+
+    #[test]
+    fn retry_after_seconds_parse() {
+        let v = HeaderValue::from_static("120");
+        assert_eq!(parse_retry_after(&v, SystemTime::now()), Some(Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn retry_after_http_date_parses_relative_to_now() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        let v = HeaderValue::from_static("Wed, 21 Oct 2015 07:28:30 GMT");
+        assert_eq!(parse_retry_after(&v, now), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn retry_after_http_date_in_the_past_means_no_wait() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        let v = HeaderValue::from_static("Wed, 21 Oct 2015 07:00:00 GMT");
+        assert_eq!(parse_retry_after(&v, now), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn retry_after_garbage_is_ignored() {
+        let v = HeaderValue::from_static("soon");
+        assert_eq!(parse_retry_after(&v, SystemTime::now()), None);
+        let v = HeaderValue::from_static("-5");
+        assert_eq!(parse_retry_after(&v, SystemTime::now()), None);
+    }
+
+    #[test]
+    fn server_errors_are_retryable_failures() {
+        let c = HttpClassifier::new();
+        for s in [500, 502, 504] {
+            let r = classify(&c, &response(s, None));
+            assert_eq!(r.class(), Class::Failure, "{s}");
+            assert!(r.is_retryable());
+        }
+    }
+
+    #[test]
+    fn too_many_requests_is_overload_with_hint() {
+        let r = classify(&HttpClassifier::new(), &response(429, Some("2")));
+        assert_eq!(r.class(), Class::Overload);
+        assert_eq!(r.retry_after(), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn unavailable_with_retry_after_is_overload_without_is_failure() {
+        let c = HttpClassifier::new();
+        assert_eq!(classify(&c, &response(503, Some("1"))).class(), Class::Overload);
+        assert_eq!(classify(&c, &response(503, None)).class(), Class::Failure);
+    }
+
+    #[test]
+    fn client_errors_are_success_and_not_retryable() {
+        let c = HttpClassifier::new();
+        for s in [400, 401, 404, 409, 422] {
+            let r = classify(&c, &response(s, None));
+            assert_eq!(r.class(), Class::Success, "{s}");
+            assert!(!r.is_retryable());
+        }
+        assert_eq!(classify(&c, &response(408, None)).class(), Class::Failure);
+    }
+
+    #[test]
+    fn overrides_by_status_range_and_closure() {
+        let c = HttpClassifier::new()
+            .with_range(500..=599, Classification::failure().with_retryable(false))
+            .with_failure(StatusCode::CONFLICT)
+            .with_fn(|s, _| (s == StatusCode::IM_A_TEAPOT).then(Classification::ignored));
+        assert!(!classify(&c, &response(502, None)).is_retryable());
+        assert_eq!(classify(&c, &response(409, None)).class(), Class::Failure);
+        assert_eq!(classify(&c, &response(418, None)).class(), Class::Ignored);
+        assert_eq!(classify(&c, &response(404, None)).class(), Class::Success);
+    }
+
+    #[test]
+    fn clones_share_overrides_and_later_changes_do_not_leak() {
+        let a = HttpClassifier::new().with_failure(StatusCode::CONFLICT);
+        let b = a.clone().with_success(StatusCode::CONFLICT);
+        assert_eq!(classify(&a, &response(409, None)).class(), Class::Failure);
+        assert_eq!(classify(&b, &response(409, None)).class(), Class::Success);
+    }
+}

@@ -1,0 +1,225 @@
+//! Errors shared by every layer: configuration errors, cause-chain helpers, and the
+//! mappings of postbox's errors to HTTP responses (axum) and gRPC statuses (tonic).
+//!
+//! Every layer error is a struct named after its condition, found anywhere in a
+//! `source()` chain with [`find_cause`]:
+//!
+//! | error | meaning | axum (`http`) | tonic (`grpc`) |
+//! |---|---|---|---|
+//! | [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | the breaker rejected the call | 503 + `Retry-After` | `UNAVAILABLE` + `grpc-retry-pushback-ms` |
+//! | [`bulkhead::error::Full`](crate::bulkhead::error::Full) | no permit | 503 + `Retry-After: 1` | `RESOURCE_EXHAUSTED` |
+//! | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) | attempt timed out | 504 | `DEADLINE_EXCEEDED` |
+//! | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | deadline passed | 504 | `DEADLINE_EXCEEDED` |
+//!
+//! # Example
+//! ```
+//! use postbox::{BoxError, bulkhead::error::Full, error::{find_cause, is_caused_by}};
+//!
+//! let err: BoxError = Full::new(8, 0).into();
+//! assert!(is_caused_by::<Full>(&*err));
+//! assert_eq!(find_cause::<Full>(&*err).unwrap().max_concurrent(), 8);
+//! ```
+
+use std::borrow::Cow;
+use std::error::Error;
+use std::fmt;
+
+/// An invalid configuration, found when a layer is built. Names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: Cow<'static, str>,
+    message: Cow<'static, str>,
+}
+
+impl ConfigError {
+    /// An error about `field` (dotted path, e.g. `bulkhead.max_concurrent`).
+    pub fn new(field: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The offending field.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// What is wrong with it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: `{}` {}", self.field, self.message)
+    }
+}
+
+impl Error for ConfigError {}
+
+/// Finds an error of type `E` anywhere in `err`'s `source()` chain (itself included).
+pub fn find_cause<'a, E: Error + 'static>(err: &'a (dyn Error + 'static)) -> Option<&'a E> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// `true` if an error of type `E` is anywhere in `err`'s `source()` chain.
+pub fn is_caused_by<E: Error + 'static>(err: &(dyn Error + 'static)) -> bool {
+    find_cause::<E>(err).is_some()
+}
+
+#[cfg(feature = "http")]
+pub use self::http_mapping::{into_response, to_response};
+
+#[cfg(feature = "http")]
+mod http_mapping {
+    use super::find_cause;
+    use crate::BoxError;
+    use crate::bulkhead::error::Full;
+    use crate::circuit_breaker::error::Open;
+    use crate::timeout::error::{DeadlineExceeded, Elapsed};
+    use axum_core::body::Body;
+    use axum_core::response::{IntoResponse, Response};
+    use http::{HeaderValue, StatusCode, header::RETRY_AFTER};
+    use std::error::Error;
+    use std::time::Duration;
+
+    fn respond(status: StatusCode, retry_after: Option<Duration>, msg: String) -> Response {
+        let mut res = Response::new(Body::from(msg));
+        *res.status_mut() = status;
+        if let Some(d) = retry_after {
+            // Whole seconds, rounded up: a client that honours it is never early.
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        res
+    }
+
+    impl IntoResponse for Open {
+        /// `503 Service Unavailable` with `Retry-After` (seconds until the next probe,
+        /// rounded up).
+        fn into_response(self) -> Response {
+            respond(StatusCode::SERVICE_UNAVAILABLE, Some(self.retry_after()), self.to_string())
+        }
+    }
+
+    impl IntoResponse for Full {
+        /// `503 Service Unavailable` with `Retry-After: 1`.
+        fn into_response(self) -> Response {
+            respond(StatusCode::SERVICE_UNAVAILABLE, Some(Duration::from_secs(1)), self.to_string())
+        }
+    }
+
+    impl IntoResponse for Elapsed {
+        /// `504 Gateway Timeout`.
+        fn into_response(self) -> Response {
+            respond(StatusCode::GATEWAY_TIMEOUT, None, self.to_string())
+        }
+    }
+
+    impl IntoResponse for DeadlineExceeded {
+        /// `504 Gateway Timeout`.
+        fn into_response(self) -> Response {
+            respond(StatusCode::GATEWAY_TIMEOUT, None, self.to_string())
+        }
+    }
+
+    /// The response for a postbox error found anywhere in `err`'s cause chain, or
+    /// `None` if there is none.
+    pub fn to_response(err: &(dyn Error + 'static)) -> Option<Response> {
+        if let Some(e) = find_cause::<Open>(err) {
+            return Some(e.clone().into_response());
+        }
+        if let Some(e) = find_cause::<Full>(err) {
+            return Some(e.clone().into_response());
+        }
+        if let Some(e) = find_cause::<Elapsed>(err) {
+            return Some(e.clone().into_response());
+        }
+        find_cause::<DeadlineExceeded>(err).map(|e| e.clone().into_response())
+    }
+
+    /// The response for any error: a postbox error's mapping, or
+    /// `500 Internal Server Error`. Usable as an axum `HandleErrorLayer` function.
+    pub fn into_response(err: BoxError) -> Response {
+        to_response(&*err).unwrap_or_else(|| {
+            respond(StatusCode::INTERNAL_SERVER_ERROR, None, err.to_string())
+        })
+    }
+}
+
+#[cfg(feature = "grpc")]
+pub use self::grpc_mapping::to_status;
+
+#[cfg(feature = "grpc")]
+mod grpc_mapping {
+    use super::find_cause;
+    use crate::bulkhead::error::Full;
+    use crate::circuit_breaker::error::Open;
+    use crate::timeout::error::{DeadlineExceeded, Elapsed};
+    use std::error::Error;
+    use tonic::{Code, Status};
+
+    impl From<Open> for Status {
+        /// `UNAVAILABLE`, with `grpc-retry-pushback-ms` set to the time until the next
+        /// probe.
+        fn from(e: Open) -> Self {
+            let mut status = Status::new(Code::Unavailable, e.to_string());
+            let ms = e.retry_after().as_millis().max(1).to_string();
+            if let Ok(v) = ms.parse() {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            status
+        }
+    }
+
+    impl From<Full> for Status {
+        /// `RESOURCE_EXHAUSTED`.
+        fn from(e: Full) -> Self {
+            Status::new(Code::ResourceExhausted, e.to_string())
+        }
+    }
+
+    impl From<Elapsed> for Status {
+        /// `DEADLINE_EXCEEDED`.
+        fn from(e: Elapsed) -> Self {
+            Status::new(Code::DeadlineExceeded, e.to_string())
+        }
+    }
+
+    impl From<DeadlineExceeded> for Status {
+        /// `DEADLINE_EXCEEDED`.
+        fn from(e: DeadlineExceeded) -> Self {
+            Status::new(Code::DeadlineExceeded, e.to_string())
+        }
+    }
+
+    /// The `tonic::Status` for any error: a postbox error's mapping, a `Status` found
+    /// in the chain, or `UNKNOWN` with the error's message.
+    pub fn to_status(err: &(dyn Error + 'static)) -> Status {
+        if let Some(e) = find_cause::<Open>(err) {
+            return e.clone().into();
+        }
+        if let Some(e) = find_cause::<Full>(err) {
+            return e.clone().into();
+        }
+        if let Some(e) = find_cause::<Elapsed>(err) {
+            return e.clone().into();
+        }
+        if let Some(e) = find_cause::<DeadlineExceeded>(err) {
+            return e.clone().into();
+        }
+        if let Some(s) = find_cause::<Status>(err) {
+            return s.clone();
+        }
+        Status::unknown(err.to_string())
+    }
+}

@@ -1,0 +1,11 @@
+#![doc = include_str!("docs/crate.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod bulkhead;
+pub mod circuit_breaker;
+pub mod classify;
+pub mod error;
+pub mod timeout;
+
+/// The boxed error type layers use once they add errors of their own (as in tower).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,171 @@
+//! Response futures for [`AttemptTimeout`](super::AttemptTimeout) and
+//! [`Deadline`](super::Deadline).
+
+use super::error::{DeadlineExceeded, Elapsed};
+use crate::BoxError;
+use pin_project_lite::pin_project;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep, sleep_until};
+
+pin_project! {
+    /// Response future of [`AttemptTimeout`](super::AttemptTimeout).
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: Timed<F>,
+    }
+}
+
+pin_project! {
+    /// Response future of [`Deadline`](super::Deadline).
+    #[derive(Debug)]
+    pub struct DeadlineFuture<F> {
+        #[pin]
+        state: Timed<F>,
+    }
+}
+
+pin_project! {
+    #[project = TimedProj]
+    #[project_replace = TimedReplace]
+    #[derive(Debug)]
+    enum Timed<F> {
+        Running {
+            #[pin]
+            inner: F,
+            // Armed only once the inner future is pending: a call that completes on its
+            // first poll never touches the clock or the timer wheel.
+            #[pin]
+            sleep: Option<Sleep>,
+            deadline: Option<Instant>,
+            budget: Duration,
+        },
+        Expired { error: Option<DeadlineExceeded> },
+        Done,
+    }
+}
+
+impl<F> Timed<F> {
+    fn running(inner: F, deadline: Option<Instant>, budget: Duration) -> Self {
+        Timed::Running {
+            inner,
+            sleep: None,
+            deadline,
+            budget,
+        }
+    }
+
+    /// Polls the inner future, then the (lazily armed) timer. On expiry the inner
+    /// future is dropped at once and the budget is returned as the error.
+    fn poll_timed<T, E>(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Result<T, E>, Duration>>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let budget = match self.as_mut().project() {
+            TimedProj::Running {
+                inner,
+                sleep: mut timer,
+                deadline,
+                budget,
+            } => {
+                if let Poll::Ready(out) = inner.poll(cx) {
+                    self.set(Timed::Done);
+                    return Poll::Ready(Ok(out));
+                }
+                if timer.is_none() {
+                    let at = deadline.unwrap_or_else(|| Instant::now() + *budget);
+                    timer.set(Some(sleep_until(at)));
+                }
+                if let Some(timer) = timer.as_pin_mut() {
+                    ready!(timer.poll(cx));
+                }
+                *budget
+            }
+            TimedProj::Expired { .. } | TimedProj::Done => {
+                panic!("timeout future polled after completion")
+            }
+        };
+        // Drop the inner future now: expiry cancels the attempt.
+        self.project_replace(Timed::Done);
+        Poll::Ready(Err(budget))
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn new(inner: F, timeout: Duration) -> Self {
+        Self {
+            state: Timed::running(inner, None, timeout),
+        }
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match ready!(self.project().state.poll_timed(cx)) {
+            Ok(out) => Poll::Ready(out.map_err(Into::into)),
+            Err(after) => {
+                tracing::debug!(?after, "attempt timed out");
+                metrics::counter!("postbox_timeouts_total", "layer" => "attempt_timeout")
+                    .increment(1);
+                Poll::Ready(Err(Elapsed::new(after).into()))
+            }
+        }
+    }
+}
+
+// === impl DeadlineFuture ===
+
+impl<F> DeadlineFuture<F> {
+    pub(crate) fn running(inner: F, deadline: Option<Instant>, budget: Duration) -> Self {
+        Self {
+            state: Timed::running(inner, deadline, budget),
+        }
+    }
+
+    pub(crate) fn expired(error: DeadlineExceeded) -> Self {
+        Self {
+            state: Timed::Expired { error: Some(error) },
+        }
+    }
+}
+
+impl<F, T, E> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        if let TimedProj::Expired { error } = state.as_mut().project() {
+            let e = error.take().expect("deadline future polled after completion");
+            return Poll::Ready(Err(e.into()));
+        }
+        match ready!(state.poll_timed(cx)) {
+            Ok(out) => Poll::Ready(out.map_err(Into::into)),
+            Err(budget) => {
+                tracing::debug!(?budget, "deadline exceeded");
+                metrics::counter!("postbox_deadline_exceeded_total", "when" => "in_flight")
+                    .increment(1);
+                Poll::Ready(Err(DeadlineExceeded::new(budget, false).into()))
+            }
+        }
+    }
+}

@@ -1,0 +1,99 @@
+use super::service::{AttemptTimeout, Deadline, NoPropagation};
+use crate::error::ConfigError;
+use std::time::Duration;
+use tower_layer::Layer;
+
+/// Applies an [`AttemptTimeout`] to a service.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptTimeoutLayer {
+    timeout: Duration,
+}
+
+// === impl AttemptTimeoutLayer ===
+
+impl AttemptTimeoutLayer {
+    /// A timeout of `timeout` per attempt.
+    ///
+    /// # Errors
+    /// A zero timeout is a [`ConfigError`].
+    pub fn new(timeout: Duration) -> Result<Self, ConfigError> {
+        if timeout.is_zero() {
+            return Err(ConfigError::new("attempt_timeout", "must be greater than zero"));
+        }
+        Ok(Self { timeout })
+    }
+
+    /// The configured timeout.
+    pub const fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+impl<S> Layer<S> for AttemptTimeoutLayer {
+    type Service = AttemptTimeout<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AttemptTimeout::new(inner, self.timeout)
+    }
+}
+
+/// Applies a [`Deadline`] to a service.
+///
+/// `P` decides how the deadline travels with the request: [`NoPropagation`] (any
+/// request type) or [`HttpPropagation`](super::HttpPropagation) (extension and headers).
+#[derive(Debug, Clone, Copy)]
+pub struct DeadlineLayer<P = NoPropagation> {
+    budget: Duration,
+    propagate: P,
+}
+
+// === impl DeadlineLayer ===
+
+impl DeadlineLayer {
+    /// A deadline of `budget` for everything inside, not propagated.
+    ///
+    /// # Errors
+    /// A zero budget is a [`ConfigError`].
+    pub fn new(budget: Duration) -> Result<Self, ConfigError> {
+        Self::with_propagation(budget, NoPropagation)
+    }
+}
+
+#[cfg(feature = "http")]
+impl DeadlineLayer<super::HttpPropagation> {
+    /// A deadline of `budget` for HTTP and gRPC requests, propagated in the
+    /// [`CallDeadline`](super::CallDeadline) extension and the `grpc-timeout` /
+    /// [`TIMEOUT_MS_HEADER`](super::TIMEOUT_MS_HEADER) headers.
+    ///
+    /// # Errors
+    /// A zero budget is a [`ConfigError`].
+    pub fn http(budget: Duration) -> Result<Self, ConfigError> {
+        Self::with_propagation(budget, super::HttpPropagation::new())
+    }
+}
+
+impl<P> DeadlineLayer<P> {
+    /// A deadline of `budget` that travels with the request as `propagate` says.
+    ///
+    /// # Errors
+    /// A zero budget is a [`ConfigError`].
+    pub fn with_propagation(budget: Duration, propagate: P) -> Result<Self, ConfigError> {
+        if budget.is_zero() {
+            return Err(ConfigError::new("deadline", "must be greater than zero"));
+        }
+        Ok(Self { budget, propagate })
+    }
+
+    /// The configured budget.
+    pub const fn budget(&self) -> Duration {
+        self.budget
+    }
+}
+
+impl<S, P: Clone> Layer<S> for DeadlineLayer<P> {
+    type Service = Deadline<S, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline::new(inner, self.budget, self.propagate.clone())
+    }
+}

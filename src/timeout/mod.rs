@@ -1,0 +1,43 @@
+//! Timeouts: one per attempt ([`AttemptTimeout`]) and one for everything inside
+//! ([`Deadline`]), propagated to the next hop.
+//!
+//! * [`AttemptTimeout`] sits innermost in a client stack: it bounds one attempt and
+//!   drops (cancels) the inner future when it expires, failing with
+//!   [`error::Elapsed`]. A retry outside it sees a retryable failure.
+//! * [`Deadline`] sits outside the retry: one budget for all attempts, backoff sleeps
+//!   included. It stores the deadline in the request (an extension of type
+//!   [`CallDeadline`] for HTTP) and, with [`HttpPropagation`], writes `grpc-timeout`
+//!   (gRPC requests) and [`TIMEOUT_MS_HEADER`] with the remaining time so the next hop
+//!   can stop early. A request whose deadline has already passed fails with
+//!   [`error::DeadlineExceeded`] without calling the inner service.
+//!
+//! Both timers start when the response future is first polled and cost nothing when
+//! the inner future completes on its first poll: the clock is read and a timer is
+//! armed only if the inner service is still pending.
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use postbox::timeout::{AttemptTimeoutLayer, DeadlineLayer};
+//! use tower::{ServiceBuilder, service_fn};
+//!
+//! # fn main() -> Result<(), postbox::error::ConfigError> {
+//! let svc = ServiceBuilder::new()
+//!     .layer(DeadlineLayer::new(Duration::from_secs(2))?)
+//!     .layer(AttemptTimeoutLayer::new(Duration::from_millis(500))?)
+//!     .service(service_fn(|x: u32| async move { Ok::<_, postbox::BoxError>(x) }));
+//! # let _ = svc; Ok(()) }
+//! ```
+//!
+//! # Cancel safety
+//! Dropping a response future drops the inner future and its timer.
+
+pub mod error;
+pub mod future;
+mod layer;
+mod service;
+
+pub use self::layer::{AttemptTimeoutLayer, DeadlineLayer};
+pub use self::service::{AttemptTimeout, CallDeadline, Deadline, NoPropagation, Propagate};
+#[cfg(feature = "http")]
+pub use self::service::{HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout};

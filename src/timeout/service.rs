@@ -1,0 +1,341 @@
+use super::error::DeadlineExceeded;
+use super::future::{DeadlineFuture, ResponseFuture};
+use crate::BoxError;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower_service::Service;
+
+/// Fails an attempt that runs longer than a timeout, dropping its future.
+///
+/// Errors become [`BoxError`]; an expiry is [`Elapsed`](super::error::Elapsed).
+///
+/// # Cancel safety
+/// Dropping the response future drops the inner future and the timer.
+#[derive(Debug, Clone)]
+pub struct AttemptTimeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+// === impl AttemptTimeout ===
+
+impl<S> AttemptTimeout<S> {
+    pub(crate) const fn new(inner: S, timeout: Duration) -> Self {
+        Self { inner, timeout }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, Req> Service<Req> for AttemptTimeout<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        ResponseFuture::new(self.inner.call(req), self.timeout)
+    }
+}
+
+/// The deadline of a call, stored as a request extension by [`HttpPropagation`] so inner
+/// layers and the handler can see how much time is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CallDeadline {
+    at: Instant,
+}
+
+impl CallDeadline {
+    /// A deadline at `at`.
+    pub const fn new(at: Instant) -> Self {
+        Self { at }
+    }
+
+    /// When the deadline passes.
+    pub const fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// The time left at `now` (zero once passed).
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.at.saturating_duration_since(now)
+    }
+}
+
+/// How a [`Deadline`] travels with a request of type `Req`.
+pub trait Propagate<Req> {
+    /// A deadline the request already carries (an outer deadline, or one the previous
+    /// hop sent); the earliest deadline wins.
+    fn inbound(&self, req: &Req, now: Instant) -> Option<Instant>;
+
+    /// Attaches the effective deadline to the request before it is sent.
+    fn outbound(&self, req: &mut Req, deadline: Instant, remaining: Duration);
+
+    /// `true` if [`inbound`](Self::inbound) never finds a deadline and
+    /// [`outbound`](Self::outbound) does nothing; the layer then reads no clock at call
+    /// time and the budget starts when the response future is first polled.
+    fn is_noop(&self) -> bool {
+        false
+    }
+}
+
+/// Keeps the deadline to this layer: works for any request type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPropagation;
+
+impl<Req> Propagate<Req> for NoPropagation {
+    #[inline]
+    fn inbound(&self, _: &Req, _: Instant) -> Option<Instant> {
+        None
+    }
+
+    #[inline]
+    fn outbound(&self, _: &mut Req, _: Instant, _: Duration) {}
+
+    #[inline]
+    fn is_noop(&self) -> bool {
+        true
+    }
+}
+
+/// Bounds everything inside it by one time budget: all attempts and the backoff
+/// between them.
+///
+/// A request whose (propagated) deadline has already passed fails with
+/// [`DeadlineExceeded`] without calling the inner service. See the
+/// [module docs](super) for propagation.
+///
+/// # Cancel safety
+/// Dropping the response future drops the inner future and the timer.
+#[derive(Debug, Clone)]
+pub struct Deadline<S, P = NoPropagation> {
+    inner: S,
+    budget: Duration,
+    propagate: P,
+}
+
+// === impl Deadline ===
+
+impl<S, P> Deadline<S, P> {
+    pub(crate) const fn new(inner: S, budget: Duration, propagate: P) -> Self {
+        Self {
+            inner,
+            budget,
+            propagate,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, P, Req> Service<Req> for Deadline<S, P>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    P: Propagate<Req>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = DeadlineFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        if self.propagate.is_noop() {
+            return DeadlineFuture::running(self.inner.call(req), None, self.budget);
+        }
+        let now = Instant::now();
+        let mut deadline = now + self.budget;
+        if let Some(inbound) = self.propagate.inbound(&req, now) {
+            deadline = deadline.min(inbound);
+        }
+        let remaining = deadline.saturating_duration_since(now);
+        if remaining.is_zero() {
+            tracing::debug!("deadline already exceeded; not calling the inner service");
+            metrics::counter!("postbox_deadline_exceeded_total", "when" => "before_call")
+                .increment(1);
+            return DeadlineFuture::expired(DeadlineExceeded::new(Duration::ZERO, true));
+        }
+        self.propagate.outbound(&mut req, deadline, remaining);
+        DeadlineFuture::running(self.inner.call(req), Some(deadline), remaining)
+    }
+}
+
+#[cfg(feature = "http")]
+pub use self::http_propagation::{HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout};
+
+#[cfg(feature = "http")]
+mod http_propagation {
+    use super::*;
+    use http::{HeaderValue, Request, header::CONTENT_TYPE};
+
+    /// The HTTP header carrying the remaining time in whole milliseconds.
+    pub const TIMEOUT_MS_HEADER: &str = "postbox-timeout-ms";
+
+    /// Propagates the deadline of HTTP and gRPC requests.
+    ///
+    /// * inbound: a [`CallDeadline`] extension already on the request (an outer
+    ///   deadline) and, with [`with_inbound_headers`](Self::with_inbound_headers) (for
+    ///   servers), the `grpc-timeout` and [`TIMEOUT_MS_HEADER`] headers the previous
+    ///   hop sent;
+    /// * outbound: the [`CallDeadline`] extension, [`TIMEOUT_MS_HEADER`] with the
+    ///   remaining milliseconds (rounded down, so the next hop gives up no later than
+    ///   we do) and, for gRPC requests (`content-type: application/grpc…`),
+    ///   `grpc-timeout`.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct HttpPropagation {
+        inbound_headers: bool,
+    }
+
+    impl HttpPropagation {
+        /// Propagation that trusts only the request extension.
+        pub const fn new() -> Self {
+            Self {
+                inbound_headers: false,
+            }
+        }
+
+        /// Also honours the deadline the previous hop sent in headers (server side).
+        pub const fn with_inbound_headers(mut self) -> Self {
+            self.inbound_headers = true;
+            self
+        }
+    }
+
+    impl<B> Propagate<Request<B>> for HttpPropagation {
+        fn inbound(&self, req: &Request<B>, now: Instant) -> Option<Instant> {
+            let ext = req.extensions().get::<CallDeadline>().map(CallDeadline::at);
+            if !self.inbound_headers {
+                return ext;
+            }
+            let headers = req.headers();
+            let grpc = headers
+                .get("grpc-timeout")
+                .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+                .map(|d| now + d);
+            let ms = headers
+                .get(TIMEOUT_MS_HEADER)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map(|ms| now + Duration::from_millis(ms));
+            [ext, grpc, ms].into_iter().flatten().min()
+        }
+
+        fn outbound(&self, req: &mut Request<B>, deadline: Instant, remaining: Duration) {
+            req.extensions_mut().insert(CallDeadline::new(deadline));
+            let is_grpc = req
+                .headers()
+                .get(CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            let headers = req.headers_mut();
+            headers.insert(TIMEOUT_MS_HEADER, HeaderValue::from(remaining.as_millis() as u64));
+            if is_grpc {
+                if let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining)) {
+                    headers.insert("grpc-timeout", v);
+                }
+            }
+        }
+    }
+
+    /// Encodes a `grpc-timeout` value: at most 8 digits and a unit, choosing the finest
+    /// unit that fits and rounding up (as grpc-go does).
+    pub fn encode_grpc_timeout(d: Duration) -> String {
+        const MAX: u128 = 99_999_999;
+        let nanos = d.as_nanos();
+        let units: [(u128, char); 6] = [
+            (1, 'n'),
+            (1_000, 'u'),
+            (1_000_000, 'm'),
+            (1_000_000_000, 'S'),
+            (60_000_000_000, 'M'),
+            (3_600_000_000_000, 'H'),
+        ];
+        for (per, unit) in units {
+            let v = nanos.div_ceil(per);
+            if v <= MAX {
+                return format!("{v}{unit}");
+            }
+        }
+        format!("{MAX}H")
+    }
+
+    /// Parses a `grpc-timeout` value (`"250m"`, `"3S"`, …).
+    pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+        let (&unit, digits) = v.split_last()?;
+        if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+        Some(match unit {
+            b'H' => Duration::from_secs(n * 3600),
+            b'M' => Duration::from_secs(n * 60),
+            b'S' => Duration::from_secs(n),
+            b'm' => Duration::from_millis(n),
+            b'u' => Duration::from_micros(n),
+            b'n' => Duration::from_nanos(n),
+            _ => return None,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn grpc_timeout_encodes_in_finest_unit_that_fits() {
+            assert_eq!(encode_grpc_timeout(Duration::from_millis(50)), "50000000n");
+            assert_eq!(encode_grpc_timeout(Duration::from_secs(2)), "2000000u");
+            assert_eq!(encode_grpc_timeout(Duration::from_secs(1000)), "1000000m");
+            assert_eq!(encode_grpc_timeout(Duration::from_secs(200_000)), "200000S");
+        }
+
+        #[test]
+        fn grpc_timeout_round_trips() {
+            for d in [Duration::from_nanos(7), Duration::from_millis(1234), Duration::from_secs(86_400)] {
+                let s = encode_grpc_timeout(d);
+                assert_eq!(parse_grpc_timeout(s.as_bytes()), Some(d), "{s}");
+            }
+            assert_eq!(parse_grpc_timeout(b"123456789m"), None);
+            assert_eq!(parse_grpc_timeout(b"5x"), None);
+            assert_eq!(parse_grpc_timeout(b"m"), None);
+        }
+    }
+}
