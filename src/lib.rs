@@ -5,6 +5,7 @@ pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod error;
+pub mod queue;
 pub mod timeout;
 
 /// The boxed error type layers use once they add errors of their own (as in tower).

@@ -1,0 +1,162 @@
+//! Durable queues for deferred requests: the [`Queue`] trait and its backends.
+//!
+//! A queue stores [`Envelope`]s. Delivery is at least once: a message is *leased* for a
+//! while, and comes back to pending if the lease is not acked in time. The envelope's
+//! idempotency key makes the *effect* exactly once (see the `Idempotency` server layer).
+//!
+//! Times are wall-clock ([`SystemTime`]), since messages outlive the process.
+
+pub mod envelope;
+
+pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};
+
+use std::fmt;
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+/// The result of a successful [`Queue::enqueue`]: the message is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Enqueued {
+    /// Stored as a new message.
+    Stored(MessageId),
+    /// A message with the same idempotency key is already pending or in flight; it was
+    /// not stored twice. Carries the id of the message already stored.
+    Duplicate(MessageId),
+}
+
+impl Enqueued {
+    /// The id of the stored message (new or existing).
+    pub fn id(&self) -> MessageId {
+        match self {
+            Enqueued::Stored(id) | Enqueued::Duplicate(id) => *id,
+        }
+    }
+}
+
+/// Proof of a lease: acking or retrying with a stale token (the lease expired and the
+/// message was leased again) is refused with [`QueueError::LeaseLost`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken {
+    /// The leased message.
+    pub id: MessageId,
+    /// Which lease of that message this is (increases with every lease).
+    pub generation: u64,
+}
+
+/// A leased message.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    /// The message (with `attempts` already counting this delivery).
+    pub envelope: Envelope,
+    /// Needed to ack, retry or dead-letter it.
+    pub token: LeaseToken,
+    /// When the lease expires and the message returns to pending.
+    pub lease_until: SystemTime,
+}
+
+/// How many messages are where.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    /// Waiting to be leased (due or not yet due).
+    pub pending: u64,
+    /// Leased and not yet acked.
+    pub in_flight: u64,
+    /// Dead-lettered.
+    pub dead: u64,
+}
+
+/// A dead-lettered message and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The message as it was last leased.
+    pub envelope: Envelope,
+    /// Why it was given up.
+    pub reason: String,
+}
+
+/// Errors of a queue backend.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The queue holds its configured maximum of messages.
+    Full {
+        /// The configured capacity.
+        capacity: u64,
+    },
+    /// The lease expired (and the message may have been leased again).
+    LeaseLost(LeaseToken),
+    /// The stored data is corrupt or from an unknown format version.
+    Corrupt(String),
+    /// The backend is unreachable (connection lost, broker down).
+    Unavailable(crate::BoxError),
+    /// Any other backend error (I/O, database).
+    Backend(crate::BoxError),
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueueError::Full { capacity } => write!(f, "queue full ({capacity} messages)"),
+            QueueError::LeaseLost(t) => write!(f, "lease {} of message {} lost", t.generation, t.id),
+            QueueError::Corrupt(m) => write!(f, "queue data corrupt: {m}"),
+            QueueError::Unavailable(e) => write!(f, "queue unavailable: {e}"),
+            QueueError::Backend(e) => write!(f, "queue backend error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for QueueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            QueueError::Unavailable(e) | QueueError::Backend(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+/// A durable store of deferred requests.
+///
+/// Every method's future is `Send`. Implementations: `MemoryQueue` (tests only, not
+/// durable) and the embedded redb queue (feature `embedded`); brokers behind their
+/// features.
+pub trait Queue: Send + Sync + 'static {
+    /// Stores `envelope`; when this returns `Ok` the message is durable (fsynced or
+    /// acknowledged by the broker). A message whose idempotency key is already pending
+    /// or in flight is not stored twice ([`Enqueued::Duplicate`]).
+    fn enqueue(&self, envelope: Envelope) -> impl Future<Output = Result<Enqueued, QueueError>> + Send;
+
+    /// Leases up to `max` messages due at `now` (`not_before <= now`), oldest first
+    /// (FIFO by id within a destination), each for `lease_for`. Expired leases are
+    /// returned to pending first. Increments each message's `attempts`.
+    fn lease(
+        &self,
+        max: usize,
+        lease_for: Duration,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Vec<Leased>, QueueError>> + Send;
+
+    /// Acks delivered messages (one durable commit for the whole batch); they and their
+    /// idempotency-key entries are removed.
+    fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Returns a leased message to pending, not to be leased before `not_before`.
+    fn retry_later(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Moves a leased message to the dead letters with `reason`.
+    fn dead_letter(
+        &self,
+        token: LeaseToken,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// How many messages are pending, in flight and dead.
+    fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send;
+
+    /// Up to `max` dead letters, oldest first (inspection; they stay stored).
+    fn dead_letters(&self, max: usize) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
+}
