@@ -53,7 +53,11 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration: `{}` {}", self.field, self.message)
+        write!(
+            f,
+            "invalid configuration: `{}` {}",
+            self.field, self.message
+        )
     }
 }
 
@@ -98,7 +102,8 @@ mod http_mapping {
         if let Some(d) = retry_after {
             // Whole seconds, rounded up: a client that honours it is never early.
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-            res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         res
     }
@@ -107,14 +112,22 @@ mod http_mapping {
         /// `503 Service Unavailable` with `Retry-After` (seconds until the next probe,
         /// rounded up).
         fn into_response(self) -> Response {
-            respond(StatusCode::SERVICE_UNAVAILABLE, Some(self.retry_after()), self.to_string())
+            respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(self.retry_after()),
+                self.to_string(),
+            )
         }
     }
 
     impl IntoResponse for Full {
         /// `503 Service Unavailable` with `Retry-After: 1`.
         fn into_response(self) -> Response {
-            respond(StatusCode::SERVICE_UNAVAILABLE, Some(Duration::from_secs(1)), self.to_string())
+            respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(Duration::from_secs(1)),
+                self.to_string(),
+            )
         }
     }
 
@@ -150,9 +163,8 @@ mod http_mapping {
     /// The response for any error: a postbox error's mapping, or
     /// `500 Internal Server Error`. Usable as an axum `HandleErrorLayer` function.
     pub fn into_response(err: BoxError) -> Response {
-        to_response(&*err).unwrap_or_else(|| {
-            respond(StatusCode::INTERNAL_SERVER_ERROR, None, err.to_string())
-        })
+        to_response(&*err)
+            .unwrap_or_else(|| respond(StatusCode::INTERNAL_SERVER_ERROR, None, err.to_string()))
     }
 }
 
@@ -221,5 +233,86 @@ mod grpc_mapping {
             return s.clone();
         }
         Status::unknown(err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BoxError;
+    use crate::bulkhead::error::Full;
+    use crate::circuit_breaker::error::Open;
+    use crate::timeout::error::{DeadlineExceeded, Elapsed};
+    use std::time::Duration;
+
+    #[derive(Debug)]
+    struct Outer(BoxError);
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("outer")
+        }
+    }
+    impl Error for Outer {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn find_cause_walks_the_source_chain() {
+        let err: BoxError = Box::new(Outer(Full::new(3, 0).into()));
+        assert_eq!(find_cause::<Full>(&*err).unwrap().max_concurrent(), 3);
+        assert!(!is_caused_by::<Open>(&*err));
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let e = ConfigError::new("retry.max_retries", "must be at most 100");
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: `retry.max_retries` must be at most 100"
+        );
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn open_circuit_answers_503_with_retry_after_rounded_up() {
+        let err: BoxError = Box::new(Outer(Open::new(Duration::from_millis(2100)).into()));
+        let res = to_response(&*err).unwrap();
+        assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[http::header::RETRY_AFTER], "3");
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn full_bulkhead_answers_503_and_timeouts_answer_504() {
+        let full = into_response(Full::new(1, 0).into());
+        assert_eq!(full.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(full.headers()[http::header::RETRY_AFTER], "1");
+        let elapsed = into_response(Elapsed::new(Duration::from_secs(1)).into());
+        assert_eq!(elapsed.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        let deadline = into_response(DeadlineExceeded::new(Duration::ZERO, true).into());
+        assert_eq!(deadline.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        let other = into_response("boom".into());
+        assert_eq!(other.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn errors_map_to_grpc_statuses() {
+        use tonic::Code;
+        let open = to_status(&Open::new(Duration::from_millis(1500)));
+        assert_eq!(open.code(), Code::Unavailable);
+        assert_eq!(
+            open.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            "1500"
+        );
+        assert_eq!(to_status(&Full::new(1, 0)).code(), Code::ResourceExhausted);
+        assert_eq!(
+            to_status(&Elapsed::new(Duration::from_secs(1))).code(),
+            Code::DeadlineExceeded
+        );
+        let wrapped: BoxError = Box::new(Outer(Box::new(tonic::Status::not_found("gone"))));
+        assert_eq!(to_status(&*wrapped).code(), Code::NotFound);
     }
 }

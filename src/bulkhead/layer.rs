@@ -88,7 +88,10 @@ impl BulkheadBuilder {
     /// zero `max_wait`.
     pub fn build(self) -> Result<BulkheadLayer, ConfigError> {
         if self.max_concurrent == 0 {
-            return Err(ConfigError::new("bulkhead.max_concurrent", "must be at least 1"));
+            return Err(ConfigError::new(
+                "bulkhead.max_concurrent",
+                "must be at least 1",
+            ));
         }
         if self.max_concurrent > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(ConfigError::new(
@@ -103,7 +106,11 @@ impl BulkheadBuilder {
             ));
         }
         Ok(BulkheadLayer {
-            shared: Arc::new(Shared::new(self.max_concurrent, self.max_waiting, self.max_wait)),
+            shared: Arc::new(Shared::new(
+                self.max_concurrent,
+                self.max_waiting,
+                self.max_wait,
+            )),
         })
     }
 }

@@ -23,7 +23,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(max_concurrent: usize, max_waiting: usize, max_wait: Option<Duration>) -> Self {
+    pub(crate) fn new(
+        max_concurrent: usize,
+        max_waiting: usize,
+        max_wait: Option<Duration>,
+    ) -> Self {
         Self {
             semaphore: Arc::new(Semaphore::new(max_concurrent)),
             waiting: AtomicUsize::new(0),
@@ -57,7 +61,8 @@ impl Drop for WaitSlot {
     }
 }
 
-type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send + Sync>>;
+type Acquire =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send + Sync>>;
 
 /// A caller waiting for a permit (the slow path; allocated only when the bulkhead is
 /// full and waiting is allowed).
@@ -164,8 +169,12 @@ where
                             self.reject(full);
                         }
                         Some(slot) => {
-                            let timer = self.shared.max_wait.map(|d| Box::pin(tokio::time::sleep(d)));
-                            let acquire: Acquire = Box::pin(self.shared.semaphore.clone().acquire_owned());
+                            let timer = self
+                                .shared
+                                .max_wait
+                                .map(|d| Box::pin(tokio::time::sleep(d)));
+                            let acquire: Acquire =
+                                Box::pin(self.shared.semaphore.clone().acquire_owned());
                             self.state = State::Waiting(Box::new(Waiter {
                                 acquire,
                                 timer,

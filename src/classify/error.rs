@@ -167,7 +167,8 @@ mod tests {
 
     #[test]
     fn own_attempt_timeout_is_retryable_failure() {
-        let e: BoxError = crate::timeout::error::Elapsed::new(std::time::Duration::from_secs(1)).into();
+        let e: BoxError =
+            crate::timeout::error::Elapsed::new(std::time::Duration::from_secs(1)).into();
         let c = classify_error(&*e);
         assert_eq!(c.class(), Class::Failure);
         assert!(c.is_retryable());

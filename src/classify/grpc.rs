@@ -15,7 +15,10 @@ use std::time::Duration;
 /// The canonical gRPC status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-#[allow(missing_docs, reason = "the canonical gRPC code names document themselves")]
+#[allow(
+    missing_docs,
+    reason = "the canonical gRPC code names document themselves"
+)]
 pub enum GrpcCode {
     Ok = 0,
     Cancelled = 1,
@@ -64,7 +67,11 @@ impl GrpcCode {
     /// Reads `grpc-status` from a header map (headers or trailers).
     pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
         let v = headers.get("grpc-status")?.to_str().ok()?;
-        Some(v.trim().parse::<i32>().map_or(GrpcCode::Unknown, Self::from_i32))
+        Some(
+            v.trim()
+                .parse::<i32>()
+                .map_or(GrpcCode::Unknown, Self::from_i32),
+        )
     }
 
     /// The code the gRPC spec assigns to a non-200 HTTP status from a proxy.
@@ -201,7 +208,11 @@ impl GrpcClassifier {
     /// Classifies response headers: the status when present (trailers-only response),
     /// the spec's mapping for a non-200 HTTP status, or `None` when the status will
     /// arrive in the trailers.
-    pub fn classify_headers(&self, status: http::StatusCode, headers: &HeaderMap) -> Option<Classification> {
+    pub fn classify_headers(
+        &self,
+        status: http::StatusCode,
+        headers: &HeaderMap,
+    ) -> Option<Classification> {
         if let Some(code) = GrpcCode::from_headers(headers) {
             return Some(self.classify_code(code, headers));
         }
@@ -254,8 +265,14 @@ mod tests {
     fn missing_grpc_status_is_an_unknown_failure() {
         let c = GrpcClassifier::new();
         assert_eq!(c.classify_trailers(None).class(), Class::Failure);
-        assert_eq!(c.classify_trailers(Some(&HeaderMap::new())).class(), Class::Failure);
-        assert_eq!(c.classify_trailers(Some(&trailers("banana"))).class(), Class::Failure);
+        assert_eq!(
+            c.classify_trailers(Some(&HeaderMap::new())).class(),
+            Class::Failure
+        );
+        assert_eq!(
+            c.classify_trailers(Some(&trailers("banana"))).class(),
+            Class::Failure
+        );
     }
 
     #[test]
@@ -274,7 +291,11 @@ mod tests {
     fn negative_pushback_forbids_retry() {
         let mut h = trailers("14");
         h.insert("grpc-retry-pushback-ms", "-1".parse().unwrap());
-        assert!(!GrpcClassifier::new().classify_trailers(Some(&h)).is_retryable());
+        assert!(
+            !GrpcClassifier::new()
+                .classify_trailers(Some(&h))
+                .is_retryable()
+        );
     }
 
     #[test]
@@ -284,9 +305,11 @@ mod tests {
             .unwrap();
         assert_eq!(c.class(), Class::Failure);
         assert!(c.is_retryable());
-        assert!(GrpcClassifier::new()
-            .classify_headers(http::StatusCode::OK, &HeaderMap::new())
-            .is_none());
+        assert!(
+            GrpcClassifier::new()
+                .classify_headers(http::StatusCode::OK, &HeaderMap::new())
+                .is_none()
+        );
     }
 
     #[test]

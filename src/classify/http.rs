@@ -79,7 +79,11 @@ impl HttpClassifier {
     }
 
     /// Classifies every status in `range` (e.g. `500..=599`) as `classification`.
-    pub fn with_range(mut self, range: RangeInclusive<u16>, classification: Classification) -> Self {
+    pub fn with_range(
+        mut self,
+        range: RangeInclusive<u16>,
+        classification: Classification,
+    ) -> Self {
         self.overrides_mut().rules.push((range, classification));
         self
     }
@@ -202,7 +206,10 @@ mod tests {
     #[test]
     fn retry_after_seconds_parse() {
         let v = HeaderValue::from_static("120");
-        assert_eq!(parse_retry_after(&v, SystemTime::now()), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after(&v, SystemTime::now()),
+            Some(Duration::from_secs(120))
+        );
     }
 
     #[test]
@@ -247,7 +254,10 @@ mod tests {
     #[test]
     fn unavailable_with_retry_after_is_overload_without_is_failure() {
         let c = HttpClassifier::new();
-        assert_eq!(classify(&c, &response(503, Some("1"))).class(), Class::Overload);
+        assert_eq!(
+            classify(&c, &response(503, Some("1"))).class(),
+            Class::Overload
+        );
         assert_eq!(classify(&c, &response(503, None)).class(), Class::Failure);
     }
 

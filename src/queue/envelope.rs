@@ -1,6 +1,6 @@
 //! The envelope: a deferred request and everything needed to replay it.
 //!
-//! The binary encoding ([`Envelope::encode`] / [`Envelope::decode`]) is versioned and
+//! The binary encoding (`Envelope::encode` / `Envelope::decode`) is versioned and
 //! documented in `docs/envelope.md` for consumers in other languages.
 
 use bytes::Bytes;

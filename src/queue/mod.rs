@@ -98,7 +98,9 @@ impl fmt::Display for QueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             QueueError::Full { capacity } => write!(f, "queue full ({capacity} messages)"),
-            QueueError::LeaseLost(t) => write!(f, "lease {} of message {} lost", t.generation, t.id),
+            QueueError::LeaseLost(t) => {
+                write!(f, "lease {} of message {} lost", t.generation, t.id)
+            }
             QueueError::Corrupt(m) => write!(f, "queue data corrupt: {m}"),
             QueueError::Unavailable(e) => write!(f, "queue unavailable: {e}"),
             QueueError::Backend(e) => write!(f, "queue backend error: {e}"),
@@ -124,7 +126,10 @@ pub trait Queue: Send + Sync + 'static {
     /// Stores `envelope`; when this returns `Ok` the message is durable (fsynced or
     /// acknowledged by the broker). A message whose idempotency key is already pending
     /// or in flight is not stored twice ([`Enqueued::Duplicate`]).
-    fn enqueue(&self, envelope: Envelope) -> impl Future<Output = Result<Enqueued, QueueError>> + Send;
+    fn enqueue(
+        &self,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<Enqueued, QueueError>> + Send;
 
     /// Leases up to `max` messages due at `now` (`not_before <= now`), oldest first
     /// (FIFO by id within a destination), each for `lease_for`. Expired leases are
@@ -158,5 +163,8 @@ pub trait Queue: Send + Sync + 'static {
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send;
 
     /// Up to `max` dead letters, oldest first (inspection; they stay stored).
-    fn dead_letters(&self, max: usize) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
+    fn dead_letters(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
 }

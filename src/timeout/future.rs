@@ -155,7 +155,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         if let TimedProj::Expired { error } = state.as_mut().project() {
-            let e = error.take().expect("deadline future polled after completion");
+            let e = error
+                .take()
+                .expect("deadline future polled after completion");
             return Poll::Ready(Err(e.into()));
         }
         match ready!(state.poll_timed(cx)) {

@@ -18,7 +18,10 @@ impl AttemptTimeoutLayer {
     /// A zero timeout is a [`ConfigError`].
     pub fn new(timeout: Duration) -> Result<Self, ConfigError> {
         if timeout.is_zero() {
-            return Err(ConfigError::new("attempt_timeout", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "attempt_timeout",
+                "must be greater than zero",
+            ));
         }
         Ok(Self { timeout })
     }

@@ -40,4 +40,6 @@ mod service;
 pub use self::layer::{AttemptTimeoutLayer, DeadlineLayer};
 pub use self::service::{AttemptTimeout, CallDeadline, Deadline, NoPropagation, Propagate};
 #[cfg(feature = "http")]
-pub use self::service::{HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout};
+pub use self::service::{
+    HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout,
+};

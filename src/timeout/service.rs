@@ -201,7 +201,9 @@ where
 }
 
 #[cfg(feature = "http")]
-pub use self::http_propagation::{HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout};
+pub use self::http_propagation::{
+    HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout,
+};
 
 #[cfg(feature = "http")]
 mod http_propagation {
@@ -266,7 +268,10 @@ mod http_propagation {
                 .get(CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
             let headers = req.headers_mut();
-            headers.insert(TIMEOUT_MS_HEADER, HeaderValue::from(remaining.as_millis() as u64));
+            headers.insert(
+                TIMEOUT_MS_HEADER,
+                HeaderValue::from(remaining.as_millis() as u64),
+            );
             if is_grpc {
                 if let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining)) {
                     headers.insert("grpc-timeout", v);
@@ -329,7 +334,11 @@ mod http_propagation {
 
         #[test]
         fn grpc_timeout_round_trips() {
-            for d in [Duration::from_nanos(7), Duration::from_millis(1234), Duration::from_secs(86_400)] {
+            for d in [
+                Duration::from_nanos(7),
+                Duration::from_millis(1234),
+                Duration::from_secs(86_400),
+            ] {
                 let s = encode_grpc_timeout(d);
                 assert_eq!(parse_grpc_timeout(s.as_bytes()), Some(d), "{s}");
             }

@@ -1,0 +1,233 @@
+//! Behaviour of the `Bulkhead`.
+
+use postbox::BoxError;
+use postbox::bulkhead::BulkheadLayer;
+use postbox::bulkhead::error::Full;
+use postbox::error::find_cause;
+use std::time::Duration;
+use tokio::time;
+use tokio_test::{assert_pending, assert_ready, assert_ready_err, assert_ready_ok};
+use tower::Layer;
+use tower_test::mock::{self, Spawn};
+
+type Mock = mock::Mock<u32, u32>;
+
+fn callers(
+    layer: &BulkheadLayer,
+    n: usize,
+) -> (
+    Vec<Spawn<postbox::bulkhead::Bulkhead<Mock>>>,
+    mock::Handle<u32, u32>,
+) {
+    let (mock, handle) = mock::pair::<u32, u32>();
+    let svc = layer.layer(mock);
+    ((0..n).map(|_| Spawn::new(svc.clone())).collect(), handle)
+}
+
+fn is_full(err: &BoxError) -> bool {
+    find_cause::<Full>(&**err).is_some()
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejects_the_caller_after_max_concurrent_plus_max_waiting_at_once() {
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(2)
+        .max_waiting(1)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (mut c, _handle) = callers(&layer, 4);
+
+    // Two in flight.
+    assert_ready_ok!(c[0].poll_ready());
+    let _f0 = c[0].call(0);
+    assert_ready_ok!(c[1].poll_ready());
+    let _f1 = c[1].call(1);
+    // One waits.
+    assert_pending!(c[2].poll_ready());
+    // The fourth is rejected at once: ready, and its call fails immediately.
+    assert_ready_ok!(c[3].poll_ready());
+    let mut f3 = tokio_test::task::spawn(c[3].call(3));
+    let err = assert_ready_err!(f3.poll());
+    let full = find_cause::<Full>(&*err).unwrap();
+    assert_eq!(full.waited(), None);
+    assert_eq!(full.max_concurrent(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fail_fast_by_default_rejects_when_all_permits_are_taken() {
+    let layer = BulkheadLayer::new(1).unwrap();
+    let (mut c, _handle) = callers(&layer, 2);
+    assert_ready_ok!(c[0].poll_ready());
+    let _f0 = c[0].call(0);
+    assert_ready_ok!(c[1].poll_ready());
+    assert!(is_full(&c[1].call(1).await.unwrap_err()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_times_out_after_exactly_max_wait() {
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(1)
+        .max_wait(Duration::from_millis(250))
+        .build()
+        .unwrap();
+    let (mut c, _handle) = callers(&layer, 2);
+    assert_ready_ok!(c[0].poll_ready());
+    let _f0 = c[0].call(0);
+
+    assert_pending!(c[1].poll_ready());
+    time::advance(Duration::from_millis(249)).await;
+    assert_pending!(c[1].poll_ready());
+    time::advance(Duration::from_millis(1)).await;
+    assert_ready_ok!(c[1].poll_ready());
+    let err = c[1].call(1).await.unwrap_err();
+    assert_eq!(
+        find_cause::<Full>(&*err).unwrap().waited(),
+        Some(Duration::from_millis(250))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_gets_the_permit_a_finished_call_releases() {
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(1)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (mut c, mut handle) = callers(&layer, 2);
+    assert_ready_ok!(c[0].poll_ready());
+    let mut f0 = tokio_test::task::spawn(c[0].call(0));
+    assert_pending!(c[1].poll_ready());
+
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(10);
+    assert_eq!(assert_ready_ok!(f0.poll()), 10);
+    assert!(c[1].is_woken());
+    assert_ready_ok!(c[1].poll_ready());
+    let mut f1 = tokio_test::task::spawn(c[1].call(1));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, 1);
+    send.send_response(11);
+    assert_eq!(assert_ready_ok!(f1.poll()), 11);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_future_releases_its_permit() {
+    let layer = BulkheadLayer::new(1).unwrap();
+    let (mut c, _handle) = callers(&layer, 2);
+    assert_ready_ok!(c[0].poll_ready());
+    let f0 = c[0].call(0);
+    assert_eq!(layer.available_permits(), 0);
+    drop(f0);
+    assert_eq!(layer.available_permits(), 1);
+    assert_ready_ok!(c[1].poll_ready());
+    let _f1 = c[1].call(1);
+    assert_eq!(layer.available_permits(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_ready_service_releases_its_reserved_permit() {
+    let layer = BulkheadLayer::new(1).unwrap();
+    let (mut c, _handle) = callers(&layer, 1);
+    assert_ready_ok!(c[0].poll_ready());
+    assert_eq!(layer.available_permits(), 0);
+    drop(c);
+    assert_eq!(layer.available_permits(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_gives_back_its_waiting_slot() {
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(1)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (mut c, _handle) = callers(&layer, 3);
+    assert_ready_ok!(c[0].poll_ready());
+    let _f0 = c[0].call(0);
+    assert_pending!(c[1].poll_ready());
+    drop(c.remove(1));
+    // The slot is free again: the next caller waits instead of being rejected.
+    assert_pending!(c[1].poll_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_does_not_poison_the_service() {
+    let layer = BulkheadLayer::new(1).unwrap();
+    let (mut c, mut handle) = callers(&layer, 2);
+    assert_ready_ok!(c[0].poll_ready());
+    let mut f0 = tokio_test::task::spawn(c[0].call(0));
+    assert_ready_ok!(c[1].poll_ready());
+    assert!(is_full(&c[1].call(1).await.unwrap_err()));
+
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(0);
+    assert_ready_ok!(f0.poll());
+    assert_ready_ok!(c[1].poll_ready());
+    let _f1 = c[1].call(1);
+    assert_eq!(handle.next_request().await.unwrap().0, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backpressure_waits_as_long_as_it_takes() {
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .backpressure()
+        .build()
+        .unwrap();
+    let (mut c, mut handle) = callers(&layer, 3);
+    assert_ready_ok!(c[0].poll_ready());
+    let mut f0 = tokio_test::task::spawn(c[0].call(0));
+    assert_pending!(c[1].poll_ready());
+    assert_pending!(c[2].poll_ready());
+    time::advance(Duration::from_secs(3600)).await;
+    assert_pending!(c[1].poll_ready());
+
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(0);
+    assert_ready_ok!(f0.poll());
+    assert_ready_ok!(c[1].poll_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn inner_readiness_is_respected_while_holding_a_permit() {
+    let layer = BulkheadLayer::new(2).unwrap();
+    let (mut c, mut handle) = callers(&layer, 1);
+    handle.allow(0);
+    assert_pending!(c[0].poll_ready());
+    assert_eq!(layer.available_permits(), 1);
+    handle.allow(1);
+    assert_ready_ok!(c[0].poll_ready());
+}
+
+#[test]
+fn invalid_configuration_is_an_error_not_a_panic() {
+    assert_eq!(
+        BulkheadLayer::new(0).unwrap_err().field(),
+        "bulkhead.max_concurrent"
+    );
+    let e = BulkheadLayer::builder()
+        .max_waiting(3)
+        .max_wait(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "bulkhead.max_wait");
+    assert!(BulkheadLayer::new(usize::MAX).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_rejection_future_is_ready_without_polling_inner() {
+    let layer = BulkheadLayer::new(1).unwrap();
+    let (mut c, mut handle) = callers(&layer, 2);
+    assert_ready_ok!(c[0].poll_ready());
+    let _f0 = c[0].call(0);
+    assert_ready_ok!(c[1].poll_ready());
+    let mut f1 = tokio_test::task::spawn(c[1].call(1));
+    assert!(assert_ready!(f1.poll()).is_err());
+    let (first, _send) = handle.next_request().await.unwrap();
+    assert_eq!(first, 0);
+    assert_pending!(handle.poll_request());
+}

@@ -1,0 +1,219 @@
+//! Behaviour of `AttemptTimeout` and `Deadline`.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use postbox::BoxError;
+use postbox::error::find_cause;
+use postbox::timeout::error::{DeadlineExceeded, Elapsed};
+use postbox::timeout::{
+    AttemptTimeoutLayer, CallDeadline, DeadlineLayer, HttpPropagation, TIMEOUT_MS_HEADER,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use support::{Counter, NeverFuture};
+use tokio::time::{self, Instant};
+use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_test::mock;
+
+fn never_service(
+    dropped: Arc<AtomicBool>,
+    calls: Counter,
+) -> impl Service<u32, Response = u32, Error = BoxError, Future = NeverFuture<Result<u32, BoxError>>>
++ Clone {
+    service_fn(move |_req: u32| {
+        calls.inc();
+        NeverFuture::new(dropped.clone())
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_timeout_expiry_drops_the_inner_future() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let svc = AttemptTimeoutLayer::new(Duration::from_millis(100))
+        .unwrap()
+        .layer(never_service(dropped.clone(), Counter::default()));
+    let mut fut = tokio_test::task::spawn(svc.oneshot(1));
+
+    assert_pending!(fut.poll());
+    time::advance(Duration::from_millis(99)).await;
+    assert_pending!(fut.poll());
+    assert!(!dropped.load(Ordering::SeqCst));
+
+    time::advance(Duration::from_millis(1)).await;
+    let err = assert_ready!(fut.poll()).unwrap_err();
+    assert_eq!(
+        find_cause::<Elapsed>(&*err).unwrap().after(),
+        Duration::from_millis(100)
+    );
+    // Dropped on expiry, while our own future is still alive.
+    assert!(dropped.load(Ordering::SeqCst));
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_timeout_passes_a_response_that_arrives_in_time() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<u32, u32, _>(AttemptTimeoutLayer::new(Duration::from_secs(1)).unwrap());
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(7));
+    assert_pending!(fut.poll());
+    time::advance(Duration::from_millis(999)).await;
+    let (req, send) = handle.next_request().await.unwrap();
+    send.send_response(req * 2);
+    assert_eq!(assert_ready_ok!(fut.poll()), 14);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_timeout_passes_inner_errors_through() {
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<u32, u32, _>(AttemptTimeoutLayer::new(Duration::from_secs(1)).unwrap());
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(7));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("inner broke");
+    let err = assert_ready!(fut.poll()).unwrap_err();
+    assert_eq!(err.to_string(), "inner broke");
+    assert!(find_cause::<Elapsed>(&*err).is_none());
+}
+
+#[test]
+fn zero_timeouts_are_config_errors() {
+    let e = AttemptTimeoutLayer::new(Duration::ZERO).unwrap_err();
+    assert_eq!(e.field(), "attempt_timeout");
+    assert_eq!(
+        DeadlineLayer::new(Duration::ZERO).unwrap_err().field(),
+        "deadline"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_bounds_the_whole_call_and_drops_the_inner_future() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let svc = DeadlineLayer::new(Duration::from_secs(2))
+        .unwrap()
+        .layer(never_service(dropped.clone(), Counter::default()));
+    let mut fut = tokio_test::task::spawn(svc.oneshot(1));
+    assert_pending!(fut.poll());
+    time::advance(Duration::from_millis(1999)).await;
+    assert_pending!(fut.poll());
+    time::advance(Duration::from_millis(1)).await;
+    let err = assert_ready!(fut.poll()).unwrap_err();
+    let exceeded = find_cause::<DeadlineExceeded>(&*err).unwrap();
+    assert!(!exceeded.expired_before_call());
+    assert!(dropped.load(Ordering::SeqCst));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_deadline_never_calls_inner() {
+    let calls = Counter::default();
+    let svc = DeadlineLayer::http(Duration::from_secs(5))
+        .unwrap()
+        .layer(service_fn({
+            let calls = calls.clone();
+            move |_req: http::Request<()>| {
+                calls.inc();
+                async { Ok::<_, BoxError>(()) }
+            }
+        }));
+    let past = Instant::now();
+    time::advance(Duration::from_secs(1)).await;
+    let mut req = http::Request::new(());
+    req.extensions_mut().insert(CallDeadline::new(past));
+
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert!(
+        find_cause::<DeadlineExceeded>(&*err)
+            .unwrap()
+            .expired_before_call()
+    );
+    assert_eq!(calls.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_inbound_grpc_timeout_never_calls_inner() {
+    let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
+        DeadlineLayer::with_propagation(
+            Duration::from_secs(5),
+            HttpPropagation::new().with_inbound_headers(),
+        )
+        .unwrap(),
+    );
+    let req = http::Request::builder()
+        .header("grpc-timeout", "0m")
+        .body(())
+        .unwrap();
+    assert_ready_ok!(svc.poll_ready());
+    let err = svc.call(req).await.unwrap_err();
+    assert!(find_cause::<DeadlineExceeded>(&*err).is_some());
+    assert_pending!(handle.poll_request());
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_timeout_header_carries_the_remaining_budget() {
+    let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
+        DeadlineLayer::http(Duration::from_secs(2)).unwrap(),
+    );
+    let req = http::Request::builder()
+        .header("content-type", "application/grpc+proto")
+        .body(())
+        .unwrap();
+    let start = Instant::now();
+    assert_ready_ok!(svc.poll_ready());
+    let _fut = svc.call(req);
+    let (sent, _) = handle.next_request().await.unwrap();
+    assert_eq!(sent.headers()["grpc-timeout"], "2000000u");
+    assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], "2000");
+    assert_eq!(
+        sent.extensions().get::<CallDeadline>().unwrap().at(),
+        start + Duration::from_secs(2)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn plain_http_requests_get_the_timeout_ms_header_but_no_grpc_timeout() {
+    let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
+        DeadlineLayer::http(Duration::from_millis(750)).unwrap(),
+    );
+    assert_ready_ok!(svc.poll_ready());
+    let _fut = svc.call(http::Request::new(()));
+    let (sent, _) = handle.next_request().await.unwrap();
+    assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], "750");
+    assert!(sent.headers().get("grpc-timeout").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_earliest_deadline_wins_when_nested() {
+    // An outer deadline of 300 ms around an inner one of 2 s: the inner layer sees 300 ms.
+    let outer = DeadlineLayer::http(Duration::from_millis(300)).unwrap();
+    let inner = DeadlineLayer::http(Duration::from_secs(2)).unwrap();
+    let (mock, mut handle) = mock::pair::<http::Request<()>, ()>();
+    let mut svc = tower_test::mock::Spawn::new(outer.layer(inner.layer(mock)));
+    assert_ready_ok!(svc.poll_ready());
+    let _fut = svc.call(http::Request::new(()));
+    let (sent, _) = handle.next_request().await.unwrap();
+    assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], "300");
+}
+
+#[tokio::test(start_paused = true)]
+async fn servers_honour_the_callers_timeout_header() {
+    let layer = DeadlineLayer::with_propagation(
+        Duration::from_secs(10),
+        HttpPropagation::new().with_inbound_headers(),
+    )
+    .unwrap();
+    let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(layer);
+    let req = http::Request::builder()
+        .header(TIMEOUT_MS_HEADER, "120")
+        .body(())
+        .unwrap();
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(req));
+    let (_sent, _send) = handle.next_request().await.unwrap();
+    time::advance(Duration::from_millis(119)).await;
+    assert_pending!(fut.poll());
+    time::advance(Duration::from_millis(1)).await;
+    let err = assert_ready!(fut.poll()).unwrap_err();
+    assert!(find_cause::<DeadlineExceeded>(&*err).is_some());
+}
