@@ -5,6 +5,8 @@ pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod error;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod queue;
 pub mod timeout;
 

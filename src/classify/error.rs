@@ -67,6 +67,8 @@ as_error_for!(
 /// | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | failure | no (the budget is spent) | yes, unless it expired before the call |
 /// | `io::Error` refused / not connected / address unavailable (connect) | failure | yes | no |
 /// | `io::Error` reset / aborted / broken pipe / unexpected EOF / timed out (transport) | failure | yes | yes |
+/// | `reqwest::Error` that is a connect error (with `reqwest`) | failure | yes | no |
+/// | `reqwest::Error` building the request (with `reqwest`) | failure | no | no |
 /// | `tonic::Status` (with `grpc`) | by its code, as [`GrpcClassifier`](super::GrpcClassifier) | | |
 /// | anything else | failure | yes | yes |
 ///
@@ -90,6 +92,17 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
             return Classification::failure()
                 .with_retryable(false)
                 .with_effect(!d.expired_before_call());
+        }
+        #[cfg(feature = "reqwest")]
+        if let Some(r) = e.downcast_ref::<reqwest::Error>() {
+            if r.is_connect() {
+                return Classification::failure().with_effect(false);
+            }
+            if r.is_builder() {
+                return Classification::failure()
+                    .with_retryable(false)
+                    .with_effect(false);
+            }
         }
         if let Some(io) = e.downcast_ref::<io::Error>() {
             return classify_io(io.kind());
