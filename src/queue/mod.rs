@@ -7,8 +7,12 @@
 //! Times are wall-clock ([`SystemTime`]), since messages outlive the process.
 
 pub mod envelope;
+#[cfg(feature = "embedded")]
+mod embedded;
 mod memory;
 
+#[cfg(feature = "embedded")]
+pub use self::embedded::{EmbeddedOptions, EmbeddedQueue};
 pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};
 pub use self::memory::MemoryQueue;
 
