@@ -471,7 +471,12 @@ fn redb_err(e: impl Into<redb::Error>) -> QueueError {
         redb::Error::UpgradeRequired(v) => {
             QueueError::Corrupt(format!("unsupported redb file format version {v}"))
         }
-        redb::Error::Io(ref io) if io.kind() == std::io::ErrorKind::InvalidData => {
+        redb::Error::Io(ref io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
             QueueError::Corrupt(e.to_string())
         }
         other => QueueError::Backend(Box::new(other)),
