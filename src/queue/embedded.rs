@@ -51,6 +51,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -154,6 +155,24 @@ struct Inner {
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     path: PathBuf,
+    counters: Arc<Counters>,
+}
+
+/// Counters shared with the writer thread.
+#[derive(Debug, Default)]
+struct Counters {
+    commits: AtomicU64,
+    operations: AtomicU64,
+}
+
+/// What the writer thread has done since the queue was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EmbeddedStats {
+    /// Durable commits (each one `fdatasync`).
+    pub commits: u64,
+    /// Operations applied (enqueues, leases, acks, retries, dead letters, reads).
+    pub operations: u64,
 }
 
 impl fmt::Debug for EmbeddedQueue {
@@ -234,7 +253,9 @@ impl EmbeddedQueue {
             live,
             capacity: options.capacity,
             max_batch: options.max_batch,
+            counters: Arc::default(),
         };
+        let counters = writer.counters.clone();
         let thread = std::thread::Builder::new()
             .name("postbox-queue-writer".into())
             .spawn(move || writer.run(rx))
@@ -244,8 +265,18 @@ impl EmbeddedQueue {
                 tx: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(thread)),
                 path,
+                counters,
             }),
         })
+    }
+
+    /// How many commits and operations the writer thread has done: with concurrent
+    /// producers, `operations / commits` is the number of operations sharing each fsync.
+    pub fn stats(&self) -> EmbeddedStats {
+        EmbeddedStats {
+            commits: self.inner.counters.commits.load(Ordering::Relaxed),
+            operations: self.inner.counters.operations.load(Ordering::Relaxed),
+        }
     }
 
     /// The queue file's path.
@@ -512,6 +543,7 @@ struct Writer {
     live: u64,
     capacity: Option<u64>,
     max_batch: usize,
+    counters: Arc<Counters>,
 }
 
 impl Writer {
@@ -565,16 +597,28 @@ impl Writer {
         let live_before = self.live;
         let Some(db) = self.db.as_ref() else { return };
         let mut done = Vec::with_capacity(batch.len());
+        self.counters
+            .operations
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<(), QueueError> {
-            let txn = db.begin_write().map_err(redb_err)?;
+            let mut txn = db.begin_write().map_err(redb_err)?;
+            // redb 4's default, stated so a change of default cannot weaken the promise.
+            txn.set_durability(redb::Durability::Immediate)
+                .map_err(|e| QueueError::Backend(Box::new(e)))?;
             let mut ops = batch.into_iter();
             let res = apply_ops(&txn, &mut ops, &mut done, &mut self.live, self.capacity);
             // Ops not reached because of a storage error: answered with that error below.
             for op in ops {
                 done.push(unanswered(op));
             }
-            res?;
-            txn.commit().map_err(redb_err)
+            if res? {
+                txn.commit().map_err(redb_err)?;
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            } else {
+                // Only reads (or refused operations): nothing to make durable, no fsync.
+                txn.abort().map_err(redb_err)
+            }
         }));
         let failure = match outcome {
             Ok(Ok(())) => None,
@@ -644,17 +688,20 @@ struct Tables<'t> {
     expiry: redb::Table<'t, (u64, Id), ()>,
     dead: redb::Table<'t, Id, &'static str>,
     keys: redb::Table<'t, &'static str, Id>,
+    /// Whether anything was written (else the transaction is aborted, saving an fsync).
+    dirty: bool,
 }
 
 /// Applies each op; a logic error (lease lost, full, duplicate) is that op's answer and
-/// changes nothing, a storage error aborts the whole batch.
+/// changes nothing, a storage error aborts the whole batch. Returns whether anything was
+/// written.
 fn apply_ops(
     txn: &WriteTransaction,
     ops: &mut impl Iterator<Item = Op>,
     done: &mut Vec<Done>,
     live: &mut u64,
     capacity: Option<u64>,
-) -> Result<(), QueueError> {
+) -> Result<bool, QueueError> {
     let mut t = Tables {
         messages: txn.open_table(MESSAGES).map_err(redb_err)?,
         scheduled: txn.open_table(SCHEDULED).map_err(redb_err)?,
@@ -663,6 +710,7 @@ fn apply_ops(
         expiry: txn.open_table(EXPIRY).map_err(redb_err)?,
         dead: txn.open_table(DEAD).map_err(redb_err)?,
         keys: txn.open_table(KEYS).map_err(redb_err)?,
+        dirty: false,
     };
     for op in ops.by_ref() {
         match op {
@@ -719,7 +767,7 @@ fn apply_ops(
             }
         }
     }
-    Ok(())
+    Ok(t.dirty)
 }
 
 /// Records `r` as the op's answer, unless it is a storage error (which fails the batch:
@@ -770,6 +818,7 @@ impl Tables<'_> {
             self.keys.insert(key, id).map_err(redb_err)?;
         }
         *live += 1;
+        self.dirty = true;
         Ok(Enqueued::Stored(MessageId(id)))
     }
 
@@ -792,6 +841,7 @@ impl Tables<'_> {
                     self.expiry.remove((until, id)).map_err(redb_err)?;
                     self.in_flight.remove(id).map_err(redb_err)?;
                     self.ready.insert(id, ()).map_err(redb_err)?;
+                    self.dirty = true;
                 }
                 _ => break,
             }
@@ -807,6 +857,7 @@ impl Tables<'_> {
                 Some((nb, id)) if nb <= now_k => {
                     self.scheduled.remove((nb, id)).map_err(redb_err)?;
                     self.ready.insert(id, ()).map_err(redb_err)?;
+                    self.dirty = true;
                 }
                 _ => break,
             }
@@ -833,6 +884,7 @@ impl Tables<'_> {
                 .insert(id, (until_k, generation))
                 .map_err(redb_err)?;
             self.expiry.insert((until_k, id), ()).map_err(redb_err)?;
+            self.dirty = true;
             out.push(Leased {
                 envelope: env,
                 token: LeaseToken {
@@ -864,6 +916,7 @@ impl Tables<'_> {
             Some((until, generation)) if generation == token.generation => {
                 self.in_flight.remove(id).map_err(redb_err)?;
                 self.expiry.remove((until, id)).map_err(redb_err)?;
+                self.dirty = true;
                 Ok(Ok(()))
             }
             _ => Ok(Err(QueueError::LeaseLost(token))),

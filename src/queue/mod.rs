@@ -12,7 +12,7 @@ mod embedded;
 mod memory;
 
 #[cfg(feature = "embedded")]
-pub use self::embedded::{EmbeddedOptions, EmbeddedQueue};
+pub use self::embedded::{EmbeddedOptions, EmbeddedQueue, EmbeddedStats};
 pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};
 pub use self::memory::MemoryQueue;
 
