@@ -5,11 +5,35 @@
 //! idempotency key makes the *effect* exactly once (see the `Idempotency` server layer).
 //!
 //! Times are wall-clock ([`SystemTime`]), since messages outlive the process.
+//!
+//! | backend | feature | durable | use |
+//! |---|---|---|---|
+//! | [`MemoryQueue`] | always | **no** | tests only |
+//! | `EmbeddedQueue` | `embedded` (default) | yes: redb, fsync per group commit | the default |
+//!
+//! The envelope's byte layout is specified in `docs/envelope.md`.
+//!
+//! # Example
+//! ```
+//! use postbox::queue::{DeferReason, Envelope, MemoryQueue, Queue};
+//! use std::time::{Duration, SystemTime};
+//!
+//! # tokio_test::block_on(async {
+//! let queue = MemoryQueue::new(); // not durable: tests only
+//! let receipt = queue
+//!     .enqueue(Envelope::new("api:443", "POST", "https://api/x", "{}", DeferReason::BulkheadFull))
+//!     .await?;
+//! for leased in queue.lease(16, Duration::from_secs(30), SystemTime::now()).await? {
+//!     assert_eq!(leased.envelope.id, receipt.id());
+//!     queue.ack(&[leased.token]).await?;
+//! }
+//! # Ok::<_, postbox::queue::QueueError>(()) }).unwrap();
+//! ```
 
-pub mod envelope;
 #[cfg(feature = "embedded")]
-mod embedded;
-mod memory;
+pub mod embedded;
+pub mod envelope;
+pub mod memory;
 
 #[cfg(feature = "embedded")]
 pub use self::embedded::{EmbeddedOptions, EmbeddedQueue, EmbeddedStats};
