@@ -35,13 +35,16 @@
 //! | `ready` | id → () | pending and due, in FIFO (id) order |
 //! | `in_flight` | id → (lease_until ns, generation) | leased |
 //! | `lease_expiry` | (lease_until ns, id) → () | the same leases, by expiry |
+//! | `attempts` | id → u32 | attempts of messages leased at least once (the stored envelope keeps its enqueue-time count, so a lease does not rewrite the body) |
 //! | `dead` | id → reason | dead letters |
 //! | `idempotency_keys` | key → id | keys of pending and in-flight messages |
 //! | `postbox_meta` | name → u64 | the schema version |
 //!
-//! A lease first returns expired leases to `ready`, then moves due `scheduled` entries to
-//! `ready`, then takes the lowest ids — so it costs O(log n) per message, however many
-//! are waiting. Times are stored as nanoseconds since the Unix epoch.
+//! An enqueue that is already due by the system clock goes straight to `ready`, otherwise
+//! to `scheduled`. A lease first returns expired leases to `ready`, then moves due
+//! `scheduled` entries to `ready`, then takes the lowest ids (checking each one's
+//! `not_before` against the lease's `now`) — so it costs O(log n) per message, however
+//! many are waiting. Times are stored as nanoseconds since the Unix epoch.
 
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
@@ -66,6 +69,7 @@ const SCHEDULED: TableDefinition<'_, (u64, Id), ()> = TableDefinition::new("sche
 const READY: TableDefinition<'_, Id, ()> = TableDefinition::new("ready");
 const IN_FLIGHT: TableDefinition<'_, Id, (u64, u64)> = TableDefinition::new("in_flight");
 const EXPIRY: TableDefinition<'_, (u64, Id), ()> = TableDefinition::new("lease_expiry");
+const ATTEMPTS: TableDefinition<'_, Id, u32> = TableDefinition::new("attempts");
 const DEAD: TableDefinition<'_, Id, &str> = TableDefinition::new("dead");
 const KEYS: TableDefinition<'_, &str, Id> = TableDefinition::new("idempotency_keys");
 
@@ -190,6 +194,8 @@ enum Op {
         id: Id,
         key: String,
         not_before: u64,
+        /// Already due by the system clock when sent.
+        due: bool,
         bytes: Vec<u8>,
         reply: Reply<Enqueued>,
     },
@@ -352,9 +358,11 @@ impl Queue for EmbeddedQueue {
     ) -> impl Future<Output = Result<Enqueued, QueueError>> + Send {
         // Encoding happens on the caller's thread, in parallel across producers.
         let bytes = envelope.encode();
+        let due = envelope.not_before <= SystemTime::now();
         self.call(move |reply| Op::Enqueue {
             id: envelope.id.0,
             key: envelope.idempotency_key,
+            due,
             not_before: time_key(envelope.not_before),
             bytes,
             reply,
@@ -463,6 +471,7 @@ fn init_tables(db: &Database) -> Result<u64, QueueError> {
             txn.open_table(DEAD).map_err(redb_err)?;
             txn.open_table(KEYS).map_err(redb_err)?;
             txn.open_table(EXPIRY).map_err(redb_err)?;
+            txn.open_table(ATTEMPTS).map_err(redb_err)?;
             let scheduled = txn
                 .open_table(SCHEDULED)
                 .map_err(redb_err)?
@@ -688,6 +697,7 @@ struct Tables<'t> {
     expiry: redb::Table<'t, (u64, Id), ()>,
     dead: redb::Table<'t, Id, &'static str>,
     keys: redb::Table<'t, &'static str, Id>,
+    attempts: redb::Table<'t, Id, u32>,
     /// Whether anything was written (else the transaction is aborted, saving an fsync).
     dirty: bool,
 }
@@ -710,6 +720,7 @@ fn apply_ops(
         expiry: txn.open_table(EXPIRY).map_err(redb_err)?,
         dead: txn.open_table(DEAD).map_err(redb_err)?,
         keys: txn.open_table(KEYS).map_err(redb_err)?,
+        attempts: txn.open_table(ATTEMPTS).map_err(redb_err)?,
         dirty: false,
     };
     for op in ops.by_ref() {
@@ -718,10 +729,11 @@ fn apply_ops(
                 id,
                 key,
                 not_before,
+                due,
                 bytes,
                 reply,
             } => {
-                let r = t.enqueue(id, &key, not_before, &bytes, live, capacity);
+                let r = t.enqueue(id, &key, (not_before, due), &bytes, live, capacity);
                 keep_logic_error(r, |r| done.push(Done::Enqueue(reply, r)))?;
             }
             Op::Lease {
@@ -792,7 +804,7 @@ impl Tables<'_> {
         &mut self,
         id: Id,
         key: &str,
-        not_before: u64,
+        (not_before, due): (u64, bool),
         bytes: &[u8],
         live: &mut u64,
         capacity: Option<u64>,
@@ -811,9 +823,13 @@ impl Tables<'_> {
             }
         }
         self.messages.insert(id, bytes).map_err(redb_err)?;
-        self.scheduled
-            .insert((not_before, id), ())
-            .map_err(redb_err)?;
+        if due {
+            self.ready.insert(id, ()).map_err(redb_err)?;
+        } else {
+            self.scheduled
+                .insert((not_before, id), ())
+                .map_err(redb_err)?;
+        }
         if !key.is_empty() {
             self.keys.insert(key, id).map_err(redb_err)?;
         }
@@ -875,11 +891,17 @@ impl Tables<'_> {
                 break;
             };
             let mut env = self.envelope(id)?;
+            if time_key(env.not_before) > now_k {
+                // Went to `ready` by the system clock, but not due at this lease's `now`.
+                self.scheduled
+                    .insert((time_key(env.not_before), id), ())
+                    .map_err(redb_err)?;
+                self.dirty = true;
+                continue;
+            }
             env.attempts = env.attempts.saturating_add(1);
             let generation = u64::from(env.attempts);
-            self.messages
-                .insert(id, env.encode().as_slice())
-                .map_err(redb_err)?;
+            self.attempts.insert(id, env.attempts).map_err(redb_err)?;
             self.in_flight
                 .insert(id, (until_k, generation))
                 .map_err(redb_err)?;
@@ -904,33 +926,46 @@ impl Tables<'_> {
                 MessageId(id)
             ))
         })?;
-        Envelope::decode(guard.value())
-            .map_err(|e| QueueError::Corrupt(format!("message {}: {e}", MessageId(id))))
+        let mut env = Envelope::decode(guard.value())
+            .map_err(|e| QueueError::Corrupt(format!("message {}: {e}", MessageId(id))))?;
+        drop(guard);
+        if let Some(attempts) = self.attempts.get(id).map_err(redb_err)? {
+            env.attempts = attempts.value();
+        }
+        Ok(env)
     }
 
     /// Ends the lease of `token` if it is current.
     fn release(&mut self, token: LeaseToken) -> Result<Result<(), QueueError>, QueueError> {
         let id = token.id.0;
-        let current = self.in_flight.get(id).map_err(redb_err)?.map(|g| g.value());
+        // Remove first (one lookup on the common path); put back a lease that is not ours.
+        let current = self
+            .in_flight
+            .remove(id)
+            .map_err(redb_err)?
+            .map(|g| g.value());
         match current {
             Some((until, generation)) if generation == token.generation => {
-                self.in_flight.remove(id).map_err(redb_err)?;
                 self.expiry.remove((until, id)).map_err(redb_err)?;
                 self.dirty = true;
                 Ok(Ok(()))
             }
-            _ => Ok(Err(QueueError::LeaseLost(token))),
+            Some(other) => {
+                self.in_flight.insert(id, other).map_err(redb_err)?;
+                Ok(Err(QueueError::LeaseLost(token)))
+            }
+            None => Ok(Err(QueueError::LeaseLost(token))),
         }
     }
 
-    fn forget_key(&mut self, env: &Envelope) -> Result<(), QueueError> {
-        let key = env.idempotency_key.as_str();
+    /// Removes `key` from the index if it belongs to `id`.
+    fn forget_key(&mut self, key: &str, id: Id) -> Result<(), QueueError> {
         if key.is_empty() {
             return Ok(());
         }
-        let owner = self.keys.get(key).map_err(redb_err)?.map(|g| g.value());
-        if owner == Some(env.id.0) {
-            self.keys.remove(key).map_err(redb_err)?;
+        let owner = self.keys.remove(key).map_err(redb_err)?.map(|g| g.value());
+        if let Some(owner) = owner.filter(|&owner| owner != id) {
+            self.keys.insert(key, owner).map_err(redb_err)?;
         }
         Ok(())
     }
@@ -940,9 +975,18 @@ impl Tables<'_> {
         for &token in tokens {
             match self.release(token)? {
                 Ok(()) => {
-                    let env = self.envelope(token.id.0)?;
-                    self.forget_key(&env)?;
-                    self.messages.remove(token.id.0).map_err(redb_err)?;
+                    let id = token.id.0;
+                    let key = {
+                        let bytes = self.messages.remove(id).map_err(redb_err)?;
+                        bytes
+                            .as_ref()
+                            .and_then(|b| super::envelope::peek_idempotency_key(b.value()))
+                            .map(str::to_owned)
+                    };
+                    if let Some(key) = key {
+                        self.forget_key(&key, id)?;
+                    }
+                    self.attempts.remove(id).map_err(redb_err)?;
                     *live -= 1;
                 }
                 Err(e) => {
@@ -975,7 +1019,7 @@ impl Tables<'_> {
     ) -> Result<(), QueueError> {
         self.release(token)??;
         let env = self.envelope(token.id.0)?;
-        self.forget_key(&env)?;
+        self.forget_key(&env.idempotency_key, env.id.0)?;
         self.dead.insert(token.id.0, reason).map_err(redb_err)?;
         *live -= 1;
         Ok(())

@@ -17,6 +17,7 @@ macro_rules! conformance {
             lease_is_fifo_by_id,
             lease_respects_max,
             not_before_defers_delivery,
+            lease_uses_the_given_now_not_the_clock,
             expired_lease_returns_to_pending,
             stale_token_is_refused,
             ack_removes_message_and_frees_key,
@@ -137,6 +138,18 @@ pub async fn not_before_defers_delivery(q: impl Queue) {
         ids(&q.lease(10, LEASE, at(60)).await.unwrap()),
         vec![later_id]
     );
+}
+
+/// A message already due by the system clock is still not leased at an earlier `now`.
+pub async fn lease_uses_the_given_now_not_the_clock(q: impl Queue) {
+    let clock = SystemTime::now();
+    let mut e = envelope("a");
+    e.not_before = clock - Duration::from_secs(10);
+    let id = stored(&q, e).await;
+    let past = clock - Duration::from_secs(20);
+    assert!(q.lease(10, LEASE, past).await.unwrap().is_empty());
+    assert_eq!(q.depth().await.unwrap().pending, 1);
+    assert_eq!(ids(&q.lease(10, LEASE, clock).await.unwrap()), vec![id]);
 }
 
 pub async fn expired_lease_returns_to_pending(q: impl Queue) {
