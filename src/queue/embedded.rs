@@ -878,7 +878,7 @@ impl Tables<'_> {
                 _ => break,
             }
         }
-        let lease_until = now.checked_add(lease_for).unwrap_or(now);
+        let lease_until = super::saturating_add(now, lease_for);
         let until_k = time_key(lease_until);
         let mut out = Vec::new();
         while out.len() < max {

@@ -195,3 +195,10 @@ pub trait Queue: Send + Sync + 'static {
     /// Up to `max` dead letters, oldest first (inspection; they stay stored).
     fn dead_letters(&self, max: usize) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
 }
+
+/// `t + d`, or a time far in the future (year 2554, where the embedded queue's
+/// nanosecond timestamps saturate) if that overflows.
+pub(crate) fn saturating_add(t: SystemTime, d: Duration) -> SystemTime {
+    t.checked_add(d)
+        .unwrap_or_else(|| SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::MAX))
+}

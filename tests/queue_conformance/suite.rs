@@ -16,6 +16,7 @@ macro_rules! conformance {
             enqueue_then_lease_returns_the_envelope,
             lease_is_fifo_by_id,
             lease_respects_max,
+            endless_lease_does_not_expire,
             not_before_defers_delivery,
             lease_uses_the_given_now_not_the_clock,
             expired_lease_returns_to_pending,
@@ -123,6 +124,14 @@ pub async fn lease_respects_max(q: impl Queue) {
     assert!(q.lease(0, LEASE, at(1)).await.unwrap().is_empty());
     assert_eq!(q.lease(2, LEASE, at(1)).await.unwrap().len(), 2);
     assert_eq!(q.lease(100, LEASE, at(1)).await.unwrap().len(), 3);
+}
+
+pub async fn endless_lease_does_not_expire(q: impl Queue) {
+    stored(&q, envelope("a")).await;
+    let l = q.lease(1, Duration::MAX, at(0)).await.unwrap();
+    assert!(l[0].lease_until > at(100 * 365 * 24 * 3600));
+    assert!(q.lease(1, LEASE, at(1_000_000)).await.unwrap().is_empty());
+    q.ack(&[l[0].token]).await.unwrap();
 }
 
 pub async fn not_before_defers_delivery(q: impl Queue) {
