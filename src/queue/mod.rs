@@ -5,10 +5,40 @@
 //! idempotency key makes the *effect* exactly once (see the `Idempotency` server layer).
 //!
 //! Times are wall-clock ([`SystemTime`]), since messages outlive the process.
+//!
+//! | backend | feature | durable | use |
+//! |---|---|---|---|
+//! | [`MemoryQueue`] | always | **no** | tests only |
+//! | `EmbeddedQueue` | `embedded` (default) | yes: redb, fsync per group commit | the default |
+//!
+//! The envelope's byte layout is specified in `docs/envelope.md`.
+//!
+//! # Example
+//! ```
+//! use postbox::queue::{DeferReason, Envelope, MemoryQueue, Queue};
+//! use std::time::{Duration, SystemTime};
+//!
+//! # tokio_test::block_on(async {
+//! let queue = MemoryQueue::new(); // not durable: tests only
+//! let receipt = queue
+//!     .enqueue(Envelope::new("api:443", "POST", "https://api/x", "{}", DeferReason::BulkheadFull))
+//!     .await?;
+//! for leased in queue.lease(16, Duration::from_secs(30), SystemTime::now()).await? {
+//!     assert_eq!(leased.envelope.id, receipt.id());
+//!     queue.ack(&[leased.token]).await?;
+//! }
+//! # Ok::<_, postbox::queue::QueueError>(()) }).unwrap();
+//! ```
 
+#[cfg(feature = "embedded")]
+pub mod embedded;
 pub mod envelope;
+pub mod memory;
 
+#[cfg(feature = "embedded")]
+pub use self::embedded::{EmbeddedOptions, EmbeddedQueue, EmbeddedStats};
 pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};
+pub use self::memory::MemoryQueue;
 
 use std::fmt;
 use std::future::Future;
@@ -125,7 +155,8 @@ impl std::error::Error for QueueError {
 pub trait Queue: Send + Sync + 'static {
     /// Stores `envelope`; when this returns `Ok` the message is durable (fsynced or
     /// acknowledged by the broker). A message whose idempotency key is already pending
-    /// or in flight is not stored twice ([`Enqueued::Duplicate`]).
+    /// or in flight is not stored twice ([`Enqueued::Duplicate`]); an empty key is never
+    /// de-duplicated. Once a message is acked or dead-lettered its key is free again.
     fn enqueue(
         &self,
         envelope: Envelope,
@@ -143,6 +174,10 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Acks delivered messages (one durable commit for the whole batch); they and their
     /// idempotency-key entries are removed.
+    ///
+    /// A stale token (its lease was lost, or the message is already acked) does not stop
+    /// the others: every current token in the batch is acked, and the result is
+    /// [`QueueError::LeaseLost`] naming the first stale one.
     fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send;
 
     /// Returns a leased message to pending, not to be leased before `not_before`.
@@ -167,4 +202,11 @@ pub trait Queue: Send + Sync + 'static {
         &self,
         max: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
+}
+
+/// `t + d`, or a time far in the future (year 2554, where the embedded queue's
+/// nanosecond timestamps saturate) if that overflows.
+pub(crate) fn saturating_add(t: SystemTime, d: Duration) -> SystemTime {
+    t.checked_add(d)
+        .unwrap_or_else(|| SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::MAX))
 }
