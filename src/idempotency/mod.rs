@@ -1,0 +1,1 @@
+//! Idempotency (in progress).
