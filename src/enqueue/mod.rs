@@ -49,7 +49,7 @@
 #![doc = include_str!("../docs/enqueue.md")]
 
 #[cfg(feature = "http")]
-mod body;
+pub(crate) mod body;
 mod clock;
 mod codec;
 pub mod error;
