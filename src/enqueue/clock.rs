@@ -1,4 +1,4 @@
-//! Wall-clock time that follows tokio's clock, and time-ordered ids.
+//! Wall-clock time that follows tokio's clock, and fresh ids.
 //!
 //! Envelopes carry wall-clock times ([`SystemTime`]) because messages outlive the
 //! process. The layer and the replayer read them through [`wall_now`], which anchors
@@ -9,7 +9,7 @@
 
 use crate::queue::MessageId;
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 use tokio::time::Instant;
 
 static ANCHOR: OnceLock<(SystemTime, Instant)> = OnceLock::new();
@@ -25,41 +25,31 @@ pub(crate) fn wall_now() -> SystemTime {
     }
 }
 
-/// A UUIDv7: 48-bit Unix milliseconds of `now`, version 7, variant `10`, random bits.
-pub(crate) fn new_message_id(now: SystemTime) -> MessageId {
-    let ms = now
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as u64;
-    let mut b = [0u8; 16];
-    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    let rand = fastrand::u128(..).to_be_bytes();
-    b[6..].copy_from_slice(&rand[6..]);
-    b[6] = (b[6] & 0x0f) | 0x70;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    MessageId(b)
+/// A fresh message id (UUIDv7, strictly increasing within the process).
+pub(crate) fn new_message_id() -> MessageId {
+    MessageId::new_v7()
 }
 
 /// A fresh idempotency key: a UUIDv7 in hyphenated lowercase form.
 ///
 /// Kept private on purpose: the HTTP helpers (`src/http/`) may offer a public one.
-pub(crate) fn new_idempotency_key(now: SystemTime) -> String {
-    new_message_id(now).to_string()
+pub(crate) fn new_idempotency_key() -> String {
+    MessageId::new_v7().to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
-    fn message_ids_are_v7_and_ordered_by_millisecond() {
-        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
-        let a = new_message_id(t);
-        let b = new_message_id(t + Duration::from_millis(1));
+    fn ids_and_keys_are_fresh_v7s() {
+        let (a, b) = (new_message_id(), new_message_id());
         assert!(a < b);
         assert_eq!(a.0[6] >> 4, 7);
-        assert_eq!(a.0[8] >> 6, 0b10);
-        assert_eq!(new_idempotency_key(t).len(), 36);
+        let key = new_idempotency_key();
+        assert_eq!(key.len(), 36);
+        assert_ne!(key, new_idempotency_key());
     }
 
     #[tokio::test(start_paused = true)]

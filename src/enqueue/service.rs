@@ -53,7 +53,7 @@ impl<Q, C> Shared<Q, C> {
 
     /// The idempotency key to use: the request's own, or a fresh one.
     pub(crate) fn key_or_new(existing: Option<String>) -> String {
-        existing.unwrap_or_else(|| new_idempotency_key(wall_now()))
+        existing.unwrap_or_else(new_idempotency_key)
     }
 }
 
@@ -68,7 +68,7 @@ impl<Q: Queue, C> Shared<Q, C> {
             created_at,
         } = capture;
         let envelope = Envelope {
-            id: new_message_id(created_at),
+            id: new_message_id(),
             idempotency_key: key.clone(),
             created_at,
             not_before,
