@@ -160,7 +160,9 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             Kind::Failed { .. } => SizeHint::default(),
             Kind::Streaming { prefix, rest } => {
                 let buffered: u64 = prefix
@@ -227,7 +229,11 @@ where
 }
 
 /// The partial body after [`poll_collect`] stopped early.
-pub(crate) fn partial<B>(buf: bytes::BytesMut, extra: Option<Frame<Bytes>>, rest: B) -> BufferedBody<B> {
+pub(crate) fn partial<B>(
+    buf: bytes::BytesMut,
+    extra: Option<Frame<Bytes>>,
+    rest: B,
+) -> BufferedBody<B> {
     let mut prefix = VecDeque::with_capacity(2);
     if !buf.is_empty() {
         prefix.push_back(Frame::data(buf.freeze()));
@@ -253,7 +259,11 @@ mod tests {
     #[tokio::test]
     async fn partial_body_yields_prefix_then_rest() {
         let rest = http_body_util::Full::new(Bytes::from_static(b" world"));
-        let body = partial(bytes::BytesMut::from(&b"hel"[..]), Some(Frame::data(Bytes::from_static(b"lo"))), rest);
+        let body = partial(
+            bytes::BytesMut::from(&b"hel"[..]),
+            Some(Frame::data(Bytes::from_static(b"lo"))),
+            rest,
+        );
         assert!(!body.is_buffered());
         let got = body.collect().await.unwrap().to_bytes();
         assert_eq!(got, "hello world");

@@ -145,7 +145,12 @@ pub(crate) mod http_codec {
             .headers
             .iter()
             .filter(|(name, _)| !SKIPPED.contains(&name.as_str()))
-            .map(|(name, value)| (name.as_str().to_owned(), Bytes::copy_from_slice(value.as_bytes())))
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    Bytes::copy_from_slice(value.as_bytes()),
+                )
+            })
             .collect();
         Captured {
             destination,

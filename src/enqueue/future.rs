@@ -55,7 +55,9 @@ impl<F, Q, C> fmt::Debug for DeferFuture<F, Q, C> {
             DeferState::Enqueuing { .. } => "enqueuing",
             DeferState::Done => "done",
         };
-        f.debug_struct("DeferFuture").field("state", &state).finish()
+        f.debug_struct("DeferFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 
@@ -84,7 +86,10 @@ where
                     };
                     let original = match out {
                         Err(e) => e,
-                        Ok(_) => FailedResponse::new("a response classified as a retryable failure".into()).into(),
+                        Ok(_) => FailedResponse::new(
+                            "a response classified as a retryable failure".into(),
+                        )
+                        .into(),
                     };
                     let pending = this.shared.enqueue(capture, t, original);
                     this.state.set(DeferState::Enqueuing { pending });
@@ -155,14 +160,24 @@ mod http_future {
     where
         S: Service<Request<BufferedBody<B>>>,
     {
-        pub(crate) fn calling(fut: S::Future, capture: Option<Capture>, shared: Arc<Shared<Q, C>>) -> Self {
+        pub(crate) fn calling(
+            fut: S::Future,
+            capture: Option<Capture>,
+            shared: Arc<Shared<Q, C>>,
+        ) -> Self {
             Self {
                 state: State::Calling { fut, capture },
                 shared,
             }
         }
 
-        pub(crate) fn collecting(svc: S, parts: Parts, body: B, key: String, shared: Arc<Shared<Q, C>>) -> Self {
+        pub(crate) fn collecting(
+            svc: S,
+            parts: Parts,
+            body: B,
+            key: String,
+            shared: Arc<Shared<Q, C>>,
+        ) -> Self {
             Self {
                 state: State::Collecting {
                     svc: Some(svc),
@@ -187,7 +202,9 @@ mod http_future {
                 State::Enqueuing { .. } => "enqueuing",
                 State::Done => "done",
             };
-            f.debug_struct("ResponseFuture").field("state", &state).finish()
+            f.debug_struct("ResponseFuture")
+                .field("state", &state)
+                .finish()
         }
     }
 
@@ -249,12 +266,16 @@ mod http_future {
                             }
                             Ok(true) => {
                                 let bytes = buf.freeze();
-                                let capture = Capture::new(key, capture_parts(&parts, bytes.clone()));
+                                let capture =
+                                    Capture::new(key, capture_parts(&parts, bytes.clone()));
                                 let req = Request::from_parts(parts, BufferedBody::full(bytes));
                                 (svc.call(req), Some(capture))
                             }
                             Ok(false) => {
-                                tracing::debug!(limit, "request body over the limit; not deferrable");
+                                tracing::debug!(
+                                    limit,
+                                    "request body over the limit; not deferrable"
+                                );
                                 let req = Request::from_parts(parts, partial(buf, extra, body));
                                 (svc.call(req), None)
                             }

@@ -154,7 +154,11 @@ impl<S, Q, C: Clone> Layer<S> for EnqueueFallbackLayer<Q, C> {
     type Service = super::EnqueueFallback<S, Q, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let shared = Shared::new(self.queue.clone(), self.classifier.clone(), self.config.clone());
+        let shared = Shared::new(
+            self.queue.clone(),
+            self.classifier.clone(),
+            self.config.clone(),
+        );
         super::EnqueueFallback::new(inner, Arc::new(shared))
     }
 }
@@ -187,7 +191,11 @@ impl<Q, K> DeferLayer<Q, K> {
     ///
     /// # Errors
     /// An invalid `config` (see [`EnqueueConfig::validate`]).
-    pub fn with_config(queue: Arc<Q>, codec: K, config: EnqueueConfig) -> Result<Self, ConfigError> {
+    pub fn with_config(
+        queue: Arc<Q>,
+        codec: K,
+        config: EnqueueConfig,
+    ) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Self {
             config,
@@ -232,7 +240,11 @@ impl<S, Q, K, C: Clone> Layer<S> for DeferLayer<Q, K, C> {
     type Service = Defer<S, Q, K, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let shared = Shared::new(self.queue.clone(), self.classifier.clone(), self.config.clone());
+        let shared = Shared::new(
+            self.queue.clone(),
+            self.classifier.clone(),
+            self.config.clone(),
+        );
         Defer::new(inner, Arc::new(shared), self.codec.clone())
     }
 }

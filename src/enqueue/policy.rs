@@ -99,7 +99,11 @@ impl DeferPolicy {
         if self.sync_methods.iter().any(|m| m == method) {
             return false;
         }
-        if self.sync_routes.iter().any(|r| path.starts_with(r.as_str())) {
+        if self
+            .sync_routes
+            .iter()
+            .any(|r| path.starts_with(r.as_str()))
+        {
             return false;
         }
         !self.keep_sync.as_ref().is_some_and(|f| f(method, path))
@@ -207,9 +211,15 @@ mod tests {
         assert_eq!(t.reason, DeferReason::CircuitOpen);
         assert_eq!(t.not_before, Some(Duration::from_secs(3)));
         let full = err(Full::new(1, 0));
-        assert_eq!(trigger::<(), _>(&c, Err(&full)).unwrap().reason, DeferReason::BulkheadFull);
+        assert_eq!(
+            trigger::<(), _>(&c, Err(&full)).unwrap().reason,
+            DeferReason::BulkheadFull
+        );
         let late = err(DeadlineExceeded::new(Duration::from_secs(1), false));
-        assert_eq!(trigger::<(), _>(&c, Err(&late)).unwrap().reason, DeferReason::DeadlineElapsed);
+        assert_eq!(
+            trigger::<(), _>(&c, Err(&late)).unwrap().reason,
+            DeferReason::DeadlineElapsed
+        );
     }
 
     #[test]
@@ -220,7 +230,7 @@ mod tests {
             trigger::<(), _>(&c, Err(&reset)).unwrap().reason,
             DeferReason::RetriesExhausted
         );
-        assert_eq!(trigger::<(), BoxError>(&c, Ok(&())), None);
+        assert_eq!(trigger::<(), _>(&c, Ok(&())), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::bulkhead::error::Full;
 use crate::circuit_breaker::error::Open;
 use crate::classify::{Classification, Classify, ErrorClassifier};
 use crate::error::{ConfigError, find_cause};
-use crate::queue::{Leased, LeaseToken, Queue, QueueError};
+use crate::queue::{LeaseToken, Leased, Queue, QueueError};
 use crate::timeout::error::DeadlineExceeded;
 use std::collections::HashMap;
 use std::fmt;
@@ -236,7 +236,10 @@ impl ReplayConfig {
             return Err(ConfigError::new(*field, "must be greater than zero"));
         }
         if self.backoff_base > self.backoff_max {
-            return Err(ConfigError::new("replay.backoff", "base must not exceed max"));
+            return Err(ConfigError::new(
+                "replay.backoff",
+                "base must not exceed max",
+            ));
         }
         Ok(())
     }
@@ -590,7 +593,11 @@ where
             let room = self.config.concurrency.saturating_sub(self.tasks.len());
             if !paused && room > 0 {
                 let max = room.min(self.config.lease_batch);
-                match self.queue.lease(max, self.config.lease_for, wall_now()).await {
+                match self
+                    .queue
+                    .lease(max, self.config.lease_for, wall_now())
+                    .await
+                {
                     Ok(batch) if !batch.is_empty() => {
                         for leased in batch {
                             self.start(leased).await;
@@ -670,7 +677,9 @@ where
     }
 
     async fn start(&mut self, leased: Leased) {
-        let Leased { envelope, token, .. } = leased;
+        let Leased {
+            envelope, token, ..
+        } = leased;
         let now = wall_now();
         if envelope.expires_at.is_some_and(|at| at <= now) {
             self.dead_letter(token, "expired before delivery").await;
@@ -803,7 +812,10 @@ where
     /// Sets the depth gauge, at most once per poll interval.
     async fn report_depth(&mut self) {
         let now = Instant::now();
-        if self.depth_at.is_some_and(|at| now < at + self.config.poll_interval) {
+        if self
+            .depth_at
+            .is_some_and(|at| now < at + self.config.poll_interval)
+        {
             return;
         }
         self.depth_at = Some(now);
@@ -813,7 +825,8 @@ where
     async fn report_depth_now(&mut self) {
         if let Ok(depth) = self.queue.depth().await {
             metrics::gauge!("postbox_queue_depth", "state" => "pending").set(depth.pending as f64);
-            metrics::gauge!("postbox_queue_depth", "state" => "in_flight").set(depth.in_flight as f64);
+            metrics::gauge!("postbox_queue_depth", "state" => "in_flight")
+                .set(depth.in_flight as f64);
             metrics::gauge!("postbox_queue_depth", "state" => "dead").set(depth.dead as f64);
         }
     }
@@ -849,7 +862,10 @@ mod tests {
         let c = ReplayConfig::default();
         let mut rng = fastrand::Rng::with_seed(7);
         for a in 1..20 {
-            let full = c.backoff_base.saturating_mul(1 << (a - 1).min(31)).min(c.backoff_max);
+            let full = c
+                .backoff_base
+                .saturating_mul(1 << (a - 1).min(31))
+                .min(c.backoff_max);
             let d = c.backoff(a, &mut rng);
             assert!(d >= full / 2 && d <= full, "{a}: {d:?}");
         }
@@ -867,7 +883,10 @@ mod tests {
             }
         );
         let late: BoxError = DeadlineExceeded::new(Duration::from_secs(1), false).into();
-        assert!(matches!(Judge::<(), _>::judge(&j, Err(&late)), Verdict::Retry { .. }));
+        assert!(matches!(
+            Judge::<(), _>::judge(&j, Err(&late)),
+            Verdict::Retry { .. }
+        ));
     }
 
     #[test]

@@ -59,7 +59,12 @@ impl<Q, C> Shared<Q, C> {
 
 impl<Q: Queue, C> Shared<Q, C> {
     /// Builds the envelope and starts storing it.
-    pub(crate) fn enqueue(&self, capture: Capture, trigger: Trigger, original: BoxError) -> Pending {
+    pub(crate) fn enqueue(
+        &self,
+        capture: Capture,
+        trigger: Trigger,
+        original: BoxError,
+    ) -> Pending {
         let now = wall_now();
         let not_before = trigger.not_before.map_or(now, |d| now + d);
         let Capture {
@@ -116,7 +121,10 @@ impl Pending {
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Receipt, NotEnqueued>> {
         let res = std::task::ready!(self.store.as_mut().poll(cx));
         let reason = self.trigger.reason;
-        let original = self.original.take().expect("enqueue polled after completion");
+        let original = self
+            .original
+            .take()
+            .expect("enqueue polled after completion");
         Poll::Ready(match res {
             Ok(stored) => {
                 let duplicate = matches!(stored, Enqueued::Duplicate(_));
@@ -127,7 +135,8 @@ impl Pending {
                     cause = %original,
                     "request deferred to the queue"
                 );
-                metrics::counter!("postbox_enqueued_total", "reason" => reason_str(reason)).increment(1);
+                metrics::counter!("postbox_enqueued_total", "reason" => reason_str(reason))
+                    .increment(1);
                 Ok(Receipt::new(
                     stored.id(),
                     std::mem::take(&mut self.key),
@@ -358,14 +367,20 @@ mod http_flavour {
             let (mut parts, body) = req.into_parts();
             let config = &self.shared.config;
             let shared = self.shared.clone();
-            if !config.policy.may_defer(parts.method.as_str(), parts.uri.path()) {
+            if !config
+                .policy
+                .may_defer(parts.method.as_str(), parts.uri.path())
+            {
                 let req = Request::from_parts(parts, BufferedBody::streaming(body));
                 return ResponseFuture::calling(self.inner.call(req), None, shared);
             }
             let key = Shared::<Q, C>::key_or_new(key_of(&parts.headers));
             set_key(&mut parts.headers, &key);
             if body.size_hint().lower() > config.max_body as u64 {
-                tracing::debug!(limit = config.max_body, "request body over the limit; not deferrable");
+                tracing::debug!(
+                    limit = config.max_body,
+                    "request body over the limit; not deferrable"
+                );
                 let req = Request::from_parts(parts, BufferedBody::streaming(body));
                 return ResponseFuture::calling(self.inner.call(req), None, shared);
             }

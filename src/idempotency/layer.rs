@@ -46,7 +46,10 @@ impl<St> IdempotencyLayer<St> {
     /// A zero `ttl` is a [`ConfigError`].
     pub fn ttl(mut self, ttl: Duration) -> Result<Self, ConfigError> {
         if ttl.is_zero() {
-            return Err(ConfigError::new("idempotency.ttl", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "idempotency.ttl",
+                "must be greater than zero",
+            ));
         }
         self.config.ttl = ttl;
         Ok(self)
@@ -60,7 +63,10 @@ impl<St> IdempotencyLayer<St> {
     /// A zero duration is a [`ConfigError`].
     pub fn lock_for(mut self, d: Duration) -> Result<Self, ConfigError> {
         if d.is_zero() {
-            return Err(ConfigError::new("idempotency.lock_for", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "idempotency.lock_for",
+                "must be greater than zero",
+            ));
         }
         self.config.lock_for = d;
         Ok(self)

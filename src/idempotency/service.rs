@@ -51,7 +51,11 @@ pub struct Idempotency<S, St> {
 
 impl<S, St> Idempotency<S, St> {
     pub(crate) fn new(inner: S, store: Arc<St>, config: Arc<Config>) -> Self {
-        Self { inner, store, config }
+        Self {
+            inner,
+            store,
+            config,
+        }
     }
 
     /// The inner service.
@@ -182,7 +186,13 @@ where
     let mut buf = BytesMut::new();
     let mut extra = None;
     let whole = std::future::poll_fn(|cx| {
-        poll_collect(Pin::new(&mut body), cx, &mut buf, config.max_body, &mut extra)
+        poll_collect(
+            Pin::new(&mut body),
+            cx,
+            &mut buf,
+            config.max_body,
+            &mut extra,
+        )
     })
     .await;
     match whole {
@@ -200,7 +210,9 @@ where
             };
             match store.complete(&claim.key, stored, config.ttl).await {
                 Ok(()) => claim.armed = false,
-                Err(e) => tracing::warn!(error = %e, key = %claim.key, "could not remember the response"),
+                Err(e) => {
+                    tracing::warn!(error = %e, key = %claim.key, "could not remember the response")
+                }
             }
             Ok(Response::from_parts(parts, BufferedBody::full(bytes)))
         }
@@ -264,7 +276,9 @@ impl<F, ResBody, E> fmt::Debug for ResponseFuture<F, ResBody, E> {
             Kind::Passthrough { .. } => "passthrough",
             Kind::Keyed { .. } => "keyed",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }
 

@@ -52,7 +52,11 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// # Errors
     /// The store is unreachable; the layer then runs the handler without
     /// de-duplication (fails open) and logs a warning.
-    fn claim(&self, key: &str, lock_for: Duration) -> impl Future<Output = Result<Claim, BoxError>> + Send;
+    fn claim(
+        &self,
+        key: &str,
+        lock_for: Duration,
+    ) -> impl Future<Output = Result<Claim, BoxError>> + Send;
 
     /// Remembers `response` for `key` for `ttl`, ending the claim and waking waiters.
     ///
@@ -79,8 +83,14 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 }
 
 enum Entry {
-    InProgress { until: Instant, done: watch::Sender<()> },
-    Done { response: StoredResponse, expires: Instant },
+    InProgress {
+        until: Instant,
+        done: watch::Sender<()>,
+    },
+    Done {
+        response: StoredResponse,
+        expires: Instant,
+    },
 }
 
 struct Inner {
@@ -152,7 +162,8 @@ impl Inner {
             let Some((key, expires)) = self.order.pop_front() else {
                 return; // only claims in progress: allowed to exceed
             };
-            let same = matches!(self.map.get(&key), Some(Entry::Done { expires: e, .. }) if *e == expires);
+            let same =
+                matches!(self.map.get(&key), Some(Entry::Done { expires: e, .. }) if *e == expires);
             if same {
                 self.map.remove(&key);
             }
@@ -172,11 +183,17 @@ impl Inner {
 }
 
 impl IdempotencyStore for MemoryStore {
-    fn claim(&self, key: &str, lock_for: Duration) -> impl Future<Output = Result<Claim, BoxError>> + Send {
+    fn claim(
+        &self,
+        key: &str,
+        lock_for: Duration,
+    ) -> impl Future<Output = Result<Claim, BoxError>> + Send {
         let now = Instant::now();
         let mut inner = self.lock();
         let claim = match inner.map.get(key) {
-            Some(Entry::Done { response, expires }) if *expires > now => Claim::Done(response.clone()),
+            Some(Entry::Done { response, expires }) if *expires > now => {
+                Claim::Done(response.clone())
+            }
             Some(Entry::InProgress { until, .. }) if *until > now => Claim::InProgress,
             existing => {
                 if existing.is_none() {
@@ -205,7 +222,9 @@ impl IdempotencyStore for MemoryStore {
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
         let expires = Instant::now() + ttl;
         let mut inner = self.lock();
-        inner.map.insert(key.to_owned(), Entry::Done { response, expires });
+        inner
+            .map
+            .insert(key.to_owned(), Entry::Done { response, expires });
         inner.order.push_back((key.to_owned(), expires));
         drop(inner);
         std::future::ready(Ok(()))
@@ -250,7 +269,9 @@ mod tests {
         let lock = Duration::from_secs(30);
         assert_eq!(s.claim("k", lock).await.unwrap(), Claim::Proceed);
         assert_eq!(s.claim("k", lock).await.unwrap(), Claim::InProgress);
-        s.complete("k", response(1), Duration::from_secs(60)).await.unwrap();
+        s.complete("k", response(1), Duration::from_secs(60))
+            .await
+            .unwrap();
         assert_eq!(s.claim("k", lock).await.unwrap(), Claim::Done(response(1)));
         tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(s.claim("k", lock).await.unwrap(), Claim::Proceed);
@@ -259,11 +280,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn abandoned_claims_expire_and_released_claims_free_the_key() {
         let s = MemoryStore::new(10);
-        assert_eq!(s.claim("k", Duration::from_secs(5)).await.unwrap(), Claim::Proceed);
+        assert_eq!(
+            s.claim("k", Duration::from_secs(5)).await.unwrap(),
+            Claim::Proceed
+        );
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert_eq!(s.claim("k", Duration::from_secs(5)).await.unwrap(), Claim::Proceed);
+        assert_eq!(
+            s.claim("k", Duration::from_secs(5)).await.unwrap(),
+            Claim::Proceed
+        );
         s.release("k");
-        assert_eq!(s.claim("k", Duration::from_secs(5)).await.unwrap(), Claim::Proceed);
+        assert_eq!(
+            s.claim("k", Duration::from_secs(5)).await.unwrap(),
+            Claim::Proceed
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -277,7 +307,11 @@ mod tests {
         }
         s.claim("c", lock).await.unwrap();
         assert_eq!(s.len(), 2);
-        assert_eq!(s.claim("a", lock).await.unwrap(), Claim::Proceed, "a was evicted");
+        assert_eq!(
+            s.claim("a", lock).await.unwrap(),
+            Claim::Proceed,
+            "a was evicted"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -288,7 +322,9 @@ mod tests {
         let s2 = s.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            s2.complete("k", response(2), Duration::from_secs(60)).await.unwrap();
+            s2.complete("k", response(2), Duration::from_secs(60))
+                .await
+                .unwrap();
         });
         let start = Instant::now();
         wait.await;

@@ -16,7 +16,8 @@ use postbox::circuit_breaker::error::Open;
 use postbox::enqueue::error::NotEnqueued;
 use postbox::enqueue::{
     BufferedBody, Captured, DEFER_REASON_HEADER, DeferLayer, DeferPolicy, Deferred, EnqueueConfig,
-    EnqueueFallbackLayer, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt, Replayer, RequestCodec,
+    EnqueueFallbackLayer, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt, Replayer,
+    RequestCodec,
 };
 use postbox::error::find_cause;
 use postbox::idempotency::{IdempotencyLayer, REPLAYED_HEADER};
@@ -33,17 +34,25 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 
 type Fut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// What a dependency saw: method, idempotency key, body.
+type Seen = (String, Option<String>, Bytes);
+
 /// A dependency that records every request it sees and answers with `answer()`.
 #[derive(Clone, Default)]
 struct Dependency {
-    seen: Arc<Mutex<Vec<(String, Option<String>, Bytes)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Dependency {
     fn service<F>(
         &self,
         answer: F,
-    ) -> impl Service<InnerReq, Response = Res, Error = BoxError, Future = Fut<Result<Res, BoxError>>> + Clone
+    ) -> impl Service<
+        InnerReq,
+        Response = Res,
+        Error = BoxError,
+        Future = Fut<Result<Res, BoxError>>,
+    > + Clone
     where
         F: Fn() -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
     {
@@ -69,7 +78,12 @@ impl Dependency {
     }
 
     fn keys(&self) -> Vec<Option<String>> {
-        self.seen.lock().unwrap().iter().map(|(_, k, _)| k.clone()).collect()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, k, _)| k.clone())
+            .collect()
     }
 }
 
@@ -78,7 +92,10 @@ async fn depth(q: &MemoryQueue) -> Depth {
 }
 
 fn receipt_id(res: &Response<Full<Bytes>>) -> MessageId {
-    res.extensions().get::<Receipt>().expect("receipt extension").id()
+    res.extensions()
+        .get::<Receipt>()
+        .expect("receipt extension")
+        .id()
 }
 
 async fn defer_with(
@@ -87,7 +104,9 @@ async fn defer_with(
 ) -> (Result<Res, BoxError>, Dependency) {
     let dep = Dependency::default();
     let svc = EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(answer));
-    let out = svc.oneshot(post("http://api.test/orders", "{\"sku\":1}")).await;
+    let out = svc
+        .oneshot(post("http://api.test/orders", "{\"sku\":1}"))
+        .await;
     (out, dep)
 }
 
@@ -107,7 +126,10 @@ async fn circuit_open_enqueues_once_not_before_the_breaker_retry_after() {
     assert_eq!(env.uri, "http://api.test/orders");
     assert_eq!(env.destination, "api.test");
     assert_eq!(env.body, "{\"sku\":1}");
-    assert_eq!(env.not_before.duration_since(env.created_at).unwrap(), Duration::from_secs(30));
+    assert_eq!(
+        env.not_before.duration_since(env.created_at).unwrap(),
+        Duration::from_secs(30)
+    );
     assert!(env.expires_at.is_some());
 }
 
@@ -117,7 +139,10 @@ async fn bulkhead_full_enqueues_once() {
     let (out, _) = defer_with(&queue, || Err(boxed(BulkheadFull::new(4, 0)))).await;
     let res = out.unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
-    assert_eq!(queue.get(receipt_id(&res)).unwrap().reason, DeferReason::BulkheadFull);
+    assert_eq!(
+        queue.get(receipt_id(&res)).unwrap().reason,
+        DeferReason::BulkheadFull
+    );
     assert_eq!(depth(&queue).await.pending, 1);
 }
 
@@ -129,7 +154,10 @@ async fn deadline_elapsed_enqueues_once() {
     })
     .await;
     let res = out.unwrap();
-    assert_eq!(queue.get(receipt_id(&res)).unwrap().reason, DeferReason::DeadlineElapsed);
+    assert_eq!(
+        queue.get(receipt_id(&res)).unwrap().reason,
+        DeferReason::DeadlineElapsed
+    );
     assert_eq!(depth(&queue).await.pending, 1);
 }
 
@@ -138,7 +166,8 @@ async fn overload_with_retry_after_enqueues_not_before_the_hint() {
     let queue = Arc::new(MemoryQueue::new());
     let (out, _) = defer_with(&queue, || {
         let mut res = respond(429, "slow down");
-        res.headers_mut().insert(http::header::RETRY_AFTER, "120".parse().unwrap());
+        res.headers_mut()
+            .insert(http::header::RETRY_AFTER, "120".parse().unwrap());
         Ok(res)
     })
     .await;
@@ -146,7 +175,10 @@ async fn overload_with_retry_after_enqueues_not_before_the_hint() {
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let env = queue.get(receipt_id(&res)).unwrap();
     assert_eq!(env.reason, DeferReason::RetriesExhausted);
-    assert_eq!(env.not_before.duration_since(env.created_at).unwrap(), Duration::from_secs(120));
+    assert_eq!(
+        env.not_before.duration_since(env.created_at).unwrap(),
+        Duration::from_secs(120)
+    );
 }
 
 /// Retries `n` times on a 5xx or an error (a stand-in for postbox's retry layer).
@@ -156,8 +188,14 @@ struct RetryN(usize);
 impl tower::retry::Policy<InnerReq, Res, BoxError> for RetryN {
     type Future = std::future::Ready<()>;
 
-    fn retry(&mut self, _: &mut InnerReq, result: &mut Result<Res, BoxError>) -> Option<Self::Future> {
-        let failed = result.as_ref().map_or(true, |r| r.status().is_server_error());
+    fn retry(
+        &mut self,
+        _: &mut InnerReq,
+        result: &mut Result<Res, BoxError>,
+    ) -> Option<Self::Future> {
+        let failed = result
+            .as_ref()
+            .map_or(true, |r| r.status().is_server_error());
         (failed && self.0 > 0).then(|| {
             self.0 -= 1;
             std::future::ready(())
@@ -181,12 +219,22 @@ async fn retries_exhausted_enqueues_one_message_not_one_per_attempt() {
         .layer(EnqueueFallbackLayer::new(queue.clone()))
         .layer(tower::retry::RetryLayer::new(RetryN(3)))
         .service(dep.service(|| Ok(respond(503, "down"))));
-    let res = svc.oneshot(post("http://api.test/orders", "{}")).await.unwrap();
+    let res = svc
+        .oneshot(post("http://api.test/orders", "{}"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     assert_eq!(dep.calls(), 4, "1 attempt + 3 retries");
-    assert_eq!(depth(&queue).await.pending, 1, "one message for the whole call");
+    assert_eq!(
+        depth(&queue).await.pending,
+        1,
+        "one message for the whole call"
+    );
     let keys = dep.keys();
-    assert!(keys.iter().all(|k| k.is_some() && *k == keys[0]), "every attempt carries one key");
+    assert!(
+        keys.iter().all(|k| k.is_some() && *k == keys[0]),
+        "every attempt carries one key"
+    );
     let env = queue.get(receipt_id(&res)).unwrap();
     assert_eq!(env.reason, DeferReason::RetriesExhausted);
     assert_eq!(Some(env.idempotency_key), keys[0]);
@@ -240,11 +288,20 @@ async fn get_is_not_enqueued_by_default() {
     let dep = Dependency::default();
     let svc = EnqueueFallbackLayer::new(queue.clone())
         .layer(dep.service(|| Err(boxed(Open::new(Duration::from_secs(1))))));
-    let req = Request::get("http://api.test/orders/1").body(Full::default()).unwrap();
+    let req = Request::get("http://api.test/orders/1")
+        .body(Full::default())
+        .unwrap();
     let err = svc.oneshot(req).await.unwrap_err();
-    assert!(find_cause::<Open>(&*err).is_some(), "the original error, unchanged");
+    assert!(
+        find_cause::<Open>(&*err).is_some(),
+        "the original error, unchanged"
+    );
     assert_eq!(depth(&queue).await, Depth::default());
-    assert_eq!(dep.keys(), [None], "a synchronous request is not stamped with a key");
+    assert_eq!(
+        dep.keys(),
+        [None],
+        "a synchronous request is not stamped with a key"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -259,10 +316,18 @@ async fn policy_keeps_routes_synchronous_and_can_defer_reads() {
     let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
         .unwrap()
         .layer(dep.service(|| Err(boxed(Open::new(Duration::from_secs(1))))));
-    let pay = svc.clone().oneshot(post("http://api.test/payments/9", "{}")).await;
+    let pay = svc
+        .clone()
+        .oneshot(post("http://api.test/payments/9", "{}"))
+        .await;
     assert!(pay.is_err());
-    let get = Request::get("http://api.test/reports").body(Full::default()).unwrap();
-    assert_eq!(svc.oneshot(get).await.unwrap().status(), StatusCode::ACCEPTED);
+    let get = Request::get("http://api.test/reports")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(
+        svc.oneshot(get).await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
     assert_eq!(depth(&queue).await.pending, 1);
 }
 
@@ -275,14 +340,19 @@ async fn body_over_limit_streams_through_and_is_not_enqueued() {
         let seen = seen2.clone();
         async move {
             assert!(!req.body().is_buffered());
-            seen.lock().unwrap().push(bytes_of(req.into_body()).await.len());
+            let len = bytes_of(req.into_body()).await.len();
+            seen.lock().unwrap().push(len);
             Err::<Res, _>(boxed(Open::new(Duration::from_secs(1))))
         }
     });
     let config = EnqueueConfig::new().max_body(1000);
-    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config).unwrap().layer(inner);
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(inner);
     // No size hint: read until the limit is crossed, then streamed through whole.
-    let req = Request::post("http://api.test/upload").body(Chunked::new(10, 300)).unwrap();
+    let req = Request::post("http://api.test/upload")
+        .body(Chunked::new(10, 300))
+        .unwrap();
     let err = svc.oneshot(req).await.unwrap_err();
     assert!(find_cause::<Open>(&*err).is_some());
     assert_eq!(*seen.lock().unwrap(), [3000]);
@@ -297,7 +367,10 @@ async fn body_with_known_size_over_limit_is_not_read_ahead() {
     let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
         .unwrap()
         .layer(dep.service(|| Ok(respond(503, "down"))));
-    let res = svc.oneshot(post("http://api.test/orders", "0123456789")).await.unwrap();
+    let res = svc
+        .oneshot(post("http://api.test/orders", "0123456789"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(dep.seen.lock().unwrap()[0].2, "0123456789");
     assert_eq!(depth(&queue).await, Depth::default());
@@ -311,11 +384,20 @@ async fn queue_failure_returns_an_error_carrying_both_failures() {
     let (out, _) = defer_with(&queue, || Err(boxed(Open::new(Duration::from_secs(5))))).await;
     let err = out.unwrap_err();
     let not = err.downcast_ref::<NotEnqueued>().expect("NotEnqueued");
-    assert!(matches!(not.queue_error(), QueueError::Full { capacity: 0 }));
+    assert!(matches!(
+        not.queue_error(),
+        QueueError::Full { capacity: 0 }
+    ));
     assert_eq!(not.reason(), DeferReason::CircuitOpen);
-    assert!(find_cause::<Open>(&*err).is_some(), "the original failure is the source");
+    assert!(
+        find_cause::<Open>(&*err).is_some(),
+        "the original failure is the source"
+    );
     let text = err.to_string();
-    assert!(text.contains("queue full") && text.contains("circuit open"), "{text}");
+    assert!(
+        text.contains("queue full") && text.contains("circuit open"),
+        "{text}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -334,10 +416,14 @@ async fn receipt_is_202_with_the_documented_headers() {
     let svc = EnqueueFallbackLayer::new(queue.clone())
         .layer(dep.service(|| Err(boxed(Open::new(Duration::from_secs(1))))));
     let mut req = post("http://api.test/orders", "{}");
-    req.headers_mut().insert(IDEMPOTENCY_KEY_HEADER, "order-7".parse().unwrap());
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, "order-7".parse().unwrap());
     let res = svc.oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let id = res.headers()[MESSAGE_ID_HEADER].to_str().unwrap().to_owned();
+    let id = res.headers()[MESSAGE_ID_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(res.headers()[IDEMPOTENCY_KEY_HEADER], "order-7");
     assert_eq!(res.headers()[DEFER_REASON_HEADER], "circuit-open");
     assert_eq!(id, receipt_id(&res).to_string());
@@ -351,16 +437,28 @@ async fn receipt_is_202_with_the_documented_headers() {
 async fn idempotency_key_is_sent_on_the_original_attempt() {
     let queue = Arc::new(MemoryQueue::new());
     let dep = Dependency::default();
-    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(|| Ok(respond(503, "down"))));
-    let res = svc.clone().oneshot(post("http://api.test/orders", "{}")).await.unwrap();
-    let sent = dep.keys()[0].clone().expect("a generated key on the first attempt");
+    let svc =
+        EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(|| Ok(respond(503, "down"))));
+    let res = svc
+        .clone()
+        .oneshot(post("http://api.test/orders", "{}"))
+        .await
+        .unwrap();
+    let sent = dep.keys()[0]
+        .clone()
+        .expect("a generated key on the first attempt");
     assert_eq!(res.headers()[IDEMPOTENCY_KEY_HEADER], sent.as_str());
     assert_eq!(queue.get(receipt_id(&res)).unwrap().idempotency_key, sent);
 
     let mut req = post("http://api.test/orders", "{}");
-    req.headers_mut().insert(IDEMPOTENCY_KEY_HEADER, "mine".parse().unwrap());
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, "mine".parse().unwrap());
     svc.oneshot(req).await.unwrap();
-    assert_eq!(dep.keys()[1].as_deref(), Some("mine"), "the caller's key is reused");
+    assert_eq!(
+        dep.keys()[1].as_deref(),
+        Some("mine"),
+        "the caller's key is reused"
+    );
 }
 
 // === typed flavour ===
@@ -403,7 +501,11 @@ async fn typed_flavour_returns_an_enqueued_outcome_and_replays_with_the_codec() 
     let sent2 = sent.clone();
     let down = service_fn(move |cmd: Command| {
         sent2.lock().unwrap().push(cmd);
-        async { Err::<u32, BoxError>(boxed(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))) }
+        async {
+            Err::<u32, BoxError>(boxed(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )))
+        }
     });
     let svc = DeferLayer::new(queue.clone(), CommandCodec).layer(down);
     let cmd = Command {
@@ -424,7 +526,9 @@ async fn typed_flavour_returns_an_enqueued_outcome_and_replays_with_the_codec() 
         delivered2.lock().unwrap().push(cmd);
         async { Ok::<u32, BoxError>(7) }
     });
-    let handle = Replayer::new(queue.clone(), up, CommandCodec).spawn().unwrap();
+    let handle = Replayer::new(queue.clone(), up, CommandCodec)
+        .spawn()
+        .unwrap();
     eventually(|| handle.stats().replayed == 1).await;
     handle.shutdown().await;
     assert_eq!(
@@ -449,8 +553,12 @@ struct OrderServer {
 impl OrderServer {
     fn service(
         &self,
-    ) -> impl Service<InnerReq, Response = Response<BufferedBody<Full<Bytes>>>, Error = BoxError, Future: Send>
-    + Clone
+    ) -> impl Service<
+        InnerReq,
+        Response = Response<BufferedBody<Full<Bytes>>>,
+        Error = BoxError,
+        Future: Send,
+    > + Clone
     + Send
     + 'static {
         let applied = self.applied.clone();
@@ -460,7 +568,10 @@ impl OrderServer {
             let handled = handled.clone();
             async move {
                 handled.fetch_add(1, Ordering::SeqCst);
-                let key = req.headers()[IDEMPOTENCY_KEY_HEADER].to_str().unwrap().to_owned();
+                let key = req.headers()[IDEMPOTENCY_KEY_HEADER]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
                 *applied.lock().unwrap().entry(key).or_default() += 1;
                 Ok::<_, BoxError>(respond(201, "applied"))
             }
@@ -471,7 +582,12 @@ impl OrderServer {
 
 /// The network between replayer and server: the first response for each key is lost
 /// after the server applied the request.
-fn lossy<S>(server: S) -> impl Service<InnerReq, Response = S::Response, Error = BoxError, Future: Send> + Clone + Send + 'static
+fn lossy<S>(
+    server: S,
+) -> impl Service<InnerReq, Response = S::Response, Error = BoxError, Future: Send>
++ Clone
++ Send
++ 'static
 where
     S: Service<InnerReq, Error = BoxError> + Clone + Send + 'static,
     S::Future: Send,
@@ -482,10 +598,15 @@ where
         let server = server.clone();
         let lost = lost.clone();
         async move {
-            let key = req.headers()[IDEMPOTENCY_KEY_HEADER].to_str().unwrap().to_owned();
+            let key = req.headers()[IDEMPOTENCY_KEY_HEADER]
+                .to_str()
+                .unwrap()
+                .to_owned();
             let res = server.oneshot(req).await?;
             if lost.lock().unwrap().insert(key) {
-                return Err(boxed(std::io::Error::from(std::io::ErrorKind::ConnectionReset)));
+                return Err(boxed(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                )));
             }
             Ok(res)
         }
@@ -501,9 +622,18 @@ async fn replayer_delivers_every_message_exactly_once_even_when_the_first_respon
     let mut keys = Vec::new();
     for i in 0..5 {
         let body: &'static str = Box::leak(format!("{{\"order\":{i}}}").into_boxed_str());
-        let res = client.clone().oneshot(post("http://shop.test/orders", body)).await.unwrap();
+        let res = client
+            .clone()
+            .oneshot(post("http://shop.test/orders", body))
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::ACCEPTED);
-        keys.push(res.headers()[IDEMPOTENCY_KEY_HEADER].to_str().unwrap().to_owned());
+        keys.push(
+            res.headers()[IDEMPOTENCY_KEY_HEADER]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     assert_eq!(depth(&queue).await.pending, 5);
 
@@ -521,19 +651,37 @@ async fn replayer_delivers_every_message_exactly_once_even_when_the_first_respon
     let applied = server.applied.lock().unwrap().clone();
     assert_eq!(applied.len(), 5);
     for key in &keys {
-        assert_eq!(applied.get(key), Some(&1), "order {key} applied exactly once");
+        assert_eq!(
+            applied.get(key),
+            Some(&1),
+            "order {key} applied exactly once"
+        );
     }
-    assert_eq!(server.handled.load(Ordering::SeqCst), 5, "duplicates answered from memory");
+    assert_eq!(
+        server.handled.load(Ordering::SeqCst),
+        5,
+        "duplicates answered from memory"
+    );
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
 async fn enqueue_raw(queue: &MemoryQueue, uri: &str) -> MessageId {
-    let mut env = Envelope::new("api.test", "POST", uri, Bytes::from_static(b"{}"), DeferReason::CircuitOpen);
+    let mut env = Envelope::new(
+        "api.test",
+        "POST",
+        uri,
+        Bytes::from_static(b"{}"),
+        DeferReason::CircuitOpen,
+    );
     env.not_before = SystemTime::UNIX_EPOCH;
     queue.enqueue(env).await.unwrap().id()
 }
 
-fn counting(status: u16, calls: Arc<AtomicUsize>) -> impl Service<InnerReq, Response = Res, Error = BoxError, Future: Send> + Clone + Send + 'static {
+fn counting(
+    status: u16,
+    calls: Arc<AtomicUsize>,
+) -> impl Service<InnerReq, Response = Res, Error = BoxError, Future: Send> + Clone + Send + 'static
+{
     service_fn(move |_req: InnerReq| {
         calls.fetch_add(1, Ordering::SeqCst);
         async move { Ok::<_, BoxError>(respond(status, "")) }
@@ -556,7 +704,14 @@ async fn replayer_dead_letters_after_max_attempts() {
     let dead = queue.dead_letters(10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert!(dead[0].reason.contains("3 attempts"), "{}", dead[0].reason);
-    assert_eq!(depth(&queue).await, Depth { pending: 0, in_flight: 0, dead: 1 });
+    assert_eq!(
+        depth(&queue).await,
+        Depth {
+            pending: 0,
+            in_flight: 0,
+            dead: 1
+        }
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -564,7 +719,9 @@ async fn replayer_dead_letters_a_client_error_at_once() {
     let queue = Arc::new(MemoryQueue::new());
     enqueue_raw(&queue, "http://api.test/orders").await;
     let calls = Arc::new(AtomicUsize::new(0));
-    let handle = Replayer::http(queue.clone(), counting(422, calls.clone())).spawn().unwrap();
+    let handle = Replayer::http(queue.clone(), counting(422, calls.clone()))
+        .spawn()
+        .unwrap();
     eventually(|| handle.stats().dead_lettered == 1).await;
     handle.shutdown().await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -575,12 +732,20 @@ async fn replayer_dead_letters_a_client_error_at_once() {
 #[tokio::test(start_paused = true)]
 async fn replayer_dead_letters_expired_messages_without_replaying() {
     let queue = Arc::new(MemoryQueue::new());
-    let mut env = Envelope::new("api.test", "POST", "http://api.test/x", Bytes::new(), DeferReason::BulkheadFull);
+    let mut env = Envelope::new(
+        "api.test",
+        "POST",
+        "http://api.test/x",
+        Bytes::new(),
+        DeferReason::BulkheadFull,
+    );
     env.not_before = SystemTime::UNIX_EPOCH;
     env.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1));
     queue.enqueue(env).await.unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
-    let handle = Replayer::http(queue.clone(), counting(200, calls.clone())).spawn().unwrap();
+    let handle = Replayer::http(queue.clone(), counting(200, calls.clone()))
+        .spawn()
+        .unwrap();
     eventually(|| handle.stats().dead_lettered == 1).await;
     handle.shutdown().await;
     assert_eq!(calls.load(Ordering::SeqCst), 0);
@@ -609,7 +774,11 @@ async fn replayer_waits_while_the_breaker_is_open() {
     handle.shutdown().await;
     let times = times.lock().unwrap();
     assert_eq!(times.len(), 2);
-    assert!(times[1] - times[0] >= Duration::from_secs(30), "{:?}", times[1] - times[0]);
+    assert!(
+        times[1] - times[0] >= Duration::from_secs(30),
+        "{:?}",
+        times[1] - times[0]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -631,7 +800,14 @@ async fn graceful_shutdown_returns_in_flight_leases() {
     assert_eq!(depth(&queue).await.in_flight, 2);
     let stats = handle.shutdown().await;
     assert_eq!(stats.returned, 2);
-    assert_eq!(depth(&queue).await, Depth { pending: 2, in_flight: 0, dead: 0 });
+    assert_eq!(
+        depth(&queue).await,
+        Depth {
+            pending: 2,
+            in_flight: 0,
+            dead: 0
+        }
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -653,7 +829,10 @@ async fn replayer_respects_its_concurrency_limit() {
             Ok::<_, BoxError>(respond(200, ""))
         }
     });
-    let handle = Replayer::http(queue.clone(), svc).concurrency(3).spawn().unwrap();
+    let handle = Replayer::http(queue.clone(), svc)
+        .concurrency(3)
+        .spawn()
+        .unwrap();
     eventually(|| handle.stats().replayed == 10).await;
     handle.shutdown().await;
     assert_eq!(peak.load(Ordering::SeqCst), 3);
@@ -663,7 +842,10 @@ async fn replayer_respects_its_concurrency_limit() {
 
 fn slow_handler(
     calls: Arc<AtomicUsize>,
-) -> impl Service<Request<Full<Bytes>>, Response = Res, Error = std::convert::Infallible, Future: Send> + Clone + Send + 'static {
+) -> impl Service<Request<Full<Bytes>>, Response = Res, Error = std::convert::Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
     service_fn(move |_req: Request<Full<Bytes>>| {
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
         async move {
@@ -676,7 +858,8 @@ fn slow_handler(
 
 fn keyed(key: &str) -> Request<Full<Bytes>> {
     let mut req = post("http://shop.test/orders", "{}");
-    req.headers_mut().insert(IDEMPOTENCY_KEY_HEADER, key.parse().unwrap());
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, key.parse().unwrap());
     req
 }
 
@@ -684,18 +867,31 @@ fn keyed(key: &str) -> Request<Full<Bytes>> {
 async fn concurrent_duplicates_run_the_handler_once() {
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::new(100).layer(slow_handler(calls.clone()));
-    let (a, b) = tokio::join!(svc.clone().oneshot(keyed("k1")), svc.clone().oneshot(keyed("k1")));
+    let (a, b) = tokio::join!(
+        svc.clone().oneshot(keyed("k1")),
+        svc.clone().oneshot(keyed("k1"))
+    );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert_eq!((a.status(), b.status()), (StatusCode::CREATED, StatusCode::CREATED));
-    let replayed = [&a, &b].iter().filter(|r| r.headers().contains_key(REPLAYED_HEADER)).count();
+    assert_eq!(
+        (a.status(), b.status()),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    let replayed = [&a, &b]
+        .iter()
+        .filter(|r| r.headers().contains_key(REPLAYED_HEADER))
+        .count();
     assert_eq!(replayed, 1);
     assert_eq!(bytes_of(a.into_body()).await, bytes_of(b.into_body()).await);
 
     let later = svc.clone().oneshot(keyed("k1")).await.unwrap();
     assert_eq!(bytes_of(later.into_body()).await, "order #1");
     svc.oneshot(keyed("k2")).await.unwrap();
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "another key runs the handler");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "another key runs the handler"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -703,7 +899,11 @@ async fn requests_without_a_key_pass_through() {
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::new(100).layer(slow_handler(calls.clone()));
     for _ in 0..2 {
-        let res = svc.clone().oneshot(post("http://shop.test/orders", "{}")).await.unwrap();
+        let res = svc
+            .clone()
+            .oneshot(post("http://shop.test/orders", "{}"))
+            .await
+            .unwrap();
         assert!(!res.headers().contains_key(REPLAYED_HEADER));
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -717,9 +917,18 @@ async fn server_errors_are_not_remembered_and_responses_expire() {
         let n = c.fetch_add(1, Ordering::SeqCst);
         async move { Ok::<_, std::convert::Infallible>(respond(if n == 0 { 500 } else { 201 }, "")) }
     });
-    let svc = IdempotencyLayer::new(100).ttl(Duration::from_secs(60)).unwrap().layer(handler);
-    assert_eq!(svc.clone().oneshot(keyed("k")).await.unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(svc.clone().oneshot(keyed("k")).await.unwrap().status(), StatusCode::CREATED);
+    let svc = IdempotencyLayer::new(100)
+        .ttl(Duration::from_secs(60))
+        .unwrap()
+        .layer(handler);
+    assert_eq!(
+        svc.clone().oneshot(keyed("k")).await.unwrap().status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        svc.clone().oneshot(keyed("k")).await.unwrap().status(),
+        StatusCode::CREATED
+    );
     svc.clone().oneshot(keyed("k")).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 2, "the 201 was remembered");
     tokio::time::advance(Duration::from_secs(61)).await;

@@ -19,7 +19,9 @@ pub(crate) type Res = Response<Full<Bytes>>;
 
 /// A `POST` with `body`.
 pub(crate) fn post(uri: &str, body: &'static str) -> Request<Full<Bytes>> {
-    Request::post(uri).body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
+    Request::post(uri)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
 }
 
 /// A response with `status` and `body`.
