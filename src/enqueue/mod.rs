@@ -11,39 +11,54 @@
 //!   delivery into an exactly-once effect.
 //!
 //! # Example
+//! A client whose dependency is down gets a receipt; the replayer delivers the request
+//! once it is back. ([`MemoryQueue`](crate::queue::MemoryQueue) is for tests: use the
+//! durable embedded queue in production.)
 //! ```
-//! use std::sync::Arc;
+//! use std::{sync::Arc, time::Duration};
 //! use bytes::Bytes;
-//! use http::{Request, Response};
+//! use http::{Request, Response, StatusCode};
 //! use http_body_util::Full;
 //! use postbox::BoxError;
-//! use postbox::enqueue::{BufferedBody, EnqueueConfig, EnqueueFallbackLayer, DeferPolicy, Replayer};
-//! use postbox::queue::Queue;
-//! use tower::{ServiceBuilder, service_fn};
+//! use postbox::circuit_breaker::error::Open;
+//! use postbox::enqueue::{
+//!     BufferedBody, DeferPolicy, EnqueueConfig, EnqueueFallbackLayer, MESSAGE_ID_HEADER, Replayer,
+//! };
+//! use postbox::queue::MemoryQueue;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
+//! // What the stack inside the fallback receives.
 //! type Inner = Request<BufferedBody<Full<Bytes>>>;
 //!
-//! async fn send(_req: Inner) -> Result<Response<Full<Bytes>>, BoxError> {
-//!     Ok(Response::new(Full::default())) // your resilient client stack goes here
-//! }
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! let queue = Arc::new(MemoryQueue::new());
 //!
-//! fn client<Q: Queue>(queue: Arc<Q>) -> Result<(), postbox::error::ConfigError> {
-//!     let config = EnqueueConfig::new()
-//!         .policy(DeferPolicy::new().keep_sync_route("/payments/"))
-//!         .max_body(256 * 1024);
-//!     // Outermost: sees the final outcome of everything inside.
-//!     let client = ServiceBuilder::new()
-//!         .layer(EnqueueFallbackLayer::with_config(queue.clone(), config)?)
-//!         .service(service_fn(send));
-//!     // The replayer delivers through the stack *inside* the fallback.
-//!     let replayer = Replayer::http(queue, service_fn(send)).concurrency(8);
-//!     # let _ = (client, replayer);
-//!     Ok(())
+//! // Stands in for deadline + retry + breaker + bulkhead + client: the breaker is open.
+//! let down = service_fn(|_req: Inner| async {
+//!     Err::<Response<Full<Bytes>>, BoxError>(Open::new(Duration::from_secs(5)).into())
+//! });
+//! let config = EnqueueConfig::new()
+//!     .policy(DeferPolicy::new().keep_sync_route("/payments/"))
+//!     .max_body(256 * 1024);
+//! let client = ServiceBuilder::new()
+//!     .layer(EnqueueFallbackLayer::with_config(queue.clone(), config)?) // outermost
+//!     .service(down);
+//!
+//! let req = Request::post("http://orders.internal/orders").body(Full::from("{\"sku\":42}"))?;
+//! let res = client.oneshot(req).await?;
+//! assert_eq!(res.status(), StatusCode::ACCEPTED);
+//! println!("deferred as {:?}", res.headers()[MESSAGE_ID_HEADER]);
+//!
+//! // Later, the dependency is back: replay through the stack inside the fallback.
+//! let up = service_fn(|_req: Inner| async { Ok::<_, BoxError>(Response::new(Full::<Bytes>::default())) });
+//! let replayer = Replayer::http(queue.clone(), up).concurrency(8).spawn()?;
+//! while replayer.stats().replayed < 1 {
+//!     tokio::time::sleep(Duration::from_millis(100)).await;
 //! }
+//! replayer.shutdown().await;
+//! # Ok(()) }
 //! ```
-//!
-//! Call `replayer.spawn()` inside a tokio runtime to start it; keep the
-//! [`ReplayerHandle`] and call [`shutdown`](ReplayerHandle::shutdown) on the way out.
 //!
 //! # Enqueue semantics
 #![doc = include_str!("../docs/enqueue.md")]
