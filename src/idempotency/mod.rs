@@ -44,10 +44,11 @@
 //! # let _ = server; Ok(()) }
 //! ```
 
+pub mod future;
 mod layer;
 mod service;
 mod store;
 
 pub use self::layer::IdempotencyLayer;
-pub use self::service::{Idempotency, REPLAYED_HEADER, ResponseFuture};
+pub use self::service::{Idempotency, REPLAYED_HEADER};
 pub use self::store::{Claim, IdempotencyStore, MemoryStore, StoredResponse};

@@ -1,3 +1,4 @@
+use super::future::ResponseFuture;
 use super::store::{Claim, IdempotencyStore, StoredResponse};
 use crate::BoxError;
 use crate::enqueue::BufferedBody;
@@ -5,12 +6,10 @@ use crate::enqueue::body::{partial, poll_collect};
 use bytes::BytesMut;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
-use pin_project_lite::pin_project;
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tower_service::Service;
 
@@ -228,73 +227,4 @@ fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
         HeaderValue::from_static("true"),
     );
     res
-}
-
-type KeyedFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
-pin_project! {
-    /// Response future of [`Idempotency`]: the inner future as is for requests without
-    /// a key (no allocation); one boxed future for requests with one.
-    pub struct ResponseFuture<F, ResBody, E> {
-        #[pin]
-        kind: Kind<F, ResBody, E>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<F, ResBody, E> {
-        Passthrough {
-            #[pin]
-            fut: F,
-        },
-        Keyed {
-            fut: KeyedFuture<Response<BufferedBody<ResBody>>, E>,
-        },
-    }
-}
-
-// === impl ResponseFuture ===
-
-impl<F, ResBody, E> ResponseFuture<F, ResBody, E> {
-    fn passthrough(fut: F) -> Self {
-        Self {
-            kind: Kind::Passthrough { fut },
-        }
-    }
-
-    fn keyed(fut: KeyedFuture<Response<BufferedBody<ResBody>>, E>) -> Self {
-        Self {
-            kind: Kind::Keyed { fut },
-        }
-    }
-}
-
-impl<F, ResBody, E> fmt::Debug for ResponseFuture<F, ResBody, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Passthrough { .. } => "passthrough",
-            Kind::Keyed { .. } => "keyed",
-        };
-        f.debug_struct("ResponseFuture")
-            .field("kind", &kind)
-            .finish()
-    }
-}
-
-impl<F, ResBody, E> Future for ResponseFuture<F, ResBody, E>
-where
-    F: Future<Output = Result<Response<ResBody>, E>>,
-{
-    type Output = Result<Response<BufferedBody<ResBody>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Passthrough { fut } => {
-                let res = ready!(fut.poll(cx))?;
-                Poll::Ready(Ok(res.map(BufferedBody::streaming)))
-            }
-            KindProj::Keyed { fut } => fut.as_mut().poll(cx),
-        }
-    }
 }
