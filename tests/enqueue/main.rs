@@ -951,3 +951,73 @@ async fn a_dropped_first_request_lets_the_duplicate_run() {
     assert!(!res.headers().contains_key(REPLAYED_HEADER));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+// === typed flavour: never-cases ===
+
+#[tokio::test(start_paused = true)]
+async fn typed_flavour_keeps_policy_requests_synchronous_and_passes_permanent_errors() {
+    let queue = Arc::new(MemoryQueue::new());
+    let refuse = service_fn(|_cmd: Command| async {
+        Err::<u32, BoxError>(boxed(Open::new(Duration::from_secs(1))))
+    });
+    let config = EnqueueConfig::new().policy(DeferPolicy::new().keep_sync_method("RUN"));
+    let svc = DeferLayer::with_config(queue.clone(), CommandCodec, config)
+        .unwrap()
+        .layer(refuse);
+    let cmd = Command {
+        key: None,
+        text: "x".into(),
+    };
+    let err = svc.oneshot(cmd.clone()).await.unwrap_err();
+    assert!(find_cause::<Open>(&*err).is_some());
+
+    let late = service_fn(|_cmd: Command| async { Ok::<u32, BoxError>(3) });
+    let svc = DeferLayer::new(queue.clone(), CommandCodec).layer(late);
+    assert_eq!(svc.oneshot(cmd).await.unwrap(), Deferred::Completed(3));
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
+// === with the durable embedded queue ===
+
+#[cfg(feature = "embedded")]
+#[tokio::test]
+async fn deferred_requests_survive_a_reopen_of_the_embedded_queue_and_are_replayed() {
+    use postbox::queue::{EmbeddedOptions, EmbeddedQueue};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("postbox.redb");
+    let mut ids = Vec::new();
+    {
+        let queue = Arc::new(EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap());
+        let down = Dependency::default();
+        let client = EnqueueFallbackLayer::new(queue.clone())
+            .layer(down.service(|| Err(boxed(BulkheadFull::new(1, 0)))));
+        for _ in 0..3 {
+            let res = client
+                .clone()
+                .oneshot(post("http://shop.test/orders", "{}"))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::ACCEPTED);
+            ids.push(receipt_id(&res));
+        }
+        queue.close().await.unwrap();
+    }
+    let queue = Arc::new(EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap());
+    assert_eq!(queue.depth().await.unwrap().pending, 3);
+    let server = OrderServer::default();
+    let handle = Replayer::http(queue.clone(), server.service())
+        .poll_interval(Duration::from_millis(10))
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while handle.stats().replayed < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("replayed within 20 s");
+    handle.shutdown().await;
+    assert_eq!(server.handled.load(Ordering::SeqCst), 3);
+    assert_eq!(queue.depth().await.unwrap(), Depth::default());
+}
