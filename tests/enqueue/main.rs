@@ -91,13 +91,6 @@ async fn depth(q: &MemoryQueue) -> Depth {
     q.depth().await.unwrap()
 }
 
-fn receipt_id(res: &Response<Full<Bytes>>) -> MessageId {
-    res.extensions()
-        .get::<Receipt>()
-        .expect("receipt extension")
-        .id()
-}
-
 async fn defer_with(
     queue: &Arc<MemoryQueue>,
     answer: impl Fn() -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
@@ -1020,4 +1013,59 @@ async fn deferred_requests_survive_a_reopen_of_the_embedded_queue_and_are_replay
     handle.shutdown().await;
     assert_eq!(server.handled.load(Ordering::SeqCst), 3);
     assert_eq!(queue.depth().await.unwrap(), Depth::default());
+}
+
+// === axum ===
+
+#[tokio::test(start_paused = true)]
+async fn idempotency_layer_drops_into_an_axum_router() {
+    use axum::Router;
+    use axum::routing::post as post_route;
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post_route(move || {
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                async move { (StatusCode::CREATED, format!("order #{n}")) }
+            }),
+        )
+        .layer(IdempotencyLayer::new(100));
+    let request = || {
+        Request::post("/orders")
+            .header(IDEMPOTENCY_KEY_HEADER, "abc")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let first = app.clone().oneshot(request()).await.unwrap();
+    let second = app.oneshot(request()).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(second.status(), StatusCode::CREATED);
+    assert_eq!(second.headers()[REPLAYED_HEADER], "true");
+    assert_eq!(bytes_of(first.into_body()).await, "order #1");
+    assert_eq!(bytes_of(second.into_body()).await, "order #1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn enqueue_fallback_answers_202_in_front_of_an_axum_body_stack() {
+    let queue = Arc::new(MemoryQueue::new());
+    let inner = service_fn(|_req: Request<BufferedBody<axum::body::Body>>| async {
+        Err::<Response<axum::body::Body>, BoxError>(boxed(Open::new(Duration::from_secs(1))))
+    });
+    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(inner);
+    let req = Request::post("http://api.test/orders")
+        .body(axum::body::Body::from("{}"))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(queue.get(receipt_id(&res)).unwrap().body, "{}");
+}
+
+fn receipt_id<B>(res: &Response<B>) -> MessageId {
+    res.extensions()
+        .get::<Receipt>()
+        .expect("receipt extension")
+        .id()
 }
