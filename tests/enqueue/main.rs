@@ -1069,3 +1069,23 @@ fn receipt_id<B>(res: &Response<B>) -> MessageId {
         .expect("receipt extension")
         .id()
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_call_with_the_same_key_is_stored_once() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc = EnqueueFallbackLayer::new(queue.clone())
+        .layer(dep.service(|| Err(boxed(Open::new(Duration::from_secs(1))))));
+    let call = || {
+        let mut req = post("http://api.test/orders", "{}");
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, "same".parse().unwrap());
+        svc.clone().oneshot(req)
+    };
+    let first = call().await.unwrap();
+    let second = call().await.unwrap();
+    assert_eq!(receipt_id(&first), receipt_id(&second));
+    let receipt = second.extensions().get::<Receipt>().unwrap();
+    assert!(receipt.is_duplicate());
+    assert_eq!(depth(&queue).await.pending, 1);
+}
