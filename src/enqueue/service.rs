@@ -284,8 +284,10 @@ mod http_flavour {
     /// The HTTP flavour: on a failure that may be deferred, stores the request and
     /// answers `202 Accepted`; see the [module docs](crate::enqueue).
     ///
-    /// The inner service receives `http::Request<BufferedBody<B>>`: a body within the
-    /// limit fully buffered, a larger one streamed through. The response type is the
+    /// The caller's body `B` must be an `http_body::Body + Unpin` (hyper's `Incoming`,
+    /// axum's `Body`, `Full`, `BoxBody`; wrap others in `Box::pin`). The inner service
+    /// receives `http::Request<BufferedBody<B>>`: a body within the limit fully
+    /// buffered, a larger one streamed through. The response type is the
     /// inner one, `http::Response<ResBody>`; a receipt is built with
     /// `ResBody::default()`, hence the `ResBody: Default` bound (axum's `Body`,
     /// `Full<Bytes>`, `Empty<Bytes>`, `BoxBody` all qualify). Errors become
