@@ -35,13 +35,16 @@
 //! | `ready` | id → () | pending and due, in FIFO (id) order |
 //! | `in_flight` | id → (lease_until ns, generation) | leased |
 //! | `lease_expiry` | (lease_until ns, id) → () | the same leases, by expiry |
+//! | `attempts` | id → u32 | attempts of messages leased at least once (the stored envelope keeps its enqueue-time count, so a lease does not rewrite the body) |
 //! | `dead` | id → reason | dead letters |
 //! | `idempotency_keys` | key → id | keys of pending and in-flight messages |
 //! | `postbox_meta` | name → u64 | the schema version |
 //!
-//! A lease first returns expired leases to `ready`, then moves due `scheduled` entries to
-//! `ready`, then takes the lowest ids — so it costs O(log n) per message, however many
-//! are waiting. Times are stored as nanoseconds since the Unix epoch.
+//! An enqueue that is already due by the system clock goes straight to `ready`, otherwise
+//! to `scheduled`. A lease first returns expired leases to `ready`, then moves due
+//! `scheduled` entries to `ready`, then takes the lowest ids (checking each one's
+//! `not_before` against the lease's `now`) — so it costs O(log n) per message, however
+//! many are waiting. Times are stored as nanoseconds since the Unix epoch.
 
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
@@ -51,6 +54,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -65,6 +69,7 @@ const SCHEDULED: TableDefinition<'_, (u64, Id), ()> = TableDefinition::new("sche
 const READY: TableDefinition<'_, Id, ()> = TableDefinition::new("ready");
 const IN_FLIGHT: TableDefinition<'_, Id, (u64, u64)> = TableDefinition::new("in_flight");
 const EXPIRY: TableDefinition<'_, (u64, Id), ()> = TableDefinition::new("lease_expiry");
+const ATTEMPTS: TableDefinition<'_, Id, u32> = TableDefinition::new("attempts");
 const DEAD: TableDefinition<'_, Id, &str> = TableDefinition::new("dead");
 const KEYS: TableDefinition<'_, &str, Id> = TableDefinition::new("idempotency_keys");
 
@@ -154,6 +159,24 @@ struct Inner {
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     path: PathBuf,
+    counters: Arc<Counters>,
+}
+
+/// Counters shared with the writer thread.
+#[derive(Debug, Default)]
+struct Counters {
+    commits: AtomicU64,
+    operations: AtomicU64,
+}
+
+/// What the writer thread has done since the queue was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EmbeddedStats {
+    /// Durable commits (each one `fdatasync`).
+    pub commits: u64,
+    /// Operations applied (enqueues, leases, acks, retries, dead letters, reads).
+    pub operations: u64,
 }
 
 impl fmt::Debug for EmbeddedQueue {
@@ -171,6 +194,8 @@ enum Op {
         id: Id,
         key: String,
         not_before: u64,
+        /// Already due by the system clock when sent.
+        due: bool,
         bytes: Vec<u8>,
         reply: Reply<Enqueued>,
     },
@@ -234,7 +259,9 @@ impl EmbeddedQueue {
             live,
             capacity: options.capacity,
             max_batch: options.max_batch,
+            counters: Arc::default(),
         };
+        let counters = writer.counters.clone();
         let thread = std::thread::Builder::new()
             .name("postbox-queue-writer".into())
             .spawn(move || writer.run(rx))
@@ -244,8 +271,18 @@ impl EmbeddedQueue {
                 tx: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(thread)),
                 path,
+                counters,
             }),
         })
+    }
+
+    /// How many commits and operations the writer thread has done: with concurrent
+    /// producers, `operations / commits` is the number of operations sharing each fsync.
+    pub fn stats(&self) -> EmbeddedStats {
+        EmbeddedStats {
+            commits: self.inner.counters.commits.load(Ordering::Relaxed),
+            operations: self.inner.counters.operations.load(Ordering::Relaxed),
+        }
     }
 
     /// The queue file's path.
@@ -321,9 +358,11 @@ impl Queue for EmbeddedQueue {
     ) -> impl Future<Output = Result<Enqueued, QueueError>> + Send {
         // Encoding happens on the caller's thread, in parallel across producers.
         let bytes = envelope.encode();
+        let due = envelope.not_before <= SystemTime::now();
         self.call(move |reply| Op::Enqueue {
             id: envelope.id.0,
             key: envelope.idempotency_key,
+            due,
             not_before: time_key(envelope.not_before),
             bytes,
             reply,
@@ -432,6 +471,7 @@ fn init_tables(db: &Database) -> Result<u64, QueueError> {
             txn.open_table(DEAD).map_err(redb_err)?;
             txn.open_table(KEYS).map_err(redb_err)?;
             txn.open_table(EXPIRY).map_err(redb_err)?;
+            txn.open_table(ATTEMPTS).map_err(redb_err)?;
             let scheduled = txn
                 .open_table(SCHEDULED)
                 .map_err(redb_err)?
@@ -512,6 +552,7 @@ struct Writer {
     live: u64,
     capacity: Option<u64>,
     max_batch: usize,
+    counters: Arc<Counters>,
 }
 
 impl Writer {
@@ -565,16 +606,28 @@ impl Writer {
         let live_before = self.live;
         let Some(db) = self.db.as_ref() else { return };
         let mut done = Vec::with_capacity(batch.len());
+        self.counters
+            .operations
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<(), QueueError> {
-            let txn = db.begin_write().map_err(redb_err)?;
+            let mut txn = db.begin_write().map_err(redb_err)?;
+            // redb 4's default, stated so a change of default cannot weaken the promise.
+            txn.set_durability(redb::Durability::Immediate)
+                .map_err(|e| QueueError::Backend(Box::new(e)))?;
             let mut ops = batch.into_iter();
             let res = apply_ops(&txn, &mut ops, &mut done, &mut self.live, self.capacity);
             // Ops not reached because of a storage error: answered with that error below.
             for op in ops {
                 done.push(unanswered(op));
             }
-            res?;
-            txn.commit().map_err(redb_err)
+            if res? {
+                txn.commit().map_err(redb_err)?;
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            } else {
+                // Only reads (or refused operations): nothing to make durable, no fsync.
+                txn.abort().map_err(redb_err)
+            }
         }));
         let failure = match outcome {
             Ok(Ok(())) => None,
@@ -644,17 +697,21 @@ struct Tables<'t> {
     expiry: redb::Table<'t, (u64, Id), ()>,
     dead: redb::Table<'t, Id, &'static str>,
     keys: redb::Table<'t, &'static str, Id>,
+    attempts: redb::Table<'t, Id, u32>,
+    /// Whether anything was written (else the transaction is aborted, saving an fsync).
+    dirty: bool,
 }
 
 /// Applies each op; a logic error (lease lost, full, duplicate) is that op's answer and
-/// changes nothing, a storage error aborts the whole batch.
+/// changes nothing, a storage error aborts the whole batch. Returns whether anything was
+/// written.
 fn apply_ops(
     txn: &WriteTransaction,
     ops: &mut impl Iterator<Item = Op>,
     done: &mut Vec<Done>,
     live: &mut u64,
     capacity: Option<u64>,
-) -> Result<(), QueueError> {
+) -> Result<bool, QueueError> {
     let mut t = Tables {
         messages: txn.open_table(MESSAGES).map_err(redb_err)?,
         scheduled: txn.open_table(SCHEDULED).map_err(redb_err)?,
@@ -663,6 +720,8 @@ fn apply_ops(
         expiry: txn.open_table(EXPIRY).map_err(redb_err)?,
         dead: txn.open_table(DEAD).map_err(redb_err)?,
         keys: txn.open_table(KEYS).map_err(redb_err)?,
+        attempts: txn.open_table(ATTEMPTS).map_err(redb_err)?,
+        dirty: false,
     };
     for op in ops.by_ref() {
         match op {
@@ -670,10 +729,11 @@ fn apply_ops(
                 id,
                 key,
                 not_before,
+                due,
                 bytes,
                 reply,
             } => {
-                let r = t.enqueue(id, &key, not_before, &bytes, live, capacity);
+                let r = t.enqueue(id, &key, (not_before, due), &bytes, live, capacity);
                 keep_logic_error(r, |r| done.push(Done::Enqueue(reply, r)))?;
             }
             Op::Lease {
@@ -719,7 +779,7 @@ fn apply_ops(
             }
         }
     }
-    Ok(())
+    Ok(t.dirty)
 }
 
 /// Records `r` as the op's answer, unless it is a storage error (which fails the batch:
@@ -744,7 +804,7 @@ impl Tables<'_> {
         &mut self,
         id: Id,
         key: &str,
-        not_before: u64,
+        (not_before, due): (u64, bool),
         bytes: &[u8],
         live: &mut u64,
         capacity: Option<u64>,
@@ -763,13 +823,18 @@ impl Tables<'_> {
             }
         }
         self.messages.insert(id, bytes).map_err(redb_err)?;
-        self.scheduled
-            .insert((not_before, id), ())
-            .map_err(redb_err)?;
+        if due {
+            self.ready.insert(id, ()).map_err(redb_err)?;
+        } else {
+            self.scheduled
+                .insert((not_before, id), ())
+                .map_err(redb_err)?;
+        }
         if !key.is_empty() {
             self.keys.insert(key, id).map_err(redb_err)?;
         }
         *live += 1;
+        self.dirty = true;
         Ok(Enqueued::Stored(MessageId(id)))
     }
 
@@ -792,6 +857,7 @@ impl Tables<'_> {
                     self.expiry.remove((until, id)).map_err(redb_err)?;
                     self.in_flight.remove(id).map_err(redb_err)?;
                     self.ready.insert(id, ()).map_err(redb_err)?;
+                    self.dirty = true;
                 }
                 _ => break,
             }
@@ -807,11 +873,12 @@ impl Tables<'_> {
                 Some((nb, id)) if nb <= now_k => {
                     self.scheduled.remove((nb, id)).map_err(redb_err)?;
                     self.ready.insert(id, ()).map_err(redb_err)?;
+                    self.dirty = true;
                 }
                 _ => break,
             }
         }
-        let lease_until = now.checked_add(lease_for).unwrap_or(now);
+        let lease_until = super::saturating_add(now, lease_for);
         let until_k = time_key(lease_until);
         let mut out = Vec::new();
         while out.len() < max {
@@ -824,15 +891,22 @@ impl Tables<'_> {
                 break;
             };
             let mut env = self.envelope(id)?;
+            if time_key(env.not_before) > now_k {
+                // Went to `ready` by the system clock, but not due at this lease's `now`.
+                self.scheduled
+                    .insert((time_key(env.not_before), id), ())
+                    .map_err(redb_err)?;
+                self.dirty = true;
+                continue;
+            }
             env.attempts = env.attempts.saturating_add(1);
             let generation = u64::from(env.attempts);
-            self.messages
-                .insert(id, env.encode().as_slice())
-                .map_err(redb_err)?;
+            self.attempts.insert(id, env.attempts).map_err(redb_err)?;
             self.in_flight
                 .insert(id, (until_k, generation))
                 .map_err(redb_err)?;
             self.expiry.insert((until_k, id), ()).map_err(redb_err)?;
+            self.dirty = true;
             out.push(Leased {
                 envelope: env,
                 token: LeaseToken {
@@ -852,32 +926,46 @@ impl Tables<'_> {
                 MessageId(id)
             ))
         })?;
-        Envelope::decode(guard.value())
-            .map_err(|e| QueueError::Corrupt(format!("message {}: {e}", MessageId(id))))
+        let mut env = Envelope::decode(guard.value())
+            .map_err(|e| QueueError::Corrupt(format!("message {}: {e}", MessageId(id))))?;
+        drop(guard);
+        if let Some(attempts) = self.attempts.get(id).map_err(redb_err)? {
+            env.attempts = attempts.value();
+        }
+        Ok(env)
     }
 
     /// Ends the lease of `token` if it is current.
     fn release(&mut self, token: LeaseToken) -> Result<Result<(), QueueError>, QueueError> {
         let id = token.id.0;
-        let current = self.in_flight.get(id).map_err(redb_err)?.map(|g| g.value());
+        // Remove first (one lookup on the common path); put back a lease that is not ours.
+        let current = self
+            .in_flight
+            .remove(id)
+            .map_err(redb_err)?
+            .map(|g| g.value());
         match current {
             Some((until, generation)) if generation == token.generation => {
-                self.in_flight.remove(id).map_err(redb_err)?;
                 self.expiry.remove((until, id)).map_err(redb_err)?;
+                self.dirty = true;
                 Ok(Ok(()))
             }
-            _ => Ok(Err(QueueError::LeaseLost(token))),
+            Some(other) => {
+                self.in_flight.insert(id, other).map_err(redb_err)?;
+                Ok(Err(QueueError::LeaseLost(token)))
+            }
+            None => Ok(Err(QueueError::LeaseLost(token))),
         }
     }
 
-    fn forget_key(&mut self, env: &Envelope) -> Result<(), QueueError> {
-        let key = env.idempotency_key.as_str();
+    /// Removes `key` from the index if it belongs to `id`.
+    fn forget_key(&mut self, key: &str, id: Id) -> Result<(), QueueError> {
         if key.is_empty() {
             return Ok(());
         }
-        let owner = self.keys.get(key).map_err(redb_err)?.map(|g| g.value());
-        if owner == Some(env.id.0) {
-            self.keys.remove(key).map_err(redb_err)?;
+        let owner = self.keys.remove(key).map_err(redb_err)?.map(|g| g.value());
+        if let Some(owner) = owner.filter(|&owner| owner != id) {
+            self.keys.insert(key, owner).map_err(redb_err)?;
         }
         Ok(())
     }
@@ -887,9 +975,18 @@ impl Tables<'_> {
         for &token in tokens {
             match self.release(token)? {
                 Ok(()) => {
-                    let env = self.envelope(token.id.0)?;
-                    self.forget_key(&env)?;
-                    self.messages.remove(token.id.0).map_err(redb_err)?;
+                    let id = token.id.0;
+                    let key = {
+                        let bytes = self.messages.remove(id).map_err(redb_err)?;
+                        bytes
+                            .as_ref()
+                            .and_then(|b| super::envelope::peek_idempotency_key(b.value()))
+                            .map(str::to_owned)
+                    };
+                    if let Some(key) = key {
+                        self.forget_key(&key, id)?;
+                    }
+                    self.attempts.remove(id).map_err(redb_err)?;
                     *live -= 1;
                 }
                 Err(e) => {
@@ -922,7 +1019,7 @@ impl Tables<'_> {
     ) -> Result<(), QueueError> {
         self.release(token)??;
         let env = self.envelope(token.id.0)?;
-        self.forget_key(&env)?;
+        self.forget_key(&env.idempotency_key, env.id.0)?;
         self.dead.insert(token.id.0, reason).map_err(redb_err)?;
         *live -= 1;
         Ok(())

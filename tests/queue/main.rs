@@ -147,6 +147,41 @@ async fn expired_leases_come_back_after_reopen() {
     assert!(back.iter().all(|l| l.envelope.attempts == 2));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enqueues_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let q =
+        Arc::new(EmbeddedQueue::open(dir.path().join("q.redb"), EmbeddedOptions::new()).unwrap());
+    let before = q.stats();
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    q.enqueue(envelope(t * 10 + i)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = q.stats();
+    let commits = after.commits - before.commits;
+    assert_eq!(after.operations - before.operations, 640);
+    eprintln!("640 enqueues from 64 tasks: {commits} commits");
+    assert!(
+        commits < 640 / 4,
+        "group commit: {commits} commits for 640 enqueues"
+    );
+    // Reads and empty leases write nothing, so they cost no commit.
+    q.lease(10, LEASE, SystemTime::UNIX_EPOCH).await.unwrap(); // reorders the index once
+    let idle = q.stats().commits;
+    q.depth().await.unwrap();
+    q.lease(10, LEASE, SystemTime::UNIX_EPOCH).await.unwrap();
+    assert_eq!(q.stats().commits, idle);
+}
+
 #[tokio::test]
 async fn opening_a_queue_twice_is_an_error() {
     let dir = tempfile::tempdir().unwrap();

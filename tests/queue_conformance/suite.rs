@@ -16,7 +16,9 @@ macro_rules! conformance {
             enqueue_then_lease_returns_the_envelope,
             lease_is_fifo_by_id,
             lease_respects_max,
+            endless_lease_does_not_expire,
             not_before_defers_delivery,
+            lease_uses_the_given_now_not_the_clock,
             expired_lease_returns_to_pending,
             stale_token_is_refused,
             ack_removes_message_and_frees_key,
@@ -124,6 +126,14 @@ pub async fn lease_respects_max(q: impl Queue) {
     assert_eq!(q.lease(100, LEASE, at(1)).await.unwrap().len(), 3);
 }
 
+pub async fn endless_lease_does_not_expire(q: impl Queue) {
+    stored(&q, envelope("a")).await;
+    let l = q.lease(1, Duration::MAX, at(0)).await.unwrap();
+    assert!(l[0].lease_until > at(100 * 365 * 24 * 3600));
+    assert!(q.lease(1, LEASE, at(1_000_000)).await.unwrap().is_empty());
+    q.ack(&[l[0].token]).await.unwrap();
+}
+
 pub async fn not_before_defers_delivery(q: impl Queue) {
     let mut later = envelope("later");
     later.not_before = at(60);
@@ -137,6 +147,18 @@ pub async fn not_before_defers_delivery(q: impl Queue) {
         ids(&q.lease(10, LEASE, at(60)).await.unwrap()),
         vec![later_id]
     );
+}
+
+/// A message already due by the system clock is still not leased at an earlier `now`.
+pub async fn lease_uses_the_given_now_not_the_clock(q: impl Queue) {
+    let clock = SystemTime::now();
+    let mut e = envelope("a");
+    e.not_before = clock - Duration::from_secs(10);
+    let id = stored(&q, e).await;
+    let past = clock - Duration::from_secs(20);
+    assert!(q.lease(10, LEASE, past).await.unwrap().is_empty());
+    assert_eq!(q.depth().await.unwrap().pending, 1);
+    assert_eq!(ids(&q.lease(10, LEASE, clock).await.unwrap()), vec![id]);
 }
 
 pub async fn expired_lease_returns_to_pending(q: impl Queue) {
