@@ -53,6 +53,7 @@ impl Dependency {
         Error = BoxError,
         Future = Fut<Result<Res, BoxError>>,
     > + Clone
+    + use<F>
     where
         F: Fn() -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
     {
@@ -1088,4 +1089,26 @@ async fn a_retried_call_with_the_same_key_is_stored_once() {
     let receipt = second.extensions().get::<Receipt>().unwrap();
     assert!(receipt.is_duplicate());
     assert_eq!(depth(&queue).await.pending, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn futures_are_send_and_run_on_spawned_tasks() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc = EnqueueFallbackLayer::new(queue.clone())
+        .layer(dep.service(|| Err(boxed(BulkheadFull::new(1, 0)))));
+    let res = tokio::spawn(svc.oneshot(post("http://api.test/orders", "{}")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+
+    let typed = DeferLayer::new(queue.clone(), CommandCodec)
+        .layer(service_fn(|_c: Command| async { Ok::<u32, BoxError>(1) }));
+    let cmd = Command {
+        key: None,
+        text: "x".into(),
+    };
+    let out = tokio::spawn(typed.oneshot(cmd)).await.unwrap().unwrap();
+    assert_eq!(out, Deferred::Completed(1));
 }
