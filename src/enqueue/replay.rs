@@ -276,7 +276,7 @@ impl ReplayConfig {
 ///   `ack_interval`); [`Retry`](Verdict::Retry) → back to the queue not before
 ///   `max(backoff, hint)`, or dead-lettered once it has had `max_attempts` deliveries;
 ///   [`CircuitOpen`](Verdict::CircuitOpen) → back to the queue until the breaker's
-///   `retry_after`, and leasing pauses that long; [`Permanent`](Verdict::Permanent) →
+///   `retry_after` (at least the backoff base), and leasing pauses that long; [`Permanent`](Verdict::Permanent) →
 ///   dead-lettered.
 ///
 /// The queue counts every lease as an attempt, including a replay rejected by an open
@@ -748,12 +748,15 @@ where
                 self.retry_later(token, delay).await;
             }
             Verdict::CircuitOpen { retry_after } => {
-                let until = Instant::now() + retry_after;
+                // A zero hint means "half-open, probes busy": still back off a little, so
+                // a busy half-open breaker does not burn attempts in a tight loop.
+                let pause = retry_after.max(self.config.backoff_base);
+                let until = Instant::now() + pause;
                 if self.paused_until.is_none_or(|p| p < until) {
-                    tracing::info!(?retry_after, "circuit open; replay paused");
+                    tracing::info!(?pause, "circuit open; replay paused");
                     self.paused_until = Some(until);
                 }
-                self.retry_later(token, retry_after).await;
+                self.retry_later(token, pause).await;
             }
             Verdict::Permanent { reason } => self.dead_letter(token, &reason).await,
         }
