@@ -515,6 +515,10 @@ impl ReplayerHandle {
     /// Stops gracefully: no new leases; replays in flight get the grace period to
     /// finish; the leases of those still running go back to the queue (due at once);
     /// pending acks are flushed. Returns the final counts.
+    ///
+    /// # Cancel safety
+    /// Dropping this future after its first poll does not cancel the shutdown: the
+    /// worker goes on draining in the background.
     pub async fn shutdown(mut self) -> ReplayStats {
         let _ = self.shutdown.send(true);
         if let Some(task) = self.task.take() {
