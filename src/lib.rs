@@ -4,9 +4,12 @@
 pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod classify;
+pub mod enqueue;
 pub mod error;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "http")]
+pub mod idempotency;
 pub mod queue;
 pub mod timeout;
 

@@ -136,7 +136,7 @@ impl EmbeddedOptions {
 ///
 /// [`enqueue`](Queue::enqueue) returns only once the message is committed with
 /// `Durability::Immediate` — fsynced, so it survives a process crash or power loss.
-/// Concurrent operations share one commit (see the [module docs](self)).
+/// Concurrent operations share one commit (see the module docs).
 ///
 /// Dropping the last handle stops the writer thread after the operations already sent
 /// (and joins it); [`close`](Self::close) does the same and reports errors.

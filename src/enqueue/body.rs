@@ -1,0 +1,271 @@
+//! [`BufferedBody`]: the request body the HTTP flavour sends downstream.
+
+use crate::BoxError;
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+pin_project! {
+    /// A body that is either fully buffered (replayable, capturable) or streamed through
+    /// from the caller's body `B`, after the frames already read from it.
+    ///
+    /// [`EnqueueFallback`](super::EnqueueFallback) reads the caller's body up to its
+    /// limit before the call: a body within the limit becomes
+    /// [`BufferedBody::full`]; a larger one continues as a stream (the frames read so
+    /// far, then the rest of `B`) and the request is not deferrable. The
+    /// [`Idempotency`](crate::idempotency::Idempotency) layer uses it for responses the
+    /// same way.
+    ///
+    /// Data is [`Bytes`]; errors are [`BoxError`]. It implements [`http_body::Body`] so
+    /// it drops into hyper and hyper-util clients as is, and into reqwest with
+    /// `reqwest::Body::wrap`.
+    pub struct BufferedBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Full { data: Option<Bytes> },
+        Streaming {
+            prefix: VecDeque<Frame<Bytes>>,
+            #[pin]
+            rest: B,
+        },
+        Failed { error: Option<BoxError> },
+    }
+}
+
+// === impl BufferedBody ===
+
+impl<B> BufferedBody<B> {
+    /// A fully buffered body.
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data = data.into();
+        Self {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self::full(Bytes::new())
+    }
+
+    /// `body` streamed through untouched.
+    pub fn streaming(body: B) -> Self {
+        Self::resume(VecDeque::new(), body)
+    }
+
+    /// The frames in `prefix`, then the rest of `body`.
+    pub(crate) fn resume(prefix: VecDeque<Frame<Bytes>>, rest: B) -> Self {
+        Self {
+            kind: Kind::Streaming { prefix, rest },
+        }
+    }
+
+    /// A body that fails with `error` on its first read.
+    pub(crate) fn failed(error: BoxError) -> Self {
+        Self {
+            kind: Kind::Failed { error: Some(error) },
+        }
+    }
+
+    /// The whole body, if it is fully buffered (and not yet read).
+    pub fn as_bytes(&self) -> Option<&Bytes> {
+        static EMPTY: Bytes = Bytes::from_static(b"");
+        match &self.kind {
+            Kind::Full { data } => Some(data.as_ref().unwrap_or(&EMPTY)),
+            _ => None,
+        }
+    }
+
+    /// `true` if the body is fully buffered.
+    pub fn is_buffered(&self) -> bool {
+        matches!(self.kind, Kind::Full { .. })
+    }
+}
+
+impl<B> Default for BufferedBody<B> {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl<B> From<Bytes> for BufferedBody<B> {
+    fn from(data: Bytes) -> Self {
+        Self::full(data)
+    }
+}
+
+impl<B> fmt::Debug for BufferedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Full { data } => f
+                .debug_struct("BufferedBody::Full")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            Kind::Streaming { prefix, .. } => f
+                .debug_struct("BufferedBody::Streaming")
+                .field("buffered_frames", &prefix.len())
+                .finish(),
+            Kind::Failed { .. } => f.write_str("BufferedBody::Failed"),
+        }
+    }
+}
+
+impl<B> Body for BufferedBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Failed { error } => Poll::Ready(error.take().map(Err)),
+            KindProj::Streaming { prefix, rest } => {
+                if let Some(frame) = prefix.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                match ready!(rest.poll_frame(cx)) {
+                    None => Poll::Ready(None),
+                    Some(Ok(frame)) => Poll::Ready(Some(Ok(frame.map_data(into_bytes)))),
+                    Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Failed { error } => error.is_none(),
+            Kind::Streaming { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Failed { .. } => SizeHint::default(),
+            Kind::Streaming { prefix, rest } => {
+                let buffered: u64 = prefix
+                    .iter()
+                    .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                    .sum();
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(buffered));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(buffered));
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// Converts any [`Buf`] into [`Bytes`] (zero-copy when it already is `Bytes`).
+pub(crate) fn into_bytes<D: Buf>(mut data: D) -> Bytes {
+    let len = data.remaining();
+    data.copy_to_bytes(len)
+}
+
+/// Reads frames of `body` into `buf` until the end, the limit, or trailers.
+///
+/// `Ready(Ok(true))`: the whole body is in `buf`. `Ready(Ok(false))`: stop buffering;
+/// `extra` holds the frame that did not fit (if any).
+pub(crate) fn poll_collect<B>(
+    mut body: Pin<&mut B>,
+    cx: &mut Context<'_>,
+    buf: &mut bytes::BytesMut,
+    limit: usize,
+    extra: &mut Option<Frame<Bytes>>,
+) -> Poll<Result<bool, BoxError>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        if body.is_end_stream() {
+            return Poll::Ready(Ok(true));
+        }
+        match ready!(body.as_mut().poll_frame(cx)) {
+            None => return Poll::Ready(Ok(true)),
+            Some(Err(e)) => return Poll::Ready(Err(e.into())),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let data = into_bytes(data);
+                    if buf.len() + data.len() > limit {
+                        *extra = Some(Frame::data(data));
+                        return Poll::Ready(Ok(false));
+                    }
+                    buf.extend_from_slice(&data);
+                }
+                Err(frame) => {
+                    // Trailers: an envelope cannot carry them.
+                    *extra = frame.into_trailers().ok().map(Frame::trailers);
+                    return Poll::Ready(Ok(false));
+                }
+            },
+        }
+    }
+}
+
+/// The partial body after [`poll_collect`] stopped early.
+pub(crate) fn partial<B>(
+    buf: bytes::BytesMut,
+    extra: Option<Frame<Bytes>>,
+    rest: B,
+) -> BufferedBody<B> {
+    let mut prefix = VecDeque::with_capacity(2);
+    if !buf.is_empty() {
+        prefix.push_back(Frame::data(buf.freeze()));
+    }
+    prefix.extend(extra);
+    BufferedBody::resume(prefix, rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn full_body_reports_exact_size_and_replays_bytes() {
+        let body: BufferedBody<http_body_util::Empty<Bytes>> = BufferedBody::full("hello");
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert_eq!(body.as_bytes().unwrap(), "hello");
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(got, "hello");
+    }
+
+    #[tokio::test]
+    async fn partial_body_yields_prefix_then_rest() {
+        let rest = http_body_util::Full::new(Bytes::from_static(b" world"));
+        let body = partial(
+            bytes::BytesMut::from(&b"hel"[..]),
+            Some(Frame::data(Bytes::from_static(b"lo"))),
+            rest,
+        );
+        assert!(!body.is_buffered());
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(got, "hello world");
+    }
+}

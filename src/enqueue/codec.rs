@@ -1,0 +1,204 @@
+//! Request codecs: how a request becomes an envelope and comes back for replay.
+
+use crate::BoxError;
+use crate::queue::Envelope;
+use bytes::Bytes;
+
+/// The parts of a request an [`Envelope`] stores (the layer adds the id, idempotency
+/// key, times, attempt count and reason).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Captured {
+    /// Logical destination (for HTTP, the authority `host:port`).
+    pub destination: String,
+    /// Request method, or a codec-defined verb (a gRPC path, an operation name).
+    pub method: String,
+    /// Request URI (for HTTP, absolute when the request had one); its path is what
+    /// [`DeferPolicy`](super::DeferPolicy) routes match against.
+    pub uri: String,
+    /// Headers or metadata, in order; values are raw bytes.
+    pub headers: Vec<(String, Bytes)>,
+    /// The encoded request body.
+    pub body: Bytes,
+}
+
+/// Turns requests of type `Req` into envelope fields and back — what the typed flavour
+/// ([`Defer`](super::Defer)) and the [`Replayer`](super::Replayer) need for any
+/// request type.
+///
+/// # Example
+/// A codec for a plain `String` command:
+/// ```
+/// use bytes::Bytes;
+/// use postbox::BoxError;
+/// use postbox::enqueue::{Captured, RequestCodec};
+/// use postbox::queue::Envelope;
+///
+/// #[derive(Clone)]
+/// struct Command { key: Option<String>, text: String }
+///
+/// struct CommandCodec;
+///
+/// impl RequestCodec<Command> for CommandCodec {
+///     fn idempotency_key(&self, req: &Command) -> Option<String> { req.key.clone() }
+///     fn set_idempotency_key(&self, req: &mut Command, key: &str) { req.key = Some(key.into()) }
+///     fn capture(&self, req: &Command) -> Option<Captured> {
+///         Some(Captured { method: "RUN".into(), body: Bytes::from(req.text.clone()), ..Default::default() })
+///     }
+///     fn rebuild(&self, env: &Envelope) -> Result<Command, BoxError> {
+///         Ok(Command { key: Some(env.idempotency_key.clone()), text: String::from_utf8(env.body.to_vec())? })
+///     }
+/// }
+/// ```
+pub trait RequestCodec<Req> {
+    /// The idempotency key the request already carries, if any.
+    fn idempotency_key(&self, req: &Req) -> Option<String>;
+
+    /// Stamps `key` on the request, so the original attempt carries it.
+    fn set_idempotency_key(&self, req: &mut Req, key: &str);
+
+    /// Captures the request for an envelope; `None` if it cannot be captured (then it is
+    /// never deferred, and its outcome is returned unchanged).
+    fn capture(&self, req: &Req) -> Option<Captured>;
+
+    /// Rebuilds the request from an envelope for a replay, carrying the envelope's
+    /// idempotency key.
+    ///
+    /// # Errors
+    /// An envelope that cannot be turned back into a request; the replayer
+    /// dead-letters it.
+    fn rebuild(&self, envelope: &Envelope) -> Result<Req, BoxError>;
+}
+
+#[cfg(feature = "http")]
+pub use self::http_codec::HttpCodec;
+
+#[cfg(feature = "http")]
+pub(crate) mod http_codec {
+    use super::{Captured, RequestCodec};
+    use crate::BoxError;
+    use crate::enqueue::BufferedBody;
+    use crate::enqueue::receipt::IDEMPOTENCY_KEY_HEADER;
+    use crate::queue::Envelope;
+    use bytes::Bytes;
+    use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, request::Parts};
+
+    /// Headers never stored in an envelope: hop-by-hop headers, and `content-length`
+    /// (a replay sends the buffered body with its exact length).
+    const SKIPPED: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "content-length",
+    ];
+
+    /// The codec for `http::Request<BufferedBody<B>>`: method, URI, headers (without
+    /// hop-by-hop ones) and the buffered body; the idempotency key travels in
+    /// [`IDEMPOTENCY_KEY_HEADER`](crate::enqueue::IDEMPOTENCY_KEY_HEADER).
+    ///
+    /// A request whose body is not fully buffered cannot be captured.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct HttpCodec {
+        _priv: (),
+    }
+
+    impl HttpCodec {
+        /// The codec.
+        pub const fn new() -> Self {
+            Self { _priv: () }
+        }
+    }
+
+    /// The idempotency key in `headers`, if any (and valid UTF-8).
+    pub(crate) fn key_of(headers: &HeaderMap) -> Option<String> {
+        headers
+            .get(IDEMPOTENCY_KEY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// Sets the idempotency key header.
+    pub(crate) fn set_key(headers: &mut HeaderMap, key: &str) {
+        if let Ok(v) = HeaderValue::from_str(key) {
+            headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), v);
+        }
+    }
+
+    /// Captures the request head and `body`.
+    pub(crate) fn capture_parts(parts: &Parts, body: Bytes) -> Captured {
+        let destination = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let headers = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| !SKIPPED.contains(&name.as_str()))
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    Bytes::copy_from_slice(value.as_bytes()),
+                )
+            })
+            .collect();
+        Captured {
+            destination,
+            method: parts.method.as_str().to_owned(),
+            uri: parts.uri.to_string(),
+            headers,
+            body,
+        }
+    }
+
+    /// Rebuilds an HTTP request with a buffered body from an envelope.
+    pub(crate) fn rebuild_request<B>(env: &Envelope) -> Result<Request<BufferedBody<B>>, BoxError> {
+        let method = Method::from_bytes(env.method.as_bytes())?;
+        let uri: Uri = env.uri.parse()?;
+        let mut req = Request::new(BufferedBody::full(env.body.clone()));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        let headers = req.headers_mut();
+        for (name, value) in &env.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())?;
+            let value = HeaderValue::from_bytes(value)?;
+            headers.append(name, value);
+        }
+        set_key(headers, &env.idempotency_key);
+        Ok(req)
+    }
+
+    impl<B> RequestCodec<Request<BufferedBody<B>>> for HttpCodec {
+        fn idempotency_key(&self, req: &Request<BufferedBody<B>>) -> Option<String> {
+            key_of(req.headers())
+        }
+
+        fn set_idempotency_key(&self, req: &mut Request<BufferedBody<B>>, key: &str) {
+            set_key(req.headers_mut(), key);
+        }
+
+        fn capture(&self, req: &Request<BufferedBody<B>>) -> Option<Captured> {
+            let body = req.body().as_bytes()?.clone();
+            let mut parts = Request::new(());
+            *parts.method_mut() = req.method().clone();
+            *parts.uri_mut() = req.uri().clone();
+            *parts.headers_mut() = req.headers().clone();
+            let (parts, ()) = parts.into_parts();
+            Some(capture_parts(&parts, body))
+        }
+
+        fn rebuild(&self, envelope: &Envelope) -> Result<Request<BufferedBody<B>>, BoxError> {
+            rebuild_request(envelope)
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Enqueue errors.
+
+use crate::BoxError;
+use crate::queue::{DeferReason, QueueError};
+use std::fmt;
+
+/// A request that should have been deferred could not be stored: the queue failed or
+/// was full. No receipt was given and nothing may have been stored.
+///
+/// Carries both failures:
+/// * [`source()`](std::error::Error::source) is the **original failure** (the call's
+///   error, or a [`FailedResponse`] if the dependency answered with a retryable
+///   failure), so [`find_cause`](crate::error::find_cause) still finds an
+///   [`Open`](crate::circuit_breaker::error::Open) and the HTTP/gRPC mappings still
+///   apply;
+/// * [`queue_error()`](Self::queue_error) is the queue's error, also in the `Display`
+///   text.
+#[derive(Debug)]
+pub struct NotEnqueued {
+    reason: DeferReason,
+    original: BoxError,
+    queue: QueueError,
+}
+
+impl NotEnqueued {
+    pub(crate) fn new(reason: DeferReason, original: BoxError, queue: QueueError) -> Self {
+        Self {
+            reason,
+            original,
+            queue,
+        }
+    }
+
+    /// Why the request was to be deferred.
+    pub fn reason(&self) -> DeferReason {
+        self.reason
+    }
+
+    /// The original failure of the call.
+    pub fn original(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.original
+    }
+
+    /// The queue's error.
+    pub fn queue_error(&self) -> &QueueError {
+        &self.queue
+    }
+
+    /// Both errors: `(original, queue)`.
+    pub fn into_parts(self) -> (BoxError, QueueError) {
+        (self.original, self.queue)
+    }
+}
+
+impl fmt::Display for NotEnqueued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "request not enqueued ({}): {}; original failure: {}",
+            super::receipt::reason_str(self.reason),
+            self.queue,
+            self.original
+        )
+    }
+}
+
+impl std::error::Error for NotEnqueued {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.original)
+    }
+}
+
+/// The dependency answered with a retryable failure (e.g. `503`) that was to be
+/// deferred: the original failure inside a [`NotEnqueued`] when the call returned a
+/// response rather than an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedResponse {
+    description: String,
+}
+
+impl FailedResponse {
+    pub(crate) fn new(description: String) -> Self {
+        Self { description }
+    }
+
+    /// What the dependency answered (for HTTP, the status line).
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+}
+
+impl fmt::Display for FailedResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dependency answered {}", self.description)
+    }
+}
+
+impl std::error::Error for FailedResponse {}

@@ -1,0 +1,315 @@
+//! Response futures of [`EnqueueFallback`](super::EnqueueFallback) and
+//! [`Defer`](super::Defer).
+
+use super::error::FailedResponse;
+use super::policy::trigger;
+use super::receipt::Deferred;
+use super::service::{Capture, Pending, Shared};
+use crate::BoxError;
+use crate::classify::Classify;
+use crate::queue::Queue;
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+pin_project! {
+    /// Response future of [`Defer`](super::Defer).
+    pub struct DeferFuture<F, Q, C> {
+        #[pin]
+        state: DeferState<F>,
+        shared: Arc<Shared<Q, C>>,
+    }
+}
+
+pin_project! {
+    #[project = DeferProj]
+    enum DeferState<F> {
+        Calling {
+            #[pin]
+            fut: F,
+            capture: Option<Capture>,
+        },
+        Enqueuing { pending: Pending },
+        Done,
+    }
+}
+
+// === impl DeferFuture ===
+
+impl<F, Q, C> DeferFuture<F, Q, C> {
+    pub(crate) fn new(fut: F, capture: Option<Capture>, shared: Arc<Shared<Q, C>>) -> Self {
+        Self {
+            state: DeferState::Calling { fut, capture },
+            shared,
+        }
+    }
+}
+
+impl<F, Q, C> fmt::Debug for DeferFuture<F, Q, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            DeferState::Calling { .. } => "calling",
+            DeferState::Enqueuing { .. } => "enqueuing",
+            DeferState::Done => "done",
+        };
+        f.debug_struct("DeferFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<F, Q, C, Res, E> Future for DeferFuture<F, Q, C>
+where
+    F: Future<Output = Result<Res, E>>,
+    E: Into<BoxError>,
+    Q: Queue,
+    C: Classify<Res, BoxError>,
+{
+    type Output = Result<Deferred<Res>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                DeferProj::Calling { fut, capture } => {
+                    let out = ready!(fut.poll(cx)).map_err(Into::into);
+                    let Some(capture) = capture.take() else {
+                        this.state.set(DeferState::Done);
+                        return Poll::Ready(out.map(Deferred::Completed));
+                    };
+                    let Some(t) = trigger(&this.shared.classifier, out.as_ref()) else {
+                        this.state.set(DeferState::Done);
+                        return Poll::Ready(out.map(Deferred::Completed));
+                    };
+                    let original = match out {
+                        Err(e) => e,
+                        Ok(_) => FailedResponse::new(
+                            "a response classified as a retryable failure".into(),
+                        )
+                        .into(),
+                    };
+                    let pending = this.shared.enqueue(capture, t, original);
+                    this.state.set(DeferState::Enqueuing { pending });
+                }
+                DeferProj::Enqueuing { pending } => {
+                    let res = ready!(pending.poll(cx));
+                    this.state.set(DeferState::Done);
+                    return Poll::Ready(res.map(Deferred::Enqueued).map_err(Into::into));
+                }
+                DeferProj::Done => panic!("DeferFuture polled after completion"),
+            }
+        }
+    }
+}
+
+#[cfg(feature = "http")]
+pub use self::http_future::ResponseFuture;
+
+#[cfg(feature = "http")]
+mod http_future {
+    use super::*;
+    use crate::enqueue::body::{BufferedBody, partial, poll_collect};
+    use crate::enqueue::codec::http_codec::capture_parts;
+    use crate::enqueue::receipt::{
+        DEFER_REASON_HEADER, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt, reason_str,
+    };
+    use bytes::BytesMut;
+    use http::{HeaderName, HeaderValue, Request, Response, StatusCode, request::Parts};
+    use http_body::{Body, Frame};
+    use tower_service::Service;
+
+    pin_project! {
+        /// Response future of [`EnqueueFallback`](crate::enqueue::EnqueueFallback).
+        pub struct ResponseFuture<S, B, Q, C>
+        where
+            S: Service<Request<BufferedBody<B>>>,
+        {
+            #[pin]
+            state: State<S, S::Future, B>,
+            shared: Arc<Shared<Q, C>>,
+        }
+    }
+
+    pin_project! {
+        #[project = StateProj]
+        enum State<S, F, B> {
+            // Reading the body (up to the limit) before the call; owns the ready service.
+            Collecting {
+                svc: Option<S>,
+                parts: Option<Parts>,
+                body: Option<B>,
+                buf: BytesMut,
+                key: Option<String>,
+            },
+            Calling {
+                #[pin]
+                fut: F,
+                capture: Option<Capture>,
+            },
+            Enqueuing { pending: Pending },
+            Done,
+        }
+    }
+
+    // === impl ResponseFuture ===
+
+    impl<S, B, Q, C> ResponseFuture<S, B, Q, C>
+    where
+        S: Service<Request<BufferedBody<B>>>,
+    {
+        pub(crate) fn calling(
+            fut: S::Future,
+            capture: Option<Capture>,
+            shared: Arc<Shared<Q, C>>,
+        ) -> Self {
+            Self {
+                state: State::Calling { fut, capture },
+                shared,
+            }
+        }
+
+        pub(crate) fn collecting(
+            svc: S,
+            parts: Parts,
+            body: B,
+            key: String,
+            shared: Arc<Shared<Q, C>>,
+        ) -> Self {
+            Self {
+                state: State::Collecting {
+                    svc: Some(svc),
+                    parts: Some(parts),
+                    body: Some(body),
+                    buf: BytesMut::new(),
+                    key: Some(key),
+                },
+                shared,
+            }
+        }
+    }
+
+    impl<S, B, Q, C> fmt::Debug for ResponseFuture<S, B, Q, C>
+    where
+        S: Service<Request<BufferedBody<B>>>,
+    {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let state = match &self.state {
+                State::Collecting { .. } => "collecting",
+                State::Calling { .. } => "calling",
+                State::Enqueuing { .. } => "enqueuing",
+                State::Done => "done",
+            };
+            f.debug_struct("ResponseFuture")
+                .field("state", &state)
+                .finish()
+        }
+    }
+
+    /// The `202 Accepted` receipt response.
+    fn receipt_response<ResBody: Default>(receipt: Receipt) -> Response<ResBody> {
+        let mut res = Response::new(ResBody::default());
+        *res.status_mut() = StatusCode::ACCEPTED;
+        let headers = res.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&receipt.id().to_string()) {
+            headers.insert(HeaderName::from_static(MESSAGE_ID_HEADER), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(receipt.idempotency_key()) {
+            headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), v);
+        }
+        headers.insert(
+            HeaderName::from_static(DEFER_REASON_HEADER),
+            HeaderValue::from_static(reason_str(receipt.reason())),
+        );
+        res.extensions_mut().insert(receipt);
+        res
+    }
+
+    impl<S, B, Q, C, ResBody> Future for ResponseFuture<S, B, Q, C>
+    where
+        S: Service<Request<BufferedBody<B>>, Response = Response<ResBody>>,
+        S::Error: Into<BoxError>,
+        B: Body + Unpin,
+        B::Error: Into<BoxError>,
+        ResBody: Default,
+        Q: Queue,
+        C: Classify<Response<ResBody>, BoxError>,
+    {
+        type Output = Result<Response<ResBody>, BoxError>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let mut this = self.project();
+            loop {
+                match this.state.as_mut().project() {
+                    StateProj::Collecting {
+                        svc,
+                        parts,
+                        body,
+                        buf,
+                        key,
+                    } => {
+                        let limit = this.shared.config.max_body;
+                        let mut extra: Option<Frame<bytes::Bytes>> = None;
+                        let b = body.as_mut().expect("body present while collecting");
+                        let res = ready!(poll_collect(Pin::new(b), cx, buf, limit, &mut extra));
+                        let mut svc = svc.take().expect("service present while collecting");
+                        let parts = parts.take().expect("parts present while collecting");
+                        let body = body.take().expect("body present while collecting");
+                        let buf = std::mem::take(buf);
+                        let key = key.take().expect("key present while collecting");
+                        let (fut, capture) = match res {
+                            Err(e) => {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(e));
+                            }
+                            Ok(true) => {
+                                let bytes = buf.freeze();
+                                let capture =
+                                    Capture::new(key, capture_parts(&parts, bytes.clone()));
+                                let req = Request::from_parts(parts, BufferedBody::full(bytes));
+                                (svc.call(req), Some(capture))
+                            }
+                            Ok(false) => {
+                                tracing::debug!(
+                                    limit,
+                                    "request body over the limit; not deferrable"
+                                );
+                                let req = Request::from_parts(parts, partial(buf, extra, body));
+                                (svc.call(req), None)
+                            }
+                        };
+                        this.state.set(State::Calling { fut, capture });
+                    }
+                    StateProj::Calling { fut, capture } => {
+                        let out = ready!(fut.poll(cx)).map_err(Into::into);
+                        let Some(capture) = capture.take() else {
+                            this.state.set(State::Done);
+                            return Poll::Ready(out);
+                        };
+                        let Some(t) = trigger(&this.shared.classifier, out.as_ref()) else {
+                            this.state.set(State::Done);
+                            return Poll::Ready(out);
+                        };
+                        let original = match out {
+                            Err(e) => e,
+                            Ok(res) => FailedResponse::new(res.status().to_string()).into(),
+                        };
+                        let pending = this.shared.enqueue(capture, t, original);
+                        this.state.set(State::Enqueuing { pending });
+                    }
+                    StateProj::Enqueuing { pending } => {
+                        let res = ready!(pending.poll(cx));
+                        this.state.set(State::Done);
+                        return Poll::Ready(match res {
+                            Ok(receipt) => Ok(receipt_response(receipt)),
+                            Err(e) => Err(e.into()),
+                        });
+                    }
+                    StateProj::Done => panic!("EnqueueFallback future polled after completion"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Which requests may be deferred, and which outcomes defer them.
+
+use crate::BoxError;
+use crate::bulkhead::error::Full;
+use crate::circuit_breaker::error::Open;
+use crate::classify::Classify;
+use crate::error::find_cause;
+use crate::queue::DeferReason;
+use crate::timeout::error::DeadlineExceeded;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+type KeepSyncFn = dyn Fn(&str, &str) -> bool + Send + Sync;
+
+/// Which requests stay synchronous (are never deferred), by method, route or closure.
+///
+/// The default keeps reads synchronous: `GET`, `HEAD` and `OPTIONS`. A request is kept
+/// synchronous if its method is in the set, its path starts with one of the route
+/// prefixes, or the closure says so. Method names compare case-sensitively, as HTTP
+/// methods do.
+///
+/// # Example
+/// ```
+/// use postbox::enqueue::DeferPolicy;
+///
+/// let policy = DeferPolicy::new()
+///     .keep_sync_method("DELETE")
+///     .keep_sync_route("/payments/")
+///     .keep_sync_when(|_method, path| path.ends_with("/sync"));
+/// assert!(policy.may_defer("POST", "/orders"));
+/// assert!(!policy.may_defer("GET", "/orders"));
+/// assert!(!policy.may_defer("POST", "/payments/42"));
+/// assert!(!policy.may_defer("PUT", "/orders/7/sync"));
+/// ```
+#[derive(Clone)]
+pub struct DeferPolicy {
+    sync_methods: Vec<String>,
+    sync_routes: Vec<String>,
+    keep_sync: Option<Arc<KeepSyncFn>>,
+}
+
+// === impl DeferPolicy ===
+
+impl DeferPolicy {
+    /// The default: `GET`, `HEAD` and `OPTIONS` stay synchronous, everything else may be
+    /// deferred.
+    pub fn new() -> Self {
+        Self {
+            sync_methods: vec!["GET".into(), "HEAD".into(), "OPTIONS".into()],
+            sync_routes: Vec::new(),
+            keep_sync: None,
+        }
+    }
+
+    /// A policy that keeps nothing synchronous (every method may be deferred).
+    pub fn defer_all() -> Self {
+        Self {
+            sync_methods: Vec::new(),
+            sync_routes: Vec::new(),
+            keep_sync: None,
+        }
+    }
+
+    /// Keeps requests with `method` synchronous.
+    pub fn keep_sync_method(mut self, method: impl Into<String>) -> Self {
+        let method = method.into();
+        if !self.sync_methods.contains(&method) {
+            self.sync_methods.push(method);
+        }
+        self
+    }
+
+    /// Allows requests with `method` to be deferred (e.g. `defer_method("GET")` for a
+    /// GET with side effects).
+    pub fn defer_method(mut self, method: &str) -> Self {
+        self.sync_methods.retain(|m| m != method);
+        self
+    }
+
+    /// Keeps requests whose path starts with `prefix` synchronous.
+    pub fn keep_sync_route(mut self, prefix: impl Into<String>) -> Self {
+        self.sync_routes.push(prefix.into());
+        self
+    }
+
+    /// Keeps requests synchronous when `f(method, path)` returns `true` (asked after the
+    /// method and route rules).
+    pub fn keep_sync_when<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&str, &str) -> bool + Send + Sync + 'static,
+    {
+        self.keep_sync = Some(Arc::new(f));
+        self
+    }
+
+    /// `true` if a request with `method` and `path` may be deferred.
+    pub fn may_defer(&self, method: &str, path: &str) -> bool {
+        if self.sync_methods.iter().any(|m| m == method) {
+            return false;
+        }
+        if self
+            .sync_routes
+            .iter()
+            .any(|r| path.starts_with(r.as_str()))
+        {
+            return false;
+        }
+        !self.keep_sync.as_ref().is_some_and(|f| f(method, path))
+    }
+}
+
+impl Default for DeferPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for DeferPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeferPolicy")
+            .field("sync_methods", &self.sync_methods)
+            .field("sync_routes", &self.sync_routes)
+            .field("keep_sync_when", &self.keep_sync.is_some())
+            .finish()
+    }
+}
+
+/// Why an outcome is deferred, and the earliest it should be replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trigger {
+    /// Why.
+    pub reason: DeferReason,
+    /// Not before this long from now (the breaker's or the server's hint).
+    pub not_before: Option<Duration>,
+}
+
+/// Decides whether a final outcome may be deferred (pure: no clock, no I/O).
+///
+/// In this order:
+///
+/// | outcome | trigger |
+/// |---|---|
+/// | [`Open`] anywhere in the error chain | [`DeferReason::CircuitOpen`], not before its `retry_after` |
+/// | [`Full`] in the chain | [`DeferReason::BulkheadFull`] |
+/// | [`DeadlineExceeded`] in the chain | [`DeferReason::DeadlineElapsed`] |
+/// | any other outcome the classifier calls a retryable failure or overload (5xx, 429, transport errors, attempt timeouts) | [`DeferReason::RetriesExhausted`], not before the server's hint |
+/// | anything else: success, a non-retryable answer (4xx), an ignored outcome | none: returned unchanged |
+pub fn trigger<Res, C>(classifier: &C, outcome: Result<&Res, &BoxError>) -> Option<Trigger>
+where
+    C: Classify<Res, BoxError>,
+{
+    if let Err(e) = outcome {
+        let e: &(dyn std::error::Error + 'static) = &**e;
+        if let Some(open) = find_cause::<Open>(e) {
+            return Some(Trigger {
+                reason: DeferReason::CircuitOpen,
+                not_before: Some(open.retry_after()),
+            });
+        }
+        if find_cause::<Full>(e).is_some() {
+            return Some(Trigger {
+                reason: DeferReason::BulkheadFull,
+                not_before: None,
+            });
+        }
+        if find_cause::<DeadlineExceeded>(e).is_some() {
+            return Some(Trigger {
+                reason: DeferReason::DeadlineElapsed,
+                not_before: None,
+            });
+        }
+    }
+    let c = classifier.classify(outcome);
+    (c.is_failure() && c.is_retryable()).then_some(Trigger {
+        reason: DeferReason::RetriesExhausted,
+        not_before: c.retry_after(),
+    })
+}
+
+/// The path of a URI string (`https://host/a/b?q` → `/a/b`; `/a?q` → `/a`).
+pub(crate) fn path_of(uri: &str) -> &str {
+    let rest = match uri.find("://") {
+        Some(i) => {
+            let after = &uri[i + 3..];
+            match after.find('/') {
+                Some(j) => &after[j..],
+                None => "/",
+            }
+        }
+        None => uri,
+    };
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::ErrorClassifier;
+
+    fn err(e: impl Into<BoxError>) -> BoxError {
+        e.into()
+    }
+
+    #[test]
+    fn own_rejections_and_deadlines_trigger() {
+        let c = ErrorClassifier::new();
+        let open = err(Open::new(Duration::from_secs(3)));
+        let t = trigger::<(), _>(&c, Err(&open)).unwrap();
+        assert_eq!(t.reason, DeferReason::CircuitOpen);
+        assert_eq!(t.not_before, Some(Duration::from_secs(3)));
+        let full = err(Full::new(1, 0));
+        assert_eq!(
+            trigger::<(), _>(&c, Err(&full)).unwrap().reason,
+            DeferReason::BulkheadFull
+        );
+        let late = err(DeadlineExceeded::new(Duration::from_secs(1), false));
+        assert_eq!(
+            trigger::<(), _>(&c, Err(&late)).unwrap().reason,
+            DeferReason::DeadlineElapsed
+        );
+    }
+
+    #[test]
+    fn retryable_failures_trigger_successes_do_not() {
+        let c = ErrorClassifier::new();
+        let reset = err(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(
+            trigger::<(), _>(&c, Err(&reset)).unwrap().reason,
+            DeferReason::RetriesExhausted
+        );
+        assert_eq!(trigger::<(), _>(&c, Ok(&())), None);
+    }
+
+    #[test]
+    fn policy_keeps_reads_synchronous_by_default() {
+        let p = DeferPolicy::default();
+        for m in ["GET", "HEAD", "OPTIONS"] {
+            assert!(!p.may_defer(m, "/"));
+        }
+        assert!(p.may_defer("POST", "/"));
+        assert!(p.clone().defer_method("GET").may_defer("GET", "/"));
+        assert!(DeferPolicy::defer_all().may_defer("GET", "/"));
+    }
+
+    #[test]
+    fn path_of_strips_scheme_authority_and_query() {
+        assert_eq!(path_of("https://h:1/a/b?q=1"), "/a/b");
+        assert_eq!(path_of("https://h"), "/");
+        assert_eq!(path_of("/a#x"), "/a");
+        assert_eq!(path_of("/pkg.Svc/Call"), "/pkg.Svc/Call");
+    }
+}

@@ -1,0 +1,907 @@
+//! The [`Replayer`]: a worker that delivers deferred requests once their dependency is
+//! back.
+
+use super::clock::wall_now;
+use super::codec::RequestCodec;
+use crate::BoxError;
+use crate::bulkhead::error::Full;
+use crate::circuit_breaker::error::Open;
+use crate::classify::{Classification, Classify, ErrorClassifier};
+use crate::error::{ConfigError, find_cause};
+use crate::queue::{LeaseToken, Leased, Queue, QueueError};
+use crate::timeout::error::DeadlineExceeded;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::{Id, JoinError, JoinSet};
+use tokio::time::{Instant, sleep_until};
+use tower_service::Service;
+
+/// What to do with a message after one replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Verdict {
+    /// It was delivered: ack it.
+    Delivered,
+    /// A retryable failure: try again later, not before `after` (the server's hint) and
+    /// not before the replayer's backoff.
+    Retry {
+        /// The server's hint, if any.
+        after: Option<Duration>,
+        /// What went wrong (kept in the dead letter if attempts run out).
+        reason: String,
+    },
+    /// The circuit breaker rejected the replay: put it back until `retry_after` and
+    /// pause leasing for that long.
+    CircuitOpen {
+        /// When the breaker admits a probe again.
+        retry_after: Duration,
+    },
+    /// A permanent failure (e.g. a `4xx`): dead-letter it.
+    Permanent {
+        /// Why (kept in the dead letter).
+        reason: String,
+    },
+}
+
+/// Judges the outcome of one replay.
+///
+/// Implemented by [`ClassifierJudge`] (any service, via a classifier), [`HttpJudge`]
+/// (HTTP responses: a non-retryable `4xx` is permanent) and closures
+/// `Fn(Result<&Res, &E>) -> Verdict`.
+pub trait Judge<Res, E> {
+    /// The verdict on one outcome.
+    fn judge(&self, outcome: Result<&Res, &E>) -> Verdict;
+}
+
+impl<F, Res, E> Judge<Res, E> for F
+where
+    F: Fn(Result<&Res, &E>) -> Verdict,
+{
+    fn judge(&self, outcome: Result<&Res, &E>) -> Verdict {
+        self(outcome)
+    }
+}
+
+/// Judges with a [`Classify`] implementation:
+///
+/// | outcome | verdict |
+/// |---|---|
+/// | [`Open`] in the error chain | [`Verdict::CircuitOpen`] |
+/// | [`Full`] or [`DeadlineExceeded`] in the chain | [`Verdict::Retry`] (our own limits, not the dependency's answer) |
+/// | classified retryable | [`Verdict::Retry`] with the classification's hint |
+/// | an error, or a response classified as a failure, not retryable | [`Verdict::Permanent`] |
+/// | any other response | [`Verdict::Delivered`] |
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClassifierJudge<C> {
+    classifier: C,
+}
+
+impl<C> ClassifierJudge<C> {
+    /// Judges with `classifier`.
+    pub const fn new(classifier: C) -> Self {
+        Self { classifier }
+    }
+}
+
+impl<C, Res> Judge<Res, BoxError> for ClassifierJudge<C>
+where
+    C: Classify<Res, BoxError>,
+{
+    fn judge(&self, outcome: Result<&Res, &BoxError>) -> Verdict {
+        if let Some(v) = own_rejection(outcome) {
+            return v;
+        }
+        let c = self.classifier.classify(outcome);
+        from_classification(c, outcome.err().map(ToString::to_string))
+    }
+}
+
+fn own_rejection<Res>(outcome: Result<&Res, &BoxError>) -> Option<Verdict> {
+    let e: &(dyn std::error::Error + 'static) = &**outcome.err()?;
+    if let Some(open) = find_cause::<Open>(e) {
+        return Some(Verdict::CircuitOpen {
+            retry_after: open.retry_after(),
+        });
+    }
+    if find_cause::<Full>(e).is_some() || find_cause::<DeadlineExceeded>(e).is_some() {
+        return Some(Verdict::Retry {
+            after: None,
+            reason: e.to_string(),
+        });
+    }
+    None
+}
+
+fn from_classification(c: Classification, error: Option<String>) -> Verdict {
+    if c.is_retryable() {
+        return Verdict::Retry {
+            after: c.retry_after(),
+            reason: error.unwrap_or_else(|| format!("{:?} response", c.class())),
+        };
+    }
+    match error {
+        Some(e) => Verdict::Permanent { reason: e },
+        None if c.is_failure() => Verdict::Permanent {
+            reason: "response classified as a permanent failure".into(),
+        },
+        None => Verdict::Delivered,
+    }
+}
+
+#[cfg(feature = "http")]
+pub use self::http_judge::HttpJudge;
+
+#[cfg(feature = "http")]
+mod http_judge {
+    use super::{Judge, Verdict, from_classification, own_rejection};
+    use crate::BoxError;
+    use crate::classify::{Classify, HttpClassifier};
+    use http::Response;
+
+    /// Judges HTTP replays with an [`HttpClassifier`]: like
+    /// [`ClassifierJudge`](super::ClassifierJudge), and a `4xx` that is not retryable
+    /// (anything but `408` and `429` by default) is [`Verdict::Permanent`].
+    #[derive(Debug, Clone, Default)]
+    pub struct HttpJudge {
+        classifier: HttpClassifier,
+    }
+
+    impl HttpJudge {
+        /// Judges with the default [`HttpClassifier`].
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// Judges with `classifier`.
+        pub fn with_classifier(classifier: HttpClassifier) -> Self {
+            Self { classifier }
+        }
+    }
+
+    impl<B> Judge<Response<B>, BoxError> for HttpJudge {
+        fn judge(&self, outcome: Result<&Response<B>, &BoxError>) -> Verdict {
+            if let Some(v) = own_rejection(outcome) {
+                return v;
+            }
+            let c = self.classifier.classify(outcome);
+            if let Ok(res) = outcome {
+                if !c.is_retryable() && res.status().is_client_error() {
+                    return Verdict::Permanent {
+                        reason: format!("rejected with {}", res.status()),
+                    };
+                }
+                if c.is_retryable() {
+                    return Verdict::Retry {
+                        after: c.retry_after(),
+                        reason: format!("answered {}", res.status()),
+                    };
+                }
+            }
+            from_classification(c, outcome.err().map(ToString::to_string))
+        }
+    }
+}
+
+/// The replayer's settings (see the setters on [`Replayer`] for defaults).
+#[derive(Debug, Clone)]
+struct ReplayConfig {
+    concurrency: usize,
+    lease_batch: usize,
+    lease_for: Duration,
+    poll_interval: Duration,
+    max_attempts: u32,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    jitter: bool,
+    ack_batch: usize,
+    ack_interval: Duration,
+    grace: Duration,
+    seed: Option<u64>,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            lease_batch: 64,
+            lease_for: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            max_attempts: 10,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            jitter: true,
+            ack_batch: 64,
+            ack_interval: Duration::from_millis(100),
+            grace: Duration::from_secs(10),
+            seed: None,
+        }
+    }
+}
+
+impl ReplayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let nonzero = [
+            ("replay.concurrency", self.concurrency == 0),
+            ("replay.lease_batch", self.lease_batch == 0),
+            ("replay.ack_batch", self.ack_batch == 0),
+            ("replay.max_attempts", self.max_attempts == 0),
+            ("replay.lease_for", self.lease_for.is_zero()),
+            ("replay.poll_interval", self.poll_interval.is_zero()),
+        ];
+        if let Some((field, _)) = nonzero.iter().find(|(_, bad)| *bad) {
+            return Err(ConfigError::new(*field, "must be greater than zero"));
+        }
+        if self.backoff_base > self.backoff_max {
+            return Err(ConfigError::new(
+                "replay.backoff",
+                "base must not exceed max",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Exponential backoff after `attempts` deliveries: `base * 2^(attempts-1)`, capped
+    /// at `max`; with jitter, uniformly in `[half, full]` of that.
+    fn backoff(&self, attempts: u32, rng: &mut fastrand::Rng) -> Duration {
+        let exp = attempts.saturating_sub(1).min(32);
+        let full = self
+            .backoff_base
+            .saturating_mul(1u32 << exp.min(31))
+            .min(self.backoff_max);
+        if !self.jitter || full.is_zero() {
+            return full;
+        }
+        let half = full / 2;
+        let nanos = (full - half).as_nanos().min(u128::from(u64::MAX)) as u64;
+        half + Duration::from_nanos(rng.u64(..=nanos))
+    }
+}
+
+/// Delivers deferred requests: leases due messages, replays each through a service with
+/// its original idempotency key, and acks, backs off or dead-letters it.
+///
+/// Configure with the setters, then [`spawn`](Self::spawn) it on the current tokio
+/// runtime; the returned [`ReplayerHandle`] reports progress and shuts it down.
+///
+/// # What happens to a leased message
+/// * **expired** (`expires_at` passed) or **leased more than `max_attempts` times** →
+///   dead-lettered without a replay;
+/// * its request cannot be rebuilt → dead-lettered;
+/// * otherwise replayed through the service and judged ([`Judge`]):
+///   [`Delivered`](Verdict::Delivered) → acked (in batches of `ack_batch`, or after
+///   `ack_interval`); [`Retry`](Verdict::Retry) → back to the queue not before
+///   `max(backoff, hint)`, or dead-lettered once it has had `max_attempts` deliveries;
+///   [`CircuitOpen`](Verdict::CircuitOpen) → back to the queue until the breaker's
+///   `retry_after` (at least the backoff base), and leasing pauses that long; [`Permanent`](Verdict::Permanent) →
+///   dead-lettered.
+///
+/// The queue counts every lease as an attempt, including a replay rejected by an open
+/// breaker (at most `concurrency` of those per opening, since leasing pauses).
+///
+/// # Which service
+/// Replay through the stack *inside* the enqueue layer (deadline, retry, breaker,
+/// bulkhead, timeouts, client), not through [`EnqueueFallback`](super::EnqueueFallback)
+/// itself: a replay that fails is put back by the replayer, never enqueued again.
+pub struct Replayer<Q, S, K, J> {
+    queue: Arc<Q>,
+    service: S,
+    codec: K,
+    judge: J,
+    config: ReplayConfig,
+}
+
+// === impl Replayer ===
+
+impl<Q, S, K> Replayer<Q, S, K, ClassifierJudge<ErrorClassifier>> {
+    /// Replays messages of `queue` through `service`, rebuilding requests with `codec`,
+    /// judged by a [`ClassifierJudge`] over an [`ErrorClassifier`].
+    pub fn new(queue: Arc<Q>, service: S, codec: K) -> Self {
+        Self {
+            queue,
+            service,
+            codec,
+            judge: ClassifierJudge::new(ErrorClassifier::new()),
+            config: ReplayConfig::default(),
+        }
+    }
+}
+
+#[cfg(feature = "http")]
+impl<Q, S> Replayer<Q, S, super::HttpCodec, HttpJudge> {
+    /// Replays HTTP messages (as `http::Request<BufferedBody<B>>`) through `service`,
+    /// judged by an [`HttpJudge`].
+    pub fn http(queue: Arc<Q>, service: S) -> Self {
+        Self {
+            queue,
+            service,
+            codec: super::HttpCodec::new(),
+            judge: HttpJudge::new(),
+            config: ReplayConfig::default(),
+        }
+    }
+}
+
+impl<Q, S, K, J> Replayer<Q, S, K, J> {
+    /// Judges outcomes with `judge`.
+    pub fn with_judge<J2>(self, judge: J2) -> Replayer<Q, S, K, J2> {
+        Replayer {
+            queue: self.queue,
+            service: self.service,
+            codec: self.codec,
+            judge,
+            config: self.config,
+        }
+    }
+
+    /// At most `n` replays in flight (default 16).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+
+    /// Lease at most `n` messages at a time (default 64; never more than free
+    /// concurrency).
+    pub fn lease_batch(mut self, n: usize) -> Self {
+        self.config.lease_batch = n;
+        self
+    }
+
+    /// How long a lease lasts (default 60 s): a message not settled by then returns
+    /// to pending. Keep it above the service's deadline.
+    pub fn lease_for(mut self, d: Duration) -> Self {
+        self.config.lease_for = d;
+        self
+    }
+
+    /// How often an idle replayer looks for due messages (default 1 s).
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.config.poll_interval = d;
+        self
+    }
+
+    /// A message is dead-lettered after `n` deliveries that did not succeed
+    /// (default 10).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.config.max_attempts = n;
+        self
+    }
+
+    /// Backoff after a retryable failure: `base * 2^(attempts-1)`, capped at `max`
+    /// (defaults 1 s and 5 min).
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.config.backoff_base = base;
+        self.config.backoff_max = max;
+        self
+    }
+
+    /// Whether the backoff is jittered (uniformly within its upper half; default on).
+    pub fn jitter(mut self, on: bool) -> Self {
+        self.config.jitter = on;
+        self
+    }
+
+    /// Seeds the jitter's random number generator (deterministic tests).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.config.seed = Some(seed);
+        self
+    }
+
+    /// Ack in batches of up to `n` (default 64), flushed at least every `interval`
+    /// (default 100 ms) and whenever the replayer goes idle.
+    pub fn ack_batch(mut self, n: usize, interval: Duration) -> Self {
+        self.config.ack_batch = n;
+        self.config.ack_interval = interval;
+        self
+    }
+
+    /// On shutdown, wait up to `d` for replays in flight (default 10 s); the leases
+    /// of those still running then return to the queue.
+    pub fn grace(mut self, d: Duration) -> Self {
+        self.config.grace = d;
+        self
+    }
+
+    /// Starts the worker on the current tokio runtime.
+    ///
+    /// `Req` is the request type the service takes and the codec rebuilds; it is
+    /// usually inferred.
+    ///
+    /// # Errors
+    /// An invalid configuration (a zero concurrency, batch, attempt count, lease or
+    /// poll interval, or a backoff base above its max).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn spawn<Req>(self) -> Result<ReplayerHandle, ConfigError>
+    where
+        Q: Queue,
+        S: Service<Req> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Response: Send,
+        S::Error: Into<BoxError> + Send,
+        K: RequestCodec<Req> + Send + Sync + 'static,
+        J: Judge<S::Response, BoxError> + Send + Sync + 'static,
+        Req: Send + 'static,
+    {
+        self.config.validate()?;
+        let (tx, rx) = watch::channel(false);
+        let stats = Arc::new(Counters::default());
+        let rng = match self.config.seed {
+            Some(seed) => fastrand::Rng::with_seed(seed),
+            None => fastrand::Rng::new(),
+        };
+        let worker = Worker {
+            queue: self.queue,
+            service: self.service,
+            codec: Arc::new(self.codec),
+            judge: Arc::new(self.judge),
+            config: self.config,
+            stats: stats.clone(),
+            rng,
+            tasks: JoinSet::new(),
+            in_flight: HashMap::new(),
+            acks: Vec::new(),
+            ack_due: None,
+            paused_until: None,
+            depth_at: None,
+            _req: std::marker::PhantomData,
+        };
+        let task = tokio::spawn(worker.run(rx));
+        Ok(ReplayerHandle {
+            shutdown: tx,
+            task: Some(task),
+            stats,
+        })
+    }
+}
+
+impl<Q, S: fmt::Debug, K, J> fmt::Debug for Replayer<Q, S, K, J> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replayer")
+            .field("service", &self.service)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    replayed: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    returned: AtomicU64,
+}
+
+/// Counts of what a replayer did so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplayStats {
+    /// Delivered and acked.
+    pub replayed: u64,
+    /// Put back after a retryable failure or an open breaker.
+    pub retried: u64,
+    /// Dead-lettered.
+    pub dead_lettered: u64,
+    /// Leases returned to the queue at shutdown.
+    pub returned: u64,
+}
+
+/// Controls a running [`Replayer`].
+///
+/// Dropping the handle also stops the worker gracefully, in the background.
+#[derive(Debug)]
+pub struct ReplayerHandle {
+    shutdown: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stats: Arc<Counters>,
+}
+
+impl ReplayerHandle {
+    /// What the replayer did so far.
+    pub fn stats(&self) -> ReplayStats {
+        let s = &self.stats;
+        ReplayStats {
+            replayed: s.replayed.load(Ordering::Relaxed),
+            retried: s.retried.load(Ordering::Relaxed),
+            dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+            returned: s.returned.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops gracefully: no new leases; replays in flight get the grace period to
+    /// finish; the leases of those still running go back to the queue (due at once);
+    /// pending acks are flushed. Returns the final counts.
+    ///
+    /// # Cancel safety
+    /// Dropping this future after its first poll does not cancel the shutdown: the
+    /// worker goes on draining in the background.
+    pub async fn shutdown(mut self) -> ReplayStats {
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.task.take() {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "replayer task failed");
+            }
+        }
+        self.stats()
+    }
+}
+
+struct Worker<Q, S, K, J, Req> {
+    queue: Arc<Q>,
+    service: S,
+    codec: Arc<K>,
+    judge: Arc<J>,
+    config: ReplayConfig,
+    stats: Arc<Counters>,
+    rng: fastrand::Rng,
+    tasks: JoinSet<Settled>,
+    in_flight: HashMap<Id, LeaseToken>,
+    acks: Vec<LeaseToken>,
+    ack_due: Option<Instant>,
+    paused_until: Option<Instant>,
+    depth_at: Option<Instant>,
+    _req: std::marker::PhantomData<fn(Req)>,
+}
+
+/// The result of one replay task.
+struct Settled {
+    token: LeaseToken,
+    attempts: u32,
+    verdict: Verdict,
+}
+
+async fn replay_one<S, Req, J>(mut svc: S, req: Req, judge: Arc<J>) -> Verdict
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    J: Judge<S::Response, BoxError>,
+{
+    let out = match std::future::poll_fn(|cx| svc.poll_ready(cx)).await {
+        Ok(()) => svc.call(req).await.map_err(Into::into),
+        Err(e) => Err(e.into()),
+    };
+    judge.judge(out.as_ref())
+}
+
+impl<Q, S, K, J, Req> Worker<Q, S, K, J, Req>
+where
+    Q: Queue,
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send,
+    S::Error: Into<BoxError> + Send,
+    K: RequestCodec<Req> + Send + Sync + 'static,
+    J: Judge<S::Response, BoxError> + Send + Sync + 'static,
+    Req: Send + 'static,
+{
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        tracing::info!(concurrency = self.config.concurrency, "replayer started");
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            while let Some(joined) = self.tasks.try_join_next_with_id() {
+                self.settle(joined).await;
+            }
+            self.maybe_flush().await;
+
+            let now = Instant::now();
+            let paused = self.paused_until.is_some_and(|p| p > now);
+            if !paused {
+                self.paused_until = None;
+            }
+            let room = self.config.concurrency.saturating_sub(self.tasks.len());
+            if !paused && room > 0 {
+                let max = room.min(self.config.lease_batch);
+                match self
+                    .queue
+                    .lease(max, self.config.lease_for, wall_now())
+                    .await
+                {
+                    Ok(batch) if !batch.is_empty() => {
+                        for leased in batch {
+                            self.start(leased).await;
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "replayer could not lease"),
+                }
+            }
+            if self.tasks.is_empty() {
+                self.flush().await;
+            }
+            self.report_depth().await;
+
+            // Idle, full or paused: wait for a replay to finish, a timer, or shutdown.
+            let mut wake = now + self.config.poll_interval;
+            if let Some(p) = self.paused_until {
+                wake = p;
+            }
+            if let Some(d) = self.ack_due {
+                wake = wake.min(d);
+            }
+            let busy = !self.tasks.is_empty();
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                Some(joined) = self.tasks.join_next_with_id(), if busy => self.settle(joined).await,
+                () = sleep_until(wake) => {}
+            }
+        }
+        self.drain().await;
+        tracing::info!(stats = ?self.stats_snapshot(), "replayer stopped");
+    }
+
+    fn stats_snapshot(&self) -> (u64, u64, u64, u64) {
+        let s = &self.stats;
+        (
+            s.replayed.load(Ordering::Relaxed),
+            s.retried.load(Ordering::Relaxed),
+            s.dead_lettered.load(Ordering::Relaxed),
+            s.returned.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Shutdown: wait for replays in flight up to the grace period, then return the
+    /// leases of the rest.
+    async fn drain(&mut self) {
+        let deadline = Instant::now() + self.config.grace;
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(joined) = self.tasks.join_next_with_id() => self.settle(joined).await,
+                () = sleep_until(deadline) => break,
+            }
+        }
+        self.tasks.abort_all();
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            if joined.is_ok() {
+                self.settle(joined).await;
+            }
+        }
+        self.flush().await;
+        let now = wall_now();
+        for (_, token) in std::mem::take(&mut self.in_flight) {
+            match self.queue.retry_later(token, now).await {
+                Ok(()) => {
+                    self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(id = %token.id, "lease returned at shutdown");
+                }
+                Err(e) => log_queue_error("return a lease", &e),
+            }
+        }
+        self.report_depth_now().await;
+    }
+
+    async fn start(&mut self, leased: Leased) {
+        let Leased {
+            envelope, token, ..
+        } = leased;
+        let now = wall_now();
+        if envelope.expires_at.is_some_and(|at| at <= now) {
+            self.dead_letter(token, "expired before delivery").await;
+            return;
+        }
+        if envelope.attempts > self.config.max_attempts {
+            let reason = format!("gave up after {} attempts", envelope.attempts - 1);
+            self.dead_letter(token, &reason).await;
+            return;
+        }
+        let req = match self.codec.rebuild(&envelope) {
+            Ok(req) => req,
+            Err(e) => {
+                let reason = format!("cannot rebuild the request: {e}");
+                self.dead_letter(token, &reason).await;
+                return;
+            }
+        };
+        tracing::debug!(id = %token.id, attempt = envelope.attempts, "replaying");
+        let svc = self.service.clone();
+        let judge = self.judge.clone();
+        let attempts = envelope.attempts;
+        let handle = self.tasks.spawn(async move {
+            let verdict = replay_one(svc, req, judge).await;
+            Settled {
+                token,
+                attempts,
+                verdict,
+            }
+        });
+        self.in_flight.insert(handle.id(), token);
+    }
+
+    async fn settle(&mut self, joined: Result<(Id, Settled), JoinError>) {
+        let Settled {
+            token,
+            attempts,
+            verdict,
+        } = match joined {
+            Ok((id, settled)) => {
+                self.in_flight.remove(&id);
+                settled
+            }
+            Err(e) => {
+                // A panicking service: its lease returns when it expires.
+                if let Some(token) = self.in_flight.remove(&e.id()) {
+                    tracing::error!(id = %token.id, error = %e, "replay task failed");
+                }
+                return;
+            }
+        };
+        match verdict {
+            Verdict::Delivered => {
+                tracing::debug!(id = %token.id, "replayed");
+                self.acks.push(token);
+            }
+            Verdict::Retry { after, reason } => {
+                if attempts >= self.config.max_attempts {
+                    let reason = format!("gave up after {attempts} attempts: {reason}");
+                    self.dead_letter(token, &reason).await;
+                    return;
+                }
+                let backoff = self.config.backoff(attempts, &mut self.rng);
+                let delay = backoff.max(after.unwrap_or_default());
+                tracing::debug!(id = %token.id, ?delay, %reason, "replay failed; retrying later");
+                self.retry_later(token, delay).await;
+            }
+            Verdict::CircuitOpen { retry_after } => {
+                // A zero hint means "half-open, probes busy": still back off a little, so
+                // a busy half-open breaker does not burn attempts in a tight loop.
+                let pause = retry_after.max(self.config.backoff_base);
+                let until = Instant::now() + pause;
+                if self.paused_until.is_none_or(|p| p < until) {
+                    tracing::info!(?pause, "circuit open; replay paused");
+                    self.paused_until = Some(until);
+                }
+                self.retry_later(token, pause).await;
+            }
+            Verdict::Permanent { reason } => self.dead_letter(token, &reason).await,
+        }
+    }
+
+    async fn retry_later(&mut self, token: LeaseToken, delay: Duration) {
+        match self.queue.retry_later(token, wall_now() + delay).await {
+            Ok(()) => {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => log_queue_error("retry later", &e),
+        }
+    }
+
+    async fn dead_letter(&mut self, token: LeaseToken, reason: &str) {
+        match self.queue.dead_letter(token, reason).await {
+            Ok(()) => {
+                tracing::warn!(id = %token.id, reason, "message dead-lettered");
+                metrics::counter!("postbox_dead_lettered_total").increment(1);
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => log_queue_error("dead-letter", &e),
+        }
+    }
+
+    async fn maybe_flush(&mut self) {
+        if self.acks.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if self.acks.len() >= self.config.ack_batch || self.ack_due.is_some_and(|d| d <= now) {
+            self.flush().await;
+        } else if self.ack_due.is_none() {
+            self.ack_due = Some(now + self.config.ack_interval);
+        }
+    }
+
+    async fn flush(&mut self) {
+        self.ack_due = None;
+        if self.acks.is_empty() {
+            return;
+        }
+        let acks = std::mem::take(&mut self.acks);
+        match self.queue.ack(&acks).await {
+            Ok(()) => {
+                let n = acks.len() as u64;
+                metrics::counter!("postbox_replayed_total").increment(n);
+                self.stats.replayed.fetch_add(n, Ordering::Relaxed);
+            }
+            // The leases expire and the messages are replayed again; the idempotency
+            // key keeps the effect single.
+            Err(e) => log_queue_error("ack", &e),
+        }
+    }
+
+    /// Sets the depth gauge, at most once per poll interval.
+    async fn report_depth(&mut self) {
+        let now = Instant::now();
+        if self
+            .depth_at
+            .is_some_and(|at| now < at + self.config.poll_interval)
+        {
+            return;
+        }
+        self.depth_at = Some(now);
+        self.report_depth_now().await;
+    }
+
+    async fn report_depth_now(&mut self) {
+        if let Ok(depth) = self.queue.depth().await {
+            metrics::gauge!("postbox_queue_depth", "state" => "pending").set(depth.pending as f64);
+            metrics::gauge!("postbox_queue_depth", "state" => "in_flight")
+                .set(depth.in_flight as f64);
+            metrics::gauge!("postbox_queue_depth", "state" => "dead").set(depth.dead as f64);
+        }
+    }
+}
+
+fn log_queue_error(op: &str, e: &QueueError) {
+    match e {
+        QueueError::LeaseLost(t) => tracing::debug!(id = %t.id, op, "lease lost"),
+        e => tracing::warn!(error = %e, op, "replayer queue operation failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let c = ReplayConfig {
+            jitter: false,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(10),
+            ..ReplayConfig::default()
+        };
+        let mut rng = fastrand::Rng::with_seed(1);
+        let got: Vec<u64> = (1..=6).map(|a| c.backoff(a, &mut rng).as_secs()).collect();
+        assert_eq!(got, [1, 2, 4, 8, 10, 10]);
+        assert_eq!(c.backoff(u32::MAX, &mut rng), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn jittered_backoff_stays_in_the_upper_half() {
+        let c = ReplayConfig::default();
+        let mut rng = fastrand::Rng::with_seed(7);
+        for a in 1..20 {
+            let full = c
+                .backoff_base
+                .saturating_mul(1 << (a - 1).min(31))
+                .min(c.backoff_max);
+            let d = c.backoff(a, &mut rng);
+            assert!(d >= full / 2 && d <= full, "{a}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn classifier_judge_verdicts() {
+        let j = ClassifierJudge::new(ErrorClassifier::new());
+        assert_eq!(j.judge(Ok::<_, &BoxError>(&())), Verdict::Delivered);
+        let open: BoxError = Open::new(Duration::from_secs(5)).into();
+        assert_eq!(
+            Judge::<(), _>::judge(&j, Err(&open)),
+            Verdict::CircuitOpen {
+                retry_after: Duration::from_secs(5)
+            }
+        );
+        let late: BoxError = DeadlineExceeded::new(Duration::from_secs(1), false).into();
+        assert!(matches!(
+            Judge::<(), _>::judge(&j, Err(&late)),
+            Verdict::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn invalid_config_is_an_error() {
+        let c = ReplayConfig {
+            concurrency: 0,
+            ..ReplayConfig::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field(), "replay.concurrency");
+    }
+}

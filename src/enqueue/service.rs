@@ -1,0 +1,400 @@
+use super::clock::{new_idempotency_key, new_message_id, wall_now};
+use super::codec::{Captured, RequestCodec};
+use super::error::NotEnqueued;
+use super::future::DeferFuture;
+use super::layer::EnqueueConfig;
+use super::policy::{Trigger, path_of};
+use super::receipt::{Receipt, reason_str};
+use crate::BoxError;
+use crate::queue::{Enqueued, Envelope, Queue, QueueError};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+use tower_service::Service;
+
+/// Everything one layer's services share.
+pub(crate) struct Shared<Q, C> {
+    pub(crate) queue: Arc<Q>,
+    pub(crate) classifier: C,
+    pub(crate) config: EnqueueConfig,
+}
+
+/// What was captured of a deferrable request before it was sent.
+#[derive(Debug)]
+pub(crate) struct Capture {
+    pub(crate) key: String,
+    pub(crate) captured: Captured,
+    pub(crate) created_at: SystemTime,
+}
+
+impl Capture {
+    pub(crate) fn new(key: String, captured: Captured) -> Self {
+        Self {
+            key,
+            captured,
+            created_at: wall_now(),
+        }
+    }
+}
+
+// === impl Shared ===
+
+impl<Q, C> Shared<Q, C> {
+    pub(crate) fn new(queue: Arc<Q>, classifier: C, config: EnqueueConfig) -> Self {
+        Self {
+            queue,
+            classifier,
+            config,
+        }
+    }
+
+    /// The idempotency key to use: the request's own, or a fresh one.
+    pub(crate) fn key_or_new(existing: Option<String>) -> String {
+        existing.unwrap_or_else(new_idempotency_key)
+    }
+}
+
+impl<Q: Queue, C> Shared<Q, C> {
+    /// Builds the envelope and starts storing it.
+    pub(crate) fn enqueue(
+        &self,
+        capture: Capture,
+        trigger: Trigger,
+        original: BoxError,
+    ) -> Pending {
+        let now = wall_now();
+        let not_before = trigger.not_before.map_or(now, |d| now + d);
+        let Capture {
+            key,
+            captured,
+            created_at,
+        } = capture;
+        let envelope = Envelope {
+            id: new_message_id(),
+            idempotency_key: key.clone(),
+            created_at,
+            not_before,
+            expires_at: self.config.ttl.map(|ttl| created_at + ttl),
+            attempts: 0,
+            destination: captured.destination,
+            method: captured.method,
+            uri: captured.uri,
+            headers: captured.headers,
+            body: captured.body,
+            reason: trigger.reason,
+        };
+        let queue = self.queue.clone();
+        Pending {
+            store: Box::pin(async move { queue.enqueue(envelope).await }),
+            key,
+            trigger,
+            not_before,
+            original: Some(original),
+        }
+    }
+}
+
+impl<Q, C: fmt::Debug> fmt::Debug for Shared<Q, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("classifier", &self.classifier)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+type StoreFuture = Pin<Box<dyn Future<Output = Result<Enqueued, QueueError>> + Send>>;
+
+/// A message being stored; resolves to the receipt or the composite error.
+pub(crate) struct Pending {
+    store: StoreFuture,
+    key: String,
+    trigger: Trigger,
+    not_before: SystemTime,
+    original: Option<BoxError>,
+}
+
+impl Pending {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Receipt, NotEnqueued>> {
+        let res = std::task::ready!(self.store.as_mut().poll(cx));
+        let reason = self.trigger.reason;
+        let original = self
+            .original
+            .take()
+            .expect("enqueue polled after completion");
+        Poll::Ready(match res {
+            Ok(stored) => {
+                let duplicate = matches!(stored, Enqueued::Duplicate(_));
+                tracing::info!(
+                    id = %stored.id(),
+                    reason = reason_str(reason),
+                    duplicate,
+                    cause = %original,
+                    "request deferred to the queue"
+                );
+                metrics::counter!("postbox_enqueued_total", "reason" => reason_str(reason))
+                    .increment(1);
+                Ok(Receipt::new(
+                    stored.id(),
+                    std::mem::take(&mut self.key),
+                    reason,
+                    self.not_before,
+                    duplicate,
+                ))
+            }
+            Err(queue) => {
+                tracing::warn!(
+                    reason = reason_str(reason),
+                    error = %queue,
+                    cause = %original,
+                    "request could not be enqueued"
+                );
+                metrics::counter!("postbox_enqueue_failures_total", "reason" => reason_str(reason))
+                    .increment(1);
+                Err(NotEnqueued::new(reason, original, queue))
+            }
+        })
+    }
+}
+
+impl fmt::Debug for Pending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pending")
+            .field("key", &self.key)
+            .field("trigger", &self.trigger)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The typed flavour: defers any `Service<Req>` whose requests a
+/// [`RequestCodec<Req>`] can capture; see the [module docs](super).
+///
+/// The response becomes [`Deferred<S::Response>`](super::Deferred), errors
+/// [`BoxError`] (a failed enqueue is [`NotEnqueued`]).
+///
+/// # Clone
+/// Clones share the queue, classifier, codec and config.
+///
+/// # Cancel safety
+/// Dropping the response future before the inner call completes never enqueues.
+/// Dropping it while the message is being stored may or may not store it (no receipt
+/// was returned; the idempotency key makes a replay of it harmless).
+pub struct Defer<S, Q, K, C> {
+    inner: S,
+    shared: Arc<Shared<Q, C>>,
+    codec: Arc<K>,
+}
+
+// === impl Defer ===
+
+impl<S, Q, K, C> Defer<S, Q, K, C> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<Q, C>>, codec: Arc<K>) -> Self {
+        Self {
+            inner,
+            shared,
+            codec,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, Q, K, C> Clone for Defer<S, Q, K, C> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.shared.clone(), self.codec.clone())
+    }
+}
+
+impl<S: fmt::Debug, Q, K, C: fmt::Debug> fmt::Debug for Defer<S, Q, K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Defer")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Q, K, C, Req> Service<Req> for Defer<S, Q, K, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Q: Queue,
+    K: RequestCodec<Req>,
+    C: crate::classify::Classify<S::Response, BoxError>,
+{
+    type Response = super::Deferred<S::Response>;
+    type Error = BoxError;
+    type Future = DeferFuture<S::Future, Q, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        let capture = self.codec.capture(&req).and_then(|captured| {
+            let path = path_of(&captured.uri);
+            if !self.shared.config.policy.may_defer(&captured.method, path) {
+                return None;
+            }
+            let key = Shared::<Q, C>::key_or_new(self.codec.idempotency_key(&req));
+            self.codec.set_idempotency_key(&mut req, &key);
+            Some(Capture::new(key, captured))
+        });
+        DeferFuture::new(self.inner.call(req), capture, self.shared.clone())
+    }
+}
+
+#[cfg(feature = "http")]
+pub use self::http_flavour::EnqueueFallback;
+
+#[cfg(feature = "http")]
+mod http_flavour {
+    use super::{Capture, Shared};
+    use crate::BoxError;
+    use crate::classify::Classify;
+    use crate::enqueue::BufferedBody;
+    use crate::enqueue::codec::http_codec::{capture_parts, key_of, set_key};
+    use crate::enqueue::future::ResponseFuture;
+    use crate::queue::Queue;
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body::Body;
+    use std::fmt;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+    use tower_service::Service;
+
+    /// The HTTP flavour: on a failure that may be deferred, stores the request and
+    /// answers `202 Accepted`; see the [module docs](crate::enqueue).
+    ///
+    /// The caller's body `B` must be an `http_body::Body + Unpin` (hyper's `Incoming`,
+    /// axum's `Body`, `Full`, `BoxBody`; wrap others in `Box::pin`). The inner service
+    /// receives `http::Request<BufferedBody<B>>`: a body within the limit fully
+    /// buffered, a larger one streamed through. The response type is the
+    /// inner one, `http::Response<ResBody>`; a receipt is built with
+    /// `ResBody::default()`, hence the `ResBody: Default` bound (axum's `Body`,
+    /// `Full<Bytes>`, `Empty<Bytes>`, `BoxBody` all qualify). Errors become
+    /// [`BoxError`]; a failed enqueue is
+    /// [`NotEnqueued`](crate::enqueue::error::NotEnqueued).
+    ///
+    /// # Clone
+    /// Reading a body before the call needs the ready inner service to move into the
+    /// response future, so the inner service must be `Clone` (a clone takes its place,
+    /// as tower's docs recommend). Clones share the queue, classifier and config.
+    ///
+    /// # Cancel safety
+    /// Dropping the response future before the inner call completes never enqueues.
+    /// Dropping it while the message is being stored may or may not store it (no
+    /// receipt was returned; the idempotency key makes a replay of it harmless).
+    pub struct EnqueueFallback<S, Q, C> {
+        inner: S,
+        shared: Arc<Shared<Q, C>>,
+    }
+
+    // === impl EnqueueFallback ===
+
+    impl<S, Q, C> EnqueueFallback<S, Q, C> {
+        pub(crate) fn new(inner: S, shared: Arc<Shared<Q, C>>) -> Self {
+            Self { inner, shared }
+        }
+
+        /// The inner service.
+        pub fn get_ref(&self) -> &S {
+            &self.inner
+        }
+
+        /// The inner service, mutably.
+        pub fn get_mut(&mut self) -> &mut S {
+            &mut self.inner
+        }
+
+        /// Consumes the layer, returning the inner service.
+        pub fn into_inner(self) -> S {
+            self.inner
+        }
+    }
+
+    impl<S: Clone, Q, C> Clone for EnqueueFallback<S, Q, C> {
+        fn clone(&self) -> Self {
+            Self::new(self.inner.clone(), self.shared.clone())
+        }
+    }
+
+    impl<S: fmt::Debug, Q, C: fmt::Debug> fmt::Debug for EnqueueFallback<S, Q, C> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("EnqueueFallback")
+                .field("inner", &self.inner)
+                .field("shared", &self.shared)
+                .finish()
+        }
+    }
+
+    impl<S, Q, C, B, ResBody> Service<Request<B>> for EnqueueFallback<S, Q, C>
+    where
+        S: Service<Request<BufferedBody<B>>, Response = Response<ResBody>> + Clone,
+        S::Error: Into<BoxError>,
+        B: Body + Unpin,
+        B::Error: Into<BoxError>,
+        ResBody: Default,
+        Q: Queue,
+        C: Classify<Response<ResBody>, BoxError>,
+    {
+        type Response = Response<ResBody>;
+        type Error = BoxError;
+        type Future = ResponseFuture<S, B, Q, C>;
+
+        #[inline]
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.inner.poll_ready(cx).map_err(Into::into)
+        }
+
+        fn call(&mut self, req: Request<B>) -> Self::Future {
+            let (mut parts, body) = req.into_parts();
+            let config = &self.shared.config;
+            let shared = self.shared.clone();
+            if !config
+                .policy
+                .may_defer(parts.method.as_str(), parts.uri.path())
+            {
+                let req = Request::from_parts(parts, BufferedBody::streaming(body));
+                return ResponseFuture::calling(self.inner.call(req), None, shared);
+            }
+            let key = Shared::<Q, C>::key_or_new(key_of(&parts.headers));
+            set_key(&mut parts.headers, &key);
+            if body.size_hint().lower() > config.max_body as u64 {
+                tracing::debug!(
+                    limit = config.max_body,
+                    "request body over the limit; not deferrable"
+                );
+                let req = Request::from_parts(parts, BufferedBody::streaming(body));
+                return ResponseFuture::calling(self.inner.call(req), None, shared);
+            }
+            if body.is_end_stream() {
+                let capture = Capture::new(key, capture_parts(&parts, Bytes::new()));
+                let req = Request::from_parts(parts, BufferedBody::empty());
+                return ResponseFuture::calling(self.inner.call(req), Some(capture), shared);
+            }
+            // The body must be read before the call: the ready service goes with it.
+            let clone = self.inner.clone();
+            let svc = std::mem::replace(&mut self.inner, clone);
+            ResponseFuture::collecting(svc, parts, body, key, shared)
+        }
+    }
+}

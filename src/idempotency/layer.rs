@@ -1,0 +1,118 @@
+use super::service::{Config, Idempotency};
+use super::store::MemoryStore;
+use crate::enqueue::IDEMPOTENCY_KEY_HEADER;
+use crate::error::ConfigError;
+use http::HeaderName;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+use tower_layer::Layer;
+
+/// Applies [`Idempotency`]; every service it makes shares one store.
+///
+/// Defaults: header `idempotency-key`, responses remembered for 24 hours, a claim
+/// abandoned after 60 seconds, response bodies up to 1 MiB remembered.
+pub struct IdempotencyLayer<St = MemoryStore> {
+    store: Arc<St>,
+    config: Config,
+}
+
+// === impl IdempotencyLayer ===
+
+impl IdempotencyLayer {
+    /// Remembers responses in a [`MemoryStore`] of at most `capacity` keys.
+    pub fn new(capacity: usize) -> Self {
+        Self::with_store(Arc::new(MemoryStore::new(capacity)))
+    }
+}
+
+impl<St> IdempotencyLayer<St> {
+    /// Remembers responses in `store`.
+    pub fn with_store(store: Arc<St>) -> Self {
+        Self {
+            store,
+            config: Config {
+                header: HeaderName::from_static(IDEMPOTENCY_KEY_HEADER),
+                ttl: Duration::from_secs(24 * 60 * 60),
+                lock_for: Duration::from_secs(60),
+                max_body: 1024 * 1024,
+            },
+        }
+    }
+
+    /// How long a response is remembered.
+    ///
+    /// # Errors
+    /// A zero `ttl` is a [`ConfigError`].
+    pub fn ttl(mut self, ttl: Duration) -> Result<Self, ConfigError> {
+        if ttl.is_zero() {
+            return Err(ConfigError::new(
+                "idempotency.ttl",
+                "must be greater than zero",
+            ));
+        }
+        self.config.ttl = ttl;
+        Ok(self)
+    }
+
+    /// How long a claim lasts: duplicates wait at most this long for the first request,
+    /// and a claim not completed by then (a crashed or hung handler) is given to the
+    /// next request. Keep it above the handler's timeout.
+    ///
+    /// # Errors
+    /// A zero duration is a [`ConfigError`].
+    pub fn lock_for(mut self, d: Duration) -> Result<Self, ConfigError> {
+        if d.is_zero() {
+            return Err(ConfigError::new(
+                "idempotency.lock_for",
+                "must be greater than zero",
+            ));
+        }
+        self.config.lock_for = d;
+        Ok(self)
+    }
+
+    /// Responses with bodies up to `bytes` are remembered; larger ones stream through
+    /// and are not (a duplicate then runs the handler again).
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.config.max_body = bytes;
+        self
+    }
+
+    /// Reads the key from `header` instead of `idempotency-key`.
+    pub fn header(mut self, header: HeaderName) -> Self {
+        self.config.header = header;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<St> {
+        &self.store
+    }
+}
+
+impl<St> Clone for IdempotencyLayer<St> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<St: fmt::Debug> fmt::Debug for IdempotencyLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<S, St> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::new(inner, self.store.clone(), Arc::new(self.config.clone()))
+    }
+}

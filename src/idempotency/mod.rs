@@ -1,0 +1,54 @@
+//! Exactly-once effect for servers: answer repeated requests with the same
+//! `Idempotency-Key` from memory instead of running the handler again.
+//!
+//! Delivery of deferred requests is at least once: a replay whose response was lost is
+//! replayed again. [`Idempotency`] on the receiving service makes the *effect* exactly
+//! once:
+//!
+//! * the first request with a key claims it, runs the handler, and the response
+//!   (status, headers, body — buffered, up to a limit) is remembered for a TTL;
+//! * a later request with the same key, method and path is answered from the store
+//!   without calling the handler, with the header [`REPLAYED_HEADER`]
+//!   (`idempotent-replayed: true`);
+//! * a duplicate arriving while the first runs **waits** for it (it does not run the
+//!   handler twice), then gets the same answer;
+//! * requests without the header pass through untouched.
+//!
+//! A `5xx` response, an error, a response body over the limit, or a request dropped
+//! before it finished is **not** remembered: the claim is released and the next request
+//! with the key runs the handler. Keys are scoped by method and path.
+//!
+//! The store is the [`IdempotencyStore`] trait; [`MemoryStore`] (bounded, TTL
+//! eviction) is the default. Behind several instances, use a shared store.
+//!
+//! # Example
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use postbox::idempotency::IdempotencyLayer;
+//! use tower::{ServiceBuilder, service_fn};
+//!
+//! async fn create_order(_req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+//!     let mut res = Response::new(Full::from("order 42"));
+//!     *res.status_mut() = StatusCode::CREATED;
+//!     Ok(res)
+//! }
+//!
+//! # fn main() -> Result<(), postbox::error::ConfigError> {
+//! let server = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new(10_000).ttl(std::time::Duration::from_secs(3600))?)
+//!     .service(service_fn(create_order));
+//! // With axum: `Router::new().route(...).layer(IdempotencyLayer::new(10_000))`.
+//! # let _ = server; Ok(()) }
+//! ```
+
+pub mod future;
+mod layer;
+mod service;
+mod store;
+
+pub use self::layer::IdempotencyLayer;
+pub use self::service::{Idempotency, REPLAYED_HEADER};
+pub use self::store::{Claim, IdempotencyStore, MemoryStore, StoredResponse};

@@ -1,0 +1,230 @@
+use super::future::ResponseFuture;
+use super::store::{Claim, IdempotencyStore, StoredResponse};
+use crate::BoxError;
+use crate::enqueue::BufferedBody;
+use crate::enqueue::body::{partial, poll_collect};
+use bytes::BytesMut;
+use http::{HeaderName, HeaderValue, Request, Response};
+use http_body::Body;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower_service::Service;
+
+/// Header set on a response answered from the store (value `true`).
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// Settings of one [`IdempotencyLayer`](super::IdempotencyLayer).
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) header: HeaderName,
+    pub(crate) ttl: Duration,
+    pub(crate) lock_for: Duration,
+    pub(crate) max_body: usize,
+}
+
+/// Answers repeated requests with the same `Idempotency-Key` from a store instead of
+/// running the handler again; see the [module docs](super).
+///
+/// The response body becomes [`BufferedBody<ResBody>`]: fully buffered when the
+/// response was remembered or replayed, streamed through otherwise. Errors are the
+/// inner service's, unchanged (axum's `Infallible` stays `Infallible`).
+///
+/// # Clone
+/// A request with a key moves the ready inner service into its response future (a
+/// clone takes its place), so the inner service must be `Clone`, as every axum service
+/// is. Clones share the store.
+///
+/// # Cancel safety
+/// Dropping the response future of a request that claimed a key releases the claim,
+/// so a waiting duplicate (or a later retry) runs the handler instead.
+pub struct Idempotency<S, St> {
+    inner: S,
+    store: Arc<St>,
+    config: Arc<Config>,
+}
+
+// === impl Idempotency ===
+
+impl<S, St> Idempotency<S, St> {
+    pub(crate) fn new(inner: S, store: Arc<St>, config: Arc<Config>) -> Self {
+        Self {
+            inner,
+            store,
+            config,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, St> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.store.clone(), self.config.clone())
+    }
+}
+
+impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<S, St, B, ResBody> Service<Request<B>> for Idempotency<S, St>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    St: IdempotencyStore,
+    B: Send + 'static,
+    ResBody: Body + Unpin + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<BufferedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(key) = req
+            .headers()
+            .get(&self.config.header)
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| !k.is_empty())
+        else {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        };
+        // Keys are scoped to the method and path: the same key on another endpoint is
+        // another operation.
+        let scoped = format!("{} {} {key}", req.method(), req.uri().path());
+        let clone = self.inner.clone();
+        let svc = std::mem::replace(&mut self.inner, clone);
+        let fut = keyed(svc, req, scoped, self.store.clone(), self.config.clone());
+        ResponseFuture::keyed(Box::pin(fut))
+    }
+}
+
+/// Gives the claim back if the request does not complete it.
+struct Release<St: IdempotencyStore> {
+    store: Arc<St>,
+    key: String,
+    armed: bool,
+}
+
+impl<St: IdempotencyStore> Drop for Release<St> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.release(&self.key);
+        }
+    }
+}
+
+async fn keyed<S, St, B, ResBody>(
+    mut svc: S,
+    req: Request<B>,
+    key: String,
+    store: Arc<St>,
+    config: Arc<Config>,
+) -> Result<Response<BufferedBody<ResBody>>, S::Error>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    St: IdempotencyStore,
+    ResBody: Body + Unpin,
+    ResBody::Error: Into<BoxError>,
+{
+    loop {
+        match store.claim(&key, config.lock_for).await {
+            Ok(Claim::Proceed) => break,
+            Ok(Claim::Done(stored)) => {
+                tracing::debug!(%key, "answered from the idempotency store");
+                metrics::counter!("postbox_idempotent_replays_total").increment(1);
+                return Ok(replayed(stored));
+            }
+            Ok(Claim::InProgress) => store.wait(&key).await,
+            Err(e) => {
+                tracing::warn!(error = %e, %key, "idempotency store failed; running the handler");
+                let res = svc.call(req).await?;
+                return Ok(res.map(BufferedBody::streaming));
+            }
+        }
+    }
+    let mut claim = Release {
+        store: store.clone(),
+        key,
+        armed: true,
+    };
+    let res = svc.call(req).await?;
+    if res.status().is_server_error() {
+        // Not remembered: a later attempt may succeed.
+        return Ok(res.map(BufferedBody::streaming));
+    }
+    let (parts, mut body) = res.into_parts();
+    let mut buf = BytesMut::new();
+    let mut extra = None;
+    let whole = std::future::poll_fn(|cx| {
+        poll_collect(
+            Pin::new(&mut body),
+            cx,
+            &mut buf,
+            config.max_body,
+            &mut extra,
+        )
+    })
+    .await;
+    match whole {
+        Err(e) => Ok(Response::from_parts(parts, BufferedBody::failed(e))),
+        Ok(false) => {
+            tracing::debug!(key = %claim.key, "response over the limit; not remembered");
+            Ok(Response::from_parts(parts, partial(buf, extra, body)))
+        }
+        Ok(true) => {
+            let bytes = buf.freeze();
+            let stored = StoredResponse {
+                status: parts.status,
+                headers: parts.headers.clone(),
+                body: bytes.clone(),
+            };
+            match store.complete(&claim.key, stored, config.ttl).await {
+                Ok(()) => claim.armed = false,
+                Err(e) => {
+                    tracing::warn!(error = %e, key = %claim.key, "could not remember the response")
+                }
+            }
+            Ok(Response::from_parts(parts, BufferedBody::full(bytes)))
+        }
+    }
+}
+
+fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
+    let mut res = Response::new(BufferedBody::full(stored.body));
+    *res.status_mut() = stored.status;
+    *res.headers_mut() = stored.headers;
+    res.headers_mut().insert(
+        HeaderName::from_static(REPLAYED_HEADER),
+        HeaderValue::from_static("true"),
+    );
+    res
+}

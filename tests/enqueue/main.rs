@@ -1,0 +1,1114 @@
+//! Enqueue instead of block: triggers, never-cases, receipts, durability, the
+//! replayer and the server-side Idempotency layer.
+
+#![cfg(feature = "http")]
+#![allow(missing_docs)] // test crate
+
+mod support;
+
+use self::support::*;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use postbox::BoxError;
+use postbox::bulkhead::error::Full as BulkheadFull;
+use postbox::circuit_breaker::error::Open;
+use postbox::enqueue::error::NotEnqueued;
+use postbox::enqueue::{
+    BufferedBody, Captured, DEFER_REASON_HEADER, DeferLayer, DeferPolicy, Deferred, EnqueueConfig,
+    EnqueueFallbackLayer, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt, Replayer,
+    RequestCodec,
+};
+use postbox::error::find_cause;
+use postbox::idempotency::{IdempotencyLayer, REPLAYED_HEADER};
+use postbox::queue::{DeferReason, Depth, Envelope, MemoryQueue, MessageId, Queue, QueueError};
+use postbox::timeout::error::DeadlineExceeded;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio_test::{assert_pending, task};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+
+type Fut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a dependency saw: method, idempotency key, body.
+type Seen = (String, Option<String>, Bytes);
+
+/// A dependency that records every request it sees and answers with `answer()`.
+#[derive(Clone, Default)]
+struct Dependency {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Dependency {
+    fn service<F>(
+        &self,
+        answer: F,
+    ) -> impl Service<
+        InnerReq,
+        Response = Res,
+        Error = BoxError,
+        Future = Fut<Result<Res, BoxError>>,
+    > + Clone
+    + use<F>
+    where
+        F: Fn() -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
+    {
+        let seen = self.seen.clone();
+        service_fn(move |req: InnerReq| {
+            let seen = seen.clone();
+            let answer = answer.clone();
+            Box::pin(async move {
+                let key = req
+                    .headers()
+                    .get(IDEMPOTENCY_KEY_HEADER)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let method = req.method().to_string();
+                let body = bytes_of(req.into_body()).await;
+                seen.lock().unwrap().push((method, key, body));
+                answer()
+            }) as Fut<Result<Res, BoxError>>
+        })
+    }
+
+    fn calls(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn keys(&self) -> Vec<Option<String>> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, k, _)| k.clone())
+            .collect()
+    }
+}
+
+async fn depth(q: &MemoryQueue) -> Depth {
+    q.depth().await.unwrap()
+}
+
+async fn defer_with(
+    queue: &Arc<MemoryQueue>,
+    answer: impl Fn() -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
+) -> (Result<Res, BoxError>, Dependency) {
+    let dep = Dependency::default();
+    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(answer));
+    let out = svc
+        .oneshot(post("http://api.test/orders", "{\"sku\":1}"))
+        .await;
+    (out, dep)
+}
+
+// === triggers ===
+
+#[tokio::test(start_paused = true)]
+async fn circuit_open_enqueues_once_not_before_the_breaker_retry_after() {
+    let queue = Arc::new(MemoryQueue::new());
+    let (out, dep) = defer_with(&queue, || Err(boxed(Open::new(Duration::from_secs(30))))).await;
+    let res = out.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(dep.calls(), 1);
+    assert_eq!(depth(&queue).await.pending, 1);
+    let env = queue.get(receipt_id(&res)).unwrap();
+    assert_eq!(env.reason, DeferReason::CircuitOpen);
+    assert_eq!(env.method, "POST");
+    assert_eq!(env.uri, "http://api.test/orders");
+    assert_eq!(env.destination, "api.test");
+    assert_eq!(env.body, "{\"sku\":1}");
+    assert_eq!(
+        env.not_before.duration_since(env.created_at).unwrap(),
+        Duration::from_secs(30)
+    );
+    assert!(env.expires_at.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn bulkhead_full_enqueues_once() {
+    let queue = Arc::new(MemoryQueue::new());
+    let (out, _) = defer_with(&queue, || Err(boxed(BulkheadFull::new(4, 0)))).await;
+    let res = out.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        queue.get(receipt_id(&res)).unwrap().reason,
+        DeferReason::BulkheadFull
+    );
+    assert_eq!(depth(&queue).await.pending, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_elapsed_enqueues_once() {
+    let queue = Arc::new(MemoryQueue::new());
+    let (out, _) = defer_with(&queue, || {
+        Err(boxed(DeadlineExceeded::new(Duration::from_secs(2), false)))
+    })
+    .await;
+    let res = out.unwrap();
+    assert_eq!(
+        queue.get(receipt_id(&res)).unwrap().reason,
+        DeferReason::DeadlineElapsed
+    );
+    assert_eq!(depth(&queue).await.pending, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn overload_with_retry_after_enqueues_not_before_the_hint() {
+    let queue = Arc::new(MemoryQueue::new());
+    let (out, _) = defer_with(&queue, || {
+        let mut res = respond(429, "slow down");
+        res.headers_mut()
+            .insert(http::header::RETRY_AFTER, "120".parse().unwrap());
+        Ok(res)
+    })
+    .await;
+    let res = out.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let env = queue.get(receipt_id(&res)).unwrap();
+    assert_eq!(env.reason, DeferReason::RetriesExhausted);
+    assert_eq!(
+        env.not_before.duration_since(env.created_at).unwrap(),
+        Duration::from_secs(120)
+    );
+}
+
+/// Retries `n` times on a 5xx or an error (a stand-in for postbox's retry layer).
+#[derive(Clone)]
+struct RetryN(usize);
+
+impl tower::retry::Policy<InnerReq, Res, BoxError> for RetryN {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _: &mut InnerReq,
+        result: &mut Result<Res, BoxError>,
+    ) -> Option<Self::Future> {
+        let failed = result
+            .as_ref()
+            .map_or(true, |r| r.status().is_server_error());
+        (failed && self.0 > 0).then(|| {
+            self.0 -= 1;
+            std::future::ready(())
+        })
+    }
+
+    fn clone_request(&mut self, req: &InnerReq) -> Option<InnerReq> {
+        let mut clone = Request::new(BufferedBody::full(req.body().as_bytes()?.clone()));
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.headers_mut() = req.headers().clone();
+        Some(clone)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_exhausted_enqueues_one_message_not_one_per_attempt() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc = ServiceBuilder::new()
+        .layer(EnqueueFallbackLayer::new(queue.clone()))
+        .layer(tower::retry::RetryLayer::new(RetryN(3)))
+        .service(dep.service(|| Ok(respond(503, "down"))));
+    let res = svc
+        .oneshot(post("http://api.test/orders", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(dep.calls(), 4, "1 attempt + 3 retries");
+    assert_eq!(
+        depth(&queue).await.pending,
+        1,
+        "one message for the whole call"
+    );
+    let keys = dep.keys();
+    assert!(
+        keys.iter().all(|k| k.is_some() && *k == keys[0]),
+        "every attempt carries one key"
+    );
+    let env = queue.get(receipt_id(&res)).unwrap();
+    assert_eq!(env.reason, DeferReason::RetriesExhausted);
+    assert_eq!(Some(env.idempotency_key), keys[0]);
+}
+
+// === never-cases ===
+
+#[tokio::test(start_paused = true)]
+async fn client_error_is_returned_unchanged_and_never_enqueued() {
+    let queue = Arc::new(MemoryQueue::new());
+    let (out, _) = defer_with(&queue, || Ok(respond(422, "bad sku"))).await;
+    let res = out.unwrap();
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(bytes_of(res.into_body()).await, "bad sku");
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
+#[tokio::test(start_paused = true)]
+async fn success_is_returned_unchanged() {
+    let queue = Arc::new(MemoryQueue::new());
+    let (out, _) = defer_with(&queue, || Ok(respond(201, "created"))).await;
+    assert_eq!(out.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_call_never_enqueues() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let slow = dep.service(|| Err(boxed(Open::new(Duration::ZERO))));
+    let slow = service_fn(move |req: InnerReq| {
+        let mut slow = slow.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            slow.call(req).await
+        }
+    });
+    let mut svc = EnqueueFallbackLayer::new(queue.clone()).layer(slow);
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let mut fut = task::spawn(svc.call(post("http://api.test/orders", "{}")));
+    assert_pending!(fut.poll());
+    drop(fut); // the caller gave up
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(depth(&queue).await, Depth::default());
+    assert_eq!(dep.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn get_is_not_enqueued_by_default() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc = EnqueueFallbackLayer::new(queue.clone())
+        .layer(dep.service(|| Err(boxed(Open::new(Duration::from_secs(1))))));
+    let req = Request::get("http://api.test/orders/1")
+        .body(Full::default())
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert!(
+        find_cause::<Open>(&*err).is_some(),
+        "the original error, unchanged"
+    );
+    assert_eq!(depth(&queue).await, Depth::default());
+    assert_eq!(
+        dep.keys(),
+        [None],
+        "a synchronous request is not stamped with a key"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_keeps_routes_synchronous_and_can_defer_reads() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let config = EnqueueConfig::new().policy(
+        DeferPolicy::new()
+            .defer_method("GET")
+            .keep_sync_route("/payments/"),
+    );
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(dep.service(|| Err(boxed(Open::new(Duration::from_secs(1))))));
+    let pay = svc
+        .clone()
+        .oneshot(post("http://api.test/payments/9", "{}"))
+        .await;
+    assert!(pay.is_err());
+    let get = Request::get("http://api.test/reports")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(
+        svc.oneshot(get).await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(depth(&queue).await.pending, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn body_over_limit_streams_through_and_is_not_enqueued() {
+    let queue = Arc::new(MemoryQueue::new());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let inner = service_fn(move |req: Request<BufferedBody<Chunked>>| {
+        let seen = seen2.clone();
+        async move {
+            assert!(!req.body().is_buffered());
+            let len = bytes_of(req.into_body()).await.len();
+            seen.lock().unwrap().push(len);
+            Err::<Res, _>(boxed(Open::new(Duration::from_secs(1))))
+        }
+    });
+    let config = EnqueueConfig::new().max_body(1000);
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(inner);
+    // No size hint: read until the limit is crossed, then streamed through whole.
+    let req = Request::post("http://api.test/upload")
+        .body(Chunked::new(10, 300))
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert!(find_cause::<Open>(&*err).is_some());
+    assert_eq!(*seen.lock().unwrap(), [3000]);
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
+#[tokio::test(start_paused = true)]
+async fn body_with_known_size_over_limit_is_not_read_ahead() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let config = EnqueueConfig::new().max_body(4);
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(dep.service(|| Ok(respond(503, "down"))));
+    let res = svc
+        .oneshot(post("http://api.test/orders", "0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(dep.seen.lock().unwrap()[0].2, "0123456789");
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
+// === durability, receipts, keys ===
+
+#[tokio::test(start_paused = true)]
+async fn queue_failure_returns_an_error_carrying_both_failures() {
+    let queue = Arc::new(MemoryQueue::with_capacity(0));
+    let (out, _) = defer_with(&queue, || Err(boxed(Open::new(Duration::from_secs(5))))).await;
+    let err = out.unwrap_err();
+    let not = err.downcast_ref::<NotEnqueued>().expect("NotEnqueued");
+    assert!(matches!(
+        not.queue_error(),
+        QueueError::Full { capacity: 0 }
+    ));
+    assert_eq!(not.reason(), DeferReason::CircuitOpen);
+    assert!(
+        find_cause::<Open>(&*err).is_some(),
+        "the original failure is the source"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("queue full") && text.contains("circuit open"),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_response_that_cannot_be_stored_is_an_error_not_a_receipt() {
+    let queue = Arc::new(MemoryQueue::with_capacity(0));
+    let (out, _) = defer_with(&queue, || Ok(respond(502, "bad gateway"))).await;
+    let err = out.unwrap_err();
+    let not = err.downcast_ref::<NotEnqueued>().unwrap();
+    assert!(not.original().to_string().contains("502"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn receipt_is_202_with_the_documented_headers() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc = EnqueueFallbackLayer::new(queue.clone())
+        .layer(dep.service(|| Err(boxed(Open::new(Duration::from_secs(1))))));
+    let mut req = post("http://api.test/orders", "{}");
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, "order-7".parse().unwrap());
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let id = res.headers()[MESSAGE_ID_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(res.headers()[IDEMPOTENCY_KEY_HEADER], "order-7");
+    assert_eq!(res.headers()[DEFER_REASON_HEADER], "circuit-open");
+    assert_eq!(id, receipt_id(&res).to_string());
+    assert_eq!(id.len(), 36);
+    let env = queue.get(receipt_id(&res)).unwrap();
+    assert_eq!(env.idempotency_key, "order-7");
+    assert!(bytes_of(res.into_body()).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn idempotency_key_is_sent_on_the_original_attempt() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc =
+        EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(|| Ok(respond(503, "down"))));
+    let res = svc
+        .clone()
+        .oneshot(post("http://api.test/orders", "{}"))
+        .await
+        .unwrap();
+    let sent = dep.keys()[0]
+        .clone()
+        .expect("a generated key on the first attempt");
+    assert_eq!(res.headers()[IDEMPOTENCY_KEY_HEADER], sent.as_str());
+    assert_eq!(queue.get(receipt_id(&res)).unwrap().idempotency_key, sent);
+
+    let mut req = post("http://api.test/orders", "{}");
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, "mine".parse().unwrap());
+    svc.oneshot(req).await.unwrap();
+    assert_eq!(
+        dep.keys()[1].as_deref(),
+        Some("mine"),
+        "the caller's key is reused"
+    );
+}
+
+// === typed flavour ===
+
+#[derive(Debug, Clone, PartialEq)]
+struct Command {
+    key: Option<String>,
+    text: String,
+}
+
+struct CommandCodec;
+
+impl RequestCodec<Command> for CommandCodec {
+    fn idempotency_key(&self, req: &Command) -> Option<String> {
+        req.key.clone()
+    }
+    fn set_idempotency_key(&self, req: &mut Command, key: &str) {
+        req.key = Some(key.to_owned());
+    }
+    fn capture(&self, req: &Command) -> Option<Captured> {
+        Some(Captured {
+            method: "RUN".into(),
+            uri: "/commands".into(),
+            body: Bytes::from(req.text.clone()),
+            ..Captured::default()
+        })
+    }
+    fn rebuild(&self, env: &Envelope) -> Result<Command, BoxError> {
+        Ok(Command {
+            key: Some(env.idempotency_key.clone()),
+            text: String::from_utf8(env.body.to_vec())?,
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn typed_flavour_returns_an_enqueued_outcome_and_replays_with_the_codec() {
+    let queue = Arc::new(MemoryQueue::new());
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let sent2 = sent.clone();
+    let down = service_fn(move |cmd: Command| {
+        sent2.lock().unwrap().push(cmd);
+        async {
+            Err::<u32, BoxError>(boxed(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )))
+        }
+    });
+    let svc = DeferLayer::new(queue.clone(), CommandCodec).layer(down);
+    let cmd = Command {
+        key: None,
+        text: "reindex".into(),
+    };
+    let out = svc.oneshot(cmd).await.unwrap();
+    let Deferred::Enqueued(receipt) = out else {
+        panic!("expected a receipt")
+    };
+    assert_eq!(receipt.reason(), DeferReason::RetriesExhausted);
+    let key = sent.lock().unwrap()[0].key.clone().unwrap();
+    assert_eq!(receipt.idempotency_key(), key);
+
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let delivered2 = delivered.clone();
+    let up = service_fn(move |cmd: Command| {
+        delivered2.lock().unwrap().push(cmd);
+        async { Ok::<u32, BoxError>(7) }
+    });
+    let handle = Replayer::new(queue.clone(), up, CommandCodec)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    handle.shutdown().await;
+    assert_eq!(
+        *delivered.lock().unwrap(),
+        [Command {
+            key: Some(key),
+            text: "reindex".into()
+        }]
+    );
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
+// === replayer ===
+
+/// A server behind the Idempotency layer that applies orders; counts effects per key.
+#[derive(Clone, Default)]
+struct OrderServer {
+    applied: Arc<Mutex<HashMap<String, usize>>>,
+    handled: Arc<AtomicUsize>,
+}
+
+impl OrderServer {
+    fn service(
+        &self,
+    ) -> impl Service<
+        InnerReq,
+        Response = Response<BufferedBody<Full<Bytes>>>,
+        Error = BoxError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        let applied = self.applied.clone();
+        let handled = self.handled.clone();
+        let handler = service_fn(move |req: InnerReq| {
+            let applied = applied.clone();
+            let handled = handled.clone();
+            async move {
+                handled.fetch_add(1, Ordering::SeqCst);
+                let key = req.headers()[IDEMPOTENCY_KEY_HEADER]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                *applied.lock().unwrap().entry(key).or_default() += 1;
+                Ok::<_, BoxError>(respond(201, "applied"))
+            }
+        });
+        IdempotencyLayer::new(100).layer(handler)
+    }
+}
+
+/// The network between replayer and server: the first response for each key is lost
+/// after the server applied the request.
+fn lossy<S>(
+    server: S,
+) -> impl Service<InnerReq, Response = S::Response, Error = BoxError, Future: Send>
++ Clone
++ Send
++ 'static
+where
+    S: Service<InnerReq, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send,
+{
+    let lost = Arc::new(Mutex::new(std::collections::HashSet::new()));
+    service_fn(move |req: InnerReq| {
+        let server = server.clone();
+        let lost = lost.clone();
+        async move {
+            let key = req.headers()[IDEMPOTENCY_KEY_HEADER]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let res = server.oneshot(req).await?;
+            if lost.lock().unwrap().insert(key) {
+                return Err(boxed(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                )));
+            }
+            Ok(res)
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn replayer_delivers_every_message_exactly_once_even_when_the_first_response_is_lost() {
+    let queue = Arc::new(MemoryQueue::new());
+    let down = Dependency::default();
+    let client = EnqueueFallbackLayer::new(queue.clone())
+        .layer(down.service(|| Err(boxed(Open::new(Duration::from_secs(2))))));
+    let mut keys = Vec::new();
+    for i in 0..5 {
+        let body: &'static str = Box::leak(format!("{{\"order\":{i}}}").into_boxed_str());
+        let res = client
+            .clone()
+            .oneshot(post("http://shop.test/orders", body))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        keys.push(
+            res.headers()[IDEMPOTENCY_KEY_HEADER]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(depth(&queue).await.pending, 5);
+
+    let server = OrderServer::default();
+    let handle = Replayer::http(queue.clone(), lossy(server.service()))
+        .jitter(false)
+        .backoff(Duration::from_secs(1), Duration::from_secs(10))
+        .concurrency(2)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 5).await;
+    let stats = handle.shutdown().await;
+    assert_eq!(stats.retried, 5, "each first response was lost");
+    assert_eq!(stats.dead_lettered, 0);
+    let applied = server.applied.lock().unwrap().clone();
+    assert_eq!(applied.len(), 5);
+    for key in &keys {
+        assert_eq!(
+            applied.get(key),
+            Some(&1),
+            "order {key} applied exactly once"
+        );
+    }
+    assert_eq!(
+        server.handled.load(Ordering::SeqCst),
+        5,
+        "duplicates answered from memory"
+    );
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
+async fn enqueue_raw(queue: &MemoryQueue, uri: &str) -> MessageId {
+    let mut env = Envelope::new(
+        "api.test",
+        "POST",
+        uri,
+        Bytes::from_static(b"{}"),
+        DeferReason::CircuitOpen,
+    );
+    env.not_before = SystemTime::UNIX_EPOCH;
+    queue.enqueue(env).await.unwrap().id()
+}
+
+fn counting(
+    status: u16,
+    calls: Arc<AtomicUsize>,
+) -> impl Service<InnerReq, Response = Res, Error = BoxError, Future: Send> + Clone + Send + 'static
+{
+    service_fn(move |_req: InnerReq| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(respond(status, "")) }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn replayer_dead_letters_after_max_attempts() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/orders").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handle = Replayer::http(queue.clone(), counting(503, calls.clone()))
+        .max_attempts(3)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().dead_lettered == 1).await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let dead = queue.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].reason.contains("3 attempts"), "{}", dead[0].reason);
+    assert_eq!(
+        depth(&queue).await,
+        Depth {
+            pending: 0,
+            in_flight: 0,
+            dead: 1
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn replayer_dead_letters_a_client_error_at_once() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/orders").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handle = Replayer::http(queue.clone(), counting(422, calls.clone()))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().dead_lettered == 1).await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let dead = queue.dead_letters(10).await.unwrap();
+    assert!(dead[0].reason.contains("422"), "{}", dead[0].reason);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replayer_dead_letters_expired_messages_without_replaying() {
+    let queue = Arc::new(MemoryQueue::new());
+    let mut env = Envelope::new(
+        "api.test",
+        "POST",
+        "http://api.test/x",
+        Bytes::new(),
+        DeferReason::BulkheadFull,
+    );
+    env.not_before = SystemTime::UNIX_EPOCH;
+    env.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1));
+    queue.enqueue(env).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handle = Replayer::http(queue.clone(), counting(200, calls.clone()))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().dead_lettered == 1).await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replayer_waits_while_the_breaker_is_open() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let times2 = times.clone();
+    let svc = service_fn(move |_req: InnerReq| {
+        let mut times = times2.lock().unwrap();
+        times.push(tokio::time::Instant::now());
+        let first = times.len() == 1;
+        async move {
+            if first {
+                Err(boxed(Open::new(Duration::from_secs(30))))
+            } else {
+                Ok(respond(200, ""))
+            }
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc).spawn().unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    handle.shutdown().await;
+    let times = times.lock().unwrap();
+    assert_eq!(times.len(), 2);
+    assert!(
+        times[1] - times[0] >= Duration::from_secs(30),
+        "{:?}",
+        times[1] - times[0]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_returns_in_flight_leases() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    enqueue_raw(&queue, "http://api.test/b").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let hung = service_fn(move |_req: InnerReq| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Result<Res, BoxError>>()
+    });
+    let handle = Replayer::http(queue.clone(), hung)
+        .grace(Duration::from_secs(1))
+        .spawn()
+        .unwrap();
+    eventually(|| calls.load(Ordering::SeqCst) == 2).await;
+    assert_eq!(depth(&queue).await.in_flight, 2);
+    let stats = handle.shutdown().await;
+    assert_eq!(stats.returned, 2);
+    assert_eq!(
+        depth(&queue).await,
+        Depth {
+            pending: 2,
+            in_flight: 0,
+            dead: 0
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn replayer_respects_its_concurrency_limit() {
+    let queue = Arc::new(MemoryQueue::new());
+    for i in 0..10 {
+        enqueue_raw(&queue, &format!("http://api.test/{i}")).await;
+    }
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    let svc = service_fn(move |_req: InnerReq| {
+        let (r, p) = (r.clone(), p.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(respond(200, ""))
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .concurrency(3)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 10).await;
+    handle.shutdown().await;
+    assert_eq!(peak.load(Ordering::SeqCst), 3);
+}
+
+// === Idempotency layer ===
+
+fn slow_handler(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<Request<Full<Bytes>>, Response = Res, Error = std::convert::Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let body: &'static str = Box::leak(format!("order #{n}").into_boxed_str());
+            Ok(respond(201, body))
+        }
+    })
+}
+
+fn keyed(key: &str) -> Request<Full<Bytes>> {
+    let mut req = post("http://shop.test/orders", "{}");
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, key.parse().unwrap());
+    req
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_duplicates_run_the_handler_once() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(slow_handler(calls.clone()));
+    let (a, b) = tokio::join!(
+        svc.clone().oneshot(keyed("k1")),
+        svc.clone().oneshot(keyed("k1"))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        (a.status(), b.status()),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    let replayed = [&a, &b]
+        .iter()
+        .filter(|r| r.headers().contains_key(REPLAYED_HEADER))
+        .count();
+    assert_eq!(replayed, 1);
+    assert_eq!(bytes_of(a.into_body()).await, bytes_of(b.into_body()).await);
+
+    let later = svc.clone().oneshot(keyed("k1")).await.unwrap();
+    assert_eq!(bytes_of(later.into_body()).await, "order #1");
+    svc.oneshot(keyed("k2")).await.unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "another key runs the handler"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_without_a_key_pass_through() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(slow_handler(calls.clone()));
+    for _ in 0..2 {
+        let res = svc
+            .clone()
+            .oneshot(post("http://shop.test/orders", "{}"))
+            .await
+            .unwrap();
+        assert!(!res.headers().contains_key(REPLAYED_HEADER));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_are_not_remembered_and_responses_expire() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let handler = service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, std::convert::Infallible>(respond(if n == 0 { 500 } else { 201 }, "")) }
+    });
+    let svc = IdempotencyLayer::new(100)
+        .ttl(Duration::from_secs(60))
+        .unwrap()
+        .layer(handler);
+    assert_eq!(
+        svc.clone().oneshot(keyed("k")).await.unwrap().status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        svc.clone().oneshot(keyed("k")).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    svc.clone().oneshot(keyed("k")).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "the 201 was remembered");
+    tokio::time::advance(Duration::from_secs(61)).await;
+    svc.oneshot(keyed("k")).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "expired after the TTL");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_first_request_lets_the_duplicate_run() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = IdempotencyLayer::new(100).layer(slow_handler(calls.clone()));
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let mut first = task::spawn(svc.call(keyed("k")));
+    assert_pending!(first.poll());
+    let second = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(first);
+    let res = second.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert!(!res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+// === typed flavour: never-cases ===
+
+#[tokio::test(start_paused = true)]
+async fn typed_flavour_keeps_policy_requests_synchronous_and_passes_permanent_errors() {
+    let queue = Arc::new(MemoryQueue::new());
+    let refuse = service_fn(|_cmd: Command| async {
+        Err::<u32, BoxError>(boxed(Open::new(Duration::from_secs(1))))
+    });
+    let config = EnqueueConfig::new().policy(DeferPolicy::new().keep_sync_method("RUN"));
+    let svc = DeferLayer::with_config(queue.clone(), CommandCodec, config)
+        .unwrap()
+        .layer(refuse);
+    let cmd = Command {
+        key: None,
+        text: "x".into(),
+    };
+    let err = svc.oneshot(cmd.clone()).await.unwrap_err();
+    assert!(find_cause::<Open>(&*err).is_some());
+
+    let late = service_fn(|_cmd: Command| async { Ok::<u32, BoxError>(3) });
+    let svc = DeferLayer::new(queue.clone(), CommandCodec).layer(late);
+    assert_eq!(svc.oneshot(cmd).await.unwrap(), Deferred::Completed(3));
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
+// === with the durable embedded queue ===
+
+#[cfg(feature = "embedded")]
+#[tokio::test]
+async fn deferred_requests_survive_a_reopen_of_the_embedded_queue_and_are_replayed() {
+    use postbox::queue::{EmbeddedOptions, EmbeddedQueue};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("postbox.redb");
+    let mut ids = Vec::new();
+    {
+        let queue = Arc::new(EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap());
+        let down = Dependency::default();
+        let client = EnqueueFallbackLayer::new(queue.clone())
+            .layer(down.service(|| Err(boxed(BulkheadFull::new(1, 0)))));
+        for _ in 0..3 {
+            let res = client
+                .clone()
+                .oneshot(post("http://shop.test/orders", "{}"))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::ACCEPTED);
+            ids.push(receipt_id(&res));
+        }
+        queue.close().await.unwrap();
+    }
+    let queue = Arc::new(EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap());
+    assert_eq!(queue.depth().await.unwrap().pending, 3);
+    let server = OrderServer::default();
+    let handle = Replayer::http(queue.clone(), server.service())
+        .poll_interval(Duration::from_millis(10))
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while handle.stats().replayed < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("replayed within 20 s");
+    handle.shutdown().await;
+    assert_eq!(server.handled.load(Ordering::SeqCst), 3);
+    assert_eq!(queue.depth().await.unwrap(), Depth::default());
+}
+
+// === axum ===
+
+#[tokio::test(start_paused = true)]
+async fn idempotency_layer_drops_into_an_axum_router() {
+    use axum::Router;
+    use axum::routing::post as post_route;
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post_route(move || {
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                async move { (StatusCode::CREATED, format!("order #{n}")) }
+            }),
+        )
+        .layer(IdempotencyLayer::new(100));
+    let request = || {
+        Request::post("/orders")
+            .header(IDEMPOTENCY_KEY_HEADER, "abc")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let first = app.clone().oneshot(request()).await.unwrap();
+    let second = app.oneshot(request()).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(second.status(), StatusCode::CREATED);
+    assert_eq!(second.headers()[REPLAYED_HEADER], "true");
+    assert_eq!(bytes_of(first.into_body()).await, "order #1");
+    assert_eq!(bytes_of(second.into_body()).await, "order #1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn enqueue_fallback_answers_202_in_front_of_an_axum_body_stack() {
+    let queue = Arc::new(MemoryQueue::new());
+    let inner = service_fn(|_req: Request<BufferedBody<axum::body::Body>>| async {
+        Err::<Response<axum::body::Body>, BoxError>(boxed(Open::new(Duration::from_secs(1))))
+    });
+    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(inner);
+    let req = Request::post("http://api.test/orders")
+        .body(axum::body::Body::from("{}"))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(queue.get(receipt_id(&res)).unwrap().body, "{}");
+}
+
+fn receipt_id<B>(res: &Response<B>) -> MessageId {
+    res.extensions()
+        .get::<Receipt>()
+        .expect("receipt extension")
+        .id()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_call_with_the_same_key_is_stored_once() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc = EnqueueFallbackLayer::new(queue.clone())
+        .layer(dep.service(|| Err(boxed(Open::new(Duration::from_secs(1))))));
+    let call = || {
+        let mut req = post("http://api.test/orders", "{}");
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, "same".parse().unwrap());
+        svc.clone().oneshot(req)
+    };
+    let first = call().await.unwrap();
+    let second = call().await.unwrap();
+    assert_eq!(receipt_id(&first), receipt_id(&second));
+    let receipt = second.extensions().get::<Receipt>().unwrap();
+    assert!(receipt.is_duplicate());
+    assert_eq!(depth(&queue).await.pending, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn futures_are_send_and_run_on_spawned_tasks() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc = EnqueueFallbackLayer::new(queue.clone())
+        .layer(dep.service(|| Err(boxed(BulkheadFull::new(1, 0)))));
+    let res = tokio::spawn(svc.oneshot(post("http://api.test/orders", "{}")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+
+    let typed = DeferLayer::new(queue.clone(), CommandCodec)
+        .layer(service_fn(|_c: Command| async { Ok::<u32, BoxError>(1) }));
+    let cmd = Command {
+        key: None,
+        text: "x".into(),
+    };
+    let out = tokio::spawn(typed.oneshot(cmd)).await.unwrap().unwrap();
+    assert_eq!(out, Deferred::Completed(1));
+}
