@@ -31,7 +31,7 @@ pin_project! {
         Running {
             #[pin]
             inner: F,
-            guard: Option<Guard>,
+            guard: Guard,
             classifier: C,
         },
         Rejected { error: Option<Open> },
@@ -55,7 +55,7 @@ impl<F, C> ResponseFuture<F, C> {
         Self {
             kind: Kind::Running {
                 inner,
-                guard: Some(guard),
+                guard,
                 classifier,
             },
         }
@@ -76,7 +76,7 @@ where
 {
     type Output = Result<T, BoxError>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Running {
@@ -85,8 +85,8 @@ where
                 classifier,
             } => {
                 let out = ready!(inner.poll(cx));
-                if let Some(guard) = guard.take() {
-                    if guard.permit.is_some_and(|p| p.is_tracked()) {
+                {
+                    if guard.permit.is_tracked() {
                         guard.complete(verdict(classifier.classify(out.as_ref())));
                     }
                 }
@@ -116,30 +116,27 @@ fn verdict(c: Classification) -> Verdict {
 /// An admitted call: records its outcome, or gives a probe slot back when dropped.
 pub(crate) struct Guard {
     breaker: Arc<Breaker>,
-    permit: Option<Permit>,
+    permit: Permit,
 }
 
 impl Guard {
     pub(crate) fn new(breaker: Arc<Breaker>, permit: Permit) -> Self {
-        Self {
-            breaker,
-            permit: Some(permit),
-        }
+        Self { breaker, permit }
     }
 
+    /// Records the outcome (once; the permit is then used up).
     #[inline]
-    fn complete(mut self, verdict: Verdict) {
-        if let Some(p) = self.permit.take() {
-            self.breaker.complete(p, verdict, &mut Now::lazy());
-        }
+    fn complete(&mut self, verdict: Verdict) {
+        let p = self.permit.take();
+        self.breaker.complete(p, verdict, &mut Now::lazy());
     }
 }
 
 impl Drop for Guard {
+    #[inline]
     fn drop(&mut self) {
-        if let Some(p) = self.permit.take() {
-            self.breaker.release(p);
-        }
+        // A no-op unless it is an unfinished probe.
+        self.breaker.release(self.permit);
     }
 }
 

@@ -1,7 +1,6 @@
-use super::error::Open;
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
-use super::state::{Breaker, Now};
+use super::state::{Breaker, Now, Permit};
 use crate::BoxError;
 use crate::classify::{Classify, ErrorClassifier};
 use std::fmt;
@@ -9,10 +8,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower_service::Service;
 
-enum Reserved {
-    Empty,
-    Admitted(Guard),
-    Rejected(Open),
+/// The breaker and this service's reservation (a permit from `poll_ready`, or its
+/// rejection). Dropping it gives back a reserved probe slot.
+struct Slot {
+    breaker: Arc<Breaker>,
+    reserved: Permit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.breaker.release(self.reserved.take());
+    }
 }
 
 /// Stops calling a failing dependency; see the [module docs](super).
@@ -27,9 +33,8 @@ enum Reserved {
 /// unadmitted (a reserved probe slot stays with the original).
 pub struct CircuitBreaker<S, C = ErrorClassifier> {
     inner: S,
-    breaker: Arc<Breaker>,
+    slot: Slot,
     classifier: C,
-    reserved: Reserved,
 }
 
 // === impl CircuitBreaker ===
@@ -38,15 +43,17 @@ impl<S, C> CircuitBreaker<S, C> {
     pub(crate) fn new(inner: S, breaker: Arc<Breaker>, classifier: C) -> Self {
         Self {
             inner,
-            breaker,
+            slot: Slot {
+                breaker,
+                reserved: Permit::EMPTY,
+            },
             classifier,
-            reserved: Reserved::Empty,
         }
     }
 
     /// A handle to observe and control the breaker.
     pub fn handle(&self) -> CircuitBreakerHandle {
-        CircuitBreakerHandle::new(self.breaker.clone())
+        CircuitBreakerHandle::new(self.slot.breaker.clone())
     }
 
     /// The inner service.
@@ -69,7 +76,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
     fn clone(&self) -> Self {
         Self::new(
             self.inner.clone(),
-            self.breaker.clone(),
+            self.slot.breaker.clone(),
             self.classifier.clone(),
         )
     }
@@ -77,16 +84,11 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
 
 impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for CircuitBreaker<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let reserved = match self.reserved {
-            Reserved::Empty => "empty",
-            Reserved::Admitted(_) => "admitted",
-            Reserved::Rejected(_) => "rejected",
-        };
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
-            .field("breaker", &self.breaker)
+            .field("breaker", &self.slot.breaker)
             .field("classifier", &self.classifier)
-            .field("reserved", &reserved)
+            .field("reserved", &self.slot.reserved)
             .finish()
     }
 }
@@ -103,35 +105,37 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if let Reserved::Empty = self.reserved {
-            self.reserved = match self.breaker.acquire(&mut Now::lazy()) {
-                Ok(permit) => Reserved::Admitted(Guard::new(self.breaker.clone(), permit)),
-                Err(open) => Reserved::Rejected(open),
+        let slot = &mut self.slot;
+        if slot.reserved.is_empty() {
+            slot.reserved = match slot.breaker.acquire(&mut Now::lazy()) {
+                Ok(permit) => permit,
+                Err(open) => Permit::rejected(&open),
             };
         }
-        match self.reserved {
-            Reserved::Rejected(_) => Poll::Ready(Ok(())),
-            _ => match self.inner.poll_ready(cx) {
-                Poll::Ready(Err(e)) => {
-                    // The service failed: give back what was reserved.
-                    self.reserved = Reserved::Empty;
-                    Poll::Ready(Err(e.into()))
-                }
-                other => other.map_err(Into::into),
-            },
+        if slot.reserved.rejection().is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Err(e)) => {
+                // The service failed: give back what was reserved.
+                slot.breaker.release(slot.reserved.take());
+                Poll::Ready(Err(e.into()))
+            }
+            other => other.map_err(Into::into),
         }
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        match std::mem::replace(&mut self.reserved, Reserved::Empty) {
-            Reserved::Admitted(guard) => {
-                ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())
-            }
-            Reserved::Rejected(open) => ResponseFuture::rejected(open),
-            Reserved::Empty => {
-                panic!("CircuitBreaker::call called before poll_ready returned Ready")
-            }
+        let permit = self.slot.reserved.take();
+        if let Some(open) = permit.rejection() {
+            return ResponseFuture::rejected(open);
         }
+        assert!(
+            !permit.is_empty(),
+            "CircuitBreaker::call called before poll_ready returned Ready"
+        );
+        let guard = Guard::new(self.slot.breaker.clone(), permit);
+        ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())
     }
 }

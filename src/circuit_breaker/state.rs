@@ -337,35 +337,92 @@ pub(crate) struct Settings {
 
 // === Permit ===
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PermitKind {
-    /// Closed or metrics-only: recorded in the window.
-    Recorded,
-    /// A half-open probe: holds a slot until completed or released.
-    Probe,
-    /// Disabled: nothing is recorded.
-    Untracked,
-}
+const RECORDED: u64 = 0;
+const PROBE: u64 = 1;
+const UNTRACKED: u64 = 2;
+const EMPTY: u64 = 3;
+const REJECTED: u64 = 4;
+const KIND_BITS: u32 = 3;
+const KIND_MASK: u64 = (1 << KIND_BITS) - 1;
+const NO_START: u64 = u64::MAX;
 
-/// Admission of one call, for the generation it was admitted in.
+/// Admission of one call, for the generation it was admitted in: two plain words, so
+/// the service and the response future move it cheaply.
+///
+/// Also encodes "nothing reserved" and "rejected" so the service keeps its reservation
+/// in the same two words.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Permit {
-    generation: u64,
-    kind: PermitKind,
-    start: Option<Instant>,
+    /// `generation << 3 | kind`: kind is recorded (closed or metrics-only), probe
+    /// (holds a half-open slot), untracked (disabled), empty, or rejected.
+    tag: u64,
+    /// When the call started, in ns since the breaker's origin (slow-call tracking);
+    /// for a rejection, its `retry_after` in ns.
+    start_ns: u64,
 }
 
 impl Permit {
+    /// Nothing reserved (or used up).
+    pub(crate) const EMPTY: Permit = Permit {
+        tag: EMPTY,
+        start_ns: NO_START,
+    };
+
+    #[inline]
+    fn new(generation: u64, kind: u64, start_ns: u64) -> Self {
+        Self {
+            tag: generation << KIND_BITS | kind,
+            start_ns,
+        }
+    }
+
+    /// A rejection, kept until `call`.
+    #[inline]
+    pub(crate) fn rejected(open: &Open) -> Self {
+        Self {
+            tag: REJECTED,
+            start_ns: open.retry_after().as_nanos().min(u128::from(u64::MAX)) as u64,
+        }
+    }
+
+    #[inline]
+    fn kind(&self) -> u64 {
+        self.tag & KIND_MASK
+    }
+
+    #[inline]
+    fn generation(&self) -> u64 {
+        self.tag >> KIND_BITS
+    }
+
     /// Whether the outcome is recorded at all (disabled breakers skip classification).
     #[inline]
     pub(crate) fn is_tracked(&self) -> bool {
-        self.kind != PermitKind::Untracked
+        matches!(self.kind(), RECORDED | PROBE)
+    }
+
+    /// Nothing reserved.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.kind() == EMPTY
+    }
+
+    /// The rejection this stands for, if it is one.
+    #[inline]
+    pub(crate) fn rejection(&self) -> Option<Open> {
+        (self.kind() == REJECTED).then(|| Open::new(Duration::from_nanos(self.start_ns)))
     }
 
     /// Whether this permit holds a half-open probe slot.
     #[cfg(test)]
     pub(crate) fn is_probe(&self) -> bool {
-        self.kind == PermitKind::Probe
+        self.kind() == PROBE
+    }
+
+    /// Returns the permit and leaves it empty (used up).
+    #[inline]
+    pub(crate) fn take(&mut self) -> Permit {
+        std::mem::replace(self, Permit::EMPTY)
     }
 }
 
@@ -386,9 +443,24 @@ struct Cold {
     rng: fastrand::Rng,
 }
 
+/// The state word on a cache line of its own: the `Arc`'s reference count, which
+/// every call increments, must not share it.
+#[derive(Debug)]
+#[repr(align(64))]
+struct Word(AtomicU64);
+
+impl std::ops::Deref for Word {
+    type Target = AtomicU64;
+
+    #[inline]
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
 /// The breaker: the state word, the window and the transitions.
 pub(crate) struct Breaker {
-    word: AtomicU64,
+    word: Word,
     settings: Settings,
     origin: Instant,
     open_until_ns: AtomicU64,
@@ -416,7 +488,7 @@ impl Breaker {
             None => fastrand::Rng::new(),
         };
         Self {
-            word: AtomicU64::new(pack(0, CLOSED, 0)),
+            word: Word(AtomicU64::new(pack(0, CLOSED, 0))),
             settings,
             origin,
             open_until_ns: AtomicU64::new(0),
@@ -442,10 +514,10 @@ impl Breaker {
     }
 
     #[inline]
-    fn start(&self, now: &mut Now) -> Option<Instant> {
-        match (&self.settings.slow_call_duration, &self.settings.trip) {
-            (Some(_), Trip::Rate { .. }) => Some(now.get()),
-            _ => None,
+    fn start(&self, now: &mut Now) -> u64 {
+        match self.settings.slow_call_duration {
+            Some(_) => self.ns(now.get()),
+            None => NO_START,
         }
     }
 
@@ -468,18 +540,10 @@ impl Breaker {
             let generation = generation(w);
             match mode(w) {
                 CLOSED | METRICS_ONLY => {
-                    return Ok(Permit {
-                        generation,
-                        kind: PermitKind::Recorded,
-                        start: self.start(now),
-                    });
+                    return Ok(Permit::new(generation, RECORDED, self.start(now)));
                 }
                 DISABLED => {
-                    return Ok(Permit {
-                        generation,
-                        kind: PermitKind::Untracked,
-                        start: None,
-                    });
+                    return Ok(Permit::new(generation, UNTRACKED, NO_START));
                 }
                 OPEN => {
                     let t = self.ns(now.get());
@@ -497,11 +561,7 @@ impl Breaker {
                             .compare_exchange(w, taken, AcqRel, Acquire)
                             .is_ok()
                         {
-                            return Ok(Permit {
-                                generation,
-                                kind: PermitKind::Probe,
-                                start: self.start(now),
-                            });
+                            return Ok(Permit::new(generation, PROBE, self.start(now)));
                         }
                         continue;
                     }
@@ -522,12 +582,12 @@ impl Breaker {
     /// Gives a probe slot back without a result (the call was dropped, panicked, or
     /// its outcome was ignored).
     pub(crate) fn release(&self, permit: Permit) {
-        if permit.kind != PermitKind::Probe {
+        if permit.kind() != PROBE {
             return;
         }
         let mut w = self.word.load(Acquire);
         loop {
-            if generation(w) != permit.generation || mode(w) != HALF_OPEN {
+            if generation(w) != permit.generation() || mode(w) != HALF_OPEN {
                 return;
             }
             match self
@@ -543,15 +603,14 @@ impl Breaker {
     /// Records the outcome of an admitted call.
     #[inline]
     pub(crate) fn complete(&self, permit: Permit, verdict: Verdict, now: &mut Now) {
-        match permit.kind {
-            PermitKind::Untracked => {}
-            PermitKind::Probe => self.complete_probe(permit, verdict, now),
-            PermitKind::Recorded => {
+        match permit.kind() {
+            PROBE => self.complete_probe(permit, verdict, now),
+            RECORDED => {
                 if verdict == Verdict::Ignored {
                     return;
                 }
                 let w = self.word.load(Acquire);
-                if generation(w) != permit.generation {
+                if generation(w) != permit.generation() {
                     // Admitted before a transition: its outcome belongs to a window
                     // that is gone.
                     return;
@@ -576,6 +635,7 @@ impl Breaker {
                     }
                 }
             }
+            _ => {}
         }
     }
 
@@ -585,8 +645,10 @@ impl Breaker {
         if verdict == Verdict::Failure {
             outcome |= FAILURE;
         }
-        if let (Some(start), Some(slow)) = (permit.start, self.settings.slow_call_duration) {
-            if now.get().saturating_duration_since(start) > slow {
+        if let Some(slow) = self.settings.slow_call_duration {
+            if permit.start_ns != NO_START
+                && self.ns(now.get()).saturating_sub(permit.start_ns) > slow.as_nanos() as u64
+            {
                 outcome |= SLOW;
             }
         }
@@ -631,7 +693,7 @@ impl Breaker {
         }
         let mut w = self.word.load(Acquire);
         let new = loop {
-            if generation(w) != permit.generation || mode(w) != HALF_OPEN {
+            if generation(w) != permit.generation() || mode(w) != HALF_OPEN {
                 return;
             }
             match self.word.compare_exchange_weak(w, w + add, AcqRel, Acquire) {

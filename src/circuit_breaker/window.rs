@@ -73,14 +73,16 @@ impl CountWindow {
     #[inline]
     pub(crate) fn record(&self, outcome: u8) {
         let size = self.size();
-        // A full window of successes stays the same when one more success arrives:
-        // every slot holds the same value, so which one is overwritten is unobservable.
-        // Skipping it keeps the healthy path to three loads.
-        if outcome == 0
-            && self.failures.load(Relaxed) == 0
-            && self.slow.load(Relaxed) == 0
-            && self.next.load(Relaxed) >= size
-        {
+        // A full window whose every slot already holds this outcome (all successes,
+        // or all plain failures) stays the same when one more arrives: which slot is
+        // overwritten is unobservable. Skipping the write keeps the steady states to
+        // three loads.
+        let same = match outcome {
+            0 => self.failures.load(Relaxed) == 0,
+            FAILURE => self.failures.load(Relaxed) == size as i64,
+            _ => false,
+        };
+        if same && self.slow.load(Relaxed) == 0 && self.next.load(Relaxed) >= size {
             return;
         }
         let pos = self.next.fetch_add(1, Relaxed);
@@ -133,6 +135,8 @@ pub(crate) struct TimeWindow {
     width_ns: u64,
     /// `epoch << 16 | epoch % buckets` of the newest bucket (epoch = time / width).
     head: AtomicU64,
+    /// When the newest bucket ends (ns): before it, no division and no rotation.
+    head_end_ns: AtomicU64,
     calls: AtomicI64,
     failures: AtomicI64,
     slow: AtomicI64,
@@ -152,6 +156,7 @@ impl TimeWindow {
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
             width_ns: width_ns.max(1),
             head: AtomicU64::new(0),
+            head_end_ns: AtomicU64::new(width_ns.max(1)),
             calls: AtomicI64::new(0),
             failures: AtomicI64::new(0),
             slow: AtomicI64::new(0),
@@ -168,12 +173,13 @@ impl TimeWindow {
     /// (it read the clock, then lost the CPU) is counted in the head bucket.
     #[inline]
     fn advance(&self, now_ns: u64) -> usize {
-        let epoch = now_ns / self.width_ns;
         let head = self.head.load(Acquire);
-        if head >> 16 >= epoch {
+        if now_ns < self.head_end_ns.load(Relaxed) {
+            // (A reader racing a rotation may count into the previous bucket: an
+            // outcome a bucket late, never a lost one.)
             return (head & 0xffff) as usize;
         }
-        self.rotate_to(epoch)
+        self.rotate_to(now_ns / self.width_ns)
     }
 
     #[cold]
@@ -200,6 +206,8 @@ impl TimeWindow {
             self.slow.fetch_sub(b.slow.swap(0, AcqRel) as i64, Relaxed);
         }
         let idx = epoch % n;
+        self.head_end_ns
+            .store((epoch + 1).saturating_mul(self.width_ns), Relaxed);
         self.head.store(epoch << 16 | idx, Release);
         idx as usize
     }
