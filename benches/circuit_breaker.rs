@@ -108,16 +108,21 @@ fn benches(c: &mut Criterion) {
 
     // --- postbox ---
     let closed = CircuitBreakerLayer::builder().build().unwrap();
-    drive(c, &rt, "postbox/breaker/closed", || closed.layer(service_fn(ok_fn)));
+    drive(c, &rt, "postbox/breaker/closed", || {
+        closed.layer(service_fn(ok_fn))
+    });
 
     let open = CircuitBreakerLayer::builder()
         .consecutive_failures(1)
         .break_duration(Duration::from_secs(3600))
         .build()
         .unwrap();
-    rt.block_on(open.layer(service_fn(fail_fn)).oneshot(0)).unwrap_err();
+    rt.block_on(open.layer(service_fn(fail_fn)).oneshot(0))
+        .unwrap_err();
     assert_eq!(open.handle().state(), postbox::circuit_breaker::State::Open);
-    drive(c, &rt, "postbox/breaker/open", || open.layer(service_fn(ok_fn)));
+    drive(c, &rt, "postbox/breaker/open", || {
+        open.layer(service_fn(ok_fn))
+    });
 
     let failing = CircuitBreakerLayer::builder()
         .count_window(100)
@@ -125,18 +130,24 @@ fn benches(c: &mut Criterion) {
         .build()
         .unwrap();
     failing.handle().metrics_only();
-    drive(c, &rt, "postbox/breaker/failing", || failing.layer(service_fn(fail_fn)));
+    drive(c, &rt, "postbox/breaker/failing", || {
+        failing.layer(service_fn(fail_fn))
+    });
 
     let time = CircuitBreakerLayer::builder()
         .time_window(Duration::from_secs(10), 10)
         .build()
         .unwrap();
-    drive(c, &rt, "postbox/breaker/time_window", || time.layer(service_fn(ok_fn)));
+    drive(c, &rt, "postbox/breaker/time_window", || {
+        time.layer(service_fn(ok_fn))
+    });
 
     // --- tower-resilience ---
     use tower_resilience_circuitbreaker::CircuitBreakerLayer as Peer;
     let peer_closed = Peer::builder().build().unwrap();
-    drive(c, &rt, "peer/tower_resilience/closed", || peer_closed.layer(service_fn(ok_fn)));
+    drive(c, &rt, "peer/tower_resilience/closed", || {
+        peer_closed.layer(service_fn(ok_fn))
+    });
 
     let peer_open = Peer::builder()
         .failure_rate_threshold(0.5)
@@ -148,14 +159,18 @@ fn benches(c: &mut Criterion) {
     let peer_open_svc = peer_open.layer(service_fn(fail_fn));
     rt.block_on(peer_open_svc.clone().oneshot(0)).unwrap_err();
     assert!(peer_open_svc.is_open());
-    drive(c, &rt, "peer/tower_resilience/open", || peer_open_svc.clone());
+    drive(c, &rt, "peer/tower_resilience/open", || {
+        peer_open_svc.clone()
+    });
 
     let peer_failing = Peer::builder()
         .sliding_window_size(100)
         .minimum_number_of_calls(usize::MAX)
         .build()
         .unwrap();
-    drive(c, &rt, "peer/tower_resilience/failing", || peer_failing.layer(service_fn(fail_fn)));
+    drive(c, &rt, "peer/tower_resilience/failing", || {
+        peer_failing.layer(service_fn(fail_fn))
+    });
 
     // --- one breaker shared by 4 callers on 2 workers, against 1 caller ---
     let mt = tokio::runtime::Builder::new_multi_thread()
@@ -167,12 +182,14 @@ fn benches(c: &mut Criterion) {
     drive_shared(c, &mt, "postbox/breaker/shared/1_caller", 1, || {
         shared.layer(service_fn(ok_fn))
     });
-    drive_shared(c, &mt, "postbox/breaker/shared/4_callers_2_workers", 4, || {
-        shared.layer(service_fn(ok_fn))
-    });
-    drive_shared(c, &mt, "bare/shared/1_caller", 1, || {
-        service_fn(ok_fn)
-    });
+    drive_shared(
+        c,
+        &mt,
+        "postbox/breaker/shared/4_callers_2_workers",
+        4,
+        || shared.layer(service_fn(ok_fn)),
+    );
+    drive_shared(c, &mt, "bare/shared/1_caller", 1, || service_fn(ok_fn));
     drive_shared(c, &mt, "bare/shared/4_callers_2_workers", 4, || {
         service_fn(ok_fn)
     });

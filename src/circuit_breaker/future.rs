@@ -2,7 +2,8 @@
 //! [`KeyedCircuitBreaker`](super::KeyedCircuitBreaker).
 
 use super::error::Open;
-use super::state::{Breaker, Now, Permit, Verdict};
+use super::shared::Ref;
+use super::state::{Now, Permit, Verdict};
 use crate::BoxError;
 use crate::classify::{Classification, Classify};
 use pin_project_lite::pin_project;
@@ -115,12 +116,12 @@ fn verdict(c: Classification) -> Verdict {
 
 /// An admitted call: records its outcome, or gives a probe slot back when dropped.
 pub(crate) struct Guard {
-    breaker: Arc<Breaker>,
+    breaker: Arc<Ref>,
     permit: Permit,
 }
 
 impl Guard {
-    pub(crate) fn new(breaker: Arc<Breaker>, permit: Permit) -> Self {
+    pub(crate) fn new(breaker: Arc<Ref>, permit: Permit) -> Self {
         Self { breaker, permit }
     }
 

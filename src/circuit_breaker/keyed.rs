@@ -3,6 +3,7 @@
 use super::config::CircuitBreakerBuilder;
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
+use super::shared::Ref;
 use super::state::{Breaker, Now, OnTransition, Transition};
 use crate::BoxError;
 use crate::classify::{Classify, ErrorClassifier};
@@ -56,7 +57,7 @@ impl<B> KeyFn<http::Request<B>, String> for ByAuthority {
 }
 
 struct Entry {
-    breaker: Arc<Breaker>,
+    breaker: Arc<Ref>,
     last_used_ns: AtomicU64,
 }
 
@@ -84,7 +85,7 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     }
 
     /// The breaker for `key`, created (and the map trimmed) if needed.
-    fn get(&self, key: K, now: Instant) -> Arc<Breaker> {
+    fn get(&self, key: K, now: Instant) -> Arc<Ref> {
         let now_ns = self.ns(now);
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get(&key) {
@@ -100,11 +101,11 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
         } else {
             format!("{}/{key}", settings.name).into()
         };
-        let breaker = Arc::new(Breaker::new(
+        let breaker = Ref::new(Arc::new(Breaker::new(
             settings,
             now,
             Box::new(SharedHook(self.hook.clone())),
-        ));
+        )));
         map.insert(
             key,
             Entry {
@@ -325,7 +326,7 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
     pub fn get(&self, key: &K) -> Option<CircuitBreakerHandle> {
         let map = self.keys.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(key)
-            .map(|e| CircuitBreakerHandle::new(e.breaker.clone()))
+            .map(|e| CircuitBreakerHandle::new(e.breaker.breaker().clone()))
     }
 
     /// The keys kept.

@@ -1,6 +1,7 @@
 use super::config::CircuitBreakerBuilder;
 use super::handle::CircuitBreakerHandle;
 use super::service::CircuitBreaker;
+use super::shared::Shared;
 use super::state::Breaker;
 use crate::classify::ErrorClassifier;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tower_layer::Layer;
 /// [`HttpClassifier`](crate::classify::HttpClassifier) for HTTP clients).
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerLayer<C = ErrorClassifier> {
-    breaker: Arc<Breaker>,
+    breaker: Arc<Shared>,
     classifier: C,
 }
 
@@ -38,7 +39,7 @@ impl CircuitBreakerLayer {
 
     pub(crate) fn from_breaker(breaker: Arc<Breaker>) -> Self {
         Self {
-            breaker,
+            breaker: Arc::new(Shared::new(breaker)),
             classifier: ErrorClassifier::new(),
         }
     }
@@ -61,7 +62,7 @@ impl<C> CircuitBreakerLayer<C> {
 
     /// A handle to observe and control the shared breaker.
     pub fn handle(&self) -> CircuitBreakerHandle {
-        CircuitBreakerHandle::new(self.breaker.clone())
+        CircuitBreakerHandle::new(self.breaker.breaker().clone())
     }
 }
 

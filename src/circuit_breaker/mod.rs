@@ -101,6 +101,7 @@ mod handle;
 mod keyed;
 mod layer;
 mod service;
+mod shared;
 mod state;
 mod window;
 

@@ -1,6 +1,7 @@
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
-use super::state::{Breaker, Now, Permit};
+use super::shared::Shared;
+use super::state::{Now, Permit};
 use crate::BoxError;
 use crate::classify::{Classify, ErrorClassifier};
 use std::fmt;
@@ -11,13 +12,13 @@ use tower_service::Service;
 /// The breaker and this service's reservation (a permit from `poll_ready`, or its
 /// rejection). Dropping it gives back a reserved probe slot.
 struct Slot {
-    breaker: Arc<Breaker>,
+    breaker: Arc<Shared>,
     reserved: Permit,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.breaker.release(self.reserved.take());
+        self.breaker.breaker().release(self.reserved.take());
     }
 }
 
@@ -40,7 +41,7 @@ pub struct CircuitBreaker<S, C = ErrorClassifier> {
 // === impl CircuitBreaker ===
 
 impl<S, C> CircuitBreaker<S, C> {
-    pub(crate) fn new(inner: S, breaker: Arc<Breaker>, classifier: C) -> Self {
+    pub(crate) fn new(inner: S, breaker: Arc<Shared>, classifier: C) -> Self {
         Self {
             inner,
             slot: Slot {
@@ -53,7 +54,7 @@ impl<S, C> CircuitBreaker<S, C> {
 
     /// A handle to observe and control the breaker.
     pub fn handle(&self) -> CircuitBreakerHandle {
-        CircuitBreakerHandle::new(self.slot.breaker.clone())
+        CircuitBreakerHandle::new(self.slot.breaker.breaker().clone())
     }
 
     /// The inner service.
@@ -86,7 +87,7 @@ impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for CircuitBreaker<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
-            .field("breaker", &self.slot.breaker)
+            .field("breaker", self.slot.breaker.breaker())
             .field("classifier", &self.classifier)
             .field("reserved", &self.slot.reserved)
             .finish()
@@ -107,7 +108,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let slot = &mut self.slot;
         if slot.reserved.is_empty() {
-            slot.reserved = match slot.breaker.acquire(&mut Now::lazy()) {
+            slot.reserved = match slot.breaker.breaker().acquire(&mut Now::lazy()) {
                 Ok(permit) => permit,
                 Err(open) => Permit::rejected(&open),
             };
@@ -118,7 +119,7 @@ where
         match self.inner.poll_ready(cx) {
             Poll::Ready(Err(e)) => {
                 // The service failed: give back what was reserved.
-                slot.breaker.release(slot.reserved.take());
+                slot.breaker.breaker().release(slot.reserved.take());
                 Poll::Ready(Err(e.into()))
             }
             other => other.map_err(Into::into),
@@ -135,7 +136,7 @@ where
             !permit.is_empty(),
             "CircuitBreaker::call called before poll_ready returned Ready"
         );
-        let guard = Guard::new(self.slot.breaker.clone(), permit);
+        let guard = Guard::new(self.slot.breaker.local().clone(), permit);
         ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())
     }
 }
