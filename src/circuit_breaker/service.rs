@@ -25,9 +25,9 @@ impl Drop for Slot {
 /// Stops calling a failing dependency; see the [module docs](super).
 ///
 /// Admission is decided in `poll_ready` (fail fast: a rejected call is a *ready*
-/// service whose `call` fails at once with [`Open`], never an error from `poll_ready`,
-/// and the inner service is not polled). An admitted call's permit moves into the
-/// response future. Errors become [`BoxError`].
+/// service whose `call` fails at once with [`Open`](super::error::Open), never an
+/// error from `poll_ready`, and the inner service is not polled). An admitted call's
+/// permit moves into the response future. Errors become [`BoxError`].
 ///
 /// # Clone
 /// A clone shares the breaker but not an admission made by `poll_ready`: it starts
