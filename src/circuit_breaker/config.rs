@@ -41,6 +41,7 @@ pub struct CircuitBreakerBuilder {
     seed: Option<u64>,
     permitted_probes: u32,
     max_wait_in_half_open: Option<Duration>,
+    count_calls: bool,
     hook: Option<Box<dyn OnTransition>>,
 }
 
@@ -66,6 +67,7 @@ impl fmt::Debug for CircuitBreakerBuilder {
             .field("jitter", &self.jitter)
             .field("permitted_probes", &self.permitted_probes)
             .field("max_wait_in_half_open", &self.max_wait_in_half_open)
+            .field("count_calls", &self.count_calls)
             .field("hook", &self.hook.is_some())
             .finish()
     }
@@ -88,10 +90,14 @@ impl Default for CircuitBreakerBuilder {
             seed: None,
             permitted_probes: 3,
             max_wait_in_half_open: None,
+            count_calls: false,
             hook: None,
         }
     }
 }
+
+/// The largest count window (its ring keeps one byte per call).
+const MAX_COUNT_WINDOW: u32 = 1 << 20;
 
 fn err(field: &'static str, message: impl Into<Cow<'static, str>>) -> ConfigError {
     ConfigError::new(field, message)
@@ -210,6 +216,15 @@ impl CircuitBreakerBuilder {
         self
     }
 
+    /// Counts every recorded call in `postbox_calls_total{layer="circuit_breaker",
+    /// outcome}` (`success`, `failure`, `ignored`, `rejected`). Off by default: a
+    /// counter per call costs a few nanoseconds even with no recorder installed,
+    /// a noticeable share of the breaker's own cost.
+    pub fn count_calls(mut self, on: bool) -> Self {
+        self.count_calls = on;
+        self
+    }
+
     /// Calls `hook` on every state transition.
     pub fn on_transition(mut self, hook: impl OnTransition) -> Self {
         self.hook = Some(Box::new(hook));
@@ -237,6 +252,12 @@ impl CircuitBreakerBuilder {
         match self.window {
             WindowKind::Count(0) => {
                 return Err(err("circuit_breaker.window.size", "must be at least 1"));
+            }
+            WindowKind::Count(n) if n > MAX_COUNT_WINDOW => {
+                return Err(err(
+                    "circuit_breaker.window.size",
+                    format!("must be at most {MAX_COUNT_WINDOW} (one byte per call is kept)"),
+                ));
             }
             WindowKind::Count(_) => {}
             WindowKind::Time(d, buckets) => {
@@ -354,6 +375,7 @@ impl CircuitBreakerBuilder {
             seed: self.seed,
             permitted_probes: self.permitted_probes,
             max_wait_in_half_open: self.max_wait_in_half_open,
+            count_calls: self.count_calls,
         }
     }
 }
@@ -416,6 +438,8 @@ pub struct CircuitBreakerConfig {
     /// See [`CircuitBreakerBuilder::max_wait_in_half_open`].
     #[serde(deserialize_with = "duration::option")]
     pub max_wait_in_half_open: Option<Duration>,
+    /// See [`CircuitBreakerBuilder::count_calls`].
+    pub count_calls: bool,
 }
 
 /// The window of a [`CircuitBreakerConfig`]: `{ "type": "count", "size": 100 }` or
@@ -456,6 +480,7 @@ impl Default for CircuitBreakerConfig {
             break_jitter: b.jitter,
             permitted_probes: b.permitted_probes,
             max_wait_in_half_open: None,
+            count_calls: false,
         }
     }
 }
@@ -479,6 +504,7 @@ impl CircuitBreakerConfig {
             jitter: self.break_jitter,
             permitted_probes: self.permitted_probes,
             max_wait_in_half_open: self.max_wait_in_half_open,
+            count_calls: self.count_calls,
             ..CircuitBreakerBuilder::default()
         };
         if let Some(name) = &self.name {
@@ -576,6 +602,10 @@ mod tests {
             "circuit_breaker.failure_rate_threshold"
         );
         assert_eq!(field(b().count_window(0)), "circuit_breaker.window.size");
+        assert_eq!(
+            field(b().count_window(u32::MAX)),
+            "circuit_breaker.window.size"
+        );
         assert_eq!(
             field(b().time_window(Duration::ZERO, 10)),
             "circuit_breaker.window.duration"

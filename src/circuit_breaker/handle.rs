@@ -41,7 +41,9 @@ impl CircuitBreakerHandle {
         self.breaker.retry_after(&mut Now::lazy())
     }
 
-    /// Rejects every call until another manual change ([`State::ForcedOpen`]).
+    /// Rejects every call until another manual change ([`State::ForcedOpen`]). Its
+    /// rejections carry the configured base break duration as `retry_after` (there is
+    /// no scheduled end to report).
     pub fn force_open(&self) {
         self.breaker
             .force(State::ForcedOpen, false, &mut Now::lazy());

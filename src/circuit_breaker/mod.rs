@@ -51,8 +51,11 @@
 //! Every transition is a `tracing` info event, a `postbox_circuit_transitions_total{to}`
 //! count, a `postbox_circuit_state{breaker}` gauge (see [`State::gauge_value`]) and a
 //! call of the [`OnTransition`] hook. Rejections count in
-//! `postbox_circuit_rejected_total`. There is no per-call counter: outcomes are in the
-//! [`Metrics`] snapshot, and a per-call counter would cost more than the breaker.
+//! `postbox_circuit_rejected_total`. The per-call counter
+//! `postbox_calls_total{layer="circuit_breaker",outcome}` is opt-in
+//! ([`count_calls`](CircuitBreakerBuilder::count_calls)): even with no recorder it
+//! costs a noticeable share of the breaker's own few nanoseconds; the [`Metrics`]
+//! snapshot has the window's counts for free.
 //!
 //! # Example
 //! ```

@@ -333,6 +333,7 @@ pub(crate) struct Settings {
     pub(crate) seed: Option<u64>,
     pub(crate) permitted_probes: u32,
     pub(crate) max_wait_in_half_open: Option<Duration>,
+    pub(crate) count_calls: bool,
 }
 
 // === Permit ===
@@ -436,6 +437,17 @@ pub(crate) enum Verdict {
 
 // === impl Breaker ===
 
+#[cold]
+fn count_call(verdict: Verdict) {
+    let outcome = match verdict {
+        Verdict::Success => "success",
+        Verdict::Failure => "failure",
+        Verdict::Ignored => "ignored",
+    };
+    metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => outcome)
+        .increment(1);
+}
+
 #[derive(Debug)]
 struct Cold {
     /// Openings since the breaker last closed (drives the growing break).
@@ -525,6 +537,10 @@ impl Breaker {
     fn reject(&self, retry_after: Duration) -> Open {
         self.not_permitted.fetch_add(1, Relaxed);
         metrics::counter!("postbox_circuit_rejected_total").increment(1);
+        if self.settings.count_calls {
+            metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "rejected")
+                .increment(1);
+        }
         Open::new(retry_after)
     }
 
@@ -603,6 +619,9 @@ impl Breaker {
     /// Records the outcome of an admitted call.
     #[inline]
     pub(crate) fn complete(&self, permit: Permit, verdict: Verdict, now: &mut Now) {
+        if self.settings.count_calls {
+            count_call(verdict);
+        }
         match permit.kind() {
             PROBE => self.complete_probe(permit, verdict, now),
             RECORDED => {
@@ -875,6 +894,7 @@ mod tests {
             seed: Some(7),
             permitted_probes: 2,
             max_wait_in_half_open: None,
+            count_calls: false,
         }
     }
 
