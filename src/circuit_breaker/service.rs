@@ -29,6 +29,11 @@ impl Drop for Slot {
 /// error from `poll_ready`, and the inner service is not polled). An admitted call's
 /// permit moves into the response future. Errors become [`BoxError`].
 ///
+/// # Cancel safety
+/// Dropping the response future records nothing and gives back a half-open probe
+/// slot. A half-open probe slot reserved by `poll_ready` is held until `call` (or until
+/// the service is dropped), also while the inner service is not ready.
+///
 /// # Clone
 /// A clone shares the breaker but not an admission made by `poll_ready`: it starts
 /// unadmitted (a reserved probe slot stays with the original).

@@ -165,6 +165,9 @@ const FAIL_SHIFT: u32 = 19;
 const SLOW_SHIFT: u32 = 27;
 const GEN_SHIFT: u32 = 35;
 
+/// Generations wrap at 2^29 (they are compared for equality only).
+const GEN_MASK: u64 = (1 << (64 - GEN_SHIFT)) - 1;
+
 /// The most probes a half-open breaker may admit (the counters are 8 bits).
 pub(crate) const MAX_PROBES: u32 = 255;
 
@@ -211,8 +214,8 @@ impl Transition {
         self.to
     }
 
-    /// Counts transitions of this breaker: strictly increasing, so hooks running on
-    /// different threads can be ordered.
+    /// Counts transitions of this breaker: one more per transition (wrapping at
+    /// 2^29), so hooks running on different threads can be ordered.
     pub const fn generation(&self) -> u64 {
         self.generation
     }
@@ -372,7 +375,7 @@ impl Permit {
     #[inline]
     fn new(generation: u64, kind: u64, start_ns: u64) -> Self {
         Self {
-            tag: generation << KIND_BITS | kind,
+            tag: (generation & GEN_MASK) << KIND_BITS | kind,
             start_ns,
         }
     }
@@ -773,7 +776,7 @@ impl Breaker {
             self.not_permitted.store(0, Relaxed);
             self.clear_window();
         }
-        let generation = generation(cur) + 1;
+        let generation = (generation(cur) + 1) & GEN_MASK;
         self.word.store(pack(generation, to, avail), Release);
         drop(cold);
         self.emit(mode(cur), to, generation);

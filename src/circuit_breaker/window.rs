@@ -397,6 +397,32 @@ mod tests {
         assert_eq!(w.totals(12), t(0, 0, 0));
     }
 
+    #[test]
+    fn count_window_totals_are_exact_after_concurrent_writers() {
+        let w = std::sync::Arc::new(CountWindow::new(7));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    let mut rng = fastrand::Rng::with_seed(t);
+                    for _ in 0..20_000 {
+                        w.record(rng.u8(0..4));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let slots: Vec<u8> = w.slots.iter().map(|s| s.load(Relaxed)).collect();
+        let naive = t(
+            7,
+            slots.iter().filter(|&&o| o & FAILURE != 0).count() as u64,
+            slots.iter().filter(|&&o| o & SLOW != 0).count() as u64,
+        );
+        assert_eq!(w.totals(), naive);
+    }
+
     proptest! {
         #[test]
         fn count_window_rate_equals_naive_rate_over_last_n(
