@@ -554,6 +554,14 @@ impl Breaker {
     /// slot taken; it carries how long until a probe may be admitted.
     #[inline]
     pub(crate) fn acquire(&self, now: &mut Now) -> Result<Permit, Open> {
+        let w = self.word.load(Acquire);
+        if mode(w) == CLOSED {
+            return Ok(Permit::new(generation(w), RECORDED, self.start(now)));
+        }
+        self.acquire_slow(now)
+    }
+
+    fn acquire_slow(&self, now: &mut Now) -> Result<Permit, Open> {
         loop {
             let w = self.word.load(Acquire);
             let generation = generation(w);
@@ -600,10 +608,14 @@ impl Breaker {
 
     /// Gives a probe slot back without a result (the call was dropped, panicked, or
     /// its outcome was ignored).
+    #[inline]
     pub(crate) fn release(&self, permit: Permit) {
-        if permit.kind() != PROBE {
-            return;
+        if permit.kind() == PROBE {
+            self.release_probe(permit);
         }
+    }
+
+    fn release_probe(&self, permit: Permit) {
         let mut w = self.word.load(Acquire);
         loop {
             if generation(w) != permit.generation() || mode(w) != HALF_OPEN {
