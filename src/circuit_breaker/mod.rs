@@ -42,7 +42,10 @@
 //!
 //! # Cost
 //! The hot state is a single atomic word; the window is atomics; a mutex is taken only
-//! on transitions. A closed breaker with a count window and no slow-call tracking
+//! on transitions (and by a time window once per bucket width). Each call moves an
+//! owned reference to the breaker into its response future; a layer keeps eight
+//! reference counts, each on its own cache line, and a call takes its thread's, so
+//! callers on several workers do not fight over one line. A closed breaker with a count window and no slow-call tracking
 //! reads no clock and allocates nothing per call; a time window reads the clock once
 //! per call, slow-call tracking twice. An open breaker reads the clock once (to know
 //! whether the break is over and to say when) and allocates the boxed [`error::Open`].
