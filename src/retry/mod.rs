@@ -53,7 +53,7 @@
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), postbox::BoxError> {
 //! let retry = RetryLayer::builder()
 //!     .max_retries(3) // up to 4 attempts in all
 //!     .backoff(
