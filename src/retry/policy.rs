@@ -82,6 +82,11 @@ mod http_requests {
     /// * [`generate_idempotency_key`](Self::generate_idempotency_key) adds a key to
     ///   requests that are not otherwise retry-safe, so they become retryable (the
     ///   receiving service must de-duplicate on it).
+    ///
+    /// gRPC calls are all `POST`s: with a [`GrpcClassifier`](crate::classify::GrpcClassifier)
+    /// they are retried only after failures that had no effect, unless they carry a key
+    /// or a [`retry_safe_if`](Self::retry_safe_if) rule names the methods that are safe
+    /// to repeat (gRPC's own retry policy leaves that choice to the service owner too).
     #[derive(Clone, Default)]
     pub struct HttpRequests {
         safe: Option<Arc<SafeFn>>,

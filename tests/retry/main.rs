@@ -710,3 +710,36 @@ async fn a_request_that_cannot_be_cloned_is_sent_once() {
     assert_ready_err!(fut.poll());
     no_request(&mut handle);
 }
+
+#[tokio::test(start_paused = true)]
+async fn grpc_retry_pushback_is_honoured_never_early() {
+    // gRPC calls are all POSTs: a caller that knows its method is safe says so.
+    let layer = RetryLayer::http()
+        .classifier(postbox::classify::GrpcClassifier::new())
+        .requests(HttpRequests::new().retry_safe_if(|_, _| true))
+        .backoff(exact(10 * MS))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::post("http://a/pkg.Svc/Get").body(()).unwrap()));
+    let unavailable = Response::builder()
+        .header("grpc-status", "14")
+        .header("grpc-retry-pushback-ms", "250")
+        .body(())
+        .unwrap();
+    take_request(&mut handle).1.send_response(unavailable);
+    assert_pending!(fut.poll());
+    advance(249 * MS).await;
+    assert_pending!(fut.poll());
+    no_request(&mut handle);
+    advance(MS).await;
+    assert_pending!(fut.poll());
+    let ok = Response::builder()
+        .header("grpc-status", "0")
+        .body(())
+        .unwrap();
+    take_request(&mut handle).1.send_response(ok);
+    assert_ready_ok!(fut.poll());
+}
