@@ -61,7 +61,7 @@ pub struct RetryBudget {
 
 struct Inner {
     origin: Instant,
-    slot_width: Duration,
+    slot_nanos: u64,
     /// Units one retry costs (`SCALE / ratio`), or `None` when the ratio is zero.
     withdrawal: Option<u64>,
     /// Retries always allowed per window (`min_retries_per_sec × ttl`).
@@ -182,7 +182,9 @@ impl Inner {
         let since = now.saturating_duration_since(self.origin);
         // Wraps after 2^32 slots (more than a century for any sane ttl); the windows
         // compare epochs with wrapping arithmetic.
-        (since.as_nanos() / self.slot_width.as_nanos()) as u32
+        // u64 nanoseconds cover 584 years; a u128 division would cost far more.
+        let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        (nanos / self.slot_nanos) as u32
     }
 }
 
@@ -230,7 +232,7 @@ impl RetryBudgetBuilder {
         Ok(RetryBudget {
             inner: Arc::new(Inner {
                 origin: Instant::now(),
-                slot_width: self.ttl / SLOTS as u32,
+                slot_nanos: u64::try_from((self.ttl / SLOTS as u32).as_nanos()).unwrap_or(u64::MAX),
                 withdrawal,
                 reserve,
                 ratio: self.ratio,
