@@ -42,7 +42,8 @@ pin_project! {
         // An attempt is in flight.
         Called { #[pin] future: F },
         // Backing off before the next attempt.
-        Waiting { #[pin] sleep: Sleep },
+        // Boxed: a retry allocates once, and the happy path's future stays small.
+        Waiting { sleep: Pin<Box<Sleep>> },
         // Waiting for the service to be ready for the next attempt.
         Polling,
     }
@@ -129,48 +130,28 @@ where
                     if !class.is_retryable() {
                         return Poll::Ready(out);
                     }
-                    let policy = &*this.policy;
-                    let decision = decide(
-                        policy,
+                    let Some(delay) = retry_delay(
+                        &*this.policy,
                         *this.attempt,
                         this.request.is_some(),
                         *this.retry_safe,
                         *this.prev_delay,
                         &class,
-                    );
-                    let delay = match decision {
-                        Ok(delay) => delay,
-                        Err(why) => {
-                            give_up(*this.attempt, why, &class);
-                            return Poll::Ready(out);
-                        }
+                    ) else {
+                        return Poll::Ready(out);
                     };
                     drop(out);
                     *this.prev_delay = delay;
-                    let event = RetryEvent {
-                        attempt: *this.attempt + 1,
-                        delay,
-                        reason: class,
-                    };
-                    tracing::debug!(
-                        attempt = event.attempt,
-                        ?delay,
-                        class = ?class.class(),
-                        retry_after = ?class.retry_after(),
-                        "attempt failed; retrying"
-                    );
-                    metrics::counter!("postbox_retries_total").increment(1);
-                    policy.on_retry.on_retry(&event);
                     if delay.is_zero() {
                         this.state.set(State::Polling);
                     } else {
                         this.state.set(State::Waiting {
-                            sleep: tokio::time::sleep(delay),
+                            sleep: Box::pin(tokio::time::sleep(delay)),
                         });
                     }
                 }
                 StateProj::Waiting { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Polling);
                 }
                 StateProj::Polling => {
@@ -192,13 +173,60 @@ where
                         }
                     };
                     let req = req.expect("a retry is decided only with a request");
-                    metrics::counter!("postbox_retry_attempts_total").increment(1);
+                    count_retry_attempt();
                     let future = this.service.call(req);
                     this.state.set(State::Called { future });
                 }
             }
         }
     }
+}
+
+/// The slow path after a retryable outcome: the delay before the next attempt (after
+/// telling the hook, `tracing` and `metrics`), or `None` to return the outcome (after a
+/// `warn`). Kept out of line so the happy path of `poll` stays small enough to inline.
+#[cold]
+#[inline(never)]
+fn retry_delay<C, R, H: OnRetry>(
+    policy: &RetryPolicy<C, R, H>,
+    attempt: u32,
+    have_request: bool,
+    retry_safe: bool,
+    prev_delay: Duration,
+    class: &Classification,
+) -> Option<Duration> {
+    if attempt == 1 {
+        // The first attempt is counted here, not on the happy path: see the module docs.
+        metrics::counter!("postbox_retry_attempts_total").increment(1);
+    }
+    let delay = match decide(policy, attempt, have_request, retry_safe, prev_delay, class) {
+        Ok(delay) => delay,
+        Err(why) => {
+            give_up(attempt, why, class);
+            return None;
+        }
+    };
+    let event = RetryEvent {
+        attempt: attempt + 1,
+        delay,
+        reason: *class,
+    };
+    tracing::debug!(
+        attempt = event.attempt,
+        ?delay,
+        class = ?class.class(),
+        retry_after = ?class.retry_after(),
+        "attempt failed; retrying"
+    );
+    metrics::counter!("postbox_retries_total").increment(1);
+    policy.on_retry.on_retry(&event);
+    Some(delay)
+}
+
+#[cold]
+#[inline(never)]
+fn count_retry_attempt() {
+    metrics::counter!("postbox_retry_attempts_total").increment(1);
 }
 
 /// The delay before the next attempt, or why there is none. Pure apart from the jitter

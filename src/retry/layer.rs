@@ -82,8 +82,8 @@ impl<P> RetryLayer<P> {
     }
 }
 
-impl<S, P: Clone> Layer<S> for RetryLayer<P> {
-    type Service = Retry<S, P>;
+impl<S, C: Clone, R: Clone, H: Clone> Layer<S> for RetryLayer<RetryPolicy<C, R, H>> {
+    type Service = Retry<S, RetryPolicy<C, R, H>>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Retry::new(inner, self.policy.clone())

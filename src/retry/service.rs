@@ -16,6 +16,7 @@ use tower_service::Service;
 /// Needs `S: Clone`: every call takes the ready service into its response future
 /// (`mem::replace` with a clone), which polls it ready again before each retry. Clones
 /// share the policy's budget.
+///
 #[derive(Debug, Clone)]
 pub struct Retry<S, P> {
     inner: S,
@@ -24,12 +25,14 @@ pub struct Retry<S, P> {
 
 // === impl Retry ===
 
-impl<S, P> Retry<S, P> {
+impl<S, C, R, H> Retry<S, RetryPolicy<C, R, H>> {
     /// Wraps `inner` with `policy`.
-    pub const fn new(inner: S, policy: P) -> Self {
+    pub fn new(inner: S, policy: RetryPolicy<C, R, H>) -> Self {
         Self { inner, policy }
     }
+}
 
+impl<S, P> Retry<S, P> {
     /// The policy.
     pub fn policy(&self) -> &P {
         &self.policy
@@ -84,7 +87,6 @@ where
                 None => (req, None),
             }
         };
-        metrics::counter!("postbox_retry_attempts_total").increment(1);
         let clone = self.inner.clone();
         let mut service = mem::replace(&mut self.inner, clone);
         let future = service.call(send);
