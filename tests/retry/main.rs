@@ -743,3 +743,111 @@ async fn grpc_retry_pushback_is_honoured_never_early() {
     take_request(&mut handle).1.send_response(ok);
     assert_ready_ok!(fut.poll());
 }
+
+/// A `metrics` recorder that keeps counters by name (labels appended as `{k=v}`).
+#[derive(Default)]
+struct Counters(Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicU64>>>);
+
+impl Counters {
+    fn get(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0, |c| c.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+impl metrics::Recorder for Counters {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let mut name = key.name().to_string();
+        for label in key.labels() {
+            name.push_str(&format!("{{{}={}}}", label.key(), label.value()));
+        }
+        let counter = self.0.lock().unwrap().entry(name).or_default().clone();
+        metrics::Counter::from_arc(counter)
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_and_budget_exhaustion_are_counted() {
+    let counters = Counters::default();
+    let _guard = metrics::set_default_local_recorder(&counters);
+    let budget = RetryBudget::builder()
+        .ratio(0.2)
+        .min_retries_per_sec(0)
+        .build()
+        .unwrap();
+    let layer = RetryLayer::builder()
+        .max_retries(1)
+        .backoff(Backoff::constant(Duration::ZERO))
+        .budget(budget)
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<(), ()>| layer.layer(m));
+    for _ in 0..10 {
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(()));
+        take_request(&mut handle).1.send_response(());
+        assert_ready_ok!(fut.poll());
+    }
+    for _ in 0..3 {
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(()));
+        take_request(&mut handle).1.send_error(reset());
+        match fut.poll() {
+            Poll::Pending => {
+                take_request(&mut handle).1.send_error(reset());
+                assert_ready_err!(fut.poll());
+            }
+            Poll::Ready(out) => assert!(out.is_err(), "the budget returns the failure"),
+        }
+    }
+    // Successes at the first attempt are not counted; each failing call counts its
+    // first attempt and its retry (the third was refused by the budget).
+    assert_eq!(counters.get("postbox_retry_attempts_total"), 5);
+    assert_eq!(counters.get("postbox_retries_total"), 2);
+    assert_eq!(counters.get("postbox_retry_budget_exhausted_total"), 1);
+    assert_eq!(
+        counters.get("postbox_retry_gave_up_total{reason=budget_exhausted}"),
+        1
+    );
+    assert_eq!(
+        counters.get("postbox_retry_gave_up_total{reason=max_retries}"),
+        2
+    );
+}
