@@ -851,3 +851,97 @@ async fn retries_and_budget_exhaustion_are_counted() {
         2
     );
 }
+
+/// Against a real reqwest client and axum server on loopback.
+#[cfg(feature = "reqwest")]
+mod real_http {
+    use super::*;
+    use axum::Router;
+    use axum::routing::post;
+    use postbox::http::reqwest::ReqwestService;
+    use std::net::SocketAddr;
+    use tokio::net::TcpListener;
+    use tower::ServiceExt;
+
+    /// Every request's `Idempotency-Key` and body, in order.
+    type Seen = Arc<Mutex<Vec<(Option<String>, Bytes)>>>;
+
+    /// A server that answers `503` to the first `fail_first` requests, then `200`.
+    async fn serve(fail_first: usize) -> (SocketAddr, Seen) {
+        let seen: Seen = Arc::default();
+        let app = Router::new().route(
+            "/orders",
+            post({
+                let seen = seen.clone();
+                move |headers: http::HeaderMap, body: Bytes| async move {
+                    let key = headers
+                        .get(IDEMPOTENCY_KEY)
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let mut seen = seen.lock().unwrap();
+                    seen.push((key, body));
+                    if seen.len() <= fail_first {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::CREATED
+                    }
+                }
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, seen)
+    }
+
+    fn client(
+        limit: usize,
+    ) -> impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<reqwest::Body>,
+        Error = BoxError,
+        Future: Send,
+    > + Clone {
+        ServiceBuilder::new()
+            .layer(BufferBodyLayer::new(limit))
+            .layer(
+                RetryLayer::http()
+                    .requests(HttpRequests::new().generate_idempotency_key(true))
+                    .backoff(Backoff::constant(10 * MS))
+                    .no_budget()
+                    .build()
+                    .unwrap(),
+            )
+            .service(ReqwestService::new(reqwest::Client::new()))
+    }
+
+    #[tokio::test]
+    async fn a_post_is_replayed_whole_with_one_generated_key() {
+        let (addr, seen) = serve(1).await;
+        let body = Bytes::from(vec![b'x'; 10_000]);
+        let req = Request::post(format!("http://{addr}/orders"))
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let res = client(64 * 1024).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].1, body);
+        assert_eq!(seen[1].1, body);
+        assert!(seen[0].0.is_some(), "a key was generated");
+        assert_eq!(seen[0].0, seen[1].0, "the same key on both attempts");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_reaches_the_server_once_and_whole() {
+        let (addr, seen) = serve(1).await;
+        let body = Bytes::from(vec![b'y'; 1024 * 1024]);
+        let req = Request::post(format!("http://{addr}/orders"))
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let res = client(64 * 1024).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].1, body);
+    }
+}
