@@ -128,6 +128,9 @@ where
                     let out = ready!(future.poll(cx));
                     let class = this.policy.classifier.classify(out.as_ref());
                     if !class.is_retryable() {
+                        if *this.attempt > 1 {
+                            finished(*this.attempt, &class);
+                        }
                         return Poll::Ready(out);
                     }
                     let Some(delay) = retry_delay(
@@ -221,6 +224,14 @@ fn retry_delay<C, R, H: OnRetry>(
     metrics::counter!("postbox_retries_total").increment(1);
     policy.on_retry.on_retry(&event);
     Some(delay)
+}
+
+/// A retried call ended with an outcome that is not retried (a success, or a failure
+/// for good).
+#[cold]
+#[inline(never)]
+fn finished(attempts: u32, class: &Classification) {
+    tracing::debug!(attempts, class = ?class.class(), "retried call finished");
 }
 
 #[cold]

@@ -41,8 +41,9 @@
 //!
 //! # Telemetry
 //! `tracing`: a `debug` event for every failed attempt that is retried (attempt number,
-//! delay, class, hint), one `warn` when a retryable failure is returned; nothing on the
-//! success path. An [`OnRetry`] hook sees every retry.
+//! delay, class, hint) and when a retried call finishes, one `warn` when a retryable
+//! failure is returned; nothing when the first attempt settles the call. An [`OnRetry`]
+//! hook sees every retry.
 //!
 //! `metrics` counters:
 //!
