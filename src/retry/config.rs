@@ -39,6 +39,13 @@ pub struct RetryConfig {
     pub max_retry_after: Duration,
     /// The retry budget.
     pub budget: BudgetConfig,
+    /// HTTP only ([`http_requests`](Self::http_requests)): add a generated
+    /// `Idempotency-Key` to requests that are not retry-safe (default `false`).
+    pub generate_idempotency_key: bool,
+    /// HTTP only ([`http_requests`](Self::http_requests)): treat every method as
+    /// retry-safe, `POST` and `PATCH` included (default `false`; for services known to
+    /// de-duplicate, or gRPC methods that are safe to repeat).
+    pub retry_unsafe_methods: bool,
 }
 
 impl Default for RetryConfig {
@@ -48,6 +55,8 @@ impl Default for RetryConfig {
             backoff: BackoffConfig::default(),
             max_retry_after: DEFAULT_MAX_RETRY_AFTER,
             budget: BudgetConfig::default(),
+            generate_idempotency_key: false,
+            retry_unsafe_methods: false,
         }
     }
 }
@@ -179,6 +188,38 @@ impl RetryConfig {
     }
 }
 
+#[cfg(feature = "http")]
+impl RetryConfig {
+    /// The HTTP request strategy this describes (`generate_idempotency_key`,
+    /// `retry_unsafe_methods`).
+    pub fn http_requests(&self) -> super::HttpRequests {
+        let requests =
+            super::HttpRequests::new().generate_idempotency_key(self.generate_idempotency_key);
+        if self.retry_unsafe_methods {
+            requests.retry_safe_if(|_, _| true)
+        } else {
+            requests
+        }
+    }
+
+    /// An HTTP retry layer from this configuration: [`RetryLayer::http`](super::RetryLayer::http)
+    /// with these values applied.
+    ///
+    /// # Errors
+    /// An invalid backoff or budget.
+    pub fn build_http(
+        &self,
+    ) -> Result<
+        super::RetryLayer<
+            super::RetryPolicy<crate::classify::HttpClassifier, super::HttpRequests, ()>,
+        >,
+        ConfigError,
+    > {
+        self.apply(super::RetryLayer::http().requests(self.http_requests()))?
+            .build()
+    }
+}
+
 /// Durations as human strings: `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`, `"1h"`, `"100us"`.
 mod duration_str {
     use serde::{Deserialize, Deserializer, de::Error};
@@ -232,6 +273,21 @@ mod duration_str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn http_options_build_an_http_layer() {
+        let c: RetryConfig = serde_json::from_str(
+            r#"{"max_retries": 1, "generate_idempotency_key": true, "budget": {"enabled": false}}"#,
+        )
+        .unwrap();
+        let layer = c.build_http().unwrap();
+        assert_eq!(layer.policy().max_retries(), 1);
+        assert!(layer.policy().budget().is_none());
+        let mut req = http::Request::post("http://a/").body(()).unwrap();
+        super::super::CloneRequest::prepare(layer.policy().requests(), &mut req);
+        assert!(req.headers().contains_key("idempotency-key"));
+    }
 
     #[test]
     fn unknown_fields_are_rejected() {
