@@ -61,25 +61,52 @@ use std::task::{Context, Poll, ready};
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// A request extension saying the body was too large to buffer: it is streamed through
-/// once and must not be retried, replayed or enqueued.
+/// A request extension saying the body cannot be replayed: it is streamed through once
+/// and must not be retried, replayed or enqueued.
 ///
 /// Also an error (`Display`: "request body larger than the replay limit …") for layers
 /// that need to say why they did not retry or defer a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BodyNotReplayable {
     limit: usize,
+    reason: NotReplayableReason,
+}
+
+/// Why a body could not be buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NotReplayableReason {
+    /// It is larger than the limit.
+    TooLarge,
+    /// Reading it failed before its end; the inner service sees the same error.
+    ReadFailed,
 }
 
 impl BodyNotReplayable {
     /// A body larger than `limit` bytes.
     pub const fn new(limit: usize) -> Self {
-        Self { limit }
+        Self {
+            limit,
+            reason: NotReplayableReason::TooLarge,
+        }
     }
 
-    /// The buffering limit the body exceeded, in bytes.
+    /// A body whose reading failed while it was being buffered under `limit`.
+    pub const fn read_failed(limit: usize) -> Self {
+        Self {
+            limit,
+            reason: NotReplayableReason::ReadFailed,
+        }
+    }
+
+    /// The buffering limit, in bytes.
     pub const fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// Why the body was not buffered.
+    pub const fn reason(&self) -> NotReplayableReason {
+        self.reason
     }
 
     /// `true` if the request is marked as not replayable.
@@ -90,11 +117,16 @@ impl BodyNotReplayable {
 
 impl fmt::Display for BodyNotReplayable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "request body larger than the replay limit of {} bytes; sent once, not retried",
-            self.limit
-        )
+        match self.reason {
+            NotReplayableReason::TooLarge => write!(
+                f,
+                "request body larger than the replay limit of {} bytes; sent once, not retried",
+                self.limit
+            ),
+            NotReplayableReason::ReadFailed => {
+                f.write_str("request body failed while being buffered; sent once, not retried")
+            }
+        }
     }
 }
 
@@ -445,24 +477,23 @@ where
         let service = mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
         let hint = body.size_hint();
-        let mut collect = Collect {
+        let collect = Collect {
             service,
             parts,
             body,
             first: None,
             buf: BytesMut::new(),
             len: 0,
+            // What to reserve once a second chunk shows the body is not one `Bytes`.
+            expected: usize::try_from(hint.lower())
+                .unwrap_or(usize::MAX)
+                .min(self.limit),
             trailers: None,
             limit: self.limit,
         };
         if hint.lower() > self.limit as u64 {
             // Known to be too large: do not read it at all.
             return ResponseFuture::calling(collect.finish_streaming(None, None));
-        }
-        if let Some(exact) = hint.exact() {
-            if exact > 0 && !body_is_single_chunk_candidate(exact) {
-                collect.buf.reserve(exact as usize);
-            }
         }
         ResponseFuture {
             state: State::Buffering {
@@ -472,11 +503,6 @@ where
     }
 }
 
-/// Small bodies usually arrive as one chunk, which is kept without a copy.
-fn body_is_single_chunk_candidate(exact: u64) -> bool {
-    exact <= 8 * 1024
-}
-
 struct Collect<S, B> {
     service: S,
     parts: http::request::Parts,
@@ -484,6 +510,7 @@ struct Collect<S, B> {
     first: Option<Bytes>,
     buf: BytesMut,
     len: usize,
+    expected: usize,
     trailers: Option<HeaderMap>,
     limit: usize,
 }
@@ -493,26 +520,23 @@ where
     S: Service<Request<ReplayBody<B>>>,
 {
     fn read_so_far(&mut self) -> Bytes {
+        // `first` is moved into `buf` when a second chunk arrives: never both.
         match self.first.take() {
-            Some(first) if self.buf.is_empty() => first,
-            Some(first) => {
-                // Only when the first chunk was kept and more followed.
-                let mut all = BytesMut::with_capacity(first.len() + self.buf.len());
-                all.put(first);
-                all.put(self.buf.split());
-                all.freeze()
-            }
+            Some(first) => first,
             None => self.buf.split().freeze(),
         }
     }
 
+    /// Keeps the first chunk as it is (no copy for `Bytes` data); from the second one
+    /// on, copies every chunk once into one buffer.
     fn push(&mut self, mut data: impl Buf) {
         if self.first.is_none() && self.buf.is_empty() {
             self.first = Some(data.copy_to_bytes(data.remaining()));
             return;
         }
         if let Some(first) = self.first.take() {
-            self.buf.reserve(first.len() + data.remaining());
+            let need = first.len() + data.remaining();
+            self.buf.reserve(need.max(self.expected));
             self.buf.put(first);
         }
         self.buf.put(data);
@@ -527,13 +551,15 @@ where
 
     fn finish_streaming(mut self, pending: Option<Bytes>, error: Option<BoxError>) -> S::Future {
         let prefix = self.read_so_far();
-        tracing::debug!(
-            limit = self.limit,
-            "request body larger than the replay limit; sent once"
-        );
+        let mark = if error.is_some() {
+            BodyNotReplayable::read_failed(self.limit)
+        } else {
+            BodyNotReplayable::new(self.limit)
+        };
+        tracing::debug!(limit = self.limit, reason = ?mark.reason(), "request body not replayable; sent once");
         metrics::counter!("postbox_body_not_replayable_total").increment(1);
         let mut parts = self.parts;
-        parts.extensions.insert(BodyNotReplayable::new(self.limit));
+        parts.extensions.insert(mark);
         let body = ReplayBody::streaming_parts(prefix, pending, self.body, error);
         self.service.call(Request::from_parts(parts, body))
     }
@@ -744,5 +770,45 @@ mod tests {
         assert!(body.is_end_stream());
         let again = body.try_clone_body().unwrap();
         assert_eq!(again.size_hint().exact(), Some(3));
+    }
+
+    /// One chunk, then an error.
+    struct Failing(bool);
+
+    impl Body for Failing {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            if self.0 {
+                return Poll::Ready(Some(Err(std::io::ErrorKind::ConnectionReset.into())));
+            }
+            self.0 = true;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"ab")))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_is_passed_on_once_with_its_error() {
+        let svc = tower::service_fn(|req: Request<ReplayBody<Failing>>| async move {
+            let mark = req.extensions().get::<BodyNotReplayable>().copied();
+            let cloneable = req.body().try_clone_body().is_some();
+            let read = req.into_body().collect().await;
+            Ok::<_, Infallible>((mark, cloneable, read.is_err()))
+        });
+        use tower::ServiceExt;
+        let (mark, cloneable, failed) = BufferBodyLayer::new(1024)
+            .layer(svc)
+            .oneshot(Request::new(Failing(false)))
+            .await
+            .unwrap();
+        let mark = mark.unwrap();
+        assert_eq!(mark.reason(), NotReplayableReason::ReadFailed);
+        assert!(mark.to_string().contains("failed"));
+        assert!(!cloneable);
+        assert!(failed, "the inner service sees the body's error");
     }
 }

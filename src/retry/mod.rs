@@ -101,6 +101,11 @@
 //! [`BufferBodyLayer`](crate::http::body::BufferBodyLayer) outside the retry so bodies
 //! can be replayed.
 //!
+//! # Panics
+//! A retry with a non-zero delay sleeps on the Tokio timer, so it needs a Tokio runtime
+//! with the time driver enabled (as tower's `retry::backoff` does); calls settled by
+//! their first attempt and zero delays never touch it.
+//!
 //! # Cancel safety
 //! Dropping the response future drops the attempt in flight or the pending backoff
 //! sleep; no further attempt is made. A budget withdrawal already made is not refunded.
