@@ -510,7 +510,7 @@ async fn a_1_mib_body_under_a_64_kib_limit_is_sent_once_and_not_retried() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_body_under_the_limit_is_replayed_whole() {
+async fn a_body_under_the_limit_is_replayed_whole_without_a_copy_per_retry() {
     let retry = RetryLayer::http()
         .backoff(Backoff::constant(Duration::ZERO))
         .no_budget()
@@ -533,10 +533,15 @@ async fn a_body_under_the_limit_is_replayed_whole() {
     );
     assert_pending!(fut.poll());
     let (first, send) = take_request(&mut handle);
+    // One `Bytes` chunk is kept as it is: the buffer is the caller's own memory.
+    let first_ptr = first.body().buffered_bytes().unwrap().as_ptr();
+    assert_eq!(first_ptr, body.as_ptr());
     assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), body);
     send.send_response(status(503, None));
     assert_pending!(fut.poll());
     let (second, send) = take_request(&mut handle);
+    // The retry shares the buffer (a reference count), it does not copy it.
+    assert_eq!(second.body().buffered_bytes().unwrap().as_ptr(), first_ptr);
     assert_eq!(second.into_body().collect().await.unwrap().to_bytes(), body);
     send.send_response(status(200, None));
     assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
