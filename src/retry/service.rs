@@ -70,12 +70,13 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, mut req: Req) -> Self::Future {
         let policy = &self.policy;
         policy.requests.prepare(&mut req);
         let retry_safe = policy.requests.is_retry_safe(&req);
         if let Some(budget) = &policy.budget {
-            budget.deposit(Instant::now());
+            deposit(budget);
         }
         // Keep the original for later attempts and send a copy; the last attempt sends
         // the original itself.
@@ -92,4 +93,11 @@ where
         let future = service.call(send);
         ResponseFuture::new(keep, service, self.policy.clone(), retry_safe, future)
     }
+}
+
+/// Out of line: a clock read and an atomic, kept out of `call` so it stays small enough
+/// to inline (and to build its future in place).
+#[inline(never)]
+fn deposit(budget: &super::RetryBudget) {
+    budget.deposit(Instant::now());
 }
