@@ -199,10 +199,6 @@ fn retry_delay<C, R, H: OnRetry>(
     prev_delay: Duration,
     class: &Classification,
 ) -> Option<Duration> {
-    if attempt == 1 {
-        // The first attempt is counted here, not on the happy path: see the module docs.
-        metrics::counter!("postbox_retry_attempts_total").increment(1);
-    }
     let delay = match decide(policy, attempt, have_request, retry_safe, prev_delay, class) {
         Ok(delay) => delay,
         Err(why) => {

@@ -1,6 +1,7 @@
 use super::future::ResponseFuture;
 use super::policy::{CloneRequest, OnRetry, RetryPolicy};
 use crate::classify::Classify;
+use std::fmt;
 use std::mem;
 use std::task::{Context, Poll};
 use tokio::time::Instant;
@@ -17,10 +18,17 @@ use tower_service::Service;
 /// (`mem::replace` with a clone), which polls it ready again before each retry. Clones
 /// share the policy's budget.
 ///
-#[derive(Debug, Clone)]
+///
+/// # Metrics
+/// First attempts are counted in `postbox_retry_attempts_total` through a handle
+/// registered when the service is made (the `metrics` crate's advice for hot paths), so
+/// install the recorder before building the stack; everything else is counted through
+/// the recorder current at the time.
+#[derive(Clone)]
 pub struct Retry<S, P> {
     inner: S,
     policy: P,
+    first_attempts: metrics::Counter,
 }
 
 // === impl Retry ===
@@ -28,7 +36,20 @@ pub struct Retry<S, P> {
 impl<S, C, R, H> Retry<S, RetryPolicy<C, R, H>> {
     /// Wraps `inner` with `policy`.
     pub fn new(inner: S, policy: RetryPolicy<C, R, H>) -> Self {
-        Self { inner, policy }
+        Self {
+            inner,
+            policy,
+            first_attempts: metrics::counter!("postbox_retry_attempts_total"),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Retry<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
     }
 }
 
@@ -72,6 +93,7 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Req) -> Self::Future {
+        self.first_attempts.increment(1);
         let policy = &self.policy;
         policy.requests.prepare(&mut req);
         let retry_safe = policy.requests.is_retry_safe(&req);
