@@ -18,6 +18,12 @@
 //! chunk) and nothing per retry. A body whose size hint already exceeds the limit is not
 //! read at all before the call.
 //!
+//! Put the layer outside the retry. A client generic over its body type (reqwest through
+//! `postbox::http::reqwest::ReqwestService`, hyper-util's client) takes
+//! the [`ReplayBody`] as it is; for one with a fixed body type (tonic's `Channel` takes
+//! `tonic::body::Body`) map it back inside the retry, e.g.
+//! `ServiceBuilder::new().map_request(|r: http::Request<_>| r.map(tonic::body::Body::new))`.
+//!
 //! # Example
 //! ```
 //! use bytes::Bytes;

@@ -39,10 +39,10 @@ pub struct RetryConfig {
     pub max_retry_after: Duration,
     /// The retry budget.
     pub budget: BudgetConfig,
-    /// HTTP only ([`http_requests`](Self::http_requests)): add a generated
+    /// HTTP only (`RetryConfig::http_requests`): add a generated
     /// `Idempotency-Key` to requests that are not retry-safe (default `false`).
     pub generate_idempotency_key: bool,
-    /// HTTP only ([`http_requests`](Self::http_requests)): treat every method as
+    /// HTTP only (`RetryConfig::http_requests`): treat every method as
     /// retry-safe, `POST` and `PATCH` included (default `false`; for services known to
     /// de-duplicate, or gRPC methods that are safe to repeat).
     pub retry_unsafe_methods: bool,

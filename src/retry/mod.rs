@@ -21,13 +21,13 @@
 //!   `postbox_retry_budget_exhausted_total` counter grows and a `warn` event says why.
 //! * **Idempotency**: after an attempt that may have taken effect, only retry-safe
 //!   requests are retried ([`CloneRequest::is_retry_safe`]). For HTTP
-//!   ([`HttpRequests`]): idempotent methods (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`,
+//!   (`HttpRequests`): idempotent methods (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`,
 //!   `DELETE`) or requests with an `Idempotency-Key`, optionally generated for the
 //!   others. A failure that certainly had no effect (a refused connection, an open
 //!   breaker) is retried whatever the method.
 //! * **Replay**: the request is cloned for every attempt but the last, which sends the
 //!   original; a request that cannot be cloned (an HTTP body too large for
-//!   [`BufferBodyLayer`](crate::http::body::BufferBodyLayer)) is sent once.
+//!   `http::body::BufferBodyLayer`) is sent once.
 //! * **Readiness** is polled again before every retry.
 //!
 //! | what stops a retry | outcome returned | `reason` in the `warn` event |
@@ -94,8 +94,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! HTTP clients start from [`RetryLayer::http`] and put
-//! [`BufferBodyLayer`](crate::http::body::BufferBodyLayer) outside the retry so bodies
+//! HTTP clients (feature `http`) start from `RetryLayer::http` and put
+//! `http::body::BufferBodyLayer` outside the retry so bodies
 //! can be replayed.
 //!
 //! # Panics

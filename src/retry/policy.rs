@@ -10,7 +10,7 @@ use std::time::Duration;
 /// sending it twice is safe.
 ///
 /// Implemented by [`Cloned`] (any `Clone` request, all retry-safe) and, with the `http`
-/// feature, by [`HttpRequests`] (`http::Request<B>` for any replayable body, retry-safe
+/// feature, by `HttpRequests` (`http::Request<B>` for any replayable body, retry-safe
 /// by method or `Idempotency-Key`). A type of your own takes one `impl` block.
 pub trait CloneRequest<Req> {
     /// A copy of `req` for another attempt, or `None` if it cannot be replayed (then it
