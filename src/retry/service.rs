@@ -117,9 +117,11 @@ where
     }
 }
 
-/// Out of line: a clock read and an atomic, kept out of `call` so it stays small enough
-/// to inline (and to build its future in place).
+/// Out of line, so `call` stays small enough to inline (and to build its future in
+/// place). The clock is read only now and then (see [`RetryBudget::deposit_with`]).
+///
+/// [`RetryBudget::deposit_with`]: super::RetryBudget::deposit_with
 #[inline(never)]
 fn deposit(budget: &super::RetryBudget) {
-    budget.deposit(Instant::now());
+    budget.deposit_with(Instant::now);
 }
