@@ -3,6 +3,7 @@
 //! Requests are only ever taken with `Handle::poll_request` (never awaited): an idle
 //! paused runtime advances its clock to the next timer by itself, which would hide an
 //! early or late retry.
+#![cfg(feature = "http")]
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header::RETRY_AFTER};
