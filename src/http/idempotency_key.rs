@@ -19,7 +19,6 @@
 //! ```
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The `Idempotency-Key` request header.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -44,32 +43,13 @@ pub fn is_retry_safe(method: &Method, headers: &HeaderMap) -> bool {
     is_idempotent_method(method) || has_idempotency_key(headers)
 }
 
-/// A new key: a UUIDv7 in lowercase hyphenated form (48-bit Unix milliseconds, then 74
-/// random bits), so keys sort by creation time and never repeat in practice.
+/// A new key: a UUIDv7 in lowercase hyphenated form (48-bit Unix milliseconds, then
+/// random bits), from [`MessageId::new_v7`](crate::queue::MessageId::new_v7), so keys
+/// sort by creation time and never repeat in practice.
 pub fn generate_idempotency_key() -> HeaderValue {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let rand = fastrand::u128(..);
-    let mut b = rand.to_be_bytes();
-    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    b[6] = 0x70 | (b[6] & 0x0f); // version 7
-    b[8] = 0x80 | (b[8] & 0x3f); // RFC 9562 variant
-    let mut out = [0u8; 36];
-    let mut i = 0;
-    for (n, byte) in b.iter().enumerate() {
-        if matches!(n, 4 | 6 | 8 | 10) {
-            out[i] = b'-';
-            i += 1;
-        }
-        out[i] = HEX[usize::from(byte >> 4)];
-        out[i + 1] = HEX[usize::from(byte & 0x0f)];
-        i += 2;
-    }
-    HeaderValue::from_bytes(&out).expect("hex digits and hyphens are a valid header value")
+    let text = crate::queue::MessageId::new_v7().hyphenated();
+    HeaderValue::from_bytes(&text).expect("hex digits and hyphens are a valid header value")
 }
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// The request's `Idempotency-Key`, adding a [generated](generate_idempotency_key) one
 /// first if it has none.

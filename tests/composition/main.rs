@@ -102,3 +102,65 @@ async fn an_open_breakers_rejection_is_not_retried_before_its_retry_after() {
     );
     assert_eq!(handle.state(), State::Closed);
 }
+
+#[cfg(feature = "http")]
+#[tokio::test(start_paused = true)]
+async fn a_retry_inside_the_enqueue_fallback_replays_the_buffered_body() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use postbox::enqueue::{BufferedBody, EnqueueFallbackLayer};
+    use postbox::queue::MemoryQueue;
+
+    let bodies = Arc::new(Mutex::new(Vec::<Bytes>::new()));
+    let inner = service_fn({
+        let bodies = bodies.clone();
+        move |req: http::Request<BufferedBody<Full<Bytes>>>| {
+            let bodies = bodies.clone();
+            async move {
+                let body = req.into_body().collect().await?.to_bytes();
+                let n = {
+                    let mut seen = bodies.lock().unwrap();
+                    seen.push(body);
+                    seen.len()
+                };
+                let status = if n < 3 { 503 } else { 200 };
+                Ok::<_, BoxError>(
+                    http::Response::builder()
+                        .status(status)
+                        .body(Full::<Bytes>::default())?,
+                )
+            }
+        }
+    });
+    let retry = RetryLayer::http()
+        .max_retries(3)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .no_budget()
+        .build()
+        .unwrap();
+    let queue = Arc::new(MemoryQueue::new());
+    let svc = ServiceBuilder::new()
+        .layer(EnqueueFallbackLayer::new(queue.clone()))
+        .layer(retry)
+        .service(inner);
+
+    // A POST without a key: the fallback adds one, which makes it retry-safe.
+    let req = http::Request::post("http://orders.test/orders")
+        .body(Full::new(Bytes::from_static(b"{\"sku\":42}")))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let bodies = bodies.lock().unwrap();
+    assert_eq!(bodies.len(), 3);
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b == &Bytes::from_static(b"{\"sku\":42}"))
+    );
+    use postbox::queue::Queue;
+    assert_eq!(
+        queue.depth().await.unwrap().pending,
+        0,
+        "a call that recovered is not deferred"
+    );
+}
