@@ -242,6 +242,15 @@ pub(crate) fn partial<B>(
     BufferedBody::resume(prefix, rest)
 }
 
+impl<B> crate::http::body::TryCloneBody for BufferedBody<B> {
+    /// A copy when the body is fully buffered, so a retry layer inside
+    /// [`EnqueueFallback`](super::EnqueueFallback) replays it without a second buffer;
+    /// `None` for a streamed body, which is then sent exactly once.
+    fn try_clone_body(&self) -> Option<Self> {
+        self.as_bytes().map(|data| Self::full(data.clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,14 +276,5 @@ mod tests {
         assert!(!body.is_buffered());
         let got = body.collect().await.unwrap().to_bytes();
         assert_eq!(got, "hello world");
-    }
-}
-
-impl<B> crate::http::body::TryCloneBody for BufferedBody<B> {
-    /// A copy when the body is fully buffered, so a retry layer inside
-    /// [`EnqueueFallback`](super::EnqueueFallback) replays it without a second buffer;
-    /// `None` for a streamed body, which is then sent exactly once.
-    fn try_clone_body(&self) -> Option<Self> {
-        self.as_bytes().map(|data| Self::full(data.clone()))
     }
 }
