@@ -150,7 +150,7 @@ async fn a_retry_inside_the_enqueue_fallback_replays_the_buffered_body() {
         .unwrap();
     let res = svc.oneshot(req).await.unwrap();
     assert_eq!(res.status(), 200);
-    let bodies = bodies.lock().unwrap();
+    let bodies = bodies.lock().unwrap().clone();
     assert_eq!(bodies.len(), 3);
     assert!(
         bodies
