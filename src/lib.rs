@@ -4,6 +4,8 @@
 pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod classify;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod enqueue;
 pub mod error;
 #[cfg(feature = "http")]
