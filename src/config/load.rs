@@ -250,7 +250,30 @@ fn strip_location(message: String) -> String {
     }
 }
 
-fn syntax(text: &str, format: Format, message: String, line: Option<usize>, col: Option<usize>) -> LoadError {
+/// The line and column of the value a message quotes as "invalid duration `v`":
+/// serde_yaml places errors of custom deserializers at the start of the enclosing map.
+fn quoted_value(text: &str, message: &str) -> Option<(usize, usize)> {
+    const P: &str = "invalid duration `";
+    let rest = &message[message.find(P)? + P.len()..];
+    let value = &rest[..rest.find('`')?];
+    if value.trim().is_empty() {
+        return None;
+    }
+    text.lines()
+        .enumerate()
+        .find_map(|(n, l)| l.find(value).map(|c| (n + 1, l[..c].chars().count() + 1)))
+}
+
+fn syntax(
+    text: &str,
+    format: Format,
+    message: String,
+    mut line: Option<usize>,
+    mut col: Option<usize>,
+) -> LoadError {
+    if let Some((l, c)) = quoted_value(text, &message) {
+        (line, col) = (Some(l), Some(c));
+    }
     let field = unknown_field(&message).or_else(|| line.and_then(|l| key_on_line(text, l)));
     LoadError {
         field,
