@@ -1,1 +1,161 @@
+//! The server stack on a real axum server, and a handler calling a downstream through
+//! the client stack, with a real reqwest client, all on loopback.
 
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use http_body_util::Full;
+use postbox::config::{DeferringClient, Format, StackConfig};
+use postbox::enqueue::{DEFER_REASON_HEADER, MESSAGE_ID_HEADER};
+use postbox::http::reqwest::ReqwestService;
+use postbox::queue::{MemoryQueue, Queue};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tower::ServiceExt;
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// A loopback address nobody listens on: connections are refused.
+async fn dead_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    addr
+}
+
+const CONFIG: &str = r#"
+[server]
+preset = "server"
+deadline = "5s"
+
+[server.bulkhead]
+max_concurrent = 1
+
+[client]
+preset = "standard_http_client"
+deadline = "2s"
+attempt_timeout = "200ms"
+
+[client.retry]
+max_retries = 2
+
+[client.retry.backoff]
+base = "10ms"
+max_delay = "50ms"
+
+[client.enqueue]
+enabled = true
+"#;
+
+#[tokio::test]
+async fn a_full_bulkhead_answers_503_with_retry_after() {
+    let config = StackConfig::from_str(CONFIG, Format::Toml).unwrap();
+    let release = Arc::new(Notify::new());
+    let entered = Arc::new(Notify::new());
+    let app = Router::new()
+        .route(
+            "/slow",
+            post({
+                let (release, entered) = (release.clone(), entered.clone());
+                move || async move {
+                    entered.notify_one();
+                    release.notified().await;
+                    "done"
+                }
+            }),
+        )
+        .layer(config.server.layer().unwrap());
+    let addr = serve(app).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/slow");
+
+    let first = tokio::spawn(http.post(&url).body("{}").send());
+    entered.notified().await; // the first request holds the only permit
+
+    let second = http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(second.headers()["retry-after"], "1");
+    assert!(second.text().await.unwrap().contains("bulkhead full"));
+
+    release.notify_one();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.text().await.unwrap(), "done");
+}
+
+type Downstream = DeferringClient<ReqwestService, MemoryQueue>;
+
+#[derive(Clone)]
+struct AppState {
+    downstream: Downstream,
+    url: String,
+}
+
+/// Forwards the order downstream; `202 Accepted` with the message id when the call was
+/// deferred, the downstream's status otherwise.
+async fn create_order(State(app): State<AppState>, body: Bytes) -> Response {
+    let req = http::Request::post(&app.url).body(Full::new(body)).unwrap();
+    match app.downstream.oneshot(req).await {
+        Ok(res) if res.headers().contains_key(MESSAGE_ID_HEADER) => {
+            let id = res.headers()[MESSAGE_ID_HEADER].clone();
+            let reason = res.headers()[DEFER_REASON_HEADER].clone();
+            (
+                StatusCode::ACCEPTED,
+                [(MESSAGE_ID_HEADER, id), (DEFER_REASON_HEADER, reason)],
+                "order accepted; it will be delivered later",
+            )
+                .into_response()
+        }
+        Ok(res) => res.status().into_response(),
+        Err(e) => postbox::error::into_response(e),
+    }
+}
+
+#[tokio::test]
+async fn a_dead_downstream_is_answered_202_through_the_enqueue_fallback() {
+    let config = StackConfig::from_str(CONFIG, Format::Toml).unwrap();
+    let queue = Arc::new(MemoryQueue::new());
+    let downstream = tower::ServiceBuilder::new()
+        .layer(config.client.deferring_layer(queue.clone()).unwrap())
+        .service(ReqwestService::new(reqwest::Client::new()));
+    let dead = dead_port().await;
+    let state = AppState {
+        downstream,
+        url: format!("http://{dead}/orders"),
+    };
+    let app = Router::new()
+        .route("/orders", post(create_order))
+        .with_state(state)
+        .layer(config.server.layer().unwrap());
+    let addr = serve(app).await;
+
+    let res = reqwest::Client::new()
+        .post(format!("http://{addr}/orders"))
+        .body("{\"sku\":42}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(res.headers()[DEFER_REASON_HEADER], "retries-exhausted");
+    let id = res.headers()[MESSAGE_ID_HEADER].to_str().unwrap().to_owned();
+
+    let depth = queue.depth().await.unwrap();
+    assert_eq!(depth.pending, 1);
+    let stored = queue
+        .lease(1, Duration::from_secs(30), std::time::SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(stored[0].envelope.id.to_string(), id);
+    assert_eq!(&stored[0].envelope.body[..], b"{\"sku\":42}");
+}
