@@ -29,6 +29,11 @@
 //! | the server's `idempotency.lock_for ≥ deadline` (a claim outlives the handler) | `server.idempotency.lock_for` |
 //! | the server's bulkhead fails fast (`max_waiting = 0`) | `server.bulkhead.max_waiting` |
 //!
+//! One value is adjusted rather than refused: the client stack caps
+//! `retry.max_retry_after` at the `deadline`, so a server hint (or an open breaker's
+//! `retry_after`) longer than the whole call ends the retries at once — and the enqueue
+//! fallback defers the request as `circuit-open` — instead of waiting for the deadline.
+//!
 //! # Config files
 //! Every section is optional and every field has a default; unknown fields are errors.
 //! Durations are strings with a unit ([`duration::parse`]: `"250ms"`, `"2s"`, `"1m"`).

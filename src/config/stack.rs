@@ -123,7 +123,12 @@ impl ClientConfig {
         Ok(ClientLayer {
             deadline: DeadlineLayer::http(self.deadline).map_err(prefix)?,
             buffer: BufferBodyLayer::new(self.buffer_body),
-            retry: self.retry.build_http().map_err(prefix)?,
+            retry: {
+                // A hint longer than the whole call can only end in the deadline.
+                let mut retry = self.retry.clone();
+                retry.max_retry_after = retry.max_retry_after.min(self.deadline);
+                retry.build_http().map_err(prefix)?
+            },
             breaker: self
                 .circuit_breaker
                 .builder()
