@@ -1,4 +1,5 @@
 #![doc = include_str!("docs/crate.md")]
+#![doc = include_str!("docs/metrics.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod bulkhead;

@@ -120,7 +120,8 @@ impl<S> Bulkhead<S> {
 
     fn reject(&mut self, full: Full) {
         tracing::debug!(waited = ?full.waited(), "bulkhead full; rejecting");
-        metrics::counter!("postbox_bulkhead_rejected_total").increment(1);
+        metrics::counter!("postbox_calls_total", "layer" => "bulkhead", "outcome" => "rejected")
+            .increment(1);
         self.state = State::Rejected(full);
     }
 }

@@ -539,11 +539,10 @@ impl Breaker {
     #[cold]
     fn reject(&self, retry_after: Duration) -> Open {
         self.not_permitted.fetch_add(1, Relaxed);
-        metrics::counter!("postbox_circuit_rejected_total").increment(1);
-        if self.settings.count_calls {
-            metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "rejected")
-                .increment(1);
-        }
+        // Rejections are always counted (the slow path); other outcomes only with
+        // `count_calls`.
+        metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "rejected")
+            .increment(1);
         Open::new(retry_after)
     }
 

@@ -191,8 +191,13 @@ where
         let remaining = deadline.saturating_duration_since(now);
         if remaining.is_zero() {
             tracing::debug!("deadline already exceeded; not calling the inner service");
-            metrics::counter!("postbox_deadline_exceeded_total", "when" => "before_call")
-                .increment(1);
+            metrics::counter!(
+                "postbox_calls_total",
+                "layer" => "deadline",
+                "outcome" => "deadline_exceeded",
+                "when" => "before_call"
+            )
+            .increment(1);
             return DeadlineFuture::expired(DeadlineExceeded::new(Duration::ZERO, true));
         }
         self.propagate.outbound(&mut req, deadline, remaining);
