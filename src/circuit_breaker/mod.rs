@@ -56,9 +56,9 @@
 //! call of the [`OnTransition`] hook. Rejections always count in
 //! `postbox_calls_total{layer="circuit_breaker",outcome="rejected"}`; the other
 //! outcomes (`success`, `failure`, `ignored`) are opt-in
-//! ([`count_calls`](CircuitBreakerBuilder::count_calls)): even with no recorder it
-//! costs a noticeable share of the breaker's own few nanoseconds; the [`Metrics`]
-//! snapshot has the window's counts for free.
+//! ([`count_calls`](CircuitBreakerBuilder::count_calls)): nearly free with no
+//! recorder, but a recorder's cost per call; the [`Metrics`] snapshot has the window's
+//! counts for free.
 //!
 //! # Example
 //! ```

@@ -442,13 +442,23 @@ pub(crate) enum Verdict {
 
 #[cold]
 fn count_call(verdict: Verdict) {
-    let outcome = match verdict {
-        Verdict::Success => "success",
-        Verdict::Failure => "failure",
-        Verdict::Ignored => "ignored",
-    };
-    metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => outcome)
-        .increment(1);
+    // One macro per outcome: literal labels make a static key. A label taken from a
+    // variable builds the key at run time, a `Vec` allocation per call even with no
+    // recorder installed (about 35 ns in `benches/telemetry.rs`).
+    match verdict {
+        Verdict::Success => metrics::counter!(
+            "postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "success"
+        )
+        .increment(1),
+        Verdict::Failure => metrics::counter!(
+            "postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "failure"
+        )
+        .increment(1),
+        Verdict::Ignored => metrics::counter!(
+            "postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "ignored"
+        )
+        .increment(1),
+    }
 }
 
 #[derive(Debug)]
