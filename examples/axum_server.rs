@@ -94,7 +94,10 @@ async fn main() -> Result<(), BoxError> {
     // Metrics: a Prometheus recorder, rendered on GET /metrics.
     let prometheus = PrometheusBuilder::new().install_recorder()?;
 
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/config/axum_server.toml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/config/axum_server.toml"
+    );
     let config = StackConfig::load(path)?;
     println!("config: {path}");
 
@@ -146,7 +149,11 @@ async fn main() -> Result<(), BoxError> {
     let dead = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     *state.inventory_url.write().unwrap() = format!("http://{dead}/reserve");
     for i in 1..=3 {
-        show(&format!("POST /orders (inventory down) #{i}"), order().await?).await;
+        show(
+            &format!("POST /orders (inventory down) #{i}"),
+            order().await?,
+        )
+        .await;
     }
     println!("queued for later delivery: {:?}", queue.depth().await?);
 
@@ -166,10 +173,7 @@ async fn main() -> Result<(), BoxError> {
         .text()
         .await?;
     println!("\nGET /metrics (postbox_* samples):");
-    for line in body
-        .lines()
-        .filter(|l| l.starts_with("postbox_"))
-    {
+    for line in body.lines().filter(|l| l.starts_with("postbox_")) {
         println!("  {line}");
     }
     Ok(())

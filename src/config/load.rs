@@ -66,7 +66,10 @@ enum Kind {
 /// client.toml: line 3: invalid configuration: `client.attempt_timeout` (2s) must be at most `client.deadline` (1s): …
 /// ```
 #[derive(Debug)]
-pub struct LoadError {
+pub struct LoadError(Box<Repr>);
+
+#[derive(Debug)]
+struct Repr {
     path: Option<PathBuf>,
     format: Option<Format>,
     kind: Kind,
@@ -79,55 +82,62 @@ pub struct LoadError {
 
 impl LoadError {
     fn new(format: Option<Format>, kind: Kind) -> Self {
-        Self {
+        Self(Box::new(Repr {
             path: None,
             format,
             kind,
             field: None,
             line: None,
             column: None,
-        }
+        }))
+    }
+
+    fn at(mut self, field: Option<String>, line: Option<usize>, column: Option<usize>) -> Self {
+        self.0.field = field;
+        self.0.line = line;
+        self.0.column = column;
+        self
     }
 
     fn with_path(mut self, path: &Path) -> Self {
-        self.path = Some(path.to_owned());
+        self.0.path = Some(path.to_owned());
         self
     }
 
     /// The file, when read with [`StackConfig::load`].
     pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
+        self.0.path.as_deref()
     }
 
     /// The format the text was read as.
     pub fn format(&self) -> Option<Format> {
-        self.format
+        self.0.format
     }
 
     /// The 1-based line of the problem, when known.
     pub fn line(&self) -> Option<usize> {
-        self.line
+        self.0.line
     }
 
     /// The 1-based column of the problem, when known.
     pub fn column(&self) -> Option<usize> {
-        self.column
+        self.0.column
     }
 
     /// The field at fault: an unknown field's name, the key of the offending line, or
     /// the dotted path of an invalid field (`client.attempt_timeout`).
     pub fn field(&self) -> Option<&str> {
-        self.field.as_deref()
+        self.0.field.as_deref()
     }
 
     /// `true` for an unknown field.
     pub fn is_unknown_field(&self) -> bool {
-        matches!(&self.kind, Kind::Syntax(m) if m.contains("unknown field"))
+        matches!(&self.0.kind, Kind::Syntax(m) if m.contains("unknown field"))
     }
 
     /// The validation error, if the text was well formed but invalid.
     pub fn config_error(&self) -> Option<&ConfigError> {
-        match &self.kind {
+        match &self.0.kind {
             Kind::Invalid(e) => Some(e),
             _ => None,
         }
@@ -135,7 +145,7 @@ impl LoadError {
 
     /// What is wrong, without the location.
     pub fn message(&self) -> String {
-        match &self.kind {
+        match &self.0.kind {
             Kind::Io(e) => e.to_string(),
             Kind::UnknownFormat => {
                 "unknown config format: expected a .toml, .yaml, .yml or .json file".into()
@@ -148,16 +158,16 @@ impl LoadError {
 
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(p) = &self.path {
+        if let Some(p) = &self.0.path {
             write!(f, "{}: ", p.display())?;
         }
-        match (self.line, self.column) {
+        match (self.0.line, self.0.column) {
             (Some(l), Some(c)) => write!(f, "line {l}, column {c}: ")?,
             (Some(l), None) => write!(f, "line {l}: ")?,
             _ => {}
         }
         f.write_str(&self.message())?;
-        if let (Kind::Syntax(m), Some(field)) = (&self.kind, &self.field) {
+        if let (Kind::Syntax(m), Some(field)) = (&self.0.kind, &self.0.field) {
             if !m.contains(&format!("`{field}`")) {
                 write!(f, " (field `{field}`)")?;
             }
@@ -168,7 +178,7 @@ impl fmt::Display for LoadError {
 
 impl Error for LoadError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        match &self.kind {
+        match &self.0.kind {
             Kind::Io(e) => Some(e),
             Kind::Invalid(e) => Some(e),
             _ => None,
@@ -275,12 +285,7 @@ fn syntax(
         (line, col) = (Some(l), Some(c));
     }
     let field = unknown_field(&message).or_else(|| line.and_then(|l| key_on_line(text, l)));
-    LoadError {
-        field,
-        line,
-        column: col,
-        ..LoadError::new(Some(format), Kind::Syntax(message))
-    }
+    LoadError::new(Some(format), Kind::Syntax(message)).at(field, line, col)
 }
 
 /// Parses `text` as `T`, with errors located in `text`.
@@ -396,11 +401,8 @@ fn to_value(text: &str, format: Format) -> Result<Value, LoadError> {
 }
 
 fn invalid(text: &str, format: Format, e: ConfigError) -> LoadError {
-    LoadError {
-        field: Some(e.field().to_owned()),
-        line: line_of_field(text, e.field()),
-        ..LoadError::new(Some(format), Kind::Invalid(e))
-    }
+    let (field, line) = (e.field().to_owned(), line_of_field(text, e.field()));
+    LoadError::new(Some(format), Kind::Invalid(e)).at(Some(field), line, None)
 }
 
 /// The common pipeline: strict typed parse (errors with lines), presets on the value
@@ -560,7 +562,10 @@ mod tests {
     fn finds_the_line_of_a_dotted_field() {
         let text = "[client]\ndeadline = \"1s\"\n\n[client.retry.backoff]\nmax_delay = \"2s\"\n";
         assert_eq!(line_of_field(text, "client.deadline"), Some(2));
-        assert_eq!(line_of_field(text, "client.retry.backoff.max_delay"), Some(5));
+        assert_eq!(
+            line_of_field(text, "client.retry.backoff.max_delay"),
+            Some(5)
+        );
         assert_eq!(line_of_field(text, "client.attempt_timeout"), None);
         assert_eq!(key_on_line(text, 5).as_deref(), Some("max_delay"));
         assert_eq!(key_on_line("  \"ttl\": \"1x\"", 1).as_deref(), Some("ttl"));

@@ -124,10 +124,7 @@ use serde::Deserialize;
 use std::time::Duration;
 
 /// The names of the presets, with the section they apply to.
-pub const PRESETS: &[(&str, &str)] = &[
-    ("standard_http_client", "client"),
-    ("server", "server"),
-];
+pub const PRESETS: &[(&str, &str)] = &[("standard_http_client", "client"), ("server", "server")];
 
 const STANDARD_HTTP_CLIENT: &str = include_str!("presets/standard_http_client.toml");
 const SERVER: &str = include_str!("presets/server.toml");

@@ -12,7 +12,9 @@ use crate::http::body::{BufferBody, BufferBodyLayer};
 use crate::http::{ErrorResponse, ErrorResponseLayer};
 use crate::idempotency::{Idempotency, IdempotencyLayer, MemoryStore};
 use crate::retry::{HttpRequests, Retry, RetryLayer, RetryPolicy};
-use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer, Deadline, DeadlineLayer, HttpPropagation};
+use crate::timeout::{
+    AttemptTimeout, AttemptTimeoutLayer, Deadline, DeadlineLayer, HttpPropagation,
+};
 use std::sync::Arc;
 use tower_layer::{Layer, Stack};
 
@@ -41,7 +43,8 @@ pub type DeferringClient<S, Q> = EnqueueFallback<Client<S>, Q, HttpClassifier>;
 
 /// The server stack around `S`, outer to inner: errors as responses → deadline →
 /// bulkhead (fail fast) → idempotency → `S`. Its error is `Infallible`, as axum wants.
-pub type Server<S> = ErrorResponse<Deadline<Bulkhead<Idempotency<S, MemoryStore>>, HttpPropagation>>;
+pub type Server<S> =
+    ErrorResponse<Deadline<Bulkhead<Idempotency<S, MemoryStore>>, HttpPropagation>>;
 
 /// The client stack of a [`ClientConfig`] as one `tower::Layer`; see
 /// [`ClientConfig::layer`].
@@ -148,7 +151,10 @@ impl ClientConfig {
     ///
     /// # Errors
     /// The first invalid field, or `client.enqueue.enabled` when it is `false`.
-    pub fn deferring_layer<Q>(&self, queue: Arc<Q>) -> Result<DeferringClientLayer<Q>, ConfigError> {
+    pub fn deferring_layer<Q>(
+        &self,
+        queue: Arc<Q>,
+    ) -> Result<DeferringClientLayer<Q>, ConfigError> {
         if !self.enqueue.enabled {
             return Err(ConfigError::new(
                 "client.enqueue.enabled",

@@ -148,7 +148,10 @@ async fn a_dead_downstream_is_answered_202_through_the_enqueue_fallback() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     assert_eq!(res.headers()[DEFER_REASON_HEADER], "retries-exhausted");
-    let id = res.headers()[MESSAGE_ID_HEADER].to_str().unwrap().to_owned();
+    let id = res.headers()[MESSAGE_ID_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
 
     let depth = queue.depth().await.unwrap();
     assert_eq!(depth.pending, 1);

@@ -71,7 +71,10 @@ fn presets_load_and_overrides_apply() {
     assert_eq!(c.client.attempt_timeout, Duration::from_millis(500));
     assert_eq!(c.client.retry.max_retries, 2);
     assert_eq!(c.client.retry.backoff.max_delay, Duration::from_secs(1));
-    assert_eq!(c.client.circuit_breaker.window, WindowConfig::Count { size: 50 });
+    assert_eq!(
+        c.client.circuit_breaker.window,
+        WindowConfig::Count { size: 50 }
+    );
     assert_eq!(c.server.bulkhead.max_concurrent, 64);
     // Kept from the presets (merged field by field).
     let preset = ClientConfig::standard_http_client();
@@ -116,7 +119,10 @@ fn a_wrong_unit_names_the_value_field_and_line() {
     ] {
         let e = StackConfig::from_str(text, format).unwrap_err();
         let shown = e.to_string();
-        assert!(shown.contains("unknown unit `parsecs`"), "{format}: {shown}");
+        assert!(
+            shown.contains("unknown unit `parsecs`"),
+            "{format}: {shown}"
+        );
         assert!(shown.contains("250 parsecs"), "{format}: {shown}");
         assert_eq!(e.line(), Some(line), "{format}: {shown}");
         assert_eq!(e.field(), Some("attempt_timeout"), "{format}: {shown}");
@@ -139,7 +145,10 @@ fn an_unknown_field_names_the_field_and_line() {
         assert!(e.is_unknown_field(), "{format}: {shown}");
         assert_eq!(e.field(), Some("max_retry"), "{format}: {shown}");
         assert_eq!(e.line(), Some(line), "{format}: {shown}");
-        assert!(shown.contains("unknown field `max_retry`"), "{format}: {shown}");
+        assert!(
+            shown.contains("unknown field `max_retry`"),
+            "{format}: {shown}"
+        );
         assert!(shown.contains(&format!("line {line}")), "{format}: {shown}");
     }
 }
@@ -172,7 +181,10 @@ window = { type = "time", duration = "3s", buckets = 3 }
     .unwrap_err();
     assert_eq!(e.field(), Some("client.circuit_breaker.window.duration"));
     assert_eq!(e.line(), Some(7));
-    assert!(e.to_string().contains("2 × `client.attempt_timeout`"), "{e}");
+    assert!(
+        e.to_string().contains("2 × `client.attempt_timeout`"),
+        "{e}"
+    );
 
     // retries × max delay beyond the deadline
     let e = StackConfig::from_str(
@@ -197,8 +209,8 @@ window = { type = "time", duration = "3s", buckets = 3 }
 
 #[test]
 fn a_layer_error_is_named_with_its_section() {
-    let e = StackConfig::from_str("[server.bulkhead]\nmax_concurrent = 0\n", Format::Toml)
-        .unwrap_err();
+    let e =
+        StackConfig::from_str("[server.bulkhead]\nmax_concurrent = 0\n", Format::Toml).unwrap_err();
     assert_eq!(e.field(), Some("server.bulkhead.max_concurrent"));
     assert_eq!(e.line(), Some(2));
 }
