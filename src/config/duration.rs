@@ -67,7 +67,7 @@ pub fn format(d: Duration) -> String {
         (1_000_000, "ms"),
         (1_000, "us"),
     ] {
-        if ns >= per && ns % per == 0 {
+        if ns >= per && ns.is_multiple_of(per) {
             return format!("{}{unit}", ns / per);
         }
     }

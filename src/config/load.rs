@@ -167,10 +167,10 @@ impl fmt::Display for LoadError {
             _ => {}
         }
         f.write_str(&self.message())?;
-        if let (Kind::Syntax(m), Some(field)) = (&self.0.kind, &self.0.field) {
-            if !m.contains(&format!("`{field}`")) {
-                write!(f, " (field `{field}`)")?;
-            }
+        if let (Kind::Syntax(m), Some(field)) = (&self.0.kind, &self.0.field)
+            && !m.contains(&format!("`{field}`"))
+        {
+            write!(f, " (field `{field}`)")?;
         }
         Ok(())
     }

@@ -483,22 +483,20 @@ impl ClientConfig {
                 ),
             ));
         }
-        if self.circuit_breaker.consecutive_failures.is_none() {
-            if let WindowConfig::Time { duration, .. } = self.circuit_breaker.window {
-                let min = self.attempt_timeout.saturating_mul(2);
-                if duration < min {
-                    return Err(ConfigError::new(
-                        f("circuit_breaker.window.duration"),
-                        format!(
-                            "({}) must be at least 2 × `{}` ({}): a window shorter than two \
-                             attempts judges the breaker on too few outcomes",
-                            fmt_d(duration),
-                            f("attempt_timeout"),
-                            fmt_d(min)
-                        ),
-                    ));
-                }
-            }
+        if self.circuit_breaker.consecutive_failures.is_none()
+            && let WindowConfig::Time { duration, .. } = self.circuit_breaker.window
+            && duration < self.attempt_timeout.saturating_mul(2)
+        {
+            return Err(ConfigError::new(
+                f("circuit_breaker.window.duration"),
+                format!(
+                    "({}) must be at least 2 × `{}` ({}): a window shorter than two \
+                     attempts judges the breaker on too few outcomes",
+                    fmt_d(duration),
+                    f("attempt_timeout"),
+                    fmt_d(self.attempt_timeout.saturating_mul(2))
+                ),
+            ));
         }
         let waits = self
             .retry
