@@ -162,3 +162,96 @@ async fn a_dead_downstream_is_answered_202_through_the_enqueue_fallback() {
     assert_eq!(stored[0].envelope.id.to_string(), id);
     assert_eq!(&stored[0].envelope.body[..], b"{\"sku\":42}");
 }
+
+/// The sample of `name` whose labels include all of `labels`, from a Prometheus render.
+fn sample(render: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    render
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test] // current-thread: the thread-local recorder sees the server's tasks too
+async fn the_layers_report_under_one_metrics_scheme() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let config = StackConfig::from_str(CONFIG, Format::Toml).unwrap();
+    let queue = Arc::new(MemoryQueue::new());
+    let downstream = tower::ServiceBuilder::new()
+        .layer(config.client.deferring_layer(queue.clone()).unwrap())
+        .service(ReqwestService::new(reqwest::Client::new()));
+    let release = Arc::new(Notify::new());
+    let entered = Arc::new(Notify::new());
+    let state = AppState {
+        downstream,
+        url: format!("http://{}/orders", dead_port().await),
+    };
+    let app = Router::new()
+        .route("/orders", post(create_order))
+        .with_state(state)
+        .route(
+            "/slow",
+            post({
+                let (release, entered) = (release.clone(), entered.clone());
+                move || async move {
+                    entered.notify_one();
+                    release.notified().await;
+                    "done"
+                }
+            }),
+        )
+        .layer(config.server.layer().unwrap());
+    let addr = serve(app).await;
+    let http = reqwest::Client::new();
+
+    let res = http
+        .post(format!("http://{addr}/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let first = tokio::spawn(http.post(format!("http://{addr}/slow")).send());
+    entered.notified().await;
+    let res = http
+        .post(format!("http://{addr}/slow"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    release.notify_one();
+    first.await.unwrap().unwrap();
+
+    let render = handle.render();
+    let calls = "postbox_calls_total";
+    assert_eq!(
+        sample(
+            &render,
+            calls,
+            &[r#"layer="bulkhead""#, r#"outcome="rejected""#]
+        ),
+        Some(1.0),
+        "{render}"
+    );
+    assert_eq!(
+        sample(
+            &render,
+            calls,
+            &[
+                r#"layer="enqueue""#,
+                r#"outcome="enqueued""#,
+                r#"reason="retries-exhausted""#
+            ]
+        ),
+        Some(1.0),
+        "{render}"
+    );
+    // Connection refused three times: the first attempt and two retries.
+    assert_eq!(
+        sample(&render, "postbox_retry_attempts_total", &[]),
+        Some(3.0)
+    );
+    assert_eq!(sample(&render, "postbox_retries_total", &[]), Some(2.0));
+}
