@@ -18,7 +18,8 @@ fn main() -> Result<(), BoxError> {
 
     // Load, apply the presets, validate across layers.
     let config = StackConfig::load(&path)?;
-    println!("== effective config of {}\n{config:#?}\n", path.display());
+    // Presets applied and defaults filled in, as TOML the loader reads back.
+    println!("== effective config of {}\n{config}", path.display());
 
     // The same stack in YAML and JSON.
     for other in ["stack.yaml", "stack.json"] {

@@ -13,7 +13,12 @@
 //! The stacks only compose the layers of this crate; each of them still works alone in
 //! any `tower::ServiceBuilder`. The composed service types are nameable
 //! ([`Client<S>`], [`DeferringClient<S, Q>`], [`Server<S>`]): nothing is boxed, no call
-//! allocates more than its layers do on their own.
+//! allocates more than its layers do on their own. (A `BoxCloneSyncService` would have
+//! shortened the types at the price of an allocation and a dynamic call per request; the
+//! aliases keep them short enough to write in an axum state or a struct field.) The
+//! stacks live here, beside their configuration, because a stack *is* a validated
+//! configuration turned into layers: building one by hand is the
+//! `ServiceBuilder` of the [crate docs](crate#a-client-stack-and-a-server-stack).
 //!
 //! # Validation across layers
 //! Each layer validates its own settings; [`ClientConfig::validate`] and
@@ -43,7 +48,8 @@
 //! changes (the breaker's window) is replaced whole.
 //!
 //! [`StackConfig::load`] reads a file (the format from its extension);
-//! [`StackConfig::from_str`] reads text. A [`LoadError`] says where the problem is:
+//! [`StackConfig::from_str`] reads text; `Display` prints the effective configuration
+//! (presets applied, defaults filled in) as TOML that reads back to the same value. A [`LoadError`] says where the problem is:
 //! the line and the field for a syntax error, an unknown field or a bad value
 //! (`"250 parsecs"`), the field (and its line, when the file sets it) for a
 //! validation error.
@@ -109,6 +115,7 @@
 
 pub mod duration;
 mod load;
+mod render;
 mod stack;
 
 pub use self::load::{Format, LoadError};
