@@ -255,3 +255,59 @@ async fn the_layers_report_under_one_metrics_scheme() {
     );
     assert_eq!(sample(&render, "postbox_retries_total", &[]), Some(2.0));
 }
+
+#[tokio::test]
+async fn the_server_stack_honours_the_callers_deadline_and_replays_duplicates() {
+    let config = StackConfig::from_str(CONFIG, Format::Toml).unwrap();
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = Router::new()
+        .route(
+            "/slow",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                "late"
+            }),
+        )
+        .route(
+            "/orders",
+            post({
+                let runs = runs.clone();
+                move || async move {
+                    let n = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    (StatusCode::CREATED, format!("order #{n}"))
+                }
+            }),
+        )
+        .layer(config.server.layer().unwrap());
+    let addr = serve(app).await;
+    let http = reqwest::Client::new();
+
+    // The caller has 50 ms left: the server gives up then, not after its own 5 s.
+    let started = tokio::time::Instant::now();
+    let res = http
+        .post(format!("http://{addr}/slow"))
+        .header(postbox::timeout::TIMEOUT_MS_HEADER, "50")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // The same idempotency key twice: the handler runs once, the second is replayed.
+    let post_order = || {
+        http.post(format!("http://{addr}/orders"))
+            .header("idempotency-key", "order-42")
+            .send()
+    };
+    let first = post_order().await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(first.text().await.unwrap(), "order #1");
+    let again = post_order().await.unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(
+        again.headers()[postbox::idempotency::REPLAYED_HEADER],
+        "true"
+    );
+    assert_eq!(again.text().await.unwrap(), "order #1");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
