@@ -25,7 +25,10 @@ fn main() -> Result<(), BoxError> {
     for other in ["stack.yaml", "stack.json"] {
         let text = std::fs::read_to_string(dir.join(other))?;
         let same = StackConfig::load(dir.join(other))? == config;
-        println!("== {other} (gives the same config: {same})\n{}\n", text.trim());
+        println!(
+            "== {other} (gives the same config: {same})\n{}\n",
+            text.trim()
+        );
     }
 
     // Build the client stack around a reqwest client (no request is sent here).

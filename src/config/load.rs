@@ -208,6 +208,20 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
     ok.then(|| key.to_owned())
 }
 
+/// The key whose value is at 1-based `line`, `col`: the name before the last `=` or `:`
+/// ahead of the column (inline tables included).
+fn key_at(text: &str, line: usize, col: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let prefix: String = l.chars().take(col.saturating_sub(1)).collect();
+    let end = prefix.rfind(['=', ':'])?;
+    let before = prefix[..end].trim_end().trim_end_matches(['"', '\'']);
+    let start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .map_or(0, |i| i + 1);
+    let key = &before[start..];
+    (!key.is_empty()).then(|| key.to_owned())
+}
+
 /// The name in a serde "unknown field `x`" message.
 fn unknown_field(message: &str) -> Option<String> {
     let rest = &message[message.find("unknown field `")? + "unknown field `".len()..];
@@ -260,10 +274,10 @@ fn strip_location(message: String) -> String {
     }
 }
 
-/// The line and column of the value a message quotes as "invalid duration `v`":
+/// The line and column of the value a message quotes as "duration `v`":
 /// serde_yaml places errors of custom deserializers at the start of the enclosing map.
 fn quoted_value(text: &str, message: &str) -> Option<(usize, usize)> {
-    const P: &str = "invalid duration `";
+    const P: &str = "duration `";
     let rest = &message[message.find(P)? + P.len()..];
     let value = &rest[..rest.find('`')?];
     if value.trim().is_empty() {
@@ -284,7 +298,24 @@ fn syntax(
     if let Some((l, c)) = quoted_value(text, &message) {
         (line, col) = (Some(l), Some(c));
     }
-    let field = unknown_field(&message).or_else(|| line.and_then(|l| key_on_line(text, l)));
+    let unknown = unknown_field(&message);
+    if let (Some(name), Some(l)) = (&unknown, line) {
+        // serde_yaml reports a field of a tagged table at the table's key: look further.
+        let lines: Vec<&str> = text.lines().collect();
+        if !lines.get(l - 1).is_some_and(|t| mentions_key(t, name))
+            && let Some(n) = (l..lines.len()).find(|&n| mentions_key(lines[n], name))
+        {
+            line = Some(n + 1);
+            col = lines[n]
+                .find(name.as_str())
+                .map(|c| lines[n][..c].chars().count() + 1);
+        }
+    }
+    let field = unknown.or_else(|| match (line, col) {
+        (Some(l), Some(c)) => key_at(text, l, c).or_else(|| key_on_line(text, l)),
+        (Some(l), None) => key_on_line(text, l),
+        _ => None,
+    });
     LoadError::new(Some(format), Kind::Syntax(message)).at(field, line, col)
 }
 

@@ -154,6 +154,17 @@ fn an_unknown_field_names_the_field_and_line() {
 }
 
 #[test]
+fn a_field_inside_the_breaker_window_is_located_too() {
+    let toml = "[client.circuit_breaker]\nwindow = { type = \"time\", duration = \"9 parsecs\", buckets = 1 }\n";
+    let yaml = "client:\n  circuit_breaker:\n    window:\n      type: time\n      duration: 1s\n      buckets: 1\n      extra: 3\n";
+    let e = StackConfig::from_str(toml, Format::Toml).unwrap_err();
+    assert_eq!((e.field(), e.line()), (Some("duration"), Some(2)), "{e}");
+    assert!(e.to_string().contains("unknown unit `parsecs`"), "{e}");
+    let e = StackConfig::from_str(yaml, Format::Yaml).unwrap_err();
+    assert_eq!((e.field(), e.line()), (Some("extra"), Some(7)), "{e}");
+}
+
+#[test]
 fn cross_layer_violations_name_the_fields() {
     // attempt timeout above the deadline
     let e = StackConfig::from_str(
