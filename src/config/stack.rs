@@ -15,8 +15,9 @@ use crate::retry::{HttpRequests, Retry, RetryLayer, RetryPolicy};
 use crate::timeout::{
     AttemptTimeout, AttemptTimeoutLayer, Deadline, DeadlineLayer, HttpPropagation,
 };
+use std::fmt;
 use std::sync::Arc;
-use tower_layer::{Layer, Stack};
+use tower_layer::Layer;
 
 /// The retry policy of the client stack: HTTP classification, HTTP request safety, no hook.
 pub type HttpRetryPolicy = RetryPolicy<HttpClassifier, HttpRequests, ()>;
@@ -76,9 +77,52 @@ pub struct ClientLayer {
     attempt: AttemptTimeoutLayer,
 }
 
-/// The client stack with the enqueue fallback outermost; see
+/// The client stack with the enqueue fallback outermost, deferring into `Q`; see
 /// [`ClientConfig::deferring_layer`].
-pub type DeferringClientLayer<Q> = Stack<ClientLayer, EnqueueFallbackLayer<Q>>;
+pub struct DeferringClientLayer<Q> {
+    client: ClientLayer,
+    fallback: EnqueueFallbackLayer<Q>,
+}
+
+// === impl DeferringClientLayer ===
+
+impl<Q> DeferringClientLayer<Q> {
+    /// The client stack inside the fallback (its breakers, bulkhead, retry).
+    pub fn client(&self) -> &ClientLayer {
+        &self.client
+    }
+
+    /// The queue requests are deferred into.
+    pub fn queue(&self) -> &Arc<Q> {
+        self.fallback.queue()
+    }
+}
+
+impl<Q> Clone for DeferringClientLayer<Q> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            fallback: self.fallback.clone(),
+        }
+    }
+}
+
+impl<Q> fmt::Debug for DeferringClientLayer<Q> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeferringClientLayer")
+            .field("client", &self.client)
+            .field("fallback", &self.fallback)
+            .finish()
+    }
+}
+
+impl<S, Q> Layer<S> for DeferringClientLayer<Q> {
+    type Service = DeferringClient<S, Q>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.fallback.layer(self.client.layer(inner))
+    }
+}
 
 // === impl ClientLayer ===
 
@@ -164,7 +208,7 @@ impl ClientConfig {
         let client = self.layer()?;
         let fallback = EnqueueFallbackLayer::with_config(queue, self.enqueue.to_enqueue_config())
             .map_err(|e| super::prefixed("client", e))?;
-        Ok(Stack::new(client, fallback))
+        Ok(DeferringClientLayer { client, fallback })
     }
 }
 

@@ -311,3 +311,61 @@ async fn the_server_stack_honours_the_callers_deadline_and_replays_duplicates() 
     assert_eq!(again.text().await.unwrap(), "order #1");
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn an_open_breaker_defers_at_once_and_only_for_its_authority() {
+    let config = StackConfig::from_str(
+        r#"
+[client]
+preset = "standard_http_client"
+deadline = "2s"
+attempt_timeout = "200ms"
+
+[client.retry.backoff]
+base = "10ms"
+max_delay = "50ms"
+
+[client.circuit_breaker]
+minimum_calls = 3
+break_duration = "30s"
+
+[client.enqueue]
+enabled = true
+"#,
+        Format::Toml,
+    )
+    .unwrap();
+    let queue = Arc::new(MemoryQueue::new());
+    let stack = config.client.deferring_layer(queue.clone()).unwrap();
+    let breakers = stack.client().breakers();
+    let client = tower::ServiceBuilder::new()
+        .layer(stack)
+        .service(ReqwestService::new(reqwest::Client::new()));
+    let dead = dead_port().await;
+    let live = serve(Router::new().route("/orders", post(|| async { StatusCode::CREATED }))).await;
+    let order = |addr: SocketAddr| {
+        http::Request::post(format!("http://{addr}/orders"))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+
+    // Refused connections open the dead authority's breaker …
+    let res = client.clone().oneshot(order(dead)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let state = breakers.get(&dead.to_string()).unwrap().state();
+    assert_eq!(state, postbox::circuit_breaker::State::Open);
+
+    // … so the next call is deferred at once: the breaker's 30 s hint is longer than the
+    // deadline (the stack caps `max_retry_after` there), so the retry gives up without
+    // waiting.
+    let started = tokio::time::Instant::now();
+    let res = client.clone().oneshot(order(dead)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(res.headers()[DEFER_REASON_HEADER], "circuit-open");
+    assert!(started.elapsed() < Duration::from_millis(500));
+
+    // Another authority has its own, closed, breaker.
+    let res = client.clone().oneshot(order(live)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(queue.depth().await.unwrap().pending, 2);
+}
