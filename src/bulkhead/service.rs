@@ -200,13 +200,13 @@ where
                         }
                         continue;
                     }
-                    if let Some(timer) = &mut w.timer {
-                        if timer.as_mut().poll(cx).is_ready() {
-                            let waited = self.shared.max_wait.unwrap_or_default();
-                            let full = self.shared.full().after_waiting(waited);
-                            self.reject(full);
-                            continue;
-                        }
+                    if let Some(timer) = &mut w.timer
+                        && timer.as_mut().poll(cx).is_ready()
+                    {
+                        let waited = self.shared.max_wait.unwrap_or_default();
+                        let full = self.shared.full().after_waiting(waited);
+                        self.reject(full);
+                        continue;
                     }
                     return Poll::Pending;
                 }

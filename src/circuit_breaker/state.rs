@@ -688,12 +688,11 @@ impl Breaker {
         if verdict == Verdict::Failure {
             outcome |= FAILURE;
         }
-        if let Some(slow) = self.settings.slow_call_duration {
-            if permit.start_ns != NO_START
-                && self.ns(now.get()).saturating_sub(permit.start_ns) > slow.as_nanos() as u64
-            {
-                outcome |= SLOW;
-            }
+        if let Some(slow) = self.settings.slow_call_duration
+            && permit.start_ns != NO_START
+            && self.ns(now.get()).saturating_sub(permit.start_ns) > slow.as_nanos() as u64
+        {
+            outcome |= SLOW;
         }
         outcome
     }

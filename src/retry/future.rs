@@ -289,11 +289,11 @@ fn decide<C, R, H>(
         }
         delay = delay.max(hint);
     }
-    if let Some(budget) = &policy.budget {
-        if !budget.try_withdraw(Instant::now()) {
-            metrics::counter!("postbox_retry_budget_exhausted_total").increment(1);
-            return Err(GiveUp::Budget);
-        }
+    if let Some(budget) = &policy.budget
+        && !budget.try_withdraw(Instant::now())
+    {
+        metrics::counter!("postbox_retry_budget_exhausted_total").increment(1);
+        return Err(GiveUp::Budget);
     }
     Ok(delay)
 }

@@ -277,10 +277,8 @@ mod http_propagation {
                 TIMEOUT_MS_HEADER,
                 HeaderValue::from(remaining.as_millis() as u64),
             );
-            if is_grpc {
-                if let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining)) {
-                    headers.insert("grpc-timeout", v);
-                }
+            if is_grpc && let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining)) {
+                headers.insert("grpc-timeout", v);
             }
         }
     }
