@@ -9,6 +9,8 @@ pub mod classify;
 pub mod config;
 pub mod enqueue;
 pub mod error;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "http")]

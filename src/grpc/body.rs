@@ -1,0 +1,226 @@
+//! The response body of [`GrpcStatus`](super::GrpcStatus).
+
+use super::{GrpcOutcome, OnGrpcStatus};
+use crate::BoxError;
+use crate::classify::grpc::GrpcCode;
+use crate::classify::{GrpcClassifier, classify_error};
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+pin_project! {
+    /// The response body of [`GrpcStatus`](super::GrpcStatus): either the whole body,
+    /// already read (its status is known), or the rest of a stream too long to buffer,
+    /// classified from its trailers when it ends.
+    ///
+    /// A streamed body reports its final [`GrpcOutcome`] to the layer's
+    /// [`OnGrpcStatus`] hook when the trailers arrive (or when it ends or fails without
+    /// them). Dropping it before the end reports nothing.
+    pub struct GrpcStatusBody<B, H = ()> {
+        #[pin]
+        kind: Kind<B, H>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B, H> {
+        Buffered {
+            data: Option<Bytes>,
+            trailers: Option<HeaderMap>,
+        },
+        Streaming {
+            prefix: Option<Bytes>,
+            #[pin]
+            inner: B,
+            report: Option<Report<H>>,
+            done: bool,
+        },
+    }
+}
+
+/// What a streamed body needs to classify and report its end.
+pub(crate) struct Report<H> {
+    pub(crate) classifier: GrpcClassifier,
+    pub(crate) hook: Arc<H>,
+}
+
+impl<H: OnGrpcStatus> Report<H> {
+    fn trailers(self, trailers: Option<&HeaderMap>) {
+        let code = trailers
+            .and_then(GrpcCode::from_headers)
+            .unwrap_or(GrpcCode::Unknown);
+        let classification = self.classifier.classify_trailers(trailers);
+        self.hook
+            .on_grpc_status(&GrpcOutcome::new(code, classification, true));
+    }
+
+    fn error(self, err: &BoxError) {
+        // tonic's bodies fail with a `Status`; anything else is `UNKNOWN`.
+        let code = crate::error::find_cause::<tonic::Status>(&**err)
+            .map_or(GrpcCode::Unknown, |s| GrpcCode::from_i32(s.code() as i32));
+        self.hook
+            .on_grpc_status(&GrpcOutcome::new(code, classify_error(&**err), true));
+    }
+}
+
+// === impl GrpcStatusBody ===
+
+impl<B, H> GrpcStatusBody<B, H> {
+    /// A body read in full: its data (if any), then its trailers (if any).
+    pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self {
+            kind: Kind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
+    }
+
+    /// The bytes already read (`prefix`), then the rest of `inner`; `report` classifies
+    /// the end of the stream.
+    pub(crate) fn streaming(prefix: Bytes, inner: B, report: Option<Report<H>>) -> Self {
+        Self {
+            kind: Kind::Streaming {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                inner,
+                report,
+                done: false,
+            },
+        }
+    }
+
+    /// An empty body (a promoted trailers-only response).
+    pub(crate) fn empty() -> Self {
+        Self::buffered(Bytes::new(), None)
+    }
+
+    /// `true` when the whole body was read before the response was returned, so its
+    /// gRPC status is final.
+    pub fn is_buffered(&self) -> bool {
+        matches!(self.kind, Kind::Buffered { .. })
+    }
+}
+
+impl<B, H> fmt::Debug for GrpcStatusBody<B, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Buffered { data, trailers } => f
+                .debug_struct("GrpcStatusBody::Buffered")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .field("trailers", &trailers.is_some())
+                .finish(),
+            Kind::Streaming { done, .. } => f
+                .debug_struct("GrpcStatusBody::Streaming")
+                .field("done", done)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl<B, H> Body for GrpcStatusBody<B, H>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+    H: OnGrpcStatus,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Buffered { data, trailers } => {
+                if let Some(d) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            KindProj::Streaming {
+                prefix,
+                inner,
+                report,
+                done,
+            } => {
+                if let Some(d) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                if *done {
+                    return Poll::Ready(None);
+                }
+                match ready!(inner.poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        if let Some(t) = frame.trailers_ref() {
+                            if let Some(r) = report.take() {
+                                r.trailers(Some(t));
+                            }
+                        }
+                        Poll::Ready(Some(Ok(
+                            frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
+                        )))
+                    }
+                    Some(Err(e)) => {
+                        *done = true;
+                        let e: BoxError = e.into();
+                        if let Some(r) = report.take() {
+                            r.error(&e);
+                        }
+                        Poll::Ready(Some(Err(e)))
+                    }
+                    None => {
+                        *done = true;
+                        if let Some(r) = report.take() {
+                            r.trailers(None);
+                        }
+                        Poll::Ready(None)
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Streaming {
+                prefix,
+                inner,
+                done,
+                ..
+            } => *done || (prefix.is_none() && inner.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Buffered { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, Bytes::len) as u64)
+            }
+            Kind::Streaming {
+                prefix,
+                inner,
+                done,
+                ..
+            } => {
+                if *done {
+                    return SizeHint::with_exact(0);
+                }
+                let have = prefix.as_ref().map_or(0, Bytes::len) as u64;
+                let hint = inner.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(hint.lower().saturating_add(have));
+                if let Some(upper) = hint.upper() {
+                    out.set_upper(upper.saturating_add(have));
+                }
+                out
+            }
+        }
+    }
+}

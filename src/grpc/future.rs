@@ -1,0 +1,254 @@
+//! Response future of [`GrpcStatus`](super::GrpcStatus).
+
+use super::body::{GrpcStatusBody, Report};
+use super::{GrpcOutcome, OnGrpcStatus};
+use crate::BoxError;
+use crate::classify::GrpcClassifier;
+use crate::classify::grpc::GrpcCode;
+use bytes::{Buf, Bytes, BytesMut};
+use http::response::Parts;
+use http::{HeaderMap, HeaderValue, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+pin_project! {
+    /// Response future of [`GrpcStatus`](super::GrpcStatus): waits for the response,
+    /// then reads its body (up to the limit) to learn the final status.
+    ///
+    /// # Cancel safety
+    /// Dropping it drops the call in flight or the partly read body; nothing is
+    /// reported.
+    pub struct ResponseFuture<F, B, H> {
+        #[pin]
+        state: State<F, B>,
+        limit: usize,
+        classifier: GrpcClassifier,
+        hook: Arc<H>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B> {
+        Calling { #[pin] fut: F },
+        Reading {
+            parts: Option<Parts>,
+            // `Option` so it can move into the response; `B: Unpin` (tonic's and
+            // hyper's bodies are).
+            body: Option<B>,
+            data: Collected,
+        },
+        Done,
+    }
+}
+
+/// The data read so far: one chunk kept as is, copied only when a second arrives.
+#[derive(Default)]
+struct Collected {
+    first: Option<Bytes>,
+    more: Option<BytesMut>,
+    len: usize,
+}
+
+impl Collected {
+    fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        if chunk.is_empty() {
+            return;
+        }
+        if let Some(more) = &mut self.more {
+            more.extend_from_slice(&chunk);
+        } else if let Some(first) = self.first.take() {
+            let mut more = BytesMut::with_capacity(first.len() + chunk.len());
+            more.extend_from_slice(&first);
+            more.extend_from_slice(&chunk);
+            self.more = Some(more);
+        } else {
+            self.first = Some(chunk);
+        }
+    }
+
+    fn take(&mut self) -> Bytes {
+        self.len = 0;
+        match (self.more.take(), self.first.take()) {
+            (Some(more), _) => more.freeze(),
+            (None, Some(first)) => first,
+            (None, None) => Bytes::new(),
+        }
+    }
+}
+
+impl<F, B, H> ResponseFuture<F, B, H> {
+    pub(crate) fn new(fut: F, limit: usize, classifier: GrpcClassifier, hook: Arc<H>) -> Self {
+        Self {
+            state: State::Calling { fut },
+            limit,
+            classifier,
+            hook,
+        }
+    }
+}
+
+impl<F, B, H> fmt::Debug for ResponseFuture<F, B, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Calling { .. } => "calling",
+            State::Reading { .. } => "reading",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl<F, B, E, H> Future for ResponseFuture<F, B, H>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+    H: OnGrpcStatus,
+{
+    type Output = Result<Response<GrpcStatusBody<B, H>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Calling { fut } => {
+                    let res = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    let (mut parts, body) = res.into_parts();
+                    if let Some(c) = this
+                        .classifier
+                        .classify_headers(parts.status, &parts.headers)
+                    {
+                        // Trailers-only (or a non-200 from a proxy): the status is final.
+                        let code = GrpcCode::from_headers(&parts.headers)
+                            .unwrap_or_else(|| GrpcCode::from_http_status(parts.status));
+                        let outcome = GrpcOutcome::new(code, c, false);
+                        this.hook.on_grpc_status(&outcome);
+                        parts.extensions.insert(outcome);
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(Response::from_parts(
+                            parts,
+                            GrpcStatusBody::streaming(Bytes::new(), body, None),
+                        )));
+                    }
+                    this.state.set(State::Reading {
+                        parts: Some(parts),
+                        body: Some(body),
+                        data: Collected::default(),
+                    });
+                }
+                StateProj::Reading { parts, body, data } => {
+                    let inner = body.as_mut().expect("body taken once");
+                    let frame = match ready!(Pin::new(inner).poll_frame(cx)) {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(e)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(e.into()));
+                        }
+                        None => {
+                            let parts = parts.take().expect("parts taken once");
+                            let data = data.take();
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(finish(
+                                parts,
+                                data,
+                                None,
+                                this.classifier,
+                                &**this.hook,
+                            )));
+                        }
+                    };
+                    match frame.into_data() {
+                        Ok(mut chunk) => {
+                            let chunk = chunk.copy_to_bytes(chunk.remaining());
+                            if data.len + chunk.len() > *this.limit {
+                                // Too long to buffer: stream the rest, report at its end.
+                                data.push(chunk);
+                                let prefix = data.take();
+                                let parts = parts.take().expect("parts taken once");
+                                let report = Report {
+                                    classifier: *this.classifier,
+                                    hook: this.hook.clone(),
+                                };
+                                let body = body.take().expect("body taken once");
+                                this.state.set(State::Done);
+                                return Poll::Ready(Ok(Response::from_parts(
+                                    parts,
+                                    GrpcStatusBody::streaming(prefix, body, Some(report)),
+                                )));
+                            }
+                            data.push(chunk);
+                        }
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                let parts = parts.take().expect("parts taken once");
+                                let data = data.take();
+                                this.state.set(State::Done);
+                                return Poll::Ready(Ok(finish(
+                                    parts,
+                                    data,
+                                    Some(trailers),
+                                    this.classifier,
+                                    &**this.hook,
+                                )));
+                            }
+                            // An unknown frame kind: skip it.
+                        }
+                    }
+                }
+                StateProj::Done => panic!("grpc status future polled after completion"),
+            }
+        }
+    }
+}
+
+/// Builds the response for a body read in full: a non-OK (or missing) status is
+/// promoted into the headers, the trailers-only form; an OK one keeps its body and
+/// trailers.
+fn finish<B, H: OnGrpcStatus>(
+    mut parts: Parts,
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+    classifier: &GrpcClassifier,
+    hook: &H,
+) -> Response<GrpcStatusBody<B, H>> {
+    let code = trailers.as_ref().and_then(GrpcCode::from_headers);
+    let outcome = GrpcOutcome::new(
+        code.unwrap_or(GrpcCode::Unknown),
+        classifier.classify_trailers(trailers.as_ref()),
+        false,
+    );
+    hook.on_grpc_status(&outcome);
+    parts.extensions.insert(outcome);
+    if code == Some(GrpcCode::Ok) {
+        return Response::from_parts(parts, GrpcStatusBody::buffered(data, trailers));
+    }
+    match trailers {
+        Some(trailers) if code.is_some() => {
+            for (name, value) in &trailers {
+                parts.headers.append(name, value.clone());
+            }
+        }
+        _ => {
+            parts
+                .headers
+                .insert("grpc-status", HeaderValue::from_static("2"));
+            parts.headers.insert(
+                "grpc-message",
+                HeaderValue::from_static("missing%20grpc-status"),
+            );
+        }
+    }
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, GrpcStatusBody::empty())
+}

@@ -1,0 +1,152 @@
+//! tonic glue: the gRPC status from the trailers made visible to the layers, and our
+//! errors as `tonic::Status`.
+//!
+//! # The problem: the status comes last
+//! A gRPC response carries its status in the HTTP/2 *trailers*, after the messages —
+//! except "trailers-only" responses (most errors a server raises before sending a
+//! message), which carry it in the headers. A tower layer's future completes when the
+//! *headers* arrive, so a breaker or a retry around a tonic `Channel` sees
+//! `200 OK` without a `grpc-status` and must call it a provisional success
+//! ([`GrpcClassifier`] does). A handler that fails after it has started answering —
+//! or a server or proxy that always sends the status in trailers — would go unseen.
+//!
+//! # The choice: read unary bodies before answering
+//! [`GrpcStatusLayer`] sits **innermost**, right around the `Channel`. For each response
+//! whose status is not already in the headers, it reads the body — up to a limit, 64 KiB
+//! by default — before it returns the response:
+//!
+//! * **non-OK status in the trailers** (or no status at all, which is `UNKNOWN`): the
+//!   response is rewritten into the equivalent trailers-only response — the trailers
+//!   (`grpc-status`, `grpc-message`, `grpc-status-details-bin`,
+//!   `grpc-retry-pushback-ms`, custom metadata) move into the headers and the body is
+//!   empty. Every layer above classifies it from the headers, exactly, and tonic's
+//!   client reads it as the same `Status` it would have read from the trailers;
+//! * **OK**: the response keeps its body and trailers, now held in memory
+//!   ([`GrpcStatusBody::is_buffered`]); the provisional success above is final;
+//! * **longer than the limit** (a server stream): the response is returned at once and
+//!   streamed through; its status is known only when the stream ends, too late for a
+//!   retry, so it is classified then and reported to the [`OnGrpcStatus`] hook.
+//!
+//! Either way the final [`GrpcOutcome`] is put in the response's extensions when it is
+//! known before returning.
+//!
+//! Why not a body that reports to the breaker at the end of every stream? A retry
+//! cannot act on a status it learns after it handed the response to the caller, so
+//! for the calls that matter — unary calls, whose response is one message — reading
+//! the body first is the only way a retry can see the status; a breaker gets the same
+//! answer for free. Unary responses are small and tonic buffers each message anyway, so
+//! the cost is one copy at most (none for a single-frame body). Streams keep streaming
+//! and report through the hook; wiring that hook into a breaker's record is left to the
+//! caller.
+//!
+//! # The stack around a `Channel`
+//! ```text
+//! IntoStatus ─► BufferBody ─► Retry ─► CircuitBreaker ─► Bulkhead ─► AttemptTimeout ─► GrpcStatus ─► Channel
+//! ```
+//! [`IntoStatusLayer`] outermost turns our errors into a `tonic::Status` the generated
+//! client returns as is (an open breaker → `UNAVAILABLE` with `grpc-retry-pushback-ms`,
+//! not `UNKNOWN`). gRPC calls are all `POST`s: a retry needs the request body
+//! replayable ([`BufferBodyLayer`](crate::http::body::BufferBodyLayer)) and to be told which
+//! methods are safe to repeat. The `tonic_client` example builds this stack.
+//!
+//! # Example
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use postbox::classify::{Class, Classify, GrpcClassifier};
+//! use postbox::grpc::{GrpcOutcome, GrpcStatusLayer};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), postbox::BoxError> {
+//! // A server that answers 200 and reports UNAVAILABLE in the trailers.
+//! let channel = service_fn(|_req: http::Request<()>| async {
+//!     let mut trailers = http::HeaderMap::new();
+//!     trailers.insert("grpc-status", "14".parse().unwrap());
+//!     let body = Full::new(Bytes::new()).with_trailers(async move { Some(Ok(trailers)) });
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(body))
+//! });
+//! let res = GrpcStatusLayer::new().layer(channel).oneshot(http::Request::new(())).await?;
+//!
+//! // The status is now in the headers, where every layer looks.
+//! assert_eq!(res.headers()["grpc-status"], "14");
+//! let c = Classify::<_, postbox::BoxError>::classify(&GrpcClassifier::new(), Ok(&res));
+//! assert_eq!(c.class(), Class::Failure);
+//! assert!(c.is_retryable());
+//! assert!(!res.extensions().get::<GrpcOutcome>().unwrap().is_streamed());
+//! # Ok(()) }
+//! ```
+
+mod body;
+pub mod future;
+pub mod into_status;
+mod layer;
+mod service;
+
+pub use self::body::GrpcStatusBody;
+pub use self::into_status::{IntoStatus, IntoStatusLayer, into_status};
+pub use self::layer::{DEFAULT_BUFFER_LIMIT, GrpcStatusLayer};
+pub use self::service::GrpcStatus;
+
+use crate::classify::Classification;
+use crate::classify::grpc::GrpcCode;
+
+/// The final gRPC status of one response and its classification.
+///
+/// Put in the response's extensions by [`GrpcStatus`] when the status is known before
+/// the response is returned, and given to the [`OnGrpcStatus`] hook for every response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcOutcome {
+    code: GrpcCode,
+    classification: Classification,
+    streamed: bool,
+}
+
+// === impl GrpcOutcome ===
+
+impl GrpcOutcome {
+    pub(crate) fn new(code: GrpcCode, classification: Classification, streamed: bool) -> Self {
+        Self {
+            code,
+            classification,
+            streamed,
+        }
+    }
+
+    /// The status code (`UNKNOWN` when the response carried none).
+    pub fn code(&self) -> GrpcCode {
+        self.code
+    }
+
+    /// How the layer's classifier classifies it.
+    pub fn classification(&self) -> Classification {
+        self.classification
+    }
+
+    /// `true` when the body was too long to read first: the status was learnt at the
+    /// end of the stream, after the layers above had seen the response.
+    pub fn is_streamed(&self) -> bool {
+        self.streamed
+    }
+}
+
+/// Called with the final outcome of every response that goes through [`GrpcStatus`].
+///
+/// Implemented for `()` (nothing) and for closures `Fn(&GrpcOutcome)`. For a streamed
+/// response it is called from the body, when the trailers arrive, so it should be
+/// quick.
+pub trait OnGrpcStatus {
+    /// Sees one final outcome.
+    fn on_grpc_status(&self, outcome: &GrpcOutcome);
+}
+
+impl OnGrpcStatus for () {
+    #[inline]
+    fn on_grpc_status(&self, _: &GrpcOutcome) {}
+}
+
+impl<F: Fn(&GrpcOutcome)> OnGrpcStatus for F {
+    fn on_grpc_status(&self, outcome: &GrpcOutcome) {
+        self(outcome)
+    }
+}
