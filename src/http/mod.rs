@@ -1,5 +1,5 @@
-//! HTTP glue: reqwest as a `tower::Service`, errors answered as responses for axum,
-//! replayable request bodies and the `Idempotency-Key` header.
+//! HTTP glue: reqwest as a `tower::Service`, hyper-util's legacy client, errors answered
+//! as responses for axum, replayable request bodies and the `Idempotency-Key` header.
 //!
 //! * [`body`]: [`BufferBodyLayer`](body::BufferBodyLayer) buffers a request body up to
 //!   a limit so the retry layer (and the enqueue fallback) can send it again; a larger
@@ -28,6 +28,8 @@
 //! ```
 
 pub mod body;
+#[cfg(feature = "hyper")]
+pub mod hyper;
 pub mod idempotency_key;
 #[cfg(feature = "reqwest")]
 pub mod reqwest;
