@@ -151,3 +151,168 @@ async fn a_server_deadline_answers_504() {
         .unwrap();
     assert_eq!(res.status(), http::StatusCode::GATEWAY_TIMEOUT);
 }
+
+// === the client stack around reqwest ===
+
+mod client_stack {
+    use super::*;
+    use axum::routing::get;
+    use postbox::circuit_breaker::error::Open;
+    use postbox::circuit_breaker::{CircuitBreakerLayer, State};
+    use postbox::error::is_caused_by;
+    use postbox::http::body::BufferBodyLayer;
+    use postbox::retry::RetryLayer;
+    use postbox::retry::backoff::Backoff;
+    use postbox::timeout::AttemptTimeoutLayer;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    type Req = http::Request<String>;
+
+    /// BufferBody → Retry → CircuitBreaker → Bulkhead → AttemptTimeout → reqwest.
+    fn stack(
+        breaker: CircuitBreakerLayer<HttpClassifier>,
+        max_retries: u32,
+    ) -> impl tower::Service<
+        Req,
+        Response = http::Response<reqwest::Body>,
+        Error = BoxError,
+        Future: Send,
+    > + Clone {
+        ServiceBuilder::new()
+            .layer(BufferBodyLayer::new(64 * 1024))
+            .layer(
+                RetryLayer::http()
+                    .max_retries(max_retries)
+                    .backoff(Backoff::constant(Duration::from_millis(10)))
+                    .max_retry_after(Duration::from_secs(2))
+                    .no_budget()
+                    .build()
+                    .unwrap(),
+            )
+            .layer(breaker)
+            .layer(BulkheadLayer::new(8).unwrap())
+            .layer(AttemptTimeoutLayer::new(Duration::from_secs(1)).unwrap())
+            .service(ReqwestService::new(reqwest::Client::new()))
+    }
+
+    fn breaker(failures: u32, break_for: Duration) -> CircuitBreakerLayer<HttpClassifier> {
+        CircuitBreakerLayer::builder()
+            .consecutive_failures(failures)
+            .break_duration(break_for)
+            .permitted_probes(1)
+            .build()
+            .unwrap()
+            .with_classifier(HttpClassifier::new())
+    }
+
+    fn get_from(addr: SocketAddr, path: &str) -> Req {
+        http::Request::get(format!("http://{addr}{path}"))
+            .body(String::new())
+            .unwrap()
+    }
+
+    /// `/flaky` answers `first` to the first `n` calls, then `200`; returns the call count.
+    async fn flaky(
+        n: u32,
+        first: fn() -> axum::response::Response,
+    ) -> (SocketAddr, Arc<AtomicU32>) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let app = Router::new().route(
+            "/flaky",
+            get({
+                let calls = calls.clone();
+                move || async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) < n {
+                        first()
+                    } else {
+                        axum::response::IntoResponse::into_response("ok")
+                    }
+                }
+            }),
+        );
+        (serve(app).await, calls)
+    }
+
+    #[tokio::test]
+    async fn reqwest_recovers_from_a_server_that_fails_three_times() {
+        let (addr, calls) = flaky(3, || {
+            axum::response::IntoResponse::into_response(http::StatusCode::INTERNAL_SERVER_ERROR)
+        })
+        .await;
+        let breaker = breaker(5, Duration::from_secs(30));
+        let handle = breaker.handle();
+        let res = stack(breaker, 3)
+            .oneshot(get_from(addr, "/flaky"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), http::StatusCode::OK);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            4,
+            "three failures, then success"
+        );
+        assert_eq!(handle.state(), State::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_503_with_retry_after_1_is_honoured() {
+        let (addr, calls) = flaky(1, || {
+            axum::response::IntoResponse::into_response((
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                [(http::header::RETRY_AFTER, "1")],
+            ))
+        })
+        .await;
+        let started = tokio::time::Instant::now();
+        let res = stack(breaker(5, Duration::from_secs(30)), 3)
+            .oneshot(get_from(addr, "/flaky"))
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert_eq!(res.status(), http::StatusCode::OK);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(waited >= Duration::from_secs(1), "retried after {waited:?}");
+        assert!(waited < Duration::from_secs(3), "retried after {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn the_breaker_opens_on_a_dead_port_and_recovers_when_a_server_comes_up() {
+        // Bind and drop a listener: nothing listens on that port any more.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let breaker = breaker(2, Duration::from_millis(200));
+        let handle = breaker.handle();
+        // No retries: each call is one attempt.
+        let client = stack(breaker, 0);
+
+        for _ in 0..2 {
+            let err = client
+                .clone()
+                .oneshot(get_from(addr, "/up"))
+                .await
+                .unwrap_err();
+            assert!(!is_caused_by::<Open>(&*err), "{err}");
+        }
+        assert_eq!(handle.state(), State::Open);
+        let err = client
+            .clone()
+            .oneshot(get_from(addr, "/up"))
+            .await
+            .unwrap_err();
+        assert!(is_caused_by::<Open>(&*err), "{err}");
+
+        // The dependency comes up on the same port.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let app = Router::new().route("/up", get(|| async { "up" }));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        // After the break the next call probes, succeeds and closes the breaker.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let res = client.clone().oneshot(get_from(addr, "/up")).await.unwrap();
+        assert_eq!(res.status(), http::StatusCode::OK);
+        assert_eq!(handle.state(), State::Closed);
+    }
+}
