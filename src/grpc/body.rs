@@ -157,10 +157,10 @@ where
                 }
                 match ready!(inner.poll_frame(cx)) {
                     Some(Ok(frame)) => {
-                        if let Some(t) = frame.trailers_ref() {
-                            if let Some(r) = report.take() {
-                                r.trailers(Some(t));
-                            }
+                        if let Some(t) = frame.trailers_ref()
+                            && let Some(r) = report.take()
+                        {
+                            r.trailers(Some(t));
                         }
                         Poll::Ready(Some(Ok(
                             frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))

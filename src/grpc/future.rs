@@ -252,3 +252,111 @@ fn finish<B, H: OnGrpcStatus>(
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, GrpcStatusBody::empty())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::GrpcStatusLayer;
+    use http_body_util::{BodyExt, Full};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    fn trailers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    /// Calls a `GrpcStatus` whose inner service answers `data` then `trailers`.
+    async fn call(
+        layer: GrpcStatusLayer,
+        data: &'static [u8],
+        trailers: Option<HeaderMap>,
+    ) -> (http::response::Parts, Bytes, Option<HeaderMap>, bool) {
+        let svc = layer.layer(service_fn(move |_: ()| {
+            let trailers = trailers.clone();
+            async move {
+                let body = Full::new(Bytes::from_static(data))
+                    .map_err(|e| -> BoxError { match e {} })
+                    .with_trailers(std::future::ready(trailers.map(Ok)));
+                Ok::<_, BoxError>(Response::new(body))
+            }
+        }));
+        let res = svc.oneshot(()).await.unwrap();
+        let (parts, body) = res.into_parts();
+        let buffered = body.is_buffered();
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (parts, collected.to_bytes(), trailers, buffered)
+    }
+
+    #[tokio::test]
+    async fn a_non_ok_status_in_the_trailers_moves_into_the_headers() {
+        let t = trailers(&[
+            ("grpc-status", "14"),
+            ("grpc-message", "down"),
+            ("grpc-retry-pushback-ms", "20"),
+        ]);
+        let (parts, data, trailers, _) = call(GrpcStatusLayer::new(), b"msg", Some(t)).await;
+        assert_eq!(parts.headers["grpc-status"], "14");
+        assert_eq!(parts.headers["grpc-message"], "down");
+        assert_eq!(parts.headers["grpc-retry-pushback-ms"], "20");
+        assert!(data.is_empty() && trailers.is_none(), "trailers-only form");
+        let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+        assert_eq!(outcome.code(), GrpcCode::Unavailable);
+        assert_eq!(
+            outcome.classification().retry_after(),
+            Some(std::time::Duration::from_millis(20))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_status_is_unknown_in_the_headers() {
+        let (parts, _, _, _) = call(GrpcStatusLayer::new(), b"msg", None).await;
+        assert_eq!(parts.headers["grpc-status"], "2");
+        let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+        assert_eq!(outcome.code(), GrpcCode::Unknown);
+        assert!(outcome.classification().is_failure());
+    }
+
+    #[tokio::test]
+    async fn an_ok_response_keeps_its_body_and_trailers() {
+        let t = trailers(&[("grpc-status", "0"), ("x-meta", "kept")]);
+        let (parts, data, trailers, buffered) = call(GrpcStatusLayer::new(), b"msg", Some(t)).await;
+        assert!(buffered);
+        assert!(parts.headers.get("grpc-status").is_none());
+        assert_eq!(&data[..], b"msg");
+        assert_eq!(trailers.unwrap()["x-meta"], "kept");
+        let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+        assert_eq!(outcome.code(), GrpcCode::Ok);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_streams_through_whole() {
+        let t = trailers(&[("grpc-status", "13")]);
+        let (parts, data, trailers, buffered) =
+            call(GrpcStatusLayer::new().with_limit(2), b"message", Some(t)).await;
+        assert!(!buffered);
+        assert!(parts.headers.get("grpc-status").is_none(), "not promoted");
+        assert!(parts.extensions.get::<GrpcOutcome>().is_none());
+        assert_eq!(&data[..], b"message");
+        assert_eq!(trailers.unwrap()["grpc-status"], "13");
+    }
+
+    #[tokio::test]
+    async fn a_trailers_only_response_passes_through() {
+        let svc = GrpcStatusLayer::new().layer(service_fn(|_: ()| async {
+            let res = Response::builder()
+                .header("grpc-status", "5")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            Ok::<_, BoxError>(res)
+        }));
+        let res = svc.oneshot(()).await.unwrap();
+        let outcome = res.extensions().get::<GrpcOutcome>().unwrap();
+        assert_eq!(outcome.code(), GrpcCode::NotFound);
+        assert!(outcome.classification().is_success());
+        assert!(!outcome.is_streamed());
+    }
+}

@@ -7,8 +7,9 @@
 //! message), which carry it in the headers. A tower layer's future completes when the
 //! *headers* arrive, so a breaker or a retry around a tonic `Channel` sees
 //! `200 OK` without a `grpc-status` and must call it a provisional success
-//! ([`GrpcClassifier`] does). A handler that fails after it has started answering —
-//! or a server or proxy that always sends the status in trailers — would go unseen.
+//! ([`GrpcClassifier`](crate::classify::GrpcClassifier) does). A handler that fails
+//! after it has started answering — or a server or proxy that always sends the status
+//! in trailers — would go unseen.
 //!
 //! # The choice: read unary bodies before answering
 //! [`GrpcStatusLayer`] sits **innermost**, right around the `Channel`. For each response
@@ -63,7 +64,7 @@
 //! let channel = service_fn(|_req: http::Request<()>| async {
 //!     let mut trailers = http::HeaderMap::new();
 //!     trailers.insert("grpc-status", "14".parse().unwrap());
-//!     let body = Full::new(Bytes::new()).with_trailers(async move { Some(Ok(trailers)) });
+//!     let body = Full::new(Bytes::new()).with_trailers(std::future::ready(Some(Ok(trailers))));
 //!     Ok::<_, std::convert::Infallible>(http::Response::new(body))
 //! });
 //! let res = GrpcStatusLayer::new().layer(channel).oneshot(http::Request::new(())).await?;

@@ -10,7 +10,7 @@ use tower_service::Service;
 /// the trailers becomes visible to the layers above; see the [module docs](super).
 ///
 /// Errors become [`BoxError`] (reading the body can fail). The response body must be
-/// `Unpin`, as tonic's and hyper's are.
+/// `Unpin`, as tonic's and hyper's are (box any other with `BodyExt::boxed_unsync`).
 ///
 /// # Clone
 /// Cheap when `S` is: the hook is shared.
