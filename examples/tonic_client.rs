@@ -16,10 +16,10 @@
 use postbox::BoxError;
 use postbox::circuit_breaker::CircuitBreakerLayer;
 use postbox::classify::GrpcClassifier;
-use postbox::grpc::{GrpcStatusLayer, IntoStatusLayer};
+use postbox::grpc::{GrpcRequests, GrpcStatusLayer, IntoStatusLayer};
 use postbox::http::body::{BufferBodyLayer, ReplayBody};
+use postbox::retry::RetryLayer;
 use postbox::retry::backoff::Backoff;
-use postbox::retry::{HttpRequests, RetryLayer};
 use postbox::timeout::AttemptTimeoutLayer;
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -170,8 +170,8 @@ async fn main() -> Result<(), BoxError> {
         .layer(
             RetryLayer::http()
                 .classifier(GrpcClassifier::new())
-                // ... and say which methods are safe to repeat (all of this service's).
-                .requests(HttpRequests::new().retry_safe_if(|_, _| true))
+                // ... and name the methods that are safe to repeat.
+                .requests(GrpcRequests::new().idempotent("/echo.Echo/Say"))
                 .max_retries(3)
                 .backoff(Backoff::exponential(Duration::from_millis(20)))
                 .max_retry_after(Duration::from_secs(1))

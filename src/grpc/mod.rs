@@ -47,8 +47,9 @@
 //! [`IntoStatusLayer`] outermost turns our errors into a `tonic::Status` the generated
 //! client returns as is (an open breaker → `UNAVAILABLE` with `grpc-retry-pushback-ms`,
 //! not `UNKNOWN`). gRPC calls are all `POST`s: a retry needs the request body
-//! replayable ([`BufferBodyLayer`](crate::http::body::BufferBodyLayer)) and to be told which
-//! methods are safe to repeat. The `tonic_client` example builds this stack.
+//! replayable ([`BufferBodyLayer`](crate::http::body::BufferBodyLayer)) and to be told
+//! which methods are safe to repeat ([`GrpcRequests`]). The `tonic_client` example
+//! builds this stack.
 //!
 //! # Example
 //! ```
@@ -82,11 +83,13 @@ mod body;
 pub mod future;
 pub mod into_status;
 mod layer;
+mod requests;
 mod service;
 
 pub use self::body::GrpcStatusBody;
 pub use self::into_status::{IntoStatus, IntoStatusLayer, into_status};
 pub use self::layer::{DEFAULT_BUFFER_LIMIT, GrpcStatusLayer};
+pub use self::requests::GrpcRequests;
 pub use self::service::GrpcStatus;
 
 use crate::classify::Classification;

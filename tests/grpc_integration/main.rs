@@ -9,10 +9,10 @@ use postbox::bulkhead::BulkheadLayer;
 use postbox::circuit_breaker::{CircuitBreakerLayer, State};
 use postbox::classify::GrpcClassifier;
 use postbox::classify::grpc::GrpcCode;
-use postbox::grpc::{GrpcOutcome, GrpcStatusLayer, IntoStatusLayer};
+use postbox::grpc::{GrpcOutcome, GrpcRequests, GrpcStatusLayer, IntoStatusLayer};
 use postbox::http::body::{BufferBodyLayer, ReplayBody};
+use postbox::retry::RetryLayer;
 use postbox::retry::backoff::Backoff;
-use postbox::retry::{HttpRequests, RetryLayer};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::Code;
@@ -27,9 +27,20 @@ fn breaker(failures: u32) -> CircuitBreakerLayer<GrpcClassifier> {
         .with_classifier(GrpcClassifier::new())
 }
 
-/// The retrying stack: every method of the echo service is safe to repeat.
+/// The retrying stack: `Say` is safe to repeat.
 fn retrying(
     addr: std::net::SocketAddr,
+) -> impl tonic::client::GrpcService<
+    tonic::body::Body,
+    Error = tonic::Status,
+    ResponseBody: http_body::Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static,
+> + Clone {
+    retrying_with(addr, GrpcRequests::new().idempotent("/echo.Echo/Say"))
+}
+
+fn retrying_with(
+    addr: std::net::SocketAddr,
+    requests: GrpcRequests,
 ) -> impl tonic::client::GrpcService<
     tonic::body::Body,
     Error = tonic::Status,
@@ -41,7 +52,7 @@ fn retrying(
         .layer(
             RetryLayer::http()
                 .classifier(GrpcClassifier::new())
-                .requests(HttpRequests::new().retry_safe_if(|_, _| true))
+                .requests(requests)
                 .backoff(Backoff::constant(Duration::from_millis(10)))
                 .max_retries(3)
                 .no_budget()
@@ -73,6 +84,16 @@ async fn unavailable_is_retried_and_invalid_argument_is_not() {
     let (addr, server) = serve(|_| Reply::Fail(Code::InvalidArgument)).await;
     let status = say(retrying(addr), "bad").await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(server.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_method_not_named_safe_is_not_retried_after_unavailable() {
+    let (addr, server) = serve(|_| Reply::Fail(Code::Unavailable)).await;
+    let status = say(retrying_with(addr, GrpcRequests::new()), "once")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(server.calls(), 1);
 }
 

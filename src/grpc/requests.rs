@@ -1,0 +1,112 @@
+use crate::http::body::TryCloneBody;
+use crate::http::idempotency_key::has_idempotency_key;
+use crate::retry::{CloneRequest, HttpRequests};
+use http::Request;
+use std::sync::Arc;
+
+/// How the [retry layer](crate::retry) replays gRPC calls and which ones it may repeat.
+///
+/// Every gRPC call is a `POST`, so [`HttpRequests`]' rule (idempotent methods) never
+/// holds and the method name is in the path, which that rule does not see. Here a call
+/// is retry-safe when its path is one named with [`idempotent`](Self::idempotent)
+/// (`/package.Service/Method`, or `/package.Service/*` for a whole service), when
+/// [`all_idempotent`](Self::all_idempotent) says so, or when it carries an
+/// `Idempotency-Key`. As in gRPC's own retry policy, naming the safe methods is the
+/// service owner's choice. A failure that certainly had no effect (a refused connection,
+/// an open breaker) is retried whatever this says.
+///
+/// Requests are copied like [`HttpRequests`] copies them: the body must be replayable
+/// (put [`BufferBodyLayer`](crate::http::body::BufferBodyLayer) outside the retry).
+///
+/// # Example
+/// ```
+/// use postbox::classify::GrpcClassifier;
+/// use postbox::grpc::GrpcRequests;
+/// use postbox::retry::RetryLayer;
+///
+/// # fn main() -> Result<(), postbox::error::ConfigError> {
+/// let retry = RetryLayer::http()
+///     .classifier(GrpcClassifier::new())
+///     .requests(GrpcRequests::new().idempotent("/echo.Echo/Say").idempotent("/shop.Catalog/*"))
+///     .build()?;
+/// # let _ = retry; Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct GrpcRequests {
+    copy: HttpRequests,
+    paths: Arc<[String]>,
+    all: bool,
+}
+
+// === impl GrpcRequests ===
+
+impl GrpcRequests {
+    /// No method is retry-safe (only failures that had no effect are retried).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Marks `path` (`/package.Service/Method`, or `/package.Service/*`) safe to repeat.
+    pub fn idempotent(mut self, path: impl Into<String>) -> Self {
+        let mut paths = self.paths.to_vec();
+        paths.push(path.into());
+        self.paths = paths.into();
+        self
+    }
+
+    /// Marks every method safe to repeat.
+    pub fn all_idempotent(mut self) -> Self {
+        self.all = true;
+        self
+    }
+
+    fn names(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| match p.strip_suffix('*') {
+            Some(service) => path.starts_with(service),
+            None => p == path,
+        })
+    }
+}
+
+impl<B: TryCloneBody> CloneRequest<Request<B>> for GrpcRequests {
+    fn clone_request(&self, req: &Request<B>) -> Option<Request<B>> {
+        self.copy.clone_request(req)
+    }
+
+    fn is_retry_safe(&self, req: &Request<B>) -> bool {
+        self.all || self.names(req.uri().path()) || has_idempotency_key(req.headers())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(path: &str) -> Request<()> {
+        Request::post(format!("http://a{path}")).body(()).unwrap()
+    }
+
+    #[test]
+    fn named_methods_and_services_are_retry_safe() {
+        let r = GrpcRequests::new()
+            .idempotent("/echo.Echo/Say")
+            .idempotent("/shop.Catalog/*");
+        assert!(r.is_retry_safe(&call("/echo.Echo/Say")));
+        assert!(!r.is_retry_safe(&call("/echo.Echo/Shout")));
+        assert!(r.is_retry_safe(&call("/shop.Catalog/List")));
+        assert!(!GrpcRequests::new().is_retry_safe(&call("/echo.Echo/Say")));
+        assert!(
+            GrpcRequests::new()
+                .all_idempotent()
+                .is_retry_safe(&call("/x.Y/Z"))
+        );
+    }
+
+    #[test]
+    fn an_idempotency_key_makes_a_call_retry_safe() {
+        let mut req = call("/echo.Echo/Shout");
+        req.headers_mut()
+            .insert("idempotency-key", "k1".parse().unwrap());
+        assert!(GrpcRequests::new().is_retry_safe(&req));
+    }
+}
