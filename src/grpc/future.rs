@@ -26,7 +26,8 @@ pin_project! {
     pub struct ResponseFuture<F, B, H> {
         #[pin]
         state: State<F, B>,
-        limit: usize,
+        // `None`: a method named `stream_through`, returned at once.
+        limit: Option<usize>,
         classifier: GrpcClassifier,
         hook: Arc<H>,
     }
@@ -84,7 +85,12 @@ impl Collected {
 }
 
 impl<F, B, H> ResponseFuture<F, B, H> {
-    pub(crate) fn new(fut: F, limit: usize, classifier: GrpcClassifier, hook: Arc<H>) -> Self {
+    pub(crate) fn new(
+        fut: F,
+        limit: Option<usize>,
+        classifier: GrpcClassifier,
+        hook: Arc<H>,
+    ) -> Self {
         Self {
             state: State::Calling { fut },
             limit,
@@ -141,6 +147,18 @@ where
                             GrpcStatusBody::streaming(Bytes::new(), body, None),
                         )));
                     }
+                    if this.limit.is_none() {
+                        // A streaming method: stream it all, report at its end.
+                        let report = Report {
+                            classifier: *this.classifier,
+                            hook: this.hook.clone(),
+                        };
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(Response::from_parts(
+                            parts,
+                            GrpcStatusBody::streaming(Bytes::new(), body, Some(report)),
+                        )));
+                    }
                     this.state.set(State::Reading {
                         parts: Some(parts),
                         body: Some(body),
@@ -171,7 +189,7 @@ where
                     match frame.into_data() {
                         Ok(mut chunk) => {
                             let chunk = chunk.copy_to_bytes(chunk.remaining());
-                            if data.len + chunk.len() > *this.limit {
+                            if data.len + chunk.len() > this.limit.unwrap_or(0) {
                                 // Too long to buffer: stream the rest, report at its end.
                                 data.push(chunk);
                                 let prefix = data.take();
@@ -268,13 +286,14 @@ mod tests {
         h
     }
 
-    /// Calls a `GrpcStatus` whose inner service answers `data` then `trailers`.
+    /// Calls `/echo.Echo/Say` through a `GrpcStatus` whose inner service answers
+    /// `data` then `trailers`.
     async fn call(
         layer: GrpcStatusLayer,
         data: &'static [u8],
         trailers: Option<HeaderMap>,
     ) -> (http::response::Parts, Bytes, Option<HeaderMap>, bool) {
-        let svc = layer.layer(service_fn(move |_: ()| {
+        let svc = layer.layer(service_fn(move |_: http::Request<()>| {
             let trailers = trailers.clone();
             async move {
                 let body = Full::new(Bytes::from_static(data))
@@ -283,7 +302,10 @@ mod tests {
                 Ok::<_, BoxError>(Response::new(body))
             }
         }));
-        let res = svc.oneshot(()).await.unwrap();
+        let req = http::Request::post("http://a/echo.Echo/Say")
+            .body(())
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
         let (parts, body) = res.into_parts();
         let buffered = body.is_buffered();
         let collected = body.collect().await.unwrap();
@@ -345,15 +367,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_streaming_method_is_returned_at_once_and_reported_at_its_end() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let layer = GrpcStatusLayer::new()
+            .stream_through("/echo.Echo/*")
+            .on_status({
+                let seen = seen.clone();
+                move |o: &GrpcOutcome| seen.lock().unwrap().push(*o)
+            });
+        let svc = layer.layer(service_fn(|_: http::Request<()>| async {
+            let t = trailers(&[("grpc-status", "14")]);
+            let body = Full::new(Bytes::from_static(b"m"))
+                .map_err(|e| -> BoxError { match e {} })
+                .with_trailers(std::future::ready(Some(Ok(t))));
+            Ok::<_, BoxError>(Response::new(body))
+        }));
+        let req = http::Request::post("http://a/echo.Echo/Watch")
+            .body(())
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        assert!(!res.body().is_buffered());
+        assert!(seen.lock().unwrap().is_empty(), "nothing known yet");
+        let collected = res.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "14");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0].is_streamed());
+        assert_eq!(seen[0].code(), GrpcCode::Unavailable);
+    }
+
+    #[tokio::test]
     async fn a_trailers_only_response_passes_through() {
-        let svc = GrpcStatusLayer::new().layer(service_fn(|_: ()| async {
+        let svc = GrpcStatusLayer::new().layer(service_fn(|_: http::Request<()>| async {
             let res = Response::builder()
                 .header("grpc-status", "5")
                 .body(Full::new(Bytes::new()))
                 .unwrap();
             Ok::<_, BoxError>(res)
         }));
-        let res = svc.oneshot(()).await.unwrap();
+        let res = svc.oneshot(http::Request::new(())).await.unwrap();
         let outcome = res.extensions().get::<GrpcOutcome>().unwrap();
         assert_eq!(outcome.code(), GrpcCode::NotFound);
         assert!(outcome.classification().is_success());

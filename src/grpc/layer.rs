@@ -14,6 +14,7 @@ pub struct GrpcStatusLayer<H = ()> {
     limit: usize,
     classifier: GrpcClassifier,
     hook: Arc<H>,
+    stream_through: Arc<[String]>,
 }
 
 // === impl GrpcStatusLayer ===
@@ -26,6 +27,7 @@ impl GrpcStatusLayer {
             limit: DEFAULT_BUFFER_LIMIT,
             classifier: GrpcClassifier::new(),
             hook: Arc::new(()),
+            stream_through: Arc::new([]),
         }
     }
 }
@@ -58,7 +60,22 @@ impl<H> GrpcStatusLayer<H> {
             limit: self.limit,
             classifier: self.classifier,
             hook: Arc::new(hook),
+            stream_through: self.stream_through,
         }
+    }
+
+    /// Never reads the responses of `path` (`/package.Service/Method`, or
+    /// `/package.Service/*`) first: they are returned as soon as their headers arrive
+    /// and their status is reported to the hook when they end.
+    ///
+    /// Name every server-streaming (and bidirectional) method here: a stream that
+    /// sends small messages for a long time would otherwise be held until it ends, or
+    /// until it has sent more than the limit.
+    pub fn stream_through(mut self, path: impl Into<String>) -> Self {
+        let mut paths = self.stream_through.to_vec();
+        paths.push(path.into());
+        self.stream_through = paths.into();
+        self
     }
 
     /// The buffer limit, in bytes.
@@ -71,6 +88,12 @@ impl<S, H> Layer<S> for GrpcStatusLayer<H> {
     type Service = GrpcStatus<S, H>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcStatus::new(inner, self.limit, self.classifier, self.hook.clone())
+        GrpcStatus::new(
+            inner,
+            self.limit,
+            self.classifier,
+            self.hook.clone(),
+            self.stream_through.clone(),
+        )
     }
 }

@@ -24,9 +24,14 @@
 //!   client reads it as the same `Status` it would have read from the trailers;
 //! * **OK**: the response keeps its body and trailers, now held in memory
 //!   ([`GrpcStatusBody::is_buffered`]); the provisional success above is final;
-//! * **longer than the limit** (a server stream): the response is returned at once and
+//! * **longer than the limit**: the response is returned once the limit is passed and
 //!   streamed through; its status is known only when the stream ends, too late for a
-//!   retry, so it is classified then and reported to the [`OnGrpcStatus`] hook.
+//!   retry, so it is classified then and reported to the [`OnGrpcStatus`] hook;
+//! * **a streaming method** named with
+//!   [`stream_through`](GrpcStatusLayer::stream_through): returned as soon as its
+//!   headers arrive, reported to the hook when it ends. Name every server-streaming and
+//!   bidirectional method: a long stream of small messages would otherwise be held
+//!   until it ends (and an attempt timeout around it would cut it).
 //!
 //! Either way the final [`GrpcOutcome`] is put in the response's extensions when it is
 //! known before returning.

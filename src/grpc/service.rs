@@ -19,18 +19,35 @@ pub struct GrpcStatus<S, H = ()> {
     limit: usize,
     classifier: GrpcClassifier,
     hook: Arc<H>,
+    stream_through: Arc<[String]>,
 }
 
 // === impl GrpcStatus ===
 
 impl<S, H> GrpcStatus<S, H> {
-    pub(crate) fn new(inner: S, limit: usize, classifier: GrpcClassifier, hook: Arc<H>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        limit: usize,
+        classifier: GrpcClassifier,
+        hook: Arc<H>,
+        stream_through: Arc<[String]>,
+    ) -> Self {
         Self {
             inner,
             limit,
             classifier,
             hook,
+            stream_through,
         }
+    }
+
+    fn streams(&self, path: &str) -> bool {
+        self.stream_through
+            .iter()
+            .any(|p| match p.strip_suffix('*') {
+                Some(service) => path.starts_with(service),
+                None => p == path,
+            })
     }
 
     /// The inner service.
@@ -56,6 +73,7 @@ impl<S: Clone, H> Clone for GrpcStatus<S, H> {
             limit: self.limit,
             classifier: self.classifier,
             hook: self.hook.clone(),
+            stream_through: self.stream_through.clone(),
         }
     }
 }
@@ -70,9 +88,9 @@ impl<S: fmt::Debug, H> fmt::Debug for GrpcStatus<S, H> {
     }
 }
 
-impl<S, H, Req, B> Service<Req> for GrpcStatus<S, H>
+impl<S, H, ReqB, B> Service<http::Request<ReqB>> for GrpcStatus<S, H>
 where
-    S: Service<Req, Response = http::Response<B>>,
+    S: Service<http::Request<ReqB>, Response = http::Response<B>>,
     S::Error: Into<BoxError>,
     B: http_body::Body + Unpin,
     B::Error: Into<BoxError>,
@@ -86,10 +104,11 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        let limit = (!self.streams(req.uri().path())).then_some(self.limit);
         ResponseFuture::new(
             self.inner.call(req),
-            self.limit,
+            limit,
             self.classifier,
             self.hook.clone(),
         )
