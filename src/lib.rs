@@ -11,6 +11,7 @@ pub mod http;
 #[cfg(feature = "http")]
 pub mod idempotency;
 pub mod queue;
+pub mod retry;
 pub mod timeout;
 
 /// The boxed error type layers use once they add errors of their own (as in tower).

@@ -242,6 +242,15 @@ pub(crate) fn partial<B>(
     BufferedBody::resume(prefix, rest)
 }
 
+impl<B> crate::http::body::TryCloneBody for BufferedBody<B> {
+    /// A copy when the body is fully buffered, so a retry layer inside
+    /// [`EnqueueFallback`](super::EnqueueFallback) replays it without a second buffer;
+    /// `None` for a streamed body, which is then sent exactly once.
+    fn try_clone_body(&self) -> Option<Self> {
+        self.as_bytes().map(|data| Self::full(data.clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,14 +21,28 @@ impl fmt::Debug for MessageId {
 impl fmt::Display for MessageId {
     /// Hyphenated lowercase UUID form.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = &self.0;
-        for (i, byte) in b.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                f.write_str("-")?;
+        let text = self.hyphenated();
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl MessageId {
+    /// The hyphenated lowercase UUID form (`0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b`) as
+    /// ASCII bytes, without allocating.
+    pub fn hyphenated(&self) -> [u8; 36] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 36];
+        let mut i = 0;
+        for (n, byte) in self.0.iter().enumerate() {
+            if matches!(n, 4 | 6 | 8 | 10) {
+                out[i] = b'-';
+                i += 1;
             }
-            write!(f, "{byte:02x}")?;
+            out[i] = HEX[usize::from(byte >> 4)];
+            out[i + 1] = HEX[usize::from(byte & 0x0f)];
+            i += 2;
         }
-        Ok(())
+        out
     }
 }
 

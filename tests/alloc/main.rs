@@ -33,15 +33,23 @@ fn call_once<S: Service<u64, Response = u64>>(svc: &mut S, cx: &mut Context<'_>,
     }
 }
 
-/// Allocations made by 1000 calls, after a warm-up call.
+/// Allocations made by 1000 calls, after a warm-up call: the least of three runs, since
+/// the counter is process-wide and the test harness's own threads occasionally allocate
+/// while a run is measured. A layer that allocates per call shows at least 1000 in every
+/// run.
 fn allocations_per_1000_calls<S: Service<u64, Response = u64>>(mut svc: S) -> usize {
     let mut cx = Context::from_waker(Waker::noop());
     call_once(&mut svc, &mut cx, 0);
-    let region = Region::new(GLOBAL);
-    for x in 1..=1000 {
-        call_once(&mut svc, &mut cx, x);
-    }
-    region.change().allocations
+    (0..3)
+        .map(|_| {
+            let region = Region::new(GLOBAL);
+            for x in 1..=1000 {
+                call_once(&mut svc, &mut cx, x);
+            }
+            region.change().allocations
+        })
+        .min()
+        .unwrap_or(usize::MAX)
 }
 
 // One test, so no other test thread allocates while a region is measured.

@@ -1,0 +1,452 @@
+//! One independent breaker per key (per authority, route, tenant …).
+
+use super::config::CircuitBreakerBuilder;
+use super::future::{Guard, ResponseFuture};
+use super::handle::CircuitBreakerHandle;
+use super::shared::Ref;
+use super::state::{Breaker, Now, OnTransition, Transition};
+use crate::BoxError;
+use crate::classify::{Classify, ErrorClassifier};
+use crate::error::ConfigError;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// Picks the key of a request: implemented by any `Fn(&Req) -> K` and, with the `http`
+/// feature, by [`ByAuthority`].
+pub trait KeyFn<Req, K> {
+    /// The key of `req`.
+    fn key(&self, req: &Req) -> K;
+}
+
+impl<F, Req, K> KeyFn<Req, K> for F
+where
+    F: Fn(&Req) -> K,
+{
+    #[inline]
+    fn key(&self, req: &Req) -> K {
+        self(req)
+    }
+}
+
+/// Keys HTTP requests by their authority (`host:port` of the URI, else the `Host`
+/// header, else `"-"`).
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByAuthority;
+
+#[cfg(feature = "http")]
+impl<B> KeyFn<http::Request<B>, String> for ByAuthority {
+    fn key(&self, req: &http::Request<B>) -> String {
+        if let Some(a) = req.uri().authority() {
+            return a.as_str().to_ascii_lowercase();
+        }
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map_or_else(|| "-".to_owned(), str::to_ascii_lowercase)
+    }
+}
+
+struct Entry {
+    breaker: Arc<Ref>,
+    last_used_ns: AtomicU64,
+}
+
+/// The hook shared by every per-key breaker.
+struct SharedHook(Arc<dyn OnTransition>);
+
+impl OnTransition for SharedHook {
+    fn on_transition(&self, t: &Transition) {
+        self.0.on_transition(t)
+    }
+}
+
+struct Keys<K> {
+    template: CircuitBreakerBuilder,
+    hook: Arc<dyn OnTransition>,
+    map: Mutex<HashMap<K, Entry>>,
+    max_keys: usize,
+    idle: Duration,
+    origin: Instant,
+}
+
+impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
+    fn ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.origin).as_nanos() as u64
+    }
+
+    /// The breaker for `key`, created (and the map trimmed) if needed.
+    fn get(&self, key: K, now: Instant) -> Arc<Ref> {
+        let now_ns = self.ns(now);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get(&key) {
+            e.last_used_ns.store(now_ns, Relaxed);
+            return e.breaker.clone();
+        }
+        if map.len() >= self.max_keys {
+            self.evict(&mut map, now_ns);
+        }
+        let mut settings = self.template.settings();
+        settings.name = if settings.name.is_empty() {
+            key.to_string().into()
+        } else {
+            format!("{}/{key}", settings.name).into()
+        };
+        let breaker = Ref::new(Arc::new(Breaker::new(
+            settings,
+            now,
+            Box::new(SharedHook(self.hook.clone())),
+        )));
+        map.insert(
+            key,
+            Entry {
+                breaker: breaker.clone(),
+                last_used_ns: AtomicU64::new(now_ns),
+            },
+        );
+        breaker
+    }
+
+    /// Drops the breakers idle for longer than `idle`; if the map is still full, the
+    /// least recently used one.
+    fn evict(&self, map: &mut HashMap<K, Entry>, now_ns: u64) {
+        let idle_ns = self.idle.as_nanos() as u64;
+        map.retain(|_, e| now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns);
+        while map.len() >= self.max_keys {
+            let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, e)| e.last_used_ns.load(Relaxed))
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            map.remove(&oldest);
+        }
+    }
+}
+
+/// Builds a [`KeyedCircuitBreakerLayer`]; from
+/// [`CircuitBreakerBuilder::keyed`] or [`CircuitBreakerBuilder::keyed_by_authority`].
+pub struct KeyedCircuitBreakerBuilder<K, F> {
+    template: CircuitBreakerBuilder,
+    key_fn: F,
+    max_keys: usize,
+    idle: Duration,
+    _key: PhantomData<fn() -> K>,
+}
+
+impl<K, F: fmt::Debug> fmt::Debug for KeyedCircuitBreakerBuilder<K, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreakerBuilder")
+            .field("template", &self.template)
+            .field("key_fn", &self.key_fn)
+            .field("max_keys", &self.max_keys)
+            .field("idle_timeout", &self.idle)
+            .finish()
+    }
+}
+
+// === impl CircuitBreakerBuilder (keyed) ===
+
+impl CircuitBreakerBuilder {
+    /// One independent breaker per key, the key taken from each request by `key_fn`;
+    /// every breaker has this configuration.
+    pub fn keyed<Req, K, F>(self, key_fn: F) -> KeyedCircuitBreakerBuilder<K, F>
+    where
+        F: Fn(&Req) -> K,
+    {
+        KeyedCircuitBreakerBuilder::new(self, key_fn)
+    }
+
+    /// One independent breaker per request authority (see [`ByAuthority`]).
+    #[cfg(feature = "http")]
+    pub fn keyed_by_authority(self) -> KeyedCircuitBreakerBuilder<String, ByAuthority> {
+        KeyedCircuitBreakerBuilder::new(self, ByAuthority)
+    }
+}
+
+// === impl KeyedCircuitBreakerBuilder ===
+
+impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
+    fn new(template: CircuitBreakerBuilder, key_fn: F) -> Self {
+        Self {
+            template,
+            key_fn,
+            max_keys: 1024,
+            idle: Duration::from_secs(300),
+            _key: PhantomData,
+        }
+    }
+
+    /// At most this many breakers are kept (default 1024). When a new key arrives and
+    /// the map is full, idle breakers are dropped, then the least recently used one.
+    /// A dropped breaker forgets its state: bound the keys generously.
+    pub fn max_keys(mut self, n: usize) -> Self {
+        self.max_keys = n;
+        self
+    }
+
+    /// A breaker unused for this long may be dropped when room is needed (default
+    /// 5 min).
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.idle = d;
+        self
+    }
+
+    /// Validates and builds the layer.
+    ///
+    /// # Errors
+    /// The breaker configuration's errors, `max_keys` of 0, or a zero `idle_timeout`.
+    pub fn build(mut self) -> Result<KeyedCircuitBreakerLayer<K, F>, ConfigError> {
+        self.template.validate()?;
+        if self.max_keys == 0 {
+            return Err(ConfigError::new(
+                "circuit_breaker.max_keys",
+                "must be at least 1",
+            ));
+        }
+        if self.idle.is_zero() {
+            return Err(ConfigError::new(
+                "circuit_breaker.idle_timeout",
+                "must be greater than zero",
+            ));
+        }
+        let hook: Arc<dyn OnTransition> = match self.template.take_hook() {
+            Some(h) => Arc::from(h),
+            None => Arc::new(()),
+        };
+        Ok(KeyedCircuitBreakerLayer {
+            keys: Arc::new(Keys {
+                template: self.template,
+                hook,
+                map: Mutex::new(HashMap::new()),
+                max_keys: self.max_keys,
+                idle: self.idle,
+                origin: Instant::now(),
+            }),
+            key_fn: self.key_fn,
+            classifier: ErrorClassifier::new(),
+        })
+    }
+}
+
+/// Applies a [`KeyedCircuitBreaker`]: one independent breaker per key, a bounded
+/// number of keys. Every service it makes shares the breakers.
+pub struct KeyedCircuitBreakerLayer<K, F, C = ErrorClassifier> {
+    keys: Arc<Keys<K>>,
+    key_fn: F,
+    classifier: C,
+}
+
+impl<K, F: Clone, C: Clone> Clone for KeyedCircuitBreakerLayer<K, F, C> {
+    fn clone(&self) -> Self {
+        Self {
+            keys: self.keys.clone(),
+            key_fn: self.key_fn.clone(),
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+impl<K, F, C> fmt::Debug for KeyedCircuitBreakerLayer<K, F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreakerLayer")
+            .field("max_keys", &self.keys.max_keys)
+            .field("idle_timeout", &self.keys.idle)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl KeyedCircuitBreakerLayer ===
+
+impl<K, F, C> KeyedCircuitBreakerLayer<K, F, C> {
+    /// Classifies outcomes with `classifier` instead.
+    pub fn with_classifier<C2>(self, classifier: C2) -> KeyedCircuitBreakerLayer<K, F, C2> {
+        KeyedCircuitBreakerLayer {
+            keys: self.keys,
+            key_fn: self.key_fn,
+            classifier,
+        }
+    }
+
+    /// A handle to the per-key breakers.
+    pub fn handle(&self) -> KeyedCircuitBreakerHandle<K> {
+        KeyedCircuitBreakerHandle {
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+impl<S, K, F: Clone, C: Clone> Layer<S> for KeyedCircuitBreakerLayer<K, F, C> {
+    type Service = KeyedCircuitBreaker<S, K, F, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedCircuitBreaker {
+            inner,
+            keys: self.keys.clone(),
+            key_fn: self.key_fn.clone(),
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+/// Observes and controls the breakers of a [`KeyedCircuitBreakerLayer`].
+pub struct KeyedCircuitBreakerHandle<K> {
+    keys: Arc<Keys<K>>,
+}
+
+impl<K> Clone for KeyedCircuitBreakerHandle<K> {
+    fn clone(&self) -> Self {
+        Self {
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+impl<K> fmt::Debug for KeyedCircuitBreakerHandle<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreakerHandle")
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl KeyedCircuitBreakerHandle ===
+
+impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
+    /// The breaker of `key`, if one is kept.
+    pub fn get(&self, key: &K) -> Option<CircuitBreakerHandle> {
+        let map = self.keys.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key)
+            .map(|e| CircuitBreakerHandle::new(e.breaker.breaker().clone()))
+    }
+
+    /// The keys kept.
+    pub fn keys(&self) -> Vec<K> {
+        let map = self.keys.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().cloned().collect()
+    }
+
+    /// The number of breakers kept.
+    pub fn len(&self) -> usize {
+        self.keys
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// `true` if no breaker is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every breaker unused for longer than the idle timeout.
+    pub fn evict_idle(&self) {
+        let now_ns = self.keys.origin.elapsed().as_nanos() as u64;
+        let idle_ns = self.keys.idle.as_nanos() as u64;
+        let mut map = self.keys.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, e| now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns);
+    }
+}
+
+/// One independent [`CircuitBreaker`](super::CircuitBreaker) per key; see
+/// [`KeyedCircuitBreakerLayer`].
+///
+/// `poll_ready` only polls the inner service (the key is known only at `call`);
+/// admission happens in `call`, and a rejected call fails at once with [`Open`](super::error::Open)
+/// without reaching the inner service. Each call reads the clock and takes the
+/// key map's lock once.
+///
+/// # Cancel safety
+/// As [`ResponseFuture`].
+pub struct KeyedCircuitBreaker<S, K, F, C = ErrorClassifier> {
+    inner: S,
+    keys: Arc<Keys<K>>,
+    key_fn: F,
+    classifier: C,
+}
+
+impl<S: Clone, K, F: Clone, C: Clone> Clone for KeyedCircuitBreaker<S, K, F, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            keys: self.keys.clone(),
+            key_fn: self.key_fn.clone(),
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K, F, C> fmt::Debug for KeyedCircuitBreaker<S, K, F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreaker")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl KeyedCircuitBreaker ===
+
+impl<S, K, F, C> KeyedCircuitBreaker<S, K, F, C> {
+    /// A handle to the per-key breakers.
+    pub fn handle(&self) -> KeyedCircuitBreakerHandle<K> {
+        KeyedCircuitBreakerHandle {
+            keys: self.keys.clone(),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the breaker, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, K, F, C, Req> Service<Req> for KeyedCircuitBreaker<S, K, F, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    K: Hash + Eq + Clone + fmt::Display,
+    F: KeyFn<Req, K>,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let key = self.key_fn.key(&req);
+        let now = Instant::now();
+        let breaker = self.keys.get(key, now);
+        match breaker.acquire(&mut Now::at(now)) {
+            Ok(permit) => ResponseFuture::running(
+                self.inner.call(req),
+                Guard::new(breaker, permit),
+                self.classifier.clone(),
+            ),
+            Err(open) => ResponseFuture::rejected(open),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+use super::future::{Guard, ResponseFuture};
+use super::handle::CircuitBreakerHandle;
+use super::shared::Shared;
+use super::state::{Now, Permit};
+use crate::BoxError;
+use crate::classify::{Classify, ErrorClassifier};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower_service::Service;
+
+/// The breaker and this service's reservation (a permit from `poll_ready`, or its
+/// rejection). Dropping it gives back a reserved probe slot.
+struct Slot {
+    breaker: Arc<Shared>,
+    reserved: Permit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.breaker.breaker().release(self.reserved.take());
+    }
+}
+
+/// Stops calling a failing dependency; see the [module docs](super).
+///
+/// Admission is decided in `poll_ready` (fail fast: a rejected call is a *ready*
+/// service whose `call` fails at once with [`Open`](super::error::Open), never an
+/// error from `poll_ready`, and the inner service is not polled). An admitted call's
+/// permit moves into the response future. Errors become [`BoxError`].
+///
+/// # Cancel safety
+/// Dropping the response future records nothing and gives back a half-open probe
+/// slot. A half-open probe slot reserved by `poll_ready` is held until `call` (or until
+/// the service is dropped), also while the inner service is not ready.
+///
+/// # Clone
+/// A clone shares the breaker but not an admission made by `poll_ready`: it starts
+/// unadmitted (a reserved probe slot stays with the original).
+pub struct CircuitBreaker<S, C = ErrorClassifier> {
+    inner: S,
+    slot: Slot,
+    classifier: C,
+}
+
+// === impl CircuitBreaker ===
+
+impl<S, C> CircuitBreaker<S, C> {
+    pub(crate) fn new(inner: S, breaker: Arc<Shared>, classifier: C) -> Self {
+        Self {
+            inner,
+            slot: Slot {
+                breaker,
+                reserved: Permit::EMPTY,
+            },
+            classifier,
+        }
+    }
+
+    /// A handle to observe and control the breaker.
+    pub fn handle(&self) -> CircuitBreakerHandle {
+        CircuitBreakerHandle::new(self.slot.breaker.breaker().clone())
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the breaker, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
+    fn clone(&self) -> Self {
+        Self::new(
+            self.inner.clone(),
+            self.slot.breaker.clone(),
+            self.classifier.clone(),
+        )
+    }
+}
+
+impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for CircuitBreaker<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("breaker", self.slot.breaker.breaker())
+            .field("classifier", &self.classifier)
+            .field("reserved", &self.slot.reserved)
+            .finish()
+    }
+}
+
+impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let slot = &mut self.slot;
+        if slot.reserved.is_empty() {
+            slot.reserved = match slot.breaker.breaker().acquire(&mut Now::lazy()) {
+                Ok(permit) => permit,
+                Err(open) => Permit::rejected(&open),
+            };
+        }
+        if slot.reserved.rejection().is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Err(e)) => {
+                // The service failed: give back what was reserved.
+                slot.breaker.breaker().release(slot.reserved.take());
+                Poll::Ready(Err(e.into()))
+            }
+            other => other.map_err(Into::into),
+        }
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        let permit = self.slot.reserved.take();
+        if let Some(open) = permit.rejection() {
+            return ResponseFuture::rejected(open);
+        }
+        assert!(
+            !permit.is_empty(),
+            "CircuitBreaker::call called before poll_ready returned Ready"
+        );
+        let guard = Guard::new(self.slot.breaker.local().clone(), permit);
+        ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())
+    }
+}

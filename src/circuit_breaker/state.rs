@@ -1,0 +1,1180 @@
+//! The breaker's state machine: a pure function of (state, event, `now`).
+//!
+//! Nothing here reads the clock on its own: every method takes a [`Now`], which either
+//! holds a fixed instant (tests) or reads `tokio::time::Instant::now()` the first time
+//! a method needs it (the tower shell). Which paths need it:
+//!
+//! | path | clock read |
+//! |---|---|
+//! | closed, count window, no slow-call tracking | none |
+//! | closed, slow-call tracking | at admission and at completion |
+//! | closed, time window | at completion |
+//! | open | at admission (has the break elapsed? how long until it does?) |
+//! | half-open | only when a probe is not available and `max_wait_in_half_open` is set |
+//!
+//! # Concurrency
+//! The whole hot state is one `AtomicU64` word: mode, generation and, in half-open,
+//! the probe slots and their results. Admitting a probe is one compare-and-swap on it,
+//! so at most `permitted_probes` are ever admitted per half-open period. Transitions
+//! happen under a small mutex (only on transitions), are checked against the
+//! generation a caller saw, and bump it: a late result from a call admitted before a
+//! transition is dropped and can never fire a second transition.
+
+use super::error::Open;
+use super::window::{FAILURE, SLOW, Totals, Window};
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::time::Duration;
+use tokio::time::Instant;
+
+// === impl Now ===
+
+/// The current time, read at most once and only if needed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    at: Option<Instant>,
+    #[cfg(test)]
+    reads: u32,
+}
+
+impl Now {
+    /// Reads `Instant::now()` the first time it is asked.
+    #[inline]
+    pub(crate) fn lazy() -> Self {
+        Self {
+            at: None,
+            #[cfg(test)]
+            reads: 0,
+        }
+    }
+
+    /// A fixed instant (tests, or a caller that already read the clock).
+    pub(crate) fn at(at: Instant) -> Self {
+        Self {
+            at: Some(at),
+            #[cfg(test)]
+            reads: 0,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn get(&mut self) -> Instant {
+        #[cfg(test)]
+        {
+            self.reads += 1;
+        }
+        *self.at.get_or_insert_with(Instant::now)
+    }
+}
+
+// === State ===
+
+/// The state of a circuit breaker.
+///
+/// * `Closed` — calls flow; outcomes are recorded and the breaker trips (to `Open`)
+///   when the failure or slow-call rate reaches its threshold.
+/// * `Open` — every call is rejected at once with [`Open`]
+///   until the break has elapsed; the next call then moves it to `HalfOpen`.
+/// * `HalfOpen` — exactly `permitted_probes` calls are let through; their outcomes
+///   close the breaker or open it again.
+/// * `Disabled` — set by hand: every call flows, nothing is recorded.
+/// * `ForcedOpen` — set by hand: every call is rejected until changed by hand.
+/// * `MetricsOnly` — set by hand: every call flows and is recorded, but the breaker
+///   never trips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum State {
+    /// Calls flow and are recorded.
+    Closed,
+    /// Calls are rejected until the break elapses.
+    Open,
+    /// A limited number of probe calls decide whether to close.
+    HalfOpen,
+    /// Calls flow; nothing is recorded (manual).
+    Disabled,
+    /// Calls are rejected until changed by hand (manual).
+    ForcedOpen,
+    /// Calls flow and are recorded; the breaker never trips (manual).
+    MetricsOnly,
+}
+
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
+const HALF_OPEN: u64 = 2;
+const DISABLED: u64 = 3;
+const FORCED_OPEN: u64 = 4;
+const METRICS_ONLY: u64 = 5;
+
+impl State {
+    fn from_mode(mode: u64) -> Self {
+        match mode {
+            CLOSED => State::Closed,
+            OPEN => State::Open,
+            HALF_OPEN => State::HalfOpen,
+            DISABLED => State::Disabled,
+            FORCED_OPEN => State::ForcedOpen,
+            _ => State::MetricsOnly,
+        }
+    }
+
+    /// The lowercase name (`"closed"`, `"open"`, `"half_open"`, …), as used in
+    /// metrics labels.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+            State::Disabled => "disabled",
+            State::ForcedOpen => "forced_open",
+            State::MetricsOnly => "metrics_only",
+        }
+    }
+
+    /// The value of the `postbox_circuit_state` gauge: 0 closed, 1 open, 2 half-open,
+    /// 3 disabled, 4 forced open, 5 metrics only.
+    pub const fn gauge_value(&self) -> f64 {
+        match self {
+            State::Closed => 0.0,
+            State::Open => 1.0,
+            State::HalfOpen => 2.0,
+            State::Disabled => 3.0,
+            State::ForcedOpen => 4.0,
+            State::MetricsOnly => 5.0,
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === The state word ===
+//
+// bits 0..3 mode | 3..11 free probe slots | 11..19 probes done | 19..27 probes failed |
+// 27..35 probes slow | 35..64 generation
+
+const MODE_MASK: u64 = 0b111;
+const FIELD: u64 = 0xff;
+const AVAIL_SHIFT: u32 = 3;
+const DONE_SHIFT: u32 = 11;
+const FAIL_SHIFT: u32 = 19;
+const SLOW_SHIFT: u32 = 27;
+const GEN_SHIFT: u32 = 35;
+
+/// Generations wrap at 2^29 (they are compared for equality only).
+const GEN_MASK: u64 = (1 << (64 - GEN_SHIFT)) - 1;
+
+/// The most probes a half-open breaker may admit (the counters are 8 bits).
+pub(crate) const MAX_PROBES: u32 = 255;
+
+#[inline]
+const fn mode(w: u64) -> u64 {
+    w & MODE_MASK
+}
+#[inline]
+const fn generation(w: u64) -> u64 {
+    w >> GEN_SHIFT
+}
+#[inline]
+const fn field(w: u64, shift: u32) -> u64 {
+    (w >> shift) & FIELD
+}
+const fn pack(generation: u64, mode: u64, avail: u64) -> u64 {
+    (generation << GEN_SHIFT) | (avail << AVAIL_SHIFT) | mode
+}
+
+// === Transition and its hook ===
+
+/// One change of state, given to the [`OnTransition`] hook.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    name: Cow<'static, str>,
+    from: State,
+    to: State,
+    generation: u64,
+}
+
+impl Transition {
+    /// The breaker's name (its key for a per-key breaker; empty if unnamed).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The state left.
+    pub const fn from(&self) -> State {
+        self.from
+    }
+
+    /// The state entered.
+    pub const fn to(&self) -> State {
+        self.to
+    }
+
+    /// Counts transitions of this breaker: one more per transition (wrapping at
+    /// 2^29), so hooks running on different threads can be ordered.
+    pub const fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// Called on every state transition (tower-http's hook shape).
+///
+/// Implemented by `()` (does nothing) and by any `Fn(&Transition)`. Hooks run after the
+/// transition is visible, outside the breaker's lock, on the thread that caused it;
+/// keep them short. Every transition is also a `tracing` info event and a metric
+/// whatever the hook.
+pub trait OnTransition: Send + Sync + 'static {
+    /// Called once per transition.
+    fn on_transition(&self, transition: &Transition);
+}
+
+impl OnTransition for () {
+    #[inline]
+    fn on_transition(&self, _: &Transition) {}
+}
+
+impl<F> OnTransition for F
+where
+    F: Fn(&Transition) + Send + Sync + 'static,
+{
+    fn on_transition(&self, transition: &Transition) {
+        self(transition)
+    }
+}
+
+// === Metrics snapshot ===
+
+/// A snapshot of a breaker's state and window, from
+/// [`CircuitBreakerHandle::metrics`](super::CircuitBreakerHandle::metrics).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    state: State,
+    calls: u64,
+    failures: u64,
+    slow_calls: u64,
+    consecutive_failures: u64,
+    minimum_calls: u64,
+    not_permitted: u64,
+}
+
+impl Metrics {
+    /// The state.
+    pub const fn state(&self) -> State {
+        self.state
+    }
+
+    /// Calls in the window (rate mode; 0 in consecutive-failures mode).
+    pub const fn calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// Failed calls in the window (failures and overloads).
+    pub const fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// Slow calls in the window.
+    pub const fn slow_calls(&self) -> u64 {
+        self.slow_calls
+    }
+
+    /// Failures in a row (consecutive-failures mode; 0 in rate mode).
+    pub const fn consecutive_failures(&self) -> u64 {
+        self.consecutive_failures
+    }
+
+    /// The failure rate in `[0, 1]`, or `None` while fewer than the minimum number of
+    /// calls are in the window (resilience4j reports −1 there).
+    pub fn failure_rate(&self) -> Option<f64> {
+        (self.calls > 0 && self.calls >= self.minimum_calls)
+            .then(|| self.failures as f64 / self.calls as f64)
+    }
+
+    /// The slow-call rate in `[0, 1]`, or `None` below the minimum number of calls.
+    pub fn slow_call_rate(&self) -> Option<f64> {
+        (self.calls > 0 && self.calls >= self.minimum_calls)
+            .then(|| self.slow_calls as f64 / self.calls as f64)
+    }
+
+    /// Calls rejected since the breaker was built or [reset](super::CircuitBreakerHandle::reset).
+    pub const fn not_permitted(&self) -> u64 {
+        self.not_permitted
+    }
+}
+
+// === Settings ===
+
+/// How the breaker decides to trip.
+#[derive(Debug)]
+pub(crate) enum Trip {
+    /// Failure rate or slow-call rate over a window.
+    Rate {
+        window: Window,
+        /// Already capped at the size of a count window.
+        minimum_calls: u64,
+        slow_call_rate: Option<f64>,
+    },
+    /// `n` failures in a row.
+    Consecutive { n: u64, count: AtomicU64 },
+}
+
+/// Validated settings (see `config.rs`).
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) trip: Trip,
+    pub(crate) failure_rate: f64,
+    pub(crate) slow_call_duration: Option<Duration>,
+    pub(crate) break_duration: Duration,
+    pub(crate) max_break_duration: Duration,
+    pub(crate) break_multiplier: f64,
+    pub(crate) jitter: f64,
+    pub(crate) seed: Option<u64>,
+    pub(crate) permitted_probes: u32,
+    pub(crate) max_wait_in_half_open: Option<Duration>,
+    pub(crate) count_calls: bool,
+}
+
+// === Permit ===
+
+const RECORDED: u64 = 0;
+const PROBE: u64 = 1;
+const UNTRACKED: u64 = 2;
+const EMPTY: u64 = 3;
+const REJECTED: u64 = 4;
+const KIND_BITS: u32 = 3;
+const KIND_MASK: u64 = (1 << KIND_BITS) - 1;
+const NO_START: u64 = u64::MAX;
+
+/// Admission of one call, for the generation it was admitted in: two plain words, so
+/// the service and the response future move it cheaply.
+///
+/// Also encodes "nothing reserved" and "rejected" so the service keeps its reservation
+/// in the same two words.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Permit {
+    /// `generation << 3 | kind`: kind is recorded (closed or metrics-only), probe
+    /// (holds a half-open slot), untracked (disabled), empty, or rejected.
+    tag: u64,
+    /// When the call started, in ns since the breaker's origin (slow-call tracking);
+    /// for a rejection, its `retry_after` in ns.
+    start_ns: u64,
+}
+
+impl Permit {
+    /// Nothing reserved (or used up).
+    pub(crate) const EMPTY: Permit = Permit {
+        tag: EMPTY,
+        start_ns: NO_START,
+    };
+
+    #[inline]
+    fn new(generation: u64, kind: u64, start_ns: u64) -> Self {
+        Self {
+            tag: (generation & GEN_MASK) << KIND_BITS | kind,
+            start_ns,
+        }
+    }
+
+    /// A rejection, kept until `call`.
+    #[inline]
+    pub(crate) fn rejected(open: &Open) -> Self {
+        Self {
+            tag: REJECTED,
+            start_ns: open.retry_after().as_nanos().min(u128::from(u64::MAX)) as u64,
+        }
+    }
+
+    #[inline]
+    fn kind(&self) -> u64 {
+        self.tag & KIND_MASK
+    }
+
+    #[inline]
+    fn generation(&self) -> u64 {
+        self.tag >> KIND_BITS
+    }
+
+    /// Whether the outcome is recorded at all (disabled breakers skip classification).
+    #[inline]
+    pub(crate) fn is_tracked(&self) -> bool {
+        matches!(self.kind(), RECORDED | PROBE)
+    }
+
+    /// Nothing reserved.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.kind() == EMPTY
+    }
+
+    /// The rejection this stands for, if it is one.
+    #[inline]
+    pub(crate) fn rejection(&self) -> Option<Open> {
+        (self.kind() == REJECTED).then(|| Open::new(Duration::from_nanos(self.start_ns)))
+    }
+
+    /// Whether this permit holds a half-open probe slot.
+    #[cfg(test)]
+    pub(crate) fn is_probe(&self) -> bool {
+        self.kind() == PROBE
+    }
+
+    /// Returns the permit and leaves it empty (used up).
+    #[inline]
+    pub(crate) fn take(&mut self) -> Permit {
+        std::mem::replace(self, Permit::EMPTY)
+    }
+}
+
+/// The breaker's reading of a classified outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Success,
+    Failure,
+    Ignored,
+}
+
+// === impl Breaker ===
+
+#[cold]
+fn count_call(verdict: Verdict) {
+    let outcome = match verdict {
+        Verdict::Success => "success",
+        Verdict::Failure => "failure",
+        Verdict::Ignored => "ignored",
+    };
+    metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => outcome)
+        .increment(1);
+}
+
+#[derive(Debug)]
+struct Cold {
+    /// Openings since the breaker last closed (drives the growing break).
+    openings: u32,
+    rng: fastrand::Rng,
+}
+
+/// The state word on a cache line of its own: the `Arc`'s reference count, which
+/// every call increments, must not share it.
+#[derive(Debug)]
+#[repr(align(64))]
+struct Word(AtomicU64);
+
+impl std::ops::Deref for Word {
+    type Target = AtomicU64;
+
+    #[inline]
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
+/// The breaker: the state word, the window and the transitions.
+pub(crate) struct Breaker {
+    word: Word,
+    settings: Settings,
+    origin: Instant,
+    open_until_ns: AtomicU64,
+    half_open_until_ns: AtomicU64,
+    not_permitted: AtomicU64,
+    cold: Mutex<Cold>,
+    hook: Box<dyn OnTransition>,
+}
+
+impl fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breaker")
+            .field("name", &self.settings.name)
+            .field("state", &self.state())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Breaker {
+    /// A closed breaker whose time starts at `origin`.
+    pub(crate) fn new(settings: Settings, origin: Instant, hook: Box<dyn OnTransition>) -> Self {
+        let rng = match settings.seed {
+            Some(seed) => fastrand::Rng::with_seed(seed),
+            None => fastrand::Rng::new(),
+        };
+        Self {
+            word: Word(AtomicU64::new(pack(0, CLOSED, 0))),
+            settings,
+            origin,
+            open_until_ns: AtomicU64::new(0),
+            half_open_until_ns: AtomicU64::new(u64::MAX),
+            not_permitted: AtomicU64::new(0),
+            cold: Mutex::new(Cold { openings: 0, rng }),
+            hook,
+        }
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    #[inline]
+    fn ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.origin).as_nanos() as u64
+    }
+
+    /// The current state.
+    pub(crate) fn state(&self) -> State {
+        State::from_mode(mode(self.word.load(Acquire)))
+    }
+
+    #[inline]
+    fn start(&self, now: &mut Now) -> u64 {
+        match self.settings.slow_call_duration {
+            Some(_) => self.ns(now.get()),
+            None => NO_START,
+        }
+    }
+
+    #[cold]
+    fn reject(&self, retry_after: Duration) -> Open {
+        self.not_permitted.fetch_add(1, Relaxed);
+        metrics::counter!("postbox_circuit_rejected_total").increment(1);
+        if self.settings.count_calls {
+            metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "rejected")
+                .increment(1);
+        }
+        Open::new(retry_after)
+    }
+
+    /// Admits a call or rejects it.
+    ///
+    /// # Errors
+    /// [`Open`] when the breaker is open, forced open, or half-open with every probe
+    /// slot taken; it carries how long until a probe may be admitted.
+    #[inline]
+    pub(crate) fn acquire(&self, now: &mut Now) -> Result<Permit, Open> {
+        let w = self.word.load(Acquire);
+        if mode(w) == CLOSED {
+            return Ok(Permit::new(generation(w), RECORDED, self.start(now)));
+        }
+        self.acquire_slow(now)
+    }
+
+    fn acquire_slow(&self, now: &mut Now) -> Result<Permit, Open> {
+        loop {
+            let w = self.word.load(Acquire);
+            let generation = generation(w);
+            match mode(w) {
+                CLOSED | METRICS_ONLY => {
+                    return Ok(Permit::new(generation, RECORDED, self.start(now)));
+                }
+                DISABLED => {
+                    return Ok(Permit::new(generation, UNTRACKED, NO_START));
+                }
+                OPEN => {
+                    let t = self.ns(now.get());
+                    let until = self.open_until_ns.load(Acquire);
+                    if t < until {
+                        return Err(self.reject(Duration::from_nanos(until - t)));
+                    }
+                    self.transition(w, HALF_OPEN, now, false);
+                }
+                HALF_OPEN => {
+                    if field(w, AVAIL_SHIFT) > 0 {
+                        let taken = w - (1 << AVAIL_SHIFT);
+                        if self
+                            .word
+                            .compare_exchange(w, taken, AcqRel, Acquire)
+                            .is_ok()
+                        {
+                            return Ok(Permit::new(generation, PROBE, self.start(now)));
+                        }
+                        continue;
+                    }
+                    if self.settings.max_wait_in_half_open.is_some()
+                        && self.ns(now.get()) >= self.half_open_until_ns.load(Acquire)
+                    {
+                        // Stuck: the probes never came back in time.
+                        self.transition(w, OPEN, now, false);
+                        continue;
+                    }
+                    return Err(self.reject(Duration::ZERO));
+                }
+                _ => return Err(self.reject(self.settings.break_duration)),
+            }
+        }
+    }
+
+    /// Gives a probe slot back without a result (the call was dropped, panicked, or
+    /// its outcome was ignored).
+    #[inline]
+    pub(crate) fn release(&self, permit: Permit) {
+        if permit.kind() == PROBE {
+            self.release_probe(permit);
+        }
+    }
+
+    fn release_probe(&self, permit: Permit) {
+        let mut w = self.word.load(Acquire);
+        loop {
+            if generation(w) != permit.generation() || mode(w) != HALF_OPEN {
+                return;
+            }
+            match self
+                .word
+                .compare_exchange_weak(w, w + (1 << AVAIL_SHIFT), AcqRel, Acquire)
+            {
+                Ok(_) => return,
+                Err(cur) => w = cur,
+            }
+        }
+    }
+
+    /// Records the outcome of an admitted call.
+    #[inline]
+    pub(crate) fn complete(&self, permit: Permit, verdict: Verdict, now: &mut Now) {
+        if self.settings.count_calls {
+            count_call(verdict);
+        }
+        match permit.kind() {
+            PROBE => self.complete_probe(permit, verdict, now),
+            RECORDED => {
+                if verdict == Verdict::Ignored {
+                    return;
+                }
+                let w = self.word.load(Acquire);
+                if generation(w) != permit.generation() {
+                    // Admitted before a transition: its outcome belongs to a window
+                    // that is gone.
+                    return;
+                }
+                let outcome = self.outcome(permit, verdict, now);
+                match &self.settings.trip {
+                    Trip::Rate { window, .. } => {
+                        window.record(outcome, || self.ns(now.get()));
+                        if outcome != 0 {
+                            self.evaluate(w, now);
+                        }
+                    }
+                    Trip::Consecutive { n, count } => {
+                        if outcome & FAILURE != 0 {
+                            let c = count.fetch_add(1, Relaxed) + 1;
+                            if c >= *n && mode(w) == CLOSED {
+                                self.transition(w, OPEN, now, false);
+                            }
+                        } else if count.load(Relaxed) != 0 {
+                            count.store(0, Relaxed);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[inline]
+    fn outcome(&self, permit: Permit, verdict: Verdict, now: &mut Now) -> u8 {
+        let mut outcome = 0;
+        if verdict == Verdict::Failure {
+            outcome |= FAILURE;
+        }
+        if let Some(slow) = self.settings.slow_call_duration {
+            if permit.start_ns != NO_START
+                && self.ns(now.get()).saturating_sub(permit.start_ns) > slow.as_nanos() as u64
+            {
+                outcome |= SLOW;
+            }
+        }
+        outcome
+    }
+
+    /// Trips a closed breaker whose window crossed a threshold.
+    fn evaluate(&self, w: u64, now: &mut Now) {
+        let Trip::Rate {
+            window,
+            minimum_calls,
+            slow_call_rate,
+        } = &self.settings.trip
+        else {
+            return;
+        };
+        let t = window.totals(|| self.ns(now.get()));
+        if t.calls == 0 || t.calls < *minimum_calls {
+            return;
+        }
+        let calls = t.calls as f64;
+        let trip = t.failures as f64 >= self.settings.failure_rate * calls
+            || slow_call_rate.is_some_and(|r| t.slow as f64 >= r * calls);
+        // Metrics-only breakers evaluate too (same cost) but never trip.
+        if trip && mode(w) == CLOSED {
+            self.transition(w, OPEN, now, false);
+        }
+    }
+
+    fn complete_probe(&self, permit: Permit, verdict: Verdict, now: &mut Now) {
+        if verdict == Verdict::Ignored {
+            self.release(permit);
+            return;
+        }
+        let outcome = self.outcome(permit, verdict, now);
+        let mut add = 1 << DONE_SHIFT;
+        if outcome & FAILURE != 0 {
+            add += 1 << FAIL_SHIFT;
+        }
+        if outcome & SLOW != 0 {
+            add += 1 << SLOW_SHIFT;
+        }
+        let mut w = self.word.load(Acquire);
+        let new = loop {
+            if generation(w) != permit.generation() || mode(w) != HALF_OPEN {
+                return;
+            }
+            match self.word.compare_exchange_weak(w, w + add, AcqRel, Acquire) {
+                Ok(_) => break w + add,
+                Err(cur) => w = cur,
+            }
+        };
+        let probes = u64::from(self.settings.permitted_probes);
+        if field(new, DONE_SHIFT) < probes {
+            return;
+        }
+        let n = probes as f64;
+        let failed = field(new, FAIL_SHIFT) as f64 >= self.settings.failure_rate * n;
+        let slow = match &self.settings.trip {
+            Trip::Rate {
+                slow_call_rate: Some(r),
+                ..
+            } => field(new, SLOW_SHIFT) as f64 >= r * n,
+            _ => false,
+        };
+        let to = if failed || slow { OPEN } else { CLOSED };
+        self.transition(new, to, now, false);
+    }
+
+    /// Moves from the state in `expected` (same generation and mode) to `to`. Returns
+    /// `false` if someone else moved first.
+    fn transition(&self, expected: u64, to: u64, now: &mut Now, reset: bool) -> bool {
+        let mut cold = self.cold.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.word.load(Acquire);
+        if generation(cur) != generation(expected) || mode(cur) != mode(expected) {
+            return false;
+        }
+        let mut avail = 0;
+        match to {
+            OPEN => {
+                cold.openings = cold.openings.saturating_add(1);
+                let d = self.break_for(&mut cold);
+                let until = self.ns(now.get()).saturating_add(d.as_nanos() as u64);
+                self.open_until_ns.store(until, Release);
+            }
+            HALF_OPEN => {
+                avail = u64::from(self.settings.permitted_probes);
+                let until = match self.settings.max_wait_in_half_open {
+                    Some(d) => self.ns(now.get()).saturating_add(d.as_nanos() as u64),
+                    None => u64::MAX,
+                };
+                self.half_open_until_ns.store(until, Release);
+            }
+            CLOSED => {
+                cold.openings = 0;
+                self.clear_window();
+            }
+            METRICS_ONLY => self.clear_window(),
+            _ => {}
+        }
+        if reset {
+            cold.openings = 0;
+            self.not_permitted.store(0, Relaxed);
+            self.clear_window();
+        }
+        let generation = (generation(cur) + 1) & GEN_MASK;
+        self.word.store(pack(generation, to, avail), Release);
+        drop(cold);
+        self.emit(mode(cur), to, generation);
+        true
+    }
+
+    fn clear_window(&self) {
+        match &self.settings.trip {
+            Trip::Rate { window, .. } => window.reset(),
+            Trip::Consecutive { count, .. } => count.store(0, Relaxed),
+        }
+    }
+
+    /// The break for the current opening: `break_duration × multiplier^(openings−1)`,
+    /// capped, then shortened by up to `jitter` of itself.
+    fn break_for(&self, cold: &mut Cold) -> Duration {
+        let s = &self.settings;
+        let base = s.break_duration.as_secs_f64();
+        let exp = i32::try_from(cold.openings.saturating_sub(1)).unwrap_or(i32::MAX);
+        let grown = base * s.break_multiplier.powi(exp);
+        let capped = grown.min(s.max_break_duration.as_secs_f64());
+        let jittered = if s.jitter > 0.0 {
+            capped * (1.0 - s.jitter * cold.rng.f64())
+        } else {
+            capped
+        };
+        Duration::try_from_secs_f64(jittered)
+            .unwrap_or(s.max_break_duration)
+            .max(Duration::from_nanos(1))
+    }
+
+    fn emit(&self, from: u64, to: u64, generation: u64) {
+        let (from, to) = (State::from_mode(from), State::from_mode(to));
+        tracing::info!(
+            breaker = %self.settings.name,
+            from = from.as_str(),
+            to = to.as_str(),
+            generation,
+            "circuit breaker state changed"
+        );
+        metrics::counter!("postbox_circuit_transitions_total", "to" => to.as_str()).increment(1);
+        metrics::gauge!("postbox_circuit_state", "breaker" => self.settings.name.clone())
+            .set(to.gauge_value());
+        self.hook.on_transition(&Transition {
+            name: self.settings.name.clone(),
+            from,
+            to,
+            generation,
+        });
+    }
+
+    /// Moves to `to` by hand, whatever the current state (`reset` also forgets the
+    /// openings and the rejected-call count).
+    pub(crate) fn force(&self, to: State, reset: bool, now: &mut Now) {
+        let to = match to {
+            State::Closed => CLOSED,
+            State::Open => OPEN,
+            State::HalfOpen => HALF_OPEN,
+            State::Disabled => DISABLED,
+            State::ForcedOpen => FORCED_OPEN,
+            State::MetricsOnly => METRICS_ONLY,
+        };
+        // Retry until no one else transitions in between.
+        while !self.transition(self.word.load(Acquire), to, now, reset) {}
+    }
+
+    /// A snapshot of the state and window at `now`.
+    pub(crate) fn metrics(&self, now: &mut Now) -> Metrics {
+        let state = self.state();
+        let (t, consecutive, minimum_calls) = match &self.settings.trip {
+            Trip::Rate {
+                window,
+                minimum_calls,
+                ..
+            } => (window.totals(|| self.ns(now.get())), 0, *minimum_calls),
+            Trip::Consecutive { count, .. } => (Totals::default(), count.load(Relaxed), 1),
+        };
+        Metrics {
+            state,
+            calls: t.calls,
+            failures: t.failures,
+            slow_calls: t.slow,
+            consecutive_failures: consecutive,
+            minimum_calls,
+            not_permitted: self.not_permitted.load(Relaxed),
+        }
+    }
+
+    /// When the current break ends (`None` unless open).
+    pub(crate) fn retry_after(&self, now: &mut Now) -> Option<Duration> {
+        (self.state() == State::Open).then(|| {
+            Duration::from_nanos(
+                self.open_until_ns
+                    .load(Acquire)
+                    .saturating_sub(self.ns(now.get())),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::circuit_breaker::window::{CountWindow, TimeWindow};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    fn settings(trip: Trip) -> Settings {
+        Settings {
+            name: Cow::Borrowed("test"),
+            trip,
+            failure_rate: 0.5,
+            slow_call_duration: None,
+            break_duration: Duration::from_secs(10),
+            max_break_duration: Duration::from_secs(10),
+            break_multiplier: 1.0,
+            jitter: 0.0,
+            seed: Some(7),
+            permitted_probes: 2,
+            max_wait_in_half_open: None,
+            count_calls: false,
+        }
+    }
+
+    fn count(size: u32, minimum_calls: u64) -> Trip {
+        Trip::Rate {
+            window: Window::Count(CountWindow::new(size)),
+            minimum_calls: minimum_calls.min(u64::from(size)),
+            slow_call_rate: None,
+        }
+    }
+
+    fn breaker(s: Settings, t0: Instant) -> Breaker {
+        Breaker::new(s, t0, Box::new(()))
+    }
+
+    fn call(b: &Breaker, at: Instant, verdict: Verdict) -> Result<(), Open> {
+        let mut now = Now::at(at);
+        let p = b.acquire(&mut now)?;
+        b.complete(p, verdict, &mut now);
+        Ok(())
+    }
+
+    #[test]
+    fn opens_after_n_successes_then_n_half_failures() {
+        let t0 = Instant::now();
+        let b = breaker(settings(count(10, 10)), t0);
+        for _ in 0..10 {
+            call(&b, t0, Verdict::Success).unwrap();
+        }
+        for _ in 0..4 {
+            call(&b, t0, Verdict::Failure).unwrap();
+        }
+        assert_eq!(b.state(), State::Closed);
+        call(&b, t0, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn closed_count_window_never_reads_the_clock() {
+        let b = breaker(settings(count(10, 10)), Instant::now());
+        let mut now = Now::lazy();
+        for v in [Verdict::Success, Verdict::Failure, Verdict::Ignored] {
+            let p = b.acquire(&mut now).unwrap();
+            b.complete(p, v, &mut now);
+        }
+        assert_eq!(now.reads, 0);
+    }
+
+    #[test]
+    fn open_rejects_with_time_left_then_half_opens() {
+        let t0 = Instant::now();
+        let b = breaker(settings(count(1, 1)), t0);
+        call(&b, t0, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), State::Open);
+        let e = call(&b, t0 + Duration::from_secs(4), Verdict::Success).unwrap_err();
+        assert_eq!(e.retry_after(), Duration::from_secs(6));
+        let mut now = Now::at(t0 + Duration::from_secs(10));
+        let p = b.acquire(&mut now).unwrap();
+        assert!(p.is_probe());
+        assert_eq!(b.state(), State::HalfOpen);
+    }
+
+    #[test]
+    fn half_open_admits_configured_probes_and_closes() {
+        let t0 = Instant::now();
+        let b = breaker(settings(count(1, 1)), t0);
+        call(&b, t0, Verdict::Failure).unwrap();
+        let mut now = Now::at(t0 + Duration::from_secs(10));
+        let p1 = b.acquire(&mut now).unwrap();
+        let p2 = b.acquire(&mut now).unwrap();
+        assert_eq!(
+            b.acquire(&mut now).unwrap_err().retry_after(),
+            Duration::ZERO
+        );
+        b.complete(p1, Verdict::Success, &mut now);
+        assert_eq!(b.state(), State::HalfOpen);
+        b.complete(p2, Verdict::Failure, &mut now);
+        // 1 of 2 failed: 50% ≥ 50% re-opens.
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn released_probe_slot_admits_another() {
+        let t0 = Instant::now();
+        let b = breaker(settings(count(1, 1)), t0);
+        call(&b, t0, Verdict::Failure).unwrap();
+        let mut now = Now::at(t0 + Duration::from_secs(10));
+        let p1 = b.acquire(&mut now).unwrap();
+        let p2 = b.acquire(&mut now).unwrap();
+        assert!(b.acquire(&mut now).is_err());
+        b.release(p1);
+        let p3 = b.acquire(&mut now).unwrap();
+        b.complete(p2, Verdict::Success, &mut now);
+        b.complete(p3, Verdict::Success, &mut now);
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn late_result_from_before_a_transition_is_dropped() {
+        let t0 = Instant::now();
+        let fired = Arc::new(AtomicUsize::new(0));
+        let f = fired.clone();
+        let b = Breaker::new(
+            settings(count(1, 1)),
+            t0,
+            Box::new(move |_: &Transition| {
+                f.fetch_add(1, Relaxed);
+            }),
+        );
+        let mut now = Now::at(t0);
+        let early = b.acquire(&mut now).unwrap();
+        call(&b, t0, Verdict::Failure).unwrap();
+        assert_eq!(fired.load(Relaxed), 1);
+        b.complete(early, Verdict::Failure, &mut now);
+        assert_eq!(fired.load(Relaxed), 1);
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn max_wait_in_half_open_reopens() {
+        let t0 = Instant::now();
+        let mut s = settings(count(1, 1));
+        s.max_wait_in_half_open = Some(Duration::from_secs(5));
+        let b = breaker(s, t0);
+        call(&b, t0, Verdict::Failure).unwrap();
+        let mut now = Now::at(t0 + Duration::from_secs(10));
+        let _p1 = b.acquire(&mut now).unwrap();
+        let _p2 = b.acquire(&mut now).unwrap();
+        let mut later = Now::at(t0 + Duration::from_secs(15));
+        assert!(b.acquire(&mut later).is_err());
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn break_grows_with_consecutive_openings_up_to_the_cap() {
+        let t0 = Instant::now();
+        let mut s = settings(count(1, 1));
+        s.permitted_probes = 1;
+        s.break_multiplier = 2.0;
+        s.max_break_duration = Duration::from_secs(30);
+        let b = breaker(s, t0);
+        let mut t = t0;
+        let mut seen = Vec::new();
+        call(&b, t, Verdict::Failure).unwrap();
+        for _ in 0..4 {
+            let d = b.retry_after(&mut Now::at(t)).unwrap();
+            seen.push(d.as_secs());
+            t += d;
+            call(&b, t, Verdict::Failure).unwrap(); // the probe fails
+        }
+        assert_eq!(seen, [10, 20, 30, 30]);
+        // Closing resets the growth.
+        let d = b.retry_after(&mut Now::at(t)).unwrap();
+        t += d;
+        call(&b, t, Verdict::Success).unwrap();
+        assert_eq!(b.state(), State::Closed);
+        call(&b, t, Verdict::Failure).unwrap();
+        assert_eq!(
+            b.retry_after(&mut Now::at(t)),
+            Some(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn jitter_only_shortens_the_break() {
+        let t0 = Instant::now();
+        let mut s = settings(count(1, 1));
+        s.jitter = 0.5;
+        let b = breaker(s, t0);
+        call(&b, t0, Verdict::Failure).unwrap();
+        let d = b.retry_after(&mut Now::at(t0)).unwrap();
+        assert!(
+            d <= Duration::from_secs(10) && d > Duration::from_secs(5),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn consecutive_failures_mode() {
+        let t0 = Instant::now();
+        let b = breaker(
+            settings(Trip::Consecutive {
+                n: 3,
+                count: AtomicU64::new(0),
+            }),
+            t0,
+        );
+        call(&b, t0, Verdict::Failure).unwrap();
+        call(&b, t0, Verdict::Failure).unwrap();
+        call(&b, t0, Verdict::Success).unwrap();
+        call(&b, t0, Verdict::Failure).unwrap();
+        call(&b, t0, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), State::Closed);
+        call(&b, t0, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn slow_calls_trip_the_slow_rate() {
+        let t0 = Instant::now();
+        let mut s = settings(Trip::Rate {
+            window: Window::Count(CountWindow::new(2)),
+            minimum_calls: 2,
+            slow_call_rate: Some(1.0),
+        });
+        s.slow_call_duration = Some(Duration::from_millis(100));
+        let b = breaker(s, t0);
+        for _ in 0..2 {
+            let p = b.acquire(&mut Now::at(t0)).unwrap();
+            // Exactly the threshold is not slow.
+            b.complete(
+                p,
+                Verdict::Success,
+                &mut Now::at(t0 + Duration::from_millis(100)),
+            );
+        }
+        assert_eq!(b.state(), State::Closed);
+        for _ in 0..2 {
+            let p = b.acquire(&mut Now::at(t0)).unwrap();
+            b.complete(
+                p,
+                Verdict::Success,
+                &mut Now::at(t0 + Duration::from_millis(101)),
+            );
+        }
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn time_window_trips_and_forgets() {
+        let t0 = Instant::now();
+        let b = breaker(
+            settings(Trip::Rate {
+                window: Window::Time(TimeWindow::new(10, 1_000_000_000)),
+                minimum_calls: 2,
+                slow_call_rate: None,
+            }),
+            t0,
+        );
+        call(&b, t0, Verdict::Failure).unwrap();
+        // The failure left the 10 s window exactly at t0 + 10 s.
+        call(&b, t0 + Duration::from_secs(10), Verdict::Failure).unwrap();
+        assert_eq!(b.state(), State::Closed);
+        call(&b, t0 + Duration::from_secs(11), Verdict::Failure).unwrap();
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn manual_states() {
+        let t0 = Instant::now();
+        let b = breaker(settings(count(1, 1)), t0);
+        let mut now = Now::at(t0);
+        b.force(State::ForcedOpen, false, &mut now);
+        assert!(call(&b, t0 + Duration::from_secs(100), Verdict::Success).is_err());
+        b.force(State::Disabled, false, &mut now);
+        for _ in 0..5 {
+            call(&b, t0, Verdict::Failure).unwrap();
+        }
+        assert_eq!(b.state(), State::Disabled);
+        b.force(State::MetricsOnly, false, &mut now);
+        call(&b, t0, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), State::MetricsOnly);
+        assert_eq!(b.metrics(&mut now).failures(), 1);
+        b.force(State::Closed, true, &mut now);
+        let m = b.metrics(&mut now);
+        assert_eq!((m.calls(), m.not_permitted()), (0, 0));
+    }
+}

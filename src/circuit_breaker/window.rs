@@ -1,0 +1,470 @@
+//! Sliding windows of call outcomes: the last N calls (count) or the last T (time).
+//!
+//! Both are pure (time is passed in as nanoseconds since the breaker's origin), O(1)
+//! per recorded outcome, allocate only when built, and may be shared by many threads:
+//! they are made of atomics. Under concurrency the totals are eventually exact (every
+//! change of a slot or bucket is applied to the running totals exactly once); a reader
+//! racing a writer may see one outcome more or less, never a drifting total.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::*};
+
+/// Outcome bit: the call failed (failure or overload).
+pub(crate) const FAILURE: u8 = 1;
+/// Outcome bit: the call was slower than the slow-call threshold.
+pub(crate) const SLOW: u8 = 2;
+
+/// What a window holds at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) calls: u64,
+    pub(crate) failures: u64,
+    pub(crate) slow: u64,
+}
+
+/// Clamps a running total that a racing writer may have pushed out of range.
+fn clamp(v: i64, max: u64) -> u64 {
+    (v.max(0) as u64).min(max)
+}
+
+/// Applies the change of one slot or bucket from `old` to `new` outcome bits.
+#[inline]
+fn apply(failures: &AtomicI64, slow: &AtomicI64, old: u8, new: u8) {
+    let changed = old ^ new;
+    if changed & FAILURE != 0 {
+        failures.fetch_add(if new & FAILURE != 0 { 1 } else { -1 }, Relaxed);
+    }
+    if changed & SLOW != 0 {
+        slow.fetch_add(if new & SLOW != 0 { 1 } else { -1 }, Relaxed);
+    }
+}
+
+// === impl CountWindow ===
+
+/// A true sliding count window: a ring of the last `size` outcomes with running
+/// totals of failures and slow calls.
+#[derive(Debug)]
+pub(crate) struct CountWindow {
+    slots: Box<[AtomicU8]>,
+    /// Outcomes recorded since the last reset; the next one goes to `next % size`.
+    next: AtomicU64,
+    failures: AtomicI64,
+    slow: AtomicI64,
+}
+
+impl CountWindow {
+    /// A window of the last `size` outcomes (`size >= 1`).
+    pub(crate) fn new(size: u32) -> Self {
+        let size = size.max(1);
+        Self {
+            slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
+            next: AtomicU64::new(0),
+            failures: AtomicI64::new(0),
+            slow: AtomicI64::new(0),
+        }
+    }
+
+    /// The number of outcomes the window holds when full.
+    pub(crate) fn size(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    /// Records one outcome (a combination of [`FAILURE`] and [`SLOW`] bits).
+    #[inline]
+    pub(crate) fn record(&self, outcome: u8) {
+        let size = self.size();
+        // A full window whose every slot already holds this outcome (all successes,
+        // or all plain failures) stays the same when one more arrives: which slot is
+        // overwritten is unobservable. Skipping the write keeps the steady states to
+        // three loads.
+        let same = match outcome {
+            0 => self.failures.load(Relaxed) == 0,
+            FAILURE => self.failures.load(Relaxed) == size as i64,
+            _ => false,
+        };
+        if same && self.slow.load(Relaxed) == 0 && self.next.load(Relaxed) >= size {
+            return;
+        }
+        let pos = self.next.fetch_add(1, Relaxed);
+        let slot = &self.slots[(pos % size) as usize];
+        if slot.load(Relaxed) == outcome {
+            return;
+        }
+        let old = slot.swap(outcome, Relaxed);
+        apply(&self.failures, &self.slow, old, outcome);
+    }
+
+    /// The current totals.
+    pub(crate) fn totals(&self) -> Totals {
+        let size = self.size();
+        let calls = self.next.load(Relaxed).min(size);
+        Totals {
+            calls,
+            failures: clamp(self.failures.load(Relaxed), calls),
+            slow: clamp(self.slow.load(Relaxed), calls),
+        }
+    }
+
+    /// Forgets every outcome.
+    pub(crate) fn reset(&self) {
+        for s in self.slots.iter() {
+            let old = s.swap(0, Relaxed);
+            apply(&self.failures, &self.slow, old, 0);
+        }
+        self.next.store(0, Relaxed);
+    }
+}
+
+// === impl TimeWindow ===
+
+#[derive(Debug, Default)]
+struct Bucket {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
+}
+
+/// A sliding time window: `buckets` buckets of `width` each, with running totals.
+///
+/// An outcome recorded in the bucket starting at `b` leaves the window at exactly
+/// `b + buckets × width`: the window covers the last T = `buckets × width` at the
+/// granularity of one bucket (as resilience4j and Polly do).
+#[derive(Debug)]
+pub(crate) struct TimeWindow {
+    buckets: Box<[Bucket]>,
+    width_ns: u64,
+    /// `epoch << 16 | epoch % buckets` of the newest bucket (epoch = time / width).
+    head: AtomicU64,
+    /// When the newest bucket ends (ns): before it, no division and no rotation.
+    head_end_ns: AtomicU64,
+    calls: AtomicI64,
+    failures: AtomicI64,
+    slow: AtomicI64,
+    /// Serialises rotation (once per bucket width at most).
+    rotate: Mutex<()>,
+}
+
+/// At most this many buckets: the bucket index is packed in 16 bits.
+pub(crate) const MAX_BUCKETS: u32 = 1 << 16;
+
+impl TimeWindow {
+    /// A window of `buckets` buckets of `width_ns` nanoseconds each (both ≥ 1,
+    /// `buckets` < [`MAX_BUCKETS`]).
+    pub(crate) fn new(buckets: u32, width_ns: u64) -> Self {
+        let buckets = buckets.clamp(1, MAX_BUCKETS - 1);
+        Self {
+            buckets: (0..buckets).map(|_| Bucket::default()).collect(),
+            width_ns: width_ns.max(1),
+            head: AtomicU64::new(0),
+            head_end_ns: AtomicU64::new(width_ns.max(1)),
+            calls: AtomicI64::new(0),
+            failures: AtomicI64::new(0),
+            slow: AtomicI64::new(0),
+            rotate: Mutex::new(()),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.buckets.len() as u64
+    }
+
+    /// Moves the head to the bucket of `now_ns`, expiring buckets that left the window,
+    /// and returns the head bucket's index. A caller whose `now` is older than the head
+    /// (it read the clock, then lost the CPU) is counted in the head bucket.
+    #[inline]
+    fn advance(&self, now_ns: u64) -> usize {
+        let head = self.head.load(Acquire);
+        if now_ns < self.head_end_ns.load(Relaxed) {
+            // (A reader racing a rotation may count into the previous bucket: an
+            // outcome a bucket late, never a lost one.)
+            return (head & 0xffff) as usize;
+        }
+        self.rotate_to(now_ns / self.width_ns)
+    }
+
+    #[cold]
+    fn rotate_to(&self, epoch: u64) -> usize {
+        let _g = self.rotate.lock().unwrap_or_else(|e| e.into_inner());
+        let head = self.head.load(Acquire);
+        let from = head >> 16;
+        if from >= epoch {
+            return (head & 0xffff) as usize;
+        }
+        let n = self.len();
+        // Expire the buckets the head passes over (at most all of them).
+        let first = if epoch - from >= n {
+            epoch - n + 1
+        } else {
+            from + 1
+        };
+        for e in first..=epoch {
+            let b = &self.buckets[(e % n) as usize];
+            self.calls
+                .fetch_sub(b.calls.swap(0, AcqRel) as i64, Relaxed);
+            self.failures
+                .fetch_sub(b.failures.swap(0, AcqRel) as i64, Relaxed);
+            self.slow.fetch_sub(b.slow.swap(0, AcqRel) as i64, Relaxed);
+        }
+        let idx = epoch % n;
+        self.head_end_ns
+            .store((epoch + 1).saturating_mul(self.width_ns), Relaxed);
+        self.head.store(epoch << 16 | idx, Release);
+        idx as usize
+    }
+
+    /// Records one outcome at `now_ns`.
+    #[inline]
+    pub(crate) fn record(&self, now_ns: u64, outcome: u8) {
+        let b = &self.buckets[self.advance(now_ns)];
+        b.calls.fetch_add(1, Relaxed);
+        self.calls.fetch_add(1, Relaxed);
+        if outcome & FAILURE != 0 {
+            b.failures.fetch_add(1, Relaxed);
+            self.failures.fetch_add(1, Relaxed);
+        }
+        if outcome & SLOW != 0 {
+            b.slow.fetch_add(1, Relaxed);
+            self.slow.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The totals over the window ending at `now_ns`.
+    pub(crate) fn totals(&self, now_ns: u64) -> Totals {
+        self.advance(now_ns);
+        let calls = clamp(self.calls.load(Relaxed), u64::MAX);
+        Totals {
+            calls,
+            failures: clamp(self.failures.load(Relaxed), calls),
+            slow: clamp(self.slow.load(Relaxed), calls),
+        }
+    }
+
+    /// Forgets every outcome.
+    pub(crate) fn reset(&self) {
+        let _g = self.rotate.lock().unwrap_or_else(|e| e.into_inner());
+        for b in self.buckets.iter() {
+            self.calls
+                .fetch_sub(b.calls.swap(0, AcqRel) as i64, Relaxed);
+            self.failures
+                .fetch_sub(b.failures.swap(0, AcqRel) as i64, Relaxed);
+            self.slow.fetch_sub(b.slow.swap(0, AcqRel) as i64, Relaxed);
+        }
+    }
+}
+
+// === impl Window ===
+
+/// The window a rate-based breaker evaluates.
+#[derive(Debug)]
+pub(crate) enum Window {
+    Count(CountWindow),
+    Time(TimeWindow),
+}
+
+impl Window {
+    /// Records an outcome; `now_ns` is called only by a time window.
+    #[inline]
+    pub(crate) fn record(&self, outcome: u8, now_ns: impl FnOnce() -> u64) {
+        match self {
+            Window::Count(w) => w.record(outcome),
+            Window::Time(w) => w.record(now_ns(), outcome),
+        }
+    }
+
+    /// The current totals; `now_ns` is called only by a time window.
+    pub(crate) fn totals(&self, now_ns: impl FnOnce() -> u64) -> Totals {
+        match self {
+            Window::Count(w) => w.totals(),
+            Window::Time(w) => w.totals(now_ns()),
+        }
+    }
+
+    /// Forgets every outcome.
+    pub(crate) fn reset(&self) {
+        match self {
+            Window::Count(w) => w.reset(),
+            Window::Time(w) => w.reset(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(calls: u64, failures: u64, slow: u64) -> Totals {
+        Totals {
+            calls,
+            failures,
+            slow,
+        }
+    }
+
+    #[test]
+    fn count_window_of_size_one_holds_only_the_last_outcome() {
+        let w = CountWindow::new(1);
+        assert_eq!(w.totals(), t(0, 0, 0));
+        w.record(FAILURE);
+        assert_eq!(w.totals(), t(1, 1, 0));
+        w.record(0);
+        assert_eq!(w.totals(), t(1, 0, 0));
+        w.record(SLOW | FAILURE);
+        assert_eq!(w.totals(), t(1, 1, 1));
+        w.record(SLOW);
+        assert_eq!(w.totals(), t(1, 0, 1));
+    }
+
+    #[test]
+    fn count_window_slides_after_n_successes() {
+        let w = CountWindow::new(4);
+        for _ in 0..4 {
+            w.record(0);
+        }
+        w.record(FAILURE);
+        w.record(FAILURE);
+        assert_eq!(w.totals(), t(4, 2, 0));
+        for _ in 0..2 {
+            w.record(0);
+        }
+        assert_eq!(w.totals(), t(4, 2, 0));
+        w.record(0);
+        w.record(0);
+        assert_eq!(w.totals(), t(4, 0, 0));
+    }
+
+    #[test]
+    fn count_window_reset_forgets_everything() {
+        let w = CountWindow::new(3);
+        w.record(FAILURE);
+        w.record(SLOW);
+        w.reset();
+        assert_eq!(w.totals(), t(0, 0, 0));
+        w.record(0);
+        assert_eq!(w.totals(), t(1, 0, 0));
+    }
+
+    #[test]
+    fn time_window_bucket_expires_exactly_at_t() {
+        // 4 buckets of 10 ns: T = 40 ns.
+        let w = TimeWindow::new(4, 10);
+        w.record(0, FAILURE);
+        assert_eq!(w.totals(39), t(1, 1, 0));
+        assert_eq!(w.totals(40), t(0, 0, 0));
+    }
+
+    #[test]
+    fn time_window_keeps_the_buckets_still_inside() {
+        let w = TimeWindow::new(4, 10);
+        w.record(5, FAILURE);
+        w.record(15, 0);
+        w.record(25, SLOW);
+        w.record(35, 0);
+        assert_eq!(w.totals(39), t(4, 1, 1));
+        assert_eq!(w.totals(40), t(3, 0, 1));
+        assert_eq!(w.totals(59), t(2, 0, 1));
+        assert_eq!(w.totals(60), t(1, 0, 0));
+        // Idle for longer than the whole window: everything expires at once.
+        assert_eq!(w.totals(1_000), t(0, 0, 0));
+        w.record(1_000, FAILURE);
+        assert_eq!(w.totals(1_001), t(1, 1, 0));
+    }
+
+    #[test]
+    fn time_window_of_one_bucket() {
+        let w = TimeWindow::new(1, 100);
+        w.record(0, FAILURE);
+        w.record(99, 0);
+        assert_eq!(w.totals(99), t(2, 1, 0));
+        assert_eq!(w.totals(100), t(0, 0, 0));
+    }
+
+    #[test]
+    fn late_outcome_counts_in_the_newest_bucket() {
+        let w = TimeWindow::new(2, 10);
+        w.record(25, 0);
+        w.record(3, FAILURE); // read the clock long ago
+        assert_eq!(w.totals(29), t(2, 1, 0));
+        assert_eq!(w.totals(40), t(0, 0, 0));
+    }
+
+    #[test]
+    fn time_window_reset_forgets_everything() {
+        let w = TimeWindow::new(3, 10);
+        w.record(1, FAILURE);
+        w.record(11, SLOW);
+        w.reset();
+        assert_eq!(w.totals(12), t(0, 0, 0));
+    }
+
+    #[test]
+    fn count_window_totals_are_exact_after_concurrent_writers() {
+        let w = std::sync::Arc::new(CountWindow::new(7));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    let mut rng = fastrand::Rng::with_seed(t);
+                    for _ in 0..20_000 {
+                        w.record(rng.u8(0..4));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let slots: Vec<u8> = w.slots.iter().map(|s| s.load(Relaxed)).collect();
+        let naive = t(
+            7,
+            slots.iter().filter(|&&o| o & FAILURE != 0).count() as u64,
+            slots.iter().filter(|&&o| o & SLOW != 0).count() as u64,
+        );
+        assert_eq!(w.totals(), naive);
+    }
+
+    proptest! {
+        #[test]
+        fn count_window_rate_equals_naive_rate_over_last_n(
+            size in 1u32..20,
+            outcomes in proptest::collection::vec(0u8..4, 0..200),
+        ) {
+            let w = CountWindow::new(size);
+            for (i, &o) in outcomes.iter().enumerate() {
+                w.record(o);
+                let start = (i + 1).saturating_sub(size as usize);
+                let last = &outcomes[start..=i];
+                let naive = t(
+                    last.len() as u64,
+                    last.iter().filter(|&&o| o & FAILURE != 0).count() as u64,
+                    last.iter().filter(|&&o| o & SLOW != 0).count() as u64,
+                );
+                prop_assert_eq!(w.totals(), naive);
+            }
+        }
+
+        #[test]
+        fn time_window_equals_naive_count_over_buckets(
+            buckets in 1u32..6,
+            steps in proptest::collection::vec((0u64..25, 0u8..4), 0..100),
+        ) {
+            let width = 10;
+            let w = TimeWindow::new(buckets, width);
+            let mut now = 0;
+            let mut seen: Vec<(u64, u8)> = Vec::new();
+            for &(dt, o) in &steps {
+                now += dt;
+                w.record(now, o);
+                seen.push((now, o));
+                let start = (now / width + 1).saturating_sub(buckets as u64) * width;
+                let inside: Vec<u8> = seen.iter().filter(|(at, _)| *at >= start).map(|(_, o)| *o).collect();
+                let naive = t(
+                    inside.len() as u64,
+                    inside.iter().filter(|&&o| o & FAILURE != 0).count() as u64,
+                    inside.iter().filter(|&&o| o & SLOW != 0).count() as u64,
+                );
+                prop_assert_eq!(w.totals(now), naive);
+            }
+        }
+    }
+}

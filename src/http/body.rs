@@ -1,0 +1,820 @@
+//! Replayable request bodies: buffer a body up to a limit so it can be sent again.
+//!
+//! A retry (or a later replay from the queue) must send the *same* body again, but a
+//! request body is a stream that can be read once. [`BufferBodyLayer`] reads the body of
+//! every `http::Request<B>` (any [`http_body::Body`]: hyper's `Incoming`, `reqwest::Body`,
+//! tonic's body, `Full<Bytes>`, …) into one [`Bytes`] before calling the inner service
+//! with a [`ReplayBody`]:
+//!
+//! * a body of at most `limit` bytes is **buffered**: the inner service gets a
+//!   [`ReplayBody`] that [`try_clone_body`](TryCloneBody::try_clone_body) copies for free
+//!   (a reference count), so every retry sends the whole body;
+//! * a larger body is **streamed through once**: the bytes already read, then the rest of
+//!   the original stream. The request carries a [`BodyNotReplayable`] extension, its body
+//!   cannot be cloned, and the retry layer sends it exactly once — never a truncated
+//!   replay, never a panic.
+//!
+//! Buffering costs one copy of the body (none when the body arrives as a single `Bytes`
+//! chunk) and nothing per retry. A body whose size hint already exceeds the limit is not
+//! read at all before the call.
+//!
+//! Put the layer outside the retry. A client generic over its body type (reqwest through
+//! `postbox::http::reqwest::ReqwestService`, hyper-util's client) takes
+//! the [`ReplayBody`] as it is; for one with a fixed body type (tonic's `Channel` takes
+//! `tonic::body::Body`) map it back inside the retry, e.g.
+//! `ServiceBuilder::new().map_request(|r: http::Request<_>| r.map(tonic::body::Body::new))`.
+//!
+//! # Example
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use postbox::http::body::{BodyNotReplayable, BufferBodyLayer, ReplayBody, TryCloneBody};
+//! use tower::{Layer, Service, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let mut svc = BufferBodyLayer::new(4).layer(service_fn(
+//!     |req: http::Request<ReplayBody<Full<Bytes>>>| async move {
+//!         let replayable = req.body().try_clone_body().is_some();
+//!         let reason = req.extensions().get::<BodyNotReplayable>().copied();
+//!         Ok::<_, std::convert::Infallible>((replayable, reason))
+//!     },
+//! ));
+//! let small = http::Request::new(Full::new(Bytes::from_static(b"abc")));
+//! assert_eq!(svc.ready().await.unwrap().call(small).await.unwrap(), (true, None));
+//!
+//! let large = http::Request::new(Full::new(Bytes::from_static(b"abcdef")));
+//! let (replayable, reason) = svc.ready().await.unwrap().call(large).await.unwrap();
+//! assert!(!replayable);
+//! assert_eq!(reason.unwrap().limit(), 4);
+//! # }
+//! ```
+//!
+//! # Cancel safety
+//! Dropping the response future drops the partly read body (and the inner future once
+//! the call has been made).
+
+use crate::BoxError;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, Request};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::mem;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// A request extension saying the body cannot be replayed: it is streamed through once
+/// and must not be retried, replayed or enqueued.
+///
+/// Also an error (`Display`: "request body larger than the replay limit …") for layers
+/// that need to say why they did not retry or defer a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BodyNotReplayable {
+    limit: usize,
+    reason: NotReplayableReason,
+}
+
+/// Why a body could not be buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NotReplayableReason {
+    /// It is larger than the limit.
+    TooLarge,
+    /// Reading it failed before its end; the inner service sees the same error.
+    ReadFailed,
+}
+
+impl BodyNotReplayable {
+    /// A body larger than `limit` bytes.
+    pub const fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            reason: NotReplayableReason::TooLarge,
+        }
+    }
+
+    /// A body whose reading failed while it was being buffered under `limit`.
+    pub const fn read_failed(limit: usize) -> Self {
+        Self {
+            limit,
+            reason: NotReplayableReason::ReadFailed,
+        }
+    }
+
+    /// The buffering limit, in bytes.
+    pub const fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Why the body was not buffered.
+    pub const fn reason(&self) -> NotReplayableReason {
+        self.reason
+    }
+
+    /// `true` if the request is marked as not replayable.
+    pub fn is_marked<B>(req: &Request<B>) -> bool {
+        req.extensions().get::<Self>().is_some()
+    }
+}
+
+impl fmt::Display for BodyNotReplayable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason {
+            NotReplayableReason::TooLarge => write!(
+                f,
+                "request body larger than the replay limit of {} bytes; sent once, not retried",
+                self.limit
+            ),
+            NotReplayableReason::ReadFailed => {
+                f.write_str("request body failed while being buffered; sent once, not retried")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BodyNotReplayable {}
+
+/// A body that can (perhaps) be copied for another attempt.
+///
+/// Implemented for every `Clone` body (`Full<Bytes>`, `Empty`, `String`, `Bytes`, `()`,
+/// …) and for [`ReplayBody`], which is copyable only when it was buffered.
+pub trait TryCloneBody: Sized {
+    /// A copy of the whole body, from its first byte, or `None` if it cannot be replayed.
+    fn try_clone_body(&self) -> Option<Self>;
+}
+
+impl<B: Clone> TryCloneBody for B {
+    #[inline]
+    fn try_clone_body(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+pin_project! {
+    /// A request body after [`BufferBodyLayer`]: either buffered (replayable) or the
+    /// original stream behind the bytes already read (sent once).
+    ///
+    /// Errors of the original body become [`BoxError`].
+    pub struct ReplayBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Buffered {
+            data: Bytes,
+            trailers: Option<HeaderMap>,
+            // 0: data next, 1: trailers next, 2: done.
+            pos: u8,
+        },
+        Streaming {
+            prefix: Option<Bytes>,
+            pending: Option<Bytes>,
+            #[pin]
+            rest: B,
+            error: Option<BoxError>,
+            done: bool,
+        },
+    }
+}
+
+// === impl ReplayBody ===
+
+impl<B> ReplayBody<B> {
+    /// A buffered, replayable body.
+    pub fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self {
+            kind: Kind::Buffered {
+                data,
+                trailers,
+                pos: 0,
+            },
+        }
+    }
+
+    /// A body that streams `prefix` (bytes already read), then the rest of `rest`; it
+    /// cannot be replayed.
+    pub fn streaming(prefix: Bytes, rest: B) -> Self {
+        Self::streaming_parts(prefix, None, rest, None)
+    }
+
+    fn streaming_parts(
+        prefix: Bytes,
+        pending: Option<Bytes>,
+        rest: B,
+        error: Option<BoxError>,
+    ) -> Self {
+        Self {
+            kind: Kind::Streaming {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                pending: pending.filter(|b| !b.is_empty()),
+                rest,
+                error,
+                done: false,
+            },
+        }
+    }
+
+    /// `true` if the body was buffered and can be replayed.
+    pub fn is_replayable(&self) -> bool {
+        matches!(self.kind, Kind::Buffered { .. })
+    }
+
+    /// The whole buffered body, if it was buffered (what the enqueue fallback stores).
+    pub fn buffered_bytes(&self) -> Option<&Bytes> {
+        match &self.kind {
+            Kind::Buffered { data, .. } => Some(data),
+            Kind::Streaming { .. } => None,
+        }
+    }
+
+    /// The buffered trailers, if the body was buffered and had any.
+    pub fn buffered_trailers(&self) -> Option<&HeaderMap> {
+        match &self.kind {
+            Kind::Buffered { trailers, .. } => trailers.as_ref(),
+            Kind::Streaming { .. } => None,
+        }
+    }
+}
+
+impl<B> TryCloneBody for ReplayBody<B> {
+    /// A copy of the whole buffered body (even if this one was partly read); `None` for a
+    /// streamed body.
+    fn try_clone_body(&self) -> Option<Self> {
+        match &self.kind {
+            Kind::Buffered { data, trailers, .. } => {
+                Some(Self::buffered(data.clone(), trailers.clone()))
+            }
+            Kind::Streaming { .. } => None,
+        }
+    }
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Buffered { data, trailers, .. } => f
+                .debug_struct("ReplayBody::Buffered")
+                .field("len", &data.len())
+                .field("trailers", &trailers.is_some())
+                .finish(),
+            Kind::Streaming { .. } => f
+                .debug_struct("ReplayBody::Streaming")
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Buffered {
+                data,
+                trailers,
+                pos,
+            } => {
+                if *pos == 0 {
+                    *pos = 1;
+                    if !data.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(data.clone()))));
+                    }
+                }
+                if *pos == 1 {
+                    *pos = 2;
+                    if let Some(t) = trailers {
+                        return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+                    }
+                }
+                Poll::Ready(None)
+            }
+            KindProj::Streaming {
+                prefix,
+                pending,
+                rest,
+                error,
+                done,
+            } => {
+                if let Some(b) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                if let Some(b) = pending.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                if let Some(e) = error.take() {
+                    *done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                if *done {
+                    return Poll::Ready(None);
+                }
+                match ready!(rest.poll_frame(cx)) {
+                    Some(Ok(frame)) => Poll::Ready(Some(Ok(
+                        frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
+                    ))),
+                    Some(Err(e)) => {
+                        *done = true;
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                    None => {
+                        *done = true;
+                        Poll::Ready(None)
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Buffered {
+                data,
+                trailers,
+                pos,
+            } => match pos {
+                0 => data.is_empty() && trailers.is_none(),
+                1 => trailers.is_none(),
+                _ => true,
+            },
+            Kind::Streaming {
+                prefix,
+                pending,
+                rest,
+                error,
+                done,
+            } => {
+                *done
+                    || (prefix.is_none()
+                        && pending.is_none()
+                        && error.is_none()
+                        && rest.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Buffered { data, pos, .. } => {
+                SizeHint::with_exact(if *pos == 0 { data.len() as u64 } else { 0 })
+            }
+            Kind::Streaming {
+                prefix,
+                pending,
+                rest,
+                done,
+                ..
+            } => {
+                if *done {
+                    return SizeHint::with_exact(0);
+                }
+                let have =
+                    prefix.as_ref().map_or(0, Bytes::len) + pending.as_ref().map_or(0, Bytes::len);
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(have as u64));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(have as u64));
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// Buffers request bodies of at most `limit` bytes so they can be replayed; see the
+/// [module docs](self).
+#[derive(Debug, Clone, Copy)]
+pub struct BufferBodyLayer {
+    limit: usize,
+}
+
+// === impl BufferBodyLayer ===
+
+impl BufferBodyLayer {
+    /// Buffers bodies of up to `limit` bytes (0 buffers only empty bodies).
+    pub const fn new(limit: usize) -> Self {
+        Self { limit }
+    }
+
+    /// The limit, in bytes.
+    pub const fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+impl<S> Layer<S> for BufferBodyLayer {
+    type Service = BufferBody<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BufferBody {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// Buffers the request body, then calls the inner service with a [`ReplayBody`]; see
+/// the [module docs](self).
+///
+/// The body type must be `Unpin` (hyper, reqwest and tonic bodies are; wrap any other in
+/// `Box::pin`). Readiness is the inner service's: `call` takes the ready service into
+/// the response future, which calls it once the body is read.
+///
+/// # Clone
+/// Needs `S: Clone`: the response future owns the ready service while the body is read.
+#[derive(Debug, Clone)]
+pub struct BufferBody<S> {
+    inner: S,
+    limit: usize,
+}
+
+// === impl BufferBody ===
+
+impl<S> BufferBody<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for BufferBody<S>
+where
+    S: Service<Request<ReplayBody<B>>> + Clone,
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let service = mem::replace(&mut self.inner, clone);
+        let (parts, body) = req.into_parts();
+        let hint = body.size_hint();
+        let collect = Collect {
+            service,
+            parts,
+            body,
+            first: None,
+            buf: BytesMut::new(),
+            len: 0,
+            // What to reserve once a second chunk shows the body is not one `Bytes`.
+            expected: usize::try_from(hint.lower())
+                .unwrap_or(usize::MAX)
+                .min(self.limit),
+            trailers: None,
+            limit: self.limit,
+        };
+        if hint.lower() > self.limit as u64 {
+            // Known to be too large: do not read it at all.
+            return ResponseFuture::calling(collect.finish_streaming(None, None));
+        }
+        ResponseFuture {
+            state: State::Buffering {
+                collect: Some(collect),
+            },
+        }
+    }
+}
+
+struct Collect<S, B> {
+    service: S,
+    parts: http::request::Parts,
+    body: B,
+    first: Option<Bytes>,
+    buf: BytesMut,
+    len: usize,
+    expected: usize,
+    trailers: Option<HeaderMap>,
+    limit: usize,
+}
+
+impl<S, B> Collect<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    fn read_so_far(&mut self) -> Bytes {
+        // `first` is moved into `buf` when a second chunk arrives: never both.
+        match self.first.take() {
+            Some(first) => first,
+            None => self.buf.split().freeze(),
+        }
+    }
+
+    /// Keeps the first chunk as it is (no copy for `Bytes` data); from the second one
+    /// on, copies every chunk once into one buffer.
+    fn push(&mut self, mut data: impl Buf) {
+        if self.first.is_none() && self.buf.is_empty() {
+            self.first = Some(data.copy_to_bytes(data.remaining()));
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            let need = first.len() + data.remaining();
+            self.buf.reserve(need.max(self.expected));
+            self.buf.put(first);
+        }
+        self.buf.put(data);
+    }
+
+    fn finish_buffered(mut self) -> S::Future {
+        let data = self.read_so_far();
+        let body = ReplayBody::buffered(data, self.trailers.take());
+        let req = Request::from_parts(self.parts, body);
+        self.service.call(req)
+    }
+
+    fn finish_streaming(mut self, pending: Option<Bytes>, error: Option<BoxError>) -> S::Future {
+        let prefix = self.read_so_far();
+        let mark = if error.is_some() {
+            BodyNotReplayable::read_failed(self.limit)
+        } else {
+            BodyNotReplayable::new(self.limit)
+        };
+        tracing::debug!(limit = self.limit, reason = ?mark.reason(), "request body not replayable; sent once");
+        metrics::counter!("postbox_body_not_replayable_total").increment(1);
+        let mut parts = self.parts;
+        parts.extensions.insert(mark);
+        let body = ReplayBody::streaming_parts(prefix, pending, self.body, error);
+        self.service.call(Request::from_parts(parts, body))
+    }
+}
+
+pin_project! {
+    /// Response future of [`BufferBody`]: reads the body, then calls the inner service.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        #[pin]
+        state: State<S, B, S::Future>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B, F> {
+        Buffering { collect: Option<Collect<S, B>> },
+        Calling { #[pin] future: F },
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    fn calling(future: S::Future) -> Self {
+        Self {
+            state: State::Calling { future },
+        }
+    }
+}
+
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Buffering { .. } => "buffering",
+            State::Calling { .. } => "calling",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<S, B> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            let future = match state.as_mut().project() {
+                StateProj::Calling { future } => return future.poll(cx),
+                StateProj::Buffering { collect } => {
+                    let c = collect
+                        .as_mut()
+                        .expect("buffer body future polled after completion");
+                    if c.body.is_end_stream() {
+                        collect.take().expect("checked above").finish_buffered()
+                    } else {
+                        match ready!(Pin::new(&mut c.body).poll_frame(cx)) {
+                            None => collect.take().expect("checked above").finish_buffered(),
+                            Some(Err(e)) => {
+                                let c = collect.take().expect("checked above");
+                                c.finish_streaming(None, Some(e.into()))
+                            }
+                            Some(Ok(frame)) => match frame.into_data() {
+                                Ok(mut data) => {
+                                    c.len = c.len.saturating_add(data.remaining());
+                                    if c.len > c.limit {
+                                        let chunk = data.copy_to_bytes(data.remaining());
+                                        let c = collect.take().expect("checked above");
+                                        c.finish_streaming(Some(chunk), None)
+                                    } else {
+                                        c.push(data);
+                                        continue;
+                                    }
+                                }
+                                Err(frame) => {
+                                    if let Ok(t) = frame.into_trailers() {
+                                        match &mut c.trailers {
+                                            Some(have) => have.extend(t),
+                                            None => c.trailers = Some(t),
+                                        }
+                                    }
+                                    continue;
+                                }
+                            },
+                        }
+                    }
+                }
+            };
+            state.set(State::Calling { future });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use std::convert::Infallible;
+
+    type Captured = (Option<Bytes>, bool, Option<BodyNotReplayable>);
+
+    async fn run<B>(limit: usize, body: B) -> (Captured, Bytes)
+    where
+        B: Body + Unpin + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let svc = tower::service_fn(|req: Request<ReplayBody<B>>| async move {
+            let captured = (
+                req.body().buffered_bytes().cloned(),
+                req.body().try_clone_body().is_some(),
+                req.extensions().get::<BodyNotReplayable>().copied(),
+            );
+            let bytes = req.into_body().collect().await.map(|c| c.to_bytes());
+            Ok::<_, Infallible>((captured, bytes.unwrap()))
+        });
+        let mut svc = BufferBodyLayer::new(limit).layer(svc);
+        use tower::ServiceExt;
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Request::new(body))
+            .await
+            .unwrap()
+    }
+
+    /// A body of several chunks with no size hint, like a network stream.
+    struct Chunks(std::collections::VecDeque<&'static [u8]>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|c| Ok(Frame::data(Bytes::from_static(c)))),
+            )
+        }
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> Chunks {
+        Chunks(parts.iter().copied().collect())
+    }
+
+    #[tokio::test]
+    async fn small_body_is_buffered_and_replayable() {
+        let ((bytes, cloneable, marked), sent) =
+            run(8, Full::new(Bytes::from_static(b"hello"))).await;
+        assert_eq!(bytes.as_deref(), Some(&b"hello"[..]));
+        assert!(cloneable);
+        assert_eq!(marked, None);
+        assert_eq!(&sent[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn large_body_streams_through_whole_and_is_marked() {
+        let ((bytes, cloneable, marked), sent) =
+            run(3, Full::new(Bytes::from_static(b"hello"))).await;
+        assert_eq!(bytes, None);
+        assert!(!cloneable);
+        assert_eq!(marked, Some(BodyNotReplayable::new(3)));
+        assert_eq!(&sent[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn chunked_body_under_the_limit_is_joined() {
+        let ((bytes, cloneable, _), sent) = run(16, chunks(&[b"ab", b"cd", b"ef"])).await;
+        assert_eq!(bytes.as_deref(), Some(&b"abcdef"[..]));
+        assert!(cloneable);
+        assert_eq!(&sent[..], b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn chunked_body_over_the_limit_keeps_every_byte_once() {
+        let ((bytes, cloneable, marked), sent) = run(3, chunks(&[b"ab", b"cd", b"ef"])).await;
+        assert_eq!(bytes, None);
+        assert!(!cloneable);
+        assert_eq!(marked.map(|m| m.limit()), Some(3));
+        assert_eq!(&sent[..], b"abcdef");
+    }
+
+    #[test]
+    fn a_partly_read_buffered_body_clones_whole() {
+        let mut body: ReplayBody<Full<Bytes>> =
+            ReplayBody::buffered(Bytes::from_static(b"xyz"), None);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let first = Pin::new(&mut body).poll_frame(&mut cx);
+        assert!(matches!(first, Poll::Ready(Some(Ok(_)))));
+        assert!(body.is_end_stream());
+        let again = body.try_clone_body().unwrap();
+        assert_eq!(again.size_hint().exact(), Some(3));
+    }
+
+    /// One chunk, then an error.
+    struct Failing(bool);
+
+    impl Body for Failing {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            if self.0 {
+                return Poll::Ready(Some(Err(std::io::ErrorKind::ConnectionReset.into())));
+            }
+            self.0 = true;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"ab")))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_is_passed_on_once_with_its_error() {
+        let svc = tower::service_fn(|req: Request<ReplayBody<Failing>>| async move {
+            let mark = req.extensions().get::<BodyNotReplayable>().copied();
+            let cloneable = req.body().try_clone_body().is_some();
+            let read = req.into_body().collect().await;
+            Ok::<_, Infallible>((mark, cloneable, read.is_err()))
+        });
+        use tower::ServiceExt;
+        let (mark, cloneable, failed) = BufferBodyLayer::new(1024)
+            .layer(svc)
+            .oneshot(Request::new(Failing(false)))
+            .await
+            .unwrap();
+        let mark = mark.unwrap();
+        assert_eq!(mark.reason(), NotReplayableReason::ReadFailed);
+        assert!(mark.to_string().contains("failed"));
+        assert!(!cloneable);
+        assert!(failed, "the inner service sees the body's error");
+    }
+}

@@ -1,0 +1,106 @@
+//! The `Idempotency-Key` header: reading it, generating one, and the HTTP methods that
+//! are idempotent without one.
+//!
+//! A request carrying an `Idempotency-Key` may be sent more than once: the receiving
+//! service de-duplicates on the key (draft-ietf-httpapi-idempotency-key-header). The
+//! retry layer retries such requests whatever their method, and can add a key to a
+//! non-idempotent request before its first attempt so that it becomes retryable; the
+//! enqueue fallback uses the same key when it replays the request later.
+//!
+//! # Example
+//! ```
+//! use postbox::http::idempotency_key::{IDEMPOTENCY_KEY, ensure_idempotency_key};
+//!
+//! let mut req = http::Request::post("http://example.com/orders").body(()).unwrap();
+//! let key = ensure_idempotency_key(&mut req);
+//! assert_eq!(req.headers()[IDEMPOTENCY_KEY], key);
+//! // A second call keeps the key the request already has.
+//! assert_eq!(ensure_idempotency_key(&mut req), key);
+//! ```
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
+
+/// The `Idempotency-Key` request header.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// `true` for the methods RFC 9110 defines as idempotent: `GET`, `HEAD`, `OPTIONS`,
+/// `TRACE` (safe), `PUT` and `DELETE`.
+pub fn is_idempotent_method(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// `true` if the headers carry a non-empty `Idempotency-Key`.
+pub fn has_idempotency_key(headers: &HeaderMap) -> bool {
+    headers.get(IDEMPOTENCY_KEY).is_some_and(|v| !v.is_empty())
+}
+
+/// `true` if a request with this method and these headers may be sent more than once:
+/// an idempotent method, or an `Idempotency-Key`.
+pub fn is_retry_safe(method: &Method, headers: &HeaderMap) -> bool {
+    is_idempotent_method(method) || has_idempotency_key(headers)
+}
+
+/// A new key: a UUIDv7 in lowercase hyphenated form (48-bit Unix milliseconds, then
+/// random bits), from [`MessageId::new_v7`](crate::queue::MessageId::new_v7), so keys
+/// sort by creation time and never repeat in practice.
+pub fn generate_idempotency_key() -> HeaderValue {
+    let text = crate::queue::MessageId::new_v7().hyphenated();
+    HeaderValue::from_bytes(&text).expect("hex digits and hyphens are a valid header value")
+}
+
+/// The request's `Idempotency-Key`, adding a [generated](generate_idempotency_key) one
+/// first if it has none.
+pub fn ensure_idempotency_key<B>(req: &mut Request<B>) -> HeaderValue {
+    if let Some(v) = req.headers().get(IDEMPOTENCY_KEY).filter(|v| !v.is_empty()) {
+        return v.clone();
+    }
+    let key = generate_idempotency_key();
+    req.headers_mut().insert(IDEMPOTENCY_KEY, key.clone());
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_uuid_v7() {
+        let a = generate_idempotency_key();
+        let b = generate_idempotency_key();
+        assert_ne!(a, b);
+        let s = a.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        let parts: Vec<_> = s.split('-').map(str::len).collect();
+        assert_eq!(parts, [8, 4, 4, 4, 12]);
+        assert_eq!(&s[14..15], "7");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+    }
+
+    #[test]
+    fn safe_methods_and_keyed_requests_are_retry_safe() {
+        let empty = HeaderMap::new();
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::TRACE,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(is_retry_safe(&m, &empty), "{m}");
+        }
+        assert!(!is_retry_safe(&Method::POST, &empty));
+        assert!(!is_retry_safe(&Method::PATCH, &empty));
+        let mut keyed = HeaderMap::new();
+        keyed.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("k1"));
+        assert!(is_retry_safe(&Method::POST, &keyed));
+        keyed.insert(IDEMPOTENCY_KEY, HeaderValue::from_static(""));
+        assert!(
+            !is_retry_safe(&Method::POST, &keyed),
+            "an empty key is no key"
+        );
+    }
+}

@@ -1,0 +1,466 @@
+//! A retry budget: retries allowed as a share of recent first attempts, plus a floor.
+//!
+//! The shape of Finagle's `RetryBudget`: every first attempt deposits, every retry
+//! withdraws, and deposits and withdrawals expire after a time window (`ttl`). Over any
+//! window, retries are bounded by
+//!
+//! ```text
+//! retries ≤ ratio × first_attempts + min_retries_per_sec × ttl
+//! ```
+//!
+//! so a dependency that fails every call sees at most `1 + ratio` times its normal load
+//! (plus the floor), instead of `1 + max_retries` times (a retry storm).
+//!
+//! Pure code over an explicit `now`; lock-free. The window is split into ten slots, each
+//! an atomic packing `(slot epoch, count)`, so entries expire in steps of `ttl / 10`.
+//! Under contention two callers may both see the last token and both retry: the bound
+//! can be overshot by the number of racing callers, never more.
+//!
+//! The retry layer deposits with [`RetryBudget::deposit_with`], which reads the clock
+//! only on the first deposit into a slot and then every 32nd: a deposit may be counted a
+//! little early (so it expires early), never late.
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use postbox::retry::RetryBudget;
+//! use tokio::time::Instant;
+//!
+//! # fn main() -> Result<(), postbox::error::ConfigError> {
+//! let budget = RetryBudget::builder()
+//!     .ratio(0.2)
+//!     .min_retries_per_sec(0)
+//!     .ttl(Duration::from_secs(10))
+//!     .build()?;
+//! let now = Instant::now();
+//! for _ in 0..10 {
+//!     budget.deposit(now);
+//! }
+//! assert!(budget.try_withdraw(now));
+//! assert!(budget.try_withdraw(now));
+//! assert!(!budget.try_withdraw(now)); // 20% of 10 is 2
+//! # Ok(()) }
+//! ```
+
+use crate::error::ConfigError;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const SLOTS: usize = 10;
+/// One deposit is worth this many units; a retry costs `SCALE / ratio`.
+const SCALE: u64 = 1000;
+
+/// A retry budget shared by every clone (an `Arc` inside): clone it into several layers
+/// to share one budget between them.
+///
+/// Defaults: 20% of first attempts, a floor of 10 retries per second, a 10 s window
+/// (Finagle's defaults).
+#[derive(Clone)]
+pub struct RetryBudget {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    origin: Instant,
+    slot_nanos: u64,
+    /// Units one retry costs (`SCALE / ratio`), or `None` when the ratio is zero.
+    withdrawal: Option<u64>,
+    /// Retries always allowed per window (`min_retries_per_sec × ttl`).
+    reserve: u64,
+    ratio: f64,
+    min_retries_per_sec: u32,
+    ttl: Duration,
+    deposits: Window,
+    withdrawals: Window,
+    /// The newest epoch any caller has read from the clock (for
+    /// [`RetryBudget::deposit_with`]).
+    last_epoch: AtomicU32,
+}
+
+/// Builds a [`RetryBudget`], validating the values.
+#[derive(Debug, Clone)]
+pub struct RetryBudgetBuilder {
+    ratio: f64,
+    min_retries_per_sec: u32,
+    ttl: Duration,
+}
+
+// === impl RetryBudget ===
+
+impl RetryBudget {
+    /// The default budget: 20%, 10 retries per second, a 10 s window.
+    pub fn new() -> Self {
+        Self::builder()
+            .build()
+            .expect("the default budget is valid")
+    }
+
+    /// A builder starting from the defaults.
+    pub const fn builder() -> RetryBudgetBuilder {
+        RetryBudgetBuilder {
+            ratio: 0.2,
+            min_retries_per_sec: 10,
+            ttl: Duration::from_secs(10),
+        }
+    }
+
+    /// Records a first attempt at `now`.
+    pub fn deposit(&self, now: Instant) {
+        let epoch = self.inner.epoch(now);
+        self.inner.seen(epoch);
+        self.inner.deposits.add(epoch);
+    }
+
+    /// Records a first attempt, reading the clock (`now()`) only when needed: a deposit
+    /// goes to the window slot of the newest time any caller has read, and the clock is
+    /// read again on the first deposit into a slot and then every 32nd.
+    ///
+    /// What the retry layer uses: a clock read costs more than everything else a
+    /// deposit does. The slot can lag the real time by at most 32 deposits or until the
+    /// next withdrawal (which always reads the clock); a lagging deposit expires early,
+    /// never late, so the budget can only be stricter than [`deposit`](Self::deposit)'s.
+    pub fn deposit_with(&self, now: impl FnOnce() -> Instant) {
+        let inner = &*self.inner;
+        let epoch = inner.last_epoch.load(Ordering::Relaxed);
+        if inner.deposits.add(epoch) % 32 == 1 {
+            inner.seen(inner.epoch(now()));
+        }
+    }
+
+    /// Takes one retry from the budget at `now`; `false` if the budget is spent.
+    pub fn try_withdraw(&self, now: Instant) -> bool {
+        let inner = &*self.inner;
+        let epoch = inner.epoch(now);
+        inner.seen(epoch);
+        let retries = inner.withdrawals.sum(epoch);
+        if retries < inner.reserve {
+            inner.withdrawals.add(epoch);
+            return true;
+        }
+        let Some(cost) = inner.withdrawal else {
+            return false;
+        };
+        let balance = inner.deposits.sum(epoch).saturating_mul(SCALE);
+        let spent = (retries - inner.reserve + 1).saturating_mul(cost);
+        if spent <= balance {
+            inner.withdrawals.add(epoch);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The retries the budget would allow at `now`.
+    pub fn available(&self, now: Instant) -> u64 {
+        let inner = &*self.inner;
+        let epoch = inner.epoch(now);
+        let retries = inner.withdrawals.sum(epoch);
+        let earned = match inner.withdrawal {
+            Some(cost) => inner.deposits.sum(epoch).saturating_mul(SCALE) / cost,
+            None => 0,
+        };
+        (inner.reserve + earned).saturating_sub(retries)
+    }
+
+    /// The share of first attempts that may be retried.
+    pub fn ratio(&self) -> f64 {
+        self.inner.ratio
+    }
+
+    /// The floor of retries per second.
+    pub fn min_retries_per_sec(&self) -> u32 {
+        self.inner.min_retries_per_sec
+    }
+
+    /// The window after which deposits and withdrawals expire.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// `true` if both handles share one budget.
+    pub fn ptr_eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("ratio", &self.inner.ratio)
+            .field("min_retries_per_sec", &self.inner.min_retries_per_sec)
+            .field("ttl", &self.inner.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    /// Moves `last_epoch` forward to `epoch` (never back).
+    fn seen(&self, epoch: u32) {
+        let last = self.last_epoch.load(Ordering::Relaxed);
+        if epoch.wrapping_sub(last) as i32 > 0 {
+            let _ =
+                self.last_epoch
+                    .compare_exchange(last, epoch, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    fn epoch(&self, now: Instant) -> u32 {
+        let since = now.saturating_duration_since(self.origin);
+        // Wraps after 2^32 slots (more than a century for any sane ttl); the windows
+        // compare epochs with wrapping arithmetic.
+        // u64 nanoseconds cover 584 years; a u128 division would cost far more.
+        let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        (nanos / self.slot_nanos) as u32
+    }
+}
+
+// === impl RetryBudgetBuilder ===
+
+impl RetryBudgetBuilder {
+    /// The share of first attempts that may be retried, in `[0, 1000]` (0.2 = 20%).
+    pub fn ratio(mut self, ratio: f64) -> Self {
+        self.ratio = ratio;
+        self
+    }
+
+    /// Retries always allowed per second, whatever the traffic (0 for none).
+    pub fn min_retries_per_sec(mut self, n: u32) -> Self {
+        self.min_retries_per_sec = n;
+        self
+    }
+
+    /// How long a deposit or withdrawal counts (1 s to 1 hour).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Validates and builds the budget.
+    ///
+    /// # Errors
+    /// A ratio that is not finite, negative or above 1000, or a ttl outside 1 s to 1 hour.
+    pub fn build(self) -> Result<RetryBudget, ConfigError> {
+        if !self.ratio.is_finite() || !(0.0..=1000.0).contains(&self.ratio) {
+            return Err(ConfigError::new(
+                "retry.budget.ratio",
+                "must be a number between 0 and 1000 (0.2 = 20%)",
+            ));
+        }
+        if self.ttl < Duration::from_secs(1) || self.ttl > Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                "retry.budget.ttl",
+                "must be between 1 s and 1 hour",
+            ));
+        }
+        let withdrawal =
+            (self.ratio > 0.0).then(|| ((SCALE as f64 / self.ratio).round() as u64).max(1));
+        let reserve = (f64::from(self.min_retries_per_sec) * self.ttl.as_secs_f64()) as u64;
+        Ok(RetryBudget {
+            inner: Arc::new(Inner {
+                origin: Instant::now(),
+                slot_nanos: u64::try_from((self.ttl / SLOTS as u32).as_nanos()).unwrap_or(u64::MAX),
+                withdrawal,
+                reserve,
+                ratio: self.ratio,
+                min_retries_per_sec: self.min_retries_per_sec,
+                ttl: self.ttl,
+                deposits: Window::new(),
+                withdrawals: Window::new(),
+                last_epoch: AtomicU32::new(0),
+            }),
+        })
+    }
+}
+
+/// Ten slots of `(epoch: u32, count: u32)` packed in one atomic each.
+struct Window {
+    slots: [AtomicU64; SLOTS],
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            slots: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Adds one at `epoch`; returns the slot's new count.
+    fn add(&self, epoch: u32) -> u32 {
+        let slot = &self.slots[epoch as usize % SLOTS];
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let (e, n) = unpack(cur);
+            // A slot holding an older epoch is stale: restart it at ours.
+            let next = if e == epoch {
+                pack(e, n.saturating_add(1))
+            } else {
+                pack(epoch, 1)
+            };
+            match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return unpack(next).1,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn sum(&self, epoch: u32) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| {
+                let (e, n) = unpack(s.load(Ordering::Acquire));
+                // Counts within the last SLOTS epochs (the current one included).
+                if epoch.wrapping_sub(e) < SLOTS as u32 {
+                    u64::from(n)
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+}
+
+const fn pack(epoch: u32, n: u32) -> u64 {
+    ((epoch as u64) << 32) | n as u64
+}
+
+const fn unpack(v: u64) -> (u32, u32) {
+    ((v >> 32) as u32, v as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(ratio: f64, floor: u32) -> RetryBudget {
+        RetryBudget::builder()
+            .ratio(ratio)
+            .min_retries_per_sec(floor)
+            .ttl(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn twenty_percent_of_ten_first_attempts_is_two_retries() {
+        let b = budget(0.2, 0);
+        let now = Instant::now();
+        for _ in 0..10 {
+            b.deposit(now);
+        }
+        assert_eq!(b.available(now), 2);
+        assert!(b.try_withdraw(now));
+        assert!(b.try_withdraw(now));
+        assert!(!b.try_withdraw(now));
+        assert_eq!(b.available(now), 0);
+    }
+
+    #[test]
+    fn floor_allows_retries_without_traffic() {
+        let b = budget(0.2, 1);
+        let now = Instant::now();
+        // 1/s over a 10 s window: 10 retries.
+        for _ in 0..10 {
+            assert!(b.try_withdraw(now));
+        }
+        assert!(!b.try_withdraw(now));
+    }
+
+    #[test]
+    fn zero_ratio_and_zero_floor_allows_nothing() {
+        let b = budget(0.0, 0);
+        let now = Instant::now();
+        for _ in 0..100 {
+            b.deposit(now);
+        }
+        assert!(!b.try_withdraw(now));
+    }
+
+    #[test]
+    fn deposits_and_withdrawals_expire_after_the_ttl() {
+        let b = budget(0.5, 0);
+        let t0 = Instant::now();
+        b.deposit(t0);
+        b.deposit(t0);
+        assert!(b.try_withdraw(t0));
+        assert!(!b.try_withdraw(t0));
+        let later = t0 + Duration::from_secs(11);
+        assert!(!b.try_withdraw(later), "the deposits expired");
+        b.deposit(later);
+        b.deposit(later);
+        assert!(b.try_withdraw(later), "the old withdrawal expired too");
+    }
+
+    #[test]
+    fn invalid_values_are_config_errors() {
+        for r in [-0.1, f64::NAN, f64::INFINITY, 1001.0] {
+            let e = RetryBudget::builder().ratio(r).build().unwrap_err();
+            assert_eq!(e.field(), "retry.budget.ratio");
+        }
+        let e = RetryBudget::builder()
+            .ttl(Duration::from_millis(10))
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "retry.budget.ttl");
+    }
+
+    #[test]
+    fn clones_share_one_budget() {
+        let a = budget(0.2, 0);
+        let b = a.clone();
+        let now = Instant::now();
+        for _ in 0..5 {
+            a.deposit(now);
+        }
+        assert!(b.try_withdraw(now));
+        assert!(!a.try_withdraw(now));
+        assert!(a.ptr_eq(&b));
+    }
+
+    #[test]
+    fn lazy_deposits_read_the_clock_once_per_32_and_lag_only_to_expire_early() {
+        let b = budget(1.0, 0);
+        let t0 = Instant::now();
+        let reads = std::cell::Cell::new(0);
+        let at = |t: Instant| {
+            reads.set(reads.get() + 1);
+            t
+        };
+        for _ in 0..64 {
+            b.deposit_with(|| at(t0));
+        }
+        assert_eq!(
+            reads.get(),
+            2,
+            "the 1st and the 33rd deposit read the clock"
+        );
+        assert_eq!(b.available(t0), 64);
+
+        // Later deposits land in the slot of the last reading until the clock is read.
+        let t1 = t0 + Duration::from_secs(5);
+        for _ in 0..10 {
+            b.deposit_with(|| at(t1));
+        }
+        // The 65th deposit (count 65 in t0's slot) reads t1; the 66th is the first in
+        // t1's slot and reads again; the other 8 do not.
+        assert_eq!(reads.get(), 4);
+        // At t0 + 10.5 s the 65 deposits counted at t0 have expired (early for one of
+        // them, never late); the 9 counted at t1 remain.
+        assert_eq!(b.available(t0 + Duration::from_millis(10_500)), 9);
+
+        // A withdrawal reads the clock, so the next deposits are current.
+        let t2 = t0 + Duration::from_secs(30);
+        assert!(!b.try_withdraw(t2));
+        b.deposit_with(|| at(t2));
+        b.deposit_with(|| panic!("no read needed for a slot already counting"));
+        assert_eq!(b.available(t2), 2);
+    }
+}

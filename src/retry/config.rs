@@ -1,0 +1,312 @@
+//! `serde` configuration of the retry layer.
+
+use super::backoff::{Backoff, Jitter};
+use super::budget::RetryBudget;
+use super::layer::{DEFAULT_MAX_RETRIES, DEFAULT_MAX_RETRY_AFTER, RetryBuilder};
+use crate::error::ConfigError;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// The retry layer's configuration, deserializable from TOML, YAML or JSON.
+///
+/// Every field is optional (the defaults of [`RetryLayer::new`](super::RetryLayer::new));
+/// unknown fields are an error. Durations are strings: `"250ms"`, `"2s"`, `"1.5s"`,
+/// `"1m"`.
+///
+/// ```
+/// use postbox::retry::{RetryConfig, RetryLayer};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config: RetryConfig = serde_json::from_str(r#"{
+///     "max_retries": 2,
+///     "backoff": { "kind": "exponential", "base": "50ms", "max_delay": "2s", "jitter": "equal" },
+///     "max_retry_after": "30s",
+///     "budget": { "ratio": 0.1, "min_retries_per_sec": 5, "ttl": "10s" }
+/// }"#)?;
+/// let layer = config.apply(RetryLayer::builder())?.build()?;
+/// assert_eq!(layer.policy().max_retries(), 2);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retries after the first attempt (3: up to 4 attempts in all).
+    pub max_retries: u32,
+    /// The backoff between attempts.
+    pub backoff: BackoffConfig,
+    /// The longest server hint honoured; a longer one ends the retries.
+    #[serde(with = "duration_str")]
+    pub max_retry_after: Duration,
+    /// The retry budget.
+    pub budget: BudgetConfig,
+    /// HTTP only (`RetryConfig::http_requests`): add a generated
+    /// `Idempotency-Key` to requests that are not retry-safe (default `false`).
+    pub generate_idempotency_key: bool,
+    /// HTTP only (`RetryConfig::http_requests`): treat every method as
+    /// retry-safe, `POST` and `PATCH` included (default `false`; for services known to
+    /// de-duplicate, or gRPC methods that are safe to repeat).
+    pub retry_unsafe_methods: bool,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: DEFAULT_MAX_RETRIES,
+            backoff: BackoffConfig::default(),
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            budget: BudgetConfig::default(),
+            generate_idempotency_key: false,
+            retry_unsafe_methods: false,
+        }
+    }
+}
+
+/// How the backoff grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BackoffKind {
+    /// `base` every time.
+    Constant,
+    /// `base × n`.
+    Linear,
+    /// `base × factor^(n−1)`.
+    Exponential,
+}
+
+/// The backoff section of [`RetryConfig`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffConfig {
+    /// Growth (default exponential).
+    pub kind: BackoffKind,
+    /// Delay before the first retry (default 100 ms).
+    #[serde(with = "duration_str")]
+    pub base: Duration,
+    /// Growth factor for exponential backoff (default 2).
+    pub factor: f64,
+    /// Cap on the computed delay (default 10 s).
+    #[serde(with = "duration_str")]
+    pub max_delay: Duration,
+    /// Jitter (default full).
+    pub jitter: Jitter,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        let b = Backoff::default();
+        Self {
+            kind: BackoffKind::Exponential,
+            base: b.base(),
+            factor: 2.0,
+            max_delay: b.max_delay(),
+            jitter: b.jitter(),
+        }
+    }
+}
+
+impl BackoffConfig {
+    /// The backoff this describes.
+    ///
+    /// # Errors
+    /// See [`Backoff::validate`].
+    pub fn to_backoff(&self) -> Result<Backoff, ConfigError> {
+        let b = match self.kind {
+            BackoffKind::Constant => Backoff::constant(self.base),
+            BackoffKind::Linear => Backoff::linear(self.base),
+            BackoffKind::Exponential => Backoff::exponential(self.base).with_factor(self.factor),
+        }
+        .with_max_delay(self.max_delay)
+        .with_jitter(self.jitter);
+        b.validate()?;
+        Ok(b)
+    }
+}
+
+/// The budget section of [`RetryConfig`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// `false` disables the budget (default `true`).
+    pub enabled: bool,
+    /// Share of first attempts that may be retried (default 0.2).
+    pub ratio: f64,
+    /// Retries always allowed per second (default 10).
+    pub min_retries_per_sec: u32,
+    /// Window (default 10 s).
+    #[serde(with = "duration_str")]
+    pub ttl: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ratio: 0.2,
+            min_retries_per_sec: 10,
+            ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl BudgetConfig {
+    /// The budget this describes, or `None` when disabled.
+    ///
+    /// # Errors
+    /// See [`RetryBudgetBuilder::build`](super::budget::RetryBudgetBuilder::build).
+    pub fn to_budget(&self) -> Result<Option<RetryBudget>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        RetryBudget::builder()
+            .ratio(self.ratio)
+            .min_retries_per_sec(self.min_retries_per_sec)
+            .ttl(self.ttl)
+            .build()
+            .map(Some)
+    }
+}
+
+impl RetryConfig {
+    /// Applies this configuration to `builder` (its classifier, request strategy and
+    /// hook are kept).
+    ///
+    /// # Errors
+    /// An invalid backoff or budget.
+    pub fn apply<C, R, H>(
+        &self,
+        builder: RetryBuilder<C, R, H>,
+    ) -> Result<RetryBuilder<C, R, H>, ConfigError> {
+        let builder = builder
+            .max_retries(self.max_retries)
+            .backoff(self.backoff.to_backoff()?)
+            .max_retry_after(self.max_retry_after);
+        Ok(match self.budget.to_budget()? {
+            Some(b) => builder.budget(b),
+            None => builder.no_budget(),
+        })
+    }
+}
+
+#[cfg(feature = "http")]
+impl RetryConfig {
+    /// The HTTP request strategy this describes (`generate_idempotency_key`,
+    /// `retry_unsafe_methods`).
+    pub fn http_requests(&self) -> super::HttpRequests {
+        let requests =
+            super::HttpRequests::new().generate_idempotency_key(self.generate_idempotency_key);
+        if self.retry_unsafe_methods {
+            requests.retry_safe_if(|_, _| true)
+        } else {
+            requests
+        }
+    }
+
+    /// An HTTP retry layer from this configuration: [`RetryLayer::http`](super::RetryLayer::http)
+    /// with these values applied.
+    ///
+    /// # Errors
+    /// An invalid backoff or budget.
+    pub fn build_http(
+        &self,
+    ) -> Result<
+        super::RetryLayer<
+            super::RetryPolicy<crate::classify::HttpClassifier, super::HttpRequests, ()>,
+        >,
+        ConfigError,
+    > {
+        self.apply(super::RetryLayer::http().requests(self.http_requests()))?
+            .build()
+    }
+}
+
+/// Durations as human strings: `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`, `"1h"`, `"100us"`.
+mod duration_str {
+    use serde::{Deserialize, Deserializer, de::Error};
+    use std::time::Duration;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        parse(&s).ok_or_else(|| {
+            D::Error::custom(format!(
+                "invalid duration `{s}`: expected a number and a unit, e.g. \"250ms\", \"2s\", \"1m\""
+            ))
+        })
+    }
+
+    pub(super) fn parse(s: &str) -> Option<Duration> {
+        let s = s.trim();
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (num, unit) = s.split_at(split);
+        let value: f64 = num.parse().ok()?;
+        let secs_per_unit = match unit.trim() {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        Duration::try_from_secs_f64(value * secs_per_unit).ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::parse;
+        use std::time::Duration;
+
+        #[test]
+        fn parses_units() {
+            assert_eq!(parse("250ms"), Some(Duration::from_millis(250)));
+            assert_eq!(parse("2s"), Some(Duration::from_secs(2)));
+            assert_eq!(parse("1.5s"), Some(Duration::from_millis(1500)));
+            assert_eq!(parse("1m"), Some(Duration::from_secs(60)));
+            assert_eq!(parse(" 100us "), Some(Duration::from_micros(100)));
+            assert_eq!(parse("10"), None);
+            assert_eq!(parse("ms"), None);
+            assert_eq!(parse("5 parsecs"), None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn http_options_build_an_http_layer() {
+        let c: RetryConfig = serde_json::from_str(
+            r#"{"max_retries": 1, "generate_idempotency_key": true, "budget": {"enabled": false}}"#,
+        )
+        .unwrap();
+        let layer = c.build_http().unwrap();
+        assert_eq!(layer.policy().max_retries(), 1);
+        assert!(layer.policy().budget().is_none());
+        let mut req = http::Request::post("http://a/").body(()).unwrap();
+        super::super::CloneRequest::prepare(layer.policy().requests(), &mut req);
+        assert!(req.headers().contains_key("idempotency-key"));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<RetryConfig>(r#"{"max_retry": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn empty_config_is_the_default() {
+        let c: RetryConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, RetryConfig::default());
+    }
+
+    #[test]
+    fn invalid_values_are_config_errors_not_panics() {
+        let c: RetryConfig = serde_json::from_str(r#"{"backoff": {"factor": 0.0}}"#).unwrap();
+        let e = c.apply(super::super::RetryLayer::builder()).unwrap_err();
+        assert_eq!(e.field(), "retry.backoff.factor");
+        let c: RetryConfig = serde_json::from_str(r#"{"budget": {"ratio": -1.0}}"#).unwrap();
+        assert!(c.apply(super::super::RetryLayer::builder()).is_err());
+    }
+}

@@ -1,0 +1,295 @@
+//! Response future of [`Retry`](super::Retry).
+
+use super::policy::{CloneRequest, OnRetry, RetryEvent, RetryPolicy, ceil_millis};
+use crate::classify::{Classification, Classify};
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+pin_project! {
+    /// Response future of [`Retry`](super::Retry): runs the attempts, sleeping between
+    /// them, and resolves to the last attempt's outcome.
+    ///
+    /// It owns a clone of the inner service (the one that was ready when `call` was
+    /// made) and polls its readiness again before every retry.
+    ///
+    /// # Cancel safety
+    /// Dropping it drops the attempt in flight or the pending sleep; nothing else runs.
+    pub struct ResponseFuture<S, Req, P>
+    where
+        S: Service<Req>,
+    {
+        request: Option<Req>,
+        service: S,
+        policy: P,
+        // Attempts made so far (the one in flight included).
+        attempt: u32,
+        retry_safe: bool,
+        prev_delay: Duration,
+        #[pin]
+        state: State<S::Future>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        // An attempt is in flight.
+        Called { #[pin] future: F },
+        // Backing off before the next attempt.
+        // Boxed: a retry allocates once, and the happy path's future stays small.
+        Waiting { sleep: Pin<Box<Sleep>> },
+        // Waiting for the service to be ready for the next attempt.
+        Polling,
+    }
+}
+
+/// Why the layer stopped retrying a retryable outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GiveUp {
+    Exhausted,
+    NotReplayable,
+    NotRetrySafe,
+    HintTooLong(Duration),
+    Budget,
+}
+
+impl GiveUp {
+    const fn as_str(self) -> &'static str {
+        match self {
+            GiveUp::Exhausted => "max_retries",
+            GiveUp::NotReplayable => "not_replayable",
+            GiveUp::NotRetrySafe => "not_retry_safe",
+            GiveUp::HintTooLong(_) => "retry_after_too_long",
+            GiveUp::Budget => "budget_exhausted",
+        }
+    }
+}
+
+impl<S, Req, P> ResponseFuture<S, Req, P>
+where
+    S: Service<Req>,
+{
+    pub(crate) fn new(
+        request: Option<Req>,
+        service: S,
+        policy: P,
+        retry_safe: bool,
+        future: S::Future,
+    ) -> Self {
+        Self {
+            request,
+            service,
+            policy,
+            attempt: 1,
+            retry_safe,
+            prev_delay: Duration::ZERO,
+            state: State::Called { future },
+        }
+    }
+}
+
+impl<S, Req, P> fmt::Debug for ResponseFuture<S, Req, P>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Called { .. } => "called",
+            State::Waiting { .. } => "waiting",
+            State::Polling => "polling_ready",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("attempt", &self.attempt)
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, C, R, H> Future for ResponseFuture<S, Req, RetryPolicy<C, R, H>>
+where
+    S: Service<Req>,
+    C: Classify<S::Response, S::Error>,
+    R: CloneRequest<Req>,
+    H: OnRetry,
+{
+    type Output = Result<S::Response, S::Error>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    let out = ready!(future.poll(cx));
+                    let class = this.policy.classifier.classify(out.as_ref());
+                    if !class.is_retryable() {
+                        if *this.attempt > 1 {
+                            finished(*this.attempt, &class);
+                        }
+                        return Poll::Ready(out);
+                    }
+                    let Some(delay) = retry_delay(
+                        &*this.policy,
+                        *this.attempt,
+                        this.request.is_some(),
+                        *this.retry_safe,
+                        *this.prev_delay,
+                        &class,
+                    ) else {
+                        return Poll::Ready(out);
+                    };
+                    drop(out);
+                    *this.prev_delay = delay;
+                    if delay.is_zero() {
+                        this.state.set(State::Polling);
+                    } else {
+                        this.state.set(State::Waiting {
+                            sleep: Box::pin(tokio::time::sleep(delay)),
+                        });
+                    }
+                }
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    this.state.set(State::Polling);
+                }
+                StateProj::Polling => {
+                    if let Err(e) = ready!(this.service.poll_ready(cx)) {
+                        return Poll::Ready(Err(e));
+                    }
+                    *this.attempt += 1;
+                    let last = *this.attempt > this.policy.max_retries;
+                    let req = if last {
+                        this.request.take()
+                    } else {
+                        let original = this
+                            .request
+                            .as_ref()
+                            .expect("a retry is decided only with a request");
+                        match this.policy.requests.clone_request(original) {
+                            Some(copy) => Some(copy),
+                            None => this.request.take(),
+                        }
+                    };
+                    let req = req.expect("a retry is decided only with a request");
+                    count_retry_attempt();
+                    let future = this.service.call(req);
+                    this.state.set(State::Called { future });
+                }
+            }
+        }
+    }
+}
+
+/// The slow path after a retryable outcome: the delay before the next attempt (after
+/// telling the hook, `tracing` and `metrics`), or `None` to return the outcome (after a
+/// `warn`). Kept out of line so the happy path of `poll` stays small enough to inline.
+#[cold]
+#[inline(never)]
+fn retry_delay<C, R, H: OnRetry>(
+    policy: &RetryPolicy<C, R, H>,
+    attempt: u32,
+    have_request: bool,
+    retry_safe: bool,
+    prev_delay: Duration,
+    class: &Classification,
+) -> Option<Duration> {
+    let delay = match decide(policy, attempt, have_request, retry_safe, prev_delay, class) {
+        Ok(delay) => delay,
+        Err(why) => {
+            give_up(attempt, why, class);
+            return None;
+        }
+    };
+    let event = RetryEvent {
+        attempt: attempt + 1,
+        delay,
+        reason: *class,
+    };
+    tracing::debug!(
+        attempt = event.attempt,
+        ?delay,
+        class = ?class.class(),
+        retry_after = ?class.retry_after(),
+        "attempt failed; retrying"
+    );
+    metrics::counter!("postbox_retries_total").increment(1);
+    policy.on_retry.on_retry(&event);
+    Some(delay)
+}
+
+/// A retried call ended with an outcome that is not retried (a success, or a failure
+/// for good).
+#[cold]
+#[inline(never)]
+fn finished(attempts: u32, class: &Classification) {
+    tracing::debug!(attempts, class = ?class.class(), "retried call finished");
+}
+
+#[cold]
+#[inline(never)]
+fn count_retry_attempt() {
+    metrics::counter!("postbox_retry_attempts_total").increment(1);
+}
+
+/// The delay before the next attempt, or why there is none. Pure apart from the jitter
+/// draw and the budget withdrawal (the last step, so a refused retry costs nothing).
+fn decide<C, R, H>(
+    policy: &RetryPolicy<C, R, H>,
+    attempt: u32,
+    have_request: bool,
+    retry_safe: bool,
+    prev_delay: Duration,
+    class: &Classification,
+) -> Result<Duration, GiveUp> {
+    let retries_done = attempt - 1;
+    if retries_done >= policy.max_retries {
+        return Err(GiveUp::Exhausted);
+    }
+    if !have_request {
+        return Err(GiveUp::NotReplayable);
+    }
+    if class.may_have_taken_effect() && !retry_safe {
+        return Err(GiveUp::NotRetrySafe);
+    }
+    let unit = match policy.backoff.jitter() {
+        super::backoff::Jitter::None => 0.0,
+        _ => policy.rng.next_unit(),
+    };
+    let mut delay = policy.backoff.delay(retries_done + 1, prev_delay, unit);
+    if let Some(hint) = class.retry_after() {
+        // Never early: round up to tokio's millisecond resolution.
+        let hint = ceil_millis(hint);
+        if hint > policy.max_retry_after {
+            return Err(GiveUp::HintTooLong(hint));
+        }
+        delay = delay.max(hint);
+    }
+    if let Some(budget) = &policy.budget {
+        if !budget.try_withdraw(Instant::now()) {
+            metrics::counter!("postbox_retry_budget_exhausted_total").increment(1);
+            return Err(GiveUp::Budget);
+        }
+    }
+    Ok(delay)
+}
+
+fn give_up(attempts: u32, why: GiveUp, class: &Classification) {
+    let retry_after = match why {
+        GiveUp::HintTooLong(h) => Some(h),
+        _ => class.retry_after(),
+    };
+    metrics::counter!("postbox_retry_gave_up_total", "reason" => why.as_str()).increment(1);
+    tracing::warn!(
+        attempts,
+        reason = why.as_str(),
+        class = ?class.class(),
+        ?retry_after,
+        "retryable failure not retried; returning the last outcome"
+    );
+}

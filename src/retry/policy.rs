@@ -1,0 +1,301 @@
+//! What a retry needs to know about requests, and the hook called before every retry.
+
+use super::backoff::{Backoff, JitterRng};
+use super::budget::RetryBudget;
+use crate::classify::Classification;
+use std::fmt;
+use std::time::Duration;
+
+/// How the retry layer copies a request for another attempt and decides whether
+/// sending it twice is safe.
+///
+/// Implemented by [`Cloned`] (any `Clone` request, all retry-safe) and, with the `http`
+/// feature, by `HttpRequests` (`http::Request<B>` for any replayable body, retry-safe
+/// by method or `Idempotency-Key`). A type of your own takes one `impl` block.
+pub trait CloneRequest<Req> {
+    /// A copy of `req` for another attempt, or `None` if it cannot be replayed (then it
+    /// is sent once).
+    fn clone_request(&self, req: &Req) -> Option<Req>;
+
+    /// Whether `req` may be sent again after an attempt that may have taken effect.
+    ///
+    /// A failure that certainly had no effect (a refused connection, an open breaker)
+    /// is retried whatever this says.
+    fn is_retry_safe(&self, req: &Req) -> bool;
+
+    /// Called once before the first attempt, e.g. to add an `Idempotency-Key`.
+    #[inline]
+    fn prepare(&self, req: &mut Req) {
+        let _ = req;
+    }
+}
+
+/// Retries any `Clone` request, cloning it for every attempt but the last; every
+/// request is considered retry-safe (tower's `Retry` semantics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cloned {
+    _priv: (),
+}
+
+impl Cloned {
+    /// The strategy.
+    pub const fn new() -> Self {
+        Self { _priv: () }
+    }
+}
+
+impl<Req: Clone> CloneRequest<Req> for Cloned {
+    #[inline]
+    fn clone_request(&self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+
+    #[inline]
+    fn is_retry_safe(&self, _: &Req) -> bool {
+        true
+    }
+}
+
+#[cfg(feature = "http")]
+pub use self::http_requests::HttpRequests;
+
+#[cfg(feature = "http")]
+mod http_requests {
+    use super::CloneRequest;
+    use crate::http::body::{BodyNotReplayable, TryCloneBody};
+    use crate::http::idempotency_key::{self, ensure_idempotency_key};
+    use http::{HeaderMap, Method, Request};
+    use std::fmt;
+    use std::sync::Arc;
+
+    type SafeFn = dyn Fn(&Method, &HeaderMap) -> bool + Send + Sync;
+
+    /// Retries `http::Request<B>`s whose body can be replayed.
+    ///
+    /// * A request is copied with its method, URI, version, headers, extensions and a
+    ///   [`try_clone_body`](TryCloneBody::try_clone_body) of its body. Every `Clone`
+    ///   body qualifies; a [`ReplayBody`](crate::http::body::ReplayBody) qualifies when it
+    ///   was buffered. A request marked [`BodyNotReplayable`] is sent once.
+    /// * By default a request is retry-safe when its method is idempotent (`GET`,
+    ///   `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`) or it carries an
+    ///   `Idempotency-Key`; [`retry_safe_if`](Self::retry_safe_if) replaces the rule.
+    /// * [`generate_idempotency_key`](Self::generate_idempotency_key) adds a key to
+    ///   requests that are not otherwise retry-safe, so they become retryable (the
+    ///   receiving service must de-duplicate on it).
+    ///
+    /// gRPC calls are all `POST`s: with a [`GrpcClassifier`](crate::classify::GrpcClassifier)
+    /// they are retried only after failures that had no effect, unless they carry a key
+    /// or a [`retry_safe_if`](Self::retry_safe_if) rule names the methods that are safe
+    /// to repeat (gRPC's own retry policy leaves that choice to the service owner too).
+    #[derive(Clone, Default)]
+    pub struct HttpRequests {
+        safe: Option<Arc<SafeFn>>,
+        generate_key: bool,
+    }
+
+    // === impl HttpRequests ===
+
+    impl HttpRequests {
+        /// The default rules (see above).
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// Adds a generated `Idempotency-Key` to every request that is not retry-safe
+        /// before its first attempt.
+        pub fn generate_idempotency_key(mut self, generate: bool) -> Self {
+            self.generate_key = generate;
+            self
+        }
+
+        /// Replaces the retry-safety rule (e.g. `|_, _| true` retries every method).
+        pub fn retry_safe_if<F>(mut self, f: F) -> Self
+        where
+            F: Fn(&Method, &HeaderMap) -> bool + Send + Sync + 'static,
+        {
+            self.safe = Some(Arc::new(f));
+            self
+        }
+
+        fn safe(&self, method: &Method, headers: &HeaderMap) -> bool {
+            match &self.safe {
+                Some(f) => f(method, headers),
+                None => idempotency_key::is_retry_safe(method, headers),
+            }
+        }
+    }
+
+    impl fmt::Debug for HttpRequests {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("HttpRequests")
+                .field("custom_rule", &self.safe.is_some())
+                .field("generate_idempotency_key", &self.generate_key)
+                .finish()
+        }
+    }
+
+    impl<B: TryCloneBody> CloneRequest<Request<B>> for HttpRequests {
+        fn clone_request(&self, req: &Request<B>) -> Option<Request<B>> {
+            if BodyNotReplayable::is_marked(req) {
+                return None;
+            }
+            let body = req.body().try_clone_body()?;
+            let mut copy = Request::new(body);
+            *copy.method_mut() = req.method().clone();
+            *copy.uri_mut() = req.uri().clone();
+            *copy.version_mut() = req.version();
+            *copy.headers_mut() = req.headers().clone();
+            *copy.extensions_mut() = req.extensions().clone();
+            Some(copy)
+        }
+
+        fn is_retry_safe(&self, req: &Request<B>) -> bool {
+            self.safe(req.method(), req.headers())
+        }
+
+        fn prepare(&self, req: &mut Request<B>) {
+            if self.generate_key && !self.safe(req.method(), req.headers()) {
+                ensure_idempotency_key(req);
+            }
+        }
+    }
+}
+
+/// One retry about to be made, as seen by an [`OnRetry`] hook.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryEvent {
+    pub(crate) attempt: u32,
+    pub(crate) delay: Duration,
+    pub(crate) reason: Classification,
+}
+
+impl RetryEvent {
+    /// The number of the attempt about to be made: 2 for the first retry.
+    pub const fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// How long the layer waits before it (backoff or server hint).
+    pub const fn delay(&self) -> Duration {
+        self.delay
+    }
+
+    /// The classification of the failed attempt that caused it.
+    pub const fn reason(&self) -> Classification {
+        self.reason
+    }
+}
+
+/// Called before every retry (tower-http hook shape): implemented for `()` (nothing)
+/// and for closures `Fn(&RetryEvent)`.
+pub trait OnRetry {
+    /// A retry is about to be scheduled.
+    fn on_retry(&self, event: &RetryEvent);
+}
+
+impl OnRetry for () {
+    #[inline]
+    fn on_retry(&self, _: &RetryEvent) {}
+}
+
+impl<F: Fn(&RetryEvent)> OnRetry for F {
+    #[inline]
+    fn on_retry(&self, event: &RetryEvent) {
+        self(event)
+    }
+}
+
+/// The validated retry policy a [`RetryLayer`](super::RetryLayer) gives each service:
+/// the classifier `C`, the request strategy `R`, the hook `H`, and the limits.
+///
+/// Built by [`RetryBuilder`](super::RetryBuilder); cloned into every response future, so
+/// it is cheap to clone (the budget is an `Arc`).
+#[derive(Clone)]
+pub struct RetryPolicy<C, R, H> {
+    pub(crate) classifier: C,
+    pub(crate) requests: R,
+    pub(crate) on_retry: H,
+    pub(crate) max_retries: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) max_retry_after: Duration,
+    pub(crate) budget: Option<RetryBudget>,
+    pub(crate) rng: JitterRng,
+}
+
+impl<C, R, H> RetryPolicy<C, R, H> {
+    /// Retries after the first attempt: `max_retries(3)` means up to 4 attempts in all.
+    pub const fn max_retries(&self) -> u32 {
+        self.max_retries
+    }
+
+    /// The backoff.
+    pub const fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+
+    /// The longest server hint honoured; a longer one ends the retries.
+    pub const fn max_retry_after(&self) -> Duration {
+        self.max_retry_after
+    }
+
+    /// The shared budget, if any.
+    pub const fn budget(&self) -> Option<&RetryBudget> {
+        self.budget.as_ref()
+    }
+
+    /// The classifier.
+    pub const fn classifier(&self) -> &C {
+        &self.classifier
+    }
+
+    /// The request strategy.
+    pub const fn requests(&self) -> &R {
+        &self.requests
+    }
+}
+
+impl<C: fmt::Debug, R: fmt::Debug, H> fmt::Debug for RetryPolicy<C, R, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("classifier", &self.classifier)
+            .field("requests", &self.requests)
+            .field("max_retries", &self.max_retries)
+            .field("backoff", &self.backoff)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("budget", &self.budget)
+            .field("rng", &self.rng)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rounds a server hint up to the next whole millisecond (tokio's timer resolution), so
+/// a sleep of the result is never shorter than the hint.
+pub(crate) fn ceil_millis(d: Duration) -> Duration {
+    let sub = d.subsec_nanos() % 1_000_000;
+    if sub == 0 {
+        d
+    } else {
+        d.saturating_add(Duration::from_nanos(u64::from(1_000_000 - sub)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_round_up_to_the_millisecond() {
+        assert_eq!(
+            ceil_millis(Duration::from_millis(2000)),
+            Duration::from_millis(2000)
+        );
+        assert_eq!(
+            ceil_millis(Duration::from_nanos(1)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            ceil_millis(Duration::from_micros(1_999_001)),
+            Duration::from_millis(2000)
+        );
+    }
+}

@@ -1,0 +1,758 @@
+//! Behaviour of the circuit breaker through its tower shell.
+
+use postbox::BoxError;
+use postbox::bulkhead::error::Full;
+use postbox::circuit_breaker::error::Open;
+use postbox::circuit_breaker::{
+    CircuitBreakerBuilder, CircuitBreakerHandle, CircuitBreakerLayer, State, Transition,
+};
+use postbox::classify::Classification;
+use postbox::error::{find_cause, is_caused_by};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::advance;
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_test::mock;
+
+/// What the test service should do with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Do {
+    Succeed,
+    Fail,
+    /// Fail with one of our own rejections (ignored by the breaker).
+    RejectOpen,
+    RejectFull,
+    /// Succeed after this long (paused time).
+    SucceedAfter(Duration),
+}
+
+type Svc = tower::util::BoxService<Do, (), BoxError>;
+
+/// A breaker over a service that does what each request says; counts inner calls.
+fn breaker(builder: CircuitBreakerBuilder) -> (Svc, CircuitBreakerHandle, Arc<AtomicUsize>) {
+    let layer = builder.build().expect("valid config");
+    let handle = layer.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let inner = service_fn(move |req: Do| {
+        c.fetch_add(1, SeqCst);
+        async move {
+            match req {
+                Do::Succeed => Ok(()),
+                Do::Fail => Err(BoxError::from(io::Error::from(
+                    io::ErrorKind::ConnectionReset,
+                ))),
+                Do::RejectOpen => Err(Open::new(Duration::from_secs(1)).into()),
+                Do::RejectFull => Err(Full::new(1, 0).into()),
+                Do::SucceedAfter(d) => {
+                    tokio::time::sleep(d).await;
+                    Ok(())
+                }
+            }
+        }
+    });
+    (Svc::new(layer.layer(inner)), handle, calls)
+}
+
+async fn run(svc: &mut Svc, req: Do) -> Result<(), BoxError> {
+    svc.ready().await?.call(req).await
+}
+
+async fn run_n(svc: &mut Svc, req: Do, n: usize) {
+    for _ in 0..n {
+        let _ = run(svc, req).await;
+    }
+}
+
+fn open_error(r: Result<(), BoxError>) -> Open {
+    let e = r.expect_err("expected a rejection");
+    find_cause::<Open>(&*e).expect("an Open error").clone()
+}
+
+// --- count window ---------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn after_n_successes_n_half_failures_open_it() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .count_window(10)
+            .minimum_calls(10),
+    );
+    run_n(&mut svc, Do::Succeed, 10).await;
+    run_n(&mut svc, Do::Fail, 4).await;
+    assert_eq!(h.state(), State::Closed);
+    assert_eq!(h.metrics().failure_rate(), Some(0.4));
+    run_n(&mut svc, Do::Fail, 1).await;
+    assert_eq!(h.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn window_of_size_one_follows_the_last_call() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .count_window(1)
+            .minimum_calls(1)
+            .failure_rate_threshold(1.0),
+    );
+    run_n(&mut svc, Do::Succeed, 5).await;
+    assert_eq!(h.metrics().calls(), 1);
+    run(&mut svc, Do::Fail).await.unwrap_err();
+    assert_eq!(h.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn minimum_calls_larger_than_the_window_is_capped_at_its_size() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .count_window(4)
+            .minimum_calls(1000),
+    );
+    run_n(&mut svc, Do::Fail, 3).await;
+    assert_eq!(h.state(), State::Closed);
+    run_n(&mut svc, Do::Fail, 1).await;
+    assert_eq!(h.state(), State::Open, "a full window of 4 is enough");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_slide_out_of_the_count_window() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .count_window(4)
+            .minimum_calls(4),
+    );
+    run_n(&mut svc, Do::Fail, 1).await;
+    run_n(&mut svc, Do::Succeed, 4).await;
+    assert_eq!(h.metrics().failures(), 0);
+    run_n(&mut svc, Do::Fail, 1).await;
+    assert_eq!(h.state(), State::Closed);
+}
+
+// --- time window -------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn time_window_bucket_expires_exactly_at_t() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .time_window(Duration::from_secs(10), 10)
+            .minimum_calls(2),
+    );
+    run(&mut svc, Do::Fail).await.unwrap_err();
+    advance(Duration::from_secs(10) - Duration::from_nanos(1)).await;
+    assert_eq!(h.metrics().calls(), 1);
+    advance(Duration::from_nanos(1)).await;
+    assert_eq!(h.metrics().calls(), 0, "gone exactly at T");
+    run(&mut svc, Do::Fail).await.unwrap_err();
+    assert_eq!(
+        h.state(),
+        State::Closed,
+        "the first failure no longer counts"
+    );
+    run(&mut svc, Do::Fail).await.unwrap_err();
+    assert_eq!(h.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn time_window_of_one_bucket() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .time_window(Duration::from_secs(1), 1)
+            .minimum_calls(3),
+    );
+    run_n(&mut svc, Do::Fail, 2).await;
+    advance(Duration::from_secs(1)).await;
+    run_n(&mut svc, Do::Fail, 2).await;
+    assert_eq!(h.state(), State::Closed);
+    run_n(&mut svc, Do::Fail, 1).await;
+    assert_eq!(h.state(), State::Open);
+}
+
+// --- slow calls --------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_trip_the_breaker() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .count_window(4)
+            .minimum_calls(4)
+            .slow_calls(Duration::from_millis(100), 0.5),
+    );
+    run_n(&mut svc, Do::SucceedAfter(Duration::from_millis(100)), 4).await;
+    assert_eq!(
+        h.metrics().slow_calls(),
+        0,
+        "exactly the threshold is not slow"
+    );
+    run_n(&mut svc, Do::SucceedAfter(Duration::from_millis(101)), 1).await;
+    assert_eq!(h.state(), State::Closed);
+    run_n(&mut svc, Do::SucceedAfter(Duration::from_millis(101)), 1).await;
+    assert_eq!(h.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_are_not_tracked_unless_configured() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .count_window(2)
+            .minimum_calls(1),
+    );
+    run_n(&mut svc, Do::SucceedAfter(Duration::from_secs(3600)), 4).await;
+    assert_eq!(h.metrics().slow_calls(), 0);
+    assert_eq!(h.state(), State::Closed);
+}
+
+// --- what counts -------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn own_rejections_are_not_counted() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .count_window(2)
+            .minimum_calls(1),
+    );
+    run_n(&mut svc, Do::RejectOpen, 10).await;
+    run_n(&mut svc, Do::RejectFull, 10).await;
+    assert_eq!(h.metrics().calls(), 0);
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejections_of_an_open_breaker_are_not_counted() {
+    let (mut svc, h, calls) = breaker(
+        CircuitBreakerLayer::builder()
+            .count_window(2)
+            .minimum_calls(1)
+            .break_duration(Duration::from_secs(5)),
+    );
+    run(&mut svc, Do::Fail).await.unwrap_err();
+    assert_eq!(h.state(), State::Open);
+    for _ in 0..5 {
+        let open = open_error(run(&mut svc, Do::Succeed).await);
+        assert_eq!(open.retry_after(), Duration::from_secs(5));
+    }
+    assert_eq!(
+        calls.load(SeqCst),
+        1,
+        "rejected calls never reach the inner service"
+    );
+    let m = h.metrics();
+    assert_eq!((m.calls(), m.not_permitted()), (1, 5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn overload_counts_as_failure() {
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(2)
+        .minimum_calls(2)
+        .build()
+        .unwrap()
+        .with_classifier(|out: Result<&u16, &BoxError>| match out {
+            Ok(429) => Classification::overload(None),
+            Ok(_) => Classification::success(),
+            Err(_) => Classification::failure(),
+        });
+    let h = layer.handle();
+    let mut svc = layer.layer(service_fn(|s: u16| async move { Ok::<_, BoxError>(s) }));
+    svc.ready().await.unwrap().call(429).await.unwrap();
+    svc.ready().await.unwrap().call(429).await.unwrap();
+    assert_eq!(h.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_counts_down() {
+    let (mut svc, _h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .consecutive_failures(1)
+            .break_duration(Duration::from_secs(10)),
+    );
+    run(&mut svc, Do::Fail).await.unwrap_err();
+    advance(Duration::from_secs(3)).await;
+    assert_eq!(
+        open_error(run(&mut svc, Do::Succeed).await).retry_after(),
+        Duration::from_secs(7)
+    );
+}
+
+// --- half-open ---------------------------------------------------------------------
+
+type MockSvc =
+    tower_test::mock::Spawn<postbox::circuit_breaker::CircuitBreaker<mock::Mock<(), ()>>>;
+
+fn tripped_mock(probes: u32) -> (MockSvc, mock::Handle<(), ()>, CircuitBreakerHandle) {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .failure_rate_threshold(0.5)
+        .permitted_probes(probes)
+        .break_duration(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let (svc, handle) = mock::spawn_layer(layer);
+    (svc, handle, h)
+}
+
+/// Trips the breaker with one failed call and waits out the break.
+async fn trip_and_wait(
+    svc: &mut MockSvc,
+    handle: &mut mock::Handle<(), ()>,
+    h: &CircuitBreakerHandle,
+) {
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(());
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("boom");
+    fut.await.unwrap_err();
+    assert_eq!(h.state(), State::Open);
+    advance(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_admits_configured_probes() {
+    let (mut svc, mut handle, h) = tripped_mock(2);
+    trip_and_wait(&mut svc, &mut handle, &h).await;
+    handle.allow(10);
+    assert_ready_ok!(svc.poll_ready());
+    let p1 = svc.call(());
+    assert_eq!(h.state(), State::HalfOpen);
+    assert_ready_ok!(svc.poll_ready());
+    let p2 = svc.call(());
+    assert_ready_ok!(svc.poll_ready());
+    let third = open_error(svc.call(()).await);
+    assert_eq!(third.retry_after(), Duration::ZERO);
+    for _ in 0..2 {
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(());
+    }
+    p1.await.unwrap();
+    p2.await.unwrap();
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_probes_reopen_with_a_fresh_break() {
+    let (mut svc, mut handle, h) = tripped_mock(1);
+    trip_and_wait(&mut svc, &mut handle, &h).await;
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let p = svc.call(());
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("still down");
+    p.await.unwrap_err();
+    assert_eq!(h.state(), State::Open);
+    assert_eq!(h.retry_after(), Some(Duration::from_secs(1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_probe_releases_slot() {
+    let (mut svc, mut handle, h) = tripped_mock(1);
+    trip_and_wait(&mut svc, &mut handle, &h).await;
+    handle.allow(10);
+    assert_ready_ok!(svc.poll_ready());
+    let p = svc.call(());
+    assert_ready_ok!(svc.poll_ready());
+    assert!(svc.call(()).await.is_err(), "the only slot is taken");
+    drop(p);
+    assert_ready_ok!(svc.poll_ready());
+    let p = svc.call(());
+    let _first = handle.next_request().await.unwrap();
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(());
+    p.await.unwrap();
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn probe_reserved_by_a_dropped_service_is_released() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .permitted_probes(1)
+        .break_duration(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let inner = service_fn(|ok: bool| async move {
+        if ok {
+            Ok(())
+        } else {
+            Err(BoxError::from("down"))
+        }
+    });
+    let mut first = layer.layer(inner);
+    let mut second = first.clone();
+    first.ready().await.unwrap().call(false).await.unwrap_err();
+    advance(Duration::from_secs(1)).await;
+    first.ready().await.unwrap(); // reserves the only probe slot...
+    assert_eq!(h.state(), State::HalfOpen);
+    drop(first); // ...and gives it back
+    second.ready().await.unwrap().call(true).await.unwrap();
+    assert_eq!(h.state(), State::Closed);
+}
+
+/// A service whose future panics when polled.
+#[derive(Clone)]
+struct Panics;
+
+impl Service<()> for Panics {
+    type Response = ();
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        Box::pin(async { panic!("probe panicked") })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn panicking_probe_releases_slot() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .permitted_probes(1)
+        .break_duration(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut failing = layer.layer(service_fn(|_: ()| async {
+        Err::<(), _>(BoxError::from("boom"))
+    }));
+    failing.ready().await.unwrap().call(()).await.unwrap_err();
+    advance(Duration::from_secs(1)).await;
+
+    let mut panics = layer.layer(Panics);
+    let fut = panics.ready().await.unwrap().call(());
+    assert_eq!(h.state(), State::HalfOpen);
+    let joined = tokio::spawn(fut).await;
+    assert!(joined.unwrap_err().is_panic());
+
+    let mut ok = layer.layer(service_fn(|_: ()| async { Ok::<_, BoxError>(()) }));
+    ok.ready()
+        .await
+        .unwrap()
+        .call(())
+        .await
+        .expect("the slot came back");
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ignored_probe_outcome_releases_slot() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .consecutive_failures(1)
+            .permitted_probes(1)
+            .break_duration(Duration::from_secs(1)),
+    );
+    run(&mut svc, Do::Fail).await.unwrap_err();
+    advance(Duration::from_secs(1)).await;
+    run(&mut svc, Do::RejectFull).await.unwrap_err();
+    assert_eq!(h.state(), State::HalfOpen);
+    run(&mut svc, Do::Succeed).await.unwrap();
+    assert_eq!(h.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_in_half_open_reopens_a_stuck_breaker() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .permitted_probes(1)
+        .break_duration(Duration::from_secs(1))
+        .max_wait_in_half_open(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<(), (), _>(layer);
+    handle.allow(10);
+    assert_ready_ok!(svc.poll_ready());
+    let f = svc.call(());
+    handle.next_request().await.unwrap().1.send_error("boom");
+    f.await.unwrap_err();
+    advance(Duration::from_secs(1)).await;
+    assert_ready_ok!(svc.poll_ready());
+    let _stuck = svc.call(()); // the probe never answers
+    advance(Duration::from_secs(30)).await;
+    assert_ready_ok!(svc.poll_ready());
+    let e = open_error(svc.call(()).await);
+    assert_eq!(h.state(), State::Open);
+    assert_eq!(e.retry_after(), Duration::from_secs(1));
+}
+
+// --- manual control -------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn forced_states() {
+    let (mut svc, h, calls) = breaker(
+        CircuitBreakerLayer::builder()
+            .count_window(2)
+            .minimum_calls(1),
+    );
+
+    h.force_open();
+    assert_eq!(h.state(), State::ForcedOpen);
+    advance(Duration::from_secs(3600)).await;
+    assert!(is_caused_by::<Open>(
+        &*run(&mut svc, Do::Succeed).await.unwrap_err()
+    ));
+    assert_eq!(calls.load(SeqCst), 0);
+
+    h.disable();
+    run_n(&mut svc, Do::Fail, 10).await;
+    assert_eq!(h.state(), State::Disabled);
+    assert_eq!(h.metrics().calls(), 0, "disabled records nothing");
+
+    h.metrics_only();
+    run_n(&mut svc, Do::Fail, 10).await;
+    assert_eq!(h.state(), State::MetricsOnly);
+    assert_eq!(h.metrics().failures(), 2, "metrics-only records");
+
+    h.force_closed();
+    assert_eq!(h.metrics().calls(), 0);
+    run(&mut svc, Do::Fail).await.unwrap_err();
+    assert_eq!(h.state(), State::Open, "force_closed trips again as usual");
+
+    h.reset();
+    let m = h.metrics();
+    assert_eq!(
+        (m.state(), m.calls(), m.not_permitted()),
+        (State::Closed, 0, 0)
+    );
+}
+
+// --- transitions ----------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn late_result_does_not_fire_a_second_transition() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let layer = CircuitBreakerLayer::builder()
+        .name("payments")
+        .consecutive_failures(1)
+        .on_transition(move |t: &Transition| {
+            s.lock().unwrap().push((t.from(), t.to(), t.generation()))
+        })
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_layer::<(), (), _>(layer);
+    handle.allow(10);
+    assert_ready_ok!(svc.poll_ready());
+    let early = svc.call(());
+    assert_ready_ok!(svc.poll_ready());
+    let late = svc.call(());
+    let (_, a) = handle.next_request().await.unwrap();
+    let (_, b) = handle.next_request().await.unwrap();
+    a.send_error("first");
+    early.await.unwrap_err();
+    b.send_error("second, admitted before the trip");
+    late.await.unwrap_err();
+    assert_eq!(*seen.lock().unwrap(), [(State::Closed, State::Open, 1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejected_call_does_not_poll_inner_readiness() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    layer.handle().force_open();
+    let (mut svc, mut handle) = mock::spawn_layer::<(), (), _>(layer);
+    handle.allow(0);
+    assert_ready_ok!(
+        svc.poll_ready(),
+        "fail fast even when the inner service is not ready"
+    );
+    assert!(svc.call(()).await.is_err());
+    handle.allow(1);
+    let h2 = svc.get_ref().handle();
+    h2.force_closed();
+    assert_ready_ok!(svc.poll_ready());
+    let mut f = tokio_test::task::spawn(svc.call(()));
+    assert_pending!(f.poll());
+}
+
+// --- per key ----------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn per_key_breakers_are_isolated() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .keyed(|req: &(&'static str, bool)| req.0)
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(|(_, ok): (&'static str, bool)| async move {
+        if ok {
+            Ok(())
+        } else {
+            Err(BoxError::from("down"))
+        }
+    }));
+    svc.ready()
+        .await
+        .unwrap()
+        .call(("a", false))
+        .await
+        .unwrap_err();
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(("a", true))
+        .await
+        .unwrap_err();
+    assert!(is_caused_by::<Open>(&*e));
+    svc.ready().await.unwrap().call(("b", true)).await.unwrap();
+    assert_eq!(keys.get(&"a").unwrap().state(), State::Open);
+    assert_eq!(keys.get(&"b").unwrap().state(), State::Closed);
+    assert_eq!(keys.get(&"a").unwrap().name(), "a");
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_key_breakers_are_bounded_and_idle_ones_evicted() {
+    let layer = CircuitBreakerLayer::builder()
+        .keyed(|k: &u32| *k)
+        .max_keys(2)
+        .idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(|_: u32| async { Ok::<_, BoxError>(()) }));
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    advance(Duration::from_secs(1)).await;
+    svc.ready().await.unwrap().call(2).await.unwrap();
+    // Full: the least recently used (1) goes.
+    svc.ready().await.unwrap().call(3).await.unwrap();
+    let mut k = keys.keys();
+    k.sort();
+    assert_eq!(k, [2, 3]);
+    // Idle ones go first, and on demand.
+    advance(Duration::from_secs(61)).await;
+    keys.evict_idle();
+    assert!(keys.is_empty());
+}
+
+#[cfg(feature = "http")]
+#[tokio::test(start_paused = true)]
+async fn keyed_by_authority() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .keyed_by_authority()
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(|req: http::Request<()>| async move {
+        if req.uri().host() == Some("down.example") {
+            Err(BoxError::from("down"))
+        } else {
+            Ok(())
+        }
+    }));
+    let req = |uri: &str| http::Request::get(uri).body(()).unwrap();
+    svc.ready()
+        .await
+        .unwrap()
+        .call(req("http://down.example/x"))
+        .await
+        .unwrap_err();
+    svc.ready()
+        .await
+        .unwrap()
+        .call(req("http://up.example/x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        keys.get(&"down.example".to_owned()).unwrap().state(),
+        State::Open
+    );
+    assert_eq!(
+        keys.get(&"up.example".to_owned()).unwrap().state(),
+        State::Closed
+    );
+}
+
+// --- concurrency ------------------------------------------------------------------------
+
+/// 1000 callers start at the instant the breaker goes half-open; at most
+/// `permitted_probes` reach the inner service, under several schedules.
+#[test]
+fn thousand_callers_at_half_open_admit_at_most_permitted_probes() {
+    for (run, workers) in [(0, 2), (1, 4), (2, 8), (3, 3), (4, 16)] {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let probes = 1 + run as u32 * 2;
+            let layer = CircuitBreakerLayer::builder()
+                .consecutive_failures(1)
+                .permitted_probes(probes)
+                // Over by the time the callers start: the first of them half-opens it.
+                .break_duration(Duration::from_nanos(1))
+                .build()
+                .unwrap();
+            let h = layer.handle();
+            let reached = Arc::new(AtomicUsize::new(0));
+            let gate = Arc::new(tokio::sync::Notify::new());
+            let r = reached.clone();
+            let g = gate.clone();
+            let inner = service_fn(move |fail: bool| {
+                r.fetch_add(1, SeqCst);
+                let g = g.clone();
+                async move {
+                    if fail {
+                        return Err(io::Error::other("down"));
+                    }
+                    // Probes hang until the test ends: none comes back to free a slot.
+                    g.notified().await;
+                    Ok(())
+                }
+            });
+            let svc = layer.layer(inner);
+            svc.clone().oneshot(true).await.unwrap_err();
+            assert_eq!(h.state(), State::Open);
+            reached.store(0, SeqCst);
+
+            let barrier = Arc::new(tokio::sync::Barrier::new(1000));
+            let rejected = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for _ in 0..1000 {
+                let svc = svc.clone();
+                let barrier = barrier.clone();
+                let rejected = rejected.clone();
+                tasks.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    // A probe hangs here until aborted; a rejection returns at once.
+                    let err = svc.oneshot(false).await.unwrap_err();
+                    assert!(is_caused_by::<Open>(&*err));
+                    rejected.fetch_add(1, SeqCst);
+                }));
+            }
+            // Every caller has either reached the inner service or been rejected.
+            let mut spins = 0u64;
+            while rejected.load(SeqCst) + reached.load(SeqCst) < 1000 {
+                tokio::task::yield_now().await;
+                spins += 1;
+                assert!(spins < 50_000_000, "callers never settled");
+            }
+            for t in &tasks {
+                t.abort();
+            }
+            let reached = reached.load(SeqCst);
+            assert!(
+                reached <= probes as usize,
+                "run {run}: {reached} > {probes} reached inner"
+            );
+            assert_eq!(reached, probes as usize, "run {run}: every slot was used");
+            assert_eq!(h.metrics().not_permitted() as usize, 1000 - reached);
+            assert_eq!(h.state(), State::HalfOpen);
+        });
+    }
+}

@@ -1,0 +1,952 @@
+//! The retry layer, driven through `tower_test` mocks with paused time.
+//!
+//! Requests are only ever taken with `Handle::poll_request` (never awaited): an idle
+//! paused runtime advances its clock to the next timer by itself, which would hide an
+//! early or late retry.
+#![cfg(feature = "http")]
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header::RETRY_AFTER};
+use http_body_util::{BodyExt, Full};
+use postbox::BoxError;
+use postbox::circuit_breaker::error::Open;
+use postbox::classify::{Classification, ErrorClassifier};
+use postbox::http::body::{BodyNotReplayable, BufferBodyLayer, ReplayBody};
+use postbox::http::idempotency_key::IDEMPOTENCY_KEY;
+use postbox::retry::backoff::{Backoff, Jitter};
+use postbox::retry::{HttpRequests, RetryBudget, RetryEvent, RetryLayer};
+use proptest::prelude::*;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+use tokio::time::advance;
+use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok, task};
+use tower::{Layer, ServiceBuilder};
+use tower_test::mock::{self, Handle, SendResponse};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn reset() -> BoxError {
+    io::Error::new(io::ErrorKind::ConnectionReset, "reset").into()
+}
+
+fn refused() -> BoxError {
+    io::Error::from(io::ErrorKind::ConnectionRefused).into()
+}
+
+#[track_caller]
+fn take_request<T, U>(handle: &mut Handle<T, U>) -> (T, SendResponse<U>) {
+    match handle.poll_request() {
+        Poll::Ready(Some(r)) => r,
+        Poll::Ready(None) => panic!("the service was dropped"),
+        Poll::Pending => panic!("expected a request, none was made"),
+    }
+}
+
+#[track_caller]
+fn no_request<T, U>(handle: &mut Handle<T, U>) {
+    assert!(
+        handle.poll_request().is_pending(),
+        "no request was expected"
+    );
+}
+
+fn status(code: u16, retry_after: Option<&str>) -> Response<()> {
+    let mut b = Response::builder().status(code);
+    if let Some(v) = retry_after {
+        b = b.header(RETRY_AFTER, v);
+    }
+    b.body(()).unwrap()
+}
+
+fn exact(base: Duration) -> Backoff {
+    Backoff::exponential(base)
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter(Jitter::None)
+}
+
+#[tokio::test(start_paused = true)]
+async fn delays_match_the_backoff_exactly_without_jitter() {
+    let layer = RetryLayer::builder()
+        .max_retries(3)
+        .backoff(exact(100 * MS))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<&str, ()>| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call("req"));
+
+    let (req, send) = take_request(&mut handle);
+    assert_eq!(req, "req");
+    send.send_error(reset());
+    for (i, delay) in [100 * MS, 200 * MS, 400 * MS].into_iter().enumerate() {
+        assert_pending!(fut.poll());
+        advance(delay - MS).await;
+        assert_pending!(fut.poll());
+        no_request(&mut handle);
+        advance(MS).await;
+        assert_pending!(fut.poll());
+        let (req, send) = take_request(&mut handle);
+        assert_eq!(req, "req");
+        send.send_error(format!("failure {}", i + 2));
+    }
+    // max_retries(3): the fourth attempt was the last; its outcome is returned.
+    let err = assert_ready_err!(fut.poll());
+    assert_eq!(err.to_string(), "failure 4");
+    no_request(&mut handle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_retries_three_means_four_attempts_in_all() {
+    let layer = RetryLayer::builder()
+        .max_retries(3)
+        .backoff(Backoff::constant(Duration::ZERO))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<u8, ()>| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(1u8));
+    for _ in 0..4 {
+        assert_pending!(fut.poll());
+        take_request(&mut handle).1.send_error(reset());
+    }
+    assert_ready_err!(fut.poll());
+    no_request(&mut handle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_after_failures_is_returned() {
+    let layer = RetryLayer::builder()
+        .backoff(Backoff::constant(Duration::ZERO))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(1u8));
+    take_request(&mut handle).1.send_error(reset());
+    assert_pending!(fut.poll());
+    take_request(&mut handle).1.send_response("ok");
+    assert_eq!(assert_ready_ok!(fut.poll()), "ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_retryable_outcomes_are_returned_at_once() {
+    let classifier = |out: Result<&&str, &BoxError>| match out {
+        Ok(_) => Classification::success(),
+        Err(_) => Classification::failure().with_retryable(false),
+    };
+    let layer = RetryLayer::builder()
+        .classifier(classifier)
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(1u8));
+    take_request(&mut handle).1.send_error("permanent");
+    assert_ready_err!(fut.poll());
+    no_request(&mut handle);
+}
+
+proptest! {
+    #[test]
+    fn jitter_stays_within_its_bounds(
+        base_ms in 1u64..1_000,
+        cap_factor in 1u64..100,
+        retry in 1u32..64,
+        prev_ms in 0u64..100_000,
+        unit in 0.0f64..1.0,
+        kind in 0u8..3,
+    ) {
+        let base = Duration::from_millis(base_ms);
+        let cap = base * cap_factor as u32;
+        let prev = Duration::from_millis(prev_ms);
+        let growth = match kind {
+            0 => Backoff::constant(base),
+            1 => Backoff::linear(base),
+            _ => Backoff::exponential(base).with_factor(1.5),
+        }
+        .with_max_delay(cap);
+        let d = growth.with_jitter(Jitter::None).delay(retry, prev, unit);
+        prop_assert!(d <= cap && d >= base.min(cap));
+
+        let full = growth.with_jitter(Jitter::Full).delay(retry, prev, unit);
+        prop_assert!(full <= d);
+
+        let equal = growth.with_jitter(Jitter::Equal).delay(retry, prev, unit);
+        prop_assert!(equal >= d / 2 && equal <= d);
+
+        let dec = growth.with_jitter(Jitter::Decorrelated).delay(retry, prev, unit);
+        let high = prev.max(base).saturating_mul(3).min(cap);
+        prop_assert!(dec >= base && dec <= high, "{dec:?} not in [{base:?}, {high:?}]");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn seeded_jitter_is_deterministic_and_within_bounds() {
+    async fn delays(seed: u64) -> Vec<Duration> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hook = {
+            let seen = seen.clone();
+            move |e: &RetryEvent| seen.lock().unwrap().push(e.delay())
+        };
+        let layer = RetryLayer::builder()
+            .max_retries(3)
+            .backoff(Backoff::exponential(100 * MS).with_jitter(Jitter::Full))
+            .rng(postbox::retry::JitterRng::seeded(seed))
+            .on_retry(hook)
+            .no_budget()
+            .build()
+            .unwrap();
+        let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<(), ()>| layer.layer(m));
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(()));
+        for _ in 0..4 {
+            assert_pending!(fut.poll());
+            advance(Duration::from_secs(1)).await;
+            assert_pending!(fut.poll());
+            take_request(&mut handle).1.send_error(reset());
+        }
+        assert_ready_err!(fut.poll());
+        seen.lock().unwrap().clone()
+    }
+    let a = delays(42).await;
+    assert_eq!(a, delays(42).await);
+    assert_ne!(a, delays(43).await);
+    for (d, max) in a.iter().zip([100 * MS, 200 * MS, 400 * MS]) {
+        assert!(*d <= max);
+    }
+}
+
+fn http_layer(
+    requests: HttpRequests,
+) -> RetryLayer<postbox::retry::RetryPolicy<postbox::classify::HttpClassifier, HttpRequests, ()>> {
+    RetryLayer::http()
+        .requests(requests)
+        .max_retries(2)
+        .backoff(exact(10 * MS))
+        .no_budget()
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_to_the_millisecond_never_early() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
+    take_request(&mut handle)
+        .1
+        .send_response(status(429, Some("2")));
+    assert_pending!(fut.poll());
+
+    advance(1999 * MS).await;
+    assert_pending!(fut.poll());
+    no_request(&mut handle);
+
+    advance(MS).await;
+    assert_pending!(fut.poll());
+    take_request(&mut handle).1.send_response(status(200, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sub_millisecond_hints_round_up() {
+    let hint = Duration::from_micros(1_500_001);
+    let classifier = move |out: Result<&(), &BoxError>| match out {
+        Ok(_) => Classification::success(),
+        Err(_) => Classification::overload(Some(hint)),
+    };
+    let layer = RetryLayer::builder()
+        .classifier(classifier)
+        .backoff(Backoff::constant(Duration::ZERO))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(()));
+    take_request(&mut handle).1.send_error("slow down");
+    assert_pending!(fut.poll());
+    // 1500.001 ms: at 1500 ms the retry would be early by a microsecond.
+    advance(1500 * MS).await;
+    assert_pending!(fut.poll());
+    no_request(&mut handle);
+    advance(MS).await;
+    assert_pending!(fut.poll());
+    take_request(&mut handle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http_date_in_the_past_means_no_wait() {
+    let layer = RetryLayer::http()
+        .backoff(Backoff::constant(Duration::ZERO))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
+    take_request(&mut handle)
+        .1
+        .send_response(status(503, Some("Wed, 21 Oct 2015 07:28:00 GMT")));
+    assert_pending!(fut.poll());
+    // No time passes: the retry is made at once.
+    take_request(&mut handle).1.send_response(status(200, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_above_the_cap_gives_up_at_once() {
+    let layer = RetryLayer::http()
+        .max_retry_after(Duration::from_secs(60))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
+    take_request(&mut handle)
+        .1
+        .send_response(status(503, Some("3600")));
+    // The last outcome, without sleeping for an hour.
+    let res = assert_ready_ok!(fut.poll());
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    no_request(&mut handle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_post_without_a_key_is_not_retried_with_a_key_it_is() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+
+    assert_ready_ok!(svc.poll_ready());
+    let post = Request::post("http://a/orders").body(()).unwrap();
+    let mut fut = task::spawn(svc.call(post));
+    take_request(&mut handle).1.send_response(status(502, None));
+    assert_eq!(
+        assert_ready_ok!(fut.poll()).status(),
+        StatusCode::BAD_GATEWAY
+    );
+    no_request(&mut handle);
+
+    assert_ready_ok!(svc.poll_ready());
+    let keyed = Request::post("http://a/orders")
+        .header(IDEMPOTENCY_KEY, "order-17")
+        .body(())
+        .unwrap();
+    let mut fut = task::spawn(svc.call(keyed));
+    take_request(&mut handle).1.send_response(status(502, None));
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll());
+    let (retried, send) = take_request(&mut handle);
+    assert_eq!(retried.method(), Method::POST);
+    assert_eq!(retried.headers()[IDEMPOTENCY_KEY], "order-17");
+    send.send_response(status(201, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::CREATED);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_generated_key_makes_a_post_retryable_and_is_sent_on_every_attempt() {
+    let layer = http_layer(HttpRequests::new().generate_idempotency_key(true));
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
+    let (first, send) = take_request(&mut handle);
+    let key = first.headers()[IDEMPOTENCY_KEY].clone();
+    send.send_response(status(500, None));
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll());
+    let (second, send) = take_request(&mut handle);
+    assert_eq!(second.headers()[IDEMPOTENCY_KEY], key);
+    send.send_response(status(200, None));
+    assert_ready_ok!(fut.poll());
+
+    // Idempotent methods are left alone.
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
+    let (get, send) = take_request(&mut handle);
+    assert!(get.headers().get(IDEMPOTENCY_KEY).is_none());
+    send.send_response(status(200, None));
+    assert_ready_ok!(fut.poll());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connect_error_is_retried_even_for_a_post() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
+    take_request(&mut handle).1.send_error(refused());
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll());
+    take_request(&mut handle).1.send_response(status(200, None));
+    assert_ready_ok!(fut.poll());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_budget_of_20_percent_with_floor_0_allows_2_retries_after_10_first_attempts() {
+    let budget = RetryBudget::builder()
+        .ratio(0.2)
+        .min_retries_per_sec(0)
+        .build()
+        .unwrap();
+    let layer = RetryLayer::builder()
+        .max_retries(1)
+        .backoff(Backoff::constant(Duration::ZERO))
+        .budget(budget.clone())
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    for _ in 0..10 {
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(()));
+        take_request(&mut handle).1.send_response("ok");
+        assert_ready_ok!(fut.poll());
+    }
+    // Two failing calls are retried…
+    for _ in 0..2 {
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(()));
+        take_request(&mut handle).1.send_error(reset());
+        assert_pending!(fut.poll());
+        take_request(&mut handle).1.send_response("ok");
+        assert_ready_ok!(fut.poll());
+    }
+    // …the third is not: the budget returns the last outcome.
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(()));
+    take_request(&mut handle).1.send_error("third failure");
+    let err = assert_ready_err!(fut.poll());
+    assert_eq!(err.to_string(), "third failure");
+    no_request(&mut handle);
+    assert_eq!(budget.available(tokio::time::Instant::now()), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_budget_is_shared_by_clones_and_layers() {
+    let budget = RetryBudget::builder()
+        .ratio(0.5)
+        .min_retries_per_sec(0)
+        .build()
+        .unwrap();
+    let make = || {
+        RetryLayer::builder()
+            .backoff(Backoff::constant(Duration::ZERO))
+            .budget(budget.clone())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (make(), make());
+    assert!(
+        a.policy()
+            .budget()
+            .unwrap()
+            .ptr_eq(b.policy().budget().unwrap())
+    );
+    let (mut svc_a, mut handle_a) = mock::spawn_with(|m| a.layer(m));
+    let (mut svc_b, mut handle_b) = mock::spawn_with(|m: mock::Mock<(), ()>| b.layer(m));
+    // Two first attempts through `a` (one deposit each) pay for one retry in `b`.
+    for _ in 0..2 {
+        assert_ready_ok!(svc_a.poll_ready());
+        let mut fut = task::spawn(svc_a.call(()));
+        take_request(&mut handle_a).1.send_response(());
+        assert_ready_ok!(fut.poll());
+    }
+    assert_ready_ok!(svc_b.poll_ready());
+    let mut fut = task::spawn(svc_b.call(()));
+    take_request(&mut handle_b).1.send_error(reset());
+    assert_pending!(fut.poll());
+    take_request(&mut handle_b).1.send_error(reset());
+    // 3 deposits at 50% allow 1 retry: the second failure is returned.
+    assert_ready_err!(fut.poll());
+}
+
+type Buffered = Request<ReplayBody<Full<Bytes>>>;
+
+#[tokio::test(start_paused = true)]
+async fn a_1_mib_body_under_a_64_kib_limit_is_sent_once_and_not_retried() {
+    let retry = RetryLayer::http()
+        .backoff(Backoff::constant(Duration::ZERO))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<Buffered, Response<()>>| {
+        ServiceBuilder::new()
+            .layer(BufferBodyLayer::new(64 * 1024))
+            .layer(retry.clone())
+            .service(m)
+    });
+    let body = Bytes::from(vec![7u8; 1024 * 1024]);
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(
+        svc.call(
+            Request::put("http://a/blob")
+                .body(Full::new(body.clone()))
+                .unwrap(),
+        ),
+    );
+    assert_pending!(fut.poll());
+    let (req, send) = take_request(&mut handle);
+    assert_eq!(
+        req.extensions().get::<BodyNotReplayable>(),
+        Some(&BodyNotReplayable::new(64 * 1024))
+    );
+    let sent = req.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(sent, body, "streamed through whole");
+    send.send_response(status(503, None));
+    assert_eq!(
+        assert_ready_ok!(fut.poll()).status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    no_request(&mut handle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_under_the_limit_is_replayed_whole_without_a_copy_per_retry() {
+    let retry = RetryLayer::http()
+        .backoff(Backoff::constant(Duration::ZERO))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<Buffered, Response<()>>| {
+        ServiceBuilder::new()
+            .layer(BufferBodyLayer::new(64 * 1024))
+            .layer(retry.clone())
+            .service(m)
+    });
+    let body = Bytes::from(vec![1u8; 10_000]);
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(
+        svc.call(
+            Request::put("http://a/blob")
+                .body(Full::new(body.clone()))
+                .unwrap(),
+        ),
+    );
+    assert_pending!(fut.poll());
+    let (first, send) = take_request(&mut handle);
+    // One `Bytes` chunk is kept as it is: the buffer is the caller's own memory.
+    let first_ptr = first.body().buffered_bytes().unwrap().as_ptr();
+    assert_eq!(first_ptr, body.as_ptr());
+    assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), body);
+    send.send_response(status(503, None));
+    assert_pending!(fut.poll());
+    let (second, send) = take_request(&mut handle);
+    // The retry shares the buffer (a reference count), it does not copy it.
+    assert_eq!(second.body().buffered_bytes().unwrap().as_ptr(), first_ptr);
+    assert_eq!(second.into_body().collect().await.unwrap().to_bytes(), body);
+    send.send_response(status(200, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breakers_rejection_is_not_retried_before_its_retry_after() {
+    let layer = RetryLayer::builder()
+        .classifier(ErrorClassifier::new())
+        .backoff(exact(10 * MS))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(()));
+    let open: BoxError = Open::new(Duration::from_secs(5)).into();
+    take_request(&mut handle).1.send_error(open);
+    assert_pending!(fut.poll());
+    advance(4999 * MS).await;
+    assert_pending!(fut.poll());
+    no_request(&mut handle);
+    advance(MS).await;
+    assert_pending!(fut.poll());
+    take_request(&mut handle).1.send_response(());
+    assert_ready_ok!(fut.poll());
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_is_polled_again_before_every_retry() {
+    let layer = RetryLayer::builder()
+        .backoff(exact(10 * MS))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(()));
+    take_request(&mut handle).1.send_error(reset());
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    // The backoff is over but the service is not ready: no attempt.
+    assert_pending!(fut.poll());
+    no_request(&mut handle);
+    handle.allow(1);
+    assert!(fut.is_woken(), "readiness wakes the retry");
+    assert_pending!(fut.poll());
+    take_request(&mut handle).1.send_response(());
+    assert_ready_ok!(fut.poll());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_readiness_error_before_a_retry_is_returned() {
+    let layer = RetryLayer::builder()
+        .backoff(Backoff::constant(Duration::ZERO))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<(), ()>| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(()));
+    handle.send_error("not ready");
+    take_request(&mut handle).1.send_error(reset());
+    let err = assert_ready_err!(fut.poll());
+    assert_eq!(err.to_string(), "not ready");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_future_cancels_the_pending_sleep_and_attempt() {
+    let layer = RetryLayer::builder()
+        .backoff(exact(10 * MS))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+
+    // Dropped while backing off: no further attempt.
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(()));
+    take_request(&mut handle).1.send_error(reset());
+    assert_pending!(fut.poll());
+    drop(fut);
+    advance(Duration::from_secs(1)).await;
+    no_request(&mut handle);
+
+    // Dropped while an attempt is in flight: the attempt's future is dropped with it.
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(()));
+    assert_pending!(fut.poll());
+    let (_, send) = take_request(&mut handle);
+    drop(fut);
+    // The mock's response channel is closed once its future is gone.
+    send.send_response(());
+    advance(Duration::from_secs(1)).await;
+    no_request(&mut handle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hook_sees_every_retry_with_attempt_delay_and_reason() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let seen = seen.clone();
+        move |e: &RetryEvent| {
+            seen.lock()
+                .unwrap()
+                .push((e.attempt(), e.delay(), e.reason().retry_after()))
+        }
+    };
+    let layer = RetryLayer::http()
+        .max_retries(2)
+        .backoff(exact(100 * MS))
+        .on_retry(hook)
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
+    take_request(&mut handle).1.send_response(status(500, None));
+    assert_pending!(fut.poll());
+    advance(100 * MS).await;
+    assert_pending!(fut.poll());
+    take_request(&mut handle)
+        .1
+        .send_response(status(429, Some("1")));
+    assert_pending!(fut.poll());
+    advance(Duration::from_secs(1)).await;
+    assert_pending!(fut.poll());
+    take_request(&mut handle).1.send_response(status(500, None));
+    assert_eq!(
+        assert_ready_ok!(fut.poll()).status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            (2, 100 * MS, None),
+            (3, Duration::from_secs(1), Some(Duration::from_secs(1)))
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_cannot_be_cloned_is_sent_once() {
+    #[derive(Debug)]
+    struct NotClone;
+    let classify = |_: Result<&(), &BoxError>| Classification::failure();
+    // `Cloned` needs `Clone`; a one-line strategy for a request type that is not.
+    #[derive(Clone)]
+    struct Never;
+    impl postbox::retry::CloneRequest<NotClone> for Never {
+        fn clone_request(&self, _: &NotClone) -> Option<NotClone> {
+            None
+        }
+        fn is_retry_safe(&self, _: &NotClone) -> bool {
+            true
+        }
+    }
+    let layer = RetryLayer::builder()
+        .classifier(classify)
+        .requests(Never)
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(NotClone));
+    take_request(&mut handle).1.send_error(reset());
+    // Cannot be replayed: the first outcome is the last.
+    assert_ready_err!(fut.poll());
+    no_request(&mut handle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_retry_pushback_is_honoured_never_early() {
+    // gRPC calls are all POSTs: a caller that knows its method is safe says so.
+    let layer = RetryLayer::http()
+        .classifier(postbox::classify::GrpcClassifier::new())
+        .requests(HttpRequests::new().retry_safe_if(|_, _| true))
+        .backoff(exact(10 * MS))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::post("http://a/pkg.Svc/Get").body(()).unwrap()));
+    let unavailable = Response::builder()
+        .header("grpc-status", "14")
+        .header("grpc-retry-pushback-ms", "250")
+        .body(())
+        .unwrap();
+    take_request(&mut handle).1.send_response(unavailable);
+    assert_pending!(fut.poll());
+    advance(249 * MS).await;
+    assert_pending!(fut.poll());
+    no_request(&mut handle);
+    advance(MS).await;
+    assert_pending!(fut.poll());
+    let ok = Response::builder()
+        .header("grpc-status", "0")
+        .body(())
+        .unwrap();
+    take_request(&mut handle).1.send_response(ok);
+    assert_ready_ok!(fut.poll());
+}
+
+/// A `metrics` recorder that keeps counters by name (labels appended as `{k=v}`).
+#[derive(Default)]
+struct Counters(Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicU64>>>);
+
+impl Counters {
+    fn get(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0, |c| c.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+impl metrics::Recorder for Counters {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let mut name = key.name().to_string();
+        for label in key.labels() {
+            name.push_str(&format!("{{{}={}}}", label.key(), label.value()));
+        }
+        let counter = self.0.lock().unwrap().entry(name).or_default().clone();
+        metrics::Counter::from_arc(counter)
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_and_budget_exhaustion_are_counted() {
+    let counters = Counters::default();
+    let _guard = metrics::set_default_local_recorder(&counters);
+    let budget = RetryBudget::builder()
+        .ratio(0.2)
+        .min_retries_per_sec(0)
+        .build()
+        .unwrap();
+    let layer = RetryLayer::builder()
+        .max_retries(1)
+        .backoff(Backoff::constant(Duration::ZERO))
+        .budget(budget)
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<(), ()>| layer.layer(m));
+    for _ in 0..10 {
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(()));
+        take_request(&mut handle).1.send_response(());
+        assert_ready_ok!(fut.poll());
+    }
+    for _ in 0..3 {
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(()));
+        take_request(&mut handle).1.send_error(reset());
+        match fut.poll() {
+            Poll::Pending => {
+                take_request(&mut handle).1.send_error(reset());
+                assert_ready_err!(fut.poll());
+            }
+            Poll::Ready(out) => assert!(out.is_err(), "the budget returns the failure"),
+        }
+    }
+    // 13 first attempts and 2 retries (the third was refused by the budget).
+    assert_eq!(counters.get("postbox_retry_attempts_total"), 15);
+    assert_eq!(counters.get("postbox_retries_total"), 2);
+    assert_eq!(counters.get("postbox_retry_budget_exhausted_total"), 1);
+    assert_eq!(
+        counters.get("postbox_retry_gave_up_total{reason=budget_exhausted}"),
+        1
+    );
+    assert_eq!(
+        counters.get("postbox_retry_gave_up_total{reason=max_retries}"),
+        2
+    );
+}
+
+/// Against a real reqwest client and axum server on loopback.
+#[cfg(feature = "reqwest")]
+mod real_http {
+    use super::*;
+    use axum::Router;
+    use axum::routing::post;
+    use postbox::http::reqwest::ReqwestService;
+    use std::net::SocketAddr;
+    use tokio::net::TcpListener;
+    use tower::ServiceExt;
+
+    /// Every request's `Idempotency-Key` and body, in order.
+    type Seen = Arc<Mutex<Vec<(Option<String>, Bytes)>>>;
+
+    /// A server that answers `503` to the first `fail_first` requests, then `200`.
+    async fn serve(fail_first: usize) -> (SocketAddr, Seen) {
+        let seen: Seen = Arc::default();
+        let app = Router::new().route(
+            "/orders",
+            post({
+                let seen = seen.clone();
+                move |headers: http::HeaderMap, body: Bytes| async move {
+                    let key = headers
+                        .get(IDEMPOTENCY_KEY)
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let mut seen = seen.lock().unwrap();
+                    seen.push((key, body));
+                    if seen.len() <= fail_first {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::CREATED
+                    }
+                }
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, seen)
+    }
+
+    fn client(
+        limit: usize,
+    ) -> impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<reqwest::Body>,
+        Error = BoxError,
+        Future: Send,
+    > + Clone {
+        ServiceBuilder::new()
+            .layer(BufferBodyLayer::new(limit))
+            .layer(
+                RetryLayer::http()
+                    .requests(HttpRequests::new().generate_idempotency_key(true))
+                    .backoff(Backoff::constant(10 * MS))
+                    .no_budget()
+                    .build()
+                    .unwrap(),
+            )
+            .service(ReqwestService::new(reqwest::Client::new()))
+    }
+
+    #[tokio::test]
+    async fn a_post_is_replayed_whole_with_one_generated_key() {
+        let (addr, seen) = serve(1).await;
+        let body = Bytes::from(vec![b'x'; 10_000]);
+        let req = Request::post(format!("http://{addr}/orders"))
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let res = client(64 * 1024).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].1, body);
+        assert_eq!(seen[1].1, body);
+        assert!(seen[0].0.is_some(), "a key was generated");
+        assert_eq!(seen[0].0, seen[1].0, "the same key on both attempts");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_reaches_the_server_once_and_whole() {
+        let (addr, seen) = serve(1).await;
+        let body = Bytes::from(vec![b'y'; 1024 * 1024]);
+        let req = Request::post(format!("http://{addr}/orders"))
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let res = client(64 * 1024).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].1, body);
+    }
+}
