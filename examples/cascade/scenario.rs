@@ -23,14 +23,19 @@ use axum::routing::post;
 use http_body_util::{BodyExt, Full};
 use postbox::BoxError;
 use postbox::bulkhead::BulkheadLayer;
+use postbox::circuit_breaker::CircuitBreakerLayer;
+use postbox::classify::HttpClassifier;
 use postbox::enqueue::{
     BufferedBody, EnqueueFallbackLayer, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Replayer,
     ReplayerHandle,
 };
 use postbox::http::ErrorResponseLayer;
+use postbox::http::body::TryCloneBody;
 use postbox::http::reqwest::ReqwestService;
 use postbox::idempotency::IdempotencyLayer;
 use postbox::queue::{EmbeddedOptions, EmbeddedQueue, Queue};
+use postbox::retry::RetryLayer;
+use postbox::retry::backoff::{Backoff, Jitter};
 use postbox::timeout::{AttemptTimeoutLayer, DeadlineLayer, HttpPropagation};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
@@ -323,46 +328,90 @@ fn reqwest_client() -> Result<reqwest::Client, BoxError> {
         .build()?)
 }
 
-fn client_stack(mode: Mode, depth: usize, dir: &std::path::Path) -> Result<Hop, BoxError> {
-    let client = ReqwestService::new(reqwest_client()?);
-    if mode == Mode::Plain {
-        return Ok(Hop {
-            client: BoxCloneSyncService::new(client),
-            deferral: None,
-        });
-    }
+/// The client stack of DESIGN.md inside the enqueue fallback: deadline → retry + budget
+/// → circuit breaker → bulkhead → attempt timeout → reqwest.
+///
+/// Bodies are replayable for the retry as they come: `Full<Bytes>` is `Clone`, and the
+/// enqueue fallback hands its inner stack a buffered [`BufferedBody`].
+fn guarded_stack<B>(depth: usize, client: ReqwestService) -> Result<GuardedStack<B>, BoxError>
+where
+    B: http_body::Body<Data = Bytes> + TryCloneBody + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let (attempt, deadline) = budgets(depth);
-    let guarded = ServiceBuilder::new()
+    let retry = RetryLayer::http()
+        .max_retries(2)
+        .backoff(
+            Backoff::exponential(Duration::from_millis(20))
+                .with_max_delay(Duration::from_millis(100))
+                .with_jitter(Jitter::Full),
+        )
+        // An open breaker downstream asks for longer than this: give up at once
+        // instead of waiting out the deadline.
+        .max_retry_after(Duration::from_millis(200))
+        .build()?;
+    let breaker = CircuitBreakerLayer::builder()
+        .name(format!("ms{}", depth + 1))
+        .count_window(20)
+        .minimum_calls(10)
+        .failure_rate_threshold(0.5)
+        .break_duration(Duration::from_millis(250))
+        .break_backoff(2.0, Duration::from_secs(1))
+        .permitted_probes(3)
+        .build()?
+        .with_classifier(HttpClassifier::new());
+    let stack = ServiceBuilder::new()
         .layer(DeadlineLayer::http(deadline)?)
+        .layer(retry)
+        .layer(breaker)
         .layer(BulkheadLayer::new(64)?)
         .layer(AttemptTimeoutLayer::new(attempt)?)
         .service(client);
-    if mode == Mode::Guarded {
-        return Ok(Hop {
-            client: BoxCloneSyncService::new(guarded),
+    Ok(BoxCloneSyncService::new(stack))
+}
+
+/// The guarded stack, boxed, for requests with bodies `B`.
+type GuardedStack<B> =
+    BoxCloneSyncService<http::Request<B>, http::Response<reqwest::Body>, BoxError>;
+
+fn client_stack(mode: Mode, depth: usize, dir: &std::path::Path) -> Result<Hop, BoxError> {
+    let client = ReqwestService::new(reqwest_client()?);
+    match mode {
+        Mode::Plain => Ok(Hop {
+            client: BoxCloneSyncService::new(client),
             deferral: None,
-        });
+        }),
+        Mode::Guarded => Ok(Hop {
+            client: guarded_stack::<Full<Bytes>>(depth, client)?,
+            deferral: None,
+        }),
+        Mode::Postbox => {
+            let guarded = guarded_stack::<BufferedBody<Full<Bytes>>>(depth, client)?;
+            let queue = Arc::new(EmbeddedQueue::open(
+                dir.join(format!("ms{depth}.redb")),
+                EmbeddedOptions::new(),
+            )?);
+            // Replays go through the stack inside the fallback, never the fallback.
+            let replayer = Replayer::http(queue.clone(), guarded.clone())
+                .concurrency(16)
+                .poll_interval(Duration::from_millis(100))
+                .backoff(Duration::from_millis(200), Duration::from_secs(2))
+                .max_attempts(100)
+                .lease_for(Duration::from_secs(10))
+                .ack_batch(64, Duration::from_millis(20))
+                .grace(Duration::from_secs(2))
+                .spawn::<Inner>()?;
+            let client = ServiceBuilder::new()
+                .layer(
+                    EnqueueFallbackLayer::new(queue.clone()).with_classifier(HttpClassifier::new()),
+                )
+                .service(guarded);
+            Ok(Hop {
+                client: BoxCloneSyncService::new(client),
+                deferral: Some((queue, replayer)),
+            })
+        }
     }
-    let queue = Arc::new(EmbeddedQueue::open(
-        dir.join(format!("ms{depth}.redb")),
-        EmbeddedOptions::new(),
-    )?);
-    let replayer = Replayer::http(queue.clone(), guarded.clone())
-        .concurrency(16)
-        .poll_interval(Duration::from_millis(100))
-        .backoff(Duration::from_millis(200), Duration::from_secs(2))
-        .max_attempts(100)
-        .lease_for(Duration::from_secs(10))
-        .ack_batch(64, Duration::from_millis(20))
-        .grace(Duration::from_secs(2))
-        .spawn::<Inner>()?;
-    let client = ServiceBuilder::new()
-        .layer(EnqueueFallbackLayer::new(queue.clone()))
-        .service(guarded);
-    Ok(Hop {
-        client: BoxCloneSyncService::new(client),
-        deferral: Some((queue, replayer)),
-    })
 }
 
 // === the services ===
