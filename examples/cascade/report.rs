@@ -12,7 +12,7 @@ fn describe(mode: Mode) -> &'static str {
 
 /// Prints one mode's table.
 pub(crate) fn print_table(mode: Mode, r: &Report) {
-    let rows: [(&str, String); 12] = [
+    let rows: [(&str, String); 13] = [
         ("requests sent", r.sent.to_string()),
         ("answered 2xx synchronously", r.ok.to_string()),
         ("accepted (202, deferred)", r.accepted.to_string()),
@@ -24,7 +24,9 @@ pub(crate) fn print_table(mode: Mode, r: &Report) {
         ("peak in-flight at MS1", r.peak_in_flight.to_string()),
         (
             "drain after the load",
-            if r.drained {
+            if mode != Mode::Postbox {
+                "- (no queue)".to_owned()
+            } else if r.drained {
                 format!("{:.1} s", r.drain.as_secs_f64())
             } else {
                 format!("timed out after {:.1} s", r.drain.as_secs_f64())
@@ -33,6 +35,10 @@ pub(crate) fn print_table(mode: Mode, r: &Report) {
         ("messages replayed", r.replayed.to_string()),
         ("orders applied at MS5", r.applied.to_string()),
         ("duplicates applied", r.duplicates.to_string()),
+        (
+            "repeats answered by MS5's store",
+            r.deduplicated.to_string(),
+        ),
         ("lost", r.lost.to_string()),
         ("dead-lettered", r.dead_lettered.to_string()),
     ];
@@ -40,7 +46,7 @@ pub(crate) fn print_table(mode: Mode, r: &Report) {
     println!("{title}");
     println!("{}", "-".repeat(title.chars().count()));
     for (name, value) in rows {
-        println!("  {name:<28} {value:>22}");
+        println!("  {name:<32} {value:>20}");
     }
     println!();
 }

@@ -32,7 +32,7 @@ use postbox::enqueue::{
 use postbox::http::ErrorResponseLayer;
 use postbox::http::body::TryCloneBody;
 use postbox::http::reqwest::ReqwestService;
-use postbox::idempotency::IdempotencyLayer;
+use postbox::idempotency::{IdempotencyLayer, REPLAYED_HEADER};
 use postbox::queue::{EmbeddedOptions, EmbeddedQueue, Queue};
 use postbox::retry::RetryLayer;
 use postbox::retry::backoff::{Backoff, Jitter};
@@ -41,7 +41,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, sleep_until};
-use tower::util::BoxCloneSyncService;
+use tower::util::{BoxCloneSyncService, MapResponseLayer};
 use tower::{ServiceBuilder, ServiceExt};
 
 /// Which stack the services run with.
@@ -153,6 +153,9 @@ pub(crate) struct Report {
     pub(crate) duplicates: u64,
     /// Orders answered 2xx/202 to the load generator but never applied.
     pub(crate) lost: u64,
+    /// Repeated deliveries MS5's idempotency layer answered without the handler.
+    #[serde(skip)]
+    pub(crate) deduplicated: u64,
     /// Messages the replayers dead-lettered (all hops).
     #[serde(skip)]
     pub(crate) dead_lettered: u64,
@@ -175,6 +178,7 @@ pub(crate) async fn run(mode: Mode, scenario: &Scenario) -> Result<Report, BoxEr
     let dir = tempfile::tempdir()?;
     let store = Arc::new(Store {
         applied: Mutex::default(),
+        deduplicated: AtomicU64::new(0),
         slow: AtomicBool::new(false),
         slow_delay: scenario.slow_delay,
     });
@@ -271,6 +275,7 @@ pub(crate) async fn run(mode: Mode, scenario: &Scenario) -> Result<Report, BoxEr
         &applied,
         Totals {
             peak_in_flight: ms1_in_flight.peak(),
+            deduplicated: store.deduplicated.load(Ordering::Relaxed),
             replayed,
             dead_lettered,
             drained,
@@ -420,6 +425,8 @@ fn client_stack(mode: Mode, depth: usize, dir: &std::path::Path) -> Result<Hop, 
 #[derive(Debug)]
 struct Store {
     applied: Mutex<HashMap<String, u32>>,
+    /// Deliveries answered by the idempotency layer without running the handler.
+    deduplicated: AtomicU64,
     slow: AtomicBool,
     slow_delay: Duration,
 }
@@ -446,6 +453,7 @@ async fn apply(State(store): State<Arc<Store>>, headers: HeaderMap) -> StatusCod
 /// MS5. Its router (and so its idempotency store) outlives a restart, as a database
 /// would.
 fn ms5_router(mode: Mode, store: Arc<Store>) -> Router {
+    let counts = store.clone();
     let router = Router::new()
         .route("/orders", post(apply))
         .with_state(store);
@@ -454,7 +462,14 @@ fn ms5_router(mode: Mode, store: Arc<Store>) -> Router {
         Mode::Guarded => router.layer(ErrorResponseLayer::new()),
         Mode::Postbox => router
             .layer(IdempotencyLayer::new(1_000_000))
-            .layer(ErrorResponseLayer::new()),
+            .layer(ErrorResponseLayer::new())
+            // Count the deliveries the idempotency layer answered from its store.
+            .layer(MapResponseLayer::new(move |res: Response| {
+                if res.headers().contains_key(REPLAYED_HEADER) {
+                    counts.deduplicated.fetch_add(1, Ordering::Relaxed);
+                }
+                res
+            })),
     }
 }
 
@@ -726,6 +741,7 @@ async fn load(
 
 struct Totals {
     peak_in_flight: u64,
+    deduplicated: u64,
     replayed: u64,
     dead_lettered: u64,
     drained: bool,
@@ -743,6 +759,7 @@ fn summarize(
     let mut report = Report {
         sent: records.len() as u64,
         peak_in_flight: totals.peak_in_flight,
+        deduplicated: totals.deduplicated,
         replayed: totals.replayed,
         dead_lettered: totals.dead_lettered,
         drained: totals.drained,
