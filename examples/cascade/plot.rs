@@ -8,7 +8,7 @@ const WIDTH: f64 = 900.0;
 const PANEL: f64 = 170.0;
 const GAP: f64 = 40.0;
 const LEFT: f64 = 60.0;
-const RIGHT: f64 = 20.0;
+const RIGHT: f64 = 70.0;
 const TOP: f64 = 60.0;
 
 const OK: &str = "#2e7d32";
@@ -30,6 +30,12 @@ pub(crate) fn svg(scenario: &Scenario, results: &[(Mode, Report)]) -> String {
         .max()
         .unwrap_or(1)
         .max(1) as f64;
+    // The latency line shares one right-hand scale across the panels.
+    let slowest = results
+        .iter()
+        .flat_map(|(_, r)| r.per_second.iter())
+        .map(|s| s.max_ms)
+        .fold(1.0_f64, f64::max);
     let plot_w = WIDTH - LEFT - RIGHT;
     let height = TOP + results.len() as f64 * (PANEL + GAP) + 30.0;
     let x = |t: f64| LEFT + plot_w * t / seconds as f64;
@@ -53,10 +59,11 @@ pub(crate) fn svg(scenario: &Scenario, results: &[(Mode, Report)]) -> String {
         (FAILED, "failed"),
         ("#9e9e9e", "MS5 down"),
         ("#ffb300", "MS5 slow"),
+        ("#000000", "max latency (right axis)"),
     ];
     for (i, (color, label)) in legend.iter().enumerate() {
-        let lx = LEFT + i as f64 * 120.0;
-        let opacity = if i >= 3 { 0.3 } else { 1.0 };
+        let lx = LEFT + i as f64 * 115.0;
+        let opacity = if i == 3 || i == 4 { 0.3 } else { 1.0 };
         let _ = writeln!(
             s,
             r#"<rect x="{lx}" y="34" width="12" height="12" fill="{color}" fill-opacity="{opacity}"/><text x="{}" y="45">{label}</text>"#,
@@ -107,11 +114,37 @@ pub(crate) fn svg(scenario: &Scenario, results: &[(Mode, Report)]) -> String {
                 base += v;
             }
         }
+        // Max latency per second, on the right-hand scale.
+        let points: Vec<String> = r
+            .per_second
+            .iter()
+            .enumerate()
+            .map(|(t, sec)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(t as f64 + 0.5),
+                    bottom - PANEL * sec.max_ms / slowest
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline points="{}" fill="none" stroke="black" stroke-width="1.5"/>"#,
+            points.join(" ")
+        );
+        for v in [0.0, slowest / 2.0, slowest] {
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{:.1}">{v:.0} ms</text>"#,
+                WIDTH - RIGHT + 6.0,
+                bottom - PANEL * v / slowest + 4.0
+            );
+        }
         // Axes.
         let _ = writeln!(
             s,
-            r#"<line x1="{LEFT}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="black"/><line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{bottom}" stroke="black"/>"#,
-            WIDTH - RIGHT
+            r#"<line x1="{LEFT}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/><line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{bottom}" stroke="black"/><line x1="{right}" y1="{top}" x2="{right}" y2="{bottom}" stroke="black"/>"#,
+            right = WIDTH - RIGHT
         );
         for v in [0.0, peak / 2.0, peak] {
             let _ = writeln!(

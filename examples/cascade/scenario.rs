@@ -116,7 +116,7 @@ impl Default for Scenario {
 
 /// Answers seen by the load generator in one second (by the second the request was
 /// sent in).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub(crate) struct Second {
     /// Answered 2xx synchronously.
     pub(crate) ok: u64,
@@ -124,6 +124,8 @@ pub(crate) struct Second {
     pub(crate) accepted: u64,
     /// Failed: any other status, a transport error or the load generator's timeout.
     pub(crate) failed: u64,
+    /// The highest latency of the requests sent in this second.
+    pub(crate) max_ms: f64,
 }
 
 /// The result of one mode's run.
@@ -770,6 +772,7 @@ fn summarize(
     };
     for r in records {
         let s = (r.sent_at.as_secs() as usize).min(per_second.len() - 1);
+        per_second[s].max_ms = per_second[s].max_ms.max(ms(r.latency));
         match r.outcome {
             Outcome::Ok => {
                 report.ok += 1;
