@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -36,7 +37,7 @@ use postbox::idempotency::{IdempotencyLayer, REPLAYED_HEADER};
 use postbox::queue::{EmbeddedOptions, EmbeddedQueue, Queue};
 use postbox::retry::RetryLayer;
 use postbox::retry::backoff::{Backoff, Jitter};
-use postbox::timeout::{AttemptTimeoutLayer, DeadlineLayer, HttpPropagation};
+use postbox::timeout::{AttemptTimeoutLayer, CallDeadline, DeadlineLayer, HttpPropagation};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
@@ -482,12 +483,23 @@ struct Relay {
     in_flight: Arc<Gauge>,
 }
 
-async fn relay(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn relay(
+    State(relay): State<Arc<Relay>>,
+    deadline: Option<Extension<CallDeadline>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let _in_flight = relay.in_flight.enter();
     let mut req =
         http::Request::post(&relay.next).header(http::header::CONTENT_TYPE, "application/json");
+    // The order's key travels with it, hop by hop.
     if let Some(key) = headers.get(IDEMPOTENCY_KEY_HEADER) {
         req = req.header(IDEMPOTENCY_KEY_HEADER, key);
+    }
+    // So does the caller's deadline (read from its header by the server stack): the
+    // client stack's deadline is the earlier of its own budget and this one.
+    if let Some(Extension(deadline)) = deadline {
+        req = req.extension(deadline);
     }
     let req = match req.body(Full::new(body)) {
         Ok(req) => req,
