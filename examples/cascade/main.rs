@@ -1,17 +1,33 @@
 //! The cascade demo: five services in a chain, MS1 → MS2 → MS3 → MS4 → MS5, each
-//! calling the next over HTTP with reqwest. A load generator sends orders to MS1 while
-//! MS5 goes down (connections refused), comes back, then turns slow. The same scenario
-//! runs in three modes — `plain` (no layers), `guarded` (deadline, retry, breaker,
-//! bulkhead, attempt timeout) and `postbox` (the same with the enqueue fallback on the
-//! embedded queue and the idempotency layer on MS5) — and prints what happened.
+//! calling the next over HTTP with reqwest. A load generator sends orders to MS1 (one
+//! `Idempotency-Key` each, forwarded by every hop) while MS5 goes down — a hard stop:
+//! its listener is closed and its connections cut, so connections are refused — comes
+//! back on the same port, then turns slow. The same scenario runs in three modes:
+//!
+//! | mode | each hop's client | servers |
+//! |---|---|---|
+//! | `plain` | reqwest | axum; a downstream error becomes a `502` |
+//! | `guarded` | deadline → retry + budget → circuit breaker → bulkhead → attempt timeout → reqwest | `ErrorResponseLayer`, inbound deadline, fail-fast bulkhead |
+//! | `postbox` | enqueue fallback (embedded queue, a replayer) → the `guarded` stack | the same, plus `Idempotency` on MS5 |
+//!
+//! The time budgets shrink down the chain (MS4 → MS5: 250 ms per attempt, 600 ms in
+//! all; each hop above: 500 ms more), so the deepest caller gives up first and,
+//! with postbox, defers the order and answers `202 Accepted` before anyone above it
+//! times out.
+//!
+//! Every number comes from the run: the load generator records every answer, MS5's
+//! handler counts the orders it applied per idempotency key. *Lost* is an order
+//! answered 2xx or 202 that MS5 never applied; *duplicates* are orders MS5 applied
+//! more than once.
 //!
 //! ```sh
 //! cargo run --release --example cascade
 //! cargo run --release --example cascade -- --json --plot cascade.svg
+//! cargo run --release --example cascade -- --modes plain,postbox --down 2-6 --slow 6-8
 //! cargo run --release --example cascade -- --help
 //! ```
 //!
-//! Everything runs on loopback and ends by itself; the queues live in temporary
+//! Everything runs on 127.0.0.1 and ends by itself; the queues live in temporary
 //! folders.
 
 mod plot;
