@@ -1,9 +1,12 @@
 #![doc = include_str!("docs/crate.md")]
+#![doc = include_str!("docs/metrics.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod classify;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod enqueue;
 pub mod error;
 #[cfg(feature = "http")]

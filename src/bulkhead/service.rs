@@ -120,7 +120,8 @@ impl<S> Bulkhead<S> {
 
     fn reject(&mut self, full: Full) {
         tracing::debug!(waited = ?full.waited(), "bulkhead full; rejecting");
-        metrics::counter!("postbox_bulkhead_rejected_total").increment(1);
+        metrics::counter!("postbox_calls_total", "layer" => "bulkhead", "outcome" => "rejected")
+            .increment(1);
         self.state = State::Rejected(full);
     }
 }
@@ -199,13 +200,13 @@ where
                         }
                         continue;
                     }
-                    if let Some(timer) = &mut w.timer {
-                        if timer.as_mut().poll(cx).is_ready() {
-                            let waited = self.shared.max_wait.unwrap_or_default();
-                            let full = self.shared.full().after_waiting(waited);
-                            self.reject(full);
-                            continue;
-                        }
+                    if let Some(timer) = &mut w.timer
+                        && timer.as_mut().poll(cx).is_ready()
+                    {
+                        let waited = self.shared.max_wait.unwrap_or_default();
+                        let full = self.shared.full().after_waiting(waited);
+                        self.reject(full);
+                        continue;
                     }
                     return Poll::Pending;
                 }

@@ -53,12 +53,12 @@
 //! # Telemetry
 //! Every transition is a `tracing` info event, a `postbox_circuit_transitions_total{to}`
 //! count, a `postbox_circuit_state{breaker}` gauge (see [`State::gauge_value`]) and a
-//! call of the [`OnTransition`] hook. Rejections count in
-//! `postbox_circuit_rejected_total`. The per-call counter
-//! `postbox_calls_total{layer="circuit_breaker",outcome}` is opt-in
-//! ([`count_calls`](CircuitBreakerBuilder::count_calls)): even with no recorder it
-//! costs a noticeable share of the breaker's own few nanoseconds; the [`Metrics`]
-//! snapshot has the window's counts for free.
+//! call of the [`OnTransition`] hook. Rejections always count in
+//! `postbox_calls_total{layer="circuit_breaker",outcome="rejected"}`; the other
+//! outcomes (`success`, `failure`, `ignored`) are opt-in
+//! ([`count_calls`](CircuitBreakerBuilder::count_calls)): nearly free with no
+//! recorder, but a recorder's cost per call; the [`Metrics`] snapshot has the window's
+//! counts for free.
 //!
 //! # Example
 //! ```

@@ -442,13 +442,23 @@ pub(crate) enum Verdict {
 
 #[cold]
 fn count_call(verdict: Verdict) {
-    let outcome = match verdict {
-        Verdict::Success => "success",
-        Verdict::Failure => "failure",
-        Verdict::Ignored => "ignored",
-    };
-    metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => outcome)
-        .increment(1);
+    // One macro per outcome: literal labels make a static key. A label taken from a
+    // variable builds the key at run time, a `Vec` allocation per call even with no
+    // recorder installed (about 35 ns in `benches/telemetry.rs`).
+    match verdict {
+        Verdict::Success => metrics::counter!(
+            "postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "success"
+        )
+        .increment(1),
+        Verdict::Failure => metrics::counter!(
+            "postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "failure"
+        )
+        .increment(1),
+        Verdict::Ignored => metrics::counter!(
+            "postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "ignored"
+        )
+        .increment(1),
+    }
 }
 
 #[derive(Debug)]
@@ -539,11 +549,10 @@ impl Breaker {
     #[cold]
     fn reject(&self, retry_after: Duration) -> Open {
         self.not_permitted.fetch_add(1, Relaxed);
-        metrics::counter!("postbox_circuit_rejected_total").increment(1);
-        if self.settings.count_calls {
-            metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "rejected")
-                .increment(1);
-        }
+        // Rejections are always counted (the slow path); other outcomes only with
+        // `count_calls`.
+        metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "rejected")
+            .increment(1);
         Open::new(retry_after)
     }
 
@@ -679,12 +688,11 @@ impl Breaker {
         if verdict == Verdict::Failure {
             outcome |= FAILURE;
         }
-        if let Some(slow) = self.settings.slow_call_duration {
-            if permit.start_ns != NO_START
-                && self.ns(now.get()).saturating_sub(permit.start_ns) > slow.as_nanos() as u64
-            {
-                outcome |= SLOW;
-            }
+        if let Some(slow) = self.settings.slow_call_duration
+            && permit.start_ns != NO_START
+            && self.ns(now.get()).saturating_sub(permit.start_ns) > slow.as_nanos() as u64
+        {
+            outcome |= SLOW;
         }
         outcome
     }

@@ -110,10 +110,10 @@ impl HttpClassifier {
     /// Classifies a status and its headers.
     pub fn classify_status(&self, status: StatusCode, headers: &HeaderMap) -> Classification {
         if let Some(o) = &self.overrides {
-            if let Some(f) = &o.custom {
-                if let Some(c) = f(status, headers) {
-                    return c;
-                }
+            if let Some(f) = &o.custom
+                && let Some(c) = f(status, headers)
+            {
+                return c;
             }
             let code = status.as_u16();
             if let Some((_, c)) = o.rules.iter().rev().find(|(r, _)| r.contains(&code)) {

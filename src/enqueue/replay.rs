@@ -521,10 +521,10 @@ impl ReplayerHandle {
     /// worker goes on draining in the background.
     pub async fn shutdown(mut self) -> ReplayStats {
         let _ = self.shutdown.send(true);
-        if let Some(task) = self.task.take() {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, "replayer task failed");
-            }
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "replayer task failed");
         }
         self.stats()
     }

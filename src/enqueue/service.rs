@@ -135,8 +135,13 @@ impl Pending {
                     cause = %original,
                     "request deferred to the queue"
                 );
-                metrics::counter!("postbox_enqueued_total", "reason" => reason_str(reason))
-                    .increment(1);
+                metrics::counter!(
+                    "postbox_calls_total",
+                    "layer" => "enqueue",
+                    "outcome" => "enqueued",
+                    "reason" => reason_str(reason)
+                )
+                .increment(1);
                 Ok(Receipt::new(
                     stored.id(),
                     std::mem::take(&mut self.key),
@@ -152,8 +157,13 @@ impl Pending {
                     cause = %original,
                     "request could not be enqueued"
                 );
-                metrics::counter!("postbox_enqueue_failures_total", "reason" => reason_str(reason))
-                    .increment(1);
+                metrics::counter!(
+                    "postbox_calls_total",
+                    "layer" => "enqueue",
+                    "outcome" => "enqueue_failed",
+                    "reason" => reason_str(reason)
+                )
+                .increment(1);
                 Err(NotEnqueued::new(reason, original, queue))
             }
         })

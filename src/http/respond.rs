@@ -1,5 +1,5 @@
 use crate::BoxError;
-use axum_core::response::Response;
+use axum_core::response::{IntoResponse, Response};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -8,7 +8,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 /// Answers errors with responses, so a stack of postbox layers around an axum `Router`
-/// (or any service answering `axum_core::response::Response`) has the `Infallible`
+/// (or any service whose response implements `IntoResponse`) has the `Infallible`
 /// error axum requires — no `HandleErrorLayer` boilerplate.
 ///
 /// A postbox error anywhere in the cause chain gets its mapping (503 + `Retry-After`
@@ -73,7 +73,8 @@ impl<S> ErrorResponse<S> {
 
 impl<S, Req> Service<Req> for ErrorResponse<S>
 where
-    S: Service<Req, Response = Response>,
+    S: Service<Req>,
+    S::Response: IntoResponse,
     S::Error: Into<BoxError>,
 {
     type Response = Response;
@@ -109,16 +110,17 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, E> Future for ResponseFuture<F>
+impl<F, R, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<Response, E>>,
+    F: Future<Output = Result<R, E>>,
+    R: IntoResponse,
     E: Into<BoxError>,
 {
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(Ok(match ready!(self.project().inner.poll(cx)) {
-            Ok(res) => res,
+            Ok(res) => res.into_response(),
             Err(e) => crate::error::into_response(e.into()),
         }))
     }

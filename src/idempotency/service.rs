@@ -160,7 +160,8 @@ where
             Ok(Claim::Proceed) => break,
             Ok(Claim::Done(stored)) => {
                 tracing::debug!(%key, "answered from the idempotency store");
-                metrics::counter!("postbox_idempotent_replays_total").increment(1);
+                metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "replayed")
+                    .increment(1);
                 return Ok(replayed(stored));
             }
             Ok(Claim::InProgress) => store.wait(&key).await,

@@ -809,18 +809,18 @@ impl Tables<'_> {
         live: &mut u64,
         capacity: Option<u64>,
     ) -> Result<Enqueued, QueueError> {
-        if !key.is_empty() {
-            if let Some(existing) = self.keys.get(key).map_err(redb_err)? {
-                return Ok(Enqueued::Duplicate(MessageId(existing.value())));
-            }
+        if !key.is_empty()
+            && let Some(existing) = self.keys.get(key).map_err(redb_err)?
+        {
+            return Ok(Enqueued::Duplicate(MessageId(existing.value())));
         }
         if self.messages.get(id).map_err(redb_err)?.is_some() {
             return Ok(Enqueued::Duplicate(MessageId(id)));
         }
-        if let Some(capacity) = capacity {
-            if *live >= capacity {
-                return Err(QueueError::Full { capacity });
-            }
+        if let Some(capacity) = capacity
+            && *live >= capacity
+        {
+            return Err(QueueError::Full { capacity });
         }
         self.messages.insert(id, bytes).map_err(redb_err)?;
         if due {

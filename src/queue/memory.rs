@@ -104,18 +104,18 @@ impl State {
         envelope: Envelope,
         capacity: Option<u64>,
     ) -> Result<Enqueued, QueueError> {
-        if !envelope.idempotency_key.is_empty() {
-            if let Some(&existing) = self.keys.get(&envelope.idempotency_key) {
-                return Ok(Enqueued::Duplicate(existing));
-            }
+        if !envelope.idempotency_key.is_empty()
+            && let Some(&existing) = self.keys.get(&envelope.idempotency_key)
+        {
+            return Ok(Enqueued::Duplicate(existing));
         }
         if self.messages.contains_key(&envelope.id) {
             return Ok(Enqueued::Duplicate(envelope.id));
         }
-        if let Some(capacity) = capacity {
-            if self.live() >= capacity {
-                return Err(QueueError::Full { capacity });
-            }
+        if let Some(capacity) = capacity
+            && self.live() >= capacity
+        {
+            return Err(QueueError::Full { capacity });
         }
         let id = envelope.id;
         if !envelope.idempotency_key.is_empty() {
@@ -182,10 +182,10 @@ impl State {
     }
 
     fn forget_key(&mut self, id: MessageId) {
-        if let Some(env) = self.messages.get(&id) {
-            if self.keys.get(&env.idempotency_key) == Some(&id) {
-                self.keys.remove(&env.idempotency_key);
-            }
+        if let Some(env) = self.messages.get(&id)
+            && self.keys.get(&env.idempotency_key) == Some(&id)
+        {
+            self.keys.remove(&env.idempotency_key);
         }
     }
 

@@ -39,8 +39,10 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
-        // An attempt is in flight.
-        Called { #[pin] future: F },
+        // An attempt is in flight. A retry runs in a `debug` span `retry_attempt`
+        // (the inner layers' events nest under it); the first attempt in none, so a
+        // call settled by its first attempt creates no span.
+        Called { #[pin] future: F, span: tracing::Span },
         // Backing off before the next attempt.
         // Boxed: a retry allocates once, and the happy path's future stays small.
         Waiting { sleep: Pin<Box<Sleep>> },
@@ -89,7 +91,10 @@ where
             attempt: 1,
             retry_safe,
             prev_delay: Duration::ZERO,
-            state: State::Called { future },
+            state: State::Called {
+                future,
+                span: tracing::Span::none(),
+            },
         }
     }
 }
@@ -125,8 +130,11 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Called { future } => {
-                    let out = ready!(future.poll(cx));
+                StateProj::Called { future, span } => {
+                    let out = {
+                        let _entered = span.enter();
+                        ready!(future.poll(cx))
+                    };
                     let class = this.policy.classifier.classify(out.as_ref());
                     if !class.is_retryable() {
                         if *this.attempt > 1 {
@@ -178,8 +186,12 @@ where
                     };
                     let req = req.expect("a retry is decided only with a request");
                     count_retry_attempt();
-                    let future = this.service.call(req);
-                    this.state.set(State::Called { future });
+                    let span = attempt_span(*this.attempt);
+                    let future = {
+                        let _entered = span.enter();
+                        this.service.call(req)
+                    };
+                    this.state.set(State::Called { future, span });
                 }
             }
         }
@@ -231,6 +243,13 @@ fn finished(attempts: u32, class: &Classification) {
     tracing::debug!(attempts, class = ?class.class(), "retried call finished");
 }
 
+/// The `debug` span of retry number `attempt − 1` (attempt 2 is the first retry).
+#[cold]
+#[inline(never)]
+fn attempt_span(attempt: u32) -> tracing::Span {
+    tracing::debug_span!("retry_attempt", attempt)
+}
+
 #[cold]
 #[inline(never)]
 fn count_retry_attempt() {
@@ -270,11 +289,11 @@ fn decide<C, R, H>(
         }
         delay = delay.max(hint);
     }
-    if let Some(budget) = &policy.budget {
-        if !budget.try_withdraw(Instant::now()) {
-            metrics::counter!("postbox_retry_budget_exhausted_total").increment(1);
-            return Err(GiveUp::Budget);
-        }
+    if let Some(budget) = &policy.budget
+        && !budget.try_withdraw(Instant::now())
+    {
+        metrics::counter!("postbox_retry_budget_exhausted_total").increment(1);
+        return Err(GiveUp::Budget);
     }
     Ok(delay)
 }

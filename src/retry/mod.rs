@@ -42,8 +42,11 @@
 //! # Telemetry
 //! `tracing`: a `debug` event for every failed attempt that is retried (attempt number,
 //! delay, class, hint) and when a retried call finishes, one `warn` when a retryable
-//! failure is returned; nothing when the first attempt settles the call. An [`OnRetry`]
-//! hook sees every retry.
+//! failure is returned; nothing when the first attempt settles the call. Every retry
+//! runs in a `debug` span `retry_attempt{attempt}` (2 for the first retry), so the
+//! events of the layers inside (breaker, bulkhead, attempt timeout) say which attempt
+//! they belong to; the first attempt runs in the caller's span. An [`OnRetry`] hook
+//! sees every retry.
 //!
 //! `metrics` counters:
 //!

@@ -120,7 +120,7 @@ where
             Ok(out) => Poll::Ready(out.map_err(Into::into)),
             Err(after) => {
                 tracing::debug!(?after, "attempt timed out");
-                metrics::counter!("postbox_timeouts_total", "layer" => "attempt_timeout")
+                metrics::counter!("postbox_calls_total", "layer" => "attempt_timeout", "outcome" => "timeout")
                     .increment(1);
                 Poll::Ready(Err(Elapsed::new(after).into()))
             }
@@ -164,8 +164,13 @@ where
             Ok(out) => Poll::Ready(out.map_err(Into::into)),
             Err(budget) => {
                 tracing::debug!(?budget, "deadline exceeded");
-                metrics::counter!("postbox_deadline_exceeded_total", "when" => "in_flight")
-                    .increment(1);
+                metrics::counter!(
+                    "postbox_calls_total",
+                    "layer" => "deadline",
+                    "outcome" => "deadline_exceeded",
+                    "when" => "in_flight"
+                )
+                .increment(1);
                 Poll::Ready(Err(DeadlineExceeded::new(budget, false).into()))
             }
         }

@@ -191,8 +191,13 @@ where
         let remaining = deadline.saturating_duration_since(now);
         if remaining.is_zero() {
             tracing::debug!("deadline already exceeded; not calling the inner service");
-            metrics::counter!("postbox_deadline_exceeded_total", "when" => "before_call")
-                .increment(1);
+            metrics::counter!(
+                "postbox_calls_total",
+                "layer" => "deadline",
+                "outcome" => "deadline_exceeded",
+                "when" => "before_call"
+            )
+            .increment(1);
             return DeadlineFuture::expired(DeadlineExceeded::new(Duration::ZERO, true));
         }
         self.propagate.outbound(&mut req, deadline, remaining);
@@ -272,10 +277,8 @@ mod http_propagation {
                 TIMEOUT_MS_HEADER,
                 HeaderValue::from(remaining.as_millis() as u64),
             );
-            if is_grpc {
-                if let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining)) {
-                    headers.insert("grpc-timeout", v);
-                }
+            if is_grpc && let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining)) {
+                headers.insert("grpc-timeout", v);
             }
         }
     }

@@ -1,0 +1,604 @@
+//! Reading config text: formats, presets, and errors that say where.
+
+use super::{ClientConfig, PRESETS, SERVER, STANDARD_HTTP_CLIENT, ServerConfig, StackConfig};
+use crate::error::ConfigError;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use std::error::Error;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A config file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Format {
+    /// TOML (`.toml`).
+    Toml,
+    /// YAML (`.yaml`, `.yml`).
+    Yaml,
+    /// JSON (`.json`).
+    Json,
+}
+
+impl Format {
+    /// The format of a file, from its extension.
+    pub fn from_path(path: impl AsRef<Path>) -> Option<Self> {
+        match path.as_ref().extension()?.to_str()? {
+            "toml" => Some(Self::Toml),
+            "yaml" | "yml" => Some(Self::Yaml),
+            "json" => Some(Self::Json),
+            _ => None,
+        }
+    }
+
+    /// `"TOML"`, `"YAML"` or `"JSON"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Toml => "TOML",
+            Self::Yaml => "YAML",
+            Self::Json => "JSON",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug)]
+enum Kind {
+    Io(std::io::Error),
+    UnknownFormat,
+    Syntax(String),
+    Invalid(ConfigError),
+}
+
+/// A config that could not be read: unreadable, malformed, or invalid.
+///
+/// Says where: [`line`](Self::line) and [`column`](Self::column) (1-based) when known,
+/// and [`field`](Self::field) — the unknown field's name, the key on the offending line,
+/// or the dotted path of a field that failed validation.
+///
+/// ```text
+/// client.toml: line 7, column 1: unknown field `max_retry`, expected one of `max_retries`, … (field `max_retry`)
+/// client.toml: line 3: invalid configuration: `client.attempt_timeout` (2s) must be at most `client.deadline` (1s): …
+/// ```
+#[derive(Debug)]
+pub struct LoadError(Box<Repr>);
+
+#[derive(Debug)]
+struct Repr {
+    path: Option<PathBuf>,
+    format: Option<Format>,
+    kind: Kind,
+    field: Option<String>,
+    line: Option<usize>,
+    column: Option<usize>,
+}
+
+// === impl LoadError ===
+
+impl LoadError {
+    fn new(format: Option<Format>, kind: Kind) -> Self {
+        Self(Box::new(Repr {
+            path: None,
+            format,
+            kind,
+            field: None,
+            line: None,
+            column: None,
+        }))
+    }
+
+    fn at(mut self, field: Option<String>, line: Option<usize>, column: Option<usize>) -> Self {
+        self.0.field = field;
+        self.0.line = line;
+        self.0.column = column;
+        self
+    }
+
+    fn with_path(mut self, path: &Path) -> Self {
+        self.0.path = Some(path.to_owned());
+        self
+    }
+
+    /// The file, when read with [`StackConfig::load`].
+    pub fn path(&self) -> Option<&Path> {
+        self.0.path.as_deref()
+    }
+
+    /// The format the text was read as.
+    pub fn format(&self) -> Option<Format> {
+        self.0.format
+    }
+
+    /// The 1-based line of the problem, when known.
+    pub fn line(&self) -> Option<usize> {
+        self.0.line
+    }
+
+    /// The 1-based column of the problem, when known.
+    pub fn column(&self) -> Option<usize> {
+        self.0.column
+    }
+
+    /// The field at fault: an unknown field's name, the key of the offending line, or
+    /// the dotted path of an invalid field (`client.attempt_timeout`).
+    pub fn field(&self) -> Option<&str> {
+        self.0.field.as_deref()
+    }
+
+    /// `true` for an unknown field.
+    pub fn is_unknown_field(&self) -> bool {
+        matches!(&self.0.kind, Kind::Syntax(m) if m.contains("unknown field"))
+    }
+
+    /// The validation error, if the text was well formed but invalid.
+    pub fn config_error(&self) -> Option<&ConfigError> {
+        match &self.0.kind {
+            Kind::Invalid(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// What is wrong, without the location.
+    pub fn message(&self) -> String {
+        match &self.0.kind {
+            Kind::Io(e) => e.to_string(),
+            Kind::UnknownFormat => {
+                "unknown config format: expected a .toml, .yaml, .yml or .json file".into()
+            }
+            Kind::Syntax(m) => m.clone(),
+            Kind::Invalid(e) => e.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = &self.0.path {
+            write!(f, "{}: ", p.display())?;
+        }
+        match (self.0.line, self.0.column) {
+            (Some(l), Some(c)) => write!(f, "line {l}, column {c}: ")?,
+            (Some(l), None) => write!(f, "line {l}: ")?,
+            _ => {}
+        }
+        f.write_str(&self.message())?;
+        if let (Kind::Syntax(m), Some(field)) = (&self.0.kind, &self.0.field)
+            && !m.contains(&format!("`{field}`"))
+        {
+            write!(f, " (field `{field}`)")?;
+        }
+        Ok(())
+    }
+}
+
+impl Error for LoadError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match &self.0.kind {
+            Kind::Io(e) => Some(e),
+            Kind::Invalid(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The 1-based line and column of byte `offset` in `text`.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// The key written on 1-based `line` (`key = …`, `key: …`, `"key": …`), if any.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let l = l.trim_start().trim_start_matches('-').trim_start();
+    let end = l.find(['=', ':'])?;
+    let key = l[..end].trim().trim_matches(['"', '\'']).trim();
+    let key = key.rsplit('.').next()?;
+    let ok = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    ok.then(|| key.to_owned())
+}
+
+/// The key whose value is at 1-based `line`, `col`: the name before the last `=` or `:`
+/// ahead of the column (inline tables included).
+fn key_at(text: &str, line: usize, col: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let prefix: String = l.chars().take(col.saturating_sub(1)).collect();
+    let end = prefix.rfind(['=', ':'])?;
+    let before = prefix[..end].trim_end().trim_end_matches(['"', '\'']);
+    let start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .map_or(0, |i| i + 1);
+    let key = &before[start..];
+    (!key.is_empty()).then(|| key.to_owned())
+}
+
+/// The name in a serde "unknown field `x`" message.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = &message[message.find("unknown field `")? + "unknown field `".len()..];
+    Some(rest[..rest.find('`')?].to_owned())
+}
+
+/// Best effort: the line that sets the dotted `field` (searching its segments in order).
+fn line_of_field(text: &str, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0;
+    let mut found = None;
+    let segments: Vec<&str> = field.split('.').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        let hit = (from..lines.len()).find(|&n| mentions_key(lines[n], seg));
+        match hit {
+            Some(n) => {
+                from = n;
+                if last {
+                    found = Some(n + 1);
+                }
+            }
+            None if last => return None,
+            None => {}
+        }
+    }
+    found
+}
+
+fn mentions_key(line: &str, key: &str) -> bool {
+    let mut rest = line;
+    while let Some(i) = rest.find(key) {
+        let before = rest[..i].chars().next_back();
+        let after = rest[i + key.len()..].trim_start().chars().next();
+        let word_start = before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+        let word_end = matches!(after, Some('=' | ':' | ']' | '"' | '\'' | '.'));
+        if word_start && word_end {
+            return true;
+        }
+        rest = &rest[i + key.len()..];
+    }
+    false
+}
+
+/// Drops serde_json's and serde_yaml's " at line L column C" suffix.
+fn strip_location(message: String) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].trim_end_matches(',').to_owned(),
+        None => message,
+    }
+}
+
+/// The line and column of the value a message quotes as "duration `v`":
+/// serde_yaml places errors of custom deserializers at the start of the enclosing map.
+fn quoted_value(text: &str, message: &str) -> Option<(usize, usize)> {
+    const P: &str = "duration `";
+    let rest = &message[message.find(P)? + P.len()..];
+    let value = &rest[..rest.find('`')?];
+    if value.trim().is_empty() {
+        return None;
+    }
+    text.lines()
+        .enumerate()
+        .find_map(|(n, l)| l.find(value).map(|c| (n + 1, l[..c].chars().count() + 1)))
+}
+
+fn syntax(
+    text: &str,
+    format: Format,
+    message: String,
+    mut line: Option<usize>,
+    mut col: Option<usize>,
+) -> LoadError {
+    if let Some((l, c)) = quoted_value(text, &message) {
+        (line, col) = (Some(l), Some(c));
+    }
+    let unknown = unknown_field(&message);
+    if let (Some(name), Some(l)) = (&unknown, line) {
+        // serde_yaml reports a field of a tagged table at the table's key: look further.
+        let lines: Vec<&str> = text.lines().collect();
+        if !lines.get(l - 1).is_some_and(|t| mentions_key(t, name))
+            && let Some(n) = (l..lines.len()).find(|&n| mentions_key(lines[n], name))
+        {
+            line = Some(n + 1);
+            col = lines[n]
+                .find(name.as_str())
+                .map(|c| lines[n][..c].chars().count() + 1);
+        }
+    }
+    let field = unknown.or_else(|| match (line, col) {
+        (Some(l), Some(c)) => key_at(text, l, c).or_else(|| key_on_line(text, l)),
+        (Some(l), None) => key_on_line(text, l),
+        _ => None,
+    });
+    LoadError::new(Some(format), Kind::Syntax(message)).at(field, line, col)
+}
+
+/// Parses `text` as `T`, with errors located in `text`.
+fn parse<T: DeserializeOwned>(text: &str, format: Format) -> Result<T, LoadError> {
+    match format {
+        Format::Toml => toml::from_str(text).map_err(|e| {
+            let (line, col) = match e.span() {
+                Some(s) => {
+                    let (l, c) = position(text, s.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            syntax(text, format, e.message().trim().to_owned(), line, col)
+        }),
+        Format::Json => serde_json::from_str(text).map_err(|e| {
+            let (line, col) = (e.line(), e.column());
+            let (line, col) = if line == 0 {
+                (None, None)
+            } else {
+                (Some(line), Some(col))
+            };
+            syntax(text, format, strip_location(e.to_string()), line, col)
+        }),
+        Format::Yaml => serde_yaml::from_str(text).map_err(|e| {
+            let loc = e.location();
+            syntax(
+                text,
+                format,
+                strip_location(e.to_string()),
+                loc.as_ref().map(|l| l.line()),
+                loc.as_ref().map(|l| l.column()),
+            )
+        }),
+    }
+}
+
+fn preset_text(name: &str, section: &str) -> Option<&'static str> {
+    match (name, section) {
+        ("standard_http_client", "client") => Some(STANDARD_HTTP_CLIENT),
+        ("server", "server") => Some(SERVER),
+        _ => None,
+    }
+}
+
+/// Merges `over` onto `base`: tables field by field, everything else replaced; a table
+/// whose `type` tag changes is replaced whole.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(bv @ Value::Object(_)) if v.is_object() && !tag_changes(bv, &v) => {
+                        merge(bv, v)
+                    }
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn tag_changes(base: &Value, over: &Value) -> bool {
+    match (base.get("type"), over.get("type")) {
+        (Some(a), Some(b)) => a != b,
+        _ => false,
+    }
+}
+
+/// Replaces a section with a `preset` by the preset merged with the section.
+fn resolve(section: &mut Value, kind: &str, path: &str) -> Result<(), ConfigError> {
+    let Some(name) = section.get("preset") else {
+        return Ok(());
+    };
+    let field = if path.is_empty() {
+        "preset".to_owned()
+    } else {
+        format!("{path}.preset")
+    };
+    let Some(name) = name.as_str() else {
+        return Err(ConfigError::new(field, "must be a string"));
+    };
+    let Some(text) = preset_text(name, kind) else {
+        let names: Vec<String> = PRESETS
+            .iter()
+            .filter(|(_, s)| *s == kind)
+            .map(|(n, _)| format!("`{n}`"))
+            .collect();
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "names an unknown {kind} preset `{name}` (expected {})",
+                names.join(" or ")
+            ),
+        ));
+    };
+    let mut base: Value = toml::from_str(text).expect("the shipped presets parse");
+    merge(&mut base, std::mem::take(section));
+    *section = base;
+    Ok(())
+}
+
+fn to_value(text: &str, format: Format) -> Result<Value, LoadError> {
+    let v: Value = parse(text, format)?;
+    Ok(match v {
+        // An empty YAML document or JSON `null` is an empty config.
+        Value::Null => Value::Object(Map::new()),
+        v => v,
+    })
+}
+
+fn invalid(text: &str, format: Format, e: ConfigError) -> LoadError {
+    let (field, line) = (e.field().to_owned(), line_of_field(text, e.field()));
+    LoadError::new(Some(format), Kind::Invalid(e)).at(Some(field), line, None)
+}
+
+/// The common pipeline: strict typed parse (errors with lines), presets on the value
+/// tree, typed again, validated.
+fn load_with<T: DeserializeOwned>(
+    text: &str,
+    format: Format,
+    presets: impl FnOnce(&mut Value) -> Result<(), ConfigError>,
+    validate: impl FnOnce(&T) -> Result<(), ConfigError>,
+) -> Result<T, LoadError> {
+    parse::<T>(text, format)?;
+    let mut value = to_value(text, format)?;
+    presets(&mut value).map_err(|e| invalid(text, format, e))?;
+    let config: T = serde_json::from_value(value).map_err(|e| {
+        LoadError::new(
+            Some(format),
+            Kind::Syntax(format!("after applying the preset: {e}")),
+        )
+    })?;
+    validate(&config).map_err(|e| invalid(text, format, e))?;
+    Ok(config)
+}
+
+fn read(path: &Path) -> Result<(String, Format), LoadError> {
+    let format = Format::from_path(path)
+        .ok_or_else(|| LoadError::new(None, Kind::UnknownFormat).with_path(path))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| LoadError::new(Some(format), Kind::Io(e)).with_path(path))?;
+    Ok((text, format))
+}
+
+// === impl StackConfig ===
+
+impl StackConfig {
+    /// Reads `text` in `format`, applies the sections' presets, and validates.
+    ///
+    /// # Errors
+    /// A [`LoadError`]: malformed text, an unknown field, a bad value or unit, an
+    /// unknown preset, or a failed validation ([`StackConfig::validate`]).
+    #[allow(
+        clippy::should_implement_trait,
+        reason = "takes a format; FromStr cannot"
+    )]
+    pub fn from_str(text: &str, format: Format) -> Result<Self, LoadError> {
+        load_with(
+            text,
+            format,
+            |v| {
+                if let Some(obj) = v.as_object_mut() {
+                    if let Some(c) = obj.get_mut("client") {
+                        resolve(c, "client", "client")?;
+                    }
+                    if let Some(s) = obj.get_mut("server") {
+                        resolve(s, "server", "server")?;
+                    }
+                }
+                Ok(())
+            },
+            Self::validate,
+        )
+    }
+
+    /// Reads the file at `path`, its format from the extension (`.toml`, `.yaml`,
+    /// `.yml`, `.json`).
+    ///
+    /// # Errors
+    /// As [`from_str`](Self::from_str), plus an unreadable file or unknown extension;
+    /// the error carries the path.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, LoadError> {
+        let path = path.as_ref();
+        let (text, format) = read(path)?;
+        Self::from_str(&text, format).map_err(|e| e.with_path(path))
+    }
+}
+
+// === impl ClientConfig ===
+
+impl ClientConfig {
+    /// Reads a client section on its own (its fields at the top level, named
+    /// `preset`, `deadline`, … in errors), applies its preset, and validates.
+    ///
+    /// # Errors
+    /// As [`StackConfig::from_str`].
+    #[allow(
+        clippy::should_implement_trait,
+        reason = "takes a format; FromStr cannot"
+    )]
+    pub fn from_str(text: &str, format: Format) -> Result<Self, LoadError> {
+        load_with(
+            text,
+            format,
+            |v| resolve(v, "client", ""),
+            |c: &Self| c.validate_at(""),
+        )
+    }
+
+    /// Reads a client section from the file at `path`.
+    ///
+    /// # Errors
+    /// As [`StackConfig::load`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, LoadError> {
+        let path = path.as_ref();
+        let (text, format) = read(path)?;
+        Self::from_str(&text, format).map_err(|e| e.with_path(path))
+    }
+}
+
+// === impl ServerConfig ===
+
+impl ServerConfig {
+    /// Reads a server section on its own, applies its preset, and validates.
+    ///
+    /// # Errors
+    /// As [`StackConfig::from_str`].
+    #[allow(
+        clippy::should_implement_trait,
+        reason = "takes a format; FromStr cannot"
+    )]
+    pub fn from_str(text: &str, format: Format) -> Result<Self, LoadError> {
+        load_with(
+            text,
+            format,
+            |v| resolve(v, "server", ""),
+            |c: &Self| c.validate_at(""),
+        )
+    }
+
+    /// Reads a server section from the file at `path`.
+    ///
+    /// # Errors
+    /// As [`StackConfig::load`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, LoadError> {
+        let path = path.as_ref();
+        let (text, format) = read(path)?;
+        Self::from_str(&text, format).map_err(|e| e.with_path(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_replaces_a_table_whose_type_changes() {
+        let mut base = serde_json::json!({"w": {"type": "count", "size": 3}, "a": 1});
+        merge(
+            &mut base,
+            serde_json::json!({"w": {"type": "time", "duration": "1s"}, "b": 2}),
+        );
+        assert_eq!(
+            base,
+            serde_json::json!({"w": {"type": "time", "duration": "1s"}, "a": 1, "b": 2})
+        );
+    }
+
+    #[test]
+    fn finds_the_line_of_a_dotted_field() {
+        let text = "[client]\ndeadline = \"1s\"\n\n[client.retry.backoff]\nmax_delay = \"2s\"\n";
+        assert_eq!(line_of_field(text, "client.deadline"), Some(2));
+        assert_eq!(
+            line_of_field(text, "client.retry.backoff.max_delay"),
+            Some(5)
+        );
+        assert_eq!(line_of_field(text, "client.attempt_timeout"), None);
+        assert_eq!(key_on_line(text, 5).as_deref(), Some("max_delay"));
+        assert_eq!(key_on_line("  \"ttl\": \"1x\"", 1).as_deref(), Some("ttl"));
+    }
+}

@@ -1,0 +1,666 @@
+//! Standard stacks from one validated config, loaded from TOML, YAML or JSON.
+//!
+//! [`ClientConfig`] describes the client stack of the [crate docs](crate#the-layer-order)
+//! and [`ServerConfig`] the server stack; [`StackConfig`] holds both (`[client]`,
+//! `[server]`). Each builds its layers in the right order:
+//!
+//! | stack | built by | order, outer to inner |
+//! |---|---|---|
+//! | client | [`ClientConfig::layer`] → [`ClientLayer`] | deadline → body buffer → retry (+ budget) → circuit breaker (per authority) → bulkhead → attempt timeout |
+//! | client that defers | [`ClientConfig::deferring_layer`] → [`DeferringClientLayer`] | enqueue fallback → the client stack |
+//! | server | [`ServerConfig::layer`] → [`ServerLayer`] | errors as responses → deadline → bulkhead (fail fast) → idempotency |
+//!
+//! The stacks only compose the layers of this crate; each of them still works alone in
+//! any `tower::ServiceBuilder`. The composed service types are nameable
+//! ([`Client<S>`], [`DeferringClient<S, Q>`], [`Server<S>`]): nothing is boxed, no call
+//! allocates more than its layers do on their own. (A `BoxCloneSyncService` would have
+//! shortened the types at the price of an allocation and a dynamic call per request; the
+//! aliases keep them short enough to write in an axum state or a struct field.) The
+//! stacks live here, beside their configuration, because a stack *is* a validated
+//! configuration turned into layers: building one by hand is the
+//! `ServiceBuilder` of the [crate docs](crate#a-client-stack-and-a-server-stack).
+//!
+//! # Validation across layers
+//! Each layer validates its own settings; [`ClientConfig::validate`] and
+//! [`ServerConfig::validate`] also check that the layers fit together (the checks of
+//! Microsoft.Extensions.Http.Resilience, and one more), and the [`ConfigError`] names
+//! the offending fields:
+//!
+//! | check | field in the error |
+//! |---|---|
+//! | `attempt_timeout ≤ deadline` | `client.attempt_timeout` |
+//! | a time window of the breaker spans at least `2 × attempt_timeout` (a count window has no duration and is not checked) | `client.circuit_breaker.window.duration` |
+//! | `retry.max_retries × retry.backoff.max_delay ≤ deadline` | `client.retry.backoff.max_delay` |
+//! | the server's `idempotency.lock_for ≥ deadline` (a claim outlives the handler) | `server.idempotency.lock_for` |
+//! | the server's bulkhead fails fast (`max_waiting = 0`) | `server.bulkhead.max_waiting` |
+//!
+//! One value is adjusted rather than refused: the client stack caps
+//! `retry.max_retry_after` at the `deadline`, so a server hint (or an open breaker's
+//! `retry_after`) longer than the whole call ends the retries at once — and the enqueue
+//! fallback defers the request as `circuit-open` — instead of waiting for the deadline.
+//!
+//! # Config files
+//! Every section is optional and every field has a default; unknown fields are errors.
+//! Durations are strings with a unit ([`duration::parse`]: `"250ms"`, `"2s"`, `"1m"`).
+//! A section may start from a **preset** and override any field:
+//! `preset = "standard_http_client"` for a client, `preset = "server"` for a server.
+//! Tables merge field by field; arrays and values replace; a table whose `type`
+//! changes (the breaker's window) is replaced whole.
+//!
+//! [`StackConfig::load`] reads a file (the format from its extension);
+//! [`StackConfig::from_str`] reads text; `Display` prints the effective configuration
+//! (presets applied, defaults filled in) as TOML that reads back to the same value. A [`LoadError`] says where the problem is:
+//! the line and the field for a syntax error, an unknown field or a bad value
+//! (`"250 parsecs"`), the field (and its line, when the file sets it) for a
+//! validation error.
+//!
+//! ```toml
+//! [client]
+//! preset = "standard_http_client"
+//! deadline = "3s"
+//! attempt_timeout = "500ms"
+//!
+//! [client.retry]
+//! max_retries = 2
+//!
+//! [server]
+//! preset = "server"
+//!
+//! [server.bulkhead]
+//! max_concurrent = 64
+//! ```
+//!
+//! The presets in full:
+//!
+//! ```toml
+#![doc = include_str!("presets/standard_http_client.toml")]
+//! ```
+//!
+//! ```toml
+#![doc = include_str!("presets/server.toml")]
+//! ```
+//!
+//! # Example
+//! ```
+//! use postbox::config::{Format, StackConfig};
+//! use postbox::http::reqwest::ReqwestService;
+//! use tower::ServiceBuilder;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = StackConfig::from_str(r#"
+//!     [client]
+//!     preset = "standard_http_client"
+//!     attempt_timeout = "500ms"
+//!     [client.retry]
+//!     max_retries = 2
+//! "#, Format::Toml)?;
+//! assert_eq!(config.client.retry.max_retries, 2);
+//! assert_eq!(config.client.deadline, std::time::Duration::from_secs(10)); // from the preset
+//!
+//! let client = ServiceBuilder::new()
+//!     .layer(config.client.layer()?)
+//!     .service(ReqwestService::new(reqwest::Client::new()));
+//! # let _ = client;
+//!
+//! // The same attempt timeout above the deadline is refused, naming both fields.
+//! let err = StackConfig::from_str(r#"
+//!     [client]
+//!     deadline = "1s"
+//!     attempt_timeout = "2s"
+//! "#, Format::Toml).unwrap_err();
+//! assert_eq!(err.field(), Some("client.attempt_timeout"));
+//! assert_eq!(err.line(), Some(4));
+//! # Ok(()) }
+//! ```
+
+pub mod duration;
+mod load;
+mod render;
+mod stack;
+
+pub use self::load::{Format, LoadError};
+pub use self::stack::{
+    Client, ClientLayer, DeferringClient, DeferringClientLayer, HttpRetryPolicy, Server,
+    ServerLayer,
+};
+
+use crate::circuit_breaker::{CircuitBreakerConfig, WindowConfig};
+use crate::error::ConfigError;
+use crate::retry::RetryConfig;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// The names of the presets, with the section they apply to.
+pub const PRESETS: &[(&str, &str)] = &[("standard_http_client", "client"), ("server", "server")];
+
+const STANDARD_HTTP_CLIENT: &str = include_str!("presets/standard_http_client.toml");
+const SERVER: &str = include_str!("presets/server.toml");
+
+/// A whole config file: a `client` and a `server` section, both optional.
+///
+/// # Example
+/// ```
+/// use postbox::config::{Format, StackConfig};
+///
+/// let json = r#"{ "server": { "preset": "server", "deadline": "2s" } }"#;
+/// let config = StackConfig::from_str(json, Format::Json).unwrap();
+/// assert_eq!(config.server.deadline, std::time::Duration::from_secs(2));
+/// assert_eq!(config.server.bulkhead.max_concurrent, 256); // from the preset
+/// ```
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct StackConfig {
+    /// The client stack.
+    pub client: ClientConfig,
+    /// The server stack.
+    pub server: ServerConfig,
+}
+
+/// The client stack: deadline, retry, circuit breaker per authority, bulkhead, attempt
+/// timeout and, optionally, the enqueue fallback.
+///
+/// Defaults (an empty section) are each layer's own defaults with a 30 s deadline and a
+/// 10 s attempt timeout (those of Microsoft.Extensions.Http.Resilience); the preset
+/// `standard_http_client` is tighter (see the [module docs](self)).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// The preset this section started from, if any.
+    pub preset: Option<String>,
+    /// One budget for every attempt and the backoff between them, propagated to the
+    /// next hop.
+    #[serde(deserialize_with = "duration::required")]
+    pub deadline: Duration,
+    /// The limit of one attempt.
+    #[serde(deserialize_with = "duration::required")]
+    pub attempt_timeout: Duration,
+    /// Request bodies up to this many bytes are buffered so a retry can send them again;
+    /// larger ones are sent once.
+    pub buffer_body: usize,
+    /// The retry layer.
+    pub retry: RetryConfig,
+    /// The circuit breaker of each authority.
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// How many per-authority breakers are kept.
+    pub breaker_keys: BreakerKeysConfig,
+    /// The bulkhead.
+    pub bulkhead: BulkheadConfig,
+    /// The enqueue fallback ([`ClientConfig::deferring_layer`]).
+    pub enqueue: EnqueueSection,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            preset: None,
+            deadline: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(10),
+            buffer_body: 64 * 1024,
+            retry: RetryConfig::default(),
+            circuit_breaker: CircuitBreakerConfig::default(),
+            breaker_keys: BreakerKeysConfig::default(),
+            bulkhead: BulkheadConfig::default(),
+            enqueue: EnqueueSection::default(),
+        }
+    }
+}
+
+/// The bound on per-authority breakers of [`ClientConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct BreakerKeysConfig {
+    /// At most this many breakers (default 1024).
+    pub max_keys: usize,
+    /// A breaker idle this long may be dropped when room is needed (default 5 min).
+    #[serde(deserialize_with = "duration::required")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for BreakerKeysConfig {
+    fn default() -> Self {
+        Self {
+            max_keys: 1024,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A bulkhead (see [`BulkheadLayer::builder`](crate::bulkhead::BulkheadLayer::builder)).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct BulkheadConfig {
+    /// At most this many calls in flight (default 100).
+    pub max_concurrent: usize,
+    /// At most this many callers waiting (default 0: fail fast).
+    pub max_waiting: usize,
+    /// How long a caller waits, when waiting is allowed.
+    #[serde(deserialize_with = "duration::option")]
+    pub max_wait: Option<Duration>,
+}
+
+impl Default for BulkheadConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 100,
+            max_waiting: 0,
+            max_wait: None,
+        }
+    }
+}
+
+impl BulkheadConfig {
+    /// Validates and builds the layer.
+    ///
+    /// # Errors
+    /// As [`BulkheadBuilder::build`](crate::bulkhead::BulkheadBuilder::build).
+    pub fn build(&self) -> Result<crate::bulkhead::BulkheadLayer, ConfigError> {
+        let mut b = crate::bulkhead::BulkheadLayer::builder()
+            .max_concurrent(self.max_concurrent)
+            .max_waiting(self.max_waiting);
+        if let Some(d) = self.max_wait {
+            b = b.max_wait(d);
+        }
+        b.build()
+    }
+}
+
+/// The enqueue fallback of [`ClientConfig`] (see [`EnqueueConfig`](crate::enqueue::EnqueueConfig)).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct EnqueueSection {
+    /// `true` lets [`ClientConfig::deferring_layer`] build the fallback (default `false`).
+    pub enabled: bool,
+    /// Request bodies up to this many bytes may be deferred (default 64 KiB).
+    pub max_body: usize,
+    /// A stored message expires this long after the request (default 24 h).
+    #[serde(deserialize_with = "duration::required")]
+    pub ttl: Duration,
+    /// Methods that stay synchronous (default `GET`, `HEAD`, `OPTIONS`).
+    pub sync_methods: Vec<String>,
+    /// Path prefixes that stay synchronous (default none).
+    pub sync_routes: Vec<String>,
+}
+
+impl Default for EnqueueSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_body: 64 * 1024,
+            ttl: Duration::from_secs(24 * 60 * 60),
+            sync_methods: vec!["GET".into(), "HEAD".into(), "OPTIONS".into()],
+            sync_routes: Vec::new(),
+        }
+    }
+}
+
+impl EnqueueSection {
+    /// The [`EnqueueConfig`](crate::enqueue::EnqueueConfig) this describes.
+    pub fn to_enqueue_config(&self) -> crate::enqueue::EnqueueConfig {
+        let mut policy = crate::enqueue::DeferPolicy::defer_all();
+        for m in &self.sync_methods {
+            policy = policy.keep_sync_method(m.clone());
+        }
+        for r in &self.sync_routes {
+            policy = policy.keep_sync_route(r.clone());
+        }
+        crate::enqueue::EnqueueConfig::new()
+            .policy(policy)
+            .max_body(self.max_body)
+            .ttl(self.ttl)
+    }
+}
+
+/// The server stack: errors answered as responses, the deadline (the caller's, if
+/// sooner), a fail-fast bulkhead, and idempotency.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// The preset this section started from, if any.
+    pub preset: Option<String>,
+    /// The longest a request may take (default 5 s).
+    #[serde(deserialize_with = "duration::required")]
+    pub deadline: Duration,
+    /// Also honour a sooner deadline sent by the caller (`grpc-timeout`,
+    /// `postbox-timeout-ms`; default `true`).
+    pub honour_inbound_deadline: bool,
+    /// The bulkhead (fail fast: `max_waiting` must be 0); default 256 in flight.
+    pub bulkhead: BulkheadConfig,
+    /// The idempotency layer.
+    pub idempotency: IdempotencySection,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            preset: None,
+            deadline: Duration::from_secs(5),
+            honour_inbound_deadline: true,
+            bulkhead: BulkheadConfig {
+                max_concurrent: 256,
+                ..BulkheadConfig::default()
+            },
+            idempotency: IdempotencySection::default(),
+        }
+    }
+}
+
+/// The idempotency layer of [`ServerConfig`] (see
+/// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct IdempotencySection {
+    /// Keys remembered in memory (default 10 000).
+    pub capacity: usize,
+    /// How long a response is remembered (default 24 h).
+    #[serde(deserialize_with = "duration::required")]
+    pub ttl: Duration,
+    /// How long a claim lasts (default 60 s); at least the deadline.
+    #[serde(deserialize_with = "duration::required")]
+    pub lock_for: Duration,
+    /// Response bodies up to this many bytes are remembered (default 1 MiB).
+    pub max_body: usize,
+}
+
+impl Default for IdempotencySection {
+    fn default() -> Self {
+        Self {
+            capacity: 10_000,
+            ttl: Duration::from_secs(24 * 60 * 60),
+            lock_for: Duration::from_secs(60),
+            max_body: 1024 * 1024,
+        }
+    }
+}
+
+fn prefixed(prefix: &str, e: ConfigError) -> ConfigError {
+    if prefix.is_empty() {
+        return e;
+    }
+    ConfigError::new(format!("{prefix}.{}", e.field()), e.message().to_owned())
+}
+
+fn positive(field: String, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::new(field, "must be greater than zero"));
+    }
+    Ok(())
+}
+
+fn fmt_d(d: Duration) -> String {
+    duration::format(d)
+}
+
+// === impl StackConfig ===
+
+impl StackConfig {
+    /// Validates both sections, their fields named `client.…` and `server.…`.
+    ///
+    /// # Errors
+    /// The first invalid field (see [`ClientConfig::validate`], [`ServerConfig::validate`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.client.validate_at("client")?;
+        self.server.validate_at("server")
+    }
+}
+
+// === impl ClientConfig ===
+
+impl ClientConfig {
+    /// The preset `standard_http_client` (see the [module docs](self)).
+    pub fn standard_http_client() -> Self {
+        Self::preset("standard_http_client").expect("the shipped preset is valid")
+    }
+
+    /// The client preset called `name`.
+    ///
+    /// # Errors
+    /// An unknown name (the field is `preset`).
+    pub fn preset(name: &str) -> Result<Self, ConfigError> {
+        let text = format!("preset = {name:?}");
+        Self::from_str(&text, Format::Toml).map_err(|e| match e.config_error() {
+            Some(c) => c.clone(),
+            None => ConfigError::new("preset", e.to_string()),
+        })
+    }
+
+    /// Validates every layer and how they fit together (fields named `client.…`).
+    ///
+    /// # Errors
+    /// The first invalid field; see the [module docs](self#validation-across-layers).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_at("client")
+    }
+
+    pub(crate) fn validate_at(&self, p: &str) -> Result<(), ConfigError> {
+        let f = |name: &str| {
+            if p.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{p}.{name}")
+            }
+        };
+        positive(f("deadline"), self.deadline)?;
+        positive(f("attempt_timeout"), self.attempt_timeout)?;
+        self.retry
+            .apply(crate::retry::RetryLayer::builder())
+            .map_err(|e| prefixed(p, e))?;
+        self.circuit_breaker
+            .builder()
+            .keyed_by_authority()
+            .max_keys(self.breaker_keys.max_keys)
+            .idle_timeout(self.breaker_keys.idle_timeout)
+            .build()
+            .map_err(|e| {
+                // The keyed builder names its own fields `circuit_breaker.*`.
+                let e = match e.field() {
+                    "circuit_breaker.max_keys" => {
+                        ConfigError::new("breaker_keys.max_keys", e.message().to_owned())
+                    }
+                    "circuit_breaker.idle_timeout" => {
+                        ConfigError::new("breaker_keys.idle_timeout", e.message().to_owned())
+                    }
+                    _ => e,
+                };
+                prefixed(p, e)
+            })?;
+        self.bulkhead.build().map_err(|e| prefixed(p, e))?;
+        if self.enqueue.enabled {
+            self.enqueue
+                .to_enqueue_config()
+                .validate()
+                .map_err(|e| prefixed(p, e))?;
+        }
+
+        // Across layers.
+        if self.attempt_timeout > self.deadline {
+            return Err(ConfigError::new(
+                f("attempt_timeout"),
+                format!(
+                    "({}) must be at most `{}` ({}): one attempt cannot outlast the whole call",
+                    fmt_d(self.attempt_timeout),
+                    f("deadline"),
+                    fmt_d(self.deadline)
+                ),
+            ));
+        }
+        if self.circuit_breaker.consecutive_failures.is_none()
+            && let WindowConfig::Time { duration, .. } = self.circuit_breaker.window
+            && duration < self.attempt_timeout.saturating_mul(2)
+        {
+            return Err(ConfigError::new(
+                f("circuit_breaker.window.duration"),
+                format!(
+                    "({}) must be at least 2 × `{}` ({}): a window shorter than two \
+                     attempts judges the breaker on too few outcomes",
+                    fmt_d(duration),
+                    f("attempt_timeout"),
+                    fmt_d(self.attempt_timeout.saturating_mul(2))
+                ),
+            ));
+        }
+        let waits = self
+            .retry
+            .backoff
+            .max_delay
+            .saturating_mul(self.retry.max_retries);
+        if waits > self.deadline {
+            return Err(ConfigError::new(
+                f("retry.backoff.max_delay"),
+                format!(
+                    "× `{}` ({} × {} = {}) must fit in `{}` ({}): the retries would be cut off \
+                     by the deadline",
+                    f("retry.max_retries"),
+                    self.retry.max_retries,
+                    fmt_d(self.retry.backoff.max_delay),
+                    fmt_d(waits),
+                    f("deadline"),
+                    fmt_d(self.deadline)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+// === impl ServerConfig ===
+
+impl ServerConfig {
+    /// The preset `server` (see the [module docs](self)).
+    pub fn server() -> Self {
+        Self::preset("server").expect("the shipped preset is valid")
+    }
+
+    /// The server preset called `name`.
+    ///
+    /// # Errors
+    /// An unknown name (the field is `preset`).
+    pub fn preset(name: &str) -> Result<Self, ConfigError> {
+        let text = format!("preset = {name:?}");
+        Self::from_str(&text, Format::Toml).map_err(|e| match e.config_error() {
+            Some(c) => c.clone(),
+            None => ConfigError::new("preset", e.to_string()),
+        })
+    }
+
+    /// Validates every layer and how they fit together (fields named `server.…`).
+    ///
+    /// # Errors
+    /// The first invalid field; see the [module docs](self#validation-across-layers).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_at("server")
+    }
+
+    pub(crate) fn validate_at(&self, p: &str) -> Result<(), ConfigError> {
+        let f = |name: &str| {
+            if p.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{p}.{name}")
+            }
+        };
+        positive(f("deadline"), self.deadline)?;
+        self.bulkhead.build().map_err(|e| prefixed(p, e))?;
+        if self.bulkhead.max_waiting != 0 {
+            return Err(ConfigError::new(
+                f("bulkhead.max_waiting"),
+                "must be 0: the server stack fails fast (axum expects services to be ready; \
+                 a quick 503 with Retry-After beats a pile-up)",
+            ));
+        }
+        positive(f("idempotency.ttl"), self.idempotency.ttl)?;
+        positive(f("idempotency.lock_for"), self.idempotency.lock_for)?;
+        if self.idempotency.lock_for < self.deadline {
+            return Err(ConfigError::new(
+                f("idempotency.lock_for"),
+                format!(
+                    "({}) must be at least `{}` ({}): a claim must outlive the handler, or a \
+                     duplicate runs it while the first still runs",
+                    fmt_d(self.idempotency.lock_for),
+                    f("deadline"),
+                    fmt_d(self.deadline)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_and_defaults_are_valid() {
+        ClientConfig::default().validate().unwrap();
+        ServerConfig::default().validate().unwrap();
+        StackConfig::default().validate().unwrap();
+        let c = ClientConfig::standard_http_client();
+        c.validate().unwrap();
+        assert_eq!(c.preset.as_deref(), Some("standard_http_client"));
+        assert_eq!(c.deadline, Duration::from_secs(10));
+        let s = ServerConfig::server();
+        s.validate().unwrap();
+        assert_eq!(s.bulkhead.max_concurrent, 256);
+    }
+
+    #[test]
+    fn unknown_preset_names_the_field() {
+        let e = ClientConfig::preset("server").unwrap_err();
+        assert_eq!(e.field(), "preset");
+        assert!(e.message().contains("standard_http_client"), "{e}");
+    }
+
+    #[test]
+    fn cross_layer_checks_name_the_fields() {
+        let mut c = ClientConfig::standard_http_client();
+        c.attempt_timeout = Duration::from_secs(11);
+        assert_eq!(c.validate().unwrap_err().field(), "client.attempt_timeout");
+
+        let mut c = ClientConfig::standard_http_client();
+        c.circuit_breaker.window = WindowConfig::Time {
+            duration: Duration::from_secs(3),
+            buckets: 3,
+        };
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            "client.circuit_breaker.window.duration"
+        );
+
+        let mut c = ClientConfig::standard_http_client();
+        c.retry.max_retries = 6;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field(), "client.retry.backoff.max_delay");
+        assert!(e.message().contains("client.retry.max_retries"), "{e}");
+        assert!(e.message().contains("client.deadline"), "{e}");
+
+        let mut s = ServerConfig::server();
+        s.idempotency.lock_for = Duration::from_secs(1);
+        assert_eq!(
+            s.validate().unwrap_err().field(),
+            "server.idempotency.lock_for"
+        );
+    }
+
+    #[test]
+    fn layer_errors_are_prefixed() {
+        let mut c = ClientConfig::default();
+        c.bulkhead.max_concurrent = 0;
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            "client.bulkhead.max_concurrent"
+        );
+        let mut c = ClientConfig::default();
+        c.breaker_keys.max_keys = 0;
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            "client.breaker_keys.max_keys"
+        );
+    }
+}

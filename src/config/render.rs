@@ -1,0 +1,231 @@
+//! The effective configuration as TOML (`Display`), readable back by the loader.
+
+use super::duration::format as d;
+use super::{ClientConfig, ServerConfig, StackConfig};
+use crate::circuit_breaker::WindowConfig;
+use crate::retry::BackoffKind;
+use crate::retry::backoff::Jitter;
+use std::fmt::{self, Write};
+
+fn kind(k: BackoffKind) -> &'static str {
+    match k {
+        BackoffKind::Constant => "constant",
+        BackoffKind::Linear => "linear",
+        BackoffKind::Exponential => "exponential",
+    }
+}
+
+fn jitter(j: Jitter) -> &'static str {
+    match j {
+        Jitter::None => "none",
+        Jitter::Full => "full",
+        Jitter::Equal => "equal",
+        Jitter::Decorrelated => "decorrelated",
+    }
+}
+
+fn strings(v: &[String]) -> String {
+    let items: Vec<String> = v.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// Writes `[section]` lines for a client section under `p` (`client` or empty).
+fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
+    let t = |name: &str| {
+        if p.is_empty() {
+            format!("[{name}]")
+        } else if name.is_empty() {
+            format!("[{p}]")
+        } else {
+            format!("[{p}.{name}]")
+        }
+    };
+    if !p.is_empty() {
+        writeln!(f, "{}", t(""))?;
+    }
+    if let Some(preset) = &c.preset {
+        writeln!(f, "preset = {preset:?}")?;
+    }
+    writeln!(f, "deadline = {:?}", d(c.deadline))?;
+    writeln!(f, "attempt_timeout = {:?}", d(c.attempt_timeout))?;
+    writeln!(f, "buffer_body = {}", c.buffer_body)?;
+
+    let r = &c.retry;
+    writeln!(f, "\n{}", t("retry"))?;
+    writeln!(f, "max_retries = {}", r.max_retries)?;
+    writeln!(f, "max_retry_after = {:?}", d(r.max_retry_after))?;
+    writeln!(
+        f,
+        "generate_idempotency_key = {}",
+        r.generate_idempotency_key
+    )?;
+    writeln!(f, "retry_unsafe_methods = {}", r.retry_unsafe_methods)?;
+    writeln!(f, "\n{}", t("retry.backoff"))?;
+    writeln!(f, "kind = {:?}", kind(r.backoff.kind))?;
+    writeln!(f, "base = {:?}", d(r.backoff.base))?;
+    writeln!(f, "factor = {:?}", r.backoff.factor)?;
+    writeln!(f, "max_delay = {:?}", d(r.backoff.max_delay))?;
+    writeln!(f, "jitter = {:?}", jitter(r.backoff.jitter))?;
+    writeln!(f, "\n{}", t("retry.budget"))?;
+    writeln!(f, "enabled = {}", r.budget.enabled)?;
+    writeln!(f, "ratio = {:?}", r.budget.ratio)?;
+    writeln!(f, "min_retries_per_sec = {}", r.budget.min_retries_per_sec)?;
+    writeln!(f, "ttl = {:?}", d(r.budget.ttl))?;
+
+    let b = &c.circuit_breaker;
+    writeln!(f, "\n{}", t("circuit_breaker"))?;
+    if let Some(name) = &b.name {
+        writeln!(f, "name = {name:?}")?;
+    }
+    writeln!(f, "failure_rate_threshold = {:?}", b.failure_rate_threshold)?;
+    match b.window {
+        WindowConfig::Count { size } => {
+            writeln!(f, "window = {{ type = \"count\", size = {size} }}")?
+        }
+        WindowConfig::Time { duration, buckets } => writeln!(
+            f,
+            "window = {{ type = \"time\", duration = {:?}, buckets = {buckets} }}",
+            d(duration)
+        )?,
+    }
+    writeln!(f, "minimum_calls = {}", b.minimum_calls)?;
+    if let Some(n) = b.consecutive_failures {
+        writeln!(f, "consecutive_failures = {n}")?;
+    }
+    if let Some(s) = b.slow_call_duration {
+        writeln!(f, "slow_call_duration = {:?}", d(s))?;
+    }
+    writeln!(
+        f,
+        "slow_call_rate_threshold = {:?}",
+        b.slow_call_rate_threshold
+    )?;
+    writeln!(f, "break_duration = {:?}", d(b.break_duration))?;
+    if let Some(m) = b.max_break_duration {
+        writeln!(f, "max_break_duration = {:?}", d(m))?;
+    }
+    writeln!(f, "break_multiplier = {:?}", b.break_multiplier)?;
+    writeln!(f, "break_jitter = {:?}", b.break_jitter)?;
+    writeln!(f, "permitted_probes = {}", b.permitted_probes)?;
+    if let Some(w) = b.max_wait_in_half_open {
+        writeln!(f, "max_wait_in_half_open = {:?}", d(w))?;
+    }
+    writeln!(f, "count_calls = {}", b.count_calls)?;
+
+    writeln!(f, "\n{}", t("breaker_keys"))?;
+    writeln!(f, "max_keys = {}", c.breaker_keys.max_keys)?;
+    writeln!(f, "idle_timeout = {:?}", d(c.breaker_keys.idle_timeout))?;
+
+    writeln!(f, "\n{}", t("bulkhead"))?;
+    writeln!(f, "max_concurrent = {}", c.bulkhead.max_concurrent)?;
+    writeln!(f, "max_waiting = {}", c.bulkhead.max_waiting)?;
+    if let Some(w) = c.bulkhead.max_wait {
+        writeln!(f, "max_wait = {:?}", d(w))?;
+    }
+
+    let e = &c.enqueue;
+    writeln!(f, "\n{}", t("enqueue"))?;
+    writeln!(f, "enabled = {}", e.enabled)?;
+    writeln!(f, "max_body = {}", e.max_body)?;
+    writeln!(f, "ttl = {:?}", d(e.ttl))?;
+    writeln!(f, "sync_methods = {}", strings(&e.sync_methods))?;
+    writeln!(f, "sync_routes = {}", strings(&e.sync_routes))
+}
+
+fn server(f: &mut impl Write, p: &str, s: &ServerConfig) -> fmt::Result {
+    let t = |name: &str| {
+        if p.is_empty() {
+            format!("[{name}]")
+        } else if name.is_empty() {
+            format!("[{p}]")
+        } else {
+            format!("[{p}.{name}]")
+        }
+    };
+    if !p.is_empty() {
+        writeln!(f, "{}", t(""))?;
+    }
+    if let Some(preset) = &s.preset {
+        writeln!(f, "preset = {preset:?}")?;
+    }
+    writeln!(f, "deadline = {:?}", d(s.deadline))?;
+    writeln!(f, "honour_inbound_deadline = {}", s.honour_inbound_deadline)?;
+    writeln!(f, "\n{}", t("bulkhead"))?;
+    writeln!(f, "max_concurrent = {}", s.bulkhead.max_concurrent)?;
+    writeln!(f, "max_waiting = {}", s.bulkhead.max_waiting)?;
+    if let Some(w) = s.bulkhead.max_wait {
+        writeln!(f, "max_wait = {:?}", d(w))?;
+    }
+    let i = &s.idempotency;
+    writeln!(f, "\n{}", t("idempotency"))?;
+    writeln!(f, "capacity = {}", i.capacity)?;
+    writeln!(f, "ttl = {:?}", d(i.ttl))?;
+    writeln!(f, "lock_for = {:?}", d(i.lock_for))?;
+    writeln!(f, "max_body = {}", i.max_body)
+}
+
+impl fmt::Display for ClientConfig {
+    /// Every field, as TOML (a client section on its own, as
+    /// [`ClientConfig::from_str`] reads it).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        client(f, "", self)
+    }
+}
+
+impl fmt::Display for ServerConfig {
+    /// Every field, as TOML (a server section on its own, as
+    /// [`ServerConfig::from_str`] reads it).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        server(f, "", self)
+    }
+}
+
+impl fmt::Display for StackConfig {
+    /// The effective configuration — presets applied, defaults filled in — as TOML that
+    /// [`StackConfig::from_str`] reads back to the same value.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        client(f, "client", &self.client)?;
+        writeln!(f)?;
+        server(f, "server", &self.server)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Format;
+    use super::*;
+
+    #[test]
+    fn the_rendered_config_reads_back_the_same() {
+        let text = "[client]\npreset = \"standard_http_client\"\n[server]\npreset = \"server\"\n";
+        let c = StackConfig::from_str(text, Format::Toml).unwrap();
+        let shown = c.to_string();
+        assert_eq!(
+            StackConfig::from_str(&shown, Format::Toml).unwrap(),
+            c,
+            "{shown}"
+        );
+
+        let mut c = StackConfig::default();
+        c.client.circuit_breaker.slow_call_duration = Some(std::time::Duration::from_millis(1500));
+        c.client.circuit_breaker.name = Some("a \"quoted\" name".into());
+        c.client.bulkhead.max_wait = Some(std::time::Duration::from_millis(20));
+        c.client.bulkhead.max_waiting = 4;
+        let shown = c.to_string();
+        assert_eq!(
+            StackConfig::from_str(&shown, Format::Toml).unwrap(),
+            c,
+            "{shown}"
+        );
+        let alone = c.client.to_string();
+        assert_eq!(
+            ClientConfig::from_str(&alone, Format::Toml).unwrap(),
+            c.client
+        );
+        let alone = c.server.to_string();
+        assert_eq!(
+            ServerConfig::from_str(&alone, Format::Toml).unwrap(),
+            c.server
+        );
+    }
+}

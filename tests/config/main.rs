@@ -1,0 +1,308 @@
+//! Config files: presets and overrides, the three formats, and errors that say where.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use postbox::BoxError;
+use postbox::circuit_breaker::WindowConfig;
+use postbox::config::{ClientConfig, Format, ServerConfig, StackConfig};
+use postbox::http::body::ReplayBody;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+const TOML: &str = r#"
+[client]
+preset = "standard_http_client"
+deadline = "3s"
+attempt_timeout = "500ms"
+
+[client.retry]
+max_retries = 2
+
+[client.retry.backoff]
+max_delay = "1s"
+
+[client.circuit_breaker]
+window = { type = "count", size = 50 }
+
+[server]
+preset = "server"
+
+[server.bulkhead]
+max_concurrent = 64
+"#;
+
+const YAML: &str = r#"
+client:
+  preset: standard_http_client
+  deadline: 3s
+  attempt_timeout: 500ms
+  retry:
+    max_retries: 2
+    backoff:
+      max_delay: 1s
+  circuit_breaker:
+    window:
+      type: count
+      size: 50
+server:
+  preset: server
+  bulkhead:
+    max_concurrent: 64
+"#;
+
+const JSON: &str = r#"{
+  "client": {
+    "preset": "standard_http_client",
+    "deadline": "3s",
+    "attempt_timeout": "500ms",
+    "retry": { "max_retries": 2, "backoff": { "max_delay": "1s" } },
+    "circuit_breaker": { "window": { "type": "count", "size": 50 } }
+  },
+  "server": { "preset": "server", "bulkhead": { "max_concurrent": 64 } }
+}"#;
+
+#[test]
+fn presets_load_and_overrides_apply() {
+    let c = StackConfig::from_str(TOML, Format::Toml).unwrap();
+    // Overrides.
+    assert_eq!(c.client.deadline, Duration::from_secs(3));
+    assert_eq!(c.client.attempt_timeout, Duration::from_millis(500));
+    assert_eq!(c.client.retry.max_retries, 2);
+    assert_eq!(c.client.retry.backoff.max_delay, Duration::from_secs(1));
+    assert_eq!(
+        c.client.circuit_breaker.window,
+        WindowConfig::Count { size: 50 }
+    );
+    assert_eq!(c.server.bulkhead.max_concurrent, 64);
+    // Kept from the presets (merged field by field).
+    let preset = ClientConfig::standard_http_client();
+    assert_eq!(c.client.retry.backoff.base, preset.retry.backoff.base);
+    assert_eq!(c.client.retry.budget, preset.retry.budget);
+    assert_eq!(c.client.bulkhead, preset.bulkhead);
+    assert_eq!(c.client.preset.as_deref(), Some("standard_http_client"));
+    assert_eq!(c.server.idempotency, ServerConfig::server().idempotency);
+    assert_eq!(c.server.deadline, ServerConfig::server().deadline);
+    c.client.layer().unwrap();
+    c.server.layer().unwrap();
+}
+
+#[test]
+fn toml_yaml_and_json_give_the_same_config() {
+    let toml = StackConfig::from_str(TOML, Format::Toml).unwrap();
+    let yaml = StackConfig::from_str(YAML, Format::Yaml).unwrap();
+    let json = StackConfig::from_str(JSON, Format::Json).unwrap();
+    assert_eq!(toml, yaml);
+    assert_eq!(toml, json);
+}
+
+#[test]
+fn an_empty_file_is_the_defaults() {
+    for (text, format) in [("", Format::Toml), ("", Format::Yaml), ("{}", Format::Json)] {
+        assert_eq!(
+            StackConfig::from_str(text, format).unwrap(),
+            StackConfig::default()
+        );
+    }
+}
+
+#[test]
+fn a_wrong_unit_names_the_value_field_and_line() {
+    let toml = "[client]\ndeadline = \"3s\"\nattempt_timeout = \"250 parsecs\"\n";
+    let yaml = "client:\n  deadline: 3s\n  attempt_timeout: 250 parsecs\n";
+    let json = "{\n  \"client\": {\n    \"deadline\": \"3s\",\n    \"attempt_timeout\": \"250 parsecs\"\n  }\n}";
+    for (text, format, line) in [
+        (toml, Format::Toml, 3),
+        (yaml, Format::Yaml, 3),
+        (json, Format::Json, 4),
+    ] {
+        let e = StackConfig::from_str(text, format).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.contains("unknown unit `parsecs`"),
+            "{format}: {shown}"
+        );
+        assert!(shown.contains("250 parsecs"), "{format}: {shown}");
+        assert_eq!(e.line(), Some(line), "{format}: {shown}");
+        assert_eq!(e.field(), Some("attempt_timeout"), "{format}: {shown}");
+        assert!(shown.contains(&format!("line {line}")), "{format}: {shown}");
+    }
+}
+
+#[test]
+fn an_unknown_field_names_the_field_and_line() {
+    let toml = "[client]\ndeadline = \"3s\"\n\n[client.retry]\nmax_retry = 2\n";
+    let yaml = "client:\n  deadline: 3s\n  retry:\n    max_retry: 2\n";
+    let json = "{\n  \"client\": {\n    \"retry\": {\n      \"max_retry\": 2\n    }\n  }\n}";
+    for (text, format, line) in [
+        (toml, Format::Toml, 5),
+        (yaml, Format::Yaml, 4),
+        (json, Format::Json, 4),
+    ] {
+        let e = StackConfig::from_str(text, format).unwrap_err();
+        let shown = e.to_string();
+        assert!(e.is_unknown_field(), "{format}: {shown}");
+        assert_eq!(e.field(), Some("max_retry"), "{format}: {shown}");
+        assert_eq!(e.line(), Some(line), "{format}: {shown}");
+        assert!(
+            shown.contains("unknown field `max_retry`"),
+            "{format}: {shown}"
+        );
+        assert!(shown.contains(&format!("line {line}")), "{format}: {shown}");
+    }
+}
+
+#[test]
+fn a_field_inside_the_breaker_window_is_located_too() {
+    let toml = "[client.circuit_breaker]\nwindow = { type = \"time\", duration = \"9 parsecs\", buckets = 1 }\n";
+    let yaml = "client:\n  circuit_breaker:\n    window:\n      type: time\n      duration: 1s\n      buckets: 1\n      extra: 3\n";
+    let e = StackConfig::from_str(toml, Format::Toml).unwrap_err();
+    assert_eq!((e.field(), e.line()), (Some("duration"), Some(2)), "{e}");
+    assert!(e.to_string().contains("unknown unit `parsecs`"), "{e}");
+    let e = StackConfig::from_str(yaml, Format::Yaml).unwrap_err();
+    assert_eq!((e.field(), e.line()), (Some("extra"), Some(7)), "{e}");
+}
+
+#[test]
+fn cross_layer_violations_name_the_fields() {
+    // attempt timeout above the deadline
+    let e = StackConfig::from_str(
+        "[client]\ndeadline = \"1s\"\nattempt_timeout = \"2s\"\n",
+        Format::Toml,
+    )
+    .unwrap_err();
+    assert_eq!(e.field(), Some("client.attempt_timeout"));
+    assert_eq!(e.line(), Some(3));
+    assert!(e.to_string().contains("client.deadline"), "{e}");
+    assert!(e.config_error().is_some());
+
+    // breaker time window shorter than two attempts
+    let e = StackConfig::from_str(
+        r#"
+[client]
+preset = "standard_http_client"
+attempt_timeout = "2s"
+
+[client.circuit_breaker]
+window = { type = "time", duration = "3s", buckets = 3 }
+"#,
+        Format::Toml,
+    )
+    .unwrap_err();
+    assert_eq!(e.field(), Some("client.circuit_breaker.window.duration"));
+    assert_eq!(e.line(), Some(7));
+    assert!(
+        e.to_string().contains("2 × `client.attempt_timeout`"),
+        "{e}"
+    );
+
+    // retries × max delay beyond the deadline
+    let e = StackConfig::from_str(
+        "client:\n  preset: standard_http_client\n  retry:\n    max_retries: 8\n",
+        Format::Yaml,
+    )
+    .unwrap_err();
+    assert_eq!(e.field(), Some("client.retry.backoff.max_delay"));
+    let shown = e.to_string();
+    assert!(shown.contains("client.retry.max_retries"), "{shown}");
+    assert!(shown.contains("8 × 2s = 16s"), "{shown}");
+    assert!(shown.contains("client.deadline"), "{shown}");
+
+    // server: claim shorter than the deadline
+    let e = StackConfig::from_str(
+        r#"{"server": {"preset": "server", "idempotency": {"lock_for": "1s"}}}"#,
+        Format::Json,
+    )
+    .unwrap_err();
+    assert_eq!(e.field(), Some("server.idempotency.lock_for"));
+}
+
+#[test]
+fn a_layer_error_is_named_with_its_section() {
+    let e =
+        StackConfig::from_str("[server.bulkhead]\nmax_concurrent = 0\n", Format::Toml).unwrap_err();
+    assert_eq!(e.field(), Some("server.bulkhead.max_concurrent"));
+    assert_eq!(e.line(), Some(2));
+}
+
+#[test]
+fn an_unknown_preset_is_an_error() {
+    let e = StackConfig::from_str("[client]\npreset = \"server\"\n", Format::Toml).unwrap_err();
+    assert_eq!(e.field(), Some("client.preset"));
+    assert_eq!(e.line(), Some(2));
+    assert!(e.to_string().contains("standard_http_client"), "{e}");
+}
+
+#[test]
+fn a_section_alone_and_a_file_on_disk() {
+    let c = ClientConfig::from_str("preset = \"standard_http_client\"\n", Format::Toml).unwrap();
+    assert_eq!(c, ClientConfig::standard_http_client());
+    let e = ClientConfig::from_str("deadline = \"1s\"\nattempt_timeout = \"2s\"", Format::Toml)
+        .unwrap_err();
+    assert_eq!(e.field(), Some("attempt_timeout"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stack.yaml");
+    std::fs::write(&path, YAML).unwrap();
+    assert_eq!(
+        StackConfig::load(&path).unwrap(),
+        StackConfig::from_str(TOML, Format::Toml).unwrap()
+    );
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"client\": {\"deadline\": \"2 fortnights\"}}").unwrap();
+    let e = StackConfig::load(&bad).unwrap_err();
+    assert_eq!(e.path(), Some(bad.as_path()));
+    assert!(e.to_string().starts_with(&bad.display().to_string()), "{e}");
+    assert!(StackConfig::load(dir.path().join("stack.ini")).is_err());
+}
+
+#[test]
+fn the_example_configs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let loaded = StackConfig::load(&path);
+        if name.starts_with("bad") {
+            assert!(loaded.is_err(), "{name} should be refused");
+        } else {
+            loaded.unwrap_or_else(|e| panic!("{e}"));
+        }
+        n += 1;
+    }
+    assert!(n >= 2);
+}
+
+type Req = http::Request<ReplayBody<Full<Bytes>>>;
+
+#[tokio::test(start_paused = true)]
+async fn the_client_stack_from_config_retries_a_503() {
+    let config = StackConfig::from_str(
+        "[client]\npreset = \"standard_http_client\"\n[client.retry.backoff]\njitter = \"none\"\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let downstream = service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let status = if n < 2 { 503 } else { 200 };
+                let res = http::Response::builder().status(status).body(()).unwrap();
+                Ok::<_, BoxError>(res)
+            }
+        }
+    });
+    let client = ServiceBuilder::new()
+        .layer(config.client.layer().unwrap())
+        .service(downstream);
+    let req = http::Request::get("http://orders.internal/orders/7")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = client.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
