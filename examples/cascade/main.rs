@@ -10,6 +10,10 @@
 //! | `guarded` | deadline → retry + budget → circuit breaker → bulkhead → attempt timeout → reqwest | `ErrorResponseLayer`, inbound deadline, fail-fast bulkhead |
 //! | `postbox` | enqueue fallback (embedded queue, a replayer) → the `guarded` stack | the same, plus `Idempotency` on MS5 |
 //!
+//! Each client stack is built from one validated `ClientConfig`: the
+//! `standard_http_client` preset with this demo's times (see `client_config` in
+//! `scenario.rs`).
+//!
 //! The time budgets shrink down the chain (MS4 → MS5: 250 ms per attempt, 600 ms in
 //! all; each hop above: 500 ms more), so the deepest caller gives up first and,
 //! with postbox, defers the order and answers `202 Accepted` before anyone above it

@@ -24,26 +24,21 @@ use axum::routing::post;
 use http_body_util::{BodyExt, Full};
 use postbox::BoxError;
 use postbox::bulkhead::BulkheadLayer;
-use postbox::circuit_breaker::CircuitBreakerLayer;
-use postbox::classify::HttpClassifier;
+use postbox::config::{ClientConfig, Format};
 use postbox::enqueue::{
-    BufferedBody, EnqueueFallbackLayer, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Replayer,
-    ReplayerHandle,
+    BufferedBody, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Replayer, ReplayerHandle,
 };
 use postbox::http::ErrorResponseLayer;
-use postbox::http::body::TryCloneBody;
 use postbox::http::reqwest::ReqwestService;
 use postbox::idempotency::{IdempotencyLayer, REPLAYED_HEADER};
 use postbox::queue::{EmbeddedOptions, EmbeddedQueue, Queue};
-use postbox::retry::RetryLayer;
-use postbox::retry::backoff::{Backoff, Jitter};
-use postbox::timeout::{AttemptTimeoutLayer, CallDeadline, DeadlineLayer, HttpPropagation};
+use postbox::timeout::{CallDeadline, DeadlineLayer, HttpPropagation};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, sleep_until};
 use tower::util::{BoxCloneSyncService, MapResponseLayer};
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 /// Which stack the services run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -189,7 +184,7 @@ pub(crate) async fn run(mode: Mode, scenario: &Scenario) -> Result<Report, BoxEr
     // MS5 first, then each caller from the back, so every hop knows the next address.
     let ms5_listener = TcpListener::bind("127.0.0.1:0").await?;
     let ms5_addr = ms5_listener.local_addr()?;
-    let ms5_router = ms5_router(mode, store.clone());
+    let ms5_router = ms5_router(mode, store.clone())?;
     let mut ms5 = Server::spawn(ms5_listener, ms5_router.clone())?;
 
     let mut next = ms5_addr;
@@ -336,51 +331,44 @@ fn reqwest_client() -> Result<reqwest::Client, BoxError> {
         .build()?)
 }
 
-/// The client stack of DESIGN.md inside the enqueue fallback: deadline → retry + budget
-/// → circuit breaker → bulkhead → attempt timeout → reqwest.
+/// The client of MS`depth` (calling MS`depth+1`) as one config: the
+/// `standard_http_client` preset with this demo's times, validated across layers.
 ///
-/// Bodies are replayable for the retry as they come: `Full<Bytes>` is `Clone`, and the
-/// enqueue fallback hands its inner stack a buffered [`BufferedBody`].
-fn guarded_stack<B>(depth: usize, client: ReqwestService) -> Result<GuardedStack<B>, BoxError>
-where
-    B: http_body::Body<Data = Bytes> + TryCloneBody + Send + Sync + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+/// The stack it builds is DESIGN.md's: (enqueue fallback →) deadline → body buffer →
+/// retry + budget → circuit breaker (per authority) → bulkhead → attempt timeout.
+pub(crate) fn client_config(depth: usize, enqueue: bool) -> Result<ClientConfig, BoxError> {
     let (attempt, deadline) = budgets(depth);
-    let retry = RetryLayer::http()
-        .max_retries(2)
-        .backoff(
-            Backoff::exponential(Duration::from_millis(20))
-                .with_max_delay(Duration::from_millis(100))
-                .with_jitter(Jitter::Full),
-        )
-        // An open breaker downstream asks for longer than this: give up at once
-        // instead of waiting out the deadline.
-        .max_retry_after(Duration::from_millis(200))
-        .build()?;
-    let breaker = CircuitBreakerLayer::builder()
-        .name(format!("ms{}", depth + 1))
-        .count_window(20)
-        .minimum_calls(10)
-        .failure_rate_threshold(0.5)
-        .break_duration(Duration::from_millis(250))
-        .break_backoff(2.0, Duration::from_secs(1))
-        .permitted_probes(3)
-        .build()?
-        .with_classifier(HttpClassifier::new());
-    let stack = ServiceBuilder::new()
-        .layer(DeadlineLayer::http(deadline)?)
-        .layer(retry)
-        .layer(breaker)
-        .layer(BulkheadLayer::new(64)?)
-        .layer(AttemptTimeoutLayer::new(attempt)?)
-        .service(client);
-    Ok(BoxCloneSyncService::new(stack))
-}
+    let (attempt, deadline) = (attempt.as_millis(), deadline.as_millis());
+    let toml = format!(
+        r#"
+preset = "standard_http_client"
+deadline = "{deadline}ms"
+attempt_timeout = "{attempt}ms"
 
-/// The guarded stack, boxed, for requests with bodies `B`.
-type GuardedStack<B> =
-    BoxCloneSyncService<http::Request<B>, http::Response<reqwest::Body>, BoxError>;
+[retry]
+max_retries = 2
+# A downstream breaker's Retry-After above this ends the retries at once.
+max_retry_after = "200ms"
+backoff = {{ kind = "exponential", base = "20ms", max_delay = "100ms", jitter = "full" }}
+
+[circuit_breaker]
+name = "ms{next}"
+window = {{ type = "count", size = 20 }}
+minimum_calls = 10
+break_duration = "250ms"
+break_multiplier = 2.0
+max_break_duration = "1s"
+
+[bulkhead]
+max_concurrent = 64
+
+[enqueue]
+enabled = {enqueue}
+"#,
+        next = depth + 1
+    );
+    Ok(ClientConfig::from_str(&toml, Format::Toml)?)
+}
 
 fn client_stack(mode: Mode, depth: usize, dir: &std::path::Path) -> Result<Hop, BoxError> {
     let client = ReqwestService::new(reqwest_client()?);
@@ -389,18 +377,22 @@ fn client_stack(mode: Mode, depth: usize, dir: &std::path::Path) -> Result<Hop, 
             client: BoxCloneSyncService::new(client),
             deferral: None,
         }),
-        Mode::Guarded => Ok(Hop {
-            client: guarded_stack::<Full<Bytes>>(depth, client)?,
-            deferral: None,
-        }),
+        Mode::Guarded => {
+            let stack = client_config(depth, false)?.layer()?;
+            Ok(Hop {
+                client: BoxCloneSyncService::new(stack.layer(client)),
+                deferral: None,
+            })
+        }
         Mode::Postbox => {
-            let guarded = guarded_stack::<BufferedBody<Full<Bytes>>>(depth, client)?;
             let queue = Arc::new(EmbeddedQueue::open(
                 dir.join(format!("ms{depth}.redb")),
                 EmbeddedOptions::new(),
             )?);
-            // Replays go through the stack inside the fallback, never the fallback.
-            let replayer = Replayer::http(queue.clone(), guarded.clone())
+            let stack = client_config(depth, true)?.deferring_layer(queue.clone())?;
+            // Replays go through the stack inside the fallback, never the fallback; it
+            // shares the breaker, bulkhead and retry budget with the live calls.
+            let replayer = Replayer::http(queue.clone(), stack.client().layer(client.clone()))
                 .concurrency(16)
                 .poll_interval(Duration::from_millis(100))
                 .backoff(Duration::from_millis(200), Duration::from_secs(2))
@@ -409,13 +401,8 @@ fn client_stack(mode: Mode, depth: usize, dir: &std::path::Path) -> Result<Hop, 
                 .ack_batch(64, Duration::from_millis(20))
                 .grace(Duration::from_secs(2))
                 .spawn::<Inner>()?;
-            let client = ServiceBuilder::new()
-                .layer(
-                    EnqueueFallbackLayer::new(queue.clone()).with_classifier(HttpClassifier::new()),
-                )
-                .service(guarded);
             Ok(Hop {
-                client: BoxCloneSyncService::new(client),
+                client: BoxCloneSyncService::new(stack.layer(client)),
                 deferral: Some((queue, replayer)),
             })
         }
@@ -455,17 +442,16 @@ async fn apply(State(store): State<Arc<Store>>, headers: HeaderMap) -> StatusCod
 
 /// MS5. Its router (and so its idempotency store) outlives a restart, as a database
 /// would.
-fn ms5_router(mode: Mode, store: Arc<Store>) -> Router {
+fn ms5_router(mode: Mode, store: Arc<Store>) -> Result<Router, BoxError> {
     let counts = store.clone();
     let router = Router::new()
         .route("/orders", post(apply))
         .with_state(store);
-    match mode {
+    Ok(match mode {
         Mode::Plain => router,
-        Mode::Guarded => router.layer(ErrorResponseLayer::new()),
-        Mode::Postbox => router
-            .layer(IdempotencyLayer::new(1_000_000))
-            .layer(ErrorResponseLayer::new())
+        Mode::Guarded => server_stack(router)?,
+        // The idempotency layer innermost, as in the `server` preset.
+        Mode::Postbox => server_stack(router.layer(IdempotencyLayer::new(1_000_000)))?
             // Count the deliveries the idempotency layer answered from its store.
             .layer(MapResponseLayer::new(move |res: Response| {
                 if res.headers().contains_key(REPLAYED_HEADER) {
@@ -473,7 +459,21 @@ fn ms5_router(mode: Mode, store: Arc<Store>) -> Router {
                 }
                 res
             })),
-    }
+    })
+}
+
+/// The server stack of the `guarded` and `postbox` modes: answer our own errors as
+/// 503/504, honour the caller's deadline, shed load fast.
+fn server_stack(router: Router) -> Result<Router, BoxError> {
+    Ok(router.layer(
+        ServiceBuilder::new()
+            .layer(ErrorResponseLayer::new())
+            .layer(DeadlineLayer::with_propagation(
+                Duration::from_secs(10),
+                HttpPropagation::new().with_inbound_headers(),
+            )?)
+            .layer(BulkheadLayer::new(512)?),
+    ))
 }
 
 /// MS1 to MS4: pass the order on to the next service.
@@ -528,20 +528,10 @@ fn relay_router(mode: Mode, relay_state: Arc<Relay>) -> Result<Router, BoxError>
     let router = Router::new()
         .route("/orders", post(relay))
         .with_state(relay_state);
-    Ok(match mode {
-        Mode::Plain => router,
-        // The server stack: honour the caller's deadline, shed load fast, and answer
-        // our own errors as 503/504.
-        Mode::Guarded | Mode::Postbox => router.layer(
-            ServiceBuilder::new()
-                .layer(ErrorResponseLayer::new())
-                .layer(DeadlineLayer::with_propagation(
-                    Duration::from_secs(10),
-                    HttpPropagation::new().with_inbound_headers(),
-                )?)
-                .layer(BulkheadLayer::new(512)?),
-        ),
-    })
+    match mode {
+        Mode::Plain => Ok(router),
+        Mode::Guarded | Mode::Postbox => server_stack(router),
+    }
 }
 
 /// Requests in a handler now, and the most at once.
