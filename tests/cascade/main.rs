@@ -2,7 +2,11 @@
 //! time), in the `plain` and `postbox` modes. Plain fails while MS5 is down; postbox
 //! answers every order (2xx or 202), then delivers each deferred one exactly once.
 
-// The example uses more of the scenario module (flag parsing, every mode) than the test.
+// The example uses more of these modules (flag parsing, every mode, the tables) than
+// the test.
+#[allow(dead_code)]
+#[path = "../../examples/cascade/report.rs"]
+mod report;
 #[allow(dead_code)]
 #[path = "../../examples/cascade/scenario.rs"]
 mod scenario;
@@ -28,8 +32,9 @@ fn failed_in(r: &Report, from: usize, to: usize) -> u64 {
     r.per_second[from..to].iter().map(|s| s.failed).sum()
 }
 
-fn json(r: &Report) -> serde_json::Value {
-    serde_json::to_value(r).expect("a report serializes")
+/// The example's `--json` output for these runs.
+fn json(results: &[(Mode, Report)]) -> serde_json::Value {
+    serde_json::from_str(&report::json(results)).expect("--json prints JSON")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,7 +44,15 @@ async fn postbox_defers_through_the_outage_and_delivers_exactly_once() {
     let plain = scenario::run(Mode::Plain, &scenario)
         .await
         .expect("plain run");
-    let plain_json = json(&plain);
+    let postbox = scenario::run(Mode::Postbox, &scenario)
+        .await
+        .expect("postbox run");
+    let all = json(&[
+        (Mode::Plain, plain.clone()),
+        (Mode::Postbox, postbox.clone()),
+    ]);
+
+    let plain_json = &all["modes"]["plain"];
     assert!(
         plain_json["failed"].as_u64().unwrap() > 0,
         "plain: {plain_json}"
@@ -48,10 +61,7 @@ async fn postbox_defers_through_the_outage_and_delivers_exactly_once() {
     assert!(failed_in(&plain, 1, 2) > 0, "plain: {:?}", plain.per_second);
     assert_eq!(plain_json["accepted"], 0, "plain: {plain_json}");
 
-    let postbox = scenario::run(Mode::Postbox, &scenario)
-        .await
-        .expect("postbox run");
-    let j = json(&postbox);
+    let j = &all["modes"]["postbox"];
     assert_eq!(j["sent"], 150, "postbox: {j}");
     assert_eq!(j["failed"], 0, "postbox: {j}");
     assert_eq!(j["lost"], 0, "postbox: {j}");
