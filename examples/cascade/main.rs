@@ -139,6 +139,29 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
     Ok(Some(out))
 }
 
+/// While MS5 is slow, `plain` keeps about `rate × slow delay` requests in flight, each
+/// holding ten sockets (both ends of five connections). Warns when the soft limit on
+/// open files (read from `/proc` on Linux; elsewhere not checked) is lower than that.
+fn warn_on_low_fd_limit(s: &Scenario) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok());
+    let need = (f64::from(s.rate) * s.slow_delay.as_secs_f64() * 10.0) as u64 + 256;
+    if let Some(soft) = soft.filter(|soft| *soft < need) {
+        eprintln!(
+            "warning: the open-file limit is {soft}; plain mode may need about {need} sockets \
+             while MS5 is slow, and would then fail for lack of them. Raise it first: \
+             ulimit -n {}",
+            need.next_power_of_two()
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args = match parse_args(std::env::args().skip(1)) {
@@ -166,6 +189,7 @@ async fn main() {
             s.slow.1
         );
     }
+    warn_on_low_fd_limit(s);
     let mut results: Vec<(Mode, Report)> = Vec::new();
     for &mode in &args.modes {
         if !args.json {

@@ -10,8 +10,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Extension;
@@ -34,6 +36,7 @@ use postbox::idempotency::{IdempotencyLayer, REPLAYED_HEADER};
 use postbox::queue::{EmbeddedOptions, EmbeddedQueue, Queue};
 use postbox::timeout::{CallDeadline, DeadlineLayer, HttpPropagation};
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, sleep_until};
@@ -210,7 +213,11 @@ pub(crate) async fn run(mode: Mode, scenario: &Scenario) -> Result<Report, BoxEr
         });
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         next = listener.local_addr()?;
-        servers.push(Server::spawn(listener, relay_router(mode, relay)?)?);
+        // Only MS5 is ever hard-stopped; the relays are plain axum servers.
+        let router = relay_router(mode, relay)?;
+        servers.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        }));
     }
     let ms1 = next;
 
@@ -261,8 +268,9 @@ pub(crate) async fn run(mode: Mode, scenario: &Scenario) -> Result<Report, BoxEr
         replayed += stats.replayed;
         dead_lettered += stats.dead_lettered;
     }
-    for mut server in servers {
-        server.stop().await;
+    for server in servers {
+        server.abort();
+        let _ = server.await;
     }
     ms5.stop().await;
 
@@ -563,8 +571,9 @@ impl Drop for GaugeGuard<'_> {
 
 // === servers that can be hard-stopped ===
 
-/// Open connections of one server, so a hard stop can cut them.
-type Conns = Arc<Mutex<Vec<std::net::TcpStream>>>;
+/// Open connections of one server, so a hard stop can cut them: a second handle on
+/// each socket, and a token that dies with the connection's own stream.
+type Conns = Arc<Mutex<Vec<(Weak<()>, std::net::TcpStream)>>>;
 
 /// A listener that keeps a handle on every accepted socket.
 struct TrackedListener {
@@ -573,18 +582,24 @@ struct TrackedListener {
 }
 
 impl TrackedListener {
-    fn track(&self, stream: TcpStream) -> io::Result<TcpStream> {
+    fn track(&self, stream: TcpStream) -> io::Result<Tracked> {
         let std = stream.into_std()?;
         let handle = std.try_clone()?;
+        let alive = Arc::new(());
         let mut conns = self.conns.lock().expect("conns lock");
-        conns.push(handle);
+        // Forget the connections hyper has closed, so their handles close too.
+        conns.retain(|(alive, _)| alive.strong_count() > 0);
+        conns.push((Arc::downgrade(&alive), handle));
         drop(conns);
-        TcpStream::from_std(std)
+        Ok(Tracked {
+            stream: TcpStream::from_std(std)?,
+            _alive: alive,
+        })
     }
 }
 
 impl axum::serve::Listener for TrackedListener {
-    type Io = TcpStream;
+    type Io = Tracked;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -605,7 +620,54 @@ impl axum::serve::Listener for TrackedListener {
     }
 }
 
-/// One axum server on loopback.
+/// An accepted connection; dropping it tells [`TrackedListener`] the socket is gone.
+struct Tracked {
+    stream: TcpStream,
+    _alive: Arc<()>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// An axum server on loopback that can be hard-stopped and started again on the same
+/// port (MS5).
 struct Server {
     addr: SocketAddr,
     task: Option<JoinHandle<()>>,
@@ -638,7 +700,7 @@ impl Server {
             let _ = task.await;
         }
         let conns = std::mem::take(&mut *self.conns.lock().expect("conns lock"));
-        for conn in conns {
+        for (_, conn) in conns {
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
     }
