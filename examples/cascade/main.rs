@@ -120,12 +120,14 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
             "--drain" => out.scenario.drain_timeout = secs(&value()?, "--drain")?,
             "--modes" => {
                 let v = value()?;
-                out.modes = v
-                    .split(',')
-                    .map(|m| {
-                        Mode::parse(m.trim()).ok_or_else(|| format!("--modes: unknown mode {m:?}"))
-                    })
-                    .collect::<Result<_, _>>()?;
+                out.modes.clear();
+                for m in v.split(',') {
+                    let mode = Mode::parse(m.trim())
+                        .ok_or_else(|| format!("--modes: unknown mode {m:?}"))?;
+                    if !out.modes.contains(&mode) {
+                        out.modes.push(mode);
+                    }
+                }
             }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
