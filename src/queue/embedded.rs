@@ -243,13 +243,18 @@ enum Op {
     },
 }
 
-/// An answer computed inside the transaction, sent once it has committed.
-enum Done {
-    Enqueue(Reply<Enqueued>, Result<Enqueued, QueueError>),
-    Lease(Reply<Vec<Leased>>, Result<Vec<Leased>, QueueError>),
-    Unit(Reply<()>, Result<(), QueueError>),
-    Depth(Reply<Depth>, Result<Depth, QueueError>),
-    DeadLetters(Reply<Vec<DeadLetter>>, Result<Vec<DeadLetter>, QueueError>),
+/// An answer computed inside the transaction, sent once the commit is known: as
+/// computed if it succeeded (`None`), else the commit's error.
+type Done = Box<dyn FnOnce(Option<&QueueError>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, QueueError>) -> Done {
+    Box::new(move |failed| {
+        // A caller that dropped its future no longer wants the answer.
+        let _ = reply.send(match failed {
+            None => result,
+            Some(e) => Err(replicate(e)),
+        });
+    })
 }
 
 // === impl EmbeddedQueue ===
@@ -646,57 +651,30 @@ impl Writer {
             Ok(Err(e)) => Some(e),
             Err(_) => Some(QueueError::Corrupt("redb panicked during a write".into())),
         };
-        if let Some(err) = failure {
+        if let Some(err) = &failure {
             self.live = live_before;
             tracing::error!(error = %err, "postbox queue commit failed");
-            for d in done {
-                d.fail(&err);
-            }
-        } else {
-            for d in done {
-                d.send();
-            }
+        }
+        for d in done {
+            d(failure.as_ref());
         }
     }
 }
 
-fn not_applied<T>() -> Result<T, QueueError> {
-    Err(QueueError::Backend("not applied".into()))
-}
-
+/// The answer to an op a failed batch never reached: the batch's error.
 fn unanswered(op: Op) -> Done {
+    fn never<T>() -> Result<T, QueueError> {
+        Err(QueueError::Backend("not applied".into()))
+    }
     match op {
-        Op::Enqueue { reply, .. } => Done::Enqueue(reply, not_applied()),
-        Op::Lease { reply, .. } => Done::Lease(reply, not_applied()),
+        Op::Enqueue { reply, .. } => answer(reply, never()),
+        Op::Lease { reply, .. } => answer(reply, never()),
         Op::Ack { reply, .. }
         | Op::RetryLater { reply, .. }
         | Op::DeadLetter { reply, .. }
-        | Op::Close { reply } => Done::Unit(reply, not_applied()),
-        Op::Depth { reply } => Done::Depth(reply, not_applied()),
-        Op::DeadLetters { reply, .. } => Done::DeadLetters(reply, not_applied()),
-    }
-}
-
-impl Done {
-    fn send(self) {
-        // A caller that dropped its future no longer wants the answer.
-        match self {
-            Done::Enqueue(r, v) => drop(r.send(v)),
-            Done::Lease(r, v) => drop(r.send(v)),
-            Done::Unit(r, v) => drop(r.send(v)),
-            Done::Depth(r, v) => drop(r.send(v)),
-            Done::DeadLetters(r, v) => drop(r.send(v)),
-        }
-    }
-
-    fn fail(self, e: &QueueError) {
-        match self {
-            Done::Enqueue(r, _) => drop(r.send(Err(replicate(e)))),
-            Done::Lease(r, _) => drop(r.send(Err(replicate(e)))),
-            Done::Unit(r, _) => drop(r.send(Err(replicate(e)))),
-            Done::Depth(r, _) => drop(r.send(Err(replicate(e)))),
-            Done::DeadLetters(r, _) => drop(r.send(Err(replicate(e)))),
-        }
+        | Op::Close { reply } => answer(reply, never()),
+        Op::Depth { reply } => answer(reply, never()),
+        Op::DeadLetters { reply, .. } => answer(reply, never()),
     }
 }
 
@@ -752,7 +730,7 @@ fn apply_ops(
                     live,
                     capacity,
                 );
-                keep_logic_error(r, |r| done.push(Done::Enqueue(reply, r)))?;
+                keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::Lease {
                 max,
@@ -761,11 +739,11 @@ fn apply_ops(
                 reply,
             } => {
                 let r = t.lease(max, lease_for, now);
-                keep_logic_error(r, |r| done.push(Done::Lease(reply, r)))?;
+                keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::Ack { tokens, reply } => {
                 let r = t.ack(&tokens, live);
-                keep_logic_error(r, |r| done.push(Done::Unit(reply, r)))?;
+                keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::RetryLater {
                 token,
@@ -773,7 +751,7 @@ fn apply_ops(
                 reply,
             } => {
                 let r = t.retry_later(token, not_before);
-                keep_logic_error(r, |r| done.push(Done::Unit(reply, r)))?;
+                keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::DeadLetter {
                 token,
@@ -781,19 +759,19 @@ fn apply_ops(
                 reply,
             } => {
                 let r = t.dead_letter(token, &reason, live);
-                keep_logic_error(r, |r| done.push(Done::Unit(reply, r)))?;
+                keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::Depth { reply } => {
                 let r = t.depth();
-                keep_logic_error(r, |r| done.push(Done::Depth(reply, r)))?;
+                keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::DeadLetters { max, reply } => {
                 let r = t.dead_letters(max);
-                keep_logic_error(r, |r| done.push(Done::DeadLetters(reply, r)))?;
+                keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::Close { reply } => {
                 // Split off by the writer loop before a batch is applied.
-                done.push(Done::Unit(reply, Err(stopped())));
+                done.push(answer(reply, Err(stopped())));
             }
         }
     }
