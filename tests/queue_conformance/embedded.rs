@@ -7,6 +7,7 @@ fn open(options: EmbeddedOptions) -> (EmbeddedQueue, TempDir) {
     (q, dir)
 }
 
-crate::conformance!(|| open(EmbeddedOptions::new()), |capacity| open(
-    EmbeddedOptions::new().with_capacity(capacity)
-));
+crate::conformance!(
+    || async { open(EmbeddedOptions::new()) },
+    capacity = |capacity| async move { open(EmbeddedOptions::new().with_capacity(capacity)) }
+);

@@ -1,6 +1,6 @@
 use postbox::queue::MemoryQueue;
 
-crate::conformance!(|| (MemoryQueue::new(), ()), |capacity| (
-    MemoryQueue::with_capacity(capacity),
-    ()
-));
+crate::conformance!(
+    || async { (MemoryQueue::new(), ()) },
+    capacity = |capacity| async move { (MemoryQueue::with_capacity(capacity), ()) }
+);

@@ -6,13 +6,24 @@ use std::time::{Duration, SystemTime};
 
 const LEASE: Duration = Duration::from_secs(30);
 
-/// Runs every behaviour against a backend. `$make` builds a fresh, empty queue as
-/// `(queue, guard)` (the guard keeps e.g. a temp dir alive); `$make_cap` does the same
-/// with a capacity.
+/// Runs every behaviour against a backend.
+///
+/// `$make` is a closure returning a future of a fresh, empty queue as `(queue, guard)`
+/// (the guard keeps e.g. a temp dir or a broker stream alive for the test). The optional
+/// `capacity = $make_cap` takes a capacity and does the same, for backends that enforce
+/// one.
 #[macro_export]
 macro_rules! conformance {
-    ($make:expr, $make_cap:expr) => {
-        $crate::conformance!(@tests $make, $make_cap;
+    ($make:expr, capacity = $make_cap:expr) => {
+        $crate::conformance!($make);
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn full_queue_refuses_enqueue() {
+            let (q, _guard) = ($make_cap)(2).await;
+            $crate::suite::full_queue_refuses_enqueue(q).await;
+        }
+    };
+    ($make:expr) => {
+        $crate::conformance!(@tests $make;
             enqueue_then_lease_returns_the_envelope,
             lease_is_fifo_by_id,
             lease_respects_max,
@@ -33,17 +44,12 @@ macro_rules! conformance {
             depth_counts_each_state,
             concurrent_enqueues_are_all_stored,
         );
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn full_queue_refuses_enqueue() {
-            let (q, _guard) = ($make_cap)(2);
-            $crate::suite::full_queue_refuses_enqueue(q).await;
-        }
     };
-    (@tests $make:expr, $make_cap:expr; $($name:ident,)*) => {
+    (@tests $make:expr; $($name:ident,)*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let (q, _guard) = ($make)();
+                let (q, _guard) = ($make)().await;
                 $crate::suite::$name(q).await;
             }
         )*
