@@ -7,7 +7,12 @@ fn open(options: EmbeddedOptions) -> (EmbeddedQueue, TempDir) {
     (q, dir)
 }
 
-crate::conformance!(
-    || async { open(EmbeddedOptions::new()) },
-    capacity = |capacity| async move { open(EmbeddedOptions::new().with_capacity(capacity)) }
-);
+crate::conformance!(|| open(EmbeddedOptions::new()), |capacity| open(
+    EmbeddedOptions::new().with_capacity(capacity)
+));
+
+#[tokio::test]
+async fn endless_lease_does_not_expire() {
+    let (q, _dir) = open(EmbeddedOptions::new());
+    crate::suite::endless_lease_does_not_expire(q).await;
+}

@@ -1,6 +1,11 @@
 use postbox::queue::MemoryQueue;
 
-crate::conformance!(
-    || async { (MemoryQueue::new(), ()) },
-    capacity = |capacity| async move { (MemoryQueue::with_capacity(capacity), ()) }
-);
+crate::conformance!(|| (MemoryQueue::new(), ()), |capacity| (
+    MemoryQueue::with_capacity(capacity),
+    ()
+));
+
+#[tokio::test]
+async fn endless_lease_does_not_expire() {
+    crate::suite::endless_lease_does_not_expire(MemoryQueue::new()).await;
+}
