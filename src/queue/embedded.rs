@@ -39,6 +39,20 @@
 //! | `idempotency_keys` | key → id | keys of pending and in-flight messages |
 //! | `postbox_meta` | name → u64 | the schema version |
 //!
+//! # Durability and damage
+//!
+//! Every commit is `Durability::Immediate`: redb writes the pages, then `fdatasync`s
+//! before the commit returns, so an acknowledged enqueue survives a process crash and —
+//! as far as the disk honours flushes — power loss. The tests kill a process with
+//! SIGKILL while 64 tasks enqueue and find every acknowledged message after reopening;
+//! power loss itself is not simulated. A read-only batch (depth, an empty lease) costs no
+//! commit.
+//!
+//! Opening checks the file: not a redb file, a truncated file, damaged pages (with the
+//! default integrity check) or an unknown schema version are [`QueueError::Corrupt`],
+//! never a panic. An *empty* file is taken as a new queue (redb's rule: a crash during
+//! the very first open leaves one).
+//!
 //! Ids are stored as `u128` (the UUID's bytes read big-endian, so the order is the
 //! same). The attempt count travels with the message's index entry, so a lease or an ack
 //! never rewrites the stored envelope; the envelope's own `attempts` field is brought up
