@@ -39,6 +39,17 @@
 //! | `idempotency_keys` | key → id | keys of pending and in-flight messages |
 //! | `postbox_meta` | name → u64 | the schema version |
 //!
+//! Ids are stored as `u128` (the UUID's bytes read big-endian, so the order is the
+//! same). The attempt count travels with the message's index entry, so a lease or an ack
+//! never rewrites the stored envelope; the envelope's own `attempts` field is brought up
+//! to date when it is rewritten anyway (retry later, dead letter).
+//!
+//! An enqueue that is already due by the system clock goes straight to `ready`, otherwise
+//! to `scheduled`. A lease first returns expired leases to `ready`, then moves due
+//! `scheduled` entries to `ready`, then takes the lowest ids (checking each one's
+//! `not_before` against the lease's `now`) — so it costs O(log n) per message, however
+//! many are waiting. Times are stored as nanoseconds since the Unix epoch.
+//!
 //! # Durability and damage
 //!
 //! Every commit is `Durability::Immediate`: redb writes the pages, then `fdatasync`s
@@ -52,17 +63,6 @@
 //! default integrity check) or an unknown schema version are [`QueueError::Corrupt`],
 //! never a panic. An *empty* file is taken as a new queue (redb's rule: a crash during
 //! the very first open leaves one).
-//!
-//! Ids are stored as `u128` (the UUID's bytes read big-endian, so the order is the
-//! same). The attempt count travels with the message's index entry, so a lease or an ack
-//! never rewrites the stored envelope; the envelope's own `attempts` field is brought up
-//! to date when it is rewritten anyway (retry later, dead letter).
-//!
-//! An enqueue that is already due by the system clock goes straight to `ready`, otherwise
-//! to `scheduled`. A lease first returns expired leases to `ready`, then moves due
-//! `scheduled` entries to `ready`, then takes the lowest ids (checking each one's
-//! `not_before` against the lease's `now`) — so it costs O(log n) per message, however
-//! many are waiting. Times are stored as nanoseconds since the Unix epoch.
 
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
