@@ -102,3 +102,598 @@ impl fmt::Display for DecodeError {
 }
 
 impl std::error::Error for DecodeError {}
+
+// === impl MessageId ===
+
+/// The last id handed out by [`MessageId::new_v7`], to keep ids monotonic within a
+/// process: `(unix_ms, 74 counter bits)`.
+static LAST_V7: std::sync::Mutex<(u64, u128)> = std::sync::Mutex::new((0, 0));
+
+/// Mask of the 74 bits of a UUIDv7 that are not timestamp, version or variant.
+const V7_RAND_BITS: u32 = 74;
+
+impl MessageId {
+    /// A new UUIDv7 from the system clock's Unix milliseconds and random bits.
+    ///
+    /// Ids are strictly increasing within a process (RFC 9562 §6.2, method 2: within one
+    /// millisecond, or if the clock steps back, the 74 random bits are used as a counter
+    /// started at a random value), so they sort by creation order.
+    pub fn new_v7() -> Self {
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+            & 0xFFFF_FFFF_FFFF; // 48 bits
+        // Random start with the top bit clear, leaving room to count up within a ms.
+        let fresh = || fastrand::u128(..) & ((1u128 << (V7_RAND_BITS - 1)) - 1);
+        let (ms, counter) = {
+            // A poisoned lock only means another thread panicked while holding a plain
+            // pair of integers; the value is still usable.
+            let mut last = LAST_V7.lock().unwrap_or_else(|e| e.into_inner());
+            let next = if now_ms > last.0 {
+                (now_ms, fresh())
+            } else if last.1 + 1 < (1u128 << V7_RAND_BITS) {
+                (last.0, last.1 + 1)
+            } else {
+                // Counter exhausted within one millisecond: borrow the next one.
+                (last.0 + 1, fresh())
+            };
+            *last = next;
+            next
+        };
+        Self::from_v7_parts(ms, counter)
+    }
+
+    /// Assembles a UUIDv7 from a 48-bit millisecond timestamp and 74 random/counter bits.
+    fn from_v7_parts(ms: u64, bits74: u128) -> Self {
+        let rand_a = (bits74 >> 62) & 0xFFF; // 12 bits
+        let rand_b = bits74 & ((1u128 << 62) - 1); // 62 bits
+        let v = (u128::from(ms & 0xFFFF_FFFF_FFFF) << 80)
+            | (0x7u128 << 76)
+            | (rand_a << 64)
+            | (0b10u128 << 62)
+            | rand_b;
+        MessageId(v.to_be_bytes())
+    }
+
+    /// The id from its 16 bytes (big-endian, as in the UUID text form).
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        MessageId(bytes)
+    }
+
+    /// The id's 16 bytes.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// The Unix-millisecond timestamp of a UUIDv7 id (its first 48 bits).
+    pub fn timestamp_ms(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b[2..].copy_from_slice(&self.0[..6]);
+        u64::from_be_bytes(b)
+    }
+}
+
+impl std::str::FromStr for MessageId {
+    type Err = DecodeError;
+
+    /// Parses the hyphenated (`01890a5d-ac96-774b-bcce-b302099a8057`) or plain 32-digit
+    /// hex form, in either case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex: Vec<u8> = if s.len() == 36 {
+            for (i, c) in s.bytes().enumerate() {
+                if matches!(i, 8 | 13 | 18 | 23) != (c == b'-') {
+                    return Err(DecodeError::Invalid("message id"));
+                }
+            }
+            s.bytes().filter(|&c| c != b'-').collect()
+        } else {
+            s.bytes().collect()
+        };
+        if hex.len() != 32 {
+            return Err(DecodeError::Invalid("message id"));
+        }
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(DecodeError::Invalid("message id")),
+        };
+        let mut out = [0u8; 16];
+        for (i, pair) in hex.chunks_exact(2).enumerate() {
+            out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        }
+        Ok(MessageId(out))
+    }
+}
+
+// === impl DeferReason ===
+
+impl DeferReason {
+    /// The reason's code in the binary encoding.
+    pub const fn code(self) -> u8 {
+        match self {
+            DeferReason::CircuitOpen => 1,
+            DeferReason::BulkheadFull => 2,
+            DeferReason::RetriesExhausted => 3,
+            DeferReason::DeadlineElapsed => 4,
+        }
+    }
+
+    /// The reason for an encoding code, if it is one.
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(DeferReason::CircuitOpen),
+            2 => Some(DeferReason::BulkheadFull),
+            3 => Some(DeferReason::RetriesExhausted),
+            4 => Some(DeferReason::DeadlineElapsed),
+            _ => None,
+        }
+    }
+}
+
+// === impl Envelope ===
+
+/// The first four bytes of every encoded envelope.
+pub const MAGIC: [u8; 4] = *b"PBOX";
+/// The encoding version [`Envelope::encode`] writes (and the only one
+/// [`Envelope::decode`] reads).
+pub const VERSION: u8 = 1;
+/// Size of the fixed-layout header of version 1, in bytes.
+const FIXED_LEN: usize = 64;
+/// Flag bit: `expires_at` is present.
+const FLAG_EXPIRES: u8 = 0b0000_0001;
+
+impl Envelope {
+    /// A new envelope for a request deferred now: a fresh [`MessageId::new_v7`], the
+    /// idempotency key set to the id's text form, `created_at` and `not_before` now, no
+    /// expiry, no attempts, no headers.
+    pub fn new(
+        destination: impl Into<String>,
+        method: impl Into<String>,
+        uri: impl Into<String>,
+        body: impl Into<Bytes>,
+        reason: DeferReason,
+    ) -> Self {
+        let id = MessageId::new_v7();
+        let now = SystemTime::now();
+        Envelope {
+            id,
+            idempotency_key: id.to_string(),
+            created_at: now,
+            not_before: now,
+            expires_at: None,
+            attempts: 0,
+            destination: destination.into(),
+            method: method.into(),
+            uri: uri.into(),
+            headers: Vec::new(),
+            body: body.into(),
+            reason,
+        }
+    }
+
+    /// Encodes the envelope in the versioned binary format described in
+    /// `docs/envelope.md` (little-endian; a 64-byte fixed header, then length-prefixed
+    /// fields).
+    ///
+    /// # Panics
+    /// If a single string, header value or the body is 4 GiB or larger, or there are
+    /// more than `u32::MAX` headers (lengths are 32-bit).
+    pub fn encode(&self) -> Vec<u8> {
+        let var_len = 4 * 6
+            + self.idempotency_key.len()
+            + self.destination.len()
+            + self.method.len()
+            + self.uri.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| 8 + n.len() + v.len())
+                .sum::<usize>()
+            + self.body.len();
+        let mut out = Vec::with_capacity(FIXED_LEN + var_len);
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(self.reason.code());
+        out.push(if self.expires_at.is_some() {
+            FLAG_EXPIRES
+        } else {
+            0
+        });
+        out.push(0); // reserved
+        out.extend_from_slice(&self.id.0);
+        put_time(&mut out, self.created_at);
+        put_time(&mut out, self.not_before);
+        match self.expires_at {
+            Some(t) => put_time(&mut out, t),
+            None => out.extend_from_slice(&[0u8; 12]),
+        }
+        out.extend_from_slice(&self.attempts.to_le_bytes());
+        debug_assert_eq!(out.len(), FIXED_LEN);
+        put_bytes(&mut out, self.idempotency_key.as_bytes());
+        put_bytes(&mut out, self.destination.as_bytes());
+        put_bytes(&mut out, self.method.as_bytes());
+        put_bytes(&mut out, self.uri.as_bytes());
+        put_u32(&mut out, self.headers.len());
+        for (name, value) in &self.headers {
+            put_bytes(&mut out, name.as_bytes());
+            put_bytes(&mut out, value);
+        }
+        put_bytes(&mut out, &self.body);
+        out
+    }
+
+    /// Decodes an envelope written by [`Envelope::encode`].
+    ///
+    /// # Errors
+    /// [`DecodeError::BadMagic`] if the input is not an envelope,
+    /// [`DecodeError::UnknownVersion`] for a version other than [`VERSION`],
+    /// [`DecodeError::Truncated`] if it ends early, and [`DecodeError::Invalid`] naming the
+    /// field for an invalid value (unknown reason code, unknown flags, a non-UTF-8
+    /// string, an out-of-range timestamp) or trailing bytes. Never panics.
+    pub fn decode(input: &[u8]) -> Result<Envelope, DecodeError> {
+        let mut r = Reader { buf: input };
+        // Check the magic and version before length, so a short foreign input says
+        // what it is rather than "truncated".
+        let magic = r.take(4.min(input.len()))?;
+        if magic != &MAGIC[..magic.len()] {
+            return Err(DecodeError::BadMagic);
+        }
+        if magic.len() < 4 {
+            return Err(DecodeError::Truncated);
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let reason = DeferReason::from_code(r.u8()?).ok_or(DecodeError::Invalid("reason"))?;
+        let flags = r.u8()?;
+        if flags & !FLAG_EXPIRES != 0 {
+            return Err(DecodeError::Invalid("flags"));
+        }
+        if r.u8()? != 0 {
+            return Err(DecodeError::Invalid("reserved"));
+        }
+        let id = MessageId(r.array::<16>()?);
+        let created_at = r.time("created_at")?;
+        let not_before = r.time("not_before")?;
+        let expires_raw = r.array::<12>()?;
+        let expires_at = if flags & FLAG_EXPIRES != 0 {
+            Some(time_from(&expires_raw).ok_or(DecodeError::Invalid("expires_at"))?)
+        } else if expires_raw != [0u8; 12] {
+            return Err(DecodeError::Invalid("expires_at"));
+        } else {
+            None
+        };
+        let attempts = r.u32()?;
+        let idempotency_key = r.string("idempotency_key")?;
+        let destination = r.string("destination")?;
+        let method = r.string("method")?;
+        let uri = r.string("uri")?;
+        let count = r.u32()? as usize;
+        // Each header needs at least 8 bytes: never trust the count for the allocation.
+        let mut headers = Vec::with_capacity(count.min(r.buf.len() / 8));
+        for _ in 0..count {
+            let name = r.string("header name")?;
+            let value = Bytes::copy_from_slice(r.bytes()?);
+            headers.push((name, value));
+        }
+        let body = Bytes::copy_from_slice(r.bytes()?);
+        if !r.buf.is_empty() {
+            return Err(DecodeError::Invalid("trailing bytes"));
+        }
+        Ok(Envelope {
+            id,
+            idempotency_key,
+            created_at,
+            not_before,
+            expires_at,
+            attempts,
+            destination,
+            method,
+            uri,
+            headers,
+            body,
+            reason,
+        })
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, n: usize) {
+    let n = u32::try_from(n).expect("envelope field longer than u32::MAX");
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len());
+    out.extend_from_slice(b);
+}
+
+/// Seconds (i64, floor) and nanoseconds (u32, `0..1e9`) relative to the Unix epoch.
+fn put_time(out: &mut Vec<u8>, t: SystemTime) {
+    let (secs, nanos) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => (
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            d.subsec_nanos(),
+        ),
+        Err(e) => {
+            let d = e.duration();
+            let s = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            if d.subsec_nanos() == 0 {
+                (-s, 0)
+            } else {
+                (-s - 1, 1_000_000_000 - d.subsec_nanos())
+            }
+        }
+    };
+    out.extend_from_slice(&secs.to_le_bytes());
+    out.extend_from_slice(&nanos.to_le_bytes());
+}
+
+fn time_from(raw: &[u8; 12]) -> Option<SystemTime> {
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&raw[..8]);
+    let mut n = [0u8; 4];
+    n.copy_from_slice(&raw[8..]);
+    let secs = i64::from_le_bytes(s);
+    let nanos = u32::from_le_bytes(n);
+    if nanos >= 1_000_000_000 {
+        return None;
+    }
+    let base = if secs >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs.unsigned_abs()))?
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(std::time::Duration::from_secs(secs.unsigned_abs()))?
+    };
+    base.checked_add(std::time::Duration::from_nanos(u64::from(nanos)))
+}
+
+/// A bounds-checked cursor: every read is `Truncated` rather than a panic.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array::<4>()?))
+    }
+
+    fn time(&mut self, field: &'static str) -> Result<SystemTime, DecodeError> {
+        time_from(&self.array::<12>()?).ok_or(DecodeError::Invalid(field))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Invalid(field))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn sample() -> Envelope {
+        Envelope {
+            id: MessageId(*b"\x01\x8f\x3a\x5b\x7c\x00\x70\x01\x80\x00\x00\x00\x00\x00\x00\x2a"),
+            idempotency_key: "k-1".into(),
+            created_at: SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5),
+            not_before: SystemTime::UNIX_EPOCH + Duration::new(1_700_000_030, 0),
+            expires_at: Some(SystemTime::UNIX_EPOCH + Duration::new(1_700_086_400, 0)),
+            attempts: 2,
+            destination: "api:443".into(),
+            method: "POST".into(),
+            uri: "https://api/x".into(),
+            headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))],
+            body: Bytes::from_static(b"hi"),
+            reason: DeferReason::CircuitOpen,
+        }
+    }
+
+    #[test]
+    fn round_trips_sample() {
+        let e = sample();
+        let enc = e.encode();
+        assert_eq!(&enc[..4], b"PBOX");
+        assert_eq!(enc[4], 1);
+        assert_eq!(Envelope::decode(&enc), Ok(e));
+    }
+
+    #[test]
+    fn documented_example() {
+        let doc = include_str!("../../docs/envelope.md");
+        let dump = doc
+            .split("```text")
+            .nth(1)
+            .unwrap()
+            .split("```")
+            .next()
+            .unwrap();
+        let mut bytes = Vec::new();
+        for line in dump.trim().lines() {
+            for pair in line[10..58].split_whitespace() {
+                bytes.push(u8::from_str_radix(pair, 16).unwrap());
+            }
+        }
+        assert_eq!(sample().encode(), bytes);
+        assert_eq!(Envelope::decode(&bytes), Ok(sample()));
+    }
+
+    #[test]
+    fn rejects_bad_magic_version_flags_reason_and_trailing() {
+        let enc = sample().encode();
+        let mut bad = enc.clone();
+        bad[0] = b'X';
+        assert_eq!(Envelope::decode(&bad), Err(DecodeError::BadMagic));
+        assert_eq!(Envelope::decode(b"GET /"), Err(DecodeError::BadMagic));
+        let mut bad = enc.clone();
+        bad[4] = 2;
+        assert_eq!(Envelope::decode(&bad), Err(DecodeError::UnknownVersion(2)));
+        let mut bad = enc.clone();
+        bad[5] = 9;
+        assert_eq!(Envelope::decode(&bad), Err(DecodeError::Invalid("reason")));
+        let mut bad = enc.clone();
+        bad[6] = 0x80;
+        assert_eq!(Envelope::decode(&bad), Err(DecodeError::Invalid("flags")));
+        let mut bad = enc.clone();
+        bad.push(0);
+        assert_eq!(
+            Envelope::decode(&bad),
+            Err(DecodeError::Invalid("trailing bytes"))
+        );
+        let mut bad = enc;
+        bad[32..36].copy_from_slice(&[0xff; 4]); // created_at nanos >= 1e9
+        assert_eq!(
+            Envelope::decode(&bad),
+            Err(DecodeError::Invalid("created_at"))
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let enc = sample().encode();
+        for n in 0..enc.len() {
+            assert_eq!(
+                Envelope::decode(&enc[..n]),
+                Err(DecodeError::Truncated),
+                "prefix {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn times_before_the_epoch_round_trip() {
+        let mut e = sample();
+        e.created_at = SystemTime::UNIX_EPOCH - Duration::new(10, 250);
+        e.not_before = SystemTime::UNIX_EPOCH - Duration::new(3, 0);
+        assert_eq!(Envelope::decode(&e.encode()), Ok(e));
+    }
+
+    #[test]
+    fn v7_ids_are_increasing_and_well_formed() {
+        let mut prev = MessageId::new_v7();
+        for _ in 0..10_000 {
+            let id = MessageId::new_v7();
+            assert!(id > prev);
+            assert_eq!(id.0[6] >> 4, 7, "version");
+            assert_eq!(id.0[8] >> 6, 0b10, "variant");
+            prev = id;
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(prev.timestamp_ms().abs_diff(now_ms) < 60_000);
+        assert_eq!(prev.to_string().parse::<MessageId>(), Ok(prev));
+        assert_eq!(
+            prev.to_string().replace('-', "").parse::<MessageId>(),
+            Ok(prev)
+        );
+        assert!("not-an-id".parse::<MessageId>().is_err());
+    }
+
+    fn arb_time() -> impl Strategy<Value = SystemTime> {
+        (any::<bool>(), 0u64..(1 << 40), 0u32..1_000_000_000).prop_map(|(neg, s, n)| {
+            let d = Duration::new(s, n);
+            if neg {
+                SystemTime::UNIX_EPOCH - d
+            } else {
+                SystemTime::UNIX_EPOCH + d
+            }
+        })
+    }
+
+    fn arb_envelope() -> impl Strategy<Value = Envelope> {
+        (
+            (
+                any::<[u8; 16]>(),
+                ".{0,20}",
+                arb_time(),
+                arb_time(),
+                proptest::option::of(arb_time()),
+                any::<u32>(),
+            ),
+            (".{0,20}", "[A-Z]{0,8}", ".{0,40}"),
+            proptest::collection::vec(
+                (".{0,12}", proptest::collection::vec(any::<u8>(), 0..16)),
+                0..5,
+            ),
+            proptest::collection::vec(any::<u8>(), 0..300),
+            1u8..=4,
+        )
+            .prop_map(
+                |((id, key, c, nb, exp, attempts), (dest, method, uri), headers, body, reason)| {
+                    Envelope {
+                        id: MessageId(id),
+                        idempotency_key: key,
+                        created_at: c,
+                        not_before: nb,
+                        expires_at: exp,
+                        attempts,
+                        destination: dest,
+                        method,
+                        uri,
+                        headers: headers
+                            .into_iter()
+                            .map(|(n, v)| (n, Bytes::from(v)))
+                            .collect(),
+                        body: Bytes::from(body),
+                        reason: DeferReason::from_code(reason).unwrap(),
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn decode_inverts_encode(e in arb_envelope()) {
+            prop_assert_eq!(Envelope::decode(&e.encode()), Ok(e));
+        }
+
+        #[test]
+        fn truncated_prefixes_are_errors(e in arb_envelope(), cut in any::<prop::sample::Index>()) {
+            let enc = e.encode();
+            let n = cut.index(enc.len());
+            prop_assert!(Envelope::decode(&enc[..n]).is_err());
+        }
+
+        #[test]
+        fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Envelope::decode(&b);
+        }
+
+        #[test]
+        fn mutated_envelopes_never_panic(e in arb_envelope(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut enc = e.encode();
+            let i = at.index(enc.len());
+            enc[i] = byte;
+            let _ = Envelope::decode(&enc);
+        }
+    }
+}

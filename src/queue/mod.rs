@@ -7,8 +7,14 @@
 //! Times are wall-clock ([`SystemTime`]), since messages outlive the process.
 
 pub mod envelope;
+#[cfg(feature = "embedded")]
+mod embedded;
+mod memory;
 
+#[cfg(feature = "embedded")]
+pub use self::embedded::{EmbeddedOptions, EmbeddedQueue};
 pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};
+pub use self::memory::MemoryQueue;
 
 use std::fmt;
 use std::future::Future;
@@ -125,7 +131,8 @@ impl std::error::Error for QueueError {
 pub trait Queue: Send + Sync + 'static {
     /// Stores `envelope`; when this returns `Ok` the message is durable (fsynced or
     /// acknowledged by the broker). A message whose idempotency key is already pending
-    /// or in flight is not stored twice ([`Enqueued::Duplicate`]).
+    /// or in flight is not stored twice ([`Enqueued::Duplicate`]); an empty key is never
+    /// de-duplicated. Once a message is acked or dead-lettered its key is free again.
     fn enqueue(
         &self,
         envelope: Envelope,
@@ -143,6 +150,10 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Acks delivered messages (one durable commit for the whole batch); they and their
     /// idempotency-key entries are removed.
+    ///
+    /// A stale token (its lease was lost, or the message is already acked) does not stop
+    /// the others: every current token in the batch is acked, and the result is
+    /// [`QueueError::LeaseLost`] naming the first stale one.
     fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send;
 
     /// Returns a leased message to pending, not to be leased before `not_before`.

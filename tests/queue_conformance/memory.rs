@@ -1,0 +1,6 @@
+use postbox::queue::MemoryQueue;
+
+crate::conformance!(|| (MemoryQueue::new(), ()), |capacity| (
+    MemoryQueue::with_capacity(capacity),
+    ()
+));

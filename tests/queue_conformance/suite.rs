@@ -1,0 +1,373 @@
+//! Generic behaviours every `Queue` backend must have.
+
+use bytes::Bytes;
+use postbox::queue::{DeferReason, Enqueued, Envelope, LeaseToken, MessageId, Queue, QueueError};
+use std::time::{Duration, SystemTime};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// Runs every behaviour against a backend. `$make` builds a fresh, empty queue as
+/// `(queue, guard)` (the guard keeps e.g. a temp dir alive); `$make_cap` does the same
+/// with a capacity.
+#[macro_export]
+macro_rules! conformance {
+    ($make:expr, $make_cap:expr) => {
+        $crate::conformance!(@tests $make, $make_cap;
+            enqueue_then_lease_returns_the_envelope,
+            lease_is_fifo_by_id,
+            lease_respects_max,
+            not_before_defers_delivery,
+            expired_lease_returns_to_pending,
+            stale_token_is_refused,
+            ack_removes_message_and_frees_key,
+            duplicate_key_while_pending_is_not_stored_twice,
+            duplicate_key_while_in_flight_is_not_stored_twice,
+            retry_later_defers_and_keeps_attempts,
+            dead_letter_moves_message_and_frees_key,
+            attempts_count_every_lease_until_dead_letter,
+            ack_batch_acks_every_token,
+            ack_with_a_stale_token_acks_the_rest,
+            depth_counts_each_state,
+            concurrent_enqueues_are_all_stored,
+        );
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn full_queue_refuses_enqueue() {
+            let (q, _guard) = ($make_cap)(2);
+            $crate::suite::full_queue_refuses_enqueue(q).await;
+        }
+    };
+    (@tests $make:expr, $make_cap:expr; $($name:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (q, _guard) = ($make)();
+                $crate::suite::$name(q).await;
+            }
+        )*
+    };
+}
+
+/// A fixed base time, so tests are independent of the clock.
+pub fn t0() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+pub fn at(secs: u64) -> SystemTime {
+    t0() + Duration::from_secs(secs)
+}
+
+/// An envelope due at `t0()` with key `key`.
+pub fn envelope(key: &str) -> Envelope {
+    let mut e = Envelope::new(
+        "api:443",
+        "POST",
+        "https://api/orders",
+        Bytes::from(format!("body of {key}")),
+        DeferReason::RetriesExhausted,
+    );
+    e.idempotency_key = key.to_owned();
+    e.created_at = t0();
+    e.not_before = t0();
+    e.headers = vec![(
+        "content-type".into(),
+        Bytes::from_static(b"application/json"),
+    )];
+    e
+}
+
+async fn stored(q: &impl Queue, e: Envelope) -> MessageId {
+    match q.enqueue(e).await.expect("enqueue") {
+        Enqueued::Stored(id) => id,
+        other => panic!("expected Stored, got {other:?}"),
+    }
+}
+
+fn ids(leased: &[postbox::queue::Leased]) -> Vec<MessageId> {
+    leased.iter().map(|l| l.envelope.id).collect()
+}
+
+pub async fn enqueue_then_lease_returns_the_envelope(q: impl Queue) {
+    let e = envelope("a");
+    let id = stored(&q, e.clone()).await;
+    assert_eq!(id, e.id);
+    let leased = q.lease(10, LEASE, at(1)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let l = &leased[0];
+    let mut expected = e;
+    expected.attempts = 1;
+    assert_eq!(l.envelope, expected);
+    assert_eq!(l.token.id, id);
+    assert_eq!(l.lease_until, at(1) + LEASE);
+    assert!(
+        q.lease(10, LEASE, at(2)).await.unwrap().is_empty(),
+        "leased twice"
+    );
+}
+
+pub async fn lease_is_fifo_by_id(q: impl Queue) {
+    let mut sent = Vec::new();
+    for i in 0..6 {
+        sent.push(stored(&q, envelope(&format!("k{i}"))).await);
+    }
+    let first = q.lease(4, LEASE, at(1)).await.unwrap();
+    assert_eq!(ids(&first), sent[..4]);
+    let rest = q.lease(4, LEASE, at(1)).await.unwrap();
+    assert_eq!(ids(&rest), sent[4..]);
+}
+
+pub async fn lease_respects_max(q: impl Queue) {
+    for i in 0..5 {
+        stored(&q, envelope(&format!("k{i}"))).await;
+    }
+    assert!(q.lease(0, LEASE, at(1)).await.unwrap().is_empty());
+    assert_eq!(q.lease(2, LEASE, at(1)).await.unwrap().len(), 2);
+    assert_eq!(q.lease(100, LEASE, at(1)).await.unwrap().len(), 3);
+}
+
+pub async fn not_before_defers_delivery(q: impl Queue) {
+    let mut later = envelope("later");
+    later.not_before = at(60);
+    let later_id = stored(&q, later).await;
+    let now_id = stored(&q, envelope("now")).await;
+    let first = q.lease(10, LEASE, at(1)).await.unwrap();
+    assert_eq!(ids(&first), vec![now_id]);
+    q.ack(&[first[0].token]).await.unwrap();
+    assert!(q.lease(10, LEASE, at(59)).await.unwrap().is_empty());
+    assert_eq!(
+        ids(&q.lease(10, LEASE, at(60)).await.unwrap()),
+        vec![later_id]
+    );
+}
+
+pub async fn expired_lease_returns_to_pending(q: impl Queue) {
+    let id = stored(&q, envelope("a")).await;
+    let first = q.lease(10, LEASE, at(0)).await.unwrap();
+    assert_eq!(first[0].token.generation, 1);
+    assert!(
+        q.lease(10, LEASE, at(29)).await.unwrap().is_empty(),
+        "lease still held"
+    );
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight), (0, 1));
+    let again = q.lease(10, LEASE, at(30)).await.unwrap();
+    assert_eq!(ids(&again), vec![id]);
+    assert_eq!(again[0].envelope.attempts, 2);
+    assert!(again[0].token.generation > first[0].token.generation);
+}
+
+pub async fn stale_token_is_refused(q: impl Queue) {
+    stored(&q, envelope("a")).await;
+    let old = q.lease(1, LEASE, at(0)).await.unwrap()[0].token;
+    let new = q.lease(1, LEASE, at(31)).await.unwrap()[0].token;
+    assert!(matches!(q.ack(&[old]).await, Err(QueueError::LeaseLost(t)) if t == old));
+    assert!(matches!(
+        q.retry_later(old, at(99)).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    assert!(matches!(
+        q.dead_letter(old, "x").await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    q.ack(&[new]).await.unwrap();
+    assert!(
+        matches!(q.ack(&[new]).await, Err(QueueError::LeaseLost(_))),
+        "acked twice"
+    );
+    let forged = LeaseToken {
+        id: MessageId::new_v7(),
+        generation: 1,
+    };
+    assert!(matches!(
+        q.ack(&[forged]).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+}
+
+pub async fn ack_removes_message_and_frees_key(q: impl Queue) {
+    stored(&q, envelope("a")).await;
+    let l = q.lease(1, LEASE, at(0)).await.unwrap();
+    q.ack(&[l[0].token]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap(), Default::default());
+    // Gone for good: not even an expired lease brings it back.
+    assert!(q.lease(10, LEASE, at(3600)).await.unwrap().is_empty());
+    // The key is free again.
+    stored(&q, envelope("a")).await;
+}
+
+pub async fn duplicate_key_while_pending_is_not_stored_twice(q: impl Queue) {
+    let first = stored(&q, envelope("same")).await;
+    let again = q.enqueue(envelope("same")).await.unwrap();
+    assert_eq!(again, Enqueued::Duplicate(first));
+    assert_eq!(q.depth().await.unwrap().pending, 1);
+}
+
+pub async fn duplicate_key_while_in_flight_is_not_stored_twice(q: impl Queue) {
+    let first = stored(&q, envelope("same")).await;
+    q.lease(1, LEASE, at(0)).await.unwrap();
+    assert_eq!(
+        q.enqueue(envelope("same")).await.unwrap(),
+        Enqueued::Duplicate(first)
+    );
+    let d = q.depth().await.unwrap();
+    assert_eq!((d.pending, d.in_flight), (0, 1));
+}
+
+pub async fn retry_later_defers_and_keeps_attempts(q: impl Queue) {
+    let id = stored(&q, envelope("a")).await;
+    let token = q.lease(1, LEASE, at(0)).await.unwrap()[0].token;
+    q.retry_later(token, at(100)).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().pending, 1);
+    assert!(q.lease(1, LEASE, at(99)).await.unwrap().is_empty());
+    let l = q.lease(1, LEASE, at(100)).await.unwrap();
+    assert_eq!(ids(&l), vec![id]);
+    assert_eq!(l[0].envelope.attempts, 2);
+    assert_eq!(l[0].envelope.not_before, at(100));
+    // Still de-duplicated while waiting for its retry.
+    q.retry_later(l[0].token, at(200)).await.unwrap();
+    assert_eq!(
+        q.enqueue(envelope("a")).await.unwrap(),
+        Enqueued::Duplicate(id)
+    );
+}
+
+pub async fn dead_letter_moves_message_and_frees_key(q: impl Queue) {
+    let id = stored(&q, envelope("a")).await;
+    let token = q.lease(1, LEASE, at(0)).await.unwrap()[0].token;
+    q.dead_letter(token, "400 Bad Request").await.unwrap();
+    assert_eq!(
+        q.depth().await.unwrap(),
+        postbox::queue::Depth {
+            pending: 0,
+            in_flight: 0,
+            dead: 1
+        }
+    );
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.id, id);
+    assert_eq!(dead[0].envelope.attempts, 1);
+    assert_eq!(dead[0].reason, "400 Bad Request");
+    // Never leased again, even long after.
+    assert!(q.lease(10, LEASE, at(3600)).await.unwrap().is_empty());
+    // The key is free: a new request with it is a new message.
+    assert_ne!(stored(&q, envelope("a")).await, id);
+    // Dead letters stay (inspection does not remove them).
+    assert_eq!(q.dead_letters(10).await.unwrap().len(), 1);
+}
+
+/// The replayer's policy ("dead-letter after `max_attempts`") relies on `attempts`
+/// counting every lease, including leases that expired.
+pub async fn attempts_count_every_lease_until_dead_letter(q: impl Queue) {
+    const MAX_ATTEMPTS: u32 = 3;
+    let id = stored(&q, envelope("a")).await;
+    let mut now = at(0);
+    let mut seen = Vec::new();
+    loop {
+        let l = q.lease(1, LEASE, now).await.unwrap().pop().expect("due");
+        seen.push(l.envelope.attempts);
+        if l.envelope.attempts >= MAX_ATTEMPTS {
+            q.dead_letter(l.token, "too many attempts").await.unwrap();
+            break;
+        }
+        if l.envelope.attempts == 1 {
+            q.retry_later(l.token, now + Duration::from_secs(5))
+                .await
+                .unwrap();
+        } // else: let the lease expire
+        now += LEASE + Duration::from_secs(5);
+    }
+    assert_eq!(seen, vec![1, 2, 3]);
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!((dead[0].envelope.id, dead[0].envelope.attempts), (id, 3));
+    assert_eq!(q.depth().await.unwrap().dead, 1);
+}
+
+pub async fn ack_batch_acks_every_token(q: impl Queue) {
+    for i in 0..100 {
+        stored(&q, envelope(&format!("k{i}"))).await;
+    }
+    let leased = q.lease(100, LEASE, at(0)).await.unwrap();
+    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    q.ack(&tokens).await.unwrap();
+    assert_eq!(q.depth().await.unwrap(), Default::default());
+}
+
+pub async fn ack_with_a_stale_token_acks_the_rest(q: impl Queue) {
+    stored(&q, envelope("a")).await;
+    stored(&q, envelope("b")).await;
+    let l = q.lease(2, LEASE, at(0)).await.unwrap();
+    let stale = LeaseToken {
+        generation: l[0].token.generation + 7,
+        ..l[0].token
+    };
+    let res = q.ack(&[stale, l[1].token]).await;
+    assert!(matches!(res, Err(QueueError::LeaseLost(t)) if t == stale));
+    let d = q.depth().await.unwrap();
+    assert_eq!(
+        (d.pending, d.in_flight),
+        (0, 1),
+        "the current token was acked"
+    );
+}
+
+pub async fn depth_counts_each_state(q: impl Queue) {
+    for i in 0..5 {
+        stored(&q, envelope(&format!("k{i}"))).await;
+    }
+    let l = q.lease(3, LEASE, at(0)).await.unwrap();
+    q.dead_letter(l[0].token, "x").await.unwrap();
+    q.ack(&[l[1].token]).await.unwrap();
+    assert_eq!(
+        q.depth().await.unwrap(),
+        postbox::queue::Depth {
+            pending: 2,
+            in_flight: 1,
+            dead: 1
+        }
+    );
+}
+
+pub async fn concurrent_enqueues_are_all_stored(q: impl Queue) {
+    let q = std::sync::Arc::new(q);
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..20 {
+                ids.push(
+                    q.enqueue(envelope(&format!("t{t}-{i}")))
+                        .await
+                        .unwrap()
+                        .id(),
+                );
+            }
+            ids
+        }));
+    }
+    let mut sent = Vec::new();
+    for t in tasks {
+        sent.extend(t.await.unwrap());
+    }
+    sent.sort();
+    let leased = q.lease(1000, LEASE, at(0)).await.unwrap();
+    assert_eq!(ids(&leased), sent, "all stored, leased in id order");
+}
+
+pub async fn full_queue_refuses_enqueue(q: impl Queue) {
+    stored(&q, envelope("a")).await;
+    stored(&q, envelope("b")).await;
+    assert!(matches!(
+        q.enqueue(envelope("c")).await,
+        Err(QueueError::Full { capacity: 2 })
+    ));
+    // A duplicate is still answered: it needs no room.
+    assert!(matches!(
+        q.enqueue(envelope("a")).await,
+        Ok(Enqueued::Duplicate(_))
+    ));
+    // Dead letters free their room.
+    let token = q.lease(1, LEASE, at(0)).await.unwrap()[0].token;
+    q.dead_letter(token, "x").await.unwrap();
+    stored(&q, envelope("c")).await;
+}
