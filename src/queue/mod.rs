@@ -6,15 +6,19 @@
 //!
 //! Times are wall-clock ([`SystemTime`]), since messages outlive the process.
 
-pub mod envelope;
 #[cfg(feature = "embedded")]
 mod embedded;
+pub mod envelope;
 mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 #[cfg(feature = "embedded")]
 pub use self::embedded::{EmbeddedOptions, EmbeddedQueue};
 pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};
 pub use self::memory::MemoryQueue;
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisOptions, RedisQueue};
 
 use std::fmt;
 use std::future::Future;

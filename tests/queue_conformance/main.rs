@@ -11,3 +11,6 @@ mod memory;
 
 #[cfg(feature = "embedded")]
 mod embedded;
+
+#[cfg(feature = "redis")]
+mod redis;
