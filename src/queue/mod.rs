@@ -10,6 +10,8 @@
 mod embedded;
 pub mod envelope;
 mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -17,6 +19,8 @@ pub mod redis;
 pub use self::embedded::{EmbeddedOptions, EmbeddedQueue};
 pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};
 pub use self::memory::MemoryQueue;
+#[cfg(feature = "nats")]
+pub use self::nats::{NatsOptions, NatsQueue};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisOptions, RedisQueue};
 

@@ -12,5 +12,11 @@ mod memory;
 #[cfg(feature = "embedded")]
 mod embedded;
 
+#[cfg(any(feature = "nats", feature = "amqp"))]
+mod proxy;
+
+#[cfg(feature = "nats")]
+mod nats;
+
 #[cfg(feature = "redis")]
 mod redis;
