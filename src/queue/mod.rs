@@ -6,6 +6,8 @@
 //!
 //! Times are wall-clock ([`SystemTime`]), since messages outlive the process.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 #[cfg(feature = "embedded")]
 mod embedded;
 pub mod envelope;
@@ -15,6 +17,8 @@ pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
 
+#[cfg(feature = "amqp")]
+pub use self::amqp::{AmqpOptions, AmqpQueue};
 #[cfg(feature = "embedded")]
 pub use self::embedded::{EmbeddedOptions, EmbeddedQueue};
 pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};

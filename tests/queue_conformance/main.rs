@@ -18,5 +18,8 @@ mod proxy;
 #[cfg(feature = "nats")]
 mod nats;
 
+#[cfg(feature = "amqp")]
+mod amqp;
+
 #[cfg(feature = "redis")]
 mod redis;
