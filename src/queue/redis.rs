@@ -25,7 +25,7 @@
 //! |---|---|---|
 //! | `…:stream` | stream | one entry per live message (pending or in flight); consumer group `postbox` |
 //! | `…:dead` | stream | dead letters, oldest first |
-//! | `…:msgs` | hash | message id → stream entry id (the live messages) |
+//! | `…:msgs` | hash | message id → stream entry id (messages read by `lease` at least once) |
 //! | `…:attempts` | hash | message id → delivery attempts (= the lease generation) |
 //! | `…:nb` | hash | message id → not-before (ms) set by `retry_later` |
 //! | `…:keys` | hash | idempotency key → message id (de-duplication) |
@@ -256,7 +256,6 @@ impl RedisQueue {
             id.clone().into(),
             envelope.idempotency_key.clone().into(),
             self.capacity.unwrap_or(0).to_string().into(),
-            envelope.attempts.to_string().into(),
         ];
         let fields: [(&str, Vec<u8>); 9] = [
             ("id", id.into()),
@@ -379,7 +378,7 @@ impl RedisQueue {
     async fn depth_inner(&self) -> Result<Depth, QueueError> {
         let (live, in_flight, dead): (u64, u64, u64) = ::redis::pipe()
             .atomic()
-            .hlen(&self.keys[2])
+            .xlen(&self.keys[0])
             .zcard(&self.keys[6])
             .xlen(&self.keys[1])
             .query_async(&mut self.conn.clone())

@@ -20,12 +20,15 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
     'STREAMS', stream, '>')
   if not r or #r == 0 or #r[1][2] == 0 then break end
   for _, e in ipairs(r[1][2]) do
-    local id, due = nil, 0
+    local id, due, base = nil, 0, '0'
     for i = 1, #e[2], 2 do
-      if e[2][i] == 'id' then id = e[2][i + 1]
-      elseif e[2][i] == 'not_before_ms' then due = tonumber(e[2][i + 1]) or 0 end
+      local k = e[2][i]
+      if k == 'id' then id = e[2][i + 1]
+      elseif k == 'not_before_ms' then due = tonumber(e[2][i + 1]) or 0
+      elseif k == 'attempts' then base = e[2][i + 1] end
     end
-    if id and redis.call('HGET', msgs, id) == e[1] then
+    if id and redis.call('HSETNX', msgs, id, e[1]) == 1 then
+      redis.call('HSET', attempts, id, base)
       fresh[id] = e[2]
       if due <= now then
         redis.call('ZADD', ready, 0, id)
@@ -33,7 +36,7 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
         redis.call('ZADD', delayed, due, id)
       end
     else
-      -- Not written by postbox (or already forgotten): not ours to deliver.
+      -- Not written by postbox, or a second entry with the id of a live message.
       redis.call('XACK', stream, group, e[1])
     end
   end
