@@ -616,7 +616,7 @@ impl Inner {
                 self.park(&ch, epoch, h, now).await?;
             }
         }
-        let lease_until = now.checked_add(lease_for).unwrap_or(now);
+        let lease_until = super::saturating_add(now, lease_for);
         let mut out = Vec::new();
         for (&id, h) in st.held.iter_mut() {
             if out.len() >= max {

@@ -400,6 +400,20 @@ impl Envelope {
     }
 }
 
+/// The idempotency key of an encoded envelope, read without decoding the rest (for
+/// backends that only need the key, e.g. to drop it from an index on ack). `None` if
+/// the input is not a well-formed start of a version-1 envelope.
+#[cfg_attr(not(feature = "embedded"), allow(dead_code))] // only the embedded queue needs it
+pub(crate) fn peek_idempotency_key(input: &[u8]) -> Option<&str> {
+    if input.get(..4)? != MAGIC || *input.get(4)? != VERSION {
+        return None;
+    }
+    let mut r = Reader {
+        buf: input.get(FIXED_LEN..)?,
+    };
+    std::str::from_utf8(r.bytes().ok()?).ok()
+}
+
 fn put_u32(out: &mut Vec<u8>, n: usize) {
     let n = u32::try_from(n).expect("envelope field longer than u32::MAX");
     out.extend_from_slice(&n.to_le_bytes());
@@ -585,6 +599,14 @@ mod tests {
                 "prefix {n}"
             );
         }
+    }
+
+    #[test]
+    fn peeks_the_idempotency_key() {
+        let enc = sample().encode();
+        assert_eq!(peek_idempotency_key(&enc), Some("k-1"));
+        assert_eq!(peek_idempotency_key(&enc[..66]), None);
+        assert_eq!(peek_idempotency_key(b"PBOX"), None);
     }
 
     #[test]

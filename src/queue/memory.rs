@@ -147,7 +147,7 @@ impl State {
 
     fn lease(&mut self, max: usize, lease_for: Duration, now: SystemTime) -> Vec<Leased> {
         self.reclaim(now);
-        let lease_until = now.checked_add(lease_for).unwrap_or(now);
+        let lease_until = super::saturating_add(now, lease_for);
         let mut out = Vec::with_capacity(max.min(self.ready.len()));
         while out.len() < max {
             let Some(id) = self.ready.pop_first() else {

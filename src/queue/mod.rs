@@ -5,13 +5,40 @@
 //! idempotency key makes the *effect* exactly once (see the `Idempotency` server layer).
 //!
 //! Times are wall-clock ([`SystemTime`]), since messages outlive the process.
+//!
+//! | backend | feature | durable | use |
+//! |---|---|---|---|
+//! | [`MemoryQueue`] | always | **no** | tests only |
+//! | `EmbeddedQueue` | `embedded` (default) | yes: redb, fsync per group commit | the default |
+//! | `RedisQueue` | `redis` | with `appendfsync always` | Redis Streams |
+//! | `NatsQueue` | `nats` | stored on ack; fsync per `sync_interval` | NATS JetStream |
+//! | `AmqpQueue` | `amqp` | yes: publisher confirms on quorum queues | RabbitMQ |
+//!
+//! The envelope's byte layout is specified in `docs/envelope.md`.
+//!
+//! # Example
+//! ```
+//! use postbox::queue::{DeferReason, Envelope, MemoryQueue, Queue};
+//! use std::time::{Duration, SystemTime};
+//!
+//! # tokio_test::block_on(async {
+//! let queue = MemoryQueue::new(); // not durable: tests only
+//! let receipt = queue
+//!     .enqueue(Envelope::new("api:443", "POST", "https://api/x", "{}", DeferReason::BulkheadFull))
+//!     .await?;
+//! for leased in queue.lease(16, Duration::from_secs(30), SystemTime::now()).await? {
+//!     assert_eq!(leased.envelope.id, receipt.id());
+//!     queue.ack(&[leased.token]).await?;
+//! }
+//! # Ok::<_, postbox::queue::QueueError>(()) }).unwrap();
+//! ```
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
 #[cfg(feature = "embedded")]
-mod embedded;
+pub mod embedded;
 pub mod envelope;
-mod memory;
+pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
@@ -20,7 +47,7 @@ pub mod redis;
 #[cfg(feature = "amqp")]
 pub use self::amqp::{AmqpOptions, AmqpQueue};
 #[cfg(feature = "embedded")]
-pub use self::embedded::{EmbeddedOptions, EmbeddedQueue};
+pub use self::embedded::{EmbeddedOptions, EmbeddedQueue, EmbeddedStats};
 pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};
 pub use self::memory::MemoryQueue;
 #[cfg(feature = "nats")]
@@ -190,4 +217,11 @@ pub trait Queue: Send + Sync + 'static {
         &self,
         max: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
+}
+
+/// `t + d`, or a time far in the future (year 2554, where the embedded queue's
+/// nanosecond timestamps saturate) if that overflows.
+pub(crate) fn saturating_add(t: SystemTime, d: Duration) -> SystemTime {
+    t.checked_add(d)
+        .unwrap_or_else(|| SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::MAX))
 }

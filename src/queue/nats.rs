@@ -502,7 +502,7 @@ impl Inner {
             return Ok(Vec::new());
         }
         self.fetch(&mut held, max).await?;
-        let lease_until = now.checked_add(lease_for).unwrap_or(now);
+        let lease_until = super::saturating_add(now, lease_for);
         let mut out = Vec::new();
         for (&id, h) in held.iter_mut() {
             if out.len() >= max {

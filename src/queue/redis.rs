@@ -296,7 +296,7 @@ impl RedisQueue {
         lease_for: Duration,
         now: SystemTime,
     ) -> Result<Vec<Leased>, QueueError> {
-        let lease_until = now.checked_add(lease_for).unwrap_or(now);
+        let lease_until = super::saturating_add(now, lease_for);
         let args = vec![
             CONSUMER.into(),
             ms_floor(now).to_string().into(),

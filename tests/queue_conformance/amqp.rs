@@ -203,3 +203,9 @@ async fn far_not_before_waits_in_the_delay_queue() {
     assert_eq!(got.len(), 1, "came back from the delay queue");
     assert_eq!(got[0].envelope.id, e.id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_lease_does_not_expire() {
+    let (q, _purge) = make(options());
+    crate::suite::endless_lease_does_not_expire(q).await;
+}

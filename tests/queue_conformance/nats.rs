@@ -151,3 +151,9 @@ async fn a_plain_client_reads_the_message_and_its_headers() {
     );
     assert_eq!(postbox::queue::Envelope::decode(&m.payload).unwrap(), e);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_lease_does_not_expire() {
+    let (q, _purge) = make(options());
+    crate::suite::endless_lease_does_not_expire(q).await;
+}

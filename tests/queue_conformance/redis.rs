@@ -202,3 +202,9 @@ async fn a_plain_client_reads_the_stream_fields() {
         e
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_lease_does_not_expire() {
+    let (q, _purge) = make(options());
+    crate::suite::endless_lease_does_not_expire(q).await;
+}

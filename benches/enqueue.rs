@@ -1,0 +1,125 @@
+//! Durable enqueue and drain throughput of the embedded (redb) queue, 1 KiB bodies.
+//!
+//! Run: `cargo bench --bench enqueue`. Each enqueue is fsynced before it returns;
+//! concurrent producers share commits (group commit). For p50/p99 enqueue latency run
+//! `cargo run --release --example enqueue_latency`.
+
+#![allow(missing_docs)] // criterion's macros generate undocumented items
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use postbox::queue::{DeferReason, EmbeddedOptions, EmbeddedQueue, Envelope, Queue};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+fn envelope() -> Envelope {
+    Envelope::new(
+        "api:443",
+        "POST",
+        "https://api.example/orders",
+        Bytes::from(vec![b'x'; 1024]),
+        DeferReason::CircuitOpen,
+    )
+}
+
+/// Enqueues `n` messages from `producers` concurrent tasks; returns the elapsed time.
+async fn enqueue_n(q: &Arc<EmbeddedQueue>, n: u64, producers: u64) -> Duration {
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(producers as usize);
+    for p in 0..producers {
+        let share = n / producers + u64::from(p < n % producers);
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..share {
+                q.enqueue(envelope()).await.expect("enqueue");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("producer");
+    }
+    start.elapsed()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn bench_enqueue(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("postbox/enqueue/redb");
+    group.throughput(Throughput::Elements(1));
+    for producers in [1u64, 8, 64] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = Arc::new(
+            EmbeddedQueue::open(dir.path().join("bench.redb"), EmbeddedOptions::new())
+                .expect("open"),
+        );
+        let name = if producers == 1 {
+            "1_producer".to_owned()
+        } else {
+            format!("{producers}_producers")
+        };
+        group.bench_function(name, |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| enqueue_n_owned(q.clone(), iters, producers));
+        });
+    }
+    group.finish();
+}
+
+async fn enqueue_n_owned(q: Arc<EmbeddedQueue>, n: u64, producers: u64) -> Duration {
+    enqueue_n(&q, n, producers).await
+}
+
+fn bench_drain(c: &mut Criterion) {
+    const BATCH: usize = 256;
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = Arc::new(
+        EmbeddedQueue::open(dir.path().join("drain.redb"), EmbeddedOptions::new()).expect("open"),
+    );
+    let mut group = c.benchmark_group("postbox/replay");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("drain_batched", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let q = q.clone();
+            async move {
+                // Not timed: fill the queue with `iters` messages.
+                enqueue_n(&q, iters, 64).await;
+                let start = Instant::now();
+                let mut left = iters;
+                while left > 0 {
+                    let leased = q
+                        .lease(BATCH, Duration::from_secs(60), SystemTime::now())
+                        .await
+                        .expect("lease");
+                    assert!(!leased.is_empty(), "queue drained early");
+                    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+                    q.ack(&tokens).await.expect("ack");
+                    left -= tokens.len() as u64;
+                }
+                start.elapsed()
+            }
+        });
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_enqueue, bench_drain
+}
+criterion_main!(benches);

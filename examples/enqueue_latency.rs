@@ -1,0 +1,96 @@
+//! p50/p99 latency and throughput of durable enqueues into the embedded queue, with
+//! 1 KiB bodies and 1, 8 and 64 concurrent producers, then the batched drain rate.
+//!
+//! Run: `cargo run --release --example enqueue_latency [messages_per_run]`
+//! (default 20000). The queue file lives in a temporary directory (set `TMPDIR` to
+//! measure another disk).
+
+use bytes::Bytes;
+use postbox::queue::{DeferReason, EmbeddedOptions, EmbeddedQueue, Envelope, Queue};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+fn envelope() -> Envelope {
+    Envelope::new(
+        "api:443",
+        "POST",
+        "https://api.example/orders",
+        Bytes::from(vec![b'x'; 1024]),
+        DeferReason::CircuitOpen,
+    )
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let total: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(20_000);
+    println!("durable enqueue, 1 KiB bodies, {total} messages per run");
+    for producers in [1usize, 8, 64] {
+        let dir = tempfile::tempdir()?;
+        let q = Arc::new(EmbeddedQueue::open(
+            dir.path().join("latency.redb"),
+            EmbeddedOptions::new(),
+        )?);
+        let n = if producers == 1 { total / 10 } else { total };
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for p in 0..producers {
+            let share = n / producers + usize::from(p < n % producers);
+            let q = q.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(share);
+                for _ in 0..share {
+                    let t = Instant::now();
+                    q.enqueue(envelope()).await.expect("enqueue");
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::with_capacity(n);
+        for t in tasks {
+            lat.extend(t.await?);
+        }
+        let elapsed = start.elapsed();
+        lat.sort();
+        println!(
+            "{producers:>2} producers: {:>8.0} msg/s  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>7.3} ms",
+            n as f64 / elapsed.as_secs_f64(),
+            percentile(&lat, 0.50).as_secs_f64() * 1e3,
+            percentile(&lat, 0.99).as_secs_f64() * 1e3,
+            lat[lat.len() - 1].as_secs_f64() * 1e3,
+        );
+        if producers == 64 {
+            // Drain what was just enqueued: lease batches of 256, ack each batch at once.
+            let start = Instant::now();
+            let mut drained = 0;
+            loop {
+                let leased = q
+                    .lease(256, Duration::from_secs(60), std::time::SystemTime::now())
+                    .await?;
+                if leased.is_empty() {
+                    break;
+                }
+                let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+                q.ack(&tokens).await?;
+                drained += tokens.len();
+            }
+            let elapsed = start.elapsed();
+            println!(
+                "drain (lease 256 + batched ack): {:>8.0} msg/s ({drained} messages)",
+                drained as f64 / elapsed.as_secs_f64()
+            );
+        }
+        q.close().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! Durability of the embedded queue: reopen after a clean close, after a simulated
+//! crash, after a real SIGKILL of a process with 64 producers; damaged files are
+//! refused with an error, never a panic.
+
+#![cfg(feature = "embedded")]
+#![allow(missing_docs)] // test crate
+
+use bytes::Bytes;
+use postbox::queue::{
+    DeferReason, EmbeddedOptions, EmbeddedQueue, Envelope, MessageId, Queue, QueueError,
+};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+const LEASE: Duration = Duration::from_secs(30);
+const CHILD_ENV: &str = "POSTBOX_TEST_CHILD_QUEUE";
+
+fn envelope(i: usize) -> Envelope {
+    Envelope::new(
+        "api:443",
+        "POST",
+        format!("https://api/orders/{i}"),
+        Bytes::from(vec![b'x'; 1024]),
+        DeferReason::CircuitOpen,
+    )
+}
+
+fn far_future() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(10 * 365 * 24 * 3600)
+}
+
+/// Every message id in the queue (pending or in flight), by leasing everything far in
+/// the future (which also reclaims every lease).
+async fn all_ids(q: &EmbeddedQueue) -> BTreeSet<MessageId> {
+    q.lease(usize::MAX, LEASE, far_future())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.envelope.id)
+        .collect()
+}
+
+async fn fill(q: &EmbeddedQueue, n: usize) -> BTreeSet<MessageId> {
+    let mut ids = BTreeSet::new();
+    for i in 0..n {
+        ids.insert(q.enqueue(envelope(i)).await.unwrap().id());
+    }
+    ids
+}
+
+#[tokio::test]
+async fn reopen_after_clean_close_keeps_every_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    let ids = fill(&q, 50).await;
+    let now = SystemTime::now();
+    let leased = q.lease(10, LEASE, now).await.unwrap();
+    q.ack(&[leased[0].token]).await.unwrap();
+    q.dead_letter(leased[1].token, "gave up").await.unwrap();
+    let before = q.depth().await.unwrap();
+    q.close().await.unwrap();
+    assert!(
+        matches!(q.depth().await, Err(QueueError::Unavailable(_))),
+        "closed"
+    );
+
+    let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    assert_eq!(q.depth().await.unwrap(), before);
+    assert_eq!(before.in_flight, 8);
+    let mut expected = ids;
+    expected.remove(&leased[0].envelope.id);
+    expected.remove(&leased[1].envelope.id);
+    assert_eq!(all_ids(&q).await, expected);
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead[0].envelope.id, leased[1].envelope.id);
+    assert_eq!(dead[0].reason, "gave up");
+}
+
+#[tokio::test]
+async fn reopen_after_drop_without_close_keeps_every_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    let ids = fill(&q, 20).await;
+    drop(q);
+    let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    assert_eq!(all_ids(&q).await, ids);
+}
+
+/// A crash leaves the file as the last commit wrote it: a copy taken while the queue is
+/// still open and never closed stands in for that file.
+#[tokio::test]
+async fn reopen_after_simulated_crash_keeps_every_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let q = Arc::new(EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap());
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..25 {
+                ids.push(q.enqueue(envelope(t * 100 + i)).await.unwrap().id());
+            }
+            ids
+        }));
+    }
+    let mut acknowledged = BTreeSet::new();
+    for t in tasks {
+        acknowledged.extend(t.await.unwrap());
+    }
+    let crashed = dir.path().join("crashed.redb");
+    std::fs::copy(&path, &crashed).unwrap();
+
+    let reopened = EmbeddedQueue::open(&crashed, EmbeddedOptions::new()).unwrap();
+    assert_eq!(all_ids(&reopened).await, acknowledged);
+    drop(q);
+}
+
+#[tokio::test]
+async fn expired_leases_come_back_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    let ids = fill(&q, 3).await;
+    let now = SystemTime::now();
+    assert_eq!(q.lease(10, LEASE, now).await.unwrap().len(), 3);
+    q.close().await.unwrap();
+
+    let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    assert!(
+        q.lease(10, LEASE, now + LEASE / 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let back = q.lease(10, LEASE, now + LEASE).await.unwrap();
+    assert_eq!(
+        back.iter().map(|l| l.envelope.id).collect::<BTreeSet<_>>(),
+        ids
+    );
+    assert!(back.iter().all(|l| l.envelope.attempts == 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enqueues_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let q =
+        Arc::new(EmbeddedQueue::open(dir.path().join("q.redb"), EmbeddedOptions::new()).unwrap());
+    let before = q.stats();
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    q.enqueue(envelope(t * 10 + i)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = q.stats();
+    let commits = after.commits - before.commits;
+    assert_eq!(after.operations - before.operations, 640);
+    eprintln!("640 enqueues from 64 tasks: {commits} commits");
+    assert!(
+        commits < 640 / 4,
+        "group commit: {commits} commits for 640 enqueues"
+    );
+    // Reads and empty leases write nothing, so they cost no commit.
+    q.lease(10, LEASE, SystemTime::UNIX_EPOCH).await.unwrap(); // reorders the index once
+    let idle = q.stats().commits;
+    q.depth().await.unwrap();
+    q.lease(10, LEASE, SystemTime::UNIX_EPOCH).await.unwrap();
+    assert_eq!(q.stats().commits, idle);
+}
+
+#[tokio::test]
+async fn opening_a_queue_twice_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let _q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    let err = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap_err();
+    assert!(matches!(err, QueueError::Backend(_)), "{err}");
+}
+
+// === damaged files ===
+
+fn open_err(path: &Path) -> QueueError {
+    match EmbeddedQueue::open(path, EmbeddedOptions::new()) {
+        Ok(_) => panic!("opened a damaged file"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn garbage_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let mut rng = fastrand::Rng::with_seed(7);
+    let garbage: Vec<u8> = (0..64 * 1024).map(|_| rng.u8(..)).collect();
+    std::fs::write(&path, garbage).unwrap();
+    let err = open_err(&path);
+    assert!(
+        matches!(err, QueueError::Corrupt(_) | QueueError::Backend(_)),
+        "{err}"
+    );
+    eprintln!("garbage file: {err}");
+}
+
+#[test]
+fn foreign_text_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    std::fs::write(&path, "not a database\n".repeat(1000)).unwrap();
+    let err = open_err(&path);
+    assert!(matches!(err, QueueError::Corrupt(_)), "{err}");
+    eprintln!("text file: {err}");
+}
+
+async fn populated(path: &Path) {
+    let q = EmbeddedQueue::open(path, EmbeddedOptions::new()).unwrap();
+    fill(&q, 200).await;
+    q.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn truncated_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    populated(&path).await;
+    let len = std::fs::metadata(&path).unwrap().len();
+    for cut in [len / 2, len / 4, 100, 10] {
+        let copy = dir.path().join(format!("cut-{cut}.redb"));
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&copy)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let err = open_err(&copy);
+        assert!(matches!(err, QueueError::Corrupt(_)), "{err}");
+        eprintln!("truncated to {cut} of {len}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn corrupted_pages_are_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    populated(&path).await;
+    let mut bytes = std::fs::read(&path).unwrap();
+    let len = bytes.len();
+    // Scribble over the middle of the file, where the message pages are.
+    for b in &mut bytes[len / 3..len / 3 + 8192] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let err = open_err(&path);
+    assert!(matches!(err, QueueError::Corrupt(_)), "{err}");
+    eprintln!("corrupted pages: {err}");
+}
+
+// === SIGKILL while 64 tasks enqueue ===
+
+/// The child: 64 tasks enqueue forever, printing each receipt's id once `enqueue`
+/// returned. Only runs when the parent test sets `CHILD_ENV`.
+#[test]
+fn child_enqueuer() {
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let q = Arc::new(EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap());
+        let mut tasks = Vec::new();
+        for t in 0..64 {
+            let q = q.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0.. {
+                    let id = q.enqueue(envelope(t * 1_000_000 + i)).await.unwrap().id();
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "ID {id}").unwrap();
+                    out.flush().unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}
+
+#[tokio::test]
+async fn sigkill_during_64_producers_loses_no_acknowledged_message() {
+    const KILL_AFTER: usize = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_enqueuer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut printed = BTreeSet::new();
+    let mut killed = false;
+    // Bounded polling of the child: at most 120 s without a line fails the test.
+    loop {
+        let line = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!(
+                    "child printed nothing for 120 s ({} ids so far)",
+                    printed.len()
+                );
+            }
+        };
+        if let Some(id) = line.strip_prefix("ID ") {
+            printed.insert(id.parse::<MessageId>().unwrap());
+        }
+        if !killed && printed.len() >= KILL_AFTER {
+            child.kill().unwrap(); // SIGKILL
+            killed = true;
+        }
+    }
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    assert!(killed, "the child ended on its own: {status:?}");
+    assert!(!status.success());
+
+    let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    let stored = all_ids(&q).await;
+    let lost: Vec<_> = printed.difference(&stored).collect();
+    eprintln!(
+        "receipts printed: {}, messages stored: {}",
+        printed.len(),
+        stored.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        lost.len(),
+        lost.first()
+    );
+    assert!(stored.len() >= printed.len());
+}
