@@ -121,7 +121,7 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
     let raw_subject = format!("postbox-bench-raw.{raw_stream}");
     rt.block_on(js.create_stream(async_nats::jetstream::stream::Config {
         name: raw_stream.clone(),
-        subjects: vec![raw_subject.clone()],
+        subjects: vec![raw_subject.clone(), format!("{raw_subject}x.*")],
         retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
         ..Default::default()
     }))
@@ -136,6 +136,33 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
                 let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
                 async move {
                     js.publish(subject, payload).await.unwrap().await.unwrap();
+                }
+            })
+        })
+    });
+    g.bench_function("nats/64_producers_unique_subject_expected", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
+            spread(iters, move || {
+                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
+                async move {
+                    let subj = format!("{subject}x.{:016x}", fastrand::u64(..));
+                    let p = async_nats::jetstream::message::PublishMessage::build()
+                        .payload(payload)
+                        .expected_last_subject_sequence(0);
+                    js.send_publish(subj, p).await.unwrap().await.unwrap();
+                }
+            })
+        })
+    });
+    g.bench_function("nats/64_producers_unique_subject", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
+            spread(iters, move || {
+                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
+                async move {
+                    let subj = format!("{subject}x.{:016x}", fastrand::u64(..));
+                    js.publish(subj, payload).await.unwrap().await.unwrap();
                 }
             })
         })

@@ -40,7 +40,7 @@
 //! Every message's payload is the versioned envelope (`docs/envelope.md`), with headers:
 //! `Nats-Msg-Id`, `Postbox-Id` (UUID text), `Postbox-Idempotency-Key`,
 //! `Postbox-Destination` (these two only when they are printable ASCII),
-//! `Postbox-Not-Before` and `Postbox-Created-At` (Unix milliseconds), `Postbox-Attempts`.
+//! `Postbox-Not-Before` (Unix milliseconds), and `Postbox-Attempts` once it is not 0.
 //! A dead letter adds `Postbox-Reason`, and its payload carries the attempts and
 //! not-before it died with.
 //!
@@ -97,7 +97,6 @@ const H_ID: &str = "Postbox-Id";
 const H_KEY: &str = "Postbox-Idempotency-Key";
 const H_DEST: &str = "Postbox-Destination";
 const H_NOT_BEFORE: &str = "Postbox-Not-Before";
-const H_CREATED: &str = "Postbox-Created-At";
 const H_ATTEMPTS: &str = "Postbox-Attempts";
 const H_REASON: &str = "Postbox-Reason";
 
@@ -760,8 +759,9 @@ fn headers(e: &Envelope) -> HeaderMap {
         h.insert(H_DEST, v);
     }
     h.insert(H_NOT_BEFORE, ms_ceil(e.not_before).to_string().as_str());
-    h.insert(H_CREATED, ms_floor(e.created_at).to_string().as_str());
-    h.insert(H_ATTEMPTS, e.attempts.to_string().as_str());
+    if e.attempts > 0 {
+        h.insert(H_ATTEMPTS, e.attempts.to_string().as_str());
+    }
     h
 }
 
