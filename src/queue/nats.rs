@@ -140,6 +140,7 @@ struct Inner {
     capacity: Option<u64>,
     ack_wait: Duration,
     max_held: usize,
+    request_timeout: Duration,
     held: Mutex<BTreeMap<MessageId, Held>>,
 }
 
@@ -311,6 +312,7 @@ impl NatsQueue {
                 capacity: options.capacity,
                 ack_wait: options.ack_wait,
                 max_held: options.max_held,
+                request_timeout: options.request_timeout,
                 held: Mutex::new(BTreeMap::new()),
             }),
         })
@@ -436,7 +438,13 @@ impl Inner {
             .messages()
             .await
             .map_err(|e| classify(e, "fetch"))?;
-        while let Some(msg) = batch.next().await {
+        loop {
+            let next = tokio::time::timeout(self.request_timeout, batch.next()).await;
+            let Some(msg) =
+                next.map_err(|_| QueueError::Unavailable("nats fetch: no answer in time".into()))?
+            else {
+                break;
+            };
             let msg = msg.map_err(|e| classify_dyn(&*e, "fetch"))?;
             let delivered = msg
                 .info()
