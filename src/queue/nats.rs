@@ -25,7 +25,9 @@
 //! | `POSTBOX_NAME` | `postbox.NAME.k.<key>` | work queue | the live messages (pending or in flight) |
 //! | `POSTBOX_NAME_DEAD` | `postbox.NAME.dead` | limits | the dead letters, oldest first |
 //!
-//! and one durable pull consumer, `postbox`, on `POSTBOX_NAME` (explicit acks).
+//! and one durable pull consumer, `postbox`, on `POSTBOX_NAME` (explicit acks,
+//! `max_deliver: -1`: giving up after too many attempts is the replayer's decision, made
+//! with a dead letter; a server-side limit would leave the message stuck in the stream).
 //!
 //! `<key>` is the idempotency key in lowercase hex (`x` then the hex; keys over 100 bytes
 //! are `s` then the hex SHA-256 of the key; an empty key is `id-` then the message id). So

@@ -91,7 +91,8 @@ pub struct RedisOptions {
 /// Leasing reads the stream through a consumer group (`XREADGROUP`); a message whose
 /// lease expired, or whose not-before has come, is claimed again with `XCLAIM`. Lease
 /// deadlines and not-before are kept in sorted sets scored by the `now` passed to
-/// [`lease`](Queue::lease), not by Redis' idle time, so they follow the trait exactly.
+/// [`lease`](Queue::lease), not by Redis' idle time (which is why this uses `XCLAIM`
+/// and not `XAUTOCLAIM`'s one min-idle-time), so they follow the trait exactly.
 ///
 /// # Durability
 ///
