@@ -51,6 +51,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot};
 
 /// The environment variable that overrides the default URL.
 pub const REDIS_URL_ENV: &str = "POSTBOX_REDIS_URL";
@@ -111,15 +112,34 @@ pub struct RedisOptions {
 /// failed with `Unavailable` may still have run (the reply was lost): an enqueue retried
 /// after that is answered [`Enqueued::Duplicate`] thanks to its idempotency key.
 ///
+/// # Group commit
+///
+/// Concurrent enqueues are sent together: a background task (spawned by
+/// [`connect`](Self::connect), so call it inside a Tokio runtime) sends every enqueue
+/// waiting at the time, up to 128, in one script call, and Redis answers them with one
+/// reply after one write to its append-only file.
+///
 /// # Clone
 ///
-/// Clones share one multiplexed connection.
+/// Clones share one multiplexed connection and the batching task.
 #[derive(Clone)]
 pub struct RedisQueue {
     conn: ConnectionManager,
     keys: Arc<[String; 9]>,
     capacity: Option<u64>,
+    batcher: mpsc::Sender<Pending>,
 }
+
+/// An enqueue waiting for the batcher: its script arguments and where to answer.
+struct Pending {
+    args: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Result<(i64, String), (bool, String)>>,
+}
+
+/// Most enqueues sent in one script call.
+const MAX_BATCH: usize = 128;
+/// Most script calls of enqueues in flight at once.
+const BATCHES_IN_FLIGHT: usize = 2;
 
 // === impl RedisOptions ===
 
@@ -191,10 +211,19 @@ impl RedisQueue {
             "stream", "dead", "msgs", "attempts", "nb", "keys", "leases", "delayed", "ready",
         ]
         .map(|k| format!("{p}{k}"));
+        let keys = Arc::new(keys);
+        let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(batch_enqueues(
+            conn.clone(),
+            keys.clone(),
+            options.capacity,
+            rx,
+        ));
         let queue = Self {
             conn,
-            keys: Arc::new(keys),
+            keys,
             capacity: options.capacity,
+            batcher,
         };
         let created: Result<Value, RedisError> = ::redis::cmd("XGROUP")
             .arg("CREATE")
@@ -253,13 +282,8 @@ impl RedisQueue {
     async fn enqueue_inner(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
         let id = envelope.id.to_string();
         let nb = ms_ceil(envelope.not_before);
-        let mut args: Vec<Vec<u8>> = vec![
-            id.clone().into(),
-            envelope.idempotency_key.clone().into(),
-            self.capacity.unwrap_or(0).to_string().into(),
-        ];
         let fields: [(&str, Vec<u8>); 9] = [
-            ("id", id.into()),
+            ("id", id.clone().into()),
             ("idempotency_key", envelope.idempotency_key.clone().into()),
             ("destination", envelope.destination.clone().into()),
             ("method", envelope.method.clone().into()),
@@ -272,15 +296,24 @@ impl RedisQueue {
             ("attempts", envelope.attempts.to_string().into()),
             ("envelope", envelope.encode()),
         ];
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 2 * fields.len());
+        args.push(id.into());
+        args.push(envelope.idempotency_key.into());
+        args.push((2 * fields.len()).to_string().into());
         for (k, v) in fields {
             args.push(k.into());
             args.push(v);
         }
-        let reply = self.run(&ENQUEUE, args).await?;
-        let items = array(reply)?;
-        let (code, id) = match <[Value; 2]>::try_from(items) {
-            Ok([code, id]) => (int(code)?, string(id)?),
-            Err(_) => return Err(unexpected("enqueue reply")),
+        let (reply, answer) = oneshot::channel();
+        let gone = || QueueError::Backend("redis enqueue batcher stopped".into());
+        self.batcher
+            .send(Pending { args, reply })
+            .await
+            .map_err(|_| gone())?;
+        let (code, id) = match answer.await.map_err(|_| gone())? {
+            Ok(v) => v,
+            Err((true, msg)) => return Err(QueueError::Unavailable(msg.into())),
+            Err((false, msg)) => return Err(QueueError::Backend(msg.into())),
         };
         match code {
             1 => Ok(Enqueued::Stored(parse_id(&id)?)),
@@ -501,6 +534,81 @@ impl Queue for RedisQueue {
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
         self.dead_letters_inner(max)
     }
+}
+
+// === group commit ===
+
+/// Sends every enqueue waiting at the time in one script call (up to [`MAX_BATCH`],
+/// with up to [`BATCHES_IN_FLIGHT`] calls at once), then answers each. Ends when the
+/// last [`RedisQueue`] clone is dropped.
+async fn batch_enqueues(
+    conn: ConnectionManager,
+    keys: Arc<[String; 9]>,
+    capacity: Option<u64>,
+    mut rx: mpsc::Receiver<Pending>,
+) {
+    // A few batches in flight at once, so Redis works while the client prepares the next.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        let mut inv = ENQUEUE.prepare_invoke();
+        for k in keys.iter() {
+            inv.key(k);
+        }
+        inv.arg(GROUP).arg(capacity.unwrap_or(0));
+        for p in &batch {
+            for a in &p.args {
+                inv.arg(a);
+            }
+        }
+        let mut conn = conn.clone();
+        tokio::spawn(async move {
+            let result = match inv.invoke_async::<Value>(&mut conn).await {
+                Ok(v) => parse_batch(v, batch.len()).map_err(|e| (false, e.to_string())),
+                Err(e) => {
+                    let e = map_err(e);
+                    Err((matches!(e, QueueError::Unavailable(_)), e.to_string()))
+                }
+            };
+            drop(permit);
+            answer(batch, result);
+        });
+    }
+}
+
+fn answer(batch: Vec<Pending>, result: Result<Vec<(i64, String)>, (bool, String)>) {
+    match result {
+        Ok(answers) => {
+            for (p, a) in batch.into_iter().zip(answers) {
+                let _ = p.reply.send(Ok(a));
+            }
+        }
+        Err(e) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn parse_batch(v: Value, n: usize) -> Result<Vec<(i64, String)>, QueueError> {
+    let items = array(v)?;
+    if items.len() != n {
+        return Err(unexpected("enqueue reply length"));
+    }
+    items
+        .into_iter()
+        .map(|item| match <[Value; 2]>::try_from(array(item)?) {
+            Ok([code, id]) => Ok((int(code)?, string(id)?)),
+            Err(_) => Err(unexpected("enqueue reply")),
+        })
+        .collect()
 }
 
 // === helpers ===
