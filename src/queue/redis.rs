@@ -189,6 +189,9 @@ impl RedisOptions {
 impl RedisQueue {
     /// Connects and creates the stream and its consumer group if they do not exist.
     ///
+    /// # Panics
+    /// Outside a Tokio runtime (it spawns the enqueue batching task).
+    ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the server cannot be reached, [`QueueError::Backend`]
     /// for an invalid URL.
