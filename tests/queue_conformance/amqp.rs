@@ -26,6 +26,14 @@ fn options() -> AmqpOptions {
 
 async fn connect(options: AmqpOptions) -> AmqpQueue {
     let url = options.url();
+    // Tests run in parallel against shared servers on a small machine: allow a slow
+    // moment before calling the server unreachable.
+    for _ in 0..2 {
+        if let Ok(q) = AmqpQueue::connect(options.clone()).await {
+            return q;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     AmqpQueue::connect(options).await.unwrap_or_else(|e| {
         panic!(
             "RabbitMQ is not reachable at {url}: {e}. Start it (see shared/services.md: \
