@@ -99,7 +99,7 @@ impl BulkheadBuilder {
         if self.max_concurrent > MAX_CONCURRENT {
             return Err(ConfigError::new(
                 "bulkhead.max_concurrent",
-                format!("must be at most {}", MAX_CONCURRENT),
+                format!("must be at most {MAX_CONCURRENT}"),
             ));
         }
         if self.max_waiting > 0 && self.max_wait.is_some_and(|d| d.is_zero()) {
