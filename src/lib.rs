@@ -7,6 +7,7 @@ pub mod circuit_breaker;
 pub mod classify;
 #[cfg(feature = "config")]
 pub mod config;
+pub mod duration;
 pub mod enqueue;
 pub mod error;
 #[cfg(feature = "grpc")]

@@ -1,12 +1,12 @@
 //! Response future of [`Bulkhead`](super::Bulkhead).
 
 use super::error::Full;
+use super::service::Permit;
 use crate::BoxError;
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use tokio::sync::OwnedSemaphorePermit;
 
 pin_project! {
     /// Response future of [`Bulkhead`](super::Bulkhead): carries the permit, released
@@ -25,14 +25,14 @@ pin_project! {
         Running {
             #[pin]
             inner: F,
-            permit: Option<OwnedSemaphorePermit>,
+            permit: Option<Permit>,
         },
         Rejected { error: Option<Full> },
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn running(inner: F, permit: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn running(inner: F, permit: Permit) -> Self {
         Self {
             kind: Kind::Running {
                 inner,

@@ -4,6 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tower_layer::Layer;
 
+/// The largest `max_concurrent` a bulkhead accepts.
+const MAX_CONCURRENT: usize = usize::MAX >> 3;
+
 /// Applies a [`Bulkhead`]; every service it makes shares one set of permits.
 #[derive(Debug, Clone)]
 pub struct BulkheadLayer {
@@ -40,7 +43,7 @@ impl BulkheadLayer {
 
     /// Permits not currently reserved or in flight.
     pub fn available_permits(&self) -> usize {
-        self.shared.semaphore.available_permits()
+        self.shared.available_permits()
     }
 }
 
@@ -84,7 +87,7 @@ impl BulkheadBuilder {
     /// Validates and builds the layer.
     ///
     /// # Errors
-    /// `max_concurrent` of 0 or above the semaphore's limit, or waiting allowed with a
+    /// `max_concurrent` of 0 or above `usize::MAX >> 3`, or waiting allowed with a
     /// zero `max_wait`.
     pub fn build(self) -> Result<BulkheadLayer, ConfigError> {
         if self.max_concurrent == 0 {
@@ -93,10 +96,10 @@ impl BulkheadBuilder {
                 "must be at least 1",
             ));
         }
-        if self.max_concurrent > tokio::sync::Semaphore::MAX_PERMITS {
+        if self.max_concurrent > MAX_CONCURRENT {
             return Err(ConfigError::new(
                 "bulkhead.max_concurrent",
-                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+                format!("must be at most {MAX_CONCURRENT}"),
             ));
         }
         if self.max_waiting > 0 && self.max_wait.is_some_and(|d| d.is_zero()) {

@@ -8,15 +8,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::Notify;
 use tokio::time::Sleep;
 use tower_service::Service;
 
 /// State shared by every service of one [`BulkheadLayer`](super::BulkheadLayer).
+///
+/// Permits are an atomic counter: taking one is a compare-and-swap, giving it back a
+/// decrement, and a waiter is woken (through [`Notify`]) only when someone waits. A
+/// woken waiter competes with new callers for the freed permit, so waiting is not
+/// strictly first-come first-served; a waiter that gives up passes its wake-up on.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) semaphore: Arc<Semaphore>,
+    in_flight: AtomicUsize,
     waiting: AtomicUsize,
+    notify: Notify,
     max_concurrent: usize,
     max_waiting: usize,
     max_wait: Option<Duration>,
@@ -29,26 +35,75 @@ impl Shared {
         max_wait: Option<Duration>,
     ) -> Self {
         Self {
-            semaphore: Arc::new(Semaphore::new(max_concurrent)),
+            in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            notify: Notify::new(),
             max_concurrent,
             max_waiting,
             max_wait,
         }
     }
 
+    /// Permits neither reserved nor in flight.
+    pub(crate) fn available_permits(&self) -> usize {
+        self.max_concurrent
+            .saturating_sub(self.in_flight.load(Ordering::SeqCst))
+    }
+
     fn full(&self) -> Full {
         Full::new(self.max_concurrent, self.max_waiting)
+    }
+
+    /// Takes a permit if one is free.
+    #[inline]
+    fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let mut cur = self.in_flight.load(Ordering::Relaxed);
+        loop {
+            if cur >= self.max_concurrent {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Permit(self.clone())),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Gives a permit back and wakes a waiter, if any.
+    #[inline]
+    fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // SeqCst on both sides: either this load sees the waiter's increment, or the
+        // waiter's `try_acquire` (after its increment) sees this decrement.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_one();
+        }
     }
 
     /// Takes a waiting slot if fewer than `max_waiting` are taken.
     fn enter_waiting(self: &Arc<Self>) -> Option<WaitSlot> {
         self.waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < self.max_waiting).then_some(n + 1)
             })
             .ok()
             .map(|_| WaitSlot(self.clone()))
+    }
+}
+
+/// A permit: one call in flight, given back on drop.
+#[derive(Debug)]
+pub(crate) struct Permit(Arc<Shared>);
+
+impl Drop for Permit {
+    #[inline]
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 
@@ -57,12 +112,31 @@ struct WaitSlot(Arc<Shared>);
 
 impl Drop for WaitSlot {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        let shared = &self.0;
+        shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        // If this waiter was woken for a permit it will not take (it timed out or was
+        // dropped), pass the wake-up on to the next waiter.
+        if shared.available_permits() > 0 && shared.waiting.load(Ordering::SeqCst) > 0 {
+            shared.notify.notify_one();
+        }
     }
 }
 
-type Acquire =
-    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send + Sync>>;
+type Acquire = Pin<Box<dyn Future<Output = Permit> + Send + Sync>>;
+
+/// Waits until a permit is free and takes it.
+async fn acquire(shared: Arc<Shared>) -> Permit {
+    loop {
+        let mut notified = std::pin::pin!(shared.notify.notified());
+        // Register before checking, so a release between the check and the wait is
+        // not missed.
+        notified.as_mut().enable();
+        if let Some(permit) = shared.try_acquire() {
+            return permit;
+        }
+        notified.await;
+    }
+}
 
 /// A caller waiting for a permit (the slow path; allocated only when the bulkhead is
 /// full and waiting is allowed).
@@ -75,7 +149,7 @@ struct Waiter {
 enum State {
     Empty,
     Waiting(Box<Waiter>),
-    Ready(OwnedSemaphorePermit),
+    Ready(Permit),
     Rejected(Full),
 }
 
@@ -162,9 +236,9 @@ where
             match &mut self.state {
                 State::Ready(_) => return self.inner.poll_ready(cx).map_err(Into::into),
                 State::Rejected(_) => return Poll::Ready(Ok(())),
-                State::Empty => match self.shared.semaphore.clone().try_acquire_owned() {
-                    Ok(permit) => self.state = State::Ready(permit),
-                    Err(TryAcquireError::NoPermits) => match self.shared.enter_waiting() {
+                State::Empty => match self.shared.try_acquire() {
+                    Some(permit) => self.state = State::Ready(permit),
+                    None => match self.shared.enter_waiting() {
                         None => {
                             let full = self.shared.full();
                             self.reject(full);
@@ -174,8 +248,7 @@ where
                                 .shared
                                 .max_wait
                                 .map(|d| Box::pin(tokio::time::sleep(d)));
-                            let acquire: Acquire =
-                                Box::pin(self.shared.semaphore.clone().acquire_owned());
+                            let acquire: Acquire = Box::pin(acquire(self.shared.clone()));
                             self.state = State::Waiting(Box::new(Waiter {
                                 acquire,
                                 timer,
@@ -183,21 +256,10 @@ where
                             }));
                         }
                     },
-                    // The semaphore is never closed.
-                    Err(TryAcquireError::Closed) => {
-                        let full = self.shared.full();
-                        self.reject(full);
-                    }
                 },
                 State::Waiting(w) => {
-                    if let Poll::Ready(res) = w.acquire.as_mut().poll(cx) {
-                        match res {
-                            Ok(permit) => self.state = State::Ready(permit),
-                            Err(_closed) => {
-                                let full = self.shared.full();
-                                self.reject(full);
-                            }
-                        }
+                    if let Poll::Ready(permit) = w.acquire.as_mut().poll(cx) {
+                        self.state = State::Ready(permit);
                         continue;
                     }
                     if let Some(timer) = &mut w.timer

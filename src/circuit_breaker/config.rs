@@ -420,15 +420,15 @@ pub struct CircuitBreakerConfig {
     /// When set, the consecutive-failures mode ([`CircuitBreakerBuilder::consecutive_failures`]).
     pub consecutive_failures: Option<u32>,
     /// When set, slow-call tracking ([`CircuitBreakerBuilder::slow_calls`]).
-    #[serde(deserialize_with = "duration::option")]
+    #[serde(deserialize_with = "crate::duration::option")]
     pub slow_call_duration: Option<Duration>,
     /// The slow-call rate that trips (default 1.0).
     pub slow_call_rate_threshold: f64,
     /// See [`CircuitBreakerBuilder::break_duration`].
-    #[serde(deserialize_with = "duration::required")]
+    #[serde(deserialize_with = "crate::duration::required")]
     pub break_duration: Duration,
     /// The cap of a growing break ([`CircuitBreakerBuilder::break_backoff`]).
-    #[serde(deserialize_with = "duration::option")]
+    #[serde(deserialize_with = "crate::duration::option")]
     pub max_break_duration: Option<Duration>,
     /// The growth of the break per consecutive opening (1.0: fixed).
     pub break_multiplier: f64,
@@ -437,7 +437,7 @@ pub struct CircuitBreakerConfig {
     /// See [`CircuitBreakerBuilder::permitted_probes`].
     pub permitted_probes: u32,
     /// See [`CircuitBreakerBuilder::max_wait_in_half_open`].
-    #[serde(deserialize_with = "duration::option")]
+    #[serde(deserialize_with = "crate::duration::option")]
     pub max_wait_in_half_open: Option<Duration>,
     /// See [`CircuitBreakerBuilder::count_calls`].
     pub count_calls: bool,
@@ -457,7 +457,7 @@ pub enum WindowConfig {
     /// The calls of the last `duration`, in `buckets` buckets.
     Time {
         /// The window's length.
-        #[serde(deserialize_with = "duration::required")]
+        #[serde(deserialize_with = "crate::duration::required")]
         duration: Duration,
         /// The number of buckets.
         buckets: u32,
@@ -520,62 +520,6 @@ impl CircuitBreakerConfig {
     /// As [`CircuitBreakerBuilder::build`].
     pub fn build(&self) -> Result<CircuitBreakerLayer<ErrorClassifier>, ConfigError> {
         self.builder().build()
-    }
-}
-
-/// Durations as strings with a unit (`"250ms"`, `"2s"`, `"1m"`).
-mod duration {
-    use serde::{Deserialize, Deserializer, de::Error};
-    use std::time::Duration;
-
-    pub(super) fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| c.is_ascii_alphabetic())
-            .ok_or_else(|| format!("duration `{s}` has no unit (ns, us, ms, s, m, h)"))?;
-        let (num, unit) = s.split_at(split);
-        let scale = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(format!("duration `{s}` has an unknown unit `{unit}`")),
-        };
-        let n: f64 = num
-            .trim()
-            .parse()
-            .map_err(|_| format!("duration `{s}` is not a number with a unit"))?;
-        Duration::try_from_secs_f64(n * scale).map_err(|e| format!("duration `{s}`: {e}"))
-    }
-
-    pub(super) fn required<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        parse(&String::deserialize(d)?).map_err(D::Error::custom)
-    }
-
-    pub(super) fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Option::<String>::deserialize(d)?
-            .map(|s| parse(&s).map_err(D::Error::custom))
-            .transpose()
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn parses_units() {
-            assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
-            assert_eq!(parse("2s"), Ok(Duration::from_secs(2)));
-            assert_eq!(parse("1m"), Ok(Duration::from_secs(60)));
-            assert_eq!(parse("1h"), Ok(Duration::from_secs(3600)));
-            assert_eq!(parse("1.5s"), Ok(Duration::from_millis(1500)));
-            assert_eq!(parse("10us"), Ok(Duration::from_micros(10)));
-            assert!(parse("10").is_err());
-            assert!(parse("10 days").is_err());
-            assert!(parse("-1s").is_err());
-        }
     }
 }
 

@@ -113,7 +113,7 @@
 //! # Ok(()) }
 //! ```
 
-pub mod duration;
+pub use crate::duration;
 mod load;
 mod render;
 mod stack;

@@ -10,6 +10,9 @@
 //! |---|---|---|---|
 //! | [`MemoryQueue`] | always | **no** | tests only |
 //! | `EmbeddedQueue` | `embedded` (default) | yes: redb, fsync per group commit | the default |
+//! | `RedisQueue` | `redis` | with `appendfsync always` | Redis Streams |
+//! | `NatsQueue` | `nats` | stored on ack; fsync per `sync_interval` | NATS JetStream |
+//! | `AmqpQueue` | `amqp` | yes: publisher confirms on quorum queues | RabbitMQ |
 //!
 //! The envelope's byte layout is specified in `docs/envelope.md`.
 //!
@@ -30,15 +33,27 @@
 //! # Ok::<_, postbox::queue::QueueError>(()) }).unwrap();
 //! ```
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 #[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod envelope;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 
+#[cfg(feature = "amqp")]
+pub use self::amqp::{AmqpOptions, AmqpQueue};
 #[cfg(feature = "embedded")]
 pub use self::embedded::{EmbeddedOptions, EmbeddedQueue, EmbeddedStats};
 pub use self::envelope::{DecodeError, DeferReason, Envelope, MessageId};
 pub use self::memory::MemoryQueue;
+#[cfg(feature = "nats")]
+pub use self::nats::{NatsOptions, NatsQueue};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisOptions, RedisQueue};
 
 use std::fmt;
 use std::future::Future;

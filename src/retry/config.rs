@@ -35,7 +35,7 @@ pub struct RetryConfig {
     /// The backoff between attempts.
     pub backoff: BackoffConfig,
     /// The longest server hint honoured; a longer one ends the retries.
-    #[serde(with = "duration_str")]
+    #[serde(deserialize_with = "crate::duration::required")]
     pub max_retry_after: Duration,
     /// The retry budget.
     pub budget: BudgetConfig,
@@ -81,12 +81,12 @@ pub struct BackoffConfig {
     /// Growth (default exponential).
     pub kind: BackoffKind,
     /// Delay before the first retry (default 100 ms).
-    #[serde(with = "duration_str")]
+    #[serde(deserialize_with = "crate::duration::required")]
     pub base: Duration,
     /// Growth factor for exponential backoff (default 2).
     pub factor: f64,
     /// Cap on the computed delay (default 10 s).
-    #[serde(with = "duration_str")]
+    #[serde(deserialize_with = "crate::duration::required")]
     pub max_delay: Duration,
     /// Jitter (default full).
     pub jitter: Jitter,
@@ -134,7 +134,7 @@ pub struct BudgetConfig {
     /// Retries always allowed per second (default 10).
     pub min_retries_per_sec: u32,
     /// Window (default 10 s).
-    #[serde(with = "duration_str")]
+    #[serde(deserialize_with = "crate::duration::required")]
     pub ttl: Duration,
 }
 
@@ -217,56 +217,6 @@ impl RetryConfig {
     > {
         self.apply(super::RetryLayer::http().requests(self.http_requests()))?
             .build()
-    }
-}
-
-/// Durations as human strings: `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`, `"1h"`, `"100us"`.
-mod duration_str {
-    use serde::{Deserialize, Deserializer, de::Error};
-    use std::time::Duration;
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        parse(&s).ok_or_else(|| {
-            D::Error::custom(format!(
-                "invalid duration `{s}`: expected a number and a unit, e.g. \"250ms\", \"2s\", \"1m\""
-            ))
-        })
-    }
-
-    pub(super) fn parse(s: &str) -> Option<Duration> {
-        let s = s.trim();
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let (num, unit) = s.split_at(split);
-        let value: f64 = num.parse().ok()?;
-        let secs_per_unit = match unit.trim() {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" | "min" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        Duration::try_from_secs_f64(value * secs_per_unit).ok()
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::parse;
-        use std::time::Duration;
-
-        #[test]
-        fn parses_units() {
-            assert_eq!(parse("250ms"), Some(Duration::from_millis(250)));
-            assert_eq!(parse("2s"), Some(Duration::from_secs(2)));
-            assert_eq!(parse("1.5s"), Some(Duration::from_millis(1500)));
-            assert_eq!(parse("1m"), Some(Duration::from_secs(60)));
-            assert_eq!(parse(" 100us "), Some(Duration::from_micros(100)));
-            assert_eq!(parse("10"), None);
-            assert_eq!(parse("ms"), None);
-            assert_eq!(parse("5 parsecs"), None);
-        }
     }
 }
 

@@ -231,3 +231,75 @@ async fn the_rejection_future_is_ready_without_polling_inner() {
     assert_eq!(first, 0);
     assert_pending!(handle.poll_request());
 }
+
+/// Many callers on several worker threads: the bulkhead never admits more than
+/// `max_concurrent` at once, and no waiter misses a freed permit (a lost wake-up would
+/// leave a waiter to time out after `max_wait` and fail its call).
+#[test]
+fn under_contention_never_more_than_max_concurrent_and_no_waiter_is_forgotten() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::{ServiceExt, service_fn};
+
+    for seed in 0..5 {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_time()
+            .build()
+            .unwrap();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let layer = BulkheadLayer::builder()
+            .max_concurrent(3)
+            .max_waiting(64)
+            .max_wait(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let svc = layer.layer(service_fn({
+            let (in_flight, peak) = (in_flight.clone(), peak.clone());
+            move |x: u32| {
+                let (in_flight, peak) = (in_flight.clone(), peak.clone());
+                async move {
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    for _ in 0..(x % 4) {
+                        tokio::task::yield_now().await;
+                    }
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(x)
+                }
+            }
+        }));
+        let failures = rt.block_on(async {
+            let tasks: Vec<_> = (0..48u32)
+                .map(|t| {
+                    let svc = svc.clone();
+                    tokio::spawn(async move {
+                        let mut failed = 0;
+                        for i in 0..50u32 {
+                            if svc.clone().oneshot(t * 50 + i + seed).await.is_err() {
+                                failed += 1;
+                            }
+                        }
+                        failed
+                    })
+                })
+                .collect();
+            let mut failed = 0;
+            for t in tasks {
+                failed += t.await.unwrap();
+            }
+            failed
+        });
+        assert!(
+            peak.load(Ordering::SeqCst) <= 3,
+            "peak {}",
+            peak.load(Ordering::SeqCst)
+        );
+        assert_eq!(
+            failures, 0,
+            "seed {seed}: waiters were rejected although permits freed"
+        );
+        assert_eq!(layer.available_permits(), 3);
+    }
+}

@@ -10,3 +10,9 @@ fn open(options: EmbeddedOptions) -> (EmbeddedQueue, TempDir) {
 crate::conformance!(|| open(EmbeddedOptions::new()), |capacity| open(
     EmbeddedOptions::new().with_capacity(capacity)
 ));
+
+#[tokio::test]
+async fn endless_lease_does_not_expire() {
+    let (q, _dir) = open(EmbeddedOptions::new());
+    crate::suite::endless_lease_does_not_expire(q).await;
+}

@@ -11,3 +11,15 @@ mod memory;
 
 #[cfg(feature = "embedded")]
 mod embedded;
+
+#[cfg(any(feature = "nats", feature = "amqp"))]
+mod proxy;
+
+#[cfg(feature = "nats")]
+mod nats;
+
+#[cfg(feature = "amqp")]
+mod amqp;
+
+#[cfg(feature = "redis")]
+mod redis;

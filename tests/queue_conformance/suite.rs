@@ -16,7 +16,6 @@ macro_rules! conformance {
             enqueue_then_lease_returns_the_envelope,
             lease_is_fifo_by_id,
             lease_respects_max,
-            endless_lease_does_not_expire,
             not_before_defers_delivery,
             lease_uses_the_given_now_not_the_clock,
             expired_lease_returns_to_pending,
@@ -27,6 +26,7 @@ macro_rules! conformance {
             retry_later_defers_and_keeps_attempts,
             dead_letter_moves_message_and_frees_key,
             attempts_count_every_lease_until_dead_letter,
+            enqueued_attempts_are_kept,
             ack_batch_acks_every_token,
             ack_with_a_stale_token_acks_the_rest,
             depth_counts_each_state,
@@ -126,6 +126,8 @@ pub async fn lease_respects_max(q: impl Queue) {
     assert_eq!(q.lease(100, LEASE, at(1)).await.unwrap().len(), 3);
 }
 
+/// Not in `conformance!` (a broker may cap lease times): the in-process backends run it
+/// themselves.
 pub async fn endless_lease_does_not_expire(q: impl Queue) {
     stored(&q, envelope("a")).await;
     let l = q.lease(1, Duration::MAX, at(0)).await.unwrap();
@@ -302,6 +304,18 @@ pub async fn attempts_count_every_lease_until_dead_letter(q: impl Queue) {
     let dead = q.dead_letters(10).await.unwrap();
     assert_eq!((dead[0].envelope.id, dead[0].envelope.attempts), (id, 3));
     assert_eq!(q.depth().await.unwrap().dead, 1);
+}
+
+/// An envelope enqueued with attempts already made (e.g. re-enqueued) keeps counting.
+pub async fn enqueued_attempts_are_kept(q: impl Queue) {
+    let mut e = envelope("a");
+    e.attempts = 5;
+    stored(&q, e).await;
+    let l = q.lease(1, LEASE, at(0)).await.unwrap();
+    assert_eq!(l[0].envelope.attempts, 6);
+    q.retry_later(l[0].token, at(1)).await.unwrap();
+    let l = q.lease(1, LEASE, at(1)).await.unwrap();
+    assert_eq!(l[0].envelope.attempts, 7);
 }
 
 pub async fn ack_batch_acks_every_token(q: impl Queue) {

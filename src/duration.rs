@@ -1,4 +1,7 @@
-//! Durations in config files: a number and a unit, `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`.
+//! Durations in configuration: a number and a unit, `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`.
+//!
+//! Every serde config of the crate (each layer's, and the stacks of [`config`](crate)
+//! with the `config` feature) reads durations with [`parse`].
 
 use serde::{Deserialize, Deserializer, de::Error};
 use std::time::Duration;
@@ -15,7 +18,7 @@ pub const UNITS: &str = "ns, us, ms, s, m, h";
 /// # Example
 /// ```
 /// use std::time::Duration;
-/// use postbox::config::duration::parse;
+/// use postbox::duration::parse;
 ///
 /// assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
 /// assert!(parse("250 parsecs").unwrap_err().contains("unknown unit `parsecs`"));

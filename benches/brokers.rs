@@ -1,0 +1,276 @@
+//! Enqueue throughput of the broker queues at 64 concurrent producers (1 KiB bodies),
+//! each next to the raw client's publish-with-ack loop in the same run.
+//!
+//! Needs the three servers on loopback (or `POSTBOX_{REDIS,NATS,AMQP}_URL`):
+//! `cargo bench --features nats,redis,amqp --bench brokers`.
+
+#![allow(missing_docs)] // bench crate
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use postbox::queue::{
+    AmqpOptions, AmqpQueue, DeferReason, Envelope, NatsOptions, NatsQueue, Queue, RedisOptions,
+    RedisQueue,
+};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::runtime::Runtime;
+
+const PRODUCERS: u64 = 64;
+
+fn envelope() -> Envelope {
+    Envelope::new(
+        "api:443",
+        "POST",
+        "https://api/orders",
+        Bytes::from(vec![b'x'; 1024]),
+        DeferReason::CircuitOpen,
+    )
+}
+
+/// Runs `iters` operations spread over 64 tasks and returns the elapsed time.
+async fn spread<F, Fut>(iters: u64, op: F) -> Duration
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PRODUCERS {
+        let n = iters / PRODUCERS + u64::from(p < iters % PRODUCERS);
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n {
+                op().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    start.elapsed()
+}
+
+fn name() -> String {
+    format!("bench-{:016x}", fastrand::u64(..))
+}
+
+fn bench_redis(c: &mut Criterion, rt: &Runtime) {
+    let q = rt
+        .block_on(RedisQueue::connect(RedisOptions::new(name())))
+        .expect("redis reachable (POSTBOX_REDIS_URL)");
+    let raw_key = format!("postbox-bench-raw:{}", name());
+    let raw = q.connection();
+    let mut g = c.benchmark_group("raw");
+    g.throughput(Throughput::Elements(1));
+    let payload = envelope().encode();
+    g.bench_function("redis/64_producers", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (raw, key, payload) = (raw.clone(), raw_key.clone(), payload.clone());
+            spread(iters, move || {
+                let (mut raw, key, payload) = (raw.clone(), key.clone(), payload.clone());
+                async move {
+                    let _: String = redis::cmd("XADD")
+                        .arg(&key)
+                        .arg("*")
+                        .arg("envelope")
+                        .arg(payload)
+                        .query_async(&mut raw)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+    });
+    g.finish();
+    let mut g = c.benchmark_group("postbox");
+    g.throughput(Throughput::Elements(1));
+    let queue = q.clone();
+    g.bench_function("enqueue/redis/64_producers", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let q = queue.clone();
+            spread(iters, move || {
+                let q = q.clone();
+                async move {
+                    q.enqueue(envelope()).await.unwrap();
+                }
+            })
+        })
+    });
+    g.finish();
+    rt.block_on(async {
+        q.purge().await.unwrap();
+        let _: i64 = redis::cmd("DEL")
+            .arg(&raw_key)
+            .query_async(&mut q.connection())
+            .await
+            .unwrap();
+    });
+}
+
+fn bench_nats(c: &mut Criterion, rt: &Runtime) {
+    let q = rt
+        .block_on(NatsQueue::connect(NatsOptions::new(
+            name().replace('-', "_"),
+        )))
+        .expect("nats reachable (POSTBOX_NATS_URL)");
+    let js = q.jetstream().clone();
+    let raw_stream = format!("POSTBOX_BENCH_RAW_{:016x}", fastrand::u64(..));
+    let raw_subject = format!("postbox-bench-raw.{raw_stream}");
+    rt.block_on(js.create_stream(async_nats::jetstream::stream::Config {
+        name: raw_stream.clone(),
+        subjects: vec![raw_subject.clone(), format!("{raw_subject}x.*")],
+        retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    }))
+    .unwrap();
+    let mut g = c.benchmark_group("raw");
+    g.throughput(Throughput::Elements(1));
+    let payload = Bytes::from(envelope().encode());
+    g.bench_function("nats/64_producers", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
+            spread(iters, move || {
+                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
+                async move {
+                    js.publish(subject, payload).await.unwrap().await.unwrap();
+                }
+            })
+        })
+    });
+    g.bench_function("nats/64_producers_unique_subject_expected", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
+            spread(iters, move || {
+                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
+                async move {
+                    let subj = format!("{subject}x.{:016x}", fastrand::u64(..));
+                    let p = async_nats::jetstream::message::PublishMessage::build()
+                        .payload(payload)
+                        .expected_last_subject_sequence(0);
+                    js.send_publish(subj, p).await.unwrap().await.unwrap();
+                }
+            })
+        })
+    });
+    g.bench_function("nats/64_producers_unique_subject", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
+            spread(iters, move || {
+                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
+                async move {
+                    let subj = format!("{subject}x.{:016x}", fastrand::u64(..));
+                    js.publish(subj, payload).await.unwrap().await.unwrap();
+                }
+            })
+        })
+    });
+    g.finish();
+    let mut g = c.benchmark_group("postbox");
+    g.throughput(Throughput::Elements(1));
+    let queue = q.clone();
+    g.bench_function("enqueue/nats/64_producers", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let q = queue.clone();
+            spread(iters, move || {
+                let q = q.clone();
+                async move {
+                    q.enqueue(envelope()).await.unwrap();
+                }
+            })
+        })
+    });
+    g.finish();
+    rt.block_on(async {
+        q.purge().await.unwrap();
+        js.delete_stream(&raw_stream).await.unwrap();
+    });
+}
+
+fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let q = rt
+        .block_on(AmqpQueue::connect(AmqpOptions::new(name())))
+        .expect("rabbitmq reachable (POSTBOX_AMQP_URL)");
+    let raw_queue = format!("postbox-bench-raw.{}", name());
+    let ch = rt.block_on(q.channel()).unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
+    );
+    rt.block_on(ch.queue_declare(
+        &raw_queue,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    ))
+    .unwrap();
+    let mut g = c.benchmark_group("raw");
+    g.throughput(Throughput::Elements(1));
+    let payload = Arc::new(envelope().encode());
+    g.bench_function("amqp/64_producers", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (ch, queue, payload) = (ch.clone(), raw_queue.clone(), payload.clone());
+            spread(iters, move || {
+                let (ch, queue, payload) = (ch.clone(), queue.clone(), payload.clone());
+                async move {
+                    let props = lapin::BasicProperties::default().with_delivery_mode(2);
+                    ch.basic_publish("", &queue, BasicPublishOptions::default(), &payload, props)
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+    });
+    g.finish();
+    let mut g = c.benchmark_group("postbox");
+    g.throughput(Throughput::Elements(1));
+    let queue = q.clone();
+    g.bench_function("enqueue/amqp/64_producers", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let q = queue.clone();
+            spread(iters, move || {
+                let q = q.clone();
+                async move {
+                    q.enqueue(envelope()).await.unwrap();
+                }
+            })
+        })
+    });
+    g.finish();
+    rt.block_on(async {
+        q.purge().await.unwrap();
+        ch.queue_delete(&raw_queue, QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    });
+}
+
+fn brokers(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    bench_redis(c, &rt);
+    bench_nats(c, &rt);
+    bench_amqp(c, &rt);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = brokers
+}
+criterion_main!(benches);

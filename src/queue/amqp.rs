@@ -1,0 +1,951 @@
+//! [`AmqpQueue`]: a [`Queue`] on RabbitMQ quorum queues (feature `amqp`).
+//!
+//! # Example
+//! ```no_run
+//! use postbox::queue::{AmqpOptions, AmqpQueue, DeferReason, Envelope, Queue};
+//! use std::time::{Duration, SystemTime};
+//!
+//! # async fn run() -> Result<(), postbox::queue::QueueError> {
+//! // URL from `POSTBOX_AMQP_URL`, else amqp://guest:guest@127.0.0.1:5672/%2f
+//! let queue = AmqpQueue::connect(AmqpOptions::new("orders")).await?;
+//! let env = Envelope::new("api:443", "POST", "https://api/orders", "{}", DeferReason::CircuitOpen);
+//! queue.enqueue(env).await?;
+//! for leased in queue.lease(10, Duration::from_secs(30), SystemTime::now()).await? {
+//!     queue.ack(&[leased.token]).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout in RabbitMQ
+//!
+//! A queue named `NAME` is three durable queues on the default exchange:
+//!
+//! | queue | type | holds |
+//! |---|---|---|
+//! | `postbox.NAME` | quorum | the live messages |
+//! | `postbox.NAME.delay` | quorum, dead-letters back to `postbox.NAME` (at-least-once) | messages waiting for a not-before further away than the hold limit, each with a per-message TTL |
+//! | `postbox.NAME.dead` | classic | the dead letters, oldest first |
+//!
+//! Every message is persistent (`delivery_mode` 2) and published with **publisher
+//! confirms**: `enqueue` returns after the broker confirmed it, which for a quorum queue
+//! means a majority of its replicas wrote it to their log and fsynced it. The body is the
+//! versioned envelope (`docs/envelope.md`), `content-type`
+//! `application/vnd.postbox.envelope`, `message-id` the UUID text, and the headers
+//! `postbox-idempotency-key`, `postbox-destination` (long strings),
+//! `postbox-not-before`, `postbox-created-at` (Unix milliseconds), `postbox-attempts`;
+//! a dead letter adds `postbox-reason`.
+//!
+//! # Leases
+//!
+//! A lease is a delivery (`basic.get`, manual ack) that *this process* holds unacked on
+//! its channel. Deadlines and not-before are judged against the `now` passed to
+//! [`lease`](Queue::lease). If the connection or the process dies, RabbitMQ requeues
+//! every unacked delivery at once and the next `lease` gets them again (their attempts
+//! count that: quorum queues add `x-delivery-count`); the old tokens are then
+//! [`QueueError::LeaseLost`]. RabbitMQ closes a channel that holds a delivery longer than
+//! its `consumer_timeout` (default 30 min): keep leases, and the hold limit, below it.
+//!
+//! A message whose not-before is at most the hold limit away
+//! ([`AmqpOptions::with_hold_limit`], default 5 min) is held unacked until it is due;
+//! one further away is moved to the delay queue with a per-message TTL, from which the
+//! broker dead-letters it back when it is due. Per-message TTLs expire only at the head
+//! of a queue, so a long delay can hold back a shorter one queued behind it (by at most
+//! the difference). `retry_later` republishes the message with the new not-before and
+//! attempts (to the main or the delay queue), then acks the delivery.
+//!
+//! # De-duplication
+//!
+//! RabbitMQ has no de-duplication by key. This queue keeps an **in-process** index of
+//! the idempotency keys it enqueued and has not yet acked or dead-lettered, so a
+//! duplicate is caught when the same process enqueues it (the common case: one service
+//! instance retrying one request), but not across processes or a restart. An entry is
+//! forgotten after [`AmqpOptions::with_dedupe_window`] (default 24 h) if another process
+//! acked the message. The receiving service's `Idempotency` layer still makes the
+//! effect exactly once.
+//!
+//! # Connection loss
+//!
+//! A call made while the broker is unreachable fails with [`QueueError::Unavailable`];
+//! the next call connects again. An enqueue that failed that way may still have been
+//! stored (the confirm was lost): retried, it is stored again unless the in-process index
+//! still knows its key.
+
+use super::{
+    DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
+};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// The environment variable that overrides the default URL.
+pub const AMQP_URL_ENV: &str = "POSTBOX_AMQP_URL";
+/// The URL used when neither [`AmqpOptions::with_url`] nor [`AMQP_URL_ENV`] is set.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+const H_KEY: &str = "postbox-idempotency-key";
+const H_DEST: &str = "postbox-destination";
+const H_NOT_BEFORE: &str = "postbox-not-before";
+const H_CREATED: &str = "postbox-created-at";
+const H_ATTEMPTS: &str = "postbox-attempts";
+const H_REASON: &str = "postbox-reason";
+const CONTENT_TYPE: &str = "application/vnd.postbox.envelope";
+
+/// Where and how [`AmqpQueue::connect`] connects.
+#[derive(Debug, Clone)]
+pub struct AmqpOptions {
+    name: String,
+    url: Option<String>,
+    capacity: Option<u64>,
+    hold_limit: Duration,
+    dedupe_window: Duration,
+    max_held: usize,
+    timeout: Duration,
+}
+
+/// A durable [`Queue`] on RabbitMQ. See the [module docs](self) for the layout, the
+/// lease model, de-duplication and durability.
+///
+/// # Clone
+///
+/// Clones share the connection, the lease table and the de-duplication index.
+#[derive(Clone)]
+pub struct AmqpQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    queue: String,
+    delay_queue: String,
+    dead_queue: String,
+    capacity: Option<u64>,
+    hold_limit: Duration,
+    dedupe_window: Duration,
+    max_held: usize,
+    timeout: Duration,
+    link: Mutex<Option<Link>>,
+    state: Mutex<State>,
+    keys: std::sync::Mutex<HashMap<String, (MessageId, Instant)>>,
+}
+
+struct Link {
+    conn: Arc<Connection>,
+    ch: Channel,
+    epoch: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// The connection generation the held deliveries belong to.
+    epoch: u64,
+    held: BTreeMap<MessageId, Held>,
+    /// The `now` of the last `lease` (retries are delayed relative to it).
+    last_now: Option<SystemTime>,
+}
+
+struct Held {
+    acker: lapin::acker::Acker,
+    envelope: Envelope,
+    state: HeldState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeldState {
+    Scheduled(SystemTime),
+    Leased(SystemTime, u64),
+}
+
+// === impl AmqpOptions ===
+
+impl AmqpOptions {
+    /// Options for the queue `name` (it names the RabbitMQ queues), at the URL from
+    /// `POSTBOX_AMQP_URL` or else `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            url: None,
+            capacity: None,
+            hold_limit: Duration::from_secs(300),
+            dedupe_window: Duration::from_secs(24 * 3600),
+            max_held: 10_000,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Connects to `url` (`amqp://user:password@host:port/vhost`) instead.
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Holds at most `capacity` ready messages in the main queue; beyond that `enqueue`
+    /// fails with [`QueueError::Full`]. Each enqueue checks the count first (one more
+    /// round trip), and the queue has `x-max-length` with `x-overflow: reject-publish`
+    /// as a backstop, so concurrent enqueues can overshoot by a few. RabbitMQ counts
+    /// ready messages only, not unacked ones.
+    pub fn with_capacity(mut self, capacity: u64) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// How far away a not-before may be for the message to be held unacked until it is
+    /// due (default 5 min); further ones go through the delay queue. Keep it below the
+    /// broker's `consumer_timeout`.
+    pub fn with_hold_limit(mut self, limit: Duration) -> Self {
+        self.hold_limit = limit;
+        self
+    }
+
+    /// How long the in-process de-duplication index remembers a key whose message it
+    /// did not see acked (default 24 h).
+    pub fn with_dedupe_window(mut self, window: Duration) -> Self {
+        self.dedupe_window = window;
+        self
+    }
+
+    /// How many deliveries this process holds unacked at most (default 10 000).
+    pub fn with_max_held(mut self, max: usize) -> Self {
+        self.max_held = max.max(1);
+        self
+    }
+
+    /// How long to wait for the broker (connect, confirms) before a call fails with
+    /// [`QueueError::Unavailable`] (default 5 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The URL that will be used.
+    pub fn url(&self) -> String {
+        self.url
+            .clone()
+            .or_else(|| std::env::var(AMQP_URL_ENV).ok())
+            .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned())
+    }
+}
+
+// === impl AmqpQueue ===
+
+impl AmqpQueue {
+    /// Connects and declares the three queues.
+    ///
+    /// # Errors
+    /// [`QueueError::Unavailable`] if the broker cannot be reached,
+    /// [`QueueError::Backend`] if it refuses the declarations (for example an existing
+    /// queue of that name with other arguments).
+    pub async fn connect(options: AmqpOptions) -> Result<Self, QueueError> {
+        let queue = format!("postbox.{}", options.name);
+        let inner = Inner {
+            url: options.url(),
+            delay_queue: format!("{queue}.delay"),
+            dead_queue: format!("{queue}.dead"),
+            queue,
+            capacity: options.capacity,
+            hold_limit: options.hold_limit,
+            dedupe_window: options.dedupe_window,
+            max_held: options.max_held,
+            timeout: options.timeout,
+            link: Mutex::new(None),
+            state: Mutex::new(State::default()),
+            keys: std::sync::Mutex::new(HashMap::new()),
+        };
+        inner.channel().await?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The names of the main, delay and dead-letter queues.
+    pub fn queues(&self) -> [&str; 3] {
+        [
+            &self.inner.queue,
+            &self.inner.delay_queue,
+            &self.inner.dead_queue,
+        ]
+    }
+
+    /// A channel on the current connection (connecting if needed), for requests of
+    /// your own.
+    ///
+    /// # Errors
+    /// [`QueueError::Unavailable`] if the broker cannot be reached.
+    pub async fn channel(&self) -> Result<Channel, QueueError> {
+        Ok(self.inner.channel().await?.0)
+    }
+
+    /// Deletes the three queues (all messages and dead letters) and forgets this
+    /// process' leases and keys.
+    ///
+    /// # Errors
+    /// [`QueueError::Unavailable`] or [`QueueError::Backend`].
+    pub async fn purge(&self) -> Result<(), QueueError> {
+        let (ch, epoch) = self.inner.channel().await?;
+        self.inner.state.lock().await.held.clear();
+        self.inner.lock_keys().clear();
+        for q in self.queues() {
+            self.inner
+                .io(epoch, ch.queue_delete(q, QueueDeleteOptions::default()))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn lock_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, (MessageId, Instant)>> {
+        // Only plain map operations run under this lock; a panic there leaves it usable.
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current channel and its generation, connecting first if needed.
+    async fn channel(&self) -> Result<(Channel, u64), QueueError> {
+        let mut link = self.link.lock().await;
+        if let Some(l) = link.as_ref()
+            && l.conn.status().connected()
+            && l.ch.status().connected()
+        {
+            return Ok((l.ch.clone(), l.epoch));
+        }
+        let epoch = link.as_ref().map_or(0, |l| l.epoch) + 1;
+        if let Some(old) = link.take() {
+            drop(old.conn.close(200, "reconnecting"));
+        }
+        let connect = async {
+            let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
+            let ch = conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            let mut main = FieldTable::default();
+            main.insert("x-queue-type".into(), string("quorum"));
+            if let Some(cap) = self.capacity {
+                main.insert(
+                    "x-max-length".into(),
+                    AMQPValue::LongLongInt(i64::try_from(cap).unwrap_or(i64::MAX)),
+                );
+                main.insert("x-overflow".into(), string("reject-publish"));
+            }
+            ch.queue_declare(&self.queue, durable, main).await?;
+            let mut delay = FieldTable::default();
+            delay.insert("x-queue-type".into(), string("quorum"));
+            delay.insert("x-dead-letter-exchange".into(), string(""));
+            delay.insert("x-dead-letter-routing-key".into(), string(&self.queue));
+            delay.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+            delay.insert("x-overflow".into(), string("reject-publish"));
+            ch.queue_declare(&self.delay_queue, durable, delay).await?;
+            ch.queue_declare(&self.dead_queue, durable, FieldTable::default())
+                .await?;
+            Ok::<_, lapin::Error>((conn, ch))
+        };
+        let (conn, ch) = match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(classify(e, &format!("connect to {}", self.url))),
+            Err(_) => {
+                return Err(QueueError::Unavailable(
+                    format!("amqp connect to {}: timed out", self.url).into(),
+                ));
+            }
+        };
+        *link = Some(Link {
+            conn: Arc::new(conn),
+            ch: ch.clone(),
+            epoch,
+        });
+        Ok((ch, epoch))
+    }
+
+    /// Maps a failed call; the link is dropped so the next call reconnects.
+    async fn fail(&self, e: lapin::Error, epoch: u64) -> QueueError {
+        let mut link = self.link.lock().await;
+        if link.as_ref().is_some_and(|l| l.epoch == epoch)
+            && let Some(old) = link.take()
+        {
+            drop(old.conn.close(200, "error"));
+        }
+        classify(e, "call")
+    }
+
+    /// Publishes with a confirm; `Ok(false)` if the broker refused it (nack).
+    async fn publish(
+        &self,
+        ch: &Channel,
+        epoch: u64,
+        routing_key: &str,
+        envelope: &Envelope,
+        extra: &[(&str, AMQPValue)],
+        expiration: Option<Duration>,
+    ) -> Result<bool, QueueError> {
+        let mut headers = FieldTable::default();
+        headers.insert(H_KEY.into(), string(&envelope.idempotency_key));
+        headers.insert(H_DEST.into(), string(&envelope.destination));
+        headers.insert(
+            H_NOT_BEFORE.into(),
+            AMQPValue::LongLongInt(ms_ceil(envelope.not_before)),
+        );
+        headers.insert(
+            H_CREATED.into(),
+            AMQPValue::LongLongInt(ms_floor(envelope.created_at)),
+        );
+        headers.insert(
+            H_ATTEMPTS.into(),
+            AMQPValue::LongLongInt(i64::from(envelope.attempts)),
+        );
+        for (k, v) in extra {
+            headers.insert((*k).into(), v.clone());
+        }
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(CONTENT_TYPE.into())
+            .with_message_id(envelope.id.to_string().into())
+            .with_headers(headers);
+        if let Some(ttl) = expiration {
+            props = props.with_expiration(ttl.as_millis().max(1).to_string().into());
+        }
+        let payload = envelope.encode();
+        let publish = async {
+            ch.basic_publish(
+                "",
+                routing_key,
+                BasicPublishOptions::default(),
+                &payload,
+                props,
+            )
+            .await?
+            .await
+        };
+        match tokio::time::timeout(self.timeout, publish).await {
+            Ok(Ok(Confirmation::Nack(_))) => Ok(false),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) => Err(self.fail(e, epoch).await),
+            Err(_) => {
+                self.drop_link(epoch).await;
+                Err(QueueError::Unavailable(
+                    "amqp publisher confirm timed out".into(),
+                ))
+            }
+        }
+    }
+
+    /// Awaits a broker call for at most the timeout; a failure or a timeout drops the
+    /// link so the next call reconnects.
+    async fn io<T>(
+        &self,
+        epoch: u64,
+        call: impl Future<Output = lapin::Result<T>>,
+    ) -> Result<T, QueueError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.fail(e, epoch).await),
+            Err(_) => {
+                self.drop_link(epoch).await;
+                Err(QueueError::Unavailable(
+                    "amqp: broker did not answer in time".into(),
+                ))
+            }
+        }
+    }
+
+    async fn drop_link(&self, epoch: u64) {
+        let mut link = self.link.lock().await;
+        if link.as_ref().is_some_and(|l| l.epoch == epoch)
+            && let Some(old) = link.take()
+        {
+            drop(old.conn.close(200, "timeout"));
+        }
+    }
+
+    async fn enqueue(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
+        let key = envelope.idempotency_key.clone();
+        if !key.is_empty() {
+            let mut keys = self.lock_keys();
+            let now = Instant::now();
+            match keys.get(&key) {
+                Some(&(id, at)) if now.duration_since(at) < self.dedupe_window => {
+                    return Ok(Enqueued::Duplicate(id));
+                }
+                _ => {
+                    keys.insert(key.clone(), (envelope.id, now));
+                }
+            }
+            if keys.len() > 4096 && keys.len().is_power_of_two() {
+                let window = self.dedupe_window;
+                keys.retain(|_, (_, at)| now.duration_since(*at) < window);
+            }
+        }
+        let result = async {
+            let (ch, epoch) = self.channel().await?;
+            if let Some(capacity) = self.capacity {
+                // RabbitMQ applies a quorum queue's `x-max-length` a little late, so
+                // check first; the queue's own limit is the backstop under concurrency.
+                if self.ready(&ch, epoch, &self.queue).await? >= capacity {
+                    return Ok(false);
+                }
+            }
+            self.publish(&ch, epoch, &self.queue, &envelope, &[], None)
+                .await
+        }
+        .await;
+        match result {
+            Ok(true) => Ok(Enqueued::Stored(envelope.id)),
+            other => {
+                self.forget_key(&key, envelope.id);
+                match other {
+                    Ok(_) if self.capacity.is_some() => Err(QueueError::Full {
+                        capacity: self.capacity.unwrap_or(0),
+                    }),
+                    Ok(_) => Err(QueueError::Backend(
+                        "amqp: broker nacked the publish".into(),
+                    )),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn forget_key(&self, key: &str, id: MessageId) {
+        if key.is_empty() {
+            return;
+        }
+        let mut keys = self.lock_keys();
+        if keys.get(key).is_some_and(|&(k, _)| k == id) {
+            keys.remove(key);
+        }
+    }
+
+    async fn lease(
+        &self,
+        max: usize,
+        lease_for: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let (ch, epoch) = self.channel().await?;
+        let mut st = self.state.lock().await;
+        if st.epoch != epoch {
+            // The old channel is gone: the broker requeued its deliveries.
+            st.held.clear();
+            st.epoch = epoch;
+        }
+        st.last_now = Some(now);
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut fetched = 0;
+        while fetched < max && st.held.len() < self.max_held {
+            let got = self
+                .io(
+                    epoch,
+                    ch.basic_get(&self.queue, BasicGetOptions { no_ack: false }),
+                )
+                .await?;
+            let Some(msg) = got else { break };
+            fetched += 1;
+            let delivery = msg.delivery;
+            let mut envelope = match Envelope::decode(&delivery.data) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(queue = %self.queue, error = %e, "postbox: undecodable message moved to the dead-letter queue");
+                    let props = BasicProperties::default().with_delivery_mode(2);
+                    let moved = async {
+                        ch.basic_publish(
+                            "",
+                            &self.dead_queue,
+                            BasicPublishOptions::default(),
+                            &delivery.data,
+                            props,
+                        )
+                        .await?
+                        .await?;
+                        delivery.acker.ack(BasicAckOptions::default()).await
+                    };
+                    self.io(epoch, moved).await?;
+                    continue;
+                }
+            };
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let int = |k: &str| headers.inner().get(k).and_then(as_i64);
+            if let Some(a) = int(H_ATTEMPTS) {
+                envelope.attempts = u32::try_from(a).unwrap_or(envelope.attempts);
+            }
+            // Earlier deliveries of this copy were held by a channel that died.
+            let redelivered = int("x-delivery-count").unwrap_or(0);
+            envelope.attempts = envelope
+                .attempts
+                .saturating_add(u32::try_from(redelivered).unwrap_or(0));
+            if let Some(nb) = int(H_NOT_BEFORE)
+                && ms_ceil(envelope.not_before) != nb
+            {
+                envelope.not_before =
+                    SystemTime::UNIX_EPOCH + Duration::from_millis(nb.max(0).unsigned_abs());
+            }
+            let id = envelope.id;
+            let state = HeldState::Scheduled(envelope.not_before);
+            st.held.insert(
+                id,
+                Held {
+                    acker: delivery.acker,
+                    envelope,
+                    state,
+                },
+            );
+        }
+        // Messages due too far away wait in the delay queue, not unacked here.
+        let far: Vec<MessageId> = st
+            .held
+            .iter()
+            .filter(|(_, h)| {
+                matches!(h.state, HeldState::Scheduled(nb)
+                    if nb.duration_since(now).is_ok_and(|d| d > self.hold_limit))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in far {
+            if let Some(h) = st.held.remove(&id) {
+                self.park(&ch, epoch, h, now).await?;
+            }
+        }
+        let lease_until = super::saturating_add(now, lease_for);
+        let mut out = Vec::new();
+        for (&id, h) in st.held.iter_mut() {
+            if out.len() >= max {
+                break;
+            }
+            let due = match h.state {
+                HeldState::Scheduled(nb) => nb <= now,
+                HeldState::Leased(until, _) => until <= now,
+            };
+            if !due {
+                continue;
+            }
+            h.envelope.attempts = h.envelope.attempts.saturating_add(1);
+            let generation = u64::from(h.envelope.attempts);
+            h.state = HeldState::Leased(lease_until, generation);
+            out.push(Leased {
+                envelope: h.envelope.clone(),
+                token: LeaseToken { id, generation },
+                lease_until,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Republishes `h` to the main queue, or to the delay queue with a TTL if its
+    /// not-before is further than the hold limit from `now`, then acks the delivery.
+    async fn park(
+        &self,
+        ch: &Channel,
+        epoch: u64,
+        h: Held,
+        now: SystemTime,
+    ) -> Result<(), QueueError> {
+        let wait = h
+            .envelope
+            .not_before
+            .duration_since(now)
+            .unwrap_or_default();
+        let (queue, ttl) = if wait > self.hold_limit {
+            (&self.delay_queue, Some(wait))
+        } else {
+            (&self.queue, None)
+        };
+        if !self
+            .publish(ch, epoch, queue, &h.envelope, &[], ttl)
+            .await?
+        {
+            return Err(QueueError::Backend(
+                format!("amqp: broker refused the message for {queue}").into(),
+            ));
+        }
+        self.io(epoch, h.acker.ack(BasicAckOptions::default()))
+            .await?;
+        Ok(())
+    }
+
+    /// Removes the delivery of `token` if its lease is current.
+    fn take(st: &mut State, token: LeaseToken) -> Result<Held, QueueError> {
+        match st.held.get(&token.id) {
+            Some(h) if matches!(h.state, HeldState::Leased(_, g) if g == token.generation) => st
+                .held
+                .remove(&token.id)
+                .ok_or(QueueError::LeaseLost(token)),
+            _ => Err(QueueError::LeaseLost(token)),
+        }
+    }
+
+    /// Checks that the held deliveries still belong to the live channel.
+    async fn current(&self) -> Result<(Channel, u64), QueueError> {
+        let (ch, epoch) = self.channel().await?;
+        let mut st = self.state.lock().await;
+        if st.epoch != epoch {
+            st.held.clear();
+            st.epoch = epoch;
+        }
+        Ok((ch, epoch))
+    }
+
+    async fn ack(&self, tokens: &[LeaseToken]) -> Result<(), QueueError> {
+        let (_, epoch) = self.current().await?;
+        let mut lost = None;
+        let mut taken = Vec::with_capacity(tokens.len());
+        {
+            let mut st = self.state.lock().await;
+            for &t in tokens {
+                match Self::take(&mut st, t) {
+                    Ok(h) => taken.push(h),
+                    Err(e) => {
+                        lost.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        for h in taken {
+            self.io(epoch, h.acker.ack(BasicAckOptions::default()))
+                .await?;
+            self.forget_key(&h.envelope.idempotency_key, h.envelope.id);
+        }
+        lost.map_or(Ok(()), Err)
+    }
+
+    async fn retry_later(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> Result<(), QueueError> {
+        let (ch, epoch) = self.current().await?;
+        let mut st = self.state.lock().await;
+        let mut h = Self::take(&mut st, token)?;
+        let now = st.last_now.unwrap_or_else(SystemTime::now);
+        drop(st);
+        h.envelope.not_before = not_before;
+        self.park(&ch, epoch, h, now).await
+    }
+
+    async fn dead_letter(&self, token: LeaseToken, reason: &str) -> Result<(), QueueError> {
+        let (ch, epoch) = self.current().await?;
+        let h = Self::take(&mut *self.state.lock().await, token)?;
+        let extra = [(H_REASON, string(reason))];
+        if !self
+            .publish(&ch, epoch, &self.dead_queue, &h.envelope, &extra, None)
+            .await?
+        {
+            return Err(QueueError::Backend(
+                "amqp: broker refused the dead letter".into(),
+            ));
+        }
+        self.io(epoch, h.acker.ack(BasicAckOptions::default()))
+            .await?;
+        self.forget_key(&h.envelope.idempotency_key, h.envelope.id);
+        Ok(())
+    }
+
+    async fn ready(&self, ch: &Channel, epoch: u64, queue: &str) -> Result<u64, QueueError> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let q = self
+            .io(
+                epoch,
+                ch.queue_declare(queue, passive, FieldTable::default()),
+            )
+            .await?;
+        Ok(u64::from(q.message_count()))
+    }
+
+    async fn depth(&self) -> Result<Depth, QueueError> {
+        let (ch, epoch) = self.current().await?;
+        let ready = self.ready(&ch, epoch, &self.queue).await?
+            + self.ready(&ch, epoch, &self.delay_queue).await?;
+        let dead = self.ready(&ch, epoch, &self.dead_queue).await?;
+        let st = self.state.lock().await;
+        let in_flight = st
+            .held
+            .values()
+            .filter(|h| matches!(h.state, HeldState::Leased(..)))
+            .count() as u64;
+        let held = st.held.len() as u64 - in_flight;
+        Ok(Depth {
+            pending: ready + held,
+            in_flight,
+            dead,
+        })
+    }
+
+    /// Reads dead letters on a channel of its own, then closes it so the broker puts
+    /// them back in order.
+    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let (_, epoch) = self.current().await?;
+        let conn = {
+            let link = self.link.lock().await;
+            let Some(l) = link.as_ref() else {
+                return Err(QueueError::Unavailable("amqp: not connected".into()));
+            };
+            l.conn.clone()
+        };
+        let ch = self.io(epoch, conn.create_channel()).await?;
+        let mut out = Vec::new();
+        let mut result = Ok(());
+        while out.len() < max {
+            let get = ch.basic_get(&self.dead_queue, BasicGetOptions { no_ack: false });
+            match tokio::time::timeout(self.timeout, get)
+                .await
+                .unwrap_or_else(|_| Err(lapin::ErrorKind::MissingHeartbeatError.into()))
+            {
+                Ok(Some(m)) => {
+                    let d = m.delivery;
+                    let Ok(envelope) = Envelope::decode(&d.data) else {
+                        tracing::warn!(queue = %self.dead_queue, "postbox: undecodable dead letter skipped");
+                        continue;
+                    };
+                    let reason = d
+                        .properties
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| h.inner().get(H_REASON).and_then(as_string))
+                        .unwrap_or_default();
+                    out.push(DeadLetter { envelope, reason });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let _ = tokio::time::timeout(self.timeout, ch.close(200, "inspected")).await;
+        match result {
+            Ok(()) => Ok(out),
+            Err(e) => Err(self.fail(e, epoch).await),
+        }
+    }
+}
+
+impl fmt::Debug for AmqpQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpQueue")
+            .field("queue", &self.inner.queue)
+            .field("capacity", &self.inner.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queue for AmqpQueue {
+    fn enqueue(
+        &self,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<Enqueued, QueueError>> + Send {
+        self.inner.enqueue(envelope)
+    }
+
+    fn lease(
+        &self,
+        max: usize,
+        lease_for: Duration,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Vec<Leased>, QueueError>> + Send {
+        self.inner.lease(max, lease_for, now)
+    }
+
+    fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.ack(tokens)
+    }
+
+    fn retry_later(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.retry_later(token, not_before)
+    }
+
+    fn dead_letter(
+        &self,
+        token: LeaseToken,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.dead_letter(token, reason)
+    }
+
+    fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {
+        self.inner.depth()
+    }
+
+    fn dead_letters(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
+        self.inner.dead_letters(max)
+    }
+}
+
+// === helpers ===
+
+fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn as_string(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(ShortString::as_str(s).to_owned()),
+        _ => None,
+    }
+}
+
+fn as_i64(v: &AMQPValue) -> Option<i64> {
+    match *v {
+        AMQPValue::LongLongInt(i) => Some(i),
+        AMQPValue::LongInt(i) => Some(i64::from(i)),
+        AMQPValue::LongUInt(i) => Some(i64::from(i)),
+        AMQPValue::ShortInt(i) => Some(i64::from(i)),
+        AMQPValue::ShortUInt(i) => Some(i64::from(i)),
+        AMQPValue::ShortShortInt(i) => Some(i64::from(i)),
+        AMQPValue::ShortShortUInt(i) => Some(i64::from(i)),
+        _ => None,
+    }
+}
+
+/// I/O and connection or channel state errors are [`QueueError::Unavailable`]; a
+/// refusal by the broker (an AMQP error reply) is a backend error.
+fn classify(e: lapin::Error, what: &str) -> QueueError {
+    let msg = format!("amqp {what}: {e}");
+    match e.kind() {
+        ErrorKind::ProtocolError(_)
+        | ErrorKind::ParsingError(_)
+        | ErrorKind::SerialisationError(_)
+        | ErrorKind::InvalidProtocolVersion(_)
+        | ErrorKind::NoConfiguredExecutor
+        | ErrorKind::NoConfiguredReactor => QueueError::Backend(msg.into()),
+        _ => QueueError::Unavailable(msg.into()),
+    }
+}
+
+fn since_epoch(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default()
+}
+
+fn ms_floor(t: SystemTime) -> i64 {
+    i64::try_from(since_epoch(t).as_millis()).unwrap_or(i64::MAX)
+}
+
+fn ms_ceil(t: SystemTime) -> i64 {
+    let ms = ms_floor(t);
+    if since_epoch(t).subsec_nanos().is_multiple_of(1_000_000) {
+        ms
+    } else {
+        ms.saturating_add(1)
+    }
+}

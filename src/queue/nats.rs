@@ -1,0 +1,852 @@
+//! [`NatsQueue`]: a [`Queue`] on NATS JetStream (feature `nats`).
+//!
+//! # Example
+//! ```no_run
+//! use postbox::queue::{DeferReason, Envelope, NatsOptions, NatsQueue, Queue};
+//! use std::time::{Duration, SystemTime};
+//!
+//! # async fn run() -> Result<(), postbox::queue::QueueError> {
+//! // URL from `POSTBOX_NATS_URL`, else nats://127.0.0.1:4222
+//! let queue = NatsQueue::connect(NatsOptions::new("orders")).await?;
+//! let env = Envelope::new("api:443", "POST", "https://api/orders", "{}", DeferReason::CircuitOpen);
+//! queue.enqueue(env).await?;
+//! for leased in queue.lease(10, Duration::from_secs(30), SystemTime::now()).await? {
+//!     queue.ack(&[leased.token]).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout in JetStream
+//!
+//! A queue named `NAME` is two streams (file storage):
+//!
+//! | stream | subjects | retention | holds |
+//! |---|---|---|---|
+//! | `POSTBOX_NAME` | `postbox.NAME.k.<key>` | work queue | the live messages (pending or in flight) |
+//! | `POSTBOX_NAME_DEAD` | `postbox.NAME.dead` | limits | the dead letters, oldest first |
+//!
+//! and one durable pull consumer, `postbox`, on `POSTBOX_NAME` (explicit acks,
+//! `max_deliver: -1`: giving up after too many attempts is the replayer's decision, made
+//! with a dead letter; a server-side limit would leave the message stuck in the stream).
+//!
+//! `<key>` is the idempotency key in lowercase hex (`x` then the hex; keys over 100 bytes
+//! are `s` then the hex SHA-256 of the key; an empty key is `id-` then the message id). So
+//! **one subject per idempotency key**, and the enqueue publishes with
+//! `Nats-Expected-Last-Subject-Sequence: 0`: the server stores the message only if no
+//! message with that key is in the stream. Because the stream is a work queue, a message
+//! leaves it when acked or dead-lettered, and the key is free again — exactly the
+//! trait's de-duplication, enforced by the server, with no window. `Nats-Msg-Id` is the
+//! message id, so the server also de-duplicates a publish retried after a lost reply
+//! (within the stream's `duplicate_window`).
+//!
+//! Every message's payload is the versioned envelope (`docs/envelope.md`), with headers:
+//! `Nats-Msg-Id`, `Postbox-Id` (UUID text), `Postbox-Idempotency-Key`,
+//! `Postbox-Destination` (these two only when they are printable ASCII),
+//! `Postbox-Not-Before` (Unix milliseconds), and `Postbox-Attempts` once it is not 0.
+//! A dead letter adds `Postbox-Reason`, and its payload carries the attempts and
+//! not-before it died with.
+//!
+//! # Leases
+//!
+//! A lease is a delivery of the pull consumer that *this process* holds unacked. Lease
+//! deadlines and not-before are judged against the `now` passed to
+//! [`lease`](Queue::lease), as the trait says; the consumer's `ack_wait`
+//! ([`NatsOptions::with_ack_wait`], default 30 s) is the crash lease: if the process
+//! dies, the server delivers its messages again after `ack_wait`, and their attempts
+//! count that delivery. While the process lives it keeps its held messages with
+//! in-progress acks (`+WPI`) on every `lease` call, so call `lease` at least every
+//! `ack_wait / 2`. A [`LeaseToken`] is only valid in the process that leased it.
+//!
+//! `retry_later` republishes the message with the new `Postbox-Not-Before` and
+//! `Postbox-Attempts` and then acks the delivery, so the delay survives a restart.
+//! `dead_letter` publishes to the dead-letter stream, then terminates the delivery
+//! (`+TERM`). [`Depth::in_flight`](super::Depth) counts this process' leases.
+//!
+//! # Durability
+//!
+//! JetStream acknowledges a publish once the message is in the stream's store, **not**
+//! once it is fsynced: by default the server syncs its files every 2 minutes
+//! (`sync_interval`), so a power loss can lose acknowledged messages. Run the server with
+//! `jetstream { sync_interval: always }` (nats-server ≥ 2.10) for fsync before the ack,
+//! or use a replicated (R3) stream so an acknowledged message is on a quorum of servers.
+
+use super::{
+    DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
+};
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::{Context, PublishErrorKind};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// The environment variable that overrides the default URL.
+pub const NATS_URL_ENV: &str = "POSTBOX_NATS_URL";
+/// The URL used when neither [`NatsOptions::with_url`] nor [`NATS_URL_ENV`] is set.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+const CONSUMER: &str = "postbox";
+const H_ID: &str = "Postbox-Id";
+const H_KEY: &str = "Postbox-Idempotency-Key";
+const H_DEST: &str = "Postbox-Destination";
+const H_NOT_BEFORE: &str = "Postbox-Not-Before";
+const H_ATTEMPTS: &str = "Postbox-Attempts";
+const H_REASON: &str = "Postbox-Reason";
+
+/// Where and how [`NatsQueue::connect`] connects.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    name: String,
+    url: Option<String>,
+    capacity: Option<u64>,
+    ack_wait: Duration,
+    duplicate_window: Duration,
+    max_held: usize,
+    request_timeout: Duration,
+}
+
+/// A durable [`Queue`] on NATS JetStream. See the [module docs](self) for the layout,
+/// the lease model and durability.
+///
+/// # Connection loss
+///
+/// A call made while the server is unreachable fails with [`QueueError::Unavailable`]
+/// (after the request timeout, default 5 s); the client reconnects by itself and a
+/// later call succeeds once the server is back. An enqueue that failed that way may
+/// still have been stored: retrying it is answered [`Enqueued::Duplicate`].
+///
+/// # Clone
+///
+/// Clones share the connection and the lease table.
+#[derive(Clone)]
+pub struct NatsQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: Context,
+    consumer: PullConsumer,
+    stream: String,
+    dead_stream: String,
+    subject_prefix: String,
+    dead_subject: String,
+    capacity: Option<u64>,
+    ack_wait: Duration,
+    max_held: usize,
+    request_timeout: Duration,
+    held: Mutex<BTreeMap<MessageId, Held>>,
+}
+
+/// A delivery this process holds unacked.
+struct Held {
+    msg: async_nats::jetstream::Message,
+    envelope: Envelope,
+    state: HeldState,
+    /// When the server last heard from us about this delivery (real time).
+    touched: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeldState {
+    /// Not to be leased before this.
+    Scheduled(SystemTime),
+    /// Leased until this, as generation `.1`.
+    Leased(SystemTime, u64),
+}
+
+// === impl NatsOptions ===
+
+impl NatsOptions {
+    /// Options for the queue `name` (letters, digits, `-` and `_`; it names the streams),
+    /// at the URL from `POSTBOX_NATS_URL` or else `nats://127.0.0.1:4222`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            url: None,
+            capacity: None,
+            ack_wait: Duration::from_secs(30),
+            duplicate_window: Duration::from_secs(120),
+            max_held: 10_000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Connects to `url` (`nats://[user:password@]host:port`) instead.
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Holds at most `capacity` live messages (the stream's `max_msgs` with
+    /// `discard: new`); beyond that `enqueue` fails with [`QueueError::Full`].
+    pub fn with_capacity(mut self, capacity: u64) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// The consumer's `ack_wait`: how long after this process dies its held messages
+    /// come back (default 30 s).
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    /// The stream's `duplicate_window` for `Nats-Msg-Id` (retried publishes; default
+    /// 2 min).
+    pub fn with_duplicate_window(mut self, window: Duration) -> Self {
+        self.duplicate_window = window;
+        self
+    }
+
+    /// How many deliveries this process holds at most (the consumer's
+    /// `max_ack_pending`; default 10 000).
+    pub fn with_max_held(mut self, max: usize) -> Self {
+        self.max_held = max.max(1);
+        self
+    }
+
+    /// How long to wait for the server before a call fails with
+    /// [`QueueError::Unavailable`] (default 5 s).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The URL that will be used.
+    pub fn url(&self) -> String {
+        self.url
+            .clone()
+            .or_else(|| std::env::var(NATS_URL_ENV).ok())
+            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+    }
+}
+
+// === impl NatsQueue ===
+
+impl NatsQueue {
+    /// Connects, and creates (or updates) the two streams and the consumer.
+    ///
+    /// # Errors
+    /// [`QueueError::Unavailable`] if the server cannot be reached,
+    /// [`QueueError::Backend`] for an invalid name or URL, or if JetStream refuses the
+    /// configuration (for example an existing stream of that name with another
+    /// retention).
+    pub async fn connect(options: NatsOptions) -> Result<Self, QueueError> {
+        let name = &options.name;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(QueueError::Backend(
+                format!("invalid queue name {name:?}: use letters, digits, '-' and '_'").into(),
+            ));
+        }
+        let url = options.url();
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(2))
+            .request_timeout(Some(options.request_timeout))
+            .ignore_discovered_servers()
+            .connect(url.as_str())
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("nats at {url}: {e}").into()))?;
+        let js = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(options.request_timeout)
+            .build(client);
+        let stream = format!("POSTBOX_{name}");
+        let dead_stream = format!("POSTBOX_{name}_DEAD");
+        let subject_prefix = format!("postbox.{name}.k.");
+        let dead_subject = format!("postbox.{name}.dead");
+        let capacity = options.capacity.and_then(|c| i64::try_from(c).ok());
+        js.create_or_update_stream(stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{subject_prefix}*")],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            duplicate_window: options.duplicate_window,
+            max_messages: capacity.unwrap_or(-1),
+            discard: DiscardPolicy::New,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| classify(e, "create stream"))?;
+        js.create_or_update_stream(stream::Config {
+            name: dead_stream.clone(),
+            subjects: vec![dead_subject.clone()],
+            storage: StorageType::File,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| classify(e, "create dead-letter stream"))?;
+        let consumer: PullConsumer = js
+            .create_consumer_on_stream(
+                pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: options.ack_wait,
+                    max_deliver: -1,
+                    max_ack_pending: i64::try_from(options.max_held).unwrap_or(i64::MAX),
+                    ..Default::default()
+                },
+                stream.as_str(),
+            )
+            .await
+            .map_err(|e| classify(e, "create consumer"))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                js,
+                consumer,
+                stream,
+                dead_stream,
+                subject_prefix,
+                dead_subject,
+                capacity: options.capacity,
+                ack_wait: options.ack_wait,
+                max_held: options.max_held,
+                request_timeout: options.request_timeout,
+                held: Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    /// The JetStream context, for requests of your own.
+    pub fn jetstream(&self) -> &Context {
+        &self.inner.js
+    }
+
+    /// The names of the message stream and the dead-letter stream.
+    pub fn streams(&self) -> (&str, &str) {
+        (&self.inner.stream, &self.inner.dead_stream)
+    }
+
+    /// Deletes both streams (all messages and dead letters) and forgets this process'
+    /// leases.
+    ///
+    /// # Errors
+    /// [`QueueError::Unavailable`] or [`QueueError::Backend`].
+    pub async fn purge(&self) -> Result<(), QueueError> {
+        self.inner.held.lock().await.clear();
+        for s in [&self.inner.stream, &self.inner.dead_stream] {
+            self.inner
+                .js
+                .delete_stream(s)
+                .await
+                .map_err(|e| classify(e, "delete stream"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn subject(&self, envelope: &Envelope) -> String {
+        let key = envelope.idempotency_key.as_bytes();
+        let mut s = self.subject_prefix.clone();
+        if key.is_empty() {
+            s.push_str("id-");
+            s.push_str(&envelope.id.to_string());
+        } else if key.len() > 100 {
+            s.push('s');
+            push_hex(
+                &mut s,
+                ring::digest::digest(&ring::digest::SHA256, key).as_ref(),
+            );
+        } else {
+            s.push('x');
+            push_hex(&mut s, key);
+        }
+        s
+    }
+
+    async fn enqueue(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
+        let subject = self.subject(&envelope);
+        let headers = headers(&envelope);
+        let payload = Bytes::from(envelope.encode());
+        let dedupe = !envelope.idempotency_key.is_empty();
+        for _ in 0..3 {
+            let mut publish = Publish::build()
+                .payload(payload.clone())
+                .headers(headers.clone())
+                .message_id(envelope.id.to_string());
+            if dedupe {
+                publish = publish.expected_last_subject_sequence(0);
+            }
+            let result = match self.js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(ack) if ack.duplicate => return Ok(Enqueued::Duplicate(envelope.id)),
+                Ok(_) => return Ok(Enqueued::Stored(envelope.id)),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    let stream = self.js.get_stream_no_info(&self.stream).await;
+                    let stream = stream.map_err(|e| classify(e, "get stream"))?;
+                    match stream.get_last_raw_message_by_subject(&subject).await {
+                        Ok(m) => {
+                            let id = m
+                                .headers
+                                .get(H_ID)
+                                .and_then(|v| v.as_str().parse::<MessageId>().ok())
+                                .ok_or_else(|| {
+                                    QueueError::Corrupt(format!(
+                                        "message {} on {subject} has no {H_ID}",
+                                        m.sequence
+                                    ))
+                                })?;
+                            return Ok(Enqueued::Duplicate(id));
+                        }
+                        // Acked in between: the key is free again, publish once more.
+                        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                        Err(e) => return Err(classify(e, "look up duplicate")),
+                    }
+                }
+                Err(e) if is_full(&e) => {
+                    return Err(QueueError::Full {
+                        capacity: self.capacity.unwrap_or(0),
+                    });
+                }
+                Err(e) => return Err(classify(e, "publish")),
+            }
+        }
+        Err(QueueError::Backend(
+            format!("subject {subject} kept changing while enqueueing").into(),
+        ))
+    }
+
+    /// Pulls up to `n` new deliveries into `held`.
+    async fn fetch(
+        &self,
+        held: &mut BTreeMap<MessageId, Held>,
+        n: usize,
+    ) -> Result<(), QueueError> {
+        let n = n.min(self.max_held.saturating_sub(held.len()));
+        if n == 0 {
+            return Ok(());
+        }
+        let mut batch = self
+            .consumer
+            .fetch()
+            .max_messages(n)
+            .messages()
+            .await
+            .map_err(|e| classify(e, "fetch"))?;
+        loop {
+            let next = tokio::time::timeout(self.request_timeout, batch.next()).await;
+            let Some(msg) =
+                next.map_err(|_| QueueError::Unavailable("nats fetch: no answer in time".into()))?
+            else {
+                break;
+            };
+            let msg = msg.map_err(|e| classify_dyn(&*e, "fetch"))?;
+            let delivered = msg
+                .info()
+                .map(|i| u32::try_from(i.delivered).unwrap_or(1))
+                .unwrap_or(1);
+            let mut envelope = match Envelope::decode(&msg.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Not ours to replay: move it aside rather than loop on it.
+                    tracing::error!(subject = %msg.subject, error = %e, "postbox: undecodable message terminated");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            let h = msg.headers.as_ref();
+            let header = |name: &str| h.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+            if let Some(a) = header(H_ATTEMPTS).and_then(|a| a.parse::<u32>().ok()) {
+                envelope.attempts = a;
+            }
+            // Each earlier delivery of this copy was held by a process that died.
+            envelope.attempts = envelope
+                .attempts
+                .saturating_add(delivered.saturating_sub(1));
+            if let Some(nb) = header(H_NOT_BEFORE).and_then(|v| v.parse::<u64>().ok())
+                && ms_ceil(envelope.not_before) != nb
+            {
+                envelope.not_before = SystemTime::UNIX_EPOCH + Duration::from_millis(nb);
+            }
+            let id = envelope.id;
+            match held.get_mut(&id) {
+                // Delivered again while we held it (ack_wait passed): keep our state.
+                Some(h) => {
+                    h.msg = msg;
+                    h.touched = Instant::now();
+                }
+                None => {
+                    let state = HeldState::Scheduled(envelope.not_before);
+                    held.insert(
+                        id,
+                        Held {
+                            msg,
+                            envelope,
+                            state,
+                            touched: Instant::now(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn lease(
+        &self,
+        max: usize,
+        lease_for: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let mut held = self.held.lock().await;
+        self.keep_alive(&mut held).await;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        self.fetch(&mut held, max).await?;
+        let lease_until = super::saturating_add(now, lease_for);
+        let mut out = Vec::new();
+        for (&id, h) in held.iter_mut() {
+            if out.len() >= max {
+                break;
+            }
+            let due = match h.state {
+                HeldState::Scheduled(nb) => nb <= now,
+                HeldState::Leased(until, _) => until <= now,
+            };
+            if !due {
+                continue;
+            }
+            h.envelope.attempts = h.envelope.attempts.saturating_add(1);
+            let generation = u64::from(h.envelope.attempts);
+            h.state = HeldState::Leased(lease_until, generation);
+            out.push(Leased {
+                envelope: h.envelope.clone(),
+                token: LeaseToken { id, generation },
+                lease_until,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Tells the server we still hold the deliveries it has not heard about for half
+    /// of `ack_wait`.
+    async fn keep_alive(&self, held: &mut BTreeMap<MessageId, Held>) {
+        let stale = Instant::now().checked_sub(self.ack_wait / 2);
+        let Some(stale) = stale else { return };
+        for h in held.values_mut() {
+            if h.touched <= stale && h.msg.ack_with(AckKind::Progress).await.is_ok() {
+                h.touched = Instant::now();
+            }
+        }
+    }
+
+    /// Removes and returns the delivery of `token` if its lease is current.
+    fn take(held: &mut BTreeMap<MessageId, Held>, token: LeaseToken) -> Result<Held, QueueError> {
+        match held.get(&token.id) {
+            Some(h) if matches!(h.state, HeldState::Leased(_, g) if g == token.generation) => {
+                Ok(held.remove(&token.id).expect("present"))
+            }
+            _ => Err(QueueError::LeaseLost(token)),
+        }
+    }
+
+    async fn ack(&self, tokens: &[LeaseToken]) -> Result<(), QueueError> {
+        let mut lost = None;
+        let mut taken = Vec::with_capacity(tokens.len());
+        {
+            let mut held = self.held.lock().await;
+            for &t in tokens {
+                match Self::take(&mut held, t) {
+                    Ok(h) => taken.push(h),
+                    Err(e) => {
+                        lost.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        let results =
+            futures_util::future::join_all(taken.iter().map(|h| h.msg.double_ack())).await;
+        for r in results {
+            r.map_err(|e| classify_dyn(&*e, "ack"))?;
+        }
+        lost.map_or(Ok(()), Err)
+    }
+
+    async fn retry_later(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> Result<(), QueueError> {
+        let mut held = self.held.lock().await;
+        let h = Self::take(&mut held, token)?;
+        let mut envelope = h.envelope.clone();
+        envelope.not_before = not_before;
+        let mut headers = headers(&envelope);
+        headers.insert(H_NOT_BEFORE, ms_ceil(not_before).to_string().as_str());
+        let publish = Publish::build()
+            .payload(Bytes::from(envelope.encode()))
+            .headers(headers)
+            .message_id(format!("{}.{}", envelope.id, envelope.attempts));
+        let copied = match self.js.send_publish(h.msg.subject.clone(), publish).await {
+            Ok(ack) => ack.await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = copied {
+            held.insert(token.id, h); // still leased: the caller may try again
+            return Err(classify(e, "republish for retry"));
+        }
+        drop(held);
+        // If this ack is lost the original comes back too: at least once, as always.
+        h.msg
+            .double_ack()
+            .await
+            .map_err(|e| classify_dyn(&*e, "ack after retry"))
+    }
+
+    async fn dead_letter(&self, token: LeaseToken, reason: &str) -> Result<(), QueueError> {
+        let mut held = self.held.lock().await;
+        let h = Self::take(&mut held, token)?;
+        let mut headers = headers(&h.envelope);
+        if let Some(v) = header_value(reason) {
+            headers.insert(H_REASON, v);
+        } else {
+            headers.insert(H_REASON, "(see payload)");
+        }
+        let publish = Publish::build()
+            .payload(Bytes::from(h.envelope.encode()))
+            .headers(headers)
+            .message_id(format!("{}.dead", h.envelope.id));
+        let published = match self
+            .js
+            .send_publish(self.dead_subject.clone(), publish)
+            .await
+        {
+            Ok(ack) => ack.await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = published {
+            held.insert(token.id, h);
+            return Err(classify(e, "publish dead letter"));
+        }
+        drop(held);
+        h.msg
+            .double_ack_with(AckKind::Term)
+            .await
+            .map_err(|e| classify_dyn(&*e, "terminate after dead letter"))
+    }
+
+    async fn stream_messages(&self, name: &str) -> Result<stream::State, QueueError> {
+        let s = self
+            .js
+            .get_stream(name)
+            .await
+            .map_err(|e| classify(e, "stream info"))?;
+        Ok(s.cached_info().state.clone())
+    }
+
+    async fn depth(&self) -> Result<Depth, QueueError> {
+        let live = self.stream_messages(&self.stream).await?.messages;
+        let dead = self.stream_messages(&self.dead_stream).await?.messages;
+        let in_flight = self
+            .held
+            .lock()
+            .await
+            .values()
+            .filter(|h| matches!(h.state, HeldState::Leased(..)))
+            .count() as u64;
+        Ok(Depth {
+            pending: live.saturating_sub(in_flight),
+            in_flight,
+            dead,
+        })
+    }
+
+    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let state = self.stream_messages(&self.dead_stream).await?;
+        let stream = self
+            .js
+            .get_stream_no_info(&self.dead_stream)
+            .await
+            .map_err(|e| classify(e, "get stream"))?;
+        let mut out = Vec::new();
+        let mut seq = state.first_sequence;
+        while out.len() < max && seq <= state.last_sequence && state.messages > 0 {
+            match stream.get_raw_message(seq).await {
+                Ok(m) => {
+                    let envelope = Envelope::decode(&m.payload)
+                        .map_err(|e| QueueError::Corrupt(format!("dead letter {seq}: {e}")))?;
+                    let reason = m
+                        .headers
+                        .get(H_REASON)
+                        .map(|v| v.as_str().to_owned())
+                        .unwrap_or_default();
+                    out.push(DeadLetter { envelope, reason });
+                }
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(classify(e, "read dead letter")),
+            }
+            seq += 1;
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Debug for NatsQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsQueue")
+            .field("stream", &self.inner.stream)
+            .field("capacity", &self.inner.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queue for NatsQueue {
+    fn enqueue(
+        &self,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<Enqueued, QueueError>> + Send {
+        self.inner.enqueue(envelope)
+    }
+
+    fn lease(
+        &self,
+        max: usize,
+        lease_for: Duration,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Vec<Leased>, QueueError>> + Send {
+        self.inner.lease(max, lease_for, now)
+    }
+
+    fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.ack(tokens)
+    }
+
+    fn retry_later(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.retry_later(token, not_before)
+    }
+
+    fn dead_letter(
+        &self,
+        token: LeaseToken,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.dead_letter(token, reason)
+    }
+
+    fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {
+        self.inner.depth()
+    }
+
+    fn dead_letters(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
+        self.inner.dead_letters(max)
+    }
+}
+
+// === helpers ===
+
+fn headers(e: &Envelope) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(H_ID, e.id.to_string().as_str());
+    if let Some(v) = header_value(&e.idempotency_key) {
+        h.insert(H_KEY, v);
+    }
+    if let Some(v) = header_value(&e.destination) {
+        h.insert(H_DEST, v);
+    }
+    h.insert(H_NOT_BEFORE, ms_ceil(e.not_before).to_string().as_str());
+    if e.attempts > 0 {
+        h.insert(H_ATTEMPTS, e.attempts.to_string().as_str());
+    }
+    h
+}
+
+/// `s` if it can travel as a header value (printable ASCII).
+fn header_value(s: &str) -> Option<&str> {
+    (!s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b))).then_some(s)
+}
+
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    use std::fmt::Write;
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+}
+
+fn is_full(e: &async_nats::jetstream::context::PublishError) -> bool {
+    let text = e.to_string();
+    text.contains("maximum messages exceeded") || text.contains("10077")
+}
+
+/// Connection problems (timeouts, a broken pipe, no responders) are
+/// [`QueueError::Unavailable`]; the rest is a backend error.
+fn classify<E: std::error::Error + Send + Sync + 'static>(e: E, what: &str) -> QueueError {
+    if is_connection_problem(&e) {
+        QueueError::Unavailable(format!("nats {what}: {e}").into())
+    } else {
+        QueueError::Backend(format!("nats {what}: {e}").into())
+    }
+}
+
+fn classify_dyn(e: &(dyn std::error::Error + Send + Sync + 'static), what: &str) -> QueueError {
+    if is_connection_problem(e) {
+        QueueError::Unavailable(format!("nats {what}: {e}").into())
+    } else {
+        QueueError::Backend(format!("nats {what}: {e}").into())
+    }
+}
+
+fn is_connection_problem(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string().to_ascii_lowercase();
+        if [
+            "timed out",
+            "broken pipe",
+            "no responders",
+            "disconnect",
+            "connection",
+        ]
+        .iter()
+        .any(|needle| text.contains(needle))
+        {
+            return true;
+        }
+        if err.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn since_epoch(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default()
+}
+
+fn ms_floor(t: SystemTime) -> u64 {
+    u64::try_from(since_epoch(t).as_millis()).unwrap_or(u64::MAX)
+}
+
+fn ms_ceil(t: SystemTime) -> u64 {
+    let ms = ms_floor(t);
+    if since_epoch(t).subsec_nanos().is_multiple_of(1_000_000) {
+        ms
+    } else {
+        ms.saturating_add(1)
+    }
+}

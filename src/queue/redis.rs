@@ -1,0 +1,693 @@
+//! [`RedisQueue`]: a [`Queue`] on Redis Streams (feature `redis`).
+//!
+//! # Example
+//! ```no_run
+//! use postbox::queue::{DeferReason, Envelope, Queue, RedisOptions, RedisQueue};
+//! use std::time::{Duration, SystemTime};
+//!
+//! # async fn run() -> Result<(), postbox::queue::QueueError> {
+//! // URL from `POSTBOX_REDIS_URL`, else redis://127.0.0.1:6379/
+//! let queue = RedisQueue::connect(RedisOptions::new("orders")).await?;
+//! let env = Envelope::new("api:443", "POST", "https://api/orders", "{}", DeferReason::CircuitOpen);
+//! queue.enqueue(env).await?;
+//! for leased in queue.lease(10, Duration::from_secs(30), SystemTime::now()).await? {
+//!     queue.ack(&[leased.token]).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout in Redis
+//!
+//! Every key of a queue named `NAME` starts with `postbox:{NAME}:` (the braces are a
+//! cluster hash tag: all keys of one queue live on one shard, as the scripts need).
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `…:stream` | stream | one entry per live message (pending or in flight); consumer group `postbox` |
+//! | `…:dead` | stream | dead letters, oldest first |
+//! | `…:msgs` | hash | message id → stream entry id (messages read by `lease` at least once) |
+//! | `…:attempts` | hash | message id → delivery attempts (= the lease generation) |
+//! | `…:nb` | hash | message id → not-before (ms) set by `retry_later` |
+//! | `…:keys` | hash | idempotency key → message id (de-duplication) |
+//! | `…:leases` | sorted set | message id scored by lease deadline (ms) |
+//! | `…:delayed` | sorted set | message id scored by not-before (ms), read but not yet due |
+//! | `…:ready` | sorted set | due message ids (score 0, so ordered by id) |
+//!
+//! Each stream entry has the fields `id` (UUID text), `idempotency_key`, `destination`,
+//! `method`, `uri`, `created_at_ms`, `not_before_ms`, `attempts` (as enqueued) and
+//! `envelope` (the versioned binary envelope, `docs/envelope.md`). A dead-letter entry
+//! has the same fields, with `attempts` and `not_before_ms` as they were when it died,
+//! plus `reason` and `dead_at_ms`. So any Redis client can read both streams, e.g.
+//! `XRANGE postbox:{orders}:dead - +`.
+//!
+//! Every operation is one Lua script, so the indexes change atomically.
+
+use super::{
+    DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
+};
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{RedisError, Script, Value};
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+
+/// The environment variable that overrides the default URL.
+pub const REDIS_URL_ENV: &str = "POSTBOX_REDIS_URL";
+/// The URL used when neither [`RedisOptions::with_url`] nor [`REDIS_URL_ENV`] is set.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+const GROUP: &str = "postbox";
+const CONSUMER: &str = "postbox";
+
+macro_rules! script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("redis/prelude.lua"),
+                include_str!(concat!("redis/", $file))
+            ))
+        })
+    };
+}
+
+static ENQUEUE: LazyLock<Script> = script!("enqueue.lua");
+static LEASE: LazyLock<Script> = script!("lease.lua");
+static ACK: LazyLock<Script> = script!("ack.lua");
+static RETRY: LazyLock<Script> = script!("retry.lua");
+static DEAD: LazyLock<Script> = script!("dead.lua");
+
+/// Where and how [`RedisQueue::connect`] connects.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    name: String,
+    url: Option<String>,
+    capacity: Option<u64>,
+    response_timeout: Duration,
+}
+
+/// A durable [`Queue`] on Redis Streams.
+///
+/// Leasing reads the stream through a consumer group (`XREADGROUP`); a message whose
+/// lease expired, or whose not-before has come, is claimed again with `XCLAIM`. Lease
+/// deadlines and not-before are kept in sorted sets scored by the `now` passed to
+/// [`lease`](Queue::lease), not by Redis' idle time (which is why this uses `XCLAIM`
+/// and not `XAUTOCLAIM`'s one min-idle-time), so they follow the trait exactly.
+///
+/// # Durability
+///
+/// `enqueue` returns after Redis replied to the script that wrote the message. That is
+/// durable against a crash only when the server runs with `appendonly yes` and
+/// `appendfsync always` (Redis then fsyncs its append-only file before it replies, and
+/// concurrent writers share one fsync). With the default `appendfsync everysec` up to one
+/// second of acknowledged messages can be lost in a power failure; with persistence off,
+/// a server restart loses everything.
+///
+/// # Connection loss
+///
+/// A call made while the server is unreachable fails with [`QueueError::Unavailable`];
+/// the connection is re-established in the background and a later call succeeds once
+/// the server is back. A script either ran entirely or not at all, but a call that
+/// failed with `Unavailable` may still have run (the reply was lost): an enqueue retried
+/// after that is answered [`Enqueued::Duplicate`] thanks to its idempotency key.
+///
+/// # Group commit
+///
+/// Concurrent enqueues are sent together: a background task (spawned by
+/// [`connect`](Self::connect), so call it inside a Tokio runtime) sends every enqueue
+/// waiting at the time, up to 128, in one script call, and Redis answers them with one
+/// reply after one write to its append-only file.
+///
+/// # Clone
+///
+/// Clones share one multiplexed connection and the batching task.
+#[derive(Clone)]
+pub struct RedisQueue {
+    conn: ConnectionManager,
+    keys: Arc<[String; 9]>,
+    capacity: Option<u64>,
+    batcher: mpsc::Sender<Pending>,
+}
+
+/// An enqueue waiting for the batcher: its script arguments and where to answer.
+struct Pending {
+    args: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Result<(i64, String), (bool, String)>>,
+}
+
+/// Most enqueues sent in one script call.
+const MAX_BATCH: usize = 128;
+/// Most script calls of enqueues in flight at once.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+// === impl RedisOptions ===
+
+impl RedisOptions {
+    /// Options for the queue `name` (it names the Redis keys), at the URL from
+    /// `POSTBOX_REDIS_URL` or else `redis://127.0.0.1:6379/`, unbounded.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            url: None,
+            capacity: None,
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Connects to `url` (`redis://[user:password@]host:port/db`) instead.
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Holds at most `capacity` live (pending and in-flight) messages; beyond that
+    /// `enqueue` fails with [`QueueError::Full`]. Dead letters do not count.
+    pub fn with_capacity(mut self, capacity: u64) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// How long to wait for a reply before the call fails with
+    /// [`QueueError::Unavailable`] (default 5 s).
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// The URL that will be used.
+    pub fn url(&self) -> String {
+        self.url
+            .clone()
+            .or_else(|| std::env::var(REDIS_URL_ENV).ok())
+            .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned())
+    }
+}
+
+// === impl RedisQueue ===
+
+impl RedisQueue {
+    /// Connects and creates the stream and its consumer group if they do not exist.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (it spawns the enqueue batching task).
+    ///
+    /// # Errors
+    /// [`QueueError::Unavailable`] if the server cannot be reached, [`QueueError::Backend`]
+    /// for an invalid URL.
+    pub async fn connect(options: RedisOptions) -> Result<Self, QueueError> {
+        let url = options.url();
+        let client = ::redis::Client::open(url.as_str())
+            .map_err(|e| QueueError::Backend(format!("redis url {url:?}: {e}").into()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(options.response_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| {
+                QueueError::Unavailable(format!("redis at {url} unreachable: {e}").into())
+            })?;
+        let p = format!("postbox:{{{}}}:", options.name);
+        let keys = [
+            "stream", "dead", "msgs", "attempts", "nb", "keys", "leases", "delayed", "ready",
+        ]
+        .map(|k| format!("{p}{k}"));
+        let keys = Arc::new(keys);
+        let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(batch_enqueues(
+            conn.clone(),
+            keys.clone(),
+            options.capacity,
+            rx,
+        ));
+        let queue = Self {
+            conn,
+            keys,
+            capacity: options.capacity,
+            batcher,
+        };
+        let created: Result<Value, RedisError> = ::redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&queue.keys[0])
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut queue.conn.clone())
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(map_err(e)),
+        }
+        Ok(queue)
+    }
+
+    /// The underlying connection (it reconnects by itself), for commands of your own:
+    /// e.g. `WAITAOF 1 0 0` to wait for an fsync on a server with `appendfsync everysec`.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The Redis keys of this queue (see the module docs).
+    pub fn keys(&self) -> &[String] {
+        &self.keys[..]
+    }
+
+    /// Deletes every key of this queue: all messages, dead letters and indexes.
+    ///
+    /// # Errors
+    /// As for any call: [`QueueError::Unavailable`] or [`QueueError::Backend`].
+    pub async fn purge(&self) -> Result<(), QueueError> {
+        ::redis::cmd("DEL")
+            .arg(&self.keys[..])
+            .query_async::<Value>(&mut self.conn.clone())
+            .await
+            .map(drop)
+            .map_err(map_err)
+    }
+
+    async fn run(&self, script: &Script, args: Vec<Vec<u8>>) -> Result<Value, QueueError> {
+        let mut inv = script.prepare_invoke();
+        for k in self.keys.iter() {
+            inv.key(k);
+        }
+        inv.arg(GROUP);
+        for a in args {
+            inv.arg(a);
+        }
+        inv.invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(map_err)
+    }
+
+    async fn enqueue_inner(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
+        let id = envelope.id.to_string();
+        let nb = ms_ceil(envelope.not_before);
+        let fields: [(&str, Vec<u8>); 9] = [
+            ("id", id.clone().into()),
+            ("idempotency_key", envelope.idempotency_key.clone().into()),
+            ("destination", envelope.destination.clone().into()),
+            ("method", envelope.method.clone().into()),
+            ("uri", envelope.uri.clone().into()),
+            (
+                "created_at_ms",
+                ms_floor(envelope.created_at).to_string().into(),
+            ),
+            ("not_before_ms", nb.to_string().into()),
+            ("attempts", envelope.attempts.to_string().into()),
+            ("envelope", envelope.encode()),
+        ];
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 2 * fields.len());
+        args.push(id.into());
+        args.push(envelope.idempotency_key.into());
+        args.push((2 * fields.len()).to_string().into());
+        for (k, v) in fields {
+            args.push(k.into());
+            args.push(v);
+        }
+        let (reply, answer) = oneshot::channel();
+        let gone = || QueueError::Backend("redis enqueue batcher stopped".into());
+        self.batcher
+            .send(Pending { args, reply })
+            .await
+            .map_err(|_| gone())?;
+        let (code, id) = match answer.await.map_err(|_| gone())? {
+            Ok(v) => v,
+            Err((true, msg)) => return Err(QueueError::Unavailable(msg.into())),
+            Err((false, msg)) => return Err(QueueError::Backend(msg.into())),
+        };
+        match code {
+            1 => Ok(Enqueued::Stored(parse_id(&id)?)),
+            0 => Ok(Enqueued::Duplicate(parse_id(&id)?)),
+            _ => Err(QueueError::Full {
+                capacity: self.capacity.unwrap_or(0),
+            }),
+        }
+    }
+
+    async fn lease_inner(
+        &self,
+        max: usize,
+        lease_for: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let lease_until = super::saturating_add(now, lease_for);
+        let args = vec![
+            CONSUMER.into(),
+            ms_floor(now).to_string().into(),
+            ms_ceil(lease_until).to_string().into(),
+            max.to_string().into(),
+        ];
+        let reply = self.run(&LEASE, args).await?;
+        let mut out = Vec::new();
+        for item in array(reply)? {
+            let [id, attempts, env, nb] =
+                <[Value; 4]>::try_from(array(item)?).map_err(|_| unexpected("lease reply"))?;
+            let id = parse_id(&string(id)?)?;
+            let attempts = int(attempts)?;
+            let mut envelope = Envelope::decode(&bytes(env)?)
+                .map_err(|e| QueueError::Corrupt(format!("message {id}: {e}")))?;
+            envelope.attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            let nb = string(nb)?;
+            if !nb.is_empty() {
+                envelope.not_before = from_ms(&nb)?;
+            }
+            out.push(Leased {
+                envelope,
+                token: LeaseToken {
+                    id,
+                    generation: u64::try_from(attempts).unwrap_or(0),
+                },
+                lease_until,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn ack_inner(&self, tokens: &[LeaseToken]) -> Result<(), QueueError> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let mut args = Vec::with_capacity(tokens.len() * 2);
+        for t in tokens {
+            args.push(t.id.to_string().into_bytes());
+            args.push(t.generation.to_string().into_bytes());
+        }
+        let lost = int(self.run(&ACK, args).await?)?;
+        match usize::try_from(lost) {
+            Ok(0) => Ok(()),
+            Ok(i) if i <= tokens.len() => Err(QueueError::LeaseLost(tokens[i - 1])),
+            _ => Err(unexpected("ack reply")),
+        }
+    }
+
+    async fn retry_inner(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> Result<(), QueueError> {
+        let args = vec![
+            token.id.to_string().into(),
+            token.generation.to_string().into(),
+            ms_ceil(not_before).to_string().into(),
+        ];
+        match int(self.run(&RETRY, args).await?)? {
+            1 => Ok(()),
+            _ => Err(QueueError::LeaseLost(token)),
+        }
+    }
+
+    async fn dead_inner(&self, token: LeaseToken, reason: &str) -> Result<(), QueueError> {
+        let args = vec![
+            token.id.to_string().into(),
+            token.generation.to_string().into(),
+            reason.as_bytes().to_vec(),
+            ms_floor(SystemTime::now()).to_string().into(),
+        ];
+        match int(self.run(&DEAD, args).await?)? {
+            1 => Ok(()),
+            _ => Err(QueueError::LeaseLost(token)),
+        }
+    }
+
+    async fn depth_inner(&self) -> Result<Depth, QueueError> {
+        let (live, in_flight, dead): (u64, u64, u64) = ::redis::pipe()
+            .atomic()
+            .xlen(&self.keys[0])
+            .zcard(&self.keys[6])
+            .xlen(&self.keys[1])
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(map_err)?;
+        Ok(Depth {
+            pending: live.saturating_sub(in_flight),
+            in_flight,
+            dead,
+        })
+    }
+
+    async fn dead_letters_inner(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let reply: Value = ::redis::cmd("XRANGE")
+            .arg(&self.keys[1])
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(max)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for entry in array(reply)? {
+            let [_eid, fields] =
+                <[Value; 2]>::try_from(array(entry)?).map_err(|_| unexpected("dead entry"))?;
+            let mut envelope = None;
+            let (mut reason, mut attempts, mut nb) = (String::new(), None, None);
+            let mut fields = array(fields)?.into_iter();
+            while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+                match string(k)?.as_str() {
+                    "envelope" => {
+                        envelope = Some(
+                            Envelope::decode(&bytes(v)?)
+                                .map_err(|e| QueueError::Corrupt(format!("dead letter: {e}")))?,
+                        )
+                    }
+                    "reason" => reason = string(v)?,
+                    "attempts" => attempts = string(v)?.parse::<u32>().ok(),
+                    "not_before_ms" => nb = Some(from_ms(&string(v)?)?),
+                    _ => {}
+                }
+            }
+            let Some(mut envelope) = envelope else {
+                return Err(QueueError::Corrupt("dead letter without envelope".into()));
+            };
+            if let Some(a) = attempts {
+                envelope.attempts = a;
+            }
+            if let Some(nb) = nb {
+                // The field is the envelope's own not-before rounded up to a millisecond,
+                // unless `retry_later` moved it.
+                if ms_ceil(envelope.not_before) != ms_ceil(nb) {
+                    envelope.not_before = nb;
+                }
+            }
+            out.push(DeadLetter { envelope, reason });
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("stream", &self.keys[0])
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queue for RedisQueue {
+    fn enqueue(
+        &self,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<Enqueued, QueueError>> + Send {
+        self.enqueue_inner(envelope)
+    }
+
+    fn lease(
+        &self,
+        max: usize,
+        lease_for: Duration,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Vec<Leased>, QueueError>> + Send {
+        self.lease_inner(max, lease_for, now)
+    }
+
+    fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.ack_inner(tokens)
+    }
+
+    fn retry_later(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.retry_inner(token, not_before)
+    }
+
+    fn dead_letter(
+        &self,
+        token: LeaseToken,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.dead_inner(token, reason)
+    }
+
+    fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {
+        self.depth_inner()
+    }
+
+    fn dead_letters(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
+        self.dead_letters_inner(max)
+    }
+}
+
+// === group commit ===
+
+/// Sends every enqueue waiting at the time in one script call (up to [`MAX_BATCH`],
+/// with up to [`BATCHES_IN_FLIGHT`] calls at once), then answers each. Ends when the
+/// last [`RedisQueue`] clone is dropped.
+async fn batch_enqueues(
+    conn: ConnectionManager,
+    keys: Arc<[String; 9]>,
+    capacity: Option<u64>,
+    mut rx: mpsc::Receiver<Pending>,
+) {
+    // A few batches in flight at once, so Redis works while the client prepares the next.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        let mut inv = ENQUEUE.prepare_invoke();
+        for k in keys.iter() {
+            inv.key(k);
+        }
+        inv.arg(GROUP).arg(capacity.unwrap_or(0));
+        for p in &batch {
+            for a in &p.args {
+                inv.arg(a);
+            }
+        }
+        let mut conn = conn.clone();
+        tokio::spawn(async move {
+            let result = match inv.invoke_async::<Value>(&mut conn).await {
+                Ok(v) => parse_batch(v, batch.len()).map_err(|e| (false, e.to_string())),
+                Err(e) => {
+                    let e = map_err(e);
+                    Err((matches!(e, QueueError::Unavailable(_)), e.to_string()))
+                }
+            };
+            drop(permit);
+            answer(batch, result);
+        });
+    }
+}
+
+fn answer(batch: Vec<Pending>, result: Result<Vec<(i64, String)>, (bool, String)>) {
+    match result {
+        Ok(answers) => {
+            for (p, a) in batch.into_iter().zip(answers) {
+                let _ = p.reply.send(Ok(a));
+            }
+        }
+        Err(e) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn parse_batch(v: Value, n: usize) -> Result<Vec<(i64, String)>, QueueError> {
+    let items = array(v)?;
+    if items.len() != n {
+        return Err(unexpected("enqueue reply length"));
+    }
+    items
+        .into_iter()
+        .map(|item| match <[Value; 2]>::try_from(array(item)?) {
+            Ok([code, id]) => Ok((int(code)?, string(id)?)),
+            Err(_) => Err(unexpected("enqueue reply")),
+        })
+        .collect()
+}
+
+// === helpers ===
+
+/// Connection problems are [`QueueError::Unavailable`]; the rest is a backend error.
+fn map_err(e: RedisError) -> QueueError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        QueueError::Unavailable(Box::new(e))
+    } else {
+        QueueError::Backend(Box::new(e))
+    }
+}
+
+fn unexpected(what: &str) -> QueueError {
+    QueueError::Backend(format!("unexpected redis {what}").into())
+}
+
+fn array(v: Value) -> Result<Vec<Value>, QueueError> {
+    match v {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        _ => Err(unexpected("reply type")),
+    }
+}
+
+fn int(v: Value) -> Result<i64, QueueError> {
+    match v {
+        Value::Int(i) => Ok(i),
+        Value::BulkString(b) => std::str::from_utf8(&b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| unexpected("integer")),
+        _ => Err(unexpected("integer")),
+    }
+}
+
+fn bytes(v: Value) -> Result<Vec<u8>, QueueError> {
+    match v {
+        Value::BulkString(b) => Ok(b),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        Value::Int(i) => Ok(i.to_string().into_bytes()),
+        _ => Err(unexpected("string")),
+    }
+}
+
+fn string(v: Value) -> Result<String, QueueError> {
+    String::from_utf8(bytes(v)?).map_err(|_| unexpected("utf-8 string"))
+}
+
+fn parse_id(s: &str) -> Result<MessageId, QueueError> {
+    s.parse()
+        .map_err(|_| QueueError::Corrupt(format!("bad message id {s:?}")))
+}
+
+fn since_epoch(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default()
+}
+
+fn ms_floor(t: SystemTime) -> u64 {
+    u64::try_from(since_epoch(t).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Rounded up, so nothing is delivered before its time.
+fn ms_ceil(t: SystemTime) -> u64 {
+    let d = since_epoch(t);
+    let ms = ms_floor(t);
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
+        ms
+    } else {
+        ms.saturating_add(1)
+    }
+}
+
+fn from_ms(s: &str) -> Result<SystemTime, QueueError> {
+    let ms: u64 = s
+        .parse()
+        .map_err(|_| QueueError::Corrupt(format!("bad time {s:?}")))?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+}

@@ -1,0 +1,68 @@
+-- ARGV: 2 consumer, 3 now, 4 lease until, 5 max.
+-- Returns {{id, attempts, envelope, not_before override or ''}, ...} oldest id first.
+local consumer, now, untl, max = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+-- Expired leases return to pending first, then messages whose not-before has come.
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
+  redis.call('ZREM', leases, id)
+  redis.call('ZADD', ready, 0, id)
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now)) do
+  redis.call('ZREM', delayed, id)
+  redis.call('ZADD', ready, 0, id)
+end
+-- Read new entries through the consumer group until `max` are due (or none are left).
+local fresh = {}
+local rounds = 0
+while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
+  rounds = rounds + 1
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', max,
+    'STREAMS', stream, '>')
+  if not r or #r == 0 or #r[1][2] == 0 then break end
+  for _, e in ipairs(r[1][2]) do
+    local id, due, base = nil, 0, '0'
+    for i = 1, #e[2], 2 do
+      local k = e[2][i]
+      if k == 'id' then id = e[2][i + 1]
+      elseif k == 'not_before_ms' then due = tonumber(e[2][i + 1]) or 0
+      elseif k == 'attempts' then base = e[2][i + 1] end
+    end
+    if id and redis.call('HSETNX', msgs, id, e[1]) == 1 then
+      redis.call('HSET', attempts, id, base)
+      fresh[id] = e[2]
+      if due <= now then
+        redis.call('ZADD', ready, 0, id)
+      else
+        redis.call('ZADD', delayed, due, id)
+      end
+    else
+      -- Not written by postbox, or a second entry with the id of a live message.
+      redis.call('XACK', stream, group, e[1])
+    end
+  end
+end
+-- Lease the oldest due ids (all scores are 0, so the order is the id's text order).
+local out = {}
+if max > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', ready, 0, max - 1)) do
+    redis.call('ZREM', ready, id)
+    local eid = redis.call('HGET', msgs, id)
+    local f = fresh[id]
+    if eid and not f then
+      local c = redis.call('XCLAIM', stream, group, consumer, 0, eid)
+      if #c > 0 and c[1] then f = c[1][2] end
+    end
+    if f then
+      local env = ''
+      for i = 1, #f, 2 do
+        if f[i] == 'envelope' then env = f[i + 1] end
+      end
+      local a = redis.call('HINCRBY', attempts, id, 1)
+      redis.call('ZADD', leases, untl, id)
+      out[#out + 1] = {id, a, env, redis.call('HGET', nb, id) or ''}
+    else
+      forget(id, nil) -- the entry was deleted by hand: drop its bookkeeping
+    end
+  end
+end
+return out

@@ -1,0 +1,219 @@
+//! The conformance suite against the RabbitMQ broker on loopback (`POSTBOX_AMQP_URL`,
+//! default `amqp://guest:guest@127.0.0.1:5672/%2f`), plus connection-loss tests. Each
+//! test uses its own queues and deletes them afterwards. An unreachable broker fails
+//! the test.
+
+use crate::proxy::{Proxy, host_port};
+use postbox::queue::{AmqpOptions, AmqpQueue, Enqueued, Queue, QueueError};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Deletes the queue's RabbitMQ queues when the test ends.
+pub struct Purge(AmqpQueue);
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        let q = self.0.clone();
+        let _ =
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(q.purge()));
+    }
+}
+
+fn options() -> AmqpOptions {
+    AmqpOptions::new(format!("test-{:016x}", fastrand::u64(..)))
+}
+
+async fn connect(options: AmqpOptions) -> AmqpQueue {
+    let url = options.url();
+    // Tests run in parallel against shared servers on a small machine: allow a slow
+    // moment before calling the server unreachable.
+    for _ in 0..2 {
+        if let Ok(q) = AmqpQueue::connect(options.clone()).await {
+            return q;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    AmqpQueue::connect(options).await.unwrap_or_else(|e| {
+        panic!(
+            "RabbitMQ is not reachable at {url}: {e}. Start it (see shared/services.md: \
+             rabbitmq-server -detached, guest/guest on 127.0.0.1:5672) or point \
+             POSTBOX_AMQP_URL at one."
+        )
+    })
+}
+
+fn make(options: AmqpOptions) -> (AmqpQueue, Purge) {
+    let q = tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(connect(options))
+    });
+    (q.clone(), Purge(q))
+}
+
+crate::conformance!(|| make(options()), |capacity| make(
+    options().with_capacity(capacity)
+));
+
+/// Runs `$call` until it does not fail with `Unavailable` (the connection is back).
+macro_rules! retry {
+    ($call:expr) => {{
+        let mut out = None;
+        for _ in 0..100 {
+            match $call {
+                Ok(v) => {
+                    out = Some(v);
+                    break;
+                }
+                Err(QueueError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("expected Unavailable, got {e}"),
+            }
+        }
+        out.expect("did not reconnect")
+    }};
+}
+
+fn via(proxy: &Proxy) -> AmqpOptions {
+    let url = options().url();
+    let target = host_port(&url);
+    let url = url.replacen(&target, &proxy.addr().to_string(), 1);
+    options().with_url(url).with_timeout(Duration::from_secs(2))
+}
+
+/// 8 producers enqueue through a proxy whose connections are cut again and again; every
+/// enqueue that returned `Ok` is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy));
+    let q = Arc::new(q);
+    let mut producers = Vec::new();
+    for p in 0..8 {
+        let q = q.clone();
+        producers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..50 {
+                let e = crate::suite::envelope(&format!("p{p}-{i}"));
+                acked.push(retry!(q.enqueue(e.clone()).await).id());
+            }
+            acked
+        }));
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        proxy.cut();
+    }
+    let mut acked = Vec::new();
+    for p in producers {
+        acked.extend(p.await.unwrap());
+    }
+    assert_eq!(acked.len(), 400, "every producer finished");
+    let leased = retry!(
+        q.lease(1000, Duration::from_secs(30), crate::suite::at(0))
+            .await
+    );
+    let stored: HashSet<_> = leased.iter().map(|l| l.envelope.id).collect();
+    for id in &acked {
+        assert!(stored.contains(id), "acknowledged message {id} lost");
+    }
+    // A publish whose confirm was lost with the connection may be stored twice (no
+    // de-duplication across a failed call): at least once, never lost.
+    assert!(leased.len() >= 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connection_is_unavailable_then_reconnects() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy));
+    q.enqueue(crate::suite::envelope("before")).await.unwrap();
+    let leased = q
+        .lease(1, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    proxy.cut();
+    // Let the proxy drop the sockets before the next call.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    retry!(q.enqueue(crate::suite::envelope("after")).await);
+    // The lease died with the channel: its token is lost and the message is back.
+    assert!(matches!(
+        q.ack(&[leased[0].token]).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    let again = retry!(
+        q.lease(10, Duration::from_secs(30), crate::suite::at(0))
+            .await
+    );
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().any(|l| l.envelope.id == leased[0].envelope.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_reads_the_message_and_its_headers() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("plain");
+    assert!(matches!(
+        q.enqueue(e.clone()).await.unwrap(),
+        Enqueued::Stored(_)
+    ));
+    let ch = q.channel().await.unwrap();
+    let m = ch
+        .basic_get(
+            q.queues()[0],
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("a message");
+    let p = &m.delivery.properties;
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), e.id.to_string());
+    assert_eq!(p.delivery_mode(), &Some(2));
+    let headers = p.headers().as_ref().unwrap().inner();
+    let key = headers["postbox-idempotency-key"].as_long_string().unwrap();
+    assert_eq!(key.as_bytes(), b"plain");
+    assert_eq!(
+        postbox::queue::Envelope::decode(&m.delivery.data).unwrap(),
+        e
+    );
+}
+
+/// A not-before further away than the hold limit goes through the delay queue and its
+/// per-message TTL, and comes back by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_not_before_waits_in_the_delay_queue() {
+    let (q, _purge) = make(options().with_hold_limit(Duration::from_millis(100)));
+    let mut e = crate::suite::envelope("later");
+    let now = std::time::SystemTime::now();
+    e.not_before = now + Duration::from_millis(600);
+    q.enqueue(e.clone()).await.unwrap();
+    assert!(
+        q.lease(10, Duration::from_secs(30), now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        q.depth().await.unwrap().pending,
+        1,
+        "parked in the delay queue"
+    );
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        got = q
+            .lease(10, Duration::from_secs(30), std::time::SystemTime::now())
+            .await
+            .unwrap();
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got.len(), 1, "came back from the delay queue");
+    assert_eq!(got[0].envelope.id, e.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_lease_does_not_expire() {
+    let (q, _purge) = make(options());
+    crate::suite::endless_lease_does_not_expire(q).await;
+}

@@ -1,0 +1,167 @@
+//! The conformance suite against the NATS JetStream server on loopback
+//! (`POSTBOX_NATS_URL`, default `nats://127.0.0.1:4222`), plus connection-loss tests. Each
+//! test uses its own streams and deletes them afterwards. An unreachable server fails
+//! the test.
+
+use crate::proxy::{Proxy, host_port};
+use postbox::queue::{Enqueued, NatsOptions, NatsQueue, Queue, QueueError};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Deletes the queue's streams when the test ends.
+pub struct Purge(NatsQueue);
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        let q = self.0.clone();
+        let _ =
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(q.purge()));
+    }
+}
+
+fn options() -> NatsOptions {
+    NatsOptions::new(format!("test_{:016x}", fastrand::u64(..)))
+}
+
+async fn connect(options: NatsOptions) -> NatsQueue {
+    let url = options.url();
+    // Tests run in parallel against shared servers on a small machine: allow a slow
+    // moment before calling the server unreachable.
+    for _ in 0..2 {
+        if let Ok(q) = NatsQueue::connect(options.clone()).await {
+            return q;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    NatsQueue::connect(options).await.unwrap_or_else(|e| {
+        panic!(
+            "NATS JetStream is not reachable at {url}: {e}. Start it (see shared/services.md: \
+             nats-server -js on 127.0.0.1:4222) or point POSTBOX_NATS_URL at one."
+        )
+    })
+}
+
+fn make(options: NatsOptions) -> (NatsQueue, Purge) {
+    let q = tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(connect(options))
+    });
+    (q.clone(), Purge(q))
+}
+
+crate::conformance!(|| make(options()), |capacity| make(
+    options().with_capacity(capacity)
+));
+
+/// Runs `$call` until it does not fail with `Unavailable` (the connection is back).
+macro_rules! retry {
+    ($call:expr) => {{
+        let mut out = None;
+        for _ in 0..100 {
+            match $call {
+                Ok(v) => {
+                    out = Some(v);
+                    break;
+                }
+                Err(QueueError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("expected Unavailable, got {e}"),
+            }
+        }
+        out.expect("did not reconnect")
+    }};
+}
+
+/// 8 producers enqueue through a proxy whose connections are cut again and again; every
+/// enqueue that returned `Ok` is stored, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(
+        options()
+            .with_url(format!("nats://{}", proxy.addr()))
+            .with_request_timeout(Duration::from_millis(500)),
+    );
+    let q = Arc::new(q);
+    let mut producers = Vec::new();
+    for p in 0..8 {
+        let q = q.clone();
+        producers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..50 {
+                let e = crate::suite::envelope(&format!("p{p}-{i}"));
+                // Retry with the same envelope: the idempotency key makes it safe.
+                acked.push(retry!(q.enqueue(e.clone()).await).id());
+            }
+            acked
+        }));
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        proxy.cut();
+    }
+    let mut acked = Vec::new();
+    for p in producers {
+        acked.extend(p.await.unwrap());
+    }
+    assert_eq!(acked.len(), 400, "every producer finished");
+    let leased = retry!(
+        q.lease(1000, Duration::from_secs(30), crate::suite::at(0))
+            .await
+    );
+    let stored: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    let unique: HashSet<_> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "a message stored twice");
+    for id in &acked {
+        assert!(unique.contains(id), "acknowledged message {id} lost");
+    }
+    assert_eq!(stored.len(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connection_is_unavailable_then_reconnects() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(
+        options()
+            .with_url(format!("nats://{}", proxy.addr()))
+            .with_request_timeout(Duration::from_millis(500)),
+    );
+    q.enqueue(crate::suite::envelope("before")).await.unwrap();
+    proxy.cut();
+    retry!(q.enqueue(crate::suite::envelope("after")).await);
+    let d = retry!(q.depth().await);
+    assert_eq!(d.pending, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_reads_the_message_and_its_headers() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("plain");
+    assert!(matches!(
+        q.enqueue(e.clone()).await.unwrap(),
+        Enqueued::Stored(_)
+    ));
+    let stream = q.jetstream().get_stream(q.streams().0).await.unwrap();
+    let m = stream.get_raw_message(1).await.unwrap();
+    let h = |k: &str| match m.headers.get(k) {
+        Some(v) => v.as_str().to_owned(),
+        None => panic!("no header {k} in {:?}", m.headers),
+    };
+    assert_eq!(h("Postbox-Id"), e.id.to_string());
+    let msg_id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap();
+    assert_eq!(msg_id.as_str(), e.id.to_string());
+    assert_eq!(h("Postbox-Idempotency-Key"), "plain");
+    assert_eq!(h("Postbox-Destination"), "api:443");
+    assert_eq!(
+        m.subject.as_str(),
+        format!("postbox.{}.k.x{}", &q.streams().0[8..], "706c61696e")
+    );
+    assert_eq!(postbox::queue::Envelope::decode(&m.payload).unwrap(), e);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_lease_does_not_expire() {
+    let (q, _purge) = make(options());
+    crate::suite::endless_lease_does_not_expire(q).await;
+}

@@ -1,0 +1,218 @@
+//! The conformance suite against the Redis server on loopback (`POSTBOX_REDIS_URL`,
+//! default `redis://127.0.0.1:6379/`), plus connection-loss tests. Each test uses its
+//! own queue name and purges its keys afterwards. An unreachable server fails the test.
+
+use postbox::queue::{Enqueued, Queue, QueueError, RedisOptions, RedisQueue};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Purges the queue's keys when the test ends.
+pub struct Purge(RedisQueue);
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        let q = self.0.clone();
+        let _ =
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(q.purge()));
+    }
+}
+
+fn options() -> RedisOptions {
+    RedisOptions::new(format!("test-{:016x}", fastrand::u64(..)))
+}
+
+async fn connect(options: RedisOptions) -> RedisQueue {
+    let url = options.url();
+    // Tests run in parallel against shared servers on a small machine: allow a slow
+    // moment before calling the server unreachable.
+    for _ in 0..2 {
+        if let Ok(q) = RedisQueue::connect(options.clone()).await {
+            return q;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    RedisQueue::connect(options).await.unwrap_or_else(|e| {
+        panic!(
+            "Redis is not reachable at {url}: {e}. Start it (see shared/services.md: \
+             redis-server on 127.0.0.1:6379) or point POSTBOX_REDIS_URL at one."
+        )
+    })
+}
+
+fn make(options: RedisOptions) -> (RedisQueue, Purge) {
+    let q = tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(connect(options))
+    });
+    (q.clone(), Purge(q))
+}
+
+crate::conformance!(|| make(options()), |capacity| make(
+    options().with_capacity(capacity)
+));
+
+/// Kills the queue's own connection from a second client (only that one: other users of
+/// the server are not touched).
+async fn kill_connection(q: &RedisQueue, admin: &mut redis::aio::MultiplexedConnection) {
+    let Ok(id) = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async::<i64>(&mut q.connection())
+        .await
+    else {
+        return; // already disconnected
+    };
+    let _: redis::RedisResult<redis::Value> = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query_async(admin)
+        .await;
+}
+
+async fn admin() -> redis::aio::MultiplexedConnection {
+    let url = options().url();
+    redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis is not reachable at {url}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connection_is_unavailable_then_reconnects() {
+    let (q, _purge) = make(options());
+    let mut admin = admin().await;
+    q.enqueue(crate::suite::envelope("before")).await.unwrap();
+    kill_connection(&q, &mut admin).await;
+    // The first call after the kill may fail, and then only as `Unavailable`.
+    let mut saw_unavailable = false;
+    let mut ok = false;
+    for _ in 0..50 {
+        match q.depth().await {
+            Ok(d) => {
+                assert_eq!(d.pending, 1);
+                ok = true;
+                break;
+            }
+            Err(QueueError::Unavailable(_)) => saw_unavailable = true,
+            Err(e) => panic!("expected Unavailable, got {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "did not reconnect (saw Unavailable: {saw_unavailable})");
+    q.enqueue(crate::suite::envelope("after")).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().pending, 2);
+}
+
+/// 8 producers enqueue while the connection is killed again and again; every enqueue
+/// that returned `Ok` is stored, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
+    let (q, _purge) = make(options());
+    let q = Arc::new(q);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (q, stop) = (q.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut admin = admin().await;
+            let mut kills = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && kills < 20 {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                kill_connection(&q, &mut admin).await;
+                kills += 1;
+            }
+            kills
+        })
+    };
+    let mut producers = Vec::new();
+    for p in 0..8 {
+        let q = q.clone();
+        producers.push(tokio::spawn(async move {
+            let (mut acked, mut unavailable) = (Vec::new(), 0);
+            for i in 0..50 {
+                let e = crate::suite::envelope(&format!("p{p}-{i}"));
+                // Retry with the same envelope: the idempotency key makes it safe.
+                for _ in 0..100 {
+                    match q.enqueue(e.clone()).await {
+                        Ok(r) => {
+                            acked.push(r.id());
+                            break;
+                        }
+                        Err(QueueError::Unavailable(_)) => {
+                            unavailable += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err(e) => panic!("unexpected error {e}"),
+                    }
+                }
+            }
+            (acked, unavailable)
+        }));
+    }
+    let (mut acked, mut unavailable) = (Vec::new(), 0);
+    for p in producers {
+        let (a, u) = p.await.unwrap();
+        acked.extend(a);
+        unavailable += u;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.await.unwrap();
+    assert_eq!(acked.len(), 400, "every producer finished");
+    // The last kill may still be pending: the next call can fail once, as Unavailable.
+    let mut leased = None;
+    for _ in 0..50 {
+        match q
+            .lease(1000, Duration::from_secs(30), crate::suite::at(0))
+            .await
+        {
+            Ok(l) => {
+                leased = Some(l);
+                break;
+            }
+            Err(QueueError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    let leased = leased.expect("reconnected");
+    let stored: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    let unique: HashSet<_> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "a message stored twice");
+    for id in &acked {
+        assert!(unique.contains(id), "acknowledged message {id} lost");
+    }
+    assert_eq!(stored.len(), 400);
+    eprintln!("{kills} kills, {unavailable} enqueues failed with Unavailable and were retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_reads_the_stream_fields() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("plain");
+    assert!(matches!(
+        q.enqueue(e.clone()).await.unwrap(),
+        Enqueued::Stored(_)
+    ));
+    let mut admin = admin().await;
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&q.keys()[0])
+        .arg("-")
+        .arg("+")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let entry = &reply.ids[0];
+    let field = |k: &str| -> Vec<u8> { redis::from_redis_value_ref(&entry.map[k]).unwrap() };
+    assert_eq!(field("id"), e.id.to_string().into_bytes());
+    assert_eq!(field("idempotency_key"), b"plain");
+    assert_eq!(field("destination"), b"api:443");
+    assert_eq!(
+        postbox::queue::Envelope::decode(&field("envelope")).unwrap(),
+        e
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_lease_does_not_expire() {
+    let (q, _purge) = make(options());
+    crate::suite::endless_lease_does_not_expire(q).await;
+}
