@@ -189,13 +189,14 @@ impl RedisOptions {
 impl RedisQueue {
     /// Connects and creates the stream and its consumer group if they do not exist.
     ///
-    /// # Panics
-    /// Outside a Tokio runtime (it spawns the enqueue batching task).
-    ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the server cannot be reached, [`QueueError::Backend`]
-    /// for an invalid URL.
+    /// for an invalid URL or when polled outside a Tokio runtime (it spawns the enqueue
+    /// batching task).
     pub async fn connect(options: RedisOptions) -> Result<Self, QueueError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            QueueError::Backend(format!("RedisQueue::connect needs a Tokio runtime: {e}").into())
+        })?;
         let url = options.url();
         let client = ::redis::Client::open(url.as_str())
             .map_err(|e| QueueError::Backend(format!("redis url {url:?}: {e}").into()))?;
@@ -216,7 +217,7 @@ impl RedisQueue {
         .map(|k| format!("{p}{k}"));
         let keys = Arc::new(keys);
         let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(batch_enqueues(
+        runtime.spawn(batch_enqueues(
             conn.clone(),
             keys.clone(),
             options.capacity,
