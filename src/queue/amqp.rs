@@ -229,10 +229,7 @@ impl AmqpOptions {
 
     /// The URL that will be used.
     pub fn url(&self) -> String {
-        self.url
-            .clone()
-            .or_else(|| std::env::var(AMQP_URL_ENV).ok())
-            .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned())
+        super::broker_url(self.url.as_deref(), AMQP_URL_ENV, DEFAULT_AMQP_URL)
     }
 }
 

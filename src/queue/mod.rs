@@ -225,3 +225,12 @@ pub(crate) fn saturating_add(t: SystemTime, d: Duration) -> SystemTime {
     t.checked_add(d)
         .unwrap_or_else(|| SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::MAX))
 }
+
+/// A broker URL: the one given, else the environment variable `env`, else `default`.
+#[cfg(any(feature = "nats", feature = "redis", feature = "amqp"))]
+fn broker_url(explicit: Option<&str>, env: &str, default: &str) -> String {
+    explicit
+        .map(str::to_owned)
+        .or_else(|| std::env::var(env).ok())
+        .unwrap_or_else(|| default.to_owned())
+}

@@ -223,10 +223,7 @@ impl NatsOptions {
 
     /// The URL that will be used.
     pub fn url(&self) -> String {
-        self.url
-            .clone()
-            .or_else(|| std::env::var(NATS_URL_ENV).ok())
-            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+        super::broker_url(self.url.as_deref(), NATS_URL_ENV, DEFAULT_NATS_URL)
     }
 }
 

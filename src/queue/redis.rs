@@ -177,10 +177,7 @@ impl RedisOptions {
 
     /// The URL that will be used.
     pub fn url(&self) -> String {
-        self.url
-            .clone()
-            .or_else(|| std::env::var(REDIS_URL_ENV).ok())
-            .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned())
+        super::broker_url(self.url.as_deref(), REDIS_URL_ENV, DEFAULT_REDIS_URL)
     }
 }
 
