@@ -39,9 +39,8 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
-        // An attempt is in flight. A retry runs in a `debug` span `retry_attempt`
-        // (the inner layers' events nest under it); the first attempt in none, so a
-        // call settled by its first attempt creates no span.
+        // An attempt is in flight, in its `debug` span `retry_attempt{attempt}` (the
+        // inner layers' events nest under it); disabled unless a subscriber wants it.
         Called { #[pin] future: F, span: tracing::Span },
         // Backing off before the next attempt.
         // Boxed: a retry allocates once, and the happy path's future stays small.
@@ -83,6 +82,7 @@ where
         policy: P,
         retry_safe: bool,
         future: S::Future,
+        span: tracing::Span,
     ) -> Self {
         Self {
             request,
@@ -91,10 +91,7 @@ where
             attempt: 1,
             retry_safe,
             prev_delay: Duration::ZERO,
-            state: State::Called {
-                future,
-                span: tracing::Span::none(),
-            },
+            state: State::Called { future, span },
         }
     }
 }
@@ -243,7 +240,7 @@ fn finished(attempts: u32, class: &Classification) {
     tracing::debug!(attempts, class = ?class.class(), "retried call finished");
 }
 
-/// The `debug` span of retry number `attempt − 1` (attempt 2 is the first retry).
+/// The `debug` span of attempt number `attempt` (attempt 2 is the first retry).
 #[cold]
 #[inline(never)]
 fn attempt_span(attempt: u32) -> tracing::Span {

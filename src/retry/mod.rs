@@ -42,10 +42,11 @@
 //! # Telemetry
 //! `tracing`: a `debug` event for every failed attempt that is retried (attempt number,
 //! delay, class, hint) and when a retried call finishes, one `warn` when a retryable
-//! failure is returned; nothing when the first attempt settles the call. Every retry
-//! runs in a `debug` span `retry_attempt{attempt}` (2 for the first retry), so the
-//! events of the layers inside (breaker, bulkhead, attempt timeout) say which attempt
-//! they belong to; the first attempt runs in the caller's span. An [`OnRetry`] hook
+//! failure is returned; no event when the first attempt settles the call. Every attempt
+//! runs in a `debug` span `retry_attempt{attempt}` (1 for the first, 2 for the first
+//! retry), so the events of the layers inside (breaker, bulkhead, attempt timeout) say
+//! which attempt they belong to; with no subscriber interested the span is disabled
+//! and costs a check of a static. An [`OnRetry`] hook
 //! sees every retry.
 //!
 //! `metrics` counters:

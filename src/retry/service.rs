@@ -112,8 +112,14 @@ where
         };
         let clone = self.inner.clone();
         let mut service = mem::replace(&mut self.inner, clone);
-        let future = service.call(send);
-        ResponseFuture::new(keep, service, self.policy.clone(), retry_safe, future)
+        // Every attempt runs in a `debug` span; with no subscriber interested this is a
+        // disabled span (no allocation).
+        let span = tracing::debug_span!("retry_attempt", attempt = 1u32);
+        let future = {
+            let _entered = span.enter();
+            service.call(send)
+        };
+        ResponseFuture::new(keep, service, self.policy.clone(), retry_safe, future, span)
     }
 }
 

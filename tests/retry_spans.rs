@@ -1,0 +1,52 @@
+//! Every retry attempt runs in its own `debug` span `retry_attempt`, the first one
+//! included.
+//!
+//! Alone in its binary: tracing caches each callsite's interest process-wide, and a
+//! test on another thread with no subscriber would race this one's thread-scoped
+//! subscriber for that cache.
+
+use postbox::BoxError;
+use postbox::retry::RetryLayer;
+use postbox::retry::backoff::Backoff;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tower::{Layer, ServiceExt, service_fn};
+
+#[tokio::test(start_paused = true)]
+async fn every_attempt_runs_in_its_own_retry_attempt_span() {
+    let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let inner = service_fn({
+        let seen = seen.clone();
+        move |x: u32| {
+            let span = tracing::Span::current();
+            let n = {
+                let mut seen = seen.lock().unwrap();
+                seen.push((span.metadata().map(|m| m.name()), span.id()));
+                seen.len()
+            };
+            std::future::ready(if n < 3 {
+                Err::<u32, BoxError>(io::Error::from(io::ErrorKind::ConnectionReset).into())
+            } else {
+                Ok(x)
+            })
+        }
+    });
+    let retry = RetryLayer::builder()
+        .max_retries(3)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .no_budget()
+        .build()
+        .unwrap();
+    assert_eq!(retry.layer(inner).oneshot(7).await.unwrap(), 7);
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter().all(|(name, _)| *name == Some("retry_attempt")),
+        "{seen:?}"
+    );
+    let ids: std::collections::HashSet<_> = seen.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(ids.len(), 3, "one span per attempt");
+}
