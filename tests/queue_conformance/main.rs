@@ -15,6 +15,30 @@ mod embedded;
 #[cfg(any(feature = "nats", feature = "amqp"))]
 mod proxy;
 
+#[cfg(any(feature = "nats", feature = "redis", feature = "amqp"))]
+mod broker;
+
+/// Runs `$call` until it does not fail with `Unavailable` (the connection is back).
+#[cfg(any(feature = "nats", feature = "amqp"))]
+macro_rules! retry {
+    ($call:expr) => {{
+        let mut out = None;
+        for _ in 0..100 {
+            match $call {
+                Ok(v) => {
+                    out = Some(v);
+                    break;
+                }
+                Err(QueueError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("expected Unavailable, got {e}"),
+            }
+        }
+        out.expect("did not reconnect")
+    }};
+}
+
 #[cfg(feature = "nats")]
 mod nats;
 

@@ -15,8 +15,7 @@ pub struct Purge(NatsQueue);
 impl Drop for Purge {
     fn drop(&mut self) {
         let q = self.0.clone();
-        let _ =
-            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(q.purge()));
+        let _ = crate::broker::block_on(q.purge());
     }
 }
 
@@ -26,52 +25,24 @@ fn options() -> NatsOptions {
 
 async fn connect(options: NatsOptions) -> NatsQueue {
     let url = options.url();
-    // Tests run in parallel against shared servers on a small machine: allow a slow
-    // moment before calling the server unreachable.
-    for _ in 0..2 {
-        if let Ok(q) = NatsQueue::connect(options.clone()).await {
-            return q;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    NatsQueue::connect(options).await.unwrap_or_else(|e| {
-        panic!(
-            "NATS JetStream is not reachable at {url}: {e}. Start it (see shared/services.md: \
-             nats-server -js on 127.0.0.1:4222) or point POSTBOX_NATS_URL at one."
-        )
-    })
+    crate::broker::connect_patiently(
+        "NATS JetStream",
+        &url,
+        "Start it (see shared/services.md: \
+             nats-server -js on 127.0.0.1:4222) or point POSTBOX_NATS_URL at one.",
+        || NatsQueue::connect(options.clone()),
+    )
+    .await
 }
 
 fn make(options: NatsOptions) -> (NatsQueue, Purge) {
-    let q = tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(connect(options))
-    });
+    let q = crate::broker::block_on(connect(options));
     (q.clone(), Purge(q))
 }
 
 crate::conformance!(|| make(options()), |capacity| make(
     options().with_capacity(capacity)
 ));
-
-/// Runs `$call` until it does not fail with `Unavailable` (the connection is back).
-macro_rules! retry {
-    ($call:expr) => {{
-        let mut out = None;
-        for _ in 0..100 {
-            match $call {
-                Ok(v) => {
-                    out = Some(v);
-                    break;
-                }
-                Err(QueueError::Unavailable(_)) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(e) => panic!("expected Unavailable, got {e}"),
-            }
-        }
-        out.expect("did not reconnect")
-    }};
-}
 
 /// 8 producers enqueue through a proxy whose connections are cut again and again; every
 /// enqueue that returned `Ok` is stored, exactly once.

@@ -13,8 +13,7 @@ pub struct Purge(RedisQueue);
 impl Drop for Purge {
     fn drop(&mut self) {
         let q = self.0.clone();
-        let _ =
-            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(q.purge()));
+        let _ = crate::broker::block_on(q.purge());
     }
 }
 
@@ -24,26 +23,18 @@ fn options() -> RedisOptions {
 
 async fn connect(options: RedisOptions) -> RedisQueue {
     let url = options.url();
-    // Tests run in parallel against shared servers on a small machine: allow a slow
-    // moment before calling the server unreachable.
-    for _ in 0..2 {
-        if let Ok(q) = RedisQueue::connect(options.clone()).await {
-            return q;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    RedisQueue::connect(options).await.unwrap_or_else(|e| {
-        panic!(
-            "Redis is not reachable at {url}: {e}. Start it (see shared/services.md: \
-             redis-server on 127.0.0.1:6379) or point POSTBOX_REDIS_URL at one."
-        )
-    })
+    crate::broker::connect_patiently(
+        "Redis",
+        &url,
+        "Start it (see shared/services.md: \
+             redis-server on 127.0.0.1:6379) or point POSTBOX_REDIS_URL at one.",
+        || RedisQueue::connect(options.clone()),
+    )
+    .await
 }
 
 fn make(options: RedisOptions) -> (RedisQueue, Purge) {
-    let q = tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(connect(options))
-    });
+    let q = crate::broker::block_on(connect(options));
     (q.clone(), Purge(q))
 }
 
