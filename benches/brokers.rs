@@ -29,6 +29,24 @@ fn envelope() -> Envelope {
     )
 }
 
+/// `postbox/enqueue/<broker>/64_producers`: the adapter's durable enqueue, 64 producers.
+fn bench_adapter<Q: Queue + Clone>(c: &mut Criterion, rt: &Runtime, broker: &str, q: &Q) {
+    let mut g = c.benchmark_group("postbox");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function(format!("enqueue/{broker}/64_producers"), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let q = q.clone();
+            spread(iters, move || {
+                let q = q.clone();
+                async move {
+                    q.enqueue(envelope()).await.unwrap();
+                }
+            })
+        })
+    });
+    g.finish();
+}
+
 /// Runs `iters` operations spread over 64 tasks and returns the elapsed time.
 async fn spread<F, Fut>(iters: u64, op: F) -> Duration
 where
@@ -85,21 +103,7 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
         })
     });
     g.finish();
-    let mut g = c.benchmark_group("postbox");
-    g.throughput(Throughput::Elements(1));
-    let queue = q.clone();
-    g.bench_function("enqueue/redis/64_producers", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let q = queue.clone();
-            spread(iters, move || {
-                let q = q.clone();
-                async move {
-                    q.enqueue(envelope()).await.unwrap();
-                }
-            })
-        })
-    });
-    g.finish();
+    bench_adapter(c, rt, "redis", &q);
     rt.block_on(async {
         q.purge().await.unwrap();
         let _: i64 = redis::cmd("DEL")
@@ -168,21 +172,7 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
         })
     });
     g.finish();
-    let mut g = c.benchmark_group("postbox");
-    g.throughput(Throughput::Elements(1));
-    let queue = q.clone();
-    g.bench_function("enqueue/nats/64_producers", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let q = queue.clone();
-            spread(iters, move || {
-                let q = q.clone();
-                async move {
-                    q.enqueue(envelope()).await.unwrap();
-                }
-            })
-        })
-    });
-    g.finish();
+    bench_adapter(c, rt, "nats", &q);
     rt.block_on(async {
         q.purge().await.unwrap();
         js.delete_stream(&raw_stream).await.unwrap();
@@ -231,21 +221,7 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
         })
     });
     g.finish();
-    let mut g = c.benchmark_group("postbox");
-    g.throughput(Throughput::Elements(1));
-    let queue = q.clone();
-    g.bench_function("enqueue/amqp/64_producers", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let q = queue.clone();
-            spread(iters, move || {
-                let q = q.clone();
-                async move {
-                    q.enqueue(envelope()).await.unwrap();
-                }
-            })
-        })
-    });
-    g.finish();
+    bench_adapter(c, rt, "amqp", &q);
     rt.block_on(async {
         q.purge().await.unwrap();
         ch.queue_delete(&raw_queue, QueueDeleteOptions::default())
