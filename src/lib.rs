@@ -5,6 +5,7 @@
 pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod classify;
+mod clock;
 #[cfg(feature = "config")]
 pub mod config;
 pub mod duration;

@@ -124,11 +124,41 @@ struct Bucket {
     slow: AtomicU64,
 }
 
+impl Bucket {
+    fn load(&self) -> [u64; 3] {
+        [
+            self.calls.load(Relaxed),
+            self.failures.load(Relaxed),
+            self.slow.load(Relaxed),
+        ]
+    }
+
+    fn clear(&self) -> [u64; 3] {
+        [
+            self.calls.swap(0, AcqRel),
+            self.failures.swap(0, AcqRel),
+            self.slow.swap(0, AcqRel),
+        ]
+    }
+}
+
+/// Rotation state, behind the rotation lock.
+#[derive(Debug)]
+struct Folded {
+    /// Per bucket: how much of it is counted in the closed totals.
+    counted: Box<[[u64; 3]]>,
+}
+
 /// A sliding time window: `buckets` buckets of `width` each, with running totals.
 ///
 /// An outcome recorded in the bucket starting at `b` leaves the window at exactly
 /// `b + buckets × width`: the window covers the last T = `buckets × width` at the
 /// granularity of one bucket (as resilience4j and Polly do).
+///
+/// Recording is one `fetch_add` on the newest bucket (two for a failure). The running
+/// totals cover the older buckets only and change when the head moves on (at most once
+/// per bucket width, under a lock): the bucket it leaves is folded in, the buckets that
+/// leave the window are taken out. Totals are those plus the newest bucket: O(1) too.
 #[derive(Debug)]
 pub(crate) struct TimeWindow {
     buckets: Box<[Bucket]>,
@@ -137,11 +167,12 @@ pub(crate) struct TimeWindow {
     head: AtomicU64,
     /// When the newest bucket ends (ns): before it, no division and no rotation.
     head_end_ns: AtomicU64,
-    calls: AtomicI64,
-    failures: AtomicI64,
-    slow: AtomicI64,
-    /// Serialises rotation (once per bucket width at most).
-    rotate: Mutex<()>,
+    /// Totals of the buckets older than the head that are still inside the window.
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
+    /// Serialises rotation (once per bucket width at most) and holds what was folded.
+    rotate: Mutex<Folded>,
 }
 
 /// At most this many buckets: the bucket index is packed in 16 bits.
@@ -157,10 +188,12 @@ impl TimeWindow {
             width_ns: width_ns.max(1),
             head: AtomicU64::new(0),
             head_end_ns: AtomicU64::new(width_ns.max(1)),
-            calls: AtomicI64::new(0),
-            failures: AtomicI64::new(0),
-            slow: AtomicI64::new(0),
-            rotate: Mutex::new(()),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            slow: AtomicU64::new(0),
+            rotate: Mutex::new(Folded {
+                counted: vec![[0; 3]; buckets as usize].into_boxed_slice(),
+            }),
         }
     }
 
@@ -175,8 +208,8 @@ impl TimeWindow {
     fn advance(&self, now_ns: u64) -> usize {
         let head = self.head.load(Acquire);
         if now_ns < self.head_end_ns.load(Relaxed) {
-            // (A reader racing a rotation may count into the previous bucket: an
-            // outcome a bucket late, never a lost one.)
+            // (A writer racing a rotation may count into the previous bucket: the
+            // next rotation folds it in, an outcome late, never a lost one.)
             return (head & 0xffff) as usize;
         }
         self.rotate_to(now_ns / self.width_ns)
@@ -184,26 +217,38 @@ impl TimeWindow {
 
     #[cold]
     fn rotate_to(&self, epoch: u64) -> usize {
-        let _g = self.rotate.lock().unwrap_or_else(|e| e.into_inner());
+        let mut folded = self.rotate.lock().unwrap_or_else(|e| e.into_inner());
         let head = self.head.load(Acquire);
         let from = head >> 16;
         if from >= epoch {
             return (head & 0xffff) as usize;
         }
         let n = self.len();
-        // Expire the buckets the head passes over (at most all of them).
+        // Expire the buckets the head passes over (at most all of them): take out what
+        // was counted of them, and empty them.
         let first = if epoch - from >= n {
             epoch - n + 1
         } else {
             from + 1
         };
         for e in first..=epoch {
-            let b = &self.buckets[(e % n) as usize];
-            self.calls
-                .fetch_sub(b.calls.swap(0, AcqRel) as i64, Relaxed);
-            self.failures
-                .fetch_sub(b.failures.swap(0, AcqRel) as i64, Relaxed);
-            self.slow.fetch_sub(b.slow.swap(0, AcqRel) as i64, Relaxed);
+            let i = (e % n) as usize;
+            let counted = std::mem::take(&mut folded.counted[i]);
+            self.sub(counted);
+            self.buckets[i].clear();
+        }
+        // Fold in what the buckets still inside gained since they were last folded:
+        // the old head, and any late writer's outcome in an older one.
+        for e in epoch.saturating_sub(n - 1)..first {
+            let i = (e % n) as usize;
+            let now = self.buckets[i].load();
+            let counted = &mut folded.counted[i];
+            self.add([
+                now[0].saturating_sub(counted[0]),
+                now[1].saturating_sub(counted[1]),
+                now[2].saturating_sub(counted[2]),
+            ]);
+            *counted = now;
         }
         let idx = epoch % n;
         self.head_end_ns
@@ -212,42 +257,48 @@ impl TimeWindow {
         idx as usize
     }
 
+    fn add(&self, [c, f, s]: [u64; 3]) {
+        self.calls.fetch_add(c, Relaxed);
+        self.failures.fetch_add(f, Relaxed);
+        self.slow.fetch_add(s, Relaxed);
+    }
+
+    fn sub(&self, [c, f, s]: [u64; 3]) {
+        self.calls.fetch_sub(c, Relaxed);
+        self.failures.fetch_sub(f, Relaxed);
+        self.slow.fetch_sub(s, Relaxed);
+    }
+
     /// Records one outcome at `now_ns`.
     #[inline]
     pub(crate) fn record(&self, now_ns: u64, outcome: u8) {
         let b = &self.buckets[self.advance(now_ns)];
         b.calls.fetch_add(1, Relaxed);
-        self.calls.fetch_add(1, Relaxed);
         if outcome & FAILURE != 0 {
             b.failures.fetch_add(1, Relaxed);
-            self.failures.fetch_add(1, Relaxed);
         }
         if outcome & SLOW != 0 {
             b.slow.fetch_add(1, Relaxed);
-            self.slow.fetch_add(1, Relaxed);
         }
     }
 
     /// The totals over the window ending at `now_ns`.
     pub(crate) fn totals(&self, now_ns: u64) -> Totals {
-        self.advance(now_ns);
-        let calls = clamp(self.calls.load(Relaxed), u64::MAX);
+        let [hc, hf, hs] = self.buckets[self.advance(now_ns)].load();
+        let calls = self.calls.load(Relaxed).saturating_add(hc);
         Totals {
             calls,
-            failures: clamp(self.failures.load(Relaxed), calls),
-            slow: clamp(self.slow.load(Relaxed), calls),
+            failures: self.failures.load(Relaxed).saturating_add(hf).min(calls),
+            slow: self.slow.load(Relaxed).saturating_add(hs).min(calls),
         }
     }
 
     /// Forgets every outcome.
     pub(crate) fn reset(&self) {
-        let _g = self.rotate.lock().unwrap_or_else(|e| e.into_inner());
-        for b in self.buckets.iter() {
-            self.calls
-                .fetch_sub(b.calls.swap(0, AcqRel) as i64, Relaxed);
-            self.failures
-                .fetch_sub(b.failures.swap(0, AcqRel) as i64, Relaxed);
-            self.slow.fetch_sub(b.slow.swap(0, AcqRel) as i64, Relaxed);
+        let mut folded = self.rotate.lock().unwrap_or_else(|e| e.into_inner());
+        for (b, counted) in self.buckets.iter().zip(folded.counted.iter_mut()) {
+            b.clear();
+            self.sub(std::mem::take(counted));
         }
     }
 }
@@ -386,6 +437,33 @@ mod tests {
         w.record(3, FAILURE); // read the clock long ago
         assert_eq!(w.totals(29), t(2, 1, 0));
         assert_eq!(w.totals(40), t(0, 0, 0));
+    }
+
+    #[test]
+    fn time_window_loses_no_outcome_to_concurrent_rotations() {
+        // 64 buckets of 10 ns: nothing recorded below expires before the last read.
+        let w = std::sync::Arc::new(TimeWindow::new(64, 10));
+        let clock = std::sync::Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (w, clock) = (w.clone(), clock.clone());
+                std::thread::spawn(move || {
+                    for i in 0..20_000u64 {
+                        // Time moves through 40 buckets while the threads race.
+                        let now = clock.fetch_add(1, Relaxed) / 200;
+                        w.record(now, if i % 3 == 0 { FAILURE } else { 0 });
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // One more rotation folds in any outcome written into a bucket it had left.
+        let last = clock.load(Relaxed) / 200;
+        let t = w.totals(last + 10);
+        assert_eq!(t.calls, 80_000);
+        assert_eq!(t.failures, 4 * 6_667);
     }
 
     #[test]

@@ -1,0 +1,101 @@
+//! A cheap clock for hot paths that can live with an error of a few milliseconds.
+//!
+//! `tokio::time::Instant::now()` reads `CLOCK_MONOTONIC`, about 20–30 ns on the
+//! machines we measure on. `CLOCK_MONOTONIC_COARSE` costs about 5–7 ns: it returns the
+//! time of the last timer tick, so it lags the precise clock by less than one tick
+//! (1–10 ms for any kernel `HZ`). Aligned to a precise timeline by one pair of reads, it
+//! is within one tick of that timeline either way. The breaker uses it where that is
+//! harmless: to pick a time-window bucket, and to reject while a break is certainly not
+//! over (the last [`SLACK_NS`] of a break are checked with the precise clock, so a probe
+//! is never admitted early).
+//!
+//! Tests pause tokio's clock, which the coarse clock cannot see. [`Coarse::detect`]
+//! therefore falls back to tokio's clock whenever tokio's clock is paused (two reads in
+//! a row return the same instant, which an unpaused nanosecond clock never does), and
+//! on platforms other than Linux.
+
+use tokio::time::Instant;
+
+/// How far the aligned coarse clock may be from the precise one, with a margin: the
+/// largest tick is 10 ms (`HZ=100`).
+pub(crate) const SLACK_NS: u64 = 20_000_000;
+
+/// The coarse clock, aligned with a precise timeline (ns since some origin).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Coarse {
+    /// Coarse reading minus precise reading at alignment (wrapping).
+    offset: u64,
+}
+
+impl Coarse {
+    /// A coarse clock aligned with `precise_ns` (the caller's precise time, read just
+    /// before), or `None` when tokio's clock is paused or the platform has no coarse
+    /// clock.
+    pub(crate) fn detect(precise_ns: u64) -> Option<Self> {
+        if tokio_clock_is_paused() {
+            return None;
+        }
+        raw_ns().map(|c| Self {
+            offset: c.wrapping_sub(precise_ns),
+        })
+    }
+
+    /// Now on the precise timeline, within [`SLACK_NS`] of it.
+    #[inline]
+    pub(crate) fn now_ns(self) -> u64 {
+        raw_ns().unwrap_or(0).wrapping_sub(self.offset)
+    }
+}
+
+/// Whether tokio's clock is paused: two reads of an unpaused nanosecond clock differ.
+fn tokio_clock_is_paused() -> bool {
+    let a = Instant::now();
+    a == Instant::now()
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[inline]
+fn raw_ns() -> Option<u64> {
+    // 32.32 fixed-point seconds to nanoseconds.
+    let t = coarsetime::Instant::now_without_cache_update().as_ticks();
+    let (secs, frac) = (t >> 32, t & 0xffff_ffff);
+    Some(secs * 1_000_000_000 + ((frac * 1_000_000_000) >> 32))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+#[inline]
+fn raw_ns() -> Option<u64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coarse_clock_stays_within_the_slack_of_tokio_clock() {
+        let origin = Instant::now();
+        let ns = || origin.elapsed().as_nanos() as u64;
+        let Some(coarse) = Coarse::detect(ns()) else {
+            return; // not Linux: nothing to check
+        };
+        for _ in 0..200_000 {
+            let before = ns();
+            let c = coarse.now_ns();
+            let after = ns();
+            assert!(c <= after + SLACK_NS, "coarse {c} too far ahead of {after}");
+            assert!(c + SLACK_NS >= before, "coarse {c} too far behind {before}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paused_tokio_clock_disables_the_coarse_clock() {
+        assert!(Coarse::detect(0).is_none());
+    }
+
+    #[tokio::test]
+    async fn running_tokio_clock_enables_the_coarse_clock_on_linux() {
+        let on_linux = cfg!(any(target_os = "linux", target_os = "android"));
+        assert_eq!(Coarse::detect(0).is_some(), on_linux);
+    }
+}
