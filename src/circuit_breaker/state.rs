@@ -986,6 +986,26 @@ mod tests {
         Ok(())
     }
 
+    /// Real time, not paused: the open check runs on the coarse clock here.
+    #[tokio::test]
+    async fn coarse_open_check_never_admits_a_probe_before_the_break_is_over() {
+        let mut s = settings(count(10, 10));
+        s.break_duration = Duration::from_millis(30);
+        s.max_break_duration = s.break_duration;
+        let t0 = Instant::now();
+        let b = breaker(s, t0);
+        b.force(State::Open, false, &mut Now::lazy());
+        let mut rejected = 0u64;
+        while b.acquire(&mut Now::lazy()).is_err() {
+            rejected += 1;
+            tokio::task::yield_now().await;
+        }
+        assert!(t0.elapsed() >= Duration::from_millis(30), "admitted early");
+        assert!(b.coarse.get().is_some(), "the clock was chosen");
+        assert!(rejected > 0);
+        assert_eq!(b.state(), State::HalfOpen);
+    }
+
     #[test]
     fn opens_after_n_successes_then_n_half_failures() {
         let t0 = Instant::now();
