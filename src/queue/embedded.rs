@@ -32,9 +32,7 @@
 //! |---|---|---|
 //! | `messages` | id → encoded [`Envelope`] | every stored message (pending, in flight, dead) |
 //! | `scheduled` | (not_before ns, id) → attempts | pending, maybe not yet due |
-//! | `ready` | id → attempts | pending and due, in FIFO (id) order |
-//! | `in_flight` | id → (lease_until ns, attempts) | leased; the attempts are the lease's generation |
-//! | `lease_expiry` | (lease_until ns, id) → () | the same leases, by expiry |
+//! | `ready` | id → attempts | due: pending or in flight, in FIFO (id) order |
 //! | `dead` | id → reason | dead letters |
 //! | `idempotency_keys` | key → id | keys of pending and in-flight messages |
 //! | `postbox_meta` | name → u64 | the schema version |
@@ -44,26 +42,43 @@
 //! never rewrites the stored envelope; the envelope's own `attempts` field is brought up
 //! to date when it is rewritten anyway (retry later, dead letter).
 //!
+//! **Leases live in the writer thread's memory, not in the file.** A leased message
+//! stays in `ready`; the writer knows which ready ids are in flight (and until when),
+//! and a lease skips them with a cursor: every ready id above the cursor is free, and
+//! the free ones at or below it (expired leases, late or rescheduled arrivals) are kept
+//! in a small ordered set. A lease thus reads the index and the envelope and rewrites
+//! one small index entry; an ack removes three entries (`ready`, `messages`, the key). After a crash or a reopen every message that was in flight is simply pending
+//! again — what a lost or expired lease means anyway — and opening needs no recovery.
+//! A lease writes only its attempt count (the `ready` entry's value), so a reopen, or a
+//! crash after the next sync, does not forget it: a message that kills its consumer
+//! still reaches the dead-letter queue after its maximum attempts.
+//!
 //! An enqueue that is already due by the system clock goes straight to `ready`, otherwise
-//! to `scheduled`. A lease first returns expired leases to `ready`, then moves due
-//! `scheduled` entries to `ready`, then takes the lowest ids (checking each one's
-//! `not_before` against the lease's `now`) — so it costs O(log n) per message, however
-//! many are waiting. Times are stored as nanoseconds since the Unix epoch.
+//! to `scheduled`. A lease first frees expired leases, then moves due `scheduled` entries
+//! to `ready`, then takes the lowest free ids (checking each one's `not_before` against
+//! the lease's `now`) — so it costs O(log n) per message, however many are waiting.
+//! Times are stored as nanoseconds since the Unix epoch.
 //!
 //! # Durability and damage
 //!
-//! Every commit that stores, acks, reschedules or dead-letters a message is
+//! Every commit that stores, reschedules or dead-letters a message is
 //! `Durability::Immediate`: redb writes the pages, then `fdatasync`s before the commit
 //! returns, so an acknowledged enqueue survives a process crash and — as far as the disk
 //! honours flushes — power loss. The tests kill a process with SIGKILL while 64 tasks
 //! enqueue and find every acknowledged message after reopening; power loss itself is not
 //! simulated. A read-only batch (depth, an empty lease) costs no commit.
 //!
-//! A batch of nothing but leases commits with `Durability::None` (no fsync; the next
-//! durable commit persists it). Losing a lease in a crash is the same as the lease
-//! expiring: the message is pending again and is delivered again, which at-least-once
-//! delivery allows (the lease's attempt may go uncounted). This halves the fsyncs of a
-//! drain, which alternates leases and acks.
+//! A batch of nothing but leases and acks commits with `Durability::None` (no fsync);
+//! the writer makes it durable with the next durable commit or, at the latest, when
+//! [`ack_sync`](EmbeddedOptions::with_ack_sync) (100 ms by default) has passed since the
+//! oldest such commit — on the next batch or, when idle, with an empty durable commit —
+//! and when the queue is closed. Losing a lease in a crash is the same as the lease
+//! expiring: the message is pending again (the lease's attempt may go uncounted).
+//! Losing an ack in a crash delivers the message once more, which at-least-once delivery
+//! allows and the idempotency key makes harmless. No message is ever lost this way: only
+//! enqueues promise durability on return, and they always get it. This takes the fsync
+//! out of a drain, which alternates leases and acks (the bound also keeps redb reusing
+//! freed pages, which it does only after a durable commit).
 //!
 //! Opening checks the file: not a redb file, a truncated file, damaged pages (with the
 //! default integrity check) or an unknown schema version are [`QueueError::Corrupt`],
@@ -74,8 +89,10 @@ use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,6 +101,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 type Id = u128;
 
@@ -99,13 +117,14 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("postbox_meta"
 const MESSAGES: TableDefinition<'_, Id, &[u8]> = TableDefinition::new("messages");
 const SCHEDULED: TableDefinition<'_, (u64, Id), u32> = TableDefinition::new("scheduled");
 const READY: TableDefinition<'_, Id, u32> = TableDefinition::new("ready");
-const IN_FLIGHT: TableDefinition<'_, Id, (u64, u32)> = TableDefinition::new("in_flight");
-const EXPIRY: TableDefinition<'_, (u64, Id), ()> = TableDefinition::new("lease_expiry");
+/// Schema 1 only: leases were stored; opening a version 1 file moves them back to ready.
+const V1_IN_FLIGHT: TableDefinition<'_, Id, (u64, u32)> = TableDefinition::new("in_flight");
+const V1_EXPIRY: TableDefinition<'_, (u64, Id), ()> = TableDefinition::new("lease_expiry");
 const DEAD: TableDefinition<'_, Id, &str> = TableDefinition::new("dead");
 const KEYS: TableDefinition<'_, &str, Id> = TableDefinition::new("idempotency_keys");
 
-/// The layout version of the tables above.
-const SCHEMA_VERSION: u64 = 1;
+/// The layout version of the tables above (2: leases in memory).
+const SCHEMA_VERSION: u64 = 2;
 
 /// Options of an [`EmbeddedQueue`].
 #[derive(Debug, Clone)]
@@ -114,6 +133,7 @@ pub struct EmbeddedOptions {
     max_batch: usize,
     check_integrity: bool,
     cache_size: Option<usize>,
+    ack_sync: Duration,
 }
 
 impl Default for EmbeddedOptions {
@@ -124,14 +144,25 @@ impl Default for EmbeddedOptions {
 
 impl EmbeddedOptions {
     /// Defaults: unbounded, batches of up to 4096 operations per commit, integrity check
-    /// on open, redb's default cache.
+    /// on open, redb's default cache, acks durable within 100 ms.
     pub fn new() -> Self {
         Self {
             capacity: None,
             max_batch: 4096,
             check_integrity: true,
             cache_size: None,
+            ack_sync: Duration::from_millis(100),
         }
+    }
+
+    /// How long an ack (or a lease) may stay unsynced: batches of nothing but leases,
+    /// acks and reads commit without an fsync, and the writer makes them durable with
+    /// the next durable commit or at the latest after `interval` (module docs). A crash
+    /// in between delivers those messages again; none is lost. `Duration::ZERO` makes
+    /// every batch holding an ack durable before the ack returns.
+    pub fn with_ack_sync(mut self, interval: Duration) -> Self {
+        self.ack_sync = interval;
+        self
     }
 
     /// Holds at most `capacity` live (pending and in-flight) messages; beyond that
@@ -167,7 +198,8 @@ impl EmbeddedOptions {
 ///
 /// [`enqueue`](Queue::enqueue) returns only once the message is committed with
 /// `Durability::Immediate` — fsynced, so it survives a process crash or power loss.
-/// Concurrent operations share one commit (see the module docs).
+/// Concurrent operations share one commit; acks and leases are made durable within
+/// [`ack_sync`](EmbeddedOptions::with_ack_sync) (see the module docs).
 ///
 /// Dropping the last handle stops the writer thread after the operations already sent
 /// (and joins it); [`close`](Self::close) does the same and reports errors.
@@ -197,6 +229,7 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Counters {
     commits: AtomicU64,
+    syncs: AtomicU64,
     operations: AtomicU64,
 }
 
@@ -204,8 +237,11 @@ struct Counters {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EmbeddedStats {
-    /// Durable commits (each one `fdatasync`).
+    /// Commits (the durable ones are one `fdatasync` each).
     pub commits: u64,
+    /// Durable commits, including those that only make earlier unsynced acks and
+    /// leases durable.
+    pub syncs: u64,
     /// Operations applied (enqueues, leases, acks, retries, dead letters, reads).
     pub operations: u64,
 }
@@ -265,11 +301,12 @@ enum Op {
 
 impl Op {
     /// `true` for operations whose loss in a crash is harmless: a lease (the message is
-    /// pending again, as if the lease had expired) and reads.
-    fn only_leases_or_reads(&self) -> bool {
+    /// pending again, as if the lease had expired), an ack (the message is delivered
+    /// again, which the idempotency key makes harmless) and reads.
+    fn may_stay_unsynced(&self) -> bool {
         matches!(
             self,
-            Op::Lease { .. } | Op::Depth { .. } | Op::DeadLetters { .. }
+            Op::Lease { .. } | Op::Ack { .. } | Op::Depth { .. } | Op::DeadLetters { .. }
         )
     }
 }
@@ -307,6 +344,9 @@ impl EmbeddedQueue {
             live,
             capacity: options.capacity,
             max_batch: options.max_batch,
+            ack_sync: options.ack_sync,
+            unsynced_since: None,
+            leases: Leases::default(),
             counters: Arc::default(),
         };
         let counters = writer.counters.clone();
@@ -329,6 +369,7 @@ impl EmbeddedQueue {
     pub fn stats(&self) -> EmbeddedStats {
         EmbeddedStats {
             commits: self.inner.counters.commits.load(Ordering::Relaxed),
+            syncs: self.inner.counters.syncs.load(Ordering::Relaxed),
             operations: self.inner.counters.operations.load(Ordering::Relaxed),
         }
     }
@@ -510,6 +551,11 @@ fn init_tables(db: &Database) -> Result<u64, QueueError> {
                         .map_err(redb_err)?;
                 }
                 Some(SCHEMA_VERSION) => {}
+                Some(1) => {
+                    migrate_v1(&txn)?;
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(redb_err)?;
+                }
                 Some(v) => {
                     return Err(QueueError::Corrupt(format!(
                         "unknown queue schema version {v} (this build reads {SCHEMA_VERSION})"
@@ -519,7 +565,6 @@ fn init_tables(db: &Database) -> Result<u64, QueueError> {
             txn.open_table(MESSAGES).map_err(redb_err)?;
             txn.open_table(DEAD).map_err(redb_err)?;
             txn.open_table(KEYS).map_err(redb_err)?;
-            txn.open_table(EXPIRY).map_err(redb_err)?;
             let scheduled = txn
                 .open_table(SCHEDULED)
                 .map_err(redb_err)?
@@ -530,17 +575,30 @@ fn init_tables(db: &Database) -> Result<u64, QueueError> {
                 .map_err(redb_err)?
                 .len()
                 .map_err(redb_err)?;
-            let in_flight = txn
-                .open_table(IN_FLIGHT)
-                .map_err(redb_err)?
-                .len()
-                .map_err(redb_err)?;
-            live = scheduled + ready + in_flight;
+            live = scheduled + ready;
         }
         txn.commit().map_err(redb_err)?;
         Ok(live)
     }));
     res.unwrap_or_else(|_| Err(QueueError::Corrupt("redb panicked reading the file".into())))
+}
+
+/// Version 1 stored leases: every leased message becomes ready again (with its
+/// attempts), and the lease tables go.
+fn migrate_v1(txn: &WriteTransaction) -> Result<(), QueueError> {
+    {
+        let in_flight = txn.open_table(V1_IN_FLIGHT).map_err(redb_err)?;
+        let mut ready = txn.open_table(READY).map_err(redb_err)?;
+        for entry in in_flight.iter().map_err(redb_err)? {
+            let (id, lease) = entry.map_err(redb_err)?;
+            ready
+                .insert(id.value(), lease.value().1)
+                .map_err(redb_err)?;
+        }
+    }
+    txn.delete_table(V1_IN_FLIGHT).map_err(redb_err)?;
+    txn.delete_table(V1_EXPIRY).map_err(redb_err)?;
+    Ok(())
 }
 
 fn db_error(e: redb::Error, path: &Path) -> QueueError {
@@ -600,14 +658,78 @@ struct Writer {
     live: u64,
     capacity: Option<u64>,
     max_batch: usize,
+    /// How long acks and leases may stay unsynced.
+    ack_sync: Duration,
+    /// When the oldest commit not yet made durable was made.
+    unsynced_since: Option<Instant>,
+    leases: Leases,
     counters: Arc<Counters>,
+}
+
+/// The messages in flight (module docs): leased ids are still in `ready`.
+#[derive(Debug, Default)]
+struct Leases {
+    /// Leased id → (lease until ns, attempts = the lease's generation).
+    by_id: HashMap<Id, (u64, u32)>,
+    /// The same leases by expiry.
+    by_expiry: BTreeSet<(u64, Id)>,
+    /// Every ready id above the cursor is free (`None`: every ready id is free).
+    cursor: Option<Id>,
+    /// The free ready ids at or below the cursor, with their attempts.
+    low: BTreeMap<Id, u32>,
+}
+
+/// How to take back one change to [`Leases`] when a batch's transaction fails.
+#[derive(Debug)]
+enum Undo {
+    Leased(Id, u64),
+    Released(Id, u64, u32),
+    Cursor(Option<Id>),
+    LowAdded(Id),
+    LowTaken(Id, u32),
+}
+
+impl Leases {
+    fn rollback(&mut self, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            match u {
+                Undo::Leased(id, until) => {
+                    self.by_id.remove(&id);
+                    self.by_expiry.remove(&(until, id));
+                }
+                Undo::Released(id, until, attempts) => {
+                    self.by_id.insert(id, (until, attempts));
+                    self.by_expiry.insert((until, id));
+                }
+                Undo::Cursor(c) => self.cursor = c,
+                Undo::LowAdded(id) => {
+                    self.low.remove(&id);
+                }
+                Undo::LowTaken(id, attempts) => {
+                    self.low.insert(id, attempts);
+                }
+            }
+        }
+    }
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         // Ends when every sender is gone (the queue was dropped) or on `Close`.
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match self.unsynced_since {
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(since) => rx.recv_timeout(self.ack_sync.saturating_sub(since.elapsed())),
+            };
+            let first = match first {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.sync();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             batch.push(first);
             while batch.len() < self.max_batch {
                 match rx.try_recv() {
@@ -638,20 +760,47 @@ impl Writer {
     }
 
     fn close(&mut self) -> Result<(), QueueError> {
-        match self.db.take() {
-            // Every commit was already durable; dropping the database releases the file
-            // lock.
-            Some(db) => {
-                drop(db);
-                Ok(())
-            }
-            None => Err(stopped()),
+        if self.db.is_none() {
+            return Err(stopped());
         }
+        // Makes unsynced acks and leases durable; dropping the database then releases
+        // the file lock.
+        let synced = self.try_sync();
+        drop(self.db.take());
+        synced
+    }
+
+    /// Makes every earlier commit durable (an empty durable commit), if one is not.
+    fn sync(&mut self) {
+        if let Err(e) = self.try_sync() {
+            // The commits stay unsynced; the next durable commit retries.
+            tracing::error!(error = %e, "postbox queue sync failed");
+        }
+    }
+
+    fn try_sync(&mut self) -> Result<(), QueueError> {
+        let (Some(db), Some(_)) = (self.db.as_ref(), self.unsynced_since) else {
+            return Ok(());
+        };
+        let res = catch_unwind(AssertUnwindSafe(|| -> Result<(), QueueError> {
+            let mut txn = db.begin_write().map_err(redb_err)?;
+            txn.set_durability(redb::Durability::Immediate)
+                .map_err(|e| QueueError::Backend(Box::new(e)))?;
+            txn.commit().map_err(redb_err)
+        }))
+        .unwrap_or_else(|_| Err(QueueError::Corrupt("redb panicked during a sync".into())));
+        if res.is_ok() {
+            self.unsynced_since = None;
+            self.counters.commits.fetch_add(1, Ordering::Relaxed);
+            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        res
     }
 
     /// Applies a batch in one write transaction, commits it once, then answers.
     fn apply(&mut self, batch: Vec<Op>) {
         let live_before = self.live;
+        let mut undo = Vec::new();
         let Some(db) = self.db.as_ref() else { return };
         let mut done = Vec::with_capacity(batch.len());
         self.counters
@@ -660,16 +809,27 @@ impl Writer {
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<(), QueueError> {
             let mut txn = db.begin_write().map_err(redb_err)?;
             // Immediate is redb 4's default, stated so a change of default cannot weaken
-            // the promise; a batch of leases alone needs no fsync (module docs).
-            let durability = if batch.iter().all(Op::only_leases_or_reads) {
-                redb::Durability::None
-            } else {
-                redb::Durability::Immediate
+            // the promise; a batch of leases and acks alone needs no fsync until
+            // `ack_sync` has passed since the oldest unsynced commit (module docs).
+            let sync_due = match self.unsynced_since {
+                Some(since) => since.elapsed() >= self.ack_sync,
+                None => self.ack_sync.is_zero(),
             };
-            txn.set_durability(durability)
-                .map_err(|e| QueueError::Backend(Box::new(e)))?;
+            let durable = sync_due || !batch.iter().all(Op::may_stay_unsynced);
+            txn.set_durability(if durable {
+                redb::Durability::Immediate
+            } else {
+                redb::Durability::None
+            })
+            .map_err(|e| QueueError::Backend(Box::new(e)))?;
             let mut ops = batch.into_iter();
-            let res = apply_ops(&txn, &mut ops, &mut done, &mut self.live, self.capacity);
+            let mut state = State {
+                live: &mut self.live,
+                capacity: self.capacity,
+                leases: &mut self.leases,
+                undo: &mut undo,
+            };
+            let res = apply_ops(&txn, &mut ops, &mut done, &mut state);
             // Ops not reached because of a storage error: answered with that error below.
             for op in ops {
                 done.push(unanswered(op));
@@ -677,6 +837,12 @@ impl Writer {
             if res? {
                 txn.commit().map_err(redb_err)?;
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                if durable {
+                    self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                    self.unsynced_since = None;
+                } else {
+                    self.unsynced_since.get_or_insert_with(Instant::now);
+                }
                 Ok(())
             } else {
                 // Only reads (or refused operations): nothing to make durable, no fsync.
@@ -690,6 +856,7 @@ impl Writer {
         };
         if let Some(err) = &failure {
             self.live = live_before;
+            self.leases.rollback(undo);
             tracing::error!(error = %err, "postbox queue commit failed");
         }
         for d in done {
@@ -720,12 +887,19 @@ struct Tables<'t> {
     messages: redb::Table<'t, Id, &'static [u8]>,
     scheduled: redb::Table<'t, (u64, Id), u32>,
     ready: redb::Table<'t, Id, u32>,
-    in_flight: redb::Table<'t, Id, (u64, u32)>,
-    expiry: redb::Table<'t, (u64, Id), ()>,
     dead: redb::Table<'t, Id, &'static str>,
     keys: redb::Table<'t, &'static str, Id>,
     /// Whether anything was written (else the transaction is aborted, saving an fsync).
     dirty: bool,
+}
+
+/// The writer's state an op may change besides the tables.
+struct State<'s> {
+    /// Pending + in-flight messages, for the capacity check.
+    live: &'s mut u64,
+    capacity: Option<u64>,
+    leases: &'s mut Leases,
+    undo: &'s mut Vec<Undo>,
 }
 
 /// Applies each op; a logic error (lease lost, full, duplicate) is that op's answer and
@@ -735,15 +909,12 @@ fn apply_ops(
     txn: &WriteTransaction,
     ops: &mut impl Iterator<Item = Op>,
     done: &mut Vec<Done>,
-    live: &mut u64,
-    capacity: Option<u64>,
+    st: &mut State<'_>,
 ) -> Result<bool, QueueError> {
     let mut t = Tables {
         messages: txn.open_table(MESSAGES).map_err(redb_err)?,
         scheduled: txn.open_table(SCHEDULED).map_err(redb_err)?,
         ready: txn.open_table(READY).map_err(redb_err)?,
-        in_flight: txn.open_table(IN_FLIGHT).map_err(redb_err)?,
-        expiry: txn.open_table(EXPIRY).map_err(redb_err)?,
         dead: txn.open_table(DEAD).map_err(redb_err)?,
         keys: txn.open_table(KEYS).map_err(redb_err)?,
         dirty: false,
@@ -759,14 +930,7 @@ fn apply_ops(
                 bytes,
                 reply,
             } => {
-                let r = t.enqueue(
-                    (id, attempts),
-                    &key,
-                    (not_before, due),
-                    &bytes,
-                    live,
-                    capacity,
-                );
+                let r = t.enqueue((id, attempts), &key, (not_before, due), &bytes, st);
                 keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::Lease {
@@ -775,11 +939,11 @@ fn apply_ops(
                 now,
                 reply,
             } => {
-                let r = t.lease(max, lease_for, now);
+                let r = t.lease(max, lease_for, now, st);
                 keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::Ack { tokens, reply } => {
-                let r = t.ack(&tokens, live);
+                let r = t.ack(&tokens, st);
                 keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::RetryLater {
@@ -787,7 +951,7 @@ fn apply_ops(
                 not_before,
                 reply,
             } => {
-                let r = t.retry_later(token, not_before);
+                let r = t.retry_later(token, not_before, st);
                 keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::DeadLetter {
@@ -795,11 +959,11 @@ fn apply_ops(
                 reason,
                 reply,
             } => {
-                let r = t.dead_letter(token, &reason, live);
+                let r = t.dead_letter(token, &reason, st);
                 keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::Depth { reply } => {
-                let r = t.depth();
+                let r = t.depth(st.leases);
                 keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::DeadLetters { max, reply } => {
@@ -839,8 +1003,7 @@ impl Tables<'_> {
         key: &str,
         (not_before, due): (u64, bool),
         bytes: &[u8],
-        live: &mut u64,
-        capacity: Option<u64>,
+        st: &mut State<'_>,
     ) -> Result<Enqueued, QueueError> {
         if !key.is_empty()
             && let Some(existing) = self.keys.get(key).map_err(redb_err)?
@@ -850,14 +1013,14 @@ impl Tables<'_> {
         if self.messages.get(id).map_err(redb_err)?.is_some() {
             return Ok(Enqueued::Duplicate(from_id(id)));
         }
-        if let Some(capacity) = capacity
-            && *live >= capacity
+        if let Some(capacity) = st.capacity
+            && *st.live >= capacity
         {
             return Err(QueueError::Full { capacity });
         }
         self.messages.insert(id, bytes).map_err(redb_err)?;
         if due {
-            self.ready.insert(id, attempts).map_err(redb_err)?;
+            self.make_ready(id, attempts, st)?;
         } else {
             self.scheduled
                 .insert((not_before, id), attempts)
@@ -866,9 +1029,55 @@ impl Tables<'_> {
         if !key.is_empty() {
             self.keys.insert(key, id).map_err(redb_err)?;
         }
-        *live += 1;
+        *st.live += 1;
         self.dirty = true;
         Ok(Enqueued::Stored(from_id(id)))
+    }
+
+    /// Puts a message that is in no index into `ready`, free to lease.
+    fn make_ready(&mut self, id: Id, attempts: u32, st: &mut State<'_>) -> Result<(), QueueError> {
+        self.ready.insert(id, attempts).map_err(redb_err)?;
+        self.dirty = true;
+        if st.leases.cursor.is_some_and(|c| id <= c) {
+            st.leases.low.insert(id, attempts);
+            st.undo.push(Undo::LowAdded(id));
+        }
+        Ok(())
+    }
+
+    /// Up to `n` free ready ids, lowest first, taken off the free list (the caller leases
+    /// or reschedules each).
+    fn take_free(&mut self, n: usize, st: &mut State<'_>) -> Result<Vec<(Id, u32)>, QueueError> {
+        let mut out = Vec::with_capacity(n.min(1024));
+        while out.len() < n {
+            let Some((id, attempts)) = st.leases.low.pop_first() else {
+                break;
+            };
+            st.undo.push(Undo::LowTaken(id, attempts));
+            out.push((id, attempts));
+        }
+        if out.len() < n {
+            let from = match st.leases.cursor {
+                Some(c) => Bound::Excluded(c),
+                None => Bound::Unbounded,
+            };
+            for entry in self
+                .ready
+                .range::<Id>((from, Bound::Unbounded))
+                .map_err(redb_err)?
+                .take(n - out.len())
+            {
+                let (id, attempts) = entry.map_err(redb_err)?;
+                out.push((id.value(), attempts.value()));
+            }
+            if let Some(&(last, _)) = out.last()
+                && st.leases.cursor.is_none_or(|c| last > c)
+            {
+                st.undo.push(Undo::Cursor(st.leases.cursor));
+                st.leases.cursor = Some(last);
+            }
+        }
+        Ok(out)
     }
 
     fn lease(
@@ -876,25 +1085,19 @@ impl Tables<'_> {
         max: usize,
         lease_for: Duration,
         now: SystemTime,
+        st: &mut State<'_>,
     ) -> Result<Vec<Leased>, QueueError> {
         let now_k = time_key(now);
-        // Expired leases back to pending (they were due already).
-        loop {
-            let first = self
-                .expiry
-                .first()
-                .map_err(redb_err)?
-                .map(|(k, _)| k.value());
-            match first {
-                Some((until, id)) if until <= now_k => {
-                    self.expiry.remove((until, id)).map_err(redb_err)?;
-                    let lease = self.in_flight.remove(id).map_err(redb_err)?;
-                    let attempts = lease.map_or(0, |g| g.value().1);
-                    self.ready.insert(id, attempts).map_err(redb_err)?;
-                    self.dirty = true;
-                }
-                _ => break,
+        // Expired leases are free again (they never left `ready`).
+        while let Some(&(until, id)) = st.leases.by_expiry.first() {
+            if until > now_k {
+                break;
             }
+            st.leases.by_expiry.pop_first();
+            let attempts = st.leases.by_id.remove(&id).map_or(0, |(_, a)| a);
+            st.undo.push(Undo::Released(id, until, attempts));
+            st.leases.low.insert(id, attempts);
+            st.undo.push(Undo::LowAdded(id));
         }
         // Due scheduled messages to ready.
         loop {
@@ -906,8 +1109,7 @@ impl Tables<'_> {
             match first {
                 Some(((nb, id), attempts)) if nb <= now_k => {
                     self.scheduled.remove((nb, id)).map_err(redb_err)?;
-                    self.ready.insert(id, attempts).map_err(redb_err)?;
-                    self.dirty = true;
+                    self.make_ready(id, attempts, st)?;
                 }
                 _ => break,
             }
@@ -916,37 +1118,40 @@ impl Tables<'_> {
         let until_k = time_key(lease_until);
         let mut out = Vec::new();
         while out.len() < max {
-            let Some((id, attempts)) = self
-                .ready
-                .pop_first()
-                .map_err(redb_err)?
-                .map(|(k, v)| (k.value(), v.value()))
-            else {
+            let free = self.take_free(max - out.len(), st)?;
+            if free.is_empty() {
                 break;
-            };
-            self.dirty = true;
-            let mut env = self.envelope(id)?;
-            if time_key(env.not_before) > now_k {
-                // Went to `ready` by the system clock, but not due at this lease's `now`.
-                self.scheduled
-                    .insert((time_key(env.not_before), id), attempts)
-                    .map_err(redb_err)?;
-                continue;
             }
-            let attempts = attempts.saturating_add(1);
-            env.attempts = attempts;
-            self.in_flight
-                .insert(id, (until_k, attempts))
-                .map_err(redb_err)?;
-            self.expiry.insert((until_k, id), ()).map_err(redb_err)?;
-            out.push(Leased {
-                envelope: env,
-                token: LeaseToken {
-                    id: from_id(id),
-                    generation: u64::from(attempts),
-                },
-                lease_until,
-            });
+            for (id, attempts) in free {
+                let mut env = self.envelope(id)?;
+                if time_key(env.not_before) > now_k {
+                    // Went to `ready` by the system clock, but not due at this lease's
+                    // `now`.
+                    self.ready.remove(id).map_err(redb_err)?;
+                    self.scheduled
+                        .insert((time_key(env.not_before), id), attempts)
+                        .map_err(redb_err)?;
+                    self.dirty = true;
+                    continue;
+                }
+                let attempts = attempts.saturating_add(1);
+                env.attempts = attempts;
+                // The attempt is counted in the file too (made durable with the next
+                // sync), so a reopen or a crash after a sync does not forget it.
+                self.ready.insert(id, attempts).map_err(redb_err)?;
+                self.dirty = true;
+                st.leases.by_id.insert(id, (until_k, attempts));
+                st.leases.by_expiry.insert((until_k, id));
+                st.undo.push(Undo::Leased(id, until_k));
+                out.push(Leased {
+                    envelope: env,
+                    token: LeaseToken {
+                        id: from_id(id),
+                        generation: u64::from(attempts),
+                    },
+                    lease_until,
+                });
+            }
         }
         Ok(out)
     }
@@ -960,26 +1165,24 @@ impl Tables<'_> {
             .map_err(|e| QueueError::Corrupt(format!("message {}: {e}", from_id(id))))
     }
 
-    /// Ends the lease of `token` if it is current; returns the message's attempts.
-    fn release(&mut self, token: LeaseToken) -> Result<Result<u32, QueueError>, QueueError> {
+    /// Ends the lease of `token` if it is current and takes the message out of `ready`;
+    /// returns the lease's attempts.
+    fn release(
+        &mut self,
+        token: LeaseToken,
+        st: &mut State<'_>,
+    ) -> Result<Result<u32, QueueError>, QueueError> {
         let id = to_id(token.id);
-        // Remove first (one lookup on the common path); put back a lease that is not ours.
-        let current = self
-            .in_flight
-            .remove(id)
-            .map_err(redb_err)?
-            .map(|g| g.value());
-        match current {
-            Some((until, attempts)) if u64::from(attempts) == token.generation => {
-                self.expiry.remove((until, id)).map_err(redb_err)?;
+        match st.leases.by_id.get(&id) {
+            Some(&(until, attempts)) if u64::from(attempts) == token.generation => {
+                st.leases.by_id.remove(&id);
+                st.leases.by_expiry.remove(&(until, id));
+                st.undo.push(Undo::Released(id, until, attempts));
+                self.ready.remove(id).map_err(redb_err)?;
                 self.dirty = true;
                 Ok(Ok(attempts))
             }
-            Some(other) => {
-                self.in_flight.insert(id, other).map_err(redb_err)?;
-                Ok(Err(QueueError::LeaseLost(token)))
-            }
-            None => Ok(Err(QueueError::LeaseLost(token))),
+            _ => Ok(Err(QueueError::LeaseLost(token))),
         }
     }
 
@@ -995,10 +1198,10 @@ impl Tables<'_> {
         Ok(())
     }
 
-    fn ack(&mut self, tokens: &[LeaseToken], live: &mut u64) -> Result<(), QueueError> {
+    fn ack(&mut self, tokens: &[LeaseToken], st: &mut State<'_>) -> Result<(), QueueError> {
         let mut lost = None;
         for &token in tokens {
-            match self.release(token)? {
+            match self.release(token, st)? {
                 Ok(_) => {
                     let id = to_id(token.id);
                     let key = {
@@ -1011,7 +1214,7 @@ impl Tables<'_> {
                     if let Some(key) = key {
                         self.forget_key(&key, id)?;
                     }
-                    *live -= 1;
+                    *st.live -= 1;
                 }
                 Err(e) => {
                     lost.get_or_insert(e);
@@ -1021,8 +1224,13 @@ impl Tables<'_> {
         lost.map_or(Ok(()), Err)
     }
 
-    fn retry_later(&mut self, token: LeaseToken, not_before: SystemTime) -> Result<(), QueueError> {
-        let attempts = self.release(token)??;
+    fn retry_later(
+        &mut self,
+        token: LeaseToken,
+        not_before: SystemTime,
+        st: &mut State<'_>,
+    ) -> Result<(), QueueError> {
+        let attempts = self.release(token, st)??;
         let id = to_id(token.id);
         let mut env = self.envelope(id)?;
         env.not_before = not_before;
@@ -1040,9 +1248,9 @@ impl Tables<'_> {
         &mut self,
         token: LeaseToken,
         reason: &str,
-        live: &mut u64,
+        st: &mut State<'_>,
     ) -> Result<(), QueueError> {
-        let attempts = self.release(token)??;
+        let attempts = self.release(token, st)??;
         let id = to_id(token.id);
         let mut env = self.envelope(id)?;
         env.attempts = attempts;
@@ -1051,15 +1259,17 @@ impl Tables<'_> {
             .map_err(redb_err)?;
         self.forget_key(&env.idempotency_key, id)?;
         self.dead.insert(id, reason).map_err(redb_err)?;
-        *live -= 1;
+        *st.live -= 1;
         Ok(())
     }
 
-    fn depth(&self) -> Result<Depth, QueueError> {
+    fn depth(&self, leases: &Leases) -> Result<Depth, QueueError> {
+        let in_flight = leases.by_id.len() as u64;
         Ok(Depth {
-            pending: self.scheduled.len().map_err(redb_err)?
-                + self.ready.len().map_err(redb_err)?,
-            in_flight: self.in_flight.len().map_err(redb_err)?,
+            pending: (self.scheduled.len().map_err(redb_err)?
+                + self.ready.len().map_err(redb_err)?)
+            .saturating_sub(in_flight),
+            in_flight,
             dead: self.dead.len().map_err(redb_err)?,
         })
     }

@@ -187,8 +187,13 @@ pub trait Queue: Send + Sync + 'static {
         now: SystemTime,
     ) -> impl Future<Output = Result<Vec<Leased>, QueueError>> + Send;
 
-    /// Acks delivered messages (one durable commit for the whole batch); they and their
+    /// Acks delivered messages (one commit for the whole batch); they and their
     /// idempotency-key entries are removed.
+    ///
+    /// How soon an ack is durable is the backend's: the embedded queue syncs acks within
+    /// [`ack_sync`](super::queue::EmbeddedOptions::with_ack_sync), and a broker's ack is
+    /// its own (see "Choosing a queue" in the README). An ack lost in a crash delivers
+    /// the message again; it never loses one.
     ///
     /// A stale token (its lease was lost, or the message is already acked) does not stop
     /// the others: every current token in the batch is acked, and the result is
