@@ -276,11 +276,13 @@ impl ReplayConfig {
 ///   `ack_interval`); [`Retry`](Verdict::Retry) → back to the queue not before
 ///   `max(backoff, hint)`, or dead-lettered once it has had `max_attempts` deliveries;
 ///   [`CircuitOpen`](Verdict::CircuitOpen) → back to the queue until the breaker's
-///   `retry_after` (at least the backoff base), and leasing pauses that long; [`Permanent`](Verdict::Permanent) →
-///   dead-lettered.
+///   `retry_after` (at least the backoff base) *without counting the attempt*
+///   ([`Queue::release`]), and leasing pauses that long;
+///   [`Permanent`](Verdict::Permanent) → dead-lettered.
 ///
-/// The queue counts every lease as an attempt, including a replay rejected by an open
-/// breaker (at most `concurrency` of those per opening, since leasing pauses).
+/// The queue counts every lease as an attempt, except a replay rejected by an open
+/// breaker on the memory and embedded queues; the broker queues count it too (at most
+/// `concurrency` of those per opening, since leasing pauses).
 ///
 /// # Which service
 /// Replay through the stack *inside* the enqueue layer (deadline, retry, breaker,
@@ -760,7 +762,8 @@ where
                     tracing::info!(?pause, "circuit open; replay paused");
                     self.paused_until = Some(until);
                 }
-                self.retry_later(token, pause).await;
+                // The delivery never reached the dependency: it does not count.
+                self.release(token, pause).await;
             }
             Verdict::Permanent { reason } => self.dead_letter(token, &reason).await,
         }
@@ -772,6 +775,15 @@ where
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => log_queue_error("retry later", &e),
+        }
+    }
+
+    async fn release(&mut self, token: LeaseToken, delay: Duration) {
+        match self.queue.release(token, wall_now() + delay).await {
+            Ok(()) => {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => log_queue_error("release", &e),
         }
     }
 

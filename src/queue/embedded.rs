@@ -280,6 +280,8 @@ enum Op {
     RetryLater {
         token: LeaseToken,
         not_before: SystemTime,
+        /// `false`: the delivery is not counted (`Queue::release`).
+        counted: bool,
         reply: Reply<()>,
     },
     DeadLetter {
@@ -486,6 +488,20 @@ impl Queue for EmbeddedQueue {
         self.call(move |reply| Op::RetryLater {
             token,
             not_before,
+            counted: true,
+            reply,
+        })
+    }
+
+    fn release(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.call(move |reply| Op::RetryLater {
+            token,
+            not_before,
+            counted: false,
             reply,
         })
     }
@@ -669,8 +685,11 @@ struct Writer {
 /// The messages in flight (module docs): leased ids are still in `ready`.
 #[derive(Debug, Default)]
 struct Leases {
-    /// Leased id → (lease until ns, attempts = the lease's generation).
-    by_id: HashMap<Id, (u64, u32)>,
+    /// Leased id → (lease until ns, attempts, the lease's generation).
+    by_id: HashMap<Id, (u64, u32, u64)>,
+    /// Leases made so far: the high half of every generation, so generations increase
+    /// with every lease even when a delivery is not counted.
+    seq: u64,
     /// The same leases by expiry.
     by_expiry: BTreeSet<(u64, Id)>,
     /// Every ready id above the cursor is free (`None`: every ready id is free).
@@ -683,7 +702,7 @@ struct Leases {
 #[derive(Debug)]
 enum Undo {
     Leased(Id, u64),
-    Released(Id, u64, u32),
+    Released(Id, (u64, u32, u64)),
     Cursor(Option<Id>),
     LowAdded(Id),
     LowTaken(Id, u32),
@@ -697,9 +716,9 @@ impl Leases {
                     self.by_id.remove(&id);
                     self.by_expiry.remove(&(until, id));
                 }
-                Undo::Released(id, until, attempts) => {
-                    self.by_id.insert(id, (until, attempts));
-                    self.by_expiry.insert((until, id));
+                Undo::Released(id, lease) => {
+                    self.by_id.insert(id, lease);
+                    self.by_expiry.insert((lease.0, id));
                 }
                 Undo::Cursor(c) => self.cursor = c,
                 Undo::LowAdded(id) => {
@@ -949,9 +968,10 @@ fn apply_ops(
             Op::RetryLater {
                 token,
                 not_before,
+                counted,
                 reply,
             } => {
-                let r = t.retry_later(token, not_before, st);
+                let r = t.retry_later(token, not_before, counted, st);
                 keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::DeadLetter {
@@ -1094,8 +1114,9 @@ impl Tables<'_> {
                 break;
             }
             st.leases.by_expiry.pop_first();
-            let attempts = st.leases.by_id.remove(&id).map_or(0, |(_, a)| a);
-            st.undo.push(Undo::Released(id, until, attempts));
+            let lease = st.leases.by_id.remove(&id).unwrap_or((until, 0, 0));
+            let attempts = lease.1;
+            st.undo.push(Undo::Released(id, lease));
             st.leases.low.insert(id, attempts);
             st.undo.push(Undo::LowAdded(id));
         }
@@ -1140,14 +1161,16 @@ impl Tables<'_> {
                 // sync), so a reopen or a crash after a sync does not forget it.
                 self.ready.insert(id, attempts).map_err(redb_err)?;
                 self.dirty = true;
-                st.leases.by_id.insert(id, (until_k, attempts));
+                let generation = st.leases.seq << 32 | u64::from(attempts);
+                st.leases.seq += 1;
+                st.leases.by_id.insert(id, (until_k, attempts, generation));
                 st.leases.by_expiry.insert((until_k, id));
                 st.undo.push(Undo::Leased(id, until_k));
                 out.push(Leased {
                     envelope: env,
                     token: LeaseToken {
                         id: from_id(id),
-                        generation: u64::from(attempts),
+                        generation,
                     },
                     lease_until,
                 });
@@ -1174,10 +1197,10 @@ impl Tables<'_> {
     ) -> Result<Result<u32, QueueError>, QueueError> {
         let id = to_id(token.id);
         match st.leases.by_id.get(&id) {
-            Some(&(until, attempts)) if u64::from(attempts) == token.generation => {
+            Some(&lease @ (until, attempts, generation)) if generation == token.generation => {
                 st.leases.by_id.remove(&id);
                 st.leases.by_expiry.remove(&(until, id));
-                st.undo.push(Undo::Released(id, until, attempts));
+                st.undo.push(Undo::Released(id, lease));
                 self.ready.remove(id).map_err(redb_err)?;
                 self.dirty = true;
                 Ok(Ok(attempts))
@@ -1228,9 +1251,13 @@ impl Tables<'_> {
         &mut self,
         token: LeaseToken,
         not_before: SystemTime,
+        counted: bool,
         st: &mut State<'_>,
     ) -> Result<(), QueueError> {
-        let attempts = self.release(token, st)??;
+        let mut attempts = self.release(token, st)??;
+        if !counted {
+            attempts = attempts.saturating_sub(1);
+        }
         let id = to_id(token.id);
         let mut env = self.envelope(id)?;
         env.not_before = not_before;

@@ -62,6 +62,8 @@ struct State {
     dead: BTreeMap<MessageId, String>,
     /// Idempotency key → id, for pending and in-flight messages.
     keys: HashMap<String, MessageId>,
+    /// Leases made so far: the high half of every generation (as the embedded queue).
+    seq: u64,
 }
 
 // === impl MemoryQueue ===
@@ -157,7 +159,8 @@ impl State {
                 continue;
             };
             env.attempts = env.attempts.saturating_add(1);
-            let generation = u64::from(env.attempts);
+            let generation = self.seq << 32 | u64::from(env.attempts);
+            self.seq += 1;
             self.in_flight.insert(id, (lease_until, generation));
             self.expiry.insert((lease_until, id));
             out.push(Leased {
@@ -205,10 +208,18 @@ impl State {
         lost.map_or(Ok(()), Err)
     }
 
-    fn retry_later(&mut self, token: LeaseToken, not_before: SystemTime) -> Result<(), QueueError> {
+    fn retry_later(
+        &mut self,
+        token: LeaseToken,
+        not_before: SystemTime,
+        counted: bool,
+    ) -> Result<(), QueueError> {
         self.release(token)?;
         if let Some(env) = self.messages.get_mut(&token.id) {
             env.not_before = not_before;
+            if !counted {
+                env.attempts = env.attempts.saturating_sub(1);
+            }
         }
         self.scheduled.insert((not_before, token.id));
         Ok(())
@@ -269,7 +280,15 @@ impl Queue for MemoryQueue {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        ready(self.state().retry_later(token, not_before))
+        ready(self.state().retry_later(token, not_before, true))
+    }
+
+    fn release(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        ready(self.state().retry_later(token, not_before, false))
     }
 
     fn dead_letter(

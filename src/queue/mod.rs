@@ -85,7 +85,8 @@ impl Enqueued {
 pub struct LeaseToken {
     /// The leased message.
     pub id: MessageId,
-    /// Which lease of that message this is (increases with every lease).
+    /// Which lease of that message this is (increases with every lease; a token whose
+    /// generation is not the current lease's is stale).
     pub generation: u64,
 }
 
@@ -206,6 +207,21 @@ pub trait Queue: Send + Sync + 'static {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Returns a leased message to pending *without counting this delivery*, not to be
+    /// leased before `not_before`: for a delivery that never reached its destination
+    /// (the replayer's circuit breaker rejected it), so an outage does not use up the
+    /// message's attempts.
+    ///
+    /// The default counts the delivery (it is [`retry_later`](Self::retry_later)); the
+    /// memory and embedded queues do not count it.
+    fn release(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.retry_later(token, not_before)
+    }
 
     /// Moves a leased message to the dead letters with `reason`.
     fn dead_letter(

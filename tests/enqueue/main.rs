@@ -775,6 +775,36 @@ async fn replayer_waits_while_the_breaker_is_open() {
     );
 }
 
+/// Five rejections by an open breaker, then one real failure, then success: with
+/// `max_attempts(3)` the message is delivered, because the rejections never reached the
+/// dependency and are not counted.
+#[tokio::test(start_paused = true)]
+async fn replayer_rejections_by_an_open_breaker_do_not_use_up_attempts() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let svc = service_fn(move |_req: InnerReq| {
+        let n = calls2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match n {
+                0..5 => Err(boxed(Open::new(Duration::from_secs(1)))),
+                5 => Ok(respond(503, "")),
+                _ => Ok(respond(200, "")),
+            }
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .max_attempts(3)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    assert_eq!(handle.stats().dead_lettered, 0);
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 7);
+}
+
 #[tokio::test(start_paused = true)]
 async fn graceful_shutdown_returns_in_flight_leases() {
     let queue = Arc::new(MemoryQueue::new());

@@ -261,6 +261,28 @@ async fn leased_messages_are_pending_again_after_reopen_with_their_attempts() {
 }
 
 #[tokio::test]
+async fn release_returns_a_message_without_counting_the_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = EmbeddedQueue::open(dir.path().join("q.redb"), EmbeddedOptions::new()).unwrap();
+    fill(&q, 1).await;
+    let now = SystemTime::now();
+    let first = q.lease(1, LEASE, now).await.unwrap();
+    assert_eq!(first[0].envelope.attempts, 1);
+    q.release(first[0].token, now).await.unwrap();
+    let again = q.lease(1, LEASE, now).await.unwrap();
+    assert_eq!(
+        again[0].envelope.attempts, 1,
+        "the released delivery is not counted"
+    );
+    assert!(again[0].token.generation > first[0].token.generation);
+    assert!(matches!(
+        q.ack(&[first[0].token]).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    q.ack(&[again[0].token]).await.unwrap();
+}
+
+#[tokio::test]
 async fn expired_leases_come_back_with_their_attempts() {
     let dir = tempfile::tempdir().unwrap();
     let q = EmbeddedQueue::open(dir.path().join("q.redb"), EmbeddedOptions::new()).unwrap();
