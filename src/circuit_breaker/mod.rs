@@ -55,8 +55,14 @@
 //! The last 20 ms of a break are checked with tokio's clock, so a probe is never
 //! admitted early. Under paused tokio time (tests), and on platforms other than Linux,
 //! tokio's clock is used throughout; which clock applies is decided at the breaker's
-//! first call. Slow-call tracking reads tokio's clock at admission and completion. A
-//! rejection allocates the boxed [`error::Open`] (16 bytes), as every `BoxError` does.
+//! first call. Slow-call tracking reads tokio's clock at admission and completion.
+//!
+//! The service's error is [`error::Error`]: the rejection or the inner error, unboxed,
+//! so a rejection allocates nothing. It converts into [`BoxError`](crate::BoxError)
+//! (`?`, `.into()`, or `ServiceBuilder::map_err(BoxError::from)` in a stack that must
+//! name `BoxError`), where a rejection is the boxed [`error::Open`]. The house style
+//! boxes every layer's errors; here the issue's zero-allocation target for rejections
+//! wins, as in tower-resilience (`CircuitBreakerError<E>`).
 //!
 //! # Telemetry
 //! Every transition is a `tracing` info event, a `postbox_circuit_transitions_total{to}`
@@ -98,6 +104,9 @@
 //!
 //! handle.force_open();
 //! let err = svc.ready().await?.call(1).await.unwrap_err();
+//! assert!(err.open().is_some()); // circuit_breaker::Error::Open, not boxed
+//! // Boxed (as `?` does), it is the `Open` error itself:
+//! let err = postbox::BoxError::from(err);
 //! assert!(postbox::error::is_caused_by::<postbox::circuit_breaker::error::Open>(&*err));
 //! # Ok(()) }
 //! ```
