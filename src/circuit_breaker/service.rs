@@ -1,4 +1,4 @@
-use super::error::Error;
+use super::error::{Error, Open};
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::shared::Shared;
@@ -7,6 +7,7 @@ use crate::classify::{Classify, ErrorClassifier};
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tower_service::Service;
 
 /// The breaker and this service's reservation (a permit from `poll_ready`, or its
@@ -14,6 +15,8 @@ use tower_service::Service;
 struct Slot {
     breaker: Arc<Shared>,
     reserved: Permit,
+    /// The rejection `poll_ready` decided, for `call`.
+    rejected: Option<Open>,
 }
 
 impl Drop for Slot {
@@ -54,6 +57,7 @@ impl<S, C> CircuitBreaker<S, C> {
             slot: Slot {
                 breaker,
                 reserved: Permit::EMPTY,
+                rejected: None,
             },
             classifier,
         }
@@ -116,10 +120,13 @@ where
         if slot.reserved.is_empty() {
             slot.reserved = match slot.breaker.breaker().acquire(&mut Now::lazy()) {
                 Ok(permit) => permit,
-                Err(open) => Permit::rejected(&open),
+                Err(open) => {
+                    slot.rejected = Some(open);
+                    Permit::REJECTED
+                }
             };
         }
-        if slot.reserved.rejection().is_some() {
+        if slot.reserved.is_rejected() {
             return Poll::Ready(Ok(()));
         }
         match self.inner.poll_ready(cx) {
@@ -135,8 +142,9 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let permit = self.slot.reserved.take();
-        if let Some(open) = permit.rejection() {
-            return ResponseFuture::rejected(open);
+        if permit.is_rejected() {
+            let open = self.slot.rejected.take();
+            return ResponseFuture::rejected(open.unwrap_or(Open::new(Duration::ZERO)));
         }
         assert!(
             !permit.is_empty(),
