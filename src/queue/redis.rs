@@ -40,7 +40,16 @@
 //! plus `reason` and `dead_at_ms`. So any Redis client can read both streams, e.g.
 //! `XRANGE postbox:{orders}:dead - +`.
 //!
-//! Every operation is one Lua script, so the indexes change atomically.
+//! Every operation is atomic: one Lua script, except an enqueue to a queue without a
+//! capacity, which is a `MULTI`/`EXEC` of native commands (`HSETNX` and `HGET` of the
+//! key in `…:keys`, then the `XADD`), because a script's `redis.call`s cost Redis about
+//! twice as much CPU. A transaction cannot skip the `XADD` of a duplicate, so for a moment
+//! the stream holds an extra entry whose `idempotency_key` belongs to another id (or a
+//! second entry of a live id): the enqueue deletes it before it answers
+//! [`Enqueued::Duplicate`](super::Enqueued), and `lease` deletes any such entry it reads
+//! (one left by a client that died in between), so it is never delivered. A plain
+//! consumer of the stream should likewise skip an entry whose key, in `…:keys`, does not
+//! map to its `id`.
 
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
@@ -77,6 +86,7 @@ static LEASE: LazyLock<Script> = script!("lease.lua");
 static ACK: LazyLock<Script> = script!("ack.lua");
 static RETRY: LazyLock<Script> = script!("retry.lua");
 static DEAD: LazyLock<Script> = script!("dead.lua");
+static DROP: LazyLock<Script> = script!("drop.lua");
 
 /// Where and how [`RedisQueue::connect`] connects.
 #[derive(Debug, Clone)]
@@ -97,7 +107,7 @@ pub struct RedisOptions {
 ///
 /// # Durability
 ///
-/// `enqueue` returns after Redis replied to the script that wrote the message. That is
+/// `enqueue` returns after Redis replied to the transaction that wrote the message. That is
 /// durable against a crash only when the server runs with `appendonly yes` and
 /// `appendfsync always` (Redis then fsyncs its append-only file before it replies, and
 /// concurrent writers share one fsync). With the default `appendfsync everysec` up to one
@@ -108,7 +118,7 @@ pub struct RedisOptions {
 ///
 /// A call made while the server is unreachable fails with [`QueueError::Unavailable`];
 /// the connection is re-established in the background and a later call succeeds once
-/// the server is back. A script either ran entirely or not at all, but a call that
+/// the server is back. A script or transaction either ran entirely or not at all, but a call that
 /// failed with `Unavailable` may still have run (the reply was lost): an enqueue retried
 /// after that is answered [`Enqueued::Duplicate`] thanks to its idempotency key.
 ///
@@ -116,8 +126,8 @@ pub struct RedisOptions {
 ///
 /// Concurrent enqueues are sent together: a background task (spawned by
 /// [`connect`](Self::connect), so call it inside a Tokio runtime) sends every enqueue
-/// waiting at the time, up to 128, in one script call, and Redis answers them with one
-/// reply after one write to its append-only file.
+/// waiting at the time, up to 128, in one transaction (one script call with a capacity),
+/// and Redis answers them with one reply after one write to its append-only file.
 ///
 /// # Clone
 ///
@@ -130,15 +140,28 @@ pub struct RedisQueue {
     batcher: mpsc::Sender<Pending>,
 }
 
-/// An enqueue waiting for the batcher: its script arguments and where to answer.
+/// An enqueue waiting for the batcher: what to send and where to answer.
 struct Pending {
-    args: Vec<Vec<u8>>,
+    /// The message id (UUID text).
+    id: String,
+    /// The idempotency key (empty: none).
+    key: String,
+    job: Job,
     reply: oneshot::Sender<Result<(i64, String), (bool, String)>>,
 }
 
-/// Most enqueues sent in one script call.
+/// How an enqueue is sent, built by the enqueuing task so the batcher only moves it.
+enum Job {
+    /// Without a capacity: the `XADD` of the entry, sent in a `MULTI`/`EXEC` after an
+    /// `HSETNX` and an `HGET` of the key.
+    Add(::redis::Cmd),
+    /// With a capacity: the arguments of `enqueue.lua` (which checks the length first).
+    Script(Vec<Vec<u8>>),
+}
+
+/// Most enqueues sent in one transaction or script call.
 const MAX_BATCH: usize = 128;
-/// Most script calls of enqueues in flight at once.
+/// Most batches of enqueues in flight at once.
 const BATCHES_IN_FLIGHT: usize = 2;
 
 // === impl RedisOptions ===
@@ -162,7 +185,9 @@ impl RedisOptions {
     }
 
     /// Holds at most `capacity` live (pending and in-flight) messages; beyond that
-    /// `enqueue` fails with [`QueueError::Full`]. Dead letters do not count.
+    /// `enqueue` fails with [`QueueError::Full`]. Dead letters do not count. The check
+    /// needs a Lua script per batch of enqueues, which costs Redis about twice the CPU per
+    /// message of the native commands used without a capacity.
     pub fn with_capacity(mut self, capacity: u64) -> Self {
         self.capacity = Some(capacity);
         self
@@ -267,50 +292,57 @@ impl RedisQueue {
     }
 
     async fn run(&self, script: &Script, args: Vec<Vec<u8>>) -> Result<Value, QueueError> {
-        let mut inv = script.prepare_invoke();
-        for k in self.keys.iter() {
-            inv.key(k);
-        }
-        inv.arg(GROUP);
-        for a in args {
-            inv.arg(a);
-        }
-        inv.invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(map_err)
+        invoke(&mut self.conn.clone(), script, &self.keys, args).await
     }
 
     async fn enqueue_inner(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
         let id = envelope.id.to_string();
-        let nb = ms_ceil(envelope.not_before);
-        let fields: [(&str, Vec<u8>); 9] = [
-            ("id", id.clone().into()),
-            ("idempotency_key", envelope.idempotency_key.clone().into()),
-            ("destination", envelope.destination.clone().into()),
-            ("method", envelope.method.clone().into()),
-            ("uri", envelope.uri.clone().into()),
-            (
-                "created_at_ms",
-                ms_floor(envelope.created_at).to_string().into(),
-            ),
-            ("not_before_ms", nb.to_string().into()),
-            ("attempts", envelope.attempts.to_string().into()),
-            ("envelope", envelope.encode()),
+        let payload = envelope.encode();
+        let created = ms_floor(envelope.created_at).to_string();
+        let nb = ms_ceil(envelope.not_before).to_string();
+        let attempts = envelope.attempts.to_string();
+        let fields: [(&str, &[u8]); 9] = [
+            ("id", id.as_bytes()),
+            ("idempotency_key", envelope.idempotency_key.as_bytes()),
+            ("destination", envelope.destination.as_bytes()),
+            ("method", envelope.method.as_bytes()),
+            ("uri", envelope.uri.as_bytes()),
+            ("created_at_ms", created.as_bytes()),
+            ("not_before_ms", nb.as_bytes()),
+            ("attempts", attempts.as_bytes()),
+            ("envelope", &payload),
         ];
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 2 * fields.len());
-        args.push(id.into());
-        args.push(envelope.idempotency_key.into());
-        args.push((2 * fields.len()).to_string().into());
-        for (k, v) in fields {
-            args.push(k.into());
-            args.push(v);
-        }
+        let job = if self.capacity.is_some() {
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 2 * fields.len());
+            args.push(id.clone().into());
+            args.push(envelope.idempotency_key.clone().into());
+            args.push((2 * fields.len()).to_string().into());
+            for (k, v) in fields {
+                args.push(k.into());
+                args.push(v.to_vec());
+            }
+            Job::Script(args)
+        } else {
+            // Sized up front: the entry is copied into the command once, without regrowth.
+            let size = self.keys[0].len()
+                + 1
+                + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            let mut xadd = ::redis::Cmd::with_capacity(3 + 2 * fields.len(), size + 5);
+            xadd.arg("XADD").arg(&self.keys[0]).arg("*");
+            for (k, v) in fields {
+                xadd.arg(k).arg(v);
+            }
+            Job::Add(xadd)
+        };
         let (reply, answer) = oneshot::channel();
         let gone = || QueueError::Backend("redis enqueue batcher stopped".into());
-        self.batcher
-            .send(Pending { args, reply })
-            .await
-            .map_err(|_| gone())?;
+        let pending = Pending {
+            id,
+            key: envelope.idempotency_key,
+            job,
+            reply,
+        };
+        self.batcher.send(pending).await.map_err(|_| gone())?;
         let (code, id) = match answer.await.map_err(|_| gone())? {
             Ok(v) => v,
             Err((true, msg)) => return Err(QueueError::Unavailable(msg.into())),
@@ -539,9 +571,9 @@ impl Queue for RedisQueue {
 
 // === group commit ===
 
-/// Sends every enqueue waiting at the time in one script call (up to [`MAX_BATCH`],
-/// with up to [`BATCHES_IN_FLIGHT`] calls at once), then answers each. Ends when the
-/// last [`RedisQueue`] clone is dropped.
+/// Sends every enqueue waiting at the time in one transaction or script call (up to
+/// [`MAX_BATCH`], with up to [`BATCHES_IN_FLIGHT`] calls at once), then answers each.
+/// Ends when the last [`RedisQueue`] clone is dropped.
 async fn batch_enqueues(
     conn: ConnectionManager,
     keys: Arc<[String; 9]>,
@@ -549,7 +581,12 @@ async fn batch_enqueues(
     mut rx: mpsc::Receiver<Pending>,
 ) {
     // A few batches in flight at once, so Redis works while the client prepares the next.
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        std::env::var("TMP_BIF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(BATCHES_IN_FLIGHT),
+    ));
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
@@ -558,29 +595,112 @@ async fn batch_enqueues(
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        let mut inv = ENQUEUE.prepare_invoke();
-        for k in keys.iter() {
-            inv.key(k);
-        }
-        inv.arg(GROUP).arg(capacity.unwrap_or(0));
-        for p in &batch {
-            for a in &p.args {
-                inv.arg(a);
-            }
-        }
         let mut conn = conn.clone();
+        let keys = keys.clone();
         tokio::spawn(async move {
-            let result = match inv.invoke_async::<Value>(&mut conn).await {
-                Ok(v) => parse_batch(v, batch.len()).map_err(|e| (false, e.to_string())),
-                Err(e) => {
-                    let e = map_err(e);
-                    Err((matches!(e, QueueError::Unavailable(_)), e.to_string()))
-                }
+            let result = match capacity {
+                None => add_batch(&mut conn, &keys, &mut batch).await,
+                Some(capacity) => script_batch(&mut conn, &keys, capacity, &mut batch).await,
             };
             drop(permit);
+            let result =
+                result.map_err(|e| (matches!(e, QueueError::Unavailable(_)), e.to_string()));
             answer(batch, result);
         });
     }
+}
+
+/// Without a capacity: one `MULTI`/`EXEC` of `HSETNX keys KEY ID`, `HGET keys KEY` and
+/// the `XADD` per message. Native commands cost Redis a fraction of a script's
+/// `redis.call`s, but a transaction cannot skip the `XADD` of a duplicate: its entry
+/// (an *orphan*, whose key belongs to another id) is deleted by `drop.lua` before the
+/// duplicate is answered, and `lease.lua` deletes any orphan it reads, so an orphan is
+/// never delivered.
+async fn add_batch(
+    conn: &mut ConnectionManager,
+    keys: &[String; 9],
+    batch: &mut [Pending],
+) -> Result<Vec<(i64, String)>, QueueError> {
+    let mut pipe = ::redis::pipe();
+    pipe.atomic();
+    for p in batch.iter_mut() {
+        if !p.key.is_empty() {
+            pipe.cmd("HSETNX").arg(&keys[5]).arg(&p.key).arg(&p.id);
+            pipe.cmd("HGET").arg(&keys[5]).arg(&p.key);
+        }
+        if let Job::Add(cmd) = &mut p.job {
+            pipe.add_command(std::mem::take(cmd));
+        }
+    }
+    let replies: Vec<Value> = pipe.query_async(conn).await.map_err(map_err)?;
+    let mut replies = replies.into_iter();
+    let mut next = || {
+        replies
+            .next()
+            .ok_or_else(|| unexpected("enqueue reply length"))
+    };
+    let mut out = Vec::with_capacity(batch.len());
+    let mut orphans: Vec<Vec<u8>> = Vec::new();
+    for p in batch.iter() {
+        let owner = if p.key.is_empty() {
+            None
+        } else {
+            let set = int(next()?)?;
+            let owner = string(next()?)?;
+            (set == 0).then_some(owner)
+        };
+        let eid = bytes(next()?)?;
+        match owner {
+            None => out.push((1, p.id.clone())),
+            Some(owner) => {
+                orphans.push(p.id.clone().into_bytes());
+                orphans.push(eid);
+                out.push((0, owner));
+            }
+        }
+    }
+    if !orphans.is_empty()
+        && let Err(e) = invoke(conn, &DROP, keys, orphans).await
+    {
+        // Harmless: the next `lease` deletes the orphans it reads.
+        tracing::warn!(error = %e, "postbox: redis duplicate entries left for the next lease to drop");
+    }
+    Ok(out)
+}
+
+/// With a capacity: one `enqueue.lua` call for the batch (it checks the length first).
+async fn script_batch(
+    conn: &mut ConnectionManager,
+    keys: &[String; 9],
+    capacity: u64,
+    batch: &mut [Pending],
+) -> Result<Vec<(i64, String)>, QueueError> {
+    let mut args = vec![capacity.to_string().into_bytes()];
+    for p in batch.iter_mut() {
+        if let Job::Script(a) = &mut p.job {
+            args.append(a);
+        }
+    }
+    let reply = invoke(conn, &ENQUEUE, keys, args).await?;
+    parse_batch(reply, batch.len())
+}
+
+/// Runs `script` with the queue's keys, the group name and `args`.
+async fn invoke(
+    conn: &mut ConnectionManager,
+    script: &Script,
+    keys: &[String; 9],
+    args: Vec<Vec<u8>>,
+) -> Result<Value, QueueError> {
+    let mut inv = script.prepare_invoke();
+    for k in keys {
+        inv.key(k);
+    }
+    inv.arg(GROUP);
+    for a in args {
+        inv.arg(a);
+    }
+    inv.invoke_async(conn).await.map_err(map_err)
 }
 
 fn answer(batch: Vec<Pending>, result: Result<Vec<(i64, String)>, (bool, String)>) {

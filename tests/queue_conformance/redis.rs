@@ -207,3 +207,89 @@ async fn endless_lease_does_not_expire() {
     let (q, _purge) = make(options());
     crate::suite::endless_lease_does_not_expire(q).await;
 }
+
+async fn stream_len(q: &RedisQueue) -> u64 {
+    redis::cmd("XLEN")
+        .arg(&q.keys()[0])
+        .query_async(&mut q.connection())
+        .await
+        .unwrap()
+}
+
+/// Enqueues of one key sent in one batch: one is stored, the rest are answered with its
+/// id, and their entries are gone from the stream before the answers arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_leave_one_entry() {
+    let (q, _purge) = make(options());
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            q.enqueue(crate::suite::envelope("same")).await.unwrap()
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    let stored: Vec<_> = answers
+        .iter()
+        .filter(|a| matches!(a, Enqueued::Stored(_)))
+        .collect();
+    assert_eq!(stored.len(), 1, "{answers:?}");
+    let id = stored[0].id();
+    assert!(answers.iter().all(|a| a.id() == id), "{answers:?}");
+    assert_eq!(stream_len(&q).await, 1);
+    assert_eq!(q.depth().await.unwrap().pending, 1);
+    let leased = q
+        .lease(100, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].envelope.id, id);
+}
+
+/// An entry left behind by a duplicate (its key belongs to another id), or a second entry
+/// of a live id, is deleted by `lease` and never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftover_duplicate_entries_are_never_delivered() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("owned");
+    let id = q.enqueue(e.clone()).await.unwrap().id();
+    let other = crate::suite::envelope("owned");
+    let mut admin = admin().await;
+    for (entry_id, key) in [(other.id, "owned"), (id, "owned")] {
+        let _: String = redis::cmd("XADD")
+            .arg(&q.keys()[0])
+            .arg("*")
+            .arg("id")
+            .arg(entry_id.to_string())
+            .arg("idempotency_key")
+            .arg(key)
+            .arg("envelope")
+            .arg(other.encode())
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    assert_eq!(stream_len(&q).await, 3);
+    let leased = q
+        .lease(100, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].envelope, {
+        let mut e = e;
+        e.attempts = 1;
+        e
+    });
+    assert_eq!(stream_len(&q).await, 1);
+    q.ack(&[leased[0].token]).await.unwrap();
+    assert_eq!(stream_len(&q).await, 0);
+    assert!(
+        q.lease(100, Duration::from_secs(30), crate::suite::at(3600))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
