@@ -9,8 +9,8 @@
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use postbox::queue::{
-    AmqpOptions, AmqpQueue, DeferReason, Envelope, NatsOptions, NatsQueue, Queue, RedisOptions,
-    RedisQueue,
+    AmqpOptions, AmqpQueue, DeferReason, Envelope, MessageId, NatsOptions, NatsQueue, Queue,
+    RedisOptions, RedisQueue,
 };
 use std::future::Future;
 use std::sync::Arc;
@@ -75,6 +75,26 @@ fn name() -> String {
     format!("bench-{:016x}", fastrand::u64(..))
 }
 
+/// The `XADD` of the entry `RedisQueue` writes (module docs: `postbox::queue::redis`).
+fn redis_entry(stream: &str, id: &str, payload: &[u8]) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in [
+        ("id", id.as_bytes()),
+        ("idempotency_key", id.as_bytes()),
+        ("destination", b"api:443"),
+        ("method", b"POST"),
+        ("uri", b"https://api/orders"),
+        ("created_at_ms", b"1763820000000"),
+        ("not_before_ms", b"1763820000000"),
+        ("attempts", b"0"),
+        ("envelope", payload),
+    ] {
+        cmd.arg(k).arg(v);
+    }
+    cmd
+}
+
 fn bench_redis(c: &mut Criterion, rt: &Runtime) {
     let q = rt
         .block_on(RedisQueue::connect(RedisOptions::new(name())))
@@ -102,12 +122,50 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
             })
         })
     });
+    // The adapter's server-side work done by the raw client, one message per call:
+    // the same nine-field entry, then also the idempotency-key check in a transaction.
+    g.bench_function("redis/64_producers_same_entry", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (raw, key, payload) = (raw.clone(), raw_key.clone(), payload.clone());
+            spread(iters, move || {
+                let (mut raw, key, payload) = (raw.clone(), key.clone(), payload.clone());
+                async move {
+                    let _: String = redis_entry(&key, &MessageId::new_v7().to_string(), &payload)
+                        .query_async(&mut raw)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+    });
+    g.bench_function("redis/64_producers_same_entry_dedupe", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (raw, key, payload) = (raw.clone(), raw_key.clone(), payload.clone());
+            spread(iters, move || {
+                let (mut raw, key, payload) = (raw.clone(), key.clone(), payload.clone());
+                async move {
+                    let id = MessageId::new_v7().to_string();
+                    let keys = format!("{key}:keys");
+                    let (set, _owner, _eid): (i64, String, String) = redis::pipe()
+                        .atomic()
+                        .hset_nx(&keys, &id, &id)
+                        .hget(&keys, &id)
+                        .add_command(redis_entry(&key, &id, &payload))
+                        .query_async(&mut raw)
+                        .await
+                        .unwrap();
+                    assert_eq!(set, 1);
+                }
+            })
+        })
+    });
     g.finish();
     bench_adapter(c, rt, "redis", &q);
     rt.block_on(async {
         q.purge().await.unwrap();
         let _: i64 = redis::cmd("DEL")
             .arg(&raw_key)
+            .arg(format!("{raw_key}:keys"))
             .query_async(&mut q.connection())
             .await
             .unwrap();

@@ -124,39 +124,31 @@ pub struct RedisOptions {
 ///
 /// # Group commit
 ///
-/// Concurrent enqueues are sent together: a background task (spawned by
+/// Concurrent enqueues share one multiplexed connection, which writes every request
+/// waiting at the time in one go; Redis runs all it read in one pass of its event loop
+/// and, with `appendfsync always`, makes them durable with one write and one fsync of its
+/// append-only file before it replies. With a capacity, a background task (spawned by
 /// [`connect`](Self::connect), so call it inside a Tokio runtime) sends every enqueue
-/// waiting at the time, up to 128, in one transaction (one script call with a capacity),
-/// and Redis answers them with one reply after one write to its append-only file.
+/// waiting at the time, up to 128, in one script call, so the script's fixed cost is
+/// shared.
 ///
 /// # Clone
 ///
-/// Clones share one multiplexed connection and the batching task.
+/// Clones share one multiplexed connection (and, with a capacity, the batching task).
 #[derive(Clone)]
 pub struct RedisQueue {
     conn: ConnectionManager,
     keys: Arc<[String; 9]>,
     capacity: Option<u64>,
-    batcher: mpsc::Sender<Pending>,
+    /// With a capacity: the task that runs `enqueue.lua` for batches of enqueues.
+    batcher: Option<mpsc::Sender<Pending>>,
 }
 
-/// An enqueue waiting for the batcher: what to send and where to answer.
+/// An enqueue waiting for the batcher: the arguments of `enqueue.lua` and where to
+/// answer.
 struct Pending {
-    /// The message id (UUID text).
-    id: String,
-    /// The idempotency key (empty: none).
-    key: String,
-    job: Job,
+    args: Vec<Vec<u8>>,
     reply: oneshot::Sender<Result<(i64, String), (bool, String)>>,
-}
-
-/// How an enqueue is sent, built by the enqueuing task so the batcher only moves it.
-enum Job {
-    /// Without a capacity: the `XADD` of the entry, sent in a `MULTI`/`EXEC` after an
-    /// `HSETNX` and an `HGET` of the key.
-    Add(::redis::Cmd),
-    /// With a capacity: the arguments of `enqueue.lua` (which checks the length first).
-    Script(Vec<Vec<u8>>),
 }
 
 /// Most enqueues sent in one transaction or script call.
@@ -238,13 +230,11 @@ impl RedisQueue {
         ]
         .map(|k| format!("{p}{k}"));
         let keys = Arc::new(keys);
-        let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
-        runtime.spawn(batch_enqueues(
-            conn.clone(),
-            keys.clone(),
-            options.capacity,
-            rx,
-        ));
+        let batcher = options.capacity.map(|capacity| {
+            let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
+            runtime.spawn(batch_enqueues(conn.clone(), keys.clone(), capacity, rx));
+            batcher
+        });
         let queue = Self {
             conn,
             keys,
@@ -312,37 +302,79 @@ impl RedisQueue {
             ("attempts", attempts.as_bytes()),
             ("envelope", &payload),
         ];
-        let job = if self.capacity.is_some() {
-            let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 2 * fields.len());
-            args.push(id.clone().into());
-            args.push(envelope.idempotency_key.clone().into());
-            args.push((2 * fields.len()).to_string().into());
-            for (k, v) in fields {
-                args.push(k.into());
-                args.push(v.to_vec());
+        match &self.batcher {
+            None => self.add(&id, &envelope.idempotency_key, fields).await,
+            Some(batcher) => {
+                let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 2 * fields.len());
+                args.push(id.clone().into());
+                args.push(envelope.idempotency_key.clone().into());
+                args.push((2 * fields.len()).to_string().into());
+                for (k, v) in fields {
+                    args.push(k.into());
+                    args.push(v.to_vec());
+                }
+                self.add_with_capacity(batcher, args).await
             }
-            Job::Script(args)
-        } else {
-            // Sized up front: the entry is copied into the command once, without regrowth.
-            let size = self.keys[0].len()
-                + 1
-                + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-            let mut xadd = ::redis::Cmd::with_capacity(3 + 2 * fields.len(), size + 5);
-            xadd.arg("XADD").arg(&self.keys[0]).arg("*");
-            for (k, v) in fields {
-                xadd.arg(k).arg(v);
-            }
-            Job::Add(xadd)
-        };
+        }
+    }
+
+    /// Without a capacity: one `MULTI`/`EXEC` of `HSETNX keys KEY ID`, `HGET keys KEY`
+    /// and the `XADD`. Native commands cost Redis about half the CPU of a script's
+    /// `redis.call`s, but a transaction cannot skip the `XADD` of a duplicate: its entry
+    /// is deleted by `drop.lua` before the duplicate is answered, and `lease.lua` deletes
+    /// any such entry it reads, so it is never delivered (module docs).
+    async fn add(
+        &self,
+        id: &str,
+        key: &str,
+        fields: [(&str, &[u8]); 9],
+    ) -> Result<Enqueued, QueueError> {
+        // Sized up front: the entry is copied into the command once, without regrowth.
+        let size =
+            self.keys[0].len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let mut xadd = ::redis::Cmd::with_capacity(3 + 2 * fields.len(), size + 8);
+        xadd.arg("XADD").arg(&self.keys[0]).arg("*");
+        for (k, v) in fields {
+            xadd.arg(k).arg(v);
+        }
+        let mut conn = self.conn.clone();
+        let message_id = || parse_id(id);
+        if key.is_empty() {
+            let _: Value = xadd.query_async(&mut conn).await.map_err(map_err)?;
+            return Ok(Enqueued::Stored(message_id()?));
+        }
+        let (set, owner, eid): (i64, String, Vec<u8>) = ::redis::pipe()
+            .atomic()
+            .hset_nx(&self.keys[5], key, id)
+            .hget(&self.keys[5], key)
+            .add_command(xadd)
+            .query_async(&mut conn)
+            .await
+            .map_err(map_err)?;
+        if set == 1 {
+            return Ok(Enqueued::Stored(message_id()?));
+        }
+        let args = vec![id.as_bytes().to_vec(), eid];
+        if let Err(e) = invoke(&mut conn, &DROP, &self.keys, args).await {
+            // Harmless: the next `lease` deletes the entry when it reads it.
+            tracing::warn!(error = %e, "postbox: a duplicate's redis entry is left for the next lease to drop");
+        }
+        Ok(Enqueued::Duplicate(parse_id(&owner)?))
+    }
+
+    /// With a capacity: through the batching task, one `enqueue.lua` call per batch (it
+    /// checks the length first).
+    async fn add_with_capacity(
+        &self,
+        batcher: &mpsc::Sender<Pending>,
+        args: Vec<Vec<u8>>,
+    ) -> Result<Enqueued, QueueError> {
         let (reply, answer) = oneshot::channel();
         let gone = || QueueError::Backend("redis enqueue batcher stopped".into());
-        let pending = Pending {
-            id,
-            key: envelope.idempotency_key,
-            job,
-            reply,
-        };
-        self.batcher.send(pending).await.map_err(|_| gone())?;
+        batcher
+            .send(Pending { args, reply })
+            .await
+            .map_err(|_| gone())?;
         let (code, id) = match answer.await.map_err(|_| gone())? {
             Ok(v) => v,
             Err((true, msg)) => return Err(QueueError::Unavailable(msg.into())),
@@ -571,22 +603,17 @@ impl Queue for RedisQueue {
 
 // === group commit ===
 
-/// Sends every enqueue waiting at the time in one transaction or script call (up to
-/// [`MAX_BATCH`], with up to [`BATCHES_IN_FLIGHT`] calls at once), then answers each.
+/// With a capacity: sends every enqueue waiting at the time in one `enqueue.lua` call (up
+/// to [`MAX_BATCH`], with up to [`BATCHES_IN_FLIGHT`] calls at once), then answers each.
 /// Ends when the last [`RedisQueue`] clone is dropped.
 async fn batch_enqueues(
     conn: ConnectionManager,
     keys: Arc<[String; 9]>,
-    capacity: Option<u64>,
+    capacity: u64,
     mut rx: mpsc::Receiver<Pending>,
 ) {
     // A few batches in flight at once, so Redis works while the client prepares the next.
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(
-        std::env::var("TMP_BIF")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(BATCHES_IN_FLIGHT),
-    ));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
@@ -595,94 +622,21 @@ async fn batch_enqueues(
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
+        let mut args = vec![capacity.to_string().into_bytes()];
+        for p in &mut batch {
+            args.append(&mut p.args);
+        }
         let mut conn = conn.clone();
         let keys = keys.clone();
         tokio::spawn(async move {
-            let result = match capacity {
-                None => add_batch(&mut conn, &keys, &mut batch).await,
-                Some(capacity) => script_batch(&mut conn, &keys, capacity, &mut batch).await,
+            let result = match invoke(&mut conn, &ENQUEUE, &keys, args).await {
+                Ok(v) => parse_batch(v, batch.len()).map_err(|e| (false, e.to_string())),
+                Err(e) => Err((matches!(e, QueueError::Unavailable(_)), e.to_string())),
             };
             drop(permit);
-            let result =
-                result.map_err(|e| (matches!(e, QueueError::Unavailable(_)), e.to_string()));
             answer(batch, result);
         });
     }
-}
-
-/// Without a capacity: one `MULTI`/`EXEC` of `HSETNX keys KEY ID`, `HGET keys KEY` and
-/// the `XADD` per message. Native commands cost Redis a fraction of a script's
-/// `redis.call`s, but a transaction cannot skip the `XADD` of a duplicate: its entry
-/// (an *orphan*, whose key belongs to another id) is deleted by `drop.lua` before the
-/// duplicate is answered, and `lease.lua` deletes any orphan it reads, so an orphan is
-/// never delivered.
-async fn add_batch(
-    conn: &mut ConnectionManager,
-    keys: &[String; 9],
-    batch: &mut [Pending],
-) -> Result<Vec<(i64, String)>, QueueError> {
-    let mut pipe = ::redis::pipe();
-    pipe.atomic();
-    for p in batch.iter_mut() {
-        if !p.key.is_empty() {
-            pipe.cmd("HSETNX").arg(&keys[5]).arg(&p.key).arg(&p.id);
-            pipe.cmd("HGET").arg(&keys[5]).arg(&p.key);
-        }
-        if let Job::Add(cmd) = &mut p.job {
-            pipe.add_command(std::mem::take(cmd));
-        }
-    }
-    let replies: Vec<Value> = pipe.query_async(conn).await.map_err(map_err)?;
-    let mut replies = replies.into_iter();
-    let mut next = || {
-        replies
-            .next()
-            .ok_or_else(|| unexpected("enqueue reply length"))
-    };
-    let mut out = Vec::with_capacity(batch.len());
-    let mut orphans: Vec<Vec<u8>> = Vec::new();
-    for p in batch.iter() {
-        let owner = if p.key.is_empty() {
-            None
-        } else {
-            let set = int(next()?)?;
-            let owner = string(next()?)?;
-            (set == 0).then_some(owner)
-        };
-        let eid = bytes(next()?)?;
-        match owner {
-            None => out.push((1, p.id.clone())),
-            Some(owner) => {
-                orphans.push(p.id.clone().into_bytes());
-                orphans.push(eid);
-                out.push((0, owner));
-            }
-        }
-    }
-    if !orphans.is_empty()
-        && let Err(e) = invoke(conn, &DROP, keys, orphans).await
-    {
-        // Harmless: the next `lease` deletes the orphans it reads.
-        tracing::warn!(error = %e, "postbox: redis duplicate entries left for the next lease to drop");
-    }
-    Ok(out)
-}
-
-/// With a capacity: one `enqueue.lua` call for the batch (it checks the length first).
-async fn script_batch(
-    conn: &mut ConnectionManager,
-    keys: &[String; 9],
-    capacity: u64,
-    batch: &mut [Pending],
-) -> Result<Vec<(i64, String)>, QueueError> {
-    let mut args = vec![capacity.to_string().into_bytes()];
-    for p in batch.iter_mut() {
-        if let Job::Script(a) = &mut p.job {
-            args.append(a);
-        }
-    }
-    let reply = invoke(conn, &ENQUEUE, keys, args).await?;
-    parse_batch(reply, batch.len())
 }
 
 /// Runs `script` with the queue's keys, the group name and `args`.
