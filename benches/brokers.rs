@@ -83,7 +83,7 @@ fn name() -> String {
 
 /// Lets the broker finish the work a deleted destination left (bounded, bench only).
 fn settle(rt: &Runtime) {
-    rt.block_on(tokio::time::sleep(Duration::from_secs(1)));
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
 }
 
 /// The `XADD` of the entry `RedisQueue` writes (module docs: `postbox::queue::redis`).
