@@ -3,14 +3,20 @@
 //!
 //! Needs the three servers on loopback (or `POSTBOX_{REDIS,NATS,AMQP}_URL`):
 //! `cargo bench --features nats,redis,amqp --bench brokers`.
+//!
+//! Every function writes to a destination of its own that is empty when it starts and
+//! deleted when it ends (then the broker gets a moment to settle), so no function runs
+//! while the broker is still digesting another's backlog: run after the raw loop's
+//! hundreds of thousands of messages, the adapter used to be measured against a broker
+//! busy moving them to disk (RabbitMQ most of all).
 
 #![allow(missing_docs)] // bench crate
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use postbox::queue::{
-    AmqpOptions, AmqpQueue, DeferReason, Envelope, NatsOptions, NatsQueue, Queue, RedisOptions,
-    RedisQueue,
+    AmqpOptions, AmqpQueue, DeferReason, Envelope, MessageId, NatsOptions, NatsQueue, Queue,
+    RedisOptions, RedisQueue,
 };
 use std::future::Future;
 use std::sync::Arc;
@@ -75,15 +81,51 @@ fn name() -> String {
     format!("bench-{:016x}", fastrand::u64(..))
 }
 
+/// Lets the broker finish the work a deleted destination left (bounded, bench only).
+fn settle(rt: &Runtime) {
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
+}
+
+/// The `XADD` of the entry `RedisQueue` writes (module docs: `postbox::queue::redis`).
+fn redis_entry(stream: &str, id: &str, payload: &[u8]) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in [
+        ("id", id.as_bytes()),
+        ("idempotency_key", id.as_bytes()),
+        ("destination", b"api:443"),
+        ("method", b"POST"),
+        ("uri", b"https://api/orders"),
+        ("created_at_ms", b"1763820000000"),
+        ("not_before_ms", b"1763820000000"),
+        ("attempts", b"0"),
+        ("envelope", payload),
+    ] {
+        cmd.arg(k).arg(v);
+    }
+    cmd
+}
+
 fn bench_redis(c: &mut Criterion, rt: &Runtime) {
     let q = rt
         .block_on(RedisQueue::connect(RedisOptions::new(name())))
         .expect("redis reachable (POSTBOX_REDIS_URL)");
-    let raw_key = format!("postbox-bench-raw:{}", name());
     let raw = q.connection();
+    let drop_key = |key: &str| {
+        rt.block_on(async {
+            let _: i64 = redis::cmd("DEL")
+                .arg(key)
+                .arg(format!("{key}:keys"))
+                .query_async(&mut q.connection())
+                .await
+                .unwrap();
+        });
+        settle(rt);
+    };
     let mut g = c.benchmark_group("raw");
     g.throughput(Throughput::Elements(1));
     let payload = envelope().encode();
+    let raw_key = format!("postbox-bench-raw:{}", name());
     g.bench_function("redis/64_producers", |b| {
         b.to_async(rt).iter_custom(|iters| {
             let (raw, key, payload) = (raw.clone(), raw_key.clone(), payload.clone());
@@ -102,16 +144,52 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
             })
         })
     });
+    drop_key(&raw_key);
+    // The adapter's server-side work done by the raw client, one message per call:
+    // the same nine-field entry, then also the idempotency-key check in a transaction.
+    let raw_key = format!("postbox-bench-raw:{}", name());
+    g.bench_function("redis/64_producers_same_entry", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (raw, key, payload) = (raw.clone(), raw_key.clone(), payload.clone());
+            spread(iters, move || {
+                let (mut raw, key, payload) = (raw.clone(), key.clone(), payload.clone());
+                async move {
+                    let _: String = redis_entry(&key, &MessageId::new_v7().to_string(), &payload)
+                        .query_async(&mut raw)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+    });
+    drop_key(&raw_key);
+    let raw_key = format!("postbox-bench-raw:{}", name());
+    g.bench_function("redis/64_producers_same_entry_dedupe", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (raw, key, payload) = (raw.clone(), raw_key.clone(), payload.clone());
+            spread(iters, move || {
+                let (mut raw, key, payload) = (raw.clone(), key.clone(), payload.clone());
+                async move {
+                    let id = MessageId::new_v7().to_string();
+                    let keys = format!("{key}:keys");
+                    let (set, _owner, _eid): (i64, String, String) = redis::pipe()
+                        .atomic()
+                        .hset_nx(&keys, &id, &id)
+                        .hget(&keys, &id)
+                        .add_command(redis_entry(&key, &id, &payload))
+                        .query_async(&mut raw)
+                        .await
+                        .unwrap();
+                    assert_eq!(set, 1);
+                }
+            })
+        })
+    });
+    drop_key(&raw_key);
     g.finish();
     bench_adapter(c, rt, "redis", &q);
-    rt.block_on(async {
-        q.purge().await.unwrap();
-        let _: i64 = redis::cmd("DEL")
-            .arg(&raw_key)
-            .query_async(&mut q.connection())
-            .await
-            .unwrap();
-    });
+    rt.block_on(q.purge()).unwrap();
+    settle(rt);
 }
 
 fn bench_nats(c: &mut Criterion, rt: &Runtime) {
@@ -121,18 +199,28 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
         )))
         .expect("nats reachable (POSTBOX_NATS_URL)");
     let js = q.jetstream().clone();
-    let raw_stream = format!("POSTBOX_BENCH_RAW_{:016x}", fastrand::u64(..));
-    let raw_subject = format!("postbox-bench-raw.{raw_stream}");
-    rt.block_on(js.create_stream(async_nats::jetstream::stream::Config {
-        name: raw_stream.clone(),
-        subjects: vec![raw_subject.clone(), format!("{raw_subject}x.*")],
-        retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
-        ..Default::default()
-    }))
-    .unwrap();
+    // A fresh work-queue stream on file storage (as the adapter's) for each function.
+    let new_stream = || {
+        let raw_stream = format!("POSTBOX_BENCH_RAW_{:016x}", fastrand::u64(..));
+        let raw_subject = format!("postbox-bench-raw.{raw_stream}");
+        rt.block_on(js.create_stream(async_nats::jetstream::stream::Config {
+            name: raw_stream.clone(),
+            subjects: vec![raw_subject.clone(), format!("{raw_subject}x.*")],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        }))
+        .unwrap();
+        (raw_stream, raw_subject)
+    };
+    let drop_stream = |stream: &str| {
+        rt.block_on(js.delete_stream(stream)).unwrap();
+        settle(rt);
+    };
     let mut g = c.benchmark_group("raw");
     g.throughput(Throughput::Elements(1));
     let payload = Bytes::from(envelope().encode());
+    let (raw_stream, raw_subject) = new_stream();
     g.bench_function("nats/64_producers", |b| {
         b.to_async(rt).iter_custom(|iters| {
             let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
@@ -144,6 +232,8 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
             })
         })
     });
+    drop_stream(&raw_stream);
+    let (raw_stream, raw_subject) = new_stream();
     g.bench_function("nats/64_producers_unique_subject_expected", |b| {
         b.to_async(rt).iter_custom(|iters| {
             let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
@@ -159,6 +249,38 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
             })
         })
     });
+    // What the adapter publishes, by the raw client: a subject per key, the
+    // expected-last-subject-sequence check, `Nats-Msg-Id` and the `Postbox-*` headers.
+    drop_stream(&raw_stream);
+    let (raw_stream, raw_subject) = new_stream();
+    g.bench_function("nats/64_producers_same_message", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
+            spread(iters, move || {
+                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
+                async move {
+                    let id = MessageId::new_v7().to_string();
+                    let mut subj = format!("{subject}x.x");
+                    for b in id.as_bytes() {
+                        subj.push_str(&format!("{b:02x}"));
+                    }
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert("Postbox-Id", id.as_str());
+                    h.insert("Postbox-Idempotency-Key", id.as_str());
+                    h.insert("Postbox-Destination", "api:443");
+                    h.insert("Postbox-Not-Before", "1763820000000");
+                    let p = async_nats::jetstream::message::PublishMessage::build()
+                        .payload(payload)
+                        .headers(h)
+                        .message_id(&id)
+                        .expected_last_subject_sequence(0);
+                    js.send_publish(subj, p).await.unwrap().await.unwrap();
+                }
+            })
+        })
+    });
+    drop_stream(&raw_stream);
+    let (raw_stream, raw_subject) = new_stream();
     g.bench_function("nats/64_producers_unique_subject", |b| {
         b.to_async(rt).iter_custom(|iters| {
             let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
@@ -171,12 +293,11 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
             })
         })
     });
+    drop_stream(&raw_stream);
     g.finish();
     bench_adapter(c, rt, "nats", &q);
-    rt.block_on(async {
-        q.purge().await.unwrap();
-        js.delete_stream(&raw_stream).await.unwrap();
-    });
+    rt.block_on(q.purge()).unwrap();
+    settle(rt);
 }
 
 fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
@@ -220,14 +341,13 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
             })
         })
     });
+    rt.block_on(ch.queue_delete(&raw_queue, QueueDeleteOptions::default()))
+        .unwrap();
+    settle(rt);
     g.finish();
     bench_adapter(c, rt, "amqp", &q);
-    rt.block_on(async {
-        q.purge().await.unwrap();
-        ch.queue_delete(&raw_queue, QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    });
+    rt.block_on(q.purge()).unwrap();
+    settle(rt);
 }
 
 fn brokers(c: &mut Criterion) {

@@ -366,19 +366,20 @@ impl Inner {
     }
 
     async fn enqueue(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
-        let subject = self.subject(&envelope);
-        let headers = headers(&envelope);
+        let subject = async_nats::Subject::from(self.subject(&envelope));
         let payload = Bytes::from(envelope.encode());
-        let dedupe = !envelope.idempotency_key.is_empty();
-        for _ in 0..3 {
-            let mut publish = Publish::build()
-                .payload(payload.clone())
-                .headers(headers.clone())
-                .message_id(envelope.id.to_string());
-            if dedupe {
-                publish = publish.expected_last_subject_sequence(0);
+        // Built per attempt rather than cloned: the first attempt is nearly always the last.
+        let id = envelope.id.to_string();
+        let publish = || {
+            let mut h = headers(&envelope);
+            h.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            if !envelope.idempotency_key.is_empty() {
+                h.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
             }
-            let result = match self.js.send_publish(subject.clone(), publish).await {
+            Publish::build().payload(payload.clone()).headers(h)
+        };
+        for _ in 0..3 {
+            let result = match self.js.send_publish(subject.clone(), publish()).await {
                 Ok(ack) => ack.await,
                 Err(e) => Err(e),
             };
@@ -778,9 +779,11 @@ fn header_value(s: &str) -> Option<&str> {
 }
 
 fn push_hex(s: &mut String, bytes: &[u8]) {
-    use std::fmt::Write;
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    s.reserve(2 * bytes.len());
+    for &b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
     }
 }
 

@@ -40,7 +40,16 @@
 //! plus `reason` and `dead_at_ms`. So any Redis client can read both streams, e.g.
 //! `XRANGE postbox:{orders}:dead - +`.
 //!
-//! Every operation is one Lua script, so the indexes change atomically.
+//! Every operation is atomic: one Lua script, except an enqueue to a queue without a
+//! capacity, which is a `MULTI`/`EXEC` of native commands (`HSETNX` and `HGET` of the
+//! key in `…:keys`, then the `XADD`), because a script's `redis.call`s cost Redis about
+//! twice as much CPU. A transaction cannot skip the `XADD` of a duplicate, so for a moment
+//! the stream holds an extra entry whose `idempotency_key` belongs to another id (or a
+//! second entry of a live id): the enqueue deletes it before it answers
+//! [`Enqueued::Duplicate`](super::Enqueued), and `lease` deletes any such entry it reads
+//! (one left by a client that died in between), so it is never delivered. A plain
+//! consumer of the stream should likewise skip an entry whose key, in `…:keys`, does not
+//! map to its `id`.
 
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
@@ -77,6 +86,7 @@ static LEASE: LazyLock<Script> = script!("lease.lua");
 static ACK: LazyLock<Script> = script!("ack.lua");
 static RETRY: LazyLock<Script> = script!("retry.lua");
 static DEAD: LazyLock<Script> = script!("dead.lua");
+static DROP: LazyLock<Script> = script!("drop.lua");
 
 /// Where and how [`RedisQueue::connect`] connects.
 #[derive(Debug, Clone)]
@@ -97,7 +107,7 @@ pub struct RedisOptions {
 ///
 /// # Durability
 ///
-/// `enqueue` returns after Redis replied to the script that wrote the message. That is
+/// `enqueue` returns after Redis replied to the transaction that wrote the message. That is
 /// durable against a crash only when the server runs with `appendonly yes` and
 /// `appendfsync always` (Redis then fsyncs its append-only file before it replies, and
 /// concurrent writers share one fsync). With the default `appendfsync everysec` up to one
@@ -108,37 +118,42 @@ pub struct RedisOptions {
 ///
 /// A call made while the server is unreachable fails with [`QueueError::Unavailable`];
 /// the connection is re-established in the background and a later call succeeds once
-/// the server is back. A script either ran entirely or not at all, but a call that
+/// the server is back. A script or transaction either ran entirely or not at all, but a call that
 /// failed with `Unavailable` may still have run (the reply was lost): an enqueue retried
 /// after that is answered [`Enqueued::Duplicate`] thanks to its idempotency key.
 ///
 /// # Group commit
 ///
-/// Concurrent enqueues are sent together: a background task (spawned by
+/// Concurrent enqueues share one multiplexed connection, which writes every request
+/// waiting at the time in one go; Redis runs all it read in one pass of its event loop
+/// and, with `appendfsync always`, makes them durable with one write and one fsync of its
+/// append-only file before it replies. With a capacity, a background task (spawned by
 /// [`connect`](Self::connect), so call it inside a Tokio runtime) sends every enqueue
-/// waiting at the time, up to 128, in one script call, and Redis answers them with one
-/// reply after one write to its append-only file.
+/// waiting at the time, up to 128, in one script call, so the script's fixed cost is
+/// shared.
 ///
 /// # Clone
 ///
-/// Clones share one multiplexed connection and the batching task.
+/// Clones share one multiplexed connection (and, with a capacity, the batching task).
 #[derive(Clone)]
 pub struct RedisQueue {
     conn: ConnectionManager,
     keys: Arc<[String; 9]>,
     capacity: Option<u64>,
-    batcher: mpsc::Sender<Pending>,
+    /// With a capacity: the task that runs `enqueue.lua` for batches of enqueues.
+    batcher: Option<mpsc::Sender<Pending>>,
 }
 
-/// An enqueue waiting for the batcher: its script arguments and where to answer.
+/// An enqueue waiting for the batcher: the arguments of `enqueue.lua` and where to
+/// answer.
 struct Pending {
     args: Vec<Vec<u8>>,
     reply: oneshot::Sender<Result<(i64, String), (bool, String)>>,
 }
 
-/// Most enqueues sent in one script call.
+/// Most enqueues sent in one transaction or script call.
 const MAX_BATCH: usize = 128;
-/// Most script calls of enqueues in flight at once.
+/// Most batches of enqueues in flight at once.
 const BATCHES_IN_FLIGHT: usize = 2;
 
 // === impl RedisOptions ===
@@ -162,7 +177,9 @@ impl RedisOptions {
     }
 
     /// Holds at most `capacity` live (pending and in-flight) messages; beyond that
-    /// `enqueue` fails with [`QueueError::Full`]. Dead letters do not count.
+    /// `enqueue` fails with [`QueueError::Full`]. Dead letters do not count. The check
+    /// needs a Lua script per batch of enqueues, which costs Redis about twice the CPU per
+    /// message of the native commands used without a capacity.
     pub fn with_capacity(mut self, capacity: u64) -> Self {
         self.capacity = Some(capacity);
         self
@@ -213,13 +230,11 @@ impl RedisQueue {
         ]
         .map(|k| format!("{p}{k}"));
         let keys = Arc::new(keys);
-        let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
-        runtime.spawn(batch_enqueues(
-            conn.clone(),
-            keys.clone(),
-            options.capacity,
-            rx,
-        ));
+        let batcher = options.capacity.map(|capacity| {
+            let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
+            runtime.spawn(batch_enqueues(conn.clone(), keys.clone(), capacity, rx));
+            batcher
+        });
         let queue = Self {
             conn,
             keys,
@@ -267,47 +282,96 @@ impl RedisQueue {
     }
 
     async fn run(&self, script: &Script, args: Vec<Vec<u8>>) -> Result<Value, QueueError> {
-        let mut inv = script.prepare_invoke();
-        for k in self.keys.iter() {
-            inv.key(k);
-        }
-        inv.arg(GROUP);
-        for a in args {
-            inv.arg(a);
-        }
-        inv.invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(map_err)
+        invoke(&mut self.conn.clone(), script, &self.keys, args).await
     }
 
     async fn enqueue_inner(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
         let id = envelope.id.to_string();
-        let nb = ms_ceil(envelope.not_before);
-        let fields: [(&str, Vec<u8>); 9] = [
-            ("id", id.clone().into()),
-            ("idempotency_key", envelope.idempotency_key.clone().into()),
-            ("destination", envelope.destination.clone().into()),
-            ("method", envelope.method.clone().into()),
-            ("uri", envelope.uri.clone().into()),
-            (
-                "created_at_ms",
-                ms_floor(envelope.created_at).to_string().into(),
-            ),
-            ("not_before_ms", nb.to_string().into()),
-            ("attempts", envelope.attempts.to_string().into()),
-            ("envelope", envelope.encode()),
+        let payload = envelope.encode();
+        let created = ms_floor(envelope.created_at).to_string();
+        let nb = ms_ceil(envelope.not_before).to_string();
+        let attempts = envelope.attempts.to_string();
+        let fields: [(&str, &[u8]); 9] = [
+            ("id", id.as_bytes()),
+            ("idempotency_key", envelope.idempotency_key.as_bytes()),
+            ("destination", envelope.destination.as_bytes()),
+            ("method", envelope.method.as_bytes()),
+            ("uri", envelope.uri.as_bytes()),
+            ("created_at_ms", created.as_bytes()),
+            ("not_before_ms", nb.as_bytes()),
+            ("attempts", attempts.as_bytes()),
+            ("envelope", &payload),
         ];
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 2 * fields.len());
-        args.push(id.into());
-        args.push(envelope.idempotency_key.into());
-        args.push((2 * fields.len()).to_string().into());
-        for (k, v) in fields {
-            args.push(k.into());
-            args.push(v);
+        match &self.batcher {
+            None => self.add(&id, &envelope.idempotency_key, fields).await,
+            Some(batcher) => {
+                let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 2 * fields.len());
+                args.push(id.clone().into());
+                args.push(envelope.idempotency_key.clone().into());
+                args.push((2 * fields.len()).to_string().into());
+                for (k, v) in fields {
+                    args.push(k.into());
+                    args.push(v.to_vec());
+                }
+                self.add_with_capacity(batcher, args).await
+            }
         }
+    }
+
+    /// Without a capacity: one `MULTI`/`EXEC` of `HSETNX keys KEY ID`, `HGET keys KEY`
+    /// and the `XADD`. Native commands cost Redis about half the CPU of a script's
+    /// `redis.call`s, but a transaction cannot skip the `XADD` of a duplicate: its entry
+    /// is deleted by `drop.lua` before the duplicate is answered, and `lease.lua` deletes
+    /// any such entry it reads, so it is never delivered (module docs).
+    async fn add(
+        &self,
+        id: &str,
+        key: &str,
+        fields: [(&str, &[u8]); 9],
+    ) -> Result<Enqueued, QueueError> {
+        // Sized up front: the entry is copied into the command once, without regrowth.
+        let size =
+            self.keys[0].len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let mut xadd = ::redis::Cmd::with_capacity(3 + 2 * fields.len(), size + 8);
+        xadd.arg("XADD").arg(&self.keys[0]).arg("*");
+        for (k, v) in fields {
+            xadd.arg(k).arg(v);
+        }
+        let mut conn = self.conn.clone();
+        let message_id = || parse_id(id);
+        if key.is_empty() {
+            let _: Value = xadd.query_async(&mut conn).await.map_err(map_err)?;
+            return Ok(Enqueued::Stored(message_id()?));
+        }
+        let (set, owner, eid): (i64, String, Vec<u8>) = ::redis::pipe()
+            .atomic()
+            .hset_nx(&self.keys[5], key, id)
+            .hget(&self.keys[5], key)
+            .add_command(xadd)
+            .query_async(&mut conn)
+            .await
+            .map_err(map_err)?;
+        if set == 1 {
+            return Ok(Enqueued::Stored(message_id()?));
+        }
+        let args = vec![id.as_bytes().to_vec(), eid];
+        if let Err(e) = invoke(&mut conn, &DROP, &self.keys, args).await {
+            // Harmless: the next `lease` deletes the entry when it reads it.
+            tracing::warn!(error = %e, "postbox: a duplicate's redis entry is left for the next lease to drop");
+        }
+        Ok(Enqueued::Duplicate(parse_id(&owner)?))
+    }
+
+    /// With a capacity: through the batching task, one `enqueue.lua` call per batch (it
+    /// checks the length first).
+    async fn add_with_capacity(
+        &self,
+        batcher: &mpsc::Sender<Pending>,
+        args: Vec<Vec<u8>>,
+    ) -> Result<Enqueued, QueueError> {
         let (reply, answer) = oneshot::channel();
         let gone = || QueueError::Backend("redis enqueue batcher stopped".into());
-        self.batcher
+        batcher
             .send(Pending { args, reply })
             .await
             .map_err(|_| gone())?;
@@ -539,13 +603,13 @@ impl Queue for RedisQueue {
 
 // === group commit ===
 
-/// Sends every enqueue waiting at the time in one script call (up to [`MAX_BATCH`],
-/// with up to [`BATCHES_IN_FLIGHT`] calls at once), then answers each. Ends when the
-/// last [`RedisQueue`] clone is dropped.
+/// With a capacity: sends every enqueue waiting at the time in one `enqueue.lua` call (up
+/// to [`MAX_BATCH`], with up to [`BATCHES_IN_FLIGHT`] calls at once), then answers each.
+/// Ends when the last [`RedisQueue`] clone is dropped.
 async fn batch_enqueues(
     conn: ConnectionManager,
     keys: Arc<[String; 9]>,
-    capacity: Option<u64>,
+    capacity: u64,
     mut rx: mpsc::Receiver<Pending>,
 ) {
     // A few batches in flight at once, so Redis works while the client prepares the next.
@@ -558,29 +622,39 @@ async fn batch_enqueues(
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        let mut inv = ENQUEUE.prepare_invoke();
-        for k in keys.iter() {
-            inv.key(k);
-        }
-        inv.arg(GROUP).arg(capacity.unwrap_or(0));
-        for p in &batch {
-            for a in &p.args {
-                inv.arg(a);
-            }
+        let mut args = vec![capacity.to_string().into_bytes()];
+        for p in &mut batch {
+            args.append(&mut p.args);
         }
         let mut conn = conn.clone();
+        let keys = keys.clone();
         tokio::spawn(async move {
-            let result = match inv.invoke_async::<Value>(&mut conn).await {
+            let result = match invoke(&mut conn, &ENQUEUE, &keys, args).await {
                 Ok(v) => parse_batch(v, batch.len()).map_err(|e| (false, e.to_string())),
-                Err(e) => {
-                    let e = map_err(e);
-                    Err((matches!(e, QueueError::Unavailable(_)), e.to_string()))
-                }
+                Err(e) => Err((matches!(e, QueueError::Unavailable(_)), e.to_string())),
             };
             drop(permit);
             answer(batch, result);
         });
     }
+}
+
+/// Runs `script` with the queue's keys, the group name and `args`.
+async fn invoke(
+    conn: &mut ConnectionManager,
+    script: &Script,
+    keys: &[String; 9],
+    args: Vec<Vec<u8>>,
+) -> Result<Value, QueueError> {
+    let mut inv = script.prepare_invoke();
+    for k in keys {
+        inv.key(k);
+    }
+    inv.arg(GROUP);
+    for a in args {
+        inv.arg(a);
+    }
+    inv.invoke_async(conn).await.map_err(map_err)
 }
 
 fn answer(batch: Vec<Pending>, result: Result<Vec<(i64, String)>, (bool, String)>) {

@@ -207,3 +207,257 @@ async fn endless_lease_does_not_expire() {
     let (q, _purge) = make(options());
     crate::suite::endless_lease_does_not_expire(q).await;
 }
+
+async fn stream_len(q: &RedisQueue) -> u64 {
+    redis::cmd("XLEN")
+        .arg(&q.keys()[0])
+        .query_async(&mut q.connection())
+        .await
+        .unwrap()
+}
+
+/// Enqueues of one key sent in one batch: one is stored, the rest are answered with its
+/// id, and their entries are gone from the stream before the answers arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_leave_one_entry() {
+    let (q, _purge) = make(options());
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            q.enqueue(crate::suite::envelope("same")).await.unwrap()
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    let stored: Vec<_> = answers
+        .iter()
+        .filter(|a| matches!(a, Enqueued::Stored(_)))
+        .collect();
+    assert_eq!(stored.len(), 1, "{answers:?}");
+    let id = stored[0].id();
+    assert!(answers.iter().all(|a| a.id() == id), "{answers:?}");
+    assert_eq!(stream_len(&q).await, 1);
+    assert_eq!(q.depth().await.unwrap().pending, 1);
+    let leased = q
+        .lease(100, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].envelope.id, id);
+}
+
+/// An entry left behind by a duplicate (its key belongs to another id), or a second entry
+/// of a live id, is deleted by `lease` and never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftover_duplicate_entries_are_never_delivered() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("owned");
+    let id = q.enqueue(e.clone()).await.unwrap().id();
+    let other = crate::suite::envelope("owned");
+    let mut admin = admin().await;
+    for (entry_id, key) in [(other.id, "owned"), (id, "owned")] {
+        let _: String = redis::cmd("XADD")
+            .arg(&q.keys()[0])
+            .arg("*")
+            .arg("id")
+            .arg(entry_id.to_string())
+            .arg("idempotency_key")
+            .arg(key)
+            .arg("envelope")
+            .arg(other.encode())
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    assert_eq!(stream_len(&q).await, 3);
+    let leased = q
+        .lease(100, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].envelope, {
+        let mut e = e;
+        e.attempts = 1;
+        e
+    });
+    assert_eq!(stream_len(&q).await, 1);
+    q.ack(&[leased[0].token]).await.unwrap();
+    assert_eq!(stream_len(&q).await, 0);
+    assert!(
+        q.lease(100, Duration::from_secs(30), crate::suite::at(3600))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A private `redis-server` with `appendfsync always` on a free loopback port, killed
+/// with the test. The shared server on 6379 is never touched.
+struct PrivateRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the server on the same port and directory, and waits until it answers.
+    async fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("redis-server could not be started ({e}): install Redis to run this test")
+            });
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        for _ in 0..100 {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the private redis-server on port {} did not answer",
+            self.port
+        );
+    }
+
+    /// SIGKILL: no shutdown, no final fsync.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// 8 producers enqueue into a private server with `appendfsync always` while it is
+/// killed (SIGKILL) and restarted twice; every enqueue that returned `Ok` is there after
+/// the restarts, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut server = PrivateRedis::start().await;
+    let options = options()
+        .with_url(server.url())
+        .with_response_timeout(Duration::from_millis(500));
+    let q = Arc::new(RedisQueue::connect(options).await.unwrap());
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let mut producers = Vec::new();
+    for p in 0..8 {
+        let (q, acked_count) = (q.clone(), acked_count.clone());
+        producers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..100 {
+                let e = crate::suite::envelope(&format!("p{p}-{i}"));
+                // Retry with the same envelope (bounded): the key makes it safe.
+                let mut done = false;
+                for _ in 0..400 {
+                    match q.enqueue(e.clone()).await {
+                        Ok(r) => {
+                            acked.push(r.id());
+                            acked_count.fetch_add(1, Ordering::Relaxed);
+                            done = true;
+                            break;
+                        }
+                        Err(QueueError::Unavailable(_)) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                        Err(e) => panic!("unexpected error {e}"),
+                    }
+                }
+                assert!(done, "enqueue did not succeed after the restart");
+            }
+            acked
+        }));
+    }
+    let mut kills_at = Vec::new();
+    for round in 1..=2 {
+        // Kill while producers are mid-stream (bounded wait for some progress).
+        for _ in 0..200 {
+            if acked_count.load(Ordering::Relaxed) >= round * 250 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        kills_at.push(acked_count.load(Ordering::Relaxed));
+        server.kill();
+        server.spawn().await;
+    }
+    let mut acked = Vec::new();
+    for p in producers {
+        acked.extend(p.await.unwrap());
+    }
+    assert_eq!(acked.len(), 800, "every producer finished");
+    let mut leased = None;
+    for _ in 0..100 {
+        match q
+            .lease(1000, Duration::from_secs(30), crate::suite::at(0))
+            .await
+        {
+            Ok(l) => {
+                leased = Some(l);
+                break;
+            }
+            Err(QueueError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    let leased = leased.expect("reconnected");
+    let stored: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    let unique: HashSet<_> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "a message stored twice");
+    for id in &acked {
+        assert!(unique.contains(id), "acknowledged message {id} lost");
+    }
+    assert_eq!(stored.len(), 800);
+    eprintln!("killed after {kills_at:?} acknowledged enqueues");
+    assert!(
+        kills_at.iter().all(|&n| n < 800),
+        "the producers finished before a kill: {kills_at:?}"
+    );
+}

@@ -20,14 +20,22 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
     'STREAMS', stream, '>')
   if not r or #r == 0 or #r[1][2] == 0 then break end
   for _, e in ipairs(r[1][2]) do
-    local id, due, base = nil, 0, '0'
+    local id, due, base, key = nil, 0, '0', ''
     for i = 1, #e[2], 2 do
       local k = e[2][i]
       if k == 'id' then id = e[2][i + 1]
       elseif k == 'not_before_ms' then due = tonumber(e[2][i + 1]) or 0
-      elseif k == 'attempts' then base = e[2][i + 1] end
+      elseif k == 'attempts' then base = e[2][i + 1]
+      elseif k == 'idempotency_key' then key = e[2][i + 1] end
     end
-    if id and redis.call('HSETNX', msgs, id, e[1]) == 1 then
+    -- An entry whose key belongs to another id is a duplicate's (an orphan, see
+    -- `add_batch`), as is a second entry with the id of a live message: delete both.
+    local orphan = id and ((key ~= '' and redis.call('HGET', keys, key) ~= id)
+      or redis.call('HEXISTS', msgs, id) == 1)
+    if orphan then
+      redis.call('XACK', stream, group, e[1])
+      redis.call('XDEL', stream, e[1])
+    elseif id and redis.call('HSETNX', msgs, id, e[1]) == 1 then
       redis.call('HSET', attempts, id, base)
       fresh[id] = e[2]
       if due <= now then
@@ -36,7 +44,7 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
         redis.call('ZADD', delayed, due, id)
       end
     else
-      -- Not written by postbox, or a second entry with the id of a live message.
+      -- Not written by postbox.
       redis.call('XACK', stream, group, e[1])
     end
   end
