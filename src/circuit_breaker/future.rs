@@ -1,9 +1,10 @@
 //! Response future of [`CircuitBreaker`](super::CircuitBreaker) and
 //! [`KeyedCircuitBreaker`](super::KeyedCircuitBreaker).
 
-use super::error::{Error, Open};
+use super::error::Open;
 use super::shared::Ref;
 use super::state::{Now, Permit, Verdict};
+use crate::BoxError;
 use crate::classify::{Classification, Classify};
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -72,8 +73,9 @@ impl<F, C, T, E> Future for ResponseFuture<F, C>
 where
     F: Future<Output = Result<T, E>>,
     C: Classify<T, E>,
+    E: Into<BoxError>,
 {
-    type Output = Result<T, Error<E>>;
+    type Output = Result<T, BoxError>;
 
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -89,13 +91,12 @@ where
                         guard.complete(verdict(classifier.classify(out.as_ref())));
                     }
                 }
-                Poll::Ready(out.map_err(Error::Inner))
+                Poll::Ready(out.map_err(Into::into))
             }
-            KindProj::Rejected { error } => Poll::Ready(Err(Error::Open(
-                error
-                    .take()
-                    .expect("circuit breaker future polled after completion"),
-            ))),
+            KindProj::Rejected { error } => Poll::Ready(Err(error
+                .take()
+                .expect("circuit breaker future polled after completion")
+                .into())),
         }
     }
 }

@@ -1,8 +1,9 @@
-use super::error::{Error, Open};
+use super::error::Open;
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::shared::Shared;
 use super::state::{Now, Permit};
+use crate::BoxError;
 use crate::classify::{Classify, ErrorClassifier};
 use std::fmt;
 use std::sync::Arc;
@@ -30,9 +31,7 @@ impl Drop for Slot {
 /// Admission is decided in `poll_ready` (fail fast: a rejected call is a *ready*
 /// service whose `call` fails at once with [`Open`](super::error::Open), never an
 /// error from `poll_ready`, and the inner service is not polled). An admitted call's
-/// permit moves into the response future. Errors are [`Error`]: the rejection or the
-/// inner error, unboxed (a rejection allocates nothing); `.into()` makes a
-/// [`BoxError`](crate::BoxError).
+/// permit moves into the response future. Errors become [`BoxError`].
 ///
 /// # Cancel safety
 /// Dropping the response future records nothing and gives back a half-open probe
@@ -108,10 +107,11 @@ impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for CircuitBreaker<S, C> {
 impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
 where
     S: Service<Req>,
+    S::Error: Into<BoxError>,
     C: Classify<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
-    type Error = Error<S::Error>;
+    type Error = BoxError;
     type Future = ResponseFuture<S::Future, C>;
 
     #[inline]
@@ -133,9 +133,9 @@ where
             Poll::Ready(Err(e)) => {
                 // The service failed: give back what was reserved.
                 slot.breaker.breaker().release(slot.reserved.take());
-                Poll::Ready(Err(Error::Inner(e)))
+                Poll::Ready(Err(e.into()))
             }
-            other => other.map_err(Error::Inner),
+            other => other.map_err(Into::into),
         }
     }
 
