@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// The circuit is open (or half-open with every probe slot taken): the call was
 /// rejected without reaching the inner service.
@@ -12,45 +11,24 @@ use tokio::time::Instant;
 /// `Retry-After`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Open {
-    next: Next,
-}
-
-/// When the next probe is allowed: a fixed wait, or an instant (the breaker's own
-/// rejections, so rejecting needs no clock read; the wait is computed when asked).
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Next {
-    After(Duration),
-    At(Instant),
+    retry_after: Duration,
 }
 
 impl Open {
     /// A rejection whose next probe is allowed after `retry_after`.
     pub const fn new(retry_after: Duration) -> Self {
-        Self {
-            next: Next::After(retry_after),
-        }
-    }
-
-    /// A rejection whose next probe is allowed at `at`.
-    pub const fn at(at: Instant) -> Self {
-        Self { next: Next::At(at) }
+        Self { retry_after }
     }
 
     /// How long until the breaker admits a probe (zero: half-open, probes busy).
-    ///
-    /// For the breaker's own rejections this is measured from now (tokio's clock), so
-    /// it counts down while the error is kept.
-    pub fn retry_after(&self) -> Duration {
-        match self.next {
-            Next::After(d) => d,
-            Next::At(at) => at.saturating_duration_since(Instant::now()),
-        }
+    pub const fn retry_after(&self) -> Duration {
+        self.retry_after
     }
 }
 
 impl fmt::Display for Open {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "circuit open; next probe in {:?}", self.retry_after())
+        write!(f, "circuit open; next probe in {:?}", self.retry_after)
     }
 }
 

@@ -53,15 +53,11 @@
 //! (about 25 ns): a time window picks its bucket with it (a bucket boundary may move by
 //! a tick), and an open breaker rejects with it while the break is certainly not over.
 //! The last 20 ms of a break are checked with tokio's clock, so a probe is never
-//! admitted early. Better still, an opening inside a tokio runtime arms a timer that
-//! fires 20 ms before the break ends: until it fires, a rejection reads no clock at all
-//! (its [`error::Open`] holds the instant of the next probe and computes the wait only
-//! when asked). A late timer only lengthens the break; a timer dropped with its runtime
-//! hands the decision back to the clocks. Under paused tokio time (tests), and on platforms other than Linux,
+//! admitted early. Under paused tokio time (tests), and on platforms other than Linux,
 //! tokio's clock is used throughout; which clock applies is decided at the breaker's
 //! first call. Slow-call tracking reads tokio's clock at admission and completion.
 //!
-//! A rejection allocates the boxed [`error::Open`] (24 bytes), as every `BoxError`
+//! A rejection allocates the boxed [`error::Open`] (16 bytes), as every `BoxError`
 //! does. An unboxed error type (`enum { Open, Inner(E) }`, as tower-resilience has)
 //! would avoid it, but it makes every call's `Result` 24 bytes instead of 16 — returned
 //! through memory instead of two registers — which measured 4–5 ns slower on the closed

@@ -1,4 +1,3 @@
-use super::error::Open;
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::shared::Shared;
@@ -8,7 +7,6 @@ use crate::classify::{Classify, ErrorClassifier};
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tower_service::Service;
 
 /// The breaker and this service's reservation (a permit from `poll_ready`, or its
@@ -16,8 +14,6 @@ use tower_service::Service;
 struct Slot {
     breaker: Arc<Shared>,
     reserved: Permit,
-    /// The rejection `poll_ready` decided, for `call`.
-    rejected: Option<Open>,
 }
 
 impl Drop for Slot {
@@ -56,7 +52,6 @@ impl<S, C> CircuitBreaker<S, C> {
             slot: Slot {
                 breaker,
                 reserved: Permit::EMPTY,
-                rejected: None,
             },
             classifier,
         }
@@ -120,13 +115,10 @@ where
         if slot.reserved.is_empty() {
             slot.reserved = match slot.breaker.breaker().acquire(&mut Now::lazy()) {
                 Ok(permit) => permit,
-                Err(open) => {
-                    slot.rejected = Some(open);
-                    Permit::REJECTED
-                }
+                Err(open) => Permit::rejected(&open),
             };
         }
-        if slot.reserved.is_rejected() {
+        if slot.reserved.rejection().is_some() {
             return Poll::Ready(Ok(()));
         }
         match self.inner.poll_ready(cx) {
@@ -142,9 +134,8 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let permit = self.slot.reserved.take();
-        if permit.is_rejected() {
-            let open = self.slot.rejected.take();
-            return ResponseFuture::rejected(open.unwrap_or(Open::new(Duration::ZERO)));
+        if let Some(open) = permit.rejection() {
+            return ResponseFuture::rejected(open);
         }
         assert!(
             !permit.is_empty(),

@@ -9,7 +9,7 @@
 //! | closed, count window, no slow-call tracking | none |
 //! | closed, slow-call tracking | at admission and at completion |
 //! | closed, time window | coarse clock at completion (precise if paused or fixed) |
-//! | open | none while a timer marks the break as certainly not over; coarse, then precise, in its last `SLACK_NS` |
+//! | open | coarse clock at admission; precise in the last `SLACK_NS` of the break |
 //! | half-open | only when a probe is not available and `max_wait_in_half_open` is set |
 //!
 //! # Concurrency
@@ -26,7 +26,7 @@ use crate::clock::{Coarse, SLACK_NS};
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::*};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -385,11 +385,14 @@ impl Permit {
         }
     }
 
-    /// A rejection (the service keeps its [`Open`] beside it until `call`).
-    pub(crate) const REJECTED: Permit = Permit {
-        tag: REJECTED,
-        start_ns: NO_START,
-    };
+    /// A rejection, kept until `call`.
+    #[inline]
+    pub(crate) fn rejected(open: &Open) -> Self {
+        Self {
+            tag: REJECTED,
+            start_ns: open.retry_after().as_nanos().min(u128::from(u64::MAX)) as u64,
+        }
+    }
 
     #[inline]
     fn kind(&self) -> u64 {
@@ -413,10 +416,10 @@ impl Permit {
         self.kind() == EMPTY
     }
 
-    /// Whether this stands for a rejection.
+    /// The rejection this stands for, if it is one.
     #[inline]
-    pub(crate) fn is_rejected(&self) -> bool {
-        self.kind() == REJECTED
+    pub(crate) fn rejection(&self) -> Option<Open> {
+        (self.kind() == REJECTED).then(|| Open::new(Duration::from_nanos(self.start_ns)))
     }
 
     /// Whether this permit holds a half-open probe slot.
@@ -441,23 +444,6 @@ pub(crate) enum Verdict {
 }
 
 // === impl Breaker ===
-
-/// `Breaker::armed` when no opening is armed (generations are below 2^29).
-const DISARMED: u64 = u64::MAX;
-
-/// Disarms an opening when its timer fires or is dropped (the runtime shut down).
-struct Disarm {
-    armed: Arc<AtomicU64>,
-    generation: u64,
-}
-
-impl Drop for Disarm {
-    fn drop(&mut self) {
-        let _ = self
-            .armed
-            .compare_exchange(self.generation, DISARMED, AcqRel, Relaxed);
-    }
-}
 
 #[cold]
 fn count_call(verdict: Verdict) {
@@ -513,10 +499,6 @@ pub(crate) struct Breaker {
     /// The coarse clock aligned with `origin`, decided at first use: `None` inside
     /// when tokio's clock is paused (tests) or the platform has none.
     coarse: OnceLock<Option<Coarse>>,
-    /// The generation of an opening whose break is certainly not over: a timer disarms
-    /// it `SLACK_NS` before the break ends (or when its runtime drops it). While armed,
-    /// the open path rejects without reading any clock.
-    armed: Arc<AtomicU64>,
     cold: Mutex<Cold>,
     hook: Box<dyn OnTransition>,
 }
@@ -546,7 +528,6 @@ impl Breaker {
             half_open_until_ns: AtomicU64::new(u64::MAX),
             not_permitted: AtomicU64::new(0),
             coarse: OnceLock::new(),
-            armed: Arc::new(AtomicU64::new(DISARMED)),
             cold: Mutex::new(Cold { openings: 0, rng }),
             hook,
         }
@@ -604,19 +585,13 @@ impl Breaker {
     }
 
     #[cold]
-    fn reject(&self, open: Open) -> Open {
+    fn reject(&self, retry_after: Duration) -> Open {
         self.not_permitted.fetch_add(1, Relaxed);
         // Rejections are always counted (the slow path); other outcomes only with
         // `count_calls`.
         metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "rejected")
             .increment(1);
-        open
-    }
-
-    /// A rejection until the break ends (`until` in ns since the origin): no clock read.
-    #[inline]
-    fn open_until(&self, until: u64) -> Open {
-        self.reject(Open::at(self.origin + Duration::from_nanos(until)))
+        Open::new(retry_after)
     }
 
     /// Admits a call or rejects it.
@@ -646,20 +621,17 @@ impl Breaker {
                 }
                 OPEN => {
                     let until = self.open_until_ns.load(Acquire);
-                    if self.armed.load(Acquire) == generation {
-                        return Err(self.open_until(until));
-                    }
                     // While the break is certainly not over, the coarse clock decides
                     // (about 5 ns instead of 25); its last `SLACK_NS` the precise one.
                     if let Some(c) = self.coarse(now) {
                         let t = c.now_ns();
                         if t.saturating_add(SLACK_NS) < until {
-                            return Err(self.open_until(until));
+                            return Err(self.reject(Duration::from_nanos(until - t)));
                         }
                     }
                     let t = self.ns(now.get());
                     if t < until {
-                        return Err(self.open_until(until));
+                        return Err(self.reject(Duration::from_nanos(until - t)));
                     }
                     self.transition(w, HALF_OPEN, now, false);
                 }
@@ -682,9 +654,9 @@ impl Breaker {
                         self.transition(w, OPEN, now, false);
                         continue;
                     }
-                    return Err(self.reject(Open::new(Duration::ZERO)));
+                    return Err(self.reject(Duration::ZERO));
                 }
-                _ => return Err(self.reject(Open::new(self.settings.break_duration))),
+                _ => return Err(self.reject(self.settings.break_duration)),
             }
         }
     }
@@ -871,43 +843,10 @@ impl Breaker {
             self.clear_window();
         }
         let generation = (generation(cur) + 1) & GEN_MASK;
-        if to == OPEN {
-            self.arm(generation, now);
-        }
         self.word.store(pack(generation, to, avail), Release);
         drop(cold);
         self.emit(mode(cur), to, generation);
         true
-    }
-
-    /// Arms the clock-free open path for the opening `generation`, with a timer that
-    /// disarms it `SLACK_NS` before the break ends. Only with the coarse clock (not under
-    /// paused time, where the timer would race the test's `advance`) and inside a tokio
-    /// runtime; a late timer only makes the break longer, never shorter.
-    fn arm(&self, generation: u64, now: &mut Now) {
-        if self.coarse(now).is_none() {
-            return;
-        }
-        let until = self.open_until_ns.load(Acquire);
-        let Some(disarm_at) = until.checked_sub(SLACK_NS) else {
-            return;
-        };
-        if disarm_at <= self.ns(now.get()) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let deadline = self.origin + Duration::from_nanos(disarm_at);
-        self.armed.store(generation, Release);
-        let disarm = Disarm {
-            armed: self.armed.clone(),
-            generation,
-        };
-        rt.spawn(async move {
-            let _disarm = disarm;
-            tokio::time::sleep_until(deadline).await;
-        });
     }
 
     fn clear_window(&self) {
@@ -1055,13 +994,7 @@ mod tests {
         s.max_break_duration = s.break_duration;
         let t0 = Instant::now();
         let b = breaker(s, t0);
-        b.acquire(&mut Now::lazy()).unwrap(); // picks the clock
         b.force(State::Open, false, &mut Now::lazy());
-        assert_ne!(
-            b.armed.load(Acquire),
-            DISARMED,
-            "the clock-free path is armed"
-        );
         let mut rejected = 0u64;
         while b.acquire(&mut Now::lazy()).is_err() {
             rejected += 1;
@@ -1071,31 +1004,6 @@ mod tests {
         assert!(b.coarse.get().is_some(), "the clock was chosen");
         assert!(rejected > 0);
         assert_eq!(b.state(), State::HalfOpen);
-    }
-
-    #[test]
-    fn an_armed_opening_is_disarmed_when_its_runtime_goes_away() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let b = rt.block_on(async {
-            let b = breaker(settings(count(10, 10)), Instant::now());
-            b.acquire(&mut Now::lazy()).unwrap();
-            b.force(State::Open, false, &mut Now::lazy());
-            b
-        });
-        assert_ne!(b.armed.load(Acquire), DISARMED);
-        drop(rt); // drops the timer task
-        assert_eq!(
-            b.armed.load(Acquire),
-            DISARMED,
-            "the precise path decides again"
-        );
-        assert!(
-            b.acquire(&mut Now::lazy()).is_err(),
-            "still within the 10 s break"
-        );
     }
 
     #[test]
@@ -1131,11 +1039,7 @@ mod tests {
         call(&b, t0, Verdict::Failure).unwrap();
         assert_eq!(b.state(), State::Open);
         let e = call(&b, t0 + Duration::from_secs(4), Verdict::Success).unwrap_err();
-        assert_eq!(
-            e,
-            Open::at(t0 + Duration::from_secs(10)),
-            "6 s left at t0 + 4 s"
-        );
+        assert_eq!(e.retry_after(), Duration::from_secs(6));
         let mut now = Now::at(t0 + Duration::from_secs(10));
         let p = b.acquire(&mut now).unwrap();
         assert!(p.is_probe());
