@@ -282,6 +282,55 @@ async fn release_returns_a_message_without_counting_the_delivery() {
     q.ack(&[again[0].token]).await.unwrap();
 }
 
+/// Acks remove a batch in one ordered pass per table (module docs): every other
+/// message of a run is acked, the ones between stay, keys of acked ones are freed.
+#[tokio::test]
+async fn a_batched_ack_removes_exactly_the_acked_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = EmbeddedQueue::open(dir.path().join("q.redb"), EmbeddedOptions::new()).unwrap();
+    let envs: Vec<Envelope> = (0..50).map(envelope).collect();
+    for e in &envs {
+        q.enqueue(e.clone()).await.unwrap();
+    }
+    let now = SystemTime::now();
+    let leased = q.lease(50, LEASE, now).await.unwrap();
+    let (acked, kept): (Vec<_>, Vec<_>) = leased.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let tokens: Vec<_> = acked.iter().map(|(_, l)| l.token).collect();
+    q.ack(&tokens).await.unwrap();
+    assert_eq!(
+        q.depth().await.unwrap(),
+        Depth {
+            pending: 0,
+            in_flight: 25,
+            dead: 0
+        }
+    );
+    // An acked message's key is free again; a kept one's is still taken.
+    let (_, first) = acked[0];
+    let (_, second) = kept[0];
+    let again = |l: &postbox::queue::Leased| {
+        let mut e = envelope(99);
+        e.idempotency_key = l.envelope.idempotency_key.clone();
+        e
+    };
+    assert!(matches!(
+        q.enqueue(again(first)).await.unwrap(),
+        postbox::queue::Enqueued::Stored(_)
+    ));
+    assert!(matches!(
+        q.enqueue(again(second)).await.unwrap(),
+        postbox::queue::Enqueued::Duplicate(_)
+    ));
+    let rest: Vec<_> = kept.iter().map(|(_, l)| l.token).collect();
+    q.ack(&rest).await.unwrap();
+    assert!(matches!(
+        q.ack(&tokens[..1]).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    assert_eq!(q.depth().await.unwrap().in_flight, 0);
+    assert_eq!(q.depth().await.unwrap().pending, 1);
+}
+
 #[tokio::test]
 async fn expired_leases_come_back_with_their_attempts() {
     let dir = tempfile::tempdir().unwrap();
