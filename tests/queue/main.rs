@@ -44,6 +44,19 @@ async fn all_ids(q: &EmbeddedQueue) -> BTreeSet<MessageId> {
         .collect()
 }
 
+/// What a crash leaves: a copy of the file taken while the queue is still open, opened.
+fn open_crashed_copy(dir: &Path, path: &Path) -> EmbeddedQueue {
+    let crashed = dir.join("crashed.redb");
+    std::fs::copy(path, &crashed).unwrap();
+    EmbeddedQueue::open(&crashed, EmbeddedOptions::new()).unwrap()
+}
+
+/// Leases up to `n` messages due now and returns their tokens.
+async fn lease_tokens(q: &EmbeddedQueue, n: usize) -> Vec<postbox::queue::LeaseToken> {
+    let leased = q.lease(n, LEASE, SystemTime::now()).await.unwrap();
+    leased.iter().map(|l| l.token).collect()
+}
+
 async fn fill(q: &EmbeddedQueue, n: usize) -> BTreeSet<MessageId> {
     let mut ids = BTreeSet::new();
     for i in 0..n {
@@ -122,10 +135,8 @@ async fn reopen_after_simulated_crash_keeps_every_acknowledged_message() {
     for t in tasks {
         acknowledged.extend(t.await.unwrap());
     }
-    let crashed = dir.path().join("crashed.redb");
-    std::fs::copy(&path, &crashed).unwrap();
 
-    let reopened = EmbeddedQueue::open(&crashed, EmbeddedOptions::new()).unwrap();
+    let reopened = open_crashed_copy(dir.path(), &path);
     assert_eq!(all_ids(&reopened).await, acknowledged);
     drop(q);
 }
@@ -137,18 +148,15 @@ async fn a_crash_after_unsynced_acks_delivers_them_again() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.redb");
     let never = EmbeddedOptions::new().with_ack_sync(Duration::from_secs(3600));
-    let q = EmbeddedQueue::open(&path, never.clone()).unwrap();
+    let q = EmbeddedQueue::open(&path, never).unwrap();
     let ids = fill(&q, 40).await;
     let syncs = q.stats().syncs;
-    let leased = q.lease(40, LEASE, SystemTime::now()).await.unwrap();
-    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    let tokens = lease_tokens(&q, 40).await;
     q.ack(&tokens).await.unwrap();
     assert_eq!(q.stats().syncs, syncs, "the ack batch was not fsynced");
     assert_eq!(q.depth().await.unwrap().pending, 0);
 
-    let crashed = dir.path().join("crashed.redb");
-    std::fs::copy(&path, &crashed).unwrap();
-    let reopened = EmbeddedQueue::open(&crashed, never).unwrap();
+    let reopened = open_crashed_copy(dir.path(), &path);
     assert_eq!(all_ids(&reopened).await, ids);
     drop(q);
 }
@@ -160,8 +168,7 @@ async fn close_makes_unsynced_acks_durable() {
     let never = EmbeddedOptions::new().with_ack_sync(Duration::from_secs(3600));
     let q = EmbeddedQueue::open(&path, never.clone()).unwrap();
     fill(&q, 10).await;
-    let leased = q.lease(10, LEASE, SystemTime::now()).await.unwrap();
-    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    let tokens = lease_tokens(&q, 10).await;
     q.ack(&tokens).await.unwrap();
     q.close().await.unwrap();
 
@@ -176,15 +183,12 @@ async fn zero_ack_sync_makes_every_ack_durable_before_it_returns() {
     let q =
         EmbeddedQueue::open(&path, EmbeddedOptions::new().with_ack_sync(Duration::ZERO)).unwrap();
     fill(&q, 10).await;
-    let leased = q.lease(10, LEASE, SystemTime::now()).await.unwrap();
-    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    let tokens = lease_tokens(&q, 10).await;
     let syncs = q.stats().syncs;
     q.ack(&tokens).await.unwrap();
     assert!(q.stats().syncs > syncs);
 
-    let crashed = dir.path().join("crashed.redb");
-    std::fs::copy(&path, &crashed).unwrap();
-    let reopened = EmbeddedQueue::open(&crashed, EmbeddedOptions::new()).unwrap();
+    let reopened = open_crashed_copy(dir.path(), &path);
     assert!(all_ids(&reopened).await.is_empty());
     drop(q);
 }
@@ -200,8 +204,7 @@ async fn an_idle_queue_syncs_its_acks_once_ack_sync_has_passed() {
     )
     .unwrap();
     fill(&q, 10).await;
-    let leased = q.lease(10, LEASE, SystemTime::now()).await.unwrap();
-    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    let tokens = lease_tokens(&q, 10).await;
     let syncs = q.stats().syncs;
     q.ack(&tokens).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -212,9 +215,7 @@ async fn an_idle_queue_syncs_its_acks_once_ack_sync_has_passed() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let crashed = dir.path().join("crashed.redb");
-    std::fs::copy(&path, &crashed).unwrap();
-    let reopened = EmbeddedQueue::open(&crashed, EmbeddedOptions::new()).unwrap();
+    let reopened = open_crashed_copy(dir.path(), &path);
     assert!(all_ids(&reopened).await.is_empty());
     drop(q);
 }
@@ -231,9 +232,7 @@ async fn a_crash_after_unsynced_leases_loses_no_message() {
     assert_eq!(q.lease(25, LEASE, now).await.unwrap().len(), 25);
     assert_eq!(q.lease(25, LEASE, now).await.unwrap().len(), 15);
 
-    let crashed = dir.path().join("crashed.redb");
-    std::fs::copy(&path, &crashed).unwrap();
-    let reopened = EmbeddedQueue::open(&crashed, EmbeddedOptions::new()).unwrap();
+    let reopened = open_crashed_copy(dir.path(), &path);
     // `all_ids` leases everything far in the future: every message is deliverable again.
     assert_eq!(all_ids(&reopened).await, ids);
     drop(q);
