@@ -1234,17 +1234,13 @@ impl Tables<'_> {
         token: LeaseToken,
         st: &mut State<'_>,
     ) -> Result<Result<u32, QueueError>, QueueError> {
-        let id = to_id(token.id);
-        match st.leases.by_id.get(&id) {
-            Some(&lease @ (until, attempts, generation)) if generation == token.generation => {
-                st.leases.by_id.remove(&id);
-                st.leases.by_expiry.remove(&(until, id));
-                st.undo.push(Undo::Released(id, lease));
-                self.ready.remove(id).map_err(redb_err)?;
+        match end_lease(token, st) {
+            Ok(attempts) => {
+                self.ready.remove(to_id(token.id)).map_err(redb_err)?;
                 self.dirty = true;
                 Ok(Ok(attempts))
             }
-            _ => Ok(Err(QueueError::LeaseLost(token))),
+            Err(lost) => Ok(Err(lost)),
         }
     }
 
