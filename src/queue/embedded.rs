@@ -50,8 +50,9 @@
 //! one small index entry; an ack removes three entries (`ready`, `messages`, the key).
 //! A batch of acks is sorted and removed with one ordered pass (`retain_in`) over each
 //! of `ready` and `messages` per run of ids created close together, instead of one
-//! descent per message: about 3× cheaper per acked message. After a crash or a reopen every message that was in flight is simply pending
-//! again — what a lost or expired lease means anyway — and opening needs no recovery.
+//! descent per message: about 3× cheaper per acked message. After a crash or a reopen
+//! every message that was in flight is simply pending again — what a lost or expired
+//! lease means anyway — and opening needs no recovery.
 //! A lease writes only its attempt count (the `ready` entry's value), so a reopen, or a
 //! crash after the next sync, does not forget it: a message that kills its consumer
 //! still reaches the dead-letter queue after its maximum attempts.
@@ -704,7 +705,7 @@ struct Leases {
 /// How to take back one change to [`Leases`] when a batch's transaction fails.
 #[derive(Debug)]
 enum Undo {
-    Leased(Id, u64),
+    Leased(Id),
     Released(Id, (u64, u32, u64)),
     Cursor(Option<Id>),
     LowAdded(Id),
@@ -712,12 +713,21 @@ enum Undo {
 }
 
 impl Leases {
+    /// Ends the lease of `id` (if any), recording how to take it back.
+    fn end(&mut self, id: Id, undo: &mut Vec<Undo>) -> Option<(u64, u32, u64)> {
+        let lease = self.by_id.remove(&id)?;
+        self.by_expiry.remove(&(lease.0, id));
+        undo.push(Undo::Released(id, lease));
+        Some(lease)
+    }
+
     fn rollback(&mut self, undo: Vec<Undo>) {
         for u in undo.into_iter().rev() {
             match u {
-                Undo::Leased(id, until) => {
-                    self.by_id.remove(&id);
-                    self.by_expiry.remove(&(until, id));
+                Undo::Leased(id) => {
+                    if let Some((until, ..)) = self.by_id.remove(&id) {
+                        self.by_expiry.remove(&(until, id));
+                    }
                 }
                 Undo::Released(id, lease) => {
                     self.by_id.insert(id, lease);
@@ -1028,10 +1038,8 @@ const DENSE_GAP_MS: u128 = 10;
 fn end_lease(token: LeaseToken, st: &mut State<'_>) -> Result<u32, QueueError> {
     let id = to_id(token.id);
     match st.leases.by_id.get(&id) {
-        Some(&lease @ (until, attempts, generation)) if generation == token.generation => {
-            st.leases.by_id.remove(&id);
-            st.leases.by_expiry.remove(&(until, id));
-            st.undo.push(Undo::Released(id, lease));
+        Some(&(_, _, generation)) if generation == token.generation => {
+            let (_, attempts, _) = st.leases.end(id, st.undo).expect("looked up above");
             Ok(attempts)
         }
         _ => Err(QueueError::LeaseLost(token)),
@@ -1152,10 +1160,7 @@ impl Tables<'_> {
             if until > now_k {
                 break;
             }
-            st.leases.by_expiry.pop_first();
-            let lease = st.leases.by_id.remove(&id).unwrap_or((until, 0, 0));
-            let attempts = lease.1;
-            st.undo.push(Undo::Released(id, lease));
+            let (_, attempts, _) = st.leases.end(id, st.undo).expect("indexed by expiry");
             st.leases.low.insert(id, attempts);
             st.undo.push(Undo::LowAdded(id));
         }
@@ -1204,7 +1209,7 @@ impl Tables<'_> {
                 st.leases.seq += 1;
                 st.leases.by_id.insert(id, (until_k, attempts, generation));
                 st.leases.by_expiry.insert((until_k, id));
-                st.undo.push(Undo::Leased(id, until_k));
+                st.undo.push(Undo::Leased(id));
                 out.push(Leased {
                     envelope: env,
                     token: LeaseToken {
@@ -1267,8 +1272,8 @@ impl Tables<'_> {
                 }
             }
         }
+        // A token given twice fails `end_lease` the second time: no duplicates here.
         ids.sort_unstable();
-        ids.dedup();
         if ids.is_empty() {
             return lost.map_or(Ok(()), Err);
         }
@@ -1277,18 +1282,6 @@ impl Tables<'_> {
         let mut keys = Vec::new();
         for run in dense_runs(&ids) {
             let run = &ids[run];
-            if let [id] = run {
-                let bytes = self.messages.remove(*id).map_err(redb_err)?;
-                if let Some(k) = bytes
-                    .as_ref()
-                    .and_then(|b| super::envelope::peek_idempotency_key(b.value()))
-                {
-                    keys.push((k.to_owned(), *id));
-                }
-                drop(bytes);
-                self.ready.remove(*id).map_err(redb_err)?;
-                continue;
-            }
             // One ordered pass over each table instead of a descent per message.
             let range = run[0]..=run[run.len() - 1];
             self.messages
