@@ -751,7 +751,7 @@ where
                 let backoff = self.config.backoff(attempts, &mut self.rng);
                 let delay = backoff.max(after.unwrap_or_default());
                 tracing::debug!(id = %token.id, ?delay, %reason, "replay failed; retrying later");
-                self.retry_later(token, delay).await;
+                self.retry_later(token, delay, true).await;
             }
             Verdict::CircuitOpen { retry_after } => {
                 // A zero hint means "half-open, probes busy": still back off a little, so
@@ -763,27 +763,29 @@ where
                     self.paused_until = Some(until);
                 }
                 // The delivery never reached the dependency: it does not count.
-                self.release(token, pause).await;
+                self.retry_later(token, pause, false).await;
             }
             Verdict::Permanent { reason } => self.dead_letter(token, &reason).await,
         }
     }
 
-    async fn retry_later(&mut self, token: LeaseToken, delay: Duration) {
-        match self.queue.retry_later(token, wall_now() + delay).await {
+    /// Back to the queue for `delay`; `counted: false` does not count the delivery
+    /// ([`Queue::release`]).
+    async fn retry_later(&mut self, token: LeaseToken, delay: Duration, counted: bool) {
+        let not_before = wall_now() + delay;
+        let (res, what) = if counted {
+            (
+                self.queue.retry_later(token, not_before).await,
+                "retry later",
+            )
+        } else {
+            (self.queue.release(token, not_before).await, "release")
+        };
+        match res {
             Ok(()) => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => log_queue_error("retry later", &e),
-        }
-    }
-
-    async fn release(&mut self, token: LeaseToken, delay: Duration) {
-        match self.queue.release(token, wall_now() + delay).await {
-            Ok(()) => {
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => log_queue_error("release", &e),
+            Err(e) => log_queue_error(what, &e),
         }
     }
 
