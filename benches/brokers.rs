@@ -13,7 +13,8 @@
 #![allow(missing_docs)] // bench crate
 
 use bytes::Bytes;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use postbox::queue::{
     AmqpOptions, AmqpQueue, DeferReason, Envelope, MessageId, NatsOptions, NatsQueue, Queue,
     RedisOptions, RedisQueue,
@@ -39,18 +40,31 @@ fn envelope() -> Envelope {
 fn bench_adapter<Q: Queue + Clone>(c: &mut Criterion, rt: &Runtime, broker: &str, q: &Q) {
     let mut g = c.benchmark_group("postbox");
     g.throughput(Throughput::Elements(1));
-    g.bench_function(format!("enqueue/{broker}/64_producers"), |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let q = q.clone();
-            spread(iters, move || {
-                let q = q.clone();
-                async move {
-                    q.enqueue(envelope()).await.unwrap();
-                }
-            })
-        })
+    let id = format!("enqueue/{broker}/64_producers");
+    bench_loop(&mut g, rt, &id, q.clone(), |q| async move {
+        q.enqueue(envelope()).await.unwrap();
     });
     g.finish();
+}
+
+/// One bench function: `op(ctx)` from 64 producers, with `ctx` cloned for every call.
+fn bench_loop<T, F, Fut>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    id: &str,
+    ctx: T,
+    op: F,
+) where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(T) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    g.bench_function(id, |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (ctx, op) = (ctx.clone(), op.clone());
+            spread(iters, move || op(ctx.clone()))
+        })
+    });
 }
 
 /// Runs `iters` operations spread over 64 tasks and returns the elapsed time.
@@ -126,65 +140,59 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
     g.throughput(Throughput::Elements(1));
     let payload = envelope().encode();
     let raw_key = format!("postbox-bench-raw:{}", name());
-    g.bench_function("redis/64_producers", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (raw, key, payload) = (raw.clone(), raw_key.clone(), payload.clone());
-            spread(iters, move || {
-                let (mut raw, key, payload) = (raw.clone(), key.clone(), payload.clone());
-                async move {
-                    let _: String = redis::cmd("XADD")
-                        .arg(&key)
-                        .arg("*")
-                        .arg("envelope")
-                        .arg(payload)
-                        .query_async(&mut raw)
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-    });
+    bench_loop(
+        &mut g,
+        rt,
+        "redis/64_producers",
+        (raw.clone(), raw_key.clone(), payload.clone()),
+        |(mut raw, key, payload)| async move {
+            let _: String = redis::cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("envelope")
+                .arg(payload)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        },
+    );
     drop_key(&raw_key);
     // The adapter's server-side work done by the raw client, one message per call:
     // the same nine-field entry, then also the idempotency-key check in a transaction.
     let raw_key = format!("postbox-bench-raw:{}", name());
-    g.bench_function("redis/64_producers_same_entry", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (raw, key, payload) = (raw.clone(), raw_key.clone(), payload.clone());
-            spread(iters, move || {
-                let (mut raw, key, payload) = (raw.clone(), key.clone(), payload.clone());
-                async move {
-                    let _: String = redis_entry(&key, &MessageId::new_v7().to_string(), &payload)
-                        .query_async(&mut raw)
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-    });
+    bench_loop(
+        &mut g,
+        rt,
+        "redis/64_producers_same_entry",
+        (raw.clone(), raw_key.clone(), payload.clone()),
+        |(mut raw, key, payload)| async move {
+            let _: String = redis_entry(&key, &MessageId::new_v7().to_string(), &payload)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        },
+    );
     drop_key(&raw_key);
     let raw_key = format!("postbox-bench-raw:{}", name());
-    g.bench_function("redis/64_producers_same_entry_dedupe", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (raw, key, payload) = (raw.clone(), raw_key.clone(), payload.clone());
-            spread(iters, move || {
-                let (mut raw, key, payload) = (raw.clone(), key.clone(), payload.clone());
-                async move {
-                    let id = MessageId::new_v7().to_string();
-                    let keys = format!("{key}:keys");
-                    let (set, _owner, _eid): (i64, String, String) = redis::pipe()
-                        .atomic()
-                        .hset_nx(&keys, &id, &id)
-                        .hget(&keys, &id)
-                        .add_command(redis_entry(&key, &id, &payload))
-                        .query_async(&mut raw)
-                        .await
-                        .unwrap();
-                    assert_eq!(set, 1);
-                }
-            })
-        })
-    });
+    bench_loop(
+        &mut g,
+        rt,
+        "redis/64_producers_same_entry_dedupe",
+        (raw.clone(), raw_key.clone(), payload.clone()),
+        |(mut raw, key, payload)| async move {
+            let id = MessageId::new_v7().to_string();
+            let keys = format!("{key}:keys");
+            let (set, _owner, _eid): (i64, String, String) = redis::pipe()
+                .atomic()
+                .hset_nx(&keys, &id, &id)
+                .hget(&keys, &id)
+                .add_command(redis_entry(&key, &id, &payload))
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            assert_eq!(set, 1);
+        },
+    );
     drop_key(&raw_key);
     g.finish();
     bench_adapter(c, rt, "redis", &q);
@@ -221,78 +229,70 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
     g.throughput(Throughput::Elements(1));
     let payload = Bytes::from(envelope().encode());
     let (raw_stream, raw_subject) = new_stream();
-    g.bench_function("nats/64_producers", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
-            spread(iters, move || {
-                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
-                async move {
-                    js.publish(subject, payload).await.unwrap().await.unwrap();
-                }
-            })
-        })
-    });
+    bench_loop(
+        &mut g,
+        rt,
+        "nats/64_producers",
+        (js.clone(), raw_subject.clone(), payload.clone()),
+        |(js, subject, payload)| async move {
+            js.publish(subject, payload).await.unwrap().await.unwrap();
+        },
+    );
     drop_stream(&raw_stream);
     let (raw_stream, raw_subject) = new_stream();
-    g.bench_function("nats/64_producers_unique_subject_expected", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
-            spread(iters, move || {
-                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
-                async move {
-                    let subj = format!("{subject}x.{:016x}", fastrand::u64(..));
-                    let p = async_nats::jetstream::message::PublishMessage::build()
-                        .payload(payload)
-                        .expected_last_subject_sequence(0);
-                    js.send_publish(subj, p).await.unwrap().await.unwrap();
-                }
-            })
-        })
-    });
+    bench_loop(
+        &mut g,
+        rt,
+        "nats/64_producers_unique_subject_expected",
+        (js.clone(), raw_subject.clone(), payload.clone()),
+        |(js, subject, payload)| async move {
+            let subj = format!("{subject}x.{:016x}", fastrand::u64(..));
+            let p = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload)
+                .expected_last_subject_sequence(0);
+            js.send_publish(subj, p).await.unwrap().await.unwrap();
+        },
+    );
     // What the adapter publishes, by the raw client: a subject per key, the
     // expected-last-subject-sequence check, `Nats-Msg-Id` and the `Postbox-*` headers.
     drop_stream(&raw_stream);
     let (raw_stream, raw_subject) = new_stream();
-    g.bench_function("nats/64_producers_same_message", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
-            spread(iters, move || {
-                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
-                async move {
-                    let id = MessageId::new_v7().to_string();
-                    let mut subj = format!("{subject}x.x");
-                    for b in id.as_bytes() {
-                        subj.push_str(&format!("{b:02x}"));
-                    }
-                    let mut h = async_nats::HeaderMap::new();
-                    h.insert("Postbox-Id", id.as_str());
-                    h.insert("Postbox-Idempotency-Key", id.as_str());
-                    h.insert("Postbox-Destination", "api:443");
-                    h.insert("Postbox-Not-Before", "1763820000000");
-                    let p = async_nats::jetstream::message::PublishMessage::build()
-                        .payload(payload)
-                        .headers(h)
-                        .message_id(&id)
-                        .expected_last_subject_sequence(0);
-                    js.send_publish(subj, p).await.unwrap().await.unwrap();
-                }
-            })
-        })
-    });
+    bench_loop(
+        &mut g,
+        rt,
+        "nats/64_producers_same_message",
+        (js.clone(), raw_subject.clone(), payload.clone()),
+        |(js, subject, payload)| async move {
+            let id = MessageId::new_v7().to_string();
+            let mut subj = format!("{subject}x.x");
+            for b in id.as_bytes() {
+                subj.push_str(&format!("{b:02x}"));
+            }
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Postbox-Id", id.as_str());
+            h.insert("Postbox-Idempotency-Key", id.as_str());
+            h.insert("Postbox-Destination", "api:443");
+            h.insert("Postbox-Not-Before", "1763820000000");
+            let p = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload)
+                .headers(h)
+                .message_id(&id)
+                .expected_last_subject_sequence(0);
+            js.send_publish(subj, p).await.unwrap().await.unwrap();
+        },
+    );
     drop_stream(&raw_stream);
     let (raw_stream, raw_subject) = new_stream();
-    g.bench_function("nats/64_producers_unique_subject", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (js, subject, payload) = (js.clone(), raw_subject.clone(), payload.clone());
-            spread(iters, move || {
-                let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
-                async move {
-                    let subj = format!("{subject}x.{:016x}", fastrand::u64(..));
-                    js.publish(subj, payload).await.unwrap().await.unwrap();
-                }
-            })
-        })
-    });
+    bench_loop(
+        &mut g,
+        rt,
+        "nats/64_producers_unique_subject",
+        (js.clone(), raw_subject.clone(), payload.clone()),
+        |(js, subject, payload)| async move {
+            let subj = format!("{subject}x.{:016x}", fastrand::u64(..));
+            js.publish(subj, payload).await.unwrap().await.unwrap();
+        },
+    );
     drop_stream(&raw_stream);
     g.finish();
     bench_adapter(c, rt, "nats", &q);
@@ -325,22 +325,20 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
     let mut g = c.benchmark_group("raw");
     g.throughput(Throughput::Elements(1));
     let payload = Arc::new(envelope().encode());
-    g.bench_function("amqp/64_producers", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (ch, queue, payload) = (ch.clone(), raw_queue.clone(), payload.clone());
-            spread(iters, move || {
-                let (ch, queue, payload) = (ch.clone(), queue.clone(), payload.clone());
-                async move {
-                    let props = lapin::BasicProperties::default().with_delivery_mode(2);
-                    ch.basic_publish("", &queue, BasicPublishOptions::default(), &payload, props)
-                        .await
-                        .unwrap()
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-    });
+    bench_loop(
+        &mut g,
+        rt,
+        "amqp/64_producers",
+        (ch.clone(), raw_queue.clone(), payload.clone()),
+        |(ch, queue, payload)| async move {
+            let props = lapin::BasicProperties::default().with_delivery_mode(2);
+            ch.basic_publish("", &queue, BasicPublishOptions::default(), &payload, props)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        },
+    );
     rt.block_on(ch.queue_delete(&raw_queue, QueueDeleteOptions::default()))
         .unwrap();
     settle(rt);
