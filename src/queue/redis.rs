@@ -151,7 +151,7 @@ struct Pending {
     reply: oneshot::Sender<Result<(i64, String), (bool, String)>>,
 }
 
-/// Most enqueues sent in one transaction or script call.
+/// Most enqueues sent in one `enqueue.lua` call (queues with a capacity).
 const MAX_BATCH: usize = 128;
 /// Most batches of enqueues in flight at once.
 const BATCHES_IN_FLIGHT: usize = 2;
