@@ -503,10 +503,17 @@ impl StackConfig {
     /// As [`from_str`](Self::from_str), plus an unreadable file or unknown extension;
     /// the error carries the path.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, LoadError> {
-        let path = path.as_ref();
-        let (text, format) = read(path)?;
-        Self::from_str(&text, format).map_err(|e| e.with_path(path))
+        load_file(path.as_ref(), Self::from_str)
     }
+}
+
+/// Reads the file at `path` and parses it with `from_str`; an error carries the path.
+fn load_file<T>(
+    path: &Path,
+    from_str: fn(&str, Format) -> Result<T, LoadError>,
+) -> Result<T, LoadError> {
+    let (text, format) = read(path)?;
+    from_str(&text, format).map_err(|e| e.with_path(path))
 }
 
 // === impl ClientConfig ===
@@ -535,9 +542,7 @@ impl ClientConfig {
     /// # Errors
     /// As [`StackConfig::load`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self, LoadError> {
-        let path = path.as_ref();
-        let (text, format) = read(path)?;
-        Self::from_str(&text, format).map_err(|e| e.with_path(path))
+        load_file(path.as_ref(), Self::from_str)
     }
 }
 
@@ -566,9 +571,7 @@ impl ServerConfig {
     /// # Errors
     /// As [`StackConfig::load`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self, LoadError> {
-        let path = path.as_ref();
-        let (text, format) = read(path)?;
-        Self::from_str(&text, format).map_err(|e| e.with_path(path))
+        load_file(path.as_ref(), Self::from_str)
     }
 }
 
