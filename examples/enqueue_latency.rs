@@ -62,12 +62,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let elapsed = start.elapsed();
         lat.sort();
+        let stats = q.stats();
         println!(
-            "{producers:>2} producers: {:>8.0} msg/s  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>7.3} ms",
+            "{producers:>2} producers: {:>8.0} msg/s  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>7.3} ms  {:>5.1} enqueues/commit",
             n as f64 / elapsed.as_secs_f64(),
             percentile(&lat, 0.50).as_secs_f64() * 1e3,
             percentile(&lat, 0.99).as_secs_f64() * 1e3,
             lat[lat.len() - 1].as_secs_f64() * 1e3,
+            stats.operations as f64 / stats.commits.max(1) as f64,
         );
         if producers == 64 {
             // Drain what was just enqueued: lease batches of 256, ack each batch at once.

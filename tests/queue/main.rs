@@ -389,6 +389,88 @@ async fn concurrent_enqueues_share_commits() {
 }
 
 #[tokio::test]
+async fn the_same_message_enqueued_twice_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = EmbeddedQueue::open(dir.path().join("q.redb"), EmbeddedOptions::new()).unwrap();
+    let mut first = envelope(1);
+    first.idempotency_key = String::new(); // never de-duplicated by key: by id only
+    let id = first.id;
+    assert_eq!(
+        q.enqueue(first.clone()).await.unwrap(),
+        postbox::queue::Enqueued::Stored(id)
+    );
+    // The same id again, with another body and a key of its own: the stored message
+    // is kept as it was, and the new key is not taken.
+    let mut again = first.clone();
+    again.body = Bytes::from_static(b"other");
+    again.idempotency_key = "k-new".into();
+    assert_eq!(
+        q.enqueue(again).await.unwrap(),
+        postbox::queue::Enqueued::Duplicate(id)
+    );
+    let mut keyed = envelope(2);
+    keyed.idempotency_key = "k-new".into();
+    assert!(matches!(
+        q.enqueue(keyed).await.unwrap(),
+        postbox::queue::Enqueued::Stored(_)
+    ));
+    let leased = q.lease(10, LEASE, SystemTime::now()).await.unwrap();
+    assert_eq!(leased.len(), 2);
+    assert_eq!(leased[0].envelope.id, id);
+    assert_eq!(
+        leased[0].envelope.body, first.body,
+        "the first copy is kept"
+    );
+    assert_eq!(leased[0].envelope.idempotency_key, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_close_racing_64_producers_keeps_every_receipted_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    for round in 0..5 {
+        let q = Arc::new(EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap());
+        let before = all_ids(&q).await;
+        let tasks: Vec<_> = (0..64)
+            .map(|t| {
+                let q = q.clone();
+                tokio::spawn(async move {
+                    let mut stored = Vec::new();
+                    for i in 0..50 {
+                        match q.enqueue(envelope(t * 50 + i)).await {
+                            Ok(receipt) => stored.push(receipt.id()),
+                            Err(_) => break, // closed: nothing after it is stored
+                        }
+                    }
+                    stored
+                })
+            })
+            .collect();
+        // Close while the producers are busy (the writer takes arrivals into the
+        // transaction it is applying, a close among them included).
+        let target = q.stats().operations + 100 + round * 600;
+        while q.stats().operations < target {
+            tokio::task::yield_now().await;
+        }
+        q.close().await.unwrap();
+        let mut receipted = BTreeSet::new();
+        for t in tasks {
+            receipted.extend(t.await.unwrap());
+        }
+        assert!(q.enqueue(envelope(0)).await.is_err(), "closed");
+        drop(q);
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let after = all_ids(&q).await;
+        let new: BTreeSet<_> = after.difference(&before).copied().collect();
+        assert_eq!(
+            new, receipted,
+            "round {round}: stored exactly the receipted"
+        );
+        q.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn opening_a_queue_twice_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.redb");
