@@ -281,8 +281,8 @@ impl ReplayConfig {
 ///   [`Permanent`](Verdict::Permanent) → dead-lettered.
 ///
 /// The queue counts every lease as an attempt, except a replay rejected by an open
-/// breaker on the memory and embedded queues; the broker queues count it too (at most
-/// `concurrency` of those per opening, since leasing pauses).
+/// breaker (every backend in this crate implements `release` uncounted; a `Queue` of
+/// your own that keeps the default counts it).
 ///
 /// # Which service
 /// Replay through the stack *inside* the enqueue layer (deadline, retry, breaker,

@@ -51,7 +51,11 @@
 //! broker dead-letters it back when it is due. Per-message TTLs expire only at the head
 //! of a queue, so a long delay can hold back a shorter one queued behind it (by at most
 //! the difference). `retry_later` republishes the message with the new not-before and
-//! attempts (to the main or the delay queue), then acks the delivery.
+//! attempts (to the main or the delay queue), then acks the delivery. `release` (a
+//! delivery the replayer's breaker stopped) leaves the attempt uncounted: within the hold
+//! limit the process simply keeps holding the delivery, sending nothing; beyond it the
+//! message is parked like a retry, with the uncounted attempts. Every lease's token
+//! generation is a per-process sequence number, so a released lease's token is stale.
 //!
 //! # De-duplication
 //!
@@ -156,6 +160,9 @@ struct State {
     held: BTreeMap<MessageId, Held>,
     /// The `now` of the last `lease` (retries are delayed relative to it).
     last_now: Option<SystemTime>,
+    /// Leases made so far: every lease's generation, unique even when a released
+    /// delivery's attempts repeat.
+    leases: u64,
 }
 
 struct Held {
@@ -637,6 +644,7 @@ impl Inner {
         }
         let lease_until = super::saturating_add(now, lease_for);
         let mut out = Vec::new();
+        let st = &mut *st;
         for (&id, h) in st.held.iter_mut() {
             if out.len() >= max {
                 break;
@@ -649,7 +657,8 @@ impl Inner {
                 continue;
             }
             h.envelope.attempts = h.envelope.attempts.saturating_add(1);
-            let generation = u64::from(h.envelope.attempts);
+            st.leases += 1;
+            let generation = st.leases;
             h.state = HeldState::Leased(lease_until, generation);
             out.push(Leased {
                 envelope: h.envelope.clone(),
@@ -749,6 +758,28 @@ impl Inner {
         drop(st);
         h.envelope.not_before = not_before;
         self.park(&ch, epoch, h, now).await
+    }
+
+    /// Like `retry_later`, with the delivery uncounted: a not-before within the hold
+    /// limit is kept here, in memory, and nothing goes to the broker; a later one is
+    /// parked in the delay queue with the uncounted attempts.
+    async fn release(&self, token: LeaseToken, not_before: SystemTime) -> Result<(), QueueError> {
+        let (ch, epoch) = self.current().await?;
+        let mut st = self.state.lock().await;
+        let mut h = Self::take(&mut st, token)?;
+        h.envelope.attempts = h.envelope.attempts.saturating_sub(1);
+        h.envelope.not_before = not_before;
+        let now = st.last_now.unwrap_or_else(SystemTime::now);
+        if not_before
+            .duration_since(now)
+            .is_ok_and(|wait| wait > self.hold_limit)
+        {
+            drop(st);
+            return self.park(&ch, epoch, h, now).await;
+        }
+        h.state = HeldState::Scheduled(not_before);
+        st.held.insert(token.id, h);
+        Ok(())
     }
 
     async fn dead_letter(&self, token: LeaseToken, reason: &str) -> Result<(), QueueError> {
@@ -887,6 +918,14 @@ impl Queue for AmqpQueue {
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         self.inner.retry_later(token, not_before)
+    }
+
+    fn release(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.release(token, not_before)
     }
 
     fn dead_letter(

@@ -213,8 +213,9 @@ pub trait Queue: Send + Sync + 'static {
     /// (the replayer's circuit breaker rejected it), so an outage does not use up the
     /// message's attempts.
     ///
-    /// The default counts the delivery (it is [`retry_later`](Self::retry_later)); the
-    /// memory and embedded queues do not count it.
+    /// The default counts the delivery (it is [`retry_later`](Self::retry_later)); every
+    /// backend in this crate overrides it and does not. A released lease's token is
+    /// stale afterwards, like any ended lease's.
     fn release(
         &self,
         token: LeaseToken,

@@ -59,6 +59,9 @@
 //!
 //! `retry_later` republishes the message with the new `Postbox-Not-Before` and
 //! `Postbox-Attempts` and then acks the delivery, so the delay survives a restart.
+//! `release` (a delivery the replayer's breaker stopped) sends nothing: the process keeps
+//! holding the delivery, with the attempt uncounted and the new not-before in memory; if
+//! the process dies first, the server delivers it again after `ack_wait`, counted.
 //! `dead_letter` publishes to the dead-letter stream, then terminates the delivery
 //! (`+TERM`). [`Depth::in_flight`](super::Depth) counts this process' leases.
 //!
@@ -151,6 +154,9 @@ struct Held {
     msg: async_nats::jetstream::Message,
     envelope: Envelope,
     state: HeldState,
+    /// Leases given back uncounted (`release`): the high half of every generation, so a
+    /// lease's token is its own even when the attempts repeat.
+    releases: u32,
     /// When the server last heard from us about this delivery (real time).
     touched: Instant,
 }
@@ -488,6 +494,7 @@ impl Inner {
                             msg,
                             envelope,
                             state,
+                            releases: 0,
                             touched: Instant::now(),
                         },
                     );
@@ -523,7 +530,7 @@ impl Inner {
                 continue;
             }
             h.envelope.attempts = h.envelope.attempts.saturating_add(1);
-            let generation = u64::from(h.envelope.attempts);
+            let generation = u64::from(h.releases) << 32 | u64::from(h.envelope.attempts);
             h.state = HeldState::Leased(lease_until, generation);
             out.push(Leased {
                 envelope: h.envelope.clone(),
@@ -607,6 +614,19 @@ impl Inner {
             .double_ack()
             .await
             .map_err(|e| classify_dyn(&*e, "ack after retry"))
+    }
+
+    /// Keeps holding the delivery, uncounted and scheduled for `not_before`: nothing
+    /// goes to the server (module docs, "Leases").
+    async fn release(&self, token: LeaseToken, not_before: SystemTime) -> Result<(), QueueError> {
+        let mut held = self.held.lock().await;
+        let h = Self::take(&mut held, token)?;
+        let h = held.entry(token.id).or_insert(h);
+        h.envelope.attempts = h.envelope.attempts.saturating_sub(1);
+        h.envelope.not_before = not_before;
+        h.releases = h.releases.wrapping_add(1);
+        h.state = HeldState::Scheduled(not_before);
+        Ok(())
     }
 
     async fn dead_letter(&self, token: LeaseToken, reason: &str) -> Result<(), QueueError> {
@@ -733,6 +753,14 @@ impl Queue for NatsQueue {
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         self.inner.retry_later(token, not_before)
+    }
+
+    fn release(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.release(token, not_before)
     }
 
     fn dead_letter(

@@ -26,7 +26,7 @@
 //! | `…:stream` | stream | one entry per live message (pending or in flight); consumer group `postbox` |
 //! | `…:dead` | stream | dead letters, oldest first |
 //! | `…:msgs` | hash | message id → stream entry id (messages read by `lease` at least once) |
-//! | `…:attempts` | hash | message id → delivery attempts (= the lease generation) |
+//! | `…:attempts` | hash | message id → the lease generation: releases × 2³² + delivery attempts |
 //! | `…:nb` | hash | message id → not-before (ms) set by `retry_later` |
 //! | `…:keys` | hash | idempotency key → message id (de-duplication) |
 //! | `…:leases` | sorted set | message id scored by lease deadline (ms) |
@@ -411,7 +411,8 @@ impl RedisQueue {
             let attempts = int(attempts)?;
             let mut envelope = Envelope::decode(&bytes(env)?)
                 .map_err(|e| QueueError::Corrupt(format!("message {id}: {e}")))?;
-            envelope.attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            // The generation's low half is the attempts, its high half the releases.
+            envelope.attempts = (attempts & 0xffff_ffff) as u32;
             let nb = string(nb)?;
             if !nb.is_empty() {
                 envelope.not_before = from_ms(&nb)?;
@@ -449,11 +450,13 @@ impl RedisQueue {
         &self,
         token: LeaseToken,
         not_before: SystemTime,
+        counted: bool,
     ) -> Result<(), QueueError> {
         let args = vec![
             token.id.to_string().into(),
             token.generation.to_string().into(),
             ms_ceil(not_before).to_string().into(),
+            if counted { "0" } else { "1" }.into(),
         ];
         match int(self.run(&RETRY, args).await?)? {
             1 => Ok(()),
@@ -578,7 +581,15 @@ impl Queue for RedisQueue {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.retry_inner(token, not_before)
+        self.retry_inner(token, not_before, true)
+    }
+
+    fn release(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.retry_inner(token, not_before, false)
     }
 
     fn dead_letter(

@@ -24,6 +24,7 @@ macro_rules! conformance {
             duplicate_key_while_pending_is_not_stored_twice,
             duplicate_key_while_in_flight_is_not_stored_twice,
             retry_later_defers_and_keeps_attempts,
+            release_defers_without_counting_the_delivery,
             dead_letter_moves_message_and_frees_key,
             attempts_count_every_lease_until_dead_letter,
             enqueued_attempts_are_kept,
@@ -252,6 +253,47 @@ pub async fn retry_later_defers_and_keeps_attempts(q: impl Queue) {
         q.enqueue(envelope("a")).await.unwrap(),
         Enqueued::Duplicate(id)
     );
+}
+
+pub async fn release_defers_without_counting_the_delivery(q: impl Queue) {
+    let id = stored(&q, envelope("a")).await;
+    let first = q.lease(1, LEASE, at(0)).await.unwrap()[0].token;
+    // Three deliveries that never reached the destination (say, an open breaker).
+    let mut token = first;
+    for round in 1..=3u64 {
+        q.release(token, at(10 * round)).await.unwrap();
+        assert_eq!(q.depth().await.unwrap().pending, 1);
+        assert!(
+            q.lease(1, LEASE, at(10 * round - 1))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let l = q.lease(1, LEASE, at(10 * round)).await.unwrap();
+        assert_eq!(ids(&l), vec![id]);
+        assert_eq!(
+            l[0].envelope.attempts, 1,
+            "a released delivery is not counted"
+        );
+        assert_ne!(l[0].token, token, "every lease has a token of its own");
+        token = l[0].token;
+    }
+    // The released leases' tokens are stale.
+    assert!(matches!(q.ack(&[first]).await, Err(QueueError::LeaseLost(t)) if t == first));
+    assert!(matches!(
+        q.release(first, at(99)).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    // Still de-duplicated, and counted again once a delivery is.
+    assert_eq!(
+        q.enqueue(envelope("a")).await.unwrap(),
+        Enqueued::Duplicate(id)
+    );
+    q.retry_later(token, at(50)).await.unwrap();
+    let l = q.lease(1, LEASE, at(50)).await.unwrap();
+    assert_eq!(l[0].envelope.attempts, 2);
+    q.ack(&[l[0].token]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().pending, 0);
 }
 
 pub async fn dead_letter_moves_message_and_frees_key(q: impl Queue) {
