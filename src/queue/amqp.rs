@@ -139,6 +139,9 @@ struct Inner {
     max_held: usize,
     timeout: Duration,
     link: Mutex<Option<Link>>,
+    /// The last link's epoch, kept when a failed link is dropped: epochs only grow, so a
+    /// delivery held on a dead channel is never taken for one of the new channel.
+    last_epoch: std::sync::atomic::AtomicU64,
     /// A copy of the live `link`'s channel, read without waiting in line: every enqueue
     /// asks for the channel, and 64 of them queueing on the async lock cost more than
     /// the publish itself. Set and cleared (under `link`) with `link`.
@@ -266,6 +269,7 @@ impl AmqpQueue {
             max_held: options.max_held,
             timeout: options.timeout,
             link: Mutex::new(None),
+            last_epoch: std::sync::atomic::AtomicU64::new(0),
             fast: std::sync::Mutex::new(None),
             state: Mutex::new(State::default()),
             keys: std::sync::Mutex::new(HashMap::new()),
@@ -312,6 +316,24 @@ impl AmqpQueue {
     }
 }
 
+/// Closes a replaced connection without waiting for it. lapin's `Connection` has no
+/// `Drop`: a connection only dropped (or whose `close` future is only dropped) keeps its
+/// socket and heartbeats open for the life of the process.
+fn close_in_background(conn: Arc<Connection>, why: &'static str) {
+    if !conn.status().connected() {
+        return;
+    }
+    tokio::spawn(async move {
+        let closing = tokio::time::timeout(Duration::from_secs(5), conn.close(200, why)).await;
+        if !matches!(closing, Ok(Ok(()))) {
+            tracing::debug!(
+                reason = why,
+                "postbox: an old amqp connection did not close cleanly"
+            );
+        }
+    });
+}
+
 impl Inner {
     fn lock_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, (MessageId, Instant)>> {
         // Only plain map operations run under this lock; a panic there leaves it usable.
@@ -338,10 +360,13 @@ impl Inner {
         {
             return Ok((l.ch.clone(), l.epoch));
         }
-        let epoch = link.as_ref().map_or(0, |l| l.epoch) + 1;
+        let epoch = self
+            .last_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         *self.lock_fast() = None;
         if let Some(old) = link.take() {
-            drop(old.conn.close(200, "reconnecting"));
+            close_in_background(old.conn, "reconnecting");
         }
         let connect = async {
             let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
@@ -398,7 +423,7 @@ impl Inner {
             && let Some(old) = link.take()
         {
             *self.lock_fast() = None;
-            drop(old.conn.close(200, "error"));
+            close_in_background(old.conn, "error");
         }
         classify(e, "call")
     }
@@ -1004,5 +1029,45 @@ fn ms_ceil(t: SystemTime) -> i64 {
         ms
     } else {
         ms.saturating_add(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs RabbitMQ on 127.0.0.1:5672 (or `POSTBOX_AMQP_URL`); fails if it is down.
+    #[tokio::test]
+    async fn a_connection_replaced_after_an_error_is_closed() {
+        let name = format!("unit-close-{}", MessageId::new_v7());
+        let q = AmqpQueue::connect(AmqpOptions::new(&name))
+            .await
+            .expect("RabbitMQ must answer on 127.0.0.1:5672 (see shared/services.md)");
+        let (_, epoch) = q.inner.channel().await.unwrap();
+        let old = q.inner.link.lock().await.as_ref().unwrap().conn.clone();
+        assert!(old.status().connected());
+        // An error on a call while the connection itself is fine (a channel-level
+        // failure): the link is dropped and the next call connects anew.
+        let err = lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+            lapin::ChannelState::Closed,
+            "test",
+        ));
+        q.inner.fail(err, epoch).await;
+        let (_, new_epoch) = q.inner.channel().await.unwrap();
+        assert_ne!(new_epoch, epoch);
+        for _ in 0..100 {
+            if !old.status().connected() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !old.status().connected(),
+            "the old connection was left open"
+        );
+        let (ch, _) = q.inner.channel().await.unwrap();
+        for queue in [&q.inner.queue, &q.inner.delay_queue, &q.inner.dead_queue] {
+            let _ = ch.queue_delete(queue, Default::default()).await;
+        }
     }
 }
