@@ -40,16 +40,18 @@
 //! plus `reason` and `dead_at_ms`. So any Redis client can read both streams, e.g.
 //! `XRANGE postbox:{orders}:dead - +`.
 //!
-//! Every operation is atomic: one Lua script, except an enqueue to a queue without a
-//! capacity, which is a `MULTI`/`EXEC` of native commands (`HSETNX` and `HGET` of the
-//! key in `…:keys`, then the `XADD`), because a script's `redis.call`s cost Redis about
-//! twice as much CPU. A transaction cannot skip the `XADD` of a duplicate, so for a moment
-//! the stream holds an extra entry whose `idempotency_key` belongs to another id (or a
-//! second entry of a live id): the enqueue deletes it before it answers
+//! Every operation is atomic — one Lua script — except an enqueue to a queue without a
+//! capacity: two pipelined native commands, the `XADD` and then `HSETNX` of the key in
+//! `…:keys` (a script's `redis.call`s cost Redis about twice the CPU of native commands,
+//! and a `MULTI`/`EXEC` three more commands). The entry is always written before its key
+//! is claimed, so a claimed key has its entry. A duplicate's `XADD` cannot be skipped, so
+//! for a moment the stream holds an extra entry whose `idempotency_key` belongs to
+//! another id (or a second entry of a live id): the enqueue deletes it before it answers
 //! [`Enqueued::Duplicate`](super::Enqueued), and `lease` deletes any such entry it reads
-//! (one left by a client that died in between), so it is never delivered. A plain
-//! consumer of the stream should likewise skip an entry whose key, in `…:keys`, does not
-//! map to its `id`.
+//! (one left by a client that died in between), so it is never delivered. An entry whose
+//! key nobody claims yet (its enqueue is between its two commands, or died there) is
+//! claimed by the `lease` that reads it. A plain consumer of the stream should likewise
+//! skip an entry whose key, in `…:keys`, maps to another `id`.
 
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
@@ -86,7 +88,8 @@ static LEASE: LazyLock<Script> = script!("lease.lua");
 static ACK: LazyLock<Script> = script!("ack.lua");
 static RETRY: LazyLock<Script> = script!("retry.lua");
 static DEAD: LazyLock<Script> = script!("dead.lua");
-static DROP: LazyLock<Script> = script!("drop.lua");
+static SETTLE: LazyLock<Script> = script!("settle.lua");
+static UNCLAIM: LazyLock<Script> = script!("unclaim.lua");
 
 /// Where and how [`RedisQueue::connect`] connects.
 #[derive(Debug, Clone)]
@@ -318,11 +321,14 @@ impl RedisQueue {
         }
     }
 
-    /// Without a capacity: one `MULTI`/`EXEC` of `HSETNX keys KEY ID`, `HGET keys KEY`
-    /// and the `XADD`. Native commands cost Redis about half the CPU of a script's
-    /// `redis.call`s, but a transaction cannot skip the `XADD` of a duplicate: its entry
-    /// is deleted by `drop.lua` before the duplicate is answered, and `lease.lua` deletes
-    /// any such entry it reads, so it is never delivered (module docs).
+    /// Without a capacity: the `XADD`, then `HSETNX keys KEY ID`, pipelined (no
+    /// transaction: two native commands cost Redis least). The entry is written before
+    /// the key is claimed, so a claimed key always has its entry; an entry whose key is
+    /// claimed by nobody yet is claimed by `lease.lua` when it reads it (an enqueue still
+    /// between its two commands, or one whose client died there — it is delivered,
+    /// without a receipt, which at-least-once allows). When the key is taken,
+    /// `settle.lua` decides atomically: stored after all, or a duplicate whose entry it
+    /// deletes (`lease.lua` deletes any such entry it reads, so it is never delivered).
     async fn add(
         &self,
         id: &str,
@@ -343,23 +349,42 @@ impl RedisQueue {
             let _: Value = xadd.query_async(&mut conn).await.map_err(map_err)?;
             return Ok(Enqueued::Stored(message_id()?));
         }
-        let (set, owner, eid): (i64, String, Vec<u8>) = ::redis::pipe()
-            .atomic()
-            .hset_nx(&self.keys[5], key, id)
-            .hget(&self.keys[5], key)
-            .add_command(xadd)
-            .query_async(&mut conn)
-            .await
-            .map_err(map_err)?;
-        if set == 1 {
-            return Ok(Enqueued::Stored(message_id()?));
+        // Rarely more than once: only if `lease` deleted the entry as a duplicate's
+        // while the key was taken, and the owner was acked before we looked again.
+        for _ in 0..4 {
+            let added: Result<(Vec<u8>, i64), _> = ::redis::pipe()
+                .add_command(xadd.clone())
+                .hset_nx(&self.keys[5], key, id)
+                .query_async(&mut conn)
+                .await;
+            let (eid, set) = match added {
+                Ok(reply) => reply,
+                Err(e) => {
+                    // The XADD may have failed while the HSETNX did not: never leave the
+                    // key claimed by a message that may not exist.
+                    let args = vec![key.as_bytes().to_vec(), id.as_bytes().to_vec()];
+                    if let Err(e) = invoke(&mut conn, &UNCLAIM, &self.keys, args).await {
+                        tracing::warn!(error = %e, "postbox: could not free the key of a failed redis enqueue");
+                    }
+                    return Err(map_err(e));
+                }
+            };
+            if set == 1 {
+                return Ok(Enqueued::Stored(message_id()?));
+            }
+            let args = vec![key.as_bytes().to_vec(), id.as_bytes().to_vec(), eid];
+            let settled = invoke(&mut conn, &SETTLE, &self.keys, args).await?;
+            let [code, owner] =
+                <[Value; 2]>::try_from(array(settled)?).map_err(|_| unexpected("settle reply"))?;
+            match int(code)? {
+                1 => return Ok(Enqueued::Stored(message_id()?)),
+                0 => return Ok(Enqueued::Duplicate(parse_id(&string(owner)?)?)),
+                _ => continue,
+            }
         }
-        let args = vec![id.as_bytes().to_vec(), eid];
-        if let Err(e) = invoke(&mut conn, &DROP, &self.keys, args).await {
-            // Harmless: the next `lease` deletes the entry when it reads it.
-            tracing::warn!(error = %e, "postbox: a duplicate's redis entry is left for the next lease to drop");
-        }
-        Ok(Enqueued::Duplicate(parse_id(&owner)?))
+        Err(QueueError::Backend(
+            "redis enqueue: the entry kept being deleted as a duplicate's".into(),
+        ))
     }
 
     /// With a capacity: through the batching task, one `enqueue.lua` call per batch (it
@@ -773,4 +798,77 @@ fn from_ms(s: &str) -> Result<SystemTime, QueueError> {
         .parse()
         .map_err(|_| QueueError::Corrupt(format!("bad time {s:?}")))?;
     Ok(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::DeferReason;
+
+    async fn entry(q: &RedisQueue, id: MessageId, key: &str) -> Vec<u8> {
+        ::redis::cmd("XADD")
+            .arg(&q.keys[0])
+            .arg("*")
+            .arg("id")
+            .arg(id.to_string())
+            .arg("idempotency_key")
+            .arg(key)
+            .query_async(&mut q.connection())
+            .await
+            .unwrap()
+    }
+
+    async fn settle(q: &RedisQueue, key: &str, id: MessageId, eid: Vec<u8>) -> (i64, String) {
+        let args = vec![key.into(), id.to_string().into(), eid];
+        let reply = q.run(&SETTLE, args).await.unwrap();
+        let [code, owner] = <[Value; 2]>::try_from(array(reply).unwrap()).unwrap();
+        (int(code).unwrap(), string(owner).unwrap())
+    }
+
+    async fn owner(q: &RedisQueue, key: &str) -> Option<String> {
+        ::redis::cmd("HGET")
+            .arg(&q.keys[5])
+            .arg(key)
+            .query_async(&mut q.connection())
+            .await
+            .unwrap()
+    }
+
+    /// Each answer `settle.lua` gives an enqueue whose `HSETNX` found the key taken.
+    /// Needs Redis on 127.0.0.1:6379 (or `POSTBOX_REDIS_URL`); fails if it is down.
+    #[tokio::test]
+    async fn settle_answers_duplicate_stored_or_add_again() {
+        let name = format!("unit-settle-{}", MessageId::new_v7());
+        let q = RedisQueue::connect(RedisOptions::new(name))
+            .await
+            .expect("Redis must answer on 127.0.0.1:6379 (see shared/services.md)");
+        let mut first = Envelope::new("d", "POST", "/", "{}", DeferReason::CircuitOpen);
+        first.idempotency_key = "k".into();
+        let a = q.enqueue(first).await.unwrap().id();
+
+        // The key is taken: a duplicate, whose entry is deleted.
+        let b = MessageId::new_v7();
+        let eid = entry(&q, b, "k").await;
+        assert_eq!(settle(&q, "k", b, eid).await, (0, a.to_string()));
+
+        // `lease` deleted the entry while the key was taken, then the owner was acked:
+        // the entry is gone, so the enqueue must add it again (never answer "stored").
+        let c = MessageId::new_v7();
+        let eid = entry(&q, c, "k").await;
+        let leased = q
+            .lease(10, Duration::from_secs(30), SystemTime::now())
+            .await;
+        let leased = leased.unwrap();
+        assert_eq!(leased.len(), 1, "only the owner is delivered");
+        q.ack(&[leased[0].token]).await.unwrap();
+        assert_eq!(settle(&q, "k", c, eid).await.0, 2);
+        assert_eq!(owner(&q, "k").await, None);
+
+        // The owner was acked and the entry is still there: stored after all.
+        let d = MessageId::new_v7();
+        let eid = entry(&q, d, "k").await;
+        assert_eq!(settle(&q, "k", d, eid).await, (1, d.to_string()));
+        assert_eq!(owner(&q, "k").await, Some(d.to_string()));
+        q.purge().await.unwrap();
+    }
 }

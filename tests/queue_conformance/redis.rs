@@ -294,6 +294,42 @@ async fn leftover_duplicate_entries_are_never_delivered() {
     );
 }
 
+/// An entry whose key nobody claims (its enqueue wrote the entry and died before its
+/// `HSETNX`) is claimed by `lease` and delivered; the key then de-duplicates as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_whose_enqueue_died_before_claiming_its_key_is_delivered() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("unclaimed");
+    let mut admin = admin().await;
+    let _: String = redis::cmd("XADD")
+        .arg(&q.keys()[0])
+        .arg("*")
+        .arg("id")
+        .arg(e.id.to_string())
+        .arg("idempotency_key")
+        .arg("unclaimed")
+        .arg("envelope")
+        .arg(e.encode())
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let leased = q
+        .lease(100, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].envelope.id, e.id);
+    assert_eq!(
+        q.enqueue(crate::suite::envelope("unclaimed"))
+            .await
+            .unwrap(),
+        Enqueued::Duplicate(e.id)
+    );
+    assert_eq!(stream_len(&q).await, 1, "the duplicate's entry was dropped");
+    q.ack(&[leased[0].token]).await.unwrap();
+    assert_eq!(stream_len(&q).await, 0);
+}
+
 /// A private `redis-server` with `appendfsync always` on a free loopback port, killed
 /// with the test. The shared server on 6379 is never touched.
 struct PrivateRedis {

@@ -28,9 +28,19 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
       elseif k == 'attempts' then base = e[2][i + 1]
       elseif k == 'idempotency_key' then key = e[2][i + 1] end
     end
-    -- An entry whose key belongs to another id is a duplicate's (an orphan, see
-    -- `add_batch`), as is a second entry with the id of a live message: delete both.
-    local orphan = id and ((key ~= '' and redis.call('HGET', keys, key) ~= id)
+    -- An entry whose key belongs to another id is a duplicate's (an orphan, see `add`
+    -- in src/queue/redis.rs), as is a second entry with the id of a live message:
+    -- delete both. A key nobody claims yet is claimed for this entry (its enqueue wrote
+    -- the entry and has not yet claimed the key, or died before it could).
+    local owner = false
+    if id and key ~= '' then
+      owner = redis.call('HGET', keys, key)
+      if not owner and redis.call('HEXISTS', msgs, id) == 0 then
+        redis.call('HSET', keys, key, id)
+        owner = id
+      end
+    end
+    local orphan = id and ((key ~= '' and owner ~= id)
       or redis.call('HEXISTS', msgs, id) == 1)
     if orphan then
       redis.call('XACK', stream, group, e[1])
