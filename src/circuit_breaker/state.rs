@@ -109,8 +109,19 @@ const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
 const DISABLED: u64 = 3;
-const FORCED_OPEN: u64 = 4;
-const METRICS_ONLY: u64 = 5;
+const METRICS_ONLY: u64 = 4;
+const FORCED_OPEN: u64 = 5;
+/// The modes that admit every call as recorded (closed and metrics-only): exactly the
+/// modes with these bits clear, so `acquire` tells them apart with one test.
+const ADMIT_ALL_MASK: u64 = 0b011;
+const _: () = assert!(
+    CLOSED & ADMIT_ALL_MASK == 0
+        && METRICS_ONLY & ADMIT_ALL_MASK == 0
+        && OPEN & ADMIT_ALL_MASK != 0
+        && HALF_OPEN & ADMIT_ALL_MASK != 0
+        && DISABLED & ADMIT_ALL_MASK != 0
+        && FORCED_OPEN & ADMIT_ALL_MASK != 0
+);
 
 impl State {
     fn from_mode(mode: u64) -> Self {
@@ -602,7 +613,7 @@ impl Breaker {
     #[inline]
     pub(crate) fn acquire(&self, now: &mut Now) -> Result<Permit, Open> {
         let w = self.word.load(Acquire);
-        if mode(w) == CLOSED {
+        if w & ADMIT_ALL_MASK == 0 {
             return Ok(Permit::new(generation(w), RECORDED, self.start(now)));
         }
         self.acquire_slow(now)

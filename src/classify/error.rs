@@ -77,24 +77,24 @@ as_error_for!(
 pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
     let mut cur: Option<&(dyn Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(open) = e.downcast_ref::<crate::circuit_breaker::error::Open>() {
+        if let Some(open) = as_type::<crate::circuit_breaker::error::Open>(e) {
             return Classification::ignored()
                 .with_retryable(true)
                 .with_retry_after(Some(open.retry_after()));
         }
-        if e.is::<crate::bulkhead::error::Full>() {
+        if as_type::<crate::bulkhead::error::Full>(e).is_some() {
             return Classification::ignored().with_retryable(true);
         }
-        if e.is::<crate::timeout::error::Elapsed>() {
+        if as_type::<crate::timeout::error::Elapsed>(e).is_some() {
             return Classification::failure();
         }
-        if let Some(d) = e.downcast_ref::<crate::timeout::error::DeadlineExceeded>() {
+        if let Some(d) = as_type::<crate::timeout::error::DeadlineExceeded>(e) {
             return Classification::failure()
                 .with_retryable(false)
                 .with_effect(!d.expired_before_call());
         }
         #[cfg(feature = "reqwest")]
-        if let Some(r) = e.downcast_ref::<reqwest::Error>() {
+        if let Some(r) = as_type::<reqwest::Error>(e) {
             if r.is_connect() {
                 return Classification::failure().with_effect(false);
             }
@@ -104,17 +104,29 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
                     .with_effect(false);
             }
         }
-        if let Some(io) = e.downcast_ref::<io::Error>() {
+        if let Some(io) = as_type::<io::Error>(e) {
             return classify_io(io.kind());
         }
         #[cfg(feature = "grpc")]
-        if let Some(status) = e.downcast_ref::<tonic::Status>() {
+        if let Some(status) = as_type::<tonic::Status>(e) {
             let code = super::grpc::GrpcCode::from_i32(status.code() as i32);
             return super::grpc::default_class(code);
         }
         cur = e.source();
     }
     Classification::failure()
+}
+
+/// `e` as a `T`, if it is one. The size comes from the vtable with a plain load, so a
+/// type of another size is ruled out without the virtual `type_id` call that
+/// `downcast_ref` makes — the chain walk above checks up to seven types per link, and
+/// for a foreign error most of them differ in size.
+#[inline(always)]
+fn as_type<'e, T: Error + 'static>(e: &'e (dyn Error + 'static)) -> Option<&'e T> {
+    if std::mem::size_of_val(e) != std::mem::size_of::<T>() {
+        return None;
+    }
+    e.downcast_ref::<T>()
 }
 
 fn classify_io(kind: io::ErrorKind) -> Classification {
