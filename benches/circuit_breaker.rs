@@ -69,7 +69,8 @@ where
 /// Times `iters` calls spread over `callers` tasks sharing one breaker.
 fn drive_shared<S>(c: &mut Criterion, rt: &Runtime, id: &str, callers: u64, make: impl Fn() -> S)
 where
-    S: Service<u32, Response = u32, Error = BoxError> + Send + 'static,
+    S: Service<u32, Response = u32> + Send + 'static,
+    S::Error: fmt::Debug + Send,
     S::Future: Send,
 {
     c.bench_function(id, |b| {

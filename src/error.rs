@@ -166,6 +166,16 @@ mod http_mapping {
         to_response(&*err)
             .unwrap_or_else(|| respond(StatusCode::INTERNAL_SERVER_ERROR, None, err.to_string()))
     }
+
+    impl<E: Into<BoxError>> IntoResponse for crate::circuit_breaker::error::Error<E> {
+        /// A rejection as [`Open`] does; an inner error as [`into_response`] does.
+        fn into_response(self) -> Response {
+            match self {
+                Self::Open(open) => open.into_response(),
+                Self::Inner(e) => into_response(e.into()),
+            }
+        }
+    }
 }
 
 #[cfg(feature = "grpc")]
@@ -211,6 +221,16 @@ mod grpc_mapping {
         /// `DEADLINE_EXCEEDED`.
         fn from(e: DeadlineExceeded) -> Self {
             Status::new(Code::DeadlineExceeded, e.to_string())
+        }
+    }
+
+    impl<E: Into<crate::BoxError>> From<crate::circuit_breaker::error::Error<E>> for Status {
+        /// A rejection as [`Open`] does; an inner error as [`to_status`] does.
+        fn from(e: crate::circuit_breaker::error::Error<E>) -> Self {
+            match e {
+                crate::circuit_breaker::error::Error::Open(open) => open.into(),
+                crate::circuit_breaker::error::Error::Inner(e) => to_status(&*e.into()),
+            }
         }
     }
 
@@ -295,6 +315,34 @@ mod tests {
         assert_eq!(deadline.status(), http::StatusCode::GATEWAY_TIMEOUT);
         let other = into_response("boom".into());
         assert_eq!(other.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn breaker_errors_answer_as_their_cause() {
+        use crate::circuit_breaker::error::Error as BreakerError;
+        use axum_core::response::IntoResponse;
+        let open = BreakerError::<BoxError>::Open(Open::new(Duration::from_secs(2)));
+        let res = open.into_response();
+        assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[http::header::RETRY_AFTER], "2");
+        let inner = BreakerError::<BoxError>::Inner(Elapsed::new(Duration::from_secs(1)).into());
+        assert_eq!(
+            inner.into_response().status(),
+            http::StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn breaker_errors_map_to_grpc_statuses() {
+        use crate::circuit_breaker::error::Error as BreakerError;
+        let open = tonic::Status::from(BreakerError::<BoxError>::Open(Open::new(
+            Duration::from_millis(300),
+        )));
+        assert_eq!(open.code(), tonic::Code::Unavailable);
+        let full = tonic::Status::from(BreakerError::<BoxError>::Inner(Full::new(1, 0).into()));
+        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
     }
 
     #[cfg(feature = "grpc")]

@@ -1,5 +1,7 @@
 //! Circuit breaker errors.
 
+use crate::BoxError;
+use crate::classify::AsError;
 use std::fmt;
 use std::time::Duration;
 
@@ -33,3 +35,68 @@ impl fmt::Display for Open {
 }
 
 impl std::error::Error for Open {}
+
+/// The error of a [`CircuitBreaker`](super::CircuitBreaker) or
+/// [`KeyedCircuitBreaker`](super::KeyedCircuitBreaker): the breaker's own rejection, or
+/// the inner service's error.
+///
+/// It is not boxed, so a rejection costs no allocation. It converts into
+/// [`BoxError`](crate::BoxError) with `?` or `.into()` — a rejection becomes a boxed
+/// [`Open`] (so `downcast_ref::<Open>()` and [`is_caused_by`](crate::error::is_caused_by)
+/// find it), an inner error is boxed as it would be — so it composes with every tower
+/// layer that boxes errors. Classifiers see through it ([`AsError`]).
+///
+/// It does not implement `std::error::Error` itself (that would make the conversion to
+/// `BoxError` ambiguous); convert it to `BoxError` for error reporters.
+#[derive(Debug)]
+pub enum Error<E> {
+    /// The breaker rejected the call: the inner service was not called.
+    Open(Open),
+    /// The inner service failed.
+    Inner(E),
+}
+
+impl<E> Error<E> {
+    /// The rejection, if the breaker rejected the call.
+    pub fn open(&self) -> Option<&Open> {
+        match self {
+            Error::Open(open) => Some(open),
+            Error::Inner(_) => None,
+        }
+    }
+
+    /// The inner service's error, if it failed.
+    pub fn into_inner(self) -> Option<E> {
+        match self {
+            Error::Open(_) => None,
+            Error::Inner(e) => Some(e),
+        }
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for Error<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Open(open) => open.fmt(f),
+            Error::Inner(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<E: Into<BoxError>> From<Error<E>> for BoxError {
+    fn from(e: Error<E>) -> Self {
+        match e {
+            Error::Open(open) => Box::new(open),
+            Error::Inner(e) => e.into(),
+        }
+    }
+}
+
+impl<E: AsError> AsError for Error<E> {
+    fn as_error(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Open(open) => Some(open),
+            Error::Inner(e) => e.as_error(),
+        }
+    }
+}

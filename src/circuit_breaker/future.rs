@@ -1,10 +1,9 @@
 //! Response future of [`CircuitBreaker`](super::CircuitBreaker) and
 //! [`KeyedCircuitBreaker`](super::KeyedCircuitBreaker).
 
-use super::error::Open;
+use super::error::{Error, Open};
 use super::shared::Ref;
 use super::state::{Now, Permit, Verdict};
-use crate::BoxError;
 use crate::classify::{Classification, Classify};
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -73,9 +72,8 @@ impl<F, C, T, E> Future for ResponseFuture<F, C>
 where
     F: Future<Output = Result<T, E>>,
     C: Classify<T, E>,
-    E: Into<BoxError>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<T, Error<E>>;
 
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -91,12 +89,13 @@ where
                         guard.complete(verdict(classifier.classify(out.as_ref())));
                     }
                 }
-                Poll::Ready(out.map_err(Into::into))
+                Poll::Ready(out.map_err(Error::Inner))
             }
-            KindProj::Rejected { error } => Poll::Ready(Err(error
-                .take()
-                .expect("circuit breaker future polled after completion")
-                .into())),
+            KindProj::Rejected { error } => Poll::Ready(Err(Error::Open(
+                error
+                    .take()
+                    .expect("circuit breaker future polled after completion"),
+            ))),
         }
     }
 }

@@ -1,11 +1,11 @@
 //! One independent breaker per key (per authority, route, tenant …).
 
 use super::config::CircuitBreakerBuilder;
+use super::error::Error;
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::shared::Ref;
 use super::state::{Breaker, Now, OnTransition, Transition};
-use crate::BoxError;
 use crate::classify::{Classify, ErrorClassifier};
 use crate::error::ConfigError;
 use std::collections::HashMap;
@@ -423,17 +423,16 @@ impl<S, K, F, C> KeyedCircuitBreaker<S, K, F, C> {
 impl<S, K, F, C, Req> Service<Req> for KeyedCircuitBreaker<S, K, F, C>
 where
     S: Service<Req>,
-    S::Error: Into<BoxError>,
     K: Hash + Eq + Clone + fmt::Display,
     F: KeyFn<Req, K>,
     C: Classify<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
-    type Error = BoxError;
+    type Error = Error<S::Error>;
     type Future = ResponseFuture<S::Future, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.inner.poll_ready(cx).map_err(Error::Inner)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {

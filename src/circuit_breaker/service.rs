@@ -1,8 +1,8 @@
+use super::error::Error;
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::shared::Shared;
 use super::state::{Now, Permit};
-use crate::BoxError;
 use crate::classify::{Classify, ErrorClassifier};
 use std::fmt;
 use std::sync::Arc;
@@ -27,7 +27,9 @@ impl Drop for Slot {
 /// Admission is decided in `poll_ready` (fail fast: a rejected call is a *ready*
 /// service whose `call` fails at once with [`Open`](super::error::Open), never an
 /// error from `poll_ready`, and the inner service is not polled). An admitted call's
-/// permit moves into the response future. Errors become [`BoxError`].
+/// permit moves into the response future. Errors are [`Error`]: the rejection or the
+/// inner error, unboxed (a rejection allocates nothing); `.into()` makes a
+/// [`BoxError`](crate::BoxError).
 ///
 /// # Cancel safety
 /// Dropping the response future records nothing and gives back a half-open probe
@@ -102,11 +104,10 @@ impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for CircuitBreaker<S, C> {
 impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
 where
     S: Service<Req>,
-    S::Error: Into<BoxError>,
     C: Classify<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
-    type Error = BoxError;
+    type Error = Error<S::Error>;
     type Future = ResponseFuture<S::Future, C>;
 
     #[inline]
@@ -125,9 +126,9 @@ where
             Poll::Ready(Err(e)) => {
                 // The service failed: give back what was reserved.
                 slot.breaker.breaker().release(slot.reserved.take());
-                Poll::Ready(Err(e.into()))
+                Poll::Ready(Err(Error::Inner(e)))
             }
-            other => other.map_err(Into::into),
+            other => other.map_err(Error::Inner),
         }
     }
 

@@ -179,6 +179,7 @@ mod client_stack {
         Future: Send,
     > + Clone {
         ServiceBuilder::new()
+            .map_err(BoxError::from)
             .layer(BufferBodyLayer::new(64 * 1024))
             .layer(
                 RetryLayer::http()

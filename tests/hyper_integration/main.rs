@@ -81,6 +81,7 @@ fn stack(
     Future: Send,
 > + Clone {
     ServiceBuilder::new()
+        .map_err(BoxError::from)
         .layer(BufferBodyLayer::new(64 * 1024))
         .layer(
             RetryLayer::http()
@@ -165,6 +166,6 @@ async fn the_breaker_classifies_the_bare_hyper_client_errors() {
         .oneshot(get_req(addr, "/"))
         .await
         .unwrap_err();
-    assert!(!is_caused_by::<Open>(&*err));
+    assert!(!is_caused_by::<Open>(&*BoxError::from(err)));
     assert_eq!(handle.state(), State::Open);
 }
