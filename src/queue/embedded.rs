@@ -750,7 +750,6 @@ impl Leases {
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
-        let mut batch = Vec::with_capacity(self.max_batch);
         // Ends when every sender is gone (the queue was dropped) or on `Close`.
         loop {
             let first = match self.unsynced_since {
@@ -765,36 +764,22 @@ impl Writer {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            batch.push(first);
-            while batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
+            let close = match first {
+                close @ Op::Close { .. } => close,
+                op => match self.apply(op, &rx) {
+                    Some(close) => close,
+                    None => continue,
+                },
+            };
+            let result = self.close();
+            if let Op::Close { reply } = close {
+                let _ = reply.send(result);
             }
-            let close_at = batch.iter().position(|op| matches!(op, Op::Close { .. }));
-            let mut after_close = close_at.map(|i| batch.split_off(i));
-            if !batch.is_empty() {
-                // Without a close in the batch, the transaction keeps taking what
-                // arrives while it is applied (`Arrivals`).
-                let more = after_close.is_none().then_some(&rx);
-                if let Some(close) = self.apply(std::mem::take(&mut batch), more) {
-                    after_close = Some(vec![close]);
-                }
+            // Anything sent after the close is refused (dropping its reply says so).
+            while let Ok(op) = rx.try_recv() {
+                drop(op);
             }
-            if let Some(rest) = after_close {
-                let mut rest = rest.into_iter();
-                let result = self.close();
-                if let Some(Op::Close { reply }) = rest.next() {
-                    let _ = reply.send(result);
-                }
-                // Anything sent after the close is refused (dropping its reply says so).
-                drop(rest);
-                while let Ok(op) = rx.try_recv() {
-                    drop(op);
-                }
-                return;
-            }
+            return;
         }
         let _ = self.close();
     }
@@ -837,22 +822,21 @@ impl Writer {
         res
     }
 
-    /// Applies a batch in one write transaction, commits it once, then answers.
-    ///
-    /// With `more`, ops that arrive while the batch is applied join the same
-    /// transaction (up to `max_batch` in all): producers that were a moment late share
-    /// this commit instead of waiting for a commit of their own. A `Close` taken from
-    /// the channel this way is not applied but returned, for the caller to handle.
-    fn apply(&mut self, batch: Vec<Op>, more: Option<&mpsc::Receiver<Op>>) -> Option<Op> {
+    /// Applies `first` and every op waiting on the channel — including those that arrive
+    /// while the transaction is being applied, up to `max_batch` in all — in one write
+    /// transaction, commits it once, then answers. Producers that were a moment late
+    /// share this commit instead of waiting for a commit of their own. A `Close` taken
+    /// from the channel ends the batch; it is returned, not applied, for the caller.
+    fn apply(&mut self, first: Op, rx: &mpsc::Receiver<Op>) -> Option<Op> {
         let live_before = self.live;
         let mut undo = Vec::new();
         let db = self.db.as_ref()?;
-        let mut done = Vec::with_capacity(batch.len());
+        let mut done = Vec::new();
         let mut ops = Arrivals {
-            needs_sync: !batch.iter().all(Op::may_stay_unsynced),
-            taken: batch.len(),
-            batch: batch.into_iter(),
-            more,
+            needs_sync: !first.may_stay_unsynced(),
+            taken: 1,
+            first: Some(first),
+            more: Some(rx),
             max: self.max_batch,
             close: None,
         };
@@ -920,10 +904,10 @@ impl Writer {
     }
 }
 
-/// The ops of one transaction: the batch, then (with `more`) whatever has arrived on
-/// the channel meanwhile, up to `max` in all, stopping at a `Close`.
+/// The ops of one transaction: the first, then (while `more` is set) whatever is on the
+/// channel by the time the transaction asks, up to `max` in all, stopping at a `Close`.
 struct Arrivals<'r> {
-    batch: std::vec::IntoIter<Op>,
+    first: Option<Op>,
     more: Option<&'r mpsc::Receiver<Op>>,
     max: usize,
     taken: usize,
@@ -936,7 +920,7 @@ impl Iterator for Arrivals<'_> {
     type Item = Op;
 
     fn next(&mut self) -> Option<Op> {
-        if let Some(op) = self.batch.next() {
+        if let Some(op) = self.first.take() {
             return Some(op);
         }
         if self.taken >= self.max || self.close.is_some() {
