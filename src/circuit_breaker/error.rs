@@ -41,7 +41,7 @@ impl std::error::Error for Open {}
 /// the inner service's error.
 ///
 /// It is not boxed, so a rejection costs no allocation. It converts into
-/// [`BoxError`](crate::BoxError) with `?` or `.into()` — a rejection becomes a boxed
+/// [`BoxError`] with `?` or `.into()` — a rejection becomes a boxed
 /// [`Open`] (so `downcast_ref::<Open>()` and [`is_caused_by`](crate::error::is_caused_by)
 /// find it), an inner error is boxed as it would be — so it composes with every tower
 /// layer that boxes errors. Classifiers see through it ([`AsError`]).
