@@ -11,35 +11,18 @@
 //! Run: `cargo bench --bench circuit_breaker -- --warm-up-time 1 --measurement-time 3`
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use postbox::BoxError;
 use postbox::circuit_breaker::CircuitBreakerLayer;
 use std::fmt;
-use std::future::{Ready, ready};
 use std::hint::black_box;
 use std::time::Duration;
 use tokio::runtime::Runtime;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
-/// A zero-sized error: failing costs no allocation in the inner service.
-#[derive(Debug)]
-struct Down;
+#[path = "support/breaker_paths.rs"]
+mod paths;
 
-impl fmt::Display for Down {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("down")
-    }
-}
-
-impl std::error::Error for Down {}
-
-fn ok_fn(x: u32) -> Ready<Result<u32, BoxError>> {
-    ready(Ok(x))
-}
-
-fn fail_fn(_: u32) -> Ready<Result<u32, BoxError>> {
-    ready(Err(Box::new(Down)))
-}
+use paths::{fail_fn, ok_fn};
 
 /// Times `iters` calls of one service.
 fn drive<S, E>(c: &mut Criterion, rt: &Runtime, id: &str, make: impl Fn() -> S)
@@ -108,37 +91,22 @@ fn benches(c: &mut Criterion) {
     drive(c, &rt, "bare", || service_fn(ok_fn));
 
     // --- postbox ---
-    let closed = CircuitBreakerLayer::builder().build().unwrap();
+    let closed = paths::closed();
     drive(c, &rt, "postbox/breaker/closed", || {
         closed.layer(service_fn(ok_fn))
     });
 
-    let open = CircuitBreakerLayer::builder()
-        .consecutive_failures(1)
-        .break_duration(Duration::from_secs(3600))
-        .build()
-        .unwrap();
-    rt.block_on(open.layer(service_fn(fail_fn)).oneshot(0))
-        .unwrap_err();
-    assert_eq!(open.handle().state(), postbox::circuit_breaker::State::Open);
+    let open = rt.block_on(paths::open());
     drive(c, &rt, "postbox/breaker/open", || {
         open.layer(service_fn(ok_fn))
     });
 
-    let failing = CircuitBreakerLayer::builder()
-        .count_window(100)
-        .minimum_calls(100)
-        .build()
-        .unwrap();
-    failing.handle().metrics_only();
+    let failing = paths::failing();
     drive(c, &rt, "postbox/breaker/failing", || {
         failing.layer(service_fn(fail_fn))
     });
 
-    let time = CircuitBreakerLayer::builder()
-        .time_window(Duration::from_secs(10), 10)
-        .build()
-        .unwrap();
+    let time = paths::time_window();
     drive(c, &rt, "postbox/breaker/time_window", || {
         time.layer(service_fn(ok_fn))
     });

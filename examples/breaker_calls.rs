@@ -11,37 +11,18 @@
 //! done
 //! ```
 //!
-//! The paths are those of `benches/circuit_breaker.rs`: `ready().await` then
-//! `call().await` on a `service_fn` that answers at once; `failing` fails every call in
-//! metrics-only mode (thresholds unreachable).
+//! The paths are those of `benches/circuit_breaker.rs`, from the same definitions
+//! (`benches/support/breaker_paths.rs`): `ready().await` then `call().await` on a
+//! `service_fn` that answers at once; `failing` fails every call in metrics-only mode
+//! (thresholds unreachable).
 
-use postbox::BoxError;
-use postbox::circuit_breaker::CircuitBreakerLayer;
+#[path = "../benches/support/breaker_paths.rs"]
+mod paths;
+
+use paths::{fail_fn, ok_fn};
 use std::fmt;
-use std::future::{Ready, ready};
 use std::hint::black_box;
-use std::time::Duration;
 use tower::{Layer, Service, ServiceExt, service_fn};
-
-/// A zero-sized error: failing costs no allocation in the inner service.
-#[derive(Debug)]
-struct Down;
-
-impl fmt::Display for Down {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("down")
-    }
-}
-
-impl std::error::Error for Down {}
-
-fn ok_fn(x: u32) -> Ready<Result<u32, BoxError>> {
-    ready(Ok(x))
-}
-
-fn fail_fn(_: u32) -> Ready<Result<u32, BoxError>> {
-    ready(Err(Box::new(Down)))
-}
 
 async fn drive<S>(mut svc: S, n: u32)
 where
@@ -68,32 +49,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     rt.block_on(async {
         match path.as_str() {
             "bare" => drive(service_fn(ok_fn), n).await,
-            "closed" => {
-                let layer = CircuitBreakerLayer::builder().build()?;
-                drive(layer.layer(service_fn(ok_fn)), n).await
-            }
-            "open" => {
-                let layer = CircuitBreakerLayer::builder()
-                    .consecutive_failures(1)
-                    .break_duration(Duration::from_secs(3600))
-                    .build()?;
-                let _ = layer.layer(service_fn(fail_fn)).oneshot(0).await;
-                drive(layer.layer(service_fn(ok_fn)), n).await
-            }
-            "failing" => {
-                let layer = CircuitBreakerLayer::builder()
-                    .count_window(100)
-                    .minimum_calls(100)
-                    .build()?;
-                layer.handle().metrics_only();
-                drive(layer.layer(service_fn(fail_fn)), n).await
-            }
-            "time_window" => {
-                let layer = CircuitBreakerLayer::builder()
-                    .time_window(Duration::from_secs(10), 10)
-                    .build()?;
-                drive(layer.layer(service_fn(ok_fn)), n).await
-            }
+            "closed" => drive(paths::closed().layer(service_fn(ok_fn)), n).await,
+            "open" => drive(paths::open().await.layer(service_fn(ok_fn)), n).await,
+            "failing" => drive(paths::failing().layer(service_fn(fail_fn)), n).await,
+            "time_window" => drive(paths::time_window().layer(service_fn(ok_fn)), n).await,
             _ => return Err(usage.into()),
         }
         Ok::<_, Box<dyn std::error::Error>>(())
