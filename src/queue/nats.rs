@@ -88,6 +88,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -147,6 +148,9 @@ struct Inner {
     max_held: usize,
     request_timeout: Duration,
     held: Mutex<BTreeMap<MessageId, Held>>,
+    /// Leases made so far: every lease's generation (taken under `held`), unique even
+    /// when a released delivery's attempts repeat.
+    leases: AtomicU64,
 }
 
 /// A delivery this process holds unacked.
@@ -154,9 +158,6 @@ struct Held {
     msg: async_nats::jetstream::Message,
     envelope: Envelope,
     state: HeldState,
-    /// Leases given back uncounted (`release`): the high half of every generation, so a
-    /// lease's token is its own even when the attempts repeat.
-    releases: u32,
     /// When the server last heard from us about this delivery (real time).
     touched: Instant,
 }
@@ -319,6 +320,7 @@ impl NatsQueue {
                 max_held: options.max_held,
                 request_timeout: options.request_timeout,
                 held: Mutex::new(BTreeMap::new()),
+                leases: AtomicU64::new(0),
             }),
         })
     }
@@ -494,7 +496,6 @@ impl Inner {
                             msg,
                             envelope,
                             state,
-                            releases: 0,
                             touched: Instant::now(),
                         },
                     );
@@ -530,7 +531,7 @@ impl Inner {
                 continue;
             }
             h.envelope.attempts = h.envelope.attempts.saturating_add(1);
-            let generation = u64::from(h.releases) << 32 | u64::from(h.envelope.attempts);
+            let generation = self.leases.fetch_add(1, Ordering::Relaxed) + 1;
             h.state = HeldState::Leased(lease_until, generation);
             out.push(Leased {
                 envelope: h.envelope.clone(),
@@ -620,12 +621,11 @@ impl Inner {
     /// goes to the server (module docs, "Leases").
     async fn release(&self, token: LeaseToken, not_before: SystemTime) -> Result<(), QueueError> {
         let mut held = self.held.lock().await;
-        let h = Self::take(&mut held, token)?;
-        let h = held.entry(token.id).or_insert(h);
+        let mut h = Self::take(&mut held, token)?;
         h.envelope.attempts = h.envelope.attempts.saturating_sub(1);
         h.envelope.not_before = not_before;
-        h.releases = h.releases.wrapping_add(1);
         h.state = HeldState::Scheduled(not_before);
+        held.insert(token.id, h);
         Ok(())
     }
 
