@@ -45,6 +45,22 @@ impl Coarse {
     pub(crate) fn now_ns(self) -> u64 {
         raw_ns().unwrap_or(0).wrapping_sub(self.offset)
     }
+
+    /// The raw coarse reading before which the precise time is certainly still before
+    /// `precise_ns`: compare [`raw_now`] with it and no offset is needed. Zero (never
+    /// before) when that reading would be at or before the coarse clock's zero.
+    pub(crate) fn raw_deadline(self, precise_ns: u64) -> u64 {
+        // The offset is a wrapping difference: read it as signed.
+        let raw = i128::from(precise_ns) + i128::from(self.offset as i64) - i128::from(SLACK_NS);
+        u64::try_from(raw).unwrap_or(0)
+    }
+}
+
+/// The raw coarse clock (ns, its own origin), to compare with a
+/// [`Coarse::raw_deadline`]; zero where there is no coarse clock.
+#[inline]
+pub(crate) fn raw_now() -> u64 {
+    raw_ns().unwrap_or(0)
 }
 
 /// Whether tokio's clock is paused: two reads of an unpaused nanosecond clock differ.

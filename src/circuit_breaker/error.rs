@@ -13,24 +13,41 @@ use std::time::Duration;
 /// `Retry-After`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Open {
-    retry_after: Duration,
+    /// In nanoseconds (saturated): a rejection converts nothing until it is asked.
+    retry_after_ns: u64,
 }
 
 impl Open {
-    /// A rejection whose next probe is allowed after `retry_after`.
+    /// A rejection whose next probe is allowed after `retry_after` (at most
+    /// `u64::MAX` nanoseconds, about 584 years).
     pub const fn new(retry_after: Duration) -> Self {
-        Self { retry_after }
+        let ns = retry_after.as_nanos();
+        Self::from_nanos(if ns > u64::MAX as u128 {
+            u64::MAX
+        } else {
+            ns as u64
+        })
+    }
+
+    #[inline]
+    pub(crate) const fn from_nanos(retry_after_ns: u64) -> Self {
+        Self { retry_after_ns }
+    }
+
+    #[inline]
+    pub(crate) const fn as_nanos(&self) -> u64 {
+        self.retry_after_ns
     }
 
     /// How long until the breaker admits a probe (zero: half-open, probes busy).
     pub const fn retry_after(&self) -> Duration {
-        self.retry_after
+        Duration::from_nanos(self.retry_after_ns)
     }
 }
 
 impl fmt::Display for Open {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "circuit open; next probe in {:?}", self.retry_after)
+        write!(f, "circuit open; next probe in {:?}", self.retry_after())
     }
 }
 

@@ -22,7 +22,7 @@
 
 use super::error::Open;
 use super::window::{FAILURE, SLOW, Totals, Window};
-use crate::clock::{Coarse, SLACK_NS};
+use crate::clock::{self, Coarse, SLACK_NS};
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::*};
@@ -401,7 +401,7 @@ impl Permit {
     pub(crate) fn rejected(open: &Open) -> Self {
         Self {
             tag: REJECTED,
-            start_ns: open.retry_after().as_nanos().min(u128::from(u64::MAX)) as u64,
+            start_ns: open.as_nanos(),
         }
     }
 
@@ -430,7 +430,7 @@ impl Permit {
     /// The rejection this stands for, if it is one.
     #[inline]
     pub(crate) fn rejection(&self) -> Option<Open> {
-        (self.kind() == REJECTED).then(|| Open::new(Duration::from_nanos(self.start_ns)))
+        (self.kind() == REJECTED).then(|| Open::from_nanos(self.start_ns))
     }
 
     /// Whether this permit holds a half-open probe slot.
@@ -505,6 +505,9 @@ pub(crate) struct Breaker {
     settings: Settings,
     origin: Instant,
     open_until_ns: AtomicU64,
+    /// The raw coarse reading (see [`Coarse::raw_deadline`]) before which the current
+    /// break is certainly not over; zero when there is no coarse clock.
+    open_until_coarse: AtomicU64,
     half_open_until_ns: AtomicU64,
     not_permitted: AtomicU64,
     /// The coarse clock aligned with `origin`, decided at first use: `None` inside
@@ -536,6 +539,7 @@ impl Breaker {
             settings,
             origin,
             open_until_ns: AtomicU64::new(0),
+            open_until_coarse: AtomicU64::new(0),
             half_open_until_ns: AtomicU64::new(u64::MAX),
             not_permitted: AtomicU64::new(0),
             coarse: OnceLock::new(),
@@ -595,14 +599,13 @@ impl Breaker {
         }
     }
 
-    #[cold]
-    fn reject(&self, retry_after: Duration) -> Open {
+    #[inline]
+    fn reject(&self, retry_after_ns: u64) -> Open {
         self.not_permitted.fetch_add(1, Relaxed);
-        // Rejections are always counted (the slow path); other outcomes only with
-        // `count_calls`.
+        // Rejections are always counted; other outcomes only with `count_calls`.
         metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "rejected")
             .increment(1);
-        Open::new(retry_after)
+        Open::from_nanos(retry_after_ns)
     }
 
     /// Admits a call or rejects it.
@@ -615,6 +618,15 @@ impl Breaker {
         let w = self.word.load(Acquire);
         if w & ADMIT_ALL_MASK == 0 {
             return Ok(Permit::new(generation(w), RECORDED, self.start(now)));
+        }
+        if mode(w) == OPEN && !now.fixed {
+            // While the break is certainly not over, one coarse reading decides
+            // (about 5 ns instead of 25); its last `SLACK_NS`, the precise clock.
+            let raw = clock::raw_now();
+            let until = self.open_until_coarse.load(Relaxed);
+            if raw < until {
+                return Err(self.reject(until - raw + SLACK_NS));
+            }
         }
         self.acquire_slow(now)
     }
@@ -632,17 +644,9 @@ impl Breaker {
                 }
                 OPEN => {
                     let until = self.open_until_ns.load(Acquire);
-                    // While the break is certainly not over, the coarse clock decides
-                    // (about 5 ns instead of 25); its last `SLACK_NS` the precise one.
-                    if let Some(c) = self.coarse(now) {
-                        let t = c.now_ns();
-                        if t.saturating_add(SLACK_NS) < until {
-                            return Err(self.reject(Duration::from_nanos(until - t)));
-                        }
-                    }
                     let t = self.ns(now.get());
                     if t < until {
-                        return Err(self.reject(Duration::from_nanos(until - t)));
+                        return Err(self.reject(until - t));
                     }
                     self.transition(w, HALF_OPEN, now, false);
                 }
@@ -665,9 +669,9 @@ impl Breaker {
                         self.transition(w, OPEN, now, false);
                         continue;
                     }
-                    return Err(self.reject(Duration::ZERO));
+                    return Err(self.reject(0));
                 }
-                _ => return Err(self.reject(self.settings.break_duration)),
+                _ => return Err(self.reject(Open::new(self.settings.break_duration).as_nanos())),
             }
         }
     }
@@ -832,6 +836,8 @@ impl Breaker {
                 let d = self.break_for(&mut cold);
                 let until = self.ns(now.get()).saturating_add(d.as_nanos() as u64);
                 self.open_until_ns.store(until, Release);
+                let coarse = self.coarse(now).map_or(0, |c| c.raw_deadline(until));
+                self.open_until_coarse.store(coarse, Relaxed);
             }
             HALF_OPEN => {
                 avail = u64::from(self.settings.permitted_probes);
@@ -1015,6 +1021,29 @@ mod tests {
         assert!(b.coarse.get().is_some(), "the clock was chosen");
         assert!(rejected > 0);
         assert_eq!(b.state(), State::HalfOpen);
+    }
+
+    /// Real time: while the break is far from over, a rejection reads only the coarse
+    /// clock, and the time it reports is the break's remainder within a tick.
+    #[tokio::test]
+    async fn open_breaker_rejects_on_the_coarse_clock_alone_with_the_remaining_break() {
+        let mut s = settings(count(10, 10));
+        s.break_duration = Duration::from_secs(10);
+        s.max_break_duration = s.break_duration;
+        let t0 = Instant::now();
+        let b = breaker(s, t0);
+        b.force(State::Open, false, &mut Now::lazy());
+        let mut now = Now::lazy();
+        let open = b.acquire(&mut now).expect_err("open");
+        assert_eq!(now.reads, 0, "the precise clock was read");
+        let left = Duration::from_secs(10).saturating_sub(t0.elapsed());
+        let slack = Duration::from_nanos(SLACK_NS);
+        assert!(
+            open.retry_after() <= left + slack && open.retry_after() + slack >= left,
+            "retry_after {:?}, break left {left:?}",
+            open.retry_after()
+        );
+        assert_eq!(b.metrics(&mut Now::lazy()).not_permitted(), 1);
     }
 
     #[test]
