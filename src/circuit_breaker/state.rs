@@ -625,7 +625,7 @@ impl Breaker {
             let raw = clock::raw_now();
             let until = self.open_until_coarse.load(Relaxed);
             if raw < until {
-                return Err(self.reject(until - raw + SLACK_NS));
+                return Err(self.reject((until - raw).saturating_add(SLACK_NS)));
             }
         }
         self.acquire_slow(now)
