@@ -1003,6 +1003,45 @@ mod tests {
         Ok(())
     }
 
+    /// The atomic core under real thread interleavings (no runtime): OS threads released
+    /// together at the instant the break is over race the open → half-open transition
+    /// and the probe slots; exactly `permitted_probes` are admitted, every round.
+    #[test]
+    fn threads_racing_the_end_of_a_break_admit_exactly_the_permitted_probes() {
+        const THREADS: usize = 4;
+        const CALLS: usize = 64;
+        for round in 0..200 {
+            let t0 = Instant::now();
+            let b = breaker(settings(count(10, 10)), t0);
+            b.force(State::Open, false, &mut Now::at(t0));
+            let over = t0 + Duration::from_secs(10);
+            let barrier = std::sync::Barrier::new(THREADS);
+            let admitted: usize = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            (0..CALLS)
+                                .filter(|_| {
+                                    b.acquire(&mut Now::at(over)).is_ok_and(|p| p.is_probe())
+                                })
+                                .count()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert_eq!(admitted, 2, "round {round}");
+            assert_eq!(b.state(), State::HalfOpen);
+            let m = b.metrics(&mut Now::at(over));
+            assert_eq!(
+                m.not_permitted() as usize,
+                THREADS * CALLS - 2,
+                "round {round}"
+            );
+        }
+    }
+
     /// Real time, not paused: the open check runs on the coarse clock here.
     #[tokio::test]
     async fn coarse_open_check_never_admits_a_probe_before_the_break_is_over() {
