@@ -1042,15 +1042,21 @@ mod tests {
         }
     }
 
-    /// Real time, not paused: the open check runs on the coarse clock here.
-    #[tokio::test]
-    async fn coarse_open_check_never_admits_a_probe_before_the_break_is_over() {
+    /// A breaker forced open now, on the real clock, for `break_duration`.
+    fn forced_open_in_real_time(break_duration: Duration) -> (Breaker, Instant) {
         let mut s = settings(count(10, 10));
-        s.break_duration = Duration::from_millis(30);
-        s.max_break_duration = s.break_duration;
+        s.break_duration = break_duration;
+        s.max_break_duration = break_duration;
         let t0 = Instant::now();
         let b = breaker(s, t0);
         b.force(State::Open, false, &mut Now::lazy());
+        (b, t0)
+    }
+
+    /// Real time, not paused: the open check runs on the coarse clock here.
+    #[tokio::test]
+    async fn coarse_open_check_never_admits_a_probe_before_the_break_is_over() {
+        let (b, t0) = forced_open_in_real_time(Duration::from_millis(30));
         let mut rejected = 0u64;
         while b.acquire(&mut Now::lazy()).is_err() {
             rejected += 1;
@@ -1066,12 +1072,7 @@ mod tests {
     /// clock, and the time it reports is the break's remainder within a tick.
     #[tokio::test]
     async fn open_breaker_rejects_on_the_coarse_clock_alone_with_the_remaining_break() {
-        let mut s = settings(count(10, 10));
-        s.break_duration = Duration::from_secs(10);
-        s.max_break_duration = s.break_duration;
-        let t0 = Instant::now();
-        let b = breaker(s, t0);
-        b.force(State::Open, false, &mut Now::lazy());
+        let (b, t0) = forced_open_in_real_time(Duration::from_secs(10));
         let mut now = Now::lazy();
         let open = b.acquire(&mut now).expect_err("open");
         assert_eq!(now.reads, 0, "the precise clock was read");
