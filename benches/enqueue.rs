@@ -2,8 +2,8 @@
 //!
 //! Run: `cargo bench --bench enqueue`. Each enqueue is fsynced before it returns;
 //! concurrent producers share commits (group commit). Each enqueue sample starts from
-//! an empty queue (what it stored is drained, untimed, after it). For p50/p99 enqueue latency run
-//! `cargo run --release --example enqueue_latency`.
+//! an empty queue (what it stored is drained, untimed, after it). For p50/p99 enqueue
+//! latency run `cargo run --release --example enqueue_latency`.
 
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 

@@ -43,7 +43,7 @@ impl Coarse {
     /// Now on the precise timeline, within [`SLACK_NS`] of it.
     #[inline]
     pub(crate) fn now_ns(self) -> u64 {
-        raw_ns().unwrap_or(0).wrapping_sub(self.offset)
+        raw_now().wrapping_sub(self.offset)
     }
 
     /// The raw coarse reading before which the precise time is certainly still before
