@@ -1,8 +1,8 @@
 //! p50/p99 latency and throughput of durable enqueues into the embedded queue, with
 //! 1 KiB bodies and 1, 8 and 64 concurrent producers, then the batched drain rate.
 //!
-//! Run: `cargo run --release --example enqueue_latency [messages_per_run]`
-//! (default 20000). The queue file lives in a temporary directory (set `TMPDIR` to
+//! Run: `cargo run --release --example enqueue_latency [messages_per_run [producers]]`
+//! (default 20000 messages; 1, 8 and 64 producers, or only the count given). The queue file lives in a temporary directory (set `TMPDIR` to
 //! measure another disk).
 
 use bytes::Bytes;
@@ -33,8 +33,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(20_000);
+    let only: Option<usize> = std::env::args().nth(2).map(|s| s.parse()).transpose()?;
     println!("durable enqueue, 1 KiB bodies, {total} messages per run");
     for producers in [1usize, 8, 64] {
+        if only.is_some_and(|o| o != producers) {
+            continue;
+        }
         let dir = tempfile::tempdir()?;
         let q = Arc::new(EmbeddedQueue::open(
             dir.path().join("latency.redb"),
