@@ -4,6 +4,12 @@
 //! concurrent producers share commits (group commit). Each enqueue sample starts from
 //! an empty queue (what it stored is drained, untimed, after it). For p50/p99 enqueue
 //! latency run `cargo run --release --example enqueue_latency`.
+//!
+//! `baseline/disk/…` measures the disk under the queue in the same run: one write into
+//! an already-allocated file followed by `fdatasync`, of 4 KiB and of 160 KiB (about
+//! what one 64-message commit writes). A 64-producer commit cannot take less than the
+//! latter, so `64 / its time` bounds the enqueue rate on that disk; the enqueue figures
+//! are only comparable between machines (or runs) next to these.
 
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
@@ -121,6 +127,43 @@ fn bench_drain(c: &mut Criterion) {
     group.finish();
 }
 
+#[cfg(not(unix))]
+fn bench_disk(_: &mut Criterion) {}
+
+#[cfg(unix)]
+fn bench_disk(c: &mut Criterion) {
+    use std::os::unix::fs::FileExt;
+    const FILE: u64 = 16 << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("disk"))
+        .expect("open");
+    // Written and synced once, so the timed writes allocate nothing.
+    file.write_all_at(&vec![0u8; FILE as usize], 0)
+        .expect("fill");
+    file.sync_all().expect("sync");
+    let mut group = c.benchmark_group("baseline/disk");
+    for (name, len) in [
+        ("write_4k_fdatasync", 4u64 << 10),
+        ("write_160k_fdatasync", 160 << 10),
+    ] {
+        let buf = vec![0xa5u8; len as usize];
+        let mut offset = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                file.write_all_at(&buf, offset).expect("write");
+                file.sync_data().expect("fdatasync");
+                offset = (offset + len) % (FILE - len);
+            });
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -131,6 +174,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_enqueue, bench_drain
+    targets = bench_disk, bench_enqueue, bench_drain
 }
 criterion_main!(benches);
