@@ -89,6 +89,7 @@ mod http_mapping {
     use crate::BoxError;
     use crate::bulkhead::error::Full;
     use crate::circuit_breaker::error::Open;
+    use crate::enqueue::error::NotEnqueued;
     use crate::timeout::error::{DeadlineExceeded, Elapsed};
     use axum_core::body::Body;
     use axum_core::response::{IntoResponse, Response};
@@ -145,8 +146,23 @@ mod http_mapping {
         }
     }
 
+    impl IntoResponse for NotEnqueued {
+        /// The original failure's mapping when it is a postbox error (an open breaker:
+        /// `503` with `Retry-After`; a timeout: `504`), else `503 Service Unavailable`:
+        /// the dependency failed in a way worth retrying and the request could not be
+        /// deferred.
+        fn into_response(self) -> Response {
+            to_response(&self).unwrap_or_else(|| not_enqueued(&self))
+        }
+    }
+
+    fn not_enqueued(e: &NotEnqueued) -> Response {
+        respond(StatusCode::SERVICE_UNAVAILABLE, None, e.to_string())
+    }
+
     /// The response for a postbox error found anywhere in `err`'s cause chain, or
-    /// `None` if there is none.
+    /// `None` if there is none. A [`NotEnqueued`] answers as its original failure
+    /// does, or `503`.
     pub fn to_response(err: &(dyn Error + 'static)) -> Option<Response> {
         if let Some(e) = find_cause::<Open>(err) {
             return Some(e.clone().into_response());
@@ -157,7 +173,10 @@ mod http_mapping {
         if let Some(e) = find_cause::<Elapsed>(err) {
             return Some(e.clone().into_response());
         }
-        find_cause::<DeadlineExceeded>(err).map(|e| e.clone().into_response())
+        if let Some(e) = find_cause::<DeadlineExceeded>(err) {
+            return Some(e.clone().into_response());
+        }
+        find_cause::<NotEnqueued>(err).map(not_enqueued)
     }
 
     /// The response for any error: a postbox error's mapping, or
@@ -186,6 +205,7 @@ mod grpc_mapping {
     use super::find_cause;
     use crate::bulkhead::error::Full;
     use crate::circuit_breaker::error::Open;
+    use crate::enqueue::error::NotEnqueued;
     use crate::timeout::error::{DeadlineExceeded, Elapsed};
     use std::error::Error;
     use tonic::{Code, Status};
@@ -234,8 +254,18 @@ mod grpc_mapping {
         }
     }
 
+    impl From<NotEnqueued> for Status {
+        /// As [`to_status`]: the original failure's mapping or its own `Status`, else
+        /// `UNAVAILABLE`.
+        fn from(e: NotEnqueued) -> Self {
+            to_status(&e)
+        }
+    }
+
     /// The `tonic::Status` for any error: a postbox error's mapping, a `Status` found
-    /// in the chain, or `UNKNOWN` with the error's message.
+    /// in the chain, `UNAVAILABLE` for a [`NotEnqueued`] with neither (the call failed
+    /// in a way worth retrying and could not be deferred), or `UNKNOWN` with the
+    /// error's message.
     pub fn to_status(err: &(dyn Error + 'static)) -> Status {
         if let Some(e) = find_cause::<Open>(err) {
             return e.clone().into();
@@ -252,6 +282,9 @@ mod grpc_mapping {
         if let Some(s) = find_cause::<Status>(err) {
             return s.clone();
         }
+        if let Some(e) = find_cause::<NotEnqueued>(err) {
+            return Status::unavailable(e.to_string());
+        }
         Status::unknown(err.to_string())
     }
 }
@@ -262,6 +295,7 @@ mod tests {
     use crate::BoxError;
     use crate::bulkhead::error::Full;
     use crate::circuit_breaker::error::Open;
+    use crate::enqueue::error::NotEnqueued;
     use crate::timeout::error::{DeadlineExceeded, Elapsed};
     use std::time::Duration;
 
@@ -331,6 +365,66 @@ mod tests {
             inner.into_response().status(),
             http::StatusCode::GATEWAY_TIMEOUT
         );
+    }
+
+    /// A `NotEnqueued` for a retryable `503` answer that met a full queue, and one
+    /// for an open breaker that met a full queue.
+    fn not_enqueued() -> (NotEnqueued, NotEnqueued) {
+        use crate::enqueue::error::FailedResponse;
+        use crate::queue::{DeferReason, QueueError};
+        let full = || QueueError::Full { capacity: 10 };
+        (
+            NotEnqueued::new(
+                DeferReason::RetriesExhausted,
+                Box::new(FailedResponse::new("503 Service Unavailable".into())),
+                full(),
+            ),
+            NotEnqueued::new(
+                DeferReason::CircuitOpen,
+                Box::new(Open::new(Duration::from_secs(2))),
+                full(),
+            ),
+        )
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_request_not_enqueued_answers_as_its_original_failure_or_503() {
+        use axum_core::response::IntoResponse;
+        let (failed, open) = not_enqueued();
+        let res = failed.into_response();
+        assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(res.headers().get(http::header::RETRY_AFTER).is_none());
+        let res = open.into_response();
+        assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[http::header::RETRY_AFTER], "2");
+        // Boxed in a chain, as a stack's error reaches `HandleErrorLayer`: not a 500.
+        let (failed, _) = not_enqueued();
+        let boxed: BoxError = Box::new(Outer(Box::new(failed)));
+        assert_eq!(
+            into_response(boxed).status(),
+            http::StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_request_not_enqueued_maps_to_its_original_status_or_unavailable() {
+        let (failed, open) = not_enqueued();
+        assert_eq!(tonic::Status::from(failed).code(), tonic::Code::Unavailable);
+        let status = tonic::Status::from(open);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            "2000"
+        );
+        let denied = NotEnqueued::new(
+            crate::queue::DeferReason::DeadlineElapsed,
+            Box::new(tonic::Status::resource_exhausted("quota")),
+            crate::queue::QueueError::Full { capacity: 1 },
+        );
+        let boxed: BoxError = Box::new(Outer(Box::new(denied)));
+        assert_eq!(to_status(&*boxed).code(), tonic::Code::ResourceExhausted);
     }
 
     #[cfg(feature = "grpc")]
