@@ -51,4 +51,4 @@ mod store;
 
 pub use self::layer::IdempotencyLayer;
 pub use self::service::{Idempotency, REPLAYED_HEADER};
-pub use self::store::{Claim, IdempotencyStore, MemoryStore, StoredResponse};
+pub use self::store::{Claim, ClaimToken, IdempotencyStore, MemoryStore, StoredResponse};

@@ -1,5 +1,5 @@
 use super::future::ResponseFuture;
-use super::store::{Claim, IdempotencyStore, StoredResponse};
+use super::store::{Claim, ClaimToken, IdempotencyStore, StoredResponse};
 use crate::BoxError;
 use crate::enqueue::BufferedBody;
 use crate::enqueue::body::{partial, poll_collect};
@@ -131,13 +131,14 @@ where
 struct Release<St: IdempotencyStore> {
     store: Arc<St>,
     key: String,
+    token: ClaimToken,
     armed: bool,
 }
 
 impl<St: IdempotencyStore> Drop for Release<St> {
     fn drop(&mut self) {
         if self.armed {
-            self.store.release(&self.key);
+            self.store.release(&self.key, self.token);
         }
     }
 }
@@ -155,9 +156,9 @@ where
     ResBody: Body + Unpin,
     ResBody::Error: Into<BoxError>,
 {
-    loop {
+    let token = loop {
         match store.claim(&key, config.lock_for).await {
-            Ok(Claim::Proceed) => break,
+            Ok(Claim::Proceed(token)) => break token,
             Ok(Claim::Done(stored)) => {
                 tracing::debug!(%key, "answered from the idempotency store");
                 metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "replayed")
@@ -171,10 +172,11 @@ where
                 return Ok(res.map(BufferedBody::streaming));
             }
         }
-    }
+    };
     let mut claim = Release {
         store: store.clone(),
         key,
+        token,
         armed: true,
     };
     let res = svc.call(req).await?;
@@ -208,7 +210,10 @@ where
                 headers: parts.headers.clone(),
                 body: bytes.clone(),
             };
-            match store.complete(&claim.key, stored, config.ttl).await {
+            match store
+                .complete(&claim.key, claim.token, stored, config.ttl)
+                .await
+            {
                 Ok(()) => claim.armed = false,
                 Err(e) => {
                     tracing::warn!(error = %e, key = %claim.key, "could not remember the response")

@@ -22,13 +22,33 @@ pub struct StoredResponse {
     pub body: Bytes,
 }
 
+/// Identifies one claim of a key.
+///
+/// A claim that outlives its `lock_for` can be taken over by a later request; the
+/// token is how a store tells the two apart, so the first request's
+/// [`complete`](IdempotencyStore::complete) or [`release`](IdempotencyStore::release)
+/// cannot end its successor's claim (which would let a third request run the handler
+/// at the same time). A shared store keeps it with the claim and compares it before it
+/// writes or deletes (the owner token of a Redis lock: `SET key token NX PX`, then a
+/// compare-and-delete).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClaimToken(pub u64);
+
+impl ClaimToken {
+    /// A random token, for stores shared between processes.
+    pub fn random() -> Self {
+        Self(fastrand::u64(..))
+    }
+}
+
 /// The answer to [`IdempotencyStore::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Claim {
-    /// The key is now claimed by this caller: run the handler, then
-    /// [`complete`](IdempotencyStore::complete) or [`release`](IdempotencyStore::release).
-    Proceed,
+    /// The key is now claimed by this caller, under this token: run the handler, then
+    /// [`complete`](IdempotencyStore::complete) or [`release`](IdempotencyStore::release)
+    /// with the token.
+    Proceed(ClaimToken),
     /// Another request with this key is running: [`wait`](IdempotencyStore::wait), then
     /// claim again.
     InProgress,
@@ -42,7 +62,8 @@ pub enum Claim {
 /// *completes* it with the response (or *releases* it to let a later request try).
 /// Requests with a claimed key wait; requests with a completed key get the stored
 /// response. A claim not completed within `lock_for` is abandoned and can be claimed
-/// again (a crashed handler must not block its key forever).
+/// again (a crashed handler must not block its key forever); completing or releasing
+/// then acts only on the claim the [`ClaimToken`] names.
 ///
 /// Implemented by [`MemoryStore`]; a shared store (Redis, a database) lets every
 /// instance of a service answer duplicates.
@@ -58,21 +79,25 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         lock_for: Duration,
     ) -> impl Future<Output = Result<Claim, BoxError>> + Send;
 
-    /// Remembers `response` for `key` for `ttl`, ending the claim and waking waiters.
+    /// Remembers `response` for `key` for `ttl`, ending the claim `token` and waking
+    /// waiters. If that claim was taken over (it expired and another request claimed
+    /// the key) or the key already has a response, nothing is stored.
     ///
     /// # Errors
     /// The store is unreachable; the response is still returned to the caller.
     fn complete(
         &self,
         key: &str,
+        token: ClaimToken,
         response: StoredResponse,
         ttl: Duration,
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
 
-    /// Gives up a claim without a response (the handler failed, answered `5xx`, or
-    /// was cancelled), waking waiters. Called from `Drop`, so it must not block; a
-    /// remote store may rely on the claim expiring instead.
-    fn release(&self, key: &str);
+    /// Gives up the claim `token` without a response (the handler failed, answered
+    /// `5xx`, or was cancelled), waking waiters; a claim taken over by another request
+    /// is left alone. Called from `Drop`, so it must not block; a remote store may rely
+    /// on the claim expiring instead.
+    fn release(&self, key: &str, token: ClaimToken);
 
     /// Resolves when `key` may have stopped being in progress (completed, released,
     /// or its claim expired). The default polls every 50 ms.
@@ -85,6 +110,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 enum Entry {
     InProgress {
         until: Instant,
+        token: ClaimToken,
         done: watch::Sender<()>,
     },
     Done {
@@ -97,6 +123,15 @@ struct Inner {
     map: HashMap<String, Entry>,
     /// Completed keys in completion order (so in expiry order, for one TTL).
     order: VecDeque<(String, Instant)>,
+    /// The next claim's token.
+    next_token: u64,
+}
+
+impl Inner {
+    /// Whether `key` is claimed under `token` (and not taken over since).
+    fn holds(&self, key: &str, token: ClaimToken) -> bool {
+        matches!(self.map.get(key), Some(Entry::InProgress { token: t, .. }) if *t == token)
+    }
 }
 
 /// An in-memory [`IdempotencyStore`], bounded in entries, with TTL eviction.
@@ -118,6 +153,7 @@ impl MemoryStore {
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
                 order: VecDeque::new(),
+                next_token: 0,
             }),
             capacity: capacity.max(1),
         }
@@ -200,14 +236,17 @@ impl IdempotencyStore for MemoryStore {
                     inner.evict(self.capacity, now);
                 }
                 let (done, _) = watch::channel(());
+                let token = ClaimToken(inner.next_token);
+                inner.next_token += 1;
                 inner.map.insert(
                     key.to_owned(),
                     Entry::InProgress {
                         until: now + lock_for,
+                        token,
                         done,
                     },
                 );
-                Claim::Proceed
+                Claim::Proceed(token)
             }
         };
         drop(inner);
@@ -217,29 +256,32 @@ impl IdempotencyStore for MemoryStore {
     fn complete(
         &self,
         key: &str,
+        token: ClaimToken,
         response: StoredResponse,
         ttl: Duration,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
         let expires = Instant::now() + ttl;
         let mut inner = self.lock();
-        inner
-            .map
-            .insert(key.to_owned(), Entry::Done { response, expires });
-        inner.order.push_back((key.to_owned(), expires));
+        if inner.holds(key, token) {
+            inner
+                .map
+                .insert(key.to_owned(), Entry::Done { response, expires });
+            inner.order.push_back((key.to_owned(), expires));
+        }
         drop(inner);
         std::future::ready(Ok(()))
     }
 
-    fn release(&self, key: &str) {
+    fn release(&self, key: &str, token: ClaimToken) {
         let mut inner = self.lock();
-        if matches!(inner.map.get(key), Some(Entry::InProgress { .. })) {
+        if inner.holds(key, token) {
             inner.map.remove(key);
         }
     }
 
     fn wait(&self, key: &str) -> impl Future<Output = ()> + Send {
         let waiting = match self.lock().map.get(key) {
-            Some(Entry::InProgress { until, done }) => Some((*until, done.subscribe())),
+            Some(Entry::InProgress { until, done, .. }) => Some((*until, done.subscribe())),
             _ => None,
         };
         async move {
@@ -263,37 +305,59 @@ mod tests {
         }
     }
 
+    /// Claims `key`, which must be free.
+    async fn proceed(s: &MemoryStore, key: &str, lock: Duration) -> ClaimToken {
+        match s.claim(key, lock).await.unwrap() {
+            Claim::Proceed(token) => token,
+            other => panic!("{key} not free: {other:?}"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn claim_complete_replay_and_expire() {
         let s = MemoryStore::new(10);
         let lock = Duration::from_secs(30);
-        assert_eq!(s.claim("k", lock).await.unwrap(), Claim::Proceed);
+        let token = proceed(&s, "k", lock).await;
         assert_eq!(s.claim("k", lock).await.unwrap(), Claim::InProgress);
-        s.complete("k", response(1), Duration::from_secs(60))
+        s.complete("k", token, response(1), Duration::from_secs(60))
             .await
             .unwrap();
         assert_eq!(s.claim("k", lock).await.unwrap(), Claim::Done(response(1)));
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert_eq!(s.claim("k", lock).await.unwrap(), Claim::Proceed);
+        proceed(&s, "k", lock).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn abandoned_claims_expire_and_released_claims_free_the_key() {
         let s = MemoryStore::new(10);
-        assert_eq!(
-            s.claim("k", Duration::from_secs(5)).await.unwrap(),
-            Claim::Proceed
-        );
+        let lock = Duration::from_secs(5);
+        proceed(&s, "k", lock).await;
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert_eq!(
-            s.claim("k", Duration::from_secs(5)).await.unwrap(),
-            Claim::Proceed
-        );
-        s.release("k");
-        assert_eq!(
-            s.claim("k", Duration::from_secs(5)).await.unwrap(),
-            Claim::Proceed
-        );
+        let token = proceed(&s, "k", lock).await;
+        s.release("k", token);
+        proceed(&s, "k", lock).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_taken_over_cannot_release_or_complete_its_successors_claim() {
+        let s = MemoryStore::new(10);
+        let lock = Duration::from_secs(5);
+        let first = proceed(&s, "k", lock).await;
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let second = proceed(&s, "k", lock).await;
+        assert_ne!(first, second);
+        // The first request fails late: the second still holds the key.
+        s.release("k", first);
+        assert_eq!(s.claim("k", lock).await.unwrap(), Claim::InProgress);
+        // Or answers late: its response does not end the second's claim either.
+        s.complete("k", first, response(1), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(s.claim("k", lock).await.unwrap(), Claim::InProgress);
+        s.complete("k", second, response(2), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(s.claim("k", lock).await.unwrap(), Claim::Done(response(2)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -302,27 +366,24 @@ mod tests {
         let lock = Duration::from_secs(5);
         let ttl = Duration::from_secs(60);
         for k in ["a", "b"] {
-            s.claim(k, lock).await.unwrap();
-            s.complete(k, response(0), ttl).await.unwrap();
+            let token = proceed(&s, k, lock).await;
+            s.complete(k, token, response(0), ttl).await.unwrap();
         }
-        s.claim("c", lock).await.unwrap();
+        proceed(&s, "c", lock).await;
         assert_eq!(s.len(), 2);
-        assert_eq!(
-            s.claim("a", lock).await.unwrap(),
-            Claim::Proceed,
-            "a was evicted"
-        );
+        // "a" was evicted.
+        proceed(&s, "a", lock).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn waiters_wake_when_the_claim_completes() {
         let s = std::sync::Arc::new(MemoryStore::new(10));
-        s.claim("k", Duration::from_secs(30)).await.unwrap();
+        let token = proceed(&s, "k", Duration::from_secs(30)).await;
         let wait = s.wait("k");
         let s2 = s.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            s2.complete("k", response(2), Duration::from_secs(60))
+            s2.complete("k", token, response(2), Duration::from_secs(60))
                 .await
                 .unwrap();
         });
