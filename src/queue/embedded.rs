@@ -89,7 +89,11 @@
 //!
 //! Opening checks the file: not a redb file, a truncated file, damaged pages (with the
 //! default integrity check) or an unknown schema version are [`QueueError::Corrupt`],
-//! never a panic. An *empty* file is taken as a new queue (redb's rule: a crash during
+//! never a panic. A stored message that cannot be decoded (damaged inside intact pages,
+//! or written by a newer envelope version) is *quarantined* when a lease reaches it:
+//! taken out of the queue and its key index, its id and the reason kept in the
+//! `quarantine` table and its bytes left in `messages`, logged at error level and
+//! counted in `postbox_queue_quarantined_total`, so the leases after it go on. An *empty* file is taken as a new queue (redb's rule: a crash during
 //! the very first open leaves one).
 
 use super::{
@@ -129,6 +133,9 @@ const V1_IN_FLIGHT: TableDefinition<'_, Id, (u64, u32)> = TableDefinition::new("
 const V1_EXPIRY: TableDefinition<'_, (u64, Id), ()> = TableDefinition::new("lease_expiry");
 const DEAD: TableDefinition<'_, Id, &str> = TableDefinition::new("dead");
 const KEYS: TableDefinition<'_, &str, Id> = TableDefinition::new("idempotency_keys");
+/// Messages that could not be decoded when leased: id → why. Their bytes stay in
+/// `messages`; nothing reads them again.
+const QUARANTINE: TableDefinition<'_, Id, &str> = TableDefinition::new("quarantine");
 
 /// The layout version of the tables above (2: leases in memory).
 const SCHEMA_VERSION: u64 = 2;
@@ -588,6 +595,7 @@ fn init_tables(db: &Database) -> Result<u64, QueueError> {
             txn.open_table(MESSAGES).map_err(redb_err)?;
             txn.open_table(DEAD).map_err(redb_err)?;
             txn.open_table(KEYS).map_err(redb_err)?;
+            txn.open_table(QUARANTINE).map_err(redb_err)?;
             let scheduled = txn
                 .open_table(SCHEDULED)
                 .map_err(redb_err)?
@@ -964,6 +972,7 @@ struct Tables<'t> {
     ready: redb::Table<'t, Id, u32>,
     dead: redb::Table<'t, Id, &'static str>,
     keys: redb::Table<'t, &'static str, Id>,
+    quarantine: redb::Table<'t, Id, &'static str>,
     /// Whether anything was written (else the transaction is aborted, saving an fsync).
     dirty: bool,
 }
@@ -992,6 +1001,7 @@ fn apply_ops(
         ready: txn.open_table(READY).map_err(redb_err)?,
         dead: txn.open_table(DEAD).map_err(redb_err)?,
         keys: txn.open_table(KEYS).map_err(redb_err)?,
+        quarantine: txn.open_table(QUARANTINE).map_err(redb_err)?,
         dirty: false,
     };
     for op in ops.by_ref() {
@@ -1248,7 +1258,14 @@ impl Tables<'_> {
                 break;
             }
             for (id, attempts) in free {
-                let mut env = self.envelope(id)?;
+                let mut env = match self.stored_envelope(id)? {
+                    Ok(env) => env,
+                    Err(why) => {
+                        // One bad record must not stop every lease after it.
+                        self.quarantine(id, &why, st)?;
+                        continue;
+                    }
+                };
                 if time_key(env.not_before) > now_k {
                     // Went to `ready` by the system clock, but not due at this lease's
                     // `now`.
@@ -1285,11 +1302,33 @@ impl Tables<'_> {
 
     /// The stored envelope of `id` (its `attempts` as of its last rewrite).
     fn envelope(&self, id: Id) -> Result<Envelope, QueueError> {
-        let guard = self.messages.get(id).map_err(redb_err)?.ok_or_else(|| {
-            QueueError::Corrupt(format!("message {} is indexed but not stored", from_id(id)))
-        })?;
-        Envelope::decode(guard.value())
-            .map_err(|e| QueueError::Corrupt(format!("message {}: {e}", from_id(id))))
+        self.stored_envelope(id)?
+            .map_err(|why| QueueError::Corrupt(format!("message {}: {why}", from_id(id))))
+    }
+
+    /// The stored envelope of `id`, or why there is none (not stored, or undecodable);
+    /// the outer error is the storage's.
+    fn stored_envelope(&self, id: Id) -> Result<Result<Envelope, String>, QueueError> {
+        let Some(guard) = self.messages.get(id).map_err(redb_err)? else {
+            return Ok(Err("indexed but not stored".to_owned()));
+        };
+        Ok(Envelope::decode(guard.value()).map_err(|e| e.to_string()))
+    }
+
+    /// Takes a ready message that cannot be decoded out of the queue for good: out of
+    /// `ready` and the key index, into `quarantine` with `why` (its bytes stay in
+    /// `messages` for inspection). Logged at error level and counted in
+    /// `postbox_queue_quarantined_total`.
+    fn quarantine(&mut self, id: Id, why: &str, st: &mut State<'_>) -> Result<(), QueueError> {
+        tracing::error!(id = %from_id(id), reason = why, "postbox: undecodable queued message quarantined");
+        metrics::counter!("postbox_queue_quarantined_total").increment(1);
+        self.ready.remove(id).map_err(redb_err)?;
+        // Its key cannot be read from its bytes: find it by owner (rare, so a scan).
+        self.keys.retain(|_, owner| owner != id).map_err(redb_err)?;
+        self.quarantine.insert(id, why).map_err(redb_err)?;
+        *st.live = st.live.saturating_sub(1);
+        self.dirty = true;
+        Ok(())
     }
 
     /// Ends the lease of `token` if it is current and takes the message out of `ready`;
@@ -1434,6 +1473,64 @@ impl Tables<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use redb::ReadableDatabase;
+
+    fn envelope(key: &str) -> Envelope {
+        let mut env = Envelope::new(
+            "api:443",
+            "POST",
+            "https://api/orders",
+            Bytes::from_static(b"{}"),
+            super::super::DeferReason::CircuitOpen,
+        );
+        env.idempotency_key = key.to_owned();
+        env
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_message_is_quarantined_and_leasing_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let bad = q.enqueue(envelope("bad-key")).await.unwrap().id();
+        let good = q.enqueue(envelope("good-key")).await.unwrap().id();
+        q.close().await.unwrap();
+        // Damage the first message's bytes (redb's own checksums still hold).
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(MESSAGES)
+                .unwrap()
+                .insert(to_id(bad), &b"PBOX\x63garbage"[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let now = SystemTime::now();
+        let leased = q.lease(10, Duration::from_secs(30), now).await.unwrap();
+        let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+        assert_eq!(ids, vec![good]);
+        // Gone for good: not leased again, not counted, and its key is free.
+        assert!(
+            q.lease(10, Duration::from_secs(30), now)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let depth = q.depth().await.unwrap();
+        assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 0));
+        let again = q.enqueue(envelope("bad-key")).await.unwrap();
+        assert!(matches!(again, Enqueued::Stored(_)), "{again:?}");
+        q.close().await.unwrap();
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(QUARANTINE).unwrap();
+        let why = table.get(to_id(bad)).unwrap().unwrap().value().to_owned();
+        assert!(why.contains("version"), "{why}");
+    }
+
     #[test]
     fn dense_runs_split_where_ids_are_more_than_10_ms_apart() {
         let at = |ms: u128, n: u128| ms << 80 | n;
