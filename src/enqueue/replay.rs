@@ -818,15 +818,18 @@ where
             return;
         }
         let acks = std::mem::take(&mut self.acks);
-        match self.queue.ack(&acks).await {
-            Ok(()) => {
-                let n = acks.len() as u64;
-                metrics::counter!("postbox_replayed_total").increment(n);
-                self.stats.replayed.fetch_add(n, Ordering::Relaxed);
+        // Replays that finished together may exceed a batch: never send more than one.
+        for batch in acks.chunks(self.config.ack_batch) {
+            match self.queue.ack(batch).await {
+                Ok(()) => {
+                    let n = batch.len() as u64;
+                    metrics::counter!("postbox_replayed_total").increment(n);
+                    self.stats.replayed.fetch_add(n, Ordering::Relaxed);
+                }
+                // The leases expire and the messages are replayed again; the idempotency
+                // key keeps the effect single.
+                Err(e) => log_queue_error("ack", &e),
             }
-            // The leases expire and the messages are replayed again; the idempotency
-            // key keeps the effect single.
-            Err(e) => log_queue_error("ack", &e),
         }
     }
 

@@ -862,6 +862,242 @@ async fn replayer_respects_its_concurrency_limit() {
     assert_eq!(peak.load(Ordering::SeqCst), 3);
 }
 
+/// When (paused time) and for which path the replayer called the dependency.
+type Calls = Arc<Mutex<Vec<(String, tokio::time::Instant)>>>;
+
+/// A dependency that records every call and answers call `n` (0-based, over all
+/// messages) with `answer(n, path)`.
+fn scripted<F>(
+    calls: Calls,
+    answer: F,
+) -> impl Service<InnerReq, Response = Res, Error = BoxError, Future: Send> + Clone + Send + 'static
+where
+    F: Fn(usize, &str) -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
+{
+    service_fn(move |req: InnerReq| {
+        let path = req.uri().path().to_owned();
+        let out = {
+            let mut calls = calls.lock().unwrap();
+            calls.push((path.clone(), tokio::time::Instant::now()));
+            answer(calls.len() - 1, &path)
+        };
+        async move { out }
+    })
+}
+
+/// A `503` carrying `Retry-After: {secs}`.
+fn unavailable_for(secs: u64) -> Res {
+    let mut res = respond(503, "");
+    res.headers_mut()
+        .insert(http::header::RETRY_AFTER, secs.to_string().parse().unwrap());
+    res
+}
+
+/// The gaps between consecutive calls.
+fn gaps(calls: &Calls) -> Vec<Duration> {
+    let calls = calls.lock().unwrap();
+    calls.windows(2).map(|w| w[1].1 - w[0].1).collect()
+}
+
+/// `gap` is at least `want` and less than one poll interval more (the replayer notices a
+/// due message at its next poll).
+#[track_caller]
+fn assert_gap(gap: Duration, want: Duration, poll: Duration) {
+    assert!(
+        gap >= want && gap < want + poll,
+        "gap {gap:?}, want {want:?} (+ less than {poll:?})"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn replayer_backs_off_exponentially_between_retries_of_a_retryable_failure() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Calls::default();
+    // Three plain 503s (retryable, no hint), then success.
+    let svc = scripted(calls.clone(), |n, _| {
+        Ok(respond(if n < 3 { 503 } else { 200 }, ""))
+    });
+    let poll = Duration::from_millis(100);
+    let handle = Replayer::http(queue.clone(), svc)
+        .jitter(false)
+        .backoff(Duration::from_secs(1), Duration::from_secs(60))
+        .poll_interval(poll)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    let stats = handle.shutdown().await;
+    assert_eq!(stats.retried, 3);
+    let gaps = gaps(&calls);
+    assert_eq!(gaps.len(), 3, "{gaps:?}");
+    // base * 2^(attempts-1): 1 s, 2 s, 4 s — never earlier.
+    for (gap, want) in gaps.iter().zip([1, 2, 4]) {
+        assert_gap(*gap, Duration::from_secs(want), poll);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn replayer_waits_for_a_retry_after_hint_longer_than_its_backoff() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Calls::default();
+    // A plain 503 (backoff 1 s), then a 503 with `Retry-After: 10` where the backoff
+    // would be 2 s, then success.
+    let svc = scripted(calls.clone(), |n, _| match n {
+        0 => Ok(respond(503, "")),
+        1 => Ok(unavailable_for(10)),
+        _ => Ok(respond(200, "")),
+    });
+    let poll = Duration::from_millis(100);
+    let handle = Replayer::http(queue.clone(), svc)
+        .jitter(false)
+        .backoff(Duration::from_secs(1), Duration::from_secs(60))
+        .poll_interval(poll)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    handle.shutdown().await;
+    let gaps = gaps(&calls);
+    assert_eq!(gaps.len(), 2, "{gaps:?}");
+    assert_gap(gaps[0], Duration::from_secs(1), poll);
+    assert_gap(gaps[1], Duration::from_secs(10), poll);
+}
+
+/// Seven messages replayed one at a time with `ack_batch(3, ..)`: acks go out as 3, 3,
+/// and the last one as soon as the replayer is idle, not after the interval.
+#[tokio::test(start_paused = true)]
+async fn replayer_acks_in_batches_and_flushes_the_rest_when_idle() {
+    let queue = Arc::new(AckRecorder::default());
+    for i in 0..7 {
+        enqueue_raw(&queue.inner, &format!("http://api.test/{i}")).await;
+    }
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |_, _| Ok(respond(200, "")));
+    let start = tokio::time::Instant::now();
+    let handle = Replayer::http(queue.clone(), svc)
+        .concurrency(1)
+        .ack_batch(3, Duration::from_secs(5))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 7).await;
+    handle.shutdown().await;
+    let acks = queue.acks();
+    let sizes: Vec<usize> = acks.iter().map(|(n, _)| *n).collect();
+    assert_eq!(sizes, [3, 3, 1]);
+    // Nothing waited for the 5 s interval: the idle flush was immediate.
+    let (_, last) = acks[2];
+    assert!(last - start < Duration::from_secs(1), "{:?}", last - start);
+    assert_eq!(depth(&queue.inner).await, Depth::default());
+}
+
+/// However many replays finish together, no single `ack` carries more than `ack_batch`
+/// tokens (a backend may limit its batch size).
+#[tokio::test(start_paused = true)]
+async fn replayer_never_acks_more_than_ack_batch_at_once() {
+    let queue = Arc::new(AckRecorder::default());
+    for i in 0..7 {
+        enqueue_raw(&queue.inner, &format!("http://api.test/{i}")).await;
+    }
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |_, _| Ok(respond(200, "")));
+    let handle = Replayer::http(queue.clone(), svc)
+        .concurrency(16)
+        .ack_batch(3, Duration::from_secs(5))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 7).await;
+    handle.shutdown().await;
+    let sizes: Vec<usize> = queue.acks().iter().map(|(n, _)| *n).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 7, "{sizes:?}");
+    assert!(sizes.iter().all(|&n| n <= 3), "{sizes:?}");
+    assert_eq!(depth(&queue.inner).await, Depth::default());
+}
+
+/// A delivered message is acked once `ack_interval` passes even while another replay is
+/// still running (the replayer is not idle and the batch is not full).
+#[tokio::test(start_paused = true)]
+async fn replayer_flushes_a_partial_ack_batch_when_the_interval_passes() {
+    let queue = Arc::new(AckRecorder::default());
+    enqueue_raw(&queue.inner, "http://api.test/fast").await;
+    enqueue_raw(&queue.inner, "http://api.test/slow").await;
+    let svc = service_fn(|req: InnerReq| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        Ok::<_, BoxError>(respond(200, ""))
+    });
+    let start = tokio::time::Instant::now();
+    let handle = Replayer::http(queue.clone(), svc)
+        .ack_batch(10, Duration::from_millis(500))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 2).await;
+    handle.shutdown().await;
+    let acks: Vec<(usize, Duration)> = queue
+        .acks()
+        .into_iter()
+        .map(|(n, at)| (n, at - start))
+        .collect();
+    assert_eq!(acks.len(), 2, "{acks:?}");
+    // The fast one after the 500 ms interval, while the slow one still runs...
+    assert_eq!(acks[0].0, 1);
+    assert!(
+        acks[0].1 >= Duration::from_millis(500) && acks[0].1 < Duration::from_secs(1),
+        "{acks:?}"
+    );
+    // ...and the slow one when it finishes and the replayer goes idle.
+    assert_eq!(acks[1].0, 1);
+    assert!(
+        acks[1].1 >= Duration::from_secs(3) && acks[1].1 < Duration::from_millis(3500),
+        "{acks:?}"
+    );
+}
+
+/// Two due messages, replayed one at a time: the first replay finds the breaker open,
+/// so the replayer leases nothing — not even the other, untried message — until the
+/// breaker's `retry_after` has passed.
+#[tokio::test(start_paused = true)]
+async fn replayer_stops_leasing_while_the_breaker_is_open() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    enqueue_raw(&queue, "http://api.test/b").await;
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |n, _| {
+        if n == 0 {
+            Err(boxed(Open::new(Duration::from_secs(30))))
+        } else {
+            Ok(respond(200, ""))
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let handle = Replayer::http(queue.clone(), svc)
+        .concurrency(1)
+        .poll_interval(Duration::from_millis(100))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 2).await;
+    handle.shutdown().await;
+    let calls: Vec<(String, Duration)> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, at)| (p.clone(), *at - start))
+        .collect();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert_eq!(calls[0].0, "/a");
+    assert!(calls[0].1 < Duration::from_secs(1), "{calls:?}");
+    // Nothing at all, "/b" included, before the breaker's 30 s were up.
+    for (path, at) in &calls[1..] {
+        assert!(
+            *at >= Duration::from_secs(30),
+            "{path} at {at:?}: {calls:?}"
+        );
+    }
+    let mut paths: Vec<&str> = calls[1..].iter().map(|(p, _)| p.as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(paths, ["/a", "/b"]);
+}
+
 // === Idempotency layer ===
 
 fn slow_handler(

@@ -6,11 +6,17 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use postbox::BoxError;
 use postbox::enqueue::BufferedBody;
+use postbox::queue::{
+    DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MemoryQueue, Queue, QueueError,
+};
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 /// The request type the inner (resilient) stack sees.
 pub(crate) type InnerReq = Request<BufferedBody<Full<Bytes>>>;
@@ -85,4 +91,80 @@ impl Body for Chunked {
 /// A boxed error from anything.
 pub(crate) fn boxed(e: impl Into<BoxError>) -> BoxError {
     e.into()
+}
+
+/// A [`MemoryQueue`] that records every `ack` call: how many tokens it carried and when
+/// (paused tokio time). Everything else is delegated unchanged.
+#[derive(Clone, Default)]
+pub(crate) struct AckRecorder {
+    pub(crate) inner: MemoryQueue,
+    acks: Arc<Mutex<Vec<(usize, Instant)>>>,
+}
+
+impl AckRecorder {
+    /// The `ack` calls so far: batch size and time of each.
+    pub(crate) fn acks(&self) -> Vec<(usize, Instant)> {
+        self.acks.lock().unwrap().clone()
+    }
+}
+
+impl Queue for AckRecorder {
+    fn enqueue(
+        &self,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<Enqueued, QueueError>> + Send {
+        self.inner.enqueue(envelope)
+    }
+
+    fn lease(
+        &self,
+        max: usize,
+        lease_for: Duration,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Vec<Leased>, QueueError>> + Send {
+        self.inner.lease(max, lease_for, now)
+    }
+
+    fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.acks
+            .lock()
+            .unwrap()
+            .push((tokens.len(), Instant::now()));
+        self.inner.ack(tokens)
+    }
+
+    fn retry_later(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.retry_later(token, not_before)
+    }
+
+    fn release(
+        &self,
+        token: LeaseToken,
+        not_before: SystemTime,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.release(token, not_before)
+    }
+
+    fn dead_letter(
+        &self,
+        token: LeaseToken,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.inner.dead_letter(token, reason)
+    }
+
+    fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {
+        self.inner.depth()
+    }
+
+    fn dead_letters(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
+        self.inner.dead_letters(max)
+    }
 }
