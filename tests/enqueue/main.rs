@@ -1378,3 +1378,74 @@ async fn futures_are_send_and_run_on_spawned_tasks() {
     let out = tokio::spawn(typed.oneshot(cmd)).await.unwrap().unwrap();
     assert_eq!(out, Deferred::Completed(1));
 }
+
+// === metrics ===
+
+/// The sample of `name` whose labels include all of `labels`, from a Prometheus render.
+fn sample(render: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    render
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Enqueued, enqueue failures, replayed, dead-lettered and the queue's depth are
+/// distinct metrics, each counting its own events once.
+#[tokio::test(start_paused = true)] // current-thread: the local recorder sees every task
+async fn enqueue_and_replay_report_distinct_metrics() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let open = || Err(boxed(Open::new(Duration::from_secs(5))));
+    // Deferred once into a queue with room, refused once by a full queue.
+    let queue = Arc::new(MemoryQueue::new());
+    assert_eq!(
+        defer_with(&queue, open).await.0.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    let full = Arc::new(MemoryQueue::with_capacity(0));
+    assert!(defer_with(&full, open).await.0.is_err());
+    // Replayed: the deferred message is delivered, another is refused for good (422).
+    enqueue_raw(&queue, "http://api.test/refused").await;
+    let svc = service_fn(|req: InnerReq| async move {
+        let status = if req.uri().path() == "/refused" {
+            422
+        } else {
+            200
+        };
+        Ok::<_, BoxError>(respond(status, ""))
+    });
+    let handle_r = Replayer::http(queue.clone(), svc).spawn().unwrap();
+    eventually(|| {
+        let s = handle_r.stats();
+        s.replayed == 1 && s.dead_lettered == 1
+    })
+    .await;
+    handle_r.shutdown().await;
+
+    let render = handle.render();
+    let enqueue = |outcome: &str| {
+        let outcome = format!(r#"outcome="{outcome}""#);
+        sample(
+            &render,
+            "postbox_calls_total",
+            &[r#"layer="enqueue""#, &outcome],
+        )
+    };
+    assert_eq!(enqueue("enqueued"), Some(1.0), "{render}");
+    assert_eq!(enqueue("enqueue_failed"), Some(1.0), "{render}");
+    assert_eq!(sample(&render, "postbox_replayed_total", &[]), Some(1.0));
+    assert_eq!(
+        sample(&render, "postbox_dead_lettered_total", &[]),
+        Some(1.0)
+    );
+    let depth = |state: &str| {
+        let state = format!(r#"state="{state}""#);
+        sample(&render, "postbox_queue_depth", &[&state])
+    };
+    assert_eq!(
+        (depth("pending"), depth("in_flight"), depth("dead")),
+        (Some(0.0), Some(0.0), Some(1.0)),
+        "{render}"
+    );
+}
