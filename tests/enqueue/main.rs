@@ -20,7 +20,10 @@ use postbox::enqueue::{
     RequestCodec,
 };
 use postbox::error::find_cause;
-use postbox::idempotency::{IdempotencyLayer, REPLAYED_HEADER};
+use postbox::idempotency::{
+    Claim, ClaimToken, IdempotencyLayer, IdempotencyStore, MemoryStore, REPLAYED_HEADER,
+    StoredResponse,
+};
 use postbox::queue::{DeferReason, Depth, Envelope, MemoryQueue, MessageId, Queue, QueueError};
 use postbox::timeout::error::DeadlineExceeded;
 use std::collections::HashMap;
@@ -1151,6 +1154,96 @@ async fn concurrent_duplicates_run_the_handler_once() {
         calls.load(Ordering::SeqCst),
         2,
         "another key runs the handler"
+    );
+}
+
+/// A store that cannot be reached: every call fails.
+struct Unreachable;
+
+impl IdempotencyStore for Unreachable {
+    fn claim(&self, _: &str, _: Duration) -> impl Future<Output = Result<Claim, BoxError>> + Send {
+        std::future::ready(Err("store down".into()))
+    }
+
+    fn complete(
+        &self,
+        _: &str,
+        _: ClaimToken,
+        _: StoredResponse,
+        _: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        std::future::ready(Err("store down".into()))
+    }
+
+    fn release(&self, _: &str, _: ClaimToken) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_store_fails_open_and_runs_every_request() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc =
+        IdempotencyLayer::with_store(Arc::new(Unreachable)).layer(slow_handler(calls.clone()));
+    for n in 1..=2 {
+        let res = svc.clone().oneshot(keyed("k")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert!(!res.headers().contains_key(REPLAYED_HEADER));
+        assert_eq!(bytes_of(res.into_body()).await, format!("order #{n}"));
+    }
+}
+
+/// A store like most shared ones: no wake-ups, so it relies on the trait's default
+/// `wait` (a poll every 50 ms). Its answers are kept in a `MemoryStore`.
+struct Polling(MemoryStore);
+
+impl IdempotencyStore for Polling {
+    fn claim(
+        &self,
+        key: &str,
+        lock_for: Duration,
+    ) -> impl Future<Output = Result<Claim, BoxError>> + Send {
+        self.0.claim(key, lock_for)
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        self.0.complete(key, token, response, ttl)
+    }
+
+    fn release(&self, key: &str, token: ClaimToken) {
+        self.0.release(key, token);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_without_wake_ups_still_runs_concurrent_duplicates_once() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let store = Arc::new(Polling(MemoryStore::default()));
+    let svc = IdempotencyLayer::with_store(store).layer(slow_handler(calls.clone()));
+    let start = tokio::time::Instant::now();
+    let (a, b) = tokio::join!(
+        svc.clone().oneshot(keyed("k")),
+        svc.clone().oneshot(keyed("k"))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        [&a, &b]
+            .iter()
+            .filter(|r| r.headers().contains_key(REPLAYED_HEADER))
+            .count(),
+        1
+    );
+    assert_eq!(bytes_of(a.into_body()).await, bytes_of(b.into_body()).await);
+    // The duplicate answered within one poll of the first's 1 s.
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took <= Duration::from_millis(1050),
+        "{took:?}"
     );
 }
 
