@@ -53,9 +53,11 @@
 //! [`lease`](Queue::lease), as the trait says; the consumer's `ack_wait`
 //! ([`NatsOptions::with_ack_wait`], default 30 s) is the crash lease: if the process
 //! dies, the server delivers its messages again after `ack_wait`, and their attempts
-//! count that delivery. While the process lives it keeps its held messages with
-//! in-progress acks (`+WPI`) on every `lease` call, so call `lease` at least every
-//! `ack_wait / 2`. A [`LeaseToken`] is only valid in the process that leased it.
+//! count that delivery. While the process lives a background task (spawned by
+//! [`connect`](NatsQueue::connect)) keeps its held messages with in-progress acks
+//! (`+WPI`) every `ack_wait / 3`, however rarely `lease` is called (a replayer paused by
+//! an open breaker, or busy with slow replays). A [`LeaseToken`] is only valid in the
+//! process that leased it.
 //!
 //! `retry_later` republishes the message with the new `Postbox-Not-Before` and
 //! `Postbox-Attempts` and then acks the delivery, so the delay survives a restart.
@@ -307,22 +309,22 @@ impl NatsQueue {
             )
             .await
             .map_err(|e| classify(e, "create consumer"))?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                js,
-                consumer,
-                stream,
-                dead_stream,
-                subject_prefix,
-                dead_subject,
-                capacity: options.capacity,
-                ack_wait: options.ack_wait,
-                max_held: options.max_held,
-                request_timeout: options.request_timeout,
-                held: Mutex::new(BTreeMap::new()),
-                leases: AtomicU64::new(0),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            js,
+            consumer,
+            stream,
+            dead_stream,
+            subject_prefix,
+            dead_subject,
+            capacity: options.capacity,
+            ack_wait: options.ack_wait,
+            max_held: options.max_held,
+            request_timeout: options.request_timeout,
+            held: Mutex::new(BTreeMap::new()),
+            leases: AtomicU64::new(0),
+        });
+        tokio::spawn(keep_held_alive(Arc::downgrade(&inner), options.ack_wait));
+        Ok(Self { inner })
     }
 
     /// The JetStream context, for requests of your own.
@@ -714,6 +716,20 @@ impl Inner {
             seq += 1;
         }
         Ok(out)
+    }
+}
+
+/// Every `ack_wait / 3`, tells the server this process still works on each delivery it
+/// holds that it has not touched for `ack_wait / 2`, so the server delivers it again only
+/// once the process is gone. Ends when the last [`NatsQueue`] clone is dropped.
+async fn keep_held_alive(inner: std::sync::Weak<Inner>, ack_wait: Duration) {
+    let mut tick = tokio::time::interval((ack_wait / 3).max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let mut held = inner.held.lock().await;
+        inner.keep_alive(&mut held).await;
     }
 }
 

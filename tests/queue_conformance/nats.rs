@@ -136,3 +136,22 @@ async fn endless_lease_does_not_expire() {
     let (q, _purge) = make(options());
     crate::suite::endless_lease_does_not_expire(q).await;
 }
+
+/// Another process on the same queue gets nothing while this one holds its lease, even
+/// when this one does not call `lease` for several `ack_wait`s (a paused replayer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_delivery_is_not_redelivered_while_its_process_lives() {
+    let opts = options().with_ack_wait(Duration::from_secs(1));
+    let (q, _purge) = make(opts.clone());
+    q.enqueue(crate::suite::envelope("held")).await.unwrap();
+    let now = crate::suite::t0();
+    let leased = q.lease(1, Duration::from_secs(60), now).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let other = connect(opts).await;
+    // Real time: `ack_wait` runs on the server's clock.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stolen = other.lease(10, Duration::from_secs(60), now).await.unwrap();
+    assert!(stolen.is_empty(), "redelivered to another process");
+    q.ack(&[leased[0].token]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().pending, 0);
+}
