@@ -38,6 +38,13 @@ macro_rules! conformance {
             let (q, _guard) = ($make_cap)(2);
             $crate::suite::full_queue_refuses_enqueue(q).await;
         }
+        #[cfg(feature = "http")]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn replayer_delivers_every_message_once_through_an_idempotent_server() {
+            let (q, _guard) = ($make)();
+            $crate::suite::replayer_delivers_every_message_once_through_an_idempotent_server(q)
+                .await;
+        }
     };
     (@tests $make:expr, $make_cap:expr; $($name:ident,)*) => {
         $(
@@ -448,4 +455,82 @@ pub async fn full_queue_refuses_enqueue(q: impl Queue) {
     let token = q.lease(1, LEASE, at(0)).await.unwrap()[0].token;
     q.dead_letter(token, "x").await.unwrap();
     stored(&q, envelope("c")).await;
+}
+
+/// The `Replayer` on this backend, in real time: every message reaches a server behind
+/// the `Idempotency` layer and takes effect once, although the first response to one of
+/// them is lost (so it is replayed again); all are acked, none dead-lettered.
+#[cfg(feature = "http")]
+pub async fn replayer_delivers_every_message_once_through_an_idempotent_server(
+    q: impl Queue + 'static,
+) {
+    use http_body_util::Full;
+    use postbox::BoxError;
+    use postbox::enqueue::{BufferedBody, IDEMPOTENCY_KEY_HEADER, Replayer};
+    use postbox::idempotency::IdempotencyLayer;
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+    use tower::{Layer, ServiceExt, service_fn};
+    type Req = http::Request<BufferedBody<Full<Bytes>>>;
+    fn key_of(req: &Req) -> String {
+        req.headers()[IDEMPOTENCY_KEY_HEADER]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    let q = Arc::new(q);
+    let due = SystemTime::now() - Duration::from_secs(1);
+    for i in 0..10 {
+        let mut e = envelope(&format!("replay-{i}"));
+        e.created_at = due;
+        e.not_before = due;
+        assert!(matches!(q.enqueue(e).await.unwrap(), Enqueued::Stored(_)));
+    }
+    let applied: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let handler = service_fn({
+        let applied = applied.clone();
+        move |req: Req| {
+            *applied.lock().unwrap().entry(key_of(&req)).or_default() += 1;
+            async { Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from("applied")))) }
+        }
+    });
+    let server = IdempotencyLayer::new(100).layer(handler);
+    // The first response to `replay-3` is lost after the server applied it.
+    let lost = Arc::new(Mutex::new(HashSet::new()));
+    let network = service_fn(move |req: Req| {
+        let (server, lost) = (server.clone(), lost.clone());
+        async move {
+            let key = key_of(&req);
+            let res = server.oneshot(req).await?;
+            if key == "replay-3" && lost.lock().unwrap().insert(key) {
+                return Err(BoxError::from(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                )));
+            }
+            Ok(res)
+        }
+    });
+    let handle = Replayer::http(q.clone(), network)
+        .jitter(false)
+        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .poll_interval(Duration::from_millis(50))
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while handle.stats().replayed < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            handle.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = handle.shutdown().await;
+    assert_eq!((stats.retried, stats.dead_lettered), (1, 0), "{stats:?}");
+    let applied = applied.lock().unwrap().clone();
+    assert_eq!(applied.len(), 10, "{applied:?}");
+    assert!(applied.values().all(|&n| n == 1), "{applied:?}");
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 0, 0));
 }
