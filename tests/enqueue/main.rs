@@ -837,6 +837,53 @@ async fn graceful_shutdown_returns_in_flight_leases() {
     );
 }
 
+/// Dropping the handle stops the worker as `shutdown` does: a replay that finishes
+/// within the grace period is acked, one that does not is returned to the queue.
+#[tokio::test(start_paused = true)]
+async fn dropping_the_handle_finishes_quick_replays_and_returns_the_rest() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/quick").await;
+    enqueue_raw(&queue, "http://api.test/hung").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let svc = service_fn(move |req: InnerReq| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let wait = if req.uri().path() == "/quick" {
+                1
+            } else {
+                3600
+            };
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            Ok::<_, BoxError>(respond(200, ""))
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .grace(Duration::from_secs(5))
+        .spawn()
+        .unwrap();
+    eventually(|| calls.load(Ordering::SeqCst) == 2).await;
+    drop(handle);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        depth(&queue).await,
+        Depth {
+            pending: 1,
+            in_flight: 0,
+            dead: 0
+        },
+        "the quick replay was acked, the hung one returned"
+    );
+    // Whatever not-before it was returned with, it is due within the hour.
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let left = queue
+        .lease(10, Duration::from_secs(60), later)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].envelope.uri, "http://api.test/hung");
+}
+
 #[tokio::test(start_paused = true)]
 async fn replayer_respects_its_concurrency_limit() {
     let queue = Arc::new(MemoryQueue::new());
