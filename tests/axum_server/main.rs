@@ -1,6 +1,10 @@
 //! The server stack on a real axum server, and a handler calling a downstream through
 //! the client stack, with a real reqwest client, all on loopback.
 
+#[path = "../support/mod.rs"]
+mod shared;
+
+use self::shared::sample;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -161,14 +165,6 @@ async fn a_dead_downstream_is_answered_202_through_the_enqueue_fallback() {
         .unwrap();
     assert_eq!(stored[0].envelope.id.to_string(), id);
     assert_eq!(&stored[0].envelope.body[..], b"{\"sku\":42}");
-}
-
-/// The sample of `name` whose labels include all of `labels`, from a Prometheus render.
-fn sample(render: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    render
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test] // current-thread: the thread-local recorder sees the server's tasks too

@@ -4,8 +4,11 @@
 #![cfg(feature = "http")]
 #![allow(missing_docs)] // test crate
 
+#[path = "../support/mod.rs"]
+mod shared;
 mod support;
 
+use self::shared::sample;
 use self::support::*;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -1520,14 +1523,6 @@ async fn futures_are_send_and_run_on_spawned_tasks() {
 }
 
 // === metrics ===
-
-/// The sample of `name` whose labels include all of `labels`, from a Prometheus render.
-fn sample(render: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    render
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
 
 /// Enqueued, enqueue failures, replayed, dead-lettered and the queue's depth are
 /// distinct metrics, each counting its own events once.

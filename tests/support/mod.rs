@@ -52,3 +52,11 @@ impl Counter {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// The sample of `name` whose labels include all of `labels`, from a Prometheus render.
+pub fn sample(render: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    render
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
