@@ -127,13 +127,6 @@ struct Inner {
     next_token: u64,
 }
 
-impl Inner {
-    /// Whether `key` is claimed under `token` (and not taken over since).
-    fn holds(&self, key: &str, token: ClaimToken) -> bool {
-        matches!(self.map.get(key), Some(Entry::InProgress { token: t, .. }) if *t == token)
-    }
-}
-
 /// An in-memory [`IdempotencyStore`], bounded in entries, with TTL eviction.
 ///
 /// When full, expired responses are dropped first, then the oldest remembered ones;
@@ -192,6 +185,11 @@ impl fmt::Debug for MemoryStore {
 }
 
 impl Inner {
+    /// Whether `key` is claimed under `token` (and not taken over since).
+    fn holds(&self, key: &str, token: ClaimToken) -> bool {
+        matches!(self.map.get(key), Some(Entry::InProgress { token: t, .. }) if *t == token)
+    }
+
     /// Makes room for one more key.
     fn evict(&mut self, capacity: usize, now: Instant) {
         while self.map.len() >= capacity {
