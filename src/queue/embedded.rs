@@ -89,12 +89,14 @@
 //!
 //! Opening checks the file: not a redb file, a truncated file, damaged pages (with the
 //! default integrity check) or an unknown schema version are [`QueueError::Corrupt`],
-//! never a panic. A stored message that cannot be decoded (damaged inside intact pages,
-//! or written by a newer envelope version) is *quarantined* when a lease reaches it:
-//! taken out of the queue and its key index, its id and the reason kept in the
-//! `quarantine` table and its bytes left in `messages`, logged at error level and
-//! counted in `postbox_queue_quarantined_total`, so the leases after it go on. An *empty* file is taken as a new queue (redb's rule: a crash during
+//! never a panic. An *empty* file is taken as a new queue (redb's rule: a crash during
 //! the very first open leaves one).
+//!
+//! A stored message that cannot be decoded (damaged inside intact pages, or written by a
+//! newer envelope version) is *quarantined* when a lease reaches it: taken out of the
+//! queue and its key index, its id and the reason kept in the `quarantine` table and its
+//! bytes left in `messages`, logged at error level and counted in
+//! `postbox_queue_quarantined_total`, so the leases after it go on.
 
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
@@ -972,7 +974,8 @@ struct Tables<'t> {
     ready: redb::Table<'t, Id, u32>,
     dead: redb::Table<'t, Id, &'static str>,
     keys: redb::Table<'t, &'static str, Id>,
-    quarantine: redb::Table<'t, Id, &'static str>,
+    /// For the tables only a rare op opens (`quarantine`).
+    txn: &'t WriteTransaction,
     /// Whether anything was written (else the transaction is aborted, saving an fsync).
     dirty: bool,
 }
@@ -1001,7 +1004,7 @@ fn apply_ops(
         ready: txn.open_table(READY).map_err(redb_err)?,
         dead: txn.open_table(DEAD).map_err(redb_err)?,
         keys: txn.open_table(KEYS).map_err(redb_err)?,
-        quarantine: txn.open_table(QUARANTINE).map_err(redb_err)?,
+        txn,
         dirty: false,
     };
     for op in ops.by_ref() {
@@ -1325,7 +1328,11 @@ impl Tables<'_> {
         self.ready.remove(id).map_err(redb_err)?;
         // Its key cannot be read from its bytes: find it by owner (rare, so a scan).
         self.keys.retain(|_, owner| owner != id).map_err(redb_err)?;
-        self.quarantine.insert(id, why).map_err(redb_err)?;
+        self.txn
+            .open_table(QUARANTINE)
+            .map_err(redb_err)?
+            .insert(id, why)
+            .map_err(redb_err)?;
         *st.live = st.live.saturating_sub(1);
         self.dirty = true;
         Ok(())
