@@ -239,14 +239,19 @@ impl NatsOptions {
 // === impl NatsQueue ===
 
 impl NatsQueue {
-    /// Connects, and creates (or updates) the two streams and the consumer.
+    /// Connects, creates (or updates) the two streams and the consumer, and spawns the
+    /// task that keeps held deliveries alive (module docs), so call it inside a Tokio
+    /// runtime.
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the server cannot be reached,
-    /// [`QueueError::Backend`] for an invalid name or URL, or if JetStream refuses the
+    /// [`QueueError::Backend`] for an invalid name or URL, if JetStream refuses the
     /// configuration (for example an existing stream of that name with another
-    /// retention).
+    /// retention), or when polled outside a Tokio runtime.
     pub async fn connect(options: NatsOptions) -> Result<Self, QueueError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            QueueError::Backend(format!("NatsQueue::connect needs a Tokio runtime: {e}").into())
+        })?;
         let name = &options.name;
         if name.is_empty()
             || !name
@@ -323,7 +328,7 @@ impl NatsQueue {
             held: Mutex::new(BTreeMap::new()),
             leases: AtomicU64::new(0),
         });
-        tokio::spawn(keep_held_alive(Arc::downgrade(&inner), options.ack_wait));
+        runtime.spawn(keep_held_alive(Arc::downgrade(&inner), options.ack_wait));
         Ok(Self { inner })
     }
 
@@ -514,7 +519,6 @@ impl Inner {
         now: SystemTime,
     ) -> Result<Vec<Leased>, QueueError> {
         let mut held = self.held.lock().await;
-        self.keep_alive(&mut held).await;
         if max == 0 {
             return Ok(Vec::new());
         }
