@@ -855,9 +855,10 @@ mod tests {
         // the entry is gone, so the enqueue must add it again (never answer "stored").
         let c = MessageId::new_v7();
         let eid = entry(&q, c, "k").await;
-        let leased = q
-            .lease(10, Duration::from_secs(30), SystemTime::now())
-            .await;
+        // A second ahead: not-before is stored rounded up to the millisecond, and all
+        // of this can run within the millisecond the owner was enqueued in.
+        let now = SystemTime::now() + Duration::from_secs(1);
+        let leased = q.lease(10, Duration::from_secs(30), now).await;
         let leased = leased.unwrap();
         assert_eq!(leased.len(), 1, "only the owner is delivered");
         q.ack(&[leased[0].token]).await.unwrap();
