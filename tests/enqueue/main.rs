@@ -1380,6 +1380,56 @@ async fn typed_flavour_keeps_policy_requests_synchronous_and_passes_permanent_er
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+#[tokio::test(start_paused = true)]
+async fn typed_flavour_answers_a_full_queue_with_not_enqueued_carrying_both_failures() {
+    let queue = Arc::new(MemoryQueue::with_capacity(0));
+    let refuse = service_fn(|_cmd: Command| async {
+        Err::<u32, BoxError>(boxed(Open::new(Duration::from_secs(1))))
+    });
+    let svc = DeferLayer::new(queue.clone(), CommandCodec).layer(refuse);
+    let cmd = Command {
+        key: None,
+        text: "x".into(),
+    };
+    let err = svc.oneshot(cmd).await.unwrap_err();
+    let not = err.downcast_ref::<NotEnqueued>().expect("NotEnqueued");
+    assert!(matches!(
+        not.queue_error(),
+        QueueError::Full { capacity: 0 }
+    ));
+    assert_eq!(not.reason(), DeferReason::CircuitOpen);
+    assert!(find_cause::<Open>(&*err).is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn typed_flavour_never_enqueues_a_call_its_caller_dropped() {
+    let queue = Arc::new(MemoryQueue::new());
+    let entered = Arc::new(AtomicUsize::new(0));
+    let entered2 = entered.clone();
+    // Fails, but only after the caller has gone.
+    let slow = service_fn(move |_cmd: Command| {
+        entered2.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Err::<u32, BoxError>(boxed(Open::new(Duration::from_secs(1))))
+        }
+    });
+    let svc = DeferLayer::new(queue.clone(), CommandCodec).layer(slow);
+    let cmd = Command {
+        key: None,
+        text: "x".into(),
+    };
+    let call = svc.oneshot(cmd);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), call)
+            .await
+            .is_err()
+    );
+    assert_eq!(entered.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
 // === with the durable embedded queue ===
 
 #[cfg(feature = "embedded")]
