@@ -231,76 +231,11 @@ impl Drop for PrivateNats {
 /// twice; every enqueue that returned `Ok` is there after the restarts, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let mut server = PrivateNats::start().await;
     let q = Arc::new(connect(options().with_url(server.url())).await);
-    let acked_count = Arc::new(AtomicUsize::new(0));
-    let mut producers = Vec::new();
-    for p in 0..8 {
-        let (q, acked_count) = (q.clone(), acked_count.clone());
-        producers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            for i in 0..100 {
-                let e = crate::suite::envelope(&format!("p{p}-{i}"));
-                // Retry with the same envelope (bounded): the key makes it safe.
-                let mut done = false;
-                for _ in 0..400 {
-                    match q.enqueue(e.clone()).await {
-                        Ok(r) => {
-                            acked.push(r.id());
-                            acked_count.fetch_add(1, Ordering::Relaxed);
-                            done = true;
-                            break;
-                        }
-                        Err(QueueError::Unavailable(_)) => {
-                            tokio::time::sleep(Duration::from_millis(20)).await
-                        }
-                        Err(e) => panic!("unexpected error {e}"),
-                    }
-                }
-                assert!(done, "enqueue did not succeed after the restart");
-            }
-            acked
-        }));
-    }
-    let mut kills_at = Vec::new();
-    for round in 1..=2 {
-        for _ in 0..500 {
-            if acked_count.load(Ordering::Relaxed) >= round * 250 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        kills_at.push(acked_count.load(Ordering::Relaxed));
+    crate::broker::nothing_acknowledged_is_lost_across_restarts(q, async || {
         server.kill();
         server.spawn().await;
-    }
-    let mut acked = Vec::new();
-    for p in producers {
-        acked.extend(p.await.unwrap());
-    }
-    assert_eq!(acked.len(), 800, "every producer finished");
-    let mut stored = Vec::new();
-    for _ in 0..200 {
-        match q
-            .lease(1000, Duration::from_secs(30), crate::suite::at(0))
-            .await
-        {
-            Ok(l) if l.is_empty() && stored.len() >= acked.len() => break,
-            Ok(l) => stored.extend(l.into_iter().map(|l| l.envelope.id)),
-            Err(QueueError::Unavailable(_)) => {}
-            Err(e) => panic!("unexpected error {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let unique: HashSet<_> = stored.iter().collect();
-    assert_eq!(unique.len(), stored.len(), "a message stored twice");
-    for id in &acked {
-        assert!(unique.contains(id), "acknowledged message {id} lost");
-    }
-    eprintln!("killed after {kills_at:?} acknowledged enqueues");
-    assert!(
-        kills_at.iter().all(|&n| n < 800),
-        "the producers finished before a kill: {kills_at:?}"
-    );
+    })
+    .await;
 }
