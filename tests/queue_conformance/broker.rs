@@ -3,6 +3,8 @@
 use postbox::queue::{Queue, QueueError};
 use std::collections::HashSet;
 use std::future::Future;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -30,6 +32,69 @@ where
 /// `conformance!` constructors are synchronous).
 pub fn block_on<F: Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+/// A private broker process on a free loopback port with its own data directory, killed
+/// with the test; the shared servers are never touched. `command(port, dir)` builds
+/// its command line. Each broker module waits for it to answer in its own way.
+pub struct PrivateServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    command: fn(u16, &Path) -> Command,
+    child: Option<Child>,
+}
+
+impl PrivateServer {
+    /// Picks a port and a directory and starts the process.
+    pub fn start(command: fn(u16, &Path) -> Command) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            command,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Starts the process again, on the same port and directory.
+    pub fn spawn(&mut self) {
+        let mut command = (self.command)(self.port, self.dir.path());
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{:?} could not be started ({e}): install it to run this test",
+                    command.get_program()
+                )
+            });
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown, no final flush or fsync.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// 8 producers enqueue 100 messages each into `q` (retrying `Unavailable` with the same

@@ -3,9 +3,12 @@
 //! test uses its own streams and deletes them afterwards. An unreachable server fails
 //! the test.
 
+use crate::broker::PrivateServer;
 use crate::proxy::{Proxy, host_port};
 use postbox::queue::{Enqueued, NatsOptions, NatsQueue, Queue, QueueError};
 use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -156,86 +159,41 @@ async fn a_held_delivery_is_not_redelivered_while_its_process_lives() {
     assert_eq!(q.depth().await.unwrap().pending, 0);
 }
 
-/// A private `nats-server` with JetStream on a free loopback port and its own store
-/// directory, killed with the test. The shared server on 4222 is never touched.
-struct PrivateNats {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<std::process::Child>,
+/// A private `nats-server` with JetStream (see [`PrivateServer`]).
+fn private_nats(port: u16, dir: &Path) -> Command {
+    let mut c = Command::new("nats-server");
+    c.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir);
+    c
 }
 
-impl PrivateNats {
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        server.spawn().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server on the same port and store, and waits until it accepts.
-    async fn spawn(&mut self) {
-        let child = std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"])
-            .arg("-sd")
-            .arg(self.dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("nats-server could not be started ({e}): install it to run this test")
-            });
-        self.child = Some(child);
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// Waits until the private server accepts connections.
+async fn accepting(port: u16) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
         }
-        panic!(
-            "the private nats-server on port {} did not accept",
-            self.port
-        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-
-    /// SIGKILL: no shutdown, no final flush.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    panic!("the private nats-server on port {port} did not accept");
 }
 
 /// 8 producers enqueue into a private server while it is killed (SIGKILL) and restarted
 /// twice; every enqueue that returned `Ok` is there after the restarts, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() {
-    let mut server = PrivateNats::start().await;
-    let q = Arc::new(connect(options().with_url(server.url())).await);
+    let mut server = PrivateServer::start(private_nats);
+    let port = server.port();
+    accepting(port).await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let q = Arc::new(connect(options().with_url(url)).await);
     crate::broker::nothing_acknowledged_is_lost_across_restarts(q, async || {
         server.kill();
-        server.spawn().await;
+        server.spawn();
+        accepting(port).await;
     })
     .await;
 }

@@ -2,8 +2,11 @@
 //! default `redis://127.0.0.1:6379/`), plus connection-loss tests. Each test uses its
 //! own queue name and purges its keys afterwards. An unreachable server fails the test.
 
+use crate::broker::PrivateServer;
 use postbox::queue::{Enqueued, Queue, QueueError, RedisOptions, RedisQueue};
 use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -330,85 +333,39 @@ async fn an_entry_whose_enqueue_died_before_claiming_its_key_is_delivered() {
     assert_eq!(stream_len(&q).await, 0);
 }
 
-/// A private `redis-server` with `appendfsync always` on a free loopback port, killed
-/// with the test. The shared server on 6379 is never touched.
-struct PrivateRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<std::process::Child>,
+/// A private `redis-server` with `appendfsync always` (see [`PrivateServer`]).
+fn private_redis(port: u16, dir: &Path) -> Command {
+    let mut c = Command::new("redis-server");
+    c.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(dir);
+    c
 }
 
-impl PrivateRedis {
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        server.spawn().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Starts the server on the same port and directory, and waits until it answers.
-    async fn spawn(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("redis-server could not be started ({e}): install Redis to run this test")
-            });
-        self.child = Some(child);
-        let client = redis::Client::open(self.url()).unwrap();
-        for _ in 0..100 {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// Waits until the private server answers `PING` (not only accepts: it may be loading
+/// its append-only file).
+async fn answering(url: &str, port: u16) {
+    let client = redis::Client::open(url).unwrap();
+    for _ in 0..100 {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await
+            && redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok()
+        {
+            return;
         }
-        panic!(
-            "the private redis-server on port {} did not answer",
-            self.port
-        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-
-    /// SIGKILL: no shutdown, no final fsync.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    panic!("the private redis-server on port {port} did not answer");
 }
 
 /// 8 producers enqueue into a private server with `appendfsync always` while it is
@@ -416,14 +373,18 @@ impl Drop for PrivateRedis {
 /// the restarts, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() {
-    let mut server = PrivateRedis::start().await;
+    let mut server = PrivateServer::start(private_redis);
+    let port = server.port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    answering(&url, port).await;
     let options = options()
-        .with_url(server.url())
+        .with_url(&url)
         .with_response_timeout(Duration::from_millis(500));
     let q = Arc::new(RedisQueue::connect(options).await.unwrap());
     crate::broker::nothing_acknowledged_is_lost_across_restarts(q, async || {
         server.kill();
-        server.spawn().await;
+        server.spawn();
+        answering(&url, port).await;
     })
     .await;
 }
