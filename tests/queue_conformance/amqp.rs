@@ -3,9 +3,12 @@
 //! test uses its own queues and deletes them afterwards. An unreachable broker fails
 //! the test.
 
+use crate::broker::{PrivateServer, Redelivery::AtLeastOnce};
 use crate::proxy::{Proxy, host_port};
 use postbox::queue::{AmqpOptions, AmqpQueue, Enqueued, Queue, QueueError};
 use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +94,77 @@ async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
     // A publish whose confirm was lost with the connection may be stored twice (no
     // de-duplication across a failed call): at least once, never lost.
     assert!(leased.len() >= 400);
+}
+
+/// A private RabbitMQ node (see [`PrivateServer`]): its own node name, data and log
+/// directories, no plugins and no configuration file, so the shared broker is never
+/// touched. Runs the server script (`POSTBOX_RABBITMQ_SERVER`, default Debian's
+/// `/usr/lib/rabbitmq/bin/rabbitmq-server`) directly, not through the `rabbitmq-server`
+/// wrapper that switches user. The script starts the Erlang VM as a child, which is why
+/// [`PrivateServer::kill`] kills the process group.
+fn private_rabbitmq(port: u16, dir: &Path) -> Command {
+    // The Erlang distribution port: any free one, fresh at each start.
+    let dist = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let plugins = dir.join("enabled_plugins");
+    std::fs::write(&plugins, "[].").unwrap();
+    std::fs::write(dir.join("rabbitmq-env.conf"), "").unwrap();
+    let script = std::env::var_os("POSTBOX_RABBITMQ_SERVER")
+        .unwrap_or_else(|| "/usr/lib/rabbitmq/bin/rabbitmq-server".into());
+    let mut c = Command::new(script);
+    c.current_dir(dir)
+        // The node's Erlang cookie is created in $HOME.
+        .env("HOME", dir)
+        .env(
+            "RABBITMQ_NODENAME",
+            format!("postbox-test-{port}@localhost"),
+        )
+        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_PORT", port.to_string())
+        .env("RABBITMQ_DIST_PORT", dist.to_string())
+        .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+        .env("RABBITMQ_LOG_BASE", dir.join("log"))
+        .env("RABBITMQ_PID_FILE", dir.join("pid"))
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", plugins)
+        .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+        .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+        .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"));
+    c
+}
+
+/// Waits until the private node accepts AMQP connections (it boots in several seconds).
+async fn accepting(port: u16) {
+    for _ in 0..600 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the private RabbitMQ node on port {port} did not accept within 60 s");
+}
+
+/// 8 producers enqueue into a private RabbitMQ node while it is killed (SIGKILL) and
+/// restarted twice; every enqueue that returned `Ok` (a publisher confirm from the
+/// quorum queue) is there after the restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_the_broker_is_killed_and_restarted() {
+    let mut server = PrivateServer::start(private_rabbitmq);
+    let port = server.port();
+    accepting(port).await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let q = Arc::new(connect(options().with_url(url).with_timeout(Duration::from_secs(2))).await);
+    crate::broker::nothing_acknowledged_is_lost_across_restarts(q, AtLeastOnce, async || {
+        server.kill();
+        server.spawn();
+        accepting(port).await;
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,10 +66,14 @@ impl PrivateServer {
         self.port
     }
 
-    /// Starts the process again, on the same port and directory.
+    /// Starts the process again, on the same port and directory, in a process group of
+    /// its own (a broker started by a script, such as RabbitMQ's, is more than one
+    /// process).
     pub fn spawn(&mut self) {
+        use std::os::unix::process::CommandExt;
         let mut command = (self.command)(self.port, self.dir.path());
         let child = command
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -82,12 +86,34 @@ impl PrivateServer {
         self.child = Some(child);
     }
 
-    /// SIGKILL: no shutdown, no final flush or fsync.
+    /// SIGKILL to the whole process group: no shutdown, no final flush or fsync. Returns
+    /// once every process of the group is gone (so the port and the node name are free).
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "also runs from Drop, outside any runtime; waits at most 10 s for teardown"
+    )]
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let group = format!("-{}", child.id());
+        let signal = |sig: &str| {
+            Command::new("kill")
+                .args([sig, "--", &group])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        signal("-KILL");
+        let _ = child.wait();
+        // A large process takes a moment to be torn down after SIGKILL.
+        for _ in 0..200 {
+            if !signal("-0") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        panic!("the private server's processes outlived SIGKILL for 10 s");
     }
 }
 
@@ -97,12 +123,23 @@ impl Drop for PrivateServer {
     }
 }
 
+/// Whether a backend's de-duplication survives a failed call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    /// The server de-duplicates by key: a retried enqueue is stored once.
+    ExactlyOnce,
+    /// De-duplication is in-process: an enqueue whose acknowledgement was lost with the
+    /// connection, then retried, may be stored twice (at least once, never lost).
+    AtLeastOnce,
+}
+
 /// 8 producers enqueue 100 messages each into `q` (retrying `Unavailable` with the same
 /// envelope: its key makes that safe) while `restart` kills (SIGKILL) and restarts the
-/// server twice mid-stream; then every enqueue that returned `Ok` is leased back, exactly
-/// once.
+/// server twice mid-stream; then every enqueue that returned `Ok` is leased back, once
+/// (or, for [`Redelivery::AtLeastOnce`], at least once).
 pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
     q: Arc<Q>,
+    redelivery: Redelivery,
     mut restart: impl AsyncFnMut(),
 ) {
     let acked_count = Arc::new(AtomicUsize::new(0));
@@ -114,7 +151,8 @@ pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
             for i in 0..100 {
                 let e = crate::suite::envelope(&format!("p{p}-{i}"));
                 let mut done = false;
-                for _ in 0..400 {
+                // Up to a minute: a broker may take several seconds to boot.
+                for _ in 0..3000 {
                     match q.enqueue(e.clone()).await {
                         Ok(r) => {
                             acked.push(r.id());
@@ -164,11 +202,13 @@ pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let unique: HashSet<_> = stored.iter().collect();
-    assert_eq!(unique.len(), stored.len(), "a message stored twice");
     for id in &acked {
         assert!(unique.contains(id), "acknowledged message {id} lost");
     }
-    assert_eq!(stored.len(), 800);
+    if redelivery == Redelivery::ExactlyOnce {
+        assert_eq!(unique.len(), stored.len(), "a message stored twice");
+        assert_eq!(stored.len(), 800);
+    }
     eprintln!("killed after {kills_at:?} acknowledged enqueues");
     assert!(
         kills_at.iter().all(|&n| n < 800),

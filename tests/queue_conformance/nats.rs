@@ -3,7 +3,7 @@
 //! test uses its own streams and deletes them afterwards. An unreachable server fails
 //! the test.
 
-use crate::broker::PrivateServer;
+use crate::broker::{PrivateServer, Redelivery::ExactlyOnce};
 use crate::proxy::{Proxy, host_port};
 use postbox::queue::{Enqueued, NatsOptions, NatsQueue, Queue, QueueError};
 use std::collections::HashSet;
@@ -190,7 +190,7 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() 
     accepting(port).await;
     let url = format!("nats://127.0.0.1:{port}");
     let q = Arc::new(connect(options().with_url(url)).await);
-    crate::broker::nothing_acknowledged_is_lost_across_restarts(q, async || {
+    crate::broker::nothing_acknowledged_is_lost_across_restarts(q, ExactlyOnce, async || {
         server.kill();
         server.spawn();
         accepting(port).await;

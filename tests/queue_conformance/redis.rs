@@ -2,7 +2,7 @@
 //! default `redis://127.0.0.1:6379/`), plus connection-loss tests. Each test uses its
 //! own queue name and purges its keys afterwards. An unreachable server fails the test.
 
-use crate::broker::PrivateServer;
+use crate::broker::{PrivateServer, Redelivery::ExactlyOnce};
 use postbox::queue::{Enqueued, Queue, QueueError, RedisOptions, RedisQueue};
 use std::collections::HashSet;
 use std::path::Path;
@@ -381,7 +381,7 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() 
         .with_url(&url)
         .with_response_timeout(Duration::from_millis(500));
     let q = Arc::new(RedisQueue::connect(options).await.unwrap());
-    crate::broker::nothing_acknowledged_is_lost_across_restarts(q, async || {
+    crate::broker::nothing_acknowledged_is_lost_across_restarts(q, ExactlyOnce, async || {
         server.kill();
         server.spawn();
         answering(&url, port).await;
