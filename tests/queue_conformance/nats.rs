@@ -197,3 +197,49 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() 
     })
     .await;
 }
+
+/// When the server delivers again a message this process still holds (its keep-alive
+/// was stalled past `ack_wait`), the process keeps its lease: the message is not leased
+/// a second time, and the first lease's token acks it.
+#[test]
+fn a_delivery_redelivered_while_held_keeps_its_lease() {
+    /// Deletes the streams when the test ends (no runtime is current here).
+    struct PurgeOn<'r>(&'r tokio::runtime::Runtime, NatsQueue);
+    impl Drop for PurgeOn<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.block_on(self.1.purge());
+        }
+    }
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // The queue under test lives on a runtime that runs only while the test drives it,
+    // so its keep-alive task can be stalled; the other queue, for checking, on its own.
+    let (stalled, free) = (runtime(), runtime());
+    let opts = options().with_ack_wait(Duration::from_secs(1));
+    let q = stalled.block_on(connect(opts.clone()));
+    let other = free.block_on(connect(opts));
+    let _purge = PurgeOn(&free, other.clone());
+    let now = crate::suite::t0();
+    let leased = stalled.block_on(async {
+        q.enqueue(crate::suite::envelope("held")).await.unwrap();
+        q.lease(1, Duration::from_secs(60), now).await.unwrap()
+    });
+    assert_eq!(leased.len(), 1);
+    // Real time, with `q`'s runtime not running: `ack_wait` passes on the server's clock
+    // with no keep-alive, so the server makes the delivery available again.
+    free.block_on(async { tokio::time::sleep(Duration::from_millis(2500)).await });
+    stalled.block_on(async {
+        let again = q.lease(10, Duration::from_secs(60), now).await.unwrap();
+        assert!(again.is_empty(), "leased twice: {again:?}");
+        q.ack(&[leased[0].token]).await.unwrap();
+        assert_eq!(q.depth().await.unwrap().pending, 0);
+    });
+    free.block_on(async {
+        let d = other.depth().await.unwrap();
+        assert_eq!(d.pending, 0, "the redelivered copy was not acked");
+    });
+}
