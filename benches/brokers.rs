@@ -281,6 +281,31 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
     );
     drop_stream(&raw_stream);
     let (raw_stream, raw_subject) = new_stream();
+    // The literal design, which the adapter does not use (docs/queues.md,
+    // "De-duplication"): one subject, the idempotency key as `Nats-Msg-Id` (so
+    // de-duplication only within `duplicate_window`, and a key stays refused for the
+    // window after its message is acked), with the `Postbox-*` headers.
+    bench_loop(
+        &mut g,
+        rt,
+        "nats/64_producers_msg_id_headers",
+        (js.clone(), raw_subject.clone(), payload.clone()),
+        |(js, subject, payload)| async move {
+            let id = MessageId::new_v7().to_string();
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Postbox-Id", id.as_str());
+            h.insert("Postbox-Idempotency-Key", id.as_str());
+            h.insert("Postbox-Destination", "api:443");
+            h.insert("Postbox-Not-Before", "1763820000000");
+            let p = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload)
+                .headers(h)
+                .message_id(&id);
+            js.send_publish(subject, p).await.unwrap().await.unwrap();
+        },
+    );
+    drop_stream(&raw_stream);
+    let (raw_stream, raw_subject) = new_stream();
     bench_loop(
         &mut g,
         rt,
