@@ -2,6 +2,7 @@
 //! back.
 
 use super::clock::wall_now;
+
 use super::codec::RequestCodec;
 use crate::BoxError;
 use crate::bulkhead::error::Full;
@@ -19,6 +20,9 @@ use tokio::sync::watch;
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::{Instant, sleep_until};
 use tower_service::Service;
+
+/// A pause for an overflowing hint: longer than any process lives (about 30 years).
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 
 /// What to do with a message after one replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -757,7 +761,9 @@ where
                 // A zero hint means "half-open, probes busy": still back off a little, so
                 // a busy half-open breaker does not burn attempts in a tight loop.
                 let pause = retry_after.max(self.config.backoff_base);
-                let until = Instant::now() + pause;
+                // `retry_after` may come from the dependency: never overflow.
+                let now = Instant::now();
+                let until = now.checked_add(pause).unwrap_or_else(|| now + FAR_FUTURE);
                 if self.paused_until.is_none_or(|p| p < until) {
                     tracing::info!(?pause, "circuit open; replay paused");
                     self.paused_until = Some(until);
@@ -772,7 +778,8 @@ where
     /// Back to the queue for `delay`; `counted: false` does not count the delivery
     /// ([`Queue::release`]).
     async fn retry_later(&mut self, token: LeaseToken, delay: Duration, counted: bool) {
-        let not_before = wall_now() + delay;
+        // `delay` may hold the dependency's Retry-After, of any size.
+        let not_before = crate::queue::saturating_add(wall_now(), delay);
         let (res, what) = if counted {
             (
                 self.queue.retry_later(token, not_before).await,

@@ -66,7 +66,10 @@ impl<Q: Queue, C> Shared<Q, C> {
         original: BoxError,
     ) -> Pending {
         let now = wall_now();
-        let not_before = trigger.not_before.map_or(now, |d| now + d);
+        // A Retry-After of any size (it comes from the dependency) must not overflow.
+        let not_before = trigger
+            .not_before
+            .map_or(now, |d| crate::queue::saturating_add(now, d));
         let Capture {
             key,
             captured,

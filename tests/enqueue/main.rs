@@ -181,6 +181,30 @@ async fn overload_with_retry_after_enqueues_not_before_the_hint() {
     );
 }
 
+/// A dependency's `Retry-After` too large for the clock (near `u64::MAX` seconds) is
+/// stored as a far-future not-before: no overflow panic on the caller's path.
+#[tokio::test(start_paused = true)]
+async fn an_overflowing_retry_after_enqueues_far_in_the_future_without_panicking() {
+    let queue = Arc::new(MemoryQueue::new());
+    let (out, _) = defer_with(&queue, || {
+        let mut res = respond(429, "slow down");
+        res.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            u64::MAX.to_string().parse().unwrap(),
+        );
+        Ok(res)
+    })
+    .await;
+    let res = out.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let env = queue.get(receipt_id(&res)).unwrap();
+    let wait = env.not_before.duration_since(env.created_at).unwrap();
+    assert!(
+        wait > Duration::from_secs(100 * 365 * 24 * 3600),
+        "{wait:?}"
+    );
+}
+
 /// Retries `n` times on a 5xx or an error (a stand-in for postbox's retry layer).
 #[derive(Clone)]
 struct RetryN(usize);
@@ -1014,6 +1038,32 @@ async fn replayer_waits_for_a_retry_after_hint_longer_than_its_backoff() {
     assert_eq!(gaps.len(), 2, "{gaps:?}");
     assert_gap(gaps[0], Duration::from_secs(1), poll);
     assert_gap(gaps[1], Duration::from_secs(10), poll);
+}
+
+/// A replay answered with a `Retry-After` too large for the clock goes back to the queue
+/// far in the future; the replayer neither panics nor stops, and replays the next
+/// message.
+#[tokio::test(start_paused = true)]
+async fn replayer_survives_an_overflowing_retry_after() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |n, _| {
+        Ok(if n == 0 {
+            unavailable_for(u64::MAX)
+        } else {
+            respond(200, "")
+        })
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .concurrency(1)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().retried == 1).await;
+    enqueue_raw(&queue, "http://api.test/b").await;
+    eventually(|| handle.stats().replayed == 1).await;
+    handle.shutdown().await;
+    assert_eq!(depth(&queue).await.pending, 1, "the first waits, far ahead");
 }
 
 /// Seven messages replayed one at a time with `ack_batch(3, ..)`: acks go out as 3, 3,
