@@ -606,7 +606,14 @@ impl Inner {
         let publish = Publish::build()
             .payload(Bytes::from(envelope.encode()))
             .headers(headers)
-            .message_id(format!("{}.{}", envelope.id, envelope.attempts));
+            // Named after the delivered copy's stream sequence, not the attempts: when
+            // this publish is stored but its reply is lost, the next `retry_later` of
+            // the same copy (whatever its attempts by then) is dropped by the server as
+            // a duplicate instead of storing a second live copy.
+            .message_id(match h.msg.info() {
+                Ok(info) => format!("{}.r{}", envelope.id, info.stream_sequence),
+                Err(_) => format!("{}.{}", envelope.id, envelope.attempts),
+            });
         let copied = match self.js.send_publish(h.msg.subject.clone(), publish).await {
             Ok(ack) => ack.await.map(drop),
             Err(e) => Err(e),
