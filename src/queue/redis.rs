@@ -724,9 +724,23 @@ fn parse_batch(v: Value, n: usize) -> Result<Vec<(i64, String)>, QueueError> {
 
 // === helpers ===
 
-/// Connection problems are [`QueueError::Unavailable`]; the rest is a backend error.
+/// Connection problems, and a server that cannot answer for now (loading its data after
+/// a restart, a script running too long, a failover under way), are
+/// [`QueueError::Unavailable`]: the caller may try again. The rest is a backend error.
 fn map_err(e: RedisError) -> QueueError {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    let transient = matches!(
+        e.kind(),
+        ErrorKind::Server(
+            S::BusyLoading | S::TryAgain | S::MasterDown | S::ClusterDown | S::ReadOnly
+        )
+    ) || e.code() == Some("BUSY");
+    if transient
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+    {
         QueueError::Unavailable(Box::new(e))
     } else {
         QueueError::Backend(Box::new(e))
@@ -804,6 +818,17 @@ fn from_ms(s: &str) -> Result<SystemTime, QueueError> {
 mod tests {
     use super::*;
     use crate::queue::DeferReason;
+
+    #[test]
+    fn a_server_that_cannot_answer_for_now_is_unavailable_not_a_backend_error() {
+        use ::redis::{ErrorKind, ServerErrorKind as S};
+        for kind in [S::BusyLoading, S::TryAgain, S::MasterDown, S::ReadOnly] {
+            let e = RedisError::from((ErrorKind::Server(kind), "for now"));
+            assert!(matches!(map_err(e), QueueError::Unavailable(_)), "{kind:?}");
+        }
+        let e = RedisError::from((ErrorKind::Server(S::ResponseError), "bad"));
+        assert!(matches!(map_err(e), QueueError::Backend(_)));
+    }
 
     async fn entry(q: &RedisQueue, id: MessageId, key: &str) -> Vec<u8> {
         ::redis::cmd("XADD")
