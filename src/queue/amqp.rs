@@ -78,7 +78,7 @@ use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::publisher_confirm::Confirmation;
@@ -618,10 +618,18 @@ impl Inner {
                             props,
                         )
                         .await?
-                        .await?;
-                        delivery.acker.ack(BasicAckOptions::default()).await
+                        .await
                     };
-                    self.io(epoch, moved).await?;
+                    if let Confirmation::Nack(_) = self.io(epoch, moved).await? {
+                        // Not moved: give it back to the queue rather than drop it.
+                        self.io(epoch, delivery.acker.nack(requeue())).await?;
+                        return Err(QueueError::Backend(
+                            "amqp: broker refused an undecodable message to the dead-letter queue"
+                                .into(),
+                        ));
+                    }
+                    self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
+                        .await?;
                     continue;
                 }
             };
@@ -717,6 +725,9 @@ impl Inner {
             .publish(ch, epoch, queue, &h.envelope, &[], ttl)
             .await?
         {
+            // Not parked: back to the queue (delivered again, counted), never stuck
+            // unacked on this channel.
+            self.io(epoch, h.acker.nack(requeue())).await?;
             return Err(QueueError::Backend(
                 format!("amqp: broker refused the message for {queue}").into(),
             ));
@@ -815,6 +826,8 @@ impl Inner {
             .publish(&ch, epoch, &self.dead_queue, &h.envelope, &extra, None)
             .await?
         {
+            // Not dead-lettered: back to the queue, never stuck unacked here.
+            self.io(epoch, h.acker.nack(requeue())).await?;
             return Err(QueueError::Backend(
                 "amqp: broker refused the dead letter".into(),
             ));
@@ -974,6 +987,14 @@ impl Queue for AmqpQueue {
 }
 
 // === helpers ===
+
+/// A nack that returns the delivery to its queue.
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    }
+}
 
 fn string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
