@@ -198,6 +198,16 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
     settle(rt);
 }
 
+/// The `Postbox-*` headers the NATS adapter sets, for a message whose id and key are `id`.
+fn postbox_headers(id: &str) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Postbox-Id", id);
+    h.insert("Postbox-Idempotency-Key", id);
+    h.insert("Postbox-Destination", "api:443");
+    h.insert("Postbox-Not-Before", "1763820000000");
+    h
+}
+
 fn bench_nats(c: &mut Criterion, rt: &Runtime) {
     let q = rt
         .block_on(NatsQueue::connect(NatsOptions::new(
@@ -266,14 +276,9 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
             for b in id.as_bytes() {
                 subj.push_str(&format!("{b:02x}"));
             }
-            let mut h = async_nats::HeaderMap::new();
-            h.insert("Postbox-Id", id.as_str());
-            h.insert("Postbox-Idempotency-Key", id.as_str());
-            h.insert("Postbox-Destination", "api:443");
-            h.insert("Postbox-Not-Before", "1763820000000");
             let p = async_nats::jetstream::message::PublishMessage::build()
                 .payload(payload)
-                .headers(h)
+                .headers(postbox_headers(&id))
                 .message_id(&id)
                 .expected_last_subject_sequence(0);
             js.send_publish(subj, p).await.unwrap().await.unwrap();
@@ -292,14 +297,9 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
         (js.clone(), raw_subject.clone(), payload.clone()),
         |(js, subject, payload)| async move {
             let id = MessageId::new_v7().to_string();
-            let mut h = async_nats::HeaderMap::new();
-            h.insert("Postbox-Id", id.as_str());
-            h.insert("Postbox-Idempotency-Key", id.as_str());
-            h.insert("Postbox-Destination", "api:443");
-            h.insert("Postbox-Not-Before", "1763820000000");
             let p = async_nats::jetstream::message::PublishMessage::build()
                 .payload(payload)
-                .headers(h)
+                .headers(postbox_headers(&id))
                 .message_id(&id);
             js.send_publish(subject, p).await.unwrap().await.unwrap();
         },

@@ -135,20 +135,6 @@ fn private_rabbitmq(port: u16, dir: &Path) -> Command {
     c
 }
 
-/// Waits until the private node accepts AMQP connections (it boots in several seconds).
-async fn accepting(port: u16) {
-    for _ in 0..600 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the private RabbitMQ node on port {port} did not accept within 60 s");
-}
-
 /// 8 producers enqueue into a private RabbitMQ node while it is killed (SIGKILL) and
 /// restarted twice; every enqueue that returned `Ok` (a publisher confirm from the
 /// quorum queue) is there after the restarts.
@@ -156,13 +142,13 @@ async fn accepting(port: u16) {
 async fn nothing_acknowledged_is_lost_when_the_broker_is_killed_and_restarted() {
     let mut server = PrivateServer::start(private_rabbitmq);
     let port = server.port();
-    accepting(port).await;
+    crate::broker::accepting("RabbitMQ node", port, Duration::from_secs(60)).await;
     let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let q = Arc::new(connect(options().with_url(url).with_timeout(Duration::from_secs(2))).await);
     crate::broker::nothing_acknowledged_is_lost_across_restarts(q, AtLeastOnce, async || {
         server.kill();
         server.spawn();
-        accepting(port).await;
+        crate::broker::accepting("RabbitMQ node", port, Duration::from_secs(60)).await;
     })
     .await;
 }

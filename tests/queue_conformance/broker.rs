@@ -123,6 +123,21 @@ impl Drop for PrivateServer {
     }
 }
 
+/// Waits (up to `within`) until `what`, a private server on `port`, accepts connections.
+pub async fn accepting(what: &str, port: u16, within: Duration) {
+    let step = Duration::from_millis(50);
+    for _ in 0..within.as_millis() / step.as_millis() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(step).await;
+    }
+    panic!("the private {what} on port {port} did not accept within {within:?}");
+}
+
 /// Whether a backend's de-duplication survives a failed call.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Redelivery {

@@ -167,33 +167,19 @@ fn private_nats(port: u16, dir: &Path) -> Command {
     c
 }
 
-/// Waits until the private server accepts connections.
-async fn accepting(port: u16) {
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the private nats-server on port {port} did not accept");
-}
-
 /// 8 producers enqueue into a private server while it is killed (SIGKILL) and restarted
 /// twice; every enqueue that returned `Ok` is there after the restarts, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() {
     let mut server = PrivateServer::start(private_nats);
     let port = server.port();
-    accepting(port).await;
+    crate::broker::accepting("nats-server", port, Duration::from_secs(5)).await;
     let url = format!("nats://127.0.0.1:{port}");
     let q = Arc::new(connect(options().with_url(url)).await);
     crate::broker::nothing_acknowledged_is_lost_across_restarts(q, ExactlyOnce, async || {
         server.kill();
         server.spawn();
-        accepting(port).await;
+        crate::broker::accepting("nats-server", port, Duration::from_secs(5)).await;
     })
     .await;
 }
