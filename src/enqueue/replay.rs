@@ -2,7 +2,6 @@
 //! back.
 
 use super::clock::wall_now;
-
 use super::codec::RequestCodec;
 use crate::BoxError;
 use crate::bulkhead::error::Full;

@@ -622,11 +622,13 @@ impl Inner {
                     };
                     if let Confirmation::Nack(_) = self.io(epoch, moved).await? {
                         // Not moved: give it back to the queue rather than drop it.
-                        self.io(epoch, delivery.acker.nack(requeue())).await?;
-                        return Err(QueueError::Backend(
-                            "amqp: broker refused an undecodable message to the dead-letter queue"
-                                .into(),
-                        ));
+                        return Err(self
+                            .give_back(
+                                epoch,
+                                &delivery.acker,
+                                "an undecodable message to the dead-letter queue".into(),
+                            )
+                            .await);
                     }
                     self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
                         .await?;
@@ -725,16 +727,22 @@ impl Inner {
             .publish(ch, epoch, queue, &h.envelope, &[], ttl)
             .await?
         {
-            // Not parked: back to the queue (delivered again, counted), never stuck
-            // unacked on this channel.
-            self.io(epoch, h.acker.nack(requeue())).await?;
-            return Err(QueueError::Backend(
-                format!("amqp: broker refused the message for {queue}").into(),
-            ));
+            let what = format!("the message for {queue}");
+            return Err(self.give_back(epoch, &h.acker, what).await);
         }
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
             .await?;
         Ok(())
+    }
+
+    /// After the broker refused `what`, the publish that was to move a delivery: nacks
+    /// the delivery back to its queue (delivered again, counted) so it is never left
+    /// unacked on this channel, and returns the error to answer.
+    async fn give_back(&self, epoch: u64, acker: &lapin::acker::Acker, what: String) -> QueueError {
+        if let Err(e) = self.io(epoch, acker.nack(requeue())).await {
+            return e;
+        }
+        QueueError::Backend(format!("amqp: broker refused {what}").into())
     }
 
     /// Removes the delivery of `token` if its lease is current.
@@ -826,11 +834,9 @@ impl Inner {
             .publish(&ch, epoch, &self.dead_queue, &h.envelope, &extra, None)
             .await?
         {
-            // Not dead-lettered: back to the queue, never stuck unacked here.
-            self.io(epoch, h.acker.nack(requeue())).await?;
-            return Err(QueueError::Backend(
-                "amqp: broker refused the dead letter".into(),
-            ));
+            return Err(self
+                .give_back(epoch, &h.acker, "the dead letter".into())
+                .await);
         }
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
             .await?;

@@ -822,7 +822,13 @@ mod tests {
     #[test]
     fn a_server_that_cannot_answer_for_now_is_unavailable_not_a_backend_error() {
         use ::redis::{ErrorKind, ServerErrorKind as S};
-        for kind in [S::BusyLoading, S::TryAgain, S::MasterDown, S::ReadOnly] {
+        for kind in [
+            S::BusyLoading,
+            S::TryAgain,
+            S::MasterDown,
+            S::ClusterDown,
+            S::ReadOnly,
+        ] {
             let e = RedisError::from((ErrorKind::Server(kind), "for now"));
             assert!(matches!(map_err(e), QueueError::Unavailable(_)), "{kind:?}");
         }
