@@ -32,6 +32,7 @@
 //! | `…:leases` | sorted set | message id scored by lease deadline (ms) |
 //! | `…:delayed` | sorted set | message id scored by not-before (ms), read but not yet due |
 //! | `…:ready` | sorted set | due message ids (score 0, so ordered by id) |
+//! | `…:done` | sorted set | ids acked or dead-lettered while the stream may still hold an unread copy of them, scored by the newest entry's millisecond at the time |
 //!
 //! Each stream entry has the fields `id` (UUID text), `idempotency_key`, `destination`,
 //! `method`, `uri`, `created_at_ms`, `not_before_ms`, `attempts` (as enqueued) and
@@ -48,7 +49,10 @@
 //! for a moment the stream holds an extra entry whose `idempotency_key` belongs to
 //! another id (or a second entry of a live id): the enqueue deletes it before it answers
 //! [`Enqueued::Duplicate`](super::Enqueued), and `lease` deletes any such entry it reads
-//! (one left by a client that died in between), so it is never delivered. An entry whose
+//! (one left by a client that died in between), so it is never delivered; so does it with
+//! a copy of a message already acked or dead (an enqueue retried after its reply was lost
+//! can write one), which `…:done` remembers until `lease` has read past every entry that
+//! existed when the message finished. An entry whose
 //! key nobody claims yet (its enqueue is between its two commands, or died there) is
 //! claimed by the `lease` that reads it. A plain consumer of the stream should likewise
 //! skip an entry whose key, in `…:keys`, maps to another `id`.
@@ -141,7 +145,7 @@ pub struct RedisOptions {
 #[derive(Clone)]
 pub struct RedisQueue {
     conn: ConnectionManager,
-    keys: Arc<[String; 9]>,
+    keys: Arc<[String; 10]>,
     capacity: Option<u64>,
     /// With a capacity: the task that runs `enqueue.lua` for batches of enqueues.
     batcher: Option<mpsc::Sender<Pending>>,
@@ -230,6 +234,7 @@ impl RedisQueue {
         let p = format!("postbox:{{{}}}:", options.name);
         let keys = [
             "stream", "dead", "msgs", "attempts", "nb", "keys", "leases", "delayed", "ready",
+            "done",
         ]
         .map(|k| format!("{p}{k}"));
         let keys = Arc::new(keys);
@@ -434,8 +439,19 @@ impl RedisQueue {
                 <[Value; 4]>::try_from(array(item)?).map_err(|_| unexpected("lease reply"))?;
             let id = parse_id(&string(id)?)?;
             let attempts = int(attempts)?;
-            let mut envelope = Envelope::decode(&bytes(env)?)
-                .map_err(|e| QueueError::Corrupt(format!("message {id}: {e}")))?;
+            let token = LeaseToken {
+                id,
+                generation: u64::try_from(attempts).unwrap_or(0),
+            };
+            let mut envelope = match Envelope::decode(&bytes(env)?) {
+                Ok(envelope) => envelope,
+                Err(e) => {
+                    // Never deliverable: out of the way, into the dead-letter stream with
+                    // its fields as they are, so the rest of the batch is still leased.
+                    self.set_aside(token, &e.to_string()).await;
+                    continue;
+                }
+            };
             // The generation's low half is the attempts, its high half the releases.
             envelope.attempts = (attempts & 0xffff_ffff) as u32;
             let nb = string(nb)?;
@@ -444,14 +460,22 @@ impl RedisQueue {
             }
             out.push(Leased {
                 envelope,
-                token: LeaseToken {
-                    id,
-                    generation: u64::try_from(attempts).unwrap_or(0),
-                },
+                token,
                 lease_until,
             });
         }
         Ok(out)
+    }
+
+    /// Dead-letters the leased message `token` whose envelope cannot be decoded, logged
+    /// at error level and counted in `postbox_queue_quarantined_total`. If that fails,
+    /// its lease expires and a later `lease` tries again.
+    async fn set_aside(&self, token: LeaseToken, why: &str) {
+        tracing::error!(id = %token.id, reason = why, "postbox: undecodable queued message moved to the dead-letter stream");
+        metrics::counter!("postbox_queue_quarantined_total").increment(1);
+        if let Err(e) = self.dead_inner(token, &format!("undecodable: {why}")).await {
+            tracing::warn!(id = %token.id, error = %e, "postbox: could not dead-letter an undecodable message");
+        }
     }
 
     async fn ack_inner(&self, tokens: &[LeaseToken]) -> Result<(), QueueError> {
@@ -540,20 +564,25 @@ impl RedisQueue {
             let mut fields = array(fields)?.into_iter();
             while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
                 match string(k)?.as_str() {
-                    "envelope" => {
-                        envelope = Some(
-                            Envelope::decode(&bytes(v)?)
-                                .map_err(|e| QueueError::Corrupt(format!("dead letter: {e}")))?,
-                        )
-                    }
+                    "envelope" => envelope = Some(Envelope::decode(&bytes(v)?)),
                     "reason" => reason = string(v)?,
                     "attempts" => attempts = string(v)?.parse::<u32>().ok(),
                     "not_before_ms" => nb = Some(from_ms(&string(v)?)?),
                     _ => {}
                 }
             }
-            let Some(mut envelope) = envelope else {
-                return Err(QueueError::Corrupt("dead letter without envelope".into()));
+            // An undecodable one (set aside by `lease`, see `set_aside`) is skipped: it
+            // stays in the stream for a plain client to inspect.
+            let mut envelope = match envelope {
+                Some(Ok(envelope)) => envelope,
+                Some(Err(e)) => {
+                    tracing::warn!(queue = %self.keys[1], error = %e, "postbox: undecodable dead letter skipped");
+                    continue;
+                }
+                None => {
+                    tracing::warn!(queue = %self.keys[1], "postbox: dead letter without an envelope skipped");
+                    continue;
+                }
             };
             if let Some(a) = attempts {
                 envelope.attempts = a;
@@ -644,7 +673,7 @@ impl Queue for RedisQueue {
 /// Ends when the last [`RedisQueue`] clone is dropped.
 async fn batch_enqueues(
     conn: ConnectionManager,
-    keys: Arc<[String; 9]>,
+    keys: Arc<[String; 10]>,
     capacity: u64,
     mut rx: mpsc::Receiver<Pending>,
 ) {
@@ -679,7 +708,7 @@ async fn batch_enqueues(
 async fn invoke(
     conn: &mut ConnectionManager,
     script: &Script,
-    keys: &[String; 9],
+    keys: &[String; 10],
     args: Vec<Vec<u8>>,
 ) -> Result<Value, QueueError> {
     let mut inv = script.prepare_invoke();

@@ -388,3 +388,91 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() 
     })
     .await;
 }
+
+async fn add_raw(q: &RedisQueue, id: &str, key: &str, envelope: &[u8]) {
+    let _: String = redis::cmd("XADD")
+        .arg(&q.keys()[0])
+        .arg("*")
+        .arg("id")
+        .arg(id)
+        .arg("idempotency_key")
+        .arg(key)
+        .arg("envelope")
+        .arg(envelope)
+        .query_async(&mut q.connection())
+        .await
+        .unwrap();
+}
+
+async fn exists(q: &RedisQueue, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<i64>(&mut q.connection())
+        .await
+        .unwrap()
+        == 1
+}
+
+/// A second entry of a message (an enqueue retried after its reply was lost can leave
+/// one) still unread when the first is acked is deleted by `lease`, not delivered again;
+/// and the bookkeeping that guards it is gone once the stream has been read past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_acked_message_is_not_delivered_again() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("copied");
+    let id = q.enqueue(e.clone()).await.unwrap().id();
+    let later = q
+        .enqueue(crate::suite::envelope("later"))
+        .await
+        .unwrap()
+        .id();
+    add_raw(&q, &id.to_string(), "copied", &e.encode()).await;
+    // Two: the copy, newest, is still unread when both are acked.
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(2, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![id, later]);
+    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    q.ack(&tokens).await.unwrap();
+    let again = q
+        .lease(10, lease_for, crate::suite::at(3600))
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "the copy was delivered: {again:?}");
+    assert_eq!(stream_len(&q).await, 0);
+    assert!(
+        !exists(&q, &q.keys()[9]).await,
+        "the guard outlived the copy"
+    );
+}
+
+/// A stream entry whose envelope cannot be decoded goes to the dead-letter stream when it
+/// is leased; the rest of the batch is leased as usual, and its key is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_entry_is_dead_lettered_and_the_batch_goes_on() {
+    let (q, _purge) = make(options());
+    let bad = crate::suite::envelope("bad");
+    add_raw(&q, &bad.id.to_string(), "bad", b"PBOX\x63garbage").await;
+    let good = q
+        .enqueue(crate::suite::envelope("good"))
+        .await
+        .unwrap()
+        .id();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![good]);
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 1));
+    // Skipped when listing (it cannot be decoded), not an error for the others.
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(3600))
+            .await
+            .unwrap()
+            .iter()
+            .all(|l| l.envelope.id == good)
+    );
+    let again = q.enqueue(crate::suite::envelope("bad")).await.unwrap();
+    assert!(matches!(again, Enqueued::Stored(_)), "{again:?}");
+}

@@ -7,7 +7,7 @@ for i = 2, #ARGV, 2 do
     local eid = redis.call('HGET', msgs, id)
     local f = nil
     if eid then f = entry(eid) end
-    forget(id, f)
+    forget(id, f, true)
   elseif lost == 0 then
     lost = i / 2
   end

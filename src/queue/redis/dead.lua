@@ -22,5 +22,5 @@ if f then
   d[#d + 1] = ARGV[5]
   redis.call('XADD', dead, '*', unpack(d))
 end
-forget(id, t)
+forget(id, t, true)
 return 1

@@ -14,6 +14,7 @@ end
 -- Read new entries through the consumer group until `max` are due (or none are left).
 local fresh = {}
 local rounds = 0
+local last = nil
 while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
   rounds = rounds + 1
   local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', max,
@@ -29,18 +30,21 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
       elseif k == 'idempotency_key' then key = e[2][i + 1] end
     end
     -- An entry whose key belongs to another id is a duplicate's (an orphan, see `add`
-    -- in src/queue/redis.rs), as is a second entry with the id of a live message:
-    -- delete both. A key nobody claims yet is claimed for this entry (its enqueue wrote
-    -- the entry and has not yet claimed the key, or died before it could).
+    -- in src/queue/redis.rs), as is a second entry with the id of a live message or of
+    -- one already finished (see `bury`): delete them all. A key nobody claims yet is
+    -- claimed for this entry (its enqueue wrote the entry and has not yet claimed the
+    -- key, or died before it could).
+    last = e[1]
+    local finished = id and redis.call('ZSCORE', done, id)
     local owner = false
-    if id and key ~= '' then
+    if id and key ~= '' and not finished then
       owner = redis.call('HGET', keys, key)
       if not owner and redis.call('HEXISTS', msgs, id) == 0 then
         redis.call('HSET', keys, key, id)
         owner = id
       end
     end
-    local orphan = id and ((key ~= '' and owner ~= id)
+    local orphan = id and (finished or (key ~= '' and owner ~= id)
       or redis.call('HEXISTS', msgs, id) == 1)
     if orphan then
       redis.call('XACK', stream, group, e[1])
@@ -57,6 +61,15 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
       -- Not written by postbox.
       redis.call('XACK', stream, group, e[1])
     end
+  end
+end
+-- Every entry up to `last` has been read: a finished id buried at an older millisecond
+-- has no unread copy left.
+if last then
+  if redis.call('XLEN', stream) == 0 then
+    redis.call('DEL', done)
+  else
+    redis.call('ZREMRANGEBYSCORE', done, '-inf', '(' .. eid_ms(last))
   end
 end
 -- Lease the oldest due ids (all scores are 0, so the order is the id's text order).

@@ -1,8 +1,9 @@
 -- postbox Redis queue: shared prelude of every script (see src/queue/redis.rs).
--- KEYS: 1 stream, 2 dead, 3 msgs, 4 attempts, 5 nb, 6 keys, 7 leases, 8 delayed, 9 ready
+-- KEYS: 1 stream, 2 dead, 3 msgs, 4 attempts, 5 nb, 6 keys, 7 leases, 8 delayed, 9 ready,
+-- 10 done
 -- ARGV[1]: the consumer group name. Times are Unix milliseconds.
 local stream, dead, msgs, attempts, nb = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local keys, leases, delayed, ready = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local keys, leases, delayed, ready, done = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local group = ARGV[1]
 
 -- The fields of stream entry `eid` as a Lua table, or nil.
@@ -20,8 +21,37 @@ local function current(id, gen)
   return a and a == gen and redis.call('ZSCORE', leases, id)
 end
 
--- Removes message `id` everywhere (ack or dead letter) and frees its key.
-local function forget(id, fields)
+-- The millisecond part of stream entry id `eid`.
+local function eid_ms(eid)
+  return tonumber(string.match(eid, '^(%d+)'))
+end
+
+-- The score `bury` gives: the newest stream entry's millisecond (false if the stream
+-- is empty), looked up once per script.
+local horizon = nil
+
+-- Remembers that message `id` is finished (acked or dead), so that another entry of
+-- the same id still unread in the stream (left by an enqueue retried after its reply
+-- was lost) is deleted by `lease`, not delivered again. Scored by the newest entry's
+-- millisecond now: once `lease` has read past it, every entry that could be such a
+-- copy has been read, and `lease` prunes it. With the stream empty there is nothing
+-- left to guard, and nothing is kept.
+local function bury(id)
+  if horizon == nil then
+    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    if #last == 0 then
+      redis.call('DEL', done)
+      horizon = false
+    else
+      horizon = eid_ms(last[1][1])
+    end
+  end
+  if horizon then redis.call('ZADD', done, horizon, id) end
+end
+
+-- Removes message `id` everywhere (ack or dead letter: `finished`, so it is buried
+-- too) and frees its key.
+local function forget(id, fields, finished)
   local eid = redis.call('HGET', msgs, id)
   if fields and fields['idempotency_key'] ~= '' and
       redis.call('HGET', keys, fields['idempotency_key']) == id then
@@ -37,4 +67,5 @@ local function forget(id, fields)
   redis.call('ZREM', leases, id)
   redis.call('ZREM', delayed, id)
   redis.call('ZREM', ready, id)
+  if finished then bury(id) end
 end
