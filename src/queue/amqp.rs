@@ -62,7 +62,9 @@
 //! RabbitMQ has no de-duplication by key. This queue keeps an **in-process** index of
 //! the idempotency keys it enqueued and has not yet acked or dead-lettered, so a
 //! duplicate is caught when the same process enqueues it (the common case: one service
-//! instance retrying one request), but not across processes or a restart. An entry is
+//! instance retrying one request), but not across processes or a restart. A second
+//! enqueue of a key whose first is still waiting for its publisher confirm waits for
+//! that outcome: `Duplicate` if the broker confirmed it, else it publishes its own. An entry is
 //! forgotten after [`AmqpOptions::with_dedupe_window`] (default 24 h) if another process
 //! acked the message. The receiving service's `Idempotency` layer still makes the
 //! effect exactly once.
@@ -89,7 +91,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
 /// The environment variable that overrides the default URL.
@@ -147,7 +149,26 @@ struct Inner {
     /// the publish itself. Set and cleared (under `link`) with `link`.
     fast: std::sync::Mutex<Option<(Channel, Arc<Connection>, u64)>>,
     state: Mutex<State>,
-    keys: std::sync::Mutex<HashMap<String, (MessageId, Instant)>>,
+    keys: std::sync::Mutex<HashMap<String, Claim>>,
+}
+
+/// A key's entry in the in-process de-duplication index.
+struct Claim {
+    id: MessageId,
+    at: Instant,
+    /// `true` once the broker confirmed the message; the sender belongs to the enqueue
+    /// publishing it, and is dropped without `true` if that publish fails or is cancelled.
+    stored: watch::Receiver<bool>,
+}
+
+/// What a second enqueue of a key finds in the index.
+enum Found {
+    /// Free: claimed now for this enqueue.
+    Claimed(watch::Sender<bool>),
+    /// Stored within the window: a duplicate of this id.
+    Duplicate(MessageId),
+    /// Still being published by another enqueue: wait for its outcome.
+    Publishing(watch::Receiver<bool>),
 }
 
 struct Link {
@@ -335,7 +356,7 @@ fn close_in_background(conn: Arc<Connection>, why: &'static str) {
 }
 
 impl Inner {
-    fn lock_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, (MessageId, Instant)>> {
+    fn lock_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, Claim>> {
         // Only plain map operations run under this lock; a panic there leaves it usable.
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -520,20 +541,17 @@ impl Inner {
 
     async fn enqueue(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
         let key = envelope.idempotency_key.clone();
-        if !key.is_empty() {
-            let mut keys = self.lock_keys();
-            let now = Instant::now();
-            match keys.get(&key) {
-                Some(&(id, at)) if now.duration_since(at) < self.dedupe_window => {
-                    return Ok(Enqueued::Duplicate(id));
+        // Held until the outcome is known: dropped without `true` (failure, cancellation)
+        // it lets an enqueue of the same key that is waiting for it go ahead.
+        let mut claim = None;
+        while !key.is_empty() && claim.is_none() {
+            match self.claim(&key, envelope.id) {
+                Found::Claimed(tx) => claim = Some(tx),
+                Found::Duplicate(id) => return Ok(Enqueued::Duplicate(id)),
+                Found::Publishing(mut rx) => {
+                    // Either way the index has changed by the time this returns.
+                    let _ = rx.wait_for(|stored| *stored).await;
                 }
-                _ => {
-                    keys.insert(key.clone(), (envelope.id, now));
-                }
-            }
-            if keys.len() > 4096 && keys.len().is_power_of_two() {
-                let window = self.dedupe_window;
-                keys.retain(|_, (_, at)| now.duration_since(*at) < window);
             }
         }
         let result = async {
@@ -550,7 +568,12 @@ impl Inner {
         }
         .await;
         match result {
-            Ok(true) => Ok(Enqueued::Stored(envelope.id)),
+            Ok(true) => {
+                if let Some(tx) = claim {
+                    tx.send_replace(true);
+                }
+                Ok(Enqueued::Stored(envelope.id))
+            }
             other => {
                 self.forget_key(&key, envelope.id);
                 match other {
@@ -566,12 +589,48 @@ impl Inner {
         }
     }
 
+    /// Looks `key` up in the de-duplication index for the enqueue of `id`, claiming it
+    /// if it is free: never claimed, forgotten, older than the window, or claimed by an
+    /// enqueue that ended without storing its message.
+    fn claim(&self, key: &str, id: MessageId) -> Found {
+        let mut keys = self.lock_keys();
+        let now = Instant::now();
+        if let Some(c) = keys.get(key) {
+            let live = now.duration_since(c.at) < self.dedupe_window;
+            if *c.stored.borrow() {
+                if live {
+                    return Found::Duplicate(c.id);
+                }
+            } else if c.stored.has_changed().is_ok() {
+                return Found::Publishing(c.stored.clone());
+            }
+        }
+        let (tx, stored) = watch::channel(false);
+        keys.insert(
+            key.to_owned(),
+            Claim {
+                id,
+                at: now,
+                stored,
+            },
+        );
+        if keys.len() > 4096 && keys.len().is_power_of_two() {
+            let window = self.dedupe_window;
+            keys.retain(|_, c| {
+                let stored = *c.stored.borrow();
+                (stored && now.duration_since(c.at) < window)
+                    || (!stored && c.stored.has_changed().is_ok())
+            });
+        }
+        Found::Claimed(tx)
+    }
+
     fn forget_key(&self, key: &str, id: MessageId) {
         if key.is_empty() {
             return;
         }
         let mut keys = self.lock_keys();
-        if keys.get(key).is_some_and(|&(k, _)| k == id) {
+        if keys.get(key).is_some_and(|c| c.id == id) {
             keys.remove(key);
         }
     }
@@ -584,11 +643,7 @@ impl Inner {
     ) -> Result<Vec<Leased>, QueueError> {
         let (ch, epoch) = self.channel().await?;
         let mut st = self.state.lock().await;
-        if st.epoch != epoch {
-            // The old channel is gone: the broker requeued its deliveries.
-            st.held.clear();
-            st.epoch = epoch;
-        }
+        Self::follow(&mut st, epoch)?;
         st.last_now = Some(now);
         if max == 0 {
             return Ok(Vec::new());
@@ -652,6 +707,15 @@ impl Inner {
                     SystemTime::UNIX_EPOCH + Duration::from_millis(nb.max(0).unsigned_abs());
             }
             let id = envelope.id;
+            if st.held.contains_key(&id) {
+                // A second copy of a message already held (left by a `retry_later` whose
+                // republish was confirmed but whose ack of the old copy was lost): the
+                // held one goes on, this one is dropped from the queue.
+                tracing::warn!(queue = %self.queue, %id, "postbox: duplicate copy of a held message acked");
+                self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
+                    .await?;
+                continue;
+            }
             let state = HeldState::Scheduled(envelope.not_before);
             st.held.insert(
                 id,
@@ -760,11 +824,23 @@ impl Inner {
     async fn current(&self) -> Result<(Channel, u64), QueueError> {
         let (ch, epoch) = self.channel().await?;
         let mut st = self.state.lock().await;
-        if st.epoch != epoch {
+        Self::follow(&mut st, epoch)?;
+        Ok((ch, epoch))
+    }
+
+    /// Moves the held state to the channel of `epoch` if it is newer: the old channel is
+    /// gone and the broker requeued its deliveries. A caller holding an older channel
+    /// than the state's (it was replaced while the caller waited) must not reset it.
+    fn follow(st: &mut State, epoch: u64) -> Result<(), QueueError> {
+        if st.epoch < epoch {
             st.held.clear();
             st.epoch = epoch;
+        } else if st.epoch > epoch {
+            return Err(QueueError::Unavailable(
+                "amqp: the channel was replaced during the call".into(),
+            ));
         }
-        Ok((ch, epoch))
+        Ok(())
     }
 
     async fn ack(&self, tokens: &[LeaseToken]) -> Result<(), QueueError> {

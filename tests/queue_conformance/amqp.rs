@@ -248,3 +248,75 @@ async fn endless_lease_does_not_expire() {
     let (q, _purge) = make(options());
     crate::suite::endless_lease_does_not_expire(q).await;
 }
+
+/// A second enqueue of a key whose first enqueue is still waiting for its publisher
+/// confirm waits for the outcome: when that publish fails, the second one is stored,
+/// not answered `Duplicate` of a message the broker never got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_waits_for_a_first_publish_that_then_fails() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy));
+    let warm = q
+        .enqueue(crate::suite::envelope("warm"))
+        .await
+        .unwrap()
+        .id();
+    proxy.hold();
+    let first_env = crate::suite::envelope("raced");
+    let first_id = first_env.id;
+    let first = tokio::spawn({
+        let q = q.clone();
+        async move { q.enqueue(first_env).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second_env = crate::suite::envelope("raced");
+    let second_id = second_env.id;
+    let second = tokio::spawn({
+        let q = q.clone();
+        async move { q.enqueue(second_env).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished(), "{:?}", second.await);
+    // The first publish never reached the broker: cut it off.
+    proxy.cut();
+    proxy.release();
+    assert!(first.await.unwrap().is_err());
+    assert_eq!(second.await.unwrap().unwrap(), Enqueued::Stored(second_id));
+    let leased = retry!(
+        q.lease(10, Duration::from_secs(30), crate::suite::at(0))
+            .await
+    );
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![warm, second_id], "first: {first_id:?}");
+}
+
+/// Two copies of one message in the queue (as a reconnect can leave after `retry_later`)
+/// are leased once; the second copy is dropped, not left unacked on the channel to come
+/// back after the first was acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_copy_of_a_held_message_is_dropped_not_redelivered() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy));
+    let e = crate::suite::envelope("");
+    for _ in 0..2 {
+        assert_eq!(q.enqueue(e.clone()).await.unwrap(), Enqueued::Stored(e.id));
+    }
+    let leased = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    q.ack(&[leased[0].token]).await.unwrap();
+    // Acks have no reply: a call that has one, on the same channel, is answered only
+    // after the broker processed them.
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight), (0, 0));
+    // A new channel: whatever the old one still held unacked is requeued.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = retry!(
+        q.lease(10, Duration::from_secs(30), crate::suite::at(3600))
+            .await
+    );
+    assert!(again.is_empty(), "{again:?}");
+}

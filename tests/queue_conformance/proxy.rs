@@ -2,15 +2,37 @@
 //! client survives connection loss without stopping the (shared) broker.
 
 use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// Forwards `127.0.0.1:<port>` to a target; [`Proxy::cut`] drops all open connections
-/// (new ones are accepted again right away).
+/// (new ones are accepted again right away), [`Proxy::hold`] stops forwarding bytes
+/// until [`Proxy::release`].
 pub struct Proxy {
     addr: SocketAddr,
     cuts: watch::Sender<u64>,
+    held: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Copies `from` to `to`, waiting while the proxy holds.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if held.wait_for(|h| !*h).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Proxy {
@@ -18,26 +40,39 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (cuts, _) = watch::channel(0u64);
+        let (held, _) = watch::channel(false);
         let tx = cuts.clone();
+        let hold = held.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 let mut rx = tx.subscribe();
+                let (up, down) = (hold.subscribe(), hold.subscribe());
                 let target = target.clone();
                 tokio::spawn(async move {
-                    let Ok(mut upstream) = TcpStream::connect(&target).await else {
+                    let Ok(upstream) = TcpStream::connect(&target).await else {
                         return;
                     };
+                    let (client_r, client_w) = client.into_split();
+                    let (upstream_r, upstream_w) = upstream.into_split();
+                    // Biased: a cut wins over bytes a release lets through at once.
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        biased;
                         _ = rx.changed() => {} // cut: both sockets are dropped
+                        _ = pump(client_r, upstream_w, up) => {}
+                        _ = pump(upstream_r, client_w, down) => {}
                     }
                 });
             }
         });
-        Proxy { addr, cuts, task }
+        Proxy {
+            addr,
+            cuts,
+            held,
+            task,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -47,6 +82,16 @@ impl Proxy {
     /// Drops every connection open through the proxy.
     pub fn cut(&self) {
         self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Stops forwarding: bytes sent either way wait in the proxy.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Forwards again, starting with what waited.
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 }
 
