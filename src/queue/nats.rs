@@ -65,7 +65,11 @@
 //! holding the delivery, with the attempt uncounted and the new not-before in memory; if
 //! the process dies first, the server delivers it again after `ack_wait`, counted.
 //! `dead_letter` publishes to the dead-letter stream, then terminates the delivery
-//! (`+TERM`). [`Depth::in_flight`](super::Depth) counts this process' leases.
+//! (`+TERM`); a delivery whose payload is not an envelope is moved there the same way,
+//! as it is, with `Postbox-Reason: undecodable: …` (`dead_letters` skips it). A second
+//! copy of a message this process holds (a `retry_later` republish whose ack of the old
+//! copy was lost) is not leased twice: the older copy is acked.
+//! [`Depth::in_flight`](super::Depth) counts this process' leases.
 //!
 //! # Durability
 //!
@@ -468,9 +472,7 @@ impl Inner {
             let mut envelope = match Envelope::decode(&msg.payload) {
                 Ok(e) => e,
                 Err(e) => {
-                    // Not ours to replay: move it aside rather than loop on it.
-                    tracing::error!(subject = %msg.subject, error = %e, "postbox: undecodable message terminated");
-                    let _ = msg.ack_with(AckKind::Term).await;
+                    self.set_aside(msg, &e.to_string()).await;
                     continue;
                 }
             };
@@ -491,9 +493,24 @@ impl Inner {
             let id = envelope.id;
             match held.get_mut(&id) {
                 // Delivered again while we held it (ack_wait passed): keep our state.
-                Some(h) => {
+                Some(h) if sequence(&h.msg) == sequence(&msg) => {
                     h.msg = msg;
                     h.touched = Instant::now();
+                }
+                // Another copy of a message we hold (left by a `retry_later` whose
+                // republish was stored but whose ack of the old copy was lost): keep our
+                // state on the newer copy, and take the older one out of the stream.
+                Some(h) => {
+                    let older = if sequence(&msg) > sequence(&h.msg) {
+                        h.touched = Instant::now();
+                        std::mem::replace(&mut h.msg, msg)
+                    } else {
+                        msg
+                    };
+                    tracing::warn!(subject = %older.subject, %id, "postbox: older copy of a held message acked");
+                    if let Err(e) = older.double_ack().await {
+                        tracing::warn!(%id, error = %e, "postbox: could not ack an older copy");
+                    }
                 }
                 None => {
                     let state = HeldState::Scheduled(envelope.not_before);
@@ -510,6 +527,41 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Moves a delivery whose envelope cannot be decoded to the dead-letter stream, as it
+    /// is (payload and headers, plus `Postbox-Reason: undecodable: …`), and only then
+    /// takes it out of the work queue; logged at error level and counted in
+    /// `postbox_queue_quarantined_total`. If the move fails, the delivery is given back
+    /// for a later fetch to try again.
+    async fn set_aside(&self, msg: async_nats::jetstream::Message, why: &str) {
+        tracing::error!(subject = %msg.subject, reason = why, "postbox: undecodable message moved to the dead-letter stream");
+        metrics::counter!("postbox_queue_quarantined_total").increment(1);
+        let mut headers = msg.headers.clone().unwrap_or_default();
+        let reason = format!("undecodable: {why}");
+        headers.insert(H_REASON, header_value(&reason).unwrap_or("undecodable"));
+        let publish = Publish::build()
+            .payload(msg.payload.clone())
+            .headers(headers)
+            .message_id(format!("{}.seq{}.dead", self.stream, sequence(&msg)));
+        let moved = match self
+            .js
+            .send_publish(self.dead_subject.clone(), publish)
+            .await
+        {
+            Ok(ack) => ack.await.map(drop),
+            Err(e) => Err(e),
+        };
+        let answer = match moved {
+            Ok(()) => msg.double_ack_with(AckKind::Term).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "postbox: could not dead-letter an undecodable message");
+                msg.ack_with(AckKind::Nak(Some(self.ack_wait))).await
+            }
+        };
+        if let Err(e) = answer {
+            tracing::warn!(error = %e, "postbox: could not settle an undecodable message");
+        }
     }
 
     async fn lease(
@@ -712,8 +764,12 @@ impl Inner {
         while out.len() < max && seq <= state.last_sequence && state.messages > 0 {
             match stream.get_raw_message(seq).await {
                 Ok(m) => {
-                    let envelope = Envelope::decode(&m.payload)
-                        .map_err(|e| QueueError::Corrupt(format!("dead letter {seq}: {e}")))?;
+                    let Ok(envelope) = Envelope::decode(&m.payload) else {
+                        // Set aside by `lease` (see `set_aside`): readable, not decodable.
+                        tracing::warn!(stream = %self.dead_stream, seq, "postbox: undecodable dead letter skipped");
+                        seq += 1;
+                        continue;
+                    };
                     let reason = m
                         .headers
                         .get(H_REASON)
@@ -811,6 +867,11 @@ impl Queue for NatsQueue {
 }
 
 // === helpers ===
+
+/// The stream sequence of a delivery (0 if its reply subject carries none).
+fn sequence(msg: &async_nats::jetstream::Message) -> u64 {
+    msg.info().map_or(0, |i| i.stream_sequence)
+}
 
 fn headers(e: &Envelope) -> HeaderMap {
     let mut h = HeaderMap::new();

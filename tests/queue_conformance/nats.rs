@@ -229,3 +229,75 @@ fn a_delivery_redelivered_while_held_keeps_its_lease() {
         assert_eq!(d.pending, 0, "the redelivered copy was not acked");
     });
 }
+
+/// Publishes `payload` straight to the work stream's subject `postbox.NAME.k.SUFFIX`.
+async fn publish_raw(q: &NatsQueue, suffix: &str, payload: Vec<u8>) {
+    let subject = format!("postbox.{}.k.{suffix}", &q.streams().0[8..]);
+    q.jetstream()
+        .publish(subject, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+async fn stream_len(q: &NatsQueue, name: &str) -> u64 {
+    let mut s = q.jetstream().get_stream(name).await.unwrap();
+    s.info().await.unwrap().state.messages
+}
+
+/// A message whose payload is not an envelope goes to the dead-letter stream as it is,
+/// with a reason; the rest of the batch is leased as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_message_is_dead_lettered_and_the_batch_goes_on() {
+    let (q, _purge) = make(options());
+    publish_raw(&q, "xbad", b"PBOX\x63garbage".to_vec()).await;
+    let good = q
+        .enqueue(crate::suite::envelope("good"))
+        .await
+        .unwrap()
+        .id();
+    let leased = q
+        .lease(10, Duration::from_secs(30), crate::suite::t0())
+        .await
+        .unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![good]);
+    let (work, dead) = q.streams();
+    assert_eq!(
+        stream_len(&q, work).await,
+        1,
+        "the bad one left the work stream"
+    );
+    assert_eq!(
+        stream_len(&q, dead).await,
+        1,
+        "the bad one was dead-lettered"
+    );
+    let stream = q.jetstream().get_stream(dead).await.unwrap();
+    let m = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(&m.payload[..], b"PBOX\x63garbage");
+    let reason = m.headers.get("Postbox-Reason").unwrap().as_str();
+    assert!(reason.starts_with("undecodable:"), "{reason}");
+    // Listing skips what it cannot decode.
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+}
+
+/// Two copies of one message in the stream (a `retry_later` whose republish was stored
+/// but whose ack of the old copy was lost leaves them) are leased once, and acking it
+/// takes both out of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_one_message_are_leased_once_and_both_leave() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("copied");
+    q.enqueue(e.clone()).await.unwrap();
+    publish_raw(&q, "copy", e.encode()).await;
+    let leased = q
+        .lease(10, Duration::from_secs(30), crate::suite::t0())
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].envelope.id, e.id);
+    q.ack(&[leased[0].token]).await.unwrap();
+    assert_eq!(stream_len(&q, q.streams().0).await, 0);
+}
