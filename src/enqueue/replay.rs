@@ -287,6 +287,11 @@ impl ReplayConfig {
 /// breaker (every backend in this crate implements `release` uncounted; a `Queue` of
 /// your own that keeps the default counts it).
 ///
+/// An ack, retry, release or dead letter that finds the queue
+/// [`Unavailable`](QueueError::Unavailable) is tried again every `poll_interval` (and
+/// once more at shutdown) for as long as the lease may still be current (`lease_for`
+/// since the first try); after that the lease expires and the message is leased again.
+///
 /// # Which service
 /// Replay through the stack *inside* the enqueue layer (deadline, retry, breaker,
 /// bulkhead, timeouts, client), not through [`EnqueueFallback`](super::EnqueueFallback)
@@ -451,6 +456,8 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
             in_flight: HashMap::new(),
             acks: Vec::new(),
             ack_due: None,
+            unsettled: Vec::new(),
+            resettle_at: None,
             paused_until: None,
             depth_at: None,
             _req: std::marker::PhantomData,
@@ -547,9 +554,40 @@ struct Worker<Q, S, K, J, Req> {
     in_flight: HashMap<Id, LeaseToken>,
     acks: Vec<LeaseToken>,
     ack_due: Option<Instant>,
+    /// Queue calls that found the queue unavailable, with when they first failed: tried
+    /// again from `resettle_at`.
+    unsettled: Vec<(Instant, Settle)>,
+    resettle_at: Option<Instant>,
     paused_until: Option<Instant>,
     depth_at: Option<Instant>,
     _req: std::marker::PhantomData<fn(Req)>,
+}
+
+/// A queue call that settles leases: tried again every poll interval while the queue
+/// is [`QueueError::Unavailable`], for as long as the lease could still be current.
+enum Settle {
+    Ack(Vec<LeaseToken>),
+    /// `retry_later` if `counted`, else `release`.
+    Later {
+        token: LeaseToken,
+        not_before: std::time::SystemTime,
+        counted: bool,
+    },
+    Dead {
+        token: LeaseToken,
+        reason: String,
+    },
+}
+
+impl Settle {
+    fn what(&self) -> &'static str {
+        match self {
+            Settle::Ack(_) => "ack",
+            Settle::Later { counted: true, .. } => "retry later",
+            Settle::Later { counted: false, .. } => "release",
+            Settle::Dead { .. } => "dead-letter",
+        }
+    }
 }
 
 /// The result of one replay task.
@@ -593,6 +631,9 @@ where
                 self.settle(joined).await;
             }
             self.maybe_flush().await;
+            if self.resettle_at.is_some_and(|at| at <= Instant::now()) {
+                self.resettle().await;
+            }
 
             let now = Instant::now();
             let paused = self.paused_until.is_some_and(|p| p > now);
@@ -629,6 +670,9 @@ where
             }
             if let Some(d) = self.ack_due {
                 wake = wake.min(d);
+            }
+            if let Some(r) = self.resettle_at {
+                wake = wake.min(r);
             }
             let busy = !self.tasks.is_empty();
             tokio::select! {
@@ -672,6 +716,9 @@ where
             }
         }
         self.flush().await;
+        // One last try for calls the queue could not take: a message not settled now
+        // comes back when its lease expires.
+        self.resettle().await;
         let now = wall_now();
         for (_, token) in std::mem::take(&mut self.in_flight) {
             match self.queue.retry_later(token, now).await {
@@ -779,31 +826,85 @@ where
     async fn retry_later(&mut self, token: LeaseToken, delay: Duration, counted: bool) {
         // `delay` may hold the dependency's Retry-After, of any size.
         let not_before = crate::queue::saturating_add(wall_now(), delay);
-        let (res, what) = if counted {
-            (
-                self.queue.retry_later(token, not_before).await,
-                "retry later",
-            )
-        } else {
-            (self.queue.release(token, not_before).await, "release")
+        let call = Settle::Later {
+            token,
+            not_before,
+            counted,
         };
-        match res {
-            Ok(()) => {
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => log_queue_error(what, &e),
-        }
+        self.try_settle(call, Instant::now()).await;
     }
 
     async fn dead_letter(&mut self, token: LeaseToken, reason: &str) {
-        match self.queue.dead_letter(token, reason).await {
-            Ok(()) => {
+        let reason = reason.to_owned();
+        self.try_settle(Settle::Dead { token, reason }, Instant::now())
+            .await;
+    }
+
+    /// Makes the queue call `call`, first tried at `since`. If the queue is unavailable
+    /// and the lease may still be current (less than `lease_for` since the first try),
+    /// keeps it to try again; so a blip of the queue does not turn a settled delivery
+    /// into a replay (an ack) or an extra counted attempt (a retry, a dead letter).
+    /// Returns whether the queue was available.
+    async fn try_settle(&mut self, call: Settle, since: Instant) -> bool {
+        let res = match &call {
+            Settle::Ack(tokens) => self.queue.ack(tokens).await,
+            Settle::Later {
+                token,
+                not_before,
+                counted: true,
+            } => self.queue.retry_later(*token, *not_before).await,
+            Settle::Later {
+                token,
+                not_before,
+                counted: false,
+            } => self.queue.release(*token, *not_before).await,
+            Settle::Dead { token, reason } => self.queue.dead_letter(*token, reason).await,
+        };
+        match (res, call) {
+            (Ok(()), Settle::Ack(tokens)) => {
+                let n = tokens.len() as u64;
+                metrics::counter!("postbox_replayed_total").increment(n);
+                self.stats.replayed.fetch_add(n, Ordering::Relaxed);
+            }
+            (Ok(()), Settle::Later { .. }) => {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            (Ok(()), Settle::Dead { token, reason }) => {
                 tracing::warn!(id = %token.id, reason, "message dead-lettered");
                 metrics::counter!("postbox_dead_lettered_total").increment(1);
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => log_queue_error("dead-letter", &e),
+            (Err(e @ QueueError::Unavailable(_)), call) => {
+                log_queue_error(call.what(), &e);
+                let current = since
+                    .checked_add(self.config.lease_for)
+                    .is_none_or(|end| Instant::now() < end);
+                if current {
+                    self.unsettled.push((since, call));
+                    self.resettle_at
+                        .get_or_insert_with(|| Instant::now() + self.config.poll_interval);
+                }
+                return false;
+            }
+            // Acks: the leases expire and the messages are replayed again; the
+            // idempotency key keeps the effect single.
+            (Err(e), call) => log_queue_error(call.what(), &e),
         }
+        true
+    }
+
+    /// Tries the calls the queue could not take again, oldest first, until the queue is
+    /// still unavailable.
+    async fn resettle(&mut self) {
+        self.resettle_at = None;
+        let mut calls = std::mem::take(&mut self.unsettled).into_iter();
+        for (since, call) in calls.by_ref() {
+            if !self.try_settle(call, since).await {
+                break;
+            }
+        }
+        // Not tried this round: after the one that failed again.
+        self.unsettled.extend(calls);
     }
 
     async fn maybe_flush(&mut self) {
@@ -825,17 +926,13 @@ where
         }
         let acks = std::mem::take(&mut self.acks);
         // Replays that finished together may exceed a batch: never send more than one.
+        let now = Instant::now();
+        if acks.len() <= self.config.ack_batch {
+            self.try_settle(Settle::Ack(acks), now).await;
+            return;
+        }
         for batch in acks.chunks(self.config.ack_batch) {
-            match self.queue.ack(batch).await {
-                Ok(()) => {
-                    let n = batch.len() as u64;
-                    metrics::counter!("postbox_replayed_total").increment(n);
-                    self.stats.replayed.fetch_add(n, Ordering::Relaxed);
-                }
-                // The leases expire and the messages are replayed again; the idempotency
-                // key keeps the effect single.
-                Err(e) => log_queue_error("ack", &e),
-            }
+            self.try_settle(Settle::Ack(batch.to_vec()), now).await;
         }
     }
 

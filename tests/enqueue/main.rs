@@ -1093,6 +1093,63 @@ async fn replayer_acks_in_batches_and_flushes_the_rest_when_idle() {
     assert_eq!(depth(&queue.inner).await, Depth::default());
 }
 
+/// An ack that finds the queue unavailable is sent again once it is back, before the
+/// lease expires: the delivered message is not replayed a second time.
+#[tokio::test(start_paused = true)]
+async fn replayer_sends_an_ack_again_after_the_queue_was_unavailable() {
+    let queue = Arc::new(AckRecorder::default());
+    enqueue_raw(&queue.inner, "http://api.test/orders").await;
+    queue.fail_next_settles(2);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handle = Replayer::http(queue.clone(), counting(200, calls.clone()))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    // Well past the lease (60 s): nothing comes back to be replayed again.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        queue.acks().len(),
+        3,
+        "two failed tries and the one that worked"
+    );
+    assert_eq!(depth(&queue.inner).await, Depth::default());
+}
+
+/// A dead letter or a retry that finds the queue unavailable is sent again once it is
+/// back: the message is not replayed again when its lease expires.
+#[tokio::test(start_paused = true)]
+async fn replayer_sends_a_dead_letter_and_a_retry_again_after_the_queue_was_unavailable() {
+    let queue = Arc::new(AckRecorder::default());
+    enqueue_raw(&queue.inner, "http://api.test/orders").await;
+    queue.fail_next_settles(1);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handle = Replayer::http(queue.clone(), counting(422, calls.clone()))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().dead_lettered == 1).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(depth(&queue.inner).await.dead, 1);
+
+    let queue = Arc::new(AckRecorder::default());
+    enqueue_raw(&queue.inner, "http://api.test/orders").await;
+    queue.fail_next_settles(1);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handle = Replayer::http(queue.clone(), counting(503, calls.clone()))
+        .max_attempts(2)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().dead_lettered == 1).await;
+    let stats = handle.shutdown().await;
+    // The retry went through on its second try (not by its lease expiring).
+    assert_eq!(stats.retried, 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// However many replays finish together, no single `ack` carries more than `ack_batch`
 /// tokens (a backend may limit its batch size).
 #[tokio::test(start_paused = true)]

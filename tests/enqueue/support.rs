@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -94,17 +95,35 @@ pub(crate) fn boxed(e: impl Into<BoxError>) -> BoxError {
 }
 
 /// A [`MemoryQueue`] that records every `ack` call: how many tokens it carried and when
-/// (paused tokio time). Everything else is delegated unchanged.
+/// (paused tokio time), and can make the calls that settle a lease (`ack`,
+/// `retry_later`, `release`, `dead_letter`) fail as unavailable. Everything else is
+/// delegated unchanged.
 #[derive(Clone, Default)]
 pub(crate) struct AckRecorder {
     pub(crate) inner: MemoryQueue,
     acks: Arc<Mutex<Vec<(usize, Instant)>>>,
+    outage: Arc<AtomicUsize>,
 }
 
 impl AckRecorder {
     /// The `ack` calls so far: batch size and time of each.
     pub(crate) fn acks(&self) -> Vec<(usize, Instant)> {
         self.acks.lock().unwrap().clone()
+    }
+
+    /// The next `n` calls that settle a lease fail with [`QueueError::Unavailable`]
+    /// (without reaching the queue).
+    pub(crate) fn fail_next_settles(&self, n: usize) {
+        self.outage.store(n, Ordering::SeqCst);
+    }
+
+    /// Whether this settle call fails (one of the outage's).
+    fn down(&self) -> Option<QueueError> {
+        let failing = self
+            .outage
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        failing.then(|| QueueError::Unavailable("test outage".into()))
     }
 }
 
@@ -130,7 +149,11 @@ impl Queue for AckRecorder {
             .lock()
             .unwrap()
             .push((tokens.len(), Instant::now()));
-        self.inner.ack(tokens)
+        let (down, inner, tokens) = (self.down(), self.inner.clone(), tokens.to_vec());
+        async move {
+            down.map_or(Ok(()), Err)?;
+            inner.ack(&tokens).await
+        }
     }
 
     fn retry_later(
@@ -138,7 +161,11 @@ impl Queue for AckRecorder {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.retry_later(token, not_before)
+        let (down, inner) = (self.down(), self.inner.clone());
+        async move {
+            down.map_or(Ok(()), Err)?;
+            inner.retry_later(token, not_before).await
+        }
     }
 
     fn release(
@@ -146,7 +173,11 @@ impl Queue for AckRecorder {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.release(token, not_before)
+        let (down, inner) = (self.down(), self.inner.clone());
+        async move {
+            down.map_or(Ok(()), Err)?;
+            inner.release(token, not_before).await
+        }
     }
 
     fn dead_letter(
@@ -154,7 +185,11 @@ impl Queue for AckRecorder {
         token: LeaseToken,
         reason: &str,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.dead_letter(token, reason)
+        let (down, inner, reason) = (self.down(), self.inner.clone(), reason.to_owned());
+        async move {
+            down.map_or(Ok(()), Err)?;
+            inner.dead_letter(token, &reason).await
+        }
     }
 
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {
