@@ -84,7 +84,7 @@ use super::{
 };
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
-use async_nats::jetstream::context::{Context, PublishErrorKind};
+use async_nats::jetstream::context::{Context, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
@@ -398,10 +398,7 @@ impl Inner {
             Publish::build().payload(payload.clone()).headers(h)
         };
         for _ in 0..3 {
-            let result = match self.js.send_publish(subject.clone(), publish()).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
+            let result = self.publish(subject.clone(), publish()).await;
             match result {
                 Ok(ack) if ack.duplicate => return Ok(Enqueued::Duplicate(envelope.id)),
                 Ok(_) => return Ok(Enqueued::Stored(envelope.id)),
@@ -438,6 +435,15 @@ impl Inner {
         Err(QueueError::Backend(
             format!("subject {subject} kept changing while enqueueing").into(),
         ))
+    }
+
+    /// Publishes and waits for the stream's ack.
+    async fn publish(
+        &self,
+        subject: impl async_nats::subject::ToSubject,
+        publish: Publish,
+    ) -> Result<async_nats::jetstream::publish::PublishAck, PublishError> {
+        self.js.send_publish(subject, publish).await?.await
     }
 
     /// Pulls up to `n` new deliveries into `held`.
@@ -544,16 +550,9 @@ impl Inner {
             .payload(msg.payload.clone())
             .headers(headers)
             .message_id(format!("{}.seq{}.dead", self.stream, sequence(&msg)));
-        let moved = match self
-            .js
-            .send_publish(self.dead_subject.clone(), publish)
-            .await
-        {
-            Ok(ack) => ack.await.map(drop),
-            Err(e) => Err(e),
-        };
+        let moved = self.publish(self.dead_subject.clone(), publish).await;
         let answer = match moved {
-            Ok(()) => msg.double_ack_with(AckKind::Term).await,
+            Ok(_) => msg.double_ack_with(AckKind::Term).await,
             Err(e) => {
                 tracing::warn!(error = %e, "postbox: could not dead-letter an undecodable message");
                 msg.ack_with(AckKind::Nak(Some(self.ack_wait))).await
@@ -666,10 +665,7 @@ impl Inner {
                 Ok(info) => format!("{}.r{}", envelope.id, info.stream_sequence),
                 Err(_) => format!("{}.{}", envelope.id, envelope.attempts),
             });
-        let copied = match self.js.send_publish(h.msg.subject.clone(), publish).await {
-            Ok(ack) => ack.await.map(drop),
-            Err(e) => Err(e),
-        };
+        let copied = self.publish(h.msg.subject.clone(), publish).await;
         if let Err(e) = copied {
             held.insert(token.id, h); // still leased: the caller may try again
             return Err(classify(e, "republish for retry"));
@@ -707,14 +703,7 @@ impl Inner {
             .payload(Bytes::from(h.envelope.encode()))
             .headers(headers)
             .message_id(format!("{}.dead", h.envelope.id));
-        let published = match self
-            .js
-            .send_publish(self.dead_subject.clone(), publish)
-            .await
-        {
-            Ok(ack) => ack.await.map(drop),
-            Err(e) => Err(e),
-        };
+        let published = self.publish(self.dead_subject.clone(), publish).await;
         if let Err(e) = published {
             held.insert(token.id, h);
             return Err(classify(e, "publish dead letter"));
@@ -903,7 +892,7 @@ fn push_hex(s: &mut String, bytes: &[u8]) {
     }
 }
 
-fn is_full(e: &async_nats::jetstream::context::PublishError) -> bool {
+fn is_full(e: &PublishError) -> bool {
     let text = e.to_string();
     text.contains("maximum messages exceeded") || text.contains("10077")
 }

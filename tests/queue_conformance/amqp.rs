@@ -262,20 +262,16 @@ async fn a_duplicate_waits_for_a_first_publish_that_then_fails() {
         .unwrap()
         .id();
     proxy.hold();
-    let first_env = crate::suite::envelope("raced");
-    let first_id = first_env.id;
-    let first = tokio::spawn({
-        let q = q.clone();
-        async move { q.enqueue(first_env).await }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let second_env = crate::suite::envelope("raced");
-    let second_id = second_env.id;
-    let second = tokio::spawn({
-        let q = q.clone();
-        async move { q.enqueue(second_env).await }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Starts an enqueue of key `raced` and gives it time to get as far as it can.
+    let enqueue_raced = || async {
+        let e = crate::suite::envelope("raced");
+        let (q, id) = (q.clone(), e.id);
+        let task = tokio::spawn(async move { q.enqueue(e).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (id, task)
+    };
+    let (first_id, first) = enqueue_raced().await;
+    let (second_id, second) = enqueue_raced().await;
     assert!(!second.is_finished(), "{:?}", second.await);
     // The first publish never reached the broker: cut it off.
     proxy.cut();
