@@ -1093,14 +1093,20 @@ async fn replayer_acks_in_batches_and_flushes_the_rest_when_idle() {
     assert_eq!(depth(&queue.inner).await, Depth::default());
 }
 
+/// A queue holding one due message, whose next `n` settling calls fail as unavailable,
+/// and a call counter for the service.
+async fn one_message_failing_settles(n: usize) -> (Arc<AckRecorder>, Arc<AtomicUsize>) {
+    let queue = Arc::new(AckRecorder::default());
+    enqueue_raw(&queue.inner, "http://api.test/orders").await;
+    queue.fail_next_settles(n);
+    (queue, Arc::new(AtomicUsize::new(0)))
+}
+
 /// An ack that finds the queue unavailable is sent again once it is back, before the
 /// lease expires: the delivered message is not replayed a second time.
 #[tokio::test(start_paused = true)]
 async fn replayer_sends_an_ack_again_after_the_queue_was_unavailable() {
-    let queue = Arc::new(AckRecorder::default());
-    enqueue_raw(&queue.inner, "http://api.test/orders").await;
-    queue.fail_next_settles(2);
-    let calls = Arc::new(AtomicUsize::new(0));
+    let (queue, calls) = one_message_failing_settles(2).await;
     let handle = Replayer::http(queue.clone(), counting(200, calls.clone()))
         .spawn()
         .unwrap();
@@ -1121,10 +1127,7 @@ async fn replayer_sends_an_ack_again_after_the_queue_was_unavailable() {
 /// back: the message is not replayed again when its lease expires.
 #[tokio::test(start_paused = true)]
 async fn replayer_sends_a_dead_letter_and_a_retry_again_after_the_queue_was_unavailable() {
-    let queue = Arc::new(AckRecorder::default());
-    enqueue_raw(&queue.inner, "http://api.test/orders").await;
-    queue.fail_next_settles(1);
-    let calls = Arc::new(AtomicUsize::new(0));
+    let (queue, calls) = one_message_failing_settles(1).await;
     let handle = Replayer::http(queue.clone(), counting(422, calls.clone()))
         .spawn()
         .unwrap();
@@ -1134,10 +1137,7 @@ async fn replayer_sends_a_dead_letter_and_a_retry_again_after_the_queue_was_unav
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(depth(&queue.inner).await.dead, 1);
 
-    let queue = Arc::new(AckRecorder::default());
-    enqueue_raw(&queue.inner, "http://api.test/orders").await;
-    queue.fail_next_settles(1);
-    let calls = Arc::new(AtomicUsize::new(0));
+    let (queue, calls) = one_message_failing_settles(1).await;
     let handle = Replayer::http(queue.clone(), counting(503, calls.clone()))
         .max_attempts(2)
         .jitter(false)
