@@ -433,8 +433,15 @@ impl RedisQueue {
             max.to_string().into(),
         ];
         let reply = self.run(&LEASE, args).await?;
+        let [foreign, items] =
+            <[Value; 2]>::try_from(array(reply)?).map_err(|_| unexpected("lease reply"))?;
+        let foreign = int(foreign)?;
+        if foreign > 0 {
+            tracing::error!(queue = %self.keys[0], entries = foreign, "postbox: stream entries not written by postbox moved to the dead-letter stream");
+            metrics::counter!("postbox_queue_quarantined_total").increment(foreign.unsigned_abs());
+        }
         let mut out = Vec::new();
-        for item in array(reply)? {
+        for item in array(items)? {
             let [id, attempts, env, nb] =
                 <[Value; 4]>::try_from(array(item)?).map_err(|_| unexpected("lease reply"))?;
             let id = parse_id(&string(id)?)?;

@@ -476,3 +476,129 @@ async fn an_undecodable_entry_is_dead_lettered_and_the_batch_goes_on() {
     let again = q.enqueue(crate::suite::envelope("bad")).await.unwrap();
     assert!(matches!(again, Enqueued::Stored(_)), "{again:?}");
 }
+
+/// Stream entries as `XRANGE` returns them: (entry id, field/value pairs).
+type Entries<V> = Vec<(String, Vec<(String, V)>)>;
+
+/// Deletes the stream entry of message `id` by hand, as an operator's `XDEL` or `XTRIM`
+/// would.
+async fn delete_by_hand(q: &RedisQueue, id: postbox::queue::MessageId) {
+    let entries: Entries<Vec<u8>> = redis::cmd("XRANGE")
+        .arg(&q.keys()[0])
+        .arg("-")
+        .arg("+")
+        .query_async(&mut q.connection())
+        .await
+        .unwrap();
+    let id = id.to_string();
+    let (eid, _) = entries
+        .iter()
+        .find(|(_, fields)| fields.iter().any(|(k, v)| k == "id" && *v == id.as_bytes()))
+        .expect("the message's entry");
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&q.keys()[0])
+        .arg(eid)
+        .query_async(&mut q.connection())
+        .await
+        .unwrap();
+}
+
+/// The idempotency key of a message whose entry was deleted by hand (after `lease` read
+/// it, or before) is not claimed forever: the next enqueue of that key is stored, with
+/// and without a capacity (the two enqueue paths). One never read is judged gone only
+/// once every other entry has been read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_entry_was_deleted_by_hand_is_taken_over() {
+    for options in [options(), options().with_capacity(100)] {
+        let (q, _purge) = make(options);
+        let lease_for = Duration::from_secs(30);
+        let stored = |e: Enqueued, key: &str| {
+            assert!(matches!(e, Enqueued::Stored(_)), "{key}: {e:?}");
+            e.id()
+        };
+        let read = q.enqueue(crate::suite::envelope("read")).await.unwrap();
+        assert_eq!(
+            q.lease(10, lease_for, crate::suite::at(0))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        delete_by_hand(&q, read.id()).await;
+        let unread = q.enqueue(crate::suite::envelope("unread")).await.unwrap();
+        delete_by_hand(&q, unread.id()).await;
+        let read = stored(
+            q.enqueue(crate::suite::envelope("read")).await.unwrap(),
+            "read",
+        );
+        // The new "read" entry is unread: the "unread" owner could be behind it.
+        let early = q.enqueue(crate::suite::envelope("unread")).await.unwrap();
+        assert_eq!(early, Enqueued::Duplicate(unread.id()));
+        assert_eq!(
+            q.lease(10, lease_for, crate::suite::at(0))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        let unread = stored(
+            q.enqueue(crate::suite::envelope("unread")).await.unwrap(),
+            "unread",
+        );
+        for (key, id) in [("read", read), ("unread", unread)] {
+            let duplicate = q.enqueue(crate::suite::envelope(key)).await.unwrap();
+            assert_eq!(duplicate, Enqueued::Duplicate(id), "{key}");
+        }
+        let leased = q
+            .lease(10, lease_for, crate::suite::at(3600))
+            .await
+            .unwrap();
+        let mut ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![read, unread]);
+    }
+}
+
+/// Entries that postbox did not write (no `id` field, or one that is not a message id)
+/// go to the dead-letter stream when `lease` reads them: they are not left counted as
+/// pending, and they do not fail the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_not_written_by_postbox_is_dead_lettered() {
+    let (q, _purge) = make(options());
+    for fields in [&[("note", "hello")][..], &[("id", "42"), ("note", "x")][..]] {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&q.keys()[0]).arg("*");
+        for (k, v) in fields {
+            xadd.arg(k).arg(v);
+        }
+        let _: String = xadd.query_async(&mut q.connection()).await.unwrap();
+    }
+    let good = q
+        .enqueue(crate::suite::envelope("good"))
+        .await
+        .unwrap()
+        .id();
+    let leased = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![good]);
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 2));
+    let dead: Entries<String> = redis::cmd("XRANGE")
+        .arg(&q.keys()[1])
+        .arg("-")
+        .arg("+")
+        .query_async(&mut q.connection())
+        .await
+        .unwrap();
+    assert_eq!(dead[0].1[0], ("note".into(), "hello".into()));
+    assert!(
+        dead.iter()
+            .all(|(_, f)| f
+                .contains(&("reason".into(), "not a postbox entry: no message id".into()))),
+        "{dead:?}"
+    );
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+}

@@ -17,6 +17,10 @@ while i <= #ARGV do
   i = last + 1
   local existing = false
   if key ~= '' then existing = redis.call('HGET', keys, key) end
+  if existing and gone(existing, nil) then
+    redis.call('HDEL', keys, key)
+    existing = false
+  end
   if existing then
     out[#out + 1] = {0, existing}
   elseif len and len >= cap then

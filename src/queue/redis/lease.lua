@@ -1,5 +1,7 @@
 -- ARGV: 2 consumer, 3 now, 4 lease until, 5 max.
--- Returns {{id, attempts, envelope, not_before override or ''}, ...} oldest id first.
+-- Returns {foreign, {{id, attempts, envelope, not_before override or ''}, ...}}, oldest
+-- id first; `foreign` counts the entries not written by postbox moved to the dead
+-- letters.
 local consumer, now, untl, max = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
 -- Expired leases return to pending first, then messages whose not-before has come.
@@ -13,6 +15,9 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now)) do
 end
 -- Read new entries through the consumer group until `max` are due (or none are left).
 local fresh = {}
+local foreign = 0
+local UUID = '^' .. string.rep('%x', 8) .. '%-' .. string.rep('%x', 4) .. '%-' ..
+  string.rep('%x', 4) .. '%-' .. string.rep('%x', 4) .. '%-' .. string.rep('%x', 12) .. '$'
 local rounds = 0
 local last = nil
 while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
@@ -29,6 +34,7 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
       elseif k == 'attempts' then base = e[2][i + 1]
       elseif k == 'idempotency_key' then key = e[2][i + 1] end
     end
+    if id and not string.match(id, UUID) then id = nil end
     -- An entry whose key belongs to another id is a duplicate's (an orphan, see `add`
     -- in src/queue/redis.rs), as is a second entry with the id of a live message or of
     -- one already finished (see `bury`): delete them all. A key nobody claims yet is
@@ -57,9 +63,18 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
       else
         redis.call('ZADD', delayed, due, id)
       end
-    else
-      -- Not written by postbox.
+    elseif not id then
+      -- Not written by postbox (no message id): into the dead-letter stream as it is,
+      -- so it neither stays counted as pending nor is lost.
+      local d = {unpack(e[2])}
+      d[#d + 1] = 'reason'
+      d[#d + 1] = 'not a postbox entry: no message id'
+      d[#d + 1] = 'dead_at_ms'
+      d[#d + 1] = ARGV[3]
+      redis.call('XADD', dead, '*', unpack(d))
       redis.call('XACK', stream, group, e[1])
+      redis.call('XDEL', stream, e[1])
+      foreign = foreign + 1
     end
   end
 end
@@ -96,4 +111,4 @@ if max > 0 then
     end
   end
 end
-return out
+return {foreign, out}

@@ -69,3 +69,30 @@ local function forget(id, fields, finished)
   redis.call('ZREM', ready, id)
   if finished then bury(id) end
 end
+
+-- Whether message `owner`, which claims a key, is gone while its key stayed claimed:
+-- its entry was deleted or trimmed by hand (or never written, by an enqueue that died
+-- after a failed XADD), so nothing will ever free the key. Its entry, once read by
+-- `lease`, is the one `msgs` names; before that it is one of the unread entries, so
+-- while any entry other than `mine` (the caller's own, or nil) is unread the owner
+-- counts as live. Only called when a key is found taken: never on the common path.
+local function gone(owner, mine)
+  local eid = redis.call('HGET', msgs, owner)
+  if eid then return #redis.call('XRANGE', stream, eid, eid) == 0 end
+  local from = '-'
+  local groups = redis.pcall('XINFO', 'GROUPS', stream)
+  if type(groups) == 'table' and not groups.err then
+    for _, g in ipairs(groups) do
+      local name, last = nil, nil
+      for i = 1, #g, 2 do
+        if g[i] == 'name' then name = g[i + 1]
+        elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+      end
+      if name == group and last then from = '(' .. last end
+    end
+  end
+  for _, e in ipairs(redis.call('XRANGE', stream, from, '+', 'COUNT', 2)) do
+    if e[1] ~= mine then return false end
+  end
+  return true
+end
