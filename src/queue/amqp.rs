@@ -28,7 +28,9 @@
 //!
 //! Every message is persistent (`delivery_mode` 2) and published with **publisher
 //! confirms**: `enqueue` returns after the broker confirmed it, which for a quorum queue
-//! means a majority of its replicas wrote it to their log and fsynced it. The body is the
+//! means a majority of its replicas wrote it to their log and fsynced it. Publishes are
+//! `mandatory`: one to a queue that was deleted (by hand) comes back unroutable, and is
+//! an error, where it would otherwise be confirmed and dropped. The body is the
 //! versioned envelope (`docs/envelope.md`), `content-type`
 //! `application/vnd.postbox.envelope`, `message-id` the UUID text, and the headers
 //! `postbox-idempotency-key`, `postbox-destination` (long strings),
@@ -393,29 +395,7 @@ impl Inner {
             let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
             let ch = conn.create_channel().await?;
             ch.confirm_select(ConfirmSelectOptions::default()).await?;
-            let durable = QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            };
-            let mut main = FieldTable::default();
-            main.insert("x-queue-type".into(), string("quorum"));
-            if let Some(cap) = self.capacity {
-                main.insert(
-                    "x-max-length".into(),
-                    AMQPValue::LongLongInt(i64::try_from(cap).unwrap_or(i64::MAX)),
-                );
-                main.insert("x-overflow".into(), string("reject-publish"));
-            }
-            ch.queue_declare(&self.queue, durable, main).await?;
-            let mut delay = FieldTable::default();
-            delay.insert("x-queue-type".into(), string("quorum"));
-            delay.insert("x-dead-letter-exchange".into(), string(""));
-            delay.insert("x-dead-letter-routing-key".into(), string(&self.queue));
-            delay.insert("x-dead-letter-strategy".into(), string("at-least-once"));
-            delay.insert("x-overflow".into(), string("reject-publish"));
-            ch.queue_declare(&self.delay_queue, durable, delay).await?;
-            ch.queue_declare(&self.dead_queue, durable, FieldTable::default())
-                .await?;
+            self.declare(&ch).await?;
             Ok::<_, lapin::Error>((conn, ch))
         };
         let (conn, ch) = match tokio::time::timeout(self.timeout, connect).await {
@@ -449,7 +429,37 @@ impl Inner {
         classify(e, "call")
     }
 
-    /// Publishes with a confirm; `Ok(false)` if the broker refused it (nack).
+    /// Declares the three queues (idempotent): on every connection, and again after a
+    /// publish came back because one was deleted.
+    async fn declare(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let mut main = FieldTable::default();
+        main.insert("x-queue-type".into(), string("quorum"));
+        if let Some(cap) = self.capacity {
+            main.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(i64::try_from(cap).unwrap_or(i64::MAX)),
+            );
+            main.insert("x-overflow".into(), string("reject-publish"));
+        }
+        ch.queue_declare(&self.queue, durable, main).await?;
+        let mut delay = FieldTable::default();
+        delay.insert("x-queue-type".into(), string("quorum"));
+        delay.insert("x-dead-letter-exchange".into(), string(""));
+        delay.insert("x-dead-letter-routing-key".into(), string(&self.queue));
+        delay.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+        delay.insert("x-overflow".into(), string("reject-publish"));
+        ch.queue_declare(&self.delay_queue, durable, delay).await?;
+        ch.queue_declare(&self.dead_queue, durable, FieldTable::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes with a confirm, `mandatory`: a message no queue takes (the queue was
+    /// deleted) comes back instead of being confirmed and dropped.
     async fn publish(
         &self,
         ch: &Channel,
@@ -458,7 +468,7 @@ impl Inner {
         envelope: &Envelope,
         extra: &[(&str, AMQPValue)],
         expiration: Option<Duration>,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<Answer, QueueError> {
         let mut headers = FieldTable::default();
         headers.insert(H_KEY.into(), string(&envelope.idempotency_key));
         headers.insert(H_DEST.into(), string(&envelope.destination));
@@ -487,19 +497,25 @@ impl Inner {
         }
         let payload = envelope.encode();
         let publish = async {
-            ch.basic_publish(
-                "",
-                routing_key,
-                BasicPublishOptions::default(),
-                &payload,
-                props,
-            )
-            .await?
-            .await
+            ch.basic_publish("", routing_key, mandatory(), &payload, props)
+                .await?
+                .await
         };
         match tokio::time::timeout(self.timeout, publish).await {
-            Ok(Ok(Confirmation::Nack(_))) => Ok(false),
-            Ok(Ok(_)) => Ok(true),
+            Ok(Ok(c)) => {
+                let answer = Answer::of(&c);
+                if answer == Answer::Returned {
+                    // Deleted by hand: declared again, for the caller's next try.
+                    tracing::error!(
+                        queue = routing_key,
+                        "postbox: a publish came back: the queue does not exist; declaring it again"
+                    );
+                    if let Err(e) = self.io(epoch, self.declare(ch)).await {
+                        tracing::warn!(queue = routing_key, error = %e, "postbox: could not declare the queues again");
+                    }
+                }
+                Ok(answer)
+            }
             Ok(Err(e)) => Err(self.fail(e, epoch).await),
             Err(_) => {
                 self.drop_link(epoch).await;
@@ -560,7 +576,7 @@ impl Inner {
                 // RabbitMQ applies a quorum queue's `x-max-length` a little late, so
                 // check first; the queue's own limit is the backstop under concurrency.
                 if self.ready(&ch, epoch, &self.queue).await? >= capacity {
-                    return Ok(false);
+                    return Ok(Answer::Nacked);
                 }
             }
             self.publish(&ch, epoch, &self.queue, &envelope, &[], None)
@@ -568,7 +584,7 @@ impl Inner {
         }
         .await;
         match result {
-            Ok(true) => {
+            Ok(Answer::Confirmed) => {
                 if let Some(tx) = claim {
                     tx.send_replace(true);
                 }
@@ -577,11 +593,11 @@ impl Inner {
             other => {
                 self.forget_key(&key, envelope.id);
                 match other {
-                    Ok(_) if self.capacity.is_some() => Err(QueueError::Full {
+                    Ok(Answer::Nacked) if self.capacity.is_some() => Err(QueueError::Full {
                         capacity: self.capacity.unwrap_or(0),
                     }),
-                    Ok(_) => Err(QueueError::Backend(
-                        "amqp: broker nacked the publish".into(),
+                    Ok(answer) => Err(QueueError::Backend(
+                        format!("amqp: {} {}", self.queue, answer.refusal()).into(),
                     )),
                     Err(e) => Err(e),
                 }
@@ -665,25 +681,19 @@ impl Inner {
                     tracing::error!(queue = %self.queue, error = %e, "postbox: undecodable message moved to the dead-letter queue");
                     let props = BasicProperties::default().with_delivery_mode(2);
                     let moved = async {
-                        ch.basic_publish(
-                            "",
-                            &self.dead_queue,
-                            BasicPublishOptions::default(),
-                            &delivery.data,
-                            props,
-                        )
-                        .await?
-                        .await
+                        ch.basic_publish("", &self.dead_queue, mandatory(), &delivery.data, props)
+                            .await?
+                            .await
                     };
-                    if let Confirmation::Nack(_) = self.io(epoch, moved).await? {
+                    let answer = Answer::of(&self.io(epoch, moved).await?);
+                    if answer != Answer::Confirmed {
                         // Not moved: give it back to the queue rather than drop it.
-                        return Err(self
-                            .give_back(
-                                epoch,
-                                &delivery.acker,
-                                "an undecodable message to the dead-letter queue".into(),
-                            )
-                            .await);
+                        let what = format!(
+                            "{} (an undecodable message): {}",
+                            self.dead_queue,
+                            answer.refusal()
+                        );
+                        return Err(self.give_back(epoch, &delivery.acker, what).await);
                     }
                     self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
                         .await?;
@@ -787,11 +797,11 @@ impl Inner {
         } else {
             (&self.queue, None)
         };
-        if !self
+        let answer = self
             .publish(ch, epoch, queue, &h.envelope, &[], ttl)
-            .await?
-        {
-            let what = format!("the message for {queue}");
+            .await?;
+        if answer != Answer::Confirmed {
+            let what = format!("{queue}: {}", answer.refusal());
             return Err(self.give_back(epoch, &h.acker, what).await);
         }
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
@@ -799,14 +809,14 @@ impl Inner {
         Ok(())
     }
 
-    /// After the broker refused `what`, the publish that was to move a delivery: nacks
-    /// the delivery back to its queue (delivered again, counted) so it is never left
-    /// unacked on this channel, and returns the error to answer.
+    /// After the publish that was to move a delivery was refused (`what`: where, and
+    /// how): nacks the delivery back to its queue (delivered again, counted) so it is
+    /// never left unacked on this channel, and returns the error to answer.
     async fn give_back(&self, epoch: u64, acker: &lapin::acker::Acker, what: String) -> QueueError {
         if let Err(e) = self.io(epoch, acker.nack(requeue())).await {
             return e;
         }
-        QueueError::Backend(format!("amqp: broker refused {what}").into())
+        QueueError::Backend(format!("amqp: {what}").into())
     }
 
     /// Removes the delivery of `token` if its lease is current.
@@ -906,13 +916,12 @@ impl Inner {
         let (ch, epoch) = self.current().await?;
         let h = Self::take(&mut *self.state.lock().await, token)?;
         let extra = [(H_REASON, string(reason))];
-        if !self
+        let answer = self
             .publish(&ch, epoch, &self.dead_queue, &h.envelope, &extra, None)
-            .await?
-        {
-            return Err(self
-                .give_back(epoch, &h.acker, "the dead letter".into())
-                .await);
+            .await?;
+        if answer != Answer::Confirmed {
+            let what = format!("{}: {}", self.dead_queue, answer.refusal());
+            return Err(self.give_back(epoch, &h.acker, what).await);
         }
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
             .await?;
@@ -1071,6 +1080,45 @@ impl Queue for AmqpQueue {
 // === helpers ===
 
 /// A nack that returns the delivery to its queue.
+/// How the broker answered a publish with a confirm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Confirmed: stored (durably, on a quorum queue) in the queue it was sent to.
+    Confirmed,
+    /// Nacked: refused, for example by a full queue (`reject-publish`).
+    Nacked,
+    /// Returned as unroutable (`mandatory`): no queue of that name, it was deleted.
+    Returned,
+}
+
+impl Answer {
+    fn of(c: &Confirmation) -> Self {
+        match c {
+            Confirmation::Nack(_) => Answer::Nacked,
+            Confirmation::Ack(Some(_)) => Answer::Returned,
+            Confirmation::Ack(None) | Confirmation::NotRequested => Answer::Confirmed,
+        }
+    }
+
+    /// Why a publish that was not confirmed was refused, for an error message.
+    fn refusal(self) -> &'static str {
+        match self {
+            Answer::Confirmed => "confirmed",
+            Answer::Nacked => "the broker refused the publish (nack)",
+            Answer::Returned => "no such queue: the publish came back unroutable",
+        }
+    }
+}
+
+/// Publish options: `mandatory`, so a publish to a queue that does not exist is returned
+/// (see [`Answer::Returned`]), not confirmed and dropped.
+fn mandatory() -> BasicPublishOptions {
+    BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    }
+}
+
 fn requeue() -> BasicNackOptions {
     BasicNackOptions {
         requeue: true,

@@ -316,3 +316,44 @@ async fn a_second_copy_of_a_held_message_is_dropped_not_redelivered() {
     );
     assert!(again.is_empty(), "{again:?}");
 }
+
+/// A publish to a queue that no longer exists (deleted by hand) comes back from the
+/// broker instead of being confirmed and dropped: a dead letter or a retry through the
+/// delay queue is an error that gives the delivery back to its queue (it is leased
+/// again, not lost), and an enqueue is an error, not a receipt. The queue is declared
+/// again, so the next try succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_a_deleted_queue_is_an_error_and_loses_nothing() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("kept");
+    assert_eq!(q.enqueue(e.clone()).await.unwrap(), Enqueued::Stored(e.id));
+    let ch = q.channel().await.unwrap();
+    let [main, delay, dead] = q.queues();
+    ch.queue_delete(delay, Default::default()).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let lease = || async {
+        let leased = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+        assert_eq!(leased.len(), 1, "the delivery was not given back");
+        assert_eq!(leased[0].envelope.id, e.id);
+        leased[0].token
+    };
+    let refused = q.retry_later(lease().await, crate::suite::at(3600)).await;
+    assert!(
+        matches!(refused, Err(QueueError::Backend(_))),
+        "{refused:?}"
+    );
+    // Declared again (all three queues) after the refusal.
+    ch.queue_delete(dead, Default::default()).await.unwrap();
+    let refused = q.dead_letter(lease().await, "bad").await;
+    assert!(
+        matches!(refused, Err(QueueError::Backend(_))),
+        "{refused:?}"
+    );
+    q.dead_letter(lease().await, "bad").await.unwrap();
+    assert_eq!(q.depth().await.unwrap().dead, 1);
+    ch.queue_delete(main, Default::default()).await.unwrap();
+    let lost = q.enqueue(crate::suite::envelope("lost")).await;
+    assert!(matches!(lost, Err(QueueError::Backend(_))), "{lost:?}");
+    let stored = q.enqueue(crate::suite::envelope("lost")).await.unwrap();
+    assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
+}
