@@ -572,9 +572,10 @@ impl RedisQueue {
             while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
                 match string(k)?.as_str() {
                     "envelope" => envelope = Some(Envelope::decode(&bytes(v)?)),
-                    "reason" => reason = string(v)?,
-                    "attempts" => attempts = string(v)?.parse::<u32>().ok(),
-                    "not_before_ms" => nb = Some(from_ms(&string(v)?)?),
+                    "reason" => reason = String::from_utf8_lossy(&bytes(v)?).into_owned(),
+                    // Tolerant: a foreign entry set aside by `lease` may hold anything.
+                    "attempts" => attempts = string(v).ok().and_then(|a| a.parse::<u32>().ok()),
+                    "not_before_ms" => nb = string(v).ok().and_then(|t| from_ms(&t).ok()),
                     _ => {}
                 }
             }

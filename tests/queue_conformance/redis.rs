@@ -559,13 +559,34 @@ async fn a_key_whose_entry_was_deleted_by_hand_is_taken_over() {
     }
 }
 
-/// Entries that postbox did not write (no `id` field, or one that is not a message id)
-/// go to the dead-letter stream when `lease` reads them: they are not left counted as
-/// pending, and they do not fail the batch.
+/// Entries that postbox did not write (no `id` field, one that is not a message id, or
+/// fields postbox never writes) go to the dead-letter stream when `lease` reads them:
+/// they are not left counted as pending, they do not fail the batch (or strand the rest
+/// of it), and listing the dead letters copes with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_not_written_by_postbox_is_dead_lettered() {
     let (q, _purge) = make(options());
-    for fields in [&[("note", "hello")][..], &[("id", "42"), ("note", "x")][..]] {
+    let valid = crate::suite::envelope("valid").encode();
+    let (nan, huge) = (
+        crate::suite::envelope("nan"),
+        crate::suite::envelope("huge"),
+    );
+    let (nan_id, huge_id) = (nan.id.to_string(), huge.id.to_string());
+    let entries: [&[(&str, &[u8])]; 4] = [
+        &[("note", b"hello")],
+        &[("id", b"42"), ("note", b"x")],
+        &[
+            ("id", nan_id.as_bytes()),
+            ("not_before_ms", b"nan"),
+            ("envelope", &nan.encode()),
+        ],
+        &[
+            ("id", huge_id.as_bytes()),
+            ("attempts", b"99999999999"),
+            ("envelope", &valid),
+        ],
+    ];
+    for fields in entries {
         let mut xadd = redis::cmd("XADD");
         xadd.arg(&q.keys()[0]).arg("*");
         for (k, v) in fields {
@@ -585,20 +606,110 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
     let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
     assert_eq!(ids, vec![good]);
     let depth = q.depth().await.unwrap();
-    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 2));
-    let dead: Entries<String> = redis::cmd("XRANGE")
+    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 4));
+    let dead: Entries<Vec<u8>> = redis::cmd("XRANGE")
         .arg(&q.keys()[1])
         .arg("-")
         .arg("+")
         .query_async(&mut q.connection())
         .await
         .unwrap();
-    assert_eq!(dead[0].1[0], ("note".into(), "hello".into()));
-    assert!(
-        dead.iter()
-            .all(|(_, f)| f
-                .contains(&("reason".into(), "not a postbox entry: no message id".into()))),
-        "{dead:?}"
+    assert_eq!(dead[0].1[0], ("note".into(), b"hello".to_vec()));
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|(_, f)| {
+            let reason = f.iter().find(|(k, _)| k == "reason").expect("a reason");
+            String::from_utf8_lossy(&reason.1).into_owned()
+        })
+        .collect();
+    let why = |what: &str| format!("not a postbox entry: {what}");
+    assert_eq!(
+        reasons,
+        [
+            why("no message id"),
+            why("no message id"),
+            why("bad not_before_ms"),
+            why("bad attempts")
+        ]
     );
-    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    // The two with an envelope are listed, with their reasons.
+    let listed = q.dead_letters(10).await.unwrap();
+    let listed: Vec<_> = listed.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(listed, [why("bad not_before_ms"), why("bad attempts")]);
+}
+
+/// An enqueue of a message already acked, retried after its reply was lost, claims the
+/// key again. That claim does not outlive the finished message: an enqueue of the key
+/// while the copy is unread takes the key over, and `lease` frees it when it deletes the
+/// copy; the next message with the key is stored either way, not answered as a duplicate
+/// of a finished one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_enqueue_of_a_finished_message_does_not_keep_its_key() {
+    let (q, _purge) = make(options());
+    let lease_for = Duration::from_secs(30);
+    let (x1, x2) = (crate::suite::envelope("k1"), crate::suite::envelope("k2"));
+    for x in [&x1, &x2] {
+        assert_eq!(q.enqueue(x.clone()).await.unwrap(), Enqueued::Stored(x.id));
+    }
+    let other = q.enqueue(crate::suite::envelope("other")).await.unwrap();
+    let leased = q.lease(2, lease_for, crate::suite::at(0)).await.unwrap();
+    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    q.ack(&tokens).await.unwrap();
+    // The retried enqueues: the same envelopes again, while "other" is still unread.
+    for x in [&x1, &x2] {
+        assert_eq!(q.enqueue(x.clone()).await.unwrap(), Enqueued::Stored(x.id));
+    }
+    let y1 = q.enqueue(crate::suite::envelope("k1")).await.unwrap();
+    assert!(matches!(y1, Enqueued::Stored(_)), "{y1:?}");
+    let leased = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![other.id(), y1.id()], "an acked message came back");
+    // Leave an unread entry, so the key is judged by the bookkeeping alone.
+    let _ = q.enqueue(crate::suite::envelope("unread")).await.unwrap();
+    let y2 = q.enqueue(crate::suite::envelope("k2")).await.unwrap();
+    assert!(matches!(y2, Enqueued::Stored(_)), "{y2:?}");
+}
+
+/// A consumer group destroyed by hand is created again by `lease`, which reads every
+/// entry again: the live messages are leased as before, not deleted as copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_group_reset_by_hand_loses_no_message() {
+    let (q, _purge) = make(options());
+    let lease_for = Duration::from_secs(30);
+    let a = q.enqueue(crate::suite::envelope("a")).await.unwrap().id();
+    let b = q.enqueue(crate::suite::envelope("b")).await.unwrap().id();
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(leased[0].envelope.id, a);
+    let groups: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&q.keys()[0])
+        .query_async(&mut q.connection())
+        .await
+        .unwrap();
+    let name = match &groups[0][1] {
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&q.keys()[0])
+        .arg(name)
+        .query_async(&mut q.connection())
+        .await
+        .unwrap();
+    // `a`'s lease has expired by then: it is leased again first, while its entry is
+    // not pending in the new group; then the entries are read again.
+    let first = q.lease(1, lease_for, crate::suite::at(60)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].envelope.id, a);
+    let rest = q.lease(10, lease_for, crate::suite::at(60)).await.unwrap();
+    let ids: Vec<_> = rest.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![b]);
+    q.ack(&[rest[0].token]).await.unwrap();
+    // Reading `a`'s entry again left it alone: `a` comes back when its lease expires.
+    let again = q.lease(10, lease_for, crate::suite::at(120)).await.unwrap();
+    let ids: Vec<_> = again.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![a]);
+    q.ack(&[again[0].token]).await.unwrap();
+    assert_eq!(stream_len(&q).await, 0);
 }

@@ -26,15 +26,24 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
     'STREAMS', stream, '>')
   if not r or #r == 0 or #r[1][2] == 0 then break end
   for _, e in ipairs(r[1][2]) do
-    local id, due, base, key = nil, 0, '0', ''
+    local id, due, base, key = nil, '0', '0', ''
     for i = 1, #e[2], 2 do
       local k = e[2][i]
       if k == 'id' then id = e[2][i + 1]
-      elseif k == 'not_before_ms' then due = tonumber(e[2][i + 1]) or 0
+      elseif k == 'not_before_ms' then due = e[2][i + 1]
       elseif k == 'attempts' then base = e[2][i + 1]
       elseif k == 'idempotency_key' then key = e[2][i + 1] end
     end
-    if id and not string.match(id, UUID) then id = nil end
+    -- Checked before anything is written: a field a script cannot use would stop it
+    -- halfway, after XREADGROUP moved past the rest of the batch.
+    local bad = nil
+    if not id or not string.match(id, UUID) then bad = 'no message id'
+    elseif not string.match(due, '^%d+$') or #due > 15 then bad = 'bad not_before_ms'
+    elseif not string.match(base, '^%d+$') or #base > 10 or tonumber(base) >= 4294967296 then
+      bad = 'bad attempts'
+    end
+    if bad then id = nil end
+    due = tonumber(due)
     -- An entry whose key belongs to another id is a duplicate's (an orphan, see `add`
     -- in src/queue/redis.rs), as is a second entry with the id of a live message or of
     -- one already finished (see `bury`): delete them all. A key nobody claims yet is
@@ -50,9 +59,15 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
         owner = id
       end
     end
+    local known = id and redis.call('HGET', msgs, id)
     local orphan = id and (finished or (key ~= '' and owner ~= id)
-      or redis.call('HEXISTS', msgs, id) == 1)
+      or (known and known ~= e[1]))
     if orphan then
+      if finished and key ~= '' and redis.call('HGET', keys, key) == id then
+        -- Claimed again by an enqueue of the finished message retried after a lost
+        -- reply: that copy goes, and so does its claim.
+        redis.call('HDEL', keys, key)
+      end
       redis.call('XACK', stream, group, e[1])
       redis.call('XDEL', stream, e[1])
     elseif id and redis.call('HSETNX', msgs, id, e[1]) == 1 then
@@ -63,12 +78,12 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
       else
         redis.call('ZADD', delayed, due, id)
       end
-    elseif not id then
-      -- Not written by postbox (no message id): into the dead-letter stream as it is,
-      -- so it neither stays counted as pending nor is lost.
+    elseif bad then
+      -- Not written by postbox (no message id, or fields it never writes): into the
+      -- dead-letter stream as it is, so it neither stays counted as pending nor is lost.
       local d = {unpack(e[2])}
       d[#d + 1] = 'reason'
-      d[#d + 1] = 'not a postbox entry: no message id'
+      d[#d + 1] = 'not a postbox entry: ' .. bad
       d[#d + 1] = 'dead_at_ms'
       d[#d + 1] = ARGV[3]
       redis.call('XADD', dead, '*', unpack(d))
@@ -96,7 +111,13 @@ if max > 0 then
     local f = fresh[id]
     if eid and not f then
       local c = redis.call('XCLAIM', stream, group, consumer, 0, eid)
-      if #c > 0 and c[1] then f = c[1][2] end
+      if #c > 0 and c[1] then
+        f = c[1][2]
+      else
+        -- Not pending in the group (it was reset by hand) but still in the stream.
+        local _, flat = entry(eid)
+        f = flat
+      end
     end
     if f then
       local env = ''

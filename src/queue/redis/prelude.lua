@@ -77,6 +77,7 @@ end
 -- while any entry other than `mine` (the caller's own, or nil) is unread the owner
 -- counts as live. Only called when a key is found taken: never on the common path.
 local function gone(owner, mine)
+  if redis.call('ZSCORE', done, owner) then return true end
   local eid = redis.call('HGET', msgs, owner)
   if eid then return #redis.call('XRANGE', stream, eid, eid) == 0 end
   local from = '-'
