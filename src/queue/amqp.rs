@@ -551,7 +551,8 @@ impl Inner {
             && let Some(old) = link.take()
         {
             *self.lock_fast() = None;
-            drop(old.conn.close(200, "timeout"));
+            // Closed, not just dropped: see `close_in_background`.
+            close_in_background(old.conn, "timeout");
         }
     }
 
@@ -1220,5 +1221,50 @@ mod tests {
         for queue in [&q.inner.queue, &q.inner.delay_queue, &q.inner.dead_queue] {
             let _ = ch.queue_delete(queue, Default::default()).await;
         }
+    }
+
+    /// Needs RabbitMQ on 127.0.0.1:5672 (or `POSTBOX_AMQP_URL`); fails if it is down.
+    /// A connection given up after a call timed out is closed (it used to be left open,
+    /// with its socket and heartbeats, for the life of the process), and the delivery
+    /// it held comes back to the next lease, on a new connection.
+    #[tokio::test]
+    async fn a_connection_given_up_after_a_timeout_is_closed_and_its_delivery_comes_back() {
+        let name = format!("unit-timeout-{}", MessageId::new_v7());
+        let q = AmqpQueue::connect(AmqpOptions::new(&name))
+            .await
+            .expect("RabbitMQ must answer on 127.0.0.1:5672 (see shared/services.md)");
+        let e = Envelope::new(
+            "api:443",
+            "POST",
+            "https://api/orders",
+            "x",
+            crate::queue::DeferReason::RetriesExhausted,
+        );
+        let now = SystemTime::now();
+        q.enqueue(e.clone()).await.unwrap();
+        let leased = q.lease(1, Duration::from_secs(30), now).await.unwrap();
+        assert_eq!(leased.len(), 1);
+        let (_, epoch) = q.inner.channel().await.unwrap();
+        let old = q.inner.link.lock().await.as_ref().unwrap().conn.clone();
+        q.inner.drop_link(epoch).await;
+        let mut again = Vec::new();
+        for _ in 0..100 {
+            again = q.lease(1, Duration::from_secs(30), now).await.unwrap();
+            if !again.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !old.status().connected(),
+            "the old connection was left open"
+        );
+        assert_eq!(
+            again.len(),
+            1,
+            "the delivery held by the old connection did not come back"
+        );
+        assert_eq!(again[0].envelope.id, e.id);
+        q.purge().await.unwrap();
     }
 }
