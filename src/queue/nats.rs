@@ -201,6 +201,10 @@ impl NatsOptions {
 
     /// Holds at most `capacity` live messages (the stream's `max_msgs` with
     /// `discard: new`); beyond that `enqueue` fails with [`QueueError::Full`].
+    /// [`connect`](NatsQueue::connect) refuses a capacity below the number of messages
+    /// the stream already holds (the server would delete the oldest to fit). On a full
+    /// queue, `retry_later` keeps holding the delivery, scheduled, as there is no room
+    /// for its republished copy.
     pub fn with_capacity(mut self, capacity: u64) -> Self {
         self.capacity = Some(capacity);
         self
@@ -282,6 +286,21 @@ impl NatsQueue {
         let subject_prefix = format!("postbox.{name}.k.");
         let dead_subject = format!("postbox.{name}.dead");
         let capacity = options.capacity.and_then(|c| i64::try_from(c).ok());
+        if let (Some(cap), Ok(mut existing)) = (options.capacity, js.get_stream(&stream).await) {
+            // The server applies a lower `max_msgs` by deleting the oldest messages, even
+            // with `discard: new`: never ask it to.
+            let held = existing.info().await.map_or(0, |i| i.state.messages);
+            if held > cap {
+                return Err(QueueError::Backend(
+                    format!(
+                        "nats queue {name}: capacity {cap} is below the {held} messages it \
+                         holds (the server would delete the oldest to fit); drain it first \
+                         or keep a capacity of at least {held}"
+                    )
+                    .into(),
+                ));
+            }
+        }
         js.create_or_update_stream(stream::Config {
             name: stream.clone(),
             subjects: vec![format!("{subject_prefix}*")],
@@ -667,6 +686,16 @@ impl Inner {
             });
         let copied = self.publish(h.msg.subject.clone(), publish).await;
         if let Err(e) = copied {
+            if is_full(&e) {
+                // No room for the copy beside the original (a full queue is when retries
+                // pile up): keep holding the original instead, scheduled, this attempt
+                // counted. Only a crash loses the new not-before (it is due at once).
+                let mut h = h;
+                h.envelope.not_before = not_before;
+                h.state = HeldState::Scheduled(not_before);
+                held.insert(token.id, h);
+                return Ok(());
+            }
             held.insert(token.id, h); // still leased: the caller may try again
             return Err(classify(e, "republish for retry"));
         }

@@ -301,3 +301,55 @@ async fn two_copies_of_one_message_are_leased_once_and_both_leave() {
     q.ack(&[leased[0].token]).await.unwrap();
     assert_eq!(stream_len(&q, q.streams().0).await, 0);
 }
+
+/// Connecting again with a capacity below the number of messages the queue holds is
+/// refused with a clear error; the server is not asked to apply it, which would delete
+/// the oldest stored messages to fit. A capacity they fit in is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_below_the_stored_messages_is_refused_not_applied() {
+    let base = options();
+    let (q, _purge) = make(base.clone().with_capacity(10));
+    for i in 0..5 {
+        let e = crate::suite::envelope(&format!("m{i}"));
+        assert_eq!(q.enqueue(e.clone()).await.unwrap(), Enqueued::Stored(e.id));
+    }
+    let lower = NatsQueue::connect(base.clone().with_capacity(2)).await;
+    match lower {
+        Err(QueueError::Backend(e)) => assert!(e.to_string().contains("capacity"), "{e}"),
+        other => panic!("expected a Backend error, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(q.depth().await.unwrap().pending, 5);
+    let fits = NatsQueue::connect(base.with_capacity(5)).await.unwrap();
+    let full = fits.enqueue(crate::suite::envelope("m5")).await;
+    assert!(matches!(full, Err(QueueError::Full { .. })), "{full:?}");
+    assert_eq!(q.depth().await.unwrap().pending, 5);
+}
+
+/// A full queue still takes a `retry_later`: the republished copy cannot be stored
+/// beside the original, so the delivery is kept, scheduled for the new not-before, with
+/// the attempt counted, instead of failing (which let the lease expire and replayed the
+/// message at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_later_on_a_full_queue_keeps_the_delivery_scheduled() {
+    let (q, _purge) = make(options().with_capacity(1));
+    let e = crate::suite::envelope("only");
+    q.enqueue(e.clone()).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    q.retry_later(leased[0].token, crate::suite::at(60))
+        .await
+        .unwrap();
+    assert!(
+        q.lease(1, lease_for, crate::suite::at(59))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = q.lease(1, lease_for, crate::suite::at(60)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id, e.id);
+    assert_eq!(again[0].envelope.attempts, 2);
+    assert_eq!(again[0].envelope.not_before, crate::suite::at(60));
+    q.ack(&[again[0].token]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().pending, 0);
+}
