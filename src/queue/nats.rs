@@ -111,6 +111,12 @@ const H_DEST: &str = "Postbox-Destination";
 const H_NOT_BEFORE: &str = "Postbox-Not-Before";
 const H_ATTEMPTS: &str = "Postbox-Attempts";
 const H_REASON: &str = "Postbox-Reason";
+/// The longest `Postbox-Reason` header kept (longer reasons are cut).
+const REASON_MAX: usize = 512;
+/// Room kept under the server's `max_payload` at enqueue for the headers later
+/// publishes of the same message add: a retry's not-before and attempts, a dead letter's
+/// reason, message ids.
+const HEADROOM: usize = REASON_MAX + 256;
 
 /// Where and how [`NatsQueue::connect`] connects.
 #[derive(Debug, Clone)]
@@ -406,6 +412,7 @@ impl Inner {
     async fn enqueue(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
         let subject = async_nats::Subject::from(self.subject(&envelope));
         let payload = Bytes::from(envelope.encode());
+        self.fits(payload.len() + header_room(&envelope))?;
         // Built per attempt rather than cloned: the first attempt is nearly always the last.
         let id = envelope.id.to_string();
         let publish = || {
@@ -454,6 +461,24 @@ impl Inner {
         Err(QueueError::Backend(
             format!("subject {subject} kept changing while enqueueing").into(),
         ))
+    }
+
+    /// Refuses a message the server would not take: one larger than its `max_payload`
+    /// (headers included) makes the server close the connection, failing every call on
+    /// it, and the message would never be stored. `size` counts payload and headers;
+    /// [`HEADROOM`] is kept for the headers a retry or a dead letter adds.
+    fn fits(&self, size: usize) -> Result<(), QueueError> {
+        let max = self.js.client().server_info().max_payload;
+        if max > 0 && size + HEADROOM > max {
+            return Err(QueueError::Backend(
+                format!(
+                    "nats: a message of {size} bytes with its headers (and {HEADROOM} kept \
+                     for a retry's) is larger than the server's max_payload of {max} bytes"
+                )
+                .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Publishes and waits for the stream's ack.
@@ -564,7 +589,10 @@ impl Inner {
         metrics::counter!("postbox_queue_quarantined_total").increment(1);
         let mut headers = msg.headers.clone().unwrap_or_default();
         let reason = format!("undecodable: {why}");
-        headers.insert(H_REASON, header_value(&reason).unwrap_or("undecodable"));
+        headers.insert(
+            H_REASON,
+            header_value(&reason).map_or("undecodable", |v| cut(v, REASON_MAX)),
+        );
         let publish = Publish::build()
             .payload(msg.payload.clone())
             .headers(headers)
@@ -724,7 +752,7 @@ impl Inner {
         let h = Self::take(&mut held, token)?;
         let mut headers = headers(&h.envelope);
         if let Some(v) = header_value(reason) {
-            headers.insert(H_REASON, v);
+            headers.insert(H_REASON, cut(v, REASON_MAX));
         } else {
             headers.insert(H_REASON, "(see payload)");
         }
@@ -908,6 +936,21 @@ fn headers(e: &Envelope) -> HeaderMap {
 }
 
 /// `s` if it can travel as a header value (printable ASCII).
+/// At least the size of the headers [`headers`] and `enqueue` give `e` (names, values
+/// and separators), without building them.
+fn header_room(e: &Envelope) -> usize {
+    e.idempotency_key.len() + e.destination.len() + 320
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary).
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn header_value(s: &str) -> Option<&str> {
     (!s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b))).then_some(s)
 }

@@ -353,3 +353,29 @@ async fn retry_later_on_a_full_queue_keeps_the_delivery_scheduled() {
     q.ack(&[again[0].token]).await.unwrap();
     assert_eq!(q.depth().await.unwrap().pending, 0);
 }
+
+/// A message larger than the server's `max_payload` is refused with a clear error
+/// before it is sent (the server would close the connection, failing every call on it,
+/// and the caller would see a timeout): the connection stays up for the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_the_server_takes_is_refused_before_sending() {
+    let (q, _purge) = make(options());
+    let max = q.jetstream().client().server_info().max_payload;
+    let mut e = crate::suite::envelope("big");
+    e.body = bytes::Bytes::from(vec![b'x'; max]);
+    let refused = q.enqueue(e).await;
+    match refused {
+        Err(QueueError::Backend(e)) => assert!(e.to_string().contains("max_payload"), "{e}"),
+        other => panic!("expected a Backend error, got {other:?}"),
+    }
+    let small = q.enqueue(crate::suite::envelope("small")).await.unwrap();
+    assert!(matches!(small, Enqueued::Stored(_)));
+    assert_eq!(
+        q.jetstream()
+            .client()
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
