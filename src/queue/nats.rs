@@ -684,10 +684,35 @@ impl Inner {
         }
         let results =
             futures_util::future::join_all(taken.iter().map(|h| h.msg.double_ack())).await;
-        for r in results {
-            r.map_err(|e| classify_dyn(&*e, "ack"))?;
+        let mut failed = None;
+        let mut unacked = Vec::new();
+        for (r, h) in results.into_iter().zip(taken) {
+            if let Err(e) = r {
+                failed.get_or_insert_with(|| classify_dyn(&*e, "ack"));
+                unacked.push(h);
+            }
+        }
+        if let Some(e) = failed {
+            self.put_back(unacked).await;
+            return Err(e);
         }
         lost.map_or(Ok(()), Err)
+    }
+
+    /// Holds again, as they were, deliveries taken out to be settled whose settling the
+    /// server did not confirm: the call fails (`Unavailable`, say) and the caller may
+    /// repeat it with the same token, instead of finding the lease lost and the message
+    /// replayed once `ack_wait` passes. Repeating is safe: the copies a retry or a dead
+    /// letter publishes are de-duplicated by message id. A delivery fetched again
+    /// meanwhile is not replaced.
+    async fn put_back(&self, deliveries: Vec<Held>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut held = self.held.lock().await;
+        for h in deliveries {
+            held.entry(h.envelope.id).or_insert(h);
+        }
     }
 
     async fn retry_later(
@@ -729,10 +754,12 @@ impl Inner {
         }
         drop(held);
         // If this ack is lost the original comes back too: at least once, as always.
-        h.msg
-            .double_ack()
-            .await
-            .map_err(|e| classify_dyn(&*e, "ack after retry"))
+        if let Err(e) = h.msg.double_ack().await {
+            let e = classify_dyn(&*e, "ack after retry");
+            self.put_back(vec![h]).await;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Keeps holding the delivery, uncounted and scheduled for `not_before`: nothing
@@ -766,10 +793,12 @@ impl Inner {
             return Err(classify(e, "publish dead letter"));
         }
         drop(held);
-        h.msg
-            .double_ack_with(AckKind::Term)
-            .await
-            .map_err(|e| classify_dyn(&*e, "terminate after dead letter"))
+        if let Err(e) = h.msg.double_ack_with(AckKind::Term).await {
+            let e = classify_dyn(&*e, "terminate after dead letter");
+            self.put_back(vec![h]).await;
+            return Err(e);
+        }
+        Ok(())
     }
 
     async fn stream_messages(&self, name: &str) -> Result<stream::State, QueueError> {

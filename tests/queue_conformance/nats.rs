@@ -379,3 +379,31 @@ async fn a_message_larger_than_the_server_takes_is_refused_before_sending() {
         1
     );
 }
+
+/// An ack the server did not confirm (the connection stalled) fails as `Unavailable`
+/// and keeps the lease: the same token acks once the server is reachable again, instead
+/// of finding its lease lost (and the message replayed when `ack_wait` passes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_ack_keeps_the_lease_for_a_second_try() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(
+        options()
+            .with_url(format!("nats://{}", proxy.addr()))
+            .with_request_timeout(Duration::from_millis(500)),
+    );
+    let e = crate::suite::envelope("acked");
+    q.enqueue(e.clone()).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    proxy.hold();
+    let failed = q.ack(&[leased[0].token]).await;
+    assert!(
+        matches!(failed, Err(QueueError::Unavailable(_))),
+        "{failed:?}"
+    );
+    proxy.cut();
+    proxy.release();
+    retry!(q.ack(&[leased[0].token]).await);
+    assert_eq!(retry!(q.depth().await).pending, 0);
+    assert!(retry!(q.lease(1, lease_for, crate::suite::at(3600)).await).is_empty());
+}
