@@ -182,6 +182,16 @@ enum HeldState {
     Leased(SystemTime, u64),
 }
 
+impl HeldState {
+    /// Whether a lease at `now` may take the delivery.
+    fn due(self, now: SystemTime) -> bool {
+        match self {
+            HeldState::Scheduled(nb) => nb <= now,
+            HeldState::Leased(until, _) => until <= now,
+        }
+    }
+}
+
 // === impl NatsOptions ===
 
 impl NatsOptions {
@@ -620,18 +630,25 @@ impl Inner {
         if max == 0 {
             return Ok(Vec::new());
         }
-        self.fetch(&mut held, max).await?;
+        // What is held and due needs no server; fetch only for the rest. A failed fetch
+        // fails the lease only if nothing held is due: with several processes on one
+        // consumer, the server's limit of unacked deliveries can be full of the others'.
+        let due = held.values().filter(|h| h.state.due(now)).count();
+        if due < max
+            && let Err(e) = self.fetch(&mut held, max - due).await
+        {
+            if !held.values().any(|h| h.state.due(now)) {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, "postbox: nats fetch failed; leasing what is held");
+        }
         let lease_until = super::saturating_add(now, lease_for);
         let mut out = Vec::new();
         for (&id, h) in held.iter_mut() {
             if out.len() >= max {
                 break;
             }
-            let due = match h.state {
-                HeldState::Scheduled(nb) => nb <= now,
-                HeldState::Leased(until, _) => until <= now,
-            };
-            if !due {
+            if !h.state.due(now) {
                 continue;
             }
             h.envelope.attempts = h.envelope.attempts.saturating_add(1);

@@ -407,3 +407,40 @@ async fn an_unconfirmed_ack_keeps_the_lease_for_a_second_try() {
     assert_eq!(retry!(q.depth().await).pending, 0);
     assert!(retry!(q.lease(1, lease_for, crate::suite::at(3600)).await).is_empty());
 }
+
+/// Two processes share the consumer, whose server-side limit of unacked deliveries is
+/// full: a process still leases what it holds itself (a delivery it released) instead
+/// of failing because the server has nothing more to give it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_leases_what_it_holds_while_the_server_limit_is_full() {
+    let base = options()
+        .with_max_held(2)
+        .with_request_timeout(Duration::from_millis(500));
+    let (a, _purge) = make(base.clone());
+    let b = connect(base).await;
+    for i in 0..3 {
+        a.enqueue(crate::suite::envelope(&format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let lease_for = Duration::from_secs(30);
+    let mine = a.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(
+        b.lease(1, lease_for, crate::suite::at(0))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    a.release(mine[0].token, crate::suite::at(0)).await.unwrap();
+    let again = a.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id, mine[0].envelope.id);
+    // Asked for more than it holds: the fetch for the rest gets nothing in time.
+    a.release(again[0].token, crate::suite::at(0))
+        .await
+        .unwrap();
+    let more = a.lease(2, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = more.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![mine[0].envelope.id]);
+}
