@@ -743,6 +743,17 @@ impl Inner {
         envelope.not_before = not_before;
         let mut headers = headers(&envelope);
         headers.insert(H_NOT_BEFORE, ms_ceil(not_before).to_string().as_str());
+        // Stored only while the held copy is still the subject's last message: if it
+        // was redelivered and settled elsewhere (this process stalled past `ack_wait`)
+        // and a new message took the key, this lease is lost, and no second live
+        // message with the key is stored.
+        let seq = sequence(&h.msg);
+        if seq > 0 {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                seq.to_string().as_str(),
+            );
+        }
         let publish = Publish::build()
             .payload(Bytes::from(envelope.encode()))
             .headers(headers)
@@ -756,6 +767,9 @@ impl Inner {
             });
         let copied = self.publish(h.msg.subject.clone(), publish).await;
         if let Err(e) = copied {
+            if e.kind() == PublishErrorKind::WrongLastSequence {
+                return Err(QueueError::LeaseLost(token));
+            }
             if is_full(&e) {
                 // No room for the copy beside the original (a full queue is when retries
                 // pile up): keep holding the original instead, scheduled, this attempt

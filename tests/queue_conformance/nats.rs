@@ -444,3 +444,44 @@ async fn a_process_leases_what_it_holds_while_the_server_limit_is_full() {
     let ids: Vec<_> = more.iter().map(|l| l.envelope.id).collect();
     assert_eq!(ids, vec![mine[0].envelope.id]);
 }
+
+/// A process that stalled past `ack_wait` while holding a lease finds it lost when it
+/// calls `retry_later` after the redelivered copy was acked elsewhere and a new message
+/// took the key: its republish is refused, and the key still has one live message.
+#[test]
+fn retry_later_after_the_message_was_settled_elsewhere_is_lease_lost() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (stalled, free) = (runtime(), runtime());
+    let opts = options().with_ack_wait(Duration::from_secs(1));
+    let q = stalled.block_on(connect(opts.clone()));
+    let other = free.block_on(connect(opts));
+    let now = crate::suite::t0();
+    let leased = stalled.block_on(async {
+        q.enqueue(crate::suite::envelope("k")).await.unwrap();
+        q.lease(1, Duration::from_secs(60), now).await.unwrap()
+    });
+    assert_eq!(leased.len(), 1);
+    let newer = free.block_on(async {
+        // `ack_wait` passes with `q`'s keep-alive stalled: `other` gets the delivery.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let again = other.lease(1, Duration::from_secs(60), now).await.unwrap();
+        assert_eq!(again.len(), 1);
+        other.ack(&[again[0].token]).await.unwrap();
+        other.enqueue(crate::suite::envelope("k")).await.unwrap()
+    });
+    assert!(matches!(newer, Enqueued::Stored(_)), "{newer:?}");
+    let retried = stalled.block_on(q.retry_later(leased[0].token, crate::suite::at(60)));
+    assert!(
+        matches!(retried, Err(QueueError::LeaseLost(_))),
+        "{retried:?}"
+    );
+    free.block_on(async {
+        assert_eq!(other.depth().await.unwrap().pending, 1);
+        let _ = other.purge().await;
+    });
+}
