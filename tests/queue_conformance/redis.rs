@@ -297,8 +297,9 @@ async fn leftover_duplicate_entries_are_never_delivered() {
     );
 }
 
-/// An entry whose key nobody claims (its enqueue wrote the entry and died before its
-/// `HSETNX`) is claimed by `lease` and delivered; the key then de-duplicates as usual.
+/// An entry whose key nobody claims (written by hand, or by an older postbox whose
+/// enqueue could die between its `XADD` and `HSETNX`) is claimed by `lease` and
+/// delivered; the key then de-duplicates as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_whose_enqueue_died_before_claiming_its_key_is_delivered() {
     let (q, _purge) = make(options());
