@@ -1155,8 +1155,21 @@ fn as_i64(v: &AMQPValue) -> Option<i64> {
 /// I/O and connection or channel state errors are [`QueueError::Unavailable`]; a
 /// refusal by the broker (an AMQP error reply) is a backend error.
 fn classify(e: lapin::Error, what: &str) -> QueueError {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
     let msg = format!("amqp {what}: {e}");
     match e.kind() {
+        // The broker closing the connection as it shuts down or restarts (or an operator
+        // closing it), a queue that is gone (the next connection declares it again), an
+        // internal error: a later call may well succeed.
+        ErrorKind::ProtocolError(p)
+            if matches!(
+                p.kind(),
+                AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED | AMQPHardError::INTERNALERROR)
+                    | AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+            ) =>
+        {
+            QueueError::Unavailable(msg.into())
+        }
         ErrorKind::ProtocolError(_)
         | ErrorKind::ParsingError(_)
         | ErrorKind::SerialisationError(_)
@@ -1187,6 +1200,29 @@ fn ms_ceil(t: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broker_shutting_down_or_a_missing_queue_is_unavailable_a_refusal_is_a_backend_error() {
+        use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+        let protocol =
+            |kind| lapin::Error::from(ErrorKind::ProtocolError(AMQPError::new(kind, "x".into())));
+        for kind in [
+            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
+            AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR),
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+        ] {
+            let e = classify(protocol(kind.clone()), "call");
+            assert!(matches!(e, QueueError::Unavailable(_)), "{kind:?}: {e:?}");
+        }
+        for kind in [
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR),
+        ] {
+            let e = classify(protocol(kind.clone()), "call");
+            assert!(matches!(e, QueueError::Backend(_)), "{kind:?}: {e:?}");
+        }
+    }
 
     /// Needs RabbitMQ on 127.0.0.1:5672 (or `POSTBOX_AMQP_URL`); fails if it is down.
     #[tokio::test]
