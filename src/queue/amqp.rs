@@ -597,9 +597,9 @@ impl Inner {
                     Ok(Answer::Nacked) if self.capacity.is_some() => Err(QueueError::Full {
                         capacity: self.capacity.unwrap_or(0),
                     }),
-                    Ok(answer) => Err(QueueError::Backend(
-                        format!("amqp: {} {}", self.queue, answer.refusal()).into(),
-                    )),
+                    Ok(answer) => {
+                        Err(answer.error(format!("{}: {}", self.queue, answer.refusal())))
+                    }
                     Err(e) => Err(e),
                 }
             }
@@ -694,7 +694,7 @@ impl Inner {
                             self.dead_queue,
                             answer.refusal()
                         );
-                        return Err(self.give_back(epoch, &delivery.acker, what).await);
+                        return Err(self.give_back(epoch, &delivery.acker, answer, what).await);
                     }
                     self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
                         .await?;
@@ -803,7 +803,7 @@ impl Inner {
             .await?;
         if answer != Answer::Confirmed {
             let what = format!("{queue}: {}", answer.refusal());
-            return Err(self.give_back(epoch, &h.acker, what).await);
+            return Err(self.give_back(epoch, &h.acker, answer, what).await);
         }
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
             .await?;
@@ -813,11 +813,17 @@ impl Inner {
     /// After the publish that was to move a delivery was refused (`what`: where, and
     /// how): nacks the delivery back to its queue (delivered again, counted) so it is
     /// never left unacked on this channel, and returns the error to answer.
-    async fn give_back(&self, epoch: u64, acker: &lapin::acker::Acker, what: String) -> QueueError {
+    async fn give_back(
+        &self,
+        epoch: u64,
+        acker: &lapin::acker::Acker,
+        answer: Answer,
+        what: String,
+    ) -> QueueError {
         if let Err(e) = self.io(epoch, acker.nack(requeue())).await {
             return e;
         }
-        QueueError::Backend(format!("amqp: {what}").into())
+        answer.error(what)
     }
 
     /// Removes the delivery of `token` if its lease is current.
@@ -922,7 +928,7 @@ impl Inner {
             .await?;
         if answer != Answer::Confirmed {
             let what = format!("{}: {}", self.dead_queue, answer.refusal());
-            return Err(self.give_back(epoch, &h.acker, what).await);
+            return Err(self.give_back(epoch, &h.acker, answer, what).await);
         }
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
             .await?;
@@ -1080,7 +1086,6 @@ impl Queue for AmqpQueue {
 
 // === helpers ===
 
-/// A nack that returns the delivery to its queue.
 /// How the broker answered a publish with a confirm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answer {
@@ -1098,6 +1103,17 @@ impl Answer {
             Confirmation::Nack(_) => Answer::Nacked,
             Confirmation::Ack(Some(_)) => Answer::Returned,
             Confirmation::Ack(None) | Confirmation::NotRequested => Answer::Confirmed,
+        }
+    }
+
+    /// The error for a publish to `what` that was not confirmed: a returned one is
+    /// [`QueueError::Unavailable`], as the queue was declared again (see `publish`) and a
+    /// new try succeeds; a nacked one is [`QueueError::Backend`].
+    fn error(self, what: String) -> QueueError {
+        let msg = format!("amqp: {what}");
+        match self {
+            Answer::Returned => QueueError::Unavailable(msg.into()),
+            Answer::Confirmed | Answer::Nacked => QueueError::Backend(msg.into()),
         }
     }
 
@@ -1120,6 +1136,7 @@ fn mandatory() -> BasicPublishOptions {
     }
 }
 
+/// A nack that returns the delivery to its queue.
 fn requeue() -> BasicNackOptions {
     BasicNackOptions {
         requeue: true,

@@ -159,6 +159,8 @@ struct Inner {
     ack_wait: Duration,
     max_held: usize,
     request_timeout: Duration,
+    /// The server's `max_payload`, read once at connect (0: unknown).
+    max_payload: usize,
     held: Mutex<BTreeMap<MessageId, Held>>,
     /// Leases made so far: every lease's generation (taken under `held`), unique even
     /// when a released delivery's attempts repeat.
@@ -353,7 +355,9 @@ impl NatsQueue {
             )
             .await
             .map_err(|e| classify(e, "create consumer"))?;
+        let max_payload = js.client().server_info().max_payload;
         let inner = Arc::new(Inner {
+            max_payload,
             js,
             consumer,
             stream,
@@ -478,7 +482,7 @@ impl Inner {
     /// it, and the message would never be stored. `size` counts payload and headers;
     /// [`HEADROOM`] is kept for the headers a retry or a dead letter adds.
     fn fits(&self, size: usize) -> Result<(), QueueError> {
-        let max = self.js.client().server_info().max_payload;
+        let max = self.max_payload;
         if max > 0 && size + HEADROOM > max {
             return Err(QueueError::Backend(
                 format!(
@@ -720,8 +724,10 @@ impl Inner {
     /// server did not confirm: the call fails (`Unavailable`, say) and the caller may
     /// repeat it with the same token, instead of finding the lease lost and the message
     /// replayed once `ack_wait` passes. Repeating is safe: the copies a retry or a dead
-    /// letter publishes are de-duplicated by message id. A delivery fetched again
-    /// meanwhile is not replaced.
+    /// letter publishes are de-duplicated by message id, and an ack the server applied
+    /// after all is answered again. A caller that does not repeat before the lease ends
+    /// gets the message leased again (the replayer repeats every poll interval while the
+    /// lease lasts). A delivery fetched again meanwhile is not replaced.
     async fn put_back(&self, deliveries: Vec<Held>) {
         if deliveries.is_empty() {
             return;
@@ -995,7 +1001,6 @@ fn headers(e: &Envelope) -> HeaderMap {
     h
 }
 
-/// `s` if it can travel as a header value (printable ASCII).
 /// At least the size of the headers [`headers`] and `enqueue` give `e` (names, values
 /// and separators), without building them.
 fn header_room(e: &Envelope) -> usize {
@@ -1011,6 +1016,7 @@ fn cut(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// `s` if it can travel as a header value (printable ASCII).
 fn header_value(s: &str) -> Option<&str> {
     (!s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b))).then_some(s)
 }

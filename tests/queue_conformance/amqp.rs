@@ -321,7 +321,7 @@ async fn a_second_copy_of_a_held_message_is_dropped_not_redelivered() {
 /// broker instead of being confirmed and dropped: a dead letter or a retry through the
 /// delay queue is an error that gives the delivery back to its queue (it is leased
 /// again, not lost), and an enqueue is an error, not a receipt. The queue is declared
-/// again, so the next try succeeds.
+/// again, so the error is `Unavailable` and the next try succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_to_a_deleted_queue_is_an_error_and_loses_nothing() {
     let (q, _purge) = make(options());
@@ -339,21 +339,21 @@ async fn a_publish_to_a_deleted_queue_is_an_error_and_loses_nothing() {
     };
     let refused = q.retry_later(lease().await, crate::suite::at(3600)).await;
     assert!(
-        matches!(refused, Err(QueueError::Backend(_))),
+        matches!(refused, Err(QueueError::Unavailable(_))),
         "{refused:?}"
     );
     // Declared again (all three queues) after the refusal.
     ch.queue_delete(dead, Default::default()).await.unwrap();
     let refused = q.dead_letter(lease().await, "bad").await;
     assert!(
-        matches!(refused, Err(QueueError::Backend(_))),
+        matches!(refused, Err(QueueError::Unavailable(_))),
         "{refused:?}"
     );
     q.dead_letter(lease().await, "bad").await.unwrap();
     assert_eq!(q.depth().await.unwrap().dead, 1);
     ch.queue_delete(main, Default::default()).await.unwrap();
     let lost = q.enqueue(crate::suite::envelope("lost")).await;
-    assert!(matches!(lost, Err(QueueError::Backend(_))), "{lost:?}");
+    assert!(matches!(lost, Err(QueueError::Unavailable(_))), "{lost:?}");
     let stored = q.enqueue(crate::suite::envelope("lost")).await.unwrap();
     assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
 }

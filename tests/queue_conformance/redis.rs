@@ -665,6 +665,13 @@ async fn a_retried_enqueue_of_a_finished_message_does_not_keep_its_key() {
     let leased = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
     let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
     assert_eq!(ids, vec![other.id(), y1.id()], "an acked message came back");
+    let claim: Option<String> = redis::cmd("HGET")
+        .arg(&q.keys()[5])
+        .arg("k2")
+        .query_async(&mut q.connection())
+        .await
+        .unwrap();
+    assert_eq!(claim, None, "the finished message's key is still claimed");
     // Leave an unread entry, so the key is judged by the bookkeeping alone.
     let _ = q.enqueue(crate::suite::envelope("unread")).await.unwrap();
     let y2 = q.enqueue(crate::suite::envelope("k2")).await.unwrap();
@@ -713,4 +720,21 @@ async fn a_consumer_group_reset_by_hand_loses_no_message() {
     assert_eq!(ids, vec![a]);
     q.ack(&[again[0].token]).await.unwrap();
     assert_eq!(stream_len(&q).await, 0);
+}
+
+/// A not-before far in the future (as a huge `Retry-After` gives) is a valid entry: it
+/// waits, it is not dead-lettered as a malformed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_future_not_before_waits_and_is_not_dead_lettered() {
+    let (q, _purge) = make(options());
+    let mut e = crate::suite::envelope("far");
+    e.not_before = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(10u64.pow(15));
+    q.enqueue(e).await.unwrap();
+    let leased = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert!(leased.is_empty());
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.dead), (1, 0));
 }

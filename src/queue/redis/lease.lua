@@ -38,7 +38,7 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
     -- halfway, after XREADGROUP moved past the rest of the batch.
     local bad = nil
     if not id or not string.match(id, UUID) then bad = 'no message id'
-    elseif not string.match(due, '^%d+$') or #due > 15 then bad = 'bad not_before_ms'
+    elseif not string.match(due, '^%d+$') or #due > 20 then bad = 'bad not_before_ms'
     elseif not string.match(base, '^%d+$') or #base > 10 or tonumber(base) >= 4294967296 then
       bad = 'bad attempts'
     end
@@ -46,9 +46,9 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
     due = tonumber(due)
     -- An entry whose key belongs to another id is a duplicate's (an orphan, see `add`
     -- in src/queue/redis.rs), as is a second entry with the id of a live message or of
-    -- one already finished (see `bury`): delete them all. A key nobody claims yet is
-    -- claimed for this entry (its enqueue wrote the entry and has not yet claimed the
-    -- key, or died before it could).
+    -- one already finished (see `bury`): delete them all. A key nobody claims is
+    -- claimed for this entry (written by hand, or by an older postbox whose enqueue
+    -- could die between its `XADD` and `HSETNX`).
     last = e[1]
     local finished = id and redis.call('ZSCORE', done, id)
     local owner = false
@@ -81,14 +81,18 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
     elseif bad then
       -- Not written by postbox (no message id, or fields it never writes): into the
       -- dead-letter stream as it is, so it neither stays counted as pending nor is lost.
-      local d = {unpack(e[2])}
+      -- One with too many fields to pass on in one call stays in the stream (acked,
+      -- still counted), named by its entry id in the dead letter.
+      local whole = #e[2] <= 7000
+      local d = {'entry', e[1]}
+      if whole then d = {unpack(e[2])} end
       d[#d + 1] = 'reason'
       d[#d + 1] = 'not a postbox entry: ' .. bad
       d[#d + 1] = 'dead_at_ms'
       d[#d + 1] = ARGV[3]
       redis.call('XADD', dead, '*', unpack(d))
       redis.call('XACK', stream, group, e[1])
-      redis.call('XDEL', stream, e[1])
+      if whole then redis.call('XDEL', stream, e[1]) end
       foreign = foreign + 1
     end
   end
