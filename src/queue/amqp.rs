@@ -43,7 +43,9 @@
 //! its channel. Deadlines and not-before are judged against the `now` passed to
 //! [`lease`](Queue::lease). If the connection or the process dies, RabbitMQ requeues
 //! every unacked delivery at once and the next `lease` gets them again (their attempts
-//! count that: quorum queues add `x-delivery-count`); the old tokens are then
+//! count that: quorum queues add `x-delivery-count`, less the deliveries this process
+//! knows it held without a lease in progress when its connection dropped); the old
+//! tokens are then
 //! [`QueueError::LeaseLost`]. RabbitMQ closes a channel that holds a delivery longer than
 //! its `consumer_timeout` (default 30 min): keep leases, and the hold limit, below it.
 //!
@@ -189,7 +191,16 @@ struct State {
     /// Leases made so far: every lease's generation, unique even when a released
     /// delivery's attempts repeat.
     leases: u64,
+    /// Deliveries this process held without a lease in progress (not yet due, or
+    /// released) when their channel died: the broker counts them in `x-delivery-count`
+    /// when it delivers the message again, but they were no attempt. Taken off then.
+    uncounted: HashMap<MessageId, u32>,
 }
+
+/// At most this many ids are remembered in [`State::uncounted`] (more only if the
+/// connection keeps dying with that many deliveries held): beyond it, the memory is
+/// dropped and a redelivery counts as an attempt, as it would after a crash.
+const UNCOUNTED_MAX: usize = 65_536;
 
 struct Held {
     acker: lapin::acker::Acker,
@@ -706,11 +717,13 @@ impl Inner {
             if let Some(a) = int(H_ATTEMPTS) {
                 envelope.attempts = u32::try_from(a).unwrap_or(envelope.attempts);
             }
-            // Earlier deliveries of this copy were held by a channel that died.
-            let redelivered = int("x-delivery-count").unwrap_or(0);
+            // Earlier deliveries of this copy were held by a channel that died: each was
+            // an attempt, unless this process knows it was not leased then.
+            let redelivered = u32::try_from(int("x-delivery-count").unwrap_or(0)).unwrap_or(0);
+            let uncounted = st.uncounted.remove(&envelope.id).unwrap_or(0);
             envelope.attempts = envelope
                 .attempts
-                .saturating_add(u32::try_from(redelivered).unwrap_or(0));
+                .saturating_add(redelivered.saturating_sub(uncounted));
             if let Some(nb) = int(H_NOT_BEFORE)
                 && ms_ceil(envelope.not_before) != nb
             {
@@ -850,7 +863,14 @@ impl Inner {
     /// than the state's (it was replaced while the caller waited) must not reset it.
     fn follow(st: &mut State, epoch: u64) -> Result<(), QueueError> {
         if st.epoch < epoch {
-            st.held.clear();
+            if st.uncounted.len() > UNCOUNTED_MAX {
+                st.uncounted.clear();
+            }
+            for (id, h) in std::mem::take(&mut st.held) {
+                if matches!(h.state, HeldState::Scheduled(_)) {
+                    *st.uncounted.entry(id).or_default() += 1;
+                }
+            }
             st.epoch = epoch;
         } else if st.epoch > epoch {
             return Err(QueueError::Unavailable(

@@ -357,3 +357,40 @@ async fn a_publish_to_a_deleted_queue_is_an_error_and_loses_nothing() {
     let stored = q.enqueue(crate::suite::envelope("lost")).await.unwrap();
     assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
 }
+
+/// Deliveries held without a lease in progress when the connection dropped (one not yet
+/// due, one released) come back uncounted: the broker's `x-delivery-count` counts their
+/// earlier delivery, but it was no attempt. One leased when the connection dropped
+/// counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_held_without_a_lease_come_back_uncounted_after_a_reconnect() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy));
+    let lease_for = Duration::from_secs(30);
+    let mut later = crate::suite::envelope("later");
+    later.not_before = crate::suite::at(60);
+    q.enqueue(later).await.unwrap();
+    q.enqueue(crate::suite::envelope("released")).await.unwrap();
+    q.enqueue(crate::suite::envelope("leased")).await.unwrap();
+    // All three fetched; "later" is held, not due yet.
+    let leased = q.lease(3, lease_for, crate::suite::at(0)).await.unwrap();
+    let keys: Vec<_> = leased
+        .iter()
+        .map(|l| l.envelope.idempotency_key.as_str())
+        .collect();
+    assert_eq!(keys, ["released", "leased"]);
+    q.release(leased[0].token, crate::suite::at(0))
+        .await
+        .unwrap();
+    proxy.cut();
+    let again = retry!(q.lease(10, lease_for, crate::suite::at(60)).await);
+    let attempts: Vec<_> = again
+        .iter()
+        .map(|l| (l.envelope.idempotency_key.as_str(), l.envelope.attempts))
+        .collect();
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    for (key, n) in attempts {
+        let expected = if key == "leased" { 2 } else { 1 };
+        assert_eq!(n, expected, "{key}");
+    }
+}
