@@ -83,11 +83,14 @@ use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
 use async_nats::HeaderMap;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::{Context, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{
+    self, ConsumerErrorKind, DiscardPolicy, RetentionPolicy, StorageType,
+};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::BTreeMap;
@@ -150,7 +153,10 @@ pub struct NatsQueue {
 
 struct Inner {
     js: Context,
-    consumer: PullConsumer,
+    /// Replaced when it was found deleted (see [`Inner::declare_again`]).
+    consumer: std::sync::Mutex<PullConsumer>,
+    /// What the streams and the consumer were declared with.
+    options: NatsOptions,
     stream: String,
     dead_stream: String,
     subject_prefix: String,
@@ -303,63 +309,13 @@ impl NatsQueue {
         let dead_stream = format!("POSTBOX_{name}_DEAD");
         let subject_prefix = format!("postbox.{name}.k.");
         let dead_subject = format!("postbox.{name}.dead");
-        let capacity = options.capacity.and_then(|c| i64::try_from(c).ok());
-        if let (Some(cap), Ok(mut existing)) = (options.capacity, js.get_stream(&stream).await) {
-            // The server applies a lower `max_msgs` by deleting the oldest messages, even
-            // with `discard: new`: never ask it to.
-            let held = existing.info().await.map_or(0, |i| i.state.messages);
-            if held > cap {
-                return Err(QueueError::Backend(
-                    format!(
-                        "nats queue {name}: capacity {cap} is below the {held} messages it \
-                         holds (the server would delete the oldest to fit); drain it first \
-                         or keep a capacity of at least {held}"
-                    )
-                    .into(),
-                ));
-            }
-        }
-        js.create_or_update_stream(stream::Config {
-            name: stream.clone(),
-            subjects: vec![format!("{subject_prefix}*")],
-            retention: RetentionPolicy::WorkQueue,
-            storage: StorageType::File,
-            duplicate_window: options.duplicate_window,
-            max_messages: capacity.unwrap_or(-1),
-            discard: DiscardPolicy::New,
-            allow_direct: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| classify(e, "create stream"))?;
-        js.create_or_update_stream(stream::Config {
-            name: dead_stream.clone(),
-            subjects: vec![dead_subject.clone()],
-            storage: StorageType::File,
-            allow_direct: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| classify(e, "create dead-letter stream"))?;
-        let consumer: PullConsumer = js
-            .create_consumer_on_stream(
-                pull::Config {
-                    durable_name: Some(CONSUMER.into()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: options.ack_wait,
-                    max_deliver: -1,
-                    max_ack_pending: i64::try_from(options.max_held).unwrap_or(i64::MAX),
-                    ..Default::default()
-                },
-                stream.as_str(),
-            )
-            .await
-            .map_err(|e| classify(e, "create consumer"))?;
+        let consumer = declare(&js, &options).await?;
         let max_payload = js.client().server_info().max_payload;
         let inner = Arc::new(Inner {
             max_payload,
             js,
-            consumer,
+            consumer: std::sync::Mutex::new(consumer),
+            options: options.clone(),
             stream,
             dead_stream,
             subject_prefix,
@@ -437,6 +393,7 @@ impl Inner {
             }
             Publish::build().payload(payload.clone()).headers(h)
         };
+        let mut last = None;
         for _ in 0..3 {
             let result = self.publish(subject.clone(), publish()).await;
             match result {
@@ -469,12 +426,20 @@ impl Inner {
                         capacity: self.capacity.unwrap_or(0),
                     });
                 }
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                    // Deleted by hand: declared again, then published once more.
+                    self.declare_again(false).await;
+                    last = Some(e);
+                }
                 Err(e) => return Err(classify(e, "publish")),
             }
         }
-        Err(QueueError::Backend(
-            format!("subject {subject} kept changing while enqueueing").into(),
-        ))
+        match last {
+            Some(e) => Err(classify(e, "publish")),
+            None => Err(QueueError::Backend(
+                format!("subject {subject} kept changing while enqueueing").into(),
+            )),
+        }
     }
 
     /// Refuses a message the server would not take: one larger than its `max_payload`
@@ -493,6 +458,46 @@ impl Inner {
             ));
         }
         Ok(())
+    }
+
+    /// Declares the streams and the consumer again (deleted by hand, say), so the next
+    /// call works. With `check`, only if the consumer or its stream is found missing
+    /// (after a failed fetch, which a server that is down fails too).
+    async fn declare_again(&self, check: bool) {
+        if check {
+            let found = self
+                .js
+                .get_consumer_from_stream::<pull::Config, _, _>(CONSUMER, &self.stream)
+                .await;
+            let missing = match &found {
+                Err(e) => matches!(e.kind(), ConsumerErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+                        || j.error_code() == ErrorCode::STREAM_NOT_FOUND),
+                Ok(_) => false,
+            };
+            if !missing {
+                return;
+            }
+        }
+        match declare(&self.js, &self.options).await {
+            Ok(consumer) => {
+                tracing::warn!(stream = %self.stream, "postbox: nats streams or consumer were missing; declared again");
+                *self.consumer.lock().unwrap_or_else(|e| e.into_inner()) = consumer;
+            }
+            Err(e) => {
+                tracing::warn!(stream = %self.stream, error = %e, "postbox: could not declare the nats streams and consumer again");
+            }
+        }
+    }
+
+    /// The error for a failed publish of a leased message: one to a stream that is gone
+    /// declares the streams again and is [`QueueError::Unavailable`], as a new try works.
+    async fn publish_failed(&self, e: PublishError, what: &str) -> QueueError {
+        if e.kind() == PublishErrorKind::StreamNotFound {
+            self.declare_again(false).await;
+            return QueueError::Unavailable(format!("nats {what}: {e}; declared again").into());
+        }
+        classify(e, what)
     }
 
     /// Publishes and waits for the stream's ack.
@@ -514,8 +519,12 @@ impl Inner {
         if n == 0 {
             return Ok(());
         }
-        let mut batch = self
+        let consumer = self
             .consumer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut batch = consumer
             .fetch()
             .max_messages(n)
             .messages()
@@ -641,6 +650,7 @@ impl Inner {
         if due < max
             && let Err(e) = self.fetch(&mut held, max - due).await
         {
+            self.declare_again(true).await;
             if !held.values().any(|h| h.state.due(now)) {
                 return Err(e);
             }
@@ -787,7 +797,7 @@ impl Inner {
                 return Ok(());
             }
             held.insert(token.id, h); // still leased: the caller may try again
-            return Err(classify(e, "republish for retry"));
+            return Err(self.publish_failed(e, "republish for retry").await);
         }
         drop(held);
         // If this ack is lost the original comes back too: at least once, as always.
@@ -827,7 +837,7 @@ impl Inner {
         let published = self.publish(self.dead_subject.clone(), publish).await;
         if let Err(e) = published {
             held.insert(token.id, h);
-            return Err(classify(e, "publish dead letter"));
+            return Err(self.publish_failed(e, "publish dead letter").await);
         }
         drop(held);
         if let Err(e) = h.msg.double_ack_with(AckKind::Term).await {
@@ -901,6 +911,64 @@ impl Inner {
 /// Every `ack_wait / 3`, tells the server this process still works on each delivery it
 /// holds that it has not touched for `ack_wait / 2`, so the server delivers it again only
 /// once the process is gone. Ends when the last [`NatsQueue`] clone is dropped.
+/// Creates (or updates) the work and dead-letter streams and the durable consumer of
+/// the queue `options` names: at connect, and again when a call finds one deleted.
+async fn declare(js: &Context, options: &NatsOptions) -> Result<PullConsumer, QueueError> {
+    let name = &options.name;
+    let stream = format!("POSTBOX_{name}");
+    let capacity = options.capacity.and_then(|c| i64::try_from(c).ok());
+    if let (Some(cap), Ok(mut existing)) = (options.capacity, js.get_stream(&stream).await) {
+        // The server applies a lower `max_msgs` by deleting the oldest messages, even
+        // with `discard: new`: never ask it to.
+        let held = existing.info().await.map_or(0, |i| i.state.messages);
+        if held > cap {
+            return Err(QueueError::Backend(
+                format!(
+                    "nats queue {name}: capacity {cap} is below the {held} messages it \
+                     holds (the server would delete the oldest to fit); drain it first \
+                     or keep a capacity of at least {held}"
+                )
+                .into(),
+            ));
+        }
+    }
+    js.create_or_update_stream(stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("postbox.{name}.k.*")],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        duplicate_window: options.duplicate_window,
+        max_messages: capacity.unwrap_or(-1),
+        discard: DiscardPolicy::New,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| classify(e, "create stream"))?;
+    js.create_or_update_stream(stream::Config {
+        name: format!("POSTBOX_{name}_DEAD"),
+        subjects: vec![format!("postbox.{name}.dead")],
+        storage: StorageType::File,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| classify(e, "create dead-letter stream"))?;
+    js.create_consumer_on_stream(
+        pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: i64::try_from(options.max_held).unwrap_or(i64::MAX),
+            ..Default::default()
+        },
+        stream.as_str(),
+    )
+    .await
+    .map_err(|e| classify(e, "create consumer"))
+}
+
 async fn keep_held_alive(inner: std::sync::Weak<Inner>, ack_wait: Duration) {
     let mut tick = tokio::time::interval((ack_wait / 3).max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

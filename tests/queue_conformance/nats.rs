@@ -485,3 +485,31 @@ fn retry_later_after_the_message_was_settled_elsewhere_is_lease_lost() {
         let _ = other.purge().await;
     });
 }
+
+/// The consumer, the dead-letter stream or the work stream deleted by hand is declared
+/// again by the next call that finds it missing (that call may fail as `Unavailable`):
+/// leasing, dead-lettering and enqueueing go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_or_stream_deleted_by_hand_is_declared_again() {
+    let (q, _purge) = make(options().with_request_timeout(Duration::from_millis(500)));
+    let lease_for = Duration::from_secs(30);
+    let a = q.enqueue(crate::suite::envelope("a")).await.unwrap().id();
+    let js = q.jetstream().clone();
+    let (work, dead) = q.streams();
+    let (work, dead) = (work.to_owned(), dead.to_owned());
+    js.delete_consumer_from_stream("postbox", &work)
+        .await
+        .unwrap();
+    let leased = retry!(q.lease(10, lease_for, crate::suite::at(0)).await);
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![a]);
+    js.delete_stream(&dead).await.unwrap();
+    retry!(q.dead_letter(leased[0].token, "bad").await);
+    assert_eq!(q.depth().await.unwrap().dead, 1);
+    js.delete_stream(&work).await.unwrap();
+    let b = q.enqueue(crate::suite::envelope("b")).await.unwrap();
+    assert!(matches!(b, Enqueued::Stored(_)), "{b:?}");
+    let leased = retry!(q.lease(10, lease_for, crate::suite::at(0)).await);
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![b.id()]);
+}
