@@ -184,44 +184,71 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() 
     .await;
 }
 
-/// When the server delivers again a message this process still holds (its keep-alive
-/// was stalled past `ack_wait`), the process keeps its lease: the message is not leased
-/// a second time, and the first lease's token acks it.
-#[test]
-fn a_delivery_redelivered_while_held_keeps_its_lease() {
-    /// Deletes the streams when the test ends (no runtime is current here).
-    struct PurgeOn<'r>(&'r tokio::runtime::Runtime, NatsQueue);
-    impl Drop for PurgeOn<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.block_on(self.1.purge());
-        }
+/// Two queues on one name with a 1 s `ack_wait`, and one message (key `key`) that `q`
+/// enqueued and leased (`leased`). `q` lives on a runtime that runs only while the test
+/// drives it, so its keep-alive task can be stalled; `other`, for checking, on its own.
+/// The streams are deleted when it is dropped.
+struct Stalled {
+    stalled: tokio::runtime::Runtime,
+    free: tokio::runtime::Runtime,
+    q: NatsQueue,
+    other: NatsQueue,
+    leased: postbox::queue::Leased,
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        let _ = self.free.block_on(self.other.purge());
     }
+}
+
+fn stalled_lease(key: &str) -> Stalled {
     let runtime = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
     };
-    // The queue under test lives on a runtime that runs only while the test drives it,
-    // so its keep-alive task can be stalled; the other queue, for checking, on its own.
     let (stalled, free) = (runtime(), runtime());
     let opts = options().with_ack_wait(Duration::from_secs(1));
     let q = stalled.block_on(connect(opts.clone()));
     let other = free.block_on(connect(opts));
-    let _purge = PurgeOn(&free, other.clone());
-    let now = crate::suite::t0();
-    let leased = stalled.block_on(async {
-        q.enqueue(crate::suite::envelope("held")).await.unwrap();
-        q.lease(1, Duration::from_secs(60), now).await.unwrap()
+    let mut leased = stalled.block_on(async {
+        q.enqueue(crate::suite::envelope(key)).await.unwrap();
+        q.lease(1, Duration::from_secs(60), crate::suite::t0())
+            .await
+            .unwrap()
     });
     assert_eq!(leased.len(), 1);
+    Stalled {
+        stalled,
+        free,
+        q,
+        other,
+        leased: leased.remove(0),
+    }
+}
+
+/// When the server delivers again a message this process still holds (its keep-alive
+/// was stalled past `ack_wait`), the process keeps its lease: the message is not leased
+/// a second time, and the first lease's token acks it.
+#[test]
+fn a_delivery_redelivered_while_held_keeps_its_lease() {
+    let Stalled {
+        stalled,
+        free,
+        q,
+        other,
+        leased,
+    } = &stalled_lease("held");
+    let now = crate::suite::t0();
     // Real time, with `q`'s runtime not running: `ack_wait` passes on the server's clock
     // with no keep-alive, so the server makes the delivery available again.
     free.block_on(async { tokio::time::sleep(Duration::from_millis(2500)).await });
     stalled.block_on(async {
         let again = q.lease(10, Duration::from_secs(60), now).await.unwrap();
         assert!(again.is_empty(), "leased twice: {again:?}");
-        q.ack(&[leased[0].token]).await.unwrap();
+        q.ack(&[leased.token]).await.unwrap();
         assert_eq!(q.depth().await.unwrap().pending, 0);
     });
     free.block_on(async {
@@ -450,22 +477,14 @@ async fn a_process_leases_what_it_holds_while_the_server_limit_is_full() {
 /// took the key: its republish is refused, and the key still has one live message.
 #[test]
 fn retry_later_after_the_message_was_settled_elsewhere_is_lease_lost() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    let (stalled, free) = (runtime(), runtime());
-    let opts = options().with_ack_wait(Duration::from_secs(1));
-    let q = stalled.block_on(connect(opts.clone()));
-    let other = free.block_on(connect(opts));
+    let Stalled {
+        stalled,
+        free,
+        q,
+        other,
+        leased,
+    } = &stalled_lease("k");
     let now = crate::suite::t0();
-    let leased = stalled.block_on(async {
-        q.enqueue(crate::suite::envelope("k")).await.unwrap();
-        q.lease(1, Duration::from_secs(60), now).await.unwrap()
-    });
-    assert_eq!(leased.len(), 1);
     let newer = free.block_on(async {
         // `ack_wait` passes with `q`'s keep-alive stalled: `other` gets the delivery.
         tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -475,14 +494,13 @@ fn retry_later_after_the_message_was_settled_elsewhere_is_lease_lost() {
         other.enqueue(crate::suite::envelope("k")).await.unwrap()
     });
     assert!(matches!(newer, Enqueued::Stored(_)), "{newer:?}");
-    let retried = stalled.block_on(q.retry_later(leased[0].token, crate::suite::at(60)));
+    let retried = stalled.block_on(q.retry_later(leased.token, crate::suite::at(60)));
     assert!(
         matches!(retried, Err(QueueError::LeaseLost(_))),
         "{retried:?}"
     );
     free.block_on(async {
         assert_eq!(other.depth().await.unwrap().pending, 1);
-        let _ = other.purge().await;
     });
 }
 

@@ -481,16 +481,21 @@ async fn an_undecodable_entry_is_dead_lettered_and_the_batch_goes_on() {
 /// Stream entries as `XRANGE` returns them: (entry id, field/value pairs).
 type Entries<V> = Vec<(String, Vec<(String, V)>)>;
 
-/// Deletes the stream entry of message `id` by hand, as an operator's `XDEL` or `XTRIM`
-/// would.
-async fn delete_by_hand(q: &RedisQueue, id: postbox::queue::MessageId) {
-    let entries: Entries<Vec<u8>> = redis::cmd("XRANGE")
-        .arg(&q.keys()[0])
+/// Every entry of the stream `key`.
+async fn xrange(q: &RedisQueue, key: &str) -> Entries<Vec<u8>> {
+    redis::cmd("XRANGE")
+        .arg(key)
         .arg("-")
         .arg("+")
         .query_async(&mut q.connection())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Deletes the stream entry of message `id` by hand, as an operator's `XDEL` or `XTRIM`
+/// would.
+async fn delete_by_hand(q: &RedisQueue, id: postbox::queue::MessageId) {
+    let entries = xrange(q, &q.keys()[0]).await;
     let id = id.to_string();
     let (eid, _) = entries
         .iter()
@@ -608,13 +613,7 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
     assert_eq!(ids, vec![good]);
     let depth = q.depth().await.unwrap();
     assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 4));
-    let dead: Entries<Vec<u8>> = redis::cmd("XRANGE")
-        .arg(&q.keys()[1])
-        .arg("-")
-        .arg("+")
-        .query_async(&mut q.connection())
-        .await
-        .unwrap();
+    let dead = xrange(&q, &q.keys()[1]).await;
     assert_eq!(dead[0].1[0], ("note".into(), b"hello".to_vec()));
     let reasons: Vec<_> = dead
         .iter()
