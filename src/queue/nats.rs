@@ -465,6 +465,11 @@ impl Inner {
     /// (after a failed fetch, which a server that is down fails too).
     async fn declare_again(&self, check: bool) {
         if check {
+            // A server that is down fails the fetch too: nothing to look up then.
+            let state = self.js.client().connection_state();
+            if state != async_nats::connection::State::Connected {
+                return;
+            }
             let found = self
                 .js
                 .get_consumer_from_stream::<pull::Config, _, _>(CONSUMER, &self.stream)
