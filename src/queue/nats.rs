@@ -421,7 +421,9 @@ impl Inner {
                         Err(e) => return Err(classify(e, "look up duplicate")),
                     }
                 }
-                Err(e) if is_full(&e) => {
+                // Ours only with a capacity; otherwise a limit set on the stream by hand
+                // (`max_bytes`, say), a backend error.
+                Err(e) if is_full(&e) && self.capacity.is_some() => {
                     return Err(QueueError::Full {
                         capacity: self.capacity.unwrap_or(0),
                     });
