@@ -53,7 +53,11 @@ impl<Q, C> Shared<Q, C> {
 
     /// The idempotency key to use: the request's own, or a fresh one.
     pub(crate) fn key_or_new(existing: Option<String>) -> String {
-        existing.unwrap_or_else(new_idempotency_key)
+        // An empty key is no key: the server's `Idempotency` layer ignores it, and a
+        // replay carrying it could apply the effect twice.
+        existing
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(new_idempotency_key)
     }
 }
 

@@ -485,6 +485,23 @@ async fn idempotency_key_is_sent_on_the_original_attempt() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_empty_idempotency_key_is_replaced_by_a_generated_one() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc =
+        EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(|| Ok(respond(503, "down"))));
+    let mut req = post("http://api.test/orders", "{}");
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, "".parse().unwrap());
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let sent = dep.keys()[0].clone().expect("a key on the first attempt");
+    assert!(!sent.is_empty(), "the empty key was sent");
+    assert_eq!(res.headers()[IDEMPOTENCY_KEY_HEADER], sent.as_str());
+    assert_eq!(queue.get(receipt_id(&res)).unwrap().idempotency_key, sent);
+}
+
 // === typed flavour ===
 
 #[derive(Debug, Clone, PartialEq)]
