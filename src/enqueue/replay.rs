@@ -594,6 +594,7 @@ impl Settle {
 struct Settled {
     token: LeaseToken,
     attempts: u32,
+    expires_at: Option<std::time::SystemTime>,
     verdict: Verdict,
 }
 
@@ -757,12 +758,13 @@ where
         tracing::debug!(id = %token.id, attempt = envelope.attempts, "replaying");
         let svc = self.service.clone();
         let judge = self.judge.clone();
-        let attempts = envelope.attempts;
+        let (attempts, expires_at) = (envelope.attempts, envelope.expires_at);
         let handle = self.tasks.spawn(async move {
             let verdict = replay_one(svc, req, judge).await;
             Settled {
                 token,
                 attempts,
+                expires_at,
                 verdict,
             }
         });
@@ -773,6 +775,7 @@ where
         let Settled {
             token,
             attempts,
+            expires_at,
             verdict,
         } = match joined {
             Ok((id, settled)) => {
@@ -800,13 +803,24 @@ where
                 }
                 let backoff = self.config.backoff(attempts, &mut self.rng);
                 let delay = backoff.max(after.unwrap_or_default());
+                if expires_at
+                    .is_some_and(|at| crate::queue::saturating_add(wall_now(), delay) >= at)
+                {
+                    // Never tried again: dead now, not after waiting out the delay.
+                    let reason = format!("expires before its next try (in {delay:?}): {reason}");
+                    self.dead_letter(token, &reason).await;
+                    return;
+                }
                 tracing::debug!(id = %token.id, ?delay, %reason, "replay failed; retrying later");
                 self.retry_later(token, delay, true).await;
             }
             Verdict::CircuitOpen { retry_after } => {
                 // A zero hint means "half-open, probes busy": still back off a little, so
                 // a busy half-open breaker does not burn attempts in a tight loop.
-                let pause = retry_after.max(self.config.backoff_base);
+                // (At least a poll interval, also with a zero backoff base: no hot loop.)
+                let pause = retry_after
+                    .max(self.config.backoff_base)
+                    .max(self.config.poll_interval);
                 // `retry_after` may come from the dependency: never overflow.
                 let now = Instant::now();
                 let until = now.checked_add(pause).unwrap_or_else(|| now + FAR_FUTURE);

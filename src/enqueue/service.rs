@@ -79,12 +79,33 @@ impl<Q: Queue, C> Shared<Q, C> {
             captured,
             created_at,
         } = capture;
+        let expires_at = self
+            .config
+            .ttl
+            .map(|ttl| crate::queue::saturating_add(created_at, ttl));
+        if let Some(at) = expires_at.filter(|&at| not_before >= at) {
+            // A receipt would promise a delivery that can never happen: the message
+            // would expire before its first try.
+            let wait = not_before.duration_since(now).unwrap_or_default();
+            let ttl = at.duration_since(created_at).unwrap_or_default();
+            let why = format!(
+                "not enqueued: the dependency asked to wait {wait:?}, longer than the \
+                 message may live (ttl {ttl:?}); it could never be delivered"
+            );
+            return Pending {
+                store: Box::pin(async move { Err(QueueError::Backend(why.into())) }),
+                key,
+                trigger,
+                not_before,
+                original: Some(original),
+            };
+        }
         let envelope = Envelope {
             id: new_message_id(),
             idempotency_key: key.clone(),
             created_at,
             not_before,
-            expires_at: self.config.ttl.map(|ttl| created_at + ttl),
+            expires_at,
             attempts: 0,
             destination: captured.destination,
             method: captured.method,

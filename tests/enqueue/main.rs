@@ -183,19 +183,51 @@ async fn overload_with_retry_after_enqueues_not_before_the_hint() {
 
 /// A dependency's `Retry-After` too large for the clock (near `u64::MAX` seconds) is
 /// stored as a far-future not-before: no overflow panic on the caller's path.
+/// A dependency's 429 whose Retry-After is past the message's expiry is not deferred:
+/// a receipt would promise a delivery that can never happen. The caller gets the error,
+/// with the original failure as its source.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_past_the_expiry_is_not_deferred() {
+    for retry_after in [(48 * 3600).to_string(), u64::MAX.to_string()] {
+        let queue = Arc::new(MemoryQueue::new());
+        let (out, _) = defer_with(&queue, move || {
+            let mut res = respond(429, "slow down");
+            res.headers_mut()
+                .insert(http::header::RETRY_AFTER, retry_after.parse().unwrap());
+            Ok(res)
+        })
+        .await;
+        let err = out.unwrap_err();
+        let not = err.downcast_ref::<NotEnqueued>().expect("NotEnqueued");
+        assert!(
+            not.queue_error().to_string().contains("never be delivered"),
+            "{err}"
+        );
+        assert!(not.original().to_string().contains("429"), "{err}");
+        assert_eq!(depth(&queue).await, Depth::default());
+    }
+}
+
+/// Without an expiry, a Retry-After of any size is stored far in the future, without
+/// panicking on overflow.
 #[tokio::test(start_paused = true)]
 async fn an_overflowing_retry_after_enqueues_far_in_the_future_without_panicking() {
     let queue = Arc::new(MemoryQueue::new());
-    let (out, _) = defer_with(&queue, || {
-        let mut res = respond(429, "slow down");
-        res.headers_mut().insert(
-            http::header::RETRY_AFTER,
-            u64::MAX.to_string().parse().unwrap(),
-        );
-        Ok(res)
-    })
-    .await;
-    let res = out.unwrap();
+    let dep = Dependency::default();
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), EnqueueConfig::new().no_expiry())
+        .unwrap()
+        .layer(dep.service(|| {
+            let mut res = respond(429, "slow down");
+            res.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                u64::MAX.to_string().parse().unwrap(),
+            );
+            Ok(res)
+        }));
+    let res = svc
+        .oneshot(post("http://api.test/orders", "{}"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let env = queue.get(receipt_id(&res)).unwrap();
     let wait = env.not_before.duration_since(env.created_at).unwrap();
@@ -203,6 +235,23 @@ async fn an_overflowing_retry_after_enqueues_far_in_the_future_without_panicking
         wait > Duration::from_secs(100 * 365 * 24 * 3600),
         "{wait:?}"
     );
+}
+
+/// A ttl too large for the clock saturates instead of panicking.
+#[tokio::test(start_paused = true)]
+async fn a_huge_ttl_does_not_panic() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let config = EnqueueConfig::new().ttl(Duration::MAX);
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(dep.service(|| Ok(respond(503, "down"))));
+    let res = svc
+        .oneshot(post("http://api.test/orders", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert!(queue.get(receipt_id(&res)).unwrap().expires_at.is_some());
 }
 
 /// Retries `n` times on a 5xx or an error (a stand-in for postbox's retry layer).
@@ -1055,6 +1104,65 @@ async fn replayer_waits_for_a_retry_after_hint_longer_than_its_backoff() {
     assert_eq!(gaps.len(), 2, "{gaps:?}");
     assert_gap(gaps[0], Duration::from_secs(1), poll);
     assert_gap(gaps[1], Duration::from_secs(10), poll);
+}
+
+/// A replay answered with a Retry-After that reaches past the message's expiry is
+/// dead-lettered at once: it could never be tried again, and waiting would only hold it
+/// (and its key) until it expired.
+#[tokio::test(start_paused = true)]
+async fn replayer_dead_letters_at_once_a_retry_that_would_pass_the_expiry() {
+    let queue = Arc::new(MemoryQueue::new());
+    let mut env = Envelope::new(
+        "api.test",
+        "POST",
+        "http://api.test/a",
+        Bytes::from_static(b"{}"),
+        DeferReason::CircuitOpen,
+    );
+    env.not_before = SystemTime::UNIX_EPOCH;
+    env.expires_at = Some(SystemTime::now() + Duration::from_secs(3600));
+    queue.enqueue(env).await.unwrap();
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |_, _| Ok(unavailable_for(7200)));
+    let handle = Replayer::http(queue.clone(), svc).spawn().unwrap();
+    eventually(|| handle.stats().dead_lettered == 1).await;
+    assert_eq!(handle.stats().retried, 0);
+    handle.shutdown().await;
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    let dead = queue.dead_letters(10).await.unwrap();
+    assert!(
+        dead[0].reason.contains("expires before its next try"),
+        "{}",
+        dead[0].reason
+    );
+}
+
+/// With a zero backoff base, a breaker answering "open, retry now" (a busy half-open
+/// breaker) still pauses the replayer for a poll interval between tries: no hot loop.
+#[tokio::test(start_paused = true)]
+async fn replayer_pauses_a_poll_interval_for_an_open_breaker_even_with_zero_backoff() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |n, _| {
+        if n < 3 {
+            Err(boxed(Open::new(Duration::ZERO)))
+        } else {
+            Ok(respond(200, ""))
+        }
+    });
+    let poll = Duration::from_millis(100);
+    let handle = Replayer::http(queue.clone(), svc)
+        .jitter(false)
+        .backoff(Duration::ZERO, Duration::from_secs(60))
+        .poll_interval(poll)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    handle.shutdown().await;
+    for gap in gaps(&calls) {
+        assert!(gap >= poll, "gap {gap:?}");
+    }
 }
 
 /// A replay answered with a `Retry-After` too large for the clock goes back to the queue
