@@ -890,10 +890,7 @@ where
             }
             (Err(e @ QueueError::Unavailable(_)), call) => {
                 log_queue_error(call.what(), &e);
-                let current = since
-                    .checked_add(self.config.lease_for)
-                    .is_none_or(|end| Instant::now() < end);
-                if current {
+                if self.current(since) {
                     self.unsettled.push((since, call));
                     self.resettle_at
                         .get_or_insert_with(|| Instant::now() + self.config.poll_interval);
@@ -907,18 +904,38 @@ where
         true
     }
 
+    /// Whether a settling call first tried at `since` may still find its lease
+    /// current (`lease_for` has not passed since).
+    fn current(&self, since: Instant) -> bool {
+        since
+            .checked_add(self.config.lease_for)
+            .is_none_or(|end| Instant::now() < end)
+    }
+
     /// Tries the calls the queue could not take again, oldest first, until the queue is
-    /// still unavailable.
+    /// still unavailable. A call whose lease can no longer be current is dropped
+    /// unsent (its message is leased again); while calls wait, the next round is set.
     async fn resettle(&mut self) {
         self.resettle_at = None;
         let mut calls = std::mem::take(&mut self.unsettled).into_iter();
         for (since, call) in calls.by_ref() {
+            if !self.current(since) {
+                tracing::debug!(
+                    op = call.what(),
+                    "queue call dropped: its lease has run out"
+                );
+                continue;
+            }
             if !self.try_settle(call, since).await {
                 break;
             }
         }
         // Not tried this round: after the one that failed again.
         self.unsettled.extend(calls);
+        if !self.unsettled.is_empty() {
+            self.resettle_at
+                .get_or_insert_with(|| Instant::now() + self.config.poll_interval);
+        }
     }
 
     async fn maybe_flush(&mut self) {

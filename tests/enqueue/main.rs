@@ -1227,6 +1227,55 @@ async fn one_message_failing_settles(n: usize) -> (Arc<AckRecorder>, Arc<AtomicU
     (queue, Arc::new(AtomicUsize::new(0)))
 }
 
+/// The queue is down while two acks wait: the older one's lease runs out first. The
+/// newer ack is still sent again every poll interval (the older one is dropped), so once
+/// the queue is back the newer message is acked, not replayed a second time.
+#[tokio::test(start_paused = true)]
+async fn replayer_keeps_resending_a_newer_ack_after_an_older_one_expired() {
+    let queue = Arc::new(AckRecorder::default());
+    enqueue_raw(&queue.inner, "http://api.test/a").await;
+    queue.fail_next_settles(usize::MAX);
+    let calls = Calls::default();
+    let seen = calls.clone();
+    // `a` replayed again (its lease ran out) answers only after the queue is back, so
+    // no failure of its own re-arms the resending.
+    let svc = service_fn(move |req: InnerReq| {
+        let path = req.uri().path().to_owned();
+        let again = {
+            let mut calls = seen.lock().unwrap();
+            let again = calls.iter().any(|(p, _)| *p == path);
+            calls.push((path, tokio::time::Instant::now()));
+            again
+        };
+        async move {
+            if again {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Ok::<_, BoxError>(respond(200, ""))
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let handle = Replayer::http(queue.clone(), svc)
+        .lease_for(Duration::from_secs(10))
+        .poll_interval(Duration::from_secs(1))
+        .ack_batch(1, Duration::from_millis(10))
+        .spawn()
+        .unwrap();
+    tokio::time::sleep_until(start + Duration::from_secs(7)).await;
+    enqueue_raw(&queue.inner, "http://api.test/b").await;
+    tokio::time::sleep_until(start + Duration::from_millis(10_500)).await;
+    queue.fail_next_settles(0);
+    tokio::time::sleep_until(start + Duration::from_secs(40)).await;
+    handle.shutdown().await;
+    let b = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(path, _)| path == "/b")
+        .count();
+    assert_eq!(b, 1, "b was replayed again: its ack was not resent");
+}
+
 /// An ack that finds the queue unavailable is sent again once it is back, before the
 /// lease expires: the delivered message is not replayed a second time.
 #[tokio::test(start_paused = true)]
