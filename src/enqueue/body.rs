@@ -191,10 +191,43 @@ pub(crate) fn into_bytes<D: Buf>(mut data: D) -> Bytes {
 ///
 /// `Ready(Ok(true))`: the whole body is in `buf`. `Ready(Ok(false))`: stop buffering;
 /// `extra` holds the frame that did not fit (if any).
+/// A body being collected: a body of one data frame (the common case: a buffered
+/// request or response) is kept as that frame's bytes, without a copy; only a second
+/// frame starts a buffer.
+#[derive(Debug, Default)]
+pub(crate) struct Collected {
+    first: Option<Bytes>,
+    rest: bytes::BytesMut,
+}
+
+impl Collected {
+    /// The bytes collected so far.
+    pub(crate) fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.rest.len()
+    }
+
+    fn push(&mut self, data: Bytes) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(data);
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.rest.reserve(first.len() + data.len());
+            self.rest.extend_from_slice(&first);
+        }
+        self.rest.extend_from_slice(&data);
+    }
+
+    /// The collected bytes.
+    pub(crate) fn freeze(self) -> Bytes {
+        self.first.unwrap_or_else(|| self.rest.freeze())
+    }
+}
+
 pub(crate) fn poll_collect<B>(
     mut body: Pin<&mut B>,
     cx: &mut Context<'_>,
-    buf: &mut bytes::BytesMut,
+    buf: &mut Collected,
     limit: usize,
     extra: &mut Option<Frame<Bytes>>,
 ) -> Poll<Result<bool, BoxError>>
@@ -216,7 +249,7 @@ where
                         *extra = Some(Frame::data(data));
                         return Poll::Ready(Ok(false));
                     }
-                    buf.extend_from_slice(&data);
+                    buf.push(data);
                 }
                 Err(frame) => {
                     // Trailers: an envelope cannot carry them.
@@ -229,13 +262,9 @@ where
 }
 
 /// The partial body after [`poll_collect`] stopped early.
-pub(crate) fn partial<B>(
-    buf: bytes::BytesMut,
-    extra: Option<Frame<Bytes>>,
-    rest: B,
-) -> BufferedBody<B> {
+pub(crate) fn partial<B>(buf: Collected, extra: Option<Frame<Bytes>>, rest: B) -> BufferedBody<B> {
     let mut prefix = VecDeque::with_capacity(2);
-    if !buf.is_empty() {
+    if buf.len() > 0 {
         prefix.push_back(Frame::data(buf.freeze()));
     }
     prefix.extend(extra);
@@ -265,14 +294,27 @@ mod tests {
         assert_eq!(got, "hello");
     }
 
+    #[test]
+    fn a_body_of_one_frame_is_collected_without_a_copy() {
+        let frame = Bytes::from(vec![b'x'; 1024]);
+        let mut buf = Collected::default();
+        buf.push(frame.clone());
+        let got = buf.freeze();
+        assert_eq!(got.as_ptr(), frame.as_ptr(), "copied");
+        let mut two = Collected::default();
+        two.push(frame.clone());
+        two.push(Bytes::from_static(b"y"));
+        assert_eq!(two.len(), 1025);
+        assert_eq!(two.freeze().slice(1023..), "xy");
+    }
+
     #[tokio::test]
     async fn partial_body_yields_prefix_then_rest() {
         let rest = http_body_util::Full::new(Bytes::from_static(b" world"));
-        let body = partial(
-            bytes::BytesMut::from(&b"hel"[..]),
-            Some(Frame::data(Bytes::from_static(b"lo"))),
-            rest,
-        );
+        let mut buf = Collected::default();
+        buf.push(Bytes::from_static(b"he"));
+        buf.push(Bytes::from_static(b"l"));
+        let body = partial(buf, Some(Frame::data(Bytes::from_static(b"lo"))), rest);
         assert!(!body.is_buffered());
         let got = body.collect().await.unwrap().to_bytes();
         assert_eq!(got, "hello world");

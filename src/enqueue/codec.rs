@@ -80,7 +80,7 @@ pub(crate) mod http_codec {
     use crate::enqueue::receipt::IDEMPOTENCY_KEY_HEADER;
     use crate::queue::Envelope;
     use bytes::Bytes;
-    use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, request::Parts};
+    use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 
     /// Headers never stored in an envelope: hop-by-hop headers, and `content-length`
     /// (a replay sends the buffered body with its exact length).
@@ -127,22 +127,24 @@ pub(crate) mod http_codec {
         }
     }
 
-    /// Captures the request head and `body`.
-    pub(crate) fn capture_parts(parts: &Parts, body: Bytes) -> Captured {
-        let destination = parts
-            .uri
+    /// The envelope fields of a request with this head and `body`.
+    pub(crate) fn capture_head(
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Captured {
+        let destination = uri
             .authority()
             .map(|a| a.as_str().to_owned())
             .or_else(|| {
-                parts
-                    .headers
+                headers
                     .get(http::header::HOST)
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             })
             .unwrap_or_default();
-        let headers = parts
-            .headers
+        let headers = headers
             .iter()
             .filter(|(name, _)| !SKIPPED.contains(&name.as_str()))
             .map(|(name, value)| {
@@ -154,8 +156,8 @@ pub(crate) mod http_codec {
             .collect();
         Captured {
             destination,
-            method: parts.method.as_str().to_owned(),
-            uri: parts.uri.to_string(),
+            method: method.as_str().to_owned(),
+            uri: uri.to_string(),
             headers,
             body,
         }
@@ -189,12 +191,7 @@ pub(crate) mod http_codec {
 
         fn capture(&self, req: &Request<BufferedBody<B>>) -> Option<Captured> {
             let body = req.body().as_bytes()?.clone();
-            let mut parts = Request::new(());
-            *parts.method_mut() = req.method().clone();
-            *parts.uri_mut() = req.uri().clone();
-            *parts.headers_mut() = req.headers().clone();
-            let (parts, ()) = parts.into_parts();
-            Some(capture_parts(&parts, body))
+            Some(capture_head(req.method(), req.uri(), req.headers(), body))
         }
 
         fn rebuild(&self, envelope: &Envelope) -> Result<Request<BufferedBody<B>>, BoxError> {

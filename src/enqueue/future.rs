@@ -111,12 +111,10 @@ pub use self::http_future::ResponseFuture;
 #[cfg(feature = "http")]
 mod http_future {
     use super::*;
-    use crate::enqueue::body::{BufferedBody, partial, poll_collect};
-    use crate::enqueue::codec::http_codec::capture_parts;
+    use crate::enqueue::body::{BufferedBody, Collected, partial, poll_collect};
     use crate::enqueue::receipt::{
         DEFER_REASON_HEADER, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt, reason_str,
     };
-    use bytes::BytesMut;
     use http::{HeaderName, HeaderValue, Request, Response, StatusCode, request::Parts};
     use http_body::{Body, Frame};
     use tower_service::Service;
@@ -141,7 +139,7 @@ mod http_future {
                 svc: Option<S>,
                 parts: Option<Parts>,
                 body: Option<B>,
-                buf: BytesMut,
+                buf: Collected,
                 key: Option<String>,
             },
             Calling {
@@ -183,7 +181,7 @@ mod http_future {
                     svc: Some(svc),
                     parts: Some(parts),
                     body: Some(body),
-                    buf: BytesMut::new(),
+                    buf: Collected::default(),
                     key: Some(key),
                 },
                 shared,
@@ -266,8 +264,7 @@ mod http_future {
                             }
                             Ok(true) => {
                                 let bytes = buf.freeze();
-                                let capture =
-                                    Capture::new(key, capture_parts(&parts, bytes.clone()));
+                                let capture = Capture::http(key, &parts, bytes.clone());
                                 let req = Request::from_parts(parts, BufferedBody::full(bytes));
                                 (svc.call(req), Some(capture))
                             }

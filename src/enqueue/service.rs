@@ -26,16 +26,63 @@ pub(crate) struct Shared<Q, C> {
 #[derive(Debug)]
 pub(crate) struct Capture {
     pub(crate) key: String,
-    pub(crate) captured: Captured,
+    head: Head,
     pub(crate) created_at: SystemTime,
+}
+
+/// The request as kept in case the call fails.
+#[derive(Debug)]
+enum Head {
+    /// In envelope form already (the typed flavour's codec made it).
+    Captured(Captured),
+    /// An HTTP request's method, URI, headers and body, kept as clones that share
+    /// their bytes; turned into envelope fields only if the call fails, so the success
+    /// path allocates nothing per header.
+    #[cfg(feature = "http")]
+    Http {
+        method: http::Method,
+        uri: http::Uri,
+        headers: http::HeaderMap,
+        body: bytes::Bytes,
+    },
 }
 
 impl Capture {
     pub(crate) fn new(key: String, captured: Captured) -> Self {
         Self {
             key,
-            captured,
+            head: Head::Captured(captured),
             created_at: wall_now(),
+        }
+    }
+
+    /// The capture of an HTTP request with head `parts` and buffered `body`.
+    #[cfg(feature = "http")]
+    pub(crate) fn http(key: String, parts: &http::request::Parts, body: bytes::Bytes) -> Self {
+        Self {
+            key,
+            head: Head::Http {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+                body,
+            },
+            created_at: wall_now(),
+        }
+    }
+}
+
+impl Head {
+    fn into_captured(self) -> Captured {
+        match self {
+            Head::Captured(captured) => captured,
+            #[cfg(feature = "http")]
+            Head::Http {
+                method,
+                uri,
+                headers,
+                body,
+            } => super::codec::http_codec::capture_head(&method, &uri, &headers, body),
         }
     }
 }
@@ -76,7 +123,7 @@ impl<Q: Queue, C> Shared<Q, C> {
             .map_or(now, |d| crate::queue::saturating_add(now, d));
         let Capture {
             key,
-            captured,
+            head,
             created_at,
         } = capture;
         let expires_at = self
@@ -100,6 +147,7 @@ impl<Q: Queue, C> Shared<Q, C> {
                 original: Some(original),
             };
         }
+        let captured = head.into_captured();
         let envelope = Envelope {
             id: new_message_id(),
             idempotency_key: key.clone(),
@@ -308,7 +356,7 @@ mod http_flavour {
     use crate::BoxError;
     use crate::classify::Classify;
     use crate::enqueue::BufferedBody;
-    use crate::enqueue::codec::http_codec::{capture_parts, key_of, set_key};
+    use crate::enqueue::codec::http_codec::{key_of, set_key};
     use crate::enqueue::future::ResponseFuture;
     use crate::queue::Queue;
     use bytes::Bytes;
@@ -414,8 +462,15 @@ mod http_flavour {
                 let req = Request::from_parts(parts, BufferedBody::streaming(body));
                 return ResponseFuture::calling(self.inner.call(req), None, shared);
             }
-            let key = Shared::<Q, C>::key_or_new(key_of(&parts.headers));
-            set_key(&mut parts.headers, &key);
+            let sent = key_of(&parts.headers).filter(|k| !k.is_empty());
+            let key = match sent {
+                Some(key) => key, // already in the header
+                None => {
+                    let key = super::new_idempotency_key();
+                    set_key(&mut parts.headers, &key);
+                    key
+                }
+            };
             if body.size_hint().lower() > config.max_body as u64 {
                 tracing::debug!(
                     limit = config.max_body,
@@ -425,7 +480,7 @@ mod http_flavour {
                 return ResponseFuture::calling(self.inner.call(req), None, shared);
             }
             if body.is_end_stream() {
-                let capture = Capture::new(key, capture_parts(&parts, Bytes::new()));
+                let capture = Capture::http(key, &parts, Bytes::new());
                 let req = Request::from_parts(parts, BufferedBody::empty());
                 return ResponseFuture::calling(self.inner.call(req), Some(capture), shared);
             }

@@ -2,8 +2,7 @@ use super::future::ResponseFuture;
 use super::store::{Claim, ClaimToken, IdempotencyStore, StoredResponse};
 use crate::BoxError;
 use crate::enqueue::BufferedBody;
-use crate::enqueue::body::{partial, poll_collect};
-use bytes::BytesMut;
+use crate::enqueue::body::{Collected, partial, poll_collect};
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
 use std::fmt;
@@ -185,7 +184,7 @@ where
         return Ok(res.map(BufferedBody::streaming));
     }
     let (parts, mut body) = res.into_parts();
-    let mut buf = BytesMut::new();
+    let mut buf = Collected::default();
     let mut extra = None;
     let whole = std::future::poll_fn(|cx| {
         poll_collect(
