@@ -43,6 +43,13 @@ pub enum Verdict {
         /// When the breaker admits a probe again.
         retry_after: Duration,
     },
+    /// One of our own limits turned the replay away before it reached the dependency
+    /// (a full bulkhead, a deadline already spent): put it back after the backoff,
+    /// without counting an attempt.
+    Rejected {
+        /// What turned it away.
+        reason: String,
+    },
     /// A permanent failure (e.g. a `4xx`): dead-letter it.
     Permanent {
         /// Why (kept in the dead letter).
@@ -74,7 +81,8 @@ where
 /// | outcome | verdict |
 /// |---|---|
 /// | [`Open`] in the error chain | [`Verdict::CircuitOpen`] |
-/// | [`Full`] or [`DeadlineExceeded`] in the chain | [`Verdict::Retry`] (our own limits, not the dependency's answer) |
+/// | [`Full`], or a [`DeadlineExceeded`] that expired before the call, in the chain | [`Verdict::Rejected`] (our own limits turned it away: not counted) |
+/// | a [`DeadlineExceeded`] that expired during the call | [`Verdict::Retry`] (it may have reached the dependency) |
 /// | classified retryable | [`Verdict::Retry`] with the classification's hint |
 /// | an error, or a response classified as a failure, not retryable | [`Verdict::Permanent`] |
 /// | any other response | [`Verdict::Delivered`] |
@@ -110,7 +118,14 @@ fn own_rejection<Res>(outcome: Result<&Res, &BoxError>) -> Option<Verdict> {
             retry_after: open.retry_after(),
         });
     }
-    if find_cause::<Full>(e).is_some() || find_cause::<DeadlineExceeded>(e).is_some() {
+    let before_call = find_cause::<DeadlineExceeded>(e).map(DeadlineExceeded::expired_before_call);
+    if find_cause::<Full>(e).is_some() || before_call == Some(true) {
+        return Some(Verdict::Rejected {
+            reason: e.to_string(),
+        });
+    }
+    if before_call == Some(false) {
+        // The deadline passed while the call ran: it may have reached the dependency.
         return Some(Verdict::Retry {
             after: None,
             reason: e.to_string(),
@@ -830,6 +845,14 @@ where
                 }
                 // The delivery never reached the dependency: it does not count.
                 self.retry_later(token, pause, false).await;
+            }
+            Verdict::Rejected { reason } => {
+                let delay = self
+                    .config
+                    .backoff(attempts.max(1), &mut self.rng)
+                    .max(self.config.poll_interval);
+                tracing::debug!(id = %token.id, ?delay, %reason, "replay turned away by our own limit; not counted");
+                self.retry_later(token, delay, false).await;
             }
             Verdict::Permanent { reason } => self.dead_letter(token, &reason).await,
         }

@@ -901,6 +901,37 @@ async fn replayer_rejections_by_an_open_breaker_do_not_use_up_attempts() {
     assert_eq!(calls.load(Ordering::SeqCst), 7);
 }
 
+/// Rejections by our own bulkhead (and deadlines spent before the call) never reached
+/// the dependency: with `max_attempts(2)`, ten of them and one real failure still end
+/// in a delivery, not a dead letter.
+#[tokio::test(start_paused = true)]
+async fn replayer_rejections_by_our_own_limits_do_not_use_up_attempts() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let svc = service_fn(move |_req: InnerReq| {
+        let n = calls2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match n {
+                0..5 => Err(boxed(BulkheadFull::new(4, 0))),
+                5..10 => Err(boxed(DeadlineExceeded::new(Duration::ZERO, true))),
+                10 => Ok(respond(503, "")),
+                _ => Ok(respond(200, "")),
+            }
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .max_attempts(2)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    assert_eq!(handle.stats().dead_lettered, 0);
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 12);
+}
+
 #[tokio::test(start_paused = true)]
 async fn graceful_shutdown_returns_in_flight_leases() {
     let queue = Arc::new(MemoryQueue::new());
