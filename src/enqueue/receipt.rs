@@ -59,7 +59,9 @@ impl Receipt {
         self.reason
     }
 
-    /// The message is not replayed before this time.
+    /// The message is not replayed before this time. For a
+    /// [duplicate](Self::is_duplicate) it is the time this request's failure asked for;
+    /// the message already stored keeps its own (the queue does not report it).
     pub fn not_before(&self) -> SystemTime {
         self.not_before
     }
