@@ -876,29 +876,39 @@ async fn replayer_waits_while_the_breaker_is_open() {
 /// dependency and are not counted.
 #[tokio::test(start_paused = true)]
 async fn replayer_rejections_by_an_open_breaker_do_not_use_up_attempts() {
+    let calls = delivered_despite(3, |n| match n {
+        0..5 => Err(boxed(Open::new(Duration::from_secs(1)))),
+        5 => Ok(respond(503, "")),
+        _ => Ok(respond(200, "")),
+    })
+    .await;
+    assert_eq!(calls, 7);
+}
+
+/// Replays one message through a dependency that answers call `n` with `answer(n)`,
+/// with `max_attempts`: it is delivered in the end, not dead-lettered. Returns the
+/// number of calls.
+async fn delivered_despite(
+    max_attempts: u32,
+    answer: impl Fn(usize) -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
+) -> usize {
     let queue = Arc::new(MemoryQueue::new());
     enqueue_raw(&queue, "http://api.test/a").await;
     let calls = Arc::new(AtomicUsize::new(0));
     let calls2 = calls.clone();
     let svc = service_fn(move |_req: InnerReq| {
-        let n = calls2.fetch_add(1, Ordering::SeqCst);
-        async move {
-            match n {
-                0..5 => Err(boxed(Open::new(Duration::from_secs(1)))),
-                5 => Ok(respond(503, "")),
-                _ => Ok(respond(200, "")),
-            }
-        }
+        let out = answer(calls2.fetch_add(1, Ordering::SeqCst));
+        async move { out }
     });
     let handle = Replayer::http(queue.clone(), svc)
-        .max_attempts(3)
+        .max_attempts(max_attempts)
         .jitter(false)
         .spawn()
         .unwrap();
     eventually(|| handle.stats().replayed == 1).await;
     assert_eq!(handle.stats().dead_lettered, 0);
     handle.shutdown().await;
-    assert_eq!(calls.load(Ordering::SeqCst), 7);
+    calls.load(Ordering::SeqCst)
 }
 
 /// Rejections by our own bulkhead (and deadlines spent before the call) never reached
@@ -906,30 +916,14 @@ async fn replayer_rejections_by_an_open_breaker_do_not_use_up_attempts() {
 /// in a delivery, not a dead letter.
 #[tokio::test(start_paused = true)]
 async fn replayer_rejections_by_our_own_limits_do_not_use_up_attempts() {
-    let queue = Arc::new(MemoryQueue::new());
-    enqueue_raw(&queue, "http://api.test/a").await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let calls2 = calls.clone();
-    let svc = service_fn(move |_req: InnerReq| {
-        let n = calls2.fetch_add(1, Ordering::SeqCst);
-        async move {
-            match n {
-                0..5 => Err(boxed(BulkheadFull::new(4, 0))),
-                5..10 => Err(boxed(DeadlineExceeded::new(Duration::ZERO, true))),
-                10 => Ok(respond(503, "")),
-                _ => Ok(respond(200, "")),
-            }
-        }
-    });
-    let handle = Replayer::http(queue.clone(), svc)
-        .max_attempts(2)
-        .jitter(false)
-        .spawn()
-        .unwrap();
-    eventually(|| handle.stats().replayed == 1).await;
-    assert_eq!(handle.stats().dead_lettered, 0);
-    handle.shutdown().await;
-    assert_eq!(calls.load(Ordering::SeqCst), 12);
+    let calls = delivered_despite(2, |n| match n {
+        0..5 => Err(boxed(BulkheadFull::new(4, 0))),
+        5..10 => Err(boxed(DeadlineExceeded::new(Duration::ZERO, true))),
+        10 => Ok(respond(503, "")),
+        _ => Ok(respond(200, "")),
+    })
+    .await;
+    assert_eq!(calls, 12);
 }
 
 #[tokio::test(start_paused = true)]

@@ -279,17 +279,7 @@ async fn stream_len(q: &NatsQueue, name: &str) -> u64 {
 async fn an_undecodable_message_is_dead_lettered_and_the_batch_goes_on() {
     let (q, _purge) = make(options());
     publish_raw(&q, "xbad", b"PBOX\x63garbage".to_vec()).await;
-    let good = q
-        .enqueue(crate::suite::envelope("good"))
-        .await
-        .unwrap()
-        .id();
-    let leased = q
-        .lease(10, Duration::from_secs(30), crate::suite::t0())
-        .await
-        .unwrap();
-    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
-    assert_eq!(ids, vec![good]);
+    crate::suite::only_the_good_message_is_leased(&q).await;
     let (work, dead) = q.streams();
     assert_eq!(
         stream_len(&q, work).await,

@@ -454,15 +454,8 @@ async fn an_undecodable_entry_is_dead_lettered_and_the_batch_goes_on() {
     let (q, _purge) = make(options());
     let bad = crate::suite::envelope("bad");
     add_raw(&q, &bad.id.to_string(), "bad", b"PBOX\x63garbage").await;
-    let good = q
-        .enqueue(crate::suite::envelope("good"))
-        .await
-        .unwrap()
-        .id();
+    let good = crate::suite::only_the_good_message_is_leased(&q).await;
     let lease_for = Duration::from_secs(30);
-    let leased = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
-    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
-    assert_eq!(ids, vec![good]);
     let depth = q.depth().await.unwrap();
     assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 1));
     // Skipped when listing (it cannot be decoded), not an error for the others.
@@ -600,17 +593,7 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
         }
         let _: String = xadd.query_async(&mut q.connection()).await.unwrap();
     }
-    let good = q
-        .enqueue(crate::suite::envelope("good"))
-        .await
-        .unwrap()
-        .id();
-    let leased = q
-        .lease(10, Duration::from_secs(30), crate::suite::at(0))
-        .await
-        .unwrap();
-    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
-    assert_eq!(ids, vec![good]);
+    crate::suite::only_the_good_message_is_leased(&q).await;
     let depth = q.depth().await.unwrap();
     assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 4));
     let dead = xrange(&q, &q.keys()[1]).await;

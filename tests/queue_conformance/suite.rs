@@ -66,6 +66,16 @@ pub fn at(secs: u64) -> SystemTime {
     t0() + Duration::from_secs(secs)
 }
 
+/// Enqueues a message (key `good`) and leases all that is due at `t0()`: it is the only
+/// message leased, whatever else the batch held. Returns its id.
+pub async fn only_the_good_message_is_leased(q: &impl Queue) -> MessageId {
+    let good = q.enqueue(envelope("good")).await.unwrap().id();
+    let leased = q.lease(10, Duration::from_secs(30), t0()).await.unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![good]);
+    good
+}
+
 /// An envelope due at `t0()` with key `key`.
 pub fn envelope(key: &str) -> Envelope {
     let mut e = Envelope::new(
