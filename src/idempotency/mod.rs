@@ -14,7 +14,7 @@
 //!   handler twice), then gets the same answer;
 //! * requests without the header pass through untouched.
 //!
-//! A `5xx` response, an error, a response body over the limit, or a request dropped
+//! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), an error, a response body over the limit, or a request dropped
 //! before it finished is **not** remembered: the claim is released and the next request
 //! with the key runs the handler. Keys are scoped by method and path.
 //!

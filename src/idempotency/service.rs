@@ -179,7 +179,7 @@ where
         armed: true,
     };
     let res = svc.call(req).await?;
-    if res.status().is_server_error() {
+    if !remembered(res.status()) {
         // Not remembered: a later attempt may succeed.
         return Ok(res.map(BufferedBody::streaming));
     }
@@ -232,4 +232,16 @@ fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
         HeaderValue::from_static("true"),
     );
     res
+}
+
+/// Whether a response with `status` is stored as the key's outcome: not a `5xx`, nor a
+/// "try again later" answer (`408 Request Timeout`, `425 Too Early`, `429 Too Many
+/// Requests`), which a later attempt may well turn into a success; replaying them for
+/// the whole ttl would make a retry (or the replayer) give up.
+fn remembered(status: http::StatusCode) -> bool {
+    use http::StatusCode;
+    !(status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_EARLY
+        || status == StatusCode::TOO_MANY_REQUESTS)
 }

@@ -239,7 +239,7 @@ impl IdempotencyStore for MemoryStore {
                 inner.map.insert(
                     key.to_owned(),
                     Entry::InProgress {
-                        until: now + lock_for,
+                        until: later(now, lock_for),
                         token,
                         done,
                     },
@@ -258,7 +258,7 @@ impl IdempotencyStore for MemoryStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
-        let expires = Instant::now() + ttl;
+        let expires = later(Instant::now(), ttl);
         let mut inner = self.lock();
         if inner.holds(key, token) {
             inner
@@ -289,6 +289,14 @@ impl IdempotencyStore for MemoryStore {
             }
         }
     }
+}
+
+/// `now + d`, or about a century from `now` for a `d` too large for the clock (a
+/// `Duration::MAX` ttl means "keep it"), never a panic.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 #[cfg(test)]

@@ -1482,6 +1482,54 @@ fn keyed(key: &str) -> Request<Full<Bytes>> {
     req
 }
 
+/// A "try again later" answer (429, 408, 425) is not stored as the key's outcome: the
+/// next attempt with the key runs the handler again, as after a 5xx.
+#[tokio::test(start_paused = true)]
+async fn a_try_again_later_answer_is_not_remembered() {
+    for status in [429, 408, 425, 503] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let calls2 = calls.clone();
+        let handler = service_fn(move |_req: Request<Full<Bytes>>| {
+            let n = calls2.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Ok::<_, std::convert::Infallible>(if n == 0 {
+                    respond(status, "later")
+                } else {
+                    respond(201, "done")
+                })
+            }
+        });
+        let svc = IdempotencyLayer::new(100).layer(handler);
+        let first = svc.clone().oneshot(keyed("k1")).await.unwrap();
+        assert_eq!(first.status().as_u16(), status);
+        let second = svc.clone().oneshot(keyed("k1")).await.unwrap();
+        assert_eq!(
+            second.status(),
+            StatusCode::CREATED,
+            "{status} was replayed"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+}
+
+/// A ttl and a lock too large for the clock saturate: no panic after the handler ran
+/// (which every retry of the request would hit again).
+#[tokio::test(start_paused = true)]
+async fn huge_ttl_and_lock_do_not_panic() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100)
+        .ttl(Duration::MAX)
+        .unwrap()
+        .lock_for(Duration::MAX)
+        .unwrap()
+        .layer(slow_handler(calls.clone()));
+    for _ in 0..2 {
+        let res = svc.clone().oneshot(keyed("k1")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn concurrent_duplicates_run_the_handler_once() {
     let calls = Arc::new(AtomicUsize::new(0));
