@@ -180,7 +180,8 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
     let s = value.to_str().ok()?.trim();
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse::<u64>().ok().map(Duration::from_secs);
+        // Too many seconds for a u64 is still a (very long) delay, not "no hint".
+        return Some(s.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));
     }
     let at = httpdate::parse_http_date(s).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -190,6 +191,15 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
 mod tests {
     use super::*;
     use crate::BoxError;
+
+    #[test]
+    fn a_retry_after_too_large_for_a_u64_is_the_longest_delay_not_none() {
+        let v = HeaderValue::from_static("99999999999999999999999");
+        assert_eq!(
+            parse_retry_after(&v, SystemTime::UNIX_EPOCH),
+            Some(Duration::MAX)
+        );
+    }
 
     fn response(status: u16, retry_after: Option<&str>) -> Response<()> {
         let mut b = Response::builder().status(status);

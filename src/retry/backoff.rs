@@ -241,7 +241,8 @@ impl Backoff {
 
 /// `d × unit` for `unit` in `[0, 1]`, never above `d`.
 fn scale(d: Duration, unit: f64) -> Duration {
-    Duration::from_secs_f64(d.as_secs_f64() * unit).min(d)
+    // (`d` itself when the product does not fit a `Duration`: `unit` is at most 1.)
+    Duration::try_from_secs_f64(d.as_secs_f64() * unit).map_or(d, |s| s.min(d))
 }
 
 impl Default for Backoff {
@@ -331,6 +332,16 @@ impl fmt::Debug for JitterRng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_delays_with_full_jitter_do_not_panic() {
+        let b = Backoff::constant(Duration::MAX)
+            .with_max_delay(Duration::MAX)
+            .with_jitter(Jitter::Full);
+        for unit in [0.0, 0.5, 1.0] {
+            assert!(b.delay(1, Duration::ZERO, unit) <= Duration::MAX);
+        }
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -57,6 +57,7 @@ enum GiveUp {
     NotReplayable,
     NotRetrySafe,
     HintTooLong(Duration),
+    Deadline,
     Budget,
 }
 
@@ -67,6 +68,7 @@ impl GiveUp {
             GiveUp::NotReplayable => "not_replayable",
             GiveUp::NotRetrySafe => "not_retry_safe",
             GiveUp::HintTooLong(_) => "retry_after_too_long",
+            GiveUp::Deadline => "deadline",
             GiveUp::Budget => "budget_exhausted",
         }
     }
@@ -139,12 +141,17 @@ where
                         }
                         return Poll::Ready(out);
                     }
+                    let deadline = this
+                        .request
+                        .as_ref()
+                        .and_then(|r| this.policy.requests.deadline(r));
                     let Some(delay) = retry_delay(
                         &*this.policy,
                         *this.attempt,
                         this.request.is_some(),
                         *this.retry_safe,
                         *this.prev_delay,
+                        deadline,
                         &class,
                     ) else {
                         return Poll::Ready(out);
@@ -206,9 +213,18 @@ fn retry_delay<C, R, H: OnRetry>(
     have_request: bool,
     retry_safe: bool,
     prev_delay: Duration,
+    deadline: Option<Instant>,
     class: &Classification,
 ) -> Option<Duration> {
-    let delay = match decide(policy, attempt, have_request, retry_safe, prev_delay, class) {
+    let delay = match decide(
+        policy,
+        attempt,
+        have_request,
+        retry_safe,
+        prev_delay,
+        deadline,
+        class,
+    ) {
         Ok(delay) => delay,
         Err(why) => {
             give_up(attempt, why, class);
@@ -261,6 +277,7 @@ fn decide<C, R, H>(
     have_request: bool,
     retry_safe: bool,
     prev_delay: Duration,
+    deadline: Option<Instant>,
     class: &Classification,
 ) -> Result<Duration, GiveUp> {
     let retries_done = attempt - 1;
@@ -285,6 +302,15 @@ fn decide<C, R, H>(
             return Err(GiveUp::HintTooLong(hint));
         }
         delay = delay.max(hint);
+    }
+    // The call's deadline passes before the next attempt could start: return this
+    // outcome now rather than a `DeadlineExceeded` later.
+    if let Some(deadline) = deadline
+        && Instant::now()
+            .checked_add(delay)
+            .is_none_or(|next| next >= deadline)
+    {
+        return Err(GiveUp::Deadline);
     }
     if let Some(budget) = &policy.budget
         && !budget.try_withdraw(Instant::now())

@@ -28,6 +28,15 @@ pub trait CloneRequest<Req> {
     fn prepare(&self, req: &mut Req) {
         let _ = req;
     }
+
+    /// When the call `req` belongs to must be done, if it carries a deadline: no retry
+    /// is started that could not begin before it (the last outcome is returned
+    /// instead). Only asked after a retryable failure.
+    #[inline]
+    fn deadline(&self, req: &Req) -> Option<tokio::time::Instant> {
+        let _ = req;
+        None
+    }
 }
 
 /// Retries any `Clone` request, cloning it for every attempt but the last; every
@@ -157,6 +166,14 @@ mod http_requests {
             if self.generate_key && !self.safe(req.method(), req.headers()) {
                 ensure_idempotency_key(req);
             }
+        }
+
+        /// The [`CallDeadline`](crate::timeout::CallDeadline) a `DeadlineLayer::http`
+        /// outside put on the request.
+        fn deadline(&self, req: &Request<B>) -> Option<tokio::time::Instant> {
+            req.extensions()
+                .get::<crate::timeout::CallDeadline>()
+                .map(crate::timeout::CallDeadline::at)
         }
     }
 }

@@ -301,6 +301,43 @@ async fn an_http_date_in_the_past_means_no_wait() {
     assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
 }
 
+/// A retry that could not start before the call's deadline (a `CallDeadline` on the
+/// request, as `DeadlineLayer::http` puts there) is not made: the last outcome comes back
+/// at once, instead of a `DeadlineExceeded` later. One that can start in time is made.
+#[tokio::test(start_paused = true)]
+async fn a_retry_that_would_start_after_the_deadline_is_not_made() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let request = || {
+        let mut req = Request::get("http://a/").body(()).unwrap();
+        req.extensions_mut()
+            .insert(postbox::timeout::CallDeadline::new(deadline));
+        req
+    };
+    // At 0.5 s, "retry in 1 s": in time.
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(request()));
+    advance(500 * MS).await;
+    take_request(&mut handle)
+        .1
+        .send_response(status(429, Some("1")));
+    assert_pending!(fut.poll());
+    advance(1000 * MS).await;
+    assert_pending!(fut.poll());
+    take_request(&mut handle).1.send_response(status(200, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
+    // At 1.5 s, "retry in 1 s": past the deadline; the 429 comes back now.
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(request()));
+    take_request(&mut handle)
+        .1
+        .send_response(status(429, Some("1")));
+    let res = assert_ready_ok!(fut.poll());
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    no_request(&mut handle);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_hint_above_the_cap_gives_up_at_once() {
     let layer = RetryLayer::http()
