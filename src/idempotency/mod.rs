@@ -14,9 +14,11 @@
 //!   handler twice), then gets the same answer;
 //! * requests without the header pass through untouched.
 //!
-//! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), an error, a response body over the limit, or a request dropped
-//! before it finished is **not** remembered: the claim is released and the next request
-//! with the key runs the handler. Keys are scoped by method and path.
+//! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), an error, a
+//! response body over the limit, or a request dropped before the handler answered is
+//! **not** remembered: the claim is released and the next request with the key runs
+//! the handler. A request dropped after the handler answered is remembered (its body is
+//! read and stored in a task of its own). Keys are scoped by method and path.
 //!
 //! The store is the [`IdempotencyStore`] trait; [`MemoryStore`] (bounded, TTL
 //! eviction) is the default. Behind several instances, use a shared store.

@@ -3,8 +3,9 @@ use super::store::{Claim, ClaimToken, IdempotencyStore, StoredResponse};
 use crate::BoxError;
 use crate::enqueue::BufferedBody;
 use crate::enqueue::body::{Collected, partial, poll_collect};
+use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
-use http_body::Body;
+use http_body::{Body, Frame};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,8 +38,12 @@ pub(crate) struct Config {
 /// is. Clones share the store.
 ///
 /// # Cancel safety
-/// Dropping the response future of a request that claimed a key releases the claim,
-/// so a waiting duplicate (or a later retry) runs the handler instead.
+/// Dropping the response future of a request that claimed a key *before the handler
+/// answered* (which cancels the handler) releases the claim, so a waiting duplicate
+/// (or a later retry) runs the handler instead. Once the handler has answered, the
+/// response body is read and stored in a task of its own (on the current Tokio
+/// runtime), so a client that goes away then (a caller that timed out and will retry)
+/// does not make the duplicate run the handler again.
 pub struct Idempotency<S, St> {
     inner: S,
     store: Arc<St>,
@@ -152,7 +157,7 @@ async fn keyed<S, St, B, ResBody>(
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     St: IdempotencyStore,
-    ResBody: Body + Unpin,
+    ResBody: Body + Unpin + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
     let token = loop {
@@ -172,7 +177,7 @@ where
             }
         }
     };
-    let mut claim = Release {
+    let claim = Release {
         store: store.clone(),
         key,
         token,
@@ -183,7 +188,60 @@ where
         // Not remembered: a later attempt may succeed.
         return Ok(res.map(BufferedBody::streaming));
     }
-    let (parts, mut body) = res.into_parts();
+    let (parts, body) = res.into_parts();
+    // The handler has answered: from here on the outcome is collected and stored even
+    // if this future is dropped (the client went away, as a caller that timed out and
+    // will retry does), so its duplicate gets the stored answer instead of running the
+    // handler again. Hence a task of its own (inline without a runtime).
+    let finish = collect_and_store(
+        body,
+        claim,
+        store,
+        config,
+        parts.status,
+        parts.headers.clone(),
+    );
+    let outcome = match tokio::runtime::Handle::try_current() {
+        Ok(rt) => match rt.spawn(finish).await {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Outcome::Failed("the runtime shut down while the response was read".into()),
+        },
+        Err(_) => finish.await,
+    };
+    Ok(match outcome {
+        Outcome::Whole(bytes) => Response::from_parts(parts, BufferedBody::full(bytes)),
+        Outcome::Over(buf, extra, body) => Response::from_parts(parts, partial(buf, extra, body)),
+        Outcome::Failed(e) => Response::from_parts(parts, BufferedBody::failed(e)),
+    })
+}
+
+/// How reading a response body to remember it ended.
+enum Outcome<B> {
+    /// Read whole (and stored, unless the store failed).
+    Whole(Bytes),
+    /// Over the limit (or with trailers): what was read, and the rest to stream. Not
+    /// remembered.
+    Over(Collected, Option<Frame<Bytes>>, B),
+    /// The body failed. Not remembered.
+    Failed(BoxError),
+}
+
+/// Reads the response `body` whole and stores it as the key's outcome; the claim is
+/// released if that does not happen.
+async fn collect_and_store<St, B>(
+    mut body: B,
+    mut claim: Release<St>,
+    store: Arc<St>,
+    config: Arc<Config>,
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+) -> Outcome<B>
+where
+    St: IdempotencyStore,
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
     let mut buf = Collected::default();
     let mut extra = None;
     let whole = std::future::poll_fn(|cx| {
@@ -197,16 +255,16 @@ where
     })
     .await;
     match whole {
-        Err(e) => Ok(Response::from_parts(parts, BufferedBody::failed(e))),
+        Err(e) => Outcome::Failed(e),
         Ok(false) => {
             tracing::debug!(key = %claim.key, "response over the limit; not remembered");
-            Ok(Response::from_parts(parts, partial(buf, extra, body)))
+            Outcome::Over(buf, extra, body)
         }
         Ok(true) => {
             let bytes = buf.freeze();
             let stored = StoredResponse {
-                status: parts.status,
-                headers: parts.headers.clone(),
+                status,
+                headers,
                 body: bytes.clone(),
             };
             match store
@@ -218,7 +276,7 @@ where
                     tracing::warn!(error = %e, key = %claim.key, "could not remember the response")
                 }
             }
-            Ok(Response::from_parts(parts, BufferedBody::full(bytes)))
+            Outcome::Whole(bytes)
         }
     }
 }

@@ -1693,6 +1693,58 @@ async fn server_errors_are_not_remembered_and_responses_expire() {
     assert_eq!(calls.load(Ordering::SeqCst), 3, "expired after the TTL");
 }
 
+/// A response body whose one frame comes only after `sleep`: a handler that has answered
+/// and is still writing its body.
+struct LateBody {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    data: Option<Bytes>,
+}
+
+impl http_body::Body for LateBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::ready!(self.sleep.as_mut().poll(cx));
+        std::task::Poll::Ready(self.data.take().map(|d| Ok(http_body::Frame::data(d))))
+    }
+}
+
+/// The client goes away after the handler answered but before the body was read (a
+/// caller that timed out and will retry): the outcome is still stored, and the
+/// duplicate gets it instead of running the handler a second time.
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_after_the_handler_answered_still_stores_the_outcome() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let handler = service_fn(move |_req: Request<Full<Bytes>>| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let body = LateBody {
+                sleep: Box::pin(tokio::time::sleep(Duration::from_secs(1))),
+                data: Some(Bytes::from_static(b"order #1")),
+            };
+            let mut res = Response::new(body);
+            *res.status_mut() = StatusCode::CREATED;
+            Ok::<_, std::convert::Infallible>(res)
+        }
+    });
+    let mut svc = IdempotencyLayer::new(100).layer(handler);
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let mut first = task::spawn(svc.call(keyed("k")));
+    assert_pending!(first.poll());
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler answered");
+    drop(first);
+    let res = svc.clone().oneshot(keyed("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert!(res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(bytes_of(res.into_body()).await, "order #1");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_dropped_first_request_lets_the_duplicate_run() {
     let calls = Arc::new(AtomicUsize::new(0));
