@@ -188,7 +188,8 @@ where
                             None => this.request.take(),
                         }
                     };
-                    let req = req.expect("a retry is decided only with a request");
+                    let mut req = req.expect("a retry is decided only with a request");
+                    this.policy.requests.before_retry(&mut req);
                     count_retry_attempt();
                     let span = attempt_span(*this.attempt);
                     let future = {

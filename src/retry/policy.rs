@@ -29,6 +29,13 @@ pub trait CloneRequest<Req> {
         let _ = req;
     }
 
+    /// Called on the request of every retry (not the first attempt) just before it is
+    /// sent, e.g. to refresh the time left that deadline headers tell the next hop.
+    #[inline]
+    fn before_retry(&self, req: &mut Req) {
+        let _ = req;
+    }
+
     /// When the call `req` belongs to must be done, if it carries a deadline: no retry
     /// is started that could not begin before it (the last outcome is returned
     /// instead). Only asked after a retryable failure.
@@ -165,6 +172,17 @@ mod http_requests {
         fn prepare(&self, req: &mut Request<B>) {
             if self.generate_key && !self.safe(req.method(), req.headers()) {
                 ensure_idempotency_key(req);
+            }
+        }
+
+        /// Rewrites the deadline headers a `DeadlineLayer::http` outside wrote at the
+        /// first attempt (`postbox-timeout-ms`, `grpc-timeout`) with the time left now,
+        /// so the next hop does not believe it has the whole budget again.
+        fn before_retry(&self, req: &mut Request<B>) {
+            use crate::timeout::{CallDeadline, HttpPropagation, Propagate};
+            if let Some(at) = req.extensions().get::<CallDeadline>().map(CallDeadline::at) {
+                let left = at.saturating_duration_since(tokio::time::Instant::now());
+                HttpPropagation::new().outbound(req, at, left);
             }
         }
 

@@ -338,6 +338,38 @@ async fn a_retry_that_would_start_after_the_deadline_is_not_made() {
     no_request(&mut handle);
 }
 
+/// A retry tells the next hop the time left now, not the budget of the first attempt:
+/// the deadline header a `DeadlineLayer::http` outside wrote is rewritten.
+#[tokio::test(start_paused = true)]
+async fn a_retry_sends_the_time_left_in_its_deadline_header() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut req = Request::get("http://a/").body(()).unwrap();
+    req.extensions_mut()
+        .insert(postbox::timeout::CallDeadline::new(deadline));
+    req.headers_mut()
+        .insert(postbox::timeout::TIMEOUT_MS_HEADER, 2000.into());
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(req));
+    let (first, send) = take_request(&mut handle);
+    assert_eq!(first.headers()[postbox::timeout::TIMEOUT_MS_HEADER], "2000");
+    advance(1000 * MS).await;
+    send.send_response(status(503, None));
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll());
+    let (second, send) = take_request(&mut handle);
+    let left: u64 = second.headers()[postbox::timeout::TIMEOUT_MS_HEADER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(left, 990);
+    send.send_response(status(200, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_hint_above_the_cap_gives_up_at_once() {
     let layer = RetryLayer::http()
