@@ -187,10 +187,6 @@ pub(crate) fn into_bytes<D: Buf>(mut data: D) -> Bytes {
     data.copy_to_bytes(len)
 }
 
-/// Reads frames of `body` into `buf` until the end, the limit, or trailers.
-///
-/// `Ready(Ok(true))`: the whole body is in `buf`. `Ready(Ok(false))`: stop buffering;
-/// `extra` holds the frame that did not fit (if any).
 /// A body being collected: a body of one data frame (the common case: a buffered
 /// request or response) is kept as that frame's bytes, without a copy; only a second
 /// frame starts a buffer.
@@ -224,6 +220,10 @@ impl Collected {
     }
 }
 
+/// Reads frames of `body` into `buf` until the end, the limit, or trailers.
+///
+/// `Ready(Ok(true))`: the whole body is in `buf`. `Ready(Ok(false))`: stop buffering;
+/// `extra` holds the frame that did not fit (if any).
 pub(crate) fn poll_collect<B>(
     mut body: Pin<&mut B>,
     cx: &mut Context<'_>,

@@ -82,9 +82,10 @@ pub(crate) mod http_codec {
     use bytes::Bytes;
     use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 
-    /// Headers never stored in an envelope: hop-by-hop headers, and `content-length`
-    /// (a replay sends the buffered body with its exact length).
-    const SKIPPED: [&str; 8] = [
+    /// Headers never stored in an envelope: hop-by-hop headers, `content-length` (a
+    /// replay sends the buffered body with its exact length), and the original call's
+    /// deadline headers (a replay has its own deadline).
+    const SKIPPED: [&str; 10] = [
         "connection",
         "keep-alive",
         "proxy-connection",
@@ -93,6 +94,9 @@ pub(crate) mod http_codec {
         "trailer",
         "upgrade",
         "content-length",
+        // The original call's deadline: stale for a replay, which gets its own.
+        "postbox-timeout-ms",
+        "grpc-timeout",
     ];
 
     /// The codec for `http::Request<BufferedBody<B>>`: method, URI, headers (without

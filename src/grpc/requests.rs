@@ -76,6 +76,14 @@ impl<B: TryCloneBody> CloneRequest<Request<B>> for GrpcRequests {
     fn is_retry_safe(&self, req: &Request<B>) -> bool {
         self.all || self.names(req.uri().path()) || has_idempotency_key(req.headers())
     }
+
+    fn before_retry(&self, req: &mut Request<B>) {
+        self.copy.before_retry(req);
+    }
+
+    fn deadline(&self, req: &Request<B>) -> Option<tokio::time::Instant> {
+        self.copy.deadline(req)
+    }
 }
 
 #[cfg(test)]
@@ -100,6 +108,25 @@ mod tests {
                 .all_idempotent()
                 .is_retry_safe(&call("/x.Y/Z"))
         );
+    }
+
+    /// The deadline a `DeadlineLayer::http` outside put on a gRPC call is seen by the
+    /// retry layer, and a retry rewrites `grpc-timeout` with the time left.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_of_a_grpc_call_sees_its_deadline_and_sends_the_time_left() {
+        use crate::timeout::CallDeadline;
+        let at = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut req = call("/echo.Echo/Say");
+        req.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        req.headers_mut()
+            .insert("grpc-timeout", "2000000u".parse().unwrap());
+        req.extensions_mut().insert(CallDeadline::new(at));
+        let r = GrpcRequests::new();
+        assert_eq!(r.deadline(&req), Some(at));
+        tokio::time::advance(std::time::Duration::from_millis(1500)).await;
+        r.before_retry(&mut req);
+        assert_eq!(req.headers()["grpc-timeout"], "500000u");
     }
 
     #[test]

@@ -193,6 +193,8 @@ where
     // if this future is dropped (the client went away, as a caller that timed out and
     // will retry does), so its duplicate gets the stored answer instead of running the
     // handler again. Hence a task of its own (inline without a runtime).
+    let (alive, gone) = tokio::sync::oneshot::channel::<()>();
+    let lock_for = config.lock_for;
     let finish = collect_and_store(
         body,
         claim,
@@ -201,14 +203,26 @@ where
         parts.status,
         parts.headers.clone(),
     );
+    // Once the client has gone, the reading gets `lock_for` more, no longer (a body
+    // that never ends must not keep the task alive; the claim would expire anyway).
+    let bounded = async move {
+        tokio::select! {
+            outcome = finish => outcome,
+            () = async {
+                let _ = gone.await;
+                tokio::time::sleep(lock_for).await;
+            } => Outcome::Failed("the client went away and the body did not end".into()),
+        }
+    };
     let outcome = match tokio::runtime::Handle::try_current() {
-        Ok(rt) => match rt.spawn(finish).await {
+        Ok(rt) => match rt.spawn(bounded).await {
             Ok(outcome) => outcome,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => Outcome::Failed("the runtime shut down while the response was read".into()),
         },
-        Err(_) => finish.await,
+        Err(_) => bounded.await,
     };
+    drop(alive);
     Ok(match outcome {
         Outcome::Whole(bytes) => Response::from_parts(parts, BufferedBody::full(bytes)),
         Outcome::Over(buf, extra, body) => Response::from_parts(parts, partial(buf, extra, body)),
@@ -265,7 +279,9 @@ where
             let stored = StoredResponse {
                 status,
                 headers,
-                body: bytes.clone(),
+                // A copy of its own: kept for the ttl, it must not pin a larger buffer
+                // the frame may be a slice of (a connection's read buffer).
+                body: Bytes::copy_from_slice(&bytes),
             };
             match store
                 .complete(&claim.key, claim.token, stored, config.ttl)

@@ -1105,9 +1105,10 @@ fn push_hex(s: &mut String, bytes: &[u8]) {
     }
 }
 
+/// The stream's `max_msgs` refused the message (not its other limits, nor a store
+/// failure, which share the error code 10077).
 fn is_full(e: &PublishError) -> bool {
-    let text = e.to_string();
-    text.contains("maximum messages exceeded") || text.contains("10077")
+    e.to_string().contains("maximum messages exceeded")
 }
 
 /// Connection problems (timeouts, a broken pipe, no responders) are

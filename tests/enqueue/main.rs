@@ -181,8 +181,6 @@ async fn overload_with_retry_after_enqueues_not_before_the_hint() {
     );
 }
 
-/// A dependency's `Retry-After` too large for the clock (near `u64::MAX` seconds) is
-/// stored as a far-future not-before: no overflow panic on the caller's path.
 /// A dependency's 429 whose Retry-After is past the message's expiry is not deferred:
 /// a receipt would promise a delivery that can never happen. The caller gets the error,
 /// with the original failure as its source.
@@ -532,6 +530,29 @@ async fn idempotency_key_is_sent_on_the_original_attempt() {
         Some("mine"),
         "the caller's key is reused"
     );
+}
+
+/// The original call's deadline headers are not stored with the message: a replay,
+/// hours later, has a deadline of its own.
+#[tokio::test(start_paused = true)]
+async fn the_original_deadline_headers_are_not_stored() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc =
+        EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(|| Ok(respond(503, "down"))));
+    let mut req = post("http://api.test/orders", "{}");
+    req.headers_mut()
+        .insert(postbox::timeout::TIMEOUT_MS_HEADER, 500.into());
+    req.headers_mut()
+        .insert("grpc-timeout", "500m".parse().unwrap());
+    req.headers_mut()
+        .insert("x-tenant", "acme".parse().unwrap());
+    let res = svc.oneshot(req).await.unwrap();
+    let env = queue.get(receipt_id(&res)).unwrap();
+    let names: Vec<_> = env.headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"x-tenant"), "{names:?}");
+    assert!(!names.contains(&"postbox-timeout-ms"), "{names:?}");
+    assert!(!names.contains(&"grpc-timeout"), "{names:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1145,10 +1166,12 @@ async fn replayer_dead_letters_at_once_a_retry_that_would_pass_the_expiry() {
         DeferReason::CircuitOpen,
     );
     env.not_before = SystemTime::UNIX_EPOCH;
+    // (The replayer's wall clock may drift from `SystemTime::now()` by the time other
+    // paused-time tests advanced: a wide margin.)
     env.expires_at = Some(SystemTime::now() + Duration::from_secs(3600));
     queue.enqueue(env).await.unwrap();
     let calls = Calls::default();
-    let svc = scripted(calls.clone(), |_, _| Ok(unavailable_for(7200)));
+    let svc = scripted(calls.clone(), |_, _| Ok(unavailable_for(60 * 24 * 3600)));
     let handle = Replayer::http(queue.clone(), svc).spawn().unwrap();
     eventually(|| handle.stats().dead_lettered == 1).await;
     assert_eq!(handle.stats().retried, 0);
@@ -1698,6 +1721,8 @@ async fn server_errors_are_not_remembered_and_responses_expire() {
 struct LateBody {
     sleep: Pin<Box<tokio::time::Sleep>>,
     data: Option<Bytes>,
+    /// Dropped with the body (to see when it is).
+    _held: Option<Arc<()>>,
 }
 
 impl http_body::Body for LateBody {
@@ -1726,6 +1751,7 @@ async fn a_request_dropped_after_the_handler_answered_still_stores_the_outcome()
             let body = LateBody {
                 sleep: Box::pin(tokio::time::sleep(Duration::from_secs(1))),
                 data: Some(Bytes::from_static(b"order #1")),
+                _held: None,
             };
             let mut res = Response::new(body);
             *res.status_mut() = StatusCode::CREATED;
@@ -1743,6 +1769,35 @@ async fn a_request_dropped_after_the_handler_answered_still_stores_the_outcome()
     assert!(res.headers().contains_key(REPLAYED_HEADER));
     assert_eq!(bytes_of(res.into_body()).await, "order #1");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A client that went away while the response body never ends does not keep the task
+/// reading it past `lock_for`: the body is dropped then.
+#[tokio::test(start_paused = true)]
+async fn a_body_that_never_ends_is_dropped_lock_for_after_the_client_left() {
+    let alive = Arc::new(());
+    let held = alive.clone();
+    let handler = service_fn(move |_req: Request<Full<Bytes>>| {
+        let held = held.clone();
+        async move {
+            let body = LateBody {
+                sleep: Box::pin(tokio::time::sleep(Duration::from_secs(365 * 24 * 3600))),
+                data: Some(Bytes::from_static(b"never")),
+                _held: Some(held),
+            };
+            Ok::<_, std::convert::Infallible>(Response::new(body))
+        }
+    });
+    let mut svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(5))
+        .unwrap()
+        .layer(handler);
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let mut first = task::spawn(svc.call(keyed("k")));
+    assert_pending!(first.poll());
+    drop((first, svc)); // the client goes away (and the handler with its own clone)
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(Arc::strong_count(&alive), 1, "the body is still being read");
 }
 
 #[tokio::test(start_paused = true)]

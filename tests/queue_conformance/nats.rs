@@ -529,19 +529,21 @@ async fn a_consumer_or_stream_deleted_by_hand_is_declared_again() {
     assert_eq!(ids, vec![b.id()]);
 }
 
-/// A queue without a capacity whose stream was given a byte limit by hand answers an
-/// enqueue over it with a backend error, not `Full` with a capacity it does not have.
+/// A queue whose stream was given a byte limit by hand answers an enqueue over it with
+/// a backend error, not `Full` (with or without a capacity of its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_set_on_the_stream_by_hand_is_a_backend_error_not_full() {
-    let (q, _purge) = make(options());
-    let js = q.jetstream().clone();
-    let mut stream = js.get_stream(q.streams().0).await.unwrap();
-    let mut config = stream.info().await.unwrap().config.clone();
-    config.max_bytes = 64;
-    js.update_stream(config).await.unwrap();
-    let refused = q.enqueue(crate::suite::envelope("big")).await;
-    assert!(
-        matches!(refused, Err(QueueError::Backend(_))),
-        "{refused:?}"
-    );
+    for options in [options(), options().with_capacity(100)] {
+        let (q, _purge) = make(options);
+        let js = q.jetstream().clone();
+        let mut stream = js.get_stream(q.streams().0).await.unwrap();
+        let mut config = stream.info().await.unwrap().config.clone();
+        config.max_bytes = 64;
+        js.update_stream(config).await.unwrap();
+        let refused = q.enqueue(crate::suite::envelope("big")).await;
+        assert!(
+            matches!(refused, Err(QueueError::Backend(_))),
+            "{refused:?}"
+        );
+    }
 }
