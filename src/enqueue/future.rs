@@ -80,7 +80,9 @@ where
                         this.state.set(DeferState::Done);
                         return Poll::Ready(out.map(Deferred::Completed));
                     };
-                    let Some(t) = trigger(&this.shared.classifier, out.as_ref()) else {
+                    let Some(t) = trigger(&this.shared.classifier, out.as_ref())
+                        .filter(|t| this.shared.deliverable(&capture, t))
+                    else {
                         this.state.set(DeferState::Done);
                         return Poll::Ready(out.map(Deferred::Completed));
                     };
@@ -285,7 +287,9 @@ mod http_future {
                             this.state.set(State::Done);
                             return Poll::Ready(out);
                         };
-                        let Some(t) = trigger(&this.shared.classifier, out.as_ref()) else {
+                        let Some(t) = trigger(&this.shared.classifier, out.as_ref())
+                            .filter(|t| this.shared.deliverable(&capture, t))
+                        else {
                             this.state.set(State::Done);
                             return Poll::Ready(out);
                         };

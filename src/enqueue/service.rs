@@ -109,6 +109,31 @@ impl<Q, C> Shared<Q, C> {
 }
 
 impl<Q: Queue, C> Shared<Q, C> {
+    /// When a message captured at `created_at` expires.
+    fn expires_at(&self, created_at: SystemTime) -> Option<SystemTime> {
+        self.config
+            .ttl
+            .map(|ttl| crate::queue::saturating_add(created_at, ttl))
+    }
+
+    /// Whether a message deferred by `trigger` could ever be delivered: not if the
+    /// dependency's `Retry-After` reaches past its expiry. A receipt would promise a
+    /// delivery that can never happen; the caller gets the original outcome instead
+    /// (the dependency's `429` with its `Retry-After`, say).
+    pub(crate) fn deliverable(&self, capture: &Capture, trigger: &Trigger) -> bool {
+        let (Some(wait), Some(at)) = (trigger.not_before, self.expires_at(capture.created_at))
+        else {
+            return true;
+        };
+        let deliverable = crate::queue::saturating_add(wall_now(), wait) < at;
+        if !deliverable {
+            tracing::debug!(?wait, "Retry-After past the message's expiry; not deferred");
+            metrics::counter!("postbox_calls_total", "layer" => "enqueue", "outcome" => "not_deferred")
+                .increment(1);
+        }
+        deliverable
+    }
+
     /// Builds the envelope and starts storing it.
     pub(crate) fn enqueue(
         &self,
@@ -126,27 +151,7 @@ impl<Q: Queue, C> Shared<Q, C> {
             head,
             created_at,
         } = capture;
-        let expires_at = self
-            .config
-            .ttl
-            .map(|ttl| crate::queue::saturating_add(created_at, ttl));
-        if let Some(at) = expires_at.filter(|&at| not_before >= at) {
-            // A receipt would promise a delivery that can never happen: the message
-            // would expire before its first try.
-            let wait = not_before.duration_since(now).unwrap_or_default();
-            let ttl = at.duration_since(created_at).unwrap_or_default();
-            let why = format!(
-                "not enqueued: the dependency asked to wait {wait:?}, longer than the \
-                 message may live (ttl {ttl:?}); it could never be delivered"
-            );
-            return Pending {
-                store: Box::pin(async move { Err(QueueError::Backend(why.into())) }),
-                key,
-                trigger,
-                not_before,
-                original: Some(original),
-            };
-        }
+        let expires_at = self.expires_at(created_at);
         let captured = head.into_captured();
         let envelope = Envelope {
             id: new_message_id(),
