@@ -116,11 +116,13 @@ pub(crate) mod http_codec {
         }
     }
 
-    /// The idempotency key in `headers`, if any (and valid UTF-8).
+    /// The idempotency key in `headers`, if any (valid UTF-8, not empty: the server's
+    /// `Idempotency` layer ignores an empty key).
     pub(crate) fn key_of(headers: &HeaderMap) -> Option<String> {
         headers
             .get(IDEMPOTENCY_KEY_HEADER)
             .and_then(|v| v.to_str().ok())
+            .filter(|k| !k.is_empty())
             .map(str::to_owned)
     }
 

@@ -467,8 +467,7 @@ mod http_flavour {
                 let req = Request::from_parts(parts, BufferedBody::streaming(body));
                 return ResponseFuture::calling(self.inner.call(req), None, shared);
             }
-            let sent = key_of(&parts.headers).filter(|k| !k.is_empty());
-            let key = match sent {
+            let key = match key_of(&parts.headers) {
                 Some(key) => key, // already in the header
                 None => {
                     let key = super::new_idempotency_key();

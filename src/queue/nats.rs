@@ -305,11 +305,14 @@ impl NatsQueue {
         let js = async_nats::jetstream::context::ContextBuilder::new()
             .timeout(options.request_timeout)
             .build(client);
-        let stream = format!("POSTBOX_{name}");
-        let dead_stream = format!("POSTBOX_{name}_DEAD");
-        let subject_prefix = format!("postbox.{name}.k.");
-        let dead_subject = format!("postbox.{name}.dead");
-        let consumer = declare(&js, &options).await?;
+        let names = Names::of(name);
+        let consumer = declare(&js, &options, &names).await?;
+        let Names {
+            stream,
+            dead_stream,
+            subject_prefix,
+            dead_subject,
+        } = names;
         let max_payload = js.client().server_info().max_payload;
         let inner = Arc::new(Inner {
             max_payload,
@@ -486,7 +489,7 @@ impl Inner {
                 return;
             }
         }
-        match declare(&self.js, &self.options).await {
+        match declare(&self.js, &self.options, &Names::of(&self.options.name)).await {
             Ok(consumer) => {
                 tracing::warn!(stream = %self.stream, "postbox: nats streams or consumer were missing; declared again");
                 *self.consumer.lock().unwrap_or_else(|e| e.into_inner()) = consumer;
@@ -915,16 +918,37 @@ impl Inner {
     }
 }
 
-/// Every `ack_wait / 3`, tells the server this process still works on each delivery it
-/// holds that it has not touched for `ack_wait / 2`, so the server delivers it again only
-/// once the process is gone. Ends when the last [`NatsQueue`] clone is dropped.
+/// The streams and subjects of the queue `name`.
+struct Names {
+    stream: String,
+    dead_stream: String,
+    /// Followed by the key's subject token.
+    subject_prefix: String,
+    dead_subject: String,
+}
+
+impl Names {
+    fn of(name: &str) -> Self {
+        Self {
+            stream: format!("POSTBOX_{name}"),
+            dead_stream: format!("POSTBOX_{name}_DEAD"),
+            subject_prefix: format!("postbox.{name}.k."),
+            dead_subject: format!("postbox.{name}.dead"),
+        }
+    }
+}
+
 /// Creates (or updates) the work and dead-letter streams and the durable consumer of
 /// the queue `options` names: at connect, and again when a call finds one deleted.
-async fn declare(js: &Context, options: &NatsOptions) -> Result<PullConsumer, QueueError> {
+async fn declare(
+    js: &Context,
+    options: &NatsOptions,
+    names: &Names,
+) -> Result<PullConsumer, QueueError> {
     let name = &options.name;
-    let stream = format!("POSTBOX_{name}");
+    let stream = &names.stream;
     let capacity = options.capacity.and_then(|c| i64::try_from(c).ok());
-    if let (Some(cap), Ok(mut existing)) = (options.capacity, js.get_stream(&stream).await) {
+    if let (Some(cap), Ok(mut existing)) = (options.capacity, js.get_stream(stream).await) {
         // The server applies a lower `max_msgs` by deleting the oldest messages, even
         // with `discard: new`: never ask it to.
         let held = existing.info().await.map_or(0, |i| i.state.messages);
@@ -941,7 +965,7 @@ async fn declare(js: &Context, options: &NatsOptions) -> Result<PullConsumer, Qu
     }
     js.create_or_update_stream(stream::Config {
         name: stream.clone(),
-        subjects: vec![format!("postbox.{name}.k.*")],
+        subjects: vec![format!("{}*", names.subject_prefix)],
         retention: RetentionPolicy::WorkQueue,
         storage: StorageType::File,
         duplicate_window: options.duplicate_window,
@@ -953,8 +977,8 @@ async fn declare(js: &Context, options: &NatsOptions) -> Result<PullConsumer, Qu
     .await
     .map_err(|e| classify(e, "create stream"))?;
     js.create_or_update_stream(stream::Config {
-        name: format!("POSTBOX_{name}_DEAD"),
-        subjects: vec![format!("postbox.{name}.dead")],
+        name: names.dead_stream.clone(),
+        subjects: vec![names.dead_subject.clone()],
         storage: StorageType::File,
         allow_direct: true,
         ..Default::default()
@@ -976,6 +1000,9 @@ async fn declare(js: &Context, options: &NatsOptions) -> Result<PullConsumer, Qu
     .map_err(|e| classify(e, "create consumer"))
 }
 
+/// Every `ack_wait / 3`, tells the server this process still works on each delivery it
+/// holds that it has not touched for `ack_wait / 2`, so the server delivers it again only
+/// once the process is gone. Ends when the last [`NatsQueue`] clone is dropped.
 async fn keep_held_alive(inner: std::sync::Weak<Inner>, ack_wait: Duration) {
     let mut tick = tokio::time::interval((ack_wait / 3).max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

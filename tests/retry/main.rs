@@ -301,6 +301,14 @@ async fn an_http_date_in_the_past_means_no_wait() {
     assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
 }
 
+/// A GET carrying a `CallDeadline` at `deadline`, as `DeadlineLayer::http` leaves it.
+fn with_deadline(deadline: tokio::time::Instant) -> Request<()> {
+    let mut req = Request::get("http://a/").body(()).unwrap();
+    req.extensions_mut()
+        .insert(postbox::timeout::CallDeadline::new(deadline));
+    req
+}
+
 /// A retry that could not start before the call's deadline (a `CallDeadline` on the
 /// request, as `DeadlineLayer::http` puts there) is not made: the last outcome comes back
 /// at once, instead of a `DeadlineExceeded` later. One that can start in time is made.
@@ -309,12 +317,7 @@ async fn a_retry_that_would_start_after_the_deadline_is_not_made() {
     let layer = http_layer(HttpRequests::new());
     let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    let request = || {
-        let mut req = Request::get("http://a/").body(()).unwrap();
-        req.extensions_mut()
-            .insert(postbox::timeout::CallDeadline::new(deadline));
-        req
-    };
+    let request = || with_deadline(deadline);
     // At 0.5 s, "retry in 1 s": in time.
     assert_ready_ok!(svc.poll_ready());
     let mut fut = task::spawn(svc.call(request()));
@@ -344,10 +347,7 @@ async fn a_retry_that_would_start_after_the_deadline_is_not_made() {
 async fn a_retry_sends_the_time_left_in_its_deadline_header() {
     let layer = http_layer(HttpRequests::new());
     let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    let mut req = Request::get("http://a/").body(()).unwrap();
-    req.extensions_mut()
-        .insert(postbox::timeout::CallDeadline::new(deadline));
+    let mut req = with_deadline(tokio::time::Instant::now() + Duration::from_secs(2));
     req.headers_mut()
         .insert(postbox::timeout::TIMEOUT_MS_HEADER, 2000.into());
     assert_ready_ok!(svc.poll_ready());
