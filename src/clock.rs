@@ -14,7 +14,17 @@
 //! a row return the same instant, which an unpaused nanosecond clock never does), and
 //! on platforms other than Linux.
 
+use std::time::Duration;
 use tokio::time::Instant;
+
+/// `now + d`, or about a century from `now` for a `d` too large for the clock (a
+/// `Duration::MAX` timeout or ttl means "no limit"), never a panic: `Instant + Duration`
+/// panics on overflow.
+pub(crate) fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
 
 /// How far the aligned coarse clock may be from the precise one, with a margin: the
 /// largest tick is 10 ms (`HZ=100`).

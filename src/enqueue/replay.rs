@@ -7,6 +7,7 @@ use crate::BoxError;
 use crate::bulkhead::error::Full;
 use crate::circuit_breaker::error::Open;
 use crate::classify::{Classification, Classify, ErrorClassifier};
+use crate::clock::later;
 use crate::error::{ConfigError, find_cause};
 use crate::queue::{LeaseToken, Leased, Queue, QueueError};
 use crate::timeout::error::DeadlineExceeded;
@@ -19,9 +20,6 @@ use tokio::sync::watch;
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::{Instant, sleep_until};
 use tower_service::Service;
-
-/// A pause for an overflowing hint: longer than any process lives (about 30 years).
-const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 
 /// What to do with a message after one replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -680,7 +678,7 @@ where
             self.report_depth().await;
 
             // Idle, full or paused: wait for a replay to finish, a timer, or shutdown.
-            let mut wake = now + self.config.poll_interval;
+            let mut wake = later(now, self.config.poll_interval);
             if let Some(p) = self.paused_until {
                 wake = p;
             }
@@ -718,7 +716,7 @@ where
     /// Shutdown: wait for replays in flight up to the grace period, then return the
     /// leases of the rest.
     async fn drain(&mut self) {
-        let deadline = Instant::now() + self.config.grace;
+        let deadline = later(Instant::now(), self.config.grace);
         while !self.tasks.is_empty() {
             tokio::select! {
                 Some(joined) = self.tasks.join_next_with_id() => self.settle(joined).await,
@@ -838,7 +836,7 @@ where
                     .max(self.config.poll_interval);
                 // `retry_after` may come from the dependency: never overflow.
                 let now = Instant::now();
-                let until = now.checked_add(pause).unwrap_or_else(|| now + FAR_FUTURE);
+                let until = later(now, pause);
                 if self.paused_until.is_none_or(|p| p < until) {
                     tracing::info!(?pause, "circuit open; replay paused");
                     self.paused_until = Some(until);
@@ -916,7 +914,7 @@ where
                 if self.current(since) {
                     self.unsettled.push((since, call));
                     self.resettle_at
-                        .get_or_insert_with(|| Instant::now() + self.config.poll_interval);
+                        .get_or_insert_with(|| later(Instant::now(), self.config.poll_interval));
                 }
                 return false;
             }
@@ -957,7 +955,7 @@ where
         self.unsettled.extend(calls);
         if !self.unsettled.is_empty() {
             self.resettle_at
-                .get_or_insert_with(|| Instant::now() + self.config.poll_interval);
+                .get_or_insert_with(|| later(Instant::now(), self.config.poll_interval));
         }
     }
 
@@ -969,7 +967,7 @@ where
         if self.acks.len() >= self.config.ack_batch || self.ack_due.is_some_and(|d| d <= now) {
             self.flush().await;
         } else if self.ack_due.is_none() {
-            self.ack_due = Some(now + self.config.ack_interval);
+            self.ack_due = Some(later(now, self.config.ack_interval));
         }
     }
 
@@ -995,7 +993,7 @@ where
         let now = Instant::now();
         if self
             .depth_at
-            .is_some_and(|at| now < at + self.config.poll_interval)
+            .is_some_and(|at| now < later(at, self.config.poll_interval))
         {
             return;
         }

@@ -1,6 +1,7 @@
 //! Where the [`Idempotency`](super::Idempotency) layer remembers responses.
 
 use crate::BoxError;
+use crate::clock::later;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use std::collections::{HashMap, VecDeque};
@@ -289,14 +290,6 @@ impl IdempotencyStore for MemoryStore {
             }
         }
     }
-}
-
-/// `now + d`, or about a century from `now` for a `d` too large for the clock (a
-/// `Duration::MAX` ttl means "keep it"), never a panic.
-fn later(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
-        .unwrap_or(now)
 }
 
 #[cfg(test)]

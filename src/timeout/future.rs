@@ -79,7 +79,8 @@ impl<F> Timed<F> {
                     return Poll::Ready(Ok(out));
                 }
                 if timer.is_none() {
-                    let at = deadline.unwrap_or_else(|| Instant::now() + *budget);
+                    let at =
+                        deadline.unwrap_or_else(|| crate::clock::later(Instant::now(), *budget));
                     timer.set(Some(sleep_until(at)));
                 }
                 if let Some(timer) = timer.as_pin_mut() {

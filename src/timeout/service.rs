@@ -184,7 +184,7 @@ where
             return DeadlineFuture::running(self.inner.call(req), None, self.budget);
         }
         let now = Instant::now();
-        let mut deadline = now + self.budget;
+        let mut deadline = crate::clock::later(now, self.budget);
         if let Some(inbound) = self.propagate.inbound(&req, now) {
             deadline = deadline.min(inbound);
         }
@@ -258,11 +258,11 @@ mod http_propagation {
             let grpc = headers
                 .get("grpc-timeout")
                 .and_then(|v| parse_grpc_timeout(v.as_bytes()))
-                .map(|d| now + d);
+                .map(|d| crate::clock::later(now, d));
             let ms = headers
                 .get(TIMEOUT_MS_HEADER)
                 .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                .map(|ms| now + Duration::from_millis(ms));
+                .map(|ms| crate::clock::later(now, Duration::from_millis(ms)));
             [ext, grpc, ms].into_iter().flatten().min()
         }
 

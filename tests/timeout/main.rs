@@ -52,6 +52,31 @@ async fn attempt_timeout_expiry_drops_the_inner_future() {
     assert!(dropped.load(Ordering::SeqCst));
 }
 
+/// `Duration::MAX` (the "no limit" idiom) as an attempt timeout or a deadline never
+/// panics: added to the clock, it used to overflow `Instant` on the first pending poll
+/// (attempt) or in `call` (deadline).
+#[tokio::test(start_paused = true)]
+async fn huge_budgets_never_panic() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let svc = AttemptTimeoutLayer::new(Duration::MAX)
+        .unwrap()
+        .layer(never_service(dropped.clone(), Counter::default()));
+    let mut fut = tokio_test::task::spawn(svc.oneshot(1));
+    assert_pending!(fut.poll());
+    time::advance(Duration::from_secs(3600)).await;
+    assert_pending!(fut.poll());
+
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<http::Request<()>, (), _>(DeadlineLayer::http(Duration::MAX).unwrap());
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(http::Request::new(())));
+    let (sent, reply) = handle.next_request().await.unwrap();
+    assert!(sent.headers().contains_key(TIMEOUT_MS_HEADER));
+    assert_pending!(fut.poll());
+    reply.send_response(());
+    assert_ready_ok!(fut.poll());
+}
+
 #[tokio::test(start_paused = true)]
 async fn attempt_timeout_passes_a_response_that_arrives_in_time() {
     let (mut svc, mut handle) =
