@@ -2,6 +2,7 @@
 
 use crate::BoxError;
 use bytes::{Buf, Bytes};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use std::collections::VecDeque;
@@ -32,7 +33,7 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<B> {
-        Full { data: Option<Bytes> },
+        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
         Streaming {
             prefix: VecDeque<Frame<Bytes>>,
             #[pin]
@@ -47,10 +48,16 @@ pin_project! {
 impl<B> BufferedBody<B> {
     /// A fully buffered body.
     pub fn full(data: impl Into<Bytes>) -> Self {
+        Self::full_with_trailers(data, None)
+    }
+
+    /// A fully buffered body, then `trailers` (a gRPC response's status).
+    pub(crate) fn full_with_trailers(data: impl Into<Bytes>, trailers: Option<HeaderMap>) -> Self {
         let data = data.into();
         Self {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
+                trailers,
             },
         }
     }
@@ -83,7 +90,7 @@ impl<B> BufferedBody<B> {
     pub fn as_bytes(&self) -> Option<&Bytes> {
         static EMPTY: Bytes = Bytes::from_static(b"");
         match &self.kind {
-            Kind::Full { data } => Some(data.as_ref().unwrap_or(&EMPTY)),
+            Kind::Full { data, .. } => Some(data.as_ref().unwrap_or(&EMPTY)),
             _ => None,
         }
     }
@@ -109,9 +116,10 @@ impl<B> From<Bytes> for BufferedBody<B> {
 impl<B> fmt::Debug for BufferedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Full { data } => f
+            Kind::Full { data, trailers } => f
                 .debug_struct("BufferedBody::Full")
                 .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .field("trailers", &trailers.is_some())
                 .finish(),
             Kind::Streaming { prefix, .. } => f
                 .debug_struct("BufferedBody::Streaming")
@@ -135,7 +143,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project().kind.project() {
-            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Full { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
             KindProj::Failed { error } => Poll::Ready(error.take().map(Err)),
             KindProj::Streaming { prefix, rest } => {
                 if let Some(frame) = prefix.pop_front() {
@@ -152,7 +165,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Full { data } => data.is_none(),
+            Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Failed { error } => error.is_none(),
             Kind::Streaming { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
         }
@@ -160,7 +173,7 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Full { data } => {
+            Kind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Failed { .. } => SizeHint::default(),
@@ -276,7 +289,13 @@ impl<B> crate::http::body::TryCloneBody for BufferedBody<B> {
     /// [`EnqueueFallback`](super::EnqueueFallback) replays it without a second buffer;
     /// `None` for a streamed body, which is then sent exactly once.
     fn try_clone_body(&self) -> Option<Self> {
-        self.as_bytes().map(|data| Self::full(data.clone()))
+        match &self.kind {
+            Kind::Full { data, trailers } => Some(Self::full_with_trailers(
+                data.clone().unwrap_or_default(),
+                trailers.clone(),
+            )),
+            _ => None,
+        }
     }
 }
 

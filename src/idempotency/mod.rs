@@ -6,7 +6,8 @@
 //! once:
 //!
 //! * the first request with a key claims it, runs the handler, and the response
-//!   (status, headers, body — buffered, up to a limit) is remembered for a TTL;
+//!   (status, headers, body — buffered, up to a limit — and trailers) is remembered
+//!   for a TTL;
 //! * a later request with the same key, method and path is answered from the store
 //!   without calling the handler, with the header [`REPLAYED_HEADER`]
 //!   (`idempotent-replayed: true`);
@@ -17,7 +18,15 @@
 //! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), an error, a
 //! response body over the limit, or a request dropped before the handler answered is
 //! **not** remembered: the claim is released and the next request with the key runs
-//! the handler. A request dropped after the handler answered is remembered (its body is
+//! the handler.
+//!
+//! gRPC works the same (tonic: `Server::builder().layer(IdempotencyLayer::new(..))`,
+//! the key in `idempotency-key` metadata): the outcome is the `grpc-status` in the
+//! trailers, or in the headers of a trailers-only answer, and the same kinds are not
+//! remembered: `CANCELLED`, `UNKNOWN` (and a missing status), `DEADLINE_EXCEEDED`,
+//! `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE` and
+//! `DATA_LOSS`. `OK` and the caller's errors (`INVALID_ARGUMENT`, `NOT_FOUND`,
+//! `ALREADY_EXISTS`, …) are. A request dropped after the handler answered is remembered (its body is
 //! read and stored in a task of its own). Keys are scoped by method and path.
 //!
 //! The store is the [`IdempotencyStore`] trait; [`MemoryStore`] (bounded, TTL

@@ -1,6 +1,7 @@
 use super::future::ResponseFuture;
 use super::store::{Claim, ClaimToken, IdempotencyStore, StoredResponse};
 use crate::BoxError;
+use crate::classify::grpc::GrpcCode;
 use crate::enqueue::BufferedBody;
 use crate::enqueue::body::{Collected, partial, poll_collect};
 use bytes::Bytes;
@@ -184,7 +185,7 @@ where
         armed: true,
     };
     let res = svc.call(req).await?;
-    if !remembered(res.status()) {
+    if !remembered(res.status(), res.headers()) {
         // Not remembered: a later attempt may succeed.
         return Ok(res.map(BufferedBody::streaming));
     }
@@ -224,7 +225,9 @@ where
     };
     drop(alive);
     Ok(match outcome {
-        Outcome::Whole(bytes) => Response::from_parts(parts, BufferedBody::full(bytes)),
+        Outcome::Whole(bytes, trailers) => {
+            Response::from_parts(parts, BufferedBody::full_with_trailers(bytes, trailers))
+        }
         Outcome::Over(buf, extra, body) => Response::from_parts(parts, partial(buf, extra, body)),
         Outcome::Failed(e) => Response::from_parts(parts, BufferedBody::failed(e)),
     })
@@ -232,10 +235,10 @@ where
 
 /// How reading a response body to remember it ended.
 enum Outcome<B> {
-    /// Read whole (and stored, unless the store failed).
-    Whole(Bytes),
-    /// Over the limit (or with trailers): what was read, and the rest to stream. Not
-    /// remembered.
+    /// Read whole, with its trailers if it had some (and stored, unless the store
+    /// failed or the trailers hold a gRPC status that is not remembered).
+    Whole(Bytes, Option<http::HeaderMap>),
+    /// Over the limit: what was read, and the rest to stream. Not remembered.
     Over(Collected, Option<Frame<Bytes>>, B),
     /// The body failed. Not remembered.
     Failed(BoxError),
@@ -268,20 +271,41 @@ where
         )
     })
     .await;
+    // Trailers end a body: with them it is whole too.
+    let trailers = match extra.take().map(Frame::into_trailers) {
+        Some(Ok(trailers)) => Some(trailers),
+        Some(Err(data)) => {
+            extra = Some(data);
+            None
+        }
+        None => None,
+    };
     match whole {
         Err(e) => Outcome::Failed(e),
-        Ok(false) => {
+        Ok(false) if trailers.is_none() => {
             tracing::debug!(key = %claim.key, "response over the limit; not remembered");
             Outcome::Over(buf, extra, body)
         }
-        Ok(true) => {
+        Ok(_) => {
             let bytes = buf.freeze();
+            // A gRPC call's outcome is the status in its trailers, under a `200 OK` (a
+            // gRPC response without any status is `UNKNOWN` to its client).
+            let code = trailers
+                .as_ref()
+                .and_then(GrpcCode::from_headers)
+                .or_else(|| GrpcCode::from_headers(&headers))
+                .or_else(|| is_grpc(&headers).then_some(GrpcCode::Unknown));
+            if let Some(code) = code.filter(|c| !remembered_grpc(*c)) {
+                tracing::debug!(key = %claim.key, ?code, "gRPC status not remembered");
+                return Outcome::Whole(bytes, trailers);
+            }
             let stored = StoredResponse {
                 status,
                 headers,
                 // A copy of its own: kept for the ttl, it must not pin a larger buffer
                 // the frame may be a slice of (a connection's read buffer).
                 body: Bytes::copy_from_slice(&bytes),
+                trailers: trailers.clone(),
             };
             match store
                 .complete(&claim.key, claim.token, stored, config.ttl)
@@ -292,13 +316,16 @@ where
                     tracing::warn!(error = %e, key = %claim.key, "could not remember the response")
                 }
             }
-            Outcome::Whole(bytes)
+            Outcome::Whole(bytes, trailers)
         }
     }
 }
 
 fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
-    let mut res = Response::new(BufferedBody::full(stored.body));
+    let mut res = Response::new(BufferedBody::full_with_trailers(
+        stored.body,
+        stored.trailers,
+    ));
     *res.status_mut() = stored.status;
     *res.headers_mut() = stored.headers;
     res.headers_mut().insert(
@@ -308,14 +335,43 @@ fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
     res
 }
 
-/// Whether a response with `status` is stored as the key's outcome: not a `5xx`, nor a
-/// "try again later" answer (`408 Request Timeout`, `425 Too Early`, `429 Too Many
-/// Requests`), which a later attempt may well turn into a success; replaying them for
-/// the whole ttl would make a retry (or the replayer) give up.
-fn remembered(status: http::StatusCode) -> bool {
+/// Whether a response with `status` and `headers` is stored as the key's outcome: not
+/// a `5xx`, nor a "try again later" answer (`408 Request Timeout`, `425 Too Early`,
+/// `429 Too Many Requests`), which a later attempt may well turn into a success;
+/// replaying them for the whole ttl would make a retry (or the replayer) give up. The
+/// same for a gRPC status in the headers (a trailers-only response, most gRPC errors).
+fn remembered(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
     use http::StatusCode;
     !(status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_EARLY
         || status == StatusCode::TOO_MANY_REQUESTS)
+        && GrpcCode::from_headers(headers).is_none_or(remembered_grpc)
+}
+
+/// Whether a gRPC call that ended with `code` is stored as the key's outcome: as for
+/// HTTP, not the codes of a server-side failure or a "try again" answer (the
+/// `5xx`/`408`/`429` of gRPC's HTTP mapping: `CANCELLED`, `UNKNOWN`,
+/// `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`,
+/// `UNAVAILABLE`, `DATA_LOSS`). `OK` and the caller's own errors (`INVALID_ARGUMENT`,
+/// `NOT_FOUND`, `ALREADY_EXISTS`, …) are remembered.
+fn remembered_grpc(code: GrpcCode) -> bool {
+    use GrpcCode::*;
+    matches!(
+        code,
+        Ok | InvalidArgument
+            | NotFound
+            | AlreadyExists
+            | PermissionDenied
+            | FailedPrecondition
+            | OutOfRange
+            | Unauthenticated
+    )
+}
+
+/// Whether `headers` are a gRPC response's (`content-type: application/grpc…`).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// A remembered response: status, headers and the whole body.
+/// A remembered response: status, headers, the whole body and its trailers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
     /// The status.
@@ -21,6 +21,10 @@ pub struct StoredResponse {
     pub headers: HeaderMap,
     /// The body.
     pub body: Bytes,
+    /// The trailers, if the body ended with some (every gRPC response but a
+    /// trailers-only one carries its `grpc-status` there). A shared store must keep
+    /// them: a gRPC client reads a replayed response without them as a failure.
+    pub trailers: Option<HeaderMap>,
 }
 
 /// Identifies one claim of a key.
@@ -45,6 +49,10 @@ impl ClaimToken {
 /// The answer to [`IdempotencyStore::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per keyed request; boxing would allocate for every replay"
+)]
 pub enum Claim {
     /// The key is now claimed by this caller, under this token: run the handler, then
     /// [`complete`](IdempotencyStore::complete) or [`release`](IdempotencyStore::release)
@@ -108,6 +116,10 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     }
 }
 
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a claim in progress is short-lived; most entries are responses"
+)]
 enum Entry {
     InProgress {
         until: Instant,
@@ -301,6 +313,7 @@ mod tests {
             status: StatusCode::CREATED,
             headers: HeaderMap::new(),
             body: Bytes::from(vec![n]),
+            trailers: None,
         }
     }
 

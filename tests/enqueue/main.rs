@@ -12,7 +12,7 @@ use self::shared::sample;
 use self::support::*;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use postbox::BoxError;
 use postbox::bulkhead::error::Full as BulkheadFull;
 use postbox::circuit_breaker::error::Open;
@@ -1550,6 +1550,134 @@ async fn huge_ttl_and_lock_do_not_panic() {
         let res = svc.clone().oneshot(keyed("k1")).await.unwrap();
         assert_eq!(res.status(), StatusCode::CREATED);
     }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A body of one data frame, then `trailers` (the shape of a gRPC response).
+type WithTrailers = http_body_util::StreamBody<
+    tokio_stream::Iter<
+        std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
+    >,
+>;
+
+/// A `200` gRPC-style response: `data`, then trailers holding `grpc-status: code`
+/// (none for `None`), or the status in the headers for a trailers-only answer.
+fn grpc_response(
+    data: &'static str,
+    code: Option<u8>,
+    trailers_only: bool,
+) -> Response<WithTrailers> {
+    let mut frames = vec![Ok(http_body::Frame::data(Bytes::from_static(
+        data.as_bytes(),
+    )))];
+    let mut res_headers = http::HeaderMap::new();
+    res_headers.insert("content-type", "application/grpc".parse().unwrap());
+    if let Some(code) = code {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", code.to_string().parse().unwrap());
+        if trailers_only {
+            res_headers.extend(t);
+            frames.clear();
+        } else {
+            frames.push(Ok(http_body::Frame::trailers(t)));
+        }
+    }
+    let mut res = Response::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)));
+    *res.headers_mut() = res_headers;
+    res
+}
+
+/// A handler answering call `n` (0-based) with `answer(n)`, counting calls.
+fn grpc_handler(
+    calls: Arc<AtomicUsize>,
+    answer: fn(usize) -> Response<WithTrailers>,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<WithTrailers>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(answer(n)) }
+    })
+}
+
+/// A response whose body ends with trailers (every gRPC response) is remembered with
+/// them and replayed with them: without trailers, a gRPC client reads the replay as a
+/// failure. (Before, such a response was never remembered, so the layer de-duplicated
+/// no gRPC call.)
+#[tokio::test(start_paused = true)]
+async fn a_response_with_trailers_is_remembered_with_them() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(grpc_handler(calls.clone(), |_| {
+        grpc_response("pong", Some(0), false)
+    }));
+    let first = svc.clone().oneshot(keyed("k1")).await.unwrap();
+    let first = first.into_body().collect().await.unwrap();
+    assert_eq!(first.trailers().unwrap()["grpc-status"], "0");
+    let second = svc.clone().oneshot(keyed("k1")).await.unwrap();
+    assert!(second.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(second.headers()["content-type"], "application/grpc");
+    let second = second.into_body().collect().await.unwrap();
+    assert_eq!(second.trailers().unwrap()["grpc-status"], "0");
+    assert_eq!(second.to_bytes(), "pong");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A gRPC call that failed on the server's side or was told to try again
+/// (`UNAVAILABLE`, `INTERNAL`, `RESOURCE_EXHAUSTED`, …, or no status at all) is not
+/// remembered, whether its status is in the trailers or, trailers-only, in the headers
+/// of a `200 OK`; the caller's own errors (`INVALID_ARGUMENT`, …) are, like a `4xx`.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_failure_status_is_not_remembered() {
+    let unavailable_in_trailers: fn(usize) -> Response<WithTrailers> = |n| match n {
+        0 => grpc_response("", Some(14), false),
+        _ => grpc_response("pong", Some(0), false),
+    };
+    let internal_in_headers: fn(usize) -> Response<WithTrailers> = |n| match n {
+        0 => grpc_response("", Some(13), true),
+        _ => grpc_response("pong", Some(0), false),
+    };
+    let no_status: fn(usize) -> Response<WithTrailers> = |n| match n {
+        0 => grpc_response("half", None, false),
+        _ => grpc_response("pong", Some(0), false),
+    };
+    let exhausted: fn(usize) -> Response<WithTrailers> = |n| match n {
+        0 => grpc_response("", Some(8), false),
+        _ => grpc_response("pong", Some(0), false),
+    };
+    for (case, answer) in [
+        ("UNAVAILABLE in trailers", unavailable_in_trailers),
+        ("INTERNAL trailers-only", internal_in_headers),
+        ("no status", no_status),
+        ("RESOURCE_EXHAUSTED", exhausted),
+    ] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = IdempotencyLayer::new(100).layer(grpc_handler(calls.clone(), answer));
+        let first = svc.clone().oneshot(keyed("k1")).await.unwrap();
+        drop(first.into_body().collect().await.unwrap());
+        let second = svc.clone().oneshot(keyed("k1")).await.unwrap();
+        assert!(
+            !second.headers().contains_key(REPLAYED_HEADER),
+            "{case} was replayed"
+        );
+        let second = second.into_body().collect().await.unwrap();
+        assert_eq!(second.trailers().unwrap()["grpc-status"], "0", "{case}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "{case}");
+    }
+    // INVALID_ARGUMENT is the caller's error: remembered.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(grpc_handler(calls.clone(), |n| match n {
+        0 => grpc_response("", Some(3), true),
+        _ => grpc_response("pong", Some(0), false),
+    }));
+    svc.clone().oneshot(keyed("k1")).await.unwrap();
+    let second = svc.clone().oneshot(keyed("k1")).await.unwrap();
+    assert!(second.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(second.headers()["grpc-status"], "3");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 

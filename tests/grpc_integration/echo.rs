@@ -118,12 +118,7 @@ pub(crate) async fn serve<F>(plan: F) -> (SocketAddr, Echo)
 where
     F: Fn(u32) -> Reply + Send + Sync + 'static,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let echo = Echo {
-        calls: Arc::default(),
-        plan: Arc::new(plan),
-    };
+    let (listener, addr, echo) = echo(plan).await;
     let svc = echo.clone();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -133,6 +128,37 @@ where
             .unwrap()
     });
     (addr, echo)
+}
+
+/// Serves `plan` on `127.0.0.1:0` behind the server-side `Idempotency` layer.
+pub(crate) async fn serve_idempotent<F>(plan: F) -> (SocketAddr, Echo)
+where
+    F: Fn(u32) -> Reply + Send + Sync + 'static,
+{
+    let (listener, addr, echo) = echo(plan).await;
+    let svc = echo.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(postbox::idempotency::IdempotencyLayer::new(100))
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap()
+    });
+    (addr, echo)
+}
+
+async fn echo<F>(plan: F) -> (tokio::net::TcpListener, SocketAddr, Echo)
+where
+    F: Fn(u32) -> Reply + Send + Sync + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = Echo {
+        calls: Arc::default(),
+        plan: Arc::new(plan),
+    };
+    (listener, addr, echo)
 }
 
 /// A lazily connecting channel to `addr`.
@@ -150,14 +176,30 @@ where
     S::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     <S::ResponseBody as http_body::Body>::Error: Into<postbox::BoxError> + Send,
 {
+    say_keyed(svc, message, None).await
+}
+
+/// Calls `Say` through `svc`, with `idempotency-key` metadata if `key` is given.
+pub(crate) async fn say_keyed<S>(svc: S, message: &str, key: Option<&str>) -> Result<Pong, Status>
+where
+    S: tonic::client::GrpcService<Body>,
+    S::Error: Into<postbox::BoxError>,
+    S::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <S::ResponseBody as http_body::Body>::Error: Into<postbox::BoxError> + Send,
+{
     let mut grpc = tonic::client::Grpc::new(svc);
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(e.into().to_string()))?;
+    let mut req = tonic::Request::new(Ping {
+        message: message.to_owned(),
+    });
+    if let Some(key) = key {
+        req.metadata_mut()
+            .insert("idempotency-key", key.parse().unwrap());
+    }
     grpc.unary(
-        tonic::Request::new(Ping {
-            message: message.to_owned(),
-        }),
+        req,
         http::uri::PathAndQuery::from_static(SAY),
         ProstCodec::<Ping, Pong>::default(),
     )

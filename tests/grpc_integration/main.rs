@@ -3,7 +3,7 @@
 
 mod echo;
 
-use echo::{Reply, channel, say, serve};
+use echo::{Reply, channel, say, say_keyed, serve, serve_idempotent};
 use postbox::BoxError;
 use postbox::bulkhead::BulkheadLayer;
 use postbox::circuit_breaker::{CircuitBreakerLayer, State};
@@ -260,6 +260,59 @@ async fn a_dead_port_is_unavailable_to_the_caller() {
         .service(channel(addr));
     let status = say(client, "hi").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+/// A tonic server behind the `Idempotency` layer runs a call once per key: the
+/// repeat is answered from the store, trailers (`grpc-status`) and all, so the tonic
+/// client decodes it as the same success.
+#[tokio::test]
+async fn a_grpc_server_behind_idempotency_runs_a_keyed_call_once() {
+    let (addr, server) = serve_idempotent(|_| Reply::Ok).await;
+    let client = channel(addr);
+    let first = say_keyed(client.clone(), "order", Some("k-1"))
+        .await
+        .unwrap();
+    let again = say_keyed(client.clone(), "order", Some("k-1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.call, again.call),
+        (1, 1),
+        "the repeat ran the handler"
+    );
+    assert_eq!(again.message, "order");
+    assert_eq!(server.calls(), 1);
+    // Another key, or none, runs.
+    assert_eq!(
+        say_keyed(client.clone(), "order", Some("k-2"))
+            .await
+            .unwrap()
+            .call,
+        2
+    );
+    assert_eq!(say(client, "order").await.unwrap().call, 3);
+}
+
+/// `UNAVAILABLE` (trailers-only or after a message) is not remembered: the retry with
+/// the key runs the handler and gets its success.
+#[tokio::test]
+async fn a_grpc_unavailable_is_not_remembered_by_idempotency() {
+    let (addr, server) = serve_idempotent(|n| match n {
+        1 => Reply::Fail(Code::Unavailable),
+        2 => Reply::FailInTrailers(Code::Unavailable),
+        _ => Reply::Ok,
+    })
+    .await;
+    let client = channel(addr);
+    for _ in 0..2 {
+        let status = say_keyed(client.clone(), "order", Some("k-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    let pong = say_keyed(client, "order", Some("k-1")).await.unwrap();
+    assert_eq!(pong.call, 3);
+    assert_eq!(server.calls(), 3);
 }
 
 /// Gives a `service_fn` the service name tonic routes by.
