@@ -9,6 +9,12 @@ use std::time::Duration;
 /// The units a config duration may use.
 pub const UNITS: &str = "ns, us, ms, s, m, h";
 
+/// `d` in nanoseconds, saturating at `u64::MAX` (about 584 years) instead of keeping
+/// the low 64 bits as `as u64` does.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Parses `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`, `"1h"`, `"100us"`, `"10ns"`.
 ///
 /// # Errors

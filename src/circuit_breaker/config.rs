@@ -346,7 +346,8 @@ impl CircuitBreakerBuilder {
                         self.minimum_calls.min(size),
                     ),
                     WindowKind::Time(d, buckets) => {
-                        let width = (d.as_nanos() / u128::from(buckets)) as u64;
+                        let width =
+                            u64::try_from(d.as_nanos() / u128::from(buckets)).unwrap_or(u64::MAX);
                         (
                             Window::Time(TimeWindow::new(buckets, width)),
                             self.minimum_calls,

@@ -81,7 +81,7 @@ struct Keys<K> {
 
 impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     fn ns(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.origin).as_nanos() as u64
+        crate::duration::nanos(t.saturating_duration_since(self.origin))
     }
 
     /// The breaker for `key`, created (and the map trimmed) if needed.
@@ -119,7 +119,7 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     /// Drops the breakers idle for longer than `idle`; if the map is still full, the
     /// least recently used one.
     fn evict(&self, map: &mut HashMap<K, Entry>, now_ns: u64) {
-        let idle_ns = self.idle.as_nanos() as u64;
+        let idle_ns = crate::duration::nanos(self.idle);
         map.retain(|_, e| now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns);
         while map.len() >= self.max_keys {
             let Some(oldest) = map
@@ -351,8 +351,8 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
 
     /// Drops every breaker unused for longer than the idle timeout.
     pub fn evict_idle(&self) {
-        let now_ns = self.keys.origin.elapsed().as_nanos() as u64;
-        let idle_ns = self.keys.idle.as_nanos() as u64;
+        let now_ns = crate::duration::nanos(self.keys.origin.elapsed());
+        let idle_ns = crate::duration::nanos(self.keys.idle);
         let mut map = self.keys.map.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, e| now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns);
     }
@@ -440,11 +440,11 @@ where
         let now = Instant::now();
         let breaker = self.keys.get(key, now);
         match breaker.acquire(&mut Now::at(now)) {
-            Ok(permit) => ResponseFuture::running(
-                self.inner.call(req),
-                Guard::new(breaker, permit),
-                self.classifier.clone(),
-            ),
+            Ok(permit) => {
+                // The guard first: if the inner `call` panics, it gives a probe slot back.
+                let guard = Guard::new(breaker, permit);
+                ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())
+            }
             Err(open) => ResponseFuture::rejected(open),
         }
     }

@@ -114,7 +114,11 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let slot = &mut self.slot;
         if slot.reserved.is_empty() {
-            slot.reserved = match slot.breaker.breaker().acquire(&mut Now::lazy()) {
+            slot.reserved = match slot
+                .breaker
+                .breaker()
+                .acquire(&mut Now::lazy().deferring_start())
+            {
                 Ok(permit) => permit,
                 Err(open) => Permit::rejected(&open),
             };
@@ -134,7 +138,7 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let permit = self.slot.reserved.take();
+        let mut permit = self.slot.reserved.take();
         if let Some(open) = permit.rejection() {
             return ResponseFuture::rejected(open);
         }
@@ -142,6 +146,7 @@ where
             !permit.is_empty(),
             "CircuitBreaker::call called before poll_ready returned Ready"
         );
+        self.slot.breaker.breaker().start_call(&mut permit);
         let guard = Guard::new(self.slot.breaker.local().clone(), permit);
         ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())
     }

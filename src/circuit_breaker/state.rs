@@ -25,7 +25,7 @@ use super::window::{FAILURE, SLOW, Totals, Window};
 use crate::clock::{self, Coarse, SLACK_NS};
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -38,6 +38,9 @@ pub(crate) struct Now {
     at: Option<Instant>,
     /// A fixed instant (tests): the coarse clock is never used.
     fixed: bool,
+    /// Admission ahead of the call (`poll_ready`): a permit's slow-call clock starts
+    /// at [`Breaker::start_call`], not now.
+    defer_start: bool,
     #[cfg(test)]
     reads: u32,
 }
@@ -49,9 +52,19 @@ impl Now {
         Self {
             at: None,
             fixed: false,
+            defer_start: false,
             #[cfg(test)]
             reads: 0,
         }
+    }
+
+    /// For an admission ahead of the call (`poll_ready`): the time the inner service
+    /// then spends not ready (a bulkhead's queue) is not the call's, so a permit's
+    /// slow-call clock starts at [`Breaker::start_call`].
+    #[inline]
+    pub(crate) fn deferring_start(mut self) -> Self {
+        self.defer_start = true;
+        self
     }
 
     /// A fixed instant (tests, or a caller that already read the clock).
@@ -59,6 +72,7 @@ impl Now {
         Self {
             at: Some(at),
             fixed: true,
+            defer_start: false,
             #[cfg(test)]
             reads: 0,
         }
@@ -72,6 +86,14 @@ impl Now {
         }
         *self.at.get_or_insert_with(Instant::now)
     }
+}
+
+/// Whether `count` of `calls` (at least one) reaches `rate`. Divided, not multiplied:
+/// the quotient is correctly rounded, so an exact boundary counts (55 of 100 reaches
+/// 0.55; `55 >= 0.55 * 100.0` is false, as `0.55 * 100.0` is 55.000000000000007).
+#[inline]
+fn reached(count: u64, calls: u64, rate: f64) -> bool {
+    count as f64 / calls.max(1) as f64 >= rate
 }
 
 // === State ===
@@ -365,6 +387,8 @@ const REJECTED: u64 = 4;
 const KIND_BITS: u32 = 3;
 const KIND_MASK: u64 = (1 << KIND_BITS) - 1;
 const NO_START: u64 = u64::MAX;
+/// A tracked permit whose start is read when the call is made.
+const START_AT_CALL: u64 = u64::MAX - 1;
 
 /// Admission of one call, for the generation it was admitted in: two plain words, so
 /// the service and the response future move it cheaply.
@@ -510,6 +534,10 @@ pub(crate) struct Breaker {
     open_until_coarse: AtomicU64,
     half_open_until_ns: AtomicU64,
     not_permitted: AtomicU64,
+    /// The window may hold fewer than `minimum_calls`: then a success is evaluated
+    /// too, as it may be the call that reaches the minimum with the failures before
+    /// it (otherwise only failures and slow calls can raise a rate).
+    below_minimum: AtomicBool,
     /// The coarse clock aligned with `origin`, decided at first use: `None` inside
     /// when tokio's clock is paused (tests) or the platform has none.
     coarse: OnceLock<Option<Coarse>>,
@@ -541,6 +569,7 @@ impl Breaker {
             open_until_ns: AtomicU64::new(0),
             open_until_coarse: AtomicU64::new(0),
             half_open_until_ns: AtomicU64::new(u64::MAX),
+            below_minimum: AtomicBool::new(true),
             not_permitted: AtomicU64::new(0),
             coarse: OnceLock::new(),
             cold: Mutex::new(Cold { openings: 0, rng }),
@@ -554,7 +583,7 @@ impl Breaker {
 
     #[inline]
     fn ns(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.origin).as_nanos() as u64
+        crate::duration::nanos(t.saturating_duration_since(self.origin))
     }
 
     /// The coarse clock, unless `now` is fixed, tokio's clock is paused or the platform
@@ -594,8 +623,18 @@ impl Breaker {
     #[inline]
     fn start(&self, now: &mut Now) -> u64 {
         match self.settings.slow_call_duration {
+            Some(_) if now.defer_start => START_AT_CALL,
             Some(_) => self.ns(now.get()),
             None => NO_START,
+        }
+    }
+
+    /// Starts the slow-call clock of a permit admitted ahead of its call (see
+    /// [`Now::deferring_start`]); one clock read, only with slow-call tracking.
+    #[inline]
+    pub(crate) fn start_call(&self, permit: &mut Permit) {
+        if permit.start_ns == START_AT_CALL {
+            permit.start_ns = self.ns(Instant::now());
         }
     }
 
@@ -723,7 +762,7 @@ impl Breaker {
                 match &self.settings.trip {
                     Trip::Rate { window, .. } => {
                         window.record(outcome, || self.window_ns(now));
-                        if outcome != 0 {
+                        if outcome != 0 || self.below_minimum.load(Relaxed) {
                             self.evaluate(w, now);
                         }
                     }
@@ -751,7 +790,7 @@ impl Breaker {
         }
         if let Some(slow) = self.settings.slow_call_duration
             && permit.start_ns != NO_START
-            && self.ns(now.get()).saturating_sub(permit.start_ns) > slow.as_nanos() as u64
+            && self.ns(now.get()).saturating_sub(permit.start_ns) > crate::duration::nanos(slow)
         {
             outcome |= SLOW;
         }
@@ -769,12 +808,15 @@ impl Breaker {
             return;
         };
         let t = window.totals(|| self.window_ns(now));
-        if t.calls == 0 || t.calls < *minimum_calls {
+        let below = t.calls == 0 || t.calls < *minimum_calls;
+        if self.below_minimum.load(Relaxed) != below {
+            self.below_minimum.store(below, Relaxed);
+        }
+        if below {
             return;
         }
-        let calls = t.calls as f64;
-        let trip = t.failures as f64 >= self.settings.failure_rate * calls
-            || slow_call_rate.is_some_and(|r| t.slow as f64 >= r * calls);
+        let trip = reached(t.failures, t.calls, self.settings.failure_rate)
+            || slow_call_rate.is_some_and(|r| reached(t.slow, t.calls, r));
         // Metrics-only breakers evaluate too (same cost) but never trip.
         if trip && mode(w) == CLOSED {
             self.transition(w, OPEN, now, false);
@@ -808,13 +850,12 @@ impl Breaker {
         if field(new, DONE_SHIFT) < probes {
             return;
         }
-        let n = probes as f64;
-        let failed = field(new, FAIL_SHIFT) as f64 >= self.settings.failure_rate * n;
+        let failed = reached(field(new, FAIL_SHIFT), probes, self.settings.failure_rate);
         let slow = match &self.settings.trip {
             Trip::Rate {
                 slow_call_rate: Some(r),
                 ..
-            } => field(new, SLOW_SHIFT) as f64 >= r * n,
+            } => reached(field(new, SLOW_SHIFT), probes, *r),
             _ => false,
         };
         let to = if failed || slow { OPEN } else { CLOSED };
@@ -834,7 +875,7 @@ impl Breaker {
             OPEN => {
                 cold.openings = cold.openings.saturating_add(1);
                 let d = self.break_for(&mut cold);
-                let until = self.ns(now.get()).saturating_add(d.as_nanos() as u64);
+                let until = self.ns(now.get()).saturating_add(crate::duration::nanos(d));
                 self.open_until_ns.store(until, Release);
                 let coarse = self.coarse(now).map_or(0, |c| c.raw_deadline(until));
                 self.open_until_coarse.store(coarse, Relaxed);
@@ -842,7 +883,7 @@ impl Breaker {
             HALF_OPEN => {
                 avail = u64::from(self.settings.permitted_probes);
                 let until = match self.settings.max_wait_in_half_open {
-                    Some(d) => self.ns(now.get()).saturating_add(d.as_nanos() as u64),
+                    Some(d) => self.ns(now.get()).saturating_add(crate::duration::nanos(d)),
                     None => u64::MAX,
                 };
                 self.half_open_until_ns.store(until, Release);
@@ -867,6 +908,7 @@ impl Breaker {
     }
 
     fn clear_window(&self) {
+        self.below_minimum.store(true, Relaxed);
         match &self.settings.trip {
             Trip::Rate { window, .. } => window.reset(),
             Trip::Consecutive { count, .. } => count.store(0, Relaxed),
@@ -1001,6 +1043,59 @@ mod tests {
         let p = b.acquire(&mut now)?;
         b.complete(p, verdict, &mut now);
         Ok(())
+    }
+
+    /// Nine failures then a success reach `minimum_calls` at 90 %: the success is
+    /// evaluated too (only failures were, so the breaker stayed closed and the
+    /// failures slid out unseen).
+    #[test]
+    fn trips_when_minimum_calls_is_reached_by_a_success() {
+        let t0 = Instant::now();
+        let b = breaker(settings(count(10, 10)), t0);
+        for _ in 0..9 {
+            call(&b, t0, Verdict::Failure).unwrap();
+        }
+        assert_eq!(b.state(), State::Closed);
+        call(&b, t0, Verdict::Success).unwrap();
+        assert_eq!(b.state(), State::Open);
+    }
+
+    /// An exact boundary trips: 55 failures of 100 calls at a 0.55 rate (compared as
+    /// `55 >= 0.55 * 100.0` it did not, the product being 55.000000000000007).
+    #[test]
+    fn an_exact_failure_rate_boundary_trips() {
+        let t0 = Instant::now();
+        let mut s = settings(count(100, 100));
+        s.failure_rate = 0.55;
+        let b = breaker(s, t0);
+        for _ in 0..45 {
+            call(&b, t0, Verdict::Success).unwrap();
+        }
+        for _ in 0..55 {
+            call(&b, t0, Verdict::Failure).unwrap();
+        }
+        assert_eq!(b.state(), State::Open);
+    }
+
+    /// A slow-call threshold past 2^64 ns saturates instead of wrapping to a fraction
+    /// of a second (which made every call of more than 0.29 s slow).
+    #[test]
+    fn huge_durations_saturate_not_wrap() {
+        let t0 = Instant::now();
+        let mut s = settings(Trip::Rate {
+            window: Window::Count(CountWindow::new(1)),
+            minimum_calls: 1,
+            slow_call_rate: Some(0.5),
+        });
+        s.slow_call_duration = Some(Duration::from_secs(18_446_744_074));
+        let b = breaker(s, t0);
+        let p = b.acquire(&mut Now::at(t0)).unwrap();
+        b.complete(
+            p,
+            Verdict::Success,
+            &mut Now::at(t0 + Duration::from_secs(1)),
+        );
+        assert_eq!(b.state(), State::Closed);
     }
 
     /// The atomic core under real thread interleavings (no runtime): OS threads released

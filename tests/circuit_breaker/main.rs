@@ -201,6 +201,33 @@ async fn slow_calls_trip_the_breaker() {
     assert_eq!(h.state(), State::Open);
 }
 
+/// A call's time is counted from `call`, not from `poll_ready`: time the inner service
+/// spends not ready (a bulkhead's queue inside the breaker) is local queueing, and
+/// counting it made every call of a burst slow and tripped the breaker.
+#[tokio::test(start_paused = true)]
+async fn slow_call_time_excludes_waiting_for_the_inner_service_to_be_ready() {
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(1)
+        .minimum_calls(1)
+        .slow_calls(Duration::from_secs(1), 0.5)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let (inner, mut handle) = mock::pair::<(), ()>();
+    let mut svc = mock::Spawn::new(layer.layer(inner));
+    handle.allow(0);
+    assert_pending!(svc.poll_ready());
+    advance(Duration::from_secs(2)).await; // queued behind a full bulkhead
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(());
+    let ((), reply) = handle.next_request().await.unwrap();
+    reply.send_response(()); // answered at once
+    fut.await.unwrap();
+    assert_eq!(h.metrics().slow_calls(), 0);
+    assert_eq!(h.state(), State::Closed);
+}
+
 #[tokio::test(start_paused = true)]
 async fn slow_calls_are_not_tracked_unless_configured() {
     let (mut svc, h, _) = breaker(
@@ -619,6 +646,51 @@ async fn per_key_breakers_are_isolated() {
     assert_eq!(keys.get(&"a").unwrap().state(), State::Open);
     assert_eq!(keys.get(&"b").unwrap().state(), State::Closed);
     assert_eq!(keys.get(&"a").unwrap().name(), "a");
+}
+
+/// A service whose `call` itself panics (a contract violation, caught by a server's
+/// panic handler) when asked to; else it answers `Ok`.
+#[derive(Clone)]
+struct PanicsInCall;
+
+impl Service<bool> for PanicsInCall {
+    type Response = ();
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, panic: bool) -> Self::Future {
+        assert!(!panic, "call panicked");
+        std::future::ready(Err(BoxError::from("down")))
+    }
+}
+
+/// A half-open key whose probe's inner `call` panics gets its probe slot back (the
+/// slot was taken before the guard that gives it back existed, so the key stayed
+/// half-open with no slot, forever).
+#[tokio::test(start_paused = true)]
+async fn a_keyed_probe_whose_call_panics_gives_its_slot_back() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .permitted_probes(1)
+        .break_duration(Duration::from_secs(1))
+        .keyed(|_: &bool| "k")
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(PanicsInCall);
+    svc.ready().await.unwrap().call(false).await.unwrap_err();
+    advance(Duration::from_secs(1)).await;
+    let ready = svc.ready().await.unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ready.call(true)));
+    assert!(caught.is_err());
+    assert_eq!(keys.get(&"k").unwrap().state(), State::HalfOpen);
+    // The slot is free again: the next call is the probe, not rejected.
+    let e = svc.ready().await.unwrap().call(false).await.unwrap_err();
+    assert!(e.open().is_none(), "rejected: the probe slot leaked");
 }
 
 #[tokio::test(start_paused = true)]
