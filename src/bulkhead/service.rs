@@ -235,7 +235,13 @@ where
         loop {
             match &mut self.state {
                 State::Ready(_) => return self.inner.poll_ready(cx).map_err(Into::into),
-                State::Rejected(_) => return Poll::Ready(Ok(())),
+                // Checked again: a permit freed since the rejection is taken, rather
+                // than failing a call that fits (a cache of ready services polls
+                // again before it calls).
+                State::Rejected(_) => match self.shared.try_acquire() {
+                    Some(permit) => self.state = State::Ready(permit),
+                    None => return Poll::Ready(Ok(())),
+                },
                 State::Empty => match self.shared.try_acquire() {
                     Some(permit) => self.state = State::Ready(permit),
                     None => match self.shared.enter_waiting() {

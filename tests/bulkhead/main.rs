@@ -171,6 +171,24 @@ async fn a_rejection_does_not_poison_the_service() {
     assert_eq!(handle.next_request().await.unwrap().0, 1);
 }
 
+/// A service found full by `poll_ready` takes a permit freed before it is polled
+/// again, instead of failing a call that now fits (a cache of ready services, like
+/// tower's `ReadyCache`, polls again before it calls).
+#[tokio::test(start_paused = true)]
+async fn a_rejected_service_takes_a_permit_freed_before_its_next_poll_ready() {
+    let layer = BulkheadLayer::new(1).unwrap();
+    let (mut c, mut handle) = callers(&layer, 2);
+    assert_ready_ok!(c[0].poll_ready());
+    let mut f0 = tokio_test::task::spawn(c[0].call(0));
+    assert_ready_ok!(c[1].poll_ready()); // full: ready to reject
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(0);
+    assert_ready_ok!(f0.poll()); // the permit is free again
+    assert_ready_ok!(c[1].poll_ready());
+    let _f1 = c[1].call(1);
+    assert_eq!(handle.next_request().await.unwrap().0, 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn backpressure_waits_as_long_as_it_takes() {
     let layer = BulkheadLayer::builder()
