@@ -425,6 +425,13 @@ mod tests {
         );
         let boxed: BoxError = Box::new(Outer(Box::new(denied)));
         assert_eq!(to_status(&*boxed).code(), tonic::Code::ResourceExhausted);
+        // `IntoStatusLayer`'s mapping too: not tonic's `UNKNOWN` for a failed response.
+        let (failed, _) = not_enqueued();
+        let boxed: BoxError = Box::new(Outer(Box::new(failed)));
+        assert_eq!(
+            crate::grpc::into_status(boxed).code(),
+            tonic::Code::Unavailable
+        );
     }
 
     #[cfg(feature = "grpc")]

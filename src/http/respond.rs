@@ -49,14 +49,29 @@ impl<S> Layer<S> for ErrorResponseLayer {
     type Service = ErrorResponse<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ErrorResponse { inner }
+        ErrorResponse {
+            inner,
+            not_ready: None,
+        }
     }
 }
 
 /// See [`ErrorResponseLayer`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ErrorResponse<S> {
     inner: S,
+    /// The inner service failed readiness: the next call is answered with this error,
+    /// without calling it (it is not ready).
+    not_ready: Option<BoxError>,
+}
+
+impl<S: Clone> Clone for ErrorResponse<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            not_ready: None,
+        }
+    }
 }
 
 impl<S> ErrorResponse<S> {
@@ -83,20 +98,34 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // A service that fails readiness is broken for good; postbox layers never do
-        // (they reject in `call`). Report the error on the next call instead.
+        // (they reject in `call`). Answer the next call with the error instead, without
+        // calling the service, which is not ready (tower's contract).
+        if self.not_ready.is_some() {
+            return Poll::Ready(Ok(()));
+        }
         match ready!(self.inner.poll_ready(cx)) {
             Ok(()) => Poll::Ready(Ok(())),
             Err(e) => {
                 let e: BoxError = e.into();
                 tracing::error!(error = %e, "inner service failed readiness");
+                self.not_ready = Some(e);
                 Poll::Ready(Ok(()))
             }
         }
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        ResponseFuture {
-            inner: self.inner.call(req),
+        match self.not_ready.take() {
+            Some(e) => ResponseFuture {
+                kind: Kind::Answered {
+                    res: Some(crate::error::into_response(e)),
+                },
+            },
+            None => ResponseFuture {
+                kind: Kind::Called {
+                    inner: self.inner.call(req),
+                },
+            },
         }
     }
 }
@@ -106,7 +135,21 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: F,
+        kind: Kind<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    #[derive(Debug)]
+    enum Kind<F> {
+        Called {
+            #[pin]
+            inner: F,
+        },
+        Answered {
+            res: Option<Response>,
+        },
     }
 }
 
@@ -119,9 +162,34 @@ where
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(Ok(match ready!(self.project().inner.poll(cx)) {
-            Ok(res) => res.into_response(),
-            Err(e) => crate::error::into_response(e.into()),
-        }))
+        match self.project().kind.project() {
+            KindProj::Called { inner } => Poll::Ready(Ok(match ready!(inner.poll(cx)) {
+                Ok(res) => res.into_response(),
+                Err(e) => crate::error::into_response(e.into()),
+            })),
+            KindProj::Answered { res } => Poll::Ready(Ok(res
+                .take()
+                .expect("ErrorResponse future polled after completion"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower_test::mock;
+
+    /// A readiness error is answered on the next call without calling the inner
+    /// service, which is not ready (calling it anyway breaks tower's contract: a
+    /// `Buffer` whose worker died, or this mock, panics).
+    #[tokio::test]
+    async fn a_readiness_error_is_answered_without_calling_the_inner_service() {
+        let (inner, mut handle) = mock::pair::<(), Response>();
+        let mut svc = mock::Spawn::new(ErrorResponseLayer::new().layer(inner));
+        handle.send_error("broken for good");
+        tokio_test::assert_ready_ok!(svc.poll_ready());
+        let res = svc.call(()).await.unwrap();
+        assert_eq!(res.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        tokio_test::assert_pending!(handle.poll_request());
     }
 }
