@@ -444,15 +444,28 @@ fn load_with<T: DeserializeOwned>(
     presets: impl FnOnce(&mut Value) -> Result<(), ConfigError>,
     validate: impl FnOnce(&T) -> Result<(), ConfigError>,
 ) -> Result<T, LoadError> {
-    parse::<T>(text, format)?;
-    let mut value = to_value(text, format)?;
+    // A section that overrides part of a preset's table (the breaker's window without
+    // its `type`) is incomplete on its own: its strict parse fails, the merged one
+    // does not. Its error is kept for when the merged one fails too (it has the line).
+    let strict = parse::<T>(text, format);
+    let mut value = match to_value(text, format) {
+        Ok(value) => value,
+        Err(e) => {
+            strict?;
+            return Err(e);
+        }
+    };
     presets(&mut value).map_err(|e| invalid(text, format, e))?;
-    let config: T = serde_json::from_value(value).map_err(|e| {
-        LoadError::new(
-            Some(format),
-            Kind::Syntax(format!("after applying the preset: {e}")),
-        )
-    })?;
+    let config: T = match serde_json::from_value(value) {
+        Ok(config) => config,
+        Err(e) => {
+            strict?;
+            return Err(LoadError::new(
+                Some(format),
+                Kind::Syntax(format!("after applying the preset: {e}")),
+            ));
+        }
+    };
     validate(&config).map_err(|e| invalid(text, format, e))?;
     Ok(config)
 }

@@ -31,6 +31,8 @@
 //! | `attempt_timeout ≤ deadline` | `client.attempt_timeout` |
 //! | a time window of the breaker spans at least `2 × attempt_timeout` (a count window has no duration and is not checked) | `client.circuit_breaker.window.duration` |
 //! | `retry.max_retries × retry.backoff.max_delay ≤ deadline` | `client.retry.backoff.max_delay` |
+//! | a client bulkhead that lets callers wait (`max_waiting > 0`) sets `max_wait ≤ deadline` (it waits before the deadline's timer starts) | `client.bulkhead.max_wait` |
+//! | `enqueue.sync_methods` are upper-case (methods are case-sensitive: `"get"` would keep no `GET` synchronous) | `client.enqueue.sync_methods` |
 //! | the server's `idempotency.lock_for ≥ deadline` (a claim outlives the handler) | `server.idempotency.lock_for` |
 //! | the server's bulkhead fails fast (`max_waiting = 0`) | `server.bulkhead.max_waiting` |
 //!
@@ -502,6 +504,36 @@ impl ClientConfig {
                     fmt_d(duration),
                     f("attempt_timeout"),
                     fmt_d(self.attempt_timeout.saturating_mul(2))
+                ),
+            ));
+        }
+        if self.bulkhead.max_waiting > 0 && self.bulkhead.max_wait.is_none_or(|w| w > self.deadline)
+        {
+            // The bulkhead waits in `poll_ready`, before the deadline's timer starts.
+            return Err(ConfigError::new(
+                f("bulkhead.max_wait"),
+                format!(
+                    "({}) must be set and at most `{}` ({}) when `{}` > 0: a caller \
+                     waiting for a slot is not bounded by the deadline",
+                    self.bulkhead.max_wait.map_or("unset".to_owned(), fmt_d),
+                    f("deadline"),
+                    fmt_d(self.deadline),
+                    f("bulkhead.max_waiting"),
+                ),
+            ));
+        }
+        if let Some(m) = self
+            .enqueue
+            .sync_methods
+            .iter()
+            .find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-'))
+        {
+            return Err(ConfigError::new(
+                f("enqueue.sync_methods"),
+                format!(
+                    "{m:?} is not an upper-case method: methods are case-sensitive, so it \
+                     would keep nothing synchronous (did you mean {:?}?)",
+                    m.to_ascii_uppercase()
                 ),
             ));
         }

@@ -216,6 +216,65 @@ window = { type = "time", duration = "3s", buckets = 3 }
     )
     .unwrap_err();
     assert_eq!(e.field(), Some("server.idempotency.lock_for"));
+
+    // a client bulkhead whose wait is unbounded, or outlasts the deadline: it waits
+    // before the deadline's timer starts
+    for wait in ["", "max_wait = \"60s\"\n"] {
+        let text = format!(
+            "[client]\npreset = \"standard_http_client\"\n[client.bulkhead]\nmax_waiting = 10\n{wait}"
+        );
+        let e = StackConfig::from_str(&text, Format::Toml).unwrap_err();
+        assert_eq!(e.field(), Some("client.bulkhead.max_wait"), "{e}");
+    }
+    let ok = "[client]\npreset = \"standard_http_client\"\n[client.bulkhead]\nmax_waiting = 10\nmax_wait = \"1s\"\n";
+    StackConfig::from_str(ok, Format::Toml).unwrap();
+}
+
+/// Methods are case-sensitive: `"get"` would keep no `GET` synchronous, so every GET
+/// would become deferrable. Refused, with the upper-case spelling suggested.
+#[test]
+fn a_lower_case_sync_method_is_an_error() {
+    let e = StackConfig::from_str(
+        "[client.enqueue]\nenabled = true\nsync_methods = [\"get\"]\n",
+        Format::Toml,
+    )
+    .unwrap_err();
+    assert_eq!(e.field(), Some("client.enqueue.sync_methods"));
+    assert!(e.to_string().contains("\"GET\""), "{e}");
+}
+
+/// A preset's breaker window can be changed one field at a time, as every other table:
+/// `[client.circuit_breaker.window] duration = "60s"` keeps the preset's `type` and
+/// `buckets` (it failed with "missing field `type`").
+#[test]
+fn a_preset_window_field_can_be_overridden_alone() {
+    let c = StackConfig::from_str(
+        "[client]\npreset = \"standard_http_client\"\n[client.circuit_breaker.window]\nduration = \"60s\"\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let preset = ClientConfig::standard_http_client();
+    assert_ne!(
+        c.client.circuit_breaker.window,
+        preset.circuit_breaker.window
+    );
+    let mut expected = preset;
+    if let WindowConfig::Time { duration, .. } = &mut expected.circuit_breaker.window {
+        *duration = Duration::from_secs(60);
+    } else {
+        panic!("the preset's window is a time window");
+    }
+    assert_eq!(
+        c.client.circuit_breaker.window,
+        expected.circuit_breaker.window
+    );
+    // Without a preset, the window still needs its `type`, with the line.
+    let e = StackConfig::from_str(
+        "[client.circuit_breaker.window]\nduration = \"60s\"\n",
+        Format::Toml,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("type"), "{e}");
 }
 
 #[test]
