@@ -81,6 +81,11 @@
 //! oldest such commit — on the next batch or, when idle, with an empty durable commit —
 //! and when the queue is closed. Losing a lease in a crash is the same as the lease
 //! expiring: the message is pending again (the lease's attempt may go uncounted).
+//! Except for a *redelivery*, whose lease is committed durably: a message leased before
+//! (its attempts above zero: an expired lease, a retry) or stored before the queue was
+//! opened (which a process that died may have leased, uncounted). So a message that
+//! kills its consumer within `ack_sync` of its lease is counted from the first restart
+//! on, and reaches the dead letters instead of crashing every restart forever.
 //! Losing an ack in a crash delivers the message once more, which at-least-once delivery
 //! allows and the idempotency key makes harmless. No message is ever lost this way: only
 //! enqueues promise durability on return, and they always get it. This takes the fsync
@@ -355,7 +360,7 @@ impl EmbeddedQueue {
     pub fn open(path: impl AsRef<Path>, options: EmbeddedOptions) -> Result<Self, QueueError> {
         let path = path.as_ref().to_path_buf();
         let db = open_db(&path, &options)?;
-        let live = init_tables(&db)?;
+        let (live, recovered_max) = init_tables(&db)?;
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db: Some(db),
@@ -364,6 +369,7 @@ impl EmbeddedQueue {
             max_batch: options.max_batch,
             ack_sync: options.ack_sync,
             unsynced_since: None,
+            recovered_max,
             leases: Leases::default(),
             counters: Arc::default(),
         };
@@ -567,52 +573,61 @@ fn open_db(path: &Path, options: &EmbeddedOptions) -> Result<Database, QueueErro
 }
 
 /// Creates the tables if needed, checks the schema version, and counts live messages.
-fn init_tables(db: &Database) -> Result<u64, QueueError> {
-    let res = catch_unwind(AssertUnwindSafe(|| -> Result<u64, QueueError> {
-        let txn = db.begin_write().map_err(redb_err)?;
-        let live;
-        {
-            let mut meta = txn.open_table(META).map_err(redb_err)?;
-            let version = meta
-                .get("schema_version")
-                .map_err(redb_err)?
-                .map(|g| g.value());
-            match version {
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION)
-                        .map_err(redb_err)?;
+/// Creates or checks the tables; returns the live count and the highest stored id.
+fn init_tables(db: &Database) -> Result<(u64, Option<Id>), QueueError> {
+    let res = catch_unwind(AssertUnwindSafe(
+        || -> Result<(u64, Option<Id>), QueueError> {
+            let txn = db.begin_write().map_err(redb_err)?;
+            let live;
+            let recovered_max;
+            {
+                let mut meta = txn.open_table(META).map_err(redb_err)?;
+                let version = meta
+                    .get("schema_version")
+                    .map_err(redb_err)?
+                    .map(|g| g.value());
+                match version {
+                    None => {
+                        meta.insert("schema_version", SCHEMA_VERSION)
+                            .map_err(redb_err)?;
+                    }
+                    Some(SCHEMA_VERSION) => {}
+                    Some(1) => {
+                        migrate_v1(&txn)?;
+                        meta.insert("schema_version", SCHEMA_VERSION)
+                            .map_err(redb_err)?;
+                    }
+                    Some(v) => {
+                        return Err(QueueError::Corrupt(format!(
+                            "unknown queue schema version {v} (this build reads {SCHEMA_VERSION})"
+                        )));
+                    }
                 }
-                Some(SCHEMA_VERSION) => {}
-                Some(1) => {
-                    migrate_v1(&txn)?;
-                    meta.insert("schema_version", SCHEMA_VERSION)
-                        .map_err(redb_err)?;
-                }
-                Some(v) => {
-                    return Err(QueueError::Corrupt(format!(
-                        "unknown queue schema version {v} (this build reads {SCHEMA_VERSION})"
-                    )));
-                }
+                recovered_max = txn
+                    .open_table(MESSAGES)
+                    .map_err(redb_err)?
+                    .last()
+                    .map_err(redb_err)?
+                    .map(|(id, _)| id.value());
+                txn.open_table(DEAD).map_err(redb_err)?;
+                txn.open_table(KEYS).map_err(redb_err)?;
+                txn.open_table(QUARANTINE).map_err(redb_err)?;
+                let scheduled = txn
+                    .open_table(SCHEDULED)
+                    .map_err(redb_err)?
+                    .len()
+                    .map_err(redb_err)?;
+                let ready = txn
+                    .open_table(READY)
+                    .map_err(redb_err)?
+                    .len()
+                    .map_err(redb_err)?;
+                live = scheduled + ready;
             }
-            txn.open_table(MESSAGES).map_err(redb_err)?;
-            txn.open_table(DEAD).map_err(redb_err)?;
-            txn.open_table(KEYS).map_err(redb_err)?;
-            txn.open_table(QUARANTINE).map_err(redb_err)?;
-            let scheduled = txn
-                .open_table(SCHEDULED)
-                .map_err(redb_err)?
-                .len()
-                .map_err(redb_err)?;
-            let ready = txn
-                .open_table(READY)
-                .map_err(redb_err)?
-                .len()
-                .map_err(redb_err)?;
-            live = scheduled + ready;
-        }
-        txn.commit().map_err(redb_err)?;
-        Ok(live)
-    }));
+            txn.commit().map_err(redb_err)?;
+            Ok((live, recovered_max))
+        },
+    ));
     res.unwrap_or_else(|_| Err(QueueError::Corrupt("redb panicked reading the file".into())))
 }
 
@@ -695,6 +710,9 @@ struct Writer {
     ack_sync: Duration,
     /// When the oldest commit not yet made durable was made.
     unsynced_since: Option<Instant>,
+    /// The highest id stored when the queue was opened: a lease of one at or below it
+    /// is a redelivery (module docs).
+    recovered_max: Option<Id>,
     leases: Leases,
     counters: Arc<Counters>,
 }
@@ -808,8 +826,12 @@ impl Writer {
     /// Makes every earlier commit durable (an empty durable commit), if one is not.
     fn sync(&mut self) {
         if let Err(e) = self.try_sync() {
-            // The commits stay unsynced; the next durable commit retries.
+            // The commits stay unsynced; the next durable commit retries, or this after
+            // another `ack_sync` (not at once: a disk that is full would pin a core).
             tracing::error!(error = %e, "postbox queue sync failed");
+            if self.unsynced_since.is_some() {
+                self.unsynced_since = Some(Instant::now());
+            }
         }
     }
 
@@ -855,6 +877,8 @@ impl Writer {
             let mut state = State {
                 live: &mut self.live,
                 capacity: self.capacity,
+                recovered_max: self.recovered_max,
+                redelivered: false,
                 leases: &mut self.leases,
                 undo: &mut undo,
             };
@@ -872,7 +896,7 @@ impl Writer {
                 Some(since) => since.elapsed() >= self.ack_sync,
                 None => self.ack_sync.is_zero(),
             };
-            let durable = sync_due || ops.needs_sync;
+            let durable = sync_due || ops.needs_sync || state.redelivered;
             txn.set_durability(if durable {
                 redb::Durability::Immediate
             } else {
@@ -985,6 +1009,10 @@ struct State<'s> {
     /// Pending + in-flight messages, for the capacity check.
     live: &'s mut u64,
     capacity: Option<u64>,
+    /// See [`Writer::recovered_max`].
+    recovered_max: Option<Id>,
+    /// A redelivery was leased: the batch commits durably (module docs).
+    redelivered: bool,
     leases: &'s mut Leases,
     undo: &'s mut Vec<Undo>,
 }
@@ -1278,6 +1306,9 @@ impl Tables<'_> {
                         .map_err(redb_err)?;
                     self.dirty = true;
                     continue;
+                }
+                if attempts > 0 || st.recovered_max.is_some_and(|max| id <= max) {
+                    st.redelivered = true;
                 }
                 let attempts = attempts.saturating_add(1);
                 env.attempts = attempts;

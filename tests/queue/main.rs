@@ -161,6 +161,48 @@ async fn a_crash_after_unsynced_acks_delivers_them_again() {
     drop(q);
 }
 
+/// A message that kills its consumer is counted: the lease of a redelivery (a message
+/// stored before the queue was opened, which a process that died may have leased, or
+/// one leased before) commits durably, so a crash right after it keeps the attempt and
+/// the message reaches the dead letters instead of crashing every restart. A first
+/// delivery's lease still costs no fsync.
+#[tokio::test]
+async fn a_crash_right_after_leasing_a_redelivery_keeps_its_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let never = EmbeddedOptions::new().with_ack_sync(Duration::from_secs(3600));
+    let q = EmbeddedQueue::open(&path, never.clone()).unwrap();
+    fill(&q, 1).await;
+    q.close().await.unwrap();
+
+    // The restart after the first crash: the message was stored before.
+    let q = EmbeddedQueue::open(&path, never).unwrap();
+    let fresh = q.enqueue(envelope(1)).await.unwrap().id();
+    let syncs = q.stats().syncs;
+    let leased = q.lease(1, LEASE, SystemTime::now()).await.unwrap();
+    assert_eq!(leased[0].envelope.attempts, 1);
+    assert_ne!(leased[0].envelope.id, fresh);
+    assert!(
+        q.stats().syncs > syncs,
+        "the redelivery's lease was not fsynced"
+    );
+    // The process dies now, before any other commit.
+    let crashed = open_crashed_copy(dir.path(), &path);
+    let again = crashed.lease(1, LEASE, SystemTime::now()).await.unwrap();
+    assert_eq!(again[0].envelope.id, leased[0].envelope.id);
+    assert_eq!(
+        again[0].envelope.attempts, 2,
+        "the crash forgot the attempt"
+    );
+
+    // A message enqueued since the open is a first delivery: no fsync for its lease.
+    let syncs = q.stats().syncs;
+    let first = q.lease(1, LEASE, SystemTime::now()).await.unwrap();
+    assert_eq!(first[0].envelope.id, fresh);
+    assert_eq!(q.stats().syncs, syncs);
+    drop((q, crashed));
+}
+
 #[tokio::test]
 async fn close_makes_unsynced_acks_durable() {
     let dir = tempfile::tempdir().unwrap();
