@@ -68,6 +68,7 @@ pub fn at(secs: u64) -> SystemTime {
 
 /// Enqueues a message (key `good`) and leases all that is due at `t0()`: it is the only
 /// message leased, whatever else the batch held. Returns its id.
+#[cfg(any(feature = "nats", feature = "redis"))]
 pub async fn only_the_good_message_is_leased(q: &impl Queue) -> MessageId {
     let good = q.enqueue(envelope("good")).await.unwrap().id();
     let leased = q.lease(10, Duration::from_secs(30), t0()).await.unwrap();
