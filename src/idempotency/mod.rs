@@ -13,7 +13,16 @@
 //!   (`idempotent-replayed: true`);
 //! * a duplicate arriving while the first runs **waits** for it (it does not run the
 //!   handler twice), then gets the same answer;
-//! * requests without the header pass through untouched.
+//! * a repeat that is **not the same request** — another query, content type or body
+//!   under a key already used (a client bug) — is answered `422 Unprocessable Content`
+//!   (`application/problem+json`, "Idempotency-Key is already used", as the IETF
+//!   idempotency-key draft advises) instead of with the first request's response. The
+//!   handler reads the body through [`FingerprintedBody`], which hashes it on the way
+//!   (no copy); a repeat's body is read and hashed by the layer. A first request whose
+//!   handler did not read its whole body has no fingerprint, and its repeats are not
+//!   compared;
+//! * requests without the header pass through untouched (in a [`FingerprintedBody`]
+//!   that only forwards).
 //!
 //! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), an error, a
 //! response body over the limit, or a request dropped before the handler answered is
@@ -55,11 +64,13 @@
 //! # let _ = server; Ok(()) }
 //! ```
 
+mod fingerprint;
 pub mod future;
 mod layer;
 mod service;
 mod store;
 
+pub use self::fingerprint::{Fingerprint, FingerprintedBody};
 pub use self::layer::IdempotencyLayer;
 pub use self::service::{Idempotency, REPLAYED_HEADER};
 pub use self::store::{Claim, ClaimToken, IdempotencyStore, MemoryStore, StoredResponse};

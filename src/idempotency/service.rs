@@ -1,3 +1,4 @@
+use super::fingerprint::{self, FingerprintedBody, Hasher, Tap};
 use super::future::ResponseFuture;
 use super::store::{Claim, ClaimToken, IdempotencyStore, StoredResponse};
 use crate::BoxError;
@@ -5,7 +6,7 @@ use crate::classify::grpc::GrpcCode;
 use crate::enqueue::BufferedBody;
 use crate::enqueue::body::{Collected, partial, poll_collect};
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use std::fmt;
 use std::pin::Pin;
@@ -96,11 +97,14 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
 
 impl<S, St, B, ResBody> Service<Request<B>> for Idempotency<S, St>
 where
-    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<FingerprintedBody<B>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send,
     S::Error: Send,
     St: IdempotencyStore,
-    B: Send + 'static,
+    B: Body + Send + 'static,
     ResBody: Body + Unpin + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
@@ -120,7 +124,9 @@ where
             .and_then(|v| v.to_str().ok())
             .filter(|k| !k.is_empty())
         else {
-            return ResponseFuture::passthrough(self.inner.call(req));
+            return ResponseFuture::passthrough(
+                self.inner.call(req.map(FingerprintedBody::untapped)),
+            );
         };
         // Keys are scoped to the method and path: the same key on another endpoint is
         // another operation.
@@ -156,15 +162,42 @@ async fn keyed<S, St, B, ResBody>(
     config: Arc<Config>,
 ) -> Result<Response<BufferedBody<ResBody>>, S::Error>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<FingerprintedBody<B>>, Response = Response<ResBody>>,
     St: IdempotencyStore,
+    B: Body,
     ResBody: Body + Unpin + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
+    let head = Hasher::of_head(&req);
     let token = loop {
         match store.claim(&key, config.lock_for).await {
             Ok(Claim::Proceed(token)) => break token,
             Ok(Claim::Done(stored)) => {
+                if let Some(first) = stored.fingerprint {
+                    // A repeat must be the same request: read its body (no further
+                    // than the first one's length) to compare.
+                    let fingerprint =
+                        fingerprint::of_body(req.into_body(), head, first.body_len).await;
+                    if fingerprint != Ok(Some(first)) {
+                        tracing::debug!(%key, "idempotency key reused for another request");
+                        metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "key_reused")
+                            .increment(1);
+                        return Ok(match fingerprint {
+                            Err(()) => problem(
+                                StatusCode::BAD_REQUEST,
+                                "Request body unreadable",
+                                "The request body could not be read to compare it with the \
+                                 request that first used this Idempotency-Key.",
+                            ),
+                            Ok(_) => problem(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                "Idempotency-Key is already used",
+                                "This Idempotency-Key was used with a different request: \
+                                 another method, path, query, content type or body.",
+                            ),
+                        });
+                    }
+                }
                 tracing::debug!(%key, "answered from the idempotency store");
                 metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "replayed")
                     .increment(1);
@@ -173,11 +206,14 @@ where
             Ok(Claim::InProgress) => store.wait(&key).await,
             Err(e) => {
                 tracing::warn!(error = %e, %key, "idempotency store failed; running the handler");
-                let res = svc.call(req).await?;
+                let res = svc.call(req.map(FingerprintedBody::untapped)).await?;
                 return Ok(res.map(BufferedBody::streaming));
             }
         }
     };
+    let (parts, body) = req.into_parts();
+    let (body, tap) = FingerprintedBody::tapped(body, head);
+    let req = Request::from_parts(parts, body);
     let claim = Release {
         store: store.clone(),
         key,
@@ -203,6 +239,7 @@ where
         config,
         parts.status,
         parts.headers.clone(),
+        tap,
     );
     // Once the client has gone, the reading gets `lock_for` more, no longer (a body
     // that never ends must not keep the task alive; the claim would expire anyway).
@@ -253,6 +290,7 @@ async fn collect_and_store<St, B>(
     config: Arc<Config>,
     status: http::StatusCode,
     headers: http::HeaderMap,
+    tap: Arc<Tap>,
 ) -> Outcome<B>
 where
     St: IdempotencyStore,
@@ -306,6 +344,9 @@ where
                 // the frame may be a slice of (a connection's read buffer).
                 body: Bytes::copy_from_slice(&bytes),
                 trailers: trailers.clone(),
+                // `None` if the handler did not read the whole request body: repeats
+                // are then not compared.
+                fingerprint: tap.fingerprint(),
             };
             match store
                 .complete(&claim.key, claim.token, stored, config.ttl)
@@ -319,6 +360,21 @@ where
             Outcome::Whole(bytes, trailers)
         }
     }
+}
+
+/// An RFC 9457 problem answer of the layer's own.
+fn problem<B>(status: StatusCode, title: &str, detail: &str) -> Response<BufferedBody<B>> {
+    let body = format!(
+        r#"{{"title":"{title}","status":{},"detail":"{detail}"}}"#,
+        status.as_u16()
+    );
+    let mut res = Response::new(BufferedBody::full(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
 }
 
 fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {

@@ -1,5 +1,6 @@
 //! Where the [`Idempotency`](super::Idempotency) layer remembers responses.
 
+use super::fingerprint::Fingerprint;
 use crate::BoxError;
 use crate::clock::later;
 use bytes::Bytes;
@@ -25,6 +26,10 @@ pub struct StoredResponse {
     /// trailers-only one carries its `grpc-status` there). A shared store must keep
     /// them: a gRPC client reads a replayed response without them as a failure.
     pub trailers: Option<HeaderMap>,
+    /// The request that first used the key (see [`Fingerprint`]): a repeat that differs
+    /// is answered `422`. `None` if the handler did not read the whole request body;
+    /// repeats are then not compared.
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// Identifies one claim of a key.
@@ -314,6 +319,7 @@ mod tests {
             headers: HeaderMap::new(),
             body: Bytes::from(vec![n]),
             trailers: None,
+            fingerprint: None,
         }
     }
 

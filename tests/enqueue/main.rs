@@ -24,8 +24,8 @@ use postbox::enqueue::{
 };
 use postbox::error::find_cause;
 use postbox::idempotency::{
-    Claim, ClaimToken, IdempotencyLayer, IdempotencyStore, MemoryStore, REPLAYED_HEADER,
-    StoredResponse,
+    Claim, ClaimToken, FingerprintedBody, IdempotencyLayer, IdempotencyStore, MemoryStore,
+    REPLAYED_HEADER, StoredResponse,
 };
 use postbox::queue::{DeferReason, Depth, Envelope, MemoryQueue, MessageId, Queue, QueueError};
 use postbox::timeout::error::DeadlineExceeded;
@@ -674,19 +674,21 @@ impl OrderServer {
     + 'static {
         let applied = self.applied.clone();
         let handled = self.handled.clone();
-        let handler = service_fn(move |req: InnerReq| {
-            let applied = applied.clone();
-            let handled = handled.clone();
-            async move {
-                handled.fetch_add(1, Ordering::SeqCst);
-                let key = req.headers()[IDEMPOTENCY_KEY_HEADER]
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
-                *applied.lock().unwrap().entry(key).or_default() += 1;
-                Ok::<_, BoxError>(respond(201, "applied"))
-            }
-        });
+        let handler = service_fn(
+            move |req: Request<FingerprintedBody<BufferedBody<Full<Bytes>>>>| {
+                let applied = applied.clone();
+                let handled = handled.clone();
+                async move {
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    let key = req.headers()[IDEMPOTENCY_KEY_HEADER]
+                        .to_str()
+                        .unwrap()
+                        .to_owned();
+                    *applied.lock().unwrap().entry(key).or_default() += 1;
+                    Ok::<_, BoxError>(respond(201, "applied"))
+                }
+            },
+        );
         IdempotencyLayer::new(100).layer(handler)
     }
 }
@@ -1482,13 +1484,16 @@ async fn replayer_stops_leasing_while_the_breaker_is_open() {
 
 // === Idempotency layer ===
 
+/// What a handler behind the `Idempotency` layer is called with.
+type Served = Request<FingerprintedBody<Full<Bytes>>>;
+
 fn slow_handler(
     calls: Arc<AtomicUsize>,
-) -> impl Service<Request<Full<Bytes>>, Response = Res, Error = std::convert::Infallible, Future: Send>
+) -> impl Service<Served, Response = Res, Error = std::convert::Infallible, Future: Send>
 + Clone
 + Send
 + 'static {
-    service_fn(move |_req: Request<Full<Bytes>>| {
+    service_fn(move |_req: Served| {
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
         async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1512,7 +1517,7 @@ async fn a_try_again_later_answer_is_not_remembered() {
     for status in [429, 408, 425, 503] {
         let calls = Arc::new(AtomicUsize::new(0));
         let calls2 = calls.clone();
-        let handler = service_fn(move |_req: Request<Full<Bytes>>| {
+        let handler = service_fn(move |_req: Served| {
             let n = calls2.fetch_add(1, Ordering::SeqCst);
             async move {
                 Ok::<_, std::convert::Infallible>(if n == 0 {
@@ -1592,14 +1597,14 @@ fn grpc_handler(
     calls: Arc<AtomicUsize>,
     answer: fn(usize) -> Response<WithTrailers>,
 ) -> impl Service<
-    Request<Full<Bytes>>,
+    Served,
     Response = Response<WithTrailers>,
     Error = std::convert::Infallible,
     Future: Send,
 > + Clone
 + Send
 + 'static {
-    service_fn(move |_req: Request<Full<Bytes>>| {
+    service_fn(move |_req: Served| {
         let n = calls.fetch_add(1, Ordering::SeqCst);
         async move { Ok(answer(n)) }
     })
@@ -1678,6 +1683,94 @@ async fn a_grpc_failure_status_is_not_remembered() {
     let second = svc.clone().oneshot(keyed("k1")).await.unwrap();
     assert!(second.headers().contains_key(REPLAYED_HEADER));
     assert_eq!(second.headers()["grpc-status"], "3");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A handler that reads the whole request body and answers `201` with it.
+fn echo_handler(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<Served, Response = Res, Error = std::convert::Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    service_fn(move |req: Served| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let mut res = Response::new(Full::new(body));
+            *res.status_mut() = StatusCode::CREATED;
+            Ok(res)
+        }
+    })
+}
+
+fn keyed_with(key: &str, uri: &str, body: &'static str) -> Request<Full<Bytes>> {
+    let mut req = post(uri, body);
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, key.parse().unwrap());
+    req
+}
+
+/// A key reused for a different request (another body or query: a client bug) is
+/// answered `422` with a problem document, not with the first request's response; a
+/// true repeat is still replayed. (Before, the second order was silently dropped: its
+/// caller got the first order's `201`.)
+#[tokio::test(start_paused = true)]
+async fn a_key_reused_for_a_different_request_is_refused_with_422() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(echo_handler(calls.clone()));
+    let uri = "http://shop.test/orders?tenant=1";
+    let first = svc
+        .clone()
+        .oneshot(keyed_with("k", uri, r#"{"sku":1}"#))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    for (uri, body) in [
+        (uri, r#"{"sku":2}"#),
+        (uri, r#"{"sku":1} "#),
+        ("http://shop.test/orders?tenant=2", r#"{"sku":1}"#),
+    ] {
+        let res = svc
+            .clone()
+            .oneshot(keyed_with("k", uri, body))
+            .await
+            .unwrap();
+        assert_eq!(
+            res.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{uri} {body}"
+        );
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        let doc = bytes_of(res.into_body()).await;
+        assert!(String::from_utf8_lossy(&doc).contains("Idempotency-Key is already used"));
+    }
+    let again = svc
+        .clone()
+        .oneshot(keyed_with("k", uri, r#"{"sku":1}"#))
+        .await
+        .unwrap();
+    assert!(again.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(bytes_of(again.into_body()).await, r#"{"sku":1}"#);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A handler that does not read the request body leaves no fingerprint: repeats are
+/// replayed without comparing bodies (documented), as before.
+#[tokio::test(start_paused = true)]
+async fn without_a_fingerprint_repeats_are_not_compared() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(slow_handler(calls.clone()));
+    svc.clone()
+        .oneshot(keyed_with("k", "http://shop.test/orders", "a"))
+        .await
+        .unwrap();
+    let res = svc
+        .clone()
+        .oneshot(keyed_with("k", "http://shop.test/orders", "b"))
+        .await
+        .unwrap();
+    assert!(res.headers().contains_key(REPLAYED_HEADER));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
@@ -1821,7 +1914,7 @@ async fn requests_without_a_key_pass_through() {
 async fn server_errors_are_not_remembered_and_responses_expire() {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
-    let handler = service_fn(move |_req: Request<Full<Bytes>>| {
+    let handler = service_fn(move |_req: Served| {
         let n = c.fetch_add(1, Ordering::SeqCst);
         async move { Ok::<_, std::convert::Infallible>(respond(if n == 0 { 500 } else { 201 }, "")) }
     });
@@ -1873,7 +1966,7 @@ impl http_body::Body for LateBody {
 async fn a_request_dropped_after_the_handler_answered_still_stores_the_outcome() {
     let calls = Arc::new(AtomicUsize::new(0));
     let calls2 = calls.clone();
-    let handler = service_fn(move |_req: Request<Full<Bytes>>| {
+    let handler = service_fn(move |_req: Served| {
         calls2.fetch_add(1, Ordering::SeqCst);
         async move {
             let body = LateBody {
@@ -1905,7 +1998,7 @@ async fn a_request_dropped_after_the_handler_answered_still_stores_the_outcome()
 async fn a_body_that_never_ends_is_dropped_lock_for_after_the_client_left() {
     let alive = Arc::new(());
     let held = alive.clone();
-    let handler = service_fn(move |_req: Request<Full<Bytes>>| {
+    let handler = service_fn(move |_req: Served| {
         let held = held.clone();
         async move {
             let body = LateBody {

@@ -478,12 +478,12 @@ pub async fn replayer_delivers_every_message_once_through_an_idempotent_server(
     use http_body_util::Full;
     use postbox::BoxError;
     use postbox::enqueue::{BufferedBody, IDEMPOTENCY_KEY_HEADER, Replayer};
-    use postbox::idempotency::IdempotencyLayer;
+    use postbox::idempotency::{FingerprintedBody, IdempotencyLayer};
     use std::collections::{HashMap, HashSet};
     use std::sync::{Arc, Mutex};
     use tower::{Layer, ServiceExt, service_fn};
     type Req = http::Request<BufferedBody<Full<Bytes>>>;
-    fn key_of(req: &Req) -> String {
+    fn key_of<B>(req: &http::Request<B>) -> String {
         req.headers()[IDEMPOTENCY_KEY_HEADER]
             .to_str()
             .unwrap()
@@ -501,7 +501,7 @@ pub async fn replayer_delivers_every_message_once_through_an_idempotent_server(
     let applied: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let handler = service_fn({
         let applied = applied.clone();
-        move |req: Req| {
+        move |req: http::Request<FingerprintedBody<BufferedBody<Full<Bytes>>>>| {
             *applied.lock().unwrap().entry(key_of(&req)).or_default() += 1;
             async { Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from("applied")))) }
         }
