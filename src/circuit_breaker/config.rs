@@ -1,7 +1,7 @@
 //! The builder, the serde configuration, and their validation.
 
 use super::layer::CircuitBreakerLayer;
-use super::state::{Breaker, MAX_PROBES, OnTransition, Settings, Trip};
+use super::state::{Breaker, MAX_PROBES, OnTransition, Rate, Settings, Trip};
 use super::window::{CountWindow, MAX_BUCKETS, TimeWindow, Window};
 use crate::classify::ErrorClassifier;
 use crate::error::ConfigError;
@@ -129,7 +129,9 @@ impl CircuitBreakerBuilder {
 
     /// Trips when at least this fraction of the calls in the window failed, in
     /// `(0, 1]`. Also decides half-open: it re-opens when at least this fraction of the
-    /// probes failed. Failures and overloads count; ignored outcomes do not.
+    /// probes failed. Failures and overloads count; ignored outcomes do not. Rates are
+    /// taken to the nearest millionth and compared exactly (55 failures of 100 calls
+    /// reach 0.55).
     pub fn failure_rate_threshold(mut self, rate: f64) -> Self {
         self.failure_rate = rate;
         self
@@ -357,7 +359,9 @@ impl CircuitBreakerBuilder {
                 Trip::Rate {
                     window,
                     minimum_calls: u64::from(minimum_calls),
-                    slow_call_rate: self.slow_call_duration.map(|_| self.slow_call_rate),
+                    slow_call_rate: self
+                        .slow_call_duration
+                        .map(|_| Rate::new(self.slow_call_rate)),
                 }
             }
         };
@@ -368,7 +372,7 @@ impl CircuitBreakerBuilder {
         Settings {
             name: self.name.clone(),
             trip,
-            failure_rate: self.failure_rate,
+            failure_rate: Rate::new(self.failure_rate),
             slow_call_duration,
             break_duration: self.break_duration,
             max_break_duration: self.max_break_duration.unwrap_or(self.break_duration),

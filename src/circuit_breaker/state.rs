@@ -88,12 +88,27 @@ impl Now {
     }
 }
 
-/// Whether `count` of `calls` (at least one) reaches `rate`. Divided, not multiplied:
-/// the quotient is correctly rounded, so an exact boundary counts (55 of 100 reaches
-/// 0.55; `55 >= 0.55 * 100.0` is false, as `0.55 * 100.0` is 55.000000000000007).
-#[inline]
-fn reached(count: u64, calls: u64, rate: f64) -> bool {
-    count as f64 / calls.max(1) as f64 >= rate
+/// A rate threshold, in millionths: compared in integers, so an exact boundary counts
+/// (55 of 100 calls reach 0.55; as floats, `55.0 >= 0.55 * 100.0` is false, the product
+/// being 55.000000000000007) and the check costs a multiplication, not a division.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rate {
+    ppm: u64,
+}
+
+impl Rate {
+    /// `rate` (in `(0, 1]`, validated by the builder) to the nearest millionth.
+    pub(crate) fn new(rate: f64) -> Self {
+        Self {
+            ppm: (rate.clamp(0.0, 1.0) * 1e6).round() as u64,
+        }
+    }
+
+    /// Whether `count` of `calls` reaches the rate.
+    #[inline]
+    fn reached(self, count: u64, calls: u64) -> bool {
+        count.saturating_mul(1_000_000) >= self.ppm.saturating_mul(calls)
+    }
 }
 
 // === State ===
@@ -354,7 +369,7 @@ pub(crate) enum Trip {
         window: Window,
         /// Already capped at the size of a count window.
         minimum_calls: u64,
-        slow_call_rate: Option<f64>,
+        slow_call_rate: Option<Rate>,
     },
     /// `n` failures in a row.
     Consecutive { n: u64, count: AtomicU64 },
@@ -365,7 +380,7 @@ pub(crate) enum Trip {
 pub(crate) struct Settings {
     pub(crate) name: Cow<'static, str>,
     pub(crate) trip: Trip,
-    pub(crate) failure_rate: f64,
+    pub(crate) failure_rate: Rate,
     pub(crate) slow_call_duration: Option<Duration>,
     pub(crate) break_duration: Duration,
     pub(crate) max_break_duration: Duration,
@@ -815,8 +830,8 @@ impl Breaker {
         if below {
             return;
         }
-        let trip = reached(t.failures, t.calls, self.settings.failure_rate)
-            || slow_call_rate.is_some_and(|r| reached(t.slow, t.calls, r));
+        let trip = self.settings.failure_rate.reached(t.failures, t.calls)
+            || slow_call_rate.is_some_and(|r| r.reached(t.slow, t.calls));
         // Metrics-only breakers evaluate too (same cost) but never trip.
         if trip && mode(w) == CLOSED {
             self.transition(w, OPEN, now, false);
@@ -850,12 +865,15 @@ impl Breaker {
         if field(new, DONE_SHIFT) < probes {
             return;
         }
-        let failed = reached(field(new, FAIL_SHIFT), probes, self.settings.failure_rate);
+        let failed = self
+            .settings
+            .failure_rate
+            .reached(field(new, FAIL_SHIFT), probes);
         let slow = match &self.settings.trip {
             Trip::Rate {
                 slow_call_rate: Some(r),
                 ..
-            } => reached(field(new, SLOW_SHIFT), probes, *r),
+            } => r.reached(field(new, SLOW_SHIFT), probes),
             _ => false,
         };
         let to = if failed || slow { OPEN } else { CLOSED };
@@ -1013,7 +1031,7 @@ mod tests {
         Settings {
             name: Cow::Borrowed("test"),
             trip,
-            failure_rate: 0.5,
+            failure_rate: Rate::new(0.5),
             slow_call_duration: None,
             break_duration: Duration::from_secs(10),
             max_break_duration: Duration::from_secs(10),
@@ -1066,7 +1084,7 @@ mod tests {
     fn an_exact_failure_rate_boundary_trips() {
         let t0 = Instant::now();
         let mut s = settings(count(100, 100));
-        s.failure_rate = 0.55;
+        s.failure_rate = Rate::new(0.55);
         let b = breaker(s, t0);
         for _ in 0..45 {
             call(&b, t0, Verdict::Success).unwrap();
@@ -1085,7 +1103,7 @@ mod tests {
         let mut s = settings(Trip::Rate {
             window: Window::Count(CountWindow::new(1)),
             minimum_calls: 1,
-            slow_call_rate: Some(0.5),
+            slow_call_rate: Some(Rate::new(0.5)),
         });
         s.slow_call_duration = Some(Duration::from_secs(18_446_744_074));
         let b = breaker(s, t0);
@@ -1362,7 +1380,7 @@ mod tests {
         let mut s = settings(Trip::Rate {
             window: Window::Count(CountWindow::new(2)),
             minimum_calls: 2,
-            slow_call_rate: Some(1.0),
+            slow_call_rate: Some(Rate::new(1.0)),
         });
         s.slow_call_duration = Some(Duration::from_millis(100));
         let b = breaker(s, t0);
