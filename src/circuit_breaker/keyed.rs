@@ -5,7 +5,7 @@ use super::error::Error;
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::shared::Ref;
-use super::state::{Breaker, Now, OnTransition, Transition};
+use super::state::{Breaker, Now, OnTransition, State, Transition};
 use crate::classify::{Classify, ErrorClassifier};
 use crate::error::ConfigError;
 use std::collections::HashMap;
@@ -13,7 +13,7 @@ use std::fmt;
 use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -38,21 +38,23 @@ where
 }
 
 /// Keys HTTP requests by their authority (`host:port` of the URI, else the `Host`
-/// header, else `"-"`).
+/// header, else `"-"`), as an [`http::uri::Authority`]: compared and hashed without
+/// regard to case, and taken from the URI without a copy (a clone shares its bytes), so
+/// a call allocates nothing for its key.
 #[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ByAuthority;
 
 #[cfg(feature = "http")]
-impl<B> KeyFn<http::Request<B>, String> for ByAuthority {
-    fn key(&self, req: &http::Request<B>) -> String {
+impl<B> KeyFn<http::Request<B>, http::uri::Authority> for ByAuthority {
+    fn key(&self, req: &http::Request<B>) -> http::uri::Authority {
         if let Some(a) = req.uri().authority() {
-            return a.as_str().to_ascii_lowercase();
+            return a.clone();
         }
         req.headers()
             .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map_or_else(|| "-".to_owned(), str::to_ascii_lowercase)
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| http::uri::Authority::from_static("-"))
     }
 }
 
@@ -73,10 +75,21 @@ impl OnTransition for SharedHook {
 struct Keys<K> {
     template: CircuitBreakerBuilder,
     hook: Arc<dyn OnTransition>,
-    map: Mutex<HashMap<K, Entry>>,
+    /// Read-locked by the calls of known keys; written only to add a key.
+    map: RwLock<HashMap<K, Entry>>,
     max_keys: usize,
     idle: Duration,
     origin: Instant,
+}
+
+impl<K> Keys<K> {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<K, Entry>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<K, Entry>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
@@ -87,8 +100,13 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     /// The breaker for `key`, created (and the map trimmed) if needed.
     fn get(&self, key: K, now: Instant) -> Arc<Ref> {
         let now_ns = self.ns(now);
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = self.read().get(&key) {
+            e.last_used_ns.store(now_ns, Relaxed);
+            return e.breaker.clone();
+        }
+        let mut map = self.write();
         if let Some(e) = map.get(&key) {
+            // Added by another call in between.
             e.last_used_ns.store(now_ns, Relaxed);
             return e.breaker.clone();
         }
@@ -117,19 +135,27 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     }
 
     /// Drops the breakers idle for longer than `idle`; if the map is still full, the
-    /// least recently used one.
+    /// least recently used closed one (an open, half-open or forced breaker only when
+    /// every other is: dropping it would let a flood of new keys reset the breakers
+    /// that protect a failing dependency, or undo a state set by hand).
     fn evict(&self, map: &mut HashMap<K, Entry>, now_ns: u64) {
         let idle_ns = crate::duration::nanos(self.idle);
         map.retain(|_, e| now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns);
         while map.len() >= self.max_keys {
-            let Some(oldest) = map
+            let Some(victim) = map
                 .iter()
-                .min_by_key(|(_, e)| e.last_used_ns.load(Relaxed))
+                .min_by_key(|(_, e)| {
+                    let guarding = !matches!(
+                        e.breaker.breaker().state(),
+                        State::Closed | State::Disabled | State::MetricsOnly
+                    );
+                    (guarding, e.last_used_ns.load(Relaxed))
+                })
                 .map(|(k, _)| k.clone())
             else {
                 break;
             };
-            map.remove(&oldest);
+            map.remove(&victim);
         }
     }
 }
@@ -169,7 +195,9 @@ impl CircuitBreakerBuilder {
 
     /// One independent breaker per request authority (see [`ByAuthority`]).
     #[cfg(feature = "http")]
-    pub fn keyed_by_authority(self) -> KeyedCircuitBreakerBuilder<String, ByAuthority> {
+    pub fn keyed_by_authority(
+        self,
+    ) -> KeyedCircuitBreakerBuilder<http::uri::Authority, ByAuthority> {
         KeyedCircuitBreakerBuilder::new(self, ByAuthority)
     }
 }
@@ -228,7 +256,7 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
             keys: Arc::new(Keys {
                 template: self.template,
                 hook,
-                map: Mutex::new(HashMap::new()),
+                map: RwLock::new(HashMap::new()),
                 max_keys: self.max_keys,
                 idle: self.idle,
                 origin: Instant::now(),
@@ -324,24 +352,20 @@ impl<K> fmt::Debug for KeyedCircuitBreakerHandle<K> {
 impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
     /// The breaker of `key`, if one is kept.
     pub fn get(&self, key: &K) -> Option<CircuitBreakerHandle> {
-        let map = self.keys.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(key)
+        self.keys
+            .read()
+            .get(key)
             .map(|e| CircuitBreakerHandle::new(e.breaker.breaker().clone()))
     }
 
     /// The keys kept.
     pub fn keys(&self) -> Vec<K> {
-        let map = self.keys.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.keys().cloned().collect()
+        self.keys.read().keys().cloned().collect()
     }
 
     /// The number of breakers kept.
     pub fn len(&self) -> usize {
-        self.keys
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.keys.read().len()
     }
 
     /// `true` if no breaker is kept.
@@ -353,7 +377,7 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
     pub fn evict_idle(&self) {
         let now_ns = crate::duration::nanos(self.keys.origin.elapsed());
         let idle_ns = crate::duration::nanos(self.keys.idle);
-        let mut map = self.keys.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.keys.write();
         map.retain(|_, e| now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns);
     }
 }
@@ -364,7 +388,7 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
 /// `poll_ready` only polls the inner service (the key is known only at `call`);
 /// admission happens in `call`, and a rejected call fails at once with [`Open`](super::error::Open)
 /// without reaching the inner service. Each call reads the clock and takes the
-/// key map's lock once.
+/// key map's read lock once (its write lock only to add a key).
 ///
 /// # Cancel safety
 /// As [`ResponseFuture`].

@@ -15,6 +15,7 @@ use crate::retry::{HttpRequests, Retry, RetryLayer, RetryPolicy};
 use crate::timeout::{
     AttemptTimeout, AttemptTimeoutLayer, Deadline, DeadlineLayer, HttpPropagation,
 };
+use http::uri::Authority;
 use std::fmt;
 use std::sync::Arc;
 use tower_layer::Layer;
@@ -30,7 +31,12 @@ pub type HttpRetryPolicy = RetryPolicy<HttpClassifier, HttpRequests, ()>;
 pub type Client<S> = Deadline<
     BufferBody<
         Retry<
-            KeyedCircuitBreaker<Bulkhead<AttemptTimeout<S>>, String, ByAuthority, HttpClassifier>,
+            KeyedCircuitBreaker<
+                Bulkhead<AttemptTimeout<S>>,
+                Authority,
+                ByAuthority,
+                HttpClassifier,
+            >,
             HttpRetryPolicy,
         >,
     >,
@@ -72,7 +78,7 @@ pub struct ClientLayer {
     deadline: DeadlineLayer<HttpPropagation>,
     buffer: BufferBodyLayer,
     retry: RetryLayer<HttpRetryPolicy>,
-    breaker: KeyedCircuitBreakerLayer<String, ByAuthority, HttpClassifier>,
+    breaker: KeyedCircuitBreakerLayer<Authority, ByAuthority, HttpClassifier>,
     bulkhead: BulkheadLayer,
     attempt: AttemptTimeoutLayer,
 }
@@ -128,7 +134,7 @@ impl<S, Q> Layer<S> for DeferringClientLayer<Q> {
 
 impl ClientLayer {
     /// A handle to the per-authority circuit breakers (state, metrics, force open …).
-    pub fn breakers(&self) -> KeyedCircuitBreakerHandle<String> {
+    pub fn breakers(&self) -> KeyedCircuitBreakerHandle<Authority> {
         self.breaker.handle()
     }
 

@@ -348,7 +348,10 @@ enabled = true
     // Refused connections open the dead authority's breaker …
     let res = client.clone().oneshot(order(dead)).await.unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let state = breakers.get(&dead.to_string()).unwrap().state();
+    let state = breakers
+        .get(&dead.to_string().parse().unwrap())
+        .unwrap()
+        .state();
     assert_eq!(state, postbox::circuit_breaker::State::Open);
 
     // … so the next call is deferred at once: the breaker's 30 s hint is longer than the

@@ -717,6 +717,40 @@ async fn per_key_breakers_are_bounded_and_idle_ones_evicted() {
     assert!(keys.is_empty());
 }
 
+/// A full map drops the least recently used *closed* breaker: an open one protects a
+/// failing dependency, and a flood of new keys must not reset it.
+#[tokio::test(start_paused = true)]
+async fn a_full_key_map_evicts_closed_breakers_before_open_ones() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .keyed(|req: &(u32, bool)| req.0)
+        .max_keys(2)
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(|(_, ok): (u32, bool)| async move {
+        if ok {
+            Ok(())
+        } else {
+            Err(BoxError::from("down"))
+        }
+    }));
+    svc.ready()
+        .await
+        .unwrap()
+        .call((1, false))
+        .await
+        .unwrap_err();
+    advance(Duration::from_secs(1)).await;
+    svc.ready().await.unwrap().call((2, true)).await.unwrap();
+    advance(Duration::from_secs(1)).await;
+    svc.ready().await.unwrap().call((3, true)).await.unwrap();
+    let mut k = keys.keys();
+    k.sort();
+    assert_eq!(k, [1, 3], "the open breaker of 1 was dropped");
+    assert_eq!(keys.get(&1).unwrap().state(), State::Open);
+}
+
 #[cfg(feature = "http")]
 #[tokio::test(start_paused = true)]
 async fn keyed_by_authority() {
@@ -746,14 +780,11 @@ async fn keyed_by_authority() {
         .call(req("http://up.example/x"))
         .await
         .unwrap();
-    assert_eq!(
-        keys.get(&"down.example".to_owned()).unwrap().state(),
-        State::Open
-    );
-    assert_eq!(
-        keys.get(&"up.example".to_owned()).unwrap().state(),
-        State::Closed
-    );
+    let key = http::uri::Authority::from_static;
+    assert_eq!(keys.get(&key("down.example")).unwrap().state(), State::Open);
+    // Without regard to case, as hosts are.
+    assert_eq!(keys.get(&key("DOWN.example")).unwrap().state(), State::Open);
+    assert_eq!(keys.get(&key("up.example")).unwrap().state(), State::Closed);
 }
 
 // --- concurrency ------------------------------------------------------------------------
