@@ -11,8 +11,10 @@
 //! Run: `cargo bench --bench circuit_breaker -- --warm-up-time 1 --measurement-time 3`
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use postbox::BoxError;
 use postbox::circuit_breaker::CircuitBreakerLayer;
 use std::fmt;
+use std::future::ready;
 use std::hint::black_box;
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -109,6 +111,25 @@ fn benches(c: &mut Criterion) {
     let time = paths::time_window();
     drive(c, &rt, "postbox/breaker/time_window", || {
         time.layer(service_fn(ok_fn))
+    });
+
+    // --- keyed by authority (the config client stack's breaker) ---
+    // The same request construction with and without the layer, so the ratio is the
+    // layer's cost: key extraction, the key map's lock, the breaker.
+    let uri: http::Uri = "http://orders.internal:8080/orders".parse().unwrap();
+    let request = move |_: u32| http::Request::builder().uri(uri.clone()).body(()).unwrap();
+    let http_ok = |_: http::Request<()>| ready(Ok::<u32, BoxError>(0));
+    drive(c, &rt, "bare/http", || {
+        service_fn(http_ok).map_request(request.clone())
+    });
+    let keyed = CircuitBreakerLayer::builder()
+        .keyed_by_authority()
+        .build()
+        .unwrap();
+    drive(c, &rt, "postbox/breaker/keyed_by_authority", || {
+        keyed
+            .layer(service_fn(http_ok))
+            .map_request(request.clone())
     });
 
     // --- tower-resilience ---
