@@ -156,11 +156,15 @@ mod http_judge {
     use super::{Judge, Verdict, from_classification, own_rejection};
     use crate::BoxError;
     use crate::classify::{Classify, HttpClassifier};
-    use http::Response;
+    use http::{Response, StatusCode};
 
     /// Judges HTTP replays with an [`HttpClassifier`]: like
     /// [`ClassifierJudge`](super::ClassifierJudge), and a `4xx` that is not retryable
-    /// (anything but `408` and `429` by default) is [`Verdict::Permanent`].
+    /// (anything but `408` and `429` by default) is [`Verdict::Permanent`]. So is a
+    /// redirect (`3xx` but `303 See Other` and `304 Not Modified`): the replayer does
+    /// not follow it, and a `307`/`308` means the request was not applied, so the
+    /// message goes to the dead letters (with the `Location`) instead of being acked
+    /// as delivered.
     #[derive(Debug, Clone, Default)]
     pub struct HttpJudge {
         classifier: HttpClassifier,
@@ -185,6 +189,22 @@ mod http_judge {
             }
             let c = self.classifier.classify(outcome);
             if let Ok(res) = outcome {
+                let status = res.status();
+                if status.is_redirection()
+                    && status != StatusCode::SEE_OTHER
+                    && status != StatusCode::NOT_MODIFIED
+                {
+                    // Not followed here, and a `307`/`308` (or `301`/`302`/`300`) means
+                    // the request was not applied: acking it would lose the message.
+                    let to = res
+                        .headers()
+                        .get(http::header::LOCATION)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("nowhere");
+                    return Verdict::Permanent {
+                        reason: format!("redirected with {status} to {to}, not followed"),
+                    };
+                }
                 if !c.is_retryable() && res.status().is_client_error() {
                     return Verdict::Permanent {
                         reason: format!("rejected with {}", res.status()),
@@ -1066,6 +1086,31 @@ mod tests {
             Judge::<(), _>::judge(&j, Err(&late)),
             Verdict::Retry { .. }
         ));
+    }
+
+    /// A redirect is not followed, and a `307`/`308` means the request was not applied:
+    /// dead-lettered with its `Location`, not acked as delivered (the message was lost).
+    /// `303 See Other` is the answer to an applied request.
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_redirect_is_permanent_not_delivered() {
+        let j = HttpJudge::new();
+        let res = |status: u16| {
+            http::Response::builder()
+                .status(status)
+                .header("location", "http://elsewhere/orders")
+                .body(())
+                .unwrap()
+        };
+        for status in [301, 302, 307, 308] {
+            let v = j.judge(Ok(&res(status)));
+            assert!(
+                matches!(&v, Verdict::Permanent { reason } if reason.contains("http://elsewhere/orders")),
+                "{status}: {v:?}"
+            );
+        }
+        assert_eq!(j.judge(Ok(&res(303))), Verdict::Delivered);
+        assert_eq!(j.judge(Ok(&res(201))), Verdict::Delivered);
     }
 
     #[test]
