@@ -194,8 +194,6 @@ impl<S> Bulkhead<S> {
 
     fn reject(&mut self, full: Full) {
         tracing::debug!(waited = ?full.waited(), "bulkhead full; rejecting");
-        metrics::counter!("postbox_calls_total", "layer" => "bulkhead", "outcome" => "rejected")
-            .increment(1);
         self.state = State::Rejected(full);
     }
 }
@@ -285,7 +283,12 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         match std::mem::replace(&mut self.state, State::Empty) {
             State::Ready(permit) => ResponseFuture::running(self.inner.call(req), permit),
-            State::Rejected(full) => ResponseFuture::rejected(full),
+            State::Rejected(full) => {
+                // Counted here: a permit freed before `call` may still admit it.
+                metrics::counter!("postbox_calls_total", "layer" => "bulkhead", "outcome" => "rejected")
+                    .increment(1);
+                ResponseFuture::rejected(full)
+            }
             State::Empty | State::Waiting(_) => {
                 panic!("Bulkhead::call called before poll_ready returned Ready")
             }

@@ -55,7 +55,9 @@
 //! The last 20 ms of a break are checked with tokio's clock, so a probe is never
 //! admitted early. Under paused tokio time (tests), and on platforms other than Linux,
 //! tokio's clock is used throughout; which clock applies is decided at the breaker's
-//! first call. Slow-call tracking reads tokio's clock at admission and completion.
+//! first call. Slow-call tracking reads tokio's clock when the call is made (in `call`,
+//! so time spent waiting for the inner service to be ready is not the call's) and at
+//! completion.
 //!
 //! The service's error is [`error::Error`]: the rejection or the inner error, unboxed,
 //! so a rejection allocates nothing. It converts into [`BoxError`](crate::BoxError)

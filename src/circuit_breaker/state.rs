@@ -97,10 +97,11 @@ pub(crate) struct Rate {
 }
 
 impl Rate {
-    /// `rate` (in `(0, 1]`, validated by the builder) to the nearest millionth.
+    /// `rate` (in `(0, 1]`, validated by the builder) to the nearest millionth, at
+    /// least one: a rate of zero would be reached by successes alone.
     pub(crate) fn new(rate: f64) -> Self {
         Self {
-            ppm: (rate.clamp(0.0, 1.0) * 1e6).round() as u64,
+            ppm: ((rate.clamp(0.0, 1.0) * 1e6).round() as u64).max(1),
         }
     }
 
@@ -551,7 +552,9 @@ pub(crate) struct Breaker {
     not_permitted: AtomicU64,
     /// The window may hold fewer than `minimum_calls`: then a success is evaluated
     /// too, as it may be the call that reaches the minimum with the failures before
-    /// it (otherwise only failures and slow calls can raise a rate).
+    /// it (otherwise only failures and slow calls can raise a rate). Exact for a count
+    /// window; a time window whose calls expire below the minimum between evaluations
+    /// keeps the flag unset until its next failure, which then evaluates.
     below_minimum: AtomicBool,
     /// The coarse clock aligned with `origin`, decided at first use: `None` inside
     /// when tokio's clock is paused (tests) or the platform has none.
@@ -1097,6 +1100,22 @@ mod tests {
 
     /// A slow-call threshold past 2^64 ns saturates instead of wrapping to a fraction
     /// of a second (which made every call of more than 0.29 s slow).
+    /// A rate below a millionth is one millionth, not zero: successes alone never
+    /// reach it.
+    #[test]
+    fn a_tiny_rate_threshold_does_not_trip_on_successes() {
+        let t0 = Instant::now();
+        let mut s = settings(count(10, 10));
+        s.failure_rate = Rate::new(1e-9);
+        let b = breaker(s, t0);
+        for _ in 0..10 {
+            call(&b, t0, Verdict::Success).unwrap();
+        }
+        assert_eq!(b.state(), State::Closed);
+        call(&b, t0, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), State::Open);
+    }
+
     #[test]
     fn huge_durations_saturate_not_wrap() {
         let t0 = Instant::now();

@@ -445,9 +445,12 @@ fn load_with<T: DeserializeOwned>(
     validate: impl FnOnce(&T) -> Result<(), ConfigError>,
 ) -> Result<T, LoadError> {
     // A section that overrides part of a preset's table (the breaker's window without
-    // its `type`) is incomplete on its own: its strict parse fails, the merged one
-    // does not. Its error is kept for when the merged one fails too (it has the line).
-    let strict = parse::<T>(text, format);
+    // its `type`) is incomplete on its own: its strict parse misses a field the merge
+    // with the preset supplies. Any other strict error is the answer (with its line).
+    let strict = match parse::<T>(text, format) {
+        Err(e) if !e.to_string().contains("missing field") => return Err(e),
+        other => other,
+    };
     let mut value = match to_value(text, format) {
         Ok(value) => value,
         Err(e) => {
@@ -459,7 +462,10 @@ fn load_with<T: DeserializeOwned>(
     let config: T = match serde_json::from_value(value) {
         Ok(config) => config,
         Err(e) => {
-            strict?;
+            // Still missing a field: the strict error says where.
+            if e.to_string().contains("missing field") {
+                strict?;
+            }
             return Err(LoadError::new(
                 Some(format),
                 Kind::Syntax(format!("after applying the preset: {e}")),

@@ -200,7 +200,7 @@ mod http_judge {
                         .headers()
                         .get(http::header::LOCATION)
                         .and_then(|v| v.to_str().ok())
-                        .unwrap_or("nowhere");
+                        .map_or("nowhere", |l| l.get(..256).unwrap_or(l));
                     return Verdict::Permanent {
                         reason: format!("redirected with {status} to {to}, not followed"),
                     };

@@ -282,9 +282,13 @@ pub(crate) async fn of_body<B: Body>(
             None => return Ok(Some(hasher.finish())),
             Some(Err(_)) => return Err(()),
             Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    if !hasher.write_buf(data) {
-                        return Err(());
+                if let Ok(mut data) = frame.into_data() {
+                    // Owned here: read chunk by chunk, however many.
+                    while data.has_remaining() {
+                        let chunk = data.chunk();
+                        let n = chunk.len();
+                        hasher.write(chunk);
+                        data.advance(n);
                     }
                     if hasher.len > limit {
                         return Ok(None);

@@ -193,7 +193,7 @@ where
                                 StatusCode::UNPROCESSABLE_ENTITY,
                                 "Idempotency-Key is already used",
                                 "This Idempotency-Key was used with a different request: \
-                                 another method, path, query, content type or body.",
+                                 another query, content type or body.",
                             ),
                         });
                     }

@@ -268,6 +268,13 @@ fn a_preset_window_field_can_be_overridden_alone() {
         c.client.circuit_breaker.window,
         expected.circuit_breaker.window
     );
+    // A partial window does not hide another mistake in the file.
+    let e = StackConfig::from_str(
+        "[client]\npreset = \"standard_http_client\"\n[client.circuit_breaker.window]\nduration = \"60s\"\n[client.retry]\nmax_retriez = 2\n",
+        Format::Toml,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("max_retriez"), "{e}");
     // Without a preset, the window still needs its `type`, with the line.
     let e = StackConfig::from_str(
         "[client.circuit_breaker.window]\nduration = \"60s\"\n",
