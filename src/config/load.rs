@@ -466,10 +466,10 @@ fn load_with<T: DeserializeOwned>(
             if e.to_string().contains("missing field") {
                 strict?;
             }
-            return Err(LoadError::new(
-                Some(format),
-                Kind::Syntax(format!("after applying the preset: {e}")),
-            ));
+            // Located in the text where it names a key of it (an unknown field).
+            let message = format!("after applying the preset: {e}");
+            let line = unknown_field(&message).and_then(|f| line_of_field(text, &f));
+            return Err(syntax(text, format, message, line, None));
         }
     };
     validate(&config).map_err(|e| invalid(text, format, e))?;

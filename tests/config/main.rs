@@ -275,6 +275,14 @@ fn a_preset_window_field_can_be_overridden_alone() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("max_retriez"), "{e}");
+    assert_eq!(e.line(), Some(6), "{e}");
+    // Any other mistake under a preset is reported by the strict parse, with its line.
+    let e = StackConfig::from_str(
+        "[client]\npreset = \"standard_http_client\"\n[client.retry]\nmax_retries = \"two\"\n",
+        Format::Toml,
+    )
+    .unwrap_err();
+    assert_eq!(e.line(), Some(4), "{e}");
     // Without a preset, the window still needs its `type`, with the line.
     let e = StackConfig::from_str(
         "[client.circuit_breaker.window]\nduration = \"60s\"\n",
