@@ -763,8 +763,9 @@ impl Inner {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> Result<(), QueueError> {
-        let mut held = self.held.lock().await;
-        let h = Self::take(&mut held, token)?;
+        // Taken out under the lock, then published without it: a republish waiting on
+        // the server must not hold up the process's other leases and settles.
+        let h = Self::take(&mut *self.held.lock().await, token)?;
         let mut envelope = h.envelope.clone();
         envelope.not_before = not_before;
         let mut headers = headers(&envelope);
@@ -803,13 +804,12 @@ impl Inner {
                 let mut h = h;
                 h.envelope.not_before = not_before;
                 h.state = HeldState::Scheduled(not_before);
-                held.insert(token.id, h);
+                self.put_back(vec![h]).await;
                 return Ok(());
             }
-            held.insert(token.id, h); // still leased: the caller may try again
+            self.put_back(vec![h]).await; // still leased: the caller may try again
             return Err(self.publish_failed(e, "republish for retry").await);
         }
-        drop(held);
         // If this ack is lost the original comes back too: at least once, as always.
         if let Err(e) = h.msg.double_ack().await {
             let e = classify_dyn(&*e, "ack after retry");
@@ -832,8 +832,8 @@ impl Inner {
     }
 
     async fn dead_letter(&self, token: LeaseToken, reason: &str) -> Result<(), QueueError> {
-        let mut held = self.held.lock().await;
-        let h = Self::take(&mut held, token)?;
+        // Published without the lock, as in `retry_later`.
+        let h = Self::take(&mut *self.held.lock().await, token)?;
         let mut headers = headers(&h.envelope);
         if let Some(v) = header_value(reason) {
             headers.insert(H_REASON, cut(v, REASON_MAX));
@@ -846,10 +846,9 @@ impl Inner {
             .message_id(format!("{}.dead", h.envelope.id));
         let published = self.publish(self.dead_subject.clone(), publish).await;
         if let Err(e) = published {
-            held.insert(token.id, h);
+            self.put_back(vec![h]).await;
             return Err(self.publish_failed(e, "publish dead letter").await);
         }
-        drop(held);
         if let Err(e) = h.msg.double_ack_with(AckKind::Term).await {
             let e = classify_dyn(&*e, "terminate after dead letter");
             self.put_back(vec![h]).await;

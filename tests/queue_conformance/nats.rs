@@ -425,6 +425,42 @@ async fn an_unconfirmed_ack_keeps_the_lease_for_a_second_try() {
     assert!(retry!(q.lease(1, lease_for, crate::suite::at(3600)).await).is_empty());
 }
 
+/// A settle waiting on the server (the republish of a `retry_later` that gets no
+/// answer) does not hold up the process's other leases: a delivery it holds, due, is
+/// leased at once (the republish held the lock on the held deliveries, so every lease
+/// and settle of the process waited for its timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_republish_waiting_on_the_server_does_not_block_other_leases() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(
+        options()
+            .with_url(format!("nats://{}", proxy.addr()))
+            .with_request_timeout(Duration::from_secs(3)),
+    );
+    for k in ["slow", "held"] {
+        q.enqueue(crate::suite::envelope(k)).await.unwrap();
+    }
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(2, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(leased.len(), 2);
+    q.release(leased[1].token, crate::suite::at(0))
+        .await
+        .unwrap();
+    proxy.hold();
+    let mut retry = tokio_test::task::spawn(q.retry_later(leased[0].token, crate::suite::at(60)));
+    tokio_test::assert_pending!(retry.poll()); // waiting for the server's answer
+    let again = tokio::time::timeout(
+        Duration::from_secs(1),
+        q.lease(1, lease_for, crate::suite::at(0)),
+    )
+    .await
+    .expect("the lease waited for the republish")
+    .unwrap();
+    assert_eq!(again[0].envelope.id, leased[1].envelope.id);
+    proxy.release();
+    let _ = retry.await;
+}
+
 /// Two processes share the consumer, whose server-side limit of unacked deliveries is
 /// full: a process still leases what it holds itself (a delivery it released) instead
 /// of failing because the server has nothing more to give it.
