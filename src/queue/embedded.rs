@@ -1131,13 +1131,15 @@ fn end_lease(token: LeaseToken, st: &mut State<'_>) -> Result<u32, QueueError> {
 }
 
 /// Records `r` as the op's answer, unless it is a storage error (which fails the batch:
-/// part of the op may have been written).
+/// part of the op may have been written). The op is then answered with that error too,
+/// like every op of the batch (not with "queue closed", as an unanswered op would be).
 fn keep_logic_error<T>(
     r: Result<T, QueueError>,
     record: impl FnOnce(Result<T, QueueError>),
 ) -> Result<(), QueueError> {
     match r {
         Err(e @ (QueueError::Backend(_) | QueueError::Corrupt(_) | QueueError::Unavailable(_))) => {
+            record(Err(replicate(&e)));
             Err(e)
         }
         r => {
@@ -1334,12 +1336,6 @@ impl Tables<'_> {
         Ok(out)
     }
 
-    /// The stored envelope of `id` (its `attempts` as of its last rewrite).
-    fn envelope(&self, id: Id) -> Result<Envelope, QueueError> {
-        self.stored_envelope(id)?
-            .map_err(|why| QueueError::Corrupt(format!("message {}: {why}", from_id(id))))
-    }
-
     /// The stored envelope of `id`, or why there is none (not stored, or undecodable);
     /// the outer error is the storage's.
     fn stored_envelope(&self, id: Id) -> Result<Result<Envelope, String>, QueueError> {
@@ -1454,7 +1450,9 @@ impl Tables<'_> {
             attempts = attempts.saturating_sub(1);
         }
         let id = to_id(token.id);
-        let mut env = self.envelope(id)?;
+        let Some(mut env) = self.envelope_or_quarantine(id, st)? else {
+            return Err(QueueError::LeaseLost(token));
+        };
         env.not_before = not_before;
         env.attempts = attempts;
         self.messages
@@ -1474,7 +1472,9 @@ impl Tables<'_> {
     ) -> Result<(), QueueError> {
         let attempts = self.release(token, st)??;
         let id = to_id(token.id);
-        let mut env = self.envelope(id)?;
+        let Some(mut env) = self.envelope_or_quarantine(id, st)? else {
+            return Err(QueueError::LeaseLost(token));
+        };
         env.attempts = attempts;
         self.messages
             .insert(id, env.encode().as_slice())
@@ -1496,16 +1496,41 @@ impl Tables<'_> {
         })
     }
 
+    /// The dead letters; one whose bytes cannot be decoded is skipped and logged (it
+    /// must not fail this read, nor the enqueues sharing its commit).
     fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         let mut out = Vec::new();
         for entry in self.dead.iter().map_err(redb_err)?.take(max) {
             let (id, reason) = entry.map_err(redb_err)?;
-            out.push(DeadLetter {
-                envelope: self.envelope(id.value())?,
-                reason: reason.value().to_owned(),
-            });
+            match self.stored_envelope(id.value())? {
+                Ok(envelope) => out.push(DeadLetter {
+                    envelope,
+                    reason: reason.value().to_owned(),
+                }),
+                Err(why) => tracing::error!(
+                    id = %from_id(id.value()),
+                    reason = why,
+                    "postbox: undecodable dead letter skipped"
+                ),
+            }
         }
         Ok(out)
+    }
+
+    /// The stored envelope of a message whose lease just ended, or `None` if it cannot
+    /// be decoded (damaged since it was leased): then quarantined, as a lease would.
+    fn envelope_or_quarantine(
+        &mut self,
+        id: Id,
+        st: &mut State<'_>,
+    ) -> Result<Option<Envelope>, QueueError> {
+        match self.stored_envelope(id)? {
+            Ok(env) => Ok(Some(env)),
+            Err(why) => {
+                self.quarantine(id, &why, st)?;
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -1567,6 +1592,41 @@ mod tests {
         let table = txn.open_table(QUARANTINE).unwrap();
         let why = table.get(to_id(bad)).unwrap().unwrap().value().to_owned();
         assert!(why.contains("version"), "{why}");
+    }
+
+    /// A dead letter whose bytes were damaged is skipped by `dead_letters` and logged,
+    /// not an error: a monitor polling the dead letters failed every read, and every
+    /// enqueue that shared its commit.
+    #[tokio::test]
+    async fn a_damaged_dead_letter_is_skipped_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let bad = q.enqueue(envelope("bad-key")).await.unwrap().id();
+        let good = q.enqueue(envelope("good-key")).await.unwrap().id();
+        for l in q
+            .lease(2, Duration::from_secs(30), SystemTime::now())
+            .await
+            .unwrap()
+        {
+            q.dead_letter(l.token, "gave up").await.unwrap();
+        }
+        q.close().await.unwrap();
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(MESSAGES)
+                .unwrap()
+                .insert(to_id(bad), &b"PBOX\x63garbage"[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let dead = q.dead_letters(10).await.unwrap();
+        let ids: Vec<_> = dead.iter().map(|d| d.envelope.id).collect();
+        assert_eq!(ids, vec![good]);
+        q.enqueue(envelope("next")).await.unwrap();
+        q.close().await.unwrap();
     }
 
     #[test]
