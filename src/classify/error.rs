@@ -129,10 +129,14 @@ fn as_type<'e, T: Error + 'static>(e: &'e (dyn Error + 'static)) -> Option<&'e T
     e.downcast_ref::<T>()
 }
 
+/// Only the errors of a connection that was never made are "no effect". `NotConnected`
+/// (`ENOTCONN`) is not one of them: it also comes from a socket that was connected and
+/// has since been shut down, after the request may have reached the server, and a
+/// non-idempotent request retried on it could take effect twice.
 fn classify_io(kind: io::ErrorKind) -> Classification {
     use io::ErrorKind::*;
     match kind {
-        ConnectionRefused | NotConnected | AddrNotAvailable | AddrInUse => {
+        ConnectionRefused | AddrNotAvailable | AddrInUse => {
             Classification::failure().with_effect(false)
         }
         _ => Classification::failure(),
@@ -151,6 +155,14 @@ mod tests {
         assert_eq!(c.class(), Class::Failure);
         assert!(c.is_retryable());
         assert!(!c.may_have_taken_effect());
+    }
+
+    #[test]
+    fn not_connected_may_have_taken_effect() {
+        let e: BoxError = io::Error::from(io::ErrorKind::NotConnected).into();
+        let c = classify_error(&*e);
+        assert!(c.is_failure());
+        assert!(c.may_have_taken_effect());
     }
 
     #[test]
