@@ -1552,6 +1552,18 @@ mod tests {
         env
     }
 
+    /// Damages the stored bytes of message `id` in the (closed) queue at `path`; redb's
+    /// own checksums still hold.
+    fn damage(path: &Path, id: MessageId) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(MESSAGES)
+            .unwrap()
+            .insert(to_id(id), &b"PBOX\x63garbage"[..])
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
     #[tokio::test]
     async fn an_undecodable_message_is_quarantined_and_leasing_goes_on() {
         let dir = tempfile::tempdir().unwrap();
@@ -1560,16 +1572,7 @@ mod tests {
         let bad = q.enqueue(envelope("bad-key")).await.unwrap().id();
         let good = q.enqueue(envelope("good-key")).await.unwrap().id();
         q.close().await.unwrap();
-        // Damage the first message's bytes (redb's own checksums still hold).
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(MESSAGES)
-                .unwrap()
-                .insert(to_id(bad), &b"PBOX\x63garbage"[..])
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        damage(&path, bad);
         let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
         let now = SystemTime::now();
         let leased = q.lease(10, Duration::from_secs(30), now).await.unwrap();
@@ -1612,15 +1615,7 @@ mod tests {
             q.dead_letter(l.token, "gave up").await.unwrap();
         }
         q.close().await.unwrap();
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(MESSAGES)
-                .unwrap()
-                .insert(to_id(bad), &b"PBOX\x63garbage"[..])
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        damage(&path, bad);
         let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
         let dead = q.dead_letters(10).await.unwrap();
         let ids: Vec<_> = dead.iter().map(|d| d.envelope.id).collect();

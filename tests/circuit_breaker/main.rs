@@ -613,6 +613,15 @@ async fn rejected_call_does_not_poll_inner_readiness() {
 
 // --- per key ----------------------------------------------------------------------------
 
+/// A keyed test service: `(key, ok)` succeeds when `ok`, else fails.
+async fn ok_unless_false<K>((_, ok): (K, bool)) -> Result<(), BoxError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(BoxError::from("down"))
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn per_key_breakers_are_isolated() {
     let layer = CircuitBreakerLayer::builder()
@@ -621,13 +630,7 @@ async fn per_key_breakers_are_isolated() {
         .build()
         .unwrap();
     let keys = layer.handle();
-    let mut svc = layer.layer(service_fn(|(_, ok): (&'static str, bool)| async move {
-        if ok {
-            Ok(())
-        } else {
-            Err(BoxError::from("down"))
-        }
-    }));
+    let mut svc = layer.layer(service_fn(ok_unless_false::<&'static str>));
     svc.ready()
         .await
         .unwrap()
@@ -728,13 +731,7 @@ async fn a_full_key_map_evicts_closed_breakers_before_open_ones() {
         .build()
         .unwrap();
     let keys = layer.handle();
-    let mut svc = layer.layer(service_fn(|(_, ok): (u32, bool)| async move {
-        if ok {
-            Ok(())
-        } else {
-            Err(BoxError::from("down"))
-        }
-    }));
+    let mut svc = layer.layer(service_fn(ok_unless_false::<u32>));
     svc.ready()
         .await
         .unwrap()
