@@ -178,24 +178,27 @@ where
                     // than the first one's length) to compare.
                     let fingerprint =
                         fingerprint::of_body(req.into_body(), head, first.body_len).await;
+                    if fingerprint == Err(()) {
+                        tracing::debug!(%key, "repeat's body unreadable; not compared");
+                        metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "body_unreadable")
+                            .increment(1);
+                        return Ok(problem(
+                            StatusCode::BAD_REQUEST,
+                            "Request body unreadable",
+                            "The request body could not be read to compare it with the \
+                             request that first used this Idempotency-Key.",
+                        ));
+                    }
                     if fingerprint != Ok(Some(first)) {
                         tracing::debug!(%key, "idempotency key reused for another request");
                         metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "key_reused")
                             .increment(1);
-                        return Ok(match fingerprint {
-                            Err(()) => problem(
-                                StatusCode::BAD_REQUEST,
-                                "Request body unreadable",
-                                "The request body could not be read to compare it with the \
-                                 request that first used this Idempotency-Key.",
-                            ),
-                            Ok(_) => problem(
-                                StatusCode::UNPROCESSABLE_ENTITY,
-                                "Idempotency-Key is already used",
-                                "This Idempotency-Key was used with a different request: \
-                                 another query, content type or body.",
-                            ),
-                        });
+                        return Ok(problem(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Idempotency-Key is already used",
+                            "This Idempotency-Key was used with a different request: \
+                             another query, content type or body.",
+                        ));
                     }
                 }
                 tracing::debug!(%key, "answered from the idempotency store");
