@@ -116,13 +116,12 @@ pub(crate) mod http_codec {
         }
     }
 
-    /// The idempotency key in `headers`, if any (valid UTF-8, not empty: the server's
-    /// `Idempotency` layer ignores an empty key).
+    /// The idempotency key in `headers`, if the server's `Idempotency` layer can use it
+    /// ([`key_in`](crate::http::idempotency_key::key_in)).
     pub(crate) fn key_of(headers: &HeaderMap) -> Option<String> {
         headers
             .get(IDEMPOTENCY_KEY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|k| !k.is_empty())
+            .and_then(crate::http::idempotency_key::key_in)
             .map(str::to_owned)
     }
 

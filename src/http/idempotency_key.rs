@@ -32,9 +32,17 @@ pub fn is_idempotent_method(method: &Method) -> bool {
     )
 }
 
-/// `true` if the headers carry a non-empty `Idempotency-Key`.
+/// The key a header value carries, as the server's
+/// [`Idempotency`](crate::idempotency::Idempotency) layer reads it: visible ASCII,
+/// without surrounding whitespace, not empty. Any other value is no key: a request
+/// counted as retry-safe for it would not be de-duplicated by the server.
+pub fn key_in(value: &HeaderValue) -> Option<&str> {
+    value.to_str().ok().map(str::trim).filter(|k| !k.is_empty())
+}
+
+/// `true` if the headers carry a usable `Idempotency-Key` (see [`key_in`]).
 pub fn has_idempotency_key(headers: &HeaderMap) -> bool {
-    headers.get(IDEMPOTENCY_KEY).is_some_and(|v| !v.is_empty())
+    headers.get(IDEMPOTENCY_KEY).and_then(key_in).is_some()
 }
 
 /// `true` if a request with this method and these headers may be sent more than once:
@@ -52,9 +60,13 @@ pub fn generate_idempotency_key() -> HeaderValue {
 }
 
 /// The request's `Idempotency-Key`, adding a [generated](generate_idempotency_key) one
-/// first if it has none.
+/// first if it has none, or none the server can use (see [`key_in`]: blank, not ASCII).
 pub fn ensure_idempotency_key<B>(req: &mut Request<B>) -> HeaderValue {
-    if let Some(v) = req.headers().get(IDEMPOTENCY_KEY).filter(|v| !v.is_empty()) {
+    if let Some(v) = req
+        .headers()
+        .get(IDEMPOTENCY_KEY)
+        .filter(|v| key_in(v).is_some())
+    {
         return v.clone();
     }
     let key = generate_idempotency_key();
@@ -65,6 +77,27 @@ pub fn ensure_idempotency_key<B>(req: &mut Request<B>) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key the server's `Idempotency` layer cannot read (blank, not ASCII) does not
+    /// make a request retry-safe, and is replaced by a generated one: retried, a `POST`
+    /// with it was applied twice, the server passing it through undeduplicated.
+    #[test]
+    fn a_blank_or_non_ascii_key_is_not_retry_safe() {
+        for bad in [&b"   "[..], "cmd-\u{e9}1".as_bytes(), b""] {
+            let mut req = Request::post("/orders").body(()).unwrap();
+            req.headers_mut()
+                .insert(IDEMPOTENCY_KEY, HeaderValue::from_bytes(bad).unwrap());
+            assert!(!is_retry_safe(req.method(), req.headers()), "{bad:?}");
+            let key = ensure_idempotency_key(&mut req);
+            assert_eq!(key.len(), 36, "{bad:?} kept");
+            assert_eq!(req.headers()[IDEMPOTENCY_KEY], key);
+        }
+        let mut req = Request::post("/orders").body(()).unwrap();
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY, HeaderValue::from_static("order-7"));
+        assert!(is_retry_safe(req.method(), req.headers()));
+        assert_eq!(ensure_idempotency_key(&mut req), "order-7");
+    }
 
     #[test]
     fn generated_keys_are_uuid_v7() {

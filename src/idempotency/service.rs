@@ -121,8 +121,7 @@ where
         let Some(key) = req
             .headers()
             .get(&self.config.header)
-            .and_then(|v| v.to_str().ok())
-            .filter(|k| !k.is_empty())
+            .and_then(crate::http::idempotency_key::key_in)
         else {
             return ResponseFuture::passthrough(
                 self.inner.call(req.map(FingerprintedBody::untapped)),
