@@ -61,7 +61,6 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
-use std::mem;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tower_layer::Layer;
@@ -433,11 +432,16 @@ impl<S> Layer<S> for BufferBodyLayer {
 /// the [module docs](self).
 ///
 /// The body type must be `Unpin` (hyper, reqwest and tonic bodies are; wrap any other in
-/// `Box::pin`). Readiness is the inner service's: `call` takes the ready service into
-/// the response future, which calls it once the body is read.
+/// `Box::pin`).
+///
+/// # Readiness
+/// Always ready: the response future reads the body first, then waits for a clone of
+/// the inner service to be ready, then calls it (tower's `Oneshot`). So a slow upload
+/// holds nothing of the layers inside — a bulkhead slot, a breaker's half-open probe —
+/// while it is read, and a deadline outside covers the wait for them.
 ///
 /// # Clone
-/// Needs `S: Clone`: the response future owns the ready service while the body is read.
+/// Needs `S: Clone`: each call readies and calls a clone of its own.
 #[derive(Debug, Clone)]
 pub struct BufferBody<S> {
     inner: S,
@@ -474,13 +478,13 @@ where
     type Future = ResponseFuture<S, B>;
 
     #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The inner service is readied by the response future, once the body is read.
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let service = mem::replace(&mut self.inner, clone);
+        let service = self.inner.clone();
         let (parts, body) = req.into_parts();
         let hint = body.size_hint();
         let collect = Collect {
@@ -499,7 +503,8 @@ where
         };
         if hint.lower() > self.limit as u64 {
             // Known to be too large: do not read it at all.
-            return ResponseFuture::calling(collect.finish_streaming(None, None));
+            let (service, req) = collect.finish_streaming(None, None);
+            return ResponseFuture::readying(service, req);
         }
         ResponseFuture {
             state: State::Buffering {
@@ -548,14 +553,20 @@ where
         self.buf.put(data);
     }
 
-    fn finish_buffered(mut self) -> S::Future {
+    /// The service and the request to call it with, the whole body buffered.
+    fn finish_buffered(mut self) -> (S, Request<ReplayBody<B>>) {
         let data = self.read_so_far();
         let body = ReplayBody::buffered(data, self.trailers.take());
-        let req = Request::from_parts(self.parts, body);
-        self.service.call(req)
+        (self.service, Request::from_parts(self.parts, body))
     }
 
-    fn finish_streaming(mut self, pending: Option<Bytes>, error: Option<BoxError>) -> S::Future {
+    /// The service and the request to call it with, the body streamed after what was
+    /// read.
+    fn finish_streaming(
+        mut self,
+        pending: Option<Bytes>,
+        error: Option<BoxError>,
+    ) -> (S, Request<ReplayBody<B>>) {
         let prefix = self.read_so_far();
         let mark = if error.is_some() {
             BodyNotReplayable::read_failed(self.limit)
@@ -567,12 +578,13 @@ where
         let mut parts = self.parts;
         parts.extensions.insert(mark);
         let body = ReplayBody::streaming_parts(prefix, pending, self.body, error);
-        self.service.call(Request::from_parts(parts, body))
+        (self.service, Request::from_parts(parts, body))
     }
 }
 
 pin_project! {
-    /// Response future of [`BufferBody`]: reads the body, then calls the inner service.
+    /// Response future of [`BufferBody`]: reads the body, then readies and calls the
+    /// inner service.
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ReplayBody<B>>>,
@@ -586,6 +598,7 @@ pin_project! {
     #[project = StateProj]
     enum State<S, B, F> {
         Buffering { collect: Option<Collect<S, B>> },
+        Readying { ready: Option<(S, Request<ReplayBody<B>>)> },
         Calling { #[pin] future: F },
     }
 }
@@ -594,9 +607,11 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>>,
 {
-    fn calling(future: S::Future) -> Self {
+    fn readying(service: S, req: Request<ReplayBody<B>>) -> Self {
         Self {
-            state: State::Calling { future },
+            state: State::Readying {
+                ready: Some((service, req)),
+            },
         }
     }
 }
@@ -608,6 +623,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
             State::Buffering { .. } => "buffering",
+            State::Readying { .. } => "readying",
             State::Calling { .. } => "calling",
         };
         f.debug_struct("ResponseFuture")
@@ -627,8 +643,19 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         loop {
-            let future = match state.as_mut().project() {
+            let next = match state.as_mut().project() {
                 StateProj::Calling { future } => return future.poll(cx),
+                StateProj::Readying { ready } => {
+                    let (service, _) = ready
+                        .as_mut()
+                        .expect("buffer body future polled after completion");
+                    ready!(service.poll_ready(cx))?;
+                    let (mut service, req) = ready.take().expect("checked above");
+                    state.set(State::Calling {
+                        future: service.call(req),
+                    });
+                    continue;
+                }
                 StateProj::Buffering { collect } => {
                     let c = collect
                         .as_mut()
@@ -668,7 +695,7 @@ where
                     }
                 }
             };
-            state.set(State::Calling { future });
+            state.set(State::Readying { ready: Some(next) });
         }
     }
 }
@@ -680,6 +707,59 @@ mod tests {
     use std::convert::Infallible;
 
     type Captured = (Option<Bytes>, bool, Option<BodyNotReplayable>);
+
+    /// A request body that never sends anything (a slow upload).
+    struct Stalled;
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Pending
+        }
+    }
+
+    /// A slow upload holds nothing of the layers inside while it is read: with a
+    /// bulkhead of one inside, another request still goes through (the upload's
+    /// `poll_ready` reserved the only slot, and its future kept it while reading).
+    #[tokio::test]
+    async fn a_slow_request_body_does_not_hold_a_bulkhead_slot() {
+        use tower::{Layer, ServiceExt};
+        enum Either {
+            Stalled(Stalled),
+            Full(Full<Bytes>),
+        }
+        impl Body for Either {
+            type Data = Bytes;
+            type Error = Infallible;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+                match self.get_mut() {
+                    Either::Stalled(b) => Pin::new(b).poll_frame(cx),
+                    Either::Full(b) => Pin::new(b).poll_frame(cx),
+                }
+            }
+        }
+        let inner =
+            tower::service_fn(|_: Request<ReplayBody<Either>>| async { Ok::<_, BoxError>("done") });
+        let svc = BufferBodyLayer::new(1024)
+            .layer(crate::bulkhead::BulkheadLayer::new(1).unwrap().layer(inner));
+        let mut upload =
+            tokio_test::task::spawn(svc.clone().oneshot(Request::new(Either::Stalled(Stalled))));
+        tokio_test::assert_pending!(upload.poll());
+        let other = svc
+            .clone()
+            .oneshot(Request::new(Either::Full(Full::from("{}"))))
+            .await;
+        assert_eq!(other.unwrap(), "done", "the upload held the bulkhead");
+        tokio_test::assert_pending!(upload.poll());
+    }
 
     async fn run<B>(limit: usize, body: B) -> (Captured, Bytes)
     where
