@@ -61,12 +61,16 @@ impl<H: OnGrpcStatus> Report<H> {
     }
 
     fn error(self, err: &BoxError) {
-        // tonic's bodies fail with a `Status`; anything else is `UNKNOWN`.
-        let code = crate::error::find_cause::<tonic::Status>(&**err)
-            .map_or(GrpcCode::Unknown, |s| GrpcCode::from_i32(s.code() as i32));
-        self.hook
-            .on_grpc_status(&GrpcOutcome::new(code, classify_error(&**err), true));
+        self.hook.on_grpc_status(&error_outcome(err, true));
     }
+}
+
+/// The outcome of a response whose body failed with `err`: tonic's bodies fail with a
+/// `Status`; anything else is `UNKNOWN`.
+pub(crate) fn error_outcome(err: &BoxError, streamed: bool) -> GrpcOutcome {
+    let code = crate::error::find_cause::<tonic::Status>(&**err)
+        .map_or(GrpcCode::Unknown, |s| GrpcCode::from_i32(s.code() as i32));
+    GrpcOutcome::new(code, classify_error(&**err), streamed)
 }
 
 // === impl GrpcStatusBody ===

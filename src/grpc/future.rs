@@ -1,6 +1,6 @@
 //! Response future of [`GrpcStatus`](super::GrpcStatus).
 
-use super::body::{GrpcStatusBody, Report};
+use super::body::{GrpcStatusBody, Report, error_outcome};
 use super::{GrpcOutcome, OnGrpcStatus};
 use crate::BoxError;
 use crate::classify::GrpcClassifier;
@@ -170,8 +170,11 @@ where
                     let frame = match ready!(Pin::new(inner).poll_frame(cx)) {
                         Some(Ok(frame)) => frame,
                         Some(Err(e)) => {
+                            // Reported like every other response ("every response").
+                            let e: BoxError = e.into();
+                            this.hook.on_grpc_status(&error_outcome(&e, false));
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(e.into()));
+                            return Poll::Ready(Err(e));
                         }
                         None => {
                             let parts = parts.take().expect("parts taken once");
@@ -394,6 +397,32 @@ mod tests {
         assert_eq!(seen.len(), 1);
         assert!(seen[0].is_streamed());
         assert_eq!(seen[0].code(), GrpcCode::Unavailable);
+    }
+
+    /// A body that fails while it is buffered (a reset stream) is reported to the hook
+    /// as a failure, like every other response, not only returned as an error.
+    #[tokio::test]
+    async fn a_body_error_while_buffering_is_reported_to_the_hook() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let layer = GrpcStatusLayer::new().on_status({
+            let seen = seen.clone();
+            move |o: &GrpcOutcome| seen.lock().unwrap().push(*o)
+        });
+        let svc = layer.layer(service_fn(|_: http::Request<()>| async {
+            let frames = vec![
+                Ok(http_body::Frame::data(Bytes::from_static(b"par"))),
+                Err(BoxError::from(tonic::Status::unavailable("reset"))),
+            ];
+            let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+            Ok::<_, BoxError>(Response::new(body))
+        }));
+        let err = svc.oneshot(http::Request::new(())).await.unwrap_err();
+        assert!(err.to_string().contains("reset"), "{err}");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].code(), GrpcCode::Unavailable);
+        assert!(seen[0].classification().is_failure());
+        assert!(!seen[0].is_streamed());
     }
 
     #[tokio::test]
