@@ -93,6 +93,12 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
                 .with_retryable(false)
                 .with_effect(!d.expired_before_call());
         }
+        // hyper-util's client: a failure to connect (refused, DNS, a connect timeout, a
+        // TLS handshake, a scheme its connector refuses) never sent the request.
+        #[cfg(feature = "hyper")]
+        if as_type::<hyper_util::client::legacy::Error>(e).is_some_and(|h| h.is_connect()) {
+            return Classification::failure().with_effect(false);
+        }
         #[cfg(feature = "reqwest")]
         if let Some(r) = as_type::<reqwest::Error>(e) {
             if r.is_connect() {

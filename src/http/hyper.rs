@@ -4,8 +4,8 @@
 //! so every postbox layer applies to it as it is. The only glue is classification:
 //! this module implements [`AsError`] for its error type, so [`HttpClassifier`] and
 //! [`GrpcClassifier`](crate::classify::GrpcClassifier) classify its errors directly —
-//! a refused connection (the `io::Error` in the source chain) is a retryable failure
-//! that never took effect. With a body buffered by
+//! a failure to connect (`is_connect()`: refused, DNS, a connect timeout, TLS) is a
+//! retryable failure that never took effect. With a body buffered by
 //! [`BufferBodyLayer`](crate::http::body::BufferBodyLayer) the client's body type is
 //! `ReplayBody<B>`, which hyper sends like any other body.
 //!
@@ -53,6 +53,23 @@ mod tests {
     use http_body_util::Empty;
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
+
+    /// A connect error without an `io::Error` in its chain (here, a scheme the
+    /// connector refuses; DNS failures and connect timeouts alike) never sent the
+    /// request: no effect, so a `POST` may be retried. It counted as "may have taken
+    /// effect".
+    #[tokio::test]
+    async fn any_connect_error_is_classified_without_effect() {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let err = client
+            .get("https://127.0.0.1:9/".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+        let c = Classify::<http::Response<()>, _>::classify(&HttpClassifier::new(), Err(&err));
+        assert!(c.is_retryable());
+        assert!(!c.may_have_taken_effect());
+    }
 
     #[tokio::test]
     async fn a_refused_connection_is_classified_without_effect() {
