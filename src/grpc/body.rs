@@ -193,12 +193,15 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            // Not at its end while its outcome is unreported: a reader that stops at
+            // the end of the stream would never make the poll that reports a stream
+            // ending without trailers (`UNKNOWN`).
             Kind::Streaming {
                 prefix,
                 inner,
+                report,
                 done,
-                ..
-            } => *done || (prefix.is_none() && inner.is_end_stream()),
+            } => *done || (prefix.is_none() && inner.is_end_stream() && report.is_none()),
         }
     }
 

@@ -425,6 +425,32 @@ mod tests {
         assert!(!seen[0].is_streamed());
     }
 
+    /// A streamed response that ends without trailers is reported (`UNKNOWN`) to a
+    /// reader that stops as soon as the body says it is at its end, as hyper does.
+    #[tokio::test]
+    async fn a_streamed_body_without_trailers_is_reported_to_a_reader_stopping_at_its_end() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let layer = GrpcStatusLayer::new()
+            .stream_through("/echo.Echo/*")
+            .on_status({
+                let seen = seen.clone();
+                move |o: &GrpcOutcome| seen.lock().unwrap().push(*o)
+            });
+        let svc = layer.layer(service_fn(|_: http::Request<()>| async {
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"m"))))
+        }));
+        let req = http::Request::post("http://a/echo.Echo/Watch")
+            .body(())
+            .unwrap();
+        let mut body = svc.oneshot(req).await.unwrap().into_body();
+        while !body.is_end_stream() {
+            body.frame().await;
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "never reported");
+        assert_eq!(seen[0].code(), GrpcCode::Unknown);
+    }
+
     #[tokio::test]
     async fn a_trailers_only_response_passes_through() {
         let svc = GrpcStatusLayer::new().layer(service_fn(|_: http::Request<()>| async {
