@@ -61,10 +61,7 @@ impl GrpcRequests {
     }
 
     fn names(&self, path: &str) -> bool {
-        self.paths.iter().any(|p| match p.strip_suffix('*') {
-            Some(service) => path.starts_with(service),
-            None => p == path,
-        })
+        self.paths.iter().any(|p| super::names_method(p, path))
     }
 }
 

@@ -44,10 +44,7 @@ impl<S, H> GrpcStatus<S, H> {
     fn streams(&self, path: &str) -> bool {
         self.stream_through
             .iter()
-            .any(|p| match p.strip_suffix('*') {
-                Some(service) => path.starts_with(service),
-                None => p == path,
-            })
+            .any(|p| super::names_method(p, path))
     }
 
     /// The inner service.
