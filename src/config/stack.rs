@@ -32,7 +32,7 @@ pub type Client<S> = Deadline<
     BufferBody<
         Retry<
             KeyedCircuitBreaker<
-                Bulkhead<AttemptTimeout<S>>,
+                Bulkhead<AttemptTimeout<S, HttpPropagation>>,
                 Authority,
                 ByAuthority,
                 HttpClassifier,
@@ -80,7 +80,7 @@ pub struct ClientLayer {
     retry: RetryLayer<HttpRetryPolicy>,
     breaker: KeyedCircuitBreakerLayer<Authority, ByAuthority, HttpClassifier>,
     bulkhead: BulkheadLayer,
-    attempt: AttemptTimeoutLayer,
+    attempt: AttemptTimeoutLayer<HttpPropagation>,
 }
 
 /// The client stack with the enqueue fallback outermost, deferring into `Q`; see
@@ -192,7 +192,7 @@ impl ClientConfig {
                 .map_err(prefix)?
                 .with_classifier(HttpClassifier::new()),
             bulkhead: self.bulkhead.build().map_err(prefix)?,
-            attempt: AttemptTimeoutLayer::new(self.attempt_timeout).map_err(prefix)?,
+            attempt: AttemptTimeoutLayer::http(self.attempt_timeout).map_err(prefix)?,
         })
     }
 

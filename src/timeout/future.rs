@@ -106,6 +106,13 @@ impl<F> ResponseFuture<F> {
             state: Timed::running(inner, None, timeout),
         }
     }
+
+    /// Times out at `at` (the clock was read at call time), reporting `timeout`.
+    pub(crate) fn until(inner: F, at: Instant, timeout: Duration) -> Self {
+        Self {
+            state: Timed::running(inner, Some(at), timeout),
+        }
+    }
 }
 
 impl<F, T, E> Future for ResponseFuture<F>

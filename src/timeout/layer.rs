@@ -4,9 +4,13 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 /// Applies an [`AttemptTimeout`] to a service.
+///
+/// `P` decides whether the attempt's end travels with the request: [`NoPropagation`]
+/// (any request type) or [`HttpPropagation`](super::HttpPropagation).
 #[derive(Debug, Clone, Copy)]
-pub struct AttemptTimeoutLayer {
+pub struct AttemptTimeoutLayer<P = NoPropagation> {
     timeout: Duration,
+    propagate: P,
 }
 
 // === impl AttemptTimeoutLayer ===
@@ -17,13 +21,39 @@ impl AttemptTimeoutLayer {
     /// # Errors
     /// A zero timeout is a [`ConfigError`].
     pub fn new(timeout: Duration) -> Result<Self, ConfigError> {
+        Self::with_propagation(timeout, NoPropagation)
+    }
+}
+
+#[cfg(feature = "http")]
+impl AttemptTimeoutLayer<super::HttpPropagation> {
+    /// A timeout of `timeout` per attempt of an HTTP or gRPC request, which tells the
+    /// next hop when the attempt ends: `grpc-timeout` /
+    /// [`TIMEOUT_MS_HEADER`](super::TIMEOUT_MS_HEADER) and the
+    /// [`CallDeadline`](super::CallDeadline) extension are set to the sooner of the
+    /// attempt's end and the call's deadline (the `CallDeadline` a
+    /// [`DeadlineLayer::http`] outside set).
+    ///
+    /// # Errors
+    /// A zero timeout is a [`ConfigError`].
+    pub fn http(timeout: Duration) -> Result<Self, ConfigError> {
+        Self::with_propagation(timeout, super::HttpPropagation::new())
+    }
+}
+
+impl<P> AttemptTimeoutLayer<P> {
+    /// A timeout of `timeout` per attempt, told to the next hop as `propagate` says.
+    ///
+    /// # Errors
+    /// A zero timeout is a [`ConfigError`].
+    pub fn with_propagation(timeout: Duration, propagate: P) -> Result<Self, ConfigError> {
         if timeout.is_zero() {
             return Err(ConfigError::new(
                 "attempt_timeout",
                 "must be greater than zero",
             ));
         }
-        Ok(Self { timeout })
+        Ok(Self { timeout, propagate })
     }
 
     /// The configured timeout.
@@ -32,11 +62,11 @@ impl AttemptTimeoutLayer {
     }
 }
 
-impl<S> Layer<S> for AttemptTimeoutLayer {
-    type Service = AttemptTimeout<S>;
+impl<S, P: Clone> Layer<S> for AttemptTimeoutLayer<P> {
+    type Service = AttemptTimeout<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AttemptTimeout::new(inner, self.timeout)
+        AttemptTimeout::new(inner, self.timeout, self.propagate.clone())
     }
 }
 

@@ -10,19 +10,30 @@ use tower_service::Service;
 ///
 /// Errors become [`BoxError`]; an expiry is [`Elapsed`](super::error::Elapsed).
 ///
+/// With [`HttpPropagation`] ([`AttemptTimeoutLayer::http`](super::AttemptTimeoutLayer::http))
+/// the attempt's own end — its timeout, or the call's deadline if sooner — is what the
+/// request carries to the next hop (`grpc-timeout`, `postbox-timeout-ms`, the
+/// [`CallDeadline`] extension), so the server stops working on an attempt this side has
+/// given up on, as gRPC's per-attempt timeouts do.
+///
 /// # Cancel safety
 /// Dropping the response future drops the inner future and the timer.
 #[derive(Debug, Clone)]
-pub struct AttemptTimeout<S> {
+pub struct AttemptTimeout<S, P = NoPropagation> {
     inner: S,
     timeout: Duration,
+    propagate: P,
 }
 
 // === impl AttemptTimeout ===
 
-impl<S> AttemptTimeout<S> {
-    pub(crate) const fn new(inner: S, timeout: Duration) -> Self {
-        Self { inner, timeout }
+impl<S, P> AttemptTimeout<S, P> {
+    pub(crate) const fn new(inner: S, timeout: Duration, propagate: P) -> Self {
+        Self {
+            inner,
+            timeout,
+            propagate,
+        }
     }
 
     /// The inner service.
@@ -41,10 +52,11 @@ impl<S> AttemptTimeout<S> {
     }
 }
 
-impl<S, Req> Service<Req> for AttemptTimeout<S>
+impl<S, P, Req> Service<Req> for AttemptTimeout<S, P>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    P: Propagate<Req>,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -56,8 +68,19 @@ where
     }
 
     #[inline]
-    fn call(&mut self, req: Req) -> Self::Future {
-        ResponseFuture::new(self.inner.call(req), self.timeout)
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        if self.propagate.is_noop() {
+            return ResponseFuture::new(self.inner.call(req), self.timeout);
+        }
+        let now = Instant::now();
+        let end = crate::clock::later(now, self.timeout);
+        let sent = self
+            .propagate
+            .inbound(&req, now)
+            .map_or(end, |deadline| deadline.min(end));
+        self.propagate
+            .outbound(&mut req, sent, sent.saturating_duration_since(now));
+        ResponseFuture::until(self.inner.call(req), end, self.timeout)
     }
 }
 

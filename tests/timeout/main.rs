@@ -221,6 +221,45 @@ async fn the_earliest_deadline_wins_when_nested() {
     assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], "300");
 }
 
+/// An attempt tells the next hop when it ends: a 1 s attempt timeout inside a 10 s
+/// deadline sends 1 s (it sent the deadline's 10 s, so the next hop worked on for 9 s
+/// after this side gave up on the attempt); a deadline sooner than the attempt's end
+/// wins.
+#[tokio::test(start_paused = true)]
+async fn an_http_attempt_timeout_narrows_the_propagated_deadline() {
+    for (deadline_ms, sent_ms) in [(10_000, "1000"), (300, "300")] {
+        let outer = DeadlineLayer::http(Duration::from_millis(deadline_ms)).unwrap();
+        let attempt = AttemptTimeoutLayer::http(Duration::from_secs(1)).unwrap();
+        let (mock, mut handle) = mock::pair::<http::Request<()>, ()>();
+        let mut svc = tower_test::mock::Spawn::new(outer.layer(attempt.layer(mock)));
+        let start = Instant::now();
+        assert_ready_ok!(svc.poll_ready());
+        let _fut = svc.call(http::Request::new(()));
+        let (sent, _) = handle.next_request().await.unwrap();
+        assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], sent_ms);
+        assert_eq!(
+            sent.extensions().get::<CallDeadline>().unwrap().at(),
+            start + Duration::from_millis(sent_ms.parse().unwrap())
+        );
+    }
+}
+
+/// The attempt still times out at its own end, and its error is still `Elapsed`.
+#[tokio::test(start_paused = true)]
+async fn an_http_attempt_timeout_still_expires_as_elapsed() {
+    let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
+        AttemptTimeoutLayer::http(Duration::from_millis(100)).unwrap(),
+    );
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(http::Request::new(())));
+    let (sent, _reply) = handle.next_request().await.unwrap();
+    assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], "100");
+    assert_pending!(fut.poll());
+    time::advance(Duration::from_millis(100)).await;
+    let err = assert_ready!(fut.poll()).unwrap_err();
+    assert!(find_cause::<Elapsed>(&*err).is_some(), "{err}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn servers_honour_the_callers_timeout_header() {
     let layer = DeadlineLayer::with_propagation(
