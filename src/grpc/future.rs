@@ -369,15 +369,27 @@ mod tests {
         assert_eq!(trailers.unwrap()["grpc-status"], "13");
     }
 
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<GrpcOutcome>>>;
+
+    /// Records every outcome reported to it.
+    struct Record(Seen);
+
+    impl OnGrpcStatus for Record {
+        fn on_grpc_status(&self, outcome: &GrpcOutcome) {
+            self.0.lock().unwrap().push(*outcome);
+        }
+    }
+
+    /// A status layer whose hook records every outcome, and what it recorded.
+    fn recording() -> (GrpcStatusLayer<Record>, Seen) {
+        let seen = Seen::default();
+        (GrpcStatusLayer::new().on_status(Record(seen.clone())), seen)
+    }
+
     #[tokio::test]
     async fn a_streaming_method_is_returned_at_once_and_reported_at_its_end() {
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let layer = GrpcStatusLayer::new()
-            .stream_through("/echo.Echo/*")
-            .on_status({
-                let seen = seen.clone();
-                move |o: &GrpcOutcome| seen.lock().unwrap().push(*o)
-            });
+        let (layer, seen) = recording();
+        let layer = layer.stream_through("/echo.Echo/*");
         let svc = layer.layer(service_fn(|_: http::Request<()>| async {
             let t = trailers(&[("grpc-status", "14")]);
             let body = Full::new(Bytes::from_static(b"m"))
@@ -403,11 +415,7 @@ mod tests {
     /// as a failure, like every other response, not only returned as an error.
     #[tokio::test]
     async fn a_body_error_while_buffering_is_reported_to_the_hook() {
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let layer = GrpcStatusLayer::new().on_status({
-            let seen = seen.clone();
-            move |o: &GrpcOutcome| seen.lock().unwrap().push(*o)
-        });
+        let (layer, seen) = recording();
         let svc = layer.layer(service_fn(|_: http::Request<()>| async {
             let frames = vec![
                 Ok(http_body::Frame::data(Bytes::from_static(b"par"))),
@@ -429,13 +437,8 @@ mod tests {
     /// reader that stops as soon as the body says it is at its end, as hyper does.
     #[tokio::test]
     async fn a_streamed_body_without_trailers_is_reported_to_a_reader_stopping_at_its_end() {
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let layer = GrpcStatusLayer::new()
-            .stream_through("/echo.Echo/*")
-            .on_status({
-                let seen = seen.clone();
-                move |o: &GrpcOutcome| seen.lock().unwrap().push(*o)
-            });
+        let (layer, seen) = recording();
+        let layer = layer.stream_through("/echo.Echo/*");
         let svc = layer.layer(service_fn(|_: http::Request<()>| async {
             Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"m"))))
         }));
