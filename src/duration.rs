@@ -46,24 +46,46 @@ pub fn parse(s: &str) -> Result<Duration, String> {
             "invalid duration `{s}`: missing unit (one of {UNITS}), e.g. \"{num}ms\""
         ));
     }
-    let secs_per_unit = match unit {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
+    let ns_per_unit: u128 = match unit {
+        "ns" => 1,
+        "us" | "µs" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" | "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
         _ => {
             return Err(format!(
                 "invalid duration `{s}`: unknown unit `{unit}` (expected one of {UNITS})"
             ));
         }
     };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration `{s}`: `{num}` is not a number"))?;
-    Duration::try_from_secs_f64(value * secs_per_unit)
-        .map_err(|e| format!("invalid duration `{s}`: {e}"))
+    // In integers, exactly (a float loses nanoseconds, and cannot reach `Duration::MAX`,
+    // which `format` writes): whole units, then the fraction down to the nanosecond.
+    let not_a_number = || format!("invalid duration `{s}`: `{num}` is not a number");
+    let too_large = || format!("invalid duration `{s}`: too large");
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    if (whole.is_empty() && frac.is_empty()) || frac.contains('.') {
+        return Err(not_a_number());
+    }
+    let whole: u128 = match whole {
+        "" => 0,
+        w => w.parse().map_err(|_| too_large())?,
+    };
+    // Digits past the 18th are below a nanosecond for every unit.
+    let frac = &frac[..frac.len().min(18)];
+    let frac_ns = match frac {
+        "" => 0,
+        f => {
+            f.parse::<u128>().map_err(|_| not_a_number())? * ns_per_unit
+                / 10u128.pow(f.len() as u32)
+        }
+    };
+    let ns = whole
+        .checked_mul(ns_per_unit)
+        .and_then(|n| n.checked_add(frac_ns))
+        .ok_or_else(too_large)?;
+    let secs = u64::try_from(ns / 1_000_000_000).map_err(|_| too_large())?;
+    Ok(Duration::new(secs, (ns % 1_000_000_000) as u32))
 }
 
 /// Formats a duration the way [`parse`] reads it (`"250ms"`, `"2s"`, `"1m"`).
@@ -80,9 +102,7 @@ pub fn format(d: Duration) -> String {
             return format!("{}{unit}", ns / per);
         }
     }
-    if ns >= 1_000_000_000 {
-        return format!("{}s", d.as_secs_f64());
-    }
+    // Exact, up to `Duration::MAX` ("keep it" for a ttl).
     format!("{ns}ns")
 }
 
@@ -102,6 +122,34 @@ pub(crate) fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every duration formats to text that parses back to it exactly, up to
+    /// `Duration::MAX` (it was written as `18446744073709552000s`, which parse refused,
+    /// and nanoseconds were lost through a float).
+    #[test]
+    fn format_and_parse_round_trip_exactly() {
+        for d in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_nanos(1_234_567_891),
+            Duration::new(86_400, 1),
+            Duration::from_millis(1500),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        ] {
+            assert_eq!(parse(&format(d)), Ok(d), "{}", format(d));
+        }
+        assert_eq!(parse("0.5h"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse(".25s"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse("1.000000001s"), Ok(Duration::new(1, 1)));
+        assert!(parse("1.2.3s").unwrap_err().contains("not a number"));
+        assert!(parse(".s").unwrap_err().contains("not a number"));
+        assert!(
+            parse("18446744073709551616s")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
 
     #[test]
     fn parses_units_and_names_bad_ones() {

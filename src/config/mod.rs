@@ -450,6 +450,30 @@ impl ClientConfig {
         };
         positive(f("deadline"), self.deadline)?;
         positive(f("attempt_timeout"), self.attempt_timeout)?;
+        // Checked even where unused (a constant backoff's factor, a disabled budget's
+        // ratio): a NaN cannot be written to a config file and read back.
+        let b = &self.circuit_breaker;
+        for (name, x) in [
+            ("retry.backoff.factor", self.retry.backoff.factor),
+            ("retry.budget.ratio", self.retry.budget.ratio),
+            (
+                "circuit_breaker.failure_rate_threshold",
+                b.failure_rate_threshold,
+            ),
+            (
+                "circuit_breaker.slow_call_rate_threshold",
+                b.slow_call_rate_threshold,
+            ),
+            ("circuit_breaker.break_multiplier", b.break_multiplier),
+            ("circuit_breaker.break_jitter", b.break_jitter),
+        ] {
+            if !x.is_finite() {
+                return Err(ConfigError::new(
+                    f(name),
+                    format!("({x}) must be a finite number"),
+                ));
+            }
+        }
         self.retry
             .apply(crate::retry::RetryLayer::builder())
             .map_err(|e| prefixed(p, e))?;

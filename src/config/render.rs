@@ -24,6 +24,16 @@ fn jitter(j: Jitter) -> &'static str {
     }
 }
 
+/// A float as TOML writes it: `nan`, `inf` and `-inf` by name (Rust's `NaN` is not
+/// TOML), anything else with a decimal point.
+fn float(x: f64) -> String {
+    if x.is_nan() {
+        "nan".to_owned()
+    } else {
+        format!("{x:?}")
+    }
+}
+
 fn strings(v: &[String]) -> String {
     let items: Vec<String> = v.iter().map(|s| format!("{s:?}")).collect();
     format!("[{}]", items.join(", "))
@@ -63,12 +73,12 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     writeln!(f, "\n{}", t("retry.backoff"))?;
     writeln!(f, "kind = {:?}", kind(r.backoff.kind))?;
     writeln!(f, "base = {:?}", d(r.backoff.base))?;
-    writeln!(f, "factor = {:?}", r.backoff.factor)?;
+    writeln!(f, "factor = {}", float(r.backoff.factor))?;
     writeln!(f, "max_delay = {:?}", d(r.backoff.max_delay))?;
     writeln!(f, "jitter = {:?}", jitter(r.backoff.jitter))?;
     writeln!(f, "\n{}", t("retry.budget"))?;
     writeln!(f, "enabled = {}", r.budget.enabled)?;
-    writeln!(f, "ratio = {:?}", r.budget.ratio)?;
+    writeln!(f, "ratio = {}", float(r.budget.ratio))?;
     writeln!(f, "min_retries_per_sec = {}", r.budget.min_retries_per_sec)?;
     writeln!(f, "ttl = {:?}", d(r.budget.ttl))?;
 
@@ -77,7 +87,11 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     if let Some(name) = &b.name {
         writeln!(f, "name = {name:?}")?;
     }
-    writeln!(f, "failure_rate_threshold = {:?}", b.failure_rate_threshold)?;
+    writeln!(
+        f,
+        "failure_rate_threshold = {}",
+        float(b.failure_rate_threshold)
+    )?;
     match b.window {
         WindowConfig::Count { size } => {
             writeln!(f, "window = {{ type = \"count\", size = {size} }}")?
@@ -97,15 +111,15 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     }
     writeln!(
         f,
-        "slow_call_rate_threshold = {:?}",
-        b.slow_call_rate_threshold
+        "slow_call_rate_threshold = {}",
+        float(b.slow_call_rate_threshold)
     )?;
     writeln!(f, "break_duration = {:?}", d(b.break_duration))?;
     if let Some(m) = b.max_break_duration {
         writeln!(f, "max_break_duration = {:?}", d(m))?;
     }
-    writeln!(f, "break_multiplier = {:?}", b.break_multiplier)?;
-    writeln!(f, "break_jitter = {:?}", b.break_jitter)?;
+    writeln!(f, "break_multiplier = {}", float(b.break_multiplier))?;
+    writeln!(f, "break_jitter = {}", float(b.break_jitter))?;
     writeln!(f, "permitted_probes = {}", b.permitted_probes)?;
     if let Some(w) = b.max_wait_in_half_open {
         writeln!(f, "max_wait_in_half_open = {:?}", d(w))?;
@@ -227,5 +241,32 @@ mod tests {
             ServerConfig::from_str(&alone, Format::Toml).unwrap(),
             c.server
         );
+    }
+
+    /// Extreme values render to text that loads back: a `Duration::MAX` ttl ("keep
+    /// it") was written as `18446744073709552000s`, which the loader refused, and a
+    /// duration with nanoseconds lost them through a float.
+    #[test]
+    fn extreme_values_round_trip() {
+        let mut c = StackConfig::default();
+        c.server.idempotency.ttl = std::time::Duration::MAX;
+        c.server.idempotency.lock_for = std::time::Duration::new(3600, 1);
+        let shown = c.to_string();
+        let back = StackConfig::from_str(&shown, Format::Toml).unwrap();
+        assert_eq!(back, c, "{shown}");
+    }
+
+    /// A NaN set in code (where it is not used, so no layer checks it) is refused by
+    /// validation, naming the field: it cannot be rendered and read back.
+    #[test]
+    fn a_nan_is_a_config_error() {
+        let mut c = StackConfig::default();
+        c.client.retry.backoff.kind = BackoffKind::Constant;
+        c.client.retry.backoff.factor = f64::NAN;
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            "client.retry.backoff.factor"
+        );
+        assert!(c.to_string().contains("factor = nan"));
     }
 }
