@@ -480,6 +480,7 @@ impl Inner {
         extra: &[(&str, AMQPValue)],
         expiration: Option<Duration>,
     ) -> Result<Answer, QueueError> {
+        envelope.check_encodable()?;
         let mut headers = FieldTable::default();
         headers.insert(H_KEY.into(), string(&envelope.idempotency_key));
         headers.insert(H_DEST.into(), string(&envelope.destination));

@@ -470,17 +470,20 @@ impl Queue for EmbeddedQueue {
         envelope: Envelope,
     ) -> impl Future<Output = Result<Enqueued, QueueError>> + Send {
         // Encoding happens on the caller's thread, in parallel across producers.
-        let bytes = envelope.encode();
-        let due = envelope.not_before <= SystemTime::now();
-        self.call(move |reply| Op::Enqueue {
-            id: to_id(envelope.id),
-            attempts: envelope.attempts,
-            key: envelope.idempotency_key,
-            due,
-            not_before: time_key(envelope.not_before),
-            bytes,
-            reply,
-        })
+        let sent = envelope.check_encodable().map(|()| {
+            let bytes = envelope.encode();
+            let due = envelope.not_before <= SystemTime::now();
+            self.call(move |reply| Op::Enqueue {
+                id: to_id(envelope.id),
+                attempts: envelope.attempts,
+                key: envelope.idempotency_key,
+                due,
+                not_before: time_key(envelope.not_before),
+                bytes,
+                reply,
+            })
+        });
+        async move { sent?.await }
     }
 
     fn lease(
@@ -1622,6 +1625,24 @@ mod tests {
         assert_eq!(ids, vec![good]);
         q.enqueue(envelope("next")).await.unwrap();
         q.close().await.unwrap();
+    }
+
+    /// A body the envelope format cannot hold (4 GiB or more) is a clear error at
+    /// `enqueue`, not a panic in the caller (the enqueue layer's `max_body` keeps it
+    /// off that path; a direct caller had no guard). The body's pages are never
+    /// touched: allocated zeroed, lazily.
+    #[tokio::test]
+    async fn a_body_too_large_for_the_format_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = EmbeddedQueue::open(dir.path().join("q.redb"), EmbeddedOptions::new()).unwrap();
+        let mut e = envelope("huge");
+        e.body = Bytes::from(vec![0u8; u32::MAX as usize + 1]);
+        let err = q.enqueue(e).await.unwrap_err();
+        assert!(
+            matches!(&err, QueueError::Backend(m) if m.to_string().contains("body")),
+            "{err:?}"
+        );
+        assert_eq!(q.depth().await.unwrap().pending, 0);
     }
 
     #[test]

@@ -287,6 +287,43 @@ impl Envelope {
         }
     }
 
+    /// Whether the envelope can be encoded: every string, header value and the body
+    /// under 4 GiB, and fewer than `u32::MAX` headers (lengths are 32-bit). The queues
+    /// check it before [`encode`](Self::encode), which panics otherwise.
+    ///
+    /// # Errors
+    /// [`QueueError::Backend`](super::QueueError::Backend) naming the field too large.
+    pub fn check_encodable(&self) -> Result<(), super::QueueError> {
+        let max = u32::MAX as usize;
+        let too_large = |what: &str, len: usize| {
+            super::QueueError::Backend(
+                format!("envelope {what} of {len} bytes: the format holds at most {max}").into(),
+            )
+        };
+        for (what, len) in [
+            ("idempotency key", self.idempotency_key.len()),
+            ("destination", self.destination.len()),
+            ("method", self.method.len()),
+            ("uri", self.uri.len()),
+            ("body", self.body.len()),
+        ] {
+            if len > max {
+                return Err(too_large(what, len));
+            }
+        }
+        if self.headers.len() > max {
+            return Err(too_large("header count", self.headers.len()));
+        }
+        if let Some((n, v)) = self
+            .headers
+            .iter()
+            .find(|(n, v)| n.len() > max || v.len() > max)
+        {
+            return Err(too_large("header", n.len().max(v.len())));
+        }
+        Ok(())
+    }
+
     /// Encodes the envelope in the versioned binary format described in
     /// `docs/envelope.md` (little-endian; a 64-byte fixed header, then length-prefixed
     /// fields).

@@ -383,6 +383,7 @@ impl Inner {
     }
 
     async fn enqueue(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
+        envelope.check_encodable()?;
         let subject = async_nats::Subject::from(self.subject(&envelope));
         let payload = Bytes::from(envelope.encode());
         self.fits(payload.len() + header_room(&envelope))?;

@@ -293,6 +293,7 @@ impl RedisQueue {
     }
 
     async fn enqueue_inner(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
+        envelope.check_encodable()?;
         let id = envelope.id.to_string();
         let payload = envelope.encode();
         let created = ms_floor(envelope.created_at).to_string();
