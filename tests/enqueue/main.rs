@@ -16,11 +16,12 @@ use http_body_util::{BodyExt, Full};
 use postbox::BoxError;
 use postbox::bulkhead::error::Full as BulkheadFull;
 use postbox::circuit_breaker::error::Open;
+use postbox::classify::HttpClassifier;
 use postbox::enqueue::error::NotEnqueued;
 use postbox::enqueue::{
     BufferedBody, Captured, DEFER_REASON_HEADER, DeferLayer, DeferPolicy, Deferred, EnqueueConfig,
-    EnqueueFallbackLayer, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt, Replayer,
-    RequestCodec,
+    EnqueueFallback, EnqueueFallbackLayer, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt,
+    Replayer, RequestCodec,
 };
 use postbox::error::find_cause;
 use postbox::idempotency::{
@@ -96,6 +97,28 @@ impl Dependency {
 
 async fn depth(q: &MemoryQueue) -> Depth {
     q.depth().await.unwrap()
+}
+
+/// A memory queue, a dependency that answers `503`, and the layer with `config` in
+/// front of it.
+fn over_a_failing_dependency(
+    config: EnqueueConfig,
+) -> (
+    Arc<MemoryQueue>,
+    Dependency,
+    EnqueueFallback<
+        impl Service<InnerReq, Response = Res, Error = BoxError, Future = Fut<Result<Res, BoxError>>>
+        + Clone,
+        MemoryQueue,
+        HttpClassifier,
+    >,
+) {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(dep.service(|| Ok(respond(503, "down"))));
+    (queue, dep, svc)
 }
 
 async fn defer_with(
@@ -238,12 +261,7 @@ async fn an_overflowing_retry_after_enqueues_far_in_the_future_without_panicking
 /// A ttl too large for the clock saturates instead of panicking.
 #[tokio::test(start_paused = true)]
 async fn a_huge_ttl_does_not_panic() {
-    let queue = Arc::new(MemoryQueue::new());
-    let dep = Dependency::default();
-    let config = EnqueueConfig::new().ttl(Duration::MAX);
-    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
-        .unwrap()
-        .layer(dep.service(|| Ok(respond(503, "down"))));
+    let (queue, _dep, svc) = over_a_failing_dependency(EnqueueConfig::new().ttl(Duration::MAX));
     let res = svc
         .oneshot(post("http://api.test/orders", "{}"))
         .await
@@ -432,12 +450,7 @@ async fn body_over_limit_streams_through_and_is_not_enqueued() {
 
 #[tokio::test(start_paused = true)]
 async fn body_with_known_size_over_limit_is_not_read_ahead() {
-    let queue = Arc::new(MemoryQueue::new());
-    let dep = Dependency::default();
-    let config = EnqueueConfig::new().max_body(4);
-    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
-        .unwrap()
-        .layer(dep.service(|| Ok(respond(503, "down"))));
+    let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new().max_body(4));
     let res = svc
         .oneshot(post("http://api.test/orders", "0123456789"))
         .await
@@ -506,10 +519,7 @@ async fn receipt_is_202_with_the_documented_headers() {
 
 #[tokio::test(start_paused = true)]
 async fn idempotency_key_is_sent_on_the_original_attempt() {
-    let queue = Arc::new(MemoryQueue::new());
-    let dep = Dependency::default();
-    let svc =
-        EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(|| Ok(respond(503, "down"))));
+    let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
     let res = svc
         .clone()
         .oneshot(post("http://api.test/orders", "{}"))
@@ -536,10 +546,7 @@ async fn idempotency_key_is_sent_on_the_original_attempt() {
 /// hours later, has a deadline of its own.
 #[tokio::test(start_paused = true)]
 async fn the_original_deadline_headers_are_not_stored() {
-    let queue = Arc::new(MemoryQueue::new());
-    let dep = Dependency::default();
-    let svc =
-        EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(|| Ok(respond(503, "down"))));
+    let (queue, _dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
     let mut req = post("http://api.test/orders", "{}");
     req.headers_mut()
         .insert(postbox::timeout::TIMEOUT_MS_HEADER, 500.into());
@@ -557,10 +564,7 @@ async fn the_original_deadline_headers_are_not_stored() {
 
 #[tokio::test(start_paused = true)]
 async fn an_empty_idempotency_key_is_replaced_by_a_generated_one() {
-    let queue = Arc::new(MemoryQueue::new());
-    let dep = Dependency::default();
-    let svc =
-        EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(|| Ok(respond(503, "down"))));
+    let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
     let mut req = post("http://api.test/orders", "{}");
     req.headers_mut()
         .insert(IDEMPOTENCY_KEY_HEADER, "".parse().unwrap());
