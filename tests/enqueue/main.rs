@@ -101,6 +101,10 @@ async fn depth(q: &MemoryQueue) -> Depth {
 
 /// A memory queue, a dependency that answers `503`, and the layer with `config` in
 /// front of it.
+#[expect(
+    clippy::type_complexity,
+    reason = "the layer over an opaque test service, which a type alias cannot name"
+)]
 fn over_a_failing_dependency(
     config: EnqueueConfig,
 ) -> (
