@@ -136,13 +136,21 @@ mod http_future {
     pin_project! {
         #[project = StateProj]
         enum State<S, F, B> {
-            // Reading the body (up to the limit) before the call; owns the ready service.
+            // Reading the body (up to the limit) before the call; owns a clone of the
+            // service, not yet readied.
             Collecting {
                 svc: Option<S>,
                 parts: Option<Parts>,
                 body: Option<B>,
                 buf: Collected,
                 key: Option<String>,
+            },
+            // The body is read: readying the service (a clone, not ready while the body
+            // was read, so it held no permit or probe slot of the layers inside).
+            Readying {
+                svc: S,
+                req: Option<Request<BufferedBody<B>>>,
+                capture: Option<Capture>,
             },
             Calling {
                 #[pin]
@@ -198,6 +206,7 @@ mod http_future {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             let state = match &self.state {
                 State::Collecting { .. } => "collecting",
+                State::Readying { .. } => "readying",
                 State::Calling { .. } => "calling",
                 State::Enqueuing { .. } => "enqueuing",
                 State::Done => "done",
@@ -254,12 +263,12 @@ mod http_future {
                         let mut extra: Option<Frame<bytes::Bytes>> = None;
                         let b = body.as_mut().expect("body present while collecting");
                         let res = ready!(poll_collect(Pin::new(b), cx, buf, limit, &mut extra));
-                        let mut svc = svc.take().expect("service present while collecting");
+                        let svc = svc.take().expect("service present while collecting");
                         let parts = parts.take().expect("parts present while collecting");
                         let body = body.take().expect("body present while collecting");
                         let buf = std::mem::take(buf);
                         let key = key.take().expect("key present while collecting");
-                        let (fut, capture) = match res {
+                        let (req, capture) = match res {
                             Err(e) => {
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(e));
@@ -268,7 +277,7 @@ mod http_future {
                                 let bytes = buf.freeze();
                                 let capture = Capture::http(key, &parts, bytes.clone());
                                 let req = Request::from_parts(parts, BufferedBody::full(bytes));
-                                (svc.call(req), Some(capture))
+                                (req, Some(capture))
                             }
                             Ok(false) => {
                                 tracing::debug!(
@@ -276,9 +285,23 @@ mod http_future {
                                     "request body over the limit; not deferrable"
                                 );
                                 let req = Request::from_parts(parts, partial(buf, extra, body));
-                                (svc.call(req), None)
+                                (req, None)
                             }
                         };
+                        this.state.set(State::Readying {
+                            svc,
+                            req: Some(req),
+                            capture,
+                        });
+                    }
+                    StateProj::Readying { svc, req, capture } => {
+                        if let Err(e) = ready!(svc.poll_ready(cx)) {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(e.into()));
+                        }
+                        let req = req.take().expect("request present while readying");
+                        let capture = capture.take();
+                        let fut = svc.call(req);
                         this.state.set(State::Calling { fut, capture });
                     }
                     StateProj::Calling { fut, capture } => {

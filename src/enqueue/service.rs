@@ -386,9 +386,11 @@ mod http_flavour {
     /// [`NotEnqueued`](crate::enqueue::error::NotEnqueued).
     ///
     /// # Clone
-    /// Reading a body before the call needs the ready inner service to move into the
-    /// response future, so the inner service must be `Clone` (a clone takes its place,
-    /// as tower's docs recommend). Clones share the queue, classifier and config.
+    /// A body is read before the call, so the inner service must be `Clone`: the
+    /// readiness `poll_ready` reserved is given back (the ready service is dropped and
+    /// a clone takes its place), and the response future readies a clone of its own
+    /// once the body is read. A slow upload so holds no bulkhead permit or half-open
+    /// probe of the layers inside. Clones share the queue, classifier and config.
     ///
     /// # Cancel safety
     /// Dropping the response future before the inner call completes never enqueues.
@@ -464,7 +466,14 @@ mod http_flavour {
                 .policy
                 .may_defer(parts.method.as_str(), parts.uri.path())
             {
-                let req = Request::from_parts(parts, BufferedBody::streaming(body));
+                // Kept synchronous. An empty body (a `GET`) goes as one a retry inside can
+                // send again; any other is streamed through.
+                let body = if body.is_end_stream() {
+                    BufferedBody::empty()
+                } else {
+                    BufferedBody::streaming(body)
+                };
+                let req = Request::from_parts(parts, body);
                 return ResponseFuture::calling(self.inner.call(req), None, shared);
             }
             let key = match key_of(&parts.headers) {
@@ -488,9 +497,11 @@ mod http_flavour {
                 let req = Request::from_parts(parts, BufferedBody::empty());
                 return ResponseFuture::calling(self.inner.call(req), Some(capture), shared);
             }
-            // The body must be read before the call: the ready service goes with it.
-            let clone = self.inner.clone();
-            let svc = std::mem::replace(&mut self.inner, clone);
+            // The body is read before the call, and only then is a clone readied and
+            // called: the readiness `poll_ready` reserved (a bulkhead permit, a
+            // half-open probe) is given back now, not held while a slow upload is read.
+            let svc = self.inner.clone();
+            drop(std::mem::replace(&mut self.inner, svc.clone()));
             ResponseFuture::collecting(svc, parts, body, key, shared)
         }
     }
