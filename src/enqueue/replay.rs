@@ -271,6 +271,12 @@ impl ReplayConfig {
         if let Some((field, _)) = nonzero.iter().find(|(_, bad)| *bad) {
             return Err(ConfigError::new(*field, "must be greater than zero"));
         }
+        if self.ack_interval >= self.lease_for {
+            return Err(ConfigError::new(
+                "replay.ack_interval",
+                "must be shorter than lease_for (an ack sent after the lease ends is lost)",
+            ));
+        }
         if self.backoff_base > self.backoff_max {
             return Err(ConfigError::new(
                 "replay.backoff",
@@ -278,6 +284,14 @@ impl ReplayConfig {
             ));
         }
         Ok(())
+    }
+
+    /// How long one replay may run: its lease less a margin (a tenth of the lease, at
+    /// least `ack_interval`), so that its verdict is settled while the lease still holds
+    /// and the message is never leased again, and replayed twice at once, while it runs.
+    fn replay_limit(&self) -> Duration {
+        let margin = (self.lease_for / 10).max(self.ack_interval);
+        self.lease_for.saturating_sub(margin)
     }
 
     /// Exponential backoff after `attempts` deliveries: `base * 2^(attempts-1)`, capped
@@ -394,7 +408,13 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
     }
 
     /// How long a lease lasts (default 60 s): a message not settled by then returns
-    /// to pending. Keep it above the service's deadline.
+    /// to pending.
+    ///
+    /// A replay still running when a tenth of the lease is left (or `ack_interval`,
+    /// if longer) is cut off and judged a retryable failure, counted: it may have
+    /// reached the dependency. So the lease never runs out under a running replay, and
+    /// a message is never replayed twice at once. Keep the lease above the service's
+    /// deadline.
     pub fn lease_for(mut self, d: Duration) -> Self {
         self.config.lease_for = d;
         self
@@ -558,7 +578,8 @@ impl ReplayerHandle {
     }
 
     /// Stops gracefully: no new leases; replays in flight get the grace period to
-    /// finish; the leases of those still running go back to the queue (due at once);
+    /// finish; the leases of those still running go back to the queue (due at once, the
+    /// delivery not counted: [`Queue::release`]);
     /// pending acks are flushed. Returns the final counts.
     ///
     /// # Cancel safety
@@ -631,17 +652,28 @@ struct Settled {
     verdict: Verdict,
 }
 
-async fn replay_one<S, Req, J>(mut svc: S, req: Req, judge: Arc<J>) -> Verdict
+/// Replays `req` through `svc` and judges the outcome; a replay that runs past `limit`
+/// is cut off (dropped) and retried later.
+async fn replay_one<S, Req, J>(mut svc: S, req: Req, judge: Arc<J>, limit: Duration) -> Verdict
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     J: Judge<S::Response, BoxError>,
 {
-    let out = match std::future::poll_fn(|cx| svc.poll_ready(cx)).await {
-        Ok(()) => svc.call(req).await.map_err(Into::into),
-        Err(e) => Err(e.into()),
+    let replay = async {
+        let out = match std::future::poll_fn(|cx| svc.poll_ready(cx)).await {
+            Ok(()) => svc.call(req).await.map_err(Into::into),
+            Err(e) => Err(e.into()),
+        };
+        judge.judge(out.as_ref())
     };
-    judge.judge(out.as_ref())
+    match tokio::time::timeout(limit, replay).await {
+        Ok(verdict) => verdict,
+        Err(_) => Verdict::Retry {
+            after: None,
+            reason: format!("the replay ran past {limit:?}, too close to the end of its lease"),
+        },
+    }
 }
 
 impl<Q, S, K, J, Req> Worker<Q, S, K, J, Req>
@@ -753,9 +785,12 @@ where
         // One last try for calls the queue could not take: a message not settled now
         // comes back when its lease expires.
         self.resettle().await;
+        // Returned uncounted: cut short by the shutdown, not judged, these replays must
+        // not use up an attempt (a message on its last one would be dead-lettered at its
+        // next lease without ever being judged).
         let now = wall_now();
         for (_, token) in std::mem::take(&mut self.in_flight) {
-            match self.queue.retry_later(token, now).await {
+            match self.queue.release(token, now).await {
                 Ok(()) => {
                     self.stats.returned.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(id = %token.id, "lease returned at shutdown");
@@ -792,8 +827,9 @@ where
         let svc = self.service.clone();
         let judge = self.judge.clone();
         let (attempts, expires_at) = (envelope.attempts, envelope.expires_at);
+        let limit = self.config.replay_limit();
         let handle = self.tasks.spawn(async move {
-            let verdict = replay_one(svc, req, judge).await;
+            let verdict = replay_one(svc, req, judge, limit).await;
             Settled {
                 token,
                 attempts,
