@@ -397,6 +397,30 @@ async fn get_is_not_enqueued_by_default() {
     );
 }
 
+/// A `GET` the policy keeps synchronous reaches the layers inside with a body a retry
+/// can send again (before, its empty body was "streamed" and never retried).
+#[tokio::test(start_paused = true)]
+async fn a_synchronous_get_is_retried_by_a_retry_layer_inside() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let retry = postbox::retry::RetryLayer::http()
+        .max_retries(2)
+        .no_budget()
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(EnqueueFallbackLayer::new(queue.clone()))
+        .layer(retry)
+        .service(dep.service(|| Ok(respond(503, "down"))));
+    let req = Request::get("http://api.test/orders/1")
+        .body(Full::default())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(dep.calls(), 3, "the first attempt and two retries");
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
 #[tokio::test(start_paused = true)]
 async fn policy_keeps_routes_synchronous_and_can_defer_reads() {
     let queue = Arc::new(MemoryQueue::new());
@@ -462,6 +486,53 @@ async fn body_with_known_size_over_limit_is_not_read_ahead() {
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(dep.seen.lock().unwrap()[0].2, "0123456789");
     assert_eq!(depth(&queue).await, Depth::default());
+}
+
+/// A request body that is either whole or never sends anything (a stalled upload).
+struct MaybeStalled(Option<Full<Bytes>>);
+
+impl http_body::Body for MaybeStalled {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match &mut self.get_mut().0 {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// Reading a slow upload holds nothing of the layers inside: with a bulkhead of one
+/// inside the fallback, another request still reaches the dependency instead of being
+/// deferred as `bulkhead full` (the upload's `poll_ready` reserved the only permit).
+#[tokio::test(start_paused = true)]
+async fn a_slow_request_body_does_not_hold_a_bulkhead_permit() {
+    let queue = Arc::new(MemoryQueue::new());
+    let inner = service_fn(|_: Request<BufferedBody<MaybeStalled>>| async {
+        Ok::<_, BoxError>(respond(201, "created"))
+    });
+    let bulkhead = postbox::bulkhead::BulkheadLayer::new(1).unwrap();
+    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(bulkhead.layer(inner));
+    let stalled = Request::post("http://api.test/orders")
+        .body(MaybeStalled(None))
+        .unwrap();
+    let mut upload = task::spawn(svc.clone().oneshot(stalled));
+    assert_pending!(upload.poll());
+    let whole = Request::post("http://api.test/orders")
+        .body(MaybeStalled(Some(Full::from("{}"))))
+        .unwrap();
+    let res = svc.clone().oneshot(whole).await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::CREATED,
+        "the upload held the bulkhead"
+    );
+    assert_eq!(depth(&queue).await, Depth::default());
+    assert_pending!(upload.poll());
 }
 
 // === durability, receipts, keys ===
@@ -984,6 +1055,79 @@ async fn graceful_shutdown_returns_in_flight_leases() {
             dead: 0
         }
     );
+}
+
+/// A replay cut short by a shutdown does not use up an attempt: a message on its last
+/// attempt is replayed by the next replayer, not dead-lettered unjudged at its lease.
+#[tokio::test(start_paused = true)]
+async fn a_replay_cut_short_by_shutdown_on_its_last_attempt_is_not_dead_lettered() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let started2 = started.clone();
+    let hung = service_fn(move |_req: InnerReq| {
+        started2.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Result<Res, BoxError>>()
+    });
+    let handle = Replayer::http(queue.clone(), hung)
+        .max_attempts(1)
+        .grace(Duration::from_secs(1))
+        .spawn()
+        .unwrap();
+    eventually(|| started.load(Ordering::SeqCst) == 1).await;
+    assert_eq!(handle.shutdown().await.returned, 1);
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handle = Replayer::http(queue.clone(), counting(200, calls.clone()))
+        .max_attempts(1)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed + handle.stats().dead_lettered == 1).await;
+    let stats = handle.shutdown().await;
+    assert_eq!((stats.replayed, stats.dead_lettered), (1, 0));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A replay still running near the end of its lease is cut off and retried later:
+/// the lease never runs out under it, so the message is never replayed twice at once.
+#[tokio::test(start_paused = true)]
+async fn a_replay_running_past_its_lease_is_cut_off_not_run_twice_at_once() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (running2, most2, calls2) = (running.clone(), most.clone(), calls.clone());
+    let svc = service_fn(move |_req: InnerReq| {
+        let (running, most) = (running2.clone(), most2.clone());
+        let first = calls2.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            struct Running(Arc<AtomicUsize>);
+            impl Drop for Running {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            let _running = Running(running);
+            most.fetch_max(now, Ordering::SeqCst);
+            if first {
+                std::future::pending::<()>().await; // hangs until cut off
+            }
+            Ok::<_, BoxError>(respond(200, ""))
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .lease_for(Duration::from_secs(10))
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    let stats = handle.shutdown().await;
+    assert_eq!(most.load(Ordering::SeqCst), 1, "replayed twice at once");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!((stats.retried, stats.dead_lettered), (1, 0));
+    assert_eq!(depth(&queue).await, Depth::default());
 }
 
 /// Dropping the handle stops the worker as `shutdown` does: a replay that finishes
