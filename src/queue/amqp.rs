@@ -111,6 +111,9 @@ const H_ATTEMPTS: &str = "postbox-attempts";
 const H_REASON: &str = "postbox-reason";
 const CONTENT_TYPE: &str = "application/vnd.postbox.envelope";
 
+/// The longest per-message TTL RabbitMQ takes, in milliseconds.
+const MAX_TTL_MS: u32 = u32::MAX;
+
 /// Where and how [`AmqpQueue::connect`] connects.
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
@@ -505,7 +508,11 @@ impl Inner {
             .with_message_id(envelope.id.to_string().into())
             .with_headers(headers);
         if let Some(ttl) = expiration {
-            props = props.with_expiration(ttl.as_millis().max(1).to_string().into());
+            // The broker refuses (and closes the channel on) a TTL over 2^32 - 1 ms,
+            // about 49.7 days: a further not-before waits that long, comes back and is
+            // parked again for the rest.
+            let ms = ttl.as_millis().clamp(1, u128::from(MAX_TTL_MS));
+            props = props.with_expiration(ms.to_string().into());
         }
         let payload = envelope.encode();
         let publish = async {
@@ -721,7 +728,10 @@ impl Inner {
             // Earlier deliveries of this copy were held by a channel that died: each was
             // an attempt, unless this process knows it was not leased then.
             let redelivered = u32::try_from(int("x-delivery-count").unwrap_or(0)).unwrap_or(0);
-            let uncounted = st.uncounted.remove(&envelope.id).unwrap_or(0);
+            // A running total, like the broker's count: kept until this copy leaves
+            // the queue (acked, parked or dead-lettered), so a second reconnect does not
+            // count the first one's uncounted delivery.
+            let uncounted = st.uncounted.get(&envelope.id).copied().unwrap_or(0);
             envelope.attempts = envelope
                 .attempts
                 .saturating_add(redelivered.saturating_sub(uncounted));
@@ -764,6 +774,7 @@ impl Inner {
         for id in far {
             if let Some(h) = st.held.remove(&id) {
                 self.park(&ch, epoch, h, now).await?;
+                st.uncounted.remove(&id);
             }
         }
         let lease_until = super::saturating_add(now, lease_for);
@@ -822,6 +833,16 @@ impl Inner {
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
             .await?;
         Ok(())
+    }
+
+    /// The broker's copy of `id` left the queue (acked: a parked copy starts its own
+    /// delivery count): its uncounted deliveries are forgotten. (`lease`, which parks
+    /// under the state lock, forgets them itself.)
+    async fn gone(&self, id: MessageId) {
+        let mut st = self.state.lock().await;
+        if !st.uncounted.is_empty() {
+            st.uncounted.remove(&id);
+        }
     }
 
     /// After the publish that was to move a delivery was refused (`what`: where, and
@@ -900,6 +921,7 @@ impl Inner {
             self.io(epoch, h.acker.ack(BasicAckOptions::default()))
                 .await?;
             self.forget_key(&h.envelope.idempotency_key, h.envelope.id);
+            self.gone(h.envelope.id).await;
         }
         lost.map_or(Ok(()), Err)
     }
@@ -915,7 +937,9 @@ impl Inner {
         let now = st.last_now.unwrap_or_else(SystemTime::now);
         drop(st);
         h.envelope.not_before = not_before;
-        self.park(&ch, epoch, h, now).await
+        self.park(&ch, epoch, h, now).await?;
+        self.gone(token.id).await;
+        Ok(())
     }
 
     /// Like `retry_later`, with the delivery uncounted: a not-before within the hold
@@ -933,7 +957,9 @@ impl Inner {
             .is_ok_and(|wait| wait > self.hold_limit)
         {
             drop(st);
-            return self.park(&ch, epoch, h, now).await;
+            self.park(&ch, epoch, h, now).await?;
+            self.gone(token.id).await;
+            return Ok(());
         }
         h.state = HeldState::Scheduled(not_before);
         st.held.insert(token.id, h);
@@ -954,6 +980,7 @@ impl Inner {
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
             .await?;
         self.forget_key(&h.envelope.idempotency_key, h.envelope.id);
+        self.gone(h.envelope.id).await;
         Ok(())
     }
 

@@ -72,6 +72,8 @@ pub const REDIS_URL_ENV: &str = "POSTBOX_REDIS_URL";
 /// The URL used when neither [`RedisOptions::with_url`] nor [`REDIS_URL_ENV`] is set.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
 
+/// The most messages one `lease` takes (a larger `max` takes this many).
+const MAX_LEASE: usize = 100_000;
 const GROUP: &str = "postbox";
 const CONSUMER: &str = "postbox";
 
@@ -432,7 +434,9 @@ impl RedisQueue {
             CONSUMER.into(),
             ms_floor(now).to_string().into(),
             ms_ceil(lease_until).to_string().into(),
-            max.to_string().into(),
+            // Lua numbers are doubles: a `max` near `usize::MAX` would reach Redis as
+            // `1.8e+19`, which `ZRANGE` refuses.
+            max.min(MAX_LEASE).to_string().into(),
         ];
         let reply = self.run(&LEASE, args).await?;
         let [foreign, items] =

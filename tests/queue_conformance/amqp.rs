@@ -394,3 +394,30 @@ async fn deliveries_held_without_a_lease_come_back_uncounted_after_a_reconnect()
         assert_eq!(n, expected, "{key}");
     }
 }
+
+/// A delivery held without a lease through two reconnects stays uncounted: the broker's
+/// `x-delivery-count` adds up both, and so does what is taken off it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_delivery_stays_uncounted_across_two_reconnects() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy));
+    let lease_for = Duration::from_secs(30);
+    let mut later = crate::suite::envelope("later");
+    later.not_before = crate::suite::at(60);
+    q.enqueue(later).await.unwrap();
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for now in [1, 2] {
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let none = retry!(q.lease(10, lease_for, crate::suite::at(now)).await);
+        assert!(none.is_empty(), "not due yet: {none:?}");
+    }
+    let due = q.lease(10, lease_for, crate::suite::at(60)).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].envelope.attempts, 1, "only this lease counts");
+}

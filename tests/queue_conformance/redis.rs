@@ -558,8 +558,8 @@ async fn a_key_whose_entry_was_deleted_by_hand_is_taken_over() {
     }
 }
 
-/// Entries that postbox did not write (no `id` field, one that is not a message id, or
-/// fields postbox never writes) go to the dead-letter stream when `lease` reads them:
+/// Entries that postbox did not write (no `id` field, one that is not a message id in
+/// lowercase, or fields postbox never writes) go to the dead-letter stream when `lease` reads them:
 /// they are not left counted as pending, they do not fail the batch (or strand the rest
 /// of it), and listing the dead letters copes with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,7 +571,12 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
         crate::suite::envelope("huge"),
     );
     let (nan_id, huge_id) = (nan.id.to_string(), huge.id.to_string());
-    let entries: [&[(&str, &[u8])]; 4] = [
+    // Tokens name ids in lowercase: an uppercase one could never be acked.
+    let upper_id = crate::suite::envelope("upper")
+        .id
+        .to_string()
+        .to_uppercase();
+    let entries: [&[(&str, &[u8])]; 5] = [
         &[("note", b"hello")],
         &[("id", b"42"), ("note", b"x")],
         &[
@@ -584,6 +589,7 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
             ("attempts", b"99999999999"),
             ("envelope", &valid),
         ],
+        &[("id", upper_id.as_bytes()), ("envelope", &valid)],
     ];
     for fields in entries {
         let mut xadd = redis::cmd("XADD");
@@ -595,7 +601,7 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
     }
     crate::suite::only_the_good_message_is_leased(&q).await;
     let depth = q.depth().await.unwrap();
-    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 4));
+    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 5));
     let dead = xrange(&q, &q.keys()[1]).await;
     assert_eq!(dead[0].1[0], ("note".into(), b"hello".to_vec()));
     let reasons: Vec<_> = dead
@@ -612,13 +618,21 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
             why("no message id"),
             why("no message id"),
             why("bad not_before_ms"),
-            why("bad attempts")
+            why("bad attempts"),
+            why("no message id"),
         ]
     );
-    // The two with an envelope are listed, with their reasons.
+    // The three with an envelope are listed, with their reasons.
     let listed = q.dead_letters(10).await.unwrap();
     let listed: Vec<_> = listed.iter().map(|d| d.reason.as_str()).collect();
-    assert_eq!(listed, [why("bad not_before_ms"), why("bad attempts")]);
+    assert_eq!(
+        listed,
+        [
+            why("bad not_before_ms"),
+            why("bad attempts"),
+            why("no message id")
+        ]
+    );
 }
 
 /// An enqueue of a message already acked, retried after its reply was lost, claims the

@@ -16,7 +16,9 @@ macro_rules! conformance {
             enqueue_then_lease_returns_the_envelope,
             lease_is_fifo_by_id,
             lease_respects_max,
+            a_lease_of_usize_max_takes_what_is_due,
             not_before_defers_delivery,
+            a_not_before_months_away_waits_and_leasing_goes_on,
             lease_uses_the_given_now_not_the_clock,
             expired_lease_returns_to_pending,
             stale_token_is_refused,
@@ -147,6 +149,15 @@ pub async fn lease_respects_max(q: impl Queue) {
 
 /// Not in `conformance!` (a broker may cap lease times): the in-process backends run it
 /// themselves.
+/// `max` is an upper bound, not a size to allocate or pass on as is.
+pub async fn a_lease_of_usize_max_takes_what_is_due(q: impl Queue) {
+    let id = stored(&q, envelope("a")).await;
+    assert_eq!(
+        ids(&q.lease(usize::MAX, LEASE, at(0)).await.unwrap()),
+        vec![id]
+    );
+}
+
 pub async fn endless_lease_does_not_expire(q: impl Queue) {
     stored(&q, envelope("a")).await;
     let l = q.lease(1, Duration::MAX, at(0)).await.unwrap();
@@ -168,6 +179,26 @@ pub async fn not_before_defers_delivery(q: impl Queue) {
         ids(&q.lease(10, LEASE, at(60)).await.unwrap()),
         vec![later_id]
     );
+}
+
+/// A not-before months away (a huge `Retry-After`) waits, and leasing goes on for the
+/// other messages (RabbitMQ refuses a per-message TTL over 2^32 - 1 ms, 49.7 days, and
+/// closes the channel).
+pub async fn a_not_before_months_away_waits_and_leasing_goes_on(q: impl Queue) {
+    let mut far = envelope("far");
+    far.not_before = at(100 * 24 * 3600);
+    stored(&q, far).await;
+    let now_id = stored(&q, envelope("now")).await;
+    let first = q.lease(10, LEASE, at(0)).await.unwrap();
+    assert_eq!(ids(&first), vec![now_id]);
+    q.ack(&[first[0].token]).await.unwrap();
+    let next_id = stored(&q, envelope("next")).await;
+    assert_eq!(
+        ids(&q.lease(10, LEASE, at(1)).await.unwrap()),
+        vec![next_id]
+    );
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending + depth.in_flight, depth.dead), (2, 0));
 }
 
 /// A message already due by the system clock is still not leased at an earlier `now`.

@@ -16,8 +16,11 @@ end
 -- Read new entries through the consumer group until `max` are due (or none are left).
 local fresh = {}
 local foreign = 0
-local UUID = '^' .. string.rep('%x', 8) .. '%-' .. string.rep('%x', 4) .. '%-' ..
-  string.rep('%x', 4) .. '%-' .. string.rep('%x', 4) .. '%-' .. string.rep('%x', 12) .. '$'
+-- Lowercase only, as postbox writes ids and names them in lease tokens: an entry with an
+-- uppercase id could never be acked, and would be delivered again forever.
+local H = '[0-9a-f]'
+local UUID = '^' .. string.rep(H, 8) .. '%-' .. string.rep(H, 4) .. '%-' ..
+  string.rep(H, 4) .. '%-' .. string.rep(H, 4) .. '%-' .. string.rep(H, 12) .. '$'
 local rounds = 0
 local last = nil
 while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
