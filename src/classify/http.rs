@@ -165,11 +165,27 @@ impl<B, E: AsError> Classify<Response<B>, E> for HttpClassifier {
     }
 }
 
-/// Reads the `Retry-After` header (delay-seconds or an HTTP-date) relative to `now`.
+/// Reads the `Retry-After` header: delay-seconds, or an HTTP-date measured from the
+/// response's `Date` header when it has one (both are the server's clock, so a client
+/// clock running fast does not retry early), else from `now`.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    headers
-        .get(RETRY_AFTER)
-        .and_then(|v| parse_retry_after(v, now))
+    let value = headers.get(RETRY_AFTER)?;
+    let sent = || {
+        let date = headers.get(http::header::DATE)?.to_str().ok()?;
+        httpdate::parse_http_date(date.trim()).ok()
+    };
+    match delay_seconds(value) {
+        Some(delay) => delay,
+        None => parse_retry_after(value, sent().unwrap_or(now)),
+    }
+}
+
+/// `Some(hint)` if `value` is delay-seconds (`Some(None)` if it is not a valid one).
+fn delay_seconds(value: &HeaderValue) -> Option<Option<Duration>> {
+    let s = value.to_str().ok()?.trim();
+    (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        // Too many seconds for a u64 is still a (very long) delay, not "no hint".
+        .then(|| Some(s.parse::<u64>().map_or(Duration::MAX, Duration::from_secs)))
 }
 
 /// Parses a `Retry-After` value: delay-seconds (`"120"`) or an HTTP-date
@@ -178,12 +194,10 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 /// A date in the past means "no wait" (`Some(Duration::ZERO)`); anything unparsable is
 /// `None`.
 pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
-    let s = value.to_str().ok()?.trim();
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        // Too many seconds for a u64 is still a (very long) delay, not "no hint".
-        return Some(s.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));
+    if let Some(delay) = delay_seconds(value) {
+        return delay;
     }
-    let at = httpdate::parse_http_date(s).ok()?;
+    let at = httpdate::parse_http_date(value.to_str().ok()?.trim()).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
@@ -191,6 +205,38 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
 mod tests {
     use super::*;
     use crate::BoxError;
+
+    /// An HTTP-date is read against the server's `Date`, not the client's clock: with
+    /// the client 3 s fast, a retry at "5 s after the response" still waits 5 s.
+    #[test]
+    fn a_retry_after_date_is_measured_from_the_response_date() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:05 GMT"),
+        );
+        let sent = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        let fast_client = sent + Duration::from_secs(3);
+        assert_eq!(
+            retry_after(&headers, fast_client),
+            Some(Duration::from_secs(2)),
+            "without a Date, the client's clock"
+        );
+        headers.insert(
+            http::header::DATE,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(
+            retry_after(&headers, fast_client),
+            Some(Duration::from_secs(5))
+        );
+        headers.insert(http::header::DATE, HeaderValue::from_static("yesterday"));
+        assert_eq!(
+            retry_after(&headers, fast_client),
+            Some(Duration::from_secs(2)),
+            "an unreadable Date is ignored"
+        );
+    }
 
     #[test]
     fn a_retry_after_too_large_for_a_u64_is_the_longest_delay_not_none() {

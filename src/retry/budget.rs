@@ -16,9 +16,12 @@
 //! Under contention two callers may both see the last token and both retry: the bound
 //! can be overshot by the number of racing callers, never more.
 //!
-//! The retry layer deposits with [`RetryBudget::deposit_with`], which reads the clock
-//! only on the first deposit into a slot and then every 32nd: a deposit may be counted a
-//! little early (so it expires early), never late.
+//! The retry layer deposits with [`RetryBudget::deposit_with`], which reads the coarse
+//! clock (`CLOCK_MONOTONIC_COARSE`, a few ns) where there is one: a deposit is counted
+//! in the slot of its own time, give or take a timer tick.
+//!
+//! Retries cost whole units and deposits earn `ratio` of one in millionths, so a ratio
+//! with up to six decimals is exact: 15% of 20 first attempts is 3 retries.
 //!
 //! # Example
 //! ```
@@ -42,16 +45,17 @@
 //! # Ok(()) }
 //! ```
 
+use crate::clock::Coarse;
 use crate::error::ConfigError;
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
 const SLOTS: usize = 10;
-/// One deposit is worth this many units; a retry costs `SCALE / ratio`.
-const SCALE: u64 = 1000;
+/// A retry costs this many units; a deposit earns `ratio × SCALE` (millionths).
+const SCALE: u64 = 1_000_000;
 
 /// A retry budget shared by every clone (an `Arc` inside): clone it into several layers
 /// to share one budget between them.
@@ -66,8 +70,9 @@ pub struct RetryBudget {
 struct Inner {
     origin: Instant,
     slot_nanos: u64,
-    /// Units one retry costs (`SCALE / ratio`), or `None` when the ratio is zero.
-    withdrawal: Option<u64>,
+    /// Units one deposit earns (`ratio × SCALE`, at least 1), or `None` when the ratio
+    /// is zero.
+    earning: Option<u64>,
     /// Retries always allowed per window (`min_retries_per_sec × ttl`).
     reserve: u64,
     ratio: f64,
@@ -75,9 +80,10 @@ struct Inner {
     ttl: Duration,
     deposits: Window,
     withdrawals: Window,
-    /// The newest epoch any caller has read from the clock (for
-    /// [`RetryBudget::deposit_with`]).
-    last_epoch: AtomicU32,
+    /// The coarse clock aligned with `origin`, decided at the first
+    /// [`RetryBudget::deposit_with`]: `None` inside when tokio's clock is paused (tests)
+    /// or the platform has none.
+    coarse: OnceLock<Option<Coarse>>,
 }
 
 /// Builds a [`RetryBudget`], validating the values.
@@ -109,42 +115,43 @@ impl RetryBudget {
 
     /// Records a first attempt at `now`.
     pub fn deposit(&self, now: Instant) {
-        let epoch = self.inner.epoch(now);
-        self.inner.seen(epoch);
-        self.inner.deposits.add(epoch);
+        self.inner.deposits.add(self.inner.epoch(now));
     }
 
-    /// Records a first attempt, reading the clock (`now()`) only when needed: a deposit
-    /// goes to the window slot of the newest time any caller has read, and the clock is
-    /// read again on the first deposit into a slot and then every 32nd.
+    /// Records a first attempt now, read from the coarse clock where there is one (a
+    /// few ns, where `now()` costs 20–30), else from `now()`.
     ///
-    /// What the retry layer uses: a clock read costs more than everything else a
-    /// deposit does. The slot can lag the real time by at most 32 deposits or until the
-    /// next withdrawal (which always reads the clock); a lagging deposit expires early,
-    /// never late, so the budget can only be stricter than [`deposit`](Self::deposit)'s.
+    /// What the retry layer uses: a precise clock read costs more than everything else
+    /// a deposit does. A coarse reading is within a timer tick (at most 20 ms) of the
+    /// precise time, so a deposit near a slot boundary may be counted in the
+    /// neighbouring slot.
     pub fn deposit_with(&self, now: impl FnOnce() -> Instant) {
         let inner = &*self.inner;
-        let epoch = inner.last_epoch.load(Ordering::Relaxed);
-        if inner.deposits.add(epoch) % 32 == 1 {
-            inner.seen(inner.epoch(now()));
-        }
+        let coarse = match inner.coarse.get() {
+            Some(c) => *c,
+            None => inner.detect_coarse(),
+        };
+        let epoch = match coarse {
+            Some(c) => inner.epoch_of(c.now_ns()),
+            None => inner.epoch(now()),
+        };
+        inner.deposits.add(epoch);
     }
 
     /// Takes one retry from the budget at `now`; `false` if the budget is spent.
     pub fn try_withdraw(&self, now: Instant) -> bool {
         let inner = &*self.inner;
         let epoch = inner.epoch(now);
-        inner.seen(epoch);
         let retries = inner.withdrawals.sum(epoch);
         if retries < inner.reserve {
             inner.withdrawals.add(epoch);
             return true;
         }
-        let Some(cost) = inner.withdrawal else {
+        let Some(earning) = inner.earning else {
             return false;
         };
-        let balance = inner.deposits.sum(epoch).saturating_mul(SCALE);
-        let spent = (retries - inner.reserve + 1).saturating_mul(cost);
+        let balance = inner.deposits.sum(epoch).saturating_mul(earning);
+        let spent = (retries - inner.reserve + 1).saturating_mul(SCALE);
         if spent <= balance {
             inner.withdrawals.add(epoch);
             true
@@ -158,8 +165,8 @@ impl RetryBudget {
         let inner = &*self.inner;
         let epoch = inner.epoch(now);
         let retries = inner.withdrawals.sum(epoch);
-        let earned = match inner.withdrawal {
-            Some(cost) => inner.deposits.sum(epoch).saturating_mul(SCALE) / cost,
+        let earned = match inner.earning {
+            Some(earning) => inner.deposits.sum(epoch).saturating_mul(earning) / SCALE,
             None => 0,
         };
         (inner.reserve + earned).saturating_sub(retries)
@@ -203,22 +210,28 @@ impl fmt::Debug for RetryBudget {
 }
 
 impl Inner {
-    /// Moves `last_epoch` forward to `epoch` (never back).
-    fn seen(&self, epoch: u32) {
-        let last = self.last_epoch.load(Ordering::Relaxed);
-        if epoch.wrapping_sub(last) as i32 > 0 {
-            let _ =
-                self.last_epoch
-                    .compare_exchange(last, epoch, Ordering::Relaxed, Ordering::Relaxed);
-        }
+    #[cold]
+    fn detect_coarse(&self) -> Option<Coarse> {
+        *self
+            .coarse
+            .get_or_init(|| Coarse::detect(self.nanos(Instant::now())))
+    }
+
+    /// Nanoseconds since the origin. u64 nanoseconds cover 584 years; a u128 division
+    /// would cost far more.
+    fn nanos(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.origin);
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn epoch(&self, now: Instant) -> u32 {
-        let since = now.saturating_duration_since(self.origin);
-        // Wraps after 2^32 slots (more than a century for any sane ttl); the windows
-        // compare epochs with wrapping arithmetic.
-        // u64 nanoseconds cover 584 years; a u128 division would cost far more.
-        let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        self.epoch_of(self.nanos(now))
+    }
+
+    /// The slot epoch of `nanos` since the origin. It wraps after 2^32 slots, 13.6
+    /// years at the shortest ttl (1 s); the windows compare epochs with wrapping
+    /// arithmetic, and only the window at the wrap counts short.
+    fn epoch_of(&self, nanos: u64) -> u32 {
         (nanos / self.slot_nanos) as u32
     }
 }
@@ -261,21 +274,22 @@ impl RetryBudgetBuilder {
                 "must be between 1 s and 1 hour",
             ));
         }
-        let withdrawal =
-            (self.ratio > 0.0).then(|| ((SCALE as f64 / self.ratio).round() as u64).max(1));
+        // A ratio below one millionth earns one millionth.
+        let earning =
+            (self.ratio > 0.0).then(|| ((self.ratio * SCALE as f64).round() as u64).max(1));
         let reserve = (f64::from(self.min_retries_per_sec) * self.ttl.as_secs_f64()) as u64;
         Ok(RetryBudget {
             inner: Arc::new(Inner {
                 origin: Instant::now(),
                 slot_nanos: u64::try_from((self.ttl / SLOTS as u32).as_nanos()).unwrap_or(u64::MAX),
-                withdrawal,
+                earning,
                 reserve,
                 ratio: self.ratio,
                 min_retries_per_sec: self.min_retries_per_sec,
                 ttl: self.ttl,
                 deposits: Window::new(),
                 withdrawals: Window::new(),
-                last_epoch: AtomicU32::new(0),
+                coarse: OnceLock::new(),
             }),
         })
     }
@@ -425,42 +439,37 @@ mod tests {
         assert!(a.ptr_eq(&b));
     }
 
+    /// At a low rate (2 first attempts a second, no floor) every deposit counts in its
+    /// own slot: the last ten seconds always hold 20 of them, 4 retries at 20%. (The
+    /// clock used to be read once per 32 deposits, which filed 16 s of deposits under
+    /// the first slot, where they had expired: no retry at all from t = 10 s.)
+    #[tokio::test(start_paused = true)]
+    async fn deposits_at_a_low_rate_count_for_the_whole_ttl() {
+        let b = budget(0.2, 0);
+        for i in 0..40 {
+            if i > 0 {
+                tokio::time::advance(Duration::from_millis(500)).await;
+            }
+            b.deposit_with(Instant::now);
+        }
+        assert_eq!(b.available(Instant::now()), 4);
+    }
+
+    /// Whole retries from fractional ratios, exactly: a retry used to cost a rounded
+    /// `1000 / ratio` units (6667 at 15%), one short of 3 retries for 20 deposits.
     #[test]
-    fn lazy_deposits_read_the_clock_once_per_32_and_lag_only_to_expire_early() {
-        let b = budget(1.0, 0);
-        let t0 = Instant::now();
-        let reads = std::cell::Cell::new(0);
-        let at = |t: Instant| {
-            reads.set(reads.get() + 1);
-            t
-        };
-        for _ in 0..64 {
-            b.deposit_with(|| at(t0));
+    fn fifteen_percent_of_twenty_first_attempts_is_three_retries() {
+        for (ratio, deposits, retries) in [(0.15, 20, 3), (0.7, 10, 7), (400.0, 1, 400)] {
+            let b = budget(ratio, 0);
+            let now = Instant::now();
+            for _ in 0..deposits {
+                b.deposit(now);
+            }
+            assert_eq!(b.available(now), retries, "{ratio} of {deposits}");
+            for _ in 0..retries {
+                assert!(b.try_withdraw(now), "{ratio} of {deposits}");
+            }
+            assert!(!b.try_withdraw(now), "{ratio} of {deposits}");
         }
-        assert_eq!(
-            reads.get(),
-            2,
-            "the 1st and the 33rd deposit read the clock"
-        );
-        assert_eq!(b.available(t0), 64);
-
-        // Later deposits land in the slot of the last reading until the clock is read.
-        let t1 = t0 + Duration::from_secs(5);
-        for _ in 0..10 {
-            b.deposit_with(|| at(t1));
-        }
-        // The 65th deposit (count 65 in t0's slot) reads t1; the 66th is the first in
-        // t1's slot and reads again; the other 8 do not.
-        assert_eq!(reads.get(), 4);
-        // At t0 + 10.5 s the 65 deposits counted at t0 have expired (early for one of
-        // them, never late); the 9 counted at t1 remain.
-        assert_eq!(b.available(t0 + Duration::from_millis(10_500)), 9);
-
-        // A withdrawal reads the clock, so the next deposits are current.
-        let t2 = t0 + Duration::from_secs(30);
-        assert!(!b.try_withdraw(t2));
-        b.deposit_with(|| at(t2));
-        b.deposit_with(|| panic!("no read needed for a slot already counting"));
-        assert_eq!(b.available(t2), 2);
     }
 }

@@ -228,7 +228,11 @@ fn retry_delay<C, R, H: OnRetry>(
     ) {
         Ok(delay) => delay,
         Err(why) => {
-            give_up(attempt, why, class);
+            // Retries switched off (`max_retries(0)`): returning the failure is what was
+            // asked for, not worth a `warn` and a count per call.
+            if policy.max_retries > 0 {
+                give_up(attempt, why, class);
+            }
             return None;
         }
     };

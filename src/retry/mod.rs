@@ -38,11 +38,12 @@
 //! | not retry-safe and may have taken effect | last outcome | `not_retry_safe` |
 //! | server hint above `max_retry_after` | last outcome, at once | `retry_after_too_long` |
 //! | budget spent | last outcome | `budget_exhausted` |
+//! | the next try would start at or after the call's deadline (a `CallDeadline` on an HTTP request) | last outcome, at once | `deadline` |
 //!
 //! # Telemetry
 //! `tracing`: a `debug` event for every failed attempt that is retried (attempt number,
 //! delay, class, hint) and when a retried call finishes, one `warn` when a retryable
-//! failure is returned; no event when the first attempt settles the call. Every attempt
+//! failure is returned (none with `max_retries(0)`, retries switched off); no event when the first attempt settles the call. Every attempt
 //! runs in a `debug` span `retry_attempt{attempt}` (1 for the first, 2 for the first
 //! retry), so the events of the layers inside (breaker, bulkhead, attempt timeout) say
 //! which attempt they belong to; with no subscriber interested the span is disabled

@@ -1,0 +1,91 @@
+//! What the layers count, read back from a real recorder (Prometheus's).
+//!
+//! Each test installs its recorder for its own thread only, and runs its layers on a
+//! current-thread runtime on that thread, so tests in this binary do not see each
+//! other's counts.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use postbox::BoxError;
+use postbox::bulkhead::BulkheadLayer;
+use postbox::retry::RetryLayer;
+use std::future::Future;
+use std::io;
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+/// Runs `test` with a fresh recorder on this thread, in paused time; returns what it
+/// recorded.
+fn recorded<F: Future<Output = ()>>(test: impl FnOnce() -> F) -> PrometheusHandle {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || rt.block_on(test()));
+    handle
+}
+
+/// The value of the counter `name{labels}` (its Prometheus line), 0 if absent.
+fn counter(handle: &PrometheusHandle, series: &str) -> u64 {
+    handle
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn reset() -> impl Service<u32, Response = u32, Error = BoxError> + Clone {
+    service_fn(|_: u32| async {
+        Err::<u32, BoxError>(io::Error::from(io::ErrorKind::ConnectionReset).into())
+    })
+}
+
+const GAVE_UP: &str = r#"postbox_retry_gave_up_total{reason="max_retries"}"#;
+
+/// With retries switched off, a retryable failure is returned as asked: no "gave up"
+/// count (nor `warn`) per call. With one retry allowed, running out of it counts.
+#[test]
+fn switched_off_retries_count_no_give_up() {
+    let retry = |n| {
+        RetryLayer::builder()
+            .max_retries(n)
+            .no_budget()
+            .build()
+            .unwrap()
+    };
+    let off = recorded(|| async {
+        for _ in 0..3 {
+            retry(0).layer(reset()).oneshot(1).await.unwrap_err();
+        }
+    });
+    assert_eq!(counter(&off, GAVE_UP), 0, "{}", off.render());
+    let on = recorded(|| async {
+        retry(1).layer(reset()).oneshot(1).await.unwrap_err();
+    });
+    assert_eq!(counter(&on, GAVE_UP), 1, "{}", on.render());
+}
+
+/// A bulkhead's rejection is counted once, in `call`, however often `poll_ready` found
+/// it full before.
+#[test]
+fn a_bulkhead_rejection_is_counted_once() {
+    let handle = recorded(|| async {
+        let hung = service_fn(|_: u32| std::future::pending::<Result<u32, BoxError>>());
+        let bulkhead = BulkheadLayer::new(1).unwrap();
+        let mut first = bulkhead.layer(hung);
+        let mut second = first.clone();
+        first.ready().await.unwrap();
+        let _running = first.call(1);
+        for _ in 0..3 {
+            second.ready().await.unwrap(); // ready to fail fast
+        }
+        let err = second.call(2).await.unwrap_err();
+        assert!(
+            postbox::error::find_cause::<postbox::bulkhead::error::Full>(&*err).is_some(),
+            "{err}"
+        );
+    });
+    let rejected = r#"postbox_calls_total{layer="bulkhead",outcome="rejected"}"#;
+    assert_eq!(counter(&handle, rejected), 1, "{}", handle.render());
+}
