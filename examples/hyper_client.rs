@@ -92,7 +92,7 @@ async fn main() -> Result<(), BoxError> {
         calls.load(Ordering::SeqCst)
     );
 
-    // The attempt timeout cuts a slow answer (and the retry tries again, up to 3 times).
+    // The attempt timeout cuts a slow answer (and the retry tries again: up to 3 attempts).
     let req = http::Request::get(format!("http://{addr}/slow")).body(Full::default())?;
     let err = client.clone().oneshot(req).await.unwrap_err();
     println!("GET /slow: {err}");

@@ -342,7 +342,7 @@ fn reqwest_client() -> Result<reqwest::Client, BoxError> {
 /// The client of MS`depth` (calling MS`depth+1`) as one config: the
 /// `standard_http_client` preset with this demo's times, validated across layers.
 ///
-/// The stack it builds is DESIGN.md's: (enqueue fallback →) deadline → body buffer →
+/// The stack it builds is the crate docs' layer order: (enqueue fallback →) deadline → body buffer →
 /// retry + budget → circuit breaker (per authority) → bulkhead → attempt timeout.
 pub(crate) fn client_config(depth: usize, enqueue: bool) -> Result<ClientConfig, BoxError> {
     let (attempt, deadline) = budgets(depth);

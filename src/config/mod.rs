@@ -64,6 +64,7 @@
 //!
 //! [client.retry]
 //! max_retries = 2
+//! backoff = { max_delay = "1s" } # retries × max delay must fit in the deadline
 //!
 //! [server]
 //! preset = "server"

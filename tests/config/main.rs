@@ -380,3 +380,38 @@ async fn the_client_stack_from_config_retries_a_503() {
     assert_eq!(res.status(), 200);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
+
+/// The `toml` blocks of `text` (lines after `prefix`; blocks with no such line, an
+/// `include_str!` of a preset, are left out).
+fn toml_blocks(text: &str, prefix: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut block: Option<String> = None;
+    for line in text.lines() {
+        let Some(line) = line.strip_prefix(prefix) else {
+            continue;
+        };
+        match (&mut block, line.trim_end()) {
+            (None, "```toml") => block = Some(String::new()),
+            (Some(_), "```") => blocks.extend(block.take().filter(|b| !b.trim().is_empty())),
+            (Some(b), line) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+/// The config files the README and the `config` module docs show load as they are.
+#[test]
+fn the_config_examples_in_the_docs_load() {
+    let readme = toml_blocks(include_str!("../../README.md"), "");
+    let module = toml_blocks(include_str!("../../src/config/mod.rs"), "//! ");
+    assert_eq!((readme.len(), module.len()), (1, 1), "examples found");
+    for example in readme.iter().chain(&module) {
+        if let Err(e) = StackConfig::from_str(example, Format::Toml) {
+            panic!("{e}\nin:\n{example}");
+        }
+    }
+}
