@@ -285,7 +285,8 @@ pub struct EnqueueSection {
     pub ttl: Duration,
     /// Methods that stay synchronous (default `GET`, `HEAD`, `OPTIONS`).
     pub sync_methods: Vec<String>,
-    /// Path prefixes that stay synchronous (default none).
+    /// Routes that stay synchronous, with everything below them, by whole path segments
+    /// (default none; see [`DeferPolicy::keep_sync_route`](crate::enqueue::DeferPolicy::keep_sync_route)).
     pub sync_routes: Vec<String>,
 }
 

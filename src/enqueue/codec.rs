@@ -82,13 +82,15 @@ pub(crate) mod http_codec {
     use bytes::Bytes;
     use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 
-    /// Headers never stored in an envelope: hop-by-hop headers, `content-length` (a
-    /// replay sends the buffered body with its exact length), and the original call's
-    /// deadline headers (a replay has its own deadline).
-    const SKIPPED: [&str; 10] = [
+    /// Headers never stored in an envelope: hop-by-hop headers (and those `connection`
+    /// names), `content-length` (a replay sends the buffered body with its exact length),
+    /// and the original call's deadline headers (a replay has its own deadline).
+    const SKIPPED: [&str; 12] = [
         "connection",
         "keep-alive",
         "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
         "transfer-encoding",
         "te",
         "trailer",
@@ -98,6 +100,9 @@ pub(crate) mod http_codec {
         "postbox-timeout-ms",
         "grpc-timeout",
     ];
+
+    /// Credentials, marked sensitive again on replay (a stored value loses the flag).
+    const SENSITIVE: [HeaderName; 2] = [http::header::AUTHORIZATION, http::header::COOKIE];
 
     /// The codec for `http::Request<BufferedBody<B>>`: method, URI, headers (without
     /// hop-by-hop ones) and the buffered body; the idempotency key travels in
@@ -149,9 +154,18 @@ pub(crate) mod http_codec {
                     .map(str::to_owned)
             })
             .unwrap_or_default();
+        // Headers the `connection` header names are hop-by-hop too (RFC 9110 §7.6.1).
+        let nominated = |name: &HeaderName| {
+            headers
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+        };
         let headers = headers
             .iter()
-            .filter(|(name, _)| !SKIPPED.contains(&name.as_str()))
+            .filter(|(name, _)| !SKIPPED.contains(&name.as_str()) && !nominated(name))
             .map(|(name, value)| {
                 (
                     name.as_str().to_owned(),
@@ -178,7 +192,10 @@ pub(crate) mod http_codec {
         let headers = req.headers_mut();
         for (name, value) in &env.headers {
             let name = HeaderName::from_bytes(name.as_bytes())?;
-            let value = HeaderValue::from_bytes(value)?;
+            let mut value = HeaderValue::from_bytes(value)?;
+            if SENSITIVE.contains(&name) {
+                value.set_sensitive(true);
+            }
             headers.append(name, value);
         }
         set_key(headers, &env.idempotency_key);

@@ -78,7 +78,9 @@ impl DeferPolicy {
         self
     }
 
-    /// Keeps requests whose path starts with `prefix` synchronous.
+    /// Keeps requests to `route` and below it synchronous, by whole path segments:
+    /// `"/payments"` and `"/payments/"` both cover `/payments` and `/payments/9`, not
+    /// `/paymentsX`; `"/"` covers every path.
     pub fn keep_sync_route(mut self, prefix: impl Into<String>) -> Self {
         self.sync_routes.push(prefix.into());
         self
@@ -99,11 +101,7 @@ impl DeferPolicy {
         if self.sync_methods.iter().any(|m| m == method) {
             return false;
         }
-        if self
-            .sync_routes
-            .iter()
-            .any(|r| path.starts_with(r.as_str()))
-        {
+        if self.sync_routes.iter().any(|r| under(path, r)) {
             return false;
         }
         !self.keep_sync.as_ref().is_some_and(|f| f(method, path))
@@ -178,9 +176,20 @@ where
     })
 }
 
-/// The path of a URI string (`https://host/a/b?q` → `/a/b`; `/a?q` → `/a`).
+/// Whether `path` is `route` or below it, by whole segments.
+fn under(path: &str, route: &str) -> bool {
+    let route = route.trim_end_matches('/');
+    path.strip_prefix(route)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The path of a URI string (`https://host/a/b?q` → `/a/b`; `/a?q` → `/a`). A `://`
+/// is a scheme's only before the first `/`, `?` or `#`: `/a?next=https://x` is `/a`.
 pub(crate) fn path_of(uri: &str) -> &str {
-    let rest = match uri.find("://") {
+    let scheme_end = uri
+        .find("://")
+        .filter(|&i| !uri[..i].contains(['/', '?', '#']));
+    let rest = match scheme_end {
         Some(i) => {
             let after = &uri[i + 3..];
             match after.find('/') {
@@ -250,5 +259,33 @@ mod tests {
         assert_eq!(path_of("https://h"), "/");
         assert_eq!(path_of("/a#x"), "/a");
         assert_eq!(path_of("/pkg.Svc/Call"), "/pkg.Svc/Call");
+    }
+
+    /// A `://` in the query is not a scheme: the typed flavour's relative URIs kept
+    /// their real path out of the route rules (`/payments/1?cb=https://x` read as `/`).
+    #[test]
+    fn path_of_ignores_a_scheme_in_the_query() {
+        assert_eq!(path_of("/payments/1?cb=https://x/y"), "/payments/1");
+        assert_eq!(path_of("/a#https://x/y"), "/a");
+        assert_eq!(path_of("https://h/p?cb=https://x/y"), "/p");
+        let policy = DeferPolicy::new().keep_sync_route("/payments");
+        assert!(!policy.may_defer("POST", path_of("/payments/1?cb=https://x/y")));
+    }
+
+    /// Route rules match whole segments: `/payments/` also keeps `POST /payments`
+    /// synchronous (a plain prefix did not), and neither covers `/paymentsX`.
+    #[test]
+    fn routes_match_whole_segments() {
+        for route in ["/payments", "/payments/"] {
+            let policy = DeferPolicy::new().keep_sync_route(route);
+            for path in ["/payments", "/payments/", "/payments/9"] {
+                assert!(!policy.may_defer("POST", path), "{route} covers {path}");
+            }
+            for path in ["/paymentsX", "/pay", "/orders"] {
+                assert!(policy.may_defer("POST", path), "{route} leaves {path}");
+            }
+        }
+        let all = DeferPolicy::new().keep_sync_route("/");
+        assert!(!all.may_defer("POST", "/orders"));
     }
 }

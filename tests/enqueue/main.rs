@@ -637,6 +637,29 @@ async fn the_original_deadline_headers_are_not_stored() {
     assert!(!names.contains(&"grpc-timeout"), "{names:?}");
 }
 
+/// Hop-by-hop headers are not stored: the fixed ones, `proxy-authorization`, and those
+/// the `connection` header names. A stored credential is marked sensitive again when
+/// the request is rebuilt.
+#[tokio::test(start_paused = true)]
+async fn hop_by_hop_headers_are_not_stored_and_credentials_replay_as_sensitive() {
+    let (queue, _dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
+    let mut req = post("http://api.test/orders", "{}");
+    let h = req.headers_mut();
+    h.insert("connection", "keep-alive, X-Hop".parse().unwrap());
+    h.insert("x-hop", "1".parse().unwrap());
+    h.insert("proxy-authorization", "Basic cHJveHk=".parse().unwrap());
+    h.insert("authorization", "Bearer t".parse().unwrap());
+    h.insert("x-tenant", "acme".parse().unwrap());
+    let res = svc.oneshot(req).await.unwrap();
+    let env = queue.get(receipt_id(&res)).unwrap();
+    let mut names: Vec<_> = env.headers.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["authorization", "idempotency-key", "x-tenant"]);
+    let replay: InnerReq = postbox::enqueue::HttpCodec::new().rebuild(&env).unwrap();
+    assert!(replay.headers()["authorization"].is_sensitive());
+    assert!(!replay.headers()["x-tenant"].is_sensitive());
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_empty_idempotency_key_is_replaced_by_a_generated_one() {
     let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
