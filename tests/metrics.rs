@@ -89,3 +89,36 @@ fn a_bulkhead_rejection_is_counted_once() {
     let rejected = r#"postbox_calls_total{layer="bulkhead",outcome="rejected"}"#;
     assert_eq!(counter(&handle, rejected), 1, "{}", handle.render());
 }
+
+/// A request deferred because the breaker inside the enqueue fallback is open is one
+/// rejection: the fallback readies the inner stack once per call (it used to ready it
+/// in its own `poll_ready`, then again in the future after reading the body: two).
+#[cfg(feature = "http")]
+#[test]
+fn a_request_deferred_by_an_open_breaker_is_one_rejection() {
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Full;
+    use postbox::circuit_breaker::CircuitBreakerLayer;
+    use postbox::classify::HttpClassifier;
+    use postbox::enqueue::{BufferedBody, EnqueueFallbackLayer};
+    use postbox::queue::MemoryQueue;
+    use std::sync::Arc;
+
+    let handle = recorded(|| async {
+        let breaker = CircuitBreakerLayer::new().with_classifier(HttpClassifier::new());
+        breaker.handle().force_open();
+        let dependency = service_fn(|_: Request<BufferedBody<Full<Bytes>>>| async {
+            Ok::<_, BoxError>(Response::new(Full::<Bytes>::default()))
+        });
+        let svc = EnqueueFallbackLayer::new(Arc::new(MemoryQueue::new()))
+            .layer(breaker.layer(dependency));
+        let req = Request::post("http://api.test/orders")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    });
+    let rejected = r#"postbox_calls_total{layer="circuit_breaker",outcome="rejected"}"#;
+    assert_eq!(counter(&handle, rejected), 1, "{}", handle.render());
+}

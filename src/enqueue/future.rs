@@ -145,8 +145,8 @@ mod http_future {
                 buf: Collected,
                 key: Option<String>,
             },
-            // The body is read: readying the service (a clone, not ready while the body
-            // was read, so it held no permit or probe slot of the layers inside).
+            // Readying a clone of the inner service (after the body is read, if it had to
+            // be: so a slow upload holds no permit or probe slot of the layers inside).
             Readying {
                 svc: S,
                 req: Option<Request<BufferedBody<B>>>,
@@ -168,13 +168,19 @@ mod http_future {
     where
         S: Service<Request<BufferedBody<B>>>,
     {
-        pub(crate) fn calling(
-            fut: S::Future,
+        /// Readies `svc` (a clone of the inner service), then calls it with `req`.
+        pub(crate) fn readying(
+            svc: S,
+            req: Request<BufferedBody<B>>,
             capture: Option<Capture>,
             shared: Arc<Shared<Q, C>>,
         ) -> Self {
             Self {
-                state: State::Calling { fut, capture },
+                state: State::Readying {
+                    svc,
+                    req: Some(req),
+                    capture,
+                },
                 shared,
             }
         }

@@ -271,10 +271,11 @@ impl ReplayConfig {
         if let Some((field, _)) = nonzero.iter().find(|(_, bad)| *bad) {
             return Err(ConfigError::new(*field, "must be greater than zero"));
         }
-        if self.ack_interval >= self.lease_for {
+        if self.ack_interval > self.lease_for / 2 {
             return Err(ConfigError::new(
                 "replay.ack_interval",
-                "must be shorter than lease_for (an ack sent after the lease ends is lost)",
+                "must be at most half of lease_for (a replay must end that long before \
+                 its lease does, for its ack to arrive in time)",
             ));
         }
         if self.backoff_base > self.backoff_max {
@@ -286,9 +287,10 @@ impl ReplayConfig {
         Ok(())
     }
 
-    /// How long one replay may run: its lease less a margin (a tenth of the lease, at
-    /// least `ack_interval`), so that its verdict is settled while the lease still holds
-    /// and the message is never leased again, and replayed twice at once, while it runs.
+    /// How long one replay may run from its lease: the lease less a margin (a tenth of
+    /// the lease, at least `ack_interval`; so at least half the lease), so that its
+    /// verdict is settled while the lease still holds and the message is never leased
+    /// again, and replayed twice at once, while it runs.
     fn replay_limit(&self) -> Duration {
         let margin = (self.lease_for / 10).max(self.ack_interval);
         self.lease_for.saturating_sub(margin)
@@ -411,10 +413,11 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
     /// to pending.
     ///
     /// A replay still running when a tenth of the lease is left (or `ack_interval`,
-    /// if longer) is cut off and judged a retryable failure, counted: it may have
-    /// reached the dependency. So the lease never runs out under a running replay, and
-    /// a message is never replayed twice at once. Keep the lease above the service's
-    /// deadline.
+    /// if longer) is cut off: a retryable failure, counted, once it was called (it may
+    /// have reached the dependency); uncounted, like a rejection, if the service was
+    /// still not ready. So the lease never runs out under a running replay, and a
+    /// message is never replayed twice at once. Keep the service's deadline under 90%
+    /// of the lease (less `ack_interval`, if that is longer than a tenth of the lease).
     pub fn lease_for(mut self, d: Duration) -> Self {
         self.config.lease_for = d;
         self
@@ -454,7 +457,8 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
     }
 
     /// Ack in batches of up to `n` (default 64), flushed at least every `interval`
-    /// (default 100 ms) and whenever the replayer goes idle.
+    /// (default 100 ms; at most half of `lease_for`) and whenever the replayer goes
+    /// idle.
     pub fn ack_batch(mut self, n: usize, interval: Duration) -> Self {
         self.config.ack_batch = n;
         self.config.ack_interval = interval;
@@ -475,7 +479,8 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
     ///
     /// # Errors
     /// An invalid configuration (a zero concurrency, batch, attempt count, lease or
-    /// poll interval, or a backoff base above its max).
+    /// poll interval, a backoff base above its max, or an `ack_interval` over half of
+    /// `lease_for`).
     ///
     /// # Panics
     /// Outside a tokio runtime.
@@ -652,28 +657,35 @@ struct Settled {
     verdict: Verdict,
 }
 
-/// Replays `req` through `svc` and judges the outcome; a replay that runs past `limit`
-/// is cut off (dropped) and retried later.
-async fn replay_one<S, Req, J>(mut svc: S, req: Req, judge: Arc<J>, limit: Duration) -> Verdict
+/// Replays `req` through `svc` and judges the outcome. A replay still running at
+/// `cut_off` (near the end of its lease) is dropped: not yet called (the service was not
+/// ready), it is [`Verdict::Rejected`], uncounted; called, it may have reached the
+/// dependency and is [`Verdict::Retry`].
+async fn replay_one<S, Req, J>(mut svc: S, req: Req, judge: Arc<J>, cut_off: Instant) -> Verdict
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     J: Judge<S::Response, BoxError>,
 {
-    let replay = async {
-        let out = match std::future::poll_fn(|cx| svc.poll_ready(cx)).await {
-            Ok(()) => svc.call(req).await.map_err(Into::into),
-            Err(e) => Err(e.into()),
-        };
-        judge.judge(out.as_ref())
-    };
-    match tokio::time::timeout(limit, replay).await {
-        Ok(verdict) => verdict,
-        Err(_) => Verdict::Retry {
-            after: None,
-            reason: format!("the replay ran past {limit:?}, too close to the end of its lease"),
+    let ready = tokio::time::timeout_at(cut_off, std::future::poll_fn(|cx| svc.poll_ready(cx)));
+    let out = match ready.await {
+        Err(_) => {
+            return Verdict::Rejected {
+                reason: "the service was not ready before the end of the lease".into(),
+            };
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(())) => match tokio::time::timeout_at(cut_off, svc.call(req)).await {
+            Err(_) => {
+                return Verdict::Retry {
+                    after: None,
+                    reason: "the replay was still running near the end of its lease".into(),
+                };
+            }
+            Ok(out) => out.map_err(Into::into),
         },
-    }
+    };
+    judge.judge(out.as_ref())
 }
 
 impl<Q, S, K, J, Req> Worker<Q, S, K, J, Req>
@@ -709,6 +721,9 @@ where
             let room = self.config.concurrency.saturating_sub(self.tasks.len());
             if !paused && room > 0 {
                 let max = room.min(self.config.lease_batch);
+                // Read before the lease: its replays are cut off by then + the limit,
+                // however long the rest of the batch takes to start.
+                let cut_off = later(Instant::now(), self.config.replay_limit());
                 match self
                     .queue
                     .lease(max, self.config.lease_for, wall_now())
@@ -716,7 +731,7 @@ where
                 {
                     Ok(batch) if !batch.is_empty() => {
                         for leased in batch {
-                            self.start(leased).await;
+                            self.start(leased, cut_off).await;
                         }
                         continue;
                     }
@@ -801,7 +816,7 @@ where
         self.report_depth_now().await;
     }
 
-    async fn start(&mut self, leased: Leased) {
+    async fn start(&mut self, leased: Leased, cut_off: Instant) {
         let Leased {
             envelope, token, ..
         } = leased;
@@ -827,9 +842,8 @@ where
         let svc = self.service.clone();
         let judge = self.judge.clone();
         let (attempts, expires_at) = (envelope.attempts, envelope.expires_at);
-        let limit = self.config.replay_limit();
         let handle = self.tasks.spawn(async move {
-            let verdict = replay_one(svc, req, judge, limit).await;
+            let verdict = replay_one(svc, req, judge, cut_off).await;
             Settled {
                 token,
                 attempts,
@@ -1156,5 +1170,23 @@ mod tests {
             ..ReplayConfig::default()
         };
         assert_eq!(c.validate().unwrap_err().field(), "replay.concurrency");
+    }
+
+    /// An `ack_interval` over half the lease would leave a replay less than half its
+    /// lease to run (or none): refused. At half, a replay gets half the lease.
+    #[test]
+    fn an_ack_interval_over_half_the_lease_is_an_error() {
+        let c = |ms| ReplayConfig {
+            lease_for: Duration::from_secs(1),
+            ack_interval: Duration::from_millis(ms),
+            ..ReplayConfig::default()
+        };
+        assert_eq!(
+            c(501).validate().unwrap_err().field(),
+            "replay.ack_interval"
+        );
+        assert!(c(500).validate().is_ok());
+        assert_eq!(c(500).replay_limit(), Duration::from_millis(500));
+        assert_eq!(c(10).replay_limit(), Duration::from_millis(900));
     }
 }

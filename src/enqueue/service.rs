@@ -385,12 +385,12 @@ mod http_flavour {
     /// [`BoxError`]; a failed enqueue is
     /// [`NotEnqueued`](crate::enqueue::error::NotEnqueued).
     ///
-    /// # Clone
-    /// A body is read before the call, so the inner service must be `Clone`: the
-    /// readiness `poll_ready` reserved is given back (the ready service is dropped and
-    /// a clone takes its place), and the response future readies a clone of its own
-    /// once the body is read. A slow upload so holds no bulkhead permit or half-open
-    /// probe of the layers inside. Clones share the queue, classifier and config.
+    /// # Readiness and `Clone`
+    /// The layer is always ready, and the inner service must be `Clone`: each response
+    /// future readies a clone of its own (tower's `Oneshot` pattern), after reading the
+    /// body when it has to. A slow upload so holds no bulkhead permit or half-open probe
+    /// of the layers inside, and a deadline outside also bounds the wait for readiness.
+    /// Clones share the queue, classifier and config.
     ///
     /// # Cancel safety
     /// Dropping the response future before the inner call completes never enqueues.
@@ -453,9 +453,11 @@ mod http_flavour {
         type Error = BoxError;
         type Future = ResponseFuture<S, B, Q, C>;
 
+        /// Always ready: the response future readies a clone of the inner service,
+        /// after reading the body when it has to (see [`EnqueueFallback`]).
         #[inline]
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            self.inner.poll_ready(cx).map_err(Into::into)
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
         }
 
         fn call(&mut self, req: Request<B>) -> Self::Future {
@@ -474,7 +476,7 @@ mod http_flavour {
                     BufferedBody::streaming(body)
                 };
                 let req = Request::from_parts(parts, body);
-                return ResponseFuture::calling(self.inner.call(req), None, shared);
+                return ResponseFuture::readying(self.inner.clone(), req, None, shared);
             }
             let key = match key_of(&parts.headers) {
                 Some(key) => key, // already in the header
@@ -490,19 +492,16 @@ mod http_flavour {
                     "request body over the limit; not deferrable"
                 );
                 let req = Request::from_parts(parts, BufferedBody::streaming(body));
-                return ResponseFuture::calling(self.inner.call(req), None, shared);
+                return ResponseFuture::readying(self.inner.clone(), req, None, shared);
             }
             if body.is_end_stream() {
                 let capture = Capture::http(key, &parts, Bytes::new());
                 let req = Request::from_parts(parts, BufferedBody::empty());
-                return ResponseFuture::calling(self.inner.call(req), Some(capture), shared);
+                return ResponseFuture::readying(self.inner.clone(), req, Some(capture), shared);
             }
-            // The body is read before the call, and only then is a clone readied and
-            // called: the readiness `poll_ready` reserved (a bulkhead permit, a
-            // half-open probe) is given back now, not held while a slow upload is read.
-            let svc = self.inner.clone();
-            drop(std::mem::replace(&mut self.inner, svc.clone()));
-            ResponseFuture::collecting(svc, parts, body, key, shared)
+            // The body is read first, and only then is the clone readied: a slow upload
+            // holds no bulkhead permit or half-open probe of the layers inside.
+            ResponseFuture::collecting(self.inner.clone(), parts, body, key, shared)
         }
     }
 }

@@ -455,6 +455,17 @@ mod tests {
         assert_eq!(b.available(Instant::now()), 4);
     }
 
+    /// The production path: an unpaused clock, so `deposit_with` reads the coarse clock
+    /// (on Linux) and its deposits count where `available` (the precise clock) looks.
+    #[test]
+    fn deposits_read_from_the_coarse_clock_count_now() {
+        let b = budget(0.2, 0);
+        for _ in 0..10 {
+            b.deposit_with(Instant::now);
+        }
+        assert_eq!(b.available(Instant::now()), 2);
+    }
+
     /// Whole retries from fractional ratios, exactly: a retry used to cost a rounded
     /// `1000 / ratio` units (6667 at 15%), one short of 3 retries for 20 deposits.
     #[test]

@@ -1153,6 +1153,50 @@ async fn a_replay_running_past_its_lease_is_cut_off_not_run_twice_at_once() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// A replay still waiting for the service to be ready when its lease nears its end
+/// never reached the dependency: cut off, it goes back uncounted, so a message is not
+/// dead-lettered by a service that stayed busy.
+#[tokio::test(start_paused = true)]
+async fn a_replay_never_ready_before_its_lease_ends_is_not_counted() {
+    #[derive(Clone)]
+    struct BusyUntil(tokio::time::Instant);
+
+    impl Service<InnerReq> for BusyUntil {
+        type Response = Res;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Res, BoxError>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            // No waker: the replayer's cut-off timer wakes the task.
+            if tokio::time::Instant::now() < self.0 {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+
+        fn call(&mut self, _: InnerReq) -> Self::Future {
+            std::future::ready(Ok(respond(200, "")))
+        }
+    }
+
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let busy = BusyUntil(tokio::time::Instant::now() + Duration::from_secs(60));
+    let handle = Replayer::http(queue.clone(), busy)
+        .lease_for(Duration::from_secs(10))
+        .max_attempts(1)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed + handle.stats().dead_lettered == 1).await;
+    let stats = handle.shutdown().await;
+    assert_eq!((stats.replayed, stats.dead_lettered), (1, 0));
+}
+
 /// Dropping the handle stops the worker as `shutdown` does: a replay that finishes
 /// within the grace period is acked, one that does not is returned to the queue.
 #[tokio::test(start_paused = true)]

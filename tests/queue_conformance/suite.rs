@@ -147,8 +147,6 @@ pub async fn lease_respects_max(q: impl Queue) {
     assert_eq!(q.lease(100, LEASE, at(1)).await.unwrap().len(), 3);
 }
 
-/// Not in `conformance!` (a broker may cap lease times): the in-process backends run it
-/// themselves.
 /// `max` is an upper bound, not a size to allocate or pass on as is.
 pub async fn a_lease_of_usize_max_takes_what_is_due(q: impl Queue) {
     let id = stored(&q, envelope("a")).await;
@@ -158,6 +156,8 @@ pub async fn a_lease_of_usize_max_takes_what_is_due(q: impl Queue) {
     );
 }
 
+/// Not in `conformance!` (a broker may cap lease times): the in-process backends run it
+/// themselves.
 pub async fn endless_lease_does_not_expire(q: impl Queue) {
     stored(&q, envelope("a")).await;
     let l = q.lease(1, Duration::MAX, at(0)).await.unwrap();
