@@ -738,8 +738,10 @@ impl Inner {
             if let Some(nb) = int(H_NOT_BEFORE)
                 && ms_ceil(envelope.not_before) != nb
             {
-                envelope.not_before =
-                    SystemTime::UNIX_EPOCH + Duration::from_millis(nb.max(0).unsigned_abs());
+                envelope.not_before = super::saturating_add(
+                    SystemTime::UNIX_EPOCH,
+                    Duration::from_millis(nb.max(0).unsigned_abs()),
+                );
             }
             let id = envelope.id;
             if st.held.contains_key(&id) {

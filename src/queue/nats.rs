@@ -434,7 +434,7 @@ impl Inner {
                 }
                 Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                     // Deleted by hand: declared again, then published once more.
-                    self.declare_again(false).await;
+                    self.declare_again_unlocked(false).await;
                     last = Some(e);
                 }
                 Err(e) => return Err(classify(e, "publish")),
@@ -469,12 +469,17 @@ impl Inner {
     /// Declares the streams and the consumer again (deleted by hand, say), so the next
     /// call works. With `check`, only if the consumer or its stream is found missing
     /// (after a failed fetch, which a server that is down fails too).
-    async fn declare_again(&self, check: bool) {
+    ///
+    /// `true` if the consumer is a new one: the caller must then forget every held
+    /// delivery (with `held` locked, so this never locks it). Their acks would reach the
+    /// new consumer, which knows the stream sequences of other messages (a new stream
+    /// starts again at 1): an old lease's ack would ack another message.
+    async fn declare_again(&self, check: bool) -> bool {
         if check {
             // A server that is down fails the fetch too: nothing to look up then.
             let state = self.js.client().connection_state();
             if state != async_nats::connection::State::Connected {
-                return;
+                return false;
             }
             let found = self
                 .js
@@ -487,17 +492,29 @@ impl Inner {
                 Ok(_) => false,
             };
             if !missing {
-                return;
+                return false;
             }
         }
         match declare(&self.js, &self.options, &Names::of(&self.options.name)).await {
             Ok(consumer) => {
                 tracing::warn!(stream = %self.stream, "postbox: nats streams or consumer were missing; declared again");
-                *self.consumer.lock().unwrap_or_else(|e| e.into_inner()) = consumer;
+                let mut current = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
+                let new = current.cached_info().created != consumer.cached_info().created;
+                *current = consumer;
+                new
             }
             Err(e) => {
                 tracing::warn!(stream = %self.stream, error = %e, "postbox: could not declare the nats streams and consumer again");
+                false
             }
+        }
+    }
+
+    /// [`declare_again`](Self::declare_again), forgetting the held deliveries if the
+    /// consumer is new (`held` must not be locked by the caller).
+    async fn declare_again_unlocked(&self, check: bool) {
+        if self.declare_again(check).await {
+            self.held.lock().await.clear();
         }
     }
 
@@ -505,7 +522,7 @@ impl Inner {
     /// declares the streams again and is [`QueueError::Unavailable`], as a new try works.
     async fn publish_failed(&self, e: PublishError, what: &str) -> QueueError {
         if e.kind() == PublishErrorKind::StreamNotFound {
-            self.declare_again(false).await;
+            self.declare_again_unlocked(false).await;
             return QueueError::Unavailable(format!("nats {what}: {e}; declared again").into());
         }
         classify(e, what)
@@ -572,7 +589,8 @@ impl Inner {
             if let Some(nb) = header(H_NOT_BEFORE).and_then(|v| v.parse::<u64>().ok())
                 && ms_ceil(envelope.not_before) != nb
             {
-                envelope.not_before = SystemTime::UNIX_EPOCH + Duration::from_millis(nb);
+                envelope.not_before =
+                    super::saturating_add(SystemTime::UNIX_EPOCH, Duration::from_millis(nb));
             }
             let id = envelope.id;
             match held.get_mut(&id) {
@@ -614,14 +632,28 @@ impl Inner {
     }
 
     /// Moves a delivery whose envelope cannot be decoded to the dead-letter stream, as it
-    /// is (payload and headers, plus `Postbox-Reason: undecodable: …`), and only then
-    /// takes it out of the work queue; logged at error level and counted in
+    /// is (payload and headers but JetStream's `Nats-*`, plus `Postbox-Reason:
+    /// undecodable: …`), and only then takes it out of the work queue; logged at error level and counted in
     /// `postbox_queue_quarantined_total`. If the move fails, the delivery is given back
     /// for a later fetch to try again.
     async fn set_aside(&self, msg: async_nats::jetstream::Message, why: &str) {
         tracing::error!(subject = %msg.subject, reason = why, "postbox: undecodable message moved to the dead-letter stream");
         metrics::counter!("postbox_queue_quarantined_total").increment(1);
-        let mut headers = msg.headers.clone().unwrap_or_default();
+        // JetStream's own headers stay out: the server keeps them with the message, and
+        // a copied `Nats-Expected-Last-Subject-Sequence: 0` (our enqueue's) is only met
+        // while the dead stream is empty, a copied `Nats-Msg-Id` may be a duplicate.
+        let mut headers: HeaderMap = msg
+            .headers
+            .iter()
+            .flat_map(HeaderMap::iter)
+            .filter(|(name, _)| {
+                let name: &str = name.as_ref();
+                !name
+                    .get(..5)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+            })
+            .flat_map(|(name, values)| values.iter().map(move |v| (name.clone(), v.clone())))
+            .collect();
         let reason = format!("undecodable: {why}");
         headers.insert(
             H_REASON,
@@ -661,7 +693,9 @@ impl Inner {
         if due < max
             && let Err(e) = self.fetch(&mut held, max - due).await
         {
-            self.declare_again(true).await;
+            if self.declare_again(true).await {
+                held.clear();
+            }
             if !held.values().any(|h| h.state.due(now)) {
                 return Err(e);
             }
@@ -844,7 +878,9 @@ impl Inner {
         let publish = Publish::build()
             .payload(Bytes::from(h.envelope.encode()))
             .headers(headers)
-            .message_id(format!("{}.dead", h.envelope.id));
+            // Per delivered copy: a later copy of the same message (enqueued again after
+            // its dead letter) is not dropped as a duplicate within the window.
+            .message_id(format!("{}.dead.s{}", h.envelope.id, sequence(&h.msg)));
         let published = self.publish(self.dead_subject.clone(), publish).await;
         if let Err(e) = published {
             self.put_back(vec![h]).await;

@@ -854,7 +854,10 @@ fn from_ms(s: &str) -> Result<SystemTime, QueueError> {
     let ms: u64 = s
         .parse()
         .map_err(|_| QueueError::Corrupt(format!("bad time {s:?}")))?;
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+    Ok(super::saturating_add(
+        SystemTime::UNIX_EPOCH,
+        Duration::from_millis(ms),
+    ))
 }
 
 #[cfg(test)]

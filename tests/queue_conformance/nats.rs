@@ -300,6 +300,32 @@ async fn an_undecodable_message_is_dead_lettered_and_the_batch_goes_on() {
     assert!(q.dead_letters(10).await.unwrap().is_empty());
 }
 
+/// Undecodable messages published with JetStream's own headers (`Nats-Expected-Last-
+/// Subject-Sequence: 0`, as postbox's enqueue sets, and a `Nats-Msg-Id`) all reach the
+/// dead-letter stream: the server keeps such headers with a message, and copied to the
+/// dead stream the expected sequence was only met while it was empty, so the second
+/// one came back forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_messages_with_jetstream_headers_all_reach_the_dead_stream() {
+    let (q, _purge) = make(options());
+    for (n, suffix) in ["xb1", "xb2"].iter().enumerate() {
+        let subject = format!("postbox.{}.k.{suffix}", &q.streams().0[8..]);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        headers.insert("Nats-Msg-Id", format!("bad-{n}").as_str());
+        q.jetstream()
+            .publish_with_headers(subject, headers, b"PBOX\x63garbage".to_vec().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    crate::suite::only_the_good_message_is_leased(&q).await;
+    let (work, dead) = q.streams();
+    assert_eq!(stream_len(&q, dead).await, 2, "both were dead-lettered");
+    assert_eq!(stream_len(&q, work).await, 1, "only the good one is left");
+}
+
 /// Two copies of one message in the stream (a `retry_later` whose republish was stored
 /// but whose ack of the old copy was lost leaves them) are leased once, and acking it
 /// takes both out of the stream.
@@ -563,6 +589,30 @@ async fn a_consumer_or_stream_deleted_by_hand_is_declared_again() {
     let leased = retry!(q.lease(10, lease_for, crate::suite::at(0)).await);
     let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
     assert_eq!(ids, vec![b.id()]);
+}
+
+/// A lease from before the stream was deleted by hand and declared again is lost, not
+/// acked on the new consumer: the new stream numbers its messages from 1 again, and
+/// the old lease's ack (of stream sequence 1) used to remove the new message 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_from_before_the_stream_was_recreated_acks_nothing_new() {
+    let (q, _purge) = make(options().with_request_timeout(Duration::from_millis(500)));
+    let lease_for = Duration::from_secs(30);
+    q.enqueue(crate::suite::envelope("old")).await.unwrap();
+    let old = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(old.len(), 1);
+    let (work, _) = q.streams();
+    let work = work.to_owned();
+    q.jetstream().delete_stream(&work).await.unwrap();
+    let new = q.enqueue(crate::suite::envelope("new")).await.unwrap().id();
+    let leased = retry!(q.lease(10, lease_for, crate::suite::at(0)).await);
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![new]);
+    let stale = q.ack(&[old[0].token]).await;
+    assert!(matches!(stale, Err(QueueError::LeaseLost(_))), "{stale:?}");
+    assert_eq!(stream_len(&q, &work).await, 1, "the new message was acked");
+    q.ack(&[leased[0].token]).await.unwrap();
+    assert_eq!(stream_len(&q, &work).await, 0);
 }
 
 /// A queue whose stream was given a byte limit by hand answers an enqueue over it with
