@@ -55,7 +55,8 @@
 //! dies, the server delivers its messages again after `ack_wait`, and their attempts
 //! count that delivery. While the process lives a background task (spawned by
 //! [`connect`](NatsQueue::connect)) keeps its held messages with in-progress acks
-//! (`+WPI`) every `ack_wait / 3`, however rarely `lease` is called (a replayer paused by
+//! (`+WPI`) every `ack_wait / 4` (the consumer's on the server, read again every second),
+//! however rarely `lease` is called (a replayer paused by
 //! an open breaker, or busy with slow replays). A [`LeaseToken`] is only valid in the
 //! process that leased it.
 //!
@@ -162,7 +163,8 @@ struct Inner {
     subject_prefix: String,
     dead_subject: String,
     capacity: Option<u64>,
-    ack_wait: Duration,
+    /// The consumer's `ack_wait` on the server, in nanoseconds.
+    ack_wait_ns: AtomicU64,
     max_held: usize,
     request_timeout: Duration,
     /// The server's `max_payload`, read once at connect (0: unknown).
@@ -307,6 +309,7 @@ impl NatsQueue {
             .build(client);
         let names = Names::of(name);
         let consumer = declare(&js, &options, &names).await?;
+        let ack_wait = consumer.cached_info().config.ack_wait;
         let Names {
             stream,
             dead_stream,
@@ -324,13 +327,13 @@ impl NatsQueue {
             subject_prefix,
             dead_subject,
             capacity: options.capacity,
-            ack_wait: options.ack_wait,
+            ack_wait_ns: AtomicU64::new(u64::try_from(ack_wait.as_nanos()).unwrap_or(u64::MAX)),
             max_held: options.max_held,
             request_timeout: options.request_timeout,
             held: Mutex::new(BTreeMap::new()),
             leases: AtomicU64::new(0),
         });
-        runtime.spawn(keep_held_alive(Arc::downgrade(&inner), options.ack_wait));
+        runtime.spawn(keep_held_alive(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
 
@@ -500,6 +503,7 @@ impl Inner {
                 tracing::warn!(stream = %self.stream, "postbox: nats streams or consumer were missing; declared again");
                 let mut current = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
                 let new = current.cached_info().created != consumer.cached_info().created;
+                self.set_ack_wait(consumer.cached_info().config.ack_wait);
                 *current = consumer;
                 new
             }
@@ -668,7 +672,7 @@ impl Inner {
             Ok(_) => msg.double_ack_with(AckKind::Term).await,
             Err(e) => {
                 tracing::warn!(error = %e, "postbox: could not dead-letter an undecodable message");
-                msg.ack_with(AckKind::Nak(Some(self.ack_wait))).await
+                msg.ack_with(AckKind::Nak(Some(self.ack_wait()))).await
             }
         };
         if let Err(e) = answer {
@@ -722,16 +726,39 @@ impl Inner {
         Ok(out)
     }
 
-    /// Tells the server we still hold the deliveries it has not heard about for half
-    /// of `ack_wait`.
+    /// Tells the server we still hold the deliveries it has not heard about for a
+    /// quarter of `ack_wait`.
     async fn keep_alive(&self, held: &mut BTreeMap<MessageId, Held>) {
-        let stale = Instant::now().checked_sub(self.ack_wait / 2);
+        let stale = Instant::now().checked_sub(self.ack_wait() / 4);
         let Some(stale) = stale else { return };
         for h in held.values_mut() {
             if h.touched <= stale && h.msg.ack_with(AckKind::Progress).await.is_ok() {
                 h.touched = Instant::now();
             }
         }
+    }
+
+    /// The consumer's `ack_wait` on the server, as last read (see [`keep_held_alive`]).
+    fn ack_wait(&self) -> Duration {
+        Duration::from_nanos(self.ack_wait_ns.load(Ordering::Relaxed))
+    }
+
+    /// Reads the consumer's `ack_wait` from the server: a process that declared the
+    /// consumer later, with another `ack_wait`, changed it for every process.
+    async fn refresh_ack_wait(&self) {
+        let mut consumer = self
+            .consumer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Ok(info) = consumer.info().await {
+            self.set_ack_wait(info.config.ack_wait);
+        }
+    }
+
+    fn set_ack_wait(&self, ack_wait: Duration) {
+        let ns = u64::try_from(ack_wait.as_nanos()).unwrap_or(u64::MAX);
+        self.ack_wait_ns.store(ns, Ordering::Relaxed);
     }
 
     /// Removes and returns the delivery of `token` if its lease is current.
@@ -984,43 +1011,61 @@ async fn declare(
     let name = &options.name;
     let stream = &names.stream;
     let capacity = options.capacity.and_then(|c| i64::try_from(c).ok());
-    if let (Some(cap), Ok(mut existing)) = (options.capacity, js.get_stream(stream).await) {
-        // The server applies a lower `max_msgs` by deleting the oldest messages, even
-        // with `discard: new`: never ask it to.
-        let held = existing.info().await.map_or(0, |i| i.state.messages);
-        if held > cap {
-            return Err(QueueError::Backend(
-                format!(
-                    "nats queue {name}: capacity {cap} is below the {held} messages it \
-                     holds (the server would delete the oldest to fit); drain it first \
-                     or keep a capacity of at least {held}"
-                )
-                .into(),
-            ));
+    let ours = |config: &mut stream::Config| {
+        config.subjects = vec![format!("{}*", names.subject_prefix)];
+        config.retention = RetentionPolicy::WorkQueue;
+        config.storage = StorageType::File;
+        config.duplicate_window = options.duplicate_window;
+        config.max_messages = capacity.unwrap_or(-1);
+        config.discard = DiscardPolicy::New;
+        config.allow_direct = true;
+    };
+    match lookup(js, stream).await? {
+        // Only the fields postbox relies on are changed: what an operator set (replicas,
+        // placement, limits of their own) stays, and an unchanged stream is left alone.
+        Some(info) => {
+            let held = info.state.messages;
+            if let Some(cap) = options.capacity
+                && held > cap
+            {
+                // The server applies a lower `max_msgs` by deleting the oldest messages,
+                // even with `discard: new`: never ask it to.
+                return Err(QueueError::Backend(
+                    format!(
+                        "nats queue {name}: capacity {cap} is below the {held} messages it \
+                         holds (the server would delete the oldest to fit); drain it first \
+                         or keep a capacity of at least {held}"
+                    )
+                    .into(),
+                ));
+            }
+            let mut config = info.config.clone();
+            ours(&mut config);
+            if config != info.config {
+                js.update_stream(&config)
+                    .await
+                    .map_err(|e| classify(e, "update stream"))?;
+            }
+        }
+        None => {
+            let mut config = stream::Config {
+                name: stream.clone(),
+                ..Default::default()
+            };
+            ours(&mut config);
+            create_stream(js, config).await?;
         }
     }
-    js.create_or_update_stream(stream::Config {
-        name: stream.clone(),
-        subjects: vec![format!("{}*", names.subject_prefix)],
-        retention: RetentionPolicy::WorkQueue,
-        storage: StorageType::File,
-        duplicate_window: options.duplicate_window,
-        max_messages: capacity.unwrap_or(-1),
-        discard: DiscardPolicy::New,
-        allow_direct: true,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| classify(e, "create stream"))?;
-    js.create_or_update_stream(stream::Config {
-        name: names.dead_stream.clone(),
-        subjects: vec![names.dead_subject.clone()],
-        storage: StorageType::File,
-        allow_direct: true,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| classify(e, "create dead-letter stream"))?;
+    if lookup(js, &names.dead_stream).await?.is_none() {
+        let config = stream::Config {
+            name: names.dead_stream.clone(),
+            subjects: vec![names.dead_subject.clone()],
+            storage: StorageType::File,
+            allow_direct: true,
+            ..Default::default()
+        };
+        create_stream(js, config).await?;
+    }
     js.create_consumer_on_stream(
         pull::Config {
             durable_name: Some(CONSUMER.into()),
@@ -1036,15 +1081,48 @@ async fn declare(
     .map_err(|e| classify(e, "create consumer"))
 }
 
-/// Every `ack_wait / 3`, tells the server this process still works on each delivery it
-/// holds that it has not touched for `ack_wait / 2`, so the server delivers it again only
-/// once the process is gone. Ends when the last [`NatsQueue`] clone is dropped.
-async fn keep_held_alive(inner: std::sync::Weak<Inner>, ack_wait: Duration) {
-    let mut tick = tokio::time::interval((ack_wait / 3).max(Duration::from_millis(100)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// The stream's info, `None` if there is no such stream; any other failure is an error
+/// (never read as "no stream" or "no messages": the capacity check must not pass by
+/// default).
+async fn lookup(js: &Context, stream: &str) -> Result<Option<stream::Info>, QueueError> {
+    match js.get_stream(stream).await {
+        Ok(s) => Ok(Some(s.cached_info().clone())),
+        Err(e) => match e.kind() {
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(classify(e, "look up stream")),
+        },
+    }
+}
+
+/// Creates a stream; one created meanwhile by another process is fine if it has the
+/// same config (the server answers an identical create with success).
+async fn create_stream(js: &Context, config: stream::Config) -> Result<(), QueueError> {
+    js.create_stream(config)
+        .await
+        .map(drop)
+        .map_err(|e| classify(e, "create stream"))
+}
+
+/// Every `ack_wait / 4` (at most a second), tells the server this process still works on each delivery it
+/// holds that it has not touched for `ack_wait / 4`: each is refreshed at most half an
+/// `ack_wait` after the last time, so the server delivers it again only once the
+/// process is gone (with half an `ack_wait` to spare for a slow tick). `ack_wait` is the
+/// consumer's on the server, which another process may have declared with its own.
+/// Ends when the last [`NatsQueue`] clone is dropped.
+async fn keep_held_alive(inner: std::sync::Weak<Inner>) {
     loop {
-        tick.tick().await;
+        let Some(ack_wait) = inner.upgrade().map(|i| i.ack_wait()) else {
+            return;
+        };
+        // At least every second: a smaller `ack_wait` set since is noticed in time.
+        let period = (ack_wait / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
+        tokio::time::sleep(period).await;
         let Some(inner) = inner.upgrade() else { return };
+        inner.refresh_ack_wait().await;
         let mut held = inner.held.lock().await;
         inner.keep_alive(&mut held).await;
     }

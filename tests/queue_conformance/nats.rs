@@ -159,6 +159,63 @@ async fn a_held_delivery_is_not_redelivered_while_its_process_lives() {
     assert_eq!(q.depth().await.unwrap().pending, 0);
 }
 
+/// The keep-alive follows the consumer's `ack_wait` on the server: a process that
+/// connected with 30 s, after another declared the consumer with 2 s, still keeps its
+/// lease (it used to refresh on its own 30 s schedule, and lost it to the other). It
+/// reads the server's value every second, so a change is noticed within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keep_alive_follows_the_servers_ack_wait() {
+    let slow = options().with_ack_wait(Duration::from_secs(30));
+    let (q, _purge) = make(slow.clone());
+    q.enqueue(crate::suite::envelope("held")).await.unwrap();
+    let now = crate::suite::t0();
+    let leased = q.lease(1, Duration::from_secs(60), now).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let other = connect(slow.with_ack_wait(Duration::from_secs(2))).await;
+    // Real time: `ack_wait` runs on the server's clock.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stolen = other.lease(10, Duration::from_secs(60), now).await.unwrap();
+    assert!(stolen.is_empty(), "redelivered to another process");
+    q.ack(&[leased[0].token]).await.unwrap();
+}
+
+/// Connecting changes only what postbox relies on: an operator's settings on the
+/// streams (limits, a description; replicas on a cluster) stay. The streams used to be
+/// declared from defaults on every connect, which scaled an R3 stream back to R1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_keeps_what_an_operator_set_on_the_streams() {
+    let opts = options();
+    let (q, _purge) = make(opts.clone());
+    let js = q.jetstream().clone();
+    let (work, dead) = q.streams();
+    let day = Duration::from_secs(24 * 3600);
+    for name in [work, dead] {
+        let mut config = js
+            .get_stream(name)
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .clone();
+        config.description = Some("set by ops".into());
+        config.max_age = day;
+        js.update_stream(&config).await.unwrap();
+    }
+    let again = connect(opts).await;
+    again.enqueue(crate::suite::envelope("a")).await.unwrap();
+    for name in [work, dead] {
+        let config = js
+            .get_stream(name)
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .clone();
+        assert_eq!(config.description.as_deref(), Some("set by ops"), "{name}");
+        assert_eq!(config.max_age, day, "{name}");
+    }
+}
+
 /// A private `nats-server` with JetStream (see [`PrivateServer`]).
 fn private_nats(port: u16, dir: &Path) -> Command {
     let mut c = Command::new("nats-server");
