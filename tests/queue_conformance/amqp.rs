@@ -358,18 +358,24 @@ async fn a_publish_to_a_deleted_queue_is_an_error_and_loses_nothing() {
     assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
 }
 
+/// A queue reached through a proxy, holding one message (key `later`) due at `at(60)`.
+async fn later_through_a_proxy() -> (Proxy, AmqpQueue, Purge) {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, purge) = make(via(&proxy));
+    let mut later = crate::suite::envelope("later");
+    later.not_before = crate::suite::at(60);
+    q.enqueue(later).await.unwrap();
+    (proxy, q, purge)
+}
+
 /// Deliveries held without a lease in progress when the connection dropped (one not yet
 /// due, one released) come back uncounted: the broker's `x-delivery-count` counts their
 /// earlier delivery, but it was no attempt. One leased when the connection dropped
 /// counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_held_without_a_lease_come_back_uncounted_after_a_reconnect() {
-    let proxy = Proxy::start(host_port(&options().url())).await;
-    let (q, _purge) = make(via(&proxy));
+    let (proxy, q, _purge) = later_through_a_proxy().await;
     let lease_for = Duration::from_secs(30);
-    let mut later = crate::suite::envelope("later");
-    later.not_before = crate::suite::at(60);
-    q.enqueue(later).await.unwrap();
     q.enqueue(crate::suite::envelope("released")).await.unwrap();
     q.enqueue(crate::suite::envelope("leased")).await.unwrap();
     // All three fetched; "later" is held, not due yet.
@@ -399,12 +405,8 @@ async fn deliveries_held_without_a_lease_come_back_uncounted_after_a_reconnect()
 /// `x-delivery-count` adds up both, and so does what is taken off it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_delivery_stays_uncounted_across_two_reconnects() {
-    let proxy = Proxy::start(host_port(&options().url())).await;
-    let (q, _purge) = make(via(&proxy));
+    let (proxy, q, _purge) = later_through_a_proxy().await;
     let lease_for = Duration::from_secs(30);
-    let mut later = crate::suite::envelope("later");
-    later.not_before = crate::suite::at(60);
-    q.enqueue(later).await.unwrap();
     assert!(
         q.lease(10, lease_for, crate::suite::at(0))
             .await

@@ -140,23 +140,33 @@ async fn endless_lease_does_not_expire() {
     crate::suite::endless_lease_does_not_expire(q).await;
 }
 
+/// Leases a message on a queue connected with `mine`, connects another process with
+/// `theirs`, waits `wait` (real time: `ack_wait` runs on the server's clock) and checks
+/// that the other process gets nothing: the lease is kept alive.
+async fn the_lease_is_kept_from_another_process(
+    mine: NatsOptions,
+    theirs: NatsOptions,
+    wait: Duration,
+) {
+    let (q, _purge) = make(mine);
+    q.enqueue(crate::suite::envelope("held")).await.unwrap();
+    let now = crate::suite::t0();
+    let leased = q.lease(1, Duration::from_secs(60), now).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let other = connect(theirs).await;
+    tokio::time::sleep(wait).await;
+    let stolen = other.lease(10, Duration::from_secs(60), now).await.unwrap();
+    assert!(stolen.is_empty(), "redelivered to another process");
+    q.ack(&[leased[0].token]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().pending, 0);
+}
+
 /// Another process on the same queue gets nothing while this one holds its lease, even
 /// when this one does not call `lease` for several `ack_wait`s (a paused replayer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_delivery_is_not_redelivered_while_its_process_lives() {
     let opts = options().with_ack_wait(Duration::from_secs(1));
-    let (q, _purge) = make(opts.clone());
-    q.enqueue(crate::suite::envelope("held")).await.unwrap();
-    let now = crate::suite::t0();
-    let leased = q.lease(1, Duration::from_secs(60), now).await.unwrap();
-    assert_eq!(leased.len(), 1);
-    let other = connect(opts).await;
-    // Real time: `ack_wait` runs on the server's clock.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let stolen = other.lease(10, Duration::from_secs(60), now).await.unwrap();
-    assert!(stolen.is_empty(), "redelivered to another process");
-    q.ack(&[leased[0].token]).await.unwrap();
-    assert_eq!(q.depth().await.unwrap().pending, 0);
+    the_lease_is_kept_from_another_process(opts.clone(), opts, Duration::from_secs(4)).await;
 }
 
 /// The keep-alive follows the consumer's `ack_wait` on the server: a process that
@@ -166,17 +176,8 @@ async fn a_held_delivery_is_not_redelivered_while_its_process_lives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_keep_alive_follows_the_servers_ack_wait() {
     let slow = options().with_ack_wait(Duration::from_secs(30));
-    let (q, _purge) = make(slow.clone());
-    q.enqueue(crate::suite::envelope("held")).await.unwrap();
-    let now = crate::suite::t0();
-    let leased = q.lease(1, Duration::from_secs(60), now).await.unwrap();
-    assert_eq!(leased.len(), 1);
-    let other = connect(slow.with_ack_wait(Duration::from_secs(2))).await;
-    // Real time: `ack_wait` runs on the server's clock.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let stolen = other.lease(10, Duration::from_secs(60), now).await.unwrap();
-    assert!(stolen.is_empty(), "redelivered to another process");
-    q.ack(&[leased[0].token]).await.unwrap();
+    let fast = slow.clone().with_ack_wait(Duration::from_secs(2));
+    the_lease_is_kept_from_another_process(slow, fast, Duration::from_secs(5)).await;
 }
 
 /// Connecting changes only what postbox relies on: an operator's settings on the
