@@ -55,10 +55,10 @@
 //! dies, the server delivers its messages again after `ack_wait`, and their attempts
 //! count that delivery. While the process lives a background task (spawned by
 //! [`connect`](NatsQueue::connect)) keeps its held messages with in-progress acks
-//! (`+WPI`) every `ack_wait / 4` (the consumer's on the server, read again every second),
-//! however rarely `lease` is called (a replayer paused by
-//! an open breaker, or busy with slow replays). A [`LeaseToken`] is only valid in the
-//! process that leased it.
+//! (`+WPI`) every `ack_wait / 4` (the consumer's on the server, read again every
+//! second), however rarely `lease` is called (a replayer paused by an open breaker, or
+//! busy with slow replays). A [`LeaseToken`] is only valid in the process that leased
+//! it.
 //!
 //! `retry_later` republishes the message with the new `Postbox-Not-Before` and
 //! `Postbox-Attempts` and then acks the delivery, so the delay survives a restart.
@@ -637,9 +637,9 @@ impl Inner {
 
     /// Moves a delivery whose envelope cannot be decoded to the dead-letter stream, as it
     /// is (payload and headers but JetStream's `Nats-*`, plus `Postbox-Reason:
-    /// undecodable: …`), and only then takes it out of the work queue; logged at error level and counted in
-    /// `postbox_queue_quarantined_total`. If the move fails, the delivery is given back
-    /// for a later fetch to try again.
+    /// undecodable: …`), and only then takes it out of the work queue; logged at error
+    /// level and counted in `postbox_queue_quarantined_total`. If the move fails, the
+    /// delivery is given back for a later fetch to try again.
     async fn set_aside(&self, msg: async_nats::jetstream::Message, why: &str) {
         tracing::error!(subject = %msg.subject, reason = why, "postbox: undecodable message moved to the dead-letter stream");
         metrics::counter!("postbox_queue_quarantined_total").increment(1);
@@ -727,13 +727,40 @@ impl Inner {
     }
 
     /// Tells the server we still hold the deliveries it has not heard about for a
-    /// quarter of `ack_wait`.
-    async fn keep_alive(&self, held: &mut BTreeMap<MessageId, Held>) {
-        let stale = Instant::now().checked_sub(self.ack_wait() / 4);
-        let Some(stale) = stale else { return };
-        for h in held.values_mut() {
-            if h.touched <= stale && h.msg.ack_with(AckKind::Progress).await.is_ok() {
-                h.touched = Instant::now();
+    /// quarter of `ack_wait`. Sent without holding `held`: while the client reconnects,
+    /// a publish can wait for room in its command queue, and `lease`, `ack` and the
+    /// rest must not wait with it. Nothing is sent while disconnected (it would not
+    /// arrive, and the deliveries stay due for the next tick).
+    async fn keep_alive(&self) {
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
+        let Some(stale) = Instant::now().checked_sub(self.ack_wait() / 4) else {
+            return;
+        };
+        let due: Vec<_> = self
+            .held
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, h)| h.touched <= stale)
+            .filter_map(|(&id, h)| Some((id, h.msg.reply.clone()?)))
+            .collect();
+        let mut sent = Vec::with_capacity(due.len());
+        for (id, reply) in due {
+            let progress = Bytes::from(AckKind::Progress);
+            if self.js.client().publish(reply, progress).await.is_ok() {
+                sent.push(id);
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut held = self.held.lock().await;
+        for id in sent {
+            if let Some(h) = held.get_mut(&id) {
+                h.touched = now;
             }
         }
     }
@@ -1107,12 +1134,12 @@ async fn create_stream(js: &Context, config: stream::Config) -> Result<(), Queue
         .map_err(|e| classify(e, "create stream"))
 }
 
-/// Every `ack_wait / 4` (at most a second), tells the server this process still works on each delivery it
-/// holds that it has not touched for `ack_wait / 4`: each is refreshed at most half an
-/// `ack_wait` after the last time, so the server delivers it again only once the
-/// process is gone (with half an `ack_wait` to spare for a slow tick). `ack_wait` is the
-/// consumer's on the server, which another process may have declared with its own.
-/// Ends when the last [`NatsQueue`] clone is dropped.
+/// Every `ack_wait / 4` (at most a second), tells the server this process still works
+/// on each delivery it holds that it has not touched for `ack_wait / 4`: each is
+/// refreshed at most half an `ack_wait` after the last time, so the server delivers it
+/// again only once the process is gone (with half an `ack_wait` to spare for a slow
+/// tick). `ack_wait` is the consumer's on the server, which another process may have
+/// declared with its own. Ends when the last [`NatsQueue`] clone is dropped.
 async fn keep_held_alive(inner: std::sync::Weak<Inner>) {
     loop {
         let Some(ack_wait) = inner.upgrade().map(|i| i.ack_wait()) else {
@@ -1123,8 +1150,7 @@ async fn keep_held_alive(inner: std::sync::Weak<Inner>) {
         tokio::time::sleep(period).await;
         let Some(inner) = inner.upgrade() else { return };
         inner.refresh_ack_wait().await;
-        let mut held = inner.held.lock().await;
-        inner.keep_alive(&mut held).await;
+        inner.keep_alive().await;
     }
 }
 
