@@ -569,7 +569,7 @@ impl Inner {
             else {
                 break;
             };
-            let msg = msg.map_err(|e| classify_dyn(&*e, "fetch"))?;
+            let mut msg = msg.map_err(|e| classify_dyn(&*e, "fetch"))?;
             let delivered = msg
                 .info()
                 .map(|i| u32::try_from(i.delivered).unwrap_or(1))
@@ -581,6 +581,9 @@ impl Inner {
                     continue;
                 }
             };
+            // The envelope holds its own copy of everything: a held delivery keeps only
+            // what its acks need, not the payload a second time.
+            msg.message.payload = Bytes::new();
             let h = msg.headers.as_ref();
             let header = |name: &str| h.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
             if let Some(a) = header(H_ATTEMPTS).and_then(|a| a.parse::<u32>().ok()) {
