@@ -86,7 +86,9 @@ use super::{
 use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
-use async_nats::jetstream::context::{Context, PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{
+    Context, CreateStreamErrorKind, PublishError, PublishErrorKind,
+};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::stream::{
@@ -273,7 +275,8 @@ impl NatsOptions {
 // === impl NatsQueue ===
 
 impl NatsQueue {
-    /// Connects, creates (or updates) the two streams and the consumer, and spawns the
+    /// Connects, creates the two streams and the consumer if missing (or sets postbox's
+    /// fields on the work stream's config and the consumer's), and spawns the
     /// task that keeps held deliveries alive (module docs), so call it inside a Tokio
     /// runtime.
     ///
@@ -515,10 +518,13 @@ impl Inner {
     }
 
     /// [`declare_again`](Self::declare_again), forgetting the held deliveries if the
-    /// consumer is new (`held` must not be locked by the caller).
+    /// consumer is new (`held` must not be locked by the caller). `held` is locked
+    /// throughout, so no `lease` hands out an old delivery, or fetches a new one that
+    /// is then forgotten, between the swap of the consumer and the clearing.
     async fn declare_again_unlocked(&self, check: bool) {
+        let mut held = self.held.lock().await;
         if self.declare_again(check).await {
-            self.held.lock().await.clear();
+            held.clear();
         }
     }
 
@@ -649,18 +655,19 @@ impl Inner {
         // JetStream's own headers stay out: the server keeps them with the message, and
         // a copied `Nats-Expected-Last-Subject-Sequence: 0` (our enqueue's) is only met
         // while the dead stream is empty, a copied `Nats-Msg-Id` may be a duplicate.
-        let mut headers: HeaderMap = msg
-            .headers
-            .iter()
-            .flat_map(HeaderMap::iter)
-            .filter(|(name, _)| {
-                let name: &str = name.as_ref();
-                !name
-                    .get(..5)
-                    .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
-            })
-            .flat_map(|(name, values)| values.iter().map(move |v| (name.clone(), v.clone())))
-            .collect();
+        let mut headers = HeaderMap::new();
+        for (name, values) in msg.headers.iter().flat_map(HeaderMap::iter) {
+            let text: &str = name.as_ref();
+            if text
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+            {
+                continue;
+            }
+            for value in values {
+                headers.append(name.clone(), value.clone());
+            }
+        }
         let reason = format!("undecodable: {why}");
         headers.insert(
             H_REASON,
@@ -768,21 +775,38 @@ impl Inner {
         }
     }
 
-    /// The consumer's `ack_wait` on the server, as last read (see [`keep_held_alive`]).
+    /// The consumer's `ack_wait` on the server, as last read (see
+    /// [`refresh_consumer`](Self::refresh_consumer)).
     fn ack_wait(&self) -> Duration {
         Duration::from_nanos(self.ack_wait_ns.load(Ordering::Relaxed))
     }
 
-    /// Reads the consumer's `ack_wait` from the server: a process that declared the
-    /// consumer later, with another `ack_wait`, changed it for every process.
-    async fn refresh_ack_wait(&self) {
+    /// Reads the consumer from the server (waiting at most a second): its `ack_wait`,
+    /// which a process that declared the consumer later with another one changed for
+    /// every process; and its creation time. A consumer created anew (by another
+    /// process, after the stream or consumer was deleted by hand) is not this process'
+    /// any more: its held deliveries are forgotten, as in
+    /// [`declare_again`](Self::declare_again), since their acks would reach the new
+    /// consumer and ack other messages with the same stream sequences.
+    async fn refresh_consumer(&self) {
         let mut consumer = self
             .consumer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if let Ok(info) = consumer.info().await {
-            self.set_ack_wait(info.config.ack_wait);
+        let known = consumer.cached_info().created;
+        let read = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await;
+        let Ok(Ok(info)) = read else { return };
+        self.set_ack_wait(info.config.ack_wait);
+        if info.created == known {
+            return;
+        }
+        let mut held = self.held.lock().await;
+        let mut current = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
+        if current.cached_info().created == known {
+            tracing::warn!(stream = %self.stream, "postbox: nats consumer was created anew; held deliveries forgotten");
+            *current = consumer;
+            held.clear();
         }
     }
 
@@ -1031,8 +1055,10 @@ impl Names {
     }
 }
 
-/// Creates (or updates) the work and dead-letter streams and the durable consumer of
-/// the queue `options` names: at connect, and again when a call finds one deleted.
+/// Creates the work and dead-letter streams if missing, sets postbox's fields on an
+/// existing work stream (the rest of its config is the operator's), and creates or
+/// updates the durable consumer of the queue `options` names: at connect, and again
+/// when a call finds one deleted.
 async fn declare(
     js: &Context,
     options: &NatsOptions,
@@ -1045,46 +1071,67 @@ async fn declare(
         config.subjects = vec![format!("{}*", names.subject_prefix)];
         config.retention = RetentionPolicy::WorkQueue;
         config.storage = StorageType::File;
-        config.duplicate_window = options.duplicate_window;
+        // The server refuses a window longer than a `max_age` an operator set, and
+        // stores a zero window as its default of 2 minutes.
+        let mut window = options.duplicate_window;
+        if !config.max_age.is_zero() {
+            window = window.min(config.max_age);
+        }
+        if window.is_zero() {
+            window = Duration::from_secs(120);
+        }
+        config.duplicate_window = window;
         config.max_messages = capacity.unwrap_or(-1);
         config.discard = DiscardPolicy::New;
         config.allow_direct = true;
     };
-    match lookup(js, stream).await? {
-        // Only the fields postbox relies on are changed: what an operator set (replicas,
-        // placement, limits of their own) stays, and an unchanged stream is left alone.
-        Some(info) => {
-            let held = info.state.messages;
-            if let Some(cap) = options.capacity
-                && held > cap
-            {
-                // The server applies a lower `max_msgs` by deleting the oldest messages,
-                // even with `discard: new`: never ask it to.
-                return Err(QueueError::Backend(
-                    format!(
-                        "nats queue {name}: capacity {cap} is below the {held} messages it \
-                         holds (the server would delete the oldest to fit); drain it first \
-                         or keep a capacity of at least {held}"
-                    )
-                    .into(),
-                ));
-            }
-            let mut config = info.config.clone();
-            ours(&mut config);
-            if config != info.config {
-                js.update_stream(&config)
-                    .await
-                    .map_err(|e| classify(e, "update stream"))?;
-            }
-        }
-        None => {
+    // Twice at most: a stream another process created between the lookup and the
+    // create (with other options, say) is then found and updated.
+    let mut existing = lookup(js, stream).await?;
+    for _ in 0..2 {
+        let Some(info) = existing.take() else {
             let mut config = stream::Config {
                 name: stream.clone(),
                 ..Default::default()
             };
             ours(&mut config);
-            create_stream(js, config).await?;
+            match js.create_stream(config).await {
+                Ok(_) => break,
+                Err(e)
+                    if matches!(e.kind(), CreateStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NAME_EXIST) =>
+                {
+                    existing = lookup(js, stream).await?;
+                    continue;
+                }
+                Err(e) => return Err(classify(e, "create stream")),
+            }
+        };
+        // Only the fields postbox relies on are changed: what an operator set (replicas,
+        // placement, limits of their own) stays, and an unchanged stream is left alone.
+        let held = info.state.messages;
+        if let Some(cap) = options.capacity
+            && held > cap
+        {
+            // The server applies a lower `max_msgs` by deleting the oldest messages,
+            // even with `discard: new`: never ask it to.
+            return Err(QueueError::Backend(
+                format!(
+                    "nats queue {name}: capacity {cap} is below the {held} messages it \
+                     holds (the server would delete the oldest to fit); drain it first \
+                     or keep a capacity of at least {held}"
+                )
+                .into(),
+            ));
         }
+        let mut config = info.config.clone();
+        ours(&mut config);
+        if config != info.config {
+            js.update_stream(&config)
+                .await
+                .map_err(|e| classify(e, "update stream"))?;
+        }
+        break;
     }
     if lookup(js, &names.dead_stream).await?.is_none() {
         let config = stream::Config {
@@ -1128,8 +1175,8 @@ async fn lookup(js: &Context, stream: &str) -> Result<Option<stream::Info>, Queu
     }
 }
 
-/// Creates a stream; one created meanwhile by another process is fine if it has the
-/// same config (the server answers an identical create with success).
+/// Creates a stream; one created meanwhile by another process with the same config is
+/// fine (the server answers an identical create with success).
 async fn create_stream(js: &Context, config: stream::Config) -> Result<(), QueueError> {
     js.create_stream(config)
         .await
@@ -1152,8 +1199,9 @@ async fn keep_held_alive(inner: std::sync::Weak<Inner>) {
         let period = (ack_wait / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
         tokio::time::sleep(period).await;
         let Some(inner) = inner.upgrade() else { return };
-        inner.refresh_ack_wait().await;
+        // The refreshes first: a slow read of the consumer must not delay them.
         inner.keep_alive().await;
+        inner.refresh_consumer().await;
     }
 }
 

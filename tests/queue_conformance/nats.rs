@@ -673,6 +673,62 @@ async fn a_lease_from_before_the_stream_was_recreated_acks_nothing_new() {
     assert_eq!(stream_len(&q, &work).await, 0);
 }
 
+/// The same when another process declared the stream and consumer again: this one,
+/// whose fetches go on working against the new consumer, notices it within a second or
+/// so, and its old lease is lost instead of acking the other process' new message 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_from_before_another_process_recreated_the_stream_acks_nothing_new() {
+    let opts = options();
+    let (q, _purge) = make(opts.clone());
+    q.enqueue(crate::suite::envelope("old")).await.unwrap();
+    let old = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(old.len(), 1);
+    let (work, _) = q.streams();
+    let work = work.to_owned();
+    q.jetstream().delete_stream(&work).await.unwrap();
+    let other = connect(opts).await;
+    other.enqueue(crate::suite::envelope("new")).await.unwrap();
+    // Real time: the keep-alive task reads the consumer every second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stale = q.ack(&[old[0].token]).await;
+    assert!(matches!(stale, Err(QueueError::LeaseLost(_))), "{stale:?}");
+    assert_eq!(stream_len(&q, &work).await, 1, "the new message was acked");
+}
+
+/// An operator's `max_age` shorter than postbox's de-duplication window (which the
+/// server refuses) does not stop connecting: the window is kept within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_max_age_shorter_than_the_duplicate_window_still_connects() {
+    let opts = options();
+    let (q, _purge) = make(opts.clone());
+    let js = q.jetstream().clone();
+    let work = q.streams().0.to_owned();
+    let minute = Duration::from_secs(60);
+    let mut config = js
+        .get_stream(&work)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config.max_age = minute;
+    config.duplicate_window = minute;
+    js.update_stream(&config).await.unwrap();
+    let again = connect(opts).await;
+    again.enqueue(crate::suite::envelope("a")).await.unwrap();
+    let config = js
+        .get_stream(&work)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!((config.max_age, config.duplicate_window), (minute, minute));
+}
+
 /// A queue whose stream was given a byte limit by hand answers an enqueue over it with
 /// a backend error, not `Full` (with or without a capacity of its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
