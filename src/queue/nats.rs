@@ -175,10 +175,15 @@ struct Inner {
     /// Leases made so far: every lease's generation (taken under `held`), unique even
     /// when a released delivery's attempts repeat.
     leases: AtomicU64,
+    /// Bumped (under `held`) each time the held deliveries are forgotten for a new
+    /// consumer: a delivery taken out before then is not put back.
+    consumer_epoch: AtomicU64,
 }
 
 /// A delivery this process holds unacked.
 struct Held {
+    /// [`Inner::consumer_epoch`] when it was fetched.
+    epoch: u64,
     msg: async_nats::jetstream::Message,
     envelope: Envelope,
     state: HeldState,
@@ -335,6 +340,7 @@ impl NatsQueue {
             request_timeout: options.request_timeout,
             held: Mutex::new(BTreeMap::new()),
             leases: AtomicU64::new(0),
+            consumer_epoch: AtomicU64::new(0),
         });
         runtime.spawn(keep_held_alive(Arc::downgrade(&inner)));
         Ok(Self { inner })
@@ -524,8 +530,16 @@ impl Inner {
     async fn declare_again_unlocked(&self, check: bool) {
         let mut held = self.held.lock().await;
         if self.declare_again(check).await {
-            held.clear();
+            self.forget_held(&mut held);
         }
+    }
+
+    /// Forgets every held delivery: they belong to a consumer that is gone (see
+    /// [`declare_again`](Self::declare_again)). Called with `held` locked; deliveries
+    /// taken out meanwhile (a settle in progress) are not put back.
+    fn forget_held(&self, held: &mut BTreeMap<MessageId, Held>) {
+        held.clear();
+        self.consumer_epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The error for a failed publish of a leased message: one to a stream that is gone
@@ -632,6 +646,7 @@ impl Inner {
                     held.insert(
                         id,
                         Held {
+                            epoch: self.consumer_epoch.load(Ordering::Relaxed),
                             msg,
                             envelope,
                             state,
@@ -708,7 +723,7 @@ impl Inner {
             && let Err(e) = self.fetch(&mut held, max - due).await
         {
             if self.declare_again(true).await {
-                held.clear();
+                self.forget_held(&mut held);
             }
             if !held.values().any(|h| h.state.due(now)) {
                 return Err(e);
@@ -806,7 +821,8 @@ impl Inner {
         if current.cached_info().created == known {
             tracing::warn!(stream = %self.stream, "postbox: nats consumer was created anew; held deliveries forgotten");
             *current = consumer;
-            held.clear();
+            drop(current);
+            self.forget_held(&mut held);
         }
     }
 
@@ -869,7 +885,8 @@ impl Inner {
             return;
         }
         let mut held = self.held.lock().await;
-        for h in deliveries {
+        let epoch = self.consumer_epoch.load(Ordering::Relaxed);
+        for h in deliveries.into_iter().filter(|h| h.epoch == epoch) {
             held.entry(h.envelope.id).or_insert(h);
         }
     }
