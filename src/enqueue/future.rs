@@ -242,6 +242,33 @@ mod http_future {
         res
     }
 
+    /// The outcome of the call (or of readying the service): stored, when it triggers
+    /// a deferral of a captured request (`Ok`, the store in progress), else returned as
+    /// it is (`Err`).
+    fn defer_or_return<Q, C, ResBody>(
+        shared: &Arc<Shared<Q, C>>,
+        capture: Option<Capture>,
+        out: Result<Response<ResBody>, BoxError>,
+    ) -> Result<Pending, Result<Response<ResBody>, BoxError>>
+    where
+        Q: Queue,
+        C: Classify<Response<ResBody>, BoxError>,
+    {
+        let Some(capture) = capture else {
+            return Err(out);
+        };
+        let Some(t) =
+            trigger(&shared.classifier, out.as_ref()).filter(|t| shared.deliverable(&capture, t))
+        else {
+            return Err(out);
+        };
+        let original = match out {
+            Err(e) => e,
+            Ok(res) => FailedResponse::new(res.status().to_string()).into(),
+        };
+        Ok(shared.enqueue(capture, t, original))
+    }
+
     impl<S, B, Q, C, ResBody> Future for ResponseFuture<S, B, Q, C>
     where
         S: Service<Request<BufferedBody<B>>, Response = Response<ResBody>>,
@@ -302,8 +329,17 @@ mod http_future {
                     }
                     StateProj::Readying { svc, req, capture } => {
                         if let Err(e) = ready!(svc.poll_ready(cx)) {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(e.into()));
+                            // Judged like a failed call (a closed `Buffer`, a `Reconnect`
+                            // that cannot connect): nothing was sent.
+                            let capture = capture.take();
+                            match defer_or_return(this.shared, capture, Err(e.into())) {
+                                Ok(pending) => this.state.set(State::Enqueuing { pending }),
+                                Err(out) => {
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(out);
+                                }
+                            }
+                            continue;
                         }
                         let req = req.take().expect("request present while readying");
                         let capture = capture.take();
@@ -312,22 +348,13 @@ mod http_future {
                     }
                     StateProj::Calling { fut, capture } => {
                         let out = ready!(fut.poll(cx)).map_err(Into::into);
-                        let Some(capture) = capture.take() else {
-                            this.state.set(State::Done);
-                            return Poll::Ready(out);
-                        };
-                        let Some(t) = trigger(&this.shared.classifier, out.as_ref())
-                            .filter(|t| this.shared.deliverable(&capture, t))
-                        else {
-                            this.state.set(State::Done);
-                            return Poll::Ready(out);
-                        };
-                        let original = match out {
-                            Err(e) => e,
-                            Ok(res) => FailedResponse::new(res.status().to_string()).into(),
-                        };
-                        let pending = this.shared.enqueue(capture, t, original);
-                        this.state.set(State::Enqueuing { pending });
+                        match defer_or_return(this.shared, capture.take(), out) {
+                            Ok(pending) => this.state.set(State::Enqueuing { pending }),
+                            Err(out) => {
+                                this.state.set(State::Done);
+                                return Poll::Ready(out);
+                            }
+                        }
                     }
                     StateProj::Enqueuing { pending } => {
                         let res = ready!(pending.poll(cx));

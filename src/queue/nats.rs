@@ -1091,11 +1091,11 @@ async fn declare(
         // The server refuses a window longer than a `max_age` an operator set, and
         // stores a zero window as its default of 2 minutes.
         let mut window = options.duplicate_window;
-        if !config.max_age.is_zero() {
-            window = window.min(config.max_age);
-        }
         if window.is_zero() {
             window = Duration::from_secs(120);
+        }
+        if !config.max_age.is_zero() {
+            window = window.min(config.max_age);
         }
         config.duplicate_window = window;
         config.max_messages = capacity.unwrap_or(-1);
@@ -1105,7 +1105,7 @@ async fn declare(
     // Twice at most: a stream another process created between the lookup and the
     // create (with other options, say) is then found and updated.
     let mut existing = lookup(js, stream).await?;
-    for _ in 0..2 {
+    for round in 0..2 {
         let Some(info) = existing.take() else {
             let mut config = stream::Config {
                 name: stream.clone(),
@@ -1119,6 +1119,12 @@ async fn declare(
                     if j.error_code() == ErrorCode::STREAM_NAME_EXIST) =>
                 {
                     existing = lookup(js, stream).await?;
+                    if round == 1 {
+                        return Err(QueueError::Unavailable(
+                            format!("nats stream {stream}: being created and deleted by others meanwhile")
+                                .into(),
+                        ));
+                    }
                     continue;
                 }
                 Err(e) => return Err(classify(e, "create stream")),
@@ -1203,9 +1209,9 @@ async fn create_stream(js: &Context, config: stream::Config) -> Result<(), Queue
 
 /// Every `ack_wait / 4` (at most a second), tells the server this process still works
 /// on each delivery it holds that it has not touched for `ack_wait / 4`: each is
-/// refreshed at most half an `ack_wait` after the last time, so the server delivers it
-/// again only once the process is gone (with half an `ack_wait` to spare for a slow
-/// tick). `ack_wait` is the consumer's on the server, which another process may have
+/// refreshed at most half an `ack_wait` after the last time (plus up to a second, the
+/// read of the consumer between ticks), so the server delivers it again only once the
+/// process is gone. `ack_wait` is the consumer's on the server, which another process may have
 /// declared with its own. Ends when the last [`NatsQueue`] clone is dropped.
 async fn keep_held_alive(inner: std::sync::Weak<Inner>) {
     loop {

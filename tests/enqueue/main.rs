@@ -488,6 +488,42 @@ async fn body_with_known_size_over_limit_is_not_read_ahead() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// A service that fails to become ready (a `Reconnect` that cannot connect, a closed
+/// `Buffer`) with a failure that triggers a deferral: the request is deferred, as if
+/// its call had failed so (nothing was sent).
+#[tokio::test(start_paused = true)]
+async fn a_readiness_failure_defers_like_a_failed_call() {
+    #[derive(Clone)]
+    struct Unreachable;
+
+    impl Service<InnerReq> for Unreachable {
+        type Response = Res;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Res, BoxError>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+            std::task::Poll::Ready(Err(refused.into()))
+        }
+
+        fn call(&mut self, _: InnerReq) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+
+    let queue = Arc::new(MemoryQueue::new());
+    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(Unreachable);
+    let res = svc
+        .oneshot(post("http://api.test/orders", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(depth(&queue).await.pending, 1);
+}
+
 /// A request body that is either whole or never sends anything (a stalled upload).
 struct MaybeStalled(Option<Full<Bytes>>);
 
