@@ -488,34 +488,41 @@ async fn body_with_known_size_over_limit_is_not_read_ahead() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// A dependency whose readiness is whatever `F` says, and whose calls answer `200`.
+#[derive(Clone)]
+struct Readiness<F>(F);
+
+impl<F> Service<InnerReq> for Readiness<F>
+where
+    F: FnMut() -> std::task::Poll<Result<(), BoxError>>,
+{
+    type Response = Res;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Res, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        (self.0)()
+    }
+
+    fn call(&mut self, _: InnerReq) -> Self::Future {
+        std::future::ready(Ok(respond(200, "")))
+    }
+}
+
 /// A service that fails to become ready (a `Reconnect` that cannot connect, a closed
 /// `Buffer`) with a failure that triggers a deferral: the request is deferred, as if
 /// its call had failed so (nothing was sent).
 #[tokio::test(start_paused = true)]
 async fn a_readiness_failure_defers_like_a_failed_call() {
-    #[derive(Clone)]
-    struct Unreachable;
-
-    impl Service<InnerReq> for Unreachable {
-        type Response = Res;
-        type Error = BoxError;
-        type Future = std::future::Ready<Result<Res, BoxError>>;
-
-        fn poll_ready(
-            &mut self,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Result<(), BoxError>> {
-            let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-            std::task::Poll::Ready(Err(refused.into()))
-        }
-
-        fn call(&mut self, _: InnerReq) -> Self::Future {
-            unreachable!("never ready")
-        }
-    }
-
+    let unreachable = Readiness(|| {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        std::task::Poll::Ready(Err(refused.into()))
+    });
     let queue = Arc::new(MemoryQueue::new());
-    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(Unreachable);
+    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(unreachable);
     let res = svc
         .oneshot(post("http://api.test/orders", "{}"))
         .await
@@ -1194,34 +1201,17 @@ async fn a_replay_running_past_its_lease_is_cut_off_not_run_twice_at_once() {
 /// dead-lettered by a service that stayed busy.
 #[tokio::test(start_paused = true)]
 async fn a_replay_never_ready_before_its_lease_ends_is_not_counted() {
-    #[derive(Clone)]
-    struct BusyUntil(tokio::time::Instant);
-
-    impl Service<InnerReq> for BusyUntil {
-        type Response = Res;
-        type Error = BoxError;
-        type Future = std::future::Ready<Result<Res, BoxError>>;
-
-        fn poll_ready(
-            &mut self,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Result<(), BoxError>> {
-            // No waker: the replayer's cut-off timer wakes the task.
-            if tokio::time::Instant::now() < self.0 {
-                std::task::Poll::Pending
-            } else {
-                std::task::Poll::Ready(Ok(()))
-            }
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    // No waker when pending: the replayer's cut-off timer wakes the task.
+    let busy = Readiness(move || {
+        if tokio::time::Instant::now() < until {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(Ok(()))
         }
-
-        fn call(&mut self, _: InnerReq) -> Self::Future {
-            std::future::ready(Ok(respond(200, "")))
-        }
-    }
-
+    });
     let queue = Arc::new(MemoryQueue::new());
     enqueue_raw(&queue, "http://api.test/a").await;
-    let busy = BusyUntil(tokio::time::Instant::now() + Duration::from_secs(60));
     let handle = Replayer::http(queue.clone(), busy)
         .lease_for(Duration::from_secs(10))
         .max_attempts(1)
