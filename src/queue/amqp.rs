@@ -70,7 +70,8 @@
 //! enqueue of a key whose first is still waiting for its publisher confirm waits for
 //! that outcome: `Duplicate` if the broker confirmed it, else it publishes its own. An entry is
 //! forgotten after [`AmqpOptions::with_dedupe_window`] (default 24 h) if another process
-//! acked the message. The receiving service's `Idempotency` layer still makes the
+//! acked the message, or earlier, oldest first, once the index holds 2^18 keys (its
+//! memory stays bounded however many keys other processes ack). The receiving service's `Idempotency` layer still makes the
 //! effect exactly once.
 //!
 //! # Connection loss
@@ -166,6 +167,36 @@ struct Claim {
     /// `true` once the broker confirmed the message; the sender belongs to the enqueue
     /// publishing it, and is dropped without `true` if that publish fails or is cancelled.
     stored: watch::Receiver<bool>,
+}
+
+/// The most keys the de-duplication index keeps (a few tens of MB): past it, the
+/// oldest confirmed ones are forgotten first.
+const MAX_KEYS: usize = 1 << 18;
+
+/// Prunes the key index: claims past the window, and claims whose publish ended
+/// without storing. If more than half of `max` remain, the older half of the confirmed
+/// ones goes too, so the index stays under `max` however many keys other processes ack
+/// (their keys are only forgotten here after the window): a duplicate of a forgotten
+/// key is stored twice, and the receiving `Idempotency` layer applies it once.
+fn prune(keys: &mut HashMap<String, Claim>, now: Instant, window: Duration, max: usize) {
+    keys.retain(|_, c| {
+        let stored = *c.stored.borrow();
+        (stored && now.duration_since(c.at) < window) || (!stored && c.stored.has_changed().is_ok())
+    });
+    if keys.len() <= max / 2 {
+        return;
+    }
+    let mut ages: Vec<Instant> = keys
+        .values()
+        .filter(|c| *c.stored.borrow())
+        .map(|c| c.at)
+        .collect();
+    if ages.is_empty() {
+        return;
+    }
+    let mid = ages.len() / 2;
+    let (_, &mut median, _) = ages.select_nth_unstable(mid);
+    keys.retain(|_, c| !*c.stored.borrow() || c.at >= median);
 }
 
 /// What a second enqueue of a key finds in the index.
@@ -651,12 +682,7 @@ impl Inner {
             },
         );
         if keys.len() > 4096 && keys.len().is_power_of_two() {
-            let window = self.dedupe_window;
-            keys.retain(|_, c| {
-                let stored = *c.stored.borrow();
-                (stored && now.duration_since(c.at) < window)
-                    || (!stored && c.stored.has_changed().is_ok())
-            });
+            prune(&mut keys, now, self.dedupe_window, MAX_KEYS);
         }
         Found::Claimed(tx)
     }
@@ -1267,6 +1293,38 @@ fn ms_ceil(t: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key index stays bounded when keys are only forgotten by age (other processes
+    /// ack the messages): the older half of the confirmed claims goes once more than
+    /// half the bound remain; claims still publishing stay.
+    #[test]
+    fn the_key_index_forgets_the_oldest_confirmed_keys_past_its_bound() {
+        let t0 = Instant::now();
+        let mut keys = HashMap::new();
+        let mut publishing = Vec::new();
+        for i in 0..10u64 {
+            let (tx, stored) = watch::channel(i % 5 != 4);
+            if i % 5 == 4 {
+                publishing.push(tx); // still waiting for its confirm
+            }
+            let claim = Claim {
+                id: MessageId::new_v7(),
+                at: t0 + Duration::from_secs(i),
+                stored,
+            };
+            keys.insert(format!("k{i}"), claim);
+        }
+        let now = t0 + Duration::from_secs(20);
+        let day = Duration::from_secs(24 * 3600);
+        prune(&mut keys, now, day, 100);
+        assert_eq!(keys.len(), 10, "under the bound: only the window prunes");
+        prune(&mut keys, now, day, 8);
+        let mut left: Vec<_> = keys.keys().cloned().collect();
+        left.sort();
+        // Confirmed: k0-k3, k5-k8; the newer half (k5-k8) stays, with both publishing.
+        assert_eq!(left, ["k4", "k5", "k6", "k7", "k8", "k9"]);
+        drop(publishing);
+    }
 
     #[test]
     fn a_broker_shutting_down_or_a_missing_queue_is_unavailable_a_refusal_is_a_backend_error() {
