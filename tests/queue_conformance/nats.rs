@@ -43,6 +43,18 @@ fn make(options: NatsOptions) -> (NatsQueue, Purge) {
     (q.clone(), Purge(q))
 }
 
+/// A fresh queue whose connection goes through a proxy the test can cut or hold, with
+/// `request_timeout`.
+async fn through_a_proxy(request_timeout: Duration) -> (Proxy, NatsQueue, Purge) {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, purge) = make(
+        options()
+            .with_url(format!("nats://{}", proxy.addr()))
+            .with_request_timeout(request_timeout),
+    );
+    (proxy, q, purge)
+}
+
 crate::conformance!(|| make(options()), |capacity| make(
     options().with_capacity(capacity)
 ));
@@ -51,12 +63,7 @@ crate::conformance!(|| make(options()), |capacity| make(
 /// enqueue that returned `Ok` is stored, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
-    let proxy = Proxy::start(host_port(&options().url())).await;
-    let (q, _purge) = make(
-        options()
-            .with_url(format!("nats://{}", proxy.addr()))
-            .with_request_timeout(Duration::from_millis(500)),
-    );
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_millis(500)).await;
     let q = Arc::new(q);
     let mut producers = Vec::new();
     for p in 0..8 {
@@ -95,12 +102,7 @@ async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_connection_is_unavailable_then_reconnects() {
-    let proxy = Proxy::start(host_port(&options().url())).await;
-    let (q, _purge) = make(
-        options()
-            .with_url(format!("nats://{}", proxy.addr()))
-            .with_request_timeout(Duration::from_millis(500)),
-    );
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_millis(500)).await;
     q.enqueue(crate::suite::envelope("before")).await.unwrap();
     proxy.cut();
     retry!(q.enqueue(crate::suite::envelope("after")).await);
@@ -488,12 +490,7 @@ async fn a_message_larger_than_the_server_takes_is_refused_before_sending() {
 /// of finding its lease lost (and the message replayed when `ack_wait` passes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unconfirmed_ack_keeps_the_lease_for_a_second_try() {
-    let proxy = Proxy::start(host_port(&options().url())).await;
-    let (q, _purge) = make(
-        options()
-            .with_url(format!("nats://{}", proxy.addr()))
-            .with_request_timeout(Duration::from_millis(500)),
-    );
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_millis(500)).await;
     let e = crate::suite::envelope("acked");
     q.enqueue(e.clone()).await.unwrap();
     let lease_for = Duration::from_secs(30);
@@ -517,12 +514,7 @@ async fn an_unconfirmed_ack_keeps_the_lease_for_a_second_try() {
 /// and settle of the process waited for its timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_republish_waiting_on_the_server_does_not_block_other_leases() {
-    let proxy = Proxy::start(host_port(&options().url())).await;
-    let (q, _purge) = make(
-        options()
-            .with_url(format!("nats://{}", proxy.addr()))
-            .with_request_timeout(Duration::from_secs(3)),
-    );
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_secs(3)).await;
     for k in ["slow", "held"] {
         q.enqueue(crate::suite::envelope(k)).await.unwrap();
     }
