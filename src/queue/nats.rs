@@ -1164,7 +1164,11 @@ async fn declare(
             allow_direct: true,
             ..Default::default()
         };
-        create_stream(js, config).await?;
+        // One created meanwhile by another process is fine: the server answers an
+        // identical create with success.
+        js.create_stream(config)
+            .await
+            .map_err(|e| classify(e, "create dead-letter stream"))?;
     }
     js.create_consumer_on_stream(
         pull::Config {
@@ -1196,15 +1200,6 @@ async fn lookup(js: &Context, stream: &str) -> Result<Option<stream::Info>, Queu
             _ => Err(classify(e, "look up stream")),
         },
     }
-}
-
-/// Creates a stream; one created meanwhile by another process with the same config is
-/// fine (the server answers an identical create with success).
-async fn create_stream(js: &Context, config: stream::Config) -> Result<(), QueueError> {
-    js.create_stream(config)
-        .await
-        .map(drop)
-        .map_err(|e| classify(e, "create stream"))
 }
 
 /// Every `ack_wait / 4` (at most a second), tells the server this process still works
