@@ -138,8 +138,11 @@ pub(crate) struct Tap(Mutex<TapState>);
 enum TapState {
     Reading(Hasher),
     Done(Fingerprint),
-    /// The body failed, or a frame could not be seen whole: no fingerprint.
+    /// A frame could not be seen whole: no fingerprint.
     Lost,
+    /// The body failed (its client went away mid-upload): no fingerprint, and the
+    /// request never arrived whole.
+    Failed,
 }
 
 impl Tap {
@@ -175,8 +178,13 @@ impl Tap {
         }
     }
 
-    fn lose(&self) {
-        *self.state() = TapState::Lost;
+    /// Whether the body failed while the handler read it.
+    pub(crate) fn failed(&self) -> bool {
+        matches!(*self.state(), TapState::Failed)
+    }
+
+    fn fail(&self) {
+        *self.state() = TapState::Failed;
     }
 }
 
@@ -249,7 +257,7 @@ impl<B: Body> Body for FingerprintedBody<B> {
                         tap.end();
                     }
                 }
-                Some(Err(_)) => tap.lose(),
+                Some(Err(_)) => tap.fail(),
                 None => tap.end(),
             }
         }

@@ -24,19 +24,25 @@
 //! * requests without the header pass through untouched (in a [`FingerprintedBody`]
 //!   that only forwards).
 //!
-//! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), an error, a
-//! response body over the limit, or a request dropped before the handler answered is
-//! **not** remembered: the claim is released and the next request with the key runs
-//! the handler.
+//! A `5xx` response, a "try again later" answer (`408`, `409`, `423`, `425`, `429`), a
+//! refused credential (`401`, `403`: the retry with a fresh one must run), an error, a
+//! response body over the limit, or the answer to a request whose body failed to
+//! arrive is **not** remembered: the claim is released and the next request with the
+//! key runs the handler.
+//!
+//! A request that claimed a key runs to its end in a task of its own, even if its
+//! client goes away or a deadline layer outside gives up on it: a handler cut off
+//! between its effect and its answer would let the retry make the effect twice. Its
+//! duplicate waits and gets the stored answer. (Once its client is gone, it gets
+//! `lock_for` more; then it is cancelled and the claim released.)
 //!
 //! gRPC works the same (tonic: `Server::builder().layer(IdempotencyLayer::new(..))`,
 //! the key in `idempotency-key` metadata): the outcome is the `grpc-status` in the
 //! trailers, or in the headers of a trailers-only answer, and the same kinds are not
 //! remembered: `CANCELLED`, `UNKNOWN` (and a missing status), `DEADLINE_EXCEEDED`,
-//! `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE` and
-//! `DATA_LOSS`. `OK` and the caller's errors (`INVALID_ARGUMENT`, `NOT_FOUND`,
-//! `ALREADY_EXISTS`, …) are. A request dropped after the handler answered is remembered (its body is
-//! read and stored in a task of its own). Keys are scoped by method and path.
+//! `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE`,
+//! `DATA_LOSS`, `UNAUTHENTICATED` and `PERMISSION_DENIED`. `OK` and the caller's errors (`INVALID_ARGUMENT`, `NOT_FOUND`,
+//! `ALREADY_EXISTS`, …) are. Keys are scoped by method and path.
 //!
 //! The store is the [`IdempotencyStore`] trait; [`MemoryStore`] (bounded, TTL
 //! eviction) is the default. Behind several instances, use a shared store.

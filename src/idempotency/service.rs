@@ -40,12 +40,15 @@ pub(crate) struct Config {
 /// is. Clones share the store.
 ///
 /// # Cancel safety
-/// Dropping the response future of a request that claimed a key *before the handler
-/// answered* (which cancels the handler) releases the claim, so a waiting duplicate
-/// (or a later retry) runs the handler instead. Once the handler has answered, the
-/// response body is read and stored in a task of its own (on the current Tokio
-/// runtime), so a client that goes away then (a caller that timed out and will retry)
-/// does not make the duplicate run the handler again.
+/// A request that claimed a key runs in a task of its own (on the current Tokio
+/// runtime): the handler, then reading and storing its response. Dropping the response
+/// future (the client went away, a caller that timed out and will retry, or a deadline
+/// layer outside gave up) does not cancel the handler, so a handler is never cut off
+/// between its effect and its answer, which would leave the key free for the retry to
+/// make the effect twice: a waiting duplicate gets the stored answer instead. Once the
+/// response future is dropped, the task gets `lock_for` more, then it is cancelled and
+/// the claim released. The request body of a client that went away fails; a response to
+/// a request whose body failed is not remembered.
 pub struct Idempotency<S, St> {
     inner: S,
     store: Arc<St>,
@@ -161,9 +164,11 @@ async fn keyed<S, St, B, ResBody>(
     config: Arc<Config>,
 ) -> Result<Response<BufferedBody<ResBody>>, S::Error>
 where
-    S: Service<Request<FingerprintedBody<B>>, Response = Response<ResBody>>,
+    S: Service<Request<FingerprintedBody<B>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
     St: IdempotencyStore,
-    B: Body,
+    B: Body + Send + 'static,
     ResBody: Body + Unpin + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
@@ -222,54 +227,87 @@ where
         token,
         armed: true,
     };
-    let res = svc.call(req).await?;
-    if !remembered(res.status(), res.headers()) {
-        // Not remembered: a later attempt may succeed.
-        return Ok(res.map(BufferedBody::streaming));
-    }
-    let (parts, body) = res.into_parts();
-    // The handler has answered: from here on the outcome is collected and stored even
-    // if this future is dropped (the client went away, as a caller that timed out and
-    // will retry does), so its duplicate gets the stored answer instead of running the
-    // handler again. Hence a task of its own (inline without a runtime).
+    // A claimed request runs to its end even if this future is dropped (the client went
+    // away, or a deadline outside gave up on it): a handler cut off after its effect but
+    // before its answer would leave the key free, and the caller's retry (or the
+    // replayer) would make the effect twice. Its duplicate waits and gets the stored
+    // answer instead. Hence a task of its own (inline without a runtime).
     let (alive, gone) = tokio::sync::oneshot::channel::<()>();
     let lock_for = config.lock_for;
-    let finish = collect_and_store(
-        body,
-        claim,
-        store,
-        config,
-        parts.status,
-        parts.headers.clone(),
-        tap,
-    );
-    // Once the client has gone, the reading gets `lock_for` more, no longer (a body
-    // that never ends must not keep the task alive; the claim would expire anyway).
+    let work = async move {
+        let res = match svc.call(req).await {
+            Ok(res) => res,
+            Err(e) => return Handled::Failed(e),
+        };
+        if !remembered(res.status(), res.headers()) || tap.failed() {
+            // Not remembered: a later attempt may succeed (or, for a request whose body
+            // failed to arrive, send it whole). The claim is released here.
+            return Handled::Streamed(res);
+        }
+        let (parts, body) = res.into_parts();
+        let outcome = collect_and_store(
+            body,
+            claim,
+            store,
+            config,
+            parts.status,
+            parts.headers.clone(),
+            tap,
+        )
+        .await;
+        Handled::Read(parts, outcome)
+    };
+    // Once the client has gone, the work gets `lock_for` more, no longer (a handler or
+    // body that never ends must not keep the task alive; the claim would expire anyway).
     let bounded = async move {
         tokio::select! {
-            outcome = finish => outcome,
+            handled = work => handled,
             () = async {
                 let _ = gone.await;
                 tokio::time::sleep(lock_for).await;
-            } => Outcome::Failed("the client went away and the body did not end".into()),
+            } => Handled::Abandoned,
         }
     };
-    let outcome = match tokio::runtime::Handle::try_current() {
+    let handled = match tokio::runtime::Handle::try_current() {
         Ok(rt) => match rt.spawn(bounded).await {
-            Ok(outcome) => outcome,
+            Ok(handled) => handled,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Outcome::Failed("the runtime shut down while the response was read".into()),
+            Err(_) => Handled::Abandoned,
         },
         Err(_) => bounded.await,
     };
     drop(alive);
-    Ok(match outcome {
-        Outcome::Whole(bytes, trailers) => {
+    Ok(match handled {
+        Handled::Failed(e) => return Err(e),
+        Handled::Streamed(res) => res.map(BufferedBody::streaming),
+        Handled::Read(parts, Outcome::Whole(bytes, trailers)) => {
             Response::from_parts(parts, BufferedBody::full_with_trailers(bytes, trailers))
         }
-        Outcome::Over(buf, extra, body) => Response::from_parts(parts, partial(buf, extra, body)),
-        Outcome::Failed(e) => Response::from_parts(parts, BufferedBody::failed(e)),
+        Handled::Read(parts, Outcome::Over(buf, extra, body)) => {
+            Response::from_parts(parts, partial(buf, extra, body))
+        }
+        Handled::Read(parts, Outcome::Failed(e)) => {
+            Response::from_parts(parts, BufferedBody::failed(e))
+        }
+        // Only once the client is gone, or as the runtime shuts down: nobody reads it.
+        Handled::Abandoned => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Request abandoned",
+            "The request was abandoned before it completed.",
+        ),
     })
+}
+
+/// How a claimed request ended, in its task.
+enum Handled<B, E> {
+    /// The handler failed (the claim is released).
+    Failed(E),
+    /// An answer that is not remembered, to stream through (the claim is released).
+    Streamed(Response<B>),
+    /// An answer read to be remembered.
+    Read(http::response::Parts, Outcome<B>),
+    /// Given up after the client went away (or the runtime shut down).
+    Abandoned,
 }
 
 /// How reading a response body to remember it ended.
@@ -394,16 +432,26 @@ fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
 }
 
 /// Whether a response with `status` and `headers` is stored as the key's outcome: not
-/// a `5xx`, nor a "try again later" answer (`408 Request Timeout`, `425 Too Early`,
-/// `429 Too Many Requests`), which a later attempt may well turn into a success;
-/// replaying them for the whole ttl would make a retry (or the replayer) give up. The
-/// same for a gRPC status in the headers (a trailers-only response, most gRPC errors).
+/// a `5xx`, nor a "try again later" answer (`408 Request Timeout`, `409 Conflict`,
+/// `423 Locked`, `425 Too Early`, `429 Too Many Requests`), which a later attempt may
+/// well turn into a success; replaying them for the whole ttl would make a retry (or
+/// the replayer) give up. Nor an authentication or authorization refusal (`401`,
+/// `403`): the request was refused before it ran (as Stripe does not store those), and
+/// its retry with a refreshed credential must run. The same for a gRPC status in the
+/// headers (a trailers-only response, most gRPC errors).
 fn remembered(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
     use http::StatusCode;
     !(status.is_server_error()
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_EARLY
-        || status == StatusCode::TOO_MANY_REQUESTS)
+        || matches!(
+            status,
+            StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::REQUEST_TIMEOUT
+                | StatusCode::CONFLICT
+                | StatusCode::LOCKED
+                | StatusCode::TOO_EARLY
+                | StatusCode::TOO_MANY_REQUESTS
+        ))
         && GrpcCode::from_headers(headers).is_none_or(remembered_grpc)
 }
 
@@ -411,19 +459,14 @@ fn remembered(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
 /// HTTP, not the codes of a server-side failure or a "try again" answer (the
 /// `5xx`/`408`/`429` of gRPC's HTTP mapping: `CANCELLED`, `UNKNOWN`,
 /// `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`,
-/// `UNAVAILABLE`, `DATA_LOSS`). `OK` and the caller's own errors (`INVALID_ARGUMENT`,
-/// `NOT_FOUND`, `ALREADY_EXISTS`, …) are remembered.
+/// `UNAVAILABLE`, `DATA_LOSS`), nor a refused credential (`UNAUTHENTICATED`,
+/// `PERMISSION_DENIED`, HTTP's `401`/`403`). `OK` and the caller's own errors
+/// (`INVALID_ARGUMENT`, `NOT_FOUND`, `ALREADY_EXISTS`, …) are remembered.
 fn remembered_grpc(code: GrpcCode) -> bool {
     use GrpcCode::*;
     matches!(
         code,
-        Ok | InvalidArgument
-            | NotFound
-            | AlreadyExists
-            | PermissionDenied
-            | FailedPrecondition
-            | OutOfRange
-            | Unauthenticated
+        Ok | InvalidArgument | NotFound | AlreadyExists | FailedPrecondition | OutOfRange
     )
 }
 

@@ -1755,11 +1755,13 @@ fn keyed(key: &str) -> Request<Full<Bytes>> {
     req
 }
 
-/// A "try again later" answer (429, 408, 425) is not stored as the key's outcome: the
-/// next attempt with the key runs the handler again, as after a 5xx.
+/// A "try again later" answer (429, 408, 409, 423, 425) or a refused credential (401,
+/// 403) is not stored as the key's outcome: the next attempt with the key runs the
+/// handler again, as after a 5xx. (401 to 423 were stored for the whole ttl: a retry
+/// with a refreshed token got the stale 401.)
 #[tokio::test(start_paused = true)]
 async fn a_try_again_later_answer_is_not_remembered() {
-    for status in [429, 408, 425, 503] {
+    for status in [429, 408, 409, 423, 425, 503, 401, 403] {
         let calls = Arc::new(AtomicUsize::new(0));
         let calls2 = calls.clone();
         let handler = service_fn(move |_req: Served| {
@@ -2228,6 +2230,7 @@ async fn a_request_dropped_after_the_handler_answered_still_stores_the_outcome()
     std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
     let mut first = task::spawn(svc.call(keyed("k")));
     assert_pending!(first.poll());
+    tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler answered");
     drop(first);
     let res = svc.clone().oneshot(keyed("k")).await.unwrap();
@@ -2266,10 +2269,26 @@ async fn a_body_that_never_ends_is_dropped_lock_for_after_the_client_left() {
     assert_eq!(Arc::strong_count(&alive), 1, "the body is still being read");
 }
 
+/// The client goes away (or a deadline outside gives up) while the handler runs: the
+/// handler is not cut off between its effect and its answer, which would leave the key
+/// free for the retry to make the effect twice. It runs to its end, and the duplicate
+/// waiting for it gets the stored answer. (Before, the handler was cancelled, the claim
+/// released, and the duplicate ran the handler a second time.)
 #[tokio::test(start_paused = true)]
-async fn a_dropped_first_request_lets_the_duplicate_run() {
+async fn a_request_dropped_while_the_handler_runs_has_its_effect_once() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let mut svc = IdempotencyLayer::new(100).layer(slow_handler(calls.clone()));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (calls2, done2) = (calls.clone(), done.clone());
+    let handler = service_fn(move |_req: Served| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        let done = done2.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            done.fetch_add(1, Ordering::SeqCst); // the effect
+            Ok::<_, std::convert::Infallible>(respond(201, "order #1"))
+        }
+    });
+    let mut svc = IdempotencyLayer::new(100).layer(handler);
     std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
     let mut first = task::spawn(svc.call(keyed("k")));
     assert_pending!(first.poll());
@@ -2278,7 +2297,117 @@ async fn a_dropped_first_request_lets_the_duplicate_run() {
     drop(first);
     let res = second.await.unwrap().unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
+    assert!(res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(bytes_of(res.into_body()).await, "order #1");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        1,
+        "the dropped request's handler ran to its end"
+    );
+}
+
+/// A handler that never answers does not keep its task (nor the key) past `lock_for`
+/// once its client has gone: it is cancelled then, and the next request runs.
+#[tokio::test(start_paused = true)]
+async fn a_handler_that_never_answers_is_cancelled_lock_for_after_the_client_left() {
+    /// Counts the handler futures dropped.
+    struct Dropped(Arc<AtomicUsize>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (dropped2, calls2) = (dropped.clone(), calls.clone());
+    let handler = service_fn(move |_req: Served| {
+        let n = calls2.fetch_add(1, Ordering::SeqCst);
+        let guard = Dropped(dropped2.clone());
+        async move {
+            let _guard = guard;
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, std::convert::Infallible>(respond(201, "order"))
+        }
+    });
+    let mut svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(5))
+        .unwrap()
+        .layer(handler);
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let mut first = task::spawn(svc.call(keyed("k")));
+    assert_pending!(first.poll());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    drop(first);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        0,
+        "cancelled before lock_for after the client left"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "still running");
+    let res = svc.oneshot(keyed("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
     assert!(!res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A request body that fails one frame in (its client went away mid-upload).
+struct BrokenUpload(bool);
+
+impl http_body::Body for BrokenUpload {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let first = std::mem::replace(&mut self.0, false);
+        std::task::Poll::Ready(Some(if first {
+            Ok(http_body::Frame::data(Bytes::from_static(b"{\"sku\":")))
+        } else {
+            Err("connection reset".into())
+        }))
+    }
+}
+
+/// The answer to a request whose body failed to arrive (a `400` from a handler that
+/// could not read it) is not remembered: the request never arrived whole, and its
+/// retry, sent whole, runs the handler.
+#[tokio::test(start_paused = true)]
+async fn the_answer_to_a_request_whose_body_failed_is_not_remembered() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let handler = service_fn(move |req: Request<FingerprintedBody<BrokenUpload>>| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            Ok::<_, std::convert::Infallible>(match req.into_body().collect().await {
+                Ok(_) => respond(201, "order"),
+                Err(_) => respond(400, "body unreadable"),
+            })
+        }
+    });
+    let svc = IdempotencyLayer::new(100).layer(handler);
+    let upload = || {
+        let mut req = Request::post("http://shop.test/orders")
+            .body(BrokenUpload(true))
+            .unwrap();
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
+        req
+    };
+    let res = svc.clone().oneshot(upload()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let res = svc.oneshot(upload()).await.unwrap();
+    assert!(
+        !res.headers().contains_key(REPLAYED_HEADER),
+        "the 400 was remembered"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
