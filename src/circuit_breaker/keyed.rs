@@ -135,20 +135,18 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     }
 
     /// Drops the breakers idle for longer than `idle`; if the map is still full, the
-    /// least recently used closed one (an open, half-open or forced breaker only when
-    /// every other is: dropping it would let a flood of new keys reset the breakers
-    /// that protect a failing dependency, or undo a state set by hand).
+    /// least recently used closed one (an open or half-open breaker only when every
+    /// other is: dropping it would let a flood of new keys reset the breakers that
+    /// protect a failing dependency). A breaker in a state set by hand is never
+    /// dropped: that would undo it.
     fn evict(&self, map: &mut HashMap<K, Entry>, now_ns: u64) {
-        let idle_ns = crate::duration::nanos(self.idle);
-        map.retain(|_, e| now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns);
+        retain_active(map, now_ns, self.idle);
         while map.len() >= self.max_keys {
             let Some(victim) = map
                 .iter()
+                .filter(|(_, e)| !is_manual(e))
                 .min_by_key(|(_, e)| {
-                    let guarding = !matches!(
-                        e.breaker.breaker().state(),
-                        State::Closed | State::Disabled | State::MetricsOnly
-                    );
+                    let guarding = e.breaker.breaker().state() != State::Closed;
                     (guarding, e.last_used_ns.load(Relaxed))
                 })
                 .map(|(k, _)| k.clone())
@@ -158,6 +156,23 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             map.remove(&victim);
         }
     }
+}
+
+/// Whether the entry's breaker is in a state set by hand (forced open, disabled,
+/// metrics only).
+fn is_manual(e: &Entry) -> bool {
+    matches!(
+        e.breaker.breaker().state(),
+        State::ForcedOpen | State::Disabled | State::MetricsOnly
+    )
+}
+
+/// Keeps the breakers used within `idle`, and those in a state set by hand.
+fn retain_active<K>(map: &mut HashMap<K, Entry>, now_ns: u64, idle: Duration) {
+    let idle_ns = crate::duration::nanos(idle);
+    map.retain(|_, e| {
+        now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns || is_manual(e)
+    });
 }
 
 /// Builds a [`KeyedCircuitBreakerLayer`]; from
@@ -216,8 +231,10 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
     }
 
     /// At most this many breakers are kept (default 1024). When a new key arrives and
-    /// the map is full, idle breakers are dropped, then the least recently used one.
-    /// A dropped breaker forgets its state: bound the keys generously.
+    /// the map is full, idle breakers are dropped, then the least recently used one
+    /// (closed ones first). A dropped breaker forgets its state: bound the keys
+    /// generously. A breaker in a state set by hand (forced open, disabled, metrics
+    /// only) is never dropped, so those count on top of this bound.
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
         self
@@ -373,12 +390,11 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
         self.len() == 0
     }
 
-    /// Drops every breaker unused for longer than the idle timeout.
+    /// Drops every breaker unused for longer than the idle timeout, but those in a
+    /// state set by hand.
     pub fn evict_idle(&self) {
         let now_ns = crate::duration::nanos(self.keys.origin.elapsed());
-        let idle_ns = crate::duration::nanos(self.keys.idle);
-        let mut map = self.keys.write();
-        map.retain(|_, e| now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns);
+        retain_active(&mut self.keys.write(), now_ns, self.keys.idle);
     }
 }
 

@@ -34,7 +34,10 @@ impl Drop for Slot {
 /// # Cancel safety
 /// Dropping the response future records nothing and gives back a half-open probe
 /// slot. A half-open probe slot reserved by `poll_ready` is held until `call` (or until
-/// the service is dropped), also while the inner service is not ready.
+/// the service is dropped), also while the inner service is not ready. An admission
+/// made while the inner service was not ready is decided again when `poll_ready` is
+/// called next if the breaker changed state meanwhile: a call waiting for a bulkhead
+/// inside does not go through after the breaker opened.
 ///
 /// # Clone
 /// A clone shares the breaker but not an admission made by `poll_ready`: it starts
@@ -113,6 +116,15 @@ where
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let slot = &mut self.slot;
+        if !slot.reserved.is_empty()
+            && slot.reserved.rejection().is_none()
+            && !slot.breaker.breaker().is_current(&slot.reserved)
+        {
+            // Admitted while the inner service was not ready, before a transition (the
+            // breaker tripped, or was forced open, while this call waited for a
+            // bulkhead inside): admission is decided again, by the current state.
+            slot.breaker.breaker().release(slot.reserved.take());
+        }
         if slot.reserved.is_empty() {
             slot.reserved = match slot
                 .breaker

@@ -733,6 +733,13 @@ impl Breaker {
         }
     }
 
+    /// Whether `permit` was admitted in the breaker's current generation: no transition
+    /// (a trip, a manual change) happened since.
+    #[inline]
+    pub(crate) fn is_current(&self, permit: &Permit) -> bool {
+        generation(self.word.load(Acquire)) == permit.generation()
+    }
+
     /// Gives a probe slot back without a result (the call was dropped, panicked, or
     /// its outcome was ignored).
     #[inline]

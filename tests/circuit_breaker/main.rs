@@ -611,6 +611,32 @@ async fn rejected_call_does_not_poll_inner_readiness() {
     assert_pending!(f.poll());
 }
 
+/// A call admitted while the inner service was not ready (waiting for a bulkhead
+/// inside) does not go through once the breaker has opened meanwhile: admission is
+/// decided again by the current state. (Before, the old admission was kept, and every
+/// call queued behind a full bulkhead reached the failing dependency after the trip.)
+#[tokio::test(start_paused = true)]
+async fn a_call_admitted_before_the_breaker_opened_is_rejected_once_ready() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let breaker = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<(), (), _>(layer);
+    handle.allow(0);
+    assert_pending!(svc.poll_ready(), "admitted, waiting for the inner service");
+    breaker.force_open();
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let mut call = tokio_test::task::spawn(svc.call(()));
+    open_error(tokio_test::assert_ready!(
+        call.poll(),
+        "the inner service was called"
+    ));
+    let mut called = tokio_test::task::spawn(handle.next_request());
+    assert_pending!(called.poll(), "the inner service was called");
+}
+
 // --- per key ----------------------------------------------------------------------------
 
 /// A keyed test service: `(key, ok)` succeeds when `ok`, else fails.
@@ -746,6 +772,35 @@ async fn a_full_key_map_evicts_closed_breakers_before_open_ones() {
     k.sort();
     assert_eq!(k, [1, 3], "the open breaker of 1 was dropped");
     assert_eq!(keys.get(&1).unwrap().state(), State::Open);
+}
+
+/// A breaker forced open (or disabled) by hand is not dropped, idle or not, when the
+/// map is full: dropping it would bring a fresh closed breaker back and undo what the
+/// operator set. (Before, manual states went first.)
+#[tokio::test(start_paused = true)]
+async fn a_state_set_by_hand_survives_eviction() {
+    let layer = CircuitBreakerLayer::builder()
+        .keyed(|req: &(u32, bool)| req.0)
+        .max_keys(2)
+        .idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(ok_unless_false::<u32>));
+    svc.ready().await.unwrap().call((1, true)).await.unwrap();
+    svc.ready().await.unwrap().call((2, true)).await.unwrap();
+    keys.get(&1).unwrap().force_open();
+    keys.get(&2).unwrap().disable();
+    advance(Duration::from_secs(61)).await;
+    keys.evict_idle();
+    svc.ready().await.unwrap().call((3, true)).await.unwrap();
+    svc.ready().await.unwrap().call((4, true)).await.unwrap();
+    assert_eq!(keys.get(&1).unwrap().state(), State::ForcedOpen);
+    assert_eq!(keys.get(&2).unwrap().state(), State::Disabled);
+    open_error(svc.ready().await.unwrap().call((1, true)).await);
+    let mut k = keys.keys();
+    k.sort();
+    assert_eq!(k, [1, 2, 4], "3 made room for 4; the manual ones stay");
 }
 
 #[cfg(feature = "http")]
