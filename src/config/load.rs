@@ -216,8 +216,10 @@ fn key_at(text: &str, line: usize, col: usize) -> Option<String> {
     let end = prefix.rfind(['=', ':'])?;
     let before = prefix[..end].trim_end().trim_end_matches(['"', '\'']);
     let start = before
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-        .map_or(0, |i| i + 1);
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .map_or(0, |(i, c)| i + c.len_utf8());
     let key = &before[start..];
     (!key.is_empty()).then(|| key.to_owned())
 }
@@ -463,8 +465,14 @@ fn load_with<T: DeserializeOwned>(
         Ok(config) => config,
         Err(e) => {
             // Still missing a field: the strict error says where.
-            if e.to_string().contains("missing field") {
-                strict?;
+            let strict = match strict {
+                Err(strict) if e.to_string().contains("missing field") => return Err(strict),
+                other => other,
+            };
+            // The value tree has no NaN nor infinity (they become `null`): the typed
+            // parse has them, and its validation names the field.
+            if let Ok(strict) = &strict {
+                validate(strict).map_err(|e| invalid(text, format, e))?;
             }
             // Located in the text where it names a key of it (an unknown field).
             let message = format!("after applying the preset: {e}");

@@ -632,6 +632,12 @@ impl ServerConfig {
                  a quick 503 with Retry-After beats a pile-up)",
             ));
         }
+        if self.idempotency.capacity == 0 {
+            return Err(ConfigError::new(
+                f("idempotency.capacity"),
+                "must be at least 1 (to switch the layer off, leave it out of the stack)",
+            ));
+        }
         positive(f("idempotency.ttl"), self.idempotency.ttl)?;
         positive(f("idempotency.lock_for"), self.idempotency.lock_for)?;
         if self.idempotency.lock_for < self.deadline {

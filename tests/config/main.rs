@@ -300,6 +300,54 @@ fn a_layer_error_is_named_with_its_section() {
     assert_eq!(e.line(), Some(2));
 }
 
+/// A syntax or type error on a line with a non-ASCII character before the key is an
+/// error, not a panic (the key was cut out of the line at a byte inside a character).
+#[test]
+fn a_bad_line_with_non_ascii_text_is_an_error_not_a_panic() {
+    for (text, format) in [
+        ("[client]\n\"größe\" = 5s\n", Format::Toml),
+        ("[client]\né=1\ndeadline = 5s\n", Format::Toml),
+        (
+            r#"{"client":{"enqueue":{"sync_routes":["/café:menu", 1]}}}"#,
+            Format::Json,
+        ),
+    ] {
+        assert!(StackConfig::from_str(text, format).is_err(), "{text}");
+    }
+}
+
+/// A NaN or an infinity in a file is named like in code, not "invalid type: null".
+#[test]
+fn a_non_finite_number_in_a_file_names_its_field() {
+    for (text, format) in [
+        ("[client.retry.backoff]\nfactor = nan\n", Format::Toml),
+        (
+            "[client.circuit_breaker]\nbreak_jitter = inf\n",
+            Format::Toml,
+        ),
+        (
+            "client:\n  retry:\n    backoff:\n      factor: .nan\n",
+            Format::Yaml,
+        ),
+    ] {
+        let e = StackConfig::from_str(text, format).unwrap_err();
+        assert!(e.to_string().contains("finite"), "{format}: {e}");
+        assert!(
+            e.field().is_some_and(|f| f.starts_with("client.")),
+            "{format}: {e}"
+        );
+    }
+}
+
+/// An idempotency capacity of 0 is an error, not silently one key.
+#[test]
+fn an_idempotency_capacity_of_zero_is_an_error() {
+    let e =
+        StackConfig::from_str("[server.idempotency]\ncapacity = 0\n", Format::Toml).unwrap_err();
+    assert_eq!(e.field(), Some("server.idempotency.capacity"));
+    assert_eq!(e.line(), Some(2));
+}
+
 #[test]
 fn an_unknown_preset_is_an_error() {
     let e = StackConfig::from_str("[client]\npreset = \"server\"\n", Format::Toml).unwrap_err();
