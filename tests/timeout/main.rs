@@ -196,6 +196,32 @@ async fn grpc_timeout_header_carries_the_remaining_budget() {
     );
 }
 
+/// A shorter `grpc-timeout` the caller set itself (tonic's `Request::set_timeout`) is
+/// kept; a longer one is lowered to the budget. (Before, it was always overwritten, so
+/// the server worked 20 times longer than the caller asked.)
+#[tokio::test(start_paused = true)]
+async fn a_shorter_timeout_the_caller_set_is_kept() {
+    for (set, sent_grpc, sent_ms) in [
+        (("100m", "100"), "100m", "100"),
+        (("9S", "9000"), "2000000u", "2000"),
+    ] {
+        let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
+            DeadlineLayer::http(Duration::from_secs(2)).unwrap(),
+        );
+        let req = http::Request::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-timeout", set.0)
+            .header(TIMEOUT_MS_HEADER, set.1)
+            .body(())
+            .unwrap();
+        assert_ready_ok!(svc.poll_ready());
+        let _fut = svc.call(req);
+        let (sent, _) = handle.next_request().await.unwrap();
+        assert_eq!(sent.headers()["grpc-timeout"], sent_grpc, "{set:?}");
+        assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], sent_ms, "{set:?}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn plain_http_requests_get_the_timeout_ms_header_but_no_grpc_timeout() {
     let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
