@@ -231,9 +231,24 @@ impl<B, E: AsError> Classify<Response<B>, E> for GrpcClassifier {
             Ok(res) => self
                 .classify_headers(res.status(), res.headers())
                 .unwrap_or_else(Classification::success),
-            Err(e) => e
-                .as_error()
-                .map_or_else(Classification::failure, classify_error),
+            Err(e) => e.as_error().map_or_else(Classification::failure, |e| {
+                // A `tonic::Status` error (a generated client's) is classified like the
+                // status of a response: this classifier's overrides, and the server's
+                // pushback, apply.
+                // (Otherwise the chain walk decides: it also sees a connect error under
+                // the status, a call that never left.)
+                #[cfg(feature = "grpc")]
+                if let Some(status) = crate::error::find_cause::<tonic::Status>(e) {
+                    let code = GrpcCode::from_i32(status.code() as i32);
+                    let headers = status.metadata().as_ref();
+                    if self.overridden & (1 << code as u32) != 0
+                        || retry_pushback(headers).is_some()
+                    {
+                        return self.classify_code(code, headers);
+                    }
+                }
+                classify_error(e)
+            }),
         }
     }
 }
@@ -242,6 +257,33 @@ impl<B, E: AsError> Classify<Response<B>, E> for GrpcClassifier {
 mod tests {
     use super::*;
     use crate::classify::Class;
+
+    /// A `tonic::Status` error (a generated client's) is classified by this
+    /// classifier's overrides and with the server's pushback, as the same status in a
+    /// response is. (Before, the defaults applied and the pushback was ignored, so a
+    /// retry came before the server asked.)
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_status_error_gets_the_overrides_and_the_pushback() {
+        use crate::BoxError;
+        let mut status = tonic::Status::unavailable("busy");
+        status
+            .metadata_mut()
+            .insert("grpc-retry-pushback-ms", "5000".parse().unwrap());
+        let err: BoxError = status.into();
+        let c = <GrpcClassifier as Classify<Response<()>, BoxError>>::classify(
+            &GrpcClassifier::new(),
+            Err(&err),
+        );
+        assert_eq!(c.class(), Class::Failure);
+        assert_eq!(c.retry_after(), Some(Duration::from_secs(5)));
+        let err: BoxError = tonic::Status::unavailable("fine").into();
+        let c = <GrpcClassifier as Classify<Response<()>, BoxError>>::classify(
+            &GrpcClassifier::new().with_success(GrpcCode::Unavailable),
+            Err(&err),
+        );
+        assert_eq!(c.class(), Class::Success);
+    }
 
     fn trailers(status: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
