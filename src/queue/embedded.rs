@@ -334,6 +334,9 @@ impl Op {
     }
 }
 
+/// Opens the queue's database.
+type Opener = Box<dyn Fn() -> Result<Database, QueueError> + Send>;
+
 /// An answer computed inside the transaction, sent once the commit is known: as
 /// computed if it succeeded (`None`), else the commit's error.
 type Done = Box<dyn FnOnce(Option<&QueueError>) + Send>;
@@ -359,11 +362,26 @@ impl EmbeddedQueue {
     /// for I/O errors, or if another process has the file open.
     pub fn open(path: impl AsRef<Path>, options: EmbeddedOptions) -> Result<Self, QueueError> {
         let path = path.as_ref().to_path_buf();
-        let db = open_db(&path, &options)?;
+        let opener = {
+            let (path, options) = (path.clone(), options.clone());
+            Box::new(move || open_db(&path, &options))
+        };
+        Self::open_with(path, options, opener)
+    }
+
+    /// Opens the queue in the database `open` opens (again after a failed commit).
+    fn open_with(
+        path: PathBuf,
+        options: EmbeddedOptions,
+        open: Opener,
+    ) -> Result<Self, QueueError> {
+        let db = open()?;
         let (live, recovered_max) = init_tables(&db)?;
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db: Some(db),
+            reopen: open,
+            broken: false,
             live,
             capacity: options.capacity,
             max_batch: options.max_batch,
@@ -440,6 +458,18 @@ impl EmbeddedQueue {
             sent?;
             rx.await.unwrap_or_else(|_| Err(stopped()))
         }
+    }
+}
+
+/// The error of an operation while the database cannot be opened again after a failed
+/// commit: [`QueueError::Unavailable`] (the next operation tries again), unless the file
+/// is damaged.
+fn unavailable_after_failure(e: QueueError) -> QueueError {
+    match e {
+        QueueError::Corrupt(_) => e,
+        e => QueueError::Unavailable(
+            format!("the queue file could not be opened again after a failed commit: {e}").into(),
+        ),
     }
 }
 
@@ -703,8 +733,13 @@ fn time_key(t: SystemTime) -> u64 {
 // === the writer thread ===
 
 struct Writer {
-    /// `None` once closed.
+    /// `None` once closed, or while `broken`.
     db: Option<Database>,
+    /// Opens the database file again (after a failed commit).
+    reopen: Opener,
+    /// A commit failed: the database is opened again before the next operation (redb
+    /// refuses every write after a failed commit until it is).
+    broken: bool,
     /// Pending + in-flight messages, for the capacity check.
     live: u64,
     capacity: Option<u64>,
@@ -795,6 +830,13 @@ impl Writer {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
+            if self.broken
+                && !matches!(first, Op::Close { .. })
+                && let Err(e) = self.repair()
+            {
+                unanswered(first)(Some(&e));
+                continue;
+            }
             let close = match first {
                 close @ Op::Close { .. } => close,
                 op => match self.apply(op, &rx) {
@@ -816,6 +858,9 @@ impl Writer {
     }
 
     fn close(&mut self) -> Result<(), QueueError> {
+        if self.broken {
+            self.repair()?;
+        }
         if self.db.is_none() {
             return Err(stopped());
         }
@@ -826,9 +871,33 @@ impl Writer {
         synced
     }
 
+    /// Opens the database again after a failed commit, as after a crash: what was
+    /// committed durably is there, leases are gone (their messages are leased again, as
+    /// redeliveries; an ack of one is [`QueueError::LeaseLost`]).
+    fn repair(&mut self) -> Result<(), QueueError> {
+        drop(self.db.take());
+        let db = (self.reopen)().map_err(unavailable_after_failure)?;
+        let (live, recovered_max) = init_tables(&db).map_err(unavailable_after_failure)?;
+        tracing::warn!("postbox queue opened again after a failed commit");
+        self.db = Some(db);
+        self.live = live;
+        self.recovered_max = recovered_max;
+        self.leases = Leases::default();
+        self.unsynced_since = None;
+        self.broken = false;
+        Ok(())
+    }
+
     /// Makes every earlier commit durable (an empty durable commit), if one is not.
     fn sync(&mut self) {
-        if let Err(e) = self.try_sync() {
+        // After a failed commit nothing can be synced: the database is opened again
+        // (acks and leases not synced by then may be lost, so redelivered).
+        let synced = if self.broken {
+            self.repair()
+        } else {
+            self.try_sync()
+        };
+        if let Err(e) = synced {
             // The commits stay unsynced; the next durable commit retries, or this after
             // another `ack_sync` (not at once: a disk that is full would pin a core).
             tracing::error!(error = %e, "postbox queue sync failed");
@@ -849,10 +918,14 @@ impl Writer {
             txn.commit().map_err(redb_err)
         }))
         .unwrap_or_else(|_| Err(QueueError::Corrupt("redb panicked during a sync".into())));
-        if res.is_ok() {
-            self.unsynced_since = None;
-            self.counters.commits.fetch_add(1, Ordering::Relaxed);
-            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        match &res {
+            Ok(()) => {
+                self.unsynced_since = None;
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            // Every commit fails from now on until the file is opened again.
+            Err(_) => self.broken = true,
         }
         res
     }
@@ -875,8 +948,12 @@ impl Writer {
             max: self.max_batch,
             close: None,
         };
+        let mut storage_failed = false;
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<(), QueueError> {
-            let mut txn = db.begin_write().map_err(redb_err)?;
+            let mut txn = db.begin_write().map_err(|e| {
+                storage_failed = true;
+                redb_err(e)
+            })?;
             let mut state = State {
                 live: &mut self.live,
                 capacity: self.capacity,
@@ -907,7 +984,10 @@ impl Writer {
             })
             .map_err(|e| QueueError::Backend(Box::new(e)))?;
             if res? {
-                txn.commit().map_err(redb_err)?;
+                txn.commit().map_err(|e| {
+                    storage_failed = true;
+                    redb_err(e)
+                })?;
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 if durable {
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
@@ -924,11 +1004,17 @@ impl Writer {
         let failure = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
-            Err(_) => Some(QueueError::Corrupt("redb panicked during a write".into())),
+            Err(_) => {
+                storage_failed = true;
+                Some(QueueError::Corrupt("redb panicked during a write".into()))
+            }
         };
         if let Some(err) = &failure {
             self.live = live_before;
             self.leases.rollback(undo);
+            // redb refuses every write after a failed commit (a full disk, a failed
+            // fsync) until the file is opened again: the next operation does that.
+            self.broken |= storage_failed;
             tracing::error!(error = %err, "postbox queue commit failed");
         }
         self.counters
@@ -1565,6 +1651,79 @@ mod tests {
             .insert(to_id(id), &b"PBOX\x63garbage"[..])
             .unwrap();
         txn.commit().unwrap();
+    }
+
+    /// An in-memory disk that fails its writes and syncs while `fail` is set (a full
+    /// disk, a failed fsync); opened again, it holds what was written.
+    #[derive(Debug, Clone, Default)]
+    struct FlakyDisk {
+        disk: Arc<redb::backends::InMemoryBackend>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FlakyDisk {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "no space left on device",
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for FlakyDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.disk.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.disk.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.disk.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.disk.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.disk.write(offset, data)
+        }
+    }
+
+    /// A failed commit (a full disk) fails that batch only: the queue opens its file
+    /// again and goes on once the disk has room, with what was stored before. (redb
+    /// refuses every write after a failed commit: every later enqueue, lease and ack
+    /// failed as `Corrupt` until the process restarted.)
+    #[tokio::test]
+    async fn the_queue_works_again_after_a_failed_commit() {
+        let disk = FlakyDisk::default();
+        let opened = disk.clone();
+        let open: Opener = Box::new(move || {
+            Database::builder()
+                .create_with_backend(opened.clone())
+                .map_err(|e| redb_err(redb::Error::from(e)))
+        });
+        let q = EmbeddedQueue::open_with("flaky".into(), EmbeddedOptions::new(), open).unwrap();
+        q.enqueue(envelope("a")).await.unwrap();
+        disk.fail.store(true, Ordering::SeqCst);
+        assert!(q.enqueue(envelope("b")).await.is_err());
+        assert!(q.enqueue(envelope("b")).await.is_err(), "still full");
+        disk.fail.store(false, Ordering::SeqCst);
+        q.enqueue(envelope("c")).await.unwrap();
+        let now = SystemTime::now();
+        let leased = q.lease(10, Duration::from_secs(30), now).await.unwrap();
+        let keys: Vec<_> = leased
+            .iter()
+            .map(|l| l.envelope.idempotency_key.as_str())
+            .collect();
+        assert_eq!(keys, ["a", "c"]);
+        let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+        q.ack(&tokens).await.unwrap();
+        q.close().await.unwrap();
     }
 
     #[tokio::test]
