@@ -397,6 +397,21 @@ fn positive(field: String, d: Duration) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A count must fit a config file's integers (TOML's are 64-bit signed): a larger one
+/// could not be written to a file and read back.
+fn storable(field: String, n: usize) -> Result<(), ConfigError> {
+    if i64::try_from(n).is_err() {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "({n}) must be at most {} (a config file's largest integer)",
+                i64::MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn fmt_d(d: Duration) -> String {
     duration::format(d)
 }
@@ -452,6 +467,10 @@ impl ClientConfig {
         };
         positive(f("deadline"), self.deadline)?;
         positive(f("attempt_timeout"), self.attempt_timeout)?;
+        storable(f("buffer_body"), self.buffer_body)?;
+        storable(f("breaker_keys.max_keys"), self.breaker_keys.max_keys)?;
+        storable(f("bulkhead.max_waiting"), self.bulkhead.max_waiting)?;
+        storable(f("enqueue.max_body"), self.enqueue.max_body)?;
         // Checked even where unused (a constant backoff's factor, a disabled budget's
         // ratio): a NaN cannot be written to a config file and read back.
         let b = &self.circuit_breaker;
@@ -624,6 +643,9 @@ impl ServerConfig {
             }
         };
         positive(f("deadline"), self.deadline)?;
+        storable(f("bulkhead.max_waiting"), self.bulkhead.max_waiting)?;
+        storable(f("idempotency.capacity"), self.idempotency.capacity)?;
+        storable(f("idempotency.max_body"), self.idempotency.max_body)?;
         self.bulkhead.build().map_err(|e| prefixed(p, e))?;
         if self.bulkhead.max_waiting != 0 {
             return Err(ConfigError::new(

@@ -35,8 +35,29 @@ fn float(x: f64) -> String {
 }
 
 fn strings(v: &[String]) -> String {
-    let items: Vec<String> = v.iter().map(|s| format!("{s:?}")).collect();
+    let items: Vec<String> = v.iter().map(|s| string(s)).collect();
     format!("[{}]", items.join(", "))
+}
+
+/// A TOML basic string: quotes, backslashes and control characters escaped (TOML's
+/// `\uXXXX`, not Rust's `\u{..}`), everything else as it is.
+fn string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() && (c as u32) < 0x80 => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Writes `[section]` lines for a client section under `p` (`client` or empty).
@@ -54,7 +75,7 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
         writeln!(f, "{}", t(""))?;
     }
     if let Some(preset) = &c.preset {
-        writeln!(f, "preset = {preset:?}")?;
+        writeln!(f, "preset = {}", string(preset))?;
     }
     writeln!(f, "deadline = {:?}", d(c.deadline))?;
     writeln!(f, "attempt_timeout = {:?}", d(c.attempt_timeout))?;
@@ -85,7 +106,7 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     let b = &c.circuit_breaker;
     writeln!(f, "\n{}", t("circuit_breaker"))?;
     if let Some(name) = &b.name {
-        writeln!(f, "name = {name:?}")?;
+        writeln!(f, "name = {}", string(name))?;
     }
     writeln!(
         f,
@@ -160,7 +181,7 @@ fn server(f: &mut impl Write, p: &str, s: &ServerConfig) -> fmt::Result {
         writeln!(f, "{}", t(""))?;
     }
     if let Some(preset) = &s.preset {
-        writeln!(f, "preset = {preset:?}")?;
+        writeln!(f, "preset = {}", string(preset))?;
     }
     writeln!(f, "deadline = {:?}", d(s.deadline))?;
     writeln!(f, "honour_inbound_deadline = {}", s.honour_inbound_deadline)?;
@@ -254,6 +275,35 @@ mod tests {
         let shown = c.to_string();
         let back = StackConfig::from_str(&shown, Format::Toml).unwrap();
         assert_eq!(back, c, "{shown}");
+    }
+
+    /// Strings with characters Rust's `{:?}` escapes in a way TOML does not read (a
+    /// NUL, DEL, a soft hyphen) round trip.
+    #[test]
+    fn strings_with_control_characters_round_trip() {
+        let mut c = StackConfig::default();
+        c.client.circuit_breaker.name = Some("a\u{0}\u{7f}\u{ad}\"\\b\n\t".to_owned());
+        c.client.enqueue.sync_routes = vec!["/caf\u{e9}/\u{1b}".to_owned()];
+        let shown = c.to_string();
+        let back = StackConfig::from_str(&shown, Format::Toml).unwrap();
+        assert_eq!(back, c, "{shown}");
+    }
+
+    /// A count over a config file's largest integer is an error naming it: it could not
+    /// be written and read back.
+    #[test]
+    fn a_count_over_a_files_largest_integer_is_an_error() {
+        let mut c = StackConfig::default();
+        c.client.bulkhead.max_waiting = usize::MAX;
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            "client.bulkhead.max_waiting"
+        );
+        c.client.bulkhead.max_waiting = i64::MAX as usize;
+        c.client.bulkhead.max_wait = Some(std::time::Duration::from_secs(1));
+        c.validate().unwrap();
+        let back = StackConfig::from_str(&c.to_string(), Format::Toml).unwrap();
+        assert_eq!(back, c);
     }
 
     /// A NaN set in code (where it is not used, so no layer checks it) is refused by
