@@ -461,6 +461,24 @@ impl EmbeddedQueue {
     }
 }
 
+/// The largest value redb stores (3 GiB): a larger one would fail the whole commit it
+/// shares with other producers' enqueues.
+const MAX_STORED: usize = 3 << 30;
+
+/// Refuses an encoded envelope of `len` bytes that redb cannot store, before it joins
+/// a commit.
+fn check_storable(len: usize) -> Result<(), QueueError> {
+    if len > MAX_STORED {
+        return Err(QueueError::Backend(
+            format!(
+                "an encoded envelope of {len} bytes: the embedded queue stores at most {MAX_STORED}"
+            )
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The error of an operation while the database cannot be opened again after a failed
 /// commit: [`QueueError::Unavailable`] (the next operation tries again), unless the file
 /// is damaged.
@@ -500,10 +518,11 @@ impl Queue for EmbeddedQueue {
         envelope: Envelope,
     ) -> impl Future<Output = Result<Enqueued, QueueError>> + Send {
         // Encoding happens on the caller's thread, in parallel across producers.
-        let sent = envelope.check_encodable().map(|()| {
+        let sent = envelope.check_encodable().and_then(|()| {
             let bytes = envelope.encode();
+            check_storable(bytes.len())?;
             let due = envelope.not_before <= SystemTime::now();
-            self.call(move |reply| Op::Enqueue {
+            Ok(self.call(move |reply| Op::Enqueue {
                 id: to_id(envelope.id),
                 attempts: envelope.attempts,
                 key: envelope.idempotency_key,
@@ -511,7 +530,7 @@ impl Queue for EmbeddedQueue {
                 not_before: time_key(envelope.not_before),
                 bytes,
                 reply,
-            })
+            }))
         });
         async move { sent?.await }
     }
@@ -1651,6 +1670,15 @@ mod tests {
             .insert(to_id(id), &b"PBOX\x63garbage"[..])
             .unwrap();
         txn.commit().unwrap();
+    }
+
+    /// An envelope over redb's 3 GiB value limit is refused on its own, before it joins
+    /// (and fails) a commit shared with other producers' enqueues.
+    #[test]
+    fn an_envelope_over_the_value_limit_is_refused_alone() {
+        assert!(check_storable(3 << 30).is_ok());
+        let e = check_storable((3 << 30) + 1).unwrap_err();
+        assert!(matches!(e, QueueError::Backend(_)), "{e}");
     }
 
     /// An in-memory disk that fails its writes and syncs while `fail` is set (a full
