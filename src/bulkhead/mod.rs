@@ -5,6 +5,15 @@
 //! released when that future completes or is dropped. Every service made by one
 //! [`BulkheadLayer`] (and every clone of them) shares the same permits.
 //!
+//! The response future completes with the response's *head*: a streaming response
+//! body (an HTTP download, a gRPC server stream) is read after the permit is back, as
+//! with tower's `ConcurrencyLimit`. The bulkhead bounds calls being made, not streams
+//! being read; bound long streams in the handler, or buffer the body inside the
+//! bulkhead.
+//!
+//! Waiting is not strictly first-come first-served: a woken waiter competes with new
+//! callers for the freed permit, and may lose it and give up at its `max_wait`.
+//!
 //! # Two answers to overload
 //!
 //! | mode | configure | `poll_ready` when full | rejection |

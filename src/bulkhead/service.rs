@@ -57,7 +57,10 @@ impl Shared {
     /// Takes a permit if one is free.
     #[inline]
     fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
-        let mut cur = self.in_flight.load(Ordering::Relaxed);
+        // SeqCst loads too: a waiter that finds the bulkhead full must see a `release`
+        // that did not see its `waiting` increment (see `release`). (On x86 a SeqCst
+        // load is a plain load.)
+        let mut cur = self.in_flight.load(Ordering::SeqCst);
         loop {
             if cur >= self.max_concurrent {
                 return None;
@@ -66,7 +69,7 @@ impl Shared {
                 cur,
                 cur + 1,
                 Ordering::SeqCst,
-                Ordering::Relaxed,
+                Ordering::SeqCst,
             ) {
                 Ok(_) => return Some(Permit(self.clone())),
                 Err(actual) => cur = actual,
