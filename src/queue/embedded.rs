@@ -461,6 +461,9 @@ impl EmbeddedQueue {
     }
 }
 
+/// Scheduled messages moved to `ready` by one lease, at least (more if it leases more).
+const PROMOTE_AT_ONCE: usize = 1024;
+
 /// The largest value redb stores (3 GiB): a larger one would fail the whole commit it
 /// shares with other producers' enqueues.
 const MAX_STORED: usize = 3 << 30;
@@ -1375,8 +1378,11 @@ impl Tables<'_> {
             st.leases.low.insert(id, attempts);
             st.undo.push(Undo::LowAdded(id));
         }
-        // Due scheduled messages to ready.
-        loop {
+        // Due scheduled messages to ready: a bounded number per lease, so a backlog
+        // that fell due at once (after an outage, or a restart after downtime) is not
+        // rewritten in one transaction that every producer waits for. Those promoted are
+        // the earliest due; among them, leases go oldest first.
+        for _ in 0..max.max(PROMOTE_AT_ONCE) {
             let first = self
                 .scheduled
                 .first()
@@ -1670,6 +1676,52 @@ mod tests {
             .insert(to_id(id), &b"PBOX\x63garbage"[..])
             .unwrap();
         txn.commit().unwrap();
+    }
+
+    /// A backlog that fell due at once is moved to `ready` a bounded batch per lease,
+    /// not all in one transaction every producer waits for; every message is still
+    /// leased in the end.
+    #[tokio::test]
+    async fn a_backlog_falling_due_at_once_is_promoted_in_bounded_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let n = PROMOTE_AT_ONCE + 100;
+        let mut producers = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let q = q.clone();
+            producers.spawn(async move {
+                let mut env = envelope(&format!("k{i}"));
+                env.not_before = later;
+                q.enqueue(env).await.unwrap();
+            });
+        }
+        producers.join_all().await;
+        let due = later + Duration::from_secs(1);
+        let first = q.lease(1, Duration::from_secs(60), due).await.unwrap();
+        assert_eq!(first.len(), 1);
+        q.close().await.unwrap();
+        let scheduled = {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            txn.open_table(SCHEDULED).unwrap().len().unwrap()
+        };
+        assert_eq!(scheduled, 100, "promoted more than a batch at once");
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let mut leased = 0;
+        loop {
+            let batch = q.lease(500, Duration::from_secs(60), due).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            leased += batch.len();
+        }
+        assert_eq!(
+            leased, n,
+            "every message leased (the first one again: reopening ends leases)"
+        );
+        q.close().await.unwrap();
     }
 
     /// An envelope over redb's 3 GiB value limit is refused on its own, before it joins
