@@ -122,3 +122,50 @@ fn a_request_deferred_by_an_open_breaker_is_one_rejection() {
     let rejected = r#"postbox_calls_total{layer="circuit_breaker",outcome="rejected"}"#;
     assert_eq!(counter(&handle, rejected), 1, "{}", handle.render());
 }
+
+/// The value of the gauge `name{labels}` (its Prometheus line), if present.
+fn gauge(handle: &PrometheusHandle, series: &str) -> Option<f64> {
+    handle
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// `postbox_circuit_state` shows a breaker from when it is built (a healthy breaker
+/// is 0, not absent), follows its transitions, and goes back to 0 when a keyed breaker
+/// is dropped from the map (its key starts closed again; it went on showing 1).
+#[test]
+fn the_circuit_state_gauge_shows_healthy_tripped_and_evicted_breakers() {
+    use postbox::circuit_breaker::CircuitBreakerLayer;
+    use std::time::Duration;
+    const ONE: &str = r#"postbox_circuit_state{breaker="one"}"#;
+    const KEY: &str = r#"postbox_circuit_state{breaker="keyed/1"}"#;
+    let built = recorded(|| async {
+        let _layer = CircuitBreakerLayer::builder().name("one").build().unwrap();
+    });
+    assert_eq!(gauge(&built, ONE), Some(0.0));
+    let keyed = recorded(|| async {
+        let layer = CircuitBreakerLayer::builder()
+            .name("keyed")
+            .consecutive_failures(1)
+            .keyed(|k: &u32| *k)
+            .max_keys(1)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(service_fn(|k: u32| async move {
+            if k == 1 {
+                Err::<(), BoxError>(io::Error::from(io::ErrorKind::ConnectionReset).into())
+            } else {
+                Ok(())
+            }
+        }));
+        svc.ready().await.unwrap().call(1).await.unwrap_err();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        svc.ready().await.unwrap().call(2).await.unwrap();
+    });
+    assert_eq!(
+        gauge(&keyed, KEY),
+        Some(0.0),
+        "the evicted open breaker still shows open"
+    );
+}

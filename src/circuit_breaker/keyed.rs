@@ -153,7 +153,9 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             else {
                 break;
             };
-            map.remove(&victim);
+            if let Some(e) = map.remove(&victim) {
+                e.breaker.breaker().show_closed();
+            }
         }
     }
 }
@@ -171,7 +173,11 @@ fn is_manual(e: &Entry) -> bool {
 fn retain_active<K>(map: &mut HashMap<K, Entry>, now_ns: u64, idle: Duration) {
     let idle_ns = crate::duration::nanos(idle);
     map.retain(|_, e| {
-        now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns || is_manual(e)
+        let keep = now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns || is_manual(e);
+        if !keep {
+            e.breaker.breaker().show_closed();
+        }
+        keep
     });
 }
 

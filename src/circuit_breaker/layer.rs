@@ -38,6 +38,7 @@ impl CircuitBreakerLayer {
     }
 
     pub(crate) fn from_breaker(breaker: Arc<Breaker>) -> Self {
+        breaker.show_closed();
         Self {
             breaker: Arc::new(Shared::new(breaker)),
             classifier: ErrorClassifier::new(),

@@ -930,9 +930,24 @@ impl Breaker {
         }
         let generation = (generation(cur) + 1) & GEN_MASK;
         self.word.store(pack(generation, to, avail), Release);
+        // Under the lock: two transitions on two threads set the gauge in their order.
+        self.set_gauge(to);
         drop(cold);
         self.emit(mode(cur), to, generation);
         true
+    }
+
+    /// Sets the `postbox_circuit_state` gauge to `mode`.
+    fn set_gauge(&self, mode: u64) {
+        metrics::gauge!("postbox_circuit_state", "breaker" => self.settings.name.clone())
+            .set(State::from_mode(mode).gauge_value());
+    }
+
+    /// Sets the gauge to closed: for a new breaker (so a healthy one shows up too), and
+    /// for one dropped from a keyed map (its key starts closed again; the series must
+    /// not go on showing it open).
+    pub(crate) fn show_closed(&self) {
+        self.set_gauge(CLOSED);
     }
 
     fn clear_window(&self) {
@@ -971,8 +986,6 @@ impl Breaker {
             "circuit breaker state changed"
         );
         metrics::counter!("postbox_circuit_transitions_total", "to" => to.as_str()).increment(1);
-        metrics::gauge!("postbox_circuit_state", "breaker" => self.settings.name.clone())
-            .set(to.gauge_value());
         self.hook.on_transition(&Transition {
             name: self.settings.name.clone(),
             from,
