@@ -143,16 +143,29 @@ struct Inner {
     order: VecDeque<(String, Instant)>,
     /// The next claim's token.
     next_token: u64,
+    /// The size of the remembered responses (see [`size_of`]).
+    bytes: usize,
 }
 
-/// An in-memory [`IdempotencyStore`], bounded in entries, with TTL eviction.
+/// About how much memory a remembered response under `key` holds: its body, headers
+/// and trailers, and the key.
+fn size_of(key: &str, r: &StoredResponse) -> usize {
+    let fields =
+        |h: &HeaderMap| -> usize { h.iter().map(|(n, v)| n.as_str().len() + v.len()).sum() };
+    key.len() + r.body.len() + fields(&r.headers) + r.trailers.as_ref().map_or(0, fields)
+}
+
+/// An in-memory [`IdempotencyStore`], bounded in entries and in bytes, with TTL
+/// eviction.
 ///
-/// When full, expired responses are dropped first, then the oldest remembered ones;
-/// claims in progress are never evicted. Times come from `tokio::time::Instant`, so
+/// When full (in keys, or in the bytes of the remembered responses: 256 MiB by default,
+/// see [`max_bytes`](Self::max_bytes)), expired responses are dropped first, then the
+/// oldest remembered ones; claims in progress are never evicted. Times come from `tokio::time::Instant`, so
 /// paused-time tests control expiry. Remembers responses for one process only.
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     capacity: usize,
+    max_bytes: usize,
 }
 
 // === impl MemoryStore ===
@@ -165,9 +178,25 @@ impl MemoryStore {
                 map: HashMap::new(),
                 order: VecDeque::new(),
                 next_token: 0,
+                bytes: 0,
             }),
             capacity: capacity.max(1),
+            max_bytes: 256 << 20,
         }
+    }
+
+    /// At most this many bytes of remembered responses (bodies, headers, trailers and
+    /// keys; default 256 MiB): past it, the oldest are forgotten. Without it, a store of
+    /// 10 000 keys with 1 MiB bodies may hold 10 GiB. A response larger than this on
+    /// its own is not remembered.
+    pub fn max_bytes(mut self, n: usize) -> Self {
+        self.max_bytes = n;
+        self
+    }
+
+    /// The bytes of the remembered responses (see [`max_bytes`](Self::max_bytes)).
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     /// Keys currently stored (in progress or done, expired or not).
@@ -198,6 +227,7 @@ impl fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("len", &self.len())
             .field("capacity", &self.capacity)
+            .field("max_bytes", &self.max_bytes)
             .finish()
     }
 }
@@ -208,17 +238,32 @@ impl Inner {
         matches!(self.map.get(key), Some(Entry::InProgress { token: t, .. }) if *t == token)
     }
 
+    /// Removes the remembered response of `key` if it is the one that `expires` then.
+    fn forget(&mut self, key: &str, expires: Instant) {
+        if matches!(self.map.get(key), Some(Entry::Done { expires: e, .. }) if *e == expires)
+            && let Some(Entry::Done { response, .. }) = self.map.remove(key)
+        {
+            self.bytes = self.bytes.saturating_sub(size_of(key, &response));
+        }
+    }
+
+    /// Forgets the oldest remembered responses while over `max_bytes`.
+    fn shed_bytes(&mut self, max_bytes: usize) {
+        while self.bytes > max_bytes {
+            let Some((key, expires)) = self.order.pop_front() else {
+                return;
+            };
+            self.forget(&key, expires);
+        }
+    }
+
     /// Makes room for one more key.
     fn evict(&mut self, capacity: usize, now: Instant) {
         while self.map.len() >= capacity {
             let Some((key, expires)) = self.order.pop_front() else {
                 return; // only claims in progress: allowed to exceed
             };
-            let same =
-                matches!(self.map.get(&key), Some(Entry::Done { expires: e, .. }) if *e == expires);
-            if same {
-                self.map.remove(&key);
-            }
+            self.forget(&key, expires);
         }
         // Also drop what has expired at the front, to keep `order` short.
         while let Some((key, expires)) = self.order.front() {
@@ -227,9 +272,7 @@ impl Inner {
             }
             let (key, expires) = (key.clone(), *expires);
             self.order.pop_front();
-            if matches!(self.map.get(&key), Some(Entry::Done { expires: e, .. }) if *e == expires) {
-                self.map.remove(&key);
-            }
+            self.forget(&key, expires);
         }
     }
 }
@@ -254,7 +297,7 @@ impl IdempotencyStore for MemoryStore {
                 let (done, _) = watch::channel(());
                 let token = ClaimToken(inner.next_token);
                 inner.next_token += 1;
-                inner.map.insert(
+                let replaced = inner.map.insert(
                     key.to_owned(),
                     Entry::InProgress {
                         until: later(now, lock_for),
@@ -262,6 +305,10 @@ impl IdempotencyStore for MemoryStore {
                         done,
                     },
                 );
+                if let Some(Entry::Done { response, .. }) = replaced {
+                    // Expired, not yet evicted.
+                    inner.bytes = inner.bytes.saturating_sub(size_of(key, &response));
+                }
                 Claim::Proceed(token)
             }
         };
@@ -279,10 +326,12 @@ impl IdempotencyStore for MemoryStore {
         let expires = later(Instant::now(), ttl);
         let mut inner = self.lock();
         if inner.holds(key, token) {
+            inner.bytes += size_of(key, &response);
             inner
                 .map
                 .insert(key.to_owned(), Entry::Done { response, expires });
             inner.order.push_back((key.to_owned(), expires));
+            inner.shed_bytes(self.max_bytes);
         }
         drop(inner);
         std::future::ready(Ok(()))
@@ -329,6 +378,37 @@ mod tests {
             Claim::Proceed(token) => token,
             other => panic!("{key} not free: {other:?}"),
         }
+    }
+
+    /// Past `max_bytes`, the oldest remembered responses are forgotten (10 000 keys of
+    /// 1 MiB bodies could hold 10 GiB); the count follows evictions and expiry.
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_responses_go_past_the_byte_budget() {
+        let s = MemoryStore::new(100).max_bytes(2500);
+        let lock = Duration::from_secs(30);
+        let ttl = Duration::from_secs(60);
+        let big = |n: u8| StoredResponse {
+            body: Bytes::from(vec![n; 1000]),
+            ..response(n)
+        };
+        for (i, key) in ["a", "b", "c"].into_iter().enumerate() {
+            let token = proceed(&s, key, lock).await;
+            s.complete(key, token, big(i as u8), ttl).await.unwrap();
+        }
+        assert_eq!(s.bytes(), 2002, "a went to make room for c");
+        assert!(matches!(
+            s.claim("a", lock).await.unwrap(),
+            Claim::Proceed(_)
+        ));
+        assert!(matches!(s.claim("b", lock).await.unwrap(), Claim::Done(_)));
+        assert!(matches!(s.claim("c", lock).await.unwrap(), Claim::Done(_)));
+        tokio::time::advance(ttl).await;
+        let token = proceed(&s, "b", lock).await; // replaces an expired response
+        assert_eq!(s.bytes(), 1001);
+        s.release("b", token);
+        let token = proceed(&s, "d", lock).await; // evicts what expired
+        s.release("d", token);
+        assert_eq!(s.bytes(), 0);
     }
 
     #[tokio::test(start_paused = true)]
