@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | client | [`ClientConfig::layer`] → [`ClientLayer`] | deadline → body buffer → retry (+ budget) → circuit breaker (per authority) → bulkhead → attempt timeout |
 //! | client that defers | [`ClientConfig::deferring_layer`] → [`DeferringClientLayer`] | enqueue fallback → the client stack |
-//! | server | [`ServerConfig::layer`] → [`ServerLayer`] | errors as responses → deadline → bulkhead (fail fast) → idempotency |
+//! | server | [`ServerConfig::layer`] → [`ServerLayer`] | errors as responses → deadline → idempotency → bulkhead (fail fast) |
 //!
 //! The stacks only compose the layers of this crate; each of them still works alone in
 //! any `tower::ServiceBuilder`. The composed service types are nameable

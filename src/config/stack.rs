@@ -49,9 +49,13 @@ pub type Client<S> = Deadline<
 pub type DeferringClient<S, Q> = EnqueueFallback<Client<S>, Q, HttpClassifier>;
 
 /// The server stack around `S`, outer to inner: errors as responses → deadline →
-/// bulkhead (fail fast) → idempotency → `S`. Its error is `Infallible`, as axum wants.
+/// idempotency → bulkhead (fail fast) → `S`. Its error is `Infallible`, as axum wants.
+///
+/// The bulkhead is inside the idempotency layer: a keyed handler runs to its end even
+/// after the deadline gave up on it (so its effect is not cut in half), and it keeps
+/// its permit until then, so such handlers still count against `max_concurrent`.
 pub type Server<S> =
-    ErrorResponse<Deadline<Bulkhead<Idempotency<S, MemoryStore>>, HttpPropagation>>;
+    ErrorResponse<Deadline<Idempotency<Bulkhead<S>, MemoryStore>, HttpPropagation>>;
 
 /// The client stack of a [`ClientConfig`] as one `tower::Layer`; see
 /// [`ClientConfig::layer`].
@@ -261,8 +265,8 @@ impl<S> Layer<S> for ServerLayer {
     type Service = Server<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let svc = self.idempotency.layer(inner);
-        let svc = self.bulkhead.layer(svc);
+        let svc = self.bulkhead.layer(inner);
+        let svc = self.idempotency.layer(svc);
         let svc = self.deadline.layer(svc);
         ErrorResponseLayer::new().layer(svc)
     }

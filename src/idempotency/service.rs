@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower_service::Service;
+use tracing::Instrument;
 
 /// Header set on a response answered from the store (value `true`).
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -46,8 +47,10 @@ pub(crate) struct Config {
 /// layer outside gave up) does not cancel the handler, so a handler is never cut off
 /// between its effect and its answer, which would leave the key free for the retry to
 /// make the effect twice: a waiting duplicate gets the stored answer instead. Once the
-/// response future is dropped, the task gets `lock_for` more, then it is cancelled and
-/// the claim released. The request body of a client that went away fails; a response to
+/// response future is dropped, the task runs until the claim expires (`lock_for` after
+/// it was taken), then it is cancelled and the claim released. Put a bulkhead *inside*
+/// this layer (as the server stack does): its permit then stays with the handler until
+/// the handler ends. The request body of a client that went away fails; a response to
 /// a request whose body failed is not remembered.
 pub struct Idempotency<S, St> {
     inner: S,
@@ -233,7 +236,8 @@ where
     // replayer) would make the effect twice. Its duplicate waits and gets the stored
     // answer instead. Hence a task of its own (inline without a runtime).
     let (alive, gone) = tokio::sync::oneshot::channel::<()>();
-    let lock_for = config.lock_for;
+    // When the claim expires and a duplicate may take the key over.
+    let claim_ends = crate::clock::later(tokio::time::Instant::now(), config.lock_for);
     let work = async move {
         let res = match svc.call(req).await {
             Ok(res) => res,
@@ -257,19 +261,20 @@ where
         .await;
         Handled::Read(parts, outcome)
     };
-    // Once the client has gone, the work gets `lock_for` more, no longer (a handler or
-    // body that never ends must not keep the task alive; the claim would expire anyway).
+    // Once the client has gone, the work goes on until the claim expires, no longer: a
+    // handler or body that never ends must not keep the task alive, and past the claim
+    // a duplicate may run the handler while this one still runs.
     let bounded = async move {
         tokio::select! {
             handled = work => handled,
             () = async {
                 let _ = gone.await;
-                tokio::time::sleep(lock_for).await;
+                tokio::time::sleep_until(claim_ends).await;
             } => Handled::Abandoned,
         }
     };
     let handled = match tokio::runtime::Handle::try_current() {
-        Ok(rt) => match rt.spawn(bounded).await {
+        Ok(rt) => match rt.spawn(bounded.in_current_span()).await {
             Ok(handled) => handled,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => Handled::Abandoned,

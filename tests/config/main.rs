@@ -463,3 +463,53 @@ fn the_config_examples_in_the_docs_load() {
         }
     }
 }
+
+/// In the server stack a keyed handler that outlives the deadline (it runs to its end,
+/// so its effect is not cut in half) still holds its bulkhead permit until it ends:
+/// such handlers count against `max_concurrent`. Its duplicate then gets the stored
+/// answer. (With the bulkhead outside the idempotency layer, the permit went back at
+/// the deadline while the handler ran on.)
+#[tokio::test(start_paused = true)]
+async fn a_keyed_handler_past_the_deadline_keeps_its_bulkhead_permit() {
+    use http::{Request, Response, StatusCode};
+    use tower::{Layer, Service};
+    let config = ServerConfig::from_str(
+        "deadline = \"1s\"\n[bulkhead]\nmax_concurrent = 1\n[idempotency]\nlock_for = \"10s\"\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let layer = config.layer().unwrap();
+    let effects = Arc::new(AtomicUsize::new(0));
+    let handler = service_fn({
+        let effects = effects.clone();
+        move |_req: Request<_>| {
+            let effects = effects.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                effects.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("done"))))
+            }
+        }
+    });
+    let mut svc = layer.layer(handler);
+    let keyed = || {
+        Request::post("http://shop.test/orders")
+            .header("idempotency-key", "order-1")
+            .body(Full::new(Bytes::from("{}")))
+            .unwrap()
+    };
+    let res = svc.ready().await.unwrap().call(keyed()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        layer.available_permits(),
+        0,
+        "the running handler gave its permit back"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.available_permits(), 1);
+    let res = svc.ready().await.unwrap().call(keyed()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+}
