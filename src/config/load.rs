@@ -470,9 +470,13 @@ fn load_with<T: DeserializeOwned>(
                 other => other,
             };
             // The value tree has no NaN nor infinity (they become `null`): the typed
-            // parse has them, and its validation names the field.
-            if let Ok(strict) = &strict {
-                validate(strict).map_err(|e| invalid(text, format, e))?;
+            // parse has them, and its validation names the field. (Only that answer
+            // is taken from it: without the presets, another check may not hold.)
+            if let Ok(strict) = &strict
+                && let Err(e) = validate(strict)
+                && e.message().contains("finite")
+            {
+                return Err(invalid(text, format, e));
             }
             // Located in the text where it names a key of it (an unknown field).
             let message = format!("after applying the preset: {e}");
