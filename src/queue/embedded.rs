@@ -856,7 +856,16 @@ impl Writer {
                 && !matches!(first, Op::Close { .. })
                 && let Err(e) = self.repair()
             {
+                // Everything waiting gets this answer: one reopen (maybe a repair of
+                // the whole file) per operation would keep the writer busy.
                 unanswered(first)(Some(&e));
+                while let Ok(op) = rx.try_recv() {
+                    if let Op::Close { .. } = op {
+                        self.finish(op, &rx);
+                        return;
+                    }
+                    unanswered(op)(Some(&e));
+                }
                 continue;
             }
             let close = match first {
@@ -866,17 +875,22 @@ impl Writer {
                     None => continue,
                 },
             };
-            let result = self.close();
-            if let Op::Close { reply } = close {
-                let _ = reply.send(result);
-            }
-            // Anything sent after the close is refused (dropping its reply says so).
-            while let Ok(op) = rx.try_recv() {
-                drop(op);
-            }
+            self.finish(close, &rx);
             return;
         }
         let _ = self.close();
+    }
+
+    /// Closes on `close`, answers it, and refuses anything sent after it.
+    fn finish(&mut self, close: Op, rx: &mpsc::Receiver<Op>) {
+        let result = self.close();
+        if let Op::Close { reply } = close {
+            let _ = reply.send(result);
+        }
+        // Anything sent after the close is refused (dropping its reply says so).
+        while let Ok(op) = rx.try_recv() {
+            drop(op);
+        }
     }
 
     fn close(&mut self) -> Result<(), QueueError> {
@@ -904,7 +918,13 @@ impl Writer {
         self.db = Some(db);
         self.live = live;
         self.recovered_max = recovered_max;
-        self.leases = Leases::default();
+        // The lease counter goes on: a token from before the failure (whose attempt
+        // count may not have been synced) must not match a lease of the same message
+        // made now.
+        self.leases = Leases {
+            seq: self.leases.seq,
+            ..Leases::default()
+        };
         self.unsynced_since = None;
         self.broken = false;
         Ok(())
@@ -970,12 +990,8 @@ impl Writer {
             max: self.max_batch,
             close: None,
         };
-        let mut storage_failed = false;
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<(), QueueError> {
-            let mut txn = db.begin_write().map_err(|e| {
-                storage_failed = true;
-                redb_err(e)
-            })?;
+            let mut txn = db.begin_write().map_err(redb_err)?;
             let mut state = State {
                 live: &mut self.live,
                 capacity: self.capacity,
@@ -1006,10 +1022,7 @@ impl Writer {
             })
             .map_err(|e| QueueError::Backend(Box::new(e)))?;
             if res? {
-                txn.commit().map_err(|e| {
-                    storage_failed = true;
-                    redb_err(e)
-                })?;
+                txn.commit().map_err(redb_err)?;
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 if durable {
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
@@ -1026,17 +1039,16 @@ impl Writer {
         let failure = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
-            Err(_) => {
-                storage_failed = true;
-                Some(QueueError::Corrupt("redb panicked during a write".into()))
-            }
+            Err(_) => Some(QueueError::Corrupt("redb panicked during a write".into())),
         };
         if let Some(err) = &failure {
             self.live = live_before;
             self.leases.rollback(undo);
-            // redb refuses every write after a failed commit (a full disk, a failed
-            // fsync) until the file is opened again: the next operation does that.
-            self.broken |= storage_failed;
+            // redb refuses every write after a failed commit, or after any failed write
+            // to the file (a full disk, a failed fsync), until it is opened again: the
+            // next operation does that. (A batch fails only on a storage error: refused
+            // operations are answered one by one.)
+            self.broken = true;
             tracing::error!(error = %err, "postbox queue commit failed");
         }
         self.counters
@@ -1789,11 +1801,14 @@ mod tests {
         });
         let q = EmbeddedQueue::open_with("flaky".into(), EmbeddedOptions::new(), open).unwrap();
         q.enqueue(envelope("a")).await.unwrap();
+        let now = SystemTime::now();
+        let before = q.lease(10, Duration::from_secs(30), now).await.unwrap();
+        assert_eq!(before.len(), 1);
         disk.fail.store(true, Ordering::SeqCst);
         assert!(q.enqueue(envelope("b")).await.is_err());
-        assert!(q.enqueue(envelope("b")).await.is_err(), "still full");
         disk.fail.store(false, Ordering::SeqCst);
         q.enqueue(envelope("c")).await.unwrap();
+        // Opening again ended the leases: `a` is leased again, as a redelivery.
         let now = SystemTime::now();
         let leased = q.lease(10, Duration::from_secs(30), now).await.unwrap();
         let keys: Vec<_> = leased
@@ -1801,6 +1816,10 @@ mod tests {
             .map(|l| l.envelope.idempotency_key.as_str())
             .collect();
         assert_eq!(keys, ["a", "c"]);
+        // The lease from before the failure is gone: its token does not act on the
+        // new lease of the same message (whose attempt count may be the same).
+        let stale = q.ack(&[before[0].token]).await;
+        assert!(matches!(stale, Err(QueueError::LeaseLost(_))), "{stale:?}");
         let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
         q.ack(&tokens).await.unwrap();
         q.close().await.unwrap();
