@@ -250,8 +250,9 @@ mod http_propagation {
     /// * outbound: the [`CallDeadline`] extension, [`TIMEOUT_MS_HEADER`] with the
     ///   remaining milliseconds (rounded down, so the next hop gives up no later than
     ///   we do) and, for gRPC requests (`content-type: application/grpc…`),
-    ///   `grpc-timeout`; a header already on the request with a shorter time (one the
-    ///   caller set, as tonic's `Request::set_timeout` does) is kept.
+    ///   `grpc-timeout`. A header already on the request with a shorter time (one the
+    ///   caller set, as tonic's `Request::set_timeout` does) wins: the extension and
+    ///   both headers then carry that time (the layer's own timer keeps its budget).
     #[derive(Debug, Clone, Copy, Default)]
     pub struct HttpPropagation {
         inbound_headers: bool,
@@ -291,29 +292,40 @@ mod http_propagation {
         }
 
         fn outbound(&self, req: &mut Request<B>, deadline: Instant, remaining: Duration) {
-            req.extensions_mut().insert(CallDeadline::new(deadline));
-            let is_grpc = req
-                .headers()
+            let headers = req.headers();
+            let is_grpc = headers
                 .get(CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            let headers = req.headers_mut();
             // A shorter limit the caller set itself (tonic's `Request::set_timeout`
-            // writes `grpc-timeout`) is kept: the next hop must not work longer than
-            // the caller asked.
-            let ms = remaining.as_millis() as u64;
-            let set_ms = headers
-                .get(TIMEOUT_MS_HEADER)
-                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-            if set_ms.is_none_or(|set| set > ms) {
-                headers.insert(TIMEOUT_MS_HEADER, HeaderValue::from(ms));
-            }
-            let set_grpc = headers
-                .get("grpc-timeout")
-                .and_then(|v| parse_grpc_timeout(v.as_bytes()));
-            if is_grpc
-                && set_grpc.is_none_or(|set| set > remaining)
-                && let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining))
-            {
+            // writes `grpc-timeout`) wins: the next hop must not work longer than the
+            // caller asked, and a retry inside must not give each attempt that whole
+            // limit again (it reads the `CallDeadline`).
+            let set = [
+                headers
+                    .get("grpc-timeout")
+                    .and_then(|v| parse_grpc_timeout(v.as_bytes())),
+                headers
+                    .get(TIMEOUT_MS_HEADER)
+                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                    .map(Duration::from_millis),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let (deadline, remaining) = match set {
+                Some(set) if set < remaining => {
+                    let now = deadline.checked_sub(remaining).unwrap_or(deadline);
+                    (crate::clock::later(now, set), set)
+                }
+                _ => (deadline, remaining),
+            };
+            req.extensions_mut().insert(CallDeadline::new(deadline));
+            let headers = req.headers_mut();
+            headers.insert(
+                TIMEOUT_MS_HEADER,
+                HeaderValue::from(remaining.as_millis() as u64),
+            );
+            if is_grpc && let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining)) {
                 headers.insert("grpc-timeout", v);
             }
         }

@@ -196,13 +196,15 @@ async fn grpc_timeout_header_carries_the_remaining_budget() {
     );
 }
 
-/// A shorter `grpc-timeout` the caller set itself (tonic's `Request::set_timeout`) is
-/// kept; a longer one is lowered to the budget. (Before, it was always overwritten, so
-/// the server worked 20 times longer than the caller asked.)
+/// A shorter `grpc-timeout` (or `postbox-timeout-ms`) the caller set itself (tonic's
+/// `Request::set_timeout`) wins: both headers and the `CallDeadline` a retry inside
+/// reads carry it; a longer one is lowered to the budget. (Before, it was always
+/// overwritten, so the server worked 20 times longer than the caller asked.)
 #[tokio::test(start_paused = true)]
 async fn a_shorter_timeout_the_caller_set_is_kept() {
     for (set, sent_grpc, sent_ms) in [
-        (("100m", "100"), "100m", "100"),
+        (("100m", "900"), "100000u", "100"),
+        (("9S", "150"), "150000u", "150"),
         (("9S", "9000"), "2000000u", "2000"),
     ] {
         let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
@@ -215,10 +217,18 @@ async fn a_shorter_timeout_the_caller_set_is_kept() {
             .body(())
             .unwrap();
         assert_ready_ok!(svc.poll_ready());
+        let start = Instant::now();
         let _fut = svc.call(req);
         let (sent, _) = handle.next_request().await.unwrap();
         assert_eq!(sent.headers()["grpc-timeout"], sent_grpc, "{set:?}");
         assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], sent_ms, "{set:?}");
+        // What a retry inside reads: the caller's limit, not the budget.
+        let ms: u64 = sent_ms.parse().unwrap();
+        assert_eq!(
+            sent.extensions().get::<CallDeadline>().unwrap().at(),
+            start + Duration::from_millis(ms),
+            "{set:?}"
+        );
     }
 }
 
