@@ -24,7 +24,8 @@
 //! * requests without the header pass through untouched (in a [`FingerprintedBody`]
 //!   that only forwards).
 //!
-//! A `5xx` response, a "try again later" answer (`408`, `409`, `423`, `425`, `429`), a
+//! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), a conflict with
+//! another request (`409`, `423`), a
 //! refused credential (`401`, `403`: the retry with a fresh one must run), an error, a
 //! response body over the limit, or the answer to a request whose body failed to
 //! arrive is **not** remembered: the claim is released and the next request with the

@@ -437,10 +437,10 @@ fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
 }
 
 /// Whether a response with `status` and `headers` is stored as the key's outcome: not
-/// a `5xx`, nor a "try again later" answer (`408 Request Timeout`, `409 Conflict`,
-/// `423 Locked`, `425 Too Early`, `429 Too Many Requests`), which a later attempt may
-/// well turn into a success; replaying them for the whole ttl would make a retry (or
-/// the replayer) give up. Nor an authentication or authorization refusal (`401`,
+/// a `5xx`, nor a "try again later" answer (`408 Request Timeout`, `425 Too Early`,
+/// `429 Too Many Requests`), nor a conflict with another request (`409 Conflict`,
+/// `423 Locked`), which a later attempt may well turn into a success; replaying them
+/// for the whole ttl would make every later attempt fail the same way. Nor an authentication or authorization refusal (`401`,
 /// `403`): the request was refused before it ran (as Stripe does not store those), and
 /// its retry with a refreshed credential must run. The same for a gRPC status in the
 /// headers (a trailers-only response, most gRPC errors).
