@@ -167,7 +167,10 @@ async fn keyed<S, St, B, ResBody>(
     config: Arc<Config>,
 ) -> Result<Response<BufferedBody<ResBody>>, S::Error>
 where
-    S: Service<Request<FingerprintedBody<B>>, Response = Response<ResBody>> + Send + 'static,
+    S: Service<Request<FingerprintedBody<B>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send,
     S::Error: Send,
     St: IdempotencyStore,
@@ -176,6 +179,7 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let head = Hasher::of_head(&req);
+    let mut ready = true;
     let token = loop {
         match store.claim(&key, config.lock_for).await {
             Ok(Claim::Proceed(token)) => break token,
@@ -213,23 +217,39 @@ where
                     .increment(1);
                 return Ok(replayed(stored));
             }
-            Ok(Claim::InProgress) => store.wait(&key).await,
+            Ok(Claim::InProgress) => {
+                // Waiting must not hold what the ready service reserved (a bulkhead
+                // permit inside): an unready clone waits instead, readied if the key
+                // comes free.
+                if ready {
+                    svc = svc.clone();
+                    ready = false;
+                }
+                store.wait(&key).await;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, %key, "idempotency store failed; running the handler");
+                if !ready {
+                    std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+                }
                 let res = svc.call(req.map(FingerprintedBody::untapped)).await?;
                 return Ok(res.map(BufferedBody::streaming));
             }
         }
     };
-    let (parts, body) = req.into_parts();
-    let (body, tap) = FingerprintedBody::tapped(body, head);
-    let req = Request::from_parts(parts, body);
     let claim = Release {
         store: store.clone(),
         key,
         token,
         armed: true,
     };
+    if !ready {
+        // The claim goes back if this fails (or is dropped meanwhile).
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+    }
+    let (parts, body) = req.into_parts();
+    let (body, tap) = FingerprintedBody::tapped(body, head);
+    let req = Request::from_parts(parts, body);
     // A claimed request runs to its end even if this future is dropped (the client went
     // away, or a deadline outside gave up on it): a handler cut off after its effect but
     // before its answer would leave the key free, and the caller's retry (or the

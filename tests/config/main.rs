@@ -513,3 +513,99 @@ async fn a_keyed_handler_past_the_deadline_keeps_its_bulkhead_permit() {
     assert_eq!(res.headers()["idempotent-replayed"], "true");
     assert_eq!(effects.load(Ordering::SeqCst), 1);
 }
+
+/// A duplicate waiting for the first request with its key does not hold a bulkhead
+/// permit meanwhile: other requests are still served. (It held the permit its
+/// `poll_ready` had reserved for the whole wait, so a burst of retries of one slow
+/// request filled the bulkhead.)
+#[tokio::test(start_paused = true)]
+async fn a_waiting_duplicate_holds_no_bulkhead_permit() {
+    use http::{Request, Response, StatusCode};
+    use tower::Layer;
+    let config = ServerConfig::from_str(
+        "deadline = \"10s\"\n[bulkhead]\nmax_concurrent = 2\n[idempotency]\nlock_for = \"10s\"\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let layer = config.layer().unwrap();
+    let handler = service_fn(|req: Request<_>| async move {
+        if req.headers().contains_key("idempotency-key") {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("done"))))
+    });
+    let svc = layer.layer(handler);
+    let request = |key: Option<&str>| {
+        let mut req = Request::post("http://shop.test/orders");
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        req.body(Full::new(Bytes::from("{}"))).unwrap()
+    };
+    let first = tokio::spawn(svc.clone().oneshot(request(Some("order-1"))));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let duplicate = tokio::spawn(svc.clone().oneshot(request(Some("order-1"))));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        layer.available_permits(),
+        1,
+        "the waiting duplicate holds a permit"
+    );
+    let other = svc.clone().oneshot(request(None)).await.unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    let duplicate = duplicate.await.unwrap().unwrap();
+    assert_eq!(duplicate.headers()["idempotent-replayed"], "true");
+    assert_eq!(layer.available_permits(), 2);
+}
+
+/// A duplicate that waited runs the handler itself when the first answer is not
+/// remembered (a `503`): its service is readied again first, so it takes a bulkhead
+/// permit like any call.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_that_waited_runs_with_a_permit_when_the_first_failed() {
+    use http::{Request, Response, StatusCode};
+    use tower::Layer;
+    let config = ServerConfig::from_str(
+        "deadline = \"10s\"\n[bulkhead]\nmax_concurrent = 2\n[idempotency]\nlock_for = \"10s\"\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let layer = config.layer().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = service_fn({
+        let calls = calls.clone();
+        move |_req: Request<_>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let mut res = Response::new(Full::new(Bytes::from("x")));
+                if n == 0 {
+                    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                }
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        }
+    });
+    let svc = layer.layer(handler);
+    let keyed = || {
+        Request::post("http://shop.test/orders")
+            .header("idempotency-key", "order-1")
+            .body(Full::new(Bytes::from("{}")))
+            .unwrap()
+    };
+    let first = tokio::spawn(svc.clone().oneshot(keyed()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let duplicate = tokio::spawn(svc.clone().oneshot(keyed()));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        layer.available_permits(),
+        1,
+        "the duplicate runs with a permit"
+    );
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let duplicate = duplicate.await.unwrap().unwrap();
+    assert_eq!(duplicate.status(), StatusCode::OK);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
