@@ -370,6 +370,9 @@ pub struct IdempotencySection {
     pub lock_for: Duration,
     /// Response bodies up to this many bytes are remembered (default 1 MiB).
     pub max_body: usize,
+    /// A header whose value scopes the keys by caller, e.g. `"authorization"` (default
+    /// none); see [`IdempotencyLayer::scope_by`](crate::idempotency::IdempotencyLayer::scope_by).
+    pub scope_by: Option<String>,
 }
 
 impl Default for IdempotencySection {
@@ -379,6 +382,7 @@ impl Default for IdempotencySection {
             ttl: Duration::from_secs(24 * 60 * 60),
             lock_for: Duration::from_secs(60),
             max_body: 1024 * 1024,
+            scope_by: None,
         }
     }
 }
@@ -658,6 +662,14 @@ impl ServerConfig {
             return Err(ConfigError::new(
                 f("idempotency.capacity"),
                 "must be at least 1 (to switch the layer off, leave it out of the stack)",
+            ));
+        }
+        if let Some(h) = &self.idempotency.scope_by
+            && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            return Err(ConfigError::new(
+                f("idempotency.scope_by"),
+                format!("({h:?}) is not a header name"),
             ));
         }
         positive(f("idempotency.ttl"), self.idempotency.ttl)?;

@@ -196,7 +196,11 @@ fn server(f: &mut impl Write, p: &str, s: &ServerConfig) -> fmt::Result {
     writeln!(f, "capacity = {}", i.capacity)?;
     writeln!(f, "ttl = {:?}", d(i.ttl))?;
     writeln!(f, "lock_for = {:?}", d(i.lock_for))?;
-    writeln!(f, "max_body = {}", i.max_body)
+    writeln!(f, "max_body = {}", i.max_body)?;
+    if let Some(h) = &i.scope_by {
+        writeln!(f, "scope_by = {}", string(h))?;
+    }
+    Ok(())
 }
 
 impl fmt::Display for ClientConfig {
@@ -284,6 +288,7 @@ mod tests {
         let mut c = StackConfig::default();
         c.client.circuit_breaker.name = Some("a\u{0}\u{7f}\u{ad}\"\\b\n\t".to_owned());
         c.client.enqueue.sync_routes = vec!["/caf\u{e9}/\u{1b}".to_owned()];
+        c.server.idempotency.scope_by = Some("authorization".to_owned());
         let shown = c.to_string();
         let back = StackConfig::from_str(&shown, Format::Toml).unwrap();
         assert_eq!(back, c, "{shown}");

@@ -288,15 +288,22 @@ impl ServerConfig {
             HttpPropagation::new()
         };
         let i = &self.idempotency;
+        let mut idempotency = IdempotencyLayer::new(i.capacity)
+            .ttl(i.ttl)
+            .and_then(|l| l.lock_for(i.lock_for))
+            .map_err(prefix)?
+            .max_body(i.max_body);
+        if let Some(h) = &i.scope_by {
+            // Checked by `validate`.
+            if let Ok(h) = http::HeaderName::from_bytes(h.as_bytes()) {
+                idempotency = idempotency.scope_by(h);
+            }
+        }
         Ok(ServerLayer {
             deadline: DeadlineLayer::with_propagation(self.deadline, propagation)
                 .map_err(prefix)?,
             bulkhead: self.bulkhead.build().map_err(prefix)?,
-            idempotency: IdempotencyLayer::new(i.capacity)
-                .ttl(i.ttl)
-                .and_then(|l| l.lock_for(i.lock_for))
-                .map_err(prefix)?
-                .max_body(i.max_body),
+            idempotency,
         })
     }
 }

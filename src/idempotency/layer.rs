@@ -36,6 +36,7 @@ impl<St> IdempotencyLayer<St> {
                 ttl: Duration::from_secs(24 * 60 * 60),
                 lock_for: Duration::from_secs(60),
                 max_body: 1024 * 1024,
+                scope: None,
             },
         }
     }
@@ -76,6 +77,20 @@ impl<St> IdempotencyLayer<St> {
     /// and are not (a duplicate then runs the handler again).
     pub fn max_body(mut self, bytes: usize) -> Self {
         self.config.max_body = bytes;
+        self
+    }
+
+    /// Scopes keys by the caller's `header` too (`authorization`, or a tenant header
+    /// your authentication sets): two callers who send the same key (a client bug, or
+    /// keys like `order-7`) then get their own answers, instead of the second being
+    /// answered with the first's response (its body and `Set-Cookie` included). The
+    /// value is hashed (64-bit SipHash) into the key, so the store holds no credential.
+    ///
+    /// Off by default: a caller that retries with a refreshed token then has another
+    /// scope, and its retry runs the handler again. The enqueue replayer replays the
+    /// stored `Authorization`, so its replays stay in the original's scope.
+    pub fn scope_by(mut self, header: HeaderName) -> Self {
+        self.config.scope = Some(header);
         self
     }
 

@@ -45,7 +45,10 @@
 //! remembered: `CANCELLED`, `UNKNOWN` (and a missing status), `DEADLINE_EXCEEDED`,
 //! `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE`,
 //! `DATA_LOSS`, `UNAUTHENTICATED` and `PERMISSION_DENIED`. `OK` and the caller's errors (`INVALID_ARGUMENT`, `NOT_FOUND`,
-//! `ALREADY_EXISTS`, …) are. Keys are scoped by method and path.
+//! `ALREADY_EXISTS`, …) are. Keys are scoped by method and path, and with
+//! [`scope_by`](IdempotencyLayer::scope_by) by the caller (a header such as
+//! `authorization`): without it, two callers that send the same key and request get
+//! the same stored answer.
 //!
 //! The store is the [`IdempotencyStore`] trait; [`MemoryStore`] (bounded, TTL
 //! eviction) is the default. Behind several instances, use a shared store.

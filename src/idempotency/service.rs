@@ -26,6 +26,8 @@ pub(crate) struct Config {
     pub(crate) ttl: Duration,
     pub(crate) lock_for: Duration,
     pub(crate) max_body: usize,
+    /// A header whose value scopes the keys (the caller's identity).
+    pub(crate) scope: Option<HeaderName>,
 }
 
 /// Answers repeated requests with the same `Idempotency-Key` from a store instead of
@@ -134,8 +136,24 @@ where
             );
         };
         // Keys are scoped to the method and path: the same key on another endpoint is
-        // another operation.
-        let scoped = format!("{} {} {key}", req.method(), req.uri().path());
+        // another operation (and, if asked, to the caller).
+        let scoped = match &self.config.scope {
+            None => format!("{} {} {key}", req.method(), req.uri().path()),
+            Some(header) => {
+                use std::hash::{Hash, Hasher as _};
+                let mut h = std::hash::DefaultHasher::new();
+                req.headers()
+                    .get(header)
+                    .map(HeaderValue::as_bytes)
+                    .hash(&mut h);
+                format!(
+                    "{} {} {:016x} {key}",
+                    req.method(),
+                    req.uri().path(),
+                    h.finish()
+                )
+            }
+        };
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
         let fut = keyed(svc, req, scoped, self.store.clone(), self.config.clone());

@@ -339,6 +339,43 @@ fn a_non_finite_number_in_a_file_names_its_field() {
     }
 }
 
+/// `scope_by` must name a header: a bad one is an error naming the field, a good one
+/// scopes the server stack's keys by caller.
+#[tokio::test]
+async fn idempotency_scope_by_is_checked_and_applied() {
+    let e = StackConfig::from_str("[server.idempotency]\nscope_by = \"a b\"\n", Format::Toml)
+        .unwrap_err();
+    assert_eq!(e.field(), Some("server.idempotency.scope_by"));
+    assert_eq!(e.line(), Some(2));
+    let config = ServerConfig::from_str(
+        "[idempotency]\nscope_by = \"Authorization\"\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = tower::Layer::layer(
+        &config.layer().unwrap(),
+        service_fn({
+            let calls = calls.clone();
+            move |_req: http::Request<_>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+                }
+            }
+        }),
+    );
+    for token in ["alice", "bob"] {
+        let req = http::Request::post("http://shop.test/orders")
+            .header("idempotency-key", "order-7")
+            .header("authorization", token)
+            .body(Full::new(Bytes::from("{}")))
+            .unwrap();
+        svc.clone().oneshot(req).await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "bob got alice's answer");
+}
+
 /// An idempotency capacity of 0 is an error, not silently one key.
 #[test]
 fn an_idempotency_capacity_of_zero_is_an_error() {

@@ -2363,6 +2363,30 @@ async fn a_handler_that_never_answers_is_cancelled_when_its_claim_expires() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// With `scope_by(authorization)`, two callers who send the same key and request get
+/// their own answers (the second used to get the first's response); the same caller's
+/// repeat is still answered from the store.
+#[tokio::test(start_paused = true)]
+async fn keys_scoped_by_the_caller_keep_two_callers_apart() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100)
+        .scope_by(http::header::AUTHORIZATION)
+        .layer(echo_handler(calls.clone()));
+    let as_user = |token: &str| {
+        let mut req = keyed("order-7");
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, token.parse().unwrap());
+        req
+    };
+    for token in ["Bearer alice", "Bearer bob"] {
+        let res = svc.clone().oneshot(as_user(token)).await.unwrap();
+        assert!(!res.headers().contains_key(REPLAYED_HEADER), "{token}");
+    }
+    let res = svc.clone().oneshot(as_user("Bearer alice")).await.unwrap();
+    assert!(res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// A request body that fails one frame in (its client went away mid-upload).
 struct BrokenUpload(bool);
 
