@@ -4,6 +4,10 @@
 //! sides), so the difference is the layer's own work: the key, the capture it keeps in
 //! case the call fails, and its future.
 //!
+//! The same request through the server's `Idempotency` layer: with a new key each time
+//! (claim, handler in a task of its own, response stored) and with one key repeated
+//! (answered from the store).
+//!
 //! `cargo bench --bench enqueue_layer`
 
 #![allow(missing_docs)] // criterion's macros generate undocumented items
@@ -14,6 +18,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use postbox::BoxError;
 use postbox::enqueue::EnqueueFallbackLayer;
+use postbox::idempotency::IdempotencyLayer;
 use postbox::queue::MemoryQueue;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -60,6 +65,37 @@ where
     });
 }
 
+/// As [`bench`], each request with a key of its own if `fresh`.
+fn keyed<S, B>(c: &mut Criterion, rt: &tokio::runtime::Runtime, id: &str, fresh: bool, svc: S)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + 'static,
+    S::Error: std::fmt::Debug,
+{
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    c.bench_function(id, |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let mut svc = svc.clone();
+            let body = body.clone();
+            let next = next.clone();
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let mut req = request(&body);
+                    if fresh {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        req.headers_mut()
+                            .insert("idempotency-key", http::HeaderValue::from(n));
+                    }
+                    let ready = svc.ready().await.unwrap();
+                    black_box(ready.call(req).await.unwrap());
+                }
+                start.elapsed()
+            }
+        });
+    });
+}
+
 fn layer(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -74,6 +110,20 @@ fn layer(c: &mut Criterion) {
         service_fn(|_req: Req| async { Ok::<_, BoxError>(Response::new(Full::new(Bytes::new()))) })
     }
     bench(c, &rt, "baseline/http/service_fn", ok());
+    keyed(
+        c,
+        &rt,
+        "postbox/idempotency/new_key",
+        true,
+        IdempotencyLayer::new(10_000).layer(ok()),
+    );
+    keyed(
+        c,
+        &rt,
+        "postbox/idempotency/repeated_key",
+        false,
+        IdempotencyLayer::new(10_000).layer(ok()),
+    );
     let queue = Arc::new(MemoryQueue::new());
     bench(
         c,
