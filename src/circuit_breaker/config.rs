@@ -25,7 +25,7 @@ use tokio::time::Instant;
 /// | slow calls | not tracked |
 /// | `break_duration` | 5 s, fixed (no growth, no jitter) |
 /// | `permitted_probes` | 3 |
-/// | `max_wait_in_half_open` | none |
+/// | `max_wait_in_half_open` | 60 s |
 pub struct CircuitBreakerBuilder {
     name: Cow<'static, str>,
     failure_rate: f64,
@@ -89,12 +89,15 @@ impl Default for CircuitBreakerBuilder {
             jitter: 0.0,
             seed: None,
             permitted_probes: 3,
-            max_wait_in_half_open: None,
+            max_wait_in_half_open: Some(DEFAULT_MAX_WAIT_IN_HALF_OPEN),
             count_calls: false,
             hook: None,
         }
     }
 }
+
+/// The default of [`CircuitBreakerBuilder::max_wait_in_half_open`].
+const DEFAULT_MAX_WAIT_IN_HALF_OPEN: Duration = Duration::from_secs(60);
 
 /// The largest count window (its ring keeps one byte per call).
 const MAX_COUNT_WINDOW: u32 = 1 << 20;
@@ -212,7 +215,12 @@ impl CircuitBreakerBuilder {
     }
 
     /// Re-opens a half-open breaker whose probes have not all come back after `d`, so
-    /// it can never stay stuck half-open.
+    /// it can never stay stuck half-open (default 60 s; resilience4j's
+    /// `maxWaitDurationInHalfOpenState`, which is off by default there). A probe that
+    /// never answers (no timeout inside the breaker), or a probe slot reserved by a
+    /// `poll_ready` whose `call` never comes (a balancer keeping an unchosen service
+    /// ready), would otherwise keep every other call rejected. `Duration::MAX` switches
+    /// it off.
     pub fn max_wait_in_half_open(mut self, d: Duration) -> Self {
         self.max_wait_in_half_open = Some(d);
         self
@@ -485,7 +493,7 @@ impl Default for CircuitBreakerConfig {
             break_multiplier: b.break_multiplier,
             break_jitter: b.jitter,
             permitted_probes: b.permitted_probes,
-            max_wait_in_half_open: None,
+            max_wait_in_half_open: b.max_wait_in_half_open,
             count_calls: false,
         }
     }

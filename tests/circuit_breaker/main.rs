@@ -519,6 +519,37 @@ async fn max_wait_in_half_open_reopens_a_stuck_breaker() {
     assert_eq!(e.retry_after(), Duration::from_secs(1));
 }
 
+/// By default a half-open breaker whose probe never answers (no timeout inside the
+/// breaker) re-opens after 60 s instead of rejecting every call for good. (The max
+/// wait was off by default.)
+#[tokio::test(start_paused = true)]
+async fn by_default_a_stuck_half_open_breaker_reopens_after_a_minute() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .permitted_probes(1)
+        .break_duration(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<(), (), _>(layer);
+    handle.allow(10);
+    assert_ready_ok!(svc.poll_ready());
+    let f = svc.call(());
+    handle.next_request().await.unwrap().1.send_error("boom");
+    f.await.unwrap_err();
+    advance(Duration::from_secs(1)).await;
+    assert_ready_ok!(svc.poll_ready());
+    let _stuck = svc.call(()); // the probe never answers
+    advance(Duration::from_secs(59)).await;
+    assert_ready_ok!(svc.poll_ready());
+    open_error(svc.call(()).await);
+    assert_eq!(h.state(), State::HalfOpen);
+    advance(Duration::from_secs(1)).await;
+    assert_ready_ok!(svc.poll_ready());
+    open_error(svc.call(()).await);
+    assert_eq!(h.state(), State::Open);
+}
+
 // --- manual control -------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
