@@ -217,6 +217,17 @@ impl GrpcClassifier {
             return Some(self.classify_code(code, headers));
         }
         if status != http::StatusCode::OK {
+            // A proxy's (or load balancer's) own answer, before any gRPC server: a 429,
+            // or a 503 with `Retry-After`, asks us to slow down, as in HTTP.
+            let hint = || super::http::retry_after(headers, std::time::SystemTime::now());
+            if status == http::StatusCode::TOO_MANY_REQUESTS {
+                return Some(Classification::overload(hint()));
+            }
+            if status == http::StatusCode::SERVICE_UNAVAILABLE
+                && let Some(after) = hint()
+            {
+                return Some(Classification::overload(Some(after)));
+            }
             return Some(self.classify_code(GrpcCode::from_http_status(status), headers));
         }
         None
@@ -283,6 +294,26 @@ mod tests {
             Err(&err),
         );
         assert_eq!(c.class(), Class::Success);
+    }
+
+    /// A proxy's `429`, or `503` with `Retry-After`, in front of a gRPC server (no
+    /// `grpc-status`) is overload with the hint, as in HTTP (it was a plain
+    /// `UNAVAILABLE` failure, and the hint was lost).
+    #[test]
+    fn a_proxys_429_or_503_with_retry_after_is_overload() {
+        let c = GrpcClassifier::new();
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "7".parse().unwrap());
+        for status in [429, 503] {
+            let status = http::StatusCode::from_u16(status).unwrap();
+            let got = c.classify_headers(status, &h).unwrap();
+            assert_eq!(got.class(), Class::Overload, "{status}");
+            assert_eq!(got.retry_after(), Some(Duration::from_secs(7)), "{status}");
+        }
+        let plain = c
+            .classify_headers(http::StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new())
+            .unwrap();
+        assert_eq!(plain.class(), Class::Failure);
     }
 
     fn trailers(status: &str) -> HeaderMap {
