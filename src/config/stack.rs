@@ -285,7 +285,7 @@ impl ServerConfig {
         let propagation = if self.honour_inbound_deadline {
             HttpPropagation::new().with_inbound_headers()
         } else {
-            HttpPropagation::new()
+            HttpPropagation::new().ignoring_inbound_headers()
         };
         let i = &self.idempotency;
         let mut idempotency = IdempotencyLayer::new(i.capacity)

@@ -253,22 +253,52 @@ mod http_propagation {
     ///   `grpc-timeout`. A header already on the request with a shorter time (one the
     ///   caller set, as tonic's `Request::set_timeout` does) wins: the extension and
     ///   both headers then carry that time (the layer's own timer keeps its budget).
-    #[derive(Debug, Clone, Copy, Default)]
+    ///   A server that does not trust the previous hop uses
+    ///   [`ignoring_inbound_headers`](Self::ignoring_inbound_headers): the headers
+    ///   it received are then overwritten, never read.
+    #[derive(Debug, Clone, Copy)]
     pub struct HttpPropagation {
-        inbound_headers: bool,
+        headers: Headers,
+    }
+
+    /// Which deadline headers already on the request count.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Headers {
+        /// Client side: a shorter header the caller set wins on the way out.
+        CallerSet,
+        /// Server side, trusted: the previous hop's headers bound the deadline.
+        Inbound,
+        /// Server side, untrusted: headers on the request are ignored and overwritten.
+        Ignored,
+    }
+
+    impl Default for HttpPropagation {
+        fn default() -> Self {
+            Self::new()
+        }
     }
 
     impl HttpPropagation {
-        /// Propagation that trusts only the request extension.
+        /// Client-side propagation: trusts the request extension, and a shorter
+        /// timeout header the caller set on the request.
         pub const fn new() -> Self {
             Self {
-                inbound_headers: false,
+                headers: Headers::CallerSet,
             }
         }
 
         /// Also honours the deadline the previous hop sent in headers (server side).
         pub const fn with_inbound_headers(mut self) -> Self {
-            self.inbound_headers = true;
+            self.headers = Headers::Inbound;
+            self
+        }
+
+        /// Server side, when the previous hop is not trusted: the `grpc-timeout` and
+        /// [`TIMEOUT_MS_HEADER`] headers on the request are ignored (a remote client
+        /// sending `0` cannot cut the server's budget) and are overwritten with this
+        /// layer's deadline for the handler and the hops after it.
+        pub const fn ignoring_inbound_headers(mut self) -> Self {
+            self.headers = Headers::Ignored;
             self
         }
     }
@@ -276,42 +306,25 @@ mod http_propagation {
     impl<B> Propagate<Request<B>> for HttpPropagation {
         fn inbound(&self, req: &Request<B>, now: Instant) -> Option<Instant> {
             let ext = req.extensions().get::<CallDeadline>().map(CallDeadline::at);
-            if !self.inbound_headers {
+            if self.headers != Headers::Inbound {
                 return ext;
             }
-            let headers = req.headers();
-            let grpc = headers
-                .get("grpc-timeout")
-                .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+            let header = header_timeout(req.headers(), is_grpc(req.headers()))
                 .map(|d| crate::clock::later(now, d));
-            let ms = headers
-                .get(TIMEOUT_MS_HEADER)
-                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                .map(|ms| crate::clock::later(now, Duration::from_millis(ms)));
-            [ext, grpc, ms].into_iter().flatten().min()
+            [ext, header].into_iter().flatten().min()
         }
 
         fn outbound(&self, req: &mut Request<B>, deadline: Instant, remaining: Duration) {
-            let headers = req.headers();
-            let is_grpc = headers
-                .get(CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            let is_grpc = is_grpc(req.headers());
             // A shorter limit the caller set itself (tonic's `Request::set_timeout`
             // writes `grpc-timeout`) wins: the next hop must not work longer than the
             // caller asked, and a retry inside must not give each attempt that whole
-            // limit again (it reads the `CallDeadline`).
-            let set = [
-                headers
-                    .get("grpc-timeout")
-                    .and_then(|v| parse_grpc_timeout(v.as_bytes())),
-                headers
-                    .get(TIMEOUT_MS_HEADER)
-                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                    .map(Duration::from_millis),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            // limit again (it reads the `CallDeadline`). An untrusting server never
+            // reads what a remote client sent.
+            let set = match self.headers {
+                Headers::Ignored => None,
+                Headers::CallerSet | Headers::Inbound => header_timeout(req.headers(), is_grpc),
+            };
             let (deadline, remaining) = match set {
                 Some(set) if set < remaining => {
                     let now = deadline.checked_sub(remaining).unwrap_or(deadline);
@@ -329,6 +342,26 @@ mod http_propagation {
                 headers.insert("grpc-timeout", v);
             }
         }
+    }
+
+    fn is_grpc(headers: &http::HeaderMap) -> bool {
+        headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    }
+
+    /// The shortest timeout in the request's headers: [`TIMEOUT_MS_HEADER`], and
+    /// `grpc-timeout` on gRPC requests only (it means nothing on plain HTTP).
+    fn header_timeout(headers: &http::HeaderMap, is_grpc: bool) -> Option<Duration> {
+        let grpc = headers
+            .get("grpc-timeout")
+            .filter(|_| is_grpc)
+            .and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let ms = headers
+            .get(TIMEOUT_MS_HEADER)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .map(Duration::from_millis);
+        [grpc, ms].into_iter().flatten().min()
     }
 
     /// Encodes a `grpc-timeout` value: at most 8 digits and a unit, choosing the finest

@@ -376,6 +376,38 @@ async fn idempotency_scope_by_is_checked_and_applied() {
     assert_eq!(calls.load(Ordering::SeqCst), 2, "bob got alice's answer");
 }
 
+/// `honour_inbound_deadline = false`: the handler sees the server's own budget, not
+/// the `postbox-timeout-ms: 0` a remote client sent.
+#[tokio::test]
+async fn a_server_not_honouring_inbound_deadlines_keeps_its_budget() {
+    let config = ServerConfig::from_str(
+        "honour_inbound_deadline = false\ndeadline = \"4s\"\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let svc = tower::Layer::layer(
+        &config.layer().unwrap(),
+        service_fn(|req: http::Request<_>| async move {
+            let got = req.headers()[postbox::timeout::TIMEOUT_MS_HEADER].clone();
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                got.as_bytes().to_vec(),
+            ))))
+        }),
+    );
+    let req = http::Request::post("http://shop.test/orders")
+        .header(postbox::timeout::TIMEOUT_MS_HEADER, "0")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), http::StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let ms: u64 = std::str::from_utf8(&body).unwrap().parse().unwrap();
+    assert!((3900..=4000).contains(&ms), "the handler saw {ms} ms");
+}
+
 /// An idempotency capacity of 0 is an error, not silently one key.
 #[test]
 fn an_idempotency_capacity_of_zero_is_an_error() {

@@ -166,6 +166,7 @@ async fn an_expired_inbound_grpc_timeout_never_calls_inner() {
         .unwrap(),
     );
     let req = http::Request::builder()
+        .header("content-type", "application/grpc")
         .header("grpc-timeout", "0m")
         .body(())
         .unwrap();
@@ -316,4 +317,59 @@ async fn servers_honour_the_callers_timeout_header() {
     time::advance(Duration::from_millis(1)).await;
     let err = assert_ready!(fut.poll()).unwrap_err();
     assert!(find_cause::<DeadlineExceeded>(&*err).is_some());
+}
+
+/// A server that does not trust the previous hop (`honour_inbound_deadline = false`)
+/// must not let a remote client's `postbox-timeout-ms: 0` or `grpc-timeout` cut its
+/// budget on the way to the handler: the headers are overwritten with its own
+/// deadline. (Before, the outbound step took them for a shorter caller-set limit.)
+#[tokio::test(start_paused = true)]
+async fn an_untrusting_server_ignores_the_timeout_headers_it_received() {
+    let layer = DeadlineLayer::with_propagation(
+        Duration::from_secs(3),
+        HttpPropagation::new().ignoring_inbound_headers(),
+    )
+    .unwrap();
+    let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(layer);
+    let req = http::Request::builder()
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "1m")
+        .header(TIMEOUT_MS_HEADER, "0")
+        .body(())
+        .unwrap();
+    let start = Instant::now();
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(req));
+    let (sent, send) = handle.next_request().await.unwrap();
+    assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], "3000");
+    assert_eq!(sent.headers()["grpc-timeout"], "3000000u");
+    assert_eq!(
+        sent.extensions().get::<CallDeadline>().unwrap().at(),
+        start + Duration::from_secs(3)
+    );
+    time::advance(Duration::from_millis(2999)).await;
+    assert_pending!(fut.poll());
+    send.send_response(());
+    assert_ready_ok!(fut.poll());
+}
+
+/// `grpc-timeout` means nothing on a plain HTTP request: it neither bounds a
+/// trusting server's deadline nor counts as a caller-set limit on the way out.
+#[tokio::test(start_paused = true)]
+async fn grpc_timeout_on_a_plain_http_request_is_not_read() {
+    for propagation in [
+        HttpPropagation::new(),
+        HttpPropagation::new().with_inbound_headers(),
+    ] {
+        let layer = DeadlineLayer::with_propagation(Duration::from_secs(2), propagation).unwrap();
+        let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(layer);
+        let req = http::Request::builder()
+            .header("grpc-timeout", "5m")
+            .body(())
+            .unwrap();
+        assert_ready_ok!(svc.poll_ready());
+        let _fut = svc.call(req);
+        let (sent, _) = handle.next_request().await.unwrap();
+        assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], "2000", "{propagation:?}");
+    }
 }
