@@ -198,9 +198,12 @@ where
 {
     let head = Hasher::of_head(&req);
     let mut ready = true;
-    let token = loop {
+    let (token, claim_ends) = loop {
+        // When the claim expires and a duplicate may take the key over (reckoned from
+        // before the claim was asked for, so never later than the store's own expiry).
+        let claim_ends = crate::clock::later(tokio::time::Instant::now(), config.lock_for);
         match store.claim(&key, config.lock_for).await {
-            Ok(Claim::Proceed(token)) => break token,
+            Ok(Claim::Proceed(token)) => break (token, claim_ends),
             Ok(Claim::Done(stored)) => {
                 if let Some(first) = stored.fingerprint {
                     // A repeat must be the same request: read its body (no further
@@ -262,8 +265,26 @@ where
         armed: true,
     };
     if !ready {
-        // The claim goes back if this fails (or is dropped meanwhile).
-        std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+        // The claim goes back if this fails (or is dropped meanwhile), and if the
+        // service is not ready before the claim ends: past it a duplicate may take the
+        // key over, and both would run the handler.
+        let ready = std::future::poll_fn(|cx| svc.poll_ready(cx));
+        let readied = if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::time::timeout_at(claim_ends, ready).await.ok()
+        } else {
+            Some(ready.await) // no timer without a runtime
+        };
+        if readied.transpose()?.is_none() {
+            tracing::debug!(key = %claim.key, "service not ready before the claim ended");
+            metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "claim_expired")
+                .increment(1);
+            return Ok(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service busy",
+                "The service did not become ready before this request's hold on its \
+                 Idempotency-Key expired; retry with the same key.",
+            ));
+        }
     }
     let (parts, body) = req.into_parts();
     let (body, tap) = FingerprintedBody::tapped(body, head);
@@ -274,8 +295,6 @@ where
     // replayer) would make the effect twice. Its duplicate waits and gets the stored
     // answer instead. Hence a task of its own (inline without a runtime).
     let (alive, gone) = tokio::sync::oneshot::channel::<()>();
-    // When the claim expires and a duplicate may take the key over.
-    let claim_ends = crate::clock::later(tokio::time::Instant::now(), config.lock_for);
     let work = async move {
         let res = match svc.call(req).await {
             Ok(res) => res,

@@ -2363,6 +2363,100 @@ async fn a_handler_that_never_answers_is_cancelled_when_its_claim_expires() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// A service that is not ready until a shared instant (a full bulkhead inside).
+struct Gated<S> {
+    inner: S,
+    closed_until: Arc<Mutex<tokio::time::Instant>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S: Clone> Clone for Gated<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            closed_until: self.closed_until.clone(),
+            sleep: None,
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> Service<Req> for Gated<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        loop {
+            let until = *self.closed_until.lock().unwrap();
+            if tokio::time::Instant::now() >= until {
+                self.sleep = None;
+                return self.inner.poll_ready(cx);
+            }
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if sleep.deadline() != until {
+                sleep.as_mut().reset(until);
+            }
+            std::task::ready!(sleep.as_mut().poll(cx));
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        self.inner.call(req)
+    }
+}
+
+/// A duplicate that waited and then took the key over gives it back when its service
+/// is not ready before the claim ends: past the claim another duplicate may take the
+/// key, and both would run the handler. (It waited for readiness without bound.)
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_whose_service_stays_unready_gives_the_key_back_at_claim_end() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let handler = service_fn(move |_req: Served| {
+        let n = calls2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // The first answer is not remembered, so the waiting duplicate runs.
+            Ok::<_, std::convert::Infallible>(respond(if n == 0 { 503 } else { 201 }, "x"))
+        }
+    });
+    let closed_until = Arc::new(Mutex::new(tokio::time::Instant::now()));
+    let gated = Gated {
+        inner: handler,
+        closed_until: closed_until.clone(),
+        sleep: None,
+    };
+    let svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(5))
+        .unwrap()
+        .layer(gated);
+    let first = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let duplicate = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Now every service clone stays unready for a long time.
+    *closed_until.lock().unwrap() = tokio::time::Instant::now() + Duration::from_secs(100);
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The duplicate took the key at ~1 s; its claim ends 5 s later.
+    tokio::time::sleep(Duration::from_millis(5900)).await;
+    assert!(duplicate.is_finished(), "still waiting past its claim");
+    let duplicate = duplicate.await.unwrap().unwrap();
+    assert_eq!(duplicate.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The key is free again: once the service is ready, a retry runs the handler.
+    *closed_until.lock().unwrap() = tokio::time::Instant::now();
+    let res = svc.oneshot(keyed("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert!(!res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// With `scope_by(authorization)`, two callers who send the same key and request get
 /// their own answers (the second used to get the first's response); the same caller's
 /// repeat is still answered from the store.
