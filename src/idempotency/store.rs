@@ -323,10 +323,19 @@ impl IdempotencyStore for MemoryStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let size = size_of(key, &response);
+        if size > self.max_bytes {
+            // Storing it would shed every other remembered response, and then itself.
+            return std::future::ready(Err(format!(
+                "a response of {size} bytes is over the store's max_bytes ({})",
+                self.max_bytes
+            )
+            .into()));
+        }
         let expires = later(Instant::now(), ttl);
         let mut inner = self.lock();
         if inner.holds(key, token) {
-            inner.bytes += size_of(key, &response);
+            inner.bytes += size;
             inner
                 .map
                 .insert(key.to_owned(), Entry::Done { response, expires });
@@ -409,6 +418,33 @@ mod tests {
         let token = proceed(&s, "d", lock).await; // evicts what expired
         s.release("d", token);
         assert_eq!(s.bytes(), 0);
+    }
+
+    /// A response larger than the whole byte budget is refused (the claim stays for the
+    /// caller to release) and sheds nothing: it used to push every other remembered
+    /// response out, and then itself.
+    #[tokio::test(start_paused = true)]
+    async fn a_response_over_the_whole_budget_is_refused_and_sheds_nothing() {
+        let s = MemoryStore::new(100).max_bytes(1500);
+        let lock = Duration::from_secs(30);
+        let ttl = Duration::from_secs(60);
+        let sized = |n: u8, len: usize| StoredResponse {
+            body: Bytes::from(vec![n; len]),
+            ..response(n)
+        };
+        let token = proceed(&s, "a", lock).await;
+        s.complete("a", token, sized(1, 1000), ttl).await.unwrap();
+        let before = s.bytes();
+        let token = proceed(&s, "huge", lock).await;
+        let e = s.complete("huge", token, sized(2, 2000), ttl).await;
+        assert!(e.unwrap_err().to_string().contains("max_bytes"));
+        assert_eq!(s.bytes(), before);
+        assert!(matches!(s.claim("a", lock).await.unwrap(), Claim::Done(_)));
+        s.release("huge", token);
+        assert!(matches!(
+            s.claim("huge", lock).await.unwrap(),
+            Claim::Proceed(_)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
