@@ -58,6 +58,21 @@ impl Hasher {
         h
     }
 
+    /// A hash of a scope header's value (`None`: the header is absent, which is not
+    /// the same as an empty value), stable across processes, builds and platforms like
+    /// the fingerprint, so instances sharing a store agree on the scope.
+    pub(crate) fn of_scope(value: Option<&[u8]>) -> u64 {
+        let mut h = Self {
+            h: 0x1319_8A2E_0370_7344,
+            tail: [0; 8],
+            tail_len: 0,
+            len: 0,
+        };
+        h.mix(u64::from(value.is_some()));
+        h.write(value.unwrap_or_default());
+        h.finish().hash
+    }
+
     #[inline]
     fn mix(&mut self, w: u64) {
         self.h = (self.h.rotate_left(23) ^ w).wrapping_mul(K);
@@ -310,6 +325,21 @@ pub(crate) async fn of_body<B: Body>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The scope hash is pinned: it must not change between builds or Rust releases
+    /// (instances sharing a store must agree; `DefaultHasher` promises neither), and
+    /// an absent header is not an empty one.
+    #[test]
+    fn the_scope_hash_is_stable_and_tells_absent_from_empty() {
+        assert_eq!(Hasher::of_scope(None), Hasher::of_scope(None));
+        assert_ne!(Hasher::of_scope(None), Hasher::of_scope(Some(b"")));
+        assert_ne!(
+            Hasher::of_scope(Some(b"Bearer alice")),
+            Hasher::of_scope(Some(b"Bearer bob"))
+        );
+        const PINNED: u64 = 0x5F07_BFB3_20AF_7C61;
+        assert_eq!(Hasher::of_scope(Some(b"Bearer alice")), PINNED);
+    }
 
     fn head() -> Hasher {
         Hasher::of_head(&Request::post("/orders?x=1").body(()).unwrap())

@@ -84,7 +84,10 @@ impl<St> IdempotencyLayer<St> {
     /// your authentication sets): two callers who send the same key (a client bug, or
     /// keys like `order-7`) then get their own answers, instead of the second being
     /// answered with the first's response (its body and `Set-Cookie` included). The
-    /// value is hashed (64-bit SipHash) into the key, so the store holds no credential.
+    /// value enters the key as a stable 64-bit hash (the same in every instance and
+    /// build), so the store does not hold it in the clear; the hash is not
+    /// cryptographic, so scope by a high-entropy value (a token) or an identity your
+    /// authentication has checked, not by something a caller can choose freely.
     ///
     /// Off by default: a caller that retries with a refreshed token then has another
     /// scope, and its retry runs the handler again. The enqueue replayer replays the

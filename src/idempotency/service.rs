@@ -140,17 +140,12 @@ where
         let scoped = match &self.config.scope {
             None => format!("{} {} {key}", req.method(), req.uri().path()),
             Some(header) => {
-                use std::hash::{Hash, Hasher as _};
-                let mut h = std::hash::DefaultHasher::new();
-                req.headers()
-                    .get(header)
-                    .map(HeaderValue::as_bytes)
-                    .hash(&mut h);
+                let value = req.headers().get(header).map(HeaderValue::as_bytes);
                 format!(
                     "{} {} {:016x} {key}",
                     req.method(),
                     req.uri().path(),
-                    h.finish()
+                    Hasher::of_scope(value)
                 )
             }
         };
