@@ -449,8 +449,9 @@ pub struct CircuitBreakerConfig {
     pub break_jitter: f64,
     /// See [`CircuitBreakerBuilder::permitted_probes`].
     pub permitted_probes: u32,
-    /// See [`CircuitBreakerBuilder::max_wait_in_half_open`].
-    #[serde(deserialize_with = "crate::duration::option")]
+    /// See [`CircuitBreakerBuilder::max_wait_in_half_open`]; `"off"` (`None`) switches
+    /// it off.
+    #[serde(deserialize_with = "crate::duration::or_off")]
     pub max_wait_in_half_open: Option<Duration>,
     /// See [`CircuitBreakerBuilder::count_calls`].
     pub count_calls: bool,

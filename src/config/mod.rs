@@ -30,6 +30,7 @@
 //! |---|---|
 //! | `attempt_timeout ≤ deadline` | `client.attempt_timeout` |
 //! | a time window of the breaker spans at least `2 × attempt_timeout` (a count window has no duration and is not checked) | `client.circuit_breaker.window.duration` |
+//! | the breaker's `max_wait_in_half_open ≥ attempt_timeout` (else a probe that takes its whole attempt reopens the breaker before it answers) | `client.circuit_breaker.max_wait_in_half_open` |
 //! | `retry.max_retries × retry.backoff.max_delay ≤ deadline` | `client.retry.backoff.max_delay` |
 //! | a client bulkhead that lets callers wait (`max_waiting > 0`) sets `max_wait ≤ deadline` (it waits before the deadline's timer starts) | `client.bulkhead.max_wait` |
 //! | `enqueue.sync_methods` are upper-case (methods are case-sensitive: `"get"` would keep no `GET` synchronous) | `client.enqueue.sync_methods` |
@@ -319,8 +320,8 @@ impl EnqueueSection {
     }
 }
 
-/// The server stack: errors answered as responses, the deadline (the caller's, if
-/// sooner), a fail-fast bulkhead, and idempotency.
+/// The server stack, outer to inner: errors answered as responses, the deadline (the
+/// caller's, if sooner), idempotency, and a fail-fast bulkhead.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
@@ -556,6 +557,20 @@ impl ClientConfig {
                 ),
             ));
         }
+        if let Some(wait) = self.circuit_breaker.max_wait_in_half_open
+            && wait < self.attempt_timeout
+        {
+            return Err(ConfigError::new(
+                f("circuit_breaker.max_wait_in_half_open"),
+                format!(
+                    "({}) must be at least `{}` ({}) or \"off\": a probe may take its whole \
+                     attempt, and the breaker would reopen before it answers",
+                    fmt_d(wait),
+                    f("attempt_timeout"),
+                    fmt_d(self.attempt_timeout)
+                ),
+            ));
+        }
         if self.bulkhead.max_waiting > 0 && self.bulkhead.max_wait.is_none_or(|w| w > self.deadline)
         {
             // The bulkhead waits in `poll_ready`, before the deadline's timer starts.
@@ -737,6 +752,17 @@ mod tests {
         assert_eq!(e.field(), "client.retry.backoff.max_delay");
         assert!(e.message().contains("client.retry.max_retries"), "{e}");
         assert!(e.message().contains("client.deadline"), "{e}");
+
+        // A half-open limit shorter than one attempt reopens before the probe answers.
+        let mut c = ClientConfig::standard_http_client();
+        c.circuit_breaker.max_wait_in_half_open = Some(Duration::from_millis(1500));
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field(), "client.circuit_breaker.max_wait_in_half_open");
+        assert!(e.message().contains("client.attempt_timeout"), "{e}");
+        c.circuit_breaker.max_wait_in_half_open = None;
+        c.validate().unwrap();
+        c.circuit_breaker.max_wait_in_half_open = Some(c.attempt_timeout);
+        c.validate().unwrap();
 
         let mut s = ServerConfig::server();
         s.idempotency.lock_for = Duration::from_secs(1);

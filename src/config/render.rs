@@ -142,8 +142,10 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     writeln!(f, "break_multiplier = {}", float(b.break_multiplier))?;
     writeln!(f, "break_jitter = {}", float(b.break_jitter))?;
     writeln!(f, "permitted_probes = {}", b.permitted_probes)?;
-    if let Some(w) = b.max_wait_in_half_open {
-        writeln!(f, "max_wait_in_half_open = {:?}", d(w))?;
+    match b.max_wait_in_half_open {
+        Some(w) => writeln!(f, "max_wait_in_half_open = {:?}", d(w))?,
+        // Absent would load as the 60 s default.
+        None => writeln!(f, "max_wait_in_half_open = \"off\"")?,
     }
     writeln!(f, "count_calls = {}", b.count_calls)?;
 
@@ -279,6 +281,18 @@ mod tests {
         let shown = c.to_string();
         let back = StackConfig::from_str(&shown, Format::Toml).unwrap();
         assert_eq!(back, c, "{shown}");
+    }
+
+    /// A breaker whose half-open limit is off renders as `"off"` and loads back off
+    /// (it was left out, and so loaded as the 60 s default).
+    #[test]
+    fn a_half_open_limit_switched_off_round_trips() {
+        let mut c = StackConfig::default();
+        c.client.circuit_breaker.max_wait_in_half_open = None;
+        let shown = c.to_string();
+        let back = StackConfig::from_str(&shown, Format::Toml).unwrap();
+        assert_eq!(back, c, "{shown}");
+        assert!(back.client.circuit_breaker.builder().build().is_ok());
     }
 
     /// Strings with characters Rust's `{:?}` escapes in a way TOML does not read (a
