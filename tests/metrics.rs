@@ -169,3 +169,44 @@ fn the_circuit_state_gauge_shows_healthy_tripped_and_evicted_breakers() {
         "the evicted open breaker still shows open"
     );
 }
+
+/// A keyed breaker shows 0 from when its key is first seen (it was absent until its
+/// first transition), and a breaker dropped from the map while a call was still in
+/// flight does not set its key's gauge when that call ends (it showed the dropped
+/// breaker opening, for a key whose new breaker is closed).
+#[test]
+fn a_keyed_breaker_shows_from_creation_and_a_dropped_one_leaves_the_gauge() {
+    use postbox::circuit_breaker::CircuitBreakerLayer;
+    use std::time::Duration;
+    const ONE: &str = r#"postbox_circuit_state{breaker="keyed/1"}"#;
+    const TWO: &str = r#"postbox_circuit_state{breaker="keyed/2"}"#;
+    let keyed = recorded(|| async {
+        let layer = CircuitBreakerLayer::builder()
+            .name("keyed")
+            .consecutive_failures(1)
+            .keyed(|k: &u32| *k)
+            .max_keys(1)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(service_fn(|k: u32| async move {
+            if k == 1 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Err::<(), BoxError>(io::Error::from(io::ErrorKind::ConnectionReset).into())
+            } else {
+                Ok(())
+            }
+        }));
+        let mut slow = tokio_test::task::spawn(svc.ready().await.unwrap().call(1));
+        assert!(slow.poll().is_pending());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        svc.ready().await.unwrap().call(2).await.unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(slow.await.is_err());
+    });
+    assert_eq!(gauge(&keyed, TWO), Some(0.0), "a healthy key is absent");
+    assert_eq!(
+        gauge(&keyed, ONE),
+        Some(0.0),
+        "the dropped breaker's late opening shows"
+    );
+}

@@ -124,6 +124,9 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             now,
             Box::new(SharedHook(self.hook.clone())),
         )));
+        // A healthy key shows up on the gauge too (and replaces a retired breaker's
+        // last value).
+        breaker.breaker().show_closed();
         map.insert(
             key,
             Entry {
@@ -154,7 +157,7 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
                 break;
             };
             if let Some(e) = map.remove(&victim) {
-                e.breaker.breaker().show_closed();
+                e.breaker.breaker().retire();
             }
         }
     }
@@ -175,7 +178,7 @@ fn retain_active<K>(map: &mut HashMap<K, Entry>, now_ns: u64, idle: Duration) {
     map.retain(|_, e| {
         let keep = now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns || is_manual(e);
         if !keep {
-            e.breaker.breaker().show_closed();
+            e.breaker.breaker().retire();
         }
         keep
     });

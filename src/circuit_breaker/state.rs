@@ -522,6 +522,9 @@ struct Cold {
     /// Openings since the breaker last closed (drives the growing break).
     openings: u32,
     rng: fastrand::Rng,
+    /// Dropped from a keyed map: its gauge series now belongs to the key's next
+    /// breaker, so a late transition (a probe still in flight) must not set it.
+    retired: bool,
 }
 
 /// The state word on a cache line of its own: the `Arc`'s reference count, which
@@ -590,7 +593,11 @@ impl Breaker {
             below_minimum: AtomicBool::new(true),
             not_permitted: AtomicU64::new(0),
             coarse: OnceLock::new(),
-            cold: Mutex::new(Cold { openings: 0, rng }),
+            cold: Mutex::new(Cold {
+                openings: 0,
+                rng,
+                retired: false,
+            }),
             hook,
         }
     }
@@ -931,7 +938,9 @@ impl Breaker {
         let generation = (generation(cur) + 1) & GEN_MASK;
         self.word.store(pack(generation, to, avail), Release);
         // Under the lock: two transitions on two threads set the gauge in their order.
-        self.set_gauge(to);
+        if !cold.retired {
+            self.set_gauge(to);
+        }
         drop(cold);
         self.emit(mode(cur), to, generation);
         true
@@ -943,10 +952,17 @@ impl Breaker {
             .set(State::from_mode(mode).gauge_value());
     }
 
-    /// Sets the gauge to closed: for a new breaker (so a healthy one shows up too), and
-    /// for one dropped from a keyed map (its key starts closed again; the series must
-    /// not go on showing it open).
+    /// Sets the gauge to closed: for a new breaker, so a healthy one shows up too.
     pub(crate) fn show_closed(&self) {
+        self.set_gauge(CLOSED);
+    }
+
+    /// For a breaker dropped from a keyed map: sets the gauge to closed (its key
+    /// starts closed again; the series must not go on showing it open), and keeps
+    /// later transitions of this breaker (a call still in flight) off the gauge.
+    pub(crate) fn retire(&self) {
+        let mut cold = self.cold.lock().unwrap_or_else(|e| e.into_inner());
+        cold.retired = true;
         self.set_gauge(CLOSED);
     }
 
