@@ -67,6 +67,15 @@ pub trait RequestCodec<Req> {
     /// An envelope that cannot be turned back into a request; the replayer
     /// dead-letters it.
     fn rebuild(&self, envelope: &Envelope) -> Result<Req, BoxError>;
+
+    /// Puts an [`AttemptLog`](crate::retry::AttemptLog) on a rebuilt request and returns
+    /// it, if the request type can carry one: a retry layer in the replay stack then
+    /// notes an attempt that reached the dependency, so a replay its retries end on an
+    /// open breaker still counts. The default carries none.
+    fn attempt_log(&self, req: &mut Req) -> Option<crate::retry::AttemptLog> {
+        let _ = req;
+        None
+    }
 }
 
 #[cfg(feature = "http")]
@@ -218,6 +227,15 @@ pub(crate) mod http_codec {
 
         fn rebuild(&self, envelope: &Envelope) -> Result<Request<BufferedBody<B>>, BoxError> {
             rebuild_request(envelope)
+        }
+
+        fn attempt_log(
+            &self,
+            req: &mut Request<BufferedBody<B>>,
+        ) -> Option<crate::retry::AttemptLog> {
+            let log = crate::retry::AttemptLog::new();
+            req.extensions_mut().insert(log.clone());
+            Some(log)
         }
     }
 }

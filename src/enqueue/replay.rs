@@ -333,8 +333,11 @@ impl ReplayConfig {
 ///   [`Permanent`](Verdict::Permanent) → dead-lettered.
 ///
 /// The queue counts every lease as an attempt, except a replay rejected by an open
-/// breaker (every backend in this crate implements `release` uncounted; a `Queue` of
-/// your own that keeps the default counts it).
+/// breaker before any of its attempts reached the dependency (every backend in this
+/// crate implements `release` uncounted; a `Queue` of your own that keeps the default
+/// counts it). A retry layer inside notes an attempt that reached the dependency on
+/// the request's [`AttemptLog`](crate::retry::AttemptLog): a replay whose own failed
+/// probe opened the breaker its retry then met still counts.
 ///
 /// An ack, retry, release or dead letter that finds the queue
 /// [`Unavailable`](QueueError::Unavailable) is tried again every `poll_interval` (and
@@ -657,6 +660,31 @@ struct Settled {
     verdict: Verdict,
 }
 
+/// A replay turned away by our own breaker or bulkhead is put back uncounted, unless
+/// an earlier attempt of it (a retry layer inside retried it) reached the dependency:
+/// then it counts, so a message that always fails, and opens the breaker with its own
+/// probe every time, still reaches `max_attempts`.
+fn counted_if_reached(verdict: Verdict, log: Option<&crate::retry::AttemptLog>) -> Verdict {
+    if !log.is_some_and(crate::retry::AttemptLog::reached) {
+        return verdict;
+    }
+    match verdict {
+        Verdict::CircuitOpen { retry_after } => Verdict::Retry {
+            after: Some(retry_after),
+            reason: "an attempt reached the dependency and failed; the retries ended on \
+                     the open circuit"
+                .into(),
+        },
+        Verdict::Rejected { reason } => Verdict::Retry {
+            after: None,
+            reason: format!(
+                "an attempt reached the dependency and failed; the retries ended on: {reason}"
+            ),
+        },
+        other => other,
+    }
+}
+
 /// Replays `req` through `svc` and judges the outcome. A replay still running at
 /// `cut_off` (near the end of its lease) is dropped: not yet called (the service was not
 /// ready), it is [`Verdict::Rejected`], uncounted; called, it may have reached the
@@ -830,7 +858,7 @@ where
             self.dead_letter(token, &reason).await;
             return;
         }
-        let req = match self.codec.rebuild(&envelope) {
+        let mut req = match self.codec.rebuild(&envelope) {
             Ok(req) => req,
             Err(e) => {
                 let reason = format!("cannot rebuild the request: {e}");
@@ -842,8 +870,10 @@ where
         let svc = self.service.clone();
         let judge = self.judge.clone();
         let (attempts, expires_at) = (envelope.attempts, envelope.expires_at);
+        let log = self.codec.attempt_log(&mut req);
         let handle = self.tasks.spawn(async move {
             let verdict = replay_one(svc, req, judge, cut_off).await;
+            let verdict = counted_if_reached(verdict, log.as_ref());
             Settled {
                 token,
                 attempts,

@@ -156,6 +156,9 @@ where
                     ) else {
                         return Poll::Ready(out);
                     };
+                    if let Some(original) = this.request.as_ref() {
+                        this.policy.requests.after_attempt(original, &class);
+                    }
                     drop(out);
                     *this.prev_delay = delay;
                     if delay.is_zero() {

@@ -128,5 +128,5 @@ pub use self::layer::{
 };
 #[cfg(feature = "http")]
 pub use self::policy::HttpRequests;
-pub use self::policy::{CloneRequest, Cloned, OnRetry, RetryEvent, RetryPolicy};
+pub use self::policy::{AttemptLog, CloneRequest, Cloned, OnRetry, RetryEvent, RetryPolicy};
 pub use self::service::Retry;

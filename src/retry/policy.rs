@@ -4,6 +4,7 @@ use super::backoff::{Backoff, JitterRng};
 use super::budget::RetryBudget;
 use crate::classify::Classification;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How the retry layer copies a request for another attempt and decides whether
@@ -36,6 +37,14 @@ pub trait CloneRequest<Req> {
         let _ = req;
     }
 
+    /// Called after an attempt the layer is about to retry, with the original request
+    /// and the attempt's classification; e.g. to note on a request carrying an
+    /// [`AttemptLog`] that an attempt reached the dependency. Off the happy path.
+    #[inline]
+    fn after_attempt(&self, req: &Req, class: &Classification) {
+        let _ = (req, class);
+    }
+
     /// When the call `req` belongs to must be done, if it carries a deadline: no retry
     /// is started that could not begin before it (the last outcome is returned
     /// instead). Only asked after a retryable failure.
@@ -43,6 +52,36 @@ pub trait CloneRequest<Req> {
     fn deadline(&self, req: &Req) -> Option<tokio::time::Instant> {
         let _ = req;
         None
+    }
+}
+
+/// A shared note, carried in a request's extensions, of whether an attempt the retry
+/// layer retried reached the dependency: its outcome was recorded (a failure, an
+/// overload), not turned away by our own breaker or bulkhead
+/// ([`Class::Ignored`](crate::classify::Class::Ignored)).
+///
+/// The [`Replayer`](crate::enqueue::Replayer) puts one on every replayed HTTP request:
+/// a replay whose retries end on the breaker its own failed attempt opened then counts
+/// towards `max_attempts`, instead of being put back uncounted as if it had never
+/// reached the dependency (a message that always fails was replayed for ever).
+/// [`HttpRequests`](crate::retry::HttpRequests) marks it; clones of the request share it.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptLog(Arc<std::sync::atomic::AtomicBool>);
+
+impl AttemptLog {
+    /// A log with nothing noted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Notes that an attempt reached the dependency.
+    pub fn note_reached(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether an attempt reached the dependency.
+    pub fn reached(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -78,6 +117,7 @@ pub use self::http_requests::HttpRequests;
 #[cfg(feature = "http")]
 mod http_requests {
     use super::CloneRequest;
+    use crate::classify::Classification;
     use crate::http::body::{BodyNotReplayable, TryCloneBody};
     use crate::http::idempotency_key::{self, ensure_idempotency_key};
     use http::{HeaderMap, Method, Request};
@@ -167,6 +207,14 @@ mod http_requests {
 
         fn is_retry_safe(&self, req: &Request<B>) -> bool {
             self.safe(req.method(), req.headers())
+        }
+
+        fn after_attempt(&self, req: &Request<B>, class: &Classification) {
+            if !class.is_ignored()
+                && let Some(log) = req.extensions().get::<super::AttemptLog>()
+            {
+                log.note_reached();
+            }
         }
 
         fn prepare(&self, req: &mut Request<B>) {
@@ -317,6 +365,23 @@ pub(crate) fn ceil_millis(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an attempt that reached the dependency is noted: a rejection by our own
+    /// breaker or bulkhead (ignored) is not, so a replay rejected before any call stays
+    /// uncounted. Clones of the request share the log.
+    #[cfg(feature = "http")]
+    #[test]
+    fn the_attempt_log_notes_only_attempts_that_reached_the_dependency() {
+        let requests = HttpRequests::new();
+        let log = AttemptLog::new();
+        let mut req = http::Request::new(crate::enqueue::BufferedBody::<String>::empty());
+        req.extensions_mut().insert(log.clone());
+        let copy = requests.clone_request(&req).unwrap();
+        requests.after_attempt(&copy, &Classification::ignored().with_retryable(true));
+        assert!(!log.reached(), "a rejection by our own breaker was noted");
+        requests.after_attempt(&copy, &Classification::failure());
+        assert!(log.reached());
+    }
 
     #[test]
     fn hints_round_up_to_the_millisecond() {

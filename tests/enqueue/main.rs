@@ -1079,6 +1079,64 @@ async fn delivered_despite(
     calls.load(Ordering::SeqCst)
 }
 
+/// A message that always fails, replayed through the recommended stack (retry outside
+/// a breaker): each replay's first attempt is the half-open probe, which fails and
+/// opens the breaker, and the retry then meets the open breaker. That replay reached
+/// the dependency, so it counts: the message is dead-lettered after `max_attempts`.
+/// (It was put back uncounted every time, as if rejected before any call, and
+/// replayed for ever.)
+#[tokio::test(start_paused = true)]
+async fn a_replay_whose_retry_meets_the_breaker_its_own_failure_opened_still_counts() {
+    use postbox::circuit_breaker::CircuitBreakerLayer;
+    use postbox::retry::RetryLayer;
+    use postbox::retry::backoff::Backoff;
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let dependency = service_fn(move |_req: InnerReq| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, BoxError>(respond(500, "")) }
+    });
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .permitted_probes(1)
+        .break_duration(Duration::from_secs(10))
+        .build()
+        .unwrap()
+        .with_classifier(HttpClassifier::new());
+    let retry = RetryLayer::http()
+        .max_retries(2)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .max_retry_after(Duration::from_secs(1))
+        .no_budget()
+        .build()
+        .unwrap();
+    let stack = ServiceBuilder::new()
+        .layer(retry)
+        .layer(breaker)
+        .service(dependency);
+    let handle = Replayer::http(queue.clone(), stack)
+        .max_attempts(3)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if handle.stats().dead_lettered == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert_eq!(
+        handle.stats().dead_lettered,
+        1,
+        "replayed {} times, never counted",
+        calls.load(Ordering::SeqCst)
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    handle.shutdown().await;
+}
+
 /// Rejections by our own bulkhead (and deadlines spent before the call) never reached
 /// the dependency: with `max_attempts(2)`, ten of them and one real failure still end
 /// in a delivery, not a dead letter.
