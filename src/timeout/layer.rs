@@ -98,6 +98,14 @@ impl DeadlineLayer<super::HttpPropagation> {
     /// [`CallDeadline`](super::CallDeadline) extension and the `grpc-timeout` /
     /// [`TIMEOUT_MS_HEADER`](super::TIMEOUT_MS_HEADER) headers.
     ///
+    /// This is the client side: a shorter timeout header already on the request counts
+    /// as the caller's own limit. On a server, use
+    /// [`with_propagation`](Self::with_propagation) with
+    /// [`HttpPropagation::new().with_inbound_headers()`](super::HttpPropagation::with_inbound_headers)
+    /// (honour the previous hop's deadline) or
+    /// [`ignoring_inbound_headers()`](super::HttpPropagation::ignoring_inbound_headers)
+    /// (do not trust it), as [`ServerConfig`](crate::config::ServerConfig) does.
+    ///
     /// # Errors
     /// A zero budget is a [`ConfigError`].
     pub fn http(budget: Duration) -> Result<Self, ConfigError> {

@@ -340,14 +340,22 @@ mod http_propagation {
             );
             if is_grpc && let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining)) {
                 headers.insert("grpc-timeout", v);
+            } else if self.headers == Headers::Ignored {
+                // Not ours to pass on: a gRPC server behind (tonic does not check the
+                // content type) would obey a remote client's `grpc-timeout`.
+                headers.remove("grpc-timeout");
             }
         }
     }
 
+    /// A gRPC (or gRPC-Web) request, by its content type (case-insensitive).
     fn is_grpc(headers: &http::HeaderMap) -> bool {
-        headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        const GRPC: &[u8] = b"application/grpc";
+        headers.get(CONTENT_TYPE).is_some_and(|v| {
+            v.as_bytes()
+                .get(..GRPC.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(GRPC))
+        })
     }
 
     /// The shortest timeout in the request's headers: [`TIMEOUT_MS_HEADER`], and

@@ -351,6 +351,26 @@ async fn an_untrusting_server_ignores_the_timeout_headers_it_received() {
     assert_pending!(fut.poll());
     send.send_response(());
     assert_ready_ok!(fut.poll());
+
+    // Without a gRPC content type (tonic does not check it) the remote `grpc-timeout`
+    // is removed, not passed on; an upper-case content type is still gRPC.
+    for (content_type, grpc_timeout) in [(None, None), (Some("Application/GRPC"), Some("3000000u"))]
+    {
+        let mut req = http::Request::builder().header("grpc-timeout", "1n");
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        assert_ready_ok!(svc.poll_ready());
+        let _fut = svc.call(req.body(()).unwrap());
+        let (sent, _) = handle.next_request().await.unwrap();
+        assert_eq!(
+            sent.headers()
+                .get("grpc-timeout")
+                .map(|v| v.to_str().unwrap()),
+            grpc_timeout,
+            "{content_type:?}"
+        );
+    }
 }
 
 /// `grpc-timeout` means nothing on a plain HTTP request: it neither bounds a
