@@ -120,13 +120,14 @@ pub(crate) fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 }
 
 /// `#[serde(deserialize_with = "...")]` for a duration that can be switched off:
-/// `"off"` is `None`, any other text a duration (absent: the field's default).
+/// `"off"` (or `null`) is `None`, any other text a duration (absent: the field's
+/// default).
 pub(crate) fn or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    if s.trim().eq_ignore_ascii_case("off") {
-        return Ok(None);
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.trim().eq_ignore_ascii_case("off") => Ok(None),
+        Some(s) => parse(&s).map(Some).map_err(D::Error::custom),
     }
-    parse(&s).map(Some).map_err(D::Error::custom)
 }
 
 #[cfg(test)]

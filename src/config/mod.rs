@@ -679,6 +679,17 @@ impl ServerConfig {
                 "must be at least 1 (to switch the layer off, leave it out of the stack)",
             ));
         }
+        let store_bytes = crate::idempotency::MemoryStore::DEFAULT_MAX_BYTES;
+        if self.idempotency.max_body > store_bytes {
+            return Err(ConfigError::new(
+                f("idempotency.max_body"),
+                format!(
+                    "({}) must be at most {store_bytes}, the in-memory store's byte budget: \
+                     a larger response would never be remembered",
+                    self.idempotency.max_body
+                ),
+            ));
+        }
         if let Some(h) = &self.idempotency.scope_by
             && http::HeaderName::from_bytes(h.as_bytes()).is_err()
         {
@@ -763,6 +774,13 @@ mod tests {
         c.validate().unwrap();
         c.circuit_breaker.max_wait_in_half_open = Some(c.attempt_timeout);
         c.validate().unwrap();
+
+        let mut s = ServerConfig::server();
+        s.idempotency.max_body = crate::idempotency::MemoryStore::DEFAULT_MAX_BYTES + 1;
+        assert_eq!(
+            s.validate().unwrap_err().field(),
+            "server.idempotency.max_body"
+        );
 
         let mut s = ServerConfig::server();
         s.idempotency.lock_for = Duration::from_secs(1);

@@ -293,6 +293,23 @@ mod tests {
         let back = StackConfig::from_str(&shown, Format::Toml).unwrap();
         assert_eq!(back, c, "{shown}");
         assert!(back.client.circuit_breaker.builder().build().is_ok());
+        // `null` is off too (YAML `~`, JSON `null`).
+        for (text, format) in [
+            (
+                r#"{"client": {"circuit_breaker": {"max_wait_in_half_open": null}}}"#,
+                Format::Json,
+            ),
+            (
+                "client:\n  circuit_breaker:\n    max_wait_in_half_open: ~\n",
+                Format::Yaml,
+            ),
+        ] {
+            let c = StackConfig::from_str(text, format).unwrap();
+            assert_eq!(
+                c.client.circuit_breaker.max_wait_in_half_open, None,
+                "{text}"
+            );
+        }
     }
 
     /// Strings with characters Rust's `{:?}` escapes in a way TOML does not read (a

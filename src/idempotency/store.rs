@@ -181,9 +181,12 @@ impl MemoryStore {
                 bytes: 0,
             }),
             capacity: capacity.max(1),
-            max_bytes: 256 << 20,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
         }
     }
+
+    /// The default of [`max_bytes`](Self::max_bytes): 256 MiB.
+    pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 
     /// At most this many bytes of remembered responses (bodies, headers, trailers and
     /// keys; default 256 MiB): past it, the oldest are forgotten. Without it, a store of
