@@ -209,4 +209,9 @@ fn a_keyed_breaker_shows_from_creation_and_a_dropped_one_leaves_the_gauge() {
         Some(0.0),
         "the dropped breaker's late opening shows"
     );
+    assert_eq!(
+        counter(&keyed, r#"postbox_circuit_transitions_total{to="open"}"#),
+        0,
+        "the dropped breaker's late opening is counted"
+    );
 }

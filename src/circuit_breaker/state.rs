@@ -938,11 +938,14 @@ impl Breaker {
         let generation = (generation(cur) + 1) & GEN_MASK;
         self.word.store(pack(generation, to, avail), Release);
         // Under the lock: two transitions on two threads set the gauge in their order.
-        if !cold.retired {
+        let retired = cold.retired;
+        if !retired {
             self.set_gauge(to);
         }
         drop(cold);
-        self.emit(mode(cur), to, generation);
+        if !retired {
+            self.emit(mode(cur), to, generation);
+        }
         true
     }
 
@@ -959,7 +962,8 @@ impl Breaker {
 
     /// For a breaker dropped from a keyed map: sets the gauge to closed (its key
     /// starts closed again; the series must not go on showing it open), and keeps
-    /// later transitions of this breaker (a call still in flight) off the gauge.
+    /// later transitions of this breaker (a call still in flight) off the gauge, the
+    /// transition counter and the hooks: the key's next breaker is the one they show.
     pub(crate) fn retire(&self) {
         let mut cold = self.cold.lock().unwrap_or_else(|e| e.into_inner());
         cold.retired = true;
