@@ -267,7 +267,9 @@ where
         let readied = if tokio::runtime::Handle::try_current().is_ok() {
             tokio::time::timeout_at(claim_ends, ready).await.ok()
         } else {
-            Some(ready.await) // no timer without a runtime
+            // No timer without a runtime: checked once ready instead.
+            let r = ready.await;
+            (tokio::time::Instant::now() < claim_ends).then_some(r)
         };
         if readied.transpose()?.is_none() {
             tracing::debug!(key = %claim.key, "service not ready before the claim ended");
