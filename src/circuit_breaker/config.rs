@@ -279,10 +279,12 @@ impl CircuitBreakerBuilder {
                         format!("must be in 1..{MAX_BUCKETS}"),
                     ));
                 }
-                if (d.as_nanos() / u128::from(buckets)) == 0 {
+                // The window's position is packed in 48 bits of bucket numbers: 1 ns
+                // buckets would wrap after 78 hours of uptime, 1 µs ones after 8 years.
+                if (d.as_nanos() / u128::from(buckets)) < 1_000 {
                     return Err(err(
                         "circuit_breaker.window.buckets",
-                        "buckets must be at least 1 ns wide",
+                        "buckets must be at least 1 µs wide (duration / buckets)",
                     ));
                 }
             }
@@ -572,6 +574,16 @@ mod tests {
         assert_eq!(
             field(b().time_window(Duration::from_secs(1), 0)),
             "circuit_breaker.window.buckets"
+        );
+        // 999 ns buckets: the window's bucket numbers would wrap within days.
+        assert_eq!(
+            field(b().time_window(Duration::from_nanos(9_990), 10)),
+            "circuit_breaker.window.buckets"
+        );
+        assert!(
+            b().time_window(Duration::from_micros(10), 10)
+                .validate()
+                .is_ok()
         );
         assert_eq!(field(b().minimum_calls(0)), "circuit_breaker.minimum_calls");
         assert_eq!(
