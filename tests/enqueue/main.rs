@@ -2421,6 +2421,37 @@ async fn a_handler_that_never_answers_is_cancelled_when_its_claim_expires() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// A handler that panics under a claimed key: the panic reaches the caller (as it
+/// would without the layer), and the key is given back, so the retry runs the handler
+/// instead of waiting out the claim or being answered from a store that holds nothing.
+#[tokio::test(start_paused = true)]
+async fn a_handler_that_panics_gives_its_key_back() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let handler = service_fn(move |_req: Served| {
+        let n = calls2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            assert!(n > 0, "the handler panics");
+            Ok::<_, std::convert::Infallible>(respond(201, "order"))
+        }
+    });
+    let svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(60))
+        .unwrap()
+        .layer(handler);
+    let panicked = tokio::spawn(svc.clone().oneshot(keyed("k"))).await;
+    assert!(panicked.unwrap_err().is_panic());
+    let started = tokio::time::Instant::now();
+    let res = svc.oneshot(keyed("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert!(!res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "waited out the claim"
+    );
+}
+
 /// A service that is not ready until a shared instant (a full bulkhead inside).
 struct Gated<S> {
     inner: S,
