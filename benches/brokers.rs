@@ -362,6 +362,38 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
                 .unwrap();
         },
     );
+    // The adapter's exact message from the raw client: its headers and properties,
+    // mandatory, the envelope encoded per call.
+    bench_loop(
+        &mut g,
+        rt,
+        "amqp/64_producers_same_message",
+        (ch.clone(), raw_queue.clone()),
+        |(ch, queue)| async move {
+            let env = envelope();
+            let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+            let mut headers = FieldTable::default();
+            headers.insert("postbox-idempotency-key".into(), text(&env.idempotency_key));
+            headers.insert("postbox-destination".into(), text(&env.destination));
+            headers.insert("postbox-not-before".into(), AMQPValue::LongLongInt(0));
+            headers.insert("postbox-created-at".into(), AMQPValue::LongLongInt(0));
+            headers.insert("postbox-attempts".into(), AMQPValue::LongLongInt(0));
+            let props = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/vnd.postbox.envelope".into())
+                .with_message_id(env.id.to_string().into())
+                .with_headers(headers);
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            };
+            ch.basic_publish("", &queue, options, &env.encode(), props)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        },
+    );
     rt.block_on(ch.queue_delete(&raw_queue, QueueDeleteOptions::default()))
         .unwrap();
     settle(rt);
