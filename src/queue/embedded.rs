@@ -793,46 +793,12 @@ struct Leases {
     low: BTreeMap<Id, u32>,
 }
 
-/// How to take back one change to [`Leases`] when a batch's transaction fails.
-#[derive(Debug)]
-enum Undo {
-    Leased(Id),
-    Released(Id, (u64, u32, u64)),
-    Cursor(Option<Id>),
-    LowAdded(Id),
-    LowTaken(Id, u32),
-}
-
 impl Leases {
-    /// Ends the lease of `id` (if any), recording how to take it back.
-    fn end(&mut self, id: Id, undo: &mut Vec<Undo>) -> Option<(u64, u32, u64)> {
+    /// Ends the lease of `id` (if any).
+    fn end(&mut self, id: Id) -> Option<(u64, u32, u64)> {
         let lease = self.by_id.remove(&id)?;
         self.by_expiry.remove(&(lease.0, id));
-        undo.push(Undo::Released(id, lease));
         Some(lease)
-    }
-
-    fn rollback(&mut self, undo: Vec<Undo>) {
-        for u in undo.into_iter().rev() {
-            match u {
-                Undo::Leased(id) => {
-                    if let Some((until, ..)) = self.by_id.remove(&id) {
-                        self.by_expiry.remove(&(until, id));
-                    }
-                }
-                Undo::Released(id, lease) => {
-                    self.by_id.insert(id, lease);
-                    self.by_expiry.insert((lease.0, id));
-                }
-                Undo::Cursor(c) => self.cursor = c,
-                Undo::LowAdded(id) => {
-                    self.low.remove(&id);
-                }
-                Undo::LowTaken(id, attempts) => {
-                    self.low.insert(id, attempts);
-                }
-            }
-        }
     }
 }
 
@@ -978,8 +944,6 @@ impl Writer {
     /// share this commit instead of waiting for a commit of their own. A `Close` taken
     /// from the channel ends the batch; it is returned, not applied, for the caller.
     fn apply(&mut self, first: Op, rx: &mpsc::Receiver<Op>) -> Option<Op> {
-        let live_before = self.live;
-        let mut undo = Vec::new();
         let db = self.db.as_ref()?;
         let mut done = Vec::new();
         let mut ops = Arrivals {
@@ -998,7 +962,6 @@ impl Writer {
                 recovered_max: self.recovered_max,
                 redelivered: false,
                 leases: &mut self.leases,
-                undo: &mut undo,
             };
             let res = apply_ops(&txn, &mut ops, &mut done, &mut state);
             // Ops not reached because of a storage error: answered with that error below
@@ -1042,11 +1005,10 @@ impl Writer {
             Err(_) => Some(QueueError::Corrupt("redb panicked during a write".into())),
         };
         if let Some(err) = &failure {
-            self.live = live_before;
-            self.leases.rollback(undo);
             // redb refuses every write after a failed commit, or after any failed write
             // to the file (a full disk, a failed fsync), until it is opened again: the
-            // next operation does that. (A batch fails only on a storage error: refused
+            // next operation does that, and `repair` also rebuilds the live count and
+            // the leases this batch changed in memory (no operation runs before it). (A batch fails only on a storage error: refused
             // operations are answered one by one.)
             self.broken = true;
             tracing::error!(error = %err, "postbox queue commit failed");
@@ -1137,7 +1099,6 @@ struct State<'s> {
     /// A redelivery was leased: the batch commits durably (module docs).
     redelivered: bool,
     leases: &'s mut Leases,
-    undo: &'s mut Vec<Undo>,
 }
 
 /// Applies each op; a logic error (lease lost, full, duplicate) is that op's answer and
@@ -1246,7 +1207,7 @@ fn end_lease(token: LeaseToken, st: &mut State<'_>) -> Result<u32, QueueError> {
     let id = to_id(token.id);
     match st.leases.by_id.get(&id) {
         Some(&(_, _, generation)) if generation == token.generation => {
-            let (_, attempts, _) = st.leases.end(id, st.undo).expect("looked up above");
+            let (_, attempts, _) = st.leases.end(id).expect("looked up above");
             Ok(attempts)
         }
         _ => Err(QueueError::LeaseLost(token)),
@@ -1333,7 +1294,6 @@ impl Tables<'_> {
         self.dirty = true;
         if st.leases.cursor.is_some_and(|c| id <= c) {
             st.leases.low.insert(id, attempts);
-            st.undo.push(Undo::LowAdded(id));
         }
         Ok(())
     }
@@ -1346,7 +1306,6 @@ impl Tables<'_> {
             let Some((id, attempts)) = st.leases.low.pop_first() else {
                 break;
             };
-            st.undo.push(Undo::LowTaken(id, attempts));
             out.push((id, attempts));
         }
         if out.len() < n {
@@ -1366,7 +1325,6 @@ impl Tables<'_> {
             if let Some(&(last, _)) = out.last()
                 && st.leases.cursor.is_none_or(|c| last > c)
             {
-                st.undo.push(Undo::Cursor(st.leases.cursor));
                 st.leases.cursor = Some(last);
             }
         }
@@ -1386,9 +1344,8 @@ impl Tables<'_> {
             if until > now_k {
                 break;
             }
-            let (_, attempts, _) = st.leases.end(id, st.undo).expect("indexed by expiry");
+            let (_, attempts, _) = st.leases.end(id).expect("indexed by expiry");
             st.leases.low.insert(id, attempts);
-            st.undo.push(Undo::LowAdded(id));
         }
         // Due scheduled messages to ready: a bounded number per lease, so a backlog
         // that fell due at once (after an outage, or a restart after downtime) is not
@@ -1448,7 +1405,6 @@ impl Tables<'_> {
                 st.leases.seq += 1;
                 st.leases.by_id.insert(id, (until_k, attempts, generation));
                 st.leases.by_expiry.insert((until_k, id));
-                st.undo.push(Undo::Leased(id));
                 out.push(Leased {
                     envelope: env,
                     token: LeaseToken {
@@ -1688,6 +1644,70 @@ mod tests {
             .insert(to_id(id), &b"PBOX\x63garbage"[..])
             .unwrap();
         txn.commit().unwrap();
+    }
+
+    /// A version-1 file (leases stored) opens as version 2: its leased message is
+    /// ready again with the attempts it had, its pending one stays, the key still
+    /// de-duplicates, and the lease tables are gone.
+    #[tokio::test]
+    async fn a_version_1_file_is_migrated_with_its_leased_messages_ready_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let (leased, pending) = (envelope("leased-key"), envelope("pending-key"));
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 1)
+                .unwrap();
+            let mut messages = txn.open_table(MESSAGES).unwrap();
+            let mut keys = txn.open_table(KEYS).unwrap();
+            for env in [&leased, &pending] {
+                messages.insert(to_id(env.id), &env.encode()[..]).unwrap();
+                keys.insert(env.idempotency_key.as_str(), to_id(env.id))
+                    .unwrap();
+            }
+            txn.open_table(READY)
+                .unwrap()
+                .insert(to_id(pending.id), 0)
+                .unwrap();
+            txn.open_table(V1_IN_FLIGHT)
+                .unwrap()
+                .insert(to_id(leased.id), (1_000, 2))
+                .unwrap();
+            txn.open_table(V1_EXPIRY)
+                .unwrap()
+                .insert((1_000, to_id(leased.id)), ())
+                .unwrap();
+            drop((messages, keys));
+            txn.commit().unwrap();
+        }
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        assert_eq!(q.depth().await.unwrap().pending, 2);
+        let again = q.enqueue(envelope("leased-key")).await.unwrap();
+        assert!(
+            matches!(again, Enqueued::Duplicate(id) if id == leased.id),
+            "{again:?}"
+        );
+        let now = SystemTime::now();
+        let mut got = q.lease(10, Duration::from_secs(30), now).await.unwrap();
+        got.sort_by_key(|l| l.envelope.idempotency_key.clone());
+        let attempts: Vec<_> = got
+            .iter()
+            .map(|l| (l.envelope.idempotency_key.as_str(), l.envelope.attempts))
+            .collect();
+        // Each counts this lease on top of what it had.
+        assert_eq!(attempts, [("leased-key", 3), ("pending-key", 1)]);
+        q.close().await.unwrap();
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let version = txn.open_table(META).unwrap().get("schema_version").unwrap();
+        assert_eq!(version.map(|v| v.value()), Some(SCHEMA_VERSION));
+        assert!(
+            txn.open_table(V1_IN_FLIGHT).is_err(),
+            "the v1 lease table is left"
+        );
     }
 
     /// A backlog that fell due at once is moved to `ready` a bounded batch per lease,
