@@ -78,6 +78,10 @@ impl<B: TryCloneBody> CloneRequest<Request<B>> for GrpcRequests {
         self.copy.before_retry(req);
     }
 
+    fn after_attempt(&self, req: &Request<B>, class: &crate::classify::Classification) {
+        self.copy.after_attempt(req, class);
+    }
+
     fn deadline(&self, req: &Request<B>) -> Option<tokio::time::Instant> {
         self.copy.deadline(req)
     }
@@ -89,6 +93,22 @@ mod tests {
 
     fn call(path: &str) -> Request<()> {
         Request::post(format!("http://a{path}")).body(()).unwrap()
+    }
+
+    /// A replayed gRPC call notes an attempt that reached the dependency, as an HTTP
+    /// one does (the replayer counts such a replay even if its retry then met the open
+    /// breaker).
+    #[test]
+    fn an_attempt_that_reached_the_dependency_is_noted() {
+        use crate::classify::Classification;
+        let log = crate::retry::AttemptLog::new();
+        let mut req = call("/echo.Echo/Say");
+        req.extensions_mut().insert(log.clone());
+        let r = GrpcRequests::new();
+        r.after_attempt(&req, &Classification::ignored().with_retryable(true));
+        assert!(!log.reached());
+        r.after_attempt(&req, &Classification::failure());
+        assert!(log.reached());
     }
 
     #[test]
