@@ -64,7 +64,8 @@ pub trait CloneRequest<Req> {
 /// a replay whose retries end on the breaker its own failed attempt opened then counts
 /// towards `max_attempts`, instead of being put back uncounted as if it had never
 /// reached the dependency (a message that always fails was replayed for ever).
-/// [`HttpRequests`](crate::retry::HttpRequests) marks it; clones of the request share it.
+/// `HttpRequests` and `GrpcRequests` mark it (a [`CloneRequest`] of your own does in
+/// [`after_attempt`](CloneRequest::after_attempt)); clones of the request share it.
 #[derive(Debug, Clone, Default)]
 pub struct AttemptLog(Arc<std::sync::atomic::AtomicBool>);
 
