@@ -334,8 +334,32 @@ fn give_up(attempts: u32, why: GiveUp, class: &Classification) {
         GiveUp::HintTooLong(h) => Some(h),
         _ => class.retry_after(),
     };
-    metrics::counter!("postbox_retry_gave_up_total", "reason" => why.as_str()).increment(1);
-    tracing::warn!(
+    // One literal label per arm: a label that is an expression makes the macro build
+    // (allocate) its label list on every call, and during an outage every call gives up.
+    let counter = match why {
+        GiveUp::Exhausted => {
+            metrics::counter!("postbox_retry_gave_up_total", "reason" => "max_retries")
+        }
+        GiveUp::NotReplayable => {
+            metrics::counter!("postbox_retry_gave_up_total", "reason" => "not_replayable")
+        }
+        GiveUp::NotRetrySafe => {
+            metrics::counter!("postbox_retry_gave_up_total", "reason" => "not_retry_safe")
+        }
+        GiveUp::HintTooLong(_) => {
+            metrics::counter!("postbox_retry_gave_up_total", "reason" => "retry_after_too_long")
+        }
+        GiveUp::Deadline => {
+            metrics::counter!("postbox_retry_gave_up_total", "reason" => "deadline")
+        }
+        GiveUp::Budget => {
+            metrics::counter!("postbox_retry_gave_up_total", "reason" => "budget_exhausted")
+        }
+    };
+    counter.increment(1);
+    // `debug`, not `warn`: during an outage every call ends here, and the counter
+    // above already says how many and why.
+    tracing::debug!(
         attempts,
         reason = why.as_str(),
         class = ?class.class(),

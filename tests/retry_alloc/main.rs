@@ -54,6 +54,30 @@ where
         .unwrap()
 }
 
+/// [`allocations_per_1000_calls`] for a service whose every call fails.
+fn allocations_per_1000_calls_failing<S>(mut svc: S) -> usize
+where
+    S: Service<u64>,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut call = |x| {
+        assert!(matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        let fut = pin!(svc.call(x));
+        assert!(matches!(fut.poll(&mut cx), Poll::Ready(Err(_))));
+    };
+    call(0);
+    (0..3)
+        .map(|_| {
+            let region = Region::new(GLOBAL);
+            for x in 1..=1000 {
+                call(x);
+            }
+            region.change().allocations
+        })
+        .min()
+        .unwrap()
+}
+
 // One test, so no other test thread allocates while a region is measured.
 #[test]
 fn retry_allocates_nothing_per_call_on_the_happy_path() {
@@ -86,6 +110,32 @@ fn retry_allocates_nothing_per_call_on_the_happy_path() {
         allocations_per_1000_calls(with_budget, |x| x),
         0,
         "retry with a budget"
+    );
+
+    // Giving up (here after the one retry, every call) allocates nothing either: the
+    // give-up counter's label is a literal per reason (an expression as the label made
+    // the macro build its label list, one allocation per failed call in an outage).
+    let refused = service_fn(|_: u64| {
+        ready(Err::<u64, _>(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )))
+    });
+    let gives_up = RetryLayer::builder()
+        .max_retries(1)
+        .backoff(postbox::retry::backoff::Backoff::constant(
+            std::time::Duration::ZERO,
+        ))
+        .no_budget()
+        .classifier(|_: Result<&u64, &std::io::Error>| {
+            postbox::classify::Classification::failure().with_effect(false)
+        })
+        .build()
+        .unwrap()
+        .layer(refused);
+    assert_eq!(
+        allocations_per_1000_calls_failing(gives_up),
+        0,
+        "a retry that gives up"
     );
 
     #[cfg(feature = "http")]
