@@ -63,6 +63,7 @@ as_error_for!(
 /// |---|---|---|---|
 /// | [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | ignored | yes, after its `retry_after` | no |
 /// | [`bulkhead::error::Full`](crate::bulkhead::error::Full) | ignored | yes | no |
+/// | `http::body::RequestBodyFailed` (with `http`: the caller's upload broke) | ignored | no | yes |
 /// | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
 /// | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | failure | no (the budget is spent) | yes, unless it expired before the call |
 /// | `io::Error` refused / not connected / address unavailable (connect) | failure | yes | no |
@@ -84,6 +85,12 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
         }
         if as_type::<crate::bulkhead::error::Full>(e).is_some() {
             return Classification::ignored().with_retryable(true);
+        }
+        // The caller's upload broke: not the dependency's failure, and a body that
+        // failed cannot be sent again. (The server may have seen part of it.)
+        #[cfg(feature = "http")]
+        if as_type::<crate::http::body::RequestBodyFailed>(e).is_some() {
+            return Classification::ignored().with_effect(true);
         }
         if as_type::<crate::timeout::error::Elapsed>(e).is_some() {
             return Classification::failure();

@@ -137,6 +137,39 @@ impl fmt::Display for BodyNotReplayable {
 
 impl std::error::Error for BodyNotReplayable {}
 
+/// The request body failed while it was read (the caller's upload broke): the error a
+/// [`ReplayBody`] yields in place of the original body's, with it as `source()`.
+///
+/// The client sending the request fails with it somewhere in its cause chain, and
+/// [`classify_error`](crate::classify::classify_error) finds it there: the failure is
+/// the caller's, not the dependency's, so it is ignored (no breaker records it, no retry
+/// repeats it) rather than counted against the dependency.
+#[derive(Debug)]
+pub struct RequestBodyFailed {
+    source: BoxError,
+}
+
+impl RequestBodyFailed {
+    /// Wraps the original body's error.
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        Self {
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for RequestBodyFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request body failed while it was read: {}", self.source)
+    }
+}
+
+impl std::error::Error for RequestBodyFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
 /// A body that can (perhaps) be copied for another attempt.
 ///
 /// Implemented for every `Clone` body (`Full<Bytes>`, `Empty`, `String`, `Bytes`, `()`,
@@ -157,7 +190,8 @@ pin_project! {
     /// A request body after [`BufferBodyLayer`]: either buffered (replayable) or the
     /// original stream behind the bytes already read (sent once).
     ///
-    /// Errors of the original body become [`BoxError`].
+    /// Errors of the original body become a boxed [`RequestBodyFailed`] (the original
+    /// error is its `source()`).
     pub struct ReplayBody<B> {
         #[pin]
         kind: Kind<B>,
@@ -318,7 +352,7 @@ where
                 }
                 if let Some(e) = error.take() {
                     *done = true;
-                    return Poll::Ready(Some(Err(e)));
+                    return Poll::Ready(Some(Err(RequestBodyFailed::new(e).into())));
                 }
                 if *done {
                     return Poll::Ready(None);
@@ -329,7 +363,7 @@ where
                     ))),
                     Some(Err(e)) => {
                         *done = true;
-                        Poll::Ready(Some(Err(e.into())))
+                        Poll::Ready(Some(Err(RequestBodyFailed::new(e).into())))
                     }
                     None => {
                         *done = true;
@@ -896,5 +930,41 @@ mod tests {
         assert!(mark.to_string().contains("failed"));
         assert!(!cloneable);
         assert!(failed, "the inner service sees the body's error");
+    }
+
+    /// The client sending a body that failed fails with it in its cause chain, and that
+    /// failure is the caller's: ignored (no breaker counts it, no retry repeats it),
+    /// not a failure of the dependency. (A broken upload counted against the
+    /// dependency's breaker, as a connection reset would.)
+    #[tokio::test]
+    async fn a_failed_upload_is_not_counted_against_the_dependency() {
+        /// A client error wrapping the body's, as hyper's and reqwest's do.
+        #[derive(Debug)]
+        struct ClientError(BoxError);
+        impl fmt::Display for ClientError {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("error sending request")
+            }
+        }
+        impl std::error::Error for ClientError {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&*self.0)
+            }
+        }
+        let client = tower::service_fn(|req: Request<ReplayBody<Failing>>| async move {
+            let e = req.into_body().collect().await.expect_err("the body fails");
+            Err::<(), BoxError>(Box::new(ClientError(e)))
+        });
+        use tower::ServiceExt;
+        let err = BufferBodyLayer::new(1024)
+            .layer(client)
+            .oneshot(Request::new(Failing(false)))
+            .await
+            .unwrap_err();
+        let class = crate::classify::classify_error(&*err);
+        assert!(class.is_ignored(), "{class:?}");
+        assert!(!class.is_retryable());
+        let io = crate::error::find_cause::<std::io::Error>(&*err).expect("the cause is kept");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
     }
 }
