@@ -5,8 +5,9 @@ use crate::queue::Envelope;
 use bytes::Bytes;
 
 /// The parts of a request an [`Envelope`] stores (the layer adds the id, idempotency
-/// key, times, attempt count and reason).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// key, times, attempt count and reason). `Debug` redacts credentials as
+/// [`Envelope`]'s does.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Captured {
     /// Logical destination (for HTTP, the authority `host:port`).
     pub destination: String,
@@ -19,6 +20,19 @@ pub struct Captured {
     pub headers: Vec<(String, Bytes)>,
     /// The encoded request body.
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for Captured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::queue::envelope::{BodyLen, RedactedHeaders};
+        f.debug_struct("Captured")
+            .field("destination", &self.destination)
+            .field("method", &self.method)
+            .field("uri", &self.uri)
+            .field("headers", &RedactedHeaders(&self.headers))
+            .field("body", &BodyLen(self.body.len()))
+            .finish()
+    }
 }
 
 /// Turns requests of type `Req` into envelope fields and back — what the typed flavour

@@ -61,7 +61,11 @@ pub enum DeferReason {
 }
 
 /// A deferred request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its `Debug` output shows the body's length and the header names, with the values
+/// of credential headers (`authorization`, `cookie`, …) redacted: dead letters get
+/// logged.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// Time-ordered id.
     pub id: MessageId,
@@ -88,6 +92,60 @@ pub struct Envelope {
     pub body: Bytes,
     /// Why it was deferred.
     pub reason: DeferReason,
+}
+
+impl fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Envelope")
+            .field("id", &self.id)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("created_at", &self.created_at)
+            .field("not_before", &self.not_before)
+            .field("expires_at", &self.expires_at)
+            .field("attempts", &self.attempts)
+            .field("destination", &self.destination)
+            .field("method", &self.method)
+            .field("uri", &self.uri)
+            .field("headers", &RedactedHeaders(&self.headers))
+            .field("body", &BodyLen(self.body.len()))
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+/// Header names whose values `Debug` output never shows.
+const CREDENTIALS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+];
+
+/// Headers for `Debug`: credential values redacted, other values as text.
+pub(crate) struct RedactedHeaders<'a>(pub(crate) &'a [(String, Bytes)]);
+
+impl fmt::Debug for RedactedHeaders<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        for (name, value) in self.0 {
+            if CREDENTIALS.iter().any(|c| name.eq_ignore_ascii_case(c)) {
+                list.entry(&(name, "<redacted>"));
+            } else {
+                list.entry(&(name, String::from_utf8_lossy(value)));
+            }
+        }
+        list.finish()
+    }
+}
+
+/// A body for `Debug`: its length only.
+pub(crate) struct BodyLen(pub(crate) usize);
+
+impl fmt::Debug for BodyLen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes>", self.0)
+    }
 }
 
 /// An envelope could not be decoded.
@@ -608,6 +666,31 @@ mod tests {
         }
         assert_eq!(sample().encode(), bytes);
         assert_eq!(Envelope::decode(&bytes), Ok(sample()));
+    }
+
+    #[test]
+    fn debug_output_redacts_credentials_and_leaves_the_body_out() {
+        let mut env = Envelope::new(
+            "api:443",
+            "POST",
+            "https://api/orders",
+            Bytes::from_static(b"card=4111111111111111"),
+            DeferReason::CircuitOpen,
+        );
+        env.headers = vec![
+            ("Authorization".into(), Bytes::from_static(b"Bearer s3cret")),
+            ("cookie".into(), Bytes::from_static(b"session=abc")),
+            (
+                "content-type".into(),
+                Bytes::from_static(b"application/json"),
+            ),
+        ];
+        let shown = format!("{env:?}");
+        for secret in ["s3cret", "session=abc", "4111"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("application/json"), "{shown}");
+        assert!(shown.contains("<21 bytes>"), "{shown}");
     }
 
     #[test]
