@@ -181,9 +181,18 @@ mod http_mapping {
 
     /// The response for any error: a postbox error's mapping, or
     /// `500 Internal Server Error`. Usable as an axum `HandleErrorLayer` function.
+    ///
+    /// A 500's body is a fixed text: the error (an upstream's address, a file path) is
+    /// logged at `error` level, not sent to the client.
     pub fn into_response(err: BoxError) -> Response {
-        to_response(&*err)
-            .unwrap_or_else(|| respond(StatusCode::INTERNAL_SERVER_ERROR, None, err.to_string()))
+        to_response(&*err).unwrap_or_else(|| {
+            tracing::error!(error = %err, "unhandled error answered 500");
+            respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+                "internal server error".to_owned(),
+            )
+        })
     }
 
     impl<E: Into<BoxError>> IntoResponse for crate::circuit_breaker::error::Error<E> {

@@ -191,5 +191,11 @@ mod tests {
         let res = svc.call(()).await.unwrap();
         assert_eq!(res.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
         tokio_test::assert_pending!(handle.poll_request());
+        // The error's text stays in the log, out of the client's answer.
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body, "internal server error");
     }
 }
