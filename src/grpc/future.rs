@@ -260,7 +260,12 @@ fn finish<B, H: OnGrpcStatus>(
                 parts.headers.append(name, value.clone());
             }
         }
-        _ => {
+        other => {
+            // Trailers without a status still carry the server's metadata: kept, under
+            // the `UNKNOWN` status that stands in for the missing one.
+            for (name, value) in other.iter().flatten() {
+                parts.headers.append(name, value.clone());
+            }
             parts
                 .headers
                 .insert("grpc-status", HeaderValue::from_static("2"));
@@ -343,6 +348,17 @@ mod tests {
         let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
         assert_eq!(outcome.code(), GrpcCode::Unknown);
         assert!(outcome.classification().is_failure());
+    }
+
+    /// Trailers without a `grpc-status` keep their metadata under the `UNKNOWN`
+    /// status that stands in (it was dropped).
+    #[tokio::test]
+    async fn trailers_without_a_status_keep_their_metadata() {
+        let t = trailers(&[("x-request-id", "r-7"), ("grpc-message", "ignored")]);
+        let (parts, _, _, _) = call(GrpcStatusLayer::new(), b"msg", Some(t)).await;
+        assert_eq!(parts.headers["grpc-status"], "2");
+        assert_eq!(parts.headers["grpc-message"], "missing%20grpc-status");
+        assert_eq!(parts.headers["x-request-id"], "r-7");
     }
 
     #[tokio::test]
