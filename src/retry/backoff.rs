@@ -197,6 +197,9 @@ impl Backoff {
         let d = match self.growth {
             Growth::Constant => self.base,
             Growth::Linear => self.base.saturating_mul(n),
+            // A zero base is no backoff at any retry (`0 × ∞` would be NaN, read as
+            // "past the cap": a sudden `max_delay` sleep after ~1000 retries).
+            Growth::Exponential { .. } if self.base.is_zero() => Duration::ZERO,
             Growth::Exponential { factor } => {
                 let scale = factor.powi(i32::try_from(n - 1).unwrap_or(i32::MAX));
                 let secs = self.base.as_secs_f64() * scale;
@@ -340,6 +343,20 @@ mod tests {
             .with_jitter(Jitter::Full);
         for unit in [0.0, 0.5, 1.0] {
             assert!(b.delay(1, Duration::ZERO, unit) <= Duration::MAX);
+        }
+    }
+
+    /// A zero base means no backoff at every retry, also the ten-thousandth
+    /// exponential one (`0 × ∞` made it the one-day cap).
+    #[test]
+    fn a_zero_base_never_backs_off() {
+        let b = Backoff::exponential(Duration::ZERO).with_jitter(Jitter::None);
+        for retry in [1, 2, 1_000, 1_100, 10_000, u32::MAX] {
+            assert_eq!(
+                b.delay(retry, Duration::ZERO, 0.5),
+                Duration::ZERO,
+                "{retry}"
+            );
         }
     }
 
