@@ -116,10 +116,13 @@ where
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let slot = &mut self.slot;
-        if !slot.reserved.is_empty()
-            && slot.reserved.rejection().is_none()
-            && !slot.breaker.breaker().is_current(&slot.reserved)
-        {
+        if slot.reserved.rejection().is_some() {
+            // A rejection is never kept across polls: the break may have ended, or the
+            // breaker been closed by hand, since (a balancer keeps a service "ready"
+            // until it picks it). It holds nothing, and is counted only when the call
+            // it turns away is made.
+            slot.reserved = Permit::EMPTY;
+        } else if !slot.reserved.is_empty() && !slot.breaker.breaker().is_current(&slot.reserved) {
             // Admitted while the inner service was not ready, before a transition (the
             // breaker tripped, or was forced open, while this call waited for a
             // bulkhead inside): admission is decided again, by the current state.
@@ -129,7 +132,7 @@ where
             slot.reserved = match slot
                 .breaker
                 .breaker()
-                .acquire(&mut Now::lazy().deferring_start())
+                .admit(&mut Now::lazy().deferring_start())
             {
                 Ok(permit) => permit,
                 Err(open) => Permit::rejected(&open),
@@ -152,6 +155,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let mut permit = self.slot.reserved.take();
         if let Some(open) = permit.rejection() {
+            self.slot.breaker.breaker().count_rejection();
             return ResponseFuture::rejected(open);
         }
         assert!(

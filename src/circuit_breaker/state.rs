@@ -665,20 +665,38 @@ impl Breaker {
 
     #[inline]
     fn reject(&self, retry_after_ns: u64) -> Open {
+        Open::from_nanos(retry_after_ns)
+    }
+
+    /// Counts a call rejected (made with a rejection from [`admit`](Self::admit)).
+    #[inline]
+    pub(crate) fn count_rejection(&self) {
         self.not_permitted.fetch_add(1, Relaxed);
         // Rejections are always counted; other outcomes only with `count_calls`.
         metrics::counter!("postbox_calls_total", "layer" => "circuit_breaker", "outcome" => "rejected")
             .increment(1);
-        Open::from_nanos(retry_after_ns)
+    }
+
+    /// [`admit`](Self::admit), counting a rejection: for a call being made now.
+    #[inline]
+    pub(crate) fn acquire(&self, now: &mut Now) -> Result<Permit, Open> {
+        let admitted = self.admit(now);
+        if admitted.is_err() {
+            self.count_rejection();
+        }
+        admitted
     }
 
     /// Admits a call or rejects it.
     ///
     /// # Errors
     /// [`Open`] when the breaker is open, forced open, or half-open with every probe
-    /// slot taken; it carries how long until a probe may be admitted.
+    /// slot taken; it carries how long until a probe may be admitted. Not counted:
+    /// a rejection is counted when the call it turns away is made
+    /// ([`count_rejection`](Self::count_rejection)), so a `poll_ready` asked again
+    /// does not count it twice.
     #[inline]
-    pub(crate) fn acquire(&self, now: &mut Now) -> Result<Permit, Open> {
+    pub(crate) fn admit(&self, now: &mut Now) -> Result<Permit, Open> {
         let w = self.word.load(Acquire);
         if w & ADMIT_ALL_MASK == 0 {
             return Ok(Permit::new(generation(w), RECORDED, self.start(now)));

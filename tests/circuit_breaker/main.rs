@@ -668,6 +668,39 @@ async fn a_call_admitted_before_the_breaker_opened_is_rejected_once_ready() {
     assert_pending!(called.poll(), "the inner service was called");
 }
 
+/// A rejection `poll_ready` answered is not kept: polled again after the breaker was
+/// closed by hand (or its break ended), the service admits the call; and a rejection
+/// is counted once per call turned away, not per poll. (A balancer keeps a service
+/// "ready" until it picks it: the stored rejection failed the call after the breaker
+/// had closed, and this service never probed.)
+#[tokio::test(start_paused = true)]
+async fn a_rejection_answered_by_poll_ready_is_not_kept_once_the_breaker_closes() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let breaker = layer.handle();
+    breaker.force_open();
+    let (mut svc, mut handle) = mock::spawn_layer::<(), (), _>(layer);
+    for _ in 0..3 {
+        assert_ready_ok!(svc.poll_ready(), "a rejection is ready at once");
+    }
+    assert_eq!(breaker.metrics().not_permitted(), 0, "counted per poll");
+    breaker.force_closed();
+    assert_ready_ok!(svc.poll_ready());
+    let mut call = tokio_test::task::spawn(svc.call(()));
+    assert_pending!(call.poll(), "the stored rejection was answered");
+    let mut next = tokio_test::task::spawn(handle.next_request());
+    let (_, send) = tokio_test::assert_ready!(next.poll()).expect("the call goes through");
+    send.send_response(());
+    tokio_test::assert_ready_ok!(call.poll());
+    breaker.force_open();
+    assert_ready_ok!(svc.poll_ready());
+    assert_ready_ok!(svc.poll_ready());
+    open_error(svc.call(()).await);
+    assert_eq!(breaker.metrics().not_permitted(), 1);
+}
+
 // --- per key ----------------------------------------------------------------------------
 
 /// A keyed test service: `(key, ok)` succeeds when `ok`, else fails.
