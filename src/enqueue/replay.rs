@@ -658,31 +658,10 @@ struct Settled {
     attempts: u32,
     expires_at: Option<std::time::SystemTime>,
     verdict: Verdict,
-}
-
-/// A replay turned away by our own breaker or bulkhead is put back uncounted, unless
-/// an earlier attempt of it (a retry layer inside retried it) reached the dependency:
-/// then it counts, so a message that always fails, and opens the breaker with its own
-/// probe every time, still reaches `max_attempts`.
-fn counted_if_reached(verdict: Verdict, log: Option<&crate::retry::AttemptLog>) -> Verdict {
-    if !log.is_some_and(crate::retry::AttemptLog::reached) {
-        return verdict;
-    }
-    match verdict {
-        Verdict::CircuitOpen { retry_after } => Verdict::Retry {
-            after: Some(retry_after),
-            reason: "an attempt reached the dependency and failed; the retries ended on \
-                     the open circuit"
-                .into(),
-        },
-        Verdict::Rejected { reason } => Verdict::Retry {
-            after: None,
-            reason: format!(
-                "an attempt reached the dependency and failed; the retries ended on: {reason}"
-            ),
-        },
-        other => other,
-    }
+    /// An attempt of this replay reached the dependency before its retries ended on a
+    /// rejection of our own (the open breaker its own failure opened): the replay then
+    /// counts, so a message that always fails still reaches `max_attempts`.
+    reached: bool,
 }
 
 /// Replays `req` through `svc` and judges the outcome. A replay still running at
@@ -820,7 +799,9 @@ where
         }
         self.tasks.abort_all();
         while let Some(joined) = self.tasks.join_next_with_id().await {
-            if joined.is_ok() {
+            // A task cut short stays in flight, its lease returned below; one that
+            // finished or panicked meanwhile is settled (a panic logged) as usual.
+            if !joined.as_ref().is_err_and(JoinError::is_cancelled) {
                 self.settle(joined).await;
             }
         }
@@ -870,15 +851,19 @@ where
         let svc = self.service.clone();
         let judge = self.judge.clone();
         let (attempts, expires_at) = (envelope.attempts, envelope.expires_at);
-        let log = self.codec.attempt_log(&mut req);
+        // One log for the request (HTTP: in its extensions) and the task.
+        let log = self.codec.attempt_log(&mut req).unwrap_or_default();
         let handle = self.tasks.spawn(async move {
-            let verdict = replay_one(svc, req, judge, cut_off).await;
-            let verdict = counted_if_reached(verdict, log.as_ref());
+            let verdict = log
+                .clone()
+                .scope(replay_one(svc, req, judge, cut_off))
+                .await;
             Settled {
                 token,
                 attempts,
                 expires_at,
                 verdict,
+                reached: log.reached(),
             }
         });
         self.in_flight.insert(handle.id(), token);
@@ -890,6 +875,7 @@ where
             attempts,
             expires_at,
             verdict,
+            reached,
         } = match joined {
             Ok((id, settled)) => {
                 self.in_flight.remove(&id);
@@ -909,23 +895,8 @@ where
                 self.acks.push(token);
             }
             Verdict::Retry { after, reason } => {
-                if attempts >= self.config.max_attempts {
-                    let reason = format!("gave up after {attempts} attempts: {reason}");
-                    self.dead_letter(token, &reason).await;
-                    return;
-                }
-                let backoff = self.config.backoff(attempts, &mut self.rng);
-                let delay = backoff.max(after.unwrap_or_default());
-                if expires_at
-                    .is_some_and(|at| crate::queue::saturating_add(wall_now(), delay) >= at)
-                {
-                    // Never tried again: dead now, not after waiting out the delay.
-                    let reason = format!("expires before its next try (in {delay:?}): {reason}");
-                    self.dead_letter(token, &reason).await;
-                    return;
-                }
-                tracing::debug!(id = %token.id, ?delay, %reason, "replay failed; retrying later");
-                self.retry_later(token, delay, true).await;
+                self.retry_counted(token, attempts, expires_at, after, &reason)
+                    .await;
             }
             Verdict::CircuitOpen { retry_after } => {
                 // A zero hint means "half-open, probes busy": still back off a little, so
@@ -941,8 +912,22 @@ where
                     tracing::info!(?pause, "circuit open; replay paused");
                     self.paused_until = Some(until);
                 }
+                if reached {
+                    let reason = "an attempt reached the dependency and failed; its retries \
+                                  ended on the open circuit";
+                    self.retry_counted(token, attempts, expires_at, Some(retry_after), reason)
+                        .await;
+                    return;
+                }
                 // The delivery never reached the dependency: it does not count.
                 self.retry_later(token, pause, false).await;
+            }
+            Verdict::Rejected { reason } if reached => {
+                let reason = format!(
+                    "an attempt reached the dependency and failed; its retries ended on: {reason}"
+                );
+                self.retry_counted(token, attempts, expires_at, None, &reason)
+                    .await;
             }
             Verdict::Rejected { reason } => {
                 let delay = self
@@ -954,6 +939,34 @@ where
             }
             Verdict::Permanent { reason } => self.dead_letter(token, &reason).await,
         }
+    }
+
+    /// A failed delivery that counts: dead-lettered after `max_attempts` (or if it
+    /// would expire before its next try), else back to the queue not before
+    /// `max(backoff, after)`.
+    async fn retry_counted(
+        &mut self,
+        token: LeaseToken,
+        attempts: u32,
+        expires_at: Option<std::time::SystemTime>,
+        after: Option<Duration>,
+        reason: &str,
+    ) {
+        if attempts >= self.config.max_attempts {
+            let reason = format!("gave up after {attempts} attempts: {reason}");
+            self.dead_letter(token, &reason).await;
+            return;
+        }
+        let backoff = self.config.backoff(attempts, &mut self.rng);
+        let delay = backoff.max(after.unwrap_or_default());
+        if expires_at.is_some_and(|at| crate::queue::saturating_add(wall_now(), delay) >= at) {
+            // Never tried again: dead now, not after waiting out the delay.
+            let reason = format!("expires before its next try (in {delay:?}): {reason}");
+            self.dead_letter(token, &reason).await;
+            return;
+        }
+        tracing::debug!(id = %token.id, ?delay, %reason, "replay failed; retrying later");
+        self.retry_later(token, delay, true).await;
     }
 
     /// Back to the queue for `delay`; `counted: false` does not count the delivery

@@ -159,6 +159,7 @@ where
                     if let Some(original) = this.request.as_ref() {
                         this.policy.requests.after_attempt(original, &class);
                     }
+                    crate::retry::AttemptLog::note_in_task(&class);
                     drop(out);
                     *this.prev_delay = delay;
                     if delay.is_zero() {

@@ -60,7 +60,9 @@ pub trait CloneRequest<Req> {
 /// overload), not turned away by our own breaker or bulkhead
 /// ([`Class::Ignored`](crate::classify::Class::Ignored)).
 ///
-/// The [`Replayer`](crate::enqueue::Replayer) puts one on every replayed HTTP request:
+/// The [`Replayer`](crate::enqueue::Replayer) runs every replay with one (the retry
+/// layer notes on it whatever the request type) and puts it on every replayed HTTP
+/// request too (so it also works behind a `Buffer`):
 /// a replay whose retries end on the breaker its own failed attempt opened then counts
 /// towards `max_attempts`, instead of being put back uncounted as if it had never
 /// reached the dependency (a message that always fails was replayed for ever).
@@ -83,6 +85,30 @@ impl AttemptLog {
     /// Whether an attempt reached the dependency.
     pub fn reached(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+tokio::task_local! {
+    /// The [`AttemptLog`] of the replay running in this task (set by the replayer):
+    /// the retry layer notes on it whatever the request type, as long as it runs in
+    /// the replay's task (not behind a `Buffer`, whose worker is another task: there
+    /// the request's own log, in its extensions, still works).
+    static TASK_LOG: AttemptLog;
+}
+
+impl AttemptLog {
+    /// Runs `fut` with this log as its task's: a retry layer polled inside notes on
+    /// it, whatever the request type.
+    pub(crate) async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
+        TASK_LOG.scope(self, fut).await
+    }
+
+    /// Notes on the running task's log, if any, that an attempt classified `class`
+    /// reached the dependency.
+    pub(crate) fn note_in_task(class: &Classification) {
+        if !class.is_ignored() {
+            let _ = TASK_LOG.try_with(AttemptLog::note_reached);
+        }
     }
 }
 

@@ -1137,6 +1137,127 @@ async fn a_replay_whose_retry_meets_the_breaker_its_own_failure_opened_still_cou
     handle.shutdown().await;
 }
 
+/// A replay counted because its attempt reached the dependency before its retry met
+/// the open breaker still pauses the replayer until the breaker's break ends: a
+/// message due meanwhile is not leased just to be turned away. (Counting it skipped
+/// the pause.)
+#[tokio::test(start_paused = true)]
+async fn a_counted_replay_on_an_open_breaker_still_pauses_the_replayer() {
+    use postbox::circuit_breaker::CircuitBreakerLayer;
+    use postbox::retry::RetryLayer;
+    use postbox::retry::backoff::Backoff;
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/poison").await;
+    let dependency = service_fn(move |req: InnerReq| {
+        let status = if req.uri().path() == "/poison" {
+            500
+        } else {
+            200
+        };
+        async move { Ok::<_, BoxError>(respond(status, "")) }
+    });
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .permitted_probes(1)
+        .break_duration(Duration::from_secs(10))
+        .build()
+        .unwrap()
+        .with_classifier(HttpClassifier::new());
+    let retry = RetryLayer::http()
+        .max_retries(2)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .max_retry_after(Duration::from_secs(1))
+        .no_budget()
+        .build()
+        .unwrap();
+    let stack = ServiceBuilder::new()
+        .layer(retry)
+        .layer(breaker)
+        .service(dependency);
+    let handle = Replayer::http(queue.clone(), stack)
+        .max_attempts(3)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().retried == 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    enqueue_raw(&queue, "http://api.test/fine").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        handle.stats().retried,
+        1,
+        "a message was leased during the break, only to be turned away"
+    );
+    eventually(|| handle.stats().replayed == 1).await;
+    handle.shutdown().await;
+}
+
+/// The same for a request type of your own (a codec with no log of its own): the
+/// retry layer notes the attempt on the replay's task, so a command that always fails
+/// is dead-lettered after `max_attempts` too.
+#[tokio::test(start_paused = true)]
+async fn a_typed_replay_whose_retry_meets_the_breaker_its_own_failure_opened_still_counts() {
+    use postbox::circuit_breaker::CircuitBreakerLayer;
+    use postbox::retry::RetryLayer;
+    use postbox::retry::backoff::Backoff;
+    let queue = Arc::new(MemoryQueue::new());
+    let mut env = Envelope::new(
+        "",
+        "RUN",
+        "/commands",
+        Bytes::from_static(b"reindex"),
+        DeferReason::RetriesExhausted,
+    );
+    env.idempotency_key = "cmd-1".into();
+    queue.enqueue(env).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let dependency = service_fn(move |_: Command| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        async {
+            Err::<u32, BoxError>(boxed(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset,
+            )))
+        }
+    });
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .permitted_probes(1)
+        .break_duration(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let retry = RetryLayer::builder()
+        .max_retries(2)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .max_retry_after(Duration::from_secs(1))
+        .no_budget()
+        .build()
+        .unwrap();
+    let stack = ServiceBuilder::new()
+        .layer(retry)
+        .layer(breaker)
+        .service(dependency);
+    let handle = Replayer::new(queue.clone(), stack, CommandCodec)
+        .max_attempts(3)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if handle.stats().dead_lettered == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert_eq!(
+        handle.stats().dead_lettered,
+        1,
+        "replayed {} times, never counted",
+        calls.load(Ordering::SeqCst)
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    handle.shutdown().await;
+}
+
 /// Rejections by our own bulkhead (and deadlines spent before the call) never reached
 /// the dependency: with `max_attempts(2)`, ten of them and one real failure still end
 /// in a delivery, not a dead letter.
