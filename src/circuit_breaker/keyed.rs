@@ -407,6 +407,63 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
     }
 }
 
+impl<K: Hash + Eq + Clone + fmt::Display> KeyedCircuitBreakerHandle<K> {
+    /// The breaker of `key`, created (closed) if none is kept: to watch a key before
+    /// its first call. Like any closed breaker it may be dropped when idle; to set a
+    /// state by hand use [`force_open`](Self::force_open) and the others, which
+    /// cannot be lost to an eviction.
+    pub fn get_or_insert(&self, key: K) -> CircuitBreakerHandle {
+        CircuitBreakerHandle::new(self.keys.get(key, Instant::now()).breaker().clone())
+    }
+
+    /// Rejects every call for `key` until another manual change (see
+    /// [`CircuitBreakerHandle::force_open`]); creates the key's breaker if none is
+    /// kept, so a host known to be bad can be cut off before its first call. A breaker
+    /// in a state set by hand is never evicted.
+    ///
+    /// Unlike `get(&key)?.force_open()`, this cannot be lost: a breaker evicted between
+    /// the lookup and the change (it was not yet in a manual state) is replaced by the
+    /// key's new breaker, which gets the change.
+    pub fn force_open(&self, key: K) {
+        self.set_by_hand(key, CircuitBreakerHandle::force_open);
+    }
+
+    /// Lets every call for `key` through, recording nothing (see
+    /// [`CircuitBreakerHandle::disable`]); creates the key's breaker if needed.
+    pub fn disable(&self, key: K) {
+        self.set_by_hand(key, CircuitBreakerHandle::disable);
+    }
+
+    /// Lets every call for `key` through and records it, never tripping (see
+    /// [`CircuitBreakerHandle::metrics_only`]); creates the key's breaker if needed.
+    pub fn metrics_only(&self, key: K) {
+        self.set_by_hand(key, CircuitBreakerHandle::metrics_only);
+    }
+
+    /// Closes `key`'s breaker (see [`CircuitBreakerHandle::force_closed`]), ending a
+    /// state set by hand; it may be evicted again when idle. Nothing to do for a key
+    /// whose breaker is not kept: it starts closed.
+    pub fn force_closed(&self, key: &K) {
+        if let Some(h) = self.get(key) {
+            h.force_closed();
+        }
+    }
+
+    fn set_by_hand(&self, key: K, set: impl Fn(&CircuitBreakerHandle)) {
+        // The change is made outside the map's lock (a transition hook may use this
+        // handle). If the breaker was evicted before it took effect, the key's next
+        // breaker gets it; once in a manual state, a breaker is never evicted.
+        loop {
+            let breaker = self.keys.get(key.clone(), Instant::now());
+            let handle = CircuitBreakerHandle::new(breaker.breaker().clone());
+            set(&handle);
+            if !breaker.breaker().is_retired() {
+                return;
+            }
+        }
+    }
+}
+
 /// One independent [`CircuitBreaker`](super::CircuitBreaker) per key; see
 /// [`KeyedCircuitBreakerLayer`].
 ///

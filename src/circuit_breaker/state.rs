@@ -978,6 +978,11 @@ impl Breaker {
         self.set_gauge(CLOSED);
     }
 
+    /// Whether it was dropped from a keyed map ([`retire`](Self::retire)).
+    pub(crate) fn is_retired(&self) -> bool {
+        self.cold.lock().unwrap_or_else(|e| e.into_inner()).retired
+    }
+
     /// For a breaker dropped from a keyed map: sets the gauge to closed (its key
     /// starts closed again; the series must not go on showing it open), and keeps
     /// later transitions of this breaker (a call still in flight) off the gauge, the

@@ -867,6 +867,31 @@ async fn a_state_set_by_hand_survives_eviction() {
     assert_eq!(k, [1, 2, 4], "3 made room for 4; the manual ones stay");
 }
 
+/// A key can be cut off by hand before its first call (`get` finds no breaker for an
+/// unseen key), the other keys go on, and closing it by hand lets it through again.
+#[tokio::test(start_paused = true)]
+async fn a_key_can_be_forced_open_before_its_first_call() {
+    let layer = CircuitBreakerLayer::builder()
+        .keyed(|req: &(u32, bool)| req.0)
+        .max_keys(2)
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    assert!(keys.get(&7).is_none());
+    keys.force_open(7);
+    assert_eq!(keys.get(&7).unwrap().state(), State::ForcedOpen);
+    let mut svc = layer.layer(service_fn(ok_unless_false::<u32>));
+    open_error(svc.ready().await.unwrap().call((7, true)).await);
+    // It stays while other keys come and go (a manual state is never evicted).
+    for key in 1..5 {
+        svc.ready().await.unwrap().call((key, true)).await.unwrap();
+    }
+    open_error(svc.ready().await.unwrap().call((7, true)).await);
+    keys.force_closed(&7);
+    svc.ready().await.unwrap().call((7, true)).await.unwrap();
+    assert_eq!(keys.get_or_insert(9).state(), State::Closed);
+}
+
 #[cfg(feature = "http")]
 #[tokio::test(start_paused = true)]
 async fn keyed_by_authority() {
