@@ -124,9 +124,9 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             now,
             Box::new(SharedHook(self.hook.clone())),
         )));
-        // A healthy key shows up on the gauge too (and replaces a retired breaker's
-        // last value).
-        breaker.breaker().show_closed();
+        // Not set on the gauge until it first leaves closed: one series per key ever
+        // seen would grow the metrics recorder without bound where keys come from
+        // requests (an authority behind a proxy), whatever `max_keys` says.
         map.insert(
             key,
             Entry {
