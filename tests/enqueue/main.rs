@@ -1079,52 +1079,61 @@ async fn delivered_despite(
     calls.load(Ordering::SeqCst)
 }
 
-/// A message that always fails, replayed through the recommended stack (retry outside
-/// a breaker): each replay's first attempt is the half-open probe, which fails and
-/// opens the breaker, and the retry then meets the open breaker. That replay reached
-/// the dependency, so it counts: the message is dead-lettered after `max_attempts`.
-/// (It was put back uncounted every time, as if rejected before any call, and
-/// replayed for ever.)
-#[tokio::test(start_paused = true)]
-async fn a_replay_whose_retry_meets_the_breaker_its_own_failure_opened_still_counts() {
+/// The README's client stack in small: a retry (two retries 10 ms apart; a longer hint
+/// than 1 s ends them) outside a breaker that opens on one failure for 10 s and lets
+/// one probe through.
+fn retry_outside_a_breaker<C, R, Req, S>(
+    retry: postbox::retry::RetryBuilder<C, R, ()>,
+    classifier: C,
+    dependency: S,
+) -> impl Service<Req, Response = S::Response, Error: Into<BoxError> + Send, Future: Send>
++ Clone
++ Send
++ 'static
+where
+    C: postbox::classify::Classify<S::Response, postbox::circuit_breaker::error::Error<S::Error>>
+        + postbox::classify::Classify<S::Response, S::Error>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    R: postbox::retry::CloneRequest<Req> + Clone + Send + Sync + 'static,
+    Req: Send + 'static,
+    S: Service<Req, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send,
+{
     use postbox::circuit_breaker::CircuitBreakerLayer;
-    use postbox::retry::RetryLayer;
     use postbox::retry::backoff::Backoff;
-    let queue = Arc::new(MemoryQueue::new());
-    enqueue_raw(&queue, "http://api.test/a").await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let calls2 = calls.clone();
-    let dependency = service_fn(move |_req: InnerReq| {
-        calls2.fetch_add(1, Ordering::SeqCst);
-        async { Ok::<_, BoxError>(respond(500, "")) }
-    });
     let breaker = CircuitBreakerLayer::builder()
         .consecutive_failures(1)
         .permitted_probes(1)
         .break_duration(Duration::from_secs(10))
         .build()
         .unwrap()
-        .with_classifier(HttpClassifier::new());
-    let retry = RetryLayer::http()
+        .with_classifier(classifier);
+    let retry = retry
         .max_retries(2)
         .backoff(Backoff::constant(Duration::from_millis(10)))
         .max_retry_after(Duration::from_secs(1))
         .no_budget()
         .build()
         .unwrap();
-    let stack = ServiceBuilder::new()
+    ServiceBuilder::new()
         .layer(retry)
         .layer(breaker)
-        .service(dependency);
-    let handle = Replayer::http(queue.clone(), stack)
-        .max_attempts(3)
-        .jitter(false)
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if handle.stats().dead_lettered == 1 {
-            break;
-        }
+        .service(dependency)
+}
+
+/// Waits (in paused time, 5 s steps) up to `limit` for the one message to be
+/// dead-lettered.
+async fn dead_lettered_within(
+    handle: &postbox::enqueue::ReplayerHandle,
+    limit: Duration,
+    calls: &AtomicUsize,
+) {
+    let start = tokio::time::Instant::now();
+    while handle.stats().dead_lettered == 0 && start.elapsed() < limit {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     assert_eq!(
@@ -1133,6 +1142,32 @@ async fn a_replay_whose_retry_meets_the_breaker_its_own_failure_opened_still_cou
         "replayed {} times, never counted",
         calls.load(Ordering::SeqCst)
     );
+}
+
+/// A message that always fails, replayed through the recommended stack (retry outside
+/// a breaker): each replay's first attempt is the half-open probe, which fails and
+/// opens the breaker, and the retry then meets the open breaker. That replay reached
+/// the dependency, so it counts: the message is dead-lettered after `max_attempts`.
+/// (It was put back uncounted every time, as if rejected before any call, and
+/// replayed for ever.)
+#[tokio::test(start_paused = true)]
+async fn a_replay_whose_retry_meets_the_breaker_its_own_failure_opened_still_counts() {
+    use postbox::retry::RetryLayer;
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let dependency = service_fn(move |_req: InnerReq| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, BoxError>(respond(500, "")) }
+    });
+    let stack = retry_outside_a_breaker(RetryLayer::http(), HttpClassifier::new(), dependency);
+    let handle = Replayer::http(queue.clone(), stack)
+        .max_attempts(3)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    dead_lettered_within(&handle, Duration::from_secs(500), &calls).await;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     handle.shutdown().await;
 }
@@ -1143,9 +1178,7 @@ async fn a_replay_whose_retry_meets_the_breaker_its_own_failure_opened_still_cou
 /// the pause.)
 #[tokio::test(start_paused = true)]
 async fn a_counted_replay_on_an_open_breaker_still_pauses_the_replayer() {
-    use postbox::circuit_breaker::CircuitBreakerLayer;
     use postbox::retry::RetryLayer;
-    use postbox::retry::backoff::Backoff;
     let queue = Arc::new(MemoryQueue::new());
     enqueue_raw(&queue, "http://api.test/poison").await;
     let dependency = service_fn(move |req: InnerReq| {
@@ -1156,24 +1189,7 @@ async fn a_counted_replay_on_an_open_breaker_still_pauses_the_replayer() {
         };
         async move { Ok::<_, BoxError>(respond(status, "")) }
     });
-    let breaker = CircuitBreakerLayer::builder()
-        .consecutive_failures(1)
-        .permitted_probes(1)
-        .break_duration(Duration::from_secs(10))
-        .build()
-        .unwrap()
-        .with_classifier(HttpClassifier::new());
-    let retry = RetryLayer::http()
-        .max_retries(2)
-        .backoff(Backoff::constant(Duration::from_millis(10)))
-        .max_retry_after(Duration::from_secs(1))
-        .no_budget()
-        .build()
-        .unwrap();
-    let stack = ServiceBuilder::new()
-        .layer(retry)
-        .layer(breaker)
-        .service(dependency);
+    let stack = retry_outside_a_breaker(RetryLayer::http(), HttpClassifier::new(), dependency);
     let handle = Replayer::http(queue.clone(), stack)
         .max_attempts(3)
         .jitter(false)
@@ -1197,9 +1213,7 @@ async fn a_counted_replay_on_an_open_breaker_still_pauses_the_replayer() {
 /// is dead-lettered after `max_attempts` too.
 #[tokio::test(start_paused = true)]
 async fn a_typed_replay_whose_retry_meets_the_breaker_its_own_failure_opened_still_counts() {
-    use postbox::circuit_breaker::CircuitBreakerLayer;
     use postbox::retry::RetryLayer;
-    use postbox::retry::backoff::Backoff;
     let queue = Arc::new(MemoryQueue::new());
     let mut env = Envelope::new(
         "",
@@ -1220,40 +1234,17 @@ async fn a_typed_replay_whose_retry_meets_the_breaker_its_own_failure_opened_sti
             )))
         }
     });
-    let breaker = CircuitBreakerLayer::builder()
-        .consecutive_failures(1)
-        .permitted_probes(1)
-        .break_duration(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let retry = RetryLayer::builder()
-        .max_retries(2)
-        .backoff(Backoff::constant(Duration::from_millis(10)))
-        .max_retry_after(Duration::from_secs(1))
-        .no_budget()
-        .build()
-        .unwrap();
-    let stack = ServiceBuilder::new()
-        .layer(retry)
-        .layer(breaker)
-        .service(dependency);
+    let stack = retry_outside_a_breaker(
+        RetryLayer::builder(),
+        postbox::classify::ErrorClassifier::new(),
+        dependency,
+    );
     let handle = Replayer::new(queue.clone(), stack, CommandCodec)
         .max_attempts(3)
         .jitter(false)
         .spawn()
         .unwrap();
-    for _ in 0..100 {
-        if handle.stats().dead_lettered == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    }
-    assert_eq!(
-        handle.stats().dead_lettered,
-        1,
-        "replayed {} times, never counted",
-        calls.load(Ordering::SeqCst)
-    );
+    dead_lettered_within(&handle, Duration::from_secs(500), &calls).await;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     handle.shutdown().await;
 }
