@@ -330,6 +330,17 @@ fn tripped_mock(probes: u32) -> (MockSvc, mock::Handle<(), ()>, CircuitBreakerHa
     (svc, handle, h)
 }
 
+/// A breaker that opens on one failure, around a mock; with its handle.
+fn one_failure_mock() -> (MockSvc, mock::Handle<(), ()>, CircuitBreakerHandle) {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let breaker = layer.handle();
+    let (svc, handle) = mock::spawn_layer(layer);
+    (svc, handle, breaker)
+}
+
 /// Trips the breaker with one failed call and waits out the break.
 async fn trip_and_wait(
     svc: &mut MockSvc,
@@ -648,12 +659,7 @@ async fn rejected_call_does_not_poll_inner_readiness() {
 /// call queued behind a full bulkhead reached the failing dependency after the trip.)
 #[tokio::test(start_paused = true)]
 async fn a_call_admitted_before_the_breaker_opened_is_rejected_once_ready() {
-    let layer = CircuitBreakerLayer::builder()
-        .consecutive_failures(1)
-        .build()
-        .unwrap();
-    let breaker = layer.handle();
-    let (mut svc, mut handle) = mock::spawn_layer::<(), (), _>(layer);
+    let (mut svc, mut handle, breaker) = one_failure_mock();
     handle.allow(0);
     assert_pending!(svc.poll_ready(), "admitted, waiting for the inner service");
     breaker.force_open();
@@ -706,12 +712,7 @@ async fn a_rejection_answered_by_poll_ready_is_not_kept_once_the_breaker_closes(
 /// service is not called.
 #[tokio::test(start_paused = true)]
 async fn a_call_made_ready_before_the_breaker_opened_is_rejected_at_call() {
-    let layer = CircuitBreakerLayer::builder()
-        .consecutive_failures(1)
-        .build()
-        .unwrap();
-    let breaker = layer.handle();
-    let (mut svc, mut handle) = mock::spawn_layer::<(), (), _>(layer);
+    let (mut svc, mut handle, breaker) = one_failure_mock();
     assert_ready_ok!(svc.poll_ready(), "closed: admitted");
     breaker.force_open();
     let mut call = tokio_test::task::spawn(svc.call(()));
