@@ -162,21 +162,7 @@ where
             !permit.is_empty(),
             "CircuitBreaker::call called before poll_ready returned Ready"
         );
-        let breaker = self.slot.breaker.breaker();
-        if !breaker.is_current(&permit) {
-            // Made ready before a transition (a balancer keeps services ready until it
-            // picks one; the breaker tripped or was forced open meanwhile): admission
-            // is decided again, by the current state.
-            breaker.release(permit);
-            match breaker.admit(&mut Now::lazy().deferring_start()) {
-                Ok(fresh) => permit = fresh,
-                Err(open) => {
-                    breaker.count_rejection();
-                    return ResponseFuture::rejected(open);
-                }
-            }
-        }
-        breaker.start_call(&mut permit);
+        self.slot.breaker.breaker().start_call(&mut permit);
         let guard = Guard::new(self.slot.breaker.local().clone(), permit);
         ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())
     }

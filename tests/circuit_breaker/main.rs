@@ -707,24 +707,6 @@ async fn a_rejection_answered_by_poll_ready_is_not_kept_once_the_breaker_closes(
     assert_eq!(breaker.metrics().not_permitted(), 1);
 }
 
-/// A call made ready before the breaker was forced open (a balancer keeps services
-/// ready until it picks one) is decided again at `call`: rejected, and the inner
-/// service is not called.
-#[tokio::test(start_paused = true)]
-async fn a_call_made_ready_before_the_breaker_opened_is_rejected_at_call() {
-    let (mut svc, mut handle, breaker) = one_failure_mock();
-    assert_ready_ok!(svc.poll_ready(), "closed: admitted");
-    breaker.force_open();
-    let mut call = tokio_test::task::spawn(svc.call(()));
-    open_error(tokio_test::assert_ready!(
-        call.poll(),
-        "the inner service was called"
-    ));
-    let mut called = tokio_test::task::spawn(handle.next_request());
-    assert_pending!(called.poll(), "the inner service was called");
-    assert_eq!(breaker.metrics().not_permitted(), 1);
-}
-
 // --- per key ----------------------------------------------------------------------------
 
 /// A keyed test service: `(key, ok)` succeeds when `ok`, else fails.
