@@ -525,6 +525,8 @@ struct Cold {
     /// Dropped from a keyed map: its gauge series now belongs to the key's next
     /// breaker, so a late transition (a probe still in flight) must not set it.
     retired: bool,
+    /// Its gauge series exists (set at build, or at a transition).
+    shown: bool,
 }
 
 /// The state word on a cache line of its own: the `Arc`'s reference count, which
@@ -597,6 +599,7 @@ impl Breaker {
                 openings: 0,
                 rng,
                 retired: false,
+                shown: false,
             }),
             hook,
         }
@@ -958,6 +961,7 @@ impl Breaker {
         // Under the lock: two transitions on two threads set the gauge in their order.
         let retired = cold.retired;
         if !retired {
+            cold.shown = true;
             self.set_gauge(to);
         }
         drop(cold);
@@ -975,12 +979,9 @@ impl Breaker {
 
     /// Sets the gauge to closed: for a new breaker, so a healthy one shows up too.
     pub(crate) fn show_closed(&self) {
+        let mut cold = self.cold.lock().unwrap_or_else(|e| e.into_inner());
+        cold.shown = true;
         self.set_gauge(CLOSED);
-    }
-
-    /// Whether it was dropped from a keyed map ([`retire`](Self::retire)).
-    pub(crate) fn is_retired(&self) -> bool {
-        self.cold.lock().unwrap_or_else(|e| e.into_inner()).retired
     }
 
     /// For a breaker dropped from a keyed map: sets the gauge to closed (its key
@@ -990,7 +991,11 @@ impl Breaker {
     pub(crate) fn retire(&self) {
         let mut cold = self.cold.lock().unwrap_or_else(|e| e.into_inner());
         cold.retired = true;
-        self.set_gauge(CLOSED);
+        // Only a series that exists goes back to closed: a key that never left closed
+        // gets none (one per key ever seen would grow without bound).
+        if cold.shown {
+            self.set_gauge(CLOSED);
+        }
     }
 
     fn clear_window(&self) {
