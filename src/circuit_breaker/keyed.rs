@@ -457,7 +457,15 @@ impl<K: Hash + Eq + Clone + fmt::Display> KeyedCircuitBreakerHandle<K> {
             let breaker = self.keys.get(key.clone(), Instant::now());
             let handle = CircuitBreakerHandle::new(breaker.breaker().clone());
             set(&handle);
-            if !breaker.breaker().is_retired() {
+            // An eviction decides and removes under the write lock: if the entry is
+            // still this breaker now, the evictor saw the manual state (or has not
+            // looked yet, and will).
+            let kept = self
+                .keys
+                .read()
+                .get(&key)
+                .is_some_and(|e| Arc::ptr_eq(&e.breaker, &breaker));
+            if kept {
                 return;
             }
         }
