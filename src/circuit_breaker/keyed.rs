@@ -10,7 +10,7 @@ use crate::classify::{Classify, ErrorClassifier};
 use crate::error::ConfigError;
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -58,6 +58,75 @@ impl<B> KeyFn<http::Request<B>, http::uri::Authority> for ByAuthority {
     }
 }
 
+/// The breakers by key: SipHash with a random key per map (keys may come from
+/// requests), fed eight bytes at a time.
+type KeyMap<K> = HashMap<K, Entry, BuildBuffered>;
+
+/// Builds [`Buffered`] hashers from one random SipHash key (per map, as
+/// `RandomState`).
+#[derive(Default, Clone)]
+struct BuildBuffered(std::hash::RandomState);
+
+impl BuildHasher for BuildBuffered {
+    type Hasher = Buffered;
+
+    #[inline]
+    fn build_hasher(&self) -> Buffered {
+        Buffered {
+            inner: self.0.build_hasher(),
+            buf: 0,
+            len: 0,
+        }
+    }
+}
+
+/// A hasher that buffers the single bytes some `Hash` impls write one call each
+/// (`http::uri::Authority` writes every byte, lower-cased, with `write_u8`) and feeds
+/// the keyed SipHash eight at a time: the same protection against chosen keys, a
+/// fraction of the calls.
+struct Buffered {
+    inner: std::hash::DefaultHasher,
+    buf: u64,
+    len: u32,
+}
+
+impl std::hash::Hasher for Buffered {
+    #[inline]
+    fn write_u8(&mut self, b: u8) {
+        self.buf |= u64::from(b) << (8 * self.len);
+        self.len += 1;
+        if self.len == 8 {
+            self.inner.write_u64(self.buf);
+            self.buf = 0;
+            self.len = 0;
+        }
+    }
+
+    #[inline]
+    fn write(&mut self, mut bytes: &[u8]) {
+        while self.len != 0 && !bytes.is_empty() {
+            self.write_u8(bytes[0]);
+            bytes = &bytes[1..];
+        }
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            self.inner
+                .write_u64(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+        for &b in words.remainder() {
+            self.write_u8(b);
+        }
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        let mut inner = self.inner.clone();
+        inner.write_u64(self.buf);
+        inner.write_u32(self.len);
+        inner.finish()
+    }
+}
+
 struct Entry {
     breaker: Arc<Ref>,
     last_used_ns: AtomicU64,
@@ -76,18 +145,18 @@ struct Keys<K> {
     template: CircuitBreakerBuilder,
     hook: Arc<dyn OnTransition>,
     /// Read-locked by the calls of known keys; written only to add a key.
-    map: RwLock<HashMap<K, Entry>>,
+    map: RwLock<KeyMap<K>>,
     max_keys: usize,
     idle: Duration,
     origin: Instant,
 }
 
 impl<K> Keys<K> {
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<K, Entry>> {
+    fn read(&self) -> RwLockReadGuard<'_, KeyMap<K>> {
         self.map.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<K, Entry>> {
+    fn write(&self) -> RwLockWriteGuard<'_, KeyMap<K>> {
         self.map.write().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -142,7 +211,7 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     /// other is: dropping it would let a flood of new keys reset the breakers that
     /// protect a failing dependency). A breaker in a state set by hand is never
     /// dropped: that would undo it.
-    fn evict(&self, map: &mut HashMap<K, Entry>, now_ns: u64) {
+    fn evict(&self, map: &mut KeyMap<K>, now_ns: u64) {
         retain_active(map, now_ns, self.idle);
         while map.len() >= self.max_keys {
             let Some(victim) = map
@@ -173,7 +242,7 @@ fn is_manual(e: &Entry) -> bool {
 }
 
 /// Keeps the breakers used within `idle`, and those in a state set by hand.
-fn retain_active<K>(map: &mut HashMap<K, Entry>, now_ns: u64, idle: Duration) {
+fn retain_active<K>(map: &mut KeyMap<K>, now_ns: u64, idle: Duration) {
     let idle_ns = crate::duration::nanos(idle);
     map.retain(|_, e| {
         let keep = now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns || is_manual(e);
@@ -282,7 +351,7 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
             keys: Arc::new(Keys {
                 template: self.template,
                 hook,
-                map: RwLock::new(HashMap::new()),
+                map: RwLock::new(KeyMap::default()),
                 max_keys: self.max_keys,
                 idle: self.idle,
                 origin: Instant::now(),
@@ -560,6 +629,70 @@ where
                 ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())
             }
             Err(open) => ResponseFuture::rejected(open),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::Hasher;
+
+    /// The same bytes hash the same however they are written (one call each, or in
+    /// slices split anywhere), and one map finds its keys from any thread.
+    #[test]
+    fn the_buffered_hasher_is_consistent_across_writes_and_threads() {
+        let build = BuildBuffered::default();
+        let text = b"orders.internal:8080";
+        let whole = {
+            let mut h = build.build_hasher();
+            h.write(text);
+            h.finish()
+        };
+        for split in 0..text.len() {
+            let mut h = build.build_hasher();
+            h.write(&text[..split]);
+            for &b in &text[split..] {
+                h.write_u8(b);
+            }
+            assert_eq!(h.finish(), whole, "split at {split}");
+        }
+        let mut h = build.build_hasher();
+        h.write(b"orders.internal:8081");
+        assert_ne!(h.finish(), whole);
+
+        let mut map: HashMap<http_free_key::Key, u32, BuildBuffered> = HashMap::default();
+        map.insert(http_free_key::Key("Orders.Internal".into()), 7);
+        let map = Arc::new(map);
+        let other = std::thread::spawn({
+            let map = map.clone();
+            move || {
+                map.get(&http_free_key::Key("orders.internal".into()))
+                    .copied()
+            }
+        });
+        assert_eq!(other.join().unwrap(), Some(7));
+    }
+
+    /// A key hashed like `http::uri::Authority`: lower-cased, one byte per call.
+    mod http_free_key {
+        #[derive(Debug)]
+        pub(super) struct Key(pub(super) String);
+
+        impl PartialEq for Key {
+            fn eq(&self, other: &Self) -> bool {
+                self.0.eq_ignore_ascii_case(&other.0)
+            }
+        }
+
+        impl Eq for Key {}
+
+        impl std::hash::Hash for Key {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                for b in self.0.bytes() {
+                    state.write_u8(b.to_ascii_lowercase());
+                }
+            }
         }
     }
 }
