@@ -62,6 +62,10 @@ const SCALE: u64 = 1_000_000;
 ///
 /// Defaults: 20% of first attempts, a floor of 10 retries per second, a 10 s window
 /// (Finagle's defaults).
+///
+/// A retry is withdrawn when it is decided, before its backoff: a call dropped during
+/// the backoff (its caller gave up) has spent it all the same. So the budget counts
+/// retries decided, a little more than retries sent when callers cancel often.
 #[derive(Clone)]
 pub struct RetryBudget {
     inner: Arc<Inner>,

@@ -18,7 +18,7 @@
 //! * **Budget**: a [`RetryBudget`] shared by every service of a layer (and by any layer
 //!   given a clone of it) bounds retries to a share of recent first attempts plus a floor
 //!   (20% and 10/s by default). When it is spent the last outcome is returned, the
-//!   `postbox_retry_budget_exhausted_total` counter grows and a `warn` event says why.
+//!   `postbox_retry_budget_exhausted_total` counter grows and a `debug` event says why.
 //! * **Idempotency**: after an attempt that may have taken effect, only retry-safe
 //!   requests are retried ([`CloneRequest::is_retry_safe`]). For HTTP
 //!   (`HttpRequests`): idempotent methods (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`,
@@ -30,7 +30,7 @@
 //!   `http::body::BufferBodyLayer`) is sent once.
 //! * **Readiness** is polled again before every retry.
 //!
-//! | what stops a retry | outcome returned | `reason` in the `warn` event |
+//! | what stops a retry | outcome returned | `reason` in the `debug` event and `postbox_retry_gave_up_total` |
 //! |---|---|---|
 //! | not retryable (success, 4xx, …) | as is, silently | — |
 //! | `max_retries` reached | last outcome | `max_retries` |
@@ -38,12 +38,14 @@
 //! | not retry-safe and may have taken effect | last outcome | `not_retry_safe` |
 //! | server hint above `max_retry_after` | last outcome, at once | `retry_after_too_long` |
 //! | budget spent | last outcome | `budget_exhausted` |
-//! | the next try would start at or after the call's deadline (a `CallDeadline` on an HTTP request) | last outcome, at once | `deadline` |
+//! | the next try would start at or after the call's deadline (a `CallDeadline` on an HTTP request; the backoff is checked, not a wait for readiness after it) | last outcome, at once | `deadline` |
 //!
 //! # Telemetry
 //! `tracing`: a `debug` event for every failed attempt that is retried (attempt number,
-//! delay, class, hint) and when a retried call finishes, one `warn` when a retryable
-//! failure is returned (none with `max_retries(0)`, retries switched off); no event when the first attempt settles the call. Every attempt
+//! delay, class, hint) and when a retried call finishes, and one when a retryable
+//! failure is returned (none with `max_retries(0)`, retries switched off; `debug`, not
+//! `warn`: in an outage every call ends so, and the counter says how many); no event
+//! when the first attempt settles the call. Every attempt
 //! runs in a `debug` span `retry_attempt{attempt}` (1 for the first, 2 for the first
 //! retry), so the events of the layers inside (breaker, bulkhead, attempt timeout) say
 //! which attempt they belong to; with no subscriber interested the span is disabled
