@@ -157,7 +157,14 @@ mod http_mapping {
     }
 
     fn not_enqueued(e: &NotEnqueued) -> Response {
-        respond(StatusCode::SERVICE_UNAVAILABLE, None, e.to_string())
+        // The error names the original failure (an upstream's address) and the queue's:
+        // not sent to the client (the enqueue layer logged it at `warn` already).
+        tracing::debug!(error = %e, "request failed and could not be deferred; answered 503");
+        respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "the request failed and could not be deferred".to_owned(),
+        )
     }
 
     /// The response for a postbox error found anywhere in `err`'s cause chain, or
@@ -413,6 +420,32 @@ mod tests {
         assert_eq!(
             into_response(boxed).status(),
             http::StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    /// The 503 for a request that could not be deferred does not show the client the
+    /// original failure's text (an upstream's address) or the queue's.
+    #[cfg(feature = "http")]
+    #[tokio::test]
+    async fn a_request_not_enqueued_tells_the_client_nothing_internal() {
+        use crate::enqueue::error::FailedResponse;
+        use crate::queue::{DeferReason, QueueError};
+        use axum_core::response::IntoResponse;
+        let e = NotEnqueued::new(
+            DeferReason::RetriesExhausted,
+            Box::new(FailedResponse::new(
+                "connect to 10.1.2.3:8080 refused".into(),
+            )),
+            QueueError::Unavailable("/var/lib/postbox/q.redb: disk full".into()),
+        );
+        let body = http_body_util::BodyExt::collect(e.into_response().into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text.contains("10.1.2.3") && !text.contains("redb"),
+            "{text}"
         );
     }
 
