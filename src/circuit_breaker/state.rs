@@ -666,11 +666,6 @@ impl Breaker {
         }
     }
 
-    #[inline]
-    fn reject(&self, retry_after_ns: u64) -> Open {
-        Open::from_nanos(retry_after_ns)
-    }
-
     /// Counts a call rejected (made with a rejection from [`admit`](Self::admit)).
     #[inline]
     pub(crate) fn count_rejection(&self) {
@@ -710,7 +705,7 @@ impl Breaker {
             let raw = clock::raw_now();
             let until = self.open_until_coarse.load(Relaxed);
             if raw < until {
-                return Err(self.reject((until - raw).saturating_add(SLACK_NS)));
+                return Err(Open::from_nanos((until - raw).saturating_add(SLACK_NS)));
             }
         }
         self.acquire_slow(now)
@@ -731,7 +726,7 @@ impl Breaker {
                     let until = self.open_until_ns.load(Acquire);
                     let t = self.ns(now.get());
                     if t < until {
-                        return Err(self.reject(until - t));
+                        return Err(Open::from_nanos(until - t));
                     }
                     self.transition(w, HALF_OPEN, now, false);
                 }
@@ -754,9 +749,9 @@ impl Breaker {
                         self.transition(w, OPEN, now, false);
                         continue;
                     }
-                    return Err(self.reject(0));
+                    return Err(Open::from_nanos(0));
                 }
-                _ => return Err(self.reject(Open::new(self.settings.break_duration).as_nanos())),
+                _ => return Err(Open::new(self.settings.break_duration)),
             }
         }
     }
