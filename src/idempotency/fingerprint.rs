@@ -40,12 +40,7 @@ const K: u64 = 0x9E37_79B9_7F4A_7C15;
 impl Hasher {
     /// A hasher that has read the request's head: method, path and query, content type.
     pub(crate) fn of_head<B>(req: &Request<B>) -> Self {
-        let mut h = Self {
-            h: 0x243F_6A88_85A3_08D3,
-            tail: [0; 8],
-            tail_len: 0,
-            len: 0,
-        };
+        let mut h = Self::seeded(0x243F_6A88_85A3_08D3);
         let pq = req.uri().path_and_query().map_or("", |pq| pq.as_str());
         let ct = req
             .headers()
@@ -62,15 +57,21 @@ impl Hasher {
     /// the same as an empty value), stable across processes, builds and platforms like
     /// the fingerprint, so instances sharing a store agree on the scope.
     pub(crate) fn of_scope(value: Option<&[u8]>) -> u64 {
-        let mut h = Self {
-            h: 0x1319_8A2E_0370_7344,
-            tail: [0; 8],
-            tail_len: 0,
-            len: 0,
-        };
+        let mut h = Self::seeded(0x1319_8A2E_0370_7344);
         h.mix(u64::from(value.is_some()));
         h.write(value.unwrap_or_default());
         h.finish().hash
+    }
+
+    /// A hasher that has read nothing, starting from `seed` (one per use, so a scope
+    /// and a fingerprint of the same bytes differ).
+    const fn seeded(seed: u64) -> Self {
+        Self {
+            h: seed,
+            tail: [0; 8],
+            tail_len: 0,
+            len: 0,
+        }
     }
 
     #[inline]
