@@ -254,6 +254,11 @@ fn line_of_field(text: &str, field: &str) -> Option<usize> {
 }
 
 fn mentions_key(line: &str, key: &str) -> bool {
+    // An empty name (`{"": 1}`) is found everywhere and nowhere: it locates nothing
+    // (and `find("")` would never move on).
+    if key.is_empty() {
+        return false;
+    }
     let mut rest = line;
     while let Some(i) = rest.find(key) {
         let before = rest[..i].chars().next_back();

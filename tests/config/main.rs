@@ -153,6 +153,32 @@ fn an_unknown_field_names_the_field_and_line() {
     }
 }
 
+/// An empty field name is an unknown field like any other; locating it once looped
+/// for ever. Run on a thread so a regression fails instead of hanging the suite.
+#[test]
+fn an_empty_field_name_is_an_error_not_a_hang() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let texts = [
+            (r#"{"": 1}"#, Format::Json),
+            ("{\n  \"client\": {\"\": 1}\n}", Format::Json),
+            ("client = { \"\" = 1 }\n", Format::Toml),
+            ("client:\n  \"\": 1\n", Format::Yaml),
+        ];
+        for (text, format) in texts {
+            let e = StackConfig::from_str(text, format).unwrap_err();
+            tx.send((format, e.is_unknown_field(), e.to_string()))
+                .unwrap();
+        }
+    });
+    for _ in 0..4 {
+        let (format, unknown, shown) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the config loader hangs on an empty field name");
+        assert!(unknown, "{format}: {shown}");
+    }
+}
+
 #[test]
 fn a_field_inside_the_breaker_window_is_located_too() {
     let toml = "[client.circuit_breaker]\nwindow = { type = \"time\", duration = \"9 parsecs\", buckets = 1 }\n";
