@@ -336,7 +336,7 @@ mod http_propagation {
             let headers = req.headers_mut();
             headers.insert(
                 TIMEOUT_MS_HEADER,
-                HeaderValue::from(remaining.as_millis() as u64),
+                HeaderValue::from(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX)),
             );
             if is_grpc && let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(remaining)) {
                 headers.insert("grpc-timeout", v);

@@ -245,6 +245,24 @@ async fn plain_http_requests_get_the_timeout_ms_header_but_no_grpc_timeout() {
     assert!(sent.headers().get("grpc-timeout").is_none());
 }
 
+/// A budget of more than `u64::MAX` milliseconds is sent as the largest header, not
+/// wrapped to its low 64 bits (which made it 384 ms).
+#[tokio::test(start_paused = true)]
+async fn a_budget_beyond_the_header_range_is_sent_saturated_not_wrapped() {
+    let budget = Duration::from_secs(18_446_744_073_709_552);
+    let (mut svc, mut handle) =
+        mock::spawn_layer::<http::Request<()>, (), _>(DeadlineLayer::http(budget).unwrap());
+    assert_ready_ok!(svc.poll_ready());
+    let _fut = svc.call(http::Request::new(()));
+    let (sent, _) = handle.next_request().await.unwrap();
+    let ms: u64 = sent.headers()[TIMEOUT_MS_HEADER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ms > 1 << 60, "sent {ms} ms");
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_earliest_deadline_wins_when_nested() {
     // An outer deadline of 300 ms around an inner one of 2 s: the inner layer sees 300 ms.
