@@ -66,17 +66,28 @@ as_error_for!(
 /// | `http::body::RequestBodyFailed` (with `http`: the caller's upload broke) | ignored | no | yes |
 /// | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
 /// | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | failure | no (the budget is spent) | yes, unless it expired before the call |
-/// | `io::Error` refused / not connected / address unavailable (connect) | failure | yes | no |
-/// | `io::Error` reset / aborted / broken pipe / unexpected EOF / timed out (transport) | failure | yes | yes |
+/// | `hyper_util` client error that is a connect error (with `hyper`) | failure | yes | no |
+/// | `io::Error` refused / address unavailable / address in use (connect) | failure | yes | no |
+/// | any other `io::Error` (reset, aborted, broken pipe, not connected, unexpected EOF, timed out: the request may have been sent) | failure | yes | yes |
 /// | `reqwest::Error` that is a connect error (with `reqwest`) | failure | yes | no |
 /// | `reqwest::Error` building the request (with `reqwest`) | failure | no | no |
 /// | `tonic::Status` (with `grpc`) | by its code, as [`GrpcClassifier`](super::GrpcClassifier) | | |
 /// | anything else | failure | yes | yes |
 ///
+/// The first match on the way down the chain decides, except for a `tonic::Status`:
+/// an error under it (its source, so made in this process) that the table names
+/// decides instead, so a status wrapping a connect error is a call that never left.
+///
 /// Retrying a call that may have taken effect is still subject to the retry layer's
 /// idempotency rules.
 pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
     let mut cur: Option<&(dyn Error + 'static)> = Some(err);
+    // The first `tonic::Status` on the way down: its code decides unless something
+    // under it does. A status with a source was made in this process (a source does
+    // not travel over the wire), so what it wraps — a connect error, our own `Open` —
+    // says more than the code it was given.
+    #[cfg(feature = "grpc")]
+    let mut status: Option<Classification> = None;
     while let Some(e) = cur {
         if let Some(open) = as_type::<crate::circuit_breaker::error::Open>(e) {
             return Classification::ignored()
@@ -121,11 +132,17 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
             return classify_io(io.kind());
         }
         #[cfg(feature = "grpc")]
-        if let Some(status) = as_type::<tonic::Status>(e) {
-            let code = super::grpc::GrpcCode::from_i32(status.code() as i32);
-            return super::grpc::default_class(code);
+        if status.is_none()
+            && let Some(s) = as_type::<tonic::Status>(e)
+        {
+            let code = super::grpc::GrpcCode::from_i32(s.code() as i32);
+            status = Some(super::grpc::default_class(code));
         }
         cur = e.source();
+    }
+    #[cfg(feature = "grpc")]
+    if let Some(status) = status {
+        return status;
     }
     Classification::failure()
 }

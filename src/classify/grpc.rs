@@ -101,16 +101,17 @@ pub(crate) fn default_class(code: GrpcCode) -> Classification {
 /// Reads `grpc-retry-pushback-ms`.
 ///
 /// `Some(Ok(d))` is a hint; `Some(Err(()))` is a pushback that is negative or not a
-/// number, which the gRPC retry design (A6) defines as "do not retry".
+/// number, which the gRPC retry design (A6) defines as "do not retry". A number too
+/// large for a `u64` is the longest hint, `Duration::MAX`, as an HTTP `Retry-After`
+/// too large is.
 pub fn retry_pushback(headers: &HeaderMap) -> Option<Result<Duration, ()>> {
     let v = headers.get("grpc-retry-pushback-ms")?;
-    Some(
-        v.to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(Duration::from_millis)
-            .ok_or(()),
-    )
+    let s = v.to_str().map_err(|_| ()).map(str::trim);
+    Some(s.and_then(|s| match s.parse::<u64>() {
+        Ok(ms) => Ok(Duration::from_millis(ms)),
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => Ok(Duration::MAX),
+        Err(_) => Err(()),
+    }))
 }
 
 /// Classifies gRPC responses by status code, with user overrides.
@@ -217,6 +218,11 @@ impl GrpcClassifier {
             return Some(self.classify_code(code, headers));
         }
         if status != http::StatusCode::OK {
+            let code = GrpcCode::from_http_status(status);
+            if self.overridden & (1 << code as u32) != 0 {
+                // The caller's class for the code the spec maps this status to wins.
+                return Some(self.classify_code(code, headers));
+            }
             // A proxy's (or load balancer's) own answer, before any gRPC server: a 429,
             // or a 503 with `Retry-After`, asks us to slow down, as in HTTP.
             let hint = || super::http::retry_after(headers, std::time::SystemTime::now());
@@ -228,7 +234,7 @@ impl GrpcClassifier {
             {
                 return Some(Classification::overload(Some(after)));
             }
-            return Some(self.classify_code(GrpcCode::from_http_status(status), headers));
+            return Some(self.classify_code(code, headers));
         }
         None
     }
@@ -314,6 +320,72 @@ mod tests {
             .classify_headers(http::StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new())
             .unwrap();
         assert_eq!(plain.class(), Class::Failure);
+    }
+
+    /// A status made in this process wrapping a connect error or one of our own
+    /// rejections is classified by what it wraps: a call that never left can be
+    /// retried whatever its method, and our own breaker's rejection is never counted
+    /// against the dependency. A status without a source keeps its code's class.
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_status_is_classified_by_the_error_it_wraps() {
+        use crate::BoxError;
+        use std::sync::Arc;
+        let classify = |status: tonic::Status| {
+            let err: BoxError = status.into();
+            <GrpcClassifier as Classify<Response<()>, BoxError>>::classify(
+                &GrpcClassifier::new(),
+                Err(&err),
+            )
+        };
+        let mut refused = tonic::Status::unavailable("connect");
+        refused.set_source(Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        let c = classify(refused);
+        assert_eq!(c.class(), Class::Failure);
+        assert!(c.is_retryable());
+        assert!(!c.may_have_taken_effect());
+
+        let mut rejected = tonic::Status::unknown("breaker");
+        rejected.set_source(Arc::new(crate::circuit_breaker::error::Open::new(
+            Duration::from_secs(3),
+        )));
+        let c = classify(rejected);
+        assert_eq!(c.class(), Class::Ignored);
+        assert_eq!(c.retry_after(), Some(Duration::from_secs(3)));
+
+        let c = classify(tonic::Status::unknown("from the server"));
+        assert_eq!(c.class(), Class::Failure);
+        assert!(!c.is_retryable());
+    }
+
+    /// An override applies to a proxy's answer too: it is classified as the code the
+    /// spec maps its HTTP status to, and that code's override wins over the overload
+    /// reading of a 429.
+    #[test]
+    fn an_override_applies_to_a_proxys_answer() {
+        let c = GrpcClassifier::new().with_success(GrpcCode::Unavailable);
+        let got = c
+            .classify_headers(http::StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new())
+            .unwrap();
+        assert_eq!(got.class(), Class::Success);
+    }
+
+    /// A pushback too large for a `u64` is the longest hint (as an HTTP `Retry-After`
+    /// is), not "do not retry"; a negative or non-numeric one is.
+    #[test]
+    fn a_pushback_too_large_is_the_longest_hint() {
+        let mut h = HeaderMap::new();
+        for (value, want) in [
+            ("99999999999999999999999", Some(Ok(Duration::MAX))),
+            ("250", Some(Ok(Duration::from_millis(250)))),
+            ("-1", Some(Err(()))),
+            ("soon", Some(Err(()))),
+        ] {
+            h.insert("grpc-retry-pushback-ms", value.parse().unwrap());
+            assert_eq!(retry_pushback(&h), want, "{value}");
+        }
     }
 
     fn trailers(status: &str) -> HeaderMap {
