@@ -124,9 +124,6 @@ pub(crate) mod http_codec {
         "grpc-timeout",
     ];
 
-    /// Credentials, marked sensitive again on replay (a stored value loses the flag).
-    const SENSITIVE: [HeaderName; 2] = [http::header::AUTHORIZATION, http::header::COOKIE];
-
     /// The codec for `http::Request<BufferedBody<B>>`: method, URI, headers (without
     /// hop-by-hop ones) and the buffered body; the idempotency key travels in
     /// [`IDEMPOTENCY_KEY_HEADER`](crate::enqueue::IDEMPOTENCY_KEY_HEADER).
@@ -216,7 +213,8 @@ pub(crate) mod http_codec {
         for (name, value) in &env.headers {
             let name = HeaderName::from_bytes(name.as_bytes())?;
             let mut value = HeaderValue::from_bytes(value)?;
-            if SENSITIVE.contains(&name) {
+            // A stored value loses the flag: credentials get it back.
+            if crate::queue::envelope::is_credential(name.as_str()) {
                 value.set_sensitive(true);
             }
             headers.append(name, value);

@@ -113,7 +113,8 @@ impl fmt::Debug for Envelope {
     }
 }
 
-/// Header names whose values `Debug` output never shows.
+/// Header names holding credentials: `Debug` output never shows their values, and a
+/// replayed request gets them back marked sensitive (a stored value loses the flag).
 const CREDENTIALS: [&str; 5] = [
     "authorization",
     "proxy-authorization",
@@ -122,6 +123,11 @@ const CREDENTIALS: [&str; 5] = [
     "x-api-key",
 ];
 
+/// Whether the header `name` holds a credential (any case).
+pub(crate) fn is_credential(name: &str) -> bool {
+    CREDENTIALS.iter().any(|c| name.eq_ignore_ascii_case(c))
+}
+
 /// Headers for `Debug`: credential values redacted, other values as text.
 pub(crate) struct RedactedHeaders<'a>(pub(crate) &'a [(String, Bytes)]);
 
@@ -129,7 +135,7 @@ impl fmt::Debug for RedactedHeaders<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut list = f.debug_list();
         for (name, value) in self.0 {
-            if CREDENTIALS.iter().any(|c| name.eq_ignore_ascii_case(c)) {
+            if is_credential(name) {
                 list.entry(&(name, "<redacted>"));
             } else {
                 list.entry(&(name, String::from_utf8_lossy(value)));

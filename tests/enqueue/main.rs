@@ -691,15 +691,30 @@ async fn hop_by_hop_headers_are_not_stored_and_credentials_replay_as_sensitive()
     h.insert("connection", "keep-alive, X-Hop".parse().unwrap());
     h.insert("x-hop", "1".parse().unwrap());
     h.insert("proxy-authorization", "Basic cHJveHk=".parse().unwrap());
-    h.insert("authorization", "Bearer t".parse().unwrap());
+    h.insert("authorization", "Bearer secret-token".parse().unwrap());
+    h.insert("cookie", "session=secret-cookie".parse().unwrap());
+    h.insert("x-api-key", "secret-api-key".parse().unwrap());
     h.insert("x-tenant", "acme".parse().unwrap());
     let res = svc.oneshot(req).await.unwrap();
     let env = queue.get(receipt_id(&res)).unwrap();
     let mut names: Vec<_> = env.headers.iter().map(|(n, _)| n.as_str()).collect();
     names.sort_unstable();
-    assert_eq!(names, ["authorization", "idempotency-key", "x-tenant"]);
+    assert_eq!(
+        names,
+        [
+            "authorization",
+            "cookie",
+            "idempotency-key",
+            "x-api-key",
+            "x-tenant"
+        ]
+    );
     let replay: InnerReq = postbox::enqueue::HttpCodec::new().rebuild(&env).unwrap();
-    assert!(replay.headers()["authorization"].is_sensitive());
+    // The same names `Debug` redacts.
+    for credential in ["authorization", "cookie", "x-api-key"] {
+        assert!(replay.headers()[credential].is_sensitive(), "{credential}");
+        assert!(!format!("{env:?}").contains(replay.headers()[credential].to_str().unwrap()));
+    }
     assert!(!replay.headers()["x-tenant"].is_sensitive());
 }
 
