@@ -158,6 +158,11 @@ impl State {
             let Some(env) = self.messages.get_mut(&id) else {
                 continue;
             };
+            if env.not_before > now {
+                // Made ready by a lease with a later `now`: not due for this one.
+                self.scheduled.insert((env.not_before, id));
+                continue;
+            }
             env.attempts = env.attempts.saturating_add(1);
             let generation = self.seq << 32 | u64::from(env.attempts);
             self.seq += 1;

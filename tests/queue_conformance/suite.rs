@@ -20,6 +20,7 @@ macro_rules! conformance {
             not_before_defers_delivery,
             a_not_before_months_away_waits_and_leasing_goes_on,
             lease_uses_the_given_now_not_the_clock,
+            a_message_made_ready_at_a_later_now_is_not_leased_at_an_earlier_one,
             expired_lease_returns_to_pending,
             stale_token_is_refused,
             ack_removes_message_and_frees_key,
@@ -211,6 +212,25 @@ pub async fn lease_uses_the_given_now_not_the_clock(q: impl Queue) {
     assert!(q.lease(10, LEASE, past).await.unwrap().is_empty());
     assert_eq!(q.depth().await.unwrap().pending, 1);
     assert_eq!(ids(&q.lease(10, LEASE, clock).await.unwrap()), vec![id]);
+}
+
+/// `not_before <= now` holds for every message leased, even one an earlier call with a
+/// later `now` already found due (two replayers with clocks apart).
+pub async fn a_message_made_ready_at_a_later_now_is_not_leased_at_an_earlier_one(q: impl Queue) {
+    let mut ids_due_at_5 = Vec::new();
+    for key in ["a", "b"] {
+        let mut e = envelope(key);
+        e.not_before = at(5);
+        ids_due_at_5.push(stored(&q, e).await);
+    }
+    let first = q.lease(1, LEASE, at(10)).await.unwrap();
+    assert_eq!(ids(&first), vec![ids_due_at_5[0]]);
+    let early = q.lease(10, LEASE, at(0)).await.unwrap();
+    assert!(early.is_empty(), "leased before due: {:?}", ids(&early));
+    assert_eq!(
+        ids(&q.lease(10, LEASE, at(5)).await.unwrap()),
+        vec![ids_due_at_5[1]]
+    );
 }
 
 pub async fn expired_lease_returns_to_pending(q: impl Queue) {
