@@ -999,6 +999,12 @@ impl Writer {
                 txn.abort().map_err(redb_err)
             }
         }));
+        // Ops not reached because `begin_write` failed or the batch panicked: answered
+        // with the failure too (dropped unanswered, they would read "queue closed").
+        ops.more = None;
+        for op in ops.by_ref() {
+            done.push(unanswered(op));
+        }
         let failure = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
@@ -1247,9 +1253,10 @@ impl Tables<'_> {
         {
             // A duplicate is answered as one even when the queue is full.
             if !key.is_empty()
-                && let Some(existing) = self.keys.get(key).map_err(redb_err)?
+                && let Some(existing) = self.keys.get(key).map_err(redb_err)?.map(|g| g.value())
+                && self.messages.get(existing).map_err(redb_err)?.is_some()
             {
-                return Ok(Enqueued::Duplicate(from_id(existing.value())));
+                return Ok(Enqueued::Duplicate(from_id(existing)));
             }
             if self.messages.get(id).map_err(redb_err)?.is_some() {
                 return Ok(Enqueued::Duplicate(from_id(id)));
@@ -1261,7 +1268,12 @@ impl Tables<'_> {
         // batch's transaction is aborted anyway if nothing else was written.
         if !key.is_empty() {
             let replaced = self.keys.insert(key, id).map_err(redb_err)?;
-            if let Some(existing) = replaced.map(|g| g.value()) {
+            // A key whose message is gone (its ack could not read the key from a
+            // damaged value, so left it) is free: the new message takes it instead of
+            // being answered as a duplicate of nothing, for ever.
+            if let Some(existing) = replaced.map(|g| g.value())
+                && self.messages.get(existing).map_err(redb_err)?.is_some()
+            {
                 self.keys.insert(key, existing).map_err(redb_err)?;
                 return Ok(Enqueued::Duplicate(from_id(existing)));
             }
@@ -1644,6 +1656,39 @@ mod tests {
             .insert(to_id(id), &b"PBOX\x63garbage"[..])
             .unwrap();
         txn.commit().unwrap();
+    }
+
+    /// A key left behind by a message that is gone (an ack that could not read the key
+    /// from a damaged value leaves it) does not de-duplicate: a new message with the
+    /// key is stored instead of being answered as a duplicate of nothing for ever, and
+    /// a full queue says it is full.
+    #[tokio::test]
+    async fn a_key_whose_message_is_gone_is_taken_by_the_next_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        {
+            let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+            q.close().await.unwrap();
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut keys = txn.open_table(KEYS).unwrap();
+            for key in ["k", "full"] {
+                keys.insert(key, to_id(envelope(key).id)).unwrap();
+            }
+            drop(keys);
+            txn.commit().unwrap();
+        }
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new().with_capacity(1)).unwrap();
+        let env = envelope("k");
+        let id = env.id;
+        assert_eq!(q.enqueue(env).await.unwrap(), Enqueued::Stored(id));
+        assert_eq!(
+            q.enqueue(envelope("k")).await.unwrap(),
+            Enqueued::Duplicate(id)
+        );
+        let full = q.enqueue(envelope("full")).await;
+        assert!(matches!(full, Err(QueueError::Full { .. })), "{full:?}");
+        assert_eq!(q.depth().await.unwrap().pending, 1);
     }
 
     /// A version-1 file (leases stored) opens as version 2: its leased message is
