@@ -155,6 +155,8 @@ pub struct EmbeddedOptions {
     check_integrity: bool,
     cache_size: Option<usize>,
     ack_sync: Duration,
+    /// Room for operations waiting for the writer, in [`Gate::UNIT`]s.
+    backlog_units: u32,
 }
 
 impl Default for EmbeddedOptions {
@@ -165,7 +167,8 @@ impl Default for EmbeddedOptions {
 
 impl EmbeddedOptions {
     /// Defaults: unbounded, batches of up to 4096 operations per commit, integrity check
-    /// on open, redb's default cache, acks durable within 100 ms.
+    /// on open, redb's default cache, acks durable within 100 ms, a write backlog of
+    /// 64 MiB.
     pub fn new() -> Self {
         Self {
             capacity: None,
@@ -173,7 +176,19 @@ impl EmbeddedOptions {
             check_integrity: true,
             cache_size: None,
             ack_sync: Duration::from_millis(100),
+            backlog_units: Gate::units(64 << 20),
         }
+    }
+
+    /// How much may wait for the writer thread, in bytes of operations (an enqueue
+    /// counts its encoded envelope, any other operation 4 KiB): beyond it, operations
+    /// wait for room before they are sent, so producers faster than the disk are slowed
+    /// down instead of growing the process's memory (with callers that give up, e.g. on
+    /// a timeout, without bound). One operation larger than the whole backlog waits for
+    /// it to be empty. Default 64 MiB; at least 4 KiB.
+    pub fn with_write_backlog(mut self, bytes: usize) -> Self {
+        self.backlog_units = Gate::units(bytes);
+        self
     }
 
     /// How long an ack (or a lease) may stay unsynced: batches of nothing but leases,
@@ -241,6 +256,8 @@ pub struct EmbeddedQueue {
 
 struct Inner {
     tx: Mutex<Option<mpsc::Sender<Op>>>,
+    /// Room for what waits on `tx`, given back by the writer as it takes each op.
+    gate: Arc<Gate>,
     thread: Mutex<Option<JoinHandle<()>>>,
     path: PathBuf,
     counters: Arc<Counters>,
@@ -323,6 +340,17 @@ enum Op {
 }
 
 impl Op {
+    /// The room `op` takes while it waits for the writer, in [`Gate::UNIT`]s: an
+    /// enqueue's bytes, one unit for anything else; none for `Close`, which must
+    /// always get through.
+    fn cost(&self) -> u32 {
+        match self {
+            Op::Close { .. } => 0,
+            Op::Enqueue { bytes, .. } => Gate::units(bytes.len()),
+            _ => 1,
+        }
+    }
+
     /// `true` for operations whose loss in a crash is harmless: a lease (the message is
     /// pending again, as if the lease had expired), an ack (the message is delivered
     /// again, which the idempotency key makes harmless) and reads.
@@ -331,6 +359,93 @@ impl Op {
             self,
             Op::Lease { .. } | Op::Ack { .. } | Op::Depth { .. } | Op::DeadLetters { .. }
         )
+    }
+}
+
+/// Bounds what waits for the writer thread (the channel itself is unbounded): a sender
+/// takes room for its op before sending it, the writer gives it back as it takes the op
+/// off the channel, and when the writer is gone the gate is closed, so a sender
+/// waiting for room is told the queue is stopped.
+struct Gate {
+    room: tokio::sync::Semaphore,
+    /// All the room there is: one op needing more waits for all of it.
+    units: u32,
+}
+
+impl Gate {
+    /// The unit of room, in bytes.
+    const UNIT: usize = 4096;
+
+    fn new(units: u32) -> Self {
+        Self {
+            room: tokio::sync::Semaphore::new(units as usize),
+            units,
+        }
+    }
+
+    /// `bytes` in units of room, rounded up, at least 1.
+    fn units(bytes: usize) -> u32 {
+        u32::try_from(bytes.div_ceil(Self::UNIT).max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// Takes room for `op` if there is some now: `Ok(false)` if it must wait.
+    fn try_enter(&self, op: &Op) -> Result<bool, QueueError> {
+        match self.room.try_acquire_many(op.cost().min(self.units)) {
+            Ok(permit) => {
+                permit.forget();
+                Ok(true)
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => Ok(false),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(stopped()),
+        }
+    }
+
+    /// Waits for room for `op`.
+    async fn enter(&self, op: &Op) -> Result<(), QueueError> {
+        let permit = self
+            .room
+            .acquire_many(op.cost().min(self.units))
+            .await
+            .map_err(|_| stopped())?;
+        permit.forget();
+        Ok(())
+    }
+
+    /// Gives back the room `op` took (the writer took it off the channel).
+    fn left(&self, op: &Op) {
+        let n = op.cost().min(self.units);
+        if n > 0 {
+            self.room.add_permits(n as usize);
+        }
+    }
+}
+
+/// The writer's end of the channel: gives each op's room back as it is taken, and
+/// closes the gate when dropped (the writer has stopped).
+struct Inbox {
+    rx: mpsc::Receiver<Op>,
+    gate: Arc<Gate>,
+}
+
+impl Inbox {
+    fn recv(&self) -> Result<Op, mpsc::RecvError> {
+        self.rx.recv().inspect(|op| self.gate.left(op))
+    }
+
+    fn recv_timeout(&self, timeout: Duration) -> Result<Op, mpsc::RecvTimeoutError> {
+        self.rx
+            .recv_timeout(timeout)
+            .inspect(|op| self.gate.left(op))
+    }
+
+    fn try_recv(&self) -> Result<Op, mpsc::TryRecvError> {
+        self.rx.try_recv().inspect(|op| self.gate.left(op))
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.gate.room.close();
     }
 }
 
@@ -378,6 +493,11 @@ impl EmbeddedQueue {
         let db = open()?;
         let (live, recovered_max) = init_tables(&db)?;
         let (tx, rx) = mpsc::channel();
+        let gate = Arc::new(Gate::new(options.backlog_units));
+        let inbox = Inbox {
+            rx,
+            gate: gate.clone(),
+        };
         let writer = Writer {
             db: Some(db),
             reopen: open,
@@ -394,11 +514,12 @@ impl EmbeddedQueue {
         let counters = writer.counters.clone();
         let thread = std::thread::Builder::new()
             .name("postbox-queue-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(inbox))
             .map_err(|e| QueueError::Backend(Box::new(e)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 tx: Mutex::new(Some(tx)),
+                gate,
                 thread: Mutex::new(Some(thread)),
                 path,
                 counters,
@@ -453,9 +574,19 @@ impl EmbeddedQueue {
         T: Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        let sent = self.send(op(reply));
+        let op = op(reply);
+        // Sent at once when there is room, so operations go in the order they were
+        // called; else from the future, once there is room.
+        let waiting = match self.inner.gate.try_enter(&op) {
+            Ok(true) => self.send(op).map(|()| None),
+            Ok(false) => Ok(Some((op, self.clone()))),
+            Err(e) => Err(e),
+        };
         async move {
-            sent?;
+            if let Some((op, queue)) = waiting? {
+                queue.inner.gate.enter(&op).await?;
+                queue.send(op)?;
+            }
             rx.await.unwrap_or_else(|_| Err(stopped()))
         }
     }
@@ -803,7 +934,7 @@ impl Leases {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Op>) {
+    fn run(mut self, rx: Inbox) {
         // Ends when every sender is gone (the queue was dropped) or on `Close`.
         loop {
             let first = match self.unsynced_since {
@@ -848,7 +979,7 @@ impl Writer {
     }
 
     /// Closes on `close`, answers it, and refuses anything sent after it.
-    fn finish(&mut self, close: Op, rx: &mpsc::Receiver<Op>) {
+    fn finish(&mut self, close: Op, rx: &Inbox) {
         let result = self.close();
         if let Op::Close { reply } = close {
             let _ = reply.send(result);
@@ -943,7 +1074,7 @@ impl Writer {
     /// transaction, commits it once, then answers. Producers that were a moment late
     /// share this commit instead of waiting for a commit of their own. A `Close` taken
     /// from the channel ends the batch; it is returned, not applied, for the caller.
-    fn apply(&mut self, first: Op, rx: &mpsc::Receiver<Op>) -> Option<Op> {
+    fn apply(&mut self, first: Op, rx: &Inbox) -> Option<Op> {
         let db = self.db.as_ref()?;
         let mut done = Vec::new();
         let mut ops = Arrivals {
@@ -1033,7 +1164,7 @@ impl Writer {
 /// channel by the time the transaction asks, up to `max` in all, stopping at a `Close`.
 struct Arrivals<'r> {
     first: Option<Op>,
-    more: Option<&'r mpsc::Receiver<Op>>,
+    more: Option<&'r Inbox>,
     max: usize,
     taken: usize,
     /// Whether any op taken needs a durable commit.
@@ -1656,6 +1787,86 @@ mod tests {
             .insert(to_id(id), &b"PBOX\x63garbage"[..])
             .unwrap();
         txn.commit().unwrap();
+    }
+
+    /// The gate lets through what fits, makes the next sender wait until the writer
+    /// takes an op off the channel, and tells a waiting sender the queue stopped once
+    /// the writer's end is gone.
+    #[tokio::test]
+    async fn the_write_backlog_makes_senders_wait_for_room() {
+        let (tx, rx) = mpsc::channel();
+        let gate = Arc::new(Gate::new(2));
+        let inbox = Inbox {
+            rx,
+            gate: gate.clone(),
+        };
+        let read = || Op::Depth {
+            reply: oneshot::channel().0,
+        };
+        let big = || Op::Enqueue {
+            id: 1,
+            attempts: 0,
+            key: String::new(),
+            not_before: 0,
+            due: true,
+            bytes: vec![0; 3 * Gate::UNIT],
+            reply: oneshot::channel().0,
+        };
+        for _ in 0..2 {
+            assert!(gate.try_enter(&read()).unwrap());
+            tx.send(read()).unwrap();
+        }
+        assert!(!gate.try_enter(&read()).unwrap(), "the backlog is full");
+        let op = big();
+        let mut waiting = tokio_test::task::spawn(gate.enter(&op));
+        tokio_test::assert_pending!(waiting.poll());
+        inbox.try_recv().unwrap();
+        // Larger than the whole backlog: it waits for all of it.
+        tokio_test::assert_pending!(waiting.poll());
+        inbox.try_recv().unwrap();
+        tokio_test::assert_ready_ok!(waiting.poll());
+        drop(waiting);
+        let op = read();
+        let mut stopped = tokio_test::task::spawn(gate.enter(&op));
+        tokio_test::assert_pending!(stopped.poll());
+        drop(inbox);
+        assert!(matches!(
+            tokio_test::assert_ready!(stopped.poll()),
+            Err(QueueError::Unavailable(_))
+        ));
+        assert!(gate.try_enter(&read()).is_err());
+    }
+
+    /// With a backlog of one unit, many concurrent producers of envelopes larger than
+    /// it all get through: the writer gives the room back as it takes each op.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn producers_over_a_tiny_write_backlog_are_all_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = EmbeddedQueue::open(
+            dir.path().join("q.redb"),
+            EmbeddedOptions::new().with_write_backlog(1),
+        )
+        .unwrap();
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let q = q.clone();
+                tokio::spawn(async move {
+                    let mut env = envelope(&format!("k{i}"));
+                    env.body = Bytes::from(vec![b'x'; 10_000]);
+                    q.enqueue(env).await
+                })
+            })
+            .collect();
+        let all = async {
+            for t in tasks {
+                assert!(matches!(t.await.unwrap(), Ok(Enqueued::Stored(_))));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("producers stuck behind the write backlog");
+        assert_eq!(q.depth().await.unwrap().pending, 64);
+        q.close().await.unwrap();
     }
 
     /// A key left behind by a message that is gone (an ack that could not read the key
