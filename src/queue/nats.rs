@@ -72,6 +72,13 @@
 //! copy was lost) is not leased twice: the older copy is acked.
 //! [`Depth::in_flight`](super::Depth) counts this process' leases.
 //!
+//! A process holds at most [`NatsOptions::with_max_held`] deliveries, leased or waiting
+//! for their not-before. When that many are held, none is due and the consumer has
+//! messages not yet delivered, a lease moves the held deliveries due last to the
+//! stream's tail (a copy with their not-before and attempts, as `retry_later`, then an
+//! ack) and fetches what was behind them: retries scheduled for later never keep a
+//! message that is due — for another destination, say — waiting.
+//!
 //! # Durability
 //!
 //! JetStream acknowledges a publish once the message is in the stream's store, **not**
@@ -719,6 +726,9 @@ impl Inner {
         // fails the lease only if nothing held is due: with several processes on one
         // consumer, the server's limit of unacked deliveries can be full of the others'.
         let due = held.values().filter(|h| h.state.due(now)).count();
+        if due < max && held.len() >= self.max_held {
+            self.make_room(&mut held, max - due, now).await;
+        }
         if due < max
             && let Err(e) = self.fetch(&mut held, max - due).await
         {
@@ -901,31 +911,7 @@ impl Inner {
         let h = Self::take(&mut *self.held.lock().await, token)?;
         let mut envelope = h.envelope.clone();
         envelope.not_before = not_before;
-        let mut headers = headers(&envelope);
-        headers.insert(H_NOT_BEFORE, ms_ceil(not_before).to_string().as_str());
-        // Stored only while the held copy is still the subject's last message: if it
-        // was redelivered and settled elsewhere (this process stalled past `ack_wait`)
-        // and a new message took the key, this lease is lost, and no second live
-        // message with the key is stored.
-        let seq = sequence(&h.msg);
-        if seq > 0 {
-            headers.insert(
-                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                seq.to_string().as_str(),
-            );
-        }
-        let publish = Publish::build()
-            .payload(Bytes::from(envelope.encode()))
-            .headers(headers)
-            // Named after the delivered copy's stream sequence, not the attempts: when
-            // this publish is stored but its reply is lost, the next `retry_later` of
-            // the same copy (whatever its attempts by then) is dropped by the server as
-            // a duplicate instead of storing a second live copy.
-            .message_id(match h.msg.info() {
-                Ok(info) => format!("{}.r{}", envelope.id, info.stream_sequence),
-                Err(_) => format!("{}.{}", envelope.id, envelope.attempts),
-            });
-        let copied = self.publish(h.msg.subject.clone(), publish).await;
+        let copied = self.publish_copy(&h, &envelope, "r").await;
         if let Err(e) = copied {
             if e.kind() == PublishErrorKind::WrongLastSequence {
                 return Err(QueueError::LeaseLost(token));
@@ -950,6 +936,104 @@ impl Inner {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Publishes `envelope` as the next copy of the held delivery `h` on its subject
+    /// (its `retry_later`, or a move to the stream's tail): stored only while `h` is
+    /// still the subject's last message. If it was redelivered and settled elsewhere
+    /// (this process stalled past `ack_wait`) and a new message took the key, the
+    /// publish fails with `WrongLastSequence`, and no second live message with the key
+    /// is stored.
+    async fn publish_copy(
+        &self,
+        h: &Held,
+        envelope: &Envelope,
+        kind: &str,
+    ) -> Result<async_nats::jetstream::publish::PublishAck, PublishError> {
+        let mut headers = headers(envelope);
+        headers.insert(
+            H_NOT_BEFORE,
+            ms_ceil(envelope.not_before).to_string().as_str(),
+        );
+        let seq = sequence(&h.msg);
+        if seq > 0 {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                seq.to_string().as_str(),
+            );
+        }
+        let publish = Publish::build()
+            .payload(Bytes::from(envelope.encode()))
+            .headers(headers)
+            // Named after the delivered copy's stream sequence, not the attempts: when
+            // this publish is stored but its reply is lost, the next copy of the same
+            // delivery (whatever its attempts by then) is dropped by the server as a
+            // duplicate instead of storing a second live copy.
+            .message_id(match h.msg.info() {
+                Ok(info) => format!("{}.{kind}{}", envelope.id, info.stream_sequence),
+                Err(_) => format!("{}.{kind}.{}", envelope.id, envelope.attempts),
+            });
+        self.publish(h.msg.subject.clone(), publish).await
+    }
+
+    /// Makes room in a full `held` for the messages behind it: moves up to `n` held
+    /// deliveries that are not due at `now` (those due last) to the stream's tail, as
+    /// `retry_later` does (a copy with their not-before and attempts, then an ack of
+    /// the delivery), if the consumer has messages not yet delivered. Without it, a
+    /// process holding `max_held` deliveries scheduled for later (the retries of a
+    /// dependency that is down) fetches nothing more, and messages that are due — for
+    /// another destination — wait behind them until those are due. Returns how many
+    /// moved.
+    async fn make_room(
+        &self,
+        held: &mut BTreeMap<MessageId, Held>,
+        n: usize,
+        now: SystemTime,
+    ) -> usize {
+        let mut consumer = self
+            .consumer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let behind = match tokio::time::timeout(self.request_timeout, consumer.info()).await {
+            Ok(Ok(info)) => info.num_pending,
+            _ => return 0,
+        };
+        let mut later: Vec<(SystemTime, MessageId)> = held
+            .iter()
+            .filter_map(|(&id, h)| match h.state {
+                HeldState::Scheduled(nb) if nb > now => Some((nb, id)),
+                _ => None,
+            })
+            .collect();
+        later.sort_unstable_by(|a, b| b.cmp(a));
+        later.truncate(n.min(usize::try_from(behind).unwrap_or(usize::MAX)));
+        let mut moved = 0;
+        for (_, id) in later {
+            let h = held.remove(&id).expect("listed from held");
+            let copied = self.publish_copy(&h, &h.envelope, "m").await;
+            let settled = match copied {
+                Ok(_) => h.msg.double_ack().await.map_err(|e| e.to_string()),
+                // Settled elsewhere meanwhile (module docs): not ours to hold.
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = settled {
+                // If the copy was stored, the held delivery is its older copy: a later
+                // fetch acks the older one (see `fetch`).
+                tracing::debug!(%id, error = %e, "postbox: could not move a held delivery to the tail");
+                held.insert(id, h);
+                break;
+            }
+            moved += 1;
+        }
+        if moved > 0 {
+            tracing::debug!(
+                moved,
+                "postbox: held deliveries not yet due moved to the stream's tail"
+            );
+        }
+        moved
     }
 
     /// Keeps holding the delivery, uncounted and scheduled for `not_before`: nothing

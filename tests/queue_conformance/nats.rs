@@ -539,6 +539,55 @@ async fn a_republish_waiting_on_the_server_does_not_block_other_leases() {
     let _ = retry.await;
 }
 
+/// A process holding as many deliveries as it may, all scheduled for later (retries of
+/// a dependency that is down), still gets to a due message behind them: the lease moves
+/// the one due last to the stream's tail, with its not-before and attempts, and
+/// fetches what was behind it. Nothing is lost or counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_message_behind_a_full_hold_of_later_ones_is_leased() {
+    let (q, _purge) = make(options().with_max_held(2));
+    let lease_for = Duration::from_secs(30);
+    let mut later_ids = Vec::new();
+    for (key, secs) in [("soon", 600), ("late", 3600)] {
+        let mut e = crate::suite::envelope(key);
+        e.not_before = crate::suite::at(secs);
+        e.attempts = 3;
+        later_ids.push(q.enqueue(e).await.unwrap().id());
+    }
+    let now_id = q.enqueue(crate::suite::envelope("now")).await.unwrap().id();
+    // The first lease fetches the two later ones: nothing due.
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![now_id], "the due message is still stuck behind");
+    q.ack(&[got[0].token]).await.unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight), (2, 0), "{depth:?}");
+    // Both come back when due, with the attempts they had (+1 for this lease).
+    let soon = q.lease(10, lease_for, crate::suite::at(600)).await.unwrap();
+    assert_eq!(soon.len(), 1);
+    assert_eq!(
+        (soon[0].envelope.id, soon[0].envelope.attempts),
+        (later_ids[0], 4)
+    );
+    q.ack(&[soon[0].token]).await.unwrap();
+    let late = q
+        .lease(10, lease_for, crate::suite::at(3600))
+        .await
+        .unwrap();
+    assert_eq!(late.len(), 1);
+    assert_eq!(
+        (late[0].envelope.id, late[0].envelope.attempts),
+        (later_ids[1], 4)
+    );
+    assert_eq!(late[0].envelope.not_before, crate::suite::at(3600));
+}
+
 /// Two processes share the consumer, whose server-side limit of unacked deliveries is
 /// full: a process still leases what it holds itself (a delivery it released) instead
 /// of failing because the server has nothing more to give it.
