@@ -801,8 +801,16 @@ impl Inner {
             .collect();
         for id in far {
             if let Some(h) = st.held.remove(&id) {
-                self.park(&ch, epoch, h, now).await?;
-                st.uncounted.remove(&id);
+                // Only the main queue hands a delivery back, and these go to the delay
+                // queue; held again all the same if it ever does.
+                match self.park(&ch, epoch, h, now).await? {
+                    Some(h) => {
+                        st.held.insert(id, h);
+                    }
+                    None => {
+                        st.uncounted.remove(&id);
+                    }
+                }
             }
         }
         let lease_until = super::saturating_add(now, lease_for);
@@ -834,13 +842,17 @@ impl Inner {
 
     /// Republishes `h` to the main queue, or to the delay queue with a TTL if its
     /// not-before is further than the hold limit from `now`, then acks the delivery.
+    ///
+    /// `Ok(Some(h))`: the main queue refused the copy (it is full): the delivery is
+    /// handed back to be held here, scheduled, instead of nacked back to the queue,
+    /// where it would be due at once and leased again without any backoff.
     async fn park(
         &self,
         ch: &Channel,
         epoch: u64,
         h: Held,
         now: SystemTime,
-    ) -> Result<(), QueueError> {
+    ) -> Result<Option<Held>, QueueError> {
         let wait = h
             .envelope
             .not_before
@@ -851,16 +863,28 @@ impl Inner {
         } else {
             (&self.queue, None)
         };
+        // Checked first, as `enqueue` does: RabbitMQ applies a quorum queue's
+        // `x-max-length` a little late (the nack below is the backstop).
+        if ttl.is_none()
+            && let Some(capacity) = self.capacity
+            && self.ready(ch, epoch, &self.queue).await? >= capacity
+        {
+            return Ok(Some(h));
+        }
         let answer = self
             .publish(ch, epoch, queue, &h.envelope, &[], ttl)
             .await?;
+        if answer == Answer::Nacked && ttl.is_none() {
+            tracing::debug!(queue = %queue, id = %h.envelope.id, "postbox: queue full; the retry is held here");
+            return Ok(Some(h));
+        }
         if answer != Answer::Confirmed {
             let what = format!("{queue}: {}", answer.refusal());
             return Err(self.give_back(epoch, &h.acker, answer, what).await);
         }
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
             .await?;
-        Ok(())
+        Ok(None)
     }
 
     /// The broker's copy of `id` left the queue (acked: a parked copy starts its own
@@ -965,7 +989,14 @@ impl Inner {
         let now = st.last_now.unwrap_or_else(SystemTime::now);
         drop(st);
         h.envelope.not_before = not_before;
-        self.park(&ch, epoch, h, now).await?;
+        if let Some(mut h) = self.park(&ch, epoch, h, now).await? {
+            // No room for the copy (a full queue is when retries pile up): held here,
+            // scheduled, this attempt counted. Only a lost connection loses the new
+            // not-before (the broker delivers it again at once, counted).
+            h.state = HeldState::Scheduled(not_before);
+            self.state.lock().await.held.insert(token.id, h);
+            return Ok(());
+        }
         self.gone(token.id).await;
         Ok(())
     }
@@ -985,7 +1016,11 @@ impl Inner {
             .is_ok_and(|wait| wait > self.hold_limit)
         {
             drop(st);
-            self.park(&ch, epoch, h, now).await?;
+            if let Some(mut h) = self.park(&ch, epoch, h, now).await? {
+                h.state = HeldState::Scheduled(not_before);
+                self.state.lock().await.held.insert(token.id, h);
+                return Ok(());
+            }
             self.gone(token.id).await;
             return Ok(());
         }

@@ -317,6 +317,51 @@ async fn a_second_copy_of_a_held_message_is_dropped_not_redelivered() {
     assert!(again.is_empty(), "{again:?}");
 }
 
+/// `retry_later` into a main queue that is full keeps holding the delivery, scheduled
+/// for its not-before and counted, instead of nacking it back to the queue, where it
+/// was due at once: leased again without any backoff (and the call failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_later_into_a_full_queue_keeps_the_delivery_scheduled() {
+    let (q, _purge) = make(options().with_capacity(1));
+    let e = crate::suite::envelope("only");
+    q.enqueue(e.clone()).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    // Fills the queue (RabbitMQ counts ready messages only).
+    let other = q
+        .enqueue(crate::suite::envelope("other"))
+        .await
+        .unwrap()
+        .id();
+    q.retry_later(leased[0].token, crate::suite::at(60))
+        .await
+        .unwrap();
+    // No copy went over the capacity: the main queue still holds `other` alone.
+    let ch = q.channel().await.unwrap();
+    let main = ch
+        .queue_declare(
+            q.queues()[0],
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(main.message_count(), 1);
+    let early = q.lease(10, lease_for, crate::suite::at(59)).await.unwrap();
+    let ids: Vec<_> = early.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![other], "leased again before its not-before");
+    let again = q.lease(10, lease_for, crate::suite::at(60)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id, e.id);
+    assert_eq!(again[0].envelope.attempts, 2);
+    q.ack(&[again[0].token, early[0].token]).await.unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight), (0, 0), "{depth:?}");
+}
+
 /// A publish to a queue that no longer exists (deleted by hand) comes back from the
 /// broker instead of being confirmed and dropped: a dead letter or a retry through the
 /// delay queue is an error that gives the delivery back to its queue (it is leased
