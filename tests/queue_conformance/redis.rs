@@ -297,6 +297,41 @@ async fn leftover_duplicate_entries_are_never_delivered() {
     );
 }
 
+/// An entry written by hand with no `idempotency_key` field at all is leased, acked
+/// and dead-lettered like any other (the missing field made every script that frees a
+/// key fail, so the entry came back after every lease, and each dead letter of it was
+/// stored again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_without_a_key_field_can_be_acked_and_dead_lettered() {
+    let (q, _purge) = make(options());
+    let mut admin = admin().await;
+    let (acked, dead) = (
+        crate::suite::envelope("ignored"),
+        crate::suite::envelope("ignored"),
+    );
+    for e in [&acked, &dead] {
+        let _: String = redis::cmd("XADD")
+            .arg(&q.keys()[0])
+            .arg("*")
+            .arg("id")
+            .arg(e.id.to_string())
+            .arg("envelope")
+            .arg(e.encode())
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let leased = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 2);
+    q.ack(&[leased[0].token]).await.unwrap();
+    q.dead_letter(leased[1].token, "given up").await.unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 0, 1));
+}
+
 /// An entry whose key nobody claims (written by hand, or by an older postbox whose
 /// enqueue could die between its `XADD` and `HSETNX`) is claimed by `lease` and
 /// delivered; the key then de-duplicates as usual.
@@ -576,7 +611,8 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
         .id
         .to_string()
         .to_uppercase();
-    let entries: [&[(&str, &[u8])]; 5] = [
+    let zero_id = crate::suite::envelope("zero").id.to_string();
+    let entries: [&[(&str, &[u8])]; 6] = [
         &[("note", b"hello")],
         &[("id", b"42"), ("note", b"x")],
         &[
@@ -590,6 +626,12 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
             ("envelope", &valid),
         ],
         &[("id", upper_id.as_bytes()), ("envelope", &valid)],
+        // A leading zero: HINCRBY would refuse it mid-lease.
+        &[
+            ("id", zero_id.as_bytes()),
+            ("attempts", b"01"),
+            ("envelope", &valid),
+        ],
     ];
     for fields in entries {
         let mut xadd = redis::cmd("XADD");
@@ -601,7 +643,7 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
     }
     crate::suite::only_the_good_message_is_leased(&q).await;
     let depth = q.depth().await.unwrap();
-    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 5));
+    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 6));
     let dead = xrange(&q, &q.keys()[1]).await;
     assert_eq!(dead[0].1[0], ("note".into(), b"hello".to_vec()));
     let reasons: Vec<_> = dead
@@ -620,9 +662,10 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
             why("bad not_before_ms"),
             why("bad attempts"),
             why("no message id"),
+            why("bad attempts"),
         ]
     );
-    // The three with an envelope are listed, with their reasons.
+    // The four with an envelope are listed, with their reasons.
     let listed = q.dead_letters(10).await.unwrap();
     let listed: Vec<_> = listed.iter().map(|d| d.reason.as_str()).collect();
     assert_eq!(
@@ -630,7 +673,8 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
         [
             why("bad not_before_ms"),
             why("bad attempts"),
-            why("no message id")
+            why("no message id"),
+            why("bad attempts"),
         ]
     );
 }

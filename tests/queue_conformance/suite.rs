@@ -215,21 +215,40 @@ pub async fn lease_uses_the_given_now_not_the_clock(q: impl Queue) {
 }
 
 /// `not_before <= now` holds for every message leased, even one an earlier call with a
-/// later `now` already found due (two replayers with clocks apart).
+/// later `now` already found due (two replayers with clocks apart), and one that call
+/// read but had no room to lease.
 pub async fn a_message_made_ready_at_a_later_now_is_not_leased_at_an_earlier_one(q: impl Queue) {
-    let mut ids_due_at_5 = Vec::new();
+    let mut due_at_5 = Vec::new();
     for key in ["a", "b"] {
         let mut e = envelope(key);
         e.not_before = at(5);
-        ids_due_at_5.push(stored(&q, e).await);
+        due_at_5.push(stored(&q, e).await);
     }
     let first = q.lease(1, LEASE, at(10)).await.unwrap();
-    assert_eq!(ids(&first), vec![ids_due_at_5[0]]);
+    assert_eq!(ids(&first), vec![due_at_5[0]]);
     let early = q.lease(10, LEASE, at(0)).await.unwrap();
     assert!(early.is_empty(), "leased before due: {:?}", ids(&early));
+    let second = q.lease(10, LEASE, at(5)).await.unwrap();
+    assert_eq!(ids(&second), vec![due_at_5[1]]);
+    q.ack(&[first[0].token, second[0].token]).await.unwrap();
+
+    // A lease that finds an expired lease and reads two more due messages, with room
+    // for two: the one left over is not due for a lease at an earlier `now`.
+    let x = stored(&q, envelope("x")).await;
+    assert_eq!(ids(&q.lease(1, LEASE, at(0)).await.unwrap()), vec![x]);
+    let mut later = Vec::new();
+    for key in ["c", "d"] {
+        let mut e = envelope(key);
+        e.not_before = at(50);
+        later.push(stored(&q, e).await);
+    }
+    let two = q.lease(2, LEASE, at(60)).await.unwrap();
+    assert_eq!(ids(&two), vec![x, later[0]]);
+    let early = q.lease(10, LEASE, at(40)).await.unwrap();
+    assert!(early.is_empty(), "leased before due: {:?}", ids(&early));
     assert_eq!(
-        ids(&q.lease(10, LEASE, at(5)).await.unwrap()),
-        vec![ids_due_at_5[1]]
+        ids(&q.lease(10, LEASE, at(50)).await.unwrap()),
+        vec![later[1]]
     );
 }
 

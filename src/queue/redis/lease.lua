@@ -42,7 +42,9 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
     local bad = nil
     if not id or not string.match(id, UUID) then bad = 'no message id'
     elseif not string.match(due, '^%d+$') or #due > 20 then bad = 'bad not_before_ms'
-    elseif not string.match(base, '^%d+$') or #base > 10 or tonumber(base) >= 4294967296 then
+    -- No leading zero: HINCRBY refuses "01" as not an integer.
+    elseif not string.match(base, '^0$') and not string.match(base, '^[1-9]%d*$')
+      or #base > 10 or tonumber(base) >= 4294967296 then
       bad = 'bad attempts'
     end
     if bad then id = nil end
@@ -127,13 +129,22 @@ if max > 0 then
       end
     end
     if f then
-      local env = ''
+      local env, due = '', nil
       for i = 1, #f, 2 do
-        if f[i] == 'envelope' then env = f[i + 1] end
+        if f[i] == 'envelope' then env = f[i + 1]
+        elseif f[i] == 'not_before_ms' then due = f[i + 1] end
       end
-      local a = redis.call('HINCRBY', attempts, id, 1)
-      redis.call('ZADD', leases, untl, id)
-      out[#out + 1] = {id, a, env, redis.call('HGET', nb, id) or ''}
+      local override = redis.call('HGET', nb, id)
+      due = tonumber(override or due) or 0
+      if due > now then
+        -- Made ready by a lease with a later `now` (another replayer's clock): not
+        -- due for this one, so back to waiting, uncounted.
+        redis.call('ZADD', delayed, due, id)
+      else
+        local a = redis.call('HINCRBY', attempts, id, 1)
+        redis.call('ZADD', leases, untl, id)
+        out[#out + 1] = {id, a, env, override or ''}
+      end
     else
       forget(id, nil) -- the entry was deleted by hand: drop its bookkeeping
     end

@@ -53,9 +53,10 @@ end
 -- too) and frees its key.
 local function forget(id, fields, finished)
   local eid = redis.call('HGET', msgs, id)
-  if fields and fields['idempotency_key'] ~= '' and
-      redis.call('HGET', keys, fields['idempotency_key']) == id then
-    redis.call('HDEL', keys, fields['idempotency_key'])
+  -- An entry written by hand may have no key field at all (nil, not '').
+  local key = fields and fields['idempotency_key']
+  if key and key ~= '' and redis.call('HGET', keys, key) == id then
+    redis.call('HDEL', keys, key)
   end
   if eid then
     redis.pcall('XACK', stream, group, eid)
