@@ -299,7 +299,10 @@ mod grpc_mapping {
             return s.clone();
         }
         if let Some(e) = find_cause::<NotEnqueued>(err) {
-            return Status::unavailable(e.to_string());
+            // Its text names the original failure (an upstream's address) and the
+            // queue's (a file path): logged, not sent, as for HTTP.
+            tracing::debug!(error = %e, "call failed and could not be deferred; answered UNAVAILABLE");
+            return Status::unavailable("the call failed and could not be deferred");
         }
         Status::unknown(err.to_string())
     }
@@ -443,6 +446,28 @@ mod tests {
             .unwrap()
             .to_bytes();
         let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text.contains("10.1.2.3") && !text.contains("redb"),
+            "{text}"
+        );
+    }
+
+    /// The same for gRPC: the `UNAVAILABLE` message is fixed.
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_call_not_enqueued_tells_the_client_nothing_internal() {
+        use crate::enqueue::error::FailedResponse;
+        use crate::queue::{DeferReason, QueueError};
+        let e = NotEnqueued::new(
+            DeferReason::RetriesExhausted,
+            Box::new(FailedResponse::new(
+                "connect to 10.1.2.3:8080 refused".into(),
+            )),
+            QueueError::Unavailable("/var/lib/postbox/q.redb: disk full".into()),
+        );
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let text = status.message();
         assert!(
             !text.contains("10.1.2.3") && !text.contains("redb"),
             "{text}"
