@@ -284,7 +284,8 @@ pub struct EnqueueSection {
     /// A stored message expires this long after the request (default 24 h).
     #[serde(deserialize_with = "duration::required")]
     pub ttl: Duration,
-    /// Methods that stay synchronous (default `GET`, `HEAD`, `OPTIONS`).
+    /// Methods that stay synchronous (default `GET`, `HEAD`, `OPTIONS`, `TRACE`; a
+    /// `CONNECT` or an `Upgrade` request is never deferred).
     pub sync_methods: Vec<String>,
     /// Routes that stay synchronous, with everything below them, by whole path segments
     /// (default none; see [`DeferPolicy::keep_sync_route`](crate::enqueue::DeferPolicy::keep_sync_route)).
@@ -297,7 +298,12 @@ impl Default for EnqueueSection {
             enabled: false,
             max_body: 64 * 1024,
             ttl: Duration::from_secs(24 * 60 * 60),
-            sync_methods: vec!["GET".into(), "HEAD".into(), "OPTIONS".into()],
+            sync_methods: vec![
+                "GET".into(),
+                "HEAD".into(),
+                "OPTIONS".into(),
+                "TRACE".into(),
+            ],
             sync_routes: Vec::new(),
         }
     }

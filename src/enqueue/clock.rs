@@ -37,10 +37,26 @@ pub(crate) fn new_idempotency_key() -> String {
     MessageId::new_v7().to_string()
 }
 
+/// Whether the server's `Idempotency` layer would use `key`, as it reads the header
+/// (`http::idempotency_key::key_in`): a valid visible-ASCII header value, not blank.
+pub(crate) fn usable_key(key: &str) -> bool {
+    !key.trim().is_empty() && key.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_usable_key_is_what_the_server_reads_from_a_header() {
+        for key in ["k", "order-42", " padded ", "a\tb"] {
+            assert!(usable_key(key), "{key:?}");
+        }
+        for key in ["", "  ", "\t", "clé", "a\nb", "a\u{7f}"] {
+            assert!(!usable_key(key), "{key:?}");
+        }
+    }
 
     #[test]
     fn ids_and_keys_are_fresh_v7s() {

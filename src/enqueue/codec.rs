@@ -150,6 +150,14 @@ pub(crate) mod http_codec {
             .map(str::to_owned)
     }
 
+    /// Whether the request opens a tunnel (`CONNECT`) or asks to switch protocols
+    /// (`Upgrade`): never deferred, whatever the policy. It cannot wait for a replay:
+    /// any 2xx to a `CONNECT` tells the client its tunnel is open, and the `upgrade`
+    /// header is not stored (hop-by-hop), so a replay would be a plain request.
+    pub(crate) fn opens_a_connection(method: &Method, headers: &HeaderMap) -> bool {
+        method == Method::CONNECT || headers.contains_key(http::header::UPGRADE)
+    }
+
     /// Sets the idempotency key header.
     pub(crate) fn set_key(headers: &mut HeaderMap, key: &str) {
         if let Ok(v) = HeaderValue::from_str(key) {
@@ -233,6 +241,9 @@ pub(crate) mod http_codec {
         }
 
         fn capture(&self, req: &Request<BufferedBody<B>>) -> Option<Captured> {
+            if opens_a_connection(req.method(), req.headers()) {
+                return None;
+            }
             let body = req.body().as_bytes()?.clone();
             Some(capture_head(req.method(), req.uri(), req.headers(), body))
         }

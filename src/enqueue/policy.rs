@@ -15,7 +15,9 @@ type KeepSyncFn = dyn Fn(&str, &str) -> bool + Send + Sync;
 
 /// Which requests stay synchronous (are never deferred), by method, route or closure.
 ///
-/// The default keeps reads synchronous: `GET`, `HEAD` and `OPTIONS`. A request is kept
+/// The default keeps reads synchronous: `GET`, `HEAD`, `OPTIONS` and `TRACE`. (A
+/// `CONNECT`, or a request asking for an `Upgrade`, is never deferred whatever the
+/// policy: the HTTP codec does not capture it.) A request is kept
 /// synchronous if its method is in the set, its path starts with one of the route
 /// prefixes, or the closure says so. Method names compare case-sensitively, as HTTP
 /// methods do.
@@ -43,11 +45,16 @@ pub struct DeferPolicy {
 // === impl DeferPolicy ===
 
 impl DeferPolicy {
-    /// The default: `GET`, `HEAD` and `OPTIONS` stay synchronous, everything else may be
-    /// deferred.
+    /// The default: `GET`, `HEAD`, `OPTIONS` and `TRACE` stay synchronous, everything
+    /// else may be deferred.
     pub fn new() -> Self {
         Self {
-            sync_methods: vec!["GET".into(), "HEAD".into(), "OPTIONS".into()],
+            sync_methods: vec![
+                "GET".into(),
+                "HEAD".into(),
+                "OPTIONS".into(),
+                "TRACE".into(),
+            ],
             sync_routes: Vec::new(),
             keep_sync: None,
         }
@@ -192,9 +199,10 @@ pub(crate) fn path_of(uri: &str) -> &str {
     let rest = match scheme_end {
         Some(i) => {
             let after = &uri[i + 3..];
-            match after.find('/') {
-                Some(j) => &after[j..],
-                None => "/",
+            // The authority ends at the first `/`, `?` or `#`.
+            match after.find(['/', '?', '#']) {
+                Some(j) if after[j..].starts_with('/') => &after[j..],
+                _ => "/",
             }
         }
         None => uri,
@@ -245,7 +253,7 @@ mod tests {
     #[test]
     fn policy_keeps_reads_synchronous_by_default() {
         let p = DeferPolicy::default();
-        for m in ["GET", "HEAD", "OPTIONS"] {
+        for m in ["GET", "HEAD", "OPTIONS", "TRACE"] {
             assert!(!p.may_defer(m, "/"));
         }
         assert!(p.may_defer("POST", "/"));
@@ -268,6 +276,9 @@ mod tests {
         assert_eq!(path_of("/payments/1?cb=https://x/y"), "/payments/1");
         assert_eq!(path_of("/a#https://x/y"), "/a");
         assert_eq!(path_of("https://h/p?cb=https://x/y"), "/p");
+        // The authority ends at a query too: `https://h?cb=/payments/1` is `/`.
+        assert_eq!(path_of("https://h?cb=/payments/1"), "/");
+        assert_eq!(path_of("https://h#/payments/1"), "/");
         let policy = DeferPolicy::new().keep_sync_route("/payments");
         assert!(!policy.may_defer("POST", path_of("/payments/1?cb=https://x/y")));
     }

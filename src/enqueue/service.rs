@@ -1,4 +1,4 @@
-use super::clock::{new_idempotency_key, new_message_id, wall_now};
+use super::clock::{new_idempotency_key, new_message_id, usable_key, wall_now};
 use super::codec::{Captured, RequestCodec};
 use super::error::NotEnqueued;
 use super::future::DeferFuture;
@@ -100,10 +100,11 @@ impl<Q, C> Shared<Q, C> {
 
     /// The idempotency key to use: the request's own, or a fresh one.
     pub(crate) fn key_or_new(existing: Option<String>) -> String {
-        // An empty key is no key: the server's `Idempotency` layer ignores it, and a
-        // replay carrying it could apply the effect twice.
+        // A key the server's `Idempotency` layer ignores (empty or blank, or not a
+        // visible-ASCII header value) is no key: a replay carrying it could apply the
+        // effect twice.
         existing
-            .filter(|k| !k.is_empty())
+            .filter(|k| usable_key(k))
             .unwrap_or_else(new_idempotency_key)
     }
 }
@@ -361,7 +362,7 @@ mod http_flavour {
     use crate::BoxError;
     use crate::classify::Classify;
     use crate::enqueue::BufferedBody;
-    use crate::enqueue::codec::http_codec::{key_of, set_key};
+    use crate::enqueue::codec::http_codec::{key_of, opens_a_connection, set_key};
     use crate::enqueue::future::ResponseFuture;
     use crate::queue::Queue;
     use bytes::Bytes;
@@ -467,6 +468,7 @@ mod http_flavour {
             if !config
                 .policy
                 .may_defer(parts.method.as_str(), parts.uri.path())
+                || opens_a_connection(&parts.method, &parts.headers)
             {
                 // Kept synchronous. An empty body (a `GET`) goes as one a retry inside can
                 // send again; any other is streamed through.

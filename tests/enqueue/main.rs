@@ -421,6 +421,47 @@ async fn a_synchronous_get_is_retried_by_a_retry_layer_inside() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// A `CONNECT` (any 2xx tells the client its tunnel is open) and a request asking for
+/// an `Upgrade` are never deferred, even by a policy deferring everything: the
+/// failure reaches the caller, and nothing is stored.
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_or_an_upgrade_is_never_deferred() {
+    let queue = Arc::new(MemoryQueue::new());
+    let dep = Dependency::default();
+    let config = EnqueueConfig::new().policy(DeferPolicy::defer_all());
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(dep.service(|| Err(boxed(Open::new(Duration::from_secs(1))))));
+    let connect = Request::connect("api.test:443")
+        .body(Full::default())
+        .unwrap();
+    assert!(svc.clone().oneshot(connect).await.is_err());
+    let mut upgrade = post("http://api.test/ws", "");
+    upgrade
+        .headers_mut()
+        .insert("upgrade", "websocket".parse().unwrap());
+    assert!(svc.clone().oneshot(upgrade).await.is_err());
+    assert_eq!(depth(&queue).await.pending, 0);
+    // The same policy defers a plain POST.
+    let res = svc.oneshot(post("http://api.test/ws", "")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    // The codec the typed flavour uses for HTTP does not capture them either.
+    let codec = postbox::enqueue::HttpCodec::new();
+    let tunnel: InnerReq = Request::connect("api.test:443")
+        .body(BufferedBody::empty())
+        .unwrap();
+    assert!(codec.capture(&tunnel).is_none());
+    let upgrade: InnerReq = Request::get("http://api.test/ws")
+        .header("upgrade", "websocket")
+        .body(BufferedBody::empty())
+        .unwrap();
+    assert!(codec.capture(&upgrade).is_none());
+    let plain: InnerReq = Request::get("http://api.test/ws")
+        .body(BufferedBody::empty())
+        .unwrap();
+    assert!(codec.capture(&plain).is_some());
+}
+
 #[tokio::test(start_paused = true)]
 async fn policy_keeps_routes_synchronous_and_can_defer_reads() {
     let queue = Arc::new(MemoryQueue::new());
@@ -762,6 +803,41 @@ impl RequestCodec<Command> for CommandCodec {
             key: Some(env.idempotency_key.clone()),
             text: String::from_utf8(env.body.to_vec())?,
         })
+    }
+}
+
+/// A key the server's `Idempotency` layer would ignore (blank, or not a visible-ASCII
+/// header value) is replaced by a fresh one, as an empty key is: a replay carrying it
+/// would not be de-duplicated. A usable key is kept.
+#[tokio::test(start_paused = true)]
+async fn a_typed_key_the_server_would_ignore_is_replaced() {
+    for (given, kept) in [
+        ("  ", false),
+        ("clé", false),
+        ("a\nb", false),
+        ("order-42", true),
+    ] {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let sent2 = sent.clone();
+        let down = service_fn(move |cmd: Command| {
+            sent2.lock().unwrap().push(cmd);
+            async {
+                Err::<u32, BoxError>(boxed(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionRefused,
+                )))
+            }
+        });
+        let svc = DeferLayer::new(Arc::new(MemoryQueue::new()), CommandCodec).layer(down);
+        let cmd = Command {
+            key: Some(given.into()),
+            text: "reindex".into(),
+        };
+        let Deferred::Enqueued(receipt) = svc.oneshot(cmd).await.unwrap() else {
+            panic!("expected a receipt")
+        };
+        let sent = sent.lock().unwrap()[0].key.clone().unwrap();
+        assert_eq!(sent == given, kept, "{given:?} sent as {sent:?}");
+        assert_eq!(receipt.idempotency_key(), sent);
     }
 }
 
