@@ -40,7 +40,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(20_000);
     let only: Option<usize> = std::env::args().nth(2).map(|s| s.parse()).transpose()?;
-    println!("durable enqueue, 1 KiB bodies, {total} messages per run");
+    println!(
+        "durable enqueue, 1 KiB bodies, {total} messages per run ({} with one producer)",
+        total / 10
+    );
     for producers in [1usize, 8, 64] {
         if only.is_some_and(|o| o != producers) {
             continue;

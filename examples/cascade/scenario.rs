@@ -458,7 +458,8 @@ fn ms5_router(mode: Mode, store: Arc<Store>) -> Result<Router, BoxError> {
     Ok(match mode {
         Mode::Plain => router,
         Mode::Guarded => server_stack(router)?,
-        // The idempotency layer innermost, as in the `server` preset.
+        // The idempotency layer inside the guard layers (the `server` preset puts it
+        // outside its bulkhead instead, so a waiting duplicate holds no permit).
         Mode::Postbox => server_stack(router.layer(IdempotencyLayer::new(1_000_000)))?
             // Count the deliveries the idempotency layer answered from its store.
             .layer(MapResponseLayer::new(move |res: Response| {
