@@ -887,6 +887,19 @@ impl Inner {
         Ok(None)
     }
 
+    /// Holds `h` again, scheduled for `not_before`, if its channel (`epoch`) is still
+    /// the one the held deliveries belong to: after a reconnect the broker has put the
+    /// message back in its queue already, and a delivery on a dead channel can never
+    /// be acked (held, it would make the next delivery of the message look like a
+    /// duplicate copy, acked and lost).
+    async fn hold_again(&self, mut h: Held, id: MessageId, not_before: SystemTime, epoch: u64) {
+        let mut st = self.state.lock().await;
+        if st.epoch == epoch {
+            h.state = HeldState::Scheduled(not_before);
+            st.held.insert(id, h);
+        }
+    }
+
     /// The broker's copy of `id` left the queue (acked: a parked copy starts its own
     /// delivery count): its uncounted deliveries are forgotten. (`lease`, which parks
     /// under the state lock, forgets them itself.)
@@ -989,12 +1002,11 @@ impl Inner {
         let now = st.last_now.unwrap_or_else(SystemTime::now);
         drop(st);
         h.envelope.not_before = not_before;
-        if let Some(mut h) = self.park(&ch, epoch, h, now).await? {
+        if let Some(h) = self.park(&ch, epoch, h, now).await? {
             // No room for the copy (a full queue is when retries pile up): held here,
             // scheduled, this attempt counted. Only a lost connection loses the new
             // not-before (the broker delivers it again at once, counted).
-            h.state = HeldState::Scheduled(not_before);
-            self.state.lock().await.held.insert(token.id, h);
+            self.hold_again(h, token.id, not_before, epoch).await;
             return Ok(());
         }
         self.gone(token.id).await;
@@ -1016,9 +1028,8 @@ impl Inner {
             .is_ok_and(|wait| wait > self.hold_limit)
         {
             drop(st);
-            if let Some(mut h) = self.park(&ch, epoch, h, now).await? {
-                h.state = HeldState::Scheduled(not_before);
-                self.state.lock().await.held.insert(token.id, h);
+            if let Some(h) = self.park(&ch, epoch, h, now).await? {
+                self.hold_again(h, token.id, not_before, epoch).await;
                 return Ok(());
             }
             self.gone(token.id).await;
