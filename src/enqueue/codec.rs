@@ -150,12 +150,32 @@ pub(crate) mod http_codec {
             .map(str::to_owned)
     }
 
-    /// Whether the request opens a tunnel (`CONNECT`) or asks to switch protocols
-    /// (`Upgrade`): never deferred, whatever the policy. It cannot wait for a replay:
-    /// any 2xx to a `CONNECT` tells the client its tunnel is open, and the `upgrade`
-    /// header is not stored (hop-by-hop), so a replay would be a plain request.
+    /// Whether the request opens a tunnel (`CONNECT`) or asks to switch protocols (an
+    /// `Upgrade` its `Connection` header names, to anything but `h2c`): never deferred,
+    /// whatever the policy. It cannot wait for a replay: any 2xx to a `CONNECT` tells
+    /// the client its tunnel is open, and the `upgrade` header is not stored
+    /// (hop-by-hop), so a replay would be a plain request. (An `Upgrade` without
+    /// `Connection: upgrade` is ignored, RFC 9110 §7.8, and curl's `Upgrade: h2c` on an
+    /// ordinary POST is answered as a plain request: those may be deferred.)
     pub(crate) fn opens_a_connection(method: &Method, headers: &HeaderMap) -> bool {
-        method == Method::CONNECT || headers.contains_key(http::header::UPGRADE)
+        if method == Method::CONNECT {
+            return true;
+        }
+        let listed = |name: http::HeaderName, token: &str| {
+            headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        };
+        let switching = headers
+            .get_all(http::header::UPGRADE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| !p.trim().is_empty() && !p.trim().eq_ignore_ascii_case("h2c"));
+        switching && listed(http::header::CONNECTION, "upgrade")
     }
 
     /// Sets the idempotency key header.

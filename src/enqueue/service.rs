@@ -100,9 +100,8 @@ impl<Q, C> Shared<Q, C> {
 
     /// The idempotency key to use: the request's own, or a fresh one.
     pub(crate) fn key_or_new(existing: Option<String>) -> String {
-        // A key the server's `Idempotency` layer ignores (empty or blank, or not a
-        // visible-ASCII header value) is no key: a replay carrying it could apply the
-        // effect twice.
+        // An empty or blank key is no key (the server's `Idempotency` layer ignores
+        // it): a replay carrying it could apply the effect twice.
         existing
             .filter(|k| usable_key(k))
             .unwrap_or_else(new_idempotency_key)
