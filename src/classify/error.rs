@@ -61,82 +61,51 @@ as_error_for!(
 ///
 /// | error found in the chain | class | retryable | may have taken effect |
 /// |---|---|---|---|
-/// | [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | ignored | yes, after its `retry_after` | no |
-/// | [`bulkhead::error::Full`](crate::bulkhead::error::Full) | ignored | yes | no |
-/// | `http::body::RequestBodyFailed` (with `http`: the caller's upload broke) | ignored | no | yes |
-/// | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
-/// | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | failure | no (the budget is spent) | yes, unless it expired before the call |
-/// | `hyper_util` client error that is a connect error (with `hyper`) | failure | yes | no |
-/// | `io::Error` refused / address unavailable / address in use (connect) | failure | yes | no |
+/// | ✦ [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | ignored | yes, after its `retry_after` | no |
+/// | ✦ [`bulkhead::error::Full`](crate::bulkhead::error::Full) | ignored | yes | no |
+/// | ✦ `http::body::RequestBodyFailed` (with `http`: the caller's upload broke) | ignored | no | yes |
+/// | ✦ [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
+/// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | failure | no (the budget is spent) | yes, unless it expired before the call |
+/// | ✦ `hyper_util` client error that is a connect error (with `hyper`) | failure | yes | no |
+/// | ✦ `reqwest::Error` that is a connect error (with `reqwest`) | failure | yes | no |
+/// | ✦ `reqwest::Error` building the request (with `reqwest`) | failure | no | no |
+/// | ✦ `io::Error` refused / address unavailable / address in use (connect) | failure | yes | no |
 /// | any other `io::Error` (reset, aborted, broken pipe, not connected, unexpected EOF, timed out: the request may have been sent) | failure | yes | yes |
-/// | `reqwest::Error` that is a connect error (with `reqwest`) | failure | yes | no |
-/// | `reqwest::Error` building the request (with `reqwest`) | failure | no | no |
 /// | `tonic::Status` (with `grpc`) | by its code, as [`GrpcClassifier`](super::GrpcClassifier) | | |
 /// | anything else | failure | yes | yes |
 ///
 /// The first match on the way down the chain decides, except for a `tonic::Status`:
-/// an error under it (its source, so made in this process) that the table names
-/// decides instead, so a status wrapping a connect error is a call that never left.
+/// under it (its source, so made in this process: a source does not travel over the
+/// wire), only our own errors and a connection never made (the rows marked ✦: the
+/// breaker's, the bulkhead's, the upload's, the timeouts', and connect errors) decide
+/// instead of its code, so a status wrapping a connect error is a call that never
+/// left, and one wrapping our own rejection is not the dependency's failure. Any other
+/// error under a status leaves the decision to its code.
 ///
 /// Retrying a call that may have taken effect is still subject to the retry layer's
 /// idempotency rules.
 pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
     let mut cur: Option<&(dyn Error + 'static)> = Some(err);
-    // The first `tonic::Status` on the way down: its code decides unless something
-    // under it does. A status with a source was made in this process (a source does
-    // not travel over the wire), so what it wraps — a connect error, our own `Open` —
-    // says more than the code it was given.
+    // The class of the first `tonic::Status` on the way down.
     #[cfg(feature = "grpc")]
     let mut status: Option<Classification> = None;
     while let Some(e) = cur {
-        if let Some(open) = as_type::<crate::circuit_breaker::error::Open>(e) {
-            return Classification::ignored()
-                .with_retryable(true)
-                .with_retry_after(Some(open.retry_after()));
-        }
-        if as_type::<crate::bulkhead::error::Full>(e).is_some() {
-            return Classification::ignored().with_retryable(true);
-        }
-        // The caller's upload broke: not the dependency's failure, and a body that
-        // failed cannot be sent again. (The server may have seen part of it.)
-        #[cfg(feature = "http")]
-        if as_type::<crate::http::body::RequestBodyFailed>(e).is_some() {
-            return Classification::ignored().with_effect(true);
-        }
-        if as_type::<crate::timeout::error::Elapsed>(e).is_some() {
-            return Classification::failure();
-        }
-        if let Some(d) = as_type::<crate::timeout::error::DeadlineExceeded>(e) {
-            return Classification::failure()
-                .with_retryable(false)
-                .with_effect(!d.expired_before_call());
-        }
-        // hyper-util's client: a failure to connect (refused, DNS, a connect timeout, a
-        // TLS handshake, a scheme its connector refuses) never sent the request.
-        #[cfg(feature = "hyper")]
-        if as_type::<hyper_util::client::legacy::Error>(e).is_some_and(|h| h.is_connect()) {
-            return Classification::failure().with_effect(false);
-        }
-        #[cfg(feature = "reqwest")]
-        if let Some(r) = as_type::<reqwest::Error>(e) {
-            if r.is_connect() {
-                return Classification::failure().with_effect(false);
-            }
-            if r.is_builder() {
-                return Classification::failure()
-                    .with_retryable(false)
-                    .with_effect(false);
-            }
-        }
-        if let Some(io) = as_type::<io::Error>(e) {
-            return classify_io(io.kind());
+        if let Some(c) = decisive(e) {
+            return c;
         }
         #[cfg(feature = "grpc")]
-        if status.is_none()
-            && let Some(s) = as_type::<tonic::Status>(e)
-        {
-            let code = super::grpc::GrpcCode::from_i32(s.code() as i32);
-            status = Some(super::grpc::default_class(code));
+        if status.is_none() {
+            if let Some(io) = as_type::<io::Error>(e) {
+                return classify_io(io.kind());
+            }
+            if let Some(s) = as_type::<tonic::Status>(e) {
+                let code = super::grpc::GrpcCode::from_i32(s.code() as i32);
+                status = Some(super::grpc::default_class(code));
+            }
+        }
+        #[cfg(not(feature = "grpc"))]
+        if let Some(io) = as_type::<io::Error>(e) {
+            return classify_io(io.kind());
         }
         cur = e.source();
     }
@@ -145,6 +114,77 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
         return status;
     }
     Classification::failure()
+}
+
+/// The class of the first error in `err`'s chain that decides even under a
+/// `tonic::Status` (see [`classify_error`]), if any.
+#[cfg(feature = "grpc")]
+pub(crate) fn decisive_in_chain(err: &(dyn Error + 'static)) -> Option<Classification> {
+    let mut cur: Option<&(dyn Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(c) = decisive(e) {
+            return Some(c);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// The rows of [`classify_error`] that decide wherever they are in the chain: our own
+/// errors, and a connection never made.
+#[inline]
+fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
+    if let Some(open) = as_type::<crate::circuit_breaker::error::Open>(e) {
+        return Some(
+            Classification::ignored()
+                .with_retryable(true)
+                .with_retry_after(Some(open.retry_after())),
+        );
+    }
+    if as_type::<crate::bulkhead::error::Full>(e).is_some() {
+        return Some(Classification::ignored().with_retryable(true));
+    }
+    // The caller's upload broke: not the dependency's failure, and a body that failed
+    // cannot be sent again. (The server may have seen part of it.)
+    #[cfg(feature = "http")]
+    if as_type::<crate::http::body::RequestBodyFailed>(e).is_some() {
+        return Some(Classification::ignored().with_effect(true));
+    }
+    if as_type::<crate::timeout::error::Elapsed>(e).is_some() {
+        return Some(Classification::failure());
+    }
+    if let Some(d) = as_type::<crate::timeout::error::DeadlineExceeded>(e) {
+        return Some(
+            Classification::failure()
+                .with_retryable(false)
+                .with_effect(!d.expired_before_call()),
+        );
+    }
+    // hyper-util's client: a failure to connect (refused, DNS, a connect timeout, a TLS
+    // handshake, a scheme its connector refuses) never sent the request.
+    #[cfg(feature = "hyper")]
+    if as_type::<hyper_util::client::legacy::Error>(e).is_some_and(|h| h.is_connect()) {
+        return Some(Classification::failure().with_effect(false));
+    }
+    #[cfg(feature = "reqwest")]
+    if let Some(r) = as_type::<reqwest::Error>(e) {
+        if r.is_connect() {
+            return Some(Classification::failure().with_effect(false));
+        }
+        if r.is_builder() {
+            return Some(
+                Classification::failure()
+                    .with_retryable(false)
+                    .with_effect(false),
+            );
+        }
+    }
+    if let Some(io) = as_type::<io::Error>(e)
+        && is_connect(io.kind())
+    {
+        return Some(classify_io(io.kind()));
+    }
+    None
 }
 
 /// `e` as a `T`, if it is one. The size comes from the vtable with a plain load, so a
@@ -164,13 +204,17 @@ fn as_type<'e, T: Error + 'static>(e: &'e (dyn Error + 'static)) -> Option<&'e T
 /// has since been shut down, after the request may have reached the server, and a
 /// non-idempotent request retried on it could take effect twice.
 fn classify_io(kind: io::ErrorKind) -> Classification {
-    use io::ErrorKind::*;
-    match kind {
-        ConnectionRefused | AddrNotAvailable | AddrInUse => {
-            Classification::failure().with_effect(false)
-        }
-        _ => Classification::failure(),
+    if is_connect(kind) {
+        Classification::failure().with_effect(false)
+    } else {
+        Classification::failure()
     }
+}
+
+/// An I/O error of a connection that was never made.
+fn is_connect(kind: io::ErrorKind) -> bool {
+    use io::ErrorKind::*;
+    matches!(kind, ConnectionRefused | AddrNotAvailable | AddrInUse)
 }
 
 #[cfg(test)]

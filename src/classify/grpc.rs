@@ -261,7 +261,11 @@ impl<B, E: AsError> Classify<Response<B>, E> for GrpcClassifier {
                     if self.overridden & (1 << code as u32) != 0
                         || retry_pushback(headers).is_some()
                     {
-                        return self.classify_code(code, headers);
+                        // Our own rejection or a connection never made, wrapped in the
+                        // status, still decides: an override of the code is about
+                        // the server's answers.
+                        return super::error::decisive_in_chain(e)
+                            .unwrap_or_else(|| self.classify_code(code, headers));
                     }
                 }
                 classify_error(e)
@@ -358,6 +362,26 @@ mod tests {
         let c = classify(tonic::Status::unknown("from the server"));
         assert_eq!(c.class(), Class::Failure);
         assert!(!c.is_retryable());
+
+        // Any other error under a status leaves the decision to its code: a cancelled
+        // call whose transport reported a reset is still a cancelled call.
+        let mut cancelled = tonic::Status::cancelled("gone");
+        cancelled.set_source(Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(classify(cancelled).class(), Class::Success);
+
+        // An override of the code does not make our own rejection under it a failure.
+        let mut rejected = tonic::Status::unknown("breaker");
+        rejected.set_source(Arc::new(crate::circuit_breaker::error::Open::new(
+            Duration::from_secs(3),
+        )));
+        let err: BoxError = rejected.into();
+        let c = <GrpcClassifier as Classify<Response<()>, BoxError>>::classify(
+            &GrpcClassifier::new().with_failure(GrpcCode::Unknown, true),
+            Err(&err),
+        );
+        assert_eq!(c.class(), Class::Ignored);
     }
 
     /// An override applies to a proxy's answer too: it is classified as the code the
