@@ -167,8 +167,9 @@ const BATCHES_IN_FLIGHT: usize = 2;
 // === impl RedisOptions ===
 
 impl RedisOptions {
-    /// Options for the queue `name` (it names the Redis keys), at the URL from
-    /// `POSTBOX_REDIS_URL` or else `redis://127.0.0.1:6379/`, unbounded.
+    /// Options for the queue `name` (it names the Redis keys, as their hash tag: not
+    /// empty, no braces), at the URL from `POSTBOX_REDIS_URL` or else
+    /// `redis://127.0.0.1:6379/`, unbounded.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -219,6 +220,15 @@ impl RedisQueue {
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
             QueueError::Backend(format!("RedisQueue::connect needs a Tokio runtime: {e}").into())
         })?;
+        // The name is the keys' hash tag, `{name}`: an empty one, or one with a brace,
+        // is no tag, and a cluster would spread the keys over slots its scripts cannot
+        // span.
+        let name = &options.name;
+        if name.is_empty() || name.contains(['{', '}']) {
+            return Err(QueueError::Backend(
+                format!("invalid queue name {name:?}: not empty, and no '{{' or '}}'").into(),
+            ));
+        }
         let url = options.url();
         let client = ::redis::Client::open(url.as_str())
             .map_err(|e| QueueError::Backend(format!("redis url {url:?}: {e}").into()))?;
@@ -576,7 +586,9 @@ impl RedisQueue {
             let (mut reason, mut attempts, mut nb) = (String::new(), None, None);
             let mut fields = array(fields)?.into_iter();
             while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
-                match string(k)?.as_str() {
+                // A field name that is not UTF-8 (a foreign entry) is none of ours: it
+                // must not fail the whole listing.
+                match string(k).unwrap_or_default().as_str() {
                     "envelope" => envelope = Some(Envelope::decode(&bytes(v)?)),
                     "reason" => reason = String::from_utf8_lossy(&bytes(v)?).into_owned(),
                     // Tolerant: a foreign entry set aside by `lease` may hold anything.
@@ -777,7 +789,12 @@ fn map_err(e: RedisError) -> QueueError {
         ErrorKind::Server(
             S::BusyLoading | S::TryAgain | S::MasterDown | S::ClusterDown | S::ReadOnly
         )
-    ) || e.code() == Some("BUSY");
+    ) || matches!(
+        e.code(),
+        // Out of memory (`maxmemory` with `noeviction`), or too few replicas answered:
+        // refused for now, as a full disk is for the embedded queue.
+        Some("BUSY" | "OOM" | "NOREPLICAS")
+    );
     if transient
         || e.is_io_error()
         || e.is_connection_dropped()
@@ -864,6 +881,38 @@ fn from_ms(s: &str) -> Result<SystemTime, QueueError> {
 mod tests {
     use super::*;
     use crate::queue::DeferReason;
+
+    /// A server out of memory (or short of replicas) refuses for now: `Unavailable`,
+    /// as a full disk is for the embedded queue; a script error is a backend error.
+    #[test]
+    fn out_of_memory_is_unavailable() {
+        let error = |reply: &[u8]| {
+            ::redis::parse_redis_value(reply)
+                .unwrap()
+                .extract_error()
+                .unwrap_err()
+        };
+        for reply in [
+            &b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"[..],
+            b"-NOREPLICAS Not enough good replicas to write.\r\n",
+        ] {
+            let e = map_err(error(reply));
+            assert!(matches!(e, QueueError::Unavailable(_)), "{e:?}");
+        }
+        let e = map_err(error(b"-ERR user_script:1: boom\r\n"));
+        assert!(matches!(e, QueueError::Backend(_)), "{e:?}");
+    }
+
+    /// A name that is no hash tag is refused before connecting.
+    #[tokio::test]
+    async fn a_name_that_is_no_hash_tag_is_refused() {
+        for name in ["", "a}b", "{a"] {
+            let e = RedisQueue::connect(RedisOptions::new(name))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("invalid queue name"), "{e}");
+        }
+    }
 
     #[test]
     fn a_server_that_cannot_answer_for_now_is_unavailable_not_a_backend_error() {

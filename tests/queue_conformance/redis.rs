@@ -677,6 +677,24 @@ async fn an_entry_not_written_by_postbox_is_dead_lettered() {
             why("bad attempts"),
         ]
     );
+    // A field name that is not UTF-8, copied into the dead letters as it was, does not
+    // fail the listing of the others.
+    let _: String = redis::cmd("XADD")
+        .arg(&q.keys()[0])
+        .arg("*")
+        .arg(&b"\xff\xfe"[..])
+        .arg("x")
+        .query_async(&mut q.connection())
+        .await
+        .unwrap();
+    assert!(
+        q.lease(10, Duration::from_secs(30), crate::suite::at(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(q.depth().await.unwrap().dead, 7);
+    assert_eq!(q.dead_letters(10).await.unwrap().len(), 4);
 }
 
 /// An enqueue of a message already acked, retried after its reply was lost, claims the
