@@ -73,11 +73,12 @@
 //! [`Depth::in_flight`](super::Depth) counts this process' leases.
 //!
 //! A process holds at most [`NatsOptions::with_max_held`] deliveries, leased or waiting
-//! for their not-before. When that many are held, none is due and the consumer has
-//! messages not yet delivered, a lease moves the held deliveries due last to the
-//! stream's tail (a copy with their not-before and attempts, as `retry_later`, then an
-//! ack) and fetches what was behind them: retries scheduled for later never keep a
-//! message that is due — for another destination, say — waiting.
+//! for their not-before. When that many are held, fewer are due than the lease asks for
+//! and the consumer has messages not yet delivered (besides copies moved before), a
+//! lease moves up to 16 of the held deliveries due last to the stream's tail (a copy
+//! with their not-before and attempts, as `retry_later`, then an ack) and fetches what
+//! was behind them: retries scheduled for later never keep a message that is due — for
+//! another destination, say — waiting.
 //!
 //! # Durability
 //!
@@ -103,7 +104,7 @@ use async_nats::jetstream::stream::{
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -185,7 +186,18 @@ struct Inner {
     /// Bumped (under `held`) each time the held deliveries are forgotten for a new
     /// consumer: a delivery taken out before then is not put back.
     consumer_epoch: AtomicU64,
+    /// Deliveries [`make_room`](Inner::make_room) moved to the stream's tail and not
+    /// fetched back yet, with when: the consumer's undelivered messages include them,
+    /// and moving more only to fetch these back would go round for ever.
+    moved: std::sync::Mutex<HashMap<MessageId, Instant>>,
 }
+
+/// At most this many deliveries are moved to the stream's tail by one lease.
+const MOVE_AT_ONCE: usize = 16;
+
+/// A moved delivery not fetched back by this process within this long is taken to have
+/// gone to another process (or its copy to have been settled).
+const MOVED_FOR: Duration = Duration::from_secs(60);
 
 /// A delivery this process holds unacked.
 struct Held {
@@ -346,6 +358,7 @@ impl NatsQueue {
             max_held: options.max_held,
             request_timeout: options.request_timeout,
             held: Mutex::new(BTreeMap::new()),
+            moved: std::sync::Mutex::default(),
             leases: AtomicU64::new(0),
             consumer_epoch: AtomicU64::new(0),
         });
@@ -627,6 +640,7 @@ impl Inner {
                     super::saturating_add(SystemTime::UNIX_EPOCH, Duration::from_millis(nb));
             }
             let id = envelope.id;
+            self.fetched_back(id);
             match held.get_mut(&id) {
                 // Delivered again while we held it (ack_wait passed): keep our state.
                 Some(h) if sequence(&h.msg) == sequence(&msg) => {
@@ -976,10 +990,11 @@ impl Inner {
         self.publish(h.msg.subject.clone(), publish).await
     }
 
-    /// Makes room in a full `held` for the messages behind it: moves up to `n` held
-    /// deliveries that are not due at `now` (those due last) to the stream's tail, as
-    /// `retry_later` does (a copy with their not-before and attempts, then an ack of
-    /// the delivery), if the consumer has messages not yet delivered. Without it, a
+    /// Makes room in a full `held` for the messages behind it: moves up to `n` (at most
+    /// [`MOVE_AT_ONCE`]) held deliveries that are not due at `now` (those due last) to
+    /// the stream's tail, as `retry_later` does (a copy with their not-before and
+    /// attempts, then an ack of the delivery), if the consumer has messages not yet
+    /// delivered besides the copies moved before. Without it, a
     /// process holding `max_held` deliveries scheduled for later (the retries of a
     /// dependency that is down) fetches nothing more, and messages that are due — for
     /// another destination — wait behind them until those are due. Returns how many
@@ -999,6 +1014,12 @@ impl Inner {
             Ok(Ok(info)) => info.num_pending,
             _ => return 0,
         };
+        // What is behind besides the copies moved earlier.
+        let others = {
+            let mut moved = self.lock_moved();
+            moved.retain(|_, at| at.elapsed() < MOVED_FOR);
+            behind.saturating_sub(moved.len() as u64)
+        };
         let mut later: Vec<(SystemTime, MessageId)> = held
             .iter()
             .filter_map(|(&id, h)| match h.state {
@@ -1007,7 +1028,10 @@ impl Inner {
             })
             .collect();
         later.sort_unstable_by(|a, b| b.cmp(a));
-        later.truncate(n.min(usize::try_from(behind).unwrap_or(usize::MAX)));
+        later.truncate(
+            n.min(usize::try_from(others).unwrap_or(usize::MAX))
+                .min(MOVE_AT_ONCE),
+        );
         let mut moved = 0;
         for (_, id) in later {
             let h = held.remove(&id).expect("listed from held");
@@ -1025,6 +1049,7 @@ impl Inner {
                 held.insert(id, h);
                 break;
             }
+            self.lock_moved().insert(id, Instant::now());
             moved += 1;
         }
         if moved > 0 {
@@ -1034,6 +1059,20 @@ impl Inner {
             );
         }
         moved
+    }
+
+    fn lock_moved(&self) -> std::sync::MutexGuard<'_, HashMap<MessageId, Instant>> {
+        // Only map operations run under this lock.
+        self.moved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A delivery of `id` came back: if it was a copy `make_room` moved, it is no
+    /// longer waiting behind.
+    fn fetched_back(&self, id: MessageId) {
+        let mut moved = self.lock_moved();
+        if !moved.is_empty() {
+            moved.remove(&id);
+        }
     }
 
     /// Keeps holding the delivery, uncounted and scheduled for `not_before`: nothing

@@ -588,6 +588,55 @@ async fn a_due_message_behind_a_full_hold_of_later_ones_is_leased() {
     assert_eq!(late[0].envelope.not_before, crate::suite::at(3600));
 }
 
+/// With nothing behind a full hold but the copies it moved there itself, a lease moves
+/// nothing more: the held deliveries are not sent round the stream on every poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_hold_of_later_deliveries_is_not_sent_round_for_ever() {
+    let (q, _purge) = make(options().with_max_held(2));
+    let lease_for = Duration::from_secs(30);
+    for (key, secs) in [("a", 600), ("b", 3600), ("c", 1800)] {
+        let mut e = crate::suite::envelope(key);
+        e.not_before = crate::suite::at(secs);
+        q.enqueue(e).await.unwrap();
+    }
+    let last_seq = || async {
+        let mut s = q.jetstream().get_stream(q.streams().0).await.unwrap();
+        s.info().await.unwrap().state.last_sequence
+    };
+    // The first lease fetches two; the second moves one to make room for the third.
+    for _ in 0..2 {
+        assert!(
+            q.lease(10, lease_for, crate::suite::at(0))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let settled = last_seq().await;
+    for _ in 0..4 {
+        assert!(
+            q.lease(10, lease_for, crate::suite::at(0))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(last_seq().await, settled, "held deliveries moved again");
+    // All three are still there, each leased once when due.
+    let mut got = Vec::new();
+    for secs in [600, 1800, 3600] {
+        let l = q
+            .lease(10, lease_for, crate::suite::at(secs))
+            .await
+            .unwrap();
+        assert_eq!(l.len(), 1, "at {secs}");
+        assert_eq!(l[0].envelope.not_before, crate::suite::at(secs));
+        q.ack(&[l[0].token]).await.unwrap();
+        got.push(l[0].envelope.idempotency_key.clone());
+    }
+    assert_eq!(got, ["a", "c", "b"]);
+}
+
 /// Two processes share the consumer, whose server-side limit of unacked deliveries is
 /// full: a process still leases what it holds itself (a delivery it released) instead
 /// of failing because the server has nothing more to give it.
