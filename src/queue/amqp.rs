@@ -149,6 +149,8 @@ struct Inner {
     max_held: usize,
     timeout: Duration,
     link: Mutex<Option<Link>>,
+    /// After a failed connect, when the next may be tried (read and set under `link`).
+    cooldown: std::sync::Mutex<Cooldown>,
     /// The last link's epoch, kept when a failed link is dropped: epochs only grow, so a
     /// delivery held on a dead channel is never taken for one of the new channel.
     last_epoch: std::sync::atomic::AtomicU64,
@@ -213,6 +215,53 @@ struct Link {
     conn: Arc<Connection>,
     ch: Channel,
     epoch: u64,
+}
+
+/// Spaces out connects to a broker that is down: after a failed connect, callers fail
+/// at once (with that failure) until `until`, and the wait doubles with each failure.
+/// Without it, every call waiting for the link tried its own connect in turn — 64
+/// callers behind a broker that drops packets waited 64 connect timeouts, and a broker
+/// coming back met all of them at once.
+struct Cooldown {
+    until: Option<Instant>,
+    wait: Duration,
+    last_error: String,
+}
+
+impl Cooldown {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn new() -> Self {
+        Self {
+            until: None,
+            wait: Self::FIRST,
+            last_error: String::new(),
+        }
+    }
+
+    /// The error for a call made during the cooldown, if it is on.
+    fn refuse(&self, now: Instant) -> Option<QueueError> {
+        let until = self.until.filter(|&u| now < u)?;
+        Some(QueueError::Unavailable(
+            format!(
+                "amqp: not connected ({}); next connect in {:?}",
+                self.last_error,
+                until - now
+            )
+            .into(),
+        ))
+    }
+
+    fn failed(&mut self, now: Instant, error: &QueueError) {
+        self.until = Some(now + self.wait);
+        self.wait = (self.wait * 2).min(Self::MAX);
+        self.last_error = error.to_string();
+    }
+
+    fn connected(&mut self) {
+        *self = Self::new();
+    }
 }
 
 #[derive(Default)]
@@ -337,6 +386,7 @@ impl AmqpQueue {
             max_held: options.max_held,
             timeout: options.timeout,
             link: Mutex::new(None),
+            cooldown: std::sync::Mutex::new(Cooldown::new()),
             last_epoch: std::sync::atomic::AtomicU64::new(0),
             fast: std::sync::Mutex::new(None),
             state: Mutex::new(State::default()),
@@ -408,6 +458,11 @@ impl Inner {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_cooldown(&self) -> std::sync::MutexGuard<'_, Cooldown> {
+        // Only plain assignments run under this lock.
+        self.cooldown.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock_fast(&self) -> std::sync::MutexGuard<'_, Option<(Channel, Arc<Connection>, u64)>> {
         // Only a clone or an assignment runs under this lock.
         self.fast.lock().unwrap_or_else(|e| e.into_inner())
@@ -428,6 +483,9 @@ impl Inner {
         {
             return Ok((l.ch.clone(), l.epoch));
         }
+        if let Some(e) = self.lock_cooldown().refuse(Instant::now()) {
+            return Err(e);
+        }
         let epoch = self
             .last_epoch
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -443,13 +501,21 @@ impl Inner {
             self.declare(&ch).await?;
             Ok::<_, lapin::Error>((conn, ch))
         };
-        let (conn, ch) = match tokio::time::timeout(self.timeout, connect).await {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(classify(e, &format!("connect to {}", self.url))),
-            Err(_) => {
-                return Err(QueueError::Unavailable(
-                    format!("amqp connect to {}: timed out", self.url).into(),
-                ));
+        let connected = match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(pair)) => Ok(pair),
+            Ok(Err(e)) => Err(classify(e, &format!("connect to {}", self.url))),
+            Err(_) => Err(QueueError::Unavailable(
+                format!("amqp connect to {}: timed out", self.url).into(),
+            )),
+        };
+        let (conn, ch) = match connected {
+            Ok(pair) => {
+                self.lock_cooldown().connected();
+                pair
+            }
+            Err(e) => {
+                self.lock_cooldown().failed(Instant::now(), &e);
+                return Err(e);
             }
         };
         let conn = Arc::new(conn);

@@ -179,6 +179,35 @@ async fn cut_connection_is_unavailable_then_reconnects() {
     assert!(again.iter().any(|l| l.envelope.id == leased[0].envelope.id));
 }
 
+/// Callers that find the broker unreachable do not each try a connect of their own:
+/// after one fails, the others fail at once with its error (the wait doubling up to
+/// 2 s), so 8 callers behind a broker that answers nothing wait one connect timeout,
+/// not eight in turn, and the broker is not met by all of them when it comes back.
+/// Once it answers again, a call connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_behind_an_unreachable_broker_share_one_connect() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy).with_timeout(Duration::from_millis(300)));
+    q.enqueue(crate::suite::envelope("before")).await.unwrap();
+    proxy.hold();
+    proxy.cut();
+    let before = proxy.accepted();
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let q = q.clone();
+            tokio::spawn(async move { q.enqueue(crate::suite::envelope(&format!("k{i}"))).await })
+        })
+        .collect();
+    for call in calls {
+        let e = call.await.unwrap().unwrap_err();
+        assert!(matches!(e, QueueError::Unavailable(_)), "{e}");
+    }
+    let tried = proxy.accepted() - before;
+    assert!(tried <= 2, "{tried} connects for 8 callers");
+    proxy.release();
+    retry!(q.enqueue(crate::suite::envelope("after")).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_client_reads_the_message_and_its_headers() {
     let (q, _purge) = make(options());

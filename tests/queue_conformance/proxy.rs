@@ -11,6 +11,7 @@ use tokio::sync::watch;
 /// until [`Proxy::release`].
 pub struct Proxy {
     addr: SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     cuts: watch::Sender<u64>,
     held: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -43,11 +44,14 @@ impl Proxy {
         let (held, _) = watch::channel(false);
         let tx = cuts.clone();
         let hold = held.clone();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut rx = tx.subscribe();
                 let (up, down) = (hold.subscribe(), hold.subscribe());
                 let target = target.clone();
@@ -69,6 +73,7 @@ impl Proxy {
         });
         Proxy {
             addr,
+            accepted,
             cuts,
             held,
             task,
@@ -77,6 +82,12 @@ impl Proxy {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How many connections the proxy has accepted so far.
+    #[allow(dead_code)] // only some brokers' tests count them
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Drops every connection open through the proxy.
