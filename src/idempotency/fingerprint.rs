@@ -15,14 +15,30 @@ use std::task::{Context, Poll, ready};
 ///
 /// A repeat of the key whose fingerprint differs is a different request reusing the
 /// key (a client bug), answered `422` instead of with the first request's response.
+///
+/// If the handler did not read the whole body (it answered from the head alone: a
+/// `415` for the content type, a `400` for the query), the fingerprint is of the head
+/// only, with `body_len` [`HEAD_ONLY`](Self::HEAD_ONLY): repeats are compared by method,
+/// path and query and content type, not by body.
 /// The hash is stable across processes, builds and platforms, so instances sharing a
 /// store compare each other's fingerprints; it is not a cryptographic hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint {
     /// The hash.
     pub hash: u64,
-    /// The body's length in bytes.
+    /// The body's length in bytes, or [`HEAD_ONLY`](Self::HEAD_ONLY).
     pub body_len: u64,
+}
+
+impl Fingerprint {
+    /// The `body_len` of a fingerprint of the head alone (the handler did not read the
+    /// whole body).
+    pub const HEAD_ONLY: u64 = u64::MAX;
+
+    /// Whether only the head was hashed.
+    pub const fn is_head_only(&self) -> bool {
+        self.body_len == Self::HEAD_ONLY
+    }
 }
 
 /// A streaming hash, eight bytes at a time (the same bytes give the same hash however
@@ -129,6 +145,17 @@ impl Hasher {
         seen == data.remaining()
     }
 
+    /// The fingerprint of the head this hasher started from, whatever body it has
+    /// read since (see [`Fingerprint::HEAD_ONLY`]).
+    pub(crate) fn head_only(head: &Self) -> Fingerprint {
+        let mut h = head.clone();
+        h.mix(Fingerprint::HEAD_ONLY);
+        Fingerprint {
+            body_len: Fingerprint::HEAD_ONLY,
+            ..h.finish()
+        }
+    }
+
     /// The fingerprint of everything written.
     pub(crate) fn finish(mut self) -> Fingerprint {
         let mut w = [0; 8];
@@ -148,7 +175,11 @@ impl Hasher {
 
 /// The fingerprint being taken of a request body as the handler reads it.
 #[derive(Debug)]
-pub(crate) struct Tap(Mutex<TapState>);
+pub(crate) struct Tap {
+    state: Mutex<TapState>,
+    /// The fingerprint of the head alone: the one stored if the body is not read whole.
+    head: Fingerprint,
+}
 
 #[derive(Debug)]
 enum TapState {
@@ -163,18 +194,23 @@ enum TapState {
 
 impl Tap {
     fn new(hasher: Hasher) -> Self {
-        Self(Mutex::new(TapState::Reading(hasher)))
+        Self {
+            head: Hasher::head_only(&hasher),
+            state: Mutex::new(TapState::Reading(hasher)),
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, TapState> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The fingerprint, if the handler read the whole body.
+    /// The fingerprint: of the head and body if the handler read the whole body, else
+    /// of the head alone ([`Fingerprint::HEAD_ONLY`]); `None` if the body failed.
     pub(crate) fn fingerprint(&self) -> Option<Fingerprint> {
         match &*self.state() {
             TapState::Done(f) => Some(*f),
-            _ => None,
+            TapState::Reading(_) | TapState::Lost => Some(self.head),
+            TapState::Failed => None,
         }
     }
 

@@ -19,8 +19,9 @@
 //!   idempotency-key draft advises) instead of with the first request's response. The
 //!   handler reads the body through [`FingerprintedBody`], which hashes it on the way
 //!   (no copy); a repeat's body is read and hashed by the layer. A first request whose
-//!   handler did not read its whole body has no fingerprint, and its repeats are not
-//!   compared;
+//!   handler did not read its whole body (it answered from the head: a `415`, a `400`
+//!   for the query) is fingerprinted by its head alone, and its repeats are compared
+//!   by method, path and query and content type only;
 //! * requests without the header pass through untouched (in a [`FingerprintedBody`]
 //!   that only forwards).
 //!

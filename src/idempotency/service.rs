@@ -202,9 +202,13 @@ where
             Ok(Claim::Done(stored)) => {
                 if let Some(first) = stored.fingerprint {
                     // A repeat must be the same request: read its body (no further
-                    // than the first one's length) to compare.
-                    let fingerprint =
-                        fingerprint::of_body(req.into_body(), head, first.body_len).await;
+                    // than the first one's length) to compare, or only its head if
+                    // the first one's body was not read.
+                    let fingerprint = if first.is_head_only() {
+                        Ok(Some(Hasher::head_only(&head)))
+                    } else {
+                        fingerprint::of_body(req.into_body(), head, first.body_len).await
+                    };
                     if fingerprint == Err(()) {
                         tracing::debug!(%key, "repeat's body unreadable; not compared");
                         metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "body_unreadable")
@@ -443,8 +447,8 @@ where
                 // the frame may be a slice of (a connection's read buffer).
                 body: Bytes::copy_from_slice(&bytes),
                 trailers: trailers.clone(),
-                // `None` if the handler did not read the whole request body: repeats
-                // are then not compared.
+                // Of the head alone if the handler did not read the whole request body:
+                // repeats are then compared by their heads.
                 fingerprint: tap.fingerprint(),
             };
             match store

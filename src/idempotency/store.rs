@@ -27,8 +27,9 @@ pub struct StoredResponse {
     /// them: a gRPC client reads a replayed response without them as a failure.
     pub trailers: Option<HeaderMap>,
     /// The request that first used the key (see [`Fingerprint`]): a repeat that differs
-    /// is answered `422`. `None` if the handler did not read the whole request body;
-    /// repeats are then not compared.
+    /// is answered `422`. Of the head alone ([`Fingerprint::HEAD_ONLY`]) if the handler
+    /// did not read the whole request body. `None` (a store written by an older
+    /// version): repeats are not compared.
     pub fingerprint: Option<Fingerprint>,
 }
 

@@ -2282,10 +2282,12 @@ async fn a_key_reused_for_a_different_request_is_refused_with_422() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
-/// A handler that does not read the request body leaves no fingerprint: repeats are
-/// replayed without comparing bodies (documented), as before.
+/// A handler that does not read the request body (it answers from the head: a `415`
+/// for the content type, a `400` for the query) leaves a fingerprint of the head alone:
+/// a repeat with another body is replayed (its body is not compared), but one with
+/// another query or content type is another request, `422` — not the stale answer.
 #[tokio::test(start_paused = true)]
-async fn without_a_fingerprint_repeats_are_not_compared() {
+async fn without_the_body_read_repeats_are_compared_by_their_heads() {
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::new(100).layer(slow_handler(calls.clone()));
     svc.clone()
@@ -2298,6 +2300,19 @@ async fn without_a_fingerprint_repeats_are_not_compared() {
         .await
         .unwrap();
     assert!(res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let other_query = svc
+        .clone()
+        .oneshot(keyed_with("k", "http://shop.test/orders?dry_run=1", "a"))
+        .await
+        .unwrap();
+    assert_eq!(other_query.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let mut other_type = keyed_with("k", "http://shop.test/orders", "a");
+    other_type
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    let res = svc.clone().oneshot(other_type).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
