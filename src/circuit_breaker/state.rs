@@ -939,20 +939,24 @@ impl Breaker {
                 };
                 self.half_open_until_ns.store(until, Release);
             }
-            CLOSED => {
-                cold.openings = 0;
-                self.clear_window();
-            }
-            METRICS_ONLY => self.clear_window(),
+            CLOSED => cold.openings = 0,
             _ => {}
         }
         if reset {
             cold.openings = 0;
             self.not_permitted.store(0, Relaxed);
-            self.clear_window();
         }
         let generation = (generation(cur) + 1) & GEN_MASK;
         self.word.store(pack(generation, to, avail), Release);
+        // Cleared once the new generation is published: an outcome admitted before it
+        // that checks the word from now on is dropped, so only one that checked just
+        // before can still land in the fresh window (clearing first left it the whole
+        // sweep of the window to land in). Outcomes of the new generation recorded
+        // during the sweep may be swept too: a few calls uncounted, never an old one
+        // counted.
+        if reset || matches!(to, CLOSED | METRICS_ONLY) {
+            self.clear_window();
+        }
         // Under the lock: two transitions on two threads set the gauge in their order.
         let retired = cold.retired;
         if !retired {
