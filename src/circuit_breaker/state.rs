@@ -557,9 +557,9 @@ pub(crate) struct Breaker {
     not_permitted: AtomicU64,
     /// The window may hold fewer than `minimum_calls`: then a success is evaluated
     /// too, as it may be the call that reaches the minimum with the failures before
-    /// it (otherwise only failures and slow calls can raise a rate). Exact for a count
-    /// window; a time window whose calls expire below the minimum between evaluations
-    /// keeps the flag unset until its next failure, which then evaluates.
+    /// it (otherwise only failures and slow calls can raise a rate). A time window
+    /// whose calls expire also evaluates the outcome recorded as they leave, which
+    /// sets the flag again if they took it below the minimum.
     below_minimum: AtomicBool,
     /// The coarse clock aligned with `origin`, decided at first use: `None` inside
     /// when tokio's clock is paused (tests) or the platform has none.
@@ -809,8 +809,8 @@ impl Breaker {
                 let outcome = self.outcome(permit, verdict, now);
                 match &self.settings.trip {
                     Trip::Rate { window, .. } => {
-                        window.record(outcome, || self.window_ns(now));
-                        if outcome != 0 || self.below_minimum.load(Relaxed) {
+                        let expired = window.record(outcome, || self.window_ns(now));
+                        if outcome != 0 || expired || self.below_minimum.load(Relaxed) {
                             self.evaluate(w, now);
                         }
                     }

@@ -200,27 +200,29 @@ impl TimeWindow {
     }
 
     /// Moves the head to the bucket of `now_ns`, expiring buckets that left the window,
-    /// and returns the head bucket's index. A caller whose `now` is older than the head
-    /// (it read the clock, then lost the CPU) is counted in the head bucket.
+    /// and returns the head bucket's index, and whether calls left the window. A caller
+    /// whose `now` is older than the head (it read the clock, then lost the CPU) is
+    /// counted in the head bucket.
     #[inline]
-    fn advance(&self, now_ns: u64) -> usize {
+    fn advance(&self, now_ns: u64) -> (usize, bool) {
         let head = self.head.load(Acquire);
         if now_ns < self.head_end_ns.load(Relaxed) {
             // (A writer racing a rotation may count into the previous bucket: the
             // next rotation folds it in, an outcome late, never a lost one.)
-            return (head & 0xffff) as usize;
+            return ((head & 0xffff) as usize, false);
         }
         self.rotate_to(now_ns / self.width_ns)
     }
 
     #[cold]
-    fn rotate_to(&self, epoch: u64) -> usize {
+    fn rotate_to(&self, epoch: u64) -> (usize, bool) {
         let mut folded = self.rotate.lock().unwrap_or_else(|e| e.into_inner());
         let head = self.head.load(Acquire);
         let from = head >> 16;
         if from >= epoch {
-            return (head & 0xffff) as usize;
+            return ((head & 0xffff) as usize, false);
         }
+        let mut expired = false;
         let n = self.len();
         // Expire the buckets the head passes over (at most all of them): take out what
         // was counted of them, and empty them.
@@ -232,6 +234,7 @@ impl TimeWindow {
         for e in first..=epoch {
             let i = (e % n) as usize;
             let counted = std::mem::take(&mut folded.counted[i]);
+            expired |= counted[0] > 0;
             self.sub(counted);
             self.buckets[i].clear();
         }
@@ -252,7 +255,7 @@ impl TimeWindow {
         self.head_end_ns
             .store((epoch + 1).saturating_mul(self.width_ns), Relaxed);
         self.head.store(epoch << 16 | idx, Release);
-        idx as usize
+        (idx as usize, expired)
     }
 
     fn add(&self, [c, f, s]: [u64; 3]) {
@@ -269,8 +272,10 @@ impl TimeWindow {
 
     /// Records one outcome at `now_ns`.
     #[inline]
-    pub(crate) fn record(&self, now_ns: u64, outcome: u8) {
-        let b = &self.buckets[self.advance(now_ns)];
+    /// Records one outcome at `now_ns`; `true` if calls left the window meanwhile.
+    pub(crate) fn record(&self, now_ns: u64, outcome: u8) -> bool {
+        let (head, expired) = self.advance(now_ns);
+        let b = &self.buckets[head];
         b.calls.fetch_add(1, Relaxed);
         if outcome & FAILURE != 0 {
             b.failures.fetch_add(1, Relaxed);
@@ -278,11 +283,12 @@ impl TimeWindow {
         if outcome & SLOW != 0 {
             b.slow.fetch_add(1, Relaxed);
         }
+        expired
     }
 
     /// The totals over the window ending at `now_ns`.
     pub(crate) fn totals(&self, now_ns: u64) -> Totals {
-        let [hc, hf, hs] = self.buckets[self.advance(now_ns)].load();
+        let [hc, hf, hs] = self.buckets[self.advance(now_ns).0].load();
         let calls = self.calls.load(Relaxed).saturating_add(hc);
         Totals {
             calls,
@@ -313,9 +319,14 @@ pub(crate) enum Window {
 impl Window {
     /// Records an outcome; `now_ns` is called only by a time window.
     #[inline]
-    pub(crate) fn record(&self, outcome: u8, now_ns: impl FnOnce() -> u64) {
+    /// Records one outcome; `true` if calls left a time window meanwhile (the window
+    /// may be below the minimum again). `now_ns` is called only by a time window.
+    pub(crate) fn record(&self, outcome: u8, now_ns: impl FnOnce() -> u64) -> bool {
         match self {
-            Window::Count(w) => w.record(outcome),
+            Window::Count(w) => {
+                w.record(outcome);
+                false
+            }
             Window::Time(w) => w.record(now_ns(), outcome),
         }
     }

@@ -164,6 +164,30 @@ async fn time_window_bucket_expires_exactly_at_t() {
     assert_eq!(h.state(), State::Open);
 }
 
+/// Calls leaving a time window can bring it back below the minimum; the successes
+/// that then bring it up to the minimum again are evaluated, so the failures still
+/// inside trip it at the minimum, as resilience4j does (it waited for the next
+/// failure).
+#[tokio::test(start_paused = true)]
+async fn a_success_reaching_the_minimum_after_calls_expired_trips_the_window() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .time_window(Duration::from_secs(10), 10)
+            .minimum_calls(10)
+            .failure_rate_threshold(0.5),
+    );
+    run_n(&mut svc, Do::Succeed, 8).await;
+    advance(Duration::from_millis(9500)).await;
+    run_n(&mut svc, Do::Fail, 5).await;
+    assert_eq!(h.state(), State::Closed, "5 of 13 failed");
+    // The 8 successes leave the window at 10 s: 5 calls, all failures, below the minimum.
+    advance(Duration::from_millis(700)).await;
+    run_n(&mut svc, Do::Succeed, 4).await;
+    assert_eq!(h.state(), State::Closed, "9 calls: below the minimum");
+    run_n(&mut svc, Do::Succeed, 1).await;
+    assert_eq!(h.state(), State::Open, "5 of 10 failed");
+}
+
 #[tokio::test(start_paused = true)]
 async fn time_window_of_one_bucket() {
     let (mut svc, h, _) = breaker(
