@@ -58,7 +58,9 @@
 //! attempts (to the main or the delay queue), then acks the delivery. `release` (a
 //! delivery the replayer's breaker stopped) leaves the attempt uncounted: within the hold
 //! limit the process simply keeps holding the delivery, sending nothing; beyond it the
-//! message is parked like a retry, with the uncounted attempts. Every lease's token
+//! message is parked like a retry, with the uncounted attempts. A delivery held without
+//! a lease for longer than the hold limit (released again and again) is parked the same
+//! way when it is not due, so none is held towards `consumer_timeout`. Every lease's token
 //! generation is a per-process sequence number, so a released lease's token is stale.
 //!
 //! # De-duplication
@@ -289,6 +291,9 @@ struct Held {
     acker: lapin::acker::Acker,
     envelope: Envelope,
     state: HeldState,
+    /// When the broker delivered it (real time): RabbitMQ closes a channel holding a
+    /// delivery past its `consumer_timeout`.
+    received: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -852,16 +857,24 @@ impl Inner {
                     acker: delivery.acker,
                     envelope,
                     state,
+                    received: Instant::now(),
                 },
             );
         }
-        // Messages due too far away wait in the delay queue, not unacked here.
+        // Messages due too far away wait in the delay queue, not unacked here; one held
+        // unleased for longer than the hold limit (released again and again while the
+        // replayer's breaker stays open) goes back to its queue, so no delivery is held
+        // towards the broker's `consumer_timeout`, which would close the channel and
+        // end every lease on it.
         let far: Vec<MessageId> = st
             .held
             .iter()
             .filter(|(_, h)| {
                 matches!(h.state, HeldState::Scheduled(nb)
-                    if nb.duration_since(now).is_ok_and(|d| d > self.hold_limit))
+                if nb.duration_since(now).is_ok_and(|wait| {
+                    wait > self.hold_limit
+                        || (!wait.is_zero() && h.received.elapsed() > self.hold_limit)
+                }))
             })
             .map(|(&id, _)| id)
             .collect();

@@ -208,6 +208,49 @@ async fn callers_behind_an_unreachable_broker_share_one_connect() {
     retry!(q.enqueue(crate::suite::envelope("after")).await);
 }
 
+/// A delivery released again and again (the replayer's breaker stays open) is not held
+/// for ever towards the broker's `consumer_timeout` (which closes the channel, ending
+/// every lease on it): once held without a lease for longer than the hold limit, a
+/// lease that finds it not due puts it back in its queue, uncounted, and it comes back
+/// when due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_held_past_the_hold_limit_goes_back_to_its_queue() {
+    let (q, _purge) = make(options().with_hold_limit(Duration::from_millis(300)));
+    q.enqueue(crate::suite::envelope("held")).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let t0 = crate::suite::at(0);
+    let leased = q.lease(1, lease_for, t0).await.unwrap();
+    q.release(leased[0].token, t0 + Duration::from_millis(200))
+        .await
+        .unwrap();
+    let ready = || async {
+        let ch = q.channel().await.unwrap();
+        ch.queue_declare(
+            q.queues()[0],
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+    };
+    assert_eq!(ready().await, 0, "held here, unacked");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let early = t0 + Duration::from_millis(100);
+    assert!(q.lease(1, lease_for, early).await.unwrap().is_empty());
+    assert_eq!(ready().await, 1, "back in its queue");
+    let again = q
+        .lease(1, lease_for, t0 + Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.attempts, 1, "the release was not counted");
+    q.ack(&[again[0].token]).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_client_reads_the_message_and_its_headers() {
     let (q, _purge) = make(options());
