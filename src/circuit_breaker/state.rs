@@ -947,14 +947,18 @@ impl Breaker {
             self.not_permitted.store(0, Relaxed);
         }
         let generation = (generation(cur) + 1) & GEN_MASK;
+        let clear = reset || matches!(to, CLOSED | METRICS_ONLY);
+        // Cleared before the new generation is published (its first calls must not
+        // judge the old window: the failures that opened the breaker would open it
+        // again), and again after: an outcome of the old generation that checked the
+        // word before the store and was recorded during the first sweep is swept by
+        // the second. Outcomes of the new generation recorded in between may be swept
+        // too: a few calls uncounted, never an old one counted.
+        if clear {
+            self.clear_window();
+        }
         self.word.store(pack(generation, to, avail), Release);
-        // Cleared once the new generation is published: an outcome admitted before it
-        // that checks the word from now on is dropped, so only one that checked just
-        // before can still land in the fresh window (clearing first left it the whole
-        // sweep of the window to land in). Outcomes of the new generation recorded
-        // during the sweep may be swept too: a few calls uncounted, never an old one
-        // counted.
-        if reset || matches!(to, CLOSED | METRICS_ONLY) {
+        if clear {
             self.clear_window();
         }
         // Under the lock: two transitions on two threads set the gauge in their order.
@@ -1064,7 +1068,16 @@ impl Breaker {
                 window,
                 minimum_calls,
                 ..
-            } => (window.totals(|| self.window_ns(now)), 0, *minimum_calls),
+            } => {
+                let t = window.totals(|| self.window_ns(now));
+                // Reading the totals may have moved calls out of a time window (and
+                // the outcome recorded next will not see them leave): below the
+                // minimum now, successes are evaluated again.
+                if t.calls < *minimum_calls && !self.below_minimum.load(Relaxed) {
+                    self.below_minimum.store(true, Relaxed);
+                }
+                (t, 0, *minimum_calls)
+            }
             Trip::Consecutive { count, .. } => (Totals::default(), count.load(Relaxed), 1),
         };
         Metrics {

@@ -17,9 +17,10 @@ use std::task::{Context, Poll, ready};
 /// key (a client bug), answered `422` instead of with the first request's response.
 ///
 /// If the handler did not read the whole body (it answered from the head alone: a
-/// `415` for the content type, a `400` for the query), the fingerprint is of the head
-/// only, with `body_len` [`HEAD_ONLY`](Self::HEAD_ONLY): repeats are compared by method,
-/// path and query and content type, not by body.
+/// `415` for the content type, a `400` for the query), or a frame of it came in more
+/// than 64 pieces to hash, the fingerprint is of the head only, with `body_len`
+/// [`HEAD_ONLY`](Self::HEAD_ONLY): repeats are compared by method, path and query and
+/// content type, not by body.
 /// The hash is stable across processes, builds and platforms, so instances sharing a
 /// store compare each other's fingerprints; it is not a cryptographic hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -228,6 +228,9 @@ struct Cooldown {
     until: Option<Instant>,
     wait: Duration,
     last_error: String,
+    /// The failure was a backend error (the queues' declaration refused), not the
+    /// broker out of reach: refused calls say so too.
+    backend: bool,
 }
 
 impl Cooldown {
@@ -239,26 +242,30 @@ impl Cooldown {
             until: None,
             wait: Self::FIRST,
             last_error: String::new(),
+            backend: false,
         }
     }
 
     /// The error for a call made during the cooldown, if it is on.
     fn refuse(&self, now: Instant) -> Option<QueueError> {
         let until = self.until.filter(|&u| now < u)?;
-        Some(QueueError::Unavailable(
-            format!(
-                "amqp: not connected ({}); next connect in {:?}",
-                self.last_error,
-                until - now
-            )
-            .into(),
-        ))
+        let message = format!(
+            "amqp: not connected ({}); next connect in {:?}",
+            self.last_error,
+            until - now
+        );
+        Some(if self.backend {
+            QueueError::Backend(message.into())
+        } else {
+            QueueError::Unavailable(message.into())
+        })
     }
 
     fn failed(&mut self, now: Instant, error: &QueueError) {
         self.until = Some(now + self.wait);
         self.wait = (self.wait * 2).min(Self::MAX);
         self.last_error = error.to_string();
+        self.backend = matches!(error, QueueError::Backend(_));
     }
 
     fn connected(&mut self) {
@@ -878,12 +885,21 @@ impl Inner {
             })
             .map(|(&id, _)| id)
             .collect();
+        // A main queue that hands one back is full: the others bound for it stay held
+        // for this lease (each would cost a round trip to be handed back too).
+        let mut main_full = false;
         for id in far {
+            let to_main = st.held.get(&id).is_some_and(|h| {
+                matches!(h.state, HeldState::Scheduled(nb)
+                    if nb.duration_since(now).is_ok_and(|wait| wait <= self.hold_limit))
+            });
+            if main_full && to_main {
+                continue;
+            }
             if let Some(h) = st.held.remove(&id) {
-                // Only the main queue hands a delivery back, and these go to the delay
-                // queue; held again all the same if it ever does.
                 match self.park(&ch, epoch, h, now).await? {
                     Some(h) => {
+                        main_full = true;
                         st.held.insert(id, h);
                     }
                     None => {

@@ -559,6 +559,8 @@ impl Inner {
     /// taken out meanwhile (a settle in progress) are not put back.
     fn forget_held(&self, held: &mut BTreeMap<MessageId, Held>) {
         held.clear();
+        // The consumer (or the stream) is new: what was moved before counts for nothing.
+        self.lock_moved().clear();
         self.consumer_epoch.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -1037,7 +1039,11 @@ impl Inner {
             let h = held.remove(&id).expect("listed from held");
             let copied = self.publish_copy(&h, &h.envelope, "m").await;
             let settled = match copied {
-                Ok(_) => h.msg.double_ack().await.map_err(|e| e.to_string()),
+                Ok(_) => {
+                    // A copy is behind now, whatever becomes of the ack.
+                    self.lock_moved().insert(id, Instant::now());
+                    h.msg.double_ack().await.map_err(|e| e.to_string())
+                }
                 // Settled elsewhere meanwhile (module docs): not ours to hold.
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
                 Err(e) => Err(e.to_string()),
@@ -1049,7 +1055,6 @@ impl Inner {
                 held.insert(id, h);
                 break;
             }
-            self.lock_moved().insert(id, Instant::now());
             moved += 1;
         }
         if moved > 0 {
