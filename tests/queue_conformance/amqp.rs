@@ -48,6 +48,23 @@ crate::conformance!(|| make(options()), |capacity| make(
     options().with_capacity(capacity)
 ));
 
+/// The messages ready in the queue's main queue, as the broker counts them (not the
+/// deliveries held unacked).
+async fn ready_in_main_queue(q: &AmqpQueue) -> u32 {
+    let ch = q.channel().await.unwrap();
+    ch.queue_declare(
+        q.queues()[0],
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
 fn via(proxy: &Proxy) -> AmqpOptions {
     let url = options().url();
     let target = host_port(&url);
@@ -223,25 +240,11 @@ async fn a_delivery_held_past_the_hold_limit_goes_back_to_its_queue() {
     q.release(leased[0].token, t0 + Duration::from_millis(200))
         .await
         .unwrap();
-    let ready = || async {
-        let ch = q.channel().await.unwrap();
-        ch.queue_declare(
-            q.queues()[0],
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
-    };
-    assert_eq!(ready().await, 0, "held here, unacked");
+    assert_eq!(ready_in_main_queue(&q).await, 0, "held here, unacked");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let early = t0 + Duration::from_millis(100);
     assert!(q.lease(1, lease_for, early).await.unwrap().is_empty());
-    assert_eq!(ready().await, 1, "back in its queue");
+    assert_eq!(ready_in_main_queue(&q).await, 1, "back in its queue");
     let again = q
         .lease(1, lease_for, t0 + Duration::from_millis(200))
         .await
@@ -409,19 +412,7 @@ async fn retry_later_into_a_full_queue_keeps_the_delivery_scheduled() {
         .await
         .unwrap();
     // No copy went over the capacity: the main queue still holds `other` alone.
-    let ch = q.channel().await.unwrap();
-    let main = ch
-        .queue_declare(
-            q.queues()[0],
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(main.message_count(), 1);
+    assert_eq!(ready_in_main_queue(&q).await, 1);
     let early = q.lease(10, lease_for, crate::suite::at(59)).await.unwrap();
     let ids: Vec<_> = early.iter().map(|l| l.envelope.id).collect();
     assert_eq!(ids, vec![other], "leased again before its not-before");
