@@ -161,21 +161,20 @@ pub(crate) mod http_codec {
         if method == Method::CONNECT {
             return true;
         }
-        let listed = |name: http::HeaderName, token: &str| {
-            headers
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|t| t.trim().eq_ignore_ascii_case(token))
-        };
-        let switching = headers
-            .get_all(http::header::UPGRADE)
-            .iter()
+        let switching = tokens(headers, http::header::UPGRADE)
+            .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"));
+        switching
+            && tokens(headers, http::header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"))
+    }
+
+    /// The comma-separated tokens of every `name` header, trimmed.
+    fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+        headers
+            .get_all(name)
+            .into_iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|p| !p.trim().is_empty() && !p.trim().eq_ignore_ascii_case("h2c"));
-        switching && listed(http::header::CONNECTION, "upgrade")
+            .map(str::trim)
     }
 
     /// Sets the idempotency key header.
@@ -204,12 +203,8 @@ pub(crate) mod http_codec {
             .unwrap_or_default();
         // Headers the `connection` header names are hop-by-hop too (RFC 9110 §7.6.1).
         let nominated = |name: &HeaderName| {
-            headers
-                .get_all(http::header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+            tokens(headers, http::header::CONNECTION)
+                .any(|token| token.eq_ignore_ascii_case(name.as_str()))
         };
         let headers = headers
             .iter()
