@@ -56,9 +56,10 @@ impl<St> IdempotencyLayer<St> {
         Ok(self)
     }
 
-    /// How long a claim lasts: duplicates wait at most this long for the first request,
-    /// and a claim not completed by then (a crashed or hung handler) is given to the
-    /// next request. Keep it above the handler's timeout.
+    /// How long a claim lasts: a claim not completed by then (a crashed or hung handler)
+    /// is given to the next request. A duplicate waits at most this long in all for the
+    /// key (however often it is claimed again), then is answered `409 Conflict`. Keep it
+    /// above the handler's timeout.
     ///
     /// # Errors
     /// A zero duration is a [`ConfigError`].

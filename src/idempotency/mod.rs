@@ -12,7 +12,9 @@
 //!   without calling the handler, with the header [`REPLAYED_HEADER`]
 //!   (`idempotent-replayed: true`);
 //! * a duplicate arriving while the first runs **waits** for it (it does not run the
-//!   handler twice), then gets the same answer;
+//!   handler twice), then gets the same answer; one still waiting `lock_for` after it
+//!   came (the key claimed again and again by failing attempts) is answered
+//!   `409 Conflict` ("Request in progress", as the IETF draft advises);
 //! * a repeat that is **not the same request** — another query, content type or body
 //!   under a key already used (a client bug) — is answered `422 Unprocessable Content`
 //!   (`application/problem+json`, "Idempotency-Key is already used", as the IETF

@@ -193,6 +193,10 @@ where
 {
     let head = Hasher::of_head(&req);
     let mut ready = true;
+    // A duplicate waits for the key at most `lock_for` in all, however often it comes
+    // free and is claimed again by another duplicate (a handler that keeps failing),
+    // then is answered `409` as the IETF draft says for a request still in progress.
+    let mut wait_until: Option<tokio::time::Instant> = None;
     let (token, claim_ends) = loop {
         // When the claim expires and a duplicate may take the key over (reckoned from
         // before the claim was asked for, so never later than the store's own expiry).
@@ -245,7 +249,33 @@ where
                     svc = svc.clone();
                     ready = false;
                 }
-                store.wait(&key).await;
+                let until = *wait_until.get_or_insert_with(|| {
+                    crate::clock::later(tokio::time::Instant::now(), config.lock_for)
+                });
+                // A wait that ends with the key (completed, released, or its claim
+                // expired) is followed by a claim even at the bound: a hung first
+                // request's claim ends then for a duplicate that came at once.
+                let waited = if tokio::time::Instant::now() >= until {
+                    false
+                } else if tokio::runtime::Handle::try_current().is_ok() {
+                    tokio::time::timeout_at(until, store.wait(&key))
+                        .await
+                        .is_ok()
+                } else {
+                    store.wait(&key).await; // no timer: checked on the next round
+                    true
+                };
+                if !waited {
+                    tracing::debug!(%key, "duplicate waited its whole bound for the key");
+                    metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "in_progress")
+                        .increment(1);
+                    return Ok(problem(
+                        StatusCode::CONFLICT,
+                        "Request in progress",
+                        "A request with this Idempotency-Key is still in progress; retry \
+                         later with the same key.",
+                    ));
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, %key, "idempotency store failed; running the handler");

@@ -2316,6 +2316,67 @@ async fn without_the_body_read_repeats_are_compared_by_their_heads() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// A duplicate waits for its key at most `lock_for` in all, however often the key comes
+/// free and another duplicate claims it (a handler that keeps failing): then it is
+/// answered `409 Conflict`, as the IETF draft says for a request still in progress,
+/// instead of waiting round after round.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_waits_at_most_lock_for_in_all() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let failing = service_fn(move |_req: Served| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            Ok::<_, std::convert::Infallible>(respond(503, "busy"))
+        }
+    });
+    let svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(10))
+        .unwrap()
+        .layer(failing);
+    let (a, b, c) = tokio::join!(
+        svc.clone().oneshot(keyed("k")),
+        svc.clone().oneshot(keyed("k")),
+        svc.clone().oneshot(keyed("k")),
+    );
+    let mut statuses = [a, b, c].map(|r| r.unwrap().status().as_u16());
+    statuses.sort_unstable();
+    assert_eq!(statuses, [409, 503, 503]);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A duplicate that came at the same instant as a request whose handler hangs takes the
+/// key over when the claim ends, though its own wait is up then too: the bound stops
+/// waiting for a key that keeps being claimed, not the claim after a hung one.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_from_the_same_instant_takes_over_a_hung_claim() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let handler = service_fn(move |_req: Served| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, std::convert::Infallible>(respond(201, "order"))
+        }
+    });
+    let svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(5))
+        .unwrap()
+        .layer(handler);
+    let hung = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    tokio::task::yield_now().await; // the spawned request claims the key first
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let started = tokio::time::Instant::now();
+    let res = svc.oneshot(keyed("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    hung.abort();
+}
+
 #[tokio::test(start_paused = true)]
 async fn concurrent_duplicates_run_the_handler_once() {
     let calls = Arc::new(AtomicUsize::new(0));
