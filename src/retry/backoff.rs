@@ -243,7 +243,7 @@ impl Backoff {
 }
 
 /// `d × unit` for `unit` in `[0, 1]`, never above `d`.
-fn scale(d: Duration, unit: f64) -> Duration {
+pub(crate) fn scale(d: Duration, unit: f64) -> Duration {
     // (`d` itself when the product does not fit a `Duration`: `unit` is at most 1.)
     Duration::try_from_secs_f64(d.as_secs_f64() * unit).map_or(d, |s| s.min(d))
 }

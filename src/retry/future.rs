@@ -178,7 +178,7 @@ where
                     if let Err(e) = ready!(this.service.poll_ready(cx)) {
                         return Poll::Ready(Err(e));
                     }
-                    *this.attempt += 1;
+                    *this.attempt = this.attempt.saturating_add(1);
                     let last = *this.attempt > this.policy.max_retries;
                     let req = if last {
                         this.request.take()
@@ -241,7 +241,7 @@ fn retry_delay<C, R, H: OnRetry>(
         }
     };
     let event = RetryEvent {
-        attempt: attempt + 1,
+        attempt: attempt.saturating_add(1),
         delay,
         reason: *class,
     };
@@ -310,7 +310,20 @@ fn decide<C, R, H>(
         if hint > policy.max_retry_after {
             return Err(GiveUp::HintTooLong(hint));
         }
-        delay = delay.max(hint);
+        let at_least = delay.max(hint);
+        // Callers told the same instant (one breaker's break, one rate-limit reset)
+        // would all come back at once: a jittering policy spreads them over up to half
+        // the hint more (as Envoy does), at most its backoff cap — never earlier.
+        let spread = super::backoff::scale((hint / 2).min(policy.backoff.max_delay()), unit);
+        delay = at_least.max(hint.saturating_add(spread));
+        if let Some(deadline) = deadline
+            && delay > at_least
+            && Instant::now()
+                .checked_add(delay)
+                .is_none_or(|next| next >= deadline)
+        {
+            delay = at_least; // the spread must not cost the retry
+        }
     }
     // The call's deadline passes before the next attempt could start: return this
     // outcome now rather than a `DeadlineExceeded` later.

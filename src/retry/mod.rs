@@ -13,7 +13,10 @@
 //!   (`Retry-After` in seconds or as an HTTP-date, `grpc-retry-pushback-ms`, an open
 //!   breaker's [`Open::retry_after`](crate::circuit_breaker::error::Open::retry_after))
 //!   replaces the backoff when it is longer, rounded **up** to the millisecond so the
-//!   retry is never early. A hint above [`max_retry_after`](RetryBuilder::max_retry_after)
+//!   retry is never early. A jittering backoff adds a random share of up to half the
+//!   hint (at most its `max_delay`; Envoy waits 1–1.5× the hint), so callers told the
+//!   same instant do not all come back at once — unless that would pass the call's
+//!   deadline. A hint above [`max_retry_after`](RetryBuilder::max_retry_after)
 //!   (60 s by default) ends the retries at once.
 //! * **Budget**: a [`RetryBudget`] shared by every service of a layer (and by any layer
 //!   given a clone of it) bounds retries to a share of recent first attempts plus a floor
@@ -39,6 +42,7 @@
 //! | server hint above `max_retry_after` | last outcome, at once | `retry_after_too_long` |
 //! | budget spent | last outcome | `budget_exhausted` |
 //! | the next try would start at or after the call's deadline (a `CallDeadline` on an HTTP request; the backoff is checked, not a wait for readiness after it) | last outcome, at once | `deadline` |
+//! | the inner service fails its readiness before the retry (a closed connection) | that readiness error, not the last outcome (a retry was already counted) | — |
 //!
 //! # Telemetry
 //! `tracing`: a `debug` event for every failed attempt that is retried (attempt number,

@@ -233,7 +233,10 @@ mod http_requests {
         }
 
         fn is_retry_safe(&self, req: &Request<B>) -> bool {
+            // A key this policy added makes the request retryable whatever the rule:
+            // a custom rule need not know about keys.
             self.safe(req.method(), req.headers())
+                || (self.generate_key && idempotency_key::has_idempotency_key(req.headers()))
         }
 
         fn after_attempt(&self, req: &Request<B>, class: &Classification) {

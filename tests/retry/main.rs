@@ -186,6 +186,81 @@ proptest! {
     }
 }
 
+/// Callers told to come back at the same instant (one `Retry-After`) are spread over
+/// up to half the hint more when the backoff jitters — never earlier than the hint —
+/// and come back exactly at it when it does not.
+#[tokio::test(start_paused = true)]
+async fn a_jittering_policy_spreads_retries_past_a_shared_retry_after() {
+    async fn first_delay(seed: u64, jitter: Jitter) -> Duration {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hook = {
+            let seen = seen.clone();
+            move |e: &RetryEvent| seen.lock().unwrap().push(e.delay())
+        };
+        let layer = RetryLayer::http()
+            .max_retries(1)
+            .backoff(Backoff::exponential(100 * MS).with_jitter(jitter))
+            .rng(postbox::retry::JitterRng::seeded(seed))
+            .on_retry(hook)
+            .no_budget()
+            .build()
+            .unwrap();
+        let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
+        take_request(&mut handle)
+            .1
+            .send_response(status(429, Some("4")));
+        assert_pending!(fut.poll());
+        seen.lock().unwrap()[0]
+    }
+    let mut spread = Vec::new();
+    for seed in 0..32 {
+        let d = first_delay(seed, Jitter::Full).await;
+        assert!(
+            d >= Duration::from_secs(4) && d <= Duration::from_secs(6),
+            "{d:?} outside [4 s, 6 s]"
+        );
+        spread.push(d);
+    }
+    spread.sort_unstable();
+    spread.dedup();
+    assert!(spread.len() > 16, "not spread: {spread:?}");
+    assert!(spread.iter().any(|d| *d > Duration::from_secs(5)));
+    for seed in 0..4 {
+        assert_eq!(
+            first_delay(seed, Jitter::None).await,
+            Duration::from_secs(4)
+        );
+    }
+}
+
+/// The spread past a hint never costs a retry that the hint alone leaves time for.
+#[tokio::test(start_paused = true)]
+async fn the_spread_past_a_retry_after_gives_way_to_the_deadline() {
+    let layer = RetryLayer::http()
+        .max_retries(1)
+        .backoff(Backoff::exponential(100 * MS).with_jitter(Jitter::Full))
+        .rng(postbox::retry::JitterRng::seeded(7))
+        .no_budget()
+        .build()
+        .unwrap();
+    for _ in 0..8 {
+        let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(4100);
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(with_deadline(deadline)));
+        take_request(&mut handle)
+            .1
+            .send_response(status(429, Some("4")));
+        assert_pending!(fut.poll());
+        advance(Duration::from_millis(4099)).await;
+        assert_pending!(fut.poll());
+        take_request(&mut handle).1.send_response(status(200, None));
+        assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn seeded_jitter_is_deterministic_and_within_bounds() {
     async fn delays(seed: u64) -> Vec<Duration> {
@@ -445,6 +520,30 @@ async fn a_generated_key_makes_a_post_retryable_and_is_sent_on_every_attempt() {
     assert!(get.headers().get(IDEMPOTENCY_KEY).is_none());
     send.send_response(status(200, None));
     assert_ready_ok!(fut.poll());
+}
+
+/// A custom retry-safety rule that knows nothing of keys: the key the policy generated
+/// still makes a `POST` retryable, as `generate_idempotency_key` promises.
+#[tokio::test(start_paused = true)]
+async fn a_generated_key_makes_a_post_retryable_under_a_custom_rule() {
+    let layer = http_layer(
+        HttpRequests::new()
+            .retry_safe_if(|m, _| m.is_idempotent())
+            .generate_idempotency_key(true),
+    );
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
+    let (first, send) = take_request(&mut handle);
+    let key = first.headers()[IDEMPOTENCY_KEY].clone();
+    send.send_response(status(503, None));
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll());
+    let (second, send) = take_request(&mut handle);
+    assert_eq!(second.headers()[IDEMPOTENCY_KEY], key);
+    send.send_response(status(201, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::CREATED);
 }
 
 #[tokio::test(start_paused = true)]
