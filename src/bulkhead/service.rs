@@ -236,12 +236,13 @@ where
         loop {
             match &mut self.state {
                 State::Ready(_) => return self.inner.poll_ready(cx).map_err(Into::into),
-                // Checked again: a permit freed since the rejection is taken, rather
-                // than failing a call that fits (a cache of ready services polls
-                // again before it calls).
+                // Polled again, a rejection is not kept: admission runs afresh, so a
+                // permit or a waiting slot freed since is taken rather than failing a
+                // call that fits (a cache of ready services polls again before it
+                // calls).
                 State::Rejected(_) => match self.shared.try_acquire() {
                     Some(permit) => self.state = State::Ready(permit),
-                    None => return Poll::Ready(Ok(())),
+                    None => self.state = State::Empty,
                 },
                 State::Empty => match self.shared.try_acquire() {
                     Some(permit) => self.state = State::Ready(permit),
@@ -249,6 +250,7 @@ where
                         None => {
                             let full = self.shared.full();
                             self.reject(full);
+                            return Poll::Ready(Ok(()));
                         }
                         Some(slot) => {
                             let timer = self
@@ -275,7 +277,7 @@ where
                         let waited = self.shared.max_wait.unwrap_or_default();
                         let full = self.shared.full().after_waiting(waited);
                         self.reject(full);
-                        continue;
+                        return Poll::Ready(Ok(()));
                     }
                     return Poll::Pending;
                 }

@@ -191,6 +191,32 @@ async fn a_rejected_service_takes_a_permit_freed_before_its_next_poll_ready() {
     assert_eq!(handle.next_request().await.unwrap().0, 1);
 }
 
+/// A service rejected because the waiting slots were taken waits in one freed since
+/// when it is polled again, instead of failing with its stale rejection.
+#[tokio::test(start_paused = true)]
+async fn a_rejected_service_waits_in_a_slot_freed_before_its_next_poll_ready() {
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(1)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (mut c, mut handle) = callers(&layer, 3);
+    assert_ready_ok!(c[0].poll_ready());
+    let mut f0 = tokio_test::task::spawn(c[0].call(0));
+    assert_pending!(c[1].poll_ready()); // waits
+    assert_ready_ok!(c[2].poll_ready()); // no slot: ready to reject
+    drop(c.remove(1)); // the waiter leaves; its slot is free
+    assert_pending!(c[1].poll_ready(), "waits in the freed slot");
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(0);
+    assert_ready_ok!(f0.poll());
+    assert_ready_ok!(c[1].poll_ready());
+    let mut f2 = tokio_test::task::spawn(c[1].call(2));
+    assert_pending!(f2.poll());
+    assert_eq!(handle.next_request().await.unwrap().0, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn backpressure_waits_as_long_as_it_takes() {
     let layer = BulkheadLayer::builder()
