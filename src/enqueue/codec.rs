@@ -232,9 +232,33 @@ pub(crate) mod http_codec {
         let mut req = Request::new(BufferedBody::full(env.body.clone()));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
+        // Never sent without a key the receiver can de-duplicate on: an envelope from
+        // another producer with a blank key, or one no header can carry, is sent with
+        // its message id, as stable across its deliveries (and what `Envelope::new`
+        // sets).
+        let key = HeaderValue::from_str(&env.idempotency_key)
+            .ok()
+            .filter(|_| crate::enqueue::clock::usable_key(&env.idempotency_key))
+            .unwrap_or_else(|| {
+                tracing::debug!(id = %env.id, "unusable idempotency key; sent with the message id");
+                HeaderValue::from_str(&env.id.to_string()).expect("a message id is a header value")
+            });
+        // Filtered again: an envelope from another producer (or an older version) may
+        // carry hop-by-hop or stale deadline headers a replay must not send.
+        let nominated: Vec<String> = env
+            .headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect();
         let headers = req.headers_mut();
         for (name, value) in &env.headers {
             let name = HeaderName::from_bytes(name.as_bytes())?;
+            if SKIPPED.contains(&name.as_str()) || nominated.iter().any(|t| t == name.as_str()) {
+                continue;
+            }
             let mut value = HeaderValue::from_bytes(value)?;
             // A stored value loses the flag: credentials get it back.
             if crate::queue::envelope::is_credential(name.as_str()) {
@@ -242,7 +266,7 @@ pub(crate) mod http_codec {
             }
             headers.append(name, value);
         }
-        set_key(headers, &env.idempotency_key);
+        headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), key);
         Ok(req)
     }
 

@@ -288,11 +288,12 @@ impl ReplayConfig {
     }
 
     /// How long one replay may run from its lease: the lease less a margin (a tenth of
-    /// the lease, at least `ack_interval`; so at least half the lease), so that its
-    /// verdict is settled while the lease still holds and the message is never leased
-    /// again, and replayed twice at once, while it runs.
+    /// the lease for the queue's round trip, plus `ack_interval`, the most its ack may
+    /// wait for a batch; so at least two fifths of the lease), so that its verdict is
+    /// settled while the lease still holds and the message is never leased again, and
+    /// replayed twice at once, while it runs.
     fn replay_limit(&self) -> Duration {
-        let margin = (self.lease_for / 10).max(self.ack_interval);
+        let margin = (self.lease_for / 10).saturating_add(self.ack_interval);
         self.lease_for.saturating_sub(margin)
     }
 
@@ -415,12 +416,12 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
     /// How long a lease lasts (default 60 s): a message not settled by then returns
     /// to pending.
     ///
-    /// A replay still running when a tenth of the lease is left (or `ack_interval`,
-    /// if longer) is cut off: a retryable failure, counted, once it was called (it may
+    /// A replay still running when a tenth of the lease plus `ack_interval` is left is
+    /// cut off: a retryable failure, counted, once it was called (it may
     /// have reached the dependency); uncounted, like a rejection, if the service was
     /// still not ready. So the lease never runs out under a running replay, and a
     /// message is never replayed twice at once. Keep the service's deadline under 90%
-    /// of the lease (less `ack_interval`, if that is longer than a tenth of the lease).
+    /// of the lease less `ack_interval`.
     pub fn lease_for(mut self, d: Duration) -> Self {
         self.config.lease_for = d;
         self
@@ -791,9 +792,16 @@ where
     /// leases of the rest.
     async fn drain(&mut self) {
         let deadline = later(Instant::now(), self.config.grace);
+        self.flush().await;
         while !self.tasks.is_empty() {
             tokio::select! {
-                Some(joined) = self.tasks.join_next_with_id() => self.settle(joined).await,
+                // Acked at once, not batched: a replay that ended just before the
+                // shutdown may have little of its lease left, and the grace period
+                // may outlast it.
+                Some(joined) = self.tasks.join_next_with_id() => {
+                    self.settle(joined).await;
+                    self.flush().await;
+                }
                 () = sleep_until(deadline) => break,
             }
         }
@@ -1215,8 +1223,9 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().field(), "replay.concurrency");
     }
 
-    /// An `ack_interval` over half the lease would leave a replay less than half its
-    /// lease to run (or none): refused. At half, a replay gets half the lease.
+    /// An `ack_interval` over half the lease would leave a replay little of its lease to
+    /// run (or none): refused. At half, a replay gets two fifths of the lease (a tenth
+    /// and the ack interval are kept for settling).
     #[test]
     fn an_ack_interval_over_half_the_lease_is_an_error() {
         let c = |ms| ReplayConfig {
@@ -1229,7 +1238,7 @@ mod tests {
             "replay.ack_interval"
         );
         assert!(c(500).validate().is_ok());
-        assert_eq!(c(500).replay_limit(), Duration::from_millis(500));
-        assert_eq!(c(10).replay_limit(), Duration::from_millis(900));
+        assert_eq!(c(500).replay_limit(), Duration::from_millis(400));
+        assert_eq!(c(10).replay_limit(), Duration::from_millis(890));
     }
 }

@@ -1097,6 +1097,49 @@ async fn replayer_dead_letters_a_client_error_at_once() {
     assert!(dead[0].reason.contains("422"), "{}", dead[0].reason);
 }
 
+/// An envelope from another producer (or an older version) is replayed without the
+/// hop-by-hop, length and stale deadline headers it carries, and with a key the
+/// receiver can de-duplicate on (its message id) when its own is blank.
+#[tokio::test(start_paused = true)]
+async fn a_foreign_envelope_is_replayed_without_hop_by_hop_headers_and_with_a_key() {
+    let queue = Arc::new(MemoryQueue::new());
+    let mut env = Envelope::new(
+        "api.test",
+        "POST",
+        "http://api.test/orders",
+        Bytes::from_static(b"{}"),
+        DeferReason::CircuitOpen,
+    );
+    env.not_before = SystemTime::UNIX_EPOCH;
+    env.idempotency_key = " ".into();
+    env.headers = [
+        ("connection", "x-hop"),
+        ("x-hop", "1"),
+        ("content-length", "999"),
+        ("transfer-encoding", "chunked"),
+        ("postbox-timeout-ms", "5"),
+        ("x-kept", "yes"),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_owned(), Bytes::from_static(v.as_bytes())))
+    .collect();
+    let id = queue.enqueue(env).await.unwrap().id();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let svc = service_fn(move |req: InnerReq| {
+        seen2.lock().unwrap().push(req.headers().clone());
+        async move { Ok::<_, BoxError>(respond(200, "")) }
+    });
+    let handle = Replayer::http(queue.clone(), svc).spawn().unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    handle.shutdown().await;
+    let seen = seen.lock().unwrap();
+    let names: Vec<&str> = seen[0].keys().map(|n| n.as_str()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(seen[0]["x-kept"], "yes");
+    assert_eq!(seen[0][IDEMPOTENCY_KEY_HEADER], id.to_string().as_str());
+}
+
 #[tokio::test(start_paused = true)]
 async fn replayer_dead_letters_expired_messages_without_replaying() {
     let queue = Arc::new(MemoryQueue::new());
@@ -1960,6 +2003,62 @@ async fn replayer_flushes_a_partial_ack_batch_when_the_interval_passes() {
         acks[1].1 >= Duration::from_secs(3) && acks[1].1 < Duration::from_millis(3500),
         "{acks:?}"
     );
+}
+
+/// At shutdown a delivered message is acked at once, not when the grace period ends:
+/// a replay still running could hold its ack past its lease, and it would be leased and
+/// delivered again. Replays that end during the grace period are acked as they end, not
+/// when the last one does.
+#[tokio::test(start_paused = true)]
+async fn shutdown_acks_delivered_messages_at_once_not_after_the_grace_period() {
+    let queue = Arc::new(AckRecorder::default());
+    for path in ["fast", "mid", "slow"] {
+        enqueue_raw(&queue.inner, &format!("http://api.test/{path}")).await;
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let done2 = done.clone();
+    let svc = service_fn(move |req: InnerReq| {
+        let done = done2.clone();
+        async move {
+            let wait = match req.uri().path() {
+                "/slow" => 10,
+                "/mid" => 5,
+                _ => 1,
+            };
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            done.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(respond(200, ""))
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let handle = Replayer::http(queue.clone(), svc)
+        .ack_batch(10, Duration::from_secs(5))
+        .grace(Duration::from_secs(20))
+        .spawn()
+        .unwrap();
+    eventually(|| done.load(Ordering::SeqCst) == 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        queue.acks().is_empty(),
+        "the fast one's ack waits for its batch"
+    );
+    let stopped_at = tokio::time::Instant::now() - start;
+    handle.shutdown().await;
+    let acks: Vec<(usize, Duration)> = queue
+        .acks()
+        .into_iter()
+        .map(|(n, at)| (n, at - start))
+        .collect();
+    assert_eq!(acks.len(), 3, "{acks:?}");
+    assert_eq!(acks[0], (1, stopped_at), "the fast one at the shutdown");
+    for (ack, ends) in acks[1..].iter().zip([5, 10]) {
+        let ends = Duration::from_secs(ends);
+        assert_eq!(ack.0, 1, "{acks:?}");
+        assert!(
+            ack.1 >= ends && ack.1 < ends + Duration::from_millis(100),
+            "acked as it ends: {acks:?}"
+        );
+    }
 }
 
 /// Two due messages, replayed one at a time: the first replay finds the breaker open,
