@@ -266,6 +266,13 @@ impl fmt::Debug for Pending {
 /// The response becomes [`Deferred<S::Response>`](super::Deferred), errors
 /// [`BoxError`] (a failed enqueue is [`NotEnqueued`]).
 ///
+/// # Readiness
+/// `poll_ready` is the inner service's: a readiness error (a closed `Buffer`, a
+/// `Reconnect` that cannot connect) comes before any request and is returned as it
+/// is, not deferred. Layers that turn callers away (a breaker, a bulkhead) do it in
+/// `call`, so those are deferred. The HTTP flavour, which needs a `Clone` inner
+/// service, readies a clone per call and defers readiness errors too.
+///
 /// # Clone
 /// Clones share the queue, classifier, codec and config.
 ///

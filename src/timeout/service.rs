@@ -151,6 +151,14 @@ impl<Req> Propagate<Req> for NoPropagation {
 /// [`DeadlineExceeded`] without calling the inner service. See the
 /// [module docs](super) for propagation.
 ///
+/// The deadline starts at `call`: a wait for the inner service's readiness before it
+/// (a bulkhead with [`backpressure`](crate::bulkhead::BulkheadBuilder::backpressure))
+/// is not bounded by it; give such a wait its own bound (`max_wait`). A call failed
+/// that way leaves what the inner `poll_ready` reserved (a bulkhead permit) with the
+/// service until it is called again or dropped, as with any unused readiness: a
+/// service used once per request (a clone, as axum and `oneshot` do) gives it back at
+/// once.
+///
 /// # Cancel safety
 /// Dropping the response future drops the inner future and the timer.
 #[derive(Debug, Clone)]
