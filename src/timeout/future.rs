@@ -113,6 +113,13 @@ impl<F> ResponseFuture<F> {
             state: Timed::running(inner, Some(at), timeout),
         }
     }
+
+    /// Fails with `error` without an attempt (the call's deadline had passed).
+    pub(crate) fn expired(error: DeadlineExceeded) -> Self {
+        Self {
+            state: Timed::Expired { error: Some(error) },
+        }
+    }
 }
 
 impl<F, T, E> Future for ResponseFuture<F>
@@ -124,7 +131,14 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match ready!(self.project().state.poll_timed(cx)) {
+        let mut state = self.project().state;
+        if let TimedProj::Expired { error } = state.as_mut().project() {
+            let e = error
+                .take()
+                .expect("timeout future polled after completion");
+            return Poll::Ready(Err(e.into()));
+        }
+        match ready!(state.poll_timed(cx)) {
             Ok(out) => Poll::Ready(out.map_err(Into::into)),
             Err(after) => {
                 tracing::debug!(?after, "attempt timed out");

@@ -14,7 +14,9 @@ use tower_service::Service;
 /// the attempt's own end — its timeout, or the call's deadline if sooner — is what the
 /// request carries to the next hop (`grpc-timeout`, `postbox-timeout-ms`, the
 /// [`CallDeadline`] extension), so the server stops working on an attempt this side has
-/// given up on, as gRPC's per-attempt timeouts do.
+/// given up on, as gRPC's per-attempt timeouts do. An attempt whose call's deadline
+/// has already passed is not made: it fails with [`DeadlineExceeded`] (expired before
+/// the call).
 ///
 /// # Cancel safety
 /// Dropping the response future drops the inner future and the timer.
@@ -78,6 +80,12 @@ where
             .propagate
             .inbound(&req, now)
             .map_or(end, |deadline| deadline.min(end));
+        if sent <= now {
+            // The call's deadline passed before this attempt (while a retry waited for
+            // readiness): not sent with a zero timeout for the next hop to work on.
+            tracing::debug!("deadline already exceeded; attempt not made");
+            return ResponseFuture::expired(DeadlineExceeded::new(Duration::ZERO, true));
+        }
         self.propagate
             .outbound(&mut req, sent, sent.saturating_duration_since(now));
         ResponseFuture::until(self.inner.call(req), end, self.timeout)

@@ -315,6 +315,29 @@ async fn an_http_attempt_timeout_still_expires_as_elapsed() {
     assert!(find_cause::<Elapsed>(&*err).is_some(), "{err}");
 }
 
+/// An attempt whose call's deadline passed before it (a retry that waited for
+/// readiness past it) is not sent with a zero timeout: it fails with
+/// `DeadlineExceeded`, expired before the call, and the inner service is not called.
+#[tokio::test(start_paused = true)]
+async fn an_http_attempt_after_the_deadline_is_not_made() {
+    let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
+        AttemptTimeoutLayer::http(Duration::from_secs(1)).unwrap(),
+    );
+    let past = Instant::now();
+    time::advance(Duration::from_millis(5)).await;
+    let mut req = http::Request::new(());
+    req.extensions_mut().insert(CallDeadline::new(past));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(req));
+    let err = assert_ready!(fut.poll()).unwrap_err();
+    assert!(
+        find_cause::<DeadlineExceeded>(&*err)
+            .unwrap()
+            .expired_before_call()
+    );
+    assert!(handle.poll_request().is_pending(), "the attempt was sent");
+}
+
 #[tokio::test(start_paused = true)]
 async fn servers_honour_the_callers_timeout_header() {
     let layer = DeadlineLayer::with_propagation(
