@@ -231,33 +231,42 @@ mod grpc_mapping {
         /// probe.
         fn from(e: Open) -> Self {
             let mut status = Status::new(Code::Unavailable, e.to_string());
-            let ms = e.retry_after().as_millis().max(1).to_string();
-            if let Ok(v) = ms.parse() {
+            // Rounded up, as `Retry-After` is: a client honouring it is never early.
+            let ms = e.retry_after().as_nanos().div_ceil(1_000_000).max(1);
+            if let Ok(v) = ms.to_string().parse() {
                 status.metadata_mut().insert("grpc-retry-pushback-ms", v);
             }
-            status
+            with_source(status, e)
         }
     }
 
     impl From<Full> for Status {
         /// `RESOURCE_EXHAUSTED`.
         fn from(e: Full) -> Self {
-            Status::new(Code::ResourceExhausted, e.to_string())
+            with_source(Status::new(Code::ResourceExhausted, e.to_string()), e)
         }
     }
 
     impl From<Elapsed> for Status {
         /// `DEADLINE_EXCEEDED`.
         fn from(e: Elapsed) -> Self {
-            Status::new(Code::DeadlineExceeded, e.to_string())
+            with_source(Status::new(Code::DeadlineExceeded, e.to_string()), e)
         }
     }
 
     impl From<DeadlineExceeded> for Status {
         /// `DEADLINE_EXCEEDED`.
         fn from(e: DeadlineExceeded) -> Self {
-            Status::new(Code::DeadlineExceeded, e.to_string())
+            with_source(Status::new(Code::DeadlineExceeded, e.to_string()), e)
         }
+    }
+
+    /// The status with our error as its source: layers outside that classify the
+    /// `Status` (a breaker, a retry, an enqueue fallback) still find our own rejection
+    /// in it, and do not count it as the dependency's failure.
+    fn with_source(mut status: Status, e: impl Error + Send + Sync + 'static) -> Status {
+        status.set_source(std::sync::Arc::new(e));
+        status
     }
 
     impl<E: Into<crate::BoxError>> From<crate::circuit_breaker::error::Error<E>> for Status {
@@ -384,6 +393,31 @@ mod tests {
             inner.into_response().status(),
             http::StatusCode::GATEWAY_TIMEOUT
         );
+    }
+
+    /// A status made from our own error keeps it as its source, so a layer outside that
+    /// classifies the `Status` still sees our rejection, not the dependency's failure;
+    /// the pushback is rounded up, never early.
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_status_from_our_error_keeps_it_as_its_source_and_rounds_pushback_up() {
+        use crate::classify::{Class, classify_error};
+        let status = to_status(&Outer(Open::new(Duration::from_micros(299_700)).into()));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            "300"
+        );
+        let err: BoxError = status.into();
+        assert!(is_caused_by::<Open>(&*err));
+        assert_eq!(classify_error(&*err).class(), Class::Ignored);
+        let full: BoxError = tonic::Status::from(Full::new(1, 0)).into();
+        assert_eq!(classify_error(&*full).class(), Class::Ignored);
+        let before: BoxError =
+            tonic::Status::from(DeadlineExceeded::new(Duration::ZERO, true)).into();
+        assert!(!classify_error(&*before).may_have_taken_effect());
+        let elapsed: BoxError = tonic::Status::from(Elapsed::new(Duration::from_secs(1))).into();
+        assert!(is_caused_by::<Elapsed>(&*elapsed));
     }
 
     /// A `NotEnqueued` for a retryable `503` answer that met a full queue, and one

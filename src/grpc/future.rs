@@ -251,7 +251,12 @@ fn finish<B, H: OnGrpcStatus>(
     );
     hook.on_grpc_status(&outcome);
     parts.extensions.insert(outcome);
-    if code == Some(GrpcCode::Ok) {
+    // Two messages or more: a server stream not named `stream_through`. tonic stops at
+    // a status in the headers, so promoting it would drop the messages the caller was
+    // sent: they are kept, with the status in the trailers (the outcome still goes to
+    // the hook and the extensions; layers reading the headers see a success). A unary
+    // answer has at most one message, which tonic ignores under a non-OK status.
+    if code == Some(GrpcCode::Ok) || (code.is_some() && messages(&data) > 1) {
         return Response::from_parts(parts, GrpcStatusBody::buffered(data, trailers));
     }
     match trailers {
@@ -277,6 +282,25 @@ fn finish<B, H: OnGrpcStatus>(
     }
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, GrpcStatusBody::empty())
+}
+
+/// How many whole length-prefixed gRPC messages `data` holds (a flag byte and a 32-bit
+/// big-endian length before each), counting no further than two.
+fn messages(data: &[u8]) -> usize {
+    let mut at = 0usize;
+    let mut n = 0;
+    while n < 2 && data.len().saturating_sub(at) >= 5 {
+        let len = u32::from_be_bytes([data[at + 1], data[at + 2], data[at + 3], data[at + 4]]);
+        let Some(end) = (at + 5)
+            .checked_add(len as usize)
+            .filter(|&e| e <= data.len())
+        else {
+            break;
+        };
+        at = end;
+        n += 1;
+    }
+    n
 }
 
 #[cfg(test)]
@@ -339,6 +363,36 @@ mod tests {
             outcome.classification().retry_after(),
             Some(std::time::Duration::from_millis(20))
         );
+    }
+
+    /// A server stream not named `stream_through` that sent messages before its error
+    /// keeps them (tonic would stop at a status in the headers and drop them), with the
+    /// status in the trailers and the outcome still reported.
+    #[tokio::test]
+    async fn a_stream_that_sent_messages_before_its_error_keeps_them() {
+        const TWO: &[u8] = b"\0\0\0\0\x01a\0\0\0\0\x01b";
+        let t = trailers(&[("grpc-status", "14")]);
+        let (parts, data, kept, _) = call(GrpcStatusLayer::new(), TWO, Some(t)).await;
+        assert!(parts.headers.get("grpc-status").is_none(), "promoted");
+        assert_eq!(&data[..], TWO);
+        assert_eq!(kept.unwrap()["grpc-status"], "14");
+        let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+        assert_eq!(outcome.code(), GrpcCode::Unavailable);
+        // One message is a unary answer's: promoted as before.
+        let t = trailers(&[("grpc-status", "14")]);
+        let (parts, data, _, _) = call(GrpcStatusLayer::new(), &TWO[..6], Some(t)).await;
+        assert_eq!(parts.headers["grpc-status"], "14");
+        assert!(data.is_empty());
+    }
+
+    #[test]
+    fn messages_counts_whole_length_prefixed_frames() {
+        assert_eq!(messages(b""), 0);
+        assert_eq!(messages(b"msg"), 0);
+        assert_eq!(messages(b"\0\0\0\0\x01a"), 1);
+        assert_eq!(messages(b"\0\0\0\0\x01a\0\0\0\0\x05ab"), 1, "a cut frame");
+        assert_eq!(messages(b"\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0"), 2);
+        assert_eq!(messages(b"\0\xff\xff\xff\xff"), 0);
     }
 
     #[tokio::test]

@@ -24,6 +24,10 @@
 //!   client reads it as the same `Status` it would have read from the trailers;
 //! * **OK**: the response keeps its body and trailers, now held in memory
 //!   ([`GrpcStatusBody::is_buffered`]); the provisional success above is final;
+//! * **non-OK after two messages or more** (a server stream not named below): kept
+//!   as it came, the status in the trailers — tonic would stop at a status in the
+//!   headers and drop the messages. The layers above see a success; the
+//!   [`GrpcOutcome`] in the extensions and the hook have the status;
 //! * **longer than the limit**: the response is returned once the limit is passed and
 //!   streamed through; its status is known only when the stream ends, too late for a
 //!   retry, so it is classified then and reported to the [`OnGrpcStatus`] hook;
@@ -53,8 +57,12 @@
 //! client returns as is (an open breaker → `UNAVAILABLE` with `grpc-retry-pushback-ms`,
 //! not `UNKNOWN`). gRPC calls are all `POST`s: a retry needs the request body
 //! replayable ([`BufferBodyLayer`](crate::http::body::BufferBodyLayer)) and to be told
-//! which methods are safe to repeat ([`GrpcRequests`]). The `tonic_client` example
-//! builds this stack.
+//! which methods are safe to repeat ([`GrpcRequests`]). Name every client-streaming
+//! and bidirectional method with the buffer's
+//! [`stream_through`](crate::http::body::BufferBodyLayer::stream_through) (its request
+//! body is a stream that may wait for answers: it must not be read first), and every
+//! server-streaming and bidirectional one with [`GrpcStatusLayer::stream_through`].
+//! The `tonic_client` example builds this stack.
 //!
 //! # Example
 //! ```
@@ -160,26 +168,7 @@ impl<F: Fn(&GrpcOutcome)> OnGrpcStatus for F {
     }
 }
 
-/// Whether a request to `path` calls a method `pattern` names: `/package.Service/Method`,
-/// or `/package.Service/*` for every method of the service (the leading `/` may be left
-/// out). Compared with the path's last two segments, so a channel whose origin has a
-/// path prefix still matches, and `/pkg.Svc/*` does not match `/pkg.SvcAdmin/…`. Any
-/// other pattern ending in `*` matches those two segments by prefix.
-pub(crate) fn names_method(pattern: &str, path: &str) -> bool {
-    let pattern = pattern.strip_prefix('/').unwrap_or(pattern);
-    let Some(method_at) = path.rfind('/') else {
-        return false;
-    };
-    let service_at = path[..method_at].rfind('/').map_or(0, |i| i + 1);
-    let tail = &path[service_at..]; // "package.Service/Method"
-    if let Some(service) = pattern.strip_suffix("/*") {
-        return &path[service_at..method_at] == service;
-    }
-    match pattern.strip_suffix('*') {
-        Some(prefix) => tail.starts_with(prefix),
-        None => tail == pattern,
-    }
-}
+pub(crate) use crate::http::names_method;
 
 #[cfg(test)]
 mod tests {

@@ -62,6 +62,7 @@ use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -403,8 +404,22 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Buffered { data, pos, .. } => {
-                SizeHint::with_exact(if *pos == 0 { data.len() as u64 } else { 0 })
+            // Not exact with trailers: hyper would send an exact length as
+            // `content-length` on HTTP/1.1, where trailers need chunked encoding (it
+            // drops them without a word).
+            Kind::Buffered {
+                data,
+                pos,
+                trailers,
+            } => {
+                let left = if *pos == 0 { data.len() as u64 } else { 0 };
+                if trailers.is_some() && *pos < 2 {
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(left);
+                    hint
+                } else {
+                    SizeHint::with_exact(left)
+                }
             }
             Kind::Streaming {
                 prefix,
@@ -432,9 +447,10 @@ where
 
 /// Buffers request bodies of at most `limit` bytes so they can be replayed; see the
 /// [module docs](self).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BufferBodyLayer {
     limit: usize,
+    stream_through: Option<Arc<[String]>>,
 }
 
 // === impl BufferBodyLayer ===
@@ -442,7 +458,24 @@ pub struct BufferBodyLayer {
 impl BufferBodyLayer {
     /// Buffers bodies of up to `limit` bytes (0 buffers only empty bodies).
     pub const fn new(limit: usize) -> Self {
-        Self { limit }
+        Self {
+            limit,
+            stream_through: None,
+        }
+    }
+
+    /// Never reads the request bodies of `path` (`/package.Service/Method`, or
+    /// `/package.Service/*` for every method of a gRPC service) first: they are sent at
+    /// once, streaming, not replayable (so sent once).
+    ///
+    /// Name every client-streaming and bidirectional gRPC method here: a stream that
+    /// sends a small message and waits for the answer before the next never ends and
+    /// stays under the limit, so its call would never be made.
+    pub fn stream_through(mut self, path: impl Into<String>) -> Self {
+        let mut paths = self.stream_through.as_deref().unwrap_or_default().to_vec();
+        paths.push(path.into());
+        self.stream_through = Some(paths.into());
+        self
     }
 
     /// The limit, in bytes.
@@ -458,6 +491,7 @@ impl<S> Layer<S> for BufferBodyLayer {
         BufferBody {
             inner,
             limit: self.limit,
+            stream_through: self.stream_through.clone(),
         }
     }
 }
@@ -480,6 +514,7 @@ impl<S> Layer<S> for BufferBodyLayer {
 pub struct BufferBody<S> {
     inner: S,
     limit: usize,
+    stream_through: Option<Arc<[String]>>,
 }
 
 // === impl BufferBody ===
@@ -535,8 +570,12 @@ where
             trailers: None,
             limit: self.limit,
         };
-        if hint.lower() > self.limit as u64 {
-            // Known to be too large: do not read it at all.
+        let streams = self.stream_through.as_deref().is_some_and(|paths| {
+            let path = collect.parts.uri.path();
+            paths.iter().any(|p| super::names_method(p, path))
+        });
+        if streams || hint.lower() > self.limit as u64 {
+            // A stream, or known to be too large: do not read it at all.
             let (service, req) = collect.finish_streaming(None, None);
             return ResponseFuture::readying(service, req);
         }
@@ -793,6 +832,63 @@ mod tests {
             .await;
         assert_eq!(other.unwrap(), "done", "the upload held the bulkhead");
         tokio_test::assert_pending!(upload.poll());
+    }
+
+    /// A buffered body with trailers does not claim an exact length (hyper would send
+    /// it with `content-length` on HTTP/1.1 and drop the trailers); one without does.
+    #[test]
+    fn a_buffered_body_with_trailers_has_no_exact_size() {
+        let data = Bytes::from_static(b"abc");
+        let plain = ReplayBody::<Full<Bytes>>::buffered(data.clone(), None);
+        assert_eq!(plain.size_hint().exact(), Some(3));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "1".parse().unwrap());
+        let with = ReplayBody::<Full<Bytes>>::buffered(data, Some(trailers));
+        assert_eq!(with.size_hint().exact(), None);
+        assert_eq!(with.size_hint().lower(), 3);
+    }
+
+    /// A request body that sends one message, then waits (a bidirectional stream
+    /// waiting for the answer to its first message).
+    struct OneThenWait(Option<Bytes>);
+
+    impl Body for OneThenWait {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            match self.0.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    /// A streaming method named with `stream_through` is called at once, its body
+    /// streamed and not replayable; another method's body is read first (and this one
+    /// would never end).
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_through_method_is_called_without_reading_its_body() {
+        use tower::{Layer, ServiceExt};
+        let inner = tower::service_fn(|req: Request<ReplayBody<OneThenWait>>| async move {
+            Ok::<_, BoxError>(req.body().is_replayable())
+        });
+        let layer = BufferBodyLayer::new(64 * 1024).stream_through("/chat.Chat/Talk");
+        let svc = layer.layer(inner);
+        let talk = Request::post("/chat.Chat/Talk")
+            .body(OneThenWait(Some(Bytes::from_static(b"hi"))))
+            .unwrap();
+        let called =
+            tokio::time::timeout(std::time::Duration::from_secs(1), svc.clone().oneshot(talk));
+        assert!(!called.await.expect("never called").unwrap(), "replayable");
+        let other = Request::post("/chat.Chat/Other")
+            .body(OneThenWait(Some(Bytes::from_static(b"hi"))))
+            .unwrap();
+        let mut other = tokio_test::task::spawn(svc.oneshot(other));
+        tokio_test::assert_pending!(other.poll());
     }
 
     async fn run<B>(limit: usize, body: B) -> (Captured, Bytes)

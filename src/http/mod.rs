@@ -36,3 +36,24 @@ pub mod reqwest;
 mod respond;
 
 pub use self::respond::{ErrorResponse, ErrorResponseLayer};
+
+/// Whether a request to `path` calls a method `pattern` names: `/package.Service/Method`,
+/// or `/package.Service/*` for every method of the service (the leading `/` may be left
+/// out). Compared with the path's last two segments, so a channel whose origin has a
+/// path prefix still matches, and `/pkg.Svc/*` does not match `/pkg.SvcAdmin/…`. Any
+/// other pattern ending in `*` matches those two segments by prefix.
+pub(crate) fn names_method(pattern: &str, path: &str) -> bool {
+    let pattern = pattern.strip_prefix('/').unwrap_or(pattern);
+    let Some(method_at) = path.rfind('/') else {
+        return false;
+    };
+    let service_at = path[..method_at].rfind('/').map_or(0, |i| i + 1);
+    let tail = &path[service_at..]; // "package.Service/Method"
+    if let Some(service) = pattern.strip_suffix("/*") {
+        return &path[service_at..method_at] == service;
+    }
+    match pattern.strip_suffix('*') {
+        Some(prefix) => tail.starts_with(prefix),
+        None => tail == pattern,
+    }
+}
