@@ -21,9 +21,15 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format of a file, from its extension.
+    /// The format of a file, from its extension (in any case: `stack.YAML` too).
     pub fn from_path(path: impl AsRef<Path>) -> Option<Self> {
-        match path.as_ref().extension()?.to_str()? {
+        match path
+            .as_ref()
+            .extension()?
+            .to_str()?
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "toml" => Some(Self::Toml),
             "yaml" | "yml" => Some(Self::Yaml),
             "json" => Some(Self::Json),
@@ -614,6 +620,20 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_files_format_is_read_from_its_extension_in_any_case() {
+        for (path, format) in [
+            ("stack.toml", Some(Format::Toml)),
+            ("stack.YAML", Some(Format::Yaml)),
+            ("dir/stack.Yml", Some(Format::Yaml)),
+            ("stack.JSON", Some(Format::Json)),
+            ("stack.ini", None),
+            ("stack", None),
+        ] {
+            assert_eq!(Format::from_path(path), format, "{path}");
+        }
+    }
 
     #[test]
     fn merge_replaces_a_table_whose_type_changes() {

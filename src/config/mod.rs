@@ -34,6 +34,9 @@
 //! | `retry.max_retries × retry.backoff.max_delay ≤ deadline` | `client.retry.backoff.max_delay` |
 //! | a client bulkhead that lets callers wait (`max_waiting > 0`) sets `max_wait ≤ deadline` (it waits before the deadline's timer starts) | `client.bulkhead.max_wait` |
 //! | `enqueue.sync_methods` are upper-case (methods are case-sensitive: `"get"` would keep no `GET` synchronous) | `client.enqueue.sync_methods` |
+//! | `enqueue.sync_routes` are paths: each starts with `/` and has no query or fragment (`"payments"` would keep nothing synchronous, `""` every route) | `client.enqueue.sync_routes` |
+//! | a bulkhead's `max_wait` is set only with `max_waiting > 0` (it bounds nothing otherwise) | `client.bulkhead.max_wait`, `server.bulkhead.max_wait` |
+//! | `preset` names a preset of its section (so a rendered config loads back) | `client.preset`, `server.preset` |
 //! | the server's `idempotency.lock_for ≥ deadline` (a claim outlives the handler) | `server.idempotency.lock_for` |
 //! | the server's bulkhead fails fast (`max_waiting = 0`) | `server.bulkhead.max_waiting` |
 //!
@@ -607,6 +610,22 @@ impl ClientConfig {
                 ),
             ));
         }
+        if let Some(r) = self
+            .enqueue
+            .sync_routes
+            .iter()
+            .find(|r| !r.starts_with('/') || r.contains(['?', '#']))
+        {
+            return Err(ConfigError::new(
+                f("enqueue.sync_routes"),
+                format!(
+                    "{r:?} is not a route: a route is a path, starting with `/`, without a \
+                     query or fragment (it would keep nothing synchronous, or \"\" every route)"
+                ),
+            ));
+        }
+        wait_needs_waiting(&self.bulkhead, f("bulkhead.max_wait"))?;
+        known_preset(self.preset.as_deref(), "client", f("preset"))?;
         let waits = self
             .retry
             .backoff
@@ -629,6 +648,31 @@ impl ClientConfig {
         }
         Ok(())
     }
+}
+
+/// A section's `preset`, if set, names a preset of that `kind`: a config rendered from
+/// it must load back.
+fn known_preset(preset: Option<&str>, kind: &str, field: String) -> Result<(), ConfigError> {
+    match preset {
+        Some(name) if !PRESETS.contains(&(name, kind)) => Err(ConfigError::new(
+            field,
+            format!("names an unknown {kind} preset `{name}`"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A bulkhead's `max_wait` is set only where callers may wait (`max_waiting > 0`): it
+/// would bound nothing.
+fn wait_needs_waiting(b: &BulkheadConfig, field: String) -> Result<(), ConfigError> {
+    if b.max_waiting == 0 && b.max_wait.is_some() {
+        return Err(ConfigError::new(
+            field,
+            "has no effect while `max_waiting` is 0 (callers find no waiting slot and are \
+             rejected at once): set `max_waiting`, or leave `max_wait` out",
+        ));
+    }
+    Ok(())
 }
 
 // === impl ServerConfig ===
@@ -679,6 +723,8 @@ impl ServerConfig {
                  a quick 503 with Retry-After beats a pile-up)",
             ));
         }
+        wait_needs_waiting(&self.bulkhead, f("bulkhead.max_wait"))?;
+        known_preset(self.preset.as_deref(), "server", f("preset"))?;
         if self.idempotency.capacity == 0 {
             return Err(ConfigError::new(
                 f("idempotency.capacity"),
@@ -794,6 +840,43 @@ mod tests {
             s.validate().unwrap_err().field(),
             "server.idempotency.lock_for"
         );
+    }
+
+    /// Values that would be silently ignored, or that would not load back once
+    /// rendered, are refused with their field.
+    #[test]
+    fn values_that_would_do_nothing_are_refused() {
+        for route in ["payments", "", "/pay?x=1", "/pay#top"] {
+            let mut c = ClientConfig::standard_http_client();
+            c.enqueue.sync_routes = vec!["/ok".into(), route.into()];
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field(), "client.enqueue.sync_routes", "{route:?}");
+        }
+        let mut c = ClientConfig::standard_http_client();
+        c.enqueue.sync_routes = vec!["/payments".into()];
+        c.validate().unwrap();
+
+        let mut c = ClientConfig::standard_http_client();
+        c.bulkhead.max_wait = Some(Duration::from_millis(200));
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            "client.bulkhead.max_wait"
+        );
+        c.bulkhead.max_waiting = 8;
+        c.validate().unwrap();
+        let mut s = ServerConfig::server();
+        s.bulkhead.max_wait = Some(Duration::from_millis(200));
+        assert_eq!(
+            s.validate().unwrap_err().field(),
+            "server.bulkhead.max_wait"
+        );
+
+        let mut c = ClientConfig::standard_http_client();
+        c.preset = Some("server".into());
+        assert_eq!(c.validate().unwrap_err().field(), "client.preset");
+        let mut s = ServerConfig::server();
+        s.preset = Some("standard-server".into());
+        assert_eq!(s.validate().unwrap_err().field(), "server.preset");
     }
 
     #[test]
