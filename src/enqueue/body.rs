@@ -173,8 +173,17 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Full { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            Kind::Full { data, trailers } => {
+                let left = data.as_ref().map_or(0, |d| d.len() as u64);
+                // Not exact with trailers to come: hyper would send an exact length as
+                // `content-length` on HTTP/1.1 and drop the trailers.
+                if trailers.is_some() {
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(left);
+                    hint
+                } else {
+                    SizeHint::with_exact(left)
+                }
             }
             Kind::Failed { .. } => SizeHint::default(),
             Kind::Streaming { prefix, rest } => {
@@ -311,6 +320,18 @@ mod tests {
         assert_eq!(body.as_bytes().unwrap(), "hello");
         let got = body.collect().await.unwrap().to_bytes();
         assert_eq!(got, "hello");
+    }
+
+    /// With trailers the size is not exact: hyper would send `content-length` on
+    /// HTTP/1.1 and drop them (a replayed gRPC answer's status).
+    #[test]
+    fn a_full_body_with_trailers_has_no_exact_size() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let body: BufferedBody<http_body_util::Empty<Bytes>> =
+            BufferedBody::full_with_trailers("hello", Some(trailers));
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), 5);
     }
 
     #[test]

@@ -205,6 +205,19 @@ mod http_judge {
                         reason: format!("redirected with {status} to {to}, not followed"),
                     };
                 }
+                // A `409` with a `Retry-After` is a conflict that ends (the
+                // idempotency layer's "request in progress" for this key): retried.
+                if status == StatusCode::CONFLICT
+                    && let Some(after) = crate::classify::http::retry_after(
+                        res.headers(),
+                        std::time::SystemTime::now(),
+                    )
+                {
+                    return Verdict::Retry {
+                        after: Some(after),
+                        reason: format!("answered {status} (in progress)"),
+                    };
+                }
                 if !c.is_retryable() && res.status().is_client_error() {
                     return Verdict::Permanent {
                         reason: format!("rejected with {}", res.status()),

@@ -256,7 +256,22 @@ fn finish<B, H: OnGrpcStatus>(
     // sent: they are kept, with the status in the trailers (the outcome still goes to
     // the hook and the extensions; layers reading the headers see a success). A unary
     // answer has at most one message, which tonic ignores under a non-OK status.
-    if code == Some(GrpcCode::Ok) || (code.is_some() && messages(&data) > 1) {
+    if code == Some(GrpcCode::Ok) {
+        return Response::from_parts(parts, GrpcStatusBody::buffered(data, trailers));
+    }
+    if messages(&data) > 1 {
+        let trailers = if code.is_some() {
+            trailers
+        } else {
+            // The stand-in `UNKNOWN` goes where the missing status would have been.
+            let mut t = trailers.unwrap_or_default();
+            t.insert("grpc-status", HeaderValue::from_static("2"));
+            t.insert(
+                "grpc-message",
+                HeaderValue::from_static("missing%20grpc-status"),
+            );
+            Some(t)
+        };
         return Response::from_parts(parts, GrpcStatusBody::buffered(data, trailers));
     }
     match trailers {
@@ -378,6 +393,11 @@ mod tests {
         assert_eq!(kept.unwrap()["grpc-status"], "14");
         let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
         assert_eq!(outcome.code(), GrpcCode::Unavailable);
+        // Without a status at all: kept too, the stand-in `UNKNOWN` in the trailers.
+        let (parts, data, kept, _) = call(GrpcStatusLayer::new(), TWO, None).await;
+        assert!(parts.headers.get("grpc-status").is_none(), "promoted");
+        assert_eq!(&data[..], TWO);
+        assert_eq!(kept.unwrap()["grpc-status"], "2");
         // One message is a unary answer's: promoted as before.
         let t = trailers(&[("grpc-status", "14")]);
         let (parts, data, _, _) = call(GrpcStatusLayer::new(), &TWO[..6], Some(t)).await;

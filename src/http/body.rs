@@ -464,9 +464,11 @@ impl BufferBodyLayer {
         }
     }
 
-    /// Never reads the request bodies of `path` (`/package.Service/Method`, or
-    /// `/package.Service/*` for every method of a gRPC service) first: they are sent at
-    /// once, streaming, not replayable (so sent once).
+    /// Never reads the request bodies of the gRPC method `path` (`/package.Service/Method`,
+    /// or `/package.Service/*` for every method of a service; matched against the
+    /// path's last two segments, as `GrpcStatusLayer::stream_through` is — not a plain
+    /// HTTP route) first: they are sent at once, streaming, not replayable (so sent
+    /// once).
     ///
     /// Name every client-streaming and bidirectional gRPC method here: a stream that
     /// sends a small message and waits for the answer before the next never ends and

@@ -197,6 +197,8 @@ where
     // free and is claimed again by another duplicate (a handler that keeps failing),
     // then is answered `409` as the IETF draft says for a request still in progress.
     let mut wait_until: Option<tokio::time::Instant> = None;
+    // Set once the bound is reached: one more claim, then `409`.
+    let mut last_claim = false;
     let (token, claim_ends) = loop {
         // When the claim expires and a duplicate may take the key over (reckoned from
         // before the claim was asked for, so never later than the store's own expiry).
@@ -252,9 +254,25 @@ where
                 let until = *wait_until.get_or_insert_with(|| {
                     crate::clock::later(tokio::time::Instant::now(), config.lock_for)
                 });
-                // A wait that ends with the key (completed, released, or its claim
-                // expired) is followed by a claim even at the bound: a hung first
-                // request's claim ends then for a duplicate that came at once.
+                // At the bound the key is claimed once more before answering: a hung
+                // first request's claim ends then for a duplicate that came at once
+                // (and a polling store's wait may have slept past it).
+                if last_claim {
+                    tracing::debug!(%key, "duplicate waited its whole bound for the key");
+                    metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "in_progress")
+                        .increment(1);
+                    let mut res = problem(
+                        StatusCode::CONFLICT,
+                        "Request in progress",
+                        "A request with this Idempotency-Key is still in progress; retry \
+                         later with the same key.",
+                    );
+                    // Says "later", not "never": the replayer retries a `409` that
+                    // carries it instead of dead-lettering the message.
+                    res.headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return Ok(res);
+                }
                 let waited = if tokio::time::Instant::now() >= until {
                     false
                 } else if tokio::runtime::Handle::try_current().is_ok() {
@@ -265,17 +283,7 @@ where
                     store.wait(&key).await; // no timer: checked on the next round
                     true
                 };
-                if !waited {
-                    tracing::debug!(%key, "duplicate waited its whole bound for the key");
-                    metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "in_progress")
-                        .increment(1);
-                    return Ok(problem(
-                        StatusCode::CONFLICT,
-                        "Request in progress",
-                        "A request with this Idempotency-Key is still in progress; retry \
-                         later with the same key.",
-                    ));
-                }
+                last_claim = !waited;
             }
             Err(e) => {
                 tracing::warn!(error = %e, %key, "idempotency store failed; running the handler");

@@ -315,7 +315,8 @@ fn decide<C, R, H>(
         // would all come back at once: a jittering policy spreads them over up to half
         // the hint more (as Envoy does), at most its backoff cap — never earlier.
         let spread = super::backoff::scale((hint / 2).min(policy.backoff.max_delay()), unit);
-        delay = at_least.max(hint.saturating_add(spread));
+        // Never past the longest wait for a hint that is allowed.
+        delay = at_least.max(hint.saturating_add(spread).min(policy.max_retry_after));
         if let Some(deadline) = deadline
             && delay > at_least
             && Instant::now()

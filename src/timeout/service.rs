@@ -84,6 +84,12 @@ where
             // The call's deadline passed before this attempt (while a retry waited for
             // readiness): not sent with a zero timeout for the next hop to work on.
             tracing::debug!("deadline already exceeded; attempt not made");
+            metrics::counter!(
+                "postbox_calls_total",
+                "layer" => "attempt_timeout",
+                "outcome" => "deadline_exceeded"
+            )
+            .increment(1);
             return ResponseFuture::expired(DeadlineExceeded::new(Duration::ZERO, true));
         }
         self.propagate

@@ -2439,7 +2439,10 @@ async fn a_duplicate_waits_at_most_lock_for_in_all() {
         svc.clone().oneshot(keyed("k")),
         svc.clone().oneshot(keyed("k")),
     );
-    let mut statuses = [a, b, c].map(|r| r.unwrap().status().as_u16());
+    let responses = [a, b, c].map(Result::unwrap);
+    let conflict = responses.iter().find(|r| r.status() == 409).expect("a 409");
+    assert_eq!(conflict.headers()[http::header::RETRY_AFTER], "1");
+    let mut statuses = responses.map(|r| r.status().as_u16());
     statuses.sort_unstable();
     assert_eq!(statuses, [409, 503, 503]);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -2567,6 +2570,62 @@ impl IdempotencyStore for Polling {
     fn release(&self, key: &str, token: ClaimToken) {
         self.0.release(key, token);
     }
+}
+
+/// With a store that polls (the trait's default `wait`, every 50 ms), a duplicate whose
+/// last poll sleeps past its bound still takes over the hung claim that ended before:
+/// the key is claimed once more before the `409`.
+#[tokio::test(start_paused = true)]
+async fn a_polling_store_still_lets_a_duplicate_take_over_a_hung_claim() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let handler = service_fn(move |_req: Served| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, std::convert::Infallible>(respond(201, "order"))
+        }
+    });
+    let store = Arc::new(Polling(MemoryStore::default()));
+    let svc = IdempotencyLayer::with_store(store)
+        .lock_for(Duration::from_millis(5020))
+        .unwrap()
+        .layer(handler);
+    let hung = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Polls at 10 ms + 50 ms × n: 5010 ms (claimed), then 5060 ms, past the bound
+    // (5030 ms); the claim ended at 5020 ms.
+    let res = svc.oneshot(keyed("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    hung.abort();
+}
+
+/// The `409` for a duplicate that waited its whole bound carries `Retry-After`: the
+/// replayer retries it rather than dead-lettering the message.
+#[tokio::test(start_paused = true)]
+async fn an_in_progress_answer_is_retried_by_the_replayer() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/orders").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let svc = service_fn(move |_req: InnerReq| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut res = respond(if n == 0 { 409 } else { 201 }, "");
+            res.headers_mut()
+                .insert(http::header::RETRY_AFTER, "1".parse().unwrap());
+            Ok::<_, BoxError>(res)
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc).spawn().unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    let stats = handle.shutdown().await;
+    assert_eq!((stats.retried, stats.dead_lettered), (1, 0));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(start_paused = true)]

@@ -191,7 +191,7 @@ proptest! {
 /// and come back exactly at it when it does not.
 #[tokio::test(start_paused = true)]
 async fn a_jittering_policy_spreads_retries_past_a_shared_retry_after() {
-    async fn first_delay(seed: u64, jitter: Jitter) -> Duration {
+    async fn first_delay(seed: u64, jitter: Jitter, cap: Duration) -> Duration {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let hook = {
             let seen = seen.clone();
@@ -200,6 +200,7 @@ async fn a_jittering_policy_spreads_retries_past_a_shared_retry_after() {
         let layer = RetryLayer::http()
             .max_retries(1)
             .backoff(Backoff::exponential(100 * MS).with_jitter(jitter))
+            .max_retry_after(cap)
             .rng(postbox::retry::JitterRng::seeded(seed))
             .on_retry(hook)
             .no_budget()
@@ -216,7 +217,7 @@ async fn a_jittering_policy_spreads_retries_past_a_shared_retry_after() {
     }
     let mut spread = Vec::new();
     for seed in 0..32 {
-        let d = first_delay(seed, Jitter::Full).await;
+        let d = first_delay(seed, Jitter::Full, Duration::from_secs(60)).await;
         assert!(
             d >= Duration::from_secs(4) && d <= Duration::from_secs(6),
             "{d:?} outside [4 s, 6 s]"
@@ -229,9 +230,15 @@ async fn a_jittering_policy_spreads_retries_past_a_shared_retry_after() {
     assert!(spread.iter().any(|d| *d > Duration::from_secs(5)));
     for seed in 0..4 {
         assert_eq!(
-            first_delay(seed, Jitter::None).await,
+            first_delay(seed, Jitter::None, Duration::from_secs(60)).await,
             Duration::from_secs(4)
         );
+    }
+    // Never past the longest wait for a hint that is allowed.
+    let cap = Duration::from_millis(4500);
+    for seed in 0..16 {
+        let d = first_delay(seed, Jitter::Full, cap).await;
+        assert!(d >= Duration::from_secs(4) && d <= cap, "{d:?}");
     }
 }
 
