@@ -58,6 +58,18 @@ impl<F> Timed<F> {
         }
     }
 
+    /// The error of a future that failed before any call, once; `None` otherwise.
+    fn take_expired(self: Pin<&mut Self>) -> Option<DeadlineExceeded> {
+        match self.project() {
+            TimedProj::Expired { error } => Some(
+                error
+                    .take()
+                    .expect("timeout future polled after completion"),
+            ),
+            _ => None,
+        }
+    }
+
     /// Polls the inner future, then the (lazily armed) timer. On expiry the inner
     /// future is dropped at once and the budget is returned as the error.
     fn poll_timed<T, E>(
@@ -132,10 +144,7 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
-        if let TimedProj::Expired { error } = state.as_mut().project() {
-            let e = error
-                .take()
-                .expect("timeout future polled after completion");
+        if let Some(e) = state.as_mut().take_expired() {
             return Poll::Ready(Err(e.into()));
         }
         match ready!(state.poll_timed(cx)) {
@@ -176,10 +185,7 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
-        if let TimedProj::Expired { error } = state.as_mut().project() {
-            let e = error
-                .take()
-                .expect("deadline future polled after completion");
+        if let Some(e) = state.as_mut().take_expired() {
             return Poll::Ready(Err(e.into()));
         }
         match ready!(state.poll_timed(cx)) {

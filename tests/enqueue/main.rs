@@ -2127,6 +2127,24 @@ fn slow_handler(
     })
 }
 
+/// A handler whose first call never ends (hung) and whose later calls answer `201`.
+fn hangs_the_first_time(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<Served, Response = Res, Error = std::convert::Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    service_fn(move |_req: Served| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok(respond(201, "order"))
+        }
+    })
+}
+
 fn keyed(key: &str) -> Request<Full<Bytes>> {
     let mut req = post("http://shop.test/orders", "{}");
     req.headers_mut()
@@ -2454,16 +2472,7 @@ async fn a_duplicate_waits_at_most_lock_for_in_all() {
 #[tokio::test(start_paused = true)]
 async fn a_duplicate_from_the_same_instant_takes_over_a_hung_claim() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    let handler = service_fn(move |_req: Served| {
-        let n = counted.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if n == 0 {
-                std::future::pending::<()>().await;
-            }
-            Ok::<_, std::convert::Infallible>(respond(201, "order"))
-        }
-    });
+    let handler = hangs_the_first_time(calls.clone());
     let svc = IdempotencyLayer::new(100)
         .lock_for(Duration::from_secs(5))
         .unwrap()
@@ -2578,16 +2587,7 @@ impl IdempotencyStore for Polling {
 #[tokio::test(start_paused = true)]
 async fn a_polling_store_still_lets_a_duplicate_take_over_a_hung_claim() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    let handler = service_fn(move |_req: Served| {
-        let n = counted.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if n == 0 {
-                std::future::pending::<()>().await;
-            }
-            Ok::<_, std::convert::Infallible>(respond(201, "order"))
-        }
-    });
+    let handler = hangs_the_first_time(calls.clone());
     let store = Arc::new(Polling(MemoryStore::default()));
     let svc = IdempotencyLayer::with_store(store)
         .lock_for(Duration::from_millis(5020))

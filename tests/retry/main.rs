@@ -503,54 +503,36 @@ async fn a_post_without_a_key_is_not_retried_with_a_key_it_is() {
     assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::CREATED);
 }
 
+/// A generated key makes a `POST` retryable and is sent on every attempt, under the
+/// default rule and under a custom one that knows nothing of keys (as
+/// `generate_idempotency_key` promises); idempotent methods get none.
 #[tokio::test(start_paused = true)]
 async fn a_generated_key_makes_a_post_retryable_and_is_sent_on_every_attempt() {
-    let layer = http_layer(HttpRequests::new().generate_idempotency_key(true));
-    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
-    assert_ready_ok!(svc.poll_ready());
-    let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
-    let (first, send) = take_request(&mut handle);
-    let key = first.headers()[IDEMPOTENCY_KEY].clone();
-    send.send_response(status(500, None));
-    assert_pending!(fut.poll());
-    advance(10 * MS).await;
-    assert_pending!(fut.poll());
-    let (second, send) = take_request(&mut handle);
-    assert_eq!(second.headers()[IDEMPOTENCY_KEY], key);
-    send.send_response(status(200, None));
-    assert_ready_ok!(fut.poll());
+    let custom = HttpRequests::new().retry_safe_if(|m, _| m.is_idempotent());
+    for requests in [HttpRequests::new(), custom] {
+        let layer = http_layer(requests.generate_idempotency_key(true));
+        let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
+        let (first, send) = take_request(&mut handle);
+        let key = first.headers()[IDEMPOTENCY_KEY].clone();
+        send.send_response(status(503, None));
+        assert_pending!(fut.poll());
+        advance(10 * MS).await;
+        assert_pending!(fut.poll());
+        let (second, send) = take_request(&mut handle);
+        assert_eq!(second.headers()[IDEMPOTENCY_KEY], key);
+        send.send_response(status(201, None));
+        assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::CREATED);
 
-    // Idempotent methods are left alone.
-    assert_ready_ok!(svc.poll_ready());
-    let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
-    let (get, send) = take_request(&mut handle);
-    assert!(get.headers().get(IDEMPOTENCY_KEY).is_none());
-    send.send_response(status(200, None));
-    assert_ready_ok!(fut.poll());
-}
-
-/// A custom retry-safety rule that knows nothing of keys: the key the policy generated
-/// still makes a `POST` retryable, as `generate_idempotency_key` promises.
-#[tokio::test(start_paused = true)]
-async fn a_generated_key_makes_a_post_retryable_under_a_custom_rule() {
-    let layer = http_layer(
-        HttpRequests::new()
-            .retry_safe_if(|m, _| m.is_idempotent())
-            .generate_idempotency_key(true),
-    );
-    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
-    assert_ready_ok!(svc.poll_ready());
-    let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
-    let (first, send) = take_request(&mut handle);
-    let key = first.headers()[IDEMPOTENCY_KEY].clone();
-    send.send_response(status(503, None));
-    assert_pending!(fut.poll());
-    advance(10 * MS).await;
-    assert_pending!(fut.poll());
-    let (second, send) = take_request(&mut handle);
-    assert_eq!(second.headers()[IDEMPOTENCY_KEY], key);
-    send.send_response(status(201, None));
-    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::CREATED);
+        // Idempotent methods are left alone.
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
+        let (get, send) = take_request(&mut handle);
+        assert!(get.headers().get(IDEMPOTENCY_KEY).is_none());
+        send.send_response(status(200, None));
+        assert_ready_ok!(fut.poll());
+    }
 }
 
 #[tokio::test(start_paused = true)]
