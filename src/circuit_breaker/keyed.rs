@@ -40,7 +40,11 @@ where
 /// Keys HTTP requests by their authority (`host:port` of the URI, else the `Host`
 /// header, else `"-"`), as an [`http::uri::Authority`]: compared and hashed without
 /// regard to case, and taken from the URI without a copy (a clone shares its bytes), so
-/// a call allocates nothing for its key.
+/// a call to a URI's authority allocates nothing for its key.
+///
+/// The key names the breaker in logs and metrics, so userinfo (`user:password@`) is
+/// dropped from it, and the scheme's default port (`:443` for `https`, `:80` for
+/// `http`) too, so `https://api` and `https://api:443` share one breaker.
 #[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ByAuthority;
@@ -49,13 +53,37 @@ pub struct ByAuthority;
 impl<B> KeyFn<http::Request<B>, http::uri::Authority> for ByAuthority {
     fn key(&self, req: &http::Request<B>) -> http::uri::Authority {
         if let Some(a) = req.uri().authority() {
-            return a.clone();
+            return plain_authority(a, req.uri().scheme_str());
         }
         req.headers()
             .get(http::header::HOST)
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| http::uri::Authority::from_static("-"))
+            .map_or_else(
+                || http::uri::Authority::from_static("-"),
+                |a| plain_authority(&a, None),
+            )
     }
+}
+
+/// `a` without userinfo and without the default port of `scheme`: `a` itself (a clone,
+/// no copy) when it has neither.
+#[cfg(feature = "http")]
+fn plain_authority(a: &http::uri::Authority, scheme: Option<&str>) -> http::uri::Authority {
+    let default_port = match (scheme, a.port_u16()) {
+        (Some(s), Some(p)) => {
+            (s.eq_ignore_ascii_case("https") && p == 443)
+                || (s.eq_ignore_ascii_case("http") && p == 80)
+        }
+        _ => false,
+    };
+    if !default_port && !a.as_str().contains('@') {
+        return a.clone();
+    }
+    let plain = match a.port() {
+        Some(port) if !default_port => format!("{}:{port}", a.host()),
+        _ => a.host().to_owned(),
+    };
+    http::uri::Authority::try_from(plain).unwrap_or_else(|_| a.clone())
 }
 
 /// The breakers by key: SipHash with a random key per map (keys may come from
@@ -636,6 +664,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key names the breaker in logs and metrics: no userinfo in it, and one key
+    /// for a host whatever the spelling of its default port.
+    #[cfg(feature = "http")]
+    #[test]
+    fn an_authority_key_has_no_userinfo_and_no_default_port() {
+        let key = |uri: &str| {
+            let req = http::Request::get(uri).body(()).unwrap();
+            ByAuthority.key(&req).as_str().to_owned()
+        };
+        assert_eq!(key("https://svc:s3cret@api.test/x"), "api.test");
+        assert_eq!(key("https://svc@api.test:8443/x"), "api.test:8443");
+        assert_eq!(key("https://api.test:443/x"), "api.test");
+        assert_eq!(key("http://api.test:80/x"), "api.test");
+        assert_eq!(key("http://api.test:443/x"), "api.test:443");
+        assert_eq!(key("https://API.test:8443/x"), "API.test:8443");
+        let mut req = http::Request::get("/x").body(()).unwrap();
+        req.headers_mut()
+            .insert(http::header::HOST, "u:p@api.test".parse().unwrap());
+        assert_eq!(ByAuthority.key(&req).as_str(), "api.test");
+    }
     use std::hash::Hasher;
 
     /// The same bytes hash the same however they are written (one call each, or in

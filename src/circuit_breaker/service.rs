@@ -162,6 +162,20 @@ where
             !permit.is_empty(),
             "CircuitBreaker::call called before poll_ready returned Ready"
         );
+        let breaker = self.slot.breaker.breaker();
+        if !breaker.is_current(&permit) {
+            // A transition since `poll_ready` (the breaker tripped, or was forced open
+            // or reset, while the caller did other work between readiness and the
+            // call): admission is decided again, by the current state.
+            breaker.release(permit);
+            permit = match breaker.admit(&mut Now::lazy().deferring_start()) {
+                Ok(permit) => permit,
+                Err(open) => {
+                    breaker.count_rejection();
+                    return ResponseFuture::rejected(open);
+                }
+            };
+        }
         self.slot.breaker.breaker().start_call(&mut permit);
         let guard = Guard::new(self.slot.breaker.local().clone(), permit);
         ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())

@@ -679,6 +679,30 @@ async fn rejected_call_does_not_poll_inner_readiness() {
     assert_pending!(f.poll());
 }
 
+/// A service made ready before the breaker was forced open does not let its call
+/// through: `call` decides admission again when a transition came in between (a
+/// caller that does other work between `ready()` and `call`).
+#[tokio::test(start_paused = true)]
+async fn a_call_made_ready_before_a_forced_open_is_rejected() {
+    let (mut svc, mut handle, breaker) = one_failure_mock();
+    assert_ready_ok!(svc.poll_ready());
+    breaker.force_open();
+    let mut call = tokio_test::task::spawn(svc.call(()));
+    open_error(tokio_test::assert_ready!(
+        call.poll(),
+        "the inner service was called"
+    ));
+    let mut called = tokio_test::task::spawn(handle.next_request());
+    assert_pending!(called.poll(), "the inner service was called");
+    // And once closed again, a call made ready before goes through.
+    breaker.force_closed();
+    assert_ready_ok!(svc.poll_ready());
+    breaker.reset();
+    let mut call = tokio_test::task::spawn(svc.call(()));
+    assert_pending!(call.poll());
+    assert!(called.poll().is_ready(), "the call went through");
+}
+
 /// A call admitted while the inner service was not ready (waiting for a bulkhead
 /// inside) does not go through once the breaker has opened meanwhile: admission is
 /// decided again by the current state. (Before, the old admission was kept, and every
