@@ -1033,7 +1033,8 @@ async fn replayer_delivers_every_message_exactly_once_even_when_the_first_respon
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
-async fn enqueue_raw(queue: &MemoryQueue, uri: &str) -> MessageId {
+/// A `POST` of `{}` to `uri` on `api.test`, deferred with the circuit open, due at once.
+fn due_envelope(uri: &str) -> Envelope {
     let mut env = Envelope::new(
         "api.test",
         "POST",
@@ -1042,7 +1043,11 @@ async fn enqueue_raw(queue: &MemoryQueue, uri: &str) -> MessageId {
         DeferReason::CircuitOpen,
     );
     env.not_before = SystemTime::UNIX_EPOCH;
-    queue.enqueue(env).await.unwrap().id()
+    env
+}
+
+async fn enqueue_raw(queue: &MemoryQueue, uri: &str) -> MessageId {
+    queue.enqueue(due_envelope(uri)).await.unwrap().id()
 }
 
 fn counting(
@@ -1103,14 +1108,7 @@ async fn replayer_dead_letters_a_client_error_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_foreign_envelope_is_replayed_without_hop_by_hop_headers_and_with_a_key() {
     let queue = Arc::new(MemoryQueue::new());
-    let mut env = Envelope::new(
-        "api.test",
-        "POST",
-        "http://api.test/orders",
-        Bytes::from_static(b"{}"),
-        DeferReason::CircuitOpen,
-    );
-    env.not_before = SystemTime::UNIX_EPOCH;
+    let mut env = due_envelope("http://api.test/orders");
     env.idempotency_key = " ".into();
     env.headers = [
         ("connection", "x-hop"),
@@ -1728,14 +1726,7 @@ async fn replayer_waits_for_a_retry_after_hint_longer_than_its_backoff() {
 #[tokio::test(start_paused = true)]
 async fn replayer_dead_letters_at_once_a_retry_that_would_pass_the_expiry() {
     let queue = Arc::new(MemoryQueue::new());
-    let mut env = Envelope::new(
-        "api.test",
-        "POST",
-        "http://api.test/a",
-        Bytes::from_static(b"{}"),
-        DeferReason::CircuitOpen,
-    );
-    env.not_before = SystemTime::UNIX_EPOCH;
+    let mut env = due_envelope("http://api.test/a");
     // (The replayer's wall clock may drift from `SystemTime::now()` by the time other
     // paused-time tests advanced: a wide margin.)
     env.expires_at = Some(SystemTime::now() + Duration::from_secs(3600));
