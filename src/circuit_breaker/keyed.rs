@@ -44,7 +44,9 @@ where
 ///
 /// The key names the breaker in logs and metrics, so userinfo (`user:password@`) is
 /// dropped from it, and the scheme's default port (`:443` for `https`, `:80` for
-/// `http`) too, so `https://api` and `https://api:443` share one breaker.
+/// `http`) too, so `https://api` and `https://api:443` share one breaker. (A `Host`
+/// header has no scheme: its port is kept.) Name a key on the handle as it is made
+/// here: `"api"`, not `"api:443"`.
 #[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ByAuthority;
@@ -83,7 +85,8 @@ fn plain_authority(a: &http::uri::Authority, scheme: Option<&str>) -> http::uri:
         Some(port) if !default_port => format!("{}:{port}", a.host()),
         _ => a.host().to_owned(),
     };
-    http::uri::Authority::try_from(plain).unwrap_or_else(|_| a.clone())
+    // No host left (`u:pw@:443`): never the original, whose userinfo would be shown.
+    http::uri::Authority::try_from(plain).unwrap_or_else(|_| http::uri::Authority::from_static("-"))
 }
 
 /// The breakers by key: SipHash with a random key per map (keys may come from
@@ -680,6 +683,7 @@ mod tests {
         assert_eq!(key("http://api.test:80/x"), "api.test");
         assert_eq!(key("http://api.test:443/x"), "api.test:443");
         assert_eq!(key("https://API.test:8443/x"), "API.test:8443");
+        assert_eq!(key("https://u:pw@:443/x"), "-");
         let mut req = http::Request::get("/x").body(()).unwrap();
         req.headers_mut()
             .insert(http::header::HOST, "u:p@api.test".parse().unwrap());

@@ -107,6 +107,17 @@ impl HttpClassifier {
         self
     }
 
+    /// Whether a rule or the closure of this classifier decides `status` (with these
+    /// headers), rather than the defaults.
+    pub(crate) fn overrides(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        self.overrides.as_ref().is_some_and(|o| {
+            o.custom
+                .as_ref()
+                .is_some_and(|f| f(status, headers).is_some())
+                || o.rules.iter().any(|(r, _)| r.contains(&status.as_u16()))
+        })
+    }
+
     /// Classifies a status and its headers.
     pub fn classify_status(&self, status: StatusCode, headers: &HeaderMap) -> Classification {
         if let Some(o) = &self.overrides {

@@ -206,8 +206,10 @@ mod http_judge {
                     };
                 }
                 // A `409` with a `Retry-After` is a conflict that ends (the
-                // idempotency layer's "request in progress" for this key): retried.
+                // idempotency layer's "request in progress" for this key): retried,
+                // unless the classifier was told what a `409` is.
                 if status == StatusCode::CONFLICT
+                    && !self.classifier.overrides(status, res.headers())
                     && let Some(after) = crate::classify::http::retry_after(
                         res.headers(),
                         std::time::SystemTime::now(),
@@ -1155,6 +1157,38 @@ fn log_queue_error(op: &str, e: &QueueError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `409` with `Retry-After` is retried (the idempotency layer's "request in
+    /// progress"), unless the classifier was told what a `409` is; one without it is a
+    /// permanent rejection.
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_conflict_with_retry_after_is_retried_unless_classified() {
+        use crate::classify::{Classification, HttpClassifier};
+        let res = |after: Option<&str>| {
+            let mut b = http::Response::builder().status(409);
+            if let Some(a) = after {
+                b = b.header(http::header::RETRY_AFTER, a);
+            }
+            b.body(()).unwrap()
+        };
+        let judge = HttpJudge::new();
+        let with = res(Some("2"));
+        assert!(matches!(
+            judge.judge(Ok(&with)),
+            Verdict::Retry { after: Some(d), .. } if d == Duration::from_secs(2)
+        ));
+        assert!(matches!(
+            judge.judge(Ok(&res(None))),
+            Verdict::Permanent { .. }
+        ));
+        let told = HttpJudge::with_classifier(
+            HttpClassifier::new()
+                .with_status(http::StatusCode::CONFLICT, Classification::success()),
+        );
+        // As any other `4xx` the classifier does not retry: not re-sent.
+        assert!(matches!(told.judge(Ok(&with)), Verdict::Permanent { .. }));
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

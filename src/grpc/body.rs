@@ -207,8 +207,17 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Buffered { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, Bytes::len) as u64)
+            Kind::Buffered { data, trailers } => {
+                let left = data.as_ref().map_or(0, Bytes::len) as u64;
+                // Not exact with trailers to come: hyper would send an exact length as
+                // `content-length` on HTTP/1.1 (gRPC-Web) and drop the trailers.
+                if trailers.is_some() {
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(left);
+                    hint
+                } else {
+                    SizeHint::with_exact(left)
+                }
             }
             Kind::Streaming {
                 prefix,
@@ -229,5 +238,24 @@ where
                 out
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With trailers to come the size is not exact: hyper would send `content-length`
+    /// on HTTP/1.1 (gRPC-Web) and drop the trailers, the status among them.
+    #[test]
+    fn a_buffered_body_with_trailers_has_no_exact_size() {
+        let data = Bytes::from_static(b"\0\0\0\0\x01a");
+        let plain = GrpcStatusBody::<http_body_util::Empty<Bytes>>::buffered(data.clone(), None);
+        assert_eq!(plain.size_hint().exact(), Some(6));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let with = GrpcStatusBody::<http_body_util::Empty<Bytes>>::buffered(data, Some(trailers));
+        assert_eq!(with.size_hint().exact(), None);
+        assert_eq!(with.size_hint().lower(), 6);
     }
 }
