@@ -52,7 +52,9 @@ async fn create_order(State(app): State<AppState>, body: Bytes) -> Response {
             )
                 .into_response()
         }
-        Ok(res) => (res.status(), "reserved\n").into_response(),
+        Ok(res) if res.status().is_success() => (res.status(), "reserved\n").into_response(),
+        // An answer not deferred (a 4xx: the request itself was refused): passed on.
+        Ok(res) => (res.status(), "not reserved\n").into_response(),
         // Errors the fallback does not defer: their HTTP mapping (503, 504, 500).
         Err(e) => postbox::error::into_response(e),
     }

@@ -100,6 +100,10 @@ mod http_mapping {
     fn respond(status: StatusCode, retry_after: Option<Duration>, msg: String) -> Response {
         let mut res = Response::new(Body::from(msg));
         *res.status_mut() = status;
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         if let Some(d) = retry_after {
             // Whole seconds, rounded up: a client that honours it is never early.
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
@@ -363,6 +367,10 @@ mod tests {
         let res = to_response(&*err).unwrap();
         assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(res.headers()[http::header::RETRY_AFTER], "3");
+        assert_eq!(
+            res.headers()[http::header::CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
     }
 
     #[cfg(feature = "http")]
