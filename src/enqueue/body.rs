@@ -173,18 +173,10 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Full { data, trailers } => {
-                let left = data.as_ref().map_or(0, |d| d.len() as u64);
-                // Not exact with trailers to come: hyper would send an exact length as
-                // `content-length` on HTTP/1.1 and drop the trailers.
-                if trailers.is_some() {
-                    let mut hint = SizeHint::new();
-                    hint.set_lower(left);
-                    hint
-                } else {
-                    SizeHint::with_exact(left)
-                }
-            }
+            Kind::Full { data, trailers } => crate::http::body::buffered_size_hint(
+                data.as_ref().map_or(0, |d| d.len() as u64),
+                trailers.is_some(),
+            ),
             Kind::Failed { .. } => SizeHint::default(),
             Kind::Streaming { prefix, rest } => {
                 let buffered: u64 = prefix

@@ -404,23 +404,14 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            // Not exact with trailers: hyper would send an exact length as
-            // `content-length` on HTTP/1.1, where trailers need chunked encoding (it
-            // drops them without a word).
             Kind::Buffered {
                 data,
                 pos,
                 trailers,
-            } => {
-                let left = if *pos == 0 { data.len() as u64 } else { 0 };
-                if trailers.is_some() && *pos < 2 {
-                    let mut hint = SizeHint::new();
-                    hint.set_lower(left);
-                    hint
-                } else {
-                    SizeHint::with_exact(left)
-                }
-            }
+            } => buffered_size_hint(
+                if *pos == 0 { data.len() as u64 } else { 0 },
+                trailers.is_some() && *pos < 2,
+            ),
             Kind::Streaming {
                 prefix,
                 pending,
@@ -442,6 +433,20 @@ where
                 hint
             }
         }
+    }
+}
+
+/// The size hint of a buffered body with `left` bytes still to send: exact without
+/// trailers to come, only a lower bound with them — hyper sends an exact length as
+/// `content-length` on HTTP/1.1, where trailers need chunked encoding, and drops them
+/// without a word.
+pub(crate) fn buffered_size_hint(left: u64, trailers_to_come: bool) -> SizeHint {
+    if trailers_to_come {
+        let mut hint = SizeHint::new();
+        hint.set_lower(left);
+        hint
+    } else {
+        SizeHint::with_exact(left)
     }
 }
 
