@@ -177,6 +177,17 @@ pub(crate) mod http_codec {
             .map(str::trim)
     }
 
+    /// Whether a header of `headers` travels end to end, so is stored and replayed: not
+    /// one of [`SKIPPED`], nor named by their `connection` header (hop-by-hop too, RFC
+    /// 9110 §7.6.1).
+    fn end_to_end(headers: &HeaderMap) -> impl Fn(&HeaderName) -> bool + '_ {
+        move |name| {
+            !SKIPPED.contains(&name.as_str())
+                && !tokens(headers, http::header::CONNECTION)
+                    .any(|token| token.eq_ignore_ascii_case(name.as_str()))
+        }
+    }
+
     /// Sets the idempotency key header.
     pub(crate) fn set_key(headers: &mut HeaderMap, key: &str) {
         if let Ok(v) = HeaderValue::from_str(key) {
@@ -201,14 +212,10 @@ pub(crate) mod http_codec {
                     .map(str::to_owned)
             })
             .unwrap_or_default();
-        // Headers the `connection` header names are hop-by-hop too (RFC 9110 §7.6.1).
-        let nominated = |name: &HeaderName| {
-            tokens(headers, http::header::CONNECTION)
-                .any(|token| token.eq_ignore_ascii_case(name.as_str()))
-        };
+        let keep = end_to_end(headers);
         let headers = headers
             .iter()
-            .filter(|(name, _)| !SKIPPED.contains(&name.as_str()) && !nominated(name))
+            .filter(|(name, _)| keep(name))
             .map(|(name, value)| {
                 (
                     name.as_str().to_owned(),
@@ -243,28 +250,24 @@ pub(crate) mod http_codec {
                 tracing::debug!(id = %env.id, "unusable idempotency key; sent with the message id");
                 HeaderValue::from_str(&env.id.to_string()).expect("a message id is a header value")
             });
-        // Filtered again: an envelope from another producer (or an older version) may
-        // carry hop-by-hop or stale deadline headers a replay must not send.
-        let nominated: Vec<String> = env
-            .headers
-            .iter()
-            .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
-            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .collect();
         let headers = req.headers_mut();
         for (name, value) in &env.headers {
             let name = HeaderName::from_bytes(name.as_bytes())?;
-            if SKIPPED.contains(&name.as_str()) || nominated.iter().any(|t| t == name.as_str()) {
-                continue;
-            }
             let mut value = HeaderValue::from_bytes(value)?;
             // A stored value loses the flag: credentials get it back.
             if crate::queue::envelope::is_credential(name.as_str()) {
                 value.set_sensitive(true);
             }
             headers.append(name, value);
+        }
+        // Filtered again, as at capture: an envelope from another producer (or an older
+        // version) may carry hop-by-hop or stale deadline headers a replay must not send.
+        let dropped: Vec<HeaderName> = {
+            let keep = end_to_end(headers);
+            headers.keys().filter(|n| !keep(n)).cloned().collect()
+        };
+        for name in dropped {
+            headers.remove(name);
         }
         headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), key);
         Ok(req)

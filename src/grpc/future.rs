@@ -265,11 +265,7 @@ fn finish<B, H: OnGrpcStatus>(
         } else {
             // The stand-in `UNKNOWN` goes where the missing status would have been.
             let mut t = trailers.unwrap_or_default();
-            t.insert("grpc-status", HeaderValue::from_static("2"));
-            t.insert(
-                "grpc-message",
-                HeaderValue::from_static("missing%20grpc-status"),
-            );
+            stand_in_unknown(&mut t);
             Some(t)
         };
         return Response::from_parts(parts, GrpcStatusBody::buffered(data, trailers));
@@ -286,17 +282,20 @@ fn finish<B, H: OnGrpcStatus>(
             for (name, value) in other.iter().flatten() {
                 parts.headers.append(name, value.clone());
             }
-            parts
-                .headers
-                .insert("grpc-status", HeaderValue::from_static("2"));
-            parts.headers.insert(
-                "grpc-message",
-                HeaderValue::from_static("missing%20grpc-status"),
-            );
+            stand_in_unknown(&mut parts.headers);
         }
     }
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, GrpcStatusBody::empty())
+}
+
+/// Sets the `UNKNOWN` status that stands in for a missing one.
+fn stand_in_unknown(map: &mut HeaderMap) {
+    map.insert("grpc-status", HeaderValue::from_static("2"));
+    map.insert(
+        "grpc-message",
+        HeaderValue::from_static("missing%20grpc-status"),
+    );
 }
 
 /// How many whole length-prefixed gRPC messages `data` holds (a flag byte and a 32-bit
