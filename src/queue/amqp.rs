@@ -1189,6 +1189,59 @@ impl Inner {
     /// Reads dead letters on a channel of its own, then closes it so the broker puts
     /// them back in order.
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        self.walk_dead("inspected", |delivery| {
+            let Ok(envelope) = Envelope::decode(&delivery.data) else {
+                tracing::warn!(queue = %self.dead_queue, "postbox: undecodable dead letter skipped");
+                return Walk::Keep;
+            };
+            let reason = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(H_REASON).and_then(as_string))
+                .unwrap_or_default();
+            out.push(DeadLetter { envelope, reason });
+            if out.len() < max {
+                Walk::Keep
+            } else {
+                Walk::Stop
+            }
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Takes the dead letters `ids` off the dead-letter queue (acked on a channel of
+    /// its own); the others go back in order when it closes.
+    async fn discard_dead_letters(&self, ids: &[MessageId]) -> Result<u64, QueueError> {
+        let mut wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        self.walk_dead("discarded", |delivery| {
+            if !Envelope::decode(&delivery.data).is_ok_and(|e| wanted.remove(&e.id)) {
+                Walk::Keep
+            } else if wanted.is_empty() {
+                Walk::TakeAndStop
+            } else {
+                Walk::Take
+            }
+        })
+        .await
+    }
+
+    /// Gets the dead letters one by one on a channel of its own, oldest first, while
+    /// `visit` asks for more, and acks those it takes; closing the channel puts the
+    /// rest back in order. Returns how many were taken.
+    async fn walk_dead(
+        &self,
+        why: &str,
+        mut visit: impl FnMut(&lapin::message::Delivery) -> Walk,
+    ) -> Result<u64, QueueError> {
         let (_, epoch) = self.current().await?;
         let conn = {
             let link = self.link.lock().await;
@@ -1198,41 +1251,54 @@ impl Inner {
             l.conn.clone()
         };
         let ch = self.io(epoch, conn.create_channel()).await?;
-        let mut out = Vec::new();
-        let mut result = Ok(());
-        while out.len() < max {
-            let get = ch.basic_get(&self.dead_queue, BasicGetOptions { no_ack: false });
-            match tokio::time::timeout(self.timeout, get)
-                .await
-                .unwrap_or_else(|_| Err(lapin::ErrorKind::MissingHeartbeatError.into()))
-            {
-                Ok(Some(m)) => {
-                    let d = m.delivery;
-                    let Ok(envelope) = Envelope::decode(&d.data) else {
-                        tracing::warn!(queue = %self.dead_queue, "postbox: undecodable dead letter skipped");
-                        continue;
-                    };
-                    let reason = d
-                        .properties
-                        .headers()
-                        .as_ref()
-                        .and_then(|h| h.inner().get(H_REASON).and_then(as_string))
-                        .unwrap_or_default();
-                    out.push(DeadLetter { envelope, reason });
+        let mut taken = 0;
+        let result = async {
+            loop {
+                let get = ch.basic_get(&self.dead_queue, BasicGetOptions { no_ack: false });
+                let Some(m) = tokio::time::timeout(self.timeout, get)
+                    .await
+                    .unwrap_or_else(|_| Err(ErrorKind::MissingHeartbeatError.into()))?
+                else {
+                    return Ok(());
+                };
+                let walk = visit(&m.delivery);
+                if matches!(walk, Walk::Take | Walk::TakeAndStop) {
+                    tokio::time::timeout(
+                        self.timeout,
+                        m.delivery.acker.ack(BasicAckOptions::default()),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(ErrorKind::MissingHeartbeatError.into()))?;
+                    taken += 1;
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    result = Err(e);
-                    break;
+                if matches!(walk, Walk::Stop | Walk::TakeAndStop) {
+                    return Ok::<(), lapin::Error>(());
                 }
             }
         }
-        let _ = tokio::time::timeout(self.timeout, ch.close(200, "inspected")).await;
-        match result {
-            Ok(()) => Ok(out),
+        .await;
+        // The broker answers the close after the acks before it: once closed, they
+        // are applied.
+        let closed = tokio::time::timeout(self.timeout, ch.close(200, why))
+            .await
+            .unwrap_or_else(|_| Err(ErrorKind::MissingHeartbeatError.into()));
+        match result.and(if taken > 0 { closed } else { Ok(()) }) {
+            Ok(()) => Ok(taken),
             Err(e) => Err(self.fail(e, epoch).await),
         }
     }
+}
+
+/// What [`Inner::walk_dead`] does with the dead letter it got.
+enum Walk {
+    /// Leave it (it goes back at close) and get the next.
+    Keep,
+    /// Leave it and stop.
+    Stop,
+    /// Ack it (it is deleted) and get the next.
+    Take,
+    /// Ack it and stop.
+    TakeAndStop,
 }
 
 impl fmt::Debug for AmqpQueue {
@@ -1298,6 +1364,13 @@ impl Queue for AmqpQueue {
         max: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
         self.inner.dead_letters(max)
+    }
+
+    fn discard_dead_letters(
+        &self,
+        ids: &[MessageId],
+    ) -> impl Future<Output = Result<u64, QueueError>> + Send {
+        self.inner.discard_dead_letters(ids)
     }
 }
 

@@ -334,6 +334,10 @@ enum Op {
         max: usize,
         reply: Reply<Vec<DeadLetter>>,
     },
+    DiscardDead {
+        ids: Vec<Id>,
+        reply: Reply<u64>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -736,6 +740,14 @@ impl Queue for EmbeddedQueue {
         max: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
         self.call(move |reply| Op::DeadLetters { max, reply })
+    }
+
+    fn discard_dead_letters(
+        &self,
+        ids: &[MessageId],
+    ) -> impl Future<Output = Result<u64, QueueError>> + Send {
+        let ids = ids.iter().map(|&id| to_id(id)).collect();
+        self.call(move |reply| Op::DiscardDead { ids, reply })
     }
 }
 
@@ -1210,6 +1222,7 @@ fn unanswered(op: Op) -> Done {
         | Op::Close { reply } => answer(reply, never()),
         Op::Depth { reply } => answer(reply, never()),
         Op::DeadLetters { reply, .. } => answer(reply, never()),
+        Op::DiscardDead { reply, .. } => answer(reply, never()),
     }
 }
 
@@ -1306,6 +1319,10 @@ fn apply_ops(
             }
             Op::DeadLetters { max, reply } => {
                 let r = t.dead_letters(max);
+                keep_logic_error(r, |r| done.push(answer(reply, r)))?;
+            }
+            Op::DiscardDead { ids, reply } => {
+                let r = t.discard_dead(&ids);
                 keep_logic_error(r, |r| done.push(answer(reply, r)))?;
             }
             Op::Close { reply } => {
@@ -1719,6 +1736,19 @@ impl Tables<'_> {
             in_flight,
             dead: self.dead.len().map_err(redb_err)?,
         })
+    }
+
+    /// Deletes the dead letters `ids` (their reasons and their bytes).
+    fn discard_dead(&mut self, ids: &[Id]) -> Result<u64, QueueError> {
+        let mut discarded = 0;
+        for &id in ids {
+            if self.dead.remove(id).map_err(redb_err)?.is_some() {
+                self.messages.remove(id).map_err(redb_err)?;
+                self.dirty = true;
+                discarded += 1;
+            }
+        }
+        Ok(discarded)
     }
 
     /// The dead letters; one whose bytes cannot be decoded is skipped and logged (it

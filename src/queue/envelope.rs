@@ -351,6 +351,21 @@ impl Envelope {
         }
     }
 
+    /// A copy to enqueue again after it was dead-lettered (see
+    /// [`Queue::redrive_dead_letters`](super::Queue::redrive_dead_letters)): a fresh
+    /// [`MessageId::new_v7`] (so it is queued behind what is pending now), no attempts,
+    /// and everything else kept — the idempotency key, so the effect still happens at
+    /// most once; the not-before, so it is due at once; and the expiry, so a message
+    /// past it dies again instead of being sent late.
+    #[must_use]
+    pub fn redriven(self) -> Self {
+        Envelope {
+            id: MessageId::new_v7(),
+            attempts: 0,
+            ..self
+        }
+    }
+
     /// Whether the envelope can be encoded: every string, header value and the body
     /// under 4 GiB, and fewer than `u32::MAX` headers (lengths are 32-bit). The queues
     /// check it before [`encode`](Self::encode), which panics otherwise.

@@ -245,6 +245,17 @@ impl State {
         }
     }
 
+    fn discard_dead_letters(&mut self, ids: &[MessageId]) -> u64 {
+        let mut discarded = 0;
+        for id in ids {
+            if self.dead.remove(id).is_some() {
+                self.messages.remove(id);
+                discarded += 1;
+            }
+        }
+        discarded
+    }
+
     fn dead_letters(&self, max: usize) -> Vec<DeadLetter> {
         self.dead
             .iter()
@@ -313,5 +324,12 @@ impl Queue for MemoryQueue {
         max: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
         ready(Ok(self.state().dead_letters(max)))
+    }
+
+    fn discard_dead_letters(
+        &self,
+        ids: &[MessageId],
+    ) -> impl Future<Output = Result<u64, QueueError>> + Send {
+        ready(Ok(self.state().discard_dead_letters(ids)))
     }
 }

@@ -173,6 +173,11 @@ pub trait Queue: Send + Sync + 'static {
     /// acknowledged by the broker). A message whose idempotency key is already pending
     /// or in flight is not stored twice ([`Enqueued::Duplicate`]); an empty key is never
     /// de-duplicated. Once a message is acked or dead-lettered its key is free again.
+    ///
+    /// To send a dead letter again, use
+    /// [`redrive_dead_letters`](Self::redrive_dead_letters): enqueuing its envelope as
+    /// it is (same id) is not a redrive, and the memory and embedded queues answer it
+    /// [`Enqueued::Duplicate`] (the id is still stored, as a dead letter).
     fn enqueue(
         &self,
         envelope: Envelope,
@@ -235,10 +240,72 @@ pub trait Queue: Send + Sync + 'static {
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send;
 
     /// Up to `max` dead letters, oldest first (inspection; they stay stored).
+    ///
+    /// A dead letter whose stored bytes cannot be decoded is skipped (and logged); it
+    /// stays where a plain client of the backend can read it.
     fn dead_letters(
         &self,
         max: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
+
+    /// Deletes the dead letters with these ids for good (ids as
+    /// [`dead_letters`](Self::dead_letters) lists them); returns how many it deleted.
+    /// An id that is not a dead letter (deleted already, or never dead) is ignored.
+    ///
+    /// The brokers look the ids up oldest first, so deleting what `dead_letters`
+    /// returned is cheap; an id that is not there costs a scan of the dead letters.
+    fn discard_dead_letters(
+        &self,
+        ids: &[MessageId],
+    ) -> impl Future<Output = Result<u64, QueueError>> + Send;
+
+    /// Moves up to `max` dead letters, oldest first, back to pending: each is enqueued
+    /// again as a copy with a new id, its attempts at 0 and its not-before kept (it is
+    /// due at once), and its dead letter is then deleted. Returns how many were moved.
+    ///
+    /// A copy whose idempotency key is already pending or in flight is not stored twice
+    /// ([`Enqueued::Duplicate`]); its dead letter is deleted all the same, as the live
+    /// message carries the effect. If an enqueue fails (say [`QueueError::Full`]), the
+    /// dead letters moved so far are deleted and the error is returned; the rest stay
+    /// dead.
+    ///
+    /// At least once, like every delivery: a crash (or a lost reply) between the
+    /// enqueue and the delete leaves the dead letter in place, and a second redrive
+    /// enqueues it again. The idempotency key makes that harmless at a server with the
+    /// `Idempotency` layer. Two redrives run at once can likewise both move the same
+    /// dead letters.
+    fn redrive_dead_letters(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<u64, QueueError>> + Send {
+        async move {
+            let dead = self.dead_letters(max).await?;
+            let mut moved = Vec::with_capacity(dead.len());
+            let mut failed = None;
+            for DeadLetter { envelope, .. } in dead {
+                let id = envelope.id;
+                match self.enqueue(envelope.redriven()).await {
+                    Ok(_) => moved.push(id),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            let discarded = if moved.is_empty() {
+                0
+            } else {
+                self.discard_dead_letters(&moved).await?
+            };
+            if discarded > 0 {
+                tracing::info!(count = discarded, "postbox: dead letters redriven");
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(discarded),
+            }
+        }
+    }
 }
 
 /// `t + d`, or a time far in the future (year 2554, where the embedded queue's

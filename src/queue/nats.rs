@@ -1146,6 +1146,48 @@ impl Inner {
         })
     }
 
+    /// Reads the dead-letter stream oldest first until every id is found, deleting
+    /// each match by its sequence.
+    async fn discard_dead_letters(&self, ids: &[MessageId]) -> Result<u64, QueueError> {
+        let mut wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        let state = self.stream_messages(&self.dead_stream).await?;
+        let stream = self
+            .js
+            .get_stream_no_info(&self.dead_stream)
+            .await
+            .map_err(|e| classify(e, "get stream"))?;
+        let mut discarded = 0;
+        let mut seq = state.first_sequence;
+        while !wanted.is_empty() && seq <= state.last_sequence && state.messages > 0 {
+            match stream.get_raw_message(seq).await {
+                Ok(m) => {
+                    if !Envelope::decode(&m.payload).is_ok_and(|e| wanted.remove(&e.id)) {
+                        seq += 1;
+                        continue;
+                    }
+                    match stream.delete_message(seq).await {
+                        Ok(true) => discarded += 1,
+                        Ok(false) => {}
+                        // The server refused: fine if another discard deleted it meanwhile.
+                        Err(e)
+                            if matches!(e.kind(), stream::DeleteMessageErrorKind::JetStream(_))
+                                && stream.get_raw_message(seq).await.is_err_and(|g| {
+                                    g.kind() == stream::RawMessageErrorKind::NoMessageFound
+                                }) => {}
+                        Err(e) => return Err(classify(e, "delete dead letter")),
+                    }
+                }
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(classify(e, "read dead letter")),
+            }
+            seq += 1;
+        }
+        Ok(discarded)
+    }
+
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         let state = self.stream_messages(&self.dead_stream).await?;
         let stream = self
@@ -1414,6 +1456,13 @@ impl Queue for NatsQueue {
         max: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
         self.inner.dead_letters(max)
+    }
+
+    fn discard_dead_letters(
+        &self,
+        ids: &[MessageId],
+    ) -> impl Future<Output = Result<u64, QueueError>> + Send {
+        self.inner.discard_dead_letters(ids)
     }
 }
 

@@ -565,6 +565,61 @@ impl RedisQueue {
         })
     }
 
+    /// Scans the dead-letter stream oldest first, a page at a time, for entries whose
+    /// `id` field is one of `ids`, and deletes them (`XDEL` of entries already read is
+    /// safe against a concurrent delete: it counts only what it deleted).
+    async fn discard_dead_inner(&self, ids: &[MessageId]) -> Result<u64, QueueError> {
+        const PAGE: usize = 256;
+        let mut wanted: std::collections::HashSet<String> =
+            ids.iter().map(|id| id.to_string()).collect();
+        let mut conn = self.conn.clone();
+        let mut start = "-".to_owned();
+        let mut discarded = 0;
+        while !wanted.is_empty() {
+            let reply: Value = ::redis::cmd("XRANGE")
+                .arg(&self.keys[1])
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await
+                .map_err(map_err)?;
+            let page = array(reply)?;
+            let full = page.len() == PAGE;
+            let mut found = Vec::new();
+            for entry in page {
+                let [eid, fields] =
+                    <[Value; 2]>::try_from(array(entry)?).map_err(|_| unexpected("dead entry"))?;
+                let eid = string(eid)?;
+                let mut fields = array(fields)?.into_iter();
+                while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+                    if string(k).is_ok_and(|k| k == "id")
+                        && string(v).is_ok_and(|v| wanted.remove(&v))
+                    {
+                        found.push(eid.clone());
+                        break;
+                    }
+                }
+                // Exclusive start of the next page.
+                start = format!("({eid}");
+            }
+            if !found.is_empty() {
+                let n: u64 = ::redis::cmd("XDEL")
+                    .arg(&self.keys[1])
+                    .arg(&found)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(map_err)?;
+                discarded += n;
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(discarded)
+    }
+
     async fn dead_letters_inner(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         if max == 0 {
             return Ok(Vec::new());
@@ -689,6 +744,13 @@ impl Queue for RedisQueue {
         max: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
         self.dead_letters_inner(max)
+    }
+
+    fn discard_dead_letters(
+        &self,
+        ids: &[MessageId],
+    ) -> impl Future<Output = Result<u64, QueueError>> + Send {
+        self.discard_dead_inner(ids)
     }
 }
 

@@ -7,7 +7,8 @@ use http_body_util::{BodyExt, Full};
 use postbox::BoxError;
 use postbox::enqueue::BufferedBody;
 use postbox::queue::{
-    DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MemoryQueue, Queue, QueueError,
+    DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MemoryQueue, MessageId, Queue,
+    QueueError,
 };
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -201,5 +202,12 @@ impl Queue for AckRecorder {
         max: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
         self.inner.dead_letters(max)
+    }
+
+    fn discard_dead_letters(
+        &self,
+        ids: &[MessageId],
+    ) -> impl Future<Output = Result<u64, QueueError>> + Send {
+        self.inner.discard_dead_letters(ids)
     }
 }

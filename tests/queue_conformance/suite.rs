@@ -35,11 +35,22 @@ macro_rules! conformance {
             ack_with_a_stale_token_acks_the_rest,
             depth_counts_each_state,
             concurrent_enqueues_are_all_stored,
+            redrive_moves_dead_letters_back_as_fresh_copies,
+            redrive_moves_the_oldest_dead_letters_up_to_max,
+            a_redriven_dead_letter_whose_key_is_live_is_not_stored_twice,
+            discard_deletes_only_the_named_dead_letters,
+            discard_finds_a_dead_letter_behind_hundreds_of_others,
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn full_queue_refuses_enqueue() {
             let (q, _guard) = ($make_cap)(2);
             $crate::suite::full_queue_refuses_enqueue(q).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_redrive_into_a_full_queue_moves_what_fits_and_keeps_the_rest_dead() {
+            let (q, _guard) = ($make_cap)(2);
+            $crate::suite::a_redrive_into_a_full_queue_moves_what_fits_and_keeps_the_rest_dead(q)
+                .await;
         }
         #[cfg(feature = "http")]
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,6 +420,126 @@ pub async fn dead_letter_moves_message_and_frees_key(q: impl Queue) {
     assert_eq!(q.dead_letters(10).await.unwrap().len(), 1);
 }
 
+/// Enqueues one message per key, leases them and dead-letters each (in id order, so
+/// every backend lists them in this order). Returns their ids.
+async fn dead_lettered(q: &impl Queue, keys: &[&str]) -> Vec<MessageId> {
+    let mut sent = Vec::new();
+    for key in keys {
+        sent.push(stored(q, envelope(key)).await);
+    }
+    let leased = q.lease(keys.len(), LEASE, at(0)).await.unwrap();
+    assert_eq!(ids(&leased), sent);
+    for l in leased {
+        q.dead_letter(l.token, "503 Service Unavailable")
+            .await
+            .unwrap();
+    }
+    sent
+}
+
+fn dead_ids(dead: &[postbox::queue::DeadLetter]) -> Vec<MessageId> {
+    dead.iter().map(|d| d.envelope.id).collect()
+}
+
+pub async fn redrive_moves_dead_letters_back_as_fresh_copies(q: impl Queue) {
+    let old = dead_lettered(&q, &["a", "b"]).await;
+    assert_eq!(q.redrive_dead_letters(10).await.unwrap(), 2);
+    assert_eq!(
+        q.depth().await.unwrap(),
+        postbox::queue::Depth {
+            pending: 2,
+            in_flight: 0,
+            dead: 0
+        }
+    );
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    let leased = q.lease(10, LEASE, at(60)).await.unwrap();
+    let keys: Vec<_> = leased
+        .iter()
+        .map(|l| l.envelope.idempotency_key.as_str())
+        .collect();
+    assert_eq!(keys, ["a", "b"], "same keys, in their old order");
+    for (l, old) in leased.iter().zip(&old) {
+        assert_ne!(l.envelope.id, *old, "a copy has a new id");
+        assert_eq!(l.envelope.attempts, 1, "attempts start again");
+        assert_eq!(
+            l.envelope.body,
+            Bytes::from(format!("body of {}", l.envelope.idempotency_key))
+        );
+        assert_eq!(l.envelope.uri, "https://api/orders");
+    }
+    q.ack(&leased.iter().map(|l| l.token).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(q.depth().await.unwrap(), Default::default());
+}
+
+pub async fn redrive_moves_the_oldest_dead_letters_up_to_max(q: impl Queue) {
+    let old = dead_lettered(&q, &["a", "b", "c"]).await;
+    assert_eq!(q.redrive_dead_letters(2).await.unwrap(), 2);
+    assert_eq!(dead_ids(&q.dead_letters(10).await.unwrap()), [old[2]]);
+    let keys: Vec<_> = q
+        .lease(10, LEASE, at(60))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.envelope.idempotency_key)
+        .collect();
+    assert_eq!(keys, ["a", "b"]);
+    assert_eq!(q.redrive_dead_letters(0).await.unwrap(), 0);
+    assert_eq!(q.depth().await.unwrap().dead, 1);
+}
+
+/// The live message with the key carries the effect: the dead letter's copy is not
+/// stored twice, and the dead letter is gone all the same.
+pub async fn a_redriven_dead_letter_whose_key_is_live_is_not_stored_twice(q: impl Queue) {
+    dead_lettered(&q, &["a"]).await;
+    let live = stored(&q, envelope("a")).await;
+    assert_eq!(q.redrive_dead_letters(10).await.unwrap(), 1);
+    assert_eq!(
+        q.depth().await.unwrap(),
+        postbox::queue::Depth {
+            pending: 1,
+            in_flight: 0,
+            dead: 0
+        }
+    );
+    assert_eq!(ids(&q.lease(10, LEASE, at(60)).await.unwrap()), [live]);
+}
+
+pub async fn discard_deletes_only_the_named_dead_letters(q: impl Queue) {
+    let old = dead_lettered(&q, &["a", "b", "c"]).await;
+    let never_dead = MessageId::new_v7();
+    assert_eq!(
+        q.discard_dead_letters(&[old[1], never_dead]).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        dead_ids(&q.dead_letters(10).await.unwrap()),
+        [old[0], old[2]]
+    );
+    assert_eq!(q.discard_dead_letters(&[old[1]]).await.unwrap(), 0, "gone");
+    assert_eq!(q.discard_dead_letters(&[]).await.unwrap(), 0);
+    assert_eq!(q.discard_dead_letters(&[old[2], old[0]]).await.unwrap(), 2);
+    assert_eq!(q.depth().await.unwrap(), Default::default());
+    assert!(q.lease(10, LEASE, at(3600)).await.unwrap().is_empty());
+}
+
+/// The brokers look ids up page by page: one behind a few pages of others is found.
+pub async fn discard_finds_a_dead_letter_behind_hundreds_of_others(q: impl Queue) {
+    let keys: Vec<String> = (0..600).map(|i| format!("k{i}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let old = dead_lettered(&q, &keys).await;
+    assert_eq!(
+        q.discard_dead_letters(&[old[599], old[300]]).await.unwrap(),
+        2
+    );
+    assert_eq!(q.depth().await.unwrap().dead, 598);
+    let dead = dead_ids(&q.dead_letters(1000).await.unwrap());
+    assert_eq!(dead.len(), 598);
+    assert!(!dead.contains(&old[599]) && !dead.contains(&old[300]));
+}
+
 /// The replayer's policy ("dead-letter after `max_attempts`") relies on `attempts`
 /// counting every lease, including leases that expired.
 pub async fn attempts_count_every_lease_until_dead_letter(q: impl Queue) {
@@ -614,4 +745,20 @@ pub async fn replayer_delivers_every_message_once_through_an_idempotent_server(
     assert!(applied.values().all(|&n| n == 1), "{applied:?}");
     let depth = q.depth().await.unwrap();
     assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 0, 0));
+}
+
+pub async fn a_redrive_into_a_full_queue_moves_what_fits_and_keeps_the_rest_dead(q: impl Queue) {
+    let old = dead_lettered(&q, &["a", "b"]).await;
+    let c = dead_lettered(&q, &["c"]).await[0];
+    stored(&q, envelope("d")).await;
+    assert!(matches!(
+        q.redrive_dead_letters(10).await,
+        Err(QueueError::Full { capacity: 2 })
+    ));
+    assert_eq!(
+        dead_ids(&q.dead_letters(10).await.unwrap()),
+        [old[1], c],
+        "the first was moved, the rest stay dead"
+    );
+    assert_eq!(q.depth().await.unwrap().pending, 2);
 }
