@@ -116,18 +116,22 @@ impl<Q: Queue, C> Shared<Q, C> {
             .map(|ttl| crate::queue::saturating_add(created_at, ttl))
     }
 
-    /// Whether a message deferred by `trigger` could ever be delivered: not if the
-    /// dependency's `Retry-After` reaches past its expiry. A receipt would promise a
-    /// delivery that can never happen; the caller gets the original outcome instead
-    /// (the dependency's `429` with its `Retry-After`, say).
+    /// Whether a message deferred by `trigger` could ever be delivered: not if it has
+    /// expired already (the call failed after its time to live) or the dependency's
+    /// `Retry-After` reaches past its expiry. A receipt would promise a delivery that
+    /// can never happen; the caller gets the original outcome instead (the
+    /// dependency's `429` with its `Retry-After`, say).
     pub(crate) fn deliverable(&self, capture: &Capture, trigger: &Trigger) -> bool {
-        let (Some(wait), Some(at)) = (trigger.not_before, self.expires_at(capture.created_at))
-        else {
+        let Some(at) = self.expires_at(capture.created_at) else {
             return true;
         };
+        let wait = trigger.not_before.unwrap_or_default();
         let deliverable = crate::queue::saturating_add(wall_now(), wait) < at;
         if !deliverable {
-            tracing::debug!(?wait, "Retry-After past the message's expiry; not deferred");
+            tracing::debug!(
+                ?wait,
+                "expired, or Retry-After past the message's expiry; not deferred"
+            );
             metrics::counter!("postbox_calls_total", "layer" => "enqueue", "outcome" => "not_deferred")
                 .increment(1);
         }

@@ -233,6 +233,31 @@ async fn a_retry_after_past_the_expiry_is_not_deferred() {
     }
 }
 
+/// A call that failed after the message's time to live (no Retry-After) is not
+/// deferred: the stored message would be dead-lettered unsent, after a receipt.
+#[tokio::test(start_paused = true)]
+async fn a_call_failing_past_the_expiry_is_not_deferred() {
+    let queue = Arc::new(MemoryQueue::new());
+    let slow = service_fn(|_req: InnerReq| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Err::<Res, BoxError>(boxed(DeadlineExceeded::new(Duration::from_secs(30), false)))
+    });
+    let svc = EnqueueFallbackLayer::with_config(
+        queue.clone(),
+        EnqueueConfig::new().ttl(Duration::from_secs(10)),
+    )
+    .unwrap()
+    .layer(slow);
+    let out = svc
+        .oneshot(post("http://api.test/orders", "{\"sku\":1}"))
+        .await;
+    assert!(
+        find_cause::<DeadlineExceeded>(&*out.unwrap_err()).is_some(),
+        "the original error, not a receipt"
+    );
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
 /// Without an expiry, a Retry-After of any size is stored far in the future, without
 /// panicking on overflow.
 #[tokio::test(start_paused = true)]
