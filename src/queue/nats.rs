@@ -1146,6 +1146,25 @@ impl Inner {
         })
     }
 
+    /// The dead-letter stream and the sequences it holds now (empty if it holds none).
+    async fn dead_stream(
+        &self,
+    ) -> Result<(stream::Stream<()>, std::ops::RangeInclusive<u64>), QueueError> {
+        let state = self.stream_messages(&self.dead_stream).await?;
+        let stream = self
+            .js
+            .get_stream_no_info(&self.dead_stream)
+            .await
+            .map_err(|e| classify(e, "get stream"))?;
+        #[allow(clippy::reversed_empty_ranges)] // deliberately empty
+        let seqs = if state.messages > 0 {
+            state.first_sequence..=state.last_sequence
+        } else {
+            1..=0
+        };
+        Ok((stream, seqs))
+    }
+
     /// Reads the dead-letter stream oldest first until every id is found, deleting
     /// each match by its sequence.
     async fn discard_dead_letters(&self, ids: &[MessageId]) -> Result<u64, QueueError> {
@@ -1153,15 +1172,10 @@ impl Inner {
         if wanted.is_empty() {
             return Ok(0);
         }
-        let state = self.stream_messages(&self.dead_stream).await?;
-        let stream = self
-            .js
-            .get_stream_no_info(&self.dead_stream)
-            .await
-            .map_err(|e| classify(e, "get stream"))?;
+        let (stream, seqs) = self.dead_stream().await?;
         let mut discarded = 0;
-        let mut seq = state.first_sequence;
-        while !wanted.is_empty() && seq <= state.last_sequence && state.messages > 0 {
+        let mut seq = *seqs.start();
+        while !wanted.is_empty() && seqs.contains(&seq) {
             match stream.get_raw_message(seq).await {
                 Ok(m) => {
                     if !Envelope::decode(&m.payload).is_ok_and(|e| wanted.remove(&e.id)) {
@@ -1189,15 +1203,10 @@ impl Inner {
     }
 
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let state = self.stream_messages(&self.dead_stream).await?;
-        let stream = self
-            .js
-            .get_stream_no_info(&self.dead_stream)
-            .await
-            .map_err(|e| classify(e, "get stream"))?;
+        let (stream, seqs) = self.dead_stream().await?;
         let mut out = Vec::new();
-        let mut seq = state.first_sequence;
-        while out.len() < max && seq <= state.last_sequence && state.messages > 0 {
+        let mut seq = *seqs.start();
+        while out.len() < max && seqs.contains(&seq) {
             match stream.get_raw_message(seq).await {
                 Ok(m) => {
                     let Ok(envelope) = Envelope::decode(&m.payload) else {
