@@ -190,13 +190,13 @@ impl<K> Keys<K> {
     fn write(&self) -> RwLockWriteGuard<'_, KeyMap<K>> {
         self.map.write().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     fn ns(&self, t: Instant) -> u64 {
         crate::duration::nanos(t.saturating_duration_since(self.origin))
     }
+}
 
+impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     /// The breaker for `key`, created (and the map trimmed) if needed.
     fn get(&self, key: K, now: Instant) -> Arc<Ref> {
         let now_ns = self.ns(now);
@@ -211,7 +211,7 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             return e.breaker.clone();
         }
         if map.len() >= self.max_keys {
-            self.evict(&mut map, now_ns);
+            self.evict(&mut map, now, now_ns);
         }
         let mut settings = self.template.settings();
         settings.name = if settings.name.is_empty() {
@@ -242,8 +242,8 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     /// other is: dropping it would let a flood of new keys reset the breakers that
     /// protect a failing dependency). A breaker in a state set by hand is never
     /// dropped: that would undo it.
-    fn evict(&self, map: &mut KeyMap<K>, now_ns: u64) {
-        retain_active(map, now_ns, self.idle);
+    fn evict(&self, map: &mut KeyMap<K>, now: Instant, now_ns: u64) {
+        retain_active(map, now, now_ns, self.idle);
         while map.len() >= self.max_keys {
             let Some(victim) = map
                 .iter()
@@ -272,11 +272,16 @@ fn is_manual(e: &Entry) -> bool {
     )
 }
 
-/// Keeps the breakers used within `idle`, and those in a state set by hand.
-fn retain_active<K>(map: &mut KeyMap<K>, now_ns: u64, idle: Duration) {
+/// Keeps the breakers used within `idle`, those in a state set by hand, and those
+/// still guarding a failing dependency (open with the break not over, or half-open):
+/// a key that sees no calls during its break would otherwise come back as a fresh
+/// closed breaker and send full traffic to the dependency it was shielding.
+fn retain_active<K>(map: &mut KeyMap<K>, now: Instant, now_ns: u64, idle: Duration) {
     let idle_ns = crate::duration::nanos(idle);
     map.retain(|_, e| {
-        let keep = now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns || is_manual(e);
+        let keep = now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns
+            || is_manual(e)
+            || e.breaker.breaker().is_guarding(now);
         if !keep {
             e.breaker.breaker().retire();
         }
@@ -350,7 +355,8 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
     }
 
     /// A breaker unused for this long may be dropped when room is needed (default
-    /// 5 min).
+    /// 5 min); an open one only once its break is over, a half-open one only as the
+    /// least recently used when the map is full.
     pub fn idle_timeout(mut self, d: Duration) -> Self {
         self.idle = d;
         self
@@ -500,10 +506,12 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
     }
 
     /// Drops every breaker unused for longer than the idle timeout, but those in a
-    /// state set by hand.
+    /// state set by hand and those still guarding (open with the break not over, or
+    /// half-open).
     pub fn evict_idle(&self) {
-        let now_ns = crate::duration::nanos(self.keys.origin.elapsed());
-        retain_active(&mut self.keys.write(), now_ns, self.keys.idle);
+        let now = Instant::now();
+        let now_ns = self.keys.ns(now);
+        retain_active(&mut self.keys.write(), now, now_ns, self.keys.idle);
     }
 }
 

@@ -648,6 +648,16 @@ impl Breaker {
         State::from_mode(mode(self.word.load(Acquire)))
     }
 
+    /// Whether the breaker still shields its dependency at `now`: open with the break
+    /// not over, or half-open (probing).
+    pub(crate) fn is_guarding(&self, now: Instant) -> bool {
+        match mode(self.word.load(Acquire)) {
+            OPEN => self.ns(now) < self.open_until_ns.load(Acquire),
+            HALF_OPEN => true,
+            _ => false,
+        }
+    }
+
     #[inline]
     fn start(&self, now: &mut Now) -> u64 {
         match self.settings.slow_call_duration {

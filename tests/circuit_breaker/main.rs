@@ -894,6 +894,40 @@ async fn a_full_key_map_evicts_closed_breakers_before_open_ones() {
     assert_eq!(keys.get(&1).unwrap().state(), State::Open);
 }
 
+/// An open breaker is not dropped as idle while its break lasts, however long no
+/// call came: dropped, the key would come back as a fresh closed breaker and send
+/// full traffic to the dependency it was shielding. Once the break is over it goes.
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_is_not_evicted_as_idle_before_its_break_ends() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .break_duration(Duration::from_secs(600))
+        .keyed(|req: &(u32, bool)| req.0)
+        .idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(ok_unless_false::<u32>));
+    svc.ready()
+        .await
+        .unwrap()
+        .call((1, false))
+        .await
+        .unwrap_err();
+    svc.ready().await.unwrap().call((2, true)).await.unwrap();
+    advance(Duration::from_secs(61)).await;
+    keys.evict_idle();
+    assert_eq!(
+        keys.keys(),
+        [1],
+        "the idle closed breaker goes, the open one stays"
+    );
+    open_error(svc.ready().await.unwrap().call((1, true)).await);
+    advance(Duration::from_secs(600)).await;
+    keys.evict_idle();
+    assert!(keys.is_empty(), "the break is over: idle again");
+}
+
 /// A breaker forced open (or disabled) by hand is not dropped, idle or not, when the
 /// map is full: dropping it would bring a fresh closed breaker back and undo what the
 /// operator set. (Before, manual states went first.)
