@@ -165,7 +165,8 @@ impl CircuitBreakerBuilder {
     }
 
     /// The simple mode: trips after `n` failures in a row (≥ 1); any success resets
-    /// the count. Replaces the window and slow-call tracking.
+    /// the count. Replaces the window; slow-call tracking cannot be combined with it
+    /// ([`build`](Self::build) rejects [`slow_calls`](Self::slow_calls) here).
     pub fn consecutive_failures(mut self, n: u32) -> Self {
         self.consecutive_failures = Some(n);
         self
@@ -247,8 +248,8 @@ impl CircuitBreakerBuilder {
     /// # Errors
     /// A [`ConfigError`] naming the field: a threshold outside `(0, 1]`, a window size,
     /// bucket count, minimum number of calls or probe count of zero (or too large), a
-    /// zero duration, a backoff multiplier below 1, a cap below the break, or a jitter
-    /// outside `[0, 1)`.
+    /// zero duration, a backoff multiplier below 1, a cap below the break, a jitter
+    /// outside `[0, 1)`, or slow calls with `consecutive_failures`.
     pub fn build(self) -> Result<CircuitBreakerLayer<ErrorClassifier>, ConfigError> {
         let breaker = self.build_breaker(Instant::now())?;
         Ok(CircuitBreakerLayer::from_breaker(Arc::new(breaker)))
@@ -299,6 +300,15 @@ impl CircuitBreakerBuilder {
             ));
         }
         if let Some(d) = self.slow_call_duration {
+            if self.consecutive_failures.is_some() {
+                // Silently ignored before: a user counting on slow calls to trip the
+                // breaker would find out during the outage.
+                return Err(err(
+                    "circuit_breaker.slow_call_duration",
+                    "has no effect with consecutive_failures (slow calls are judged by a \
+                     window's rate): remove one of the two",
+                ));
+            }
             positive("circuit_breaker.slow_call_duration", d)?;
             rate(
                 "circuit_breaker.slow_call_rate_threshold",
@@ -601,6 +611,14 @@ mod tests {
         assert_eq!(
             field(b().slow_calls(Duration::from_secs(1), 0.0)),
             "circuit_breaker.slow_call_rate_threshold"
+        );
+        assert_eq!(
+            field(
+                b().consecutive_failures(3)
+                    .slow_calls(Duration::from_secs(1), 0.5)
+            ),
+            "circuit_breaker.slow_call_duration",
+            "slow calls would be ignored in consecutive-failures mode"
         );
         assert_eq!(
             field(b().break_backoff(0.5, Duration::from_secs(60))),
