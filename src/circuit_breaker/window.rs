@@ -7,7 +7,7 @@
 //! racing a writer may see one outcome more or less, never a drifting total.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::*, fence};
 
 /// Outcome bit: the call failed (failure or overload).
 pub(crate) const FAILURE: u8 = 1;
@@ -140,6 +140,15 @@ impl Bucket {
     }
 }
 
+/// Ends a [`TimeWindow`]'s write section: the sequence even again.
+struct WriteSection<'a>(&'a AtomicU64);
+
+impl Drop for WriteSection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Release);
+    }
+}
+
 /// Rotation state, behind the rotation lock.
 #[derive(Debug)]
 struct Folded {
@@ -169,6 +178,10 @@ pub(crate) struct TimeWindow {
     calls: AtomicU64,
     failures: AtomicU64,
     slow: AtomicU64,
+    /// Odd while a rotation (or a reset) changes the totals and clears buckets: a
+    /// reader that saw it odd, or changed, reads again (a sequence lock), so it never
+    /// sees a bucket's calls gone and its failures still counted.
+    seq: AtomicU64,
     /// Serialises rotation (once per bucket width at most) and holds what was folded.
     rotate: Mutex<Folded>,
 }
@@ -189,6 +202,7 @@ impl TimeWindow {
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             slow: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
             rotate: Mutex::new(Folded {
                 counted: vec![[0; 3]; buckets as usize].into_boxed_slice(),
             }),
@@ -224,6 +238,7 @@ impl TimeWindow {
         }
         let mut expired = false;
         let n = self.len();
+        let _writing = self.write_section();
         // Expire the buckets the head passes over (at most all of them): take out what
         // was counted of them, and empty them.
         let first = if epoch - from >= n {
@@ -288,18 +303,44 @@ impl TimeWindow {
 
     /// The totals over the window ending at `now_ns`.
     pub(crate) fn totals(&self, now_ns: u64) -> Totals {
-        let [hc, hf, hs] = self.buckets[self.advance(now_ns).0].load();
-        let calls = self.calls.load(Relaxed).saturating_add(hc);
-        Totals {
-            calls,
-            failures: self.failures.load(Relaxed).saturating_add(hf).min(calls),
-            slow: self.slow.load(Relaxed).saturating_add(hs).min(calls),
+        self.advance(now_ns);
+        loop {
+            let seq = self.seq.load(Acquire);
+            if seq & 1 == 1 {
+                // A rotation is under way: wait for it on its lock (it is short).
+                drop(self.rotate.lock());
+                continue;
+            }
+            // The head as of this read: the one `advance` returned may have been
+            // folded into the totals since, and would be counted twice.
+            let head = (self.head.load(Acquire) & 0xffff) as usize;
+            let [hc, hf, hs] = self.buckets[head].load();
+            let [c, f, s] = [&self.calls, &self.failures, &self.slow].map(|a| a.load(Relaxed));
+            fence(Acquire);
+            if self.seq.load(Relaxed) != seq {
+                continue;
+            }
+            let calls = c.saturating_add(hc);
+            return Totals {
+                calls,
+                failures: f.saturating_add(hf).min(calls),
+                slow: s.saturating_add(hs).min(calls),
+            };
         }
+    }
+
+    /// Marks the totals as being written until the guard drops (call with the
+    /// rotation lock held).
+    fn write_section(&self) -> WriteSection<'_> {
+        self.seq.fetch_add(1, Relaxed);
+        fence(Release);
+        WriteSection(&self.seq)
     }
 
     /// Forgets every outcome.
     pub(crate) fn reset(&self) {
         let mut folded = self.rotate.lock().unwrap_or_else(|e| e.into_inner());
+        let _writing = self.write_section();
         for (b, counted) in self.buckets.iter().zip(folded.counted.iter_mut()) {
             b.clear();
             self.sub(std::mem::take(counted));
@@ -359,6 +400,50 @@ mod tests {
             failures,
             slow,
         }
+    }
+
+    /// A reader never sees a rotation half done: every bucket holds as many failures
+    /// as successes, so a read made while nothing is being recorded shows exactly
+    /// that. Before, a read between a rotation's update of the calls and of the
+    /// failures saw a bucket's calls gone and its failures still there (a 50 % window
+    /// read as 75 %), and could trip the breaker at its threshold. (A race: it showed
+    /// within a few thousand rotations.)
+    #[test]
+    fn a_read_never_sees_a_rotation_half_done() {
+        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        const EPOCHS: u64 = 100_000;
+        let w = TimeWindow::new(4, 1_000);
+        // 2e while epoch e's rotation may be under way (nothing is recorded), 2e + 1
+        // while its outcomes are recorded.
+        let phase = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for epoch in 1..=EPOCHS {
+                    phase.store(2 * epoch, SeqCst);
+                    w.totals(epoch * 1_000);
+                    phase.store(2 * epoch + 1, SeqCst);
+                    for _ in 0..5 {
+                        w.record(epoch * 1_000, 0);
+                        w.record(epoch * 1_000, FAILURE);
+                    }
+                }
+            });
+            let (mut checked, mut last) = (0u64, 0);
+            while last < 2 * EPOCHS + 1 {
+                let before = phase.load(SeqCst);
+                // `now` 0 is behind the head: a read only, never a rotation.
+                let t = w.totals(0);
+                last = phase.load(SeqCst);
+                if before == last && before.is_multiple_of(2) {
+                    assert_eq!(
+                        t.failures * 2,
+                        t.calls,
+                        "a torn read after {checked} checked: {t:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        });
     }
 
     #[test]
