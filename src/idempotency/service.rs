@@ -478,6 +478,14 @@ where
                 tracing::debug!(key = %claim.key, ?code, "gRPC status not remembered");
                 return Outcome::Whole(bytes, trailers);
             }
+            // The request body failed while the answer was read (a handler that
+            // streams its answer as it takes the upload in): the request never arrived
+            // whole, and with no fingerprint the answer would be replayed to any
+            // request with this key.
+            let Some(fingerprint) = tap.fingerprint() else {
+                tracing::debug!(key = %claim.key, "request body failed; not remembered");
+                return Outcome::Whole(bytes, trailers);
+            };
             let stored = StoredResponse {
                 status,
                 headers,
@@ -487,7 +495,7 @@ where
                 trailers: trailers.clone(),
                 // Of the head alone if the handler did not read the whole request body:
                 // repeats are then compared by their heads.
-                fingerprint: tap.fingerprint(),
+                fingerprint: Some(fingerprint),
             };
             match store
                 .complete(&claim.key, claim.token, stored, config.ttl)
