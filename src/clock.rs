@@ -74,7 +74,7 @@ pub(crate) fn raw_now() -> u64 {
 }
 
 /// Whether tokio's clock is paused: two reads of an unpaused nanosecond clock differ.
-fn tokio_clock_is_paused() -> bool {
+pub(crate) fn tokio_clock_is_paused() -> bool {
     let a = Instant::now();
     a == Instant::now()
 }

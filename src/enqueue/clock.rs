@@ -1,11 +1,12 @@
 //! Wall-clock time that follows tokio's clock, and fresh ids.
 //!
 //! Envelopes carry wall-clock times ([`SystemTime`]) because messages outlive the
-//! process. The layer and the replayer read them through [`wall_now`], which anchors
-//! the wall clock once per process and then advances it with
-//! [`tokio::time::Instant`]: paused-time tests (`time::advance`) move it, and the layer
-//! and replayer always agree. Over a process's lifetime this drifts from the system
-//! clock only as much as the monotonic clock does (NTP slews).
+//! process. The layer and the replayer read them through [`wall_now`]: the system
+//! clock itself while tokio's clock runs, so a step of the system clock (an NTP
+//! correction) or a suspended VM (whose monotonic clock stood still) shows at once,
+//! as it does to the other processes sharing a broker queue. While tokio's clock is
+//! paused (tests), the wall clock is anchored once per process and advanced with
+//! [`tokio::time::Instant`], so `time::advance` moves it and a test's times are exact.
 
 use crate::queue::MessageId;
 use std::sync::OnceLock;
@@ -14,9 +15,17 @@ use tokio::time::Instant;
 
 static ANCHOR: OnceLock<(SystemTime, Instant)> = OnceLock::new();
 
-/// The current wall-clock time, advanced by tokio's (pausable) clock.
+/// The current wall-clock time: the system's, or, while tokio's clock is paused, one
+/// advanced by it.
 pub(crate) fn wall_now() -> SystemTime {
-    let now = Instant::now();
+    if !crate::clock::tokio_clock_is_paused() {
+        return SystemTime::now();
+    }
+    anchored(Instant::now())
+}
+
+/// The wall-clock time at `now` of tokio's clock, from the process's anchor.
+fn anchored(now: Instant) -> SystemTime {
     let (sys, at) = *ANCHOR.get_or_init(|| (SystemTime::now(), now));
     if now >= at {
         sys + (now - at)
@@ -67,6 +76,25 @@ mod tests {
         let key = new_idempotency_key();
         assert_eq!(key.len(), 36);
         assert_ne!(key, new_idempotency_key());
+    }
+
+    /// While tokio's clock runs, the wall clock is the system's (a step of the system
+    /// clock or a suspend shows at once), not an anchor advanced by the monotonic
+    /// clock.
+    #[test]
+    fn wall_clock_is_the_system_clock_while_tokio_runs() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            let (before, got, after) =
+                rt.block_on(async { (SystemTime::now(), wall_now(), SystemTime::now()) });
+            assert!(
+                before <= got && got <= after,
+                "{before:?} {got:?} {after:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

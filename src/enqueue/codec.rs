@@ -24,11 +24,11 @@ pub struct Captured {
 
 impl std::fmt::Debug for Captured {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::queue::envelope::{BodyLen, RedactedHeaders};
+        use crate::queue::envelope::{BodyLen, RedactedHeaders, RedactedUri};
         f.debug_struct("Captured")
             .field("destination", &self.destination)
             .field("method", &self.method)
-            .field("uri", &self.uri)
+            .field("uri", &RedactedUri(&self.uri))
             .field("headers", &RedactedHeaders(&self.headers))
             .field("body", &BodyLen(self.body.len()))
             .finish()
@@ -202,9 +202,16 @@ pub(crate) mod http_codec {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Captured {
+        // Without userinfo: the destination goes into broker headers any consumer
+        // reads, and into logs; the credentials stay in the URI, for the replay.
         let destination = uri
             .authority()
-            .map(|a| a.as_str().to_owned())
+            .map(|a| {
+                a.as_str()
+                    .rsplit_once('@')
+                    .map_or(a.as_str(), |(_, host)| host)
+            })
+            .map(str::to_owned)
             .or_else(|| {
                 headers
                     .get(http::header::HOST)

@@ -39,7 +39,7 @@ type KeepSyncFn = dyn Fn(&str, &str) -> bool + Send + Sync;
 pub struct DeferPolicy {
     sync_methods: Vec<String>,
     sync_routes: Vec<String>,
-    keep_sync: Option<Arc<KeepSyncFn>>,
+    keep_sync: Vec<Arc<KeepSyncFn>>,
 }
 
 // === impl DeferPolicy ===
@@ -56,7 +56,7 @@ impl DeferPolicy {
                 "TRACE".into(),
             ],
             sync_routes: Vec::new(),
-            keep_sync: None,
+            keep_sync: Vec::new(),
         }
     }
 
@@ -65,7 +65,7 @@ impl DeferPolicy {
         Self {
             sync_methods: Vec::new(),
             sync_routes: Vec::new(),
-            keep_sync: None,
+            keep_sync: Vec::new(),
         }
     }
 
@@ -94,12 +94,13 @@ impl DeferPolicy {
     }
 
     /// Keeps requests synchronous when `f(method, path)` returns `true` (asked after the
-    /// method and route rules).
+    /// method and route rules). Each call adds a rule, as the method and route rules
+    /// do: a request any of them matches is kept synchronous.
     pub fn keep_sync_when<F>(mut self, f: F) -> Self
     where
         F: Fn(&str, &str) -> bool + Send + Sync + 'static,
     {
-        self.keep_sync = Some(Arc::new(f));
+        self.keep_sync.push(Arc::new(f));
         self
     }
 
@@ -111,7 +112,7 @@ impl DeferPolicy {
         if self.sync_routes.iter().any(|r| under(path, r)) {
             return false;
         }
-        !self.keep_sync.as_ref().is_some_and(|f| f(method, path))
+        !self.keep_sync.iter().any(|f| f(method, path))
     }
 }
 
@@ -126,7 +127,7 @@ impl fmt::Debug for DeferPolicy {
         f.debug_struct("DeferPolicy")
             .field("sync_methods", &self.sync_methods)
             .field("sync_routes", &self.sync_routes)
-            .field("keep_sync_when", &self.keep_sync.is_some())
+            .field("keep_sync_when", &self.keep_sync.len())
             .finish()
     }
 }
@@ -218,6 +219,21 @@ mod tests {
 
     fn err(e: impl Into<BoxError>) -> BoxError {
         e.into()
+    }
+
+    /// A second `keep_sync_when` adds to the first (as methods and routes do). It
+    /// replaced it: the first rule's requests, a payment say, were deferred.
+    #[test]
+    fn every_keep_sync_when_rule_applies() {
+        let policy = DeferPolicy::new()
+            .keep_sync_when(|_, path| path.starts_with("/pay"))
+            .keep_sync_when(|method, _| method == "PATCH");
+        assert!(
+            !policy.may_defer("POST", "/pay/1"),
+            "the first rule was lost"
+        );
+        assert!(!policy.may_defer("PATCH", "/orders/1"));
+        assert!(policy.may_defer("POST", "/orders"));
     }
 
     #[test]

@@ -372,6 +372,7 @@ mod http_flavour {
     use crate::BoxError;
     use crate::classify::Classify;
     use crate::enqueue::BufferedBody;
+    use crate::enqueue::IDEMPOTENCY_KEY_HEADER;
     use crate::enqueue::codec::http_codec::{key_of, opens_a_connection, set_key};
     use crate::enqueue::future::ResponseFuture;
     use crate::queue::Queue;
@@ -491,7 +492,21 @@ mod http_flavour {
                 return ResponseFuture::readying(self.inner.clone(), req, None, shared);
             }
             let key = match key_of(&parts.headers) {
-                Some(key) => key, // already in the header
+                Some(key) => {
+                    // Sent twice: the request goes out with the one key it is stored
+                    // under, or the first attempt and the replay would differ (and a
+                    // server reading the last value would see two keys).
+                    if parts
+                        .headers
+                        .get_all(IDEMPOTENCY_KEY_HEADER)
+                        .iter()
+                        .nth(1)
+                        .is_some()
+                    {
+                        set_key(&mut parts.headers, &key);
+                    }
+                    key
+                }
                 None => {
                     let key = super::new_idempotency_key();
                     set_key(&mut parts.headers, &key);

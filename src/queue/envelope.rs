@@ -105,7 +105,7 @@ impl fmt::Debug for Envelope {
             .field("attempts", &self.attempts)
             .field("destination", &self.destination)
             .field("method", &self.method)
-            .field("uri", &self.uri)
+            .field("uri", &RedactedUri(&self.uri))
             .field("headers", &RedactedHeaders(&self.headers))
             .field("body", &BodyLen(self.body.len()))
             .field("reason", &self.reason)
@@ -126,6 +126,26 @@ const CREDENTIALS: [&str; 5] = [
 /// Whether the header `name` holds a credential (any case).
 pub(crate) fn is_credential(name: &str) -> bool {
     CREDENTIALS.iter().any(|c| name.eq_ignore_ascii_case(c))
+}
+
+/// A URI for `Debug`: its userinfo (`user:password@`) redacted.
+pub(crate) struct RedactedUri<'a>(pub(crate) &'a str);
+
+impl fmt::Debug for RedactedUri<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let uri = self.0;
+        let start = uri.find("://").map_or(0, |i| i + 3);
+        let end = uri[start..]
+            .find(['/', '?', '#'])
+            .map_or(uri.len(), |i| start + i);
+        match uri[start..end].rfind('@') {
+            Some(at) => {
+                let host = &uri[start + at + 1..];
+                write!(f, "\"{}<redacted>@{}\"", &uri[..start], host.escape_debug())
+            }
+            None => fmt::Debug::fmt(uri, f),
+        }
+    }
 }
 
 /// Headers for `Debug`: credential values redacted, other values as text.

@@ -69,10 +69,14 @@ impl Dependency {
             let seen = seen.clone();
             let answer = answer.clone();
             Box::pin(async move {
-                let key = req
+                // Every value, comma-joined: a repeated header shows.
+                let keys: Vec<_> = req
                     .headers()
-                    .get(IDEMPOTENCY_KEY_HEADER)
-                    .map(|v| v.to_str().unwrap().to_owned());
+                    .get_all(IDEMPOTENCY_KEY_HEADER)
+                    .iter()
+                    .map(|v| v.to_str().unwrap())
+                    .collect();
+                let key = (!keys.is_empty()).then(|| keys.join(", "));
                 let method = req.method().to_string();
                 let body = bytes_of(req.into_body()).await;
                 seen.lock().unwrap().push((method, key, body));
@@ -800,6 +804,56 @@ async fn hop_by_hop_headers_are_not_stored_and_credentials_replay_as_sensitive()
         assert!(!format!("{env:?}").contains(replay.headers()[credential].to_str().unwrap()));
     }
     assert!(!replay.headers()["x-tenant"].is_sensitive());
+}
+
+/// A request with the `Idempotency-Key` header twice goes out with the one key the
+/// message is stored under, on the first attempt as on the replay. (Both values went
+/// out first, and only the first on replay: a server taking the last value saw two
+/// different keys for one request, and ran its effect twice.)
+#[tokio::test(start_paused = true)]
+async fn a_repeated_idempotency_key_header_goes_out_as_the_one_key_stored() {
+    let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
+    let mut req = post("http://api.test/orders", "{}");
+    req.headers_mut()
+        .append(IDEMPOTENCY_KEY_HEADER, "first".parse().unwrap());
+    req.headers_mut()
+        .append(IDEMPOTENCY_KEY_HEADER, "second".parse().unwrap());
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(dep.keys()[0].as_deref(), Some("first"));
+    let env = queue.get(receipt_id(&res)).unwrap();
+    assert_eq!(env.idempotency_key, "first");
+    let stored: Vec<_> = env
+        .headers
+        .iter()
+        .filter(|(n, _)| n.as_str() == IDEMPOTENCY_KEY_HEADER)
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+}
+
+/// Credentials in the URI (`user:password@host`) go with the message, for the replay,
+/// but not into its destination (broker headers every consumer reads, logs) nor into
+/// `Debug` output.
+#[tokio::test(start_paused = true)]
+async fn uri_credentials_stay_out_of_the_destination_and_debug_output() {
+    let (queue, _dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
+    let res = svc
+        .oneshot(post("http://bob:hunter2@api.test:8080/orders?x=1", "{}"))
+        .await
+        .unwrap();
+    let env = queue.get(receipt_id(&res)).unwrap();
+    assert_eq!(env.destination, "api.test:8080");
+    let replay: InnerReq = postbox::enqueue::HttpCodec::new().rebuild(&env).unwrap();
+    assert_eq!(
+        replay.uri().authority().unwrap().as_str(),
+        "bob:hunter2@api.test:8080"
+    );
+    let shown = format!("{env:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(
+        shown.contains("http://<redacted>@api.test:8080/orders?x=1"),
+        "{shown}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -3093,6 +3147,70 @@ async fn the_answer_to_a_request_whose_body_failed_is_not_remembered() {
     assert!(
         !res.headers().contains_key(REPLAYED_HEADER),
         "the 400 was remembered"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A response body that reads the request body to its end first (a handler that
+/// answers at once and takes the upload in while it streams its answer), then says
+/// `accepted` whether the upload arrived or failed.
+struct DrainThenAnswer<B>(Option<B>);
+
+impl<B: http_body::Body + Unpin> http_body::Body for DrainThenAnswer<B> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        while let Some(upload) = self.0.as_mut() {
+            match Pin::new(upload).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(_)) | None) => {
+                    self.0 = None;
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                        b"accepted",
+                    )))));
+                }
+            }
+        }
+        Poll::Ready(None)
+    }
+}
+
+/// A request body that fails only after the handler has answered (read while its
+/// answer streams) leaves no fingerprint: that answer is not remembered. (It was
+/// stored without one, and then replayed to any request with the key, whatever its
+/// body: a different order got this one's answer instead of a `422`.)
+#[tokio::test(start_paused = true)]
+async fn a_request_body_failing_after_the_answer_is_not_remembered() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let handler = service_fn(move |req: Request<FingerprintedBody<BrokenUpload>>| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        let mut res = Response::new(DrainThenAnswer(Some(req.into_body())));
+        *res.status_mut() = StatusCode::CREATED;
+        async move { Ok::<_, std::convert::Infallible>(res) }
+    });
+    let svc = IdempotencyLayer::new(100).layer(handler);
+    let upload = || {
+        let mut req = Request::post("http://shop.test/orders")
+            .body(BrokenUpload(true))
+            .unwrap();
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
+        req
+    };
+    let res = svc.clone().oneshot(upload()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(bytes_of(res.into_body()).await, "accepted");
+    let res = svc.oneshot(upload()).await.unwrap();
+    assert!(
+        !res.headers().contains_key(REPLAYED_HEADER),
+        "the answer to a request that never arrived whole was remembered"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
