@@ -8,7 +8,7 @@
 //! * the first request with a key claims it, runs the handler, and the response
 //!   (status, headers, body — buffered, up to a limit — and trailers) is remembered
 //!   for a TTL;
-//! * a later request with the same key, method and path is answered from the store
+//! * a later request with the same key, method, host and path is answered from the store
 //!   without calling the handler, with the header [`REPLAYED_HEADER`]
 //!   (`idempotent-replayed: true`);
 //! * a duplicate arriving while the first runs **waits** for it (it does not run the
@@ -48,7 +48,8 @@
 //! remembered: `CANCELLED`, `UNKNOWN` (and a missing status), `DEADLINE_EXCEEDED`,
 //! `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE`,
 //! `DATA_LOSS`, `UNAUTHENTICATED` and `PERMISSION_DENIED`. `OK` and the caller's errors (`INVALID_ARGUMENT`, `NOT_FOUND`,
-//! `ALREADY_EXISTS`, …) are. Keys are scoped by method and path, and with
+//! `ALREADY_EXISTS`, …) are. Keys are scoped by method, host (the URI's authority or
+//! the `Host` header) and path, and with
 //! [`scope_by`](IdempotencyLayer::scope_by) by the caller (a header such as
 //! `authorization`): without it, two callers that send the same key and request get
 //! the same stored answer.

@@ -135,14 +135,16 @@ where
                 self.inner.call(req.map(FingerprintedBody::untapped)),
             );
         };
-        // Keys are scoped to the method and path: the same key on another endpoint is
-        // another operation (and, if asked, to the caller).
+        // Keys are scoped to the method, host and path: the same key on another
+        // endpoint, or on another virtual host served by the same stack, is another
+        // operation (and, if asked, to the caller).
+        let host = Host(&req);
         let scoped = match &self.config.scope {
-            None => format!("{} {} {key}", req.method(), req.uri().path()),
+            None => format!("{} {host}{} {key}", req.method(), req.uri().path()),
             Some(header) => {
                 let value = req.headers().get(header).map(HeaderValue::as_bytes);
                 format!(
-                    "{} {} {:016x} {key}",
+                    "{} {host}{} {:016x} {key}",
                     req.method(),
                     req.uri().path(),
                     Hasher::of_scope(value)
@@ -153,6 +155,28 @@ where
         let svc = std::mem::replace(&mut self.inner, clone);
         let fut = keyed(svc, req, scoped, self.store.clone(), self.config.clone());
         ResponseFuture::keyed(Box::pin(fut))
+    }
+}
+
+/// The host a request is for, as it goes into its scoped key: the URI's authority
+/// (HTTP/2's `:authority`), else the `Host` header, else nothing; without userinfo,
+/// lower-cased (hosts compare without regard to case).
+struct Host<'a, B>(&'a Request<B>);
+
+impl<B> std::fmt::Display for Host<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let authority = match self.0.uri().authority() {
+            Some(a) => a.as_str(),
+            None => self
+                .0
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(""),
+        };
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        host.chars()
+            .try_for_each(|c| std::fmt::Write::write_char(f, c.to_ascii_lowercase()))
     }
 }
 

@@ -2469,6 +2469,46 @@ async fn a_key_reused_for_a_different_request_is_refused_with_422() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// One layer serving two virtual hosts keeps their keys apart: the same key, path and
+/// body sent to another host is another operation, and runs. (The stored key had no
+/// host: `b.test`'s order got `a.test`'s answer.) Hosts compare without regard to
+/// case, and a `Host` header counts as the URI's authority does.
+#[tokio::test(start_paused = true)]
+async fn the_same_key_on_another_host_is_another_operation() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(echo_handler(calls.clone()));
+    let a = svc
+        .clone()
+        .oneshot(keyed_with("k", "http://a.test/orders", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(a.status(), StatusCode::CREATED);
+    let b = svc
+        .clone()
+        .oneshot(keyed_with("k", "http://b.test/orders", "{}"))
+        .await
+        .unwrap();
+    assert!(
+        !b.headers().contains_key(REPLAYED_HEADER),
+        "a.test's answer"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let again = svc
+        .clone()
+        .oneshot(keyed_with("k", "http://A.Test/orders", "{}"))
+        .await
+        .unwrap();
+    assert!(again.headers().contains_key(REPLAYED_HEADER));
+    // A server sees origin-form URIs and the `Host` header.
+    let mut via_header = keyed_with("k", "/orders", "{}");
+    via_header
+        .headers_mut()
+        .insert(http::header::HOST, "b.test".parse().unwrap());
+    let again = svc.oneshot(via_header).await.unwrap();
+    assert!(again.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// A handler that does not read the request body (it answers from the head: a `415`
 /// for the content type, a `400` for the query) leaves a fingerprint of the head alone:
 /// a repeat with another body is replayed (its body is not compared), but one with
