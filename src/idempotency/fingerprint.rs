@@ -369,7 +369,6 @@ mod tests {
     /// an absent header is not an empty one.
     #[test]
     fn the_scope_hash_is_stable_and_tells_absent_from_empty() {
-        assert_eq!(Hasher::of_scope(None), Hasher::of_scope(None));
         assert_ne!(Hasher::of_scope(None), Hasher::of_scope(Some(b"")));
         assert_ne!(
             Hasher::of_scope(Some(b"Bearer alice")),
@@ -417,7 +416,6 @@ mod tests {
     /// written by other instances (and other builds).
     #[test]
     fn the_hash_is_stable() {
-        assert_eq!(of(&[b"hello"]).hash, of(&[b"hello"]).hash);
         assert_eq!(of(&[b"hello"]).hash, 0x4e57_a262_e696_ff88);
     }
 }

@@ -3255,6 +3255,59 @@ async fn a_request_body_failing_after_the_answer_is_not_remembered() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// A repeat whose body cannot be read (its client went away mid-upload) cannot be
+/// compared with the first request: it is answered `400` with a problem document, not
+/// with the stored answer, nor by running the handler; a whole repeat is still
+/// replayed.
+#[tokio::test(start_paused = true)]
+async fn a_repeat_whose_body_cannot_be_read_is_answered_400() {
+    use http_body_util::combinators::BoxBody;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let handler = service_fn(
+        move |req: Request<FingerprintedBody<BoxBody<Bytes, BoxError>>>| {
+            calls2.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let mut res = Response::new(Full::new(body));
+                *res.status_mut() = StatusCode::CREATED;
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        },
+    );
+    let svc = IdempotencyLayer::new(100).layer(handler);
+    let with_key = |body: BoxBody<Bytes, BoxError>| {
+        let mut req = Request::post("http://shop.test/orders").body(body).unwrap();
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
+        req
+    };
+    let whole = || {
+        Full::new(Bytes::from_static(b"{\"sku\":1}"))
+            .map_err(BoxError::from)
+            .boxed()
+    };
+    let first = svc.clone().oneshot(with_key(whole())).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let broken = svc
+        .clone()
+        .oneshot(with_key(BrokenUpload(true).boxed()))
+        .await
+        .unwrap();
+    assert_eq!(broken.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(broken.headers()["content-type"], "application/problem+json");
+    assert!(!broken.headers().contains_key(REPLAYED_HEADER));
+    let doc = bytes_of(broken.into_body()).await;
+    assert!(
+        String::from_utf8_lossy(&doc).contains("Request body unreadable"),
+        "{doc:?}"
+    );
+    let again = svc.oneshot(with_key(whole())).await.unwrap();
+    assert!(again.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(bytes_of(again.into_body()).await, r#"{"sku":1}"#);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 // === typed flavour: never-cases ===
 
 #[tokio::test(start_paused = true)]
