@@ -383,6 +383,10 @@ pub struct IdempotencySection {
     /// A header whose value scopes the keys by caller, e.g. `"authorization"` (default
     /// none); see [`IdempotencyLayer::scope_by`](crate::idempotency::IdempotencyLayer::scope_by).
     pub scope_by: Option<String>,
+    /// gRPC methods whose calls pass through as if they had no key: every
+    /// server-streaming and bidirectional one (default none); see
+    /// [`IdempotencyLayer::stream_through`](crate::idempotency::IdempotencyLayer::stream_through).
+    pub stream_through: Vec<String>,
 }
 
 impl Default for IdempotencySection {
@@ -393,6 +397,7 @@ impl Default for IdempotencySection {
             lock_for: Duration::from_secs(60),
             max_body: 1024 * 1024,
             scope_by: None,
+            stream_through: Vec::new(),
         }
     }
 }

@@ -202,6 +202,9 @@ fn server(f: &mut impl Write, p: &str, s: &ServerConfig) -> fmt::Result {
     if let Some(h) = &i.scope_by {
         writeln!(f, "scope_by = {}", string(h))?;
     }
+    if !i.stream_through.is_empty() {
+        writeln!(f, "stream_through = {}", strings(&i.stream_through))?;
+    }
     Ok(())
 }
 
@@ -320,6 +323,7 @@ mod tests {
         c.client.circuit_breaker.name = Some("a\u{0}\u{7f}\u{ad}\"\\b\n\t".to_owned());
         c.client.enqueue.sync_routes = vec!["/caf\u{e9}/\u{1b}".to_owned()];
         c.server.idempotency.scope_by = Some("authorization".to_owned());
+        c.server.idempotency.stream_through = vec!["/chat.Chat/*".to_owned()];
         let shown = c.to_string();
         let back = StackConfig::from_str(&shown, Format::Toml).unwrap();
         assert_eq!(back, c, "{shown}");

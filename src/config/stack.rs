@@ -299,6 +299,9 @@ impl ServerConfig {
                 idempotency = idempotency.scope_by(h);
             }
         }
+        for method in &i.stream_through {
+            idempotency = idempotency.stream_through(method.clone());
+        }
         Ok(ServerLayer {
             deadline: DeadlineLayer::with_propagation(self.deadline, propagation)
                 .map_err(prefix)?,

@@ -37,6 +37,7 @@ impl<St> IdempotencyLayer<St> {
                 lock_for: Duration::from_secs(60),
                 max_body: 1024 * 1024,
                 scope: None,
+                stream_through: Vec::new(),
             },
         }
     }
@@ -95,6 +96,23 @@ impl<St> IdempotencyLayer<St> {
     /// stored `Authorization`, so its replays stay in the original's scope.
     pub fn scope_by(mut self, header: HeaderName) -> Self {
         self.config.scope = Some(header);
+        self
+    }
+
+    /// Lets the calls of the gRPC method `path` (`/package.Service/Method`, or
+    /// `/package.Service/*` for every method of a service; matched against the path's
+    /// last two segments, as [`BufferBodyLayer::stream_through`] is) pass through as if
+    /// they had no key: never remembered, never answered from the store.
+    ///
+    /// Name every server-streaming and bidirectional method whose callers may send a
+    /// key: a remembered answer is read to its end first, so a server stream would
+    /// reach its client only once it ended, and a bidirectional call whose client waits
+    /// for an answer before it sends the next message would hang until its deadline.
+    /// (Server-sent events, `text/event-stream`, are recognised and always streamed.)
+    ///
+    /// [`BufferBodyLayer::stream_through`]: crate::http::body::BufferBodyLayer::stream_through
+    pub fn stream_through(mut self, path: impl Into<String>) -> Self {
+        self.config.stream_through.push(path.into());
         self
     }
 

@@ -25,7 +25,10 @@
 //!   for the query) is fingerprinted by its head alone, and its repeats are compared
 //!   by method, path and query and content type only;
 //! * requests without the header pass through untouched (in a [`FingerprintedBody`]
-//!   that only forwards).
+//!   that only forwards), and so do calls of the gRPC methods named in
+//!   [`stream_through`](IdempotencyLayer::stream_through) (name every streaming one:
+//!   a remembered answer is read to its end before it is sent);
+//! * a server-sent event stream (`text/event-stream`) is streamed, not remembered.
 //!
 //! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), a conflict with
 //! another request (`409`, `423`), a

@@ -28,6 +28,8 @@ pub(crate) struct Config {
     pub(crate) max_body: usize,
     /// A header whose value scopes the keys (the caller's identity).
     pub(crate) scope: Option<HeaderName>,
+    /// gRPC methods whose calls pass through as if they had no key (streaming ones).
+    pub(crate) stream_through: Vec<String>,
 }
 
 /// Answers repeated requests with the same `Idempotency-Key` from a store instead of
@@ -85,6 +87,14 @@ impl<S, St> Idempotency<S, St> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+
+    /// Whether calls to `path` pass through as if they had no key.
+    fn streams_through(&self, path: &str) -> bool {
+        self.config
+            .stream_through
+            .iter()
+            .any(|m| crate::http::names_method(m, path))
+    }
 }
 
 impl<S: Clone, St> Clone for Idempotency<S, St> {
@@ -130,6 +140,7 @@ where
             .headers()
             .get(&self.config.header)
             .and_then(crate::http::idempotency_key::key_in)
+            .filter(|_| !self.streams_through(req.uri().path()))
         else {
             return ResponseFuture::passthrough(
                 self.inner.call(req.map(FingerprintedBody::untapped)),
@@ -363,7 +374,7 @@ where
             Ok(res) => res,
             Err(e) => return Handled::Failed(e),
         };
-        if !remembered(res.status(), res.headers()) || tap.failed() {
+        if !remembered(res.status(), res.headers()) || tap.failed() || is_event_stream(&res) {
             // Not remembered: a later attempt may succeed (or, for a request whose body
             // failed to arrive, send it whole). The claim is released here.
             return Handled::Streamed(res);
@@ -601,6 +612,19 @@ fn remembered_grpc(code: GrpcCode) -> bool {
         code,
         Ok | InvalidArgument | NotFound | AlreadyExists | FailedPrecondition | OutOfRange
     )
+}
+
+/// Whether `res` is a server-sent event stream (`text/event-stream`): it never ends
+/// while the client listens, so it is streamed through, never remembered (read to its
+/// end first, no event would reach the client).
+fn is_event_stream<B>(res: &Response<B>) -> bool {
+    res.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| {
+            v.as_bytes()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
+        })
 }
 
 /// Whether `headers` are a gRPC response's (`content-type: application/grpc…`).

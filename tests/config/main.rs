@@ -402,6 +402,47 @@ async fn idempotency_scope_by_is_checked_and_applied() {
     assert_eq!(calls.load(Ordering::SeqCst), 2, "bob got alice's answer");
 }
 
+/// `stream_through` names gRPC methods whose calls the server stack's idempotency
+/// layer passes through as if they had no key: never replayed.
+#[tokio::test]
+async fn idempotency_stream_through_is_applied() {
+    let config = ServerConfig::from_str(
+        "[idempotency]\nstream_through = [\"/chat.Chat/*\"]\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = tower::Layer::layer(
+        &config.layer().unwrap(),
+        service_fn({
+            let calls = calls.clone();
+            move |_req: http::Request<_>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+                }
+            }
+        }),
+    );
+    for path in [
+        "/chat.Chat/Talk",
+        "/chat.Chat/Talk",
+        "/shop.Orders/Place",
+        "/shop.Orders/Place",
+    ] {
+        let req = http::Request::post(format!("http://shop.test{path}"))
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("{}")))
+            .unwrap();
+        svc.clone().oneshot(req).await.unwrap();
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the named method runs each time, the other once"
+    );
+}
+
 /// `honour_inbound_deadline = false`: the handler sees the server's own budget, not
 /// the `postbox-timeout-ms: 0` a remote client sent.
 #[tokio::test]

@@ -3308,6 +3308,106 @@ async fn a_repeat_whose_body_cannot_be_read_is_answered_400() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// A response body that sends one message and then stays open (an event stream, a
+/// server stream that waits for more).
+struct OneMessageThenOpen(bool);
+
+impl http_body::Body for OneMessageThenOpen {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if std::mem::replace(&mut self.0, false) {
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                b"data: 1\n\n",
+            )))))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
+/// A handler answering `content_type` with a stream that stays open after one message.
+fn open_stream_handler(
+    calls: Arc<AtomicUsize>,
+    content_type: &'static str,
+) -> impl Service<
+    Served,
+    Response = Response<OneMessageThenOpen>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |_req: Served| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let mut res = Response::new(OneMessageThenOpen(true));
+        res.headers_mut()
+            .insert("content-type", content_type.parse().unwrap());
+        async move { Ok(res) }
+    })
+}
+
+/// Its first message reaches the client while the stream stays open, within `wait`.
+async fn first_message_within(res: Response<impl http_body::Body<Data = Bytes>>, wait: Duration) {
+    let mut body = std::pin::pin!(res.into_body());
+    let frame = tokio::time::timeout(wait, body.frame())
+        .await
+        .expect("the first message was held back")
+        .expect("a frame")
+        .ok()
+        .expect("data");
+    assert_eq!(frame.into_data().ok().unwrap(), "data: 1\n\n");
+}
+
+/// Server-sent events with a key are streamed, not read to their end to be remembered:
+/// no event reached the client while the stream was open (until the claim ended).
+#[tokio::test(start_paused = true)]
+async fn an_event_stream_with_a_key_is_streamed_not_remembered() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc =
+        IdempotencyLayer::new(100).layer(open_stream_handler(calls.clone(), "text/event-stream"));
+    let res = tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(keyed("k")))
+        .await
+        .expect("the answer was held back")
+        .unwrap();
+    first_message_within(res, Duration::from_secs(1)).await;
+    let again = svc.oneshot(keyed("k")).await.unwrap();
+    assert!(!again.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A gRPC method named in `stream_through` passes through as if it had no key: its
+/// server stream reaches the client as it is sent (a bidirectional call waiting for
+/// an answer hung until its deadline), and it is never replayed.
+#[tokio::test(start_paused = true)]
+async fn a_stream_through_method_with_a_key_passes_through() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100)
+        .stream_through("/chat.Chat/Talk")
+        .layer(open_stream_handler(calls.clone(), "application/grpc"));
+    let call = || keyed_with("k", "http://chat.test/chat.Chat/Talk", "msg");
+    let res = tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(call()))
+        .await
+        .expect("the answer was held back")
+        .unwrap();
+    first_message_within(res, Duration::from_secs(1)).await;
+    let again = svc.clone().oneshot(call()).await.unwrap();
+    assert!(!again.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Another method is not named: its answer is read to be remembered.
+    let other = svc.oneshot(keyed_with("k", "http://chat.test/chat.Chat/Send", "m"));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), other)
+            .await
+            .is_err(),
+        "not named: held until the stream ends"
+    );
+}
+
 // === typed flavour: never-cases ===
 
 #[tokio::test(start_paused = true)]
