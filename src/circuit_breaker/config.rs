@@ -203,7 +203,8 @@ impl CircuitBreakerBuilder {
         self
     }
 
-    /// Seeds the jitter's random numbers (tests and simulations).
+    /// Seeds the jitter's random numbers (tests and simulations). Each key of a keyed
+    /// breaker draws from its own sequence, derived from the seed and the key.
     pub fn jitter_seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
         self

@@ -214,6 +214,13 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             self.evict(&mut map, now, now_ns);
         }
         let mut settings = self.template.settings();
+        // A seeded jitter gets a sequence of its own per key (the same in every run):
+        // one seed for all would shorten every key's break alike.
+        settings.seed = settings.seed.map(|seed| {
+            let mut h = std::hash::DefaultHasher::new();
+            key.hash(&mut h);
+            seed ^ std::hash::Hasher::finish(&h)
+        });
         settings.name = if settings.name.is_empty() {
             key.to_string().into()
         } else {

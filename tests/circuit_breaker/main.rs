@@ -928,6 +928,35 @@ async fn an_open_breaker_is_not_evicted_as_idle_before_its_break_ends() {
     assert!(keys.is_empty(), "the break is over: idle again");
 }
 
+/// With a seeded jitter each key draws its own break lengths: keys tripped together
+/// do not all probe at the same instant. (Every key had the seed's sequence.)
+#[tokio::test(start_paused = true)]
+async fn seeded_jitter_differs_between_keys() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .break_duration(Duration::from_secs(100))
+        .break_jitter(0.9)
+        .jitter_seed(7)
+        .keyed(|req: &(u32, bool)| req.0)
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(ok_unless_false::<u32>));
+    let mut breaks = Vec::new();
+    for k in 1..=4 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call((k, false))
+            .await
+            .unwrap_err();
+        breaks.push(keys.get(&k).unwrap().retry_after().unwrap());
+    }
+    breaks.sort_unstable();
+    breaks.dedup();
+    assert_eq!(breaks.len(), 4, "keys shared a jitter sequence: {breaks:?}");
+}
+
 /// A breaker forced open (or disabled) by hand is not dropped, idle or not, when the
 /// map is full: dropping it would bring a fresh closed breaker back and undo what the
 /// operator set. (Before, manual states went first.)
