@@ -174,7 +174,9 @@ impl CircuitBreakerBuilder {
 
     /// Tracks slow calls: a call taking strictly longer than `duration` is slow, and
     /// the breaker trips when at least `rate` of the window is slow (resilience4j's
-    /// default rate is 1.0). Costs two clock reads per call.
+    /// default rate is 1.0). Costs two clock reads per call. Rate mode only: with
+    /// [`consecutive_failures`](Self::consecutive_failures), `build` returns a
+    /// [`ConfigError`].
     pub fn slow_calls(mut self, duration: Duration, rate: f64) -> Self {
         self.slow_call_duration = Some(duration);
         self.slow_call_rate = rate;
@@ -445,7 +447,8 @@ pub struct CircuitBreakerConfig {
     pub minimum_calls: u32,
     /// When set, the consecutive-failures mode ([`CircuitBreakerBuilder::consecutive_failures`]).
     pub consecutive_failures: Option<u32>,
-    /// When set, slow-call tracking ([`CircuitBreakerBuilder::slow_calls`]).
+    /// When set, slow-call tracking ([`CircuitBreakerBuilder::slow_calls`]); an error
+    /// together with `consecutive_failures`.
     #[serde(deserialize_with = "crate::duration::option")]
     pub slow_call_duration: Option<Duration>,
     /// The slow-call rate that trips (default 1.0).

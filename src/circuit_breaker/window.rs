@@ -410,40 +410,51 @@ mod tests {
     /// within a few thousand rotations.)
     #[test]
     fn a_read_never_sees_a_rotation_half_done() {
-        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        // At least this many rotations, and on until the reader has checked this many
+        // reads (it may start late on a busy machine), within a bound.
         const EPOCHS: u64 = 100_000;
+        const CHECKS: u64 = 1_000;
         let w = TimeWindow::new(4, 1_000);
         // 2e while epoch e's rotation may be under way (nothing is recorded), 2e + 1
         // while its outcomes are recorded.
         let phase = AtomicU64::new(0);
+        let checked = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
-                for epoch in 1..=EPOCHS {
+                let mut epoch = 0;
+                while epoch < EPOCHS || (checked.load(SeqCst) < CHECKS && epoch < 100 * EPOCHS) {
+                    epoch += 1;
                     phase.store(2 * epoch, SeqCst);
                     w.totals(epoch * 1_000);
                     phase.store(2 * epoch + 1, SeqCst);
+                    // The records below must not be seen before the phase (weakly
+                    // ordered CPUs): a half-recorded bucket is no torn read.
+                    fence(SeqCst);
                     for _ in 0..5 {
                         w.record(epoch * 1_000, 0);
                         w.record(epoch * 1_000, FAILURE);
                     }
                 }
+                done.store(true, SeqCst);
             });
-            let (mut checked, mut last) = (0u64, 0);
-            while last < 2 * EPOCHS + 1 {
+            while !done.load(SeqCst) {
                 let before = phase.load(SeqCst);
                 // `now` 0 is behind the head: a read only, never a rotation.
                 let t = w.totals(0);
-                last = phase.load(SeqCst);
-                if before == last && before.is_multiple_of(2) {
+                if before == phase.load(SeqCst) && before.is_multiple_of(2) {
                     assert_eq!(
                         t.failures * 2,
                         t.calls,
-                        "a torn read after {checked} checked: {t:?}"
+                        "a torn read after {} checked: {t:?}",
+                        checked.load(SeqCst)
                     );
-                    checked += 1;
+                    checked.fetch_add(1, SeqCst);
                 }
             }
         });
+        assert!(checked.into_inner() > 0, "no read fell between rotations");
     }
 
     #[test]
