@@ -78,6 +78,10 @@ pub(crate) fn raw_now() -> u64 {
 /// monotonic clock between them are equal. (Two reads in a row can be equal on a clock
 /// with a coarse tick, about 42 ns on Apple silicon, 100 ns on Windows: the wait for
 /// the tick makes "equal" mean "paused" there too.)
+#[expect(
+    clippy::disallowed_types,
+    reason = "the system's clock, which tokio's pause does not stop, is the point here"
+)]
 pub(crate) fn tokio_clock_is_paused() -> bool {
     let a = Instant::now();
     let tick = std::time::Instant::now();
