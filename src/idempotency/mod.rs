@@ -13,8 +13,10 @@
 //!   (`idempotent-replayed: true`);
 //! * a duplicate arriving while the first runs **waits** for it (it does not run the
 //!   handler twice), then gets the same answer; one still waiting `lock_for` after it
-//!   came (the key claimed again and again by failing attempts) is answered
-//!   `409 Conflict` ("Request in progress", as the IETF draft advises);
+//!   came (the key claimed again and again by failing attempts), or just before its
+//!   own deadline (a [`CallDeadline`](crate::timeout::CallDeadline) a deadline layer
+//!   outside set), is answered `409 Conflict` with `Retry-After` ("Request in
+//!   progress", as the IETF draft advises);
 //! * a repeat that is **not the same request** — another query, content type or body
 //!   under a key already used (a client bug) — is answered `422 Unprocessable Content`
 //!   (`application/problem+json`, "Idempotency-Key is already used", as the IETF

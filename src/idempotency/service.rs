@@ -191,6 +191,10 @@ impl<B> std::fmt::Display for Host<'_, B> {
     }
 }
 
+/// How long before the call's deadline a duplicate stops waiting for its key, to answer
+/// `409` before the deadline answers for it.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+
 /// Gives the claim back if the request does not complete it.
 struct Release<St: IdempotencyStore> {
     store: Arc<St>,
@@ -232,6 +236,13 @@ where
     // free and is claimed again by another duplicate (a handler that keeps failing),
     // then is answered `409` as the IETF draft says for a request still in progress.
     let mut wait_until: Option<tokio::time::Instant> = None;
+    // Within a deadline (a `DeadlineLayer` outside sets it), the wait ends a little
+    // before it: the duplicate gets `409` and `Retry-After`, "retry with this key",
+    // instead of the deadline's `504`, which says nothing of the first request.
+    let call_deadline = req
+        .extensions()
+        .get::<crate::timeout::CallDeadline>()
+        .map(|d| d.at().checked_sub(DEADLINE_MARGIN).unwrap_or(d.at()));
     // Set once the bound is reached: one more claim, then `409`.
     let mut last_claim = false;
     let (token, claim_ends) = loop {
@@ -287,7 +298,8 @@ where
                     ready = false;
                 }
                 let until = *wait_until.get_or_insert_with(|| {
-                    crate::clock::later(tokio::time::Instant::now(), config.lock_for)
+                    let bound = crate::clock::later(tokio::time::Instant::now(), config.lock_for);
+                    call_deadline.map_or(bound, |at| bound.min(at))
                 });
                 // At the bound the key is claimed once more before answering: a hung
                 // first request's claim ends then for a duplicate that came at once

@@ -402,6 +402,46 @@ async fn idempotency_scope_by_is_checked_and_applied() {
     assert_eq!(calls.load(Ordering::SeqCst), 2, "bob got alice's answer");
 }
 
+/// In the server stack a duplicate of a request still running is answered `409` with
+/// `Retry-After` before its own deadline passes: the idempotency layer ends its wait
+/// just before the deadline. (The deadline answered first, `504`, and the `409` the
+/// layer documents was never seen behind it.)
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_in_the_server_stack_gets_409_before_its_deadline() {
+    let config = ServerConfig::from_str("deadline = \"2s\"\n", Format::Toml).unwrap();
+    let svc = tower::Layer::layer(
+        &config.layer().unwrap(),
+        service_fn(|_req: http::Request<_>| async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+        }),
+    );
+    let call = || {
+        http::Request::post("http://shop.test/orders")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("{}")))
+            .unwrap()
+    };
+    let first = tokio::spawn(svc.clone().oneshot(call()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = tokio::time::Instant::now();
+    let dup = svc.oneshot(call()).await.unwrap();
+    assert_eq!(dup.status(), http::StatusCode::CONFLICT);
+    assert!(dup.headers().contains_key(http::header::RETRY_AFTER));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() > Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), http::StatusCode::GATEWAY_TIMEOUT);
+}
+
 /// `stream_through` names gRPC methods whose calls the server stack's idempotency
 /// layer passes through as if they had no key: never replayed.
 #[tokio::test]
