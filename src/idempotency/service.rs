@@ -398,7 +398,7 @@ where
             store,
             config,
             parts.status,
-            parts.headers.clone(),
+            end_to_end(&parts.headers),
             tap,
         )
         .await;
@@ -637,6 +637,38 @@ fn is_event_stream<B>(res: &Response<B>) -> bool {
                 .get(..17)
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
         })
+}
+
+/// The headers of a response to store: without the hop-by-hop ones (RFC 9110 §7.6.1:
+/// the fixed ones and those its `connection` header names), which described the first
+/// answer's connection, not the answer (a stored `transfer-encoding: chunked` would
+/// be replayed over a body sent whole).
+fn end_to_end(headers: &http::HeaderMap) -> http::HeaderMap {
+    const HOP_BY_HOP: [&str; 7] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
+    let named: Vec<&str> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(str::trim))
+        .collect();
+    let mut kept = headers.clone();
+    for name in HOP_BY_HOP {
+        kept.remove(name);
+    }
+    for name in named {
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+            kept.remove(name);
+        }
+    }
+    kept
 }
 
 /// Whether `headers` are a gRPC response's (`content-type: application/grpc…`).

@@ -3255,6 +3255,30 @@ async fn a_request_body_failing_after_the_answer_is_not_remembered() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// A replayed answer carries the first answer's end-to-end headers, not its hop-by-hop
+/// ones (`transfer-encoding`, `connection` and what it names): they described the
+/// first answer's connection, and a replay sends the body whole.
+#[tokio::test(start_paused = true)]
+async fn a_replayed_answer_has_no_hop_by_hop_headers() {
+    let handler = service_fn(|_req: Served| async {
+        let mut res = respond(201, "order");
+        let h = res.headers_mut();
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("connection", "keep-alive, x-conn-id".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-conn-id", "7".parse().unwrap());
+        h.insert("x-order", "42".parse().unwrap());
+        Ok::<_, std::convert::Infallible>(res)
+    });
+    let svc = IdempotencyLayer::new(100).layer(handler);
+    svc.clone().oneshot(keyed("k")).await.unwrap();
+    let again = svc.oneshot(keyed("k")).await.unwrap();
+    assert!(again.headers().contains_key(REPLAYED_HEADER));
+    let mut names: Vec<_> = again.headers().keys().map(|n| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, [REPLAYED_HEADER, "x-order"]);
+}
+
 /// A repeat whose body cannot be read (its client went away mid-upload) cannot be
 /// compared with the first request: it is answered `400` with a problem document, not
 /// with the stored answer, nor by running the handler; a whole repeat is still
