@@ -3136,10 +3136,14 @@ async fn keys_scoped_by_the_caller_keep_two_callers_apart() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
-/// A request body that fails one frame in (its client went away mid-upload).
-struct BrokenUpload(bool);
+/// A body that sends one frame, then fails (a request whose client went away
+/// mid-upload) or stays open (an event stream, a server stream waiting for more).
+struct OneFrameThen {
+    frame: Option<&'static [u8]>,
+    fails: bool,
+}
 
-impl http_body::Body for BrokenUpload {
+impl http_body::Body for OneFrameThen {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -3147,13 +3151,29 @@ impl http_body::Body for BrokenUpload {
         mut self: Pin<&mut Self>,
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let first = std::mem::replace(&mut self.0, false);
-        std::task::Poll::Ready(Some(if first {
-            Ok(http_body::Frame::data(Bytes::from_static(b"{\"sku\":")))
-        } else {
-            Err("connection reset".into())
-        }))
+        use std::task::Poll;
+        match self.frame.take() {
+            Some(bytes) => Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(bytes))))),
+            None if self.fails => Poll::Ready(Some(Err("connection reset".into()))),
+            None => Poll::Pending,
+        }
     }
+}
+
+/// An upload that fails one frame in.
+fn broken_upload() -> OneFrameThen {
+    OneFrameThen {
+        frame: Some(b"{\"sku\":"),
+        fails: true,
+    }
+}
+
+/// A `POST /orders` with the idempotency key `k` and `body`.
+fn keyed_body<B>(body: B) -> Request<B> {
+    let mut req = Request::post("http://shop.test/orders").body(body).unwrap();
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
+    req
 }
 
 /// The answer to a request whose body failed to arrive (a `400` from a handler that
@@ -3163,7 +3183,7 @@ impl http_body::Body for BrokenUpload {
 async fn the_answer_to_a_request_whose_body_failed_is_not_remembered() {
     let calls = Arc::new(AtomicUsize::new(0));
     let calls2 = calls.clone();
-    let handler = service_fn(move |req: Request<FingerprintedBody<BrokenUpload>>| {
+    let handler = service_fn(move |req: Request<FingerprintedBody<OneFrameThen>>| {
         calls2.fetch_add(1, Ordering::SeqCst);
         async move {
             Ok::<_, std::convert::Infallible>(match req.into_body().collect().await {
@@ -3173,14 +3193,7 @@ async fn the_answer_to_a_request_whose_body_failed_is_not_remembered() {
         }
     });
     let svc = IdempotencyLayer::new(100).layer(handler);
-    let upload = || {
-        let mut req = Request::post("http://shop.test/orders")
-            .body(BrokenUpload(true))
-            .unwrap();
-        req.headers_mut()
-            .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
-        req
-    };
+    let upload = || keyed_body(broken_upload());
     let res = svc.clone().oneshot(upload()).await.unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let res = svc.oneshot(upload()).await.unwrap();
@@ -3229,21 +3242,14 @@ impl<B: http_body::Body + Unpin> http_body::Body for DrainThenAnswer<B> {
 async fn a_request_body_failing_after_the_answer_is_not_remembered() {
     let calls = Arc::new(AtomicUsize::new(0));
     let calls2 = calls.clone();
-    let handler = service_fn(move |req: Request<FingerprintedBody<BrokenUpload>>| {
+    let handler = service_fn(move |req: Request<FingerprintedBody<OneFrameThen>>| {
         calls2.fetch_add(1, Ordering::SeqCst);
         let mut res = Response::new(DrainThenAnswer(Some(req.into_body())));
         *res.status_mut() = StatusCode::CREATED;
         async move { Ok::<_, std::convert::Infallible>(res) }
     });
     let svc = IdempotencyLayer::new(100).layer(handler);
-    let upload = || {
-        let mut req = Request::post("http://shop.test/orders")
-            .body(BrokenUpload(true))
-            .unwrap();
-        req.headers_mut()
-            .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
-        req
-    };
+    let upload = || keyed_body(broken_upload());
     let res = svc.clone().oneshot(upload()).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     assert_eq!(bytes_of(res.into_body()).await, "accepted");
@@ -3300,12 +3306,7 @@ async fn a_repeat_whose_body_cannot_be_read_is_answered_400() {
         },
     );
     let svc = IdempotencyLayer::new(100).layer(handler);
-    let with_key = |body: BoxBody<Bytes, BoxError>| {
-        let mut req = Request::post("http://shop.test/orders").body(body).unwrap();
-        req.headers_mut()
-            .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
-        req
-    };
+    let with_key = keyed_body::<BoxBody<Bytes, BoxError>>;
     let whole = || {
         Full::new(Bytes::from_static(b"{\"sku\":1}"))
             .map_err(BoxError::from)
@@ -3315,7 +3316,7 @@ async fn a_repeat_whose_body_cannot_be_read_is_answered_400() {
     assert_eq!(first.status(), StatusCode::CREATED);
     let broken = svc
         .clone()
-        .oneshot(with_key(BrokenUpload(true).boxed()))
+        .oneshot(with_key(broken_upload().boxed()))
         .await
         .unwrap();
     assert_eq!(broken.status(), StatusCode::BAD_REQUEST);
@@ -3332,35 +3333,13 @@ async fn a_repeat_whose_body_cannot_be_read_is_answered_400() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
-/// A response body that sends one message and then stays open (an event stream, a
-/// server stream that waits for more).
-struct OneMessageThenOpen(bool);
-
-impl http_body::Body for OneMessageThenOpen {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        if std::mem::replace(&mut self.0, false) {
-            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
-                b"data: 1\n\n",
-            )))))
-        } else {
-            std::task::Poll::Pending
-        }
-    }
-}
-
 /// A handler answering `content_type` with a stream that stays open after one message.
 fn open_stream_handler(
     calls: Arc<AtomicUsize>,
     content_type: &'static str,
 ) -> impl Service<
     Served,
-    Response = Response<OneMessageThenOpen>,
+    Response = Response<OneFrameThen>,
     Error = std::convert::Infallible,
     Future: Send,
 > + Clone
@@ -3368,7 +3347,10 @@ fn open_stream_handler(
 + 'static {
     service_fn(move |_req: Served| {
         calls.fetch_add(1, Ordering::SeqCst);
-        let mut res = Response::new(OneMessageThenOpen(true));
+        let mut res = Response::new(OneFrameThen {
+            frame: Some(b"data: 1\n\n"),
+            fails: false,
+        });
         res.headers_mut()
             .insert("content-type", content_type.parse().unwrap());
         async move { Ok(res) }
