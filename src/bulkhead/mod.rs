@@ -13,6 +13,11 @@
 //!
 //! Waiting is not strictly first-come first-served: a woken waiter competes with new
 //! callers for the freed permit, and may lose it and give up at its `max_wait`.
+//! A service whose `poll_ready` returned `Pending` holds its place in the queue (and
+//! a waiting slot) until it is polled again or dropped: a freed permit's wake-up goes
+//! to it. Keep polling it, or drop it (a `select!` that gave up on `ready()` should
+//! drop the service it was readying); otherwise the next waiter waits for the release
+//! after, as with tower's `ConcurrencyLimit`.
 //!
 //! # Two answers to overload
 //!

@@ -11,9 +11,15 @@
 //!   can stop early. A request whose deadline has already passed fails with
 //!   [`error::DeadlineExceeded`] without calling the inner service.
 //!
-//! Both timers start when the response future is first polled and cost nothing when
-//! the inner future completes on its first poll: the clock is read and a timer is
-//! armed only if the inner service is still pending.
+//! Without propagation both timers start when the response future is first polled
+//! and cost nothing when the inner future completes on its first poll: the clock is
+//! read and a timer is armed only if the inner service is still pending. With
+//! [`HttpPropagation`] the deadline starts at `call` (it is written into the request).
+//!
+//! Both bound the response future, which completes with the response's *head*: a
+//! body the server stalls in is read after it, unbounded by them (as with tower's
+//! `Timeout`). Bound the body read too (reqwest's `Client::builder().timeout`, or a
+//! timeout around reading it), or buffer the body inside the deadline.
 //!
 //! # Example
 //! ```

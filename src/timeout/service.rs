@@ -328,6 +328,13 @@ mod http_propagation {
     impl<B> Propagate<Request<B>> for HttpPropagation {
         fn inbound(&self, req: &Request<B>, now: Instant) -> Option<Instant> {
             let ext = req.extensions().get::<CallDeadline>().map(CallDeadline::at);
+            if self.headers == Headers::CallerSet
+                && header_timeout(req.headers(), is_grpc(req.headers())) == Some(Duration::ZERO)
+            {
+                // The caller left no time at all (`grpc-timeout: 0m`): failed before
+                // the call, not sent with a deadline of now while our timer runs on.
+                return Some(now);
+            }
             if self.headers != Headers::Inbound {
                 return ext;
             }
@@ -389,13 +396,22 @@ mod http_propagation {
             .and_then(|v| parse_grpc_timeout(v.as_bytes()));
         let ms = headers
             .get(TIMEOUT_MS_HEADER)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .and_then(|v| {
+                // Digits only: `u64::from_str` would take a sign (`+120`).
+                let v = v.to_str().ok()?.trim();
+                v.bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| v.parse::<u64>().ok())?
+            })
             .map(Duration::from_millis);
         [grpc, ms].into_iter().flatten().min()
     }
 
     /// Encodes a `grpc-timeout` value: at most 8 digits and a unit, choosing the finest
-    /// unit that fits and rounding up (as grpc-go does).
+    /// unit that fits and rounding down, as the milliseconds header is, so the next hop
+    /// gives up no later than we do (grpc-go rounds up: over 100 s its `m` value can be
+    /// a millisecond later). A duration that is not zero never encodes as zero: the
+    /// nanosecond unit is tried first.
     pub fn encode_grpc_timeout(d: Duration) -> String {
         const MAX: u128 = 99_999_999;
         let nanos = d.as_nanos();
@@ -408,7 +424,7 @@ mod http_propagation {
             (3_600_000_000_000, 'H'),
         ];
         for (per, unit) in units {
-            let v = nanos.div_ceil(per);
+            let v = nanos / per;
             if v <= MAX {
                 return format!("{v}{unit}");
             }
@@ -444,6 +460,12 @@ mod http_propagation {
             assert_eq!(encode_grpc_timeout(Duration::from_secs(2)), "2000000u");
             assert_eq!(encode_grpc_timeout(Duration::from_secs(1000)), "1000000m");
             assert_eq!(encode_grpc_timeout(Duration::from_secs(200_000)), "200000S");
+            // Rounded down: never later than the deadline it carries.
+            assert_eq!(
+                encode_grpc_timeout(Duration::from_millis(100_000) + Duration::from_nanos(1)),
+                "100000m"
+            );
+            assert_eq!(encode_grpc_timeout(Duration::from_nanos(1)), "1n");
         }
 
         #[test]

@@ -233,6 +233,47 @@ async fn a_shorter_timeout_the_caller_set_is_kept() {
     }
 }
 
+/// A caller that set a timeout of zero (`grpc-timeout: 0m`, `postbox-timeout-ms: 0`)
+/// left no time at all: the call fails with `DeadlineExceeded` before it is sent.
+/// (It was sent with a deadline of now, while the layer's timer ran its whole budget.)
+/// A signed value (`+120`) is no timeout.
+#[tokio::test(start_paused = true)]
+async fn a_zero_timeout_the_caller_set_fails_before_the_call() {
+    for (name, value) in [("grpc-timeout", "0m"), (TIMEOUT_MS_HEADER, "0")] {
+        let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
+            DeadlineLayer::http(Duration::from_secs(2)).unwrap(),
+        );
+        let req = http::Request::builder()
+            .header("content-type", "application/grpc")
+            .header(name, value)
+            .body(())
+            .unwrap();
+        assert_ready_ok!(svc.poll_ready());
+        let err = svc.call(req).await.unwrap_err();
+        let e = err
+            .downcast_ref::<DeadlineExceeded>()
+            .expect("DeadlineExceeded");
+        assert!(e.expired_before_call(), "{name}");
+        let mut next = tokio_test::task::spawn(handle.next_request());
+        assert_pending!(next.poll(), "{name}: the request was sent");
+    }
+    let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
+        DeadlineLayer::http(Duration::from_secs(2)).unwrap(),
+    );
+    let req = http::Request::builder()
+        .header(TIMEOUT_MS_HEADER, "+120")
+        .body(())
+        .unwrap();
+    assert_ready_ok!(svc.poll_ready());
+    let _fut = svc.call(req);
+    let (sent, _) = handle.next_request().await.unwrap();
+    assert_eq!(
+        sent.headers()[TIMEOUT_MS_HEADER],
+        "2000",
+        "+120 was read as 120"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn plain_http_requests_get_the_timeout_ms_header_but_no_grpc_timeout() {
     let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
