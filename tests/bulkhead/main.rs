@@ -211,6 +211,7 @@ async fn a_rejected_service_waits_in_a_slot_freed_before_its_next_poll_ready() {
     let (_, send) = handle.next_request().await.unwrap();
     send.send_response(0);
     assert_ready_ok!(f0.poll());
+    assert!(c[1].is_woken(), "the waiter was not woken by the release");
     assert_ready_ok!(c[1].poll_ready());
     let mut f2 = tokio_test::task::spawn(c[1].call(2));
     assert_pending!(f2.poll());
@@ -235,7 +236,47 @@ async fn backpressure_waits_as_long_as_it_takes() {
     let (_, send) = handle.next_request().await.unwrap();
     send.send_response(0);
     assert_ready_ok!(f0.poll());
+    assert!(
+        c[1].is_woken(),
+        "the first waiter was not woken by the release"
+    );
     assert_ready_ok!(c[1].poll_ready());
+}
+
+/// A waiter woken for a freed permit that is dropped before it polls hands the wake-up
+/// on: the next waiter is woken and gets the permit (else it would wait for a release
+/// that may never come).
+#[tokio::test(start_paused = true)]
+async fn a_woken_waiter_dropped_before_it_polls_wakes_the_next() {
+    for layer in [
+        BulkheadLayer::builder()
+            .max_concurrent(1)
+            .backpressure()
+            .build()
+            .unwrap(),
+        BulkheadLayer::builder()
+            .max_concurrent(1)
+            .max_waiting(2)
+            .max_wait(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    ] {
+        let (mut c, mut handle) = callers(&layer, 3);
+        assert_ready_ok!(c[0].poll_ready());
+        let mut f0 = tokio_test::task::spawn(c[0].call(0));
+        assert_pending!(c[1].poll_ready());
+        assert_pending!(c[2].poll_ready());
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(0);
+        assert_ready_ok!(f0.poll());
+        assert!(c[1].is_woken(), "{layer:?}: the first waiter was not woken");
+        drop(c.remove(1));
+        assert!(
+            c[1].is_woken(),
+            "{layer:?}: the wake-up was lost with the dropped waiter"
+        );
+        assert_ready_ok!(c[1].poll_ready());
+    }
 }
 
 #[tokio::test(start_paused = true)]
