@@ -27,7 +27,9 @@ pub(crate) struct Shared<Q, C> {
 pub(crate) struct Capture {
     pub(crate) key: String,
     head: Head,
-    pub(crate) created_at: SystemTime,
+    /// When it was captured, on tokio's clock: one cheap read on the happy path; the
+    /// wall-clock time is worked out only if the message is deferred.
+    captured_at: tokio::time::Instant,
 }
 
 /// The request as kept in case the call fails.
@@ -52,7 +54,7 @@ impl Capture {
         Self {
             key,
             head: Head::Captured(captured),
-            created_at: wall_now(),
+            captured_at: tokio::time::Instant::now(),
         }
     }
 
@@ -67,8 +69,16 @@ impl Capture {
                 headers: parts.headers.clone(),
                 body,
             },
-            created_at: wall_now(),
+            captured_at: tokio::time::Instant::now(),
         }
+    }
+}
+
+impl Capture {
+    /// The wall-clock time it was captured at.
+    fn created_at(&self) -> SystemTime {
+        let now = wall_now();
+        now.checked_sub(self.captured_at.elapsed()).unwrap_or(now)
     }
 }
 
@@ -122,7 +132,7 @@ impl<Q: Queue, C> Shared<Q, C> {
     /// can never happen; the caller gets the original outcome instead (the
     /// dependency's `429` with its `Retry-After`, say).
     pub(crate) fn deliverable(&self, capture: &Capture, trigger: &Trigger) -> bool {
-        let Some(at) = self.expires_at(capture.created_at) else {
+        let Some(at) = self.expires_at(capture.created_at()) else {
             return true;
         };
         let wait = trigger.not_before.unwrap_or_default();
@@ -150,11 +160,8 @@ impl<Q: Queue, C> Shared<Q, C> {
         let not_before = trigger
             .not_before
             .map_or(now, |d| crate::queue::saturating_add(now, d));
-        let Capture {
-            key,
-            head,
-            created_at,
-        } = capture;
+        let created_at = capture.created_at();
+        let Capture { key, head, .. } = capture;
         let expires_at = self.expires_at(created_at);
         let captured = head.into_captured();
         let envelope = Envelope {
