@@ -168,7 +168,7 @@ pub(crate) mod http_codec {
     }
 
     /// The comma-separated tokens of every `name` header, trimmed.
-    fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    pub(crate) fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
         headers
             .get_all(name)
             .into_iter()

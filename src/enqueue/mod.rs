@@ -66,7 +66,7 @@
 #[cfg(feature = "http")]
 pub(crate) mod body;
 mod clock;
-mod codec;
+pub(crate) mod codec;
 pub mod error;
 pub mod future;
 mod layer;

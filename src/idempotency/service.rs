@@ -653,17 +653,11 @@ fn end_to_end(headers: &http::HeaderMap) -> http::HeaderMap {
         "trailer",
         "upgrade",
     ];
-    let named: Vec<&str> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(str::trim))
-        .collect();
     let mut kept = headers.clone();
     for name in HOP_BY_HOP {
         kept.remove(name);
     }
-    for name in named {
+    for name in crate::enqueue::codec::http_codec::tokens(headers, http::header::CONNECTION) {
         if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
             kept.remove(name);
         }
