@@ -89,7 +89,9 @@ pub use self::receipt::{
 };
 #[cfg(feature = "http")]
 pub use self::replay::HttpJudge;
-pub use self::replay::{ClassifierJudge, Judge, ReplayStats, Replayer, ReplayerHandle, Verdict};
+pub use self::replay::{
+    ClassifierJudge, DEFAULT_MAX_RETRY_AFTER, Judge, ReplayStats, Replayer, ReplayerHandle, Verdict,
+};
 pub use self::service::Defer;
 #[cfg(feature = "http")]
 pub use self::service::EnqueueFallback;

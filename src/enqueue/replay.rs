@@ -237,6 +237,11 @@ mod http_judge {
     }
 }
 
+/// The default cap on a dependency's `Retry-After` when the replayer puts a message
+/// back: an hour. A longer hint (a bogus one, or a quota that resets tomorrow) is
+/// clamped to it, so a message is never parked for longer on the dependency's word.
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// The replayer's settings (see the setters on [`Replayer`] for defaults).
 #[derive(Debug, Clone)]
 struct ReplayConfig {
@@ -247,6 +252,7 @@ struct ReplayConfig {
     max_attempts: u32,
     backoff_base: Duration,
     backoff_max: Duration,
+    max_retry_after: Duration,
     jitter: bool,
     ack_batch: usize,
     ack_interval: Duration,
@@ -264,6 +270,7 @@ impl Default for ReplayConfig {
             max_attempts: 10,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
             jitter: true,
             ack_batch: 64,
             ack_interval: Duration::from_millis(100),
@@ -460,6 +467,19 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.config.backoff_base = base;
         self.config.backoff_max = max;
+        self
+    }
+
+    /// Honour a dependency's hint (`Retry-After`, `grpc-retry-pushback-ms`) up to `max`
+    /// (default [`DEFAULT_MAX_RETRY_AFTER`], an hour): a message is put back not before
+    /// `max(backoff, min(hint, max))`. A longer hint is clamped, not obeyed: the
+    /// message is tried again after `max`, and a time to live that the clamped wait
+    /// would pass still dead-letters it at once. `Duration::ZERO` ignores hints.
+    ///
+    /// Unlike the retry layer's `max_retry_after`, which ends the retries of a call
+    /// a caller is waiting on, a deferred message has no caller waiting: it waits.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.config.max_retry_after = max;
         self
     }
 
@@ -981,7 +1001,9 @@ where
             return;
         }
         let backoff = self.config.backoff(attempts, &mut self.rng);
-        let delay = backoff.max(after.unwrap_or_default());
+        // The hint comes from the dependency: honoured, up to `max_retry_after`.
+        let hint = after.unwrap_or_default().min(self.config.max_retry_after);
+        let delay = backoff.max(hint);
         if expires_at.is_some_and(|at| crate::queue::saturating_add(wall_now(), delay) >= at) {
             // Never tried again: dead now, not after waiting out the delay.
             let reason = format!("expires before its next try (in {delay:?}): {reason}");

@@ -1799,6 +1799,37 @@ async fn replayer_waits_for_a_retry_after_hint_longer_than_its_backoff() {
     assert_gap(gaps[1], Duration::from_secs(10), poll);
 }
 
+/// A dependency's `Retry-After` is honoured only up to `max_retry_after`: ten days
+/// become 30 s (and the default cap is an hour), so a bogus hint does not park the
+/// message.
+#[tokio::test(start_paused = true)]
+async fn replayer_clamps_a_retry_after_hint_to_max_retry_after() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |n, _| match n {
+        0 => Ok(unavailable_for(10 * 24 * 3600)),
+        _ => Ok(respond(200, "")),
+    });
+    let poll = Duration::from_millis(100);
+    let handle = Replayer::http(queue.clone(), svc)
+        .jitter(false)
+        .backoff(Duration::from_secs(1), Duration::from_secs(60))
+        .max_retry_after(Duration::from_secs(30))
+        .poll_interval(poll)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    handle.shutdown().await;
+    let gaps = gaps(&calls);
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_gap(gaps[0], Duration::from_secs(30), poll);
+    assert_eq!(
+        postbox::enqueue::DEFAULT_MAX_RETRY_AFTER,
+        Duration::from_secs(3600)
+    );
+}
+
 /// A replay answered with a Retry-After that reaches past the message's expiry is
 /// dead-lettered at once: it could never be tried again, and waiting would only hold it
 /// (and its key) until it expired.
@@ -1808,7 +1839,8 @@ async fn replayer_dead_letters_at_once_a_retry_that_would_pass_the_expiry() {
     let mut env = due_envelope("http://api.test/a");
     // (The replayer's wall clock may drift from `SystemTime::now()` by the time other
     // paused-time tests advanced: a wide margin.)
-    env.expires_at = Some(SystemTime::now() + Duration::from_secs(3600));
+    // The hint, clamped to the default cap of an hour, still passes the expiry.
+    env.expires_at = Some(SystemTime::now() + Duration::from_secs(1800));
     queue.enqueue(env).await.unwrap();
     let calls = Calls::default();
     let svc = scripted(calls.clone(), |_, _| Ok(unavailable_for(60 * 24 * 3600)));
@@ -1854,7 +1886,7 @@ async fn replayer_pauses_a_poll_interval_for_an_open_breaker_even_with_zero_back
 }
 
 /// A replay answered with a `Retry-After` too large for the clock goes back to the queue
-/// far in the future; the replayer neither panics nor stops, and replays the next
+/// (an hour ahead, the default cap); the replayer neither panics nor stops, and replays the next
 /// message.
 #[tokio::test(start_paused = true)]
 async fn replayer_survives_an_overflowing_retry_after() {
@@ -1876,7 +1908,11 @@ async fn replayer_survives_an_overflowing_retry_after() {
     enqueue_raw(&queue, "http://api.test/b").await;
     eventually(|| handle.stats().replayed == 1).await;
     handle.shutdown().await;
-    assert_eq!(depth(&queue).await.pending, 1, "the first waits, far ahead");
+    assert_eq!(
+        depth(&queue).await.pending,
+        1,
+        "the first waits, an hour ahead"
+    );
 }
 
 /// Seven messages replayed one at a time with `ack_batch(3, ..)`: acks go out as 3, 3,
