@@ -63,8 +63,9 @@ pub enum DeferReason {
 /// A deferred request.
 ///
 /// Its `Debug` output shows the body's length and the header names, with the values
-/// of credential headers (`authorization`, `cookie`, …) redacted: dead letters get
-/// logged.
+/// of credential headers (`authorization`, `cookie`, and any whose name has `auth`,
+/// `token`, `secret`, `passw`, `api-key`, `apikey`, `session` or `signature` in it)
+/// redacted: dead letters get logged.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// Time-ordered id.
@@ -123,9 +124,30 @@ const CREDENTIALS: [&str; 5] = [
     "x-api-key",
 ];
 
-/// Whether the header `name` holds a credential (any case).
+/// Words that make a header name look like a credential's (`x-auth-token`,
+/// `x-amz-security-token`, `x-goog-api-key`, `x-session-id`, `x-client-secret`): the
+/// flag a caller set with `HeaderValue::set_sensitive` is not stored, so names are all
+/// there is to go by; redacting one too many in a log costs nothing.
+const CREDENTIAL_WORDS: [&str; 8] = [
+    "auth",
+    "token",
+    "secret",
+    "passw",
+    "api-key",
+    "apikey",
+    "session",
+    "signature",
+];
+
+/// Whether the header `name` holds a credential (any case): one of [`CREDENTIALS`],
+/// or a name with one of [`CREDENTIAL_WORDS`] in it.
 pub(crate) fn is_credential(name: &str) -> bool {
     CREDENTIALS.iter().any(|c| name.eq_ignore_ascii_case(c))
+        || CREDENTIAL_WORDS.iter().any(|w| {
+            name.as_bytes()
+                .windows(w.len())
+                .any(|part| part.eq_ignore_ascii_case(w.as_bytes()))
+        })
 }
 
 /// A URI for `Debug`: its userinfo (`user:password@`) redacted.
@@ -721,16 +743,28 @@ mod tests {
         env.headers = vec![
             ("Authorization".into(), Bytes::from_static(b"Bearer s3cret")),
             ("cookie".into(), Bytes::from_static(b"session=abc")),
+            ("X-Auth-Token".into(), Bytes::from_static(b"tok-123")),
+            ("x-client-secret".into(), Bytes::from_static(b"shh-456")),
+            ("x-goog-api-key".into(), Bytes::from_static(b"AIza789")),
+            ("idempotency-key".into(), Bytes::from_static(b"order-7")),
             (
                 "content-type".into(),
                 Bytes::from_static(b"application/json"),
             ),
         ];
         let shown = format!("{env:?}");
-        for secret in ["s3cret", "session=abc", "4111"] {
+        for secret in [
+            "s3cret",
+            "session=abc",
+            "4111",
+            "tok-123",
+            "shh-456",
+            "AIza789",
+        ] {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert!(shown.contains("application/json"), "{shown}");
+        assert!(shown.contains("order-7"), "not a credential: {shown}");
         assert!(shown.contains("<21 bytes>"), "{shown}");
     }
 
