@@ -241,7 +241,11 @@ fn line_of_field(text: &str, field: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
     let mut from = 0;
     let mut found = None;
-    let segments: Vec<&str> = field.split('.').collect();
+    // An array's entry (`stream_through[1]`) is found by its array's key.
+    let segments: Vec<&str> = field
+        .split('.')
+        .map(|seg| seg.split_once('[').map_or(seg, |(key, _)| key))
+        .collect();
     for (i, seg) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
         let hit = (from..lines.len()).find(|&n| mentions_key(lines[n], seg));
@@ -657,6 +661,11 @@ mod tests {
             Some(5)
         );
         assert_eq!(line_of_field(text, "client.attempt_timeout"), None);
+        let arrays = "[server.idempotency]\nttl = \"1h\"\nstream_through = [\"a\", \"*\"]\n";
+        assert_eq!(
+            line_of_field(arrays, "server.idempotency.stream_through[1]"),
+            Some(3)
+        );
         assert_eq!(key_on_line(text, 5).as_deref(), Some("max_delay"));
         assert_eq!(key_on_line("  \"ttl\": \"1x\"", 1).as_deref(), Some("ttl"));
     }

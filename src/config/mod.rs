@@ -31,7 +31,7 @@
 //! | `attempt_timeout ≤ deadline` | `client.attempt_timeout` |
 //! | a time window of the breaker spans at least `2 × attempt_timeout` (a count window has no duration and is not checked) | `client.circuit_breaker.window.duration` |
 //! | the breaker's `max_wait_in_half_open ≥ attempt_timeout` (else a probe that takes its whole attempt reopens the breaker before it answers) | `client.circuit_breaker.max_wait_in_half_open` |
-//! | `retry.max_retries × retry.backoff.max_delay ≤ deadline` | `client.retry.backoff.max_delay` |
+//! | the longest the backoff can wait across `retry.max_retries` retries (each delay at its cap, with any jitter: `100ms, 200ms, 400ms` for three exponential retries from `100ms`) `≤ deadline` | `client.retry.backoff.max_delay` |
 //! | a client bulkhead that lets callers wait (`max_waiting > 0`) sets `max_wait ≤ deadline` (it waits before the deadline's timer starts) | `client.bulkhead.max_wait` |
 //! | `enqueue.sync_methods` are upper-case (methods are case-sensitive: `"get"` would keep no `GET` synchronous) | `client.enqueue.sync_methods` |
 //! | `enqueue.sync_routes` are paths: each starts with `/` and has no query or fragment (`"payments"` would keep nothing synchronous, `""` every route) | `client.enqueue.sync_routes` |
@@ -68,7 +68,7 @@
 //!
 //! [client.retry]
 //! max_retries = 2
-//! backoff = { max_delay = "1s" } # retries × max delay must fit in the deadline
+//! backoff = { max_delay = "1s" } # the backoff's waits must fit in the deadline
 //!
 //! [server]
 //! preset = "server"
@@ -631,21 +631,31 @@ impl ClientConfig {
         }
         wait_needs_waiting(&self.bulkhead, f("bulkhead.max_wait"))?;
         known_preset(self.preset.as_deref(), "client", f("preset"))?;
-        let waits = self
+        // The longest the backoff can wait across all retries (checked above to build),
+        // stopping once it passes the deadline.
+        let backoff = self
             .retry
             .backoff
-            .max_delay
-            .saturating_mul(self.retry.max_retries);
+            .to_backoff()
+            .map_err(|e| prefixed(p, e))?;
+        let mut waits = Duration::ZERO;
+        for retry in 1..=self.retry.max_retries {
+            waits = waits.saturating_add(backoff.longest(retry));
+            if waits > self.deadline {
+                break;
+            }
+        }
         if waits > self.deadline {
             return Err(ConfigError::new(
                 f("retry.backoff.max_delay"),
                 format!(
-                    "× `{}` ({} × {} = {}) must fit in `{}` ({}): the retries would be cut off \
-                     by the deadline",
-                    f("retry.max_retries"),
-                    self.retry.max_retries,
+                    "({}) lets the backoff wait {} or more in all between the `{}` ({}) \
+                     retries: more than `{}` ({}), so the retries would be cut off by the \
+                     deadline",
                     fmt_d(self.retry.backoff.max_delay),
                     fmt_d(waits),
+                    f("retry.max_retries"),
+                    self.retry.max_retries,
                     f("deadline"),
                     fmt_d(self.deadline)
                 ),
@@ -755,6 +765,14 @@ impl ServerConfig {
                 format!("({h:?}) is not a header name"),
             ));
         }
+        for (i, m) in self.idempotency.stream_through.iter().enumerate() {
+            if let Some(problem) = crate::http::method_pattern_problem(m) {
+                return Err(ConfigError::new(
+                    f(&format!("idempotency.stream_through[{i}]")),
+                    format!("({m:?}) {problem}"),
+                ));
+            }
+        }
         positive(f("idempotency.ttl"), self.idempotency.ttl)?;
         positive(f("idempotency.lock_for"), self.idempotency.lock_for)?;
         if self.idempotency.lock_for < self.deadline {
@@ -814,8 +832,13 @@ mod tests {
             "client.circuit_breaker.window.duration"
         );
 
+        // The backoff's own schedule counts, not retries × cap: six retries of 100 ms
+        // doubling to a 2 s cap wait at most 5.1 s, within the 10 s deadline...
         let mut c = ClientConfig::standard_http_client();
         c.retry.max_retries = 6;
+        c.validate().unwrap();
+        // ...ten wait up to 13.1 s.
+        c.retry.max_retries = 10;
         let e = c.validate().unwrap_err();
         assert_eq!(e.field(), "client.retry.backoff.max_delay");
         assert!(e.message().contains("client.retry.max_retries"), "{e}");

@@ -57,3 +57,43 @@ pub(crate) fn names_method(pattern: &str, path: &str) -> bool {
         None => tail == pattern,
     }
 }
+
+/// The host (and port) a request is for, without userinfo (`user:pw@`, never to be
+/// shown or used as a key): its URI's authority, or else its `Host` header.
+pub(crate) fn host_of<'a>(uri: &'a ::http::Uri, headers: &'a ::http::HeaderMap) -> Option<&'a str> {
+    let authority = match uri.authority() {
+        Some(a) => a.as_str(),
+        None => headers.get(::http::header::HOST)?.to_str().ok()?,
+    };
+    Some(
+        authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host),
+    )
+}
+
+/// What is wrong with a [`names_method`] pattern, if anything: one matching every call
+/// (`*`, `/*`, empty), or one that can match none (no `/` and no `*`, or more than two
+/// segments, when only a path's last two are compared).
+pub(crate) fn method_pattern_problem(pattern: &str) -> Option<&'static str> {
+    let p = pattern.strip_prefix('/').unwrap_or(pattern);
+    let wild = p.strip_suffix('*');
+    let named = wild.unwrap_or(p);
+    if named.is_empty() {
+        return Some(
+            "names no method and would match every call: write `/package.Service/Method`, \
+             or `/package.Service/*` for every method of a service",
+        );
+    }
+    match (wild.is_some(), named.matches('/').count()) {
+        (_, 2..) => Some(
+            "has more than two segments, and would match no call: only a path's last two, \
+             `package.Service/Method`, are compared",
+        ),
+        (false, 0) => Some(
+            "names no method, and would match no call: write `/package.Service/Method`, \
+             or `/package.Service/*` for every method of a service",
+        ),
+        _ => None,
+    }
+}

@@ -213,6 +213,26 @@ impl Backoff {
         d.min(self.max)
     }
 
+    /// The longest delay [`delay`](Self::delay) can give before the `retry`th retry
+    /// (1-based), whatever the random numbers: the computed delay, or for decorrelated
+    /// jitter `base × 3^retry` (each delay at most three times the last), capped.
+    pub fn longest(&self, retry: u32) -> Duration {
+        match self.jitter {
+            Jitter::None | Jitter::Full | Jitter::Equal => self.computed(retry),
+            Jitter::Decorrelated => {
+                let low = self.base.min(self.max);
+                let mut d = low;
+                for _ in 0..retry.max(1) {
+                    d = d.saturating_mul(3).min(self.max);
+                    if d == self.max {
+                        break;
+                    }
+                }
+                d
+            }
+        }
+    }
+
     /// The delay before the `retry`th retry (1-based), given the previous delay (for
     /// decorrelated jitter; zero before the first retry) and `unit`, a random number in
     /// `[0, 1)` (values outside are clamped).
@@ -420,6 +440,35 @@ mod tests {
             b.with_jitter(Jitter::Equal).delay(1, Duration::ZERO, 1.0),
             100 * MS
         );
+    }
+
+    #[test]
+    fn longest_bounds_every_delay_whatever_the_jitter() {
+        for jitter in [
+            Jitter::None,
+            Jitter::Full,
+            Jitter::Equal,
+            Jitter::Decorrelated,
+        ] {
+            let b = Backoff::exponential(100 * MS)
+                .with_max_delay(2000 * MS)
+                .with_jitter(jitter);
+            let mut prev = Duration::ZERO;
+            for retry in 1..=8 {
+                // The top of the range, every time: the largest the schedule can grow.
+                let d = b.delay(retry, prev, 1.0);
+                assert!(d <= b.longest(retry), "{jitter:?} retry {retry}: {d:?}");
+                prev = d;
+            }
+            assert_eq!(b.longest(20), 2000 * MS, "{jitter:?}");
+        }
+        let b = Backoff::exponential(100 * MS)
+            .with_max_delay(2000 * MS)
+            .with_jitter(Jitter::Decorrelated);
+        assert_eq!(b.longest(1), 300 * MS);
+        assert_eq!(b.longest(2), 900 * MS);
+        assert_eq!(b.longest(3), 2000 * MS);
+        assert_eq!(b.with_jitter(Jitter::Full).longest(3), 400 * MS);
     }
 
     #[test]

@@ -223,17 +223,25 @@ window = { type = "time", duration = "3s", buckets = 3 }
         "{e}"
     );
 
-    // retries × max delay beyond the deadline
-    let e = StackConfig::from_str(
+    // The backoff's waits beyond the deadline: eight retries (100 ms doubling to a 2 s
+    // cap: 9.1 s in all) fit in 10 s, ten (13.1 s) do not.
+    StackConfig::from_str(
         "client:\n  preset: standard_http_client\n  retry:\n    max_retries: 8\n",
+        Format::Yaml,
+    )
+    .unwrap();
+    let e = StackConfig::from_str(
+        "client:\n  preset: standard_http_client\n  retry:\n    max_retries: 10\n",
         Format::Yaml,
     )
     .unwrap_err();
     assert_eq!(e.field(), Some("client.retry.backoff.max_delay"));
     let shown = e.to_string();
-    assert!(shown.contains("client.retry.max_retries"), "{shown}");
-    assert!(shown.contains("8 × 2s = 16s"), "{shown}");
-    assert!(shown.contains("client.deadline"), "{shown}");
+    assert!(shown.contains("`client.retry.max_retries` (10)"), "{shown}");
+    assert!(
+        shown.contains("more than `client.deadline` (10s)"),
+        "{shown}"
+    );
 
     // server: claim shorter than the deadline
     let e = StackConfig::from_str(
@@ -440,6 +448,38 @@ async fn a_duplicate_in_the_server_stack_gets_409_before_its_deadline() {
     );
     let first = first.await.unwrap().unwrap();
     assert_eq!(first.status(), http::StatusCode::GATEWAY_TIMEOUT);
+}
+
+/// A `stream_through` pattern that would match every call (silently switching the
+/// idempotency layer off) or none (silently doing nothing) is an error naming the entry.
+#[test]
+fn idempotency_stream_through_patterns_that_match_all_or_nothing_are_errors() {
+    for (bad, why) in [
+        ("*", "every call"),
+        ("/*", "every call"),
+        ("", "every call"),
+        ("/chat.Chat", "no call"),
+        ("/api/chat.Chat/Talk", "no call"),
+    ] {
+        let toml = format!("[server.idempotency]\nstream_through = [\"/ok.Ok/*\", {bad:?}]\n");
+        let e = StackConfig::from_str(&toml, Format::Toml).unwrap_err();
+        assert_eq!(
+            e.field(),
+            Some("server.idempotency.stream_through[1]"),
+            "{bad:?}: {e}"
+        );
+        assert_eq!(e.line(), Some(2), "{bad:?}: {e}");
+        assert!(e.to_string().contains(why), "{bad:?}: {e}");
+    }
+    for good in [
+        "/chat.Chat/Talk",
+        "chat.Chat/*",
+        "/chat.Ch*",
+        "/chat.Chat/Ta*",
+    ] {
+        let toml = format!("[idempotency]\nstream_through = [{good:?}]\n");
+        ServerConfig::from_str(&toml, Format::Toml).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+    }
 }
 
 /// `stream_through` names gRPC methods whose calls the server stack's idempotency
