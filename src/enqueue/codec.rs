@@ -204,21 +204,9 @@ pub(crate) mod http_codec {
     ) -> Captured {
         // Without userinfo: the destination goes into broker headers any consumer
         // reads, and into logs; the credentials stay in the URI, for the replay.
-        let destination = uri
-            .authority()
-            .map(|a| {
-                a.as_str()
-                    .rsplit_once('@')
-                    .map_or(a.as_str(), |(_, host)| host)
-            })
-            .map(str::to_owned)
-            .or_else(|| {
-                headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
+        let destination = crate::http::host_of(uri, headers)
+            .unwrap_or_default()
+            .to_owned();
         let keep = end_to_end(headers);
         let headers = headers
             .iter()

@@ -176,16 +176,7 @@ struct Host<'a, B>(&'a Request<B>);
 
 impl<B> std::fmt::Display for Host<'_, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let authority = match self.0.uri().authority() {
-            Some(a) => a.as_str(),
-            None => self
-                .0
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or(""),
-        };
-        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = crate::http::host_of(self.0.uri(), self.0.headers()).unwrap_or_default();
         host.chars()
             .try_for_each(|c| std::fmt::Write::write_char(f, c.to_ascii_lowercase()))
     }
@@ -670,4 +661,26 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Host;
+    use http::Request;
+
+    fn host(uri: &str, host_header: Option<&str>) -> String {
+        let mut req = Request::builder().uri(uri);
+        if let Some(h) = host_header {
+            req = req.header(http::header::HOST, h);
+        }
+        Host(&req.body(()).unwrap()).to_string()
+    }
+
+    #[test]
+    fn the_scoped_host_leaves_out_userinfo_and_case() {
+        assert_eq!(host("http://u:pw@Shop.Test:8080/o", None), "shop.test:8080");
+        assert_eq!(host("http://Shop.Test/o", Some("other.test")), "shop.test");
+        assert_eq!(host("/o", Some("Shop.Test")), "shop.test");
+        assert_eq!(host("/o", None), "");
+    }
 }
