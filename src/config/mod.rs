@@ -31,7 +31,7 @@
 //! | `attempt_timeout ≤ deadline` | `client.attempt_timeout` |
 //! | a time window of the breaker spans at least `2 × attempt_timeout` (a count window has no duration and is not checked) | `client.circuit_breaker.window.duration` |
 //! | the breaker's `max_wait_in_half_open ≥ attempt_timeout` (else a probe that takes its whole attempt reopens the breaker before it answers) | `client.circuit_breaker.max_wait_in_half_open` |
-//! | the longest the backoff can wait across `retry.max_retries` retries (each delay at its cap, with any jitter: `100ms, 200ms, 400ms` for three exponential retries from `100ms`) `≤ deadline` | `client.retry.backoff.max_delay` |
+//! | the longest the backoff can wait across `retry.max_retries` retries (each delay at its cap, with any jitter: `100ms, 200ms, 400ms` for three exponential retries from `100ms`; a server's `Retry-After` is not counted) `≤ deadline` | `client.retry.backoff.max_delay` |
 //! | a client bulkhead that lets callers wait (`max_waiting > 0`) sets `max_wait ≤ deadline` (it waits before the deadline's timer starts) | `client.bulkhead.max_wait` |
 //! | `enqueue.sync_methods` are upper-case (methods are case-sensitive: `"get"` would keep no `GET` synchronous) | `client.enqueue.sync_methods` |
 //! | `enqueue.sync_routes` are paths: each starts with `/` and has no query or fragment (`"payments"` would keep nothing synchronous, `""` every route) | `client.enqueue.sync_routes` |
@@ -639,8 +639,19 @@ impl ClientConfig {
             .to_backoff()
             .map_err(|e| prefixed(p, e))?;
         let mut waits = Duration::ZERO;
+        let mut previous = None;
         for retry in 1..=self.retry.max_retries {
-            waits = waits.saturating_add(backoff.longest(retry));
+            let longest = backoff.longest(retry);
+            // At the cap, or no longer growing (constant, zero), every later retry waits
+            // as long: the rest in one step, so a huge `max_retries` is no long loop.
+            // (Past 100 000 retries of a schedule still growing, the same, a bound below.)
+            if longest == backoff.max_delay() || previous == Some(longest) || retry > 100_000 {
+                let rest = self.retry.max_retries - retry + 1;
+                waits = waits.saturating_add(longest.saturating_mul(rest));
+                break;
+            }
+            previous = Some(longest);
+            waits = waits.saturating_add(longest);
             if waits > self.deadline {
                 break;
             }
@@ -840,6 +851,17 @@ mod tests {
         // ...ten wait up to 13.1 s.
         c.retry.max_retries = 10;
         let e = c.validate().unwrap_err();
+        // However many retries, no long loop: none at a zero base, or all at the cap.
+        let mut huge = ClientConfig::standard_http_client();
+        huge.retry.max_retries = u32::MAX;
+        huge.retry.backoff.base = Duration::ZERO;
+        huge.validate().unwrap();
+        huge.retry.backoff.base = Duration::from_millis(1);
+        huge.retry.backoff.kind = crate::retry::BackoffKind::Constant;
+        assert_eq!(
+            huge.validate().unwrap_err().field(),
+            "client.retry.backoff.max_delay"
+        );
         assert_eq!(e.field(), "client.retry.backoff.max_delay");
         assert!(e.message().contains("client.retry.max_retries"), "{e}");
         assert!(e.message().contains("client.deadline"), "{e}");

@@ -10,13 +10,14 @@ use tower_layer::Layer;
 /// Settings shared by both flavours: which requests may be deferred, how much body is
 /// buffered, and how long a stored message lives.
 ///
-/// Defaults: [`DeferPolicy::new`] (reads stay synchronous), a 64 KiB body limit, and a
-/// 24 hour time to live.
+/// Defaults: [`DeferPolicy::new`] (reads stay synchronous), a 64 KiB body limit, a
+/// 24 hour time to live, and a dependency's `Retry-After` honoured up to an hour.
 #[derive(Debug, Clone)]
 pub struct EnqueueConfig {
     pub(crate) policy: DeferPolicy,
     pub(crate) max_body: usize,
     pub(crate) ttl: Option<Duration>,
+    pub(crate) max_retry_after: Duration,
 }
 
 // === impl EnqueueConfig ===
@@ -28,6 +29,7 @@ impl EnqueueConfig {
             policy: DeferPolicy::new(),
             max_body: 64 * 1024,
             ttl: Some(Duration::from_secs(24 * 60 * 60)),
+            max_retry_after: super::DEFAULT_MAX_RETRY_AFTER,
         }
     }
 
@@ -48,6 +50,18 @@ impl EnqueueConfig {
     /// request was made.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
+        self
+    }
+
+    /// A request deferred after the dependency answered with a hint (`Retry-After`,
+    /// `grpc-retry-pushback-ms`) is stored not before `min(hint, max)` from now (default
+    /// [`DEFAULT_MAX_RETRY_AFTER`](super::DEFAULT_MAX_RETRY_AFTER), an hour; the
+    /// replayer's [`max_retry_after`](super::Replayer::max_retry_after) caps the later
+    /// waits): a bogus or far-off hint does not park the message. Only the capped wait
+    /// is compared with the message's expiry. An open breaker's own `retry_after` is
+    /// not capped.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
         self
     }
 

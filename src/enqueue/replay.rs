@@ -478,6 +478,9 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
     ///
     /// Unlike the retry layer's `max_retry_after`, which ends the retries of a call
     /// a caller is waiting on, a deferred message has no caller waiting: it waits.
+    /// (An open breaker's own `retry_after` is not a hint from the dependency and is
+    /// not clamped. The first wait, when the message is deferred, is capped by
+    /// [`EnqueueConfig::max_retry_after`](super::EnqueueConfig::max_retry_after).)
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.config.max_retry_after = max;
         self
@@ -938,6 +941,8 @@ where
                 self.acks.push(token);
             }
             Verdict::Retry { after, reason } => {
+                // The hint comes from the dependency: honoured, up to `max_retry_after`.
+                let after = after.map(|a| a.min(self.config.max_retry_after));
                 self.retry_counted(token, attempts, expires_at, after, &reason)
                     .await;
             }
@@ -1001,9 +1006,7 @@ where
             return;
         }
         let backoff = self.config.backoff(attempts, &mut self.rng);
-        // The hint comes from the dependency: honoured, up to `max_retry_after`.
-        let hint = after.unwrap_or_default().min(self.config.max_retry_after);
-        let delay = backoff.max(hint);
+        let delay = backoff.max(after.unwrap_or_default());
         if expires_at.is_some_and(|at| crate::queue::saturating_add(wall_now(), delay) >= at) {
             // Never tried again: dead now, not after waiting out the delay.
             let reason = format!("expires before its next try (in {delay:?}): {reason}");

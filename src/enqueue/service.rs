@@ -6,13 +6,13 @@ use super::layer::EnqueueConfig;
 use super::policy::{Trigger, path_of};
 use super::receipt::{Receipt, reason_str};
 use crate::BoxError;
-use crate::queue::{Enqueued, Envelope, Queue, QueueError};
+use crate::queue::{DeferReason, Enqueued, Envelope, Queue, QueueError};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tower_service::Service;
 
 /// Everything one layer's services share.
@@ -126,6 +126,16 @@ impl<Q: Queue, C> Shared<Q, C> {
             .map(|ttl| crate::queue::saturating_add(created_at, ttl))
     }
 
+    /// How long a message deferred by `trigger` waits before its first replay: the
+    /// dependency's hint, capped at `max_retry_after`; an open breaker's own wait.
+    fn first_wait(&self, trigger: &Trigger) -> Duration {
+        let wait = trigger.not_before.unwrap_or_default();
+        match trigger.reason {
+            DeferReason::CircuitOpen => wait,
+            _ => wait.min(self.config.max_retry_after),
+        }
+    }
+
     /// Whether a message deferred by `trigger` could ever be delivered: not if it has
     /// expired already (the call failed after its time to live) or the dependency's
     /// `Retry-After` reaches past its expiry. A receipt would promise a delivery that
@@ -135,7 +145,7 @@ impl<Q: Queue, C> Shared<Q, C> {
         let Some(at) = self.expires_at(capture.created_at()) else {
             return true;
         };
-        let wait = trigger.not_before.unwrap_or_default();
+        let wait = self.first_wait(trigger);
         let deliverable = crate::queue::saturating_add(wall_now(), wait) < at;
         if !deliverable {
             tracing::debug!(
@@ -157,9 +167,7 @@ impl<Q: Queue, C> Shared<Q, C> {
     ) -> Pending {
         let now = wall_now();
         // A Retry-After of any size (it comes from the dependency) must not overflow.
-        let not_before = trigger
-            .not_before
-            .map_or(now, |d| crate::queue::saturating_add(now, d));
+        let not_before = crate::queue::saturating_add(now, self.first_wait(&trigger));
         let created_at = capture.created_at();
         let Capture { key, head, .. } = capture;
         let expires_at = self.expires_at(created_at);

@@ -73,27 +73,41 @@ pub(crate) fn host_of<'a>(uri: &'a ::http::Uri, headers: &'a ::http::HeaderMap) 
 }
 
 /// What is wrong with a [`names_method`] pattern, if anything: one matching every call
-/// (`*`, `/*`, empty), or one that can match none (no `/` and no `*`, or more than two
-/// segments, when only a path's last two are compared).
+/// (`*`, `/*`), or one that can match none (empty, no `/` and no `*`, an empty method,
+/// a `*` before the end, read as a literal `*`, or more than two segments, when only a
+/// path's last two are compared).
 pub(crate) fn method_pattern_problem(pattern: &str) -> Option<&'static str> {
+    macro_rules! write_instead {
+        ($what:literal) => {
+            concat!(
+                $what,
+                ": write `/package.Service/Method`, or `/package.Service/*` for every \
+                 method of a service"
+            )
+        };
+    }
     let p = pattern.strip_prefix('/').unwrap_or(pattern);
     let wild = p.strip_suffix('*');
     let named = wild.unwrap_or(p);
-    if named.is_empty() {
+    if named.contains('*') {
+        return Some(write_instead!(
+            "has a `*` before its end, which matches only a literal `*`, so it would match \
+             no call"
+        ));
+    }
+    if named.matches('/').count() >= 2 {
         return Some(
-            "names no method and would match every call: write `/package.Service/Method`, \
-             or `/package.Service/*` for every method of a service",
+            "has more than two segments, so it would match no call: only a path's last \
+             two, `package.Service/Method`, are compared",
         );
     }
-    match (wild.is_some(), named.matches('/').count()) {
-        (_, 2..) => Some(
-            "has more than two segments, and would match no call: only a path's last two, \
-             `package.Service/Method`, are compared",
-        ),
-        (false, 0) => Some(
-            "names no method, and would match no call: write `/package.Service/Method`, \
-             or `/package.Service/*` for every method of a service",
-        ),
+    match (wild.is_some(), named) {
+        (true, "") => Some(write_instead!(
+            "names no service and would match every call"
+        )),
+        (false, n) if !n.contains('/') || n.ends_with('/') => {
+            Some(write_instead!("names no method, so it would match no call"))
+        }
         _ => None,
     }
 }

@@ -64,7 +64,8 @@ pub enum DeferReason {
 ///
 /// Its `Debug` output shows the body's length and the header names, with the values
 /// of credential headers (`authorization`, `cookie`, and any whose name has `auth`,
-/// `token`, `secret`, `passw`, `api-key`, `apikey`, `session` or `signature` in it)
+/// `token`, `secret`, `passw`, `api-key`, `api_key`, `apikey`, `subscription-key`,
+/// `functions-key`, `session`, `signature`, `credential`, `dpop` or `csrf` in it)
 /// redacted: dead letters get logged.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Envelope {
@@ -125,18 +126,25 @@ const CREDENTIALS: [&str; 5] = [
 ];
 
 /// Words that make a header name look like a credential's (`x-auth-token`,
-/// `x-amz-security-token`, `x-goog-api-key`, `x-session-id`, `x-client-secret`): the
+/// `x-amz-security-token`, `x-goog-api-key`, `ocp-apim-subscription-key`,
+/// `x-functions-key`, `x-session-id`, `x-client-secret`, `dpop`): the
 /// flag a caller set with `HeaderValue::set_sensitive` is not stored, so names are all
 /// there is to go by; redacting one too many in a log costs nothing.
-const CREDENTIAL_WORDS: [&str; 8] = [
+const CREDENTIAL_WORDS: [&str; 14] = [
     "auth",
     "token",
     "secret",
     "passw",
     "api-key",
+    "api_key",
     "apikey",
+    "subscription-key",
+    "functions-key",
     "session",
     "signature",
+    "credential",
+    "dpop",
+    "csrf",
 ];
 
 /// Whether the header `name` holds a credential (any case): one of [`CREDENTIALS`],
@@ -746,6 +754,11 @@ mod tests {
             ("X-Auth-Token".into(), Bytes::from_static(b"tok-123")),
             ("x-client-secret".into(), Bytes::from_static(b"shh-456")),
             ("x-goog-api-key".into(), Bytes::from_static(b"AIza789")),
+            (
+                "Ocp-Apim-Subscription-Key".into(),
+                Bytes::from_static(b"sub-000"),
+            ),
+            ("x_api_key".into(), Bytes::from_static(b"und-111")),
             ("idempotency-key".into(), Bytes::from_static(b"order-7")),
             (
                 "content-type".into(),
@@ -760,6 +773,8 @@ mod tests {
             "tok-123",
             "shh-456",
             "AIza789",
+            "sub-000",
+            "und-111",
         ] {
             assert!(!shown.contains(secret), "{shown}");
         }

@@ -214,19 +214,22 @@ impl Backoff {
     }
 
     /// The longest delay [`delay`](Self::delay) can give before the `retry`th retry
-    /// (1-based), whatever the random numbers: the computed delay, or for decorrelated
-    /// jitter `base × 3^retry` (each delay at most three times the last), capped.
+    /// (1-based), whatever the random numbers, when each previous delay came from this
+    /// schedule: the computed delay, or for decorrelated jitter `base × 3^retry` (each
+    /// delay at most three times the last), capped. (A retry layer that waited out a
+    /// server's longer `Retry-After` passes that as the previous delay: decorrelated
+    /// jitter may then grow from it, up to the cap.)
     pub fn longest(&self, retry: u32) -> Duration {
         match self.jitter {
             Jitter::None | Jitter::Full | Jitter::Equal => self.computed(retry),
             Jitter::Decorrelated => {
-                let low = self.base.min(self.max);
-                let mut d = low;
+                let mut d = self.base.min(self.max);
+                // At most ~60 rounds: from 1 ns, ×3 passes a day (the largest cap) by then.
                 for _ in 0..retry.max(1) {
-                    d = d.saturating_mul(3).min(self.max);
-                    if d == self.max {
+                    if d.is_zero() || d == self.max {
                         break;
                     }
+                    d = d.saturating_mul(3).min(self.max);
                 }
                 d
             }
@@ -469,6 +472,8 @@ mod tests {
         assert_eq!(b.longest(2), 900 * MS);
         assert_eq!(b.longest(3), 2000 * MS);
         assert_eq!(b.with_jitter(Jitter::Full).longest(3), 400 * MS);
+        let zero = Backoff::exponential(Duration::ZERO).with_jitter(Jitter::Decorrelated);
+        assert_eq!(zero.longest(u32::MAX), Duration::ZERO);
     }
 
     #[test]

@@ -457,9 +457,14 @@ fn idempotency_stream_through_patterns_that_match_all_or_nothing_are_errors() {
     for (bad, why) in [
         ("*", "every call"),
         ("/*", "every call"),
-        ("", "every call"),
+        ("", "no call"),
+        ("/", "no call"),
         ("/chat.Chat", "no call"),
+        ("/chat.Chat/", "no call"),
         ("/api/chat.Chat/Talk", "no call"),
+        ("*/*", "no call"),
+        ("/chat.*/Talk", "no call"),
+        ("/chat.Chat/**", "no call"),
     ] {
         let toml = format!("[server.idempotency]\nstream_through = [\"/ok.Ok/*\", {bad:?}]\n");
         let e = StackConfig::from_str(&toml, Format::Toml).unwrap_err();

@@ -133,8 +133,19 @@ async fn defer_with(
     queue: &Arc<MemoryQueue>,
     answer: impl Fn() -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
 ) -> (Result<Res, BoxError>, Dependency) {
+    defer_configured(queue, EnqueueConfig::new(), answer).await
+}
+
+/// [`defer_with`], with `config`.
+async fn defer_configured(
+    queue: &Arc<MemoryQueue>,
+    config: EnqueueConfig,
+    answer: impl Fn() -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
+) -> (Result<Res, BoxError>, Dependency) {
     let dep = Dependency::default();
-    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(dep.service(answer));
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(dep.service(answer));
     let out = svc
         .oneshot(post("http://api.test/orders", "{\"sku\":1}"))
         .await;
@@ -212,19 +223,49 @@ async fn overload_with_retry_after_enqueues_not_before_the_hint() {
     );
 }
 
-/// A dependency's 429 whose Retry-After is past the message's expiry is not deferred:
-/// a receipt would promise a delivery that can never happen. The caller gets the 429
-/// itself, with its Retry-After.
+fn too_many_requests(retry_after: &str) -> Res {
+    let mut res = respond(429, "slow down");
+    res.headers_mut()
+        .insert(http::header::RETRY_AFTER, retry_after.parse().unwrap());
+    res
+}
+
+/// A dependency's `Retry-After` is honoured up to `max_retry_after` (an hour by
+/// default): a 48 h hint (or an absurd one) is stored an hour ahead, within the
+/// message's 24 h expiry, so it is deferred.
+#[tokio::test(start_paused = true)]
+async fn a_long_retry_after_is_capped_at_max_retry_after() {
+    for (config, want) in [
+        (EnqueueConfig::new(), Duration::from_secs(3600)),
+        (
+            EnqueueConfig::new().max_retry_after(Duration::from_secs(90)),
+            Duration::from_secs(90),
+        ),
+    ] {
+        for hint in [(48 * 3600).to_string(), u64::MAX.to_string()] {
+            let queue = Arc::new(MemoryQueue::new());
+            let (out, _) =
+                defer_configured(&queue, config.clone(), move || Ok(too_many_requests(&hint)))
+                    .await;
+            let res = out.unwrap();
+            assert_eq!(res.status(), StatusCode::ACCEPTED);
+            let env = queue.get(receipt_id(&res)).unwrap();
+            assert_eq!(env.not_before.duration_since(env.created_at).unwrap(), want);
+        }
+    }
+}
+
+/// A dependency's 429 whose Retry-After (up to `max_retry_after`) is past the message's
+/// expiry is not deferred: a receipt would promise a delivery that can never happen.
+/// The caller gets the 429 itself, with its Retry-After.
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_past_the_expiry_is_not_deferred() {
+    let uncapped = EnqueueConfig::new().max_retry_after(Duration::MAX);
     for retry_after in [(48 * 3600).to_string(), u64::MAX.to_string()] {
         let queue = Arc::new(MemoryQueue::new());
         let hint = retry_after.clone();
-        let (out, _) = defer_with(&queue, move || {
-            let mut res = respond(429, "slow down");
-            res.headers_mut()
-                .insert(http::header::RETRY_AFTER, hint.parse().unwrap());
-            Ok(res)
+        let (out, _) = defer_configured(&queue, uncapped.clone(), move || {
+            Ok(too_many_requests(&hint))
         })
         .await;
         let res = out.unwrap();
@@ -262,13 +303,16 @@ async fn a_call_failing_past_the_expiry_is_not_deferred() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
-/// Without an expiry, a Retry-After of any size is stored far in the future, without
-/// panicking on overflow.
+/// Without an expiry or a cap, a Retry-After of any size is stored far in the future,
+/// without panicking on overflow.
 #[tokio::test(start_paused = true)]
 async fn an_overflowing_retry_after_enqueues_far_in_the_future_without_panicking() {
     let queue = Arc::new(MemoryQueue::new());
     let dep = Dependency::default();
-    let svc = EnqueueFallbackLayer::with_config(queue.clone(), EnqueueConfig::new().no_expiry())
+    let config = EnqueueConfig::new()
+        .no_expiry()
+        .max_retry_after(Duration::MAX);
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
         .unwrap()
         .layer(dep.service(|| {
             let mut res = respond(429, "slow down");
@@ -1885,8 +1929,8 @@ async fn replayer_pauses_a_poll_interval_for_an_open_breaker_even_with_zero_back
     }
 }
 
-/// A replay answered with a `Retry-After` too large for the clock goes back to the queue
-/// (an hour ahead, the default cap); the replayer neither panics nor stops, and replays the next
+/// A replay answered with a `Retry-After` too large for the clock (and no cap) goes back
+/// to the queue far in the future; the replayer neither panics nor stops, and replays the next
 /// message.
 #[tokio::test(start_paused = true)]
 async fn replayer_survives_an_overflowing_retry_after() {
@@ -1902,17 +1946,14 @@ async fn replayer_survives_an_overflowing_retry_after() {
     });
     let handle = Replayer::http(queue.clone(), svc)
         .concurrency(1)
+        .max_retry_after(Duration::MAX)
         .spawn()
         .unwrap();
     eventually(|| handle.stats().retried == 1).await;
     enqueue_raw(&queue, "http://api.test/b").await;
     eventually(|| handle.stats().replayed == 1).await;
     handle.shutdown().await;
-    assert_eq!(
-        depth(&queue).await.pending,
-        1,
-        "the first waits, an hour ahead"
-    );
+    assert_eq!(depth(&queue).await.pending, 1, "the first waits, far ahead");
 }
 
 /// Seven messages replayed one at a time with `ack_batch(3, ..)`: acks go out as 3, 3,
