@@ -287,6 +287,11 @@ pub struct EnqueueSection {
     /// A stored message expires this long after the request (default 24 h).
     #[serde(deserialize_with = "duration::required")]
     pub ttl: Duration,
+    /// A dependency's `Retry-After` delays a deferred request at most this long
+    /// (default 1 h; see
+    /// [`EnqueueConfig::max_retry_after`](crate::enqueue::EnqueueConfig::max_retry_after)).
+    #[serde(deserialize_with = "duration::required")]
+    pub max_retry_after: Duration,
     /// Methods that stay synchronous (default `GET`, `HEAD`, `OPTIONS`, `TRACE`; a
     /// `CONNECT` or an `Upgrade` request is never deferred).
     pub sync_methods: Vec<String>,
@@ -301,6 +306,7 @@ impl Default for EnqueueSection {
             enabled: false,
             max_body: 64 * 1024,
             ttl: Duration::from_secs(24 * 60 * 60),
+            max_retry_after: crate::enqueue::DEFAULT_MAX_RETRY_AFTER,
             sync_methods: vec![
                 "GET".into(),
                 "HEAD".into(),
@@ -326,6 +332,7 @@ impl EnqueueSection {
             .policy(policy)
             .max_body(self.max_body)
             .ttl(self.ttl)
+            .max_retry_after(self.max_retry_after)
     }
 }
 
@@ -927,6 +934,27 @@ mod tests {
         let mut s = ServerConfig::server();
         s.preset = Some("standard-server".into());
         assert_eq!(s.validate().unwrap_err().field(), "server.preset");
+    }
+
+    #[test]
+    fn enqueue_max_retry_after_reaches_the_enqueue_config() {
+        let c = ClientConfig::default();
+        assert_eq!(
+            c.enqueue.to_enqueue_config().max_retry_after,
+            Duration::from_secs(3600)
+        );
+        let c =
+            ClientConfig::from_str("[enqueue]\nmax_retry_after = \"5m\"\n", Format::Toml).unwrap();
+        assert_eq!(
+            c.enqueue.to_enqueue_config().max_retry_after,
+            Duration::from_secs(300)
+        );
+        // Rendered, and read back.
+        let mut stack = StackConfig::default();
+        stack.client = c;
+        let shown = stack.to_string();
+        assert!(shown.contains("max_retry_after = \"5m\""), "{shown}");
+        assert_eq!(StackConfig::from_str(&shown, Format::Toml).unwrap(), stack);
     }
 
     #[test]

@@ -165,6 +165,7 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     writeln!(f, "enabled = {}", e.enabled)?;
     writeln!(f, "max_body = {}", e.max_body)?;
     writeln!(f, "ttl = {:?}", d(e.ttl))?;
+    writeln!(f, "max_retry_after = {:?}", d(e.max_retry_after))?;
     writeln!(f, "sync_methods = {}", strings(&e.sync_methods))?;
     writeln!(f, "sync_routes = {}", strings(&e.sync_routes))
 }
