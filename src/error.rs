@@ -10,6 +10,7 @@
 //! | [`bulkhead::error::Full`](crate::bulkhead::error::Full) | no permit | 503 + `Retry-After: 1` | `RESOURCE_EXHAUSTED` |
 //! | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) | attempt timed out | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | deadline passed | 504 | `DEADLINE_EXCEEDED` |
+//! | [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) | deadline passed while the response body was read (a body error: a proxy that had not sent its head yet answers 504) | 504 | `DEADLINE_EXCEEDED` |
 //!
 //! # Example
 //! ```
@@ -90,7 +91,7 @@ mod http_mapping {
     use crate::bulkhead::error::Full;
     use crate::circuit_breaker::error::Open;
     use crate::enqueue::error::NotEnqueued;
-    use crate::timeout::error::{DeadlineExceeded, Elapsed};
+    use crate::timeout::error::{BodyDeadlineExceeded, DeadlineExceeded, Elapsed};
     use axum_core::body::Body;
     use axum_core::response::{IntoResponse, Response};
     use http::{HeaderValue, StatusCode, header::RETRY_AFTER};
@@ -150,6 +151,13 @@ mod http_mapping {
         }
     }
 
+    impl IntoResponse for BodyDeadlineExceeded {
+        /// `504 Gateway Timeout`.
+        fn into_response(self) -> Response {
+            respond(StatusCode::GATEWAY_TIMEOUT, None, self.to_string())
+        }
+    }
+
     impl IntoResponse for NotEnqueued {
         /// The original failure's mapping when it is a postbox error (an open breaker:
         /// `503` with `Retry-After`; a timeout: `504`), else `503 Service Unavailable`:
@@ -185,6 +193,9 @@ mod http_mapping {
             return Some(e.clone().into_response());
         }
         if let Some(e) = find_cause::<DeadlineExceeded>(err) {
+            return Some(e.clone().into_response());
+        }
+        if let Some(e) = find_cause::<BodyDeadlineExceeded>(err) {
             return Some(e.clone().into_response());
         }
         find_cause::<NotEnqueued>(err).map(not_enqueued)
@@ -226,7 +237,7 @@ mod grpc_mapping {
     use crate::bulkhead::error::Full;
     use crate::circuit_breaker::error::Open;
     use crate::enqueue::error::NotEnqueued;
-    use crate::timeout::error::{DeadlineExceeded, Elapsed};
+    use crate::timeout::error::{BodyDeadlineExceeded, DeadlineExceeded, Elapsed};
     use std::error::Error;
     use tonic::{Code, Status};
 
@@ -261,6 +272,13 @@ mod grpc_mapping {
     impl From<DeadlineExceeded> for Status {
         /// `DEADLINE_EXCEEDED`.
         fn from(e: DeadlineExceeded) -> Self {
+            with_source(Status::new(Code::DeadlineExceeded, e.to_string()), e)
+        }
+    }
+
+    impl From<BodyDeadlineExceeded> for Status {
+        /// `DEADLINE_EXCEEDED`.
+        fn from(e: BodyDeadlineExceeded) -> Self {
             with_source(Status::new(Code::DeadlineExceeded, e.to_string()), e)
         }
     }
@@ -308,6 +326,9 @@ mod grpc_mapping {
         if let Some(e) = find_cause::<DeadlineExceeded>(err) {
             return e.clone().into();
         }
+        if let Some(e) = find_cause::<BodyDeadlineExceeded>(err) {
+            return e.clone().into();
+        }
         if let Some(s) = find_cause::<Status>(err) {
             return s.clone();
         }
@@ -328,7 +349,7 @@ mod tests {
     use crate::bulkhead::error::Full;
     use crate::circuit_breaker::error::Open;
     use crate::enqueue::error::NotEnqueued;
-    use crate::timeout::error::{DeadlineExceeded, Elapsed};
+    use crate::timeout::error::{BodyDeadlineExceeded, DeadlineExceeded, Elapsed};
     use std::time::Duration;
 
     #[derive(Debug)]
@@ -383,6 +404,8 @@ mod tests {
         assert_eq!(elapsed.status(), http::StatusCode::GATEWAY_TIMEOUT);
         let deadline = into_response(DeadlineExceeded::new(Duration::ZERO, true).into());
         assert_eq!(deadline.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        let body = into_response(BodyDeadlineExceeded::new().into());
+        assert_eq!(body.status(), http::StatusCode::GATEWAY_TIMEOUT);
         let other = into_response("boom".into());
         assert_eq!(other.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
     }
@@ -426,6 +449,8 @@ mod tests {
         assert!(!classify_error(&*before).may_have_taken_effect());
         let elapsed: BoxError = tonic::Status::from(Elapsed::new(Duration::from_secs(1))).into();
         assert!(is_caused_by::<Elapsed>(&*elapsed));
+        let body = to_status(&Outer(BodyDeadlineExceeded::new().into()));
+        assert_eq!(body.code(), tonic::Code::DeadlineExceeded);
     }
 
     /// A `NotEnqueued` for a retryable `503` answer that met a full queue, and one

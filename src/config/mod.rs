@@ -950,8 +950,10 @@ mod tests {
             Duration::from_secs(300)
         );
         // Rendered, and read back.
-        let mut stack = StackConfig::default();
-        stack.client = c;
+        let stack = StackConfig {
+            client: c,
+            ..Default::default()
+        };
         let shown = stack.to_string();
         assert!(shown.contains("max_retry_after = \"5m\""), "{shown}");
         assert_eq!(StackConfig::from_str(&shown, Format::Toml).unwrap(), stack);

@@ -5,7 +5,7 @@ use crate::bulkhead::error::Full;
 use crate::circuit_breaker::error::Open;
 use crate::enqueue::error::NotEnqueued;
 use crate::error::is_caused_by;
-use crate::timeout::error::{DeadlineExceeded, Elapsed};
+use crate::timeout::error::{BodyDeadlineExceeded, DeadlineExceeded, Elapsed};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +27,7 @@ pub fn into_status(err: BoxError) -> Status {
         || is_caused_by::<Full>(&*err)
         || is_caused_by::<Elapsed>(&*err)
         || is_caused_by::<DeadlineExceeded>(&*err)
+        || is_caused_by::<BodyDeadlineExceeded>(&*err)
         || is_caused_by::<NotEnqueued>(&*err)
     {
         return crate::error::to_status(&*err);

@@ -71,3 +71,25 @@ impl fmt::Display for DeadlineExceeded {
 }
 
 impl std::error::Error for DeadlineExceeded {}
+
+/// The call's deadline passed while its response body was still being read: a frame
+/// was pending at the deadline ([`BodyDeadline`](super::BodyDeadline)). The head had
+/// been answered; the body ends with this error.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BodyDeadlineExceeded {}
+
+impl BodyDeadlineExceeded {
+    /// The error.
+    pub const fn new() -> Self {
+        Self {}
+    }
+}
+
+impl fmt::Display for BodyDeadlineExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("deadline exceeded while reading the response body")
+    }
+}
+
+impl std::error::Error for BodyDeadlineExceeded {}

@@ -18,8 +18,11 @@
 //!
 //! Both bound the response future, which completes with the response's *head*: a
 //! body the server stalls in is read after it, unbounded by them (as with tower's
-//! `Timeout`). Bound the body read too (reqwest's `Client::builder().timeout`, or a
-//! timeout around reading it), or buffer the body inside the deadline.
+//! `Timeout`). [`BodyDeadlineLayer`], inside [`DeadlineLayer::http`], carries the
+//! call's [`CallDeadline`] over to the response body: a frame still pending at the
+//! deadline fails the body with [`error::BodyDeadlineExceeded`]. (Or bound the body
+//! read yourself: reqwest's `Client::builder().timeout`, or buffer the body inside the
+//! deadline.)
 //!
 //! # Example
 //! ```
@@ -38,11 +41,15 @@
 //! # Cancel safety
 //! Dropping a response future drops the inner future and its timer.
 
+#[cfg(feature = "http")]
+mod body;
 pub mod error;
 pub mod future;
 mod layer;
 mod service;
 
+#[cfg(feature = "http")]
+pub use self::body::{BodyDeadline, BodyDeadlineFuture, BodyDeadlineLayer, DeadlineBody};
 pub use self::layer::{AttemptTimeoutLayer, DeadlineLayer};
 pub use self::service::{AttemptTimeout, CallDeadline, Deadline, NoPropagation, Propagate};
 #[cfg(feature = "http")]

@@ -650,6 +650,50 @@ async fn the_client_stack_from_config_retries_a_503() {
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
+/// A body that sends nothing and never ends: a server that answered its head and hung.
+struct Hangs;
+
+impl http_body::Body for Hangs {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// `BodyDeadlineLayer` just above the client, inside the config's stack (as the README
+/// shows it): a body that hangs after its head fails at the attempt's end (the preset's
+/// 2 s attempt timeout, within its 10 s deadline), typed.
+#[tokio::test(start_paused = true)]
+async fn the_client_stack_with_a_body_deadline_ends_a_hung_body_at_the_attempts_end() {
+    use http_body_util::BodyExt;
+    let config = ClientConfig::standard_http_client();
+    let client = ServiceBuilder::new()
+        .layer(config.layer().unwrap())
+        .layer(postbox::timeout::BodyDeadlineLayer::new())
+        .service(service_fn(|_req: Req| async {
+            Ok::<_, BoxError>(http::Response::new(Hangs))
+        }));
+    let req = http::Request::get("http://orders.internal/orders/7")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let res = client.oneshot(req).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(60), res.into_body().collect())
+        .await
+        .expect("ended by the body deadline")
+        .unwrap_err();
+    assert!(
+        postbox::error::is_caused_by::<postbox::timeout::error::BodyDeadlineExceeded>(&*err),
+        "{err}"
+    );
+    assert_eq!(start.elapsed(), config.attempt_timeout);
+}
+
 /// The `toml` blocks of `text` (lines after `prefix`; blocks with no such line, an
 /// `include_str!` of a preset, are left out).
 fn toml_blocks(text: &str, prefix: &str) -> Vec<String> {

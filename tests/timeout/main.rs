@@ -475,3 +475,65 @@ async fn grpc_timeout_on_a_plain_http_request_is_not_read() {
         assert_eq!(sent.headers()[TIMEOUT_MS_HEADER], "2000", "{propagation:?}");
     }
 }
+
+/// A response body that sends its first chunk, then stalls forever (a server that
+/// answered the head and hung).
+struct StallingBody {
+    sent: bool,
+}
+
+impl http_body::Body for StallingBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if std::mem::replace(&mut self.sent, true) {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data("first".into()))))
+        }
+    }
+}
+
+/// With `BodyDeadlineLayer` inside `DeadlineLayer::http`, a body that stalls after
+/// its head fails with `BodyDeadlineExceeded` when the call's deadline passes (the
+/// head came in time, so the deadline layer alone would leave the read unbounded),
+/// and maps to `504` / `DEADLINE_EXCEEDED`.
+#[tokio::test(start_paused = true)]
+async fn a_body_stalled_after_its_head_fails_at_the_call_deadline() {
+    use http_body_util::BodyExt;
+    use postbox::timeout::BodyDeadlineLayer;
+    use postbox::timeout::error::BodyDeadlineExceeded;
+    let svc = tower::ServiceBuilder::new()
+        .layer(DeadlineLayer::http(Duration::from_secs(2)).unwrap())
+        .layer(BodyDeadlineLayer::new())
+        .service(service_fn(|_req: http::Request<()>| async {
+            time::sleep(Duration::from_millis(500)).await;
+            Ok::<_, BoxError>(http::Response::new(StallingBody { sent: false }))
+        }));
+    let start = Instant::now();
+    let res = svc.oneshot(http::Request::new(())).await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(500),
+        "the head in time"
+    );
+    let mut body = std::pin::pin!(res.into_body());
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "first");
+    // (Bounded, so that a regression fails instead of hanging.)
+    let err = time::timeout(Duration::from_secs(60), body.frame())
+        .await
+        .expect("the body fails at the deadline, not never")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(2), "at the deadline");
+    let cause = find_cause::<BodyDeadlineExceeded>(&*err).expect("typed");
+    assert_eq!(
+        postbox::error::to_response(cause).unwrap().status(),
+        http::StatusCode::GATEWAY_TIMEOUT
+    );
+}
