@@ -72,5 +72,52 @@ fn layers(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, layers);
+/// A body of 16 ready 1 KiB frames.
+struct Frames(u8);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        static KIB: [u8; 1024] = [b'x'; 1024];
+        if self.0 == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.0 -= 1;
+        let data = bytes::Bytes::from_static(&KIB);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data))))
+    }
+}
+
+/// `body/bare` and `body/deadline`: reading a 16-frame body as it is, and through a
+/// `DeadlineBody` with a deadline (`BodyDeadlineLayer`); every frame ready, so the
+/// timer is never armed.
+fn bodies(c: &mut Criterion) {
+    use http_body_util::BodyExt;
+    use postbox::timeout::DeadlineBody;
+    let rt = runtime();
+    let mut g = c.benchmark_group("body");
+    g.bench_function("bare", |b| {
+        b.to_async(&rt).iter(|| async {
+            std::hint::black_box(Frames(16).collect().await.unwrap());
+        })
+    });
+    let at = {
+        let _guard = rt.enter();
+        tokio::time::Instant::now() + Duration::from_secs(3600)
+    };
+    g.bench_function("deadline", |b| {
+        b.to_async(&rt).iter(|| async {
+            let body = DeadlineBody::new(Frames(16), Some(at));
+            std::hint::black_box(body.collect().await.unwrap());
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, layers, bodies);
 criterion_main!(benches);
