@@ -49,7 +49,10 @@
 //!
 //! gRPC works the same (tonic: `Server::builder().layer(IdempotencyLayer::new(..))`,
 //! the key in `idempotency-key` metadata): the outcome is the `grpc-status` in the
-//! trailers, or in the headers of a trailers-only answer, and the same kinds are not
+//! trailers, or in the headers of a trailers-only answer (gRPC-Web, binary: in the
+//! trailers frame at the end of the body; the base64 `grpc-web-text` is not read, and
+//! its answers are never remembered: put the layer inside tonic-web's translation to
+//! cover it), and the same kinds are not
 //! remembered: `CANCELLED`, `UNKNOWN` (and a missing status), `DEADLINE_EXCEEDED`,
 //! `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE`,
 //! `DATA_LOSS`, `UNAUTHENTICATED` and `PERMISSION_DENIED`. `OK` and the caller's errors (`INVALID_ARGUMENT`, `NOT_FOUND`,

@@ -511,6 +511,7 @@ where
                 .as_ref()
                 .and_then(GrpcCode::from_headers)
                 .or_else(|| GrpcCode::from_headers(&headers))
+                .or_else(|| grpc_web_status(&headers, &bytes))
                 .or_else(|| is_grpc(&headers).then_some(GrpcCode::Unknown));
             if let Some(code) = code.filter(|c| !remembered_grpc(*c)) {
                 tracing::debug!(key = %claim.key, ?code, "gRPC status not remembered");
@@ -657,6 +658,37 @@ fn end_to_end(headers: &http::HeaderMap) -> http::HeaderMap {
 }
 
 /// Whether `headers` are a gRPC response's (`content-type: application/grpc…`).
+/// The `grpc-status` of a binary gRPC-Web answer (`application/grpc-web`,
+/// `application/grpc-web+proto`, …), which carries its trailers in the body: the
+/// length-prefixed frame flagged `0x80`, holding `name: value` lines. `None` for any
+/// other answer, a body without that frame or status, and the base64
+/// `application/grpc-web-text` (not decoded: its answers are never remembered).
+fn grpc_web_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcCode> {
+    let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
+    if !content_type.starts_with(b"application/grpc-web")
+        || content_type.starts_with(b"application/grpc-web-text")
+    {
+        return None;
+    }
+    let mut rest = body;
+    while let [flags, a, b, c, d, after @ ..] = rest {
+        let len = usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).ok()?;
+        let payload = after.get(..len)?;
+        if flags & 0x80 != 0 {
+            let status = payload.split(|&byte| byte == b'\n').find_map(|line| {
+                let (name, value) = line.split_at(line.iter().position(|&byte| byte == b':')?);
+                name.trim_ascii()
+                    .eq_ignore_ascii_case(b"grpc-status")
+                    .then_some(&value[1..])
+            })?;
+            let status = std::str::from_utf8(status).ok()?.trim();
+            return Some(status.parse().map_or(GrpcCode::Unknown, GrpcCode::from_i32));
+        }
+        rest = &after[len..];
+    }
+    None
+}
+
 fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
@@ -682,5 +714,44 @@ mod tests {
         assert_eq!(host("http://Shop.Test/o", Some("other.test")), "shop.test");
         assert_eq!(host("/o", Some("Shop.Test")), "shop.test");
         assert_eq!(host("/o", None), "");
+    }
+
+    /// A gRPC-Web frame: `flags`, the length, the payload.
+    fn frame(flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![flags];
+        f.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn a_grpc_web_status_is_read_from_the_trailers_frame() {
+        use super::{GrpcCode, grpc_web_status};
+        let web = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            h
+        };
+        let mut body = frame(0, b"\x0a\x04pong");
+        body.extend(frame(0x80, b"grpc-message: fine\r\nGrpc-Status: 14\r\n"));
+        let h = web("application/grpc-web+proto");
+        assert_eq!(grpc_web_status(&h, &body), Some(GrpcCode::Unavailable));
+        let ok = frame(0x80, b"grpc-status:0\r\n");
+        assert_eq!(grpc_web_status(&h, &ok), Some(GrpcCode::Ok));
+        assert_eq!(
+            grpc_web_status(&web("application/grpc-web"), &ok),
+            Some(GrpcCode::Ok)
+        );
+        // No trailers frame, no status in it, a cut frame: no status.
+        assert_eq!(grpc_web_status(&h, &frame(0, b"pong")), None);
+        assert_eq!(grpc_web_status(&h, &frame(0x80, b"x-other: 1\r\n")), None);
+        assert_eq!(grpc_web_status(&h, &ok[..ok.len() - 3]), None);
+        // Not gRPC-Web, or its base64 text form: not read.
+        assert_eq!(grpc_web_status(&web("application/grpc"), &ok), None);
+        assert_eq!(
+            grpc_web_status(&web("application/grpc-web-text"), &ok),
+            None
+        );
+        assert_eq!(grpc_web_status(&http::HeaderMap::new(), &ok), None);
     }
 }

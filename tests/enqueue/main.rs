@@ -2477,6 +2477,52 @@ async fn a_grpc_failure_status_is_not_remembered() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// A binary gRPC-Web answer: a message frame, then the trailers frame (flag `0x80`)
+/// holding `grpc-status: code`, all in the body.
+fn grpc_web_response(code: u8) -> Response<Full<Bytes>> {
+    let mut body = vec![0, 0, 0, 0, 4];
+    body.extend_from_slice(b"pong");
+    let trailers = format!("grpc-status: {code}\r\n");
+    body.push(0x80);
+    body.extend_from_slice(&u32::try_from(trailers.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(trailers.as_bytes());
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    res.headers_mut().insert(
+        "content-type",
+        "application/grpc-web+proto".parse().unwrap(),
+    );
+    res
+}
+
+/// gRPC-Web carries its status in the body's trailers frame: an `OK` answer is
+/// remembered and replayed byte for byte, an `UNAVAILABLE` one is not (every gRPC-Web
+/// answer was taken for one without a status, and never remembered).
+#[tokio::test(start_paused = true)]
+async fn a_grpc_web_answer_is_judged_by_the_status_in_its_body() {
+    for (code, remembered) in [(0, true), (14, false)] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = IdempotencyLayer::new(100).layer(service_fn({
+            let calls = calls.clone();
+            move |_req: Served| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move { Ok::<_, std::convert::Infallible>(grpc_web_response(code)) }
+            }
+        }));
+        let first = svc.clone().oneshot(keyed("k1")).await.unwrap();
+        let first = first.into_body().collect().await.unwrap().to_bytes();
+        let second = svc.clone().oneshot(keyed("k1")).await.unwrap();
+        assert_eq!(
+            second.headers().contains_key(REPLAYED_HEADER),
+            remembered,
+            "status {code}"
+        );
+        let second = second.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(second, first, "status {code}");
+        let want = if remembered { 1 } else { 2 };
+        assert_eq!(calls.load(Ordering::SeqCst), want, "status {code}");
+    }
+}
+
 /// A handler that reads the whole request body and answers `201` with it.
 fn echo_handler(
     calls: Arc<AtomicUsize>,
