@@ -62,6 +62,11 @@
 //! `authorization`): without it, two callers that send the same key and request get
 //! the same stored answer.
 //!
+//! The path is the one the layer sees: under axum's `Router::nest("/v1", ..)` that is
+//! the path with `/v1` taken off. One layer (one store) applied to two nested routers
+//! would then take `/v1/orders` and `/v2/orders` for one endpoint: apply it to the
+//! outer router, or give each nested router a layer of its own.
+//!
 //! The store is the [`IdempotencyStore`] trait; [`MemoryStore`] (bounded, TTL
 //! eviction) is the default. Behind several instances, use a shared store.
 //!
