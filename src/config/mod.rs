@@ -186,6 +186,11 @@ pub struct ClientConfig {
     /// Request bodies up to this many bytes are buffered so a retry can send them again;
     /// larger ones are sent once.
     pub buffer_body: usize,
+    /// gRPC methods whose request bodies are never buffered: sent at once, streaming,
+    /// and so never retried (default none). Name every client-streaming and
+    /// bidirectional method; see
+    /// [`BufferBodyLayer::stream_through`](crate::http::body::BufferBodyLayer::stream_through).
+    pub stream_through: Vec<String>,
     /// The retry layer.
     pub retry: RetryConfig,
     /// The circuit breaker of each authority.
@@ -205,6 +210,7 @@ impl Default for ClientConfig {
             deadline: Duration::from_secs(30),
             attempt_timeout: Duration::from_secs(10),
             buffer_body: 64 * 1024,
+            stream_through: Vec::new(),
             retry: RetryConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),
             breaker_keys: BreakerKeysConfig::default(),
@@ -416,6 +422,20 @@ fn prefixed(prefix: &str, e: ConfigError) -> ConfigError {
     ConfigError::new(format!("{prefix}.{}", e.field()), e.message().to_owned())
 }
 
+/// Each of `patterns` names gRPC methods (the `stream_through` lists): one that would
+/// match every call or none is an error naming the entry, `field[i]`.
+fn method_patterns(patterns: &[String], field: &str) -> Result<(), ConfigError> {
+    for (i, m) in patterns.iter().enumerate() {
+        if let Some(problem) = crate::http::method_pattern_problem(m) {
+            return Err(ConfigError::new(
+                format!("{field}[{i}]"),
+                format!("({m:?}) {problem}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn positive(field: String, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
         return Err(ConfigError::new(field, "must be greater than zero"));
@@ -494,6 +514,7 @@ impl ClientConfig {
         positive(f("deadline"), self.deadline)?;
         positive(f("attempt_timeout"), self.attempt_timeout)?;
         storable(f("buffer_body"), self.buffer_body)?;
+        method_patterns(&self.stream_through, &f("stream_through"))?;
         storable(f("breaker_keys.max_keys"), self.breaker_keys.max_keys)?;
         storable(f("bulkhead.max_waiting"), self.bulkhead.max_waiting)?;
         storable(f("enqueue.max_body"), self.enqueue.max_body)?;
@@ -783,14 +804,10 @@ impl ServerConfig {
                 format!("({h:?}) is not a header name"),
             ));
         }
-        for (i, m) in self.idempotency.stream_through.iter().enumerate() {
-            if let Some(problem) = crate::http::method_pattern_problem(m) {
-                return Err(ConfigError::new(
-                    f(&format!("idempotency.stream_through[{i}]")),
-                    format!("({m:?}) {problem}"),
-                ));
-            }
-        }
+        method_patterns(
+            &self.idempotency.stream_through,
+            &f("idempotency.stream_through"),
+        )?;
         positive(f("idempotency.ttl"), self.idempotency.ttl)?;
         positive(f("idempotency.lock_for"), self.idempotency.lock_for)?;
         if self.idempotency.lock_for < self.deadline {

@@ -80,6 +80,9 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     writeln!(f, "deadline = {:?}", d(c.deadline))?;
     writeln!(f, "attempt_timeout = {:?}", d(c.attempt_timeout))?;
     writeln!(f, "buffer_body = {}", c.buffer_body)?;
+    if !c.stream_through.is_empty() {
+        writeln!(f, "stream_through = {}", strings(&c.stream_through))?;
+    }
 
     let r = &c.retry;
     writeln!(f, "\n{}", t("retry"))?;
@@ -325,6 +328,7 @@ mod tests {
         c.client.enqueue.sync_routes = vec!["/caf\u{e9}/\u{1b}".to_owned()];
         c.server.idempotency.scope_by = Some("authorization".to_owned());
         c.server.idempotency.stream_through = vec!["/chat.Chat/*".to_owned()];
+        c.client.stream_through = vec!["/chat.Chat/Talk".to_owned()];
         let shown = c.to_string();
         let back = StackConfig::from_str(&shown, Format::Toml).unwrap();
         assert_eq!(back, c, "{shown}");

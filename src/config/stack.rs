@@ -179,7 +179,12 @@ impl ClientConfig {
         let prefix = |e: ConfigError| super::prefixed("client", e);
         Ok(ClientLayer {
             deadline: DeadlineLayer::http(self.deadline).map_err(prefix)?,
-            buffer: BufferBodyLayer::new(self.buffer_body),
+            buffer: self
+                .stream_through
+                .iter()
+                .fold(BufferBodyLayer::new(self.buffer_body), |layer, method| {
+                    layer.stream_through(method.clone())
+                }),
             retry: {
                 // A hint longer than the whole call can only end in the deadline.
                 let mut retry = self.retry.clone();

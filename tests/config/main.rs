@@ -650,6 +650,77 @@ async fn the_client_stack_from_config_retries_a_503() {
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
+/// A request body that sends one message and then waits (a bidirectional call's client
+/// waiting for an answer before its next message).
+struct OneMessageThenWaits(bool);
+
+impl http_body::Body for OneMessageThenWaits {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if std::mem::replace(&mut self.0, true) {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                b"\0\0\0\0\x02hi",
+            )))))
+        }
+    }
+}
+
+/// `client.stream_through` names gRPC methods whose request bodies the client stack
+/// does not buffer: a bidirectional call whose client waits for an answer is made at
+/// once (buffered, it would wait for a body that never ends, to its deadline); a bad
+/// pattern is an error naming the entry.
+#[tokio::test(start_paused = true)]
+async fn client_stream_through_sends_named_grpc_streams_unbuffered() {
+    let config = ClientConfig::from_str(
+        "preset = \"standard_http_client\"\nstream_through = [\"/chat.Chat/Talk\"]\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let client = ServiceBuilder::new()
+        .layer(config.layer().unwrap())
+        .service(service_fn({
+            let calls = calls.clone();
+            move |_req: http::Request<ReplayBody<OneMessageThenWaits>>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, BoxError>(http::Response::new(())) }
+            }
+        }));
+    let req = |path: &str| {
+        http::Request::post(format!("http://chat.internal{path}"))
+            .header("content-type", "application/grpc")
+            .body(OneMessageThenWaits(false))
+            .unwrap()
+    };
+    let start = tokio::time::Instant::now();
+    client
+        .clone()
+        .oneshot(req("/chat.Chat/Talk"))
+        .await
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO, "made at once");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Not named: buffered, so the call waits for the body until the deadline.
+    let err = client.oneshot(req("/chat.Chat/Other")).await.unwrap_err();
+    assert!(
+        postbox::error::is_caused_by::<postbox::timeout::error::DeadlineExceeded>(&*err),
+        "{err}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let e =
+        StackConfig::from_str("[client]\nstream_through = [\"*\"]\n", Format::Toml).unwrap_err();
+    assert_eq!(e.field(), Some("client.stream_through[0]"));
+    assert_eq!(e.line(), Some(2));
+}
+
 /// A body that sends nothing and never ends: a server that answered its head and hung.
 struct Hangs;
 
