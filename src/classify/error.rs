@@ -53,6 +53,7 @@ macro_rules! as_error_for {
 as_error_for!(
     crate::timeout::error::Elapsed,
     crate::timeout::error::DeadlineExceeded,
+    crate::timeout::error::BodyDeadlineExceeded,
     crate::bulkhead::error::Full,
     crate::circuit_breaker::error::Open,
 );
@@ -66,6 +67,7 @@ as_error_for!(
 /// | ✦ `http::body::RequestBodyFailed` (with `http`: the caller's upload broke) | ignored | no | yes |
 /// | ✦ [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
 /// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | failure | no (the budget is spent) | yes, unless it expired before the call |
+/// | ✦ [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) (the answer's body stalled) | failure | no (the budget is spent) | yes (it answered) |
 /// | ✦ `hyper_util` client error that is a connect error (with `hyper`) | failure | yes | no |
 /// | ✦ `reqwest::Error` that is a connect error (with `reqwest`) | failure | yes | no |
 /// | ✦ `reqwest::Error` building the request (with `reqwest`) | failure | no | no |
@@ -158,6 +160,13 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
             Classification::failure()
                 .with_retryable(false)
                 .with_effect(!d.expired_before_call()),
+        );
+    }
+    if as_type::<crate::timeout::error::BodyDeadlineExceeded>(e).is_some() {
+        return Some(
+            Classification::failure()
+                .with_retryable(false)
+                .with_effect(true),
         );
     }
     // hyper-util's client: a failure to connect (refused, DNS, a connect timeout, a TLS
@@ -283,6 +292,15 @@ mod tests {
         let c = classify_error(&*e);
         assert_eq!(c.class(), Class::Failure);
         assert!(c.is_retryable());
+    }
+
+    #[test]
+    fn a_body_past_the_deadline_is_a_failure_not_retried_that_took_effect() {
+        let e: BoxError = crate::timeout::error::BodyDeadlineExceeded::new().into();
+        let c = classify_error(&*e);
+        assert_eq!(c.class(), Class::Failure);
+        assert!(!c.is_retryable());
+        assert!(c.may_have_taken_effect());
     }
 
     #[test]

@@ -58,6 +58,16 @@ pub(crate) fn names_method(pattern: &str, path: &str) -> bool {
     }
 }
 
+/// Whether `headers` are a gRPC (or gRPC-Web) message's, by the content type
+/// (`application/grpc…`, in any case: media types are case-insensitive).
+pub(crate) fn is_grpc(headers: &::http::HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    headers
+        .get(::http::header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().get(..GRPC.len()))
+        .is_some_and(|p| p.eq_ignore_ascii_case(GRPC))
+}
+
 /// The host (and port) a request is for, without userinfo (`user:pw@`, never to be
 /// shown or used as a key): its URI's authority, or else its `Host` header.
 pub(crate) fn host_of<'a>(uri: &'a ::http::Uri, headers: &'a ::http::HeaderMap) -> Option<&'a str> {

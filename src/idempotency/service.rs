@@ -512,7 +512,7 @@ where
                 .and_then(GrpcCode::from_headers)
                 .or_else(|| GrpcCode::from_headers(&headers))
                 .or_else(|| grpc_web_status(&headers, &bytes))
-                .or_else(|| is_grpc(&headers).then_some(GrpcCode::Unknown));
+                .or_else(|| crate::http::is_grpc(&headers).then_some(GrpcCode::Unknown));
             if let Some(code) = code.filter(|c| !remembered_grpc(*c)) {
                 tracing::debug!(key = %claim.key, ?code, "gRPC status not remembered");
                 return Outcome::Whole(bytes, trailers);
@@ -657,17 +657,17 @@ fn end_to_end(headers: &http::HeaderMap) -> http::HeaderMap {
     kept
 }
 
-/// Whether `headers` are a gRPC response's (`content-type: application/grpc…`).
 /// The `grpc-status` of a binary gRPC-Web answer (`application/grpc-web`,
 /// `application/grpc-web+proto`, …), which carries its trailers in the body: the
 /// length-prefixed frame flagged `0x80`, holding `name: value` lines. `None` for any
 /// other answer, a body without that frame or status, and the base64
 /// `application/grpc-web-text` (not decoded: its answers are never remembered).
 fn grpc_web_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcCode> {
+    const WEB: &[u8] = b"application/grpc-web";
     let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
-    if !content_type.starts_with(b"application/grpc-web")
-        || content_type.starts_with(b"application/grpc-web-text")
-    {
+    let (media, rest) = content_type.split_at_checked(WEB.len())?;
+    // `application/grpc-web`, `+proto`, `;…`; not `-text` (base64), nor another type.
+    if !media.eq_ignore_ascii_case(WEB) || !matches!(rest.first(), None | Some(b'+' | b';')) {
         return None;
     }
     let mut rest = body;
@@ -687,12 +687,6 @@ fn grpc_web_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcCode> {
         rest = &after[len..];
     }
     None
-}
-
-fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 #[cfg(test)]
@@ -748,6 +742,13 @@ mod tests {
         assert_eq!(grpc_web_status(&h, &ok[..ok.len() - 3]), None);
         // Not gRPC-Web, or its base64 text form: not read.
         assert_eq!(grpc_web_status(&web("application/grpc"), &ok), None);
+        let upper = web("Application/gRPC-Web; charset=utf-8");
+        assert_eq!(grpc_web_status(&upper, &ok), Some(GrpcCode::Ok));
+        assert_eq!(grpc_web_status(&web("application/grpc-webx"), &ok), None);
+        assert_eq!(
+            grpc_web_status(&web("application/grpc-web-text+proto"), &ok),
+            None
+        );
         assert_eq!(
             grpc_web_status(&web("application/grpc-web-text"), &ok),
             None

@@ -3,11 +3,16 @@
 //! [`Deadline`](super::Deadline) and [`AttemptTimeout`](super::AttemptTimeout) bound
 //! the response future, which completes with the response's head. A server that sends
 //! its head and then stalls in the body would hold the caller (and its connection)
-//! for as long as it likes. [`BodyDeadline`] carries the request's
-//! [`CallDeadline`] (set by [`DeadlineLayer::http`](super::DeadlineLayer::http) or
-//! [`AttemptTimeoutLayer::http`](super::AttemptTimeoutLayer::http) outside it) over to
-//! the response body: a frame still pending when the deadline passes fails the body
-//! with [`BodyDeadlineExceeded`].
+//! for as long as it likes. [`BodyDeadline`] carries the call's deadline (the request's
+//! [`CallDeadline::call_at`], set by [`DeadlineLayer::http`](super::DeadlineLayer::http)
+//! outside it: the whole call's, also inside an
+//! [`AttemptTimeoutLayer::http`](super::AttemptTimeoutLayer::http), whose end the retry
+//! has stopped watching once the head arrived) over to the response body: a frame still
+//! pending when the deadline passes fails the body with [`BodyDeadlineExceeded`] (in a
+//! `tonic::Status` of `DEADLINE_EXCEEDED`, with `grpc`, for a gRPC answer).
+//!
+//! It cuts a stall, not a slow reader: frames the body has ready are handed out even
+//! after the deadline.
 
 use super::error::BodyDeadlineExceeded;
 use super::service::CallDeadline;
@@ -23,9 +28,10 @@ use tower_service::Service;
 
 /// Applies [`BodyDeadline`]: the call's [`CallDeadline`] bounds the response body too.
 ///
-/// Place it inside the layer that sets the deadline ([`DeadlineLayer::http`]), as near
-/// the client as the body type allows: the response body becomes a
-/// [`DeadlineBody`]. A request without a `CallDeadline` gets an unbounded body.
+/// Place it inside the layer that sets the deadline ([`DeadlineLayer::http`]), anywhere
+/// down to just above the client (inside a config-built client stack, too): the
+/// response body becomes a [`DeadlineBody`], bound by the call's deadline. A request
+/// without a `CallDeadline` gets an unbounded body. Needs tokio's timer.
 ///
 /// ```
 /// use std::time::Duration;
@@ -96,7 +102,10 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let at = req.extensions().get::<CallDeadline>().map(CallDeadline::at);
+        let at = req
+            .extensions()
+            .get::<CallDeadline>()
+            .map(CallDeadline::call_at);
         BodyDeadlineFuture {
             inner: self.inner.call(req),
             at,
@@ -124,26 +133,31 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = ready!(this.inner.poll(cx))?;
+        let grpc = crate::http::is_grpc(res.headers());
         let at = *this.at;
-        Poll::Ready(Ok(res.map(|body| DeadlineBody::new(body, at))))
+        Poll::Ready(Ok(res.map(|body| DeadlineBody {
+            grpc,
+            ..DeadlineBody::new(body, at)
+        })))
     }
 }
 
 pin_project! {
     /// A response body that fails with [`BodyDeadlineExceeded`] if a frame is still
     /// pending when the call's deadline passes. Its errors are boxed: the inner
-    /// body's own, or a `BodyDeadlineExceeded`.
+    /// body's own, or a `BodyDeadlineExceeded` (for a gRPC answer with `grpc`, inside
+    /// a `tonic::Status` of `DEADLINE_EXCEEDED`, which tonic hands its caller).
     ///
-    /// The timer is armed only once the inner body is pending: a body read without
-    /// waiting never touches the timer wheel.
+    /// The timer is armed (and boxed) only once the inner body is pending: a body read
+    /// without waiting never touches the timer wheel. `Unpin` when `B` is.
     #[derive(Debug)]
     pub struct DeadlineBody<B> {
         #[pin]
         inner: B,
         at: Option<Instant>,
-        #[pin]
-        sleep: Option<Sleep>,
+        sleep: Option<Pin<Box<Sleep>>>,
         expired: bool,
+        grpc: bool,
     }
 }
 
@@ -155,6 +169,7 @@ impl<B> DeadlineBody<B> {
             at,
             sleep: None,
             expired: false,
+            grpc: false,
         }
     }
 
@@ -176,27 +191,32 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
+        let this = self.project();
         if *this.expired {
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            if frame.is_none() {
+                // Off the timer wheel at once, not when the body is dropped.
+                *this.sleep = None;
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         let Some(at) = *this.at else {
             return Poll::Pending;
         };
-        if this.sleep.is_none() {
-            this.sleep.set(Some(sleep_until(at)));
-        }
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            ready!(sleep.poll(cx));
-        }
+        ready!(
+            this.sleep
+                .get_or_insert_with(|| Box::pin(sleep_until(at)))
+                .as_mut()
+                .poll(cx)
+        );
         *this.expired = true;
+        *this.sleep = None;
         tracing::debug!("response body still pending at the call's deadline");
         metrics::counter!("postbox_calls_total", "layer" => "body_deadline", "outcome" => "deadline_exceeded")
             .increment(1);
-        Poll::Ready(Some(Err(BodyDeadlineExceeded::new().into())))
+        Poll::Ready(Some(Err(expired(*this.grpc))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -209,6 +229,18 @@ where
         }
         self.inner.size_hint()
     }
+}
+
+/// The error a body ends with at its deadline: for a gRPC answer (with `grpc`), a
+/// `tonic::Status` of `DEADLINE_EXCEEDED` whose source is ours, as tonic reports only a
+/// `Status` it finds in a body error (anything else is `UNKNOWN` to its caller).
+fn expired(grpc: bool) -> BoxError {
+    #[cfg(feature = "grpc")]
+    if grpc {
+        return tonic::Status::from(BodyDeadlineExceeded::new()).into();
+    }
+    let _ = grpc;
+    BodyDeadlineExceeded::new().into()
 }
 
 #[cfg(test)]
@@ -251,9 +283,40 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(err.is::<BodyDeadlineExceeded>(), "{err}");
+        assert!(body.sleep.is_none(), "off the timer wheel");
         assert_eq!(Instant::now(), at, "failed exactly at the deadline");
         assert!(body.is_end_stream());
         assert!(body.frame().await.is_none(), "ends after the error");
+    }
+
+    /// A gRPC answer's body ends in a `DEADLINE_EXCEEDED` status (tonic hands a
+    /// `Status` it finds in a body error to its caller; anything else is `UNKNOWN`),
+    /// with our error as its source.
+    #[cfg(feature = "grpc")]
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_body_fails_with_a_deadline_exceeded_status() {
+        let at = Instant::now() + Duration::from_millis(300);
+        let svc =
+            BodyDeadlineLayer::new().layer(tower::service_fn(|_req: http::Request<()>| async {
+                let mut res = http::Response::new(Stalls(true));
+                res.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("Application/gRPC+proto"),
+                );
+                Ok::<_, std::convert::Infallible>(res)
+            }));
+        let mut req = http::Request::new(());
+        req.extensions_mut().insert(CallDeadline::new(at));
+        let res = tower::ServiceExt::oneshot(svc, req).await.unwrap();
+        let mut body = std::pin::pin!(res.into_body());
+        let err = tokio::time::timeout(Duration::from_secs(60), body.frame())
+            .await
+            .expect("the body fails at the deadline, not never")
+            .unwrap()
+            .unwrap_err();
+        let status = err.downcast_ref::<tonic::Status>().expect("a Status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(crate::error::is_caused_by::<BodyDeadlineExceeded>(&*err));
     }
 
     #[tokio::test(start_paused = true)]
@@ -278,6 +341,33 @@ mod tests {
         body.frame().await.unwrap().unwrap();
         let stalled = tokio::time::timeout(Duration::from_secs(3600), body.frame()).await;
         assert!(stalled.is_err(), "still pending an hour later");
+    }
+
+    /// Inside an attempt timeout the request's `CallDeadline` is the attempt's end, and
+    /// its `call_at` still the call's: the body is bound by the call's.
+    #[tokio::test(start_paused = true)]
+    async fn inside_an_attempt_timeout_the_body_gets_the_calls_deadline() {
+        use crate::timeout::{AttemptTimeoutLayer, DeadlineLayer};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let svc = tower::ServiceBuilder::new()
+            .layer(DeadlineLayer::http(Duration::from_secs(10)).unwrap())
+            .layer(AttemptTimeoutLayer::http(Duration::from_secs(2)).unwrap())
+            .layer(BodyDeadlineLayer::new())
+            .service(tower::service_fn({
+                let seen = seen.clone();
+                move |req: http::Request<()>| {
+                    *seen.lock().unwrap() = req.extensions().get::<CallDeadline>().copied();
+                    async { Ok::<_, crate::BoxError>(http::Response::new(Stalls(true))) }
+                }
+            }));
+        let start = Instant::now();
+        let res = tower::ServiceExt::oneshot(svc, http::Request::new(()))
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap().expect("a CallDeadline");
+        assert_eq!(seen.at(), start + Duration::from_secs(2));
+        assert_eq!(seen.call_at(), start + Duration::from_secs(10));
+        assert_eq!(res.body().deadline(), Some(start + Duration::from_secs(10)));
     }
 
     #[tokio::test(start_paused = true)]

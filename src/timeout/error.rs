@@ -73,7 +73,7 @@ impl fmt::Display for DeadlineExceeded {
 impl std::error::Error for DeadlineExceeded {}
 
 /// The call's deadline passed while its response body was still being read: a frame
-/// was pending at the deadline ([`BodyDeadline`](super::BodyDeadline)). The head had
+/// was pending at the deadline (`BodyDeadline`, with `http`). The head had
 /// been answered; the body ends with this error.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]

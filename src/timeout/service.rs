@@ -93,27 +93,39 @@ where
             return ResponseFuture::expired(DeadlineExceeded::new(Duration::ZERO, true));
         }
         self.propagate
-            .outbound(&mut req, sent, sent.saturating_duration_since(now));
+            .outbound_attempt(&mut req, sent, sent.saturating_duration_since(now));
         ResponseFuture::until(self.inner.call(req), end, self.timeout)
     }
 }
 
 /// The deadline of a call, stored as a request extension by [`HttpPropagation`] so inner
 /// layers and the handler can see how much time is left.
+///
+/// Inside an [`AttemptTimeoutLayer::http`](super::AttemptTimeoutLayer::http), [`at`](Self::at)
+/// is the attempt's end (the sooner of its timeout and the call's deadline) and
+/// [`call_at`](Self::call_at) still the whole call's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct CallDeadline {
     at: Instant,
+    call: Instant,
 }
 
 impl CallDeadline {
-    /// A deadline at `at`.
+    /// A deadline at `at`, for the whole call.
     pub const fn new(at: Instant) -> Self {
-        Self { at }
+        Self { at, call: at }
     }
 
-    /// When the deadline passes.
+    /// When the deadline passes: for an attempt, when the attempt ends.
     pub const fn at(&self) -> Instant {
         self.at
+    }
+
+    /// When the whole call's deadline passes: [`at`](Self::at), or inside an attempt
+    /// timeout, the deadline outside it (what a response body read after the attempt
+    /// has returned is bound by; see [`BodyDeadline`](super::BodyDeadline)).
+    pub const fn call_at(&self) -> Instant {
+        self.call
     }
 
     /// The time left at `now` (zero once passed).
@@ -130,6 +142,13 @@ pub trait Propagate<Req> {
 
     /// Attaches the effective deadline to the request before it is sent.
     fn outbound(&self, req: &mut Req, deadline: Instant, remaining: Duration);
+
+    /// Attaches one attempt's end to the request before it is sent: by default as
+    /// [`outbound`](Self::outbound) does. ([`HttpPropagation`] keeps the call's own
+    /// deadline in [`CallDeadline::call_at`].)
+    fn outbound_attempt(&self, req: &mut Req, end: Instant, remaining: Duration) {
+        self.outbound(req, end, remaining);
+    }
 
     /// `true` if [`inbound`](Self::inbound) never finds a deadline and
     /// [`outbound`](Self::outbound) does nothing; the layer then reads no clock at call
@@ -258,7 +277,7 @@ pub use self::http_propagation::{
 #[cfg(feature = "http")]
 mod http_propagation {
     use super::*;
-    use http::{HeaderValue, Request, header::CONTENT_TYPE};
+    use http::{HeaderValue, Request};
 
     /// The HTTP header carrying the remaining time in whole milliseconds.
     pub const TIMEOUT_MS_HEADER: &str = "postbox-timeout-ms";
@@ -375,17 +394,22 @@ mod http_propagation {
                 headers.remove("grpc-timeout");
             }
         }
+
+        fn outbound_attempt(&self, req: &mut Request<B>, end: Instant, remaining: Duration) {
+            // The call's deadline, from the layer outside (or the attempt's end, alone).
+            let call = req
+                .extensions()
+                .get::<CallDeadline>()
+                .map_or(end, CallDeadline::call_at);
+            self.outbound(req, end, remaining);
+            if let Some(d) = req.extensions_mut().get_mut::<CallDeadline>() {
+                // Never before the attempt's own end (a caller-set shorter limit).
+                d.call = call.max(d.at);
+            }
+        }
     }
 
-    /// A gRPC (or gRPC-Web) request, by its content type (case-insensitive).
-    fn is_grpc(headers: &http::HeaderMap) -> bool {
-        const GRPC: &[u8] = b"application/grpc";
-        headers.get(CONTENT_TYPE).is_some_and(|v| {
-            v.as_bytes()
-                .get(..GRPC.len())
-                .is_some_and(|p| p.eq_ignore_ascii_case(GRPC))
-        })
-    }
+    use crate::http::is_grpc;
 
     /// The shortest timeout in the request's headers: [`TIMEOUT_MS_HEADER`], and
     /// `grpc-timeout` on gRPC requests only (it means nothing on plain HTTP).

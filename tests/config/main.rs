@@ -737,8 +737,9 @@ impl http_body::Body for Hangs {
 }
 
 /// `BodyDeadlineLayer` just above the client, inside the config's stack (as the README
-/// shows it): a body that hangs after its head fails at the attempt's end (the preset's
-/// 2 s attempt timeout, within its 10 s deadline), typed.
+/// shows it): a body that hangs after its head fails at the call's deadline (the
+/// preset's 10 s), not at the 2 s attempt timeout whose end the request carries there
+/// (the retry stopped watching the attempt when its head came), typed.
 #[tokio::test(start_paused = true)]
 async fn the_client_stack_with_a_body_deadline_ends_a_hung_body_at_the_attempts_end() {
     use http_body_util::BodyExt;
@@ -762,7 +763,7 @@ async fn the_client_stack_with_a_body_deadline_ends_a_hung_body_at_the_attempts_
         postbox::error::is_caused_by::<postbox::timeout::error::BodyDeadlineExceeded>(&*err),
         "{err}"
     );
-    assert_eq!(start.elapsed(), config.attempt_timeout);
+    assert_eq!(start.elapsed(), config.deadline);
 }
 
 /// The `toml` blocks of `text` (lines after `prefix`; blocks with no such line, an
