@@ -119,5 +119,72 @@ fn bodies(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, layers, bodies);
+/// `retry_http/bare` and `retry_http/retry`: one HTTP GET with four headers (built in
+/// the loop, in both) straight to a `service_fn`, and through `RetryLayer::http` with
+/// no retry needed; `retry_http/retry_grpc_timeout` is a gRPC call whose caller set a
+/// `grpc-timeout` (anchored as the call's deadline before the first attempt).
+fn retry_http(c: &mut Criterion) {
+    use http::{Request, Response};
+    use postbox::retry::RetryLayer;
+    use tower::{Service, ServiceExt};
+    let rt = runtime();
+    let _guard = rt.enter();
+    let request = |grpc: bool| {
+        let b = Request::post("http://api.internal/orders")
+            .header("host", "api.internal")
+            .header("accept", "*/*")
+            .header("user-agent", "bench");
+        let b = if grpc {
+            b.header("content-type", "application/grpc")
+                .header("grpc-timeout", "2S")
+        } else {
+            b.header("content-type", "application/json")
+        };
+        b.body(()).unwrap()
+    };
+    let mut run = |id: &str,
+                   grpc: bool,
+                   svc: tower::util::BoxCloneSyncService<
+        Request<()>,
+        Response<()>,
+        postbox::BoxError,
+    >| {
+        let mut g = c.benchmark_group("retry_http");
+        g.bench_function(id, |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let mut svc = svc.clone();
+                async move {
+                    let start = tokio::time::Instant::now();
+                    for _ in 0..iters {
+                        let ready = svc.ready().await.unwrap();
+                        std::hint::black_box(ready.call(request(grpc)).await.unwrap());
+                    }
+                    start.elapsed()
+                }
+            })
+        });
+        g.finish();
+    };
+    let answer =
+        tower::service_fn(|_: Request<()>| async { Ok::<_, postbox::BoxError>(Response::new(())) });
+    let retry = RetryLayer::http().build().unwrap();
+    run("bare", false, tower::util::BoxCloneSyncService::new(answer));
+    run(
+        "retry",
+        false,
+        tower::util::BoxCloneSyncService::new(retry.layer(answer)),
+    );
+    run(
+        "bare_grpc",
+        true,
+        tower::util::BoxCloneSyncService::new(answer),
+    );
+    run(
+        "retry_grpc_timeout",
+        true,
+        tower::util::BoxCloneSyncService::new(retry.layer(answer)),
+    );
+}
+
+criterion_group!(benches, layers, bodies, retry_http);
 criterion_main!(benches);

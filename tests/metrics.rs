@@ -216,3 +216,91 @@ fn a_healthy_key_has_no_series_and_a_dropped_breaker_leaves_the_gauge() {
         "the dropped breaker's late opening is counted"
     );
 }
+
+/// Every reason the retry layer gives up for has its own `reason` label, as the table
+/// in the `retry` module docs says.
+#[cfg(feature = "http")]
+#[test]
+fn each_reason_to_give_up_has_its_label() {
+    use http::{Request, Response, StatusCode};
+    use postbox::http::body::BodyNotReplayable;
+    use postbox::retry::RetryBudget;
+    use postbox::retry::backoff::Backoff;
+    use postbox::timeout::CallDeadline;
+    use std::time::Duration;
+
+    let gave_up = |reason: &str| format!(r#"postbox_retry_gave_up_total{{reason="{reason}"}}"#);
+    // 503 with a `Retry-After` of an hour when asked; a reset for a POST.
+    let upstream = service_fn(|req: Request<()>| async move {
+        if req.method() == http::Method::POST {
+            return Err::<Response<()>, BoxError>(
+                io::Error::from(io::ErrorKind::ConnectionReset).into(),
+            );
+        }
+        let mut res = Response::new(());
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        if req.uri().path() == "/hint" {
+            res.headers_mut()
+                .insert("retry-after", "3600".parse().unwrap());
+        }
+        Ok(res)
+    });
+    let layer = |budget: Option<RetryBudget>| {
+        let b = RetryLayer::http()
+            .max_retries(1)
+            .backoff(Backoff::constant(Duration::from_millis(10)));
+        match budget {
+            Some(budget) => b.budget(budget),
+            None => b.no_budget(),
+        }
+        .build()
+        .unwrap()
+    };
+    let get = |path: &str| Request::get(path).body(()).unwrap();
+    let handle = recorded(|| async {
+        let svc = layer(None).layer(upstream);
+        // Not replayable.
+        let mut req = get("/");
+        req.extensions_mut().insert(BodyNotReplayable::new(64));
+        svc.clone().oneshot(req).await.unwrap();
+        // Not retry-safe: a POST that may have reached the server.
+        let post = Request::post("/").body(()).unwrap();
+        svc.clone().oneshot(post).await.unwrap_err();
+        // A server hint above `max_retry_after`.
+        svc.clone().oneshot(get("/hint")).await.unwrap();
+        // The call's deadline comes before the backoff ends.
+        let mut req = get("/");
+        req.extensions_mut().insert(CallDeadline::new(
+            tokio::time::Instant::now() + Duration::from_millis(5),
+        ));
+        svc.clone().oneshot(req).await.unwrap();
+        // A spent budget.
+        let none = RetryBudget::builder()
+            .ratio(0.0)
+            .min_retries_per_sec(0)
+            .build()
+            .unwrap();
+        layer(Some(none))
+            .layer(upstream)
+            .oneshot(get("/"))
+            .await
+            .unwrap();
+        // Out of retries.
+        svc.oneshot(get("/")).await.unwrap();
+    });
+    for reason in [
+        "not_replayable",
+        "not_retry_safe",
+        "retry_after_too_long",
+        "deadline",
+        "budget_exhausted",
+        "max_retries",
+    ] {
+        assert_eq!(
+            counter(&handle, &gave_up(reason)),
+            1,
+            "{reason}: {}",
+            handle.render()
+        );
+    }
+}

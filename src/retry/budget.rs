@@ -317,11 +317,13 @@ impl Window {
         let mut cur = slot.load(Ordering::Relaxed);
         loop {
             let (e, n) = unpack(cur);
-            // A slot holding an older epoch is stale: restart it at ours.
-            let next = if e == epoch {
-                pack(e, n.saturating_add(1))
-            } else {
+            // A slot holding an older epoch is stale: restart it at ours. One holding a
+            // newer epoch (our `now` was read before another thread's) keeps its epoch
+            // and takes our count: a late writer must not wipe out the newest slot.
+            let next = if is_newer(epoch, e) {
                 pack(epoch, 1)
+            } else {
+                pack(e, n.saturating_add(1))
             };
             match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return unpack(next).1,
@@ -335,8 +337,10 @@ impl Window {
             .iter()
             .map(|s| {
                 let (e, n) = unpack(s.load(Ordering::Acquire));
-                // Counts within the last SLOTS epochs (the current one included).
-                if epoch.wrapping_sub(e) < SLOTS as u32 {
+                // Counts within the last SLOTS epochs (the current one included), and
+                // those of a slot a writer whose clock read was later than ours has
+                // already moved on.
+                if epoch.wrapping_sub(e) < SLOTS as u32 || e.wrapping_sub(epoch) < SLOTS as u32 {
                     u64::from(n)
                 } else {
                     0
@@ -344,6 +348,11 @@ impl Window {
             })
             .sum()
     }
+}
+
+/// `true` if epoch `a` is later than `b` (wrapping: within half the epoch range).
+const fn is_newer(a: u32, b: u32) -> bool {
+    a != b && a.wrapping_sub(b) < u32::MAX / 2
 }
 
 const fn pack(epoch: u32, n: u32) -> u64 {
@@ -379,6 +388,37 @@ mod tests {
         assert!(b.try_withdraw(now));
         assert!(!b.try_withdraw(now));
         assert_eq!(b.available(now), 0);
+    }
+
+    /// A deposit whose `now` was read a window ago (before an await, on a slow thread)
+    /// lands in the slot the newest epoch holds: it must not restart that slot and
+    /// throw away the deposits made since.
+    #[test]
+    fn a_late_deposit_does_not_wipe_out_the_newest_slot() {
+        let b = budget(0.2, 0);
+        let t0 = Instant::now();
+        // ttl 10 s: ten 1 s slots; epoch 10 and epoch 0 share a slot.
+        let now = t0 + Duration::from_millis(10_500);
+        for _ in 0..10 {
+            b.deposit(now);
+        }
+        b.deposit(t0 + Duration::from_millis(500));
+        // 11 deposits at 20%: 2 retries.
+        assert_eq!(b.available(now), 2);
+    }
+
+    /// A reader whose clock read is a slot behind a writer's still sees what the writer
+    /// deposited.
+    #[test]
+    fn a_reader_a_slot_behind_sees_the_newest_deposits() {
+        let b = budget(0.2, 0);
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            b.deposit(t0 + Duration::from_millis(1_500));
+        }
+        let earlier = t0 + Duration::from_millis(500);
+        assert_eq!(b.available(earlier), 2);
+        assert!(b.try_withdraw(earlier));
     }
 
     #[test]

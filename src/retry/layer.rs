@@ -200,9 +200,17 @@ impl<C, R, H> RetryBuilder<C, R, H> {
     /// Validates and builds the layer (a default budget is created here, once).
     ///
     /// # Errors
-    /// An invalid backoff (see [`Backoff::validate`]).
+    /// An invalid backoff (see [`Backoff::validate`]), or a `max_retry_after` above one
+    /// day ([`MAX_BACKOFF`](super::backoff::MAX_BACKOFF)): a caller held that long by a server's
+    /// hint is a hung call (a deadline bounds it too; without one nothing would).
     pub fn build(self) -> Result<RetryLayer<RetryPolicy<C, R, H>>, ConfigError> {
         self.backoff.validate()?;
+        if self.max_retry_after > super::backoff::MAX_BACKOFF {
+            return Err(ConfigError::new(
+                "retry.max_retry_after",
+                "must be at most one day",
+            ));
+        }
         let budget = match self.budget {
             BudgetChoice::Default => Some(RetryBudget::new()),
             BudgetChoice::None => None,

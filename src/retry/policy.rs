@@ -247,10 +247,16 @@ mod http_requests {
             }
         }
 
+        /// Adds the generated key, and anchors a timeout the caller set only in a
+        /// header (`grpc-timeout`, as tonic's `Request::set_timeout` writes, or
+        /// `postbox-timeout-ms`) as the call's [`CallDeadline`](crate::timeout::CallDeadline)
+        /// from now: retries then send the time left, not the whole timeout again, and
+        /// none starts after it.
         fn prepare(&self, req: &mut Request<B>) {
             if self.generate_key && !self.safe(req.method(), req.headers()) {
                 ensure_idempotency_key(req);
             }
+            crate::timeout::anchor_caller_timeout(req);
         }
 
         /// Rewrites the deadline headers a `DeadlineLayer::http` outside wrote at the

@@ -51,6 +51,8 @@ mod service;
 #[cfg(feature = "http")]
 pub use self::body::{BodyDeadline, BodyDeadlineFuture, BodyDeadlineLayer, DeadlineBody};
 pub use self::layer::{AttemptTimeoutLayer, DeadlineLayer};
+#[cfg(feature = "http")]
+pub(crate) use self::service::anchor_caller_timeout;
 pub use self::service::{AttemptTimeout, CallDeadline, Deadline, NoPropagation, Propagate};
 #[cfg(feature = "http")]
 pub use self::service::{

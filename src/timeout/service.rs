@@ -270,6 +270,8 @@ where
 }
 
 #[cfg(feature = "http")]
+pub(crate) use self::http_propagation::anchor_caller_timeout;
+#[cfg(feature = "http")]
 pub use self::http_propagation::{
     HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout,
 };
@@ -410,6 +412,26 @@ mod http_propagation {
     }
 
     use crate::http::is_grpc;
+
+    /// The deadline a caller set in the headers of a request that carries no
+    /// [`CallDeadline`] (tonic's `Request::set_timeout` writes `grpc-timeout`), as a
+    /// `CallDeadline` from now, so a retry layer can shrink it across attempts.
+    /// Reads the content type only when there is a `grpc-timeout`, and the clock only
+    /// when there is a timeout.
+    pub(crate) fn anchor_caller_timeout<B>(req: &mut Request<B>) {
+        if req.extensions().get::<CallDeadline>().is_some() {
+            return;
+        }
+        let headers = req.headers();
+        let grpc = headers.contains_key("grpc-timeout") && is_grpc(headers);
+        if !grpc && !headers.contains_key(TIMEOUT_MS_HEADER) {
+            return;
+        }
+        if let Some(set) = header_timeout(headers, grpc) {
+            req.extensions_mut()
+                .insert(CallDeadline::new(crate::clock::later(Instant::now(), set)));
+        }
+    }
 
     /// The shortest timeout in the request's headers: [`TIMEOUT_MS_HEADER`], and
     /// `grpc-timeout` on gRPC requests only (it means nothing on plain HTTP).

@@ -452,6 +452,86 @@ async fn a_retry_sends_the_time_left_in_its_deadline_header() {
     assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
 }
 
+/// A timeout the caller set only in a header (tonic's `Request::set_timeout` writes
+/// `grpc-timeout`; no `DeadlineLayer` outside) is the whole call's: a retry sends the
+/// time left, not the full timeout again, and none starts after it.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_timeout_the_caller_set_shrinks_across_retries_and_bounds_them() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    let req = Request::get("http://a/pkg.Svc/Get")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "2S")
+        .body(())
+        .unwrap();
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(req));
+    let (first, send) = take_request(&mut handle);
+    assert_eq!(first.headers()["grpc-timeout"], "2S");
+    advance(1000 * MS).await;
+    send.send_response(status(503, None));
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll());
+    let (second, send) = take_request(&mut handle);
+    assert_eq!(
+        second.headers()["grpc-timeout"],
+        postbox::timeout::encode_grpc_timeout(990 * MS).as_str()
+    );
+    // At 1.51 s, "retry in 1 s": past the 2 s the caller gave; the 429 comes back now.
+    advance(500 * MS).await;
+    send.send_response(status(429, Some("1")));
+    let res = assert_ready_ok!(fut.poll());
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    no_request(&mut handle);
+}
+
+/// The same for `postbox-timeout-ms` on a plain HTTP request; a `grpc-timeout` on one
+/// is not read (it means nothing there).
+#[tokio::test(start_paused = true)]
+async fn a_timeout_ms_header_the_caller_set_bounds_the_retries() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    let req = Request::get("http://a/")
+        .header(postbox::timeout::TIMEOUT_MS_HEADER, "500")
+        .header("grpc-timeout", "1m")
+        .body(())
+        .unwrap();
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(req));
+    let (_, send) = take_request(&mut handle);
+    advance(300 * MS).await;
+    send.send_response(status(503, None));
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll());
+    let (second, send) = take_request(&mut handle);
+    assert_eq!(second.headers()[postbox::timeout::TIMEOUT_MS_HEADER], "190");
+    advance(200 * MS).await;
+    send.send_response(status(503, None));
+    // At 510 ms: the deadline has passed; no third attempt.
+    let res = assert_ready_ok!(fut.poll());
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    no_request(&mut handle);
+}
+
+#[test]
+fn a_max_retry_after_above_a_day_is_a_build_error() {
+    let err = RetryLayer::http()
+        .max_retry_after(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "retry.max_retry_after");
+    let day = Duration::from_secs(24 * 3600);
+    assert!(RetryLayer::http().max_retry_after(day).build().is_ok());
+    assert!(
+        RetryLayer::http()
+            .max_retry_after(day + MS)
+            .build()
+            .is_err()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_hint_above_the_cap_gives_up_at_once() {
     let layer = RetryLayer::http()
