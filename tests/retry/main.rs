@@ -808,6 +808,59 @@ async fn an_open_breakers_rejection_is_not_retried_before_its_retry_after() {
     assert_ready_ok!(fut.poll());
 }
 
+/// An open breaker's rejection certainly had no effect: a POST without an
+/// idempotency key (not retry-safe) is retried after it all the same.
+#[tokio::test(start_paused = true)]
+async fn an_open_breakers_rejection_of_a_post_is_retried() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
+    let open: BoxError = Open::new(Duration::from_secs(1)).into();
+    take_request(&mut handle).1.send_error(open);
+    assert_pending!(fut.poll());
+    advance(1000 * MS).await;
+    assert_pending!(fut.poll());
+    let (retried, send) = take_request(&mut handle);
+    assert_eq!(retried.method(), Method::POST);
+    assert!(retried.headers().get(IDEMPOTENCY_KEY).is_none());
+    send.send_response(status(200, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
+}
+
+/// The spread a jittering policy adds past a server hint is at most its backoff's
+/// `max_delay`, however long the hint.
+#[tokio::test(start_paused = true)]
+async fn the_spread_past_a_hint_is_at_most_the_backoffs_max_delay() {
+    for seed in 0..32 {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hook = {
+            let seen = seen.clone();
+            move |e: &RetryEvent| seen.lock().unwrap().push(e.delay())
+        };
+        let layer = RetryLayer::http()
+            .max_retries(1)
+            .backoff(Backoff::exponential(100 * MS).with_max_delay(200 * MS))
+            .rng(postbox::retry::JitterRng::seeded(seed))
+            .on_retry(hook)
+            .no_budget()
+            .build()
+            .unwrap();
+        let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
+        take_request(&mut handle)
+            .1
+            .send_response(status(429, Some("10")));
+        assert_pending!(fut.poll());
+        let d = seen.lock().unwrap()[0];
+        assert!(
+            d >= Duration::from_secs(10) && d <= Duration::from_millis(10_200),
+            "{d:?} outside [10 s, 10.2 s]"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn readiness_is_polled_again_before_every_retry() {
     let layer = RetryLayer::builder()
