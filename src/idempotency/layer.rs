@@ -57,8 +57,10 @@ impl<St> IdempotencyLayer<St> {
         Ok(self)
     }
 
-    /// How long a claim lasts: a claim not completed by then (a crashed or hung handler)
-    /// is given to the next request. A duplicate waits at most this long in all for the
+    /// How long a claim lasts: a claim not completed by then (a crashed process, or a
+    /// handler still running after its client went away) is given to the next request.
+    /// While the client waits, the layer renews the claim, so a slow handler keeps its
+    /// key (with a store that can renew: [`IdempotencyStore::extend`](super::IdempotencyStore::extend)). A duplicate waits at most this long in all for the
     /// key (however often it is claimed again), then is answered `409 Conflict`. Keep it
     /// above the handler's timeout.
     ///

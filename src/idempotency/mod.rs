@@ -42,9 +42,11 @@
 //! A request that claimed a key runs to its end in a task of its own, even if its
 //! client goes away or a deadline layer outside gives up on it: a handler cut off
 //! between its effect and its answer would let the retry make the effect twice. Its
-//! duplicate waits and gets the stored answer. (Once its client is gone, it runs until
-//! its claim expires, `lock_for` after it was taken; then it is cancelled and the
-//! claim released.) Put a concurrency limit inside this layer, so that a handler that
+//! duplicate waits and gets the stored answer. While its client waits, its claim is
+//! renewed half-way through what is left of it ([`IdempotencyStore::extend`]), so a
+//! handler slower than `lock_for` keeps its key; once its client is gone, it runs
+//! until its claim expires (at most `lock_for` later), then it is cancelled and the
+//! claim released. Put a concurrency limit inside this layer, so that a handler that
 //! goes on after its client left still holds its permit.
 //!
 //! gRPC works the same (tonic: `Server::builder().layer(IdempotencyLayer::new(..))`,

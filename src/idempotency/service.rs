@@ -50,9 +50,10 @@ pub(crate) struct Config {
 /// future (the client went away, a caller that timed out and will retry, or a deadline
 /// layer outside gave up) does not cancel the handler, so a handler is never cut off
 /// between its effect and its answer, which would leave the key free for the retry to
-/// make the effect twice: a waiting duplicate gets the stored answer instead. Once the
-/// response future is dropped, the task runs until the claim expires (`lock_for` after
-/// it was taken), then it is cancelled and the claim released. Put a bulkhead *inside*
+/// make the effect twice: a waiting duplicate gets the stored answer instead. While the
+/// response future lives the claim is renewed; once it is dropped, the task runs until
+/// the claim expires (at most `lock_for` later), then it is cancelled and the claim
+/// released. Put a bulkhead *inside*
 /// this layer (as the server stack does): its permit then stays with the handler until
 /// the handler ends. The request body of a client that went away fails; a response to
 /// a request whose body failed is not remembered.
@@ -333,6 +334,8 @@ where
             }
         }
     };
+    // To renew the claim while the handler runs (the claim itself moves into the work).
+    let renewal = (store.clone(), key.clone(), config.lock_for);
     let claim = Release {
         store: store.clone(),
         key,
@@ -395,16 +398,56 @@ where
         .await;
         Handled::Read(parts, outcome)
     };
-    // Once the client has gone, the work goes on until the claim expires, no longer: a
-    // handler or body that never ends must not keep the task alive, and past the claim
-    // a duplicate may run the handler while this one still runs.
+    // While the client waits, the claim is renewed half-way through what is left of it, so
+    // a handler slower than `lock_for` keeps its key: past the claim a duplicate would
+    // run the handler while this one still runs. Once the client has gone, the work
+    // goes on until the claim expires, no longer: a handler or body that never ends
+    // must not keep the task alive.
+    let has_runtime = tokio::runtime::Handle::try_current().is_ok();
     let bounded = async move {
-        tokio::select! {
-            handled = work => handled,
-            () = async {
-                let _ = gone.await;
-                tokio::time::sleep_until(claim_ends).await;
-            } => Handled::Abandoned,
+        let (store, key, lock_for) = renewal;
+        let mut work = std::pin::pin!(work);
+        let mut gone = std::pin::pin!(gone);
+        // No timer without a runtime (run inline): nothing to renew with, and the client
+        // cannot go away from under this future.
+        let (mut claim_ends, mut client_gone, mut renewing) = (claim_ends, false, has_runtime);
+        loop {
+            // Not renewed, the handler goes on for its client: no timer.
+            let timed = client_gone || renewing;
+            // Built (the clock read, the timer armed) only when polled, after the work
+            // was polled first: a handler that answers at once costs no timer.
+            let wake = async {
+                let at = if client_gone {
+                    claim_ends
+                } else {
+                    // Half-way through what is left of the claim (never past it, and
+                    // no overflow for a `lock_for` of `Duration::MAX`).
+                    let now = tokio::time::Instant::now();
+                    now + claim_ends.saturating_duration_since(now) / 2
+                };
+                tokio::time::sleep_until(at).await;
+            };
+            tokio::select! {
+                biased;
+                handled = &mut work => return handled,
+                _ = &mut gone, if !client_gone => client_gone = true,
+                () = wake, if timed => {
+                    if client_gone {
+                        return Handled::Abandoned;
+                    }
+                    let asked = tokio::time::Instant::now();
+                    match store.extend(&key, token, lock_for).await {
+                        Ok(true) => claim_ends = crate::clock::later(asked, lock_for),
+                        // Taken over, or a store that cannot renew: past the claim a
+                        // duplicate may take the key over.
+                        Ok(false) => renewing = false,
+                        Err(e) => {
+                            tracing::warn!(error = %e, %key, "idempotency store failed to renew a claim");
+                            renewing = false;
+                        }
+                    }
+                }
+            }
         }
     };
     let handled = match tokio::runtime::Handle::try_current() {

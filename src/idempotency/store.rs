@@ -76,9 +76,10 @@ pub enum Claim {
 /// A key is *claimed* by the first request, which runs the handler and then
 /// *completes* it with the response (or *releases* it to let a later request try).
 /// Requests with a claimed key wait; requests with a completed key get the stored
-/// response. A claim not completed within `lock_for` is abandoned and can be claimed
-/// again (a crashed handler must not block its key forever); completing or releasing
-/// then acts only on the claim the [`ClaimToken`] names.
+/// response. A claim not completed (or [extended](IdempotencyStore::extend)) within
+/// `lock_for` is abandoned and can be claimed again (a crashed handler must not block
+/// its key forever); completing, releasing or extending then acts only on the claim the
+/// [`ClaimToken`] names.
 ///
 /// Implemented by [`MemoryStore`]; a shared store (Redis, a database) lets every
 /// instance of a service answer duplicates.
@@ -113,6 +114,24 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// is left alone. Called from `Drop`, so it must not block; a remote store may rely
     /// on the claim expiring instead.
     fn release(&self, key: &str, token: ClaimToken);
+
+    /// Extends the claim `token` on `key` to `lock_for` from now, while its handler
+    /// still runs (the layer renews half-way through each `lock_for` while the client
+    /// waits, so a handler slower than `lock_for` keeps its key). `false` if the claim
+    /// was taken over or completed, or the store cannot extend claims: the default,
+    /// with which a claim lasts `lock_for` and no longer.
+    ///
+    /// # Errors
+    /// The store is unreachable; the claim is then not renewed again.
+    fn extend(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        lock_for: Duration,
+    ) -> impl Future<Output = Result<bool, BoxError>> + Send {
+        let _ = (key, token, lock_for);
+        std::future::ready(Ok(false))
+    }
 
     /// Resolves when `key` may have stopped being in progress (completed, released,
     /// or its claim expired). The default polls every 50 ms.
@@ -363,6 +382,27 @@ impl IdempotencyStore for MemoryStore {
         }
     }
 
+    fn extend(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        lock_for: Duration,
+    ) -> impl Future<Output = Result<bool, BoxError>> + Send {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let extended = match inner.map.get_mut(key) {
+            Some(Entry::InProgress {
+                until, token: t, ..
+            }) if *t == token && *until > now => {
+                *until = later(now, lock_for);
+                true
+            }
+            _ => false,
+        };
+        drop(inner);
+        std::future::ready(Ok(extended))
+    }
+
     fn wait(&self, key: &str) -> impl Future<Output = ()> + Send {
         let waiting = match self.lock().map.get(key) {
             Some(Entry::InProgress { until, done, .. }) => Some((*until, done.subscribe())),
@@ -530,6 +570,25 @@ mod tests {
         assert_eq!(s.len(), 2);
         // "a" was evicted.
         proceed(&s, "a", lock).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_live_claim_is_extended_and_only_by_its_token() {
+        let s = MemoryStore::new(10);
+        let lock = Duration::from_secs(10);
+        let first = proceed(&s, "k", lock).await;
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(s.extend("k", first, lock).await.unwrap());
+        assert!(!s.extend("k", ClaimToken(first.0 + 1), lock).await.unwrap());
+        // Still claimed 10 s after the extension started, not after the claim did.
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(s.claim("k", lock).await.unwrap(), Claim::InProgress);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // Expired: neither extended nor kept.
+        assert!(!s.extend("k", first, lock).await.unwrap());
+        let second = proceed(&s, "k", lock).await;
+        assert_ne!(first, second);
+        assert!(!s.extend("k", first, lock).await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]

@@ -2699,11 +2699,13 @@ async fn a_duplicate_waits_at_most_lock_for_in_all() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
-/// A duplicate that came at the same instant as a request whose handler hangs takes the
-/// key over when the claim ends, though its own wait is up then too: the bound stops
-/// waiting for a key that keeps being claimed, not the claim after a hung one.
+/// A request whose handler hangs keeps its key while its client waits (its claim is
+/// renewed: a handler still running may yet make its effect): a duplicate that came at
+/// the same instant waits `lock_for`, then is answered `409`. Once the hung request's
+/// client goes away, its claim ends within `lock_for` and the next duplicate takes the
+/// key over.
 #[tokio::test(start_paused = true)]
-async fn a_duplicate_from_the_same_instant_takes_over_a_hung_claim() {
+async fn a_hung_claim_is_kept_while_its_client_waits_and_taken_over_after_it_leaves() {
     let calls = Arc::new(AtomicUsize::new(0));
     let handler = hangs_the_first_time(calls.clone());
     let svc = IdempotencyLayer::new(100)
@@ -2714,11 +2716,48 @@ async fn a_duplicate_from_the_same_instant_takes_over_a_hung_claim() {
     tokio::task::yield_now().await; // the spawned request claims the key first
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let started = tokio::time::Instant::now();
+    let res = svc.clone().oneshot(keyed("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    hung.abort();
+    let started = tokio::time::Instant::now();
     let res = svc.oneshot(keyed("k")).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
-    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert!(
+        started.elapsed() <= Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
-    hung.abort();
+}
+
+/// A handler slower than `lock_for` keeps its key while its client waits: its claim is
+/// renewed, so a duplicate that comes after `lock_for` waits for the answer instead of
+/// running the handler a second time beside it.
+#[tokio::test(start_paused = true)]
+async fn a_handler_slower_than_lock_for_keeps_its_key() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let slow = service_fn(move |_req: Served| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_secs(25)).await;
+            Ok::<_, std::convert::Infallible>(respond(201, "order"))
+        }
+    });
+    let svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(10))
+        .unwrap()
+        .layer(slow);
+    let first = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    // Past the first claim's `lock_for`; the answer comes within the duplicate's own.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let duplicate = svc.oneshot(keyed("k")).await.unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CREATED);
+    assert!(duplicate.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::CREATED);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(start_paused = true)]
