@@ -325,6 +325,14 @@ impl CircuitBreakerBuilder {
                 "must be a finite number ≥ 1",
             ));
         }
+        if self.break_multiplier > 1.0 && self.max_break_duration.is_none() {
+            // Without a cap the break would be capped at `break_duration`: never grow.
+            return Err(err(
+                "circuit_breaker.max_break_duration",
+                "must be set when break_multiplier is above 1 (the longest a growing \
+                 break may last)",
+            ));
+        }
         if self
             .max_break_duration
             .is_some_and(|m| m < self.break_duration)
@@ -456,7 +464,8 @@ pub struct CircuitBreakerConfig {
     /// See [`CircuitBreakerBuilder::break_duration`].
     #[serde(deserialize_with = "crate::duration::required")]
     pub break_duration: Duration,
-    /// The cap of a growing break ([`CircuitBreakerBuilder::break_backoff`]).
+    /// The cap of a growing break ([`CircuitBreakerBuilder::break_backoff`]); required
+    /// with a `break_multiplier` above 1.
     #[serde(deserialize_with = "crate::duration::option")]
     pub max_break_duration: Option<Duration>,
     /// The growth of the break per consecutive opening (1.0: fixed).
@@ -559,6 +568,21 @@ mod tests {
 
     fn field(b: CircuitBreakerBuilder) -> String {
         b.validate().unwrap_err().field().to_owned()
+    }
+
+    /// A growing break needs its cap: without one it was capped at `break_duration`,
+    /// so a config file's `break_multiplier` alone silently did nothing.
+    #[test]
+    fn a_break_multiplier_without_a_cap_is_an_error() {
+        let config: CircuitBreakerConfig =
+            serde_json::from_str(r#"{"break_duration": "2s", "break_multiplier": 2.0}"#).unwrap();
+        let err = config.build().unwrap_err();
+        assert_eq!(err.field(), "circuit_breaker.max_break_duration");
+        let config: CircuitBreakerConfig = serde_json::from_str(
+            r#"{"break_duration": "2s", "break_multiplier": 2.0, "max_break_duration": "1m"}"#,
+        )
+        .unwrap();
+        assert!(config.build().is_ok());
     }
 
     #[test]
