@@ -353,6 +353,10 @@ impl ReplayConfig {
 ///   [`CircuitOpen`](Verdict::CircuitOpen) → back to the queue until the breaker's
 ///   `retry_after` (at least the backoff base) *without counting the attempt*
 ///   ([`Queue::release`]), and leasing pauses that long;
+///   [`Rejected`](Verdict::Rejected) by our own limit (a full bulkhead, a deadline
+///   spent before the call) → back to the queue after the backoff, uncounted, and
+///   leasing pauses for the backoff of the rejections in a row (at least
+///   `poll_interval`, at most 30 s), until a replay gets through;
 ///   [`Permanent`](Verdict::Permanent) → dead-lettered.
 ///
 /// The queue counts every lease as an attempt, except a replay rejected by an open
@@ -559,6 +563,7 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
             unsettled: Vec::new(),
             resettle_at: None,
             paused_until: None,
+            rejected_streak: 0,
             depth_at: None,
             _req: std::marker::PhantomData,
         };
@@ -643,6 +648,10 @@ impl ReplayerHandle {
     }
 }
 
+/// The longest leasing pause while our own limit turns replays away: the limit frees
+/// with live traffic, so the backlog must not wait the whole backoff cap for it.
+const MAX_REJECTED_PAUSE: Duration = Duration::from_secs(30);
+
 struct Worker<Q, S, K, J, Req> {
     queue: Arc<Q>,
     service: S,
@@ -660,6 +669,9 @@ struct Worker<Q, S, K, J, Req> {
     unsettled: Vec<(Instant, Settle)>,
     resettle_at: Option<Instant>,
     paused_until: Option<Instant>,
+    /// Replays in a row turned away by our own limit before reaching the dependency
+    /// (a full bulkhead): the leasing pause grows with it.
+    rejected_streak: u32,
     depth_at: Option<Instant>,
     _req: std::marker::PhantomData<fn(Req)>,
 }
@@ -885,10 +897,29 @@ where
             self.dead_letter(token, &reason).await;
             return;
         }
-        let mut req = match self.codec.rebuild(&envelope) {
-            Ok(req) => req,
-            Err(e) => {
+        // A codec of the user's that panics on one message must not end the worker
+        // (and every later replay with it): that message is dead-lettered instead.
+        let codec = &*self.codec;
+        let rebuilt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut req = codec.rebuild(&envelope)?;
+            let log = codec.attempt_log(&mut req).unwrap_or_default();
+            Ok::<_, BoxError>((req, log))
+        }));
+        let (req, log) = match rebuilt {
+            Ok(Ok(rebuilt)) => rebuilt,
+            Ok(Err(e)) => {
                 let reason = format!("cannot rebuild the request: {e}");
+                self.dead_letter(token, &reason).await;
+                return;
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let reason = format!("rebuilding the request panicked: {what}");
+                tracing::error!(id = %token.id, %reason, "replay codec panicked");
                 self.dead_letter(token, &reason).await;
                 return;
             }
@@ -898,7 +929,6 @@ where
         let judge = self.judge.clone();
         let (attempts, expires_at) = (envelope.attempts, envelope.expires_at);
         // One log for the request (HTTP: in its extensions) and the task.
-        let log = self.codec.attempt_log(&mut req).unwrap_or_default();
         let handle = self.tasks.spawn(async move {
             let verdict = log
                 .clone()
@@ -935,6 +965,9 @@ where
                 return;
             }
         };
+        if !matches!(verdict, Verdict::Rejected { .. }) {
+            self.rejected_streak = 0;
+        }
         match verdict {
             Verdict::Delivered => {
                 tracing::debug!(id = %token.id, "replayed");
@@ -954,11 +987,8 @@ where
                     .max(self.config.backoff_base)
                     .max(self.config.poll_interval);
                 // `retry_after` may come from the dependency: never overflow.
-                let now = Instant::now();
-                let until = later(now, pause);
-                if self.paused_until.is_none_or(|p| p < until) {
+                if self.pause_leasing(pause) {
                     tracing::info!(?pause, "circuit open; replay paused");
-                    self.paused_until = Some(until);
                 }
                 if reached {
                     let reason = "an attempt reached the dependency and failed; its retries \
@@ -983,10 +1013,38 @@ where
                     .backoff(attempts.max(1), &mut self.rng)
                     .max(self.config.poll_interval);
                 tracing::debug!(id = %token.id, ?delay, %reason, "replay turned away by our own limit; not counted");
+                // Our own limit is full (a bulkhead shared with live traffic): leasing
+                // more now would only turn those away too, and by the end of the backlog
+                // the first would be due again. Pause, longer while it stays full.
+                // One step per pause, not per message: a batch turned away is one step.
+                if self.paused_until.is_none_or(|p| p <= Instant::now()) {
+                    self.rejected_streak = self.rejected_streak.saturating_add(1);
+                    let pause = self
+                        .config
+                        .backoff(self.rejected_streak, &mut self.rng)
+                        .min(MAX_REJECTED_PAUSE)
+                        .max(self.config.poll_interval);
+                    self.pause_leasing(pause);
+                    tracing::debug!(
+                        ?pause,
+                        "replays turned away by our own limit; leasing paused"
+                    );
+                }
                 self.retry_later(token, delay, false).await;
             }
             Verdict::Permanent { reason } => self.dead_letter(token, &reason).await,
         }
+    }
+
+    /// Stops leasing for `pause` from now (unless a longer pause is on); `true` if the
+    /// pause was set or lengthened.
+    fn pause_leasing(&mut self, pause: Duration) -> bool {
+        let until = later(Instant::now(), pause);
+        if self.paused_until.is_some_and(|p| p >= until) {
+            return false;
+        }
+        self.paused_until = Some(until);
+        true
     }
 
     /// A failed delivery that counts: dead-lettered after `max_attempts` (or if it

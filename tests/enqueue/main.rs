@@ -947,6 +947,55 @@ impl RequestCodec<Command> for CommandCodec {
     }
 }
 
+/// A codec that panics on messages whose URI ends in `/bad` (a user's `unwrap`).
+struct PanicsOnBad;
+
+impl RequestCodec<Command> for PanicsOnBad {
+    fn idempotency_key(&self, req: &Command) -> Option<String> {
+        CommandCodec.idempotency_key(req)
+    }
+    fn set_idempotency_key(&self, req: &mut Command, key: &str) {
+        CommandCodec.set_idempotency_key(req, key);
+    }
+    fn capture(&self, req: &Command) -> Option<Captured> {
+        CommandCodec.capture(req)
+    }
+    fn rebuild(&self, env: &Envelope) -> Result<Command, BoxError> {
+        assert!(!env.uri.ends_with("/bad"), "cannot parse {}", env.uri);
+        CommandCodec.rebuild(env)
+    }
+}
+
+/// A codec that panics on one message does not end the replayer: that message is
+/// dead-lettered, saying so, and the others are delivered.
+#[tokio::test(start_paused = true)]
+async fn a_codec_panicking_on_one_message_dead_letters_it_and_goes_on() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    enqueue_raw(&queue, "http://api.test/bad").await;
+    enqueue_raw(&queue, "http://api.test/b").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let svc = service_fn(move |_: Command| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<u32, BoxError>(1) }
+    });
+    let handle = Replayer::new(queue.clone(), svc, PanicsOnBad)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 2 && handle.stats().dead_lettered == 1).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let dead = Queue::dead_letters(&*queue, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].envelope.uri.ends_with("/bad"));
+    assert!(
+        dead[0].reason.contains("panicked: cannot parse"),
+        "{}",
+        dead[0].reason
+    );
+    handle.shutdown().await;
+}
+
 /// A blank typed key (which the server's `Idempotency` layer reads as none) is
 /// replaced by a fresh one, as an empty key is: a replay carrying it would not be
 /// de-duplicated. Any other key is kept: what a transport can carry is its codec's
@@ -1536,6 +1585,47 @@ async fn replayer_rejections_by_our_own_limits_do_not_use_up_attempts() {
     })
     .await;
     assert_eq!(calls, 12);
+}
+
+/// While our own limit turns every replay away (a bulkhead full of live traffic), the
+/// replayer pauses leasing, longer while it stays full, instead of leasing, rejecting
+/// and releasing the whole backlog again and again; once there is room, everything is
+/// delivered.
+#[tokio::test(start_paused = true)]
+async fn a_full_bulkhead_pauses_leasing_instead_of_churning_the_backlog() {
+    let queue = Arc::new(MemoryQueue::new());
+    for i in 0..200 {
+        enqueue_raw(&queue, &format!("http://api.test/{i}")).await;
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let svc = {
+        let (calls, full) = (calls.clone(), full.clone());
+        service_fn(move |_req: InnerReq| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let out = if full.load(Ordering::SeqCst) {
+                Err(boxed(BulkheadFull::new(4, 0)))
+            } else {
+                Ok(respond(200, ""))
+            };
+            async move { out }
+        })
+    };
+    let handle = Replayer::http(queue.clone(), svc)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // Churning, every message would have been tried about once a second (~6000 calls).
+    let turned_away = calls.load(Ordering::SeqCst);
+    assert!(
+        turned_away < 200,
+        "{turned_away} replays turned away in 30 s"
+    );
+    full.store(false, Ordering::SeqCst);
+    eventually(|| handle.stats().replayed == 200).await;
+    let stats = handle.shutdown().await;
+    assert_eq!(stats.dead_lettered, 0);
 }
 
 #[tokio::test(start_paused = true)]
