@@ -115,7 +115,8 @@ mod http_future {
     use super::*;
     use crate::enqueue::body::{BufferedBody, Collected, partial, poll_collect};
     use crate::enqueue::receipt::{
-        DEFER_REASON_HEADER, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt, reason_str,
+        DEFER_REASON_HEADER, DUPLICATE_HEADER, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt,
+        reason_str,
     };
     use http::{HeaderName, HeaderValue, Request, Response, StatusCode, request::Parts};
     use http_body::{Body, Frame};
@@ -238,6 +239,12 @@ mod http_future {
             HeaderName::from_static(DEFER_REASON_HEADER),
             HeaderValue::from_static(reason_str(receipt.reason())),
         );
+        if receipt.is_duplicate() {
+            headers.insert(
+                HeaderName::from_static(DUPLICATE_HEADER),
+                HeaderValue::from_static("true"),
+            );
+        }
         res.extensions_mut().insert(receipt);
         res
     }

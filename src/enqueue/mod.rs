@@ -85,7 +85,8 @@ pub use self::layer::EnqueueFallbackLayer;
 pub use self::layer::{DeferLayer, EnqueueConfig};
 pub use self::policy::{DeferPolicy, Trigger, trigger};
 pub use self::receipt::{
-    DEFER_REASON_HEADER, Deferred, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt, reason_str,
+    DEFER_REASON_HEADER, DUPLICATE_HEADER, Deferred, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER,
+    Receipt, reason_str,
 };
 #[cfg(feature = "http")]
 pub use self::replay::HttpJudge;

@@ -11,6 +11,13 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// Header of a receipt saying why the request was deferred: `circuit-open`,
 /// `bulkhead-full`, `retries-exhausted` or `deadline-elapsed`.
 pub const DEFER_REASON_HEADER: &str = "postbox-defer-reason";
+/// Header (`true`) of a receipt for a request that was not stored because a message with
+/// its idempotency key was already pending or in flight ([`Receipt::is_duplicate`]).
+///
+/// The queue de-duplicates on the key alone: a *different* request that reuses a key
+/// still pending is answered this way too and is never sent. Keys must name one
+/// request (as the IETF Idempotency-Key draft requires of clients).
+pub const DUPLICATE_HEADER: &str = "postbox-duplicate";
 
 /// Proof that a request was stored durably for later delivery.
 ///
@@ -67,7 +74,9 @@ impl Receipt {
     }
 
     /// `true` if a message with the same idempotency key was already pending or in
-    /// flight: nothing new was stored, [`id`](Self::id) is the existing message's.
+    /// flight: nothing new was stored, [`id`](Self::id) is the existing message's (the
+    /// HTTP receipt says so in [`DUPLICATE_HEADER`]). The queue compares keys only, not
+    /// the requests: see [`DUPLICATE_HEADER`].
     pub fn is_duplicate(&self) -> bool {
         self.duplicate
     }

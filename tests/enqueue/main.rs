@@ -3858,6 +3858,12 @@ async fn a_retried_call_with_the_same_key_is_stored_once() {
     assert_eq!(receipt_id(&first), receipt_id(&second));
     let receipt = second.extensions().get::<Receipt>().unwrap();
     assert!(receipt.is_duplicate());
+    assert_eq!(second.headers()[postbox::enqueue::DUPLICATE_HEADER], "true");
+    assert!(
+        !first
+            .headers()
+            .contains_key(postbox::enqueue::DUPLICATE_HEADER)
+    );
     assert_eq!(depth(&queue).await.pending, 1);
 }
 
