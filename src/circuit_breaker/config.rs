@@ -212,7 +212,10 @@ impl CircuitBreakerBuilder {
         self
     }
 
-    /// Exactly this many probe calls are admitted in half-open (1 to 255).
+    /// Exactly this many probe calls are admitted in half-open (1 to 255). The breaker
+    /// closes or reopens once min(`minimum_calls`, `n`) of them are done, on their
+    /// failure (and slow-call) rate, as resilience4j does; in consecutive-failures
+    /// mode, once all `n` are.
     pub fn permitted_probes(mut self, n: u32) -> Self {
         self.permitted_probes = n;
         self

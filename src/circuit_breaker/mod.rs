@@ -15,6 +15,7 @@
 //! | count window | the last N calls, exactly (a ring) | the last N calls (tower-resilience 0.14: cumulative counters) |
 //! | `minimum_calls` > count window | capped at the window size | capped |
 //! | half-open admission | exactly `permitted_probes` under any concurrency; a dropped probe gives its slot back | leaks permits under load (its issues #903, #1432) |
+//! | half-open judgment | once min(`minimum_calls`, `permitted_probes`) probes are done (all of them in consecutive-failures mode); later probes' results are dropped | the same |
 //! | rejection | [`error::Open`], carrying `retry_after` | `CallNotPermittedException`, no hint |
 //!
 //! # What is recorded

@@ -904,19 +904,28 @@ impl Breaker {
                 Err(cur) => w = cur,
             }
         };
+        // Judged once min(`minimum_calls`, probes) probes are done, as resilience4j
+        // does: a rate over fewer calls than the closed window would judge is not
+        // waited on (a hung last probe would hold every caller off until
+        // `max_wait_in_half_open`); probes still out then belong to the old state.
         let probes = u64::from(self.settings.permitted_probes);
-        if field(new, DONE_SHIFT) < probes {
+        let needed = match &self.settings.trip {
+            Trip::Rate { minimum_calls, .. } => probes.min((*minimum_calls).max(1)),
+            Trip::Consecutive { .. } => probes,
+        };
+        let done = field(new, DONE_SHIFT);
+        if done < needed {
             return;
         }
         let failed = self
             .settings
             .failure_rate
-            .reached(field(new, FAIL_SHIFT), probes);
+            .reached(field(new, FAIL_SHIFT), done);
         let slow = match &self.settings.trip {
             Trip::Rate {
                 slow_call_rate: Some(r),
                 ..
-            } => r.reached(field(new, SLOW_SHIFT), probes),
+            } => r.reached(field(new, SLOW_SHIFT), done),
             _ => false,
         };
         let to = if failed || slow { OPEN } else { CLOSED };
@@ -1351,7 +1360,9 @@ mod tests {
     #[test]
     fn half_open_admits_configured_probes_and_closes() {
         let t0 = Instant::now();
-        let b = breaker(settings(count(1, 1)), t0);
+        // `minimum_calls` 2: both probes are waited for.
+        let b = breaker(settings(count(2, 2)), t0);
+        call(&b, t0, Verdict::Failure).unwrap();
         call(&b, t0, Verdict::Failure).unwrap();
         let mut now = Now::at(t0 + Duration::from_secs(10));
         let p1 = b.acquire(&mut now).unwrap();

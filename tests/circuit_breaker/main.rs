@@ -405,6 +405,52 @@ async fn half_open_admits_configured_probes() {
     assert_eq!(h.state(), State::Closed);
 }
 
+/// Half-open is judged once min(`minimum_calls`, `permitted_probes`) probes are done,
+/// as resilience4j does: with `minimum_calls(1)` the first probe's success closes the
+/// breaker while two more are still out (their results are dropped), and a first
+/// failed probe reopens it.
+#[tokio::test(start_paused = true)]
+async fn half_open_is_judged_after_min_of_minimum_calls_and_probes() {
+    for (first, then) in [(true, State::Closed), (false, State::Open)] {
+        let layer = CircuitBreakerLayer::builder()
+            .count_window(4)
+            .minimum_calls(1)
+            .failure_rate_threshold(0.5)
+            .permitted_probes(3)
+            .break_duration(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        let (mut svc, mut handle) = mock::spawn_layer(layer);
+        trip_and_wait(&mut svc, &mut handle, &h).await;
+        handle.allow(3);
+        let mut probes = Vec::new();
+        for _ in 0..3 {
+            assert_ready_ok!(svc.poll_ready());
+            probes.push(svc.call(()));
+        }
+        assert_eq!(h.state(), State::HalfOpen);
+        let (_, send) = handle.next_request().await.unwrap();
+        if first {
+            send.send_response(());
+        } else {
+            send.send_error("still down");
+        }
+        let p1 = probes.remove(0);
+        assert_eq!(p1.await.is_ok(), first);
+        assert_eq!(h.state(), then);
+        // The other two probes' results come from the old state: dropped.
+        for _ in 0..2 {
+            let (_, send) = handle.next_request().await.unwrap();
+            send.send_error("late");
+        }
+        for p in probes {
+            p.await.unwrap_err();
+        }
+        assert_eq!(h.state(), then);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn failing_probes_reopen_with_a_fresh_break() {
     let (mut svc, mut handle, h) = tripped_mock(1);
