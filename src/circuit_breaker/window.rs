@@ -41,13 +41,20 @@ fn apply(failures: &AtomicI64, slow: &AtomicI64, old: u8, new: u8) {
 
 // === impl CountWindow ===
 
+/// Slot bit of [`CountWindow`]: the slot holds an outcome. The calls are counted from
+/// the slots themselves, so a reset that sweeps a slot takes its call and its failure
+/// away together: a writer racing a reset can never leave a failure with no call.
+const OCCUPIED: u8 = 4;
+
 /// A true sliding count window: a ring of the last `size` outcomes with running
-/// totals of failures and slow calls.
+/// totals of calls, failures and slow calls.
 #[derive(Debug)]
 pub(crate) struct CountWindow {
     slots: Box<[AtomicU8]>,
     /// Outcomes recorded since the last reset; the next one goes to `next % size`.
     next: AtomicU64,
+    /// Occupied slots.
+    calls: AtomicI64,
     failures: AtomicI64,
     slow: AtomicI64,
 }
@@ -59,9 +66,20 @@ impl CountWindow {
         Self {
             slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
             next: AtomicU64::new(0),
+            calls: AtomicI64::new(0),
             failures: AtomicI64::new(0),
             slow: AtomicI64::new(0),
         }
+    }
+
+    /// Applies the change of one slot from `old` to `new` (occupied and outcome bits).
+    #[inline]
+    fn apply_slot(&self, old: u8, new: u8) {
+        if (old ^ new) & OCCUPIED != 0 {
+            self.calls
+                .fetch_add(if new & OCCUPIED != 0 { 1 } else { -1 }, Relaxed);
+        }
+        apply(&self.failures, &self.slow, old, new);
     }
 
     /// The number of outcomes the window holds when full.
@@ -82,22 +100,27 @@ impl CountWindow {
             FAILURE => self.failures.load(Relaxed) == size as i64,
             _ => false,
         };
-        if same && self.slow.load(Relaxed) == 0 && self.next.load(Relaxed) >= size {
+        if same && self.slow.load(Relaxed) == 0 && self.calls.load(Relaxed) >= size as i64 {
             return;
         }
-        let pos = self.next.fetch_add(1, Relaxed);
-        let slot = &self.slots[(pos % size) as usize];
-        if slot.load(Relaxed) == outcome {
+        self.write(self.next.fetch_add(1, Relaxed), outcome);
+    }
+
+    /// Writes `outcome` at position `pos` (taken from `next`, perhaps before a reset).
+    #[inline]
+    fn write(&self, pos: u64, outcome: u8) {
+        let slot = &self.slots[(pos % self.size()) as usize];
+        let value = outcome | OCCUPIED;
+        if slot.load(Relaxed) == value {
             return;
         }
-        let old = slot.swap(outcome, Relaxed);
-        apply(&self.failures, &self.slow, old, outcome);
+        let old = slot.swap(value, Relaxed);
+        self.apply_slot(old, value);
     }
 
     /// The current totals.
     pub(crate) fn totals(&self) -> Totals {
-        let size = self.size();
-        let calls = self.next.load(Relaxed).min(size);
+        let calls = clamp(self.calls.load(Relaxed), self.size());
         Totals {
             calls,
             failures: clamp(self.failures.load(Relaxed), calls),
@@ -109,7 +132,7 @@ impl CountWindow {
     pub(crate) fn reset(&self) {
         for s in self.slots.iter() {
             let old = s.swap(0, Relaxed);
-            apply(&self.failures, &self.slow, old, 0);
+            self.apply_slot(old, 0);
         }
         self.next.store(0, Relaxed);
     }
@@ -487,6 +510,24 @@ mod tests {
         w.record(0);
         w.record(0);
         assert_eq!(w.totals(), t(4, 0, 0));
+    }
+
+    /// A writer that took its position before a reset and writes after the sweep passed
+    /// its slot leaves a call with its failure, never a failure without its call (which
+    /// made the next success look like a 100% failure rate).
+    #[test]
+    fn a_write_racing_a_reset_keeps_its_call_with_its_failure() {
+        let w = CountWindow::new(4);
+        for _ in 0..3 {
+            w.record(0);
+        }
+        let pos = w.next.fetch_add(1, Relaxed); // the writer takes its place
+        w.reset(); // a transition sweeps the window
+        w.write(pos, FAILURE); // the write lands after the sweep
+        let after = w.totals();
+        assert!(after.failures <= after.calls, "{after:?}");
+        w.record(0);
+        assert_eq!(w.totals(), t(2, 1, 0));
     }
 
     #[test]
