@@ -304,6 +304,11 @@ where
 
 /// A snapshot of a breaker's state and window, from
 /// [`CircuitBreakerHandle::metrics`](super::CircuitBreakerHandle::metrics).
+///
+/// In half-open it shows the probes, as resilience4j does: `calls`, `failures` and
+/// `slow_calls` count the probes done so far, and the rates stay `None` until the
+/// number the decision waits for (min(`minimum_calls`, `permitted_probes`)) is done.
+/// Closed, open and the manual states show the window (open: the one that tripped).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Metrics {
     state: State,
@@ -908,11 +913,7 @@ impl Breaker {
         // does: a rate over fewer calls than the closed window would judge is not
         // waited on (a hung last probe would hold every caller off until
         // `max_wait_in_half_open`); probes still out then belong to the old state.
-        let probes = u64::from(self.settings.permitted_probes);
-        let needed = match &self.settings.trip {
-            Trip::Rate { minimum_calls, .. } => probes.min((*minimum_calls).max(1)),
-            Trip::Consecutive { .. } => probes,
-        };
+        let needed = self.probes_needed();
         let done = field(new, DONE_SHIFT);
         if done < needed {
             return;
@@ -1080,7 +1081,28 @@ impl Breaker {
     }
 
     /// A snapshot of the state and window at `now`.
+    /// How many half-open probes are judged: min(`minimum_calls`, probes) in rate mode.
+    fn probes_needed(&self) -> u64 {
+        let probes = u64::from(self.settings.permitted_probes);
+        match &self.settings.trip {
+            Trip::Rate { minimum_calls, .. } => probes.min((*minimum_calls).max(1)),
+            Trip::Consecutive { .. } => probes,
+        }
+    }
+
     pub(crate) fn metrics(&self, now: &mut Now) -> Metrics {
+        let w = self.word.load(Acquire);
+        if mode(w) == HALF_OPEN {
+            return Metrics {
+                state: State::HalfOpen,
+                calls: field(w, DONE_SHIFT),
+                failures: field(w, FAIL_SHIFT),
+                slow_calls: field(w, SLOW_SHIFT),
+                consecutive_failures: 0,
+                minimum_calls: self.probes_needed(),
+                not_permitted: self.not_permitted.load(Relaxed),
+            };
+        }
         let state = self.state();
         let (t, consecutive, minimum_calls) = match &self.settings.trip {
             Trip::Rate {

@@ -451,6 +451,46 @@ async fn half_open_is_judged_after_min_of_minimum_calls_and_probes() {
     }
 }
 
+/// In half-open the metrics show the probes, not the window that tripped: the probes
+/// done so far, and no rate until as many are done as the decision waits for.
+#[tokio::test(start_paused = true)]
+async fn half_open_metrics_show_the_probes() {
+    let (mut svc, mut handle, h) = tripped_mock(2);
+    trip_and_wait(&mut svc, &mut handle, &h).await;
+    assert_eq!(
+        h.metrics().consecutive_failures(),
+        1,
+        "open: what tripped it"
+    );
+    handle.allow(2);
+    let mut probes = Vec::new();
+    for _ in 0..2 {
+        assert_ready_ok!(svc.poll_ready());
+        probes.push(svc.call(()));
+    }
+    let m = h.metrics();
+    assert_eq!(m.state(), State::HalfOpen);
+    assert_eq!(
+        (m.calls(), m.failures(), m.consecutive_failures()),
+        (0, 0, 0)
+    );
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("still down");
+    probes.remove(0).await.unwrap_err();
+    let m = h.metrics();
+    assert_eq!((m.calls(), m.failures()), (1, 1));
+    assert_eq!(
+        m.failure_rate(),
+        None,
+        "one of the two probes the decision waits for"
+    );
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(());
+    probes.remove(0).await.unwrap();
+    // 1 of 2 failed: 50% reopens.
+    assert_eq!(h.state(), State::Open);
+}
+
 #[tokio::test(start_paused = true)]
 async fn failing_probes_reopen_with_a_fresh_break() {
     let (mut svc, mut handle, h) = tripped_mock(1);
