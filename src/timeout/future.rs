@@ -16,6 +16,9 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         state: Timed<F>,
+        // The call's deadline comes before the attempt's end: expiry is the call's
+        // `DeadlineExceeded`, not the attempt's `Elapsed`.
+        call_bound: bool,
     }
 }
 
@@ -116,13 +119,16 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn new(inner: F, timeout: Duration) -> Self {
         Self {
             state: Timed::running(inner, None, timeout),
+            call_bound: false,
         }
     }
 
-    /// Times out at `at` (the clock was read at call time), reporting `timeout`.
-    pub(crate) fn until(inner: F, at: Instant, timeout: Duration) -> Self {
+    /// Times out at `at` (the clock was read at call time), reporting `timeout`; as the
+    /// call's deadline if `call_bound` (it came before the attempt's own end).
+    pub(crate) fn until(inner: F, at: Instant, timeout: Duration, call_bound: bool) -> Self {
         Self {
             state: Timed::running(inner, Some(at), timeout),
+            call_bound,
         }
     }
 
@@ -130,6 +136,7 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn expired(error: DeadlineExceeded) -> Self {
         Self {
             state: Timed::Expired { error: Some(error) },
+            call_bound: true,
         }
     }
 }
@@ -143,12 +150,19 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
+        let this = self.project();
+        let mut state = this.state;
         if let Some(e) = state.as_mut().take_expired() {
             return Poll::Ready(Err(e.into()));
         }
         match ready!(state.poll_timed(cx)) {
             Ok(out) => Poll::Ready(out.map_err(Into::into)),
+            Err(after) if *this.call_bound => {
+                tracing::debug!(?after, "call deadline passed during the attempt");
+                metrics::counter!("postbox_calls_total", "layer" => "attempt_timeout", "outcome" => "deadline_exceeded")
+                    .increment(1);
+                Poll::Ready(Err(DeadlineExceeded::new(after, false).into()))
+            }
             Err(after) => {
                 tracing::debug!(?after, "attempt timed out");
                 metrics::counter!("postbox_calls_total", "layer" => "attempt_timeout", "outcome" => "timeout")

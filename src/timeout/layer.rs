@@ -32,7 +32,10 @@ impl AttemptTimeoutLayer<super::HttpPropagation> {
     /// [`TIMEOUT_MS_HEADER`](super::TIMEOUT_MS_HEADER) and the
     /// [`CallDeadline`](super::CallDeadline) extension are set to the sooner of the
     /// attempt's end and the call's deadline (the `CallDeadline` a
-    /// [`DeadlineLayer::http`] outside set).
+    /// [`DeadlineLayer::http`] outside set, or a retry layer anchored from a timeout
+    /// header the caller set). The attempt ends at that sooner time too: at its own end
+    /// with [`Elapsed`](super::error::Elapsed), at the call's deadline with
+    /// [`DeadlineExceeded`](super::error::DeadlineExceeded).
     ///
     /// # Errors
     /// A zero timeout is a [`ConfigError`].

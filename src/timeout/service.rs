@@ -92,9 +92,13 @@ where
             .increment(1);
             return ResponseFuture::expired(DeadlineExceeded::new(Duration::ZERO, true));
         }
-        self.propagate
-            .outbound_attempt(&mut req, sent, sent.saturating_duration_since(now));
-        ResponseFuture::until(self.inner.call(req), end, self.timeout)
+        let budget = sent.saturating_duration_since(now);
+        self.propagate.outbound_attempt(&mut req, sent, budget);
+        // Timed to the sooner of the two: the call's deadline may have no timer of its
+        // own (a `grpc-timeout` the caller set, anchored by a retry layer outside).
+        let call_bound = sent < end;
+        let report = if call_bound { budget } else { self.timeout };
+        ResponseFuture::until(self.inner.call(req), sent, report, call_bound)
     }
 }
 

@@ -356,6 +356,30 @@ async fn an_http_attempt_timeout_still_expires_as_elapsed() {
     assert!(find_cause::<Elapsed>(&*err).is_some(), "{err}");
 }
 
+/// An attempt whose call's deadline comes before its own end is cut at the call's
+/// deadline, with `DeadlineExceeded` (the call is over), even with no deadline layer
+/// outside to time it (a caller-set header a retry layer anchored).
+#[tokio::test(start_paused = true)]
+async fn an_http_attempt_is_cut_at_a_sooner_call_deadline() {
+    let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
+        AttemptTimeoutLayer::http(Duration::from_secs(5)).unwrap(),
+    );
+    let mut req = http::Request::new(());
+    req.extensions_mut()
+        .insert(CallDeadline::new(Instant::now() + Duration::from_secs(3)));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(req));
+    let (_sent, _reply) = handle.next_request().await.unwrap();
+    assert_pending!(fut.poll());
+    time::advance(Duration::from_millis(2999)).await;
+    assert_pending!(fut.poll());
+    time::advance(Duration::from_millis(1)).await;
+    let err = assert_ready!(fut.poll()).unwrap_err();
+    let exceeded = find_cause::<DeadlineExceeded>(&*err).expect("DeadlineExceeded");
+    assert!(!exceeded.expired_before_call());
+    assert!(find_cause::<Elapsed>(&*err).is_none(), "{err}");
+}
+
 /// An attempt whose call's deadline passed before it (a retry that waited for
 /// readiness past it) is not sent with a zero timeout: it fails with
 /// `DeadlineExceeded`, expired before the call, and the inner service is not called.
