@@ -87,8 +87,9 @@ impl BulkheadBuilder {
     /// Validates and builds the layer.
     ///
     /// # Errors
-    /// `max_concurrent` of 0 or above `usize::MAX >> 3`, or waiting allowed with a
-    /// zero `max_wait`.
+    /// `max_concurrent` of 0 or above `usize::MAX >> 3`, or waiting allowed
+    /// (`max_waiting` > 0) with a zero `max_wait` or none: a wait without a bound is
+    /// [`backpressure`](Self::backpressure), which says so.
     pub fn build(self) -> Result<BulkheadLayer, ConfigError> {
         if self.max_concurrent == 0 {
             return Err(ConfigError::new(
@@ -100,6 +101,13 @@ impl BulkheadBuilder {
             return Err(ConfigError::new(
                 "bulkhead.max_concurrent",
                 format!("must be at most {MAX_CONCURRENT}"),
+            ));
+        }
+        if self.max_waiting > 0 && self.max_waiting != usize::MAX && self.max_wait.is_none() {
+            return Err(ConfigError::new(
+                "bulkhead.max_wait",
+                "must be set when max_waiting > 0 (a wait with no bound is backpressure(); \
+                 use max_waiting = 0 to fail fast)",
             ));
         }
         if self.max_waiting > 0 && self.max_wait.is_some_and(|d| d.is_zero()) {

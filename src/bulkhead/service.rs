@@ -240,8 +240,11 @@ where
                 // permit or a waiting slot freed since is taken rather than failing a
                 // call that fits (a cache of ready services polls again before it
                 // calls).
-                State::Rejected(_) => match self.shared.try_acquire() {
+                // One that already waited its `max_wait` takes only a free permit: it
+                // does not wait again (polled again and again, it would never fail).
+                State::Rejected(full) => match self.shared.try_acquire() {
                     Some(permit) => self.state = State::Ready(permit),
+                    None if full.waited().is_some() => return Poll::Ready(Ok(())),
                     None => self.state = State::Empty,
                 },
                 State::Empty => match self.shared.try_acquire() {

@@ -218,6 +218,39 @@ async fn a_rejected_service_waits_in_a_slot_freed_before_its_next_poll_ready() {
     assert_eq!(handle.next_request().await.unwrap().0, 2);
 }
 
+/// A service that waited its whole `max_wait` and was rejected is not sent to wait
+/// again when polled again (a cache of ready services polls before it calls): it stays
+/// rejected, and its call fails with `Full`, unless a permit is free by then.
+#[tokio::test(start_paused = true)]
+async fn a_service_rejected_after_waiting_does_not_wait_again_when_polled_again() {
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(1)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (mut c, mut handle) = callers(&layer, 2);
+    assert_ready_ok!(c[0].poll_ready());
+    let _running = c[0].call(0);
+    assert_pending!(c[1].poll_ready());
+    time::advance(Duration::from_secs(1)).await;
+    assert_ready_ok!(c[1].poll_ready()); // waited its bound: ready to reject
+    for _ in 0..3 {
+        assert_ready_ok!(
+            c[1].poll_ready(),
+            "polled again: still rejected, not waiting"
+        );
+    }
+    let err = c[1].call(1).await.unwrap_err();
+    let full = find_cause::<Full>(&*err).expect("Full");
+    assert_eq!(full.waited(), Some(Duration::from_secs(1)));
+    assert_eq!(handle.next_request().await.unwrap().0, 0);
+    assert!(
+        handle.poll_request().is_pending(),
+        "the rejected call was sent"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn backpressure_waits_as_long_as_it_takes() {
     let layer = BulkheadLayer::builder()
@@ -296,6 +329,8 @@ fn invalid_configuration_is_an_error_not_a_panic() {
         BulkheadLayer::new(0).unwrap_err().field(),
         "bulkhead.max_concurrent"
     );
+    let e = BulkheadLayer::builder().max_waiting(3).build().unwrap_err();
+    assert_eq!(e.field(), "bulkhead.max_wait", "a wait with no bound");
     let e = BulkheadLayer::builder()
         .max_waiting(3)
         .max_wait(Duration::ZERO)
