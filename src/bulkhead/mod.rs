@@ -12,7 +12,10 @@
 //! bulkhead.
 //!
 //! Waiting is not strictly first-come first-served: a woken waiter competes with new
-//! callers for the freed permit, and may lose it and give up at its `max_wait`.
+//! callers for the freed permit, and one that loses it waits again behind the waiters
+//! queued since (it may give up at its `max_wait` while younger waiters get through).
+//! Not letting new callers take a free permit while others wait would make the order
+//! strict, but a waiter that is not polled would then hold every new caller off.
 //! A service whose `poll_ready` returned `Pending` holds its place in the queue (and
 //! a waiting slot) until it is polled again or dropped: a freed permit's wake-up goes
 //! to it. Keep polling it, or drop it (a `select!` that gave up on `ready()` should
