@@ -182,9 +182,10 @@ impl ClientConfig {
             buffer: self
                 .stream_through
                 .iter()
-                .fold(BufferBodyLayer::new(self.buffer_body), |layer, method| {
+                .try_fold(BufferBodyLayer::new(self.buffer_body), |layer, method| {
                     layer.stream_through(method.clone())
-                }),
+                })
+                .map_err(prefix)?,
             retry: {
                 // A hint longer than the whole call can only end in the deadline.
                 let mut retry = self.retry.clone();
@@ -305,7 +306,7 @@ impl ServerConfig {
             }
         }
         for method in &i.stream_through {
-            idempotency = idempotency.stream_through(method.clone());
+            idempotency = idempotency.stream_through(method.clone()).map_err(prefix)?;
         }
         Ok(ServerLayer {
             deadline: DeadlineLayer::with_propagation(self.deadline, propagation)

@@ -478,7 +478,7 @@ mod tests {
     #[tokio::test]
     async fn a_streaming_method_is_returned_at_once_and_reported_at_its_end() {
         let (layer, seen) = recording();
-        let layer = layer.stream_through("/echo.Echo/*");
+        let layer = layer.stream_through("/echo.Echo/*").unwrap();
         let svc = layer.layer(service_fn(|_: http::Request<()>| async {
             let t = trailers(&[("grpc-status", "14")]);
             let body = Full::new(Bytes::from_static(b"m"))
@@ -527,7 +527,7 @@ mod tests {
     #[tokio::test]
     async fn a_streamed_body_without_trailers_is_reported_to_a_reader_stopping_at_its_end() {
         let (layer, seen) = recording();
-        let layer = layer.stream_through("/echo.Echo/*");
+        let layer = layer.stream_through("/echo.Echo/*").unwrap();
         let svc = layer.layer(service_fn(|_: http::Request<()>| async {
             Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"m"))))
         }));

@@ -71,11 +71,20 @@ impl<H> GrpcStatusLayer<H> {
     /// Name every server-streaming (and bidirectional) method here: a stream that
     /// sends small messages for a long time would otherwise be held until it ends, or
     /// until it has sent more than the limit.
-    pub fn stream_through(mut self, path: impl Into<String>) -> Self {
+    ///
+    /// # Errors
+    /// A pattern that would match every call or none (`*`, a `*` before the end, no
+    /// method, no service, more than two segments) is a [`ConfigError`](crate::error::ConfigError).
+    pub fn stream_through(
+        mut self,
+        path: impl Into<String>,
+    ) -> Result<Self, crate::error::ConfigError> {
+        let path = path.into();
+        crate::http::check_method_pattern("grpc_status.stream_through", &path)?;
         let mut paths = self.stream_through.to_vec();
-        paths.push(path.into());
+        paths.push(path);
         self.stream_through = paths.into();
-        self
+        Ok(self)
     }
 
     /// The buffer limit, in bytes.

@@ -86,6 +86,8 @@ pub enum NotReplayableReason {
     TooLarge,
     /// Reading it failed before its end; the inner service sees the same error.
     ReadFailed,
+    /// Its gRPC method is named in `stream_through`: never read first.
+    StreamThrough,
 }
 
 impl BodyNotReplayable {
@@ -94,6 +96,14 @@ impl BodyNotReplayable {
         Self {
             limit,
             reason: NotReplayableReason::TooLarge,
+        }
+    }
+
+    /// A body of a method named in `stream_through`, sent as it streams.
+    pub const fn stream_through(limit: usize) -> Self {
+        Self {
+            limit,
+            reason: NotReplayableReason::StreamThrough,
         }
     }
 
@@ -132,6 +142,9 @@ impl fmt::Display for BodyNotReplayable {
             NotReplayableReason::ReadFailed => {
                 f.write_str("request body failed while being buffered; sent once, not retried")
             }
+            NotReplayableReason::StreamThrough => f.write_str(
+                "request body of a stream_through method, streamed; sent once, not retried",
+            ),
         }
     }
 }
@@ -478,11 +491,20 @@ impl BufferBodyLayer {
     /// Name every client-streaming and bidirectional gRPC method here: a stream that
     /// sends a small message and waits for the answer before the next never ends and
     /// stays under the limit, so its call would never be made.
-    pub fn stream_through(mut self, path: impl Into<String>) -> Self {
+    ///
+    /// # Errors
+    /// A pattern that would match every call or none (`*`, a `*` before the end, no
+    /// method, no service, more than two segments) is a [`ConfigError`](crate::error::ConfigError).
+    pub fn stream_through(
+        mut self,
+        path: impl Into<String>,
+    ) -> Result<Self, crate::error::ConfigError> {
+        let path = path.into();
+        super::check_method_pattern("buffer_body.stream_through", &path)?;
         let mut paths = self.stream_through.as_deref().unwrap_or_default().to_vec();
-        paths.push(path.into());
+        paths.push(path);
         self.stream_through = Some(paths.into());
-        self
+        Ok(self)
     }
 
     /// The limit, in bytes.
@@ -581,8 +603,18 @@ where
             let path = collect.parts.uri.path();
             paths.iter().any(|p| super::names_method(p, path))
         });
-        if streams || hint.lower() > self.limit as u64 {
-            // A stream, or known to be too large: do not read it at all.
+        if streams {
+            // Named a stream: not read at all, and not counted as too large.
+            let mut req = Request::from_parts(
+                collect.parts,
+                ReplayBody::streaming_parts(Bytes::new(), None, collect.body, None),
+            );
+            req.extensions_mut()
+                .insert(BodyNotReplayable::stream_through(self.limit));
+            return ResponseFuture::readying(collect.service, req);
+        }
+        if hint.lower() > self.limit as u64 {
+            // Known to be too large: do not read it at all.
             let (service, req) = collect.finish_streaming(None, None);
             return ResponseFuture::readying(service, req);
         }
@@ -881,9 +913,17 @@ mod tests {
     async fn a_stream_through_method_is_called_without_reading_its_body() {
         use tower::{Layer, ServiceExt};
         let inner = tower::service_fn(|req: Request<ReplayBody<OneThenWait>>| async move {
+            // Marked as a stream, not as a body over the limit.
+            let mark = req.extensions().get::<BodyNotReplayable>();
+            assert_eq!(
+                mark.map(BodyNotReplayable::reason),
+                Some(NotReplayableReason::StreamThrough)
+            );
             Ok::<_, BoxError>(req.body().is_replayable())
         });
-        let layer = BufferBodyLayer::new(64 * 1024).stream_through("/chat.Chat/Talk");
+        let layer = BufferBodyLayer::new(64 * 1024)
+            .stream_through("/chat.Chat/Talk")
+            .unwrap();
         let svc = layer.layer(inner);
         let talk = Request::post("/chat.Chat/Talk")
             .body(OneThenWait(Some(Bytes::from_static(b"hi"))))

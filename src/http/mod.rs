@@ -86,6 +86,21 @@ pub(crate) fn host_of<'a>(uri: &'a ::http::Uri, headers: &'a ::http::HeaderMap) 
 /// (`*`, `/*`), or one that can match none (empty, no `/` and no `*`, an empty method,
 /// a `*` before the end, read as a literal `*`, or more than two segments, when only a
 /// path's last two are compared).
+pub(crate) fn check_method_pattern(
+    field: &'static str,
+    pattern: &str,
+) -> Result<(), crate::error::ConfigError> {
+    match method_pattern_problem(pattern) {
+        Some(problem) => Err(crate::error::ConfigError::new(
+            field,
+            format!("`{pattern}` {problem}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// What is wrong with a gRPC method pattern (`/package.Service/Method` or
+/// `/package.Service/*`), if anything.
 pub(crate) fn method_pattern_problem(pattern: &str) -> Option<&'static str> {
     macro_rules! write_instead {
         ($what:literal) => {
@@ -114,6 +129,9 @@ pub(crate) fn method_pattern_problem(pattern: &str) -> Option<&'static str> {
     match (wild.is_some(), named) {
         (true, "") => Some(write_instead!(
             "names no service and would match every call"
+        )),
+        (_, n) if n.starts_with('/') => Some(write_instead!(
+            "names no service (`//`), so it would match calls by their method alone"
         )),
         (false, n) if !n.contains('/') || n.ends_with('/') => {
             Some(write_instead!("names no method, so it would match no call"))

@@ -112,10 +112,16 @@ impl<St> IdempotencyLayer<St> {
     /// for an answer before it sends the next message would hang until its deadline.
     /// (Server-sent events, `text/event-stream`, are recognised and always streamed.)
     ///
+    /// # Errors
+    /// A pattern that would match every call or none (`*`, a `*` before the end, no
+    /// method, no service, more than two segments) is a [`ConfigError`].
+    ///
     /// [`BufferBodyLayer::stream_through`]: crate::http::body::BufferBodyLayer::stream_through
-    pub fn stream_through(mut self, path: impl Into<String>) -> Self {
-        self.config.stream_through.push(path.into());
-        self
+    pub fn stream_through(mut self, path: impl Into<String>) -> Result<Self, ConfigError> {
+        let path = path.into();
+        crate::http::check_method_pattern("idempotency.stream_through", &path)?;
+        self.config.stream_through.push(path);
+        Ok(self)
     }
 
     /// Reads the key from `header` instead of `idempotency-key`.

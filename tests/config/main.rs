@@ -465,6 +465,8 @@ fn idempotency_stream_through_patterns_that_match_all_or_nothing_are_errors() {
         ("*/*", "no call"),
         ("/chat.*/Talk", "no call"),
         ("/chat.Chat/**", "no call"),
+        ("//*", "method alone"),
+        ("//Talk", "method alone"),
     ] {
         let toml = format!("[server.idempotency]\nstream_through = [\"/ok.Ok/*\", {bad:?}]\n");
         let e = StackConfig::from_str(&toml, Format::Toml).unwrap_err();
@@ -485,6 +487,32 @@ fn idempotency_stream_through_patterns_that_match_all_or_nothing_are_errors() {
         let toml = format!("[idempotency]\nstream_through = [{good:?}]\n");
         ServerConfig::from_str(&toml, Format::Toml).unwrap_or_else(|e| panic!("{good:?}: {e}"));
     }
+}
+
+/// The layers' own `stream_through` refuse the same patterns at build time (the
+/// config file was checked; code was not): a pattern naming no method, or three
+/// segments, left a client stream buffered until its deadline.
+#[test]
+fn the_layers_stream_through_refuse_patterns_that_match_all_or_nothing() {
+    use postbox::http::body::BufferBodyLayer;
+    use postbox::idempotency::IdempotencyLayer;
+    for bad in ["*", "/api/chat.Chat/Talk", "//*", "/chat.Chat"] {
+        let e = BufferBodyLayer::new(1024).stream_through(bad).unwrap_err();
+        assert_eq!(e.field(), "buffer_body.stream_through", "{bad:?}");
+        #[cfg(feature = "grpc")]
+        {
+            let e = postbox::grpc::GrpcStatusLayer::new()
+                .stream_through(bad)
+                .unwrap_err();
+            assert_eq!(e.field(), "grpc_status.stream_through", "{bad:?}");
+        }
+        let e = IdempotencyLayer::new(10).stream_through(bad).unwrap_err();
+        assert_eq!(e.field(), "idempotency.stream_through", "{bad:?}");
+    }
+    BufferBodyLayer::new(1024)
+        .stream_through("/chat.Chat/Talk")
+        .and_then(|l| l.stream_through("/chat.Chat/*"))
+        .unwrap();
 }
 
 /// `stream_through` names gRPC methods whose calls the server stack's idempotency

@@ -3646,6 +3646,7 @@ async fn a_stream_through_method_with_a_key_passes_through() {
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::new(100)
         .stream_through("/chat.Chat/Talk")
+        .unwrap()
         .layer(open_stream_handler(calls.clone(), "application/grpc"));
     let call = || keyed_with("k", "http://chat.test/chat.Chat/Talk", "msg");
     let res = tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(call()))
