@@ -1751,11 +1751,15 @@ impl Tables<'_> {
         Ok(discarded)
     }
 
-    /// The dead letters; one whose bytes cannot be decoded is skipped and logged (it
-    /// must not fail this read, nor the enqueues sharing its commit).
+    /// Up to `max` dead letters; one whose bytes cannot be decoded is skipped and logged
+    /// (it must not fail this read, nor the enqueues sharing its commit), and does not
+    /// count: `max` of them at the head must not hide the rest from a redrive.
     fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         let mut out = Vec::new();
-        for entry in self.dead.iter().map_err(redb_err)?.take(max) {
+        for entry in self.dead.iter().map_err(redb_err)? {
+            if out.len() >= max {
+                break;
+            }
             let (id, reason) = entry.map_err(redb_err)?;
             match self.stored_envelope(id.value())? {
                 Ok(envelope) => out.push(DeadLetter {
@@ -2187,6 +2191,11 @@ mod tests {
         let dead = q.dead_letters(10).await.unwrap();
         let ids: Vec<_> = dead.iter().map(|d| d.envelope.id).collect();
         assert_eq!(ids, vec![good]);
+        // The damaged one at the head does not use up `max`: a redrive of one gets
+        // past it.
+        let dead = q.dead_letters(1).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(q.redrive_dead_letters(1).await.unwrap(), 1);
         q.enqueue(envelope("next")).await.unwrap();
         q.close().await.unwrap();
     }

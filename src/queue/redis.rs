@@ -624,60 +624,80 @@ impl RedisQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let reply: Value = ::redis::cmd("XRANGE")
-            .arg(&self.keys[1])
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(max)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(map_err)?;
         let mut out = Vec::new();
-        for entry in array(reply)? {
-            let [_eid, fields] =
-                <[Value; 2]>::try_from(array(entry)?).map_err(|_| unexpected("dead entry"))?;
-            let mut envelope = None;
-            let (mut reason, mut attempts, mut nb) = (String::new(), None, None);
-            let mut fields = array(fields)?.into_iter();
-            while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
-                // A field name that is not UTF-8 (a foreign entry) is none of ours: it
-                // must not fail the whole listing.
-                match string(k).unwrap_or_default().as_str() {
-                    "envelope" => envelope = Some(Envelope::decode(&bytes(v)?)),
-                    "reason" => reason = String::from_utf8_lossy(&bytes(v)?).into_owned(),
-                    // Tolerant: a foreign entry set aside by `lease` may hold anything.
-                    "attempts" => attempts = string(v).ok().and_then(|a| a.parse::<u32>().ok()),
-                    "not_before_ms" => nb = string(v).ok().and_then(|t| from_ms(&t).ok()),
-                    _ => {}
+        // Paged: skipped entries do not count, so `max` undecodable ones at the head
+        // cannot hide the rest (a redrive would move nothing, for good).
+        let mut from = "-".to_owned();
+        while out.len() < max {
+            let want = max - out.len();
+            let reply: Value = ::redis::cmd("XRANGE")
+                .arg(&self.keys[1])
+                .arg(&from)
+                .arg("+")
+                .arg("COUNT")
+                .arg(want)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(map_err)?;
+            let page = array(reply)?;
+            let last_page = page.len() < want;
+            for entry in page {
+                let [eid, fields] =
+                    <[Value; 2]>::try_from(array(entry)?).map_err(|_| unexpected("dead entry"))?;
+                from = format!("({}", string(eid)?);
+                if let Some(letter) = self.dead_letter_of(fields)? {
+                    out.push(letter);
                 }
             }
-            // An undecodable one (set aside by `lease`, see `set_aside`) is skipped: it
-            // stays in the stream for a plain client to inspect.
-            let mut envelope = match envelope {
-                Some(Ok(envelope)) => envelope,
-                Some(Err(e)) => {
-                    tracing::warn!(queue = %self.keys[1], error = %e, "postbox: undecodable dead letter skipped");
-                    continue;
-                }
-                None => {
-                    tracing::warn!(queue = %self.keys[1], "postbox: dead letter without an envelope skipped");
-                    continue;
-                }
-            };
-            if let Some(a) = attempts {
-                envelope.attempts = a;
+            if last_page {
+                break;
             }
-            if let Some(nb) = nb {
-                // The field is the envelope's own not-before rounded up to a millisecond,
-                // unless `retry_later` moved it.
-                if ms_ceil(envelope.not_before) != ms_ceil(nb) {
-                    envelope.not_before = nb;
-                }
-            }
-            out.push(DeadLetter { envelope, reason });
         }
         Ok(out)
+    }
+
+    /// The dead letter of a dead-stream entry's `fields`, or `None` if it cannot be
+    /// decoded (skipped and logged).
+    fn dead_letter_of(&self, fields: Value) -> Result<Option<DeadLetter>, QueueError> {
+        let mut envelope = None;
+        let (mut reason, mut attempts, mut nb) = (String::new(), None, None);
+        let mut fields = array(fields)?.into_iter();
+        while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+            // A field name that is not UTF-8 (a foreign entry) is none of ours: it
+            // must not fail the whole listing.
+            match string(k).unwrap_or_default().as_str() {
+                "envelope" => envelope = Some(Envelope::decode(&bytes(v)?)),
+                "reason" => reason = String::from_utf8_lossy(&bytes(v)?).into_owned(),
+                // Tolerant: a foreign entry set aside by `lease` may hold anything.
+                "attempts" => attempts = string(v).ok().and_then(|a| a.parse::<u32>().ok()),
+                "not_before_ms" => nb = string(v).ok().and_then(|t| from_ms(&t).ok()),
+                _ => {}
+            }
+        }
+        // An undecodable one (set aside by `lease`, see `set_aside`) is skipped: it
+        // stays in the stream for a plain client to inspect.
+        let mut envelope = match envelope {
+            Some(Ok(envelope)) => envelope,
+            Some(Err(e)) => {
+                tracing::warn!(queue = %self.keys[1], error = %e, "postbox: undecodable dead letter skipped");
+                return Ok(None);
+            }
+            None => {
+                tracing::warn!(queue = %self.keys[1], "postbox: dead letter without an envelope skipped");
+                return Ok(None);
+            }
+        };
+        if let Some(a) = attempts {
+            envelope.attempts = a;
+        }
+        if let Some(nb) = nb {
+            // The field is the envelope's own not-before rounded up to a millisecond,
+            // unless `retry_later` moved it.
+            if ms_ceil(envelope.not_before) != ms_ceil(nb) {
+                envelope.not_before = nb;
+            }
+        }
+        Ok(Some(DeadLetter { envelope, reason }))
     }
 }
 

@@ -506,6 +506,35 @@ async fn an_undecodable_entry_is_dead_lettered_and_the_batch_goes_on() {
     assert!(matches!(again, Enqueued::Stored(_)), "{again:?}");
 }
 
+/// Dead letters that cannot be decoded at the head of the dead stream (entries set
+/// aside, not written by postbox) do not count against `max`: a listing or redrive of
+/// one gets past them, instead of finding nothing for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_dead_letters_at_the_head_do_not_stall_a_redrive() {
+    let (q, _purge) = make(options());
+    for i in 0..3 {
+        let _: String = redis::cmd("XADD")
+            .arg(&q.keys()[1])
+            .arg("*")
+            .arg("reason")
+            .arg(format!("foreign {i}"))
+            .query_async(&mut q.connection())
+            .await
+            .unwrap();
+    }
+    q.enqueue(crate::suite::envelope("real")).await.unwrap();
+    let leased = q
+        .lease(1, Duration::from_secs(30), crate::suite::at(3600))
+        .await
+        .unwrap();
+    q.dead_letter(leased[0].token, "gave up").await.unwrap();
+    let dead = q.dead_letters(1).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.id, leased[0].envelope.id);
+    assert_eq!(q.redrive_dead_letters(1).await.unwrap(), 1);
+    assert_eq!(q.depth().await.unwrap().pending, 1);
+}
+
 /// Stream entries as `XRANGE` returns them: (entry id, field/value pairs).
 type Entries<V> = Vec<(String, Vec<(String, V)>)>;
 
