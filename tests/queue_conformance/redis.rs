@@ -535,6 +535,38 @@ async fn undecodable_dead_letters_at_the_head_do_not_stall_a_redrive() {
     assert_eq!(q.depth().await.unwrap().pending, 1);
 }
 
+/// A message whose entry is deleted by hand after `lease` read it, while it waits for
+/// its not-before, frees its key when a later lease finds it gone: the next enqueue of
+/// the key is stored, even with other entries unread (a busy stream), instead of being
+/// answered as a duplicate of a message that no longer exists, and never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_message_deleted_by_hand_frees_its_key() {
+    let (q, _purge) = make(options());
+    let lease_for = Duration::from_secs(30);
+    let mut later = crate::suite::envelope("k");
+    later.not_before = crate::suite::at(100);
+    let gone = q.enqueue(later).await.unwrap().id();
+    // Read into the bookkeeping, not yet due.
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    delete_by_hand(&q, gone).await;
+    // Due now: the lease finds the entry gone.
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(200))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Another entry is unread, so the owner cannot be judged gone by the stream alone.
+    q.enqueue(crate::suite::envelope("other")).await.unwrap();
+    let again = q.enqueue(crate::suite::envelope("k")).await.unwrap();
+    assert!(matches!(again, Enqueued::Stored(_)), "{again:?}");
+}
+
 /// Stream entries as `XRANGE` returns them: (entry id, field/value pairs).
 type Entries<V> = Vec<(String, Vec<(String, V)>)>;
 

@@ -146,7 +146,18 @@ if max > 0 then
         out[#out + 1] = {id, a, env, override or ''}
       end
     else
-      forget(id, nil) -- the entry was deleted by hand: drop its bookkeeping
+      -- The entry was deleted by hand: drop its bookkeeping and free its key. The key
+      -- field went with the entry, so the key is found by its owner (rare: a scan);
+      -- left claimed, every later enqueue of it would be answered as a duplicate of a
+      -- message that no longer exists while any other entry is unread.
+      local all = redis.call('HGETALL', keys)
+      for i = 1, #all, 2 do
+        if all[i + 1] == id then
+          redis.call('HDEL', keys, all[i])
+          break
+        end
+      end
+      forget(id, nil, true)
     end
   end
 end
