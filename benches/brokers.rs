@@ -113,6 +113,7 @@ fn redis_entry(stream: &str, id: &str, payload: &[u8]) -> redis::Cmd {
         ("created_at_ms", b"1763820000000"),
         ("not_before_ms", b"1763820000000"),
         ("attempts", b"0"),
+        ("claim", b"1"),
         ("envelope", payload),
     ] {
         cmd.arg(k).arg(v);

@@ -35,8 +35,9 @@
 //! | `…:done` | sorted set | ids acked or dead-lettered while the stream may still hold an unread copy of them, scored by the newest entry's millisecond at the time |
 //!
 //! Each stream entry has the fields `id` (UUID text), `idempotency_key`, `destination`,
-//! `method`, `uri`, `created_at_ms`, `not_before_ms`, `attempts` (as enqueued) and
-//! `envelope` (the versioned binary envelope, `docs/envelope.md`). A dead-letter entry
+//! `method`, `uri`, `created_at_ms`, `not_before_ms`, `attempts` (as enqueued), `claim`
+//! (`1`: written together with its key's claim) and `envelope` (the versioned binary
+//! envelope, `docs/envelope.md`). A dead-letter entry
 //! has the same fields, with `attempts` and `not_before_ms` as they were when it died,
 //! plus `reason` and `dead_at_ms`. So any Redis client can read both streams, e.g.
 //! `XRANGE postbox:{orders}:dead - +`.
@@ -52,8 +53,10 @@
 //! (one left by a client that died in between), so it is never delivered; so does it with
 //! a copy of a message already acked or dead (an enqueue retried after its reply was lost
 //! can write one), which `…:done` remembers until `lease` has read past every entry that
-//! existed when the message finished. An entry whose
-//! key nobody claims (written by hand) is claimed by the `lease` that reads it. A plain consumer of the stream should likewise
+//! existed when the message finished. An entry whose key nobody claims is claimed by
+//! the `lease` that reads it if it was written by hand (no `claim` field); one with
+//! `claim` lost its key to another message (a duplicate whose enqueue failed before it
+//! deleted its entry, delivered once that message was acked) and is deleted. A plain consumer of the stream should likewise
 //! skip an entry whose key, in `…:keys`, maps to another `id`.
 
 use super::{
@@ -311,7 +314,7 @@ impl RedisQueue {
         let created = ms_floor(envelope.created_at).to_string();
         let nb = ms_ceil(envelope.not_before).to_string();
         let attempts = envelope.attempts.to_string();
-        let fields: [(&str, &[u8]); 9] = [
+        let fields: [(&str, &[u8]); 10] = [
             ("id", id.as_bytes()),
             ("idempotency_key", envelope.idempotency_key.as_bytes()),
             ("destination", envelope.destination.as_bytes()),
@@ -320,6 +323,9 @@ impl RedisQueue {
             ("created_at_ms", created.as_bytes()),
             ("not_before_ms", nb.as_bytes()),
             ("attempts", attempts.as_bytes()),
+            // Written with its key's claim, in one transaction: `lease` reads an entry
+            // so marked whose key is not its own as a duplicate's, never as one to claim.
+            ("claim", b"1"),
             ("envelope", &payload),
         ];
         match &self.batcher {
@@ -350,7 +356,7 @@ impl RedisQueue {
         &self,
         id: &str,
         key: &str,
-        fields: [(&str, &[u8]); 9],
+        fields: [(&str, &[u8]); 10],
     ) -> Result<Enqueued, QueueError> {
         // Sized up front: the entry is copied into the command once, without regrowth.
         let size =

@@ -567,6 +567,49 @@ async fn a_waiting_message_deleted_by_hand_frees_its_key() {
     assert!(matches!(again, Enqueued::Stored(_)), "{again:?}");
 }
 
+/// A duplicate's entry left in the stream (its enqueue failed after the `MULTI` that
+/// wrote it and lost the key's claim, before it could delete it) is never delivered,
+/// even once the key's owner was acked and the key is free: the entry says it was
+/// written with a claim, so a free key means it lost it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_losing_duplicates_entry_left_behind_is_not_delivered_after_the_owner_finishes() {
+    let (q, _purge) = make(options());
+    let lease_for = Duration::from_secs(30);
+    let owner = q.enqueue(crate::suite::envelope("k")).await.unwrap().id();
+    // What the losing enqueue's `MULTI` leaves: its full entry, the key not claimed.
+    let loser = crate::suite::envelope("k");
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(&q.keys()[0]).arg("*");
+    for (k, v) in [
+        ("id", loser.id.to_string().into_bytes()),
+        ("idempotency_key", b"k".to_vec()),
+        ("destination", b"api:443".to_vec()),
+        ("method", b"POST".to_vec()),
+        ("uri", b"https://api/orders".to_vec()),
+        ("created_at_ms", b"0".to_vec()),
+        ("not_before_ms", b"0".to_vec()),
+        ("attempts", b"0".to_vec()),
+        ("claim", b"1".to_vec()),
+        ("envelope", loser.encode()),
+    ] {
+        xadd.arg(k).arg(v);
+    }
+    let _: String = xadd.query_async(&mut q.connection()).await.unwrap();
+    // The owner alone is leased (lease(1): the loser's entry stays unread), then acked.
+    let first = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].envelope.id, owner);
+    q.ack(&[first[0].token]).await.unwrap();
+    // The key is free now; the loser's entry must still not be delivered.
+    let next = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+    assert!(
+        next.is_empty(),
+        "{:?}",
+        next.iter().map(|l| l.envelope.id).collect::<Vec<_>>()
+    );
+    assert_eq!(stream_len(&q).await, 0);
+}
+
 /// Stream entries as `XRANGE` returns them: (entry id, field/value pairs).
 type Entries<V> = Vec<(String, Vec<(String, V)>)>;
 

@@ -29,10 +29,11 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
     'STREAMS', stream, '>')
   if not r or #r == 0 or #r[1][2] == 0 then break end
   for _, e in ipairs(r[1][2]) do
-    local id, due, base, key = nil, '0', '0', ''
+    local id, due, base, key, claimed = nil, '0', '0', '', false
     for i = 1, #e[2], 2 do
       local k = e[2][i]
       if k == 'id' then id = e[2][i + 1]
+      elseif k == 'claim' then claimed = e[2][i + 1] == '1'
       elseif k == 'not_before_ms' then due = e[2][i + 1]
       elseif k == 'attempts' then base = e[2][i + 1]
       elseif k == 'idempotency_key' then key = e[2][i + 1] end
@@ -52,14 +53,17 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
     -- An entry whose key belongs to another id is a duplicate's (an orphan, see `add`
     -- in src/queue/redis.rs), as is a second entry with the id of a live message or of
     -- one already finished (see `bury`): delete them all. A key nobody claims is
-    -- claimed for this entry (written by hand, or by an older postbox whose enqueue
-    -- could die between its `XADD` and `HSETNX`).
+    -- claimed for this entry if it was written by hand, or by an older postbox whose
+    -- enqueue could die between its `XADD` and `HSETNX` (no `claim` field). One written
+    -- with its claim (`claim`) whose key is free lost that claim: a duplicate's entry
+    -- left by an enqueue that failed before it deleted it, whose owner has since
+    -- finished. Delivered, it would repeat the owner's effect.
     last = e[1]
     local finished = id and redis.call('ZSCORE', done, id)
     local owner = false
     if id and key ~= '' and not finished then
       owner = redis.call('HGET', keys, key)
-      if not owner and redis.call('HEXISTS', msgs, id) == 0 then
+      if not owner and not claimed and redis.call('HEXISTS', msgs, id) == 0 then
         redis.call('HSET', keys, key, id)
         owner = id
       end
