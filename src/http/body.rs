@@ -188,6 +188,12 @@ impl std::error::Error for RequestBodyFailed {
 ///
 /// Implemented for every `Clone` body (`Full<Bytes>`, `Empty`, `String`, `Bytes`, `()`,
 /// …) and for [`ReplayBody`], which is copyable only when it was buffered.
+///
+/// A `Clone` body is taken to be a whole copy. One whose clones share their source (a
+/// `StreamBody` over a channel receiver that clones as a handle to the same channel)
+/// is not: the first attempt drains it and a retry sends what is left. Wrap such a body
+/// in [`BufferBodyLayer`] (it becomes a [`ReplayBody`]) or mark the request
+/// [`BodyNotReplayable`].
 pub trait TryCloneBody: Sized {
     /// A copy of the whole body, from its first byte, or `None` if it cannot be replayed.
     fn try_clone_body(&self) -> Option<Self>;
