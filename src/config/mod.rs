@@ -426,12 +426,7 @@ fn prefixed(prefix: &str, e: ConfigError) -> ConfigError {
 /// match every call or none is an error naming the entry, `field[i]`.
 fn method_patterns(patterns: &[String], field: &str) -> Result<(), ConfigError> {
     for (i, m) in patterns.iter().enumerate() {
-        if let Some(problem) = crate::http::method_pattern_problem(m) {
-            return Err(ConfigError::new(
-                format!("{field}[{i}]"),
-                format!("({m:?}) {problem}"),
-            ));
-        }
+        crate::http::check_method_pattern(format!("{field}[{i}]"), m)?;
     }
     Ok(())
 }

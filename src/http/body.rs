@@ -611,13 +611,9 @@ where
         });
         if streams {
             // Named a stream: not read at all, and not counted as too large.
-            let mut req = Request::from_parts(
-                collect.parts,
-                ReplayBody::streaming_parts(Bytes::new(), None, collect.body, None),
-            );
-            req.extensions_mut()
-                .insert(BodyNotReplayable::stream_through(self.limit));
-            return ResponseFuture::readying(collect.service, req);
+            let mark = BodyNotReplayable::stream_through(self.limit);
+            let (service, req) = collect.stream_marked(Bytes::new(), None, None, mark);
+            return ResponseFuture::readying(service, req);
         }
         if hint.lower() > self.limit as u64 {
             // Known to be too large: do not read it at all.
@@ -693,6 +689,17 @@ where
         };
         tracing::debug!(limit = self.limit, reason = ?mark.reason(), "request body not replayable; sent once");
         metrics::counter!("postbox_body_not_replayable_total").increment(1);
+        self.stream_marked(prefix, pending, error, mark)
+    }
+
+    /// The request with its body streamed after `prefix` (and `pending`), marked `mark`.
+    fn stream_marked(
+        self,
+        prefix: Bytes,
+        pending: Option<Bytes>,
+        error: Option<BoxError>,
+        mark: BodyNotReplayable,
+    ) -> (S, Request<ReplayBody<B>>) {
         let mut parts = self.parts;
         parts.extensions.insert(mark);
         let body = ReplayBody::streaming_parts(prefix, pending, self.body, error);

@@ -82,26 +82,26 @@ pub(crate) fn host_of<'a>(uri: &'a ::http::Uri, headers: &'a ::http::HeaderMap) 
     )
 }
 
-/// What is wrong with a [`names_method`] pattern, if anything: one matching every call
-/// (`*`, `/*`), or one that can match none (empty, no `/` and no `*`, an empty method,
-/// a `*` before the end, read as a literal `*`, or more than two segments, when only a
-/// path's last two are compared).
+/// [`method_pattern_problem`] as a [`ConfigError`](crate::error::ConfigError) of
+/// `field`: the one check of every `stream_through` list, in code and in config files.
 pub(crate) fn check_method_pattern(
-    field: &'static str,
+    field: impl Into<std::borrow::Cow<'static, str>>,
     pattern: &str,
 ) -> Result<(), crate::error::ConfigError> {
     match method_pattern_problem(pattern) {
         Some(problem) => Err(crate::error::ConfigError::new(
             field,
-            format!("`{pattern}` {problem}"),
+            format!("({pattern:?}) {problem}"),
         )),
         None => Ok(()),
     }
 }
 
-/// What is wrong with a gRPC method pattern (`/package.Service/Method` or
-/// `/package.Service/*`), if anything.
-pub(crate) fn method_pattern_problem(pattern: &str) -> Option<&'static str> {
+/// What is wrong with a [`names_method`] pattern, if anything: one matching every call
+/// (`*`, `/*`), or one that can match none (empty, no `/` and no `*`, an empty method,
+/// a `*` before the end, read as a literal `*`, or more than two segments, when only a
+/// path's last two are compared), or by its method alone (an empty service, `//`).
+fn method_pattern_problem(pattern: &str) -> Option<&'static str> {
     macro_rules! write_instead {
         ($what:literal) => {
             concat!(
