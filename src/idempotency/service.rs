@@ -403,7 +403,8 @@ where
     // run the handler while this one still runs. Once the client has gone, the work
     // goes on until the claim expires, no longer: a handler or body that never ends
     // must not keep the task alive.
-    let has_runtime = tokio::runtime::Handle::try_current().is_ok();
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let has_runtime = runtime.is_some();
     let bounded = async move {
         let (store, key, lock_for) = renewal;
         let mut work = std::pin::pin!(work);
@@ -450,13 +451,13 @@ where
             }
         }
     };
-    let handled = match tokio::runtime::Handle::try_current() {
-        Ok(rt) => match rt.spawn(bounded.in_current_span()).await {
+    let handled = match runtime {
+        Some(rt) => match rt.spawn(bounded.in_current_span()).await {
             Ok(handled) => handled,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => Handled::Abandoned,
         },
-        Err(_) => bounded.await,
+        None => bounded.await,
     };
     drop(alive);
     Ok(match handled {
