@@ -209,6 +209,15 @@ fn postbox_headers(id: &str) -> async_nats::HeaderMap {
     h
 }
 
+/// The adapter's subject for the key `key` under the bench stream's `subject`.
+fn key_subject(subject: &str, key: &str) -> String {
+    let mut subj = format!("{subject}x.x");
+    for b in key.as_bytes() {
+        subj.push_str(&format!("{b:02x}"));
+    }
+    subj
+}
+
 fn bench_nats(c: &mut Criterion, rt: &Runtime) {
     let q = rt
         .block_on(NatsQueue::connect(NatsOptions::new(
@@ -263,7 +272,26 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
         },
     );
     // What the adapter publishes, by the raw client: a subject per key, the
-    // expected-last-subject-sequence check, `Nats-Msg-Id` and the `Postbox-*` headers.
+    // expected-last-subject-sequence check and the `Postbox-*` headers; first with a
+    // `Nats-Msg-Id` as well (as the adapter did until 2026-12-06, for comparison).
+    drop_stream(&raw_stream);
+    let (raw_stream, raw_subject) = new_stream();
+    bench_loop(
+        &mut g,
+        rt,
+        "nats/64_producers_same_message_msg_id",
+        (js.clone(), raw_subject.clone(), payload.clone()),
+        |(js, subject, payload)| async move {
+            let id = MessageId::new_v7().to_string();
+            let subj = key_subject(&subject, &id);
+            let p = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload)
+                .headers(postbox_headers(&id))
+                .message_id(&id)
+                .expected_last_subject_sequence(0);
+            js.send_publish(subj, p).await.unwrap().await.unwrap();
+        },
+    );
     drop_stream(&raw_stream);
     let (raw_stream, raw_subject) = new_stream();
     bench_loop(
@@ -273,14 +301,10 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
         (js.clone(), raw_subject.clone(), payload.clone()),
         |(js, subject, payload)| async move {
             let id = MessageId::new_v7().to_string();
-            let mut subj = format!("{subject}x.x");
-            for b in id.as_bytes() {
-                subj.push_str(&format!("{b:02x}"));
-            }
+            let subj = key_subject(&subject, &id);
             let p = async_nats::jetstream::message::PublishMessage::build()
                 .payload(payload)
                 .headers(postbox_headers(&id))
-                .message_id(&id)
                 .expected_last_subject_sequence(0);
             js.send_publish(subj, p).await.unwrap().await.unwrap();
         },

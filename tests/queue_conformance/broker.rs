@@ -158,12 +158,18 @@ pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
     mut restart: impl AsyncFnMut(),
 ) {
     let acked_count = Arc::new(AtomicUsize::new(0));
+    // Producers stop at `allowed` acknowledged enqueues until the next kill raises it: a
+    // fast broker (one back up at once) would otherwise finish before a kill. The slack
+    // above each kill's mark keeps them enqueueing while it happens.
+    let (allow, allowed) = tokio::sync::watch::channel(400);
     let mut producers = Vec::new();
     for p in 0..8 {
-        let (q, acked_count) = (q.clone(), acked_count.clone());
+        let (q, acked_count, mut allowed) = (q.clone(), acked_count.clone(), allowed.clone());
         producers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             for i in 0..100 {
+                let below = |&a: &usize| acked_count.load(Ordering::Relaxed) < a;
+                allowed.wait_for(below).await.unwrap();
                 let e = crate::suite::envelope(&format!("p{p}-{i}"));
                 let mut done = false;
                 // Up to a minute: a broker may take several seconds to boot.
@@ -197,6 +203,7 @@ pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
         }
         kills_at.push(acked_count.load(Ordering::Relaxed));
         restart().await;
+        allow.send_replace(if round == 1 { 650 } else { usize::MAX });
     }
     let mut acked = Vec::new();
     for p in producers {
