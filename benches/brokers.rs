@@ -4,11 +4,13 @@
 //! Needs the three servers on loopback (or `POSTBOX_{REDIS,NATS,AMQP}_URL`):
 //! `cargo bench --features nats,redis,amqp --bench brokers`.
 //!
-//! Every function writes to a destination of its own that is empty when it starts and
-//! deleted when it ends (then the broker gets a moment to settle), so no function runs
-//! while the broker is still digesting another's backlog: run after the raw loop's
-//! hundreds of thousands of messages, the adapter used to be measured against a broker
-//! busy moving them to disk (RabbitMQ most of all).
+//! Each adapter runs right after its broker's plain loop (the ratio the issue names),
+//! then the raw client repeats the adapter's own server-side work, to show where the
+//! difference goes. Every function writes to a destination of its own that is empty
+//! when it starts and deleted when it ends (then the broker gets a moment to settle), so
+//! no function runs while the broker is still digesting another's backlog: run after the
+//! raw loop's hundreds of thousands of messages, the adapter used to be measured against
+//! a broker busy moving them to disk (RabbitMQ most of all).
 
 #![allow(missing_docs)] // bench crate
 
@@ -158,6 +160,12 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
         },
     );
     drop_key(&raw_key);
+    g.finish();
+    bench_adapter(c, rt, "redis", &q);
+    rt.block_on(q.purge()).unwrap();
+    settle(rt);
+    let mut g = c.benchmark_group("raw");
+    g.throughput(Throughput::Elements(1));
     // The adapter's server-side work done by the raw client, one message per call:
     // the same nine-field entry, then also the idempotency-key claim pipelined after it.
     let raw_key = format!("postbox-bench-raw:{}", name());
@@ -194,9 +202,6 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
     );
     drop_key(&raw_key);
     g.finish();
-    bench_adapter(c, rt, "redis", &q);
-    rt.block_on(q.purge()).unwrap();
-    settle(rt);
 }
 
 /// The `Postbox-*` headers the NATS adapter sets, for a message whose id and key are `id`.
@@ -257,6 +262,12 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
         },
     );
     drop_stream(&raw_stream);
+    g.finish();
+    bench_adapter(c, rt, "nats", &q);
+    rt.block_on(q.purge()).unwrap();
+    settle(rt);
+    let mut g = c.benchmark_group("raw");
+    g.throughput(Throughput::Elements(1));
     let (raw_stream, raw_subject) = new_stream();
     bench_loop(
         &mut g,
@@ -343,9 +354,6 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
     );
     drop_stream(&raw_stream);
     g.finish();
-    bench_adapter(c, rt, "nats", &q);
-    rt.block_on(q.purge()).unwrap();
-    settle(rt);
 }
 
 fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
@@ -354,22 +362,32 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
     let q = rt
         .block_on(AmqpQueue::connect(AmqpOptions::new(name())))
         .expect("rabbitmq reachable (POSTBOX_AMQP_URL)");
-    let raw_queue = format!("postbox-bench-raw.{}", name());
     let ch = rt.block_on(q.channel()).unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
-    );
-    rt.block_on(ch.queue_declare(
-        &raw_queue,
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    ))
-    .unwrap();
+    // A fresh durable quorum queue, as the adapter's, for each function.
+    let new_queue = || {
+        let raw_queue = format!("postbox-bench-raw.{}", name());
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
+        );
+        rt.block_on(ch.queue_declare(
+            &raw_queue,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        ))
+        .unwrap();
+        raw_queue
+    };
+    let drop_queue = |queue: &str| {
+        rt.block_on(ch.queue_delete(queue, QueueDeleteOptions::default()))
+            .unwrap();
+        settle(rt);
+    };
+    let raw_queue = new_queue();
     let mut g = c.benchmark_group("raw");
     g.throughput(Throughput::Elements(1));
     let payload = Arc::new(envelope().encode());
@@ -387,6 +405,14 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
                 .unwrap();
         },
     );
+    drop_queue(&raw_queue);
+    g.finish();
+    bench_adapter(c, rt, "amqp", &q);
+    rt.block_on(q.purge()).unwrap();
+    settle(rt);
+    let mut g = c.benchmark_group("raw");
+    g.throughput(Throughput::Elements(1));
+    let raw_queue = new_queue();
     // The adapter's exact message from the raw client: its headers and properties,
     // mandatory, the envelope encoded per call.
     bench_loop(
@@ -419,13 +445,8 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
                 .unwrap();
         },
     );
-    rt.block_on(ch.queue_delete(&raw_queue, QueueDeleteOptions::default()))
-        .unwrap();
-    settle(rt);
+    drop_queue(&raw_queue);
     g.finish();
-    bench_adapter(c, rt, "amqp", &q);
-    rt.block_on(q.purge()).unwrap();
-    settle(rt);
 }
 
 fn brokers(c: &mut Criterion) {
