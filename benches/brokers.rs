@@ -167,7 +167,7 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
     let mut g = c.benchmark_group("raw");
     g.throughput(Throughput::Elements(1));
     // The adapter's server-side work done by the raw client, one message per call:
-    // the same nine-field entry, then also the idempotency-key claim pipelined after it.
+    // the same ten-field entry, then also the idempotency-key claim pipelined after it.
     let raw_key = format!("postbox-bench-raw:{}", name());
     bench_loop(
         &mut g,

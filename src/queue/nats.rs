@@ -35,15 +35,20 @@
 //! `Nats-Expected-Last-Subject-Sequence: 0`: the server stores the message only if no
 //! message with that key is in the stream. Because the stream is a work queue, a message
 //! leaves it when acked or dead-lettered, and the key is free again — exactly the
-//! trait's de-duplication, enforced by the server, with no window. A message with no key
-//! is published the same way on its own subject (`id-` and its id), so a publish
-//! retried after a lost reply is refused too, while the first copy is in the stream;
-//! either retry is answered [`Enqueued::Duplicate`] with the message's own id. The
-//! enqueue sets no `Nats-Msg-Id`: the subject check makes it redundant, and keeping the
-//! stream's window of message ids cost 10–40 % of the enqueue's throughput.
+//! trait's de-duplication, enforced by the server, with no window. A publish retried
+//! after a lost reply is refused the same way while the first copy is in the stream,
+//! and answered [`Enqueued::Duplicate`] with the message's own id; once that copy is
+//! acked, the retry is stored again, and the receiver's idempotency layer (the key
+//! travels with the request) makes the effect happen once. A keyed enqueue sets no
+//! `Nats-Msg-Id`: the server's window of message ids cost 10–40 % of its throughput. A
+//! message with no key goes on a subject of its own (`id-` and its id) with the same
+//! check, and keeps its id as `Nats-Msg-Id`, so its retried publish is also dropped for
+//! the stream's `duplicate_window` after the first copy left (nothing downstream would
+//! catch it).
 //!
 //! Every message's payload is the versioned envelope (`docs/envelope.md`), with headers:
-//! `Postbox-Id` (UUID text), `Postbox-Idempotency-Key`,
+//! `Postbox-Id` (UUID text), `Nats-Msg-Id` (the same, on a keyless enqueue),
+//! `Postbox-Idempotency-Key`,
 //! `Postbox-Destination` (these two only when they are printable ASCII),
 //! `Postbox-Not-Before` (Unix milliseconds), and `Postbox-Attempts` once it is not 0.
 //! A dead letter adds `Postbox-Reason`, and its payload carries the attempts and
@@ -273,8 +278,9 @@ impl NatsOptions {
     }
 
     /// The stream's `duplicate_window` for `Nats-Msg-Id`, which the copies `retry_later`
-    /// and `dead_letter` publish carry, so such a publish retried after a lost reply is
-    /// stored once (default 2 min). The enqueue de-duplicates by subject, with no window.
+    /// and `dead_letter` publish and a keyless enqueue carry, so such a publish retried
+    /// after a lost reply is stored once (default 2 min). A keyed enqueue de-duplicates
+    /// by subject, with no window.
     pub fn with_duplicate_window(mut self, window: Duration) -> Self {
         self.duplicate_window = window;
         self
@@ -424,18 +430,28 @@ impl Inner {
         let payload = Bytes::from(envelope.encode());
         self.fits(payload.len() + header_room(&envelope))?;
         // Built per attempt rather than cloned: the first attempt is nearly always the last.
-        // No `Nats-Msg-Id`: the subject's expected sequence already refuses a second copy
-        // (a keyless message's subject is its id), and the server's window of message ids
-        // cost 10–40 % of the enqueue's throughput (`raw/nats/64_producers_same_message*`).
+        // A keyed message has no `Nats-Msg-Id`: its subject's expected sequence refuses a
+        // second copy while one is in the stream, a receiver's idempotency layer absorbs a
+        // copy retried after that, and the server's window of message ids cost 10–40 % of
+        // the enqueue's throughput (`raw/nats/64_producers_same_message*`). A keyless one
+        // keeps it: nothing downstream would catch its retried copy.
+        let id = envelope
+            .idempotency_key
+            .is_empty()
+            .then(|| envelope.id.to_string());
         let publish = || {
             let mut h = headers(&envelope);
             h.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+            if let Some(id) = &id {
+                h.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            }
             Publish::build().payload(payload.clone()).headers(h)
         };
         let mut last = None;
         for _ in 0..3 {
             let result = self.publish(subject.clone(), publish()).await;
             match result {
+                Ok(ack) if ack.duplicate => return Ok(Enqueued::Duplicate(envelope.id)),
                 Ok(_) => return Ok(Enqueued::Stored(envelope.id)),
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     let stream = self.js.get_stream_no_info(&self.stream).await;

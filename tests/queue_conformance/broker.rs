@@ -158,10 +158,13 @@ pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
     mut restart: impl AsyncFnMut(),
 ) {
     let acked_count = Arc::new(AtomicUsize::new(0));
-    // Producers stop at `allowed` acknowledged enqueues until the next kill raises it: a
-    // fast broker (one back up at once) would otherwise finish before a kill. The slack
-    // above each kill's mark keeps them enqueueing while it happens.
-    let (allow, allowed) = tokio::sync::watch::channel(400);
+    // Kill `r` comes once `MARKS[r]` enqueues are acknowledged. Producers stop at
+    // `GATES[r]` until it has happened: a fast broker (one back up at once) would
+    // otherwise let them finish before a kill. The gap keeps them enqueueing while it
+    // happens, which the end checks: a kill at or past its gate found them all parked.
+    const MARKS: [usize; 2] = [200, 500];
+    const GATES: [usize; 2] = [450, 750];
+    let (allow, allowed) = tokio::sync::watch::channel(GATES[0]);
     let mut producers = Vec::new();
     for p in 0..8 {
         let (q, acked_count, mut allowed) = (q.clone(), acked_count.clone(), allowed.clone());
@@ -193,17 +196,17 @@ pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
         }));
     }
     let mut kills_at = Vec::new();
-    for round in 1..=2 {
+    for (round, mark) in MARKS.into_iter().enumerate() {
         // Kill while producers are mid-stream (bounded wait for some progress).
-        for _ in 0..500 {
-            if acked_count.load(Ordering::Relaxed) >= round * 250 {
+        for _ in 0..5000 {
+            if acked_count.load(Ordering::Relaxed) >= mark {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         kills_at.push(acked_count.load(Ordering::Relaxed));
         restart().await;
-        allow.send_replace(if round == 1 { 650 } else { usize::MAX });
+        allow.send_replace(GATES.get(round + 1).copied().unwrap_or(usize::MAX));
     }
     let mut acked = Vec::new();
     for p in producers {
@@ -233,7 +236,8 @@ pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
     }
     eprintln!("killed after {kills_at:?} acknowledged enqueues");
     assert!(
-        kills_at.iter().all(|&n| n < 800),
-        "the producers finished before a kill: {kills_at:?}"
+        kills_at.iter().zip(GATES).all(|(&n, gate)| n < gate),
+        "the producers were all parked at a gate (no enqueue in flight) when the server \
+         was killed: {kills_at:?} acknowledged, gates {GATES:?}"
     );
 }

@@ -137,9 +137,10 @@ async fn a_plain_client_reads_the_message_and_its_headers() {
 }
 
 /// A publish retried after a lost reply: the message with no key is on a subject of its
-/// own, so the second copy is refused while the first is in the stream.
+/// own, so the second copy is refused while the first is in the stream, and by its
+/// `Nats-Msg-Id` for the `duplicate_window` after it was acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_without_a_key_enqueued_twice_is_stored_once() {
+async fn a_message_without_a_key_enqueued_again_is_stored_once_even_after_its_ack() {
     let (q, _purge) = make(options());
     let mut e = crate::suite::envelope("unused");
     e.idempotency_key.clear();
@@ -155,6 +156,17 @@ async fn a_message_without_a_key_enqueued_twice_is_stored_once() {
         Enqueued::Stored(other.id)
     );
     assert_eq!(q.depth().await.unwrap().pending, 2);
+    let leased = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    q.ack(&tokens).await.unwrap();
+    assert_eq!(
+        q.enqueue(e.clone()).await.unwrap(),
+        Enqueued::Duplicate(e.id)
+    );
+    assert_eq!(q.depth().await.unwrap().pending, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
