@@ -35,8 +35,8 @@ pub enum Verdict {
         /// What went wrong (kept in the dead letter if attempts run out).
         reason: String,
     },
-    /// The circuit breaker rejected the replay: put it back until `retry_after` and
-    /// pause leasing for that long.
+    /// The circuit breaker rejected the replay: put it back until `retry_after`, and
+    /// hold back its destination's messages for that long.
     CircuitOpen {
         /// When the breaker admits a probe again.
         retry_after: Duration,
@@ -352,7 +352,10 @@ impl ReplayConfig {
 ///   `max(backoff, hint)`, or dead-lettered once it has had `max_attempts` deliveries;
 ///   [`CircuitOpen`](Verdict::CircuitOpen) → back to the queue until the breaker's
 ///   `retry_after` (at least the backoff base) *without counting the attempt*
-///   ([`Queue::release`]), and leasing pauses that long;
+///   ([`Queue::release`]), and the messages of the same destination
+///   ([`Envelope::destination`](crate::queue::Envelope::destination), the authority a
+///   per-host breaker is keyed by) leased until then are held back uncalled to then
+///   ([`ReplayStats::held_back`]), while other destinations' are replayed;
 ///   [`Rejected`](Verdict::Rejected) by our own limit (a full bulkhead, a deadline
 ///   spent before the call) → back to the queue after the backoff, uncounted, and
 ///   leasing pauses for the backoff of the rejections in a row (at least
@@ -563,6 +566,7 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
             unsettled: Vec::new(),
             resettle_at: None,
             paused_until: None,
+            open: HashMap::new(),
             rejected_streak: 0,
             depth_at: None,
             _req: std::marker::PhantomData,
@@ -591,6 +595,7 @@ struct Counters {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     returned: AtomicU64,
+    held_back: AtomicU64,
 }
 
 /// Counts of what a replayer did so far.
@@ -599,12 +604,16 @@ struct Counters {
 pub struct ReplayStats {
     /// Delivered and acked.
     pub replayed: u64,
-    /// Put back after a retryable failure or an open breaker.
+    /// Put back after a retryable failure, or after its replay met an open breaker or
+    /// a full limit of our own.
     pub retried: u64,
     /// Dead-lettered.
     pub dead_lettered: u64,
     /// Leases returned to the queue at shutdown.
     pub returned: u64,
+    /// Put back uncalled and uncounted: leased while a replay to the same destination
+    /// had just met an open breaker, and due again when its break ends.
+    pub held_back: u64,
 }
 
 /// Controls a running [`Replayer`].
@@ -626,6 +635,7 @@ impl ReplayerHandle {
             retried: s.retried.load(Ordering::Relaxed),
             dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
             returned: s.returned.load(Ordering::Relaxed),
+            held_back: s.held_back.load(Ordering::Relaxed),
         }
     }
 
@@ -669,6 +679,10 @@ struct Worker<Q, S, K, J, Req> {
     unsettled: Vec<(Instant, Settle)>,
     resettle_at: Option<Instant>,
     paused_until: Option<Instant>,
+    /// Destinations whose replay met an open breaker, with until when: their messages
+    /// leased before then are released to then without a call, while the rest of the
+    /// backlog goes on (a per-host breaker open for one must not stall the others).
+    open: HashMap<String, Instant>,
     /// Replays in a row turned away by our own limit before reaching the dependency
     /// (a full bulkhead): the leasing pause grows with it.
     rejected_streak: u32,
@@ -685,6 +699,8 @@ enum Settle {
         token: LeaseToken,
         not_before: std::time::SystemTime,
         counted: bool,
+        /// Released uncalled, its destination's breaker being open.
+        held_back: bool,
     },
     Dead {
         token: LeaseToken,
@@ -708,6 +724,8 @@ struct Settled {
     token: LeaseToken,
     attempts: u32,
     expires_at: Option<std::time::SystemTime>,
+    /// The message's destination, to pause if the verdict is an open breaker.
+    destination: String,
     verdict: Verdict,
     /// An attempt of this replay reached the dependency before its retries ended on a
     /// rejection of our own (the open breaker its own failure opened): the replay then
@@ -788,6 +806,8 @@ where
                     .await
                 {
                     Ok(batch) if !batch.is_empty() => {
+                        // A message of a destination whose breaker is open is held back
+                        // to the break's end, so it is not due again before then.
                         for leased in batch {
                             self.start(leased, cut_off).await;
                         }
@@ -883,6 +903,8 @@ where
         self.report_depth_now().await;
     }
 
+    /// Starts the replay of `leased`, or settles it at once: expired, out of attempts,
+    /// not rebuildable, or held back while its destination's breaker is open.
     async fn start(&mut self, leased: Leased, cut_off: Instant) {
         let Leased {
             envelope, token, ..
@@ -896,6 +918,15 @@ where
             let reason = format!("gave up after {} attempts", envelope.attempts - 1);
             self.dead_letter(token, &reason).await;
             return;
+        }
+        if let Some(&until) = self.open.get(&envelope.destination) {
+            let left = until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                // Not called, not counted: back when the breaker may let it through.
+                tracing::trace!(id = %token.id, ?left, "destination's circuit open; held back");
+                self.hold_back(token, left).await;
+                return;
+            }
         }
         // A codec of the user's that panics on one message must not end the worker
         // (and every later replay with it): that message is dead-lettered instead.
@@ -928,6 +959,7 @@ where
         let svc = self.service.clone();
         let judge = self.judge.clone();
         let (attempts, expires_at) = (envelope.attempts, envelope.expires_at);
+        let destination = envelope.destination;
         // One log for the request (HTTP: in its extensions) and the task.
         let handle = self.tasks.spawn(async move {
             let verdict = log
@@ -938,6 +970,7 @@ where
                 token,
                 attempts,
                 expires_at,
+                destination,
                 verdict,
                 reached: log.reached(),
             }
@@ -950,6 +983,7 @@ where
             token,
             attempts,
             expires_at,
+            destination,
             verdict,
             reached,
         } = match joined {
@@ -987,8 +1021,8 @@ where
                     .max(self.config.backoff_base)
                     .max(self.config.poll_interval);
                 // `retry_after` may come from the dependency: never overflow.
-                if self.pause_leasing(pause) {
-                    tracing::info!(?pause, "circuit open; replay paused");
+                if self.pause_destination(destination, pause) {
+                    tracing::info!(?pause, "circuit open; replay of its destination paused");
                 }
                 if reached {
                     let reason = "an attempt reached the dependency and failed; its retries \
@@ -1034,6 +1068,20 @@ where
             }
             Verdict::Permanent { reason } => self.dead_letter(token, &reason).await,
         }
+    }
+
+    /// Holds back `destination`'s messages for `pause` from now (unless a longer pause
+    /// is on); `true` if the pause was set or lengthened.
+    fn pause_destination(&mut self, destination: String, pause: Duration) -> bool {
+        let now = Instant::now();
+        let until = later(now, pause);
+        self.open.retain(|_, u| *u > now);
+        let at = self.open.entry(destination).or_insert(now);
+        if *at >= until {
+            return false;
+        }
+        *at = until;
+        true
     }
 
     /// Stops leasing for `pause` from now (unless a longer pause is on); `true` if the
@@ -1084,6 +1132,19 @@ where
             token,
             not_before,
             counted,
+            held_back: false,
+        };
+        self.try_settle(call, Instant::now()).await;
+    }
+
+    /// Back to the queue for `delay`, uncounted and uncalled: its destination's breaker
+    /// is open.
+    async fn hold_back(&mut self, token: LeaseToken, delay: Duration) {
+        let call = Settle::Later {
+            token,
+            not_before: crate::queue::saturating_add(wall_now(), delay),
+            counted: false,
+            held_back: true,
         };
         self.try_settle(call, Instant::now()).await;
     }
@@ -1106,11 +1167,13 @@ where
                 token,
                 not_before,
                 counted: true,
+                ..
             } => self.queue.retry_later(*token, *not_before).await,
             Settle::Later {
                 token,
                 not_before,
                 counted: false,
+                ..
             } => self.queue.release(*token, *not_before).await,
             Settle::Dead { token, reason } => self.queue.dead_letter(*token, reason).await,
         };
@@ -1119,6 +1182,14 @@ where
                 let n = tokens.len() as u64;
                 metrics::counter!("postbox_replayed_total").increment(n);
                 self.stats.replayed.fetch_add(n, Ordering::Relaxed);
+            }
+            (
+                Ok(()),
+                Settle::Later {
+                    held_back: true, ..
+                },
+            ) => {
+                self.stats.held_back.fetch_add(1, Ordering::Relaxed);
             }
             (Ok(()), Settle::Later { .. }) => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);

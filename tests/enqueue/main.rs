@@ -1496,9 +1496,9 @@ async fn a_replay_whose_retry_meets_the_breaker_its_own_failure_opened_still_cou
 }
 
 /// A replay counted because its attempt reached the dependency before its retry met
-/// the open breaker still pauses the replayer until the breaker's break ends: a
-/// message due meanwhile is not leased just to be turned away. (Counting it skipped
-/// the pause.)
+/// the open breaker still pauses its destination until the breaker's break ends: a
+/// message for it due meanwhile is not called just to be turned away. (Counting it
+/// skipped the pause.)
 #[tokio::test(start_paused = true)]
 async fn a_counted_replay_on_an_open_breaker_still_pauses_the_replayer() {
     use postbox::retry::RetryLayer;
@@ -2298,11 +2298,11 @@ async fn shutdown_acks_delivered_messages_at_once_not_after_the_grace_period() {
     }
 }
 
-/// Two due messages, replayed one at a time: the first replay finds the breaker open,
-/// so the replayer leases nothing — not even the other, untried message — until the
-/// breaker's `retry_after` has passed.
+/// Two due messages for one destination, replayed one at a time: the first replay finds
+/// the breaker open, so the replayer calls nothing for it — not even the other, untried
+/// message — until the breaker's `retry_after` has passed.
 #[tokio::test(start_paused = true)]
-async fn replayer_stops_leasing_while_the_breaker_is_open() {
+async fn replayer_calls_nothing_for_a_destination_while_its_breaker_is_open() {
     let queue = Arc::new(MemoryQueue::new());
     enqueue_raw(&queue, "http://api.test/a").await;
     enqueue_raw(&queue, "http://api.test/b").await;
@@ -2341,6 +2341,54 @@ async fn replayer_stops_leasing_while_the_breaker_is_open() {
     let mut paths: Vec<&str> = calls[1..].iter().map(|(p, _)| p.as_str()).collect();
     paths.sort_unstable();
     assert_eq!(paths, ["/a", "/b"]);
+}
+
+/// A breaker open for one destination (a per-host breaker, as the standard stack has)
+/// holds back only that destination's messages: a healthy destination's message behind
+/// a backlog of the broken one's is replayed at once, not after the break.
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_for_one_destination_does_not_stall_the_others() {
+    let queue = Arc::new(MemoryQueue::new());
+    let on = |host: &str, path: &str| {
+        let mut e = due_envelope(&format!("http://{host}/{path}"));
+        e.destination = host.into();
+        e
+    };
+    for i in 0..40 {
+        queue
+            .enqueue(on("down.test", &format!("d{i}")))
+            .await
+            .unwrap();
+    }
+    queue.enqueue(on("up.test", "u")).await.unwrap();
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |_, path| {
+        if path.starts_with("/d") {
+            Err(boxed(Open::new(Duration::from_secs(30))))
+        } else {
+            Ok(respond(200, ""))
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let handle = Replayer::http(queue.clone(), svc)
+        .concurrency(4)
+        .lease_batch(4)
+        .poll_interval(Duration::from_millis(100))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the healthy destination waited {:?}",
+        start.elapsed()
+    );
+    let stats = handle.shutdown().await;
+    let calls = calls.lock().unwrap();
+    // The first batch of the broken destination met its breaker; the rest were held
+    // back uncalled.
+    let broken = calls.iter().filter(|(p, _)| p.starts_with("/d")).count();
+    assert!(broken <= 4, "{broken} calls to the open destination");
+    assert!(stats.held_back >= 36, "{stats:?}");
 }
 
 // === Idempotency layer ===
