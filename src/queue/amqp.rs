@@ -71,9 +71,12 @@
 //! instance retrying one request), but not across processes or a restart. A second
 //! enqueue of a key whose first is still waiting for its publisher confirm waits for
 //! that outcome: `Duplicate` if the broker confirmed it, else it publishes its own. An entry is
-//! forgotten after [`AmqpOptions::with_dedupe_window`] (default 24 h) if another process
-//! acked the message, or earlier, oldest first, once the index holds 2^18 keys (its
-//! memory stays bounded however many keys other processes ack). The receiving service's `Idempotency` layer still makes the
+//! forgotten when this process acks or dead-letters the message, and after
+//! [`AmqpOptions::with_dedupe_window`] (default 24 h) in any case, even if its message
+//! is still pending (one waiting out a long outage is then stored twice if enqueued
+//! again), or earlier, oldest first, once the index holds 2^18 keys (its memory stays
+//! bounded however many keys other processes ack). Reading the dead letters forgets the
+//! keys held for them. The receiving service's `Idempotency` layer still makes the
 //! effect exactly once.
 //!
 //! # Connection loss
@@ -576,6 +579,8 @@ impl Inner {
         delay.insert("x-dead-letter-strategy".into(), string("at-least-once"));
         delay.insert("x-overflow".into(), string("reject-publish"));
         ch.queue_declare(&self.delay_queue, durable, delay).await?;
+        // Classic, not quorum: `dead_letters` gets and puts back, which a quorum queue
+        // would count towards its delivery limit (4.x drops a message past it).
         ch.queue_declare(&self.dead_queue, durable, FieldTable::default())
             .await?;
         Ok(())
@@ -1204,6 +1209,10 @@ impl Inner {
                 .as_ref()
                 .and_then(|h| h.inner().get(H_REASON).and_then(as_string))
                 .unwrap_or_default();
+            // A dead letter is not live: if this process still holds its key for it
+            // (another process dead-lettered it), the key is free, or a redrive of it
+            // would be answered `Duplicate` of itself and its dead letter discarded.
+            self.forget_key(&envelope.idempotency_key, envelope.id);
             out.push(DeadLetter { envelope, reason });
             if out.len() < max {
                 Walk::Keep

@@ -531,3 +531,35 @@ async fn a_held_delivery_stays_uncounted_across_two_reconnects() {
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].envelope.attempts, 1, "only this lease counts");
 }
+
+/// A message one process enqueued and another dead-lettered is redriven by the first:
+/// its in-process key index still named the message, which a dead letter is not, so the
+/// copy was answered `Duplicate` of its own dead letter, and the dead letter discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_another_process_made_is_redriven_not_lost() {
+    let options = options();
+    let (producer, _purge) = make(options.clone());
+    let replayer = connect(options).await;
+    let e = crate::suite::envelope("k");
+    assert_eq!(
+        producer.enqueue(e.clone()).await.unwrap(),
+        Enqueued::Stored(e.id)
+    );
+    let leased = replayer
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    replayer
+        .dead_letter(leased[0].token, "gave up")
+        .await
+        .unwrap();
+    assert_eq!(producer.redrive_dead_letters(10).await.unwrap(), 1);
+    let back = replayer
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(back.len(), 1, "the redriven copy is live");
+    assert_eq!(back[0].envelope.idempotency_key, "k");
+    assert!(producer.dead_letters(10).await.unwrap().is_empty());
+}
