@@ -384,11 +384,21 @@ impl RedisQueue {
             let (eid, set) = match added {
                 Ok(reply) => reply,
                 Err(e) => {
-                    // The XADD may have failed while the HSETNX did not (a transaction
-                    // is not rolled back): never leave the key claimed by a message that
-                    // may not exist.
+                    // Redis answered with an error: the XADD may have failed while the
+                    // HSETNX did not (a transaction is not rolled back), so never leave
+                    // the key claimed by a message that may not exist. Without an
+                    // answer (a timeout, a dropped connection) the transaction ran whole
+                    // or not at all: a claim made has its entry, and freeing its key
+                    // would get that entry deleted as a duplicate's by `lease`, after a
+                    // later enqueue of the key may have been answered `Duplicate` of it.
+                    let unanswered = e.is_io_error()
+                        || e.is_timeout()
+                        || e.is_connection_dropped()
+                        || e.is_connection_refusal();
                     let args = vec![key.as_bytes().to_vec(), id.as_bytes().to_vec()];
-                    if let Err(e) = invoke(&mut conn, &UNCLAIM, &self.keys, args).await {
+                    if !unanswered
+                        && let Err(e) = invoke(&mut conn, &UNCLAIM, &self.keys, args).await
+                    {
                         tracing::warn!(error = %e, "postbox: could not free the key of a failed redis enqueue");
                     }
                     return Err(map_err(e));

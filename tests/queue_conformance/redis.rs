@@ -900,3 +900,47 @@ async fn a_far_future_not_before_waits_and_is_not_dead_lettered() {
     let depth = q.depth().await.unwrap();
     assert_eq!((depth.pending, depth.dead), (1, 0));
 }
+
+/// An enqueue whose answer timed out while Redis was busy, though its transaction then
+/// ran: the message and its key's claim were written together, so the key is not freed
+/// (which got the entry deleted by `lease` as a duplicate's, the message lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_that_timed_out_after_its_transaction_ran_keeps_its_message() {
+    const BUSY_400_MS: &str = "local t = redis.call('TIME') \
+        local start = t[1] * 1000000 + t[2] \
+        while true do \
+          local n = redis.call('TIME') \
+          if n[1] * 1000000 + n[2] - start > 400000 then break end \
+        end \
+        return 0";
+    let name = options();
+    let (q, _purge) = make(
+        name.clone()
+            .with_response_timeout(Duration::from_millis(100)),
+    );
+    let other = connect(name).await;
+    let mut blocker = other.connection();
+    let busy = tokio::spawn(async move {
+        let done: redis::RedisResult<i64> = redis::Script::new(BUSY_400_MS)
+            .invoke_async(&mut blocker)
+            .await;
+        done
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let e = crate::suite::envelope("k");
+    let r = q.enqueue(e.clone()).await;
+    assert!(matches!(r, Err(QueueError::Unavailable(_))), "{r:?}");
+    busy.await.unwrap().unwrap();
+    let again = other.enqueue(crate::suite::envelope("k")).await.unwrap();
+    assert_eq!(again, Enqueued::Duplicate(e.id));
+    let leased = other
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(
+        ids,
+        vec![e.id],
+        "the message whose answer timed out is delivered"
+    );
+}
