@@ -1262,40 +1262,72 @@ impl Inner {
         let ch = self.io(epoch, conn.create_channel()).await?;
         let mut taken = 0;
         let result = async {
+            // The last delivery left, with every one before it: put back below; and
+            // how many were left, with how many the queue had behind the last one got.
+            let (mut kept, mut left, mut behind) = (None, 0, 0);
             loop {
                 let get = ch.basic_get(&self.dead_queue, BasicGetOptions { no_ack: false });
-                let Some(m) = tokio::time::timeout(self.timeout, get)
-                    .await
-                    .unwrap_or_else(|_| Err(ErrorKind::MissingHeartbeatError.into()))?
-                else {
-                    return Ok(());
-                };
+                let got = timed(self.timeout, get).await?;
+                let Some(m) = got else { break };
+                behind = m.message_count;
                 let walk = visit(&m.delivery);
                 if matches!(walk, Walk::Take | Walk::TakeAndStop) {
-                    tokio::time::timeout(
-                        self.timeout,
-                        m.delivery.acker.ack(BasicAckOptions::default()),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err(ErrorKind::MissingHeartbeatError.into()))?;
+                    let ack = m.delivery.acker.ack(BasicAckOptions::default());
+                    timed(self.timeout, ack).await?;
                     taken += 1;
+                } else {
+                    kept = Some(m.delivery.acker.clone());
+                    left += 1;
                 }
                 if matches!(walk, Walk::Stop | Walk::TakeAndStop) {
-                    return Ok::<(), lapin::Error>(());
+                    break;
                 }
             }
+            // Put back in place now rather than when the channel closes, and waited for
+            // (bounded): the broker requeues in the background, and a `depth` right
+            // after this would miss dead letters not back yet.
+            if let Some(acker) = kept {
+                let all = BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                };
+                timed(self.timeout, acker.nack(all)).await?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                let until = Instant::now() + self.timeout;
+                loop {
+                    let declare =
+                        ch.queue_declare(&self.dead_queue, passive, FieldTable::default());
+                    let ready = timed(self.timeout, declare).await?.message_count();
+                    if ready >= left + behind || Instant::now() >= until {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            Ok::<(), lapin::Error>(())
         }
         .await;
         // The broker answers the close after the acks before it: once closed, they
         // are applied.
-        let closed = tokio::time::timeout(self.timeout, ch.close(200, why))
-            .await
-            .unwrap_or_else(|_| Err(ErrorKind::MissingHeartbeatError.into()));
+        let closed = timed(self.timeout, ch.close(200, why)).await;
         match result.and(if taken > 0 { closed } else { Ok(()) }) {
             Ok(()) => Ok(taken),
             Err(e) => Err(self.fail(e, epoch).await),
         }
     }
+}
+
+/// `call`, failed as a missed heartbeat if the broker does not answer within `limit`.
+async fn timed<T>(
+    limit: Duration,
+    call: impl Future<Output = lapin::Result<T>>,
+) -> lapin::Result<T> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(ErrorKind::MissingHeartbeatError.into()))
 }
 
 /// What [`Inner::walk_dead`] does with the dead letter it got.
