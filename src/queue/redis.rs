@@ -29,6 +29,7 @@
 //! | `…:attempts` | hash | message id → the lease generation: releases × 2³² + delivery attempts |
 //! | `…:nb` | hash | message id → not-before (ms) set by `retry_later` |
 //! | `…:keys` | hash | idempotency key → message id (de-duplication) |
+//! | `…:idkeys` | hash | message id → idempotency key (`""` for none) of messages read by `lease`, to free the key of one whose entry is gone |
 //! | `…:leases` | sorted set | message id scored by lease deadline (ms) |
 //! | `…:delayed` | sorted set | message id scored by not-before (ms), read but not yet due |
 //! | `…:ready` | sorted set | due message ids (score 0, so ordered by id) |
@@ -149,7 +150,7 @@ pub struct RedisOptions {
 #[derive(Clone)]
 pub struct RedisQueue {
     conn: ConnectionManager,
-    keys: Arc<[String; 10]>,
+    keys: Arc<[String; 11]>,
     capacity: Option<u64>,
     /// With a capacity: the task that runs `enqueue.lua` for batches of enqueues.
     batcher: Option<mpsc::Sender<Pending>>,
@@ -248,7 +249,7 @@ impl RedisQueue {
         let p = format!("postbox:{{{}}}:", options.name);
         let keys = [
             "stream", "dead", "msgs", "attempts", "nb", "keys", "leases", "delayed", "ready",
-            "done",
+            "done", "idkeys",
         ]
         .map(|k| format!("{p}{k}"));
         let keys = Arc::new(keys);
@@ -797,7 +798,7 @@ impl Queue for RedisQueue {
 /// Ends when the last [`RedisQueue`] clone is dropped.
 async fn batch_enqueues(
     conn: ConnectionManager,
-    keys: Arc<[String; 10]>,
+    keys: Arc<[String; 11]>,
     capacity: u64,
     mut rx: mpsc::Receiver<Pending>,
 ) {
@@ -832,7 +833,7 @@ async fn batch_enqueues(
 async fn invoke(
     conn: &mut ConnectionManager,
     script: &Script,
-    keys: &[String; 10],
+    keys: &[String; 11],
     args: Vec<Vec<u8>>,
 ) -> Result<Value, QueueError> {
     let mut inv = script.prepare_invoke();

@@ -541,6 +541,14 @@ async fn undecodable_dead_letters_at_the_head_do_not_stall_a_redrive() {
 /// answered as a duplicate of a message that no longer exists, and never sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_message_deleted_by_hand_frees_its_key() {
+    for read_by_an_older_postbox in [false, true] {
+        a_waiting_message_deleted_by_hand_frees_its_key_once(read_by_an_older_postbox).await;
+    }
+}
+
+/// With `read_by_an_older_postbox`, `lease` did not note the message's key when it read
+/// the entry (as postbox before `…:idkeys` did), so it is found by a scan.
+async fn a_waiting_message_deleted_by_hand_frees_its_key_once(read_by_an_older_postbox: bool) {
     let (q, _purge) = make(options());
     let lease_for = Duration::from_secs(30);
     let mut later = crate::suite::envelope("k");
@@ -553,6 +561,14 @@ async fn a_waiting_message_deleted_by_hand_frees_its_key() {
             .unwrap()
             .is_empty()
     );
+    if read_by_an_older_postbox {
+        let _: i64 = redis::cmd("HDEL")
+            .arg(&q.keys()[10])
+            .arg(gone.to_string())
+            .query_async(&mut q.connection())
+            .await
+            .unwrap();
+    }
     delete_by_hand(&q, gone).await;
     // Due now: the lease finds the entry gone.
     assert!(
@@ -564,7 +580,42 @@ async fn a_waiting_message_deleted_by_hand_frees_its_key() {
     // Another entry is unread, so the owner cannot be judged gone by the stream alone.
     q.enqueue(crate::suite::envelope("other")).await.unwrap();
     let again = q.enqueue(crate::suite::envelope("k")).await.unwrap();
-    assert!(matches!(again, Enqueued::Stored(_)), "{again:?}");
+    assert!(
+        matches!(again, Enqueued::Stored(_)),
+        "older: {read_by_an_older_postbox}, {again:?}"
+    );
+}
+
+/// A leased message whose entry is deleted by hand, then acked or dead-lettered, frees
+/// its key all the same (`lease` noted it when it read the entry): the next enqueue of
+/// the key is stored, even with other entries unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_message_deleted_by_hand_frees_its_key_when_settled() {
+    let (q, _purge) = make(options());
+    let lease_for = Duration::from_secs(30);
+    for dead in [false, true] {
+        let gone = q.enqueue(crate::suite::envelope("k")).await.unwrap().id();
+        let leased = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+        assert_eq!(leased.len(), 1);
+        delete_by_hand(&q, gone).await;
+        if dead {
+            q.dead_letter(leased[0].token, "gave up").await.unwrap();
+        } else {
+            q.ack(&[leased[0].token]).await.unwrap();
+        }
+        // Another entry is unread, so the owner cannot be judged gone by the stream.
+        let other = crate::suite::envelope(if dead { "other-2" } else { "other-1" });
+        q.enqueue(other).await.unwrap();
+        let again = q.enqueue(crate::suite::envelope("k")).await.unwrap();
+        assert!(
+            matches!(again, Enqueued::Stored(_)),
+            "dead: {dead}, {again:?}"
+        );
+        // Settle this round's messages before the next.
+        let rest = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+        let tokens: Vec<_> = rest.iter().map(|l| l.token).collect();
+        q.ack(&tokens).await.unwrap();
+    }
 }
 
 /// A duplicate's entry left in the stream (its enqueue failed after the `MULTI` that

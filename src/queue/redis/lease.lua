@@ -80,6 +80,7 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
       redis.call('XACK', stream, group, e[1])
       redis.call('XDEL', stream, e[1])
     elseif id and redis.call('HSETNX', msgs, id, e[1]) == 1 then
+      redis.call('HSET', idkeys, id, key)
       redis.call('HSET', attempts, id, base)
       fresh[id] = e[2]
       if due <= now then
@@ -150,15 +151,18 @@ if max > 0 then
         out[#out + 1] = {id, a, env, override or ''}
       end
     else
-      -- The entry was deleted by hand: drop its bookkeeping and free its key. The key
-      -- field went with the entry, so the key is found by its owner (rare: a scan);
-      -- left claimed, every later enqueue of it would be answered as a duplicate of a
-      -- message that no longer exists while any other entry is unread.
-      local all = redis.call('HGETALL', keys)
-      for i = 1, #all, 2 do
-        if all[i + 1] == id then
-          redis.call('HDEL', keys, all[i])
-          break
+      -- The entry was deleted by hand: drop its bookkeeping and free its key (left
+      -- claimed, every later enqueue of it would be answered as a duplicate of a
+      -- message that no longer exists while any other entry is unread). `forget`
+      -- finds the key in `idkeys`; a message first read by an older postbox is not
+      -- there, and its key is found by its owner (a scan of every key, so only then).
+      if redis.call('HEXISTS', idkeys, id) == 0 then
+        local all = redis.call('HGETALL', keys)
+        for i = 1, #all, 2 do
+          if all[i + 1] == id then
+            redis.call('HDEL', keys, all[i])
+            break
+          end
         end
       end
       forget(id, nil, true)

@@ -1,9 +1,10 @@
 -- postbox Redis queue: shared prelude of every script (see src/queue/redis.rs).
 -- KEYS: 1 stream, 2 dead, 3 msgs, 4 attempts, 5 nb, 6 keys, 7 leases, 8 delayed, 9 ready,
--- 10 done
+-- 10 done, 11 idkeys
 -- ARGV[1]: the consumer group name. Times are Unix milliseconds.
 local stream, dead, msgs, attempts, nb = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local keys, leases, delayed, ready, done = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local idkeys = KEYS[11]
 local group = ARGV[1]
 
 -- The fields of stream entry `eid` as a Lua table, or nil.
@@ -53,11 +54,14 @@ end
 -- too) and frees its key.
 local function forget(id, fields, finished)
   local eid = redis.call('HGET', msgs, id)
-  -- An entry written by hand may have no key field at all (nil, not '').
+  -- An entry written by hand may have no key field at all (nil, not ''); one gone
+  -- (deleted by hand) left its key in `idkeys` when `lease` first read it.
   local key = fields and fields['idempotency_key']
+  if not key then key = redis.call('HGET', idkeys, id) end
   if key and key ~= '' and redis.call('HGET', keys, key) == id then
     redis.call('HDEL', keys, key)
   end
+  redis.call('HDEL', idkeys, id)
   if eid then
     redis.pcall('XACK', stream, group, eid)
     redis.call('XDEL', stream, eid)
