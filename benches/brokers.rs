@@ -268,7 +268,7 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
     settle(rt);
     let mut g = c.benchmark_group("raw");
     g.throughput(Throughput::Elements(1));
-    let (raw_stream, raw_subject) = new_stream();
+    let (mut raw_stream, raw_subject) = new_stream();
     bench_loop(
         &mut g,
         rt,
@@ -285,41 +285,32 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
     // What the adapter publishes, by the raw client: a subject per key, the
     // expected-last-subject-sequence check and the `Postbox-*` headers; first with a
     // `Nats-Msg-Id` as well (as the adapter did until 2026-12-06, for comparison).
-    drop_stream(&raw_stream);
-    let (raw_stream, raw_subject) = new_stream();
-    bench_loop(
-        &mut g,
-        rt,
-        "nats/64_producers_same_message_msg_id",
-        (js.clone(), raw_subject.clone(), payload.clone()),
-        |(js, subject, payload)| async move {
-            let id = MessageId::new_v7().to_string();
-            let subj = key_subject(&subject, &id);
-            let p = async_nats::jetstream::message::PublishMessage::build()
-                .payload(payload)
-                .headers(postbox_headers(&id))
-                .message_id(&id)
-                .expected_last_subject_sequence(0);
-            js.send_publish(subj, p).await.unwrap().await.unwrap();
-        },
-    );
-    drop_stream(&raw_stream);
-    let (raw_stream, raw_subject) = new_stream();
-    bench_loop(
-        &mut g,
-        rt,
-        "nats/64_producers_same_message",
-        (js.clone(), raw_subject.clone(), payload.clone()),
-        |(js, subject, payload)| async move {
-            let id = MessageId::new_v7().to_string();
-            let subj = key_subject(&subject, &id);
-            let p = async_nats::jetstream::message::PublishMessage::build()
-                .payload(payload)
-                .headers(postbox_headers(&id))
-                .expected_last_subject_sequence(0);
-            js.send_publish(subj, p).await.unwrap().await.unwrap();
-        },
-    );
+    for (id, msg_id) in [
+        ("nats/64_producers_same_message_msg_id", true),
+        ("nats/64_producers_same_message", false),
+    ] {
+        drop_stream(&raw_stream);
+        let (next, raw_subject) = new_stream();
+        raw_stream = next;
+        bench_loop(
+            &mut g,
+            rt,
+            id,
+            (js.clone(), raw_subject.clone(), payload.clone()),
+            move |(js, subject, payload)| async move {
+                let id = MessageId::new_v7().to_string();
+                let subj = key_subject(&subject, &id);
+                let mut p = async_nats::jetstream::message::PublishMessage::build()
+                    .payload(payload)
+                    .headers(postbox_headers(&id))
+                    .expected_last_subject_sequence(0);
+                if msg_id {
+                    p = p.message_id(&id);
+                }
+                js.send_publish(subj, p).await.unwrap().await.unwrap();
+            },
+        );
+    }
     drop_stream(&raw_stream);
     let (raw_stream, raw_subject) = new_stream();
     // The literal design, which the adapter does not use (docs/queues.md,
