@@ -281,8 +281,9 @@ struct State {
     /// The connection generation the held deliveries belong to.
     epoch: u64,
     held: BTreeMap<MessageId, Held>,
-    /// The `now` of the last `lease` (retries are delayed relative to it).
-    last_now: Option<SystemTime>,
+    /// The `now` of the last `lease`, and when it was passed: retries are delayed
+    /// relative to it, moved on by the time since (see [`State::now`]).
+    last_now: Option<(SystemTime, Instant)>,
     /// Leases made so far: every lease's generation, unique even when a released
     /// delivery's attempts repeat.
     leases: u64,
@@ -290,6 +291,17 @@ struct State {
     /// released) when their channel died: the broker counts them in `x-delivery-count`
     /// when it delivers the message again, but they were no attempt. Taken off then.
     uncounted: HashMap<MessageId, u32>,
+}
+
+impl State {
+    /// The `now` of the last `lease`, moved on by the time since it was passed (the
+    /// replayer may not lease for a while, all its slots busy or paused): a retry's
+    /// delay measured from it unmoved would be overstated by that time.
+    fn now(&self) -> SystemTime {
+        self.last_now.map_or_else(SystemTime::now, |(now, at)| {
+            super::saturating_add(now, at.elapsed())
+        })
+    }
 }
 
 /// At most this many ids are remembered in [`State::uncounted`] (more only if the
@@ -789,7 +801,7 @@ impl Inner {
         let (ch, epoch) = self.channel().await?;
         let mut st = self.state.lock().await;
         Self::follow(&mut st, epoch)?;
-        st.last_now = Some(now);
+        st.last_now = Some((now, Instant::now()));
         if max == 0 {
             return Ok(Vec::new());
         }
@@ -1099,7 +1111,7 @@ impl Inner {
         let (ch, epoch) = self.current().await?;
         let mut st = self.state.lock().await;
         let mut h = Self::take(&mut st, token)?;
-        let now = st.last_now.unwrap_or_else(SystemTime::now);
+        let now = st.now();
         drop(st);
         h.envelope.not_before = not_before;
         if let Some(h) = self.park(&ch, epoch, h, now).await? {
@@ -1122,7 +1134,7 @@ impl Inner {
         let mut h = Self::take(&mut st, token)?;
         h.envelope.attempts = h.envelope.attempts.saturating_sub(1);
         h.envelope.not_before = not_before;
-        let now = st.last_now.unwrap_or_else(SystemTime::now);
+        let now = st.now();
         if not_before
             .duration_since(now)
             .is_ok_and(|wait| wait > self.hold_limit)

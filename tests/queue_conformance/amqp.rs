@@ -563,3 +563,36 @@ async fn a_dead_letter_another_process_made_is_redriven_not_lost() {
     assert_eq!(back[0].envelope.idempotency_key, "k");
     assert!(producer.dead_letters(10).await.unwrap().is_empty());
 }
+
+/// A release a while after the last lease measures its delay from that lease's `now`
+/// moved on by the time since, not from the `now` as it was: unmoved, a delay within
+/// the hold limit (held here) read as one beyond it and went to the delay queue, to
+/// come back that much later. (Real time: the broker is real.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_is_measured_from_the_last_leases_now_moved_on() {
+    let (q, _purge) = make(options().with_hold_limit(Duration::from_secs(1)));
+    q.enqueue(crate::suite::envelope("k")).await.unwrap();
+    let leased = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // 0.5 s from now, 2 s from the lease's `now`.
+    let not_before = crate::suite::at(2);
+    q.release(leased[0].token, not_before).await.unwrap();
+    let ch = q.channel().await.unwrap();
+    let delayed = ch
+        .queue_declare(
+            q.queues()[1],
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(delayed, 0, "held here, not parked in the delay queue");
+}
