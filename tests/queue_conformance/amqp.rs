@@ -51,9 +51,14 @@ crate::conformance!(|| make(options()), |capacity| make(
 /// The messages ready in the queue's main queue, as the broker counts them (not the
 /// deliveries held unacked).
 async fn ready_in_main_queue(q: &AmqpQueue) -> u32 {
+    ready_in(q, 0).await
+}
+
+/// The messages ready in the queue's RabbitMQ queue `which` (0 main, 1 delay, 2 dead).
+async fn ready_in(q: &AmqpQueue, which: usize) -> u32 {
     let ch = q.channel().await.unwrap();
     ch.queue_declare(
-        q.queues()[0],
+        q.queues()[which],
         lapin::options::QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -581,18 +586,9 @@ async fn a_delay_is_measured_from_the_last_leases_now_moved_on() {
     // 0.5 s from now, 2 s from the lease's `now`.
     let not_before = crate::suite::at(2);
     q.release(leased[0].token, not_before).await.unwrap();
-    let ch = q.channel().await.unwrap();
-    let delayed = ch
-        .queue_declare(
-            q.queues()[1],
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count();
-    assert_eq!(delayed, 0, "held here, not parked in the delay queue");
+    assert_eq!(
+        ready_in(&q, 1).await,
+        0,
+        "held here, not parked in the delay queue"
+    );
 }
