@@ -84,6 +84,12 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         .checked_mul(ns_per_unit)
         .and_then(|n| n.checked_add(frac_ns))
         .ok_or_else(too_large)?;
+    // Not zero, but below a nanosecond: read as 0 it would change what the field means.
+    if ns == 0 && frac.bytes().any(|b| b != b'0') {
+        return Err(format!(
+            "invalid duration `{s}`: below a nanosecond (write 0 for none)"
+        ));
+    }
     let secs = u64::try_from(ns / 1_000_000_000).map_err(|_| too_large())?;
     Ok(Duration::new(secs, (ns % 1_000_000_000) as u32))
 }
@@ -160,6 +166,19 @@ mod tests {
                 .unwrap_err()
                 .contains("too large")
         );
+    }
+
+    /// A value that is not zero but below a nanosecond is refused, not read as 0 (which
+    /// means "none" for some fields, and was refused as "must be greater than zero" for
+    /// others).
+    #[test]
+    fn a_duration_below_a_nanosecond_is_refused_not_read_as_zero() {
+        for s in ["0.1ns", "0.0000000001s", ".5ns"] {
+            assert!(parse(s).unwrap_err().contains("below a nanosecond"), "{s}");
+        }
+        assert_eq!(parse("0.0s"), Ok(Duration::ZERO));
+        assert_eq!(parse("0ns"), Ok(Duration::ZERO));
+        assert_eq!(parse("1.5ns"), Ok(Duration::from_nanos(1)));
     }
 
     #[test]

@@ -316,10 +316,18 @@ impl CircuitBreakerBuilder {
                 ));
             }
             positive("circuit_breaker.slow_call_duration", d)?;
-            rate(
+        }
+        rate(
+            "circuit_breaker.slow_call_rate_threshold",
+            self.slow_call_rate,
+        )?;
+        if self.slow_call_duration.is_none() && self.slow_call_rate != 1.0 {
+            // Silently ignored before: no call is slow without a duration.
+            return Err(err(
                 "circuit_breaker.slow_call_rate_threshold",
-                self.slow_call_rate,
-            )?;
+                "has no effect without slow_call_duration (what counts as slow): set both, \
+                 or neither",
+            ));
         }
         positive("circuit_breaker.break_duration", self.break_duration)?;
         if !(self.break_multiplier >= 1.0 && self.break_multiplier.is_finite()) {
@@ -583,6 +591,23 @@ mod tests {
         assert_eq!(err.field(), "circuit_breaker.max_break_duration");
         let config: CircuitBreakerConfig = serde_json::from_str(
             r#"{"break_duration": "2s", "break_multiplier": 2.0, "max_break_duration": "1m"}"#,
+        )
+        .unwrap();
+        assert!(config.build().is_ok());
+    }
+
+    /// A slow-call rate with no duration to judge slowness by did nothing, in range or
+    /// not (the range was only checked with a duration).
+    #[test]
+    fn a_slow_call_rate_without_a_duration_is_an_error() {
+        for rate in ["0.3", "5.0"] {
+            let json = format!(r#"{{"slow_call_rate_threshold": {rate}}}"#);
+            let config: CircuitBreakerConfig = serde_json::from_str(&json).unwrap();
+            let err = config.build().unwrap_err();
+            assert_eq!(err.field(), "circuit_breaker.slow_call_rate_threshold");
+        }
+        let config: CircuitBreakerConfig = serde_json::from_str(
+            r#"{"slow_call_rate_threshold": 0.3, "slow_call_duration": "2s"}"#,
         )
         .unwrap();
         assert!(config.build().is_ok());

@@ -537,8 +537,10 @@ impl ClientConfig {
                 ));
             }
         }
+        // Built, not only applied: `build` has checks of its own (`max_retry_after`).
         self.retry
             .apply(crate::retry::RetryLayer::builder())
+            .and_then(crate::retry::RetryBuilder::build)
             .map_err(|e| prefixed(p, e))?;
         self.circuit_breaker
             .builder()
@@ -946,6 +948,25 @@ mod tests {
         let mut s = ServerConfig::server();
         s.preset = Some("standard-server".into());
         assert_eq!(s.validate().unwrap_err().field(), "server.preset");
+    }
+
+    #[test]
+    fn a_retry_that_cannot_be_built_is_refused_when_the_file_is_read() {
+        // The retry layer's own build refuses it; reading the file must too, not the
+        // later `layer()`.
+        let toml = "deadline = \"72h\"\n[retry]\nmax_retry_after = \"48h\"\n";
+        let e = ClientConfig::from_str(toml, Format::Toml).unwrap_err();
+        assert!(
+            e.field()
+                .is_some_and(|f| f.ends_with("retry.max_retry_after")),
+            "{e}"
+        );
+        let toml = "[retry.budget]\nratio = 0.0\nmin_retries_per_sec = 0\n";
+        let e = ClientConfig::from_str(toml, Format::Toml).unwrap_err();
+        assert!(
+            e.field().is_some_and(|f| f.ends_with("retry.budget")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -154,9 +154,21 @@ impl BudgetConfig {
     ///
     /// # Errors
     /// See [`RetryBudgetBuilder::build`](super::budget::RetryBudgetBuilder::build).
+    /// A budget that earns nothing and keeps no reserve (`ratio` and
+    /// `min_retries_per_sec` both 0) is an error here: it allows no retry at all, which a
+    /// file says plainly with `max_retries = 0`. (The builder in code takes it, as a
+    /// spent budget.)
     pub fn to_budget(&self) -> Result<Option<RetryBudget>, ConfigError> {
         if !self.enabled {
             return Ok(None);
+        }
+        if self.ratio == 0.0 && self.min_retries_per_sec == 0 {
+            return Err(ConfigError::new(
+                "retry.budget",
+                "with ratio 0 and min_retries_per_sec 0 no request is ever retried: set \
+                 max_retries = 0 to turn retries off, or enabled = false to retry without \
+                 a budget",
+            ));
         }
         RetryBudget::builder()
             .ratio(self.ratio)
@@ -258,5 +270,26 @@ mod tests {
         assert_eq!(e.field(), "retry.backoff.factor");
         let c: RetryConfig = serde_json::from_str(r#"{"budget": {"ratio": -1.0}}"#).unwrap();
         assert!(c.apply(super::super::RetryLayer::builder()).is_err());
+    }
+
+    #[test]
+    fn a_budget_that_allows_no_retry_is_a_config_error() {
+        let c: RetryConfig =
+            serde_json::from_str(r#"{"budget": {"ratio": 0.0, "min_retries_per_sec": 0}}"#)
+                .unwrap();
+        let e = c.apply(super::super::RetryLayer::builder()).unwrap_err();
+        assert_eq!(e.field(), "retry.budget");
+        // Either alone still allows retries.
+        for budget in [
+            r#"{"budget": {"ratio": 0.0, "min_retries_per_sec": 1}}"#,
+            r#"{"budget": {"ratio": 0.1, "min_retries_per_sec": 0}}"#,
+            r#"{"budget": {"enabled": false, "ratio": 0.0, "min_retries_per_sec": 0}}"#,
+        ] {
+            let c: RetryConfig = serde_json::from_str(budget).unwrap();
+            assert!(
+                c.apply(super::super::RetryLayer::builder()).is_ok(),
+                "{budget}"
+            );
+        }
     }
 }
