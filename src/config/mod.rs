@@ -664,18 +664,18 @@ impl ClientConfig {
             .to_backoff()
             .map_err(|e| prefixed(p, e))?;
         let mut waits = Duration::ZERO;
-        let mut previous = None;
+        let flat = backoff.is_flat();
         for retry in 1..=self.retry.max_retries {
             let longest = backoff.longest(retry);
-            // At the cap, or no longer growing (constant, zero), every later retry waits
-            // as long: the rest in one step, so a huge `max_retries` is no long loop.
-            // (Past 100 000 retries of a schedule still growing, the same, a bound below.)
-            if longest == backoff.max_delay() || previous == Some(longest) || retry > 100_000 {
+            // At the cap, or not growing (constant, zero), every later retry waits as
+            // long: the rest in one step, so a huge `max_retries` is no long loop. (Past
+            // 100 000 retries of a schedule still growing, the same, a bound below.) Not
+            // "the same as the last": a slow growth rounded to the nanosecond repeats.
+            if longest == backoff.max_delay() || flat || retry > 100_000 {
                 let rest = self.retry.max_retries - retry + 1;
                 waits = waits.saturating_add(longest.saturating_mul(rest));
                 break;
             }
-            previous = Some(longest);
             waits = waits.saturating_add(longest);
             if waits > self.deadline {
                 break;
@@ -948,6 +948,22 @@ mod tests {
         let mut s = ServerConfig::server();
         s.preset = Some("standard-server".into());
         assert_eq!(s.validate().unwrap_err().field(), "server.preset");
+    }
+
+    /// A growth so slow that two delays in a row round to the same nanosecond was read
+    /// as "no longer growing", counting 300 retries as 300 ns: the backoff's real waits
+    /// (about 10 minutes here) passed the deadline unchecked.
+    #[test]
+    fn a_backoff_that_repeats_a_rounded_delay_is_still_checked_against_the_deadline() {
+        let toml = "deadline = \"30s\"\n[retry]\nmax_retries = 300\n\
+            backoff = { kind = \"exponential\", base = \"1ns\", factor = 1.1, \
+            max_delay = \"10s\" }\n";
+        let e = ClientConfig::from_str(toml, Format::Toml).unwrap_err();
+        assert!(
+            e.field()
+                .is_some_and(|f| f.ends_with("retry.backoff.max_delay")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -191,6 +191,20 @@ impl Backoff {
         Ok(())
     }
 
+    /// Whether [`longest`](Self::longest) is the same before every retry: a constant
+    /// schedule, a zero base, a base at the cap, or exponential growth by 1. (A schedule
+    /// that grows may give the same delay twice in a row, rounded to the nanosecond.)
+    pub(crate) fn is_flat(&self) -> bool {
+        if self.base.is_zero() || self.base >= self.max {
+            return true;
+        }
+        match (self.jitter, self.growth) {
+            (Jitter::Decorrelated, _) | (_, Growth::Linear) => false,
+            (_, Growth::Constant) => true,
+            (_, Growth::Exponential { factor }) => factor == 1.0,
+        }
+    }
+
     /// The delay before the computed (un-jittered, capped) `retry`th retry (1-based).
     pub fn computed(&self, retry: u32) -> Duration {
         let n = retry.max(1);
