@@ -344,6 +344,18 @@ impl CircuitBreakerBuilder {
                  break may last)",
             ));
         }
+        if self.break_multiplier == 1.0
+            && self
+                .max_break_duration
+                .is_some_and(|m| m != self.break_duration)
+        {
+            // Silently ignored before: a break that does not grow never reaches a cap.
+            return Err(err(
+                "circuit_breaker.max_break_duration",
+                "has no effect without a break_multiplier above 1 (the break does not \
+                 grow): set both, or neither",
+            ));
+        }
         if self
             .max_break_duration
             .is_some_and(|m| m < self.break_duration)
@@ -583,6 +595,20 @@ mod tests {
 
     /// A growing break needs its cap: without one it was capped at `break_duration`,
     /// so a config file's `break_multiplier` alone silently did nothing.
+    /// The reverse: a cap with no growth to cap did nothing.
+    #[test]
+    fn a_break_cap_without_a_multiplier_is_an_error() {
+        let config: CircuitBreakerConfig =
+            serde_json::from_str(r#"{"break_duration": "2s", "max_break_duration": "1m"}"#)
+                .unwrap();
+        let err = config.build().unwrap_err();
+        assert_eq!(err.field(), "circuit_breaker.max_break_duration");
+        let config: CircuitBreakerConfig =
+            serde_json::from_str(r#"{"break_duration": "2s", "max_break_duration": "2s"}"#)
+                .unwrap();
+        assert!(config.build().is_ok());
+    }
+
     #[test]
     fn a_break_multiplier_without_a_cap_is_an_error() {
         let config: CircuitBreakerConfig =
