@@ -38,8 +38,15 @@ fn envelope() -> Envelope {
     )
 }
 
-/// `postbox/enqueue/<broker>/64_producers`: the adapter's durable enqueue, 64 producers.
-fn bench_adapter<Q: Queue + Clone>(c: &mut Criterion, rt: &Runtime, broker: &str, q: &Q) {
+/// `postbox/enqueue/<broker>/64_producers`: the adapter's durable enqueue, 64 producers;
+/// then `purge` empties the adapter's queue and the broker gets a moment to settle.
+fn bench_adapter<Q: Queue + Clone>(
+    c: &mut Criterion,
+    rt: &Runtime,
+    broker: &str,
+    q: &Q,
+    purge: impl Future<Output = Result<(), postbox::queue::QueueError>>,
+) {
     let mut g = c.benchmark_group("postbox");
     g.throughput(Throughput::Elements(1));
     let id = format!("enqueue/{broker}/64_producers");
@@ -47,6 +54,15 @@ fn bench_adapter<Q: Queue + Clone>(c: &mut Criterion, rt: &Runtime, broker: &str
         q.enqueue(envelope()).await.unwrap();
     });
     g.finish();
+    rt.block_on(purge).unwrap();
+    settle(rt);
+}
+
+/// The group of the raw client's loops, one element per call.
+fn raw_group(c: &mut Criterion) -> BenchmarkGroup<'_, WallTime> {
+    let mut g = c.benchmark_group("raw");
+    g.throughput(Throughput::Elements(1));
+    g
 }
 
 /// One bench function: `op(ctx)` from 64 producers, with `ctx` cloned for every call.
@@ -139,8 +155,7 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
         });
         settle(rt);
     };
-    let mut g = c.benchmark_group("raw");
-    g.throughput(Throughput::Elements(1));
+    let mut g = raw_group(c);
     let payload = envelope().encode();
     let raw_key = format!("postbox-bench-raw:{}", name());
     bench_loop(
@@ -161,11 +176,8 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
     );
     drop_key(&raw_key);
     g.finish();
-    bench_adapter(c, rt, "redis", &q);
-    rt.block_on(q.purge()).unwrap();
-    settle(rt);
-    let mut g = c.benchmark_group("raw");
-    g.throughput(Throughput::Elements(1));
+    bench_adapter(c, rt, "redis", &q, q.purge());
+    let mut g = raw_group(c);
     // The adapter's server-side work done by the raw client, one message per call:
     // the same ten-field entry, then also the idempotency-key claim pipelined after it.
     let raw_key = format!("postbox-bench-raw:{}", name());
@@ -248,8 +260,7 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
         rt.block_on(js.delete_stream(stream)).unwrap();
         settle(rt);
     };
-    let mut g = c.benchmark_group("raw");
-    g.throughput(Throughput::Elements(1));
+    let mut g = raw_group(c);
     let payload = Bytes::from(envelope().encode());
     let (raw_stream, raw_subject) = new_stream();
     bench_loop(
@@ -263,11 +274,8 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
     );
     drop_stream(&raw_stream);
     g.finish();
-    bench_adapter(c, rt, "nats", &q);
-    rt.block_on(q.purge()).unwrap();
-    settle(rt);
-    let mut g = c.benchmark_group("raw");
-    g.throughput(Throughput::Elements(1));
+    bench_adapter(c, rt, "nats", &q, q.purge());
+    let mut g = raw_group(c);
     let (mut raw_stream, raw_subject) = new_stream();
     bench_loop(
         &mut g,
@@ -379,8 +387,7 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
         settle(rt);
     };
     let raw_queue = new_queue();
-    let mut g = c.benchmark_group("raw");
-    g.throughput(Throughput::Elements(1));
+    let mut g = raw_group(c);
     let payload = Arc::new(envelope().encode());
     bench_loop(
         &mut g,
@@ -398,11 +405,8 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
     );
     drop_queue(&raw_queue);
     g.finish();
-    bench_adapter(c, rt, "amqp", &q);
-    rt.block_on(q.purge()).unwrap();
-    settle(rt);
-    let mut g = c.benchmark_group("raw");
-    g.throughput(Throughput::Elements(1));
+    bench_adapter(c, rt, "amqp", &q, q.purge());
+    let mut g = raw_group(c);
     let raw_queue = new_queue();
     // The adapter's exact message from the raw client: its headers and properties,
     // mandatory, the envelope encoded per call.

@@ -392,12 +392,8 @@ impl RedisQueue {
                     // or not at all: a claim made has its entry, and freeing its key
                     // would get that entry deleted as a duplicate's by `lease`, after a
                     // later enqueue of the key may have been answered `Duplicate` of it.
-                    let unanswered = e.is_io_error()
-                        || e.is_timeout()
-                        || e.is_connection_dropped()
-                        || e.is_connection_refusal();
                     let args = vec![key.as_bytes().to_vec(), id.as_bytes().to_vec()];
-                    if !unanswered
+                    if !unanswered(&e)
                         && let Err(e) = invoke(&mut conn, &UNCLAIM, &self.keys, args).await
                     {
                         tracing::warn!(error = %e, "postbox: could not free the key of a failed redis enqueue");
@@ -894,16 +890,17 @@ fn map_err(e: RedisError) -> QueueError {
         // refused for now, as a full disk is for the embedded queue.
         Some("BUSY" | "OOM" | "NOREPLICAS")
     );
-    if transient
-        || e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-    {
+    if transient || unanswered(&e) {
         QueueError::Unavailable(Box::new(e))
     } else {
         QueueError::Backend(Box::new(e))
     }
+}
+
+/// No answer came from Redis (a timeout, a dropped or refused connection): whatever was
+/// sent may or may not have run.
+fn unanswered(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
 fn unexpected(what: &str) -> QueueError {
