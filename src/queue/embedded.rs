@@ -92,6 +92,12 @@
 //! out of a drain, which alternates leases and acks (the bound also keeps redb reusing
 //! freed pages, which it does only after a durable commit).
 //!
+//! A failed commit (a full disk, a failed fsync) fails the operations of its batch with
+//! that error; redb then refuses every write, so the writer opens the file again before
+//! the next operation. What was committed durably is there, and the leases consumers
+//! hold are kept (a lease the failed batch made is not: its caller got the error), so a
+//! message in flight is not delivered a second time while its consumer works on it.
+//!
 //! Opening checks the file: not a redb file, a truncated file, damaged pages (with the
 //! default integrity check) or an unknown schema version are [`QueueError::Corrupt`],
 //! never a panic. An *empty* file is taken as a new queue (redb's rule: a crash during
@@ -106,7 +112,10 @@
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -513,6 +522,7 @@ impl EmbeddedQueue {
             unsynced_since: None,
             recovered_max,
             leases: Leases::default(),
+            committed_seq: 0,
             counters: Arc::default(),
         };
         let counters = writer.counters.clone();
@@ -917,6 +927,9 @@ struct Writer {
     /// is a redelivery (module docs).
     recovered_max: Option<Id>,
     leases: Leases,
+    /// `leases.seq` after the last commit that went through: a lease whose generation's
+    /// high half is at or above it was made by a batch that failed.
+    committed_seq: u64,
     counters: Arc<Counters>,
 }
 
@@ -1016,24 +1029,21 @@ impl Writer {
         synced
     }
 
-    /// Opens the database again after a failed commit, as after a crash: what was
-    /// committed durably is there, leases are gone (their messages are leased again, as
-    /// redeliveries; an ack of one is [`QueueError::LeaseLost`]).
+    /// Opens the database again after a failed commit: what was committed durably is
+    /// there, and the leases held by consumers stay theirs (see [`kept_leases`]).
     fn repair(&mut self) -> Result<(), QueueError> {
         drop(self.db.take());
         let db = (self.reopen)().map_err(unavailable_after_failure)?;
         let (live, recovered_max) = init_tables(&db).map_err(unavailable_after_failure)?;
-        tracing::warn!("postbox queue opened again after a failed commit");
+        self.leases = kept_leases(&db, &self.leases, self.committed_seq)
+            .map_err(|e| unavailable_after_failure(redb_err(e)))?;
+        tracing::warn!(
+            in_flight = self.leases.by_id.len(),
+            "postbox queue opened again after a failed commit"
+        );
         self.db = Some(db);
         self.live = live;
         self.recovered_max = recovered_max;
-        // The lease counter goes on: a token from before the failure (whose attempt
-        // count may not have been synced) must not match a lease of the same message
-        // made now.
-        self.leases = Leases {
-            seq: self.leases.seq,
-            ..Leases::default()
-        };
         self.unsynced_since = None;
         self.broken = false;
         Ok(())
@@ -1129,6 +1139,7 @@ impl Writer {
             .map_err(|e| QueueError::Backend(Box::new(e)))?;
             if res? {
                 txn.commit().map_err(redb_err)?;
+                self.committed_seq = self.leases.seq;
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 if durable {
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
@@ -1157,8 +1168,9 @@ impl Writer {
             // redb refuses every write after a failed commit, or after any failed write
             // to the file (a full disk, a failed fsync), until it is opened again: the
             // next operation does that, and `repair` also rebuilds the live count and
-            // the leases this batch changed in memory (no operation runs before it). (A batch fails only on a storage error: refused
-            // operations are answered one by one.)
+            // the leases this batch changed in memory (no operation runs before it). (A
+            // batch fails only on a storage error: refused operations are answered one
+            // by one.)
             self.broken = true;
             tracing::error!(error = %err, "postbox queue commit failed");
         }
@@ -1170,6 +1182,44 @@ impl Writer {
         }
         ops.close
     }
+}
+
+/// The leases that outlive opening the database again after a failed commit: each one
+/// made by a batch that committed, whose message is still `ready` in the file. Dropping
+/// them all (as a crash does) let every message in flight be leased again at once while
+/// its consumer still held it: two deliveries at the same time, and the first
+/// consumer's ack refused as [`QueueError::LeaseLost`].
+///
+/// Not kept: a lease the failed batch made (its caller got the error, so nobody holds
+/// it), and one whose message the file no longer has as `ready` (a promotion from
+/// `scheduled` that was never synced): an ack of either is `LeaseLost`. A lease the
+/// failed batch ended (an ack, a retry) is not in memory any more, and its message,
+/// still `ready` in the file, is free again: the ack failed, so it is delivered again.
+/// The free list is rebuilt from the file: the cursor moves back to the highest kept
+/// lease, and every other ready id at or below it is free.
+fn kept_leases(db: &Database, old: &Leases, committed_seq: u64) -> Result<Leases, redb::Error> {
+    let txn = db.begin_read()?;
+    let ready = txn.open_table(READY)?;
+    let mut leases = Leases {
+        seq: old.seq,
+        ..Leases::default()
+    };
+    for (&id, &lease) in &old.by_id {
+        if lease.2 >> 32 < committed_seq && ready.get(id)?.is_some() {
+            leases.by_id.insert(id, lease);
+            leases.by_expiry.insert((lease.0, id));
+        }
+    }
+    leases.cursor = leases.by_id.keys().max().copied();
+    if let Some(cursor) = leases.cursor {
+        for entry in ready.range(..=cursor)? {
+            let (id, attempts) = entry?;
+            if !leases.by_id.contains_key(&id.value()) {
+                leases.low.insert(id.value(), attempts.value());
+            }
+        }
+    }
+    Ok(leases)
 }
 
 /// The ops of one transaction: the first, then (while `more` is set) whatever is on the
@@ -2096,12 +2146,8 @@ mod tests {
         }
     }
 
-    /// A failed commit (a full disk) fails that batch only: the queue opens its file
-    /// again and goes on once the disk has room, with what was stored before. (redb
-    /// refuses every write after a failed commit: every later enqueue, lease and ack
-    /// failed as `Corrupt` until the process restarted.)
-    #[tokio::test]
-    async fn the_queue_works_again_after_a_failed_commit() {
+    /// A queue on a [`FlakyDisk`].
+    fn flaky_queue(options: EmbeddedOptions) -> (FlakyDisk, EmbeddedQueue) {
         let disk = FlakyDisk::default();
         let opened = disk.clone();
         let open: Opener = Box::new(move || {
@@ -2109,7 +2155,17 @@ mod tests {
                 .create_with_backend(opened.clone())
                 .map_err(|e| redb_err(redb::Error::from(e)))
         });
-        let q = EmbeddedQueue::open_with("flaky".into(), EmbeddedOptions::new(), open).unwrap();
+        let q = EmbeddedQueue::open_with("flaky".into(), options, open).unwrap();
+        (disk, q)
+    }
+
+    /// A failed commit (a full disk) fails that batch only: the queue opens its file
+    /// again and goes on once the disk has room, with what was stored before. (redb
+    /// refuses every write after a failed commit: every later enqueue, lease and ack
+    /// failed as `Corrupt` until the process restarted.)
+    #[tokio::test]
+    async fn the_queue_works_again_after_a_failed_commit() {
+        let (disk, q) = flaky_queue(EmbeddedOptions::new());
         q.enqueue(envelope("a")).await.unwrap();
         let now = SystemTime::now();
         let before = q.lease(10, Duration::from_secs(30), now).await.unwrap();
@@ -2118,20 +2174,95 @@ mod tests {
         assert!(q.enqueue(envelope("b")).await.is_err());
         disk.fail.store(false, Ordering::SeqCst);
         q.enqueue(envelope("c")).await.unwrap();
-        // Opening again ended the leases: `a` is leased again, as a redelivery.
         let now = SystemTime::now();
         let leased = q.lease(10, Duration::from_secs(30), now).await.unwrap();
         let keys: Vec<_> = leased
             .iter()
             .map(|l| l.envelope.idempotency_key.as_str())
             .collect();
-        assert_eq!(keys, ["a", "c"]);
-        // The lease from before the failure is gone: its token does not act on the
-        // new lease of the same message (whose attempt count may be the same).
-        let stale = q.ack(&[before[0].token]).await;
-        assert!(matches!(stale, Err(QueueError::LeaseLost(_))), "{stale:?}");
-        let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+        assert_eq!(keys, ["c"]);
+        q.ack(&[leased[0].token]).await.unwrap();
+        let depth = q.depth().await.unwrap();
+        assert_eq!((depth.pending, depth.in_flight), (0, 1));
+        q.close().await.unwrap();
+    }
+
+    /// A failed commit keeps the leases consumers hold: their messages are not leased
+    /// again while held, and the holders' acks go through. (Opening the file again used
+    /// to drop every lease: each message in flight was leased again at once, delivered
+    /// twice at the same time, and its first consumer's ack was `LeaseLost`.)
+    #[tokio::test]
+    async fn a_failed_commit_keeps_the_leases_consumers_hold() {
+        let (disk, q) = flaky_queue(EmbeddedOptions::new());
+        for key in ["a", "b", "c"] {
+            q.enqueue(envelope(key)).await.unwrap();
+        }
+        let now = SystemTime::now();
+        let held = q.lease(2, Duration::from_secs(30), now).await.unwrap();
+        assert_eq!(held.len(), 2);
+        disk.fail.store(true, Ordering::SeqCst);
+        assert!(q.enqueue(envelope("d")).await.is_err());
+        disk.fail.store(false, Ordering::SeqCst);
+        q.enqueue(envelope("e")).await.unwrap();
+        // Only what nobody holds: `c` (free before the failure) and `e`.
+        let now = SystemTime::now();
+        let leased = q.lease(10, Duration::from_secs(30), now).await.unwrap();
+        let keys: Vec<_> = leased
+            .iter()
+            .map(|l| l.envelope.idempotency_key.as_str())
+            .collect();
+        assert_eq!(keys, ["c", "e"]);
+        let mut tokens: Vec<_> = held.iter().map(|l| l.token).collect();
+        tokens.extend(leased.iter().map(|l| l.token));
         q.ack(&tokens).await.unwrap();
+        let depth = q.depth().await.unwrap();
+        assert_eq!((depth.pending, depth.in_flight), (0, 0));
+        // The held leases still expire: after a second failure, a lease held past its
+        // expiry frees its message.
+        q.enqueue(envelope("f")).await.unwrap();
+        let now = SystemTime::now();
+        let f = q.lease(1, Duration::from_secs(30), now).await.unwrap();
+        disk.fail.store(true, Ordering::SeqCst);
+        assert!(q.enqueue(envelope("g")).await.is_err());
+        disk.fail.store(false, Ordering::SeqCst);
+        let later = now + Duration::from_secs(31);
+        let again = q.lease(10, Duration::from_secs(30), later).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].envelope.id, f[0].envelope.id);
+        assert!(matches!(
+            q.ack(&[f[0].token]).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        q.close().await.unwrap();
+    }
+
+    /// A lease or an ack that a failed commit refused leaves nothing behind: the lease
+    /// does not hold its message (nobody got it), and the message whose ack failed is
+    /// delivered again.
+    #[tokio::test]
+    async fn a_lease_or_ack_a_failed_commit_refused_leaves_the_message_free() {
+        // Every commit durable, so a lease or an ack alone writes (and can fail).
+        let (disk, q) = flaky_queue(EmbeddedOptions::new().with_ack_sync(Duration::ZERO));
+        let id = q.enqueue(envelope("a")).await.unwrap().id();
+        let now = SystemTime::now();
+        disk.fail.store(true, Ordering::SeqCst);
+        assert!(q.lease(10, Duration::from_secs(30), now).await.is_err());
+        disk.fail.store(false, Ordering::SeqCst);
+        let leased = q.lease(10, Duration::from_secs(30), now).await.unwrap();
+        assert_eq!(leased.len(), 1, "the refused lease held the message");
+        assert_eq!(leased[0].envelope.id, id);
+        // `b` is leased after `a` and held across the failure of `a`'s ack.
+        q.enqueue(envelope("b")).await.unwrap();
+        let now = SystemTime::now();
+        let b = q.lease(10, Duration::from_secs(30), now).await.unwrap();
+        assert_eq!(b.len(), 1);
+        disk.fail.store(true, Ordering::SeqCst);
+        assert!(q.ack(&[leased[0].token]).await.is_err());
+        disk.fail.store(false, Ordering::SeqCst);
+        let again = q.lease(10, Duration::from_secs(30), now).await.unwrap();
+        let ids: Vec<_> = again.iter().map(|l| l.envelope.id).collect();
+        assert_eq!(ids, [id], "the message whose ack failed is not free");
+        q.ack(&[again[0].token, b[0].token]).await.unwrap();
         q.close().await.unwrap();
     }
 
