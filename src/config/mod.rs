@@ -31,6 +31,7 @@
 //! | `attempt_timeout ≤ deadline` | `client.attempt_timeout` |
 //! | a time window of the breaker spans at least `2 × attempt_timeout` (a count window has no duration and is not checked) | `client.circuit_breaker.window.duration` |
 //! | the breaker's `max_wait_in_half_open ≥ attempt_timeout` (else a probe that takes its whole attempt reopens the breaker before it answers) | `client.circuit_breaker.max_wait_in_half_open` |
+//! | the breaker's `slow_call_duration < attempt_timeout` (the breaker sits outside the attempt's timeout, so a call is never slower than that) | `client.circuit_breaker.slow_call_duration` |
 //! | the longest the backoff can wait across `retry.max_retries` retries (each delay at its cap, with any jitter: `100ms, 200ms, 400ms` for three exponential retries from `100ms`; a server's `Retry-After` is not counted) `≤ deadline` | `client.retry.backoff.max_delay` |
 //! | a client bulkhead that lets callers wait (`max_waiting > 0`) sets `max_wait ≤ deadline` (it waits before the deadline's timer starts) | `client.bulkhead.max_wait` |
 //! | `enqueue.sync_methods` are upper-case (methods are case-sensitive: `"get"` would keep no `GET` synchronous) | `client.enqueue.sync_methods` |
@@ -610,6 +611,20 @@ impl ClientConfig {
                 ),
             ));
         }
+        if let Some(slow) = self.circuit_breaker.slow_call_duration
+            && slow >= self.attempt_timeout
+        {
+            return Err(ConfigError::new(
+                f("circuit_breaker.slow_call_duration"),
+                format!(
+                    "({}) must be below `{}` ({}): an attempt is cut off then, so no call \
+                     would ever count as slow",
+                    fmt_d(slow),
+                    f("attempt_timeout"),
+                    fmt_d(self.attempt_timeout)
+                ),
+            ));
+        }
         if self.bulkhead.max_waiting > 0 && self.bulkhead.max_wait.is_none_or(|w| w > self.deadline)
         {
             // The bulkhead waits in `poll_ready`, before the deadline's timer starts.
@@ -896,6 +911,15 @@ mod tests {
         c.circuit_breaker.max_wait_in_half_open = None;
         c.validate().unwrap();
         c.circuit_breaker.max_wait_in_half_open = Some(c.attempt_timeout);
+        c.validate().unwrap();
+
+        // A slow-call duration no attempt can reach (it is cut off first) never trips.
+        let mut c = ClientConfig::standard_http_client();
+        c.circuit_breaker.slow_call_duration = Some(c.attempt_timeout);
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field(), "client.circuit_breaker.slow_call_duration");
+        assert!(e.message().contains("client.attempt_timeout"), "{e}");
+        c.circuit_breaker.slow_call_duration = Some(c.attempt_timeout - Duration::from_millis(1));
         c.validate().unwrap();
 
         let mut s = ServerConfig::server();
