@@ -184,8 +184,9 @@ mod http_requests {
             Self::default()
         }
 
-        /// Adds a generated `Idempotency-Key` to every request that is not retry-safe
-        /// before its first attempt.
+        /// Adds a generated `Idempotency-Key` before its first attempt to every request
+        /// that is not retry-safe, under the rule in force or the default one (so a
+        /// custom rule that retries every method still sends a `POST` with a key).
         pub fn generate_idempotency_key(mut self, generate: bool) -> Self {
             self.generate_key = generate;
             self
@@ -253,7 +254,13 @@ mod http_requests {
         /// from now: retries then send the time left, not the whole timeout again, and
         /// none starts after it.
         fn prepare(&self, req: &mut Request<B>) {
-            if self.generate_key && !self.safe(req.method(), req.headers()) {
+            // Whatever a custom rule says, a non-idempotent method gets its key: a rule
+            // that retries every method (`retry_unsafe_methods`) is for services that
+            // de-duplicate, and they need the key to.
+            if self.generate_key
+                && (!self.safe(req.method(), req.headers())
+                    || !idempotency_key::is_retry_safe(req.method(), req.headers()))
+            {
                 ensure_idempotency_key(req);
             }
             crate::timeout::anchor_caller_timeout(req);
