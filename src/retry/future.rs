@@ -319,9 +319,7 @@ fn decide<C, R, H>(
         delay = at_least.max(hint.saturating_add(spread).min(policy.max_retry_after));
         if let Some(deadline) = deadline
             && delay > at_least
-            && Instant::now()
-                .checked_add(delay)
-                .is_none_or(|next| next >= deadline)
+            && !starts_before(delay, deadline)
         {
             delay = at_least; // the spread must not cost the retry
         }
@@ -329,9 +327,7 @@ fn decide<C, R, H>(
     // The call's deadline passes before the next attempt could start: return this
     // outcome now rather than a `DeadlineExceeded` later.
     if let Some(deadline) = deadline
-        && Instant::now()
-            .checked_add(delay)
-            .is_none_or(|next| next >= deadline)
+        && !starts_before(delay, deadline)
     {
         return Err(GiveUp::Deadline);
     }
@@ -342,6 +338,17 @@ fn decide<C, R, H>(
         return Err(GiveUp::Budget);
     }
     Ok(delay)
+}
+
+/// Whether an attempt after `delay` starts before `deadline`. Tokio's timer wakes a
+/// sleep at the next whole millisecond, so up to a millisecond after `delay`: a
+/// retry whose delay ends just before the deadline would start just after it, and
+/// come back as the deadline's error instead of this outcome.
+fn starts_before(delay: Duration, deadline: Instant) -> bool {
+    const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+    Instant::now()
+        .checked_add(delay.saturating_add(TIMER_RESOLUTION))
+        .is_some_and(|latest| latest < deadline)
 }
 
 fn give_up(attempts: u32, why: GiveUp, class: &Classification) {

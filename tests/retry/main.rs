@@ -423,6 +423,26 @@ async fn a_retry_that_would_start_after_the_deadline_is_not_made() {
     no_request(&mut handle);
 }
 
+/// Tokio wakes a sleep at the next whole millisecond: a retry whose backoff ends
+/// within a millisecond of the deadline would start after it, so it is not made.
+#[tokio::test(start_paused = true)]
+async fn a_retry_the_timer_would_wake_after_the_deadline_is_not_made() {
+    let layer = RetryLayer::http()
+        .max_retries(2)
+        .backoff(exact(Duration::from_micros(100_200)))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    let deadline = tokio::time::Instant::now() + Duration::from_micros(100_400);
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(with_deadline(deadline)));
+    take_request(&mut handle).1.send_response(status(503, None));
+    let res = assert_ready_ok!(fut.poll());
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    no_request(&mut handle);
+}
+
 /// A retry tells the next hop the time left now, not the budget of the first attempt:
 /// the deadline header a `DeadlineLayer::http` outside wrote is rewritten.
 #[tokio::test(start_paused = true)]
