@@ -560,11 +560,13 @@ pub(crate) struct Breaker {
     open_until_coarse: AtomicU64,
     half_open_until_ns: AtomicU64,
     not_permitted: AtomicU64,
-    /// The window may hold fewer than `minimum_calls`: then a success is evaluated
-    /// too, as it may be the call that reaches the minimum with the failures before
-    /// it (otherwise only failures and slow calls can raise a rate). A time window
-    /// whose calls expire also evaluates the outcome recorded as they leave, which
-    /// sets the flag again if they took it below the minimum.
+    /// The next success is evaluated too (otherwise only failures and slow calls can
+    /// raise a rate). Set while the window may hold fewer than `minimum_calls`, as a
+    /// success may be the call that reaches the minimum with the failures before it;
+    /// and by [`metrics`](Self::metrics) when reading a time window expired calls,
+    /// which may have raised the rate with no outcome recorded to see them leave.
+    /// Cleared by the evaluation once the window holds the minimum. A time window
+    /// whose calls expire as an outcome is recorded evaluates that outcome anyway.
     below_minimum: AtomicBool,
     /// The coarse clock aligned with `origin`, decided at first use: `None` inside
     /// when tokio's clock is paused (tests) or the platform has none.
@@ -1110,11 +1112,12 @@ impl Breaker {
                 minimum_calls,
                 ..
             } => {
-                let t = window.totals(|| self.window_ns(now));
-                // Reading the totals may have moved calls out of a time window (and
-                // the outcome recorded next will not see them leave): below the
-                // minimum now, successes are evaluated again.
-                if t.calls < *minimum_calls && !self.below_minimum.load(Relaxed) {
+                let (t, expired) = window.totals_expiring(|| self.window_ns(now));
+                // Reading the totals may have moved calls out of a time window, and
+                // the outcome recorded next will not see them leave: it is evaluated
+                // (the rate may have risen past the threshold, or fallen below the
+                // minimum).
+                if expired && !self.below_minimum.load(Relaxed) {
                     self.below_minimum.store(true, Relaxed);
                 }
                 (t, 0, *minimum_calls)

@@ -326,7 +326,13 @@ impl TimeWindow {
 
     /// The totals over the window ending at `now_ns`.
     pub(crate) fn totals(&self, now_ns: u64) -> Totals {
-        self.advance(now_ns);
+        self.totals_expiring(now_ns).0
+    }
+
+    /// The totals over the window ending at `now_ns`, and whether calls left the
+    /// window to get there.
+    pub(crate) fn totals_expiring(&self, now_ns: u64) -> (Totals, bool) {
+        let (_, expired) = self.advance(now_ns);
         loop {
             let seq = self.seq.load(Acquire);
             if seq & 1 == 1 {
@@ -344,11 +350,12 @@ impl TimeWindow {
                 continue;
             }
             let calls = c.saturating_add(hc);
-            return Totals {
+            let totals = Totals {
                 calls,
                 failures: f.saturating_add(hf).min(calls),
                 slow: s.saturating_add(hs).min(calls),
             };
+            return (totals, expired);
         }
     }
 
@@ -381,7 +388,6 @@ pub(crate) enum Window {
 }
 
 impl Window {
-    /// Records an outcome; `now_ns` is called only by a time window.
     #[inline]
     /// Records one outcome; `true` if calls left a time window meanwhile (the window
     /// may be below the minimum again). `now_ns` is called only by a time window.
@@ -397,9 +403,15 @@ impl Window {
 
     /// The current totals; `now_ns` is called only by a time window.
     pub(crate) fn totals(&self, now_ns: impl FnOnce() -> u64) -> Totals {
+        self.totals_expiring(now_ns).0
+    }
+
+    /// The current totals, and whether calls left a time window to get there (as
+    /// [`record`](Self::record) tells).
+    pub(crate) fn totals_expiring(&self, now_ns: impl FnOnce() -> u64) -> (Totals, bool) {
         match self {
-            Window::Count(w) => w.totals(),
-            Window::Time(w) => w.totals(now_ns()),
+            Window::Count(w) => (w.totals(), false),
+            Window::Time(w) => w.totals_expiring(now_ns()),
         }
     }
 

@@ -190,6 +190,29 @@ async fn a_success_reaching_the_minimum_after_calls_expired_trips_the_window() {
     assert_eq!(h.state(), State::Open, "5 of 10 failed");
 }
 
+/// Calls leaving a time window can raise its failure rate past the threshold while it
+/// stays above the minimum. Seen first by a metrics read (a scrape), whose rotation
+/// the next outcome does not see, the next success still trips it, as it would have
+/// without the read (and as resilience4j does: it evaluates every call).
+#[tokio::test(start_paused = true)]
+async fn a_success_after_a_metrics_read_expired_calls_trips_the_window() {
+    let (mut svc, h, _) = breaker(
+        CircuitBreakerLayer::builder()
+            .time_window(Duration::from_secs(10), 10)
+            .minimum_calls(10)
+            .failure_rate_threshold(0.6),
+    );
+    run_n(&mut svc, Do::Succeed, 10).await;
+    advance(Duration::from_millis(9500)).await;
+    run_n(&mut svc, Do::Fail, 10).await;
+    assert_eq!(h.state(), State::Closed, "10 of 20 failed");
+    // The 10 successes leave the window at 10 s: 10 calls, all failures.
+    advance(Duration::from_millis(600)).await;
+    assert_eq!(h.metrics().failure_rate(), Some(1.0));
+    run_n(&mut svc, Do::Succeed, 1).await;
+    assert_eq!(h.state(), State::Open, "10 of 11 failed");
+}
+
 #[tokio::test(start_paused = true)]
 async fn time_window_of_one_bucket() {
     let (mut svc, h, _) = breaker(
