@@ -229,6 +229,8 @@ mod http_mapping {
 }
 
 #[cfg(feature = "grpc")]
+pub(crate) use self::grpc_mapping::known_status;
+#[cfg(feature = "grpc")]
 pub use self::grpc_mapping::to_status;
 
 #[cfg(feature = "grpc")]
@@ -314,31 +316,39 @@ mod grpc_mapping {
     /// in a way worth retrying and could not be deferred), or `UNKNOWN` with the
     /// error's message.
     pub fn to_status(err: &(dyn Error + 'static)) -> Status {
+        known_status(err).unwrap_or_else(|| Status::unknown(err.to_string()))
+    }
+
+    /// [`to_status`] without its last resort: `None` for an error that is neither a
+    /// postbox error, a `Status`, nor caused by one.
+    pub(crate) fn known_status(err: &(dyn Error + 'static)) -> Option<Status> {
         if let Some(e) = find_cause::<Open>(err) {
-            return e.clone().into();
+            return Some(e.clone().into());
         }
         if let Some(e) = find_cause::<Full>(err) {
-            return e.clone().into();
+            return Some(e.clone().into());
         }
         if let Some(e) = find_cause::<Elapsed>(err) {
-            return e.clone().into();
+            return Some(e.clone().into());
         }
         if let Some(e) = find_cause::<DeadlineExceeded>(err) {
-            return e.clone().into();
+            return Some(e.clone().into());
         }
         if let Some(e) = find_cause::<BodyDeadlineExceeded>(err) {
-            return e.clone().into();
+            return Some(e.clone().into());
         }
         if let Some(s) = find_cause::<Status>(err) {
-            return s.clone();
+            return Some(s.clone());
         }
         if let Some(e) = find_cause::<NotEnqueued>(err) {
             // Its text names the original failure (an upstream's address) and the
             // queue's (a file path): logged, not sent, as for HTTP.
             tracing::debug!(error = %e, "call failed and could not be deferred; answered UNAVAILABLE");
-            return Status::unavailable("the call failed and could not be deferred");
+            return Some(Status::unavailable(
+                "the call failed and could not be deferred",
+            ));
         }
-        Status::unknown(err.to_string())
+        None
     }
 }
 

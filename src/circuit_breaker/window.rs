@@ -325,7 +325,8 @@ impl TimeWindow {
     }
 
     /// The totals over the window ending at `now_ns`.
-    pub(crate) fn totals(&self, now_ns: u64) -> Totals {
+    #[cfg(test)]
+    fn totals(&self, now_ns: u64) -> Totals {
         self.totals_expiring(now_ns).0
     }
 

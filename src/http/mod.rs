@@ -61,11 +61,69 @@ pub(crate) fn names_method(pattern: &str, path: &str) -> bool {
 /// Whether `headers` are a gRPC (or gRPC-Web) message's, by the content type
 /// (`application/grpc…`, in any case: media types are case-insensitive).
 pub(crate) fn is_grpc(headers: &::http::HeaderMap) -> bool {
-    const GRPC: &[u8] = b"application/grpc";
-    headers
-        .get(::http::header::CONTENT_TYPE)
-        .and_then(|v| v.as_bytes().get(..GRPC.len()))
-        .is_some_and(|p| p.eq_ignore_ascii_case(GRPC))
+    grpc_kind(headers).is_some()
+}
+
+/// A gRPC request's protocol, by its content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GrpcKind {
+    /// `application/grpc…`
+    Grpc,
+    /// `application/grpc-web` (binary, `+proto`, …)
+    Web,
+    /// `application/grpc-web-text…` (base64)
+    WebText,
+}
+
+/// The gRPC protocol of a request with `headers`, or `None` if it is not gRPC.
+pub(crate) fn grpc_kind(headers: &::http::HeaderMap) -> Option<GrpcKind> {
+    let v = headers.get(::http::header::CONTENT_TYPE)?.as_bytes();
+    let starts = |p: &[u8]| v.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
+    if starts(b"application/grpc-web-text") {
+        Some(GrpcKind::WebText)
+    } else if starts(b"application/grpc-web") {
+        Some(GrpcKind::Web)
+    } else if starts(b"application/grpc") {
+        Some(GrpcKind::Grpc)
+    } else {
+        None
+    }
+}
+
+impl GrpcKind {
+    /// The content type of an answer in this protocol.
+    pub(crate) fn content_type(self) -> ::http::HeaderValue {
+        ::http::HeaderValue::from_static(match self {
+            GrpcKind::Grpc => "application/grpc",
+            GrpcKind::Web => "application/grpc-web+proto",
+            GrpcKind::WebText => "application/grpc-web-text+proto",
+        })
+    }
+}
+
+/// Makes `headers` a trailers-only gRPC answer's (sent with `200 OK` and an empty
+/// body): the protocol's content type, `grpc-status: code` and `grpc-message`
+/// (percent-encoded as the gRPC wire spec says).
+pub(crate) fn grpc_trailers_only(
+    headers: &mut ::http::HeaderMap,
+    kind: GrpcKind,
+    code: u8,
+    message: &str,
+) {
+    use std::fmt::Write;
+    headers.insert(::http::header::CONTENT_TYPE, kind.content_type());
+    headers.insert("grpc-status", ::http::HeaderValue::from(u16::from(code)));
+    let mut encoded = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            encoded.push(char::from(b));
+        } else {
+            let _ = write!(encoded, "%{b:02X}");
+        }
+    }
+    if let Ok(v) = ::http::HeaderValue::try_from(encoded) {
+        headers.insert("grpc-message", v);
+    }
 }
 
 /// The host (and port) a request is for, without userinfo (`user:pw@`, never to be
@@ -137,5 +195,31 @@ fn method_pattern_problem(pattern: &str) -> Option<&'static str> {
             Some(write_instead!("names no method, so it would match no call"))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grpc_message_is_percent_encoded_and_the_kind_read_from_the_content_type() {
+        let mut headers = ::http::HeaderMap::new();
+        grpc_trailers_only(&mut headers, GrpcKind::Grpc, 14, "100% — busy\n");
+        assert_eq!(headers["grpc-status"], "14");
+        assert_eq!(headers["grpc-message"], "100%25 %E2%80%94 busy%0A");
+        assert_eq!(headers["content-type"], "application/grpc");
+        for (content_type, kind) in [
+            ("application/grpc", Some(GrpcKind::Grpc)),
+            ("Application/GRPC+proto", Some(GrpcKind::Grpc)),
+            ("application/grpc-web", Some(GrpcKind::Web)),
+            ("application/grpc-web+json", Some(GrpcKind::Web)),
+            ("application/grpc-web-text+proto", Some(GrpcKind::WebText)),
+            ("application/json", None),
+        ] {
+            let mut h = ::http::HeaderMap::new();
+            h.insert(::http::header::CONTENT_TYPE, content_type.parse().unwrap());
+            assert_eq!(grpc_kind(&h), kind, "{content_type}");
+        }
     }
 }

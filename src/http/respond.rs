@@ -15,6 +15,14 @@ use tower_service::Service;
 /// for an open circuit or a full bulkhead, 504 for a timeout or a passed deadline);
 /// anything else is a 500. See [`crate::error::into_response`].
 ///
+/// With the `grpc` feature, a gRPC request (`content-type: application/grpc…`) gets a
+/// trailers-only gRPC answer instead ([`crate::error::to_status`]: `UNAVAILABLE` with
+/// `grpc-retry-pushback-ms` for an open circuit, `RESOURCE_EXHAUSTED` for a full
+/// bulkhead, `DEADLINE_EXCEEDED` for a timeout or a passed deadline, `UNKNOWN` with a
+/// fixed message for anything else): a gRPC client reads an HTTP `503` or `504` as
+/// `UNAVAILABLE`, which says the call never ran, even when a deadline cut it off
+/// part-way.
+///
 /// # Example
 /// ```
 /// use std::time::Duration;
@@ -86,9 +94,9 @@ impl<S> ErrorResponse<S> {
     }
 }
 
-impl<S, Req> Service<Req> for ErrorResponse<S>
+impl<S, B> Service<http::Request<B>> for ErrorResponse<S>
 where
-    S: Service<Req>,
+    S: Service<http::Request<B>>,
     S::Response: IntoResponse,
     S::Error: Into<BoxError>,
 {
@@ -114,14 +122,20 @@ where
         }
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        #[cfg(feature = "grpc")]
+        let grpc = super::grpc_kind(req.headers());
+        #[cfg(not(feature = "grpc"))]
+        let grpc = None;
         match self.not_ready.take() {
             Some(e) => ResponseFuture {
+                grpc,
                 kind: Kind::Answered {
-                    res: Some(crate::error::into_response(e)),
+                    res: Some(error_response(e, grpc)),
                 },
             },
             None => ResponseFuture {
+                grpc,
                 kind: Kind::Called {
                     inner: self.inner.call(req),
                 },
@@ -130,10 +144,29 @@ where
     }
 }
 
+/// The answer for `err` to a request of the gRPC protocol `grpc` (`None`: not gRPC).
+fn error_response(err: BoxError, grpc: Option<super::GrpcKind>) -> Response {
+    #[cfg(feature = "grpc")]
+    if let Some(kind) = grpc {
+        let status = crate::error::known_status(&*err).unwrap_or_else(|| {
+            // As for HTTP: the error is logged, not sent (an upstream's address).
+            tracing::error!(error = %err, "unhandled error answered UNKNOWN");
+            tonic::Status::unknown("internal server error")
+        });
+        let mut res: Response = status.into_http();
+        res.headers_mut()
+            .insert(http::header::CONTENT_TYPE, kind.content_type());
+        return res;
+    }
+    let _ = grpc;
+    crate::error::into_response(err)
+}
+
 pin_project_lite::pin_project! {
     /// Response future of [`ErrorResponse`].
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
+        grpc: Option<super::GrpcKind>,
         #[pin]
         kind: Kind<F>,
     }
@@ -162,10 +195,11 @@ where
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
+        let this = self.project();
+        match this.kind.project() {
             KindProj::Called { inner } => Poll::Ready(Ok(match ready!(inner.poll(cx)) {
                 Ok(res) => res.into_response(),
-                Err(e) => crate::error::into_response(e.into()),
+                Err(e) => error_response(e.into(), *this.grpc),
             })),
             KindProj::Answered { res } => Poll::Ready(Ok(res
                 .take()
@@ -184,11 +218,11 @@ mod tests {
     /// `Buffer` whose worker died, or this mock, panics).
     #[tokio::test]
     async fn a_readiness_error_is_answered_without_calling_the_inner_service() {
-        let (inner, mut handle) = mock::pair::<(), Response>();
+        let (inner, mut handle) = mock::pair::<http::Request<()>, Response>();
         let mut svc = mock::Spawn::new(ErrorResponseLayer::new().layer(inner));
         handle.send_error("broken for good");
         tokio_test::assert_ready_ok!(svc.poll_ready());
-        let res = svc.call(()).await.unwrap();
+        let res = svc.call(http::Request::new(())).await.unwrap();
         assert_eq!(res.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
         tokio_test::assert_pending!(handle.poll_request());
         // The error's text stays in the log, out of the client's answer.
@@ -197,5 +231,72 @@ mod tests {
             .unwrap()
             .to_bytes();
         assert_eq!(body, "internal server error");
+    }
+
+    /// A gRPC request gets a gRPC answer: our own rejections as their gRPC codes (a
+    /// client reads an HTTP `503` or `504` as `UNAVAILABLE`: "never ran", even for a
+    /// deadline that cut the handler off), anything else as `UNKNOWN` with a fixed
+    /// message; in the request's own protocol (gRPC-Web too).
+    #[cfg(feature = "grpc")]
+    #[tokio::test]
+    async fn a_grpc_request_gets_its_error_as_a_grpc_status() {
+        use crate::bulkhead::error::Full;
+        use crate::timeout::error::DeadlineExceeded;
+        let cases: [(BoxError, &str, &str, &str); 4] = [
+            (
+                Full::new(1, 0).into(),
+                "application/grpc",
+                "8",
+                "application/grpc",
+            ),
+            (
+                DeadlineExceeded::new(std::time::Duration::from_secs(1), false).into(),
+                "application/grpc+proto",
+                "4",
+                "application/grpc",
+            ),
+            (
+                "secret upstream 10.0.0.7 failed".into(),
+                "application/grpc",
+                "2",
+                "application/grpc",
+            ),
+            (
+                Full::new(1, 0).into(),
+                "application/grpc-web+proto",
+                "8",
+                "application/grpc-web+proto",
+            ),
+        ];
+        for (err, request_type, code, answer_type) in cases {
+            let (inner, mut handle) = mock::pair::<http::Request<()>, Response>();
+            let mut svc = mock::Spawn::new(ErrorResponseLayer::new().layer(inner));
+            handle.allow(1);
+            tokio_test::assert_ready_ok!(svc.poll_ready());
+            let req = http::Request::builder()
+                .header(http::header::CONTENT_TYPE, request_type)
+                .body(())
+                .unwrap();
+            let fut = svc.call(req);
+            let (_, send) = handle.next_request().await.unwrap();
+            send.send_error(err);
+            let res = fut.await.unwrap();
+            assert_eq!(res.status(), http::StatusCode::OK, "{code}");
+            assert_eq!(res.headers()["grpc-status"], code);
+            assert_eq!(res.headers()[http::header::CONTENT_TYPE], answer_type);
+            let message = res.headers()["grpc-message"].to_str().unwrap();
+            assert!(!message.contains("10.0.0.7"), "{message}");
+        }
+        // Not gRPC: the HTTP mapping.
+        let (inner, mut handle) = mock::pair::<http::Request<()>, Response>();
+        let mut svc = mock::Spawn::new(ErrorResponseLayer::new().layer(inner));
+        handle.allow(1);
+        tokio_test::assert_ready_ok!(svc.poll_ready());
+        let fut = svc.call(http::Request::new(()));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_error(Full::new(1, 0));
+        let res = fut.await.unwrap();
+        assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(res.headers().get("grpc-status").is_none());
     }
 }

@@ -223,6 +223,8 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let head = Hasher::of_head(&req);
+    // The layer's own answers to a gRPC request are gRPC statuses.
+    let grpc = crate::http::grpc_kind(req.headers());
     let mut ready = true;
     // A duplicate waits for the key at most `lock_for` in all, however often it comes
     // free and is claimed again by another duplicate (a handler that keeps failing),
@@ -258,6 +260,7 @@ where
                         metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "body_unreadable")
                             .increment(1);
                         return Ok(problem(
+                            grpc,
                             StatusCode::BAD_REQUEST,
                             "Request body unreadable",
                             "The request body could not be read to compare it with the \
@@ -269,6 +272,7 @@ where
                         metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "key_reused")
                             .increment(1);
                         return Ok(problem(
+                            grpc,
                             StatusCode::UNPROCESSABLE_ENTITY,
                             "Idempotency-Key is already used",
                             "This Idempotency-Key was used with a different request: \
@@ -301,6 +305,7 @@ where
                     metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "in_progress")
                         .increment(1);
                     let mut res = problem(
+                        grpc,
                         StatusCode::CONFLICT,
                         "Request in progress",
                         "A request with this Idempotency-Key is still in progress; retry \
@@ -359,6 +364,7 @@ where
             metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "claim_expired")
                 .increment(1);
             return Ok(problem(
+                grpc,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service busy",
                 "The service did not become ready before this request's hold on its \
@@ -474,6 +480,7 @@ where
         }
         // Only once the client is gone, or as the runtime shuts down: nobody reads it.
         Handled::Abandoned => problem(
+            grpc,
             StatusCode::SERVICE_UNAVAILABLE,
             "Request abandoned",
             "The request was abandoned before it completed.",
@@ -594,8 +601,33 @@ where
     }
 }
 
-/// An RFC 9457 problem answer of the layer's own.
-fn problem<B>(status: StatusCode, title: &str, detail: &str) -> Response<BufferedBody<B>> {
+/// An RFC 9457 problem answer of the layer's own; to a gRPC request (`grpc`), a
+/// trailers-only gRPC answer instead (a gRPC client reads a `409` or `422` as
+/// `UNKNOWN`, and loses the `Retry-After`): `UNAVAILABLE` for a request to retry
+/// later (in progress, with `grpc-retry-pushback-ms`; busy), `INVALID_ARGUMENT` for a
+/// key reused by another request or a body that could not be read to compare.
+fn problem<B>(
+    grpc: Option<crate::http::GrpcKind>,
+    status: StatusCode,
+    title: &str,
+    detail: &str,
+) -> Response<BufferedBody<B>> {
+    if let Some(kind) = grpc {
+        let mut res = Response::new(BufferedBody::full(Bytes::new()));
+        let code = match status {
+            StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE => 14,
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => 3,
+            _ => 2,
+        };
+        crate::http::grpc_trailers_only(res.headers_mut(), kind, code, detail);
+        if status == StatusCode::CONFLICT {
+            res.headers_mut().insert(
+                HeaderName::from_static("grpc-retry-pushback-ms"),
+                HeaderValue::from_static("1000"),
+            );
+        }
+        return res;
+    }
     let body = format!(
         r#"{{"title":"{title}","status":{},"detail":"{detail}"}}"#,
         status.as_u16()

@@ -194,6 +194,7 @@ impl Backoff {
     /// Whether [`longest`](Self::longest) is the same before every retry: a constant
     /// schedule, a zero base, a base at the cap, or exponential growth by 1. (A schedule
     /// that grows may give the same delay twice in a row, rounded to the nanosecond.)
+    #[cfg(feature = "config")]
     pub(crate) fn is_flat(&self) -> bool {
         if self.base.is_zero() || self.base >= self.max {
             return true;

@@ -2730,6 +2730,46 @@ async fn a_key_reused_for_a_different_request_is_refused_with_422() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// The layer's own refusals of a gRPC request are gRPC statuses, trailers-only: a
+/// gRPC client reads an HTTP `422` or `409` as `UNKNOWN`, so "retry later" looked like
+/// a failure and its `Retry-After` was lost. A key reused by another request is
+/// `INVALID_ARGUMENT`; a duplicate still in progress is `UNAVAILABLE` with
+/// `grpc-retry-pushback-ms`.
+#[tokio::test(start_paused = true)]
+async fn the_layers_own_refusals_of_a_grpc_request_are_grpc_statuses() {
+    let grpc = |body: &'static str| {
+        let mut req = keyed_with("k", "http://shop.test/shop.Orders/Place", body);
+        req.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        req
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(echo_handler(calls.clone()));
+    let first = svc.clone().oneshot(grpc("a")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let reused = svc.clone().oneshot(grpc("b")).await.unwrap();
+    assert_eq!(reused.status(), StatusCode::OK);
+    assert_eq!(reused.headers()["content-type"], "application/grpc");
+    assert_eq!(reused.headers()["grpc-status"], "3");
+    let message = reused.headers()["grpc-message"].to_str().unwrap();
+    assert!(message.contains("different request"), "{message}");
+    assert!(bytes_of(reused.into_body()).await.is_empty());
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(5))
+        .unwrap()
+        .layer(hangs_the_first_time(calls.clone()));
+    let hung = tokio::spawn(svc.clone().oneshot(grpc("{}")));
+    tokio::task::yield_now().await; // the spawned request claims the key first
+    let res = svc.clone().oneshot(grpc("{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["grpc-status"], "14");
+    assert_eq!(res.headers()["grpc-retry-pushback-ms"], "1000");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    hung.abort();
+}
+
 /// One layer serving two virtual hosts keeps their keys apart: the same key, path and
 /// body sent to another host is another operation, and runs. (The stored key had no
 /// host: `b.test`'s order got `a.test`'s answer.) Hosts compare without regard to

@@ -293,6 +293,23 @@ async fn a_grpc_server_behind_idempotency_runs_a_keyed_call_once() {
     assert_eq!(say(client, "order").await.unwrap().call, 3);
 }
 
+/// A key reused for another call reaches the tonic client as `INVALID_ARGUMENT` with
+/// the layer's reason, not as the `UNKNOWN` an HTTP `422` decodes to.
+#[tokio::test]
+async fn a_grpc_key_reused_for_another_call_is_invalid_argument() {
+    let (addr, server) = serve_idempotent(|_| Reply::Ok).await;
+    let client = channel(addr);
+    say_keyed(client.clone(), "order", Some("k-1"))
+        .await
+        .unwrap();
+    let status = say_keyed(client, "another order", Some("k-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("different request"), "{status:?}");
+    assert_eq!(server.calls(), 1);
+}
+
 /// `UNAVAILABLE` (trailers-only or after a message) is not remembered: the retry with
 /// the key runs the handler and gets its success.
 #[tokio::test]
