@@ -247,22 +247,41 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     /// Drops the breakers idle for longer than `idle`; if the map is still full, the
     /// least recently used closed one (an open or half-open breaker only when every
     /// other is: dropping it would let a flood of new keys reset the breakers that
-    /// protect a failing dependency). A breaker in a state set by hand is never
+    /// protect a failing dependency), and with it up to 1/64 of the map more of the
+    /// least recently used closed ones. A breaker in a state set by hand is never
     /// dropped: that would undo it.
     fn evict(&self, map: &mut KeyMap<K>, now: Instant, now_ns: u64) {
         retain_active(map, now, now_ns, self.idle);
-        while map.len() >= self.max_keys {
-            let Some(victim) = map
-                .iter()
-                .filter(|(_, e)| !is_manual(e))
-                .min_by_key(|(_, e)| {
-                    let guarding = e.breaker.breaker().state() != State::Closed;
-                    (guarding, e.last_used_ns.load(Relaxed))
-                })
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
+        if map.len() < self.max_keys {
+            return;
+        }
+        // Room is made for a batch of new keys at once (1/64 of the map, closed
+        // breakers only beyond the one needed): each eviction scans the whole map
+        // under the write lock every call waits on, and a flood of new keys would
+        // otherwise pay that scan once per key.
+        let needed = map.len() + 1 - self.max_keys;
+        let evict = needed.max(self.max_keys / 64);
+        let mut victims: Vec<((bool, u64), K)> = map
+            .iter()
+            .filter(|(_, e)| !is_manual(e))
+            .map(|(k, e)| {
+                let guarding = e.breaker.breaker().state() != State::Closed;
+                ((guarding, e.last_used_ns.load(Relaxed)), k.clone())
+            })
+            .collect();
+        let evict = evict.min(victims.len());
+        if evict == 0 {
+            return;
+        }
+        if evict < victims.len() {
+            victims.select_nth_unstable_by_key(evict - 1, |(rank, _)| *rank);
+        }
+        // In order, so the one needed is the least recently used closed one.
+        victims[..evict].sort_unstable_by_key(|(rank, _)| *rank);
+        for (i, ((guarding, _), victim)) in victims.drain(..evict).enumerate() {
+            if i >= needed && guarding {
+                continue;
+            }
             if let Some(e) = map.remove(&victim) {
                 e.breaker.breaker().retire();
             }

@@ -1003,6 +1003,56 @@ async fn a_full_key_map_evicts_closed_breakers_before_open_ones() {
     assert_eq!(keys.get(&1).unwrap().state(), State::Open);
 }
 
+/// A full map makes room for a batch of new keys at once (1/64 of it), so a flood of
+/// new keys does not scan the whole map once per key under the write lock; the batch
+/// takes only closed breakers beyond the one needed.
+#[tokio::test(start_paused = true)]
+async fn a_full_key_map_evicts_a_batch_of_closed_breakers_only() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .keyed(|req: &(u32, bool)| req.0)
+        .max_keys(128)
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(ok_unless_false::<u32>));
+    let mut call = async |key: u32, ok: bool| {
+        advance(Duration::from_millis(1)).await;
+        let _ = svc.ready().await.unwrap().call((key, ok)).await;
+    };
+    // 0 is open and the least recently used; 1 to 127 closed.
+    for key in 0..128 {
+        call(key, key != 0).await;
+    }
+    call(1000, true).await;
+    assert_eq!(keys.len(), 127, "a batch of 2 went");
+    assert!(keys.get(&0).is_some(), "the open breaker of 0 was dropped");
+    assert!(keys.get(&1).is_none() && keys.get(&2).is_none());
+    call(1001, true).await;
+    assert_eq!(keys.len(), 128, "room was made for it already");
+
+    // Nearly all open: the batch leaves them alone.
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .keyed(|req: &(u32, bool)| req.0)
+        .max_keys(128)
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(ok_unless_false::<u32>));
+    let mut call = async |key: u32, ok: bool| {
+        advance(Duration::from_millis(1)).await;
+        let _ = svc.ready().await.unwrap().call((key, ok)).await;
+    };
+    for key in 0..128 {
+        call(key, key == 127).await;
+    }
+    call(1000, true).await;
+    assert_eq!(keys.len(), 128);
+    assert!(keys.get(&127).is_none(), "the closed one goes");
+    assert!((0..127).all(|k| keys.get(&k).is_some()), "an open one went");
+}
+
 /// An open breaker is not dropped as idle while its break lasts, however long no
 /// call came: dropped, the key would come back as a fresh closed breaker and send
 /// full traffic to the dependency it was shielding. Once the break is over it goes.
