@@ -449,8 +449,13 @@ where
                         // duplicate may take the key over.
                         Ok(false) => renewing = false,
                         Err(e) => {
-                            tracing::warn!(error = %e, %key, "idempotency store failed to renew a claim");
-                            renewing = false;
+                            // Tried again half-way through what is left, while more
+                            // than an eighth of `lock_for` is (a few tries, not a
+                            // loop as the claim runs out): one failed round trip
+                            // must not give the key away.
+                            let left = claim_ends.saturating_duration_since(tokio::time::Instant::now());
+                            renewing = left > lock_for / 8;
+                            tracing::warn!(error = %e, %key, again = renewing, "idempotency store failed to renew a claim");
                         }
                     }
                 }
@@ -659,13 +664,16 @@ fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
 /// a `5xx`, nor a "try again later" answer (`408 Request Timeout`, `425 Too Early`,
 /// `429 Too Many Requests`), nor a conflict with another request (`409 Conflict`,
 /// `423 Locked`), which a later attempt may well turn into a success; replaying them
-/// for the whole ttl would make every later attempt fail the same way. Nor an authentication or authorization refusal (`401`,
-/// `403`): the request was refused before it ran (as Stripe does not store those), and
-/// its retry with a refreshed credential must run. The same for a gRPC status in the
-/// headers (a trailers-only response, most gRPC errors).
+/// for the whole ttl would make every later attempt fail the same way. Nor an
+/// authentication or authorization refusal (`401`, `403`): the request was refused
+/// before it ran (as Stripe does not store those), and its retry with a refreshed
+/// credential must run. Nor a `1xx` (a `101 Switching Protocols` hands the connection
+/// over: replayed without its `Upgrade` header, it would be a bare `101`). The same
+/// for a gRPC status in the headers (a trailers-only response, most gRPC errors).
 fn remembered(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
     use http::StatusCode;
     !(status.is_server_error()
+        || status.is_informational()
         || matches!(
             status,
             StatusCode::UNAUTHORIZED

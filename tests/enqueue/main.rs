@@ -2440,10 +2440,11 @@ fn keyed(key: &str) -> Request<Full<Bytes>> {
 /// A "try again later" answer (429, 408, 409, 423, 425) or a refused credential (401,
 /// 403) is not stored as the key's outcome: the next attempt with the key runs the
 /// handler again, as after a 5xx. (401 to 423 were stored for the whole ttl: a retry
-/// with a refreshed token got the stale 401.)
+/// with a refreshed token got the stale 401.) Nor is a `101 Switching Protocols`,
+/// which would replay as a bare `101` without its `Upgrade` header.
 #[tokio::test(start_paused = true)]
 async fn a_try_again_later_answer_is_not_remembered() {
-    for status in [429, 408, 409, 423, 425, 503, 401, 403] {
+    for status in [429, 408, 409, 423, 425, 503, 401, 403, 101] {
         let calls = Arc::new(AtomicUsize::new(0));
         let calls2 = calls.clone();
         let handler = service_fn(move |_req: Served| {
@@ -3029,6 +3030,75 @@ impl IdempotencyStore for Polling {
     fn release(&self, key: &str, token: ClaimToken) {
         self.0.release(key, token);
     }
+}
+
+/// A store whose first renewal fails (a dropped connection), then renews as a
+/// `MemoryStore` does.
+struct FlakyRenewal(MemoryStore, std::sync::atomic::AtomicBool);
+
+impl IdempotencyStore for FlakyRenewal {
+    fn claim(
+        &self,
+        key: &str,
+        lock_for: Duration,
+    ) -> impl Future<Output = Result<Claim, BoxError>> + Send {
+        self.0.claim(key, lock_for)
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        self.0.complete(key, token, response, ttl)
+    }
+
+    fn release(&self, key: &str, token: ClaimToken) {
+        self.0.release(key, token);
+    }
+
+    async fn extend(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        lock_for: Duration,
+    ) -> Result<bool, BoxError> {
+        if !self.1.swap(true, Ordering::SeqCst) {
+            return Err("connection reset".into());
+        }
+        self.0.extend(key, token, lock_for).await
+    }
+}
+
+/// One failed renewal does not give the key away: the claim is renewed again before
+/// it ends, so a duplicate that comes after `lock_for` waits for the slow handler's
+/// answer instead of running it a second time. (Renewal stopped for good after one
+/// error.)
+#[tokio::test(start_paused = true)]
+async fn one_failed_renewal_does_not_give_the_key_away() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let slow = service_fn(move |_req: Served| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_secs(25)).await;
+            Ok::<_, std::convert::Infallible>(respond(201, "order"))
+        }
+    });
+    let store = Arc::new(FlakyRenewal(MemoryStore::default(), Default::default()));
+    let svc = IdempotencyLayer::with_store(store)
+        .lock_for(Duration::from_secs(10))
+        .unwrap()
+        .layer(slow);
+    let first = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let duplicate = svc.oneshot(keyed("k")).await.unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CREATED);
+    assert!(duplicate.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::CREATED);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 /// With a store that polls (the trait's default `wait`, every 50 ms), a duplicate whose
