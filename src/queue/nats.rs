@@ -725,10 +725,7 @@ impl Inner {
             }
         }
         let reason = format!("undecodable: {why}");
-        headers.insert(
-            H_REASON,
-            header_value(&reason).map_or("undecodable", |v| cut(v, REASON_MAX)),
-        );
+        headers.insert(H_REASON, encode_reason(cut(&reason, REASON_MAX)).as_str());
         let publish = Publish::build()
             .payload(msg.payload.clone())
             .headers(headers)
@@ -1114,11 +1111,7 @@ impl Inner {
         // Published without the lock, as in `retry_later`.
         let h = Self::take(&mut *self.held.lock().await, token)?;
         let mut headers = headers(&h.envelope);
-        if let Some(v) = header_value(reason) {
-            headers.insert(H_REASON, cut(v, REASON_MAX));
-        } else {
-            headers.insert(H_REASON, "(see payload)");
-        }
+        headers.insert(H_REASON, encode_reason(cut(reason, REASON_MAX)).as_str());
         let publish = Publish::build()
             .payload(Bytes::from(h.envelope.encode()))
             .headers(headers)
@@ -1236,7 +1229,7 @@ impl Inner {
                     let reason = m
                         .headers
                         .get(H_REASON)
-                        .map(|v| v.as_str().to_owned())
+                        .map(|v| decode_reason(v.as_str()))
                         .unwrap_or_default();
                     out.push(DeadLetter { envelope, reason });
                 }
@@ -1529,6 +1522,47 @@ fn cut(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// A dead letter's reason as a `Postbox-Reason` value: percent-encoded UTF-8, every
+/// byte outside printable ASCII and `%` itself as `%XX` (a header value carries no
+/// line break, and the replayer's reasons hold error texts and `µs`).
+fn encode_reason(reason: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(reason.len());
+    for b in reason.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// The reason [`encode_reason`] wrote. A `%` not followed by two hex digits is kept as
+/// it is (a reason written before the encoding, `"50% done"`), and bytes that do not
+/// decode to UTF-8 are replaced.
+fn decode_reason(value: &str) -> String {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `s` if it can travel as a header value (printable ASCII).
