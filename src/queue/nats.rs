@@ -1022,6 +1022,11 @@ impl Inner {
         n: usize,
         now: SystemTime,
     ) -> usize {
+        // `held` is locked meanwhile, and `keep_alive` needs it: on a slow server (each
+        // move is two round trips) the moves stop after a quarter of `ack_wait`, before
+        // the held deliveries go unrefreshed long enough for the server to deliver them
+        // to another process.
+        let until = Instant::now().checked_add(self.ack_wait() / 4);
         let mut consumer = self
             .consumer
             .lock()
@@ -1051,6 +1056,9 @@ impl Inner {
         );
         let mut moved = 0;
         for (_, id) in later {
+            if until.is_some_and(|until| Instant::now() >= until) {
+                break;
+            }
             let h = held.remove(&id).expect("listed from held");
             let copied = self.publish_copy(&h, &h.envelope, "m").await;
             let settled = match copied {

@@ -621,6 +621,55 @@ async fn a_due_message_behind_a_full_hold_of_later_ones_is_leased() {
     assert_eq!(late[0].envelope.not_before, crate::suite::at(3600));
 }
 
+/// A lease making room on a slow server stops moving held deliveries after a quarter
+/// of `ack_wait`: the held deliveries are locked meanwhile, and the keep-alive that
+/// refreshes them needs the lock (unrefreshed past `ack_wait`, the server hands them
+/// to another process). The next lease goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn making_room_on_a_slow_server_stops_within_a_quarter_of_ack_wait() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(
+        options()
+            .with_url(format!("nats://{}", proxy.addr()))
+            .with_request_timeout(Duration::from_secs(5))
+            .with_max_held(2)
+            .with_ack_wait(Duration::from_secs(2)),
+    );
+    let q = Arc::new(q);
+    let lease_for = Duration::from_secs(30);
+    for (key, secs) in [("soon", 600), ("late", 3600)] {
+        let mut e = crate::suite::envelope(key);
+        e.not_before = crate::suite::at(secs);
+        q.enqueue(e).await.unwrap();
+    }
+    for key in ["now-1", "now-2"] {
+        q.enqueue(crate::suite::envelope(key)).await.unwrap();
+    }
+    // The first lease fetches the two later ones: nothing due, and the hold is full.
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    proxy.hold();
+    let slow = tokio::spawn({
+        let q = q.clone();
+        async move { q.lease(10, lease_for, crate::suite::at(0)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.release();
+    let got = slow.await.unwrap().unwrap();
+    assert!(got.is_empty(), "moved after the budget: {got:?}");
+    let got = retry!(q.lease(10, lease_for, crate::suite::at(0)).await);
+    let mut keys: Vec<_> = got
+        .iter()
+        .map(|l| l.envelope.idempotency_key.as_str())
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["now-1", "now-2"]);
+}
+
 /// With nothing behind a full hold but the copies it moved there itself, a lease moves
 /// nothing more: the held deliveries are not sent round the stream on every poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
