@@ -370,6 +370,13 @@ where
             if !self.shared.config.policy.may_defer(&captured.method, path) {
                 return None;
             }
+            if captured.body.len() > self.shared.config.max_body {
+                tracing::debug!(
+                    limit = self.shared.config.max_body,
+                    "request body over the limit; not deferrable"
+                );
+                return None;
+            }
             let key = Shared::<Q, C>::key_or_new(self.codec.idempotency_key(&req));
             self.codec.set_idempotency_key(&mut req, &key);
             Some(Capture::new(key, captured))
@@ -491,10 +498,14 @@ mod http_flavour {
             let (mut parts, body) = req.into_parts();
             let config = &self.shared.config;
             let shared = self.shared.clone();
+            // A gRPC call is never deferred: a `202` is not a gRPC answer, and a
+            // streaming call's body ends only after its answer begins (read first to
+            // be stored, it would hang). See the module docs for deferring gRPC.
             if !config
                 .policy
                 .may_defer(parts.method.as_str(), parts.uri.path())
                 || opens_a_connection(&parts.method, &parts.headers)
+                || crate::http::is_grpc(&parts.headers)
             {
                 // Kept synchronous. An empty body (a `GET`) goes as one a retry inside can
                 // send again; any other is streamed through.

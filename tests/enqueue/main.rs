@@ -608,6 +608,36 @@ async fn body_over_limit_streams_through_and_is_not_enqueued() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// A gRPC call is never deferred: it goes straight through, its body streamed (a
+/// streaming call's body ends only after the answer begins: read first to be stored,
+/// the call hung), and its failure comes back as it was, not as a `202`, which no gRPC
+/// client can read.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_call_is_never_deferred_and_its_body_never_read_first() {
+    let queue = Arc::new(MemoryQueue::new());
+    let inner = service_fn(|req: Request<BufferedBody<NeverEnds>>| async move {
+        assert!(!req.body().is_buffered());
+        let mut res = Response::new(Full::default());
+        res.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        res.headers_mut()
+            .insert("grpc-status", "14".parse().unwrap());
+        Ok::<Res, BoxError>(res)
+    });
+    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(inner);
+    let req = Request::post("http://api.test/orders.Orders/Watch")
+        .header("content-type", "application/grpc")
+        .body(NeverEnds(Some(Bytes::from_static(b"\0\0\0\0\0"))))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(60), svc.oneshot(req))
+        .await
+        .expect("the call waited for the body to end")
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["grpc-status"], "14");
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
 #[tokio::test(start_paused = true)]
 async fn body_with_known_size_over_limit_is_not_read_ahead() {
     let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new().max_body(4));
@@ -3843,6 +3873,19 @@ async fn typed_flavour_keeps_policy_requests_synchronous_and_passes_permanent_er
     };
     let err = svc.oneshot(cmd.clone()).await.unwrap_err();
     assert!(find_cause::<Open>(&*err).is_some());
+
+    // A body over `max_body` is not stored either.
+    let config = EnqueueConfig::new().max_body(4);
+    let svc = DeferLayer::with_config(queue.clone(), CommandCodec, config)
+        .unwrap()
+        .layer(refuse);
+    let long = Command {
+        key: None,
+        text: "longer than four bytes".into(),
+    };
+    let err = svc.oneshot(long).await.unwrap_err();
+    assert!(find_cause::<Open>(&*err).is_some());
+    assert_eq!(depth(&queue).await, Depth::default());
 
     let late = service_fn(|_cmd: Command| async { Ok::<u32, BoxError>(3) });
     let svc = DeferLayer::new(queue.clone(), CommandCodec).layer(late);

@@ -90,6 +90,25 @@ impl Body for Chunked {
     }
 }
 
+/// A request body that sends one message and then waits for ever: a streaming gRPC
+/// call's, which ends only after its answer begins.
+pub(crate) struct NeverEnds(pub(crate) Option<Bytes>);
+
+impl Body for NeverEnds {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+            None => Poll::Pending,
+        }
+    }
+}
+
 /// A boxed error from anything.
 pub(crate) fn boxed(e: impl Into<BoxError>) -> BoxError {
     e.into()
