@@ -112,10 +112,7 @@
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
-use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -927,8 +924,8 @@ struct Writer {
     /// is a redelivery (module docs).
     recovered_max: Option<Id>,
     leases: Leases,
-    /// `leases.seq` after the last commit that went through: a lease whose generation's
-    /// high half is at or above it was made by a batch that failed.
+    /// `leases.seq` after the last commit that went through: a lease whose `seq` is at
+    /// or above it was made by a batch that failed.
     committed_seq: u64,
     counters: Arc<Counters>,
 }
@@ -936,8 +933,8 @@ struct Writer {
 /// The messages in flight (module docs): leased ids are still in `ready`.
 #[derive(Debug, Default)]
 struct Leases {
-    /// Leased id → (lease until ns, attempts, the lease's generation).
-    by_id: HashMap<Id, (u64, u32, u64)>,
+    /// Leased id → its lease.
+    by_id: HashMap<Id, Lease>,
     /// Leases made so far: the high half of every generation, so generations increase
     /// with every lease even when a delivery is not counted.
     seq: u64,
@@ -949,11 +946,24 @@ struct Leases {
     low: BTreeMap<Id, u32>,
 }
 
+/// One message's lease.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// Until when (ns since the Unix epoch).
+    until: u64,
+    /// The message's attempts, this lease's included.
+    attempts: u32,
+    /// The token's generation: `seq`'s low 32 bits above `attempts`.
+    generation: u64,
+    /// [`Leases::seq`] when it was made (whole: the generation keeps only its low bits).
+    seq: u64,
+}
+
 impl Leases {
     /// Ends the lease of `id` (if any).
-    fn end(&mut self, id: Id) -> Option<(u64, u32, u64)> {
+    fn end(&mut self, id: Id) -> Option<Lease> {
         let lease = self.by_id.remove(&id)?;
-        self.by_expiry.remove(&(lease.0, id));
+        self.by_expiry.remove(&(lease.until, id));
         Some(lease)
     }
 }
@@ -1036,7 +1046,7 @@ impl Writer {
         let db = (self.reopen)().map_err(unavailable_after_failure)?;
         let (live, recovered_max) = init_tables(&db).map_err(unavailable_after_failure)?;
         self.leases = kept_leases(&db, &self.leases, self.committed_seq)
-            .map_err(|e| unavailable_after_failure(redb_err(e)))?;
+            .map_err(unavailable_after_failure)?;
         tracing::warn!(
             in_flight = self.leases.by_id.len(),
             "postbox queue opened again after a failed commit"
@@ -1185,41 +1195,86 @@ impl Writer {
 }
 
 /// The leases that outlive opening the database again after a failed commit: each one
-/// made by a batch that committed, whose message is still `ready` in the file. Dropping
-/// them all (as a crash does) let every message in flight be leased again at once while
+/// made by a batch that committed, whose message the file still has. Dropping them
+/// all (as a crash does) let every message in flight be leased again at once while
 /// its consumer still held it: two deliveries at the same time, and the first
 /// consumer's ack refused as [`QueueError::LeaseLost`].
 ///
+/// A kept lease's message may be back in `scheduled` in the file: the lease that
+/// promoted it to `ready` committed without a sync, and the reopen lost that. It is put
+/// back in `ready` (with a durable commit) and its lease kept.
+///
 /// Not kept: a lease the failed batch made (its caller got the error, so nobody holds
-/// it), and one whose message the file no longer has as `ready` (a promotion from
-/// `scheduled` that was never synced): an ack of either is `LeaseLost`. A lease the
-/// failed batch ended (an ack, a retry) is not in memory any more, and its message,
-/// still `ready` in the file, is free again: the ack failed, so it is delivered again.
-/// The free list is rebuilt from the file: the cursor moves back to the highest kept
-/// lease, and every other ready id at or below it is free.
-fn kept_leases(db: &Database, old: &Leases, committed_seq: u64) -> Result<Leases, redb::Error> {
-    let txn = db.begin_read()?;
-    let ready = txn.open_table(READY)?;
-    let mut leases = Leases {
-        seq: old.seq,
-        ..Leases::default()
-    };
-    for (&id, &lease) in &old.by_id {
-        if lease.2 >> 32 < committed_seq && ready.get(id)?.is_some() {
-            leases.by_id.insert(id, lease);
-            leases.by_expiry.insert((lease.0, id));
-        }
-    }
-    leases.cursor = leases.by_id.keys().max().copied();
-    if let Some(cursor) = leases.cursor {
-        for entry in ready.range(..=cursor)? {
-            let (id, attempts) = entry?;
-            if !leases.by_id.contains_key(&id.value()) {
-                leases.low.insert(id.value(), attempts.value());
+/// it), and one whose message the file has in neither (an ack of it is `LeaseLost`). A
+/// lease the failed batch ended (an ack, a retry) is not in memory any more, and its
+/// message, still `ready` in the file, is free again: the ack failed, so it is
+/// delivered again. The free list is rebuilt from the file: the cursor moves back to
+/// the highest kept lease, and every other ready id at or below it is free.
+fn kept_leases(db: &Database, old: &Leases, committed_seq: u64) -> Result<Leases, QueueError> {
+    let res = catch_unwind(AssertUnwindSafe(|| -> Result<Leases, redb::Error> {
+        let mut txn = db.begin_write()?;
+        let mut leases = Leases {
+            seq: old.seq,
+            ..Leases::default()
+        };
+        let mut moved = false;
+        {
+            let mut ready = txn.open_table(READY)?;
+            let mut missing = HashMap::new();
+            for (&id, &lease) in &old.by_id {
+                if lease.seq >= committed_seq {
+                    continue;
+                }
+                if ready.get(id)?.is_some() {
+                    leases.by_id.insert(id, lease);
+                } else {
+                    missing.insert(id, lease);
+                }
+            }
+            if !missing.is_empty() {
+                let mut scheduled = txn.open_table(SCHEDULED)?;
+                let mut back = Vec::new();
+                for entry in scheduled.iter()? {
+                    let (k, attempts) = entry?;
+                    let (nb, id) = k.value();
+                    if missing.contains_key(&id) {
+                        back.push((nb, id, attempts.value()));
+                    }
+                }
+                for (nb, id, attempts) in back {
+                    scheduled.remove((nb, id))?;
+                    ready.insert(id, attempts)?;
+                    leases.by_id.insert(id, missing[&id]);
+                    moved = true;
+                }
+            }
+            for (&id, lease) in &leases.by_id {
+                leases.by_expiry.insert((lease.until, id));
+            }
+            leases.cursor = leases.by_id.keys().max().copied();
+            if let Some(cursor) = leases.cursor {
+                for entry in ready.range(..=cursor)? {
+                    let (id, attempts) = entry?;
+                    if !leases.by_id.contains_key(&id.value()) {
+                        leases.low.insert(id.value(), attempts.value());
+                    }
+                }
             }
         }
+        if moved {
+            txn.set_durability(redb::Durability::Immediate)?;
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
+        Ok(leases)
+    }));
+    match res {
+        Ok(leases) => leases.map_err(redb_err),
+        Err(_) => Err(QueueError::Corrupt(
+            "redb panicked reading the leased messages after a failed commit".into(),
+        )),
     }
-    Ok(leases)
 }
 
 /// The ops of one transaction: the first, then (while `more` is set) whatever is on the
@@ -1410,9 +1465,9 @@ const DENSE_GAP_MS: u128 = 10;
 fn end_lease(token: LeaseToken, st: &mut State<'_>) -> Result<u32, QueueError> {
     let id = to_id(token.id);
     match st.leases.by_id.get(&id) {
-        Some(&(_, _, generation)) if generation == token.generation => {
-            let (_, attempts, _) = st.leases.end(id).expect("looked up above");
-            Ok(attempts)
+        Some(lease) if lease.generation == token.generation => {
+            let lease = st.leases.end(id).expect("looked up above");
+            Ok(lease.attempts)
         }
         _ => Err(QueueError::LeaseLost(token)),
     }
@@ -1554,8 +1609,8 @@ impl Tables<'_> {
             if until > now_k {
                 break;
             }
-            let (_, attempts, _) = st.leases.end(id).expect("indexed by expiry");
-            st.leases.low.insert(id, attempts);
+            let lease = st.leases.end(id).expect("indexed by expiry");
+            st.leases.low.insert(id, lease.attempts);
         }
         // Due scheduled messages to ready: a bounded number per lease, so a backlog
         // that fell due at once (after an outage, or a restart after downtime) is not
@@ -1611,9 +1666,18 @@ impl Tables<'_> {
                 // sync), so a reopen or a crash after a sync does not forget it.
                 self.ready.insert(id, attempts).map_err(redb_err)?;
                 self.dirty = true;
-                let generation = st.leases.seq << 32 | u64::from(attempts);
+                let seq = st.leases.seq;
+                let generation = seq << 32 | u64::from(attempts);
                 st.leases.seq += 1;
-                st.leases.by_id.insert(id, (until_k, attempts, generation));
+                st.leases.by_id.insert(
+                    id,
+                    Lease {
+                        until: until_k,
+                        attempts,
+                        generation,
+                        seq,
+                    },
+                );
                 st.leases.by_expiry.insert((until_k, id));
                 out.push(Leased {
                     envelope: env,
@@ -2234,6 +2298,72 @@ mod tests {
             Err(QueueError::LeaseLost(_))
         ));
         q.close().await.unwrap();
+    }
+
+    /// A message that reached `ready` from `scheduled` by a lease whose commit was not
+    /// synced is back in `scheduled` once the file is opened again: its lease is kept
+    /// all the same (the message goes back to `ready`, leased), not leased a second
+    /// time.
+    #[tokio::test]
+    async fn a_failed_commit_keeps_the_lease_of_a_message_promoted_from_scheduled() {
+        let (disk, q) =
+            flaky_queue(EmbeddedOptions::new().with_ack_sync(Duration::from_secs(3600)));
+        let now = SystemTime::now();
+        let mut later = envelope("later");
+        later.not_before = now + Duration::from_secs(1);
+        q.enqueue(later).await.unwrap();
+        let due = now + Duration::from_secs(2);
+        let held = q.lease(10, Duration::from_secs(30), due).await.unwrap();
+        assert_eq!(held.len(), 1);
+        disk.fail.store(true, Ordering::SeqCst);
+        assert!(q.enqueue(envelope("lost")).await.is_err());
+        disk.fail.store(false, Ordering::SeqCst);
+        let again = q.lease(10, Duration::from_secs(30), due).await.unwrap();
+        assert!(again.is_empty(), "leased twice: {again:?}");
+        q.ack(&[held[0].token]).await.unwrap();
+        let depth = q.depth().await.unwrap();
+        assert_eq!((depth.pending, depth.in_flight), (0, 0));
+        q.close().await.unwrap();
+    }
+
+    /// Which leases a reopen keeps is judged by the lease's whole counter, not the low
+    /// bits its token's generation keeps: past 2^32 leases, a lease the failed batch
+    /// made was kept (nobody held it, and its message waited for it to expire).
+    #[test]
+    fn a_lease_the_failed_batch_made_is_dropped_past_two_to_the_32_leases() {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        init_tables(&db).unwrap();
+        let (a, b) = (1, 2);
+        let txn = db.begin_write().unwrap();
+        {
+            let mut ready = txn.open_table(READY).unwrap();
+            ready.insert(a, 1).unwrap();
+            ready.insert(b, 1).unwrap();
+        }
+        txn.commit().unwrap();
+        let lease = |seq: u64| Lease {
+            until: u64::MAX,
+            attempts: 1,
+            generation: seq << 32 | 1,
+            seq,
+        };
+        let base = 1 << 32;
+        let mut old = Leases {
+            seq: base + 10,
+            ..Leases::default()
+        };
+        old.by_id.insert(a, lease(base + 3));
+        old.by_id.insert(b, lease(base + 7));
+        let kept = kept_leases(&db, &old, base + 5).unwrap();
+        assert!(kept.by_id.contains_key(&a));
+        assert!(
+            !kept.by_id.contains_key(&b),
+            "the failed batch's lease was kept"
+        );
+        assert_eq!(kept.low.keys().copied().collect::<Vec<_>>(), [] as [Id; 0]);
+        assert_eq!(kept.cursor, Some(a));
     }
 
     /// A lease or an ack that a failed commit refused leaves nothing behind: the lease
