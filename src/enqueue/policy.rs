@@ -88,6 +88,13 @@ impl DeferPolicy {
     /// Keeps requests to `route` and below it synchronous, by whole path segments:
     /// `"/payments"` and `"/payments/"` both cover `/payments` and `/payments/9`, not
     /// `/paymentsX`; `"/"` covers every path.
+    ///
+    /// A path is compared in every spelling a server may route the same way (a client
+    /// chooses it, and a request that slips past the route would be deferred): without
+    /// regard to ASCII case, with `%XX`-encoded unreserved characters decoded, empty
+    /// and `.` segments dropped, `..` applied, and `;` parameters cut from each
+    /// segment. `//Payments;jsessionid=1/./9` and `/pay%6Dents/9` are under
+    /// `"/payments"`.
     pub fn keep_sync_route(mut self, prefix: impl Into<String>) -> Self {
         self.sync_routes.push(prefix.into());
         self
@@ -184,11 +191,63 @@ where
     })
 }
 
-/// Whether `path` is `route` or below it, by whole segments.
+/// Whether `path` is `route` or below it, by whole segments, in any spelling of
+/// `path` (see [`DeferPolicy::keep_sync_route`]).
 fn under(path: &str, route: &str) -> bool {
-    let route = route.trim_end_matches('/');
-    path.strip_prefix(route)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    let route = route.trim_end_matches('/').as_bytes();
+    let canonical;
+    let path = if path.contains(['%', ';', '.']) || path.contains("//") {
+        canonical = canonical_path(path);
+        canonical.as_bytes()
+    } else {
+        path.as_bytes()
+    };
+    path.get(..route.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(route))
+        && matches!(path.get(route.len()), None | Some(b'/'))
+}
+
+/// `path` with its `%XX`-encoded unreserved characters decoded, its empty and `.`
+/// segments dropped, its `..` segments applied, and each segment's `;` parameters cut.
+fn canonical_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |j: usize| bytes.get(j).and_then(|&b| char::from(b).to_digit(16));
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (hex(i + 1), hex(i + 2))
+            && let c = (h * 16 + l) as u8
+            && (c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'))
+        {
+            decoded.push(c);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        let segment = segment.split(';').next().unwrap_or_default();
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 /// The path of a URI string (`https://host/a/b?q` → `/a/b`; `/a?q` → `/a`). A `://`
@@ -219,6 +278,48 @@ mod tests {
 
     fn err(e: impl Into<BoxError>) -> BoxError {
         e.into()
+    }
+
+    /// A keep-sync route holds in every spelling a server may route the same way: a
+    /// client that wrote `//payments/1` or `/pay%6Dents/1` got its payment deferred.
+    #[test]
+    fn a_keep_sync_route_holds_in_every_spelling_of_the_path() {
+        let policy = DeferPolicy::new().keep_sync_route("/payments");
+        for path in [
+            "/payments",
+            "/payments/9",
+            "//payments/9",
+            "/payments;jsessionid=x/9",
+            "/pay%6Dents/9",
+            "/PAYMENTS/9",
+            "/./payments/9",
+            "/orders/../payments/9",
+            "/payments/",
+        ] {
+            assert!(!policy.may_defer("POST", path), "{path} was deferrable");
+        }
+        for path in [
+            "/paymentsX",
+            "/orders/9",
+            "/pay%2Fments",
+            "/orders/payments",
+            "/",
+        ] {
+            assert!(
+                policy.may_defer("POST", path),
+                "{path} was kept synchronous"
+            );
+        }
+        assert!(
+            !DeferPolicy::new()
+                .keep_sync_route("/")
+                .may_defer("POST", "/x")
+        );
+        assert!(
+            !DeferPolicy::new()
+                .keep_sync_route("/")
+                .may_defer("POST", "/")
+        );
     }
 
     /// A second `keep_sync_when` adds to the first (as methods and routes do). It
