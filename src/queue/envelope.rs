@@ -158,24 +158,57 @@ pub(crate) fn is_credential(name: &str) -> bool {
         })
 }
 
-/// A URI for `Debug`: its userinfo (`user:password@`) redacted.
+/// A URI for `Debug`: its userinfo (`user:password@`) redacted, and the values of
+/// query parameters named like credentials ([`is_credential`], or `sig`, `key`,
+/// `code`, `pwd`, `jwt`: `?access_token=`, `X-Amz-Signature=`, a Maps `key=`).
 pub(crate) struct RedactedUri<'a>(pub(crate) &'a str);
 
 impl fmt::Debug for RedactedUri<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
         let uri = self.0;
         let start = uri.find("://").map_or(0, |i| i + 3);
         let end = uri[start..]
             .find(['/', '?', '#'])
             .map_or(uri.len(), |i| start + i);
-        match uri[start..end].rfind('@') {
+        let mut shown = String::with_capacity(uri.len());
+        let rest = match uri[start..end].rfind('@') {
             Some(at) => {
-                let host = &uri[start + at + 1..];
-                write!(f, "\"{}<redacted>@{}\"", &uri[..start], host.escape_debug())
+                shown.push_str(&uri[..start]);
+                shown.push_str("<redacted>@");
+                &uri[start + at + 1..]
             }
-            None => fmt::Debug::fmt(uri, f),
+            None => uri,
+        };
+        let (before, query) = match rest.find(['?', '#']) {
+            Some(q) if rest[q..].starts_with('?') => (&rest[..q], Some(&rest[q + 1..])),
+            _ => (rest, None),
+        };
+        shown.push_str(before);
+        if let Some(query) = query {
+            let (query, fragment) = query.split_at(query.find('#').unwrap_or(query.len()));
+            shown.push('?');
+            for (i, pair) in query.split('&').enumerate() {
+                if i > 0 {
+                    shown.push('&');
+                }
+                match pair.split_once('=') {
+                    Some((name, _)) if is_secret_param(name) => {
+                        let _ = write!(shown, "{name}=<redacted>");
+                    }
+                    _ => shown.push_str(pair),
+                }
+            }
+            shown.push_str(fragment);
         }
+        fmt::Debug::fmt(&shown, f)
     }
+}
+
+/// Whether the query parameter `name` holds a credential.
+fn is_secret_param(name: &str) -> bool {
+    const SHORT: [&str; 5] = ["sig", "key", "code", "pwd", "jwt"];
+    is_credential(name) || SHORT.iter().any(|s| name.eq_ignore_ascii_case(s))
 }
 
 /// Headers for `Debug`: credential values redacted, other values as text.
@@ -744,7 +777,7 @@ mod tests {
         let mut env = Envelope::new(
             "api:443",
             "POST",
-            "https://api/orders",
+            "https://user:pw-222@api/orders?page=2&access_token=at-333&X-Amz-Signature=sg-444&key=mk-555#top",
             Bytes::from_static(b"card=4111111111111111"),
             DeferReason::CircuitOpen,
         );
@@ -775,9 +808,18 @@ mod tests {
             "AIza789",
             "sub-000",
             "und-111",
+            "pw-222",
+            "at-333",
+            "sg-444",
+            "mk-555",
         ] {
             assert!(!shown.contains(secret), "{shown}");
         }
+        assert!(
+            shown.contains("https://<redacted>@api/orders?page=2&access_token=<redacted>"),
+            "{shown}"
+        );
+        assert!(shown.contains("key=<redacted>#top"), "{shown}");
         assert!(shown.contains("application/json"), "{shown}");
         assert!(shown.contains("order-7"), "not a credential: {shown}");
         assert!(shown.contains("<21 bytes>"), "{shown}");
