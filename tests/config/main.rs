@@ -399,15 +399,19 @@ async fn idempotency_scope_by_is_checked_and_applied() {
             }
         }),
     );
-    for token in ["alice", "bob"] {
+    let mut replayed = Vec::new();
+    for token in ["alice", "bob", "alice"] {
         let req = http::Request::post("http://shop.test/orders")
             .header("idempotency-key", "order-7")
             .header("authorization", token)
             .body(Full::new(Bytes::from("{}")))
             .unwrap();
-        svc.clone().oneshot(req).await.unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        replayed.push(res.headers().contains_key("idempotent-replayed"));
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2, "bob got alice's answer");
+    // Alice's repeat is still answered from the store: scoped, not switched off.
+    assert_eq!(replayed, [false, false, true]);
 }
 
 /// In the server stack a duplicate of a request still running is answered `409` with
@@ -517,7 +521,7 @@ fn the_layers_stream_through_refuse_patterns_that_match_all_or_nothing() {
 
 /// `stream_through` names gRPC methods whose calls the server stack's idempotency
 /// layer passes through as if they had no key: never replayed.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idempotency_stream_through_is_applied() {
     let config = ServerConfig::from_str(
         "[idempotency]\nstream_through = [\"/chat.Chat/*\"]\n",

@@ -1,6 +1,9 @@
 //! postbox layers around a real tonic `Channel` talking to a real tonic server on
 //! loopback.
 
+#[path = "../support/mod.rs"]
+mod shared;
+
 mod echo;
 
 use echo::{Reply, channel, say, say_keyed, serve, serve_idempotent};
@@ -210,14 +213,17 @@ async fn a_full_server_bulkhead_answers_resource_exhausted() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_, echo) = echo::serve(|_| Reply::Ok).await; // only for its service type
-    let entered = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
     let slow = tower::service_fn({
-        let entered = entered.clone();
+        let (entered, release) = (entered.clone(), release.clone());
         move |req: http::Request<tonic::body::Body>| {
             let mut echo = echo.clone();
-            entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (entered, release) = (entered.clone(), release.clone());
             async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Holds the only permit until the second call was refused.
+                entered.notify_one();
+                release.notified().await;
                 tower::Service::call(&mut echo, req).await
             }
         }
@@ -238,22 +244,18 @@ async fn a_full_server_bulkhead_answers_resource_exhausted() {
 
     let client = channel(addr);
     let first = tokio::spawn(say(client.clone(), "first"));
-    // Wait until the first call holds the only permit.
-    while entered.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    entered.notified().await;
     let status = say(client.clone(), "second").await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
+    release.notify_one();
     assert_eq!(first.await.unwrap().unwrap().message, "first");
 }
 
 #[tokio::test]
 async fn a_dead_port_is_unavailable_to_the_caller() {
-    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Held, not listening: a connection is refused, and no other test takes the port.
+    let dead = shared::DeadPort::new();
+    let addr = dead.addr();
     let client = ServiceBuilder::new()
         .layer(IntoStatusLayer::new())
         .layer(GrpcStatusLayer::new())

@@ -1,6 +1,9 @@
 //! postbox layers around hyper-util's legacy client talking to a real axum server on
 //! loopback.
 
+#[path = "../support/mod.rs"]
+mod shared;
+
 use axum::Router;
 use axum::routing::get;
 use bytes::Bytes;
@@ -121,11 +124,9 @@ async fn the_hyper_client_recovers_through_retries() {
 
 #[tokio::test]
 async fn a_dead_port_opens_the_breaker_and_the_retry_stops_at_the_open_breaker() {
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Held, not listening: a connection is refused, and no other test takes the port.
+    let dead = shared::DeadPort::new();
+    let addr = dead.addr();
     let breaker = breaker(2);
     let handle = breaker.handle();
     // Refused connections are retried until the breaker opens; its 30 s hint is beyond
@@ -136,6 +137,9 @@ async fn a_dead_port_opens_the_breaker_and_the_retry_stops_at_the_open_breaker()
         .unwrap_err();
     assert_eq!(handle.state(), State::Open);
     assert!(is_caused_by::<Open>(&*err), "{err}");
+    // Two refused attempts opened it; the third was rejected, and the retry stopped
+    // there instead of spending its other retries on the open breaker.
+    assert_eq!(handle.metrics().not_permitted(), 1);
 }
 
 #[tokio::test]
@@ -150,11 +154,9 @@ async fn a_slow_answer_is_cut_by_the_attempt_timeout() {
 
 #[tokio::test]
 async fn the_breaker_classifies_the_bare_hyper_client_errors() {
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Held, not listening: a connection is refused, and no other test takes the port.
+    let dead = shared::DeadPort::new();
+    let addr = dead.addr();
     // The breaker sits right on the client: it classifies hyper-util's own error type.
     let breaker = breaker(1);
     let handle = breaker.handle();

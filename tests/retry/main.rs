@@ -5,6 +5,9 @@
 //! early or late retry.
 #![cfg(feature = "http")]
 
+#[path = "../support/mod.rs"]
+mod shared;
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header::RETRY_AFTER};
 use http_body_util::{BodyExt, Full};
@@ -931,7 +934,7 @@ async fn dropping_the_future_cancels_the_pending_sleep_and_attempt() {
         .no_budget()
         .build()
         .unwrap();
-    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<(), ()>| layer.layer(m));
 
     // Dropped while backing off: no further attempt.
     assert_ready_ok!(svc.poll_ready());
@@ -942,16 +945,21 @@ async fn dropping_the_future_cancels_the_pending_sleep_and_attempt() {
     advance(Duration::from_secs(1)).await;
     no_request(&mut handle);
 
-    // Dropped while an attempt is in flight: the attempt's future is dropped with it.
-    assert_ready_ok!(svc.poll_ready());
-    let mut fut = task::spawn(svc.call(()));
+    // Dropped while an attempt is in flight: the attempt's future is dropped with it,
+    // not left running detached.
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let never = tower::service_fn({
+        let dropped = dropped.clone();
+        move |()| shared::NeverFuture::<Result<(), BoxError>>::new(dropped.clone())
+    });
+    let mut fut = task::spawn(tower::ServiceExt::oneshot(layer.layer(never), ()));
     assert_pending!(fut.poll());
-    let (_, send) = take_request(&mut handle);
+    assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst));
     drop(fut);
-    // The mock's response channel is closed once its future is gone.
-    send.send_response(());
-    advance(Duration::from_secs(1)).await;
-    no_request(&mut handle);
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the attempt outlived the retry's future"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -60,3 +60,30 @@ pub fn sample(render: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// A loopback port nothing listens on, held for the test's length: bound, so no other
+/// test can take it (a port bound and dropped can be handed to the next `bind`), but
+/// not listening, so a connection to it is refused.
+#[derive(Debug)]
+pub struct DeadPort {
+    socket: tokio::net::TcpSocket,
+    addr: std::net::SocketAddr,
+}
+
+impl DeadPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        Self { socket, addr }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Starts listening on the port: the dependency comes up.
+    pub fn listen(self) -> tokio::net::TcpListener {
+        self.socket.listen(128).unwrap()
+    }
+}
