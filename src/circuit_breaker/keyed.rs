@@ -261,12 +261,12 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
         // otherwise pay that scan once per key.
         let needed = map.len() + 1 - self.max_keys;
         let evict = needed.max(self.max_keys / 64);
-        let mut victims: Vec<((bool, u64), K)> = map
+        let mut victims: Vec<((bool, u64), &K)> = map
             .iter()
             .filter(|(_, e)| !is_manual(e))
             .map(|(k, e)| {
                 let guarding = e.breaker.breaker().state() != State::Closed;
-                ((guarding, e.last_used_ns.load(Relaxed)), k.clone())
+                ((guarding, e.last_used_ns.load(Relaxed)), k)
             })
             .collect();
         let evict = evict.min(victims.len());
@@ -278,10 +278,14 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
         }
         // In order, so the one needed is the least recently used closed one.
         victims[..evict].sort_unstable_by_key(|(rank, _)| *rank);
-        for (i, ((guarding, _), victim)) in victims.drain(..evict).enumerate() {
-            if i >= needed && guarding {
-                continue;
-            }
+        // Only the keys chosen are cloned (the map cannot change while they are listed).
+        let chosen: Vec<K> = victims[..evict]
+            .iter()
+            .enumerate()
+            .filter(|&(i, ((guarding, _), _))| i < needed || !guarding)
+            .map(|(_, (_, k))| (*k).clone())
+            .collect();
+        for victim in chosen {
             if let Some(e) = map.remove(&victim) {
                 e.breaker.breaker().retire();
             }

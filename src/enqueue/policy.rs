@@ -195,17 +195,17 @@ where
 /// `path` (see [`DeferPolicy::keep_sync_route`]).
 fn under(path: &str, route: &str) -> bool {
     let route = route.trim_end_matches('/').as_bytes();
-    let canonical;
-    // Only a path that could be spelt otherwise is rewritten (an allocation).
-    let path = if path.contains(['%', ';']) || path.contains("//") || path.contains("/.") {
-        canonical = canonical_path(path);
-        canonical.as_bytes()
-    } else {
-        path.as_bytes()
+    let matches = |path: &[u8]| {
+        path.get(..route.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(route))
+            && matches!(path.get(route.len()), None | Some(b'/'))
     };
-    path.get(..route.len())
-        .is_some_and(|head| head.eq_ignore_ascii_case(route))
-        && matches!(path.get(route.len()), None | Some(b'/'))
+    // As written, or rewritten: a server that does not apply `..` routes
+    // `/payments/..` to the payments. Only a path that could be spelt otherwise is
+    // rewritten (an allocation).
+    matches(path.as_bytes())
+        || ((path.contains(['%', ';']) || path.contains("//") || path.contains("/."))
+            && matches(canonical_path(path).as_bytes()))
 }
 
 /// `path` with its `%XX`-encoded unreserved characters decoded, its empty and `.`
@@ -296,6 +296,9 @@ mod tests {
             "/./payments/9",
             "/orders/../payments/9",
             "/payments/",
+            "/payments/..",
+            "/payments/9/../../orders",
+            "/payments/%2E%2E",
         ] {
             assert!(!policy.may_defer("POST", path), "{path} was deferrable");
         }

@@ -725,7 +725,7 @@ impl Inner {
             }
         }
         let reason = format!("undecodable: {why}");
-        headers.insert(H_REASON, encode_reason(cut(&reason, REASON_MAX)).as_str());
+        headers.insert(H_REASON, encode_reason(&reason).as_str());
         let publish = Publish::build()
             .payload(msg.payload.clone())
             .headers(headers)
@@ -1023,16 +1023,22 @@ impl Inner {
         now: SystemTime,
     ) -> usize {
         // `held` is locked meanwhile, and `keep_alive` needs it: on a slow server (each
-        // move is two round trips) the moves stop after a quarter of `ack_wait`, before
-        // the held deliveries go unrefreshed long enough for the server to deliver them
-        // to another process.
+        // move is two round trips) making room ends a quarter of `ack_wait` after it
+        // began, a move in progress then given up, before the held deliveries go
+        // unrefreshed long enough for the server to deliver them to another process.
         let until = Instant::now().checked_add(self.ack_wait() / 4);
+        let left = || {
+            until.map_or(Duration::MAX, |u| {
+                u.saturating_duration_since(Instant::now())
+            })
+        };
         let mut consumer = self
             .consumer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let behind = match tokio::time::timeout(self.request_timeout, consumer.info()).await {
+        let asked = tokio::time::timeout(self.request_timeout.min(left()), consumer.info());
+        let behind = match asked.await {
             Ok(Ok(info)) => info.num_pending,
             _ => return 0,
         };
@@ -1056,21 +1062,26 @@ impl Inner {
         );
         let mut moved = 0;
         for (_, id) in later {
-            if until.is_some_and(|until| Instant::now() >= until) {
+            let left = left();
+            if left.is_zero() {
                 break;
             }
             let h = held.remove(&id).expect("listed from held");
-            let copied = self.publish_copy(&h, &h.envelope, "m").await;
-            let settled = match copied {
-                Ok(_) => {
-                    // A copy is behind now, whatever becomes of the ack.
-                    self.lock_moved().insert(id, Instant::now());
-                    h.msg.double_ack().await.map_err(|e| e.to_string())
+            let step = async {
+                match self.publish_copy(&h, &h.envelope, "m").await {
+                    Ok(_) => {
+                        // A copy is behind now, whatever becomes of the ack.
+                        self.lock_moved().insert(id, Instant::now());
+                        h.msg.double_ack().await.map_err(|e| e.to_string())
+                    }
+                    // Settled elsewhere meanwhile (module docs): not ours to hold.
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+                    Err(e) => Err(e.to_string()),
                 }
-                // Settled elsewhere meanwhile (module docs): not ours to hold.
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
-                Err(e) => Err(e.to_string()),
             };
+            let settled = tokio::time::timeout(left, step)
+                .await
+                .unwrap_or_else(|_| Err("no answer before the time for making room ended".into()));
             if let Err(e) = settled {
                 // If the copy was stored, the held delivery is its older copy: a later
                 // fetch acks the older one (see `fetch`).
@@ -1119,7 +1130,7 @@ impl Inner {
         // Published without the lock, as in `retry_later`.
         let h = Self::take(&mut *self.held.lock().await, token)?;
         let mut headers = headers(&h.envelope);
-        headers.insert(H_REASON, encode_reason(cut(reason, REASON_MAX)).as_str());
+        headers.insert(H_REASON, encode_reason(reason).as_str());
         let publish = Publish::build()
             .payload(Bytes::from(h.envelope.encode()))
             .headers(headers)
@@ -1523,26 +1534,28 @@ fn header_room(e: &Envelope) -> usize {
     e.idempotency_key.len() + e.destination.len() + 320
 }
 
-/// `s` cut to at most `max` bytes (at a character boundary).
-fn cut(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// A dead letter's reason as a `Postbox-Reason` value: percent-encoded UTF-8, every
 /// byte outside printable ASCII and `%` itself as `%XX` (a header value carries no
-/// line break, and the replayer's reasons hold error texts and `µs`).
+/// line break, and the replayer's reasons hold error texts and `µs`), cut to
+/// [`REASON_MAX`] bytes encoded (the room kept for it, [`HEADROOM`]), at a character's
+/// end.
 fn encode_reason(reason: &str) -> String {
     use std::fmt::Write;
-    let mut out = String::with_capacity(reason.len());
-    for b in reason.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(char::from(b));
+    let mut out = String::with_capacity(reason.len().min(REASON_MAX));
+    for c in reason.chars() {
+        let mut utf8 = [0; 4];
+        let bytes = c.encode_utf8(&mut utf8).as_bytes();
+        let plain = bytes.len() == 1 && (0x20..0x7f).contains(&bytes[0]) && bytes[0] != b'%';
+        let len = if plain { 1 } else { 3 * bytes.len() };
+        if out.len() + len > REASON_MAX {
+            break;
+        }
+        if plain {
+            out.push(c);
         } else {
-            let _ = write!(out, "%{b:02X}");
+            for b in bytes {
+                let _ = write!(out, "%{b:02X}");
+            }
         }
     }
     out
@@ -1649,5 +1662,26 @@ fn ms_ceil(t: SystemTime) -> u64 {
         ms
     } else {
         ms.saturating_add(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reason is cut to `REASON_MAX` bytes as it travels (encoded, up to three times
+    /// its length), never inside a character, and reads back as the text it kept.
+    #[test]
+    fn a_reason_is_cut_encoded_at_a_character_and_reads_back() {
+        let long = "é\n".repeat(400);
+        let encoded = encode_reason(&long);
+        assert!(encoded.len() <= REASON_MAX, "{}", encoded.len());
+        assert!(encoded.len() > REASON_MAX - 9);
+        let back = decode_reason(&encoded);
+        assert!(long.starts_with(&back), "{back:?}");
+        assert!(!back.contains('\u{fffd}'));
+        let short = "400: délai 500µs\n100%";
+        assert_eq!(decode_reason(&encode_reason(short)), short);
+        assert_eq!(decode_reason("50% done"), "50% done");
     }
 }

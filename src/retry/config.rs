@@ -208,7 +208,7 @@ impl RetryConfig {
         let requests =
             super::HttpRequests::new().generate_idempotency_key(self.generate_idempotency_key);
         if self.retry_unsafe_methods {
-            requests.retry_safe_if(|_, _| true)
+            requests.retry_every_method()
         } else {
             requests
         }
@@ -249,6 +249,34 @@ mod tests {
         let mut req = http::Request::post("http://a/").body(()).unwrap();
         super::super::CloneRequest::prepare(layer.policy().requests(), &mut req);
         assert!(req.headers().contains_key("idempotency-key"));
+    }
+
+    /// `retry_unsafe_methods` with `generate_idempotency_key`: every method is retried,
+    /// and a `POST` still carries a key for the service to de-duplicate on (the rule
+    /// that retries everything switched the keys off). A custom rule naming a method
+    /// safe keeps its requests keyless.
+    #[cfg(feature = "http")]
+    #[test]
+    fn retrying_every_method_still_sends_a_post_with_a_key() {
+        use super::super::CloneRequest;
+        let c: RetryConfig = serde_json::from_str(
+            r#"{"generate_idempotency_key": true, "retry_unsafe_methods": true}"#,
+        )
+        .unwrap();
+        let requests = c.http_requests();
+        let mut post = http::Request::post("http://a/").body(()).unwrap();
+        requests.prepare(&mut post);
+        assert!(post.headers().contains_key("idempotency-key"));
+        let mut get = http::Request::get("http://a/").body(()).unwrap();
+        requests.prepare(&mut get);
+        assert!(!get.headers().contains_key("idempotency-key"));
+
+        let named = super::super::HttpRequests::new()
+            .generate_idempotency_key(true)
+            .retry_safe_if(|m, _| m == http::Method::POST);
+        let mut post = http::Request::post("http://a/").body(()).unwrap();
+        named.prepare(&mut post);
+        assert!(!post.headers().contains_key("idempotency-key"));
     }
 
     #[test]

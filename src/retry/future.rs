@@ -346,8 +346,14 @@ fn decide<C, R, H>(
 /// come back as the deadline's error instead of this outcome.
 fn starts_before(delay: Duration, deadline: Instant) -> bool {
     const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+    // No delay, no sleep: the attempt starts now.
+    let slack = if delay.is_zero() {
+        Duration::ZERO
+    } else {
+        TIMER_RESOLUTION
+    };
     Instant::now()
-        .checked_add(delay.saturating_add(TIMER_RESOLUTION))
+        .checked_add(delay.saturating_add(slack))
         .is_some_and(|latest| latest < deadline)
 }
 

@@ -174,6 +174,8 @@ mod http_requests {
     pub struct HttpRequests {
         safe: Option<Arc<SafeFn>>,
         generate_key: bool,
+        /// [`retry_every_method`](Self::retry_every_method).
+        every_method: bool,
     }
 
     // === impl HttpRequests ===
@@ -184,11 +186,23 @@ mod http_requests {
             Self::default()
         }
 
-        /// Adds a generated `Idempotency-Key` before its first attempt to every request
-        /// that is not retry-safe, under the rule in force or the default one (so a
-        /// custom rule that retries every method still sends a `POST` with a key).
+        /// Adds a generated `Idempotency-Key` to every request that is not retry-safe
+        /// before its first attempt (under [`retry_every_method`](Self::retry_every_method),
+        /// to every request whose method is not idempotent).
         pub fn generate_idempotency_key(mut self, generate: bool) -> Self {
             self.generate_key = generate;
+            self
+        }
+
+        /// Retries every request, whatever its method: for a service that de-duplicates
+        /// retries itself. With [`generate_idempotency_key`](Self::generate_idempotency_key),
+        /// a request whose method is not idempotent still gets its key, which such a
+        /// service needs to de-duplicate (a rule `retry_safe_if(|_, _| true)` adds none:
+        /// every request is safe by it). Replaces any [`retry_safe_if`](Self::retry_safe_if)
+        /// rule.
+        pub fn retry_every_method(mut self) -> Self {
+            self.safe = Some(Arc::new(|_: &Method, _: &HeaderMap| true));
+            self.every_method = true;
             self
         }
 
@@ -198,6 +212,7 @@ mod http_requests {
             F: Fn(&Method, &HeaderMap) -> bool + Send + Sync + 'static,
         {
             self.safe = Some(Arc::new(f));
+            self.every_method = false;
             self
         }
 
@@ -214,6 +229,7 @@ mod http_requests {
             f.debug_struct("HttpRequests")
                 .field("custom_rule", &self.safe.is_some())
                 .field("generate_idempotency_key", &self.generate_key)
+                .field("every_method", &self.every_method)
                 .finish()
         }
     }
@@ -254,13 +270,11 @@ mod http_requests {
         /// from now: retries then send the time left, not the whole timeout again, and
         /// none starts after it.
         fn prepare(&self, req: &mut Request<B>) {
-            // Whatever a custom rule says, a non-idempotent method gets its key: a rule
-            // that retries every method (`retry_unsafe_methods`) is for services that
-            // de-duplicate, and they need the key to.
-            if self.generate_key
-                && (!self.safe(req.method(), req.headers())
-                    || !idempotency_key::is_retry_safe(req.method(), req.headers()))
-            {
+            // Retrying every method is for services that de-duplicate, and they need the
+            // key of a request whose method is not idempotent to.
+            let unsafe_method =
+                self.every_method && !idempotency_key::is_retry_safe(req.method(), req.headers());
+            if self.generate_key && (unsafe_method || !self.safe(req.method(), req.headers())) {
                 ensure_idempotency_key(req);
             }
             crate::timeout::anchor_caller_timeout(req);

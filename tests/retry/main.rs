@@ -608,13 +608,13 @@ async fn a_post_without_a_key_is_not_retried_with_a_key_it_is() {
 
 /// A generated key makes a `POST` retryable and is sent on every attempt, under the
 /// default rule, under a custom one that knows nothing of keys (as
-/// `generate_idempotency_key` promises), and under one that retries every method
+/// `generate_idempotency_key` promises), and with `retry_every_method`
 /// (`retry_unsafe_methods`: the service de-duplicates, on the key); idempotent methods
 /// get none.
 #[tokio::test(start_paused = true)]
 async fn a_generated_key_makes_a_post_retryable_and_is_sent_on_every_attempt() {
     let custom = HttpRequests::new().retry_safe_if(|m, _| m.is_idempotent());
-    let every_method = HttpRequests::new().retry_safe_if(|_, _| true);
+    let every_method = HttpRequests::new().retry_every_method();
     for requests in [HttpRequests::new(), custom, every_method] {
         let layer = http_layer(requests.generate_idempotency_key(true));
         let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
