@@ -165,6 +165,8 @@ struct Inner {
     next_token: u64,
     /// The size of the remembered responses (see [`size_of`]).
     bytes: usize,
+    /// Entries of `map` that are claims in progress (the rest are remembered responses).
+    in_progress: usize,
 }
 
 /// About how much memory a remembered response under `key` holds: its body, headers
@@ -178,10 +180,13 @@ fn size_of(key: &str, r: &StoredResponse) -> usize {
 /// An in-memory [`IdempotencyStore`], bounded in entries and in bytes, with TTL
 /// eviction.
 ///
-/// When full (in keys, or in the bytes of the remembered responses: 256 MiB by default,
-/// see [`max_bytes`](Self::max_bytes)), expired responses are dropped first, then the
-/// oldest remembered ones; claims in progress are never evicted. Times come from `tokio::time::Instant`, so
-/// paused-time tests control expiry. Remembers responses for one process only.
+/// When full (in remembered responses, or in their bytes: 256 MiB by default, see
+/// [`max_bytes`](Self::max_bytes)), expired responses are dropped first, then the
+/// oldest remembered ones. Claims in progress are never evicted and come on top of the
+/// capacity (they are as many as the requests in flight): counted in it, a burst of
+/// slow requests evicted every remembered response, and the retries of those requests
+/// ran their handlers again. Times come from `tokio::time::Instant`, so paused-time
+/// tests control expiry. Remembers responses for one process only.
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     capacity: usize,
@@ -191,7 +196,8 @@ pub struct MemoryStore {
 // === impl MemoryStore ===
 
 impl MemoryStore {
-    /// A store of at most `capacity` keys (at least 1).
+    /// A store of at most `capacity` remembered responses (at least 1), besides the
+    /// claims in progress.
     pub fn new(capacity: usize) -> Self {
         Self {
             inner: Mutex::new(Inner {
@@ -199,6 +205,7 @@ impl MemoryStore {
                 order: VecDeque::new(),
                 next_token: 0,
                 bytes: 0,
+                in_progress: 0,
             }),
             capacity: capacity.max(1),
             max_bytes: Self::DEFAULT_MAX_BYTES,
@@ -280,11 +287,11 @@ impl Inner {
         }
     }
 
-    /// Makes room for one more key.
+    /// Makes room for one more remembered response.
     fn evict(&mut self, capacity: usize, now: Instant) {
-        while self.map.len() >= capacity {
+        while self.map.len() - self.in_progress >= capacity {
             let Some((key, expires)) = self.order.pop_front() else {
-                return; // only claims in progress: allowed to exceed
+                return;
             };
             self.forget(&key, expires);
         }
@@ -334,9 +341,15 @@ impl IdempotencyStore for MemoryStore {
                         done,
                     },
                 );
-                if let Some(Entry::Done { response, .. }) = replaced {
-                    // Expired, not yet evicted.
-                    inner.bytes = inner.bytes.saturating_sub(size_of(key, &response));
+                match replaced {
+                    Some(Entry::Done { response, .. }) => {
+                        // Expired, not yet evicted.
+                        inner.bytes = inner.bytes.saturating_sub(size_of(key, &response));
+                        inner.in_progress += 1;
+                    }
+                    None => inner.in_progress += 1,
+                    // An expired claim taken over.
+                    Some(Entry::InProgress { .. }) => {}
                 }
                 Claim::Proceed(token)
             }
@@ -365,6 +378,7 @@ impl IdempotencyStore for MemoryStore {
         let mut inner = self.lock();
         if inner.holds(key, token) {
             inner.bytes += size;
+            inner.in_progress -= 1;
             inner
                 .map
                 .insert(key.to_owned(), Entry::Done { response, expires });
@@ -379,6 +393,7 @@ impl IdempotencyStore for MemoryStore {
         let mut inner = self.lock();
         if inner.holds(key, token) {
             inner.map.remove(key);
+            inner.in_progress -= 1;
         }
     }
 
@@ -444,6 +459,36 @@ mod tests {
             tokio::time::advance(Duration::from_secs(2)).await;
         }
         assert!(s.lock().order.len() <= 2, "{}", s.lock().order.len());
+    }
+
+    /// Claims in progress do not push remembered responses out: counted in the
+    /// capacity, a burst of slow requests evicted every remembered response, and their
+    /// retries ran the handler again.
+    #[tokio::test(start_paused = true)]
+    async fn claims_in_progress_do_not_evict_remembered_responses() {
+        let s = MemoryStore::new(2);
+        let lock = Duration::from_secs(30);
+        let ttl = Duration::from_secs(60);
+        let _a = proceed(&s, "a", lock).await;
+        let b = proceed(&s, "b", lock).await;
+        let c = proceed(&s, "c", lock).await;
+        s.complete("c", c, response(3), ttl).await.unwrap();
+        let _d = proceed(&s, "d", lock).await;
+        let _e = proceed(&s, "e", lock).await;
+        assert!(matches!(s.claim("c", lock).await.unwrap(), Claim::Done(_)));
+        // Released and completed claims leave the count right: two responses fit.
+        s.release("b", b);
+        let f = proceed(&s, "f", lock).await;
+        s.complete("f", f, response(6), ttl).await.unwrap();
+        assert!(matches!(s.claim("c", lock).await.unwrap(), Claim::Done(_)));
+        assert!(matches!(s.claim("f", lock).await.unwrap(), Claim::Done(_)));
+        let g = proceed(&s, "g", lock).await;
+        s.complete("g", g, response(7), ttl).await.unwrap();
+        assert!(
+            matches!(s.claim("c", lock).await.unwrap(), Claim::Proceed(_)),
+            "the oldest of three responses stays past a capacity of two"
+        );
+        assert_eq!(s.lock().in_progress, 4, "a, d, e and c again");
     }
 
     /// Claims `key`, which must be free.
