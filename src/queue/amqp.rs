@@ -130,6 +130,7 @@ pub struct AmqpOptions {
     dedupe_window: Duration,
     max_held: usize,
     timeout: Duration,
+    max_message_size: usize,
 }
 
 /// A durable [`Queue`] on RabbitMQ. See the [module docs](self) for the layout, the
@@ -153,6 +154,7 @@ struct Inner {
     dedupe_window: Duration,
     max_held: usize,
     timeout: Duration,
+    max_message_size: usize,
     link: Mutex<Option<Link>>,
     /// After a failed connect, when the next may be tried (read and set under `link`).
     cooldown: std::sync::Mutex<Cooldown>,
@@ -338,6 +340,7 @@ impl AmqpOptions {
             dedupe_window: Duration::from_secs(24 * 3600),
             max_held: 10_000,
             timeout: Duration::from_secs(5),
+            max_message_size: 16 << 20,
         }
     }
 
@@ -385,6 +388,16 @@ impl AmqpOptions {
         self
     }
 
+    /// The largest encoded message `enqueue` sends (default 16 MiB, RabbitMQ 4's
+    /// `max_message_size`; RabbitMQ 3 allows 128 MiB): a larger one is refused with
+    /// [`QueueError::Backend`]. Sent, the broker would close the channel every call of
+    /// this process shares, and the deliveries it holds would all be delivered again.
+    /// Set it to the broker's own `max_message_size` if that is lower.
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
     /// The URL that will be used.
     pub fn url(&self) -> String {
         super::broker_url(self.url.as_deref(), AMQP_URL_ENV, DEFAULT_AMQP_URL)
@@ -412,6 +425,7 @@ impl AmqpQueue {
             dedupe_window: options.dedupe_window,
             max_held: options.max_held,
             timeout: options.timeout,
+            max_message_size: options.max_message_size,
             link: Mutex::new(None),
             cooldown: std::sync::Mutex::new(Cooldown::new()),
             last_epoch: std::sync::atomic::AtomicU64::new(0),
@@ -641,6 +655,17 @@ impl Inner {
             props = props.with_expiration(ms.to_string().into());
         }
         let payload = envelope.encode();
+        if payload.len() > self.max_message_size {
+            return Err(QueueError::Backend(
+                format!(
+                    "an encoded message of {} bytes: the queue sends at most {} \
+                     (AmqpOptions::with_max_message_size)",
+                    payload.len(),
+                    self.max_message_size
+                )
+                .into(),
+            ));
+        }
         let publish = async {
             ch.basic_publish("", routing_key, mandatory(), &payload, props)
                 .await?

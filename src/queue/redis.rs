@@ -107,6 +107,7 @@ pub struct RedisOptions {
     url: Option<String>,
     capacity: Option<u64>,
     response_timeout: Duration,
+    max_message_size: usize,
 }
 
 /// A durable [`Queue`] on Redis Streams.
@@ -152,6 +153,7 @@ pub struct RedisQueue {
     conn: ConnectionManager,
     keys: Arc<[String; 11]>,
     capacity: Option<u64>,
+    max_message_size: usize,
     /// With a capacity: the task that runs `enqueue.lua` for batches of enqueues.
     batcher: Option<mpsc::Sender<Pending>>,
 }
@@ -180,6 +182,7 @@ impl RedisOptions {
             url: None,
             capacity: None,
             response_timeout: Duration::from_secs(5),
+            max_message_size: 512 << 20,
         }
     }
 
@@ -202,6 +205,16 @@ impl RedisOptions {
     /// [`QueueError::Unavailable`] (default 5 s).
     pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
+        self
+    }
+
+    /// The largest encoded message `enqueue` sends (default 512 MiB, Redis'
+    /// `proto-max-bulk-len`): a larger one is refused with [`QueueError::Backend`].
+    /// Sent, Redis would close the connection every call of this process shares (a
+    /// lease's reply lost with it), and a caller retrying the enqueue would do it again.
+    /// Set it to the server's `proto-max-bulk-len` if that is lower.
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
         self
     }
 
@@ -262,6 +275,7 @@ impl RedisQueue {
             conn,
             keys,
             capacity: options.capacity,
+            max_message_size: options.max_message_size,
             batcher,
         };
         let created: Result<Value, RedisError> = ::redis::cmd("XGROUP")
@@ -312,6 +326,17 @@ impl RedisQueue {
         envelope.check_encodable()?;
         let id = envelope.id.to_string();
         let payload = envelope.encode();
+        if payload.len() > self.max_message_size {
+            return Err(QueueError::Backend(
+                format!(
+                    "an encoded message of {} bytes: the queue sends at most {} \
+                     (RedisOptions::with_max_message_size)",
+                    payload.len(),
+                    self.max_message_size
+                )
+                .into(),
+            ));
+        }
         let created = ms_floor(envelope.created_at).to_string();
         let nb = ms_ceil(envelope.not_before).to_string();
         let attempts = envelope.attempts.to_string();
@@ -642,7 +667,9 @@ impl RedisQueue {
         // cannot hide the rest (a redrive would move nothing, for good).
         let mut from = "-".to_owned();
         while out.len() < max {
-            let want = max - out.len();
+            // A page at most: Redis refuses a `COUNT` above `i64::MAX` (a "read them
+            // all" `usize::MAX` failed).
+            let want = (max - out.len()).min(4096);
             let reply: Value = ::redis::cmd("XRANGE")
                 .arg(&self.keys[1])
                 .arg(&from)

@@ -995,3 +995,86 @@ async fn an_enqueue_that_timed_out_after_its_transaction_ran_keeps_its_message()
         "the message whose answer timed out is delivered"
     );
 }
+
+/// A backlog that falls due at once (an outage's retries, all due when the break
+/// ends) is moved to `ready` a bounded batch per lease (1024, or `max` if more), not
+/// whole inside one script that blocks Redis for every other client; every message is
+/// still leased, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_falling_due_at_once_is_moved_a_bounded_batch_per_lease() {
+    const N: usize = 3000;
+    let (q, _purge) = make(options());
+    let due = crate::suite::at(3600);
+    let q = Arc::new(q);
+    let mut producers = Vec::new();
+    for p in 0..8 {
+        let q = q.clone();
+        producers.push(tokio::spawn(async move {
+            for i in (p..N).step_by(8) {
+                let mut e = crate::suite::envelope(&format!("k{i}"));
+                e.not_before = due;
+                q.enqueue(e).await.unwrap();
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    let delayed = || async {
+        redis::cmd("ZCARD")
+            .arg(&q.keys()[7])
+            .query_async::<usize>(&mut q.connection())
+            .await
+            .unwrap()
+    };
+    let lease_for = Duration::from_secs(300);
+    // Read into the delayed set before they are due.
+    for _ in 0..100 {
+        if delayed().await == N {
+            break;
+        }
+        assert!(
+            q.lease(64, lease_for, crate::suite::at(0))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(delayed().await, N);
+    let first = q.lease(10, lease_for, due).await.unwrap();
+    assert_eq!(first.len(), 10);
+    assert_eq!(delayed().await, N - 1024, "moved more than a batch at once");
+    let mut seen: HashSet<_> = first.iter().map(|l| l.envelope.id).collect();
+    loop {
+        let got = q.lease(500, lease_for, due).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        for l in got {
+            assert!(seen.insert(l.envelope.id), "leased twice");
+        }
+    }
+    assert_eq!(seen.len(), N);
+}
+
+/// A message larger than the broker takes is refused before it is sent, as
+/// `Backend`, and the connection every other call shares goes on: a lease held
+/// meanwhile is still acked. (Sent, the broker closes the connection or channel.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_is_refused_and_the_connection_goes_on() {
+    let (q, _purge) = make(options().with_max_message_size(2048));
+    q.enqueue(crate::suite::envelope("small")).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let held = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let mut big = crate::suite::envelope("big");
+    big.body = bytes::Bytes::from(vec![b'x'; 4096]);
+    let refused = q.enqueue(big).await;
+    assert!(
+        matches!(&refused, Err(QueueError::Backend(e)) if e.to_string().contains("at most 2048")),
+        "{refused:?}"
+    );
+    q.ack(&[held[0].token]).await.unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight), (0, 0));
+}

@@ -413,6 +413,8 @@ pub async fn dead_letter_moves_message_and_frees_key(q: impl Queue) {
     let dead = q.dead_letters(10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].envelope.id, id);
+    // "All of them" is a valid count.
+    assert_eq!(q.dead_letters(usize::MAX).await.unwrap().len(), 1);
     assert_eq!(dead[0].envelope.attempts, 1);
     assert_eq!(dead[0].reason, reason);
     // Never leased again, even long after.

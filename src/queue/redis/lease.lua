@@ -4,12 +4,16 @@
 -- letters.
 local consumer, now, untl, max = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
--- Expired leases return to pending first, then messages whose not-before has come.
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
+-- Expired leases return to pending first, then messages whose not-before has come: the
+-- earliest `cap` of each, the rest on the next leases. A backlog that fell due at once
+-- (an outage's retries, all due when the breaker's break ends; a crashed replayer's
+-- leases) moved whole would block Redis for seconds, every other client answered BUSY.
+local cap = math.max(max, 1024)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, cap)) do
   redis.call('ZREM', leases, id)
   redis.call('ZADD', ready, 0, id)
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now)) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, cap)) do
   redis.call('ZREM', delayed, id)
   redis.call('ZADD', ready, 0, id)
 end
@@ -109,11 +113,14 @@ while max > 0 and rounds < 64 and redis.call('ZCARD', ready) < max do
 end
 -- Every entry up to `last` has been read: a finished id buried at an older millisecond
 -- has no unread copy left.
+-- (At most `cap` at a time, and a whole set freed in the background: `done` can have
+-- grown by an ack each while leases read nothing new.)
 if last then
   if redis.call('XLEN', stream) == 0 then
-    redis.call('DEL', done)
+    redis.call('UNLINK', done)
   else
-    redis.call('ZREMRANGEBYSCORE', done, '-inf', '(' .. eid_ms(last))
+    local old = redis.call('ZRANGEBYSCORE', done, '-inf', '(' .. eid_ms(last), 'LIMIT', 0, cap)
+    if #old > 0 then redis.call('ZREM', done, unpack(old)) end
   end
 end
 -- Lease the oldest due ids (all scores are 0, so the order is the id's text order).

@@ -41,7 +41,7 @@ local function bury(id)
   if horizon == nil then
     local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
     if #last == 0 then
-      redis.call('DEL', done)
+      redis.call('UNLINK', done)
       horizon = false
     else
       horizon = eid_ms(last[1][1])
