@@ -1078,3 +1078,26 @@ async fn a_message_over_the_size_limit_is_refused_and_the_connection_goes_on() {
     let depth = q.depth().await.unwrap();
     assert_eq!((depth.pending, depth.in_flight), (0, 0));
 }
+
+/// Attempts saturate at `u32::MAX` instead of carrying into the lease generation's
+/// release count: a message at the limit was handed back with `attempts = 0`, new
+/// again. Each lease still has a generation of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_saturate_at_the_limit_and_each_lease_stays_distinct() {
+    let (q, _purge) = make(options());
+    let mut e = crate::suite::envelope("worn");
+    e.attempts = u32::MAX - 1;
+    q.enqueue(e).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let first = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(first[0].envelope.attempts, u32::MAX);
+    q.retry_later(first[0].token, crate::suite::at(0)).await.unwrap();
+    let second = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(second[0].envelope.attempts, u32::MAX);
+    assert_ne!(second[0].token, first[0].token);
+    assert!(matches!(
+        q.ack(&[first[0].token]).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    q.ack(&[second[0].token]).await.unwrap();
+}

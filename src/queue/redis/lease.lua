@@ -154,6 +154,12 @@ if max > 0 then
         redis.call('ZADD', delayed, due, id)
       else
         local a = redis.call('HINCRBY', attempts, id, 1)
+        if a % 4294967296 == 0 then
+          -- The attempts were at 2^32 - 1 and carried into the releases: they stay
+          -- there (saturated), and the releases count this lease, so its generation
+          -- is still new.
+          a = redis.call('HINCRBY', attempts, id, 4294967295)
+        end
         redis.call('ZADD', leases, untl, id)
         out[#out + 1] = {id, a, env, override or ''}
       end
