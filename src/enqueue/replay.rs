@@ -10,7 +10,7 @@ use crate::classify::{Classification, Classify, ErrorClassifier};
 use crate::clock::later;
 use crate::error::{ConfigError, find_cause};
 use crate::queue::{LeaseToken, Leased, Queue, QueueError};
-use crate::timeout::error::DeadlineExceeded;
+use crate::timeout::error::{BodyDeadlineExceeded, DeadlineExceeded};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -122,8 +122,11 @@ fn own_rejection<Res>(outcome: Result<&Res, &BoxError>) -> Option<Verdict> {
             reason: e.to_string(),
         });
     }
-    if before_call == Some(false) {
-        // The deadline passed while the call ran: it may have reached the dependency.
+    // The deadline passed while the call ran, or while its answer's body was read: it
+    // may have reached the dependency, and a later replay may get through. (The
+    // classifiers call both "not retryable", as the call's budget is spent; the
+    // replay's next attempt has a budget of its own.)
+    if before_call == Some(false) || find_cause::<BodyDeadlineExceeded>(e).is_some() {
         return Some(Verdict::Retry {
             after: None,
             reason: e.to_string(),
@@ -370,7 +373,8 @@ impl ReplayConfig {
 /// probe opened the breaker its retry then met still counts.
 ///
 /// An ack, retry, release or dead letter that finds the queue
-/// [`Unavailable`](QueueError::Unavailable) is tried again every `poll_interval` (and
+/// [`Unavailable`](QueueError::Unavailable) is tried again every `poll_interval` (at
+/// most a quarter of `lease_for`; and
 /// once more at shutdown) for as long as the lease may still be current (`lease_for`
 /// since the first try); after that the lease expires and the message is leased again.
 ///
@@ -1203,8 +1207,8 @@ where
                 log_queue_error(call.what(), &e);
                 if self.current(since) {
                     self.unsettled.push((since, call));
-                    self.resettle_at
-                        .get_or_insert_with(|| later(Instant::now(), self.config.poll_interval));
+                    let at = later(Instant::now(), self.resettle_every());
+                    self.resettle_at.get_or_insert(at);
                 }
                 return false;
             }
@@ -1213,6 +1217,14 @@ where
             (Err(e), call) => log_queue_error(call.what(), &e),
         }
         true
+    }
+
+    /// How soon a queue call that found the queue unavailable is tried again:
+    /// `poll_interval`, at most a quarter of `lease_for` (with a `poll_interval` as long
+    /// as the lease, the call was dropped before its first retry, and an ack that met
+    /// a blip replayed its message).
+    fn resettle_every(&self) -> Duration {
+        self.config.poll_interval.min(self.config.lease_for / 4)
     }
 
     /// Whether a settling call first tried at `since` may still find its lease
@@ -1244,8 +1256,8 @@ where
         // Not tried this round: after the one that failed again.
         self.unsettled.extend(calls);
         if !self.unsettled.is_empty() {
-            self.resettle_at
-                .get_or_insert_with(|| later(Instant::now(), self.config.poll_interval));
+            let at = later(Instant::now(), self.resettle_every());
+            self.resettle_at.get_or_insert(at);
         }
     }
 
@@ -1342,6 +1354,20 @@ mod tests {
         );
         // As any other `4xx` the classifier does not retry: not re-sent.
         assert!(matches!(told.judge(Ok(&with)), Verdict::Permanent { .. }));
+    }
+
+    /// A deadline that passed while the answer's body was read is retried, as one that
+    /// passed during the call is: the replay's next attempt has a budget of its own.
+    /// (The classifiers call it "not retryable", so it was dead-lettered.)
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_body_deadline_is_retried_not_dead_lettered() {
+        let err = BoxError::from(BodyDeadlineExceeded::new());
+        let judge = HttpJudge::new();
+        assert!(matches!(
+            judge.judge(Err::<&http::Response<()>, _>(&err)),
+            Verdict::Retry { .. }
+        ));
     }
 
     #[test]

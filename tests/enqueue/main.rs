@@ -2182,6 +2182,24 @@ async fn replayer_sends_an_ack_again_after_the_queue_was_unavailable() {
     assert_eq!(depth(&queue.inner).await, Depth::default());
 }
 
+/// With a poll interval as long as the lease, a failed ack is still tried again in
+/// time (after a quarter of the lease): it was dropped before its first retry, and the
+/// delivered message was replayed a second time.
+#[tokio::test(start_paused = true)]
+async fn a_failed_ack_is_tried_again_in_time_with_a_poll_interval_as_long_as_the_lease() {
+    let (queue, calls) = one_message_failing_settles(1).await;
+    let handle = Replayer::http(queue.clone(), counting(200, calls.clone()))
+        .lease_for(Duration::from_secs(60))
+        .poll_interval(Duration::from_secs(60))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "replayed again");
+    assert_eq!(depth(&queue.inner).await, Depth::default());
+}
+
 /// A dead letter or a retry that finds the queue unavailable is sent again once it is
 /// back: the message is not replayed again when its lease expires.
 #[tokio::test(start_paused = true)]

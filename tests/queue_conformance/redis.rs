@@ -1091,7 +1091,9 @@ async fn attempts_saturate_at_the_limit_and_each_lease_stays_distinct() {
     let lease_for = Duration::from_secs(30);
     let first = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
     assert_eq!(first[0].envelope.attempts, u32::MAX);
-    q.retry_later(first[0].token, crate::suite::at(0)).await.unwrap();
+    q.retry_later(first[0].token, crate::suite::at(0))
+        .await
+        .unwrap();
     let second = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
     assert_eq!(second[0].envelope.attempts, u32::MAX);
     assert_ne!(second[0].token, first[0].token);
