@@ -21,7 +21,25 @@ pub(crate) fn wall_now() -> SystemTime {
     if !crate::clock::tokio_clock_is_paused() {
         return SystemTime::now();
     }
-    anchored(Instant::now())
+    #[cfg(test)]
+    let skew = SKEW.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    let skew = std::time::Duration::ZERO;
+    anchored(Instant::now()) + skew
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How far this thread's paused wall clock has jumped (see [`jump_wall_clock`]).
+    static SKEW: std::cell::Cell<std::time::Duration> =
+        const { std::cell::Cell::new(std::time::Duration::ZERO) };
+}
+
+/// Moves this thread's paused wall clock on by `by` without tokio's clock: a suspended
+/// VM resumed, or an NTP step (tests on a current-thread runtime).
+#[cfg(test)]
+pub(crate) fn jump_wall_clock(by: std::time::Duration) {
+    SKEW.with(|s| s.set(s.get() + by));
 }
 
 /// The wall-clock time at `now` of tokio's clock, from the process's anchor.

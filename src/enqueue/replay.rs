@@ -675,7 +675,8 @@ struct Worker<Q, S, K, J, Req> {
     stats: Arc<Counters>,
     rng: fastrand::Rng,
     tasks: JoinSet<Settled>,
-    in_flight: HashMap<Id, LeaseToken>,
+    /// Each running replay's lease, and when its lease runs out by the wall clock.
+    in_flight: HashMap<Id, InFlight>,
     acks: Vec<LeaseToken>,
     ack_due: Option<Instant>,
     /// Queue calls that found the queue unavailable, with when they first failed: tried
@@ -692,6 +693,14 @@ struct Worker<Q, S, K, J, Req> {
     rejected_streak: u32,
     depth_at: Option<Instant>,
     _req: std::marker::PhantomData<fn(Req)>,
+}
+
+/// A running replay: its lease, when that lease runs out by the wall clock, and how to
+/// cut it off.
+struct InFlight {
+    token: LeaseToken,
+    lease_ends: std::time::SystemTime,
+    abort: tokio::task::AbortHandle,
 }
 
 /// A queue call that settles leases: tried again every poll interval while the queue
@@ -804,11 +813,9 @@ where
                 // Read before the lease: its replays are cut off by then + the limit,
                 // however long the rest of the batch takes to start.
                 let cut_off = later(Instant::now(), self.config.replay_limit());
-                match self
-                    .queue
-                    .lease(max, self.config.lease_for, wall_now())
-                    .await
-                {
+                let wall = wall_now();
+                self.cut_off_lapsed(wall);
+                match self.queue.lease(max, self.config.lease_for, wall).await {
                     Ok(batch) if !batch.is_empty() => {
                         // A message of a destination whose breaker is open is held back
                         // to the break's end, so it is not due again before then.
@@ -895,7 +902,7 @@ where
         // not use up an attempt (a message on its last one would be dead-lettered at its
         // next lease without ever being judged).
         let now = wall_now();
-        for (_, token) in std::mem::take(&mut self.in_flight) {
+        for (_, InFlight { token, .. }) in std::mem::take(&mut self.in_flight) {
             match self.queue.release(token, now).await {
                 Ok(()) => {
                     self.stats.returned.fetch_add(1, Ordering::Relaxed);
@@ -911,7 +918,9 @@ where
     /// not rebuildable, or held back while its destination's breaker is open.
     async fn start(&mut self, leased: Leased, cut_off: Instant) {
         let Leased {
-            envelope, token, ..
+            envelope,
+            token,
+            lease_until,
         } = leased;
         let now = wall_now();
         if envelope.expires_at.is_some_and(|at| at <= now) {
@@ -979,7 +988,27 @@ where
                 reached: log.reached(),
             }
         });
-        self.in_flight.insert(handle.id(), token);
+        self.in_flight.insert(
+            handle.id(),
+            InFlight {
+                token,
+                lease_ends: lease_until,
+                abort: handle,
+            },
+        );
+    }
+
+    /// Cuts off the replays whose lease has run out by the wall clock: the lease asks
+    /// the queue by it, and would lease their messages again, a second replay beside
+    /// the first. The monotonic cut-off does that in time, unless the wall clock jumped
+    /// (a suspended VM, whose monotonic clock stood still; an NTP step).
+    fn cut_off_lapsed(&mut self, now: std::time::SystemTime) {
+        for f in self.in_flight.values() {
+            if f.lease_ends <= now {
+                tracing::warn!(id = %f.token.id, "replay cut off: its lease ran out by the wall clock");
+                f.abort.abort();
+            }
+        }
     }
 
     async fn settle(&mut self, joined: Result<(Id, Settled), JoinError>) {
@@ -996,9 +1025,12 @@ where
                 settled
             }
             Err(e) => {
-                // A panicking service: its lease returns when it expires.
-                if let Some(token) = self.in_flight.remove(&e.id()) {
-                    tracing::error!(id = %token.id, error = %e, "replay task failed");
+                // A panicking service, or a replay cut off because its lease ran out by
+                // the wall clock: its lease returns when it expires (or has).
+                if let Some(f) = self.in_flight.remove(&e.id())
+                    && !e.is_cancelled()
+                {
+                    tracing::error!(id = %f.token.id, error = %e, "replay task failed");
                 }
                 return;
             }
@@ -1368,6 +1400,72 @@ mod tests {
             judge.judge(Err::<&http::Response<()>, _>(&err)),
             Verdict::Retry { .. }
         ));
+    }
+
+    /// A wall clock that jumps past a running replay's lease (a suspended VM resumed:
+    /// its monotonic clock stood still, so the replay's cut-off did not fire) cuts that
+    /// replay off before the next lease, which would lease its message again: never two
+    /// replays of one message at once.
+    #[cfg(feature = "http")]
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_jump_never_runs_two_replays_of_one_message_at_once() {
+        use crate::queue::{Envelope, MemoryQueue, Queue};
+        use std::sync::atomic::AtomicUsize;
+        let queue = Arc::new(MemoryQueue::new());
+        let mut e = Envelope::new(
+            "api.test:80",
+            "POST",
+            "http://api.test/orders",
+            bytes::Bytes::new(),
+            crate::queue::DeferReason::CircuitOpen,
+        );
+        e.idempotency_key = "k".into();
+        e.not_before = wall_now();
+        queue.enqueue(e).await.unwrap();
+        let (running, most, calls) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let svc = tower::service_fn({
+            let (running, most, calls) = (running.clone(), most.clone(), calls.clone());
+            move |_req: http::Request<
+                super::super::BufferedBody<http_body_util::Full<bytes::Bytes>>,
+            >| {
+                let (running, most) = (running.clone(), most.clone());
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    // Ends (from running) when cut off: dropped.
+                    struct Leave(Arc<AtomicUsize>);
+                    impl Drop for Leave {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _leave = Leave(running);
+                    std::future::pending::<Result<http::Response<()>, BoxError>>().await
+                }
+            }
+        });
+        let handle = Replayer::http(queue.clone(), svc)
+            .lease_for(Duration::from_secs(60))
+            .spawn()
+            .unwrap();
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        crate::enqueue::clock::jump_wall_clock(Duration::from_secs(120));
+        while calls.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            1,
+            "two replays of one message at once"
+        );
+        handle.shutdown().await;
     }
 
     #[test]
