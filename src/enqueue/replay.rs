@@ -701,6 +701,10 @@ struct InFlight {
     token: LeaseToken,
     lease_ends: std::time::SystemTime,
     abort: tokio::task::AbortHandle,
+    /// What settling it needs if the service panics.
+    attempts: u32,
+    expires_at: Option<std::time::SystemTime>,
+    destination: String,
 }
 
 /// A queue call that settles leases: tried again every poll interval while the queue
@@ -957,12 +961,7 @@ where
                 return;
             }
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                let reason = format!("rebuilding the request panicked: {what}");
+                let reason = format!("rebuilding the request panicked: {}", panic_text(&*panic));
                 tracing::error!(id = %token.id, %reason, "replay codec panicked");
                 self.dead_letter(token, &reason).await;
                 return;
@@ -973,6 +972,7 @@ where
         let judge = self.judge.clone();
         let (attempts, expires_at) = (envelope.attempts, envelope.expires_at);
         let destination = envelope.destination;
+        let kept = destination.clone();
         // One log for the request (HTTP: in its extensions) and the task.
         let handle = self.tasks.spawn(async move {
             let verdict = log
@@ -994,6 +994,9 @@ where
                 token,
                 lease_ends: lease_until,
                 abort: handle,
+                attempts,
+                expires_at,
+                destination: kept,
             },
         );
     }
@@ -1025,14 +1028,28 @@ where
                 settled
             }
             Err(e) => {
-                // A panicking service, or a replay cut off because its lease ran out by
-                // the wall clock: its lease returns when it expires (or has).
-                if let Some(f) = self.in_flight.remove(&e.id())
-                    && !e.is_cancelled()
-                {
-                    tracing::error!(id = %f.token.id, error = %e, "replay task failed");
+                // A replay cut off because its lease ran out by the wall clock: its
+                // lease has (the message is leased again).
+                let Some(f) = self.in_flight.remove(&e.id()).filter(|_| e.is_panic()) else {
+                    return;
+                };
+                // A panicking service: judged as a failure worth retrying, with the
+                // backoff and the attempt it costs, and the panic as the reason (left
+                // to its lease, it came back at once, and its dead letter said nothing
+                // of the panic).
+                let reason = format!("the service panicked: {}", panic_text(&*e.into_panic()));
+                tracing::error!(id = %f.token.id, %reason, "replay panicked");
+                Settled {
+                    token: f.token,
+                    attempts: f.attempts,
+                    expires_at: f.expires_at,
+                    destination: f.destination,
+                    verdict: Verdict::Retry {
+                        after: None,
+                        reason,
+                    },
+                    reached: true,
                 }
-                return;
             }
         };
         if !matches!(verdict, Verdict::Rejected { .. }) {
@@ -1343,6 +1360,15 @@ where
             metrics::gauge!("postbox_queue_depth", "state" => "dead").set(depth.dead as f64);
         }
     }
+}
+
+/// A panic's message (`panic!`'s text), or nothing.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 fn log_queue_error(op: &str, e: &QueueError) {

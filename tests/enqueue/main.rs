@@ -1263,6 +1263,49 @@ fn counting(
     })
 }
 
+/// A service that panics is judged a failure worth retrying: backed off like one and
+/// dead-lettered after its attempts, saying it panicked. (Left to its lease, it came
+/// back only after `lease_for` each time, and its dead letter said nothing of why.)
+#[tokio::test(start_paused = true)]
+async fn a_panicking_service_is_retried_with_backoff_and_its_dead_letter_says_why() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/orders").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service_fn({
+        let calls = calls.clone();
+        move |_req: InnerReq| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if true {
+                    panic!("index out of bounds");
+                }
+                Ok::<Res, BoxError>(respond(200, ""))
+            }
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let handle = Replayer::http(queue.clone(), svc)
+        .max_attempts(2)
+        .jitter(false)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().dead_lettered == 1).await;
+    let stats = handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(stats.retried, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "waited for the lease ({:?}) instead of the backoff",
+        started.elapsed()
+    );
+    let dead = queue.dead_letters(10).await.unwrap();
+    assert!(
+        dead[0].reason.contains("panicked: index out of bounds"),
+        "{}",
+        dead[0].reason
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn replayer_dead_letters_after_max_attempts() {
     let queue = Arc::new(MemoryQueue::new());
