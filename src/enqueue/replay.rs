@@ -374,7 +374,7 @@ impl ReplayConfig {
 ///
 /// An ack, retry, release or dead letter that finds the queue
 /// [`Unavailable`](QueueError::Unavailable) is tried again every `poll_interval` (at
-/// most a quarter of `lease_for`; and
+/// most a twentieth of `lease_for`; and
 /// once more at shutdown) for as long as the lease may still be current (`lease_for`
 /// since the first try); after that the lease expires and the message is leased again.
 ///
@@ -572,6 +572,7 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
             paused_until: None,
             open: HashMap::new(),
             rejected_streak: 0,
+            last_lease: None,
             depth_at: None,
             _req: std::marker::PhantomData,
         };
@@ -691,6 +692,9 @@ struct Worker<Q, S, K, J, Req> {
     /// Replays in a row turned away by our own limit before reaching the dependency
     /// (a full bulkhead): the leasing pause grows with it.
     rejected_streak: u32,
+    /// When the last lease was asked for, by tokio's clock and by the wall clock: a wall
+    /// clock that moved on further meanwhile jumped.
+    last_lease: Option<(Instant, std::time::SystemTime)>,
     depth_at: Option<Instant>,
     _req: std::marker::PhantomData<fn(Req)>,
 }
@@ -818,6 +822,7 @@ where
                 // however long the rest of the batch takes to start.
                 let cut_off = later(Instant::now(), self.config.replay_limit());
                 let wall = wall_now();
+                self.before_a_jump_releases(wall).await;
                 self.cut_off_lapsed(wall);
                 match self.queue.lease(max, self.config.lease_for, wall).await {
                     Ok(batch) if !batch.is_empty() => {
@@ -999,6 +1004,26 @@ where
                 destination: kept,
             },
         );
+    }
+
+    /// After the wall clock jumped (further than tokio's clock moved, by more than a
+    /// tenth of the lease), settles what finished and sends the acks waiting for a
+    /// batch before the next lease: their leases may have run out, and the lease would
+    /// hand those messages out again, replayed twice.
+    async fn before_a_jump_releases(&mut self, wall: std::time::SystemTime) {
+        let now = Instant::now();
+        let jumped = self.last_lease.is_some_and(|(m, w)| {
+            wall.duration_since(w).unwrap_or_default()
+                > now.saturating_duration_since(m) + self.config.lease_for / 10
+        });
+        self.last_lease = Some((now, wall));
+        if jumped {
+            tracing::warn!("wall clock jumped: settling before the next lease");
+            while let Some(joined) = self.tasks.try_join_next_with_id() {
+                self.settle(joined).await;
+            }
+            self.flush().await;
+        }
     }
 
     /// Cuts off the replays whose lease has run out by the wall clock: the lease asks
@@ -1269,11 +1294,12 @@ where
     }
 
     /// How soon a queue call that found the queue unavailable is tried again:
-    /// `poll_interval`, at most a quarter of `lease_for` (with a `poll_interval` as long
-    /// as the lease, the call was dropped before its first retry, and an ack that met
-    /// a blip replayed its message).
+    /// `poll_interval`, at most a twentieth of `lease_for`: within the margin a replay
+    /// leaves before its lease ends (a tenth of it, and the ack interval). With a
+    /// `poll_interval` as long as the lease, the call was dropped before its first
+    /// retry, and an ack that met a blip replayed its message.
     fn resettle_every(&self) -> Duration {
-        self.config.poll_interval.min(self.config.lease_for / 4)
+        self.config.poll_interval.min(self.config.lease_for / 20)
     }
 
     /// Whether a settling call first tried at `since` may still find its lease
@@ -1447,20 +1473,40 @@ mod tests {
         );
         e.idempotency_key = "k".into();
         e.not_before = wall_now();
+        // Answered at once, its ack waiting for a batch when the clock jumps.
+        let mut done = e.clone();
+        done.id = crate::queue::MessageId::new_v7();
+        done.idempotency_key = "done".into();
+        done.uri = "http://api.test/done".into();
         queue.enqueue(e).await.unwrap();
-        let (running, most, calls) = (
+        queue.enqueue(done).await.unwrap();
+        let (running, most, calls, done_calls) = (
+            Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicUsize::new(0)),
         );
         let svc = tower::service_fn({
-            let (running, most, calls) = (running.clone(), most.clone(), calls.clone());
-            move |_req: http::Request<
+            let (running, most, calls, done_calls) = (
+                running.clone(),
+                most.clone(),
+                calls.clone(),
+                done_calls.clone(),
+            );
+            move |req: http::Request<
                 super::super::BufferedBody<http_body_util::Full<bytes::Bytes>>,
             >| {
                 let (running, most) = (running.clone(), most.clone());
-                calls.fetch_add(1, Ordering::SeqCst);
+                let answers = req.uri().path() == "/done";
+                if answers {
+                    done_calls.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                }
                 async move {
+                    if answers {
+                        return Ok(http::Response::new(()));
+                    }
                     let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
                     // Ends (from running) when cut off: dropped.
@@ -1477,9 +1523,10 @@ mod tests {
         });
         let handle = Replayer::http(queue.clone(), svc)
             .lease_for(Duration::from_secs(60))
+            .ack_batch(100, Duration::from_secs(30))
             .spawn()
             .unwrap();
-        while calls.load(Ordering::SeqCst) == 0 {
+        while calls.load(Ordering::SeqCst) == 0 || done_calls.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         crate::enqueue::clock::jump_wall_clock(Duration::from_secs(120));
@@ -1490,6 +1537,11 @@ mod tests {
             most.load(Ordering::SeqCst),
             1,
             "two replays of one message at once"
+        );
+        assert_eq!(
+            done_calls.load(Ordering::SeqCst),
+            1,
+            "a delivered message whose ack waited was replayed again"
         );
         handle.shutdown().await;
     }

@@ -655,17 +655,6 @@ impl Inner {
             props = props.with_expiration(ms.to_string().into());
         }
         let payload = envelope.encode();
-        if payload.len() > self.max_message_size {
-            return Err(QueueError::Backend(
-                format!(
-                    "an encoded message of {} bytes: the queue sends at most {} \
-                     (AmqpOptions::with_max_message_size)",
-                    payload.len(),
-                    self.max_message_size
-                )
-                .into(),
-            ));
-        }
         let publish = async {
             ch.basic_publish("", routing_key, mandatory(), &payload, props)
                 .await?
@@ -727,6 +716,19 @@ impl Inner {
     }
 
     async fn enqueue(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
+        // Only here, before the key is claimed: a retry or a dead letter republishes
+        // what the broker took already (refused, it could be neither).
+        let len = envelope.encoded_len();
+        if len > self.max_message_size {
+            return Err(QueueError::Backend(
+                format!(
+                    "an encoded message of {len} bytes: the queue sends at most {} \
+                     (AmqpOptions::with_max_message_size)",
+                    self.max_message_size
+                )
+                .into(),
+            ));
+        }
         let key = envelope.idempotency_key.clone();
         // Held until the outcome is known: dropped without `true` (failure, cancellation)
         // it lets an enqueue of the same key that is waiting for it go ahead.

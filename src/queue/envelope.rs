@@ -449,6 +449,22 @@ impl Envelope {
         }
     }
 
+    /// The length of [`encode`](Self::encode)'s output, without encoding.
+    pub fn encoded_len(&self) -> usize {
+        let var_len = 4 * 6
+            + self.idempotency_key.len()
+            + self.destination.len()
+            + self.method.len()
+            + self.uri.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| 8 + n.len() + v.len())
+                .sum::<usize>()
+            + self.body.len();
+        FIXED_LEN + var_len
+    }
+
     /// Whether the envelope can be encoded: every string, header value and the body
     /// under 4 GiB, and fewer than `u32::MAX` headers (lengths are 32-bit). The queues
     /// check it before [`encode`](Self::encode), which panics otherwise.
@@ -494,18 +510,7 @@ impl Envelope {
     /// If a single string, header value or the body is 4 GiB or larger, or there are
     /// more than `u32::MAX` headers (lengths are 32-bit).
     pub fn encode(&self) -> Vec<u8> {
-        let var_len = 4 * 6
-            + self.idempotency_key.len()
-            + self.destination.len()
-            + self.method.len()
-            + self.uri.len()
-            + self
-                .headers
-                .iter()
-                .map(|(n, v)| 8 + n.len() + v.len())
-                .sum::<usize>()
-            + self.body.len();
-        let mut out = Vec::with_capacity(FIXED_LEN + var_len);
+        let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
         out.push(self.reason.code());
@@ -770,6 +775,11 @@ mod tests {
         }
         assert_eq!(sample().encode(), bytes);
         assert_eq!(Envelope::decode(&bytes), Ok(sample()));
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        assert_eq!(sample().encoded_len(), sample().encode().len());
     }
 
     #[test]

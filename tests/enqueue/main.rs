@@ -2226,7 +2226,7 @@ async fn replayer_sends_an_ack_again_after_the_queue_was_unavailable() {
 }
 
 /// With a poll interval as long as the lease, a failed ack is still tried again in
-/// time (after a quarter of the lease): it was dropped before its first retry, and the
+/// time (after a twentieth of the lease): it was dropped before its first retry, and the
 /// delivered message was replayed a second time.
 #[tokio::test(start_paused = true)]
 async fn a_failed_ack_is_tried_again_in_time_with_a_poll_interval_as_long_as_the_lease() {

@@ -614,3 +614,27 @@ async fn a_message_over_the_size_limit_is_refused_and_the_connection_goes_on() {
     let depth = q.depth().await.unwrap();
     assert_eq!((depth.pending, depth.in_flight), (0, 0));
 }
+
+/// The size limit applies to `enqueue` only: a message the broker took already (by a
+/// process with a higher limit, or before the limit was lowered) is still retried and
+/// dead-lettered. (Checked on every publish, it could be neither, and stayed unacked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_limit_taken_before_is_still_dead_lettered() {
+    let name = format!("test-{:016x}", fastrand::u64(..));
+    let (before, _purge) = make(AmqpOptions::new(&name));
+    let mut big = crate::suite::envelope("big");
+    big.body = bytes::Bytes::from(vec![b'x'; 4096]);
+    let id = before.enqueue(big).await.unwrap().id();
+    let q = connect(AmqpOptions::new(&name).with_max_message_size(2048)).await;
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(leased[0].envelope.id, id);
+    q.retry_later(leased[0].token, crate::suite::at(0))
+        .await
+        .unwrap();
+    let again = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    q.dead_letter(again[0].token, "gave up").await.unwrap();
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.id, id);
+}
