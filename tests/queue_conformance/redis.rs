@@ -1057,26 +1057,11 @@ async fn a_backlog_falling_due_at_once_is_moved_a_bounded_batch_per_lease() {
     assert_eq!(seen.len(), N);
 }
 
-/// A message larger than the broker takes is refused before it is sent, as
-/// `Backend`, and the connection every other call shares goes on: a lease held
-/// meanwhile is still acked. (Sent, the broker closes the connection or channel.)
+/// See [`crate::suite::a_message_over_the_size_limit_is_refused`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_size_limit_is_refused_and_the_connection_goes_on() {
     let (q, _purge) = make(options().with_max_message_size(2048));
-    q.enqueue(crate::suite::envelope("small")).await.unwrap();
-    let lease_for = Duration::from_secs(30);
-    let held = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
-    assert_eq!(held.len(), 1);
-    let mut big = crate::suite::envelope("big");
-    big.body = bytes::Bytes::from(vec![b'x'; 4096]);
-    let refused = q.enqueue(big).await;
-    assert!(
-        matches!(&refused, Err(QueueError::Backend(e)) if e.to_string().contains("at most 2048")),
-        "{refused:?}"
-    );
-    q.ack(&[held[0].token]).await.unwrap();
-    let depth = q.depth().await.unwrap();
-    assert_eq!((depth.pending, depth.in_flight), (0, 0));
+    crate::suite::a_message_over_the_size_limit_is_refused(q, 2048).await;
 }
 
 /// Attempts saturate at `u32::MAX` instead of carrying into the lease generation's

@@ -395,6 +395,26 @@ pub async fn release_defers_without_counting_the_delivery(q: impl Queue) {
     assert_eq!(q.depth().await.unwrap().pending, 0);
 }
 
+/// A message larger than the queue's limit (`limit` bytes encoded) is refused before
+/// it is sent, as `Backend`, and the connection every other call shares goes on: a
+/// lease held meanwhile is still acked. (Sent, a broker closes the connection or
+/// channel.)
+pub async fn a_message_over_the_size_limit_is_refused(q: impl Queue, limit: usize) {
+    q.enqueue(envelope("small")).await.unwrap();
+    let held = q.lease(1, LEASE, at(0)).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let mut big = envelope("big");
+    big.body = Bytes::from(vec![b'x'; 2 * limit]);
+    let refused = q.enqueue(big).await;
+    assert!(
+        matches!(&refused, Err(QueueError::Backend(e)) if e.to_string().contains(&format!("at most {limit}"))),
+        "{refused:?}"
+    );
+    q.ack(&[held[0].token]).await.unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight), (0, 0));
+}
+
 pub async fn dead_letter_moves_message_and_frees_key(q: impl Queue) {
     let id = stored(&q, envelope("a")).await;
     let token = q.lease(1, LEASE, at(0)).await.unwrap()[0].token;
