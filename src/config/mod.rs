@@ -384,7 +384,7 @@ impl Default for ServerConfig {
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct IdempotencySection {
-    /// Keys remembered in memory (default 10 000).
+    /// Responses remembered in memory (default 10 000; claims in progress come on top).
     pub capacity: usize,
     /// How long a response is remembered (default 24 h).
     #[serde(deserialize_with = "duration::required")]

@@ -20,7 +20,8 @@ pub struct IdempotencyLayer<St = MemoryStore> {
 // === impl IdempotencyLayer ===
 
 impl IdempotencyLayer {
-    /// Remembers responses in a [`MemoryStore`] of at most `capacity` keys.
+    /// Remembers responses in a [`MemoryStore`] of at most `capacity` remembered
+    /// responses (claims in progress come on top).
     pub fn new(capacity: usize) -> Self {
         Self::with_store(Arc::new(MemoryStore::new(capacity)))
     }
