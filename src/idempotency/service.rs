@@ -443,7 +443,14 @@ where
                         return Handled::Abandoned;
                     }
                     let asked = tokio::time::Instant::now();
-                    match store.extend(&key, token, lock_for).await {
+                    // The handler is not polled meanwhile: a store that does not answer
+                    // is given up on when the claim ends (it held the handler, and the
+                    // cut-off once the client left, for as long as it hung).
+                    let left = claim_ends.saturating_duration_since(asked);
+                    let extended = tokio::time::timeout(left, store.extend(&key, token, lock_for))
+                        .await
+                        .unwrap_or_else(|_| Err("no answer before the claim ended".into()));
+                    match extended {
                         Ok(true) => claim_ends = crate::clock::later(asked, lock_for),
                         // Taken over, or a store that cannot renew: past the claim a
                         // duplicate may take the key over.

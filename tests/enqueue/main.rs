@@ -3163,6 +3163,57 @@ impl IdempotencyStore for FlakyRenewal {
     }
 }
 
+/// A store whose renewal never answers.
+struct HungRenewal(MemoryStore);
+
+impl IdempotencyStore for HungRenewal {
+    fn claim(
+        &self,
+        key: &str,
+        lock_for: Duration,
+    ) -> impl Future<Output = Result<Claim, BoxError>> + Send {
+        self.0.claim(key, lock_for)
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        self.0.complete(key, token, response, ttl)
+    }
+
+    fn release(&self, key: &str, token: ClaimToken) {
+        self.0.release(key, token);
+    }
+
+    async fn extend(&self, _: &str, _: ClaimToken, _: Duration) -> Result<bool, BoxError> {
+        std::future::pending().await
+    }
+}
+
+/// A renewal the store never answers is given up on when the claim ends: the handler
+/// (not polled while the renewal is awaited) goes on and its answer comes back. It
+/// hung for as long as the store did.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_the_store_never_answers_does_not_hang_the_handler() {
+    let slow = service_fn(|_req: Served| async {
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        Ok::<_, std::convert::Infallible>(respond(201, "order"))
+    });
+    let svc = IdempotencyLayer::with_store(Arc::new(HungRenewal(MemoryStore::default())))
+        .lock_for(Duration::from_secs(10))
+        .unwrap()
+        .layer(slow);
+    let res = tokio::time::timeout(Duration::from_secs(120), svc.oneshot(keyed("k")))
+        .await
+        .expect("the handler hung on the renewal")
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+}
+
 /// One failed renewal does not give the key away: the claim is renewed again before
 /// it ends, so a duplicate that comes after `lock_for` waits for the slow handler's
 /// answer instead of running it a second time. (Renewal stopped for good after one
