@@ -74,6 +74,13 @@ impl<B: TryCloneBody> CloneRequest<Request<B>> for GrpcRequests {
         self.all || self.names(req.uri().path()) || has_idempotency_key(req.headers())
     }
 
+    /// Anchors a `grpc-timeout` the caller set (tonic's `Request::set_timeout`) as the
+    /// call's deadline, as [`HttpRequests`](crate::retry::HttpRequests) does: without
+    /// it, every retry got the whole timeout again, and retries started after it.
+    fn prepare(&self, req: &mut Request<B>) {
+        self.copy.prepare(req);
+    }
+
     fn before_retry(&self, req: &mut Request<B>) {
         self.copy.before_retry(req);
     }

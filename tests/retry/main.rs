@@ -509,6 +509,40 @@ async fn a_grpc_timeout_the_caller_set_shrinks_across_retries_and_bounds_them() 
     no_request(&mut handle);
 }
 
+/// The same through `GrpcRequests` (the gRPC stack's strategy): it passed every hook
+/// on but this one, so each retry got the caller's whole `grpc-timeout` again.
+#[cfg(feature = "grpc")]
+#[tokio::test(start_paused = true)]
+async fn a_grpc_timeout_the_caller_set_shrinks_across_retries_with_grpc_requests() {
+    let layer = RetryLayer::http()
+        .requests(postbox::grpc::GrpcRequests::new().all_idempotent())
+        .max_retries(2)
+        .backoff(exact(10 * MS))
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    let req = Request::post("http://a/pkg.Svc/Get")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "2S")
+        .body(())
+        .unwrap();
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(req));
+    let (first, send) = take_request(&mut handle);
+    assert_eq!(first.headers()["grpc-timeout"], "2S");
+    advance(1000 * MS).await;
+    send.send_response(status(503, None));
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll());
+    let (second, _send) = take_request(&mut handle);
+    assert_eq!(
+        second.headers()["grpc-timeout"],
+        postbox::timeout::encode_grpc_timeout(990 * MS).as_str()
+    );
+}
+
 /// The same for `postbox-timeout-ms` on a plain HTTP request; a `grpc-timeout` on one
 /// is not read (it means nothing there).
 #[tokio::test(start_paused = true)]
