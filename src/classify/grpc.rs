@@ -98,6 +98,54 @@ pub(crate) fn default_class(code: GrpcCode) -> Classification {
     }
 }
 
+/// Whether `headers` are a gRPC-Web answer's (`application/grpc-web…`, the base64
+/// `-text` form included), whose trailers travel in the body.
+pub(crate) fn is_grpc_web(headers: &HeaderMap) -> bool {
+    const WEB: &[u8] = b"application/grpc-web";
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().get(..WEB.len()))
+        .is_some_and(|p| p.eq_ignore_ascii_case(WEB))
+}
+
+/// The trailers of a binary gRPC-Web answer (`application/grpc-web`,
+/// `application/grpc-web+proto`, …), which carries them in its body: the
+/// length-prefixed frame flagged `0x80`, holding `name: value` lines. Returns the body's
+/// length before that frame, and the trailers. `None` for any other answer, a body
+/// without that frame, and the base64 `application/grpc-web-text` (not decoded).
+pub(crate) fn web_trailers(headers: &HeaderMap, body: &[u8]) -> Option<(usize, HeaderMap)> {
+    const WEB: &[u8] = b"application/grpc-web";
+    let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
+    let (media, rest) = content_type.split_at_checked(WEB.len())?;
+    // `application/grpc-web`, `+proto`, `;…`; not `-text` (base64), nor another type.
+    if !media.eq_ignore_ascii_case(WEB) || !matches!(rest.first(), None | Some(b'+' | b';')) {
+        return None;
+    }
+    let mut rest = body;
+    while let [flags, a, b, c, d, after @ ..] = rest {
+        let len = usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).ok()?;
+        let payload = after.get(..len)?;
+        if flags & 0x80 != 0 {
+            let mut trailers = HeaderMap::new();
+            for line in payload.split(|&byte| byte == b'\n') {
+                let Some(colon) = line.iter().position(|&byte| byte == b':') else {
+                    continue;
+                };
+                let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
+                if let (Ok(name), Ok(value)) = (
+                    http::HeaderName::from_bytes(name),
+                    http::HeaderValue::from_bytes(value),
+                ) {
+                    trailers.append(name, value);
+                }
+            }
+            return Some((body.len() - rest.len(), trailers));
+        }
+        rest = &after[len..];
+    }
+    None
+}
+
 /// Reads `grpc-retry-pushback-ms`.
 ///
 /// `Some(Ok(d))` is a hint; `Some(Err(()))` is a pushback that is negative or not a

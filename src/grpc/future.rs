@@ -243,6 +243,22 @@ fn finish<B, H: OnGrpcStatus>(
     classifier: &GrpcClassifier,
     hook: &H,
 ) -> Response<GrpcStatusBody<B, H>> {
+    // gRPC-Web carries its trailers in the body, as a last frame: read from there, and
+    // the body left as it is unless the status is promoted into the headers (its
+    // trailers-only form). Before, it looked like an answer without a status: every
+    // one became `UNKNOWN`, its body emptied.
+    if crate::classify::grpc::is_grpc_web(&parts.headers) {
+        if let Some((end, web)) = crate::classify::grpc::web_trailers(&parts.headers, &data) {
+            let messages = data.slice(..end);
+            return finish_web(parts, data, messages, web, classifier, hook);
+        }
+        // Base64 (`-text`), or no trailers frame: not read, passed on as it is.
+        let outcome =
+            GrpcOutcome::new(GrpcCode::Unknown, classifier.classify_trailers(None), false);
+        hook.on_grpc_status(&outcome);
+        parts.extensions.insert(outcome);
+        return Response::from_parts(parts, GrpcStatusBody::buffered(data, trailers));
+    }
     let code = trailers.as_ref().and_then(GrpcCode::from_headers);
     let outcome = GrpcOutcome::new(
         code.unwrap_or(GrpcCode::Unknown),
@@ -284,6 +300,36 @@ fn finish<B, H: OnGrpcStatus>(
             }
             stand_in_unknown(&mut parts.headers);
         }
+    }
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, GrpcStatusBody::empty())
+}
+
+/// [`finish`] for a binary gRPC-Web answer whose body (`data`) ends with its trailers
+/// frame (`trailers`, after the message frames `frames`): a non-OK status of an answer with at most one
+/// message is promoted into the headers and the body dropped, as for gRPC; otherwise
+/// the body goes on as it is (its trailers in it).
+fn finish_web<B, H: OnGrpcStatus>(
+    mut parts: Parts,
+    data: Bytes,
+    frames: Bytes,
+    trailers: HeaderMap,
+    classifier: &GrpcClassifier,
+    hook: &H,
+) -> Response<GrpcStatusBody<B, H>> {
+    let code = GrpcCode::from_headers(&trailers);
+    let outcome = GrpcOutcome::new(
+        code.unwrap_or(GrpcCode::Unknown),
+        classifier.classify_trailers(Some(&trailers)),
+        false,
+    );
+    hook.on_grpc_status(&outcome);
+    parts.extensions.insert(outcome);
+    if code.is_none_or(|c| c == GrpcCode::Ok) || messages(&frames) > 1 {
+        return Response::from_parts(parts, GrpcStatusBody::buffered(data, None));
+    }
+    for (name, value) in &trailers {
+        parts.headers.append(name, value.clone());
     }
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, GrpcStatusBody::empty())
@@ -357,6 +403,64 @@ mod tests {
         let collected = body.collect().await.unwrap();
         let trailers = collected.trailers().cloned();
         (parts, collected.to_bytes(), trailers, buffered)
+    }
+
+    /// Calls through a `GrpcStatus` whose inner service answers `data` as `content_type`
+    /// (gRPC-Web: its trailers are a frame of the body).
+    async fn call_web(content_type: &'static str, data: Vec<u8>) -> (http::response::Parts, Bytes) {
+        let svc = GrpcStatusLayer::new().layer(service_fn(move |_: http::Request<()>| {
+            let data = data.clone();
+            async move {
+                let mut res = Response::new(Full::new(Bytes::from(data)));
+                res.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static(content_type),
+                );
+                Ok::<_, BoxError>(res)
+            }
+        }));
+        let req = http::Request::post("http://a/echo.Echo/Say")
+            .body(())
+            .unwrap();
+        let (parts, body) = svc.oneshot(req).await.unwrap().into_parts();
+        (parts, body.collect().await.unwrap().to_bytes())
+    }
+
+    fn web_frame(flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![flags];
+        f.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// gRPC-Web carries its status in a trailers frame of the body: read from there. A
+    /// non-OK one of an answer with at most one message moves into the headers (its
+    /// trailers-only form); an OK answer goes on as it is. (Every gRPC-Web answer looked
+    /// like one without a status: `UNKNOWN`, its body emptied.)
+    #[tokio::test]
+    async fn a_grpc_web_status_is_read_from_its_trailers_frame() {
+        const WEB: &str = "application/grpc-web+proto";
+        let not_found = web_frame(0x80, b"grpc-status: 5\r\ngrpc-message: no order\r\n");
+        let (parts, data) = call_web(WEB, not_found).await;
+        assert_eq!(parts.headers["grpc-status"], "5");
+        assert_eq!(parts.headers["grpc-message"], "no order");
+        assert!(data.is_empty());
+        let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+        assert_eq!(outcome.code(), GrpcCode::NotFound);
+
+        let mut ok = web_frame(0, b"pong");
+        ok.extend(web_frame(0x80, b"grpc-status: 0\r\n"));
+        let (parts, data) = call_web(WEB, ok.clone()).await;
+        assert!(parts.headers.get("grpc-status").is_none());
+        assert_eq!(&data[..], &ok[..], "the body goes on as it was");
+        let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+        assert_eq!(outcome.code(), GrpcCode::Ok);
+        assert!(!outcome.classification().is_failure());
+
+        // Base64: not read, passed on as it is.
+        let (parts, data) = call_web("application/grpc-web-text", b"AAAAAARwb25n".to_vec()).await;
+        assert!(parts.headers.get("grpc-status").is_none());
+        assert_eq!(&data[..], b"AAAAAARwb25n");
     }
 
     #[tokio::test]

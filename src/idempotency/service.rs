@@ -748,36 +748,11 @@ fn end_to_end(headers: &http::HeaderMap) -> http::HeaderMap {
     kept
 }
 
-/// The `grpc-status` of a binary gRPC-Web answer (`application/grpc-web`,
-/// `application/grpc-web+proto`, …), which carries its trailers in the body: the
-/// length-prefixed frame flagged `0x80`, holding `name: value` lines. `None` for any
-/// other answer, a body without that frame or status, and the base64
-/// `application/grpc-web-text` (not decoded: its answers are never remembered).
+/// The `grpc-status` of a binary gRPC-Web answer: see
+/// [`web_trailers`](crate::classify::grpc::web_trailers).
 fn grpc_web_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcCode> {
-    const WEB: &[u8] = b"application/grpc-web";
-    let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
-    let (media, rest) = content_type.split_at_checked(WEB.len())?;
-    // `application/grpc-web`, `+proto`, `;…`; not `-text` (base64), nor another type.
-    if !media.eq_ignore_ascii_case(WEB) || !matches!(rest.first(), None | Some(b'+' | b';')) {
-        return None;
-    }
-    let mut rest = body;
-    while let [flags, a, b, c, d, after @ ..] = rest {
-        let len = usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).ok()?;
-        let payload = after.get(..len)?;
-        if flags & 0x80 != 0 {
-            let status = payload.split(|&byte| byte == b'\n').find_map(|line| {
-                let (name, value) = line.split_at(line.iter().position(|&byte| byte == b':')?);
-                name.trim_ascii()
-                    .eq_ignore_ascii_case(b"grpc-status")
-                    .then_some(&value[1..])
-            })?;
-            let status = std::str::from_utf8(status).ok()?.trim();
-            return Some(status.parse().map_or(GrpcCode::Unknown, GrpcCode::from_i32));
-        }
-        rest = &after[len..];
-    }
-    None
+    let (_, trailers) = crate::classify::grpc::web_trailers(headers, body)?;
+    GrpcCode::from_headers(&trailers)
 }
 
 #[cfg(test)]
