@@ -3123,11 +3123,19 @@ impl IdempotencyStore for Polling {
     }
 }
 
-/// A store whose first renewal fails (a dropped connection), then renews as a
-/// `MemoryStore` does.
-struct FlakyRenewal(MemoryStore, std::sync::atomic::AtomicBool);
+/// How an [`OddRenewal`] store renews a claim.
+enum Renewal {
+    /// The first renewal fails (a dropped connection), the rest renew as a
+    /// `MemoryStore` does.
+    FailsOnce(std::sync::atomic::AtomicBool),
+    /// No renewal is ever answered.
+    Hangs,
+}
 
-impl IdempotencyStore for FlakyRenewal {
+/// A `MemoryStore` whose claim renewals go as its [`Renewal`] says.
+struct OddRenewal(MemoryStore, Renewal);
+
+impl IdempotencyStore for OddRenewal {
     fn claim(
         &self,
         key: &str,
@@ -3156,41 +3164,13 @@ impl IdempotencyStore for FlakyRenewal {
         token: ClaimToken,
         lock_for: Duration,
     ) -> Result<bool, BoxError> {
-        if !self.1.swap(true, Ordering::SeqCst) {
-            return Err("connection reset".into());
+        match &self.1 {
+            Renewal::FailsOnce(failed) if !failed.swap(true, Ordering::SeqCst) => {
+                Err("connection reset".into())
+            }
+            Renewal::FailsOnce(_) => self.0.extend(key, token, lock_for).await,
+            Renewal::Hangs => std::future::pending().await,
         }
-        self.0.extend(key, token, lock_for).await
-    }
-}
-
-/// A store whose renewal never answers.
-struct HungRenewal(MemoryStore);
-
-impl IdempotencyStore for HungRenewal {
-    fn claim(
-        &self,
-        key: &str,
-        lock_for: Duration,
-    ) -> impl Future<Output = Result<Claim, BoxError>> + Send {
-        self.0.claim(key, lock_for)
-    }
-
-    fn complete(
-        &self,
-        key: &str,
-        token: ClaimToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<(), BoxError>> + Send {
-        self.0.complete(key, token, response, ttl)
-    }
-
-    fn release(&self, key: &str, token: ClaimToken) {
-        self.0.release(key, token);
-    }
-
-    async fn extend(&self, _: &str, _: ClaimToken, _: Duration) -> Result<bool, BoxError> {
-        std::future::pending().await
     }
 }
 
@@ -3203,10 +3183,11 @@ async fn a_renewal_the_store_never_answers_does_not_hang_the_handler() {
         tokio::time::sleep(Duration::from_secs(25)).await;
         Ok::<_, std::convert::Infallible>(respond(201, "order"))
     });
-    let svc = IdempotencyLayer::with_store(Arc::new(HungRenewal(MemoryStore::default())))
-        .lock_for(Duration::from_secs(10))
-        .unwrap()
-        .layer(slow);
+    let svc =
+        IdempotencyLayer::with_store(Arc::new(OddRenewal(MemoryStore::default(), Renewal::Hangs)))
+            .lock_for(Duration::from_secs(10))
+            .unwrap()
+            .layer(slow);
     let res = tokio::time::timeout(Duration::from_secs(120), svc.oneshot(keyed("k")))
         .await
         .expect("the handler hung on the renewal")
@@ -3229,7 +3210,10 @@ async fn one_failed_renewal_does_not_give_the_key_away() {
             Ok::<_, std::convert::Infallible>(respond(201, "order"))
         }
     });
-    let store = Arc::new(FlakyRenewal(MemoryStore::default(), Default::default()));
+    let store = Arc::new(OddRenewal(
+        MemoryStore::default(),
+        Renewal::FailsOnce(Default::default()),
+    ));
     let svc = IdempotencyLayer::with_store(store)
         .lock_for(Duration::from_secs(10))
         .unwrap()
