@@ -98,16 +98,6 @@ pub(crate) fn default_class(code: GrpcCode) -> Classification {
     }
 }
 
-/// Whether `headers` are a gRPC-Web answer's (`application/grpc-web…`, the base64
-/// `-text` form included), whose trailers travel in the body.
-pub(crate) fn is_grpc_web(headers: &HeaderMap) -> bool {
-    const WEB: &[u8] = b"application/grpc-web";
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.as_bytes().get(..WEB.len()))
-        .is_some_and(|p| p.eq_ignore_ascii_case(WEB))
-}
-
 /// The trailers of a binary gRPC-Web answer (`application/grpc-web`,
 /// `application/grpc-web+proto`, …), which carries them in its body: the
 /// length-prefixed frame flagged `0x80`, holding `name: value` lines. Returns the body's

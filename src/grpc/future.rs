@@ -247,7 +247,10 @@ fn finish<B, H: OnGrpcStatus>(
     // the body left as it is unless the status is promoted into the headers (its
     // trailers-only form). Before, it looked like an answer without a status: every
     // one became `UNKNOWN`, its body emptied.
-    if crate::classify::grpc::is_grpc_web(&parts.headers) {
+    if matches!(
+        crate::http::grpc_kind(&parts.headers),
+        Some(crate::http::GrpcKind::Web | crate::http::GrpcKind::WebText)
+    ) {
         if let Some((end, web)) = crate::classify::grpc::web_trailers(&parts.headers, &data) {
             let messages = data.slice(..end);
             return finish_web(parts, data, messages, web, classifier, hook);

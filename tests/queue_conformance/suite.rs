@@ -399,6 +399,7 @@ pub async fn release_defers_without_counting_the_delivery(q: impl Queue) {
 /// it is sent, as `Backend`, and the connection every other call shares goes on: a
 /// lease held meanwhile is still acked. (Sent, a broker closes the connection or
 /// channel.)
+#[cfg(any(feature = "redis", feature = "amqp"))]
 pub async fn a_message_over_the_size_limit_is_refused(q: impl Queue, limit: usize) {
     q.enqueue(envelope("small")).await.unwrap();
     let held = q.lease(1, LEASE, at(0)).await.unwrap();
