@@ -3095,36 +3095,10 @@ async fn an_unreachable_store_fails_open_and_runs_every_request() {
     }
 }
 
-/// A store like most shared ones: no wake-ups, so it relies on the trait's default
-/// `wait` (a poll every 50 ms). Its answers are kept in a `MemoryStore`.
-struct Polling(MemoryStore);
-
-impl IdempotencyStore for Polling {
-    fn claim(
-        &self,
-        key: &str,
-        lock_for: Duration,
-    ) -> impl Future<Output = Result<Claim, BoxError>> + Send {
-        self.0.claim(key, lock_for)
-    }
-
-    fn complete(
-        &self,
-        key: &str,
-        token: ClaimToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<(), BoxError>> + Send {
-        self.0.complete(key, token, response, ttl)
-    }
-
-    fn release(&self, key: &str, token: ClaimToken) {
-        self.0.release(key, token);
-    }
-}
-
-/// How an [`OddRenewal`] store renews a claim.
+/// How a [`SharedLike`] store renews a claim.
 enum Renewal {
+    /// As the trait's default: it cannot (`Ok(false)`).
+    Unsupported,
     /// The first renewal fails (a dropped connection), the rest renew as a
     /// `MemoryStore` does.
     FailsOnce(std::sync::atomic::AtomicBool),
@@ -3132,10 +3106,12 @@ enum Renewal {
     Hangs,
 }
 
-/// A `MemoryStore` whose claim renewals go as its [`Renewal`] says.
-struct OddRenewal(MemoryStore, Renewal);
+/// A store like most shared ones: no wake-ups, so it relies on the trait's default
+/// `wait` (a poll every 50 ms), and claim renewals as its [`Renewal`] says. Its
+/// answers are kept in a `MemoryStore`.
+struct SharedLike(MemoryStore, Renewal);
 
-impl IdempotencyStore for OddRenewal {
+impl IdempotencyStore for SharedLike {
     fn claim(
         &self,
         key: &str,
@@ -3165,6 +3141,7 @@ impl IdempotencyStore for OddRenewal {
         lock_for: Duration,
     ) -> Result<bool, BoxError> {
         match &self.1 {
+            Renewal::Unsupported => Ok(false),
             Renewal::FailsOnce(failed) if !failed.swap(true, Ordering::SeqCst) => {
                 Err("connection reset".into())
             }
@@ -3184,7 +3161,7 @@ async fn a_renewal_the_store_never_answers_does_not_hang_the_handler() {
         Ok::<_, std::convert::Infallible>(respond(201, "order"))
     });
     let svc =
-        IdempotencyLayer::with_store(Arc::new(OddRenewal(MemoryStore::default(), Renewal::Hangs)))
+        IdempotencyLayer::with_store(Arc::new(SharedLike(MemoryStore::default(), Renewal::Hangs)))
             .lock_for(Duration::from_secs(10))
             .unwrap()
             .layer(slow);
@@ -3210,7 +3187,7 @@ async fn one_failed_renewal_does_not_give_the_key_away() {
             Ok::<_, std::convert::Infallible>(respond(201, "order"))
         }
     });
-    let store = Arc::new(OddRenewal(
+    let store = Arc::new(SharedLike(
         MemoryStore::default(),
         Renewal::FailsOnce(Default::default()),
     ));
@@ -3234,7 +3211,7 @@ async fn one_failed_renewal_does_not_give_the_key_away() {
 async fn a_polling_store_still_lets_a_duplicate_take_over_a_hung_claim() {
     let calls = Arc::new(AtomicUsize::new(0));
     let handler = hangs_the_first_time(calls.clone());
-    let store = Arc::new(Polling(MemoryStore::default()));
+    let store = Arc::new(SharedLike(MemoryStore::default(), Renewal::Unsupported));
     let svc = IdempotencyLayer::with_store(store)
         .lock_for(Duration::from_millis(5020))
         .unwrap()
@@ -3277,7 +3254,7 @@ async fn an_in_progress_answer_is_retried_by_the_replayer() {
 #[tokio::test(start_paused = true)]
 async fn a_store_without_wake_ups_still_runs_concurrent_duplicates_once() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let store = Arc::new(Polling(MemoryStore::default()));
+    let store = Arc::new(SharedLike(MemoryStore::default(), Renewal::Unsupported));
     let svc = IdempotencyLayer::with_store(store).layer(slow_handler(calls.clone()));
     let start = tokio::time::Instant::now();
     let (a, b) = tokio::join!(

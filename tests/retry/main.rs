@@ -310,6 +310,13 @@ async fn seeded_jitter_is_deterministic_and_within_bounds() {
 fn http_layer(
     requests: HttpRequests,
 ) -> RetryLayer<postbox::retry::RetryPolicy<postbox::classify::HttpClassifier, HttpRequests, ()>> {
+    http_layer_with(requests)
+}
+
+/// [`http_layer`] with any request strategy.
+fn http_layer_with<R>(
+    requests: R,
+) -> RetryLayer<postbox::retry::RetryPolicy<postbox::classify::HttpClassifier, R, ()>> {
     RetryLayer::http()
         .requests(requests)
         .max_retries(2)
@@ -475,71 +482,58 @@ async fn a_retry_sends_the_time_left_in_its_deadline_header() {
     assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
 }
 
+/// Sends a `$method` gRPC call whose caller set only `grpc-timeout: 2S` through
+/// `$layer` (whose backoff is 10 ms): a retry sends the time left, not the full timeout
+/// again, and none starts after it.
+macro_rules! a_grpc_timeout_the_caller_set_bounds_the_retries {
+    ($layer:expr, $method:expr) => {{
+        let layer = $layer;
+        let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+        let req = Request::builder()
+            .method($method)
+            .uri("http://a/pkg.Svc/Get")
+            .header("content-type", "application/grpc")
+            .header("grpc-timeout", "2S")
+            .body(())
+            .unwrap();
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = task::spawn(svc.call(req));
+        let (first, send) = take_request(&mut handle);
+        assert_eq!(first.headers()["grpc-timeout"], "2S");
+        advance(1000 * MS).await;
+        send.send_response(status(503, None));
+        assert_pending!(fut.poll());
+        advance(10 * MS).await;
+        assert_pending!(fut.poll());
+        let (second, send) = take_request(&mut handle);
+        assert_eq!(
+            second.headers()["grpc-timeout"],
+            postbox::timeout::encode_grpc_timeout(990 * MS).as_str()
+        );
+        // At 1.51 s, "retry in 1 s": past the 2 s the caller gave; the 429 comes back now.
+        advance(500 * MS).await;
+        send.send_response(status(429, Some("1")));
+        let res = assert_ready_ok!(fut.poll());
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        no_request(&mut handle);
+    }};
+}
+
 /// A timeout the caller set only in a header (tonic's `Request::set_timeout` writes
-/// `grpc-timeout`; no `DeadlineLayer` outside) is the whole call's: a retry sends the
-/// time left, not the full timeout again, and none starts after it.
+/// `grpc-timeout`; no `DeadlineLayer` outside) is the whole call's.
 #[tokio::test(start_paused = true)]
 async fn a_grpc_timeout_the_caller_set_shrinks_across_retries_and_bounds_them() {
-    let layer = http_layer(HttpRequests::new());
-    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
-    let req = Request::get("http://a/pkg.Svc/Get")
-        .header("content-type", "application/grpc")
-        .header("grpc-timeout", "2S")
-        .body(())
-        .unwrap();
-    assert_ready_ok!(svc.poll_ready());
-    let mut fut = task::spawn(svc.call(req));
-    let (first, send) = take_request(&mut handle);
-    assert_eq!(first.headers()["grpc-timeout"], "2S");
-    advance(1000 * MS).await;
-    send.send_response(status(503, None));
-    assert_pending!(fut.poll());
-    advance(10 * MS).await;
-    assert_pending!(fut.poll());
-    let (second, send) = take_request(&mut handle);
-    assert_eq!(
-        second.headers()["grpc-timeout"],
-        postbox::timeout::encode_grpc_timeout(990 * MS).as_str()
-    );
-    // At 1.51 s, "retry in 1 s": past the 2 s the caller gave; the 429 comes back now.
-    advance(500 * MS).await;
-    send.send_response(status(429, Some("1")));
-    let res = assert_ready_ok!(fut.poll());
-    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-    no_request(&mut handle);
+    a_grpc_timeout_the_caller_set_bounds_the_retries!(http_layer(HttpRequests::new()), Method::GET);
 }
 
 /// The same through `GrpcRequests` (the gRPC stack's strategy): it passed every hook
-/// on but this one, so each retry got the caller's whole `grpc-timeout` again.
+/// on but `prepare`, so each retry got the caller's whole `grpc-timeout` again.
 #[cfg(feature = "grpc")]
 #[tokio::test(start_paused = true)]
 async fn a_grpc_timeout_the_caller_set_shrinks_across_retries_with_grpc_requests() {
-    let layer = RetryLayer::http()
-        .requests(postbox::grpc::GrpcRequests::new().all_idempotent())
-        .max_retries(2)
-        .backoff(exact(10 * MS))
-        .no_budget()
-        .build()
-        .unwrap();
-    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
-    let req = Request::post("http://a/pkg.Svc/Get")
-        .header("content-type", "application/grpc")
-        .header("grpc-timeout", "2S")
-        .body(())
-        .unwrap();
-    assert_ready_ok!(svc.poll_ready());
-    let mut fut = task::spawn(svc.call(req));
-    let (first, send) = take_request(&mut handle);
-    assert_eq!(first.headers()["grpc-timeout"], "2S");
-    advance(1000 * MS).await;
-    send.send_response(status(503, None));
-    assert_pending!(fut.poll());
-    advance(10 * MS).await;
-    assert_pending!(fut.poll());
-    let (second, _send) = take_request(&mut handle);
-    assert_eq!(
-        second.headers()["grpc-timeout"],
-        postbox::timeout::encode_grpc_timeout(990 * MS).as_str()
+    a_grpc_timeout_the_caller_set_bounds_the_retries!(
+        http_layer_with(postbox::grpc::GrpcRequests::new().all_idempotent()),
+        Method::POST
     );
 }
 
