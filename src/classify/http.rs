@@ -19,7 +19,12 @@ use std::time::{Duration, SystemTime};
 /// | 503 with `Retry-After` | overload, hint from `Retry-After` | yes |
 /// | other 5xx (503 without `Retry-After` too) | failure | yes |
 /// | other 4xx | success (says nothing about the server's health) | no |
+/// | 200 with `grpc-status` (a gRPC answer, content type `application/grpc…`) | by its code, as [`GrpcClassifier`](super::GrpcClassifier) | |
 ///
+/// The last row lets one HTTP stack (the [config](crate::config) client's) serve gRPC
+/// calls too: a trailers-only `UNAVAILABLE` is a retryable failure, not a `200`
+/// success. A status that comes in the trailers is seen only when
+/// `postbox::grpc::GrpcStatusLayer` (feature `grpc`) moves it into the headers.
 /// Errors are classified with [`classify_error`].
 ///
 /// Overrides are checked before the defaults: first the closure set with
@@ -140,6 +145,16 @@ impl HttpClassifier {
 }
 
 fn default_status(status: StatusCode, headers: &HeaderMap) -> Classification {
+    // A gRPC answer with its status in the headers (trailers-only, or rewritten so by
+    // `GrpcStatusLayer`) is decided by that status, as `GrpcClassifier` decides it:
+    // under `200 OK` an `UNAVAILABLE` is no success.
+    // (The content type first: a standard header, cheaper to look up.)
+    if status == StatusCode::OK
+        && crate::http::is_grpc(headers)
+        && let Some(code) = super::grpc::GrpcCode::from_headers(headers)
+    {
+        return super::grpc::GrpcClassifier::new().classify_code(code, headers);
+    }
     match status.as_u16() {
         408 => Classification::failure(),
         429 => Classification::overload(retry_after(headers, SystemTime::now())),
@@ -268,6 +283,47 @@ mod tests {
 
     fn classify(c: &HttpClassifier, res: &Response<()>) -> Classification {
         Classify::<_, BoxError>::classify(c, Ok(res))
+    }
+
+    fn grpc_answer(content_type: &str, status: &'static str) -> Response<()> {
+        Response::builder()
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header("grpc-status", status)
+            .body(())
+            .unwrap()
+    }
+
+    /// One HTTP stack around a gRPC channel: a trailers-only `UNAVAILABLE` under
+    /// `200 OK` is a retryable failure, an `INVALID_ARGUMENT` says nothing about the
+    /// server's health, and `OK` is a success.
+    #[test]
+    fn a_grpc_status_in_the_headers_decides_a_grpc_answer() {
+        let c = HttpClassifier::new();
+        let unavailable = classify(&c, &grpc_answer("application/grpc", "14"));
+        assert_eq!(unavailable.class(), Class::Failure);
+        assert!(unavailable.is_retryable());
+        let exhausted = classify(&c, &grpc_answer("application/grpc+proto", "8"));
+        assert_eq!(exhausted.class(), Class::Overload);
+        let internal = classify(&c, &grpc_answer("application/grpc-web", "13"));
+        assert_eq!(internal.class(), Class::Failure);
+        assert!(!internal.is_retryable());
+        for ok in ["0", "3"] {
+            let c = classify(&c, &grpc_answer("application/grpc", ok));
+            assert_eq!(c.class(), Class::Success, "grpc-status {ok}");
+            assert!(!c.is_retryable());
+        }
+    }
+
+    /// The `grpc-status` of an answer that is not gRPC means nothing, and a rule the
+    /// caller set for `200` still wins over it.
+    #[test]
+    fn a_grpc_status_outside_grpc_or_under_a_rule_is_not_read() {
+        let c = HttpClassifier::new();
+        let plain = classify(&c, &grpc_answer("application/json", "14"));
+        assert_eq!(plain.class(), Class::Success);
+        let ruled = HttpClassifier::new().with_success(StatusCode::OK);
+        let c = classify(&ruled, &grpc_answer("application/grpc", "14"));
+        assert_eq!(c.class(), Class::Success);
     }
 
     #[test]

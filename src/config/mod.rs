@@ -20,6 +20,16 @@
 //! configuration turned into layers: building one by hand is the
 //! `ServiceBuilder` of the [crate docs](crate#a-client-stack-and-a-server-stack).
 //!
+//! # gRPC through the client stack
+//! The client stack serves gRPC calls too (a tonic `Channel` is an HTTP service): it
+//! classifies an answer whose `grpc-status` is in its headers by that status (see
+//! [`HttpClassifier`](crate::classify::HttpClassifier)), so an `UNAVAILABLE` under
+//! `200 OK` is a failure for the retry and the breaker. Put
+//! `postbox::grpc::GrpcStatusLayer` (feature `grpc`) between the stack and the channel
+//! so a status sent in the trailers is seen as well; gRPC calls are `POST`s, so they
+//! are retried only with `retry.retry_unsafe_methods` (or an `Idempotency-Key`), and
+//! `stream_through` names the streaming methods whose bodies must not be buffered.
+//!
 //! # Validation across layers
 //! Each layer validates its own settings; [`ClientConfig::validate`] and
 //! [`ServerConfig::validate`] also check that the layers fit together (the checks of

@@ -682,6 +682,77 @@ async fn the_client_stack_from_config_retries_a_503() {
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
+/// The config client around a gRPC channel: a trailers-only `UNAVAILABLE` (under
+/// `200 OK`) is a failure, retried for a method declared safe to repeat, and counted by
+/// the breaker until it opens; before, the stack took it for a `200` success.
+#[tokio::test(start_paused = true)]
+async fn the_client_stack_from_config_reads_a_grpc_status_in_the_headers() {
+    let config = StackConfig::from_str(
+        "[client]\npreset = \"standard_http_client\"\n\
+         [client.retry]\nmax_retries = 1\nmax_retry_after = \"1s\"\nretry_unsafe_methods = true\n\
+         [client.retry.budget]\nenabled = false\n\
+         [client.retry.backoff]\njitter = \"none\"\n\
+         [client.circuit_breaker]\nminimum_calls = 4\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let channel = service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let res = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "14")
+                    .header("grpc-message", "connection refused upstream")
+                    .body(())
+                    .unwrap();
+                Ok::<_, BoxError>(res)
+            }
+        }
+    });
+    let layer = config.client.layer().unwrap();
+    let breakers = layer.breakers();
+    let client = ServiceBuilder::new().layer(layer).service(channel);
+    let call = || {
+        http::Request::post("http://echo.internal/echo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+            .unwrap()
+    };
+    let res = client.clone().oneshot(call()).await.unwrap();
+    assert_eq!(
+        res.headers()["grpc-status"],
+        "14",
+        "the last answer is returned"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "UNAVAILABLE is retried once"
+    );
+    let res = client.clone().oneshot(call()).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "14");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    let authority: http::uri::Authority = "echo.internal".parse().unwrap();
+    assert_eq!(
+        breakers.get(&authority).map(|b| b.state()),
+        Some(postbox::circuit_breaker::State::Open),
+        "four failures of four calls open the breaker"
+    );
+    let err = client.oneshot(call()).await.unwrap_err();
+    assert!(
+        postbox::error::find_cause::<postbox::circuit_breaker::error::Open>(&*err).is_some(),
+        "{err}"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "an open breaker sends nothing (its 5 s is past `max_retry_after`: no wait)"
+    );
+}
+
 /// A request body that sends one message and then waits (a bidirectional call's client
 /// waiting for an answer before its next message).
 struct OneMessageThenWaits(bool);
