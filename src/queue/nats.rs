@@ -69,7 +69,11 @@
 //! it.
 //!
 //! `retry_later` republishes the message with the new `Postbox-Not-Before` and
-//! `Postbox-Attempts` and then acks the delivery, so the delay survives a restart.
+//! `Postbox-Attempts` and then acks the delivery, so the delay survives a restart. If
+//! the subject's last message is a newer copy of the same message (an earlier move or
+//! retry of this delivery stored it, then its ack was lost), the republish goes after
+//! that copy and deletes it; anything else there means the message was settled
+//! elsewhere, and the lease is lost.
 //! `release` (a delivery the replayer's breaker stopped) sends nothing: the process keeps
 //! holding the delivery, with the attempt uncounted and the new not-before in memory; if
 //! the process dies first, the server delivers it again after `ack_wait`, counted.
@@ -942,7 +946,30 @@ impl Inner {
         let h = Self::take(&mut *self.held.lock().await, token)?;
         let mut envelope = h.envelope.clone();
         envelope.not_before = not_before;
-        let copied = self.publish_copy(&h, &envelope, "r").await;
+        let mut copied = self
+            .publish_copy(&h, &envelope, "r", sequence(&h.msg))
+            .await;
+        let mut superseded = None;
+        if let Err(e) = &copied
+            && e.kind() == PublishErrorKind::WrongLastSequence
+        {
+            // The subject's last message may be a newer copy of this very message, not
+            // yet delivered: one stored by an earlier move or retry of this delivery
+            // whose ack was lost. The retry is still ours: its copy goes after that one,
+            // which is then deleted, so one copy is left. Anything else on the subject
+            // means the message was settled elsewhere.
+            match self.newer_copy(&h).await {
+                Some(seq) => {
+                    copied = self.publish_copy(&h, &envelope, "r", seq).await;
+                    // A duplicate stored nothing new: the copy at `seq` is the one kept.
+                    superseded = copied
+                        .as_ref()
+                        .is_ok_and(|ack| !ack.duplicate)
+                        .then_some(seq);
+                }
+                None => return Err(QueueError::LeaseLost(token)),
+            }
+        }
         if let Err(e) = copied {
             if e.kind() == PublishErrorKind::WrongLastSequence {
                 return Err(QueueError::LeaseLost(token));
@@ -960,6 +987,9 @@ impl Inner {
             self.put_back(vec![h]).await; // still leased: the caller may try again
             return Err(self.publish_failed(e, "republish for retry").await);
         }
+        if let Some(seq) = superseded {
+            self.delete_copy(seq).await;
+        }
         // If this ack is lost the original comes back too: at least once, as always.
         if let Err(e) = h.msg.double_ack().await {
             let e = classify_dyn(&*e, "ack after retry");
@@ -975,18 +1005,22 @@ impl Inner {
     /// (this process stalled past `ack_wait`) and a new message took the key, the
     /// publish fails with `WrongLastSequence`, and no second live message with the key
     /// is stored.
+    ///
+    /// `last` is the sequence expected last on the subject: `h`'s own, or that of a
+    /// newer copy of it ([`newer_copy`](Self::newer_copy)).
     async fn publish_copy(
         &self,
         h: &Held,
         envelope: &Envelope,
         kind: &str,
+        last: u64,
     ) -> Result<async_nats::jetstream::publish::PublishAck, PublishError> {
         let mut headers = headers(envelope);
         headers.insert(
             H_NOT_BEFORE,
             ms_ceil(envelope.not_before).to_string().as_str(),
         );
-        let seq = sequence(&h.msg);
+        let seq = last;
         if seq > 0 {
             headers.insert(
                 async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -1005,6 +1039,48 @@ impl Inner {
                 Err(_) => format!("{}.{kind}.{}", envelope.id, envelope.attempts),
             });
         self.publish(h.msg.subject.clone(), publish).await
+    }
+
+    /// The stream sequence of the last message on `h`'s subject if it is a newer copy
+    /// of `h`'s message (same id, later sequence), else `None` (also when the server
+    /// cannot be asked: the caller then reports the lease lost, as before).
+    async fn newer_copy(&self, h: &Held) -> Option<u64> {
+        let ask = async {
+            let stream = self.js.get_stream_no_info(&self.stream).await.ok()?;
+            let m = stream
+                .get_last_raw_message_by_subject(h.msg.subject.as_str())
+                .await
+                .ok()?;
+            let id = m
+                .headers
+                .get(H_ID)
+                .and_then(|v| v.as_str().parse::<MessageId>().ok())
+                .or_else(|| Envelope::decode(&m.payload).ok().map(|e| e.id))?;
+            (id == h.envelope.id && m.sequence > sequence(&h.msg)).then_some(m.sequence)
+        };
+        tokio::time::timeout(self.request_timeout, ask)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Deletes the copy at `seq`, superseded by a later one. If that fails, two copies
+    /// are left: the older is acked when both are held (see `fetch`), or delivered
+    /// twice (at least once, as always).
+    async fn delete_copy(&self, seq: u64) {
+        let delete = async {
+            let stream = self.js.get_stream_no_info(&self.stream).await?;
+            stream.delete_message(seq).await.map_err(Into::into)
+        };
+        let deleted: Result<Result<bool, async_nats::Error>, _> =
+            tokio::time::timeout(self.request_timeout, delete).await;
+        if !matches!(deleted, Ok(Ok(_))) {
+            tracing::warn!(
+                stream = %self.stream,
+                seq,
+                "postbox: could not delete a superseded copy of a retried message"
+            );
+        }
     }
 
     /// Makes room in a full `held` for the messages behind it: moves up to `n` (at most
@@ -1068,7 +1144,10 @@ impl Inner {
             }
             let h = held.remove(&id).expect("listed from held");
             let step = async {
-                match self.publish_copy(&h, &h.envelope, "m").await {
+                match self
+                    .publish_copy(&h, &h.envelope, "m", sequence(&h.msg))
+                    .await
+                {
                     Ok(_) => {
                         // A copy is behind now, whatever becomes of the ack.
                         self.lock_moved().insert(id, Instant::now());

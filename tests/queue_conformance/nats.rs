@@ -440,6 +440,44 @@ async fn two_copies_of_one_message_are_leased_once_and_both_leave() {
     assert_eq!(stream_len(&q, q.streams().0).await, 0);
 }
 
+/// A retry of a delivery whose subject's last message is a newer copy of the same
+/// message (stored by an earlier move or retry whose ack of the delivery was lost) is
+/// still the lease's: its copy goes after that one, which is deleted. One copy is left,
+/// with the retry's not-before and attempts. (It was `LeaseLost`: the delivery came
+/// back after `ack_wait` beside the newer copy, the retry's delay forgotten.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_later_over_a_newer_copy_of_its_own_message_replaces_it() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("own-copy");
+    q.enqueue(e.clone()).await.unwrap();
+    let leased = q
+        .lease(1, Duration::from_secs(30), crate::suite::t0())
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    let subject: String = b"own-copy".iter().map(|b| format!("{b:02x}")).collect();
+    publish_raw(&q, &format!("x{subject}"), e.encode()).await;
+    assert_eq!(stream_len(&q, q.streams().0).await, 2);
+    q.retry_later(leased[0].token, crate::suite::at(60))
+        .await
+        .unwrap();
+    assert_eq!(stream_len(&q, q.streams().0).await, 1, "one copy is left");
+    let early = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(59))
+        .await
+        .unwrap();
+    assert!(early.is_empty(), "leased before its not-before: {early:?}");
+    let again = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(60))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id, e.id);
+    assert_eq!(again[0].envelope.attempts, leased[0].envelope.attempts + 1);
+    q.ack(&[again[0].token]).await.unwrap();
+    assert_eq!(stream_len(&q, q.streams().0).await, 0);
+}
+
 /// Connecting again with a capacity below the number of messages the queue holds is
 /// refused with a clear error; the server is not asked to apply it, which would delete
 /// the oldest stored messages to fit. A capacity they fit in is applied.
