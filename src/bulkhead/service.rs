@@ -118,7 +118,10 @@ impl Drop for WaitSlot {
         let shared = &self.0;
         shared.waiting.fetch_sub(1, Ordering::SeqCst);
         // If this waiter was woken for a permit it will not take (it timed out or was
-        // dropped), pass the wake-up on to the next waiter.
+        // dropped), the next waiter must be woken. tokio's `Notified` already passes on
+        // a `notify_one` it received but did not consume when it is dropped; this is the
+        // guard that does not rely on that (at worst a spurious wake-up, which
+        // `acquire`'s loop absorbs).
         if shared.available_permits() > 0 && shared.waiting.load(Ordering::SeqCst) > 0 {
             shared.notify.notify_one();
         }

@@ -280,8 +280,14 @@ impl Backoff {
     }
 }
 
-/// `d × unit` for `unit` in `[0, 1]`, never above `d`.
+/// `d × unit` for `unit` in `[0, 1]` (NaN counts as 0, the rest is clamped), never
+/// above `d`.
 pub(crate) fn scale(d: Duration, unit: f64) -> Duration {
+    let unit = if unit.is_nan() {
+        0.0
+    } else {
+        unit.clamp(0.0, 1.0)
+    };
     // (`d` itself when the product does not fit a `Duration`: `unit` is at most 1.)
     Duration::try_from_secs_f64(d.as_secs_f64() * unit).map_or(d, |s| s.min(d))
 }
@@ -354,7 +360,12 @@ impl JitterRng {
                 // 53 random bits → [0, 1)
                 (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
             }
-            RngKind::Custom(f) => f(),
+            // A custom source may answer anything: NaN counts as 0, the rest is
+            // clamped into `[0, 1)`.
+            RngKind::Custom(f) => match f() {
+                u if u.is_nan() => 0.0,
+                u => u.clamp(0.0, 1.0 - f64::EPSILON / 2.0),
+            },
         }
     }
 }
@@ -380,8 +391,32 @@ mod tests {
             .with_max_delay(Duration::MAX)
             .with_jitter(Jitter::Full);
         for unit in [0.0, 0.5, 1.0] {
-            assert!(b.delay(1, Duration::ZERO, unit) <= Duration::MAX);
+            let d = b.delay(1, Duration::ZERO, unit);
+            assert!(d <= b.max_delay(), "{d:?} past the cap at {unit}");
         }
+        assert_eq!(b.delay(1, Duration::ZERO, 1.0), Duration::MAX);
+        assert_eq!(b.delay(1, Duration::ZERO, 0.0), Duration::ZERO);
+    }
+
+    /// `scale` takes a unit outside `[0, 1]` as its nearest bound and NaN as 0: a
+    /// broken jitter source never widens a spread to its whole range.
+    #[test]
+    fn scale_clamps_a_unit_outside_zero_to_one() {
+        let d = Duration::from_secs(10);
+        assert_eq!(scale(d, f64::NAN), Duration::ZERO);
+        assert_eq!(scale(d, -1.0), Duration::ZERO);
+        assert_eq!(scale(d, f64::NEG_INFINITY), Duration::ZERO);
+        assert_eq!(scale(d, 2.0), d);
+        assert_eq!(scale(d, 0.25), Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn a_custom_jitter_source_is_kept_within_zero_to_one() {
+        for (answer, want) in [(f64::NAN, 0.0), (-3.0, 0.0), (0.5, 0.5)] {
+            assert_eq!(JitterRng::from_fn(move || answer).next_unit(), want);
+        }
+        let high = JitterRng::from_fn(|| 7.0).next_unit();
+        assert!((0.0..1.0).contains(&high), "{high}");
     }
 
     /// A zero base means no backoff at every retry, also the ten-thousandth

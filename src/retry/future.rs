@@ -208,8 +208,8 @@ where
 }
 
 /// The slow path after a retryable outcome: the delay before the next attempt (after
-/// telling the hook, `tracing` and `metrics`), or `None` to return the outcome (after a
-/// `warn`). Kept out of line so the happy path of `poll` stays small enough to inline.
+/// telling the hook, `tracing` and `metrics`), or `None` to return the outcome (after
+/// `give_up`'s event). Kept out of line so the happy path of `poll` stays small enough to inline.
 #[cold]
 #[inline(never)]
 fn retry_delay<C, R, H: OnRetry>(
@@ -246,7 +246,8 @@ fn retry_delay<C, R, H: OnRetry>(
         reason: *class,
     };
     tracing::debug!(
-        attempt = event.attempt,
+        failed_attempt = attempt,
+        next_attempt = event.attempt,
         ?delay,
         class = ?class.class(),
         retry_after = ?class.retry_after(),

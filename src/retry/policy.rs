@@ -280,14 +280,23 @@ mod http_requests {
             crate::timeout::anchor_caller_timeout(req);
         }
 
-        /// Rewrites the deadline headers a `DeadlineLayer::http` outside wrote at the
-        /// first attempt (`postbox-timeout-ms`, `grpc-timeout`) with the time left now,
-        /// so the next hop does not believe it has the whole budget again.
+        /// Rewrites the deadline headers the first attempt carried (`postbox-timeout-ms`,
+        /// `grpc-timeout`, written by a `DeadlineLayer::http` outside or by the caller)
+        /// with the time left now, so the next hop does not believe it has the whole
+        /// budget again. A header the first attempt did not carry is not added.
         fn before_retry(&self, req: &mut Request<B>) {
-            use crate::timeout::{CallDeadline, HttpPropagation, Propagate};
+            use crate::timeout::{CallDeadline, HttpPropagation, Propagate, TIMEOUT_MS_HEADER};
             if let Some(at) = req.extensions().get::<CallDeadline>().map(CallDeadline::at) {
+                let had_ms = req.headers().contains_key(TIMEOUT_MS_HEADER);
+                let had_grpc = req.headers().contains_key("grpc-timeout");
                 let left = at.saturating_duration_since(tokio::time::Instant::now());
                 HttpPropagation::new().outbound(req, at, left);
+                if !had_ms {
+                    req.headers_mut().remove(TIMEOUT_MS_HEADER);
+                }
+                if !had_grpc {
+                    req.headers_mut().remove("grpc-timeout");
+                }
             }
         }
 

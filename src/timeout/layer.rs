@@ -35,7 +35,9 @@ impl AttemptTimeoutLayer<super::HttpPropagation> {
     /// [`DeadlineLayer::http`] outside set, or a retry layer anchored from a timeout
     /// header the caller set). The attempt ends at that sooner time too: at its own end
     /// with [`Elapsed`](super::error::Elapsed), at the call's deadline with
-    /// [`DeadlineExceeded`](super::error::DeadlineExceeded).
+    /// [`DeadlineExceeded`](super::error::DeadlineExceeded). A shorter timeout header
+    /// the caller set that no retry layer anchored is told to the next hop as it is,
+    /// but does not shorten this layer's timer (see [`HttpPropagation`](super::HttpPropagation)).
     ///
     /// # Errors
     /// A zero timeout is a [`ConfigError`].

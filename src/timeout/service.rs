@@ -188,7 +188,10 @@ impl<Req> Propagate<Req> for NoPropagation {
 /// [`DeadlineExceeded`] without calling the inner service. See the
 /// [module docs](super) for propagation.
 ///
-/// The deadline starts at `call`: a wait for the inner service's readiness before it
+/// With a propagation (`DeadlineLayer::http`) the deadline
+/// starts at `call`; without one ([`DeadlineLayer::new`](super::DeadlineLayer::new)) no
+/// clock is read at `call` and it starts when the response future is first polled. Either
+/// way, a wait for the inner service's readiness before it
 /// (a bulkhead with [`backpressure`](crate::bulkhead::BulkheadBuilder::backpressure))
 /// is not bounded by it; give such a wait its own bound (`max_wait`). A call failed
 /// that way leaves what the inner `poll_ready` reserved (a bulkhead permit) with the

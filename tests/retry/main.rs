@@ -17,7 +17,7 @@ use postbox::classify::{Classification, ErrorClassifier};
 use postbox::http::body::{BodyNotReplayable, BufferBodyLayer, ReplayBody};
 use postbox::http::idempotency_key::IDEMPOTENCY_KEY;
 use postbox::retry::backoff::{Backoff, Jitter};
-use postbox::retry::{HttpRequests, RetryBudget, RetryEvent, RetryLayer};
+use postbox::retry::{HttpRequests, JitterRng, RetryBudget, RetryEvent, RetryLayer};
 use proptest::prelude::*;
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -189,38 +189,45 @@ proptest! {
     }
 }
 
+/// The delay the policy takes after a `429` with `Retry-After: 4`, drawing jitter from `rng`.
+async fn first_delay(rng: JitterRng, jitter: Jitter, cap: Duration) -> Duration {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let seen = seen.clone();
+        move |e: &RetryEvent| seen.lock().unwrap().push(e.delay())
+    };
+    let layer = RetryLayer::http()
+        .max_retries(1)
+        .backoff(Backoff::exponential(100 * MS).with_jitter(jitter))
+        .max_retry_after(cap)
+        .rng(rng)
+        .on_retry(hook)
+        .no_budget()
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
+    take_request(&mut handle)
+        .1
+        .send_response(status(429, Some("4")));
+    assert_pending!(fut.poll());
+    seen.lock().unwrap()[0]
+}
+
 /// Callers told to come back at the same instant (one `Retry-After`) are spread over
 /// up to half the hint more when the backoff jitters — never earlier than the hint —
 /// and come back exactly at it when it does not.
 #[tokio::test(start_paused = true)]
 async fn a_jittering_policy_spreads_retries_past_a_shared_retry_after() {
-    async fn first_delay(seed: u64, jitter: Jitter, cap: Duration) -> Duration {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let hook = {
-            let seen = seen.clone();
-            move |e: &RetryEvent| seen.lock().unwrap().push(e.delay())
-        };
-        let layer = RetryLayer::http()
-            .max_retries(1)
-            .backoff(Backoff::exponential(100 * MS).with_jitter(jitter))
-            .max_retry_after(cap)
-            .rng(postbox::retry::JitterRng::seeded(seed))
-            .on_retry(hook)
-            .no_budget()
-            .build()
-            .unwrap();
-        let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
-        assert_ready_ok!(svc.poll_ready());
-        let mut fut = task::spawn(svc.call(Request::get("http://a/").body(()).unwrap()));
-        take_request(&mut handle)
-            .1
-            .send_response(status(429, Some("4")));
-        assert_pending!(fut.poll());
-        seen.lock().unwrap()[0]
-    }
     let mut spread = Vec::new();
     for seed in 0..32 {
-        let d = first_delay(seed, Jitter::Full, Duration::from_secs(60)).await;
+        let d = first_delay(
+            JitterRng::seeded(seed),
+            Jitter::Full,
+            Duration::from_secs(60),
+        )
+        .await;
         assert!(
             d >= Duration::from_secs(4) && d <= Duration::from_secs(6),
             "{d:?} outside [4 s, 6 s]"
@@ -233,15 +240,35 @@ async fn a_jittering_policy_spreads_retries_past_a_shared_retry_after() {
     assert!(spread.iter().any(|d| *d > Duration::from_secs(5)));
     for seed in 0..4 {
         assert_eq!(
-            first_delay(seed, Jitter::None, Duration::from_secs(60)).await,
+            first_delay(
+                JitterRng::seeded(seed),
+                Jitter::None,
+                Duration::from_secs(60)
+            )
+            .await,
             Duration::from_secs(4)
         );
     }
     // Never past the longest wait for a hint that is allowed.
     let cap = Duration::from_millis(4500);
     for seed in 0..16 {
-        let d = first_delay(seed, Jitter::Full, cap).await;
+        let d = first_delay(JitterRng::seeded(seed), Jitter::Full, cap).await;
         assert!(d >= Duration::from_secs(4) && d <= cap, "{d:?}");
+    }
+}
+
+/// A jitter source that answers outside `[0, 1)` (NaN, negative) spreads nothing past a
+/// hint: the retry comes back at the hint, not at its longest spread.
+#[tokio::test(start_paused = true)]
+async fn a_jitter_source_outside_its_range_adds_no_spread_to_a_retry_after() {
+    for unit in [f64::NAN, -1.0, f64::NEG_INFINITY] {
+        let d = first_delay(
+            JitterRng::from_fn(move || unit),
+            Jitter::Full,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(d, Duration::from_secs(4), "unit {unit}");
     }
 }
 
@@ -509,6 +536,14 @@ macro_rules! a_grpc_timeout_the_caller_set_bounds_the_retries {
         assert_eq!(
             second.headers()["grpc-timeout"],
             postbox::timeout::encode_grpc_timeout(990 * MS).as_str()
+        );
+        // Only the header the caller sent is rewritten; none is added.
+        assert!(
+            !second
+                .headers()
+                .contains_key(postbox::timeout::TIMEOUT_MS_HEADER),
+            "{:?}",
+            second.headers()
         );
         // At 1.51 s, "retry in 1 s": past the 2 s the caller gave; the 429 comes back now.
         advance(500 * MS).await;
