@@ -615,7 +615,9 @@ impl<K: Hash + Eq + Clone + fmt::Display> KeyedCircuitBreakerHandle<K> {
 ///
 /// `poll_ready` only polls the inner service (the key is known only at `call`);
 /// admission happens in `call`, and a rejected call fails at once with [`Open`](super::error::Open)
-/// without reaching the inner service. Each call reads the clock and takes the
+/// without reaching the inner service, whose readiness it gives back (the readied
+/// service is swapped for a fresh clone, so a bulkhead permit it reserved is freed).
+/// Each call reads the clock and takes the
 /// key map's read lock once (its write lock only to add a key).
 ///
 /// # Cancel safety
@@ -674,7 +676,7 @@ impl<S, K, F, C> KeyedCircuitBreaker<S, K, F, C> {
 
 impl<S, K, F, C, Req> Service<Req> for KeyedCircuitBreaker<S, K, F, C>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     K: Hash + Eq + Clone + fmt::Display,
     F: KeyFn<Req, K>,
     C: Classify<S::Response, S::Error> + Clone,
@@ -697,7 +699,15 @@ where
                 let guard = Guard::new(breaker, permit);
                 ResponseFuture::running(self.inner.call(req), guard, self.classifier.clone())
             }
-            Err(open) => ResponseFuture::rejected(open),
+            Err(open) => {
+                // The key is known only now, after the inner service was made ready:
+                // what its readiness reserved (a bulkhead permit) is given back by
+                // dropping it for a fresh clone, not held until the next call (a retry
+                // outside keeps this service through its backoff, so a dead key's
+                // rejected calls would fill a bulkhead every key shares).
+                self.inner = self.inner.clone();
+                ResponseFuture::rejected(open)
+            }
         }
     }
 }

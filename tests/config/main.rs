@@ -682,6 +682,56 @@ async fn the_client_stack_from_config_retries_a_503() {
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
+/// A call to a host whose breaker is open is rejected after the bulkhead (inside the
+/// per-host breaker) was made ready for it: the permit that readiness reserved goes
+/// back at once, not after the retry has waited out the break. Before, each such call
+/// parked a permit for the retry's whole wait, and calls to healthy hosts, which share
+/// the bulkhead, were turned away.
+#[tokio::test(start_paused = true)]
+async fn a_call_rejected_by_an_open_host_holds_no_bulkhead_permit() {
+    let layer = ClientConfig::from_str(
+        "preset = \"standard_http_client\"\n\
+         [bulkhead]\nmax_concurrent = 1\n\
+         [retry.budget]\nenabled = false\n",
+        Format::Toml,
+    )
+    .unwrap()
+    .layer()
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let downstream = service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(http::Response::new(())) }
+        }
+    });
+    let client = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(downstream);
+    layer
+        .breakers()
+        .force_open(http::uri::Authority::from_static("down.test"));
+    let get = |uri: &str| {
+        http::Request::get(uri)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let down = tokio::spawn(client.clone().oneshot(get("http://down.test/")));
+    // The rejected call's retry is waiting out the break.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!down.is_finished());
+    assert_eq!(layer.available_permits(), 1, "a permit is parked");
+    let res = client
+        .clone()
+        .oneshot(get("http://up.test/"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    down.abort();
+}
+
 /// The config client around a gRPC channel: a trailers-only `UNAVAILABLE` (under
 /// `200 OK`) is a failure, retried for a method declared safe to repeat, and counted by
 /// the breaker until it opens; before, the stack took it for a `200` success.
