@@ -29,13 +29,17 @@ fn clamp(v: i64, max: u64) -> u64 {
 
 /// Applies the change of one slot or bucket from `old` to `new` outcome bits.
 #[inline]
+///
+/// Released, after the call that carries the outcome was counted: a reader that loads
+/// the outcomes first (acquiring) never sees an outcome whose call it does not see, so
+/// never a rate that no moment had.
 fn apply(failures: &AtomicI64, slow: &AtomicI64, old: u8, new: u8) {
     let changed = old ^ new;
     if changed & FAILURE != 0 {
-        failures.fetch_add(if new & FAILURE != 0 { 1 } else { -1 }, Relaxed);
+        failures.fetch_add(if new & FAILURE != 0 { 1 } else { -1 }, Release);
     }
     if changed & SLOW != 0 {
-        slow.fetch_add(if new & SLOW != 0 { 1 } else { -1 }, Relaxed);
+        slow.fetch_add(if new & SLOW != 0 { 1 } else { -1 }, Release);
     }
 }
 
@@ -75,11 +79,17 @@ impl CountWindow {
     /// Applies the change of one slot from `old` to `new` (occupied and outcome bits).
     #[inline]
     fn apply_slot(&self, old: u8, new: u8) {
-        if (old ^ new) & OCCUPIED != 0 {
-            self.calls
-                .fetch_add(if new & OCCUPIED != 0 { 1 } else { -1 }, Relaxed);
+        let occupancy = (old ^ new) & OCCUPIED != 0;
+        if occupancy && new & OCCUPIED != 0 {
+            // A new call is counted before its outcome (see `apply`).
+            self.calls.fetch_add(1, Relaxed);
+            apply(&self.failures, &self.slow, old, new);
+        } else {
+            apply(&self.failures, &self.slow, old, new);
+            if occupancy {
+                self.calls.fetch_sub(1, Relaxed);
+            }
         }
-        apply(&self.failures, &self.slow, old, new);
     }
 
     /// The number of outcomes the window holds when full.
@@ -119,12 +129,18 @@ impl CountWindow {
     }
 
     /// The current totals.
+    ///
+    /// The outcomes are loaded before the calls: a call recorded meanwhile can only
+    /// lower the rate read, never raise it past one the window had (a failure seen
+    /// without its call would: 9 failures in 20 calls, then 10 in 21, read as 10 in 20).
     pub(crate) fn totals(&self) -> Totals {
+        let failures = self.failures.load(Acquire);
+        let slow = self.slow.load(Acquire);
         let calls = clamp(self.calls.load(Relaxed), self.size());
         Totals {
             calls,
-            failures: clamp(self.failures.load(Relaxed), calls),
-            slow: clamp(self.slow.load(Relaxed), calls),
+            failures: clamp(failures, calls),
+            slow: clamp(slow, calls),
         }
     }
 
@@ -148,12 +164,12 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// The outcomes before the calls, as [`CountWindow::totals`] and for the same
+    /// reason (`record` counts a call before its outcome).
     fn load(&self) -> [u64; 3] {
-        [
-            self.calls.load(Relaxed),
-            self.failures.load(Relaxed),
-            self.slow.load(Relaxed),
-        ]
+        let failures = self.failures.load(Acquire);
+        let slow = self.slow.load(Acquire);
+        [self.calls.load(Relaxed), failures, slow]
     }
 
     fn clear(&self) {
@@ -314,12 +330,13 @@ impl TimeWindow {
     pub(crate) fn record(&self, now_ns: u64, outcome: u8) -> bool {
         let (head, expired) = self.advance(now_ns);
         let b = &self.buckets[head];
+        // The call first, its outcome released after it (see `Bucket::load`).
         b.calls.fetch_add(1, Relaxed);
         if outcome & FAILURE != 0 {
-            b.failures.fetch_add(1, Relaxed);
+            b.failures.fetch_add(1, Release);
         }
         if outcome & SLOW != 0 {
-            b.slow.fetch_add(1, Relaxed);
+            b.slow.fetch_add(1, Release);
         }
         expired
     }
@@ -436,6 +453,57 @@ mod tests {
             failures,
             slow,
         }
+    }
+
+    /// A reader never sees a failure without its call. One writer records a success
+    /// then a failure, over and over, after one success: every state the window has
+    /// holds fewer than half failures. Before, a read that loaded the calls just before
+    /// a failure's call was counted and the failures just after saw exactly half (10 in
+    /// 20 for 9 in 20, then 10 in 21), which trips a breaker at its 50 % threshold.
+    /// (A race: it showed within a few thousand records.)
+    fn a_read_never_sees_a_failure_before_its_call(
+        record: &(dyn Fn(u8) + Sync),
+        totals: &(dyn Fn() -> Totals + Sync),
+    ) {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        const PAIRS: u64 = 400_000;
+        record(0);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..PAIRS {
+                    record(0);
+                    record(FAILURE);
+                }
+                done.store(true, SeqCst);
+            });
+            let mut reads = 0u64;
+            while !done.load(SeqCst) {
+                let t = totals();
+                assert!(
+                    2 * t.failures < t.calls,
+                    "a failure read without its call after {reads} reads: {t:?}"
+                );
+                reads += 1;
+            }
+        });
+    }
+
+    #[test]
+    fn a_count_window_read_never_sees_a_failure_before_its_call() {
+        let w = CountWindow::new(1 << 21);
+        a_read_never_sees_a_failure_before_its_call(&|o| w.record(o), &|| w.totals());
+    }
+
+    #[test]
+    fn a_time_window_read_never_sees_a_failure_before_its_call() {
+        let w = TimeWindow::new(1, u64::MAX / 2);
+        a_read_never_sees_a_failure_before_its_call(
+            &|o| {
+                w.record(0, o);
+            },
+            &|| w.totals(0),
+        );
     }
 
     /// A reader never sees a rotation half done: every bucket holds as many failures
