@@ -221,9 +221,11 @@ impl CircuitBreakerBuilder {
         self
     }
 
-    /// Re-opens a half-open breaker whose probes have not all come back after `d`, so
-    /// it can never stay stuck half-open (default 60 s; resilience4j's
-    /// `maxWaitDurationInHalfOpenState`, which is off by default there). A probe that
+    /// Re-opens a half-open breaker whose probes have not all come back `d` after the
+    /// newest was admitted, so it can never stay stuck half-open (default 60 s; like
+    /// resilience4j's `maxWaitDurationInHalfOpenState`, off by default there, which
+    /// counts from entering half-open: here a probe let in late still gets all of `d`
+    /// to answer). A probe that
     /// never answers (no timeout inside the breaker), or a probe slot reserved by a
     /// `poll_ready` whose `call` never comes (a balancer keeping an unchosen service
     /// ready), would otherwise keep every other call rejected. `Duration::MAX` switches

@@ -10,7 +10,7 @@
 //! | closed, slow-call tracking | at admission and at completion |
 //! | closed, time window | coarse clock at completion (precise if paused or fixed) |
 //! | open | coarse clock at admission; precise in the last `SLACK_NS` of the break |
-//! | half-open | only when a probe is not available and `max_wait_in_half_open` is set |
+//! | half-open | with `max_wait_in_half_open` set: at a probe's admission, and when no probe is available |
 //!
 //! # Concurrency
 //! The whole hot state is one `AtomicU64` word: mode, generation and, in half-open,
@@ -755,6 +755,14 @@ impl Breaker {
                             .compare_exchange(w, taken, AcqRel, Acquire)
                             .is_ok()
                         {
+                            if let Some(d) = self.settings.max_wait_in_half_open {
+                                // Every probe gets the whole wait from its admission: a
+                                // probe let in late (low traffic, or a slot given back)
+                                // is not cut off by an earlier one's limit.
+                                let until =
+                                    self.ns(now.get()).saturating_add(crate::duration::nanos(d));
+                                self.half_open_until_ns.fetch_max(until, AcqRel);
+                            }
                             return Ok(Permit::new(generation, PROBE, self.start(now)));
                         }
                         continue;
@@ -1452,6 +1460,33 @@ mod tests {
         let _p2 = b.acquire(&mut now).unwrap();
         let mut later = Now::at(t0 + Duration::from_secs(15));
         assert!(b.acquire(&mut later).is_err());
+        assert_eq!(b.state(), State::Open);
+    }
+
+    /// The wait is counted from the newest probe's admission, not from entering
+    /// half-open: a probe let in late keeps its whole wait (before, a caller arriving
+    /// just past the wait reopened the breaker though that probe had just started and
+    /// every answered probe had succeeded); one that never answers still reopens it.
+    #[test]
+    fn max_wait_in_half_open_counts_from_the_newest_probe() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut s = settings(count(10, 10));
+        s.permitted_probes = 3;
+        s.max_wait_in_half_open = Some(Duration::from_secs(5));
+        let b = breaker(s, t0);
+        for _ in 0..10 {
+            call(&b, t0, Verdict::Failure).unwrap();
+        }
+        assert_eq!(b.state(), State::Open);
+        call(&b, at(10_500), Verdict::Success).unwrap();
+        call(&b, at(10_600), Verdict::Success).unwrap();
+        let _late = b.acquire(&mut Now::at(at(14_500))).unwrap();
+        // 5.1 s after entering half-open, 1.1 s after the late probe.
+        assert!(b.acquire(&mut Now::at(at(15_600))).is_err());
+        assert_eq!(b.state(), State::HalfOpen);
+        // The late probe never answers: 5 s after it, the breaker reopens.
+        assert!(b.acquire(&mut Now::at(at(19_500))).is_err());
         assert_eq!(b.state(), State::Open);
     }
 

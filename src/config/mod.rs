@@ -614,7 +614,8 @@ impl ClientConfig {
                 f("circuit_breaker.max_wait_in_half_open"),
                 format!(
                     "({}) must be at least `{}` ({}) or \"off\": a probe may take its whole \
-                     attempt, and the breaker would reopen before it answers",
+                     attempt, and the breaker would reopen before it answers (the wait \
+                     counts from the newest probe's admission)",
                     fmt_d(wait),
                     f("attempt_timeout"),
                     fmt_d(self.attempt_timeout)
