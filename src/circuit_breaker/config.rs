@@ -26,6 +26,7 @@ use tokio::time::Instant;
 /// | `break_duration` | 5 s, fixed (no growth, no jitter) |
 /// | `permitted_probes` | 3 |
 /// | `max_wait_in_half_open` | 60 s |
+/// | a call whose future is dropped unfinished | not counted ([`count_dropped`](Self::count_dropped)) |
 pub struct CircuitBreakerBuilder {
     name: Cow<'static, str>,
     failure_rate: f64,
@@ -42,6 +43,7 @@ pub struct CircuitBreakerBuilder {
     permitted_probes: u32,
     max_wait_in_half_open: Option<Duration>,
     count_calls: bool,
+    count_dropped: bool,
     hook: Option<Box<dyn OnTransition>>,
 }
 
@@ -68,6 +70,7 @@ impl fmt::Debug for CircuitBreakerBuilder {
             .field("permitted_probes", &self.permitted_probes)
             .field("max_wait_in_half_open", &self.max_wait_in_half_open)
             .field("count_calls", &self.count_calls)
+            .field("count_dropped", &self.count_dropped)
             .field("hook", &self.hook.is_some())
             .finish()
     }
@@ -91,6 +94,7 @@ impl Default for CircuitBreakerBuilder {
             permitted_probes: 3,
             max_wait_in_half_open: Some(DEFAULT_MAX_WAIT_IN_HALF_OPEN),
             count_calls: false,
+            count_dropped: false,
             hook: None,
         }
     }
@@ -242,6 +246,18 @@ impl CircuitBreakerBuilder {
     /// the recorder costs.
     pub fn count_calls(mut self, on: bool) -> Self {
         self.count_calls = on;
+        self
+    }
+
+    /// Counts a call whose response future is dropped before it completes (its caller
+    /// gave up: a timeout outside the breaker, a client that went away) as a failure.
+    /// Off by default, as in resilience4j and Polly: a dropped call then records
+    /// nothing, and a dropped probe gives its slot back. Turn it on when the breaker
+    /// sits inside a timeout that is the only sign of a hung dependency; leave it off
+    /// when callers cancel for reasons of their own (a hedge, a race), which would
+    /// otherwise trip the breaker on a healthy dependency.
+    pub fn count_dropped(mut self, on: bool) -> Self {
+        self.count_dropped = on;
         self
     }
 
@@ -438,6 +454,7 @@ impl CircuitBreakerBuilder {
             permitted_probes: self.permitted_probes,
             max_wait_in_half_open: self.max_wait_in_half_open,
             count_calls: self.count_calls,
+            count_dropped: self.count_dropped,
         }
     }
 }
@@ -505,6 +522,8 @@ pub struct CircuitBreakerConfig {
     pub max_wait_in_half_open: Option<Duration>,
     /// See [`CircuitBreakerBuilder::count_calls`].
     pub count_calls: bool,
+    /// See [`CircuitBreakerBuilder::count_dropped`].
+    pub count_dropped: bool,
 }
 
 /// The window of a [`CircuitBreakerConfig`]: `{ "type": "count", "size": 100 }` or
@@ -546,6 +565,7 @@ impl Default for CircuitBreakerConfig {
             permitted_probes: b.permitted_probes,
             max_wait_in_half_open: b.max_wait_in_half_open,
             count_calls: false,
+            count_dropped: false,
         }
     }
 }
@@ -570,6 +590,7 @@ impl CircuitBreakerConfig {
             permitted_probes: self.permitted_probes,
             max_wait_in_half_open: self.max_wait_in_half_open,
             count_calls: self.count_calls,
+            count_dropped: self.count_dropped,
             ..CircuitBreakerBuilder::default()
         };
         if let Some(name) = &self.name {

@@ -135,8 +135,8 @@ impl Guard {
 impl Drop for Guard {
     #[inline]
     fn drop(&mut self) {
-        // A no-op unless it is an unfinished probe.
-        self.breaker.release(self.permit);
+        // A no-op unless the call is unfinished.
+        self.breaker.drop_unfinished(self.permit);
     }
 }
 

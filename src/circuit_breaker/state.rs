@@ -396,6 +396,7 @@ pub(crate) struct Settings {
     pub(crate) permitted_probes: u32,
     pub(crate) max_wait_in_half_open: Option<Duration>,
     pub(crate) count_calls: bool,
+    pub(crate) count_dropped: bool,
 }
 
 // === Permit ===
@@ -788,6 +789,17 @@ impl Breaker {
         generation(self.word.load(Acquire)) == permit.generation()
     }
 
+    /// Ends an admitted call whose future was dropped unfinished (a no-op for one
+    /// already recorded): a failure with `count_dropped`, else a probe slot given back.
+    #[inline]
+    pub(crate) fn drop_unfinished(&self, permit: Permit) {
+        if permit.is_tracked() && self.settings.count_dropped {
+            self.complete(permit, Verdict::Failure, &mut Now::lazy());
+        } else {
+            self.release(permit);
+        }
+    }
+
     /// Gives a probe slot back without a result (the call was dropped, panicked, or
     /// its outcome was ignored).
     #[inline]
@@ -1176,6 +1188,7 @@ mod tests {
             permitted_probes: 2,
             max_wait_in_half_open: None,
             count_calls: false,
+            count_dropped: false,
         }
     }
 

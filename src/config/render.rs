@@ -151,6 +151,7 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
         None => writeln!(f, "max_wait_in_half_open = \"off\"")?,
     }
     writeln!(f, "count_calls = {}", b.count_calls)?;
+    writeln!(f, "count_dropped = {}", b.count_dropped)?;
 
     writeln!(f, "\n{}", t("breaker_keys"))?;
     writeln!(f, "max_keys = {}", c.breaker_keys.max_keys)?;

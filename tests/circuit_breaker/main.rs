@@ -547,6 +547,42 @@ async fn dropped_probe_releases_slot() {
     assert_eq!(h.state(), State::Closed);
 }
 
+/// With `count_dropped`, a call its caller gave up on (a timeout outside the breaker)
+/// is a failure: a dependency that hangs trips the breaker. Without it (the default),
+/// such calls record nothing and the breaker stays closed.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_call_is_a_failure_only_with_count_dropped() {
+    for count_dropped in [false, true] {
+        let layer = CircuitBreakerLayer::builder()
+            .consecutive_failures(2)
+            .permitted_probes(1)
+            .break_duration(Duration::from_secs(1))
+            .count_dropped(count_dropped)
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        let hung = service_fn(|()| std::future::pending::<Result<(), BoxError>>());
+        let mut svc = layer.layer(hung);
+        for _ in 0..2 {
+            let call = svc.ready().await.unwrap().call(());
+            tokio::time::timeout(Duration::from_millis(100), call)
+                .await
+                .unwrap_err();
+        }
+        if !count_dropped {
+            assert_eq!(h.state(), State::Closed);
+            continue;
+        }
+        assert_eq!(h.state(), State::Open);
+        // A probe dropped unfinished is a failed probe: the breaker opens again.
+        advance(Duration::from_secs(1)).await;
+        let probe = svc.ready().await.unwrap().call(());
+        assert_eq!(h.state(), State::HalfOpen);
+        drop(probe);
+        assert_eq!(h.state(), State::Open);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn probe_reserved_by_a_dropped_service_is_released() {
     let layer = CircuitBreakerLayer::builder()

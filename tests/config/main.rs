@@ -1099,3 +1099,12 @@ async fn a_duplicate_that_waited_runs_with_a_permit_when_the_first_failed() {
     assert_eq!(duplicate.status(), StatusCode::OK);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+#[test]
+fn count_dropped_is_off_by_default_and_loads_from_a_file() {
+    let on =
+        ClientConfig::from_str("[circuit_breaker]\ncount_dropped = true\n", Format::Toml).unwrap();
+    assert!(on.circuit_breaker.count_dropped);
+    let default = ClientConfig::from_str("", Format::Toml).unwrap();
+    assert!(!default.circuit_breaker.count_dropped);
+}
