@@ -175,6 +175,13 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
     if as_type::<hyper_util::client::legacy::Error>(e).is_some_and(|h| h.is_connect()) {
         return Some(Classification::failure().with_effect(false));
     }
+    // tonic's channel wraps every failure to connect (refused, DNS, a connect timeout,
+    // a TLS handshake) in a `ConnectError`, whatever `io::Error` it holds: the request
+    // was never sent.
+    #[cfg(feature = "grpc")]
+    if as_type::<tonic::ConnectError>(e).is_some() {
+        return Some(Classification::failure().with_effect(false));
+    }
     #[cfg(feature = "reqwest")]
     if let Some(r) = as_type::<reqwest::Error>(e) {
         if r.is_connect() {
@@ -230,6 +237,24 @@ fn is_connect(kind: io::ErrorKind) -> bool {
 mod tests {
     use super::*;
     use crate::classify::Class;
+
+    /// A tonic channel's connect timeout or DNS failure (a `ConnectError` around an
+    /// `io::Error` of no connect kind) never sent the request: retried whatever the
+    /// method. It was a failure that may have taken effect, so a gRPC call (a `POST`)
+    /// was not retried.
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_tonic_connect_error_never_took_effect() {
+        for io in [
+            io::Error::new(io::ErrorKind::TimedOut, "connect timeout"),
+            io::Error::other("dns error"),
+        ] {
+            let err: crate::BoxError = Box::new(tonic::ConnectError(Box::new(io)));
+            let c = classify_error(&*err);
+            assert!(c.is_failure() && c.is_retryable(), "{c:?}");
+            assert!(!c.may_have_taken_effect(), "{c:?}");
+        }
+    }
 
     #[test]
     fn connect_refused_is_retryable_failure_without_effect() {

@@ -111,6 +111,36 @@ pub(crate) fn web_trailers(headers: &HeaderMap, body: &[u8]) -> Option<(usize, H
     if !media.eq_ignore_ascii_case(WEB) || !matches!(rest.first(), None | Some(b'+' | b';')) {
         return None;
     }
+    frames_trailers(body)
+}
+
+/// The trailers frame of a gRPC-Web-text (base64) body, decoded. A server may send the
+/// body as several base64 chunks, each padded: each is decoded on its own.
+#[cfg(feature = "grpc")]
+pub(crate) fn web_text_trailers(body: &[u8]) -> Option<HeaderMap> {
+    use base64::Engine as _;
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let mut decoded = Vec::with_capacity(body.len() / 4 * 3);
+    let mut rest = body;
+    while !rest.is_empty() {
+        // A chunk ends after its padding (or with the body).
+        let end = match rest.iter().position(|&b| b == b'=') {
+            Some(i) => i + rest[i..].iter().take_while(|&&b| b == b'=').count(),
+            None => rest.len(),
+        };
+        let chunk: Vec<u8> = rest[..end]
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        engine.decode_vec(&chunk, &mut decoded).ok()?;
+        rest = &rest[end..];
+    }
+    frames_trailers(&decoded).map(|(_, trailers)| trailers)
+}
+
+/// The trailers frame of a body of gRPC-Web frames: where it starts, and its headers.
+fn frames_trailers(body: &[u8]) -> Option<(usize, HeaderMap)> {
     let mut rest = body;
     while let [flags, a, b, c, d, after @ ..] = rest {
         let len = usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).ok()?;

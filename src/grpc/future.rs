@@ -255,9 +255,19 @@ fn finish<B, H: OnGrpcStatus>(
             let messages = data.slice(..end);
             return finish_web(parts, data, messages, web, classifier, hook);
         }
-        // Base64 (`-text`), or no trailers frame: not read, passed on as it is.
-        let outcome =
-            GrpcOutcome::new(GrpcCode::Unknown, classifier.classify_trailers(None), false);
+        // Base64 (`-text`): the status is read from its decoded trailers frame and
+        // reported, the body passed on as it is (a non-OK status stays in it). No
+        // trailers frame: an answer without a status.
+        let web = match crate::http::grpc_kind(&parts.headers) {
+            Some(crate::http::GrpcKind::WebText) => crate::classify::grpc::web_text_trailers(&data),
+            _ => None,
+        };
+        let code = web.as_ref().and_then(GrpcCode::from_headers);
+        let outcome = GrpcOutcome::new(
+            code.unwrap_or(GrpcCode::Unknown),
+            classifier.classify_trailers(web.as_ref()),
+            false,
+        );
         hook.on_grpc_status(&outcome);
         parts.extensions.insert(outcome);
         return Response::from_parts(parts, GrpcStatusBody::buffered(data, trailers));
@@ -460,10 +470,42 @@ mod tests {
         assert_eq!(outcome.code(), GrpcCode::Ok);
         assert!(!outcome.classification().is_failure());
 
-        // Base64: not read, passed on as it is.
+        // Base64: no trailers frame, an answer without a status; passed on as it is.
         let (parts, data) = call_web("application/grpc-web-text", b"AAAAAARwb25n".to_vec()).await;
         assert!(parts.headers.get("grpc-status").is_none());
         assert_eq!(&data[..], b"AAAAAARwb25n");
+        let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+        assert_eq!(outcome.code(), GrpcCode::Unknown);
+    }
+
+    /// gRPC-Web-text (base64, often sent as one padded chunk per frame): its status is
+    /// read from the decoded trailers frame and reported; the body goes on unchanged.
+    /// (Every such answer, an OK one too, was reported `UNKNOWN`, a failure.)
+    #[tokio::test]
+    async fn a_grpc_web_text_status_is_read_from_its_decoded_trailers_frame() {
+        use base64::Engine as _;
+        const TEXT: &str = "application/grpc-web-text+proto";
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        for (status, code, failure) in [
+            ("0", GrpcCode::Ok, false),
+            ("14", GrpcCode::Unavailable, true),
+        ] {
+            let trailers = format!("grpc-status: {status}\r\n");
+            // One chunk per frame, each padded (a 10-byte frame ends in `==`), as
+            // grpc-web servers write them.
+            let chunked =
+                b64(&web_frame(0, b"hello")) + &b64(&web_frame(0x80, trailers.as_bytes()));
+            let mut whole = web_frame(0, b"hello");
+            whole.extend(web_frame(0x80, trailers.as_bytes()));
+            for body in [chunked, b64(&whole)] {
+                let (parts, data) = call_web(TEXT, body.clone().into_bytes()).await;
+                assert!(parts.headers.get("grpc-status").is_none());
+                assert_eq!(&data[..], body.as_bytes(), "the body goes on as it was");
+                let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+                assert_eq!(outcome.code(), code, "{body}");
+                assert_eq!(outcome.classification().is_failure(), failure);
+            }
+        }
     }
 
     #[tokio::test]
