@@ -246,6 +246,9 @@ where
         match store.claim(&key, config.lock_for).await {
             Ok(Claim::Proceed(token)) => break (token, claim_ends),
             Ok(Claim::Done(stored)) => {
+                // Answered from the store: the readied service (a bulkhead permit it
+                // reserved) is not held while the repeat's body is read to compare.
+                drop(svc);
                 if let Some(first) = stored.fingerprint {
                     // A repeat must be the same request: read its body (no further
                     // than the first one's length) to compare, or only its head if
@@ -725,15 +728,15 @@ fn is_event_stream<B>(res: &Response<B>) -> bool {
 /// The headers of a response to store: without the hop-by-hop ones (RFC 9110 §7.6.1:
 /// the fixed ones and those its `connection` header names), which described the first
 /// answer's connection, not the answer (a stored `transfer-encoding: chunked` would
-/// be replayed over a body sent whole).
+/// be replayed over a body sent whole). `trailer` is end to end and kept: hyper sends
+/// an HTTP/1.1 answer's trailers only when it names them.
 fn end_to_end(headers: &http::HeaderMap) -> http::HeaderMap {
-    const HOP_BY_HOP: [&str; 7] = [
+    const HOP_BY_HOP: [&str; 6] = [
         "connection",
         "keep-alive",
         "proxy-connection",
         "transfer-encoding",
         "te",
-        "trailer",
         "upgrade",
     ];
     let mut kept = headers.clone();

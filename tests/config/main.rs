@@ -1049,6 +1049,51 @@ async fn a_waiting_duplicate_holds_no_bulkhead_permit() {
     assert_eq!(layer.available_permits(), 2);
 }
 
+/// A repeat answered from the store holds no bulkhead permit while its body arrives to
+/// be compared with the first request's: a burst of slow redeliveries must not turn
+/// fresh requests away. (It held the readied service, and its permit, all along.)
+#[tokio::test(start_paused = true)]
+async fn a_repeat_answered_from_the_store_holds_no_bulkhead_permit_while_its_body_arrives() {
+    use http::{Request, Response, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::Layer;
+    let config = ServerConfig::from_str("[bulkhead]\nmax_concurrent = 1\n", Format::Toml).unwrap();
+    let layer = config.layer().unwrap();
+    async fn read_whole<B: http_body::Body>(body: B) {
+        let _ = body.collect().await;
+    }
+    let handler = service_fn(|req: Request<_>| async move {
+        read_whole(req.into_body()).await;
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("done"))))
+    });
+    let svc = layer.layer(handler);
+    let request = |key: Option<&str>, body: http_body_util::combinators::BoxBody<Bytes, _>| {
+        let mut req = Request::post("http://shop.test/orders");
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        req.body(body).unwrap()
+    };
+    let whole = || Full::new(Bytes::from_static(b"\0\0\0\0\x02hi!!")).boxed();
+    let first = svc
+        .clone()
+        .oneshot(request(Some("order-1"), whole()))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    // The repeat sends the first 7 of the 9 bytes, then waits.
+    let repeat = tokio::spawn(
+        svc.clone()
+            .oneshot(request(Some("order-1"), OneMessageThenWaits(false).boxed())),
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!repeat.is_finished());
+    assert_eq!(layer.available_permits(), 1, "the repeat holds a permit");
+    let other = svc.clone().oneshot(request(None, whole())).await.unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    repeat.abort();
+}
+
 /// A duplicate that waited runs the handler itself when the first answer is not
 /// remembered (a `503`): its service is readied again first, so it takes a bulkhead
 /// permit like any call.
