@@ -5,7 +5,8 @@ use crate::BoxError;
 use crate::clock::later;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::sync::{Mutex, PoisonError};
@@ -159,8 +160,9 @@ enum Entry {
 
 struct Inner {
     map: HashMap<String, Entry>,
-    /// Completed keys in completion order (so in expiry order, for one TTL).
-    order: VecDeque<(String, Instant)>,
+    /// Completed keys by expiry, soonest first (a min-heap: with different TTLs, the
+    /// oldest response is not always the first to expire).
+    order: BinaryHeap<Reverse<(Instant, String)>>,
     /// The next claim's token.
     next_token: u64,
     /// The size of the remembered responses (see [`size_of`]).
@@ -181,8 +183,8 @@ fn size_of(key: &str, r: &StoredResponse) -> usize {
 /// eviction.
 ///
 /// When full (in remembered responses, or in their bytes: 256 MiB by default, see
-/// [`max_bytes`](Self::max_bytes)), expired responses are dropped first, then the
-/// oldest remembered ones. Claims in progress are never evicted and come on top of the
+/// [`max_bytes`](Self::max_bytes)), expired responses are dropped first, then those
+/// that expire soonest (the oldest, when every response has the same TTL). Claims in progress are never evicted and come on top of the
 /// capacity (they are as many as the requests in flight): counted in it, a burst of
 /// slow requests evicted every remembered response, and the retries of those requests
 /// ran their handlers again. Times come from `tokio::time::Instant`, so paused-time
@@ -202,7 +204,7 @@ impl MemoryStore {
         Self {
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
-                order: VecDeque::new(),
+                order: BinaryHeap::new(),
                 next_token: 0,
                 bytes: 0,
                 in_progress: 0,
@@ -277,10 +279,10 @@ impl Inner {
         }
     }
 
-    /// Forgets the oldest remembered responses while over `max_bytes`.
+    /// Forgets the responses that expire soonest while over `max_bytes`.
     fn shed_bytes(&mut self, max_bytes: usize) {
         while self.bytes > max_bytes {
-            let Some((key, expires)) = self.order.pop_front() else {
+            let Some(Reverse((expires, key))) = self.order.pop() else {
                 return;
             };
             self.forget(&key, expires);
@@ -290,18 +292,19 @@ impl Inner {
     /// Makes room for one more remembered response.
     fn evict(&mut self, capacity: usize, now: Instant) {
         while self.map.len() - self.in_progress >= capacity {
-            let Some((key, expires)) = self.order.pop_front() else {
+            let Some(Reverse((expires, key))) = self.order.pop() else {
                 return;
             };
             self.forget(&key, expires);
         }
-        // Also drop what has expired at the front, to keep `order` short.
-        while let Some((key, expires)) = self.order.front() {
+        // Also drop what has expired, to keep `order` short.
+        while let Some(Reverse((expires, _))) = self.order.peek() {
             if *expires > now {
                 break;
             }
-            let (key, expires) = (key.clone(), *expires);
-            self.order.pop_front();
+            let Some(Reverse((expires, key))) = self.order.pop() else {
+                break;
+            };
             self.forget(&key, expires);
         }
     }
@@ -382,7 +385,7 @@ impl IdempotencyStore for MemoryStore {
             inner
                 .map
                 .insert(key.to_owned(), Entry::Done { response, expires });
-            inner.order.push_back((key.to_owned(), expires));
+            inner.order.push(Reverse((expires, key.to_owned())));
             inner.shed_bytes(self.max_bytes);
         }
         drop(inner);
@@ -459,6 +462,31 @@ mod tests {
             tokio::time::advance(Duration::from_secs(2)).await;
         }
         assert!(s.lock().order.len() <= 2, "{}", s.lock().order.len());
+    }
+
+    /// When full, the store drops what has expired before what has not, whatever was
+    /// stored first: a long-lived response (a payment kept a day) is not evicted for
+    /// room that expired short-lived ones leave. (Eviction went by completion order, so
+    /// the day-long answer went first, and its retry ran the handler again.)
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_drops_expired_responses_before_live_older_ones() {
+        let s = MemoryStore::new(2);
+        let day = Duration::from_secs(86_400);
+        let token = proceed(&s, "payment", day).await;
+        s.complete("payment", token, response(1), day)
+            .await
+            .unwrap();
+        let token = proceed(&s, "ping", day).await;
+        s.complete("ping", token, response(2), Duration::from_secs(1))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let token = proceed(&s, "other", day).await;
+        s.complete("other", token, response(3), day).await.unwrap();
+        assert!(matches!(
+            s.claim("payment", day).await.unwrap(),
+            Claim::Done(_)
+        ));
     }
 
     /// Claims in progress do not push remembered responses out: counted in the
