@@ -2,8 +2,8 @@
 
 use super::{GrpcOutcome, OnGrpcStatus};
 use crate::BoxError;
+use crate::classify::GrpcClassifier;
 use crate::classify::grpc::GrpcCode;
-use crate::classify::{GrpcClassifier, classify_error};
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -61,16 +61,24 @@ impl<H: OnGrpcStatus> Report<H> {
     }
 
     fn error(self, err: &BoxError) {
-        self.hook.on_grpc_status(&error_outcome(err, true));
+        self.hook
+            .on_grpc_status(&error_outcome(err, &self.classifier, true));
     }
 }
 
 /// The outcome of a response whose body failed with `err`: tonic's bodies fail with a
-/// `Status`; anything else is `UNKNOWN`.
-pub(crate) fn error_outcome(err: &BoxError, streamed: bool) -> GrpcOutcome {
+/// `Status`; anything else is `UNKNOWN`. Classified by the layer's `classifier`, as a
+/// status in the trailers is (its overrides apply to a code that came as an error).
+pub(crate) fn error_outcome(
+    err: &BoxError,
+    classifier: &GrpcClassifier,
+    streamed: bool,
+) -> GrpcOutcome {
+    use crate::classify::Classify;
     let code = crate::error::find_cause::<tonic::Status>(&**err)
         .map_or(GrpcCode::Unknown, |s| GrpcCode::from_i32(s.code() as i32));
-    GrpcOutcome::new(code, classify_error(&**err), streamed)
+    let class = Classify::<http::Response<()>, BoxError>::classify(classifier, Err(err));
+    GrpcOutcome::new(code, class, streamed)
 }
 
 // === impl GrpcStatusBody ===

@@ -172,7 +172,8 @@ where
                         Some(Err(e)) => {
                             // Reported like every other response ("every response").
                             let e: BoxError = e.into();
-                            this.hook.on_grpc_status(&error_outcome(&e, false));
+                            this.hook
+                                .on_grpc_status(&error_outcome(&e, this.classifier, false));
                             this.state.set(State::Done);
                             return Poll::Ready(Err(e));
                         }
@@ -669,6 +670,36 @@ mod tests {
         assert_eq!(seen[0].code(), GrpcCode::Unavailable);
         assert!(seen[0].classification().is_failure());
         assert!(!seen[0].is_streamed());
+    }
+
+    /// A body that fails with a status is classified by the layer's classifier, as a
+    /// status in the trailers is: an override of the code applies. (It went by the
+    /// default classes: a `NOT_FOUND` declared a failure was reported a success.)
+    #[tokio::test]
+    async fn a_body_error_is_classified_by_the_layers_classifier() {
+        for (classifier, failure) in [
+            (GrpcClassifier::new(), false),
+            (
+                GrpcClassifier::new().with_failure(GrpcCode::NotFound, false),
+                true,
+            ),
+        ] {
+            let (layer, seen) = recording();
+            let svc =
+                layer
+                    .with_classifier(classifier)
+                    .layer(service_fn(|_: http::Request<()>| async {
+                        let frames = vec![Err::<http_body::Frame<Bytes>, _>(BoxError::from(
+                            tonic::Status::not_found("no order"),
+                        ))];
+                        let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+                        Ok::<_, BoxError>(Response::new(body))
+                    }));
+            svc.oneshot(http::Request::new(())).await.unwrap_err();
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen[0].code(), GrpcCode::NotFound);
+            assert_eq!(seen[0].classification().is_failure(), failure);
+        }
     }
 
     /// A streamed response that ends without trailers is reported (`UNKNOWN`) to a
