@@ -64,6 +64,13 @@
 //! `authorization`): without it, two callers that send the same key and request get
 //! the same stored answer.
 //!
+//! A client that balances over instances by address (tonic's `Channel::balance_list`)
+//! names each instance in the request's authority: with a store shared by the
+//! instances, a retry that reaches another instance is another key, and runs the
+//! handler again. Such clients should address the service by one name (a DNS name
+//! the balancer resolves), or the instances keep stores of their own (a retry is then
+//! caught only by the instance that answered first).
+//!
 //! The path is the one the layer sees: under axum's `Router::nest("/v1", ..)` that is
 //! the path with `/v1` taken off. One layer (one store) applied to two nested routers
 //! would then take `/v1/orders` and `/v2/orders` for one endpoint: apply it to the
