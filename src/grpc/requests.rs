@@ -47,9 +47,36 @@ impl GrpcRequests {
     }
 
     /// Marks `path` (`/package.Service/Method`, or `/package.Service/*`) safe to repeat.
-    pub fn idempotent(mut self, path: impl Into<String>) -> Self {
+    ///
+    /// A pattern that can match no call as meant (no method, a `*` before the end, more
+    /// than two segments, or one that would match every call: use
+    /// [`all_idempotent`](Self::all_idempotent)) is kept but logged at `warn`;
+    /// [`try_idempotent`](Self::try_idempotent) refuses it.
+    pub fn idempotent(self, path: impl Into<String>) -> Self {
+        let path = path.into();
+        if let Err(e) = crate::http::check_method_pattern("grpc_requests.idempotent", &path) {
+            tracing::warn!(error = %e, "postbox: a gRPC method pattern that names no method as meant");
+        }
+        self.with_path(path)
+    }
+
+    /// As [`idempotent`](Self::idempotent), but a pattern that can match no call as
+    /// meant is an error.
+    ///
+    /// # Errors
+    /// A [`ConfigError`](crate::error::ConfigError) naming what is wrong with `path`.
+    pub fn try_idempotent(
+        self,
+        path: impl Into<String>,
+    ) -> Result<Self, crate::error::ConfigError> {
+        let path = path.into();
+        crate::http::check_method_pattern("grpc_requests.idempotent", &path)?;
+        Ok(self.with_path(path))
+    }
+
+    fn with_path(mut self, path: String) -> Self {
         let mut paths = self.paths.to_vec();
-        paths.push(path.into());
+        paths.push(path);
         self.paths = paths.into();
         self
     }
@@ -100,6 +127,30 @@ mod tests {
 
     fn call(path: &str) -> Request<()> {
         Request::post(format!("http://a{path}")).body(()).unwrap()
+    }
+
+    /// A pattern with a typo (no method, a `*` inside, a whole-path wildcard) would
+    /// silently make no method retry-safe: `try_idempotent` refuses it.
+    #[test]
+    fn try_idempotent_refuses_a_pattern_that_names_no_method() {
+        for bad in [
+            "/pkg.Svc/",
+            "pkg.Svc",
+            "/pkg.Svc/Get*x",
+            "/*",
+            "/a/pkg.Svc/Get",
+        ] {
+            let e = GrpcRequests::new().try_idempotent(bad).unwrap_err();
+            assert_eq!(e.field(), "grpc_requests.idempotent", "{bad}");
+        }
+        let r = GrpcRequests::new()
+            .try_idempotent("/pkg.Svc/Get")
+            .unwrap()
+            .try_idempotent("/shop.Catalog/*")
+            .unwrap();
+        assert!(r.is_retry_safe(&call("/pkg.Svc/Get")));
+        assert!(r.is_retry_safe(&call("/shop.Catalog/List")));
+        assert!(!r.is_retry_safe(&call("/pkg.Svc/Put")));
     }
 
     /// A replayed gRPC call notes an attempt that reached the dependency, as an HTTP
