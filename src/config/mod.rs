@@ -411,6 +411,9 @@ pub struct IdempotencySection {
     /// server-streaming and bidirectional one (default none); see
     /// [`IdempotencyLayer::stream_through`](crate::idempotency::IdempotencyLayer::stream_through).
     pub stream_through: Vec<String>,
+    /// Refuse (`400`) a request of an unsafe method without a usable key (default
+    /// `false`); see [`IdempotencyLayer::require_key`](crate::idempotency::IdempotencyLayer::require_key).
+    pub require_key: bool,
 }
 
 impl Default for IdempotencySection {
@@ -422,6 +425,7 @@ impl Default for IdempotencySection {
             max_body: 1024 * 1024,
             scope_by: None,
             stream_through: Vec::new(),
+            require_key: false,
         }
     }
 }

@@ -210,6 +210,7 @@ fn server(f: &mut impl Write, p: &str, s: &ServerConfig) -> fmt::Result {
     if !i.stream_through.is_empty() {
         writeln!(f, "stream_through = {}", strings(&i.stream_through))?;
     }
+    writeln!(f, "require_key = {}", i.require_key)?;
     Ok(())
 }
 

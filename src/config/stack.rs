@@ -308,6 +308,9 @@ impl ServerConfig {
         for method in &i.stream_through {
             idempotency = idempotency.stream_through(method.clone()).map_err(prefix)?;
         }
+        if i.require_key {
+            idempotency = idempotency.require_key();
+        }
         Ok(ServerLayer {
             deadline: DeadlineLayer::with_propagation(self.deadline, propagation)
                 .map_err(prefix)?,

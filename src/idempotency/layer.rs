@@ -39,6 +39,7 @@ impl<St> IdempotencyLayer<St> {
                 max_body: 1024 * 1024,
                 scope: None,
                 stream_through: Vec::new(),
+                require_key: false,
             },
         }
     }
@@ -123,6 +124,18 @@ impl<St> IdempotencyLayer<St> {
         crate::http::check_method_pattern("idempotency.stream_through", &path)?;
         self.config.stream_through.push(path);
         Ok(self)
+    }
+
+    /// Refuses a request whose method is not safe (anything but `GET`, `HEAD`,
+    /// `OPTIONS` and `TRACE`) and that carries no usable key (none, blank, or not
+    /// visible ASCII): `400 Bad Request` with a problem document, as the IETF draft
+    /// "The Idempotency-Key HTTP Header Field" says for an operation that requires the
+    /// header; `INVALID_ARGUMENT` for a gRPC call. A method named with
+    /// [`stream_through`](Self::stream_through) is exempt. Off by default: a request
+    /// without a key then runs as if the layer were not there.
+    pub fn require_key(mut self) -> Self {
+        self.config.require_key = true;
+        self
     }
 
     /// Reads the key from `header` instead of `idempotency-key`.

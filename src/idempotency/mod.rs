@@ -27,7 +27,9 @@
 //!   for the query) is fingerprinted by its head alone, and its repeats are compared
 //!   by method, path and query and content type only;
 //! * requests without the header pass through untouched (in a [`FingerprintedBody`]
-//!   that only forwards), and so do calls of the gRPC methods named in
+//!   that only forwards) — or, with [`require_key`](IdempotencyLayer::require_key),
+//!   those of an unsafe method are answered `400` ("Idempotency-Key is missing") —
+//!   and so do calls of the gRPC methods named in
 //!   [`stream_through`](IdempotencyLayer::stream_through) (name every streaming one:
 //!   a remembered answer is read to its end before it is sent);
 //! * a server-sent event stream (`text/event-stream`) is streamed, not remembered.

@@ -30,6 +30,8 @@ pub(crate) struct Config {
     pub(crate) scope: Option<HeaderName>,
     /// gRPC methods whose calls pass through as if they had no key (streaming ones).
     pub(crate) stream_through: Vec<String>,
+    /// A request of an unsafe method without a usable key is refused (`400`).
+    pub(crate) require_key: bool,
 }
 
 /// Answers repeated requests with the same `Idempotency-Key` from a store instead of
@@ -143,6 +145,12 @@ where
             .and_then(crate::http::idempotency_key::key_in)
             .filter(|_| !self.streams_through(req.uri().path()))
         else {
+            if self.config.require_key
+                && !is_safe(req.method())
+                && !self.streams_through(req.uri().path())
+            {
+                return missing_key(&req, &self.config.header);
+            }
             return ResponseFuture::passthrough(
                 self.inner.call(req.map(FingerprintedBody::untapped)),
             );
@@ -621,6 +629,49 @@ where
 /// `UNKNOWN`, and loses the `Retry-After`): `UNAVAILABLE` for a request to retry
 /// later (in progress, with `grpc-retry-pushback-ms`; busy), `INVALID_ARGUMENT` for a
 /// key reused by another request or a body that could not be read to compare.
+/// A safe method (RFC 9110 §9.2.1) never needs a key.
+fn is_safe(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    )
+}
+
+/// The answer to a request that must carry a key and carries none that is usable: `400`
+/// with a problem document (the IETF draft's answer), or `INVALID_ARGUMENT` for gRPC.
+#[cold]
+fn missing_key<B, F, ResBody, E>(
+    req: &Request<B>,
+    header: &HeaderName,
+) -> ResponseFuture<F, ResBody, E>
+where
+    ResBody: Send + 'static,
+    E: Send + 'static,
+{
+    let present = req.headers().contains_key(header);
+    tracing::debug!(present, "request without a usable idempotency key refused");
+    metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "key_missing")
+        .increment(1);
+    let (title, detail) = if present {
+        (
+            "Idempotency-Key is invalid",
+            "This operation requires an Idempotency-Key of visible ASCII characters, not blank.",
+        )
+    } else {
+        (
+            "Idempotency-Key is missing",
+            "This operation requires an Idempotency-Key header.",
+        )
+    };
+    let res = problem(
+        crate::http::grpc_kind(req.headers()),
+        StatusCode::BAD_REQUEST,
+        title,
+        detail,
+    );
+    ResponseFuture::keyed(Box::pin(std::future::ready(Ok(res))))
+}
+
 fn problem<B>(
     grpc: Option<crate::http::GrpcKind>,
     status: StatusCode,

@@ -1153,3 +1153,34 @@ fn count_dropped_is_off_by_default_and_loads_from_a_file() {
     let default = ClientConfig::from_str("", Format::Toml).unwrap();
     assert!(!default.circuit_breaker.count_dropped);
 }
+
+/// `idempotency.require_key` in a server config refuses an unsafe request without a key.
+#[tokio::test]
+async fn a_server_config_can_require_an_idempotency_key() {
+    use http::{Request, Response, StatusCode};
+    use tower::Layer;
+    let config =
+        ServerConfig::from_str("[idempotency]\nrequire_key = true\n", Format::Toml).unwrap();
+    assert!(config.idempotency.require_key);
+    assert!(
+        !ServerConfig::from_str("", Format::Toml)
+            .unwrap()
+            .idempotency
+            .require_key
+    );
+    let handler = service_fn(|_req: Request<_>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("done"))))
+    });
+    let svc = config.layer().unwrap().layer(handler);
+    let post = |key: Option<&str>| {
+        let mut req = Request::post("http://shop.test/orders");
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        req.body(Full::new(Bytes::from("{}"))).unwrap()
+    };
+    let refused = svc.clone().oneshot(post(None)).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let ok = svc.oneshot(post(Some("order-1"))).await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+}

@@ -4230,3 +4230,68 @@ async fn enqueue_and_replay_report_distinct_metrics() {
         "{render}"
     );
 }
+
+/// With `require_key`, a request of an unsafe method without a usable key is refused
+/// with `400` and a problem document (the IETF draft's answer), before the handler runs;
+/// a safe method, a keyed request and a `stream_through` gRPC method pass. gRPC callers
+/// get `INVALID_ARGUMENT`.
+#[tokio::test]
+async fn require_key_refuses_an_unsafe_request_without_a_usable_key() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = service_fn({
+        let calls = calls.clone();
+        move |_req: Request<_>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new()))) }
+        }
+    });
+    let svc = IdempotencyLayer::new(100)
+        .require_key()
+        .stream_through("/chat.Chat/*")
+        .unwrap()
+        .layer(handler);
+    let call = |req: Request<Full<Bytes>>| svc.clone().oneshot(req);
+
+    let res = call(post("http://shop.test/orders", "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("Idempotency-Key is missing"),
+        "{body:?}"
+    );
+    let mut blank = post("http://shop.test/orders", "{}");
+    blank
+        .headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, " ".parse().unwrap());
+    assert_eq!(call(blank).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler ran");
+
+    let get = Request::get("http://shop.test/orders/7")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(call(get).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(call(keyed("k")).await.unwrap().status(), StatusCode::OK);
+    let grpc = |path: &str| {
+        Request::post(format!("http://shop.test{path}"))
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(
+        call(grpc("/chat.Chat/Talk")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let refused = call(grpc("/shop.Orders/Create")).await.unwrap();
+    assert_eq!(refused.headers()["grpc-status"], "3");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    // Off by default: a request without a key runs as if the layer were not there.
+    let plain = IdempotencyLayer::new(100).layer(service_fn(|_req: Request<_>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let res = plain
+        .oneshot(post("http://shop.test/orders", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
