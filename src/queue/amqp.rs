@@ -30,7 +30,12 @@
 //! confirms**: `enqueue` returns after the broker confirmed it, which for a quorum queue
 //! means a majority of its replicas wrote it to their log and fsynced it. Publishes are
 //! `mandatory`: one to a queue that was deleted (by hand) comes back unroutable, and is
-//! an error, where it would otherwise be confirmed and dropped. The body is the
+//! an error, where it would otherwise be confirmed and dropped. lapin hands a return to
+//! whichever confirm of the channel comes next, not to its own publish's: a call is
+//! answered as returned only for a return of its own message (`message-id` and
+//! routing key), and a call that gets another's return publishes that message again
+//! (the queues declared again first), so the call it belonged to, answered as
+//! confirmed, loses nothing. The body is the
 //! versioned envelope (`docs/envelope.md`), `content-type`
 //! `application/vnd.postbox.envelope`, `message-id` the UUID text, and the headers
 //! `postbox-idempotency-key`, `postbox-destination` (long strings),
@@ -662,7 +667,11 @@ impl Inner {
         };
         match tokio::time::timeout(self.timeout, publish).await {
             Ok(Ok(c)) => {
-                let answer = Answer::of(&c);
+                let id = envelope.id.to_string();
+                let (answer, foreign) = Answer::of(&c, &id, routing_key);
+                if let Some(returned) = foreign {
+                    self.publish_returned_again(ch, epoch, returned).await;
+                }
                 if answer == Answer::Returned {
                     // Deleted by hand: declared again, for the caller's next try.
                     tracing::error!(
@@ -682,6 +691,54 @@ impl Inner {
                     "amqp publisher confirm timed out".into(),
                 ))
             }
+        }
+    }
+
+    /// Publishes again a message returned as unroutable whose return lapin handed to
+    /// this call's confirm: lapin pairs each confirm with the oldest return waiting, not
+    /// by delivery tag, so the publish it belongs to may have been answered `Confirmed`
+    /// (a dead letter then acked its delivery). Published again here, after the queues
+    /// are declared again, it is never lost; at worst it is stored twice (its own call
+    /// was answered `Returned` only if it got its own return, and then nobody else has
+    /// it).
+    #[cold]
+    async fn publish_returned_again(
+        &self,
+        ch: &Channel,
+        epoch: u64,
+        returned: &lapin::message::BasicReturnMessage,
+    ) {
+        let d = &returned.delivery;
+        tracing::error!(
+            queue = %d.routing_key,
+            "postbox: another call's publish came back: declaring the queues again and publishing it again"
+        );
+        if let Err(e) = self.io(epoch, self.declare(ch)).await {
+            tracing::warn!(error = %e, "postbox: could not declare the queues again");
+        }
+        let publish = async {
+            ch.basic_publish(
+                "",
+                d.routing_key.as_str(),
+                mandatory(),
+                &d.data,
+                d.properties.clone(),
+            )
+            .await?
+            .await
+        };
+        match self.io(epoch, publish).await {
+            Ok(Confirmation::Ack(None)) => {}
+            Ok(other) => tracing::error!(
+                queue = %d.routing_key,
+                confirmation = ?Answer::of(&other, "", "").0,
+                "postbox: a returned message published again was not confirmed; it may be lost"
+            ),
+            Err(e) => tracing::error!(
+                queue = %d.routing_key,
+                error = %e,
+                "postbox: a returned message could not be published again; it may be lost"
+            ),
         }
     }
 
@@ -847,13 +904,21 @@ impl Inner {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "postbox: undecodable message moved to the dead-letter queue");
-                    let props = BasicProperties::default().with_delivery_mode(2);
+                    // An id of its own, so its return (if any) is told from another's.
+                    let move_id = MessageId::new_v7().to_string();
+                    let props = BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_message_id(move_id.as_str().into());
                     let moved = async {
                         ch.basic_publish("", &self.dead_queue, mandatory(), &delivery.data, props)
                             .await?
                             .await
                     };
-                    let answer = Answer::of(&self.io(epoch, moved).await?);
+                    let confirmation = self.io(epoch, moved).await?;
+                    let (answer, foreign) = Answer::of(&confirmation, &move_id, &self.dead_queue);
+                    if let Some(returned) = foreign {
+                        self.publish_returned_again(&ch, epoch, returned).await;
+                    }
                     if answer != Answer::Confirmed {
                         // Not moved: give it back to the queue rather than drop it.
                         let what = format!(
@@ -1468,11 +1533,33 @@ enum Answer {
 }
 
 impl Answer {
-    fn of(c: &Confirmation) -> Self {
-        match c {
-            Confirmation::Nack(_) => Answer::Nacked,
-            Confirmation::Ack(Some(_)) => Answer::Returned,
-            Confirmation::Ack(None) | Confirmation::NotRequested => Answer::Confirmed,
+    /// The answer to the publish of message `id` to `routing_key`, and a returned
+    /// message that is another publish's (see `publish_returned_again`).
+    fn of<'c>(
+        c: &'c Confirmation,
+        id: &str,
+        routing_key: &str,
+    ) -> (Self, Option<&'c lapin::message::BasicReturnMessage>) {
+        let (acked, returned) = match c {
+            Confirmation::Ack(r) => (true, r.as_deref()),
+            Confirmation::Nack(r) => (false, r.as_deref()),
+            Confirmation::NotRequested => (true, None),
+        };
+        let own = returned.map(|r| {
+            let d = &r.delivery;
+            let rid = d.properties.message_id().as_ref().map(|m| m.as_str());
+            is_own_return(rid, d.routing_key.as_str(), id, routing_key)
+        });
+        match own {
+            Some(true) => (Answer::Returned, None),
+            _ => (
+                if acked {
+                    Answer::Confirmed
+                } else {
+                    Answer::Nacked
+                },
+                returned,
+            ),
         }
     }
 
@@ -1499,6 +1586,17 @@ impl Answer {
 
 /// Publish options: `mandatory`, so a publish to a queue that does not exist is returned
 /// (see [`Answer::Returned`]), not confirmed and dropped.
+/// Whether a returned message (its `message_id` and routing key) is the publish of
+/// message `id` to `routing_key`.
+fn is_own_return(
+    returned_id: Option<&str>,
+    returned_key: &str,
+    id: &str,
+    routing_key: &str,
+) -> bool {
+    returned_id == Some(id) && returned_key == routing_key
+}
+
 fn mandatory() -> BasicPublishOptions {
     BasicPublishOptions {
         mandatory: true,

@@ -623,3 +623,103 @@ async fn a_message_over_the_limit_taken_before_is_still_dead_lettered() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].envelope.id, id);
 }
+
+/// lapin pairs each publisher confirm with the oldest return waiting, not by delivery
+/// tag: under concurrent enqueues, a dead letter's return to a deleted dead-letter queue
+/// can come with another call's confirm. Nothing is lost for it: a dead letter answered
+/// `Ok` is in the dead-letter queue, one refused is back in the main queue, and every
+/// enqueue answered `Stored` is stored. (The dead letter was answered `Ok` and its
+/// delivery acked while its message was dropped; the enqueue that got its return was
+/// answered `Unavailable` though stored.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_paired_with_another_calls_confirm_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let (q, _purge) = make(options());
+    let q = Arc::new(q);
+    let ch = q.channel().await.unwrap();
+    let [_, _, dead] = q.queues();
+    let look = lapin::Connection::connect(&options().url(), Default::default())
+        .await
+        .unwrap();
+    // Thirty messages leased first, each to be dead-lettered while producers enqueue.
+    let mut lease_for_m = HashSet::new();
+    for round in 0..30 {
+        let m = crate::suite::envelope(&format!("m-{round}"));
+        lease_for_m.insert(m.id);
+        q.enqueue(m).await.unwrap();
+    }
+    let tokens: Vec<_> = q
+        .lease(30, Duration::from_secs(120), crate::suite::at(0))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.token)
+        .collect();
+    assert_eq!(tokens.len(), 30);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stored = Arc::new(AtomicU64::new(0));
+    let producers: Vec<_> = (0..32)
+        .map(|p| {
+            let (q, stop, stored) = (q.clone(), stop.clone(), stored.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(SeqCst) {
+                    n += 1;
+                    let e = crate::suite::envelope(&format!("bg-{p}-{n}"));
+                    if let Ok(Enqueued::Stored(_)) = q.enqueue(e).await {
+                        stored.fetch_add(1, SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut dead_ok, mut refused) = (0u64, 0u64);
+    for token in tokens {
+        // (Deleting the queue drops the dead letters of earlier rounds: each is looked
+        // for before the next round.)
+        ch.queue_delete(dead, Default::default()).await.unwrap();
+        match q.dead_letter(token, "bad").await {
+            Ok(()) => {
+                dead_ok += 1;
+                // Published again by whichever call got its return, before that call
+                // answered: in the queue within a moment.
+                // Looked for on a connection of its own: a passive declare of a queue
+                // not yet declared again closes its channel.
+                let mut found = false;
+                for _ in 0..50 {
+                    let ch = look.create_channel().await.unwrap();
+                    let passive = lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    };
+                    let declared = ch
+                        .queue_declare(dead, passive, lapin::types::FieldTable::default())
+                        .await;
+                    if declared.is_ok_and(|d| d.message_count() == 1) {
+                        found = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                assert!(
+                    found,
+                    "dead letter {dead_ok} answered Ok but lost ({refused} refused)"
+                );
+            }
+            Err(QueueError::Unavailable(_)) => refused += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    stop.store(true, SeqCst);
+    for p in producers {
+        p.await.unwrap();
+    }
+    let depth = q.depth().await.unwrap();
+    assert!(
+        depth.pending >= stored.load(SeqCst) + refused,
+        "{} pending, {} enqueues answered Stored and {refused} dead letters refused",
+        depth.pending,
+        stored.load(SeqCst)
+    );
+}
