@@ -667,7 +667,14 @@ impl Inner {
         };
         match tokio::time::timeout(self.timeout, publish).await {
             Ok(Ok(c)) => {
-                let id = envelope.id.to_string();
+                // The id's text only to tell a return's owner (no allocation otherwise).
+                let returned =
+                    matches!(c, Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)));
+                let id = if returned {
+                    envelope.id.to_string()
+                } else {
+                    String::new()
+                };
                 let (answer, foreign) = Answer::of(&c, &id, routing_key);
                 if let Some(returned) = foreign {
                     self.publish_returned_again(ch, epoch, returned).await;
