@@ -1426,6 +1426,19 @@ impl Inner {
         let closed = timed(self.timeout, ch.close(200, why)).await;
         match result.and(if taken > 0 { closed } else { Ok(()) }) {
             Ok(()) => Ok(taken),
+            // A refusal on this channel of its own (the dead-letter queue deleted by
+            // hand) closed only it: the connection, and the deliveries leased on it,
+            // are kept (closed, the broker would requeue every one). A missing queue is
+            // declared again for the next call.
+            Err(e) if is_channel_error(&e) => {
+                if matches!(e.kind(), ErrorKind::ProtocolError(p) if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)))
+                    && let Ok((main, epoch)) = self.channel().await
+                    && let Err(e) = self.io(epoch, self.declare(&main)).await
+                {
+                    tracing::warn!(error = %e, "postbox: could not declare the queues again");
+                }
+                Err(classify(e, "dead letters"))
+            }
             Err(e) => Err(self.fail(e, epoch).await),
         }
     }
@@ -1642,6 +1655,12 @@ fn as_i64(v: &AMQPValue) -> Option<i64> {
         AMQPValue::ShortShortUInt(i) => Some(i64::from(i)),
         _ => None,
     }
+}
+
+/// A refusal by the broker that closed only the channel it came on (an AMQP soft
+/// error: a queue not found, a precondition failed), not the connection.
+fn is_channel_error(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(p) if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
 }
 
 /// I/O and connection or channel state errors are [`QueueError::Unavailable`]; a

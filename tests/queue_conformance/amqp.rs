@@ -723,3 +723,34 @@ async fn a_return_paired_with_another_calls_confirm_loses_nothing() {
         stored.load(SeqCst)
     );
 }
+
+/// A refusal while reading the dead letters (their queue deleted by hand) closes only
+/// the channel they are read on: the leases held on the connection are kept, and the
+/// next read finds the queue declared again. (The whole connection was closed: every
+/// leased delivery went back to the queue, to be replayed again, and acks answered
+/// `LeaseLost`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dead_letter_read_keeps_the_leases() {
+    let (q, _purge) = make(options());
+    for key in ["a", "b", "c"] {
+        q.enqueue(crate::suite::envelope(key)).await.unwrap();
+    }
+    let leased = q
+        .lease(3, Duration::from_secs(60), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 3);
+    let ch = q.channel().await.unwrap();
+    ch.queue_delete(q.queues()[2], Default::default())
+        .await
+        .unwrap();
+    let refused = q.dead_letters(10).await;
+    assert!(
+        matches!(refused, Err(QueueError::Unavailable(_))),
+        "{refused:?}"
+    );
+    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    q.ack(&tokens).await.unwrap();
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    assert_eq!(ready_in_main_queue(&q).await, 0, "a delivery went back");
+}
