@@ -1713,6 +1713,11 @@ fn is_connection_problem(e: &(dyn std::error::Error + 'static)) -> bool {
             "no responders",
             "disconnect",
             "connection",
+            // async-nats' reading of a publish nobody answered (JetStream electing a
+            // stream leader, or not running): `PublishErrorKind::StreamNotFound`.
+            "no stream found",
+            // JetStream's 10008, "JetStream system temporarily unavailable".
+            "temporarily unavailable",
         ]
         .iter()
         .any(|needle| text.contains(needle))
@@ -1747,6 +1752,29 @@ fn ms_ceil(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A publish nobody answered (async-nats: "no stream found for given subject") and
+    /// JetStream's "temporarily unavailable" are worth another try later: `Unavailable`,
+    /// as `retry_later` and `dead_letter` already answered them, not `Backend`.
+    #[test]
+    fn jetstream_not_answering_is_unavailable() {
+        let e = PublishError::new(PublishErrorKind::StreamNotFound);
+        assert!(matches!(classify(e, "publish"), QueueError::Unavailable(_)));
+        #[derive(Debug)]
+        struct Reply;
+        impl std::fmt::Display for Reply {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JetStream system temporarily unavailable (code 503, error code 10008)")
+            }
+        }
+        impl std::error::Error for Reply {}
+        assert!(matches!(
+            classify(Reply, "depth"),
+            QueueError::Unavailable(_)
+        ));
+        let other = PublishError::new(PublishErrorKind::WrongLastSequence);
+        assert!(matches!(classify(other, "publish"), QueueError::Backend(_)));
+    }
 
     /// A reason is cut to `REASON_MAX` bytes as it travels (encoded, up to three times
     /// its length), never inside a character, and reads back as the text it kept.
