@@ -98,6 +98,7 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::protocol::AMQPSoftError;
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind};
@@ -1430,16 +1431,18 @@ impl Inner {
             // hand) closed only it: the connection, and the deliveries leased on it,
             // are kept (closed, the broker would requeue every one). A missing queue is
             // declared again for the next call.
-            Err(e) if is_channel_error(&e) => {
-                if matches!(e.kind(), ErrorKind::ProtocolError(p) if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)))
-                    && let Ok((main, epoch)) = self.channel().await
-                    && let Err(e) = self.io(epoch, self.declare(&main)).await
-                {
-                    tracing::warn!(error = %e, "postbox: could not declare the queues again");
+            Err(e) => match soft_error(&e) {
+                Some(soft) => {
+                    if soft == AMQPSoftError::NOTFOUND
+                        && let Ok((main, epoch)) = self.channel().await
+                        && let Err(e) = self.io(epoch, self.declare(&main)).await
+                    {
+                        tracing::warn!(error = %e, "postbox: could not declare the queues again");
+                    }
+                    Err(classify(e, "dead letters"))
                 }
-                Err(classify(e, "dead letters"))
-            }
-            Err(e) => Err(self.fail(e, epoch).await),
+                None => Err(self.fail(e, epoch).await),
+            },
         }
     }
 }
@@ -1657,16 +1660,22 @@ fn as_i64(v: &AMQPValue) -> Option<i64> {
     }
 }
 
-/// A refusal by the broker that closed only the channel it came on (an AMQP soft
+/// The refusal by the broker that closed only the channel it came on (an AMQP soft
 /// error: a queue not found, a precondition failed), not the connection.
-fn is_channel_error(e: &lapin::Error) -> bool {
-    matches!(e.kind(), ErrorKind::ProtocolError(p) if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
+fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
+    match e.kind() {
+        ErrorKind::ProtocolError(p) => match p.kind() {
+            lapin::protocol::AMQPErrorKind::Soft(soft) => Some(soft.clone()),
+            lapin::protocol::AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
 }
 
 /// I/O and connection or channel state errors are [`QueueError::Unavailable`]; a
 /// refusal by the broker (an AMQP error reply) is a backend error.
 fn classify(e: lapin::Error, what: &str) -> QueueError {
-    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError};
     let msg = format!("amqp {what}: {e}");
     match e.kind() {
         // The broker closing the connection as it shuts down or restarts (or an operator
