@@ -668,18 +668,7 @@ impl Inner {
         };
         match tokio::time::timeout(self.timeout, publish).await {
             Ok(Ok(c)) => {
-                // The id's text only to tell a return's owner (no allocation otherwise).
-                let returned =
-                    matches!(c, Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)));
-                let id = if returned {
-                    envelope.id.to_string()
-                } else {
-                    String::new()
-                };
-                let (answer, foreign) = Answer::of(&c, &id, routing_key);
-                if let Some(returned) = foreign {
-                    self.publish_returned_again(ch, epoch, returned).await;
-                }
+                let answer = self.answer(ch, epoch, &c, &envelope.id, routing_key).await;
                 if answer == Answer::Returned {
                     // Deleted by hand: declared again, for the caller's next try.
                     tracing::error!(
@@ -700,6 +689,23 @@ impl Inner {
                 ))
             }
         }
+    }
+
+    /// The answer to the publish of message `id` to `routing_key`; a return of another
+    /// publish that came with its confirm is published again.
+    async fn answer(
+        &self,
+        ch: &Channel,
+        epoch: u64,
+        c: &Confirmation,
+        id: &(dyn fmt::Display + Sync),
+        routing_key: &str,
+    ) -> Answer {
+        let (answer, foreign) = Answer::of(c, id, routing_key);
+        if let Some(returned) = foreign {
+            self.publish_returned_again(ch, epoch, returned).await;
+        }
+        answer
     }
 
     /// Publishes again a message returned as unroutable whose return lapin handed to
@@ -739,7 +745,7 @@ impl Inner {
             Ok(Confirmation::Ack(None)) => {}
             Ok(other) => tracing::error!(
                 queue = %d.routing_key,
-                confirmation = ?Answer::of(&other, "", "").0,
+                confirmation = ?Answer::of(&other, &"", "").0,
                 "postbox: a returned message published again was not confirmed; it may be lost"
             ),
             Err(e) => tracing::error!(
@@ -923,10 +929,9 @@ impl Inner {
                             .await
                     };
                     let confirmation = self.io(epoch, moved).await?;
-                    let (answer, foreign) = Answer::of(&confirmation, &move_id, &self.dead_queue);
-                    if let Some(returned) = foreign {
-                        self.publish_returned_again(&ch, epoch, returned).await;
-                    }
+                    let answer = self
+                        .answer(&ch, epoch, &confirmation, &move_id, &self.dead_queue)
+                        .await;
                     if answer != Answer::Confirmed {
                         // Not moved: give it back to the queue rather than drop it.
                         let what = format!(
@@ -1557,10 +1562,11 @@ enum Answer {
 
 impl Answer {
     /// The answer to the publish of message `id` to `routing_key`, and a returned
-    /// message that is another publish's (see `publish_returned_again`).
+    /// message that is another publish's (see `publish_returned_again`). The id's text
+    /// is made only for a confirm that carries a return.
     fn of<'c>(
         c: &'c Confirmation,
-        id: &str,
+        id: &(dyn fmt::Display + Sync),
         routing_key: &str,
     ) -> (Self, Option<&'c lapin::message::BasicReturnMessage>) {
         let (acked, returned) = match c {
@@ -1568,21 +1574,20 @@ impl Answer {
             Confirmation::Nack(r) => (false, r.as_deref()),
             Confirmation::NotRequested => (true, None),
         };
-        let own = returned.map(|r| {
+        let own = returned.is_some_and(|r| {
             let d = &r.delivery;
-            let rid = d.properties.message_id().as_ref().map(|m| m.as_str());
-            is_own_return(rid, d.routing_key.as_str(), id, routing_key)
+            d.routing_key.as_str() == routing_key
+                && d.properties
+                    .message_id()
+                    .as_ref()
+                    .is_some_and(|m| m.as_str() == id.to_string())
         });
-        match own {
-            Some(true) => (Answer::Returned, None),
-            _ => (
-                if acked {
-                    Answer::Confirmed
-                } else {
-                    Answer::Nacked
-                },
-                returned,
-            ),
+        if own {
+            (Answer::Returned, None)
+        } else if acked {
+            (Answer::Confirmed, returned)
+        } else {
+            (Answer::Nacked, returned)
         }
     }
 
@@ -1609,17 +1614,6 @@ impl Answer {
 
 /// Publish options: `mandatory`, so a publish to a queue that does not exist is returned
 /// (see [`Answer::Returned`]), not confirmed and dropped.
-/// Whether a returned message (its `message_id` and routing key) is the publish of
-/// message `id` to `routing_key`.
-fn is_own_return(
-    returned_id: Option<&str>,
-    returned_key: &str,
-    id: &str,
-    routing_key: &str,
-) -> bool {
-    returned_id == Some(id) && returned_key == routing_key
-}
-
 fn mandatory() -> BasicPublishOptions {
     BasicPublishOptions {
         mandatory: true,
