@@ -26,9 +26,15 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// `true` for the methods RFC 9110 defines as idempotent: `GET`, `HEAD`, `OPTIONS`,
 /// `TRACE` (safe), `PUT` and `DELETE`.
 pub fn is_idempotent_method(method: &Method) -> bool {
+    is_safe_method(method) || matches!(*method, Method::PUT | Method::DELETE)
+}
+
+/// `true` for the methods RFC 9110 §9.2.1 defines as safe: `GET`, `HEAD`, `OPTIONS`,
+/// `TRACE`.
+pub(crate) fn is_safe_method(method: &Method) -> bool {
     matches!(
         *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
     )
 }
 

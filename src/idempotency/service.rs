@@ -146,7 +146,7 @@ where
             .filter(|_| !self.streams_through(req.uri().path()))
         else {
             if self.config.require_key
-                && !is_safe(req.method())
+                && !crate::http::idempotency_key::is_safe_method(req.method())
                 && !self.streams_through(req.uri().path())
             {
                 return missing_key(&req, &self.config.header);
@@ -624,19 +624,6 @@ where
     }
 }
 
-/// An RFC 9457 problem answer of the layer's own; to a gRPC request (`grpc`), a
-/// trailers-only gRPC answer instead (a gRPC client reads a `409` or `422` as
-/// `UNKNOWN`, and loses the `Retry-After`): `UNAVAILABLE` for a request to retry
-/// later (in progress, with `grpc-retry-pushback-ms`; busy), `INVALID_ARGUMENT` for a
-/// key reused by another request or a body that could not be read to compare.
-/// A safe method (RFC 9110 §9.2.1) never needs a key.
-fn is_safe(method: &http::Method) -> bool {
-    matches!(
-        *method,
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
-    )
-}
-
 /// The answer to a request that must carry a key and carries none that is usable: `400`
 /// with a problem document (the IETF draft's answer), or `INVALID_ARGUMENT` for gRPC.
 #[cold]
@@ -672,6 +659,12 @@ where
     ResponseFuture::keyed(Box::pin(std::future::ready(Ok(res))))
 }
 
+/// An RFC 9457 problem answer of the layer's own; to a gRPC request (`grpc`), a
+/// trailers-only gRPC answer instead (a gRPC client reads a `409` or `422` as
+/// `UNKNOWN`, and loses the `Retry-After`): `UNAVAILABLE` for a request to retry
+/// later (in progress, with `grpc-retry-pushback-ms`; busy), `INVALID_ARGUMENT` for a
+/// key reused by another request, a body that could not be read to compare, or a key
+/// missing.
 fn problem<B>(
     grpc: Option<crate::http::GrpcKind>,
     status: StatusCode,
