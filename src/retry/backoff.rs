@@ -257,11 +257,7 @@ impl Backoff {
     ///
     /// Never panics, never exceeds the cap.
     pub fn delay(&self, retry: u32, prev: Duration, unit: f64) -> Duration {
-        let unit = if unit.is_finite() {
-            unit.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        // `unit` reaches the delay only through `scale`, which clamps it.
         match self.jitter {
             Jitter::None => self.computed(retry),
             Jitter::Full => scale(self.computed(retry), unit),
@@ -280,13 +276,13 @@ impl Backoff {
     }
 }
 
-/// `d × unit` for `unit` in `[0, 1]` (NaN counts as 0, the rest is clamped), never
-/// above `d`.
+/// `d × unit` for `unit` in `[0, 1]` (a non-finite unit counts as 0, the rest is
+/// clamped), never above `d`.
 pub(crate) fn scale(d: Duration, unit: f64) -> Duration {
-    let unit = if unit.is_nan() {
-        0.0
-    } else {
+    let unit = if unit.is_finite() {
         unit.clamp(0.0, 1.0)
+    } else {
+        0.0
     };
     // (`d` itself when the product does not fit a `Duration`: `unit` is at most 1.)
     Duration::try_from_secs_f64(d.as_secs_f64() * unit).map_or(d, |s| s.min(d))
@@ -398,14 +394,16 @@ mod tests {
         assert_eq!(b.delay(1, Duration::ZERO, 0.0), Duration::ZERO);
     }
 
-    /// `scale` takes a unit outside `[0, 1]` as its nearest bound and NaN as 0: a
-    /// broken jitter source never widens a spread to its whole range.
+    /// `scale` takes a unit outside `[0, 1]` as its nearest bound and a non-finite one
+    /// as 0 (as `delay` always did): a broken jitter source never widens a spread to its
+    /// whole range.
     #[test]
     fn scale_clamps_a_unit_outside_zero_to_one() {
         let d = Duration::from_secs(10);
         assert_eq!(scale(d, f64::NAN), Duration::ZERO);
         assert_eq!(scale(d, -1.0), Duration::ZERO);
         assert_eq!(scale(d, f64::NEG_INFINITY), Duration::ZERO);
+        assert_eq!(scale(d, f64::INFINITY), Duration::ZERO);
         assert_eq!(scale(d, 2.0), d);
         assert_eq!(scale(d, 0.25), Duration::from_millis(2500));
     }
