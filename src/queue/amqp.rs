@@ -68,6 +68,13 @@
 //! way when it is not due, so none is held towards `consumer_timeout`. Every lease's token
 //! generation is a per-process sequence number, so a released lease's token is stale.
 //!
+//! A process holds at most [`AmqpOptions::with_max_held`] deliveries. When that many are
+//! held, fewer are due than the lease asks for and the main queue has ready messages
+//! (besides copies moved before), a lease moves up to 16 of the held deliveries due
+//! last to the main queue's tail (a copy with their not-before and attempts, then an
+//! ack) and fetches what was behind them: retries scheduled for later never keep a
+//! message that is due — for another destination, say — waiting.
+//!
 //! # De-duplication
 //!
 //! RabbitMQ has no de-duplication by key. This queue keeps an **in-process** index of
@@ -299,6 +306,10 @@ struct State {
     /// released) when their channel died: the broker counts them in `x-delivery-count`
     /// when it delivers the message again, but they were no attempt. Taken off then.
     uncounted: HashMap<MessageId, u32>,
+    /// Deliveries [`make_room`](Inner::make_room) moved to the main queue's tail and not
+    /// fetched back yet, with when: the queue's ready messages include them, and moving
+    /// more only to fetch these back would send them round for ever.
+    moved: HashMap<MessageId, Instant>,
 }
 
 impl State {
@@ -328,9 +339,28 @@ struct Held {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HeldState {
+    /// Not to be leased before this.
     Scheduled(SystemTime),
+    /// Leased until this, as generation `.1`.
     Leased(SystemTime, u64),
 }
+
+impl HeldState {
+    /// Whether a lease at `now` may take the delivery.
+    fn due(self, now: SystemTime) -> bool {
+        match self {
+            HeldState::Scheduled(nb) => nb <= now,
+            HeldState::Leased(until, _) => until <= now,
+        }
+    }
+}
+
+/// At most this many deliveries are moved to the main queue's tail by one lease.
+const MOVE_AT_ONCE: usize = 16;
+
+/// A moved delivery not fetched back by this process within this long is taken to have
+/// gone to another process.
+const MOVED_FOR: Duration = Duration::from_secs(60);
 
 // === impl AmqpOptions ===
 
@@ -381,7 +411,8 @@ impl AmqpOptions {
         self
     }
 
-    /// How many deliveries this process holds unacked at most (default 10 000).
+    /// How many deliveries this process holds unacked at most (default 10 000); see
+    /// the module docs, "Leases", for what a lease does when that many are held.
     pub fn with_max_held(mut self, max: usize) -> Self {
         self.max_held = max.max(1);
         self
@@ -903,6 +934,10 @@ impl Inner {
         if max == 0 {
             return Ok(Vec::new());
         }
+        let due = st.held.values().filter(|h| h.state.due(now)).count();
+        if due < max && st.held.len() >= self.max_held {
+            self.make_room(&ch, epoch, &mut st, max - due, now).await?;
+        }
         let mut fetched = 0;
         while fetched < max && st.held.len() < self.max_held {
             let got = self
@@ -970,6 +1005,9 @@ impl Inner {
                 );
             }
             let id = envelope.id;
+            if !st.moved.is_empty() {
+                st.moved.remove(&id);
+            }
             if st.held.contains_key(&id) {
                 // A second copy of a message already held (left by a `retry_later` whose
                 // republish was confirmed but whose ack of the old copy was lost): the
@@ -1037,11 +1075,7 @@ impl Inner {
             if out.len() >= max {
                 break;
             }
-            let due = match h.state {
-                HeldState::Scheduled(nb) => nb <= now,
-                HeldState::Leased(until, _) => until <= now,
-            };
-            if !due {
+            if !h.state.due(now) {
                 continue;
             }
             h.envelope.attempts = h.envelope.attempts.saturating_add(1);
@@ -1055,6 +1089,67 @@ impl Inner {
             });
         }
         Ok(out)
+    }
+
+    /// Makes room in a full hold for the messages behind it: moves up to `n` (at most
+    /// [`MOVE_AT_ONCE`]) held deliveries that are not due at `now` (those due last) to
+    /// the main queue's tail with [`park`](Self::park) (a copy with their not-before and
+    /// attempts, then an ack of the delivery), if the main queue has ready messages
+    /// besides the copies moved before. Without it, a process holding `max_held`
+    /// deliveries scheduled for later (the retries of a dependency that is down) fetches
+    /// nothing more, and messages that are due — for another destination — wait behind
+    /// them until those are due or the hold limit sends them back.
+    async fn make_room(
+        &self,
+        ch: &Channel,
+        epoch: u64,
+        st: &mut State,
+        n: usize,
+        now: SystemTime,
+    ) -> Result<(), QueueError> {
+        let behind = self.ready(ch, epoch, &self.queue).await?;
+        st.moved.retain(|_, at| at.elapsed() < MOVED_FOR);
+        let others = behind.saturating_sub(st.moved.len() as u64);
+        let mut later: Vec<(SystemTime, MessageId)> = st
+            .held
+            .iter()
+            .filter_map(|(&id, h)| match h.state {
+                HeldState::Scheduled(nb) if nb > now => Some((nb, id)),
+                _ => None,
+            })
+            .collect();
+        later.sort_unstable_by(|a, b| b.cmp(a));
+        later.truncate(
+            n.min(usize::try_from(others).unwrap_or(usize::MAX))
+                .min(MOVE_AT_ONCE),
+        );
+        let mut moved = 0;
+        for (nb, id) in later {
+            let Some(h) = st.held.remove(&id) else {
+                continue;
+            };
+            let to_main = nb
+                .duration_since(now)
+                .is_ok_and(|wait| wait <= self.hold_limit);
+            if let Some(h) = self.park(ch, epoch, h, now).await? {
+                // The main queue is full: nothing more goes there now.
+                st.held.insert(id, h);
+                break;
+            }
+            st.uncounted.remove(&id);
+            if to_main {
+                st.moved.insert(id, Instant::now());
+            }
+            moved += 1;
+        }
+        if moved > 0 {
+            tracing::debug!(
+                queue = %self.queue,
+                moved,
+                "postbox: held deliveries not yet due moved to the queue's tail"
+            );
+        }
+        Ok(())
     }
 
     /// Republishes `h` to the main queue, or to the delay queue with a TTL if its

@@ -472,6 +472,108 @@ async fn a_publish_to_a_deleted_queue_is_an_error_and_loses_nothing() {
 }
 
 /// A queue reached through a proxy, holding one message (key `later`) due at `at(60)`.
+/// A process holding as many deliveries as it may, all scheduled for later (retries of
+/// a dependency that is down), still gets to a due message behind them: the lease moves
+/// the one due last to the main queue's tail, with its not-before and attempts, and
+/// fetches what was behind it. Nothing is lost or counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_message_behind_a_full_hold_of_later_ones_is_leased() {
+    let (q, _purge) = make(options().with_max_held(2));
+    let lease_for = Duration::from_secs(30);
+    let mut later_ids = Vec::new();
+    // Both within the hold limit (5 min): held here, not parked in the delay queue.
+    for (key, secs) in [("soon", 60), ("late", 120)] {
+        let mut e = crate::suite::envelope(key);
+        e.not_before = crate::suite::at(secs);
+        e.attempts = 3;
+        later_ids.push(q.enqueue(e).await.unwrap().id());
+    }
+    let now_id = q.enqueue(crate::suite::envelope("now")).await.unwrap().id();
+    // The first lease fetches the two later ones: nothing due, and the hold is full.
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![now_id], "the due message is still stuck behind");
+    q.ack(&[got[0].token]).await.unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight), (2, 0), "{depth:?}");
+    // Both come back when due, with the attempts they had (+1 for this lease).
+    let soon = q.lease(10, lease_for, crate::suite::at(60)).await.unwrap();
+    assert_eq!(soon.len(), 1);
+    assert_eq!(
+        (soon[0].envelope.id, soon[0].envelope.attempts),
+        (later_ids[0], 4)
+    );
+    q.ack(&[soon[0].token]).await.unwrap();
+    let late = q.lease(10, lease_for, crate::suite::at(120)).await.unwrap();
+    assert_eq!(late.len(), 1);
+    assert_eq!(
+        (late[0].envelope.id, late[0].envelope.attempts),
+        (later_ids[1], 4)
+    );
+    assert_eq!(late[0].envelope.not_before, crate::suite::at(120));
+    q.ack(&[late[0].token]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().pending, 0);
+}
+
+/// With nothing in the main queue but the copies it moved there itself, a lease with a
+/// full hold moves nothing more: the held deliveries are not sent round the queue on
+/// every poll (each move would republish the whole message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_hold_of_later_deliveries_is_not_sent_round_for_ever() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy).with_max_held(2));
+    let lease_for = Duration::from_secs(30);
+    for (key, secs) in [("a", 60), ("b", 240), ("c", 120)] {
+        let mut e = crate::suite::envelope(key);
+        e.not_before = crate::suite::at(secs);
+        e.body = vec![b'x'; 8192].into();
+        q.enqueue(e).await.unwrap();
+    }
+    // The first lease fetches two; the second moves one (b) to make room for the third.
+    for _ in 0..2 {
+        assert!(
+            q.lease(10, lease_for, crate::suite::at(0))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let settled = proxy.sent();
+    for _ in 0..4 {
+        assert!(
+            q.lease(10, lease_for, crate::suite::at(0))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let sent = proxy.sent() - settled;
+    assert!(
+        sent < 4096,
+        "held deliveries moved again: {sent} bytes sent"
+    );
+    // All three are still there, each leased once when due.
+    let mut got = Vec::new();
+    for secs in [60, 120, 240] {
+        let l = q
+            .lease(10, lease_for, crate::suite::at(secs))
+            .await
+            .unwrap();
+        assert_eq!(l.len(), 1, "at {secs}");
+        assert_eq!(l[0].envelope.not_before, crate::suite::at(secs));
+        assert_eq!(l[0].envelope.attempts, 1, "at {secs}");
+        q.ack(&[l[0].token]).await.unwrap();
+        got.push(l[0].envelope.idempotency_key.clone());
+    }
+    assert_eq!(got, ["a", "c", "b"]);
+}
+
 async fn later_through_a_proxy() -> (Proxy, AmqpQueue, Purge) {
     let proxy = Proxy::start(host_port(&options().url())).await;
     let (q, purge) = make(via(&proxy));

@@ -12,16 +12,19 @@ use tokio::sync::watch;
 pub struct Proxy {
     addr: SocketAddr,
     accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
     cuts: watch::Sender<u64>,
     held: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Copies `from` to `to`, waiting while the proxy holds.
+/// Copies `from` to `to`, waiting while the proxy holds, and adds what it forwarded to
+/// `count`.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut held: watch::Receiver<bool>,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut buf = vec![0; 64 * 1024];
     loop {
@@ -31,6 +34,7 @@ async fn pump(
                 if held.wait_for(|h| !*h).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
+                count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -46,6 +50,8 @@ impl Proxy {
         let hold = held.clone();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = accepted.clone();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sent_up = sent.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -55,6 +61,7 @@ impl Proxy {
                 let mut rx = tx.subscribe();
                 let (up, down) = (hold.subscribe(), hold.subscribe());
                 let target = target.clone();
+                let sent_up = sent_up.clone();
                 tokio::spawn(async move {
                     let Ok(upstream) = TcpStream::connect(&target).await else {
                         return;
@@ -65,8 +72,8 @@ impl Proxy {
                     tokio::select! {
                         biased;
                         _ = rx.changed() => {} // cut: both sockets are dropped
-                        _ = pump(client_r, upstream_w, up) => {}
-                        _ = pump(upstream_r, client_w, down) => {}
+                        _ = pump(client_r, upstream_w, up, sent_up) => {}
+                        _ = pump(upstream_r, client_w, down, Default::default()) => {}
                     }
                 });
             }
@@ -74,6 +81,7 @@ impl Proxy {
         Proxy {
             addr,
             accepted,
+            sent,
             cuts,
             held,
             task,
@@ -88,6 +96,12 @@ impl Proxy {
     #[allow(dead_code)] // only some brokers' tests count them
     pub fn accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many bytes the proxy has forwarded from clients to the target so far.
+    #[allow(dead_code)] // only some brokers' tests count them
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Drops every connection open through the proxy.
