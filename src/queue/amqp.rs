@@ -67,6 +67,9 @@
 //! a lease for longer than the hold limit (released again and again) is parked the same
 //! way when it is not due, so none is held towards `consumer_timeout`. Every lease's token
 //! generation is a per-process sequence number, so a released lease's token is stale.
+//! `ack`, `retry_later`, `release` and `dead_letter` run to the end on a task of their
+//! own even when their future is dropped (a timeout around them), so none leaves a
+//! delivery it took out of the hold unacked on the channel.
 //!
 //! A process holds at most [`AmqpOptions::with_max_held`] deliveries. When that many are
 //! held, fewer are due than the lease asks for and the main queue has ready messages
@@ -1595,8 +1598,12 @@ impl Queue for AmqpQueue {
         self.inner.lease(max, lease_for, now)
     }
 
+    // The calls that settle a lease run to the end on a task of their own (see
+    // `settling`).
+
     fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.ack(tokens)
+        let (inner, tokens) = (self.inner.clone(), tokens.to_vec());
+        settling(async move { inner.ack(&tokens).await })
     }
 
     fn retry_later(
@@ -1604,7 +1611,8 @@ impl Queue for AmqpQueue {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.retry_later(token, not_before)
+        let inner = self.inner.clone();
+        settling(async move { inner.retry_later(token, not_before).await })
     }
 
     fn release(
@@ -1612,7 +1620,8 @@ impl Queue for AmqpQueue {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.release(token, not_before)
+        let inner = self.inner.clone();
+        settling(async move { inner.release(token, not_before).await })
     }
 
     fn dead_letter(
@@ -1620,7 +1629,8 @@ impl Queue for AmqpQueue {
         token: LeaseToken,
         reason: &str,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.dead_letter(token, reason)
+        let (inner, reason) = (self.inner.clone(), reason.to_owned());
+        settling(async move { inner.dead_letter(token, &reason).await })
     }
 
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {
@@ -1643,6 +1653,22 @@ impl Queue for AmqpQueue {
 }
 
 // === helpers ===
+
+/// Runs `call`, which settles leases, on a task of its own: a caller that stops waiting
+/// (a timeout around `ack`) does not stop it halfway, after it took a delivery out of
+/// the hold but before it acked it. Left so, the delivery stays unacked on the channel
+/// until RabbitMQ's `consumer_timeout` closes the channel, ending every lease on it.
+async fn settling<T: Send + 'static>(
+    call: impl Future<Output = Result<T, QueueError>> + Send + 'static,
+) -> Result<T, QueueError> {
+    match tokio::spawn(call).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(QueueError::Unavailable(
+            "amqp: the runtime shut down during the call".into(),
+        )),
+    }
+}
 
 /// How the broker answered a publish with a confirm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

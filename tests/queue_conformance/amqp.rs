@@ -574,6 +574,44 @@ async fn a_full_hold_of_later_deliveries_is_not_sent_round_for_ever() {
     assert_eq!(got, ["a", "c", "b"]);
 }
 
+/// A `retry_later` whose caller stops waiting while the broker has not yet confirmed
+/// the copy still acks the delivery it took: the delivery is not left unacked on the
+/// channel (where the broker would hand it out again, a second copy, once the channel
+/// closes, or close the channel after its `consumer_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_later_its_caller_stops_waiting_for_still_acks_the_delivery() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy).with_timeout(Duration::from_secs(10)));
+    let id = q.enqueue(crate::suite::envelope("m")).await.unwrap().id();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    proxy.hold();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        q.retry_later(leased[0].token, crate::suite::at(10)),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "answered while the proxy held: {gave_up:?}"
+    );
+    proxy.release();
+    // The call goes on: the copy is confirmed and the delivery acked.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A delivery left unacked would come back to the queue when its channel closes.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        ready_in_main_queue(&q).await,
+        1,
+        "the delivery was left unacked"
+    );
+    let again = q.lease(10, lease_for, crate::suite::at(10)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id, id);
+    assert_eq!(again[0].envelope.attempts, 2);
+}
+
 async fn later_through_a_proxy() -> (Proxy, AmqpQueue, Purge) {
     let proxy = Proxy::start(host_port(&options().url())).await;
     let (q, purge) = make(via(&proxy));
