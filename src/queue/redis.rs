@@ -132,8 +132,10 @@ pub struct RedisOptions {
 /// A call made while the server is unreachable fails with [`QueueError::Unavailable`];
 /// the connection is re-established in the background and a later call succeeds once
 /// the server is back. A script or transaction either ran entirely or not at all, but a call that
-/// failed with `Unavailable` may still have run (the reply was lost): an enqueue retried
-/// after that is answered [`Enqueued::Duplicate`] thanks to its idempotency key.
+/// failed with `Unavailable` may still have run (the reply was lost): an enqueue of the
+/// same envelope retried after that is stored once, thanks to its idempotency key. It is
+/// answered with the same id, as [`Enqueued::Stored`] (its key's claim is that id's);
+/// the retry's extra entry is deleted by `lease` unread.
 ///
 /// # Group commit
 ///
@@ -401,30 +403,40 @@ impl RedisQueue {
         // Rarely more than once: only if `lease` deleted the entry as a duplicate's
         // while the key was taken, and the owner was acked before we looked again.
         for _ in 0..4 {
-            let added: Result<(Vec<u8>, i64), _> = ::redis::pipe()
+            // Each command's own answer (`ignore_errors`): an error inside the `EXEC`
+            // is told apart from the transaction refused whole.
+            let added: Result<Vec<Value>, _> = ::redis::pipe()
                 .atomic()
+                .ignore_errors()
                 .add_command(xadd.clone())
                 .hset_nx(&self.keys[5], key, id)
                 .query_async(&mut conn)
                 .await;
-            let (eid, set) = match added {
-                Ok(reply) => reply,
-                Err(e) => {
-                    // Redis answered with an error: the XADD may have failed while the
-                    // HSETNX did not (a transaction is not rolled back), so never leave
-                    // the key claimed by a message that may not exist. Without an
-                    // answer (a timeout, a dropped connection) the transaction ran whole
-                    // or not at all: a claim made has its entry, and freeing its key
-                    // would get that entry deleted as a duplicate's by `lease`, after a
-                    // later enqueue of the key may have been answered `Duplicate` of it.
-                    let args = vec![key.as_bytes().to_vec(), id.as_bytes().to_vec()];
-                    if !unanswered(&e)
-                        && let Err(e) = invoke(&mut conn, &UNCLAIM, &self.keys, args).await
-                    {
-                        tracing::warn!(error = %e, "postbox: could not free the key of a failed redis enqueue");
+            let (eid, set) = match added.map(<[Value; 2]>::try_from) {
+                Ok(Ok([Value::ServerError(e), set])) => {
+                    // The XADD failed inside the transaction, which is not rolled back:
+                    // a claim the HSETNX made is left without its entry, so free it.
+                    // (A key claimed before, by another message or by an earlier copy of
+                    // this one, is left alone.)
+                    if matches!(set, Value::Int(1)) {
+                        let args = vec![key.as_bytes().to_vec(), id.as_bytes().to_vec()];
+                        if let Err(e) = invoke(&mut conn, &UNCLAIM, &self.keys, args).await {
+                            tracing::warn!(error = %e, "postbox: could not free the key of a failed redis enqueue");
+                        }
                     }
-                    return Err(map_err(e));
+                    return Err(map_err(e.into()));
                 }
+                // The entry is written, its claim not: `lease` deletes it as a
+                // duplicate's (module docs).
+                Ok(Ok([_, Value::ServerError(e)])) => return Err(map_err(e.into())),
+                Ok(Ok([eid, set])) => (bytes(eid)?, int(set)?),
+                Ok(Err(_)) => return Err(unexpected("enqueue reply")),
+                // Refused whole (`EXECABORT`: an error while queueing, such as OOM) or
+                // not answered (a timeout, a dropped connection): the transaction ran
+                // whole or not at all, so a claim made has its entry. Freeing the key
+                // could free a stored copy's (this enqueue retried after a lost reply),
+                // and `lease` would delete that entry as nobody's.
+                Err(e) => return Err(map_err(e)),
             };
             if set == 1 {
                 return Ok(Enqueued::Stored(message_id()?));
@@ -906,17 +918,14 @@ fn parse_batch(v: Value, n: usize) -> Result<Vec<(i64, String)>, QueueError> {
 /// [`QueueError::Unavailable`]: the caller may try again. The rest is a backend error.
 fn map_err(e: RedisError) -> QueueError {
     use redis::{ErrorKind, ServerErrorKind as S};
-    let transient = matches!(
-        e.kind(),
-        ErrorKind::Server(
-            S::BusyLoading | S::TryAgain | S::MasterDown | S::ClusterDown | S::ReadOnly
-        )
-    ) || matches!(
-        e.code(),
-        // Out of memory (`maxmemory` with `noeviction`), or too few replicas answered:
-        // refused for now, as a full disk is for the embedded queue.
-        Some("BUSY" | "OOM" | "NOREPLICAS")
-    );
+    let transient = match e.kind() {
+        // A transaction refused whole, while its commands were queued: as their errors say.
+        ErrorKind::Server(S::ExecAbort) => e.clone().into_server_errors().is_some_and(|errs| {
+            errs.iter()
+                .any(|(_, s)| transient(s.kind().map(ErrorKind::Server), Some(s.code())))
+        }),
+        kind => transient(Some(kind), e.code()),
+    };
     if transient || unanswered(&e) {
         QueueError::Unavailable(Box::new(e))
     } else {
@@ -924,8 +933,23 @@ fn map_err(e: RedisError) -> QueueError {
     }
 }
 
-/// No answer came from Redis (a timeout, a dropped or refused connection): whatever was
-/// sent may or may not have run.
+/// Whether a server error of this kind or code means "not now": loading, read-only
+/// after a failover, out of memory …
+fn transient(kind: Option<redis::ErrorKind>, code: Option<&str>) -> bool {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    matches!(
+        kind,
+        Some(ErrorKind::Server(
+            S::BusyLoading | S::TryAgain | S::MasterDown | S::ClusterDown | S::ReadOnly
+        ))
+    ) || matches!(
+        code,
+        // Out of memory (`maxmemory` with `noeviction`), or too few replicas answered:
+        // refused for now, as a full disk is for the embedded queue.
+        Some("BUSY" | "OOM" | "NOREPLICAS")
+    )
+}
+
 fn unanswered(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }

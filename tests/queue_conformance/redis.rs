@@ -425,6 +425,48 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() 
     .await;
 }
 
+/// A server out of memory (`maxmemory` reached, `noeviction`) refuses an enqueue's
+/// transaction whole (`EXECABORT`): the enqueue is `Unavailable`, to be tried again, and
+/// an enqueue retried for a message already stored frees no key — the stored message is
+/// still delivered, once, when the server has room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_refused_for_memory_is_unavailable_and_loses_no_stored_message() {
+    let server = PrivateServer::start(private_redis);
+    let port = server.port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    answering(&url, port).await;
+    let q = RedisQueue::connect(options().with_url(&url)).await.unwrap();
+    let e = crate::suite::envelope("kept");
+    let id = q.enqueue(e.clone()).await.unwrap().id();
+    let maxmemory = |bytes: &'static str| {
+        let mut admin = q.connection();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg(bytes)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    maxmemory("1").await;
+    for again in [e.clone(), crate::suite::envelope("new")] {
+        let refused = q.enqueue(again).await;
+        assert!(
+            matches!(refused, Err(QueueError::Unavailable(_))),
+            "{refused:?}"
+        );
+    }
+    maxmemory("0").await;
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![id], "the stored message was deleted");
+    q.ack(&[leased[0].token]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().pending, 0);
+}
+
 async fn add_raw(q: &RedisQueue, id: &str, key: &str, envelope: &[u8]) {
     let _: String = redis::cmd("XADD")
         .arg(&q.keys()[0])
