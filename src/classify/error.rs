@@ -70,7 +70,7 @@ as_error_for!(
 /// | ✦ [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) (the answer's body stalled) | failure | no (the budget is spent) | yes (it answered) |
 /// | ✦ `hyper_util` client error that is a connect error (with `hyper`) | failure | yes | no |
 /// | ✦ `reqwest::Error` that is a connect error (with `reqwest`) | failure | yes | no |
-/// | ✦ `reqwest::Error` building the request (with `reqwest`) | failure | no | no |
+/// | ✦ `reqwest::Error` building the request (with `reqwest`: the caller's malformed request) | ignored | no | no |
 /// | ✦ `io::Error` refused / address unavailable / address in use (connect) | failure | yes | no |
 /// | any other `io::Error` (reset, aborted, broken pipe, not connected, unexpected EOF, timed out: the request may have been sent) | failure | yes | yes |
 /// | `tonic::Status` (with `grpc`) | by its code, as [`GrpcClassifier`](super::GrpcClassifier) | | |
@@ -188,11 +188,9 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
             return Some(Classification::failure().with_effect(false));
         }
         if r.is_builder() {
-            return Some(
-                Classification::failure()
-                    .with_retryable(false)
-                    .with_effect(false),
-            );
+            // The caller's own malformed request (a bad URL or scheme): never sent, and
+            // no sign of the dependency's health, so no breaker counts it.
+            return Some(Classification::ignored());
         }
     }
     if let Some(io) = as_type::<io::Error>(e)

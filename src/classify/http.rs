@@ -29,7 +29,8 @@ use std::time::{Duration, SystemTime};
 ///
 /// Overrides are checked before the defaults: first the closure set with
 /// [`with_fn`](Self::with_fn), then the rules in the reverse order they were added (the
-/// last one added wins).
+/// last one added wins). An overload either decides without a hint of its own takes
+/// the response's `Retry-After`.
 ///
 /// # Example
 /// ```
@@ -126,18 +127,23 @@ impl HttpClassifier {
     /// Classifies a status and its headers.
     pub fn classify_status(&self, status: StatusCode, headers: &HeaderMap) -> Classification {
         if let Some(o) = &self.overrides {
+            // An overload without a hint of its own takes the server's `Retry-After`,
+            // whether the closure or a rule decided it.
+            let hinted = |c: Classification| {
+                if c.class() == Class::Overload && c.retry_after().is_none() {
+                    c.with_retry_after(retry_after(headers, SystemTime::now()))
+                } else {
+                    c
+                }
+            };
             if let Some(f) = &o.custom
                 && let Some(c) = f(status, headers)
             {
-                return c;
+                return hinted(c);
             }
             let code = status.as_u16();
             if let Some((_, c)) = o.rules.iter().rev().find(|(r, _)| r.contains(&code)) {
-                let mut c = *c;
-                if c.class() == Class::Overload && c.retry_after().is_none() {
-                    c = c.with_retry_after(retry_after(headers, SystemTime::now()));
-                }
-                return c;
+                return hinted(*c);
             }
         }
         default_status(status, headers)
@@ -405,6 +411,26 @@ mod tests {
         assert_eq!(classify(&c, &response(409, None)).class(), Class::Failure);
         assert_eq!(classify(&c, &response(418, None)).class(), Class::Ignored);
         assert_eq!(classify(&c, &response(404, None)).class(), Class::Success);
+    }
+
+    /// An override that makes a status an overload without a hint of its own, by a
+    /// rule or by the closure, takes the server's `Retry-After`; a hint of its own
+    /// wins.
+    #[test]
+    fn an_overload_override_without_a_hint_takes_the_servers_retry_after() {
+        let by_closure = HttpClassifier::new()
+            .with_fn(|s, _| (s == StatusCode::CONFLICT).then(|| Classification::overload(None)));
+        let by_rule =
+            HttpClassifier::new().with_status(StatusCode::CONFLICT, Classification::overload(None));
+        for c in [&by_closure, &by_rule] {
+            let r = classify(c, &response(409, Some("7")));
+            assert_eq!(r.class(), Class::Overload);
+            assert_eq!(r.retry_after(), Some(Duration::from_secs(7)), "{c:?}");
+        }
+        let own = HttpClassifier::new()
+            .with_fn(|_, _| Some(Classification::overload(Some(Duration::from_secs(1)))));
+        let r = classify(&own, &response(409, Some("7")));
+        assert_eq!(r.retry_after(), Some(Duration::from_secs(1)));
     }
 
     #[test]

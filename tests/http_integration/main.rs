@@ -91,6 +91,24 @@ async fn a_refused_connection_is_a_retryable_failure_that_never_took_effect() {
     assert!(!c.may_have_taken_effect());
 }
 
+/// A request reqwest refuses to build (a scheme it does not speak) is the caller's
+/// mistake: never sent, not retried, and no breaker counts it against the dependency.
+#[tokio::test]
+async fn a_request_reqwest_cannot_build_is_ignored_not_a_failure() {
+    let client = ReqwestService::new(reqwest::Client::new());
+    let req = http::Request::post("ftp://127.0.0.1:9/orders")
+        .body(String::from("{}"))
+        .unwrap();
+    let err = client.oneshot(req).await.unwrap_err();
+    let c = Classify::<http::Response<reqwest::Body>, BoxError>::classify(
+        &HttpClassifier::new(),
+        Err(&err),
+    );
+    assert_eq!(c.class(), Class::Ignored, "{err}");
+    assert!(!c.is_retryable());
+    assert!(!c.may_have_taken_effect());
+}
+
 #[tokio::test]
 async fn the_deadline_reaches_the_next_hop_as_a_header() {
     let app = Router::new().route(
