@@ -43,7 +43,7 @@
 //! | the breaker's `max_wait_in_half_open ≥ attempt_timeout` (else a probe that takes its whole attempt reopens the breaker before it answers) | `client.circuit_breaker.max_wait_in_half_open` |
 //! | the breaker's `slow_call_duration < attempt_timeout` (the breaker sits outside the attempt's timeout, so a call is never slower than that) | `client.circuit_breaker.slow_call_duration` |
 //! | the longest the backoff can wait across `retry.max_retries` retries (each delay at its cap, with any jitter: `100ms, 200ms, 400ms` for three exponential retries from `100ms`; a server's `Retry-After` is not counted) `≤ deadline` | `client.retry.backoff.max_delay` |
-//! | a client bulkhead that lets callers wait (`max_waiting > 0`) sets `max_wait ≤ deadline` (it waits before the deadline's timer starts) | `client.bulkhead.max_wait` |
+//! | a client bulkhead that lets callers wait (`max_waiting > 0`) sets `max_wait ≤ deadline` (it waits within the deadline, which would cut a longer wait short) | `client.bulkhead.max_wait` |
 //! | `enqueue.sync_methods` are upper-case (methods are case-sensitive: `"get"` would keep no `GET` synchronous) | `client.enqueue.sync_methods` |
 //! | `enqueue.sync_routes` are paths: each starts with `/` and has no query or fragment (`"payments"` would keep nothing synchronous, `""` every route) | `client.enqueue.sync_routes` |
 //! | a bulkhead's `max_wait` is set only with `max_waiting > 0` (it bounds nothing otherwise) | `client.bulkhead.max_wait`, `server.bulkhead.max_wait` |
@@ -195,7 +195,9 @@ pub struct ClientConfig {
     #[serde(deserialize_with = "duration::required")]
     pub attempt_timeout: Duration,
     /// Request bodies up to this many bytes are buffered so a retry can send them again;
-    /// larger ones are sent once.
+    /// larger ones are sent once. Behind the enqueue fallback
+    /// ([`deferring_layer`](Self::deferring_layer)) the limit is at least
+    /// `enqueue.max_body`: the fallback holds such a body whole already.
     pub buffer_body: usize,
     /// gRPC methods whose request bodies are never buffered: sent at once, streaming,
     /// and so never retried (default none). Name every client-streaming and
@@ -642,12 +644,15 @@ impl ClientConfig {
         }
         if self.bulkhead.max_waiting > 0 && self.bulkhead.max_wait.is_none_or(|w| w > self.deadline)
         {
-            // The bulkhead waits in `poll_ready`, before the deadline's timer starts.
+            // The stack readies the bulkhead inside the deadline's future (`BufferBody`
+            // readies what it wraps once the body is read): the deadline's timer runs
+            // while a caller waits for a slot, and would cut a longer wait short.
             return Err(ConfigError::new(
                 f("bulkhead.max_wait"),
                 format!(
                     "({}) must be set and at most `{}` ({}) when `{}` > 0: a caller \
-                     waiting for a slot is not bounded by the deadline",
+                     waits for a slot within the deadline, which would cut a longer \
+                     wait short",
                     self.bulkhead.max_wait.map_or("unset".to_owned(), fmt_d),
                     f("deadline"),
                     fmt_d(self.deadline),

@@ -363,3 +363,55 @@ enabled = true
     assert_eq!(res.status(), StatusCode::CREATED);
     assert_eq!(queue.depth().await.unwrap().pending, 2);
 }
+
+/// Behind the enqueue fallback, which holds a request's whole body (up to its
+/// `max_body`) anyway, a body over `buffer_body` is still replayed by the retry: a
+/// smaller `buffer_body` does not turn the retries of every larger request off and defer
+/// it after its first failure.
+#[tokio::test]
+async fn behind_the_fallback_a_body_over_buffer_body_is_still_retried() {
+    let config = StackConfig::from_str(
+        r#"
+[client]
+preset = "standard_http_client"
+buffer_body = 16
+
+[client.retry.backoff]
+base = "10ms"
+jitter = "none"
+
+[client.enqueue]
+enabled = true
+"#,
+        Format::Toml,
+    )
+    .unwrap();
+    let queue = Arc::new(MemoryQueue::new());
+    let client = tower::ServiceBuilder::new()
+        .layer(config.client.deferring_layer(queue.clone()).unwrap())
+        .service(ReqwestService::new(reqwest::Client::new()));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flaky = serve(Router::new().route(
+        "/orders",
+        post({
+            let calls = calls.clone();
+            move |body: Bytes| async move {
+                assert_eq!(body.len(), 1024, "the whole body, every attempt");
+                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::CREATED
+                }
+            }
+        }),
+    ))
+    .await;
+    let req = http::Request::post(format!("http://{flaky}/orders"))
+        .header("idempotency-key", "order-7")
+        .body(Full::new(Bytes::from(vec![b'x'; 1024])))
+        .unwrap();
+    let res = client.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(queue.depth().await.unwrap().pending, 0);
+}
