@@ -266,7 +266,8 @@ impl NatsOptions {
     /// Holds at most `capacity` live messages (the stream's `max_msgs` with
     /// `discard: new`); beyond that `enqueue` fails with [`QueueError::Full`].
     /// [`connect`](NatsQueue::connect) refuses a capacity below the number of messages
-    /// the stream already holds (the server would delete the oldest to fit). On a full
+    /// the stream already holds (the server would delete the oldest to fit), and a
+    /// capacity of 0 (JetStream would read it as no limit). On a full
     /// queue, `retry_later` keeps holding the delivery, scheduled, as there is no room
     /// for its republished copy.
     pub fn with_capacity(mut self, capacity: u64) -> Self {
@@ -335,6 +336,16 @@ impl NatsQueue {
         {
             return Err(QueueError::Backend(
                 format!("invalid queue name {name:?}: use letters, digits, '-' and '_'").into(),
+            ));
+        }
+        if options.capacity == Some(0) {
+            // JetStream reads a `max_msgs` of 0 as "no limit".
+            return Err(QueueError::Backend(
+                format!(
+                    "nats queue {name}: a capacity of 0 holds no message (the server would \
+                     take it for no limit); give at least 1, or no capacity"
+                )
+                .into(),
             ));
         }
         let url = options.url();

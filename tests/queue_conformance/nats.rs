@@ -610,6 +610,16 @@ async fn a_republish_waiting_on_the_server_does_not_block_other_leases() {
     let _ = retry.await;
 }
 
+/// A capacity of 0 is refused at connect: JetStream would take a `max_msgs` of 0 for no
+/// limit, where the other queues hold no message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_of_zero_is_refused() {
+    let e = NatsQueue::connect(options().with_capacity(0))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("a capacity of 0"), "{e}");
+}
+
 /// A process holding as many deliveries as it may, all scheduled for later (retries of
 /// a dependency that is down), still gets to a due message behind them: the lease moves
 /// the one due last to the stream's tail, with its not-before and attempts, and

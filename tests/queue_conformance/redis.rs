@@ -467,6 +467,19 @@ async fn an_enqueue_refused_for_memory_is_unavailable_and_loses_no_stored_messag
     assert_eq!(q.depth().await.unwrap().pending, 0);
 }
 
+/// A capacity of 0 holds no message, as in the memory and embedded queues (it was taken
+/// for no limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_of_zero_holds_nothing() {
+    let (q, _purge) = make(options().with_capacity(0));
+    let full = q.enqueue(crate::suite::envelope("a")).await;
+    assert!(
+        matches!(full, Err(QueueError::Full { capacity: 0 })),
+        "{full:?}"
+    );
+    assert_eq!(q.depth().await.unwrap().pending, 0);
+}
+
 async fn add_raw(q: &RedisQueue, id: &str, key: &str, envelope: &[u8]) {
     let _: String = redis::cmd("XADD")
         .arg(&q.keys()[0])

@@ -1,14 +1,13 @@
 -- A batch of enqueues (group commit: one script, one reply, and with
 -- `appendfsync always` one fsync, for every enqueue waiting at the time).
--- ARGV: 2 capacity (0: none), then per message: id, idempotency key, field count n,
+-- ARGV: 2 capacity (0 holds nothing, as in the other queues), then per message: id, idempotency key, field count n,
 -- n entry fields. Returns per message {0, existing id} (duplicate), {1, id} (stored)
 -- or {2, ''} (full).
 -- The stream holds exactly the live messages (acked and dead ones are deleted), so
 -- its length is the live count; `msgs` and `attempts` are filled when the entry is
 -- first read by `lease`.
 local cap = tonumber(ARGV[2])
-local len = nil
-if cap > 0 then len = redis.call('XLEN', stream) end
+local len = redis.call('XLEN', stream)
 local out = {}
 local i = 3
 while i <= #ARGV do
@@ -23,12 +22,12 @@ while i <= #ARGV do
   end
   if existing then
     out[#out + 1] = {0, existing}
-  elseif len and len >= cap then
+  elseif len >= cap then
     out[#out + 1] = {2, ''}
   else
     redis.call('XADD', stream, '*', unpack(ARGV, first, last))
     if key ~= '' then redis.call('HSET', keys, key, id) end
-    if len then len = len + 1 end
+    len = len + 1
     out[#out + 1] = {1, id}
   end
 end
