@@ -1599,11 +1599,13 @@ impl Queue for AmqpQueue {
     }
 
     // The calls that settle a lease run to the end on a task of their own (see
-    // `settling`).
+    // `super::settling`): dropped halfway, one would leave a delivery it took out of
+    // the hold unacked on the channel until RabbitMQ's `consumer_timeout` closes the
+    // channel, ending every lease on it.
 
     fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
         let (inner, tokens) = (self.inner.clone(), tokens.to_vec());
-        settling(async move { inner.ack(&tokens).await })
+        super::settling(async move { inner.ack(&tokens).await })
     }
 
     fn retry_later(
@@ -1612,7 +1614,7 @@ impl Queue for AmqpQueue {
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let inner = self.inner.clone();
-        settling(async move { inner.retry_later(token, not_before).await })
+        super::settling(async move { inner.retry_later(token, not_before).await })
     }
 
     fn release(
@@ -1621,7 +1623,7 @@ impl Queue for AmqpQueue {
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let inner = self.inner.clone();
-        settling(async move { inner.release(token, not_before).await })
+        super::settling(async move { inner.release(token, not_before).await })
     }
 
     fn dead_letter(
@@ -1630,7 +1632,7 @@ impl Queue for AmqpQueue {
         reason: &str,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let (inner, reason) = (self.inner.clone(), reason.to_owned());
-        settling(async move { inner.dead_letter(token, &reason).await })
+        super::settling(async move { inner.dead_letter(token, &reason).await })
     }
 
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {
@@ -1653,22 +1655,6 @@ impl Queue for AmqpQueue {
 }
 
 // === helpers ===
-
-/// Runs `call`, which settles leases, on a task of its own: a caller that stops waiting
-/// (a timeout around `ack`) does not stop it halfway, after it took a delivery out of
-/// the hold but before it acked it. Left so, the delivery stays unacked on the channel
-/// until RabbitMQ's `consumer_timeout` closes the channel, ending every lease on it.
-async fn settling<T: Send + 'static>(
-    call: impl Future<Output = Result<T, QueueError>> + Send + 'static,
-) -> Result<T, QueueError> {
-    match tokio::spawn(call).await {
-        Ok(result) => result,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Err(QueueError::Unavailable(
-            "amqp: the runtime shut down during the call".into(),
-        )),
-    }
-}
 
 /// How the broker answered a publish with a confirm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -243,8 +243,9 @@ impl HeldState {
 // === impl NatsOptions ===
 
 impl NatsOptions {
-    /// Options for the queue `name` (letters, digits, `-` and `_`; it names the streams),
-    /// at the URL from `POSTBOX_NATS_URL` or else `nats://127.0.0.1:4222`.
+    /// Options for the queue `name` (letters, digits, `-` and `_`, not ending in `_DEAD`;
+    /// it names the streams), at the URL from `POSTBOX_NATS_URL` or else
+    /// `nats://127.0.0.1:4222`.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -336,6 +337,17 @@ impl NatsQueue {
         {
             return Err(QueueError::Backend(
                 format!("invalid queue name {name:?}: use letters, digits, '-' and '_'").into(),
+            ));
+        }
+        if name.ends_with("_DEAD") {
+            // `POSTBOX_{name}` would be the dead-letter stream of the queue named
+            // without the suffix.
+            return Err(QueueError::Backend(
+                format!(
+                    "invalid queue name {name:?}: a name ending in `_DEAD` names another \
+                     queue's dead-letter stream"
+                )
+                .into(),
             ));
         }
         if options.capacity == Some(0) {
@@ -626,16 +638,23 @@ impl Inner {
         if n == 0 {
             return Ok(());
         }
+        // Disconnected, a pull request would only wait in the client's queue (while
+        // `held` is locked: a full queue waits for the reconnect), then go out to an
+        // inbox given up by then, its messages invisible until `ack_wait` passes.
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            return Err(QueueError::Unavailable(
+                "nats fetch: not connected to the server".into(),
+            ));
+        }
         let consumer = self
             .consumer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mut batch = consumer
-            .fetch()
-            .max_messages(n)
-            .messages()
+        let asked = consumer.fetch().max_messages(n).messages();
+        let mut batch = tokio::time::timeout(self.request_timeout, asked)
             .await
+            .map_err(|_| QueueError::Unavailable("nats fetch: no room to ask in time".into()))?
             .map_err(|e| classify(e, "fetch"))?;
         loop {
             let next = tokio::time::timeout(self.request_timeout, batch.next()).await;
@@ -1548,8 +1567,14 @@ impl Queue for NatsQueue {
         self.inner.lease(max, lease_for, now)
     }
 
+    // The calls that settle a lease run to the end on a task of their own (see
+    // `super::settling`): dropped halfway, one would leave a delivery it took out of
+    // the hold neither settled nor kept alive, back only after `ack_wait` with an
+    // attempt more (and a `retry_later` whose copy was stored, delivered twice).
+
     fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.ack(tokens)
+        let (inner, tokens) = (self.inner.clone(), tokens.to_vec());
+        super::settling(async move { inner.ack(&tokens).await })
     }
 
     fn retry_later(
@@ -1557,7 +1582,8 @@ impl Queue for NatsQueue {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.retry_later(token, not_before)
+        let inner = self.inner.clone();
+        super::settling(async move { inner.retry_later(token, not_before).await })
     }
 
     fn release(
@@ -1565,7 +1591,8 @@ impl Queue for NatsQueue {
         token: LeaseToken,
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.release(token, not_before)
+        let inner = self.inner.clone();
+        super::settling(async move { inner.release(token, not_before).await })
     }
 
     fn dead_letter(
@@ -1573,7 +1600,8 @@ impl Queue for NatsQueue {
         token: LeaseToken,
         reason: &str,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
-        self.inner.dead_letter(token, reason)
+        let (inner, reason) = (self.inner.clone(), reason.to_owned());
+        super::settling(async move { inner.dead_letter(token, &reason).await })
     }
 
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {
@@ -1729,6 +1757,9 @@ fn is_connection_problem(e: &(dyn std::error::Error + 'static)) -> bool {
             "no stream found",
             // JetStream's 10008, "JetStream system temporarily unavailable".
             "temporarily unavailable",
+            // async-nats' reading of a JetStream API request nobody answered
+            // (`RequestErrorKind::NoResponders`: JetStream not running, or restarting).
+            "requested jetstream resource does not exist",
         ]
         .iter()
         .any(|needle| text.contains(needle))

@@ -610,6 +610,83 @@ async fn a_republish_waiting_on_the_server_does_not_block_other_leases() {
     let _ = retry.await;
 }
 
+/// A queue named like another queue's dead-letter stream (`orders_DEAD` for the
+/// queue `orders`) is refused: the two would share a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_is_another_queues_dead_letter_stream_is_refused() {
+    let e = NatsQueue::connect(NatsOptions::new("orders_DEAD"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("`_DEAD`"), "{e}");
+}
+
+/// A lease while the client is cut off from the server answers `Unavailable` at once,
+/// without queueing a pull request that would go out after the reconnect to an inbox
+/// given up by then; once the server is back, the message is leased, counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_while_disconnected_is_unavailable_at_once() {
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_secs(5)).await;
+    let id = q.enqueue(crate::suite::envelope("m")).await.unwrap().id();
+    proxy.hold();
+    proxy.cut();
+    let connected =
+        || q.jetstream().client().connection_state() == async_nats::connection::State::Connected;
+    for _ in 0..100 {
+        if !connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!connected(), "the client did not see the cut");
+    let lease_for = Duration::from_secs(30);
+    let started = tokio::time::Instant::now();
+    let refused = q.lease(1, lease_for, crate::suite::at(0)).await;
+    assert!(
+        matches!(refused, Err(QueueError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        started.elapsed()
+    );
+    proxy.release();
+    let got = retry!(q.lease(1, lease_for, crate::suite::at(0)).await);
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].envelope.id, got[0].envelope.attempts), (id, 1));
+    q.ack(&[got[0].token]).await.unwrap();
+}
+
+/// A `retry_later` whose caller stops waiting while the server has not answered still
+/// settles the delivery it took: the copy is stored and the delivery acked, not left
+/// unsettled until `ack_wait` brings it back as a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_later_its_caller_stops_waiting_for_still_settles_the_delivery() {
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_secs(10)).await;
+    let id = q.enqueue(crate::suite::envelope("m")).await.unwrap().id();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    proxy.hold();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        q.retry_later(leased[0].token, crate::suite::at(10)),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "answered while the proxy held: {gave_up:?}"
+    );
+    proxy.release();
+    // The call goes on: the copy is stored and the delivery acked.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = q.lease(10, lease_for, crate::suite::at(10)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].envelope.id, again[0].envelope.attempts), (id, 2));
+    q.ack(&[again[0].token]).await.unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight), (0, 0), "{depth:?}");
+}
+
 /// A capacity of 0 is refused at connect: JetStream would take a `max_msgs` of 0 for no
 /// limit, where the other queues hold no message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
