@@ -226,14 +226,18 @@ impl CircuitBreakerBuilder {
     }
 
     /// Re-opens a half-open breaker whose probes have not all come back `d` after the
-    /// newest was admitted, so it can never stay stuck half-open (default 60 s; like
+    /// newest was admitted, so it does not stay stuck half-open (default 60 s; like
     /// resilience4j's `maxWaitDurationInHalfOpenState`, off by default there, which
     /// counts from entering half-open: here a probe let in late still gets all of `d`
     /// to answer). A probe that
     /// never answers (no timeout inside the breaker), or a probe slot reserved by a
     /// `poll_ready` whose `call` never comes (a balancer keeping an unchosen service
-    /// ready), would otherwise keep every other call rejected. `Duration::MAX` switches
-    /// it off.
+    /// ready), would otherwise keep every other call rejected. A probe dropped unanswered
+    /// (a timeout outside the breaker) gives its slot back and is not counted (unless
+    /// [`count_dropped`](Self::count_dropped)): the next probe restarts the wait, so
+    /// probes that keep hanging keep the breaker half-open, letting in
+    /// `permitted_probes` at a time; set `count_dropped` to have them reopen it.
+    /// `Duration::MAX` switches it off.
     pub fn max_wait_in_half_open(mut self, d: Duration) -> Self {
         self.max_wait_in_half_open = Some(d);
         self

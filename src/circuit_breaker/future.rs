@@ -17,8 +17,10 @@ pin_project! {
     /// classified outcome when the inner future completes.
     ///
     /// # Cancel safety
-    /// Dropping it (or a panic inside the inner future) records nothing; a half-open
-    /// probe's slot is given back so another call can probe.
+    /// Dropping it (or a panic inside the inner future) records nothing, unless the
+    /// breaker counts dropped calls ([`count_dropped`](super::CircuitBreakerBuilder::count_dropped)):
+    /// then it records a failure. A half-open probe's slot is given back so another
+    /// call can probe.
     pub struct ResponseFuture<F, C> {
         #[pin]
         kind: Kind<F, C>,

@@ -245,10 +245,11 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     }
 
     /// Drops the breakers idle for longer than `idle`; if the map is still full, the
-    /// least recently used closed one (an open or half-open breaker only when every
-    /// other is: dropping it would let a flood of new keys reset the breakers that
-    /// protect a failing dependency), and with it up to 1/64 of the map more of the
-    /// least recently used closed ones. A breaker in a state set by hand is never
+    /// least recently used closed one without a call in flight (one with calls in
+    /// flight, then an open or half-open breaker, only when every other is: dropping it
+    /// would let a flood of new keys reset the breakers that protect a failing
+    /// dependency), and with it up to 1/64 of the map more of the least recently used
+    /// closed ones without calls. A breaker in a state set by hand is never
     /// dropped: that would undo it.
     fn evict(&self, map: &mut KeyMap<K>, now: Instant, now_ns: u64) {
         retain_active(map, now, now_ns, self.idle);
@@ -261,12 +262,15 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
         // otherwise pay that scan once per key.
         let needed = map.len() + 1 - self.max_keys;
         let evict = needed.max(self.max_keys / 64);
-        let mut victims: Vec<((bool, u64), &K)> = map
+        // Closed breakers without a call first, least recently used first; then those
+        // with calls in flight (their outcomes would land in a dropped breaker); open
+        // and half-open ones last.
+        let mut victims: Vec<((bool, bool, u64), &K)> = map
             .iter()
             .filter(|(_, e)| !is_manual(e))
             .map(|(k, e)| {
                 let guarding = e.breaker.breaker().state() != State::Closed;
-                ((guarding, e.last_used_ns.load(Relaxed)), k)
+                ((guarding, in_use(e), e.last_used_ns.load(Relaxed)), k)
             })
             .collect();
         let evict = evict.min(victims.len());
@@ -282,7 +286,7 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
         let chosen: Vec<K> = victims[..evict]
             .iter()
             .enumerate()
-            .filter(|&(i, ((guarding, _), _))| i < needed || !guarding)
+            .filter(|&(i, &((guarding, busy, _), _))| i < needed || !(guarding || busy))
             .map(|(_, (_, k))| (*k).clone())
             .collect();
         for victim in chosen {
@@ -302,14 +306,23 @@ fn is_manual(e: &Entry) -> bool {
     )
 }
 
-/// Keeps the breakers used within `idle`, those in a state set by hand, and those
-/// still guarding a failing dependency (open with the break not over, or half-open):
-/// a key that sees no calls during its break would otherwise come back as a fresh
-/// closed breaker and send full traffic to the dependency it was shielding.
+/// Whether a call in flight (or a service that admitted one and has not made it yet)
+/// holds the entry's breaker: the map's is the only other reference.
+fn in_use(e: &Entry) -> bool {
+    Arc::strong_count(&e.breaker) > 1
+}
+
+/// Keeps the breakers used within `idle`, those with a call in flight (idle only by
+/// their last admission: a slow call's outcome would land in a dropped breaker), those
+/// in a state set by hand, and those still guarding a failing dependency (open with
+/// the break not over, or half-open): a key that sees no calls during its break would
+/// otherwise come back as a fresh closed breaker and send full traffic to the
+/// dependency it was shielding.
 fn retain_active<K>(map: &mut KeyMap<K>, now: Instant, now_ns: u64, idle: Duration) {
     let idle_ns = crate::duration::nanos(idle);
     map.retain(|_, e| {
         let keep = now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns
+            || in_use(e)
             || is_manual(e)
             || e.breaker.breaker().is_guarding(now);
         if !keep {
@@ -385,8 +398,9 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
     }
 
     /// A breaker unused for this long may be dropped when room is needed (default
-    /// 5 min); an open one only once its break is over, a half-open one only as the
-    /// least recently used when the map is full.
+    /// 5 min); one with a call in flight only as a last resort when the map is full,
+    /// an open one only once its break is over, a half-open one only as the least
+    /// recently used when the map is full.
     pub fn idle_timeout(mut self, d: Duration) -> Self {
         self.idle = d;
         self
@@ -535,9 +549,9 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
         self.len() == 0
     }
 
-    /// Drops every breaker unused for longer than the idle timeout, but those in a
-    /// state set by hand and those still guarding (open with the break not over, or
-    /// half-open).
+    /// Drops every breaker unused for longer than the idle timeout, but those with a
+    /// call in flight, those in a state set by hand and those still guarding (open
+    /// with the break not over, or half-open).
     pub fn evict_idle(&self) {
         let now = Instant::now();
         let now_ns = self.keys.ns(now);

@@ -119,7 +119,8 @@
 //! ```
 //!
 //! # Cancel safety
-//! Dropping a response future records nothing. If the call was a half-open probe, its
+//! Dropping a response future records nothing (unless the breaker counts dropped
+//! calls as failures: `count_dropped`). If the call was a half-open probe, its
 //! slot is given back at once (also when the inner future panics), so the breaker
 //! cannot be left waiting for a probe that will never report. A service dropped between
 //! `poll_ready` and `call` gives back a probe slot it reserved the same way.

@@ -32,12 +32,18 @@ impl Drop for Slot {
 /// [`BoxError`](crate::BoxError).
 ///
 /// # Cancel safety
-/// Dropping the response future records nothing and gives back a half-open probe
-/// slot. A half-open probe slot reserved by `poll_ready` is held until `call` (or until
+/// Dropping the response future records nothing (a failure with
+/// [`count_dropped`](super::CircuitBreakerBuilder::count_dropped)) and gives back a
+/// half-open probe slot. A half-open probe slot reserved by `poll_ready` is held until `call` (or until
 /// the service is dropped), also while the inner service is not ready. An admission
 /// made while the inner service was not ready is decided again when `poll_ready` is
 /// called next if the breaker changed state meanwhile: a call waiting for a bulkhead
-/// inside does not go through after the breaker opened.
+/// inside does not go through after the breaker opened. The inner service keeps what
+/// its readiness reserved then (a bulkhead's place in line, or its permit) until its
+/// next call or until it is dropped: it cannot be un-readied without a clone.
+/// [`KeyedCircuitBreaker`](super::KeyedCircuitBreaker), which clones its inner service
+/// for this, gives it back at once; with this breaker, clone the stack per call (as a
+/// retry layer or a router does) where that matters.
 ///
 /// # Clone
 /// A clone shares the breaker but not an admission made by `poll_ready`: it starts

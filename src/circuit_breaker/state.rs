@@ -120,8 +120,9 @@ impl Rate {
 ///   when the failure or slow-call rate reaches its threshold.
 /// * `Open` — every call is rejected at once with [`Open`]
 ///   until the break has elapsed; the next call then moves it to `HalfOpen`.
-/// * `HalfOpen` — exactly `permitted_probes` calls are let through; their outcomes
-///   close the breaker or open it again.
+/// * `HalfOpen` — at most `permitted_probes` calls at once are let through (a probe
+///   dropped or ignored gives its slot to another); their outcomes close the breaker
+///   or open it again.
 /// * `Disabled` — set by hand: every call flows, nothing is recorded.
 /// * `ForcedOpen` — set by hand: every call is rejected until changed by hand.
 /// * `MetricsOnly` — set by hand: every call flows and is recorded, but the breaker
@@ -840,7 +841,8 @@ impl Breaker {
                 let w = self.word.load(Acquire);
                 if generation(w) != permit.generation() {
                     // Admitted before a transition: its outcome belongs to a window
-                    // that is gone.
+                    // that is gone. (One that passed this check just before a manual
+                    // reset can still land in the new window: a few outcomes at most.)
                     return;
                 }
                 let outcome = self.outcome(permit, verdict, now);
@@ -995,7 +997,10 @@ impl Breaker {
         // again), and again after: an outcome of the old generation that checked the
         // word before the store and was recorded during the first sweep is swept by
         // the second. Outcomes of the new generation recorded in between may be swept
-        // too: a few calls uncounted, never an old one counted.
+        // too: a few calls uncounted. An old outcome whose recording stalled past the
+        // second sweep (preempted between its check and its record) still lands in the
+        // new window; automatic transitions cannot meet it (half-open admits no
+        // recorded calls), a manual reset under load can, for a few outcomes.
         if clear {
             self.clear_window();
         }

@@ -1123,6 +1123,48 @@ async fn an_open_breaker_is_not_evicted_as_idle_before_its_break_ends() {
     assert!(keys.is_empty(), "the break is over: idle again");
 }
 
+/// A breaker with a call in flight is not dropped: not as idle (its last admission is
+/// long past when the call is slow), nor before a busier-looking idle one when the map
+/// is full. Dropped, the slow call's failure would land in a breaker no one reads, and
+/// the key's next breaker would start with an empty window and never trip.
+#[tokio::test(start_paused = true)]
+async fn a_breaker_with_a_call_in_flight_is_not_evicted() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(2)
+        .keyed(|req: &(u32, bool)| req.0)
+        .max_keys(2)
+        .idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    // Key 1's calls fail, after two minutes.
+    let svc = layer.layer(service_fn(|(key, ok): (u32, bool)| async move {
+        if key == 1 {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        }
+        if ok {
+            Ok(())
+        } else {
+            Err(BoxError::from("boom"))
+        }
+    }));
+    let slow = tokio::spawn(svc.clone().oneshot((1, false)));
+    tokio::task::yield_now().await;
+    advance(Duration::from_secs(61)).await;
+    keys.evict_idle();
+    assert_eq!(keys.keys(), [1], "dropped as idle with its call in flight");
+    svc.clone().oneshot((2, true)).await.unwrap();
+    svc.clone().oneshot((3, true)).await.unwrap();
+    let mut k = keys.keys();
+    k.sort();
+    assert_eq!(k, [1, 3], "dropped to make room with its call in flight");
+    // The first failure lands in the key's breaker; the second trips it.
+    advance(Duration::from_secs(60)).await;
+    slow.await.unwrap().unwrap_err();
+    let _ = svc.clone().oneshot((1, false)).await;
+    assert_eq!(keys.get(&1).unwrap().state(), State::Open);
+}
+
 /// With a seeded jitter each key draws its own break lengths: keys tripped together
 /// do not all probe at the same instant. (Every key had the seed's sequence.)
 #[tokio::test(start_paused = true)]
