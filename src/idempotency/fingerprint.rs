@@ -180,6 +180,8 @@ pub(crate) struct Tap {
     state: Mutex<TapState>,
     /// The fingerprint of the head alone: the one stored if the body is not read whole.
     head: Fingerprint,
+    /// Some of the body was read (set with the first non-empty frame).
+    read_some: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -198,6 +200,7 @@ impl Tap {
         Self {
             head: Hasher::head_only(&hasher),
             state: Mutex::new(TapState::Reading(hasher)),
+            read_some: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -216,6 +219,10 @@ impl Tap {
     }
 
     fn data(&self, data: &impl Buf) {
+        if data.has_remaining() {
+            self.read_some
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut state = self.state();
         if let TapState::Reading(h) = &mut *state
             && !h.write_buf(data)
@@ -229,6 +236,13 @@ impl Tap {
         if let TapState::Reading(h) = &*state {
             *state = TapState::Done(h.clone().finish());
         }
+    }
+
+    /// Whether the handler read some of the body but not all of it (its fingerprint is
+    /// then of the head alone, though the body mattered to the answer).
+    pub(crate) fn partly_read(&self) -> bool {
+        matches!(*self.state(), TapState::Reading(_) | TapState::Lost)
+            && self.read_some.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the body failed while the handler read it.

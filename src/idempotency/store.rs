@@ -289,14 +289,19 @@ impl Inner {
         }
     }
 
-    /// Makes room for one more remembered response.
-    fn evict(&mut self, capacity: usize, now: Instant) {
-        while self.map.len() - self.in_progress >= capacity {
+    /// Forgets the responses that expire soonest while more than `max` are remembered.
+    fn shed_count(&mut self, max: usize) {
+        while self.map.len() - self.in_progress > max {
             let Some(Reverse((expires, key))) = self.order.pop() else {
                 return;
             };
             self.forget(&key, expires);
         }
+    }
+
+    /// Makes room for one more remembered response.
+    fn evict(&mut self, capacity: usize, now: Instant) {
+        self.shed_count(capacity.saturating_sub(1));
         // Also drop what has expired, to keep `order` short.
         while let Some(Reverse((expires, _))) = self.order.peek() {
             if *expires > now {
@@ -386,6 +391,9 @@ impl IdempotencyStore for MemoryStore {
                 .map
                 .insert(key.to_owned(), Entry::Done { response, expires });
             inner.order.push(Reverse((expires, key.to_owned())));
+            // Claims made while the store was full each found room, and come on top
+            // of it as they complete.
+            inner.shed_count(self.capacity);
             inner.shed_bytes(self.max_bytes);
         }
         drop(inner);
@@ -628,6 +636,29 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.claim("k", lock).await.unwrap(), Claim::Done(response(2)));
+    }
+
+    /// Claims made at once while the store is nearly full each find room; as they
+    /// complete, the store still keeps at most `capacity` responses (it kept one per
+    /// claim on top of it).
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_claims_completing_keep_the_store_within_its_capacity() {
+        let s = MemoryStore::new(2);
+        let lock = Duration::from_secs(5);
+        let ttl = Duration::from_secs(60);
+        let a = proceed(&s, "a", lock).await;
+        s.complete("a", a, response(0), ttl).await.unwrap();
+        let mut claims = Vec::new();
+        for k in ["b", "c", "d"] {
+            claims.push((k, proceed(&s, k, lock).await));
+        }
+        for (k, token) in claims {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            s.complete(k, token, response(1), ttl).await.unwrap();
+        }
+        assert_eq!(s.len(), 2);
+        assert!(matches!(s.claim("d", lock).await.unwrap(), Claim::Done(_)));
+        assert!(matches!(s.claim("c", lock).await.unwrap(), Claim::Done(_)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -4295,3 +4295,60 @@ async fn require_key_refuses_an_unsafe_request_without_a_usable_key() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 }
+
+/// A request body of data frames, each read on its own.
+type Frames = http_body_util::StreamBody<
+    tokio_stream::Iter<
+        std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
+    >,
+>;
+
+/// A `4xx` a handler answered after reading only part of the body (a body limit's
+/// `413`, a parser failing midway) is not remembered: only the head was fingerprinted,
+/// so a corrected repeat under the same key got the stale `413` replayed instead of
+/// running. An answer after the whole body was read is remembered as before.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_after_a_partly_read_body_is_not_remembered() {
+    let chunked = |parts: &[&'static str]| {
+        let frames: Vec<_> = parts
+            .iter()
+            .map(|p| Ok(http_body::Frame::data(Bytes::from_static(p.as_bytes()))))
+            .collect();
+        let mut req = Request::post("http://shop.test/orders")
+            .body(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+            .unwrap();
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
+        req
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    // Refuses a first frame over 4 bytes without reading on (a body limit).
+    let limited = service_fn(move |req: Request<FingerprintedBody<Frames>>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut body = req.into_body();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            if first.len() > 4 {
+                return Ok::<_, std::convert::Infallible>(respond(413, "too large"));
+            }
+            while body.frame().await.is_some() {}
+            Ok(respond(201, "order #1"))
+        }
+    });
+    let svc = IdempotencyLayer::new(100).layer(limited);
+    let refused = svc
+        .clone()
+        .oneshot(chunked(&["too large", "!"]))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let corrected = svc.clone().oneshot(chunked(&["ok", "!"])).await.unwrap();
+    assert_eq!(corrected.status(), StatusCode::CREATED);
+    assert!(!corrected.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Read whole: remembered, and replayed to a true repeat.
+    let again = svc.clone().oneshot(chunked(&["ok", "!"])).await.unwrap();
+    assert!(again.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
