@@ -128,7 +128,10 @@ fn rate(field: &'static str, r: f64) -> Result<(), ConfigError> {
 // === impl CircuitBreakerBuilder ===
 
 impl CircuitBreakerBuilder {
-    /// A name for logs, metrics labels and [`Transition`](super::Transition)s.
+    /// A name for logs, metrics labels and [`Transition`](super::Transition)s
+    /// (default empty). Give each breaker its own: breakers of one name share their
+    /// metrics series, so the `postbox_circuit_state` gauge of two unnamed breakers
+    /// shows whichever changed last (a per-key breaker is named `NAME/KEY`, or `KEY`).
     pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
         self.name = name.into();
         self

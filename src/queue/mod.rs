@@ -177,7 +177,10 @@ pub trait Queue: Send + Sync + 'static {
     /// To send a dead letter again, use
     /// [`redrive_dead_letters`](Self::redrive_dead_letters): enqueuing its envelope as
     /// it is (same id) is not a redrive, and the memory and embedded queues answer it
-    /// [`Enqueued::Duplicate`] (the id is still stored, as a dead letter).
+    /// [`Enqueued::Duplicate`] (the id is still stored, as a dead letter). The brokers
+    /// differ here: NATS and RabbitMQ store it again (it is delivered again), Redis
+    /// answers `Stored` but `lease` drops it unread (it skips the id of a message
+    /// already acked or dead-lettered, for a while).
     fn enqueue(
         &self,
         envelope: Envelope,
