@@ -195,9 +195,10 @@ pub struct ClientConfig {
     #[serde(deserialize_with = "duration::required")]
     pub attempt_timeout: Duration,
     /// Request bodies up to this many bytes are buffered so a retry can send them again;
-    /// larger ones are sent once. Behind the enqueue fallback
-    /// ([`deferring_layer`](Self::deferring_layer)) the limit is at least
-    /// `enqueue.max_body`: the fallback holds such a body whole already.
+    /// larger ones are sent once. A body the enqueue fallback
+    /// ([`deferring_layer`](Self::deferring_layer)) collected to defer it (up to
+    /// `enqueue.max_body`), and a replayed one, is held whole already and kept for
+    /// retries whatever this limit.
     pub buffer_body: usize,
     /// gRPC methods whose request bodies are never buffered: sent at once, streaming,
     /// and so never retried (default none). Name every client-streaming and

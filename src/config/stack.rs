@@ -175,11 +175,6 @@ impl ClientConfig {
     /// # Errors
     /// The first invalid field ([`validate`](Self::validate)).
     pub fn layer(&self) -> Result<ClientLayer, ConfigError> {
-        self.layer_buffering(self.buffer_body)
-    }
-
-    /// [`layer`](Self::layer), buffering request bodies up to `buffer_body` bytes.
-    fn layer_buffering(&self, buffer_body: usize) -> Result<ClientLayer, ConfigError> {
         self.validate()?;
         let prefix = |e: ConfigError| super::prefixed("client", e);
         Ok(ClientLayer {
@@ -187,7 +182,7 @@ impl ClientConfig {
             buffer: self
                 .stream_through
                 .iter()
-                .try_fold(BufferBodyLayer::new(buffer_body), |layer, method| {
+                .try_fold(BufferBodyLayer::new(self.buffer_body), |layer, method| {
                     layer.stream_through(method.clone())
                 })
                 .map_err(prefix)?,
@@ -226,9 +221,7 @@ impl ClientConfig {
                 "is false: set it to true to defer requests to a queue",
             ));
         }
-        // The fallback holds a body up to `max_body` whole before the client sees it:
-        // the retry replays any such body, however small `buffer_body` is.
-        let client = self.layer_buffering(self.buffer_body.max(self.enqueue.max_body))?;
+        let client = self.layer()?;
         let fallback = EnqueueFallbackLayer::with_config(queue, self.enqueue.to_enqueue_config())
             .map_err(|e| super::prefixed("client", e))?;
         Ok(DeferringClientLayer { client, fallback })

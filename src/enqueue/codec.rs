@@ -232,6 +232,8 @@ pub(crate) mod http_codec {
         let method = Method::from_bytes(env.method.as_bytes())?;
         let uri: Uri = env.uri.parse()?;
         let mut req = Request::new(BufferedBody::full(env.body.clone()));
+        // Held whole: a retry in the replay's stack replays it, however small its buffer.
+        req.extensions_mut().insert(crate::http::body::HeldWhole);
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         // Never sent without a key the receiver can de-duplicate on: an envelope from
@@ -297,5 +299,31 @@ pub(crate) mod http_codec {
             req.extensions_mut().insert(log.clone());
             Some(log)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::http_codec::rebuild_request;
+    use crate::queue::{DeferReason, Envelope};
+    use bytes::Bytes;
+
+    /// A replayed request is marked as held whole: a retry in the replay's stack keeps
+    /// it whatever that stack's buffer limit (a larger replay was sent once).
+    #[test]
+    fn a_rebuilt_request_is_held_whole() {
+        let env = Envelope::new(
+            "api:443",
+            "POST",
+            "http://api/orders",
+            Bytes::from(vec![b'x'; 4096]),
+            DeferReason::RetriesExhausted,
+        );
+        let req = rebuild_request::<http_body_util::Empty<Bytes>>(&env).unwrap();
+        assert!(
+            req.extensions()
+                .get::<crate::http::body::HeldWhole>()
+                .is_some()
+        );
     }
 }

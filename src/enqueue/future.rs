@@ -316,7 +316,10 @@ mod http_future {
                             Ok(true) => {
                                 let bytes = buf.freeze();
                                 let capture = Capture::http(key, &parts, bytes.clone());
-                                let req = Request::from_parts(parts, BufferedBody::full(bytes));
+                                let mut req = Request::from_parts(parts, BufferedBody::full(bytes));
+                                // Held whole: the retry inside replays it, however
+                                // small its own buffer.
+                                req.extensions_mut().insert(crate::http::body::HeldWhole);
                                 (req, Some(capture))
                             }
                             Ok(false) => {

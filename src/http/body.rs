@@ -151,6 +151,12 @@ impl fmt::Display for BodyNotReplayable {
 
 impl std::error::Error for BodyNotReplayable {}
 
+/// Marks a request whose body is already held whole in memory (one the enqueue
+/// fallback collected to defer it, or a replay of a deferred request): [`BufferBody`]
+/// keeps it for retries whatever its limit, since that costs no memory more.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeldWhole;
+
 /// The request body failed while it was read (the caller's upload broke): the error a
 /// [`ReplayBody`] yields in place of the original body's, with it as `source()`.
 ///
@@ -480,7 +486,9 @@ pub struct BufferBodyLayer {
 // === impl BufferBodyLayer ===
 
 impl BufferBodyLayer {
-    /// Buffers bodies of up to `limit` bytes (0 buffers only empty bodies).
+    /// Buffers bodies of up to `limit` bytes (0 buffers only empty bodies). A body
+    /// the enqueue fallback (`postbox::enqueue`) collected to defer it, or replays, is
+    /// held whole already and kept whatever the limit.
     pub const fn new(limit: usize) -> Self {
         Self {
             limit,
@@ -591,6 +599,11 @@ where
         let service = self.inner.clone();
         let (parts, body) = req.into_parts();
         let hint = body.size_hint();
+        let limit = if parts.extensions.get::<HeldWhole>().is_some() {
+            usize::MAX
+        } else {
+            self.limit
+        };
         let collect = Collect {
             service,
             parts,
@@ -601,9 +614,9 @@ where
             // What to reserve once a second chunk shows the body is not one `Bytes`.
             expected: usize::try_from(hint.lower())
                 .unwrap_or(usize::MAX)
-                .min(self.limit),
+                .min(limit),
             trailers: None,
-            limit: self.limit,
+            limit,
         };
         let streams = self.stream_through.as_deref().is_some_and(|paths| {
             let path = collect.parts.uri.path();
@@ -615,7 +628,7 @@ where
             let (service, req) = collect.stream_marked(Bytes::new(), None, None, mark);
             return ResponseFuture::readying(service, req);
         }
-        if hint.lower() > self.limit as u64 {
+        if hint.lower() > limit as u64 {
             // Known to be too large: do not read it at all.
             let (service, req) = collect.finish_streaming(None, None);
             return ResponseFuture::readying(service, req);
@@ -956,6 +969,14 @@ mod tests {
         B: Body + Unpin + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        run_request(limit, Request::new(body)).await
+    }
+
+    async fn run_request<B>(limit: usize, req: Request<B>) -> (Captured, Bytes)
+    where
+        B: Body + Unpin + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let svc = tower::service_fn(|req: Request<ReplayBody<B>>| async move {
             let captured = (
                 req.body().buffered_bytes().cloned(),
@@ -967,12 +988,7 @@ mod tests {
         });
         let mut svc = BufferBodyLayer::new(limit).layer(svc);
         use tower::ServiceExt;
-        svc.ready()
-            .await
-            .unwrap()
-            .call(Request::new(body))
-            .await
-            .unwrap()
+        svc.ready().await.unwrap().call(req).await.unwrap()
     }
 
     /// A body of several chunks with no size hint, like a network stream.
@@ -1002,6 +1018,20 @@ mod tests {
     async fn small_body_is_buffered_and_replayable() {
         let ((bytes, cloneable, marked), sent) =
             run(8, Full::new(Bytes::from_static(b"hello"))).await;
+        assert_eq!(bytes.as_deref(), Some(&b"hello"[..]));
+        assert!(cloneable);
+        assert_eq!(marked, None);
+        assert_eq!(&sent[..], b"hello");
+    }
+
+    /// A body held whole already (the enqueue fallback collected it, or replays it) is
+    /// kept for retries whatever the limit: a smaller buffer turned off the retries of
+    /// every larger deferrable request.
+    #[tokio::test]
+    async fn a_body_held_whole_already_is_kept_whatever_the_limit() {
+        let mut req = Request::new(Full::new(Bytes::from_static(b"hello")));
+        req.extensions_mut().insert(HeldWhole);
+        let ((bytes, cloneable, marked), sent) = run_request(3, req).await;
         assert_eq!(bytes.as_deref(), Some(&b"hello"[..]));
         assert!(cloneable);
         assert_eq!(marked, None);
