@@ -76,7 +76,9 @@
 //! (besides copies moved before), a lease moves up to 16 of the held deliveries due
 //! last to the main queue's tail (a copy with their not-before and attempts, then an
 //! ack) and fetches what was behind them: retries scheduled for later never keep a
-//! message that is due — for another destination, say — waiting.
+//! message that is due — for another destination, say — waiting long. While moving
+//! brings nothing due (what is behind is other retries not yet due), the next move
+//! waits 1 s, doubling up to 30 s, so the hold is not sent round on every poll.
 //!
 //! # De-duplication
 //!
@@ -101,6 +103,7 @@
 //! stored (the confirm was lost): retried, it is stored again unless the in-process index
 //! still knows its key.
 
+use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, settling};
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
@@ -313,6 +316,8 @@ struct State {
     /// fetched back yet, with when: the queue's ready messages include them, and moving
     /// more only to fetch these back would send them round for ever.
     moved: HashMap<MessageId, Instant>,
+    /// Spaces out making room while it brings nothing due.
+    pacer: RoomPacer,
 }
 
 impl State {
@@ -339,31 +344,6 @@ struct Held {
     /// delivery past its `consumer_timeout`.
     received: Instant,
 }
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HeldState {
-    /// Not to be leased before this.
-    Scheduled(SystemTime),
-    /// Leased until this, as generation `.1`.
-    Leased(SystemTime, u64),
-}
-
-impl HeldState {
-    /// Whether a lease at `now` may take the delivery.
-    fn due(self, now: SystemTime) -> bool {
-        match self {
-            HeldState::Scheduled(nb) => nb <= now,
-            HeldState::Leased(until, _) => until <= now,
-        }
-    }
-}
-
-/// At most this many deliveries are moved to the main queue's tail by one lease.
-const MOVE_AT_ONCE: usize = 16;
-
-/// A moved delivery not fetched back by this process within this long is taken to have
-/// gone to another process.
-const MOVED_FOR: Duration = Duration::from_secs(60);
 
 // === impl AmqpOptions ===
 
@@ -938,8 +918,15 @@ impl Inner {
             return Ok(Vec::new());
         }
         let due = st.held.values().filter(|h| h.state.due(now)).count();
-        if due < max && st.held.len() >= self.max_held {
-            self.make_room(&ch, epoch, &mut st, max - due, now).await?;
+        let mut moved = 0;
+        if due < max && st.held.len() >= self.max_held && st.pacer.may() {
+            // Best effort: a failure here is the fetch's to report.
+            match self.make_room(&ch, epoch, &mut st, max - due, now).await {
+                Ok(n) => moved = n,
+                Err(e) => {
+                    tracing::debug!(error = %e, "postbox: could not make room in a full hold")
+                }
+            }
         }
         let mut fetched = 0;
         while fetched < max && st.held.len() < self.max_held {
@@ -1031,6 +1018,10 @@ impl Inner {
                 },
             );
         }
+        if moved > 0 {
+            let due_now = st.held.values().filter(|h| h.state.due(now)).count();
+            st.pacer.made(due_now > due);
+        }
         // Messages due too far away wait in the delay queue, not unacked here; one held
         // unleased for longer than the hold limit (released again and again while the
         // replayer's breaker stays open) goes back to its queue, so no delivery is held
@@ -1095,13 +1086,15 @@ impl Inner {
     }
 
     /// Makes room in a full hold for the messages behind it: moves up to `n` (at most
-    /// [`MOVE_AT_ONCE`]) held deliveries that are not due at `now` (those due last) to
-    /// the main queue's tail with [`park`](Self::park) (a copy with their not-before and
-    /// attempts, then an ack of the delivery), if the main queue has ready messages
-    /// besides the copies moved before. Without it, a process holding `max_held`
-    /// deliveries scheduled for later (the retries of a dependency that is down) fetches
-    /// nothing more, and messages that are due — for another destination — wait behind
-    /// them until those are due or the hold limit sends them back.
+    /// [`MOVE_AT_ONCE`](super::hold::MOVE_AT_ONCE)) held deliveries that are not due at
+    /// `now` (those due last) to the main queue's tail with [`park`](Self::park) (a copy
+    /// with their not-before and attempts, then an ack of the delivery), if the main
+    /// queue has ready messages besides the copies moved before. Without it, a process
+    /// holding `max_held` deliveries scheduled for later (the retries of a dependency
+    /// that is down) fetches nothing more, and messages that are due — for another
+    /// destination — wait behind them until those are due or the hold limit sends them
+    /// back. Stops after the call timeout (the hold is locked meanwhile). Returns how
+    /// many moved.
     async fn make_room(
         &self,
         ch: &Channel,
@@ -1109,25 +1102,17 @@ impl Inner {
         st: &mut State,
         n: usize,
         now: SystemTime,
-    ) -> Result<(), QueueError> {
+    ) -> Result<usize, QueueError> {
+        let until = Instant::now() + self.timeout;
         let behind = self.ready(ch, epoch, &self.queue).await?;
         st.moved.retain(|_, at| at.elapsed() < MOVED_FOR);
         let others = behind.saturating_sub(st.moved.len() as u64);
-        let mut later: Vec<(SystemTime, MessageId)> = st
-            .held
-            .iter()
-            .filter_map(|(&id, h)| match h.state {
-                HeldState::Scheduled(nb) if nb > now => Some((nb, id)),
-                _ => None,
-            })
-            .collect();
-        later.sort_unstable_by(|a, b| b.cmp(a));
-        later.truncate(
-            n.min(usize::try_from(others).unwrap_or(usize::MAX))
-                .min(MOVE_AT_ONCE),
-        );
+        let later = due_last(st.held.iter().map(|(&id, h)| (id, h.state)), n, others, now);
         let mut moved = 0;
         for (nb, id) in later {
+            if Instant::now() >= until {
+                break;
+            }
             let Some(h) = st.held.remove(&id) else {
                 continue;
             };
@@ -1152,7 +1137,7 @@ impl Inner {
                 "postbox: held deliveries not yet due moved to the queue's tail"
             );
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// Republishes `h` to the main queue, or to the delay queue with a TTL if its
@@ -1605,7 +1590,7 @@ impl Queue for AmqpQueue {
 
     fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
         let (inner, tokens) = (self.inner.clone(), tokens.to_vec());
-        super::settling(async move { inner.ack(&tokens).await })
+        settling(async move { inner.ack(&tokens).await })
     }
 
     fn retry_later(
@@ -1614,7 +1599,7 @@ impl Queue for AmqpQueue {
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let inner = self.inner.clone();
-        super::settling(async move { inner.retry_later(token, not_before).await })
+        settling(async move { inner.retry_later(token, not_before).await })
     }
 
     fn release(
@@ -1623,7 +1608,7 @@ impl Queue for AmqpQueue {
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let inner = self.inner.clone();
-        super::settling(async move { inner.release(token, not_before).await })
+        settling(async move { inner.release(token, not_before).await })
     }
 
     fn dead_letter(
@@ -1632,7 +1617,7 @@ impl Queue for AmqpQueue {
         reason: &str,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let (inner, reason) = (self.inner.clone(), reason.to_owned());
-        super::settling(async move { inner.dead_letter(token, &reason).await })
+        settling(async move { inner.dead_letter(token, &reason).await })
     }
 
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {

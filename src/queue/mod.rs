@@ -38,6 +38,8 @@ pub mod amqp;
 #[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod envelope;
+#[cfg(any(feature = "amqp", feature = "nats"))]
+mod hold;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -325,20 +327,4 @@ fn broker_url(explicit: Option<&str>, env: &str, default: &str) -> String {
         .map(str::to_owned)
         .or_else(|| std::env::var(env).ok())
         .unwrap_or_else(|| default.to_owned())
-}
-
-/// Runs `call`, which settles leases held in this process, on a task of its own: a
-/// caller that stops waiting (a timeout around `ack`) does not stop it halfway, after it
-/// took a delivery out of the process' hold but before it settled it with the broker.
-#[cfg(any(feature = "amqp", feature = "nats"))]
-pub(crate) async fn settling<T: Send + 'static>(
-    call: impl Future<Output = Result<T, QueueError>> + Send + 'static,
-) -> Result<T, QueueError> {
-    match tokio::spawn(call).await {
-        Ok(result) => result,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Err(QueueError::Unavailable(
-            "the runtime shut down during the call".into(),
-        )),
-    }
 }

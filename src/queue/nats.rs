@@ -90,7 +90,13 @@
 //! lease moves up to 16 of the held deliveries due last to the stream's tail (a copy
 //! with their not-before and attempts, as `retry_later`, then an ack) and fetches what
 //! was behind them: retries scheduled for later never keep a message that is due — for
-//! another destination, say — waiting.
+//! another destination, say — waiting long. While moving brings nothing due (what is
+//! behind is other retries not yet due), the next move waits 1 s, doubling up to 30 s,
+//! so the hold is not sent round on every poll.
+//!
+//! `ack`, `retry_later`, `release` and `dead_letter` run to the end on a task of their
+//! own even when their future is dropped (a timeout around them), so none leaves a
+//! delivery it took out of the hold unsettled until `ack_wait`.
 //!
 //! # Durability
 //!
@@ -100,6 +106,7 @@
 //! `jetstream { sync_interval: always }` (nats-server ≥ 2.10) for fsync before the ack,
 //! or use a replicated (R3) stream so an acknowledged message is on a quorum of servers.
 
+use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, settling};
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
@@ -202,14 +209,9 @@ struct Inner {
     /// fetched back yet, with when: the consumer's undelivered messages include them,
     /// and moving more only to fetch these back would go round for ever.
     moved: std::sync::Mutex<HashMap<MessageId, Instant>>,
+    /// Spaces out making room while it brings nothing due.
+    pacer: std::sync::Mutex<RoomPacer>,
 }
-
-/// At most this many deliveries are moved to the stream's tail by one lease.
-const MOVE_AT_ONCE: usize = 16;
-
-/// A moved delivery not fetched back by this process within this long is taken to have
-/// gone to another process (or its copy to have been settled).
-const MOVED_FOR: Duration = Duration::from_secs(60);
 
 /// A delivery this process holds unacked.
 struct Held {
@@ -220,24 +222,6 @@ struct Held {
     state: HeldState,
     /// When the server last heard from us about this delivery (real time).
     touched: Instant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HeldState {
-    /// Not to be leased before this.
-    Scheduled(SystemTime),
-    /// Leased until this, as generation `.1`.
-    Leased(SystemTime, u64),
-}
-
-impl HeldState {
-    /// Whether a lease at `now` may take the delivery.
-    fn due(self, now: SystemTime) -> bool {
-        match self {
-            HeldState::Scheduled(nb) => nb <= now,
-            HeldState::Leased(until, _) => until <= now,
-        }
-    }
 }
 
 // === impl NatsOptions ===
@@ -396,6 +380,7 @@ impl NatsQueue {
             request_timeout: options.request_timeout,
             held: Mutex::new(BTreeMap::new()),
             moved: std::sync::Mutex::default(),
+            pacer: std::sync::Mutex::default(),
             leases: AtomicU64::new(0),
             consumer_epoch: AtomicU64::new(0),
         });
@@ -791,8 +776,9 @@ impl Inner {
         // fails the lease only if nothing held is due: with several processes on one
         // consumer, the server's limit of unacked deliveries can be full of the others'.
         let due = held.values().filter(|h| h.state.due(now)).count();
-        if due < max && held.len() >= self.max_held {
-            self.make_room(&mut held, max - due, now).await;
+        let mut moved = 0;
+        if due < max && held.len() >= self.max_held && self.lock_pacer().may() {
+            moved = self.make_room(&mut held, max - due, now).await;
         }
         if due < max
             && let Err(e) = self.fetch(&mut held, max - due).await
@@ -804,6 +790,10 @@ impl Inner {
                 return Err(e);
             }
             tracing::debug!(error = %e, "postbox: nats fetch failed; leasing what is held");
+        }
+        if moved > 0 {
+            let due_now = held.values().filter(|h| h.state.due(now)).count();
+            self.lock_pacer().made(due_now > due);
         }
         let lease_until = super::saturating_add(now, lease_for);
         let mut out = Vec::new();
@@ -954,7 +944,9 @@ impl Inner {
     /// letter publishes are de-duplicated by message id, and an ack the server applied
     /// after all is answered again. A caller that does not repeat before the lease ends
     /// gets the message leased again (the replayer repeats every poll interval while the
-    /// lease lasts). A delivery fetched again meanwhile is not replaced.
+    /// lease lasts). A delivery fetched again meanwhile is not replaced. (A repeat made
+    /// while the first call still runs, on its own task, finds the lease taken:
+    /// `LeaseLost`.)
     async fn put_back(&self, deliveries: Vec<Held>) {
         if deliveries.is_empty() {
             return;
@@ -1114,7 +1106,7 @@ impl Inner {
     }
 
     /// Makes room in a full `held` for the messages behind it: moves up to `n` (at most
-    /// [`MOVE_AT_ONCE`]) held deliveries that are not due at `now` (those due last) to
+    /// [`MOVE_AT_ONCE`](super::hold::MOVE_AT_ONCE)) held deliveries that are not due at `now` (those due last) to
     /// the stream's tail, as `retry_later` does (a copy with their not-before and
     /// attempts, then an ack of the delivery), if the consumer has messages not yet
     /// delivered besides the copies moved before. Without it, a
@@ -1154,18 +1146,7 @@ impl Inner {
             moved.retain(|_, at| at.elapsed() < MOVED_FOR);
             behind.saturating_sub(moved.len() as u64)
         };
-        let mut later: Vec<(SystemTime, MessageId)> = held
-            .iter()
-            .filter_map(|(&id, h)| match h.state {
-                HeldState::Scheduled(nb) if nb > now => Some((nb, id)),
-                _ => None,
-            })
-            .collect();
-        later.sort_unstable_by(|a, b| b.cmp(a));
-        later.truncate(
-            n.min(usize::try_from(others).unwrap_or(usize::MAX))
-                .min(MOVE_AT_ONCE),
-        );
+        let later = due_last(held.iter().map(|(&id, h)| (id, h.state)), n, others, now);
         let mut moved = 0;
         for (_, id) in later {
             let left = left();
@@ -1207,6 +1188,11 @@ impl Inner {
             );
         }
         moved
+    }
+
+    fn lock_pacer(&self) -> std::sync::MutexGuard<'_, RoomPacer> {
+        // Only its own fields change under this lock.
+        self.pacer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_moved(&self) -> std::sync::MutexGuard<'_, HashMap<MessageId, Instant>> {
@@ -1574,7 +1560,7 @@ impl Queue for NatsQueue {
 
     fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
         let (inner, tokens) = (self.inner.clone(), tokens.to_vec());
-        super::settling(async move { inner.ack(&tokens).await })
+        settling(async move { inner.ack(&tokens).await })
     }
 
     fn retry_later(
@@ -1583,7 +1569,7 @@ impl Queue for NatsQueue {
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let inner = self.inner.clone();
-        super::settling(async move { inner.retry_later(token, not_before).await })
+        settling(async move { inner.retry_later(token, not_before).await })
     }
 
     fn release(
@@ -1592,7 +1578,7 @@ impl Queue for NatsQueue {
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let inner = self.inner.clone();
-        super::settling(async move { inner.release(token, not_before).await })
+        settling(async move { inner.release(token, not_before).await })
     }
 
     fn dead_letter(
@@ -1601,7 +1587,7 @@ impl Queue for NatsQueue {
         reason: &str,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let (inner, reason) = (self.inner.clone(), reason.to_owned());
-        super::settling(async move { inner.dead_letter(token, &reason).await })
+        settling(async move { inner.dead_letter(token, &reason).await })
     }
 
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {

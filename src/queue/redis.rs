@@ -134,8 +134,9 @@ pub struct RedisOptions {
 /// the server is back. A script or transaction either ran entirely or not at all, but a call that
 /// failed with `Unavailable` may still have run (the reply was lost): an enqueue of the
 /// same envelope retried after that is stored once, thanks to its idempotency key. It is
-/// answered with the same id, as [`Enqueued::Stored`] (its key's claim is that id's);
-/// the retry's extra entry is deleted by `lease` unread.
+/// answered with the same id: without a capacity as [`Enqueued::Stored`] (its key's
+/// claim is that id's; the retry's extra entry is deleted by `lease` unread), with one
+/// as [`Enqueued::Duplicate`].
 ///
 /// # Group commit
 ///
@@ -950,6 +951,8 @@ fn transient(kind: Option<redis::ErrorKind>, code: Option<&str>) -> bool {
     )
 }
 
+/// No answer came from Redis (a timeout, a dropped or refused connection): whatever was
+/// sent may or may not have run.
 fn unanswered(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }

@@ -471,7 +471,6 @@ async fn a_publish_to_a_deleted_queue_is_an_error_and_loses_nothing() {
     assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
 }
 
-/// A queue reached through a proxy, holding one message (key `later`) due at `at(60)`.
 /// A process holding as many deliveries as it may, all scheduled for later (retries of
 /// a dependency that is down), still gets to a due message behind them: the lease moves
 /// the one due last to the main queue's tail, with its not-before and attempts, and
@@ -544,6 +543,9 @@ async fn a_full_hold_of_later_deliveries_is_not_sent_round_for_ever() {
                 .is_empty()
         );
     }
+    // Past the pause that follows a move bringing nothing due: what stops a move now
+    // is that only the moved copy is behind.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let settled = proxy.sent();
     for _ in 0..4 {
         assert!(
@@ -574,6 +576,65 @@ async fn a_full_hold_of_later_deliveries_is_not_sent_round_for_ever() {
     assert_eq!(got, ["a", "c", "b"]);
 }
 
+/// While making room brings nothing due (what waits behind the hold is other retries,
+/// not yet due: a dependency down), the next move waits (1 s, doubling): the hold is
+/// not republished on every poll. Once the pause is over, room is made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn making_room_that_brings_nothing_due_pauses() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy).with_max_held(2));
+    let lease_for = Duration::from_secs(30);
+    let later = |key: &str, secs: u64| {
+        let mut e = crate::suite::envelope(key);
+        e.not_before = crate::suite::at(secs);
+        e.body = vec![b'x'; 8192].into();
+        e
+    };
+    for (key, secs) in [("a", 60), ("b", 240), ("c", 120)] {
+        q.enqueue(later(key, secs)).await.unwrap();
+    }
+    let empty = async || {
+        assert!(
+            q.lease(10, lease_for, crate::suite::at(0))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    };
+    // The first lease fetches two; the second moves one (b) for the third: not due.
+    empty().await;
+    empty().await;
+    // Other retries, not yet due, wait behind the hold.
+    for (key, secs) in [("d", 180), ("e", 200)] {
+        q.enqueue(later(key, secs)).await.unwrap();
+    }
+    let before = proxy.sent();
+    empty().await;
+    let sent = proxy.sent() - before;
+    assert!(sent < 4096, "moved again at once: {sent} bytes sent");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = proxy.sent();
+    empty().await;
+    let sent = proxy.sent() - before;
+    assert!(
+        sent > 8192,
+        "no room made after the pause: {sent} bytes sent"
+    );
+    // Nothing lost: all five come, once each, when all are due.
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        for l in q.lease(10, lease_for, crate::suite::at(240)).await.unwrap() {
+            q.ack(&[l.token]).await.unwrap();
+            got.push(l.envelope.idempotency_key.clone());
+        }
+        if got.len() >= 5 {
+            break;
+        }
+    }
+    got.sort();
+    assert_eq!(got, ["a", "b", "c", "d", "e"]);
+}
+
 /// A `retry_later` whose caller stops waiting while the broker has not yet confirmed
 /// the copy still acks the delivery it took: the delivery is not left unacked on the
 /// channel (where the broker would hand it out again, a second copy, once the channel
@@ -596,8 +657,9 @@ async fn a_retry_later_its_caller_stops_waiting_for_still_acks_the_delivery() {
         "answered while the proxy held: {gave_up:?}"
     );
     proxy.release();
-    // The call goes on: the copy is confirmed and the delivery acked.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The call goes on: the copy is confirmed and the delivery acked (a round trip;
+    // waited for generously, for a machine under load).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     // A delivery left unacked would come back to the queue when its channel closes.
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -612,6 +674,7 @@ async fn a_retry_later_its_caller_stops_waiting_for_still_acks_the_delivery() {
     assert_eq!(again[0].envelope.attempts, 2);
 }
 
+/// A queue reached through a proxy, holding one message (key `later`) due at `at(60)`.
 async fn later_through_a_proxy() -> (Proxy, AmqpQueue, Purge) {
     let proxy = Proxy::start(host_port(&options().url())).await;
     let (q, purge) = make(via(&proxy));

@@ -1,0 +1,118 @@
+//! What the broker queues that hold deliveries in the process (NATS, RabbitMQ) share:
+//! a held delivery's state, making room in a full hold, and finishing a settling call
+//! that its caller stopped waiting for.
+
+use super::{MessageId, QueueError};
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// A held delivery: waiting for its not-before, or leased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeldState {
+    /// Not to be leased before this.
+    Scheduled(SystemTime),
+    /// Leased until this, as generation `.1`.
+    Leased(SystemTime, u64),
+}
+
+impl HeldState {
+    /// Whether a lease at `now` may take the delivery.
+    pub(crate) fn due(self, now: SystemTime) -> bool {
+        match self {
+            HeldState::Scheduled(nb) => nb <= now,
+            HeldState::Leased(until, _) => until <= now,
+        }
+    }
+}
+
+/// At most this many deliveries are moved to the tail by one lease making room.
+pub(crate) const MOVE_AT_ONCE: usize = 16;
+
+/// A moved delivery not fetched back by this process within this long is taken to have
+/// gone to another process (or its copy to have been settled).
+pub(crate) const MOVED_FOR: Duration = Duration::from_secs(60);
+
+/// The held deliveries to move to make room for `n` more (at most [`MOVE_AT_ONCE`],
+/// and at most `behind`, what waits behind the hold): those scheduled after `now`,
+/// due last first.
+pub(crate) fn due_last(
+    held: impl Iterator<Item = (MessageId, HeldState)>,
+    n: usize,
+    behind: u64,
+    now: SystemTime,
+) -> Vec<(SystemTime, MessageId)> {
+    let mut later: Vec<(SystemTime, MessageId)> = held
+        .filter_map(|(id, state)| match state {
+            HeldState::Scheduled(nb) if nb > now => Some((nb, id)),
+            _ => None,
+        })
+        .collect();
+    later.sort_unstable_by(|a, b| b.cmp(a));
+    later.truncate(
+        n.min(usize::try_from(behind).unwrap_or(usize::MAX))
+            .min(MOVE_AT_ONCE),
+    );
+    later
+}
+
+/// Spaces out the leases that make room in a full hold while doing so brings nothing
+/// due: what waits behind the hold may be other retries not yet due (a dependency
+/// down), and moving deliveries round for them on every poll would republish up to
+/// [`MOVE_AT_ONCE`] whole messages each time. After a move that fetched nothing due the
+/// next waits 1 s, doubling up to 30 s; a move that fetched something due resets it.
+#[derive(Debug)]
+pub(crate) struct RoomPacer {
+    next: Option<Instant>,
+    wait: Duration,
+}
+
+impl Default for RoomPacer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RoomPacer {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    pub(crate) const fn new() -> Self {
+        Self {
+            next: None,
+            wait: Self::FIRST,
+        }
+    }
+
+    /// Whether a lease may make room now.
+    pub(crate) fn may(&self) -> bool {
+        self.next.is_none_or(|next| Instant::now() >= next)
+    }
+
+    /// Room was made: `useful` if what it fetched included something due.
+    pub(crate) fn made(&mut self, useful: bool) {
+        if useful {
+            *self = Self::new();
+        } else {
+            self.next = Some(Instant::now() + self.wait);
+            self.wait = (self.wait * 2).min(Self::MAX);
+        }
+    }
+}
+
+/// Runs `call`, which settles leases held in this process, on a task of its own (in
+/// the caller's span): a caller that stops waiting (a timeout around `ack`) does not
+/// stop it halfway, after it took a delivery out of the process' hold but before it
+/// settled it with the broker.
+pub(crate) async fn settling<T: Send + 'static>(
+    call: impl Future<Output = Result<T, QueueError>> + Send + 'static,
+) -> Result<T, QueueError> {
+    match tokio::spawn(call.in_current_span()).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(QueueError::Unavailable(
+            "the runtime shut down during the call".into(),
+        )),
+    }
+}
