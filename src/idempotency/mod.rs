@@ -34,7 +34,9 @@
 //!   and so do calls of the gRPC methods named in
 //!   [`stream_through`](IdempotencyLayer::stream_through) (name every streaming one:
 //!   a remembered answer is read to its end before it is sent);
-//! * a server-sent event stream (`text/event-stream`) is streamed, not remembered.
+//! * a server-sent event stream (`text/event-stream`), and a response carrying the
+//!   [`StreamThrough`] extension (another kind of stream), is streamed, not
+//!   remembered.
 //!
 //! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), a conflict with
 //! another request (`409`, `423`), a
@@ -114,5 +116,5 @@ mod store;
 
 pub use self::fingerprint::{Fingerprint, FingerprintedBody};
 pub use self::layer::IdempotencyLayer;
-pub use self::service::{Idempotency, REPLAYED_HEADER};
+pub use self::service::{Idempotency, REPLAYED_HEADER, StreamThrough};
 pub use self::store::{Claim, ClaimToken, IdempotencyStore, MemoryStore, StoredResponse};

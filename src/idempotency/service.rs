@@ -19,6 +19,22 @@ use tracing::Instrument;
 /// Header set on a response answered from the store (value `true`).
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
+/// Put in a response's extensions by a handler whose answer is a stream (NDJSON
+/// progress, a long poll, a chunked export): the [`Idempotency`] layer sends it on as
+/// it comes instead of reading it whole to remember it, and releases the key, so a
+/// repeat runs the handler again. Without it such an answer is held back until it ends
+/// or passes `max_body` (server-sent events, `text/event-stream`, are recognised
+/// without it).
+///
+/// ```
+/// use postbox::idempotency::StreamThrough;
+///
+/// let mut res = http::Response::new(String::from("{\"progress\":0}\n"));
+/// res.extensions_mut().insert(StreamThrough);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamThrough;
+
 /// Settings of one [`IdempotencyLayer`](super::IdempotencyLayer).
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -397,7 +413,11 @@ where
             Ok(res) => res,
             Err(e) => return Handled::Failed(e),
         };
-        if !remembered(res.status(), res.headers()) || tap.failed() || is_event_stream(&res) {
+        if !remembered(res.status(), res.headers())
+            || tap.failed()
+            || is_event_stream(&res)
+            || res.extensions().get::<StreamThrough>().is_some()
+        {
             // Not remembered: a later attempt may succeed (or, for a request whose body
             // failed to arrive, send it whole). The claim is released here.
             return Handled::Streamed(res);

@@ -61,7 +61,9 @@
 //! [`lease`](Queue::lease), as the trait says; the consumer's `ack_wait`
 //! ([`NatsOptions::with_ack_wait`], default 30 s) is the crash lease: if the process
 //! dies, the server delivers its messages again after `ack_wait`, and their attempts
-//! count that delivery. While the process lives a background task (spawned by
+//! count that delivery — also for a delivery that was only held, waiting for its
+//! not-before, and also after a clean restart (a process keeps no record of what it
+//! held: the server's delivery count is all the next one has). While the process lives a background task (spawned by
 //! [`connect`](NatsQueue::connect)) keeps its held messages with in-progress acks
 //! (`+WPI`) every `ack_wait / 4` (the consumer's on the server, read again every
 //! second), however rarely `lease` is called (a replayer paused by an open breaker, or

@@ -26,7 +26,7 @@ use postbox::enqueue::{
 use postbox::error::find_cause;
 use postbox::idempotency::{
     Claim, ClaimToken, FingerprintedBody, IdempotencyLayer, IdempotencyStore, MemoryStore,
-    REPLAYED_HEADER, StoredResponse,
+    REPLAYED_HEADER, StoredResponse, StreamThrough,
 };
 use postbox::queue::{DeferReason, Depth, Envelope, MemoryQueue, MessageId, Queue, QueueError};
 use postbox::timeout::error::DeadlineExceeded;
@@ -3901,6 +3901,37 @@ async fn an_event_stream_with_a_key_is_streamed_not_remembered() {
     let again = svc.oneshot(keyed("k")).await.unwrap();
     assert!(!again.headers().contains_key(REPLAYED_HEADER));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A response its handler marks with `StreamThrough` (an NDJSON progress stream) is
+/// streamed, not read to its end to be remembered: without the mark its first line
+/// was held back until the stream ended. A repeat runs the handler again.
+#[tokio::test(start_paused = true)]
+async fn a_response_marked_stream_through_is_streamed_not_remembered() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let ndjson = open_stream_handler(calls.clone(), "application/x-ndjson").map_response(
+        |mut res: Response<OneFrameThen>| {
+            res.extensions_mut().insert(StreamThrough);
+            res
+        },
+    );
+    let svc = IdempotencyLayer::new(100).layer(ndjson);
+    let res = tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(keyed("k")))
+        .await
+        .expect("the answer was held back")
+        .unwrap();
+    first_message_within(res, Duration::from_secs(1)).await;
+    let again = svc.clone().oneshot(keyed("k")).await.unwrap();
+    assert!(!again.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Unmarked, the same stream is read to be remembered: nothing reaches the client.
+    let unmarked = IdempotencyLayer::new(100)
+        .layer(open_stream_handler(calls.clone(), "application/x-ndjson"));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), unmarked.oneshot(keyed("k")))
+            .await
+            .is_err()
+    );
 }
 
 /// A gRPC method named in `stream_through` passes through as if it had no key: its
