@@ -1103,14 +1103,15 @@ impl Inner {
         n: usize,
         now: SystemTime,
     ) -> Result<usize, QueueError> {
-        let until = Instant::now() + self.timeout;
+        // No bound for a timeout too long to add (`Duration::MAX`: none).
+        let until = Instant::now().checked_add(self.timeout);
         let behind = self.ready(ch, epoch, &self.queue).await?;
         st.moved.retain(|_, at| at.elapsed() < MOVED_FOR);
         let others = behind.saturating_sub(st.moved.len() as u64);
         let later = due_last(st.held.iter().map(|(&id, h)| (id, h.state)), n, others, now);
         let mut moved = 0;
         for (nb, id) in later {
-            if Instant::now() >= until {
+            if until.is_some_and(|until| Instant::now() >= until) {
                 break;
             }
             let Some(h) = st.held.remove(&id) else {
@@ -1496,12 +1497,12 @@ impl Inner {
                     passive: true,
                     ..Default::default()
                 };
-                let until = Instant::now() + self.timeout;
+                let until = Instant::now().checked_add(self.timeout);
                 loop {
                     let declare =
                         ch.queue_declare(&self.dead_queue, passive, FieldTable::default());
                     let ready = timed(self.timeout, declare).await?.message_count();
-                    if ready >= left + behind || Instant::now() >= until {
+                    if ready >= left + behind || until.is_some_and(|u| Instant::now() >= u) {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;

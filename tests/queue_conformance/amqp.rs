@@ -635,6 +635,30 @@ async fn making_room_that_brings_nothing_due_pauses() {
     assert_eq!(got, ["a", "b", "c", "d", "e"]);
 }
 
+/// A call timeout too long to add to a clock reading (`Duration::MAX`: no timeout)
+/// bounds nothing and panics nowhere: making room in a full hold and reading the dead
+/// letters work as with any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_of_duration_max_bounds_nothing_and_panics_nowhere() {
+    let (q, _purge) = make(options().with_max_held(1).with_timeout(Duration::MAX));
+    let mut later = crate::suite::envelope("later");
+    later.not_before = crate::suite::at(60);
+    q.enqueue(later).await.unwrap();
+    let now = q.enqueue(crate::suite::envelope("now")).await.unwrap().id();
+    let lease_for = Duration::from_secs(30);
+    assert!(
+        q.lease(1, lease_for, crate::suite::at(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].envelope.id, now);
+    q.dead_letter(got[0].token, "test").await.unwrap();
+    assert_eq!(q.dead_letters(10).await.unwrap().len(), 1);
+}
+
 /// A `retry_later` whose caller stops waiting while the broker has not yet confirmed
 /// the copy still acks the delivery it took: the delivery is not left unacked on the
 /// channel (where the broker would hand it out again, a second copy, once the channel
