@@ -207,6 +207,10 @@ struct Inner {
     /// Bumped (under `held`) each time the held deliveries are forgotten for a new
     /// consumer: a delivery taken out before then is not put back.
     consumer_epoch: AtomicU64,
+    /// Declarations made again by [`declare_again_unlocked`](Inner::declare_again_unlocked)
+    /// so far, and the lock that lets one run at a time.
+    declarations: AtomicU64,
+    declaring: Mutex<()>,
     /// Deliveries [`make_room`](Inner::make_room) moved to the stream's tail and not
     /// fetched back yet, with when: the consumer's undelivered messages include them,
     /// and moving more only to fetch these back would go round for ever.
@@ -385,6 +389,8 @@ impl NatsQueue {
             pacer: std::sync::Mutex::default(),
             leases: AtomicU64::new(0),
             consumer_epoch: AtomicU64::new(0),
+            declarations: AtomicU64::new(0),
+            declaring: Mutex::new(()),
         });
         runtime.spawn(keep_held_alive(Arc::downgrade(&inner)));
         Ok(Self { inner })
@@ -463,6 +469,7 @@ impl Inner {
         };
         let mut last = None;
         for _ in 0..3 {
+            let declarations = self.declarations.load(Ordering::Acquire);
             let result = self.publish(subject.clone(), publish()).await;
             match result {
                 Ok(ack) if ack.duplicate => return Ok(Enqueued::Duplicate(envelope.id)),
@@ -497,8 +504,9 @@ impl Inner {
                     });
                 }
                 Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
-                    // Deleted by hand: declared again, then published once more.
-                    self.declare_again_unlocked(false).await;
+                    // Deleted by hand: declared again (once for every producer that
+                    // met it), then published once more.
+                    self.declare_again_unlocked(false, Some(declarations)).await;
                     last = Some(e);
                 }
                 Err(e) => return Err(classify(e, "publish")),
@@ -579,11 +587,22 @@ impl Inner {
     /// consumer is new (`held` must not be locked by the caller). `held` is locked
     /// throughout, so no `lease` hands out an old delivery, or fetches a new one that
     /// is then forgotten, between the swap of the consumer and the clearing.
-    async fn declare_again_unlocked(&self, check: bool) {
+    ///
+    /// One at a time, and not at all if another was made since `seen` (read from
+    /// [`declarations`](Self::declarations) before the call that found the stream
+    /// missing): producers that all met a deleted stream wait for one declaration
+    /// instead of each making its own, three or four requests each, one after another,
+    /// holding the lock every lease and settle needs.
+    async fn declare_again_unlocked(&self, check: bool, seen: Option<u64>) {
+        let _one = self.declaring.lock().await;
+        if seen.is_some_and(|seen| self.declarations.load(Ordering::Acquire) != seen) {
+            return;
+        }
         let mut held = self.held.lock().await;
         if self.declare_again(check).await {
             self.forget_held(&mut held);
         }
+        self.declarations.fetch_add(1, Ordering::Release);
     }
 
     /// Forgets every held delivery: they belong to a consumer that is gone (see
@@ -600,7 +619,7 @@ impl Inner {
     /// declares the streams again and is [`QueueError::Unavailable`], as a new try works.
     async fn publish_failed(&self, e: PublishError, what: &str) -> QueueError {
         if e.kind() == PublishErrorKind::StreamNotFound {
-            self.declare_again_unlocked(false).await;
+            self.declare_again_unlocked(false, None).await;
             return QueueError::Unavailable(format!("nats {what}: {e}; declared again").into());
         }
         classify(e, what)

@@ -972,6 +972,52 @@ async fn a_consumer_or_stream_deleted_by_hand_is_declared_again() {
     assert_eq!(ids, vec![b.id()]);
 }
 
+/// Counts the "declared again" events seen on this thread.
+struct Declarations(Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Declarations {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(bool);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" && format!("{v:?}").contains("declared again") {
+                    self.0 = true;
+                }
+            }
+        }
+        let mut m = Message(false);
+        event.record(&mut m);
+        if m.0 {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// Producers that all meet the work stream deleted by hand wait for one declaration
+/// instead of each making its own (three or four requests each, one after another,
+/// holding the lock every lease and settle needs): every enqueue is stored, and the
+/// streams are declared once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_meeting_a_deleted_stream_declare_it_once() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let (q, _purge) = make(options());
+    q.enqueue(crate::suite::envelope("first")).await.unwrap();
+    q.jetstream().delete_stream(q.streams().0).await.unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let subscriber = tracing_subscriber::registry().with(Declarations(count.clone()));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // Polled on this thread, so its subscriber sees every event.
+    let results = futures_util::future::join_all(
+        (0..16).map(|i| q.enqueue(crate::suite::envelope(&format!("k{i}")))),
+    )
+    .await;
+    for r in results {
+        assert!(matches!(r, Ok(Enqueued::Stored(_))), "{r:?}");
+    }
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(q.depth().await.unwrap().pending, 16);
+}
+
 /// A lease from before the stream was deleted by hand and declared again is lost, not
 /// acked on the new consumer: the new stream numbers its messages from 1 again, and
 /// the old lease's ack (of stream sequence 1) used to remove the new message 1.
