@@ -233,7 +233,8 @@ pub(crate) mod http_codec {
         let uri: Uri = env.uri.parse()?;
         let mut req = Request::new(BufferedBody::full(env.body.clone()));
         // Held whole: a retry in the replay's stack replays it, however small its buffer.
-        req.extensions_mut().insert(crate::http::body::HeldWhole);
+        req.extensions_mut()
+            .insert(crate::http::body::HeldWhole(env.body.len()));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         // Never sent without a key the receiver can de-duplicate on: an envelope from
@@ -320,10 +321,9 @@ mod tests {
             DeferReason::RetriesExhausted,
         );
         let req = rebuild_request::<http_body_util::Empty<Bytes>>(&env).unwrap();
-        assert!(
-            req.extensions()
-                .get::<crate::http::body::HeldWhole>()
-                .is_some()
-        );
+        assert!(matches!(
+            req.extensions().get::<crate::http::body::HeldWhole>(),
+            Some(crate::http::body::HeldWhole(4096))
+        ));
     }
 }

@@ -316,10 +316,11 @@ mod http_future {
                             Ok(true) => {
                                 let bytes = buf.freeze();
                                 let capture = Capture::http(key, &parts, bytes.clone());
+                                let held = crate::http::body::HeldWhole(bytes.len());
                                 let mut req = Request::from_parts(parts, BufferedBody::full(bytes));
                                 // Held whole: the retry inside replays it, however
                                 // small its own buffer.
-                                req.extensions_mut().insert(crate::http::body::HeldWhole);
+                                req.extensions_mut().insert(held);
                                 (req, Some(capture))
                             }
                             Ok(false) => {

@@ -151,11 +151,13 @@ impl fmt::Display for BodyNotReplayable {
 
 impl std::error::Error for BodyNotReplayable {}
 
-/// Marks a request whose body is already held whole in memory (one the enqueue
-/// fallback collected to defer it, or a replay of a deferred request): [`BufferBody`]
-/// keeps it for retries whatever its limit, since that costs no memory more.
+/// Marks a request whose body, of this many bytes, is already held whole in memory (one
+/// the enqueue fallback collected to defer it, or a replay of a deferred request):
+/// [`BufferBody`] keeps a body of up to that size for retries whatever its own limit,
+/// since that costs no memory more. (The size, not a flag: a layer between them that
+/// swapped in another body does not get it buffered without limit.)
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct HeldWhole;
+pub(crate) struct HeldWhole(pub(crate) usize);
 
 /// The request body failed while it was read (the caller's upload broke): the error a
 /// [`ReplayBody`] yields in place of the original body's, with it as `source()`.
@@ -599,10 +601,9 @@ where
         let service = self.inner.clone();
         let (parts, body) = req.into_parts();
         let hint = body.size_hint();
-        let limit = if parts.extensions.get::<HeldWhole>().is_some() {
-            usize::MAX
-        } else {
-            self.limit
+        let limit = match parts.extensions.get::<HeldWhole>() {
+            Some(&HeldWhole(len)) => self.limit.max(len),
+            None => self.limit,
         };
         let collect = Collect {
             service,
@@ -1030,12 +1031,20 @@ mod tests {
     #[tokio::test]
     async fn a_body_held_whole_already_is_kept_whatever_the_limit() {
         let mut req = Request::new(Full::new(Bytes::from_static(b"hello")));
-        req.extensions_mut().insert(HeldWhole);
+        req.extensions_mut().insert(HeldWhole(5));
         let ((bytes, cloneable, marked), sent) = run_request(3, req).await;
         assert_eq!(bytes.as_deref(), Some(&b"hello"[..]));
         assert!(cloneable);
         assert_eq!(marked, None);
         assert_eq!(&sent[..], b"hello");
+        // Another, larger body swapped in under the mark is not buffered past both.
+        let mut req = Request::new(Full::new(Bytes::from_static(b"hello, world")));
+        req.extensions_mut().insert(HeldWhole(5));
+        let ((bytes, cloneable, marked), sent) = run_request(3, req).await;
+        assert_eq!(bytes, None);
+        assert!(!cloneable);
+        assert_eq!(marked, Some(BodyNotReplayable::new(5)));
+        assert_eq!(&sent[..], b"hello, world");
     }
 
     #[tokio::test]

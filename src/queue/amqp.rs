@@ -919,14 +919,11 @@ impl Inner {
         }
         let due = st.held.values().filter(|h| h.state.due(now)).count();
         let mut moved = 0;
-        if due < max && st.held.len() >= self.max_held && st.pacer.may() {
-            // Best effort: a failure here is the fetch's to report.
-            match self.make_room(&ch, epoch, &mut st, max - due, now).await {
-                Ok(n) => moved = n,
-                Err(e) => {
-                    tracing::debug!(error = %e, "postbox: could not make room in a full hold")
-                }
-            }
+        if st.held.len() < self.max_held {
+            // Not full: a later outage's first move starts from the shortest pause.
+            st.pacer.calm();
+        } else if due < max && st.pacer.may() {
+            moved = self.make_room(&ch, epoch, &mut st, max - due, now).await;
         }
         let mut fetched = 0;
         while fetched < max && st.held.len() < self.max_held {
@@ -1093,8 +1090,9 @@ impl Inner {
     /// holding `max_held` deliveries scheduled for later (the retries of a dependency
     /// that is down) fetches nothing more, and messages that are due — for another
     /// destination — wait behind them until those are due or the hold limit sends them
-    /// back. Stops after the call timeout (the hold is locked meanwhile). Returns how
-    /// many moved.
+    /// back. Best effort: a failure ends it (the fetch after it reports a broken
+    /// channel), and it starts no move once the call timeout has passed (the hold is
+    /// locked meanwhile). Returns how many moved.
     async fn make_room(
         &self,
         ch: &Channel,
@@ -1102,10 +1100,16 @@ impl Inner {
         st: &mut State,
         n: usize,
         now: SystemTime,
-    ) -> Result<usize, QueueError> {
+    ) -> usize {
         // No bound for a timeout too long to add (`Duration::MAX`: none).
         let until = Instant::now().checked_add(self.timeout);
-        let behind = self.ready(ch, epoch, &self.queue).await?;
+        let behind = match self.ready(ch, epoch, &self.queue).await {
+            Ok(behind) => behind,
+            Err(e) => {
+                tracing::debug!(error = %e, "postbox: could not make room in a full hold");
+                return 0;
+            }
+        };
         st.moved.retain(|_, at| at.elapsed() < MOVED_FOR);
         let others = behind.saturating_sub(st.moved.len() as u64);
         let later = due_last(st.held.iter().map(|(&id, h)| (id, h.state)), n, others, now);
@@ -1120,10 +1124,17 @@ impl Inner {
             let to_main = nb
                 .duration_since(now)
                 .is_ok_and(|wait| wait <= self.hold_limit);
-            if let Some(h) = self.park(ch, epoch, h, now).await? {
-                // The main queue is full: nothing more goes there now.
-                st.held.insert(id, h);
-                break;
+            match self.park(ch, epoch, h, now).await {
+                Ok(None) => {}
+                Ok(Some(h)) => {
+                    // The main queue is full: nothing more goes there now.
+                    st.held.insert(id, h);
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "postbox: could not make room in a full hold");
+                    break;
+                }
             }
             st.uncounted.remove(&id);
             if to_main {
@@ -1138,7 +1149,7 @@ impl Inner {
                 "postbox: held deliveries not yet due moved to the queue's tail"
             );
         }
-        Ok(moved)
+        moved
     }
 
     /// Republishes `h` to the main queue, or to the delay queue with a TTL if its
@@ -1497,12 +1508,14 @@ impl Inner {
                     passive: true,
                     ..Default::default()
                 };
-                let until = Instant::now().checked_add(self.timeout);
+                // Bounded even without a timeout: dead letters taken or purged by
+                // another process meanwhile would keep the count short for ever.
+                let until = Instant::now() + self.timeout.min(Duration::from_secs(5));
                 loop {
                     let declare =
                         ch.queue_declare(&self.dead_queue, passive, FieldTable::default());
                     let ready = timed(self.timeout, declare).await?.message_count();
-                    if ready >= left + behind || until.is_some_and(|u| Instant::now() >= u) {
+                    if ready >= left + behind || Instant::now() >= until {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;

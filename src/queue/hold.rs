@@ -6,7 +6,7 @@ use super::{MessageId, QueueError};
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
-use tracing::Instrument;
+use tracing::instrument::{Instrument, WithSubscriber};
 
 /// A held delivery: waiting for its not-before, or leased.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +90,14 @@ impl RoomPacer {
         self.next.is_none_or(|next| Instant::now() >= next)
     }
 
+    /// The hold is not full: the next time it is, room may be made at once, and a move
+    /// that brings nothing due pauses the shortest time.
+    pub(crate) fn calm(&mut self) {
+        if self.next.is_some() {
+            *self = Self::new();
+        }
+    }
+
     /// Room was made: `useful` if what it fetched included something due.
     pub(crate) fn made(&mut self, useful: bool) {
         if useful {
@@ -102,17 +110,54 @@ impl RoomPacer {
 }
 
 /// Runs `call`, which settles leases held in this process, on a task of its own (in
-/// the caller's span): a caller that stops waiting (a timeout around `ack`) does not
+/// the caller's span, reporting to the caller's subscriber): a caller that stops waiting (a timeout around `ack`) does not
 /// stop it halfway, after it took a delivery out of the process' hold but before it
 /// settled it with the broker.
 pub(crate) async fn settling<T: Send + 'static>(
     call: impl Future<Output = Result<T, QueueError>> + Send + 'static,
 ) -> Result<T, QueueError> {
-    match tokio::spawn(call.in_current_span()).await {
+    match tokio::spawn(call.in_current_span().with_current_subscriber()).await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(_) => Err(QueueError::Unavailable(
             "the runtime shut down during the call".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A move that brings nothing due pauses the next 1 s, then 2 s, …, up to 30 s; one
+    /// that brings something due, or a hold that is not full, ends the pause and starts
+    /// the next from 1 s.
+    #[tokio::test(start_paused = true)]
+    async fn room_is_made_less_often_while_it_brings_nothing_due() {
+        let mut p = RoomPacer::new();
+        assert!(p.may());
+        p.made(false);
+        assert!(!p.may());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(p.may());
+        p.made(false);
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(!p.may(), "the second pause is 2 s");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(p.may());
+        for _ in 0..10 {
+            p.made(false);
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(p.may(), "the pause stops growing at 30 s");
+        p.made(false);
+        p.calm();
+        assert!(p.may(), "a hold that is not full ends the pause");
+        p.made(false);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(p.may(), "and the next pause is 1 s again");
+        p.made(false);
+        p.made(true);
+        assert!(p.may(), "a move that brought something due ends the pause");
     }
 }

@@ -616,10 +616,11 @@ impl Inner {
     }
 
     /// The error for a failed publish of a leased message: one to a stream that is gone
-    /// declares the streams again and is [`QueueError::Unavailable`], as a new try works.
-    async fn publish_failed(&self, e: PublishError, what: &str) -> QueueError {
+    /// declares the streams again (unless another call did since `seen`, read before the
+    /// publish) and is [`QueueError::Unavailable`], as a new try works.
+    async fn publish_failed(&self, e: PublishError, what: &str, seen: u64) -> QueueError {
         if e.kind() == PublishErrorKind::StreamNotFound {
-            self.declare_again_unlocked(false, None).await;
+            self.declare_again_unlocked(false, Some(seen)).await;
             return QueueError::Unavailable(format!("nats {what}: {e}; declared again").into());
         }
         classify(e, what)
@@ -798,7 +799,10 @@ impl Inner {
         // consumer, the server's limit of unacked deliveries can be full of the others'.
         let due = held.values().filter(|h| h.state.due(now)).count();
         let mut moved = 0;
-        if due < max && held.len() >= self.max_held && self.lock_pacer().may() {
+        if held.len() < self.max_held {
+            // Not full: a later outage's first move starts from the shortest pause.
+            self.lock_pacer().calm();
+        } else if due < max && self.lock_pacer().may() {
             moved = self.make_room(&mut held, max - due, now).await;
         }
         if due < max
@@ -806,6 +810,8 @@ impl Inner {
         {
             if self.declare_again(true).await {
                 self.forget_held(&mut held);
+                // Producers that met the same missing stream need not declare it again.
+                self.declarations.fetch_add(1, Ordering::Release);
             }
             if !held.values().any(|h| h.state.due(now)) {
                 return Err(e);
@@ -989,6 +995,7 @@ impl Inner {
         let h = Self::take(&mut *self.held.lock().await, token)?;
         let mut envelope = h.envelope.clone();
         envelope.not_before = not_before;
+        let declarations = self.declarations.load(Ordering::Acquire);
         let mut copied = self
             .publish_copy(&h, &envelope, "r", sequence(&h.msg))
             .await;
@@ -1028,7 +1035,9 @@ impl Inner {
                 return Ok(());
             }
             self.put_back(vec![h]).await; // still leased: the caller may try again
-            return Err(self.publish_failed(e, "republish for retry").await);
+            return Err(self
+                .publish_failed(e, "republish for retry", declarations)
+                .await);
         }
         if let Some(seq) = superseded {
             self.delete_copy(seq).await;
@@ -1253,10 +1262,13 @@ impl Inner {
             // Per delivered copy: a later copy of the same message (enqueued again after
             // its dead letter) is not dropped as a duplicate within the window.
             .message_id(format!("{}.dead.s{}", h.envelope.id, sequence(&h.msg)));
+        let declarations = self.declarations.load(Ordering::Acquire);
         let published = self.publish(self.dead_subject.clone(), publish).await;
         if let Err(e) = published {
             self.put_back(vec![h]).await;
-            return Err(self.publish_failed(e, "publish dead letter").await);
+            return Err(self
+                .publish_failed(e, "publish dead letter", declarations)
+                .await);
         }
         if let Err(e) = h.msg.double_ack_with(AckKind::Term).await {
             let e = classify_dyn(&*e, "terminate after dead letter");

@@ -1018,6 +1018,49 @@ async fn producers_meeting_a_deleted_stream_declare_it_once() {
     assert_eq!(q.depth().await.unwrap().pending, 16);
 }
 
+/// Dead letters that all meet the dead-letter stream deleted by hand join one
+/// declaration too: each that met it fails `Unavailable` (to be repeated), and the
+/// streams are declared once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_meeting_a_deleted_stream_declare_it_once() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let (q, _purge) = make(options());
+    for i in 0..8 {
+        q.enqueue(crate::suite::envelope(&format!("k{i}")))
+            .await
+            .unwrap();
+    }
+    let leased = q
+        .lease(8, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 8);
+    q.jetstream().delete_stream(q.streams().1).await.unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let subscriber = tracing_subscriber::registry().with(Declarations(count.clone()));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // `dead_letter` runs on a task of its own, reporting to this thread's subscriber.
+    let results =
+        futures_util::future::join_all(leased.iter().map(|l| q.dead_letter(l.token, "bad"))).await;
+    assert!(
+        results
+            .iter()
+            .any(|r| matches!(r, Err(QueueError::Unavailable(_)))),
+        "none met the deleted stream: {results:?}"
+    );
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    for (l, r) in leased.iter().zip(&results) {
+        match r {
+            Ok(()) => {}
+            Err(QueueError::Unavailable(_)) => {
+                retry!(q.dead_letter(l.token, "bad").await);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(q.depth().await.unwrap().dead, 8);
+}
+
 /// A lease from before the stream was deleted by hand and declared again is lost, not
 /// acked on the new consumer: the new stream numbers its messages from 1 again, and
 /// the old lease's ack (of stream sequence 1) used to remove the new message 1.
