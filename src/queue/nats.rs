@@ -230,6 +230,15 @@ struct Held {
     touched: Instant,
 }
 
+impl Held {
+    /// Whether a lease at `now` may take it: its state is due, and so is its message (a
+    /// lease that ended still waits for the not-before of a newer copy taken over
+    /// meanwhile: see `fetch`).
+    fn due(&self, now: SystemTime) -> bool {
+        self.state.due(now) && self.envelope.not_before <= now
+    }
+}
+
 // === impl NatsOptions ===
 
 impl NatsOptions {
@@ -710,10 +719,17 @@ impl Inner {
                 }
                 // Another copy of a message we hold (left by a `retry_later` whose
                 // republish was stored but whose ack of the old copy was lost): keep our
-                // state on the newer copy, and take the older one out of the stream.
+                // state on the newer copy, and take the older one out of the stream. The
+                // newer copy's not-before and attempts are the message's now: a lease
+                // in progress goes on, but once it ends the message waits for that
+                // not-before (it was leased again at once, the retry's delay lost).
                 Some(h) => {
                     let older = if sequence(&msg) > sequence(&h.msg) {
                         h.touched = Instant::now();
+                        if let HeldState::Scheduled(_) = h.state {
+                            h.state = HeldState::Scheduled(envelope.not_before);
+                        }
+                        h.envelope = envelope;
                         std::mem::replace(&mut h.msg, msg)
                     } else {
                         msg
@@ -797,7 +813,7 @@ impl Inner {
         // What is held and due needs no server; fetch only for the rest. A failed fetch
         // fails the lease only if nothing held is due: with several processes on one
         // consumer, the server's limit of unacked deliveries can be full of the others'.
-        let due = held.values().filter(|h| h.state.due(now)).count();
+        let due = held.values().filter(|h| h.due(now)).count();
         let mut moved = 0;
         if held.len() < self.max_held {
             // Not full: a later outage's first move starts from the shortest pause.
@@ -813,13 +829,13 @@ impl Inner {
                 // Producers that met the same missing stream need not declare it again.
                 self.declarations.fetch_add(1, Ordering::Release);
             }
-            if !held.values().any(|h| h.state.due(now)) {
+            if !held.values().any(|h| h.due(now)) {
                 return Err(e);
             }
             tracing::debug!(error = %e, "postbox: nats fetch failed; leasing what is held");
         }
         if moved > 0 {
-            let due_now = held.values().filter(|h| h.state.due(now)).count();
+            let due_now = held.values().filter(|h| h.due(now)).count();
             self.lock_pacer().made(due_now > due);
         }
         let lease_until = super::saturating_add(now, lease_for);
@@ -828,7 +844,7 @@ impl Inner {
             if out.len() >= max {
                 break;
             }
-            if !h.state.due(now) {
+            if !h.due(now) {
                 continue;
             }
             h.envelope.attempts = h.envelope.attempts.saturating_add(1);

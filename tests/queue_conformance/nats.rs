@@ -478,6 +478,44 @@ async fn retry_later_over_a_newer_copy_of_its_own_message_replaces_it() {
     assert_eq!(stream_len(&q, q.streams().0).await, 0);
 }
 
+/// A newer copy of a message held leased (a `retry_later` whose republish was stored
+/// but whose ack of the delivery failed) carries the retry's not-before: once the lease
+/// in progress ends, the message waits for it instead of being leased again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_copy_taken_over_keeps_its_not_before_after_the_lease_ends() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("copied");
+    q.enqueue(e.clone()).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::t0()).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    // The retry's copy, stored behind the leased delivery.
+    let mut retry = e.clone();
+    retry.not_before = crate::suite::at(120);
+    retry.attempts = leased[0].envelope.attempts;
+    let subject: String = b"copied".iter().map(|b| format!("{b:02x}")).collect();
+    publish_raw(&q, &format!("x{subject}"), retry.encode()).await;
+    // A lease fetches the copy and keeps holding the message, still leased.
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The lease ends at 30 s: the message waits for the copy's 120 s.
+    let early = q.lease(10, lease_for, crate::suite::at(60)).await.unwrap();
+    assert!(
+        early.is_empty(),
+        "leased before the copy's not-before: {early:?}"
+    );
+    let again = q.lease(10, lease_for, crate::suite::at(120)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id, e.id);
+    assert_eq!(again[0].envelope.attempts, leased[0].envelope.attempts + 1);
+    q.ack(&[again[0].token]).await.unwrap();
+    assert_eq!(stream_len(&q, q.streams().0).await, 0);
+}
+
 /// Connecting again with a capacity below the number of messages the queue holds is
 /// refused with a clear error; the server is not asked to apply it, which would delete
 /// the oldest stored messages to fit. A capacity they fit in is applied.
