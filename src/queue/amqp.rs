@@ -345,6 +345,15 @@ struct Held {
     received: Instant,
 }
 
+impl Held {
+    /// Whether a lease at `now` may take it: its state is due, and so is its message (a
+    /// lease that ended still waits for the not-before of a second copy merged in
+    /// meanwhile: see `lease`).
+    fn due(&self, now: SystemTime) -> bool {
+        self.state.due(now) && self.envelope.not_before <= now
+    }
+}
+
 // === impl AmqpOptions ===
 
 impl AmqpOptions {
@@ -917,7 +926,7 @@ impl Inner {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let due = st.held.values().filter(|h| h.state.due(now)).count();
+        let due = st.held.values().filter(|h| h.due(now)).count();
         let mut moved = 0;
         if st.held.len() < self.max_held {
             // Not full: a later outage's first move starts from the shortest pause.
@@ -995,10 +1004,21 @@ impl Inner {
             if !st.moved.is_empty() {
                 st.moved.remove(&id);
             }
-            if st.held.contains_key(&id) {
+            if let Some(h) = st.held.get_mut(&id) {
                 // A second copy of a message already held (left by a `retry_later` whose
                 // republish was confirmed but whose ack of the old copy was lost): the
-                // held one goes on, this one is dropped from the queue.
+                // held one goes on, this one is dropped from the queue. Which is the
+                // retry's copy cannot be told, so the message keeps the later
+                // not-before and the higher attempts of the two: a lease in progress
+                // goes on, but once it ends the message waits for that not-before (the
+                // retry's delay was lost when the original came first).
+                if envelope.not_before > h.envelope.not_before {
+                    h.envelope.not_before = envelope.not_before;
+                    if let HeldState::Scheduled(_) = h.state {
+                        h.state = HeldState::Scheduled(envelope.not_before);
+                    }
+                }
+                h.envelope.attempts = h.envelope.attempts.max(envelope.attempts);
                 tracing::warn!(queue = %self.queue, %id, "postbox: duplicate copy of a held message acked");
                 self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
                     .await?;
@@ -1016,8 +1036,18 @@ impl Inner {
             );
         }
         if moved > 0 {
-            let due_now = st.held.values().filter(|h| h.state.due(now)).count();
+            let due_now = st.held.values().filter(|h| h.due(now)).count();
             st.pacer.made(due_now > due);
+        }
+        // A lease that ended on a message whose not-before a second copy moved later
+        // waits for it scheduled, so the hold limit below applies to it too.
+        for h in st.held.values_mut() {
+            if let HeldState::Leased(until, _) = h.state
+                && until <= now
+                && h.envelope.not_before > now
+            {
+                h.state = HeldState::Scheduled(h.envelope.not_before);
+            }
         }
         // Messages due too far away wait in the delay queue, not unacked here; one held
         // unleased for longer than the hold limit (released again and again while the
@@ -1066,7 +1096,7 @@ impl Inner {
             if out.len() >= max {
                 break;
             }
-            if !h.state.due(now) {
+            if !h.due(now) {
                 continue;
             }
             h.envelope.attempts = h.envelope.attempts.saturating_add(1);

@@ -397,6 +397,78 @@ async fn a_second_copy_of_a_held_message_is_dropped_not_redelivered() {
     assert!(again.is_empty(), "{again:?}");
 }
 
+/// A second copy of a held message whose not-before is later (a retry's copy, with the
+/// original come back beside it after a reconnect) is merged into the held one: once
+/// the lease in progress ends, the message waits for the later not-before instead of
+/// being leased again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_copy_with_a_later_not_before_delays_the_held_message() {
+    let (q, _purge) = make(options());
+    // No key: both copies are stored.
+    let e = crate::suite::envelope("");
+    q.enqueue(e.clone()).await.unwrap();
+    let mut retry = e.clone();
+    retry.not_before = crate::suite::at(120);
+    retry.attempts = 1;
+    q.enqueue(retry).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    // The next lease fetches the second copy: merged, and dropped from the queue.
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(ready_in_main_queue(&q).await, 0);
+    let early = q.lease(10, lease_for, crate::suite::at(60)).await.unwrap();
+    assert!(
+        early.is_empty(),
+        "leased before the later not-before: {early:?}"
+    );
+    let again = q.lease(10, lease_for, crate::suite::at(120)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].envelope.id, again[0].envelope.attempts),
+        (e.id, 2)
+    );
+    q.ack(&[again[0].token]).await.unwrap();
+}
+
+/// A message whose lease ended while a second copy moved its not-before past the hold
+/// limit is not held unacked until then (towards the broker's `consumer_timeout`): it
+/// waits in the delay queue, as any message due that far away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_not_before_past_the_hold_limit_waits_in_the_delay_queue() {
+    let (q, _purge) = make(options().with_hold_limit(Duration::from_secs(60)));
+    let e = crate::suite::envelope("");
+    q.enqueue(e.clone()).await.unwrap();
+    // A second copy (no key: stored too) an hour later; `enqueue` puts it in the main
+    // queue, behind the first.
+    let mut later = e.clone();
+    later.not_before = crate::suite::at(3600);
+    q.enqueue(later).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The lease ends: the message is parked, not held.
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(31))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(ready_in(&q, 1).await, 1, "not in the delay queue");
+    assert_eq!(q.depth().await.unwrap().pending, 1);
+}
+
 /// `retry_later` into a main queue that is full keeps holding the delivery, scheduled
 /// for its not-before and counted, instead of nacking it back to the queue, where it
 /// was due at once: leased again without any backoff (and the call failed).
