@@ -103,7 +103,7 @@
 //! stored (the confirm was lost): retried, it is stored again unless the in-process index
 //! still knows its key.
 
-use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, settling};
+use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, settling, waiting};
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
@@ -351,6 +351,11 @@ impl Held {
     /// meanwhile: see `lease`).
     fn due(&self, now: SystemTime) -> bool {
         self.state.due(now) && self.envelope.not_before <= now
+    }
+
+    /// What it waits for at `now` (see [`waiting`]).
+    fn waiting(&self, now: SystemTime) -> HeldState {
+        waiting(self.state, self.envelope.not_before, now)
     }
 }
 
@@ -1039,16 +1044,6 @@ impl Inner {
             let due_now = st.held.values().filter(|h| h.due(now)).count();
             st.pacer.made(due_now > due);
         }
-        // A lease that ended on a message whose not-before a second copy moved later
-        // waits for it scheduled, so the hold limit below applies to it too.
-        for h in st.held.values_mut() {
-            if let HeldState::Leased(until, _) = h.state
-                && until <= now
-                && h.envelope.not_before > now
-            {
-                h.state = HeldState::Scheduled(h.envelope.not_before);
-            }
-        }
         // Messages due too far away wait in the delay queue, not unacked here; one held
         // unleased for longer than the hold limit (released again and again while the
         // replayer's breaker stays open) goes back to its queue, so no delivery is held
@@ -1058,7 +1053,9 @@ impl Inner {
             .held
             .iter()
             .filter(|(_, h)| {
-                matches!(h.state, HeldState::Scheduled(nb)
+                // A lease that ended on a message a second copy moved later counts
+                // as waiting for that not-before.
+                matches!(h.waiting(now), HeldState::Scheduled(nb)
                 if nb.duration_since(now).is_ok_and(|wait| {
                     wait > self.hold_limit
                         || (!wait.is_zero() && h.received.elapsed() > self.hold_limit)
@@ -1071,7 +1068,7 @@ impl Inner {
         let mut main_full = false;
         for id in far {
             let to_main = st.held.get(&id).is_some_and(|h| {
-                matches!(h.state, HeldState::Scheduled(nb)
+                matches!(h.waiting(now), HeldState::Scheduled(nb)
                     if nb.duration_since(now).is_ok_and(|wait| wait <= self.hold_limit))
             });
             if main_full && to_main {
@@ -1142,7 +1139,12 @@ impl Inner {
         };
         st.moved.retain(|_, at| at.elapsed() < MOVED_FOR);
         let others = behind.saturating_sub(st.moved.len() as u64);
-        let later = due_last(st.held.iter().map(|(&id, h)| (id, h.state)), n, others, now);
+        let later = due_last(
+            st.held.iter().map(|(&id, h)| (id, h.waiting(now))),
+            n,
+            others,
+            now,
+        );
         let mut moved = 0;
         for (nb, id) in later {
             if until.is_some_and(|until| Instant::now() >= until) {

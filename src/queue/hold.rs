@@ -27,6 +27,19 @@ impl HeldState {
     }
 }
 
+/// What a held delivery whose message is due at `not_before` waits for at `now`: its
+/// state, but a lease that ended on a message whose not-before is later (a second copy
+/// of it moved that later) waits scheduled for that not-before. (Its state stays
+/// leased: the lease's holder may still settle it, and it counts as an attempt.)
+pub(crate) fn waiting(state: HeldState, not_before: SystemTime, now: SystemTime) -> HeldState {
+    match state {
+        HeldState::Leased(until, _) if until <= now && not_before > now => {
+            HeldState::Scheduled(not_before)
+        }
+        state => state,
+    }
+}
+
 /// At most this many deliveries are moved to the tail by one lease making room.
 pub(crate) const MOVE_AT_ONCE: usize = 16;
 

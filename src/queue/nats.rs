@@ -108,7 +108,7 @@
 //! `jetstream { sync_interval: always }` (nats-server ≥ 2.10) for fsync before the ack,
 //! or use a replicated (R3) stream so an acknowledged message is on a quorum of servers.
 
-use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, settling};
+use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, settling, waiting};
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
@@ -236,6 +236,11 @@ impl Held {
     /// meanwhile: see `fetch`).
     fn due(&self, now: SystemTime) -> bool {
         self.state.due(now) && self.envelope.not_before <= now
+    }
+
+    /// What it waits for at `now` (see [`waiting`]).
+    fn waiting(&self, now: SystemTime) -> HeldState {
+        waiting(self.state, self.envelope.not_before, now)
     }
 }
 
@@ -720,16 +725,21 @@ impl Inner {
                 // Another copy of a message we hold (left by a `retry_later` whose
                 // republish was stored but whose ack of the old copy was lost): keep our
                 // state on the newer copy, and take the older one out of the stream. The
-                // newer copy's not-before and attempts are the message's now: a lease
-                // in progress goes on, but once it ends the message waits for that
-                // not-before (it was leased again at once, the retry's delay lost).
+                // message keeps the later not-before and the higher attempts of the two
+                // (the newer copy is not always the later state: a move's copy may come
+                // after the held one was leased or retried): a lease in progress goes
+                // on, but once it ends the message waits for that not-before (it was
+                // leased again at once, a retry's delay lost).
                 Some(h) => {
                     let older = if sequence(&msg) > sequence(&h.msg) {
                         h.touched = Instant::now();
-                        if let HeldState::Scheduled(_) = h.state {
-                            h.state = HeldState::Scheduled(envelope.not_before);
+                        if envelope.not_before > h.envelope.not_before {
+                            h.envelope.not_before = envelope.not_before;
+                            if let HeldState::Scheduled(_) = h.state {
+                                h.state = HeldState::Scheduled(envelope.not_before);
+                            }
                         }
-                        h.envelope = envelope;
+                        h.envelope.attempts = h.envelope.attempts.max(envelope.attempts);
                         std::mem::replace(&mut h.msg, msg)
                     } else {
                         msg
@@ -1192,7 +1202,12 @@ impl Inner {
             moved.retain(|_, at| at.elapsed() < MOVED_FOR);
             behind.saturating_sub(moved.len() as u64)
         };
-        let later = due_last(held.iter().map(|(&id, h)| (id, h.state)), n, others, now);
+        let later = due_last(
+            held.iter().map(|(&id, h)| (id, h.waiting(now))),
+            n,
+            others,
+            now,
+        );
         let mut moved = 0;
         for (_, id) in later {
             let left = left();

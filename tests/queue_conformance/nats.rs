@@ -481,6 +481,8 @@ async fn retry_later_over_a_newer_copy_of_its_own_message_replaces_it() {
 /// A newer copy of a message held leased (a `retry_later` whose republish was stored
 /// but whose ack of the delivery failed) carries the retry's not-before: once the lease
 /// in progress ends, the message waits for it instead of being leased again at once.
+/// Its attempts never go back (a copy made before the held one's latest lease counts
+/// fewer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_copy_taken_over_keeps_its_not_before_after_the_lease_ends() {
     let (q, _purge) = make(options());
@@ -492,7 +494,7 @@ async fn a_newer_copy_taken_over_keeps_its_not_before_after_the_lease_ends() {
     // The retry's copy, stored behind the leased delivery.
     let mut retry = e.clone();
     retry.not_before = crate::suite::at(120);
-    retry.attempts = leased[0].envelope.attempts;
+    retry.attempts = 0;
     let subject: String = b"copied".iter().map(|b| format!("{b:02x}")).collect();
     publish_raw(&q, &format!("x{subject}"), retry.encode()).await;
     // A lease fetches the copy and keeps holding the message, still leased.
