@@ -83,7 +83,8 @@
 //! (`+TERM`); a delivery whose payload is not an envelope is moved there the same way,
 //! as it is, with `Postbox-Reason: undecodable: …` (`dead_letters` skips it). A second
 //! copy of a message this process holds (a `retry_later` republish whose ack of the old
-//! copy was lost) is not leased twice: the older copy is acked.
+//! copy was lost) is not leased twice: the older copy is acked, and the message keeps
+//! the later not-before and the higher attempts of the two.
 //! [`Depth::in_flight`](super::Depth) counts this process' leases.
 //!
 //! A process holds at most [`NatsOptions::with_max_held`] deliveries, leased or waiting
