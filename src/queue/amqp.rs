@@ -103,7 +103,7 @@
 //! stored (the confirm was lost): retried, it is stored again unless the in-process index
 //! still knows its key.
 
-use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, settling, waiting};
+use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, leasable, settling, waiting};
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
@@ -346,11 +346,10 @@ struct Held {
 }
 
 impl Held {
-    /// Whether a lease at `now` may take it: its state is due, and so is its message (a
-    /// lease that ended still waits for the not-before of a second copy merged in
-    /// meanwhile: see `lease`).
+    /// Whether a lease at `now` may take it (see [`leasable`]; a second copy is merged
+    /// in by `lease`).
     fn due(&self, now: SystemTime) -> bool {
-        self.state.due(now) && self.envelope.not_before <= now
+        leasable(self.state, self.envelope.not_before, now)
     }
 
     /// What it waits for at `now` (see [`waiting`]).

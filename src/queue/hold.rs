@@ -27,6 +27,13 @@ impl HeldState {
     }
 }
 
+/// Whether a lease at `now` may take a held delivery in `state` whose message is due at
+/// `not_before`: both are due (a lease that ended still waits for the not-before of a
+/// second copy merged in meanwhile).
+pub(crate) fn leasable(state: HeldState, not_before: SystemTime, now: SystemTime) -> bool {
+    state.due(now) && not_before <= now
+}
+
 /// What a held delivery whose message is due at `not_before` waits for at `now`: its
 /// state, but a lease that ended on a message whose not-before is later (a second copy
 /// of it moved that later) waits scheduled for that not-before. (Its state stays

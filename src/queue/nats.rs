@@ -109,7 +109,7 @@
 //! `jetstream { sync_interval: always }` (nats-server ≥ 2.10) for fsync before the ack,
 //! or use a replicated (R3) stream so an acknowledged message is on a quorum of servers.
 
-use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, settling, waiting};
+use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, leasable, settling, waiting};
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
 };
@@ -232,11 +232,10 @@ struct Held {
 }
 
 impl Held {
-    /// Whether a lease at `now` may take it: its state is due, and so is its message (a
-    /// lease that ended still waits for the not-before of a newer copy taken over
-    /// meanwhile: see `fetch`).
+    /// Whether a lease at `now` may take it (see [`leasable`]; a newer copy is taken
+    /// over by `fetch`).
     fn due(&self, now: SystemTime) -> bool {
-        self.state.due(now) && self.envelope.not_before <= now
+        leasable(self.state, self.envelope.not_before, now)
     }
 
     /// What it waits for at `now` (see [`waiting`]).
