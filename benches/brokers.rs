@@ -177,6 +177,12 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
     drop_key(&raw_key);
     g.finish();
     bench_adapter(c, rt, "redis", &q, q.purge());
+    let qc = rt
+        .block_on(RedisQueue::connect(
+            RedisOptions::new(name()).with_capacity(1 << 40),
+        ))
+        .unwrap();
+    bench_adapter(c, rt, "redis_capacity", &qc, qc.purge());
     let mut g = raw_group(c);
     // The adapter's server-side work done by the raw client, one message per call:
     // the same ten-field entry, then also the idempotency-key claim pipelined after it.

@@ -358,7 +358,10 @@ impl RedisQueue {
             ("envelope", &payload),
         ];
         match &self.batcher {
-            None => self.add(&id, &envelope.idempotency_key, fields).await,
+            None => {
+                self.add(envelope.id, &id, &envelope.idempotency_key, fields)
+                    .await
+            }
             Some(batcher) => {
                 let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 2 * fields.len());
                 args.push(id.clone().into());
@@ -383,23 +386,27 @@ impl RedisQueue {
     /// (`lease.lua` deletes any such entry it reads, so it is never delivered).
     async fn add(
         &self,
+        message_id: MessageId,
         id: &str,
         key: &str,
         fields: [(&str, &[u8]); 10],
     ) -> Result<Enqueued, QueueError> {
-        // Sized up front: the entry is copied into the command once, without regrowth.
+        // Sized up front: the entry is copied into the command once, without regrowth
+        // (built again for a rare second try rather than cloned for every first one).
         let size =
             self.keys[0].len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-        let mut xadd = ::redis::Cmd::with_capacity(3 + 2 * fields.len(), size + 8);
-        xadd.arg("XADD").arg(&self.keys[0]).arg("*");
-        for (k, v) in fields {
-            xadd.arg(k).arg(v);
-        }
+        let xadd = || {
+            let mut xadd = ::redis::Cmd::with_capacity(3 + 2 * fields.len(), size + 8);
+            xadd.arg("XADD").arg(&self.keys[0]).arg("*");
+            for (k, v) in fields {
+                xadd.arg(k).arg(v);
+            }
+            xadd
+        };
         let mut conn = self.conn.clone();
-        let message_id = || parse_id(id);
         if key.is_empty() {
-            let _: Value = xadd.query_async(&mut conn).await.map_err(map_err)?;
-            return Ok(Enqueued::Stored(message_id()?));
+            let _: Value = xadd().query_async(&mut conn).await.map_err(map_err)?;
+            return Ok(Enqueued::Stored(message_id));
         }
         // Rarely more than once: only if `lease` deleted the entry as a duplicate's
         // while the key was taken, and the owner was acked before we looked again.
@@ -409,7 +416,7 @@ impl RedisQueue {
             let added: Result<Vec<Value>, _> = ::redis::pipe()
                 .atomic()
                 .ignore_errors()
-                .add_command(xadd.clone())
+                .add_command(xadd())
                 .hset_nx(&self.keys[5], key, id)
                 .query_async(&mut conn)
                 .await;
@@ -440,14 +447,14 @@ impl RedisQueue {
                 Err(e) => return Err(map_err(e)),
             };
             if set == 1 {
-                return Ok(Enqueued::Stored(message_id()?));
+                return Ok(Enqueued::Stored(message_id));
             }
             let args = vec![key.as_bytes().to_vec(), id.as_bytes().to_vec(), eid];
             let settled = invoke(&mut conn, &SETTLE, &self.keys, args).await?;
             let [code, owner] =
                 <[Value; 2]>::try_from(array(settled)?).map_err(|_| unexpected("settle reply"))?;
             match int(code)? {
-                1 => return Ok(Enqueued::Stored(message_id()?)),
+                1 => return Ok(Enqueued::Stored(message_id)),
                 0 => return Ok(Enqueued::Duplicate(parse_id(&string(owner)?)?)),
                 _ => continue,
             }
