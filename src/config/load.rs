@@ -291,18 +291,39 @@ fn strip_location(message: String) -> String {
     }
 }
 
-/// The line and column of the value a message quotes as "duration `v`":
-/// serde_yaml places errors of custom deserializers at the start of the enclosing map.
-fn quoted_value(text: &str, message: &str) -> Option<(usize, usize)> {
+/// The line and column of the value a message quotes as "duration `v`", searched from
+/// line `from`, where the parser placed the error: for errors of custom deserializers,
+/// serde_yaml places them at the start of the enclosing map (searched forward),
+/// serde_json at its end (searched backward), toml at or before the value. The value
+/// standing whole (`"500"`, not inside `"500ms"`) comes first.
+fn quoted_value(text: &str, format: Format, message: &str, from: usize) -> Option<(usize, usize)> {
     const P: &str = "duration `";
     let rest = &message[message.find(P)? + P.len()..];
     let value = &rest[..rest.find('`')?];
     if value.trim().is_empty() {
         return None;
     }
-    text.lines()
-        .enumerate()
-        .find_map(|(n, l)| l.find(value).map(|c| (n + 1, l[..c].chars().count() + 1)))
+    let whole = |l: &str| {
+        l.match_indices(value).map(|(c, _)| c).find(|&c| {
+            let before = l[..c].chars().next_back();
+            let after = l[c + value.len()..].chars().next();
+            before.is_none_or(|b| matches!(b, '"' | '\'' | ' ' | '\t' | ':' | '='))
+                && after.is_none_or(|a| matches!(a, '"' | '\'' | ' ' | '\t' | ',' | '}' | '#'))
+        })
+    };
+    let all: Vec<(usize, &str)> = text.lines().enumerate().collect();
+    let lines: Vec<(usize, &str)> = match format {
+        Format::Json => all[..from.min(all.len())].iter().rev().copied().collect(),
+        _ => all[from.saturating_sub(1).min(all.len())..].to_vec(),
+    };
+    let at = |n: usize, l: &str, c: usize| (n + 1, l[..c].chars().count() + 1);
+    let found = |find: &dyn Fn(&str) -> Option<usize>| {
+        lines
+            .iter()
+            .chain(&all)
+            .find_map(|&(n, l)| find(l).map(|c| at(n, l, c)))
+    };
+    found(&whole).or_else(|| found(&|l: &str| l.find(value)))
 }
 
 fn syntax(
@@ -312,7 +333,7 @@ fn syntax(
     mut line: Option<usize>,
     mut col: Option<usize>,
 ) -> LoadError {
-    if let Some((l, c)) = quoted_value(text, &message) {
+    if let Some((l, c)) = quoted_value(text, format, &message, line.unwrap_or(1)) {
         (line, col) = (Some(l), Some(c));
     }
     let unknown = unknown_field(&message);

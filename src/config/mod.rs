@@ -370,7 +370,9 @@ pub struct ServerConfig {
     /// Also honour a sooner deadline sent by the caller (`grpc-timeout`,
     /// `postbox-timeout-ms`; default `true`).
     pub honour_inbound_deadline: bool,
-    /// The bulkhead (fail fast: `max_waiting` must be 0); default 256 in flight.
+    /// The bulkhead (fail fast: `max_waiting` must be 0); default 256 in flight, also
+    /// when the table is given without `max_concurrent`.
+    #[serde(deserialize_with = "server_bulkhead")]
     pub bulkhead: BulkheadConfig,
     /// The idempotency layer.
     pub idempotency: IdempotencySection,
@@ -389,6 +391,26 @@ impl Default for ServerConfig {
             idempotency: IdempotencySection::default(),
         }
     }
+}
+
+/// `[server.bulkhead]`: a field the table leaves out takes the server's default
+/// ([`ServerConfig::default`], 256 in flight), not the client bulkhead's 100.
+fn server_bulkhead<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BulkheadConfig, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Partial {
+        max_concurrent: Option<usize>,
+        max_waiting: Option<usize>,
+        #[serde(default, deserialize_with = "duration::option")]
+        max_wait: Option<Duration>,
+    }
+    let p = Partial::deserialize(d)?;
+    let base = ServerConfig::default().bulkhead;
+    Ok(BulkheadConfig {
+        max_concurrent: p.max_concurrent.unwrap_or(base.max_concurrent),
+        max_waiting: p.max_waiting.unwrap_or(base.max_waiting),
+        max_wait: p.max_wait.or(base.max_wait),
+    })
 }
 
 /// The idempotency layer of [`ServerConfig`] (see

@@ -131,6 +131,55 @@ fn a_wrong_unit_names_the_value_field_and_line() {
 }
 
 #[test]
+fn a_bad_duration_is_located_at_its_own_field_not_at_an_earlier_lookalike() {
+    // `500` is also the start of the valid `500ms` on the line before.
+    let toml = "[client]\nattempt_timeout = \"500ms\"\ndeadline = \"500\"\n";
+    let yaml = "client:\n  attempt_timeout: 500ms\n  deadline: 500\n";
+    let json = "{\n  \"client\": {\n    \"attempt_timeout\": \"500ms\",\n    \"deadline\": \"500\"\n  }\n}";
+    for (text, format, line) in [
+        (toml, Format::Toml, 3),
+        (yaml, Format::Yaml, 3),
+        (json, Format::Json, 4),
+    ] {
+        let e = StackConfig::from_str(text, format).unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("missing unit"), "{format}: {shown}");
+        assert_eq!(e.line(), Some(line), "{format}: {shown}");
+        assert_eq!(e.field(), Some("deadline"), "{format}: {shown}");
+    }
+}
+
+#[test]
+fn a_server_bulkhead_table_without_max_concurrent_keeps_the_server_default() {
+    let toml = "[server]\ndeadline = \"5s\"\n[server.bulkhead]\nmax_waiting = 0\n";
+    let yaml = "server:\n  deadline: 5s\n  bulkhead:\n    max_waiting: 0\n";
+    let json = "{\"server\": {\"deadline\": \"5s\", \"bulkhead\": {\"max_waiting\": 0}}}";
+    for (text, format) in [
+        (toml, Format::Toml),
+        (yaml, Format::Yaml),
+        (json, Format::Json),
+    ] {
+        let c = StackConfig::from_str(text, format).unwrap();
+        assert_eq!(
+            c.server.bulkhead,
+            ServerConfig::default().bulkhead,
+            "{format}"
+        );
+        assert_eq!(c.server.bulkhead.max_concurrent, 256, "{format}");
+    }
+    // A value given is kept, and a field the table does not know is still an error.
+    let c = ServerConfig::from_str("[bulkhead]\nmax_concurrent = 7\n", Format::Toml).unwrap();
+    assert_eq!(c.bulkhead.max_concurrent, 7);
+    let e = ServerConfig::from_str("[bulkhead]\nmax_concurent = 7\n", Format::Toml).unwrap_err();
+    assert!(e.is_unknown_field(), "{e}");
+    assert_eq!(
+        (e.field(), e.line()),
+        (Some("max_concurent"), Some(2)),
+        "{e}"
+    );
+}
+
+#[test]
 fn an_unknown_field_names_the_field_and_line() {
     let toml = "[client]\ndeadline = \"3s\"\n\n[client.retry]\nmax_retry = 2\n";
     let yaml = "client:\n  deadline: 3s\n  retry:\n    max_retry: 2\n";
