@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 /// | status | class | retryable |
 /// |---|---|---|
 /// | 1xx, 2xx, 3xx | success | no |
-/// | 408 Request Timeout | failure | yes |
+/// | 408 Request Timeout | failure that took no effect (the server did not receive the whole request, RFC 9110 §15.5.9: a `POST` is retried too) | yes |
 /// | 429 Too Many Requests | overload, hint from `Retry-After` | yes |
 /// | 503 with `Retry-After` | overload, hint from `Retry-After` | yes |
 /// | other 5xx (503 without `Retry-After` too) | failure | yes |
@@ -162,7 +162,8 @@ fn default_status(status: StatusCode, headers: &HeaderMap) -> Classification {
         return super::grpc::GrpcClassifier::new().classify_code(code, headers);
     }
     match status.as_u16() {
-        408 => Classification::failure(),
+        // The server did not receive the whole request (RFC 9110 §15.5.9): no effect.
+        408 => Classification::failure().with_effect(false),
         429 => Classification::overload(retry_after(headers, SystemTime::now())),
         503 => match retry_after(headers, SystemTime::now()) {
             Some(hint) => Classification::overload(Some(hint)),
@@ -398,7 +399,9 @@ mod tests {
             assert_eq!(r.class(), Class::Success, "{s}");
             assert!(!r.is_retryable());
         }
-        assert_eq!(classify(&c, &response(408, None)).class(), Class::Failure);
+        let timeout = classify(&c, &response(408, None));
+        assert_eq!(timeout.class(), Class::Failure);
+        assert!(!timeout.may_have_taken_effect());
     }
 
     #[test]

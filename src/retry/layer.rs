@@ -30,11 +30,20 @@ impl RetryLayer<DefaultPolicy> {
     /// The defaults for any `Clone` request: [`ErrorClassifier`], 3 retries (4 attempts
     /// in all), [`Backoff::default`], the default [`RetryBudget`] (fresh for this
     /// layer), hints honoured up to [`DEFAULT_MAX_RETRY_AFTER`].
+    ///
+    /// Every request counts as retry-safe ([`Cloned`](super::Cloned), tower's `Retry`
+    /// semantics): an `http::Request` with a `Clone` body is a `Clone` request, so a
+    /// `POST` would be sent again after a failure that may have taken effect. For HTTP
+    /// start from [`RetryLayer::http`], which retries only idempotent methods or
+    /// requests with an `Idempotency-Key` then (and replays bodies that are not
+    /// `Clone`); changing only the [`classifier`](RetryBuilder::classifier) of this
+    /// builder keeps `Cloned`.
     pub fn new() -> Self {
         Self::builder().build().expect("the defaults are valid")
     }
 
-    /// A builder starting from the defaults of [`new`](Self::new).
+    /// A builder starting from the defaults of [`new`](Self::new) (every request
+    /// retry-safe: for HTTP see [`RetryLayer::http`]).
     pub fn builder() -> RetryBuilder<ErrorClassifier, Cloned, ()> {
         RetryBuilder {
             classifier: ErrorClassifier::new(),

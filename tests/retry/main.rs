@@ -718,6 +718,24 @@ async fn a_connect_error_is_retried_even_for_a_post() {
     assert_ready_ok!(fut.poll());
 }
 
+/// A `408 Request Timeout` says the server did not receive the whole request (RFC 9110
+/// §15.5.9): it took no effect, so even a `POST` without a key is retried.
+#[tokio::test(start_paused = true)]
+async fn a_408_is_retried_even_for_a_post() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
+    take_request(&mut handle).1.send_response(status(408, None));
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll());
+    let (retried, send) = take_request(&mut handle);
+    assert_eq!(retried.method(), Method::POST);
+    send.send_response(status(201, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::CREATED);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_budget_of_20_percent_with_floor_0_allows_2_retries_after_10_first_attempts() {
     let budget = RetryBudget::builder()
