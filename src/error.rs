@@ -7,7 +7,7 @@
 //! | error | meaning | axum (`http`) | tonic (`grpc`) |
 //! |---|---|---|---|
 //! | [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | the breaker rejected the call | 503 + `Retry-After` | `UNAVAILABLE` + `grpc-retry-pushback-ms` |
-//! | [`bulkhead::error::Full`](crate::bulkhead::error::Full) | no permit | 503 + `Retry-After: 1` | `RESOURCE_EXHAUSTED` |
+//! | [`bulkhead::error::Full`](crate::bulkhead::error::Full) | no permit | 503 + `Retry-After: 1` | `RESOURCE_EXHAUSTED` + `grpc-retry-pushback-ms: 1000` |
 //! | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) | attempt timed out | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | deadline passed | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) | deadline passed while the response body was read (a body error: a proxy that had not sent its head yet answers 504) | 504 | `DEADLINE_EXCEEDED` |
@@ -241,6 +241,7 @@ mod grpc_mapping {
     use crate::enqueue::error::NotEnqueued;
     use crate::timeout::error::{BodyDeadlineExceeded, DeadlineExceeded, Elapsed};
     use std::error::Error;
+    use std::time::Duration;
     use tonic::{Code, Status};
 
     impl From<Open> for Status {
@@ -248,19 +249,27 @@ mod grpc_mapping {
         /// probe.
         fn from(e: Open) -> Self {
             let mut status = Status::new(Code::Unavailable, e.to_string());
-            // Rounded up, as `Retry-After` is: a client honouring it is never early.
-            let ms = e.retry_after().as_nanos().div_ceil(1_000_000).max(1);
-            if let Ok(v) = ms.to_string().parse() {
-                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
-            }
+            pushback(&mut status, e.retry_after());
             with_source(status, e)
         }
     }
 
     impl From<Full> for Status {
-        /// `RESOURCE_EXHAUSTED`.
+        /// `RESOURCE_EXHAUSTED`, with `grpc-retry-pushback-ms: 1000` (as HTTP's
+        /// `Retry-After: 1`).
         fn from(e: Full) -> Self {
-            with_source(Status::new(Code::ResourceExhausted, e.to_string()), e)
+            let mut status = Status::new(Code::ResourceExhausted, e.to_string());
+            pushback(&mut status, Duration::from_secs(1));
+            with_source(status, e)
+        }
+    }
+
+    /// Sets `grpc-retry-pushback-ms`, rounded up as `Retry-After` is: a client honouring
+    /// it is never early.
+    fn pushback(status: &mut Status, after: Duration) {
+        let ms = after.as_nanos().div_ceil(1_000_000).max(1);
+        if let Ok(v) = ms.to_string().parse() {
+            status.metadata_mut().insert("grpc-retry-pushback-ms", v);
         }
     }
 
@@ -452,7 +461,14 @@ mod tests {
         let err: BoxError = status.into();
         assert!(is_caused_by::<Open>(&*err));
         assert_eq!(classify_error(&*err).class(), Class::Ignored);
-        let full: BoxError = tonic::Status::from(Full::new(1, 0)).into();
+        // A full bulkhead tells a gRPC client when to come back, as `Retry-After: 1`
+        // tells an HTTP one.
+        let full = tonic::Status::from(Full::new(1, 0));
+        assert_eq!(
+            full.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            "1000"
+        );
+        let full: BoxError = full.into();
         assert_eq!(classify_error(&*full).class(), Class::Ignored);
         let before: BoxError =
             tonic::Status::from(DeadlineExceeded::new(Duration::ZERO, true)).into();
