@@ -1189,7 +1189,13 @@ where
             self.dead_letter(token, &reason).await;
             return;
         }
-        let backoff = self.config.backoff(attempts, &mut self.rng);
+        // At least a poll interval, as the other ways back to the queue: with a zero
+        // backoff base a failing message was leased again at once and burnt its
+        // attempts within milliseconds.
+        let backoff = self
+            .config
+            .backoff(attempts, &mut self.rng)
+            .max(self.config.poll_interval);
         let delay = backoff.max(after.unwrap_or_default());
         if expires_at.is_some_and(|at| crate::queue::saturating_add(wall_now(), delay) >= at) {
             // Never tried again: dead now, not after waiting out the delay.
@@ -1285,6 +1291,15 @@ where
                     self.resettle_at.get_or_insert(at);
                 }
                 return false;
+            }
+            (Err(e @ QueueError::LeaseLost(_)), Settle::Ack(tokens)) => {
+                // Every current token of the batch was acked (`Queue::ack`); the error
+                // names the first stale one. Counted as the only one: a stale token's
+                // message is replayed (and counted) again, or was already.
+                log_queue_error("ack", &e);
+                let n = tokens.len().saturating_sub(1) as u64;
+                metrics::counter!("postbox_replayed_total").increment(n);
+                self.stats.replayed.fetch_add(n, Ordering::Relaxed);
             }
             // Acks: the leases expire and the messages are replayed again; the
             // idempotency key keeps the effect single.

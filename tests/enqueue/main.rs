@@ -2092,6 +2092,66 @@ async fn replayer_pauses_a_poll_interval_for_an_open_breaker_even_with_zero_back
     }
 }
 
+/// With a zero backoff base, a delivery answered with a retryable failure goes back to
+/// the queue for at least a poll interval: its attempts are not burnt in a hot loop
+/// (during an outage every message was dead-lettered within milliseconds).
+#[tokio::test(start_paused = true)]
+async fn replayer_retries_a_failed_delivery_no_sooner_than_a_poll_interval_with_zero_backoff() {
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/a").await;
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |n, _| {
+        Ok(if n < 3 {
+            respond(503, "")
+        } else {
+            respond(200, "")
+        })
+    });
+    let poll = Duration::from_millis(100);
+    let handle = Replayer::http(queue.clone(), svc)
+        .jitter(false)
+        .max_attempts(5)
+        .backoff(Duration::ZERO, Duration::from_secs(60))
+        .poll_interval(poll)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    assert_eq!(handle.stats().dead_lettered, 0);
+    handle.shutdown().await;
+    assert_eq!(calls.lock().unwrap().len(), 4);
+    for gap in gaps(&calls) {
+        assert!(gap >= poll, "gap {gap:?}");
+    }
+}
+
+/// An ack batch holding a stale token (its lease lapsed while the ack waited) acks the
+/// others, and the queue answers `LeaseLost` naming the stale one: the others are still
+/// counted as replayed. None were, and a caller waiting for the count waited for ever.
+#[tokio::test(start_paused = true)]
+async fn acks_of_a_batch_with_a_stale_token_are_counted() {
+    let queue = Arc::new(AckRecorder::default());
+    queue.make_the_last_token_of_acks_stale();
+    for i in 0..3 {
+        enqueue_raw(&queue.inner, &format!("http://api.test/{i}")).await;
+    }
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |_, _| Ok(respond(200, "")));
+    let handle = Replayer::http(queue.clone(), svc)
+        .concurrency(1)
+        .ack_batch(3, Duration::from_secs(5))
+        .spawn()
+        .unwrap();
+    eventually(|| !queue.acks().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The stale one is counted when its message is replayed again (here it was acked).
+    assert_eq!(handle.stats().replayed, 2);
+    handle.shutdown().await;
+    let sizes: Vec<usize> = queue.acks().iter().map(|(n, _)| *n).collect();
+    assert_eq!(sizes, [3]);
+    assert_eq!(depth(&queue.inner).await, Depth::default());
+    assert_eq!(calls.lock().unwrap().len(), 3);
+}
+
 /// A replay answered with a `Retry-After` too large for the clock (and no cap) goes back
 /// to the queue far in the future; the replayer neither panics nor stops, and replays the next
 /// message.

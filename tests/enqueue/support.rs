@@ -123,6 +123,7 @@ pub(crate) struct AckRecorder {
     pub(crate) inner: MemoryQueue,
     acks: Arc<Mutex<Vec<(usize, Instant)>>>,
     outage: Arc<AtomicUsize>,
+    stale: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AckRecorder {
@@ -135,6 +136,13 @@ impl AckRecorder {
     /// (without reaching the queue).
     pub(crate) fn fail_next_settles(&self, n: usize) {
         self.outage.store(n, Ordering::SeqCst);
+    }
+
+    /// Every `ack` of more than one token from now on finds its last token stale (as
+    /// one whose lease lapsed while its ack waited; acked here first, behind the
+    /// caller's back): the queue acks the others and answers [`QueueError::LeaseLost`].
+    pub(crate) fn make_the_last_token_of_acks_stale(&self) {
+        self.stale.store(true, Ordering::SeqCst);
     }
 
     /// Whether this settle call fails (one of the outage's).
@@ -170,8 +178,12 @@ impl Queue for AckRecorder {
             .unwrap()
             .push((tokens.len(), Instant::now()));
         let (down, inner, tokens) = (self.down(), self.inner.clone(), tokens.to_vec());
+        let stale = self.stale.load(Ordering::SeqCst) && tokens.len() > 1;
         async move {
             down.map_or(Ok(()), Err)?;
+            if stale {
+                inner.ack(&tokens[tokens.len() - 1..]).await?;
+            }
             inner.ack(&tokens).await
         }
     }
