@@ -256,15 +256,11 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
         if map.len() < self.max_keys {
             return;
         }
-        // Room is made for a batch of new keys at once (1/64 of the map, closed
-        // breakers only beyond the one needed): each eviction scans the whole map
-        // under the write lock every call waits on, and a flood of new keys would
-        // otherwise pay that scan once per key.
-        let needed = map.len() + 1 - self.max_keys;
-        let evict = needed.max(self.max_keys / 64);
         // Closed breakers without a call first, least recently used first; then those
         // with calls in flight (their outcomes would land in a dropped breaker); open
-        // and half-open ones last.
+        // and half-open ones last. Those in a state set by hand count on top of the
+        // bound: they are neither candidates nor counted against it (counted, they
+        // made every new key evict a breaker guarding a failing dependency).
         let mut victims: Vec<((bool, bool, u64), &K)> = map
             .iter()
             .filter(|(_, e)| !is_manual(e))
@@ -273,7 +269,15 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
                 ((guarding, in_use(e), e.last_used_ns.load(Relaxed)), k)
             })
             .collect();
-        let evict = evict.min(victims.len());
+        if victims.len() < self.max_keys {
+            return;
+        }
+        // Room is made for a batch of new keys at once (1/64 of the map, closed
+        // breakers only beyond the one needed): each eviction scans the whole map
+        // under the write lock every call waits on, and a flood of new keys would
+        // otherwise pay that scan once per key.
+        let needed = victims.len() + 1 - self.max_keys;
+        let evict = needed.max(self.max_keys / 64).min(victims.len());
         if evict == 0 {
             return;
         }

@@ -1214,13 +1214,51 @@ async fn a_state_set_by_hand_survives_eviction() {
     advance(Duration::from_secs(61)).await;
     keys.evict_idle();
     svc.ready().await.unwrap().call((3, true)).await.unwrap();
+    advance(Duration::from_millis(1)).await;
     svc.ready().await.unwrap().call((4, true)).await.unwrap();
+    svc.ready().await.unwrap().call((5, true)).await.unwrap();
     assert_eq!(keys.get(&1).unwrap().state(), State::ForcedOpen);
     assert_eq!(keys.get(&2).unwrap().state(), State::Disabled);
     open_error(svc.ready().await.unwrap().call((1, true)).await);
     let mut k = keys.keys();
     k.sort();
-    assert_eq!(k, [1, 2, 4], "3 made room for 4; the manual ones stay");
+    assert_eq!(
+        k,
+        [1, 2, 4, 5],
+        "3 made room for 5; the manual ones stay, on top of the bound"
+    );
+}
+
+/// Breakers in a state set by hand count on top of `max_keys`: with as many of them as
+/// the bound, a new key does not evict a breaker that is open, guarding a failing
+/// dependency (it did, and full traffic went back to it).
+#[tokio::test(start_paused = true)]
+async fn states_set_by_hand_do_not_use_up_the_bound_and_evict_an_open_breaker() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .keyed(|req: &(u32, bool)| req.0)
+        .max_keys(2)
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    keys.force_open(1);
+    keys.disable(2);
+    let mut svc = layer.layer(service_fn(ok_unless_false::<u32>));
+    svc.ready()
+        .await
+        .unwrap()
+        .call((3, false))
+        .await
+        .unwrap_err();
+    assert_eq!(keys.get(&3).unwrap().state(), State::Open);
+    svc.ready().await.unwrap().call((4, true)).await.unwrap();
+    assert_eq!(keys.get(&3).map(|b| b.state()), Some(State::Open));
+    open_error(svc.ready().await.unwrap().call((3, true)).await);
+    // The bound still holds for the others: a third key evicts the closed one.
+    svc.ready().await.unwrap().call((5, true)).await.unwrap();
+    let mut k = keys.keys();
+    k.sort();
+    assert_eq!(k, [1, 2, 3, 5]);
 }
 
 /// A key can be cut off by hand before its first call (`get` finds no breaker for an
