@@ -106,8 +106,11 @@
 //! A stored message that cannot be decoded (damaged inside intact pages, or written by a
 //! newer envelope version) is *quarantined* when a lease reaches it: taken out of the
 //! queue and its key index, its id and the reason kept in the `quarantine` table and its
-//! bytes left in `messages`, logged at error level and counted in
-//! `postbox_queue_quarantined_total`, so the leases after it go on.
+//! bytes left in `messages`, logged at error level (with its id) and counted in
+//! `postbox_queue_quarantined_total`, so the leases after it go on. It counts among the
+//! dead letters of [`Queue::depth`] (as a broker's undecodable dead letter does), is not
+//! listed by [`Queue::dead_letters`] (there is no envelope to list), and
+//! [`Queue::discard_dead_letters`] deletes it by its id.
 
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
@@ -1340,6 +1343,9 @@ struct Tables<'t> {
     keys: redb::Table<'t, &'static str, Id>,
     /// For the tables only a rare op opens (`quarantine`).
     txn: &'t WriteTransaction,
+    /// Messages quarantined whose keys are still to be freed: one scan of the key
+    /// index for all of them ([`Tables::forget_quarantined_keys`]), not one each.
+    unkeyed: Vec<Id>,
     /// Whether anything was written (else the transaction is aborted, saving an fsync).
     dirty: bool,
 }
@@ -1372,6 +1378,7 @@ fn apply_ops(
         dead: txn.open_table(DEAD).map_err(redb_err)?,
         keys: txn.open_table(KEYS).map_err(redb_err)?,
         txn,
+        unkeyed: Vec::new(),
         dirty: false,
     };
     for op in ops.by_ref() {
@@ -1603,6 +1610,18 @@ impl Tables<'_> {
         now: SystemTime,
         st: &mut State<'_>,
     ) -> Result<Vec<Leased>, QueueError> {
+        let out = self.lease_due(max, lease_for, now, st)?;
+        self.forget_quarantined_keys()?;
+        Ok(out)
+    }
+
+    fn lease_due(
+        &mut self,
+        max: usize,
+        lease_for: Duration,
+        now: SystemTime,
+        st: &mut State<'_>,
+    ) -> Result<Vec<Leased>, QueueError> {
         let now_k = time_key(now);
         // Expired leases are free again (they never left `ready`).
         while let Some(&(until, id)) = st.leases.by_expiry.first() {
@@ -1702,15 +1721,15 @@ impl Tables<'_> {
     }
 
     /// Takes a ready message that cannot be decoded out of the queue for good: out of
-    /// `ready` and the key index, into `quarantine` with `why` (its bytes stay in
-    /// `messages` for inspection). Logged at error level and counted in
+    /// `ready` and (with [`forget_quarantined_keys`](Self::forget_quarantined_keys))
+    /// the key index, into `quarantine` with `why` (its bytes stay in `messages` for
+    /// inspection). Logged at error level and counted in
     /// `postbox_queue_quarantined_total`.
     fn quarantine(&mut self, id: Id, why: &str, st: &mut State<'_>) -> Result<(), QueueError> {
         tracing::error!(id = %from_id(id), reason = why, "postbox: undecodable queued message quarantined");
         metrics::counter!("postbox_queue_quarantined_total").increment(1);
         self.ready.remove(id).map_err(redb_err)?;
-        // Its key cannot be read from its bytes: find it by owner (rare, so a scan).
-        self.keys.retain(|_, owner| owner != id).map_err(redb_err)?;
+        self.unkeyed.push(id);
         self.txn
             .open_table(QUARANTINE)
             .map_err(redb_err)?
@@ -1718,6 +1737,29 @@ impl Tables<'_> {
             .map_err(redb_err)?;
         *st.live = st.live.saturating_sub(1);
         self.dirty = true;
+        Ok(())
+    }
+
+    /// Frees the keys of the messages quarantined since the last call. A key cannot be
+    /// read from undecodable bytes: it is found by owner, in one scan of the key index
+    /// for all of them (a lease reaching thousands of them, after a rollback to a
+    /// release that cannot read a newer envelope version, made one scan each, in one
+    /// transaction every producer waited for).
+    fn forget_quarantined_keys(&mut self) -> Result<(), QueueError> {
+        match self.unkeyed.len() {
+            0 => return Ok(()),
+            1 => {
+                let id = self.unkeyed[0];
+                self.keys.retain(|_, owner| owner != id).map_err(redb_err)?;
+            }
+            _ => {
+                let ids: std::collections::HashSet<Id> = self.unkeyed.iter().copied().collect();
+                self.keys
+                    .retain(|_, owner| !ids.contains(&owner))
+                    .map_err(redb_err)?;
+            }
+        }
+        self.unkeyed.clear();
         Ok(())
     }
 
@@ -1848,15 +1890,27 @@ impl Tables<'_> {
                 + self.ready.len().map_err(redb_err)?)
             .saturating_sub(in_flight),
             in_flight,
-            dead: self.dead.len().map_err(redb_err)?,
+            // Quarantined messages are dead letters that cannot be decoded (the brokers
+            // keep such messages among their dead letters too).
+            dead: self.dead.len().map_err(redb_err)?
+                + self
+                    .txn
+                    .open_table(QUARANTINE)
+                    .map_err(redb_err)?
+                    .len()
+                    .map_err(redb_err)?,
         })
     }
 
-    /// Deletes the dead letters `ids` (their reasons and their bytes).
+    /// Deletes the dead letters `ids` (their reasons and their bytes), quarantined ones
+    /// too.
     fn discard_dead(&mut self, ids: &[Id]) -> Result<u64, QueueError> {
         let mut discarded = 0;
+        let mut quarantine = self.txn.open_table(QUARANTINE).map_err(redb_err)?;
         for &id in ids {
-            if self.dead.remove(id).map_err(redb_err)?.is_some() {
+            if self.dead.remove(id).map_err(redb_err)?.is_some()
+                || quarantine.remove(id).map_err(redb_err)?.is_some()
+            {
                 self.messages.remove(id).map_err(redb_err)?;
                 self.dirty = true;
                 discarded += 1;
@@ -1901,6 +1955,7 @@ impl Tables<'_> {
             Ok(env) => Ok(Some(env)),
             Err(why) => {
                 self.quarantine(id, &why, st)?;
+                self.forget_quarantined_keys()?;
                 Ok(None)
             }
         }
@@ -2417,16 +2472,59 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // Counted among the dead letters, not listed with them (nothing to decode).
         let depth = q.depth().await.unwrap();
-        assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 0));
+        assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 1, 1));
+        assert!(q.dead_letters(10).await.unwrap().is_empty());
         let again = q.enqueue(envelope("bad-key")).await.unwrap();
         assert!(matches!(again, Enqueued::Stored(_)), "{again:?}");
         q.close().await.unwrap();
-        let db = Database::create(&path).unwrap();
-        let txn = db.begin_read().unwrap();
-        let table = txn.open_table(QUARANTINE).unwrap();
-        let why = table.get(to_id(bad)).unwrap().unwrap().value().to_owned();
-        assert!(why.contains("version"), "{why}");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let table = txn.open_table(QUARANTINE).unwrap();
+            let why = table.get(to_id(bad)).unwrap().unwrap().value().to_owned();
+            assert!(why.contains("version"), "{why}");
+        }
+        // Deleted by its id, as a dead letter is.
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        assert_eq!(q.discard_dead_letters(&[bad]).await.unwrap(), 1);
+        assert_eq!(q.depth().await.unwrap().dead, 0);
+        assert_eq!(q.discard_dead_letters(&[bad]).await.unwrap(), 0);
+        q.close().await.unwrap();
+    }
+
+    /// Many undecodable messages reached by one lease are all quarantined and all their
+    /// keys freed (in one scan of the key index, not one each).
+    #[tokio::test]
+    async fn many_undecodable_messages_in_one_lease_all_free_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let mut bad = Vec::new();
+        for i in 0..5 {
+            bad.push(q.enqueue(envelope(&format!("bad-{i}"))).await.unwrap().id());
+        }
+        let good = q.enqueue(envelope("good")).await.unwrap().id();
+        q.close().await.unwrap();
+        for &id in &bad {
+            damage(&path, id);
+        }
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let leased = q
+            .lease(10, Duration::from_secs(30), SystemTime::now())
+            .await
+            .unwrap();
+        let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+        assert_eq!(ids, vec![good]);
+        assert_eq!(q.depth().await.unwrap().dead, 5);
+        for i in 0..5 {
+            let again = q.enqueue(envelope(&format!("bad-{i}"))).await.unwrap();
+            assert!(matches!(again, Enqueued::Stored(_)), "{i}: {again:?}");
+        }
+        let dup = q.enqueue(envelope("good")).await.unwrap();
+        assert_eq!(dup, Enqueued::Duplicate(good), "a live key is kept");
+        q.close().await.unwrap();
     }
 
     /// A dead letter whose bytes were damaged is skipped by `dead_letters` and logged,
