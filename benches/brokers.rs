@@ -450,6 +450,71 @@ fn bench_amqp(c: &mut Criterion, rt: &Runtime) {
     g.finish();
 }
 
+/// `…/redis_fsync/…`: the plain loop and the adapter against a private `redis-server`
+/// in the durable configuration the docs give (`appendonly yes`, `appendfsync always`),
+/// on a port of its own and a temporary directory; the shared server keeps nothing on
+/// disk. Skipped, with a note, where there is no `redis-server` binary to start.
+fn bench_redis_fsync(c: &mut Criterion, rt: &Runtime) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        eprintln!("no redis-server to start: the redis_fsync functions are skipped");
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{port}/");
+    let q = rt.block_on(async {
+        for _ in 0..100 {
+            let options = RedisOptions::new(name()).with_url(url.clone());
+            if let Ok(q) = RedisQueue::connect(options).await {
+                return q;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the private redis-server on port {port} did not answer");
+    });
+    let raw = q.connection();
+    let mut g = raw_group(c);
+    let payload = envelope().encode();
+    bench_loop(
+        &mut g,
+        rt,
+        "redis_fsync/64_producers",
+        (raw, format!("postbox-bench-raw:{}", name()), payload),
+        |(mut raw, key, payload)| async move {
+            let _: String = redis::cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("envelope")
+                .arg(payload)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        },
+    );
+    g.finish();
+    bench_adapter(c, rt, "redis_fsync", &q, q.purge());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn brokers(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -457,6 +522,7 @@ fn brokers(c: &mut Criterion) {
         .build()
         .unwrap();
     bench_redis(c, &rt);
+    bench_redis_fsync(c, &rt);
     bench_nats(c, &rt);
     bench_amqp(c, &rt);
 }
