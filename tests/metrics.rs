@@ -123,6 +123,56 @@ fn a_request_deferred_by_an_open_breaker_is_one_rejection() {
     assert_eq!(counter(&handle, rejected), 1, "{}", handle.render());
 }
 
+/// A deferral whose idempotency key the queue holds already stores nothing: it is
+/// counted as a `duplicate`, not as another message `enqueued`.
+#[cfg(feature = "http")]
+#[test]
+fn a_deferral_the_queue_holds_already_is_counted_as_a_duplicate() {
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Full;
+    use postbox::circuit_breaker::CircuitBreakerLayer;
+    use postbox::classify::HttpClassifier;
+    use postbox::enqueue::{BufferedBody, EnqueueFallbackLayer};
+    use postbox::queue::MemoryQueue;
+    use std::sync::Arc;
+
+    let handle = recorded(|| async {
+        let breaker = CircuitBreakerLayer::new().with_classifier(HttpClassifier::new());
+        breaker.handle().force_open();
+        let dependency = service_fn(|_: Request<BufferedBody<Full<Bytes>>>| async {
+            Ok::<_, BoxError>(Response::new(Full::<Bytes>::default()))
+        });
+        let svc = EnqueueFallbackLayer::new(Arc::new(MemoryQueue::new()))
+            .layer(breaker.layer(dependency));
+        for _ in 0..2 {
+            let req = Request::post("http://api.test/orders")
+                .header("idempotency-key", "order-17")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            let res = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::ACCEPTED);
+        }
+    });
+    let series = |outcome: &str| {
+        format!(
+            r#"postbox_calls_total{{layer="enqueue",outcome="{outcome}",reason="circuit-open"}}"#
+        )
+    };
+    assert_eq!(
+        counter(&handle, &series("enqueued")),
+        1,
+        "{}",
+        handle.render()
+    );
+    assert_eq!(
+        counter(&handle, &series("duplicate")),
+        1,
+        "{}",
+        handle.render()
+    );
+}
+
 /// The value of the gauge `name{labels}` (its Prometheus line), if present.
 fn gauge(handle: &PrometheusHandle, series: &str) -> Option<f64> {
     handle

@@ -235,10 +235,12 @@ impl Pending {
                     cause = %original,
                     "request deferred to the queue"
                 );
+                // A duplicate stored nothing: the receipt is the message's held already.
+                let outcome = if duplicate { "duplicate" } else { "enqueued" };
                 metrics::counter!(
                     "postbox_calls_total",
                     "layer" => "enqueue",
-                    "outcome" => "enqueued",
+                    "outcome" => outcome,
                     "reason" => reason_str(reason)
                 )
                 .increment(1);
