@@ -57,11 +57,30 @@ pub fn is_retry_safe(method: &Method, headers: &HeaderMap) -> bool {
     is_idempotent_method(method) || has_idempotency_key(headers)
 }
 
-/// A new key: a UUIDv7 in lowercase hyphenated form (48-bit Unix milliseconds, then
-/// random bits), from [`MessageId::new_v7`](crate::queue::MessageId::new_v7), so keys
-/// sort by creation time and never repeat in practice.
+/// A new key: a UUIDv7 in lowercase hyphenated form (48-bit Unix milliseconds, then 74
+/// bits fresh for every key), so keys sort by creation time and never repeat in
+/// practice.
+///
+/// The 74 bits cannot be worked out from other keys: they are a keyed hash (SipHash,
+/// its keys from the operating system's randomness, once per process) of a counter.
+/// Message ids ([`MessageId::new_v7`](crate::queue::MessageId::new_v7)) count up within
+/// a millisecond; keys made so, a caller shown its own key (a receipt's
+/// `idempotency-key`) could take the next ones first at a server that scopes keys by
+/// route alone, and have other callers' requests answered `409` or `422`.
 pub fn generate_idempotency_key() -> HeaderValue {
-    let text = crate::queue::MessageId::new_v7().hyphenated();
+    use std::hash::BuildHasher;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SECRET: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let secret = SECRET.get_or_init(std::collections::hash_map::RandomState::new);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let bits =
+        (u128::from(secret.hash_one((n, 0u8))) << 64) | u128::from(secret.hash_one((n, 1u8)));
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let text = crate::queue::MessageId::from_v7_parts(ms, bits).hyphenated();
     HeaderValue::from_bytes(&text).expect("hex digits and hyphens are a valid header value")
 }
 
@@ -83,6 +102,26 @@ pub fn ensure_idempotency_key<B>(req: &mut Request<B>) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Generated keys are UUIDv7s of the current millisecond whose other bits share
+    /// nothing with the key before: message ids made in the same millisecond differ by
+    /// one, and keys made so could be guessed from a key a caller was shown.
+    #[test]
+    fn generated_keys_are_v7_and_not_guessable_from_the_one_before() {
+        let keys: Vec<u128> = (0..1000)
+            .map(|_| {
+                let text = generate_idempotency_key();
+                let id: crate::queue::MessageId = text.to_str().unwrap().parse().unwrap();
+                assert_eq!(text.to_str().unwrap().as_bytes()[14], b'7', "{text:?}");
+                u128::from_be_bytes(*id.as_bytes())
+            })
+            .collect();
+        let random = |k: u128| k & ((1 << 62) - 1);
+        for pair in keys.windows(2) {
+            let apart = random(pair[0]).abs_diff(random(pair[1]));
+            assert!(apart > 1 << 32, "{:032x} then {:032x}", pair[0], pair[1]);
+        }
+    }
 
     /// A key the server's `Idempotency` layer cannot read (blank, not ASCII) does not
     /// make a request retry-safe, and is replaced by a generated one: retried, a `POST`

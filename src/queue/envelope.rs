@@ -306,7 +306,7 @@ impl MessageId {
     }
 
     /// Assembles a UUIDv7 from a 48-bit millisecond timestamp and 74 random/counter bits.
-    fn from_v7_parts(ms: u64, bits74: u128) -> Self {
+    pub(crate) fn from_v7_parts(ms: u64, bits74: u128) -> Self {
         let rand_a = (bits74 >> 62) & 0xFFF; // 12 bits
         let rand_b = bits74 & ((1u128 << 62) - 1); // 62 bits
         let v = (u128::from(ms & 0xFFFF_FFFF_FFFF) << 80)
