@@ -180,8 +180,6 @@ pub(crate) struct Tap {
     state: Mutex<TapState>,
     /// The fingerprint of the head alone: the one stored if the body is not read whole.
     head: Fingerprint,
-    /// Some of the body was read (set with the first non-empty frame).
-    read_some: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -200,7 +198,6 @@ impl Tap {
         Self {
             head: Hasher::head_only(&hasher),
             state: Mutex::new(TapState::Reading(hasher)),
-            read_some: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -219,10 +216,6 @@ impl Tap {
     }
 
     fn data(&self, data: &impl Buf) {
-        if data.has_remaining() {
-            self.read_some
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
         let mut state = self.state();
         if let TapState::Reading(h) = &mut *state
             && !h.write_buf(data)
@@ -238,11 +231,12 @@ impl Tap {
         }
     }
 
-    /// Whether the handler read some of the body but not all of it (its fingerprint is
-    /// then of the head alone, though the body mattered to the answer).
-    pub(crate) fn partly_read(&self) -> bool {
+    /// Whether the request has a body the handler did not read whole, or not all of it
+    /// through the hash (its fingerprint is then of the head alone, though the body, or
+    /// a header about it such as `Content-Length`, may have decided the answer). An
+    /// empty body is read whole at once.
+    pub(crate) fn not_read_whole(&self) -> bool {
         matches!(*self.state(), TapState::Reading(_) | TapState::Lost)
-            && self.read_some.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the body failed while the handler read it.

@@ -25,9 +25,9 @@
 //!   (no copy); a repeat's body is read and hashed by the layer. A first request whose
 //!   handler did not read its whole body (it answered from the head: a `415`, a `400`
 //!   for the query) is fingerprinted by its head alone, and its repeats are compared
-//!   by method, path and query and content type only. A `4xx` answered after reading
-//!   only part of the body (a body limit's `413`, a parser that failed midway) is not
-//!   remembered: a corrected repeat runs;
+//!   by method, path and query and content type only. A `4xx` answered without reading
+//!   the whole body (a body limit's `413`, decided from `Content-Length` or midway; a
+//!   parser that failed midway) is not remembered: a corrected repeat runs;
 //! * requests without the header pass through untouched (in a [`FingerprintedBody`]
 //!   that only forwards) — or, with [`require_key`](IdempotencyLayer::require_key),
 //!   those of an unsafe method are answered `400` ("Idempotency-Key is missing") —

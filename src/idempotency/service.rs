@@ -619,14 +619,15 @@ where
                 tracing::debug!(key = %claim.key, "request body failed; not remembered");
                 return Outcome::Whole(bytes, trailers);
             };
-            // Refused after reading part of the body (a body limit's `413`, a parser
-            // that failed midway): the body decided the answer, but only the head was
+            // Refused without reading the whole body (a body limit's `413`, decided
+            // from `Content-Length` before reading or midway; a parser that failed
+            // midway): the body decided the answer, but only the head was
             // fingerprinted, so a corrected repeat under this key would get the stale
             // refusal instead of running. A refusal made nothing happen: not
             // remembered. (Any other answer is, by its head, so that it never runs
             // twice.)
-            if status.is_client_error() && tap.partly_read() {
-                tracing::debug!(key = %claim.key, %status, "refused after a partial read of the body; not remembered");
+            if status.is_client_error() && tap.not_read_whole() {
+                tracing::debug!(key = %claim.key, %status, "refused without reading the whole body; not remembered");
                 return Outcome::Whole(bytes, trailers);
             }
             let stored = StoredResponse {

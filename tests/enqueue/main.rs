@@ -4443,3 +4443,48 @@ async fn a_refusal_after_a_partly_read_body_is_not_remembered() {
     assert!(again.headers().contains_key(REPLAYED_HEADER));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// A refusal decided from the body's headers before reading any of it (a body limit's
+/// `413` on `Content-Length`, as tower-http's answers) is not remembered either: the
+/// fingerprint was of the head alone, which does not hold `Content-Length`, and the
+/// corrected repeat got the stale `413` for the whole ttl.
+#[tokio::test]
+async fn a_refusal_made_before_reading_the_body_is_not_remembered() {
+    let post = |body: &'static str| {
+        let mut req = Request::post("http://shop.test/orders")
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
+        req
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let limited = service_fn(move |req: Request<FingerprintedBody<Full<Bytes>>>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let too_large = req.headers()[http::header::CONTENT_LENGTH]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                > 4;
+            if too_large {
+                return Ok::<_, std::convert::Infallible>(respond(413, "too large"));
+            }
+            req.into_body().collect().await.unwrap();
+            Ok(respond(201, "order #1"))
+        }
+    });
+    let svc = IdempotencyLayer::new(100).layer(limited);
+    let refused = svc.clone().oneshot(post("too large")).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let corrected = svc.clone().oneshot(post("ok")).await.unwrap();
+    assert_eq!(corrected.status(), StatusCode::CREATED);
+    assert!(!corrected.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let again = svc.clone().oneshot(post("ok")).await.unwrap();
+    assert!(again.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
