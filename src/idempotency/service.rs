@@ -390,13 +390,17 @@ where
             tracing::debug!(key = %claim.key, "service not ready before the claim ended");
             metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "claim_expired")
                 .increment(1);
-            return Ok(problem(
+            let mut res = problem(
                 grpc,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service busy",
                 "The service did not become ready before this request's hold on its \
                  Idempotency-Key expired; retry with the same key.",
-            ));
+            );
+            // As the `409`'s: when to come back (a full bulkhead's `503` says so too).
+            res.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Ok(res);
         }
     }
     let (parts, body) = req.into_parts();

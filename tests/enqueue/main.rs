@@ -3676,6 +3676,7 @@ async fn a_duplicate_whose_service_stays_unready_gives_the_key_back_at_claim_end
     assert!(duplicate.is_finished(), "still waiting past its claim");
     let duplicate = duplicate.await.unwrap().unwrap();
     assert_eq!(duplicate.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(duplicate.headers()[http::header::RETRY_AFTER], "1");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     // The key is free again: once the service is ready, a retry runs the handler.
     *closed_until.lock().unwrap() = tokio::time::Instant::now();
