@@ -173,6 +173,59 @@ fn a_deferral_the_queue_holds_already_is_counted_as_a_duplicate() {
     );
 }
 
+/// An idempotency store that cannot claim a key fails open: the request runs, and is
+/// counted as `store_failed` (de-duplication was off for it).
+#[cfg(feature = "http")]
+#[test]
+fn a_request_run_while_the_idempotency_store_fails_is_counted() {
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Full;
+    use postbox::idempotency::{
+        Claim, ClaimToken, FingerprintedBody, IdempotencyLayer, IdempotencyStore, StoredResponse,
+    };
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    struct Unreachable;
+    impl IdempotencyStore for Unreachable {
+        fn claim(
+            &self,
+            _: &str,
+            _: Duration,
+        ) -> impl Future<Output = Result<Claim, BoxError>> + Send {
+            std::future::ready(Err("store down".into()))
+        }
+        fn complete(
+            &self,
+            _: &str,
+            _: ClaimToken,
+            _: StoredResponse,
+            _: Duration,
+        ) -> impl Future<Output = Result<(), BoxError>> + Send {
+            std::future::ready(Err("store down".into()))
+        }
+        fn release(&self, _: &str, _: ClaimToken) {}
+    }
+
+    let handle = recorded(|| async {
+        let handler = service_fn(|_: Request<FingerprintedBody<Full<Bytes>>>| async {
+            let mut res = Response::new(Full::new(Bytes::from_static(b"created")));
+            *res.status_mut() = StatusCode::CREATED;
+            Ok::<_, BoxError>(res)
+        });
+        let svc = IdempotencyLayer::with_store(Arc::new(Unreachable)).layer(handler);
+        let req = Request::post("http://shop.test/orders")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    });
+    let failed = r#"postbox_calls_total{layer="idempotency",outcome="store_failed"}"#;
+    assert_eq!(counter(&handle, failed), 1, "{}", handle.render());
+}
+
 /// The value of the gauge `name{labels}` (its Prometheus line), if present.
 fn gauge(handle: &PrometheusHandle, series: &str) -> Option<f64> {
     handle

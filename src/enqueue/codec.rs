@@ -108,6 +108,10 @@ pub(crate) mod http_codec {
     /// Headers never stored in an envelope: hop-by-hop headers (and those `connection`
     /// names), `content-length` (a replay sends the buffered body with its exact length),
     /// and the original call's deadline headers (a replay has its own deadline).
+    /// `Proxy-Authorization` is the hop's, not the request's: a replay through an
+    /// authenticating forward proxy gets it from the client the replayer sends with
+    /// (reqwest's proxy settings), or the proxy answers `407`, a permanent refusal the
+    /// message is dead-lettered for.
     const SKIPPED: [&str; 12] = [
         "connection",
         "keep-alive",

@@ -45,6 +45,14 @@
 //! arrive is **not** remembered: the claim is released and the next request with the
 //! key runs the handler.
 //!
+//! A store that fails to claim a key (a shared store unreachable) **fails open**: the
+//! request runs without de-duplication, with a `warn` event and
+//! `postbox_calls_total{layer="idempotency",outcome="store_failed"}`, so an outage of
+//! the store does not take the service down with it, but a duplicate arriving then
+//! runs the handler again. A store that must fail closed can report the key
+//! [`InProgress`](Claim::InProgress) while it is unreachable instead of an error: the
+//! request then waits, and is answered `409` with `Retry-After` once `lock_for` is up.
+//!
 //! A request that claimed a key runs to its end in a task of its own, even if its
 //! client goes away or a deadline layer outside gives up on it: a handler cut off
 //! between its effect and its answer would let the retry make the effect twice. Its

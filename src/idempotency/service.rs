@@ -358,6 +358,8 @@ where
             }
             Err(e) => {
                 tracing::warn!(error = %e, %key, "idempotency store failed; running the handler");
+                metrics::counter!("postbox_calls_total", "layer" => "idempotency", "outcome" => "store_failed")
+                    .increment(1);
                 if !ready {
                     std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
                 }
