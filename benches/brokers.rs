@@ -296,6 +296,23 @@ fn bench_nats(c: &mut Criterion, rt: &Runtime) {
             js.send_publish(subj, p).await.unwrap().await.unwrap();
         },
     );
+    drop_stream(&raw_stream);
+    let (next, raw_subject) = new_stream();
+    raw_stream = next;
+    bench_loop(
+        &mut g,
+        rt,
+        "nats/64_producers_key_subject_expected",
+        (js.clone(), raw_subject.clone(), payload.clone()),
+        |(js, subject, payload)| async move {
+            let id = MessageId::new_v7().to_string();
+            let subj = key_subject(&subject, &id);
+            let p = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload)
+                .expected_last_subject_sequence(0);
+            js.send_publish(subj, p).await.unwrap().await.unwrap();
+        },
+    );
     // What the adapter publishes, by the raw client: a subject per key, the
     // expected-last-subject-sequence check and the `Postbox-*` headers; first with a
     // `Nats-Msg-Id` as well (as the adapter did until 2026-12-06, for comparison).
