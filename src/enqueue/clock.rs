@@ -57,11 +57,12 @@ pub(crate) fn new_message_id() -> MessageId {
     MessageId::new_v7()
 }
 
-/// A fresh idempotency key: a UUIDv7 in hyphenated lowercase form.
+/// A fresh idempotency key: a UUIDv7 in hyphenated lowercase form, whose bits after the
+/// timestamp cannot be worked out from other keys (a receipt shows its caller the key).
 ///
 /// Kept private on purpose: the HTTP helpers (`src/http/`) may offer a public one.
 pub(crate) fn new_idempotency_key() -> String {
-    MessageId::new_v7().to_string()
+    MessageId::new_key_v7().to_string()
 }
 
 /// Whether `key` is a key at all: not empty or blank (the server's `Idempotency` layer
@@ -94,6 +95,17 @@ mod tests {
         let key = new_idempotency_key();
         assert_eq!(key.len(), 36);
         assert_ne!(key, new_idempotency_key());
+        // A key shares nothing with the one before (ids made in one millisecond differ
+        // by one): a caller shown its receipt's key cannot work out the next ones.
+        let random = |k: String| {
+            let id: MessageId = k.parse().unwrap();
+            assert_eq!(id.0[6] >> 4, 7, "{k}");
+            u128::from_be_bytes(id.0) & ((1 << 62) - 1)
+        };
+        let keys: Vec<u128> = (0..1000).map(|_| random(new_idempotency_key())).collect();
+        for pair in keys.windows(2) {
+            assert!(pair[0].abs_diff(pair[1]) > 1 << 32, "{pair:x?}");
+        }
     }
 
     /// While tokio's clock runs, the wall clock is the system's (a step of the system

@@ -68,19 +68,7 @@ pub fn is_retry_safe(method: &Method, headers: &HeaderMap) -> bool {
 /// `idempotency-key`) could take the next ones first at a server that scopes keys by
 /// route alone, and have other callers' requests answered `409` or `422`.
 pub fn generate_idempotency_key() -> HeaderValue {
-    use std::hash::BuildHasher;
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SECRET: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let secret = SECRET.get_or_init(std::collections::hash_map::RandomState::new);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let bits =
-        (u128::from(secret.hash_one((n, 0u8))) << 64) | u128::from(secret.hash_one((n, 1u8)));
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let text = crate::queue::MessageId::from_v7_parts(ms, bits).hyphenated();
+    let text = crate::queue::MessageId::new_key_v7().hyphenated();
     HeaderValue::from_bytes(&text).expect("hex digits and hyphens are a valid header value")
 }
 

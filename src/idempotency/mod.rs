@@ -23,11 +23,13 @@
 //!   idempotency-key draft advises) instead of with the first request's response. The
 //!   handler reads the body through [`FingerprintedBody`], which hashes it on the way
 //!   (no copy); a repeat's body is read and hashed by the layer. A first request whose
-//!   handler did not read its whole body (it answered from the head: a `415`, a `400`
-//!   for the query) is fingerprinted by its head alone, and its repeats are compared
-//!   by method, path and query and content type only. A `4xx` answered without reading
-//!   the whole body (a body limit's `413`, decided from `Content-Length` or midway; a
-//!   parser that failed midway) is not remembered: a corrected repeat runs;
+//!   handler did not read its whole body (it answered from the head) is fingerprinted
+//!   by its head alone, and its repeats are compared by method, path and query and
+//!   content type only. A `4xx` answered without reading the whole of a body (a body
+//!   limit's `413`, decided from `Content-Length` or midway; a parser that failed
+//!   midway; a `415` or a `400` for the query, decided from the head) is not
+//!   remembered: the body may have decided it, so a corrected repeat runs (a refusal
+//!   made nothing happen; a refusal of a request without a body is remembered);
 //! * requests without the header pass through untouched (in a [`FingerprintedBody`]
 //!   that only forwards) — or, with [`require_key`](IdempotencyLayer::require_key),
 //!   those of an unsafe method are answered `400` ("Idempotency-Key is missing") —

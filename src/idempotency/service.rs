@@ -716,7 +716,10 @@ fn problem<B>(
             _ => 2,
         };
         crate::http::grpc_trailers_only(res.headers_mut(), kind, code, detail);
-        if status == StatusCode::CONFLICT {
+        if matches!(
+            status,
+            StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             res.headers_mut().insert(
                 HeaderName::from_static("grpc-retry-pushback-ms"),
                 HeaderValue::from_static("1000"),
@@ -842,7 +845,19 @@ fn grpc_web_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcCode> {
 #[cfg(test)]
 mod tests {
     use super::Host;
-    use http::Request;
+    use http::{Request, StatusCode};
+
+    /// Both "come back later" answers tell a gRPC client when: the `409` of a key in
+    /// progress and the `503` of a service not ready before the claim ended.
+    #[test]
+    fn later_answers_carry_a_pushback_for_grpc() {
+        for status in [StatusCode::CONFLICT, StatusCode::SERVICE_UNAVAILABLE] {
+            let res =
+                super::problem::<bytes::Bytes>(Some(crate::http::GrpcKind::Grpc), status, "t", "d");
+            assert_eq!(res.headers()["grpc-retry-pushback-ms"], "1000", "{status}");
+            assert_eq!(res.headers()["grpc-status"], "14", "{status}");
+        }
+    }
 
     fn host(uri: &str, host_header: Option<&str>) -> String {
         let mut req = Request::builder().uri(uri);

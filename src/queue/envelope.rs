@@ -305,8 +305,29 @@ impl MessageId {
         Self::from_v7_parts(ms, counter)
     }
 
+    /// A new UUIDv7 for an idempotency key: the system clock's Unix milliseconds, then
+    /// 74 bits that cannot be worked out from other keys: a keyed hash (SipHash, its
+    /// keys from the operating system's randomness, once per process) of a counter.
+    /// ([`new_v7`](Self::new_v7) counts up within a millisecond: keys made so could be
+    /// guessed from one a caller was shown, a receipt's `idempotency-key`.)
+    pub(crate) fn new_key_v7() -> Self {
+        use std::hash::BuildHasher;
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SECRET: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let secret = SECRET.get_or_init(std::collections::hash_map::RandomState::new);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let bits =
+            (u128::from(secret.hash_one((n, 0u8))) << 64) | u128::from(secret.hash_one((n, 1u8)));
+        let ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self::from_v7_parts(ms, bits)
+    }
+
     /// Assembles a UUIDv7 from a 48-bit millisecond timestamp and 74 random/counter bits.
-    pub(crate) fn from_v7_parts(ms: u64, bits74: u128) -> Self {
+    fn from_v7_parts(ms: u64, bits74: u128) -> Self {
         let rand_a = (bits74 >> 62) & 0xFFF; // 12 bits
         let rand_b = bits74 & ((1u128 << 62) - 1); // 62 bits
         let v = (u128::from(ms & 0xFFFF_FFFF_FFFF) << 80)

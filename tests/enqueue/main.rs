@@ -2962,8 +2962,8 @@ async fn the_same_key_on_another_host_is_another_operation() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
-/// A handler that does not read the request body (it answers from the head: a `415`
-/// for the content type, a `400` for the query) leaves a fingerprint of the head alone:
+/// A handler that does not read the request body (it answers from the head) leaves a
+/// fingerprint of the head alone:
 /// a repeat with another body is replayed (its body is not compared), but one with
 /// another query or content type is another request, `422` — not the stale answer.
 #[tokio::test(start_paused = true)]
