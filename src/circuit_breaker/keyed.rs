@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -178,6 +178,11 @@ struct Keys<K> {
     /// Read-locked by the calls of known keys; written only to add a key.
     map: RwLock<KeyMap<K>>,
     max_keys: usize,
+    /// How many breakers in a state set by hand the map held when it was last trimmed:
+    /// they count on top of `max_keys`, so the map is trimmed only once it holds
+    /// `max_keys` more than these (not scanned for every new key while they alone fill
+    /// the bound). Only a hint: a stale one at worst delays or hastens a trim.
+    manual: AtomicUsize,
     idle: Duration,
     origin: Instant,
 }
@@ -210,7 +215,7 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             e.last_used_ns.store(now_ns, Relaxed);
             return e.breaker.clone();
         }
-        if map.len() >= self.max_keys {
+        if map.len() >= self.max_keys.saturating_add(self.manual.load(Relaxed)) {
             self.evict(&mut map, now, now_ns);
         }
         let mut settings = self.template.settings();
@@ -269,6 +274,7 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
                 ((guarding, in_use(e), e.last_used_ns.load(Relaxed)), k)
             })
             .collect();
+        self.manual.store(map.len() - victims.len(), Relaxed);
         if victims.len() < self.max_keys {
             return;
         }
@@ -438,6 +444,7 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
                 hook,
                 map: RwLock::new(KeyMap::default()),
                 max_keys: self.max_keys,
+                manual: AtomicUsize::new(0),
                 idle: self.idle,
                 origin: Instant::now(),
             }),

@@ -474,7 +474,9 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
     }
 
     /// Backoff after a retryable failure: `base * 2^(attempts-1)`, capped at `max`
-    /// (defaults 1 s and 5 min).
+    /// (defaults 1 s and 5 min), and never shorter than the
+    /// [`poll_interval`](Self::poll_interval): a zero base must not make a failing
+    /// message burn its attempts in a hot loop.
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.config.backoff_base = base;
         self.config.backoff_max = max;

@@ -2465,7 +2465,7 @@ mod tests {
         let leased = q.lease(10, Duration::from_secs(30), now).await.unwrap();
         let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
         assert_eq!(ids, vec![good]);
-        // Gone for good: not leased again, not counted, and its key is free.
+        // Gone for good: not leased again, not pending, and its key is free.
         assert!(
             q.lease(10, Duration::from_secs(30), now)
                 .await
