@@ -492,10 +492,19 @@ fn bench_redis_fsync(c: &mut Criterion, rt: &Runtime) {
         .arg(dir.path())
         .stdout(std::process::Stdio::null())
         .spawn();
-    let Ok(mut child) = child else {
+    let Ok(child) = child else {
         eprintln!("no redis-server to start: the redis_fsync functions are skipped");
         return;
     };
+    /// Stops the private server however the bench ends (a panic included).
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Stop(child);
     let url = format!("redis://127.0.0.1:{port}/");
     let q = rt.block_on(async {
         for _ in 0..100 {
@@ -528,8 +537,6 @@ fn bench_redis_fsync(c: &mut Criterion, rt: &Runtime) {
     );
     g.finish();
     bench_adapter(c, rt, "redis_fsync", &q, q.purge());
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn brokers(c: &mut Criterion) {
