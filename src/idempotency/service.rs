@@ -263,7 +263,7 @@ where
         .map(|d| d.at().checked_sub(DEADLINE_MARGIN).unwrap_or(d.at()));
     // Set once the bound is reached: one more claim, then `409`.
     let mut last_claim = false;
-    let (token, claim_ends) = loop {
+    let (token, mut claim_ends) = loop {
         // When the claim expires and a duplicate may take the key over (reckoned from
         // before the claim was asked for, so never later than the store's own expiry).
         let claim_ends = crate::clock::later(tokio::time::Instant::now(), config.lock_for);
@@ -403,6 +403,21 @@ where
             res.headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             return Ok(res);
+        }
+        // The wait used up part of the claim: renewed now, so the handler starts with
+        // the whole `lock_for` ahead of it. (Else, its client gone before the first
+        // renewal, it was cut off, and the key given away, `lock_for` after the claim
+        // rather than after its start: a handler that needed less than `lock_for` ran
+        // again for the retry.)
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let asked = tokio::time::Instant::now();
+            let left = claim_ends.saturating_duration_since(asked);
+            let extended =
+                tokio::time::timeout(left, store.extend(&claim.key, claim.token, config.lock_for))
+                    .await;
+            if let Ok(Ok(true)) = extended {
+                claim_ends = crate::clock::later(asked, config.lock_for);
+            }
         }
     }
     let (parts, body) = req.into_parts();

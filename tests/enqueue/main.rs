@@ -3686,6 +3686,54 @@ async fn a_duplicate_whose_service_stays_unready_gives_the_key_back_at_claim_end
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// A duplicate that took the key over and then waited for its service renews the claim
+/// once ready: its handler gets the whole `lock_for` from its start. (The wait used up
+/// part of the claim; its client gone before the first renewal, the handler was cut
+/// off at the old claim end, and the retry ran it again.)
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_that_waited_for_its_service_renews_its_claim_once_ready() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    let handler = service_fn(move |_req: Served| {
+        let n = calls2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            // The first fails fast (not remembered); the next takes 45 s.
+            if n == 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Ok::<_, std::convert::Infallible>(respond(500, "x"));
+            }
+            tokio::time::sleep(Duration::from_secs(45)).await;
+            Ok(respond(201, "order #1"))
+        }
+    });
+    let closed_until = Arc::new(Mutex::new(tokio::time::Instant::now()));
+    let gated = Gated {
+        inner: handler,
+        closed_until: closed_until.clone(),
+        sleep: None,
+    };
+    let svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(60))
+        .unwrap()
+        .layer(gated);
+    let first = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let duplicate = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Unready until t = 21 s: the duplicate takes the key over at ~1 s and waits.
+    *closed_until.lock().unwrap() = tokio::time::Instant::now() + Duration::from_secs(21);
+    assert_eq!(first.await.unwrap().unwrap().status(), 500);
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    // Its client leaves at ~30 s, before any renewal.
+    duplicate.abort();
+    // The handler (started at ~21 s) ends at ~66 s, past the old claim end (~61 s).
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let retry = svc.oneshot(keyed("k")).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert!(retry.headers().contains_key(REPLAYED_HEADER), "ran again");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// With `scope_by(authorization)`, two callers who send the same key and request get
 /// their own answers (the second used to get the first's response); the same caller's
 /// repeat is still answered from the store.
