@@ -469,8 +469,13 @@ mod tests {
         const PAIRS: u64 = 400_000;
         record(0);
         let done = AtomicBool::new(false);
+        let reading = AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
+                // Not before the reader reads: else it could finish unobserved.
+                while !reading.load(SeqCst) {
+                    std::hint::spin_loop();
+                }
                 for _ in 0..PAIRS {
                     record(0);
                     record(FAILURE);
@@ -478,13 +483,17 @@ mod tests {
                 done.store(true, SeqCst);
             });
             let mut reads = 0u64;
-            while !done.load(SeqCst) {
+            loop {
                 let t = totals();
                 assert!(
                     2 * t.failures < t.calls,
                     "a failure read without its call after {reads} reads: {t:?}"
                 );
                 reads += 1;
+                reading.store(true, SeqCst);
+                if done.load(SeqCst) {
+                    break;
+                }
             }
         });
     }

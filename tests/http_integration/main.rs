@@ -297,7 +297,8 @@ mod client_stack {
         // Held, not listening: a connection is refused, and no other test takes the port.
         let dead = shared::DeadPort::new();
         let addr = dead.addr();
-        let breaker = breaker(2, Duration::from_millis(200));
+        // Long enough that the third call meets it open however slow the machine.
+        let breaker = breaker(2, Duration::from_secs(2));
         let handle = breaker.handle();
         // No retries: each call is one attempt.
         let client = stack(breaker, 0);
@@ -324,7 +325,7 @@ mod client_stack {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
         // After the break the next call probes, succeeds and closes the breaker.
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(2100)).await;
         let res = client.clone().oneshot(get_from(addr, "/up")).await.unwrap();
         assert_eq!(res.status(), http::StatusCode::OK);
         assert_eq!(handle.state(), State::Closed);

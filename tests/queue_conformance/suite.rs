@@ -73,7 +73,7 @@ macro_rules! conformance {
 
 /// A fixed base time, so tests are independent of the clock.
 pub fn t0() -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000)
 }
 
 pub fn at(secs: u64) -> SystemTime {
