@@ -200,8 +200,9 @@ async fn the_lease_is_kept_from_another_process(
 /// when this one does not call `lease` for several `ack_wait`s (a paused replayer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_delivery_is_not_redelivered_while_its_process_lives() {
-    let opts = options().with_ack_wait(Duration::from_secs(1));
-    the_lease_is_kept_from_another_process(opts.clone(), opts, Duration::from_secs(4)).await;
+    // 2 s (refreshed every half second): room for a stall on a loaded machine.
+    let opts = options().with_ack_wait(Duration::from_secs(2));
+    the_lease_is_kept_from_another_process(opts.clone(), opts, Duration::from_secs(6)).await;
 }
 
 /// The keep-alive follows the consumer's `ack_wait` on the server: a process that
