@@ -39,16 +39,31 @@ pub(crate) struct Coarse {
 }
 
 impl Coarse {
-    /// A coarse clock aligned with `precise_ns` (the caller's precise time, read just
-    /// before), or `None` when tokio's clock is paused or the platform has no coarse
-    /// clock.
-    pub(crate) fn detect(precise_ns: u64) -> Option<Self> {
+    /// A coarse clock aligned with the timeline `precise_ns` reads, or `None` when
+    /// tokio's clock is paused or the platform has no coarse clock.
+    ///
+    /// Aligned from a coarse reading taken between two precise ones less than a
+    /// millisecond apart (a few tries): the thread paused between the readings (a
+    /// loaded machine) would skew the clock by the pause for the rest of its life, and
+    /// let a breaker admit a probe that much before its break is over.
+    pub(crate) fn detect(precise_ns: impl Fn() -> u64) -> Option<Self> {
         if tokio_clock_is_paused() {
             return None;
         }
-        raw_ns().map(|c| Self {
-            offset: c.wrapping_sub(precise_ns),
-        })
+        let mut aligned = None;
+        for _ in 0..8 {
+            let before = precise_ns();
+            let c = raw_ns()?;
+            let after = precise_ns();
+            let mid = before + after.saturating_sub(before) / 2;
+            aligned = Some(Self {
+                offset: c.wrapping_sub(mid),
+            });
+            if after.saturating_sub(before) < 1_000_000 {
+                break;
+            }
+        }
+        aligned
     }
 
     /// Now on the precise timeline, within [`SLACK_NS`] of it.
@@ -114,7 +129,7 @@ mod tests {
     fn coarse_clock_stays_within_the_slack_of_tokio_clock() {
         let origin = Instant::now();
         let ns = || origin.elapsed().as_nanos() as u64;
-        let Some(coarse) = Coarse::detect(ns()) else {
+        let Some(coarse) = Coarse::detect(ns) else {
             return; // not Linux: nothing to check
         };
         for _ in 0..200_000 {
@@ -126,14 +141,40 @@ mod tests {
         }
     }
 
+    /// A pause of the thread between the readings that align the coarse clock (here
+    /// 60 ms, as if the thread were preempted) does not skew it: the alignment is
+    /// taken again from readings close together.
+    #[test]
+    fn a_pause_while_aligning_does_not_skew_the_coarse_clock() {
+        let origin = Instant::now();
+        let ns = || origin.elapsed().as_nanos() as u64;
+        let calls = std::cell::Cell::new(0u32);
+        let paused_once = || {
+            calls.set(calls.get() + 1);
+            // The second reading (after the first coarse one) comes 60 ms "late".
+            ns() + if calls.get() == 2 { 60_000_000 } else { 0 }
+        };
+        let Some(coarse) = Coarse::detect(paused_once) else {
+            return; // not Linux: nothing to check
+        };
+        assert!(calls.get() > 2, "aligned from the paused readings");
+        for _ in 0..1000 {
+            let before = ns();
+            let c = coarse.now_ns();
+            let after = ns();
+            assert!(c <= after + SLACK_NS, "coarse {c} too far ahead of {after}");
+            assert!(c + SLACK_NS >= before, "coarse {c} too far behind {before}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn paused_tokio_clock_disables_the_coarse_clock() {
-        assert!(Coarse::detect(0).is_none());
+        assert!(Coarse::detect(|| 0).is_none());
     }
 
     #[tokio::test]
     async fn running_tokio_clock_enables_the_coarse_clock_on_linux() {
         let on_linux = cfg!(any(target_os = "linux", target_os = "android"));
-        assert_eq!(Coarse::detect(0).is_some(), on_linux);
+        assert_eq!(Coarse::detect(|| 0).is_some(), on_linux);
     }
 }

@@ -218,7 +218,7 @@ impl Inner {
     fn detect_coarse(&self) -> Option<Coarse> {
         *self
             .coarse
-            .get_or_init(|| Coarse::detect(self.nanos(Instant::now())))
+            .get_or_init(|| Coarse::detect(|| self.nanos(Instant::now())))
     }
 
     /// Nanoseconds since the origin. u64 nanoseconds cover 584 years; a u128 division
