@@ -73,11 +73,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_connection_is_classified_without_effect() {
-        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Bound but not listening, and held: refused, and no other test takes the port
+        // (a listener bound and dropped left it free to be taken meanwhile).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
         let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
         let err = client
             .get(format!("http://{addr}/").parse().unwrap())
