@@ -356,7 +356,11 @@ mod http_propagation {
     impl<B> Propagate<Request<B>> for HttpPropagation {
         fn inbound(&self, req: &Request<B>, now: Instant) -> Option<Instant> {
             let ext = req.extensions().get::<CallDeadline>().map(CallDeadline::at);
+            // (With a `CallDeadline`, a layer outside wrote the header with it, rounded
+            // down to the millisecond: a deadline under 1 ms away reads `0` there and
+            // is not over. The extension is exact.)
             if self.headers == Headers::CallerSet
+                && ext.is_none()
                 && header_timeout(req.headers(), is_grpc(req.headers())) == Some(Duration::ZERO)
             {
                 // The caller left no time at all (`grpc-timeout: 0m`): failed before

@@ -274,6 +274,24 @@ async fn a_zero_timeout_the_caller_set_fails_before_the_call() {
     );
 }
 
+/// A deadline under a millisecond away, set by a deadline layer outside, is not over:
+/// the attempt timeout inside reads the exact `CallDeadline`, not the header the
+/// outer layer wrote rounded down to `0` (every call through such a stack failed).
+#[tokio::test(start_paused = true)]
+async fn a_deadline_under_a_millisecond_away_is_not_over_for_the_layer_inside() {
+    let svc = tower::ServiceBuilder::new()
+        .layer(DeadlineLayer::http(Duration::from_micros(500)).unwrap())
+        .layer(AttemptTimeoutLayer::http(Duration::from_secs(1)).unwrap())
+        .service(tower::service_fn(|req: http::Request<()>| async move {
+            Ok::<_, BoxError>(req.headers()[TIMEOUT_MS_HEADER].clone())
+        }));
+    let sent = svc.oneshot(http::Request::new(())).await.unwrap();
+    assert_eq!(
+        sent, "0",
+        "the next hop is told less than a millisecond is left"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn plain_http_requests_get_the_timeout_ms_header_but_no_grpc_timeout() {
     let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
