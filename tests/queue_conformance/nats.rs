@@ -344,6 +344,14 @@ fn a_delivery_redelivered_while_held_keeps_its_lease() {
     stalled.block_on(async {
         let again = q.lease(10, Duration::from_secs(60), now).await.unwrap();
         assert!(again.is_empty(), "leased twice: {again:?}");
+        // The server did deliver it again (else the check above tested nothing).
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = q
+            .jetstream()
+            .get_consumer_from_stream("postbox", q.streams().0)
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        assert!(info.num_redelivered >= 1, "not delivered again: {info:?}");
         q.ack(&[leased.token]).await.unwrap();
         assert_eq!(q.depth().await.unwrap().pending, 0);
     });
