@@ -41,7 +41,7 @@ max_concurrent = 1
 [client]
 preset = "standard_http_client"
 deadline = "2s"
-attempt_timeout = "200ms"
+attempt_timeout = "1s"
 
 [client.retry]
 max_retries = 2
@@ -313,7 +313,7 @@ async fn an_open_breaker_defers_at_once_and_only_for_its_authority() {
 [client]
 preset = "standard_http_client"
 deadline = "2s"
-attempt_timeout = "200ms"
+attempt_timeout = "1s"
 
 [client.retry.backoff]
 base = "10ms"
