@@ -83,7 +83,8 @@ pub struct BackoffConfig {
     /// Delay before the first retry (default 100 ms).
     #[serde(deserialize_with = "crate::duration::required")]
     pub base: Duration,
-    /// Growth factor for exponential backoff (default 2).
+    /// Growth factor for exponential backoff (default 2; another value with another
+    /// `kind` is an error, not ignored).
     pub factor: f64,
     /// Cap on the computed delay (default 10 s).
     #[serde(deserialize_with = "crate::duration::required")]
@@ -111,6 +112,15 @@ impl BackoffConfig {
     /// # Errors
     /// See [`Backoff::validate`].
     pub fn to_backoff(&self) -> Result<Backoff, ConfigError> {
+        // Set for another growth, a factor would be ignored without a word (the default
+        // 2 is left alone: a preset's exponential backoff may be switched to linear).
+        #[expect(clippy::float_cmp, reason = "the default, exactly")]
+        if self.kind != BackoffKind::Exponential && self.factor != 2.0 {
+            return Err(ConfigError::new(
+                "retry.backoff.factor",
+                "applies to exponential backoff only (kind = \"exponential\")",
+            ));
+        }
         let b = match self.kind {
             BackoffKind::Constant => Backoff::constant(self.base),
             BackoffKind::Linear => Backoff::linear(self.base),
@@ -235,6 +245,31 @@ impl RetryConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A factor set for a linear or constant backoff is an error naming it, not
+    /// ignored; the default factor, left from a preset, is not.
+    #[test]
+    fn a_factor_set_for_a_linear_or_constant_backoff_is_an_error() {
+        for kind in [BackoffKind::Linear, BackoffKind::Constant] {
+            let set = BackoffConfig {
+                kind,
+                factor: 3.0,
+                ..BackoffConfig::default()
+            };
+            let e = set.to_backoff().unwrap_err();
+            assert_eq!(e.field(), "retry.backoff.factor", "{kind:?}");
+            let default = BackoffConfig {
+                kind,
+                ..BackoffConfig::default()
+            };
+            assert!(default.to_backoff().is_ok(), "{kind:?}");
+        }
+        let exponential = BackoffConfig {
+            factor: 3.0,
+            ..BackoffConfig::default()
+        };
+        assert!(exponential.to_backoff().is_ok());
+    }
 
     #[cfg(feature = "http")]
     #[test]
