@@ -329,6 +329,40 @@ async fn endless_lease_does_not_expire() {
     crate::suite::endless_lease_does_not_expire(q).await;
 }
 
+/// A second enqueue of a key whose first enqueue is cancelled while it waits for its
+/// publisher confirm (its caller stopped waiting) goes ahead: the cancelled enqueue
+/// takes its claim out of the index and wakes it. (It waited for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_goes_ahead_when_the_first_enqueue_is_cancelled() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy));
+    q.enqueue(crate::suite::envelope("warm")).await.unwrap();
+    proxy.hold();
+    let first = {
+        let q = q.clone();
+        tokio::spawn(async move { q.enqueue(crate::suite::envelope("cancelled")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = crate::suite::envelope("cancelled");
+    let second_id = e.id;
+    let second = {
+        let q = q.clone();
+        tokio::spawn(async move { q.enqueue(e).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished(), "{:?}", second.await);
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    proxy.release();
+    let stored = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the second enqueue still waits for the cancelled one")
+        .unwrap();
+    // Its own message (the first's publish may have reached the broker too: the index
+    // is this process's, de-duplication at least once).
+    assert_eq!(stored.unwrap(), Enqueued::Stored(second_id));
+}
+
 /// A second enqueue of a key whose first enqueue is still waiting for its publisher
 /// confirm waits for the outcome: when that publish fails, the second one is stored,
 /// not answered `Duplicate` of a message the broker never got.
@@ -357,7 +391,10 @@ async fn a_duplicate_waits_for_a_first_publish_that_then_fails() {
     proxy.cut();
     proxy.release();
     assert!(first.await.unwrap().is_err());
-    assert_eq!(second.await.unwrap().unwrap(), Enqueued::Stored(second_id));
+    let second = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the second enqueue still waits for the failed one");
+    assert_eq!(second.unwrap().unwrap(), Enqueued::Stored(second_id));
     let leased = retry!(
         q.lease(10, Duration::from_secs(30), crate::suite::at(0))
             .await
