@@ -206,7 +206,8 @@ struct Claim {
 /// the broker stored the message; dropped otherwise (a failure, or the enqueue
 /// cancelled), it takes the claim out of the index. Either way an enqueue of the key
 /// waiting for it is woken. (A claim is a few dozen bytes: the index holds up to
-/// [`MAX_KEYS`] of them. A `watch` channel each, as before, took some 350 more: nine `Notify`s.)
+/// [`MAX_KEYS`] of them. A `watch` channel each, as before, took some 350 more: nine
+/// `Notify`s.)
 struct ClaimGuard<'a> {
     inner: &'a Inner,
     key: String,
@@ -548,6 +549,8 @@ impl AmqpQueue {
         let (ch, epoch) = self.inner.channel().await?;
         self.inner.state.lock().await.held.clear();
         self.inner.lock_keys().clear();
+        // Enqueues waiting for a claim just forgotten would not hear its publish end.
+        self.inner.publish_ended.notify_waiters();
         for q in self.queues() {
             self.inner
                 .io(epoch, ch.queue_delete(q, QueueDeleteOptions::default()))
