@@ -235,19 +235,9 @@ impl ClaimGuard<'_> {
 
 impl Drop for ClaimGuard<'_> {
     fn drop(&mut self) {
-        if self.confirmed {
-            return;
-        }
-        let mut keys = self.inner.lock_keys();
-        let waited = match keys.get(&self.key) {
-            Some(c) if c.id == self.id && !c.stored => {
-                keys.remove(&self.key).is_some_and(|c| c.waited)
-            }
-            _ => false,
-        };
-        drop(keys);
-        if waited {
-            self.inner.publish_ended.notify_waiters();
+        // Unconfirmed, the claim (if still this enqueue's) is not stored.
+        if !self.confirmed {
+            self.inner.forget_key(&self.key, self.id);
         }
     }
 }
