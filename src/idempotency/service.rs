@@ -409,15 +409,17 @@ where
         // renewal, it was cut off, and the key given away, `lock_for` after the claim
         // rather than after its start: a handler that needed less than `lock_for` ran
         // again for the retry.)
-        if tokio::runtime::Handle::try_current().is_ok() {
-            let asked = tokio::time::Instant::now();
-            let left = claim_ends.saturating_duration_since(asked);
-            let extended =
-                tokio::time::timeout(left, store.extend(&claim.key, claim.token, config.lock_for))
-                    .await;
-            if let Ok(Ok(true)) = extended {
-                claim_ends = crate::clock::later(asked, config.lock_for);
-            }
+        if tokio::runtime::Handle::try_current().is_ok()
+            && let Ok(Some(ends)) = extend_claim(
+                &*store,
+                &claim.key,
+                claim.token,
+                config.lock_for,
+                claim_ends,
+            )
+            .await
+        {
+            claim_ends = ends;
         }
     }
     let (parts, body) = req.into_parts();
@@ -494,19 +496,14 @@ where
                     if client_gone {
                         return Handled::Abandoned;
                     }
-                    let asked = tokio::time::Instant::now();
                     // The handler is not polled meanwhile: a store that does not answer
                     // is given up on when the claim ends (it held the handler, and the
                     // cut-off once the client left, for as long as it hung).
-                    let left = claim_ends.saturating_duration_since(asked);
-                    let extended = tokio::time::timeout(left, store.extend(&key, token, lock_for))
-                        .await
-                        .unwrap_or_else(|_| Err("no answer before the claim ended".into()));
-                    match extended {
-                        Ok(true) => claim_ends = crate::clock::later(asked, lock_for),
+                    match extend_claim(&*store, &key, token, lock_for, claim_ends).await {
+                        Ok(Some(ends)) => claim_ends = ends,
                         // Taken over, or a store that cannot renew: past the claim a
                         // duplicate may take the key over.
-                        Ok(false) => renewing = false,
+                        Ok(None) => renewing = false,
                         Err(e) => {
                             // Tried again half-way through what is left, while more
                             // than an eighth of `lock_for` is (a few tries, not a
@@ -550,6 +547,26 @@ where
             "The request was abandoned before it completed.",
         ),
     })
+}
+
+/// Extends the claim `token` on `key` to `lock_for` from now, waiting for the store no
+/// longer than the claim lasts (`ends`): the claim's new end, `None` if the store did
+/// not extend it (taken over, or a store that cannot), or the store's error.
+async fn extend_claim<St: IdempotencyStore>(
+    store: &St,
+    key: &str,
+    token: ClaimToken,
+    lock_for: Duration,
+    ends: tokio::time::Instant,
+) -> Result<Option<tokio::time::Instant>, BoxError> {
+    let asked = tokio::time::Instant::now();
+    let left = ends.saturating_duration_since(asked);
+    match tokio::time::timeout(left, store.extend(key, token, lock_for)).await {
+        Ok(Ok(true)) => Ok(Some(crate::clock::later(asked, lock_for))),
+        Ok(Ok(false)) => Ok(None),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no answer before the claim ended".into()),
+    }
 }
 
 /// How a claimed request ended, in its task.
