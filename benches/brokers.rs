@@ -139,6 +139,18 @@ fn redis_entry(stream: &str, id: &str, payload: &[u8]) -> redis::Cmd {
     cmd
 }
 
+/// The raw client's plain loop body: one `XADD` of one field, the envelope.
+async fn plain_xadd(raw: &mut redis::aio::ConnectionManager, key: &str, payload: Vec<u8>) {
+    let _: String = redis::cmd("XADD")
+        .arg(key)
+        .arg("*")
+        .arg("envelope")
+        .arg(payload)
+        .query_async(raw)
+        .await
+        .unwrap();
+}
+
 fn bench_redis(c: &mut Criterion, rt: &Runtime) {
     let q = rt
         .block_on(RedisQueue::connect(RedisOptions::new(name())))
@@ -163,16 +175,7 @@ fn bench_redis(c: &mut Criterion, rt: &Runtime) {
         rt,
         "redis/64_producers",
         (raw.clone(), raw_key.clone(), payload.clone()),
-        |(mut raw, key, payload)| async move {
-            let _: String = redis::cmd("XADD")
-                .arg(&key)
-                .arg("*")
-                .arg("envelope")
-                .arg(payload)
-                .query_async(&mut raw)
-                .await
-                .unwrap();
-        },
+        |(mut raw, key, payload)| async move { plain_xadd(&mut raw, &key, payload).await },
     );
     drop_key(&raw_key);
     g.finish();
@@ -524,16 +527,7 @@ fn bench_redis_fsync(c: &mut Criterion, rt: &Runtime) {
         rt,
         "redis_fsync/64_producers",
         (raw, format!("postbox-bench-raw:{}", name()), payload),
-        |(mut raw, key, payload)| async move {
-            let _: String = redis::cmd("XADD")
-                .arg(&key)
-                .arg("*")
-                .arg("envelope")
-                .arg(payload)
-                .query_async(&mut raw)
-                .await
-                .unwrap();
-        },
+        |(mut raw, key, payload)| async move { plain_xadd(&mut raw, &key, payload).await },
     );
     g.finish();
     bench_adapter(c, rt, "redis_fsync", &q, q.purge());
