@@ -151,7 +151,7 @@ pub(crate) mod http_codec {
         headers
             .get(IDEMPOTENCY_KEY_HEADER)
             .and_then(crate::http::idempotency_key::key_in)
-            .map(str::to_owned)
+            .map(std::borrow::Cow::into_owned)
     }
 
     /// Whether the request opens a tunnel (`CONNECT`) or asks to switch protocols (an

@@ -18,6 +18,8 @@
 //! assert_eq!(ensure_idempotency_key(&mut req), key);
 //! ```
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
 
 /// The `Idempotency-Key` request header.
@@ -42,8 +44,57 @@ pub(crate) fn is_safe_method(method: &Method) -> bool {
 /// [`Idempotency`](crate::idempotency::Idempotency) layer reads it: visible ASCII,
 /// without surrounding whitespace, not empty. Any other value is no key: a request
 /// counted as retry-safe for it would not be de-duplicated by the server.
-pub fn key_in(value: &HeaderValue) -> Option<&str> {
-    value.to_str().ok().map(str::trim).filter(|k| !k.is_empty())
+///
+/// The IETF draft defines the header as a structured-field string (RFC 8941 §3.3.3):
+/// `Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`; most clients send the
+/// key bare (`Idempotency-Key: 8e03978e-…`). Both are read, and are the same key: a
+/// well-formed quoted string is read without its quotes and escapes (and without
+/// parameters after it, which the draft defines none of), anything else as it stands.
+/// So a retry that re-sends a key in the other form is still a duplicate.
+pub fn key_in(value: &HeaderValue) -> Option<Cow<'_, str>> {
+    let text = value.to_str().ok()?.trim();
+    let key = match sf_string(text) {
+        Some(unquoted) => unquoted,
+        None => Cow::Borrowed(text),
+    };
+    (!key.trim().is_empty()).then_some(key)
+}
+
+/// The content of `text` if it is a structured-field string item (RFC 8941 §4.2.5,
+/// parameters allowed after it), else `None`.
+fn sf_string(text: &str) -> Option<Cow<'_, str>> {
+    let body = text.strip_prefix('"')?;
+    let mut escaped = false;
+    let mut unescaped: Option<String> = None;
+    for (i, c) in body.char_indices() {
+        if escaped {
+            if c != '"' && c != '\\' {
+                return None;
+            }
+            escaped = false;
+            unescaped
+                .get_or_insert_with(|| body[..i - 1].to_owned())
+                .push(c);
+            continue;
+        }
+        match c {
+            '\\' => escaped = true,
+            '"' => {
+                let rest = &body[i + 1..];
+                if !rest.is_empty() && !rest.starts_with(';') {
+                    return None;
+                }
+                return Some(unescaped.map_or(Cow::Borrowed(&body[..i]), Cow::Owned));
+            }
+            ' '..='~' => {
+                if let Some(s) = unescaped.as_mut() {
+                    s.push(c);
+                }
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// `true` if the headers carry a usable `Idempotency-Key` (see [`key_in`]).
@@ -130,6 +181,28 @@ mod tests {
             .insert(IDEMPOTENCY_KEY, HeaderValue::from_static("order-7"));
         assert!(is_retry_safe(req.method(), req.headers()));
         assert_eq!(ensure_idempotency_key(&mut req), "order-7");
+    }
+
+    /// The draft's structured-field string and the bare key are the same key; what is
+    /// not a well-formed string is read as it stands.
+    #[test]
+    fn a_quoted_key_is_read_without_its_quotes_and_escapes() {
+        let read = |v: &'static str| key_in(&HeaderValue::from_static(v)).map(Cow::into_owned);
+        assert_eq!(read("\"k-1\"").as_deref(), Some("k-1"));
+        assert!(matches!(
+            key_in(&HeaderValue::from_static("\"k-1\"")),
+            Some(Cow::Borrowed(_))
+        ));
+        assert_eq!(read("  \"k-1\";a=1 ").as_deref(), Some("k-1"));
+        assert_eq!(read(r#""a\"b\\c""#).as_deref(), Some(r#"a"b\c"#));
+        assert_eq!(read("k-1").as_deref(), Some("k-1"));
+        // Not strings: kept whole.
+        assert_eq!(read(r#""a\qb""#).as_deref(), Some(r#""a\qb""#));
+        assert_eq!(read(r#""open"#).as_deref(), Some(r#""open"#));
+        assert_eq!(read(r#""a" b"#).as_deref(), Some(r#""a" b"#));
+        // Blank inside the quotes is no key.
+        assert_eq!(read(r#""""#), None);
+        assert_eq!(read(r#""  ""#), None);
     }
 
     #[test]

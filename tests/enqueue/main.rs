@@ -2962,6 +2962,43 @@ async fn the_same_key_on_another_host_is_another_operation() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// The IETF draft's form of the key is a structured-field string, `"k"`; most clients
+/// send it bare, `k`. The two are one key: a retry through a client that writes the
+/// other form is still a duplicate, not a second order.
+#[tokio::test(start_paused = true)]
+async fn a_quoted_key_and_the_same_key_bare_are_one_key() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(echo_handler(calls.clone()));
+    let first = svc
+        .clone()
+        .oneshot(keyed_with("\"order-7\"", "http://a.test/orders", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    for repeat in ["order-7", "\"order-7\";v=1", " \"order-7\" "] {
+        let res = svc
+            .clone()
+            .oneshot(keyed_with(repeat, "http://a.test/orders", "{}"))
+            .await
+            .unwrap();
+        assert!(res.headers().contains_key(REPLAYED_HEADER), "{repeat}");
+    }
+    // An escaped quote inside is the quote itself.
+    let escaped = svc
+        .clone()
+        .oneshot(keyed_with("\"a\\\"b\"", "http://a.test/orders", "{}"))
+        .await
+        .unwrap();
+    assert!(!escaped.headers().contains_key(REPLAYED_HEADER));
+    let res = svc
+        .clone()
+        .oneshot(keyed_with("a\"b", "http://a.test/orders", "{}"))
+        .await
+        .unwrap();
+    assert!(res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// A handler that does not read the request body (it answers from the head) leaves a
 /// fingerprint of the head alone:
 /// a repeat with another body is replayed (its body is not compared), but one with
