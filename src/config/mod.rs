@@ -51,10 +51,13 @@
 //! | the server's `idempotency.lock_for ≥ deadline` (a claim outlives the handler) | `server.idempotency.lock_for` |
 //! | the server's bulkhead fails fast (`max_waiting = 0`) | `server.bulkhead.max_waiting` |
 //!
-//! One value is adjusted rather than refused: the client stack caps
-//! `retry.max_retry_after` at the `deadline`, so a server hint (or an open breaker's
-//! `retry_after`) longer than the whole call ends the retries at once — and the enqueue
-//! fallback defers the request as `circuit-open` — instead of waiting for the deadline.
+//! Two values are adjusted rather than refused: the client stack caps
+//! `retry.max_retry_after` and `retry.max_open_wait` at the `deadline`, so a server
+//! hint (or an open breaker's `retry_after`) longer than the whole call ends the
+//! retries at once instead of waiting for the deadline. And `retry.max_open_wait`,
+//! unset, is `max_retry_after` in [`ClientConfig::layer`]'s stack but zero in
+//! [`ClientConfig::deferring_layer`]'s: a call an open breaker rejects is deferred
+//! (`circuit-open`) at once, its caller not held for the break.
 //!
 //! # Config files
 //! Every section is optional and every field has a default; unknown fields are errors.
@@ -307,9 +310,11 @@ pub struct EnqueueSection {
     /// A stored message expires this long after the request (default 24 h).
     #[serde(deserialize_with = "duration::required")]
     pub ttl: Duration,
-    /// A dependency's `Retry-After` delays a deferred request at most this long
-    /// (default 1 h; see
+    /// A dependency's `Retry-After` delays a deferred request's first delivery at most
+    /// this long (default 1 h; see
     /// [`EnqueueConfig::max_retry_after`](crate::enqueue::EnqueueConfig::max_retry_after)).
+    /// The waits between replays are capped by the [`Replayer`](crate::enqueue::Replayer)'s
+    /// own `max_retry_after`, set where it is built.
     #[serde(deserialize_with = "duration::required")]
     pub max_retry_after: Duration,
     /// Methods that stay synchronous (default `GET`, `HEAD`, `OPTIONS`, `TRACE`; a

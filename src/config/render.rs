@@ -88,6 +88,9 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     writeln!(f, "\n{}", t("retry"))?;
     writeln!(f, "max_retries = {}", r.max_retries)?;
     writeln!(f, "max_retry_after = {:?}", d(r.max_retry_after))?;
+    if let Some(w) = r.max_open_wait {
+        writeln!(f, "max_open_wait = {:?}", d(w))?;
+    }
     writeln!(
         f,
         "generate_idempotency_key = {}",
@@ -261,6 +264,7 @@ mod tests {
         c.client.circuit_breaker.name = Some("a \"quoted\" name".into());
         c.client.bulkhead.max_wait = Some(std::time::Duration::from_millis(20));
         c.client.bulkhead.max_waiting = 4;
+        c.client.retry.max_open_wait = Some(std::time::Duration::from_millis(250));
         let shown = c.to_string();
         assert_eq!(
             StackConfig::from_str(&shown, Format::Toml).unwrap(),

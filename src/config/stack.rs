@@ -175,6 +175,11 @@ impl ClientConfig {
     /// # Errors
     /// The first invalid field ([`validate`](Self::validate)).
     pub fn layer(&self) -> Result<ClientLayer, ConfigError> {
+        self.client_layer(false)
+    }
+
+    /// The client stack; `deferring` if an enqueue fallback sits outside it.
+    fn client_layer(&self, deferring: bool) -> Result<ClientLayer, ConfigError> {
         self.validate()?;
         let prefix = |e: ConfigError| super::prefixed("client", e);
         Ok(ClientLayer {
@@ -190,6 +195,14 @@ impl ClientConfig {
                 // A hint longer than the whole call can only end in the deadline.
                 let mut retry = self.retry.clone();
                 retry.max_retry_after = retry.max_retry_after.min(self.deadline);
+                // Behind a fallback, a call an open breaker rejects is deferred at
+                // once, not held for the break (unless the file says otherwise).
+                let open_wait = retry.max_open_wait.unwrap_or(if deferring {
+                    std::time::Duration::ZERO
+                } else {
+                    retry.max_retry_after
+                });
+                retry.max_open_wait = Some(open_wait.min(self.deadline));
                 retry.build_http().map_err(prefix)?
             },
             breaker: self
@@ -221,7 +234,7 @@ impl ClientConfig {
                 "is false: set it to true to defer requests to a queue",
             ));
         }
-        let client = self.layer()?;
+        let client = self.client_layer(true)?;
         let fallback = EnqueueFallbackLayer::with_config(queue, self.enqueue.to_enqueue_config())
             .map_err(|e| super::prefixed("client", e))?;
         Ok(DeferringClientLayer { client, fallback })

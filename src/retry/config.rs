@@ -37,6 +37,13 @@ pub struct RetryConfig {
     /// The longest server hint honoured; a longer one ends the retries.
     #[serde(deserialize_with = "crate::duration::required")]
     pub max_retry_after: Duration,
+    /// The longest wait for an open circuit breaker inside to admit calls again; a
+    /// longer break ends the retries with the rejection at once (see
+    /// [`RetryBuilder::max_open_wait`]). Unset: `max_retry_after`, except in the stack
+    /// of `ClientConfig::deferring_layer`, where it is zero: the enqueue fallback
+    /// defers a request at once instead of holding its caller for the break.
+    #[serde(deserialize_with = "crate::duration::option")]
+    pub max_open_wait: Option<Duration>,
     /// The retry budget.
     pub budget: BudgetConfig,
     /// HTTP only (`RetryConfig::http_requests`): add a generated
@@ -54,6 +61,7 @@ impl Default for RetryConfig {
             max_retries: DEFAULT_MAX_RETRIES,
             backoff: BackoffConfig::default(),
             max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            max_open_wait: None,
             budget: BudgetConfig::default(),
             generate_idempotency_key: false,
             retry_unsafe_methods: false,
@@ -199,10 +207,13 @@ impl RetryConfig {
         &self,
         builder: RetryBuilder<C, R, H>,
     ) -> Result<RetryBuilder<C, R, H>, ConfigError> {
-        let builder = builder
+        let mut builder = builder
             .max_retries(self.max_retries)
             .backoff(self.backoff.to_backoff()?)
             .max_retry_after(self.max_retry_after);
+        if let Some(max) = self.max_open_wait {
+            builder = builder.max_open_wait(max);
+        }
         Ok(match self.budget.to_budget()? {
             Some(b) => builder.budget(b),
             None => builder.no_budget(),

@@ -57,6 +57,7 @@ enum GiveUp {
     NotReplayable,
     NotRetrySafe,
     HintTooLong(Duration),
+    OpenTooLong(Duration),
     Deadline,
     Budget,
 }
@@ -68,6 +69,7 @@ impl GiveUp {
             GiveUp::NotReplayable => "not_replayable",
             GiveUp::NotRetrySafe => "not_retry_safe",
             GiveUp::HintTooLong(_) => "retry_after_too_long",
+            GiveUp::OpenTooLong(_) => "circuit_open",
             GiveUp::Deadline => "deadline",
             GiveUp::Budget => "budget_exhausted",
         }
@@ -308,16 +310,26 @@ fn decide<C, R, H>(
     if let Some(hint) = class.retry_after() {
         // Never early: round up to tokio's millisecond resolution.
         let hint = ceil_millis(hint);
-        if hint > policy.max_retry_after {
-            return Err(GiveUp::HintTooLong(hint));
-        }
+        // Our own rejection (an open breaker inside) has a bound of its own: waiting out
+        // a break blocks the caller for it, the pile-up a breaker is there to stop.
+        let max_wait = if class.is_ignored() {
+            if hint > policy.max_open_wait {
+                return Err(GiveUp::OpenTooLong(hint));
+            }
+            policy.max_open_wait
+        } else {
+            if hint > policy.max_retry_after {
+                return Err(GiveUp::HintTooLong(hint));
+            }
+            policy.max_retry_after
+        };
         let at_least = delay.max(hint);
         // Callers told the same instant (one breaker's break, one rate-limit reset)
         // would all come back at once: a jittering policy spreads them over up to half
         // the hint more (as Envoy does), at most its backoff cap — never earlier.
         let spread = super::backoff::scale((hint / 2).min(policy.backoff.max_delay()), unit);
         // Never past the longest wait for a hint that is allowed.
-        delay = at_least.max(hint.saturating_add(spread).min(policy.max_retry_after));
+        delay = at_least.max(hint.saturating_add(spread).min(max_wait));
         if let Some(deadline) = deadline
             && delay > at_least
             && !starts_before(delay, deadline)
@@ -332,7 +344,12 @@ fn decide<C, R, H>(
     {
         return Err(GiveUp::Deadline);
     }
+    // A retry after our own rejection (an open breaker, a full bulkhead) costs nothing
+    // from the budget: the attempt never reached the dependency, so the retry adds no
+    // load to it (and one that gets through is the first to), and the breaker and the
+    // bulkhead bound what they let through.
     if let Some(budget) = &policy.budget
+        && !class.is_ignored()
         && !budget.try_withdraw(Instant::now())
     {
         metrics::counter!("postbox_retry_budget_exhausted_total").increment(1);
@@ -360,7 +377,7 @@ fn starts_before(delay: Duration, deadline: Instant) -> bool {
 
 fn give_up(attempts: u32, why: GiveUp, class: &Classification) {
     let retry_after = match why {
-        GiveUp::HintTooLong(h) => Some(h),
+        GiveUp::HintTooLong(h) | GiveUp::OpenTooLong(h) => Some(h),
         _ => class.retry_after(),
     };
     // One literal label per arm: a label that is an expression makes the macro build
@@ -377,6 +394,9 @@ fn give_up(attempts: u32, why: GiveUp, class: &Classification) {
         }
         GiveUp::HintTooLong(_) => {
             metrics::counter!("postbox_retry_gave_up_total", "reason" => "retry_after_too_long")
+        }
+        GiveUp::OpenTooLong(_) => {
+            metrics::counter!("postbox_retry_gave_up_total", "reason" => "circuit_open")
         }
         GiveUp::Deadline => {
             metrics::counter!("postbox_retry_gave_up_total", "reason" => "deadline")

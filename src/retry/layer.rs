@@ -52,6 +52,7 @@ impl RetryLayer<DefaultPolicy> {
             max_retries: DEFAULT_MAX_RETRIES,
             backoff: Backoff::default(),
             max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            max_open_wait: None,
             budget: BudgetChoice::Default,
             rng: JitterRng::thread(),
         }
@@ -118,6 +119,7 @@ pub struct RetryBuilder<C, R, H> {
     max_retries: u32,
     backoff: Backoff,
     max_retry_after: Duration,
+    max_open_wait: Option<Duration>,
     budget: BudgetChoice,
     rng: JitterRng,
 }
@@ -143,6 +145,20 @@ impl<C, R, H> RetryBuilder<C, R, H> {
     /// and returns the last outcome. Default: [`DEFAULT_MAX_RETRY_AFTER`].
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
+        self
+    }
+
+    /// The longest wait for an open circuit breaker inside to admit calls again (its
+    /// [`Open::retry_after`](crate::circuit_breaker::error::Open::retry_after); in
+    /// general, the hint of an outcome classed
+    /// [`Ignored`](crate::classify::Class::Ignored), a rejection of our own). A longer
+    /// break ends the retries at once with the rejection: the caller fails fast, or an
+    /// [enqueue fallback](crate::enqueue) outside defers the request at once, instead of
+    /// waiting out the break. Default: [`max_retry_after`](Self::max_retry_after);
+    /// `Duration::ZERO` never waits for a break (a half-open breaker's rejection, whose
+    /// hint is zero, is still retried after the backoff).
+    pub fn max_open_wait(mut self, max: Duration) -> Self {
+        self.max_open_wait = Some(max);
         self
     }
 
@@ -173,6 +189,7 @@ impl<C, R, H> RetryBuilder<C, R, H> {
             max_retries: self.max_retries,
             backoff: self.backoff,
             max_retry_after: self.max_retry_after,
+            max_open_wait: self.max_open_wait,
             budget: self.budget,
             rng: self.rng,
         }
@@ -187,6 +204,7 @@ impl<C, R, H> RetryBuilder<C, R, H> {
             max_retries: self.max_retries,
             backoff: self.backoff,
             max_retry_after: self.max_retry_after,
+            max_open_wait: self.max_open_wait,
             budget: self.budget,
             rng: self.rng,
         }
@@ -201,6 +219,7 @@ impl<C, R, H> RetryBuilder<C, R, H> {
             max_retries: self.max_retries,
             backoff: self.backoff,
             max_retry_after: self.max_retry_after,
+            max_open_wait: self.max_open_wait,
             budget: self.budget,
             rng: self.rng,
         }
@@ -220,6 +239,15 @@ impl<C, R, H> RetryBuilder<C, R, H> {
                 "must be at most one day",
             ));
         }
+        if self
+            .max_open_wait
+            .is_some_and(|max| max > super::backoff::MAX_BACKOFF)
+        {
+            return Err(ConfigError::new(
+                "retry.max_open_wait",
+                "must be at most one day",
+            ));
+        }
         let budget = match self.budget {
             BudgetChoice::Default => Some(RetryBudget::new()),
             BudgetChoice::None => None,
@@ -233,6 +261,7 @@ impl<C, R, H> RetryBuilder<C, R, H> {
                 max_retries: self.max_retries,
                 backoff: self.backoff,
                 max_retry_after: self.max_retry_after,
+                max_open_wait: self.max_open_wait.unwrap_or(self.max_retry_after),
                 budget,
                 rng: self.rng,
             },

@@ -17,10 +17,15 @@
 //!   hint (at most its `max_delay`; Envoy waits 1–1.5× the hint), so callers told the
 //!   same instant do not all come back at once — unless that would pass the call's
 //!   deadline. A hint above [`max_retry_after`](RetryBuilder::max_retry_after)
-//!   (60 s by default, at most one day) ends the retries at once.
+//!   (60 s by default, at most one day) ends the retries at once. An open breaker's
+//!   break has a bound of its own, [`max_open_wait`](RetryBuilder::max_open_wait)
+//!   (`max_retry_after` unless set): a caller that would wait longer gets the
+//!   rejection at once (fails fast, or is deferred by an enqueue fallback outside).
 //! * **Budget**: a [`RetryBudget`] shared by every service of a layer (and by any layer
 //!   given a clone of it) bounds retries to a share of recent first attempts plus a floor
-//!   (20% and 10/s by default). When it is spent the last outcome is returned, the
+//!   (20% and 10/s by default). A retry after our own rejection (an open breaker, a
+//!   full bulkhead: nothing reached the dependency) takes nothing from it. When it is
+//!   spent the last outcome is returned, the
 //!   `postbox_retry_budget_exhausted_total` counter grows and a `debug` event says why.
 //! * **Idempotency**: after an attempt that may have taken effect, only retry-safe
 //!   requests are retried ([`CloneRequest::is_retry_safe`]). For HTTP
@@ -40,6 +45,7 @@
 //! | request cannot be replayed | last outcome | `not_replayable` |
 //! | not retry-safe and may have taken effect | last outcome | `not_retry_safe` |
 //! | server hint above `max_retry_after` | last outcome, at once | `retry_after_too_long` |
+//! | an open breaker inside whose break ends after `max_open_wait` | the rejection, at once | `circuit_open` |
 //! | budget spent | last outcome | `budget_exhausted` |
 //! | the next try would start at or after the call's deadline (a `CallDeadline` on an HTTP request, or a timeout the caller set in its `grpc-timeout` / `postbox-timeout-ms` header, counted from the first attempt; the backoff is checked, not a wait for readiness after it) | last outcome, at once | `deadline` |
 //! | the inner service fails its readiness before the retry (a closed connection) | that readiness error, not the last outcome (a retry was already counted) | — |

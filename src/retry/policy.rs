@@ -367,6 +367,7 @@ pub struct RetryPolicy<C, R, H> {
     pub(crate) max_retries: u32,
     pub(crate) backoff: Backoff,
     pub(crate) max_retry_after: Duration,
+    pub(crate) max_open_wait: Duration,
     pub(crate) budget: Option<RetryBudget>,
     pub(crate) rng: JitterRng,
 }
@@ -385,6 +386,11 @@ impl<C, R, H> RetryPolicy<C, R, H> {
     /// The longest server hint honoured; a longer one ends the retries.
     pub const fn max_retry_after(&self) -> Duration {
         self.max_retry_after
+    }
+
+    /// The longest wait for an open breaker inside; a longer break ends the retries.
+    pub const fn max_open_wait(&self) -> Duration {
+        self.max_open_wait
     }
 
     /// The shared budget, if any.
@@ -411,6 +417,7 @@ impl<C: fmt::Debug, R: fmt::Debug, H> fmt::Debug for RetryPolicy<C, R, H> {
             .field("max_retries", &self.max_retries)
             .field("backoff", &self.backoff)
             .field("max_retry_after", &self.max_retry_after)
+            .field("max_open_wait", &self.max_open_wait)
             .field("budget", &self.budget)
             .field("rng", &self.rng)
             .finish_non_exhaustive()

@@ -103,6 +103,78 @@ async fn an_open_breakers_rejection_is_not_retried_before_its_retry_after() {
     assert_eq!(handle.state(), State::Closed);
 }
 
+/// A break that ends after `max_open_wait` is not waited for: the caller gets the
+/// breaker's rejection at once (fails fast, or is deferred by a fallback outside)
+/// instead of being held for the break, the pile-up the breaker is there to stop.
+#[tokio::test(start_paused = true)]
+async fn a_break_longer_than_max_open_wait_returns_the_rejection_at_once() {
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .break_duration(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let retry = RetryLayer::builder()
+        .max_retries(3)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .max_open_wait(Duration::from_secs(1))
+        .no_budget()
+        .build()
+        .unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let svc = ServiceBuilder::new()
+        .layer(retry)
+        .layer(breaker)
+        .service(flaky(1, calls.clone()));
+    let start = Instant::now();
+    let err = svc.oneshot(7).await.unwrap_err();
+    let open = err.open().expect("the breaker's rejection");
+    assert!(open.retry_after() > Duration::from_secs(1), "{open:?}");
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(10),
+        "one backoff, then the rejection"
+    );
+    assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+/// A retry after our own rejection takes nothing from the retry budget: the rejected
+/// attempt never reached the dependency. With a spent budget, a caller that met an open
+/// breaker still waits for the break and is its probe, instead of failing for want of
+/// a retry that adds no load.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_our_own_rejection_takes_nothing_from_the_budget() {
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .break_duration(Duration::from_secs(2))
+        .permitted_probes(1)
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let budget = postbox::retry::RetryBudget::builder()
+        .ratio(0.0)
+        .min_retries_per_sec(0)
+        .build()
+        .unwrap();
+    let retry = RetryLayer::builder()
+        .max_retries(3)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .budget(budget)
+        .build()
+        .unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let svc = ServiceBuilder::new()
+        .layer(retry)
+        .layer(breaker)
+        .service(flaky(1, calls.clone()));
+    // The failure opens the breaker and is not retried: the budget is spent.
+    assert!(svc.clone().oneshot(7).await.unwrap_err().open().is_none());
+    assert_eq!(handle.state(), State::Open);
+    // The next call is rejected, waits out the break without the budget, and probes.
+    assert_eq!(svc.oneshot(8).await.unwrap(), 8);
+    assert_eq!(calls.lock().unwrap().len(), 2);
+    assert_eq!(handle.state(), State::Closed);
+}
+
 #[cfg(feature = "http")]
 #[tokio::test(start_paused = true)]
 async fn a_retry_inside_the_enqueue_fallback_replays_the_buffered_body() {

@@ -1233,3 +1233,72 @@ async fn a_server_config_can_require_an_idempotency_key() {
     let ok = svc.oneshot(post(Some("order-1"))).await.unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
 }
+
+/// Behind the enqueue fallback, a write to a host whose breaker is open is deferred at
+/// once (`circuit-open`). Before, the retry inside waited out the break (5 s in the
+/// preset) first, and the caller got its "accepted" receipt that much later. The same
+/// stack without a fallback still waits for a break it is allowed to.
+#[tokio::test(start_paused = true)]
+async fn a_deferring_stack_defers_a_write_an_open_breaker_rejects_at_once() {
+    type Deferred = http::Request<ReplayBody<postbox::enqueue::BufferedBody<Full<Bytes>>>>;
+    let config = ClientConfig::from_str(
+        "preset = \"standard_http_client\"\n\
+         [retry.budget]\nenabled = false\n\
+         [circuit_breaker]\nminimum_calls = 2\n\
+         [enqueue]\nenabled = true\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let downstream = service_fn({
+        let calls = calls.clone();
+        move |_req: Deferred| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                let res = http::Response::builder()
+                    .status(503)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                Ok::<_, BoxError>(res)
+            }
+        }
+    });
+    let queue = Arc::new(postbox::queue::MemoryQueue::new());
+    let client = ServiceBuilder::new()
+        .layer(config.deferring_layer(queue.clone()).unwrap())
+        .service(downstream);
+    let post = || {
+        http::Request::post("http://orders.test/orders")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let res = client.clone().oneshot(post()).await.unwrap();
+        assert!(
+            res.headers()
+                .contains_key(postbox::enqueue::DEFER_REASON_HEADER)
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "a POST after a 503 is not retried"
+    );
+    let start = tokio::time::Instant::now();
+    let res = client.clone().oneshot(post()).await.unwrap();
+    assert_eq!(
+        res.headers()[postbox::enqueue::DEFER_REASON_HEADER],
+        "circuit-open"
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(100),
+        "deferred after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        config.layer().unwrap().retry().policy().max_open_wait(),
+        config.retry.max_retry_after.min(config.deadline),
+        "without a fallback, the break is waited for as a server's hint would be"
+    );
+}
