@@ -66,7 +66,8 @@ as_error_for!(
 /// | ✦ [`bulkhead::error::Full`](crate::bulkhead::error::Full) | ignored | yes | no |
 /// | ✦ `http::body::RequestBodyFailed` (with `http`: the caller's upload broke) | ignored | no | yes |
 /// | ✦ [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
-/// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | failure | no (the budget is spent) | yes, unless it expired before the call |
+/// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) that expired before the call (no attempt was made) | ignored | no (the budget is spent) | no |
+/// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded), the call made | failure | no (the budget is spent) | yes |
 /// | ✦ [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) (the answer's body stalled) | failure | no (the budget is spent) | yes (it answered) |
 /// | ✦ `hyper_util` client error that is a connect error (with `hyper`) | failure | yes | no |
 /// | ✦ `reqwest::Error` that is a connect error (with `reqwest`) | failure | yes | no |
@@ -156,11 +157,13 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
         return Some(Classification::failure());
     }
     if let Some(d) = as_type::<crate::timeout::error::DeadlineExceeded>(e) {
-        return Some(
-            Classification::failure()
-                .with_retryable(false)
-                .with_effect(!d.expired_before_call()),
-        );
+        // Expired before the attempt was made (a wait for readiness, a bulkhead's
+        // queue, outlasted the call's deadline): nothing was sent, so it says nothing
+        // of the dependency's health, and a half-open breaker must not reopen on it.
+        if d.expired_before_call() {
+            return Some(Classification::ignored());
+        }
+        return Some(Classification::failure().with_retryable(false));
     }
     if as_type::<crate::timeout::error::BodyDeadlineExceeded>(e).is_some() {
         return Some(
@@ -315,6 +318,23 @@ mod tests {
         let c = classify_error(&*e);
         assert_eq!(c.class(), Class::Failure);
         assert!(c.is_retryable());
+    }
+
+    #[test]
+    fn a_deadline_that_passed_before_the_call_is_ignored_and_one_during_it_a_failure() {
+        let before: BoxError =
+            crate::timeout::error::DeadlineExceeded::new(std::time::Duration::ZERO, true).into();
+        let c = classify_error(&*before);
+        assert!(c.is_ignored());
+        assert!(!c.is_retryable());
+        assert!(!c.may_have_taken_effect());
+        let during: BoxError =
+            crate::timeout::error::DeadlineExceeded::new(std::time::Duration::from_secs(1), false)
+                .into();
+        let c = classify_error(&*during);
+        assert_eq!(c.class(), Class::Failure);
+        assert!(!c.is_retryable());
+        assert!(c.may_have_taken_effect());
     }
 
     #[test]

@@ -579,3 +579,42 @@ async fn a_body_stalled_after_its_head_fails_at_the_call_deadline() {
         http::StatusCode::GATEWAY_TIMEOUT
     );
 }
+
+/// A call whose deadline passed before its attempt was made (a wait for readiness
+/// outlasted it) is not the dependency's failure: nothing was sent. A breaker outside
+/// the attempt timeout does not count it, so a half-open breaker is not reopened by a
+/// probe that never went out. (Before, it was a failure, and opened this breaker.)
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_deadline_passed_before_it_was_sent_is_not_a_breaker_failure() {
+    use postbox::circuit_breaker::{CircuitBreakerLayer, State};
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let calls = Counter::default();
+    let svc = breaker.layer(
+        AttemptTimeoutLayer::http(Duration::from_secs(1))
+            .unwrap()
+            .layer(service_fn({
+                let calls = calls.clone();
+                move |_req: http::Request<()>| {
+                    calls.inc();
+                    async { Ok::<_, BoxError>(()) }
+                }
+            })),
+    );
+    let past = Instant::now();
+    time::advance(Duration::from_millis(10)).await;
+    let mut req = http::Request::new(());
+    req.extensions_mut().insert(CallDeadline::new(past));
+    let err = svc.oneshot(req).await.unwrap_err().into_inner().unwrap();
+    assert!(
+        find_cause::<DeadlineExceeded>(&*err)
+            .unwrap()
+            .expired_before_call()
+    );
+    assert_eq!(calls.get(), 0);
+    assert_eq!(handle.state(), State::Closed);
+    assert_eq!(handle.metrics().failures(), 0);
+}
