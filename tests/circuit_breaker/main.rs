@@ -406,6 +406,38 @@ async fn trip_and_wait(
     advance(Duration::from_secs(1)).await;
 }
 
+/// The documented defaults, as behaviour: a count window judged from 20 calls,
+/// tripping at 50 % failures; a 5 s break; then 3 probes at once. (resilience4j's
+/// docs and code once disagreed on a default; these pin ours.)
+#[tokio::test(start_paused = true)]
+async fn the_default_breaker_trips_at_half_of_20_calls_and_admits_3_probes_after_5s() {
+    let (mut svc, h, calls) = breaker(CircuitBreakerLayer::builder());
+    run_n(&mut svc, Do::Succeed, 10).await;
+    run_n(&mut svc, Do::Fail, 9).await;
+    assert_eq!(h.state(), State::Closed, "19 calls are below the minimum");
+    run_n(&mut svc, Do::Fail, 1).await;
+    assert_eq!(h.state(), State::Open, "10 failures of 20 calls");
+    let open = open_error(run(&mut svc, Do::Succeed).await);
+    assert_eq!(open.retry_after(), Duration::from_secs(5));
+    advance(Duration::from_millis(4999)).await;
+    open_error(run(&mut svc, Do::Succeed).await);
+    assert_eq!(calls.load(SeqCst), 20);
+    advance(Duration::from_millis(1)).await;
+    // Three probes are let through together; a fourth caller is turned away.
+    let mut probes = Vec::new();
+    for _ in 0..3 {
+        let ready = svc.ready().await.unwrap();
+        probes.push(ready.call(Do::SucceedAfter(Duration::from_secs(1))));
+    }
+    assert_eq!(h.state(), State::HalfOpen);
+    open_error(run(&mut svc, Do::Succeed).await);
+    for p in probes {
+        p.await.unwrap();
+    }
+    assert_eq!(calls.load(SeqCst), 23);
+    assert_eq!(h.state(), State::Closed);
+}
+
 #[tokio::test(start_paused = true)]
 async fn half_open_admits_configured_probes() {
     let (mut svc, mut handle, h) = tripped_mock(2);
