@@ -1679,7 +1679,12 @@ impl Queue for AmqpQueue {
         lease_for: Duration,
         now: SystemTime,
     ) -> impl Future<Output = Result<Vec<Leased>, QueueError>> + Send {
-        self.inner.lease(max, lease_for, now)
+        // On a task of its own too: dropped while the broker answered a `basic_get`,
+        // it left the delivery unacked on the channel and in no hold, stranded until
+        // the channel closed. Now what it takes is leased (to no one) and comes back
+        // when that lease ends, as the embedded queue's does.
+        let inner = self.inner.clone();
+        settling(async move { inner.lease(max, lease_for, now).await })
     }
 
     // The calls that settle a lease run to the end on a task of their own (see

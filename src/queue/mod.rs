@@ -191,6 +191,14 @@ pub trait Queue: Send + Sync + 'static {
     /// Leases up to `max` messages due at `now` (`not_before <= now`), oldest first
     /// (FIFO by id within a destination), each for `lease_for`. Expired leases are
     /// returned to pending first. Increments each message's `attempts`.
+    ///
+    /// On NATS and RabbitMQ, a message given back with
+    /// [`retry_later`](Self::retry_later) is published anew, so once due it comes
+    /// after the messages of its destination that were queued meanwhile (the memory,
+    /// embedded and Redis queues keep it in its place by id).
+    ///
+    /// Dropping the future does not withdraw the lease: what it took is leased to no
+    /// one, and comes back when that lease ends (every backend).
     fn lease(
         &self,
         max: usize,

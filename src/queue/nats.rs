@@ -1614,7 +1614,12 @@ impl Queue for NatsQueue {
         lease_for: Duration,
         now: SystemTime,
     ) -> impl Future<Output = Result<Vec<Leased>, QueueError>> + Send {
-        self.inner.lease(max, lease_for, now)
+        // On a task of its own too: dropped between storing a held delivery's copy and
+        // acking the original (making room in the hold), it left two live copies of
+        // the message. Now what it takes is leased (to no one) and comes back when
+        // that lease ends, as the embedded queue's does.
+        let inner = self.inner.clone();
+        settling(async move { inner.lease(max, lease_for, now).await })
     }
 
     // The calls that settle a lease run to the end on a task of their own (see

@@ -329,6 +329,43 @@ async fn endless_lease_does_not_expire() {
     crate::suite::endless_lease_does_not_expire(q).await;
 }
 
+/// A lease whose caller stops waiting while the broker's answer is on its way (a
+/// timeout around `lease`) still ends: the message it got is leased to no one and
+/// comes back when that lease ends. (Dropped halfway, it left the delivery unacked on
+/// the channel and in no hold, leased to no one until the channel closed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_dropped_while_the_broker_answers_comes_back_when_its_lease_ends() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy));
+    let e = crate::suite::envelope("dropped-lease");
+    q.enqueue(e.clone()).await.unwrap();
+    proxy.hold();
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(300),
+        q.lease(1, Duration::from_secs(1), crate::suite::at(0)),
+    )
+    .await;
+    assert!(
+        dropped.is_err(),
+        "answered through a held proxy: {dropped:?}"
+    );
+    proxy.release();
+    let mut again = Vec::new();
+    for _ in 0..50 {
+        again = retry!(
+            q.lease(1, Duration::from_secs(30), crate::suite::at(2))
+                .await
+        );
+        if !again.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(again.len(), 1, "the message is stranded");
+    assert_eq!(again[0].envelope.id, e.id);
+    assert_eq!(again[0].envelope.attempts, 2, "leased twice");
+}
+
 /// A second enqueue of a key whose first enqueue is cancelled while it waits for its
 /// publisher confirm (its caller stopped waiting) goes ahead: the cancelled enqueue
 /// takes its claim out of the index and wakes it. (It waited for ever.)

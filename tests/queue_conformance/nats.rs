@@ -813,6 +813,40 @@ async fn a_due_message_behind_a_full_hold_of_later_ones_is_leased() {
     assert_eq!(late[0].envelope.not_before, crate::suite::at(3600));
 }
 
+/// A lease whose caller stops waiting while the server's answer is on its way (a
+/// timeout around `lease`) still ends: the message it got is leased to no one and
+/// comes back when that lease ends, not after the consumer's `ack_wait` (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_dropped_while_the_server_answers_comes_back_when_its_lease_ends() {
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_secs(5)).await;
+    let e = crate::suite::envelope("dropped-lease");
+    q.enqueue(e.clone()).await.unwrap();
+    proxy.hold();
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(300),
+        q.lease(1, Duration::from_secs(1), crate::suite::at(0)),
+    )
+    .await;
+    assert!(
+        dropped.is_err(),
+        "answered through a held proxy: {dropped:?}"
+    );
+    proxy.release();
+    let mut again = Vec::new();
+    for _ in 0..50 {
+        again = q
+            .lease(1, Duration::from_secs(30), crate::suite::at(2))
+            .await
+            .unwrap();
+        if !again.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(again.len(), 1, "the message is stranded until ack_wait");
+    assert_eq!(again[0].envelope.id, e.id);
+}
+
 /// A lease making room on a slow server stops moving held deliveries after a quarter
 /// of `ack_wait`: the held deliveries are locked meanwhile, and the keep-alive that
 /// refreshes them needs the lock (unrefreshed past `ack_wait`, the server hands them
