@@ -123,6 +123,8 @@ fn bodies(c: &mut Criterion) {
 /// the loop, in both) straight to a `service_fn`, and through `RetryLayer::http` with
 /// no retry needed; `retry_http/retry_grpc_timeout` is a gRPC call whose caller set a
 /// `grpc-timeout` (anchored as the call's deadline before the first attempt).
+/// `bulkhead_http/one` and `bulkhead_http/per_authority`: the same request through one
+/// bulkhead, and through a bulkhead per authority.
 fn retry_http(c: &mut Criterion) {
     use http::{Request, Response};
     use postbox::retry::RetryLayer;
@@ -142,14 +144,15 @@ fn retry_http(c: &mut Criterion) {
         };
         b.body(()).unwrap()
     };
-    let mut run = |id: &str,
+    let mut run = |group: &str,
+                   id: &str,
                    grpc: bool,
                    svc: tower::util::BoxCloneSyncService<
         Request<()>,
         Response<()>,
         postbox::BoxError,
     >| {
-        let mut g = c.benchmark_group("retry_http");
+        let mut g = c.benchmark_group(group);
         g.bench_function(id, |b| {
             b.to_async(&rt).iter_custom(|iters| {
                 let mut svc = svc.clone();
@@ -168,21 +171,50 @@ fn retry_http(c: &mut Criterion) {
     let answer =
         tower::service_fn(|_: Request<()>| async { Ok::<_, postbox::BoxError>(Response::new(())) });
     let retry = RetryLayer::http().build().unwrap();
-    run("bare", false, tower::util::BoxCloneSyncService::new(answer));
     run(
+        "retry_http",
+        "bare",
+        false,
+        tower::util::BoxCloneSyncService::new(answer),
+    );
+    run(
+        "retry_http",
         "retry",
         false,
         tower::util::BoxCloneSyncService::new(retry.layer(answer)),
     );
     run(
+        "retry_http",
         "bare_grpc",
         true,
         tower::util::BoxCloneSyncService::new(answer),
     );
     run(
+        "retry_http",
         "retry_grpc_timeout",
         true,
         tower::util::BoxCloneSyncService::new(retry.layer(answer)),
+    );
+    // One bulkhead for the stack against one per authority (the config client
+    // stack's): the map lookup and the clone of the inner service per call.
+    run(
+        "bulkhead_http",
+        "bare",
+        false,
+        tower::util::BoxCloneSyncService::new(answer),
+    );
+    let bulkhead = postbox::bulkhead::BulkheadLayer::builder().max_concurrent(64);
+    run(
+        "bulkhead_http",
+        "one",
+        false,
+        tower::util::BoxCloneSyncService::new(bulkhead.clone().build().unwrap().layer(answer)),
+    );
+    run(
+        "bulkhead_http",
+        "per_authority",
+        false,
+        tower::util::BoxCloneSyncService::new(bulkhead.keyed_by_authority().unwrap().layer(answer)),
     );
 }
 

@@ -37,8 +37,8 @@ fn main() -> Result<(), BoxError> {
         .layer(stack.clone())
         .service(ReqwestService::new(reqwest::Client::new()));
     println!(
-        "client stack built: {} bulkhead permits free, {} retries at most",
-        stack.available_permits(),
+        "client stack built: {} bulkhead permits free for each host, {} retries at most",
+        stack.available_permits(&http::uri::Authority::from_static("orders.internal")),
         stack.retry().policy().max_retries()
     );
     let _server = config.server.layer()?;

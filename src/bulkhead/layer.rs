@@ -1,5 +1,7 @@
+use super::keyed::{KeyedBulkheadLayer, Keys};
 use super::service::{Bulkhead, Shared};
 use crate::error::ConfigError;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 use tower_layer::Layer;
@@ -91,6 +93,48 @@ impl BulkheadBuilder {
     /// (`max_waiting` > 0) with a zero `max_wait` or none: a wait without a bound is
     /// [`backpressure`](Self::backpressure), which says so.
     pub fn build(self) -> Result<BulkheadLayer, ConfigError> {
+        self.validate()?;
+        Ok(BulkheadLayer {
+            shared: Arc::new(Shared::new(
+                self.max_concurrent,
+                self.max_waiting,
+                self.max_wait,
+            )),
+        })
+    }
+
+    /// Validates and builds a layer of one bulkhead per key, each with these limits:
+    /// `key_fn` picks a request's key (any `Fn(&Req) -> K`). Calls for one key never
+    /// take the permits of another, so a dependency that answers slowly fills its own
+    /// bulkhead, not the others'. See [`KeyedBulkhead`](super::KeyedBulkhead).
+    ///
+    /// # Errors
+    /// As [`build`](Self::build).
+    pub fn keyed<K: Hash + Eq, F>(
+        self,
+        key_fn: F,
+    ) -> Result<KeyedBulkheadLayer<K, F>, ConfigError> {
+        self.validate()?;
+        let keys = Keys::new(self.max_concurrent, self.max_waiting, self.max_wait);
+        Ok(KeyedBulkheadLayer::new(keys, key_fn))
+    }
+
+    /// [`keyed`](Self::keyed) by the request's authority ([`ByAuthority`](crate::circuit_breaker::ByAuthority)):
+    /// one bulkhead per host and port, as the config client stack has.
+    ///
+    /// # Errors
+    /// As [`build`](Self::build).
+    #[cfg(feature = "http")]
+    pub fn keyed_by_authority(
+        self,
+    ) -> Result<
+        KeyedBulkheadLayer<http::uri::Authority, crate::circuit_breaker::ByAuthority>,
+        ConfigError,
+    > {
+        self.keyed(crate::circuit_breaker::ByAuthority)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.max_concurrent == 0 {
             return Err(ConfigError::new(
                 "bulkhead.max_concurrent",
@@ -116,12 +160,6 @@ impl BulkheadBuilder {
                 "must be greater than zero when max_waiting > 0 (use max_waiting = 0 to fail fast)",
             ));
         }
-        Ok(BulkheadLayer {
-            shared: Arc::new(Shared::new(
-                self.max_concurrent,
-                self.max_waiting,
-                self.max_wait,
-            )),
-        })
+        Ok(())
     }
 }

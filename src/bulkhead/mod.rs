@@ -53,14 +53,24 @@
 //! # let _ = svc; Ok(()) }
 //! ```
 //!
+//! # One bulkhead per dependency
+//! A client that calls several hosts through one stack should not let one slow host
+//! take every permit: [`BulkheadBuilder::keyed`] (or
+//! [`keyed_by_authority`](BulkheadBuilder::keyed_by_authority)) builds a
+//! [`KeyedBulkhead`], one bulkhead per key with the same limits (Envoy's limits are
+//! per cluster for the same reason). The config client stack has one per authority.
+//! Admission then happens in the response future, as the key comes from the request.
+//!
 //! # Cancel safety
 //! Dropping the response future releases its permit; dropping a service that is
 //! waiting gives up its waiting slot.
 
 pub mod error;
 pub mod future;
+mod keyed;
 mod layer;
 mod service;
 
+pub use self::keyed::{KeyedBulkhead, KeyedBulkheadLayer, KeyedResponseFuture};
 pub use self::layer::{BulkheadBuilder, BulkheadLayer};
 pub use self::service::Bulkhead;

@@ -96,7 +96,7 @@ type KeyMap<K> = HashMap<K, Entry, BuildBuffered>;
 /// Builds [`Buffered`] hashers from one random SipHash key (per map, as
 /// `RandomState`).
 #[derive(Default, Clone)]
-struct BuildBuffered(std::hash::RandomState);
+pub(crate) struct BuildBuffered(std::hash::RandomState);
 
 impl BuildHasher for BuildBuffered {
     type Hasher = Buffered;
@@ -115,7 +115,7 @@ impl BuildHasher for BuildBuffered {
 /// (`http::uri::Authority` writes every byte, lower-cased, with `write_u8`) and feeds
 /// the keyed SipHash eight at a time: the same protection against chosen keys, a
 /// fraction of the calls.
-struct Buffered {
+pub(crate) struct Buffered {
     inner: std::hash::DefaultHasher,
     buf: u64,
     len: u32,

@@ -129,7 +129,7 @@ mod config;
 pub mod error;
 pub mod future;
 mod handle;
-mod keyed;
+pub(crate) mod keyed;
 mod layer;
 mod service;
 mod shared;

@@ -6,7 +6,7 @@
 //!
 //! | stack | built by | order, outer to inner |
 //! |---|---|---|
-//! | client | [`ClientConfig::layer`] → [`ClientLayer`] | deadline → body buffer → retry (+ budget) → circuit breaker (per authority) → bulkhead → attempt timeout |
+//! | client | [`ClientConfig::layer`] → [`ClientLayer`] | deadline → body buffer → retry (+ budget) → circuit breaker (per authority) → bulkhead (per authority) → attempt timeout |
 //! | client that defers | [`ClientConfig::deferring_layer`] → [`DeferringClientLayer`] | enqueue fallback → the client stack |
 //! | server | [`ServerConfig::layer`] → [`ServerLayer`] | errors as responses → deadline → idempotency → bulkhead (fail fast) |
 //!
@@ -178,7 +178,7 @@ pub struct StackConfig {
     pub server: ServerConfig,
 }
 
-/// The client stack: deadline, retry, circuit breaker per authority, bulkhead, attempt
+/// The client stack: deadline, retry, circuit breaker and bulkhead per authority, attempt
 /// timeout and, optionally, the enqueue fallback.
 ///
 /// Defaults (an empty section) are each layer's own defaults with a 30 s deadline and a
@@ -258,7 +258,9 @@ impl Default for BreakerKeysConfig {
     }
 }
 
-/// A bulkhead (see [`BulkheadLayer::builder`](crate::bulkhead::BulkheadLayer::builder)).
+/// A bulkhead (see [`BulkheadLayer::builder`](crate::bulkhead::BulkheadLayer::builder)):
+/// in the client stack one per authority (these limits for each host), in the server
+/// stack one for the whole service.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
@@ -288,13 +290,18 @@ impl BulkheadConfig {
     /// # Errors
     /// As [`BulkheadBuilder::build`](crate::bulkhead::BulkheadBuilder::build).
     pub fn build(&self) -> Result<crate::bulkhead::BulkheadLayer, ConfigError> {
-        let mut b = crate::bulkhead::BulkheadLayer::builder()
+        self.builder().build()
+    }
+
+    /// The builder these values make.
+    pub fn builder(&self) -> crate::bulkhead::BulkheadBuilder {
+        let b = crate::bulkhead::BulkheadLayer::builder()
             .max_concurrent(self.max_concurrent)
             .max_waiting(self.max_waiting);
-        if let Some(d) = self.max_wait {
-            b = b.max_wait(d);
+        match self.max_wait {
+            Some(d) => b.max_wait(d),
+            None => b,
         }
-        b.build()
     }
 }
 

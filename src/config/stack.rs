@@ -1,7 +1,7 @@
 //! The standard stacks as `tower::Layer`s with nameable service types.
 
 use super::{ClientConfig, ServerConfig};
-use crate::bulkhead::{Bulkhead, BulkheadLayer};
+use crate::bulkhead::{Bulkhead, BulkheadLayer, KeyedBulkhead, KeyedBulkheadLayer};
 use crate::circuit_breaker::{
     ByAuthority, KeyedCircuitBreaker, KeyedCircuitBreakerHandle, KeyedCircuitBreakerLayer,
 };
@@ -24,7 +24,7 @@ use tower_layer::Layer;
 pub type HttpRetryPolicy = RetryPolicy<HttpClassifier, HttpRequests, ()>;
 
 /// The client stack around `S`, outer to inner: deadline → body buffer → retry →
-/// circuit breaker per authority → bulkhead → attempt timeout → `S`.
+/// circuit breaker per authority → bulkhead per authority → attempt timeout → `S`.
 ///
 /// `S` serves `http::Request<ReplayBody<B>>` (the buffered body) and answers
 /// `http::Response<_>`; errors are [`BoxError`](crate::BoxError).
@@ -32,7 +32,7 @@ pub type Client<S> = Deadline<
     BufferBody<
         Retry<
             KeyedCircuitBreaker<
-                Bulkhead<AttemptTimeout<S, HttpPropagation>>,
+                KeyedBulkhead<AttemptTimeout<S, HttpPropagation>, Authority, ByAuthority>,
                 Authority,
                 ByAuthority,
                 HttpClassifier,
@@ -61,7 +61,9 @@ pub type Server<S> =
 /// [`ClientConfig::layer`].
 ///
 /// Every service it makes (and every clone) shares one retry budget, one set of
-/// per-authority breakers and one bulkhead.
+/// per-authority breakers and one set of per-authority bulkheads: the `bulkhead`
+/// section's limits hold for each host, so a host that answers slowly fills its own
+/// bulkhead and calls to the others go on.
 ///
 /// # Example
 /// ```
@@ -83,7 +85,7 @@ pub struct ClientLayer {
     buffer: BufferBodyLayer,
     retry: RetryLayer<HttpRetryPolicy>,
     breaker: KeyedCircuitBreakerLayer<Authority, ByAuthority, HttpClassifier>,
-    bulkhead: BulkheadLayer,
+    bulkhead: KeyedBulkheadLayer<Authority, ByAuthority>,
     attempt: AttemptTimeoutLayer<HttpPropagation>,
 }
 
@@ -142,9 +144,11 @@ impl ClientLayer {
         self.breaker.handle()
     }
 
-    /// The bulkhead's free permits.
-    pub fn available_permits(&self) -> usize {
-        self.bulkhead.available_permits()
+    /// The free permits of the bulkhead of `authority` (as
+    /// [`ByAuthority`](crate::circuit_breaker::ByAuthority) names it: `"api"`, not
+    /// `"api:443"`, for `https://api`).
+    pub fn available_permits(&self, authority: &Authority) -> usize {
+        self.bulkhead.available_permits(authority)
     }
 
     /// The retry layer (its policy and budget).
@@ -214,7 +218,11 @@ impl ClientConfig {
                 .build()
                 .map_err(prefix)?
                 .with_classifier(HttpClassifier::new()),
-            bulkhead: self.bulkhead.build().map_err(prefix)?,
+            bulkhead: self
+                .bulkhead
+                .builder()
+                .keyed_by_authority()
+                .map_err(prefix)?,
             attempt: AttemptTimeoutLayer::http(self.attempt_timeout).map_err(prefix)?,
         })
     }

@@ -425,3 +425,117 @@ fn under_contention_never_more_than_max_concurrent_and_no_waiter_is_forgotten() 
         assert_eq!(layer.available_permits(), 3);
     }
 }
+
+// --- one bulkhead per key -------------------------------------------------------
+
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, BoxError>> + Send>>;
+
+/// A service that answers `(key, n)` with `n` after `n` ms, counting the calls made.
+fn keyed_service(
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> impl tower::Service<(&'static str, u64), Response = u64, Error = BoxError, Future = Answer> + Clone
+{
+    tower::service_fn(move |(_, ms): (&'static str, u64)| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, BoxError>(ms)
+        }) as Answer
+    })
+}
+
+/// Each key has its own permits: one key's bulkhead full (a slow dependency) rejects
+/// that key's next call, while another key's calls go through; its permits come back
+/// when its calls end, or when their futures are dropped.
+#[tokio::test(start_paused = true)]
+async fn a_full_key_rejects_its_calls_while_another_key_is_admitted() {
+    use tower::ServiceExt;
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(2)
+        .keyed(|req: &(&'static str, u64)| req.0)
+        .unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = layer.layer(keyed_service(calls.clone()));
+    let slow1 = tokio::spawn(svc.clone().oneshot(("slow", 10_000)));
+    let slow2 = tokio::spawn(svc.clone().oneshot(("slow", 10_000)));
+    time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(layer.available_permits(&"slow"), 0);
+    let err = svc.clone().oneshot(("slow", 1)).await.unwrap_err();
+    assert!(is_full(&err), "{err}");
+    for _ in 0..5 {
+        assert_eq!(svc.clone().oneshot(("fast", 1)).await.unwrap(), 1);
+    }
+    assert_eq!(layer.available_permits(&"fast"), 2);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 7);
+    slow1.abort();
+    assert!(slow1.await.unwrap_err().is_cancelled());
+    assert_eq!(
+        layer.available_permits(&"slow"),
+        1,
+        "a dropped call frees its permit"
+    );
+    assert_eq!(svc.clone().oneshot(("slow", 1)).await.unwrap(), 1);
+    slow2.abort();
+}
+
+/// With waiting allowed, a call for a full key waits for that key's permit (up to
+/// `max_wait`), and is admitted when one of its key's calls ends.
+#[tokio::test(start_paused = true)]
+async fn a_call_for_a_full_key_waits_for_its_keys_permit() {
+    use tower::ServiceExt;
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(1)
+        .max_wait(Duration::from_millis(500))
+        .keyed(|req: &(&'static str, u64)| req.0)
+        .unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = layer.layer(keyed_service(calls));
+    let start = time::Instant::now();
+    let first = tokio::spawn(svc.clone().oneshot(("a", 300)));
+    time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(svc.clone().oneshot(("a", 10)).await.unwrap(), 10);
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(310),
+        "admitted when the first ended"
+    );
+    assert_eq!(first.await.unwrap().unwrap(), 300);
+    // Waiting past `max_wait` is a rejection after the wait.
+    let long = tokio::spawn(svc.clone().oneshot(("a", 10_000)));
+    time::sleep(Duration::from_millis(1)).await;
+    let err = svc.clone().oneshot(("a", 1)).await.unwrap_err();
+    let full = find_cause::<Full>(&*err).unwrap();
+    assert_eq!(full.waited(), Some(Duration::from_millis(500)));
+    long.abort();
+}
+
+/// A key's bulkhead with no call in flight is the same as a new one, so the layer
+/// keeps only the keys in use: calls to ever new keys (hosts taken from requests) do
+/// not grow it without bound.
+#[tokio::test(start_paused = true)]
+async fn keys_without_calls_are_swept_so_the_keys_are_bounded_by_the_calls_in_flight() {
+    use tower::ServiceExt;
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .keyed(|req: &String| req.clone())
+        .unwrap();
+    let svc = layer.layer(tower::service_fn(|key: String| async move {
+        if key == "held" {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, BoxError>(key)
+    }));
+    // A key in use is never swept: its call holds its permit throughout.
+    let held = tokio::spawn(svc.clone().oneshot("held".to_owned()));
+    time::sleep(Duration::from_millis(1)).await;
+    for i in 0..10_000u64 {
+        let key = format!("host-{i}");
+        assert_eq!(svc.clone().oneshot(key.clone()).await.unwrap(), key);
+    }
+    assert!(layer.keys() <= 64, "{} keys kept", layer.keys());
+    assert_eq!(layer.available_permits(&"held".to_owned()), 0);
+    let err = svc.clone().oneshot("held".to_owned()).await.unwrap_err();
+    assert!(is_full(&err), "{err}");
+    held.abort();
+}

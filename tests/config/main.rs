@@ -770,7 +770,11 @@ async fn a_call_rejected_by_an_open_host_holds_no_bulkhead_permit() {
     // The rejected call's retry is waiting out the break.
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(!down.is_finished());
-    assert_eq!(layer.available_permits(), 1, "a permit is parked");
+    assert_eq!(
+        layer.available_permits(&http::uri::Authority::from_static("down.test")),
+        1,
+        "a permit is parked"
+    );
     let res = client
         .clone()
         .oneshot(get("http://up.test/"))
@@ -1301,4 +1305,62 @@ async fn a_deferring_stack_defers_a_write_an_open_breaker_rejects_at_once() {
         config.retry.max_retry_after.min(config.deadline),
         "without a fallback, the break is waited for as a server's hint would be"
     );
+}
+
+/// The client stack has a bulkhead per authority: a host that answers slowly fills its
+/// own, and calls to the other hosts go on. With one bulkhead for the stack, the slow
+/// host's calls took every permit and every call to a healthy host was turned away.
+#[tokio::test(start_paused = true)]
+async fn a_slow_host_does_not_take_the_bulkhead_permits_of_another() {
+    let layer = ClientConfig::from_str(
+        "preset = \"standard_http_client\"\n[bulkhead]\nmax_concurrent = 2\n",
+        Format::Toml,
+    )
+    .unwrap()
+    .layer()
+    .unwrap();
+    let downstream = service_fn(|req: Req| async move {
+        if req.uri().host() == Some("slow.test") {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, BoxError>(http::Response::new(()))
+    });
+    let client = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(downstream);
+    let get = |uri: &str| {
+        http::Request::get(uri)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let slow: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(client.clone().oneshot(get("http://slow.test/"))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let slow_test = http::uri::Authority::from_static("slow.test");
+    assert_eq!(layer.available_permits(&slow_test), 0);
+    let err = client
+        .clone()
+        .oneshot(get("http://slow.test/"))
+        .await
+        .unwrap_err();
+    assert!(
+        postbox::error::find_cause::<postbox::bulkhead::error::Full>(&*err).is_some(),
+        "{err}"
+    );
+    for _ in 0..3 {
+        let res = client
+            .clone()
+            .oneshot(get("http://fast.test/"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(
+        layer.available_permits(&http::uri::Authority::from_static("fast.test")),
+        2
+    );
+    for call in slow {
+        call.abort();
+    }
 }

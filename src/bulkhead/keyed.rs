@@ -1,0 +1,304 @@
+//! One bulkhead per key (per authority, tenant …): [`KeyedBulkhead`].
+
+use super::future::ResponseFuture;
+use super::service::{Bulkhead, Shared};
+use crate::BoxError;
+use crate::circuit_breaker::KeyFn;
+use crate::circuit_breaker::keyed::BuildBuffered;
+use pin_project_lite::pin_project;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// The map is swept of unused bulkheads when it reaches this many keys, or twice as
+/// many as the last sweep left, whichever is more.
+const SWEEP_FROM: usize = 64;
+
+/// The bulkheads by key, and what a new one is made with.
+pub(crate) struct Keys<K> {
+    /// Hashed as the keyed breakers' map is (see [`BuildBuffered`]).
+    map: RwLock<HashMap<K, Arc<Shared>, BuildBuffered>>,
+    /// Sweep when the map reaches this size.
+    sweep_at: AtomicUsize,
+    max_concurrent: usize,
+    max_waiting: usize,
+    max_wait: Option<Duration>,
+}
+
+impl<K: Hash + Eq> Keys<K> {
+    pub(crate) fn new(
+        max_concurrent: usize,
+        max_waiting: usize,
+        max_wait: Option<Duration>,
+    ) -> Self {
+        Self {
+            map: RwLock::new(HashMap::default()),
+            sweep_at: AtomicUsize::new(SWEEP_FROM),
+            max_concurrent,
+            max_waiting,
+            max_wait,
+        }
+    }
+
+    /// The bulkhead of `key`, made if it has none.
+    ///
+    /// A bulkhead nothing holds but the map (no call in flight or waiting, no service
+    /// made for a call) is the same as a new one, so the map keeps only those in use:
+    /// it is swept of the others as it grows, and its size is bounded by the calls in
+    /// flight, not by how many keys were ever seen.
+    #[inline]
+    fn get(&self, key: K) -> Arc<Shared> {
+        if let Some(shared) = self.map.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return shared.clone();
+        }
+        self.insert(key)
+    }
+
+    #[cold]
+    fn insert(&self, key: K) -> Arc<Shared> {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= self.sweep_at.load(Relaxed) {
+            // Under the write lock nobody can take a new reference to an entry, so a
+            // count of one is final: it is unused.
+            map.retain(|_, shared| Arc::strong_count(shared) > 1);
+            self.sweep_at
+                .store((map.len() * 2).max(SWEEP_FROM), Relaxed);
+        }
+        map.entry(key)
+            .or_insert_with(|| {
+                Arc::new(Shared::new(
+                    self.max_concurrent,
+                    self.max_waiting,
+                    self.max_wait,
+                ))
+            })
+            .clone()
+    }
+
+    /// Free permits of `key`'s bulkhead.
+    fn available_permits(&self, key: &K) -> usize {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map_or(self.max_concurrent, |s| s.available_permits())
+    }
+
+    /// Keys whose bulkhead is in use (or not yet swept).
+    fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl<K> fmt::Debug for Keys<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keys")
+            .field("max_concurrent", &self.max_concurrent)
+            .field("max_waiting", &self.max_waiting)
+            .field("max_wait", &self.max_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Applies a [`KeyedBulkhead`]: one bulkhead per key, every one with the same limits.
+/// Built by [`BulkheadBuilder::keyed`](super::BulkheadBuilder::keyed) (or
+/// [`keyed_by_authority`](super::BulkheadBuilder::keyed_by_authority)).
+///
+/// Every service it makes (and every clone) shares one set of bulkheads.
+pub struct KeyedBulkheadLayer<K, F> {
+    keys: Arc<Keys<K>>,
+    key_fn: F,
+}
+
+impl<K: Hash + Eq, F> KeyedBulkheadLayer<K, F> {
+    pub(crate) fn new(keys: Keys<K>, key_fn: F) -> Self {
+        Self {
+            keys: Arc::new(keys),
+            key_fn,
+        }
+    }
+
+    /// Free permits of the bulkhead of `key` (`max_concurrent` for a key with no call).
+    pub fn available_permits(&self, key: &K) -> usize {
+        self.keys.available_permits(key)
+    }
+
+    /// How many keys have a bulkhead: those with calls in flight or waiting, and
+    /// unused ones not yet swept away.
+    pub fn keys(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+impl<K, F: Clone> Clone for KeyedBulkheadLayer<K, F> {
+    fn clone(&self) -> Self {
+        Self {
+            keys: self.keys.clone(),
+            key_fn: self.key_fn.clone(),
+        }
+    }
+}
+
+impl<K, F: fmt::Debug> fmt::Debug for KeyedBulkheadLayer<K, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedBulkheadLayer")
+            .field("keys", &self.keys)
+            .field("key_fn", &self.key_fn)
+            .finish()
+    }
+}
+
+impl<S, K, F: Clone> Layer<S> for KeyedBulkheadLayer<K, F> {
+    type Service = KeyedBulkhead<S, K, F>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedBulkhead {
+            inner,
+            keys: self.keys.clone(),
+            key_fn: self.key_fn.clone(),
+        }
+    }
+}
+
+/// A bulkhead per key: calls for one key (a host that answers slowly) never take the
+/// permits of another. Each key's bulkhead is a [`Bulkhead`] with the limits the
+/// builder was given, and behaves as one (fail fast, bounded wait or backpressure).
+///
+/// The key is known only from the request, so admission happens in the response
+/// future: `poll_ready` is always ready, and `call` hands a clone of the inner service
+/// to the future, which takes the key's permit (or waits for it, or is rejected with
+/// [`Full`](super::error::Full)) and then readies and calls the clone. The inner
+/// service must be `Clone` (as a client is: a clone shares its connections).
+///
+/// Errors become [`BoxError`].
+pub struct KeyedBulkhead<S, K, F> {
+    inner: S,
+    keys: Arc<Keys<K>>,
+    key_fn: F,
+}
+
+impl<S: Clone, K, F: Clone> Clone for KeyedBulkhead<S, K, F> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            keys: self.keys.clone(),
+            key_fn: self.key_fn.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K, F: fmt::Debug> fmt::Debug for KeyedBulkhead<S, K, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedBulkhead")
+            .field("inner", &self.inner)
+            .field("keys", &self.keys)
+            .field("key_fn", &self.key_fn)
+            .finish()
+    }
+}
+
+impl<S, K, F, Req> Service<Req> for KeyedBulkhead<S, K, F>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    K: Hash + Eq,
+    F: KeyFn<Req, K>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = KeyedResponseFuture<S, Req>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Admission (and the inner service's readiness) is the future's: see the docs.
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        let shared = self.keys.get(self.key_fn.key(&req));
+        KeyedResponseFuture {
+            state: KeyedState::Admitting {
+                bulkhead: Bulkhead::new(self.inner.clone(), shared),
+                req: Some(req),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`KeyedBulkhead`]: takes the key's permit, readies the inner
+    /// service, calls it, and gives the permit back when the call is done (or the
+    /// future dropped).
+    pub struct KeyedResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: KeyedState<S, Req>,
+    }
+}
+
+pin_project! {
+    #[project = KeyedStateProj]
+    enum KeyedState<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Admitting {
+            bulkhead: Bulkhead<S>,
+            req: Option<Req>,
+        },
+        Called {
+            #[pin]
+            future: ResponseFuture<S::Future>,
+        },
+    }
+}
+
+impl<S, Req> fmt::Debug for KeyedResponseFuture<S, Req>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            KeyedState::Admitting { .. } => "admitting",
+            KeyedState::Called { .. } => "called",
+        };
+        f.debug_struct("KeyedResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<S, Req> Future for KeyedResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                KeyedStateProj::Admitting { bulkhead, req } => {
+                    ready!(bulkhead.poll_ready(cx))?;
+                    let req = req.take().expect("polled after completion");
+                    let future = bulkhead.call(req);
+                    this.state.set(KeyedState::Called { future });
+                }
+                KeyedStateProj::Called { future } => return future.poll(cx),
+            }
+        }
+    }
+}
