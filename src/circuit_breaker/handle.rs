@@ -27,6 +27,11 @@ impl CircuitBreakerHandle {
     }
 
     /// The current state.
+    ///
+    /// An open breaker moves to half-open when a call comes after its break, not when
+    /// the break ends: an idle breaker reads `Open` (and its `postbox_circuit_state`
+    /// gauge 1) until the next call, even long after the break. [`retry_after`](Self::retry_after)
+    /// says `Some(0)` then: the next call will be a probe.
     pub fn state(&self) -> State {
         self.breaker.state()
     }
