@@ -343,7 +343,7 @@ fn reqwest_client() -> Result<reqwest::Client, BoxError> {
 /// `standard_http_client` preset with this demo's times, validated across layers.
 ///
 /// The stack it builds is the crate docs' layer order: (enqueue fallback →) deadline → body buffer →
-/// retry + budget → circuit breaker (per authority) → bulkhead (per authority) → attempt timeout.
+/// retry + budget → bulkhead (per authority) → circuit breaker (per authority) → attempt timeout.
 pub(crate) fn client_config(depth: usize, enqueue: bool) -> Result<ClientConfig, BoxError> {
     let (attempt, deadline) = budgets(depth);
     let (attempt, deadline) = (attempt.as_millis(), deadline.as_millis());

@@ -170,7 +170,8 @@ impl<S, K, F: Clone> Layer<S> for KeyedBulkheadLayer<K, F> {
 
 /// A bulkhead per key: calls for one key (a host that answers slowly) never take the
 /// permits of another. Each key's bulkhead is a [`Bulkhead`] with the limits the
-/// builder was given, and behaves as one (fail fast, bounded wait or backpressure).
+/// builder was given, and behaves as one (fail fast, or a bounded wait; not
+/// backpressure, which needs the key in `poll_ready`).
 ///
 /// The key is known only from the request, so admission happens in the response
 /// future: `poll_ready` is always ready, and `call` hands a clone of the inner service

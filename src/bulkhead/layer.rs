@@ -109,12 +109,21 @@ impl BulkheadBuilder {
     /// bulkhead, not the others'. See [`KeyedBulkhead`](super::KeyedBulkhead).
     ///
     /// # Errors
-    /// As [`build`](Self::build).
+    /// As [`build`](Self::build), and [`backpressure`](Self::backpressure): a keyed
+    /// bulkhead's `poll_ready` cannot know the key, so it cannot hold callers back;
+    /// every call would wait in its future, without bound. Use a bounded wait.
     pub fn keyed<K: Hash + Eq, F>(
         self,
         key_fn: F,
     ) -> Result<KeyedBulkheadLayer<K, F>, ConfigError> {
         self.validate()?;
+        if self.max_waiting == usize::MAX {
+            return Err(ConfigError::new(
+                "bulkhead.max_waiting",
+                "a bulkhead per key cannot apply backpressure (its poll_ready does not know \
+                 the key): set a bounded max_waiting and max_wait",
+            ));
+        }
         let keys = Keys::new(self.max_concurrent, self.max_waiting, self.max_wait);
         Ok(KeyedBulkheadLayer::new(keys, key_fn))
     }

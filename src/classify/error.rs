@@ -141,11 +141,16 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
         return Some(
             Classification::ignored()
                 .with_retryable(true)
-                .with_retry_after(Some(open.retry_after())),
+                .with_retry_after(Some(open.retry_after()))
+                .as_own_rejection(),
         );
     }
     if as_type::<crate::bulkhead::error::Full>(e).is_some() {
-        return Some(Classification::ignored().with_retryable(true));
+        return Some(
+            Classification::ignored()
+                .with_retryable(true)
+                .as_own_rejection(),
+        );
     }
     // The caller's upload broke: not the dependency's failure, and a body that failed
     // cannot be sent again. (The server may have seen part of it.)
@@ -309,6 +314,10 @@ mod tests {
         let c = classify_error(&*open);
         assert!(c.is_ignored());
         assert_eq!(c.retry_after(), Some(std::time::Duration::from_secs(3)));
+        assert!(c.is_own_rejection());
+        assert!(classify_error(&*full).is_own_rejection());
+        // A classifier's own `Ignored` outcome is not our rejection.
+        assert!(!Classification::ignored().is_own_rejection());
     }
 
     #[test]

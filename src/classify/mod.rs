@@ -79,6 +79,7 @@ pub struct Classification {
     retryable: bool,
     may_have_taken_effect: bool,
     retry_after: Option<Duration>,
+    own_rejection: bool,
 }
 
 // === impl Classification ===
@@ -91,6 +92,7 @@ impl Classification {
             retryable: false,
             may_have_taken_effect: true,
             retry_after: None,
+            own_rejection: false,
         }
     }
 
@@ -101,6 +103,7 @@ impl Classification {
             retryable: true,
             may_have_taken_effect: true,
             retry_after: None,
+            own_rejection: false,
         }
     }
 
@@ -111,6 +114,7 @@ impl Classification {
             retryable: true,
             may_have_taken_effect: true,
             retry_after,
+            own_rejection: false,
         }
     }
 
@@ -121,6 +125,7 @@ impl Classification {
             retryable: false,
             may_have_taken_effect: false,
             retry_after: None,
+            own_rejection: false,
         }
     }
 
@@ -143,6 +148,23 @@ impl Classification {
     pub const fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
         self.retry_after = retry_after;
         self
+    }
+
+    /// Marks our own rejection (an open breaker, a full bulkhead): nothing was sent.
+    pub(crate) const fn as_own_rejection(mut self) -> Self {
+        self.own_rejection = true;
+        self
+    }
+
+    /// Whether the outcome is a rejection by one of our own layers inside (an open
+    /// circuit breaker's [`Open`](crate::circuit_breaker::error::Open), a full bulkhead's
+    /// [`Full`](crate::bulkhead::error::Full)), as [`classify_error`] finds it anywhere in
+    /// an error's chain: nothing reached the dependency. The retry layer bounds its
+    /// wait for an open breaker by its own `max_open_wait` and charges no budget for
+    /// the retry after one. A classifier's own [`ignored`](Self::ignored) outcome is
+    /// not one.
+    pub const fn is_own_rejection(&self) -> bool {
+        self.own_rejection
     }
 
     /// The class.

@@ -6,7 +6,7 @@
 //!
 //! | stack | built by | order, outer to inner |
 //! |---|---|---|
-//! | client | [`ClientConfig::layer`] → [`ClientLayer`] | deadline → body buffer → retry (+ budget) → circuit breaker (per authority) → bulkhead (per authority) → attempt timeout |
+//! | client | [`ClientConfig::layer`] → [`ClientLayer`] | deadline → body buffer → retry (+ budget) → bulkhead (per authority) → circuit breaker (per authority) → attempt timeout |
 //! | client that defers | [`ClientConfig::deferring_layer`] → [`DeferringClientLayer`] | enqueue fallback → the client stack |
 //! | server | [`ServerConfig::layer`] → [`ServerLayer`] | errors as responses → deadline → idempotency → bulkhead (fail fast) |
 //!
@@ -49,6 +49,7 @@
 //! | a bulkhead's `max_wait` is set only with `max_waiting > 0` (it bounds nothing otherwise) | `client.bulkhead.max_wait`, `server.bulkhead.max_wait` |
 //! | `preset` names a preset of its section (so a rendered config loads back) | `client.preset`, `server.preset` |
 //! | the server's `idempotency.lock_for ≥ deadline` (a claim outlives the handler) | `server.idempotency.lock_for` |
+//! | a replay's whole call fits in its lease: `deadline ≤ replay.lease_for` less a tenth of it and `replay.ack_interval` (a replay is cut off then) | `client.replay.lease_for` |
 //! | the server's bulkhead fails fast (`max_waiting = 0`) | `server.bulkhead.max_waiting` |
 //!
 //! Two values are adjusted rather than refused: the client stack caps
@@ -57,7 +58,9 @@
 //! retries at once instead of waiting for the deadline. And `retry.max_open_wait`,
 //! unset, is `max_retry_after` in [`ClientConfig::layer`]'s stack but zero in
 //! [`ClientConfig::deferring_layer`]'s: a call an open breaker rejects is deferred
-//! (`circuit-open`) at once, its caller not held for the break.
+//! (`circuit-open`) at once, its caller not held for the break — and one the fallback
+//! keeps synchronous (a `GET`, a `sync_routes` route, a gRPC call) gets the rejection
+//! at once (a `503` with `Retry-After`) instead of waiting to be a probe.
 //!
 //! # Config files
 //! Every section is optional and every field has a default; unknown fields are errors.
@@ -218,6 +221,8 @@ pub struct ClientConfig {
     pub bulkhead: BulkheadConfig,
     /// The enqueue fallback ([`ClientConfig::deferring_layer`]).
     pub enqueue: EnqueueSection,
+    /// The replayer that delivers deferred requests ([`ReplaySection::apply`]).
+    pub replay: ReplaySection,
 }
 
 impl Default for ClientConfig {
@@ -233,6 +238,7 @@ impl Default for ClientConfig {
             breaker_keys: BreakerKeysConfig::default(),
             bulkhead: BulkheadConfig::default(),
             enqueue: EnqueueSection::default(),
+            replay: ReplaySection::default(),
         }
     }
 }
@@ -302,6 +308,114 @@ impl BulkheadConfig {
             Some(d) => b.max_wait(d),
             None => b,
         }
+    }
+}
+
+/// The replayer of [`ClientConfig`]: how the deferred requests are delivered (see
+/// [`Replayer`](crate::enqueue::Replayer), whose builder methods these fields name,
+/// with the same defaults).
+///
+/// ```
+/// use postbox::config::{ClientConfig, Format};
+///
+/// # fn main() -> Result<(), postbox::config::LoadError> {
+/// let config = ClientConfig::from_str(
+///     "[replay]\nconcurrency = 4\nmax_attempts = 20\nbackoff_max = \"10m\"\n",
+///     Format::Toml,
+/// )?;
+/// assert_eq!(config.replay.concurrency, 4);
+/// // Then: config.replay.apply(Replayer::http(queue, inner)).spawn()?
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ReplaySection {
+    /// At most this many replays in flight (default 16).
+    pub concurrency: usize,
+    /// Lease at most this many messages at a time (default 64).
+    pub lease_batch: usize,
+    /// How long a lease lasts (default 60 s); a replay is cut off a tenth of it plus
+    /// `ack_interval` before it ends.
+    #[serde(deserialize_with = "duration::required")]
+    pub lease_for: Duration,
+    /// How often an idle replayer looks for due messages (default 1 s).
+    #[serde(deserialize_with = "duration::required")]
+    pub poll_interval: Duration,
+    /// A message is dead-lettered after this many deliveries that did not succeed
+    /// (default 10).
+    pub max_attempts: u32,
+    /// The backoff after a retryable failure starts here (default 1 s) …
+    #[serde(deserialize_with = "duration::required")]
+    pub backoff_base: Duration,
+    /// … and doubles up to this (default 5 min).
+    #[serde(deserialize_with = "duration::required")]
+    pub backoff_max: Duration,
+    /// A dependency's hint is honoured up to this (default 1 h; `"0s"` ignores hints).
+    #[serde(deserialize_with = "duration::required")]
+    pub max_retry_after: Duration,
+    /// Whether the backoff is jittered (default `true`).
+    pub jitter: bool,
+    /// Ack in batches of up to this many (default 64) …
+    pub ack_batch: usize,
+    /// … flushed at least this often (default 100 ms; at most half of `lease_for`).
+    #[serde(deserialize_with = "duration::required")]
+    pub ack_interval: Duration,
+    /// On shutdown, wait this long for replays in flight (default 10 s).
+    #[serde(deserialize_with = "duration::required")]
+    pub grace: Duration,
+}
+
+impl Default for ReplaySection {
+    fn default() -> Self {
+        Self::from_config(&crate::enqueue::replay::ReplayConfig::default())
+    }
+}
+
+impl ReplaySection {
+    fn from_config(c: &crate::enqueue::replay::ReplayConfig) -> Self {
+        Self {
+            concurrency: c.concurrency,
+            lease_batch: c.lease_batch,
+            lease_for: c.lease_for,
+            poll_interval: c.poll_interval,
+            max_attempts: c.max_attempts,
+            backoff_base: c.backoff_base,
+            backoff_max: c.backoff_max,
+            max_retry_after: c.max_retry_after,
+            jitter: c.jitter,
+            ack_batch: c.ack_batch,
+            ack_interval: c.ack_interval,
+            grace: c.grace,
+        }
+    }
+
+    fn to_config(&self) -> crate::enqueue::replay::ReplayConfig {
+        crate::enqueue::replay::ReplayConfig {
+            concurrency: self.concurrency,
+            lease_batch: self.lease_batch,
+            lease_for: self.lease_for,
+            poll_interval: self.poll_interval,
+            max_attempts: self.max_attempts,
+            backoff_base: self.backoff_base,
+            backoff_max: self.backoff_max,
+            max_retry_after: self.max_retry_after,
+            jitter: self.jitter,
+            ack_batch: self.ack_batch,
+            ack_interval: self.ack_interval,
+            grace: self.grace,
+            seed: None,
+        }
+    }
+
+    /// Sets every one of `replayer`'s settings to this section's (its seed, if any,
+    /// stays). [`ClientConfig::validate`] has checked them, and `spawn` checks them
+    /// again.
+    pub fn apply<Q, S, K, J>(
+        &self,
+        replayer: crate::enqueue::Replayer<Q, S, K, J>,
+    ) -> crate::enqueue::Replayer<Q, S, K, J> {
+        replayer.with_config(self.to_config())
     }
 }
 
@@ -620,8 +734,31 @@ impl ClientConfig {
                 .validate()
                 .map_err(|e| prefixed(p, e))?;
         }
+        let replay = self.replay.to_config();
+        replay.validate().map_err(|e| {
+            // The replayer names its backoff `replay.backoff`; the file has two fields.
+            let e = match e.field() {
+                "replay.backoff" => ConfigError::new("replay.backoff_base", e.message().to_owned()),
+                _ => e,
+            };
+            prefixed(p, e)
+        })?;
 
         // Across layers.
+        if self.deadline > replay.replay_limit() {
+            return Err(ConfigError::new(
+                f("replay.lease_for"),
+                format!(
+                    "({}) must leave room for a whole call: a replay is cut off {} into \
+                     its lease (a tenth of it and `ack_interval` before its end), before \
+                     `{}` ({}) would end it",
+                    fmt_d(self.replay.lease_for),
+                    fmt_d(replay.replay_limit()),
+                    f("deadline"),
+                    fmt_d(self.deadline)
+                ),
+            ));
+        }
         if self.attempt_timeout > self.deadline {
             return Err(ConfigError::new(
                 f("attempt_timeout"),

@@ -174,7 +174,22 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     writeln!(f, "ttl = {:?}", d(e.ttl))?;
     writeln!(f, "max_retry_after = {:?}", d(e.max_retry_after))?;
     writeln!(f, "sync_methods = {}", strings(&e.sync_methods))?;
-    writeln!(f, "sync_routes = {}", strings(&e.sync_routes))
+    writeln!(f, "sync_routes = {}", strings(&e.sync_routes))?;
+
+    let r = &c.replay;
+    writeln!(f, "\n{}", t("replay"))?;
+    writeln!(f, "concurrency = {}", r.concurrency)?;
+    writeln!(f, "lease_batch = {}", r.lease_batch)?;
+    writeln!(f, "lease_for = {:?}", d(r.lease_for))?;
+    writeln!(f, "poll_interval = {:?}", d(r.poll_interval))?;
+    writeln!(f, "max_attempts = {}", r.max_attempts)?;
+    writeln!(f, "backoff_base = {:?}", d(r.backoff_base))?;
+    writeln!(f, "backoff_max = {:?}", d(r.backoff_max))?;
+    writeln!(f, "max_retry_after = {:?}", d(r.max_retry_after))?;
+    writeln!(f, "jitter = {}", r.jitter)?;
+    writeln!(f, "ack_batch = {}", r.ack_batch)?;
+    writeln!(f, "ack_interval = {:?}", d(r.ack_interval))?;
+    writeln!(f, "grace = {:?}", d(r.grace))
 }
 
 fn server(f: &mut impl Write, p: &str, s: &ServerConfig) -> fmt::Result {
@@ -265,6 +280,8 @@ mod tests {
         c.client.bulkhead.max_wait = Some(std::time::Duration::from_millis(20));
         c.client.bulkhead.max_waiting = 4;
         c.client.retry.max_open_wait = Some(std::time::Duration::from_millis(250));
+        c.client.replay.concurrency = 3;
+        c.client.replay.backoff_max = std::time::Duration::from_secs(90);
         let shown = c.to_string();
         assert_eq!(
             StackConfig::from_str(&shown, Format::Toml).unwrap(),

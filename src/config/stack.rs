@@ -24,18 +24,27 @@ use tower_layer::Layer;
 pub type HttpRetryPolicy = RetryPolicy<HttpClassifier, HttpRequests, ()>;
 
 /// The client stack around `S`, outer to inner: deadline → body buffer → retry →
-/// circuit breaker per authority → bulkhead per authority → attempt timeout → `S`.
+/// bulkhead per authority → circuit breaker per authority → attempt timeout → `S`.
+///
+/// The bulkhead is outside the breaker (the layers alone go breaker → bulkhead): a
+/// per-authority bulkhead admits a call in its response future, and inside the
+/// breaker the time a call waited for its permit would count as the call's own, a
+/// slow call of our own making.
 ///
 /// `S` serves `http::Request<ReplayBody<B>>` (the buffered body) and answers
 /// `http::Response<_>`; errors are [`BoxError`](crate::BoxError).
 pub type Client<S> = Deadline<
     BufferBody<
         Retry<
-            KeyedCircuitBreaker<
-                KeyedBulkhead<AttemptTimeout<S, HttpPropagation>, Authority, ByAuthority>,
+            KeyedBulkhead<
+                KeyedCircuitBreaker<
+                    AttemptTimeout<S, HttpPropagation>,
+                    Authority,
+                    ByAuthority,
+                    HttpClassifier,
+                >,
                 Authority,
                 ByAuthority,
-                HttpClassifier,
             >,
             HttpRetryPolicy,
         >,
@@ -162,8 +171,8 @@ impl<S> Layer<S> for ClientLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         let svc = self.attempt.layer(inner);
-        let svc = self.bulkhead.layer(svc);
         let svc = self.breaker.layer(svc);
+        let svc = self.bulkhead.layer(svc);
         let svc = self.retry.layer(svc);
         let svc = self.buffer.layer(svc);
         self.deadline.layer(svc)

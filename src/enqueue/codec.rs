@@ -146,12 +146,13 @@ pub(crate) mod http_codec {
     }
 
     /// The idempotency key in `headers`, if the server's `Idempotency` layer can use it
-    /// ([`key_in`](crate::http::idempotency_key::key_in)).
+    /// ([`key_in`](crate::http::idempotency_key::key_in)), as the header spells it
+    /// (trimmed): a replay sends it as it came, quoted or bare, so the receiver reads
+    /// the key it read from the first attempt.
     pub(crate) fn key_of(headers: &HeaderMap) -> Option<String> {
-        headers
-            .get(IDEMPOTENCY_KEY_HEADER)
-            .and_then(crate::http::idempotency_key::key_in)
-            .map(std::borrow::Cow::into_owned)
+        let value = headers.get(IDEMPOTENCY_KEY_HEADER)?;
+        crate::http::idempotency_key::key_in(value)?;
+        value.to_str().ok().map(|text| text.trim().to_owned())
     }
 
     /// Whether the request opens a tunnel (`CONNECT`) or asks to switch protocols (an

@@ -247,20 +247,20 @@ pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The replayer's settings (see the setters on [`Replayer`] for defaults).
 #[derive(Debug, Clone)]
-struct ReplayConfig {
-    concurrency: usize,
-    lease_batch: usize,
-    lease_for: Duration,
-    poll_interval: Duration,
-    max_attempts: u32,
-    backoff_base: Duration,
-    backoff_max: Duration,
-    max_retry_after: Duration,
-    jitter: bool,
-    ack_batch: usize,
-    ack_interval: Duration,
-    grace: Duration,
-    seed: Option<u64>,
+pub(crate) struct ReplayConfig {
+    pub(crate) concurrency: usize,
+    pub(crate) lease_batch: usize,
+    pub(crate) lease_for: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) max_retry_after: Duration,
+    pub(crate) jitter: bool,
+    pub(crate) ack_batch: usize,
+    pub(crate) ack_interval: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) seed: Option<u64>,
 }
 
 impl Default for ReplayConfig {
@@ -284,7 +284,7 @@ impl Default for ReplayConfig {
 }
 
 impl ReplayConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let nonzero = [
             ("replay.concurrency", self.concurrency == 0),
             ("replay.lease_batch", self.lease_batch == 0),
@@ -317,7 +317,7 @@ impl ReplayConfig {
     /// wait for a batch; so at least two fifths of the lease), so that its verdict is
     /// settled while the lease still holds and the message is never leased again, and
     /// replayed twice at once, while it runs.
-    fn replay_limit(&self) -> Duration {
+    pub(crate) fn replay_limit(&self) -> Duration {
         let margin = (self.lease_for / 10).saturating_add(self.ack_interval);
         self.lease_for.saturating_sub(margin)
     }
@@ -431,6 +431,17 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
             judge,
             config: self.config,
         }
+    }
+
+    /// Every setting but the seed from `config` (a file's `[client.replay]`, see
+    /// [`ReplaySection::apply`](crate::config::ReplaySection::apply)).
+    #[cfg(feature = "config")]
+    pub(crate) fn with_config(mut self, config: ReplayConfig) -> Self {
+        self.config = ReplayConfig {
+            seed: self.config.seed,
+            ..config
+        };
+        self
     }
 
     /// At most `n` replays in flight (default 16).

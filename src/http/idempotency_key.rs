@@ -41,8 +41,8 @@ pub(crate) fn is_safe_method(method: &Method) -> bool {
 }
 
 /// The key a header value carries, as the server's
-/// [`Idempotency`](crate::idempotency::Idempotency) layer reads it: visible ASCII,
-/// without surrounding whitespace, not empty. Any other value is no key: a request
+/// [`Idempotency`](crate::idempotency::Idempotency) layer reads it: visible ASCII (and
+/// spaces), without surrounding whitespace, not blank. Any other value is no key: a request
 /// counted as retry-safe for it would not be de-duplicated by the server.
 ///
 /// The IETF draft defines the header as a structured-field string (RFC 8941 §3.3.3):
@@ -60,8 +60,9 @@ pub fn key_in(value: &HeaderValue) -> Option<Cow<'_, str>> {
     (!key.trim().is_empty()).then_some(key)
 }
 
-/// The content of `text` if it is a structured-field string item (RFC 8941 §4.2.5,
-/// parameters allowed after it), else `None`.
+/// The content of `text` if it is a structured-field string item (RFC 8941 §4.2.5),
+/// else `None`. Whatever follows the closing quote after a `;` is taken for parameters
+/// and ignored unchecked (the draft defines none).
 fn sf_string(text: &str) -> Option<Cow<'_, str>> {
     let body = text.strip_prefix('"')?;
     let mut escaped = false;

@@ -29,6 +29,7 @@ use std::time::Duration;
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct RetryConfig {
     /// Retries after the first attempt (3: up to 4 attempts in all).
     pub max_retries: u32,
@@ -41,7 +42,8 @@ pub struct RetryConfig {
     /// longer break ends the retries with the rejection at once (see
     /// [`RetryBuilder::max_open_wait`]). Unset: `max_retry_after`, except in the stack
     /// of `ClientConfig::deferring_layer`, where it is zero: the enqueue fallback
-    /// defers a request at once instead of holding its caller for the break.
+    /// defers a request at once instead of holding its caller for the break (and a
+    /// request it keeps synchronous gets the rejection at once).
     #[serde(deserialize_with = "crate::duration::option")]
     pub max_open_wait: Option<Duration>,
     /// The retry budget.

@@ -312,7 +312,7 @@ fn decide<C, R, H>(
         let hint = ceil_millis(hint);
         // Our own rejection (an open breaker inside) has a bound of its own: waiting out
         // a break blocks the caller for it, the pile-up a breaker is there to stop.
-        let max_wait = if class.is_ignored() {
+        let max_wait = if class.is_own_rejection() {
             if hint > policy.max_open_wait {
                 return Err(GiveUp::OpenTooLong(hint));
             }
@@ -344,12 +344,13 @@ fn decide<C, R, H>(
     {
         return Err(GiveUp::Deadline);
     }
-    // A retry after our own rejection (an open breaker, a full bulkhead) costs nothing
-    // from the budget: the attempt never reached the dependency, so the retry adds no
-    // load to it (and one that gets through is the first to), and the breaker and the
-    // bulkhead bound what they let through.
+    // A retry after an open breaker's rejection costs nothing from the budget: the
+    // attempt never reached the dependency, the retry waits for the break (within
+    // `max_open_wait`), and the breaker lets only its probes through. (A full
+    // bulkhead's is charged: retried without a hint, under overload, its callers would
+    // pile up on the backoff.)
     if let Some(budget) = &policy.budget
-        && !class.is_ignored()
+        && !(class.is_own_rejection() && class.retry_after().is_some())
         && !budget.try_withdraw(Instant::now())
     {
         metrics::counter!("postbox_retry_budget_exhausted_total").increment(1);

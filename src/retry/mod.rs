@@ -23,8 +23,9 @@
 //!   rejection at once (fails fast, or is deferred by an enqueue fallback outside).
 //! * **Budget**: a [`RetryBudget`] shared by every service of a layer (and by any layer
 //!   given a clone of it) bounds retries to a share of recent first attempts plus a floor
-//!   (20% and 10/s by default). A retry after our own rejection (an open breaker, a
-//!   full bulkhead: nothing reached the dependency) takes nothing from it. When it is
+//!   (20% and 10/s by default). A retry after an open breaker's rejection (nothing
+//!   reached the dependency, and the breaker lets only its probes through) takes
+//!   nothing from it. When it is
 //!   spent the last outcome is returned, the
 //!   `postbox_retry_budget_exhausted_total` counter grows and a `debug` event says why.
 //! * **Idempotency**: after an attempt that may have taken effect, only retry-safe

@@ -539,3 +539,16 @@ async fn keys_without_calls_are_swept_so_the_keys_are_bounded_by_the_calls_in_fl
     assert!(is_full(&err), "{err}");
     held.abort();
 }
+
+/// Backpressure needs the key in `poll_ready`, which a keyed bulkhead does not have:
+/// asked for, it is a configuration error, not an unbounded pile of waiting futures.
+#[test]
+fn a_keyed_bulkhead_refuses_backpressure() {
+    let Err(err) = BulkheadLayer::builder()
+        .backpressure()
+        .keyed::<u32, _>(|req: &u32| *req)
+    else {
+        panic!("a keyed bulkhead with backpressure was built");
+    };
+    assert_eq!(err.field(), "bulkhead.max_waiting");
+}

@@ -1433,3 +1433,27 @@ fn thousand_callers_at_half_open_admit_at_most_permitted_probes() {
         });
     }
 }
+
+/// A per-key breaker over a bulkhead every key shares: a call its open key rejects was
+/// made ready first, which reserved a bulkhead permit; the rejection gives it back at
+/// once. Kept by a caller (a retry waiting out the break keeps its service), the
+/// permit was parked, and calls for other keys were turned away.
+#[tokio::test(start_paused = true)]
+async fn a_call_an_open_key_rejects_gives_back_what_readiness_reserved_inside() {
+    let bulkhead = postbox::bulkhead::BulkheadLayer::new(1).unwrap();
+    let breaker = CircuitBreakerLayer::builder()
+        .keyed(|req: &&'static str| *req)
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let mut svc = breaker.layer(bulkhead.layer(service_fn(|req: &'static str| async move {
+        Ok::<_, BoxError>(req)
+    })));
+    handle.force_open("down");
+    let rejected = svc.ready().await.unwrap().call("down").await;
+    assert!(rejected.unwrap_err().open().is_some());
+    assert_eq!(bulkhead.available_permits(), 1, "a permit is parked");
+    let mut other = svc.clone();
+    assert_eq!(other.ready().await.unwrap().call("up").await.unwrap(), "up");
+    drop(svc);
+}

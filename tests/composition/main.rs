@@ -175,6 +175,50 @@ async fn a_retry_after_our_own_rejection_takes_nothing_from_the_budget() {
     assert_eq!(handle.state(), State::Closed);
 }
 
+/// A full bulkhead's rejection is still charged to the budget (only an open breaker's
+/// is not): retried without a hint under overload, its callers would pile up on the
+/// backoff. With the budget spent, the rejection comes back at once.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_a_full_bulkhead_is_charged_to_the_budget() {
+    let bulkhead = postbox::bulkhead::BulkheadLayer::new(1).unwrap();
+    let budget = postbox::retry::RetryBudget::builder()
+        .ratio(0.0)
+        .min_retries_per_sec(0)
+        .build()
+        .unwrap();
+    let retry = RetryLayer::builder()
+        .max_retries(3)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .budget(budget)
+        .build()
+        .unwrap();
+    let (release, hold) = tokio::sync::oneshot::channel::<()>();
+    let hold = Arc::new(tokio::sync::Mutex::new(Some(hold)));
+    let svc = ServiceBuilder::new()
+        .layer(retry)
+        .layer(bulkhead)
+        .service(service_fn(move |x: u32| {
+            let hold = hold.clone();
+            async move {
+                if let Some(rx) = hold.lock().await.take() {
+                    let _ = rx.await;
+                }
+                Ok::<_, BoxError>(x)
+            }
+        }));
+    let first = tokio::spawn(svc.clone().oneshot(1));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let start = Instant::now();
+    let err = svc.oneshot(2).await.unwrap_err();
+    assert!(
+        postbox::error::find_cause::<postbox::bulkhead::error::Full>(&*err).is_some(),
+        "{err}"
+    );
+    assert_eq!(start.elapsed(), Duration::ZERO, "not retried");
+    let _ = release.send(());
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+}
+
 #[cfg(feature = "http")]
 #[tokio::test(start_paused = true)]
 async fn a_retry_inside_the_enqueue_fallback_replays_the_buffered_body() {

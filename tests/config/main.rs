@@ -731,11 +731,10 @@ async fn the_client_stack_from_config_retries_a_503() {
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
-/// A call to a host whose breaker is open is rejected after the bulkhead (inside the
-/// per-host breaker) was made ready for it: the permit that readiness reserved goes
-/// back at once, not after the retry has waited out the break. Before, each such call
-/// parked a permit for the retry's whole wait, and calls to healthy hosts, which share
-/// the bulkhead, were turned away.
+/// A call to a host whose breaker is open is rejected while the retry outside waits
+/// out the break: it holds no permit of its host's bulkhead meanwhile (the stack's
+/// bulkhead admits in its response future, which the rejection ends), and calls to
+/// other hosts go on.
 #[tokio::test(start_paused = true)]
 async fn a_call_rejected_by_an_open_host_holds_no_bulkhead_permit() {
     let layer = ClientConfig::from_str(
@@ -758,9 +757,8 @@ async fn a_call_rejected_by_an_open_host_holds_no_bulkhead_permit() {
     let client = ServiceBuilder::new()
         .layer(layer.clone())
         .service(downstream);
-    layer
-        .breakers()
-        .force_open(http::uri::Authority::from_static("down.test"));
+    let down_test = http::uri::Authority::from_static("down.test");
+    layer.breakers().force_open(down_test.clone());
     let get = |uri: &str| {
         http::Request::get(uri)
             .body(Full::new(Bytes::new()))
@@ -771,9 +769,9 @@ async fn a_call_rejected_by_an_open_host_holds_no_bulkhead_permit() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(!down.is_finished());
     assert_eq!(
-        layer.available_permits(&http::uri::Authority::from_static("down.test")),
+        layer.available_permits(&down_test),
         1,
-        "a permit is parked"
+        "no permit is held through the wait"
     );
     let res = client
         .clone()
@@ -1362,5 +1360,36 @@ async fn a_slow_host_does_not_take_the_bulkhead_permits_of_another() {
     );
     for call in slow {
         call.abort();
+    }
+}
+
+/// A replay is cut off a tenth of its lease and `ack_interval` before the lease ends;
+/// a client deadline longer than that would never be reached by a replay, and the
+/// file says where: `client.replay.lease_for`. A bad replay setting names its field.
+#[test]
+fn a_replay_lease_too_short_for_the_deadline_is_an_error_at_replay_lease_for() {
+    let text = "[client]\ndeadline = \"30s\"\n[client.replay]\nlease_for = \"30s\"\n";
+    let e = StackConfig::from_str(text, Format::Toml).unwrap_err();
+    assert_eq!(e.field(), Some("client.replay.lease_for"), "{e}");
+    assert_eq!(e.line(), Some(4), "{e}");
+    let text = "[client]\ndeadline = \"30s\"\n[client.replay]\nlease_for = \"40s\"\n";
+    let c = StackConfig::from_str(text, Format::Toml).unwrap();
+    assert_eq!(c.client.replay.lease_for, Duration::from_secs(40));
+    for (text, field) in [
+        (
+            "[client.replay]\nconcurrency = 0\n",
+            "client.replay.concurrency",
+        ),
+        (
+            "[client.replay]\nbackoff_base = \"10m\"\nbackoff_max = \"1m\"\n",
+            "client.replay.backoff_base",
+        ),
+        (
+            "[client.replay]\nack_interval = \"40s\"\n",
+            "client.replay.ack_interval",
+        ),
+    ] {
+        let e = StackConfig::from_str(text, Format::Toml).unwrap_err();
+        assert_eq!(e.field(), Some(field), "{e}");
     }
 }

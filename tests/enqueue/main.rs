@@ -905,6 +905,32 @@ async fn a_repeated_idempotency_key_header_goes_out_as_the_one_key_stored() {
     assert_eq!(stored.len(), 1, "{stored:?}");
 }
 
+/// A key sent in the IETF draft's quoted form goes out on the replay as it came, so the
+/// receiver reads the same key from both: `"a\\"b"` is the key `a"b`, and sent bare,
+/// `a\"b`, it would be another key (and a quoted key with spaces inside would lose them).
+#[tokio::test(start_paused = true)]
+async fn a_quoted_key_is_replayed_as_it_came() {
+    for sent in [r#""a\"b""#, r#"" k ""#, "plain-7"] {
+        let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
+        let mut req = post("http://api.test/orders", "{}");
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, sent.parse().unwrap());
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        assert_eq!(dep.keys()[0].as_deref(), Some(sent));
+        let env = queue.get(receipt_id(&res)).unwrap();
+        let replay: InnerReq = postbox::enqueue::HttpCodec::new().rebuild(&env).unwrap();
+        let header = &replay.headers()[IDEMPOTENCY_KEY_HEADER];
+        assert_eq!(header, sent);
+        let read = postbox::http::idempotency_key::key_in(header).unwrap();
+        let first = http::HeaderValue::from_static(sent);
+        assert_eq!(
+            read,
+            postbox::http::idempotency_key::key_in(&first).unwrap()
+        );
+    }
+}
+
 /// Credentials in the URI (`user:password@host`) go with the message, for the replay,
 /// but not into its destination (broker headers every consumer reads, logs) nor into
 /// `Debug` output.
@@ -1304,6 +1330,26 @@ async fn a_panicking_service_is_retried_with_backoff_and_its_dead_letter_says_wh
         "{}",
         dead[0].reason
     );
+}
+
+/// A config file's `[client.replay]` section sets the replayer: here two attempts,
+/// not the default ten, before the dead letter.
+#[cfg(feature = "config")]
+#[tokio::test(start_paused = true)]
+async fn a_replay_section_of_the_config_sets_the_replayer() {
+    let config = postbox::config::ClientConfig::from_str(
+        "[replay]\nmax_attempts = 2\njitter = false\nbackoff_base = \"10ms\"\n",
+        postbox::config::Format::Toml,
+    )
+    .unwrap();
+    let queue = Arc::new(MemoryQueue::new());
+    enqueue_raw(&queue, "http://api.test/orders").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let replayer = Replayer::http(queue.clone(), counting(503, calls.clone()));
+    let handle = config.replay.apply(replayer).spawn().unwrap();
+    eventually(|| handle.stats().dead_lettered == 1).await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(start_paused = true)]
