@@ -223,6 +223,8 @@ pub struct ClientConfig {
     pub enqueue: EnqueueSection,
     /// The replayer that delivers deferred requests ([`ReplaySection::apply`]).
     pub replay: ReplaySection,
+    /// Status overrides of the classifier every layer of the stack asks.
+    pub classify: ClassifySection,
 }
 
 impl Default for ClientConfig {
@@ -239,7 +241,80 @@ impl Default for ClientConfig {
             bulkhead: BulkheadConfig::default(),
             enqueue: EnqueueSection::default(),
             replay: ReplaySection::default(),
+            classify: ClassifySection::default(),
         }
+    }
+}
+
+/// Status overrides of the [`HttpClassifier`](crate::classify::HttpClassifier) that the
+/// client stack's retry, breakers and enqueue fallback share (they agree on what a
+/// failure is). Statuses not listed keep the defaults (see the classifier's table).
+///
+/// ```toml
+/// [client.classify]
+/// retryable_failure = [409]   # this dependency answers 409 while a lock is held
+/// failure = [501]             # counted by the breaker, never retried
+/// success = [404]             # an answer, not a failure (the default for a 4xx)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ClassifySection {
+    /// Statuses that are failures worth a retry (and a deferral; retried only when
+    /// the request is retry-safe, as a `5xx` is).
+    pub retryable_failure: Vec<u16>,
+    /// Statuses that are failures, counted by the breaker, not retried.
+    pub failure: Vec<u16>,
+    /// Statuses that are successes: neither counted as failures nor retried.
+    pub success: Vec<u16>,
+}
+
+impl ClassifySection {
+    /// The classifier these overrides make.
+    pub fn to_classifier(&self) -> crate::classify::HttpClassifier {
+        use crate::classify::Classification;
+        let lists = [
+            (&self.retryable_failure, Classification::failure()),
+            (
+                &self.failure,
+                Classification::failure().with_retryable(false),
+            ),
+            (&self.success, Classification::success()),
+        ];
+        let mut c = crate::classify::HttpClassifier::new();
+        for (codes, class) in lists {
+            for &code in codes {
+                c = c.with_range(code..=code, class);
+            }
+        }
+        c
+    }
+
+    fn validate(&self, f: impl Fn(&str) -> String) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashMap::new();
+        for (name, codes) in [
+            ("classify.retryable_failure", &self.retryable_failure),
+            ("classify.failure", &self.failure),
+            ("classify.success", &self.success),
+        ] {
+            for &code in codes {
+                if !(100..=599).contains(&code) {
+                    return Err(ConfigError::new(
+                        f(name),
+                        format!("({code}) is not an HTTP status: 100 to 599"),
+                    ));
+                }
+                if let Some(first) = seen.insert(code, name)
+                    && first != name
+                {
+                    return Err(ConfigError::new(
+                        f(name),
+                        format!("({code}) is listed in `{}` too", f(first)),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -428,9 +503,10 @@ pub struct EnqueueSection {
     pub enabled: bool,
     /// Request bodies up to this many bytes may be deferred (default 64 KiB).
     pub max_body: usize,
-    /// A stored message expires this long after the request (default 24 h).
-    #[serde(deserialize_with = "duration::required")]
-    pub ttl: Duration,
+    /// A stored message expires this long after the request (default 24 h; `"off"`:
+    /// never, see [`EnqueueConfig::no_expiry`](crate::enqueue::EnqueueConfig::no_expiry)).
+    #[serde(deserialize_with = "duration::or_off")]
+    pub ttl: Option<Duration>,
     /// A dependency's `Retry-After` delays a deferred request's first delivery at most
     /// this long (default 1 h; see
     /// [`EnqueueConfig::max_retry_after`](crate::enqueue::EnqueueConfig::max_retry_after)).
@@ -451,7 +527,7 @@ impl Default for EnqueueSection {
         Self {
             enabled: false,
             max_body: 64 * 1024,
-            ttl: Duration::from_secs(24 * 60 * 60),
+            ttl: Some(Duration::from_secs(24 * 60 * 60)),
             max_retry_after: crate::enqueue::DEFAULT_MAX_RETRY_AFTER,
             sync_methods: vec![
                 "GET".into(),
@@ -474,11 +550,14 @@ impl EnqueueSection {
         for r in &self.sync_routes {
             policy = policy.keep_sync_route(r.clone());
         }
-        crate::enqueue::EnqueueConfig::new()
+        let config = crate::enqueue::EnqueueConfig::new()
             .policy(policy)
             .max_body(self.max_body)
-            .ttl(self.ttl)
-            .max_retry_after(self.max_retry_after)
+            .max_retry_after(self.max_retry_after);
+        match self.ttl {
+            Some(ttl) => config.ttl(ttl),
+            None => config.no_expiry(),
+        }
     }
 }
 
@@ -734,6 +813,7 @@ impl ClientConfig {
                 .validate()
                 .map_err(|e| prefixed(p, e))?;
         }
+        self.classify.validate(f)?;
         let replay = self.replay.to_config();
         replay.validate().map_err(|e| {
             // The replayer names its backoff `replay.backoff`; the file has two fields.
@@ -1198,6 +1278,21 @@ mod tests {
         assert!(
             e.field().is_some_and(|f| f.ends_with("retry.budget")),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn an_enqueue_ttl_of_off_never_expires_and_reads_back() {
+        let c = ClientConfig::from_str("[enqueue]\nttl = \"off\"\n", Format::Toml).unwrap();
+        assert_eq!(c.enqueue.to_enqueue_config().ttl, None);
+        let c = ClientConfig::from_str("[enqueue]\nttl = \"2h\"\n", Format::Toml).unwrap();
+        assert_eq!(
+            c.enqueue.to_enqueue_config().ttl,
+            Some(Duration::from_secs(7200))
+        );
+        assert_eq!(
+            ClientConfig::default().enqueue.to_enqueue_config().ttl,
+            Some(Duration::from_secs(24 * 3600))
         );
     }
 

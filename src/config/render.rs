@@ -171,7 +171,10 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     writeln!(f, "\n{}", t("enqueue"))?;
     writeln!(f, "enabled = {}", e.enabled)?;
     writeln!(f, "max_body = {}", e.max_body)?;
-    writeln!(f, "ttl = {:?}", d(e.ttl))?;
+    match e.ttl {
+        Some(ttl) => writeln!(f, "ttl = {:?}", d(ttl))?,
+        None => writeln!(f, "ttl = \"off\"")?,
+    }
     writeln!(f, "max_retry_after = {:?}", d(e.max_retry_after))?;
     writeln!(f, "sync_methods = {}", strings(&e.sync_methods))?;
     writeln!(f, "sync_routes = {}", strings(&e.sync_routes))?;
@@ -189,7 +192,17 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
     writeln!(f, "jitter = {}", r.jitter)?;
     writeln!(f, "ack_batch = {}", r.ack_batch)?;
     writeln!(f, "ack_interval = {:?}", d(r.ack_interval))?;
-    writeln!(f, "grace = {:?}", d(r.grace))
+    writeln!(f, "grace = {:?}", d(r.grace))?;
+
+    let k = &c.classify;
+    writeln!(f, "\n{}", t("classify"))?;
+    let codes = |v: &[u16]| {
+        let list: Vec<String> = v.iter().map(u16::to_string).collect();
+        format!("[{}]", list.join(", "))
+    };
+    writeln!(f, "retryable_failure = {}", codes(&k.retryable_failure))?;
+    writeln!(f, "failure = {}", codes(&k.failure))?;
+    writeln!(f, "success = {}", codes(&k.success))
 }
 
 fn server(f: &mut impl Write, p: &str, s: &ServerConfig) -> fmt::Result {
@@ -282,6 +295,9 @@ mod tests {
         c.client.retry.max_open_wait = Some(std::time::Duration::from_millis(250));
         c.client.replay.concurrency = 3;
         c.client.replay.backoff_max = std::time::Duration::from_secs(90);
+        c.client.classify.retryable_failure = vec![409, 425];
+        c.client.classify.success = vec![404];
+        c.client.enqueue.ttl = None;
         let shown = c.to_string();
         assert_eq!(
             StackConfig::from_str(&shown, Format::Toml).unwrap(),

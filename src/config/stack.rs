@@ -216,7 +216,13 @@ impl ClientConfig {
                     retry.max_retry_after
                 });
                 retry.max_open_wait = Some(open_wait.min(self.deadline));
-                retry.build_http().map_err(prefix)?
+                let builder = RetryLayer::http()
+                    .classifier(self.classify.to_classifier())
+                    .requests(retry.http_requests());
+                retry
+                    .apply(builder)
+                    .and_then(crate::retry::RetryBuilder::build)
+                    .map_err(prefix)?
             },
             breaker: self
                 .circuit_breaker
@@ -226,7 +232,7 @@ impl ClientConfig {
                 .idle_timeout(self.breaker_keys.idle_timeout)
                 .build()
                 .map_err(prefix)?
-                .with_classifier(HttpClassifier::new()),
+                .with_classifier(self.classify.to_classifier()),
             bulkhead: self
                 .bulkhead
                 .builder()
@@ -253,7 +259,8 @@ impl ClientConfig {
         }
         let client = self.client_layer(true)?;
         let fallback = EnqueueFallbackLayer::with_config(queue, self.enqueue.to_enqueue_config())
-            .map_err(|e| super::prefixed("client", e))?;
+            .map_err(|e| super::prefixed("client", e))?
+            .with_classifier(self.classify.to_classifier());
         Ok(DeferringClientLayer { client, fallback })
     }
 }

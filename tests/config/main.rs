@@ -1393,3 +1393,77 @@ fn a_replay_lease_too_short_for_the_deadline_is_an_error_at_replay_lease_for() {
         assert_eq!(e.field(), Some(field), "{e}");
     }
 }
+
+/// `[client.classify]` overrides reach every layer of the stack: a `409` listed as a
+/// retryable failure is retried (by default it is an answer, returned as is) and
+/// counted by the breaker; a status in two lists, or no status at all, is an error
+/// naming the list.
+#[tokio::test(start_paused = true)]
+async fn classify_overrides_reach_the_retry_and_the_breaker() {
+    let config = ClientConfig::from_str(
+        "preset = \"standard_http_client\"\n\
+         [retry.budget]\nenabled = false\n\
+         [circuit_breaker]\nminimum_calls = 2\n\
+         [classify]\nretryable_failure = [409]\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let downstream = service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                let res = http::Response::builder().status(409).body(()).unwrap();
+                Ok::<_, BoxError>(res)
+            }
+        }
+    });
+    let layer = config.layer().unwrap();
+    let breakers = layer.breakers();
+    let client = ServiceBuilder::new().layer(layer).service(downstream);
+    let get = || {
+        http::Request::get("http://locked.test/orders/7")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let res = client.clone().oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), 409);
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "retried twice");
+    let authority = http::uri::Authority::from_static("locked.test");
+    // Two failures of two calls opened it; the last retry waited out the break and
+    // was its first probe, which failed.
+    assert_eq!(
+        breakers.get(&authority).map(|b| b.state()),
+        Some(postbox::circuit_breaker::State::HalfOpen),
+        "the 409s count as failures"
+    );
+
+    // Without the override a 409 is an answer.
+    let plain = ClientConfig::from_str("preset = \"standard_http_client\"\n", Format::Toml)
+        .unwrap()
+        .layer()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let downstream = service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(http::Response::builder().status(409).body(()).unwrap()) }
+        }
+    });
+    let client = ServiceBuilder::new().layer(plain).service(downstream);
+    assert_eq!(client.oneshot(get()).await.unwrap().status(), 409);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    for (text, field) in [
+        (
+            "[classify]\nretryable_failure = [409]\nsuccess = [409]\n",
+            "classify.success",
+        ),
+        ("[classify]\nfailure = [42]\n", "classify.failure"),
+    ] {
+        let e = ClientConfig::from_str(text, Format::Toml).unwrap_err();
+        assert_eq!(e.field(), Some(field), "{e}");
+    }
+}
