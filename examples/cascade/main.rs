@@ -7,7 +7,7 @@
 //! | mode | each hop's client | servers |
 //! |---|---|---|
 //! | `plain` | reqwest | axum; a downstream error becomes a `502` |
-//! | `guarded` | deadline → retry + budget → circuit breaker → bulkhead → attempt timeout → reqwest | `ErrorResponseLayer`, inbound deadline, fail-fast bulkhead |
+//! | `guarded` | deadline → retry + budget → bulkhead → circuit breaker (each per authority) → attempt timeout → reqwest | `ErrorResponseLayer`, inbound deadline, fail-fast bulkhead |
 //! | `postbox` | enqueue fallback (embedded queue, a replayer) → the `guarded` stack | the same, plus `Idempotency` on MS5 |
 //!
 //! Each client stack is built from one validated `ClientConfig`: the

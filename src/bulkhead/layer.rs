@@ -132,7 +132,7 @@ impl BulkheadBuilder {
     /// one bulkhead per host and port, as the config client stack has.
     ///
     /// # Errors
-    /// As [`build`](Self::build).
+    /// As [`keyed`](Self::keyed).
     #[cfg(feature = "http")]
     pub fn keyed_by_authority(
         self,

@@ -49,7 +49,7 @@
 //! | a bulkhead's `max_wait` is set only with `max_waiting > 0` (it bounds nothing otherwise) | `client.bulkhead.max_wait`, `server.bulkhead.max_wait` |
 //! | `preset` names a preset of its section (so a rendered config loads back) | `client.preset`, `server.preset` |
 //! | the server's `idempotency.lock_for ≥ deadline` (a claim outlives the handler) | `server.idempotency.lock_for` |
-//! | a replay's whole call fits in its lease: `deadline ≤ replay.lease_for` less a tenth of it and `replay.ack_interval` (a replay is cut off then) | `client.replay.lease_for` |
+//! | with `enqueue.enabled`, a replay's whole call fits in its lease: `deadline ≤ replay.lease_for` less a tenth of it and `replay.ack_interval` (a replay is cut off then); the `replay` section is checked only then | `client.replay.lease_for` |
 //! | the server's bulkhead fails fast (`max_waiting = 0`) | `server.bulkhead.max_waiting` |
 //!
 //! Two values are adjusted rather than refused: the client stack caps
@@ -221,7 +221,7 @@ pub struct ClientConfig {
     pub bulkhead: BulkheadConfig,
     /// The enqueue fallback ([`ClientConfig::deferring_layer`]).
     pub enqueue: EnqueueSection,
-    /// The replayer that delivers deferred requests ([`ReplaySection::apply`]).
+    /// The replayer that delivers deferred requests ([`ClientConfig::replayer`]).
     pub replay: ReplaySection,
     /// Status overrides of the classifier every layer of the stack asks.
     pub classify: ClassifySection,
@@ -248,7 +248,10 @@ impl Default for ClientConfig {
 
 /// Status overrides of the [`HttpClassifier`](crate::classify::HttpClassifier) that the
 /// client stack's retry, breakers and enqueue fallback share (they agree on what a
-/// failure is). Statuses not listed keep the defaults (see the classifier's table).
+/// failure is), and the replayer's judge ([`ClientConfig::replayer`]). Statuses not
+/// listed keep the defaults (see the classifier's table). Only 300–599 can be listed,
+/// and not `408`, `429` or `503` as retryable failures: they are retryable already,
+/// with their hint.
 ///
 /// ```toml
 /// [client.classify]
@@ -298,10 +301,23 @@ impl ClassifySection {
             ("classify.success", &self.success),
         ] {
             for &code in codes {
-                if !(100..=599).contains(&code) {
+                if !(300..=599).contains(&code) {
                     return Err(ConfigError::new(
                         f(name),
-                        format!("({code}) is not an HTTP status: 100 to 599"),
+                        format!(
+                            "({code}) must be a status from 300 to 599 (a 1xx or 2xx is an \
+                             answer, and a gRPC status rides on a 200)"
+                        ),
+                    ));
+                }
+                if name == "classify.retryable_failure" && matches!(code, 408 | 429 | 503) {
+                    return Err(ConfigError::new(
+                        f(name),
+                        format!(
+                            "({code}) is retryable already, with what it says (its \
+                             `Retry-After`, or for a 408 that nothing was done); listed, \
+                             it would lose that"
+                        ),
                     ));
                 }
                 if let Some(first) = seen.insert(code, name)
@@ -399,7 +415,7 @@ impl BulkheadConfig {
 ///     Format::Toml,
 /// )?;
 /// assert_eq!(config.replay.concurrency, 4);
-/// // Then: config.replay.apply(Replayer::http(queue, inner)).spawn()?
+/// // Then: config.replayer(Replayer::http(queue, inner)).spawn()?
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -482,15 +498,22 @@ impl ReplaySection {
             seed: None,
         }
     }
+}
 
-    /// Sets every one of `replayer`'s settings to this section's (its seed, if any,
-    /// stays). [`ClientConfig::validate`] has checked them, and `spawn` checks them
+impl ClientConfig {
+    /// `replayer` set up as this configuration says: every setting of the
+    /// `[client.replay]` section (a seed, if set, stays), and judged with the stack's
+    /// classifier (`[client.classify]`), so that a status the fallback deferred as a
+    /// retryable failure is retried on replay, not dead-lettered. [`validate`](Self::validate)
+    /// has checked the settings (with the fallback enabled), and `spawn` checks them
     /// again.
-    pub fn apply<Q, S, K, J>(
+    pub fn replayer<Q, S, K, J>(
         &self,
         replayer: crate::enqueue::Replayer<Q, S, K, J>,
-    ) -> crate::enqueue::Replayer<Q, S, K, J> {
-        replayer.with_config(self.to_config())
+    ) -> crate::enqueue::Replayer<Q, S, K, crate::enqueue::HttpJudge> {
+        replayer.with_config(self.replay.to_config()).with_judge(
+            crate::enqueue::HttpJudge::with_classifier(self.classify.to_classifier()),
+        )
     }
 }
 
@@ -743,6 +766,35 @@ impl ClientConfig {
         self.validate_at("client")
     }
 
+    /// The replayer's settings, alone and against the deadline (only a stack that
+    /// defers has a replayer); `f` names a field under `p`.
+    fn validate_replay(&self, p: &str, f: impl Fn(&str) -> String) -> Result<(), ConfigError> {
+        let replay = self.replay.to_config();
+        replay.validate().map_err(|e| {
+            // The replayer names its backoff `replay.backoff`; the file has two fields.
+            let e = match e.field() {
+                "replay.backoff" => ConfigError::new("replay.backoff_base", e.message().to_owned()),
+                _ => e,
+            };
+            prefixed(p, e)
+        })?;
+        if self.deadline > replay.replay_limit() {
+            return Err(ConfigError::new(
+                f("replay.lease_for"),
+                format!(
+                    "({}) must leave room for a whole call: a replay is cut off {} into \
+                     its lease (a tenth of it and `ack_interval` before its end), before \
+                     `{}` ({}) would end it",
+                    fmt_d(self.replay.lease_for),
+                    fmt_d(replay.replay_limit()),
+                    f("deadline"),
+                    fmt_d(self.deadline)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn validate_at(&self, p: &str) -> Result<(), ConfigError> {
         let f = |name: &str| {
             if p.is_empty() {
@@ -806,7 +858,11 @@ impl ClientConfig {
                 };
                 prefixed(p, e)
             })?;
-        self.bulkhead.build().map_err(|e| prefixed(p, e))?;
+        // As the stack builds it (a keyed bulkhead refuses what a plain one allows).
+        self.bulkhead
+            .builder()
+            .keyed_by_authority()
+            .map_err(|e| prefixed(p, e))?;
         if self.enqueue.enabled {
             self.enqueue
                 .to_enqueue_config()
@@ -814,31 +870,11 @@ impl ClientConfig {
                 .map_err(|e| prefixed(p, e))?;
         }
         self.classify.validate(f)?;
-        let replay = self.replay.to_config();
-        replay.validate().map_err(|e| {
-            // The replayer names its backoff `replay.backoff`; the file has two fields.
-            let e = match e.field() {
-                "replay.backoff" => ConfigError::new("replay.backoff_base", e.message().to_owned()),
-                _ => e,
-            };
-            prefixed(p, e)
-        })?;
+        if self.enqueue.enabled {
+            self.validate_replay(p, f)?;
+        }
 
         // Across layers.
-        if self.deadline > replay.replay_limit() {
-            return Err(ConfigError::new(
-                f("replay.lease_for"),
-                format!(
-                    "({}) must leave room for a whole call: a replay is cut off {} into \
-                     its lease (a tenth of it and `ack_interval` before its end), before \
-                     `{}` ({}) would end it",
-                    fmt_d(self.replay.lease_for),
-                    fmt_d(replay.replay_limit()),
-                    f("deadline"),
-                    fmt_d(self.deadline)
-                ),
-            ));
-        }
         if self.attempt_timeout > self.deadline {
             return Err(ConfigError::new(
                 f("attempt_timeout"),

@@ -146,13 +146,14 @@ pub(crate) mod http_codec {
     }
 
     /// The idempotency key in `headers`, if the server's `Idempotency` layer can use it
-    /// ([`key_in`](crate::http::idempotency_key::key_in)), as the header spells it
-    /// (trimmed): a replay sends it as it came, quoted or bare, so the receiver reads
-    /// the key it read from the first attempt.
+    /// ([`key_in`](crate::http::idempotency_key::key_in)): as that layer reads it, so
+    /// the queue de-duplicates `"k"` and `k` as one key. (The replay sends the header
+    /// as the caller spelt it: see `rebuild`.)
     pub(crate) fn key_of(headers: &HeaderMap) -> Option<String> {
-        let value = headers.get(IDEMPOTENCY_KEY_HEADER)?;
-        crate::http::idempotency_key::key_in(value)?;
-        value.to_str().ok().map(|text| text.trim().to_owned())
+        headers
+            .get(IDEMPOTENCY_KEY_HEADER)
+            .and_then(crate::http::idempotency_key::key_in)
+            .map(std::borrow::Cow::into_owned)
     }
 
     /// Whether the request opens a tunnel (`CONNECT`) or asks to switch protocols (an
@@ -246,8 +247,21 @@ pub(crate) mod http_codec {
         // another producer with a blank key, or one no header can carry, is sent with
         // its message id, as stable across its deliveries (and what `Envelope::new`
         // sets).
-        let key = HeaderValue::from_str(&env.idempotency_key)
-            .ok()
+        //
+        // The key goes out as the caller spelt it (quoted or bare) when the stored header
+        // reads as the envelope's key: the receiver then reads the key it read from the
+        // first attempt (`"a\"b"` sent bare would be another key).
+        let spelt = env
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(IDEMPOTENCY_KEY_HEADER))
+            .and_then(|(_, value)| HeaderValue::from_bytes(value).ok())
+            .filter(|value| {
+                crate::http::idempotency_key::key_in(value)
+                    .is_some_and(|key| key == env.idempotency_key.as_str())
+            });
+        let key = spelt
+            .or_else(|| HeaderValue::from_str(&env.idempotency_key).ok())
             .filter(|_| crate::enqueue::clock::usable_key(&env.idempotency_key))
             .unwrap_or_else(|| {
                 tracing::debug!(id = %env.id, "unusable idempotency key; sent with the message id");

@@ -434,7 +434,7 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
     }
 
     /// Every setting but the seed from `config` (a file's `[client.replay]`, see
-    /// [`ReplaySection::apply`](crate::config::ReplaySection::apply)).
+    /// [`ClientConfig::replayer`](crate::config::ClientConfig::replayer)).
     #[cfg(feature = "config")]
     pub(crate) fn with_config(mut self, config: ReplayConfig) -> Self {
         self.config = ReplayConfig {

@@ -137,12 +137,12 @@ async fn a_break_longer_than_max_open_wait_returns_the_rejection_at_once() {
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
 
-/// A retry after our own rejection takes nothing from the retry budget: the rejected
-/// attempt never reached the dependency. With a spent budget, a caller that met an open
+/// A retry after an open breaker's rejection takes nothing from the retry budget: the
+/// rejected attempt never reached the dependency. With a spent budget, a caller that met an open
 /// breaker still waits for the break and is its probe, instead of failing for want of
 /// a retry that adds no load.
 #[tokio::test(start_paused = true)]
-async fn a_retry_after_our_own_rejection_takes_nothing_from_the_budget() {
+async fn a_retry_after_an_open_breakers_rejection_takes_nothing_from_the_budget() {
     let breaker = CircuitBreakerLayer::builder()
         .consecutive_failures(1)
         .break_duration(Duration::from_secs(2))

@@ -929,6 +929,20 @@ async fn a_quoted_key_is_replayed_as_it_came() {
             postbox::http::idempotency_key::key_in(&first).unwrap()
         );
     }
+    // The queue de-duplicates on the key as read: the same request sent again with
+    // the key spelt the other way is the message already held.
+    let (queue, _dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
+    let mut ids = Vec::new();
+    for spelt in [r#""order-7""#, "order-7"] {
+        let mut req = post("http://api.test/orders", "{}");
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, spelt.parse().unwrap());
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        ids.push(receipt_id(&res));
+    }
+    assert_eq!(ids[0], ids[1], "stored twice");
+    assert_eq!(queue.get(ids[0]).unwrap().idempotency_key, "order-7");
 }
 
 /// Credentials in the URI (`user:password@host`) go with the message, for the replay,
@@ -1333,20 +1347,23 @@ async fn a_panicking_service_is_retried_with_backoff_and_its_dead_letter_says_wh
 }
 
 /// A config file's `[client.replay]` section sets the replayer: here two attempts,
-/// not the default ten, before the dead letter.
+/// not the default ten, before the dead letter. And its judge reads the stack's
+/// `[client.classify]`: a `409` listed as a retryable failure (the fallback deferred it
+/// as one) is retried on replay, not dead-lettered at once as a refusal.
 #[cfg(feature = "config")]
 #[tokio::test(start_paused = true)]
 async fn a_replay_section_of_the_config_sets_the_replayer() {
     let config = postbox::config::ClientConfig::from_str(
-        "[replay]\nmax_attempts = 2\njitter = false\nbackoff_base = \"10ms\"\n",
+        "[replay]\nmax_attempts = 2\njitter = false\nbackoff_base = \"10ms\"\n\
+         [classify]\nretryable_failure = [409]\n",
         postbox::config::Format::Toml,
     )
     .unwrap();
     let queue = Arc::new(MemoryQueue::new());
     enqueue_raw(&queue, "http://api.test/orders").await;
     let calls = Arc::new(AtomicUsize::new(0));
-    let replayer = Replayer::http(queue.clone(), counting(503, calls.clone()));
-    let handle = config.replay.apply(replayer).spawn().unwrap();
+    let replayer = Replayer::http(queue.clone(), counting(409, calls.clone()));
+    let handle = config.replayer(replayer).spawn().unwrap();
     eventually(|| handle.stats().dead_lettered == 1).await;
     handle.shutdown().await;
     assert_eq!(calls.load(Ordering::SeqCst), 2);
