@@ -173,11 +173,17 @@ impl<S, K, F: Clone> Layer<S> for KeyedBulkheadLayer<K, F> {
 /// builder was given, and behaves as one (fail fast, or a bounded wait; not
 /// backpressure, which needs the key in `poll_ready`).
 ///
-/// The key is known only from the request, so admission happens in the response
-/// future: `poll_ready` is always ready, and `call` hands a clone of the inner service
-/// to the future, which takes the key's permit (or waits for it, or is rejected with
-/// [`Full`](super::error::Full)) and then readies and calls the clone. The inner
-/// service must be `Clone` (as a client is: a clone shares its connections).
+/// The key is known only from the request, so admission happens in `call`:
+/// `poll_ready` readies the inner service, and `call` takes the key's permit and calls
+/// it. A key that is full rejects the call with [`Full`](super::error::Full) (and its
+/// inner service, made ready for nothing, is swapped for a fresh clone, so what its
+/// readiness reserved goes back); where waiting is allowed, the ready inner service
+/// goes into the response future, which waits for the key's permit there (up to
+/// `max_wait`) and a clone stays behind. The inner service must be `Clone` (as a
+/// client is: a clone shares its connections).
+///
+/// So a waiting call waits in its response future, not in `poll_ready`: put a keyed
+/// bulkhead outside a circuit breaker (see the [module docs](super)).
 ///
 /// Errors become [`BoxError`].
 pub struct KeyedBulkhead<S, K, F> {
@@ -218,27 +224,50 @@ where
     type Future = KeyedResponseFuture<S, Req>;
 
     #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Admission (and the inner service's readiness) is the future's: see the docs.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = self.keys.get(self.key_fn.key(&req));
-        KeyedResponseFuture {
-            state: KeyedState::Admitting {
-                bulkhead: Bulkhead::new(self.inner.clone(), shared),
-                req: Some(req),
+        let state = match shared.try_acquire() {
+            Some(permit) => KeyedState::Called {
+                future: ResponseFuture::running(self.inner.call(req), permit),
             },
+            None => self.full(shared, req),
+        };
+        KeyedResponseFuture { state }
+    }
+}
+
+impl<S: Clone, K, F> KeyedBulkhead<S, K, F> {
+    /// The key's bulkhead is full: reject at once, or wait in the future.
+    #[cold]
+    fn full<Req>(&mut self, shared: Arc<Shared>, req: Req) -> KeyedState<S, Req>
+    where
+        S: Service<Req>,
+    {
+        let fresh = self.inner.clone();
+        // The ready service is not called now: what its readiness reserved goes back
+        // (dropped) or waits with the call (moved into the future).
+        let ready = std::mem::replace(&mut self.inner, fresh);
+        if !shared.may_wait() {
+            tracing::debug!("bulkhead full; rejecting");
+            return KeyedState::Called {
+                future: super::service::rejected(shared.full()),
+            };
+        }
+        KeyedState::Admitting {
+            waiting: Box::new((Bulkhead::new(ready, shared), Some(req))),
         }
     }
 }
 
 pin_project! {
-    /// Response future of [`KeyedBulkhead`]: takes the key's permit, readies the inner
-    /// service, calls it, and gives the permit back when the call is done (or the
-    /// future dropped).
+    /// Response future of [`KeyedBulkhead`]: the call, holding its key's permit until
+    /// it is done (or the future dropped); or, where the key was full and waiting is
+    /// allowed, the wait for a permit first.
     pub struct KeyedResponseFuture<S, Req>
     where
         S: Service<Req>,
@@ -254,9 +283,9 @@ pin_project! {
     where
         S: Service<Req>,
     {
+        // Boxed: the slow path only, and the request would make every future large.
         Admitting {
-            bulkhead: Bulkhead<S>,
-            req: Option<Req>,
+            waiting: Box<(Bulkhead<S>, Option<Req>)>,
         },
         Called {
             #[pin]
@@ -292,7 +321,8 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                KeyedStateProj::Admitting { bulkhead, req } => {
+                KeyedStateProj::Admitting { waiting } => {
+                    let (bulkhead, req) = &mut **waiting;
                     ready!(bulkhead.poll_ready(cx))?;
                     let req = req.take().expect("polled after completion");
                     let future = bulkhead.call(req);

@@ -44,19 +44,24 @@ impl Shared {
         }
     }
 
+    /// Whether a caller that finds no free permit may wait for one.
+    pub(crate) fn may_wait(&self) -> bool {
+        self.max_waiting > 0
+    }
+
     /// Permits neither reserved nor in flight.
     pub(crate) fn available_permits(&self) -> usize {
         self.max_concurrent
             .saturating_sub(self.in_flight.load(Ordering::SeqCst))
     }
 
-    fn full(&self) -> Full {
+    pub(crate) fn full(&self) -> Full {
         Full::new(self.max_concurrent, self.max_waiting)
     }
 
     /// Takes a permit if one is free.
     #[inline]
-    fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         // SeqCst loads too: a waiter that finds the bulkhead full must see a `release`
         // that did not see its `waiting` increment (see `release`). (On x86 a SeqCst
         // load is a plain load.)
@@ -204,6 +209,13 @@ impl<S> Bulkhead<S> {
     }
 }
 
+/// The answer to a call the bulkhead turns away, counted.
+pub(crate) fn rejected<F>(full: Full) -> ResponseFuture<F> {
+    metrics::counter!("postbox_calls_total", "layer" => "bulkhead", "outcome" => "rejected")
+        .increment(1);
+    ResponseFuture::rejected(full)
+}
+
 impl<S: Clone> Clone for Bulkhead<S> {
     fn clone(&self) -> Self {
         Self::new(self.inner.clone(), self.shared.clone())
@@ -294,12 +306,8 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         match std::mem::replace(&mut self.state, State::Empty) {
             State::Ready(permit) => ResponseFuture::running(self.inner.call(req), permit),
-            State::Rejected(full) => {
-                // Counted here: a permit freed before `call` may still admit it.
-                metrics::counter!("postbox_calls_total", "layer" => "bulkhead", "outcome" => "rejected")
-                    .increment(1);
-                ResponseFuture::rejected(full)
-            }
+            // Counted here: a permit freed before `call` may still admit it.
+            State::Rejected(full) => rejected(full),
             State::Empty | State::Waiting(_) => {
                 panic!("Bulkhead::call called before poll_ready returned Ready")
             }
