@@ -59,10 +59,11 @@
 //! [`keyed_by_authority`](BulkheadBuilder::keyed_by_authority)) builds a
 //! [`KeyedBulkhead`], one bulkhead per key with the same limits (Envoy's limits are
 //! per cluster for the same reason). The config client stack has one per authority.
-//! Admission then happens in the response future, as the key comes from the request:
-//! put a keyed bulkhead *outside* a circuit breaker (the config stack does), or the
-//! time a call waits for its permit counts on the breaker's clock as the call's own,
-//! and the breaker's slow-call rate rises with our own queueing.
+//! Admission then happens in `call`, as the key comes from the request, and a call
+//! that must wait waits in its response future: put a keyed bulkhead *outside* a
+//! circuit breaker (the config stack does), or the time a call waits for its permit
+//! counts on the breaker's clock as the call's own, and the breaker's slow-call rate
+//! rises with our own queueing.
 //!
 //! # Cancel safety
 //! Dropping the response future releases its permit; dropping a service that is

@@ -27,9 +27,9 @@ pub type HttpRetryPolicy = RetryPolicy<HttpClassifier, HttpRequests, ()>;
 /// bulkhead per authority → circuit breaker per authority → attempt timeout → `S`.
 ///
 /// The bulkhead is outside the breaker (the layers alone go breaker → bulkhead): a
-/// per-authority bulkhead admits a call in its response future, and inside the
-/// breaker the time a call waited for its permit would count as the call's own, a
-/// slow call of our own making.
+/// per-authority bulkhead learns the key in `call`, so a call that must wait for its
+/// permit waits in its response future, and inside the breaker that wait would count
+/// as the call's own time, a slow call of our own making.
 ///
 /// `S` serves `http::Request<ReplayBody<B>>` (the buffered body) and answers
 /// `http::Response<_>`; errors are [`BoxError`](crate::BoxError).
