@@ -552,3 +552,36 @@ fn a_keyed_bulkhead_refuses_backpressure() {
     };
     assert_eq!(err.field(), "bulkhead.max_waiting");
 }
+
+/// A call its full key rejects was made ready first; what that readiness reserved
+/// inside (here a permit of a bulkhead all keys share) goes back at once, not when the
+/// caller next uses the service (a retry keeps it through its backoff).
+#[tokio::test(start_paused = true)]
+async fn a_call_a_full_key_rejects_gives_back_what_readiness_reserved_inside() {
+    use tower::{Service, ServiceExt};
+    let shared = BulkheadLayer::new(2).unwrap();
+    let keyed = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .keyed(|req: &(&'static str, u64)| req.0)
+        .unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = keyed.layer(shared.layer(keyed_service(calls)));
+    let held = tokio::spawn(svc.clone().oneshot(("a", 10_000)));
+    time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(shared.available_permits(), 1);
+    let mut kept = svc.clone();
+    let err = kept
+        .ready()
+        .await
+        .unwrap()
+        .call(("a", 1))
+        .await
+        .unwrap_err();
+    assert!(is_full(&err), "{err}");
+    assert_eq!(
+        shared.available_permits(),
+        1,
+        "a permit is parked in `kept`"
+    );
+    held.abort();
+}
