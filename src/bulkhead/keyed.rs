@@ -175,11 +175,11 @@ impl<S, K, F: Clone> Layer<S> for KeyedBulkheadLayer<K, F> {
 ///
 /// The key is known only from the request, so admission happens in `call`:
 /// `poll_ready` readies the inner service, and `call` takes the key's permit and calls
-/// it. A key that is full rejects the call with [`Full`](super::error::Full) (and its
-/// inner service, made ready for nothing, is swapped for a fresh clone, so what its
-/// readiness reserved goes back); where waiting is allowed, the ready inner service
-/// goes into the response future, which waits for the key's permit there (up to
-/// `max_wait`) and a clone stays behind. The inner service must be `Clone` (as a
+/// it. When the key is full, the inner service made ready for nothing is swapped for a
+/// fresh clone (what its readiness reserved goes back at once), and the call is
+/// rejected with [`Full`](super::error::Full), or, where waiting is allowed, waits in
+/// its response future for the key's permit (up to `max_wait`) and then readies and
+/// calls a clone of its own. The inner service must be `Clone` (as a
 /// client is: a clone shares its connections).
 ///
 /// So a waiting call waits in its response future, not in `poll_ready`: put a keyed
@@ -248,10 +248,12 @@ impl<S: Clone, K, F> KeyedBulkhead<S, K, F> {
     where
         S: Service<Req>,
     {
+        // The ready service is not called now: what its readiness reserved (a permit
+        // of a bulkhead all keys share, a buffer slot) goes back at once. A waiting
+        // call readies a clone of its own once it has its key's permit: holding the
+        // reservation through its wait would take it from the other keys.
         let fresh = self.inner.clone();
-        // The ready service is not called now: what its readiness reserved goes back
-        // (dropped) or waits with the call (moved into the future).
-        let ready = std::mem::replace(&mut self.inner, fresh);
+        drop(std::mem::replace(&mut self.inner, fresh));
         if !shared.may_wait() {
             tracing::debug!("bulkhead full; rejecting");
             return KeyedState::Called {
@@ -259,7 +261,7 @@ impl<S: Clone, K, F> KeyedBulkhead<S, K, F> {
             };
         }
         KeyedState::Admitting {
-            waiting: Box::new((Bulkhead::new(ready, shared), Some(req))),
+            waiting: Box::new((Bulkhead::new(self.inner.clone(), shared), Some(req))),
         }
     }
 }

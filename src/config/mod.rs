@@ -415,7 +415,7 @@ impl BulkheadConfig {
 ///     Format::Toml,
 /// )?;
 /// assert_eq!(config.replay.concurrency, 4);
-/// // Then: config.replayer(Replayer::http(queue, inner)).spawn()?
+/// // Then: config.replayer(Replayer::http(queue, inner))?.spawn()?
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -504,16 +504,19 @@ impl ClientConfig {
     /// `replayer` set up as this configuration says: every setting of the
     /// `[client.replay]` section (a seed, if set, stays), and judged with the stack's
     /// classifier (`[client.classify]`), so that a status the fallback deferred as a
-    /// retryable failure is retried on replay, not dead-lettered. [`validate`](Self::validate)
-    /// has checked the settings (with the fallback enabled), and `spawn` checks them
-    /// again.
+    /// retryable failure is retried on replay, not dead-lettered.
+    ///
+    /// # Errors
+    /// An invalid `[client.replay]` setting, or a lease too short for the `deadline`
+    /// (checked here whether or not this process defers: a process may only replay).
     pub fn replayer<Q, S, K, J>(
         &self,
         replayer: crate::enqueue::Replayer<Q, S, K, J>,
-    ) -> crate::enqueue::Replayer<Q, S, K, crate::enqueue::HttpJudge> {
-        replayer.with_config(self.replay.to_config()).with_judge(
+    ) -> Result<crate::enqueue::Replayer<Q, S, K, crate::enqueue::HttpJudge>, ConfigError> {
+        self.validate_replay("client", |name| format!("client.{name}"))?;
+        Ok(replayer.with_config(self.replay.to_config()).with_judge(
             crate::enqueue::HttpJudge::with_classifier(self.classify.to_classifier()),
-        )
+        ))
     }
 }
 

@@ -296,7 +296,11 @@ pub(crate) mod http_codec {
         }
 
         fn set_idempotency_key(&self, req: &mut Request<BufferedBody<B>>, key: &str) {
-            set_key(req.headers_mut(), key);
+            // A header that already reads as `key` stays as it was spelt (quoted or
+            // bare): rewritten bare, `"a\"b"` would be another key at the receiver.
+            if key_of(req.headers()).as_deref() != Some(key) {
+                set_key(req.headers_mut(), key);
+            }
         }
 
         fn capture(&self, req: &Request<BufferedBody<B>>) -> Option<Captured> {

@@ -524,14 +524,13 @@ mod http_flavour {
                     // Sent twice: the request goes out with the one key it is stored
                     // under, or the first attempt and the replay would differ (and a
                     // server reading the last value would see two keys).
-                    if parts
-                        .headers
-                        .get_all(IDEMPOTENCY_KEY_HEADER)
-                        .iter()
-                        .nth(1)
-                        .is_some()
-                    {
-                        set_key(&mut parts.headers, &key);
+                    // (The first value as it was spelt: quoted or bare.)
+                    let mut values = parts.headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
+                    if let (Some(first), Some(_)) = (values.next().cloned(), values.next()) {
+                        parts.headers.insert(
+                            http::header::HeaderName::from_static(IDEMPOTENCY_KEY_HEADER),
+                            first,
+                        );
                     }
                     key
                 }

@@ -585,3 +585,34 @@ async fn a_call_a_full_key_rejects_gives_back_what_readiness_reserved_inside() {
     );
     held.abort();
 }
+
+/// A call that waits for its key's permit holds nothing of the service inside while
+/// it waits: it readies a clone of its own once it has the permit. (Moved into the
+/// wait ready, it held a permit of a bulkhead all keys share for up to `max_wait`, and
+/// a key with calls waiting took the other keys' room.)
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_for_its_keys_permit_holds_nothing_inside() {
+    use tower::ServiceExt;
+    let shared = BulkheadLayer::new(2).unwrap();
+    let keyed = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(1)
+        .max_wait(Duration::from_secs(1))
+        .keyed(|req: &(&'static str, u64)| req.0)
+        .unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = keyed.layer(shared.layer(keyed_service(calls)));
+    let held = tokio::spawn(svc.clone().oneshot(("a", 10_000)));
+    time::sleep(Duration::from_millis(1)).await;
+    let waiting = tokio::spawn(svc.clone().oneshot(("a", 1)));
+    time::sleep(Duration::from_millis(1)).await;
+    assert!(!waiting.is_finished());
+    assert_eq!(
+        shared.available_permits(),
+        1,
+        "the waiting call holds a permit"
+    );
+    assert_eq!(svc.clone().oneshot(("b", 1)).await.unwrap(), 1);
+    held.abort();
+    assert_eq!(waiting.await.unwrap().unwrap(), 1);
+}

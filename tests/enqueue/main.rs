@@ -943,6 +943,32 @@ async fn a_quoted_key_is_replayed_as_it_came() {
     }
     assert_eq!(ids[0], ids[1], "stored twice");
     assert_eq!(queue.get(ids[0]).unwrap().idempotency_key, "order-7");
+    // The typed flavour's HTTP codec sets the key it stored on the first attempt: a
+    // header that already reads as that key keeps its spelling; another is replaced.
+    let codec = postbox::enqueue::HttpCodec::new();
+    let mut req: InnerReq = Request::post("http://api.test/orders")
+        .header(IDEMPOTENCY_KEY_HEADER, r#""a\"b""#)
+        .body(BufferedBody::empty())
+        .unwrap();
+    let key = codec.idempotency_key(&req).unwrap();
+    assert_eq!(key, r#"a"b"#);
+    codec.set_idempotency_key(&mut req, &key);
+    assert_eq!(req.headers()[IDEMPOTENCY_KEY_HEADER], r#""a\"b""#);
+    codec.set_idempotency_key(&mut req, "other");
+    assert_eq!(req.headers()[IDEMPOTENCY_KEY_HEADER], "other");
+    // Sent twice, the first value goes out alone, as it was spelt.
+    let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
+    let mut req = post("http://api.test/orders", "{}");
+    req.headers_mut()
+        .append(IDEMPOTENCY_KEY_HEADER, r#""a\"b""#.parse().unwrap());
+    req.headers_mut()
+        .append(IDEMPOTENCY_KEY_HEADER, "second".parse().unwrap());
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(dep.keys()[0].as_deref(), Some(r#""a\"b""#));
+    assert_eq!(
+        queue.get(receipt_id(&res)).unwrap().idempotency_key,
+        r#"a"b"#
+    );
 }
 
 /// Credentials in the URI (`user:password@host`) go with the message, for the replay,
@@ -1363,10 +1389,22 @@ async fn a_replay_section_of_the_config_sets_the_replayer() {
     enqueue_raw(&queue, "http://api.test/orders").await;
     let calls = Arc::new(AtomicUsize::new(0));
     let replayer = Replayer::http(queue.clone(), counting(409, calls.clone()));
-    let handle = config.replayer(replayer).spawn().unwrap();
+    let handle = config.replayer(replayer).unwrap().spawn().unwrap();
     eventually(|| handle.stats().dead_lettered == 1).await;
     handle.shutdown().await;
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // A process that only replays (its own stack does not defer) still has its lease
+    // checked against its deadline, here: replays cut off at 27 s of a 60 s call.
+    let config = postbox::config::ClientConfig::from_str(
+        "deadline = \"60s\"\n[replay]\nlease_for = \"30s\"\n",
+        postbox::config::Format::Toml,
+    )
+    .unwrap();
+    let replayer = Replayer::http(queue.clone(), counting(200, calls.clone()));
+    let Err(e) = config.replayer(replayer) else {
+        panic!("a lease shorter than the deadline was accepted");
+    };
+    assert_eq!(e.field(), "client.replay.lease_for");
 }
 
 #[tokio::test(start_paused = true)]
