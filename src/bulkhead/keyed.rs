@@ -252,8 +252,7 @@ impl<S: Clone, K, F> KeyedBulkhead<S, K, F> {
         // of a bulkhead all keys share, a buffer slot) goes back at once. A waiting
         // call readies a clone of its own once it has its key's permit: holding the
         // reservation through its wait would take it from the other keys.
-        let fresh = self.inner.clone();
-        drop(std::mem::replace(&mut self.inner, fresh));
+        self.inner = self.inner.clone();
         if !shared.may_wait() {
             tracing::debug!("bulkhead full; rejecting");
             return KeyedState::Called {
