@@ -137,6 +137,21 @@ async fn a_break_longer_than_max_open_wait_returns_the_rejection_at_once() {
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
 
+/// Up to three retries 10 ms apart, from a budget that never has one to give.
+fn retry_with_a_spent_budget() -> RetryLayer<postbox::retry::DefaultPolicy> {
+    let budget = postbox::retry::RetryBudget::builder()
+        .ratio(0.0)
+        .min_retries_per_sec(0)
+        .build()
+        .unwrap();
+    RetryLayer::builder()
+        .max_retries(3)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .budget(budget)
+        .build()
+        .unwrap()
+}
+
 /// A retry after an open breaker's rejection takes nothing from the retry budget: the
 /// rejected attempt never reached the dependency. With a spent budget, a caller that met an open
 /// breaker still waits for the break and is its probe, instead of failing for want of
@@ -150,17 +165,7 @@ async fn a_retry_after_an_open_breakers_rejection_takes_nothing_from_the_budget(
         .build()
         .unwrap();
     let handle = breaker.handle();
-    let budget = postbox::retry::RetryBudget::builder()
-        .ratio(0.0)
-        .min_retries_per_sec(0)
-        .build()
-        .unwrap();
-    let retry = RetryLayer::builder()
-        .max_retries(3)
-        .backoff(Backoff::constant(Duration::from_millis(10)))
-        .budget(budget)
-        .build()
-        .unwrap();
+    let retry = retry_with_a_spent_budget();
     let calls = Arc::new(Mutex::new(Vec::new()));
     let svc = ServiceBuilder::new()
         .layer(retry)
@@ -181,17 +186,7 @@ async fn a_retry_after_an_open_breakers_rejection_takes_nothing_from_the_budget(
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_a_full_bulkhead_is_charged_to_the_budget() {
     let bulkhead = postbox::bulkhead::BulkheadLayer::new(1).unwrap();
-    let budget = postbox::retry::RetryBudget::builder()
-        .ratio(0.0)
-        .min_retries_per_sec(0)
-        .build()
-        .unwrap();
-    let retry = RetryLayer::builder()
-        .max_retries(3)
-        .backoff(Backoff::constant(Duration::from_millis(10)))
-        .budget(budget)
-        .build()
-        .unwrap();
+    let retry = retry_with_a_spent_budget();
     let (release, hold) = tokio::sync::oneshot::channel::<()>();
     let hold = Arc::new(tokio::sync::Mutex::new(Some(hold)));
     let svc = ServiceBuilder::new()
