@@ -11,6 +11,7 @@
 //! | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) | attempt timed out | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | deadline passed | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) | deadline passed while the response body was read (a body error: a proxy that had not sent its head yet answers 504) | 504 | `DEADLINE_EXCEEDED` |
+//! | `tonic::TimeoutExpired` | a tonic `Channel` enforced the `grpc-timeout` it sent (tonic itself answers `CANCELLED`) | — | `DEADLINE_EXCEEDED` |
 //!
 //! # Example
 //! ```
@@ -346,6 +347,11 @@ mod grpc_mapping {
         if let Some(e) = find_cause::<BodyDeadlineExceeded>(err) {
             return Some(e.clone().into());
         }
+        // A `Channel`'s own timeout (the `grpc-timeout` it sent): tonic's
+        // `Status::from_error` makes it `CANCELLED`, under a status too.
+        if find_cause::<tonic::TimeoutExpired>(err).is_some() {
+            return Some(Status::deadline_exceeded("the call's deadline passed"));
+        }
         if let Some(s) = find_cause::<Status>(err) {
             return Some(s.clone());
         }
@@ -592,6 +598,18 @@ mod tests {
             crate::grpc::into_status(boxed).code(),
             tonic::Code::Unavailable
         );
+    }
+
+    #[cfg(feature = "grpc")]
+    /// tonic answers its `Channel`'s own timeout `CANCELLED`; it is the call's
+    /// deadline, `DEADLINE_EXCEEDED`, bare or under that status.
+    #[test]
+    fn a_channels_own_timeout_is_deadline_exceeded() {
+        use crate::grpc::into_status;
+        let status = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        for err in [BoxError::from(status), Box::new(tonic::TimeoutExpired(()))] {
+            assert_eq!(into_status(err).code(), tonic::Code::DeadlineExceeded);
+        }
     }
 
     #[cfg(feature = "grpc")]

@@ -66,6 +66,7 @@ as_error_for!(
 /// | ✦ [`bulkhead::error::Full`](crate::bulkhead::error::Full) | ignored | yes | no |
 /// | ✦ `http::body::RequestBodyFailed` (with `http`: the caller's upload broke) | ignored | no | yes |
 /// | ✦ [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
+/// | ✦ `tonic::TimeoutExpired` (with `grpc`: a `Channel`'s own timeout, which tonic reports as `CANCELLED`) | failure | yes | yes |
 /// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) that expired before the call (no attempt was made) | ignored | no (the budget is spent) | no |
 /// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded), the call made | failure | no (the budget is spent) | yes |
 /// | ✦ [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) (the answer's body stalled) | failure | no (the budget is spent) | yes (it answered) |
@@ -159,6 +160,13 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
         return Some(Classification::ignored().with_effect(true));
     }
     if as_type::<crate::timeout::error::Elapsed>(e).is_some() {
+        return Some(Classification::failure());
+    }
+    // tonic's own timeout (a `Channel` enforces the `grpc-timeout` it sends, from
+    // `Endpoint::timeout`, `Request::set_timeout` or a layer outside): an attempt
+    // timeout like `Elapsed`, though tonic reports it as `CANCELLED`.
+    #[cfg(feature = "grpc")]
+    if as_type::<tonic::TimeoutExpired>(e).is_some() {
         return Some(Classification::failure());
     }
     if let Some(d) = as_type::<crate::timeout::error::DeadlineExceeded>(e) {

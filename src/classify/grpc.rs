@@ -452,6 +452,29 @@ mod tests {
         assert_eq!(c.class(), Class::Ignored);
     }
 
+    /// tonic's own timeout (a `Channel` enforcing the `grpc-timeout` it sent) is an
+    /// attempt timeout, retryable, bare or under the `CANCELLED` status tonic makes of
+    /// it: it was a success (the class of `CANCELLED`), so no breaker counted it and no
+    /// retry was made.
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_channels_own_timeout_is_a_retryable_failure() {
+        use crate::BoxError;
+        let classify = |err: BoxError| {
+            <GrpcClassifier as Classify<Response<()>, BoxError>>::classify(
+                &GrpcClassifier::new(),
+                Err(&err),
+            )
+        };
+        let status = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(status.code(), tonic::Code::Cancelled);
+        for err in [BoxError::from(status), Box::new(tonic::TimeoutExpired(()))] {
+            let c = classify(err);
+            assert_eq!(c.class(), Class::Failure);
+            assert!(c.is_retryable());
+        }
+    }
+
     /// An override applies to a proxy's answer too: it is classified as the code the
     /// spec maps its HTTP status to, and that code's override wins over the overload
     /// reading of a 429.

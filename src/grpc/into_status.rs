@@ -19,7 +19,8 @@ use tower_service::Service;
 /// A postbox error anywhere in the cause chain gets its mapping (see
 /// [`crate::error`]: an open breaker is `UNAVAILABLE` with `grpc-retry-pushback-ms`,
 /// a full bulkhead `RESOURCE_EXHAUSTED`, a timeout or a passed deadline
-/// `DEADLINE_EXCEEDED`); anything else goes through tonic's own
+/// `DEADLINE_EXCEEDED`, tonic's own `TimeoutExpired` too, which tonic would answer
+/// `CANCELLED`); anything else goes through tonic's own
 /// [`Status::from_error`] (a `Status` in the chain, HTTP/2 and connect errors), so a
 /// transport failure reads exactly as it would without postbox.
 pub fn into_status(err: BoxError) -> Status {
@@ -28,6 +29,7 @@ pub fn into_status(err: BoxError) -> Status {
         || is_caused_by::<Elapsed>(&*err)
         || is_caused_by::<DeadlineExceeded>(&*err)
         || is_caused_by::<BodyDeadlineExceeded>(&*err)
+        || is_caused_by::<tonic::TimeoutExpired>(&*err)
         || is_caused_by::<NotEnqueued>(&*err)
     {
         return crate::error::to_status(&*err);

@@ -1,8 +1,9 @@
 //! Response futures for [`AttemptTimeout`](super::AttemptTimeout) and
 //! [`Deadline`](super::Deadline).
 
-use super::error::{DeadlineExceeded, Elapsed};
+use super::error::{BodyDeadlineExceeded, DeadlineExceeded, Elapsed};
 use crate::BoxError;
+use crate::error::is_caused_by;
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
@@ -74,11 +75,8 @@ impl<F> Timed<F> {
     }
 
     /// Polls the inner future, then the (lazily armed) timer. On expiry the inner
-    /// future is dropped at once and the budget is returned as the error.
-    fn poll_timed<T, E>(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Result<T, E>, Duration>>
+    /// future is dropped at once and the budget is returned.
+    fn poll_timed<T, E>(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended<T, E>>
     where
         F: Future<Output = Result<T, E>>,
     {
@@ -90,8 +88,24 @@ impl<F> Timed<F> {
                 budget,
             } => {
                 if let Poll::Ready(out) = inner.poll(cx) {
+                    // An error once the end has come: most likely the inner service's
+                    // own timer for the same end (a tonic `Channel` enforces the
+                    // `grpc-timeout` this layer sent), woken in the same tick and
+                    // polled first.
+                    let ended = match out {
+                        Err(e)
+                            if timer
+                                .as_ref()
+                                .get_ref()
+                                .as_ref()
+                                .is_some_and(|t| Instant::now() >= t.deadline()) =>
+                        {
+                            Ended::ErrAtEnd(e, *budget)
+                        }
+                        out => Ended::Out(out),
+                    };
                     self.set(Timed::Done);
-                    return Poll::Ready(Ok(out));
+                    return Poll::Ready(ended);
                 }
                 if timer.is_none() {
                     let at =
@@ -109,7 +123,40 @@ impl<F> Timed<F> {
         };
         // Drop the inner future now: expiry cancels the attempt.
         self.project_replace(Timed::Done);
-        Poll::Ready(Err(budget))
+        Poll::Ready(Ended::Expired(budget))
+    }
+}
+
+/// How a timed future ended.
+enum Ended<T, E> {
+    /// The inner future's output, before the end.
+    Out(Result<T, E>),
+    /// The inner future failed once the end had come (with the budget).
+    ErrAtEnd(E, Duration),
+    /// The end came first (with the budget); the inner future is dropped.
+    Expired(Duration),
+}
+
+impl<T, E: Into<BoxError>> Ended<T, E> {
+    /// The output, or the budget if the call counts as expired: the end came first, or
+    /// the inner future failed at the end with an error that is not already a
+    /// timeout of ours (an inner layer's, which says more).
+    fn into_result(self) -> Result<Result<T, BoxError>, Duration> {
+        match self {
+            Ended::Out(out) => Ok(out.map_err(Into::into)),
+            Ended::ErrAtEnd(e, budget) => {
+                let e = e.into();
+                if is_caused_by::<Elapsed>(&*e)
+                    || is_caused_by::<DeadlineExceeded>(&*e)
+                    || is_caused_by::<BodyDeadlineExceeded>(&*e)
+                {
+                    Ok(Err(e))
+                } else {
+                    Err(budget)
+                }
+            }
+            Ended::Expired(budget) => Err(budget),
+        }
     }
 }
 
@@ -155,8 +202,8 @@ where
         if let Some(e) = state.as_mut().take_expired() {
             return Poll::Ready(Err(e.into()));
         }
-        match ready!(state.poll_timed(cx)) {
-            Ok(out) => Poll::Ready(out.map_err(Into::into)),
+        match ready!(state.poll_timed(cx)).into_result() {
+            Ok(out) => Poll::Ready(out),
             Err(after) if *this.call_bound => {
                 tracing::debug!(?after, "call deadline passed during the attempt");
                 metrics::counter!("postbox_calls_total", "layer" => "attempt_timeout", "outcome" => "deadline_exceeded")
@@ -202,8 +249,8 @@ where
         if let Some(e) = state.as_mut().take_expired() {
             return Poll::Ready(Err(e.into()));
         }
-        match ready!(state.poll_timed(cx)) {
-            Ok(out) => Poll::Ready(out.map_err(Into::into)),
+        match ready!(state.poll_timed(cx)).into_result() {
+            Ok(out) => Poll::Ready(out),
             Err(budget) => {
                 tracing::debug!(?budget, "deadline exceeded");
                 metrics::counter!(

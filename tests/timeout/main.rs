@@ -374,6 +374,54 @@ async fn an_http_attempt_timeout_still_expires_as_elapsed() {
     assert!(find_cause::<Elapsed>(&*err).is_some(), "{err}");
 }
 
+/// A tonic `Channel` enforces the `grpc-timeout` an attempt timeout sends, so the
+/// channel's own `TimeoutExpired` comes at the same instant as the layer's end (and
+/// was returned: the inner future is polled first). The attempt still ends as the
+/// layer's `Elapsed`, which tonic would otherwise report as `CANCELLED`; a deadline
+/// layer's likewise as `DeadlineExceeded`.
+#[cfg(feature = "grpc")]
+#[tokio::test(start_paused = true)]
+async fn an_attempt_cut_by_the_channels_own_grpc_timeout_is_still_elapsed() {
+    use postbox::timeout::parse_grpc_timeout;
+    let channel = || {
+        service_fn(|req: http::Request<()>| async move {
+            let timeout = parse_grpc_timeout(req.headers()["grpc-timeout"].as_bytes()).unwrap();
+            time::sleep(timeout).await;
+            Err::<(), BoxError>(Box::new(tonic::TimeoutExpired(())))
+        })
+    };
+    let grpc = || {
+        http::Request::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+    };
+    let attempt = AttemptTimeoutLayer::http(Duration::from_millis(100))
+        .unwrap()
+        .layer(channel());
+    let err = attempt.oneshot(grpc()).await.unwrap_err();
+    assert!(find_cause::<Elapsed>(&*err).is_some(), "{err}");
+    let deadline = DeadlineLayer::http(Duration::from_millis(100))
+        .unwrap()
+        .layer(channel());
+    let err = deadline.oneshot(grpc()).await.unwrap_err();
+    assert!(find_cause::<DeadlineExceeded>(&*err).is_some(), "{err}");
+}
+
+/// An inner failure before the end is passed on as it is, and an inner layer's own
+/// timeout at the same end keeps its error (it says more than the outer's).
+#[tokio::test(start_paused = true)]
+async fn an_inner_timeout_at_the_same_end_keeps_its_own_error() {
+    let inner = AttemptTimeoutLayer::new(Duration::from_millis(100))
+        .unwrap()
+        .layer(never_service(Arc::default(), Counter::default()));
+    let svc = DeadlineLayer::new(Duration::from_millis(100))
+        .unwrap()
+        .layer(inner);
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert!(find_cause::<Elapsed>(&*err).is_some(), "{err}");
+}
+
 /// An attempt whose call's deadline comes before its own end is cut at the call's
 /// deadline, with `DeadlineExceeded` (the call is over), even with no deadline layer
 /// outside to time it (a caller-set header a retry layer anchored).
