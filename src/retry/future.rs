@@ -32,21 +32,22 @@ pin_project! {
         retry_safe: bool,
         prev_delay: Duration,
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, Result<S::Response, S::Error>>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<F, O> {
         // An attempt is in flight, in its `debug` span `retry_attempt{attempt}` (the
         // inner layers' events nest under it); disabled unless a subscriber wants it.
         Called { #[pin] future: F, span: tracing::Span },
-        // Backing off before the next attempt.
+        // Backing off before the next attempt. With a deadline, `last` keeps the last
+        // outcome, returned if the service is ready only once the deadline has passed.
         // Boxed: a retry allocates once, and the happy path's future stays small.
-        Waiting { sleep: Pin<Box<Sleep>> },
+        Waiting { sleep: Pin<Box<Sleep>>, last: Option<O> },
         // Waiting for the service to be ready for the next attempt.
-        Polling,
+        Polling { last: Option<O> },
     }
 }
 
@@ -108,7 +109,7 @@ where
         let state = match self.state {
             State::Called { .. } => "called",
             State::Waiting { .. } => "waiting",
-            State::Polling => "polling_ready",
+            State::Polling { .. } => "polling_ready",
         };
         f.debug_struct("ResponseFuture")
             .field("attempt", &self.attempt)
@@ -162,23 +163,43 @@ where
                         this.policy.requests.after_attempt(original, &class);
                     }
                     crate::retry::AttemptLog::note_in_task(&class);
-                    drop(out);
+                    // Kept only while a deadline may pass before the retry is sent.
+                    let last = deadline.map(|_| out);
                     *this.prev_delay = delay;
                     if delay.is_zero() {
-                        this.state.set(State::Polling);
+                        this.state.set(State::Polling { last });
                     } else {
                         this.state.set(State::Waiting {
                             sleep: Box::pin(tokio::time::sleep(delay)),
+                            last,
                         });
                     }
                 }
-                StateProj::Waiting { sleep } => {
+                StateProj::Waiting { sleep, last } => {
                     ready!(sleep.as_mut().poll(cx));
-                    this.state.set(State::Polling);
+                    let last = last.take();
+                    this.state.set(State::Polling { last });
                 }
-                StateProj::Polling => {
+                StateProj::Polling { last } => {
                     if let Err(e) = ready!(this.service.poll_ready(cx)) {
                         return Poll::Ready(Err(e));
+                    }
+                    // Ready only once the call's deadline has passed (a wait for a
+                    // permit, a connection): the retry is not sent; the last outcome
+                    // is returned, as when the backoff alone would pass the deadline.
+                    if let Some(out) = last.take()
+                        && this
+                            .request
+                            .as_ref()
+                            .and_then(|r| this.policy.requests.deadline(r))
+                            .is_some_and(|at| Instant::now() >= at)
+                    {
+                        give_up(
+                            *this.attempt,
+                            GiveUp::Deadline,
+                            &this.policy.classifier.classify(out.as_ref()),
+                        );
+                        return Poll::Ready(out);
                     }
                     *this.attempt = this.attempt.saturating_add(1);
                     let last = *this.attempt > this.policy.max_retries;

@@ -51,10 +51,10 @@ mod service;
 #[cfg(feature = "http")]
 pub use self::body::{BodyDeadline, BodyDeadlineFuture, BodyDeadlineLayer, DeadlineBody};
 pub use self::layer::{AttemptTimeoutLayer, DeadlineLayer};
-#[cfg(feature = "http")]
-pub(crate) use self::service::anchor_caller_timeout;
 pub use self::service::{AttemptTimeout, CallDeadline, Deadline, NoPropagation, Propagate};
 #[cfg(feature = "http")]
 pub use self::service::{
     HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout,
 };
+#[cfg(feature = "http")]
+pub(crate) use self::service::{anchor_caller_timeout, header_is_stale};

@@ -277,11 +277,11 @@ where
 }
 
 #[cfg(feature = "http")]
-pub(crate) use self::http_propagation::anchor_caller_timeout;
-#[cfg(feature = "http")]
 pub use self::http_propagation::{
     HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout,
 };
+#[cfg(feature = "http")]
+pub(crate) use self::http_propagation::{anchor_caller_timeout, header_is_stale};
 
 #[cfg(feature = "http")]
 mod http_propagation {
@@ -442,6 +442,18 @@ mod http_propagation {
             req.extensions_mut()
                 .insert(CallDeadline::new(crate::clock::later(Instant::now(), set)));
         }
+    }
+
+    /// Whether the deadline headers (written earlier) tell more time than is left
+    /// until `at`, by a millisecond or more (the milliseconds header's unit). False
+    /// if there are none.
+    pub(crate) fn header_is_stale(headers: &http::HeaderMap, at: Instant) -> bool {
+        if !headers.contains_key(TIMEOUT_MS_HEADER) && !headers.contains_key("grpc-timeout") {
+            return false;
+        }
+        let told = header_timeout(headers, is_grpc(headers));
+        let left = at.saturating_duration_since(Instant::now());
+        told.is_some_and(|told| told >= left.saturating_add(Duration::from_millis(1)))
     }
 
     /// The shortest timeout in the request's headers: [`TIMEOUT_MS_HEADER`], and

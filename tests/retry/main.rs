@@ -509,6 +509,50 @@ async fn a_retry_sends_the_time_left_in_its_deadline_header() {
     assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
 }
 
+/// A retry whose service is ready only once the call's deadline has passed (a wait
+/// for a permit or a connection after the backoff) is not sent: the last outcome is
+/// returned. It was sent, telling the next hop it had 0 ms.
+#[tokio::test(start_paused = true)]
+async fn a_retry_ready_only_after_the_deadline_is_not_sent() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    let mut req = with_deadline(tokio::time::Instant::now() + Duration::from_secs(1));
+    req.headers_mut()
+        .insert(postbox::timeout::TIMEOUT_MS_HEADER, 1000.into());
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(req));
+    let (_, send) = take_request(&mut handle);
+    advance(500 * MS).await;
+    send.send_response(status(503, None));
+    assert_pending!(fut.poll());
+    advance(10 * MS).await;
+    assert_pending!(fut.poll(), "the service is not ready");
+    advance(490 * MS).await;
+    handle.allow(1);
+    let res = assert_ready_ok!(fut.poll());
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    no_request(&mut handle);
+}
+
+/// The first attempt tells the next hop the time left when it is sent, not when a
+/// `DeadlineLayer::http` outside wrote the header (a body read or a wait for
+/// readiness may come in between); a header written just now is left as it is.
+#[tokio::test(start_paused = true)]
+async fn the_first_attempt_tells_the_time_left_when_it_is_sent() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) =
+        mock::spawn_with(|m: mock::Mock<Request<()>, Response<()>>| layer.layer(m));
+    let mut req = with_deadline(tokio::time::Instant::now() + Duration::from_secs(1));
+    req.headers_mut()
+        .insert(postbox::timeout::TIMEOUT_MS_HEADER, 1000.into());
+    advance(800 * MS).await;
+    assert_ready_ok!(svc.poll_ready());
+    let _fut = task::spawn(svc.call(req));
+    let (first, _send) = take_request(&mut handle);
+    assert_eq!(first.headers()[postbox::timeout::TIMEOUT_MS_HEADER], "200");
+}
+
 /// Sends a `$method` gRPC call whose caller set only `grpc-timeout: 2S` through
 /// `$layer` (whose backoff is 10 ms): a retry sends the time left, not the full timeout
 /// again, and none starts after it.
