@@ -236,7 +236,8 @@ fn gauge(handle: &PrometheusHandle, series: &str) -> Option<f64> {
 
 /// `postbox_circuit_state` shows a breaker from when it is built (a healthy breaker
 /// is 0, not absent), follows its transitions, and goes back to 0 when a keyed breaker
-/// is dropped from the map (its key starts closed again; it went on showing 1).
+/// is dropped from the map (its key starts closed again; it went on showing 1); the
+/// transition is counted under the breaker's name.
 #[test]
 fn the_circuit_state_gauge_shows_healthy_tripped_and_evicted_breakers() {
     use postbox::circuit_breaker::CircuitBreakerLayer;
@@ -270,6 +271,14 @@ fn the_circuit_state_gauge_shows_healthy_tripped_and_evicted_breakers() {
         gauge(&keyed, KEY),
         Some(0.0),
         "the evicted open breaker still shows open"
+    );
+    assert_eq!(
+        counter(
+            &keyed,
+            r#"postbox_circuit_transitions_total{breaker="keyed/1",from="closed",to="open"}"#
+        ),
+        1,
+        "the key's opening is not counted under its breaker"
     );
 }
 
@@ -314,7 +323,10 @@ fn a_healthy_key_has_no_series_and_a_dropped_breaker_leaves_the_gauge() {
         "the dropped breaker's late opening shows, or its eviction made a series"
     );
     assert_eq!(
-        counter(&keyed, r#"postbox_circuit_transitions_total{to="open"}"#),
+        counter(
+            &keyed,
+            r#"postbox_circuit_transitions_total{breaker="keyed/1",from="closed",to="open"}"#
+        ),
         0,
         "the dropped breaker's late opening is counted"
     );

@@ -72,7 +72,7 @@
 //! words or more is returned through memory either way).
 //!
 //! # Telemetry
-//! Every transition is a `tracing` info event, a `postbox_circuit_transitions_total{to}`
+//! Every transition is a `tracing` info event, a `postbox_circuit_transitions_total{breaker,from,to}`
 //! count, a `postbox_circuit_state{breaker}` gauge (see [`State::gauge_value`]) and a
 //! call of the [`OnTransition`] hook. Rejections always count in
 //! `postbox_calls_total{layer="circuit_breaker",outcome="rejected"}`; the other

@@ -1085,7 +1085,13 @@ impl Breaker {
             generation,
             "circuit breaker state changed"
         );
-        metrics::counter!("postbox_circuit_transitions_total", "to" => to.as_str()).increment(1);
+        metrics::counter!(
+            "postbox_circuit_transitions_total",
+            "breaker" => self.settings.name.clone(),
+            "from" => from.as_str(),
+            "to" => to.as_str()
+        )
+        .increment(1);
         self.hook.on_transition(&Transition {
             name: self.settings.name.clone(),
             from,
