@@ -437,7 +437,13 @@ impl IdempotencyStore for MemoryStore {
         async move {
             if let Some((until, mut rx)) = waiting {
                 // Resolves when the claim's sender is dropped (completed or released).
-                let _ = tokio::time::timeout_at(until, rx.changed()).await;
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    let _ = tokio::time::timeout_at(until, rx.changed()).await;
+                } else {
+                    // No timer without a runtime (the layer run inline): the claim
+                    // ends with its work, which runs inline too.
+                    let _ = rx.changed().await;
+                }
             }
         }
     }

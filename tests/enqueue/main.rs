@@ -3259,6 +3259,46 @@ async fn concurrent_duplicates_run_the_handler_once() {
     );
 }
 
+/// Polled inline with no tokio runtime (the layer supports it: no timers then), a
+/// duplicate waits for the first request's answer and replays it; waiting panicked
+/// building a timer with no runtime to drive it.
+#[test]
+fn a_duplicate_polled_without_a_runtime_waits_for_the_first_answer() {
+    let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+    let answered = Arc::new(std::sync::Mutex::new(Some(answered)));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(service_fn({
+        let calls = calls.clone();
+        move |_req: Served| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let wait = answered.lock().unwrap().take();
+            async move {
+                if let Some(wait) = wait {
+                    let _ = wait.await;
+                }
+                Ok::<_, std::convert::Infallible>(respond(201, "order #1"))
+            }
+        }
+    }));
+    let mut first = tokio_test::task::spawn(svc.clone().oneshot(keyed("k")));
+    assert!(first.poll().is_pending());
+    let mut duplicate = tokio_test::task::spawn(svc.clone().oneshot(keyed("k")));
+    assert!(duplicate.poll().is_pending());
+    answer.send(()).unwrap();
+    let std::task::Poll::Ready(first) = first.poll() else {
+        panic!("the first request did not end once answered")
+    };
+    assert_eq!(first.unwrap().status(), StatusCode::CREATED);
+    assert!(duplicate.is_woken());
+    let std::task::Poll::Ready(duplicate) = duplicate.poll() else {
+        panic!("the duplicate did not end once the first was answered")
+    };
+    let duplicate = duplicate.unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CREATED);
+    assert!(duplicate.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 /// A store that cannot be reached: every call fails.
 struct Unreachable;
 
