@@ -219,10 +219,11 @@ impl CircuitBreakerBuilder {
         self
     }
 
-    /// Exactly this many probe calls are admitted in half-open (1 to 255). The breaker
-    /// closes or reopens once min(`minimum_calls`, `n`) of them are done, on their
-    /// failure (and slow-call) rate, as resilience4j does; in consecutive-failures
-    /// mode, once all `n` are.
+    /// At most this many probe calls run at once in half-open (1 to 255); a probe
+    /// dropped before its outcome, or whose outcome is ignored, gives its place to
+    /// another. The breaker closes or reopens once min(`minimum_calls`, `n`) probes
+    /// have an outcome, on their failure (and slow-call) rate, as resilience4j does;
+    /// in consecutive-failures mode, once `n` have.
     pub fn permitted_probes(mut self, n: u32) -> Self {
         self.permitted_probes = n;
         self
@@ -361,12 +362,17 @@ impl CircuitBreakerBuilder {
                 "must be a finite number ≥ 1",
             ));
         }
-        if self.break_multiplier > 1.0 && self.max_break_duration.is_none() {
-            // Without a cap the break would be capped at `break_duration`: never grow.
+        if self.break_multiplier > 1.0
+            && self
+                .max_break_duration
+                .is_none_or(|m| m == self.break_duration)
+        {
+            // Without a cap, or with a cap at `break_duration`, the break is capped at
+            // `break_duration`: it never grows.
             return Err(err(
                 "circuit_breaker.max_break_duration",
-                "must be set when break_multiplier is above 1 (the longest a growing \
-                 break may last)",
+                "must be set above break_duration when break_multiplier is above 1 (the \
+                 longest a growing break may last)",
             ));
         }
         if self.break_multiplier == 1.0
@@ -739,6 +745,11 @@ mod tests {
         assert_eq!(
             field(b().break_backoff(2.0, Duration::from_secs(1))),
             "circuit_breaker.max_break_duration"
+        );
+        assert_eq!(
+            field(b().break_backoff(2.0, Duration::from_secs(5))),
+            "circuit_breaker.max_break_duration",
+            "a growing break capped at break_duration (5 s) never grows"
         );
         assert_eq!(field(b().break_jitter(1.0)), "circuit_breaker.break_jitter");
         assert_eq!(

@@ -108,7 +108,8 @@ impl Rate {
     /// Whether `count` of `calls` reaches the rate.
     #[inline]
     fn reached(self, count: u64, calls: u64) -> bool {
-        count.saturating_mul(1_000_000) >= self.ppm.saturating_mul(calls)
+        // In `u128`: saturated at `u64::MAX`, both sides would compare equal at any rate.
+        u128::from(count) * 1_000_000 >= u128::from(self.ppm) * u128::from(calls)
     }
 }
 
@@ -1256,8 +1257,6 @@ mod tests {
         assert_eq!(b.state(), State::Open);
     }
 
-    /// A slow-call threshold past 2^64 ns saturates instead of wrapping to a fraction
-    /// of a second (which made every call of more than 0.29 s slow).
     /// A rate below a millionth is one millionth, not zero: successes alone never
     /// reach it.
     #[test]
@@ -1274,6 +1273,16 @@ mod tests {
         assert_eq!(b.state(), State::Open);
     }
 
+    /// A rate is compared exactly at any count: saturated at `u64::MAX`, 20 % of
+    /// 10^14 calls read as reaching 90 %.
+    #[test]
+    fn a_rate_is_compared_without_saturating() {
+        assert!(!Rate::new(0.9).reached(20_000_000_000_000, 100_000_000_000_000));
+        assert!(Rate::new(0.2).reached(20_000_000_000_000, 100_000_000_000_000));
+    }
+
+    /// A slow-call threshold past 2^64 ns saturates instead of wrapping to a fraction
+    /// of a second (which made every call of more than 0.29 s slow).
     #[test]
     fn huge_durations_saturate_not_wrap() {
         let t0 = Instant::now();
