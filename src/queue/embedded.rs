@@ -769,15 +769,49 @@ fn open_db(path: &Path, options: &EmbeddedOptions) -> Result<Database, QueueErro
     if let Some(bytes) = options.cache_size {
         builder.set_cache_size(bytes);
     }
+    let created = !path.exists();
     // redb documents that a damaged file may panic on open when not checked; never let
     // that escape as a panic.
-    match catch_unwind(AssertUnwindSafe(|| builder.create(path))) {
-        Ok(res) => res.map_err(|e| db_error(redb::Error::from(e), path)),
-        Err(_) => Err(QueueError::Corrupt(format!(
-            "{}: redb panicked opening the file",
-            path.display()
-        ))),
+    let db = match catch_unwind(AssertUnwindSafe(|| builder.create(path))) {
+        Ok(res) => res.map_err(|e| db_error(redb::Error::from(e), path))?,
+        Err(_) => {
+            return Err(QueueError::Corrupt(format!(
+                "{}: redb panicked opening the file",
+                path.display()
+            )));
+        }
+    };
+    if created {
+        sync_dir_of(path)?;
     }
+    Ok(db)
+}
+
+/// Syncs the directory holding the file just created at `path`: the file's own syncs
+/// (every commit's) do not make its name durable (POSIX), so a power loss could take
+/// a new queue file, and the messages it acknowledged, with it.
+fn sync_dir_of(path: &Path) -> Result<(), QueueError> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| {
+                QueueError::Backend(
+                    format!(
+                        "{}: syncing the directory of the new file: {e}",
+                        path.display()
+                    )
+                    .into(),
+                )
+            })?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// Creates the tables if needed, checks the schema version, and counts live messages.
