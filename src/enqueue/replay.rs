@@ -394,7 +394,9 @@ pub struct Replayer<Q, S, K, J> {
 
 impl<Q, S, K> Replayer<Q, S, K, ClassifierJudge<ErrorClassifier>> {
     /// Replays messages of `queue` through `service`, rebuilding requests with `codec`,
-    /// judged by a [`ClassifierJudge`] over an [`ErrorClassifier`].
+    /// judged by a [`ClassifierJudge`] over an [`ErrorClassifier`]: every response is
+    /// a delivery, a `503` too. For HTTP use [`Replayer::http`] (or
+    /// [`with_judge`](Self::with_judge) with an [`HttpJudge`]), which reads the status.
     pub fn new(queue: Arc<Q>, service: S, codec: K) -> Self {
         Self {
             queue,
