@@ -87,7 +87,7 @@ pub use self::http_mapping::{into_response, to_response};
 
 #[cfg(feature = "http")]
 mod http_mapping {
-    use super::find_cause;
+    use super::{dependency_hint, find_cause};
     use crate::BoxError;
     use crate::bulkhead::error::Full;
     use crate::circuit_breaker::error::Open;
@@ -161,9 +161,9 @@ mod http_mapping {
 
     impl IntoResponse for NotEnqueued {
         /// The original failure's mapping when it is a postbox error (an open breaker:
-        /// `503` with `Retry-After`; a timeout: `504`), else `503 Service Unavailable`:
-        /// the dependency failed in a way worth retrying and the request could not be
-        /// deferred.
+        /// `503` with `Retry-After`; a timeout: `504`), else `503 Service Unavailable`
+        /// (with the dependency's `Retry-After`, if it sent one): the dependency failed
+        /// in a way worth retrying and the request could not be deferred.
         fn into_response(self) -> Response {
             to_response(&self).unwrap_or_else(|| not_enqueued(&self))
         }
@@ -175,7 +175,7 @@ mod http_mapping {
         tracing::debug!(error = %e, "request failed and could not be deferred; answered 503");
         respond(
             StatusCode::SERVICE_UNAVAILABLE,
-            None,
+            dependency_hint(e),
             "the request failed and could not be deferred".to_owned(),
         )
     }
@@ -229,6 +229,14 @@ mod http_mapping {
     }
 }
 
+/// The dependency's own hint (its `Retry-After`, its gRPC pushback) on a call that
+/// answered a failure and could not be deferred.
+#[cfg(feature = "http")]
+fn dependency_hint(e: &crate::enqueue::error::NotEnqueued) -> Option<std::time::Duration> {
+    find_cause::<crate::enqueue::error::FailedResponse>(e)
+        .and_then(crate::enqueue::error::FailedResponse::retry_after)
+}
+
 #[cfg(feature = "grpc")]
 pub(crate) use self::grpc_mapping::known_status;
 #[cfg(feature = "grpc")]
@@ -236,7 +244,7 @@ pub use self::grpc_mapping::to_status;
 
 #[cfg(feature = "grpc")]
 mod grpc_mapping {
-    use super::find_cause;
+    use super::{dependency_hint, find_cause};
     use crate::bulkhead::error::Full;
     use crate::circuit_breaker::error::Open;
     use crate::enqueue::error::NotEnqueued;
@@ -359,9 +367,11 @@ mod grpc_mapping {
             // Its text names the original failure (an upstream's address) and the
             // queue's (a file path): logged, not sent, as for HTTP.
             tracing::debug!(error = %e, "call failed and could not be deferred; answered UNAVAILABLE");
-            return Some(Status::unavailable(
-                "the call failed and could not be deferred",
-            ));
+            let mut status = Status::unavailable("the call failed and could not be deferred");
+            if let Some(after) = dependency_hint(e) {
+                pushback(&mut status, after);
+            }
+            return Some(status);
         }
         None
     }
@@ -494,7 +504,7 @@ mod tests {
         (
             NotEnqueued::new(
                 DeferReason::RetriesExhausted,
-                Box::new(FailedResponse::new("503 Service Unavailable".into())),
+                Box::new(FailedResponse::new("503 Service Unavailable".into(), None)),
                 full(),
             ),
             NotEnqueued::new(
@@ -502,6 +512,20 @@ mod tests {
                 Box::new(Open::new(Duration::from_secs(2))),
                 full(),
             ),
+        )
+    }
+
+    /// A `NotEnqueued` for a `429 Retry-After: 120` answer that met a full queue.
+    fn hinted_not_enqueued() -> NotEnqueued {
+        use crate::enqueue::error::FailedResponse;
+        use crate::queue::{DeferReason, QueueError};
+        NotEnqueued::new(
+            DeferReason::RetriesExhausted,
+            Box::new(FailedResponse::new(
+                "429 Too Many Requests".into(),
+                Some(Duration::from_secs(120)),
+            )),
+            QueueError::Full { capacity: 10 },
         )
     }
 
@@ -516,6 +540,11 @@ mod tests {
         let res = open.into_response();
         assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(res.headers()[http::header::RETRY_AFTER], "2");
+        // The dependency's own `Retry-After` (a `429 Retry-After: 120` that met a full
+        // queue) is passed on: the caller was told to retry at once.
+        let res = hinted_not_enqueued().into_response();
+        assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[http::header::RETRY_AFTER], "120");
         // Boxed in a chain, as a stack's error reaches `HandleErrorLayer`: not a 500.
         let (failed, _) = not_enqueued();
         let boxed: BoxError = Box::new(Outer(Box::new(failed)));
@@ -537,6 +566,7 @@ mod tests {
             DeferReason::RetriesExhausted,
             Box::new(FailedResponse::new(
                 "connect to 10.1.2.3:8080 refused".into(),
+                None,
             )),
             QueueError::Unavailable("/var/lib/postbox/q.redb: disk full".into()),
         );
@@ -561,6 +591,7 @@ mod tests {
             DeferReason::RetriesExhausted,
             Box::new(FailedResponse::new(
                 "connect to 10.1.2.3:8080 refused".into(),
+                None,
             )),
             QueueError::Unavailable("/var/lib/postbox/q.redb: disk full".into()),
         );
@@ -570,6 +601,12 @@ mod tests {
         assert!(
             !text.contains("10.1.2.3") && !text.contains("redb"),
             "{text}"
+        );
+        // The dependency's own hint is passed on as the pushback.
+        let status = tonic::Status::from(hinted_not_enqueued());
+        assert_eq!(
+            status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            "120000"
         );
     }
 

@@ -75,7 +75,7 @@ as_error_for!(
 /// | ✦ `reqwest::Error` building the request (with `reqwest`: the caller's malformed request) | ignored | no | no |
 /// | ✦ `io::Error` refused / address unavailable / address in use (connect) | failure | yes | no |
 /// | any other `io::Error` (reset, aborted, broken pipe, not connected, unexpected EOF, timed out: the request may have been sent) | failure | yes | yes |
-/// | `tonic::Status` (with `grpc`) | by its code, as [`GrpcClassifier`](super::GrpcClassifier) | | |
+/// | `tonic::Status` (with `grpc`) | by its code and its `grpc-retry-pushback-ms`, as [`GrpcClassifier`](super::GrpcClassifier) | | |
 /// | anything else | failure | yes | yes |
 ///
 /// The first match on the way down the chain decides, except for a `tonic::Status`:
@@ -103,8 +103,11 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
                 return classify_io(io.kind());
             }
             if let Some(s) = as_type::<tonic::Status>(e) {
+                // With the server's pushback (`grpc-retry-pushback-ms`): when to retry,
+                // or (negative) not to.
                 let code = super::grpc::GrpcCode::from_i32(s.code() as i32);
-                status = Some(super::grpc::default_class(code));
+                status =
+                    Some(super::GrpcClassifier::new().classify_code(code, s.metadata().as_ref()));
             }
         }
         #[cfg(not(feature = "grpc"))]

@@ -475,6 +475,26 @@ mod tests {
         }
     }
 
+    /// A `tonic::Status` classified through the error chain (the typed enqueue
+    /// flavour's and `ClassifierJudge`'s default, `ErrorClassifier`) keeps the server's
+    /// pushback: when to retry, or (negative) not to. It was classified by its code
+    /// alone, so a deferral was due at once and "do not retry" was replayed.
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_status_in_an_error_chain_keeps_its_pushback() {
+        let with_pushback = |ms: &str| {
+            let mut status = tonic::Status::unavailable("busy");
+            status
+                .metadata_mut()
+                .insert("grpc-retry-pushback-ms", ms.parse().unwrap());
+            crate::classify::classify_error(&status)
+        };
+        let c = with_pushback("30000");
+        assert_eq!(c.class(), Class::Failure);
+        assert_eq!(c.retry_after(), Some(Duration::from_secs(30)));
+        assert!(!with_pushback("-1").is_retryable());
+    }
+
     /// An override applies to a proxy's answer too: it is classified as the code the
     /// spec maps its HTTP status to, and that code's override wins over the overload
     /// reading of a 429.

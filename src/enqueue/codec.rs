@@ -201,6 +201,17 @@ pub(crate) mod http_codec {
         }
     }
 
+    /// Keeps only the first of several key headers, as it was spelt (quoted or bare):
+    /// the request goes out with the one key it is stored under, or the first attempt
+    /// and the replay would differ (and a server reading the last value would see two
+    /// keys).
+    pub(crate) fn keep_first_key(headers: &mut HeaderMap) {
+        let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
+        if let (Some(first), Some(_)) = (values.next().cloned(), values.next()) {
+            headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), first);
+        }
+    }
+
     /// The envelope fields of a request with this head and `body`.
     pub(crate) fn capture_head(
         method: &Method,
@@ -298,7 +309,9 @@ pub(crate) mod http_codec {
         fn set_idempotency_key(&self, req: &mut Request<BufferedBody<B>>, key: &str) {
             // A header that already reads as `key` stays as it was spelt (quoted or
             // bare): rewritten bare, `"a\"b"` would be another key at the receiver.
-            if key_of(req.headers()).as_deref() != Some(key) {
+            if key_of(req.headers()).as_deref() == Some(key) {
+                keep_first_key(req.headers_mut());
+            } else {
                 set_key(req.headers_mut(), key);
             }
         }

@@ -76,16 +76,27 @@ impl std::error::Error for NotEnqueued {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedResponse {
     description: String,
+    retry_after: Option<std::time::Duration>,
 }
 
 impl FailedResponse {
-    pub(crate) fn new(description: String) -> Self {
-        Self { description }
+    pub(crate) fn new(description: String, retry_after: Option<std::time::Duration>) -> Self {
+        Self {
+            description,
+            retry_after,
+        }
     }
 
     /// What the dependency answered (for HTTP, the status line).
     pub fn description(&self) -> &str {
         &self.description
+    }
+
+    /// When the dependency asked to be called again (its `Retry-After`, or its gRPC
+    /// pushback), if it did: the HTTP and gRPC mappings of a [`NotEnqueued`] pass it
+    /// on, so a caller told to slow down is not told to retry at once.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 }
 

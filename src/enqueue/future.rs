@@ -90,6 +90,7 @@ where
                         Err(e) => e,
                         Ok(_) => FailedResponse::new(
                             "a response classified as a retryable failure".into(),
+                            t.not_before,
                         )
                         .into(),
                     };
@@ -271,7 +272,7 @@ mod http_future {
         };
         let original = match out {
             Err(e) => e,
-            Ok(res) => FailedResponse::new(res.status().to_string()).into(),
+            Ok(res) => FailedResponse::new(res.status().to_string(), t.not_before).into(),
         };
         Ok(shared.enqueue(capture, t, original))
     }

@@ -396,8 +396,7 @@ mod http_flavour {
     use crate::BoxError;
     use crate::classify::Classify;
     use crate::enqueue::BufferedBody;
-    use crate::enqueue::IDEMPOTENCY_KEY_HEADER;
-    use crate::enqueue::codec::http_codec::{key_of, opens_a_connection, set_key};
+    use crate::enqueue::codec::http_codec::{keep_first_key, key_of, opens_a_connection, set_key};
     use crate::enqueue::future::ResponseFuture;
     use crate::queue::Queue;
     use bytes::Bytes;
@@ -521,17 +520,7 @@ mod http_flavour {
             }
             let key = match key_of(&parts.headers) {
                 Some(key) => {
-                    // Sent twice: the request goes out with the one key it is stored
-                    // under, or the first attempt and the replay would differ (and a
-                    // server reading the last value would see two keys).
-                    // (The first value as it was spelt: quoted or bare.)
-                    let mut values = parts.headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
-                    if let (Some(first), Some(_)) = (values.next().cloned(), values.next()) {
-                        parts.headers.insert(
-                            http::header::HeaderName::from_static(IDEMPOTENCY_KEY_HEADER),
-                            first,
-                        );
-                    }
+                    keep_first_key(&mut parts.headers);
                     key
                 }
                 None => {

@@ -956,6 +956,18 @@ async fn a_quoted_key_is_replayed_as_it_came() {
     assert_eq!(req.headers()[IDEMPOTENCY_KEY_HEADER], r#""a\"b""#);
     codec.set_idempotency_key(&mut req, "other");
     assert_eq!(req.headers()[IDEMPOTENCY_KEY_HEADER], "other");
+    // Sent twice to the typed flavour, the first value goes out alone too, as the
+    // replay sends it: both went out, and a server reading the last value saw two keys.
+    req.headers_mut()
+        .append(IDEMPOTENCY_KEY_HEADER, "second".parse().unwrap());
+    let key = codec.idempotency_key(&req).unwrap();
+    codec.set_idempotency_key(&mut req, &key);
+    let sent: Vec<_> = req
+        .headers()
+        .get_all(IDEMPOTENCY_KEY_HEADER)
+        .iter()
+        .collect();
+    assert_eq!(sent, ["other"]);
     // Sent twice, the first value goes out alone, as it was spelt.
     let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
     let mut req = post("http://api.test/orders", "{}");
