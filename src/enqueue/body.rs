@@ -38,6 +38,8 @@ pin_project! {
             prefix: VecDeque<Frame<Bytes>>,
             #[pin]
             rest: B,
+            // The caller's request body: its errors are `RequestBodyFailed`.
+            upload: bool,
         },
         Failed { error: Option<BoxError> },
     }
@@ -75,8 +77,24 @@ impl<B> BufferedBody<B> {
     /// The frames in `prefix`, then the rest of `body`.
     pub(crate) fn resume(prefix: VecDeque<Frame<Bytes>>, rest: B) -> Self {
         Self {
-            kind: Kind::Streaming { prefix, rest },
+            kind: Kind::Streaming {
+                prefix,
+                rest,
+                upload: false,
+            },
         }
+    }
+
+    /// Marks a streamed body as the caller's request body: an error reading it is
+    /// the caller's upload breaking, a [`RequestBodyFailed`] (which no breaker counts
+    /// and no retry repeats), not the dependency's failure.
+    ///
+    /// [`RequestBodyFailed`]: crate::http::body::RequestBodyFailed
+    pub(crate) fn into_upload(mut self) -> Self {
+        if let Kind::Streaming { upload, .. } = &mut self.kind {
+            *upload = true;
+        }
+        self
     }
 
     /// A body that fails with `error` on its first read.
@@ -150,13 +168,20 @@ where
                     .map(Ok),
             ),
             KindProj::Failed { error } => Poll::Ready(error.take().map(Err)),
-            KindProj::Streaming { prefix, rest } => {
+            KindProj::Streaming {
+                prefix,
+                rest,
+                upload,
+            } => {
                 if let Some(frame) = prefix.pop_front() {
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 match ready!(rest.poll_frame(cx)) {
                     None => Poll::Ready(None),
                     Some(Ok(frame)) => Poll::Ready(Some(Ok(frame.map_data(into_bytes)))),
+                    Some(Err(e)) if *upload => Poll::Ready(Some(Err(
+                        crate::http::body::RequestBodyFailed::new(e).into(),
+                    ))),
                     Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
                 }
             }
@@ -167,7 +192,7 @@ where
         match &self.kind {
             Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Failed { error } => error.is_none(),
-            Kind::Streaming { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
+            Kind::Streaming { prefix, rest, .. } => prefix.is_empty() && rest.is_end_stream(),
         }
     }
 
@@ -178,7 +203,7 @@ where
                 trailers.is_some(),
             ),
             Kind::Failed { .. } => SizeHint::default(),
-            Kind::Streaming { prefix, rest } => {
+            Kind::Streaming { prefix, rest, .. } => {
                 let buffered: u64 = prefix
                     .iter()
                     .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
@@ -186,7 +211,10 @@ where
                 let inner = rest.size_hint();
                 let mut hint = SizeHint::new();
                 hint.set_lower(inner.lower().saturating_add(buffered));
-                if let Some(upper) = inner.upper() {
+                // Trailers still to come: no exact size, or hyper would send a
+                // `content-length` and drop them (as for a buffered body).
+                let trailers = prefix.iter().any(Frame::is_trailers);
+                if let Some(upper) = inner.upper().filter(|_| !trailers) {
                     hint.set_upper(upper.saturating_add(buffered));
                 }
                 hint
@@ -324,6 +352,54 @@ mod tests {
             BufferedBody::full_with_trailers("hello", Some(trailers));
         assert_eq!(body.size_hint().exact(), None);
         assert_eq!(body.size_hint().lower(), 5);
+    }
+
+    /// A streamed body whose trailers are still to come (the collection stopped at
+    /// them) has no exact size either, even when the rest of the body says it is empty.
+    #[test]
+    fn a_streamed_body_with_trailers_pending_has_no_exact_size() {
+        let mut buf = Collected::default();
+        buf.push(Bytes::from_static(b"abc"));
+        let trailers = Frame::trailers(HeaderMap::new());
+        let body = partial(buf, Some(trailers), http_body_util::Empty::<Bytes>::new());
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), 3);
+    }
+
+    /// A body that fails on its first read.
+    struct Breaks;
+
+    impl Body for Breaks {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(Some(Err(std::io::ErrorKind::ConnectionReset.into())))
+        }
+    }
+
+    /// The caller's upload breaking while it is streamed through is the caller's
+    /// failure (`RequestBodyFailed`, ignored by the breakers), not the dependency's; a
+    /// streamed response body's error is passed on as it is.
+    #[tokio::test]
+    async fn an_upload_that_breaks_is_the_callers_failure() {
+        use crate::http::body::RequestBodyFailed;
+        let upload = BufferedBody::streaming(Breaks).into_upload();
+        let err = upload.collect().await.unwrap_err();
+        assert!(
+            crate::error::is_caused_by::<RequestBodyFailed>(&*err),
+            "{err}"
+        );
+        assert!(crate::classify::classify_error(&*err).is_ignored());
+        let response = BufferedBody::streaming(Breaks);
+        let err = response.collect().await.unwrap_err();
+        assert!(
+            !crate::error::is_caused_by::<RequestBodyFailed>(&*err),
+            "{err}"
+        );
     }
 
     #[test]

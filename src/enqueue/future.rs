@@ -329,7 +329,10 @@ mod http_future {
                                     limit,
                                     "request body over the limit; not deferrable"
                                 );
-                                let req = Request::from_parts(parts, partial(buf, extra, body));
+                                let req = Request::from_parts(
+                                    parts,
+                                    partial(buf, extra, body).into_upload(),
+                                );
                                 (req, None)
                             }
                         };

@@ -513,7 +513,7 @@ mod http_flavour {
                 let body = if body.is_end_stream() {
                     BufferedBody::empty()
                 } else {
-                    BufferedBody::streaming(body)
+                    BufferedBody::streaming(body).into_upload()
                 };
                 let req = Request::from_parts(parts, body);
                 return ResponseFuture::readying(self.inner.clone(), req, None, shared);
@@ -534,7 +534,7 @@ mod http_flavour {
                     limit = config.max_body,
                     "request body over the limit; not deferrable"
                 );
-                let req = Request::from_parts(parts, BufferedBody::streaming(body));
+                let req = Request::from_parts(parts, BufferedBody::streaming(body).into_upload());
                 return ResponseFuture::readying(self.inner.clone(), req, None, shared);
             }
             if body.is_end_stream() {

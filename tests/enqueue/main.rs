@@ -608,6 +608,35 @@ async fn body_over_limit_streams_through_and_is_not_enqueued() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// The caller's upload breaking after the fallback's limit (streamed through, not
+/// deferrable) reaches the stack inside as `RequestBodyFailed`, which its breakers
+/// ignore and its retry does not repeat: it was the raw `io::Error`, a failure of the
+/// dependency that may have taken effect.
+#[tokio::test(start_paused = true)]
+async fn an_upload_that_breaks_past_the_limit_fails_as_the_callers() {
+    let queue = Arc::new(MemoryQueue::new());
+    let inner = service_fn(|req: Request<BufferedBody<BreaksAfter>>| async move {
+        let err = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .unwrap_err();
+        Err::<Res, BoxError>(err)
+    });
+    let config = EnqueueConfig::new().max_body(1);
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(inner);
+    let req = Request::post("http://api.test/upload")
+        .body(BreaksAfter(Some(Bytes::from_static(b"ab"))))
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert!(
+        find_cause::<postbox::http::body::RequestBodyFailed>(&*err).is_some(),
+        "{err}"
+    );
+    assert!(postbox::classify::classify_error(&*err).is_ignored());
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
 /// A gRPC call is never deferred: it goes straight through, its body streamed (a
 /// streaming call's body ends only after the answer begins: read first to be stored,
 /// the call hung), and its failure comes back as it was, not as a `202`, which no gRPC

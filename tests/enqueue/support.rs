@@ -90,6 +90,24 @@ impl Body for Chunked {
     }
 }
 
+/// A request body that sends one frame and then fails: the caller's upload broke.
+pub(crate) struct BreaksAfter(pub(crate) Option<Bytes>);
+
+impl Body for BreaksAfter {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Poll::Ready(Some(match self.0.take() {
+            Some(data) => Ok(Frame::data(data)),
+            None => Err(std::io::ErrorKind::ConnectionReset.into()),
+        }))
+    }
+}
+
 /// A request body that sends one message and then waits for ever: a streaming gRPC
 /// call's, which ends only after its answer begins.
 pub(crate) struct NeverEnds(pub(crate) Option<Bytes>);
