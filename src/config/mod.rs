@@ -813,6 +813,10 @@ impl ClientConfig {
         storable(f("breaker_keys.max_keys"), self.breaker_keys.max_keys)?;
         storable(f("bulkhead.max_waiting"), self.bulkhead.max_waiting)?;
         storable(f("enqueue.max_body"), self.enqueue.max_body)?;
+        // Rendered even with the fallback off: each must read back.
+        storable(f("replay.concurrency"), self.replay.concurrency)?;
+        storable(f("replay.lease_batch"), self.replay.lease_batch)?;
+        storable(f("replay.ack_batch"), self.replay.ack_batch)?;
         // Checked even where unused (a constant backoff's factor, a disabled budget's
         // ratio): a NaN cannot be written to a config file and read back.
         let b = &self.circuit_breaker;
@@ -875,6 +879,22 @@ impl ClientConfig {
         self.classify.validate(f)?;
         if self.enqueue.enabled {
             self.validate_replay(p, f)?;
+            if let Some(ttl) = self.enqueue.ttl
+                && ttl <= self.deadline
+            {
+                // Expiry counts from when the request came: a call that ran out its
+                // deadline would be expired by the time it failed, and never deferred.
+                return Err(ConfigError::new(
+                    f("enqueue.ttl"),
+                    format!(
+                        "({}) must be longer than `{}` ({}): a call that fails at its \
+                         deadline would have expired before it could be deferred",
+                        fmt_d(ttl),
+                        f("deadline"),
+                        fmt_d(self.deadline)
+                    ),
+                ));
+            }
         }
 
         // Across layers.
@@ -1092,7 +1112,7 @@ impl ServerConfig {
         storable(f("bulkhead.max_waiting"), self.bulkhead.max_waiting)?;
         storable(f("idempotency.capacity"), self.idempotency.capacity)?;
         storable(f("idempotency.max_body"), self.idempotency.max_body)?;
-        self.bulkhead.build().map_err(|e| prefixed(p, e))?;
+        // Before the bulkhead's own checks, which would ask for a `max_wait` first.
         if self.bulkhead.max_waiting != 0 {
             return Err(ConfigError::new(
                 f("bulkhead.max_waiting"),
@@ -1100,6 +1120,7 @@ impl ServerConfig {
                  a quick 503 with Retry-After beats a pile-up)",
             ));
         }
+        self.bulkhead.build().map_err(|e| prefixed(p, e))?;
         wait_needs_waiting(&self.bulkhead, f("bulkhead.max_wait"))?;
         known_preset(self.preset.as_deref(), "server", f("preset"))?;
         if self.idempotency.capacity == 0 {

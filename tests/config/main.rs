@@ -311,6 +311,41 @@ window = { type = "time", duration = "3s", buckets = 3 }
     }
     let ok = "[client]\npreset = \"standard_http_client\"\n[client.bulkhead]\nmax_waiting = 10\nmax_wait = \"1s\"\n";
     StackConfig::from_str(ok, Format::Toml).unwrap();
+
+    // a server bulkhead that lets callers wait is refused at `max_waiting` (it was
+    // reported at `max_wait`, and setting that brought the next error)
+    let e =
+        StackConfig::from_str("[server.bulkhead]\nmax_waiting = 10\n", Format::Toml).unwrap_err();
+    assert_eq!(e.field(), Some("server.bulkhead.max_waiting"), "{e}");
+    assert_eq!(e.line(), Some(2), "{e}");
+
+    // deferred requests that expire within the deadline: a call that fails at its
+    // deadline could never be deferred
+    let ttl = |ttl: &str| {
+        format!("[client]\ndeadline = \"10s\"\n[client.enqueue]\nenabled = true\nttl = \"{ttl}\"\n")
+    };
+    let e = StackConfig::from_str(&ttl("5s"), Format::Toml).unwrap_err();
+    assert_eq!(e.field(), Some("client.enqueue.ttl"), "{e}");
+    assert_eq!(e.line(), Some(5), "{e}");
+    assert!(e.to_string().contains("`client.deadline` (10s)"), "{e}");
+    StackConfig::from_str(&ttl("1m"), Format::Toml).unwrap();
+    StackConfig::from_str(&ttl("off"), Format::Toml).unwrap();
+}
+
+/// A replayer count too large for a config file (TOML integers are 64-bit signed) is
+/// an error, even with the fallback off: it loaded from JSON, and the file `render`
+/// wrote from it did not load back.
+#[test]
+fn a_replay_count_over_a_files_largest_integer_is_an_error() {
+    for field in ["concurrency", "lease_batch", "ack_batch"] {
+        let text = format!(r#"{{"client": {{"replay": {{"{field}": 18446744073709551615}}}}}}"#);
+        let e = StackConfig::from_str(&text, Format::Json).unwrap_err();
+        assert_eq!(
+            e.field().map(str::to_owned),
+            Some(format!("client.replay.{field}")),
+            "{e}"
+        );
+    }
 }
 
 /// Methods are case-sensitive: `"get"` would keep no `GET` synchronous, so every GET
