@@ -108,7 +108,7 @@ mod http_mapping {
         );
         if let Some(d) = retry_after {
             // Whole seconds, rounded up: a client that honours it is never early.
-            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
@@ -527,6 +527,26 @@ mod tests {
             )),
             QueueError::Full { capacity: 10 },
         )
+    }
+
+    /// The dependency's hint at its longest (a `Retry-After` of 21 digits reads as
+    /// `Duration::MAX`) is passed on as the longest, not an overflow.
+    #[cfg(feature = "http")]
+    #[test]
+    fn the_longest_hint_of_a_request_not_enqueued_does_not_overflow() {
+        use crate::enqueue::error::FailedResponse;
+        use crate::queue::{DeferReason, QueueError};
+        use axum_core::response::IntoResponse;
+        let e = NotEnqueued::new(
+            DeferReason::RetriesExhausted,
+            Box::new(FailedResponse::new("429".into(), Some(Duration::MAX))),
+            QueueError::Full { capacity: 1 },
+        );
+        let res = e.into_response();
+        assert_eq!(
+            res.headers()[http::header::RETRY_AFTER],
+            u64::MAX.to_string().as_str()
+        );
     }
 
     #[cfg(feature = "http")]

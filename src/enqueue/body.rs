@@ -33,7 +33,8 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<B> {
-        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        // `read`: a frame was taken; what is left is no longer the whole body.
+        Full { data: Option<Bytes>, trailers: Option<HeaderMap>, read: bool },
         Streaming {
             prefix: VecDeque<Frame<Bytes>>,
             #[pin]
@@ -60,6 +61,7 @@ impl<B> BufferedBody<B> {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
                 trailers,
+                read: false,
             },
         }
     }
@@ -108,7 +110,9 @@ impl<B> BufferedBody<B> {
     pub fn as_bytes(&self) -> Option<&Bytes> {
         static EMPTY: Bytes = Bytes::from_static(b"");
         match &self.kind {
-            Kind::Full { data, .. } => Some(data.as_ref().unwrap_or(&EMPTY)),
+            Kind::Full {
+                data, read: false, ..
+            } => Some(data.as_ref().unwrap_or(&EMPTY)),
             _ => None,
         }
     }
@@ -134,7 +138,7 @@ impl<B> From<Bytes> for BufferedBody<B> {
 impl<B> fmt::Debug for BufferedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Full { data, trailers } => f
+            Kind::Full { data, trailers, .. } => f
                 .debug_struct("BufferedBody::Full")
                 .field("len", &data.as_ref().map_or(0, Bytes::len))
                 .field("trailers", &trailers.is_some())
@@ -161,12 +165,19 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project().kind.project() {
-            KindProj::Full { data, trailers } => Poll::Ready(
-                data.take()
-                    .map(Frame::data)
-                    .or_else(|| trailers.take().map(Frame::trailers))
-                    .map(Ok),
-            ),
+            KindProj::Full {
+                data,
+                trailers,
+                read,
+            } => {
+                *read = true;
+                Poll::Ready(
+                    data.take()
+                        .map(Frame::data)
+                        .or_else(|| trailers.take().map(Frame::trailers))
+                        .map(Ok),
+                )
+            }
             KindProj::Failed { error } => Poll::Ready(error.take().map(Err)),
             KindProj::Streaming {
                 prefix,
@@ -190,7 +201,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Full { data, trailers, .. } => data.is_none() && trailers.is_none(),
             Kind::Failed { error } => error.is_none(),
             Kind::Streaming { prefix, rest, .. } => prefix.is_empty() && rest.is_end_stream(),
         }
@@ -198,7 +209,7 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Full { data, trailers } => crate::http::body::buffered_size_hint(
+            Kind::Full { data, trailers, .. } => crate::http::body::buffered_size_hint(
                 data.as_ref().map_or(0, |d| d.len() as u64),
                 trailers.is_some(),
             ),
@@ -316,10 +327,15 @@ pub(crate) fn partial<B>(buf: Collected, extra: Option<Frame<Bytes>>, rest: B) -
 impl<B> crate::http::body::TryCloneBody for BufferedBody<B> {
     /// A copy when the body is fully buffered, so a retry layer inside
     /// [`EnqueueFallback`](super::EnqueueFallback) replays it without a second buffer;
-    /// `None` for a streamed body, which is then sent exactly once.
+    /// `None` for a streamed body, which is then sent exactly once, and for one
+    /// already read from (what is left is not the whole body).
     fn try_clone_body(&self) -> Option<Self> {
         match &self.kind {
-            Kind::Full { data, trailers } => Some(Self::full_with_trailers(
+            Kind::Full {
+                data,
+                trailers,
+                read: false,
+            } => Some(Self::full_with_trailers(
                 data.clone().unwrap_or_default(),
                 trailers.clone(),
             )),
@@ -364,6 +380,19 @@ mod tests {
         let body = partial(buf, Some(trailers), http_body_util::Empty::<Bytes>::new());
         assert_eq!(body.size_hint().exact(), None);
         assert_eq!(body.size_hint().lower(), 3);
+    }
+
+    /// A buffered body read from is no longer copied (a copy was empty: a retry
+    /// would have sent an empty body), nor given whole by `as_bytes`.
+    #[tokio::test]
+    async fn a_buffered_body_read_from_is_not_copied() {
+        use crate::http::body::TryCloneBody;
+        let mut body: BufferedBody<http_body_util::Empty<Bytes>> = BufferedBody::full("xyz");
+        assert!(body.try_clone_body().is_some());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "xyz");
+        assert!(body.try_clone_body().is_none());
+        assert!(body.as_bytes().is_none());
     }
 
     /// A body that fails on its first read.

@@ -638,6 +638,7 @@ where
             state: State::Buffering {
                 collect: Some(collect),
             },
+            waited: false,
         }
     }
 }
@@ -730,6 +731,8 @@ pin_project! {
     {
         #[pin]
         state: State<S, B, S::Future>,
+        // Polled before: the call waited (for the body, for readiness).
+        waited: bool,
     }
 }
 
@@ -751,6 +754,7 @@ where
             state: State::Readying {
                 ready: Some((service, req)),
             },
+            waited: false,
         }
     }
 }
@@ -780,7 +784,9 @@ where
     type Output = Result<S::Response, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
+        let this = self.project();
+        let mut state = this.state;
+        let waited = std::mem::replace(this.waited, true);
         loop {
             let next = match state.as_mut().project() {
                 StateProj::Calling { future } => return future.poll(cx),
@@ -789,7 +795,12 @@ where
                         .as_mut()
                         .expect("buffer body future polled after completion");
                     ready!(service.poll_ready(cx))?;
-                    let (mut service, req) = ready.take().expect("checked above");
+                    let (mut service, mut req) = ready.take().expect("checked above");
+                    if waited {
+                        // Deadline headers written outside before the wait tell the
+                        // next hop more time than is left.
+                        crate::timeout::refresh_stale_deadline_headers(&mut req);
+                    }
                     state.set(State::Calling {
                         future: service.call(req),
                     });

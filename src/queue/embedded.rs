@@ -797,17 +797,28 @@ fn sync_dir_of(path: &Path) -> Result<(), QueueError> {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| {
-                QueueError::Backend(
+        match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            Ok(()) => {}
+            // Some filesystems cannot sync a directory (EINVAL on some FUSE, CIFS or
+            // vfat mounts): nothing more can be done there.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+                ) =>
+            {
+                tracing::debug!(path = %path.display(), error = %e, "postbox: the filesystem cannot sync a directory");
+            }
+            Err(e) => {
+                return Err(QueueError::Backend(
                     format!(
                         "{}: syncing the directory of the new file: {e}",
                         path.display()
                     )
                     .into(),
-                )
-            })?;
+                ));
+            }
+        }
     }
     #[cfg(not(unix))]
     let _ = path;

@@ -43,7 +43,7 @@ pin_project! {
         // inner layers' events nest under it); disabled unless a subscriber wants it.
         Called { #[pin] future: F, span: tracing::Span },
         // Backing off before the next attempt. With a deadline, `last` keeps the last
-        // outcome, returned if the service is ready only once the deadline has passed.
+        // outcome, returned if the deadline has passed when the backoff is over.
         // Boxed: a retry allocates once, and the happy path's future stays small.
         Waiting { sleep: Pin<Box<Sleep>>, last: Option<O> },
         // Waiting for the service to be ready for the next attempt.
@@ -181,25 +181,31 @@ where
                     this.state.set(State::Polling { last });
                 }
                 StateProj::Polling { last } => {
-                    if let Err(e) = ready!(this.service.poll_ready(cx)) {
-                        return Poll::Ready(Err(e));
-                    }
-                    // Ready only once the call's deadline has passed (a wait for a
-                    // permit, a connection): the retry is not sent; the last outcome
-                    // is returned, as when the backoff alone would pass the deadline.
-                    if let Some(out) = last.take()
+                    // The backoff is over but the call's deadline has passed already
+                    // (the task was polled late, or on the deadline's own tick): the
+                    // retry is not sent; the last outcome is returned, as when the
+                    // backoff alone would pass the deadline.
+                    if last.is_some()
                         && this
                             .request
                             .as_ref()
                             .and_then(|r| this.policy.requests.deadline(r))
                             .is_some_and(|at| Instant::now() >= at)
                     {
+                        let out = last.take().expect("checked above");
                         give_up(
                             *this.attempt,
                             GiveUp::Deadline,
                             &this.policy.classifier.classify(out.as_ref()),
                         );
                         return Poll::Ready(out);
+                    }
+                    let ready = this.service.poll_ready(cx);
+                    // Not held while the service readies: it may be waiting for the
+                    // last response (a connection its unread body keeps busy).
+                    *last = None;
+                    if let Err(e) = ready!(ready) {
+                        return Poll::Ready(Err(e));
                     }
                     *this.attempt = this.attempt.saturating_add(1);
                     let last = *this.attempt > this.policy.max_retries;

@@ -48,7 +48,7 @@
 //! | server hint above `max_retry_after` | last outcome, at once | `retry_after_too_long` |
 //! | an open breaker inside whose break ends after `max_open_wait` | the rejection, at once | `circuit_open` |
 //! | budget spent | last outcome | `budget_exhausted` |
-//! | the next try would start at or after the call's deadline (a `CallDeadline` on an HTTP request, or a timeout the caller set in its `grpc-timeout` / `postbox-timeout-ms` header, counted from the first attempt), or the service was ready for the retry only once the deadline had passed | last outcome, at once (held through the backoff only when there is a deadline) | `deadline` |
+//! | the next try would start at or after the call's deadline (a `CallDeadline` on an HTTP request, or a timeout the caller set in its `grpc-timeout` / `postbox-timeout-ms` header, counted from the first attempt), or had passed when the backoff was over (the task polled late); a wait for readiness after the backoff is not bounded by it | last outcome, at once (held through the backoff only when there is a deadline) | `deadline` |
 //! | the inner service fails its readiness before the retry (a closed connection) | that readiness error, not the last outcome (a retry was already counted) | — |
 //!
 //! # Telemetry

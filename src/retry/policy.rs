@@ -268,9 +268,7 @@ mod http_requests {
         /// header (`grpc-timeout`, as tonic's `Request::set_timeout` writes, or
         /// `postbox-timeout-ms`) as the call's [`CallDeadline`](crate::timeout::CallDeadline)
         /// from now: retries then send the time left, not the whole timeout again, and
-        /// none starts after it. Headers a `DeadlineLayer::http` outside wrote are
-        /// brought up to date if time passed since (a body read, a wait for
-        /// readiness in between).
+        /// none starts after it.
         fn prepare(&self, req: &mut Request<B>) {
             // Retrying every method is for services that de-duplicate, and they need the
             // key of a request whose method is not idempotent to.
@@ -279,15 +277,7 @@ mod http_requests {
             if self.generate_key && (unsafe_method || !self.safe(req.method(), req.headers())) {
                 ensure_idempotency_key(req);
             }
-            match req.extensions().get::<crate::timeout::CallDeadline>() {
-                Some(d) => {
-                    let at = d.at();
-                    if crate::timeout::header_is_stale(req.headers(), at) {
-                        rewrite_deadline_headers(req, at);
-                    }
-                }
-                None => crate::timeout::anchor_caller_timeout(req),
-            }
+            crate::timeout::anchor_caller_timeout(req);
         }
 
         /// Rewrites the deadline headers the first attempt carried (`postbox-timeout-ms`,
@@ -297,7 +287,7 @@ mod http_requests {
         fn before_retry(&self, req: &mut Request<B>) {
             use crate::timeout::CallDeadline;
             if let Some(at) = req.extensions().get::<CallDeadline>().map(CallDeadline::at) {
-                rewrite_deadline_headers(req, at);
+                crate::timeout::rewrite_deadline_headers(req, at);
             }
         }
 
@@ -307,24 +297,6 @@ mod http_requests {
             req.extensions()
                 .get::<crate::timeout::CallDeadline>()
                 .map(crate::timeout::CallDeadline::at)
-        }
-    }
-
-    /// Rewrites the deadline headers `req` carries (`postbox-timeout-ms`,
-    /// `grpc-timeout`) with the time left until `at`; adds none it does not carry.
-    #[cold]
-    #[inline(never)]
-    fn rewrite_deadline_headers<B>(req: &mut Request<B>, at: tokio::time::Instant) {
-        use crate::timeout::{HttpPropagation, Propagate, TIMEOUT_MS_HEADER};
-        let had_ms = req.headers().contains_key(TIMEOUT_MS_HEADER);
-        let had_grpc = req.headers().contains_key("grpc-timeout");
-        let left = at.saturating_duration_since(tokio::time::Instant::now());
-        HttpPropagation::new().outbound(req, at, left);
-        if !had_ms {
-            req.headers_mut().remove(TIMEOUT_MS_HEADER);
-        }
-        if !had_grpc {
-            req.headers_mut().remove("grpc-timeout");
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Response futures for [`AttemptTimeout`](super::AttemptTimeout) and
 //! [`Deadline`](super::Deadline).
 
-use super::error::{BodyDeadlineExceeded, DeadlineExceeded, Elapsed};
+use super::error::{DeadlineExceeded, Elapsed};
 use crate::BoxError;
+#[cfg(feature = "grpc")]
 use crate::error::is_caused_by;
 use pin_project_lite::pin_project;
 use std::future::Future;
@@ -88,10 +89,10 @@ impl<F> Timed<F> {
                 budget,
             } => {
                 if let Poll::Ready(out) = inner.poll(cx) {
-                    // An error once the end has come: most likely the inner service's
-                    // own timer for the same end (a tonic `Channel` enforces the
+                    // An error once the end has come: perhaps the inner service's own
+                    // timer for the same end (a tonic `Channel` enforces the
                     // `grpc-timeout` this layer sent), woken in the same tick and
-                    // polled first.
+                    // polled first (see `Ended::into_result`).
                     let ended = match out {
                         Err(e)
                             if timer
@@ -139,21 +140,22 @@ enum Ended<T, E> {
 
 impl<T, E: Into<BoxError>> Ended<T, E> {
     /// The output, or the budget if the call counts as expired: the end came first, or
-    /// the inner future failed at the end with an error that is not already a
-    /// timeout of ours (an inner layer's, which says more).
+    /// the inner future failed at the end with the timeout of a tonic `Channel`
+    /// enforcing the `grpc-timeout` this layer sent (tonic reports it as
+    /// `CANCELLED`). Any other error at the end is passed on: it may say more (a
+    /// connection never made, an inner layer's own timeout).
     fn into_result(self) -> Result<Result<T, BoxError>, Duration> {
         match self {
             Ended::Out(out) => Ok(out.map_err(Into::into)),
             Ended::ErrAtEnd(e, budget) => {
                 let e = e.into();
-                if is_caused_by::<Elapsed>(&*e)
-                    || is_caused_by::<DeadlineExceeded>(&*e)
-                    || is_caused_by::<BodyDeadlineExceeded>(&*e)
-                {
-                    Ok(Err(e))
-                } else {
-                    Err(budget)
+                #[cfg(feature = "grpc")]
+                if is_caused_by::<tonic::TimeoutExpired>(&*e) {
+                    return Err(budget);
                 }
+                #[cfg(not(feature = "grpc"))]
+                let _ = budget;
+                Ok(Err(e))
             }
             Ended::Expired(budget) => Err(budget),
         }

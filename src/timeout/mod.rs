@@ -57,4 +57,6 @@ pub use self::service::{
     HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout,
 };
 #[cfg(feature = "http")]
-pub(crate) use self::service::{anchor_caller_timeout, header_is_stale};
+pub(crate) use self::service::{
+    anchor_caller_timeout, refresh_stale_deadline_headers, rewrite_deadline_headers,
+};

@@ -281,7 +281,9 @@ pub use self::http_propagation::{
     HttpPropagation, TIMEOUT_MS_HEADER, encode_grpc_timeout, parse_grpc_timeout,
 };
 #[cfg(feature = "http")]
-pub(crate) use self::http_propagation::{anchor_caller_timeout, header_is_stale};
+pub(crate) use self::http_propagation::{
+    anchor_caller_timeout, refresh_stale_deadline_headers, rewrite_deadline_headers,
+};
 
 #[cfg(feature = "http")]
 mod http_propagation {
@@ -444,10 +446,41 @@ mod http_propagation {
         }
     }
 
+    /// Rewrites the deadline headers `req` carries (`postbox-timeout-ms`,
+    /// `grpc-timeout`) with the time left until `at`; adds none it does not carry.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn rewrite_deadline_headers<B>(req: &mut Request<B>, at: Instant) {
+        let had_ms = req.headers().contains_key(TIMEOUT_MS_HEADER);
+        let had_grpc = req.headers().contains_key("grpc-timeout");
+        let left = at.saturating_duration_since(Instant::now());
+        HttpPropagation::new().outbound(req, at, left);
+        if !had_ms {
+            req.headers_mut().remove(TIMEOUT_MS_HEADER);
+        }
+        if !had_grpc {
+            req.headers_mut().remove("grpc-timeout");
+        }
+    }
+
+    /// After a wait between a `DeadlineLayer::http` and the call (a body read, a wait
+    /// for readiness): rewrites the deadline headers of a request with a
+    /// [`CallDeadline`] if they tell more time than is left, by a millisecond or more
+    /// (the milliseconds header's unit).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn refresh_stale_deadline_headers<B>(req: &mut Request<B>) {
+        if let Some(at) = req.extensions().get::<CallDeadline>().map(CallDeadline::at)
+            && header_is_stale(req.headers(), at)
+        {
+            rewrite_deadline_headers(req, at);
+        }
+    }
+
     /// Whether the deadline headers (written earlier) tell more time than is left
     /// until `at`, by a millisecond or more (the milliseconds header's unit). False
     /// if there are none.
-    pub(crate) fn header_is_stale(headers: &http::HeaderMap, at: Instant) -> bool {
+    fn header_is_stale(headers: &http::HeaderMap, at: Instant) -> bool {
         if !headers.contains_key(TIMEOUT_MS_HEADER) && !headers.contains_key("grpc-timeout") {
             return false;
         }

@@ -509,48 +509,135 @@ async fn a_retry_sends_the_time_left_in_its_deadline_header() {
     assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
 }
 
-/// A retry whose service is ready only once the call's deadline has passed (a wait
-/// for a permit or a connection after the backoff) is not sent: the last outcome is
+/// A retry whose backoff is over only once the call's deadline has passed (its task
+/// polled late, or on the deadline's own tick) is not sent: the last outcome is
 /// returned. It was sent, telling the next hop it had 0 ms.
 #[tokio::test(start_paused = true)]
-async fn a_retry_ready_only_after_the_deadline_is_not_sent() {
+async fn a_retry_polled_after_the_deadline_is_not_sent() {
     let layer = http_layer(HttpRequests::new());
     let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
     let mut req = with_deadline(tokio::time::Instant::now() + Duration::from_secs(1));
     req.headers_mut()
         .insert(postbox::timeout::TIMEOUT_MS_HEADER, 1000.into());
-    handle.allow(1);
     assert_ready_ok!(svc.poll_ready());
     let mut fut = task::spawn(svc.call(req));
     let (_, send) = take_request(&mut handle);
     advance(500 * MS).await;
     send.send_response(status(503, None));
-    assert_pending!(fut.poll());
-    advance(10 * MS).await;
-    assert_pending!(fut.poll(), "the service is not ready");
-    advance(490 * MS).await;
-    handle.allow(1);
+    assert_pending!(fut.poll(), "backing off 10 ms, well before the deadline");
+    advance(600 * MS).await;
     let res = assert_ready_ok!(fut.poll());
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     no_request(&mut handle);
 }
 
+/// A service that takes one call at a time and is busy until the body of its last
+/// response is dropped (a single connection that an unread body keeps busy).
+#[derive(Clone)]
+struct OneAtATime {
+    busy: Arc<Mutex<(bool, Option<std::task::Waker>)>>,
+    answers: Arc<Mutex<Vec<u16>>>,
+}
+
+/// A response body that frees its [`OneAtATime`] when dropped.
+struct Holds(Arc<Mutex<(bool, Option<std::task::Waker>)>>);
+
+impl Drop for Holds {
+    fn drop(&mut self) {
+        let mut busy = self.0.lock().unwrap();
+        busy.0 = false;
+        if let Some(w) = busy.1.take() {
+            w.wake();
+        }
+    }
+}
+
+impl tower::Service<Request<()>> for OneAtATime {
+    type Response = Response<Holds>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<Holds>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
+        let mut busy = self.busy.lock().unwrap();
+        if busy.0 {
+            busy.1 = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        busy.0 = true;
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<()>) -> Self::Future {
+        let code = self.answers.lock().unwrap().remove(0);
+        let mut res = Response::new(Holds(self.busy.clone()));
+        *res.status_mut() = StatusCode::from_u16(code).unwrap();
+        std::future::ready(Ok(res))
+    }
+}
+
+/// The last outcome, kept through the backoff for a call with a deadline, is let go
+/// while the service readies for the retry: a service waiting for it (its response's
+/// body holds the one connection) would otherwise never be ready.
+#[tokio::test(start_paused = true)]
+async fn the_last_response_kept_for_the_deadline_does_not_block_the_retry() {
+    let svc = OneAtATime {
+        busy: Arc::default(),
+        answers: Arc::new(Mutex::new(vec![503, 200])),
+    };
+    let retry = http_layer(HttpRequests::new()).layer(svc);
+    let req = with_deadline(tokio::time::Instant::now() + Duration::from_secs(10));
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        tower::ServiceExt::oneshot(retry, req),
+    )
+    .await
+    .expect("the retry waited for a service its kept response held")
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
 /// The first attempt tells the next hop the time left when it is sent, not when a
-/// `DeadlineLayer::http` outside wrote the header (a body read or a wait for
-/// readiness may come in between); a header written just now is left as it is.
+/// `DeadlineLayer::http` outside wrote the header: `BufferBody` waited for the body
+/// or for readiness in between (here a retry inside whose service was not ready for
+/// 800 ms). A header written just before the call is left as it is.
 #[tokio::test(start_paused = true)]
 async fn the_first_attempt_tells_the_time_left_when_it_is_sent() {
-    let layer = http_layer(HttpRequests::new());
-    let (mut svc, mut handle) =
-        mock::spawn_with(|m: mock::Mock<Request<()>, Response<()>>| layer.layer(m));
-    let mut req = with_deadline(tokio::time::Instant::now() + Duration::from_secs(1));
-    req.headers_mut()
-        .insert(postbox::timeout::TIMEOUT_MS_HEADER, 1000.into());
-    advance(800 * MS).await;
+    let retry = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m: mock::Mock<Buffered, Response<()>>| {
+        ServiceBuilder::new()
+            .layer(BufferBodyLayer::new(1024))
+            .layer(retry.clone())
+            .service(m)
+    });
+    let request = || {
+        let mut req = Request::post("http://a/orders")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        req.extensions_mut()
+            .insert(postbox::timeout::CallDeadline::new(
+                tokio::time::Instant::now() + Duration::from_secs(1),
+            ));
+        req.headers_mut()
+            .insert(postbox::timeout::TIMEOUT_MS_HEADER, 1000.into());
+        req
+    };
+    handle.allow(0);
     assert_ready_ok!(svc.poll_ready());
-    let _fut = task::spawn(svc.call(req));
+    let mut fut = task::spawn(svc.call(request()));
+    assert_pending!(fut.poll());
+    advance(800 * MS).await;
+    handle.allow(1);
+    assert_pending!(fut.poll());
     let (first, _send) = take_request(&mut handle);
     assert_eq!(first.headers()[postbox::timeout::TIMEOUT_MS_HEADER], "200");
+    // Ready at once: nothing to refresh.
+    handle.allow(1);
+    let _fut = task::spawn(svc.call(request())).poll();
+    let (second, _send) = take_request(&mut handle);
+    assert_eq!(
+        second.headers()[postbox::timeout::TIMEOUT_MS_HEADER],
+        "1000"
+    );
 }
 
 /// Sends a `$method` gRPC call whose caller set only `grpc-timeout: 2S` through
