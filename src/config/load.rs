@@ -465,8 +465,48 @@ fn to_value(text: &str, format: Format) -> Result<Value, LoadError> {
     Ok(match v {
         // An empty YAML document or JSON `null` is an empty config.
         Value::Null => Value::Object(Map::new()),
-        v => v,
+        mut v => {
+            empty_tables(&mut v);
+            v
+        }
     })
+}
+
+/// The keys whose values are tables (sections). Every optional field is a scalar, for
+/// which `null` means "none".
+const TABLES: &[&str] = &[
+    "client",
+    "server",
+    "retry",
+    "backoff",
+    "budget",
+    "circuit_breaker",
+    "window",
+    "breaker_keys",
+    "bulkhead",
+    "enqueue",
+    "replay",
+    "classify",
+    "idempotency",
+];
+
+/// Reads a table key with no value (`retry:` in YAML with nothing under it, or every
+/// line under it commented out) as an empty table, as the typed parse of YAML does: its defaults, or the preset's table unchanged. (The value tree held `null`,
+/// which failed after the preset, or replaced the preset's whole table.) A `preset`
+/// key with no value is no preset.
+fn empty_tables(v: &mut Value) {
+    if let Value::Object(map) = v {
+        if map.get("preset").is_some_and(Value::is_null) {
+            map.remove("preset");
+        }
+        for (k, val) in map.iter_mut() {
+            if val.is_null() && TABLES.contains(&k.as_str()) {
+                *val = Value::Object(Map::new());
+            } else {
+                empty_tables(val);
+            }
+        }
+    }
 }
 
 fn invalid(text: &str, format: Format, e: ConfigError) -> LoadError {

@@ -132,6 +132,8 @@ mod http_future {
             #[pin]
             state: State<S, S::Future, B>,
             shared: Arc<Shared<Q, C>>,
+            // Polled before: the call waited (for the body, for readiness).
+            waited: bool,
         }
     }
 
@@ -184,6 +186,7 @@ mod http_future {
                     capture,
                 },
                 shared,
+                waited: false,
             }
         }
 
@@ -203,6 +206,7 @@ mod http_future {
                     key: Some(key),
                 },
                 shared,
+                waited: false,
             }
         }
     }
@@ -291,6 +295,7 @@ mod http_future {
 
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
             let mut this = self.project();
+            let waited = std::mem::replace(this.waited, true);
             loop {
                 match this.state.as_mut().project() {
                     StateProj::Collecting {
@@ -356,7 +361,12 @@ mod http_future {
                             }
                             continue;
                         }
-                        let req = req.take().expect("request present while readying");
+                        let mut req = req.take().expect("request present while readying");
+                        if waited {
+                            // Deadline headers written outside before the wait tell the
+                            // next hop more time than is left.
+                            crate::timeout::refresh_stale_deadline_headers(&mut req);
+                        }
                         let capture = capture.take();
                         let fut = svc.call(req);
                         this.state.set(State::Calling { fut, capture });

@@ -107,6 +107,26 @@ fn an_empty_file_is_the_defaults() {
     }
 }
 
+/// A YAML section with no value (`client:` with nothing under it, every line
+/// commented out) is an empty section: its defaults, or its preset's
+/// table unchanged. It failed with "invalid type: null" (after a preset it did not
+/// have), or replaced the preset's whole table.
+#[test]
+fn an_empty_yaml_section_reads_as_its_defaults() {
+    let c = StackConfig::from_str("client:\nserver:\n", Format::Yaml).unwrap();
+    assert_eq!(c, StackConfig::default());
+    let c = StackConfig::from_str("client:\nserver:\n  bulkhead:\n", Format::Yaml).unwrap();
+    assert_eq!(c, StackConfig::default());
+    let c = ClientConfig::from_str(
+        "preset: standard_http_client\nretry:\ncircuit_breaker:\n",
+        Format::Yaml,
+    )
+    .unwrap();
+    assert_eq!(c, ClientConfig::standard_http_client());
+    let c = ClientConfig::from_str("preset:\nretry:\n", Format::Yaml).unwrap();
+    assert_eq!(c, ClientConfig::default());
+}
+
 #[test]
 fn a_wrong_unit_names_the_value_field_and_line() {
     let toml = "[client]\ndeadline = \"3s\"\nattempt_timeout = \"250 parsecs\"\n";

@@ -637,6 +637,39 @@ async fn an_upload_that_breaks_past_the_limit_fails_as_the_callers() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// The request goes out telling the next hop the time left once its body was read,
+/// not when a `DeadlineLayer::http` outside wrote the header: a slow upload took
+/// 800 ms of the second.
+#[tokio::test(start_paused = true)]
+async fn a_request_tells_the_time_left_after_its_body_was_read() {
+    let queue = Arc::new(MemoryQueue::new());
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let inner = service_fn({
+        let told = told.clone();
+        move |req: Request<BufferedBody<Delayed>>| {
+            told.lock().unwrap().push(
+                req.headers()[postbox::timeout::TIMEOUT_MS_HEADER]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+            async { Ok::<Res, BoxError>(respond(201, "created")) }
+        }
+    });
+    let svc = EnqueueFallbackLayer::new(queue).layer(inner);
+    let mut req = Request::post("http://api.test/orders")
+        .body(Delayed::new(Duration::from_millis(800), b"{}"))
+        .unwrap();
+    req.extensions_mut()
+        .insert(postbox::timeout::CallDeadline::new(
+            tokio::time::Instant::now() + Duration::from_secs(1),
+        ));
+    req.headers_mut()
+        .insert(postbox::timeout::TIMEOUT_MS_HEADER, 1000.into());
+    svc.oneshot(req).await.unwrap();
+    assert_eq!(*told.lock().unwrap(), ["200"]);
+}
+
 /// A gRPC call is never deferred: it goes straight through, its body streamed (a
 /// streaming call's body ends only after the answer begins: read first to be stored,
 /// the call hung), and its failure comes back as it was, not as a `202`, which no gRPC

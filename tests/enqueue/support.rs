@@ -90,6 +90,36 @@ impl Body for Chunked {
     }
 }
 
+/// A request body whose one frame arrives after a delay (a slow upload).
+pub(crate) struct Delayed {
+    pub(crate) sleep: Pin<Box<tokio::time::Sleep>>,
+    pub(crate) data: Option<Bytes>,
+}
+
+impl Delayed {
+    pub(crate) fn new(after: std::time::Duration, data: &'static [u8]) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(after)),
+            data: Some(Bytes::from_static(data)),
+        }
+    }
+}
+
+impl Body for Delayed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+    }
+}
+
 /// A request body that sends one frame and then fails: the caller's upload broke.
 pub(crate) struct BreaksAfter(pub(crate) Option<Bytes>);
 
