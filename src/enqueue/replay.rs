@@ -361,8 +361,10 @@ impl ReplayConfig {
 ///   ([`ReplayStats::held_back`]), while other destinations' are replayed;
 ///   [`Rejected`](Verdict::Rejected) by our own limit (a full bulkhead, a deadline
 ///   spent before the call) → back to the queue after the backoff, uncounted, and
-///   leasing pauses for the backoff of the rejections in a row (at least
-///   `poll_interval`, at most 30 s), until a replay gets through;
+///   the messages of its destination are held back in the same way for the backoff of
+///   the rejections in a row (at least `poll_interval`, at most 30 s), until a replay
+///   gets through; other destinations' are replayed (the config stack's bulkhead is
+///   per host);
 ///   [`Permanent`](Verdict::Permanent) → dead-lettered.
 ///
 /// The queue counts every lease as an attempt, except a replay rejected by an open
@@ -584,7 +586,6 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
             ack_due: None,
             unsettled: Vec::new(),
             resettle_at: None,
-            paused_until: None,
             open: HashMap::new(),
             rejected_streak: 0,
             last_lease: None,
@@ -678,7 +679,7 @@ impl ReplayerHandle {
     }
 }
 
-/// The longest leasing pause while our own limit turns replays away: the limit frees
+/// The longest pause of a destination while our own limit turns its replays away: the limit frees
 /// with live traffic, so the backlog must not wait the whole backoff cap for it.
 const MAX_REJECTED_PAUSE: Duration = Duration::from_secs(30);
 
@@ -699,13 +700,13 @@ struct Worker<Q, S, K, J, Req> {
     /// again from `resettle_at`.
     unsettled: Vec<(Instant, Settle)>,
     resettle_at: Option<Instant>,
-    paused_until: Option<Instant>,
-    /// Destinations whose replay met an open breaker, with until when: their messages
-    /// leased before then are released to then without a call, while the rest of the
-    /// backlog goes on (a per-host breaker open for one must not stall the others).
+    /// Destinations whose replay met an open breaker or our own full limit, with until
+    /// when: their messages leased before then are released to then without a call,
+    /// while the rest of the backlog goes on (a per-host breaker open, or a per-host
+    /// bulkhead full, for one must not stall the others).
     open: HashMap<String, Instant>,
     /// Replays in a row turned away by our own limit before reaching the dependency
-    /// (a full bulkhead): the leasing pause grows with it.
+    /// (a full bulkhead): the destination's pause grows with it.
     rejected_streak: u32,
     /// When the last lease was asked for, by tokio's clock and by the wall clock: a wall
     /// clock that moved on further meanwhile jumped.
@@ -826,12 +827,11 @@ where
             }
 
             let now = Instant::now();
-            let paused = self.paused_until.is_some_and(|p| p > now);
-            if !paused {
-                self.paused_until = None;
-            }
+            // Every turn, not only before a lease: a worker at its concurrency cuts off
+            // a replay whose lease a wall-clock jump ended, too.
+            self.cut_off_lapsed(wall_now());
             let room = self.config.concurrency.saturating_sub(self.tasks.len());
-            if !paused && room > 0 {
+            if room > 0 {
                 let max = room.min(self.config.lease_batch);
                 // Read before the lease: its replays are cut off by then + the limit,
                 // however long the rest of the batch takes to start.
@@ -857,11 +857,8 @@ where
             }
             self.report_depth().await;
 
-            // Idle, full or paused: wait for a replay to finish, a timer, or shutdown.
+            // Idle or full: wait for a replay to finish, a timer, or shutdown.
             let mut wake = later(now, self.config.poll_interval);
-            if let Some(p) = self.paused_until {
-                wake = p;
-            }
             if let Some(d) = self.ack_due {
                 wake = wake.min(d);
             }
@@ -1140,22 +1137,25 @@ where
                     .backoff(attempts.max(1), &mut self.rng)
                     .max(self.config.poll_interval);
                 tracing::debug!(id = %token.id, ?delay, %reason, "replay turned away by our own limit; not counted");
-                // Our own limit is full (a bulkhead shared with live traffic): leasing
-                // more now would only turn those away too, and by the end of the backlog
-                // the first would be due again. Pause, longer while it stays full.
-                // One step per pause, not per message: a batch turned away is one step.
-                if self.paused_until.is_none_or(|p| p <= Instant::now()) {
+                // Our own limit is full (a bulkhead shared with live traffic; one per
+                // host in the config stack): replaying more of this destination now
+                // would only turn those away too. Its messages are held back, longer
+                // while it stays full; the other destinations go on. One step per
+                // pause, not per message: a batch turned away is one step.
+                let now = Instant::now();
+                if self.open.get(&destination).is_none_or(|u| *u <= now) {
                     self.rejected_streak = self.rejected_streak.saturating_add(1);
                     let pause = self
                         .config
                         .backoff(self.rejected_streak, &mut self.rng)
                         .min(MAX_REJECTED_PAUSE)
                         .max(self.config.poll_interval);
-                    self.pause_leasing(pause);
-                    tracing::debug!(
-                        ?pause,
-                        "replays turned away by our own limit; leasing paused"
-                    );
+                    if self.pause_destination(destination, pause) {
+                        tracing::debug!(
+                            ?pause,
+                            "replays turned away by our own limit; their destination paused"
+                        );
+                    }
                 }
                 self.retry_later(token, delay, false).await;
             }
@@ -1174,17 +1174,6 @@ where
             return false;
         }
         *at = until;
-        true
-    }
-
-    /// Stops leasing for `pause` from now (unless a longer pause is on); `true` if the
-    /// pause was set or lengthened.
-    fn pause_leasing(&mut self, pause: Duration) -> bool {
-        let until = later(Instant::now(), pause);
-        if self.paused_until.is_some_and(|p| p >= until) {
-            return false;
-        }
-        self.paused_until = Some(until);
         true
     }
 
@@ -1573,6 +1562,68 @@ mod tests {
             1,
             "a delivered message whose ack waited was replayed again"
         );
+        handle.shutdown().await;
+    }
+
+    /// A worker at its concurrency cuts off a replay whose lease a wall-clock jump
+    /// ended, too: the cut-off ran only before a lease, which a full worker does not
+    /// ask for, so the replay ran on to its monotonic cut-off (54 s here) while
+    /// another worker could lease the message again beside it.
+    #[cfg(feature = "http")]
+    #[tokio::test(start_paused = true)]
+    async fn a_full_worker_cuts_off_a_replay_whose_lease_a_wall_clock_jump_ended() {
+        use crate::queue::{Envelope, MemoryQueue, Queue};
+        use std::sync::atomic::AtomicUsize;
+        let queue = Arc::new(MemoryQueue::new());
+        let mut e = Envelope::new(
+            "api.test:80",
+            "POST",
+            "http://api.test/orders",
+            bytes::Bytes::new(),
+            crate::queue::DeferReason::CircuitOpen,
+        );
+        e.not_before = wall_now();
+        queue.enqueue(e).await.unwrap();
+        let (running, calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let svc = tower::service_fn({
+            let (running, calls) = (running.clone(), calls.clone());
+            move |_: http::Request<
+                super::super::BufferedBody<http_body_util::Full<bytes::Bytes>>,
+            >| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let running = running.clone();
+                async move {
+                    struct Leave(Arc<AtomicUsize>);
+                    impl Drop for Leave {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    running.fetch_add(1, Ordering::SeqCst);
+                    let _leave = Leave(running);
+                    std::future::pending::<Result<http::Response<()>, BoxError>>().await
+                }
+            }
+        });
+        let handle = Replayer::http(queue.clone(), svc)
+            .concurrency(1)
+            .lease_for(Duration::from_secs(60))
+            .poll_interval(Duration::from_millis(100))
+            .spawn()
+            .unwrap();
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        crate::enqueue::clock::jump_wall_clock(Duration::from_secs(120));
+        let jumped = Instant::now();
+        while calls.load(Ordering::SeqCst) < 2 {
+            assert!(
+                jumped.elapsed() < Duration::from_secs(5),
+                "the replay its lease's end cut off ran on"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(running.load(Ordering::SeqCst) <= 1);
         handle.shutdown().await;
     }
 

@@ -2717,6 +2717,52 @@ async fn an_open_breaker_for_one_destination_does_not_stall_the_others() {
     assert!(stats.held_back >= 36, "{stats:?}");
 }
 
+/// Our own full limit for one destination (the config stack's bulkhead is per host)
+/// holds back that destination's messages, not the others': leasing paused for
+/// everyone, and the same rejected batch, due first again after each pause, kept the
+/// healthy destination waiting as long as the busy one stayed full.
+#[tokio::test(start_paused = true)]
+async fn a_full_bulkhead_for_one_destination_does_not_stall_the_others() {
+    let queue = Arc::new(MemoryQueue::new());
+    let on = |host: &str, path: &str| {
+        let mut e = due_envelope(&format!("http://{host}/{path}"));
+        e.destination = host.into();
+        e
+    };
+    for i in 0..40 {
+        queue
+            .enqueue(on("busy.test", &format!("d{i}")))
+            .await
+            .unwrap();
+    }
+    queue.enqueue(on("up.test", "u")).await.unwrap();
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |_, path| {
+        if path.starts_with("/d") {
+            Err(boxed(BulkheadFull::new(100, 0)))
+        } else {
+            Ok(respond(200, ""))
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let handle = Replayer::http(queue.clone(), svc)
+        .concurrency(4)
+        .lease_batch(4)
+        .jitter(false)
+        .poll_interval(Duration::from_millis(100))
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the healthy destination waited {:?}",
+        start.elapsed()
+    );
+    let stats = handle.shutdown().await;
+    assert!(stats.held_back >= 30, "{stats:?}");
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+}
+
 // === Idempotency layer ===
 
 /// What a handler behind the `Idempotency` layer is called with.
