@@ -50,6 +50,7 @@
 //! | `preset` names a preset of its section (so a rendered config loads back) | `client.preset`, `server.preset` |
 //! | the server's `idempotency.lock_for ≥ deadline` (a claim outlives the handler) | `server.idempotency.lock_for` |
 //! | with `enqueue.enabled`, a replay's whole call fits in its lease: `deadline ≤ replay.lease_for` less a tenth of it and `replay.ack_interval` (a replay is cut off then); the `replay` section is checked only then | `client.replay.lease_for` |
+//! | with `enqueue.enabled`, `enqueue.ttl > deadline` (expiry counts from the request's arrival: a call failing at its deadline would have expired before it could be deferred) | `client.enqueue.ttl` |
 //! | the server's bulkhead fails fast (`max_waiting = 0`) | `server.bulkhead.max_waiting` |
 //!
 //! Two values are adjusted rather than refused: the client stack caps

@@ -101,10 +101,14 @@
 //! use bytes::Bytes;
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::Full;
-//! use postbox::idempotency::IdempotencyLayer;
+//! use postbox::idempotency::{FingerprintedBody, IdempotencyLayer};
 //! use tower::{ServiceBuilder, service_fn};
 //!
-//! async fn create_order(_req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+//! // The layer hands the handler the body through `FingerprintedBody` (axum and tonic
+//! // routers take any body; a handler written for one body type names it).
+//! async fn create_order(
+//!     _req: Request<FingerprintedBody<Full<Bytes>>>,
+//! ) -> Result<Response<Full<Bytes>>, Infallible> {
 //!     let mut res = Response::new(Full::from("order 42"));
 //!     *res.status_mut() = StatusCode::CREATED;
 //!     Ok(res)
@@ -115,7 +119,9 @@
 //!     .layer(IdempotencyLayer::new(10_000).ttl(std::time::Duration::from_secs(3600))?)
 //!     .service(service_fn(create_order));
 //! // With axum: `Router::new().route(...).layer(IdempotencyLayer::new(10_000))`.
-//! # let _ = server; Ok(()) }
+//! # fn serves<S: tower::Service<Request<Full<Bytes>>>>(_: &S) {}
+//! # serves(&server);
+//! # Ok(()) }
 //! ```
 
 mod fingerprint;
