@@ -587,7 +587,6 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
             unsettled: Vec::new(),
             resettle_at: None,
             open: HashMap::new(),
-            rejected_streak: 0,
             last_lease: None,
             depth_at: None,
             _req: std::marker::PhantomData,
@@ -633,7 +632,8 @@ pub struct ReplayStats {
     /// Leases returned to the queue at shutdown.
     pub returned: u64,
     /// Put back uncalled and uncounted: leased while a replay to the same destination
-    /// had just met an open breaker, and due again when its break ends.
+    /// had just met an open breaker (or our own full limit), and due again when its
+    /// break (or pause) ends.
     pub held_back: u64,
 }
 
@@ -704,10 +704,7 @@ struct Worker<Q, S, K, J, Req> {
     /// when: their messages leased before then are released to then without a call,
     /// while the rest of the backlog goes on (a per-host breaker open, or a per-host
     /// bulkhead full, for one must not stall the others).
-    open: HashMap<String, Instant>,
-    /// Replays in a row turned away by our own limit before reaching the dependency
-    /// (a full bulkhead): the destination's pause grows with it.
-    rejected_streak: u32,
+    open: HashMap<String, Hold>,
     /// When the last lease was asked for, by tokio's clock and by the wall clock: a wall
     /// clock that moved on further meanwhile jumped.
     last_lease: Option<(Instant, std::time::SystemTime)>,
@@ -715,12 +712,27 @@ struct Worker<Q, S, K, J, Req> {
     _req: std::marker::PhantomData<fn(Req)>,
 }
 
+/// A destination held back (see `Worker::open`).
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: Instant,
+    /// Pauses in a row of this destination for our own full limit: the next one grows
+    /// with it; reset by any other verdict for the destination.
+    rejected: u32,
+}
+
+/// How long a destination's rejection streak is remembered past its pause's end, for
+/// a destination no replay reached again.
+const REJECTED_MEMORY: Duration = Duration::from_secs(5 * 60);
+
 /// A running replay: its lease, when that lease runs out by the wall clock, and how to
 /// cut it off.
 struct InFlight {
     token: LeaseToken,
     lease_ends: std::time::SystemTime,
     abort: tokio::task::AbortHandle,
+    /// Cut off by the wall clock already (logged once).
+    cut: bool,
     /// What settling it needs if the service panics.
     attempts: u32,
     expires_at: Option<std::time::SystemTime>,
@@ -736,7 +748,8 @@ enum Settle {
         token: LeaseToken,
         not_before: std::time::SystemTime,
         counted: bool,
-        /// Released uncalled, its destination's breaker being open.
+        /// Released uncalled, its destination being paused (an open breaker, our own
+        /// full limit).
         held_back: bool,
     },
     Dead {
@@ -761,7 +774,8 @@ struct Settled {
     token: LeaseToken,
     attempts: u32,
     expires_at: Option<std::time::SystemTime>,
-    /// The message's destination, to pause if the verdict is an open breaker.
+    /// The message's destination, to pause if the verdict is an open breaker or our
+    /// own full limit.
     destination: String,
     verdict: Verdict,
     /// An attempt of this replay reached the dependency before its retries ended on a
@@ -841,8 +855,9 @@ where
                 self.cut_off_lapsed(wall);
                 match self.queue.lease(max, self.config.lease_for, wall).await {
                     Ok(batch) if !batch.is_empty() => {
-                        // A message of a destination whose breaker is open is held back
-                        // to the break's end, so it is not due again before then.
+                        // A message of a paused destination (an open breaker, our own
+                        // full limit) is held back to the pause's end, so it is not due
+                        // again before then.
                         for leased in batch {
                             self.start(leased, cut_off).await;
                         }
@@ -936,7 +951,7 @@ where
     }
 
     /// Starts the replay of `leased`, or settles it at once: expired, out of attempts,
-    /// not rebuildable, or held back while its destination's breaker is open.
+    /// not rebuildable, or held back while its destination is paused.
     async fn start(&mut self, leased: Leased, cut_off: Instant) {
         let Leased {
             envelope,
@@ -953,11 +968,12 @@ where
             self.dead_letter(token, &reason).await;
             return;
         }
-        if let Some(&until) = self.open.get(&envelope.destination) {
-            let left = until.saturating_duration_since(Instant::now());
+        if let Some(hold) = self.open.get(&envelope.destination) {
+            let left = hold.until.saturating_duration_since(Instant::now());
             if !left.is_zero() {
-                // Not called, not counted: back when the breaker may let it through.
-                tracing::trace!(id = %token.id, ?left, "destination's circuit open; held back");
+                // Not called, not counted: back when the breaker may let it through,
+                // or our own limit may have room.
+                tracing::trace!(id = %token.id, ?left, "destination paused; held back");
                 self.hold_back(token, left).await;
                 return;
             }
@@ -1011,6 +1027,7 @@ where
                 token,
                 lease_ends: lease_until,
                 abort: handle,
+                cut: false,
                 attempts,
                 expires_at,
                 destination: kept,
@@ -1043,10 +1060,11 @@ where
     /// the first. The monotonic cut-off does that in time, unless the wall clock jumped
     /// (a suspended VM, whose monotonic clock stood still; an NTP step).
     fn cut_off_lapsed(&mut self, now: std::time::SystemTime) {
-        for f in self.in_flight.values() {
-            if f.lease_ends <= now {
+        for f in self.in_flight.values_mut() {
+            if f.lease_ends <= now && !f.cut {
                 tracing::warn!(id = %f.token.id, "replay cut off: its lease ran out by the wall clock");
                 f.abort.abort();
+                f.cut = true;
             }
         }
     }
@@ -1089,8 +1107,10 @@ where
                 }
             }
         };
-        if !matches!(verdict, Verdict::Rejected { .. }) {
-            self.rejected_streak = 0;
+        if !matches!(verdict, Verdict::Rejected { .. })
+            && let Some(hold) = self.open.get_mut(&destination)
+        {
+            hold.rejected = 0;
         }
         match verdict {
             Verdict::Delivered => {
@@ -1143,20 +1163,30 @@ where
                 // while it stays full; the other destinations go on. One step per
                 // pause, not per message: a batch turned away is one step.
                 let now = Instant::now();
-                if self.open.get(&destination).is_none_or(|u| *u <= now) {
-                    self.rejected_streak = self.rejected_streak.saturating_add(1);
-                    let pause = self
-                        .config
-                        .backoff(self.rejected_streak, &mut self.rng)
-                        .min(MAX_REJECTED_PAUSE)
-                        .max(self.config.poll_interval);
-                    if self.pause_destination(destination, pause) {
+                let hold = self.open.get(&destination).copied();
+                let until = match hold {
+                    Some(h) if h.until > now => h.until,
+                    _ => {
+                        let rejected = hold.map_or(0, |h| h.rejected).saturating_add(1);
+                        let pause = self
+                            .config
+                            .backoff(rejected, &mut self.rng)
+                            .min(MAX_REJECTED_PAUSE)
+                            .max(self.config.poll_interval);
+                        self.pause_destination(destination.clone(), pause);
+                        if let Some(h) = self.open.get_mut(&destination) {
+                            h.rejected = rejected;
+                        }
                         tracing::debug!(
                             ?pause,
                             "replays turned away by our own limit; their destination paused"
                         );
+                        later(now, pause)
                     }
-                }
+                };
+                // Back no sooner than its destination's pause ends: earlier, it would
+                // only be leased and held back again.
+                let delay = delay.max(until.saturating_duration_since(now));
                 self.retry_later(token, delay, false).await;
             }
             Verdict::Permanent { reason } => self.dead_letter(token, &reason).await,
@@ -1168,12 +1198,18 @@ where
     fn pause_destination(&mut self, destination: String, pause: Duration) -> bool {
         let now = Instant::now();
         let until = later(now, pause);
-        self.open.retain(|_, u| *u > now);
-        let at = self.open.entry(destination).or_insert(now);
-        if *at >= until {
+        self.open.retain(|_, h| {
+            h.until > now
+                || (h.rejected > 0 && now.saturating_duration_since(h.until) < REJECTED_MEMORY)
+        });
+        let hold = self.open.entry(destination).or_insert(Hold {
+            until: now,
+            rejected: 0,
+        });
+        if hold.until >= until {
             return false;
         }
-        *at = until;
+        hold.until = until;
         true
     }
 

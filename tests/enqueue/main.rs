@@ -1836,8 +1836,9 @@ async fn replayer_rejections_by_our_own_limits_do_not_use_up_attempts() {
 }
 
 /// While our own limit turns every replay away (a bulkhead full of live traffic), the
-/// replayer pauses leasing, longer while it stays full, instead of leasing, rejecting
-/// and releasing the whole backlog again and again; once there is room, everything is
+/// replayer pauses the destination, longer while it stays full, instead of calling,
+/// rejecting and releasing the whole backlog again and again: its messages are leased
+/// and held back once per pause, not once a second; once there is room, everything is
 /// delivered.
 #[tokio::test(start_paused = true)]
 async fn a_full_bulkhead_pauses_leasing_instead_of_churning_the_backlog() {
@@ -1869,6 +1870,12 @@ async fn a_full_bulkhead_pauses_leasing_instead_of_churning_the_backlog() {
     assert!(
         turned_away < 200,
         "{turned_away} replays turned away in 30 s"
+    );
+    // Pauses of 1, 2, 4, 8 and 16 s: the backlog held back at most five times over.
+    let held_back = handle.stats().held_back;
+    assert!(
+        held_back <= 5 * 200,
+        "{held_back} messages held back in 30 s"
     );
     full.store(false, Ordering::SeqCst);
     eventually(|| handle.stats().replayed == 200).await;
@@ -2761,6 +2768,56 @@ async fn a_full_bulkhead_for_one_destination_does_not_stall_the_others() {
     let stats = handle.shutdown().await;
     assert!(stats.held_back >= 30, "{stats:?}");
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+}
+
+/// A destination our own limit keeps turning away is paused longer and longer even
+/// while another destination's replays go on failing and coming back: its streak is
+/// its own. (One streak for the worker, reset by any other verdict, kept the busy
+/// destination's pause at its first step: its backlog was leased and held back again
+/// every second.)
+#[tokio::test(start_paused = true)]
+async fn a_full_destinations_pause_grows_while_others_are_replayed() {
+    let queue = Arc::new(MemoryQueue::new());
+    let on = |host: &str, path: &str| {
+        let mut e = due_envelope(&format!("http://{host}/{path}"));
+        e.destination = host.into();
+        e
+    };
+    for i in 0..40 {
+        queue
+            .enqueue(on("busy.test", &format!("d{i}")))
+            .await
+            .unwrap();
+        queue
+            .enqueue(on("flaky.test", &format!("f{i}")))
+            .await
+            .unwrap();
+    }
+    let calls = Calls::default();
+    let svc = scripted(calls.clone(), |_, path| {
+        if path.starts_with("/d") {
+            Err(boxed(BulkheadFull::new(100, 0)))
+        } else {
+            Ok(unavailable_for(1))
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .jitter(false)
+        .max_attempts(1000)
+        .poll_interval(Duration::from_millis(100))
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let stats = handle.shutdown().await;
+    // Pauses of 1, 2, 4, 8 and 16 s: the busy backlog held back at most five times.
+    assert!(stats.held_back <= 5 * 40, "{stats:?}");
+    let busy = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(p, _)| p.starts_with("/d"))
+        .count();
+    assert!(busy <= 5 * 16, "{busy} calls turned away");
 }
 
 // === Idempotency layer ===
