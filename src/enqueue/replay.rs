@@ -1167,7 +1167,11 @@ where
                 let until = match hold {
                     Some(h) if h.until > now => h.until,
                     _ => {
-                        let rejected = hold.map_or(0, |h| h.rejected).saturating_add(1);
+                        // A streak forgotten past its memory starts again.
+                        let rejected = hold
+                            .filter(|h| now.saturating_duration_since(h.until) < REJECTED_MEMORY)
+                            .map_or(0, |h| h.rejected)
+                            .saturating_add(1);
                         let pause = self
                             .config
                             .backoff(rejected, &mut self.rng)

@@ -2820,6 +2820,53 @@ async fn a_full_destinations_pause_grows_while_others_are_replayed() {
     assert!(busy <= 5 * 16, "{busy} calls turned away");
 }
 
+/// A destination's rejection streak is forgotten a while after its last pause: a
+/// full limit met hours later starts again at the first step. (It was kept as long
+/// as no other destination was paused, and the first brief rejection after an idle
+/// spell paused the destination for the 30 s cap.)
+#[tokio::test(start_paused = true)]
+async fn a_destinations_rejection_streak_is_forgotten_after_a_quiet_spell() {
+    let queue = Arc::new(MemoryQueue::new());
+    let on = |path: &str| {
+        let mut e = due_envelope(&format!("http://busy.test/{path}"));
+        e.destination = "busy.test".into();
+        e
+    };
+    for i in 0..20 {
+        let mut e = on(&format!("d{i}"));
+        e.expires_at = Some(SystemTime::now() + Duration::from_secs(60));
+        queue.enqueue(e).await.unwrap();
+    }
+    let turned_away = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let svc = scripted(Calls::default(), {
+        let turned_away = turned_away.clone();
+        move |_, path| {
+            if path.starts_with("/d") || !turned_away.swap(true, Ordering::SeqCst) {
+                Err(boxed(BulkheadFull::new(100, 0)))
+            } else {
+                Ok(respond(200, ""))
+            }
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .jitter(false)
+        .poll_interval(Duration::from_millis(100))
+        .spawn()
+        .unwrap();
+    // A minute of rejections (pauses up to the 30 s cap), then they expire.
+    eventually(|| handle.stats().dead_lettered == 20).await;
+    tokio::time::sleep(Duration::from_secs(10 * 60)).await;
+    queue.enqueue(on("n")).await.unwrap();
+    let start = tokio::time::Instant::now();
+    eventually(|| handle.stats().replayed == 1).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "paused {:?} for one rejection after a quiet spell",
+        start.elapsed()
+    );
+    handle.shutdown().await;
+}
+
 // === Idempotency layer ===
 
 /// What a handler behind the `Idempotency` layer is called with.
