@@ -1513,6 +1513,39 @@ mod tests {
         ));
     }
 
+    /// A due message to `http://api.test/orders`.
+    #[cfg(feature = "http")]
+    fn due_order() -> crate::queue::Envelope {
+        let mut e = crate::queue::Envelope::new(
+            "api.test:80",
+            "POST",
+            "http://api.test/orders",
+            bytes::Bytes::new(),
+            crate::queue::DeferReason::CircuitOpen,
+        );
+        e.not_before = wall_now();
+        e
+    }
+
+    /// A replay that hangs until it is dropped (cut off), counted in `running` while
+    /// it runs; `most` keeps the most that ran at once.
+    #[cfg(feature = "http")]
+    async fn hang_counted(
+        running: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Result<http::Response<()>, BoxError> {
+        struct Leave(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+        most.fetch_max(now, Ordering::SeqCst);
+        let _leave = Leave(running);
+        std::future::pending().await
+    }
+
     /// A wall clock that jumps past a running replay's lease (a suspended VM resumed:
     /// its monotonic clock stood still, so the replay's cut-off did not fire) cuts that
     /// replay off before the next lease, which would lease its message again: never two
@@ -1520,18 +1553,11 @@ mod tests {
     #[cfg(feature = "http")]
     #[tokio::test(start_paused = true)]
     async fn a_wall_clock_jump_never_runs_two_replays_of_one_message_at_once() {
-        use crate::queue::{Envelope, MemoryQueue, Queue};
+        use crate::queue::{MemoryQueue, Queue};
         use std::sync::atomic::AtomicUsize;
         let queue = Arc::new(MemoryQueue::new());
-        let mut e = Envelope::new(
-            "api.test:80",
-            "POST",
-            "http://api.test/orders",
-            bytes::Bytes::new(),
-            crate::queue::DeferReason::CircuitOpen,
-        );
+        let mut e = due_order();
         e.idempotency_key = "k".into();
-        e.not_before = wall_now();
         // Answered at once, its ack waiting for a batch when the clock jumps.
         let mut done = e.clone();
         done.id = crate::queue::MessageId::new_v7();
@@ -1566,17 +1592,7 @@ mod tests {
                     if answers {
                         return Ok(http::Response::new(()));
                     }
-                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
-                    // Ends (from running) when cut off: dropped.
-                    struct Leave(Arc<AtomicUsize>);
-                    impl Drop for Leave {
-                        fn drop(&mut self) {
-                            self.0.fetch_sub(1, Ordering::SeqCst);
-                        }
-                    }
-                    let _leave = Leave(running);
-                    std::future::pending::<Result<http::Response<()>, BoxError>>().await
+                    hang_counted(running, most).await
                 }
             }
         });
@@ -1612,18 +1628,10 @@ mod tests {
     #[cfg(feature = "http")]
     #[tokio::test(start_paused = true)]
     async fn a_full_worker_cuts_off_a_replay_whose_lease_a_wall_clock_jump_ended() {
-        use crate::queue::{Envelope, MemoryQueue, Queue};
+        use crate::queue::{MemoryQueue, Queue};
         use std::sync::atomic::AtomicUsize;
         let queue = Arc::new(MemoryQueue::new());
-        let mut e = Envelope::new(
-            "api.test:80",
-            "POST",
-            "http://api.test/orders",
-            bytes::Bytes::new(),
-            crate::queue::DeferReason::CircuitOpen,
-        );
-        e.not_before = wall_now();
-        queue.enqueue(e).await.unwrap();
+        queue.enqueue(due_order()).await.unwrap();
         let (running, calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let svc = tower::service_fn({
             let (running, calls) = (running.clone(), calls.clone());
@@ -1631,18 +1639,7 @@ mod tests {
                 super::super::BufferedBody<http_body_util::Full<bytes::Bytes>>,
             >| {
                 calls.fetch_add(1, Ordering::SeqCst);
-                let running = running.clone();
-                async move {
-                    struct Leave(Arc<AtomicUsize>);
-                    impl Drop for Leave {
-                        fn drop(&mut self) {
-                            self.0.fetch_sub(1, Ordering::SeqCst);
-                        }
-                    }
-                    running.fetch_add(1, Ordering::SeqCst);
-                    let _leave = Leave(running);
-                    std::future::pending::<Result<http::Response<()>, BoxError>>().await
-                }
+                hang_counted(running.clone(), Arc::default())
             }
         });
         let handle = Replayer::http(queue.clone(), svc)

@@ -1388,6 +1388,13 @@ fn due_envelope(uri: &str) -> Envelope {
     env
 }
 
+/// A due envelope for `http://{host}/{path}`, its destination `host`.
+fn due_to(host: &str, path: &str) -> Envelope {
+    let mut e = due_envelope(&format!("http://{host}/{path}"));
+    e.destination = host.into();
+    e
+}
+
 async fn enqueue_raw(queue: &MemoryQueue, uri: &str) -> MessageId {
     queue.enqueue(due_envelope(uri)).await.unwrap().id()
 }
@@ -2682,18 +2689,13 @@ async fn replayer_calls_nothing_for_a_destination_while_its_breaker_is_open() {
 #[tokio::test(start_paused = true)]
 async fn an_open_breaker_for_one_destination_does_not_stall_the_others() {
     let queue = Arc::new(MemoryQueue::new());
-    let on = |host: &str, path: &str| {
-        let mut e = due_envelope(&format!("http://{host}/{path}"));
-        e.destination = host.into();
-        e
-    };
     for i in 0..40 {
         queue
-            .enqueue(on("down.test", &format!("d{i}")))
+            .enqueue(due_to("down.test", &format!("d{i}")))
             .await
             .unwrap();
     }
-    queue.enqueue(on("up.test", "u")).await.unwrap();
+    queue.enqueue(due_to("up.test", "u")).await.unwrap();
     let calls = Calls::default();
     let svc = scripted(calls.clone(), |_, path| {
         if path.starts_with("/d") {
@@ -2731,18 +2733,13 @@ async fn an_open_breaker_for_one_destination_does_not_stall_the_others() {
 #[tokio::test(start_paused = true)]
 async fn a_full_bulkhead_for_one_destination_does_not_stall_the_others() {
     let queue = Arc::new(MemoryQueue::new());
-    let on = |host: &str, path: &str| {
-        let mut e = due_envelope(&format!("http://{host}/{path}"));
-        e.destination = host.into();
-        e
-    };
     for i in 0..40 {
         queue
-            .enqueue(on("busy.test", &format!("d{i}")))
+            .enqueue(due_to("busy.test", &format!("d{i}")))
             .await
             .unwrap();
     }
-    queue.enqueue(on("up.test", "u")).await.unwrap();
+    queue.enqueue(due_to("up.test", "u")).await.unwrap();
     let calls = Calls::default();
     let svc = scripted(calls.clone(), |_, path| {
         if path.starts_with("/d") {
@@ -2778,18 +2775,13 @@ async fn a_full_bulkhead_for_one_destination_does_not_stall_the_others() {
 #[tokio::test(start_paused = true)]
 async fn a_full_destinations_pause_grows_while_others_are_replayed() {
     let queue = Arc::new(MemoryQueue::new());
-    let on = |host: &str, path: &str| {
-        let mut e = due_envelope(&format!("http://{host}/{path}"));
-        e.destination = host.into();
-        e
-    };
     for i in 0..40 {
         queue
-            .enqueue(on("busy.test", &format!("d{i}")))
+            .enqueue(due_to("busy.test", &format!("d{i}")))
             .await
             .unwrap();
         queue
-            .enqueue(on("flaky.test", &format!("f{i}")))
+            .enqueue(due_to("flaky.test", &format!("f{i}")))
             .await
             .unwrap();
     }
@@ -2827,13 +2819,8 @@ async fn a_full_destinations_pause_grows_while_others_are_replayed() {
 #[tokio::test(start_paused = true)]
 async fn a_destinations_rejection_streak_is_forgotten_after_a_quiet_spell() {
     let queue = Arc::new(MemoryQueue::new());
-    let on = |path: &str| {
-        let mut e = due_envelope(&format!("http://busy.test/{path}"));
-        e.destination = "busy.test".into();
-        e
-    };
     for i in 0..20 {
-        let mut e = on(&format!("d{i}"));
+        let mut e = due_to("busy.test", &format!("d{i}"));
         e.expires_at = Some(SystemTime::now() + Duration::from_secs(60));
         queue.enqueue(e).await.unwrap();
     }
@@ -2856,7 +2843,7 @@ async fn a_destinations_rejection_streak_is_forgotten_after_a_quiet_spell() {
     // A minute of rejections (pauses up to the 30 s cap), then they expire.
     eventually(|| handle.stats().dead_lettered == 20).await;
     tokio::time::sleep(Duration::from_secs(10 * 60)).await;
-    queue.enqueue(on("n")).await.unwrap();
+    queue.enqueue(due_to("busy.test", "n")).await.unwrap();
     let start = tokio::time::Instant::now();
     eventually(|| handle.stats().replayed == 1).await;
     assert!(
