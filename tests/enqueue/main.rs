@@ -21,7 +21,7 @@ use postbox::enqueue::error::NotEnqueued;
 use postbox::enqueue::{
     BufferedBody, Captured, DEFER_REASON_HEADER, DeferLayer, DeferPolicy, Deferred, EnqueueConfig,
     EnqueueFallback, EnqueueFallbackLayer, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER, Receipt,
-    Replayer, RequestCodec,
+    ReplayStats, Replayer, RequestCodec,
 };
 use postbox::error::find_cause;
 use postbox::idempotency::{
@@ -2683,67 +2683,22 @@ async fn replayer_calls_nothing_for_a_destination_while_its_breaker_is_open() {
     assert_eq!(paths, ["/a", "/b"]);
 }
 
-/// A breaker open for one destination (a per-host breaker, as the standard stack has)
-/// holds back only that destination's messages: a healthy destination's message behind
-/// a backlog of the broken one's is replayed at once, not after the break.
-#[tokio::test(start_paused = true)]
-async fn an_open_breaker_for_one_destination_does_not_stall_the_others() {
+/// 40 messages to `stuck.test`, whose replays fail with `error()`, and one behind them
+/// to `up.test`: the stats once the healthy one is replayed (checked to be within 5 s,
+/// not after the stuck destination's pause) and the calls to the stuck destination.
+async fn a_stuck_destination_before_a_healthy_one(error: fn() -> BoxError) -> (ReplayStats, usize) {
     let queue = Arc::new(MemoryQueue::new());
     for i in 0..40 {
         queue
-            .enqueue(due_to("down.test", &format!("d{i}")))
+            .enqueue(due_to("stuck.test", &format!("d{i}")))
             .await
             .unwrap();
     }
     queue.enqueue(due_to("up.test", "u")).await.unwrap();
     let calls = Calls::default();
-    let svc = scripted(calls.clone(), |_, path| {
+    let svc = scripted(calls.clone(), move |_, path| {
         if path.starts_with("/d") {
-            Err(boxed(Open::new(Duration::from_secs(30))))
-        } else {
-            Ok(respond(200, ""))
-        }
-    });
-    let start = tokio::time::Instant::now();
-    let handle = Replayer::http(queue.clone(), svc)
-        .concurrency(4)
-        .lease_batch(4)
-        .poll_interval(Duration::from_millis(100))
-        .spawn()
-        .unwrap();
-    eventually(|| handle.stats().replayed == 1).await;
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "the healthy destination waited {:?}",
-        start.elapsed()
-    );
-    let stats = handle.shutdown().await;
-    let calls = calls.lock().unwrap();
-    // The first batch of the broken destination met its breaker; the rest were held
-    // back uncalled.
-    let broken = calls.iter().filter(|(p, _)| p.starts_with("/d")).count();
-    assert!(broken <= 4, "{broken} calls to the open destination");
-    assert!(stats.held_back >= 36, "{stats:?}");
-}
-
-/// Our own full limit for one destination (the config stack's bulkhead is per host)
-/// holds back that destination's messages, not the others': leasing paused for
-/// everyone, and the same rejected batch, due first again after each pause, kept the
-/// healthy destination waiting as long as the busy one stayed full.
-#[tokio::test(start_paused = true)]
-async fn a_full_bulkhead_for_one_destination_does_not_stall_the_others() {
-    let queue = Arc::new(MemoryQueue::new());
-    for i in 0..40 {
-        queue
-            .enqueue(due_to("busy.test", &format!("d{i}")))
-            .await
-            .unwrap();
-    }
-    queue.enqueue(due_to("up.test", "u")).await.unwrap();
-    let calls = Calls::default();
-    let svc = scripted(calls.clone(), |_, path| {
-        if path.starts_with("/d") {
-            Err(boxed(BulkheadFull::new(100, 0)))
+            Err(error())
         } else {
             Ok(respond(200, ""))
         }
@@ -2763,6 +2718,37 @@ async fn a_full_bulkhead_for_one_destination_does_not_stall_the_others() {
         start.elapsed()
     );
     let stats = handle.shutdown().await;
+    let stuck = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(p, _)| p.starts_with("/d"))
+        .count();
+    (stats, stuck)
+}
+
+/// A breaker open for one destination (a per-host breaker, as the standard stack has)
+/// holds back only that destination's messages: a healthy destination's message behind
+/// a backlog of the broken one's is replayed at once, not after the break.
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_for_one_destination_does_not_stall_the_others() {
+    let (stats, stuck) =
+        a_stuck_destination_before_a_healthy_one(|| boxed(Open::new(Duration::from_secs(30))))
+            .await;
+    // The first batch of the broken destination met its breaker; the rest were held
+    // back uncalled.
+    assert!(stuck <= 4, "{stuck} calls to the open destination");
+    assert!(stats.held_back >= 36, "{stats:?}");
+}
+
+/// Our own full limit for one destination (the config stack's bulkhead is per host)
+/// holds back that destination's messages, not the others': leasing paused for
+/// everyone, and the same rejected batch, due first again after each pause, kept the
+/// healthy destination waiting as long as the busy one stayed full.
+#[tokio::test(start_paused = true)]
+async fn a_full_bulkhead_for_one_destination_does_not_stall_the_others() {
+    let (stats, _) =
+        a_stuck_destination_before_a_healthy_one(|| boxed(BulkheadFull::new(100, 0))).await;
     assert!(stats.held_back >= 30, "{stats:?}");
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
 }
