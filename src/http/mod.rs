@@ -64,6 +64,15 @@ pub(crate) fn is_grpc(headers: &::http::HeaderMap) -> bool {
     grpc_kind(headers).is_some()
 }
 
+/// Whether the request is a Connect-protocol stream (`application/connect+proto`,
+/// `+json`, …): like a gRPC stream, its body may end only after its answer begins.
+pub(crate) fn is_connect_stream(headers: &::http::HeaderMap) -> bool {
+    headers
+        .get(::http::header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().get(..b"application/connect+".len()))
+        .is_some_and(|h| h.eq_ignore_ascii_case(b"application/connect+"))
+}
+
 /// A gRPC request's protocol, by its content type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GrpcKind {

@@ -608,6 +608,29 @@ async fn body_over_limit_streams_through_and_is_not_enqueued() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// A Connect-protocol stream (`application/connect+proto`) is not deferred either, nor
+/// its body read first: like a gRPC stream's, it may end only after its answer begins,
+/// and the call hung.
+#[tokio::test(start_paused = true)]
+async fn a_connect_stream_is_never_deferred_and_its_body_never_read_first() {
+    let queue = Arc::new(MemoryQueue::new());
+    let inner = service_fn(|req: Request<BufferedBody<NeverEnds>>| async move {
+        assert!(!req.body().is_buffered());
+        Ok::<Res, BoxError>(respond(503, ""))
+    });
+    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(inner);
+    let req = Request::post("http://api.test/chat.Chat/Talk")
+        .header("content-type", "application/connect+proto")
+        .body(NeverEnds(Some(Bytes::from_static(b"\0\0\0\0\0"))))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(60), svc.oneshot(req))
+        .await
+        .expect("the call waited for the body to end")
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
 /// The caller's upload breaking after the fallback's limit (streamed through, not
 /// deferrable) reaches the stack inside as `RequestBodyFailed`, which its breakers
 /// ignore and its retry does not repeat: it was the raw `io::Error`, a failure of the
