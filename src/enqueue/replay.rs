@@ -132,6 +132,25 @@ fn own_rejection<Res>(outcome: Result<&Res, &BoxError>) -> Option<Verdict> {
             reason: e.to_string(),
         });
     }
+    // A gRPC `INTERNAL` or `UNKNOWN` (a server's bug during a deploy, a transport
+    // error a stack reports so): the classifiers call them "not retried", as the
+    // synchronous call may have taken effect; a replay carries its idempotency key, and
+    // a later one may get through, as after an HTTP `500`. (Unless the server said
+    // not to, with a negative pushback; `max_attempts` bounds the rest.)
+    #[cfg(feature = "grpc")]
+    if let Some(s) = find_cause::<tonic::Status>(e)
+        && matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown)
+    {
+        match crate::classify::grpc::retry_pushback(s.metadata().as_ref()) {
+            Some(Err(())) => {}
+            hint => {
+                return Some(Verdict::Retry {
+                    after: hint.and_then(Result::ok),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
     None
 }
 
@@ -1707,6 +1726,36 @@ mod tests {
         assert!(matches!(
             Judge::<(), _>::judge(&j, Err(&late)),
             Verdict::Retry { .. }
+        ));
+    }
+
+    /// A gRPC `INTERNAL` or `UNKNOWN` is replayed again later (as an HTTP `500` is),
+    /// not dead-lettered on the first attempt; one whose server said not to retry
+    /// (a negative pushback), and `DATA_LOSS`, are dead-lettered.
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_grpc_internal_or_unknown_is_replayed_again() {
+        let j = ClassifierJudge::new(ErrorClassifier::new());
+        let judge = |status: tonic::Status| {
+            let e: BoxError = status.into();
+            Judge::<(), _>::judge(&j, Err(&e))
+        };
+        assert!(matches!(
+            judge(tonic::Status::internal("bug")),
+            Verdict::Retry { after: None, .. }
+        ));
+        assert!(matches!(
+            judge(tonic::Status::unknown("reset")),
+            Verdict::Retry { .. }
+        ));
+        let mut refused = tonic::Status::internal("do not");
+        refused
+            .metadata_mut()
+            .insert("grpc-retry-pushback-ms", "-1".parse().unwrap());
+        assert!(matches!(judge(refused), Verdict::Permanent { .. }));
+        assert!(matches!(
+            judge(tonic::Status::data_loss("gone")),
+            Verdict::Permanent { .. }
         ));
     }
 
