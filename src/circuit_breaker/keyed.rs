@@ -404,7 +404,7 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
     /// only) is never dropped, so those count on top of this bound.
     ///
     /// Each key has a window of its own: memory grows as `max_keys` × the window (a
-    /// count window holds a byte per call, a time window 24 bytes per bucket), so the
+    /// count window holds a byte per call, a time window 48 bytes per bucket), so the
     /// largest windows (a count of 2^20, 65,535 buckets) at the default 1024 keys take
     /// a gigabyte or more.
     pub fn max_keys(mut self, n: usize) -> Self {

@@ -82,6 +82,7 @@ where
 /// | [`Full`], or a [`DeadlineExceeded`] that expired before the call, in the chain | [`Verdict::Rejected`] (our own limits turned it away: not counted) |
 /// | a [`DeadlineExceeded`] that expired during the call | [`Verdict::Retry`] (it may have reached the dependency) |
 /// | classified retryable | [`Verdict::Retry`] with the classification's hint |
+/// | a gRPC `INTERNAL` or `UNKNOWN` status (with `grpc`) classified a failure not to retry, without a negative pushback | [`Verdict::Retry`] (a replay carries its idempotency key: as after an HTTP `500`) |
 /// | an error, or a response classified as a failure, not retryable | [`Verdict::Permanent`] |
 /// | any other response | [`Verdict::Delivered`] |
 #[derive(Debug, Clone, Copy, Default)]
@@ -105,6 +106,12 @@ where
             return v;
         }
         let c = self.classifier.classify(outcome);
+        #[cfg(feature = "grpc")]
+        if let Err(e) = outcome
+            && let Some(v) = grpc_failure_to_replay(&c, e)
+        {
+            return v;
+        }
         from_classification(c, outcome.err().map(ToString::to_string))
     }
 }
@@ -132,26 +139,30 @@ fn own_rejection<Res>(outcome: Result<&Res, &BoxError>) -> Option<Verdict> {
             reason: e.to_string(),
         });
     }
-    // A gRPC `INTERNAL` or `UNKNOWN` (a server's bug during a deploy, a transport
-    // error a stack reports so): the classifiers call them "not retried", as the
-    // synchronous call may have taken effect; a replay carries its idempotency key, and
-    // a later one may get through, as after an HTTP `500`. (Unless the server said
-    // not to, with a negative pushback; `max_attempts` bounds the rest.)
-    #[cfg(feature = "grpc")]
-    if let Some(s) = find_cause::<tonic::Status>(e)
-        && matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown)
-    {
-        match crate::classify::grpc::retry_pushback(s.metadata().as_ref()) {
-            Some(Err(())) => {}
-            hint => {
-                return Some(Verdict::Retry {
-                    after: hint.and_then(Result::ok),
-                    reason: e.to_string(),
-                });
-            }
-        }
-    }
     None
+}
+
+/// A gRPC `INTERNAL` or `UNKNOWN` the classifier called a failure not to retry (a
+/// server's bug during a deploy, a transport error a stack reports so): "not retried"
+/// holds for the synchronous call, which may have taken effect; a replay carries its
+/// idempotency key, and a later one may get through, as after an HTTP `500`. Not when
+/// the server said not to, with a negative pushback (`max_attempts` bounds the rest).
+#[cfg(feature = "grpc")]
+fn grpc_failure_to_replay(c: &Classification, error: &BoxError) -> Option<Verdict> {
+    if !c.is_failure() || c.is_retryable() {
+        return None;
+    }
+    let s = find_cause::<tonic::Status>(&**error)?;
+    if !matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown) {
+        return None;
+    }
+    match crate::classify::grpc::retry_pushback(s.metadata().as_ref()) {
+        Some(Err(())) => None,
+        hint => Some(Verdict::Retry {
+            after: hint.and_then(Result::ok),
+            reason: error.to_string(),
+        }),
+    }
 }
 
 fn from_classification(c: Classification, error: Option<String>) -> Verdict {
@@ -1757,6 +1768,11 @@ mod tests {
             judge(tonic::Status::data_loss("gone")),
             Verdict::Permanent { .. }
         ));
+        // The classifier decides first: one that reads `INTERNAL` as no failure is
+        // obeyed (not retried).
+        let done = ClassifierJudge::new(|_: Result<&(), &BoxError>| Classification::success());
+        let e: BoxError = tonic::Status::internal("already processed").into();
+        assert!(matches!(done.judge(Err(&e)), Verdict::Permanent { .. }));
     }
 
     /// A redirect is not followed, and a `307`/`308` means the request was not applied:

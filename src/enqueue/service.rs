@@ -502,13 +502,13 @@ mod http_flavour {
             // A gRPC call is never deferred: a `202` is not a gRPC answer, and a
             // streaming call's body ends only after its answer begins (read first to
             // be stored, it would hang). See the module docs for deferring gRPC. Nor
-            // is a Connect-protocol stream, for the same reason.
+            // is a Connect-protocol call, for the same reasons.
             if !config
                 .policy
                 .may_defer(parts.method.as_str(), parts.uri.path())
                 || opens_a_connection(&parts.method, &parts.headers)
                 || crate::http::is_grpc(&parts.headers)
-                || crate::http::is_connect_stream(&parts.headers)
+                || crate::http::is_connect(&parts.headers)
             {
                 // Kept synchronous. An empty body (a `GET`) goes as one a retry inside can
                 // send again; any other is streamed through.

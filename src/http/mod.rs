@@ -64,13 +64,16 @@ pub(crate) fn is_grpc(headers: &::http::HeaderMap) -> bool {
     grpc_kind(headers).is_some()
 }
 
-/// Whether the request is a Connect-protocol stream (`application/connect+proto`,
-/// `+json`, …): like a gRPC stream, its body may end only after its answer begins.
-pub(crate) fn is_connect_stream(headers: &::http::HeaderMap) -> bool {
-    headers
-        .get(::http::header::CONTENT_TYPE)
-        .and_then(|v| v.as_bytes().get(..b"application/connect+".len()))
-        .is_some_and(|h| h.eq_ignore_ascii_case(b"application/connect+"))
+/// Whether the request is a Connect-protocol call: a stream (`application/connect+proto`,
+/// `+json`, …), whose body, like a gRPC stream's, may end only after its answer begins,
+/// or a unary call (`connect-protocol-version`), whose client reads a `202` as an
+/// error.
+pub(crate) fn is_connect(headers: &::http::HeaderMap) -> bool {
+    headers.contains_key("connect-protocol-version")
+        || headers
+            .get(::http::header::CONTENT_TYPE)
+            .and_then(|v| v.as_bytes().get(..b"application/connect+".len()))
+            .is_some_and(|h| h.eq_ignore_ascii_case(b"application/connect+"))
 }
 
 /// A gRPC request's protocol, by its content type.

@@ -610,7 +610,7 @@ async fn body_over_limit_streams_through_and_is_not_enqueued() {
 
 /// A Connect-protocol stream (`application/connect+proto`) is not deferred either, nor
 /// its body read first: like a gRPC stream's, it may end only after its answer begins,
-/// and the call hung.
+/// and the call hung. Nor a Connect unary call.
 #[tokio::test(start_paused = true)]
 async fn a_connect_stream_is_never_deferred_and_its_body_never_read_first() {
     let queue = Arc::new(MemoryQueue::new());
@@ -627,6 +627,14 @@ async fn a_connect_stream_is_never_deferred_and_its_body_never_read_first() {
         .await
         .expect("the call waited for the body to end")
         .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(depth(&queue).await, Depth::default());
+    // A Connect unary call neither: its client reads a `202` as an error.
+    let (queue, _dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
+    let mut req = post("http://api.test/chat.Chat/Say", "{}");
+    req.headers_mut()
+        .insert("connect-protocol-version", "1".parse().unwrap());
+    let res = svc.oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(depth(&queue).await, Depth::default());
 }
