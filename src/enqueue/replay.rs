@@ -967,17 +967,30 @@ where
         // Returned uncounted: cut short by the shutdown, not judged, these replays must
         // not use up an attempt (a message on its last one would be dead-lettered at its
         // next lease without ever being judged).
+        // Once the queue is found unavailable, the rest are left to their leases' end
+        // (they come back then): each call would wait out the queue's own timeout, and
+        // the shutdown with it.
         let now = wall_now();
+        let mut down = false;
         for (_, InFlight { token, .. }) in std::mem::take(&mut self.in_flight) {
+            if down {
+                tracing::debug!(id = %token.id, "lease left to its end at shutdown: the queue is unavailable");
+                continue;
+            }
             match self.queue.release(token, now).await {
                 Ok(()) => {
                     self.stats.returned.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(id = %token.id, "lease returned at shutdown");
                 }
-                Err(e) => log_queue_error("return a lease", &e),
+                Err(e) => {
+                    down = matches!(e, QueueError::Unavailable(_));
+                    log_queue_error("return a lease", &e);
+                }
             }
         }
-        self.report_depth_now().await;
+        if !down {
+            self.report_depth_now().await;
+        }
     }
 
     /// Starts the replay of `leased`, or settles it at once: expired, out of attempts,

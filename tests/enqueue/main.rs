@@ -1950,6 +1950,41 @@ async fn graceful_shutdown_returns_in_flight_leases() {
     );
 }
 
+/// A shutdown with the queue unavailable (a broker dropping packets, each call waiting
+/// out its timeout) ends soon after its grace: once one lease cannot be returned, the
+/// rest are left to their leases' end (they come back then). It took a timeout per
+/// lease in flight, and one more for the depth.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_with_the_queue_down_ends_soon_after_its_grace() {
+    let queue = AckRecorder::default();
+    for i in 0..4 {
+        enqueue_raw(&queue.inner, &format!("http://api.test/{i}")).await;
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hung = service_fn({
+        let calls = calls.clone();
+        move |_req: InnerReq| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<Res, BoxError>>()
+        }
+    });
+    let handle = Replayer::http(Arc::new(queue.clone()), hung)
+        .grace(Duration::from_secs(1))
+        .spawn()
+        .unwrap();
+    eventually(|| calls.load(Ordering::SeqCst) == 4).await;
+    queue.fail_next_settles_after(usize::MAX, Duration::from_secs(5));
+    let start = tokio::time::Instant::now();
+    let stats = handle.shutdown().await;
+    assert!(
+        start.elapsed() <= Duration::from_secs(7),
+        "the shutdown took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(stats.returned, 0);
+    assert_eq!(depth(&queue.inner).await.in_flight, 4, "a lease was lost");
+}
+
 /// A replay cut short by a shutdown does not use up an attempt: a message on its last
 /// attempt is replayed by the next replayer, not dead-lettered unjudged at its lease.
 #[tokio::test(start_paused = true)]

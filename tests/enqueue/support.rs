@@ -171,6 +171,9 @@ pub(crate) struct AckRecorder {
     pub(crate) inner: MemoryQueue,
     acks: Arc<Mutex<Vec<(usize, Instant)>>>,
     outage: Arc<AtomicUsize>,
+    /// How long a failing `release` takes to answer (a broker dropping packets: the
+    /// client's timeout).
+    outage_delay: Arc<Mutex<Duration>>,
     stale: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -184,6 +187,13 @@ impl AckRecorder {
     /// (without reaching the queue).
     pub(crate) fn fail_next_settles(&self, n: usize) {
         self.outage.store(n, Ordering::SeqCst);
+    }
+
+    /// As [`fail_next_settles`](Self::fail_next_settles), a failing `release`
+    /// answering only after `delay`.
+    pub(crate) fn fail_next_settles_after(&self, n: usize, delay: Duration) {
+        *self.outage_delay.lock().unwrap() = delay;
+        self.fail_next_settles(n);
     }
 
     /// Every `ack` of more than one token from now on finds its last token stale (as
@@ -254,8 +264,12 @@ impl Queue for AckRecorder {
         not_before: SystemTime,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         let (down, inner) = (self.down(), self.inner.clone());
+        let delay = *self.outage_delay.lock().unwrap();
         async move {
-            down.map_or(Ok(()), Err)?;
+            if let Some(e) = down {
+                tokio::time::sleep(delay).await;
+                return Err(e);
+            }
             inner.release(token, not_before).await
         }
     }
