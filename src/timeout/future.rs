@@ -95,11 +95,12 @@ impl<F> Timed<F> {
                     // polled first (see `Ended::into_result`).
                     let ended = match out {
                         Err(e)
-                            if timer
-                                .as_ref()
-                                .get_ref()
-                                .as_ref()
-                                .is_some_and(|t| Instant::now() >= t.deadline()) =>
+                            if cfg!(feature = "grpc")
+                                && timer
+                                    .as_ref()
+                                    .get_ref()
+                                    .as_ref()
+                                    .is_some_and(|t| Instant::now() >= t.deadline()) =>
                         {
                             Ended::ErrAtEnd(e, *budget)
                         }
