@@ -27,7 +27,9 @@
 //! `200 OK` is a failure for the retry and the breaker. Put
 //! `postbox::grpc::GrpcStatusLayer` (feature `grpc`) between the stack and the channel
 //! so a status sent in the trailers is seen as well; gRPC calls are `POST`s, so they
-//! are retried only with `retry.retry_unsafe_methods` (or an `Idempotency-Key`), and
+//! are retried only when `retry.idempotent_grpc_methods` names them
+//! (`["/shop.Catalog/*"]`), with `retry.retry_unsafe_methods`, or with an
+//! `Idempotency-Key`, and
 //! `stream_through` names the streaming methods whose bodies must not be buffered.
 //!
 //! # Validation across layers
@@ -316,7 +318,8 @@ impl ClassifySection {
                         f(name),
                         format!(
                             "({code}) is retryable already, with what it says (its \
-                             `Retry-After`, or for a 408 that nothing was done); listed, \
+                             `Retry-After`, or for a 408 that closes its connection that nothing \
+                             was done); listed, \
                              it would lose that"
                         ),
                     ));
@@ -811,6 +814,9 @@ impl ClientConfig {
         positive(f("attempt_timeout"), self.attempt_timeout)?;
         storable(f("buffer_body"), self.buffer_body)?;
         method_patterns(&self.stream_through, &f("stream_through"))?;
+        self.retry
+            .check_grpc_methods()
+            .map_err(|e| prefixed(p, e))?;
         storable(f("breaker_keys.max_keys"), self.breaker_keys.max_keys)?;
         storable(f("bulkhead.max_waiting"), self.bulkhead.max_waiting)?;
         storable(f("enqueue.max_body"), self.enqueue.max_body)?;

@@ -97,6 +97,13 @@ fn client(f: &mut impl Write, p: &str, c: &ClientConfig) -> fmt::Result {
         r.generate_idempotency_key
     )?;
     writeln!(f, "retry_unsafe_methods = {}", r.retry_unsafe_methods)?;
+    if !r.idempotent_grpc_methods.is_empty() {
+        writeln!(
+            f,
+            "idempotent_grpc_methods = {}",
+            strings(&r.idempotent_grpc_methods)
+        )?;
+    }
     writeln!(f, "\n{}", t("retry.backoff"))?;
     writeln!(f, "kind = {:?}", kind(r.backoff.kind))?;
     writeln!(f, "base = {:?}", d(r.backoff.base))?;

@@ -2,7 +2,6 @@ use crate::http::body::TryCloneBody;
 use crate::http::idempotency_key::has_idempotency_key;
 use crate::retry::{CloneRequest, HttpRequests};
 use http::Request;
-use std::sync::Arc;
 
 /// How the [retry layer](crate::retry) replays gRPC calls and which ones it may repeat.
 ///
@@ -33,8 +32,8 @@ use std::sync::Arc;
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct GrpcRequests {
+    /// Copies requests and holds the [`idempotent`](Self::idempotent) patterns.
     copy: HttpRequests,
-    paths: Arc<[String]>,
     all: bool,
 }
 
@@ -75,9 +74,7 @@ impl GrpcRequests {
     }
 
     fn with_path(mut self, path: String) -> Self {
-        let mut paths = self.paths.to_vec();
-        paths.push(path);
-        self.paths = paths.into();
+        self.copy = self.copy.with_grpc_method(path);
         self
     }
 
@@ -85,10 +82,6 @@ impl GrpcRequests {
     pub fn all_idempotent(mut self) -> Self {
         self.all = true;
         self
-    }
-
-    fn names(&self, path: &str) -> bool {
-        self.paths.iter().any(|p| super::names_method(p, path))
     }
 }
 
@@ -98,7 +91,9 @@ impl<B: TryCloneBody> CloneRequest<Request<B>> for GrpcRequests {
     }
 
     fn is_retry_safe(&self, req: &Request<B>) -> bool {
-        self.all || self.names(req.uri().path()) || has_idempotency_key(req.headers())
+        self.all
+            || self.copy.names_grpc_method(req.uri().path())
+            || has_idempotency_key(req.headers())
     }
 
     /// Anchors a `grpc-timeout` the caller set (tonic's `Request::set_timeout`) as the

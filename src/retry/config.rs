@@ -53,8 +53,14 @@ pub struct RetryConfig {
     pub generate_idempotency_key: bool,
     /// HTTP only (`RetryConfig::http_requests`): treat every method as
     /// retry-safe, `POST` and `PATCH` included (default `false`; for services known to
-    /// de-duplicate, or gRPC methods that are safe to repeat).
+    /// de-duplicate).
     pub retry_unsafe_methods: bool,
+    /// HTTP only (`RetryConfig::http_requests`): the gRPC methods safe to repeat,
+    /// `/package.Service/Method` or `/package.Service/*` for a whole service (see
+    /// [`HttpRequests::idempotent_grpc_method`](super::HttpRequests::idempotent_grpc_method);
+    /// default none: a gRPC call is a `POST`, retried only after failures that had no
+    /// effect, unless it carries an `Idempotency-Key`).
+    pub idempotent_grpc_methods: Vec<String>,
 }
 
 impl Default for RetryConfig {
@@ -67,6 +73,7 @@ impl Default for RetryConfig {
             budget: BudgetConfig::default(),
             generate_idempotency_key: false,
             retry_unsafe_methods: false,
+            idempotent_grpc_methods: Vec::new(),
         }
     }
 }
@@ -226,22 +233,34 @@ impl RetryConfig {
 #[cfg(feature = "http")]
 impl RetryConfig {
     /// The HTTP request strategy this describes (`generate_idempotency_key`,
-    /// `retry_unsafe_methods`).
+    /// `retry_unsafe_methods`, `idempotent_grpc_methods`; a pattern that names no
+    /// method as meant is logged, and refused by [`build_http`](Self::build_http)).
     pub fn http_requests(&self) -> super::HttpRequests {
-        let requests =
+        let mut requests =
             super::HttpRequests::new().generate_idempotency_key(self.generate_idempotency_key);
         if self.retry_unsafe_methods {
-            requests.retry_every_method()
-        } else {
-            requests
+            requests = requests.retry_every_method();
         }
+        self.idempotent_grpc_methods
+            .iter()
+            .fold(requests, |r, m| r.idempotent_grpc_method(m.clone()))
+    }
+
+    /// Each of `idempotent_grpc_methods` names a method as meant: an error names the
+    /// entry (`retry.idempotent_grpc_methods[1]`).
+    pub(crate) fn check_grpc_methods(&self) -> Result<(), ConfigError> {
+        for (i, m) in self.idempotent_grpc_methods.iter().enumerate() {
+            crate::http::check_method_pattern(format!("retry.idempotent_grpc_methods[{i}]"), m)?;
+        }
+        Ok(())
     }
 
     /// An HTTP retry layer from this configuration: [`RetryLayer::http`](super::RetryLayer::http)
     /// with these values applied.
     ///
     /// # Errors
-    /// An invalid backoff or budget.
+    /// An invalid backoff or budget, or an `idempotent_grpc_methods` entry that names no
+    /// method as meant.
     pub fn build_http(
         &self,
     ) -> Result<
@@ -250,6 +269,7 @@ impl RetryConfig {
         >,
         ConfigError,
     > {
+        self.check_grpc_methods()?;
         self.apply(super::RetryLayer::http().requests(self.http_requests()))?
             .build()
     }

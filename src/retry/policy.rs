@@ -168,11 +168,14 @@ mod http_requests {
     ///
     /// gRPC calls are all `POST`s: with a [`GrpcClassifier`](crate::classify::GrpcClassifier)
     /// they are retried only after failures that had no effect, unless they carry a key
-    /// or a [`retry_safe_if`](Self::retry_safe_if) rule names the methods that are safe
-    /// to repeat (gRPC's own retry policy leaves that choice to the service owner too).
+    /// or [`idempotent_grpc_method`](Self::idempotent_grpc_method) names the methods that
+    /// are safe to repeat (gRPC's own retry policy leaves that choice to the service
+    /// owner too).
     #[derive(Clone, Default)]
     pub struct HttpRequests {
         safe: Option<Arc<SafeFn>>,
+        /// [`idempotent_grpc_method`](Self::idempotent_grpc_method) patterns.
+        grpc_methods: Arc<[String]>,
         generate_key: bool,
         /// [`retry_every_method`](Self::retry_every_method).
         every_method: bool,
@@ -206,7 +209,57 @@ mod http_requests {
             self
         }
 
+        /// Marks the gRPC method `pattern` names (`/package.Service/Method`, or
+        /// `/package.Service/*` for a whole service) safe to repeat, whatever the rule
+        /// for HTTP methods says: a gRPC call through an HTTP stack is a `POST`, so it is
+        /// otherwise retried only after failures that had no effect. The pattern is
+        /// matched against the request's path, as
+        /// [`GrpcRequests::idempotent`](crate::grpc::GrpcRequests::idempotent) matches it.
+        ///
+        /// A pattern that can match no call as meant (no method, a `*` before the end,
+        /// more than two segments, or one that would match every call: use
+        /// [`retry_every_method`](Self::retry_every_method)) is kept but logged at `warn`;
+        /// [`try_idempotent_grpc_method`](Self::try_idempotent_grpc_method) refuses it.
+        pub fn idempotent_grpc_method(self, pattern: impl Into<String>) -> Self {
+            let pattern = pattern.into();
+            if let Err(e) = crate::http::check_method_pattern("idempotent_grpc_method", &pattern) {
+                tracing::warn!(error = %e, "postbox: a gRPC method pattern that names no method as meant");
+            }
+            self.with_grpc_method(pattern)
+        }
+
+        /// As [`idempotent_grpc_method`](Self::idempotent_grpc_method), but a pattern that
+        /// can match no call as meant is an error.
+        ///
+        /// # Errors
+        /// A [`ConfigError`](crate::error::ConfigError) naming what is wrong with `pattern`.
+        pub fn try_idempotent_grpc_method(
+            self,
+            pattern: impl Into<String>,
+        ) -> Result<Self, crate::error::ConfigError> {
+            let pattern = pattern.into();
+            crate::http::check_method_pattern("idempotent_grpc_method", &pattern)?;
+            Ok(self.with_grpc_method(pattern))
+        }
+
+        pub(crate) fn with_grpc_method(mut self, pattern: String) -> Self {
+            let mut methods = self.grpc_methods.to_vec();
+            methods.push(pattern);
+            self.grpc_methods = methods.into();
+            self
+        }
+
+        /// Whether an [`idempotent_grpc_method`](Self::idempotent_grpc_method) pattern
+        /// names the call to `path`.
+        pub(crate) fn names_grpc_method(&self, path: &str) -> bool {
+            self.grpc_methods
+                .iter()
+                .any(|p| crate::http::names_method(p, path))
+        }
+
         /// Replaces the retry-safety rule (e.g. `|_, _| true` retries every method).
+        /// Methods named by [`idempotent_grpc_method`](Self::idempotent_grpc_method)
+        /// stay safe.
         pub fn retry_safe_if<F>(mut self, f: F) -> Self
         where
             F: Fn(&Method, &HeaderMap) -> bool + Send + Sync + 'static,
@@ -228,6 +281,7 @@ mod http_requests {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("HttpRequests")
                 .field("custom_rule", &self.safe.is_some())
+                .field("grpc_methods", &self.grpc_methods)
                 .field("generate_idempotency_key", &self.generate_key)
                 .field("every_method", &self.every_method)
                 .finish()
@@ -253,6 +307,7 @@ mod http_requests {
             // A key this policy added makes the request retryable whatever the rule:
             // a custom rule need not know about keys.
             self.safe(req.method(), req.headers())
+                || self.names_grpc_method(req.uri().path())
                 || (self.generate_key && idempotency_key::has_idempotency_key(req.headers()))
         }
 
@@ -274,7 +329,11 @@ mod http_requests {
             // key of a request whose method is not idempotent to.
             let unsafe_method =
                 self.every_method && !idempotency_key::is_retry_safe(req.method(), req.headers());
-            if self.generate_key && (unsafe_method || !self.safe(req.method(), req.headers())) {
+            if self.generate_key
+                && (unsafe_method
+                    || !(self.safe(req.method(), req.headers())
+                        || self.names_grpc_method(req.uri().path())))
+            {
                 ensure_idempotency_key(req);
             }
             crate::timeout::anchor_caller_timeout(req);
@@ -445,6 +504,37 @@ mod tests {
         assert!(!log.reached(), "a rejection by our own breaker was noted");
         requests.after_attempt(&copy, &Classification::failure());
         assert!(log.reached());
+    }
+
+    /// A gRPC method named idempotent is retry-safe whatever the rule for HTTP methods
+    /// (even one that names none), and gets no generated key: it needs none. Another
+    /// method of the same service is not safe, and gets its key.
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_grpc_method_named_idempotent_is_retry_safe_without_a_key() {
+        let requests = HttpRequests::new()
+            .generate_idempotency_key(true)
+            .retry_safe_if(|_, _| false)
+            .idempotent_grpc_method("/echo.Echo/Say");
+        let call = |path: &str| {
+            http::Request::post(format!("http://a{path}"))
+                .body(())
+                .unwrap()
+        };
+        let mut say = call("/echo.Echo/Say");
+        requests.prepare(&mut say);
+        assert!(requests.is_retry_safe(&say));
+        assert!(!say.headers().contains_key("idempotency-key"));
+        let mut shout = call("/echo.Echo/Shout");
+        requests.prepare(&mut shout);
+        assert!(shout.headers().contains_key("idempotency-key"));
+        let unkeyed = HttpRequests::new().idempotent_grpc_method("/echo.Echo/Say");
+        assert!(!unkeyed.is_retry_safe(&call("/echo.Echo/Shout")));
+        assert!(
+            HttpRequests::new()
+                .try_idempotent_grpc_method("/echo.Echo/")
+                .is_err()
+        );
     }
 
     #[test]

@@ -900,6 +900,78 @@ async fn the_client_stack_from_config_reads_a_grpc_status_in_the_headers() {
     );
 }
 
+/// `retry.idempotent_grpc_methods` makes the gRPC methods it names safe to repeat, and
+/// only those: an `UNAVAILABLE` (which may have taken effect) from a named method is
+/// retried, from any other method it is returned at once. Before, a file could only
+/// retry every method (`retry_unsafe_methods`) or none.
+#[tokio::test(start_paused = true)]
+async fn the_grpc_methods_a_config_names_idempotent_are_retried_and_no_others() {
+    let config = StackConfig::from_str(
+        "[client]\npreset = \"standard_http_client\"\n\
+         [client.retry]\nmax_retries = 1\nidempotent_grpc_methods = [\"/echo.Echo/Say\", \"/shop.Catalog/*\"]\n\
+         [client.retry.budget]\nenabled = false\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let channel = service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let res = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "14")
+                    .body(())
+                    .unwrap();
+                Ok::<_, BoxError>(res)
+            }
+        }
+    });
+    let client = ServiceBuilder::new()
+        .layer(config.client.layer().unwrap())
+        .service(channel);
+    let call = |path: &str| {
+        http::Request::post(format!("http://echo.internal{path}"))
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+            .unwrap()
+    };
+    for (path, attempts) in [
+        ("/echo.Echo/Say", 2),
+        ("/shop.Catalog/List", 2),
+        ("/echo.Echo/Shout", 1),
+        ("/shop.Orders/Place", 1),
+    ] {
+        calls.store(0, Ordering::SeqCst);
+        let res = client.clone().oneshot(call(path)).await.unwrap();
+        assert_eq!(res.headers()["grpc-status"], "14", "{path}");
+        assert_eq!(calls.load(Ordering::SeqCst), attempts, "{path}");
+    }
+}
+
+/// An `idempotent_grpc_methods` entry that names no method as meant is an error naming
+/// the entry and its array's line, not a rule that silently retries nothing; a valid list is
+/// rendered and read back.
+#[test]
+fn an_idempotent_grpc_method_that_names_no_method_is_an_error() {
+    let text = "[client.retry]\nidempotent_grpc_methods = [\n  \"/echo.Echo/Say\",\n  \"/echo.Echo/\",\n]\n";
+    let e = StackConfig::from_str(text, Format::Toml).unwrap_err();
+    assert_eq!(
+        e.field(),
+        Some("client.retry.idempotent_grpc_methods[1]"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(2), "the array's line: {e}");
+    let ok = StackConfig::from_str(
+        "[client.retry]\nidempotent_grpc_methods = [\"/echo.Echo/Say\"]\n",
+        Format::Toml,
+    )
+    .unwrap();
+    let back = StackConfig::from_str(&ok.to_string(), Format::Toml).unwrap();
+    assert_eq!(back, ok);
+}
+
 /// A request body that sends one message and then waits (a bidirectional call's client
 /// waiting for an answer before its next message).
 struct OneMessageThenWaits(bool);
