@@ -167,7 +167,12 @@ impl fmt::Debug for RedactedUri<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use fmt::Write;
         let uri = self.0;
-        let start = uri.find("://").map_or(0, |i| i + 3);
+        // A scheme-relative `//user:pw@host/…` (a foreign producer's) has an authority too.
+        let start = match uri.find("://") {
+            Some(i) => i + 3,
+            None if uri.starts_with("//") => 2,
+            None => 0,
+        };
         let end = uri[start..]
             .find(['/', '?', '#'])
             .map_or(uri.len(), |i| start + i);
@@ -611,8 +616,9 @@ impl Envelope {
         let method = r.string("method")?;
         let uri = r.string("uri")?;
         let count = r.u32()? as usize;
-        // Each header needs at least 8 bytes: never trust the count for the allocation.
-        let mut headers = Vec::with_capacity(count.min(r.buf.len() / 8));
+        // Each header needs at least 8 bytes, but takes 56 in the `Vec`: never trust
+        // the count for the allocation (a corrupt count would reserve 7× the input).
+        let mut headers = Vec::with_capacity(count.min(r.buf.len() / 8).min(64));
         for _ in 0..count {
             let name = r.string("header name")?;
             let value = Bytes::copy_from_slice(r.bytes()?);
@@ -671,13 +677,17 @@ fn put_time(out: &mut Vec<u8>, t: SystemTime) {
             d.subsec_nanos(),
         ),
         Err(e) => {
+            // Floor seconds: one more before the epoch when there are nanoseconds.
+            // (`-i64::MAX` would be one second off at `i64::MIN`.)
             let d = e.duration();
-            let s = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-            if d.subsec_nanos() == 0 {
-                (-s, 0)
-            } else {
-                (-s - 1, 1_000_000_000 - d.subsec_nanos())
-            }
+            let (floor, nanos) = match d.subsec_nanos() {
+                0 => (0i64, 0),
+                n => (-1, 1_000_000_000 - n),
+            };
+            (
+                floor.checked_sub_unsigned(d.as_secs()).unwrap_or(i64::MIN),
+                nanos,
+            )
         }
     };
     out.extend_from_slice(&secs.to_le_bytes());
@@ -911,7 +921,21 @@ mod tests {
         let mut e = sample();
         e.created_at = SystemTime::UNIX_EPOCH - Duration::new(10, 250);
         e.not_before = SystemTime::UNIX_EPOCH - Duration::new(3, 0);
+        assert_eq!(Envelope::decode(&e.encode()), Ok(e.clone()));
+        // The earliest time the format holds, `i64::MIN` seconds, where negating the
+        // seconds would overflow: written one second late before.
+        e.created_at = SystemTime::UNIX_EPOCH - Duration::from_secs(1 << 63);
+        e.not_before = SystemTime::UNIX_EPOCH - Duration::new((1 << 63) - 1, 1);
         assert_eq!(Envelope::decode(&e.encode()), Ok(e));
+    }
+
+    /// A scheme-relative URI (`//user:pw@host/…`, as a foreign producer may write one)
+    /// has its userinfo redacted too.
+    #[test]
+    fn a_scheme_relative_uris_userinfo_is_redacted() {
+        let shown = format!("{:?}", RedactedUri("//user:pw-222@api/orders"));
+        assert!(!shown.contains("pw-222"), "{shown}");
+        assert!(shown.contains("//<redacted>@api/orders"), "{shown}");
     }
 
     #[test]
