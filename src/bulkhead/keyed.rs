@@ -185,6 +185,12 @@ impl<S, K, F: Clone> Layer<S> for KeyedBulkheadLayer<K, F> {
 /// So a waiting call waits in its response future, not in `poll_ready`: put a keyed
 /// bulkhead outside a circuit breaker (see the [module docs](super)).
 ///
+/// Nothing bounds the calls across keys: N keys in flight may hold N × `max_concurrent`
+/// permits. Where callers choose the key (`keyed_by_authority` reads the `Host` header
+/// when the URI has no authority), put a plain [`Bulkhead`] outside for a total limit.
+/// Unused bulkheads are swept only when a new key arrives, so after a burst of keys the
+/// map stays at its size until then (each entry a few words).
+///
 /// Errors become [`BoxError`].
 pub struct KeyedBulkhead<S, K, F> {
     inner: S,

@@ -250,7 +250,15 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         loop {
             match &mut self.state {
-                State::Ready(_) => return self.inner.poll_ready(cx).map_err(Into::into),
+                State::Ready(_) => {
+                    let ready = self.inner.poll_ready(cx);
+                    if let Poll::Ready(Err(_)) = &ready {
+                        // A service that failed may be dropped late (a balancer keeps
+                        // it), or polled again: its permit is not kept meanwhile.
+                        self.state = State::Empty;
+                    }
+                    return ready.map_err(Into::into);
+                }
                 // Polled again, a rejection is not kept: admission runs afresh, so a
                 // permit or a waiting slot freed since is taken rather than failing a
                 // call that fits (a cache of ready services polls again before it

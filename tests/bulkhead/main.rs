@@ -616,3 +616,24 @@ async fn a_call_waiting_for_its_keys_permit_holds_nothing_inside() {
     held.abort();
     assert_eq!(waiting.await.unwrap().unwrap(), 1);
 }
+
+/// A service whose readiness failed does not keep its permit: another caller is
+/// admitted while the failed one is still held (a balancer may drop it late). Before,
+/// the permit stayed taken until the failed service was dropped.
+#[tokio::test(start_paused = true)]
+async fn a_service_that_failed_readiness_gives_its_permit_back() {
+    let layer = BulkheadLayer::new(1).unwrap();
+    let (mut c, mut handle) = callers(&layer, 2);
+    handle.send_error("connection pool closed");
+    assert_ready_err!(c[0].poll_ready());
+    assert_ready_ok!(c[1].poll_ready());
+    let mut f1 = tokio_test::task::spawn(c[1].call(1));
+    assert_pending!(f1.poll(), "admitted: waiting for its answer");
+    let (req, send) = handle
+        .next_request()
+        .await
+        .expect("the call reached the service");
+    assert_eq!(req, 1);
+    send.send_response(2);
+    assert_eq!(assert_ready_ok!(f1.poll()), 2);
+}
