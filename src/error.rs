@@ -12,6 +12,7 @@
 //! | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | deadline passed | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) | deadline passed while the response body was read (a body error: a proxy that had not sent its head yet answers 504) | 504 | `DEADLINE_EXCEEDED` |
 //! | `tonic::TimeoutExpired` | a tonic `Channel` enforced the `grpc-timeout` it sent (tonic itself answers `CANCELLED`) | — | `DEADLINE_EXCEEDED` |
+//! | a canceled `hyper::Error` | the call was dropped before it was dispatched, its connection closed (tonic itself answers `CANCELLED`) | — | `UNAVAILABLE` |
 //!
 //! # Example
 //! ```
@@ -359,6 +360,13 @@ mod grpc_mapping {
         // `Status::from_error` makes it `CANCELLED`, under a status too.
         if find_cause::<tonic::TimeoutExpired>(err).is_some() {
             return Some(Status::deadline_exceeded("the call's deadline passed"));
+        }
+        // The call was dropped before it was dispatched, its connection closed
+        // (tonic makes it `CANCELLED`): our caller cancelled nothing.
+        if find_cause::<hyper::Error>(err).is_some_and(hyper::Error::is_canceled) {
+            return Some(Status::unavailable(
+                "the connection to the dependency closed before the call was sent",
+            ));
         }
         if let Some(s) = find_cause::<Status>(err) {
             return Some(s.clone());

@@ -11,10 +11,17 @@ use std::time::Duration;
 /// Our own rejection: breakers never count it. It carries how long until the breaker
 /// admits a probe again, which the retry layer honours and the HTTP mapping sends as
 /// `Retry-After`.
+///
+/// A breaker [forced open](super::CircuitBreakerHandle::force_open) has no such time:
+/// its rejection [`is_forced`](Self::is_forced), and its `retry_after` is only the
+/// break duration, a pause before asking again (the enqueue fallback's deferral, the
+/// replayer's hold-back, the mappings' hint). The retry layer does not wait for it:
+/// the call ends with the rejection at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Open {
     /// In nanoseconds (saturated): a rejection converts nothing until it is asked.
     retry_after_ns: u64,
+    forced: bool,
 }
 
 impl Open {
@@ -31,7 +38,25 @@ impl Open {
 
     #[inline]
     pub(crate) const fn from_nanos(retry_after_ns: u64) -> Self {
-        Self { retry_after_ns }
+        Self {
+            retry_after_ns,
+            forced: false,
+        }
+    }
+
+    /// The rejection of a breaker forced open, asked again after `pause`.
+    #[inline]
+    pub(crate) const fn forced_from_nanos(pause_ns: u64) -> Self {
+        Self {
+            retry_after_ns: pause_ns,
+            forced: true,
+        }
+    }
+
+    /// Whether the breaker was forced open by hand: it admits nothing until it is
+    /// changed by hand again, so waiting `retry_after` is no promise of a probe.
+    pub const fn is_forced(&self) -> bool {
+        self.forced
     }
 
     #[inline]
@@ -47,7 +72,11 @@ impl Open {
 
 impl fmt::Display for Open {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "circuit open; next probe in {:?}", self.retry_after())
+        if self.forced {
+            f.write_str("circuit forced open")
+        } else {
+            write!(f, "circuit open; next probe in {:?}", self.retry_after())
+        }
     }
 }
 

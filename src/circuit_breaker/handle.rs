@@ -47,8 +47,10 @@ impl CircuitBreakerHandle {
     }
 
     /// Rejects every call until another manual change ([`State::ForcedOpen`]). Its
-    /// rejections carry the configured base break duration as `retry_after` (there is
-    /// no scheduled end to report).
+    /// rejections are [forced](super::error::Open::is_forced): the retry layer returns
+    /// them at once instead of waiting, and they carry the configured base break
+    /// duration as `retry_after`, a pause before asking again (there is no scheduled
+    /// end to report).
     pub fn force_open(&self) {
         self.breaker
             .force(State::ForcedOpen, false, &mut Now::lazy());

@@ -444,11 +444,11 @@ impl Permit {
         }
     }
 
-    /// A rejection, kept until `call`.
+    /// A rejection, kept until `call` (a forced one with the bit above the kind set).
     #[inline]
     pub(crate) fn rejected(open: &Open) -> Self {
         Self {
-            tag: REJECTED,
+            tag: REJECTED | u64::from(open.is_forced()) << KIND_BITS,
             start_ns: open.as_nanos(),
         }
     }
@@ -478,7 +478,13 @@ impl Permit {
     /// The rejection this stands for, if it is one.
     #[inline]
     pub(crate) fn rejection(&self) -> Option<Open> {
-        (self.kind() == REJECTED).then(|| Open::from_nanos(self.start_ns))
+        (self.kind() == REJECTED).then(|| {
+            if self.tag >> KIND_BITS == 1 {
+                Open::forced_from_nanos(self.start_ns)
+            } else {
+                Open::from_nanos(self.start_ns)
+            }
+        })
     }
 
     /// Whether this permit holds a half-open probe slot.
@@ -754,20 +760,24 @@ impl Breaker {
                 }
                 HALF_OPEN => {
                     if field(w, AVAIL_SHIFT) > 0 {
+                        if let Some(d) = self.settings.max_wait_in_half_open {
+                            // Every probe gets the whole wait from its admission: a
+                            // probe let in late (low traffic, or a slot given back) is
+                            // not cut off by an earlier one's limit. Pushed before the
+                            // slot is taken: a caller that finds no slot left (it reads
+                            // the word our exchange wrote) sees this wait too, and does
+                            // not reopen the breaker on the earlier one's. (If the
+                            // exchange fails, the wait only grew a little.)
+                            let until =
+                                self.ns(now.get()).saturating_add(crate::duration::nanos(d));
+                            self.half_open_until_ns.fetch_max(until, AcqRel);
+                        }
                         let taken = w - (1 << AVAIL_SHIFT);
                         if self
                             .word
                             .compare_exchange(w, taken, AcqRel, Acquire)
                             .is_ok()
                         {
-                            if let Some(d) = self.settings.max_wait_in_half_open {
-                                // Every probe gets the whole wait from its admission: a
-                                // probe let in late (low traffic, or a slot given back)
-                                // is not cut off by an earlier one's limit.
-                                let until =
-                                    self.ns(now.get()).saturating_add(crate::duration::nanos(d));
-                                self.half_open_until_ns.fetch_max(until, AcqRel);
-                            }
                             return Ok(Permit::new(generation, PROBE, self.start(now)));
                         }
                         continue;
@@ -781,7 +791,11 @@ impl Breaker {
                     }
                     return Err(Open::from_nanos(0));
                 }
-                _ => return Err(Open::new(self.settings.break_duration)),
+                _ => {
+                    return Err(Open::forced_from_nanos(crate::duration::nanos(
+                        self.settings.break_duration,
+                    )));
+                }
             }
         }
     }

@@ -63,10 +63,12 @@ as_error_for!(
 /// | error found in the chain | class | retryable | may have taken effect |
 /// |---|---|---|---|
 /// | ✦ [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | ignored | yes, after its `retry_after` | no |
+/// | ✦ the same, from a breaker [forced open](crate::circuit_breaker::error::Open::is_forced) (no end to wait for) | ignored | no | no |
 /// | ✦ [`bulkhead::error::Full`](crate::bulkhead::error::Full) | ignored | yes | no |
 /// | ✦ `http::body::RequestBodyFailed` (with `http`: the caller's upload broke) | ignored | no | yes |
 /// | ✦ [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
 /// | ✦ `tonic::TimeoutExpired` (with `grpc`: a `Channel`'s own timeout, which tonic reports as `CANCELLED`) | failure | yes | yes |
+/// | ✦ a `hyper::Error` that [`is_canceled`](https://docs.rs/hyper/1/hyper/struct.Error.html#method.is_canceled) (with `grpc`, `hyper` or `reqwest`: the request was dropped before it was dispatched, its connection closed; tonic reports it as `CANCELLED`) | failure | yes | no |
 /// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) that expired before the call (no attempt was made) | ignored | no (the budget is spent) | no |
 /// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded), the call made | failure | no (the budget is spent) | yes |
 /// | ✦ [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) (the answer's body stalled) | failure | no (the budget is spent) | yes (it answered) |
@@ -142,10 +144,11 @@ pub(crate) fn decisive_in_chain(err: &(dyn Error + 'static)) -> Option<Classific
 #[inline]
 fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
     if let Some(open) = as_type::<crate::circuit_breaker::error::Open>(e) {
+        // A breaker forced open has no end to wait for: not retried.
         return Some(
             Classification::ignored()
-                .with_retryable(true)
-                .with_retry_after(Some(open.retry_after()))
+                .with_retryable(!open.is_forced())
+                .with_retry_after((!open.is_forced()).then(|| open.retry_after()))
                 .as_own_rejection(),
         );
     }
@@ -187,6 +190,13 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
                 .with_retryable(false)
                 .with_effect(true),
         );
+    }
+    // hyper: a request dropped before it was dispatched to its connection (the
+    // connection closed first, "connection closed" / "connection was not ready"),
+    // which tonic turns into a `CANCELLED` status: a success by that code.
+    #[cfg(any(feature = "grpc", feature = "hyper", feature = "reqwest"))]
+    if as_type::<hyper::Error>(e).is_some_and(hyper::Error::is_canceled) {
+        return Some(Classification::failure().with_effect(false));
     }
     // hyper-util's client: a failure to connect (refused, DNS, a connect timeout, a TLS
     // handshake, a scheme its connector refuses) never sent the request.

@@ -475,6 +475,50 @@ mod tests {
         }
     }
 
+    /// A call whose connection closed before it was dispatched: hyper calls it
+    /// canceled and tonic makes it `CANCELLED` (with hyper's error as its source), a
+    /// success by its code, so no breaker counted the outage and no fallback deferred
+    /// the call. It is a failure that took no effect, answered `UNAVAILABLE`; a
+    /// `CANCELLED` the server sent stays a success.
+    #[cfg(feature = "grpc")]
+    #[tokio::test]
+    async fn a_call_whose_connection_closed_under_it_is_a_failure() {
+        use crate::BoxError;
+        let (client_io, server_io) = tokio::io::duplex(64);
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<bytes::Bytes>,
+        >(hyper_util::rt::TokioIo::new(client_io))
+        .await
+        .unwrap();
+        drop(conn);
+        drop(server_io);
+        let err = send
+            .send_request(http::Request::new(http_body_util::Empty::new()))
+            .await
+            .unwrap_err();
+        assert!(err.is_canceled(), "{err}");
+        let status = tonic::Status::from_error(Box::new(err));
+        assert_eq!(status.code(), tonic::Code::Cancelled);
+        assert_eq!(
+            crate::error::to_status(&status).code(),
+            tonic::Code::Unavailable
+        );
+        let c = classify_error(&status);
+        assert_eq!(c.class(), Class::Failure);
+        assert!(c.is_retryable());
+        assert!(!c.may_have_taken_effect(), "never dispatched");
+        let wrapped: BoxError = Box::new(status);
+        assert_eq!(classify_error(&*wrapped).class(), Class::Failure);
+
+        let sent = tonic::Status::cancelled("the server gave up");
+        assert_eq!(classify_error(&sent).class(), Class::Success);
+        assert_eq!(
+            crate::error::to_status(&sent).code(),
+            tonic::Code::Cancelled
+        );
+    }
+
     /// A `tonic::Status` classified through the error chain (the typed enqueue
     /// flavour's and `ClassifierJudge`'s default, `ErrorClassifier`) keeps the server's
     /// pushback: when to retry, or (negative) not to. It was classified by its code

@@ -14,7 +14,9 @@ use std::time::{Duration, SystemTime};
 /// | status | class | retryable |
 /// |---|---|---|
 /// | 1xx, 2xx, 3xx | success | no |
-/// | 408 Request Timeout | failure that took no effect (the server did not receive the whole request, RFC 9110 §15.5.9: a `POST` is retried too) | yes |
+/// | 408 Request Timeout with `Connection: close` | failure that took no effect (the server did not receive the whole request and closes the connection, RFC 9110 §15.5.9: a `POST` is retried too) | yes |
+/// | 408 without it | failure that may have taken effect (tower-http's `TimeoutLayer::new` answers `408` when a *handler* runs too long) | yes, if the request is retry-safe |
+/// | 409 Conflict with `Retry-After` (the [idempotency layer](crate::idempotency)'s "request in progress": the first request with this key still runs) | ignored (the duplicate was refused; the server is healthy), no effect, hint from `Retry-After` | yes |
 /// | 429 Too Many Requests | overload, hint from `Retry-After` | yes |
 /// | 503 with `Retry-After` | overload, hint from `Retry-After` | yes |
 /// | other 5xx (503 without `Retry-After` too) | failure | yes |
@@ -162,8 +164,21 @@ fn default_status(status: StatusCode, headers: &HeaderMap) -> Classification {
         return super::grpc::GrpcClassifier::new().classify_code(code, headers);
     }
     match status.as_u16() {
-        // The server did not receive the whole request (RFC 9110 §15.5.9): no effect.
-        408 => Classification::failure().with_effect(false),
+        // The server did not receive the whole request (RFC 9110 §15.5.9: it SHOULD
+        // close the connection): no effect. A 408 on a connection kept open is as
+        // likely a handler cut short by a server timeout (tower-http's
+        // `TimeoutLayer::new`), which may have done its work.
+        408 if closes_connection(headers) => Classification::failure().with_effect(false),
+        408 => Classification::failure(),
+        // The IETF idempotency-key draft's answer to a key whose first request is
+        // still running, with when to ask again (our idempotency layer's): this copy
+        // was refused, and says nothing of the server's health.
+        409 => match retry_after(headers, SystemTime::now()) {
+            Some(hint) => Classification::ignored()
+                .with_retryable(true)
+                .with_retry_after(Some(hint)),
+            None => Classification::success(),
+        },
         429 => Classification::overload(retry_after(headers, SystemTime::now())),
         503 => match retry_after(headers, SystemTime::now()) {
             Some(hint) => Classification::overload(Some(hint)),
@@ -196,6 +211,17 @@ impl<B, E: AsError> Classify<Response<B>, E> for HttpClassifier {
                 .map_or_else(Classification::failure, classify_error),
         }
     }
+}
+
+/// Whether the response says its connection closes (`Connection: close`, a token of
+/// a comma-separated list, in any case).
+fn closes_connection(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
 }
 
 /// Reads the `Retry-After` header: delay-seconds, or an HTTP-date measured from the
@@ -399,9 +425,44 @@ mod tests {
             assert_eq!(r.class(), Class::Success, "{s}");
             assert!(!r.is_retryable());
         }
-        let timeout = classify(&c, &response(408, None));
-        assert_eq!(timeout.class(), Class::Failure);
-        assert!(!timeout.may_have_taken_effect());
+    }
+
+    /// A `409` with `Retry-After` (a duplicate refused while the key's first request
+    /// runs) is retried after the hint and counted by no breaker; a plain `409` is a
+    /// client error like any other.
+    #[test]
+    fn a_409_in_progress_is_retried_after_its_hint_and_counted_by_no_one() {
+        let c = HttpClassifier::new();
+        let r = classify(&c, &response(409, Some("2")));
+        assert_eq!(r.class(), Class::Ignored);
+        assert!(r.is_retryable());
+        assert!(!r.may_have_taken_effect());
+        assert_eq!(r.retry_after(), Some(Duration::from_secs(2)));
+        let plain = classify(&c, &response(409, None));
+        assert_eq!(plain.class(), Class::Success);
+        assert!(!plain.is_retryable());
+    }
+
+    /// A 408 that closes its connection is the RFC's: the server did not get the whole
+    /// request, so even a `POST` is retried. One on a connection kept open may be a
+    /// handler cut short by a server timeout (tower-http's `TimeoutLayer::new`), which
+    /// may have done its work: a `POST` without a key is not repeated.
+    #[test]
+    fn a_408_took_no_effect_only_when_it_closes_the_connection() {
+        let c = HttpClassifier::new();
+        for value in ["close", "Close", "keep-alive, close"] {
+            let mut res = response(408, None);
+            res.headers_mut()
+                .insert(http::header::CONNECTION, value.parse().unwrap());
+            let timeout = classify(&c, &res);
+            assert_eq!(timeout.class(), Class::Failure, "{value}");
+            assert!(timeout.is_retryable());
+            assert!(!timeout.may_have_taken_effect(), "{value}");
+        }
+        let kept_open = classify(&c, &response(408, None));
+        assert_eq!(kept_open.class(), Class::Failure);
+        assert!(kept_open.is_retryable());
+        assert!(kept_open.may_have_taken_effect());
     }
 
     #[test]

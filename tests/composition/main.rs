@@ -137,6 +137,36 @@ async fn a_break_longer_than_max_open_wait_returns_the_rejection_at_once() {
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
 
+/// A breaker forced open by hand has no end to wait for: the retry returns its
+/// rejection at once, not after waiting its `retry_after` (the break duration) once
+/// per retry, as it did.
+#[tokio::test(start_paused = true)]
+async fn a_breaker_forced_open_is_not_waited_for() {
+    let breaker = CircuitBreakerLayer::builder()
+        .break_duration(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    breaker.handle().force_open();
+    let retry = RetryLayer::builder()
+        .max_retries(3)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .no_budget()
+        .build()
+        .unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let svc = ServiceBuilder::new()
+        .layer(retry)
+        .layer(breaker)
+        .service(flaky(0, calls.clone()));
+    let start = Instant::now();
+    let err = svc.oneshot(7).await.unwrap_err();
+    let open = err.open().expect("the breaker's rejection");
+    assert!(open.is_forced(), "{open:?}");
+    assert_eq!(open.retry_after(), Duration::from_secs(2));
+    assert_eq!(start.elapsed(), Duration::ZERO, "not waited for");
+    assert!(calls.lock().unwrap().is_empty());
+}
+
 /// Up to three retries 10 ms apart, from a budget that never has one to give.
 fn retry_with_a_spent_budget() -> RetryLayer<postbox::retry::DefaultPolicy> {
     let budget = postbox::retry::RetryBudget::builder()

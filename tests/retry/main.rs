@@ -841,20 +841,64 @@ async fn a_connect_error_is_retried_even_for_a_post() {
     assert_ready_ok!(fut.poll());
 }
 
-/// A `408 Request Timeout` says the server did not receive the whole request (RFC 9110
-/// §15.5.9): it took no effect, so even a `POST` without a key is retried.
+/// A `408 Request Timeout` that closes its connection says the server did not receive
+/// the whole request (RFC 9110 §15.5.9): it took no effect, so even a `POST` without a
+/// key is retried. A `408` on a connection kept open (tower-http's `TimeoutLayer::new`
+/// answers so when a handler runs too long) may have taken effect: that `POST` is not
+/// repeated.
 #[tokio::test(start_paused = true)]
-async fn a_408_is_retried_even_for_a_post() {
+async fn a_408_that_closes_its_connection_is_retried_even_for_a_post() {
     let layer = http_layer(HttpRequests::new());
     let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
     assert_ready_ok!(svc.poll_ready());
     let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
-    take_request(&mut handle).1.send_response(status(408, None));
+    let mut closing = status(408, None);
+    closing
+        .headers_mut()
+        .insert(http::header::CONNECTION, "close".parse().unwrap());
+    take_request(&mut handle).1.send_response(closing);
     assert_pending!(fut.poll());
     advance(10 * MS).await;
     assert_pending!(fut.poll());
     let (retried, send) = take_request(&mut handle);
     assert_eq!(retried.method(), Method::POST);
+    send.send_response(status(201, None));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::CREATED);
+
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = task::spawn(svc.call(Request::post("http://a/").body(()).unwrap()));
+    take_request(&mut handle).1.send_response(status(408, None));
+    let res = assert_ready_ok!(fut.poll());
+    assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT, "not retried");
+    advance(10 * MS).await;
+    no_request(&mut handle);
+}
+
+/// A keyed `POST` answered `409` with `Retry-After` (the idempotency layer's "request
+/// in progress": an earlier attempt cut short by our attempt timeout still runs there)
+/// is asked again after the hint and gets the first request's answer. Before, the
+/// `409` was the caller's answer.
+#[tokio::test(start_paused = true)]
+async fn a_request_still_in_progress_is_asked_again_after_its_hint() {
+    let layer = http_layer(HttpRequests::new());
+    let (mut svc, mut handle) = mock::spawn_with(|m| layer.layer(m));
+    assert_ready_ok!(svc.poll_ready());
+    let req = Request::post("http://a/orders")
+        .header(IDEMPOTENCY_KEY, "order-18")
+        .body(())
+        .unwrap();
+    let mut fut = task::spawn(svc.call(req));
+    take_request(&mut handle)
+        .1
+        .send_response(status(409, Some("1")));
+    assert_pending!(fut.poll());
+    advance(999 * MS).await;
+    assert_pending!(fut.poll());
+    no_request(&mut handle);
+    advance(MS).await;
+    assert_pending!(fut.poll());
+    let (again, send) = take_request(&mut handle);
+    assert_eq!(again.headers()[IDEMPOTENCY_KEY], "order-18");
     send.send_response(status(201, None));
     assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::CREATED);
 }
