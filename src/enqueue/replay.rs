@@ -229,13 +229,16 @@ mod http_judge {
                 {
                     // Not followed here, and a `307`/`308` (or `301`/`302`/`300`) means
                     // the request was not applied: acking it would lose the message.
+                    // Its credentials redacted (a signed URL's `X-Amz-Signature`): the
+                    // reason is logged and stored with the dead letter.
                     let to = res
                         .headers()
                         .get(http::header::LOCATION)
                         .and_then(|v| v.to_str().ok())
                         .map_or("nowhere", |l| l.get(..256).unwrap_or(l));
+                    let to = crate::queue::envelope::RedactedUri(to);
                     return Verdict::Permanent {
-                        reason: format!("redirected with {status} to {to}, not followed"),
+                        reason: format!("redirected with {status} to {to:?}, not followed"),
                     };
                 }
                 // A `409` with a `Retry-After` is a conflict that ends (the
@@ -1789,8 +1792,8 @@ mod tests {
     }
 
     /// A redirect is not followed, and a `307`/`308` means the request was not applied:
-    /// dead-lettered with its `Location`, not acked as delivered (the message was lost).
-    /// `303 See Other` is the answer to an applied request.
+    /// dead-lettered with its `Location` (credentials redacted), not acked as delivered
+    /// (the message was lost). `303 See Other` is the answer to an applied request.
     #[cfg(feature = "http")]
     #[test]
     fn a_redirect_is_permanent_not_delivered() {
@@ -1811,6 +1814,18 @@ mod tests {
         }
         assert_eq!(j.judge(Ok(&res(303))), Verdict::Delivered);
         assert_eq!(j.judge(Ok(&res(201))), Verdict::Delivered);
+        // A signed `Location` is stored and logged without its signature.
+        let signed = http::Response::builder()
+            .status(307)
+            .header("location", "https://bucket/o?X-Amz-Signature=sg-444&part=1")
+            .body(())
+            .unwrap();
+        let v = j.judge(Ok(&signed));
+        assert!(
+            matches!(&v, Verdict::Permanent { reason }
+                if !reason.contains("sg-444") && reason.contains("X-Amz-Signature=<redacted>&part=1")),
+            "{v:?}"
+        );
     }
 
     #[test]

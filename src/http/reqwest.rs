@@ -31,7 +31,11 @@ use tower_service::Service;
 /// The response is an `http::Response<reqwest::Body>`; errors are `reqwest::Error`s
 /// boxed into [`BoxError`] (a refused connection keeps its `io::Error` in the source
 /// chain, so [`classify_error`](crate::classify::classify_error) sees it as a connect
-/// failure that never took effect).
+/// failure that never took effect). An error's URL, which reqwest prints with it
+/// (`… for url (…)`), has its userinfo and the values of query parameters named like
+/// credentials (`api_key`, `access_token`, `X-Amz-Signature`, `sig`, …) redacted: the
+/// enqueue fallback logs the error, and the replayer stores it as a dead letter's
+/// reason.
 #[derive(Debug, Clone, Default)]
 pub struct ReqwestService {
     client: reqwest::Client,
@@ -114,13 +118,39 @@ impl Future for ResponseFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Pending { inner } => {
-                let res = ready!(inner.poll(cx))?;
+                let res = ready!(inner.poll(cx)).map_err(redacted)?;
                 Poll::Ready(Ok(res.into()))
             }
-            StateProj::Invalid { error } => Poll::Ready(Err(error
-                .take()
-                .expect("reqwest future polled after completion")
-                .into())),
+            StateProj::Invalid { error } => Poll::Ready(Err(redacted(
+                error
+                    .take()
+                    .expect("reqwest future polled after completion"),
+            )
+            .into())),
         }
     }
+}
+
+/// `e` with its URL's userinfo removed and the values of its credential-like query
+/// parameters replaced with `redacted` (see [`ReqwestService`]).
+#[cold]
+fn redacted(mut e: reqwest::Error) -> reqwest::Error {
+    use crate::queue::envelope::{is_secret_param, redact_query};
+    if let Some(url) = e.url_mut() {
+        if url.password().is_some() || !url.username().is_empty() {
+            let _ = url.set_password(None);
+            let _ = url.set_username("");
+        }
+        if let Some(query) = url.query()
+            && query.split('&').any(|pair| {
+                pair.split_once('=')
+                    .is_some_and(|(n, _)| is_secret_param(n))
+            })
+        {
+            let mut shown = String::with_capacity(query.len());
+            redact_query(query, "redacted", &mut shown);
+            url.set_query(Some(&shown));
+        }
+    }
+    e
 }

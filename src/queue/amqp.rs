@@ -1006,7 +1006,6 @@ impl Inner {
             let mut envelope = match Envelope::decode(&delivery.data) {
                 Ok(e) => e,
                 Err(e) => {
-                    tracing::error!(queue = %self.queue, error = %e, "postbox: undecodable message moved to the dead-letter queue");
                     // An id of its own, so its return (if any) is told from another's.
                     let move_id = MessageId::new_v7().to_string();
                     let props = BasicProperties::default()
@@ -1030,6 +1029,10 @@ impl Inner {
                         );
                         return Err(self.give_back(epoch, &delivery.acker, answer, what).await);
                     }
+                    // Counted (and logged at error level) once moved, as by the other
+                    // backends: a move that failed comes back, and would be counted again.
+                    tracing::error!(queue = %self.queue, error = %e, "postbox: undecodable message moved to the dead-letter queue");
+                    metrics::counter!("postbox_queue_quarantined_total").increment(1);
                     self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
                         .await?;
                     continue;

@@ -165,7 +165,6 @@ pub(crate) struct RedactedUri<'a>(pub(crate) &'a str);
 
 impl fmt::Debug for RedactedUri<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use fmt::Write;
         let uri = self.0;
         // A scheme-relative `//user:pw@host/…` (a foreign producer's) has an authority too.
         let start = match uri.find("://") {
@@ -193,25 +192,33 @@ impl fmt::Debug for RedactedUri<'_> {
         if let Some(query) = query {
             let (query, fragment) = query.split_at(query.find('#').unwrap_or(query.len()));
             shown.push('?');
-            for (i, pair) in query.split('&').enumerate() {
-                if i > 0 {
-                    shown.push('&');
-                }
-                match pair.split_once('=') {
-                    Some((name, _)) if is_secret_param(name) => {
-                        let _ = write!(shown, "{name}=<redacted>");
-                    }
-                    _ => shown.push_str(pair),
-                }
-            }
+            redact_query(query, "<redacted>", &mut shown);
             shown.push_str(fragment);
         }
         fmt::Debug::fmt(&shown, f)
     }
 }
 
+/// Writes `query` (without its `?`) to `out`, the values of parameters named like
+/// credentials ([`is_secret_param`]) replaced with `with`.
+pub(crate) fn redact_query(query: &str, with: &str, out: &mut String) {
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, _)) if is_secret_param(name) => {
+                out.push_str(name);
+                out.push('=');
+                out.push_str(with);
+            }
+            _ => out.push_str(pair),
+        }
+    }
+}
+
 /// Whether the query parameter `name` holds a credential.
-fn is_secret_param(name: &str) -> bool {
+pub(crate) fn is_secret_param(name: &str) -> bool {
     const SHORT: [&str; 5] = ["sig", "key", "code", "pwd", "jwt"];
     is_credential(name) || SHORT.iter().any(|s| name.eq_ignore_ascii_case(s))
 }

@@ -773,8 +773,6 @@ impl Inner {
     /// level and counted in `postbox_queue_quarantined_total`. If the move fails, the
     /// delivery is given back for a later fetch to try again.
     async fn set_aside(&self, msg: async_nats::jetstream::Message, why: &str) {
-        tracing::error!(subject = %msg.subject, reason = why, "postbox: undecodable message moved to the dead-letter stream");
-        metrics::counter!("postbox_queue_quarantined_total").increment(1);
         // JetStream's own headers stay out: the server keeps them with the message, and
         // a copied `Nats-Expected-Last-Subject-Sequence: 0` (our enqueue's) is only met
         // while the dead stream is empty, a copied `Nats-Msg-Id` may be a duplicate.
@@ -799,9 +797,15 @@ impl Inner {
             .message_id(format!("{}.seq{}.dead", self.stream, sequence(&msg)));
         let moved = self.publish(self.dead_subject.clone(), publish).await;
         let answer = match moved {
-            Ok(_) => msg.double_ack_with(AckKind::Term).await,
+            Ok(_) => {
+                // Counted (and logged at error level) once moved: a move that failed
+                // comes back with a later fetch, and would be counted again.
+                tracing::error!(subject = %msg.subject, reason = why, "postbox: undecodable message moved to the dead-letter stream");
+                metrics::counter!("postbox_queue_quarantined_total").increment(1);
+                msg.double_ack_with(AckKind::Term).await
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "postbox: could not dead-letter an undecodable message");
+                tracing::warn!(subject = %msg.subject, reason = why, error = %e, "postbox: could not dead-letter an undecodable message");
                 msg.ack_with(AckKind::Nak(Some(self.ack_wait()))).await
             }
         };

@@ -552,10 +552,16 @@ impl RedisQueue {
     /// at error level and counted in `postbox_queue_quarantined_total`. If that fails,
     /// its lease expires and a later `lease` tries again.
     async fn set_aside(&self, token: LeaseToken, why: &str) {
-        tracing::error!(id = %token.id, reason = why, "postbox: undecodable queued message moved to the dead-letter stream");
-        metrics::counter!("postbox_queue_quarantined_total").increment(1);
-        if let Err(e) = self.dead_inner(token, &format!("undecodable: {why}")).await {
-            tracing::warn!(id = %token.id, error = %e, "postbox: could not dead-letter an undecodable message");
+        // Counted (and logged at error level) once it is moved: a move that failed
+        // comes back with the next lease, and would be counted again.
+        match self.dead_inner(token, &format!("undecodable: {why}")).await {
+            Ok(()) => {
+                tracing::error!(id = %token.id, reason = why, "postbox: undecodable queued message moved to the dead-letter stream");
+                metrics::counter!("postbox_queue_quarantined_total").increment(1);
+            }
+            Err(e) => {
+                tracing::warn!(id = %token.id, reason = why, error = %e, "postbox: could not dead-letter an undecodable message");
+            }
         }
     }
 

@@ -91,6 +91,30 @@ async fn a_refused_connection_is_a_retryable_failure_that_never_took_effect() {
     assert!(!c.may_have_taken_effect());
 }
 
+/// reqwest prints an error with its URL (`… for url (…)`), which the enqueue fallback
+/// logs and the replayer stores as a dead letter's reason: its userinfo and the values
+/// of credential-like query parameters are redacted; the rest of it stays.
+#[tokio::test]
+async fn an_errors_url_has_its_credentials_redacted() {
+    let dead = shared::DeadPort::new();
+    let addr = dead.addr();
+    let client = ReqwestService::new(reqwest::Client::new());
+    let req = http::Request::post(format!(
+        "http://user:pw-111@{addr}/orders?page=2&api_key=ak-222&X-Amz-Signature=sg-333"
+    ))
+    .body(String::from("{}"))
+    .unwrap();
+    let err = client.oneshot(req).await.unwrap_err();
+    let shown = format!("{err} {err:?}");
+    for secret in ["pw-111", "ak-222", "sg-333"] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
+    assert!(
+        shown.contains("/orders?page=2&api_key=redacted&X-Amz-Signature=redacted"),
+        "{shown}"
+    );
+}
+
 /// A request reqwest refuses to build (a scheme it does not speak) is the caller's
 /// mistake: never sent, not retried, and no breaker counts it against the dependency.
 #[tokio::test]
