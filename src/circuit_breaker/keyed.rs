@@ -209,6 +209,12 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             e.last_used_ns.store(now_ns, Relaxed);
             return e.breaker.clone();
         }
+        // Made before the write lock every call of every key waits on (its window's
+        // allocation, the key's hash and name); thrown away if another call adds the
+        // key first.
+        let fresh = self.new_breaker(&key, now);
+        // Dropped (their windows freed) after the lock is let go.
+        let mut evicted = Vec::new();
         let mut map = self.write();
         if let Some(e) = map.get(&key) {
             // Added by another call in between.
@@ -216,8 +222,25 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             return e.breaker.clone();
         }
         if map.len() >= self.max_keys.saturating_add(self.manual.load(Relaxed)) {
-            self.evict(&mut map, now, now_ns);
+            self.evict(&mut map, now, now_ns, &mut evicted);
         }
+        // Not set on the gauge until it first leaves closed: one series per key ever
+        // seen would grow the metrics recorder without bound where keys come from
+        // requests (an authority behind a proxy), whatever `max_keys` says.
+        map.insert(
+            key,
+            Entry {
+                breaker: fresh.clone(),
+                last_used_ns: AtomicU64::new(now_ns),
+            },
+        );
+        drop(map);
+        drop(evicted);
+        fresh
+    }
+
+    /// A new breaker for `key`, from the template.
+    fn new_breaker(&self, key: &K, now: Instant) -> Arc<Ref> {
         let mut settings = self.template.settings();
         // A seeded jitter gets a sequence of its own per key (the same in every run):
         // one seed for all would shorten every key's break alike.
@@ -231,22 +254,11 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
         } else {
             format!("{}/{key}", settings.name).into()
         };
-        let breaker = Ref::new(Arc::new(Breaker::new(
+        Ref::new(Arc::new(Breaker::new(
             settings,
             now,
             Box::new(SharedHook(self.hook.clone())),
-        )));
-        // Not set on the gauge until it first leaves closed: one series per key ever
-        // seen would grow the metrics recorder without bound where keys come from
-        // requests (an authority behind a proxy), whatever `max_keys` says.
-        map.insert(
-            key,
-            Entry {
-                breaker: breaker.clone(),
-                last_used_ns: AtomicU64::new(now_ns),
-            },
-        );
-        breaker
+        )))
     }
 
     /// Drops the breakers idle for longer than `idle`; if the map is still full, the
@@ -256,8 +268,10 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     /// dependency), and with it up to 1/64 of the map more of the least recently used
     /// closed ones without calls. A breaker in a state set by hand is never
     /// dropped: that would undo it.
-    fn evict(&self, map: &mut KeyMap<K>, now: Instant, now_ns: u64) {
-        retain_active(map, now, now_ns, self.idle);
+    ///
+    /// The entries taken out go to `evicted`, to be dropped once the lock is let go.
+    fn evict(&self, map: &mut KeyMap<K>, now: Instant, now_ns: u64, evicted: &mut Vec<Entry>) {
+        retain_active(map, now, now_ns, self.idle, evicted);
         if map.len() < self.max_keys {
             return;
         }
@@ -301,7 +315,10 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
             .collect();
         for victim in chosen {
             if let Some(e) = map.remove(&victim) {
+                // Under the lock: a breaker made for the key after it must not have
+                // its gauge reset by this one.
                 e.breaker.breaker().retire();
+                evicted.push(e);
             }
         }
     }
@@ -328,18 +345,27 @@ fn in_use(e: &Entry) -> bool {
 /// the break not over, or half-open): a key that sees no calls during its break would
 /// otherwise come back as a fresh closed breaker and send full traffic to the
 /// dependency it was shielding.
-fn retain_active<K>(map: &mut KeyMap<K>, now: Instant, now_ns: u64, idle: Duration) {
+fn retain_active<K>(
+    map: &mut KeyMap<K>,
+    now: Instant,
+    now_ns: u64,
+    idle: Duration,
+    evicted: &mut Vec<Entry>,
+) {
     let idle_ns = crate::duration::nanos(idle);
-    map.retain(|_, e| {
-        let keep = now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns
-            || in_use(e)
-            || is_manual(e)
-            || e.breaker.breaker().is_guarding(now);
-        if !keep {
-            e.breaker.breaker().retire();
-        }
-        keep
-    });
+    evicted.extend(
+        map.extract_if(|_, e| {
+            let keep = now_ns.saturating_sub(e.last_used_ns.load(Relaxed)) < idle_ns
+                || in_use(e)
+                || is_manual(e)
+                || e.breaker.breaker().is_guarding(now);
+            if !keep {
+                e.breaker.breaker().retire();
+            }
+            !keep
+        })
+        .map(|(_, e)| e),
+    );
 }
 
 /// Builds a [`KeyedCircuitBreakerLayer`]; from
@@ -571,7 +597,16 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
     pub fn evict_idle(&self) {
         let now = Instant::now();
         let now_ns = self.keys.ns(now);
-        retain_active(&mut self.keys.write(), now, now_ns, self.keys.idle);
+        let mut evicted = Vec::new();
+        retain_active(
+            &mut self.keys.write(),
+            now,
+            now_ns,
+            self.keys.idle,
+            &mut evicted,
+        );
+        // The windows are freed after the lock is let go.
+        drop(evicted);
     }
 }
 
