@@ -363,9 +363,12 @@ mod grpc_mapping {
         }
         // The call was dropped before it was dispatched, its connection closed
         // (tonic makes it `CANCELLED`): our caller cancelled nothing.
-        if find_cause::<hyper::Error>(err).is_some_and(hyper::Error::is_canceled) {
-            return Some(Status::unavailable(
-                "the connection to the dependency closed before the call was sent",
+        if let Some(e) = find_cause::<hyper::Error>(err).filter(|e| e.is_canceled()) {
+            // With a source that a classifier outside reads as never sent (a bare
+            // `UNAVAILABLE` may have taken effect): hyper's error cannot be cloned.
+            return Some(with_source(
+                Status::unavailable(format!("the call was not sent: {e}")),
+                crate::classify::NotDispatched,
             ));
         }
         if let Some(s) = find_cause::<Status>(err) {

@@ -139,6 +139,22 @@ pub(crate) fn decisive_in_chain(err: &(dyn Error + 'static)) -> Option<Classific
     None
 }
 
+/// The source `to_status` gives the `UNAVAILABLE` it makes of a request hyper dropped
+/// before dispatching it (hyper's error cannot be cloned): read as that error is.
+#[cfg(any(feature = "grpc", feature = "hyper", feature = "reqwest"))]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NotDispatched;
+
+#[cfg(any(feature = "grpc", feature = "hyper", feature = "reqwest"))]
+impl std::fmt::Display for NotDispatched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request was dropped before it was dispatched (its connection closed)")
+    }
+}
+
+#[cfg(any(feature = "grpc", feature = "hyper", feature = "reqwest"))]
+impl Error for NotDispatched {}
+
 /// The rows of [`classify_error`] that decide wherever they are in the chain: our own
 /// errors, and a connection never made.
 #[inline]
@@ -193,9 +209,12 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
     }
     // hyper: a request dropped before it was dispatched to its connection (the
     // connection closed first, "connection closed" / "connection was not ready"),
-    // which tonic turns into a `CANCELLED` status: a success by that code.
+    // which tonic turns into a `CANCELLED` status: a success by that code. (Or its
+    // stand-in under the `UNAVAILABLE` that `to_status` makes of it.)
     #[cfg(any(feature = "grpc", feature = "hyper", feature = "reqwest"))]
-    if as_type::<hyper::Error>(e).is_some_and(hyper::Error::is_canceled) {
+    if as_type::<hyper::Error>(e).is_some_and(hyper::Error::is_canceled)
+        || as_type::<NotDispatched>(e).is_some()
+    {
         return Some(Classification::failure().with_effect(false));
     }
     // hyper-util's client: a failure to connect (refused, DNS, a connect timeout, a TLS

@@ -500,10 +500,14 @@ mod tests {
         assert!(err.is_canceled(), "{err}");
         let status = tonic::Status::from_error(Box::new(err));
         assert_eq!(status.code(), tonic::Code::Cancelled);
-        assert_eq!(
-            crate::error::to_status(&status).code(),
-            tonic::Code::Unavailable
+        let mapped = crate::error::to_status(&status);
+        assert_eq!(mapped.code(), tonic::Code::Unavailable);
+        assert!(
+            !classify_error(&mapped).may_have_taken_effect(),
+            "a layer outside reads the mapped status as never sent"
         );
+        let via_layer = crate::grpc::into_status(Box::new(status.clone()));
+        assert_eq!(via_layer.code(), tonic::Code::Unavailable);
         let c = classify_error(&status);
         assert_eq!(c.class(), Class::Failure);
         assert!(c.is_retryable());

@@ -1,6 +1,6 @@
 //! HTTP classification: status codes, ranges, `Retry-After`.
 
-use super::{AsError, Class, Classification, Classify, classify_error};
+use super::{AsError, Classification, Classify, classify_error};
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header::RETRY_AFTER};
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -31,8 +31,9 @@ use std::time::{Duration, SystemTime};
 ///
 /// Overrides are checked before the defaults: first the closure set with
 /// [`with_fn`](Self::with_fn), then the rules in the reverse order they were added (the
-/// last one added wins). An overload either decides without a hint of its own takes
-/// the response's `Retry-After`.
+/// last one added wins). A retryable outcome either decides without a hint of its own
+/// (an overload, a `409` made a retryable failure) takes the response's `Retry-After`:
+/// the retry waits for it, as for the defaults.
 ///
 /// # Example
 /// ```
@@ -80,7 +81,7 @@ impl HttpClassifier {
     }
 
     /// Classifies `status` as `classification` (a server hint in `Retry-After` is still
-    /// read for overload classifications).
+    /// read for a retryable classification without a hint of its own).
     pub fn with_status(self, status: StatusCode, classification: Classification) -> Self {
         let code = status.as_u16();
         self.with_range(code..=code, classification)
@@ -129,10 +130,11 @@ impl HttpClassifier {
     /// Classifies a status and its headers.
     pub fn classify_status(&self, status: StatusCode, headers: &HeaderMap) -> Classification {
         if let Some(o) = &self.overrides {
-            // An overload without a hint of its own takes the server's `Retry-After`,
-            // whether the closure or a rule decided it.
+            // A retryable outcome without a hint of its own (an overload, a `409` made
+            // a retryable failure) takes the server's `Retry-After`, whether the
+            // closure or a rule decided it.
             let hinted = |c: Classification| {
-                if c.class() == Class::Overload && c.retry_after().is_none() {
+                if c.is_retryable() && c.retry_after().is_none() {
                     c.with_retry_after(retry_after(headers, SystemTime::now()))
                 } else {
                     c
@@ -264,6 +266,7 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
 mod tests {
     use super::*;
     use crate::BoxError;
+    use crate::classify::Class;
 
     /// An HTTP-date is read against the server's `Date`, not the client's clock: with
     /// the client 3 s fast, a retry at "5 s after the response" still waits 5 s.
@@ -479,7 +482,9 @@ mod tests {
 
     /// An override that makes a status an overload without a hint of its own, by a
     /// rule or by the closure, takes the server's `Retry-After`; a hint of its own
-    /// wins.
+    /// wins. So does one that makes it a retryable failure (the documented
+    /// `retryable_failure = [409]` meeting the idempotency layer's "in progress"),
+    /// which waited only its backoff; a non-retryable one takes none.
     #[test]
     fn an_overload_override_without_a_hint_takes_the_servers_retry_after() {
         let by_closure = HttpClassifier::new()
@@ -495,6 +500,18 @@ mod tests {
             .with_fn(|_, _| Some(Classification::overload(Some(Duration::from_secs(1)))));
         let r = classify(&own, &response(409, Some("7")));
         assert_eq!(r.retry_after(), Some(Duration::from_secs(1)));
+        let failure = HttpClassifier::new().with_failure(StatusCode::CONFLICT);
+        let r = classify(&failure, &response(409, Some("7")));
+        assert_eq!(r.class(), Class::Failure);
+        assert_eq!(r.retry_after(), Some(Duration::from_secs(7)));
+        let final_failure = HttpClassifier::new().with_status(
+            StatusCode::CONFLICT,
+            Classification::failure().with_retryable(false),
+        );
+        assert_eq!(
+            classify(&final_failure, &response(409, Some("7"))).retry_after(),
+            None
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! | HTTP 429, 503 with `Retry-After`; gRPC `RESOURCE_EXHAUSTED` | overload (retryable after the hint) |
 //! | HTTP 408 | failure (took no effect if it closes its connection) |
 //! | HTTP 409 with `Retry-After` (the idempotency layer's "request in progress") | ignored, retryable after the hint |
-//! | HTTP 4xx other than 408/429 (and such a 409) | success for the breaker, not retryable |
+//! | any other HTTP 4xx but 408/429 | success for the breaker, not retryable |
 //! | gRPC `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | failure |
 //! | other gRPC codes (`INVALID_ARGUMENT`, `NOT_FOUND`, …) | success for the breaker |
 //! | missing `grpc-status` | failure (`UNKNOWN`), as tonic and grpc-go do |
@@ -41,6 +41,8 @@ pub mod grpc;
 #[cfg(feature = "http")]
 pub mod http;
 
+#[cfg(feature = "grpc")]
+pub(crate) use self::error::NotDispatched;
 pub use self::error::{AsError, classify_error};
 #[cfg(feature = "http")]
 pub use self::grpc::GrpcClassifier;

@@ -267,7 +267,9 @@ impl Default for ClientConfig {
 #[non_exhaustive]
 pub struct ClassifySection {
     /// Statuses that are failures worth a retry (and a deferral; retried only when
-    /// the request is retry-safe, as a `5xx` is).
+    /// the request is retry-safe, as a `5xx` is), after the answer's `Retry-After` if
+    /// it has one. (Listing `409` makes the idempotency layer's "request in progress"
+    /// a failure the breaker counts, too.)
     pub retryable_failure: Vec<u16>,
     /// Statuses that are failures, counted by the breaker, not retried.
     pub failure: Vec<u16>,

@@ -157,8 +157,8 @@ pub struct Trigger {
 /// | [`Open`] anywhere in the error chain | [`DeferReason::CircuitOpen`], not before its `retry_after` |
 /// | [`Full`] in the chain | [`DeferReason::BulkheadFull`] |
 /// | [`DeadlineExceeded`] in the chain | [`DeferReason::DeadlineElapsed`] |
-/// | any other outcome the classifier calls a retryable failure or overload (5xx, 429, transport errors, attempt timeouts) | [`DeferReason::RetriesExhausted`], not before the server's hint |
-/// | anything else: success, a non-retryable answer (4xx), an ignored outcome | none: returned unchanged |
+/// | any other outcome the classifier calls a retryable failure or overload (5xx, 429, transport errors, attempt timeouts), or a retryable ignored one (a `409` with `Retry-After`: the key's first request still runs; a replay fetches its answer) | [`DeferReason::RetriesExhausted`], not before the server's hint |
+/// | anything else: success, a non-retryable answer (4xx), another ignored outcome | none: returned unchanged |
 pub fn trigger<Res, C>(classifier: &C, outcome: Result<&Res, &BoxError>) -> Option<Trigger>
 where
     C: Classify<Res, BoxError>,
@@ -185,7 +185,7 @@ where
         }
     }
     let c = classifier.classify(outcome);
-    (c.is_failure() && c.is_retryable()).then_some(Trigger {
+    (c.is_retryable() && !c.is_success()).then_some(Trigger {
         reason: DeferReason::RetriesExhausted,
         not_before: c.retry_after(),
     })
@@ -369,6 +369,26 @@ mod tests {
             DeferReason::RetriesExhausted
         );
         assert_eq!(trigger::<(), _>(&c, Ok(&())), None);
+    }
+
+    /// A `409` with `Retry-After` (the key's first request still runs at the
+    /// dependency) is deferred, not before the hint: the replay, with the same key,
+    /// fetches the first request's answer. A plain `409` is the caller's answer.
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_request_still_in_progress_is_deferred_after_its_hint() {
+        let c = crate::classify::HttpClassifier::new();
+        let conflict = |after: Option<&str>| {
+            let mut b = http::Response::builder().status(409);
+            if let Some(a) = after {
+                b = b.header(http::header::RETRY_AFTER, a);
+            }
+            b.body(()).unwrap()
+        };
+        let t = trigger(&c, Ok(&conflict(Some("3")))).unwrap();
+        assert_eq!(t.reason, DeferReason::RetriesExhausted);
+        assert_eq!(t.not_before, Some(Duration::from_secs(3)));
+        assert_eq!(trigger(&c, Ok(&conflict(None))), None);
     }
 
     #[test]

@@ -193,7 +193,8 @@ mod http_judge {
 
     /// Judges HTTP replays with an [`HttpClassifier`]: like
     /// [`ClassifierJudge`](super::ClassifierJudge), and a `4xx` that is not retryable
-    /// (anything but `408` and `429` by default) is [`Verdict::Permanent`]. So is a
+    /// (anything but `408`, `429` and a `409` with `Retry-After` by default) is
+    /// [`Verdict::Permanent`]. So is a
     /// redirect (`3xx` but `303 See Other` and `304 Not Modified`): the replayer does
     /// not follow it, and a `307`/`308` means the request was not applied, so the
     /// message goes to the dead letters (with the `Location`) instead of being acked

@@ -20,7 +20,8 @@ use tower_service::Service;
 /// [`crate::error`]: an open breaker is `UNAVAILABLE` with `grpc-retry-pushback-ms`,
 /// a full bulkhead `RESOURCE_EXHAUSTED`, a timeout or a passed deadline
 /// `DEADLINE_EXCEEDED`, tonic's own `TimeoutExpired` too, which tonic would answer
-/// `CANCELLED`); anything else goes through tonic's own
+/// `CANCELLED`, and so would it a call hyper dropped before dispatching it, its
+/// connection closed: `UNAVAILABLE`); anything else goes through tonic's own
 /// [`Status::from_error`] (a `Status` in the chain, HTTP/2 and connect errors), so a
 /// transport failure reads exactly as it would without postbox.
 pub fn into_status(err: BoxError) -> Status {
@@ -31,6 +32,7 @@ pub fn into_status(err: BoxError) -> Status {
         || is_caused_by::<BodyDeadlineExceeded>(&*err)
         || is_caused_by::<tonic::TimeoutExpired>(&*err)
         || is_caused_by::<NotEnqueued>(&*err)
+        || crate::error::find_cause::<hyper::Error>(&*err).is_some_and(hyper::Error::is_canceled)
     {
         return crate::error::to_status(&*err);
     }

@@ -174,7 +174,9 @@ pub trait Queue: Send + Sync + 'static {
     /// Stores `envelope`; when this returns `Ok` the message is durable (fsynced or
     /// acknowledged by the broker). A message whose idempotency key is already pending
     /// or in flight is not stored twice ([`Enqueued::Duplicate`]); an empty key is never
-    /// de-duplicated. Once a message is acked or dead-lettered its key is free again.
+    /// de-duplicated. A key is compared as written: a blank one (`" "`, which the
+    /// enqueue fallback never writes, and the replayer sends as no key) is a key here.
+    /// Once a message is acked or dead-lettered its key is free again.
     ///
     /// To send a dead letter again, use
     /// [`redrive_dead_letters`](Self::redrive_dead_letters): enqueuing its envelope as

@@ -151,7 +151,8 @@ impl<C, R, H> RetryBuilder<C, R, H> {
     /// The longest wait for an open circuit breaker inside to admit calls again (its
     /// [`Open::retry_after`](crate::circuit_breaker::error::Open::retry_after): the hint
     /// of an outcome that
-    /// [`is_own_rejection`](crate::classify::Classification::is_own_rejection)). A longer
+    /// [`is_own_rejection`](crate::classify::Classification::is_own_rejection); a
+    /// breaker forced open is never waited for). A longer
     /// break ends the retries at once with the rejection: the caller fails fast, or an
     /// [enqueue fallback](crate::enqueue) outside defers the request at once, instead of
     /// waiting out the break. Default: [`max_retry_after`](Self::max_retry_after);

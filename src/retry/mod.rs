@@ -11,7 +11,9 @@
 //!   ([`JitterRng::seeded`]) so tests are deterministic.
 //! * **Server hints**: a classification's [`retry_after`](crate::classify::Classification::retry_after)
 //!   (`Retry-After` in seconds or as an HTTP-date, `grpc-retry-pushback-ms`, an open
-//!   breaker's [`Open::retry_after`](crate::circuit_breaker::error::Open::retry_after))
+//!   breaker's [`Open::retry_after`](crate::circuit_breaker::error::Open::retry_after);
+//!   not a breaker [forced open](crate::circuit_breaker::error::Open::is_forced), which
+//!   is not retried)
 //!   replaces the backoff when it is longer, rounded **up** to the millisecond so the
 //!   retry is never early. A jittering backoff adds a random share of up to half the
 //!   hint (at most its `max_delay`; Envoy waits 1–1.5× the hint), so callers told the
