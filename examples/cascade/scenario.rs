@@ -401,6 +401,7 @@ fn client_stack(mode: Mode, depth: usize, dir: &std::path::Path) -> Result<Hop, 
             // Replays go through the stack inside the fallback, never the fallback; it
             // shares the breaker, bulkhead and retry budget with the live calls.
             let replayer = Replayer::http(queue.clone(), stack.client().layer(client.clone()))
+                .name(format!("ms{depth}"))
                 .concurrency(16)
                 .poll_interval(Duration::from_millis(100))
                 .backoff(Duration::from_millis(200), Duration::from_secs(2))

@@ -424,6 +424,8 @@ pub struct Replayer<Q, S, K, J> {
     codec: K,
     judge: J,
     config: ReplayConfig,
+    /// [`name`](Replayer::name): the `queue` label of its metrics.
+    name: metrics::SharedString,
 }
 
 // === impl Replayer ===
@@ -440,6 +442,7 @@ impl<Q, S, K> Replayer<Q, S, K, ClassifierJudge<ErrorClassifier>> {
             codec,
             judge: ClassifierJudge::new(ErrorClassifier::new()),
             config: ReplayConfig::default(),
+            name: metrics::SharedString::const_str(""),
         }
     }
 }
@@ -455,6 +458,7 @@ impl<Q, S> Replayer<Q, S, super::HttpCodec, HttpJudge> {
             codec: super::HttpCodec::new(),
             judge: HttpJudge::new(),
             config: ReplayConfig::default(),
+            name: metrics::SharedString::const_str(""),
         }
     }
 }
@@ -468,7 +472,18 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
             codec: self.codec,
             judge,
             config: self.config,
+            name: self.name,
         }
+    }
+
+    /// Names the replayer in its metrics (the `queue` label of `postbox_replayed_total`,
+    /// `postbox_dead_lettered_total` and `postbox_queue_depth`; empty by default) and
+    /// its events: several replayers in one process, each on its own queue, would
+    /// otherwise report into the same series (the depth gauge showing whichever
+    /// reported last).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = metrics::SharedString::from(Arc::<str>::from(name.into()));
+        self
     }
 
     /// Every setting but the seed from `config` (a file's `[client.replay]`, see
@@ -612,6 +627,7 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
             codec: Arc::new(self.codec),
             judge: Arc::new(self.judge),
             config: self.config,
+            name: self.name,
             stats: stats.clone(),
             rng,
             tasks: JoinSet::new(),
@@ -723,6 +739,8 @@ struct Worker<Q, S, K, J, Req> {
     codec: Arc<K>,
     judge: Arc<J>,
     config: ReplayConfig,
+    /// The `queue` label of the metrics ([`Replayer::name`]).
+    name: metrics::SharedString,
     stats: Arc<Counters>,
     rng: fastrand::Rng,
     tasks: JoinSet<Settled>,
@@ -1355,7 +1373,8 @@ where
         match (res, call) {
             (Ok(()), Settle::Ack(tokens)) => {
                 let n = tokens.len() as u64;
-                metrics::counter!("postbox_replayed_total").increment(n);
+                metrics::counter!("postbox_replayed_total", "queue" => self.name.clone())
+                    .increment(n);
                 self.stats.replayed.fetch_add(n, Ordering::Relaxed);
             }
             (
@@ -1370,8 +1389,9 @@ where
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
             }
             (Ok(()), Settle::Dead { token, reason }) => {
-                tracing::warn!(id = %token.id, reason, "message dead-lettered");
-                metrics::counter!("postbox_dead_lettered_total").increment(1);
+                tracing::warn!(queue = %self.name, id = %token.id, reason, "message dead-lettered");
+                metrics::counter!("postbox_dead_lettered_total", "queue" => self.name.clone())
+                    .increment(1);
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
             (Err(e @ QueueError::Unavailable(_)), call) => {
@@ -1389,7 +1409,8 @@ where
                 // message is replayed (and counted) again, or was already.
                 log_queue_error("ack", &e);
                 let n = tokens.len().saturating_sub(1) as u64;
-                metrics::counter!("postbox_replayed_total").increment(n);
+                metrics::counter!("postbox_replayed_total", "queue" => self.name.clone())
+                    .increment(n);
                 self.stats.replayed.fetch_add(n, Ordering::Relaxed);
             }
             // Acks: the leases expire and the messages are replayed again; the
@@ -1486,10 +1507,13 @@ where
 
     async fn report_depth_now(&mut self) {
         if let Ok(depth) = self.queue.depth().await {
-            metrics::gauge!("postbox_queue_depth", "state" => "pending").set(depth.pending as f64);
-            metrics::gauge!("postbox_queue_depth", "state" => "in_flight")
+            let queue = &self.name;
+            metrics::gauge!("postbox_queue_depth", "queue" => queue.clone(), "state" => "pending")
+                .set(depth.pending as f64);
+            metrics::gauge!("postbox_queue_depth", "queue" => queue.clone(), "state" => "in_flight")
                 .set(depth.in_flight as f64);
-            metrics::gauge!("postbox_queue_depth", "state" => "dead").set(depth.dead as f64);
+            metrics::gauge!("postbox_queue_depth", "queue" => queue.clone(), "state" => "dead")
+                .set(depth.dead as f64);
         }
     }
 }

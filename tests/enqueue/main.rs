@@ -4783,13 +4783,27 @@ async fn enqueue_and_replay_report_distinct_metrics() {
         };
         Ok::<_, BoxError>(respond(status, ""))
     });
-    let handle_r = Replayer::http(queue.clone(), svc).spawn().unwrap();
+    let handle_r = Replayer::http(queue.clone(), svc)
+        .name("orders")
+        .spawn()
+        .unwrap();
     eventually(|| {
         let s = handle_r.stats();
         s.replayed == 1 && s.dead_lettered == 1
     })
     .await;
     handle_r.shutdown().await;
+    // A second replayer, on another queue, reports into series of its own.
+    let other = Arc::new(MemoryQueue::new());
+    enqueue_raw(&other, "http://api.test/one").await;
+    enqueue_raw(&other, "http://api.test/two").await;
+    let svc = service_fn(|_req: InnerReq| async { Ok::<_, BoxError>(respond(200, "")) });
+    let handle_p = Replayer::http(other.clone(), svc)
+        .name("payments")
+        .spawn()
+        .unwrap();
+    eventually(|| handle_p.stats().replayed == 2).await;
+    handle_p.shutdown().await;
 
     let render = handle.render();
     let enqueue = |outcome: &str| {
@@ -4802,20 +4816,36 @@ async fn enqueue_and_replay_report_distinct_metrics() {
     };
     assert_eq!(enqueue("enqueued"), Some(1.0), "{render}");
     assert_eq!(enqueue("enqueue_failed"), Some(1.0), "{render}");
-    assert_eq!(sample(&render, "postbox_replayed_total", &[]), Some(1.0));
+    let orders = r#"queue="orders""#;
+    let payments = r#"queue="payments""#;
     assert_eq!(
-        sample(&render, "postbox_dead_lettered_total", &[]),
+        sample(&render, "postbox_replayed_total", &[orders]),
+        Some(1.0),
+        "{render}"
+    );
+    assert_eq!(
+        sample(&render, "postbox_replayed_total", &[payments]),
+        Some(2.0),
+        "{render}"
+    );
+    assert_eq!(
+        sample(&render, "postbox_dead_lettered_total", &[orders]),
         Some(1.0)
     );
-    let depth = |state: &str| {
+    let depth = |queue: &str, state: &str| {
         let state = format!(r#"state="{state}""#);
-        sample(&render, "postbox_queue_depth", &[&state])
+        sample(&render, "postbox_queue_depth", &[queue, &state])
     };
     assert_eq!(
-        (depth("pending"), depth("in_flight"), depth("dead")),
+        (
+            depth(orders, "pending"),
+            depth(orders, "in_flight"),
+            depth(orders, "dead")
+        ),
         (Some(0.0), Some(0.0), Some(1.0)),
         "{render}"
     );
+    assert_eq!(depth(payments, "dead"), Some(0.0), "{render}");
 }
 
 /// With `require_key`, a request of an unsafe method without a usable key is refused
