@@ -814,6 +814,7 @@ async fn late_result_does_not_fire_a_second_transition() {
     let layer = CircuitBreakerLayer::builder()
         .name("payments")
         .consecutive_failures(1)
+        .permitted_probes(1)
         .on_transition(move |t: &Transition| {
             s.lock().unwrap().push((t.from(), t.to(), t.generation()))
         })
@@ -829,9 +830,26 @@ async fn late_result_does_not_fire_a_second_transition() {
     let (_, b) = handle.next_request().await.unwrap();
     a.send_error("first");
     early.await.unwrap_err();
+    // The break ends and a probe closes the breaker: the late failure lands in a
+    // closed breaker, which it would trip if it were counted.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_ready_ok!(svc.poll_ready());
+    let probe = svc.call(());
+    let (_, p) = handle.next_request().await.unwrap();
+    p.send_response(());
+    probe.await.unwrap();
+    assert_eq!(layer_state(&seen), State::Closed);
     b.send_error("second, admitted before the trip");
     late.await.unwrap_err();
-    assert_eq!(*seen.lock().unwrap(), [(State::Closed, State::Open, 1)]);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[0], (State::Closed, State::Open, 1));
+    assert_eq!(seen[2].1, State::Closed, "{seen:?}");
+}
+
+/// The state the last transition seen went to.
+fn layer_state(seen: &Mutex<Vec<(State, State, u64)>>) -> State {
+    seen.lock().unwrap().last().map_or(State::Closed, |t| t.1)
 }
 
 #[tokio::test(start_paused = true)]

@@ -747,6 +747,46 @@ async fn body_with_known_size_over_limit_is_not_read_ahead() {
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(dep.seen.lock().unwrap()[0].2, "0123456789");
     assert_eq!(depth(&queue).await, Depth::default());
+
+    // A body that says it is 10 bytes and sends nothing yet: the call goes out at
+    // once, the body unread (read ahead, the call would wait for bytes that the
+    // server, say, sends only after its answer began).
+    let queue = Arc::new(MemoryQueue::new());
+    let inner = service_fn(|req: Request<BufferedBody<SaysTen>>| async move {
+        assert!(!req.body().is_buffered());
+        Ok::<Res, BoxError>(respond(503, "down"))
+    });
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), EnqueueConfig::new().max_body(4))
+        .unwrap()
+        .layer(inner);
+    let req = Request::post("http://api.test/orders")
+        .body(SaysTen)
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(60), svc.oneshot(req))
+        .await
+        .expect("the body was read ahead")
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
+/// A body whose size hint says 10 bytes, none of which ever come.
+struct SaysTen;
+
+impl http_body::Body for SaysTen {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(10)
+    }
 }
 
 /// A dependency whose readiness is whatever `F` says, and whose calls answer `200`.
@@ -3909,7 +3949,12 @@ async fn a_body_that_never_ends_is_dropped_lock_for_after_the_client_left() {
     let mut first = task::spawn(svc.call(keyed("k")));
     assert_pending!(first.poll());
     drop((first, svc)); // the client goes away (and the handler with its own clone)
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        Arc::strong_count(&alive) > 1,
+        "the answer is read to be stored while the claim lasts"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(Arc::strong_count(&alive), 1, "the body is still being read");
 }
 
@@ -4549,6 +4594,31 @@ async fn typed_flavour_keeps_policy_requests_synchronous_and_passes_permanent_er
     };
     let err = svc.oneshot(long).await.unwrap_err();
     assert!(find_cause::<Open>(&*err).is_some());
+    assert_eq!(depth(&queue).await, Depth::default());
+
+    // A permanent failure (one the classifier says is not worth a retry: a rejected
+    // argument) is returned as it is, not stored.
+    #[derive(Debug)]
+    struct Rejected;
+    impl std::fmt::Display for Rejected {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("invalid argument")
+        }
+    }
+    impl std::error::Error for Rejected {}
+    let invalid = service_fn(|_cmd: Command| async { Err::<u32, BoxError>(boxed(Rejected)) });
+    let permanent = |outcome: Result<&u32, &BoxError>| match outcome {
+        Err(e) if e.is::<Rejected>() => {
+            postbox::classify::Classification::failure().with_retryable(false)
+        }
+        Err(e) => postbox::classify::classify_error(&**e),
+        Ok(_) => postbox::classify::Classification::success(),
+    };
+    let svc = DeferLayer::new(queue.clone(), CommandCodec)
+        .with_classifier(permanent)
+        .layer(invalid);
+    let err = svc.oneshot(cmd.clone()).await.unwrap_err();
+    assert!(err.is::<Rejected>(), "{err}");
     assert_eq!(depth(&queue).await, Depth::default());
 
     let late = service_fn(|_cmd: Command| async { Ok::<u32, BoxError>(3) });

@@ -491,7 +491,14 @@ async fn a_close_racing_64_producers_keeps_every_receipted_message() {
         // Close while the producers are busy (the writer takes arrivals into the
         // transaction it is applying, a close among them included).
         let target = q.stats().operations + 100 + round * 600;
+        let started = tokio::time::Instant::now();
         while q.stats().operations < target {
+            // Real time (the writer is a thread): bounded, so a stalled writer fails
+            // the test instead of hanging it.
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the writer stalled"
+            );
             tokio::task::yield_now().await;
         }
         q.close().await.unwrap();

@@ -420,6 +420,17 @@ async fn an_inner_timeout_at_the_same_end_keeps_its_own_error() {
         .layer(inner);
     let err = svc.oneshot(1).await.unwrap_err();
     assert!(find_cause::<Elapsed>(&*err).is_some(), "{err}");
+
+    let refused = tower::service_fn(|_: u32| async {
+        Err::<u32, BoxError>(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into())
+    });
+    let svc = DeadlineLayer::new(Duration::from_millis(100))
+        .unwrap()
+        .layer(refused);
+    let err = svc.oneshot(1).await.unwrap_err();
+    let io = find_cause::<std::io::Error>(&*err).expect("the inner failure");
+    assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(find_cause::<DeadlineExceeded>(&*err).is_none(), "{err}");
 }
 
 /// An attempt whose call's deadline comes before its own end is cut at the call's
