@@ -31,9 +31,9 @@ use std::time::{Duration, SystemTime};
 ///
 /// Overrides are checked before the defaults: first the closure set with
 /// [`with_fn`](Self::with_fn), then the rules in the reverse order they were added (the
-/// last one added wins). A retryable outcome either decides without a hint of its own
-/// (an overload, a `409` made a retryable failure) takes the response's `Retry-After`:
-/// the retry waits for it, as for the defaults.
+/// last one added wins). An overload either decides without a hint of its own takes
+/// the response's `Retry-After`, and so does a retryable outcome for a status whose
+/// default reads it (`409`, `429`, `503`; not another `5xx` made retryable).
 ///
 /// # Example
 /// ```
@@ -81,7 +81,8 @@ impl HttpClassifier {
     }
 
     /// Classifies `status` as `classification` (a server hint in `Retry-After` is still
-    /// read for a retryable classification without a hint of its own).
+    /// read for an overload without a hint of its own, and for a retryable one of a
+    /// `409`, `429` or `503`).
     pub fn with_status(self, status: StatusCode, classification: Classification) -> Self {
         let code = status.as_u16();
         self.with_range(code..=code, classification)
@@ -130,11 +131,17 @@ impl HttpClassifier {
     /// Classifies a status and its headers.
     pub fn classify_status(&self, status: StatusCode, headers: &HeaderMap) -> Classification {
         if let Some(o) = &self.overrides {
-            // A retryable outcome without a hint of its own (an overload, a `409` made
-            // a retryable failure) takes the server's `Retry-After`, whether the
-            // closure or a rule decided it.
+            // An overload without a hint of its own takes the server's `Retry-After`,
+            // whether the closure or a rule decided it; so does a retryable outcome
+            // for a status whose default reads it (`409`, `429`, `503`: a `409` made a
+            // retryable failure meets the idempotency layer's "in progress"). Not a
+            // `5xx` made one: a proxy's `502` with `Retry-After: 3600` would end the
+            // retries (a hint past `max_retry_after`), or hold a deferral an hour.
             let hinted = |c: Classification| {
-                if c.is_retryable() && c.retry_after().is_none() {
+                if c.retry_after().is_none()
+                    && (c.class() == crate::classify::Class::Overload
+                        || (c.is_retryable() && matches!(status.as_u16(), 409 | 429 | 503)))
+                {
                     c.with_retry_after(retry_after(headers, SystemTime::now()))
                 } else {
                     c
@@ -482,9 +489,10 @@ mod tests {
 
     /// An override that makes a status an overload without a hint of its own, by a
     /// rule or by the closure, takes the server's `Retry-After`; a hint of its own
-    /// wins. So does one that makes it a retryable failure (the documented
+    /// wins. So does one that makes a `409` a retryable failure (the documented
     /// `retryable_failure = [409]` meeting the idempotency layer's "in progress"),
-    /// which waited only its backoff; a non-retryable one takes none.
+    /// which waited only its backoff; a non-retryable one takes none, nor does a `502`
+    /// made a retryable failure (a proxy's long `Retry-After` would end its retries).
     #[test]
     fn an_overload_override_without_a_hint_takes_the_servers_retry_after() {
         let by_closure = HttpClassifier::new()
@@ -512,6 +520,10 @@ mod tests {
             classify(&final_failure, &response(409, Some("7"))).retry_after(),
             None
         );
+        let gateway = HttpClassifier::new().with_range(500..=599, Classification::failure());
+        let r = classify(&gateway, &response(502, Some("3600")));
+        assert!(r.is_retryable());
+        assert_eq!(r.retry_after(), None);
     }
 
     #[test]

@@ -320,8 +320,8 @@ impl ClassifySection {
                         f(name),
                         format!(
                             "({code}) is retryable already, with what it says (its \
-                             `Retry-After`, or for a 408 that closes its connection that nothing \
-                             was done); listed, \
+                             `Retry-After` as an overload, or for a 408 that closes its \
+                             connection that nothing was done); listed, \
                              it would lose that"
                         ),
                     ));

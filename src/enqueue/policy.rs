@@ -157,7 +157,7 @@ pub struct Trigger {
 /// | [`Open`] anywhere in the error chain | [`DeferReason::CircuitOpen`], not before its `retry_after` |
 /// | [`Full`] in the chain | [`DeferReason::BulkheadFull`] |
 /// | [`DeadlineExceeded`] in the chain | [`DeferReason::DeadlineElapsed`] |
-/// | any other outcome the classifier calls a retryable failure or overload (5xx, 429, transport errors, attempt timeouts), or a retryable ignored one (a `409` with `Retry-After`: the key's first request still runs; a replay fetches its answer) | [`DeferReason::RetriesExhausted`], not before the server's hint |
+/// | any other outcome the classifier calls a retryable failure or overload (5xx, 429, transport errors, attempt timeouts), or a retryable ignored one with a hint (a `409` with `Retry-After`: the key's first request still runs; a replay fetches its answer) | [`DeferReason::RetriesExhausted`], not before the server's hint |
 /// | anything else: success, a non-retryable answer (4xx), another ignored outcome | none: returned unchanged |
 pub fn trigger<Res, C>(classifier: &C, outcome: Result<&Res, &BoxError>) -> Option<Trigger>
 where
@@ -185,7 +185,11 @@ where
         }
     }
     let c = classifier.classify(outcome);
-    (c.is_retryable() && !c.is_success()).then_some(Trigger {
+    // An ignored outcome only with a hint: the idempotency layer's `409` "in progress",
+    // not a classifier's "retry, but do not count it" (a cancellation, say).
+    let deferred =
+        c.is_retryable() && (c.is_failure() || (c.is_ignored() && c.retry_after().is_some()));
+    deferred.then_some(Trigger {
         reason: DeferReason::RetriesExhausted,
         not_before: c.retry_after(),
     })
@@ -389,6 +393,12 @@ mod tests {
         assert_eq!(t.reason, DeferReason::RetriesExhausted);
         assert_eq!(t.not_before, Some(Duration::from_secs(3)));
         assert_eq!(trigger(&c, Ok(&conflict(None))), None);
+        // A classifier's "retry, but count it nowhere" without a hint (a cancellation)
+        // is the caller's answer, not deferred.
+        let uncounted = |_: Result<&(), &BoxError>| {
+            crate::classify::Classification::ignored().with_retryable(true)
+        };
+        assert_eq!(trigger(&uncounted, Ok(&())), None);
     }
 
     #[test]

@@ -231,15 +231,22 @@ mod http_judge {
                     // Not followed here, and a `307`/`308` (or `301`/`302`/`300`) means
                     // the request was not applied: acking it would lose the message.
                     // Its credentials redacted (a signed URL's `X-Amz-Signature`): the
-                    // reason is logged and stored with the dead letter.
+                    // reason is logged and stored with the dead letter. Redacted whole,
+                    // then cut (cut first, a long userinfo would lose its `@`).
                     let to = res
                         .headers()
                         .get(http::header::LOCATION)
                         .and_then(|v| v.to_str().ok())
-                        .map_or("nowhere", |l| l.get(..256).unwrap_or(l));
-                    let to = crate::queue::envelope::RedactedUri(to);
+                        .map_or_else(
+                            || "nowhere".to_owned(),
+                            |l| format!("{:?}", crate::queue::envelope::RedactedUri(l)),
+                        );
+                    let to = match to.char_indices().nth(256) {
+                        Some((cut, _)) => &to[..cut],
+                        None => &to,
+                    };
                     return Verdict::Permanent {
-                        reason: format!("redirected with {status} to {to:?}, not followed"),
+                        reason: format!("redirected with {status} to {to}, not followed"),
                     };
                 }
                 // A `409` with a `Retry-After` is a conflict that ends (the
@@ -478,7 +485,7 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
 
     /// Names the replayer in its metrics (the `queue` label of `postbox_replayed_total`,
     /// `postbox_dead_lettered_total` and `postbox_queue_depth`; empty by default) and
-    /// its events: several replayers in one process, each on its own queue, would
+    /// its dead-letter events: several replayers in one process, each on its own queue, would
     /// otherwise report into the same series (the depth gauge showing whichever
     /// reported last).
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -1672,11 +1679,18 @@ mod tests {
             .ack_batch(100, Duration::from_secs(30))
             .spawn()
             .unwrap();
+        // Bounded (in virtual time): a regression fails instead of spinning for ever.
+        let start = tokio::time::Instant::now();
         while calls.load(Ordering::SeqCst) == 0 || done_calls.load(Ordering::SeqCst) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(60), "no replay ran");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         crate::enqueue::clock::jump_wall_clock(Duration::from_secs(120));
         while calls.load(Ordering::SeqCst) < 2 {
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "the message was never replayed again after the jump"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(
@@ -1849,6 +1863,17 @@ mod tests {
         assert!(
             matches!(&v, Verdict::Permanent { reason }
                 if !reason.contains("sg-444") && reason.contains("X-Amz-Signature=<redacted>&part=1")),
+            "{v:?}"
+        );
+        // A userinfo longer than the reason keeps of a `Location` is redacted too.
+        let long = format!("https://u:{}@host/o", "t".repeat(300));
+        let v = j.judge(Ok(&http::Response::builder()
+            .status(308)
+            .header("location", long.as_str())
+            .body(())
+            .unwrap()));
+        assert!(
+            matches!(&v, Verdict::Permanent { reason } if !reason.contains("ttt")),
             "{v:?}"
         );
     }

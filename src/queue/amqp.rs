@@ -1023,7 +1023,7 @@ impl Inner {
                     if answer != Answer::Confirmed {
                         // Not moved: give it back to the queue rather than drop it.
                         let what = format!(
-                            "{} (an undecodable message): {}",
+                            "{} (an undecodable message: {e}): {}",
                             self.dead_queue,
                             answer.refusal()
                         );

@@ -217,10 +217,32 @@ pub(crate) fn redact_query(query: &str, with: &str, out: &mut String) {
     }
 }
 
-/// Whether the query parameter `name` holds a credential.
+/// Whether the query parameter `name` holds a credential (its `%XX` escapes read:
+/// `api%5Fkey` is `api_key`).
 pub(crate) fn is_secret_param(name: &str) -> bool {
     const SHORT: [&str; 5] = ["sig", "key", "code", "pwd", "jwt"];
-    is_credential(name) || SHORT.iter().any(|s| name.eq_ignore_ascii_case(s))
+    let named =
+        |name: &str| is_credential(name) || SHORT.iter().any(|s| name.eq_ignore_ascii_case(s));
+    if !name.contains('%') {
+        return named(name);
+    }
+    let bytes = name.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |j: usize| bytes.get(j).and_then(|&b| char::from(b).to_digit(16));
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                decoded.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    named(&String::from_utf8_lossy(&decoded))
 }
 
 /// Headers for `Debug`: credential values redacted, other values as text.
@@ -943,6 +965,14 @@ mod tests {
         let shown = format!("{:?}", RedactedUri("//user:pw-222@api/orders"));
         assert!(!shown.contains("pw-222"), "{shown}");
         assert!(shown.contains("//<redacted>@api/orders"), "{shown}");
+    }
+
+    /// A credential's name written with `%XX` escapes (`api%5Fkey`) is read decoded.
+    #[test]
+    fn an_escaped_credential_name_is_redacted() {
+        let shown = format!("{:?}", RedactedUri("https://api/x?api%5Fkey=ak-1&page=2"));
+        assert!(!shown.contains("ak-1"), "{shown}");
+        assert!(shown.contains("page=2"), "{shown}");
     }
 
     #[test]
