@@ -48,6 +48,11 @@ impl EnqueueConfig {
 
     /// A stored message expires (is dead-lettered instead of replayed) `ttl` after the
     /// request was made.
+    ///
+    /// Keep it within the receiving service's idempotency ttl (the
+    /// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)'s is 24 hours by
+    /// default): a replay after the receiver forgot the key runs the request again, and
+    /// an effect whose first attempt went through happens twice.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
@@ -65,7 +70,9 @@ impl EnqueueConfig {
         self
     }
 
-    /// Stored messages never expire.
+    /// Stored messages never expire. A replay that comes after the receiving service
+    /// forgot the request's idempotency key (see [`ttl`](Self::ttl)) may make its
+    /// effect twice.
     pub fn no_expiry(mut self) -> Self {
         self.ttl = None;
         self

@@ -267,7 +267,18 @@ where
         // When the claim expires and a duplicate may take the key over (reckoned from
         // before the claim was asked for, so never later than the store's own expiry).
         let claim_ends = crate::clock::later(tokio::time::Instant::now(), config.lock_for);
-        match store.claim(&key, config.lock_for).await {
+        let claimed = match store.claim(&key, config.lock_for).await {
+            // A duplicate that saw the key taken: a store failing now (a blip, one of
+            // the many claims a polling wait makes) says nothing of the first request
+            // ending, and running the handler beside it would make its effect twice.
+            // It waits on, to its bound (then `409`).
+            Err(e) if wait_until.is_some() => {
+                tracing::debug!(error = %e, %key, "idempotency store failed while a duplicate waits; waiting on");
+                Ok(Claim::InProgress)
+            }
+            claimed => claimed,
+        };
+        match claimed {
             Ok(Claim::Proceed(token)) => break (token, claim_ends),
             Ok(Claim::Done(stored)) => {
                 // Answered from the store: the readied service (a bulkhead permit it
@@ -664,7 +675,10 @@ where
             // refusal instead of running. A refusal made nothing happen: not
             // remembered. (Any other answer is, by its head, so that it never runs
             // twice.)
-            if status.is_client_error() && tap.not_read_whole() {
+            // A gRPC error is a refusal too (under `200 OK`: tonic's "message too
+            // large" from the length prefix, an interceptor's `INVALID_ARGUMENT`).
+            let refused = status.is_client_error() || code.is_some_and(|c| c != GrpcCode::Ok);
+            if refused && tap.not_read_whole() {
                 tracing::debug!(key = %claim.key, %status, "refused without reading the whole body; not remembered");
                 return Outcome::Whole(bytes, trailers);
             }
@@ -794,8 +808,10 @@ fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
 /// authentication or authorization refusal (`401`, `403`): the request was refused
 /// before it ran (as Stripe does not store those), and its retry with a refreshed
 /// credential must run. Nor a `1xx` (a `101 Switching Protocols` hands the connection
-/// over: replayed without its `Upgrade` header, it would be a bare `101`). The same
-/// for a gRPC status in the headers (a trailers-only response, most gRPC errors).
+/// over: replayed without its `Upgrade` header, it would be a bare `101`). Nor a `499`
+/// (a client that closed the request, in nginx's use and the Connect protocol's
+/// `canceled`). The same for a gRPC status in the headers (a trailers-only response,
+/// most gRPC errors).
 fn remembered(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
     use http::StatusCode;
     !(status.is_server_error()
@@ -809,7 +825,8 @@ fn remembered(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
                 | StatusCode::LOCKED
                 | StatusCode::TOO_EARLY
                 | StatusCode::TOO_MANY_REQUESTS
-        ))
+        )
+        || status.as_u16() == 499)
         && GrpcCode::from_headers(headers).is_none_or(remembered_grpc)
 }
 

@@ -89,7 +89,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// The store is unreachable; the layer then runs the handler without
-    /// de-duplication (fails open) and logs a warning.
+    /// de-duplication (fails open) and logs a warning. Not for a duplicate that
+    /// already found the key in progress: it waits on, as if it still were.
     fn claim(
         &self,
         key: &str,
@@ -101,7 +102,10 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// the key) or the key already has a response, nothing is stored.
     ///
     /// # Errors
-    /// The store is unreachable; the response is still returned to the caller.
+    /// The store is unreachable (or, for [`MemoryStore`], the answer is over its
+    /// `max_bytes`); the response is still returned to the caller, but the claim is
+    /// released unremembered: a repeat with the key runs the handler again, as after a
+    /// `5xx`. A shared store should retry a blip itself before it answers an error.
     fn complete(
         &self,
         key: &str,
@@ -123,7 +127,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// with which a claim lasts `lock_for` and no longer.
     ///
     /// # Errors
-    /// The store is unreachable; the claim is then not renewed again.
+    /// The store is unreachable; the layer tries again while more than an eighth of
+    /// `lock_for` is left of the claim, then lets it run out.
     fn extend(
         &self,
         key: &str,

@@ -3005,12 +3005,15 @@ fn keyed(key: &str) -> Request<Full<Bytes>> {
 /// which would replay as a bare `101` without its `Upgrade` header.
 #[tokio::test(start_paused = true)]
 async fn a_try_again_later_answer_is_not_remembered() {
-    for status in [429, 408, 409, 423, 425, 503, 401, 403, 101] {
+    for status in [429, 408, 409, 423, 425, 499, 503, 401, 403, 101] {
         let calls = Arc::new(AtomicUsize::new(0));
         let calls2 = calls.clone();
-        let handler = service_fn(move |_req: Served| {
+        let handler = service_fn(move |req: Served| {
             let n = calls2.fetch_add(1, Ordering::SeqCst);
             async move {
+                // The whole body read: the answer is not left out for being decided
+                // from the head alone (which would hide what this test is about).
+                req.into_body().collect().await.unwrap();
                 Ok::<_, std::convert::Infallible>(if n == 0 {
                     respond(status, "later")
                 } else {
@@ -3640,6 +3643,66 @@ async fn an_unreachable_store_fails_open_and_runs_every_request() {
         assert!(!res.headers().contains_key(REPLAYED_HEADER));
         assert_eq!(bytes_of(res.into_body()).await, format!("order #{n}"));
     }
+}
+
+/// A `MemoryStore` whose third claim fails (a blip of a shared store).
+struct BlipsOnThirdClaim(MemoryStore, AtomicUsize);
+
+impl IdempotencyStore for BlipsOnThirdClaim {
+    fn claim(
+        &self,
+        key: &str,
+        lock_for: Duration,
+    ) -> impl Future<Output = Result<Claim, BoxError>> + Send {
+        let n = self.1.fetch_add(1, Ordering::SeqCst) + 1;
+        let claimed = self.0.claim(key, lock_for);
+        async move {
+            if n == 3 {
+                return Err("connection reset".into());
+            }
+            claimed.await
+        }
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        self.0.complete(key, token, response, ttl)
+    }
+
+    fn release(&self, key: &str, token: ClaimToken) {
+        self.0.release(key, token);
+    }
+
+    fn wait(&self, key: &str) -> impl Future<Output = ()> + Send {
+        self.0.wait(key)
+    }
+}
+
+/// A duplicate waiting for the key's first request whose next claim fails (a blip of
+/// a shared store) waits on: it gets the first request's answer, and the handler runs
+/// once. It failed open, running the handler beside the first: the effect twice.
+#[tokio::test(start_paused = true)]
+async fn a_store_blip_while_a_duplicate_waits_does_not_run_the_handler_twice() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let store = Arc::new(BlipsOnThirdClaim(
+        MemoryStore::default(),
+        AtomicUsize::new(0),
+    ));
+    let svc = IdempotencyLayer::with_store(store).layer(slow_handler(calls.clone()));
+    let first = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    tokio::task::yield_now().await;
+    let duplicate = tokio::spawn(svc.clone().oneshot(keyed("k")));
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let duplicate = duplicate.await.unwrap().unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CREATED);
+    assert!(duplicate.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran twice");
 }
 
 /// How a [`SharedLike`] store renews a claim.
@@ -5082,5 +5145,53 @@ async fn a_refusal_made_before_reading_the_body_is_not_remembered() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     let again = svc.clone().oneshot(post("ok")).await.unwrap();
     assert!(again.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// The same for a gRPC refusal made from the request's head (tonic's "message too
+/// large" from the length prefix, an interceptor's `INVALID_ARGUMENT`), a trailers-only
+/// answer under `200 OK`: the corrected repeat under the key runs. (Only an HTTP `4xx`
+/// was taken for a refusal; the stale error was replayed for the whole ttl.)
+#[tokio::test]
+async fn a_grpc_refusal_made_before_reading_the_body_is_not_remembered() {
+    let call = |body: &'static [u8]| {
+        let mut req = Request::post("http://shop.test/shop.Orders/Place")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, "k".parse().unwrap());
+        req
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let limited = service_fn(move |req: Request<FingerprintedBody<Full<Bytes>>>| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let grpc = |status: &str| {
+                Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", status)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            };
+            if n == 0 {
+                // Refused from the head: the body is never read.
+                return Ok::<_, std::convert::Infallible>(grpc("3"));
+            }
+            req.into_body().collect().await.unwrap();
+            Ok(grpc("0"))
+        }
+    });
+    let svc = IdempotencyLayer::new(100).layer(limited);
+    let refused = svc
+        .clone()
+        .oneshot(call(b"\0\0\0\0\x09too large"))
+        .await
+        .unwrap();
+    assert_eq!(refused.headers()["grpc-status"], "3");
+    let corrected = svc.clone().oneshot(call(b"\0\0\0\0\x02ok")).await.unwrap();
+    assert_eq!(corrected.headers()["grpc-status"], "0");
+    assert!(!corrected.headers().contains_key(REPLAYED_HEADER));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
