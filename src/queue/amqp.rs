@@ -100,8 +100,11 @@
 //!
 //! A call made while the broker is unreachable fails with [`QueueError::Unavailable`];
 //! the next call connects again. An enqueue that failed that way may still have been
-//! stored (the confirm was lost): retried, it is stored again unless the in-process index
-//! still knows its key.
+//! stored (the confirm was lost): retried, it is stored again (the failed publish gave
+//! its key up from the in-process index), and the receiving service's idempotency layer
+//! answers the two copies once. The index also keeps a key after another process acked
+//! or dead-lettered its message (it cannot know), for up to its window: a request sent
+//! again then under the same key is answered `Duplicate` and not stored.
 
 use super::hold::{HeldState, MOVED_FOR, RoomPacer, due_last, leasable, settling, waiting};
 use super::{
@@ -483,9 +486,15 @@ impl AmqpQueue {
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the broker cannot be reached,
-    /// [`QueueError::Backend`] if it refuses the declarations (for example an existing
-    /// queue of that name with other arguments).
+    /// [`QueueError::Backend`] for an invalid URL, or if it refuses the declarations
+    /// (for example an existing queue of that name with other arguments).
     pub async fn connect(options: AmqpOptions) -> Result<Self, QueueError> {
+        // Parsed first: a bad URL is no outage (each reconnect would try it again).
+        if let Err(e) = options.url().parse::<lapin::uri::AMQPUri>() {
+            return Err(QueueError::Backend(
+                format!("amqp queue {}: invalid URL: {e}", options.name).into(),
+            ));
+        }
         let queue = format!("postbox.{}", options.name);
         let inner = Inner {
             url: options.url(),

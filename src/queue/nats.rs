@@ -262,7 +262,10 @@ impl NatsOptions {
         }
     }
 
-    /// Connects to `url` (`nats://[user:password@]host:port`) instead.
+    /// Connects to `url` (`nats://[user:password@]host:port`) instead; several servers
+    /// of a cluster as a comma-separated list (`nats://a:4222,nats://b:4222`), tried in
+    /// turn on a reconnect. The servers a cluster announces are not used (only the
+    /// addresses given are ever dialled).
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
         self
@@ -365,11 +368,19 @@ impl NatsQueue {
             ));
         }
         let url = options.url();
+        // Parsed first: a bad URL is no outage to wait out (it would fail every call).
+        let servers = url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                QueueError::Backend(format!("nats queue {name}: invalid URL: {e}").into())
+            })?;
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(2))
             .request_timeout(Some(options.request_timeout))
             .ignore_discovered_servers()
-            .connect(url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| QueueError::Unavailable(format!("nats at {url}: {e}").into()))?;
         let js = async_nats::jetstream::context::ContextBuilder::new()

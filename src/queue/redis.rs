@@ -20,6 +20,8 @@
 //!
 //! Every key of a queue named `NAME` starts with `postbox:{NAME}:` (the braces are a
 //! cluster hash tag: all keys of one queue live on one shard, as the scripts need).
+//! The client is a single-node one, though: Redis Cluster and Sentinel are not
+//! supported.
 //!
 //! | key | type | holds |
 //! |---|---|---|

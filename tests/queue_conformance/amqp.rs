@@ -1127,3 +1127,13 @@ async fn a_refused_dead_letter_read_keeps_the_leases() {
     assert!(q.dead_letters(10).await.unwrap().is_empty());
     assert_eq!(ready_in_main_queue(&q).await, 0, "a delivery went back");
 }
+
+/// An invalid URL is a configuration error (`Backend`), found before any connect: not
+/// an outage (`Unavailable`) that each later call would wait out and try again.
+#[tokio::test]
+async fn an_invalid_url_is_a_backend_error() {
+    let e = AmqpQueue::connect(options().with_url("amqp://guest:guest@127.0.0.1:notaport/"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, QueueError::Backend(_)), "{e}");
+}

@@ -1248,3 +1248,24 @@ async fn a_limit_set_on_the_stream_by_hand_is_a_backend_error_not_full() {
         );
     }
 }
+
+/// An invalid URL is a configuration error (`Backend`), found before any connect; a
+/// comma-separated list names the servers of a cluster: one that is down is passed
+/// over for the next.
+#[tokio::test]
+async fn an_invalid_url_is_a_backend_error_and_a_list_names_several_servers() {
+    let e = NatsQueue::connect(options().with_url("nats://127.0.0.1:notaport"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, QueueError::Backend(_)), "{e}");
+    // Bound, not listening: a connect is refused, and no other test takes the port.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = held.local_addr().unwrap();
+    let up = options().url();
+    let listed = options().with_url(format!("nats://{dead},{up}"));
+    let q = connect(listed).await;
+    let stored = q.enqueue(crate::suite::envelope("k")).await.unwrap();
+    assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
+    q.purge().await.unwrap();
+}
