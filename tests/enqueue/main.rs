@@ -3098,9 +3098,14 @@ fn grpc_handler(
 > + Clone
 + Send
 + 'static {
-    service_fn(move |_req: Served| {
+    service_fn(move |req: Served| {
         let n = calls.fetch_add(1, Ordering::SeqCst);
-        async move { Ok(answer(n)) }
+        async move {
+            // The message read first, as a unary handler does: its answer is decided
+            // by the whole request (one made from the head alone is not remembered).
+            req.into_body().collect().await.unwrap();
+            Ok(answer(n))
+        }
     })
 }
 
