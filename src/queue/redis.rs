@@ -155,7 +155,7 @@ pub struct RedisOptions {
 /// Clones share one multiplexed connection (and, with a capacity, the batching task).
 #[derive(Clone)]
 pub struct RedisQueue {
-    conn: ConnectionManager,
+    link: Arc<Link>,
     keys: Arc<[String; 11]>,
     capacity: Option<u64>,
     max_message_size: usize,
@@ -172,6 +172,86 @@ struct Pending {
 
 /// Most enqueues sent in one `enqueue.lua` call (queues with a capacity).
 const MAX_BATCH: usize = 128;
+
+/// The connection is made again at most this often (see [`Link::failed`]).
+const REMAKE_EVERY: Duration = Duration::from_secs(2);
+
+/// The connection to Redis, made again when it stops answering.
+///
+/// The `ConnectionManager` reconnects by itself only once its socket fails, and a
+/// server that stops answering without closing the connection (a host gone, a network
+/// partition, a load balancer's idle cut that sends nothing) leaves the socket open for
+/// the kernel's retransmission timeout, about 15 minutes: every call timed out until
+/// then. So does a connection to a node demoted by a failover (`READONLY`) that a
+/// DNS name now puts elsewhere.
+struct Link {
+    conn: std::sync::RwLock<ConnectionManager>,
+    client: ::redis::Client,
+    config: ConnectionManagerConfig,
+    /// When the connection was last made again, if it was: at most every
+    /// [`REMAKE_EVERY`], one at a time.
+    remade: std::sync::Mutex<(Option<tokio::time::Instant>, bool)>,
+}
+
+impl Link {
+    /// The current connection (a cheap clone: calls on it share its socket).
+    fn conn(&self) -> ConnectionManager {
+        self.conn
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `e` as a [`QueueError`]; a call left unanswered (a timeout) or refused by a
+    /// replica (`READONLY`, `MASTERDOWN`) also has the connection made again in the
+    /// background (calls in flight on the old one end as they would).
+    fn failed(self: &Arc<Self>, e: RedisError) -> QueueError {
+        use redis::{ErrorKind, ServerErrorKind as S};
+        if e.is_timeout() || matches!(e.kind(), ErrorKind::Server(S::ReadOnly | S::MasterDown)) {
+            self.remake();
+        }
+        map_err(e)
+    }
+
+    fn remake(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        {
+            let mut remade = self
+                .remade
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = tokio::time::Instant::now();
+            if remade.1 || remade.0.is_some_and(|at| now < at + REMAKE_EVERY) {
+                return;
+            }
+            *remade = (Some(now), true);
+        }
+        let link = self.clone();
+        runtime.spawn(async move {
+            match ConnectionManager::new_with_config(link.client.clone(), link.config.clone()).await
+            {
+                Ok(conn) => {
+                    tracing::info!(
+                        "postbox: redis connection made again after a call went unanswered"
+                    );
+                    *link
+                        .conn
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = conn;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "postbox: redis connection could not be made again");
+                }
+            }
+            link.remade
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .1 = false;
+        });
+    }
+}
 /// Most batches of enqueues in flight at once.
 const BATCHES_IN_FLIGHT: usize = 2;
 
@@ -259,11 +339,17 @@ impl RedisQueue {
             .set_response_timeout(Some(options.response_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(|e| {
                 QueueError::Unavailable(format!("redis at {url} unreachable: {e}").into())
             })?;
+        let link = Arc::new(Link {
+            conn: std::sync::RwLock::new(conn),
+            client,
+            config,
+            remade: std::sync::Mutex::new((None, false)),
+        });
         let p = format!("postbox:{{{}}}:", options.name);
         let keys = [
             "stream", "dead", "msgs", "attempts", "nb", "keys", "leases", "delayed", "ready",
@@ -273,11 +359,11 @@ impl RedisQueue {
         let keys = Arc::new(keys);
         let batcher = options.capacity.map(|capacity| {
             let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
-            runtime.spawn(batch_enqueues(conn.clone(), keys.clone(), capacity, rx));
+            runtime.spawn(batch_enqueues(link.clone(), keys.clone(), capacity, rx));
             batcher
         });
         let queue = Self {
-            conn,
+            link,
             keys,
             capacity: options.capacity,
             max_message_size: options.max_message_size,
@@ -289,12 +375,12 @@ impl RedisQueue {
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM")
-            .query_async(&mut queue.conn.clone())
+            .query_async(&mut queue.link.conn())
             .await;
         match created {
             Ok(_) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => return Err(map_err(e)),
+            Err(e) => return Err(queue.link.failed(e)),
         }
         Ok(queue)
     }
@@ -302,7 +388,7 @@ impl RedisQueue {
     /// The underlying connection (it reconnects by itself), for commands of your own:
     /// e.g. `WAITAOF 1 0 0` to wait for an fsync on a server with `appendfsync everysec`.
     pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+        self.link.conn()
     }
 
     /// The Redis keys of this queue (see the module docs).
@@ -317,14 +403,14 @@ impl RedisQueue {
     pub async fn purge(&self) -> Result<(), QueueError> {
         ::redis::cmd("DEL")
             .arg(&self.keys[..])
-            .query_async::<Value>(&mut self.conn.clone())
+            .query_async::<Value>(&mut self.link.conn())
             .await
             .map(drop)
-            .map_err(map_err)
+            .map_err(|e| self.link.failed(e))
     }
 
     async fn run(&self, script: &Script, args: Vec<Vec<u8>>) -> Result<Value, QueueError> {
-        invoke(&mut self.conn.clone(), script, &self.keys, args).await
+        invoke(&self.link, script, &self.keys, args).await
     }
 
     async fn enqueue_inner(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
@@ -405,9 +491,12 @@ impl RedisQueue {
             }
             xadd
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         if key.is_empty() {
-            let _: Value = xadd().query_async(&mut conn).await.map_err(map_err)?;
+            let _: Value = xadd()
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.link.failed(e))?;
             return Ok(Enqueued::Stored(message_id));
         }
         // Rarely more than once: only if `lease` deleted the entry as a duplicate's
@@ -430,15 +519,15 @@ impl RedisQueue {
                     // this one, is left alone.)
                     if matches!(set, Value::Int(1)) {
                         let args = vec![key.as_bytes().to_vec(), id.as_bytes().to_vec()];
-                        if let Err(e) = invoke(&mut conn, &UNCLAIM, &self.keys, args).await {
+                        if let Err(e) = invoke(&self.link, &UNCLAIM, &self.keys, args).await {
                             tracing::warn!(error = %e, "postbox: could not free the key of a failed redis enqueue");
                         }
                     }
-                    return Err(map_err(e.into()));
+                    return Err(self.link.failed(e.into()));
                 }
                 // The entry is written, its claim not: `lease` deletes it as a
                 // duplicate's (module docs).
-                Ok(Ok([_, Value::ServerError(e)])) => return Err(map_err(e.into())),
+                Ok(Ok([_, Value::ServerError(e)])) => return Err(self.link.failed(e.into())),
                 Ok(Ok([eid, set])) => (bytes(eid)?, int(set)?),
                 Ok(Err(_)) => return Err(unexpected("enqueue reply")),
                 // Refused whole (`EXECABORT`: an error while queueing, such as OOM) or
@@ -446,13 +535,13 @@ impl RedisQueue {
                 // whole or not at all, so a claim made has its entry. Freeing the key
                 // could free a stored copy's (this enqueue retried after a lost reply),
                 // and `lease` would delete that entry as nobody's.
-                Err(e) => return Err(map_err(e)),
+                Err(e) => return Err(self.link.failed(e)),
             };
             if set == 1 {
                 return Ok(Enqueued::Stored(message_id));
             }
             let args = vec![key.as_bytes().to_vec(), id.as_bytes().to_vec(), eid];
-            let settled = invoke(&mut conn, &SETTLE, &self.keys, args).await?;
+            let settled = invoke(&self.link, &SETTLE, &self.keys, args).await?;
             let [code, owner] =
                 <[Value; 2]>::try_from(array(settled)?).map_err(|_| unexpected("settle reply"))?;
             match int(code)? {
@@ -621,9 +710,9 @@ impl RedisQueue {
             .xlen(&self.keys[0])
             .zcard(&self.keys[6])
             .xlen(&self.keys[1])
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.link.conn())
             .await
-            .map_err(map_err)?;
+            .map_err(|e| self.link.failed(e))?;
         Ok(Depth {
             pending: live.saturating_sub(in_flight),
             in_flight,
@@ -638,7 +727,7 @@ impl RedisQueue {
         const PAGE: usize = 256;
         let mut wanted: std::collections::HashSet<String> =
             ids.iter().map(|id| id.to_string()).collect();
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let mut start = "-".to_owned();
         let mut discarded = 0;
         while !wanted.is_empty() {
@@ -650,7 +739,7 @@ impl RedisQueue {
                 .arg(PAGE)
                 .query_async(&mut conn)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| self.link.failed(e))?;
             let page = array(reply)?;
             let full = page.len() == PAGE;
             let mut found = Vec::new();
@@ -676,7 +765,7 @@ impl RedisQueue {
                     .arg(&found)
                     .query_async(&mut conn)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| self.link.failed(e))?;
                 discarded += n;
             }
             if !full {
@@ -704,9 +793,9 @@ impl RedisQueue {
                 .arg("+")
                 .arg("COUNT")
                 .arg(want)
-                .query_async(&mut self.conn.clone())
+                .query_async(&mut self.link.conn())
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| self.link.failed(e))?;
             let page = array(reply)?;
             let last_page = page.len() < want;
             for entry in page {
@@ -848,7 +937,7 @@ impl Queue for RedisQueue {
 /// to [`MAX_BATCH`], with up to [`BATCHES_IN_FLIGHT`] calls at once), then answers each.
 /// Ends when the last [`RedisQueue`] clone is dropped.
 async fn batch_enqueues(
-    conn: ConnectionManager,
+    link: Arc<Link>,
     keys: Arc<[String; 11]>,
     capacity: u64,
     mut rx: mpsc::Receiver<Pending>,
@@ -867,10 +956,10 @@ async fn batch_enqueues(
         for p in &mut batch {
             args.append(&mut p.args);
         }
-        let mut conn = conn.clone();
+        let link = link.clone();
         let keys = keys.clone();
         tokio::spawn(async move {
-            let result = match invoke(&mut conn, &ENQUEUE, &keys, args).await {
+            let result = match invoke(&link, &ENQUEUE, &keys, args).await {
                 Ok(v) => parse_batch(v, batch.len()).map_err(|e| (false, e.to_string())),
                 Err(e) => Err((matches!(e, QueueError::Unavailable(_)), e.to_string())),
             };
@@ -882,7 +971,7 @@ async fn batch_enqueues(
 
 /// Runs `script` with the queue's keys, the group name and `args`.
 async fn invoke(
-    conn: &mut ConnectionManager,
+    link: &Arc<Link>,
     script: &Script,
     keys: &[String; 11],
     args: Vec<Vec<u8>>,
@@ -895,7 +984,9 @@ async fn invoke(
     for a in args {
         inv.arg(a);
     }
-    inv.invoke_async(conn).await.map_err(map_err)
+    inv.invoke_async(&mut link.conn())
+        .await
+        .map_err(|e| link.failed(e))
 }
 
 fn answer(batch: Vec<Pending>, result: Result<Vec<(i64, String)>, (bool, String)>) {

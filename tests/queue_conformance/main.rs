@@ -12,7 +12,7 @@ mod memory;
 #[cfg(feature = "embedded")]
 mod embedded;
 
-#[cfg(any(feature = "nats", feature = "amqp"))]
+#[cfg(any(feature = "nats", feature = "amqp", feature = "redis"))]
 mod proxy;
 
 #[cfg(any(feature = "nats", feature = "redis", feature = "amqp"))]

@@ -1145,3 +1145,44 @@ async fn attempts_saturate_at_the_limit_and_each_lease_stays_distinct() {
     ));
     q.ack(&[second[0].token]).await.unwrap();
 }
+
+/// A server that stops answering without closing the connection (a host gone, a
+/// partition; here the proxy freezes it): a call times out (`Unavailable`) and the
+/// connection is made again, so calls succeed within seconds. Before, the
+/// connection stayed open and every call timed out until the kernel gave up on the
+/// socket (about 15 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_is_made_again() {
+    let proxy = crate::proxy::Proxy::start(crate::proxy::host_port(&options().url())).await;
+    let (q, _purge) = make(
+        options()
+            .with_url(format!("redis://{}/", proxy.addr()))
+            .with_response_timeout(Duration::from_millis(300)),
+    );
+    q.enqueue(crate::suite::envelope("before")).await.unwrap();
+    let connections = proxy.accepted();
+    proxy.freeze();
+    let e = q
+        .enqueue(crate::suite::envelope("frozen"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, QueueError::Unavailable(_)), "{e}");
+    let start = tokio::time::Instant::now();
+    loop {
+        match q.enqueue(crate::suite::envelope("after")).await {
+            Ok(stored) => {
+                assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
+                break;
+            }
+            Err(QueueError::Unavailable(e)) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "still unanswered after 15 s: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(proxy.accepted() > connections, "no new connection was made");
+}
