@@ -211,6 +211,10 @@ impl<B> std::fmt::Display for Host<'_, B> {
 /// `409` before the deadline answers for it.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
+/// How long a waiting duplicate pauses after its claim failed (the store down), before
+/// it claims again.
+const STORE_FAILED_PAUSE: Duration = Duration::from_millis(50);
+
 /// Gives the claim back if the request does not complete it.
 struct Release<St: IdempotencyStore> {
     store: Arc<St>,
@@ -274,6 +278,10 @@ where
             // It waits on, to its bound (then `409`).
             Err(e) if wait_until.is_some() => {
                 tracing::debug!(error = %e, %key, "idempotency store failed while a duplicate waits; waiting on");
+                // Paced here too: a store's `wait` may end at once while it is down.
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    tokio::time::sleep(STORE_FAILED_PAUSE).await;
+                }
                 Ok(Claim::InProgress)
             }
             claimed => claimed,
@@ -675,9 +683,12 @@ where
             // refusal instead of running. A refusal made nothing happen: not
             // remembered. (Any other answer is, by its head, so that it never runs
             // twice.)
-            // A gRPC error is a refusal too (under `200 OK`: tonic's "message too
-            // large" from the length prefix, an interceptor's `INVALID_ARGUMENT`).
-            let refused = status.is_client_error() || code.is_some_and(|c| c != GrpcCode::Ok);
+            // So is a trailers-only gRPC error (under `200 OK`: tonic's "message too
+            // large" from the length prefix, an interceptor's `INVALID_ARGUMENT`). Not
+            // one ending a stream: a client-streaming handler may have acted on the
+            // messages it read before it answered.
+            let refused = status.is_client_error()
+                || GrpcCode::from_headers(&headers).is_some_and(|c| c != GrpcCode::Ok);
             if refused && tap.not_read_whole() {
                 tracing::debug!(key = %claim.key, %status, "refused without reading the whole body; not remembered");
                 return Outcome::Whole(bytes, trailers);
