@@ -450,7 +450,9 @@ impl AmqpOptions {
     }
 
     /// How many deliveries this process holds unacked at most (default 10 000); see
-    /// the module docs, "Leases", for what a lease does when that many are held.
+    /// the module docs, "Leases", for what a lease does when that many are held. Each
+    /// is kept in memory with its body while held: at most `max` × the largest body
+    /// (10 000 × 100 KiB is a GiB). Lower it for large bodies.
     pub fn with_max_held(mut self, max: usize) -> Self {
         self.max_held = max.max(1);
         self
@@ -628,9 +630,20 @@ impl Inner {
         };
         let connected = match tokio::time::timeout(self.timeout, connect).await {
             Ok(Ok(pair)) => Ok(pair),
-            Ok(Err(e)) => Err(classify(e, &format!("connect to {}", self.url))),
+            // The URL without its credentials: the error is logged.
+            Ok(Err(e)) => Err(classify(
+                e,
+                &format!(
+                    "connect to {:?}",
+                    crate::queue::envelope::RedactedUri(&self.url)
+                ),
+            )),
             Err(_) => Err(QueueError::Unavailable(
-                format!("amqp connect to {}: timed out", self.url).into(),
+                format!(
+                    "amqp connect to {:?}: timed out",
+                    crate::queue::envelope::RedactedUri(&self.url)
+                )
+                .into(),
             )),
         };
         let (conn, ch) = match connected {

@@ -221,12 +221,16 @@ pub(crate) fn redact_query(query: &str, with: &str, out: &mut String) {
 /// `api%5Fkey` is `api_key`).
 pub(crate) fn is_secret_param(name: &str) -> bool {
     const SHORT: [&str; 5] = ["sig", "key", "code", "pwd", "jwt"];
-    let named =
-        |name: &str| is_credential(name) || SHORT.iter().any(|s| name.eq_ignore_ascii_case(s));
-    if !name.contains('%') {
-        return named(name);
+    let name = percent_decoded(name);
+    is_credential(&name) || SHORT.iter().any(|s| name.eq_ignore_ascii_case(s))
+}
+
+/// `text` with its `%XX` escapes decoded (bytes that are not UTF-8 replaced).
+pub(crate) fn percent_decoded(text: &str) -> String {
+    if !text.contains('%') {
+        return text.to_owned();
     }
-    let bytes = name.as_bytes();
+    let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -242,7 +246,7 @@ pub(crate) fn is_secret_param(name: &str) -> bool {
             }
         }
     }
-    named(&String::from_utf8_lossy(&decoded))
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 /// Headers for `Debug`: credential values redacted, other values as text.

@@ -262,10 +262,11 @@ impl NatsOptions {
         }
     }
 
-    /// Connects to `url` (`nats://[user:password@]host:port`) instead; several servers
-    /// of a cluster as a comma-separated list (`nats://a:4222,nats://b:4222`), tried in
-    /// turn on a reconnect. The servers a cluster announces are not used (only the
-    /// addresses given are ever dialled).
+    /// Connects to `url` (`nats://[user:password@]host:port`, or `nats://token@host:port`)
+    /// instead; several servers of a cluster as a comma-separated list
+    /// (`nats://u:p@a:4222,nats://b:4222`: the first credentials given are used for
+    /// all), tried in a random order on each connect. The servers a cluster announces
+    /// are not used (only the addresses given are ever dialled).
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
         self
@@ -300,7 +301,10 @@ impl NatsOptions {
     }
 
     /// How many deliveries this process holds at most (the consumer's
-    /// `max_ack_pending`; default 10 000).
+    /// `max_ack_pending`; default 10 000). Each is kept in memory with its body while
+    /// held (put back for a later time, waiting for its destination to recover): at
+    /// most `max` × the largest body (10 000 × 100 KiB is a GiB). Lower it for large
+    /// bodies.
     pub fn with_max_held(mut self, max: usize) -> Self {
         self.max_held = max.max(1);
         self
@@ -369,20 +373,47 @@ impl NatsQueue {
         }
         let url = options.url();
         // Parsed first: a bad URL is no outage to wait out (it would fail every call).
-        let servers = url
-            .split(',')
-            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                QueueError::Backend(format!("nats queue {name}: invalid URL: {e}").into())
-            })?;
-        let client = async_nats::ConnectOptions::new()
+        // One URL as it is (a comma may be in its password), else a list.
+        let servers = match url.trim().parse::<async_nats::ServerAddr>() {
+            Ok(one) => vec![one],
+            Err(_) => url
+                .split(',')
+                .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    QueueError::Backend(format!("nats queue {name}: invalid URL: {e}").into())
+                })?,
+        };
+        let mut connect = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(2))
             .request_timeout(Some(options.request_timeout))
-            .ignore_discovered_servers()
-            .connect(servers)
-            .await
-            .map_err(|e| QueueError::Unavailable(format!("nats at {url}: {e}").into()))?;
+            .ignore_discovered_servers();
+        // The client reads no credentials from a URL: they are passed on (the first
+        // given, for every server of the list).
+        if let Some(with) = servers.iter().find(|s| s.has_user_pass()) {
+            let user = crate::queue::envelope::percent_decoded(with.username().unwrap_or_default());
+            connect = match with.password() {
+                Some(pass) => {
+                    connect.user_and_password(user, crate::queue::envelope::percent_decoded(pass))
+                }
+                None => connect.token(user),
+            };
+        }
+        let client = connect.connect(servers).await.map_err(|e| {
+            // Its credentials left out: the error is logged.
+            let at = crate::queue::envelope::RedactedUri(&url);
+            let what = format!("nats at {at:?}: {e}");
+            // Refused credentials are a configuration error, not an outage.
+            if matches!(
+                e.kind(),
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication
+            ) {
+                QueueError::Backend(what.into())
+            } else {
+                QueueError::Unavailable(what.into())
+            }
+        })?;
         let js = async_nats::jetstream::context::ContextBuilder::new()
             .timeout(options.request_timeout)
             .build(client);

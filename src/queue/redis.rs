@@ -188,6 +188,9 @@ struct Link {
     conn: std::sync::RwLock<ConnectionManager>,
     client: ::redis::Client,
     config: ConnectionManagerConfig,
+    /// The runtime `connect` ran on: a connection made again runs its tasks there, not
+    /// on whichever runtime a failing call ran on (which may end first).
+    runtime: tokio::runtime::Handle,
     /// When the connection was last made again, if it was: at most every
     /// [`REMAKE_EVERY`], one at a time.
     remade: std::sync::Mutex<(Option<tokio::time::Instant>, bool)>,
@@ -203,20 +206,21 @@ impl Link {
     }
 
     /// `e` as a [`QueueError`]; a call left unanswered (a timeout) or refused by a
-    /// replica (`READONLY`, `MASTERDOWN`) also has the connection made again in the
-    /// background (calls in flight on the old one end as they would).
+    /// node no longer the primary (`READONLY`, `MASTERDOWN`, also inside a transaction
+    /// refused whole) also has the connection made again in the background, unless the
+    /// old one still answers a `PING` (calls in flight on the old one end as they
+    /// would).
     fn failed(self: &Arc<Self>, e: RedisError) -> QueueError {
-        use redis::{ErrorKind, ServerErrorKind as S};
-        if e.is_timeout() || matches!(e.kind(), ErrorKind::Server(S::ReadOnly | S::MasterDown)) {
-            self.remake();
+        if e.is_timeout() || demoted(&e) {
+            self.remake(demoted(&e));
         }
         map_err(e)
     }
 
-    fn remake(self: &Arc<Self>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+    /// Makes the connection again, in the background (at most every
+    /// [`REMAKE_EVERY`], one at a time); after a timeout only if the old one does not
+    /// answer a `PING`.
+    fn remake(self: &Arc<Self>, demoted: bool) {
         {
             let mut remade = self
                 .remade
@@ -228,13 +232,35 @@ impl Link {
             }
             *remade = (Some(now), true);
         }
-        let link = self.clone();
-        runtime.spawn(async move {
+        /// Ends the remake however its task ends (done, panicked, dropped with its
+        /// runtime): a flag left set would stop every later one.
+        struct Done(Arc<Link>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0
+                    .remade
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .1 = false;
+            }
+        }
+        let done = Done(self.clone());
+        self.runtime.spawn(async move {
+            let link = &done.0;
+            // A server that was only slow (a long script, a big `DEL`) still answers:
+            // its connection is kept.
+            if !demoted {
+                let mut old = link.conn();
+                let alive: Result<String, _> = ::redis::cmd("PING").query_async(&mut old).await;
+                if alive.is_ok() {
+                    return;
+                }
+            }
             match ConnectionManager::new_with_config(link.client.clone(), link.config.clone()).await
             {
                 Ok(conn) => {
                     tracing::info!(
-                        "postbox: redis connection made again after a call went unanswered"
+                        "postbox: redis connection made again after it stopped answering"
                     );
                     *link
                         .conn
@@ -245,13 +271,29 @@ impl Link {
                     tracing::warn!(error = %e, "postbox: redis connection could not be made again");
                 }
             }
-            link.remade
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .1 = false;
         });
     }
 }
+
+/// Whether `e` is a refusal by a node that is no longer the primary (`READONLY`,
+/// `MASTERDOWN`), alone or inside a transaction refused whole (`EXECABORT`), or wrapped
+/// by a script (`ERR … -READONLY …`, before Redis 7).
+fn demoted(e: &RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    let named = |kind: Option<ErrorKind>, text: &str| {
+        matches!(kind, Some(ErrorKind::Server(S::ReadOnly | S::MasterDown)))
+            || text.contains("READONLY")
+            || text.contains("MASTERDOWN")
+    };
+    match e.kind() {
+        ErrorKind::Server(S::ExecAbort) => e.clone().into_server_errors().is_some_and(|errs| {
+            errs.iter()
+                .any(|(_, s)| named(s.kind().map(ErrorKind::Server), &s.to_string()))
+        }),
+        kind => named(Some(kind), e.detail().unwrap_or_default()),
+    }
+}
+
 /// Most batches of enqueues in flight at once.
 const BATCHES_IN_FLIGHT: usize = 2;
 
@@ -332,8 +374,10 @@ impl RedisQueue {
             ));
         }
         let url = options.url();
-        let client = ::redis::Client::open(url.as_str())
-            .map_err(|e| QueueError::Backend(format!("redis url {url:?}: {e}").into()))?;
+        let client = ::redis::Client::open(url.as_str()).map_err(|e| {
+            let url = crate::queue::envelope::RedactedUri(&url);
+            QueueError::Backend(format!("redis url {url:?}: {e}").into())
+        })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(options.response_timeout))
@@ -342,12 +386,14 @@ impl RedisQueue {
         let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(|e| {
-                QueueError::Unavailable(format!("redis at {url} unreachable: {e}").into())
+                let url = crate::queue::envelope::RedactedUri(&url);
+                QueueError::Unavailable(format!("redis at {url:?} unreachable: {e}").into())
             })?;
         let link = Arc::new(Link {
             conn: std::sync::RwLock::new(conn),
             client,
             config,
+            runtime: runtime.clone(),
             remade: std::sync::Mutex::new((None, false)),
         });
         let p = format!("postbox:{{{}}}:", options.name);
@@ -385,8 +431,11 @@ impl RedisQueue {
         Ok(queue)
     }
 
-    /// The underlying connection (it reconnects by itself), for commands of your own:
-    /// e.g. `WAITAOF 1 0 0` to wait for an fsync on a server with `appendfsync everysec`.
+    /// The underlying connection (it reconnects by itself once its socket fails), for
+    /// commands of your own: e.g. `WAITAOF 1 0 0` to wait for an fsync on a server with
+    /// `appendfsync everysec`. Take it for each use rather than keeping it: the queue
+    /// makes its connection again when a call goes unanswered, and a clone kept stays
+    /// on the old one (and `WAITAOF` covers only the writes of its own connection).
     pub fn connection(&self) -> ConnectionManager {
         self.link.conn()
     }

@@ -1269,3 +1269,37 @@ async fn an_invalid_url_is_a_backend_error_and_a_list_names_several_servers() {
     assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
     q.purge().await.unwrap();
 }
+
+/// A private server that wants a user and password (`postbox` / `s3cr,t`).
+fn private_nats_with_auth(port: u16, dir: &Path) -> Command {
+    let mut c = private_nats(port, dir);
+    c.args(["--user", "postbox", "--pass", "s3cr,t"]);
+    c
+}
+
+/// The credentials in the URL are used (the client reads none from a URL by itself:
+/// a server that wants them refused every connect), a comma in the password included;
+/// without them, or with wrong ones, the connect is a configuration error
+/// (`Backend`), not an outage to wait out — and the error does not show the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_credentials_in_the_url_are_used() {
+    let server = PrivateServer::start(private_nats_with_auth);
+    let port = server.port();
+    crate::broker::accepting("nats-server", port, Duration::from_secs(5)).await;
+    let q =
+        NatsQueue::connect(options().with_url(format!("nats://postbox:s3cr,t@127.0.0.1:{port}")))
+            .await
+            .unwrap();
+    let stored = q.enqueue(crate::suite::envelope("k")).await.unwrap();
+    assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
+    for url in [
+        format!("nats://127.0.0.1:{port}"),
+        format!("nats://postbox:wrong-pw-9@127.0.0.1:{port}"),
+    ] {
+        let e = NatsQueue::connect(options().with_url(url))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, QueueError::Backend(_)), "{e}");
+        assert!(!e.to_string().contains("wrong-pw-9"), "{e}");
+    }
+}

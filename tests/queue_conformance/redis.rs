@@ -1186,3 +1186,46 @@ async fn a_connection_that_stops_answering_is_made_again() {
     }
     assert!(proxy.accepted() > connections, "no new connection was made");
 }
+
+/// A server demoted to a replica (a failover the URL does not follow at once) refuses
+/// writes with `READONLY`, inside the keyed enqueue's transaction as `EXECABORT`: the
+/// enqueue is `Unavailable`, and the connection is made again (where a DNS name would
+/// now lead to the new primary). Before, only a bare `READONLY` was seen, and the
+/// connection was kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_by_a_demoted_node_makes_the_connection_again() {
+    let server = PrivateServer::start(private_redis);
+    let port = server.port();
+    let direct = format!("redis://127.0.0.1:{port}/");
+    answering(&direct, port).await;
+    let proxy = crate::proxy::Proxy::start(format!("127.0.0.1:{port}")).await;
+    let q = RedisQueue::connect(options().with_url(format!("redis://{}/", proxy.addr())))
+        .await
+        .unwrap();
+    // A replica of a primary that is not there: it answers reads, refuses writes.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let nowhere = held.local_addr().unwrap().port();
+    let mut admin = redis::Client::open(direct.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: String = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(nowhere)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let connections = proxy.accepted();
+    let e = q.enqueue(crate::suite::envelope("k")).await.unwrap_err();
+    assert!(matches!(e, QueueError::Unavailable(_)), "{e}");
+    let start = tokio::time::Instant::now();
+    while proxy.accepted() == connections {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the connection to the demoted node was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
