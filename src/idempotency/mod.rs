@@ -74,7 +74,13 @@
 //! remembered: `CANCELLED`, `UNKNOWN` (and a missing status), `DEADLINE_EXCEEDED`,
 //! `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE`,
 //! `DATA_LOSS`, `UNAUTHENTICATED` and `PERMISSION_DENIED`. `OK` and the caller's errors (`INVALID_ARGUMENT`, `NOT_FOUND`,
-//! `ALREADY_EXISTS`, …) are. Keys are scoped by method, host (the URI's authority or
+//! `ALREADY_EXISTS`, …) are, unless the handler answered with a trailers-only error
+//! before it read the whole request (an interceptor's refusal, tonic's "message too
+//! large"): as an HTTP `4xx` decided from the head, that answer is not remembered, so
+//! a corrected repeat runs. tonic answers every handler's `Err(Status)` trailers-only,
+//! so a client-streaming handler that acted on some messages and then failed before
+//! reading the rest is not remembered either: its repeat runs again (the layer cannot
+//! tell the two apart). Keys are scoped by method, host (the URI's authority or
 //! the `Host` header) and path, and with
 //! [`scope_by`](IdempotencyLayer::scope_by) by the caller (a header such as
 //! `authorization`): without it, two callers that send the same key and request get

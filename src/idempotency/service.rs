@@ -279,8 +279,15 @@ where
             Err(e) if wait_until.is_some() => {
                 tracing::debug!(error = %e, %key, "idempotency store failed while a duplicate waits; waiting on");
                 // Paced here too: a store's `wait` may end at once while it is down.
-                if tokio::runtime::Handle::try_current().is_ok() {
-                    tokio::time::sleep(STORE_FAILED_PAUSE).await;
+                // Not past the wait's bound (the call's deadline may follow it), nor
+                // before the last claim's answer.
+                if !last_claim
+                    && let Some(until) = wait_until
+                    && tokio::runtime::Handle::try_current().is_ok()
+                {
+                    let pause =
+                        crate::clock::later(tokio::time::Instant::now(), STORE_FAILED_PAUSE);
+                    tokio::time::sleep_until(pause.min(until)).await;
                 }
                 Ok(Claim::InProgress)
             }

@@ -220,7 +220,7 @@ pub(crate) fn redact_query(query: &str, with: &str, out: &mut String) {
 /// Whether the query parameter `name` holds a credential (its `%XX` escapes read:
 /// `api%5Fkey` is `api_key`).
 pub(crate) fn is_secret_param(name: &str) -> bool {
-    const SHORT: [&str; 5] = ["sig", "key", "code", "pwd", "jwt"];
+    const SHORT: [&str; 6] = ["sig", "key", "code", "pwd", "jwt", "pass"];
     let name = percent_decoded(name);
     is_credential(&name) || SHORT.iter().any(|s| name.eq_ignore_ascii_case(s))
 }

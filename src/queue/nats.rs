@@ -262,11 +262,12 @@ impl NatsOptions {
         }
     }
 
-    /// Connects to `url` (`nats://[user:password@]host:port`, or `nats://token@host:port`)
-    /// instead; several servers of a cluster as a comma-separated list
-    /// (`nats://u:p@a:4222,nats://b:4222`: the first credentials given are used for
-    /// all), tried in a random order on each connect. The servers a cluster announces
-    /// are not used (only the addresses given are ever dialled).
+    /// Connects to `url` (`nats://[user:password@]host:port`, or `nats://token@host:port`;
+    /// `%XX` escapes are decoded: write a `%` as `%25`, a `,` as `%2C`) instead; several
+    /// servers of a cluster as a comma-separated list (`nats://u:p@a:4222,nats://b`:
+    /// the first credentials given are used for all), tried in a random order on each
+    /// connect. The servers a cluster announces are not used (only the addresses given
+    /// are ever dialled).
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
         self
@@ -373,23 +374,21 @@ impl NatsQueue {
         }
         let url = options.url();
         // Parsed first: a bad URL is no outage to wait out (it would fail every call).
-        // One URL as it is (a comma may be in its password), else a list.
-        let servers = match url.trim().parse::<async_nats::ServerAddr>() {
-            Ok(one) => vec![one],
-            Err(_) => url
-                .split(',')
-                .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| {
-                    QueueError::Backend(format!("nats queue {name}: invalid URL: {e}").into())
-                })?,
-        };
+        // A comma separates servers (one in a password is written `%2C`).
+        let mut servers = url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                QueueError::Backend(format!("nats queue {name}: invalid URL: {e}").into())
+            })?;
         let mut connect = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(2))
             .request_timeout(Some(options.request_timeout))
             .ignore_discovered_servers();
         // The client reads no credentials from a URL: they are passed on (the first
-        // given, for every server of the list).
+        // given, for every server of the list), and taken out of the addresses (which
+        // the client logs).
         if let Some(with) = servers.iter().find(|s| s.has_user_pass()) {
             let user = crate::queue::envelope::percent_decoded(with.username().unwrap_or_default());
             connect = match with.password() {
@@ -398,11 +397,23 @@ impl NatsQueue {
                 }
                 None => connect.token(user),
             };
+            for server in &mut servers {
+                let mut bare = server.clone().into_inner();
+                let _ = bare.set_password(None);
+                let _ = bare.set_username("");
+                if let Ok(bare) = async_nats::ServerAddr::from_url(bare) {
+                    *server = bare;
+                }
+            }
         }
         let client = connect.connect(servers).await.map_err(|e| {
-            // Its credentials left out: the error is logged.
-            let at = crate::queue::envelope::RedactedUri(&url);
-            let what = format!("nats at {at:?}: {e}");
+            // Its credentials left out, server by server: the error is logged.
+            let at = url
+                .split(',')
+                .map(|u| format!("{:?}", crate::queue::envelope::RedactedUri(u.trim())))
+                .collect::<Vec<_>>()
+                .join(",");
+            let what = format!("nats at {at}: {e}");
             // Refused credentials are a configuration error, not an outage.
             if matches!(
                 e.kind(),

@@ -153,6 +153,12 @@ pub struct RedisOptions {
 /// # Clone
 ///
 /// Clones share one multiplexed connection (and, with a capacity, the batching task).
+///
+/// # Runtime
+///
+/// The queue is bound to the Tokio runtime it was connected on: its background tasks
+/// (the batching task, a connection made again after one stopped answering) run there,
+/// so keep that runtime running while the queue is used.
 #[derive(Clone)]
 pub struct RedisQueue {
     link: Arc<Link>,
@@ -252,7 +258,8 @@ impl Link {
             if !demoted {
                 let mut old = link.conn();
                 let alive: Result<String, _> = ::redis::cmd("PING").query_async(&mut old).await;
-                if alive.is_ok() {
+                // Any answer will do (`BUSY` while a script runs past its threshold).
+                if alive.as_ref().is_ok() || alive.is_err_and(|e| !unanswered(&e)) {
                     return;
                 }
             }
@@ -280,10 +287,12 @@ impl Link {
 /// by a script (`ERR … -READONLY …`, before Redis 7).
 fn demoted(e: &RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind as S};
+    // As a word of its own (a script's `ERR … -READONLY …`), not inside a key name.
     let named = |kind: Option<ErrorKind>, text: &str| {
         matches!(kind, Some(ErrorKind::Server(S::ReadOnly | S::MasterDown)))
-            || text.contains("READONLY")
-            || text.contains("MASTERDOWN")
+            || text
+                .split_whitespace()
+                .any(|w| matches!(w.trim_start_matches('-'), "READONLY" | "MASTERDOWN"))
     };
     match e.kind() {
         ErrorKind::Server(S::ExecAbort) => e.clone().into_server_errors().is_some_and(|errs| {
@@ -374,9 +383,10 @@ impl RedisQueue {
             ));
         }
         let url = options.url();
+        // No URL in the error: one that does not parse may not be redacted right (a
+        // `/` in its password), and the error is logged.
         let client = ::redis::Client::open(url.as_str()).map_err(|e| {
-            let url = crate::queue::envelope::RedactedUri(&url);
-            QueueError::Backend(format!("redis url {url:?}: {e}").into())
+            QueueError::Backend(format!("redis queue {name}: invalid URL: {e}").into())
         })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -1082,7 +1092,7 @@ fn map_err(e: RedisError) -> QueueError {
         }),
         kind => transient(Some(kind), e.code()),
     };
-    if transient || unanswered(&e) {
+    if transient || unanswered(&e) || demoted(&e) {
         QueueError::Unavailable(Box::new(e))
     } else {
         QueueError::Backend(Box::new(e))

@@ -1278,7 +1278,8 @@ fn private_nats_with_auth(port: u16, dir: &Path) -> Command {
 }
 
 /// The credentials in the URL are used (the client reads none from a URL by itself:
-/// a server that wants them refused every connect), a comma in the password included;
+/// a server that wants them refused every connect), a comma in the password included
+/// (written `%2C`);
 /// without them, or with wrong ones, the connect is a configuration error
 /// (`Backend`), not an outage to wait out — and the error does not show the password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1287,7 +1288,7 @@ async fn the_credentials_in_the_url_are_used() {
     let port = server.port();
     crate::broker::accepting("nats-server", port, Duration::from_secs(5)).await;
     let q =
-        NatsQueue::connect(options().with_url(format!("nats://postbox:s3cr,t@127.0.0.1:{port}")))
+        NatsQueue::connect(options().with_url(format!("nats://postbox:s3cr%2Ct@127.0.0.1:{port}")))
             .await
             .unwrap();
     let stored = q.enqueue(crate::suite::envelope("k")).await.unwrap();
@@ -1295,6 +1296,10 @@ async fn the_credentials_in_the_url_are_used() {
     for url in [
         format!("nats://127.0.0.1:{port}"),
         format!("nats://postbox:wrong-pw-9@127.0.0.1:{port}"),
+        // A list: each server's password is left out of the error.
+        format!(
+            "nats://postbox:wrong-pw-9@127.0.0.1:{port},nats://postbox:wrong-pw-9@127.0.0.1:{port}"
+        ),
     ] {
         let e = NatsQueue::connect(options().with_url(url))
             .await
