@@ -70,13 +70,21 @@ impl Hasher {
         h
     }
 
-    /// A hash of a scope header's value (`None`: the header is absent, which is not
+    /// A hash of the scope headers' values (`None`: the header is absent, which is not
     /// the same as an empty value), stable across processes, builds and platforms like
-    /// the fingerprint, so instances sharing a store agree on the scope.
-    pub(crate) fn of_scope(value: Option<&[u8]>) -> u64 {
+    /// the fingerprint, so instances sharing a store agree on the scope. (One header
+    /// hashes as it did before several could be given.)
+    pub(crate) fn of_scope<'a>(values: impl IntoIterator<Item = Option<&'a [u8]>>) -> u64 {
         let mut h = Self::seeded(0x1319_8A2E_0370_7344);
-        h.mix(u64::from(value.is_some()));
-        h.write(value.unwrap_or_default());
+        for (i, value) in values.into_iter().enumerate() {
+            if i > 0 {
+                // Where one value ends: `("ab", "c")` is not `("a", "bc")`.
+                let len = h.len;
+                h.mix(len);
+            }
+            h.mix(u64::from(value.is_some()));
+            h.write(value.unwrap_or_default());
+        }
         h.finish().hash
     }
 
@@ -377,13 +385,27 @@ mod tests {
     /// an absent header is not an empty one.
     #[test]
     fn the_scope_hash_is_stable_and_tells_absent_from_empty() {
-        assert_ne!(Hasher::of_scope(None), Hasher::of_scope(Some(b"")));
+        assert_ne!(Hasher::of_scope([None]), Hasher::of_scope([Some(&b""[..])]));
         assert_ne!(
-            Hasher::of_scope(Some(b"Bearer alice")),
-            Hasher::of_scope(Some(b"Bearer bob"))
+            Hasher::of_scope([Some(&b"Bearer alice"[..])]),
+            Hasher::of_scope([Some(&b"Bearer bob"[..])])
         );
         const PINNED: u64 = 0x5F07_BFB3_20AF_7C61;
-        assert_eq!(Hasher::of_scope(Some(b"Bearer alice")), PINNED);
+        assert_eq!(Hasher::of_scope([Some(&b"Bearer alice"[..])]), PINNED);
+        // Several headers: each value delimited, the absent one told from an empty one.
+        let two = |a: Option<&'static [u8]>, b: Option<&'static [u8]>| Hasher::of_scope([a, b]);
+        assert_ne!(
+            two(Some(&b"ab"[..]), Some(&b"c"[..])),
+            two(Some(&b"a"[..]), Some(&b"bc"[..]))
+        );
+        assert_ne!(
+            two(Some(&b"a"[..]), None),
+            two(Some(&b"a"[..]), Some(&b""[..]))
+        );
+        assert_ne!(
+            two(Some(&b"a"[..]), Some(&b"b"[..])),
+            two(Some(&b"b"[..]), Some(&b"a"[..]))
+        );
     }
 
     fn head() -> Hasher {

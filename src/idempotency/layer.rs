@@ -37,7 +37,7 @@ impl<St> IdempotencyLayer<St> {
                 ttl: Duration::from_secs(24 * 60 * 60),
                 lock_for: Duration::from_secs(60),
                 max_body: 1024 * 1024,
-                scope: None,
+                scope: Arc::from([]),
                 stream_through: Vec::new(),
                 require_key: false,
             },
@@ -95,11 +95,19 @@ impl<St> IdempotencyLayer<St> {
     /// cryptographic, so scope by a high-entropy value (a token) or an identity your
     /// authentication has checked, not by something a caller can choose freely.
     ///
+    /// Called again, keys are scoped by each header given (`authorization` and the
+    /// account header that picks one of its organisations): the same caller acting for
+    /// another account is another scope.
+    ///
     /// Off by default: a caller that retries with a refreshed token then has another
     /// scope, and its retry runs the handler again. The enqueue replayer replays the
     /// stored `Authorization`, so its replays stay in the original's scope.
     pub fn scope_by(mut self, header: HeaderName) -> Self {
-        self.config.scope = Some(header);
+        let mut scope = self.config.scope.to_vec();
+        if !scope.contains(&header) {
+            scope.push(header);
+        }
+        self.config.scope = scope.into();
         self
     }
 

@@ -43,7 +43,8 @@ pub(crate) struct Config {
     pub(crate) lock_for: Duration,
     pub(crate) max_body: usize,
     /// A header whose value scopes the keys (the caller's identity).
-    pub(crate) scope: Option<HeaderName>,
+    /// [`scope_by`](super::IdempotencyLayer::scope_by) headers (none: unscoped).
+    pub(crate) scope: Arc<[HeaderName]>,
     /// gRPC methods whose calls pass through as if they had no key (streaming ones).
     pub(crate) stream_through: Vec<String>,
     /// A request of an unsafe method without a usable key is refused (`400`).
@@ -175,17 +176,20 @@ where
         // endpoint, or on another virtual host served by the same stack, is another
         // operation (and, if asked, to the caller).
         let host = Host(&req);
-        let scoped = match &self.config.scope {
-            None => format!("{} {host}{} {key}", req.method(), req.uri().path()),
-            Some(header) => {
-                let value = req.headers().get(header).map(HeaderValue::as_bytes);
-                format!(
-                    "{} {host}{} {:016x} {key}",
-                    req.method(),
-                    req.uri().path(),
-                    Hasher::of_scope(value)
-                )
-            }
+        let scoped = if self.config.scope.is_empty() {
+            format!("{} {host}{} {key}", req.method(), req.uri().path())
+        } else {
+            let values = self
+                .config
+                .scope
+                .iter()
+                .map(|header| req.headers().get(header).map(HeaderValue::as_bytes));
+            format!(
+                "{} {host}{} {:016x} {key}",
+                req.method(),
+                req.uri().path(),
+                Hasher::of_scope(values)
+            )
         };
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);

@@ -4318,6 +4318,50 @@ async fn keys_scoped_by_the_caller_keep_two_callers_apart() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// Scoped by two headers (`scope_by` given twice), the same caller acting for two
+/// accounts gets an answer per account; the repeat for one account is answered from
+/// the store.
+#[tokio::test(start_paused = true)]
+async fn keys_scoped_by_two_headers_keep_a_callers_accounts_apart() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100)
+        .scope_by(http::header::AUTHORIZATION)
+        .scope_by(http::HeaderName::from_static("x-account"))
+        .layer(echo_handler(calls.clone()));
+    let as_user_for = |token: &str, account: &str| {
+        let mut req = keyed("order-7");
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, token.parse().unwrap());
+        req.headers_mut()
+            .insert("x-account", account.parse().unwrap());
+        req
+    };
+    // Both headers count: another account of the same caller, or another caller of
+    // the same account, is another scope.
+    for (token, account) in [
+        ("Bearer alice", "acme"),
+        ("Bearer alice", "globex"),
+        ("Bearer bob", "acme"),
+    ] {
+        let res = svc
+            .clone()
+            .oneshot(as_user_for(token, account))
+            .await
+            .unwrap();
+        assert!(
+            !res.headers().contains_key(REPLAYED_HEADER),
+            "{token} {account}"
+        );
+    }
+    let res = svc
+        .clone()
+        .oneshot(as_user_for("Bearer alice", "acme"))
+        .await
+        .unwrap();
+    assert!(res.headers().contains_key(REPLAYED_HEADER));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
 /// A body that sends one frame, then fails (a request whose client went away
 /// mid-upload) or stays open (an event stream, a server stream waiting for more).
 struct OneFrameThen {
