@@ -83,7 +83,8 @@ as_error_for!(
 /// The first match on the way down the chain decides, except for a `tonic::Status`:
 /// under it (its source, so made in this process: a source does not travel over the
 /// wire), only our own errors and a connection never made (the rows marked ✦: the
-/// breaker's, the bulkhead's, the upload's, the timeouts', and connect errors) decide
+/// breaker's, the bulkhead's, the upload's, the timeouts' (tonic's `TimeoutExpired`
+/// too), a request hyper dropped before dispatching it, and connect errors) decide
 /// instead of its code, so a status wrapping a connect error is a call that never
 /// left, and one wrapping our own rejection is not the dependency's failure. Any other
 /// error under a status leaves the decision to its code.

@@ -267,9 +267,10 @@ impl Default for ClientConfig {
 #[non_exhaustive]
 pub struct ClassifySection {
     /// Statuses that are failures worth a retry (and a deferral; retried only when
-    /// the request is retry-safe, as a `5xx` is), after the answer's `Retry-After` if
-    /// it has one. (Listing `409` makes the idempotency layer's "request in progress"
-    /// a failure the breaker counts, too.)
+    /// the request is retry-safe, as a `5xx` is). A listed `409` waits for its
+    /// `Retry-After` if it has one; any other listed status waits its backoff only
+    /// (its `Retry-After` is not read). (Listing `409` makes the idempotency layer's
+    /// "request in progress" a failure the breaker counts, too.)
     pub retryable_failure: Vec<u16>,
     /// Statuses that are failures, counted by the breaker, not retried.
     pub failure: Vec<u16>,

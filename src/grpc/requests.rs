@@ -53,9 +53,7 @@ impl GrpcRequests {
     /// [`try_idempotent`](Self::try_idempotent) refuses it.
     pub fn idempotent(self, path: impl Into<String>) -> Self {
         let path = path.into();
-        if let Err(e) = crate::http::check_method_pattern("grpc_requests.idempotent", &path) {
-            tracing::warn!(error = %e, "postbox: a gRPC method pattern that names no method as meant");
-        }
+        crate::http::warn_unless_method_pattern("grpc_requests.idempotent", &path);
         self.with_path(path)
     }
 

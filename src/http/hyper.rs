@@ -5,7 +5,8 @@
 //! this module implements [`AsError`] for its error type, so [`HttpClassifier`] and
 //! [`GrpcClassifier`](crate::classify::GrpcClassifier) classify its errors directly —
 //! a failure to connect (`is_connect()`: refused, DNS, a connect timeout, TLS) is a
-//! retryable failure that never took effect. With a body buffered by
+//! retryable failure that never took effect, and so is a request it dropped before
+//! dispatching it (a `hyper::Error` that `is_canceled()`: its connection closed). With a body buffered by
 //! [`BufferBodyLayer`](crate::http::body::BufferBodyLayer) the client's body type is
 //! `ReplayBody<B>`, which hyper sends like any other body.
 //!

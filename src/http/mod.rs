@@ -167,6 +167,14 @@ pub(crate) fn check_method_pattern(
     }
 }
 
+/// Logs at `warn` a pattern that [`check_method_pattern`] refuses (a builder that
+/// keeps it rather than fail).
+pub(crate) fn warn_unless_method_pattern(field: &'static str, pattern: &str) {
+    if let Err(e) = check_method_pattern(field, pattern) {
+        tracing::warn!(error = %e, "postbox: a gRPC method pattern that names no method as meant");
+    }
+}
+
 /// What is wrong with a [`names_method`] pattern, if anything: one matching every call
 /// (`*`, `/*`), or one that can match none (empty, no `/` and no `*`, an empty method,
 /// a `*` before the end, read as a literal `*`, or more than two segments, when only a

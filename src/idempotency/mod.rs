@@ -41,7 +41,7 @@
 //!   remembered.
 //!
 //! A `5xx` response, a "try again later" answer (`408`, `425`, `429`), a conflict with
-//! another request (`409`, `423`), a
+//! another request (`409`, `423`), a request its client closed (`499`), a
 //! refused credential (`401`, `403`: the retry with a fresh one must run), an error, a
 //! response body over the limit, or the answer to a request whose body failed to
 //! arrive is **not** remembered: the claim is released and the next request with the
@@ -83,7 +83,8 @@
 //! tell the two apart). Keys are scoped by method, host (the URI's authority or
 //! the `Host` header) and path, and with
 //! [`scope_by`](IdempotencyLayer::scope_by) by the caller (a header such as
-//! `authorization`): without it, two callers that send the same key and request get
+//! `authorization`; given again, by each header given, e.g. `authorization` and an
+//! account header): without it, two callers that send the same key and request get
 //! the same stored answer.
 //!
 //! A client that balances over instances by address (tonic's `Channel::balance_list`)

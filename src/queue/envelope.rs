@@ -160,7 +160,8 @@ pub(crate) fn is_credential(name: &str) -> bool {
 
 /// A URI for `Debug`: its userinfo (`user:password@`) redacted, and the values of
 /// query parameters named like credentials ([`is_credential`], or `sig`, `key`,
-/// `code`, `pwd`, `jwt`: `?access_token=`, `X-Amz-Signature=`, a Maps `key=`).
+/// `code`, `pwd`, `jwt`, `pass`, the name read with its `%XX` escapes decoded:
+/// `?access_token=`, `X-Amz-Signature=`, a Maps `key=`).
 pub(crate) struct RedactedUri<'a>(pub(crate) &'a str);
 
 impl fmt::Debug for RedactedUri<'_> {

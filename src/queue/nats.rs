@@ -334,8 +334,8 @@ impl NatsQueue {
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the server cannot be reached,
-    /// [`QueueError::Backend`] for an invalid name or URL, if JetStream refuses the
-    /// configuration (for example an existing stream of that name with another
+    /// [`QueueError::Backend`] for an invalid name or URL, when the server refuses the
+    /// URL's credentials, if JetStream refuses the configuration (for example an existing stream of that name with another
     /// retention), or when polled outside a Tokio runtime.
     pub async fn connect(options: NatsOptions) -> Result<Self, QueueError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| {

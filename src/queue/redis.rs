@@ -133,7 +133,10 @@ pub struct RedisOptions {
 ///
 /// A call made while the server is unreachable fails with [`QueueError::Unavailable`];
 /// the connection is re-established in the background and a later call succeeds once
-/// the server is back. A script or transaction either ran entirely or not at all, but a call that
+/// the server is back. A call left unanswered for the response timeout, or refused by
+/// a demoted node (`READONLY`, `MASTERDOWN`), also has the connection made again in the
+/// background (at most every 2 s; after a timeout only if the old connection answers
+/// no `PING`). A script or transaction either ran entirely or not at all, but a call that
 /// failed with `Unavailable` may still have run (the reply was lost): an enqueue of the
 /// same envelope retried after that is stored once, thanks to its idempotency key. It is
 /// answered with the same id: without a capacity as [`Enqueued::Stored`] (its key's

@@ -33,9 +33,11 @@
 //! * **Idempotency**: after an attempt that may have taken effect, only retry-safe
 //!   requests are retried ([`CloneRequest::is_retry_safe`]). For HTTP
 //!   (`HttpRequests`): idempotent methods (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`,
-//!   `DELETE`) or requests with an `Idempotency-Key`, optionally generated for the
-//!   others. A failure that certainly had no effect (a refused connection, an open
-//!   breaker) is retried whatever the method.
+//!   `DELETE`), gRPC methods named with `idempotent_grpc_method`
+//!   (`retry.idempotent_grpc_methods` in a config file), or requests with an
+//!   `Idempotency-Key`, optionally generated for the others. A failure that certainly
+//!   had no effect (a refused connection, an open breaker, but not one forced open,
+//!   which is not retried) is retried whatever the method.
 //! * **Replay**: the request is cloned for every attempt but the last, which sends the
 //!   original; a request that cannot be cloned (an HTTP body too large for
 //!   `http::body::BufferBodyLayer`) is sent once.

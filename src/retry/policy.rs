@@ -222,9 +222,7 @@ mod http_requests {
         /// [`try_idempotent_grpc_method`](Self::try_idempotent_grpc_method) refuses it.
         pub fn idempotent_grpc_method(self, pattern: impl Into<String>) -> Self {
             let pattern = pattern.into();
-            if let Err(e) = crate::http::check_method_pattern("idempotent_grpc_method", &pattern) {
-                tracing::warn!(error = %e, "postbox: a gRPC method pattern that names no method as meant");
-            }
+            crate::http::warn_unless_method_pattern("idempotent_grpc_method", &pattern);
             self.with_grpc_method(pattern)
         }
 
