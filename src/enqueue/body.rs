@@ -41,6 +41,8 @@ pin_project! {
             rest: B,
             // The caller's request body: its errors are `RequestBodyFailed`.
             upload: bool,
+            // `rest` ended (or failed): not polled again (a stream may panic then).
+            ended: bool,
         },
         Failed { error: Option<BoxError> },
     }
@@ -83,6 +85,7 @@ impl<B> BufferedBody<B> {
                 prefix,
                 rest,
                 upload: false,
+                ended: false,
             },
         }
     }
@@ -183,11 +186,17 @@ where
                 prefix,
                 rest,
                 upload,
+                ended,
             } => {
                 if let Some(frame) = prefix.pop_front() {
                     return Poll::Ready(Some(Ok(frame)));
                 }
-                match ready!(rest.poll_frame(cx)) {
+                if *ended {
+                    return Poll::Ready(None);
+                }
+                let frame = ready!(rest.poll_frame(cx));
+                *ended = !matches!(frame, Some(Ok(_)));
+                match frame {
                     None => Poll::Ready(None),
                     Some(Ok(frame)) => Poll::Ready(Some(Ok(frame.map_data(into_bytes)))),
                     Some(Err(e)) if *upload => Poll::Ready(Some(Err(
@@ -203,7 +212,12 @@ where
         match &self.kind {
             Kind::Full { data, trailers, .. } => data.is_none() && trailers.is_none(),
             Kind::Failed { error } => error.is_none(),
-            Kind::Streaming { prefix, rest, .. } => prefix.is_empty() && rest.is_end_stream(),
+            Kind::Streaming {
+                prefix,
+                rest,
+                ended,
+                ..
+            } => prefix.is_empty() && (*ended || rest.is_end_stream()),
         }
     }
 

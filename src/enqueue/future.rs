@@ -316,8 +316,13 @@ mod http_future {
                         let key = key.take().expect("key present while collecting");
                         let (req, capture) = match res {
                             Err(e) => {
+                                // The caller's upload broke while it was read to be
+                                // kept: its failure, not the dependency's (a breaker or
+                                // retry outside counts `RequestBodyFailed` nowhere).
                                 this.state.set(State::Done);
-                                return Poll::Ready(Err(e));
+                                return Poll::Ready(Err(
+                                    crate::http::body::RequestBodyFailed::new(e).into(),
+                                ));
                             }
                             Ok(true) => {
                                 let bytes = buf.freeze();

@@ -131,6 +131,18 @@ where
                 StateProj::Calling { fut } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into)?;
                     let (mut parts, body) = res.into_parts();
+                    // Not a gRPC answer (a REST route behind the same stack, a proxy's
+                    // page): passed on untouched, not read for a status it cannot have.
+                    if parts.status == http::StatusCode::OK
+                        && parts.headers.contains_key(http::header::CONTENT_TYPE)
+                        && crate::http::grpc_kind(&parts.headers).is_none()
+                    {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(Response::from_parts(
+                            parts,
+                            GrpcStatusBody::streaming(Bytes::new(), body, None),
+                        )));
+                    }
                     if let Some(c) = this
                         .classifier
                         .classify_headers(parts.status, &parts.headers)
@@ -562,6 +574,17 @@ mod tests {
         assert_eq!(messages(b"\0\0\0\0\x01a\0\0\0\0\x05ab"), 1, "a cut frame");
         assert_eq!(messages(b"\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0"), 2);
         assert_eq!(messages(b"\0\xff\xff\xff\xff"), 0);
+    }
+
+    /// A `200` that is not a gRPC answer (a REST route behind the same stack, a
+    /// proxy's page) is passed on untouched: it was read, given `grpc-status: 2` and
+    /// emptied, its JSON lost.
+    #[tokio::test]
+    async fn a_response_that_is_not_grpc_is_passed_on_untouched() {
+        let (parts, data) = call_web("application/json", b"{\"id\":7}".to_vec()).await;
+        assert!(parts.headers.get("grpc-status").is_none());
+        assert!(parts.extensions.get::<GrpcOutcome>().is_none());
+        assert_eq!(&data[..], b"{\"id\":7}");
     }
 
     #[tokio::test]

@@ -659,6 +659,28 @@ async fn an_upload_that_breaks_past_the_limit_fails_as_the_callers() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// The same for an upload that breaks while the fallback reads it to keep it (within
+/// the limit): the caller's failure, `RequestBodyFailed`, ignored by a breaker or retry
+/// outside; it came out raw (a `ConnectionReset` read as the dependency's failure).
+#[tokio::test(start_paused = true)]
+async fn an_upload_that_breaks_while_it_is_read_to_be_kept_fails_as_the_callers() {
+    let queue = Arc::new(MemoryQueue::new());
+    let inner = service_fn(|_req: Request<BufferedBody<BreaksAfter>>| async move {
+        Ok::<Res, BoxError>(respond(201, "never called"))
+    });
+    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(inner);
+    let req = Request::post("http://api.test/upload")
+        .body(BreaksAfter(Some(Bytes::from_static(b"ab"))))
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert!(
+        find_cause::<postbox::http::body::RequestBodyFailed>(&*err).is_some(),
+        "{err}"
+    );
+    assert!(postbox::classify::classify_error(&*err).is_ignored());
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
 /// The request goes out telling the next hop the time left once its body was read,
 /// not when a `DeadlineLayer::http` outside wrote the header: a slow upload took
 /// 800 ms of the second.
