@@ -101,7 +101,13 @@
 //! Opening checks the file: not a redb file, a truncated file, damaged pages (with the
 //! default integrity check) or an unknown schema version are [`QueueError::Corrupt`],
 //! never a panic. An *empty* file is taken as a new queue (redb's rule: a crash during
-//! the very first open leaves one).
+//! the very first open leaves one). Two limits come from redb's commit, which keeps
+//! the previous commit's root: damage to pages only the newest commit wrote (a disk
+//! that dropped its writes, then a crash) is rolled back to the commit before, losing
+//! that batch silently rather than reporting `Corrupt`; and after a failed fsync the
+//! file is opened again in place, trusting what the operating system's cache says was
+//! written (the kernel may have marked those pages clean). A disk that fails its
+//! fsyncs is not one a queue can be durable on.
 //!
 //! A stored message that cannot be decoded (damaged inside intact pages, or written by a
 //! newer envelope version) is *quarantined* when a lease reaches it: taken out of the
@@ -521,7 +527,13 @@ impl EmbeddedQueue {
             ack_sync: options.ack_sync,
             unsynced_since: None,
             recovered_max,
-            leases: Leases::default(),
+            // Leases of this open start at a random point: a token kept from before a
+            // close and reopen in the same process (its `seq` from 0 again) would match
+            // a new lease of the same message whose attempts came out the same.
+            leases: Leases {
+                seq: u64::from(fastrand::u32(..)),
+                ..Leases::default()
+            },
             committed_seq: 0,
             counters: Arc::default(),
         };

@@ -113,6 +113,31 @@ async fn reopen_after_drop_without_close_keeps_every_message() {
     assert_eq!(all_ids(&q).await, ids);
 }
 
+/// A token kept from before a close and reopen (here, one whose lease was released
+/// uncounted) does not ack the message's new lease: each open's leases start at a
+/// random point. Before, both opens numbered their leases from 0, and the new lease,
+/// with the same attempts, had the old token's generation.
+#[tokio::test]
+async fn a_token_from_before_a_reopen_does_not_ack_a_new_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    q.enqueue(envelope(1)).await.unwrap();
+    let old = lease_tokens(&q, 1).await[0];
+    q.release(old, SystemTime::UNIX_EPOCH).await.unwrap();
+    q.close().await.unwrap();
+    drop(q);
+    let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+    let new = lease_tokens(&q, 1).await[0];
+    assert_eq!(new.id, old.id);
+    assert!(
+        matches!(q.ack(&[old]).await, Err(QueueError::LeaseLost(_))),
+        "the old token acked the new lease"
+    );
+    q.ack(&[new]).await.unwrap();
+    assert!(all_ids(&q).await.is_empty());
+}
+
 /// A crash leaves the file as the last commit wrote it: a copy taken while the queue is
 /// still open and never closed stands in for that file.
 #[tokio::test]
