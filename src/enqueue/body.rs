@@ -228,6 +228,8 @@ where
                 trailers.is_some(),
             ),
             Kind::Failed { .. } => SizeHint::default(),
+            // Ended (its frames all sent before it was polled again): nothing more.
+            Kind::Streaming { ended: true, .. } => SizeHint::with_exact(0),
             Kind::Streaming { prefix, rest, .. } => {
                 let buffered: u64 = prefix
                     .iter()

@@ -28,6 +28,9 @@ pin_project! {
         state: State<F, B>,
         // `None`: a method named `stream_through`, returned at once.
         limit: Option<usize>,
+        // The request was not a gRPC call (a REST route, a Connect call, behind the same
+        // stack): its answer is passed on untouched.
+        passthrough: bool,
         classifier: GrpcClassifier,
         hook: Arc<H>,
     }
@@ -88,12 +91,14 @@ impl<F, B, H> ResponseFuture<F, B, H> {
     pub(crate) fn new(
         fut: F,
         limit: Option<usize>,
+        passthrough: bool,
         classifier: GrpcClassifier,
         hook: Arc<H>,
     ) -> Self {
         Self {
             state: State::Calling { fut },
             limit,
+            passthrough,
             classifier,
             hook,
         }
@@ -131,12 +136,11 @@ where
                 StateProj::Calling { fut } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into)?;
                     let (mut parts, body) = res.into_parts();
-                    // Not a gRPC answer (a REST route behind the same stack, a proxy's
-                    // page): passed on untouched, not read for a status it cannot have.
-                    if parts.status == http::StatusCode::OK
-                        && parts.headers.contains_key(http::header::CONTENT_TYPE)
-                        && crate::http::grpc_kind(&parts.headers).is_none()
-                    {
+                    // Not a gRPC call (a REST route or a Connect call behind the same
+                    // stack): its answer is passed on untouched, not read for a status it
+                    // cannot have. (A gRPC call answered with a `200` page is `UNKNOWN`,
+                    // below, as the gRPC spec says.)
+                    if *this.passthrough {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(Response::from_parts(
                             parts,
@@ -576,15 +580,36 @@ mod tests {
         assert_eq!(messages(b"\0\xff\xff\xff\xff"), 0);
     }
 
-    /// A `200` that is not a gRPC answer (a REST route behind the same stack, a
-    /// proxy's page) is passed on untouched: it was read, given `grpc-status: 2` and
-    /// emptied, its JSON lost.
+    /// The answer to a request that is not a gRPC call (a REST route behind the same
+    /// stack: its content type is another) is passed on untouched: it was read, given
+    /// `grpc-status: 2` and emptied, its JSON lost. A gRPC call answered with such a
+    /// `200` (a proxy's page) is still `UNKNOWN`.
     #[tokio::test]
-    async fn a_response_that_is_not_grpc_is_passed_on_untouched() {
-        let (parts, data) = call_web("application/json", b"{\"id\":7}".to_vec()).await;
+    async fn the_answer_to_a_request_that_is_not_grpc_is_passed_on_untouched() {
+        let answer_json = |request_type: &'static str| {
+            let svc = GrpcStatusLayer::new().layer(service_fn(|_: http::Request<()>| async {
+                let mut res = Response::new(Full::new(Bytes::from_static(b"{\"id\":7}")));
+                res.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Ok::<_, BoxError>(res)
+            }));
+            let req = http::Request::post("http://a/orders/7")
+                .header(http::header::CONTENT_TYPE, request_type)
+                .body(())
+                .unwrap();
+            async move {
+                let (parts, body) = svc.oneshot(req).await.unwrap().into_parts();
+                (parts, body.collect().await.unwrap().to_bytes())
+            }
+        };
+        let (parts, data) = answer_json("application/json").await;
         assert!(parts.headers.get("grpc-status").is_none());
         assert!(parts.extensions.get::<GrpcOutcome>().is_none());
         assert_eq!(&data[..], b"{\"id\":7}");
+        let (parts, _) = answer_json("application/grpc").await;
+        assert_eq!(parts.headers["grpc-status"], "2");
     }
 
     #[tokio::test]

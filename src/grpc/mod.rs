@@ -111,7 +111,9 @@ use crate::classify::grpc::GrpcCode;
 /// The final gRPC status of one response and its classification.
 ///
 /// Put in the response's extensions by [`GrpcStatus`] when the status is known before
-/// the response is returned, and given to the [`OnGrpcStatus`] hook for every response.
+/// the response is returned, and given to the [`OnGrpcStatus`] hook for every response
+/// to a gRPC call (a request whose content type is another's, a REST route or a
+/// Connect call behind the same stack, is passed on untouched).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrpcOutcome {
     code: GrpcCode,
@@ -147,7 +149,8 @@ impl GrpcOutcome {
     }
 }
 
-/// Called with the final outcome of every response that goes through [`GrpcStatus`].
+/// Called with the final outcome of every response to a gRPC call that goes through
+/// [`GrpcStatus`].
 ///
 /// Implemented for `()` (nothing) and for closures `Fn(&GrpcOutcome)`. For a streamed
 /// response it is called from the body, when the trailers arrive, so it should be

@@ -529,9 +529,11 @@ impl EmbeddedQueue {
             recovered_max,
             // Leases of this open start at a random point: a token kept from before a
             // close and reopen in the same process (its `seq` from 0 again) would match
-            // a new lease of the same message whose attempts came out the same.
+            // a new lease of the same message whose attempts came out the same. Below
+            // 2^31: generations (the low 32 bits of `seq`) still increase for 2^31
+            // leases of this open.
             leases: Leases {
-                seq: u64::from(fastrand::u32(..)),
+                seq: u64::from(fastrand::u32(..1 << 31)),
                 ..Leases::default()
             },
             committed_seq: 0,
