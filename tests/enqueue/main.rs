@@ -636,27 +636,13 @@ async fn a_connect_stream_is_never_deferred_and_its_body_never_read_first() {
 /// dependency that may have taken effect.
 #[tokio::test(start_paused = true)]
 async fn an_upload_that_breaks_past_the_limit_fails_as_the_callers() {
-    let queue = Arc::new(MemoryQueue::new());
     let inner = service_fn(|req: Request<BufferedBody<BreaksAfter>>| async move {
         let err = http_body_util::BodyExt::collect(req.into_body())
             .await
             .unwrap_err();
         Err::<Res, BoxError>(err)
     });
-    let config = EnqueueConfig::new().max_body(1);
-    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
-        .unwrap()
-        .layer(inner);
-    let req = Request::post("http://api.test/upload")
-        .body(BreaksAfter(Some(Bytes::from_static(b"ab"))))
-        .unwrap();
-    let err = svc.oneshot(req).await.unwrap_err();
-    assert!(
-        find_cause::<postbox::http::body::RequestBodyFailed>(&*err).is_some(),
-        "{err}"
-    );
-    assert!(postbox::classify::classify_error(&*err).is_ignored());
-    assert_eq!(depth(&queue).await, Depth::default());
+    a_broken_upload_fails_as_the_callers(EnqueueConfig::new().max_body(1), inner).await;
 }
 
 /// The same for an upload that breaks while the fallback reads it to keep it (within
@@ -664,11 +650,27 @@ async fn an_upload_that_breaks_past_the_limit_fails_as_the_callers() {
 /// outside; it came out raw (a `ConnectionReset` read as the dependency's failure).
 #[tokio::test(start_paused = true)]
 async fn an_upload_that_breaks_while_it_is_read_to_be_kept_fails_as_the_callers() {
-    let queue = Arc::new(MemoryQueue::new());
     let inner = service_fn(|_req: Request<BufferedBody<BreaksAfter>>| async move {
         Ok::<Res, BoxError>(respond(201, "never called"))
     });
-    let svc = EnqueueFallbackLayer::new(queue.clone()).layer(inner);
+    a_broken_upload_fails_as_the_callers(EnqueueConfig::new(), inner).await;
+}
+
+/// Sends an upload that breaks after its first two bytes through a fallback (`config`)
+/// over `inner`: the call fails as the caller's (`RequestBodyFailed`, ignored), and
+/// nothing is stored.
+async fn a_broken_upload_fails_as_the_callers<S>(config: EnqueueConfig, inner: S)
+where
+    S: Service<Request<BufferedBody<BreaksAfter>>, Response = Res, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let queue = Arc::new(MemoryQueue::new());
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), config)
+        .unwrap()
+        .layer(inner);
     let req = Request::post("http://api.test/upload")
         .body(BreaksAfter(Some(Bytes::from_static(b"ab"))))
         .unwrap();
