@@ -1120,6 +1120,57 @@ mod tests {
         }
     }
 
+    /// Ends, and panics if polled after its end (as a body may).
+    struct EndsOnce(bool);
+
+    impl Body for EndsOnce {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            assert!(!self.0, "polled after its end");
+            self.0 = true;
+            Poll::Ready(None)
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::new()
+        }
+    }
+
+    /// A streamed body that ended, or failed, is not polled again (`http_body` leaves a
+    /// body polled past its end undefined), and then reports an end and no size left.
+    #[test]
+    fn a_streamed_body_is_fused_after_its_end_or_its_error() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+
+        let mut ended = ReplayBody::streaming(Bytes::from_static(b"ab"), EndsOnce(false));
+        let first = Pin::new(&mut ended).poll_frame(&mut cx);
+        assert!(matches!(first, Poll::Ready(Some(Ok(_)))));
+        for _ in 0..2 {
+            assert!(matches!(
+                Pin::new(&mut ended).poll_frame(&mut cx),
+                Poll::Ready(None)
+            ));
+        }
+        assert!(ended.is_end_stream());
+        assert_eq!(ended.size_hint().exact(), Some(0));
+
+        let mut failed = ReplayBody::streaming(Bytes::new(), Failing(true));
+        let first = Pin::new(&mut failed).poll_frame(&mut cx);
+        assert!(matches!(first, Poll::Ready(Some(Err(_)))));
+        assert!(
+            matches!(Pin::new(&mut failed).poll_frame(&mut cx), Poll::Ready(None)),
+            "the error is passed on once"
+        );
+        assert!(failed.is_end_stream());
+        assert_eq!(failed.size_hint().exact(), Some(0));
+    }
+
     #[tokio::test]
     async fn a_body_that_fails_is_passed_on_once_with_its_error() {
         let svc = tower::service_fn(|req: Request<ReplayBody<Failing>>| async move {
