@@ -12,6 +12,14 @@ use super::{AsError, Classification, Classify, classify_error};
 use http::{HeaderMap, Response};
 use std::time::Duration;
 
+/// The metadata the [idempotency layer](crate::idempotency) adds to its `UNAVAILABLE`
+/// answer to a key whose first request is still running (HTTP's `409` with
+/// `Retry-After`). [`GrpcClassifier`] reads such an answer as ignored (no failure of the
+/// server: this copy was refused) and retryable after its `grpc-retry-pushback-ms`,
+/// unless `UNAVAILABLE` is overridden. A client that does not know it sees a plain
+/// `UNAVAILABLE` to retry.
+pub const IN_PROGRESS_HEADER: &str = "postbox-in-progress";
+
 /// The canonical gRPC status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -252,6 +260,11 @@ impl GrpcClassifier {
             } else {
                 Classification::success()
             }
+        } else if code == GrpcCode::Unavailable && headers.contains_key(IN_PROGRESS_HEADER) {
+            // Our idempotency layer's answer to a key whose first request still runs
+            // (HTTP's `409`): this copy was refused, which says nothing of the
+            // server's health.
+            Classification::ignored().with_retryable(true)
         } else {
             default_class(code)
         };
@@ -541,6 +554,32 @@ mod tests {
         assert_eq!(c.class(), Class::Failure);
         assert_eq!(c.retry_after(), Some(Duration::from_secs(30)));
         assert!(!with_pushback("-1").is_retryable());
+    }
+
+    /// The idempotency layer's `UNAVAILABLE` for a key in progress is ignored and
+    /// retried after its pushback, in a response and in a `tonic::Status` error alike;
+    /// an override of `UNAVAILABLE` still decides.
+    #[test]
+    fn an_answer_in_progress_is_ignored_and_retried_after_its_pushback() {
+        let mut headers = HeaderMap::new();
+        headers.insert("grpc-status", "14".parse().unwrap());
+        headers.insert("grpc-retry-pushback-ms", "1000".parse().unwrap());
+        headers.insert(IN_PROGRESS_HEADER, "1".parse().unwrap());
+        let c = GrpcClassifier::new().classify_trailers(Some(&headers));
+        assert_eq!(c.class(), Class::Ignored);
+        assert!(c.is_retryable());
+        assert_eq!(c.retry_after(), Some(Duration::from_secs(1)));
+        let overridden = GrpcClassifier::new()
+            .with_failure(GrpcCode::Unavailable, true)
+            .classify_trailers(Some(&headers));
+        assert_eq!(overridden.class(), Class::Failure);
+        #[cfg(feature = "grpc")]
+        {
+            let status = tonic::Status::from_header_map(&headers).unwrap();
+            let c = crate::classify::classify_error(&status);
+            assert_eq!(c.class(), Class::Ignored);
+            assert_eq!(c.retry_after(), Some(Duration::from_secs(1)));
+        }
     }
 
     /// An override applies to a proxy's answer too: it is classified as the code the

@@ -12,7 +12,7 @@
 //! | HTTP 5xx; transport and connect errors; our own attempt timeout | failure (retryable) |
 //! | HTTP 429, 503 with `Retry-After`; gRPC `RESOURCE_EXHAUSTED` | overload (retryable after the hint) |
 //! | HTTP 408 | failure (took no effect if it closes its connection) |
-//! | HTTP 409 with `Retry-After` (the idempotency layer's "request in progress") | ignored, retryable after the hint |
+//! | HTTP 409 with `Retry-After` (the idempotency layer's "request in progress"), and its gRPC form: `UNAVAILABLE` with [`postbox-in-progress`](grpc::IN_PROGRESS_HEADER) | ignored, retryable after the hint |
 //! | any other HTTP 4xx but 408/429 | success for the breaker, not retryable |
 //! | gRPC `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | failure |
 //! | other gRPC codes (`INVALID_ARGUMENT`, `NOT_FOUND`, …) | success for the breaker |

@@ -66,7 +66,10 @@
 //! goes on after its client left still holds its permit.
 //!
 //! gRPC works the same (tonic: `Server::builder().layer(IdempotencyLayer::new(..))`,
-//! the key in `idempotency-key` metadata): the outcome is the `grpc-status` in the
+//! the key in `idempotency-key` metadata; a duplicate of a call still running is
+//! answered `UNAVAILABLE` with `grpc-retry-pushback-ms` and
+//! [`postbox-in-progress`](crate::classify::grpc::IN_PROGRESS_HEADER), which a postbox
+//! client reads as HTTP's `409`: retried, not counted against the server): the outcome is the `grpc-status` in the
 //! trailers, or in the headers of a trailers-only answer (gRPC-Web, binary: in the
 //! trailers frame at the end of the body; the base64 `grpc-web-text` is not read, and
 //! its answers are never remembered: put the layer inside tonic-web's translation to

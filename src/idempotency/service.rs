@@ -793,6 +793,14 @@ fn problem<B>(
                 HeaderValue::from_static("1000"),
             );
         }
+        if status == StatusCode::CONFLICT {
+            // A postbox client reads this `UNAVAILABLE` as HTTP's `409`: a refused
+            // copy, no failure of this server.
+            res.headers_mut().insert(
+                HeaderName::from_static(crate::classify::grpc::IN_PROGRESS_HEADER),
+                HeaderValue::from_static("1"),
+            );
+        }
         return res;
     }
     let body = format!(
@@ -928,6 +936,33 @@ mod tests {
             assert_eq!(res.headers()["grpc-retry-pushback-ms"], "1000", "{status}");
             assert_eq!(res.headers()["grpc-status"], "14", "{status}");
         }
+    }
+
+    /// The `UNAVAILABLE` answered to a key in progress is, to a postbox client, what
+    /// the `409` is over HTTP: a refused copy to retry after the pushback, no failure
+    /// of the server (a client retrying after its attempt timeout, while the first
+    /// attempt still ran here, counted each refused copy against this server). The
+    /// `UNAVAILABLE` of a busy service stays a failure.
+    #[test]
+    fn a_grpc_answer_in_progress_is_no_failure_of_the_server() {
+        use crate::classify::{Class, GrpcClassifier};
+        let classify = |status| {
+            let res =
+                super::problem::<bytes::Bytes>(Some(crate::http::GrpcKind::Grpc), status, "t", "d");
+            GrpcClassifier::new()
+                .classify_headers(http::StatusCode::OK, res.headers())
+                .unwrap()
+        };
+        let in_progress = classify(StatusCode::CONFLICT);
+        assert_eq!(in_progress.class(), Class::Ignored);
+        assert!(in_progress.is_retryable());
+        assert_eq!(
+            in_progress.retry_after(),
+            Some(std::time::Duration::from_secs(1))
+        );
+        let busy = classify(StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.class(), Class::Failure);
+        assert!(busy.is_retryable());
     }
 
     fn host(uri: &str, host_header: Option<&str>) -> String {
