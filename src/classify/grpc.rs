@@ -196,7 +196,10 @@ pub fn retry_pushback(headers: &HeaderMap) -> Option<Result<Duration, ()>> {
 /// `RESOURCE_EXHAUSTED` is a retryable overload; `INTERNAL`, `UNKNOWN` (and a missing
 /// status) and `DATA_LOSS` are failures that are not retried; every other code is a
 /// success for the breaker and not retryable. `grpc-retry-pushback-ms` becomes the
-/// retry hint, or forbids a retry when negative.
+/// retry hint, or forbids a retry when negative. An `UNAVAILABLE` with
+/// [`postbox-in-progress`](IN_PROGRESS_HEADER) metadata (the idempotency layer's answer
+/// to a duplicate of a call still running) is ignored by the breaker and retryable
+/// after its hint, unless `UNAVAILABLE` is overridden.
 ///
 /// # Example
 /// ```
