@@ -154,24 +154,29 @@ fn frames_trailers(body: &[u8]) -> Option<(usize, HeaderMap)> {
         let len = usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).ok()?;
         let payload = after.get(..len)?;
         if flags & 0x80 != 0 {
-            let mut trailers = HeaderMap::new();
-            for line in payload.split(|&byte| byte == b'\n') {
-                let Some(colon) = line.iter().position(|&byte| byte == b':') else {
-                    continue;
-                };
-                let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
-                if let (Ok(name), Ok(value)) = (
-                    http::HeaderName::from_bytes(name),
-                    http::HeaderValue::from_bytes(value),
-                ) {
-                    trailers.append(name, value);
-                }
-            }
-            return Some((body.len() - rest.len(), trailers));
+            return Some((body.len() - rest.len(), web_trailer_lines(payload)));
         }
         rest = &after[len..];
     }
     None
+}
+
+/// The trailers in the payload of a gRPC-Web trailers frame: `name: value` lines.
+pub(crate) fn web_trailer_lines(payload: &[u8]) -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    for line in payload.split(|&byte| byte == b'\n') {
+        let Some(colon) = line.iter().position(|&byte| byte == b':') else {
+            continue;
+        };
+        let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            trailers.append(name, value);
+        }
+    }
+    trailers
 }
 
 /// Reads `grpc-retry-pushback-ms`.

@@ -48,9 +48,19 @@ pin_project! {
 pub(crate) struct Report<H> {
     pub(crate) classifier: GrpcClassifier,
     pub(crate) hook: Arc<H>,
+    /// Binary gRPC-Web: its status is in a trailers frame at the end of the body.
+    pub(crate) web: Option<WebScan>,
 }
 
 impl<H: OnGrpcStatus> Report<H> {
+    /// The end of the body: its status from the gRPC-Web trailers frame if it had one.
+    fn end(mut self) {
+        match self.web.take().and_then(WebScan::trailers) {
+            Some(trailers) => self.trailers(Some(&trailers)),
+            None => self.trailers(None),
+        }
+    }
+
     fn trailers(self, trailers: Option<&HeaderMap>) {
         let code = trailers
             .and_then(GrpcCode::from_headers)
@@ -63,6 +73,81 @@ impl<H: OnGrpcStatus> Report<H> {
     fn error(self, err: &BoxError) {
         self.hook
             .on_grpc_status(&error_outcome(err, &self.classifier, true));
+    }
+}
+
+/// Follows the frames of a streamed binary gRPC-Web body (a 5-byte head: flags and a
+/// big-endian length, then the payload) to keep its trailers frame (flag `0x80`), which
+/// carries the status. Message payloads are skipped, not copied.
+#[derive(Debug, Default)]
+pub(crate) struct WebScan {
+    head: [u8; 5],
+    /// Bytes of `head` read so far.
+    have: usize,
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// The trailers frame's payload, once its head was read.
+    trailers: Option<Vec<u8>>,
+    /// A trailers frame longer than [`WebScan::MAX_TRAILERS`], or bytes after it.
+    spoiled: bool,
+}
+
+impl WebScan {
+    /// The longest trailers frame kept (trailers are a few short lines).
+    const MAX_TRAILERS: usize = 16 * 1024;
+
+    /// A scanner for a response whose headers say binary gRPC-Web.
+    pub(crate) fn for_response(headers: &HeaderMap) -> Option<Self> {
+        matches!(
+            crate::http::grpc_kind(headers),
+            Some(crate::http::GrpcKind::Web)
+        )
+        .then(Self::default)
+    }
+
+    pub(crate) fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && !self.spoiled {
+            if self.left > 0 {
+                let n = self.left.min(data.len());
+                if let Some(t) = &mut self.trailers {
+                    t.extend_from_slice(&data[..n]);
+                }
+                self.left -= n;
+                data = &data[n..];
+                continue;
+            }
+            if self.trailers.is_some() {
+                // Nothing follows the trailers frame.
+                self.spoiled = true;
+                return;
+            }
+            let n = (self.head.len() - self.have).min(data.len());
+            self.head[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == self.head.len() {
+                self.have = 0;
+                let [flags, a, b, c, d] = self.head;
+                let len = u32::from_be_bytes([a, b, c, d]);
+                self.left = usize::try_from(len).unwrap_or(usize::MAX);
+                if flags & 0x80 != 0 {
+                    if self.left > Self::MAX_TRAILERS {
+                        self.spoiled = true;
+                        return;
+                    }
+                    self.trailers = Some(Vec::with_capacity(self.left));
+                }
+            }
+        }
+    }
+
+    /// The trailers, if the body ended with a whole trailers frame.
+    pub(crate) fn trailers(self) -> Option<HeaderMap> {
+        if self.spoiled || self.left > 0 || self.have > 0 {
+            return None;
+        }
+        self.trailers
+            .map(|payload| crate::classify::grpc::web_trailer_lines(&payload))
     }
 }
 
@@ -96,7 +181,10 @@ impl<B, H> GrpcStatusBody<B, H> {
 
     /// The bytes already read (`prefix`), then the rest of `inner`; `report` classifies
     /// the end of the stream.
-    pub(crate) fn streaming(prefix: Bytes, inner: B, report: Option<Report<H>>) -> Self {
+    pub(crate) fn streaming(prefix: Bytes, inner: B, mut report: Option<Report<H>>) -> Self {
+        if let Some(web) = report.as_mut().and_then(|r| r.web.as_mut()) {
+            web.feed(&prefix);
+        }
         Self {
             kind: Kind::Streaming {
                 prefix: (!prefix.is_empty()).then_some(prefix),
@@ -174,9 +262,13 @@ where
                         {
                             r.trailers(Some(t));
                         }
-                        Poll::Ready(Some(Ok(
-                            frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
-                        )))
+                        let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
+                        if let Some(d) = frame.data_ref()
+                            && let Some(web) = report.as_mut().and_then(|r| r.web.as_mut())
+                        {
+                            web.feed(d);
+                        }
+                        Poll::Ready(Some(Ok(frame)))
                     }
                     Some(Err(e)) => {
                         *done = true;
@@ -189,7 +281,7 @@ where
                     None => {
                         *done = true;
                         if let Some(r) = report.take() {
-                            r.trailers(None);
+                            r.end();
                         }
                         Poll::Ready(None)
                     }

@@ -1,6 +1,6 @@
 //! Response future of [`GrpcStatus`](super::GrpcStatus).
 
-use super::body::{GrpcStatusBody, Report, error_outcome};
+use super::body::{GrpcStatusBody, Report, WebScan, error_outcome};
 use super::{GrpcOutcome, OnGrpcStatus};
 use crate::BoxError;
 use crate::classify::GrpcClassifier;
@@ -168,6 +168,7 @@ where
                         let report = Report {
                             classifier: *this.classifier,
                             hook: this.hook.clone(),
+                            web: WebScan::for_response(&parts.headers),
                         };
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(Response::from_parts(
@@ -217,6 +218,7 @@ where
                                 let report = Report {
                                     classifier: *this.classifier,
                                     hook: this.hook.clone(),
+                                    web: WebScan::for_response(&parts.headers),
                                 };
                                 let body = body.take().expect("body taken once");
                                 this.state.set(State::Done);
@@ -671,6 +673,81 @@ mod tests {
     fn recording() -> (GrpcStatusLayer<Record>, Seen) {
         let seen = Seen::default();
         (GrpcStatusLayer::new().on_status(Record(seen.clone())), seen)
+    }
+
+    /// A streamed binary gRPC-Web answer (a streaming method, or one over the limit)
+    /// is reported with the status of its trailers frame, however its chunks cut the
+    /// frames. (Its end was read for HTTP trailers only, which gRPC-Web never sends:
+    /// every one was reported `UNKNOWN`, a failure, an OK one too.)
+    #[tokio::test]
+    async fn a_streamed_grpc_web_answer_is_reported_with_the_status_of_its_trailers_frame() {
+        for (status, code) in [("0", GrpcCode::Ok), ("14", GrpcCode::Unavailable)] {
+            let mut body = web_frame(0, b"first message");
+            body.extend(web_frame(0, b""));
+            body.extend(web_frame(0, b"second"));
+            body.extend(web_frame(
+                0x80,
+                format!("grpc-status: {status}\r\ngrpc-message: m\r\n").as_bytes(),
+            ));
+            for cut in [1, 3, 7, 64] {
+                let chunks: Vec<Bytes> = body.chunks(cut).map(Bytes::copy_from_slice).collect();
+                for streaming_method in [true, false] {
+                    let (layer, seen) = recording();
+                    let layer = if streaming_method {
+                        layer.stream_through("/echo.Echo/*").unwrap()
+                    } else {
+                        layer.with_limit(4)
+                    };
+                    let chunks = chunks.clone();
+                    let svc = layer.layer(service_fn(move |_: http::Request<()>| {
+                        let frames = chunks
+                            .clone()
+                            .into_iter()
+                            .map(|c| Ok::<_, BoxError>(http_body::Frame::data(c)));
+                        let mut res = Response::new(http_body_util::StreamBody::new(
+                            tokio_stream::iter(frames),
+                        ));
+                        res.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/grpc-web+proto"),
+                        );
+                        async move { Ok::<_, BoxError>(res) }
+                    }));
+                    let req = http::Request::post("http://a/echo.Echo/Watch")
+                        .body(())
+                        .unwrap();
+                    let res = svc.oneshot(req).await.unwrap();
+                    assert!(!res.body().is_buffered());
+                    let data = res.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(&data[..], &body[..], "the body goes on as it was");
+                    let seen = seen.lock().unwrap();
+                    assert_eq!(seen.len(), 1);
+                    assert!(seen[0].is_streamed());
+                    assert_eq!(seen[0].code(), code, "cut {cut}, {streaming_method}");
+                }
+            }
+        }
+    }
+
+    /// A streamed gRPC-Web body cut short inside its trailers frame, or with bytes
+    /// after it, has no status: `UNKNOWN`.
+    #[test]
+    fn a_grpc_web_trailers_frame_cut_short_or_followed_is_no_status() {
+        let whole = web_frame(0x80, b"grpc-status: 0\r\n");
+        let scan = |bytes: &[u8]| {
+            let mut scan = WebScan::default();
+            scan.feed(bytes);
+            scan.trailers()
+        };
+        assert!(scan(&whole).is_some());
+        assert!(scan(&whole[..whole.len() - 1]).is_none());
+        assert!(scan(&whole[..3]).is_none());
+        let mut followed = whole.clone();
+        followed.extend(web_frame(0, b"x"));
+        assert!(scan(&followed).is_none());
+        let mut huge = vec![0x80];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(scan(&huge).is_none());
     }
 
     #[tokio::test]

@@ -38,7 +38,10 @@
 //!   until it ends (and an attempt timeout around it would cut it).
 //!
 //! Either way the final [`GrpcOutcome`] is put in the response's extensions when it is
-//! known before returning.
+//! known before returning. A streamed gRPC-Web answer (`application/grpc-web`, binary)
+//! is reported with the status of the trailers frame that ends its body; a streamed
+//! base64 one (`application/grpc-web-text`) is not decoded on the way, and is reported
+//! `UNKNOWN`.
 //!
 //! Why not a body that reports to the breaker at the end of every stream? A retry
 //! cannot act on a status it learns after it handed the response to the caller, so
