@@ -112,14 +112,25 @@ pub(crate) fn default_class(code: GrpcCode) -> Classification {
 /// length before that frame, and the trailers. `None` for any other answer, a body
 /// without that frame, and the base64 `application/grpc-web-text` (not decoded).
 pub(crate) fn web_trailers(headers: &HeaderMap, body: &[u8]) -> Option<(usize, HeaderMap)> {
-    const WEB: &[u8] = b"application/grpc-web";
-    let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
-    let (media, rest) = content_type.split_at_checked(WEB.len())?;
-    // `application/grpc-web`, `+proto`, `;…`; not `-text` (base64), nor another type.
-    if !media.eq_ignore_ascii_case(WEB) || !matches!(rest.first(), None | Some(b'+' | b';')) {
+    if !is_binary_web(headers) {
         return None;
     }
     frames_trailers(body)
+}
+
+/// `true` for a binary gRPC-Web answer: `application/grpc-web`, `+proto`, `;…`; not
+/// `-text` (base64), nor another type.
+pub(crate) fn is_binary_web(headers: &HeaderMap) -> bool {
+    const WEB: &[u8] = b"application/grpc-web";
+    let Some(content_type) = headers.get(http::header::CONTENT_TYPE) else {
+        return false;
+    };
+    content_type
+        .as_bytes()
+        .split_at_checked(WEB.len())
+        .is_some_and(|(media, rest)| {
+            media.eq_ignore_ascii_case(WEB) && matches!(rest.first(), None | Some(b'+' | b';'))
+        })
 }
 
 /// The trailers frame of a gRPC-Web-text (base64) body, decoded. A server may send the

@@ -77,8 +77,9 @@ impl<H: OnGrpcStatus> Report<H> {
 }
 
 /// Follows the frames of a streamed binary gRPC-Web body (a 5-byte head: flags and a
-/// big-endian length, then the payload) to keep its trailers frame (flag `0x80`), which
-/// carries the status. Message payloads are skipped, not copied.
+/// big-endian length, then the payload) to keep its first trailers frame (flag `0x80`),
+/// which carries the status; anything after it is ignored, as for a buffered answer.
+/// Message payloads are skipped, not copied.
 #[derive(Debug, Default)]
 pub(crate) struct WebScan {
     head: [u8; 5],
@@ -88,21 +89,18 @@ pub(crate) struct WebScan {
     left: usize,
     /// The trailers frame's payload, once its head was read.
     trailers: Option<Vec<u8>>,
-    /// A trailers frame longer than [`WebScan::MAX_TRAILERS`], or bytes after it.
+    /// A trailers frame longer than [`WebScan::MAX_TRAILERS`].
     spoiled: bool,
 }
 
 impl WebScan {
-    /// The longest trailers frame kept (trailers are a few short lines).
-    const MAX_TRAILERS: usize = 16 * 1024;
+    /// The longest trailers frame kept (trailers are a few short lines; the layer's
+    /// default limit for a buffered answer).
+    const MAX_TRAILERS: usize = 64 * 1024;
 
     /// A scanner for a response whose headers say binary gRPC-Web.
     pub(crate) fn for_response(headers: &HeaderMap) -> Option<Self> {
-        matches!(
-            crate::http::grpc_kind(headers),
-            Some(crate::http::GrpcKind::Web)
-        )
-        .then(Self::default)
+        crate::classify::grpc::is_binary_web(headers).then(Self::default)
     }
 
     pub(crate) fn feed(&mut self, mut data: &[u8]) {
@@ -117,8 +115,7 @@ impl WebScan {
                 continue;
             }
             if self.trailers.is_some() {
-                // Nothing follows the trailers frame.
-                self.spoiled = true;
+                // The trailers frame is whole: what follows is not read.
                 return;
             }
             let n = (self.head.len() - self.have).min(data.len());

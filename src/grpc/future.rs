@@ -729,25 +729,59 @@ mod tests {
         }
     }
 
-    /// A streamed gRPC-Web body cut short inside its trailers frame, or with bytes
-    /// after it, has no status: `UNKNOWN`.
+    /// A streamed gRPC-Web body cut short inside its trailers frame has no status
+    /// (`UNKNOWN`); bytes after a whole trailers frame are not read, as in a buffered
+    /// answer; a trailers frame too long to keep is none. Fed a byte at a time and
+    /// whole alike.
     #[test]
-    fn a_grpc_web_trailers_frame_cut_short_or_followed_is_no_status() {
-        let whole = web_frame(0x80, b"grpc-status: 0\r\n");
+    fn a_grpc_web_trailers_frame_cut_short_is_no_status() {
+        let whole = web_frame(0x80, b"grpc-status: 5\r\n");
         let scan = |bytes: &[u8]| {
-            let mut scan = WebScan::default();
-            scan.feed(bytes);
-            scan.trailers()
+            let mut whole = WebScan::default();
+            whole.feed(bytes);
+            let mut bytewise = WebScan::default();
+            for b in bytes {
+                bytewise.feed(std::slice::from_ref(b));
+            }
+            let (a, b) = (whole.trailers(), bytewise.trailers());
+            assert_eq!(a, b);
+            a.and_then(|t| GrpcCode::from_headers(&t))
         };
-        assert!(scan(&whole).is_some());
-        assert!(scan(&whole[..whole.len() - 1]).is_none());
-        assert!(scan(&whole[..3]).is_none());
+        assert_eq!(scan(&whole), Some(GrpcCode::NotFound));
+        assert_eq!(scan(&whole[..whole.len() - 1]), None);
+        assert_eq!(scan(&whole[..3]), None);
         let mut followed = whole.clone();
         followed.extend(web_frame(0, b"x"));
-        assert!(scan(&followed).is_none());
+        assert_eq!(scan(&followed), Some(GrpcCode::NotFound));
+        assert_eq!(scan(&web_frame(0x80, b"")), None);
         let mut huge = vec![0x80];
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(scan(&huge).is_none());
+        assert_eq!(scan(&huge), None);
+    }
+
+    /// Only a binary gRPC-Web content type is followed for a trailers frame, the same
+    /// types a buffered answer's is read for.
+    #[test]
+    fn only_binary_grpc_web_answers_are_scanned_for_a_trailers_frame() {
+        for (content_type, scanned) in [
+            ("application/grpc-web", true),
+            ("application/grpc-web+proto", true),
+            ("application/GRPC-WEB;charset=utf-8", true),
+            ("application/grpc-web-text", false),
+            ("application/grpc-webx", false),
+            ("application/grpc", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static(content_type),
+            );
+            assert_eq!(
+                WebScan::for_response(&h).is_some(),
+                scanned,
+                "{content_type}"
+            );
+        }
     }
 
     #[tokio::test]
