@@ -127,7 +127,9 @@ pub struct DeadLetter {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum QueueError {
-    /// The queue holds its configured maximum of messages.
+    /// The queue holds its configured maximum of messages: pending and in flight (on
+    /// RabbitMQ, only the messages ready in its main queue: see its
+    /// `AmqpOptions::with_capacity`).
     Full {
         /// The configured capacity.
         capacity: u64,
@@ -183,8 +185,10 @@ pub trait Queue: Send + Sync + 'static {
     /// it is (same id) is not a redrive, and the memory and embedded queues answer it
     /// [`Enqueued::Duplicate`] (the id is still stored, as a dead letter). The brokers
     /// differ here: NATS and RabbitMQ store it again (it is delivered again), Redis
-    /// answers `Stored` but `lease` drops it unread (it skips the id of a message
-    /// already acked or dead-lettered, for a while).
+    /// answers `Stored` and `lease` may drop it unread: it skips the id of a message
+    /// acked or dead-lettered only while it guards against a copy left by a retried
+    /// enqueue (until it has read past the entries stored before that message was
+    /// settled, and not at all if none was left), and delivers it again after that.
     fn enqueue(
         &self,
         envelope: Envelope,
@@ -193,6 +197,11 @@ pub trait Queue: Send + Sync + 'static {
     /// Leases up to `max` messages due at `now` (`not_before <= now`), oldest first
     /// (FIFO by id within a destination), each for `lease_for`. Expired leases are
     /// returned to pending first. Increments each message's `attempts`.
+    ///
+    /// "Oldest" is by id in the memory and embedded queues; the brokers lease in the
+    /// order they stored the messages. The two agree for envelopes enqueued as they
+    /// were made (ids are UUIDv7, ordered by time); an envelope kept a while before its
+    /// enqueue comes after the ones stored before it on a broker.
     ///
     /// On NATS and RabbitMQ, a message given back with
     /// [`retry_later`](Self::retry_later) is published anew, so once due it comes
@@ -254,7 +263,9 @@ pub trait Queue: Send + Sync + 'static {
     /// How many messages are pending, in flight and dead.
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send;
 
-    /// Up to `max` dead letters, oldest first (inspection; they stay stored).
+    /// Up to `max` dead letters, oldest first (inspection; they stay stored): by id in
+    /// the memory and embedded queues, in the order they were dead-lettered on the
+    /// brokers.
     ///
     /// A dead letter whose stored bytes cannot be decoded is skipped (and logged); it
     /// stays where a plain client of the backend can read it.
@@ -274,7 +285,8 @@ pub trait Queue: Send + Sync + 'static {
         ids: &[MessageId],
     ) -> impl Future<Output = Result<u64, QueueError>> + Send;
 
-    /// Moves up to `max` dead letters, oldest first, back to pending: each is enqueued
+    /// Moves up to `max` dead letters, oldest first (as [`dead_letters`](Self::dead_letters)
+    /// lists them), back to pending: each is enqueued
     /// again as a copy with a new id, its attempts at 0 and its not-before kept (it is
     /// due at once), and its dead letter is then deleted. Returns how many were moved.
     ///

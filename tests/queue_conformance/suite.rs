@@ -33,6 +33,8 @@ macro_rules! conformance {
             enqueued_attempts_are_kept,
             ack_batch_acks_every_token,
             ack_with_a_stale_token_acks_the_rest,
+            ack_names_the_first_stale_token_of_leases_settled_otherwise,
+            a_keyless_message_is_never_deduplicated_and_a_blank_key_is_a_key,
             depth_counts_each_state,
             concurrent_enqueues_are_all_stored,
             redrive_moves_dead_letters_back_as_fresh_copies,
@@ -631,6 +633,57 @@ pub async fn ack_with_a_stale_token_acks_the_rest(q: impl Queue) {
         (0, 1),
         "the current token was acked"
     );
+}
+
+/// A lease given back with `retry_later` or dead-lettered is over: an ack of its token
+/// is refused, naming the first such token of the batch, and the rest is acked.
+pub async fn ack_names_the_first_stale_token_of_leases_settled_otherwise(q: impl Queue) {
+    for key in ["a", "b", "c"] {
+        stored(&q, envelope(key)).await;
+    }
+    let l = q.lease(3, LEASE, at(0)).await.unwrap();
+    assert_eq!(l.len(), 3);
+    q.retry_later(l[0].token, at(100)).await.unwrap();
+    q.dead_letter(l[1].token, "gone").await.unwrap();
+    let res = q.ack(&[l[2].token, l[1].token, l[0].token]).await;
+    assert!(
+        matches!(res, Err(QueueError::LeaseLost(t)) if t == l[1].token),
+        "{res:?}"
+    );
+    let d = q.depth().await.unwrap();
+    assert_eq!(
+        (d.pending, d.in_flight, d.dead),
+        (1, 0, 1),
+        "the retried message waits, the dead one stays dead, the third was acked"
+    );
+    let again = q.lease(3, LEASE, at(100)).await.unwrap();
+    assert_eq!(
+        ids(&again),
+        [l[0].envelope.id],
+        "the retried message, once due"
+    );
+}
+
+/// An empty key is never de-duplicated; a blank one is a key like any other, and the
+/// ack of a keyless message frees no one's key.
+pub async fn a_keyless_message_is_never_deduplicated_and_a_blank_key_is_a_key(q: impl Queue) {
+    let a = stored(&q, envelope("")).await;
+    let b = stored(&q, envelope("")).await;
+    assert_ne!(a, b);
+    let blank = stored(&q, envelope(" ")).await;
+    assert_eq!(
+        q.enqueue(envelope(" ")).await.unwrap(),
+        Enqueued::Duplicate(blank)
+    );
+    let l = q.lease(10, LEASE, at(0)).await.unwrap();
+    assert_eq!(ids(&l), [a, b, blank]);
+    q.ack(&[l[0].token]).await.unwrap();
+    assert_eq!(
+        q.enqueue(envelope(" ")).await.unwrap(),
+        Enqueued::Duplicate(blank),
+        "the blank key is still taken"
+    );
+    assert_eq!(q.depth().await.unwrap().in_flight, 2);
 }
 
 pub async fn depth_counts_each_state(q: impl Queue) {
