@@ -1146,6 +1146,51 @@ async fn attempts_saturate_at_the_limit_and_each_lease_stays_distinct() {
     q.ack(&[second[0].token]).await.unwrap();
 }
 
+/// A message released more than 2^21 times (a destination held back for months) has a
+/// lease generation past 2^53, which a Lua number no longer holds exactly. Each lease
+/// is still current for its holder, and its attempts are right. (The generation came
+/// back rounded: every settle was `LeaseLost`, and the message came back every
+/// `lease_for`, for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_generation_past_2_to_the_53_stays_exact() {
+    let (q, _purge) = make(options());
+    let id = q
+        .enqueue(crate::suite::envelope("held-back"))
+        .await
+        .unwrap()
+        .id();
+    let lease_for = Duration::from_secs(30);
+    // Read once (its generation is kept from then on), then given back.
+    let read = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    q.release(read[0].token, crate::suite::at(0)).await.unwrap();
+    // 2^21 + 5 releases and 2 attempts: releases × 2^32 + attempts.
+    let stored = ((1u64 << 21) + 5) * (1 << 32) + 2;
+    let _: i64 = redis::cmd("HSET")
+        .arg(&q.keys()[3])
+        .arg(id.to_string())
+        .arg(stored)
+        .query_async(&mut q.connection())
+        .await
+        .unwrap();
+    let first = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(first[0].token.generation, stored + 1);
+    assert_eq!(first[0].envelope.attempts, 3);
+    q.release(first[0].token, crate::suite::at(0))
+        .await
+        .unwrap();
+    let second = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(second[0].token.generation, stored + 1 + (1 << 32));
+    assert_eq!(second[0].envelope.attempts, 3, "a release is not counted");
+    q.retry_later(second[0].token, crate::suite::at(0))
+        .await
+        .unwrap();
+    let third = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(third[0].envelope.attempts, 4);
+    q.dead_letter(third[0].token, "gave up").await.unwrap();
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead[0].envelope.attempts, 4);
+}
+
 /// A server that stops answering without closing the connection (a host gone, a
 /// partition; here the proxy freezes it): a call times out (`Unavailable`) and the
 /// connection is made again, so calls succeed within seconds. Before, the

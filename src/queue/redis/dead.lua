@@ -9,7 +9,7 @@ if f then
   for i = 1, #f, 2 do
     local k, v = f[i], f[i + 1]
     if k == 'attempts' then
-      v = tostring(tonumber(gen) % 4294967296) -- the generation's low half
+      v = tostring(low32(gen)) -- the generation's low half
     elseif k == 'not_before_ms' then
       v = redis.call('HGET', nb, id) or v
     end

@@ -155,12 +155,16 @@ if max > 0 then
         -- due for this one, so back to waiting, uncounted.
         redis.call('ZADD', delayed, due, id)
       else
-        local a = redis.call('HINCRBY', attempts, id, 1)
-        if a % 4294967296 == 0 then
+        -- The generation as Redis' text, not as the Lua number HINCRBY returns: past
+        -- 2^53 (2^21 releases) that is rounded, and the token would never be current.
+        redis.call('HINCRBY', attempts, id, 1)
+        local a = redis.call('HGET', attempts, id)
+        if low32(a) == 0 then
           -- The attempts were at 2^32 - 1 and carried into the releases: they stay
           -- there (saturated), and the releases count this lease, so its generation
           -- is still new.
-          a = redis.call('HINCRBY', attempts, id, 4294967295)
+          redis.call('HINCRBY', attempts, id, 4294967295)
+          a = redis.call('HGET', attempts, id)
         end
         redis.call('ZADD', leases, untl, id)
         out[#out + 1] = {id, a, env, override or ''}

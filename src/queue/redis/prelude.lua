@@ -16,6 +16,15 @@ local function entry(eid)
   return t, f
 end
 
+-- The low 32 bits of the decimal integer text `s`, exactly. (A lease generation is
+-- the releases in its high half and the attempts in its low one: past 2^53 it is no
+-- longer exact as a Lua number, so it is kept as Redis' text.)
+local function low32(s)
+  local r = 0
+  for i = 1, #s do r = (r * 10 + string.byte(s, i) - 48) % 4294967296 end
+  return r
+end
+
 -- Whether `gen` is the current lease of message `id`.
 local function current(id, gen)
   local a = redis.call('HGET', attempts, id)
