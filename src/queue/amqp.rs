@@ -65,7 +65,9 @@
 //! limit the process simply keeps holding the delivery, sending nothing; beyond it the
 //! message is parked like a retry, with the uncounted attempts. A delivery held without
 //! a lease for longer than the hold limit (released again and again) is parked the same
-//! way when it is not due, so none is held towards `consumer_timeout`. Every lease's token
+//! way when it is not due, so none is held towards `consumer_timeout` (with the main
+//! queue full, in the delay queue for what is left of its wait: it dead-letters back
+//! at least once, when there is room). Every lease's token
 //! generation is a per-process sequence number, so a released lease's token is stale.
 //! `ack`, `retry_later`, `release` and `dead_letter` run to the end on a task of their
 //! own even when their future is dropped (a timeout around them), so none leaves a
@@ -1267,7 +1269,12 @@ impl Inner {
     ///
     /// `Ok(Some(h))`: the main queue refused the copy (it is full): the delivery is
     /// handed back to be held here, scheduled, instead of nacked back to the queue,
-    /// where it would be due at once and leased again without any backoff.
+    /// where it would be due at once and leased again without any backoff. A delivery
+    /// held here longer than the hold limit goes to the delay queue instead, for what
+    /// is left of its wait: held on, it would reach the broker's `consumer_timeout`,
+    /// which closes the channel and ends every lease on it. (The delay queue
+    /// dead-letters at least once: a copy due while the main queue is full waits
+    /// there for room.)
     async fn park(
         &self,
         ch: &Channel,
@@ -1280,25 +1287,37 @@ impl Inner {
             .not_before
             .duration_since(now)
             .unwrap_or_default();
-        let (queue, ttl) = if wait > self.hold_limit {
+        let (mut queue, mut ttl) = if wait > self.hold_limit {
             (&self.delay_queue, Some(wait))
         } else {
             (&self.queue, None)
         };
         // Checked first, as `enqueue` does: RabbitMQ applies a quorum queue's
         // `x-max-length` a little late (the nack below is the backstop).
-        if ttl.is_none()
-            && let Some(capacity) = self.capacity
-            && self.ready(ch, epoch, &self.queue).await? >= capacity
-        {
-            return Ok(Some(h));
-        }
-        let answer = self
-            .publish(ch, epoch, queue, &h.envelope, &[], ttl)
-            .await?;
+        let full = ttl.is_none()
+            && match self.capacity {
+                Some(capacity) => self.ready(ch, epoch, &self.queue).await? >= capacity,
+                None => false,
+            };
+        let mut answer = if full {
+            Answer::Nacked
+        } else {
+            self.publish(ch, epoch, queue, &h.envelope, &[], ttl)
+                .await?
+        };
         if answer == Answer::Nacked && ttl.is_none() {
-            tracing::debug!(queue = %queue, id = %h.envelope.id, "postbox: queue full; the retry is held here");
-            return Ok(Some(h));
+            if h.received.elapsed() <= self.hold_limit {
+                tracing::debug!(queue = %queue, id = %h.envelope.id, "postbox: queue full; the retry is held here");
+                return Ok(Some(h));
+            }
+            tracing::debug!(queue = %queue, id = %h.envelope.id, "postbox: queue full; a retry held past the hold limit waits in the delay queue");
+            (queue, ttl) = (&self.delay_queue, Some(wait.max(Duration::from_millis(1))));
+            answer = self
+                .publish(ch, epoch, queue, &h.envelope, &[], ttl)
+                .await?;
+            if answer == Answer::Nacked {
+                return Ok(Some(h));
+            }
         }
         if answer != Answer::Confirmed {
             let what = format!("{queue}: {}", answer.refusal());

@@ -259,6 +259,71 @@ async fn a_delivery_held_past_the_hold_limit_goes_back_to_its_queue() {
     q.ack(&[again[0].token]).await.unwrap();
 }
 
+/// The same on a full queue (producers keep it full during a long outage): the
+/// delivery held past the hold limit waits in the delay queue for what is left of its
+/// wait, and comes back once the main queue has room. (It was held on here, towards the
+/// broker's `consumer_timeout`, which closes the channel and ends every lease on it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_held_past_the_hold_limit_on_a_full_queue_waits_in_the_delay_queue() {
+    let (q, _purge) = make(
+        options()
+            .with_capacity(1)
+            .with_hold_limit(Duration::from_secs(1))
+            .with_max_held(2),
+    );
+    let lease_for = Duration::from_secs(30);
+    let t0 = crate::suite::at(0);
+    let due_at = t0 + Duration::from_millis(900);
+    let held = q
+        .enqueue(crate::suite::envelope("held"))
+        .await
+        .unwrap()
+        .id();
+    let leased = q.lease(1, lease_for, t0).await.unwrap();
+    q.release(leased[0].token, due_at).await.unwrap();
+    // One more held here and due: with two held, the next lease fetches nothing from
+    // the queue, which stays full, as producers keep it during an outage.
+    let due = q.enqueue(crate::suite::envelope("due")).await.unwrap().id();
+    let leased = q.lease(1, lease_for, t0).await.unwrap();
+    assert_eq!(leased[0].envelope.id, due);
+    q.release(leased[0].token, t0).await.unwrap();
+    let other = q
+        .enqueue(crate::suite::envelope("other"))
+        .await
+        .unwrap()
+        .id();
+    assert_eq!(ready_in_main_queue(&q).await, 1, "full");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let got = q
+        .lease(1, lease_for, t0 + Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(got[0].envelope.id, due);
+    assert_eq!(
+        ready_in(&q, 1).await,
+        1,
+        "in the delay queue, not held here"
+    );
+    assert_eq!(ready_in_main_queue(&q).await, 1);
+    q.ack(&[got[0].token]).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        for l in q.lease(1, lease_for, due_at).await.unwrap() {
+            seen.push((l.envelope.id, l.envelope.attempts));
+            q.ack(&[l.token]).await.unwrap();
+        }
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        seen,
+        [(other, 1), (held, 1)],
+        "back from the delay queue once there was room, its release uncounted"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_client_reads_the_message_and_its_headers() {
     let (q, _purge) = make(options());
