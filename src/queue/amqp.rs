@@ -38,9 +38,10 @@
 //! confirmed, loses nothing. The body is the
 //! versioned envelope (`docs/envelope.md`), `content-type`
 //! `application/vnd.postbox.envelope`, `message-id` the UUID text, and the headers
-//! `postbox-idempotency-key`, `postbox-destination` (long strings),
+//! `postbox-idempotency-key`, `postbox-destination` (long strings; left out when over
+//! 4 KiB, which the envelope still holds),
 //! `postbox-not-before`, `postbox-created-at` (Unix milliseconds), `postbox-attempts`;
-//! a dead letter adds `postbox-reason`.
+//! a dead letter adds `postbox-reason` (cut to 4 KiB).
 //!
 //! # Leases
 //!
@@ -724,8 +725,15 @@ impl Inner {
     ) -> Result<Answer, QueueError> {
         envelope.check_encodable()?;
         let mut headers = FieldTable::default();
-        headers.insert(H_KEY.into(), string(&envelope.idempotency_key));
-        headers.insert(H_DEST.into(), string(&envelope.destination));
+        // The headers travel in one frame (`frame_max`, 128 KiB on a stock server), and
+        // the broker closes the connection on a larger one: a long key or destination
+        // is left to the envelope.
+        if envelope.idempotency_key.len() <= MAX_HEADER_TEXT {
+            headers.insert(H_KEY.into(), string(&envelope.idempotency_key));
+        }
+        if envelope.destination.len() <= MAX_HEADER_TEXT {
+            headers.insert(H_DEST.into(), string(&envelope.destination));
+        }
         headers.insert(
             H_NOT_BEFORE.into(),
             AMQPValue::LongLongInt(ms_ceil(envelope.not_before)),
@@ -1484,7 +1492,7 @@ impl Inner {
     async fn dead_letter(&self, token: LeaseToken, reason: &str) -> Result<(), QueueError> {
         let (ch, epoch) = self.current().await?;
         let h = Self::take(&mut *self.state.lock().await, token)?;
-        let extra = [(H_REASON, string(reason))];
+        let extra = [(H_REASON, string(cut(reason, MAX_HEADER_TEXT)))];
         let answer = self
             .publish(&ch, epoch, &self.dead_queue, &h.envelope, &extra, None)
             .await?;
@@ -1867,6 +1875,18 @@ fn requeue() -> BasicNackOptions {
         requeue: true,
         ..BasicNackOptions::default()
     }
+}
+
+/// The longest text put in a header (see `publish`).
+const MAX_HEADER_TEXT: usize = 4096;
+
+/// `s` cut to at most `max` bytes, at a character's end.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn string(s: &str) -> AMQPValue {

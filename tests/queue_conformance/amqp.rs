@@ -324,6 +324,33 @@ async fn a_delivery_held_past_the_hold_limit_on_a_full_queue_waits_in_the_delay_
     );
 }
 
+/// A key, destination or reason too long for one header frame (`frame_max`, 128 KiB
+/// on a stock server) is left to the envelope (a reason is cut): the message is
+/// stored, leased and dead-lettered whole. (The broker closed the connection on the
+/// frame, ending every lease on it, at each try.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_too_long_for_a_header_frame_is_left_to_the_envelope() {
+    let (q, _purge) = make(options());
+    let long = "k".repeat(200 * 1024);
+    let mut e = crate::suite::envelope(&long);
+    e.destination = "d".repeat(200 * 1024);
+    q.enqueue(e.clone()).await.unwrap();
+    let lease_for = Duration::from_secs(30);
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(leased[0].envelope.idempotency_key, long);
+    assert_eq!(leased[0].envelope.destination, e.destination);
+    let reason = "é".repeat(100 * 1024);
+    q.dead_letter(leased[0].token, &reason).await.unwrap();
+    let dead = q.dead_letters(1).await.unwrap();
+    assert_eq!(dead[0].envelope.id, e.id);
+    assert!(reason.starts_with(&dead[0].reason));
+    assert_eq!(dead[0].reason.len(), 4096, "cut at a character's end");
+    assert!(matches!(
+        q.enqueue(crate::suite::envelope("after")).await.unwrap(),
+        Enqueued::Stored(_)
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_client_reads_the_message_and_its_headers() {
     let (q, _purge) = make(options());
