@@ -115,7 +115,7 @@ use super::{
 };
 use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
-use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::{self, AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::{
     Context, CreateStreamErrorKind, PublishError, PublishErrorKind,
 };
@@ -613,7 +613,7 @@ impl Inner {
     /// delivery (with `held` locked, so this never locks it). Their acks would reach the
     /// new consumer, which knows the stream sequences of other messages (a new stream
     /// starts again at 1): an old lease's ack would ack another message.
-    async fn declare_again(&self, check: bool) -> bool {
+    async fn declare_again(&self, check: bool, held: &BTreeMap<MessageId, Held>) -> bool {
         if check {
             // A server that is down fails the fetch too: nothing to look up then.
             let state = self.js.client().connection_state();
@@ -638,7 +638,7 @@ impl Inner {
             Ok(consumer) => {
                 tracing::warn!(stream = %self.stream, "postbox: nats streams or consumer were missing; declared again");
                 let mut current = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
-                let new = current.cached_info().created != consumer.cached_info().created;
+                let new = !same_consumer(current.cached_info(), consumer.cached_info(), held);
                 self.set_ack_wait(consumer.cached_info().config.ack_wait);
                 *current = consumer;
                 new
@@ -666,7 +666,7 @@ impl Inner {
             return;
         }
         let mut held = self.held.lock().await;
-        if self.declare_again(check).await {
+        if self.declare_again(check, &held).await {
             self.forget_held(&mut held);
         }
         self.declarations.fetch_add(1, Ordering::Release);
@@ -891,7 +891,7 @@ impl Inner {
         if due < max
             && let Err(e) = self.fetch(&mut held, max - due).await
         {
-            if self.declare_again(true).await {
+            if self.declare_again(true, &held).await {
                 self.forget_held(&mut held);
                 // Producers that met the same missing stream need not declare it again.
                 self.declarations.fetch_add(1, Ordering::Release);
@@ -973,8 +973,9 @@ impl Inner {
 
     /// Reads the consumer from the server (waiting at most a second): its `ack_wait`,
     /// which a process that declared the consumer later with another one changed for
-    /// every process; and its creation time. A consumer created anew (by another
-    /// process, after the stream or consumer was deleted by hand) is not this process'
+    /// every process; and its creation time. The same consumer restored by a restarted
+    /// server keeps the held deliveries (see [`same_consumer`]). A consumer created anew
+    /// (by another process, after the stream or consumer was deleted by hand) is not this process'
     /// any more: its held deliveries are forgotten, as in
     /// [`declare_again`](Self::declare_again), since their acks would reach the new
     /// consumer and ack other messages with the same stream sequences.
@@ -984,20 +985,25 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let known = consumer.cached_info().created;
+        let known = consumer.cached_info().clone();
         let read = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await;
         let Ok(Ok(info)) = read else { return };
         self.set_ack_wait(info.config.ack_wait);
-        if info.created == known {
+        if info.created == known.created {
             return;
         }
         let mut held = self.held.lock().await;
+        let same = same_consumer(&known, consumer.cached_info(), &held);
         let mut current = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
-        if current.cached_info().created == known {
-            tracing::warn!(stream = %self.stream, "postbox: nats consumer was created anew; held deliveries forgotten");
+        if current.cached_info().created == known.created {
             *current = consumer;
             drop(current);
-            self.forget_held(&mut held);
+            if same {
+                tracing::debug!(stream = %self.stream, "postbox: nats consumer restored by a restarted server; held deliveries kept");
+            } else {
+                tracing::warn!(stream = %self.stream, "postbox: nats consumer was created anew; held deliveries forgotten");
+                self.forget_held(&mut held);
+            }
         }
     }
 
@@ -1756,6 +1762,29 @@ fn headers(e: &Envelope) -> HeaderMap {
         h.insert(H_ATTEMPTS, e.attempts.to_string().as_str());
     }
     h
+}
+
+/// Whether the consumer read now (`fresh`) is the one read before (`known`): the same
+/// creation time, or the same consumer restored by a restarted server. nats-server
+/// 2.9 gives a consumer a creation time some microseconds off when it first restores
+/// it after a restart, with its deliveries and pending acks kept (the acks of held
+/// deliveries still work); a consumer deleted and created anew has a creation time
+/// of its own and numbers its deliveries from 1 again, below what was seen of the old.
+fn same_consumer(
+    known: &consumer::Info,
+    fresh: &consumer::Info,
+    held: &BTreeMap<MessageId, Held>,
+) -> bool {
+    if fresh.created == known.created {
+        return true;
+    }
+    let apart = (fresh.created.unix_timestamp_nanos() - known.created.unix_timestamp_nanos())
+        .unsigned_abs();
+    let seen = held
+        .values()
+        .filter_map(|h| h.msg.info().ok().map(|i| i.consumer_sequence))
+        .fold(known.delivered.consumer_sequence, u64::max);
+    apart < 1_000_000_000 && fresh.delivered.consumer_sequence >= seen
 }
 
 /// At least the size of the headers [`headers`] and `enqueue` give `e` (names, values

@@ -280,6 +280,47 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_and_restarted() 
     .await;
 }
 
+/// A server restart keeps the consumer, its deliveries and their pending acks: a
+/// lease held across it is still this process', and its ack goes through. (nats-server
+/// 2.9 restores the consumer with a creation time some microseconds off; read as a
+/// consumer created anew, every held delivery was forgotten: the ack was `LeaseLost`,
+/// and the message delivered again after `ack_wait`, to another process too, while
+/// its lease still ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_held_across_a_server_restart_is_still_this_processes() {
+    let mut server = PrivateServer::start(private_nats);
+    let port = server.port();
+    crate::broker::accepting("nats-server", port, Duration::from_secs(5)).await;
+    let q = connect(options().with_url(format!("nats://127.0.0.1:{port}"))).await;
+    let lease_for = Duration::from_secs(60);
+    let leased_id = q.enqueue(crate::suite::envelope("a")).await.unwrap().id();
+    let waiting = q.enqueue(crate::suite::envelope("b")).await.unwrap().id();
+    let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    assert_eq!(leased[0].envelope.id, leased_id);
+    server.kill();
+    server.spawn();
+    crate::broker::accepting("nats-server", port, Duration::from_secs(5)).await;
+    let mut back = false;
+    for _ in 0..100 {
+        if q.depth().await.is_ok() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "the client reconnected");
+    // Long enough for the keep-alive task to read the consumer again (every second).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    q.ack(&[leased[0].token]).await.unwrap();
+    let next = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = next.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(
+        ids,
+        [waiting],
+        "the acked message is gone, the other one left"
+    );
+}
+
 /// Two queues on one name with a 1 s `ack_wait`, and one message (key `key`) that `q`
 /// enqueued and leased (`leased`). `q` lives on a runtime that runs only while the test
 /// drives it, so its keep-alive task can be stalled; `other`, for checking, on its own.
