@@ -1288,8 +1288,18 @@ impl Inner {
                         self.lock_moved().insert(id, Instant::now());
                         h.msg.double_ack().await.map_err(|e| e.to_string())
                     }
-                    // Settled elsewhere meanwhile (module docs): not ours to hold.
-                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+                    // A newer copy of this very message is the subject's last (an
+                    // earlier move or retry whose ack was lost): it is already behind,
+                    // so the delivery is acked, as after a move. Anything else: settled
+                    // elsewhere meanwhile (module docs), not ours to hold.
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                        if self.newer_copy(&h).await.is_some() {
+                            self.lock_moved().insert(id, Instant::now());
+                            h.msg.double_ack().await.map_err(|e| e.to_string())
+                        } else {
+                            Ok(())
+                        }
+                    }
                     Err(e) => Err(e.to_string()),
                 }
             };

@@ -854,6 +854,42 @@ async fn a_due_message_behind_a_full_hold_of_later_ones_is_leased() {
     assert_eq!(late[0].envelope.not_before, crate::suite::at(3600));
 }
 
+/// A held delivery moved to the tail to make room while a newer copy of it is its
+/// subject's last message (a move or retry whose copy was stored but whose ack was
+/// lost) is acked, the newer copy kept. (It was dropped from the hold unacked: no
+/// longer kept alive, the server delivered it again after `ack_wait`, beside the
+/// newer copy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_delivery_moved_behind_a_newer_copy_of_itself_is_acked() {
+    let (q, _purge) = make(options().with_max_held(2));
+    let lease_for = Duration::from_secs(30);
+    let mut soon = crate::suite::envelope("soon");
+    soon.not_before = crate::suite::at(600);
+    let mut late = crate::suite::envelope("late");
+    late.not_before = crate::suite::at(3600);
+    q.enqueue(soon).await.unwrap();
+    q.enqueue(late.clone()).await.unwrap();
+    let now_id = q.enqueue(crate::suite::envelope("now")).await.unwrap().id();
+    // The first lease fetches the two later ones: nothing due.
+    assert!(
+        q.lease(10, lease_for, crate::suite::at(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let subject: String = b"late".iter().map(|b| format!("{b:02x}")).collect();
+    publish_raw(&q, &format!("x{subject}"), late.encode()).await;
+    assert_eq!(stream_len(&q, q.streams().0).await, 4);
+    let got = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![now_id]);
+    assert_eq!(
+        stream_len(&q, q.streams().0).await,
+        3,
+        "the moved delivery was acked, its newer copy kept"
+    );
+}
+
 /// A lease whose caller stops waiting while the server's answer is on its way (a
 /// timeout around `lease`) still ends: the message it got is leased to no one and
 /// comes back when that lease ends, not after the consumer's `ack_wait` (30 s).
