@@ -1164,11 +1164,11 @@ impl Inner {
             }
             if let Some(h) = st.held.remove(&id) {
                 match self.park(&ch, epoch, h, now).await? {
-                    Some(h) => {
+                    Parked::Held(h) => {
                         main_full = true;
                         st.held.insert(id, h);
                     }
-                    None => {
+                    Parked::Main | Parked::Delay => {
                         st.uncounted.remove(&id);
                     }
                 }
@@ -1234,19 +1234,19 @@ impl Inner {
             now,
         );
         let mut moved = 0;
-        for (nb, id) in later {
+        for (_, id) in later {
             if until.is_some_and(|until| Instant::now() >= until) {
                 break;
             }
             let Some(h) = st.held.remove(&id) else {
                 continue;
             };
-            let to_main = nb
-                .duration_since(now)
-                .is_ok_and(|wait| wait <= self.hold_limit);
-            match self.park(ch, epoch, h, now).await {
-                Ok(None) => {}
-                Ok(Some(h)) => {
+            // Only a copy in the main queue is behind the others there (one in the
+            // delay queue comes back by itself).
+            let to_main = match self.park(ch, epoch, h, now).await {
+                Ok(Parked::Main) => true,
+                Ok(Parked::Delay) => false,
+                Ok(Parked::Held(h)) => {
                     // The main queue is full: nothing more goes there now.
                     st.held.insert(id, h);
                     break;
@@ -1255,7 +1255,7 @@ impl Inner {
                     tracing::debug!(error = %e, "postbox: could not make room in a full hold");
                     break;
                 }
-            }
+            };
             st.uncounted.remove(&id);
             if to_main {
                 st.moved.insert(id, Instant::now());
@@ -1275,7 +1275,7 @@ impl Inner {
     /// Republishes `h` to the main queue, or to the delay queue with a TTL if its
     /// not-before is further than the hold limit from `now`, then acks the delivery.
     ///
-    /// `Ok(Some(h))`: the main queue refused the copy (it is full): the delivery is
+    /// [`Parked::Held`]: the main queue refused the copy (it is full): the delivery is
     /// handed back to be held here, scheduled, instead of nacked back to the queue,
     /// where it would be due at once and leased again without any backoff. A delivery
     /// held here longer than the hold limit goes to the delay queue instead, for what
@@ -1289,7 +1289,7 @@ impl Inner {
         epoch: u64,
         h: Held,
         now: SystemTime,
-    ) -> Result<Option<Held>, QueueError> {
+    ) -> Result<Parked, QueueError> {
         let wait = h
             .envelope
             .not_before
@@ -1316,7 +1316,7 @@ impl Inner {
         if answer == Answer::Nacked && ttl.is_none() {
             if h.received.elapsed() <= self.hold_limit {
                 tracing::debug!(queue = %queue, id = %h.envelope.id, "postbox: queue full; the retry is held here");
-                return Ok(Some(h));
+                return Ok(Parked::Held(h));
             }
             tracing::debug!(queue = %queue, id = %h.envelope.id, "postbox: queue full; a retry held past the hold limit waits in the delay queue");
             (queue, ttl) = (&self.delay_queue, Some(wait.max(Duration::from_millis(1))));
@@ -1324,7 +1324,7 @@ impl Inner {
                 .publish(ch, epoch, queue, &h.envelope, &[], ttl)
                 .await?;
             if answer == Answer::Nacked {
-                return Ok(Some(h));
+                return Ok(Parked::Held(h));
             }
         }
         if answer != Answer::Confirmed {
@@ -1333,7 +1333,11 @@ impl Inner {
         }
         self.io(epoch, h.acker.ack(BasicAckOptions::default()))
             .await?;
-        Ok(None)
+        Ok(if queue == &self.queue {
+            Parked::Main
+        } else {
+            Parked::Delay
+        })
     }
 
     /// Holds `h` again, scheduled for `not_before`, if its channel (`epoch`) is still
@@ -1451,7 +1455,7 @@ impl Inner {
         let now = st.now();
         drop(st);
         h.envelope.not_before = not_before;
-        if let Some(h) = self.park(&ch, epoch, h, now).await? {
+        if let Parked::Held(h) = self.park(&ch, epoch, h, now).await? {
             // No room for the copy (a full queue is when retries pile up): held here,
             // scheduled, this attempt counted. Only a lost connection loses the new
             // not-before (the broker delivers it again at once, counted).
@@ -1477,7 +1481,7 @@ impl Inner {
             .is_ok_and(|wait| wait > self.hold_limit)
         {
             drop(st);
-            if let Some(h) = self.park(&ch, epoch, h, now).await? {
+            if let Parked::Held(h) = self.park(&ch, epoch, h, now).await? {
                 self.hold_again(h, token.id, not_before, epoch).await;
                 return Ok(());
             }
@@ -1875,6 +1879,20 @@ fn requeue() -> BasicNackOptions {
         requeue: true,
         ..BasicNackOptions::default()
     }
+}
+
+/// Where [`AmqpQueue`]'s `park` put a delivery.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per parked delivery, moved straight into the hold"
+)]
+enum Parked {
+    /// Republished to the main queue (confirmed) and acked.
+    Main,
+    /// Republished to the delay queue (confirmed) and acked.
+    Delay,
+    /// Not republished (the main queue is full): to be held here again.
+    Held(Held),
 }
 
 /// The longest text put in a header (see `publish`).

@@ -198,10 +198,12 @@ pub trait Queue: Send + Sync + 'static {
     /// (FIFO by id within a destination), each for `lease_for`. Expired leases are
     /// returned to pending first. Increments each message's `attempts`.
     ///
-    /// "Oldest" is by id in the memory and embedded queues; the brokers lease in the
-    /// order they stored the messages. The two agree for envelopes enqueued as they
-    /// were made (ids are UUIDv7, ordered by time); an envelope kept a while before its
-    /// enqueue comes after the ones stored before it on a broker.
+    /// "Oldest" is by id among the messages a lease looks at: the memory and embedded
+    /// queues look at all of them; the brokers fetch from their stream or queue in the
+    /// order they stored the messages, and hand out what they fetched and hold by id.
+    /// The two agree for envelopes enqueued as they were made (ids are UUIDv7, ordered
+    /// by time); on a broker, an envelope kept a while before its enqueue may be leased
+    /// after messages with newer ids stored before it.
     ///
     /// On NATS and RabbitMQ, a message given back with
     /// [`retry_later`](Self::retry_later) is published anew, so once due it comes
