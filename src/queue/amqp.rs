@@ -357,6 +357,12 @@ struct State {
     /// released) when their channel died: the broker counts them in `x-delivery-count`
     /// when it delivers the message again, but they were no attempt. Taken off then.
     uncounted: HashMap<MessageId, u32>,
+    /// The attempts this process counted for each delivery it held when its channel
+    /// died: the broker's count does not know of a delivery leased here more than
+    /// once (its leases ended, and it was leased again without going back), so the
+    /// message's next delivery starts from no fewer. Kept and forgotten with
+    /// `uncounted`.
+    counted: HashMap<MessageId, u32>,
     /// Deliveries [`make_room`](Inner::make_room) moved to the main queue's tail and not
     /// fetched back yet, with when: the queue's ready messages include them, and moving
     /// more only to fetch these back would send them round for ever.
@@ -1084,7 +1090,8 @@ impl Inner {
             let uncounted = st.uncounted.get(&envelope.id).copied().unwrap_or(0);
             envelope.attempts = envelope
                 .attempts
-                .saturating_add(redelivered.saturating_sub(uncounted));
+                .saturating_add(redelivered.saturating_sub(uncounted))
+                .max(st.counted.get(&envelope.id).copied().unwrap_or(0));
             if let Some(nb) = int(H_NOT_BEFORE)
                 && ms_ceil(envelope.not_before) != nb
             {
@@ -1170,6 +1177,7 @@ impl Inner {
                     }
                     Parked::Main | Parked::Delay => {
                         st.uncounted.remove(&id);
+                        st.counted.remove(&id);
                     }
                 }
             }
@@ -1257,6 +1265,7 @@ impl Inner {
                 }
             };
             st.uncounted.remove(&id);
+            st.counted.remove(&id);
             if to_main {
                 st.moved.insert(id, Instant::now());
             }
@@ -1358,8 +1367,9 @@ impl Inner {
     /// under the state lock, forgets them itself.)
     async fn gone(&self, id: MessageId) {
         let mut st = self.state.lock().await;
-        if !st.uncounted.is_empty() {
+        if !st.uncounted.is_empty() || !st.counted.is_empty() {
             st.uncounted.remove(&id);
+            st.counted.remove(&id);
         }
     }
 
@@ -1403,13 +1413,16 @@ impl Inner {
     /// than the state's (it was replaced while the caller waited) must not reset it.
     fn follow(st: &mut State, epoch: u64) -> Result<(), QueueError> {
         if st.epoch < epoch {
-            if st.uncounted.len() > UNCOUNTED_MAX {
+            if st.uncounted.len() > UNCOUNTED_MAX || st.counted.len() > UNCOUNTED_MAX {
                 st.uncounted.clear();
+                st.counted.clear();
             }
             for (id, h) in std::mem::take(&mut st.held) {
                 if matches!(h.state, HeldState::Scheduled(_)) {
                     *st.uncounted.entry(id).or_default() += 1;
                 }
+                let counted = st.counted.entry(id).or_default();
+                *counted = (*counted).max(h.envelope.attempts);
             }
             st.epoch = epoch;
         } else if st.epoch > epoch {

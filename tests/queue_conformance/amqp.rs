@@ -532,6 +532,33 @@ async fn a_duplicate_waits_for_a_first_publish_that_then_fails() {
     assert_eq!(ids, vec![warm, second_id], "first: {first_id:?}");
 }
 
+/// A delivery leased here twice (its first lease ended, and it was leased again without
+/// going back to the broker) keeps both attempts when its channel dies and the broker
+/// delivers it again: the broker's count knows of one delivery. (The next lease said
+/// 2 attempts, not 3, and `max_attempts` could be overrun by every reconnect.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_leased_here_survive_a_reconnect() {
+    let proxy = Proxy::start(host_port(&options().url())).await;
+    let (q, _purge) = make(via(&proxy));
+    let id = q
+        .enqueue(crate::suite::envelope("worn"))
+        .await
+        .unwrap()
+        .id();
+    let short = Duration::from_secs(1);
+    let first = q.lease(1, short, crate::suite::at(0)).await.unwrap();
+    assert_eq!(first[0].envelope.attempts, 1);
+    let second = q.lease(1, short, crate::suite::at(2)).await.unwrap();
+    assert_eq!(
+        (second[0].envelope.id, second[0].envelope.attempts),
+        (id, 2)
+    );
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let third = retry!(q.lease(1, short, crate::suite::at(4)).await);
+    assert_eq!((third[0].envelope.id, third[0].envelope.attempts), (id, 3));
+}
+
 /// Two copies of one message in the queue (as a reconnect can leave after `retry_later`)
 /// are leased once; the second copy is dropped, not left unacked on the channel to come
 /// back after the first was acked.
