@@ -147,7 +147,9 @@ mod http_future {
                 parts: Option<Parts>,
                 body: Option<B>,
                 buf: Collected,
-                key: Option<String>,
+                // The key, and whether it was made here (written into the headers only
+                // if the body is kept).
+                key: Option<(String, bool)>,
             },
             // Readying a clone of the inner service (after the body is read, if it had to
             // be: so a slow upload holds no permit or probe slot of the layers inside).
@@ -194,7 +196,7 @@ mod http_future {
             svc: S,
             parts: Parts,
             body: B,
-            key: String,
+            key: (String, bool),
             shared: Arc<Shared<Q, C>>,
         ) -> Self {
             Self {
@@ -313,7 +315,7 @@ mod http_future {
                         let parts = parts.take().expect("parts present while collecting");
                         let body = body.take().expect("body present while collecting");
                         let buf = std::mem::take(buf);
-                        let key = key.take().expect("key present while collecting");
+                        let (key, made) = key.take().expect("key present while collecting");
                         let (req, capture) = match res {
                             Err(e) => {
                                 // The caller's upload broke while it was read to be
@@ -325,6 +327,13 @@ mod http_future {
                                 ));
                             }
                             Ok(true) => {
+                                let mut parts = parts;
+                                if made {
+                                    crate::enqueue::codec::http_codec::set_key(
+                                        &mut parts.headers,
+                                        &key,
+                                    );
+                                }
                                 let bytes = buf.freeze();
                                 let capture = Capture::http(key, &parts, bytes.clone());
                                 let held = crate::http::body::HeldWhole(bytes.len());

@@ -520,16 +520,16 @@ mod http_flavour {
                 let req = Request::from_parts(parts, body);
                 return ResponseFuture::readying(self.inner.clone(), req, None, shared);
             }
-            let key = match key_of(&parts.headers) {
+            // A key made here is sent only with a request that may be deferred (its body
+            // kept): one that goes out as it is keeps its headers, or the key would make
+            // it retry-safe for a retry outside, and a server that ignores keys could
+            // apply it twice.
+            let (key, made) = match key_of(&parts.headers) {
                 Some(key) => {
                     keep_first_key(&mut parts.headers);
-                    key
+                    (key, false)
                 }
-                None => {
-                    let key = super::new_idempotency_key();
-                    set_key(&mut parts.headers, &key);
-                    key
-                }
+                None => (super::new_idempotency_key(), true),
             };
             if body.size_hint().lower() > config.max_body as u64 {
                 tracing::debug!(
@@ -540,13 +540,16 @@ mod http_flavour {
                 return ResponseFuture::readying(self.inner.clone(), req, None, shared);
             }
             if body.is_end_stream() {
+                if made {
+                    set_key(&mut parts.headers, &key);
+                }
                 let capture = Capture::http(key, &parts, Bytes::new());
                 let req = Request::from_parts(parts, BufferedBody::empty());
                 return ResponseFuture::readying(self.inner.clone(), req, Some(capture), shared);
             }
             // The body is read first, and only then is the clone readied: a slow upload
             // holds no bulkhead permit or half-open probe of the layers inside.
-            ResponseFuture::collecting(self.inner.clone(), parts, body, key, shared)
+            ResponseFuture::collecting(self.inner.clone(), parts, body, (key, made), shared)
         }
     }
 }

@@ -580,6 +580,10 @@ async fn policy_keeps_routes_synchronous_and_can_defer_reads() {
     assert_eq!(depth(&queue).await.pending, 1);
 }
 
+/// A body over the limit is streamed through, not enqueued, and goes out without a
+/// key the fallback made (a key makes a request retry-safe for a retry outside: one
+/// that can never be deferred was sent with one, and a server that ignores keys could
+/// apply it twice).
 #[tokio::test(start_paused = true)]
 async fn body_over_limit_streams_through_and_is_not_enqueued() {
     let queue = Arc::new(MemoryQueue::new());
@@ -589,6 +593,10 @@ async fn body_over_limit_streams_through_and_is_not_enqueued() {
         let seen = seen2.clone();
         async move {
             assert!(!req.body().is_buffered());
+            assert!(
+                req.headers().get("idempotency-key").is_none(),
+                "a key was made for a request that cannot be deferred"
+            );
             let len = bytes_of(req.into_body()).await.len();
             seen.lock().unwrap().push(len);
             Err::<Res, _>(boxed(Open::new(Duration::from_secs(1))))
@@ -770,6 +778,7 @@ async fn body_with_known_size_over_limit_is_not_read_ahead() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(dep.seen.lock().unwrap()[0].2, "0123456789");
+    assert_eq!(dep.seen.lock().unwrap()[0].1, None, "no key made for it");
     assert_eq!(depth(&queue).await, Depth::default());
 
     // A body that says it is 10 bytes and sends nothing yet: the call goes out at
