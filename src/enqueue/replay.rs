@@ -1031,6 +1031,20 @@ where
             lease_until,
         } = leased;
         let now = wall_now();
+        // The queue gave back a message whose replay still runs here (RabbitMQ returns
+        // every delivery it holds when its connection drops; a NATS consumer created
+        // anew): not replayed a second time beside it. Back, uncounted, once that
+        // replay's lease is over.
+        if let Some(running) = self.in_flight.values().find(|f| f.token.id == token.id) {
+            let left = running
+                .lease_ends
+                .duration_since(now)
+                .unwrap_or_default()
+                .max(self.config.poll_interval);
+            tracing::debug!(id = %token.id, ?left, "a replay of this message still runs; held back");
+            self.hold_back(token, left).await;
+            return;
+        }
         if envelope.expires_at.is_some_and(|at| at <= now) {
             self.dead_letter(token, "expired before delivery").await;
             return;

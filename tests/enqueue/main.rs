@@ -2598,6 +2598,47 @@ async fn replayer_keeps_resending_a_newer_ack_after_an_older_one_expired() {
     assert_eq!(b, 1, "b was replayed again: its ack was not resent");
 }
 
+/// A message the queue gives back while its replay still runs (RabbitMQ requeues the
+/// deliveries of a connection that dropped) is not replayed a second time beside it:
+/// it is held back, uncounted, and replayed again only after the first replay ended.
+/// (Both ran at once, each counted as an attempt.)
+#[tokio::test(start_paused = true)]
+async fn a_message_given_back_while_its_replay_runs_is_not_replayed_beside_it() {
+    let queue = Arc::new(AckRecorder::default());
+    enqueue_raw(&queue.inner, "http://api.test/orders").await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (r, m, c) = (running.clone(), most.clone(), calls.clone());
+    let svc = service_fn(move |_: InnerReq| {
+        let (r, m) = (r.clone(), m.clone());
+        c.fetch_add(1, Ordering::SeqCst);
+        let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+        m.fetch_max(now, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(respond(200, ""))
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .lease_for(Duration::from_secs(30))
+        .poll_interval(Duration::from_secs(1))
+        .spawn()
+        .unwrap();
+    eventually(|| calls.load(Ordering::SeqCst) == 1).await;
+    queue.give_back_leases().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(most.load(Ordering::SeqCst), 1, "replayed twice at once");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The first replay's ack finds its lease gone; the message held back comes back
+    // once that lease is over, and is replayed then, alone.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    handle.shutdown().await;
+    assert_eq!(most.load(Ordering::SeqCst), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// An ack that finds the queue unavailable is sent again once it is back, before the
 /// lease expires: the delivered message is not replayed a second time.
 #[tokio::test(start_paused = true)]

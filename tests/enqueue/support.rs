@@ -175,9 +175,21 @@ pub(crate) struct AckRecorder {
     /// client's timeout).
     outage_delay: Arc<Mutex<Duration>>,
     stale: Arc<std::sync::atomic::AtomicBool>,
+    /// The tokens of the leases handed out, for [`give_back_leases`](Self::give_back_leases).
+    leased: Arc<Mutex<Vec<LeaseToken>>>,
 }
 
 impl AckRecorder {
+    /// Puts every message leased so far back, due at once and uncounted, behind the
+    /// holders' backs: as a broker requeues the deliveries of a connection that
+    /// dropped (their tokens are stale now).
+    pub(crate) async fn give_back_leases(&self) {
+        let tokens = std::mem::take(&mut *self.leased.lock().unwrap());
+        for token in tokens {
+            let _ = self.inner.release(token, SystemTime::UNIX_EPOCH).await;
+        }
+    }
+
     /// The `ack` calls so far: batch size and time of each.
     pub(crate) fn acks(&self) -> Vec<(usize, Instant)> {
         self.acks.lock().unwrap().clone()
@@ -227,7 +239,12 @@ impl Queue for AckRecorder {
         lease_for: Duration,
         now: SystemTime,
     ) -> impl Future<Output = Result<Vec<Leased>, QueueError>> + Send {
-        self.inner.lease(max, lease_for, now)
+        let (inner, leased) = (self.inner.clone(), self.leased.clone());
+        async move {
+            let got = inner.lease(max, lease_for, now).await?;
+            leased.lock().unwrap().extend(got.iter().map(|l| l.token));
+            Ok(got)
+        }
     }
 
     fn ack(&self, tokens: &[LeaseToken]) -> impl Future<Output = Result<(), QueueError>> + Send {
