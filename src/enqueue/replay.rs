@@ -418,7 +418,7 @@ impl ReplayConfig {
 /// An ack, retry, release or dead letter that finds the queue
 /// [`Unavailable`](QueueError::Unavailable) is tried again every `poll_interval` (at
 /// most a twentieth of `lease_for`; and
-/// once more at shutdown) for as long as the lease may still be current (`lease_for`
+/// during the shutdown's grace period, and once more at its end) for as long as the lease may still be current (`lease_for`
 /// since the first try); after that the lease expires and the message is leased again.
 ///
 /// # Which service
@@ -970,6 +970,9 @@ where
         let deadline = later(Instant::now(), self.config.grace);
         self.flush().await;
         while !self.tasks.is_empty() {
+            // Calls the queue could not take are tried again meanwhile too, while
+            // their leases may still hold (the grace period may outlast them).
+            let resettle = self.resettle_at.map_or(deadline, |at| at.min(deadline));
             tokio::select! {
                 // Acked at once, not batched: a replay that ended just before the
                 // shutdown may have little of its lease left, and the grace period
@@ -978,6 +981,7 @@ where
                     self.settle(joined).await;
                     self.flush().await;
                 }
+                () = sleep_until(resettle), if resettle < deadline => self.resettle().await,
                 () = sleep_until(deadline) => break,
             }
         }

@@ -2639,6 +2639,43 @@ async fn a_message_given_back_while_its_replay_runs_is_not_replayed_beside_it() 
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// An ack the queue could not take just before a shutdown is sent again during the
+/// grace period, while its lease still holds, not only once the grace is over (when
+/// another replayer may have leased the message again).
+#[tokio::test(start_paused = true)]
+async fn an_ack_the_queue_could_not_take_is_sent_again_during_the_shutdown_grace() {
+    let queue = Arc::new(AckRecorder::default());
+    enqueue_raw(&queue.inner, "http://api.test/a").await;
+    enqueue_raw(&queue.inner, "http://api.test/b").await;
+    let svc = service_fn(|req: InnerReq| {
+        let slow = req.uri().path() == "/b";
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            Ok::<_, BoxError>(respond(200, ""))
+        }
+    });
+    queue.fail_next_settles(1);
+    let handle = Replayer::http(queue.clone(), svc)
+        .lease_for(Duration::from_secs(120))
+        .poll_interval(Duration::from_secs(1))
+        .ack_batch(1, Duration::from_millis(10))
+        .grace(Duration::from_secs(20))
+        .spawn()
+        .unwrap();
+    eventually(|| !queue.acks().is_empty()).await;
+    let start = tokio::time::Instant::now();
+    handle.shutdown().await;
+    let acks = queue.acks();
+    assert!(acks.len() >= 2, "{acks:?}");
+    assert!(
+        acks[1].1 < start + Duration::from_secs(5),
+        "sent again only at {:?} after the shutdown began",
+        acks[1].1 - start
+    );
+}
+
 /// An ack that finds the queue unavailable is sent again once it is back, before the
 /// lease expires: the delivered message is not replayed a second time.
 #[tokio::test(start_paused = true)]
