@@ -370,8 +370,8 @@ impl RedisQueue {
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the server cannot be reached, [`QueueError::Backend`]
-    /// for an invalid URL or when polled outside a Tokio runtime (it spawns the enqueue
-    /// batching task).
+    /// for an invalid URL, credentials or database the server refuses, or when polled
+    /// outside a Tokio runtime (it spawns the enqueue batching task).
     pub async fn connect(options: RedisOptions) -> Result<Self, QueueError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
             QueueError::Backend(format!("RedisQueue::connect needs a Tokio runtime: {e}").into())
@@ -400,7 +400,14 @@ impl RedisQueue {
             .await
             .map_err(|e| {
                 let url = crate::queue::envelope::RedactedUri(&url);
-                QueueError::Unavailable(format!("redis at {url:?} unreachable: {e}").into())
+                // Refused credentials or database (`AUTH`, `SELECT`) are a configuration
+                // error, not an outage to wait out.
+                match map_err(e) {
+                    QueueError::Unavailable(e) => {
+                        QueueError::Unavailable(format!("redis at {url:?} unreachable: {e}").into())
+                    }
+                    e => QueueError::Backend(format!("redis at {url:?}: {e}").into()),
+                }
             })?;
         let link = Arc::new(Link {
             conn: std::sync::RwLock::new(conn),
@@ -1093,7 +1100,7 @@ fn map_err(e: RedisError) -> QueueError {
             errs.iter()
                 .any(|(_, s)| transient(s.kind().map(ErrorKind::Server), Some(s.code())))
         }),
-        kind => transient(Some(kind), e.code()),
+        kind => transient(Some(kind), e.code()) || refused_in_a_script(&e),
     };
     if transient || unanswered(&e) || demoted(&e) {
         QueueError::Unavailable(Box::new(e))
@@ -1113,10 +1120,25 @@ fn transient(kind: Option<redis::ErrorKind>, code: Option<&str>) -> bool {
         ))
     ) || matches!(
         code,
-        // Out of memory (`maxmemory` with `noeviction`), or too few replicas answered:
-        // refused for now, as a full disk is for the embedded queue.
-        Some("BUSY" | "OOM" | "NOREPLICAS")
+        // Out of memory (`maxmemory` with `noeviction`), too few replicas answered, or
+        // writes stopped after a failed save (`stop-writes-on-bgsave-error`, a failed
+        // append-only write): refused for now, as a full disk is for the embedded queue.
+        Some("BUSY" | "OOM" | "NOREPLICAS" | "MISCONF")
     )
+}
+
+/// A refusal for now that reached a script's `redis.call` and came back inside the
+/// script's error (Redis 6.2: `ERR Error running script …: -OOM …`): as a word of its
+/// own, with its `-`, not inside a key name.
+fn refused_in_a_script(e: &RedisError) -> bool {
+    e.detail().unwrap_or_default().split_whitespace().any(|w| {
+        w.strip_prefix('-').is_some_and(|code| {
+            transient(
+                None,
+                Some(code.trim_end_matches(|c: char| !c.is_ascii_uppercase())),
+            )
+        })
+    })
 }
 
 /// No answer came from Redis (a timeout, a dropped or refused connection): whatever was
@@ -1218,6 +1240,30 @@ mod tests {
             assert!(matches!(e, QueueError::Unavailable(_)), "{e:?}");
         }
         let e = map_err(error(b"-ERR user_script:1: boom\r\n"));
+        assert!(matches!(e, QueueError::Backend(_)), "{e:?}");
+    }
+
+    /// Writes stopped after a failed save (`MISCONF`), and a refusal for now that came
+    /// back inside a script's error (Redis 6.2), are `Unavailable` too: a caller (the
+    /// replayer's ack) tries them again. They were backend errors, given up. A key
+    /// named like a code inside a script's error is not one.
+    #[test]
+    fn a_refusal_for_now_in_a_script_or_after_a_failed_save_is_unavailable() {
+        let error = |reply: &[u8]| {
+            ::redis::parse_redis_value(reply)
+                .unwrap()
+                .extract_error()
+                .unwrap_err()
+        };
+        for reply in [
+            &b"-MISCONF Errors writing to the AOF file: No space left on device\r\n"[..],
+            b"-ERR Error running script (call to f_1): @user_script:3: -OOM command not allowed when used memory > 'maxmemory'.\r\n",
+            b"-ERR Error running script: @user_script:3: @user_script: 3: -MISCONF Errors writing to the AOF file\r\n",
+        ] {
+            let e = map_err(error(reply));
+            assert!(matches!(e, QueueError::Unavailable(_)), "{e:?}");
+        }
+        let e = map_err(error(b"-ERR user_script:1: no key postbox:OOM here\r\n"));
         assert!(matches!(e, QueueError::Backend(_)), "{e:?}");
     }
 

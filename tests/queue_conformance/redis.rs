@@ -1146,6 +1146,27 @@ async fn attempts_saturate_at_the_limit_and_each_lease_stays_distinct() {
     q.ack(&[second[0].token]).await.unwrap();
 }
 
+/// Refused credentials or a database the server does not have are a configuration
+/// error (`Backend`) at `connect`, not an outage to wait out; the password is not in
+/// the error. (Both were `Unavailable`, which a caller tries again for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_or_database_are_a_configuration_error() {
+    let url = options().url();
+    let hostport = crate::proxy::host_port(&url);
+    // Reachable first, so a failure below is not an outage.
+    drop(connect(options()).await);
+    for bad in [
+        format!("redis://:wrong-pw-9@{hostport}/"),
+        format!("redis://{hostport}/99999"),
+    ] {
+        let e = RedisQueue::connect(options().with_url(bad.clone()))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, QueueError::Backend(_)), "{bad}: {e}");
+        assert!(!e.to_string().contains("wrong-pw-9"), "{e}");
+    }
+}
+
 /// A message released more than 2^21 times (a destination held back for months) has a
 /// lease generation past 2^53, which a Lua number no longer holds exactly. Each lease
 /// is still current for its holder, and its attempts are right. (The generation came
