@@ -92,15 +92,16 @@ impl<F> Timed<F> {
                     // An error once the end has come: perhaps the inner service's own
                     // timer for the same end (a tonic `Channel` enforces the
                     // `grpc-timeout` this layer sent), woken in the same tick and
-                    // polled first (see `Ended::into_result`).
+                    // polled first, or up to a millisecond early: from 100 s on, the
+                    // header is in milliseconds, rounded down (see
+                    // `Ended::into_result`).
                     let ended = match out {
                         Err(e)
                             if cfg!(feature = "grpc")
-                                && timer
-                                    .as_ref()
-                                    .get_ref()
-                                    .as_ref()
-                                    .is_some_and(|t| Instant::now() >= t.deadline()) =>
+                                && timer.as_ref().get_ref().as_ref().is_some_and(|t| {
+                                    t.deadline().saturating_duration_since(Instant::now())
+                                        <= GRPC_TIMEOUT_ROUNDING
+                                }) =>
                         {
                             Ended::ErrAtEnd(e, *budget)
                         }
@@ -138,6 +139,11 @@ enum Ended<T, E> {
     /// The end came first (with the budget); the inner future is dropped.
     Expired(Duration),
 }
+
+/// The most an encoded `grpc-timeout` is short of the time it stands for, below 27
+/// hours (8 digits of milliseconds): an inner tonic timeout this close to our end is
+/// ours.
+const GRPC_TIMEOUT_ROUNDING: Duration = Duration::from_millis(1);
 
 impl<T, E: Into<BoxError>> Ended<T, E> {
     /// The output, or the budget if the call counts as expired: the end came first, or

@@ -396,16 +396,23 @@ async fn an_attempt_cut_by_the_channels_own_grpc_timeout_is_still_elapsed() {
             .body(())
             .unwrap()
     };
-    let attempt = AttemptTimeoutLayer::http(Duration::from_millis(100))
-        .unwrap()
-        .layer(channel());
-    let err = attempt.oneshot(grpc()).await.unwrap_err();
-    assert!(find_cause::<Elapsed>(&*err).is_some(), "{err}");
-    let deadline = DeadlineLayer::http(Duration::from_millis(100))
-        .unwrap()
-        .layer(channel());
-    let err = deadline.oneshot(grpc()).await.unwrap_err();
-    assert!(find_cause::<DeadlineExceeded>(&*err).is_some(), "{err}");
+    // 100 s or more goes out in milliseconds, rounded down: the channel's timer ends
+    // up to a millisecond before ours, and its error is still the deadline's. (It was
+    // passed on as tonic's `CANCELLED`, a retryable failure.)
+    for budget in [
+        Duration::from_millis(100),
+        Duration::from_nanos(150_000_123_456),
+    ] {
+        let attempt = AttemptTimeoutLayer::http(budget).unwrap().layer(channel());
+        let err = attempt.oneshot(grpc()).await.unwrap_err();
+        assert!(find_cause::<Elapsed>(&*err).is_some(), "{budget:?}: {err}");
+        let deadline = DeadlineLayer::http(budget).unwrap().layer(channel());
+        let err = deadline.oneshot(grpc()).await.unwrap_err();
+        assert!(
+            find_cause::<DeadlineExceeded>(&*err).is_some(),
+            "{budget:?}: {err}"
+        );
+    }
 }
 
 /// An inner failure before the end is passed on as it is, and an inner layer's own
