@@ -97,7 +97,8 @@ impl<St> IdempotencyLayer<St> {
     ///
     /// Called again, keys are scoped by each header given (`authorization` and the
     /// account header that picks one of its organisations): the same caller acting for
-    /// another account is another scope.
+    /// another account is another scope. A repeated header counts with every value, as
+    /// HTTP/1.1 would join them (HTTP/2 sends each cookie as a field of its own).
     ///
     /// Off by default: a caller that retries with a refreshed token then has another
     /// scope, and its retry runs the handler again. The enqueue replayer replays the

@@ -179,16 +179,17 @@ where
         let scoped = if self.config.scope.is_empty() {
             format!("{} {host}{} {key}", req.method(), req.uri().path())
         } else {
-            let values = self
+            let values: Vec<_> = self
                 .config
                 .scope
                 .iter()
-                .map(|header| req.headers().get(header).map(HeaderValue::as_bytes));
+                .map(|header| scope_value(req.headers(), header))
+                .collect();
             format!(
                 "{} {host}{} {:016x} {key}",
                 req.method(),
                 req.uri().path(),
-                Hasher::of_scope(values)
+                Hasher::of_scope(values.iter().map(|v| v.as_deref()))
             )
         };
         let clone = self.inner.clone();
@@ -196,6 +197,33 @@ where
         let fut = keyed(svc, req, scoped, self.store.clone(), self.config.clone());
         ResponseFuture::keyed(Box::pin(fut))
     }
+}
+
+/// Every value of the scope header `name`, as one: a repeated header (HTTP/2 sends a
+/// `Cookie` as one field per cookie) joined as HTTP/1.1 would send it, `; ` for
+/// cookies, `, ` for the rest; `None` if absent. (Only the first value counted: with
+/// `scope_by(COOKIE)`, two callers whose first cookie was the same, `lang=en`, shared
+/// a scope, and the second got the first's stored answer.)
+fn scope_value<'a>(
+    headers: &'a http::HeaderMap,
+    name: &HeaderName,
+) -> Option<std::borrow::Cow<'a, [u8]>> {
+    let mut all = headers.get_all(name).iter();
+    let first = all.next()?;
+    let Some(second) = all.next() else {
+        return Some(std::borrow::Cow::Borrowed(first.as_bytes()));
+    };
+    let sep: &[u8] = if name == http::header::COOKIE {
+        b"; "
+    } else {
+        b", "
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in std::iter::once(second).chain(all) {
+        joined.extend_from_slice(sep);
+        joined.extend_from_slice(v.as_bytes());
+    }
+    Some(std::borrow::Cow::Owned(joined))
 }
 
 /// The host a request is for, as it goes into its scoped key: the URI's authority

@@ -4429,6 +4429,44 @@ async fn keys_scoped_by_the_caller_keep_two_callers_apart() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// Every value of a repeated scope header counts: over HTTP/2 a browser sends each
+/// cookie as a field of its own, and two users whose first cookie is the same
+/// (`lang=en`) are still two scopes. The same cookies in one field are the same scope.
+/// (Only the first value counted: the second user got the first's stored answer.)
+#[tokio::test(start_paused = true)]
+async fn every_value_of_a_repeated_scope_header_counts() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100)
+        .scope_by(http::header::COOKIE)
+        .layer(echo_handler(calls.clone()));
+    let with_cookies = |cookies: &[&str]| {
+        let mut req = keyed("order-7");
+        for c in cookies {
+            req.headers_mut()
+                .append(http::header::COOKIE, c.parse().unwrap());
+        }
+        req
+    };
+    for sid in ["sid=A", "sid=B"] {
+        let res = svc
+            .clone()
+            .oneshot(with_cookies(&["lang=en", sid]))
+            .await
+            .unwrap();
+        assert!(!res.headers().contains_key(REPLAYED_HEADER), "{sid}");
+    }
+    let res = svc
+        .clone()
+        .oneshot(with_cookies(&["lang=en; sid=A"]))
+        .await
+        .unwrap();
+    assert!(
+        res.headers().contains_key(REPLAYED_HEADER),
+        "one field or two"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// Scoped by two headers (`scope_by` given twice), the same caller acting for two
 /// accounts gets an answer per account; the repeat for one account is answered from
 /// the store.
