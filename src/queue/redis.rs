@@ -1222,16 +1222,18 @@ mod tests {
     use super::*;
     use crate::queue::DeferReason;
 
+    /// The error a server's `reply` (RESP text) stands for.
+    fn error(reply: &[u8]) -> RedisError {
+        ::redis::parse_redis_value(reply)
+            .unwrap()
+            .extract_error()
+            .unwrap_err()
+    }
+
     /// A server out of memory (or short of replicas) refuses for now: `Unavailable`,
     /// as a full disk is for the embedded queue; a script error is a backend error.
     #[test]
     fn out_of_memory_is_unavailable() {
-        let error = |reply: &[u8]| {
-            ::redis::parse_redis_value(reply)
-                .unwrap()
-                .extract_error()
-                .unwrap_err()
-        };
         for reply in [
             &b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"[..],
             b"-NOREPLICAS Not enough good replicas to write.\r\n",
@@ -1249,12 +1251,6 @@ mod tests {
     /// named like a code inside a script's error is not one.
     #[test]
     fn a_refusal_for_now_in_a_script_or_after_a_failed_save_is_unavailable() {
-        let error = |reply: &[u8]| {
-            ::redis::parse_redis_value(reply)
-                .unwrap()
-                .extract_error()
-                .unwrap_err()
-        };
         for reply in [
             &b"-MISCONF Errors writing to the AOF file: No space left on device\r\n"[..],
             b"-ERR Error running script (call to f_1): @user_script:3: -OOM command not allowed when used memory > 'maxmemory'.\r\n",
