@@ -6,7 +6,9 @@
 //! when the status is there, maps a non-200 HTTP status as the gRPC spec says, and
 //! otherwise treats the response as a provisional success; the final answer comes from
 //! [`GrpcClassifier::classify_trailers`] when the body ends. A stream that ends without
-//! any `grpc-status` is an `UNKNOWN` failure, as tonic and grpc-go do.
+//! any `grpc-status` is an `UNKNOWN` failure, as the gRPC spec requires a status
+//! (grpc-go reports `INTERNAL`; tonic 0.14 alone reads a `200` without one as a
+//! stream that ended well, and `GrpcStatusLayer` so changes what its caller sees).
 
 use super::{AsError, Classification, Classify, classify_error};
 use http::{HeaderMap, Response};

@@ -16,7 +16,7 @@
 //! | any other HTTP 4xx but 408/429 | success for the breaker, not retryable |
 //! | gRPC `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | failure |
 //! | other gRPC codes (`INVALID_ARGUMENT`, `NOT_FOUND`, …) | success for the breaker |
-//! | missing `grpc-status` | failure (`UNKNOWN`), as tonic and grpc-go do |
+//! | missing `grpc-status` | failure (`UNKNOWN`; grpc-go reports `INTERNAL`, tonic 0.14 reads a `200` without one as success) |
 //! | our own rejections (circuit open, bulkhead full) | ignored: never counted by a breaker |
 //!
 //! # Example
