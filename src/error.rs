@@ -313,11 +313,16 @@ mod grpc_mapping {
     }
 
     impl<E: Into<crate::BoxError>> From<crate::circuit_breaker::error::Error<E>> for Status {
-        /// A rejection as [`Open`] does; an inner error as [`to_status`] does.
+        /// A rejection as [`Open`] does; an inner error as
+        /// [`into_status`](crate::grpc::into_status) does: tonic's own mapping for a
+        /// transport failure (a refused connect is `UNAVAILABLE`), the error kept as the
+        /// status' source, so a classifier outside still sees a call that never left.
         fn from(e: crate::circuit_breaker::error::Error<E>) -> Self {
             match e {
                 crate::circuit_breaker::error::Error::Open(open) => open.into(),
-                crate::circuit_breaker::error::Error::Inner(e) => to_status(&*e.into()),
+                crate::circuit_breaker::error::Error::Inner(e) => {
+                    crate::grpc::into_status(e.into())
+                }
             }
         }
     }
@@ -690,6 +695,14 @@ mod tests {
         assert_eq!(open.code(), tonic::Code::Unavailable);
         let full = tonic::Status::from(BreakerError::<BoxError>::Inner(Full::new(1, 0).into()));
         assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        // An inner transport failure keeps its cause: a refused connect is still a
+        // call that never left, retried whatever the method, by a retry outside. (It
+        // was `UNKNOWN` with only its message: a failure not to retry.)
+        let refused = tonic::Status::from(BreakerError::<BoxError>::Inner(Box::new(
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        )));
+        let c = crate::classify::classify_error(&refused);
+        assert!(c.is_retryable() && !c.may_have_taken_effect(), "{c:?}");
     }
 
     #[cfg(feature = "grpc")]
