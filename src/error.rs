@@ -314,7 +314,7 @@ mod grpc_mapping {
 
     impl<E: Into<crate::BoxError>> From<crate::circuit_breaker::error::Error<E>> for Status {
         /// A rejection as [`Open`] does; an inner error as
-        /// [`into_status`](crate::grpc::into_status) does: tonic's own mapping for a
+        /// [`into_status`](crate::grpc::into_status()) does: tonic's own mapping for a
         /// transport failure (a refused connect is `UNAVAILABLE`), the error kept as the
         /// status' source, so a classifier outside still sees a call that never left.
         fn from(e: crate::circuit_breaker::error::Error<E>) -> Self {
