@@ -71,6 +71,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "" => 0,
         w => w.parse().map_err(|_| too_large())?,
     };
+    let whole_frac = frac;
     // Digits past the 18th are below a nanosecond for every unit.
     let frac = &frac[..frac.len().min(18)];
     let frac_ns = match frac {
@@ -85,7 +86,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         .and_then(|n| n.checked_add(frac_ns))
         .ok_or_else(too_large)?;
     // Not zero, but below a nanosecond: read as 0 it would change what the field means.
-    if ns == 0 && frac.bytes().any(|b| b != b'0') {
+    if ns == 0 && whole_frac.bytes().any(|b| b != b'0') {
         return Err(format!(
             "invalid duration `{s}`: below a nanosecond (write 0 for none)"
         ));
@@ -173,7 +174,14 @@ mod tests {
     /// others).
     #[test]
     fn a_duration_below_a_nanosecond_is_refused_not_read_as_zero() {
-        for s in ["0.1ns", "0.0000000001s", ".5ns"] {
+        // The last two: a non-zero digit only past the 18th (it was cut off first).
+        for s in [
+            "0.1ns",
+            "0.0000000001s",
+            ".5ns",
+            "0.0000000000000000001s",
+            "0.00000000000000000001h",
+        ] {
             assert!(parse(s).unwrap_err().contains("below a nanosecond"), "{s}");
         }
         assert_eq!(parse("0.0s"), Ok(Duration::ZERO));
