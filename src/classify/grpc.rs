@@ -74,14 +74,16 @@ impl GrpcCode {
         }
     }
 
-    /// Reads `grpc-status` from a header map (headers or trailers).
+    /// Reads `grpc-status` from a header map (headers or trailers), as tonic reads it:
+    /// a code written canonically (`0` to `16`: no sign, space or leading zero), any
+    /// other value present is `UNKNOWN`.
     pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
-        let v = headers.get("grpc-status")?.to_str().ok()?;
-        Some(
-            v.trim()
-                .parse::<i32>()
-                .map_or(GrpcCode::Unknown, Self::from_i32),
-        )
+        let code = match *headers.get("grpc-status")?.as_bytes() {
+            [d @ b'0'..=b'9'] => i32::from(d - b'0'),
+            [b'1', d @ b'0'..=b'6'] => 10 + i32::from(d - b'0'),
+            _ => return Some(GrpcCode::Unknown),
+        };
+        Some(Self::from_i32(code))
     }
 
     /// The code the gRPC spec assigns to a non-200 HTTP status from a proxy.
@@ -575,6 +577,34 @@ mod tests {
         assert_eq!(c.class(), Class::Failure);
         assert_eq!(c.retry_after(), Some(Duration::from_secs(30)));
         assert!(!with_pushback("-1").is_retryable());
+    }
+
+    /// `grpc-status` is read as tonic reads it: `00` is no `OK` (tonic's client fails
+    /// the call), nor `+14` or `014` an `UNAVAILABLE`; a value that is not text is
+    /// present, `UNKNOWN`, not missing. (They were read as numbers, and a status that
+    /// is not text as none.)
+    #[test]
+    fn grpc_status_is_read_as_tonic_reads_it() {
+        let read = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", http::HeaderValue::from_bytes(v).unwrap());
+            GrpcCode::from_headers(&h)
+        };
+        for (v, code) in [
+            (&b"0"[..], GrpcCode::Ok),
+            (b"9", GrpcCode::FailedPrecondition),
+            (b"14", GrpcCode::Unavailable),
+            (b"16", GrpcCode::Unauthenticated),
+            (b"17", GrpcCode::Unknown),
+            (b"00", GrpcCode::Unknown),
+            (b"+14", GrpcCode::Unknown),
+            (b"014", GrpcCode::Unknown),
+            (b"-0", GrpcCode::Unknown),
+            (b"\xff", GrpcCode::Unknown),
+        ] {
+            assert_eq!(read(v), Some(code), "{v:?}");
+        }
+        assert_eq!(GrpcCode::from_headers(&HeaderMap::new()), None);
     }
 
     /// The idempotency layer's `UNAVAILABLE` for a key in progress is ignored and
