@@ -353,16 +353,9 @@ struct State {
     /// Leases made so far: every lease's generation, unique even when a released
     /// delivery's attempts repeat.
     leases: u64,
-    /// Deliveries this process held without a lease in progress (not yet due, or
-    /// released) when their channel died: the broker counts them in `x-delivery-count`
-    /// when it delivers the message again, but they were no attempt. Taken off then.
-    uncounted: HashMap<MessageId, u32>,
-    /// The attempts this process counted for each delivery it held when its channel
-    /// died: the broker's count does not know of a delivery leased here more than
-    /// once (its leases ended, and it was leased again without going back), so the
-    /// message's next delivery starts from no fewer. Kept and forgotten with
-    /// `uncounted`.
-    counted: HashMap<MessageId, u32>,
+    /// What this process knows of the deliveries it held when their channel died,
+    /// kept until the message's copy leaves the queue (see [`Died`]).
+    died: HashMap<MessageId, Died>,
     /// Deliveries [`make_room`](Inner::make_room) moved to the main queue's tail and not
     /// fetched back yet, with when: the queue's ready messages include them, and moving
     /// more only to fetch these back would send them round for ever.
@@ -382,7 +375,21 @@ impl State {
     }
 }
 
-/// At most this many ids are remembered in [`State::uncounted`] (more only if the
+/// Deliveries of one message held here when their channel died, for counting its
+/// next delivery's attempts.
+#[derive(Debug, Default, Clone, Copy)]
+struct Died {
+    /// Those held without a lease in progress (not yet due, or released): the broker
+    /// counts them in `x-delivery-count` when it delivers the message again, but they
+    /// were no attempt. Taken off then.
+    uncounted: u32,
+    /// The attempts counted here: the broker's count does not know of a delivery
+    /// leased here more than once (its leases ended, and it was leased again without
+    /// going back), so the message's next delivery starts from no fewer.
+    counted: u32,
+}
+
+/// At most this many ids are remembered in [`State::died`] (more only if the
 /// connection keeps dying with that many deliveries held): beyond it, the memory is
 /// dropped and a redelivery counts as an attempt, as it would after a crash.
 const UNCOUNTED_MAX: usize = 65_536;
@@ -1087,11 +1094,11 @@ impl Inner {
             // A running total, like the broker's count: kept until this copy leaves
             // the queue (acked, parked or dead-lettered), so a second reconnect does not
             // count the first one's uncounted delivery.
-            let uncounted = st.uncounted.get(&envelope.id).copied().unwrap_or(0);
+            let died = st.died.get(&envelope.id).copied().unwrap_or_default();
             envelope.attempts = envelope
                 .attempts
-                .saturating_add(redelivered.saturating_sub(uncounted))
-                .max(st.counted.get(&envelope.id).copied().unwrap_or(0));
+                .saturating_add(redelivered.saturating_sub(died.uncounted))
+                .max(died.counted);
             if let Some(nb) = int(H_NOT_BEFORE)
                 && ms_ceil(envelope.not_before) != nb
             {
@@ -1176,8 +1183,7 @@ impl Inner {
                         st.held.insert(id, h);
                     }
                     Parked::Main | Parked::Delay => {
-                        st.uncounted.remove(&id);
-                        st.counted.remove(&id);
+                        st.died.remove(&id);
                     }
                 }
             }
@@ -1264,8 +1270,7 @@ impl Inner {
                     break;
                 }
             };
-            st.uncounted.remove(&id);
-            st.counted.remove(&id);
+            st.died.remove(&id);
             if to_main {
                 st.moved.insert(id, Instant::now());
             }
@@ -1367,9 +1372,8 @@ impl Inner {
     /// under the state lock, forgets them itself.)
     async fn gone(&self, id: MessageId) {
         let mut st = self.state.lock().await;
-        if !st.uncounted.is_empty() || !st.counted.is_empty() {
-            st.uncounted.remove(&id);
-            st.counted.remove(&id);
+        if !st.died.is_empty() {
+            st.died.remove(&id);
         }
     }
 
@@ -1413,16 +1417,15 @@ impl Inner {
     /// than the state's (it was replaced while the caller waited) must not reset it.
     fn follow(st: &mut State, epoch: u64) -> Result<(), QueueError> {
         if st.epoch < epoch {
-            if st.uncounted.len() > UNCOUNTED_MAX || st.counted.len() > UNCOUNTED_MAX {
-                st.uncounted.clear();
-                st.counted.clear();
+            if st.died.len() > UNCOUNTED_MAX {
+                st.died.clear();
             }
             for (id, h) in std::mem::take(&mut st.held) {
+                let died = st.died.entry(id).or_default();
                 if matches!(h.state, HeldState::Scheduled(_)) {
-                    *st.uncounted.entry(id).or_default() += 1;
+                    died.uncounted += 1;
                 }
-                let counted = st.counted.entry(id).or_default();
-                *counted = (*counted).max(h.envelope.attempts);
+                died.counted = died.counted.max(h.envelope.attempts);
             }
             st.epoch = epoch;
         } else if st.epoch > epoch {
