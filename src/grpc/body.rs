@@ -55,10 +55,8 @@ pub(crate) struct Report<H> {
 impl<H: OnGrpcStatus> Report<H> {
     /// The end of the body: its status from the gRPC-Web trailers frame if it had one.
     fn end(mut self) {
-        match self.web.take().and_then(WebScan::trailers) {
-            Some(trailers) => self.trailers(Some(&trailers)),
-            None => self.trailers(None),
-        }
+        let trailers = self.web.take().and_then(WebScan::trailers);
+        self.trailers(trailers.as_ref());
     }
 
     fn trailers(self, trailers: Option<&HeaderMap>) {

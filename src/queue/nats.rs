@@ -1279,29 +1279,26 @@ impl Inner {
             }
             let h = held.remove(&id).expect("listed from held");
             let step = async {
-                match self
+                let behind = match self
                     .publish_copy(&h, &h.envelope, "m", sequence(&h.msg))
                     .await
                 {
-                    Ok(_) => {
-                        // A copy is behind now, whatever becomes of the ack.
-                        self.lock_moved().insert(id, Instant::now());
-                        h.msg.double_ack().await.map_err(|e| e.to_string())
-                    }
+                    Ok(_) => true,
                     // A newer copy of this very message is the subject's last (an
                     // earlier move or retry whose ack was lost): it is already behind,
                     // so the delivery is acked, as after a move. Anything else: settled
                     // elsewhere meanwhile (module docs), not ours to hold.
                     Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                        if self.newer_copy(&h).await.is_some() {
-                            self.lock_moved().insert(id, Instant::now());
-                            h.msg.double_ack().await.map_err(|e| e.to_string())
-                        } else {
-                            Ok(())
-                        }
+                        self.newer_copy(&h).await.is_some()
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => return Err(e.to_string()),
+                };
+                if !behind {
+                    return Ok(());
                 }
+                // A copy is behind now, whatever becomes of the ack.
+                self.lock_moved().insert(id, Instant::now());
+                h.msg.double_ack().await.map_err(|e| e.to_string())
             };
             let settled = tokio::time::timeout(left, step)
                 .await
