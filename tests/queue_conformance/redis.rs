@@ -1236,10 +1236,9 @@ async fn a_connection_that_stops_answering_is_made_again() {
     let start = tokio::time::Instant::now();
     loop {
         match q.enqueue(crate::suite::envelope("after")).await {
-            Ok(stored) => {
-                assert!(matches!(stored, Enqueued::Stored(_)), "{stored:?}");
-                break;
-            }
+            // An earlier try that timed out may have been stored all the same: the
+            // key is then answered as a duplicate of it.
+            Ok(_) => break,
             Err(QueueError::Unavailable(e)) => {
                 assert!(
                     start.elapsed() < Duration::from_secs(15),
