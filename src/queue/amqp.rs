@@ -828,7 +828,10 @@ impl Inner {
     /// (a dead letter then acked its delivery). Published again here, after the queues
     /// are declared again, it is never lost; at worst it is stored twice (its own call
     /// was answered `Returned` only if it got its own return, and then nobody else has
-    /// it).
+    /// it). The publish again is answered as any other: a return of yet another publish
+    /// that comes with its confirm is published again too, and one of its own (the
+    /// queue deleted again in between) is tried again, up to [`MAX_PUBLISH_AGAIN`]
+    /// times for each message.
     #[cold]
     async fn publish_returned_again(
         &self,
@@ -836,37 +839,67 @@ impl Inner {
         epoch: u64,
         returned: &lapin::message::BasicReturnMessage,
     ) {
-        let d = &returned.delivery;
-        tracing::error!(
-            queue = %d.routing_key,
-            "postbox: another call's publish came back: declaring the queues again and publishing it again"
-        );
-        if let Err(e) = self.io(epoch, self.declare(ch)).await {
-            tracing::warn!(error = %e, "postbox: could not declare the queues again");
-        }
-        let publish = async {
-            ch.basic_publish(
-                "",
-                d.routing_key.as_str(),
-                mandatory(),
-                &d.data,
+        let copy = |r: &lapin::message::BasicReturnMessage| {
+            let d = &r.delivery;
+            (
+                d.routing_key.clone(),
+                d.data.clone(),
                 d.properties.clone(),
+                0,
             )
-            .await?
-            .await
         };
-        match self.io(epoch, publish).await {
-            Ok(Confirmation::Ack(None)) => {}
-            Ok(other) => tracing::error!(
-                queue = %d.routing_key,
-                confirmation = ?Answer::of(&other, &"", "").0,
-                "postbox: a returned message published again was not confirmed; it may be lost"
-            ),
-            Err(e) => tracing::error!(
-                queue = %d.routing_key,
-                error = %e,
-                "postbox: a returned message could not be published again; it may be lost"
-            ),
+        let mut orphans = vec![copy(returned)];
+        while let Some((routing_key, data, properties, tries)) = orphans.pop() {
+            if tries == MAX_PUBLISH_AGAIN {
+                tracing::error!(
+                    queue = %routing_key,
+                    tries,
+                    "postbox: a returned message kept coming back; not published again, it may be lost"
+                );
+                continue;
+            }
+            tracing::error!(
+                queue = %routing_key,
+                "postbox: another call's publish came back: declaring the queues again and publishing it again"
+            );
+            if let Err(e) = self.io(epoch, self.declare(ch)).await {
+                tracing::warn!(error = %e, "postbox: could not declare the queues again");
+            }
+            let publish = async {
+                ch.basic_publish(
+                    "",
+                    routing_key.as_str(),
+                    mandatory(),
+                    &data,
+                    properties.clone(),
+                )
+                .await?
+                .await
+            };
+            match self.io(epoch, publish).await {
+                Ok(c) => {
+                    let id = properties.message_id().as_ref().map_or("", |m| m.as_str());
+                    let (answer, foreign) = Answer::of(&c, &id, routing_key.as_str());
+                    if let Some(foreign) = foreign {
+                        orphans.push(copy(foreign));
+                    }
+                    match answer {
+                        Answer::Confirmed => {}
+                        Answer::Returned => {
+                            orphans.push((routing_key, data, properties, tries + 1));
+                        }
+                        Answer::Nacked => tracing::error!(
+                            queue = %routing_key,
+                            "postbox: a returned message published again was refused (nack); it may be lost"
+                        ),
+                    }
+                }
+                Err(e) => tracing::error!(
+                    queue = %routing_key,
+                    error = %e,
+                    "postbox: a returned message could not be published again; it may be lost"
+                ),
+            }
         }
     }
 
@@ -1910,6 +1943,10 @@ enum Parked {
     /// Not republished (the main queue is full): to be held here again.
     Held(Held),
 }
+
+/// The most times one call publishes again a message returned to it that keeps coming
+/// back (see `publish_returned_again`).
+const MAX_PUBLISH_AGAIN: u32 = 4;
 
 /// The longest text put in a header (see `publish`).
 const MAX_HEADER_TEXT: usize = 4096;
