@@ -70,6 +70,26 @@ async fn ready_in(q: &AmqpQueue, which: usize) -> u32 {
     .message_count()
 }
 
+/// Leases at `now` until `n` messages came (or 5 s went by): after a cut, the broker
+/// puts the dead channel's deliveries back on its own schedule, and the new connection
+/// can ask before it has.
+async fn lease_back(
+    q: &AmqpQueue,
+    n: usize,
+    lease_for: Duration,
+    now: std::time::SystemTime,
+) -> Vec<postbox::queue::Leased> {
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got.extend(retry!(q.lease(n - got.len(), lease_for, now).await));
+        if got.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    got
+}
+
 fn via(proxy: &Proxy) -> AmqpOptions {
     let url = options().url();
     let target = host_port(&url);
@@ -193,10 +213,7 @@ async fn cut_connection_is_unavailable_then_reconnects() {
         q.ack(&[leased[0].token]).await,
         Err(QueueError::LeaseLost(_))
     ));
-    let again = retry!(
-        q.lease(10, Duration::from_secs(30), crate::suite::at(0))
-            .await
-    );
+    let again = lease_back(&q, 2, Duration::from_secs(30), crate::suite::at(0)).await;
     assert_eq!(again.len(), 2);
     assert!(again.iter().any(|l| l.envelope.id == leased[0].envelope.id));
 }
@@ -210,7 +227,8 @@ async fn cut_connection_is_unavailable_then_reconnects() {
 async fn callers_behind_an_unreachable_broker_share_one_connect() {
     let proxy = Proxy::start(host_port(&options().url())).await;
     let (q, _purge) = make(via(&proxy).with_timeout(Duration::from_millis(300)));
-    q.enqueue(crate::suite::envelope("before")).await.unwrap();
+    // (Retried: a loaded machine can take the 300 ms over a confirm.)
+    retry!(q.enqueue(crate::suite::envelope("before")).await);
     proxy.hold();
     proxy.cut();
     let before = proxy.accepted();
@@ -268,12 +286,12 @@ async fn a_delivery_held_past_the_hold_limit_on_a_full_queue_waits_in_the_delay_
     let (q, _purge) = make(
         options()
             .with_capacity(1)
-            .with_hold_limit(Duration::from_secs(1))
+            .with_hold_limit(Duration::from_secs(3))
             .with_max_held(2),
     );
     let lease_for = Duration::from_secs(30);
     let t0 = crate::suite::at(0);
-    let due_at = t0 + Duration::from_millis(900);
+    let due_at = t0 + Duration::from_millis(2900);
     let held = q
         .enqueue(crate::suite::envelope("held"))
         .await
@@ -293,7 +311,9 @@ async fn a_delivery_held_past_the_hold_limit_on_a_full_queue_waits_in_the_delay_
         .unwrap()
         .id();
     assert_eq!(ready_in_main_queue(&q).await, 1, "full");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // (Times in seconds: a loaded machine must not take the hold limit over the
+    // leases before, or the delay before the queue is read.)
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let got = q
         .lease(1, lease_for, t0 + Duration::from_millis(100))
         .await
@@ -464,7 +484,8 @@ async fn a_lease_dropped_while_the_broker_answers_comes_back_when_its_lease_ends
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_goes_ahead_when_the_first_enqueue_is_cancelled() {
     let proxy = Proxy::start(host_port(&options().url())).await;
-    let (q, _purge) = make(via(&proxy));
+    // (A timeout far beyond the waits below, for a loaded machine.)
+    let (q, _purge) = make(via(&proxy).with_timeout(Duration::from_secs(10)));
     q.enqueue(crate::suite::envelope("warm")).await.unwrap();
     proxy.hold();
     let first = {
@@ -498,7 +519,8 @@ async fn a_duplicate_goes_ahead_when_the_first_enqueue_is_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_waits_for_a_first_publish_that_then_fails() {
     let proxy = Proxy::start(host_port(&options().url())).await;
-    let (q, _purge) = make(via(&proxy));
+    // (A timeout far beyond the waits below, for a loaded machine.)
+    let (q, _purge) = make(via(&proxy).with_timeout(Duration::from_secs(10)));
     let warm = q
         .enqueue(crate::suite::envelope("warm"))
         .await
@@ -555,7 +577,8 @@ async fn attempts_leased_here_survive_a_reconnect() {
     );
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let third = retry!(q.lease(1, short, crate::suite::at(4)).await);
+    let third = lease_back(&q, 1, short, crate::suite::at(4)).await;
+    assert_eq!(third.len(), 1);
     assert_eq!((third[0].envelope.id, third[0].envelope.attempts), (id, 3));
 }
 
@@ -868,6 +891,7 @@ async fn making_room_that_brings_nothing_due_pauses() {
     };
     // The first lease fetches two; the second moves one (b) for the third: not due.
     empty().await;
+    let paused = tokio::time::Instant::now();
     empty().await;
     // Other retries, not yet due, wait behind the hold.
     for (key, secs) in [("d", 180), ("e", 200)] {
@@ -876,7 +900,11 @@ async fn making_room_that_brings_nothing_due_pauses() {
     let before = proxy.sent();
     empty().await;
     let sent = proxy.sent() - before;
-    assert!(sent < 4096, "moved again at once: {sent} bytes sent");
+    // (Only while the pause lasts: a loaded machine may take longer than it over the
+    // two enqueues, and then room is made again, rightly.)
+    if paused.elapsed() < Duration::from_millis(900) {
+        assert!(sent < 4096, "moved again at once: {sent} bytes sent");
+    }
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = proxy.sent();
     empty().await;
@@ -994,7 +1022,7 @@ async fn deliveries_held_without_a_lease_come_back_uncounted_after_a_reconnect()
         .await
         .unwrap();
     proxy.cut();
-    let again = retry!(q.lease(10, lease_for, crate::suite::at(60)).await);
+    let again = lease_back(&q, 3, lease_for, crate::suite::at(60)).await;
     let attempts: Vec<_> = again
         .iter()
         .map(|l| (l.envelope.idempotency_key.as_str(), l.envelope.attempts))
@@ -1024,7 +1052,7 @@ async fn a_held_delivery_stays_uncounted_across_two_reconnects() {
         let none = retry!(q.lease(10, lease_for, crate::suite::at(now)).await);
         assert!(none.is_empty(), "not due yet: {none:?}");
     }
-    let due = q.lease(10, lease_for, crate::suite::at(60)).await.unwrap();
+    let due = lease_back(&q, 1, lease_for, crate::suite::at(60)).await;
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].envelope.attempts, 1, "only this lease counts");
 }

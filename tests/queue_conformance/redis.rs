@@ -1012,29 +1012,49 @@ async fn a_far_future_not_before_waits_and_is_not_dead_lettered() {
 /// (which got the entry deleted by `lease` as a duplicate's, the message lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enqueue_that_timed_out_after_its_transaction_ran_keeps_its_message() {
-    const BUSY_400_MS: &str = "local t = redis.call('TIME') \
+    const BUSY_2_S: &str = "local t = redis.call('TIME') \
         local start = t[1] * 1000000 + t[2] \
         while true do \
           local n = redis.call('TIME') \
-          if n[1] * 1000000 + n[2] - start > 400000 then break end \
+          if n[1] * 1000000 + n[2] - start > 2000000 then break end \
         end \
         return 0";
-    let name = options();
+    // A server of its own: the script holds up every client of the server.
+    let server = PrivateServer::start(private_redis);
+    let port = server.port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    answering(&url, port).await;
+    let name = options().with_url(&url);
     let (q, _purge) = make(
         name.clone()
             .with_response_timeout(Duration::from_millis(100)),
     );
     let other = connect(name).await;
+    let script = redis::Script::new(BUSY_2_S);
+    let _: String = script
+        .prepare_invoke()
+        .load_async(&mut other.connection())
+        .await
+        .unwrap();
     let mut blocker = other.connection();
     let busy = tokio::spawn(async move {
-        let done: redis::RedisResult<i64> = redis::Script::new(BUSY_400_MS)
-            .invoke_async(&mut blocker)
-            .await;
+        let done: redis::RedisResult<i64> = script.invoke_async(&mut blocker).await;
         done
     });
-    // Time for the script to start on a loaded machine; the enqueue's 100 ms still end
-    // inside its 400 ms. (Not longer: it holds up every test on the shared server.)
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Until the script runs: a `PING` is no longer answered.
+    let mut probe = other.connection();
+    loop {
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut probe);
+        if tokio::time::timeout(Duration::from_millis(50), ping)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        assert!(!busy.is_finished(), "{:?}", busy.await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let e = crate::suite::envelope("k");
     let r = q.enqueue(e.clone()).await;
     assert!(matches!(r, Err(QueueError::Unavailable(_))), "{r:?}");
