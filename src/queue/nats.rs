@@ -1647,17 +1647,25 @@ async fn lookup(js: &Context, stream: &str) -> Result<Option<stream::Info>, Queu
 /// process is gone. `ack_wait` is the consumer's on the server, which another process may have
 /// declared with its own. Ends when the last [`NatsQueue`] clone is dropped.
 async fn keep_held_alive(inner: std::sync::Weak<Inner>) {
+    let mut last = tokio::time::Instant::now();
+    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let Some(ack_wait) = inner.upgrade().map(|i| i.ack_wait()) else {
             return;
         };
         // At least every second: a smaller `ack_wait` set since is noticed in time.
         let period = (ack_wait / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
-        tokio::time::sleep(period).await;
+        // A period from the start of the last round, not its end: the time its work
+        // took is not added to the gap between refreshes.
+        tokio::time::sleep_until(last + period).await;
+        last = tokio::time::Instant::now();
         let Some(inner) = inner.upgrade() else { return };
-        // The refreshes first: a slow read of the consumer must not delay them.
         inner.keep_alive().await;
-        inner.refresh_consumer().await;
+        // The consumer is read beside the refreshes, so a slow read (up to a second)
+        // never delays the next ones; one read at a time.
+        if refreshing.as_ref().is_none_or(|r| r.is_finished()) {
+            refreshing = Some(tokio::spawn(async move { inner.refresh_consumer().await }));
+        }
     }
 }
 
