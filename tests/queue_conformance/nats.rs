@@ -63,7 +63,7 @@ crate::conformance!(|| make(options()), |capacity| make(
 /// enqueue that returned `Ok` is stored, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
-    let (proxy, q, _purge) = through_a_proxy(Duration::from_millis(500)).await;
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_secs(2)).await;
     let q = Arc::new(q);
     let mut producers = Vec::new();
     for p in 0..8 {
@@ -87,11 +87,21 @@ async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
         acked.extend(p.await.unwrap());
     }
     assert_eq!(acked.len(), 400, "every producer finished");
-    let leased = retry!(
-        q.lease(1000, Duration::from_secs(30), crate::suite::at(0))
-            .await
-    );
-    let stored: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+    // Leased until all came (a loaded machine may end a fetch early) or none come.
+    let mut stored = Vec::new();
+    for _ in 0..20 {
+        let leased = retry!(
+            q.lease(1000, Duration::from_secs(30), crate::suite::at(0))
+                .await
+        );
+        if leased.is_empty() && !stored.is_empty() {
+            break;
+        }
+        stored.extend(leased.iter().map(|l| l.envelope.id));
+        if stored.len() >= 400 {
+            break;
+        }
+    }
     let unique: HashSet<_> = stored.iter().collect();
     assert_eq!(unique.len(), stored.len(), "a message stored twice");
     for id in &acked {
@@ -102,7 +112,7 @@ async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_connection_is_unavailable_then_reconnects() {
-    let (proxy, q, _purge) = through_a_proxy(Duration::from_millis(500)).await;
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_secs(2)).await;
     q.enqueue(crate::suite::envelope("before")).await.unwrap();
     proxy.cut();
     retry!(q.enqueue(crate::suite::envelope("after")).await);
@@ -200,9 +210,9 @@ async fn the_lease_is_kept_from_another_process(
 /// when this one does not call `lease` for several `ack_wait`s (a paused replayer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_delivery_is_not_redelivered_while_its_process_lives() {
-    // 2 s (refreshed every half second): room for a stall on a loaded machine.
-    let opts = options().with_ack_wait(Duration::from_secs(2));
-    the_lease_is_kept_from_another_process(opts.clone(), opts, Duration::from_secs(6)).await;
+    // 3 s (refreshed every 0.75 s): room for a stall on a loaded machine.
+    let opts = options().with_ack_wait(Duration::from_secs(3));
+    the_lease_is_kept_from_another_process(opts.clone(), opts, Duration::from_secs(8)).await;
 }
 
 /// The keep-alive follows the consumer's `ack_wait` on the server: a process that
@@ -212,10 +222,10 @@ async fn a_held_delivery_is_not_redelivered_while_its_process_lives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_keep_alive_follows_the_servers_ack_wait() {
     let slow = options().with_ack_wait(Duration::from_secs(30));
-    // 4 s: the first refresh comes within about 2 s of the change (a second's sleep, a
-    // read of the consumer, a quarter of the new ack_wait), with room on a loaded box.
-    let fast = slow.clone().with_ack_wait(Duration::from_secs(4));
-    the_lease_is_kept_from_another_process(slow, fast, Duration::from_secs(9)).await;
+    // 6 s: the first refresh comes within about 2.5 s of the change (a second's sleep,
+    // a read of the consumer, a quarter of the new ack_wait), with room on a loaded box.
+    let fast = slow.clone().with_ack_wait(Duration::from_secs(6));
+    the_lease_is_kept_from_another_process(slow, fast, Duration::from_secs(13)).await;
 }
 
 /// Connecting changes only what postbox relies on: an operator's settings on the
@@ -297,6 +307,9 @@ async fn a_lease_held_across_a_server_restart_is_still_this_processes() {
     let waiting = q.enqueue(crate::suite::envelope("b")).await.unwrap().id();
     let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
     assert_eq!(leased[0].envelope.id, leased_id);
+    // The server writes the consumer's state a moment after the delivery: killed
+    // before that, it rightly forgets the delivery.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     server.kill();
     server.spawn();
     crate::broker::accepting("nats-server", port, Duration::from_secs(5)).await;
@@ -651,7 +664,7 @@ async fn a_message_larger_than_the_server_takes_is_refused_before_sending() {
 /// of finding its lease lost (and the message replayed when `ack_wait` passes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unconfirmed_ack_keeps_the_lease_for_a_second_try() {
-    let (proxy, q, _purge) = through_a_proxy(Duration::from_millis(500)).await;
+    let (proxy, q, _purge) = through_a_proxy(Duration::from_secs(2)).await;
     let e = crate::suite::envelope("acked");
     q.enqueue(e.clone()).await.unwrap();
     let lease_for = Duration::from_secs(30);
@@ -967,11 +980,16 @@ async fn making_room_on_a_slow_server_stops_within_a_quarter_of_ack_wait() {
     .unwrap();
     assert!(got.is_empty(), "moved without an answer: {got:?}");
     proxy.release();
-    let got = retry!(q.lease(10, lease_for, crate::suite::at(0)).await);
-    let mut keys: Vec<_> = got
-        .iter()
-        .map(|l| l.envelope.idempotency_key.as_str())
-        .collect();
+    // Leased until both came: a loaded machine may take the budget over moving one.
+    let mut keys = Vec::new();
+    for _ in 0..50 {
+        let got = retry!(q.lease(10, lease_for, crate::suite::at(0)).await);
+        keys.extend(got.into_iter().map(|l| l.envelope.idempotency_key));
+        if keys.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     keys.sort_unstable();
     assert_eq!(keys, ["now-1", "now-2"]);
 }
@@ -1035,7 +1053,7 @@ async fn a_full_hold_of_later_deliveries_is_not_sent_round_for_ever() {
 async fn a_process_leases_what_it_holds_while_the_server_limit_is_full() {
     let base = options()
         .with_max_held(2)
-        .with_request_timeout(Duration::from_millis(500));
+        .with_request_timeout(Duration::from_secs(2));
     let (a, _purge) = make(base.clone());
     let b = connect(base).await;
     for i in 0..3 {
@@ -1109,7 +1127,7 @@ fn retry_later_after_the_message_was_settled_elsewhere_is_lease_lost() {
 /// leasing, dead-lettering and enqueueing go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_or_stream_deleted_by_hand_is_declared_again() {
-    let (q, _purge) = make(options().with_request_timeout(Duration::from_millis(500)));
+    let (q, _purge) = make(options().with_request_timeout(Duration::from_secs(2)));
     let lease_for = Duration::from_secs(30);
     let a = q.enqueue(crate::suite::envelope("a")).await.unwrap().id();
     let js = q.jetstream().clone();
@@ -1226,7 +1244,7 @@ async fn dead_letters_meeting_a_deleted_stream_declare_it_once() {
 /// the old lease's ack (of stream sequence 1) used to remove the new message 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_from_before_the_stream_was_recreated_acks_nothing_new() {
-    let (q, _purge) = make(options().with_request_timeout(Duration::from_millis(500)));
+    let (q, _purge) = make(options().with_request_timeout(Duration::from_secs(2)));
     let lease_for = Duration::from_secs(30);
     q.enqueue(crate::suite::envelope("old")).await.unwrap();
     let old = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
