@@ -254,7 +254,7 @@ async fn the_server_stack_honours_the_callers_deadline_and_replays_duplicates() 
         .route(
             "/slow",
             post(|| async {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
                 "late"
             }),
         )
@@ -282,8 +282,8 @@ async fn the_server_stack_honours_the_callers_deadline_and_replays_duplicates() 
         .unwrap();
     assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
     // The caller's 50 ms, not the server's own 5 s (the 504 names the budget).
-    // (The handler takes 2 s: an answer sooner was cut by the caller's deadline.)
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // (An answer before the server's own 5 s was cut by the caller's deadline.)
+    assert!(started.elapsed() < Duration::from_secs(4));
     let text = res.text().await.unwrap();
     assert!(text.contains("50ms"), "{text}");
 

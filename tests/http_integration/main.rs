@@ -233,7 +233,9 @@ mod client_stack {
             )
             .layer(breaker)
             .layer(BulkheadLayer::new(8).unwrap())
-            .layer(AttemptTimeoutLayer::new(Duration::from_secs(1)).unwrap())
+            // 5 s: far above a loopback answer on a loaded machine (an attempt cut
+            // is retried, one call more than the tests count).
+            .layer(AttemptTimeoutLayer::new(Duration::from_secs(5)).unwrap())
             .service(ReqwestService::new(reqwest::Client::new()))
     }
 
@@ -322,7 +324,7 @@ mod client_stack {
         let dead = shared::DeadPort::new();
         let addr = dead.addr();
         // Long enough that the third call meets it open however slow the machine.
-        let breaker = breaker(2, Duration::from_secs(2));
+        let breaker = breaker(2, Duration::from_secs(5));
         let handle = breaker.handle();
         // No retries: each call is one attempt.
         let client = stack(breaker, 0);
@@ -349,7 +351,7 @@ mod client_stack {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
         // After the break the next call probes, succeeds and closes the breaker.
-        tokio::time::sleep(Duration::from_millis(2100)).await;
+        tokio::time::sleep(Duration::from_millis(5100)).await;
         let res = client.clone().oneshot(get_from(addr, "/up")).await.unwrap();
         assert_eq!(res.status(), http::StatusCode::OK);
         assert_eq!(handle.state(), State::Closed);

@@ -57,7 +57,7 @@ async fn serve(fail_first: u32) -> (SocketAddr, Arc<AtomicU32>) {
         .route(
             "/slow",
             get(|| async {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
                 "late"
             }),
         );
@@ -98,9 +98,9 @@ fn stack(
         )
         .layer(breaker)
         .layer(BulkheadLayer::new(8).unwrap())
-        // 1 s: far above a loopback answer on a loaded machine (a stalled attempt cut
-        // at 200 ms was retried, one call more than the tests count), below `/slow`'s 2 s.
-        .layer(AttemptTimeoutLayer::new(Duration::from_secs(1)).unwrap())
+        // 5 s: far above a loopback answer on a loaded machine (a stalled attempt cut
+        // at 200 ms was retried, one call more than the tests count), below `/slow`'s 30 s.
+        .layer(AttemptTimeoutLayer::new(Duration::from_secs(5)).unwrap())
         .service(hyper_client())
 }
 

@@ -426,14 +426,12 @@ async fn concurrent_enqueues_share_commits() {
     let q =
         Arc::new(EmbeddedQueue::open(dir.path().join("q.redb"), EmbeddedOptions::new()).unwrap());
     let before = q.stats();
-    let tasks: Vec<_> = (0..64)
-        .map(|t| {
+    // All in flight at once (a task each): a loaded machine that runs the callers of a
+    // few at a time leaves the writer little to group.
+    let tasks: Vec<_> = (0..640)
+        .map(|i| {
             let q = q.clone();
-            tokio::spawn(async move {
-                for i in 0..10 {
-                    q.enqueue(envelope(t * 10 + i)).await.unwrap();
-                }
-            })
+            tokio::spawn(async move { q.enqueue(envelope(i)).await.unwrap() })
         })
         .collect();
     for t in tasks {
@@ -442,7 +440,7 @@ async fn concurrent_enqueues_share_commits() {
     let after = q.stats();
     let commits = after.commits - before.commits;
     assert_eq!(after.operations - before.operations, 640);
-    eprintln!("640 enqueues from 64 tasks: {commits} commits");
+    eprintln!("640 enqueues from 640 tasks: {commits} commits");
     assert!(
         commits < 640 / 4,
         "group commit: {commits} commits for 640 enqueues"
@@ -498,6 +496,9 @@ async fn a_close_racing_64_producers_keeps_every_receipted_message() {
     for round in 0..5 {
         let q = Arc::new(EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap());
         let before = all_ids(&q).await;
+        // Counted before the producers start: a loaded machine may let them run far
+        // before this task reads the count.
+        let base = q.stats().operations;
         let tasks: Vec<_> = (0..64)
             .map(|t| {
                 let q = q.clone();
@@ -515,9 +516,9 @@ async fn a_close_racing_64_producers_keeps_every_receipted_message() {
             .collect();
         // Close while the producers are busy (the writer takes arrivals into the
         // transaction it is applying, a close among them included).
-        let target = q.stats().operations + 100 + round * 600;
+        let target = base + 100 + round * 600;
         let started = tokio::time::Instant::now();
-        while q.stats().operations < target {
+        while q.stats().operations < target && !tasks.iter().all(|t| t.is_finished()) {
             // Real time (the writer is a thread): bounded, so a stalled writer fails
             // the test instead of hanging it.
             assert!(
@@ -638,7 +639,10 @@ async fn corrupted_pages_are_a_clear_error() {
 #[test]
 #[ignore = "the child process of the crash test; run by it"]
 fn child_enqueuer() {
-    let path = std::env::var(CHILD_ENV).expect("run by the crash test, which sets CHILD_ENV");
+    // Run with `--ignored` but not by the crash test: nothing to do.
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
