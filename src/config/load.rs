@@ -461,7 +461,7 @@ fn resolve(section: &mut Value, kind: &str, path: &str) -> Result<(), ConfigErro
 }
 
 fn to_value(text: &str, format: Format) -> Result<Value, LoadError> {
-    let v: Value = parse(text, format)?;
+    let Tree(v) = parse(text, format)?;
     Ok(match v {
         // An empty YAML document or JSON `null` is an empty config.
         Value::Null => Value::Object(Map::new()),
@@ -470,6 +470,86 @@ fn to_value(text: &str, format: Format) -> Result<Value, LoadError> {
             v
         }
     })
+}
+
+/// A value tree that refuses a key given twice in one table, as the typed parse does
+/// (JSON's and YAML's plain value trees keep the last one: a duplicate went unnoticed
+/// whenever the typed parse had stopped earlier, at a field a preset supplies).
+struct Tree(Value);
+
+impl<'de> serde::Deserialize<'de> for Tree {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TreeVisitor).map(Tree)
+    }
+}
+
+struct TreeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TreeVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a configuration value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    // NaN and infinity become `null`, as in a plain value tree (see `load_with`).
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Tree(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate field `{key}`"
+                )));
+            }
+            let Tree(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 /// The keys whose values are tables (sections). Every optional field is a scalar, for
@@ -529,13 +609,9 @@ fn load_with<T: DeserializeOwned>(
         Err(e) if !e.to_string().contains("missing field") => return Err(e),
         other => other,
     };
-    let mut value = match to_value(text, format) {
-        Ok(value) => value,
-        Err(e) => {
-            strict?;
-            return Err(e);
-        }
-    };
+    // (Its own error when the value tree fails too: the strict parse stopped only at a
+    // field the preset may supply, the tree at what is wrong, a duplicate key say.)
+    let mut value = to_value(text, format)?;
     presets(&mut value).map_err(|e| invalid(text, format, e))?;
     let config: T = match serde_json::from_value(value) {
         Ok(config) => config,
@@ -698,6 +774,23 @@ mod tests {
         ] {
             assert_eq!(Format::from_path(path), format, "{path}");
         }
+    }
+
+    /// A key given twice is refused in JSON and YAML even when the typed parse stops
+    /// first at a field the preset supplies (a window's `type`). (The value tree kept
+    /// the last one, and the file loaded.)
+    #[test]
+    fn a_key_given_twice_is_refused_beside_a_partial_preset_override() {
+        let json = r#"{"client":{"preset":"standard_http_client","circuit_breaker":{"window":{"duration":"60s"}},"deadline":"3s","deadline":"9s"}}"#;
+        let yaml = "client:\n  preset: standard_http_client\n  circuit_breaker:\n    window:\n      duration: 60s\n  deadline: 3s\n  deadline: 9s\n";
+        for (text, format) in [(json, Format::Json), (yaml, Format::Yaml)] {
+            let e = StackConfig::from_str(text, format).unwrap_err();
+            assert!(e.to_string().contains("duplicate"), "{format:?}: {e}");
+        }
+        // Without the duplicate, the same override loads.
+        let once = json.replace(r#","deadline":"9s""#, "");
+        let config = StackConfig::from_str(&once, Format::Json).unwrap();
+        assert_eq!(config.client.deadline, std::time::Duration::from_secs(3));
     }
 
     #[test]
