@@ -168,7 +168,12 @@ impl fmt::Debug for RedactedUri<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let uri = self.0;
         // A scheme-relative `//user:pw@host/…` (a foreign producer's) has an authority too.
-        let start = match uri.find("://") {
+        // A `://` after a `/`, `?` or `#` is in a path or query (`/cb?next=https://…`),
+        // not a scheme's.
+        let scheme = uri
+            .find("://")
+            .filter(|&i| !uri[..i].contains(['/', '?', '#']));
+        let start = match scheme {
             Some(i) => i + 3,
             None if uri.starts_with("//") => 2,
             None => 0,
@@ -201,12 +206,15 @@ impl fmt::Debug for RedactedUri<'_> {
 }
 
 /// Writes `query` (without its `?`) to `out`, the values of parameters named like
-/// credentials ([`is_secret_param`]) replaced with `with`.
+/// credentials ([`is_secret_param`]) replaced with `with`. Parameters are separated by
+/// `&` or `;` (the older form some servers still read).
 pub(crate) fn redact_query(query: &str, with: &str, out: &mut String) {
-    for (i, pair) in query.split('&').enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
+    let mut rest = query;
+    loop {
+        let (pair, next) = match rest.find(['&', ';']) {
+            Some(i) => (&rest[..i], Some(i)),
+            None => (rest, None),
+        };
         match pair.split_once('=') {
             Some((name, _)) if is_secret_param(name) => {
                 out.push_str(name);
@@ -215,6 +223,9 @@ pub(crate) fn redact_query(query: &str, with: &str, out: &mut String) {
             }
             _ => out.push_str(pair),
         }
+        let Some(i) = next else { break };
+        out.push_str(&rest[i..=i]);
+        rest = &rest[i + 1..];
     }
 }
 
@@ -526,7 +537,7 @@ impl Envelope {
     }
 
     /// Whether the envelope can be encoded: every string, header value and the body
-    /// under 4 GiB, and fewer than `u32::MAX` headers (lengths are 32-bit). The queues
+    /// under 4 GiB, and at most `u32::MAX` headers (lengths are 32-bit). The queues
     /// check it before [`encode`](Self::encode), which panics otherwise.
     ///
     /// # Errors
@@ -901,7 +912,7 @@ mod tests {
     }
 
     #[test]
-    fn rejects_bad_magic_version_flags_reason_and_trailing() {
+    fn rejects_bad_magic_version_flags_reason_reserved_expiry_and_trailing() {
         let enc = sample().encode();
         let mut bad = enc.clone();
         bad[0] = b'X';
@@ -916,6 +927,19 @@ mod tests {
         let mut bad = enc.clone();
         bad[6] = 0x80;
         assert_eq!(Envelope::decode(&bad), Err(DecodeError::Invalid("flags")));
+        let mut bad = enc.clone();
+        bad[7] = 1;
+        assert_eq!(
+            Envelope::decode(&bad),
+            Err(DecodeError::Invalid("reserved"))
+        );
+        // `expires_at` written without its flag.
+        let mut bad = enc.clone();
+        bad[6] = 0;
+        assert_eq!(
+            Envelope::decode(&bad),
+            Err(DecodeError::Invalid("expires_at"))
+        );
         let mut bad = enc.clone();
         bad.push(0);
         assert_eq!(
@@ -970,6 +994,27 @@ mod tests {
         let shown = format!("{:?}", RedactedUri("//user:pw-222@api/orders"));
         assert!(!shown.contains("pw-222"), "{shown}");
         assert!(shown.contains("//<redacted>@api/orders"), "{shown}");
+    }
+
+    /// A `://` in the query of a URI without a scheme (a server's `/path?…`) is not
+    /// read as the scheme's: the query before it is still redacted. (Everything up to
+    /// an `@` after it was shown as it was, a token included.)
+    #[test]
+    fn a_url_in_the_query_of_a_path_is_not_taken_for_the_scheme() {
+        let shown = format!(
+            "{:?}",
+            RedactedUri("/cb?access_token=tok-333&next=https://u@x/y")
+        );
+        assert!(!shown.contains("tok-333"), "{shown}");
+        assert!(shown.contains("next=https://u@x/y"), "{shown}");
+    }
+
+    /// Parameters separated by `;` are redacted as those separated by `&`.
+    #[test]
+    fn a_credential_after_a_semicolon_is_redacted() {
+        let shown = format!("{:?}", RedactedUri("https://api/x?page=2;token=tok-444"));
+        assert!(!shown.contains("tok-444"), "{shown}");
+        assert!(shown.contains("?page=2;token=<redacted>"), "{shown}");
     }
 
     /// A credential's name written with `%XX` escapes (`api%5Fkey`) is read decoded.

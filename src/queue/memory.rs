@@ -106,6 +106,8 @@ impl State {
         envelope: Envelope,
         capacity: Option<u64>,
     ) -> Result<Enqueued, QueueError> {
+        // Refused as every durable queue refuses it, so a test on this queue sees it.
+        envelope.check_encodable()?;
         if !envelope.idempotency_key.is_empty()
             && let Some(&existing) = self.keys.get(&envelope.idempotency_key)
         {
