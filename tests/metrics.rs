@@ -173,6 +173,44 @@ fn a_deferral_the_queue_holds_already_is_counted_as_a_duplicate() {
     );
 }
 
+/// A failure not deferred because the message would expire first is counted with its
+/// reason, as every other enqueue outcome is.
+#[cfg(feature = "http")]
+#[test]
+fn a_failure_not_deferred_past_the_expiry_is_counted_with_its_reason() {
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::Full;
+    use postbox::enqueue::{BufferedBody, EnqueueConfig, EnqueueFallbackLayer};
+    use postbox::queue::MemoryQueue;
+    use postbox::timeout::error::DeadlineExceeded;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let handle = recorded(|| async {
+        let slow = service_fn(|_: Request<BufferedBody<Full<Bytes>>>| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Err::<Response<Full<Bytes>>, BoxError>(Box::new(DeadlineExceeded::new(
+                Duration::from_secs(30),
+                false,
+            )))
+        });
+        let svc = EnqueueFallbackLayer::with_config(
+            Arc::new(MemoryQueue::new()),
+            EnqueueConfig::new().ttl(Duration::from_secs(10)),
+        )
+        .unwrap()
+        .layer(slow);
+        let req = Request::post("http://api.test/orders")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        assert!(svc.oneshot(req).await.is_err());
+    });
+    let series =
+        r#"postbox_calls_total{layer="enqueue",outcome="not_deferred",reason="deadline-elapsed"}"#;
+    assert_eq!(counter(&handle, series), 1, "{}", handle.render());
+}
+
 /// An idempotency store that cannot claim a key fails open: the request runs, and is
 /// counted as `store_failed` (de-duplication was off for it).
 #[cfg(feature = "http")]

@@ -152,8 +152,13 @@ impl<Q: Queue, C> Shared<Q, C> {
                 ?wait,
                 "expired, or Retry-After past the message's expiry; not deferred"
             );
-            metrics::counter!("postbox_calls_total", "layer" => "enqueue", "outcome" => "not_deferred")
-                .increment(1);
+            metrics::counter!(
+                "postbox_calls_total",
+                "layer" => "enqueue",
+                "outcome" => "not_deferred",
+                "reason" => reason_str(trigger.reason)
+            )
+            .increment(1);
         }
         deliverable
     }
