@@ -33,9 +33,10 @@
 //! an error, where it would otherwise be confirmed and dropped. lapin hands a return to
 //! whichever confirm of the channel comes next, not to its own publish's: a call is
 //! answered as returned only for a return of its own message (`message-id` and
-//! routing key), and a call that gets another's return publishes that message again
-//! (the queues declared again first), so the call it belonged to, answered as
-//! confirmed, loses nothing. The body is the
+//! routing key), and another's return that comes with a call's confirm is published
+//! again (the queues declared again first) on a task of its own, also when the call
+//! was cancelled while it waited for the confirm, so the call it belonged to, answered
+//! as confirmed, loses nothing. The body is the
 //! versioned envelope (`docs/envelope.md`), `content-type`
 //! `application/vnd.postbox.envelope`, `message-id` the UUID text, and the headers
 //! `postbox-idempotency-key`, `postbox-destination` (long strings; left out when over
@@ -194,6 +195,9 @@ struct Inner {
     keys: std::sync::Mutex<HashMap<String, Claim>>,
     /// Woken when a publish that an enqueue of its key waits for ends (stored or not).
     publish_ended: Notify,
+    /// This `Inner` itself, for the tasks that publish returned messages again (see
+    /// [`Inner::publish_again_beside`]).
+    me: std::sync::Weak<Inner>,
 }
 
 /// A key's entry in the in-process de-duplication index.
@@ -514,7 +518,8 @@ impl AmqpQueue {
             ));
         }
         let queue = format!("postbox.{}", options.name);
-        let inner = Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             url: options.url(),
             delay_queue: format!("{queue}.delay"),
             dead_queue: format!("{queue}.dead"),
@@ -532,11 +537,9 @@ impl AmqpQueue {
             state: Mutex::new(State::default()),
             keys: std::sync::Mutex::new(HashMap::new()),
             publish_ended: Notify::new(),
-        };
+        });
         inner.channel().await?;
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+        Ok(Self { inner })
     }
 
     /// The names of the main, delay and dead-letter queues.
@@ -780,7 +783,14 @@ impl Inner {
                 .await?
                 .await
         };
-        match tokio::time::timeout(self.timeout, publish).await {
+        let cancelled = Cancelled {
+            inner: self,
+            ch,
+            epoch,
+        };
+        let confirmed = tokio::time::timeout(self.timeout, publish).await;
+        std::mem::forget(cancelled);
+        match confirmed {
             Ok(Ok(c)) => {
                 let answer = self.answer(ch, epoch, &c, &envelope.id, routing_key).await;
                 if answer == Answer::Returned {
@@ -817,38 +827,64 @@ impl Inner {
     ) -> Answer {
         let (answer, foreign) = Answer::of(c, id, routing_key);
         if let Some(returned) = foreign {
-            self.publish_returned_again(ch, epoch, returned).await;
+            self.publish_again_beside(ch, epoch, vec![orphan(returned)]);
         }
         answer
+    }
+
+    /// Publishes `orphans` again ([`publish_returned_again`](Self::publish_returned_again))
+    /// on a task of their own, so a caller that stops waiting (a cancelled enqueue) does
+    /// not take them with it.
+    #[cold]
+    fn publish_again_beside(&self, ch: &Channel, epoch: u64, orphans: Vec<Orphan>) {
+        let (Some(inner), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            tracing::error!(
+                count = orphans.len(),
+                "postbox: returned messages of other calls could not be published again (no runtime); they may be lost"
+            );
+            return;
+        };
+        let ch = ch.clone();
+        rt.spawn(async move { inner.publish_returned_again(&ch, epoch, orphans).await });
+    }
+
+    /// After a publish was dropped while it waited for its confirm: lapin keeps a
+    /// return that came with that confirm (another call's message, see
+    /// `publish_returned_again`) for `wait_for_confirms`, which hands it over once the
+    /// channel's confirms are in. Published again from there.
+    #[cold]
+    async fn reap_returns(&self, ch: &Channel, epoch: u64) {
+        match tokio::time::timeout(self.timeout, ch.wait_for_confirms()).await {
+            Ok(Ok(returned)) if !returned.is_empty() => {
+                let orphans = returned.iter().map(orphan).collect();
+                self.publish_returned_again(ch, epoch, orphans).await;
+            }
+            Ok(Ok(_)) => {}
+            // The channel failed: its pending confirms failed with it, carrying no
+            // return; or the confirms take longer than the timeout, and what lapin
+            // keeps waits for the next cancelled publish.
+            Ok(Err(e)) => tracing::debug!(error = %e, "postbox: no confirms to reap"),
+            Err(_) => tracing::warn!(
+                "postbox: confirms not in within the timeout; returns kept for later"
+            ),
+        }
     }
 
     /// Publishes again a message returned as unroutable whose return lapin handed to
     /// this call's confirm: lapin pairs each confirm with the oldest return waiting, not
     /// by delivery tag, so the publish it belongs to may have been answered `Confirmed`
-    /// (a dead letter then acked its delivery). Published again here, after the queues
-    /// are declared again, it is never lost; at worst it is stored twice (its own call
+    /// (a dead letter then acked its delivery). Published again here (on a task of its
+    /// own: [`publish_again_beside`](Self::publish_again_beside),
+    /// [`reap_returns`](Self::reap_returns)), after the queues are declared again, it
+    /// is never lost; at worst it is stored twice (its own call
     /// was answered `Returned` only if it got its own return, and then nobody else has
     /// it). The publish again is answered as any other: a return of yet another publish
     /// that comes with its confirm is published again too, and one of its own (the
     /// queue deleted again in between) is tried again, up to [`MAX_PUBLISH_AGAIN`]
     /// times for each message.
     #[cold]
-    async fn publish_returned_again(
-        &self,
-        ch: &Channel,
-        epoch: u64,
-        returned: &lapin::message::BasicReturnMessage,
-    ) {
-        let copy = |r: &lapin::message::BasicReturnMessage| {
-            let d = &r.delivery;
-            (
-                d.routing_key.clone(),
-                d.data.clone(),
-                d.properties.clone(),
-                0,
-            )
-        };
-        let mut orphans = vec![copy(returned)];
+    async fn publish_returned_again(&self, ch: &Channel, epoch: u64, mut orphans: Vec<Orphan>) {
         while let Some((routing_key, data, properties, tries)) = orphans.pop() {
             if tries == MAX_PUBLISH_AGAIN {
                 tracing::error!(
@@ -881,7 +917,7 @@ impl Inner {
                     let id = properties.message_id().as_ref().map_or("", |m| m.as_str());
                     let (answer, foreign) = Answer::of(&c, &id, routing_key.as_str());
                     if let Some(foreign) = foreign {
-                        orphans.push(copy(foreign));
+                        orphans.push(orphan(foreign));
                     }
                     match answer {
                         Answer::Confirmed => {}
@@ -1849,6 +1885,44 @@ impl Queue for AmqpQueue {
 }
 
 // === helpers ===
+
+/// A message returned to a publish it was not its own (see
+/// `Inner::publish_returned_again`): routing key, body, properties, and how many times it
+/// came back already when published again.
+type Orphan = (lapin::types::ShortString, Vec<u8>, BasicProperties, u32);
+
+/// `returned` as an [`Orphan`] not yet published again.
+fn orphan(returned: &lapin::message::BasicReturnMessage) -> Orphan {
+    let d = &returned.delivery;
+    (
+        d.routing_key.clone(),
+        d.data.clone(),
+        d.properties.clone(),
+        0,
+    )
+}
+
+/// Armed while a publish waits for its confirm (forgotten once it is in): dropped, the
+/// publish was cancelled, and a return its confirm may carry is reaped
+/// ([`Inner::reap_returns`]) on a task of its own.
+struct Cancelled<'a> {
+    inner: &'a Inner,
+    ch: &'a Channel,
+    epoch: u64,
+}
+
+impl Drop for Cancelled<'_> {
+    fn drop(&mut self) {
+        let (Some(inner), Ok(rt)) = (
+            self.inner.me.upgrade(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let (ch, epoch) = (self.ch.clone(), self.epoch);
+        rt.spawn(async move { inner.reap_returns(&ch, epoch).await });
+    }
+}
 
 /// How the broker answered a publish with a confirm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

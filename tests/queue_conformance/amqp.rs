@@ -1328,6 +1328,82 @@ async fn returns_that_come_while_a_returned_message_is_published_again_are_not_l
     );
 }
 
+/// The same with enqueues cancelled while they wait for their confirm (their callers
+/// stop waiting after a moment): a return that comes with a cancelled enqueue's confirm
+/// is published again too. (lapin kept it for `wait_for_confirms`, which nothing
+/// called: a dead letter answered `Ok`, its delivery acked, was lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_that_comes_with_a_cancelled_enqueues_confirm_is_not_lost() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    const ROUNDS: usize = 60;
+    let (q, _purge) = make(options());
+    let q = Arc::new(q);
+    let ch = q.channel().await.unwrap();
+    let [_, _, dead] = q.queues();
+    for round in 0..ROUNDS {
+        q.enqueue(crate::suite::envelope(&format!("m-{round}")))
+            .await
+            .unwrap();
+    }
+    let tokens: Vec<_> = q
+        .lease(ROUNDS, Duration::from_secs(120), crate::suite::at(0))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.token)
+        .collect();
+    assert_eq!(tokens.len(), ROUNDS);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cancelled = Arc::new(AtomicU64::new(0));
+    let producers: Vec<_> = (0..16)
+        .map(|p| {
+            let (q, stop, cancelled) = (q.clone(), stop.clone(), cancelled.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(SeqCst) {
+                    n += 1;
+                    let e = crate::suite::envelope(&format!("bg-{p}-{n}"));
+                    let patience = Duration::from_micros(fastrand::u64(200..3000));
+                    if tokio::time::timeout(patience, q.enqueue(e)).await.is_err() {
+                        cancelled.fetch_add(1, SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut dead_ok, mut deleted) = (0u64, 0u64);
+    for token in tokens {
+        deleted += u64::from(ch.queue_delete(dead, Default::default()).await.unwrap());
+        match q.dead_letter(token, "bad").await {
+            Ok(()) => dead_ok += 1,
+            Err(QueueError::Unavailable(_)) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    stop.store(true, SeqCst);
+    for p in producers {
+        p.await.unwrap();
+    }
+    assert!(cancelled.load(SeqCst) > 0, "no enqueue was cancelled");
+    // What is published again runs on tasks of its own, after the confirms are in.
+    let mut kept = 0;
+    for _ in 0..100 {
+        kept = q.depth().await.unwrap().dead;
+        if deleted + kept >= dead_ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        deleted + kept,
+        dead_ok,
+        "{dead_ok} dead letters answered Ok: {deleted} deleted by the test, {kept} in the queue \
+         ({} enqueues cancelled)",
+        cancelled.load(SeqCst)
+    );
+}
+
 /// A refusal while reading the dead letters (their queue deleted by hand) closes only
 /// the channel they are read on: the leases held on the connection are kept, and the
 /// next read finds the queue declared again. (The whole connection was closed: every
