@@ -196,8 +196,11 @@ struct Inner {
     /// Woken when a publish that an enqueue of its key waits for ends (stored or not).
     publish_ended: Notify,
     /// This `Inner` itself, for the tasks that publish returned messages again (see
-    /// [`Inner::publish_again_beside`]).
+    /// [`Inner::publish_returned_again`]).
     me: std::sync::Weak<Inner>,
+    /// The channel whose kept returns [`Inner::reap`] drains, and until when: set by a
+    /// publish cancelled before its confirm was handed over (see [`Pending`]).
+    reaping: std::sync::Mutex<Option<(Channel, Instant)>>,
 }
 
 /// A key's entry in the in-process de-duplication index.
@@ -537,6 +540,7 @@ impl AmqpQueue {
             state: Mutex::new(State::default()),
             keys: std::sync::Mutex::new(HashMap::new()),
             publish_ended: Notify::new(),
+            reaping: std::sync::Mutex::new(None),
         });
         inner.channel().await?;
         Ok(Self { inner })
@@ -778,33 +782,45 @@ impl Inner {
             props = props.with_expiration(ms.to_string().into());
         }
         let payload = envelope.encode();
-        let publish = async {
-            ch.basic_publish("", routing_key, mandatory(), &payload, props)
-                .await?
-                .await
-        };
-        let cancelled = Cancelled {
+        let c = self
+            .publish_confirmed(ch, epoch, routing_key, &payload, props)
+            .await?;
+        let answer = self.answer(&c, &envelope.id, routing_key);
+        if answer == Answer::Returned {
+            // Deleted by hand: declared again, for the caller's next try.
+            tracing::error!(
+                queue = routing_key,
+                "postbox: a publish came back: the queue does not exist; declaring it again"
+            );
+            if let Err(e) = self.io(epoch, self.declare(ch)).await {
+                tracing::warn!(queue = routing_key, error = %e, "postbox: could not declare the queues again");
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Publishes `payload` to `routing_key` (`mandatory`) and waits for its confirm, at
+    /// most the timeout (then the link is dropped, as by [`io`](Self::io)). A confirm
+    /// given up on (the timeout passed, or the caller stopped waiting) is awaited on a
+    /// task of its own ([`Pending`]): a return it carries, another call's message, is
+    /// published again.
+    async fn publish_confirmed(
+        &self,
+        ch: &Channel,
+        epoch: u64,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<Confirmation, QueueError> {
+        let mut pending = Pending {
             inner: self,
             ch,
-            epoch,
+            started: false,
+            confirm: None,
         };
-        let confirmed = tokio::time::timeout(self.timeout, publish).await;
-        std::mem::forget(cancelled);
-        match confirmed {
-            Ok(Ok(c)) => {
-                let answer = self.answer(ch, epoch, &c, &envelope.id, routing_key).await;
-                if answer == Answer::Returned {
-                    // Deleted by hand: declared again, for the caller's next try.
-                    tracing::error!(
-                        queue = routing_key,
-                        "postbox: a publish came back: the queue does not exist; declaring it again"
-                    );
-                    if let Err(e) = self.io(epoch, self.declare(ch)).await {
-                        tracing::warn!(queue = routing_key, error = %e, "postbox: could not declare the queues again");
-                    }
-                }
-                Ok(answer)
-            }
+        let publish = pending.publish(ch, routing_key, payload, props);
+        match tokio::time::timeout(self.timeout, publish).await {
+            Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(self.fail(e, epoch).await),
             Err(_) => {
                 self.drop_link(epoch).await;
@@ -817,17 +833,15 @@ impl Inner {
 
     /// The answer to the publish of message `id` to `routing_key`; a return of another
     /// publish that came with its confirm is published again.
-    async fn answer(
+    fn answer(
         &self,
-        ch: &Channel,
-        epoch: u64,
         c: &Confirmation,
         id: &(dyn fmt::Display + Sync),
         routing_key: &str,
     ) -> Answer {
         let (answer, foreign) = Answer::of(c, id, routing_key);
         if let Some(returned) = foreign {
-            self.publish_again_beside(ch, epoch, vec![orphan(returned)]);
+            self.publish_again_beside(vec![orphan(returned)]);
         }
         answer
     }
@@ -836,7 +850,7 @@ impl Inner {
     /// on a task of their own, so a caller that stops waiting (a cancelled enqueue) does
     /// not take them with it.
     #[cold]
-    fn publish_again_beside(&self, ch: &Channel, epoch: u64, orphans: Vec<Orphan>) {
+    fn publish_again_beside(&self, orphans: Vec<Orphan>) {
         let (Some(inner), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
         else {
             tracing::error!(
@@ -845,77 +859,112 @@ impl Inner {
             );
             return;
         };
-        let ch = ch.clone();
-        rt.spawn(async move { inner.publish_returned_again(&ch, epoch, orphans).await });
+        rt.spawn(async move { inner.publish_returned_again(orphans).await });
     }
 
-    /// After a publish was dropped while it waited for its confirm: lapin keeps a
-    /// return that came with that confirm (another call's message, see
-    /// `publish_returned_again`) for `wait_for_confirms`, which hands it over once the
-    /// channel's confirms are in. Published again from there.
+    /// Has [`reap`](Self::reap) drain `ch`'s kept returns for the next timeout's time
+    /// (started if it does not run): a publish was cancelled while lapin sent it, and
+    /// lapin keeps its confirm, with a return it may carry, for `wait_for_confirms`.
     #[cold]
-    async fn reap_returns(&self, ch: &Channel, epoch: u64) {
-        match tokio::time::timeout(self.timeout, ch.wait_for_confirms()).await {
-            Ok(Ok(returned)) if !returned.is_empty() => {
-                let orphans = returned.iter().map(orphan).collect();
-                self.publish_returned_again(ch, epoch, orphans).await;
-            }
-            Ok(Ok(_)) => {}
-            // The channel failed: its pending confirms failed with it, carrying no
-            // return; or the confirms take longer than the timeout, and what lapin
-            // keeps waits for the next cancelled publish.
-            Ok(Err(e)) => tracing::debug!(error = %e, "postbox: no confirms to reap"),
-            Err(_) => tracing::warn!(
-                "postbox: confirms not in within the timeout; returns kept for later"
-            ),
+    fn reap_soon(&self, ch: &Channel) {
+        let until = Instant::now() + self.timeout;
+        let mut reaping = self.reaping.lock().unwrap_or_else(|e| e.into_inner());
+        let running = reaping.is_some();
+        *reaping = Some((ch.clone(), until));
+        drop(reaping);
+        if !running
+            && let (Some(inner), Ok(rt)) =
+                (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        {
+            rt.spawn(async move { inner.reap().await });
         }
     }
 
-    /// Publishes again a message returned as unroutable whose return lapin handed to
-    /// this call's confirm: lapin pairs each confirm with the oldest return waiting, not
-    /// by delivery tag, so the publish it belongs to may have been answered `Confirmed`
-    /// (a dead letter then acked its delivery). Published again here (on a task of its
-    /// own: [`publish_again_beside`](Self::publish_again_beside),
-    /// [`reap_returns`](Self::reap_returns)), after the queues are declared again, it
-    /// is never lost; at worst it is stored twice (its own call
-    /// was answered `Returned` only if it got its own return, and then nobody else has
-    /// it). The publish again is answered as any other: a return of yet another publish
-    /// that comes with its confirm is published again too, and one of its own (the
-    /// queue deleted again in between) is tried again, up to [`MAX_PUBLISH_AGAIN`]
-    /// times for each message.
+    /// Every 50 ms until the time [`reap_soon`](Self::reap_soon) set, takes the returns
+    /// lapin keeps for confirms nobody awaits any more (`wait_for_confirms`, which waits
+    /// at most 50 ms for the channel's last confirm) and publishes them again.
+    async fn reap(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let Some((ch, until)) = self
+                .reaping
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            else {
+                return;
+            };
+            let drained =
+                tokio::time::timeout(Duration::from_millis(50), ch.wait_for_confirms()).await;
+            if let Ok(Ok(returned)) = drained
+                && !returned.is_empty()
+            {
+                self.publish_again_beside(returned.iter().map(orphan).collect());
+            }
+            if Instant::now() >= until {
+                let mut reaping = self.reaping.lock().unwrap_or_else(|e| e.into_inner());
+                if reaping.as_ref().is_some_and(|(_, u)| Instant::now() >= *u) {
+                    *reaping = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Publishes again messages returned as unroutable whose return lapin handed to the
+    /// confirm of another publish: lapin pairs each confirm with the oldest return
+    /// waiting, not by delivery tag, so the publish a return belongs to may have been
+    /// answered `Confirmed` (a dead letter then acked its delivery). Published again here
+    /// (on a task of its own: [`publish_again_beside`](Self::publish_again_beside),
+    /// [`Pending`]), on the current channel after the queues are declared again, it is
+    /// not lost; at worst it is stored twice (its own call was answered `Returned` only
+    /// if it got its own return, and then nobody else has it). Each publish again is
+    /// answered as any other: a return of yet another publish that comes with its
+    /// confirm is published again too. One that fails or comes back (the queue deleted
+    /// again in between) is tried again after a pause (100 ms, doubling up to 5 s), up
+    /// to [`MAX_PUBLISH_AGAIN`] times. Only postbox's own three queues are published
+    /// to: a return of a publish of the caller's own (on a channel from
+    /// [`AmqpQueue::channel`]) is dropped, as lapin would.
     #[cold]
-    async fn publish_returned_again(&self, ch: &Channel, epoch: u64, mut orphans: Vec<Orphan>) {
+    async fn publish_returned_again(&self, mut orphans: Vec<Orphan>) {
         while let Some((routing_key, data, properties, tries)) = orphans.pop() {
-            if tries == MAX_PUBLISH_AGAIN {
-                tracing::error!(
-                    queue = %routing_key,
-                    tries,
-                    "postbox: a returned message kept coming back; not published again, it may be lost"
+            let key = routing_key.as_str();
+            let ours = [&self.queue, &self.delay_queue, &self.dead_queue];
+            if !ours.iter().any(|q| q.as_str() == key) {
+                tracing::warn!(
+                    queue = key,
+                    "postbox: a publish of another queue's came back (on a channel of this queue's): dropped"
                 );
                 continue;
             }
+            if tries == MAX_PUBLISH_AGAIN {
+                tracing::error!(
+                    queue = key,
+                    tries,
+                    "postbox: a returned message could not be published again; it may be lost"
+                );
+                continue;
+            }
+            if tries > 0 {
+                let pause = Duration::from_millis(100 << tries.min(6)).min(Duration::from_secs(5));
+                tokio::time::sleep(pause).await;
+            }
             tracing::error!(
-                queue = %routing_key,
+                queue = key,
                 "postbox: another call's publish came back: declaring the queues again and publishing it again"
             );
-            if let Err(e) = self.io(epoch, self.declare(ch)).await {
-                tracing::warn!(error = %e, "postbox: could not declare the queues again");
-            }
-            let publish = async {
-                ch.basic_publish(
-                    "",
-                    routing_key.as_str(),
-                    mandatory(),
-                    &data,
-                    properties.clone(),
-                )
-                .await?
-                .await
+            let published = async {
+                let (ch, epoch) = self.channel().await?;
+                if let Err(e) = self.io(epoch, self.declare(&ch)).await {
+                    tracing::warn!(error = %e, "postbox: could not declare the queues again");
+                }
+                self.publish_confirmed(&ch, epoch, key, &data, properties.clone())
+                    .await
             };
-            match self.io(epoch, publish).await {
+            match published.await {
                 Ok(c) => {
                     let id = properties.message_id().as_ref().map_or("", |m| m.as_str());
-                    let (answer, foreign) = Answer::of(&c, &id, routing_key.as_str());
+                    let (answer, foreign) = Answer::of(&c, &id, key);
                     if let Some(foreign) = foreign {
                         orphans.push(orphan(foreign));
                     }
@@ -925,16 +974,15 @@ impl Inner {
                             orphans.push((routing_key, data, properties, tries + 1));
                         }
                         Answer::Nacked => tracing::error!(
-                            queue = %routing_key,
+                            queue = key,
                             "postbox: a returned message published again was refused (nack); it may be lost"
                         ),
                     }
                 }
-                Err(e) => tracing::error!(
-                    queue = %routing_key,
-                    error = %e,
-                    "postbox: a returned message could not be published again; it may be lost"
-                ),
+                Err(e) => {
+                    tracing::warn!(queue = key, error = %e, "postbox: a returned message could not be published again yet");
+                    orphans.push((routing_key, data, properties, tries + 1));
+                }
             }
         }
     }
@@ -1125,15 +1173,10 @@ impl Inner {
                     let props = BasicProperties::default()
                         .with_delivery_mode(2)
                         .with_message_id(move_id.as_str().into());
-                    let moved = async {
-                        ch.basic_publish("", &self.dead_queue, mandatory(), &delivery.data, props)
-                            .await?
-                            .await
-                    };
-                    let confirmation = self.io(epoch, moved).await?;
-                    let answer = self
-                        .answer(&ch, epoch, &confirmation, &move_id, &self.dead_queue)
-                        .await;
+                    let confirmation = self
+                        .publish_confirmed(&ch, epoch, &self.dead_queue, &delivery.data, props)
+                        .await?;
+                    let answer = self.answer(&confirmation, &move_id, &self.dead_queue);
                     if answer != Answer::Confirmed {
                         // Not moved: give it back to the queue rather than drop it.
                         let what = format!(
@@ -1902,25 +1945,60 @@ fn orphan(returned: &lapin::message::BasicReturnMessage) -> Orphan {
     )
 }
 
-/// Armed while a publish waits for its confirm (forgotten once it is in): dropped, the
-/// publish was cancelled, and a return its confirm may carry is reaped
-/// ([`Inner::reap_returns`]) on a task of its own.
-struct Cancelled<'a> {
+/// A publish waiting for its confirm ([`Inner::publish_confirmed`]). Dropped before the
+/// confirm came (the timeout passed, or the caller stopped waiting), it hands the
+/// confirm to a task of its own, which publishes again a return it carries (another
+/// call's message: see [`Inner::publish_returned_again`]). (Dropped with it, lapin would
+/// keep that return for `wait_for_confirms`, and the message it belongs to, answered as
+/// confirmed, was lost.)
+struct Pending<'a> {
     inner: &'a Inner,
     ch: &'a Channel,
-    epoch: u64,
+    /// The publish was started: dropped before its confirm was handed over, lapin
+    /// keeps the confirm (see [`Inner::reap`]).
+    started: bool,
+    confirm: Option<lapin::publisher_confirm::PublisherConfirm>,
 }
 
-impl Drop for Cancelled<'_> {
+impl Pending<'_> {
+    async fn publish(
+        &mut self,
+        ch: &Channel,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> lapin::Result<Confirmation> {
+        self.started = true;
+        let confirm = ch
+            .basic_publish("", routing_key, mandatory(), payload, props)
+            .await;
+        self.started = false;
+        let c = self.confirm.insert(confirm?).await;
+        self.confirm = None;
+        c
+    }
+}
+
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
+        if self.started {
+            self.inner.reap_soon(self.ch);
+        }
+        let Some(confirm) = self.confirm.take() else {
+            return;
+        };
         let (Some(inner), Ok(rt)) = (
             self.inner.me.upgrade(),
             tokio::runtime::Handle::try_current(),
         ) else {
             return;
         };
-        let (ch, epoch) = (self.ch.clone(), self.epoch);
-        rt.spawn(async move { inner.reap_returns(&ch, epoch).await });
+        rt.spawn(async move {
+            let waited = tokio::time::timeout(inner.timeout, confirm).await;
+            if let Ok(Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)))) = waited {
+                inner.publish_returned_again(vec![orphan(&r)]).await;
+            }
+        });
     }
 }
 
@@ -2018,9 +2096,9 @@ enum Parked {
     Held(Held),
 }
 
-/// The most times one call publishes again a message returned to it that keeps coming
+/// The most times a returned message is published again when it fails or keeps coming
 /// back (see `publish_returned_again`).
-const MAX_PUBLISH_AGAIN: u32 = 4;
+const MAX_PUBLISH_AGAIN: u32 = 8;
 
 /// The longest text put in a header (see `publish`).
 const MAX_HEADER_TEXT: usize = 4096;
