@@ -971,7 +971,7 @@ impl Inner {
         Duration::from_nanos(self.ack_wait_ns.load(Ordering::Relaxed))
     }
 
-    /// Reads the consumer from the server (waiting at most a second): its `ack_wait`,
+    /// Reads the consumer from the server (waiting at most `within`): its `ack_wait`,
     /// which a process that declared the consumer later with another one changed for
     /// every process; and its creation time. The same consumer restored by a restarted
     /// server keeps the held deliveries (see [`same_consumer`]). A consumer created anew
@@ -979,14 +979,14 @@ impl Inner {
     /// any more: its held deliveries are forgotten, as in
     /// [`declare_again`](Self::declare_again), since their acks would reach the new
     /// consumer and ack other messages with the same stream sequences.
-    async fn refresh_consumer(&self) {
+    async fn refresh_consumer(&self, within: Duration) {
         let mut consumer = self
             .consumer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let known = consumer.cached_info().clone();
-        let read = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await;
+        let read = tokio::time::timeout(within, consumer.info()).await;
         let Ok(Ok(info)) = read else { return };
         self.set_ack_wait(info.config.ack_wait);
         if info.created == known.created {
@@ -1642,13 +1642,13 @@ async fn lookup(js: &Context, stream: &str) -> Result<Option<stream::Info>, Queu
 
 /// Every `ack_wait / 4` (at most a second), tells the server this process still works
 /// on each delivery it holds that it has not touched for `ack_wait / 4`: each is
-/// refreshed at most half an `ack_wait` after the last time (plus up to a second, the
-/// read of the consumer between ticks), so the server delivers it again only once the
-/// process is gone. `ack_wait` is the consumer's on the server, which another process may have
-/// declared with its own. Ends when the last [`NatsQueue`] clone is dropped.
+/// refreshed at most half an `ack_wait` after the last time (plus the read of the
+/// consumer between ticks, at most half an `ack_wait` or a second), so the server
+/// delivers it again only once the process is gone. `ack_wait` is the consumer's on the
+/// server, which another process may have declared with its own. Ends when the last
+/// [`NatsQueue`] clone is dropped.
 async fn keep_held_alive(inner: std::sync::Weak<Inner>) {
     let mut last = tokio::time::Instant::now();
-    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let Some(ack_wait) = inner.upgrade().map(|i| i.ack_wait()) else {
             return;
@@ -1660,12 +1660,13 @@ async fn keep_held_alive(inner: std::sync::Weak<Inner>) {
         tokio::time::sleep_until(last + period).await;
         last = tokio::time::Instant::now();
         let Some(inner) = inner.upgrade() else { return };
+        // The refreshes first: a slow read of the consumer must not delay them. (One
+        // after the other: a consumer found created anew forgets the held deliveries,
+        // which must not happen between the refreshes' reading and sending them.)
         inner.keep_alive().await;
-        // The consumer is read beside the refreshes, so a slow read (up to a second)
-        // never delays the next ones; one read at a time.
-        if refreshing.as_ref().is_none_or(|r| r.is_finished()) {
-            refreshing = Some(tokio::spawn(async move { inner.refresh_consumer().await }));
-        }
+        inner
+            .refresh_consumer((ack_wait / 2).min(Duration::from_secs(1)))
+            .await;
     }
 }
 
