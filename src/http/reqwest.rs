@@ -142,7 +142,7 @@ fn redacted(mut e: reqwest::Error) -> reqwest::Error {
             let _ = url.set_username("");
         }
         if let Some(query) = url.query()
-            && query.split('&').any(|pair| {
+            && query.split(['&', ';']).any(|pair| {
                 pair.split_once('=')
                     .is_some_and(|(n, _)| is_secret_param(n))
             })

@@ -207,24 +207,43 @@ impl fmt::Debug for RedactedUri<'_> {
 
 /// Writes `query` (without its `?`) to `out`, the values of parameters named like
 /// credentials ([`is_secret_param`]) replaced with `with`. Parameters are separated by
-/// `&` or `;` (the older form some servers still read).
+/// `&` or `;` (the older form some servers still read); a `;` followed by no `=` before
+/// the next separator is read as part of the value before it (`password=ab;cd` is
+/// redacted whole).
 pub(crate) fn redact_query(query: &str, with: &str, out: &mut String) {
     let mut rest = query;
+    // The separator before `rest`, and whether the parameter before it is redacted.
+    let (mut sep, mut secret) = (None, false);
     loop {
-        let (pair, next) = match rest.find(['&', ';']) {
+        let (part, next) = match rest.find(['&', ';']) {
             Some(i) => (&rest[..i], Some(i)),
             None => (rest, None),
         };
-        match pair.split_once('=') {
-            Some((name, _)) if is_secret_param(name) => {
-                out.push_str(name);
-                out.push('=');
-                out.push_str(with);
+        if sep == Some(';') && !part.contains('=') {
+            // More of the value before.
+            if !secret {
+                out.push(';');
+                out.push_str(part);
             }
-            _ => out.push_str(pair),
+        } else {
+            if let Some(c) = sep {
+                out.push(c);
+            }
+            match part.split_once('=') {
+                Some((name, _)) if is_secret_param(name) => {
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(with);
+                    secret = true;
+                }
+                _ => {
+                    out.push_str(part);
+                    secret = false;
+                }
+            }
         }
         let Some(i) = next else { break };
-        out.push_str(&rest[i..=i]);
+        sep = Some(char::from(rest.as_bytes()[i]));
         rest = &rest[i + 1..];
     }
 }
@@ -1009,12 +1028,19 @@ mod tests {
         assert!(shown.contains("next=https://u@x/y"), "{shown}");
     }
 
-    /// Parameters separated by `;` are redacted as those separated by `&`.
+    /// Parameters separated by `;` are redacted as those separated by `&`; a `;` with
+    /// no `=` after it is part of the value before it.
     #[test]
     fn a_credential_after_a_semicolon_is_redacted() {
         let shown = format!("{:?}", RedactedUri("https://api/x?page=2;token=tok-444"));
         assert!(!shown.contains("tok-444"), "{shown}");
         assert!(shown.contains("?page=2;token=<redacted>"), "{shown}");
+        let shown = format!(
+            "{:?}",
+            RedactedUri("https://api/x?password=ab;cd-555&q=a;b")
+        );
+        assert!(!shown.contains("cd-555"), "{shown}");
+        assert!(shown.contains("?password=<redacted>&q=a;b"), "{shown}");
     }
 
     /// A credential's name written with `%XX` escapes (`api%5Fkey`) is read decoded.

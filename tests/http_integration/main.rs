@@ -100,19 +100,26 @@ async fn an_errors_url_has_its_credentials_redacted() {
     let addr = dead.addr();
     let client = ReqwestService::new(reqwest::Client::new());
     let req = http::Request::post(format!(
-        "http://user:pw-111@{addr}/orders?page=2&api_key=ak-222&X-Amz-Signature=sg-333"
+        "http://user:pw-111@{addr}/orders?page=2&api_key=ak-222&X-Amz-Signature=sg-333;token=tk-444"
     ))
     .body(String::from("{}"))
     .unwrap();
-    let err = client.oneshot(req).await.unwrap_err();
+    let err = client.clone().oneshot(req).await.unwrap_err();
     let shown = format!("{err} {err:?}");
-    for secret in ["pw-111", "ak-222", "sg-333"] {
+    for secret in ["pw-111", "ak-222", "sg-333", "tk-444"] {
         assert!(!shown.contains(secret), "{shown}");
     }
     assert!(
-        shown.contains("/orders?page=2&api_key=redacted&X-Amz-Signature=redacted"),
+        shown.contains("/orders?page=2&api_key=redacted&X-Amz-Signature=redacted;token=redacted"),
         "{shown}"
     );
+    // A credential only after a `;` is found too.
+    let req = http::Request::post(format!("http://{addr}/orders?page=2;token=tk-555"))
+        .body(String::from("{}"))
+        .unwrap();
+    let err = client.oneshot(req).await.unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("tk-555"), "{shown}");
 }
 
 /// A request reqwest refuses to build (a scheme it does not speak) is the caller's
