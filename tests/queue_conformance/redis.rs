@@ -1036,17 +1036,23 @@ async fn an_enqueue_that_timed_out_after_its_transaction_ran_keeps_its_message()
         .load_async(&mut other.connection())
         .await
         .unwrap();
+    // (Connected before the script runs: connecting sends commands too.)
+    let mut probe = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let mut blocker = other.connection();
     let busy = tokio::spawn(async move {
         let done: redis::RedisResult<i64> = script.invoke_async(&mut blocker).await;
         done
     });
-    // Until the script runs: a `PING` is no longer answered.
-    let mut probe = other.connection();
+    // Until the script runs: a `PING` on a connection of its own (on the script's, it
+    // would only wait behind it) is no longer answered.
     loop {
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut probe);
-        if tokio::time::timeout(Duration::from_millis(50), ping)
+        if tokio::time::timeout(Duration::from_millis(300), ping)
             .await
             .is_err()
         {
