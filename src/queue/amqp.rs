@@ -198,9 +198,10 @@ struct Inner {
     /// This `Inner` itself, for the tasks that publish returned messages again (see
     /// [`Inner::publish_returned_again`]).
     me: std::sync::Weak<Inner>,
-    /// The channel whose kept returns [`Inner::reap`] drains, and until when: set by a
-    /// publish cancelled before its confirm was handed over (see [`Pending`]).
-    reaping: std::sync::Mutex<Option<(Channel, Instant)>>,
+    /// The channels (and their epochs) whose kept returns [`Inner::reap`] drains, and
+    /// until when: named by a publish cancelled before its confirm was handed over (see
+    /// [`Pending`]).
+    reaping: std::sync::Mutex<Vec<(Channel, u64, Instant)>>,
 }
 
 /// A key's entry in the in-process de-duplication index.
@@ -540,7 +541,7 @@ impl AmqpQueue {
             state: Mutex::new(State::default()),
             keys: std::sync::Mutex::new(HashMap::new()),
             publish_ended: Notify::new(),
-            reaping: std::sync::Mutex::new(None),
+            reaping: std::sync::Mutex::new(Vec::new()),
         });
         inner.channel().await?;
         Ok(Self { inner })
@@ -555,8 +556,11 @@ impl AmqpQueue {
         ]
     }
 
-    /// A channel on the current connection (connecting if needed), for requests of
-    /// your own.
+    /// The queue's channel on the current connection (connecting if needed), for
+    /// requests of your own: declarations, reads, deletes. It is the channel postbox
+    /// publishes on (publisher confirms on), and postbox takes the returns that come on
+    /// it: for publishes of your own, with `mandatory` or `wait_for_confirms`, open a
+    /// channel on a connection of your own.
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the broker cannot be reached.
@@ -815,6 +819,7 @@ impl Inner {
         let mut pending = Pending {
             inner: self,
             ch,
+            epoch,
             started: false,
             confirm: None,
         };
@@ -866,47 +871,67 @@ impl Inner {
     /// (started if it does not run): a publish was cancelled while lapin sent it, and
     /// lapin keeps its confirm, with a return it may carry, for `wait_for_confirms`.
     #[cold]
-    fn reap_soon(&self, ch: &Channel) {
+    fn reap_soon(&self, ch: &Channel, epoch: u64) {
+        let (Some(inner), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            tracing::error!(
+                "postbox: returns kept for a cancelled publish cannot be drained (no runtime); they may be lost"
+            );
+            return;
+        };
         let until = Instant::now() + self.timeout;
         let mut reaping = self.reaping.lock().unwrap_or_else(|e| e.into_inner());
-        let running = reaping.is_some();
-        *reaping = Some((ch.clone(), until));
-        drop(reaping);
-        if !running
-            && let (Some(inner), Ok(rt)) =
-                (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        let running = !reaping.is_empty();
+        match reaping
+            .iter_mut()
+            .find(|(c, e, _)| *e == epoch && c.id() == ch.id())
         {
+            Some(entry) => entry.2 = until,
+            None => reaping.push((ch.clone(), epoch, until)),
+        }
+        drop(reaping);
+        if !running {
             rt.spawn(async move { inner.reap().await });
         }
     }
 
-    /// Every 50 ms until the time [`reap_soon`](Self::reap_soon) set, takes the returns
-    /// lapin keeps for confirms nobody awaits any more (`wait_for_confirms`, which waits
-    /// at most 50 ms for the channel's last confirm) and publishes them again.
+    /// Every 50 ms, takes the returns lapin keeps for confirms nobody awaits any more on
+    /// each channel [`reap_soon`](Self::reap_soon) named (until the time it set), and
+    /// publishes them again. lapin's `wait_for_confirms` first waits for the channel's
+    /// last confirm, which on a busy channel may never come (a later publish took its
+    /// place): waited on for at most 50 ms, then called again, it drains at once.
     async fn reap(&self) {
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let Some((ch, until)) = self
-                .reaping
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-            else {
-                return;
-            };
-            let drained =
-                tokio::time::timeout(Duration::from_millis(50), ch.wait_for_confirms()).await;
-            if let Ok(Ok(returned)) = drained
-                && !returned.is_empty()
-            {
-                self.publish_again_beside(returned.iter().map(orphan).collect());
-            }
-            if Instant::now() >= until {
+            // The channels to drain, and whether this is the last round (none is named
+            // any more: a `reap_soon` from then on starts a new task).
+            let (channels, last) = {
                 let mut reaping = self.reaping.lock().unwrap_or_else(|e| e.into_inner());
-                if reaping.as_ref().is_some_and(|(_, u)| Instant::now() >= *u) {
-                    *reaping = None;
-                    return;
+                let now = Instant::now();
+                let channels: Vec<Channel> = reaping.iter().map(|(c, _, _)| c.clone()).collect();
+                reaping.retain(|(_, _, until)| now < *until);
+                (channels, reaping.is_empty())
+            };
+            for ch in &channels {
+                self.drain_kept(ch).await;
+            }
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// Takes the returns lapin keeps on `ch` (see [`reap`](Self::reap)) and publishes
+    /// them again.
+    async fn drain_kept(&self, ch: &Channel) {
+        for wait in [Duration::from_millis(50), Duration::ZERO, Duration::ZERO] {
+            // (An error is a closed channel, whose last confirm failed: the next call
+            // drains. A timeout: the next call finds no last confirm to wait for.)
+            if let Ok(Ok(returned)) = tokio::time::timeout(wait, ch.wait_for_confirms()).await {
+                if !returned.is_empty() {
+                    self.publish_again_beside(returned.iter().map(orphan).collect());
                 }
+                return;
             }
         }
     }
@@ -916,15 +941,17 @@ impl Inner {
     /// waiting, not by delivery tag, so the publish a return belongs to may have been
     /// answered `Confirmed` (a dead letter then acked its delivery). Published again here
     /// (on a task of its own: [`publish_again_beside`](Self::publish_again_beside),
-    /// [`Pending`]), on the current channel after the queues are declared again, it is
-    /// not lost; at worst it is stored twice (its own call was answered `Returned` only
-    /// if it got its own return, and then nobody else has it). Each publish again is
-    /// answered as any other: a return of yet another publish that comes with its
-    /// confirm is published again too. One that fails or comes back (the queue deleted
-    /// again in between) is tried again after a pause (100 ms, doubling up to 5 s), up
-    /// to [`MAX_PUBLISH_AGAIN`] times. Only postbox's own three queues are published
-    /// to: a return of a publish of the caller's own (on a channel from
-    /// [`AmqpQueue::channel`]) is dropped, as lapin would.
+    /// [`Pending`], [`reap`](Self::reap)), on the current channel after the queues are
+    /// declared again, it is not lost. It may be stored more than once: a publish again
+    /// whose confirm timed out is tried again though the broker may have stored it, and
+    /// a cancelled publish's own return is published too (at least once, as a retried
+    /// `Unavailable` enqueue). Each publish again is answered as any other: a return of
+    /// yet another publish that comes with its confirm is published again too. One that
+    /// fails or comes back (the queue deleted again in between) is tried again after a
+    /// pause (100 ms, doubling up to 5 s), up to [`MAX_PUBLISH_AGAIN`] times. Only
+    /// postbox's own three queues are published to: a return of a publish of the
+    /// caller's own on [`AmqpQueue::channel`] (which it should not make there) is
+    /// dropped.
     #[cold]
     async fn publish_returned_again(&self, mut orphans: Vec<Orphan>) {
         while let Some((routing_key, data, properties, tries)) = orphans.pop() {
@@ -1954,6 +1981,7 @@ fn orphan(returned: &lapin::message::BasicReturnMessage) -> Orphan {
 struct Pending<'a> {
     inner: &'a Inner,
     ch: &'a Channel,
+    epoch: u64,
     /// The publish was started: dropped before its confirm was handed over, lapin
     /// keeps the confirm (see [`Inner::reap`]).
     started: bool,
@@ -1982,7 +2010,7 @@ impl Pending<'_> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if self.started {
-            self.inner.reap_soon(self.ch);
+            self.inner.reap_soon(self.ch, self.epoch);
         }
         let Some(confirm) = self.confirm.take() else {
             return;
