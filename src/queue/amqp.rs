@@ -823,7 +823,7 @@ impl Inner {
             started: false,
             confirm: None,
         };
-        let publish = pending.publish(ch, routing_key, payload, props);
+        let publish = pending.publish(routing_key, payload, props);
         match tokio::time::timeout(self.timeout, publish).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(self.fail(e, epoch).await),
@@ -856,15 +856,25 @@ impl Inner {
     /// not take them with it.
     #[cold]
     fn publish_again_beside(&self, orphans: Vec<Orphan>) {
-        let (Some(inner), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
-        else {
-            tracing::error!(
-                count = orphans.len(),
-                "postbox: returned messages of other calls could not be published again (no runtime); they may be lost"
-            );
-            return;
-        };
-        rt.spawn(async move { inner.publish_returned_again(orphans).await });
+        if let Some((inner, rt)) = self.beside("returned messages of other calls") {
+            rt.spawn(async move { inner.publish_returned_again(orphans).await });
+        }
+    }
+
+    /// This `Inner` and the runtime, for a task beside the caller's (see
+    /// [`publish_returned_again`](Self::publish_returned_again)); `None`, logged as
+    /// `what` possibly lost, without a runtime (or once the queue is dropped).
+    #[cold]
+    fn beside(&self, what: &str) -> Option<(Arc<Inner>, tokio::runtime::Handle)> {
+        match (self.me.upgrade(), tokio::runtime::Handle::try_current()) {
+            (Some(inner), Ok(rt)) => Some((inner, rt)),
+            _ => {
+                tracing::error!(
+                    "postbox: {what} cannot be published again (no runtime); they may be lost"
+                );
+                None
+            }
+        }
     }
 
     /// Has [`reap`](Self::reap) drain `ch`'s kept returns for the next timeout's time
@@ -872,11 +882,7 @@ impl Inner {
     /// lapin keeps its confirm, with a return it may carry, for `wait_for_confirms`.
     #[cold]
     fn reap_soon(&self, ch: &Channel, epoch: u64) {
-        let (Some(inner), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
-        else {
-            tracing::error!(
-                "postbox: returns kept for a cancelled publish cannot be drained (no runtime); they may be lost"
-            );
+        let Some((inner, rt)) = self.beside("returns kept for a cancelled publish") else {
             return;
         };
         let until = Instant::now() + self.timeout;
@@ -1991,13 +1997,13 @@ struct Pending<'a> {
 impl Pending<'_> {
     async fn publish(
         &mut self,
-        ch: &Channel,
         routing_key: &str,
         payload: &[u8],
         props: BasicProperties,
     ) -> lapin::Result<Confirmation> {
         self.started = true;
-        let confirm = ch
+        let confirm = self
+            .ch
             .basic_publish("", routing_key, mandatory(), payload, props)
             .await;
         self.started = false;
@@ -2015,10 +2021,7 @@ impl Drop for Pending<'_> {
         let Some(confirm) = self.confirm.take() else {
             return;
         };
-        let (Some(inner), Ok(rt)) = (
-            self.inner.me.upgrade(),
-            tokio::runtime::Handle::try_current(),
-        ) else {
+        let Some((inner, rt)) = self.inner.beside("a return a given-up confirm may carry") else {
             return;
         };
         rt.spawn(async move {

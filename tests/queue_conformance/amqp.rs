@@ -70,26 +70,6 @@ async fn ready_in(q: &AmqpQueue, which: usize) -> u32 {
     .message_count()
 }
 
-/// Leases at `now` until `n` messages came (or 5 s went by): after a cut, the broker
-/// puts the dead channel's deliveries back on its own schedule, and the new connection
-/// can ask before it has.
-async fn lease_back(
-    q: &AmqpQueue,
-    n: usize,
-    lease_for: Duration,
-    now: std::time::SystemTime,
-) -> Vec<postbox::queue::Leased> {
-    let mut got = Vec::new();
-    for _ in 0..100 {
-        got.extend(retry!(q.lease(n - got.len(), lease_for, now).await));
-        if got.len() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    got
-}
-
 fn via(proxy: &Proxy) -> AmqpOptions {
     let url = options().url();
     let target = host_port(&url);
@@ -227,7 +207,8 @@ async fn cut_connection_is_unavailable_then_reconnects() {
         q.ack(&[leased[0].token]).await,
         Err(QueueError::LeaseLost(_))
     ));
-    let again = lease_back(&q, 2, Duration::from_secs(30), crate::suite::at(0)).await;
+    let again =
+        crate::broker::lease_back(&q, 2, Duration::from_secs(30), crate::suite::at(0)).await;
     assert_eq!(again.len(), 2);
     assert!(again.iter().any(|l| l.envelope.id == leased[0].envelope.id));
 }
@@ -591,7 +572,7 @@ async fn attempts_leased_here_survive_a_reconnect() {
     );
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let third = lease_back(&q, 1, short, crate::suite::at(4)).await;
+    let third = crate::broker::lease_back(&q, 1, short, crate::suite::at(4)).await;
     assert_eq!(third.len(), 1);
     assert_eq!((third[0].envelope.id, third[0].envelope.attempts), (id, 3));
 }
@@ -1036,7 +1017,7 @@ async fn deliveries_held_without_a_lease_come_back_uncounted_after_a_reconnect()
         .await
         .unwrap();
     proxy.cut();
-    let again = lease_back(&q, 3, lease_for, crate::suite::at(60)).await;
+    let again = crate::broker::lease_back(&q, 3, lease_for, crate::suite::at(60)).await;
     let attempts: Vec<_> = again
         .iter()
         .map(|l| (l.envelope.idempotency_key.as_str(), l.envelope.attempts))
@@ -1066,7 +1047,7 @@ async fn a_held_delivery_stays_uncounted_across_two_reconnects() {
         let none = retry!(q.lease(10, lease_for, crate::suite::at(now)).await);
         assert!(none.is_empty(), "not due yet: {none:?}");
     }
-    let due = lease_back(&q, 1, lease_for, crate::suite::at(60)).await;
+    let due = crate::broker::lease_back(&q, 1, lease_for, crate::suite::at(60)).await;
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].envelope.attempts, 1, "only this lease counts");
 }

@@ -248,3 +248,34 @@ pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
          server was killed: {kills_at:?} acknowledged, gates {GATES:?}"
     );
 }
+
+/// Leases at `now` until `n` messages came (for 100 polls 50 ms apart), `Unavailable`
+/// tried again (100 times): after a cut the broker puts a dead connection's deliveries
+/// back on its own schedule, and a loaded machine may end a fetch early.
+#[cfg(any(feature = "nats", feature = "amqp"))]
+pub async fn lease_back<Q: Queue>(
+    q: &Q,
+    n: usize,
+    lease_for: Duration,
+    now: std::time::SystemTime,
+) -> Vec<postbox::queue::Leased> {
+    let mut got = Vec::new();
+    let (mut polls, mut unavailable) = (0, 0);
+    while got.len() < n && polls < 100 {
+        match q.lease(n - got.len(), lease_for, now).await {
+            Ok(l) => {
+                got.extend(l);
+                polls += 1;
+            }
+            Err(QueueError::Unavailable(e)) => {
+                unavailable += 1;
+                assert!(unavailable <= 100, "did not reconnect: {e}");
+            }
+            Err(e) => panic!("expected Unavailable, got {e}"),
+        }
+        if got.len() < n {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    got
+}

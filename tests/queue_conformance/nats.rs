@@ -87,21 +87,10 @@ async fn nothing_acknowledged_is_lost_when_the_connection_drops() {
         acked.extend(p.await.unwrap());
     }
     assert_eq!(acked.len(), 400, "every producer finished");
-    // Leased until all came (a loaded machine may end a fetch early) or none come.
-    let mut stored = Vec::new();
-    for _ in 0..20 {
-        let leased = retry!(
-            q.lease(1000, Duration::from_secs(30), crate::suite::at(0))
-                .await
-        );
-        if leased.is_empty() && !stored.is_empty() {
-            break;
-        }
-        stored.extend(leased.iter().map(|l| l.envelope.id));
-        if stored.len() >= 400 {
-            break;
-        }
-    }
+    // Leased until all came (a loaded machine may end a fetch early).
+    let leased =
+        crate::broker::lease_back(&*q, 400, Duration::from_secs(30), crate::suite::at(0)).await;
+    let stored: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
     let unique: HashSet<_> = stored.iter().collect();
     assert_eq!(unique.len(), stored.len(), "a message stored twice");
     for id in &acked {
@@ -981,15 +970,11 @@ async fn making_room_on_a_slow_server_stops_within_a_quarter_of_ack_wait() {
     assert!(got.is_empty(), "moved without an answer: {got:?}");
     proxy.release();
     // Leased until both came: a loaded machine may take the budget over moving one.
-    let mut keys = Vec::new();
-    for _ in 0..50 {
-        let got = retry!(q.lease(10, lease_for, crate::suite::at(0)).await);
-        keys.extend(got.into_iter().map(|l| l.envelope.idempotency_key));
-        if keys.len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let got = crate::broker::lease_back(&*q, 2, lease_for, crate::suite::at(0)).await;
+    let mut keys: Vec<_> = got
+        .iter()
+        .map(|l| l.envelope.idempotency_key.as_str())
+        .collect();
     keys.sort_unstable();
     assert_eq!(keys, ["now-1", "now-2"]);
 }
