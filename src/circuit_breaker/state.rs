@@ -912,9 +912,30 @@ impl Breaker {
             return;
         };
         let t = window.totals(|| self.window_ns(now));
-        let below = t.calls == 0 || t.calls < *minimum_calls;
+        self.judge(w, t, *minimum_calls, *slow_call_rate, now);
+    }
+
+    /// [`evaluate`](Self::evaluate) on totals read from the window while the word was `w`.
+    fn judge(
+        &self,
+        w: u64,
+        t: Totals,
+        minimum_calls: u64,
+        slow_call_rate: Option<Rate>,
+        now: &mut Now,
+    ) {
+        let below = t.calls == 0 || t.calls < minimum_calls;
         if self.below_minimum.load(Relaxed) != below {
-            self.below_minimum.store(below, Relaxed);
+            // A swap, so that reading the `true` of a transition's second sweep
+            // (stored with `Release`) makes its new generation visible just below.
+            self.below_minimum.swap(below, AcqRel);
+            if !below && generation(self.word.load(Acquire)) != generation(w) {
+                // A transition cleared the window after these totals were read (this
+                // thread was preempted): its "below the minimum" stands, else the
+                // successes of the new window would go unevaluated.
+                self.below_minimum.store(true, Release);
+                return;
+            }
         }
         if below {
             return;
@@ -1066,7 +1087,8 @@ impl Breaker {
     }
 
     fn clear_window(&self) {
-        self.below_minimum.store(true, Relaxed);
+        // `Release`: see `judge`.
+        self.below_minimum.store(true, Release);
         match &self.settings.trip {
             Trip::Rate { window, .. } => window.reset(),
             Trip::Consecutive { count, .. } => count.store(0, Relaxed),
@@ -1249,6 +1271,34 @@ mod tests {
         for _ in 0..9 {
             call(&b, t0, Verdict::Failure).unwrap();
         }
+        assert_eq!(b.state(), State::Closed);
+        call(&b, t0, Verdict::Success).unwrap();
+        assert_eq!(b.state(), State::Open);
+    }
+
+    /// An evaluation that read a full window, then was preempted while a manual reset
+    /// cleared it, does not mark the new window as past the minimum: nine failures
+    /// and a success in the new window still trip the breaker.
+    #[test]
+    fn a_stale_evaluation_does_not_hide_the_minimum_from_the_next_generation() {
+        let t0 = Instant::now();
+        let b = breaker(settings(count(10, 10)), t0);
+        for _ in 0..10 {
+            call(&b, t0, Verdict::Success).unwrap();
+        }
+        let old_w = b.word.load(Acquire);
+        let Trip::Rate { window, .. } = &b.settings.trip else {
+            unreachable!()
+        };
+        let full = window.totals(|| 0);
+        assert_eq!(full.calls, 10);
+
+        b.force(State::Closed, true, &mut Now::at(t0));
+        for _ in 0..9 {
+            call(&b, t0, Verdict::Failure).unwrap();
+        }
+        // The preempted evaluation of the old window finishes now.
+        b.judge(old_w, full, 10, None, &mut Now::at(t0));
         assert_eq!(b.state(), State::Closed);
         call(&b, t0, Verdict::Success).unwrap();
         assert_eq!(b.state(), State::Open);
