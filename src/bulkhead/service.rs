@@ -300,7 +300,14 @@ where
                     if let Some(timer) = &mut w.timer
                         && timer.as_mut().poll(cx).is_ready()
                     {
-                        let waited = self.shared.max_wait.unwrap_or_default();
+                        // `max_wait`, plus however late this poll came after the timer.
+                        let late =
+                            tokio::time::Instant::now().saturating_duration_since(timer.deadline());
+                        let waited = self
+                            .shared
+                            .max_wait
+                            .unwrap_or_default()
+                            .saturating_add(late);
                         let full = self.shared.full().after_waiting(waited);
                         self.reject(full);
                         return Poll::Ready(Ok(()));

@@ -89,6 +89,29 @@ async fn a_waiter_times_out_after_exactly_max_wait() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_waiter_polled_late_reports_how_long_it_really_waited() {
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(1)
+        .max_wait(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let (mut c, _handle) = callers(&layer, 2);
+    assert_ready_ok!(c[0].poll_ready());
+    let _f0 = c[0].call(0);
+
+    assert_pending!(c[1].poll_ready());
+    // Its task is not polled again until long after the timer fired.
+    time::advance(Duration::from_millis(500)).await;
+    assert_ready_ok!(c[1].poll_ready());
+    let err = c[1].call(1).await.unwrap_err();
+    assert_eq!(
+        find_cause::<Full>(&*err).unwrap().waited(),
+        Some(Duration::from_millis(500))
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_waiter_gets_the_permit_a_finished_call_releases() {
     let layer = BulkheadLayer::builder()
         .max_concurrent(1)
