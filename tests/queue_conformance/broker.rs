@@ -249,6 +249,85 @@ pub async fn nothing_acknowledged_is_lost_across_restarts<Q: Queue + 'static>(
     );
 }
 
+/// A connection cut for [`enqueue_while_cut`].
+pub type Cut = Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// 8 producers enqueue 50 messages each into `q` (`Unavailable` tried again with the
+/// same envelope: its key makes that safe). The producer whose acknowledgement is the
+/// 60th, 120th, … 360th runs `cut` at once, while the others are mid-enqueue: the cuts
+/// are driven by progress, not by a clock a fast broker could outrun. Returns the ids
+/// acknowledged, after checking that every producer finished and that at least one cut
+/// found enqueues in flight (the test is not vacuous).
+pub async fn enqueue_while_cut<Q: Queue + 'static>(
+    q: Arc<Q>,
+    cut: Cut,
+) -> Vec<postbox::queue::MessageId> {
+    const EVERY: usize = 60;
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let in_flight_at_cuts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let unavailable = Arc::new(AtomicUsize::new(0));
+    let mut producers = Vec::new();
+    for p in 0..8 {
+        let (q, cut) = (q.clone(), cut.clone());
+        let (acked_count, in_flight) = (acked_count.clone(), in_flight.clone());
+        let (in_flight_at_cuts, unavailable) = (in_flight_at_cuts.clone(), unavailable.clone());
+        producers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..50 {
+                let e = crate::suite::envelope(&format!("p{p}-{i}"));
+                let mut done = false;
+                for _ in 0..100 {
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    let out = q.enqueue(e.clone()).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    match out {
+                        Ok(r) => {
+                            acked.push(r.id());
+                            done = true;
+                            break;
+                        }
+                        Err(QueueError::Unavailable(_)) => {
+                            unavailable.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                        Err(e) => panic!("expected Unavailable, got {e}"),
+                    }
+                }
+                assert!(done, "did not reconnect");
+                let n = acked_count.fetch_add(1, Ordering::SeqCst) + 1;
+                if n % EVERY == 0 && n < 400 {
+                    let busy = in_flight.load(Ordering::SeqCst);
+                    cut().await;
+                    in_flight_at_cuts.lock().unwrap().push(busy);
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for p in producers {
+        acked.extend(p.await.unwrap());
+    }
+    assert_eq!(acked.len(), 400, "every producer finished");
+    let at_cuts = in_flight_at_cuts.lock().unwrap().clone();
+    eprintln!(
+        "enqueues in flight at each cut: {at_cuts:?}; {} enqueues failed with \
+         Unavailable and were tried again",
+        unavailable.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        at_cuts.len(),
+        399 / EVERY,
+        "a cut after every {EVERY} acknowledged"
+    );
+    assert!(
+        at_cuts.iter().any(|&n| n > 0),
+        "no cut found an enqueue in flight: {at_cuts:?}"
+    );
+    acked
+}
+
 /// Leases at `now` until `n` messages came (for 100 polls 50 ms apart), `Unavailable`
 /// tried again (100 times): after a cut the broker puts a dead connection's deliveries
 /// back on its own schedule, and a loaded machine may end a fetch early.
