@@ -117,6 +117,8 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
+        // The paused path would add this; the system clock does not.
+        jump_wall_clock(Duration::from_secs(3600));
         for _ in 0..3 {
             let (before, got, after) =
                 rt.block_on(async { (SystemTime::now(), wall_now(), SystemTime::now()) });

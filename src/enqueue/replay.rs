@@ -1785,6 +1785,7 @@ mod tests {
     fn jittered_backoff_stays_in_the_upper_half() {
         let c = ReplayConfig::default();
         let mut rng = fastrand::Rng::with_seed(7);
+        let mut jittered = 0;
         for a in 1..20 {
             let full = c
                 .backoff_base
@@ -1792,7 +1793,12 @@ mod tests {
                 .min(c.backoff_max);
             let d = c.backoff(a, &mut rng);
             assert!(d >= full / 2 && d <= full, "{a}: {d:?}");
+            jittered += usize::from(d < full);
         }
+        assert!(
+            jittered > 10,
+            "jitter is on by default: {jittered} of 19 below the full delay"
+        );
     }
 
     #[test]

@@ -1144,6 +1144,16 @@ mod tests {
             let _ = Envelope::decode(&b);
         }
 
+        /// Random bytes after a valid magic and version reach the field parser (bare
+        /// random bytes almost never get past the magic).
+        #[test]
+        fn random_fields_after_the_header_never_panic(b in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut input = MAGIC.to_vec();
+            input.push(VERSION);
+            input.extend_from_slice(&b);
+            let _ = Envelope::decode(&input);
+        }
+
         #[test]
         fn mutated_envelopes_never_panic(e in arb_envelope(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
             let mut enc = e.encode();

@@ -37,7 +37,7 @@ fn flaky(
 async fn retry_outside_a_breaker_records_every_attempt_in_the_breaker() {
     let breaker = CircuitBreakerLayer::builder()
         .count_window(100)
-        .minimum_calls(100)
+        .minimum_calls(4)
         .build()
         .unwrap();
     let handle = breaker.handle();
@@ -58,7 +58,9 @@ async fn retry_outside_a_breaker_records_every_attempt_in_the_breaker() {
     let m = handle.metrics();
     assert_eq!(m.calls(), 4, "every attempt is recorded, not just the call");
     assert_eq!(m.failures(), 3);
-    assert_eq!(handle.state(), State::Closed);
+    // 3 failures of 4 calls (the default threshold is 50 %): one outer call that
+    // succeeded, counted alone, would have left it closed.
+    assert_eq!(handle.state(), State::Open);
 }
 
 #[tokio::test(start_paused = true)]

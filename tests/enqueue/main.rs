@@ -1082,7 +1082,11 @@ async fn a_repeated_idempotency_key_header_goes_out_as_the_one_key_stored() {
 /// `a\"b`, it would be another key (and a quoted key with spaces inside would lose them).
 #[tokio::test(start_paused = true)]
 async fn a_quoted_key_is_replayed_as_it_came() {
-    for sent in [r#""a\"b""#, r#"" k ""#, "plain-7"] {
+    for (sent, key) in [
+        (r#""a\"b""#, r#"a"b"#),
+        (r#"" k ""#, " k "),
+        ("plain-7", "plain-7"),
+    ] {
         let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
         let mut req = post("http://api.test/orders", "{}");
         req.headers_mut()
@@ -1094,12 +1098,8 @@ async fn a_quoted_key_is_replayed_as_it_came() {
         let replay: InnerReq = postbox::enqueue::HttpCodec::new().rebuild(&env).unwrap();
         let header = &replay.headers()[IDEMPOTENCY_KEY_HEADER];
         assert_eq!(header, sent);
-        let read = postbox::http::idempotency_key::key_in(header).unwrap();
-        let first = http::HeaderValue::from_static(sent);
-        assert_eq!(
-            read,
-            postbox::http::idempotency_key::key_in(&first).unwrap()
-        );
+        assert_eq!(env.idempotency_key, key);
+        assert_eq!(postbox::http::idempotency_key::key_in(header).unwrap(), key);
     }
     // The queue de-duplicates on the key as read: the same request sent again with
     // the key spelt the other way is the message already held.
@@ -3008,17 +3008,33 @@ async fn a_full_destinations_pause_grows_while_others_are_replayed() {
         .poll_interval(Duration::from_millis(100))
         .spawn()
         .unwrap();
+    let start = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(30)).await;
     let stats = handle.shutdown().await;
     // Pauses of 1, 2, 4, 8 and 16 s: the busy backlog held back at most five times.
     assert!(stats.held_back <= 5 * 40, "{stats:?}");
-    let busy = calls
-        .lock()
-        .unwrap()
+    let calls = calls.lock().unwrap();
+    let busy: Vec<_> = calls
         .iter()
         .filter(|(p, _)| p.starts_with("/d"))
-        .count();
-    assert!(busy <= 5 * 16, "{busy} calls turned away");
+        .map(|(_, at)| *at - start)
+        .collect();
+    assert!(busy.len() <= 5 * 16, "{} calls turned away", busy.len());
+    // The busy destination was tried again and again, each time after a longer pause.
+    let mut tries: Vec<Duration> = busy.clone();
+    tries.dedup();
+    assert!(tries.len() >= 4, "busy tried at {tries:?}");
+    let gaps: Vec<Duration> = tries.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.windows(2).all(|g| g[1] > g[0]),
+        "the pause did not grow: tries at {tries:?}"
+    );
+    // Meanwhile the flaky destination went on being replayed (its 503 asks for 1 s).
+    let flaky = calls.iter().filter(|(p, _)| p.starts_with("/f")).count();
+    assert!(
+        flaky >= 3 * 40,
+        "only {flaky} replays of the other destination"
+    );
 }
 
 /// A destination's rejection streak is forgotten a while after its last pause: a
