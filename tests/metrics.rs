@@ -457,3 +457,53 @@ fn each_reason_to_give_up_has_its_label() {
         );
     }
 }
+
+/// A full `MemoryStore` that forgets a response still within its TTL counts it, by
+/// what it ran out of; responses that had expired anyway are not counted.
+#[test]
+fn responses_forgotten_before_their_ttl_are_counted() {
+    use postbox::idempotency::{Claim, IdempotencyStore, MemoryStore, StoredResponse};
+    use std::time::Duration;
+    async fn remember(s: &MemoryStore, key: &str, body: usize, ttl: Duration) {
+        let Claim::Proceed(token) = s.claim(key, Duration::from_secs(30)).await.unwrap() else {
+            panic!("{key} not claimed");
+        };
+        let response = StoredResponse {
+            status: http::StatusCode::CREATED,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::from(vec![0; body]),
+            trailers: None,
+            fingerprint: None,
+        };
+        s.complete(key, token, response, ttl).await.unwrap();
+    }
+    let day = Duration::from_secs(86_400);
+    let handle = recorded(|| async {
+        let s = MemoryStore::new(2);
+        remember(&s, "short", 1, Duration::from_secs(1)).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // "short" expired: making room for these forgets nothing alive.
+        remember(&s, "a", 1, day).await;
+        remember(&s, "b", 1, day).await;
+        // Over the capacity of two: "a" goes a day early.
+        remember(&s, "c", 1, day).await;
+        assert_eq!(s.len(), 2);
+
+        let s = MemoryStore::new(100).max_bytes(1000);
+        remember(&s, "x", 500, day).await;
+        // Over max_bytes: "x" goes.
+        remember(&s, "y", 600, day).await;
+        assert!(matches!(
+            s.claim("x", day).await.unwrap(),
+            Claim::Proceed(_)
+        ));
+    });
+    let forgotten = |reason: &str| {
+        counter(
+            &handle,
+            &format!(r#"postbox_idempotency_forgotten_total{{reason="{reason}"}}"#),
+        )
+    };
+    assert_eq!(forgotten("capacity"), 1);
+    assert_eq!(forgotten("bytes"), 1);
+}

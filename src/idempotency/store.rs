@@ -174,6 +174,29 @@ struct Inner {
     bytes: usize,
     /// Entries of `map` that are claims in progress (the rest are remembered responses).
     in_progress: usize,
+    /// Whether a response was forgotten before its TTL yet (logged at `warn` once).
+    warned: bool,
+}
+
+/// Counts (and logs, at `warn` the first time) a response forgotten before its TTL for
+/// want of room.
+#[cold]
+fn forgotten_early(warned: &mut bool, reason: &'static str) {
+    metrics::counter!("postbox_idempotency_forgotten_total", "reason" => reason).increment(1);
+    if *warned {
+        tracing::debug!(
+            reason,
+            "idempotency store full: a response forgotten before its TTL"
+        );
+    } else {
+        *warned = true;
+        tracing::warn!(
+            reason,
+            "idempotency store full: a response forgotten before its TTL (a repeat of its \
+             key would run the handler again); raise the store's capacity or max_bytes, \
+             or use a shared store"
+        );
+    }
 }
 
 /// About how much memory a remembered response under `key` holds: its body, headers
@@ -194,6 +217,12 @@ fn size_of(key: &str, r: &StoredResponse) -> usize {
 /// slow requests evicted every remembered response, and the retries of those requests
 /// ran their handlers again. Times come from `tokio::time::Instant`, so paused-time
 /// tests control expiry. Remembers responses for one process only.
+///
+/// A response forgotten before its TTL is counted in
+/// `postbox_idempotency_forgotten_total{reason="capacity"|"bytes"}` (and the first one
+/// logged at `warn`): a repeat of its key runs the handler again. Size the store for
+/// every key of the span a deferred request may be replayed in (the enqueue layer's
+/// `ttl`, 24 h by default), or use a shared store.
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     capacity: usize,
@@ -213,6 +242,7 @@ impl MemoryStore {
                 next_token: 0,
                 bytes: 0,
                 in_progress: 0,
+                warned: false,
             }),
             capacity: capacity.max(1),
             max_bytes: Self::DEFAULT_MAX_BYTES,
@@ -275,38 +305,44 @@ impl Inner {
         matches!(self.map.get(key), Some(Entry::InProgress { token: t, .. }) if *t == token)
     }
 
-    /// Removes the remembered response of `key` if it is the one that `expires` then.
-    fn forget(&mut self, key: &str, expires: Instant) {
+    /// Removes the remembered response of `key` if it is the one that `expires` then;
+    /// whether it did.
+    fn forget(&mut self, key: &str, expires: Instant) -> bool {
         if matches!(self.map.get(key), Some(Entry::Done { expires: e, .. }) if *e == expires)
             && let Some(Entry::Done { response, .. }) = self.map.remove(key)
         {
             self.bytes = self.bytes.saturating_sub(size_of(key, &response));
+            return true;
         }
+        false
+    }
+
+    /// Forgets, for want of room (`reason`), the response that expires soonest; `false`
+    /// if none is left. One still within its TTL is counted and logged: a repeat of its
+    /// key (a replay of a deferred request) would run the handler again.
+    fn shed_one(&mut self, now: Instant, reason: &'static str) -> bool {
+        let Some(Reverse((expires, key))) = self.order.pop() else {
+            return false;
+        };
+        if self.forget(&key, expires) && expires > now {
+            forgotten_early(&mut self.warned, reason);
+        }
+        true
     }
 
     /// Forgets the responses that expire soonest while over `max_bytes`.
-    fn shed_bytes(&mut self, max_bytes: usize) {
-        while self.bytes > max_bytes {
-            let Some(Reverse((expires, key))) = self.order.pop() else {
-                return;
-            };
-            self.forget(&key, expires);
-        }
+    fn shed_bytes(&mut self, max_bytes: usize, now: Instant) {
+        while self.bytes > max_bytes && self.shed_one(now, "bytes") {}
     }
 
     /// Forgets the responses that expire soonest while more than `max` are remembered.
-    fn shed_count(&mut self, max: usize) {
-        while self.map.len() - self.in_progress > max {
-            let Some(Reverse((expires, key))) = self.order.pop() else {
-                return;
-            };
-            self.forget(&key, expires);
-        }
+    fn shed_count(&mut self, max: usize, now: Instant) {
+        while self.map.len() - self.in_progress > max && self.shed_one(now, "capacity") {}
     }
 
     /// Makes room for one more remembered response.
     fn evict(&mut self, capacity: usize, now: Instant) {
-        self.shed_count(capacity.saturating_sub(1));
+        self.shed_count(capacity.saturating_sub(1), now);
         // Also drop what has expired, to keep `order` short.
         while let Some(Reverse((expires, _))) = self.order.peek() {
             if *expires > now {
@@ -387,7 +423,8 @@ impl IdempotencyStore for MemoryStore {
             )
             .into()));
         }
-        let expires = later(Instant::now(), ttl);
+        let now = Instant::now();
+        let expires = later(now, ttl);
         let mut inner = self.lock();
         if inner.holds(key, token) {
             inner.bytes += size;
@@ -398,8 +435,8 @@ impl IdempotencyStore for MemoryStore {
             inner.order.push(Reverse((expires, key.to_owned())));
             // Claims made while the store was full each found room, and come on top
             // of it as they complete.
-            inner.shed_count(self.capacity);
-            inner.shed_bytes(self.max_bytes);
+            inner.shed_count(self.capacity, now);
+            inner.shed_bytes(self.max_bytes, now);
         }
         drop(inner);
         std::future::ready(Ok(()))
