@@ -20,6 +20,7 @@ pub struct NotEnqueued {
     reason: DeferReason,
     original: BoxError,
     queue: QueueError,
+    key: String,
 }
 
 impl NotEnqueued {
@@ -28,7 +29,21 @@ impl NotEnqueued {
             reason,
             original,
             queue,
+            key: String::new(),
         }
+    }
+
+    pub(crate) fn with_key(mut self, key: String) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// The idempotency key the call's attempts carried (the caller's own, or one the
+    /// layer generated for it). The failed attempts may have taken effect: a caller
+    /// that tries the request again should send it with this key, so that the receiver
+    /// runs it at most once. `None` if the request had none.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        Some(self.key.as_str()).filter(|k| !k.is_empty())
     }
 
     /// Why the request was to be deferred.

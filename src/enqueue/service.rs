@@ -271,7 +271,8 @@ impl Pending {
                     "reason" => reason_str(reason)
                 )
                 .increment(1);
-                Err(NotEnqueued::new(reason, original, queue))
+                Err(NotEnqueued::new(reason, original, queue)
+                    .with_key(std::mem::take(&mut self.key)))
             }
         })
     }
@@ -305,7 +306,8 @@ impl fmt::Debug for Pending {
 /// # Cancel safety
 /// Dropping the response future before the inner call completes never enqueues.
 /// Dropping it while the message is being stored may or may not store it (no receipt
-/// was returned; the idempotency key makes a replay of it harmless).
+/// was returned; a replay of it carries the request's idempotency key, harmless to a
+/// retry of the caller's only if that retry sends the same key).
 pub struct Defer<S, Q, K, C> {
     inner: S,
     shared: Arc<Shared<Q, C>>,
@@ -435,7 +437,8 @@ mod http_flavour {
     /// # Cancel safety
     /// Dropping the response future before the inner call completes never enqueues.
     /// Dropping it while the message is being stored may or may not store it (no
-    /// receipt was returned; the idempotency key makes a replay of it harmless).
+    /// receipt was returned; a replay of it carries the request's idempotency key,
+    /// harmless to a retry of the caller's only if that retry sends the same key).
     pub struct EnqueueFallback<S, Q, C> {
         inner: S,
         shared: Arc<Shared<Q, C>>,
