@@ -63,8 +63,8 @@ pub type DeferringClient<S, Q> = EnqueueFallback<Client<S>, Q, HttpClassifier>;
 /// The bulkhead is inside the idempotency layer: a keyed handler runs to its end even
 /// after the deadline gave up on it (so its effect is not cut in half), and it keeps
 /// its permit until then, so such handlers still count against `max_concurrent`.
-pub type Server<S> =
-    ErrorResponse<Deadline<Idempotency<Bulkhead<S>, MemoryStore>, HttpPropagation>>;
+pub type Server<S, St = MemoryStore> =
+    ErrorResponse<Deadline<Idempotency<Bulkhead<S>, St>, HttpPropagation>>;
 
 /// The client stack of a [`ClientConfig`] as one `tower::Layer`; see
 /// [`ClientConfig::layer`].
@@ -283,29 +283,39 @@ impl ClientConfig {
 ///     .layer(ServerConfig::server().layer()?);
 /// # let _ = app; Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
-pub struct ServerLayer {
+#[derive(Debug)]
+pub struct ServerLayer<St = MemoryStore> {
     deadline: DeadlineLayer<HttpPropagation>,
     bulkhead: BulkheadLayer,
-    idempotency: IdempotencyLayer<MemoryStore>,
+    idempotency: IdempotencyLayer<St>,
 }
 
 // === impl ServerLayer ===
 
-impl ServerLayer {
+impl<St> ServerLayer<St> {
     /// The bulkhead's free permits.
     pub fn available_permits(&self) -> usize {
         self.bulkhead.available_permits()
     }
 
     /// The idempotency store.
-    pub fn store(&self) -> &Arc<MemoryStore> {
+    pub fn store(&self) -> &Arc<St> {
         self.idempotency.store()
     }
 }
 
-impl<S> Layer<S> for ServerLayer {
-    type Service = Server<S>;
+impl<St> Clone for ServerLayer<St> {
+    fn clone(&self) -> Self {
+        Self {
+            deadline: self.deadline,
+            bulkhead: self.bulkhead.clone(),
+            idempotency: self.idempotency.clone(),
+        }
+    }
+}
+
+impl<S, St> Layer<S> for ServerLayer<St> {
+    type Service = Server<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
         let svc = self.bulkhead.layer(inner);
@@ -323,6 +333,19 @@ impl ServerConfig {
     /// # Errors
     /// The first invalid field ([`validate`](Self::validate)).
     pub fn layer(&self) -> Result<ServerLayer, ConfigError> {
+        let capacity = self.idempotency.capacity;
+        self.layer_with_store(Arc::new(MemoryStore::new(capacity)))
+    }
+
+    /// [`layer`](Self::layer) with the idempotency layer on `store` instead of a
+    /// [`MemoryStore`] of `idempotency.capacity` (which is then not used): a shared
+    /// store, such as `RedisStore` (feature `redis`), that every instance of the
+    /// service uses and that a restart keeps (see "Exactly-once effect" in the
+    /// `enqueue` docs).
+    ///
+    /// # Errors
+    /// The first invalid field ([`validate`](Self::validate)).
+    pub fn layer_with_store<St>(&self, store: Arc<St>) -> Result<ServerLayer<St>, ConfigError> {
         self.validate()?;
         let prefix = |e: ConfigError| super::prefixed("server", e);
         let propagation = if self.honour_inbound_deadline {
@@ -331,7 +354,7 @@ impl ServerConfig {
             HttpPropagation::new().ignoring_inbound_headers()
         };
         let i = &self.idempotency;
-        let mut idempotency = IdempotencyLayer::new(i.capacity)
+        let mut idempotency = IdempotencyLayer::with_store(store)
             .ttl(i.ttl)
             .and_then(|l| l.lock_for(i.lock_for))
             .map_err(prefix)?

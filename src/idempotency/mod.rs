@@ -103,7 +103,9 @@
 //! outer router, or give each nested router a layer of its own.
 //!
 //! The store is the [`IdempotencyStore`] trait; [`MemoryStore`] (bounded, TTL
-//! eviction) is the default. Behind several instances, use a shared store.
+//! eviction, one process) is the default. Behind several instances, across restarts,
+//! and for the replays of deferred requests (which may come a day later and reach any
+//! instance), use a shared store: `RedisStore` (feature `redis`) or one of your own.
 //!
 //! # Example
 //! ```
@@ -137,10 +139,14 @@
 mod fingerprint;
 pub mod future;
 mod layer;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 mod store;
 
 pub use self::fingerprint::{Fingerprint, FingerprintedBody};
 pub use self::layer::IdempotencyLayer;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
 pub use self::service::{Idempotency, REPLAYED_HEADER, StreamThrough};
 pub use self::store::{Claim, ClaimToken, IdempotencyStore, MemoryStore, StoredResponse};

@@ -1,0 +1,238 @@
+//! `RedisStore` against the Redis server on loopback (`POSTBOX_REDIS_URL`, by default
+//! `redis://127.0.0.1:6379`): it fails, loudly, if the server is unreachable.
+//!
+//! Claims expire on the server's clock, so the tests that wait for an expiry poll in
+//! real time, for at most a few seconds.
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use postbox::idempotency::{
+    Claim, FingerprintedBody, IdempotencyLayer, IdempotencyStore, REPLAYED_HEADER, RedisStore,
+    StoredResponse,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tower::{Layer, ServiceExt, service_fn};
+
+fn url() -> String {
+    std::env::var("POSTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A store with a prefix of its own (a fresh one per call unless `prefix` is given), on
+/// a connection of its own: another instance of the service.
+async fn instance(prefix: &str) -> RedisStore {
+    let url = url();
+    RedisStore::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("Redis is not reachable at {url}: {e}"))
+        .prefix(prefix)
+}
+
+fn fresh_prefix() -> String {
+    format!("postbox:test:idem:{:016x}:", fastrand::u64(..))
+}
+
+fn response(body: &'static str) -> StoredResponse {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", "text/plain".parse().unwrap());
+    StoredResponse {
+        status: StatusCode::CREATED,
+        headers,
+        body: Bytes::from_static(body.as_bytes()),
+        trailers: None,
+        fingerprint: None,
+    }
+}
+
+const LOCK: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn a_key_claimed_on_one_instance_is_in_progress_on_another_then_answered() {
+    let prefix = fresh_prefix();
+    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
+    let Claim::Proceed(token) = a.claim("k", LOCK).await.unwrap() else {
+        panic!("a fresh key is claimed");
+    };
+    assert_eq!(b.claim("k", LOCK).await.unwrap(), Claim::InProgress);
+    a.complete("k", token, response("order 42"), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.claim("k", LOCK).await.unwrap(),
+        Claim::Done(response("order 42"))
+    );
+    // Other keys, and the same key under another prefix, are apart.
+    assert!(matches!(
+        b.claim("j", LOCK).await.unwrap(),
+        Claim::Proceed(_)
+    ));
+    let other = instance(&fresh_prefix()).await;
+    assert!(matches!(
+        other.claim("k", LOCK).await.unwrap(),
+        Claim::Proceed(_)
+    ));
+}
+
+/// A claim that expired and was taken over cannot be completed, extended or released by
+/// its first holder: only the new holder's token acts on the key.
+#[tokio::test]
+async fn a_claim_taken_over_is_left_to_its_new_holder() {
+    let prefix = fresh_prefix();
+    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
+    let Claim::Proceed(first) = a.claim("k", Duration::from_millis(50)).await.unwrap() else {
+        panic!("a fresh key is claimed");
+    };
+    // Taken over once the first claim expired (on the server's clock).
+    let mut second = None;
+    for _ in 0..100 {
+        if let Claim::Proceed(t) = b.claim("k", LOCK).await.unwrap() {
+            second = Some(t);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = second.expect("the first claim expired within 2 s");
+    assert_ne!(first, second);
+
+    assert!(!a.extend("k", first, LOCK).await.unwrap());
+    assert!(!a.release_now("k", first).await.unwrap());
+    a.complete("k", first, response("stale"), TTL)
+        .await
+        .unwrap();
+    assert_eq!(a.claim("k", LOCK).await.unwrap(), Claim::InProgress);
+
+    assert!(b.extend("k", second, LOCK).await.unwrap());
+    b.complete("k", second, response("fresh"), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.claim("k", LOCK).await.unwrap(),
+        Claim::Done(response("fresh"))
+    );
+    // A completed key is no claim: it cannot be released or extended.
+    assert!(!b.release_now("k", second).await.unwrap());
+    assert!(!b.extend("k", second, LOCK).await.unwrap());
+}
+
+/// `release` (called from `Drop`) frees the key on a task of its own.
+#[tokio::test]
+async fn a_released_claim_frees_the_key() {
+    let prefix = fresh_prefix();
+    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
+    let Claim::Proceed(token) = a.claim("k", LOCK).await.unwrap() else {
+        panic!("a fresh key is claimed");
+    };
+    a.release("k", token);
+    let mut freed = false;
+    for _ in 0..100 {
+        if let Claim::Proceed(_) = b.claim("k", LOCK).await.unwrap() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed, "the key was still claimed 2 s after its release");
+}
+
+type Served = Request<FingerprintedBody<Full<Bytes>>>;
+
+fn keyed(key: &str) -> Request<Full<Bytes>> {
+    Request::post("http://shop.test/orders")
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(Full::from("{\"sku\":7}"))
+        .unwrap()
+}
+
+/// The server's `Idempotency` layer on `RedisStore`: a repeat that reaches another
+/// instance, or the same one after a restart (a new store, a new connection), is
+/// answered from Redis; the handler runs once.
+#[tokio::test]
+async fn a_repeat_on_another_instance_or_after_a_restart_does_not_run_the_handler_again() {
+    let prefix = fresh_prefix();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let server = |store: RedisStore| {
+        let calls = calls.clone();
+        IdempotencyLayer::with_store(Arc::new(store)).layer(service_fn(move |req: Served| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                // Read whole, so the body is in the fingerprint.
+                req.into_body().collect().await.unwrap();
+                let mut res = Response::new(Full::<Bytes>::from(format!("order #{n}")));
+                *res.status_mut() = StatusCode::CREATED;
+                res.headers_mut()
+                    .insert("grpc-status", "0".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        }))
+    };
+    let first = server(instance(&prefix).await);
+    let res = first.clone().oneshot(keyed("order-7")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "order #1");
+
+    for repeat in [server(instance(&prefix).await), first] {
+        let res = repeat.oneshot(keyed("order-7")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert!(res.headers().contains_key(REPLAYED_HEADER));
+        assert_eq!(res.headers()["grpc-status"], "0");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "order #1");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // The same key for another request is refused, from the fingerprint kept in Redis.
+    let other = server(instance(&prefix).await);
+    let mut changed = keyed("order-7");
+    *changed.body_mut() = Full::from("{\"sku\":8}");
+    let res = other.oneshot(changed).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_an_error_at_connect() {
+    let err = RedisStore::connect("redis://127.0.0.1:1")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    let err = RedisStore::connect("not a url").await.unwrap_err();
+    assert!(err.to_string().contains("invalid"), "{err}");
+}
+
+/// The configured server stack on `RedisStore`: two instances answer a key once.
+#[tokio::test]
+async fn the_configured_server_stack_shares_keys_through_redis() {
+    use postbox::config::ServerConfig;
+    let prefix = fresh_prefix();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let server = |store: RedisStore| {
+        let calls = calls.clone();
+        ServerConfig::server()
+            .layer_with_store(Arc::new(store))
+            .unwrap()
+            .layer(service_fn(move |req: Served| {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    req.into_body().collect().await.unwrap();
+                    let mut res = Response::new(Full::<Bytes>::from(format!("order #{n}")));
+                    *res.status_mut() = StatusCode::CREATED;
+                    Ok::<_, std::convert::Infallible>(res)
+                }
+            }))
+    };
+    for instance in [
+        server(instance(&prefix).await),
+        server(instance(&prefix).await),
+    ] {
+        let res = instance.oneshot(keyed("order-9")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "order #1");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
