@@ -659,7 +659,9 @@ fn server_bulkhead<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BulkheadCon
 pub struct IdempotencySection {
     /// Responses remembered in memory (default 10 000; claims in progress come on top).
     pub capacity: usize,
-    /// How long a response is remembered (default 24 h).
+    /// How long a response is remembered (default 25 h: an hour past the 24 h a
+    /// deferred request may wait in a client's queue, so a replay started just before
+    /// its message expires still finds the key).
     #[serde(deserialize_with = "duration::required")]
     pub ttl: Duration,
     /// How long a claim lasts (default 60 s); at least the deadline.
@@ -683,7 +685,7 @@ impl Default for IdempotencySection {
     fn default() -> Self {
         Self {
             capacity: 10_000,
-            ttl: Duration::from_secs(24 * 60 * 60),
+            ttl: Duration::from_secs(25 * 60 * 60),
             lock_for: Duration::from_secs(60),
             max_body: 1024 * 1024,
             scope_by: None,

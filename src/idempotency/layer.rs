@@ -10,7 +10,9 @@ use tower_layer::Layer;
 
 /// Applies [`Idempotency`]; every service it makes shares one store.
 ///
-/// Defaults: header `idempotency-key`, responses remembered for 24 hours, a claim
+/// Defaults: header `idempotency-key`, responses remembered for 25 hours (an hour past
+/// the 24 hours a deferred request may wait in a client's queue, so a replay started
+/// just before its message expires still finds the key), a claim
 /// abandoned after 60 seconds, response bodies up to 1 MiB remembered.
 pub struct IdempotencyLayer<St = MemoryStore> {
     store: Arc<St>,
@@ -34,7 +36,7 @@ impl<St> IdempotencyLayer<St> {
             store,
             config: Config {
                 header: HeaderName::from_static(IDEMPOTENCY_KEY_HEADER),
-                ttl: Duration::from_secs(24 * 60 * 60),
+                ttl: Duration::from_secs(25 * 60 * 60),
                 lock_for: Duration::from_secs(60),
                 max_body: 1024 * 1024,
                 scope: Arc::from([]),
