@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tower::{Layer, ServiceExt, service_fn};
 
+#[allow(unreachable_pub)] // the proxy of the conformance suite, shared
+#[path = "queue_conformance/proxy.rs"]
+mod proxy;
+
 fn url() -> String {
     std::env::var("POSTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -37,13 +41,32 @@ fn fresh_prefix() -> String {
 fn response(body: &'static str) -> StoredResponse {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", "text/plain".parse().unwrap());
+    headers.append("set-cookie", "a=1".parse().unwrap());
+    headers.append("set-cookie", "b=2".parse().unwrap());
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
     StoredResponse {
         status: StatusCode::CREATED,
         headers,
         body: Bytes::from_static(body.as_bytes()),
-        trailers: None,
-        fingerprint: None,
+        trailers: Some(trailers),
+        fingerprint: Some(postbox::idempotency::Fingerprint {
+            hash: 7,
+            body_len: 9,
+        }),
     }
+}
+
+/// Polls `claim` until it answers `Proceed` (a claim expiring on the server's clock),
+/// for at most 2 s.
+async fn claim_once_free(store: &RedisStore, key: &str) -> postbox::idempotency::ClaimToken {
+    for _ in 0..100 {
+        if let Claim::Proceed(t) = store.claim(key, LOCK).await.unwrap() {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{key} still claimed after 2 s");
 }
 
 const LOCK: Duration = Duration::from_secs(30);
@@ -86,15 +109,7 @@ async fn a_claim_taken_over_is_left_to_its_new_holder() {
         panic!("a fresh key is claimed");
     };
     // Taken over once the first claim expired (on the server's clock).
-    let mut second = None;
-    for _ in 0..100 {
-        if let Claim::Proceed(t) = b.claim("k", LOCK).await.unwrap() {
-            second = Some(t);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let second = second.expect("the first claim expired within 2 s");
+    let second = claim_once_free(&b, "k").await;
     assert_ne!(first, second);
 
     assert!(!a.extend("k", first, LOCK).await.unwrap());
@@ -117,6 +132,65 @@ async fn a_claim_taken_over_is_left_to_its_new_holder() {
     assert!(!b.extend("k", second, LOCK).await.unwrap());
 }
 
+/// A handler that outlived its claim (renewals lost in a blip of the store) while no
+/// other request claimed the key still has its response remembered: a repeat is
+/// answered, not run again.
+#[tokio::test]
+async fn a_response_whose_claim_expired_untaken_is_remembered() {
+    let prefix = fresh_prefix();
+    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
+    let Claim::Proceed(token) = a.claim("k", Duration::from_millis(50)).await.unwrap() else {
+        panic!("a fresh key is claimed");
+    };
+    // Until the claim has expired on the server's clock (without claiming the key).
+    let mut raw = redis_connection().await;
+    let mut expired = false;
+    for _ in 0..100 {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(a.redis_key("k"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        if !exists {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(expired, "the claim did not expire within 2 s");
+    a.complete("k", token, response("late"), TTL).await.unwrap();
+    assert_eq!(
+        b.claim("k", LOCK).await.unwrap(),
+        Claim::Done(response("late"))
+    );
+}
+
+async fn redis_connection() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis is not reachable at {}: {e}", url()))
+}
+
+/// A remembered response this version cannot read (written by a newer one, during a
+/// rolling deploy) is answered as in progress: the handler is not run again.
+#[tokio::test]
+async fn an_unreadable_response_is_not_taken_for_a_free_key() {
+    let prefix = fresh_prefix();
+    let store = instance(&prefix).await;
+    let mut raw = redis_connection().await;
+    let _: () = redis::cmd("SET")
+        .arg(store.redis_key("k"))
+        .arg(b"D\xff from a newer version".as_slice())
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(store.claim("k", LOCK).await.unwrap(), Claim::InProgress);
+}
+
 /// `release` (called from `Drop`) frees the key on a task of its own.
 #[tokio::test]
 async fn a_released_claim_frees_the_key() {
@@ -126,15 +200,7 @@ async fn a_released_claim_frees_the_key() {
         panic!("a fresh key is claimed");
     };
     a.release("k", token);
-    let mut freed = false;
-    for _ in 0..100 {
-        if let Claim::Proceed(_) = b.claim("k", LOCK).await.unwrap() {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(freed, "the key was still claimed 2 s after its release");
+    claim_once_free(&b, "k").await;
 }
 
 type Served = Request<FingerprintedBody<Full<Bytes>>>;
@@ -235,4 +301,42 @@ async fn the_configured_server_stack_shares_keys_through_redis() {
         assert_eq!(body, "order #1");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A server that stops answering without closing the connection (a host gone, a
+/// partition; here a proxy freezes it): a claim times out, and the store makes its
+/// connection again, so claims succeed within seconds (redis-rs's connection manager
+/// alone kept the silent socket, failing every claim for about 15 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_is_made_again() {
+    let proxy = proxy::Proxy::start(proxy::host_port(&url())).await;
+    let store = RedisStore::connect_with(
+        &format!("redis://{}/", proxy.addr()),
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap()
+    .prefix(fresh_prefix());
+    assert!(matches!(
+        store.claim("before", LOCK).await.unwrap(),
+        Claim::Proceed(_)
+    ));
+    let connections = proxy.accepted();
+    proxy.freeze();
+    store.claim("frozen", LOCK).await.unwrap_err();
+    let start = tokio::time::Instant::now();
+    loop {
+        match store.claim("after", LOCK).await {
+            // A try that timed out may have claimed the key all the same.
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "still unanswered after 15 s: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(proxy.accepted() > connections, "no new connection was made");
 }

@@ -4,8 +4,8 @@
 use super::fingerprint::Fingerprint;
 use super::store::{Claim, ClaimToken, IdempotencyStore, StoredResponse};
 use crate::BoxError;
-use ::redis::Script;
-use ::redis::aio::ConnectionManager;
+use crate::queue::redis::Link;
+use ::redis::{FromRedisValue, Script, ScriptInvocation};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use std::fmt;
@@ -27,11 +27,13 @@ return 'P'",
     )
 });
 
-/// Replaces the claim `ARGV[1]` with the response `ARGV[2]` for `ARGV[3]` ms: 1, or 0
-/// if the claim is not (any more) the key's.
+/// Replaces the claim `ARGV[1]` with the response `ARGV[2]` for `ARGV[3]` ms, also if the
+/// claim expired and nobody claimed the key since (as `MemoryStore` does): 1, or 0 if
+/// another request holds the key or it has a response.
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+        r"local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] or not v then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
@@ -81,12 +83,16 @@ const VERSION: u8 = 1;
 /// default). A release from `Drop` is sent on a task of its own when a Tokio runtime
 /// is at hand, and otherwise left to the claim's expiry.
 ///
-/// Configure the server as for the queue: with `maxmemory-policy noeviction` (or a
-/// `volatile-*` policy, which evicts keys with an expiry: these ones too), and with
-/// persistence (`appendonly yes`) if a restart of Redis must not forget the keys.
-/// A stored response that cannot be decoded (written by a newer version) is a store
-/// error: the request runs without de-duplication (the layer fails open) and is
-/// logged.
+/// Configure the server as for the queue: with `maxmemory-policy noeviction` (every
+/// key here has an expiry, so a `volatile-*` policy would evict live claims, letting
+/// two requests of one key run at once, and remembered responses), and with
+/// persistence (`appendonly yes`) if a restart of Redis must not forget the keys. With
+/// `noeviction` and the memory full, claims of new keys fail, and the layer runs those
+/// requests without de-duplication (it fails open, and counts them as
+/// `store_failed`). A remembered response this version cannot read (written by a newer
+/// one) is answered as in progress, never by running the handler again. Keys of two
+/// services sharing a server must not overlap: give each a prefix that is not the
+/// start of the other's.
 ///
 /// ```no_run
 /// use postbox::idempotency::{IdempotencyLayer, RedisStore};
@@ -100,7 +106,7 @@ const VERSION: u8 = 1;
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    link: Arc<Link>,
     prefix: Arc<str>,
 }
 
@@ -108,36 +114,41 @@ impl RedisStore {
     /// The prefix of the Redis keys, by default.
     pub const DEFAULT_PREFIX: &'static str = "postbox:idem:";
 
-    /// A store on `connection` (it reconnects by itself once its socket fails), with
-    /// the default prefix.
-    pub fn new(connection: ConnectionManager) -> Self {
-        Self {
-            conn: connection,
-            prefix: Self::DEFAULT_PREFIX.into(),
-        }
-    }
-
     /// Connects to the Redis server at `url` (`redis://[:password@]host[:port][/db]`),
-    /// with a 2 s connect timeout and a 2 s response timeout.
+    /// with a 2 s connect timeout and a 2 s response timeout, and the default prefix.
+    /// The connection is made again when its socket fails, and also, as the queue's
+    /// is, when a call goes unanswered or a node demoted by a failover refuses a write
+    /// (`READONLY`): otherwise every claim would fail (and the layer fail open) until
+    /// the process restarts.
     ///
     /// # Errors
-    /// The URL is invalid or the server cannot be reached.
+    /// The URL is invalid, the server cannot be reached or refuses the credentials or
+    /// database, or no Tokio runtime is running.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
-        let client = ::redis::Client::open(url).map_err(|e| {
-            // No URL in the error: one that does not parse may not be redacted right.
-            format!("idempotency store: invalid redis URL: {e}")
-        })?;
-        let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
+        Self::connect_with(url, Duration::from_secs(2)).await
+    }
+
+    /// [`connect`](Self::connect) with a response timeout of `response_timeout`: a
+    /// call unanswered after it fails (and the layer runs the request without
+    /// de-duplication).
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn connect_with(url: &str, response_timeout: Duration) -> Result<Self, BoxError> {
+        let link = Link::open(url, "idempotency store", response_timeout).await?;
+        Ok(Self {
+            link,
+            prefix: Self::DEFAULT_PREFIX.into(),
+        })
+    }
+
+    /// Runs `script` on the current connection; a failure that calls for a new
+    /// connection (unanswered, or refused by a demoted node) has one made.
+    async fn run<T: FromRedisValue>(&self, script: ScriptInvocation<'_>) -> Result<T, BoxError> {
+        script
+            .invoke_async(&mut self.link.conn())
             .await
-            .map_err(|e| {
-                let url = crate::queue::envelope::RedactedUri(url);
-                format!("idempotency store: redis at {url:?} unreachable: {e}")
-            })?;
-        Ok(Self::new(conn))
+            .map_err(|e| self.link.failed(e).into())
     }
 
     /// Keys are stored under `prefix` + the idempotency key (by default
@@ -155,11 +166,9 @@ impl RedisStore {
     /// # Errors
     /// The server cannot be reached; the claim then ends at its expiry.
     pub async fn release_now(&self, key: &str, token: ClaimToken) -> Result<bool, BoxError> {
-        let released: i64 = RELEASE
-            .key(self.redis_key(key))
-            .arg(claim_value(token))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+        let mut script = RELEASE.key(self.redis_key(key));
+        script.arg(claim_value(token));
+        let released: i64 = self.run(script).await?;
         Ok(released == 1)
     }
 
@@ -188,10 +197,11 @@ fn claim_value(token: ClaimToken) -> Vec<u8> {
     v
 }
 
-/// `d` in whole milliseconds, at least 1 (`PX 0` is an error) and at most a Redis
-/// expiry can be.
+/// `d` in milliseconds rounded up (a claim must not end on the server before the
+/// layer thinks it does), at least 1 (`PX 0` is an error) and at most a Redis expiry
+/// can be.
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis())
+    u64::try_from(d.as_nanos().div_ceil(1_000_000))
         .unwrap_or(u64::MAX)
         .clamp(1, i64::MAX as u64 / 2)
 }
@@ -202,22 +212,32 @@ impl IdempotencyStore for RedisStore {
         key: &str,
         lock_for: Duration,
     ) -> impl Future<Output = Result<Claim, BoxError>> + Send {
-        let mut conn = self.conn.clone();
         let rkey = self.redis_key(key);
         async move {
             let token = ClaimToken::random();
-            let v: Vec<u8> = CLAIM
-                .key(&rkey)
-                .arg(claim_value(token))
-                .arg(millis(lock_for))
-                .invoke_async(&mut conn)
-                .await?;
+            let mut script = CLAIM.key(&rkey);
+            script.arg(claim_value(token)).arg(millis(lock_for));
+            let v: Vec<u8> = self.run(script).await?;
             match v.first() {
                 Some(b'P') => Ok(Claim::Proceed(token)),
                 Some(b'C') => Ok(Claim::InProgress),
-                Some(b'D') => Ok(Claim::Done(decode(&v[1..]).map_err(|e| {
-                    format!("idempotency store: the response kept under {rkey:?}: {e}")
-                })?)),
+                Some(b'D') => match decode(&v[1..]) {
+                    Ok(response) => Ok(Claim::Done(response)),
+                    // The key is done (a response was stored), but this process cannot
+                    // read it: one written by a newer version, during a rolling deploy
+                    // or after a rollback. Running the handler again would repeat its
+                    // effect; in progress, the repeat is answered `409` (after waiting
+                    // `lock_for`) and tried again later.
+                    Err(e) => {
+                        tracing::warn!(
+                            key = %rkey,
+                            error = %e,
+                            "idempotency store: a remembered response cannot be read; \
+                             the repeat is answered as in progress"
+                        );
+                        Ok(Claim::InProgress)
+                    }
+                },
                 _ => Err(format!("idempotency store: unexpected value under {rkey:?}").into()),
             }
         }
@@ -230,16 +250,17 @@ impl IdempotencyStore for RedisStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
-        let mut conn = self.conn.clone();
         let rkey = self.redis_key(key);
         async move {
-            let _: i64 = COMPLETE
-                .key(&rkey)
+            let mut script = COMPLETE.key(&rkey);
+            script
                 .arg(claim_value(token))
                 .arg(encode(&response))
-                .arg(millis(ttl))
-                .invoke_async(&mut conn)
-                .await?;
+                .arg(millis(ttl));
+            let stored: i64 = self.run(script).await?;
+            if stored == 0 {
+                tracing::debug!(key = %rkey, "idempotency store: the key was claimed by another request; response not stored");
+            }
             Ok(())
         }
     }
@@ -262,15 +283,11 @@ impl IdempotencyStore for RedisStore {
         token: ClaimToken,
         lock_for: Duration,
     ) -> impl Future<Output = Result<bool, BoxError>> + Send {
-        let mut conn = self.conn.clone();
         let rkey = self.redis_key(key);
         async move {
-            let extended: i64 = EXTEND
-                .key(&rkey)
-                .arg(claim_value(token))
-                .arg(millis(lock_for))
-                .invoke_async(&mut conn)
-                .await?;
+            let mut script = EXTEND.key(&rkey);
+            script.arg(claim_value(token)).arg(millis(lock_for));
+            let extended: i64 = self.run(script).await?;
             Ok(extended == 1)
         }
     }
@@ -338,7 +355,8 @@ fn decode(mut input: &[u8]) -> Result<StoredResponse, String> {
         for _ in 0..n {
             let name = HeaderName::from_bytes(bytes_field(input)?).map_err(|e| e.to_string())?;
             let value = HeaderValue::from_bytes(bytes_field(input)?).map_err(|e| e.to_string())?;
-            h.append(name, value);
+            h.try_append(name, value)
+                .map_err(|_| "more header fields than a header map holds")?;
         }
         Ok(h)
     }
@@ -433,9 +451,27 @@ mod tests {
     }
 
     #[test]
+    fn more_header_fields_than_a_map_holds_are_an_error_not_a_panic() {
+        let mut enc = vec![VERSION];
+        enc.extend_from_slice(&201u16.to_be_bytes());
+        enc.push(0);
+        enc.extend_from_slice(&40_000u32.to_be_bytes());
+        for i in 0..40_000 {
+            let name = format!("h{i}");
+            enc.extend_from_slice(&(name.len() as u64).to_be_bytes());
+            enc.extend_from_slice(name.as_bytes());
+            enc.extend_from_slice(&0u64.to_be_bytes());
+        }
+        enc.push(0);
+        enc.extend_from_slice(&0u64.to_be_bytes());
+        assert!(decode(&enc).is_err());
+    }
+
+    #[test]
     fn expiries_are_whole_positive_milliseconds() {
         assert_eq!(millis(Duration::ZERO), 1);
-        assert_eq!(millis(Duration::from_micros(1500)), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 2);
+        assert_eq!(millis(Duration::from_millis(7)), 7);
         assert_eq!(millis(Duration::from_secs(86_400)), 86_400_000);
         assert!(millis(Duration::MAX) <= i64::MAX as u64);
     }

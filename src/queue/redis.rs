@@ -193,7 +193,7 @@ const REMAKE_EVERY: Duration = Duration::from_secs(2);
 /// the kernel's retransmission timeout, about 15 minutes: every call timed out until
 /// then. So does a connection to a node demoted by a failover (`READONLY`) that a
 /// DNS name now puts elsewhere.
-struct Link {
+pub(crate) struct Link {
     conn: std::sync::RwLock<ConnectionManager>,
     client: ::redis::Client,
     config: ConnectionManagerConfig,
@@ -206,8 +206,53 @@ struct Link {
 }
 
 impl Link {
+    /// Connects to `url` for `what` (named in the errors), on the current runtime.
+    ///
+    /// # Errors
+    /// [`QueueError::Unavailable`] if the server cannot be reached,
+    /// [`QueueError::Backend`] for an invalid URL, credentials or database the server
+    /// refuses, or outside a Tokio runtime.
+    pub(crate) async fn open(
+        url: &str,
+        what: &str,
+        response_timeout: Duration,
+    ) -> Result<Arc<Self>, QueueError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            QueueError::Backend(format!("{what}: connecting needs a Tokio runtime: {e}").into())
+        })?;
+        // No URL in the error: one that does not parse may not be redacted right (a
+        // `/` in its password), and the error is logged.
+        let client = ::redis::Client::open(url)
+            .map_err(|e| QueueError::Backend(format!("{what}: invalid URL: {e}").into()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(response_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
+            .await
+            .map_err(|e| {
+                let url = crate::queue::envelope::RedactedUri(url);
+                // Refused credentials or database (`AUTH`, `SELECT`) are a configuration
+                // error, not an outage to wait out.
+                match map_err(e) {
+                    QueueError::Unavailable(e) => {
+                        QueueError::Unavailable(format!("redis at {url:?} unreachable: {e}").into())
+                    }
+                    e => QueueError::Backend(format!("redis at {url:?}: {e}").into()),
+                }
+            })?;
+        Ok(Arc::new(Self {
+            conn: std::sync::RwLock::new(conn),
+            client,
+            config,
+            runtime,
+            remade: std::sync::Mutex::new((None, false)),
+        }))
+    }
+
     /// The current connection (a cheap clone: calls on it share its socket).
-    fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> ConnectionManager {
         self.conn
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -219,7 +264,7 @@ impl Link {
     /// refused whole) also has the connection made again in the background, unless the
     /// old one still answers a `PING` (calls in flight on the old one end as they
     /// would).
-    fn failed(self: &Arc<Self>, e: RedisError) -> QueueError {
+    pub(crate) fn failed(self: &Arc<Self>, e: RedisError) -> QueueError {
         if e.is_timeout() || demoted(&e) {
             self.remake(demoted(&e));
         }
@@ -386,36 +431,12 @@ impl RedisQueue {
             ));
         }
         let url = options.url();
-        // No URL in the error: one that does not parse may not be redacted right (a
-        // `/` in its password), and the error is logged.
-        let client = ::redis::Client::open(url.as_str()).map_err(|e| {
-            QueueError::Backend(format!("redis queue {name}: invalid URL: {e}").into())
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(options.response_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
-            .await
-            .map_err(|e| {
-                let url = crate::queue::envelope::RedactedUri(&url);
-                // Refused credentials or database (`AUTH`, `SELECT`) are a configuration
-                // error, not an outage to wait out.
-                match map_err(e) {
-                    QueueError::Unavailable(e) => {
-                        QueueError::Unavailable(format!("redis at {url:?} unreachable: {e}").into())
-                    }
-                    e => QueueError::Backend(format!("redis at {url:?}: {e}").into()),
-                }
-            })?;
-        let link = Arc::new(Link {
-            conn: std::sync::RwLock::new(conn),
-            client,
-            config,
-            runtime: runtime.clone(),
-            remade: std::sync::Mutex::new((None, false)),
-        });
+        let link = Link::open(
+            &url,
+            &format!("redis queue {name}"),
+            options.response_timeout,
+        )
+        .await?;
         let p = format!("postbox:{{{}}}:", options.name);
         let keys = [
             "stream", "dead", "msgs", "attempts", "nb", "keys", "leases", "delayed", "ready",
