@@ -49,10 +49,11 @@ impl EnqueueConfig {
     /// A stored message expires (is dead-lettered instead of replayed) `ttl` after the
     /// request was made.
     ///
-    /// Keep it within the receiving service's idempotency ttl (the
-    /// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)'s is 24 hours by
-    /// default): a replay after the receiver forgot the key runs the request again, and
-    /// an effect whose first attempt went through happens twice.
+    /// Keep it below the receiving service's idempotency ttl, with a margin for the
+    /// replay itself (the [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)'s
+    /// is 25 hours by default, against this 24): a replay after the receiver forgot the
+    /// key runs the request again, and an effect whose first attempt went through
+    /// happens twice.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
