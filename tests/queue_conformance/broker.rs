@@ -328,6 +328,28 @@ pub async fn enqueue_while_cut<Q: Queue + 'static>(
     acked
 }
 
+/// [`enqueue_while_cut`] through `proxy`, each cut dropping its connections; checks that
+/// the client connected again. (The caller keeps the proxy: the client goes on
+/// through it.)
+#[cfg(any(feature = "nats", feature = "amqp"))]
+pub async fn enqueue_while_the_proxy_cuts<Q: Queue + 'static>(
+    q: Arc<Q>,
+    proxy: &Arc<crate::proxy::Proxy>,
+) -> Vec<postbox::queue::MessageId> {
+    let accepted = proxy.accepted();
+    let cutter = proxy.clone();
+    let cut: Cut = Arc::new(move || {
+        cutter.cut();
+        Box::pin(async {})
+    });
+    let acked = enqueue_while_cut(q, cut).await;
+    assert!(
+        proxy.accepted() > accepted,
+        "the client never connected again"
+    );
+    acked
+}
+
 /// Leases at `now` until `n` messages came (for 100 polls 50 ms apart), `Unavailable`
 /// tried again (100 times): after a cut the broker puts a dead connection's deliveries
 /// back on its own schedule, and a loaded machine may end a fetch early.
