@@ -310,13 +310,11 @@ async fn the_configured_server_stack_shares_keys_through_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_stops_answering_is_made_again() {
     let proxy = proxy::Proxy::start(proxy::host_port(&url())).await;
-    let store = RedisStore::connect_with(
-        &format!("redis://{}/", proxy.addr()),
-        Duration::from_millis(300),
-    )
-    .await
-    .unwrap()
-    .prefix(fresh_prefix());
+    let through = url().replacen(&proxy::host_port(&url()), &proxy.addr().to_string(), 1);
+    let store = RedisStore::connect_with(&through, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .prefix(fresh_prefix());
     assert!(matches!(
         store.claim("before", LOCK).await.unwrap(),
         Claim::Proceed(_)

@@ -932,7 +932,9 @@ impl Breaker {
             if !below && generation(self.word.load(Acquire)) != generation(w) {
                 // A transition cleared the window after these totals were read (this
                 // thread was preempted): its "below the minimum" stands, else the
-                // successes of the new window would go unevaluated.
+                // successes of the new window would go unevaluated. (A success of the
+                // new window recorded between the swap and this store skips its
+                // evaluation; the next outcome makes it.)
                 self.below_minimum.store(true, Release);
                 return;
             }
@@ -1188,7 +1190,9 @@ impl Breaker {
                 // (the rate may have risen past the threshold, or fallen below the
                 // minimum).
                 if expired && !self.below_minimum.load(Relaxed) {
-                    self.below_minimum.store(true, Relaxed);
+                    // A read-modify-write, not a store: it keeps the release sequence of
+                    // a transition's sweep intact for `judge`'s swap.
+                    self.below_minimum.swap(true, Relaxed);
                 }
                 (t, 0, *minimum_calls)
             }

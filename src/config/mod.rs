@@ -658,6 +658,8 @@ fn server_bulkhead<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BulkheadCon
 #[non_exhaustive]
 pub struct IdempotencySection {
     /// Responses remembered in memory (default 10 000; claims in progress come on top).
+    /// Not used with a store of your own
+    /// ([`layer_with_store`](ServerConfig::layer_with_store)).
     pub capacity: usize,
     /// How long a response is remembered (default 25 h: an hour past the 24 h a
     /// deferred request may wait in a client's queue, so a replay started just before

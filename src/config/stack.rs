@@ -338,7 +338,8 @@ impl ServerConfig {
     }
 
     /// [`layer`](Self::layer) with the idempotency layer on `store` instead of a
-    /// [`MemoryStore`] of `idempotency.capacity` (which is then not used): a shared
+    /// [`MemoryStore`] of `idempotency.capacity` (which is then not used, though still
+    /// validated, as is `max_body`'s cap of the in-memory store's 256 MiB): a shared
     /// store, such as `RedisStore` (feature `redis`), that every instance of the
     /// service uses and that a restart keeps (see "Exactly-once effect" in the
     /// `enqueue` docs).

@@ -82,8 +82,9 @@ pub enum Claim {
 /// its key forever); completing, releasing or extending then acts only on the claim the
 /// [`ClaimToken`] names.
 ///
-/// Implemented by [`MemoryStore`]; a shared store (Redis, a database) lets every
-/// instance of a service answer duplicates.
+/// Implemented by [`MemoryStore`] and, with the `redis` feature, by `RedisStore`; a
+/// shared store (Redis, a database) lets every instance of a service answer
+/// duplicates.
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Claims `key` for `lock_for`, or reports it in progress or done.
     ///

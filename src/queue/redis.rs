@@ -206,7 +206,8 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Connects to `url` for `what` (named in the errors), on the current runtime.
+    /// Connects to `url` for `what` (named in the errors about the runtime and the URL;
+    /// the others name the server), on the current runtime.
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the server cannot be reached,

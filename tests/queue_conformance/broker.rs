@@ -289,7 +289,7 @@ pub async fn enqueue_while_cut<Q: Queue + 'static>(
                         }
                         Err(QueueError::Unavailable(_)) => {
                             unavailable.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(20)).await
+                            tokio::time::sleep(Duration::from_millis(50)).await
                         }
                         Err(e) => panic!("expected Unavailable, got {e}"),
                     }
