@@ -124,6 +124,7 @@ impl Drop for PrivateServer {
 }
 
 /// Waits (up to `within`) until `what`, a private server on `port`, accepts connections.
+#[cfg(any(feature = "nats", feature = "amqp"))]
 pub async fn accepting(what: &str, port: u16, within: Duration) {
     let step = Duration::from_millis(50);
     for _ in 0..within.as_millis() / step.as_millis() {
@@ -145,6 +146,7 @@ pub enum Redelivery {
     ExactlyOnce,
     /// De-duplication is in-process: an enqueue whose acknowledgement was lost with the
     /// connection, then retried, may be stored twice (at least once, never lost).
+    #[cfg_attr(not(feature = "amqp"), allow(dead_code))] // only RabbitMQ's
     AtLeastOnce,
 }
 
