@@ -57,6 +57,24 @@ fn response(body: &'static str) -> StoredResponse {
     }
 }
 
+/// Two instances of one service (one prefix, a connection each).
+async fn two_instances() -> (RedisStore, RedisStore) {
+    let prefix = fresh_prefix();
+    (instance(&prefix).await, instance(&prefix).await)
+}
+
+/// Claims `key`, which no request holds: its token.
+async fn claim_fresh(
+    store: &RedisStore,
+    key: &str,
+    lock_for: Duration,
+) -> postbox::idempotency::ClaimToken {
+    match store.claim(key, lock_for).await.unwrap() {
+        Claim::Proceed(token) => token,
+        other => panic!("a fresh key is claimed, not {other:?}"),
+    }
+}
+
 /// Polls `claim` until it answers `Proceed` (a claim expiring on the server's clock),
 /// for at most 2 s.
 async fn claim_once_free(store: &RedisStore, key: &str) -> postbox::idempotency::ClaimToken {
@@ -74,11 +92,8 @@ const TTL: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn a_key_claimed_on_one_instance_is_in_progress_on_another_then_answered() {
-    let prefix = fresh_prefix();
-    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
-    let Claim::Proceed(token) = a.claim("k", LOCK).await.unwrap() else {
-        panic!("a fresh key is claimed");
-    };
+    let (a, b) = two_instances().await;
+    let token = claim_fresh(&a, "k", LOCK).await;
     assert_eq!(b.claim("k", LOCK).await.unwrap(), Claim::InProgress);
     a.complete("k", token, response("order 42"), TTL)
         .await
@@ -103,11 +118,8 @@ async fn a_key_claimed_on_one_instance_is_in_progress_on_another_then_answered()
 /// its first holder: only the new holder's token acts on the key.
 #[tokio::test]
 async fn a_claim_taken_over_is_left_to_its_new_holder() {
-    let prefix = fresh_prefix();
-    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
-    let Claim::Proceed(first) = a.claim("k", Duration::from_millis(50)).await.unwrap() else {
-        panic!("a fresh key is claimed");
-    };
+    let (a, b) = two_instances().await;
+    let first = claim_fresh(&a, "k", Duration::from_millis(50)).await;
     // Taken over once the first claim expired (on the server's clock).
     let second = claim_once_free(&b, "k").await;
     assert_ne!(first, second);
@@ -137,11 +149,8 @@ async fn a_claim_taken_over_is_left_to_its_new_holder() {
 /// answered, not run again.
 #[tokio::test]
 async fn a_response_whose_claim_expired_untaken_is_remembered() {
-    let prefix = fresh_prefix();
-    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
-    let Claim::Proceed(token) = a.claim("k", Duration::from_millis(50)).await.unwrap() else {
-        panic!("a fresh key is claimed");
-    };
+    let (a, b) = two_instances().await;
+    let token = claim_fresh(&a, "k", Duration::from_millis(50)).await;
     // Until the claim has expired on the server's clock (without claiming the key).
     let mut raw = redis_connection().await;
     let mut expired = false;
@@ -194,11 +203,8 @@ async fn an_unreadable_response_is_not_taken_for_a_free_key() {
 /// `release` (called from `Drop`) frees the key on a task of its own.
 #[tokio::test]
 async fn a_released_claim_frees_the_key() {
-    let prefix = fresh_prefix();
-    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
-    let Claim::Proceed(token) = a.claim("k", LOCK).await.unwrap() else {
-        panic!("a fresh key is claimed");
-    };
+    let (a, b) = two_instances().await;
+    let token = claim_fresh(&a, "k", LOCK).await;
     a.release("k", token);
     claim_once_free(&b, "k").await;
 }

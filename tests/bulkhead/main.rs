@@ -24,6 +24,16 @@ fn callers(
     ((0..n).map(|_| Spawn::new(svc.clone())).collect(), handle)
 }
 
+/// A bulkhead of one permit and one waiter, who waits at most `max_wait`.
+fn one_permit_one_waiter(max_wait: Duration) -> BulkheadLayer {
+    BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(1)
+        .max_wait(max_wait)
+        .build()
+        .unwrap()
+}
+
 fn is_full(err: &BoxError) -> bool {
     find_cause::<Full>(&**err).is_some()
 }
@@ -66,12 +76,7 @@ async fn fail_fast_by_default_rejects_when_all_permits_are_taken() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiter_times_out_after_exactly_max_wait() {
-    let layer = BulkheadLayer::builder()
-        .max_concurrent(1)
-        .max_waiting(1)
-        .max_wait(Duration::from_millis(250))
-        .build()
-        .unwrap();
+    let layer = one_permit_one_waiter(Duration::from_millis(250));
     let (mut c, _handle) = callers(&layer, 2);
     assert_ready_ok!(c[0].poll_ready());
     let _f0 = c[0].call(0);
@@ -90,12 +95,7 @@ async fn a_waiter_times_out_after_exactly_max_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiter_polled_late_reports_how_long_it_really_waited() {
-    let layer = BulkheadLayer::builder()
-        .max_concurrent(1)
-        .max_waiting(1)
-        .max_wait(Duration::from_millis(50))
-        .build()
-        .unwrap();
+    let layer = one_permit_one_waiter(Duration::from_millis(50));
     let (mut c, _handle) = callers(&layer, 2);
     assert_ready_ok!(c[0].poll_ready());
     let _f0 = c[0].call(0);
@@ -113,12 +113,7 @@ async fn a_waiter_polled_late_reports_how_long_it_really_waited() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiter_gets_the_permit_a_finished_call_releases() {
-    let layer = BulkheadLayer::builder()
-        .max_concurrent(1)
-        .max_waiting(1)
-        .max_wait(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let layer = one_permit_one_waiter(Duration::from_secs(1));
     let (mut c, mut handle) = callers(&layer, 2);
     assert_ready_ok!(c[0].poll_ready());
     let mut f0 = tokio_test::task::spawn(c[0].call(0));
@@ -162,12 +157,7 @@ async fn a_dropped_ready_service_releases_its_reserved_permit() {
 
 #[tokio::test(start_paused = true)]
 async fn a_dropped_waiter_gives_back_its_waiting_slot() {
-    let layer = BulkheadLayer::builder()
-        .max_concurrent(1)
-        .max_waiting(1)
-        .max_wait(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let layer = one_permit_one_waiter(Duration::from_secs(1));
     let (mut c, _handle) = callers(&layer, 3);
     assert_ready_ok!(c[0].poll_ready());
     let _f0 = c[0].call(0);
@@ -218,12 +208,7 @@ async fn a_rejected_service_takes_a_permit_freed_before_its_next_poll_ready() {
 /// when it is polled again, instead of failing with its stale rejection.
 #[tokio::test(start_paused = true)]
 async fn a_rejected_service_waits_in_a_slot_freed_before_its_next_poll_ready() {
-    let layer = BulkheadLayer::builder()
-        .max_concurrent(1)
-        .max_waiting(1)
-        .max_wait(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let layer = one_permit_one_waiter(Duration::from_secs(1));
     let (mut c, mut handle) = callers(&layer, 3);
     assert_ready_ok!(c[0].poll_ready());
     let mut f0 = tokio_test::task::spawn(c[0].call(0));
@@ -246,12 +231,7 @@ async fn a_rejected_service_waits_in_a_slot_freed_before_its_next_poll_ready() {
 /// rejected, and its call fails with `Full`, unless a permit is free by then.
 #[tokio::test(start_paused = true)]
 async fn a_service_rejected_after_waiting_does_not_wait_again_when_polled_again() {
-    let layer = BulkheadLayer::builder()
-        .max_concurrent(1)
-        .max_waiting(1)
-        .max_wait(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let layer = one_permit_one_waiter(Duration::from_secs(1));
     let (mut c, mut handle) = callers(&layer, 2);
     assert_ready_ok!(c[0].poll_ready());
     let _running = c[0].call(0);

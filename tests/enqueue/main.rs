@@ -129,6 +129,16 @@ fn over_a_failing_dependency(
     (queue, dep, svc)
 }
 
+/// The error of a call answered by `answer` that a full queue could not defer, and the
+/// dependency that saw it.
+async fn refused_by_a_full_queue(
+    answer: impl Fn() -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
+) -> (BoxError, Dependency) {
+    let queue = Arc::new(MemoryQueue::with_capacity(0));
+    let (out, dep) = defer_with(&queue, answer).await;
+    (out.unwrap_err(), dep)
+}
+
 async fn defer_with(
     queue: &Arc<MemoryQueue>,
     answer: impl Fn() -> Result<Res, BoxError> + Clone + Send + Sync + 'static,
@@ -916,9 +926,7 @@ async fn a_slow_request_body_does_not_hold_a_bulkhead_permit() {
 
 #[tokio::test(start_paused = true)]
 async fn queue_failure_returns_an_error_carrying_both_failures() {
-    let queue = Arc::new(MemoryQueue::with_capacity(0));
-    let (out, _) = defer_with(&queue, || Err(boxed(Open::new(Duration::from_secs(5))))).await;
-    let err = out.unwrap_err();
+    let (err, _) = refused_by_a_full_queue(|| Err(boxed(Open::new(Duration::from_secs(5))))).await;
     let not = err.downcast_ref::<NotEnqueued>().expect("NotEnqueued");
     assert!(matches!(
         not.queue_error(),
@@ -938,9 +946,7 @@ async fn queue_failure_returns_an_error_carrying_both_failures() {
 
 #[tokio::test(start_paused = true)]
 async fn failed_response_that_cannot_be_stored_is_an_error_not_a_receipt() {
-    let queue = Arc::new(MemoryQueue::with_capacity(0));
-    let (out, _) = defer_with(&queue, || Ok(respond(502, "bad gateway"))).await;
-    let err = out.unwrap_err();
+    let (err, _) = refused_by_a_full_queue(|| Ok(respond(502, "bad gateway"))).await;
     let not = err.downcast_ref::<NotEnqueued>().unwrap();
     assert!(not.original().to_string().contains("502"));
 }
@@ -950,9 +956,7 @@ async fn failed_response_that_cannot_be_stored_is_an_error_not_a_receipt() {
 /// the request at most once although the failed attempt may have taken effect.
 #[tokio::test(start_paused = true)]
 async fn a_request_that_could_not_be_deferred_names_the_key_its_attempts_carried() {
-    let queue = Arc::new(MemoryQueue::with_capacity(0));
-    let (out, dep) = defer_with(&queue, || Ok(respond(503, "down"))).await;
-    let err = out.unwrap_err();
+    let (err, dep) = refused_by_a_full_queue(|| Ok(respond(503, "down"))).await;
     let not = err.downcast_ref::<NotEnqueued>().unwrap();
     let sent = dep.keys()[0].clone().expect("the attempt carried a key");
     assert_eq!(not.idempotency_key(), Some(sent.as_str()));
