@@ -137,10 +137,11 @@ pub(crate) fn is_binary_web(headers: &HeaderMap) -> bool {
         })
 }
 
-/// The trailers frame of a gRPC-Web-text (base64) body, decoded. A server may send the
-/// body as several base64 chunks, each padded: each is decoded on its own.
+/// A gRPC-Web-text (base64) body decoded into its gRPC-Web frames, or `None` if it is
+/// not base64. A server may send the body as several base64 chunks, each padded: each
+/// is decoded on its own.
 #[cfg(feature = "grpc")]
-pub(crate) fn web_text_trailers(body: &[u8]) -> Option<HeaderMap> {
+pub(crate) fn web_text_decode(body: &[u8]) -> Option<Vec<u8>> {
     use base64::Engine as _;
     let engine = &base64::engine::general_purpose::STANDARD;
     let mut decoded = Vec::with_capacity(body.len() / 4 * 3);
@@ -159,11 +160,11 @@ pub(crate) fn web_text_trailers(body: &[u8]) -> Option<HeaderMap> {
         engine.decode_vec(&chunk, &mut decoded).ok()?;
         rest = &rest[end..];
     }
-    frames_trailers(&decoded).map(|(_, trailers)| trailers)
+    Some(decoded)
 }
 
 /// The trailers frame of a body of gRPC-Web frames: where it starts, and its headers.
-fn frames_trailers(body: &[u8]) -> Option<(usize, HeaderMap)> {
+pub(crate) fn frames_trailers(body: &[u8]) -> Option<(usize, HeaderMap)> {
     let mut rest = body;
     while let [flags, a, b, c, d, after @ ..] = rest {
         let len = usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).ok()?;

@@ -28,9 +28,10 @@ pin_project! {
         state: State<F, B>,
         // `None`: a method named `stream_through`, returned at once.
         limit: Option<usize>,
-        // The request was not a gRPC call (a REST route, a Connect call, behind the same
-        // stack): its answer is passed on untouched.
-        passthrough: bool,
+        // `Some(true)`: the request was not a gRPC call (a REST route, a Connect call,
+        // behind the same stack), its answer is passed on untouched. `None`: it had no
+        // content type, and its answer tells.
+        passthrough: Option<bool>,
         classifier: GrpcClassifier,
         hook: Arc<H>,
     }
@@ -91,7 +92,7 @@ impl<F, B, H> ResponseFuture<F, B, H> {
     pub(crate) fn new(
         fut: F,
         limit: Option<usize>,
-        passthrough: bool,
+        passthrough: Option<bool>,
         classifier: GrpcClassifier,
         hook: Arc<H>,
     ) -> Self {
@@ -139,8 +140,15 @@ where
                     // Not a gRPC call (a REST route or a Connect call behind the same
                     // stack): its answer is passed on untouched, not read for a status it
                     // cannot have. (A gRPC call answered with a `200` page is `UNKNOWN`,
-                    // below, as the gRPC spec says.)
-                    if *this.passthrough {
+                    // below, as the gRPC spec says.) A request without a content type
+                    // (a `GET`, a Connect `GET`) is known by its answer: one with another
+                    // content type and no `grpc-status` is not a gRPC server's.
+                    let passthrough = this.passthrough.unwrap_or_else(|| {
+                        !parts.headers.contains_key("grpc-status")
+                            && parts.headers.contains_key(http::header::CONTENT_TYPE)
+                            && !crate::http::is_grpc(&parts.headers)
+                    });
+                    if passthrough {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(Response::from_parts(
                             parts,
@@ -262,34 +270,20 @@ fn finish<B, H: OnGrpcStatus>(
     classifier: &GrpcClassifier,
     hook: &H,
 ) -> Response<GrpcStatusBody<B, H>> {
-    // gRPC-Web carries its trailers in the body, as a last frame: read from there, and
-    // the body left as it is unless the status is promoted into the headers (its
-    // trailers-only form). Before, it looked like an answer without a status: every
-    // one became `UNKNOWN`, its body emptied.
-    if matches!(
-        crate::http::grpc_kind(&parts.headers),
-        Some(crate::http::GrpcKind::Web | crate::http::GrpcKind::WebText)
-    ) {
-        if let Some((end, web)) = crate::classify::grpc::web_trailers(&parts.headers, &data) {
-            let messages = data.slice(..end);
-            return finish_web(parts, data, messages, web, classifier, hook);
-        }
-        // Base64 (`-text`): the status is read from its decoded trailers frame and
-        // reported, the body passed on as it is (a non-OK status stays in it). No
-        // trailers frame: an answer without a status.
-        let web = match crate::http::grpc_kind(&parts.headers) {
-            Some(crate::http::GrpcKind::WebText) => crate::classify::grpc::web_text_trailers(&data),
-            _ => None,
+    // gRPC-Web carries its trailers in the body, as a last frame: read from there (a
+    // base64 body decoded first), and the body left as it is unless the status is
+    // promoted into the headers (its trailers-only form), as for gRPC. Before, it looked
+    // like an answer without a status: every one became `UNKNOWN`, its body emptied.
+    if let Some(kind @ (crate::http::GrpcKind::Web | crate::http::GrpcKind::WebText)) =
+        crate::http::grpc_kind(&parts.headers)
+    {
+        let frames = match kind {
+            crate::http::GrpcKind::WebText => {
+                Bytes::from(crate::classify::grpc::web_text_decode(&data).unwrap_or_default())
+            }
+            _ => data.clone(),
         };
-        let code = web.as_ref().and_then(GrpcCode::from_headers);
-        let outcome = GrpcOutcome::new(
-            code.unwrap_or(GrpcCode::Unknown),
-            classifier.classify_trailers(web.as_ref()),
-            false,
-        );
-        hook.on_grpc_status(&outcome);
-        parts.extensions.insert(outcome);
-        return Response::from_parts(parts, GrpcStatusBody::buffered(data, trailers));
+        return finish_web(parts, data, frames, classifier, hook);
     }
     let code = trailers.as_ref().and_then(GrpcCode::from_headers);
     let outcome = GrpcOutcome::new(
@@ -337,31 +331,36 @@ fn finish<B, H: OnGrpcStatus>(
     Response::from_parts(parts, GrpcStatusBody::empty())
 }
 
-/// [`finish`] for a binary gRPC-Web answer whose body (`data`) ends with its trailers
-/// frame (`trailers`, after the message frames `frames`): a non-OK status of an answer with at most one
-/// message is promoted into the headers and the body dropped, as for gRPC; otherwise
-/// the body goes on as it is (its trailers in it).
+/// [`finish`] for a gRPC-Web answer: `data` is its body as it came, `frames` the same
+/// as gRPC-Web frames (decoded from base64 for `-text`), its status in the trailers frame
+/// that ends them. A non-OK or missing status of an answer with at most one message is
+/// promoted into the headers and the body dropped, as for gRPC; otherwise the body goes
+/// on as it is (its trailers in it).
 fn finish_web<B, H: OnGrpcStatus>(
     mut parts: Parts,
     data: Bytes,
     frames: Bytes,
-    trailers: HeaderMap,
     classifier: &GrpcClassifier,
     hook: &H,
 ) -> Response<GrpcStatusBody<B, H>> {
-    let code = GrpcCode::from_headers(&trailers);
+    let (messages_end, trailers) = crate::classify::grpc::frames_trailers(&frames)
+        .map_or((frames.len(), None), |(end, t)| (end, Some(t)));
+    let code = trailers.as_ref().and_then(GrpcCode::from_headers);
     let outcome = GrpcOutcome::new(
         code.unwrap_or(GrpcCode::Unknown),
-        classifier.classify_trailers(Some(&trailers)),
+        classifier.classify_trailers(trailers.as_ref()),
         false,
     );
     hook.on_grpc_status(&outcome);
     parts.extensions.insert(outcome);
-    if code.is_none_or(|c| c == GrpcCode::Ok) || messages(&frames) > 1 {
+    if code == Some(GrpcCode::Ok) || messages(&frames[..messages_end]) > 1 {
         return Response::from_parts(parts, GrpcStatusBody::buffered(data, None));
     }
-    for (name, value) in &trailers {
+    for (name, value) in trailers.iter().flatten() {
         parts.headers.append(name, value.clone());
+    }
+    if code.is_none() {
+        stand_in_unknown(&mut parts.headers);
     }
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, GrpcStatusBody::empty())
@@ -398,6 +397,7 @@ fn messages(data: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classify::Classify;
     use crate::grpc::GrpcStatusLayer;
     use http_body_util::{BodyExt, Full};
     use tower::{Layer, ServiceExt, service_fn};
@@ -489,17 +489,54 @@ mod tests {
         assert_eq!(outcome.code(), GrpcCode::Ok);
         assert!(!outcome.classification().is_failure());
 
-        // Base64: no trailers frame, an answer without a status; passed on as it is.
+        // Base64: no trailers frame, an answer without a status: `UNKNOWN`, as for gRPC.
         let (parts, data) = call_web("application/grpc-web-text", b"AAAAAARwb25n".to_vec()).await;
-        assert!(parts.headers.get("grpc-status").is_none());
-        assert_eq!(&data[..], b"AAAAAARwb25n");
+        assert_eq!(parts.headers["grpc-status"], "2");
+        assert!(data.is_empty());
         let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
         assert_eq!(outcome.code(), GrpcCode::Unknown);
     }
 
+    /// A gRPC-Web answer without a status (no trailers frame, or one without
+    /// `grpc-status`) is `UNKNOWN` in the headers, as a gRPC one is, its metadata kept:
+    /// the layers above read a failure. (It went on as it came: the hook was told
+    /// `UNKNOWN`, the retry and the breaker read a success.) One with two messages keeps
+    /// them.
+    #[tokio::test]
+    async fn a_grpc_web_answer_without_a_status_is_unknown_in_the_headers() {
+        const WEB: &str = "application/grpc-web+proto";
+        for body in [
+            web_frame(0, b"pong"),
+            [web_frame(0, b"pong"), web_frame(0x80, b"x-trace: 1\r\n")].concat(),
+        ] {
+            let (parts, data) = call_web(WEB, body.clone()).await;
+            assert_eq!(parts.headers["grpc-status"], "2", "{body:?}");
+            assert!(data.is_empty());
+            let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+            assert_eq!(outcome.code(), GrpcCode::Unknown);
+            let c = Classify::<_, BoxError>::classify(
+                &GrpcClassifier::new(),
+                Ok(&Response::from_parts(parts, ())),
+            );
+            assert!(c.is_failure());
+        }
+        let (parts, _) = call_web(
+            WEB,
+            [web_frame(0, b"pong"), web_frame(0x80, b"x-trace: 1\r\n")].concat(),
+        )
+        .await;
+        assert_eq!(parts.headers["x-trace"], "1");
+        let two = [web_frame(0, b"a"), web_frame(0, b"b")].concat();
+        let (parts, data) = call_web(WEB, two.clone()).await;
+        assert!(parts.headers.get("grpc-status").is_none());
+        assert_eq!(&data[..], &two[..]);
+    }
+
     /// gRPC-Web-text (base64, often sent as one padded chunk per frame): its status is
-    /// read from the decoded trailers frame and reported; the body goes on unchanged.
-    /// (Every such answer, an OK one too, was reported `UNKNOWN`, a failure.)
+    /// read from the decoded trailers frame and reported; an OK answer goes on unchanged,
+    /// a non-OK one is promoted into the headers as a binary one is. (Every such answer,
+    /// an OK one too, was reported `UNKNOWN`, a failure; then a non-OK one went on as it
+    /// came, read as a success by the layers above.)
     #[tokio::test]
     async fn a_grpc_web_text_status_is_read_from_its_decoded_trailers_frame() {
         use base64::Engine as _;
@@ -518,8 +555,13 @@ mod tests {
             whole.extend(web_frame(0x80, trailers.as_bytes()));
             for body in [chunked, b64(&whole)] {
                 let (parts, data) = call_web(TEXT, body.clone().into_bytes()).await;
-                assert!(parts.headers.get("grpc-status").is_none());
-                assert_eq!(&data[..], body.as_bytes(), "the body goes on as it was");
+                if failure {
+                    assert_eq!(parts.headers["grpc-status"], status, "{body}");
+                    assert!(data.is_empty(), "trailers-only form");
+                } else {
+                    assert!(parts.headers.get("grpc-status").is_none());
+                    assert_eq!(&data[..], body.as_bytes(), "the body goes on as it was");
+                }
                 let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
                 assert_eq!(outcome.code(), code, "{body}");
                 assert_eq!(outcome.classification().is_failure(), failure);
@@ -612,6 +654,44 @@ mod tests {
         assert_eq!(&data[..], b"{\"id\":7}");
         let (parts, _) = answer_json("application/grpc").await;
         assert_eq!(parts.headers["grpc-status"], "2");
+    }
+
+    /// A request without a content type (a REST `GET`, a Connect `GET`) is known by its
+    /// answer: one with another content type and no `grpc-status` is passed on
+    /// untouched. (It was read as a gRPC call's: emptied and stamped `UNKNOWN`, so every
+    /// healthy `GET` counted as a failure above.) An answer in gRPC's content type, or
+    /// with a `grpc-status`, is still read.
+    #[tokio::test]
+    async fn a_request_without_a_content_type_is_known_by_its_answer() {
+        let answer = |content_type: &'static str, status: Option<&'static str>| {
+            let svc =
+                GrpcStatusLayer::new().layer(service_fn(move |_: http::Request<()>| async move {
+                    let mut res = Response::new(Full::new(Bytes::from_static(b"{\"id\":7}")));
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static(content_type),
+                    );
+                    if let Some(status) = status {
+                        res.headers_mut()
+                            .insert("grpc-status", HeaderValue::from_static(status));
+                    }
+                    Ok::<_, BoxError>(res)
+                }));
+            let req = http::Request::get("http://a/orders/7").body(()).unwrap();
+            async move {
+                let (parts, body) = svc.oneshot(req).await.unwrap().into_parts();
+                (parts, body.collect().await.unwrap().to_bytes())
+            }
+        };
+        let (parts, data) = answer("application/json", None).await;
+        assert!(parts.headers.get("grpc-status").is_none());
+        assert!(parts.extensions.get::<GrpcOutcome>().is_none());
+        assert_eq!(&data[..], b"{\"id\":7}");
+        let (parts, _) = answer("application/grpc", None).await;
+        assert_eq!(parts.headers["grpc-status"], "2");
+        let (parts, _) = answer("text/plain", Some("14")).await;
+        let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+        assert_eq!(outcome.code(), GrpcCode::Unavailable);
     }
 
     #[tokio::test]

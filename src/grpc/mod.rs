@@ -37,6 +37,9 @@
 //!   bidirectional method: a long stream of small messages would otherwise be held
 //!   until it ends (and an attempt timeout around it would cut it).
 //!
+//! A gRPC-Web answer (binary, or base64 `-text`, decoded to be read) is read the same
+//! way, its status taken from the trailers frame that ends its body.
+//!
 //! Either way the final [`GrpcOutcome`] is put in the response's extensions when it is
 //! known before returning. A streamed gRPC-Web answer (`application/grpc-web`, binary)
 //! is reported with the status of the trailers frame that ends its body; a streamed
@@ -116,7 +119,9 @@ use crate::classify::grpc::GrpcCode;
 /// Put in the response's extensions by [`GrpcStatus`] when the status is known before
 /// the response is returned, and given to the [`OnGrpcStatus`] hook for every response
 /// to a gRPC call (a request whose content type is another's, a REST route or a
-/// Connect call behind the same stack, is passed on untouched).
+/// Connect call behind the same stack, is passed on untouched, as is the answer to a
+/// request without a content type, a `GET`, when it has another content type and no
+/// `grpc-status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrpcOutcome {
     code: GrpcCode,

@@ -103,9 +103,12 @@ where
 
     fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
         let limit = (!self.streams(req.uri().path())).then_some(self.limit);
-        // A request with a content type that is not gRPC's is another protocol's.
-        let passthrough = req.headers().contains_key(http::header::CONTENT_TYPE)
-            && !crate::http::is_grpc(req.headers());
+        // A request with a content type that is not gRPC's is another protocol's; one
+        // without a content type is known by its answer (`None`).
+        let passthrough = req
+            .headers()
+            .contains_key(http::header::CONTENT_TYPE)
+            .then(|| !crate::http::is_grpc(req.headers()));
         ResponseFuture::new(
             self.inner.call(req),
             limit,
