@@ -195,9 +195,20 @@ pub(crate) mod http_codec {
     }
 
     /// Sets the idempotency key header.
-    pub(crate) fn set_key(headers: &mut HeaderMap, key: &str) {
+    fn set_key(headers: &mut HeaderMap, key: &str) {
         if let Ok(v) = HeaderValue::from_str(key) {
             headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), v);
+        }
+    }
+
+    /// Writes the key of a request that may be deferred into its headers: the key made
+    /// for it (`made`), or only the first of the caller's. A request that goes out as
+    /// it is (kept synchronous, a body over the limit) keeps its headers as they came.
+    pub(crate) fn send_key(headers: &mut HeaderMap, key: &str, made: bool) {
+        if made {
+            set_key(headers, key);
+        } else {
+            keep_first_key(headers);
         }
     }
 
@@ -205,7 +216,7 @@ pub(crate) mod http_codec {
     /// the request goes out with the one key it is stored under, or the first attempt
     /// and the replay would differ (and a server reading the last value would see two
     /// keys).
-    pub(crate) fn keep_first_key(headers: &mut HeaderMap) {
+    fn keep_first_key(headers: &mut HeaderMap) {
         let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
         if let (Some(first), Some(_)) = (values.next().cloned(), values.next()) {
             headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), first);

@@ -328,12 +328,11 @@ mod http_future {
                             }
                             Ok(true) => {
                                 let mut parts = parts;
-                                if made {
-                                    crate::enqueue::codec::http_codec::set_key(
-                                        &mut parts.headers,
-                                        &key,
-                                    );
-                                }
+                                crate::enqueue::codec::http_codec::send_key(
+                                    &mut parts.headers,
+                                    &key,
+                                    made,
+                                );
                                 let bytes = buf.freeze();
                                 let capture = Capture::http(key, &parts, bytes.clone());
                                 let held = crate::http::body::HeldWhole(bytes.len());

@@ -403,7 +403,7 @@ mod http_flavour {
     use crate::BoxError;
     use crate::classify::Classify;
     use crate::enqueue::BufferedBody;
-    use crate::enqueue::codec::http_codec::{keep_first_key, key_of, opens_a_connection, set_key};
+    use crate::enqueue::codec::http_codec::{key_of, opens_a_connection, send_key};
     use crate::enqueue::future::ResponseFuture;
     use crate::queue::Queue;
     use bytes::Bytes;
@@ -528,15 +528,12 @@ mod http_flavour {
                 let req = Request::from_parts(parts, body);
                 return ResponseFuture::readying(self.inner.clone(), req, None, shared);
             }
-            // A key made here is sent only with a request that may be deferred (its body
-            // kept): one that goes out as it is keeps its headers, or the key would make
-            // it retry-safe for a retry outside, and a server that ignores keys could
-            // apply it twice.
+            // A key made here (or the first of several given) is sent only with a
+            // request that may be deferred (its body kept): one that goes out as it is
+            // keeps its headers, or the key would make it retry-safe for a retry
+            // outside, and a server that ignores keys could apply it twice.
             let (key, made) = match key_of(&parts.headers) {
-                Some(key) => {
-                    keep_first_key(&mut parts.headers);
-                    (key, false)
-                }
+                Some(key) => (key, false),
                 None => (super::new_idempotency_key(), true),
             };
             if body.size_hint().lower() > config.max_body as u64 {
@@ -548,9 +545,7 @@ mod http_flavour {
                 return ResponseFuture::readying(self.inner.clone(), req, None, shared);
             }
             if body.is_end_stream() {
-                if made {
-                    set_key(&mut parts.headers, &key);
-                }
+                send_key(&mut parts.headers, &key, made);
                 let capture = Capture::http(key, &parts, Bytes::new());
                 let req = Request::from_parts(parts, BufferedBody::empty());
                 return ResponseFuture::readying(self.inner.clone(), req, Some(capture), shared);

@@ -813,6 +813,57 @@ async fn body_with_known_size_over_limit_is_not_read_ahead() {
     assert_eq!(depth(&queue).await, Depth::default());
 }
 
+/// A request that cannot be deferred (its body over `max_body`, known from its size or
+/// found while reading it) goes out with its headers as they came, every key it was
+/// given included: only a request the layer may defer is sent with the one key it is
+/// stored under. (Its second key was dropped.)
+#[tokio::test(start_paused = true)]
+async fn a_request_over_the_limit_keeps_every_key_it_was_given() {
+    fn with_two_keys<B>(req: &mut Request<B>) {
+        req.headers_mut()
+            .append(IDEMPOTENCY_KEY_HEADER, "a".parse().unwrap());
+        req.headers_mut()
+            .append(IDEMPOTENCY_KEY_HEADER, "b".parse().unwrap());
+    }
+    let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new().max_body(4));
+    let mut req = post("http://api.test/orders", "0123456789");
+    with_two_keys(&mut req);
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(dep.seen.lock().unwrap()[0].1.as_deref(), Some("a, b"));
+    assert_eq!(depth(&queue).await, Depth::default());
+
+    // Found over the limit while it was read (no size known ahead).
+    let keys = Arc::new(Mutex::new(Vec::new()));
+    let seen = keys.clone();
+    let inner = service_fn(move |req: Request<BufferedBody<Frames>>| {
+        let keys: Vec<_> = req
+            .headers()
+            .get_all(IDEMPOTENCY_KEY_HEADER)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        seen.lock().unwrap().push(keys);
+        async move { Ok::<Res, BoxError>(respond(503, "down")) }
+    });
+    let queue = Arc::new(MemoryQueue::new());
+    let svc = EnqueueFallbackLayer::with_config(queue.clone(), EnqueueConfig::new().max_body(4))
+        .unwrap()
+        .layer(inner);
+    let frames: Vec<_> = ["012", "345", "6789"]
+        .iter()
+        .map(|p| Ok(http_body::Frame::data(Bytes::from_static(p.as_bytes()))))
+        .collect();
+    let mut req = Request::post("http://api.test/orders")
+        .body(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+        .unwrap();
+    with_two_keys(&mut req);
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(*keys.lock().unwrap(), [vec!["a", "b"]]);
+    assert_eq!(depth(&queue).await, Depth::default());
+}
+
 /// A body whose size hint says 10 bytes, none of which ever come.
 struct SaysTen;
 
