@@ -783,7 +783,6 @@ fn open_db(path: &Path, options: &EmbeddedOptions) -> Result<Database, QueueErro
     if let Some(bytes) = options.cache_size {
         builder.set_cache_size(bytes);
     }
-    let created = !path.exists();
     // redb documents that a damaged file may panic on open when not checked; never let
     // that escape as a panic.
     let db = match catch_unwind(AssertUnwindSafe(|| builder.create(path))) {
@@ -795,13 +794,14 @@ fn open_db(path: &Path, options: &EmbeddedOptions) -> Result<Database, QueueErro
             )));
         }
     };
-    if created {
-        sync_dir_of(path)?;
-    }
+    // On every open, not only the one that created the file: that one may have been
+    // killed, or its sync failed, after the file was made, and the file found there
+    // next time would never have its name made durable.
+    sync_dir_of(path)?;
     Ok(db)
 }
 
-/// Syncs the directory holding the file just created at `path`: the file's own syncs
+/// Syncs the directory holding the file at `path`: the file's own syncs
 /// (every commit's) do not make its name durable (POSIX), so a power loss could take
 /// a new queue file, and the messages it acknowledged, with it.
 fn sync_dir_of(path: &Path) -> Result<(), QueueError> {
@@ -826,7 +826,7 @@ fn sync_dir_of(path: &Path) -> Result<(), QueueError> {
             Err(e) => {
                 return Err(QueueError::Backend(
                     format!(
-                        "{}: syncing the directory of the new file: {e}",
+                        "{}: syncing the directory of the queue file: {e}",
                         path.display()
                     )
                     .into(),
