@@ -690,7 +690,9 @@ pub struct ReplayStats {
     pub returned: u64,
     /// Put back uncalled and uncounted: leased while a replay to the same destination
     /// had just met an open breaker (or our own full limit), and due again when its
-    /// break (or pause) ends.
+    /// break (or pause) ends; or handed out again by the queue while its own replay
+    /// still ran here (a RabbitMQ connection that dropped, a NATS consumer made anew),
+    /// and due again when that replay's lease ends.
     pub held_back: u64,
 }
 
@@ -1356,7 +1358,7 @@ where
     }
 
     /// Back to the queue for `delay`, uncounted and uncalled: its destination's breaker
-    /// is open.
+    /// is open (or its limit full), or its own replay still runs.
     async fn hold_back(&mut self, token: LeaseToken, delay: Duration) {
         let call = Settle::Later {
             token,
