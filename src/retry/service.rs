@@ -124,7 +124,8 @@ where
 }
 
 /// Out of line, so `call` stays small enough to inline (and to build its future in
-/// place). The clock is read only now and then (see [`RetryBudget::deposit_with`]).
+/// place). The precise clock is read only where no coarse one is found (see
+/// [`RetryBudget::deposit_with`]).
 ///
 /// [`RetryBudget::deposit_with`]: super::RetryBudget::deposit_with
 #[inline(never)]
