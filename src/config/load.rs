@@ -295,35 +295,92 @@ fn strip_location(message: String) -> String {
 /// line `from`, where the parser placed the error: for errors of custom deserializers,
 /// serde_yaml places them at the start of the enclosing map (searched forward),
 /// serde_json at its end (searched backward), toml at or before the value. The value
-/// standing whole (`"500"`, not inside `"500ms"`) comes first.
-fn quoted_value(text: &str, format: Format, message: &str, from: usize) -> Option<(usize, usize)> {
+/// standing whole (`"500"`, not inside `"500ms"`) comes first, and first of all where it
+/// is the value of the field the error is in (`path`, when known): an earlier value
+/// that looks the same (`max_retries: 2` before `deadline: 2`) is another field's.
+fn quoted_value(
+    text: &str,
+    format: Format,
+    message: &str,
+    from: usize,
+    path: Option<&str>,
+) -> Option<(usize, usize)> {
     const P: &str = "duration `";
     let rest = &message[message.find(P)? + P.len()..];
     let value = &rest[..rest.find('`')?];
     if value.trim().is_empty() {
         return None;
     }
-    let whole = |l: &str| {
-        l.match_indices(value).map(|(c, _)| c).find(|&c| {
+    fn whole<'a>(l: &'a str, value: &'a str) -> impl Iterator<Item = usize> + 'a {
+        l.match_indices(value).map(|(c, _)| c).filter(move |&c| {
             let before = l[..c].chars().next_back();
             let after = l[c + value.len()..].chars().next();
             before.is_none_or(|b| matches!(b, '"' | '\'' | ' ' | '\t' | ':' | '='))
                 && after.is_none_or(|a| matches!(a, '"' | '\'' | ' ' | '\t' | ',' | '}' | '#'))
         })
-    };
+    }
     let all: Vec<(usize, &str)> = text.lines().enumerate().collect();
+    let at = |n: usize, l: &str, c: usize| (n + 1, l[..c].chars().count() + 1);
+    // The field's own value: its key before it, from the line that sets the field.
+    let key = path
+        .and_then(|p| p.rsplit('.').next())
+        .map(|k| k.split('[').next().unwrap_or(k));
+    if let Some(key) = key.filter(|k| !k.is_empty()) {
+        let start = path.and_then(|p| line_of_field(text, p)).unwrap_or(1) - 1;
+        let own = all[start.min(all.len())..]
+            .iter()
+            .chain(&all)
+            .find_map(|&(n, l)| {
+                whole(l, value)
+                    .map(|c| at(n, l, c))
+                    .find(|&(ln, col)| key_at(text, ln, col).as_deref() == Some(key))
+            });
+        if own.is_some() {
+            return own;
+        }
+    }
     let lines: Vec<(usize, &str)> = match format {
         Format::Json => all[..from.min(all.len())].iter().rev().copied().collect(),
         _ => all[from.saturating_sub(1).min(all.len())..].to_vec(),
     };
-    let at = |n: usize, l: &str, c: usize| (n + 1, l[..c].chars().count() + 1);
     let found = |find: &dyn Fn(&str) -> Option<usize>| {
         lines
             .iter()
             .chain(&all)
             .find_map(|&(n, l)| find(l).map(|c| at(n, l, c)))
     };
-    found(&whole).or_else(|| found(&|l: &str| l.find(value)))
+    found(&|l: &str| whole(l, value).next()).or_else(|| found(&|l: &str| l.find(value)))
+}
+
+/// The dotted path of the field a value in `text` failed to parse in
+/// (`client.deadline`), found by parsing again with the path tracked: only on an
+/// error's path, so a load that succeeds pays nothing for it.
+fn error_path<T: DeserializeOwned>(text: &str, format: Format) -> Option<String> {
+    let path = match format {
+        Format::Toml => {
+            let de = toml::Deserializer::parse(text).ok()?;
+            serde_path_to_error::deserialize::<_, T>(de)
+                .err()?
+                .path()
+                .to_string()
+        }
+        Format::Json => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            serde_path_to_error::deserialize::<_, T>(&mut de)
+                .err()?
+                .path()
+                .to_string()
+        }
+        Format::Yaml => {
+            let de = serde_yaml::Deserializer::from_str(text);
+            serde_path_to_error::deserialize::<_, T>(de)
+                .err()?
+                .path()
+                .to_string()
+        }
+    };
+    // `?` stands for a segment it could not name; `.` for the root.
+    (!path.contains('?') && path != ".").then_some(path)
 }
 
 fn syntax(
@@ -332,8 +389,9 @@ fn syntax(
     message: String,
     mut line: Option<usize>,
     mut col: Option<usize>,
+    path: Option<&str>,
 ) -> LoadError {
-    if let Some((l, c)) = quoted_value(text, format, &message, line.unwrap_or(1)) {
+    if let Some((l, c)) = quoted_value(text, format, &message, line.unwrap_or(1), path) {
         (line, col) = (Some(l), Some(c));
     }
     let unknown = unknown_field(&message);
@@ -359,6 +417,17 @@ fn syntax(
 
 /// Parses `text` as `T`, with errors located in `text`.
 fn parse<T: DeserializeOwned>(text: &str, format: Format) -> Result<T, LoadError> {
+    // A bad value's field, for the messages that quote the value (not the field).
+    let path = |message: &str| {
+        message
+            .contains("duration `")
+            .then(|| error_path::<T>(text, format))
+            .flatten()
+    };
+    let syntax = |message: String, line, col| {
+        let path = path(&message);
+        syntax(text, format, message, line, col, path.as_deref())
+    };
     match format {
         Format::Toml => toml::from_str(text).map_err(|e| {
             let (line, col) = match e.span() {
@@ -368,7 +437,7 @@ fn parse<T: DeserializeOwned>(text: &str, format: Format) -> Result<T, LoadError
                 }
                 None => (None, None),
             };
-            syntax(text, format, e.message().trim().to_owned(), line, col)
+            syntax(e.message().trim().to_owned(), line, col)
         }),
         Format::Json => serde_json::from_str(text).map_err(|e| {
             let (line, col) = (e.line(), e.column());
@@ -377,13 +446,11 @@ fn parse<T: DeserializeOwned>(text: &str, format: Format) -> Result<T, LoadError
             } else {
                 (Some(line), Some(col))
             };
-            syntax(text, format, strip_location(e.to_string()), line, col)
+            syntax(strip_location(e.to_string()), line, col)
         }),
         Format::Yaml => serde_yaml::from_str(text).map_err(|e| {
             let loc = e.location();
             syntax(
-                text,
-                format,
                 strip_location(e.to_string()),
                 loc.as_ref().map(|l| l.line()),
                 loc.as_ref().map(|l| l.column()),
@@ -612,10 +679,24 @@ fn load_with<T: DeserializeOwned>(
     // (Its own error when the value tree fails too: the strict parse stopped only at a
     // field the preset may supply, the tree at what is wrong, a duplicate key say.)
     let mut value = to_value(text, format)?;
+    let before = strict.is_ok().then(|| value.clone());
     presets(&mut value).map_err(|e| invalid(text, format, e))?;
-    let config: T = match serde_json::from_value(value) {
+    // No preset changed anything: the strict parse is the config. (The value tree
+    // reads a YAML key whose list items are all commented out as `null`, where the
+    // typed parse reads `[]`: it failed, naming neither field nor line.)
+    let strict = match strict {
+        Ok(config) if before.as_ref() == Some(&value) => {
+            validate(&config).map_err(|e| invalid(text, format, e))?;
+            return Ok(config);
+        }
+        other => other,
+    };
+    let config: T = match serde_path_to_error::deserialize(value) {
         Ok(config) => config,
         Err(e) => {
+            let path = e.path().to_string();
+            let path = (!path.contains('?') && path != ".").then_some(path);
+            let e = e.into_inner();
             // Still missing a field: the strict error says where.
             let strict = match strict {
                 Err(strict) if e.to_string().contains("missing field") => return Err(strict),
@@ -630,10 +711,24 @@ fn load_with<T: DeserializeOwned>(
             {
                 return Err(invalid(text, format, e));
             }
-            // Located in the text where it names a key of it (an unknown field).
+            // Without a typed parse to ask (it missed a field the preset supplies), a
+            // `null` where a number goes is the NaN or infinity the tree cannot hold.
+            if let Some(path) = &path
+                && e.to_string()
+                    .starts_with("invalid type: null, expected f64")
+            {
+                let e = ConfigError::new(path.clone(), "must be a finite number");
+                return Err(invalid(text, format, e));
+            }
             let message = format!("after applying the preset: {e}");
-            let line = unknown_field(&message).and_then(|f| line_of_field(text, &f));
-            return Err(syntax(text, format, message, line, None));
+            // Located in the text where it names a key of it (an unknown field), or
+            // by the path of the field it failed in.
+            if let Some(field) = unknown_field(&message) {
+                let line = line_of_field(text, &field);
+                return Err(syntax(text, format, message, line, None, None));
+            }
+            let line = path.as_deref().and_then(|p| line_of_field(text, p));
+            return Err(LoadError::new(Some(format), Kind::Syntax(message)).at(path, line, None));
         }
     };
     validate(&config).map_err(|e| invalid(text, format, e))?;

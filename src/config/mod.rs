@@ -46,7 +46,7 @@
 //! | the breaker's `slow_call_duration < attempt_timeout` (the breaker sits outside the attempt's timeout, so a call is never slower than that) | `client.circuit_breaker.slow_call_duration` |
 //! | the longest the backoff can wait across `retry.max_retries` retries (each delay at its cap, with any jitter: `100ms, 200ms, 400ms` for three exponential retries from `100ms`; a server's `Retry-After` is not counted) `≤ deadline` | `client.retry.backoff.max_delay` |
 //! | a client bulkhead that lets callers wait (`max_waiting > 0`) sets `max_wait ≤ deadline` (it waits within the deadline, which would cut a longer wait short) | `client.bulkhead.max_wait` |
-//! | `enqueue.sync_methods` are upper-case (methods are case-sensitive: `"get"` would keep no `GET` synchronous) | `client.enqueue.sync_methods` |
+//! | `enqueue.sync_methods` are HTTP methods in upper case (methods are case-sensitive: `"get"` would keep no `GET` synchronous) | `client.enqueue.sync_methods` |
 //! | `enqueue.sync_routes` are paths: each starts with `/` and has no query or fragment (`"payments"` would keep nothing synchronous, `""` every route) | `client.enqueue.sync_routes` |
 //! | a bulkhead's `max_wait` is set only with `max_waiting > 0` (it bounds nothing otherwise) | `client.bulkhead.max_wait`, `server.bulkhead.max_wait` |
 //! | `preset` names a preset of its section (so a rendered config loads back) | `client.preset`, `server.preset` |
@@ -985,11 +985,23 @@ impl ClientConfig {
                 ),
             ));
         }
+        // Any method token (`M-SEARCH`, `M_SEARCH`, `PURGE2`), in upper case.
         if let Some(m) = self
             .enqueue
             .sync_methods
             .iter()
-            .find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-'))
+            .find(|m| http::Method::from_bytes(m.as_bytes()).is_err())
+        {
+            return Err(ConfigError::new(
+                f("enqueue.sync_methods"),
+                format!("{m:?} is not an HTTP method"),
+            ));
+        }
+        if let Some(m) = self
+            .enqueue
+            .sync_methods
+            .iter()
+            .find(|m| m.bytes().any(|b| b.is_ascii_lowercase()))
         {
             return Err(ConfigError::new(
                 f("enqueue.sync_methods"),

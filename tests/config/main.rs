@@ -169,6 +169,56 @@ fn a_bad_duration_is_located_at_its_own_field_not_at_an_earlier_lookalike() {
     }
 }
 
+/// A bad duration that looks like another field's number (`max_retries: 2` before
+/// `deadline: 2`, `minimum_calls = 10` before `break_duration = "10"` in one inline
+/// table) is located at its own field: the first lookalike was taken, named, and its
+/// line given.
+#[test]
+fn a_bad_duration_is_located_at_its_own_field_not_at_another_fields_number() {
+    for (text, format, field, line) in [
+        (
+            "client:\n  retry:\n    max_retries: 2\n  deadline: 2\n",
+            Format::Yaml,
+            "deadline",
+            4,
+        ),
+        (
+            "[client]\ncircuit_breaker = { minimum_calls = 10, break_duration = \"10\" }\n",
+            Format::Toml,
+            "break_duration",
+            2,
+        ),
+        (
+            r#"{"client":{"circuit_breaker":{"minimum_calls": 10, "break_duration": "10"}}}"#,
+            Format::Json,
+            "break_duration",
+            1,
+        ),
+        (
+            "{\n  \"client\": {\n    \"deadline\": \"2\",\n    \"retry\": {\"max_retries\": 2}\n  }\n}",
+            Format::Json,
+            "deadline",
+            3,
+        ),
+    ] {
+        let e = StackConfig::from_str(text, format).unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("missing unit"), "{format}: {shown}");
+        assert_eq!(
+            (e.field(), e.line()),
+            (Some(field), Some(line)),
+            "{format}: {shown}"
+        );
+    }
+    // The column too, inside the inline table.
+    let e = StackConfig::from_str(
+        "[client]\ncircuit_breaker = { minimum_calls = 10, break_duration = \"10\" }\n",
+        Format::Toml,
+    )
+    .unwrap_err();
+    assert_eq!(e.column(), Some(59), "{e}");
+}
+
 #[test]
 fn a_server_bulkhead_table_without_max_concurrent_keeps_the_server_default() {
     let toml = "[server]\ndeadline = \"5s\"\n[server.bulkhead]\nmax_waiting = 0\n";
@@ -381,6 +431,31 @@ fn a_lower_case_sync_method_is_an_error() {
     assert!(e.to_string().contains("\"GET\""), "{e}");
 }
 
+/// Any upper-case method token is a method (`M_SEARCH`, `PURGE2`): they were refused as
+/// "not upper-case", with the same spelling suggested. What is no method at all (a
+/// space, an empty name) is refused as such.
+#[test]
+fn an_upper_case_method_token_is_a_sync_method() {
+    let c = StackConfig::from_str(
+        "[client.enqueue]\nsync_methods = [\"M_SEARCH\", \"PURGE2\", \"M-SEARCH\"]\n",
+        Format::Toml,
+    )
+    .unwrap();
+    assert_eq!(
+        c.client.enqueue.sync_methods,
+        ["M_SEARCH", "PURGE2", "M-SEARCH"]
+    );
+    for bad in ["", "GET POST"] {
+        let e = StackConfig::from_str(
+            &format!("[client.enqueue]\nsync_methods = [{bad:?}]\n"),
+            Format::Toml,
+        )
+        .unwrap_err();
+        assert_eq!(e.field(), Some("client.enqueue.sync_methods"), "{e}");
+        assert!(e.to_string().contains("not an HTTP method"), "{e}");
+    }
+}
+
 /// A preset's breaker window can be changed one field at a time, as every other table:
 /// `[client.circuit_breaker.window] duration = "60s"` keeps the preset's `type` and
 /// `buckets` (it failed with "missing field `type`").
@@ -475,6 +550,38 @@ fn a_non_finite_number_in_a_file_names_its_field() {
             "{format}: {e}"
         );
     }
+}
+
+/// A NaN beside a partial override of a preset's table (no typed parse to name it:
+/// that one misses the table's `type`) names its field and line; a YAML list whose items
+/// are all commented out is the empty list the typed parse reads, or, under a preset,
+/// an error naming its field and line. (Both failed as "after applying the preset: invalid type: null", no field,
+/// no line, the second with no preset in the file.)
+#[test]
+fn a_null_in_the_value_tree_names_its_field_or_reads_as_the_typed_parse_does() {
+    let text = "[client]\npreset = \"standard_http_client\"\n[client.circuit_breaker.window]\nduration = \"60s\"\n[client.retry.backoff]\nfactor = nan\n";
+    let e = StackConfig::from_str(text, Format::Toml).unwrap_err();
+    assert!(e.to_string().contains("finite"), "{e}");
+    assert_eq!(
+        (e.field(), e.line()),
+        (Some("client.retry.backoff.factor"), Some(6)),
+        "{e}"
+    );
+
+    let yaml = "client:\n  enqueue:\n    sync_methods:\n    #  - GET\n";
+    let c = StackConfig::from_str(yaml, Format::Yaml).unwrap();
+    assert!(c.client.enqueue.sync_methods.is_empty());
+    let with_preset = format!(
+        "client:\n  preset: standard_http_client\n{}",
+        &yaml["client:\n".len()..]
+    );
+    // With a preset the tree's `null` replaces the preset's list: an error, located.
+    let e = StackConfig::from_str(&with_preset, Format::Yaml).unwrap_err();
+    assert_eq!(
+        (e.field(), e.line()),
+        (Some("client.enqueue.sync_methods"), Some(4)),
+        "{e}"
+    );
 }
 
 /// `scope_by` must name a header: a bad one is an error naming the field, a good one
