@@ -141,10 +141,33 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     }
 
     /// Resolves when `key` may have stopped being in progress (completed, released,
-    /// or its claim expired). The default polls every 50 ms.
+    /// or its claim expired). The default polls every 50 ms; polled outside a Tokio
+    /// runtime (the layer driven inline), where there is no timer, it yields once.
+    ///
+    /// A store of its own that overrides it and may be polled outside a runtime must
+    /// not make a Tokio timer there (it panics).
     fn wait(&self, key: &str) -> impl Future<Output = ()> + Send {
         let _ = key;
-        tokio::time::sleep(Duration::from_millis(50))
+        let sleep = tokio::runtime::Handle::try_current()
+            .is_ok()
+            .then(|| tokio::time::sleep(Duration::from_millis(50)));
+        async move {
+            match sleep {
+                Some(sleep) => sleep.await,
+                None => {
+                    let mut yielded = false;
+                    std::future::poll_fn(|cx| {
+                        if std::mem::replace(&mut yielded, true) {
+                            std::task::Poll::Ready(())
+                        } else {
+                            cx.waker().wake_by_ref();
+                            std::task::Poll::Pending
+                        }
+                    })
+                    .await;
+                }
+            }
+        }
     }
 }
 
