@@ -546,9 +546,17 @@ where
                 };
                 tokio::time::sleep_until(at).await;
             };
+            // Once the client has gone, the work is not polled past the claim's end, not
+            // even in the tick the cut-off fires in: a duplicate may have taken the key
+            // over at that instant. (The clock is read only then.)
+            let cut_off = client_gone.then_some(claim_ends);
+            let work_in_claim = std::future::poll_fn(|cx| match cut_off {
+                Some(at) if tokio::time::Instant::now() >= at => Poll::Pending,
+                _ => work.as_mut().poll(cx),
+            });
             tokio::select! {
                 biased;
-                handled = &mut work => return handled,
+                handled = work_in_claim => return handled,
                 _ = &mut gone, if !client_gone => client_gone = true,
                 () = wake, if timed => {
                     if client_gone {

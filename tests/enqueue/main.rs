@@ -4294,6 +4294,33 @@ async fn a_body_that_never_ends_is_dropped_lock_for_after_the_client_left() {
     assert_eq!(Arc::strong_count(&alive), 1, "the body is still being read");
 }
 
+/// A handler that would finish in the very tick its claim ends, after its client left,
+/// is cut off then: past the claim a duplicate may take the key over in that same tick.
+/// (The handler was polled first, and made its effect after the claim had ended.)
+#[tokio::test(start_paused = true)]
+async fn a_handler_is_not_polled_past_its_claim_once_its_client_left() {
+    let done = Arc::new(AtomicUsize::new(0));
+    let done2 = done.clone();
+    let handler = service_fn(move |_req: Served| {
+        let done = done2.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            done.fetch_add(1, Ordering::SeqCst); // the effect
+            Ok::<_, std::convert::Infallible>(respond(201, "order #1"))
+        }
+    });
+    let mut svc = IdempotencyLayer::new(100)
+        .lock_for(Duration::from_secs(5))
+        .unwrap()
+        .layer(handler);
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let mut first = task::spawn(svc.call(keyed("k")));
+    assert_pending!(first.poll());
+    drop(first); // the client goes away
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(done.load(Ordering::SeqCst), 0, "polled past its claim");
+}
+
 /// The client goes away (or a deadline outside gives up) while the handler runs: the
 /// handler is not cut off between its effect and its answer, which would leave the key
 /// free for the retry to make the effect twice. It runs to its end, and the duplicate
