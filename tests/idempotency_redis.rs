@@ -209,6 +209,35 @@ async fn a_released_claim_frees_the_key() {
     claim_once_free(&b, "k").await;
 }
 
+/// A claim dropped after its script ran but before its answer was read (the request
+/// cancelled) is released: nobody holds it. (The key stayed in progress, for nobody,
+/// for `lock_for`.)
+#[tokio::test]
+async fn a_claim_dropped_before_its_answer_is_read_frees_the_key() {
+    let (a, b) = two_instances().await;
+    let mut raw = redis_connection().await;
+    let mut claiming = Box::pin(a.claim("k", LOCK));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(claiming.as_mut().poll(cx)));
+    assert!(first.await.is_pending(), "answered without a round trip");
+    // Until the claim is on the server (the answer, on its way back, is never read).
+    let mut taken = false;
+    for _ in 0..200 {
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(a.redis_key("k"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        if exists == 1 {
+            taken = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(taken, "the claim never reached the server");
+    drop(claiming);
+    claim_once_free(&b, "k").await;
+}
+
 type Served = Request<FingerprintedBody<Full<Bytes>>>;
 
 fn keyed(key: &str) -> Request<Full<Bytes>> {

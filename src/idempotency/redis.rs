@@ -189,6 +189,38 @@ impl fmt::Debug for RedisStore {
     }
 }
 
+/// A claim asked for and not yet answered: released on drop while `armed` (see
+/// [`RedisStore::claim`]).
+struct Unanswered<'a> {
+    store: &'a RedisStore,
+    rkey: String,
+    token: ClaimToken,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // the claim ends at its expiry
+        };
+        let (store, rkey, token) = (
+            self.store.clone(),
+            std::mem::take(&mut self.rkey),
+            self.token,
+        );
+        runtime.spawn(async move {
+            let mut script = RELEASE.key(&rkey);
+            script.arg(claim_value(token));
+            if let Err(e) = store.run::<i64>(script).await {
+                tracing::debug!(error = %e, "unanswered idempotency claim not released; it ends at its expiry");
+            }
+        });
+    }
+}
+
 /// The value of a claim: `C` and the token.
 fn claim_value(token: ClaimToken) -> Vec<u8> {
     let mut v = Vec::with_capacity(9);
@@ -217,7 +249,20 @@ impl IdempotencyStore for RedisStore {
             let token = ClaimToken::random();
             let mut script = CLAIM.key(&rkey);
             script.arg(claim_value(token)).arg(millis(lock_for));
+            // Until its answer is read, the claim may have been taken on the server
+            // for a caller that will never hold it: this future dropped while the
+            // script ran (the request cancelled), or its reply lost (the response
+            // timeout). Released then, or the key would be in progress, for nobody,
+            // for `lock_for`.
+            let mut unanswered = Unanswered {
+                store: self,
+                rkey,
+                token,
+                armed: true,
+            };
             let v: Vec<u8> = self.run(script).await?;
+            unanswered.armed = false;
+            let rkey = &unanswered.rkey;
             match v.first() {
                 Some(b'P') => Ok(Claim::Proceed(token)),
                 Some(b'C') => Ok(Claim::InProgress),
