@@ -204,7 +204,9 @@ mod http_mapping {
     }
 
     /// The response for any error: a postbox error's mapping, or
-    /// `500 Internal Server Error`. Usable as an axum `HandleErrorLayer` function.
+    /// `500 Internal Server Error`. With axum's `HandleErrorLayer`, which takes an
+    /// async function: `HandleErrorLayer::new(|e: BoxError| async move {
+    /// postbox::error::into_response(e) })`.
     ///
     /// A 500's body is a fixed text: the error (an upstream's address, a file path) is
     /// logged at `error` level, not sent to the client.
