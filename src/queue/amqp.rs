@@ -885,7 +885,7 @@ impl Inner {
         let Some((inner, rt)) = self.beside("returns kept for a cancelled publish") else {
             return;
         };
-        let until = Instant::now() + self.timeout;
+        let until = crate::clock::later(Instant::now(), self.timeout);
         let mut reaping = self.reaping.lock().unwrap_or_else(|e| e.into_inner());
         let running = !reaping.is_empty();
         match reaping
@@ -1686,11 +1686,38 @@ impl Inner {
         Ok(u64::from(q.message_count()))
     }
 
+    /// The messages ready in each of the three queues, read with passive declares on
+    /// `ch`.
+    async fn ready_in_each(&self, ch: &Channel) -> lapin::Result<[u64; 3]> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let mut counts = [0; 3];
+        for (count, queue) in counts
+            .iter_mut()
+            .zip([&self.queue, &self.delay_queue, &self.dead_queue])
+        {
+            let declare = ch.queue_declare(queue, passive, FieldTable::default());
+            *count = u64::from(timed(self.timeout, declare).await?.message_count());
+        }
+        Ok(counts)
+    }
+
     async fn depth(&self) -> Result<Depth, QueueError> {
-        let (ch, epoch) = self.current().await?;
-        let ready = self.ready(&ch, epoch, &self.queue).await?
-            + self.ready(&ch, epoch, &self.delay_queue).await?;
-        let dead = self.ready(&ch, epoch, &self.dead_queue).await?;
+        // On a channel of its own: a passive declare of a queue deleted by hand closes
+        // its channel, and on the shared one the broker would requeue every delivery
+        // leased on it (the replayer asks for the depth every poll).
+        let (ch, epoch) = self.own_channel().await?;
+        let counted = self.ready_in_each(&ch).await;
+        if counted.is_ok() {
+            let _ = timed(self.timeout, ch.close(200, "depth")).await;
+        }
+        let [main, delayed, dead] = match counted {
+            Ok(counts) => counts,
+            Err(e) => return Err(self.failed_on_own_channel(e, epoch, "depth").await),
+        };
+        let ready = main + delayed;
         let st = self.state.lock().await;
         let in_flight = st
             .held
@@ -1765,15 +1792,7 @@ impl Inner {
         why: &str,
         mut visit: impl FnMut(&lapin::message::Delivery) -> Walk,
     ) -> Result<u64, QueueError> {
-        let (_, epoch) = self.current().await?;
-        let conn = {
-            let link = self.link.lock().await;
-            let Some(l) = link.as_ref() else {
-                return Err(QueueError::Unavailable("amqp: not connected".into()));
-            };
-            l.conn.clone()
-        };
-        let ch = self.io(epoch, conn.create_channel()).await?;
+        let (ch, epoch) = self.own_channel().await?;
         let mut taken = 0;
         let result = async {
             // The last delivery left, with every one before it: put back below; and
@@ -1831,22 +1850,43 @@ impl Inner {
         let closed = timed(self.timeout, ch.close(200, why)).await;
         match result.and(if taken > 0 { closed } else { Ok(()) }) {
             Ok(()) => Ok(taken),
-            // A refusal on this channel of its own (the dead-letter queue deleted by
-            // hand) closed only it: the connection, and the deliveries leased on it,
-            // are kept (closed, the broker would requeue every one). A missing queue is
-            // declared again for the next call.
-            Err(e) => match soft_error(&e) {
-                Some(soft) => {
-                    if soft == AMQPSoftError::NOTFOUND
-                        && let Ok((main, epoch)) = self.channel().await
-                        && let Err(e) = self.io(epoch, self.declare(&main)).await
-                    {
-                        tracing::warn!(error = %e, "postbox: could not declare the queues again");
-                    }
-                    Err(classify(e, "dead letters"))
+            Err(e) => Err(self.failed_on_own_channel(e, epoch, "dead letters").await),
+        }
+    }
+
+    /// A channel of its own on the current connection, for calls the broker may refuse
+    /// by closing their channel (a queue deleted by hand): the shared channel, and the
+    /// deliveries leased on it, are not closed with it.
+    async fn own_channel(&self) -> Result<(Channel, u64), QueueError> {
+        let (_, epoch) = self.current().await?;
+        let conn = {
+            let link = self.link.lock().await;
+            let Some(l) = link.as_ref() else {
+                return Err(QueueError::Unavailable("amqp: not connected".into()));
+            };
+            l.conn.clone()
+        };
+        let ch = self.io(epoch, conn.create_channel()).await?;
+        Ok((ch, epoch))
+    }
+
+    /// The error of a call on a channel of its own ([`own_channel`](Self::own_channel)).
+    /// A refusal (a queue deleted by hand) closed only that channel: the connection,
+    /// and the deliveries leased on it, are kept (closed, the broker would requeue
+    /// every one); a missing queue is declared again for the next call. Anything else
+    /// fails the connection, as on the shared channel.
+    async fn failed_on_own_channel(&self, e: lapin::Error, epoch: u64, what: &str) -> QueueError {
+        match soft_error(&e) {
+            Some(soft) => {
+                if soft == AMQPSoftError::NOTFOUND
+                    && let Ok((main, epoch)) = self.channel().await
+                    && let Err(e) = self.io(epoch, self.declare(&main)).await
+                {
+                    tracing::warn!(error = %e, "postbox: could not declare the queues again");
                 }
-                None => Err(self.fail(e, epoch).await),
-            },
+                classify(e, what)
+            }
+            None => self.fail(e, epoch).await,
         }
     }
 }

@@ -1379,6 +1379,37 @@ async fn a_refused_dead_letter_read_keeps_the_leases() {
     assert_eq!(ready_in_main_queue(&q).await, 0, "a delivery went back");
 }
 
+/// The same for `depth` (the replayer asks for it every poll): its passive declare of
+/// a queue deleted by hand closes only a channel of its own. (On the shared channel,
+/// the broker put back every delivery leased on it: their acks were `LeaseLost`, and
+/// each was replayed again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_depth_keeps_the_leases() {
+    let (q, _purge) = make(options());
+    for key in ["a", "b"] {
+        q.enqueue(crate::suite::envelope(key)).await.unwrap();
+    }
+    let leased = q
+        .lease(2, Duration::from_secs(60), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 2);
+    let ch = q.channel().await.unwrap();
+    ch.queue_delete(q.queues()[2], Default::default())
+        .await
+        .unwrap();
+    let refused = q.depth().await;
+    assert!(
+        matches!(refused, Err(QueueError::Unavailable(_))),
+        "{refused:?}"
+    );
+    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    q.ack(&tokens).await.unwrap();
+    assert_eq!(ready_in_main_queue(&q).await, 0, "a delivery went back");
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight, depth.dead), (0, 0, 0));
+}
+
 /// An invalid URL is a configuration error (`Backend`), found before any connect: not
 /// an outage (`Unavailable`) that each later call would wait out and try again.
 #[tokio::test]
