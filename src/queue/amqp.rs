@@ -42,7 +42,10 @@
 //! `postbox-idempotency-key`, `postbox-destination` (long strings; left out when over
 //! 4 KiB, which the envelope still holds),
 //! `postbox-not-before`, `postbox-created-at` (Unix milliseconds), `postbox-attempts`;
-//! a dead letter adds `postbox-reason` (cut to 4 KiB).
+//! a dead letter adds `postbox-reason` (cut to 4 KiB). A message that is not an
+//! envelope goes to the dead letters as it is, its properties and headers kept, with
+//! `postbox-reason: undecodable: …` and its `message-id` in
+//! `postbox-original-message-id`.
 //!
 //! # Leases
 //!
@@ -790,8 +793,21 @@ impl Inner {
             .publish_confirmed(ch, epoch, routing_key, &payload, props)
             .await?;
         let answer = self.answer(&c, &envelope.id, routing_key);
+        self.declare_if_returned(ch, epoch, answer, routing_key)
+            .await;
+        Ok(answer)
+    }
+
+    /// A publish came back (`answer`): its queue was deleted by hand, and is declared
+    /// again, for the caller's next try.
+    async fn declare_if_returned(
+        &self,
+        ch: &Channel,
+        epoch: u64,
+        answer: Answer,
+        routing_key: &str,
+    ) {
         if answer == Answer::Returned {
-            // Deleted by hand: declared again, for the caller's next try.
             tracing::error!(
                 queue = routing_key,
                 "postbox: a publish came back: the queue does not exist; declaring it again"
@@ -800,7 +816,6 @@ impl Inner {
                 tracing::warn!(queue = routing_key, error = %e, "postbox: could not declare the queues again");
             }
         }
-        Ok(answer)
     }
 
     /// Publishes `payload` to `routing_key` (`mandatory`) and waits for its confirm, at
@@ -1201,15 +1216,19 @@ impl Inner {
             let mut envelope = match Envelope::decode(&delivery.data) {
                 Ok(e) => e,
                 Err(e) => {
-                    // An id of its own, so its return (if any) is told from another's.
+                    // An id of its own, so its return (if any) is told from another's;
+                    // the message's own properties and headers kept, for the operator
+                    // to tell where it came from, and why it is there.
                     let move_id = MessageId::new_v7().to_string();
-                    let props = BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_message_id(move_id.as_str().into());
+                    let props = undecodable_dead_letter(&delivery.properties, &move_id, &e);
                     let confirmation = self
                         .publish_confirmed(&ch, epoch, &self.dead_queue, &delivery.data, props)
                         .await?;
                     let answer = self.answer(&confirmation, &move_id, &self.dead_queue);
+                    // Its queue deleted by hand: declared again, or every lease would
+                    // meet this message first, and fail, until another call did.
+                    self.declare_if_returned(&ch, epoch, answer, &self.dead_queue)
+                        .await;
                     if answer != Answer::Confirmed {
                         // Not moved: give it back to the queue rather than drop it.
                         let what = format!(
@@ -1694,9 +1713,10 @@ impl Inner {
             ..Default::default()
         };
         let mut counts = [0; 3];
-        for (count, queue) in counts
-            .iter_mut()
-            .zip([&self.queue, &self.delay_queue, &self.dead_queue])
+        for (count, queue) in
+            counts
+                .iter_mut()
+                .zip([&self.queue, &self.delay_queue, &self.dead_queue])
         {
             let declare = ch.queue_declare(queue, passive, FieldTable::default());
             *count = u64::from(timed(self.timeout, declare).await?.message_count());
@@ -1889,6 +1909,50 @@ impl Inner {
             None => self.fail(e, epoch).await,
         }
     }
+}
+
+/// The properties of the dead letter an undecodable message becomes: its own (its
+/// headers, content type, correlation id, …), persistent, with `message_id` (its
+/// original one in `postbox-original-message-id`) and `postbox-reason: undecodable: …`.
+/// Not its expiration (a dead letter waits for an operator), nor its user id (the
+/// broker refuses one that is not the connection's).
+fn undecodable_dead_letter(
+    original: &BasicProperties,
+    message_id: &str,
+    why: &dyn std::fmt::Display,
+) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    let reason = format!("undecodable: {why}");
+    headers.insert(H_REASON.into(), string(cut(&reason, MAX_HEADER_TEXT)));
+    if let Some(id) = original.message_id() {
+        headers.insert(
+            "postbox-original-message-id".into(),
+            AMQPValue::LongString(id.as_str().into()),
+        );
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into())
+        .with_headers(headers);
+    if let Some(v) = original.content_type() {
+        props = props.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        props = props.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        props = props.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        props = props.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        props = props.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        props = props.with_app_id(v.clone());
+    }
+    props
 }
 
 /// `call`, failed as a missed heartbeat if the broker does not answer within `limit`.

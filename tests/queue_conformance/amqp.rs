@@ -1419,3 +1419,93 @@ async fn an_invalid_url_is_a_backend_error() {
         .unwrap_err();
     assert!(matches!(e, QueueError::Backend(_)), "{e}");
 }
+
+/// Publishes `payload` as it is to the queue's RabbitMQ queue `which`, on a channel of
+/// its own (a plain producer), with `message_id` and an `x-trace` header.
+async fn publish_raw(q: &AmqpQueue, which: usize, payload: &[u8], message_id: &str) {
+    let ch = q.channel().await.unwrap();
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-trace".into(),
+        lapin::types::AMQPValue::LongString("abc".into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_message_id(message_id.into())
+        .with_content_type("application/octet-stream".into())
+        .with_headers(headers);
+    ch.basic_publish(
+        "".into(),
+        q.queues()[which].into(),
+        lapin::options::BasicPublishOptions::default(),
+        payload,
+        props,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// A message that is not an envelope (a foreign producer's) goes to the dead-letter
+/// queue with its own properties and headers, a reason, and its original message id;
+/// the lease goes on with the next. (It went with none of them: nothing told where it
+/// came from or why it was there.) With the dead-letter queue deleted by hand, the
+/// first lease fails and declares it again, and the next one moves the message: every
+/// lease failed on it, until some other call declared the queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_message_is_dead_lettered_with_its_properties_and_a_reason() {
+    let (q, _purge) = make(options());
+    publish_raw(&q, 0, b"not an envelope", "orig-1").await;
+    q.enqueue(crate::suite::envelope("good")).await.unwrap();
+    let leased = q
+        .lease(10, Duration::from_secs(60), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].envelope.idempotency_key, "good");
+    let ch = q.channel().await.unwrap();
+    let dead = ch
+        .basic_get(
+            q.queues()[2].into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the undecodable message is in the dead-letter queue");
+    assert_eq!(&dead.delivery.data[..], b"not an envelope");
+    let props = &dead.delivery.properties;
+    let headers = props.headers().clone().unwrap_or_default();
+    let text = |k: &str| match headers.inner().get(k) {
+        Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(text("x-trace"), "abc");
+    assert_eq!(text("postbox-original-message-id"), "orig-1");
+    assert!(text("postbox-reason").starts_with("undecodable:"));
+    assert_eq!(
+        props.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/octet-stream")
+    );
+    q.ack(&[leased[0].token]).await.unwrap();
+
+    // The dead-letter queue deleted by hand.
+    ch.queue_delete(q.queues()[2].into(), Default::default())
+        .await
+        .unwrap();
+    publish_raw(&q, 0, b"not an envelope either", "orig-2").await;
+    q.enqueue(crate::suite::envelope("next")).await.unwrap();
+    let first = q
+        .lease(10, Duration::from_secs(60), crate::suite::at(0))
+        .await;
+    assert!(
+        first.is_err(),
+        "moved to a queue that does not exist: {first:?}"
+    );
+    let leased = q
+        .lease(10, Duration::from_secs(60), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].envelope.idempotency_key, "next");
+    assert_eq!(ready_in(&q, 2).await, 1);
+}
