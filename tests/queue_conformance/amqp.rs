@@ -1434,8 +1434,8 @@ async fn publish_raw(q: &AmqpQueue, which: usize, payload: &[u8], message_id: &s
         .with_content_type("application/octet-stream".into())
         .with_headers(headers);
     ch.basic_publish(
-        "".into(),
-        q.queues()[which].into(),
+        "",
+        q.queues()[which],
         lapin::options::BasicPublishOptions::default(),
         payload,
         props,
@@ -1466,7 +1466,7 @@ async fn an_undecodable_message_is_dead_lettered_with_its_properties_and_a_reaso
     let ch = q.channel().await.unwrap();
     let dead = ch
         .basic_get(
-            q.queues()[2].into(),
+            q.queues()[2],
             lapin::options::BasicGetOptions { no_ack: true },
         )
         .await
@@ -1489,7 +1489,7 @@ async fn an_undecodable_message_is_dead_lettered_with_its_properties_and_a_reaso
     q.ack(&[leased[0].token]).await.unwrap();
 
     // The dead-letter queue deleted by hand.
-    ch.queue_delete(q.queues()[2].into(), Default::default())
+    ch.queue_delete(q.queues()[2], Default::default())
         .await
         .unwrap();
     publish_raw(&q, 0, b"not an envelope either", "orig-2").await;
