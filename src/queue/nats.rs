@@ -229,6 +229,11 @@ struct Held {
     state: HeldState,
     /// When the server last heard from us about this delivery (real time).
     touched: Instant,
+    /// A copy of it may be on its subject, not yet fetched: a move or retry whose
+    /// copy may have been stored failed, or it was leased more than once.
+    copied: bool,
+    /// Leased here at least once.
+    leased: bool,
 }
 
 impl Held {
@@ -241,6 +246,15 @@ impl Held {
     /// What it waits for at `now` (see [`waiting`]).
     fn waiting(&self, now: SystemTime) -> HeldState {
         waiting(self.state, self.envelope.not_before, now)
+    }
+
+    /// Whether a newer copy of it may be on its subject, one `fetch` has not matched to
+    /// it (see [`Inner::settle_copy`]): a move or retry of it failed after its copy may
+    /// have been stored, it was leased again here after a lease that ended unsettled,
+    /// or the server delivered it more than once (another process's lease may have
+    /// left a copy).
+    fn may_have_copy(&self) -> bool {
+        self.copied || self.msg.info().is_ok_and(|i| i.delivered > 1)
     }
 }
 
@@ -546,16 +560,14 @@ impl Inner {
                     let stream = stream.map_err(|e| classify(e, "get stream"))?;
                     match stream.get_last_raw_message_by_subject(&subject).await {
                         Ok(m) => {
-                            let id = m
-                                .headers
-                                .get(H_ID)
-                                .and_then(|v| v.as_str().parse::<MessageId>().ok())
-                                .ok_or_else(|| {
-                                    QueueError::Corrupt(format!(
-                                        "message {} on {subject} has no {H_ID}",
-                                        m.sequence
-                                    ))
-                                })?;
+                            // Written by another producer without the header: its id
+                            // is in its envelope.
+                            let id = id_of(&m.headers, &m.payload).ok_or_else(|| {
+                                QueueError::Corrupt(format!(
+                                    "message {} on {subject} has no {H_ID} and is not an envelope",
+                                    m.sequence
+                                ))
+                            })?;
                             return Ok(Enqueued::Duplicate(id));
                         }
                         // Acked in between: the key is free again, publish once more.
@@ -812,6 +824,8 @@ impl Inner {
                             envelope,
                             state,
                             touched: Instant::now(),
+                            copied: false,
+                            leased: false,
                         },
                     );
                 }
@@ -916,6 +930,10 @@ impl Inner {
             }
             h.envelope.attempts = h.envelope.attempts.saturating_add(1);
             let generation = self.leases.fetch_add(1, Ordering::Relaxed) + 1;
+            // Leased here before, and not settled: that lease's retry may have left a
+            // copy (a reply lost, then given up on).
+            h.copied |= h.leased;
+            h.leased = true;
             h.state = HeldState::Leased(lease_until, generation);
             out.push(Leased {
                 envelope: h.envelope.clone(),
@@ -1041,9 +1059,12 @@ impl Inner {
         let mut failed = None;
         let mut unacked = Vec::new();
         for (r, h) in results.into_iter().zip(taken) {
-            if let Err(e) = r {
-                failed.get_or_insert_with(|| classify_dyn(&*e, "ack"));
-                unacked.push(h);
+            match r {
+                Err(e) => {
+                    failed.get_or_insert_with(|| classify_dyn(&*e, "ack"));
+                    unacked.push(h);
+                }
+                Ok(()) => self.settle_copy(&h).await,
             }
         }
         if let Some(e) = failed {
@@ -1085,10 +1106,24 @@ impl Inner {
         let mut envelope = h.envelope.clone();
         envelope.not_before = not_before;
         let declarations = self.declarations.load(Ordering::Acquire);
-        let mut copied = self
-            .publish_copy(&h, &envelope, "r", sequence(&h.msg))
-            .await;
+        // A copy an earlier lease's retry left (its reply lost, then given up on): the
+        // retry goes after it, which is then deleted; else it would be leased later
+        // with that retry's not-before and attempts, and this retry dropped as its
+        // duplicate.
         let mut superseded = None;
+        let mut last = sequence(&h.msg);
+        if h.may_have_copy()
+            && let Some(seq) = self.newer_copy(&h).await
+        {
+            last = seq;
+        }
+        let mut copied = self.publish_copy(&h, &envelope, "r", last).await;
+        if last != sequence(&h.msg) {
+            superseded = copied
+                .as_ref()
+                .is_ok_and(|ack| !ack.duplicate)
+                .then_some(last);
+        }
         if let Err(e) = &copied
             && e.kind() == PublishErrorKind::WrongLastSequence
         {
@@ -1120,10 +1155,15 @@ impl Inner {
                 let mut h = h;
                 h.envelope.not_before = not_before;
                 h.state = HeldState::Scheduled(not_before);
+                h.leased = false; // settled here, with nothing stored
                 self.put_back(vec![h]).await;
                 return Ok(());
             }
-            self.put_back(vec![h]).await; // still leased: the caller may try again
+            // Still leased: the caller may try again. The copy may have been stored
+            // (its reply lost).
+            let mut h = h;
+            h.copied = true;
+            self.put_back(vec![h]).await;
             return Err(self
                 .publish_failed(e, "republish for retry", declarations)
                 .await);
@@ -1134,10 +1174,24 @@ impl Inner {
         // If this ack is lost the original comes back too: at least once, as always.
         if let Err(e) = h.msg.double_ack().await {
             let e = classify_dyn(&*e, "ack after retry");
+            let mut h = h;
+            h.copied = true; // stored, behind it
             self.put_back(vec![h]).await;
             return Err(e);
         }
         Ok(())
+    }
+
+    /// After `h` was acked or dead-lettered: a newer copy of it on its subject (see
+    /// [`Held::may_have_copy`]) is deleted, or it would be replayed later, and keep its
+    /// key taken (every enqueue of the key answered `Duplicate` of a settled message).
+    async fn settle_copy(&self, h: &Held) {
+        if h.may_have_copy()
+            && let Some(seq) = self.newer_copy(h).await
+        {
+            tracing::warn!(id = %h.envelope.id, seq, "postbox: a copy left by an earlier retry or move deleted with the message");
+            self.delete_copy(seq).await;
+        }
     }
 
     /// Publishes `envelope` as the next copy of the held delivery `h` on its subject
@@ -1175,8 +1229,13 @@ impl Inner {
             // this publish is stored but its reply is lost, the next copy of the same
             // delivery (whatever its attempts by then) is dropped by the server as a
             // duplicate instead of storing a second live copy.
+            // After a newer copy (`last`, not the delivery's own sequence), named after
+            // both: that copy may be this delivery's earlier one, under the same name.
             .message_id(match h.msg.info() {
-                Ok(info) => format!("{}.{kind}{}", envelope.id, info.stream_sequence),
+                Ok(info) if info.stream_sequence == last => {
+                    format!("{}.{kind}{}", envelope.id, info.stream_sequence)
+                }
+                Ok(info) => format!("{}.{kind}{}.{last}", envelope.id, info.stream_sequence),
                 Err(_) => format!("{}.{kind}.{}", envelope.id, envelope.attempts),
             });
         self.publish(h.msg.subject.clone(), publish).await
@@ -1192,11 +1251,7 @@ impl Inner {
                 .get_last_raw_message_by_subject(h.msg.subject.as_str())
                 .await
                 .ok()?;
-            let id = m
-                .headers
-                .get(H_ID)
-                .and_then(|v| v.as_str().parse::<MessageId>().ok())
-                .or_else(|| Envelope::decode(&m.payload).ok().map(|e| e.id))?;
+            let id = id_of(&m.headers, &m.payload)?;
             (id == h.envelope.id && m.sequence > sequence(&h.msg)).then_some(m.sequence)
         };
         tokio::time::timeout(self.request_timeout, ask)
@@ -1307,6 +1362,8 @@ impl Inner {
                 // If the copy was stored, the held delivery is its older copy: a later
                 // fetch acks the older one (see `fetch`).
                 tracing::debug!(%id, error = %e, "postbox: could not move a held delivery to the tail");
+                let mut h = h;
+                h.copied = true;
                 held.insert(id, h);
                 break;
             }
@@ -1348,6 +1405,7 @@ impl Inner {
         h.envelope.attempts = h.envelope.attempts.saturating_sub(1);
         h.envelope.not_before = not_before;
         h.state = HeldState::Scheduled(not_before);
+        h.leased = false; // settled here, with nothing published
         held.insert(token.id, h);
         Ok(())
     }
@@ -1376,6 +1434,7 @@ impl Inner {
             self.put_back(vec![h]).await;
             return Err(e);
         }
+        self.settle_copy(&h).await;
         Ok(())
     }
 
@@ -1864,6 +1923,15 @@ fn decode_reason(value: &str) -> String {
 /// `s` if it can travel as a header value (printable ASCII).
 fn header_value(s: &str) -> Option<&str> {
     (!s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b))).then_some(s)
+}
+
+/// The id of a stored message: its `Postbox-Id`, else its envelope's (a message another
+/// producer wrote without the header).
+fn id_of(headers: &async_nats::HeaderMap, payload: &[u8]) -> Option<MessageId> {
+    headers
+        .get(H_ID)
+        .and_then(|v| v.as_str().parse::<MessageId>().ok())
+        .or_else(|| Envelope::decode(payload).ok().map(|e| e.id))
 }
 
 fn push_hex(s: &mut String, bytes: &[u8]) {

@@ -1368,3 +1368,130 @@ async fn the_credentials_in_the_url_are_used() {
         assert!(!e.to_string().contains("wrong-pw-9"), "{e}");
     }
 }
+
+/// Leases `key`'s message once, then stores by hand the copy its `retry_later` would
+/// have (`Nats-Msg-Id` `<id>.r<seq>`, after the delivery's own sequence), as if that
+/// retry's reply was lost and given up on; then leases the message again. Returns the
+/// queue, its purge, the message, and the second lease's token.
+async fn leased_again_with_a_copy_left(
+    key: &str,
+) -> (
+    NatsQueue,
+    Purge,
+    postbox::queue::Envelope,
+    postbox::queue::LeaseToken,
+) {
+    let (q, purge) = make(options());
+    let e = crate::suite::envelope(key);
+    q.enqueue(e.clone()).await.unwrap();
+    let first = q
+        .lease(1, Duration::from_secs(1), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(first[0].envelope.id, e.id);
+    let subject = format!("postbox.{}.k.x{}", &q.streams().0[8..], hex(key.as_bytes()));
+    let stream = q.jetstream().get_stream(q.streams().0).await.unwrap();
+    let own = stream
+        .get_last_raw_message_by_subject(subject.as_str())
+        .await
+        .unwrap()
+        .sequence;
+    let mut copy = e.clone();
+    copy.attempts = 1;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Postbox-Id", e.id.to_string().as_str());
+    headers.insert("Nats-Msg-Id", format!("{}.r{own}", e.id).as_str());
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        own.to_string().as_str(),
+    );
+    q.jetstream()
+        .publish_with_headers(subject, headers, copy.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // The first lease ended unsettled: the message is leased again, from what is held.
+    let again = q
+        .lease(1, Duration::from_secs(60), crate::suite::at(2))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id, e.id);
+    (q, purge, e, again[0].token)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A copy an earlier lease's retry left on the subject (its reply lost, then given up
+/// on) goes with the message when a later lease dead-letters or acks it: the key is
+/// free for a new enqueue, and the message is not replayed again. (The copy stayed:
+/// every enqueue of the key was answered `Duplicate` of a dead message, and the copy
+/// was replayed after its dead letter.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_left_by_an_earlier_lease_goes_with_the_message() {
+    for dead in [true, false] {
+        let (q, _purge, e, token) = leased_again_with_a_copy_left("k").await;
+        if dead {
+            q.dead_letter(token, "gave up").await.unwrap();
+        } else {
+            q.ack(&[token]).await.unwrap();
+        }
+        let next = crate::suite::envelope("k");
+        assert_eq!(
+            q.enqueue(next.clone()).await.unwrap(),
+            Enqueued::Stored(next.id),
+            "dead: {dead}"
+        );
+        let leased = q
+            .lease(10, Duration::from_secs(60), crate::suite::at(3600))
+            .await
+            .unwrap();
+        let ids: Vec<_> = leased.iter().map(|l| l.envelope.id).collect();
+        assert_eq!(ids, [next.id], "dead: {dead}; {} replayed again", e.id);
+    }
+}
+
+/// A retry of a later lease goes after such a copy, which is deleted: the message waits
+/// for this retry's not-before, with this attempt counted. (The retry was dropped as the
+/// copy's duplicate: the copy, due at once with the earlier attempts, was leased.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_copy_left_by_an_earlier_lease_keeps_its_not_before() {
+    let (q, _purge, e, token) = leased_again_with_a_copy_left("k").await;
+    q.retry_later(token, crate::suite::at(3600)).await.unwrap();
+    let early = q
+        .lease(10, Duration::from_secs(60), crate::suite::at(5))
+        .await
+        .unwrap();
+    assert!(early.is_empty(), "leased before its not-before: {early:?}");
+    let due = q
+        .lease(10, Duration::from_secs(60), crate::suite::at(3600))
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].envelope.id, e.id);
+    assert_eq!(due[0].envelope.attempts, 3, "two leases before, this one");
+}
+
+/// A live message another producer wrote without `Postbox-Id` (a valid envelope on its
+/// key's subject) makes an enqueue of the key a `Duplicate` of it, its id read from its
+/// envelope. (It failed as `Corrupt`: every deferral of the key failed while the
+/// message was pending.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_written_without_postbox_id_is_a_duplicate_by_its_envelope() {
+    let (q, _purge) = make(options());
+    let e = crate::suite::envelope("k");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+    let subject = format!("postbox.{}.k.x{}", &q.streams().0[8..], hex(b"k"));
+    q.jetstream()
+        .publish_with_headers(subject, headers, e.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let again = crate::suite::envelope("k");
+    assert_eq!(q.enqueue(again).await.unwrap(), Enqueued::Duplicate(e.id));
+}
