@@ -963,9 +963,19 @@ impl Breaker {
         if outcome & SLOW != 0 {
             add += 1 << SLOW_SHIFT;
         }
+        // Judged once min(`minimum_calls`, probes) probes are done, as resilience4j
+        // does: a rate over fewer calls than the closed window would judge is not
+        // waited on (a hung last probe would hold every caller off until
+        // `max_wait_in_half_open`); probes still out then belong to the old state.
+        let needed = self.probes_needed();
         let mut w = self.word.load(Acquire);
         let new = loop {
-            if generation(w) != permit.generation() || mode(w) != HALF_OPEN {
+            // Also once the deciding probe is in, before its transition: a later one
+            // would judge a count past it, and decide instead if it took the lock first.
+            if generation(w) != permit.generation()
+                || mode(w) != HALF_OPEN
+                || field(w, DONE_SHIFT) >= needed
+            {
                 return;
             }
             match self.word.compare_exchange_weak(w, w + add, AcqRel, Acquire) {
@@ -973,11 +983,6 @@ impl Breaker {
                 Err(cur) => w = cur,
             }
         };
-        // Judged once min(`minimum_calls`, probes) probes are done, as resilience4j
-        // does: a rate over fewer calls than the closed window would judge is not
-        // waited on (a hung last probe would hold every caller off until
-        // `max_wait_in_half_open`); probes still out then belong to the old state.
-        let needed = self.probes_needed();
         let done = field(new, DONE_SHIFT);
         if done < needed {
             return;
@@ -1305,6 +1310,55 @@ mod tests {
         b.judge(old_w, full, 10, None, &mut Now::at(t0));
         assert_eq!(b.state(), State::Closed);
         call(&b, t0, Verdict::Success).unwrap();
+        assert_eq!(b.state(), State::Open);
+    }
+
+    /// A probe that completes once the deciding probe is in, before that one's
+    /// transition took the lock, is dropped: it neither counts nor decides. (Its result
+    /// was added, and if it took the lock first it decided on a count past the
+    /// decision: two successes after a failure closed a breaker the first two probes,
+    /// at 50 %, had reopened.)
+    #[test]
+    fn a_probe_after_the_deciding_one_does_not_decide() {
+        let t0 = Instant::now();
+        let mut s = settings(count(4, 2));
+        s.permitted_probes = 3;
+        let b = Arc::new(breaker(s, t0));
+        call(&b, t0, Verdict::Failure).unwrap();
+        call(&b, t0, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), State::Open);
+        let after = t0 + Duration::from_secs(10);
+        let mut now = Now::at(after);
+        let probes: Vec<_> = (0..3).map(|_| b.acquire(&mut now).unwrap()).collect();
+        let [p1, p2, p3] = <[_; 3]>::try_from(probes).ok().unwrap();
+        b.complete(p1, Verdict::Failure, &mut Now::at(after));
+        // The deciding probe is in, its transition waiting for the lock.
+        let held = b.cold.lock().unwrap();
+        let deciding = {
+            let b = b.clone();
+            std::thread::spawn(move || b.complete(p2, Verdict::Success, &mut Now::at(after)))
+        };
+        while field(b.word.load(Acquire), DONE_SHIFT) < 2 {
+            std::thread::yield_now();
+        }
+        let late = {
+            let b = b.clone();
+            std::thread::spawn(move || b.complete(p3, Verdict::Success, &mut Now::at(after)))
+        };
+        // Bounded (a late probe that waits for the lock never finishes here).
+        for _ in 0..1_000_000 {
+            if late.is_finished() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let done = field(b.word.load(Acquire), DONE_SHIFT);
+        let late_finished = late.is_finished();
+        drop(held);
+        deciding.join().unwrap();
+        late.join().unwrap();
+        assert!(late_finished, "the late probe waited to decide");
+        assert_eq!(done, 2, "the late probe was counted");
         assert_eq!(b.state(), State::Open);
     }
 

@@ -258,10 +258,20 @@ impl TimeWindow {
     /// counted in the head bucket.
     #[inline]
     fn advance(&self, now_ns: u64) -> (usize, bool) {
+        // The end first, then the head: a rotation stores them the other way round, so
+        // a head read after an end that covers `now_ns` is that end's head or a later
+        // one. (Read head first, a rotation in between gave the old head with the new
+        // end: an outcome of the new bucket went into one already folded, unseen by
+        // its own check, and lost when that bucket expired, at the next rotation with
+        // two buckets.)
+        let end = self.head_end_ns.load(Acquire);
+        #[cfg(test)]
+        tests::between_loads();
         let head = self.head.load(Acquire);
-        if now_ns < self.head_end_ns.load(Relaxed) {
-            // (A writer racing a rotation may count into the previous bucket: the
-            // next rotation folds it in, an outcome late, never a lost one.)
+        if now_ns < end {
+            // (A writer whose clock read came before a rotation may count into the
+            // previous bucket, its own: the next rotation folds it in, if it is still
+            // inside the window.)
             return ((head & 0xffff) as usize, false);
         }
         self.rotate_to(now_ns / self.width_ns)
@@ -306,9 +316,10 @@ impl TimeWindow {
             *counted = now;
         }
         let idx = epoch % n;
-        self.head_end_ns
-            .store((epoch + 1).saturating_mul(self.width_ns), Relaxed);
+        // The head before its end (see `advance`).
         self.head.store(epoch << 16 | idx, Release);
+        self.head_end_ns
+            .store((epoch + 1).saturating_mul(self.width_ns), Release);
         (idx as usize, expired)
     }
 
@@ -444,6 +455,37 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
+    thread_local! {
+        /// Run once by [`TimeWindow::advance`] between its two loads, on this thread.
+        static BETWEEN_LOADS: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    pub(super) fn between_loads() {
+        if let Some(f) = BETWEEN_LOADS.with(|h| h.borrow_mut().take()) {
+            f();
+        }
+    }
+
+    /// A rotation that comes between a writer's reads of the head and its end does not
+    /// put the writer's outcome, of the new bucket, into the old one it already
+    /// folded: with two buckets, the next rotation expired the old one, and the
+    /// failure was lost.
+    #[test]
+    fn an_outcome_racing_a_rotation_is_not_lost() {
+        let w = std::sync::Arc::new(TimeWindow::new(2, 1_000));
+        w.record(0, 0);
+        let rotator = w.clone();
+        BETWEEN_LOADS.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                rotator.totals(1_000);
+            }));
+        });
+        w.record(1_500, FAILURE);
+        assert_eq!(w.totals(1_600).failures, 1, "unseen by its own check");
+        assert_eq!(w.totals(2_000).failures, 1, "lost at the next rotation");
+    }
+
     use super::*;
     use proptest::prelude::*;
 
