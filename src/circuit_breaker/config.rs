@@ -250,7 +250,8 @@ impl CircuitBreakerBuilder {
     /// Counts every call that completes through the breaker, by its class, in
     /// `postbox_calls_total{layer="circuit_breaker", outcome}` (`success`, `failure`,
     /// `ignored`; `rejected` is always counted): also a call admitted before a state
-    /// change, whose outcome the breaker's new window does not take. Off
+    /// change, whose outcome the breaker's new window does not take; not a call made
+    /// while the breaker is disabled (it is not classified then). Off
     /// by default. With no recorder installed the counter costs a few nanoseconds at
     /// most (`benches/telemetry.rs` measures no difference per call); with one, what
     /// the recorder costs.
