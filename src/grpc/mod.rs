@@ -13,8 +13,10 @@
 //!
 //! # The choice: read unary bodies before answering
 //! [`GrpcStatusLayer`] sits **innermost**, right around the `Channel`. For each response
-//! whose status is not already in the headers, it reads the body — up to a limit, 64 KiB
-//! by default — before it returns the response:
+//! to a gRPC call whose status is not already in the headers, it reads the body — up to
+//! a limit, 64 KiB by default — before it returns the response (the answer to a request
+//! in another content type, or to one without a content type answered in another
+//! content type and without `grpc-status`, is passed on untouched):
 //!
 //! * **non-OK status in the trailers** (or no status at all, which is `UNKNOWN`): the
 //!   response is rewritten into the equivalent trailers-only response — the trailers

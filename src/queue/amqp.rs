@@ -43,7 +43,7 @@
 //! 4 KiB, which the envelope still holds),
 //! `postbox-not-before`, `postbox-created-at` (Unix milliseconds), `postbox-attempts`;
 //! a dead letter adds `postbox-reason` (cut to 4 KiB). A message that is not an
-//! envelope goes to the dead letters as it is, its properties and headers kept, with
+//! envelope goes to the dead letters as it is, its headers and main properties kept, with
 //! `postbox-reason: undecodable: …` and its `message-id` in
 //! `postbox-original-message-id`.
 //!
@@ -1911,11 +1911,12 @@ impl Inner {
     }
 }
 
-/// The properties of the dead letter an undecodable message becomes: its own (its
-/// headers, content type, correlation id, …), persistent, with `message_id` (its
-/// original one in `postbox-original-message-id`) and `postbox-reason: undecodable: …`.
-/// Not its expiration (a dead letter waits for an operator), nor its user id (the
-/// broker refuses one that is not the connection's).
+/// The properties of the dead letter an undecodable message becomes: its headers,
+/// content type, content encoding, correlation id, timestamp, type and app id,
+/// persistent, with `message_id` (its original one in `postbox-original-message-id`)
+/// and `postbox-reason: undecodable: …`. Not its expiration (a dead letter waits for an
+/// operator), its user id (the broker refuses one that is not the connection's), nor
+/// its priority, reply-to or cluster id.
 fn undecodable_dead_letter(
     original: &BasicProperties,
     message_id: &str,

@@ -200,14 +200,14 @@ pub trait Queue: Send + Sync + 'static {
     ///
     /// "Oldest" is by id among the messages a lease looks at: the memory queue looks at
     /// all of them; the embedded queue at all that were due before, and at those that
-    /// fell due since its last lease up to 1024 of them, earliest due first (so that a
-    /// backlog that fell due at once is not rewritten in one transaction): past that,
-    /// an older message that fell due later may come after newer ones; the brokers
-    /// fetch from their stream or queue in the order they stored the messages, and
-    /// hand out what they fetched and hold by id.
-    /// The two agree for envelopes enqueued as they were made (ids are UUIDv7, ordered
-    /// by time); on a broker, an envelope kept a while before its enqueue may be leased
-    /// after messages with newer ids stored before it.
+    /// fell due since its last lease up to 1024 of them (or `max`, if more), earliest
+    /// due first (so that a backlog that fell due at once is not rewritten in one
+    /// transaction): past that, an older message that fell due later may come after
+    /// newer ones; the brokers fetch from their stream or queue in the order they
+    /// stored the messages, and hand out what they fetched and hold by id. These agree,
+    /// within the embedded queue's bound, for envelopes enqueued as they were made (ids
+    /// are UUIDv7, ordered by time); on a broker, an envelope kept a while before its
+    /// enqueue may be leased after messages with newer ids stored before it.
     ///
     /// On NATS and RabbitMQ, a message given back with
     /// [`retry_later`](Self::retry_later) is published anew, so once due it comes
