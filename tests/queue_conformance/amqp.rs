@@ -1137,21 +1137,22 @@ async fn a_return_paired_with_another_calls_confirm_loses_nothing() {
     let look = lapin::Connection::connect(&options().url(), Default::default())
         .await
         .unwrap();
-    // A hundred messages leased first, each to be dead-lettered while producers
+    // Three hundred messages leased first, each to be dead-lettered while producers
     // enqueue, until five dead letters were answered `Ok` (their return came with
-    // another call's confirm, which a run of thirty met two to eight times).
-    for round in 0..100 {
+    // another call's confirm, which a run of thirty met two to eight times; under the
+    // load of a whole test run, less often: a race, so more rounds to meet it in).
+    for round in 0..300 {
         let m = crate::suite::envelope(&format!("m-{round}"));
         q.enqueue(m).await.unwrap();
     }
     let tokens: Vec<_> = q
-        .lease(100, Duration::from_secs(120), crate::suite::at(0))
+        .lease(300, Duration::from_secs(120), crate::suite::at(0))
         .await
         .unwrap()
         .into_iter()
         .map(|l| l.token)
         .collect();
-    assert_eq!(tokens.len(), 100);
+    assert_eq!(tokens.len(), 300);
     let stop = Arc::new(AtomicBool::new(false));
     let stored = Arc::new(AtomicU64::new(0));
     let producers: Vec<_> = (0..32)
@@ -1260,7 +1261,7 @@ async fn a_return_that_comes_with_a_cancelled_enqueues_confirm_is_not_lost() {
 }
 
 /// 60 leased messages dead-lettered one by one, the dead-letter queue deleted before
-/// each, while 16 producers enqueue (each enqueue cancelled after `patience` µs, if
+/// two of every three, while 16 producers enqueue (each enqueue cancelled after `patience` µs, if
 /// given): every dead letter answered `Ok` was deleted by the test or is kept.
 async fn dead_letters_answered_ok_are_kept_while_their_queue_is_deleted(
     patience: Option<std::ops::Range<u64>>,
@@ -1309,8 +1310,14 @@ async fn dead_letters_answered_ok_are_kept_while_their_queue_is_deleted(
         .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (mut dead_ok, mut deleted) = (0u64, 0u64);
-    for token in tokens {
-        deleted += u64::from(ch.queue_delete(dead, Default::default()).await.unwrap());
+    for (round, token) in tokens.into_iter().enumerate() {
+        // Deleted before two rounds of three: the third finds it declared again (by
+        // the last refusal), so some dead letters are answered `Ok` however the races
+        // go (under load, a run where every refused publish came first had none, and
+        // tested nothing); the others race the declares of republished returns.
+        if round % 3 != 2 {
+            deleted += u64::from(ch.queue_delete(dead, Default::default()).await.unwrap());
+        }
         match q.dead_letter(token, "bad").await {
             Ok(()) => dead_ok += 1,
             Err(QueueError::Unavailable(_)) => {}
