@@ -48,7 +48,7 @@ async fn create_order(State(app): State<AppState>, body: Bytes) -> Response {
             (
                 StatusCode::ACCEPTED,
                 [(MESSAGE_ID_HEADER, id), (DEFER_REASON_HEADER, reason)],
-                "accepted: the reservation will be delivered when inventory is back\n",
+                "accepted: the reservation is stored, to be delivered when inventory is back (this example runs no replayer)\n",
             )
                 .into_response()
         }
@@ -118,7 +118,10 @@ async fn main() -> Result<(), BoxError> {
     )?);
     let inventory = ServiceBuilder::new()
         .layer(config.client.deferring_layer(queue.clone())?)
-        .service(ReqwestService::new(reqwest::Client::new()));
+        // No system proxy: the calls go to loopback whatever `HTTP_PROXY` says.
+        .service(ReqwestService::new(
+            reqwest::Client::builder().no_proxy().build()?,
+        ));
     let state = AppState {
         inventory,
         inventory_url: Arc::new(RwLock::new(format!("http://{inventory_addr}/reserve"))),
@@ -137,7 +140,7 @@ async fn main() -> Result<(), BoxError> {
         );
     let addr = serve(app).await;
     println!("listening on http://{addr}\n");
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().no_proxy().build()?;
     let order = || {
         http.post(format!("http://{addr}/orders"))
             .body("{\"sku\":42,\"qty\":1}")

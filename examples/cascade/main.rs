@@ -69,8 +69,7 @@ struct Args {
 fn secs(v: &str, flag: &str) -> Result<Duration, String> {
     v.parse::<f64>()
         .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
         .ok_or_else(|| format!("{flag}: expected seconds, got {v:?}"))
 }
 
@@ -137,6 +136,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
     }
     if out.modes.is_empty() {
         return Err("--modes: no mode given".into());
+    }
+    // One task per order: past this, memory, not the cascade, is what is measured.
+    let orders = out.scenario.duration.as_secs_f64() * f64::from(out.scenario.rate);
+    if orders > 1e6 {
+        return Err(format!(
+            "--rate × --duration: {orders:.0} orders per mode, more than a million"
+        ));
     }
     Ok(Some(out))
 }

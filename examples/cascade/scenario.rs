@@ -760,12 +760,15 @@ async fn load(
     let run = std::process::id();
     let mut tasks = JoinSet::new();
     for i in 0..total {
-        sleep_until(start + interval.mul_f64(i as f64)).await;
+        // Timed from when the order was due, not from when its task first ran: a
+        // request held up by a busy machine (the pacing loop woken late, the task
+        // waiting for a worker) counts that wait (no coordinated omission).
+        let due = start + interval.mul_f64(i as f64);
+        sleep_until(due).await;
         let client = client.clone();
         let url = url.clone();
         let key = format!("order-{run}-{i:06}");
         tasks.spawn(async move {
-            let sent = Instant::now();
             let res = client
                 .post(&url)
                 .header(
@@ -792,8 +795,8 @@ async fn load(
             };
             Record {
                 key,
-                sent_at: sent - start,
-                latency: sent.elapsed(),
+                sent_at: due - start,
+                latency: due.elapsed(),
                 outcome,
             }
         });
