@@ -154,18 +154,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         async move {
             match sleep {
                 Some(sleep) => sleep.await,
-                None => {
-                    let mut yielded = false;
-                    std::future::poll_fn(|cx| {
-                        if std::mem::replace(&mut yielded, true) {
-                            std::task::Poll::Ready(())
-                        } else {
-                            cx.waker().wake_by_ref();
-                            std::task::Poll::Pending
-                        }
-                    })
-                    .await;
-                }
+                // Outside a runtime tokio wakes the task at once.
+                None => tokio::task::yield_now().await,
             }
         }
     }

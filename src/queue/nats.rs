@@ -1110,7 +1110,6 @@ impl Inner {
         // retry goes after it, which is then deleted; else it would be leased later
         // with that retry's not-before and attempts, and this retry dropped as its
         // duplicate.
-        let mut superseded = None;
         let mut last = sequence(&h.msg);
         if h.may_have_copy()
             && let Some(seq) = self.newer_copy(&h).await
@@ -1118,12 +1117,6 @@ impl Inner {
             last = seq;
         }
         let mut copied = self.publish_copy(&h, &envelope, "r", last).await;
-        if last != sequence(&h.msg) {
-            superseded = copied
-                .as_ref()
-                .is_ok_and(|ack| !ack.duplicate)
-                .then_some(last);
-        }
         if let Err(e) = &copied
             && e.kind() == PublishErrorKind::WrongLastSequence
         {
@@ -1134,16 +1127,17 @@ impl Inner {
             // means the message was settled elsewhere.
             match self.newer_copy(&h).await {
                 Some(seq) => {
+                    last = seq;
                     copied = self.publish_copy(&h, &envelope, "r", seq).await;
-                    // A duplicate stored nothing new: the copy at `seq` is the one kept.
-                    superseded = copied
-                        .as_ref()
-                        .is_ok_and(|ack| !ack.duplicate)
-                        .then_some(seq);
                 }
                 None => return Err(QueueError::LeaseLost(token)),
             }
         }
+        // Published after a newer copy, which it supersedes; a duplicate stored nothing
+        // new: the copy at `last` is the one kept.
+        let superseded = (last != sequence(&h.msg)
+            && copied.as_ref().is_ok_and(|ack| !ack.duplicate))
+        .then_some(last);
         if let Err(e) = copied {
             if e.kind() == PublishErrorKind::WrongLastSequence {
                 return Err(QueueError::LeaseLost(token));
