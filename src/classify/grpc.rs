@@ -325,8 +325,19 @@ impl GrpcClassifier {
         if status != http::StatusCode::OK {
             let code = GrpcCode::from_http_status(status);
             if self.overridden & (1 << code as u32) != 0 {
-                // The caller's class for the code the spec maps this status to wins.
-                return Some(self.classify_code(code, headers));
+                // The caller's class for the code the spec maps this status to wins;
+                // a proxy's `Retry-After` on a `429` or `503` still holds for a class
+                // that waits (an overload, or a retryable failure), as in
+                // `HttpClassifier`: a server's hint is never retried early.
+                let c = self.classify_code(code, headers);
+                if c.retry_after().is_none()
+                    && matches!(status.as_u16(), 429 | 503)
+                    && (c.class() == super::Class::Overload || c.is_retryable())
+                {
+                    let hint = super::http::retry_after(headers, std::time::SystemTime::now());
+                    return Some(c.with_retry_after(hint));
+                }
+                return Some(c);
             }
             // A proxy's (or load balancer's) own answer, before any gRPC server: a 429,
             // or a 503 with `Retry-After`, asks us to slow down, as in HTTP.
@@ -644,6 +655,28 @@ mod tests {
             .classify_headers(http::StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new())
             .unwrap();
         assert_eq!(got.class(), Class::Success);
+    }
+
+    /// Overriding the code a proxy's `429` or `503` maps to keeps the proxy's
+    /// `Retry-After` for a class that waits, as `HttpClassifier` does; not for one that
+    /// does not.
+    #[test]
+    fn an_override_of_a_proxys_answer_keeps_its_retry_after() {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::RETRY_AFTER, "30".parse().unwrap());
+        for status in [
+            http::StatusCode::TOO_MANY_REQUESTS,
+            http::StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            let c = GrpcClassifier::new().with_failure(GrpcCode::Unavailable, true);
+            let got = c.classify_headers(status, &h).unwrap();
+            assert_eq!(got.class(), Class::Failure, "{status}");
+            assert_eq!(got.retry_after(), Some(Duration::from_secs(30)), "{status}");
+            let c = GrpcClassifier::new().with_failure(GrpcCode::Unavailable, false);
+            let got = c.classify_headers(status, &h).unwrap();
+            assert!(!got.is_retryable(), "{status}");
+            assert_eq!(got.retry_after(), None, "{status}");
+        }
     }
 
     /// A pushback too large for a `u64` is the longest hint (as an HTTP `Retry-After`
