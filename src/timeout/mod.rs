@@ -11,9 +11,10 @@
 //!   can stop early. A request whose deadline has already passed fails with
 //!   [`error::DeadlineExceeded`] without calling the inner service.
 //!
-//! Without propagation both timers start when the response future is first polled
-//! and cost nothing when the inner future completes on its first poll: the clock is
-//! read and a timer is armed only if the inner service is still pending. With
+//! Without propagation both timers start at the end of the response future's first
+//! poll, and cost nothing when the inner future completes in it: the clock is read,
+//! and a timer armed, only once the inner future has returned pending (so work done
+//! synchronously inside that first poll is not counted). With
 //! [`HttpPropagation`] the deadline starts at `call` (it is written into the request).
 //!
 //! Both bound the response future, which completes with the response's *head*: a

@@ -156,7 +156,7 @@ pub trait Propagate<Req> {
 
     /// `true` if [`inbound`](Self::inbound) never finds a deadline and
     /// [`outbound`](Self::outbound) does nothing; the layer then reads no clock at call
-    /// time and the budget starts when the response future is first polled.
+    /// time and the budget starts at the end of the response future's first poll.
     fn is_noop(&self) -> bool {
         false
     }
@@ -190,7 +190,8 @@ impl<Req> Propagate<Req> for NoPropagation {
 ///
 /// With a propagation (`DeadlineLayer::http`) the deadline
 /// starts at `call`; without one ([`DeadlineLayer::new`](super::DeadlineLayer::new)) no
-/// clock is read at `call` and it starts when the response future is first polled. Either
+/// clock is read at `call` and it starts at the end of the response future's first
+/// poll (see the [module docs](super)). Either
 /// way, a wait for the inner service's readiness before it
 /// (a bulkhead with [`backpressure`](crate::bulkhead::BulkheadBuilder::backpressure))
 /// is not bounded by it; give such a wait its own bound (`max_wait`). A call failed
@@ -447,14 +448,16 @@ mod http_propagation {
     }
 
     /// Rewrites the deadline headers `req` carries (`postbox-timeout-ms`,
-    /// `grpc-timeout`) with the time left until `at`; adds none it does not carry.
+    /// `grpc-timeout`) with the time left until `at`; adds none it does not carry. A
+    /// [`CallDeadline`] inside an attempt keeps the whole call's deadline
+    /// ([`call_at`](CallDeadline::call_at)), which a response body is held to.
     #[cold]
     #[inline(never)]
     pub(crate) fn rewrite_deadline_headers<B>(req: &mut Request<B>, at: Instant) {
         let had_ms = req.headers().contains_key(TIMEOUT_MS_HEADER);
         let had_grpc = req.headers().contains_key("grpc-timeout");
         let left = at.saturating_duration_since(Instant::now());
-        HttpPropagation::new().outbound(req, at, left);
+        HttpPropagation::new().outbound_attempt(req, at, left);
         if !had_ms {
             req.headers_mut().remove(TIMEOUT_MS_HEADER);
         }
@@ -568,6 +571,27 @@ mod http_propagation {
                 "100000m"
             );
             assert_eq!(encode_grpc_timeout(Duration::from_nanos(1)), "1n");
+        }
+
+        /// Stale headers rewritten inside an attempt (a wait for readiness behind a
+        /// `BufferBodyLayer`) keep the whole call's deadline, which the response body
+        /// is held to: only the attempt's end is told again.
+        #[tokio::test(start_paused = true)]
+        async fn a_rewrite_inside_an_attempt_keeps_the_calls_deadline() {
+            let start = Instant::now();
+            let mut req = Request::new(());
+            req.extensions_mut().insert(CallDeadline {
+                at: start + Duration::from_secs(2),
+                call: start + Duration::from_secs(10),
+            });
+            req.headers_mut()
+                .insert(TIMEOUT_MS_HEADER, HeaderValue::from_static("2000"));
+            tokio::time::advance(Duration::from_millis(5)).await;
+            refresh_stale_deadline_headers(&mut req);
+            let d = req.extensions().get::<CallDeadline>().unwrap();
+            assert_eq!(d.at(), start + Duration::from_secs(2));
+            assert_eq!(d.call_at(), start + Duration::from_secs(10));
+            assert_eq!(req.headers()[TIMEOUT_MS_HEADER], "1995");
         }
 
         #[test]
