@@ -1786,14 +1786,15 @@ impl Inner {
     }
 
     /// Takes the dead letters `ids` off the dead-letter queue (acked on a channel of
-    /// its own); the others go back in order when it closes.
+    /// its own; an id as often as it is listed: see `WantedIds`); the others go back in
+    /// order when it closes.
     async fn discard_dead_letters(&self, ids: &[MessageId]) -> Result<u64, QueueError> {
-        let mut wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+        let mut wanted = super::WantedIds::new(ids.iter().copied());
         if wanted.is_empty() {
             return Ok(0);
         }
         self.walk_dead("discarded", |delivery| {
-            if !Envelope::decode(&delivery.data).is_ok_and(|e| wanted.remove(&e.id)) {
+            if !Envelope::decode(&delivery.data).is_ok_and(|e| wanted.take(&e.id)) {
                 Walk::Keep
             } else if wanted.is_empty() {
                 Walk::TakeAndStop

@@ -284,6 +284,11 @@ pub trait Queue: Send + Sync + 'static {
     /// [`dead_letters`](Self::dead_letters) lists them); returns how many it deleted.
     /// An id that is not a dead letter (deleted already, or never dead) is ignored.
     ///
+    /// The brokers can hold two dead letters with one id (an envelope enqueued again as
+    /// it is after its dead letter is stored and delivered again, and can die again):
+    /// there an id deletes as many of them as it is listed in `ids`, oldest first, so
+    /// deleting what `dead_letters` returned deletes exactly that.
+    ///
     /// The brokers look the ids up oldest first, so deleting what `dead_letters`
     /// returned is cheap; an id that is not there costs a scan of the dead letters.
     fn discard_dead_letters(
@@ -338,6 +343,45 @@ pub trait Queue: Send + Sync + 'static {
                 None => Ok(discarded),
             }
         }
+    }
+}
+
+/// The ids a `discard_dead_letters` looks for, each as many times as it was listed: a
+/// broker can hold two dead letters with one id (an envelope enqueued again as it is
+/// after its dead letter, stored and delivered again, dies again), and a redrive that
+/// listed and moved both must delete both, or the next redrive sends it again.
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+pub(crate) struct WantedIds<K>(std::collections::HashMap<K, usize>);
+
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+impl<K: std::hash::Hash + Eq> WantedIds<K> {
+    pub(crate) fn new(ids: impl IntoIterator<Item = K>) -> Self {
+        let mut wanted = std::collections::HashMap::new();
+        for id in ids {
+            *wanted.entry(id).or_insert(0) += 1;
+        }
+        Self(wanted)
+    }
+
+    /// Whether `id` is still wanted; if so, counts one of it as found.
+    pub(crate) fn take<Q>(&mut self, id: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        match self.0.get_mut(id) {
+            Some(1) => self.0.remove(id).is_some(),
+            Some(n) => {
+                *n -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether every id was found as often as it was listed.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

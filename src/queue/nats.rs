@@ -1477,10 +1477,10 @@ impl Inner {
         Ok((stream, seqs))
     }
 
-    /// Reads the dead-letter stream oldest first until every id is found, deleting
-    /// each match by its sequence.
+    /// Reads the dead-letter stream oldest first until every id is found (as often as
+    /// it is listed: see `WantedIds`), deleting each match by its sequence.
     async fn discard_dead_letters(&self, ids: &[MessageId]) -> Result<u64, QueueError> {
-        let mut wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+        let mut wanted = super::WantedIds::new(ids.iter().copied());
         if wanted.is_empty() {
             return Ok(0);
         }
@@ -1490,7 +1490,7 @@ impl Inner {
         while !wanted.is_empty() && seqs.contains(&seq) {
             match stream.get_raw_message(seq).await {
                 Ok(m) => {
-                    if !Envelope::decode(&m.payload).is_ok_and(|e| wanted.remove(&e.id)) {
+                    if !Envelope::decode(&m.payload).is_ok_and(|e| wanted.take(&e.id)) {
                         seq += 1;
                         continue;
                     }

@@ -814,10 +814,12 @@ impl RedisQueue {
     /// Scans the dead-letter stream oldest first, a page at a time, for entries whose
     /// `id` field is one of `ids`, and deletes them (`XDEL` of entries already read is
     /// safe against a concurrent delete: it counts only what it deleted).
+    ///
+    /// An id deletes as many entries as it is listed in `ids`, the oldest first (see
+    /// `WantedIds`).
     async fn discard_dead_inner(&self, ids: &[MessageId]) -> Result<u64, QueueError> {
         const PAGE: usize = 256;
-        let mut wanted: std::collections::HashSet<String> =
-            ids.iter().map(|id| id.to_string()).collect();
+        let mut wanted = super::WantedIds::new(ids.iter().map(MessageId::to_string));
         let mut conn = self.link.conn();
         let mut start = "-".to_owned();
         let mut discarded = 0;
@@ -841,7 +843,7 @@ impl RedisQueue {
                 let mut fields = array(fields)?.into_iter();
                 while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
                     if string(k).is_ok_and(|k| k == "id")
-                        && string(v).is_ok_and(|v| wanted.remove(&v))
+                        && string(v).is_ok_and(|v| wanted.take(v.as_str()))
                     {
                         found.push(eid.clone());
                         break;

@@ -1516,3 +1516,10 @@ async fn an_undecodable_message_is_dead_lettered_with_its_properties_and_a_reaso
     assert_eq!(leased[0].envelope.idempotency_key, "next");
     assert_eq!(ready_in(&q, 2).await, 1);
 }
+
+/// Two dead letters with one id are both redriven once, and discarded as listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dead_letters_with_one_id_are_both_redriven_once() {
+    let (q, _purge) = make(options());
+    crate::broker::two_dead_letters_with_one_id_are_both_redriven_once(q).await;
+}

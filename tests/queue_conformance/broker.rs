@@ -382,3 +382,52 @@ pub async fn lease_back<Q: Queue>(
     }
     got
 }
+
+/// An envelope enqueued again as it is after its dead letter (which the brokers store and
+/// deliver again) can die a second time: two dead letters with one id. A redrive that
+/// lists both deletes both, so a later redrive does not send the message again.
+pub async fn two_dead_letters_with_one_id_are_both_redriven_once<Q: Queue + Clone>(q: Q) {
+    use postbox::queue::Enqueued;
+    let e = crate::suite::envelope("twice-dead");
+    let die_twice = |reasons: [&'static str; 2]| {
+        let (q, e) = (q.clone(), e.clone());
+        async move {
+            for reason in reasons {
+                assert_eq!(q.enqueue(e.clone()).await.unwrap(), Enqueued::Stored(e.id));
+                let leased = q
+                    .lease(10, Duration::from_secs(30), crate::suite::at(0))
+                    .await
+                    .unwrap();
+                assert_eq!(leased.len(), 1, "{leased:?}");
+                assert_eq!(leased[0].envelope.id, e.id);
+                q.dead_letter(leased[0].token, reason).await.unwrap();
+            }
+        }
+    };
+    die_twice(["x1", "x2"]).await;
+    let dead = q.dead_letters(10).await.unwrap();
+    let ids: Vec<_> = dead.iter().map(|d| d.envelope.id).collect();
+    assert_eq!(ids, vec![e.id, e.id]);
+    // Both listed, both deleted: the second copy is the first's duplicate.
+    assert_eq!(q.redrive_dead_letters(10).await.unwrap(), 2);
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    assert_eq!(q.redrive_dead_letters(10).await.unwrap(), 0);
+    let leased = q
+        .lease(10, Duration::from_secs(30), crate::suite::at(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        leased.len(),
+        1,
+        "the message was redriven twice: {leased:?}"
+    );
+    q.ack(&[leased[0].token]).await.unwrap();
+    // An id listed once deletes one of them, the oldest (as they are listed).
+    die_twice(["y1", "y2"]).await;
+    assert_eq!(q.discard_dead_letters(&[e.id]).await.unwrap(), 1);
+    let left = q.dead_letters(10).await.unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].reason, "y2");
+    assert_eq!(q.discard_dead_letters(&[e.id, e.id]).await.unwrap(), 1);
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+}

@@ -1495,3 +1495,10 @@ async fn a_message_written_without_postbox_id_is_a_duplicate_by_its_envelope() {
     let again = crate::suite::envelope("k");
     assert_eq!(q.enqueue(again).await.unwrap(), Enqueued::Duplicate(e.id));
 }
+
+/// Two dead letters with one id are both redriven once, and discarded as listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dead_letters_with_one_id_are_both_redriven_once() {
+    let (q, _purge) = make(options());
+    crate::broker::two_dead_letters_with_one_id_are_both_redriven_once(q).await;
+}

@@ -1295,3 +1295,10 @@ async fn a_write_refused_by_a_demoted_node_makes_the_connection_again() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Two dead letters with one id are both redriven once, and discarded as listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dead_letters_with_one_id_are_both_redriven_once() {
+    let (q, _purge) = make(options());
+    crate::broker::two_dead_letters_with_one_id_are_both_redriven_once(q).await;
+}
