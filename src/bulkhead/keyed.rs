@@ -180,7 +180,11 @@ impl<S, K, F: Clone> Layer<S> for KeyedBulkheadLayer<K, F> {
 /// rejected with [`Full`](super::error::Full), or, where waiting is allowed, waits in
 /// its response future for the key's permit (up to `max_wait`) and then readies and
 /// calls a clone of its own. The inner service must be `Clone` (as a
-/// client is: a clone shares its connections).
+/// client is: a clone shares its connections). That clone is readied holding the key's
+/// permit, as a plain [`Bulkhead`] readies its inner service: `max_wait` bounds the wait
+/// for the permit, not an inner service slow to be ready after it (a bulkhead all keys
+/// share, a full buffer); bound that with a deadline outside. Readying first would hold
+/// what the clone's readiness reserves from the other keys for the whole wait.
 ///
 /// So a waiting call waits in its response future, not in `poll_ready`: put a keyed
 /// bulkhead outside a circuit breaker (see the [module docs](super)).
