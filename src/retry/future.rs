@@ -181,6 +181,11 @@ where
                     this.state.set(State::Polling { last });
                 }
                 StateProj::Polling { last } => {
+                    // Each retry spends a unit of the task's Tokio budget, so a chain of
+                    // attempts failing at once with no backoff between them (a zero
+                    // delay, a full bulkhead's rejection) yields to the scheduler now
+                    // and then instead of holding the thread for the whole chain.
+                    ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
                     // The backoff is over but the call's deadline has passed already
                     // (the task was polled late, or on the deadline's own tick): the
                     // retry is not sent; the last outcome is returned, as when the
@@ -200,11 +205,10 @@ where
                         );
                         return Poll::Ready(out);
                     }
-                    let ready = this.service.poll_ready(cx);
                     // Not held while the service readies: it may be waiting for the
                     // last response (a connection its unread body keeps busy).
                     *last = None;
-                    if let Err(e) = ready!(ready) {
+                    if let Err(e) = ready!(this.service.poll_ready(cx)) {
                         return Poll::Ready(Err(e));
                     }
                     *this.attempt = this.attempt.saturating_add(1);

@@ -1519,3 +1519,31 @@ mod real_http {
         assert_eq!(seen[0].1, body);
     }
 }
+
+/// Attempts that fail at once, with no backoff between them, do not hold the thread for
+/// the whole chain: each retry spends the task's Tokio budget, and the future yields
+/// when it is spent, then goes on.
+#[tokio::test]
+async fn a_chain_of_instant_failures_yields_to_the_scheduler() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const RETRIES: usize = 10_000;
+    let layer = RetryLayer::builder()
+        .max_retries(RETRIES as u32)
+        .backoff(Backoff::constant(Duration::ZERO))
+        .no_budget()
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let svc = layer.layer(tower::service_fn(move |_: u8| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        async { Err::<(), BoxError>(reset()) }
+    }));
+    let mut fut = std::pin::pin!(tower::ServiceExt::oneshot(svc, 1u8));
+    let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "the whole chain ran in one poll");
+    let made = calls.load(Ordering::Relaxed);
+    assert!(made < RETRIES / 10, "{made} attempts before yielding");
+    assert!(fut.await.is_err());
+    assert_eq!(calls.load(Ordering::Relaxed), RETRIES + 1);
+}
