@@ -65,7 +65,7 @@ as_error_for!(
 /// | ✦ [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | ignored | yes, after its `retry_after` | no |
 /// | ✦ the same, from a breaker [forced open](crate::circuit_breaker::error::Open::is_forced) (no end to wait for) | ignored | no | no |
 /// | ✦ [`bulkhead::error::Full`](crate::bulkhead::error::Full) | ignored | yes | no |
-/// | ✦ `http::body::RequestBodyFailed` (with `http`: the caller's upload broke) | ignored | no | yes |
+/// | ✦ `http::body::RequestBodyFailed` (with `http`: the caller's upload broke; not seen behind an HTTP/2 client, which drops it) | ignored | no | yes |
 /// | ✦ [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) (attempt timeout) | failure | yes | yes |
 /// | ✦ `tonic::TimeoutExpired` (with `grpc`: a `Channel`'s own timeout, which tonic reports as `CANCELLED`) | failure | yes | yes |
 /// | ✦ a `hyper::Error` that [`is_canceled`](https://docs.rs/hyper/1/hyper/struct.Error.html#method.is_canceled) (with `grpc`, `hyper` or `reqwest`: the request was dropped before it was dispatched, its connection closed; tonic reports it as `CANCELLED`) | failure | yes | no |

@@ -166,6 +166,14 @@ pub(crate) struct HeldWhole(pub(crate) usize);
 /// [`classify_error`](crate::classify::classify_error) finds it there: the failure is
 /// the caller's, not the dependency's, so it is ignored (no breaker records it, no retry
 /// repeats it) rather than counted against the dependency.
+///
+/// That holds for clients that pass the body's error on: hyper's HTTP/1 client (the
+/// `hyper` and `reqwest` glue, HTTP/1 only as postbox enables them). hyper's HTTP/2
+/// client (a tonic `Channel`, or a client built with HTTP/2) does not: it logs the
+/// error and resets the stream, and the call fails with the reset alone, which reads as
+/// the dependency's failure. Behind an HTTP/2 client, a caller's broken upload counts
+/// against the dependency (a server proxying uploads over HTTP/2 should bound the
+/// bodies it forwards, or buffer them whole first, with a limit above their size).
 #[derive(Debug)]
 pub struct RequestBodyFailed {
     source: BoxError,
