@@ -171,9 +171,9 @@ pub(crate) struct HeldWhole(pub(crate) usize);
 /// `hyper` and `reqwest` glue, HTTP/1 only as postbox enables them). hyper's HTTP/2
 /// client (a tonic `Channel`, or a client built with HTTP/2) does not: it logs the
 /// error and resets the stream, and the call fails with the reset alone, which reads as
-/// the dependency's failure. Behind an HTTP/2 client, a caller's broken upload counts
-/// against the dependency (a server proxying uploads over HTTP/2 should bound the
-/// bodies it forwards, or buffer them whole first, with a limit above their size).
+/// the dependency's failure. Behind an HTTP/2 client, a caller's broken upload (also
+/// one that broke while this layer buffered it: the request is still sent, ending in
+/// the error) counts against the dependency.
 #[derive(Debug)]
 pub struct RequestBodyFailed {
     source: BoxError,
