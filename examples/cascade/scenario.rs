@@ -155,20 +155,22 @@ pub(crate) struct Report {
     /// Orders answered 2xx/202 to the load generator but never applied.
     pub(crate) lost: u64,
     /// Repeated deliveries MS5's idempotency layer answered without the handler.
-    #[serde(skip)]
     pub(crate) deduplicated: u64,
     /// Messages the replayers dead-lettered (all hops).
-    #[serde(skip)]
     pub(crate) dead_lettered: u64,
     /// Whether every queue was empty at the end (false: the drain timed out).
-    #[serde(skip)]
     pub(crate) drained: bool,
-    /// How long the drain after the load took.
-    #[serde(skip)]
+    /// How long the drain after the load took (`drain_s` in the JSON, in seconds).
+    #[serde(rename = "drain_s", serialize_with = "seconds")]
     pub(crate) drain: Duration,
     /// Answers per second of the load, by send time.
     #[serde(skip)]
     pub(crate) per_second: Vec<Second>,
+}
+
+/// A duration as seconds, for the JSON.
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
 }
 
 /// Runs `scenario` once with every service stacked as `mode` says.

@@ -94,7 +94,13 @@ async fn postbox_defers_through_the_outage_and_delivers_exactly_once() {
         "applied",
         "duplicates",
         "lost",
+        "deduplicated",
+        "dead_lettered",
+        "drained",
+        "drain_s",
     ] {
         assert!(j.get(field).is_some(), "missing {field} in {j}");
     }
+    assert_eq!(j["drained"], true, "postbox: {j}");
+    assert_eq!(j["drain_s"].as_f64(), Some(postbox.drain.as_secs_f64()));
 }
