@@ -32,7 +32,7 @@
 //! ```
 //!
 //! Everything runs on 127.0.0.1 and ends by itself; the queues live in temporary
-//! folders.
+//! folders, removed at the end of each mode's run, or on Ctrl-C.
 
 mod plot;
 mod report;
@@ -203,7 +203,16 @@ async fn main() {
         if !args.json {
             eprintln!("running {mode} ...");
         }
-        match scenario::run(mode, s).await {
+        // Ctrl-C drops the run, and with it its temporary queue folders.
+        let run = tokio::select! {
+            run = scenario::run(mode, s) => Some(run),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(run) = run else {
+            eprintln!("interrupted");
+            std::process::exit(130);
+        };
+        match run {
             Ok(r) => {
                 if !args.json {
                     report::print_table(mode, &r);
