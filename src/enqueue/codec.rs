@@ -156,6 +156,18 @@ pub(crate) mod http_codec {
             .map(std::borrow::Cow::into_owned)
     }
 
+    /// Whether the request carries an idempotency key this layer cannot read (bytes
+    /// outside visible ASCII, which `key_in` takes for no key). It is not replaced with
+    /// a key of ours: a receiver that compares the raw bytes would see the caller's own
+    /// retry of it as another request. So the request is never deferred and goes out
+    /// as it is. (A blank key is no key to anyone, and is replaced.)
+    pub(crate) fn has_unreadable_key(headers: &HeaderMap) -> bool {
+        headers
+            .get_all(IDEMPOTENCY_KEY_HEADER)
+            .iter()
+            .any(|v| v.to_str().is_err())
+    }
+
     /// Whether the request opens a tunnel (`CONNECT`) or asks to switch protocols (an
     /// `Upgrade` its `Connection` header names, to anything but `h2c`): never deferred,
     /// whatever the policy. It cannot wait for a replay: any 2xx to a `CONNECT` tells
@@ -328,7 +340,8 @@ pub(crate) mod http_codec {
         }
 
         fn capture(&self, req: &Request<BufferedBody<B>>) -> Option<Captured> {
-            if opens_a_connection(req.method(), req.headers()) {
+            if opens_a_connection(req.method(), req.headers()) || has_unreadable_key(req.headers())
+            {
                 return None;
             }
             let body = req.body().as_bytes()?.clone();

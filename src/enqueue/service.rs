@@ -403,7 +403,9 @@ mod http_flavour {
     use crate::BoxError;
     use crate::classify::Classify;
     use crate::enqueue::BufferedBody;
-    use crate::enqueue::codec::http_codec::{key_of, opens_a_connection, send_key};
+    use crate::enqueue::codec::http_codec::{
+        has_unreadable_key, key_of, opens_a_connection, send_key,
+    };
     use crate::enqueue::future::ResponseFuture;
     use crate::queue::Queue;
     use bytes::Bytes;
@@ -517,6 +519,7 @@ mod http_flavour {
                 || opens_a_connection(&parts.method, &parts.headers)
                 || crate::http::is_grpc(&parts.headers)
                 || crate::http::is_connect(&parts.headers)
+                || has_unreadable_key(&parts.headers)
             {
                 // Kept synchronous. An empty body (a `GET`) goes as one a retry inside can
                 // send again; any other is streamed through.

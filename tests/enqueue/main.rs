@@ -74,7 +74,7 @@ impl Dependency {
                     .headers()
                     .get_all(IDEMPOTENCY_KEY_HEADER)
                     .iter()
-                    .map(|v| v.to_str().unwrap())
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()))
                     .collect();
                 let key = (!keys.is_empty()).then(|| keys.join(", "));
                 let method = req.method().to_string();
@@ -561,6 +561,29 @@ async fn a_tunnel_or_an_upgrade_is_never_deferred() {
         .body(BufferedBody::empty())
         .unwrap();
     assert!(codec.capture(&plain).is_some());
+}
+
+/// A key this layer cannot read (bytes outside visible ASCII) is not replaced with one
+/// of its own: a receiver comparing raw bytes would take the caller's own retry for
+/// another request. The request goes out as it is, and is not deferred.
+#[tokio::test(start_paused = true)]
+async fn a_key_that_cannot_be_read_is_sent_as_given_and_not_deferred() {
+    let key = http::HeaderValue::from_bytes(b"order-\xc3\xa4-42").unwrap();
+    let (queue, dep, svc) = over_a_failing_dependency(EnqueueConfig::new());
+    let mut req = post("http://api.test/orders", "{}");
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY_HEADER, key.clone());
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(dep.seen.lock().unwrap()[0].1.as_deref(), Some("order-ä-42"));
+    assert_eq!(depth(&queue).await, Depth::default());
+    // The codec the typed flavour uses for HTTP does not capture it either.
+    let codec = postbox::enqueue::HttpCodec::new();
+    let mut req: InnerReq = Request::post("http://api.test/orders")
+        .body(BufferedBody::empty())
+        .unwrap();
+    req.headers_mut().insert(IDEMPOTENCY_KEY_HEADER, key);
+    assert!(codec.capture(&req).is_none());
 }
 
 #[tokio::test(start_paused = true)]
