@@ -177,10 +177,20 @@ pub(crate) fn frames_trailers(body: &[u8]) -> Option<(usize, HeaderMap)> {
     None
 }
 
-/// The trailers in the payload of a gRPC-Web trailers frame: `name: value` lines.
+/// The most fields read from a gRPC-Web trailers frame; the lines after are ignored.
+/// (A `HeaderMap` panics past 24 576 distinct names, and an answer of that many is
+/// no answer from a gRPC server.)
+pub(crate) const MAX_WEB_TRAILER_FIELDS: usize = 1024;
+
+/// The trailers in the payload of a gRPC-Web trailers frame: `name: value` lines, at
+/// most [`MAX_WEB_TRAILER_FIELDS`] of them.
 pub(crate) fn web_trailer_lines(payload: &[u8]) -> HeaderMap {
     let mut trailers = HeaderMap::new();
+    let mut fields = 0;
     for line in payload.split(|&byte| byte == b'\n') {
+        if fields == MAX_WEB_TRAILER_FIELDS {
+            break;
+        }
         let Some(colon) = line.iter().position(|&byte| byte == b':') else {
             continue;
         };
@@ -189,7 +199,10 @@ pub(crate) fn web_trailer_lines(payload: &[u8]) -> HeaderMap {
             http::HeaderName::from_bytes(name),
             http::HeaderValue::from_bytes(value),
         ) {
-            trailers.append(name, value);
+            if trailers.try_append(name, value).is_err() {
+                break;
+            }
+            fields += 1;
         }
     }
     trailers

@@ -357,7 +357,10 @@ fn finish_web<B, H: OnGrpcStatus>(
         return Response::from_parts(parts, GrpcStatusBody::buffered(data, None));
     }
     for (name, value) in trailers.iter().flatten() {
-        parts.headers.append(name, value.clone());
+        // Bounded (`MAX_WEB_TRAILER_FIELDS`), and never a panic on a full map.
+        if parts.headers.try_append(name, value.clone()).is_err() {
+            break;
+        }
     }
     if code.is_none() {
         stand_in_unknown(&mut parts.headers);
@@ -530,6 +533,37 @@ mod tests {
         let (parts, data) = call_web(WEB, two.clone()).await;
         assert!(parts.headers.get("grpc-status").is_none());
         assert_eq!(&data[..], &two[..]);
+    }
+
+    /// A gRPC-Web trailers frame of more distinct names than a `HeaderMap` holds (a
+    /// hostile upstream, under a raised limit) is read up to a bound, not a panic: its
+    /// status, read first, still decides.
+    #[tokio::test]
+    async fn a_grpc_web_trailers_frame_of_too_many_names_is_read_up_to_a_bound() {
+        let mut lines = b"grpc-status: 14\r\n".to_vec();
+        for i in 0..30_000 {
+            lines.extend_from_slice(format!("x{i}: 1\r\n").as_bytes());
+        }
+        let body = [web_frame(0, b"pong"), web_frame(0x80, &lines)].concat();
+        let svc = GrpcStatusLayer::new()
+            .with_limit(1 << 20)
+            .layer(service_fn(move |_: http::Request<()>| {
+                let body = body.clone();
+                async move {
+                    let mut res = Response::new(Full::new(Bytes::from(body)));
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/grpc-web+proto"),
+                    );
+                    Ok::<_, BoxError>(res)
+                }
+            }));
+        let req = http::Request::post("http://a/echo.Echo/Say")
+            .body(())
+            .unwrap();
+        let (parts, _) = svc.oneshot(req).await.unwrap().into_parts();
+        assert_eq!(parts.headers["grpc-status"], "14");
+        assert!(parts.headers.len() <= 1100, "{}", parts.headers.len());
     }
 
     /// gRPC-Web-text (base64, often sent as one padded chunk per frame): its status is
