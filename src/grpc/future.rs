@@ -545,9 +545,8 @@ mod tests {
             lines.extend_from_slice(format!("x{i}: 1\r\n").as_bytes());
         }
         let body = [web_frame(0, b"pong"), web_frame(0x80, &lines)].concat();
-        let svc = GrpcStatusLayer::new()
-            .with_limit(1 << 20)
-            .layer(service_fn(move |_: http::Request<()>| {
+        let svc = GrpcStatusLayer::new().with_limit(1 << 20).layer(service_fn(
+            move |_: http::Request<()>| {
                 let body = body.clone();
                 async move {
                     let mut res = Response::new(Full::new(Bytes::from(body)));
@@ -557,7 +556,8 @@ mod tests {
                     );
                     Ok::<_, BoxError>(res)
                 }
-            }));
+            },
+        ));
         let req = http::Request::post("http://a/echo.Echo/Say")
             .body(())
             .unwrap();

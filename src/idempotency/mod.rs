@@ -74,7 +74,9 @@
 //! trailers frame at the end of the body; the base64 `grpc-web-text` is not read, and
 //! its answers are never remembered: put the layer inside tonic-web's translation to
 //! cover it), and the same kinds are not
-//! remembered: `CANCELLED`, `UNKNOWN` (and a missing status), `DEADLINE_EXCEEDED`,
+//! remembered: `CANCELLED`, `UNKNOWN` (and a missing status: also a gRPC request's
+//! answer from something that is no gRPC server, a `200` HTML page or any other HTTP
+//! status without `grpc-status`, which its client reads as a failure), `DEADLINE_EXCEEDED`,
 //! `RESOURCE_EXHAUSTED`, `ABORTED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE`,
 //! `DATA_LOSS`, `UNAUTHENTICATED` and `PERMISSION_DENIED`. `OK` and the caller's errors (`INVALID_ARGUMENT`, `NOT_FOUND`,
 //! `ALREADY_EXISTS`, …) are, unless the handler answered with a trailers-only error

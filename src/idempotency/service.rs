@@ -489,12 +489,13 @@ where
     // replayer) would make the effect twice. Its duplicate waits and gets the stored
     // answer instead. Hence a task of its own (inline without a runtime).
     let (alive, gone) = tokio::sync::oneshot::channel::<()>();
+    let grpc_call = grpc.is_some();
     let work = async move {
         let res = match svc.call(req).await {
             Ok(res) => res,
             Err(e) => return Handled::Failed(e),
         };
-        if !remembered(res.status(), res.headers())
+        if !remembered(res.status(), res.headers(), grpc_call)
             || tap.failed()
             || is_event_stream(&res)
             || res.extensions().get::<StreamThrough>().is_some()
@@ -512,6 +513,7 @@ where
             parts.status,
             end_to_end(&parts.headers),
             tap,
+            grpc_call,
         )
         .await;
         Handled::Read(parts, outcome)
@@ -668,6 +670,7 @@ async fn collect_and_store<St, B>(
     status: http::StatusCode,
     headers: http::HeaderMap,
     tap: Arc<Tap>,
+    grpc_call: bool,
 ) -> Outcome<B>
 where
     St: IdempotencyStore,
@@ -704,13 +707,16 @@ where
         Ok(_) => {
             let bytes = buf.freeze();
             // A gRPC call's outcome is the status in its trailers, under a `200 OK` (a
-            // gRPC response without any status is `UNKNOWN` to its client).
+            // gRPC response without any status, or a gRPC request's answer from
+            // something that is no gRPC server, is `UNKNOWN` to its client).
             let code = trailers
                 .as_ref()
                 .and_then(GrpcCode::from_headers)
                 .or_else(|| GrpcCode::from_headers(&headers))
                 .or_else(|| grpc_web_status(&headers, &bytes))
-                .or_else(|| crate::http::is_grpc(&headers).then_some(GrpcCode::Unknown));
+                .or_else(|| {
+                    (grpc_call || crate::http::is_grpc(&headers)).then_some(GrpcCode::Unknown)
+                });
             if let Some(code) = code.filter(|c| !remembered_grpc(*c)) {
                 tracing::debug!(key = %claim.key, ?code, "gRPC status not remembered");
                 return Outcome::Whole(bytes, trailers);
@@ -877,9 +883,15 @@ fn replayed<B>(stored: StoredResponse) -> Response<BufferedBody<B>> {
 /// over: replayed without its `Upgrade` header, it would be a bare `101`). Nor a `499`
 /// (a client that closed the request, in nginx's use and the Connect protocol's
 /// `canceled`). The same for a gRPC status in the headers (a trailers-only response,
-/// most gRPC errors).
-fn remembered(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
+/// most gRPC errors). A gRPC request's (`grpc_call`) answer other than `200` without a
+/// `grpc-status` is never remembered: its client reads the HTTP status as the code
+/// gRPC maps it to (`UNIMPLEMENTED` for a `404`, `INTERNAL`, `UNKNOWN` …), none of
+/// which is.
+fn remembered(status: http::StatusCode, headers: &http::HeaderMap, grpc_call: bool) -> bool {
     use http::StatusCode;
+    if grpc_call && status != StatusCode::OK && GrpcCode::from_headers(headers).is_none() {
+        return false;
+    }
     !(status.is_server_error()
         || status.is_informational()
         || matches!(

@@ -3403,6 +3403,48 @@ async fn a_grpc_failure_status_is_not_remembered() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// A gRPC call answered by something that is no gRPC server (a `200` HTML fallback, a
+/// `404` page) has no status: its client reads `UNKNOWN`, `UNIMPLEMENTED` …, failures,
+/// and so it is not remembered, as a gRPC answer without a status is not. (It was judged
+/// by HTTP's rules and replayed for the whole ttl.)
+#[tokio::test(start_paused = true)]
+async fn a_grpc_call_answered_without_a_grpc_status_is_not_remembered() {
+    for status in [200, 404] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let svc = IdempotencyLayer::new(100).layer(service_fn(move |req: Served| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                req.into_body().collect().await.unwrap();
+                let mut res = Response::new(Full::new(Bytes::from_static(b"<html></html>")));
+                *res.status_mut() = StatusCode::from_u16(status).unwrap();
+                res.headers_mut()
+                    .insert("content-type", "text/html".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        }));
+        let grpc = || {
+            let mut req = keyed("k1");
+            req.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+            req
+        };
+        let first = svc.clone().oneshot(grpc()).await.unwrap();
+        drop(first.into_body().collect().await.unwrap());
+        let second = svc.clone().oneshot(grpc()).await.unwrap();
+        assert!(
+            !second.headers().contains_key(REPLAYED_HEADER),
+            "{status} was replayed"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "{status}");
+        // The same answers to a plain HTTP request are remembered.
+        let plain = svc.clone().oneshot(keyed("k2")).await.unwrap();
+        drop(plain.into_body().collect().await.unwrap());
+        let again = svc.clone().oneshot(keyed("k2")).await.unwrap();
+        assert!(again.headers().contains_key(REPLAYED_HEADER), "{status}");
+    }
+}
+
 /// A binary gRPC-Web answer: a message frame, then the trailers frame (flag `0x80`)
 /// holding `grpc-status: code`, all in the body.
 fn grpc_web_response(code: u8) -> Response<Full<Bytes>> {
@@ -3532,9 +3574,12 @@ async fn the_layers_own_refusals_of_a_grpc_request_are_grpc_statuses() {
         req
     };
     let calls = Arc::new(AtomicUsize::new(0));
-    let svc = IdempotencyLayer::new(100).layer(echo_handler(calls.clone()));
+    let svc = IdempotencyLayer::new(100).layer(grpc_handler(calls.clone(), |_| {
+        grpc_response("pong", Some(0), false)
+    }));
     let first = svc.clone().oneshot(grpc("a")).await.unwrap();
-    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(first.status(), StatusCode::OK);
+    drop(first.into_body().collect().await.unwrap());
     let reused = svc.clone().oneshot(grpc("b")).await.unwrap();
     assert_eq!(reused.status(), StatusCode::OK);
     assert_eq!(reused.headers()["content-type"], "application/grpc");
