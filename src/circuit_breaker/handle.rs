@@ -8,7 +8,9 @@ use std::time::Duration;
 /// [`CircuitBreaker::handle`](super::CircuitBreaker::handle) or, per key,
 /// [`KeyedCircuitBreakerHandle::get`](super::KeyedCircuitBreakerHandle::get). Every
 /// manual change is a transition like any other: it bumps the generation, fires the
-/// hook, and drops the late results of calls admitted before it.
+/// hook, and drops the late results of calls admitted before it (all but one that
+/// completes in the instant of the change, having checked its generation before the
+/// change and recorded after it: that one outcome may land in the new state's count).
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerHandle {
     breaker: Arc<Breaker>,

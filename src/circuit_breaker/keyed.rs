@@ -185,9 +185,21 @@ struct Keys<K> {
     manual: AtomicUsize,
     idle: Duration,
     origin: Instant,
+    /// The highest generation of a breaker dropped from the map: a key's next breaker
+    /// starts there (see `Breaker::start_at_generation`).
+    retired_generation: AtomicU64,
 }
 
 impl<K> Keys<K> {
+    /// Notes the generations of the breakers just dropped (under the write lock, before
+    /// any breaker made after them is added).
+    fn note_retired(&self, evicted: &[Entry]) {
+        for e in evicted {
+            self.retired_generation
+                .fetch_max(e.breaker.breaker().current_generation(), Relaxed);
+        }
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, KeyMap<K>> {
         self.map.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -204,11 +216,39 @@ impl<K> Keys<K> {
 impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
     /// The breaker for `key`, created (and the map trimmed) if needed.
     fn get(&self, key: K, now: Instant) -> Arc<Ref> {
-        let now_ns = self.ns(now);
-        if let Some(e) = self.read().get(&key) {
-            e.last_used_ns.store(now_ns, Relaxed);
-            return e.breaker.clone();
+        match self.lookup(&key, now) {
+            Some(breaker) => breaker,
+            None => self.make(key, now),
         }
+    }
+
+    /// [`get`](Self::get), for a call about to be admitted at `now`: if the breaker had
+    /// to be made (a window allocated, the write lock waited for, the map trimmed),
+    /// `now` is read again after, so a slow call's clock does not count that work.
+    #[inline]
+    fn get_timed(&self, key: K, now: &mut Instant) -> Arc<Ref> {
+        if let Some(breaker) = self.lookup(&key, *now) {
+            return breaker;
+        }
+        let breaker = self.make(key, *now);
+        *now = Instant::now();
+        breaker
+    }
+
+    /// The breaker kept for `key`, marked used at `now`.
+    #[inline]
+    fn lookup(&self, key: &K, now: Instant) -> Option<Arc<Ref>> {
+        let e = self.read();
+        let e = e.get(key)?;
+        e.last_used_ns.store(self.ns(now), Relaxed);
+        Some(e.breaker.clone())
+    }
+
+    /// Makes the breaker for `key` (unless another call made it meanwhile), trimming
+    /// the map if it is full.
+    #[cold]
+    fn make(&self, key: K, now: Instant) -> Arc<Ref> {
+        let now_ns = self.ns(now);
         // Made before the write lock every call of every key waits on (its window's
         // allocation, the key's hash and name); thrown away if another call adds the
         // key first.
@@ -223,7 +263,12 @@ impl<K: Hash + Eq + Clone + fmt::Display> Keys<K> {
         }
         if map.len() >= self.max_keys.saturating_add(self.manual.load(Relaxed)) {
             self.evict(&mut map, now, now_ns, &mut evicted);
+            self.note_retired(&evicted);
         }
+        // Not shared yet: nothing was admitted on it.
+        fresh
+            .breaker()
+            .start_at_generation(self.retired_generation.load(Relaxed));
         // Not set on the gauge until it first leaves closed: one series per key ever
         // seen would grow the metrics recorder without bound where keys come from
         // requests (an authority behind a proxy), whatever `max_keys` says.
@@ -425,8 +470,11 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
 
     /// At most this many breakers are kept (default 1024). When a new key arrives and
     /// the map is full, idle breakers are dropped, then the least recently used one
-    /// (closed ones first). A dropped breaker forgets its state: bound the keys
-    /// generously. A breaker in a state set by hand (forced open, disabled, metrics
+    /// (closed ones first), and with it up to `max_keys / 64` more of the least
+    /// recently used closed breakers without a call in flight, idle or not (room for
+    /// a batch of new keys, so a flood of them does not scan the map once per key). A
+    /// dropped breaker forgets its state and its window (a key close to tripping
+    /// starts over): bound the keys generously. A breaker in a state set by hand (forced open, disabled, metrics
     /// only) is never dropped, so those count on top of this bound.
     ///
     /// Each key has a window of its own: memory grows as `max_keys` × the window (a
@@ -478,6 +526,7 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
                 manual: AtomicUsize::new(0),
                 idle: self.idle,
                 origin: Instant::now(),
+                retired_generation: AtomicU64::new(0),
             }),
             key_fn: self.key_fn,
             classifier: ErrorClassifier::new(),
@@ -598,13 +647,10 @@ impl<K: Hash + Eq + Clone> KeyedCircuitBreakerHandle<K> {
         let now = Instant::now();
         let now_ns = self.keys.ns(now);
         let mut evicted = Vec::new();
-        retain_active(
-            &mut self.keys.write(),
-            now,
-            now_ns,
-            self.keys.idle,
-            &mut evicted,
-        );
+        let mut map = self.keys.write();
+        retain_active(&mut map, now, now_ns, self.keys.idle, &mut evicted);
+        self.keys.note_retired(&evicted);
+        drop(map);
         // The windows are freed after the lock is let go.
         drop(evicted);
     }
@@ -756,8 +802,8 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = self.key_fn.key(&req);
-        let now = Instant::now();
-        let breaker = self.keys.get(key, now);
+        let mut now = Instant::now();
+        let breaker = self.keys.get_timed(key, &mut now);
         match breaker.acquire(&mut Now::at(now)) {
             Ok(permit) => {
                 // The guard first: if the inner `call` panics, it gives a probe slot back.
@@ -780,6 +826,26 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call's slow-call clock starts after its key's breaker was found: when it had
+    /// to be made (a window allocated, the write lock waited for, the map trimmed), the
+    /// time is read again after that work, which is not the dependency's.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_keys_call_is_timed_from_after_its_breaker_is_made() {
+        let layer = super::super::CircuitBreakerLayer::builder()
+            .keyed(|k: &u32| *k)
+            .build()
+            .unwrap();
+        let keys = &layer.keys;
+        let before = Instant::now();
+        tokio::time::advance(Duration::from_millis(150)).await;
+        let mut now = before;
+        keys.get_timed(1, &mut now);
+        assert_eq!(now, before + Duration::from_millis(150), "made: read again");
+        let mut now = before;
+        keys.get_timed(1, &mut now);
+        assert_eq!(now, before, "found: the time read before is kept");
+    }
 
     /// The key names the breaker in logs and metrics: no userinfo in it, and one key
     /// for a host whatever the spelling of its default port.

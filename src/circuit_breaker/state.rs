@@ -255,7 +255,8 @@ pub struct Transition {
 }
 
 impl Transition {
-    /// The breaker's name (its key for a per-key breaker; empty if unnamed).
+    /// The breaker's name (empty if unnamed). A per-key breaker's is its key, or
+    /// `NAME/KEY` where the template is named `NAME`.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -271,7 +272,9 @@ impl Transition {
     }
 
     /// Counts transitions of this breaker: one more per transition (wrapping at
-    /// 2^29), so hooks running on different threads can be ordered.
+    /// 2^29), so hooks running on different threads can be ordered. A per-key
+    /// breaker made again for a key (after its last was dropped from the map) counts
+    /// on past every generation its map dropped, so a name's count never goes back.
     pub const fn generation(&self) -> u64 {
         self.generation
     }
@@ -1077,6 +1080,18 @@ impl Breaker {
         let mut cold = self.cold.lock().unwrap_or_else(|e| e.into_inner());
         cold.shown = true;
         self.set_gauge(CLOSED);
+    }
+
+    /// The generation of the current state.
+    pub(crate) fn current_generation(&self) -> u64 {
+        generation(self.word.load(Acquire))
+    }
+
+    /// Starts a breaker not yet shared at generation `g`: a key's breaker made again
+    /// after its last was dropped counts on from there, so a hook ordering a name's
+    /// transitions by generation does not take the new breaker's for stale ones.
+    pub(crate) fn start_at_generation(&self, g: u64) {
+        self.word.store(pack(g & GEN_MASK, CLOSED, 0), Relaxed);
     }
 
     /// For a breaker dropped from a keyed map: sets the gauge to closed (its key

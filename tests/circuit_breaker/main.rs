@@ -1475,3 +1475,44 @@ async fn a_call_an_open_key_rejects_gives_back_what_readiness_reserved_inside() 
     assert_eq!(other.ready().await.unwrap().call("up").await.unwrap(), "up");
     drop(svc);
 }
+
+/// A key's breaker made again after its last was dropped from the map counts its
+/// transitions on from there: a hook that orders a name's transitions by generation
+/// (and ignores older ones) does not take the new breaker's trip for a stale event.
+#[tokio::test(start_paused = true)]
+async fn a_keys_breaker_made_again_counts_its_generations_on() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .permitted_probes(1)
+        .break_duration(Duration::from_secs(1))
+        .on_transition(move |t: &Transition| {
+            s.lock()
+                .unwrap()
+                .push((t.name().to_owned(), t.to(), t.generation()))
+        })
+        .keyed(|req: &(u32, bool)| req.0)
+        .idle_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let keys = layer.handle();
+    let mut svc = layer.layer(service_fn(ok_unless_false::<u32>));
+    // Open, half-open, closed: generations 1 to 3.
+    let _ = svc.ready().await.unwrap().call((1, false)).await;
+    advance(Duration::from_secs(2)).await;
+    let _ = svc.ready().await.unwrap().call((1, true)).await;
+    let last = seen.lock().unwrap().last().unwrap().clone();
+    assert_eq!(last, ("1".to_owned(), State::Closed, 3));
+    // Idle, dropped, and made again by its next call, which trips it.
+    advance(Duration::from_secs(11)).await;
+    keys.evict_idle();
+    assert!(keys.get(&1).is_none());
+    let _ = svc.ready().await.unwrap().call((1, false)).await;
+    let (name, to, generation) = seen.lock().unwrap().last().unwrap().clone();
+    assert_eq!((name.as_str(), to), ("1", State::Open));
+    assert!(
+        generation > 3,
+        "the new breaker's trip came as generation {generation}"
+    );
+}
