@@ -510,10 +510,12 @@ where
             claim,
             store,
             config,
-            parts.status,
-            end_to_end(&parts.headers),
+            AnswerHead {
+                status: parts.status,
+                headers: end_to_end(&parts.headers),
+                grpc_call,
+            },
             tap,
-            grpc_call,
         )
         .await;
         Handled::Read(parts, outcome)
@@ -660,6 +662,14 @@ enum Outcome<B> {
     Failed(BoxError),
 }
 
+/// The head of an answer to store: its status, its end-to-end headers, and whether it
+/// answers a gRPC request.
+struct AnswerHead {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    grpc_call: bool,
+}
+
 /// Reads the response `body` whole and stores it as the key's outcome; the claim is
 /// released if that does not happen.
 async fn collect_and_store<St, B>(
@@ -667,16 +677,19 @@ async fn collect_and_store<St, B>(
     mut claim: Release<St>,
     store: Arc<St>,
     config: Arc<Config>,
-    status: http::StatusCode,
-    headers: http::HeaderMap,
+    head: AnswerHead,
     tap: Arc<Tap>,
-    grpc_call: bool,
 ) -> Outcome<B>
 where
     St: IdempotencyStore,
     B: Body + Unpin,
     B::Error: Into<BoxError>,
 {
+    let AnswerHead {
+        status,
+        headers,
+        grpc_call,
+    } = head;
     let mut buf = Collected::default();
     let mut extra = None;
     let whole = std::future::poll_fn(|cx| {
