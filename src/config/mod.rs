@@ -66,7 +66,9 @@
 //! at once (a `503` with `Retry-After`) instead of waiting to be a probe.
 //!
 //! # Config files
-//! Every section is optional and every field has a default; unknown fields are errors.
+//! Every section is optional and every field has a default (but inside a breaker's
+//! `window` given without a preset to merge with: its `type` and `size`, or `type`,
+//! `duration` and `buckets`); unknown fields are errors.
 //! Durations are strings with a unit ([`duration::parse`]: `"250ms"`, `"2s"`, `"1m"`).
 //! A section may start from a **preset** and override any field:
 //! `preset = "standard_http_client"` for a client, `preset = "server"` for a server.
