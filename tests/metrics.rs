@@ -286,6 +286,31 @@ fn the_circuit_state_gauge_shows_healthy_tripped_and_evicted_breakers() {
         let _layer = CircuitBreakerLayer::builder().name("one").build().unwrap();
     });
     assert_eq!(gauge(&built, ONE), Some(0.0));
+    let tripped = recorded(|| async {
+        let layer = CircuitBreakerLayer::builder()
+            .name("one")
+            .consecutive_failures(1)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(service_fn(|_: u32| async {
+            Err::<(), BoxError>(io::Error::from(io::ErrorKind::ConnectionReset).into())
+        }));
+        svc.ready().await.unwrap().call(1).await.unwrap_err();
+    });
+    assert_eq!(
+        gauge(&tripped, ONE),
+        Some(1.0),
+        "a tripped breaker shows open"
+    );
+    let forced = recorded(|| async {
+        let layer = CircuitBreakerLayer::builder().name("one").build().unwrap();
+        layer.handle().force_open();
+    });
+    assert_eq!(
+        gauge(&forced, ONE),
+        Some(4.0),
+        "a breaker forced open shows 4"
+    );
     let keyed = recorded(|| async {
         let layer = CircuitBreakerLayer::builder()
             .name("keyed")

@@ -763,7 +763,7 @@ mod tests {
         let token = proceed(&s, "k", Duration::from_secs(30)).await;
         let wait = s.wait("k");
         let s2 = s.clone();
-        tokio::spawn(async move {
+        let completes = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
             s2.complete("k", token, response(2), Duration::from_secs(60))
                 .await
@@ -772,5 +772,6 @@ mod tests {
         let start = Instant::now();
         wait.await;
         assert_eq!(start.elapsed(), Duration::from_secs(1));
+        completes.await.unwrap();
     }
 }

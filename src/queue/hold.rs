@@ -168,7 +168,9 @@ mod tests {
         for _ in 0..10 {
             p.made(false);
         }
-        tokio::time::advance(Duration::from_secs(30)).await;
+        tokio::time::advance(Duration::from_millis(29_999)).await;
+        assert!(!p.may(), "the pause grew to 30 s");
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(p.may(), "the pause stops growing at 30 s");
         p.made(false);
         p.calm();

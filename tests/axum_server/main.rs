@@ -392,12 +392,16 @@ enabled = true
         .layer(config.client.deferring_layer(queue.clone()).unwrap())
         .service(ReqwestService::new(reqwest::Client::new()));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let lengths = Arc::new(std::sync::Mutex::new(Vec::new()));
     let flaky = serve(Router::new().route(
         "/orders",
         post({
             let calls = calls.clone();
+            let lengths = lengths.clone();
             move |body: Bytes| async move {
-                assert_eq!(body.len(), 1024, "the whole body, every attempt");
+                // Checked below, in the test's task: a failed assertion here would only
+                // reset the connection.
+                lengths.lock().unwrap().push(body.len());
                 if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                     StatusCode::SERVICE_UNAVAILABLE
                 } else {
@@ -414,5 +418,10 @@ enabled = true
     let res = client.oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(
+        *lengths.lock().unwrap(),
+        [1024, 1024],
+        "the whole body, every attempt"
+    );
     assert_eq!(queue.depth().await.unwrap().pending, 0);
 }

@@ -840,7 +840,18 @@ fn a_section_alone_and_a_file_on_disk() {
     let e = StackConfig::load(&bad).unwrap_err();
     assert_eq!(e.path(), Some(bad.as_path()));
     assert!(e.to_string().starts_with(&bad.display().to_string()), "{e}");
-    assert!(StackConfig::load(dir.path().join("stack.ini")).is_err());
+    // A file of an unknown kind is refused for its extension, not read as YAML.
+    let ini = dir.path().join("stack.ini");
+    std::fs::write(&ini, YAML).unwrap();
+    let e = StackConfig::load(&ini).unwrap_err();
+    assert!(e.format().is_none(), "{e}");
+    assert!(e.message().contains("unknown config format"), "{e}");
+    assert_eq!(e.path(), Some(ini.as_path()));
+    let missing = StackConfig::load(dir.path().join("missing.yaml")).unwrap_err();
+    assert!(
+        !missing.message().contains("unknown config format"),
+        "{missing}"
+    );
 }
 
 #[test]

@@ -37,7 +37,7 @@ fn hyper_client() -> HyperClient {
 }
 
 /// Answers `500` to the first `fail_first` calls of `/flaky`, then `200`; `/slow`
-/// answers after two seconds.
+/// answers after 30 seconds (later than any timeout here).
 async fn serve(fail_first: u32) -> (SocketAddr, Arc<AtomicU32>) {
     let calls = Arc::new(AtomicU32::new(0));
     let app = Router::new()
@@ -83,6 +83,22 @@ fn stack(
     Error = BoxError,
     Future: Send,
 > + Clone {
+    // 5 s: far above a loopback answer on a loaded machine (a stalled attempt cut at
+    // 200 ms was retried, one call more than the tests count), below `/slow`'s 30 s.
+    stack_with(breaker, max_retries, Duration::from_secs(5))
+}
+
+/// [`stack`] with an attempt timeout of `attempt`.
+fn stack_with(
+    breaker: CircuitBreakerLayer<HttpClassifier>,
+    max_retries: u32,
+    attempt: Duration,
+) -> impl tower::Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<hyper::body::Incoming>,
+    Error = BoxError,
+    Future: Send,
+> + Clone {
     ServiceBuilder::new()
         .map_err(BoxError::from)
         .layer(BufferBodyLayer::new(64 * 1024))
@@ -98,9 +114,7 @@ fn stack(
         )
         .layer(breaker)
         .layer(BulkheadLayer::new(8).unwrap())
-        // 5 s: far above a loopback answer on a loaded machine (a stalled attempt cut
-        // at 200 ms was retried, one call more than the tests count), below `/slow`'s 30 s.
-        .layer(AttemptTimeoutLayer::new(Duration::from_secs(5)).unwrap())
+        .layer(AttemptTimeoutLayer::new(attempt).unwrap())
         .service(hyper_client())
 }
 
@@ -147,7 +161,9 @@ async fn a_dead_port_opens_the_breaker_and_the_retry_stops_at_the_open_breaker()
 #[tokio::test]
 async fn a_slow_answer_is_cut_by_the_attempt_timeout() {
     let (addr, _) = serve(0).await;
-    let err = stack(breaker(5), 0)
+    // No retry, so a slow machine cannot make it count a call more: the attempt is cut
+    // whatever else happens, and its error is `Elapsed`.
+    let err = stack_with(breaker(5), 0, Duration::from_millis(250))
         .oneshot(get_req(addr, "/slow"))
         .await
         .unwrap_err();
