@@ -253,7 +253,11 @@ impl EmbeddedOptions {
 /// [`ack_sync`](EmbeddedOptions::with_ack_sync) (see the module docs).
 ///
 /// Dropping the last handle stops the writer thread after the operations already sent
-/// (and joins it); [`close`](Self::close) does the same and reports errors.
+/// (and joins it); [`close`](Self::close) does the same and reports errors. The join
+/// blocks the dropping thread while the writer applies what is still waiting (a backlog
+/// of enqueues, one fsync per batch, then the last sync): in async code, end with
+/// `close().await`, which waits without blocking, rather than a drop on a runtime
+/// thread.
 ///
 /// # Clone
 ///
@@ -1066,7 +1070,19 @@ impl Writer {
                 close @ Op::Close { .. } => close,
                 op => match self.apply(op, &rx) {
                     Some(close) => close,
-                    None => continue,
+                    None => {
+                        // A batch of reads alone (a depth, an empty lease) commits
+                        // nothing, so it cannot carry a sync that is due: made here,
+                        // or reads arriving without a pause would hold it off for ever.
+                        if !self.broken
+                            && self
+                                .unsynced_since
+                                .is_some_and(|since| since.elapsed() >= self.ack_sync)
+                        {
+                            self.sync();
+                        }
+                        continue;
+                    }
                 },
             };
             self.finish(close, &rx);
@@ -1967,13 +1983,19 @@ impl Tables<'_> {
         let mut discarded = 0;
         let mut quarantine = self.txn.open_table(QUARANTINE).map_err(redb_err)?;
         for &id in ids {
-            if self.dead.remove(id).map_err(redb_err)?.is_some()
-                || quarantine.remove(id).map_err(redb_err)?.is_some()
-            {
+            if self.dead.remove(id).map_err(redb_err)?.is_some() {
                 self.messages.remove(id).map_err(redb_err)?;
-                self.dirty = true;
-                discarded += 1;
+            } else if quarantine.remove(id).map_err(redb_err)?.is_some() {
+                // Quarantined for bytes missing or undecodable: bytes that decode now
+                // are the same envelope enqueued again since, a live message, kept.
+                if self.stored_envelope(id)?.is_err() {
+                    self.messages.remove(id).map_err(redb_err)?;
+                }
+            } else {
+                continue;
             }
+            self.dirty = true;
+            discarded += 1;
         }
         Ok(discarded)
     }
@@ -2162,6 +2184,51 @@ mod tests {
         let full = q.enqueue(envelope("full")).await;
         assert!(matches!(full, Err(QueueError::Full { .. })), "{full:?}");
         assert_eq!(q.depth().await.unwrap().pending, 1);
+    }
+
+    /// A message quarantined because its bytes were missing, then enqueued again as it
+    /// was (same id: a caller's retry), lives: discarding the quarantined id (an
+    /// operator deleting what the log named) drops the quarantine entry, not the live
+    /// message's bytes.
+    #[tokio::test]
+    async fn discarding_a_quarantined_id_keeps_the_live_message_enqueued_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let env = envelope("lost-bytes");
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        q.enqueue(env.clone()).await.unwrap();
+        q.close().await.unwrap();
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(MESSAGES)
+                .unwrap()
+                .remove(to_id(env.id))
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let lease = Duration::from_secs(30);
+        assert!(
+            q.lease(10, lease, SystemTime::now())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(q.depth().await.unwrap().dead, 1, "quarantined");
+        assert_eq!(
+            q.enqueue(env.clone()).await.unwrap(),
+            Enqueued::Stored(env.id)
+        );
+        assert_eq!(q.discard_dead_letters(&[env.id]).await.unwrap(), 1);
+        let got = q.lease(10, lease, SystemTime::now()).await.unwrap();
+        assert_eq!(
+            got.len(),
+            1,
+            "the live message was discarded with the quarantine"
+        );
+        assert_eq!(got[0].envelope.id, env.id);
+        q.close().await.unwrap();
     }
 
     /// A version-1 file (leases stored) opens as version 2: its leased message is
