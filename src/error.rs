@@ -108,10 +108,13 @@ mod http_mapping {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         if let Some(d) = retry_after {
-            // Whole seconds, rounded up: a client that honours it is never early.
+            // Whole seconds, rounded up: a client that honours it is never early. At
+            // most `i32::MAX` (68 years): a client parsing a 32- or 64-bit signed number
+            // would drop a longer one, and retry at once.
             let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
+            let secs = secs.clamp(1, i32::MAX as u64);
             res.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         res
     }
@@ -277,9 +280,13 @@ mod grpc_mapping {
     }
 
     /// Sets `grpc-retry-pushback-ms`, rounded up as `Retry-After` is: a client honouring
-    /// it is never early.
+    /// it is never early. At most `i32::MAX` (24 days): grpc-java reads it as an `int`,
+    /// and takes one it cannot parse for "do not retry".
     fn pushback(status: &mut Status, after: Duration) {
-        let ms = after.as_nanos().div_ceil(1_000_000).max(1);
+        let ms = after
+            .as_nanos()
+            .div_ceil(1_000_000)
+            .clamp(1, i32::MAX as u128);
         if let Ok(v) = ms.to_string().parse() {
             status.metadata_mut().insert("grpc-retry-pushback-ms", v);
         }
@@ -548,7 +555,9 @@ mod tests {
     }
 
     /// The dependency's hint at its longest (a `Retry-After` of 21 digits reads as
-    /// `Duration::MAX`) is passed on as the longest, not an overflow.
+    /// `Duration::MAX`) is passed on as the longest a 32-bit signed number holds, not
+    /// an overflow, nor a number a client parsing a signed one drops (and so retries
+    /// at once).
     #[cfg(feature = "http")]
     #[test]
     fn the_longest_hint_of_a_request_not_enqueued_does_not_overflow() {
@@ -563,7 +572,26 @@ mod tests {
         let res = e.into_response();
         assert_eq!(
             res.headers()[http::header::RETRY_AFTER],
-            u64::MAX.to_string().as_str()
+            i32::MAX.to_string().as_str()
+        );
+    }
+
+    /// The same hint as a gRPC pushback is at most `i32::MAX` ms: grpc-java reads the
+    /// value as an `int`, and takes one it cannot parse for "do not retry".
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn the_longest_hint_as_a_grpc_pushback_fits_an_int() {
+        use crate::enqueue::error::FailedResponse;
+        use crate::queue::{DeferReason, QueueError};
+        let e = NotEnqueued::new(
+            DeferReason::RetriesExhausted,
+            Box::new(FailedResponse::new("429".into(), Some(Duration::MAX))),
+            QueueError::Full { capacity: 1 },
+        );
+        let status = to_status(&e);
+        assert_eq!(
+            status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            i32::MAX.to_string().as_str()
         );
     }
 
