@@ -922,6 +922,11 @@ where
                         for leased in batch {
                             self.start(leased, cut_off).await;
                         }
+                        // Also while a backlog keeps the leases coming (a burst of
+                        // expired messages, settled without a task): the depth, its
+                        // dead letters above all, is what shows that burst. At most
+                        // once per poll interval.
+                        self.report_depth().await;
                         continue;
                     }
                     Ok(_) => {}

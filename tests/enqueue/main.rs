@@ -1788,6 +1788,39 @@ async fn replayer_dead_letters_expired_messages_without_replaying() {
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
 
+/// The replayer reports the queue's depth while a backlog keeps its leases coming (a
+/// burst of expired messages, dead-lettered without a task each), not only once the
+/// backlog is gone: the dead letters' gauge is what shows such a burst.
+#[tokio::test(start_paused = true)]
+async fn the_depth_is_reported_while_a_backlog_keeps_the_leases_coming() {
+    let queue = Arc::new(AckRecorder::default());
+    for i in 0..50 {
+        let mut env = Envelope::new(
+            "api.test",
+            "POST",
+            format!("http://api.test/{i}"),
+            Bytes::new(),
+            DeferReason::BulkheadFull,
+        );
+        env.not_before = SystemTime::UNIX_EPOCH;
+        env.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1));
+        queue.enqueue(env).await.unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handle = Replayer::http(queue.clone(), counting(200, calls.clone()))
+        .lease_batch(1)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().dead_lettered == 50).await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let first = queue.depth_calls().first().copied();
+    assert!(
+        first.is_some_and(|dead| dead < 50),
+        "the first depth came after the whole burst: {first:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn replayer_waits_while_the_breaker_is_open() {
     let queue = Arc::new(MemoryQueue::new());

@@ -177,6 +177,10 @@ pub(crate) struct AckRecorder {
     stale: Arc<std::sync::atomic::AtomicBool>,
     /// The tokens of the leases handed out, for [`give_back_leases`](Self::give_back_leases).
     leased: Arc<Mutex<Vec<LeaseToken>>>,
+    /// How many `dead_letter` calls were made, and how many there were at each
+    /// `depth` call.
+    dead_lettered: Arc<AtomicUsize>,
+    depth_calls: Arc<Mutex<Vec<usize>>>,
 }
 
 impl AckRecorder {
@@ -188,6 +192,11 @@ impl AckRecorder {
         for token in tokens {
             let _ = self.inner.release(token, SystemTime::UNIX_EPOCH).await;
         }
+    }
+
+    /// For each `depth` call so far, how many `dead_letter` calls came before it.
+    pub(crate) fn depth_calls(&self) -> Vec<usize> {
+        self.depth_calls.lock().unwrap().clone()
     }
 
     /// The `ack` calls so far: batch size and time of each.
@@ -296,6 +305,7 @@ impl Queue for AckRecorder {
         token: LeaseToken,
         reason: &str,
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        self.dead_lettered.fetch_add(1, Ordering::SeqCst);
         let (down, inner, reason) = (self.down(), self.inner.clone(), reason.to_owned());
         async move {
             down.map_or(Ok(()), Err)?;
@@ -304,6 +314,10 @@ impl Queue for AckRecorder {
     }
 
     fn depth(&self) -> impl Future<Output = Result<Depth, QueueError>> + Send {
+        self.depth_calls
+            .lock()
+            .unwrap()
+            .push(self.dead_lettered.load(Ordering::SeqCst));
         self.inner.depth()
     }
 
