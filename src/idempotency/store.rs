@@ -196,7 +196,14 @@ struct Inner {
 /// want of room.
 #[cold]
 fn forgotten_early(warned: &mut bool, reason: &'static str) {
-    metrics::counter!("postbox_idempotency_forgotten_total", "reason" => reason).increment(1);
+    // One literal label per arm: a label that is an expression makes the macro build
+    // (allocate) its label list on every call, and a full store sheds on every claim.
+    let counter = if reason == "bytes" {
+        metrics::counter!("postbox_idempotency_forgotten_total", "reason" => "bytes")
+    } else {
+        metrics::counter!("postbox_idempotency_forgotten_total", "reason" => "capacity")
+    };
+    counter.increment(1);
     if *warned {
         tracing::debug!(
             reason,
