@@ -2,8 +2,9 @@
 //! 1 KiB bodies and 1, 8 and 64 concurrent producers, then the batched drain rate.
 //!
 //! Run: `cargo run --release --example enqueue_latency [messages_per_run [producers]]`
-//! (default 20000 messages; 1, 8 and 64 producers, or only the count given). The queue
-//! file lives in a temporary directory (set `TMPDIR` to measure another disk).
+//! (default 20000 messages, at least 100; 1, 8 and 64 producers, or only the count
+//! given, any from 1 to 1024). The queue file lives in a temporary directory (set
+//! `TMPDIR` to measure another disk).
 //!
 //! Each producer count runs twice on one file: first on a fresh file, which grows as it
 //! fills (each `fdatasync` then also writes the file's size and extents), then again
@@ -40,14 +41,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(20_000);
     let only: Option<usize> = std::env::args().nth(2).map(|s| s.parse()).transpose()?;
+    if total < 100 {
+        return Err(format!("{total} messages per run: give at least 100").into());
+    }
+    if only.is_some_and(|p| !(1..=1024).contains(&p)) {
+        return Err("give from 1 to 1024 producers".into());
+    }
     println!(
         "durable enqueue, 1 KiB bodies, {total} messages per run ({} with one producer)",
         total / 10
     );
-    for producers in [1usize, 8, 64] {
-        if only.is_some_and(|o| o != producers) {
-            continue;
-        }
+    let counts = match only {
+        Some(p) => vec![p],
+        None => vec![1, 8, 64],
+    };
+    for producers in counts {
         let dir = tempfile::tempdir()?;
         let q = Arc::new(EmbeddedQueue::open(
             dir.path().join("latency.redb"),
@@ -56,7 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let n = if producers == 1 { total / 10 } else { total };
         for round in ["fresh file", "grown file"] {
             enqueue_round(&q, n, producers, round).await?;
-            drain(&q, producers == 64).await?;
+            drain(&q, producers, round).await?;
         }
         q.close().await?;
     }
@@ -109,8 +117,12 @@ async fn enqueue_round(
 }
 
 /// Leases batches of 256 and acks each batch at once until the queue is empty; prints
-/// the rate when `report`.
-async fn drain(q: &EmbeddedQueue, report: bool) -> Result<(), Box<dyn std::error::Error>> {
+/// the rate.
+async fn drain(
+    q: &EmbeddedQueue,
+    producers: usize,
+    round: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let mut drained = 0;
     loop {
@@ -125,11 +137,9 @@ async fn drain(q: &EmbeddedQueue, report: bool) -> Result<(), Box<dyn std::error
         drained += tokens.len();
     }
     let elapsed = start.elapsed();
-    if report {
-        println!(
-            "drain (lease 256 + batched ack): {:>8.0} msg/s ({drained} messages)",
-            drained as f64 / elapsed.as_secs_f64()
-        );
-    }
+    println!(
+        "{producers:>2} producers, {round}, drain (lease 256 + batched ack): {:>8.0} msg/s ({drained} messages)",
+        drained as f64 / elapsed.as_secs_f64()
+    );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! A flaky dependency behind a postbox client stack, on the embedded machinery only
-//! (no broker, no network): the deadline bounds the call, the bulkhead sheds load at
-//! once, the attempt timeout cancels a hung attempt.
+//! (no broker, no network): the bulkhead sheds at once the calls beyond its 4 permits,
+//! and the attempt timeout cuts a hung attempt at 100 ms (the 500 ms deadline bounds
+//! the whole call; with no retry inside, the attempt timeout ends first).
 //!
 //! `cargo run --example quickstart`
 
@@ -16,7 +17,7 @@ use tower::{ServiceBuilder, ServiceExt, service_fn};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), BoxError> {
-    // Every third call hangs for a second; the others answer in 5 ms.
+    // Every third call that reaches it hangs for a second; the others answer in 5 ms.
     let calls = Arc::new(AtomicU32::new(0));
     let dependency = service_fn(move |order: u32| {
         let n = calls.fetch_add(1, Ordering::Relaxed);
@@ -49,7 +50,7 @@ async fn main() -> Result<(), BoxError> {
         }
     }
     println!(
-        "12 calls in {:?}; none waited for the hung attempts",
+        "12 calls in {:?}: none waited the second a hung attempt takes",
         started.elapsed()
     );
     Ok(())

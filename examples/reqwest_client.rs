@@ -88,7 +88,10 @@ async fn main() -> Result<(), BoxError> {
         .layer(breaker)
         .layer(BulkheadLayer::new(32)?)
         .layer(AttemptTimeoutLayer::new(Duration::from_secs(1))?)
-        .service(ReqwestService::new(reqwest::Client::new()));
+        .service(ReqwestService::new(
+            // Loopback only, whatever `HTTP_PROXY` says.
+            reqwest::Client::builder().no_proxy().build()?,
+        ));
 
     for path in ["/flaky", "/busy"] {
         let started = Instant::now();

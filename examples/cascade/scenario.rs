@@ -300,8 +300,14 @@ enum Event {
     Fast,
 }
 
+/// Whether every queue is empty. `queues` is downstream first (MS4's first): read
+/// upstream first, in the direction messages flow. A replay is acked only after the
+/// next hop answered, so after it stored the message it deferred again: once an
+/// upstream queue reads empty, nothing more can enter the queues after it, and a
+/// queue read empty stays so. (Read downstream first, a message could move down
+/// behind the reads: MS4's queue read empty, then MS3's replay deferred there.)
 async fn empty(queues: &[Arc<EmbeddedQueue>]) -> Result<bool, BoxError> {
-    for q in queues {
+    for q in queues.iter().rev() {
         let d = q.depth().await?;
         if d.pending + d.in_flight > 0 {
             return Ok(false);

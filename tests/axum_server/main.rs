@@ -73,7 +73,7 @@ async fn a_full_bulkhead_answers_503_with_retry_after() {
         )
         .layer(config.server.layer().unwrap());
     let addr = serve(app).await;
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let url = format!("http://{addr}/slow");
 
     let first = tokio::spawn(http.post(&url).body("{}").send());
@@ -124,7 +124,9 @@ async fn a_dead_downstream_is_answered_202_through_the_enqueue_fallback() {
     let queue = Arc::new(MemoryQueue::new());
     let downstream = tower::ServiceBuilder::new()
         .layer(config.client.deferring_layer(queue.clone()).unwrap())
-        .service(ReqwestService::new(reqwest::Client::new()));
+        .service(ReqwestService::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        ));
     let dead_port = shared::DeadPort::new();
     let dead = dead_port.addr();
     let state = AppState {
@@ -137,7 +139,10 @@ async fn a_dead_downstream_is_answered_202_through_the_enqueue_fallback() {
         .layer(config.server.layer().unwrap());
     let addr = serve(app).await;
 
-    let res = reqwest::Client::new()
+    let res = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
         .post(format!("http://{addr}/orders"))
         .body("{\"sku\":42}")
         .send()
@@ -170,7 +175,9 @@ async fn the_layers_report_under_one_metrics_scheme() {
     let queue = Arc::new(MemoryQueue::new());
     let downstream = tower::ServiceBuilder::new()
         .layer(config.client.deferring_layer(queue.clone()).unwrap())
-        .service(ReqwestService::new(reqwest::Client::new()));
+        .service(ReqwestService::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        ));
     let release = Arc::new(Notify::new());
     let entered = Arc::new(Notify::new());
     let dead_port = shared::DeadPort::new();
@@ -194,7 +201,7 @@ async fn the_layers_report_under_one_metrics_scheme() {
         )
         .layer(config.server.layer().unwrap());
     let addr = serve(app).await;
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
 
     let res = http
         .post(format!("http://{addr}/orders"))
@@ -270,7 +277,7 @@ async fn the_server_stack_honours_the_callers_deadline_and_replays_duplicates() 
         )
         .layer(config.server.layer().unwrap());
     let addr = serve(app).await;
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
 
     // The caller has 50 ms left: the server gives up then, not after its own 5 s.
     let started = tokio::time::Instant::now();
@@ -334,7 +341,9 @@ enabled = true
     let breakers = stack.client().breakers();
     let client = tower::ServiceBuilder::new()
         .layer(stack)
-        .service(ReqwestService::new(reqwest::Client::new()));
+        .service(ReqwestService::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        ));
     let dead_port = shared::DeadPort::new();
     let dead = dead_port.addr();
     let live = serve(Router::new().route("/orders", post(|| async { StatusCode::CREATED }))).await;
@@ -390,7 +399,9 @@ enabled = true
     let queue = Arc::new(MemoryQueue::new());
     let client = tower::ServiceBuilder::new()
         .layer(config.client.deferring_layer(queue.clone()).unwrap())
-        .service(ReqwestService::new(reqwest::Client::new()));
+        .service(ReqwestService::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        ));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let lengths = Arc::new(std::sync::Mutex::new(Vec::new()));
     let flaky = serve(Router::new().route(

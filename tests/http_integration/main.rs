@@ -54,7 +54,7 @@ async fn a_full_server_bulkhead_answers_503_with_retry_after() {
                 .layer(BulkheadLayer::new(1).unwrap()),
         );
     let addr = serve(app).await;
-    let client = ReqwestService::new(reqwest::Client::new());
+    let client = ReqwestService::new(reqwest::Client::builder().no_proxy().build().unwrap());
 
     let first = tokio::spawn(client.clone().oneshot(post_to(addr, "/slow")));
     // The first request holds the only permit (its handler runs).
@@ -80,7 +80,7 @@ async fn a_refused_connection_is_a_retryable_failure_that_never_took_effect() {
     // Held, not listening: a connection is refused, and no other test takes the port.
     let dead = shared::DeadPort::new();
     let addr = dead.addr();
-    let client = ReqwestService::new(reqwest::Client::new());
+    let client = ReqwestService::new(reqwest::Client::builder().no_proxy().build().unwrap());
     let err = client.oneshot(post_to(addr, "/orders")).await.unwrap_err();
     let c = Classify::<http::Response<reqwest::Body>, BoxError>::classify(
         &HttpClassifier::new(),
@@ -98,7 +98,7 @@ async fn a_refused_connection_is_a_retryable_failure_that_never_took_effect() {
 async fn an_errors_url_has_its_credentials_redacted() {
     let dead = shared::DeadPort::new();
     let addr = dead.addr();
-    let client = ReqwestService::new(reqwest::Client::new());
+    let client = ReqwestService::new(reqwest::Client::builder().no_proxy().build().unwrap());
     let req = http::Request::post(format!(
         "http://user:pw-111@{addr}/orders?page=2&api_key=ak-222&X-Amz-Signature=sg-333;token=tk-444"
     ))
@@ -126,7 +126,7 @@ async fn an_errors_url_has_its_credentials_redacted() {
 /// mistake: never sent, not retried, and no breaker counts it against the dependency.
 #[tokio::test]
 async fn a_request_reqwest_cannot_build_is_ignored_not_a_failure() {
-    let client = ReqwestService::new(reqwest::Client::new());
+    let client = ReqwestService::new(reqwest::Client::builder().no_proxy().build().unwrap());
     let req = http::Request::post("ftp://127.0.0.1:9/orders")
         .body(String::from("{}"))
         .unwrap();
@@ -157,7 +157,9 @@ async fn the_deadline_reaches_the_next_hop_as_a_header() {
             DeadlineLayer::with_propagation(Duration::from_secs(3), HttpPropagation::new())
                 .unwrap(),
         )
-        .service(ReqwestService::new(reqwest::Client::new()));
+        .service(ReqwestService::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        ));
     let res = client.oneshot(post_to(addr, "/echo")).await.unwrap();
     let body = http_body_util::BodyExt::collect(res.into_body())
         .await
@@ -193,7 +195,7 @@ async fn a_server_deadline_answers_504() {
     let mut req = post_to(addr, "/hang");
     req.headers_mut()
         .insert(TIMEOUT_MS_HEADER, http::HeaderValue::from_static("50"));
-    let res = ReqwestService::new(reqwest::Client::new())
+    let res = ReqwestService::new(reqwest::Client::builder().no_proxy().build().unwrap())
         .oneshot(req)
         .await
         .unwrap();
@@ -243,7 +245,9 @@ mod client_stack {
             // 5 s: far above a loopback answer on a loaded machine (an attempt cut
             // is retried, one call more than the tests count).
             .layer(AttemptTimeoutLayer::new(Duration::from_secs(5)).unwrap())
-            .service(ReqwestService::new(reqwest::Client::new()))
+            .service(ReqwestService::new(
+                reqwest::Client::builder().no_proxy().build().unwrap(),
+            ))
     }
 
     fn breaker(failures: u32, break_for: Duration) -> CircuitBreakerLayer<HttpClassifier> {

@@ -1485,7 +1485,9 @@ mod real_http {
                     .build()
                     .unwrap(),
             )
-            .service(ReqwestService::new(reqwest::Client::new()))
+            .service(ReqwestService::new(
+                reqwest::Client::builder().no_proxy().build().unwrap(),
+            ))
     }
 
     #[tokio::test]
