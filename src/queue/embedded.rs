@@ -159,6 +159,9 @@ const KEYS: TableDefinition<'_, &str, Id> = TableDefinition::new("idempotency_ke
 /// `messages`; nothing reads them again.
 const QUARANTINE: TableDefinition<'_, Id, &str> = TableDefinition::new("quarantine");
 
+/// The quarantine reason of an id indexed whose bytes were missing.
+const NOT_STORED: &str = "indexed but not stored";
+
 /// The layout version of the tables above (2: leases in memory).
 const SCHEMA_VERSION: u64 = 2;
 
@@ -1786,11 +1789,11 @@ impl Tables<'_> {
         Ok(out)
     }
 
-    /// The stored envelope of `id`, or why there is none (not stored, or undecodable);
-    /// the outer error is the storage's.
+    /// The stored envelope of `id`, or why there is none ([`NOT_STORED`], or
+    /// undecodable); the outer error is the storage's.
     fn stored_envelope(&self, id: Id) -> Result<Result<Envelope, String>, QueueError> {
         let Some(guard) = self.messages.get(id).map_err(redb_err)? else {
-            return Ok(Err("indexed but not stored".to_owned()));
+            return Ok(Err(NOT_STORED.to_owned()));
         };
         Ok(Envelope::decode(guard.value()).map_err(|e| e.to_string()))
     }
@@ -1985,10 +1988,11 @@ impl Tables<'_> {
         for &id in ids {
             if self.dead.remove(id).map_err(redb_err)?.is_some() {
                 self.messages.remove(id).map_err(redb_err)?;
-            } else if quarantine.remove(id).map_err(redb_err)?.is_some() {
-                // Quarantined for bytes missing or undecodable: bytes that decode now
-                // are the same envelope enqueued again since, a live message, kept.
-                if self.stored_envelope(id)?.is_err() {
+            } else if let Some(why) = quarantine.remove(id).map_err(redb_err)? {
+                // Quarantined for missing bytes: bytes there now are the same envelope
+                // enqueued again since, a live message, kept. (Undecodable bytes keep
+                // their id taken: they go, whatever a newer release could read.)
+                if why.value() != NOT_STORED {
                     self.messages.remove(id).map_err(redb_err)?;
                 }
             } else {
@@ -2228,6 +2232,49 @@ mod tests {
             "the live message was discarded with the quarantine"
         );
         assert_eq!(got[0].envelope.id, env.id);
+        q.close().await.unwrap();
+    }
+
+    /// A message quarantined for bytes this release cannot decode (a newer envelope
+    /// version, after a rollback) is discarded with its bytes, even if a later release
+    /// could read them: its id is free again, not held by bytes nothing can reach.
+    #[tokio::test]
+    async fn discarding_an_undecodable_quarantined_id_frees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let env = envelope("newer-version");
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        q.enqueue(env.clone()).await.unwrap();
+        q.close().await.unwrap();
+        let write = |bytes: &[u8]| {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(MESSAGES)
+                .unwrap()
+                .insert(to_id(env.id), bytes)
+                .unwrap();
+            txn.commit().unwrap();
+        };
+        write(b"PBOX\xff not this release's");
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let lease = Duration::from_secs(30);
+        assert!(
+            q.lease(10, lease, SystemTime::now())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        q.close().await.unwrap();
+        // The release that reads them is back.
+        write(&env.encode());
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        assert_eq!(q.discard_dead_letters(&[env.id]).await.unwrap(), 1);
+        assert_eq!(
+            q.enqueue(env.clone()).await.unwrap(),
+            Enqueued::Stored(env.id)
+        );
+        let got = q.lease(10, lease, SystemTime::now()).await.unwrap();
+        assert_eq!(got.len(), 1);
         q.close().await.unwrap();
     }
 
