@@ -339,13 +339,14 @@ impl GrpcClassifier {
             let code = GrpcCode::from_http_status(status);
             if self.overridden & (1 << code as u32) != 0 {
                 // The caller's class for the code the spec maps this status to wins;
-                // a proxy's `Retry-After` on a `429` or `503` still holds for a class
-                // that waits (an overload, or a retryable failure), as in
-                // `HttpClassifier`: a server's hint is never retried early.
+                // a proxy's `Retry-After` still holds for a class that waits (an
+                // overload; a retryable failure of a `429` or `503`, not of a `502`
+                // whose hint may be an hour), as in `HttpClassifier`: a server's hint
+                // is never retried early.
                 let c = self.classify_code(code, headers);
                 if c.retry_after().is_none()
-                    && matches!(status.as_u16(), 429 | 503)
-                    && (c.class() == super::Class::Overload || c.is_retryable())
+                    && (c.class() == super::Class::Overload
+                        || (c.is_retryable() && matches!(status.as_u16(), 429 | 503)))
                 {
                     let hint = super::http::retry_after(headers, std::time::SystemTime::now());
                     return Some(c.with_retry_after(hint));
@@ -690,6 +691,12 @@ mod tests {
             assert!(!got.is_retryable(), "{status}");
             assert_eq!(got.retry_after(), None, "{status}");
         }
+        // A `502` (also `UNAVAILABLE`) made a retryable failure does not take it, as in
+        // `HttpClassifier`: a proxy's `502` with an hour's hint would end the retries.
+        let bad_gateway = http::StatusCode::BAD_GATEWAY;
+        let c = GrpcClassifier::new().with_failure(GrpcCode::Unavailable, true);
+        let got = c.classify_headers(bad_gateway, &h).unwrap();
+        assert_eq!(got.retry_after(), None);
     }
 
     /// A pushback too large for a `u64` is the longest hint (as an HTTP `Retry-After`
