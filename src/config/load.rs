@@ -672,8 +672,17 @@ fn load_with<T: DeserializeOwned>(
     // A section that overrides part of a preset's table (the breaker's window without
     // its `type`) is incomplete on its own: its strict parse misses a field the merge
     // with the preset supplies. Any other strict error is the answer (with its line).
+    // Nor is a YAML table key with no value whose type is a tagged enum (the breaker's
+    // `window:` with every line under it commented out): the typed parse reads a unit
+    // it cannot take, the value tree an empty table, the preset's window unchanged.
     let strict = match parse::<T>(text, format) {
-        Err(e) if !e.to_string().contains("missing field") => return Err(e),
+        Err(e)
+            if !(e.to_string().contains("missing field")
+                || e.to_string()
+                    .contains("invalid type: unit value, expected internally tagged enum")) =>
+        {
+            return Err(e);
+        }
         other => other,
     };
     // (Its own error when the value tree fails too: the strict parse stopped only at a

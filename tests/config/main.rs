@@ -582,6 +582,26 @@ fn a_null_in_the_value_tree_names_its_field_or_reads_as_the_typed_parse_does() {
         (Some("client.enqueue.sync_methods"), Some(4)),
         "{e}"
     );
+
+    // A breaker `window:` with nothing under it keeps the preset's window, as an empty
+    // `retry:` keeps the preset's retry (its typed parse refused the empty value).
+    let yaml = "client:
+  preset: standard_http_client
+  circuit_breaker:
+    window:
+    #  type: count
+";
+    let c = StackConfig::from_str(yaml, Format::Yaml).unwrap();
+    assert_eq!(
+        c.client.circuit_breaker.window,
+        ClientConfig::standard_http_client().circuit_breaker.window
+    );
+    // Without a preset to take it from, the window is missing its fields: an error.
+    let yaml = "client:
+  circuit_breaker:
+    window:
+";
+    assert!(StackConfig::from_str(yaml, Format::Yaml).is_err());
 }
 
 /// `scope_by` must name a header: a bad one is an error naming the field, a good one
