@@ -810,7 +810,7 @@ impl Inner {
                         msg
                     };
                     tracing::warn!(subject = %older.subject, %id, "postbox: older copy of a held message acked");
-                    if let Err(e) = older.double_ack().await {
+                    if let Err(e) = self.confirm_ack(&older, AckKind::Ack).await {
                         tracing::warn!(%id, error = %e, "postbox: could not ack an older copy");
                     }
                 }
@@ -869,7 +869,7 @@ impl Inner {
                 // comes back with a later fetch, and would be counted again.
                 tracing::error!(subject = %msg.subject, reason = why, "postbox: undecodable message moved to the dead-letter stream");
                 metrics::counter!("postbox_queue_quarantined_total").increment(1);
-                msg.double_ack_with(AckKind::Term).await
+                self.confirm_ack(&msg, AckKind::Term).await
             }
             Err(e) => {
                 tracing::warn!(subject = %msg.subject, reason = why, error = %e, "postbox: could not dead-letter an undecodable message");
@@ -983,6 +983,24 @@ impl Inner {
         }
     }
 
+    /// Acknowledges `msg` (`kind`: an ack, a `+TERM`) and waits for the server to
+    /// confirm it. An answer that says nobody listens (a consumer deleted by hand, a
+    /// replicated consumer without a leader) is an error: async-nats's `double_ack`
+    /// took any answer, that one too, for a confirmation, so an ack the server never
+    /// applied was reported done and the message replayed again.
+    async fn confirm_ack(
+        &self,
+        msg: &async_nats::jetstream::Message,
+        kind: AckKind,
+    ) -> Result<(), async_nats::Error> {
+        let Some(reply) = msg.reply.clone() else {
+            return Err("no reply subject: not a JetStream message".into());
+        };
+        let payload: Bytes = kind.into();
+        self.js.client().request(reply, payload).await?;
+        Ok(())
+    }
+
     /// The consumer's `ack_wait` on the server, as last read (see
     /// [`refresh_consumer`](Self::refresh_consumer)).
     fn ack_wait(&self) -> Duration {
@@ -1054,8 +1072,10 @@ impl Inner {
                 }
             }
         }
-        let results =
-            futures_util::future::join_all(taken.iter().map(|h| h.msg.double_ack())).await;
+        let results = futures_util::future::join_all(
+            taken.iter().map(|h| self.confirm_ack(&h.msg, AckKind::Ack)),
+        )
+        .await;
         let mut failed = None;
         let mut unacked = Vec::new();
         for (r, h) in results.into_iter().zip(taken) {
@@ -1166,7 +1186,7 @@ impl Inner {
             self.delete_copy(seq).await;
         }
         // If this ack is lost the original comes back too: at least once, as always.
-        if let Err(e) = h.msg.double_ack().await {
+        if let Err(e) = self.confirm_ack(&h.msg, AckKind::Ack).await {
             let e = classify_dyn(&*e, "ack after retry");
             let mut h = h;
             h.copied = true; // stored, behind it
@@ -1347,7 +1367,9 @@ impl Inner {
                 }
                 // A copy is behind now, whatever becomes of the ack.
                 self.lock_moved().insert(id, Instant::now());
-                h.msg.double_ack().await.map_err(|e| e.to_string())
+                self.confirm_ack(&h.msg, AckKind::Ack)
+                    .await
+                    .map_err(|e| e.to_string())
             };
             let settled = tokio::time::timeout(left, step)
                 .await
@@ -1423,7 +1445,7 @@ impl Inner {
                 .publish_failed(e, "publish dead letter", declarations)
                 .await);
         }
-        if let Err(e) = h.msg.double_ack_with(AckKind::Term).await {
+        if let Err(e) = self.confirm_ack(&h.msg, AckKind::Term).await {
             let e = classify_dyn(&*e, "terminate after dead letter");
             self.put_back(vec![h]).await;
             return Err(e);

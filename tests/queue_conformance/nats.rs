@@ -1121,6 +1121,41 @@ async fn a_consumer_or_stream_deleted_by_hand_is_declared_again() {
     assert_eq!(ids, vec![b.id()]);
 }
 
+/// An ack or a dead letter the server never applied (nobody listens on the consumer's
+/// ack subject: the consumer deleted by hand after the lease) fails instead of being
+/// reported done: the message is still in the stream, and comes back. (The "no
+/// responders" answer was taken for a confirmation.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_nobody_applied_fails_and_the_message_comes_back() {
+    let (q, _purge) = make(options().with_request_timeout(Duration::from_secs(2)));
+    let lease_for = Duration::from_secs(30);
+    for (k, dead) in [("acked", false), ("dead", true)] {
+        let e = crate::suite::envelope(k);
+        q.enqueue(e.clone()).await.unwrap();
+        let leased = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+        assert_eq!(leased.len(), 1, "{k}");
+        let (work, _) = q.streams();
+        q.jetstream()
+            .delete_consumer_from_stream("postbox", work)
+            .await
+            .unwrap();
+        let settled = if dead {
+            q.dead_letter(leased[0].token, "bad").await
+        } else {
+            q.ack(&[leased[0].token]).await
+        };
+        assert!(
+            matches!(settled, Err(QueueError::Unavailable(_))),
+            "{k}: {settled:?}"
+        );
+        // Still in the work stream: leased again (once the consumer is made again).
+        let again = retry!(q.lease(1, lease_for, crate::suite::at(0)).await);
+        assert_eq!(again.len(), 1, "{k}");
+        assert_eq!(again[0].envelope.id, e.id, "{k}");
+        q.ack(&[again[0].token]).await.unwrap();
+    }
+}
+
 /// Counts the "declared again" events seen on this thread.
 struct Declarations(Arc<std::sync::atomic::AtomicUsize>);
 
