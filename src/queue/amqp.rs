@@ -69,8 +69,9 @@
 //! delivery the replayer's breaker stopped) leaves the attempt uncounted: within the hold
 //! limit the process simply keeps holding the delivery, sending nothing; beyond it the
 //! message is parked like a retry, with the uncounted attempts. A delivery held without
-//! a lease for longer than the hold limit (released again and again) is parked the same
-//! way when it is not due, so none is held towards `consumer_timeout` (with the main
+//! a lease for longer than the hold limit (released again and again, or due and never
+//! taken: more due than the replayer takes) is parked the same way (a due one after
+//! the lease has taken what it takes), so none is held towards `consumer_timeout` (with the main
 //! queue full, in the delay queue for what is left of its wait: it dead-letters back
 //! at least once, when there is room). Every lease's token
 //! generation is a per-process sequence number, so a released lease's token is stale.
@@ -1371,6 +1372,36 @@ impl Inner {
                 token: LeaseToken { id, generation },
                 lease_until,
             });
+        }
+        // A due delivery no lease took (more are due than the replayer takes: a backlog
+        // behind a slow dependency), held unleased past the hold limit, goes back to the
+        // main queue's tail too: held on, it would reach the broker's `consumer_timeout`.
+        // After the leases, so those handed out are the first due; best effort (a
+        // failure is the next call's to report).
+        let stale: Vec<MessageId> = st
+            .held
+            .iter()
+            .filter(|(_, h)| h.due(now) && h.received.elapsed() > self.hold_limit)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            let Some(h) = st.held.remove(&id) else {
+                continue;
+            };
+            match self.park(&ch, epoch, h, now).await {
+                Ok(Parked::Held(h)) => {
+                    // The main queue is full: the rest stay held until there is room.
+                    st.held.insert(id, h);
+                    break;
+                }
+                Ok(Parked::Main | Parked::Delay) => {
+                    st.died.remove(&id);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "postbox: could not park a due delivery held too long");
+                    break;
+                }
+            }
         }
         Ok(out)
     }

@@ -253,6 +253,60 @@ async fn a_delivery_held_past_the_hold_limit_goes_back_to_its_queue() {
     q.ack(&[again[0].token]).await.unwrap();
 }
 
+/// A due delivery no lease takes (the replayer takes fewer than are due), held past the
+/// hold limit, goes back to its queue too: only those not due were, and a backlog
+/// behind a slow dependency reached the broker's `consumer_timeout`, which closes the
+/// channel and ends every lease on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_delivery_no_lease_takes_goes_back_to_its_queue_past_the_hold_limit() {
+    let (q, _purge) = make(options().with_hold_limit(Duration::from_millis(300)));
+    let lease_for = Duration::from_secs(30);
+    let t0 = crate::suite::at(0);
+    let mut ids = Vec::new();
+    for k in ["a", "b", "c"] {
+        let mut e = crate::suite::envelope(k);
+        e.not_before = t0 + Duration::from_millis(200);
+        ids.push(q.enqueue(e).await.unwrap().id());
+    }
+    // Fetched and held, none due yet.
+    assert!(q.lease(3, lease_for, t0).await.unwrap().is_empty());
+    assert_eq!(ready_in_main_queue(&q).await, 0, "held here, unacked");
+    let due = t0 + Duration::from_millis(200);
+    let first = q.lease(1, lease_for, due).await.unwrap();
+    assert_eq!(first.len(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = q.lease(1, lease_for, due).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(
+        ready_in_main_queue(&q).await,
+        1,
+        "the third, due and untaken, is still held"
+    );
+    // Back in its queue: fetched again by a later lease.
+    let mut third = Vec::new();
+    for _ in 0..40 {
+        third = q.lease(1, lease_for, due).await.unwrap();
+        if !third.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].envelope.attempts, 1, "parked uncounted");
+    let mut got: Vec<_> = [&first[0], &second[0], &third[0]]
+        .iter()
+        .map(|l| l.envelope.id)
+        .collect();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids);
+    let tokens: Vec<_> = [&first[0], &second[0], &third[0]]
+        .iter()
+        .map(|l| l.token)
+        .collect();
+    q.ack(&tokens).await.unwrap();
+}
+
 /// The same on a full queue (producers keep it full during a long outage): the
 /// delivery held past the hold limit waits in the delay queue for what is left of its
 /// wait, and comes back once the main queue has room. (It was held on here, towards the
