@@ -184,7 +184,9 @@ pub trait Queue: Send + Sync + 'static {
     /// [`redrive_dead_letters`](Self::redrive_dead_letters): enqueuing its envelope as
     /// it is (same id) is not a redrive, and the memory and embedded queues answer it
     /// [`Enqueued::Duplicate`] (the id is still stored, as a dead letter). The brokers
-    /// differ here: NATS and RabbitMQ store it again (it is delivered again), Redis
+    /// differ here: NATS and RabbitMQ store it again (it is delivered again; on NATS
+    /// not a keyless one within the stream's duplicate window, 2 min, of its first
+    /// enqueue, which the server drops as a duplicate of its id), Redis
     /// answers `Stored` and `lease` may drop it unread: it skips the id of a message
     /// acked or dead-lettered only while it guards against a copy left by a retried
     /// enqueue (until it has read past the entries stored before that message was
