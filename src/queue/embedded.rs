@@ -2190,6 +2190,21 @@ mod tests {
         assert_eq!(q.depth().await.unwrap().pending, 1);
     }
 
+    /// Sets (or, with `None`, deletes) the stored bytes of `id` in the closed queue
+    /// file at `path`, behind the queue's back.
+    fn set_stored_bytes(path: &Path, id: MessageId, bytes: Option<&[u8]>) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut messages = txn.open_table(MESSAGES).unwrap();
+            match bytes {
+                Some(bytes) => drop(messages.insert(to_id(id), bytes).unwrap()),
+                None => drop(messages.remove(to_id(id)).unwrap()),
+            }
+        }
+        txn.commit().unwrap();
+    }
+
     /// A message quarantined because its bytes were missing, then enqueued again as it
     /// was (same id: a caller's retry), lives: discarding the quarantined id (an
     /// operator deleting what the log named) drops the quarantine entry, not the live
@@ -2202,15 +2217,7 @@ mod tests {
         let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
         q.enqueue(env.clone()).await.unwrap();
         q.close().await.unwrap();
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(MESSAGES)
-                .unwrap()
-                .remove(to_id(env.id))
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        set_stored_bytes(&path, env.id, None);
         let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
         let lease = Duration::from_secs(30);
         assert!(
@@ -2246,16 +2253,7 @@ mod tests {
         let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
         q.enqueue(env.clone()).await.unwrap();
         q.close().await.unwrap();
-        let write = |bytes: &[u8]| {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(MESSAGES)
-                .unwrap()
-                .insert(to_id(env.id), bytes)
-                .unwrap();
-            txn.commit().unwrap();
-        };
-        write(b"PBOX\xff not this release's");
+        set_stored_bytes(&path, env.id, Some(b"PBOX\xff not this release's"));
         let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
         let lease = Duration::from_secs(30);
         assert!(
@@ -2266,7 +2264,7 @@ mod tests {
         );
         q.close().await.unwrap();
         // The release that reads them is back.
-        write(&env.encode());
+        set_stored_bytes(&path, env.id, Some(&env.encode()));
         let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
         assert_eq!(q.discard_dead_letters(&[env.id]).await.unwrap(), 1);
         assert_eq!(
