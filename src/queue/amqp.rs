@@ -1376,30 +1376,36 @@ impl Inner {
         // A due delivery no lease took (more are due than the replayer takes: a backlog
         // behind a slow dependency), held unleased past the hold limit, goes back to the
         // main queue's tail too: held on, it would reach the broker's `consumer_timeout`.
-        // After the leases, so those handed out are the first due; best effort (a
-        // failure is the next call's to report).
+        // After the leases, so those handed out are the first due; bounded as
+        // `make_room` is (the hold is locked meanwhile, and the leases' time runs), the
+        // rest left to the next lease.
+        let until = Instant::now().checked_add(self.timeout);
         let stale: Vec<MessageId> = st
             .held
             .iter()
-            .filter(|(_, h)| h.due(now) && h.received.elapsed() > self.hold_limit)
+            .filter(|(_, h)| {
+                !matches!(h.state, HeldState::Leased(..))
+                    && h.due(now)
+                    && h.received.elapsed() > self.hold_limit
+            })
             .map(|(&id, _)| id)
+            .take(super::hold::MOVE_AT_ONCE)
             .collect();
         for id in stale {
+            if until.is_some_and(|until| Instant::now() >= until) {
+                break;
+            }
             let Some(h) = st.held.remove(&id) else {
                 continue;
             };
-            match self.park(&ch, epoch, h, now).await {
-                Ok(Parked::Held(h)) => {
+            match self.park(&ch, epoch, h, now).await? {
+                Parked::Held(h) => {
                     // The main queue is full: the rest stay held until there is room.
                     st.held.insert(id, h);
                     break;
                 }
-                Ok(Parked::Main | Parked::Delay) => {
+                Parked::Main | Parked::Delay => {
                     st.died.remove(&id);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "postbox: could not park a due delivery held too long");
-                    break;
                 }
             }
         }
