@@ -337,6 +337,7 @@ impl GrpcClassifier {
         }
         if status != http::StatusCode::OK {
             let code = GrpcCode::from_http_status(status);
+            let hint = || super::http::retry_after(headers, std::time::SystemTime::now());
             if self.overridden & (1 << code as u32) != 0 {
                 // The caller's class for the code the spec maps this status to wins;
                 // a proxy's `Retry-After` still holds for a class that waits (an
@@ -348,14 +349,12 @@ impl GrpcClassifier {
                     && (c.class() == super::Class::Overload
                         || (c.is_retryable() && matches!(status.as_u16(), 429 | 503)))
                 {
-                    let hint = super::http::retry_after(headers, std::time::SystemTime::now());
-                    return Some(c.with_retry_after(hint));
+                    return Some(c.with_retry_after(hint()));
                 }
                 return Some(c);
             }
             // A proxy's (or load balancer's) own answer, before any gRPC server: a 429,
             // or a 503 with `Retry-After`, asks us to slow down, as in HTTP.
-            let hint = || super::http::retry_after(headers, std::time::SystemTime::now());
             if status == http::StatusCode::TOO_MANY_REQUESTS {
                 return Some(Classification::overload(hint()));
             }

@@ -443,7 +443,16 @@ mod tests {
     /// Calls through a `GrpcStatus` whose inner service answers `data` as `content_type`
     /// (gRPC-Web: its trailers are a frame of the body).
     async fn call_web(content_type: &'static str, data: Vec<u8>) -> (http::response::Parts, Bytes) {
-        let svc = GrpcStatusLayer::new().layer(service_fn(move |_: http::Request<()>| {
+        call_web_through(GrpcStatusLayer::new(), content_type, data).await
+    }
+
+    /// [`call_web`] through `layer`.
+    async fn call_web_through(
+        layer: GrpcStatusLayer,
+        content_type: &'static str,
+        data: Vec<u8>,
+    ) -> (http::response::Parts, Bytes) {
+        let svc = layer.layer(service_fn(move |_: http::Request<()>| {
             let data = data.clone();
             async move {
                 let mut res = Response::new(Full::new(Bytes::from(data)));
@@ -545,23 +554,8 @@ mod tests {
             lines.extend_from_slice(format!("x{i}: 1\r\n").as_bytes());
         }
         let body = [web_frame(0, b"pong"), web_frame(0x80, &lines)].concat();
-        let svc = GrpcStatusLayer::new().with_limit(1 << 20).layer(service_fn(
-            move |_: http::Request<()>| {
-                let body = body.clone();
-                async move {
-                    let mut res = Response::new(Full::new(Bytes::from(body)));
-                    res.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/grpc-web+proto"),
-                    );
-                    Ok::<_, BoxError>(res)
-                }
-            },
-        ));
-        let req = http::Request::post("http://a/echo.Echo/Say")
-            .body(())
-            .unwrap();
-        let (parts, _) = svc.oneshot(req).await.unwrap().into_parts();
+        let layer = GrpcStatusLayer::new().with_limit(1 << 20);
+        let (parts, _) = call_web_through(layer, "application/grpc-web+proto", body).await;
         assert_eq!(parts.headers["grpc-status"], "14");
         assert!(parts.headers.len() <= 1100, "{}", parts.headers.len());
     }
