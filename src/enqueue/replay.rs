@@ -976,15 +976,16 @@ where
     async fn drain(&mut self) {
         let deadline = later(Instant::now(), self.config.grace);
         self.flush().await;
-        while !self.tasks.is_empty() {
-            // Calls the queue could not take are tried again meanwhile too, while
-            // their leases may still hold (the grace period may outlast them).
+        // Calls the queue could not take are tried again meanwhile too, while their
+        // leases may still hold (the grace period may outlast them): the grace waits
+        // for them as for replays, also once the last replay has ended.
+        while !self.tasks.is_empty() || !self.unsettled.is_empty() {
             let resettle = self.resettle_at.map_or(deadline, |at| at.min(deadline));
             tokio::select! {
                 // Acked at once, not batched: a replay that ended just before the
                 // shutdown may have little of its lease left, and the grace period
                 // may outlast it.
-                Some(joined) = self.tasks.join_next_with_id() => {
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.settle(joined).await;
                     self.flush().await;
                 }

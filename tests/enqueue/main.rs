@@ -2800,6 +2800,50 @@ async fn an_ack_the_queue_could_not_take_is_sent_again_during_the_shutdown_grace
     );
 }
 
+/// The grace period waits for settling calls the queue could not take as it waits for
+/// replays: with the last replay ended and its ack refused, the ack is tried again
+/// until the queue takes it, not once and then left to the lease's end (when the
+/// delivered message is replayed again).
+#[tokio::test(start_paused = true)]
+async fn the_shutdown_grace_waits_for_an_ack_the_queue_refused_after_the_last_replay() {
+    let queue = Arc::new(AckRecorder::default());
+    enqueue_raw(&queue.inner, "http://api.test/a").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service_fn({
+        let calls = calls.clone();
+        move |_: InnerReq| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok::<_, BoxError>(respond(200, ""))
+            }
+        }
+    });
+    let handle = Replayer::http(queue.clone(), svc)
+        .lease_for(Duration::from_secs(120))
+        .poll_interval(Duration::from_secs(1))
+        .ack_batch(1, Duration::from_millis(10))
+        .grace(Duration::from_secs(20))
+        .spawn()
+        .unwrap();
+    eventually(|| calls.load(Ordering::SeqCst) == 1).await;
+    queue.fail_next_settles(2);
+    let start = tokio::time::Instant::now();
+    handle.shutdown().await;
+    let acks = queue.acks();
+    assert_eq!(
+        acks.len(),
+        3,
+        "two refused tries and the one taken: {acks:?}"
+    );
+    assert!(
+        acks[2].1 < start + Duration::from_secs(10),
+        "taken only at {:?} after the shutdown began",
+        acks[2].1 - start
+    );
+    assert_eq!(depth(&queue.inner).await, Depth::default());
+}
+
 /// An ack that finds the queue unavailable is sent again once it is back, before the
 /// lease expires: the delivered message is not replayed a second time.
 #[tokio::test(start_paused = true)]
