@@ -85,7 +85,10 @@
 //! a corrected repeat runs. tonic answers every handler's `Err(Status)` trailers-only,
 //! so a client-streaming handler that acted on some messages and then failed before
 //! reading the rest is not remembered either: its repeat runs again (the layer cannot
-//! tell the two apart). Keys are scoped by method, host (the URI's authority or
+//! tell the two apart). A Connect-protocol stream (`application/connect+…`, always
+//! `200 OK`) is judged the same by the error code in its end-of-stream message (none:
+//! `OK`; a stream without a readable end: `UNKNOWN`); a Connect unary call's error is
+//! an HTTP status, judged as HTTP. Keys are scoped by method, host (the URI's authority or
 //! the `Host` header) and path, and with
 //! [`scope_by`](IdempotencyLayer::scope_by) by the caller (a header such as
 //! `authorization`; given again, by each header given, e.g. `authorization` and an

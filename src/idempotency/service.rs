@@ -727,6 +727,7 @@ where
                 .and_then(GrpcCode::from_headers)
                 .or_else(|| GrpcCode::from_headers(&headers))
                 .or_else(|| grpc_web_status(&headers, &bytes))
+                .or_else(|| connect_stream_status(&headers, &bytes))
                 .or_else(|| {
                     (grpc_call || crate::http::is_grpc(&headers)).then_some(GrpcCode::Unknown)
                 });
@@ -980,6 +981,75 @@ fn end_to_end(headers: &http::HeaderMap) -> http::HeaderMap {
 fn grpc_web_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcCode> {
     let (_, trailers) = crate::classify::grpc::web_trailers(headers, body)?;
     GrpcCode::from_headers(&trailers)
+}
+
+/// The outcome of a Connect-protocol stream (a response of `application/connect+…`):
+/// always `200 OK`, it ends with an end-of-stream message (flag `0x02`) whose JSON
+/// carries the error, if any (`{"error":{"code":"unavailable",…}}`). A stream without a
+/// readable one (cut short, compressed) is `UNKNOWN`, as its client reads it.
+fn connect_stream_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcCode> {
+    const PREFIX: &[u8] = b"application/connect+";
+    let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
+    if !content_type
+        .get(..PREFIX.len())
+        .is_some_and(|t| t.eq_ignore_ascii_case(PREFIX))
+    {
+        return None;
+    }
+    let mut rest = body;
+    while let [flags, a, b, c, d, tail @ ..] = rest {
+        let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+        let Some((message, after)) = tail.split_at_checked(len) else {
+            break;
+        };
+        if flags & 0x02 != 0 {
+            return Some(match flags & 0x01 {
+                0 => connect_end_code(message),
+                _ => GrpcCode::Unknown,
+            });
+        }
+        rest = after;
+    }
+    Some(GrpcCode::Unknown)
+}
+
+/// The code of a Connect end-of-stream message: `OK` without an error; the error's
+/// code, by its name, with one; `UNKNOWN` for one that cannot be read.
+fn connect_end_code(message: &[u8]) -> GrpcCode {
+    #[derive(serde::Deserialize)]
+    struct EndStream {
+        #[serde(default)]
+        error: Option<EndError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct EndError {
+        #[serde(default)]
+        code: Option<String>,
+    }
+    let Ok(end) = serde_json::from_slice::<EndStream>(message) else {
+        return GrpcCode::Unknown;
+    };
+    let Some(error) = end.error else {
+        return GrpcCode::Ok;
+    };
+    match error.code.as_deref().unwrap_or("unknown") {
+        "canceled" => GrpcCode::Cancelled,
+        "invalid_argument" => GrpcCode::InvalidArgument,
+        "deadline_exceeded" => GrpcCode::DeadlineExceeded,
+        "not_found" => GrpcCode::NotFound,
+        "already_exists" => GrpcCode::AlreadyExists,
+        "permission_denied" => GrpcCode::PermissionDenied,
+        "resource_exhausted" => GrpcCode::ResourceExhausted,
+        "failed_precondition" => GrpcCode::FailedPrecondition,
+        "aborted" => GrpcCode::Aborted,
+        "out_of_range" => GrpcCode::OutOfRange,
+        "unimplemented" => GrpcCode::Unimplemented,
+        "internal" => GrpcCode::Internal,
+        "unavailable" => GrpcCode::Unavailable,
+        "data_loss" => GrpcCode::DataLoss,
+        "unauthenticated" => GrpcCode::Unauthenticated,
+        _ => GrpcCode::Unknown,
+    }
 }
 
 #[cfg(test)]

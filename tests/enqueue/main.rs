@@ -3568,6 +3568,97 @@ async fn a_grpc_web_answer_is_judged_by_the_status_in_its_body() {
     }
 }
 
+/// A Connect-protocol stream's answer (`200 OK`, `application/connect+json`): a message,
+/// then the end-of-stream message (flag `0x02`) with `end`'s JSON.
+fn connect_stream_response(end: &str) -> Response<Full<Bytes>> {
+    let mut body = vec![0, 0, 0, 0, 2];
+    body.extend_from_slice(b"{}");
+    body.push(0x02);
+    body.extend_from_slice(&u32::try_from(end.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(end.as_bytes());
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    res.headers_mut()
+        .insert("content-type", "application/connect+json".parse().unwrap());
+    res
+}
+
+/// A Connect stream is always `200 OK` and carries its outcome in the end-of-stream
+/// message: one ending without an error, or with the caller's own, is remembered; one
+/// ending in a server-side failure (`unavailable`, `internal`) or an unreadable end is
+/// not (stored, the failure was replayed to every retry for the ttl).
+#[tokio::test(start_paused = true)]
+async fn a_connect_stream_is_judged_by_its_end_of_stream_message() {
+    let cases = [
+        ("{}", true),
+        (r#"{"metadata":{"error":["none"]}}"#, true),
+        (
+            r#"{"error":{"code":"not_found","message":"no such order"}}"#,
+            true,
+        ),
+        (
+            r#"{"error":{"code":"unavailable","message":"database down"}}"#,
+            false,
+        ),
+        (r#"{"error":{"code":"internal"}}"#, false),
+        (r#"{"error":{}}"#, false),
+        ("not json", false),
+    ];
+    for (end, remembered) in cases {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = IdempotencyLayer::new(100).layer(service_fn({
+            let calls = calls.clone();
+            move |_req: Served| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move { Ok::<_, std::convert::Infallible>(connect_stream_response(end)) }
+            }
+        }));
+        let stream = || {
+            let mut req = keyed("k1");
+            req.headers_mut()
+                .insert("content-type", "application/connect+json".parse().unwrap());
+            req
+        };
+        let first = svc.clone().oneshot(stream()).await.unwrap();
+        let first = first.into_body().collect().await.unwrap().to_bytes();
+        let second = svc.clone().oneshot(stream()).await.unwrap();
+        assert_eq!(
+            second.headers().contains_key(REPLAYED_HEADER),
+            remembered,
+            "{end}"
+        );
+        let second = second.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(second, first, "{end}");
+        let want = if remembered { 1 } else { 2 };
+        assert_eq!(calls.load(Ordering::SeqCst), want, "{end}");
+    }
+}
+
+/// A Connect stream cut short, without its end-of-stream message, is an error to its
+/// client: not remembered.
+#[tokio::test(start_paused = true)]
+async fn a_connect_stream_without_its_end_is_not_remembered() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(service_fn({
+        let calls = calls.clone();
+        move |_req: Served| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut res =
+                    Response::new(Full::new(Bytes::from_static(&[0, 0, 0, 0, 2, b'{', b'}'])));
+                res.headers_mut()
+                    .insert("content-type", "application/connect+proto".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        }
+    }));
+    for _ in 0..2 {
+        let res = svc.clone().oneshot(keyed("k1")).await.unwrap();
+        assert!(!res.headers().contains_key(REPLAYED_HEADER));
+        drop(res.into_body().collect().await.unwrap());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// A handler that reads the whole request body and answers `201` with it.
 fn echo_handler(
     calls: Arc<AtomicUsize>,
