@@ -264,7 +264,8 @@ pin_project! {
     /// [`Fingerprint`] stored with the response.
     ///
     /// With axum and tonic nothing changes: a router takes any body. A handler written
-    /// for one body type takes `Request<FingerprintedBody<B>>` instead of `Request<B>`.
+    /// for one body type takes `Request<FingerprintedBody<B>>` instead of `Request<B>`
+    /// (not `B` through [`into_inner`](Self::into_inner), which reads past the hash).
     pub struct FingerprintedBody<B> {
         #[pin]
         inner: B,
@@ -291,7 +292,11 @@ impl<B: Body> FingerprintedBody<B> {
         (body, tap)
     }
 
-    /// The caller's body.
+    /// The caller's body, no longer hashed: read through it, the request is
+    /// fingerprinted by its head alone (a repeat of the key with another body gets
+    /// this one's answer, not a `422`), and a refusal (`4xx`) is not remembered, as for
+    /// a handler that did not read its whole body. Read the body through
+    /// `FingerprintedBody` itself to keep them.
     pub fn into_inner(self) -> B {
         self.inner
     }
