@@ -117,11 +117,11 @@ impl BulkheadBuilder {
         key_fn: F,
     ) -> Result<KeyedBulkheadLayer<K, F>, ConfigError> {
         self.validate()?;
-        if self.max_waiting == usize::MAX {
+        if self.max_waiting == usize::MAX && self.max_wait.is_none() {
             return Err(ConfigError::new(
                 "bulkhead.max_waiting",
                 "a bulkhead per key cannot apply backpressure (its poll_ready does not know \
-                 the key): set a bounded max_waiting and max_wait",
+                 the key): set a max_wait",
             ));
         }
         let keys = Keys::new(self.max_concurrent, self.max_waiting, self.max_wait);

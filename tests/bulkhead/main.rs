@@ -556,6 +556,28 @@ fn a_keyed_bulkhead_refuses_backpressure() {
     assert_eq!(err.field(), "bulkhead.max_waiting");
 }
 
+/// Any number of waiters, each for a bounded time, is no backpressure: a keyed
+/// bulkhead takes it as the plain one does, and a call for a full key is rejected
+/// after its `max_wait`.
+#[tokio::test(start_paused = true)]
+async fn a_keyed_bulkhead_takes_any_number_of_waiters_with_a_bounded_wait() {
+    use tower::ServiceExt;
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_waiting(usize::MAX)
+        .max_wait(Duration::from_millis(50))
+        .keyed(|req: &(&'static str, u64)| req.0)
+        .expect("a bounded wait is no backpressure");
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = layer.layer(keyed_service(calls));
+    let held = tokio::spawn(svc.clone().oneshot(("a", 10_000)));
+    time::sleep(Duration::from_millis(1)).await;
+    let err = svc.clone().oneshot(("a", 1)).await.unwrap_err();
+    let full = find_cause::<Full>(&*err).unwrap();
+    assert_eq!(full.waited(), Some(Duration::from_millis(50)));
+    held.abort();
+}
+
 /// A call its full key rejects was made ready first; what that readiness reserved
 /// inside (here a permit of a bulkhead all keys share) goes back at once, not when the
 /// caller next uses the service (a retry keeps it through its backoff).
