@@ -9,7 +9,8 @@ use bytes::Bytes;
 /// [`Envelope`]'s does.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Captured {
-    /// Logical destination (for HTTP, the authority `host:port`).
+    /// Logical destination (for HTTP, the request's authority as written: `api:8080`,
+    /// or `api` without a port, not normalized).
     pub destination: String,
     /// Request method, or a codec-defined verb (a gRPC path, an operation name).
     pub method: String,
@@ -279,8 +280,7 @@ pub(crate) mod http_codec {
         *req.uri_mut() = uri;
         // Never sent without a key the receiver can de-duplicate on: an envelope from
         // another producer with a blank key, or one no header can carry, is sent with
-        // its message id, as stable across its deliveries (and what `Envelope::new`
-        // sets).
+        // its message id, as stable across its deliveries.
         //
         // The key goes out as the caller spelt it (quoted or bare) when the stored header
         // reads as the envelope's key: the receiver then reads the key it read from the

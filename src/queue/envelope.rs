@@ -82,7 +82,8 @@ pub struct Envelope {
     pub expires_at: Option<SystemTime>,
     /// Delivery attempts so far (leases).
     pub attempts: u32,
-    /// Logical destination (for HTTP, the authority `host:port`).
+    /// Logical destination (for HTTP, the request's authority as written: `api:8080`,
+    /// or `api` without a port, not normalized).
     pub destination: String,
     /// Request method (`POST`; for non-HTTP requests, a codec-defined verb).
     pub method: String,
@@ -496,9 +497,10 @@ const FIXED_LEN: usize = 64;
 const FLAG_EXPIRES: u8 = 0b0000_0001;
 
 impl Envelope {
-    /// A new envelope for a request deferred now: a fresh [`MessageId::new_v7`], the
-    /// idempotency key set to the id's text form, `created_at` and `not_before` now, no
-    /// expiry, no attempts, no headers.
+    /// A new envelope for a request deferred now: a fresh [`MessageId::new_v7`], a
+    /// fresh idempotency key (a UUIDv7 of its own, which cannot be worked out from
+    /// the id or from other keys, unlike the ids of one millisecond, which count up),
+    /// `created_at` and `not_before` now, no expiry, no attempts, no headers.
     pub fn new(
         destination: impl Into<String>,
         method: impl Into<String>,
@@ -510,7 +512,7 @@ impl Envelope {
         let now = SystemTime::now();
         Envelope {
             id,
-            idempotency_key: id.to_string(),
+            idempotency_key: MessageId::new_key_v7().to_string(),
             created_at: now,
             not_before: now,
             expires_at: None,
@@ -983,6 +985,21 @@ mod tests {
                 "prefix {n}"
             );
         }
+    }
+
+    /// `Envelope::new`'s key is a UUIDv7 of its own: the ids of one millisecond count
+    /// up, so a key equal to the id (as it was) gave away the keys of the envelopes
+    /// made next to a caller shown one.
+    #[test]
+    fn a_new_envelopes_key_cannot_be_worked_out_from_its_id() {
+        let new = || Envelope::new("api", "POST", "http://api/x", "", DeferReason::CircuitOpen);
+        let (a, b) = (new(), new());
+        for e in [&a, &b] {
+            assert_ne!(e.idempotency_key, e.id.to_string());
+            let key: MessageId = e.idempotency_key.parse().unwrap();
+            assert_eq!(key.0[6] >> 4, 7, "a UUIDv7");
+        }
+        assert_ne!(a.idempotency_key, b.idempotency_key);
     }
 
     #[test]
