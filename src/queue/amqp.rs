@@ -970,7 +970,7 @@ impl Inner {
     /// `Unavailable` enqueue). Each publish again is answered as any other: a return of
     /// yet another publish that comes with its confirm is published again too. One that
     /// fails or comes back (the queue deleted again in between) is tried again after a
-    /// pause (100 ms, doubling up to 5 s), up to [`MAX_PUBLISH_AGAIN`] times. Only
+    /// pause (200 ms, doubling up to 5 s), up to [`MAX_PUBLISH_AGAIN`] times. Only
     /// postbox's own three queues are published to: a return of a publish of the
     /// caller's own on [`AmqpQueue::channel`] (which it should not make there) is
     /// dropped.
