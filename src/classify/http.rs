@@ -14,14 +14,22 @@ use std::time::{Duration, SystemTime};
 /// | status | class | retryable |
 /// |---|---|---|
 /// | 1xx, 2xx, 3xx | success | no |
-/// | 408 Request Timeout with `Connection: close` | failure that took no effect (the server did not receive the whole request and closes the connection, RFC 9110 §15.5.9: a `POST` is retried too) | yes |
-/// | 408 without it | failure that may have taken effect (tower-http's `TimeoutLayer::new` answers `408` when a *handler* runs too long) | yes, if the request is retry-safe |
+/// | 408 Request Timeout | failure that may have taken effect (tower-http's `TimeoutLayer::new` answers `408` when a *handler* runs too long; see below) | yes, if the request is retry-safe |
 /// | 409 Conflict with `Retry-After` (the [idempotency layer](crate::idempotency)'s "request in progress": the first request with this key still runs) | ignored (the duplicate was refused; the server is healthy), no effect, hint from `Retry-After` | yes |
 /// | 429 Too Many Requests | overload, hint from `Retry-After` | yes |
 /// | 503 with `Retry-After` | overload, hint from `Retry-After` | yes |
 /// | other 5xx (503 without `Retry-After` too) | failure | yes |
 /// | other 4xx | success (says nothing about the server's health) | no |
 /// | 200 with `grpc-status` (a gRPC answer, content type `application/grpc…`) | by its code, as [`GrpcClassifier`](super::GrpcClassifier) | |
+///
+/// A `408` is never taken for one that did nothing, though RFC 9110 §15.5.9 means it
+/// so (the server did not receive the whole request, and closes the connection): a
+/// handler timeout's `408` is as likely, and hyper marks *every* answer of a connection
+/// whose keep-alive is off with `Connection: close` (a graceful shutdown, a client's own
+/// `Connection: close`, `keep_alive(false)`), so that header does not tell them apart.
+/// Where the dependency's `408`s are only the RFC's, say so:
+/// `.with_status(StatusCode::REQUEST_TIMEOUT, Classification::failure().with_effect(false))`
+/// retries them for a `POST` too.
 ///
 /// The last row lets one HTTP stack (the [config](crate::config) client's) serve gRPC
 /// calls too: a trailers-only `UNAVAILABLE` is a retryable failure, not a `200`
@@ -173,11 +181,10 @@ fn default_status(status: StatusCode, headers: &HeaderMap) -> Classification {
         return super::grpc::GrpcClassifier::new().classify_code(code, headers);
     }
     match status.as_u16() {
-        // The server did not receive the whole request (RFC 9110 §15.5.9: it SHOULD
-        // close the connection): no effect. A 408 on a connection kept open is as
-        // likely a handler cut short by a server timeout (tower-http's
-        // `TimeoutLayer::new`), which may have done its work.
-        408 if closes_connection(headers) => Classification::failure().with_effect(false),
+        // The RFC's 408 (the server did not receive the whole request) is as likely a
+        // handler cut short by a server timeout (tower-http's `TimeoutLayer::new`),
+        // which may have done its work; `Connection: close` does not tell them apart
+        // (hyper adds it to every answer once a connection's keep-alive is off).
         408 => Classification::failure(),
         // The IETF idempotency-key draft's answer to a key whose first request is
         // still running, with when to ask again (our idempotency layer's): this copy
@@ -220,17 +227,6 @@ impl<B, E: AsError> Classify<Response<B>, E> for HttpClassifier {
                 .map_or_else(Classification::failure, classify_error),
         }
     }
-}
-
-/// Whether the response says its connection closes (`Connection: close`, a token of
-/// a comma-separated list, in any case).
-fn closes_connection(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"))
 }
 
 /// Reads the `Retry-After` header: delay-seconds, or an HTTP-date measured from the
@@ -453,26 +449,30 @@ mod tests {
         assert!(!plain.is_retryable());
     }
 
-    /// A 408 that closes its connection is the RFC's: the server did not get the whole
-    /// request, so even a `POST` is retried. One on a connection kept open may be a
-    /// handler cut short by a server timeout (tower-http's `TimeoutLayer::new`), which
-    /// may have done its work: a `POST` without a key is not repeated.
+    /// A 408 may be a handler cut short by a server timeout (tower-http's
+    /// `TimeoutLayer::new`), which may have done its work, whether or not it closes its
+    /// connection: hyper adds `Connection: close` to every answer once a connection's
+    /// keep-alive is off (a graceful shutdown), so a `POST` without a key is not
+    /// repeated. An override says a dependency's 408s are only the RFC's.
     #[test]
-    fn a_408_took_no_effect_only_when_it_closes_the_connection() {
+    fn a_408_may_have_taken_effect_even_when_it_closes_its_connection() {
         let c = HttpClassifier::new();
-        for value in ["close", "Close", "keep-alive, close"] {
+        for value in [None, Some("close"), Some("keep-alive, close")] {
             let mut res = response(408, None);
-            res.headers_mut()
-                .insert(http::header::CONNECTION, value.parse().unwrap());
+            if let Some(value) = value {
+                res.headers_mut()
+                    .insert(http::header::CONNECTION, value.parse().unwrap());
+            }
             let timeout = classify(&c, &res);
-            assert_eq!(timeout.class(), Class::Failure, "{value}");
+            assert_eq!(timeout.class(), Class::Failure, "{value:?}");
             assert!(timeout.is_retryable());
-            assert!(!timeout.may_have_taken_effect(), "{value}");
+            assert!(timeout.may_have_taken_effect(), "{value:?}");
         }
-        let kept_open = classify(&c, &response(408, None));
-        assert_eq!(kept_open.class(), Class::Failure);
-        assert!(kept_open.is_retryable());
-        assert!(kept_open.may_have_taken_effect());
+        let rfc = HttpClassifier::new().with_status(
+            StatusCode::REQUEST_TIMEOUT,
+            Classification::failure().with_effect(false),
+        );
+        assert!(!classify(&rfc, &response(408, None)).may_have_taken_effect());
     }
 
     #[test]

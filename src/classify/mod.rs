@@ -11,7 +11,7 @@
 //! |---|---|
 //! | HTTP 5xx; transport and connect errors; our own attempt timeout | failure (retryable) |
 //! | HTTP 429, 503 with `Retry-After`; gRPC `RESOURCE_EXHAUSTED` | overload (retryable after the hint) |
-//! | HTTP 408 | failure (took no effect if it closes its connection) |
+//! | HTTP 408 | failure that may have taken effect (a handler timeout's, as likely as the RFC's) |
 //! | HTTP 409 with `Retry-After` (the idempotency layer's "request in progress"), and its gRPC form: `UNAVAILABLE` with [`postbox-in-progress`](grpc::IN_PROGRESS_HEADER) | ignored, retryable after the hint |
 //! | any other HTTP 4xx but 408/429 | success for the breaker, not retryable |
 //! | gRPC `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | failure |

@@ -29,7 +29,8 @@
 //! so a status sent in the trailers is seen as well; gRPC calls are `POST`s, so they
 //! are retried only when `retry.idempotent_grpc_methods` names them
 //! (`["/shop.Catalog/*"]`), with `retry.retry_unsafe_methods`, or with an
-//! `Idempotency-Key`, and
+//! `Idempotency-Key` (any call is retried after a failure that certainly had no
+//! effect: a refused connection, an open breaker), and
 //! `stream_through` names the streaming methods whose bodies must not be buffered.
 //!
 //! # Validation across layers
@@ -322,10 +323,9 @@ impl ClassifySection {
                     return Err(ConfigError::new(
                         f(name),
                         format!(
-                            "({code}) is retryable already, with what it says (its \
-                             `Retry-After` as an overload, or for a 408 that closes its \
-                             connection that nothing was done); listed, \
-                             it would lose that"
+                            "({code}) is a retryable failure already (a 429 or 503 also \
+                             gives its `Retry-After` as an overload's hint, which listing \
+                             it would lose)"
                         ),
                     ));
                 }
