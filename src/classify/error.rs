@@ -86,8 +86,11 @@ as_error_for!(
 /// breaker's, the bulkhead's, the upload's, the timeouts' (tonic's `TimeoutExpired`
 /// too), a request hyper dropped before dispatching it, and connect errors) decide
 /// instead of its code, so a status wrapping a connect error is a call that never
-/// left, and one wrapping our own rejection is not the dependency's failure. Any other
-/// error under a status leaves the decision to its code.
+/// left, and one wrapping our own rejection is not the dependency's failure. So does a
+/// transport error (an `io::Error`, a `hyper::Error`) under an `UNKNOWN`: tonic's
+/// stand-in for a transport failure it has no code for, a connection reset mid-call, is
+/// that transport error (a retryable failure), not a server's `UNKNOWN` (not retried).
+/// Any other error under a status leaves the decision to its code.
 ///
 /// Retrying a call that may have taken effect is still subject to the retry layer's
 /// idempotency rules.
@@ -96,6 +99,10 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
     // The class of the first `tonic::Status` on the way down.
     #[cfg(feature = "grpc")]
     let mut status: Option<Classification> = None;
+    // Whether that status is an `UNKNOWN` made here: what tonic makes of a transport
+    // failure it has no code for (a connection reset mid-call).
+    #[cfg(feature = "grpc")]
+    let mut unknown = false;
     while let Some(e) = cur {
         if let Some(c) = decisive(e) {
             return c;
@@ -111,6 +118,14 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
                 let code = super::grpc::GrpcCode::from_i32(s.code() as i32);
                 status =
                     Some(super::GrpcClassifier::new().classify_code(code, s.metadata().as_ref()));
+                unknown = code == super::grpc::GrpcCode::Unknown;
+            }
+        } else if unknown {
+            if let Some(io) = as_type::<io::Error>(e) {
+                return classify_io(io.kind());
+            }
+            if as_type::<hyper::Error>(e).is_some() {
+                return Classification::failure();
             }
         }
         #[cfg(not(feature = "grpc"))]
@@ -284,6 +299,50 @@ fn is_connect(kind: io::ErrorKind) -> bool {
 mod tests {
     use super::*;
     use crate::classify::Class;
+
+    /// tonic makes a transport failure it has no code for (a connection reset mid-call)
+    /// an `UNKNOWN` with the error as its source: read as that transport error, a
+    /// retryable failure, not as a server's `UNKNOWN`, which is not retried (it was, and
+    /// an idempotent call cut by a restarted server was not retried). An `UNKNOWN`
+    /// over another error, or from the server, keeps its code.
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn an_unknown_status_over_a_transport_error_is_that_error() {
+        let reset =
+            tonic::Status::from_error(Box::new(io::Error::from(io::ErrorKind::ConnectionReset)));
+        assert_eq!(reset.code(), tonic::Code::Unknown);
+        let c = classify_error(&reset);
+        assert!(c.is_failure() && c.is_retryable(), "{c:?}");
+        assert!(c.may_have_taken_effect(), "{c:?}");
+        #[derive(Debug)]
+        struct Other;
+        impl std::fmt::Display for Other {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("other")
+            }
+        }
+        impl Error for Other {}
+        for status in [
+            tonic::Status::from_error(Box::new(Other)),
+            tonic::Status::unknown("the server's"),
+        ] {
+            assert_eq!(status.code(), tonic::Code::Unknown);
+            let c = classify_error(&status);
+            assert!(c.is_failure() && !c.is_retryable(), "{c:?}");
+        }
+        // Another code over a reset keeps its code (the server's, or tonic's own).
+        let mut internal = tonic::Status::internal("h2");
+        internal.set_source(std::sync::Arc::new(io::Error::from(
+            io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(
+            classify_error(&internal),
+            crate::classify::GrpcClassifier::new().classify_code(
+                crate::classify::grpc::GrpcCode::Internal,
+                &http::HeaderMap::new()
+            )
+        );
+    }
 
     /// A tonic channel's connect timeout or DNS failure (a `ConnectError` around an
     /// `io::Error` of no connect kind) never sent the request: retried whatever the
