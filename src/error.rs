@@ -239,8 +239,16 @@ mod http_mapping {
 /// answered a failure and could not be deferred.
 #[cfg(feature = "http")]
 fn dependency_hint(e: &crate::enqueue::error::NotEnqueued) -> Option<std::time::Duration> {
-    find_cause::<crate::enqueue::error::FailedResponse>(e)
-        .and_then(crate::enqueue::error::FailedResponse::retry_after)
+    let hint = find_cause::<crate::enqueue::error::FailedResponse>(e)
+        .and_then(crate::enqueue::error::FailedResponse::retry_after);
+    // A generated client's failure: a `Status` with the server's pushback.
+    #[cfg(feature = "grpc")]
+    let hint = hint.or_else(|| {
+        find_cause::<tonic::Status>(e)
+            .and_then(|s| crate::classify::grpc::retry_pushback(s.metadata().as_ref()))
+            .and_then(Result::ok)
+    });
+    hint
 }
 
 #[cfg(feature = "grpc")]
@@ -573,6 +581,43 @@ mod tests {
         assert_eq!(
             res.headers()[http::header::RETRY_AFTER],
             i32::MAX.to_string().as_str()
+        );
+    }
+
+    /// A generated client's failure that could not be deferred answers HTTP with the
+    /// server's pushback as its `Retry-After`: a `RESOURCE_EXHAUSTED` asking for 30 s
+    /// was answered `503` without one, and the caller retried at once.
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn a_status_not_enqueued_answers_http_with_its_pushback() {
+        use crate::queue::{DeferReason, QueueError};
+        use axum_core::response::IntoResponse;
+        let mut status = tonic::Status::resource_exhausted("busy");
+        status
+            .metadata_mut()
+            .insert("grpc-retry-pushback-ms", "30000".parse().unwrap());
+        let e = NotEnqueued::new(
+            DeferReason::RetriesExhausted,
+            Box::new(status),
+            QueueError::Full { capacity: 1 },
+        );
+        let res = e.into_response();
+        assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[http::header::RETRY_AFTER], "30");
+        // A negative pushback ("do not retry") gives no hint.
+        let mut refused = tonic::Status::resource_exhausted("busy");
+        refused
+            .metadata_mut()
+            .insert("grpc-retry-pushback-ms", "-1".parse().unwrap());
+        let e = NotEnqueued::new(
+            DeferReason::RetriesExhausted,
+            Box::new(refused),
+            QueueError::Full { capacity: 1 },
+        );
+        assert!(
+            !e.into_response()
+                .headers()
+                .contains_key(http::header::RETRY_AFTER)
         );
     }
 
