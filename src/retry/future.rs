@@ -46,8 +46,9 @@ pin_project! {
         // outcome, returned if the deadline has passed when the backoff is over.
         // Boxed: a retry allocates once, and the happy path's future stays small.
         Waiting { sleep: Pin<Box<Sleep>>, last: Option<O> },
-        // Waiting for the service to be ready for the next attempt.
-        Polling { last: Option<O> },
+        // Waiting for the service to be ready for the next attempt, in that attempt's
+        // span (a breaker going half-open, a full bulkhead, log under it).
+        Polling { last: Option<O>, span: tracing::Span },
     }
 }
 
@@ -167,7 +168,8 @@ where
                     let last = deadline.map(|_| out);
                     *this.prev_delay = delay;
                     if delay.is_zero() {
-                        this.state.set(State::Polling { last });
+                        let span = attempt_span(this.attempt.saturating_add(1));
+                        this.state.set(State::Polling { last, span });
                     } else {
                         this.state.set(State::Waiting {
                             sleep: Box::pin(tokio::time::sleep(delay)),
@@ -178,9 +180,10 @@ where
                 StateProj::Waiting { sleep, last } => {
                     ready!(sleep.as_mut().poll(cx));
                     let last = last.take();
-                    this.state.set(State::Polling { last });
+                    let span = attempt_span(this.attempt.saturating_add(1));
+                    this.state.set(State::Polling { last, span });
                 }
-                StateProj::Polling { last } => {
+                StateProj::Polling { last, span } => {
                     // Each retry spends a unit of the task's Tokio budget, so a chain of
                     // attempts failing at once with no backoff between them (a zero
                     // delay, a full bulkhead's rejection) yields to the scheduler now
@@ -208,7 +211,7 @@ where
                     // Not held while the service readies: it may be waiting for the
                     // last response (a connection its unread body keeps busy).
                     *last = None;
-                    if let Err(e) = ready!(this.service.poll_ready(cx)) {
+                    if let Err(e) = ready!(span.in_scope(|| this.service.poll_ready(cx))) {
                         return Poll::Ready(Err(e));
                     }
                     *this.attempt = this.attempt.saturating_add(1);
@@ -228,7 +231,7 @@ where
                     let mut req = req.expect("a retry is decided only with a request");
                     this.policy.requests.before_retry(&mut req);
                     count_retry_attempt();
-                    let span = attempt_span(*this.attempt);
+                    let span = std::mem::replace(span, tracing::Span::none());
                     let future = {
                         let _entered = span.enter();
                         this.service.call(req)

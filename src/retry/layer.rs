@@ -140,9 +140,10 @@ impl<C, R, H> RetryBuilder<C, R, H> {
         self
     }
 
-    /// The longest server hint (`Retry-After`, `grpc-retry-pushback-ms`, an open
-    /// breaker's `retry_after`) to wait for. A hint above it ends the retries at once
-    /// and returns the last outcome. Default: [`DEFAULT_MAX_RETRY_AFTER`].
+    /// The longest server hint (`Retry-After`, `grpc-retry-pushback-ms`) to wait for. A
+    /// hint above it ends the retries at once and returns the last outcome. An open
+    /// breaker's `retry_after` is bounded by [`max_open_wait`](Self::max_open_wait)
+    /// instead (by default this same value). Default: [`DEFAULT_MAX_RETRY_AFTER`].
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
         self
@@ -229,8 +230,8 @@ impl<C, R, H> RetryBuilder<C, R, H> {
     /// Validates and builds the layer (a default budget is created here, once).
     ///
     /// # Errors
-    /// An invalid backoff (see [`Backoff::validate`]), or a `max_retry_after` above one
-    /// day ([`MAX_BACKOFF`](super::backoff::MAX_BACKOFF)): a caller held that long by a server's
+    /// An invalid backoff (see [`Backoff::validate`]), or a `max_retry_after` or
+    /// `max_open_wait` above one day ([`MAX_BACKOFF`](super::backoff::MAX_BACKOFF)): a caller held that long by a server's
     /// hint is a hung call (a deadline bounds it too; without one nothing would).
     pub fn build(self) -> Result<RetryLayer<RetryPolicy<C, R, H>>, ConfigError> {
         self.backoff.validate()?;

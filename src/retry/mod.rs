@@ -62,8 +62,9 @@
 //! `warn`: in an outage every call ends so, and the counter says how many); no event
 //! when the first attempt settles the call. Every attempt
 //! runs in a `debug` span `retry_attempt{attempt}` (1 for the first, 2 for the first
-//! retry), so the events of the layers inside (breaker, bulkhead, attempt timeout) say
-//! which attempt they belong to; with no subscriber interested the span is disabled
+//! retry; a retry's wait for readiness too, not the first attempt's, which is the
+//! caller's `poll_ready`), so the events of the layers inside (breaker, bulkhead,
+//! attempt timeout) say which attempt they belong to; with no subscriber interested the span is disabled
 //! and costs a check of a static. An [`OnRetry`] hook
 //! sees every retry.
 //!

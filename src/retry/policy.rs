@@ -15,7 +15,9 @@ use std::time::Duration;
 /// by method or `Idempotency-Key`). A type of your own takes one `impl` block.
 pub trait CloneRequest<Req> {
     /// A copy of `req` for another attempt, or `None` if it cannot be replayed (then it
-    /// is sent once).
+    /// is sent once). Asked again before each retry but the last (which sends `req`
+    /// itself): a `None` then makes that retry the last, sending `req`, which was never
+    /// sent, so its body must not share what the copies sent before consumed.
     fn clone_request(&self, req: &Req) -> Option<Req>;
 
     /// Whether `req` may be sent again after an attempt that may have taken effect.
