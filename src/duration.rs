@@ -88,7 +88,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     // Not zero, but below a nanosecond: read as 0 it would change what the field means.
     if ns == 0 && whole_frac.bytes().any(|b| b != b'0') {
         return Err(format!(
-            "invalid duration `{s}`: below a nanosecond (write 0 for none)"
+            "invalid duration `{s}`: below a nanosecond (write \"0s\" for none)"
         ));
     }
     let secs = u64::try_from(ns / 1_000_000_000).map_err(|_| too_large())?;
@@ -162,6 +162,11 @@ mod tests {
         assert_eq!(parse("1.000000001s"), Ok(Duration::new(1, 1)));
         assert!(parse("1.2.3s").unwrap_err().contains("not a number"));
         assert!(parse(".s").unwrap_err().contains("not a number"));
+        // The spelling the error for a value below a nanosecond suggests parses.
+        let below = parse("0.1ns").unwrap_err();
+        let (_, hint) = below.split_once("write \"").unwrap();
+        let (hint, _) = hint.split_once('"').unwrap();
+        assert_eq!(parse(hint), Ok(Duration::ZERO), "{below}");
         assert!(
             parse("18446744073709551616s")
                 .unwrap_err()

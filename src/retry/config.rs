@@ -106,7 +106,8 @@ pub struct BackoffConfig {
     /// Cap on the computed delay (default 10 s).
     #[serde(deserialize_with = "crate::duration::required")]
     pub max_delay: Duration,
-    /// Jitter (default full).
+    /// Jitter (default full). `decorrelated` grows by its own rule, so it is an error
+    /// with a `kind` other than exponential or a `factor` other than 2.
     pub jitter: Jitter,
 }
 
@@ -136,6 +137,18 @@ impl BackoffConfig {
             return Err(ConfigError::new(
                 "retry.backoff.factor",
                 "applies to exponential backoff only (kind = \"exponential\")",
+            ));
+        }
+        // Decorrelated jitter grows by its own rule (up to three times the previous
+        // delay): another growth given with it would be ignored as well.
+        #[expect(clippy::float_cmp, reason = "the default, exactly")]
+        if self.jitter == Jitter::Decorrelated
+            && (self.kind != BackoffKind::Exponential || self.factor != 2.0)
+        {
+            return Err(ConfigError::new(
+                "retry.backoff.jitter",
+                "\"decorrelated\" grows by its own rule (up to three times the previous \
+                 delay): it takes no kind or factor",
             ));
         }
         let b = match self.kind {
@@ -278,6 +291,31 @@ impl RetryConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decorrelated jitter grows by its own rule: a kind or factor given with it is an
+    /// error naming the jitter, not ignored (a constant 1 s backoff grew to the cap).
+    #[test]
+    fn a_growth_given_with_decorrelated_jitter_is_an_error() {
+        for (kind, factor) in [
+            (BackoffKind::Constant, 2.0),
+            (BackoffKind::Linear, 2.0),
+            (BackoffKind::Exponential, 5.0),
+        ] {
+            let set = BackoffConfig {
+                kind,
+                factor,
+                jitter: Jitter::Decorrelated,
+                ..BackoffConfig::default()
+            };
+            let e = set.to_backoff().unwrap_err();
+            assert_eq!(e.field(), "retry.backoff.jitter", "{kind:?} {factor}");
+        }
+        let plain = BackoffConfig {
+            jitter: Jitter::Decorrelated,
+            ..BackoffConfig::default()
+        };
+        assert!(plain.to_backoff().is_ok());
+    }
 
     /// A factor set for a linear or constant backoff is an error naming it, not
     /// ignored; the default factor, left from a preset, is not.
