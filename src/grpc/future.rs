@@ -141,11 +141,12 @@ where
                     // stack): its answer is passed on untouched, not read for a status it
                     // cannot have. (A gRPC call answered with a `200` page is `UNKNOWN`,
                     // below, as the gRPC spec says.) A request without a content type
-                    // (a `GET`, a Connect `GET`) is known by its answer: one with another
-                    // content type and no `grpc-status` is not a gRPC server's.
+                    // (a `GET`, a `DELETE`, a Connect `GET`) is no gRPC client's, which
+                    // always sends one: its answer is read only when it is a gRPC
+                    // server's (a `grpc-status`, gRPC's content type), not when it has
+                    // no content type (a `204`, an empty `200`).
                     let passthrough = this.passthrough.unwrap_or_else(|| {
                         !parts.headers.contains_key("grpc-status")
-                            && parts.headers.contains_key(http::header::CONTENT_TYPE)
                             && !crate::http::is_grpc(&parts.headers)
                     });
                     if passthrough {
@@ -430,6 +431,7 @@ mod tests {
             }
         }));
         let req = http::Request::post("http://a/echo.Echo/Say")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
             .body(())
             .unwrap();
         let res = svc.oneshot(req).await.unwrap();
@@ -464,10 +466,19 @@ mod tests {
             }
         }));
         let req = http::Request::post("http://a/echo.Echo/Say")
+            .header(http::header::CONTENT_TYPE, content_type)
             .body(())
             .unwrap();
         let (parts, body) = svc.oneshot(req).await.unwrap().into_parts();
         (parts, body.collect().await.unwrap().to_bytes())
+    }
+
+    /// A bodiless request as a gRPC client sends it: with gRPC's content type.
+    fn grpc_request() -> http::Request<()> {
+        http::Request::post("http://a/echo.Echo/Say")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(())
+            .unwrap()
     }
 
     fn web_frame(flags: u8, payload: &[u8]) -> Vec<u8> {
@@ -783,6 +794,33 @@ mod tests {
         (GrpcStatusLayer::new().on_status(Record(seen.clone())), seen)
     }
 
+    /// A request without a content type is no gRPC client's: its answer without one (a
+    /// `DELETE`'s `204`, an empty `200`, a bare `200 pong`) is passed on untouched and
+    /// reported to no hook. (It was read as a gRPC call's: the `204` reported
+    /// `UNKNOWN`, a failure, and the `200`s emptied and stamped `grpc-status: 2`.)
+    #[tokio::test]
+    async fn a_request_without_a_content_type_answered_without_one_is_passed_on() {
+        for (status, data) in [(204, ""), (200, ""), (200, "pong")] {
+            let (layer, seen) = recording();
+            let svc = layer.layer(service_fn(move |_: http::Request<()>| async move {
+                let mut res = Response::new(Full::new(Bytes::from_static(data.as_bytes())));
+                *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                Ok::<_, BoxError>(res)
+            }));
+            let req = http::Request::delete("http://a/orders/7").body(()).unwrap();
+            let (parts, body) = svc.oneshot(req).await.unwrap().into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            assert_eq!(parts.status.as_u16(), status);
+            assert!(
+                parts.headers.get("grpc-status").is_none(),
+                "{status} {data}"
+            );
+            assert!(parts.extensions.get::<GrpcOutcome>().is_none(), "{status}");
+            assert_eq!(&body[..], data.as_bytes());
+            assert!(seen.lock().unwrap().is_empty(), "{status} {data}");
+        }
+    }
+
     /// A streamed binary gRPC-Web answer (a streaming method, or one over the limit)
     /// is reported with the status of its trailers frame, however its chunks cut the
     /// frames. (Its end was read for HTTP trailers only, which gRPC-Web never sends:
@@ -822,6 +860,7 @@ mod tests {
                         async move { Ok::<_, BoxError>(res) }
                     }));
                     let req = http::Request::post("http://a/echo.Echo/Watch")
+                        .header(http::header::CONTENT_TYPE, "application/grpc")
                         .body(())
                         .unwrap();
                     let res = svc.oneshot(req).await.unwrap();
@@ -904,6 +943,7 @@ mod tests {
             Ok::<_, BoxError>(Response::new(body))
         }));
         let req = http::Request::post("http://a/echo.Echo/Watch")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
             .body(())
             .unwrap();
         let res = svc.oneshot(req).await.unwrap();
@@ -930,7 +970,7 @@ mod tests {
             let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
             Ok::<_, BoxError>(Response::new(body))
         }));
-        let err = svc.oneshot(http::Request::new(())).await.unwrap_err();
+        let err = svc.oneshot(grpc_request()).await.unwrap_err();
         assert!(err.to_string().contains("reset"), "{err}");
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 1);
@@ -962,7 +1002,7 @@ mod tests {
                         let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
                         Ok::<_, BoxError>(Response::new(body))
                     }));
-            svc.oneshot(http::Request::new(())).await.unwrap_err();
+            svc.oneshot(grpc_request()).await.unwrap_err();
             let seen = seen.lock().unwrap();
             assert_eq!(seen[0].code(), GrpcCode::NotFound);
             assert_eq!(seen[0].classification().is_failure(), failure);
@@ -979,6 +1019,7 @@ mod tests {
             Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"m"))))
         }));
         let req = http::Request::post("http://a/echo.Echo/Watch")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
             .body(())
             .unwrap();
         let mut body = svc.oneshot(req).await.unwrap().into_body();

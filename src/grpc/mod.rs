@@ -15,8 +15,9 @@
 //! [`GrpcStatusLayer`] sits **innermost**, right around the `Channel`. For each response
 //! to a gRPC call whose status is not already in the headers, it reads the body — up to
 //! a limit, 64 KiB by default — before it returns the response (the answer to a request
-//! in another content type, or to one without a content type answered in another
-//! content type and without `grpc-status`, is passed on untouched):
+//! in another content type, or to one without a content type (no gRPC client's)
+//! answered without gRPC's content type and without `grpc-status`, is passed on
+//! untouched):
 //!
 //! * **non-OK status in the trailers** (or no status at all, which is `UNKNOWN`): the
 //!   response is rewritten into the equivalent trailers-only response — the trailers
@@ -87,9 +88,14 @@
 //!     let mut trailers = http::HeaderMap::new();
 //!     trailers.insert("grpc-status", "14".parse().unwrap());
 //!     let body = Full::new(Bytes::new()).with_trailers(std::future::ready(Some(Ok(trailers))));
-//!     Ok::<_, std::convert::Infallible>(http::Response::new(body))
+//!     let mut res = http::Response::new(body);
+//!     res.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
+//!     Ok::<_, std::convert::Infallible>(res)
 //! });
-//! let res = GrpcStatusLayer::new().layer(channel).oneshot(http::Request::new(())).await?;
+//! let call = http::Request::post("http://shop/shop.Catalog/Get")
+//!     .header("content-type", "application/grpc")
+//!     .body(())?;
+//! let res = GrpcStatusLayer::new().layer(channel).oneshot(call).await?;
 //!
 //! // The status is now in the headers, where every layer looks.
 //! assert_eq!(res.headers()["grpc-status"], "14");
@@ -122,8 +128,8 @@ use crate::classify::grpc::GrpcCode;
 /// the response is returned, and given to the [`OnGrpcStatus`] hook for every response
 /// to a gRPC call (a request whose content type is another's, a REST route or a
 /// Connect call behind the same stack, is passed on untouched, as is the answer to a
-/// request without a content type, a `GET`, when it has another content type and no
-/// `grpc-status`).
+/// request without a content type, a `GET`, when it has neither gRPC's content type
+/// nor a `grpc-status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrpcOutcome {
     code: GrpcCode,
