@@ -129,6 +129,13 @@ pub struct RedisOptions {
 /// second of acknowledged messages can be lost in a power failure; with persistence off,
 /// a server restart loses everything.
 ///
+/// The server must not evict the queue's keys (which have no expiry): `maxmemory-policy`
+/// `noeviction` (the default) or a `volatile-*` one. An `allkeys-*` policy would drop
+/// whole keys once memory is full (the stream and its messages, the leases, whose
+/// messages then are never delivered again), so [`connect`](RedisQueue::connect)
+/// refuses a server that says it has one (a server that hides `CONFIG` is taken as
+/// it is).
+///
 /// # Connection loss
 ///
 /// A call made while the server is unreachable fails with [`QueueError::Unavailable`];
@@ -411,13 +418,53 @@ impl RedisOptions {
 
 // === impl RedisQueue ===
 
+/// Refuses a server whose `maxmemory-policy` may evict any key (`allkeys-*`): the
+/// queue's keys have no expiry, and evicted they take acknowledged messages with them.
+/// A server that does not answer `CONFIG GET` (renamed, refused by an ACL, as managed
+/// services do) is taken as it is.
+async fn refuse_eviction(link: &Link) -> Result<(), QueueError> {
+    let reply: Result<Value, RedisError> = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut link.conn())
+        .await;
+    let policy = match reply {
+        // RESP2: `[name, value]`; RESP3: `{name: value}`.
+        Ok(Value::Array(items)) => items.into_iter().nth(1),
+        Ok(Value::Map(pairs)) => pairs.into_iter().next().map(|(_, v)| v),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "CONFIG GET maxmemory-policy not answered; eviction not checked");
+            None
+        }
+    };
+    let policy = match policy {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Some(Value::SimpleString(s)) => s,
+        _ => return Ok(()),
+    };
+    if policy.starts_with("allkeys-") {
+        return Err(QueueError::Backend(
+            format!(
+                "the Redis server's maxmemory-policy is {policy}: once memory is full it \
+                 evicts any key, and the queue's (which have no expiry) with the messages \
+                 they hold; set maxmemory-policy noeviction (or a volatile-* policy)"
+            )
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl RedisQueue {
     /// Connects and creates the stream and its consumer group if they do not exist.
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the server cannot be reached, [`QueueError::Backend`]
-    /// for an invalid URL, credentials or database the server refuses, or when polled
-    /// outside a Tokio runtime (it spawns the enqueue batching task).
+    /// for an invalid URL, credentials or database the server refuses, a server whose
+    /// `maxmemory-policy` evicts any key (`allkeys-*`: see Durability in the type's
+    /// docs), or when polled outside a Tokio runtime (it spawns the enqueue batching
+    /// task).
     pub async fn connect(options: RedisOptions) -> Result<Self, QueueError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
             QueueError::Backend(format!("RedisQueue::connect needs a Tokio runtime: {e}").into())
@@ -438,6 +485,7 @@ impl RedisQueue {
             options.response_timeout,
         )
         .await?;
+        refuse_eviction(&link).await?;
         let p = format!("postbox:{{{}}}:", options.name);
         let keys = [
             "stream", "dead", "msgs", "attempts", "nb", "keys", "leases", "delayed", "ready",

@@ -442,6 +442,46 @@ async fn an_enqueue_refused_for_memory_is_unavailable_and_loses_no_stored_messag
     assert_eq!(q.depth().await.unwrap().pending, 0);
 }
 
+/// A server whose `maxmemory-policy` may evict any key (`allkeys-*`) would drop the
+/// queue's keys, which have no expiry, with the acknowledged messages they hold once its
+/// memory is full: `connect` refuses it, naming the setting. `noeviction` (the default)
+/// and a `volatile-*` policy, which evicts only keys with an expiry, are taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_may_evict_the_queues_keys_is_refused() {
+    let server = PrivateServer::start(private_redis);
+    let port = server.port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    answering(&url, port).await;
+    let q = RedisQueue::connect(options().with_url(&url)).await.unwrap();
+    let policy = |name: &'static str| {
+        let mut admin = q.connection();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory-policy")
+                .arg(name)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    for evicting in ["allkeys-lru", "allkeys-random"] {
+        policy(evicting).await;
+        match RedisQueue::connect(options().with_url(&url)).await {
+            Err(QueueError::Backend(e)) => {
+                assert!(e.to_string().contains("maxmemory-policy"), "{e}");
+            }
+            other => panic!("{evicting}: connected: {:?}", other.map(|_| ())),
+        }
+    }
+    for kept in ["volatile-lru", "noeviction"] {
+        policy(kept).await;
+        RedisQueue::connect(options().with_url(&url))
+            .await
+            .unwrap_or_else(|e| panic!("{kept}: {e}"));
+    }
+}
+
 /// A capacity of 0 holds no message, as in the memory and embedded queues (it was taken
 /// for no limit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
