@@ -904,6 +904,16 @@ mod tests {
         let mut huge = vec![0x80];
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(scan(&huge), None);
+        // Whole frames: one of the longest kept (64 KiB) is read, one a byte longer is
+        // none.
+        let padded = |len: usize| {
+            let mut lines = b"grpc-status: 5\r\nx-pad: ".to_vec();
+            lines.resize(len - 2, b'a');
+            lines.extend_from_slice(b"\r\n");
+            web_frame(0x80, &lines)
+        };
+        assert_eq!(scan(&padded(64 * 1024)), Some(GrpcCode::NotFound));
+        assert_eq!(scan(&padded(64 * 1024 + 1)), None);
     }
 
     /// Only a binary gRPC-Web content type is followed for a trailers frame, the same

@@ -76,7 +76,13 @@ fn presets_load_and_overrides_apply() {
         WindowConfig::Count { size: 50 }
     );
     assert_eq!(c.server.bulkhead.max_concurrent, 64);
-    // Kept from the presets (merged field by field).
+    // Kept from the presets (merged field by field), in a table the document
+    // overrides: values the preset sets apart from the built-in defaults, so a preset
+    // ignored, or a table that replaced the preset's whole, fails here. (The rest of
+    // the presets' values below are the defaults too.)
+    let defaults = ClientConfig::default();
+    assert_eq!(c.client.retry.max_retry_after, Duration::from_secs(5));
+    assert_ne!(defaults.retry.max_retry_after, Duration::from_secs(5));
     let preset = ClientConfig::standard_http_client();
     assert_eq!(c.client.retry.backoff.base, preset.retry.backoff.base);
     assert_eq!(c.client.retry.budget, preset.retry.budget);
@@ -1201,7 +1207,7 @@ impl http_body::Body for Hangs {
 /// preset's 10 s), not at the 2 s attempt timeout whose end the request carries there
 /// (the retry stopped watching the attempt when its head came), typed.
 #[tokio::test(start_paused = true)]
-async fn the_client_stack_with_a_body_deadline_ends_a_hung_body_at_the_attempts_end() {
+async fn the_client_stack_with_a_body_deadline_ends_a_hung_body_at_the_calls_deadline() {
     use http_body_util::BodyExt;
     let config = ClientConfig::standard_http_client();
     let client = ServiceBuilder::new()

@@ -1,7 +1,11 @@
 //! One conformance suite for every `Queue` backend: each behaviour is a generic async fn
 //! in `suite`, and each backend module runs all of them with `conformance!`.
 //!
-//! Lease expiry and `not_before` use explicit `now` arguments, so nothing sleeps.
+//! Lease expiry and `not_before` use explicit `now` arguments, so the behaviours do not
+//! sleep. One runs in real time on every backend, memory too: the `Replayer` end to end
+//! (`replayer_delivers_every_message_once_through_an_idempotent_server`), whose queue
+//! clock is the wall clock, which paused Tokio time does not move (about 150 ms on the
+//! memory queue). The broker modules' own tests run against real servers, in real time.
 
 #![allow(missing_docs, unreachable_pub)] // test crate: items are internal by nature
 
