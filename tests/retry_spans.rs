@@ -1,9 +1,9 @@
 //! Every retry attempt runs in its own `debug` span `retry_attempt`, the first one
-//! included.
+//! included; a retry's readiness too.
 //!
-//! Alone in its binary: tracing caches each callsite's interest process-wide, and a
-//! test on another thread with no subscriber would race this one's thread-scoped
-//! subscriber for that cache.
+//! In a binary of their own: tracing caches each callsite's interest process-wide, and
+//! a test on another thread with no subscriber would race these tests' thread-scoped
+//! subscribers for that cache (each test here sets one).
 
 use postbox::BoxError;
 use postbox::retry::RetryLayer;

@@ -487,9 +487,10 @@ impl<K, F> KeyedCircuitBreakerBuilder<K, F> {
     }
 
     /// A breaker unused for this long may be dropped when room is needed (default
-    /// 5 min); one with a call in flight only as a last resort when the map is full,
-    /// an open one only once its break is over, a half-open one only as the least
-    /// recently used when the map is full.
+    /// 5 min). An open one in its break, a half-open one, and one with a call in flight
+    /// are dropped only as a last resort, when the map is full and no idle closed one
+    /// is left (least recently used first): a key whose open breaker goes so starts
+    /// again closed.
     pub fn idle_timeout(mut self, d: Duration) -> Self {
         self.idle = d;
         self

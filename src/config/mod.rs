@@ -256,8 +256,8 @@ impl Default for ClientConfig {
 /// client stack's retry, breakers and enqueue fallback share (they agree on what a
 /// failure is), and the replayer's judge ([`ClientConfig::replayer`]). Statuses not
 /// listed keep the defaults (see the classifier's table). Only 300–599 can be listed,
-/// and not `408`, `429` or `503` as retryable failures: they are retryable already,
-/// with their hint.
+/// and not `408`, `429` or `503` as retryable failures: they are retryable already
+/// (a `429` or `503` with its `Retry-After` as the hint).
 ///
 /// ```toml
 /// [client.classify]

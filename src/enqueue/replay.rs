@@ -591,8 +591,10 @@ impl<Q, S, K, J> Replayer<Q, S, K, J> {
         self
     }
 
-    /// On shutdown, wait up to `d` for replays in flight (default 10 s); the leases
-    /// of those still running then return to the queue.
+    /// On shutdown, wait up to `d` (default 10 s) for replays in flight, and for acks,
+    /// retries, releases and dead letters the queue refused (tried again every
+    /// `poll_interval` meanwhile); the leases of replays still running then return to
+    /// the queue.
     pub fn grace(mut self, d: Duration) -> Self {
         self.config.grace = d;
         self
@@ -720,9 +722,10 @@ impl ReplayerHandle {
     }
 
     /// Stops gracefully: no new leases; replays in flight get the grace period to
-    /// finish; the leases of those still running go back to the queue (due at once, the
-    /// delivery not counted: [`Queue::release`]);
-    /// pending acks are flushed. Returns the final counts.
+    /// finish, and settling calls the queue refused (`Unavailable`) to be taken (so a
+    /// queue that stays down holds the shutdown for the whole grace period); the leases
+    /// of replays still running go back to the queue (due at once, the delivery not
+    /// counted: [`Queue::release`]); pending acks are flushed. Returns the final counts.
     ///
     /// # Cancel safety
     /// Dropping this future after its first poll does not cancel the shutdown: the

@@ -719,6 +719,7 @@ where
         }
         Ok(_) => {
             let bytes = buf.freeze();
+            let connect = connect_stream_end(&headers, &bytes);
             // A gRPC call's outcome is the status in its trailers, under a `200 OK` (a
             // gRPC response without any status, or a gRPC request's answer from
             // something that is no gRPC server, is `UNKNOWN` to its client).
@@ -727,7 +728,7 @@ where
                 .and_then(GrpcCode::from_headers)
                 .or_else(|| GrpcCode::from_headers(&headers))
                 .or_else(|| grpc_web_status(&headers, &bytes))
-                .or_else(|| connect_stream_status(&headers, &bytes))
+                .or_else(|| connect.map(|end| end.code))
                 .or_else(|| {
                     (grpc_call || crate::http::is_grpc(&headers)).then_some(GrpcCode::Unknown)
                 });
@@ -753,9 +754,11 @@ where
             // So is a trailers-only gRPC error (under `200 OK`: tonic's "message too
             // large" from the length prefix, an interceptor's `INVALID_ARGUMENT`). Not
             // one ending a stream: a client-streaming handler may have acted on the
-            // messages it read before it answered.
+            // messages it read before it answered. A Connect stream's end-of-stream
+            // message alone, with an error, is its trailers-only answer.
             let refused = status.is_client_error()
-                || GrpcCode::from_headers(&headers).is_some_and(|c| c != GrpcCode::Ok);
+                || GrpcCode::from_headers(&headers).is_some_and(|c| c != GrpcCode::Ok)
+                || connect.is_some_and(|end| end.alone && end.code != GrpcCode::Ok);
             if refused && tap.not_read_whole() {
                 tracing::debug!(key = %claim.key, %status, "refused without reading the whole body; not remembered");
                 return Outcome::Whole(bytes, trailers);
@@ -983,11 +986,20 @@ fn grpc_web_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcCode> {
     GrpcCode::from_headers(&trailers)
 }
 
+/// How a Connect-protocol stream ended.
+#[derive(Debug, Clone, Copy)]
+struct ConnectEnd {
+    code: GrpcCode,
+    /// The end-of-stream message came alone, no message before it (the stream's
+    /// trailers-only answer).
+    alone: bool,
+}
+
 /// The outcome of a Connect-protocol stream (a response of `application/connect+…`):
 /// always `200 OK`, it ends with an end-of-stream message (flag `0x02`) whose JSON
 /// carries the error, if any (`{"error":{"code":"unavailable",…}}`). A stream without a
 /// readable one (cut short, compressed) is `UNKNOWN`, as its client reads it.
-fn connect_stream_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcCode> {
+fn connect_stream_end(headers: &http::HeaderMap, body: &[u8]) -> Option<ConnectEnd> {
     const PREFIX: &[u8] = b"application/connect+";
     let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
     if !content_type
@@ -997,20 +1009,26 @@ fn connect_stream_status(headers: &http::HeaderMap, body: &[u8]) -> Option<GrpcC
         return None;
     }
     let mut rest = body;
+    let mut alone = true;
     while let [flags, a, b, c, d, tail @ ..] = rest {
         let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
         let Some((message, after)) = tail.split_at_checked(len) else {
             break;
         };
         if flags & 0x02 != 0 {
-            return Some(match flags & 0x01 {
+            let code = match flags & 0x01 {
                 0 => connect_end_code(message),
                 _ => GrpcCode::Unknown,
-            });
+            };
+            return Some(ConnectEnd { code, alone });
         }
+        alone = false;
         rest = after;
     }
-    Some(GrpcCode::Unknown)
+    Some(ConnectEnd {
+        code: GrpcCode::Unknown,
+        alone,
+    })
 }
 
 /// The code of a Connect end-of-stream message: `OK` without an error; the error's

@@ -5,8 +5,9 @@
 //!   drops (cancels) the inner future when it expires, failing with
 //!   [`error::Elapsed`]. A retry outside it sees a retryable failure.
 //! * [`Deadline`] sits outside the retry: one budget for all attempts, backoff sleeps
-//!   included. It stores the deadline in the request (an extension of type
-//!   [`CallDeadline`] for HTTP) and, with [`HttpPropagation`], writes `grpc-timeout`
+//!   included. With [`HttpPropagation`] (`DeadlineLayer::http`), it stores the
+//!   deadline in the request (an extension of type [`CallDeadline`], which a retry and
+//!   [`BodyDeadlineLayer`] inside read) and writes `grpc-timeout`
 //!   (gRPC requests) and [`TIMEOUT_MS_HEADER`] with the remaining time so the next hop
 //!   can stop early. A request whose deadline has already passed fails with
 //!   [`error::DeadlineExceeded`] without calling the inner service.

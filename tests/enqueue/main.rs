@@ -3633,6 +3633,46 @@ async fn a_connect_stream_is_judged_by_its_end_of_stream_message() {
     }
 }
 
+/// A Connect stream answered with its end-of-stream message alone, with the caller's
+/// error (`invalid_argument`), before the handler read the whole request (an
+/// interceptor's refusal) is its trailers-only answer: not remembered, so a corrected
+/// repeat under the key runs. After a message, or once the request was read, it is.
+#[tokio::test(start_paused = true)]
+async fn a_connect_streams_refusal_before_the_body_was_read_is_not_remembered() {
+    let refusal = r#"{"error":{"code":"invalid_argument"}}"#;
+    for (read_body, remembered) in [(false, false), (true, true)] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = IdempotencyLayer::new(100).layer(service_fn({
+            let calls = calls.clone();
+            move |req: Served| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if read_body {
+                        req.into_body().collect().await.unwrap();
+                    }
+                    let mut body = vec![0x02];
+                    body.extend_from_slice(&u32::try_from(refusal.len()).unwrap().to_be_bytes());
+                    body.extend_from_slice(refusal.as_bytes());
+                    let mut res = Response::new(Full::new(Bytes::from(body)));
+                    res.headers_mut()
+                        .insert("content-type", "application/connect+json".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(res)
+                }
+            }
+        }));
+        for _ in 0..2 {
+            let res = svc.clone().oneshot(keyed("k1")).await.unwrap();
+            drop(res.into_body().collect().await.unwrap());
+        }
+        let want = if remembered { 1 } else { 2 };
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            want,
+            "read the body: {read_body}"
+        );
+    }
+}
+
 /// A Connect stream cut short, without its end-of-stream message, is an error to its
 /// client: not remembered.
 #[tokio::test(start_paused = true)]
