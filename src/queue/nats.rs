@@ -293,7 +293,10 @@ impl NatsOptions {
     /// the stream already holds (the server would delete the oldest to fit), and a
     /// capacity of 0 (JetStream would read it as no limit). On a full
     /// queue, `retry_later` keeps holding the delivery, scheduled, as there is no room
-    /// for its republished copy.
+    /// for its republished copy. A process connected without a capacity leaves the
+    /// stream's limit as it is (its enqueues into a full stream fail as
+    /// [`QueueError::Backend`]): raise or remove a limit by connecting with the new
+    /// capacity, or on the stream itself.
     pub fn with_capacity(mut self, capacity: u64) -> Self {
         self.capacity = Some(capacity);
         self
@@ -315,8 +318,9 @@ impl NatsOptions {
         self
     }
 
-    /// How many deliveries this process holds at most (the consumer's
-    /// `max_ack_pending`; default 10 000). Each is kept in memory with its body while
+    /// How many deliveries this process holds at most (default 10 000; each process
+    /// bounds its own: the consumer's `max_ack_pending` is unlimited). Each is kept in
+    /// memory with its body while
     /// held (put back for a later time, waiting for its destination to recover): at
     /// most `max` × the largest body (10 000 × 100 KiB is a GiB). Lower it for large
     /// bodies.
@@ -493,15 +497,23 @@ impl NatsQueue {
     /// # Errors
     /// [`QueueError::Unavailable`] or [`QueueError::Backend`].
     pub async fn purge(&self) -> Result<(), QueueError> {
-        self.inner.held.lock().await.clear();
-        for s in [&self.inner.stream, &self.inner.dead_stream] {
-            self.inner
-                .js
-                .delete_stream(s)
-                .await
-                .map_err(|e| classify(e, "delete stream"))?;
+        // The hold locked throughout: a lease meanwhile would fetch from the streams
+        // being deleted, and a settle failing on them would put its delivery back.
+        // Forgotten with the consumer's epoch, so a put back still in flight is dropped.
+        let mut held = self.inner.held.lock().await;
+        let deleted = async {
+            for s in [&self.inner.stream, &self.inner.dead_stream] {
+                self.inner
+                    .js
+                    .delete_stream(s)
+                    .await
+                    .map_err(|e| classify(e, "delete stream"))?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        self.inner.forget_held(&mut held);
+        deleted
     }
 }
 
@@ -1597,12 +1609,9 @@ async fn declare(
     let name = &options.name;
     let stream = &names.stream;
     let capacity = options.capacity.and_then(|c| i64::try_from(c).ok());
-    let ours = |config: &mut stream::Config| {
-        config.subjects = vec![format!("{}*", names.subject_prefix)];
-        config.retention = RetentionPolicy::WorkQueue;
-        config.storage = StorageType::File;
-        // The server refuses a window longer than a `max_age` an operator set, and
-        // stores a zero window as its default of 2 minutes.
+    // The server refuses a window longer than a `max_age` an operator set, and stores
+    // a zero window as its default of 2 minutes.
+    let window = |config: &stream::Config| {
         let mut window = options.duplicate_window;
         if window.is_zero() {
             window = Duration::from_secs(120);
@@ -1610,8 +1619,19 @@ async fn declare(
         if !config.max_age.is_zero() {
             window = window.min(config.max_age);
         }
-        config.duplicate_window = window;
-        config.max_messages = capacity.unwrap_or(-1);
+        window
+    };
+    let ours = |config: &mut stream::Config| {
+        config.subjects = vec![format!("{}*", names.subject_prefix)];
+        config.retention = RetentionPolicy::WorkQueue;
+        config.storage = StorageType::File;
+        config.duplicate_window = window(config);
+        // Without a capacity of its own, a process leaves the stream's limit as it
+        // is (set by another process, or by hand): a replayer or a tool made without
+        // one took every producer's limit away.
+        if let Some(cap) = capacity {
+            config.max_messages = cap;
+        }
         config.discard = DiscardPolicy::New;
         config.allow_direct = true;
     };
@@ -1622,6 +1642,7 @@ async fn declare(
         let Some(info) = existing.take() else {
             let mut config = stream::Config {
                 name: stream.clone(),
+                max_messages: -1,
                 ..Default::default()
             };
             ours(&mut config);
@@ -1669,19 +1690,32 @@ async fn declare(
         }
         break;
     }
-    if lookup(js, &names.dead_stream).await?.is_none() {
-        let config = stream::Config {
-            name: names.dead_stream.clone(),
-            subjects: vec![names.dead_subject.clone()],
-            storage: StorageType::File,
-            allow_direct: true,
-            ..Default::default()
-        };
-        // One created meanwhile by another process is fine: the server answers an
-        // identical create with success.
-        js.create_stream(config)
-            .await
-            .map_err(|e| classify(e, "create dead-letter stream"))?;
+    // The dead letters' window is the work stream's: a dead letter published again
+    // after a lost reply is stored once within it too.
+    match lookup(js, &names.dead_stream).await? {
+        None => {
+            let mut config = stream::Config {
+                name: names.dead_stream.clone(),
+                subjects: vec![names.dead_subject.clone()],
+                storage: StorageType::File,
+                allow_direct: true,
+                ..Default::default()
+            };
+            config.duplicate_window = window(&config);
+            // One created meanwhile by another process is fine: the server answers an
+            // identical create with success.
+            js.create_stream(config)
+                .await
+                .map_err(|e| classify(e, "create dead-letter stream"))?;
+        }
+        Some(info) if info.config.duplicate_window != window(&info.config) => {
+            let mut config = info.config.clone();
+            config.duplicate_window = window(&config);
+            js.update_stream(&config)
+                .await
+                .map_err(|e| classify(e, "update dead-letter stream"))?;
+        }
+        Some(_) => {}
     }
     js.create_consumer_on_stream(
         pull::Config {
@@ -1689,7 +1723,12 @@ async fn declare(
             ack_policy: AckPolicy::Explicit,
             ack_wait: options.ack_wait,
             max_deliver: -1,
-            max_ack_pending: i64::try_from(options.max_held).unwrap_or(i64::MAX),
+            // No limit the server keeps for all processes together: each process
+            // bounds its own hold (`max_held`). A shared limit could be filled by the
+            // holds of several processes, each below its own bound, with retries for
+            // later: nothing due was delivered then, and no hold was full enough to
+            // move its retries aside.
+            max_ack_pending: -1,
             ..Default::default()
         },
         stream.as_str(),

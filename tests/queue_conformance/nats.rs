@@ -1018,9 +1018,10 @@ async fn a_full_hold_of_later_deliveries_is_not_sent_round_for_ever() {
     assert_eq!(got, ["a", "c", "b"]);
 }
 
-/// Two processes share the consumer, whose server-side limit of unacked deliveries is
-/// full: a process still leases what it holds itself (a delivery it released) instead
-/// of failing because the server has nothing more to give it.
+/// Two processes share the consumer, whose server-side limit of unacked deliveries (one
+/// an operator set, or the account's: postbox sets none) is full: a process still
+/// leases what it holds itself (a delivery it released) instead of failing because the
+/// server has nothing more to give it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_leases_what_it_holds_while_the_server_limit_is_full() {
     let base = options()
@@ -1028,6 +1029,20 @@ async fn a_process_leases_what_it_holds_while_the_server_limit_is_full() {
         .with_request_timeout(Duration::from_secs(2));
     let (a, _purge) = make(base.clone());
     let b = connect(base).await;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = a
+        .jetstream()
+        .get_consumer_from_stream("postbox", a.streams().0)
+        .await
+        .unwrap();
+    let mut config = consumer.info().await.unwrap().config.clone();
+    config.max_ack_pending = 2;
+    a.jetstream()
+        .get_stream(a.streams().0)
+        .await
+        .unwrap()
+        .create_consumer(config)
+        .await
+        .unwrap();
     for i in 0..3 {
         a.enqueue(crate::suite::envelope(&format!("m{i}")))
             .await
@@ -1543,4 +1558,90 @@ async fn a_message_written_without_postbox_id_is_a_duplicate_by_its_envelope() {
 async fn two_dead_letters_with_one_id_are_both_redriven_once() {
     let (q, _purge) = make(options());
     crate::broker::two_dead_letters_with_one_id_are_both_redriven_once(q).await;
+}
+
+/// Two processes on one queue whose holds, together, reach `max_held` with retries
+/// scheduled for later, each hold below it: a message due meanwhile is still leased.
+/// (The consumer's `max_ack_pending` was `max_held`, for all processes together: the
+/// server handed out nothing more, and neither hold was full enough to move its
+/// retries aside, so the due message waited until the retries came due.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_message_is_leased_while_two_processes_hold_retries_for_later() {
+    let opts = options().with_max_held(4);
+    let (a, _purge) = make(opts.clone());
+    let b = connect(opts).await;
+    let lease_for = Duration::from_secs(30);
+    for key in ["l1", "l2", "l3", "l4"] {
+        let mut e = crate::suite::envelope(key);
+        e.not_before = crate::suite::at(3600);
+        a.enqueue(e).await.unwrap();
+    }
+    for q in [&a, &b] {
+        let got = q.lease(2, lease_for, crate::suite::at(0)).await.unwrap();
+        assert!(got.is_empty(), "{got:?}");
+    }
+    let due = a.enqueue(crate::suite::envelope("due")).await.unwrap().id();
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        got = a.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+        if !got.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ids: Vec<_> = got.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, [due], "the due message waited behind the retries");
+    drop(b);
+}
+
+/// A process connected without a capacity (a replayer, a tool) leaves the stream's
+/// limit as another process set it: the producers still meet `Full` at their capacity.
+/// (It set the stream's `max_msgs` to no limit, and their enqueues went on past it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_without_a_capacity_leaves_the_streams_limit() {
+    let opts = options();
+    let (producer, _purge) = make(opts.clone().with_capacity(2));
+    let _replayer = connect(opts).await;
+    let work = producer.streams().0.to_owned();
+    let limit = producer
+        .jetstream()
+        .get_stream(&work)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .max_messages;
+    assert_eq!(limit, 2);
+    for key in ["a", "b"] {
+        producer.enqueue(crate::suite::envelope(key)).await.unwrap();
+    }
+    let full = producer.enqueue(crate::suite::envelope("c")).await;
+    assert!(
+        matches!(full, Err(QueueError::Full { capacity: 2 })),
+        "{full:?}"
+    );
+}
+
+/// `with_duplicate_window` is the dead-letter stream's window too, at creation and on
+/// an existing stream: a dead letter published again after a lost reply is stored once
+/// within it. (The dead-letter stream kept the server's 2 minutes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_duplicate_window_is_the_dead_letter_streams_too() {
+    let hour = Duration::from_secs(3600);
+    let opts = options().with_duplicate_window(hour);
+    let (q, _purge) = make(opts.clone());
+    let js = q.jetstream().clone();
+    let dead = q.streams().1.to_owned();
+    let window = async || {
+        js.get_stream(&dead)
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .duplicate_window
+    };
+    assert_eq!(window().await, hour);
+    let again = connect(opts.clone().with_duplicate_window(2 * hour)).await;
+    assert_eq!(window().await, 2 * hour, "an existing one is updated");
+    drop(again);
 }
