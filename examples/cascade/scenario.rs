@@ -467,9 +467,17 @@ fn ms5_router(mode: Mode, store: Arc<Store>) -> Result<Router, BoxError> {
     Ok(match mode {
         Mode::Plain => router,
         Mode::Guarded => server_stack(router)?,
-        // The idempotency layer inside the guard layers (the `server` preset puts it
-        // outside its bulkhead instead, so a waiting duplicate holds no permit).
-        Mode::Postbox => server_stack(router.layer(IdempotencyLayer::new(1_000_000)))?
+        // The idempotency layer outside the bulkhead, as the `server` preset has it: a
+        // handler that goes on after its caller's deadline (its claim runs it to the
+        // end) still holds its permit, and a duplicate waiting for it holds none.
+        Mode::Postbox => router
+            .layer(
+                ServiceBuilder::new()
+                    .layer(ErrorResponseLayer::new())
+                    .layer(caller_deadline()?)
+                    .layer(IdempotencyLayer::new(1_000_000))
+                    .layer(BulkheadLayer::new(SERVER_PERMITS)?),
+            )
             // Count the deliveries the idempotency layer answered from its store.
             .layer(MapResponseLayer::new(move |res: Response| {
                 if res.headers().contains_key(REPLAYED_HEADER) {
@@ -480,17 +488,25 @@ fn ms5_router(mode: Mode, store: Arc<Store>) -> Result<Router, BoxError> {
     })
 }
 
+/// The requests a server of the `guarded` and `postbox` modes runs at once.
+const SERVER_PERMITS: usize = 512;
+
+/// A server's deadline: the caller's, up to 10 s.
+fn caller_deadline() -> Result<DeadlineLayer<HttpPropagation>, BoxError> {
+    Ok(DeadlineLayer::with_propagation(
+        Duration::from_secs(10),
+        HttpPropagation::new().with_inbound_headers(),
+    )?)
+}
+
 /// The server stack of the `guarded` and `postbox` modes: answer our own errors as
 /// 503/504, honour the caller's deadline, shed load fast.
 fn server_stack(router: Router) -> Result<Router, BoxError> {
     Ok(router.layer(
         ServiceBuilder::new()
             .layer(ErrorResponseLayer::new())
-            .layer(DeadlineLayer::with_propagation(
-                Duration::from_secs(10),
-                HttpPropagation::new().with_inbound_headers(),
-            )?)
-            .layer(BulkheadLayer::new(512)?),
+            .layer(caller_deadline()?)
+            .layer(BulkheadLayer::new(SERVER_PERMITS)?),
     ))
 }
 
