@@ -119,7 +119,8 @@ fn bodies(c: &mut Criterion) {
     g.finish();
 }
 
-/// `retry_http/bare` and `retry_http/retry`: one HTTP GET with four headers (built in
+/// `retry_http/bare` and `retry_http/retry`: one HTTP POST without a key (so the retry
+/// checks for one) with four headers (built in
 /// the loop, in both) straight to a `service_fn`, and through `RetryLayer::http` with
 /// no retry needed; `retry_http/retry_grpc_timeout` is a gRPC call whose caller set a
 /// `grpc-timeout` (anchored as the call's deadline before the first attempt).
