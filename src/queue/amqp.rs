@@ -457,6 +457,13 @@ impl AmqpOptions {
     /// round trip), and the queue has `x-max-length` with `x-overflow: reject-publish`
     /// as a backstop, so concurrent enqueues can overshoot by a few. RabbitMQ counts
     /// ready messages only, not unacked ones.
+    ///
+    /// Those two arguments are part of the main queue's declaration, fixed when it is
+    /// first declared: every process on the queue must give the same capacity, or none
+    /// all of them (RabbitMQ refuses a declaration with other arguments,
+    /// `PRECONDITION_FAILED`: [`connect`](AmqpQueue::connect) fails with
+    /// [`QueueError::Backend`]). To change it, delete the queue once it is drained, or
+    /// set the limit with a RabbitMQ policy (`max-length`) instead.
     pub fn with_capacity(mut self, capacity: u64) -> Self {
         self.capacity = Some(capacity);
         self
@@ -1398,15 +1405,25 @@ impl Inner {
             let Some(h) = st.held.remove(&id) else {
                 continue;
             };
-            match self.park(&ch, epoch, h, now).await? {
-                Parked::Held(h) => {
+            match self.park(&ch, epoch, h, now).await {
+                Ok(Parked::Held(h)) => {
                     // The main queue is full: the rest stay held until there is room.
                     st.held.insert(id, h);
                     break;
                 }
-                Parked::Main | Parked::Delay => {
+                Ok(Parked::Main | Parked::Delay) => {
                     st.died.remove(&id);
                 }
+                // Its channel still up (a refused copy, the delivery given back to the
+                // queue): the leases made above stand, and are handed out; the rest
+                // wait for the next lease. Failed with them, their attempts were
+                // counted for deliveries never made.
+                Err(e) if self.lock_fast().as_ref().is_some_and(|l| l.2 == epoch) => {
+                    tracing::debug!(queue = %self.queue, %id, error = %e, "postbox: a stale delivery could not be parked");
+                    break;
+                }
+                // The channel is gone, and with it the leases made on it.
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
@@ -1560,11 +1577,43 @@ impl Inner {
     /// message back in its queue already, and a delivery on a dead channel can never
     /// be acked (held, it would make the next delivery of the message look like a
     /// duplicate copy, acked and lost).
+    ///
+    /// A lease may have taken another copy of the message meanwhile (one a lost ack of
+    /// an earlier `retry_later` left): that copy goes on, as `lease` keeps a held one
+    /// over a second copy, with the later not-before and the higher attempts of the
+    /// two, and this delivery is acked away (written over it, the copy's delivery was
+    /// never settled, and its lease lost).
     async fn hold_again(&self, mut h: Held, id: MessageId, not_before: SystemTime, epoch: u64) {
         let mut st = self.state.lock().await;
-        if st.epoch == epoch {
-            h.state = HeldState::Scheduled(not_before);
-            st.held.insert(id, h);
+        if st.epoch != epoch {
+            return;
+        }
+        h.state = HeldState::Scheduled(not_before);
+        let extra = match st.held.entry(id) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(h);
+                return;
+            }
+            std::collections::btree_map::Entry::Occupied(mut slot) => {
+                let copy = slot.get_mut();
+                if not_before > copy.envelope.not_before {
+                    copy.envelope.not_before = not_before;
+                    if let HeldState::Scheduled(_) = copy.state {
+                        copy.state = HeldState::Scheduled(not_before);
+                    }
+                }
+                copy.envelope.attempts = copy.envelope.attempts.max(h.envelope.attempts);
+                h
+            }
+        };
+        drop(st);
+        tracing::warn!(queue = %self.queue, %id, "postbox: duplicate copy of a held message acked");
+        if let Err(e) = self
+            .io(epoch, extra.acker.ack(BasicAckOptions::default()))
+            .await
+        {
+            // Its channel is gone then: the broker puts the delivery back.
+            tracing::debug!(queue = %self.queue, %id, error = %e, "postbox: duplicate copy not acked");
         }
     }
 
@@ -2505,6 +2554,48 @@ mod tests {
             "the delivery held by the old connection did not come back"
         );
         assert_eq!(again[0].envelope.id, e.id);
+        q.purge().await.unwrap();
+    }
+
+    /// Needs RabbitMQ on 127.0.0.1:5672 (or `POSTBOX_AMQP_URL`); fails if it is down.
+    /// A delivery held again after its park found no room (`retry_later`, `release`)
+    /// while a lease took another copy of the same message (one a lost ack left) keeps
+    /// that copy and its lease, and the extra delivery is acked away: it overwrote the
+    /// copy, whose delivery was then never settled (and its lease lost).
+    #[tokio::test]
+    async fn a_delivery_held_again_beside_another_copy_keeps_the_copy_and_acks_itself() {
+        let name = format!("unit-hold-again-{}", MessageId::new_v7());
+        let q = AmqpQueue::connect(AmqpOptions::new(&name))
+            .await
+            .expect("RabbitMQ must answer on 127.0.0.1:5672 (see shared/services.md)");
+        let mut e = Envelope::new(
+            "api",
+            "POST",
+            "http://api/x",
+            "",
+            super::super::DeferReason::CircuitOpen,
+        );
+        e.idempotency_key = String::new(); // keyless: stored twice, one id
+        let now = SystemTime::now();
+        for _ in 0..2 {
+            q.enqueue(e.clone()).await.unwrap();
+        }
+        let lease_for = Duration::from_secs(30);
+        let first = q.lease(1, lease_for, now).await.unwrap();
+        assert_eq!(first.len(), 1);
+        // As `retry_later` does before it parks: the delivery out of the hold.
+        let (h, epoch) = {
+            let mut st = q.inner.state.lock().await;
+            (Inner::take(&mut st, first[0].token).unwrap(), st.epoch)
+        };
+        let second = q.lease(1, lease_for, now).await.unwrap();
+        assert_eq!(second.len(), 1, "the other copy");
+        assert_eq!(second[0].envelope.id, e.id);
+        let later = now + Duration::from_secs(3600);
+        q.inner.hold_again(h, e.id, later, epoch).await;
+        q.ack(&[second[0].token]).await.unwrap();
+        let depth = q.depth().await.unwrap();
+        assert_eq!((depth.pending, depth.in_flight), (0, 0), "{depth:?}");
         q.purge().await.unwrap();
     }
 }
