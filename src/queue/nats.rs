@@ -904,8 +904,9 @@ impl Inner {
             return Ok(Vec::new());
         }
         // What is held and due needs no server; fetch only for the rest. A failed fetch
-        // fails the lease only if nothing held is due: with several processes on one
-        // consumer, the server's limit of unacked deliveries can be full of the others'.
+        // fails the lease only if nothing held is due (a limit of unacked deliveries set
+        // on the consumer by hand, full of other processes', gives a fetch nothing; the
+        // next declare sets none again).
         let due = held.values().filter(|h| h.due(now)).count();
         let mut moved = 0;
         if held.len() < self.max_held {
@@ -1608,7 +1609,9 @@ async fn declare(
 ) -> Result<PullConsumer, QueueError> {
     let name = &options.name;
     let stream = &names.stream;
-    let capacity = options.capacity.and_then(|c| i64::try_from(c).ok());
+    // One past what the server holds is no limit (as it was before a capacity was
+    // left alone when none is given).
+    let capacity = options.capacity.map(|c| i64::try_from(c).unwrap_or(-1));
     // The server refuses a window longer than a `max_age` an operator set, and stores
     // a zero window as its default of 2 minutes.
     let window = |config: &stream::Config| {
@@ -1692,30 +1695,37 @@ async fn declare(
     }
     // The dead letters' window is the work stream's: a dead letter published again
     // after a lost reply is stored once within it too.
-    match lookup(js, &names.dead_stream).await? {
-        None => {
-            let mut config = stream::Config {
-                name: names.dead_stream.clone(),
-                subjects: vec![names.dead_subject.clone()],
-                storage: StorageType::File,
-                allow_direct: true,
-                ..Default::default()
-            };
-            config.duplicate_window = window(&config);
-            // One created meanwhile by another process is fine: the server answers an
-            // identical create with success.
-            js.create_stream(config)
-                .await
-                .map_err(|e| classify(e, "create dead-letter stream"))?;
+    let mut dead = lookup(js, &names.dead_stream).await?;
+    if dead.is_none() {
+        let mut config = stream::Config {
+            name: names.dead_stream.clone(),
+            subjects: vec![names.dead_subject.clone()],
+            storage: StorageType::File,
+            allow_direct: true,
+            ..Default::default()
+        };
+        config.duplicate_window = window(&config);
+        match js.create_stream(config).await {
+            Ok(_) => {}
+            // Created meanwhile by another process with another window (an identical
+            // create succeeds): updated below.
+            Err(e)
+                if matches!(e.kind(), CreateStreamErrorKind::JetStream(j)
+                if j.error_code() == ErrorCode::STREAM_NAME_EXIST) =>
+            {
+                dead = lookup(js, &names.dead_stream).await?;
+            }
+            Err(e) => return Err(classify(e, "create dead-letter stream")),
         }
-        Some(info) if info.config.duplicate_window != window(&info.config) => {
-            let mut config = info.config.clone();
-            config.duplicate_window = window(&config);
-            js.update_stream(&config)
-                .await
-                .map_err(|e| classify(e, "update dead-letter stream"))?;
-        }
-        Some(_) => {}
+    }
+    if let Some(info) = dead
+        && info.config.duplicate_window != window(&info.config)
+    {
+        let mut config = info.config.clone();
+        config.duplicate_window = window(&config);
+        js.update_stream(&config)
+            .await
+            .map_err(|e| classify(e, "update dead-letter stream"))?;
     }
     js.create_consumer_on_stream(
         pull::Config {

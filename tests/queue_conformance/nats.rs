@@ -1019,7 +1019,7 @@ async fn a_full_hold_of_later_deliveries_is_not_sent_round_for_ever() {
 }
 
 /// Two processes share the consumer, whose server-side limit of unacked deliveries (one
-/// an operator set, or the account's: postbox sets none) is full: a process still
+/// set on the consumer by hand: postbox's declare sets none) is full: a process still
 /// leases what it holds itself (a delivery it released) instead of failing because the
 /// server has nothing more to give it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
