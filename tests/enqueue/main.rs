@@ -3545,27 +3545,47 @@ fn grpc_web_response(code: u8) -> Response<Full<Bytes>> {
 #[tokio::test(start_paused = true)]
 async fn a_grpc_web_answer_is_judged_by_the_status_in_its_body() {
     for (code, remembered) in [(0, true), (14, false)] {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let svc = IdempotencyLayer::new(100).layer(service_fn({
-            let calls = calls.clone();
-            move |_req: Served| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async move { Ok::<_, std::convert::Infallible>(grpc_web_response(code)) }
-            }
-        }));
-        let first = svc.clone().oneshot(keyed("k1")).await.unwrap();
-        let first = first.into_body().collect().await.unwrap().to_bytes();
-        let second = svc.clone().oneshot(keyed("k1")).await.unwrap();
-        assert_eq!(
-            second.headers().contains_key(REPLAYED_HEADER),
+        let what = format!("status {code}");
+        assert_remembered(
+            move || grpc_web_response(code),
+            || keyed("k1"),
             remembered,
-            "status {code}"
-        );
-        let second = second.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(second, first, "status {code}");
-        let want = if remembered { 1 } else { 2 };
-        assert_eq!(calls.load(Ordering::SeqCst), want, "status {code}");
+            &what,
+        )
+        .await;
     }
+}
+
+/// Sends `request()` twice, under its key, to a handler answering `answer()`: the
+/// second is answered from the store, byte for byte, and the handler ran once, if
+/// (and only if) the first answer is `remembered`.
+async fn assert_remembered(
+    answer: impl Fn() -> Response<Full<Bytes>> + Clone + Send + 'static,
+    request: impl Fn() -> Request<Full<Bytes>>,
+    remembered: bool,
+    what: &str,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(100).layer(service_fn({
+        let calls = calls.clone();
+        move |_req: Served| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let res = answer();
+            async move { Ok::<_, std::convert::Infallible>(res) }
+        }
+    }));
+    let first = svc.clone().oneshot(request()).await.unwrap();
+    let first = first.into_body().collect().await.unwrap().to_bytes();
+    let second = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(
+        second.headers().contains_key(REPLAYED_HEADER),
+        remembered,
+        "{what}"
+    );
+    let second = second.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(second, first, "{what}");
+    let want = if remembered { 1 } else { 2 };
+    assert_eq!(calls.load(Ordering::SeqCst), want, "{what}");
 }
 
 /// A Connect-protocol stream's answer (`200 OK`, `application/connect+json`): a message,
@@ -3604,32 +3624,19 @@ async fn a_connect_stream_is_judged_by_its_end_of_stream_message() {
         ("not json", false),
     ];
     for (end, remembered) in cases {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let svc = IdempotencyLayer::new(100).layer(service_fn({
-            let calls = calls.clone();
-            move |_req: Served| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async move { Ok::<_, std::convert::Infallible>(connect_stream_response(end)) }
-            }
-        }));
         let stream = || {
             let mut req = keyed("k1");
             req.headers_mut()
                 .insert("content-type", "application/connect+json".parse().unwrap());
             req
         };
-        let first = svc.clone().oneshot(stream()).await.unwrap();
-        let first = first.into_body().collect().await.unwrap().to_bytes();
-        let second = svc.clone().oneshot(stream()).await.unwrap();
-        assert_eq!(
-            second.headers().contains_key(REPLAYED_HEADER),
+        assert_remembered(
+            move || connect_stream_response(end),
+            stream,
             remembered,
-            "{end}"
-        );
-        let second = second.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(second, first, "{end}");
-        let want = if remembered { 1 } else { 2 };
-        assert_eq!(calls.load(Ordering::SeqCst), want, "{end}");
+            end,
+        )
+        .await;
     }
 }
 
