@@ -166,7 +166,8 @@ mod http_mapping {
     impl IntoResponse for NotEnqueued {
         /// The original failure's mapping when it is a postbox error (an open breaker:
         /// `503` with `Retry-After`; a timeout: `504`), else `503 Service Unavailable`
-        /// (with the dependency's `Retry-After`, if it sent one): the dependency failed
+        /// (with the dependency's hint as `Retry-After`: its `Retry-After`, or a gRPC
+        /// `Status`'s `grpc-retry-pushback-ms`, if it sent one): the dependency failed
         /// in a way worth retrying and the request could not be deferred.
         fn into_response(self) -> Response {
             to_response(&self).unwrap_or_else(|| not_enqueued(&self))

@@ -461,7 +461,9 @@ pub struct ReplaySection {
     /// … flushed at least this often (default 100 ms; at most half of `lease_for`).
     #[serde(deserialize_with = "duration::required")]
     pub ack_interval: Duration,
-    /// On shutdown, wait this long for replays in flight (default 10 s).
+    /// On shutdown, wait this long (default 10 s) for replays in flight, and for acks,
+    /// retries, releases and dead letters the queue refused (tried again every
+    /// `poll_interval`).
     #[serde(deserialize_with = "duration::required")]
     pub grace: Duration,
 }

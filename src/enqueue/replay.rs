@@ -143,7 +143,8 @@ fn own_rejection<Res>(outcome: Result<&Res, &BoxError>) -> Option<Verdict> {
 }
 
 /// A gRPC `INTERNAL` or `UNKNOWN` the classifier called a failure not to retry (a
-/// server's bug during a deploy, a transport error a stack reports so): "not retried"
+/// server's bug during a deploy, a transport failure whose cause the status does not
+/// carry): "not retried"
 /// holds for the synchronous call, which may have taken effect; a replay carries its
 /// idempotency key, and a later one may get through, as after an HTTP `500`. Not when
 /// the server said not to, with a negative pushback (`max_attempts` bounds the rest).

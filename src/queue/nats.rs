@@ -309,8 +309,9 @@ impl NatsOptions {
         self
     }
 
-    /// The stream's `duplicate_window` for `Nats-Msg-Id`, which the copies `retry_later`
-    /// and `dead_letter` publish and a keyless enqueue carry, so such a publish retried
+    /// The `duplicate_window` of both streams (the work stream's and the dead letters')
+    /// for `Nats-Msg-Id`, which the copies `retry_later` and `dead_letter` publish and a
+    /// keyless enqueue carry, so such a publish retried
     /// after a lost reply is stored once (default 2 min). A keyed enqueue de-duplicates
     /// by subject, with no window.
     pub fn with_duplicate_window(mut self, window: Duration) -> Self {
@@ -346,7 +347,8 @@ impl NatsOptions {
 
 impl NatsQueue {
     /// Connects, creates the two streams and the consumer if missing (or sets postbox's
-    /// fields on the work stream's config and the consumer's), and spawns the
+    /// fields on the work stream's config, the dead-letter stream's window and the
+    /// consumer's), and spawns the
     /// task that keeps held deliveries alive (module docs), so call it inside a Tokio
     /// runtime.
     ///
