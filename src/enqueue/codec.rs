@@ -301,6 +301,17 @@ pub(crate) mod http_codec {
                 tracing::debug!(id = %env.id, "unusable idempotency key; sent with the message id");
                 HeaderValue::from_str(&env.id.to_string()).expect("a message id is a header value")
             });
+        // Room left for the layers the replay passes through, which add headers of
+        // their own: a map filled to what it holds (24 576 names) panics on the next
+        // insert. No request a client sends comes near.
+        const MAX_HEADERS: usize = 8192;
+        if env.headers.len() > MAX_HEADERS {
+            return Err(format!(
+                "an envelope with {} header fields: a replayed request carries at most {MAX_HEADERS}",
+                env.headers.len()
+            )
+            .into());
+        }
         let headers = req.headers_mut();
         for (name, value) in &env.headers {
             let name = HeaderName::from_bytes(name.as_bytes())?;
@@ -385,5 +396,27 @@ mod tests {
             req.extensions().get::<crate::http::body::HeldWhole>(),
             Some(crate::http::body::HeldWhole(4096))
         ));
+    }
+
+    /// An envelope with more header fields than a header map holds (another producer's,
+    /// a damaged queue file) is an error to rebuild, not a panic, and so is one that
+    /// would fill the map to the brim (the idempotency key, then any layer of the
+    /// replay, inserted into it panicked).
+    #[test]
+    fn an_envelope_with_too_many_header_fields_is_an_error_not_a_panic() {
+        for fields in [24_575usize, 24_600, 8193] {
+            let mut env =
+                Envelope::new("api", "POST", "http://api/x", "", DeferReason::CircuitOpen);
+            env.headers = (0..fields)
+                .map(|i| (format!("h{i}"), Bytes::from_static(b"v")))
+                .collect();
+            let rebuilt = rebuild_request::<http_body_util::Empty<Bytes>>(&env);
+            assert!(rebuilt.is_err(), "{fields} fields");
+        }
+        let mut env = Envelope::new("api", "POST", "http://api/x", "", DeferReason::CircuitOpen);
+        env.headers = (0..100)
+            .map(|i| (format!("h{i}"), Bytes::from_static(b"v")))
+            .collect();
+        assert!(rebuild_request::<http_body_util::Empty<Bytes>>(&env).is_ok());
     }
 }
