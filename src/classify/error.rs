@@ -108,10 +108,13 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
             return c;
         }
         #[cfg(feature = "grpc")]
+        if (status.is_none() || unknown)
+            && let Some(io) = as_type::<io::Error>(e)
+        {
+            return classify_io(io.kind());
+        }
+        #[cfg(feature = "grpc")]
         if status.is_none() {
-            if let Some(io) = as_type::<io::Error>(e) {
-                return classify_io(io.kind());
-            }
             if let Some(s) = as_type::<tonic::Status>(e) {
                 // With the server's pushback (`grpc-retry-pushback-ms`): when to retry,
                 // or (negative) not to.
@@ -120,13 +123,8 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Classification {
                     Some(super::GrpcClassifier::new().classify_code(code, s.metadata().as_ref()));
                 unknown = code == super::grpc::GrpcCode::Unknown;
             }
-        } else if unknown {
-            if let Some(io) = as_type::<io::Error>(e) {
-                return classify_io(io.kind());
-            }
-            if as_type::<hyper::Error>(e).is_some() {
-                return Classification::failure();
-            }
+        } else if unknown && as_type::<hyper::Error>(e).is_some() {
+            return Classification::failure();
         }
         #[cfg(not(feature = "grpc"))]
         if let Some(io) = as_type::<io::Error>(e) {

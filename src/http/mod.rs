@@ -69,11 +69,16 @@ pub(crate) fn is_grpc(headers: &::http::HeaderMap) -> bool {
 /// or a unary call (`connect-protocol-version`), whose client reads a `202` as an
 /// error.
 pub(crate) fn is_connect(headers: &::http::HeaderMap) -> bool {
-    headers.contains_key("connect-protocol-version")
-        || headers
-            .get(::http::header::CONTENT_TYPE)
-            .and_then(|v| v.as_bytes().get(..b"application/connect+".len()))
-            .is_some_and(|h| h.eq_ignore_ascii_case(b"application/connect+"))
+    headers.contains_key("connect-protocol-version") || is_connect_stream(headers)
+}
+
+/// Whether `headers` are a Connect-protocol stream's, by the content type
+/// (`application/connect+proto`, `+json`, …, in any case).
+pub(crate) fn is_connect_stream(headers: &::http::HeaderMap) -> bool {
+    headers
+        .get(::http::header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().get(..b"application/connect+".len()))
+        .is_some_and(|h| h.eq_ignore_ascii_case(b"application/connect+"))
 }
 
 /// A gRPC request's protocol, by its content type.

@@ -1000,16 +1000,10 @@ struct ConnectEnd {
 /// carries the error, if any (`{"error":{"code":"unavailable",…}}`). A stream without a
 /// readable one (cut short, compressed) is `UNKNOWN`, as its client reads it.
 fn connect_stream_end(headers: &http::HeaderMap, body: &[u8]) -> Option<ConnectEnd> {
-    const PREFIX: &[u8] = b"application/connect+";
-    let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
-    if !content_type
-        .get(..PREFIX.len())
-        .is_some_and(|t| t.eq_ignore_ascii_case(PREFIX))
-    {
+    if !crate::http::is_connect_stream(headers) {
         return None;
     }
     let mut rest = body;
-    let mut alone = true;
     while let [flags, a, b, c, d, tail @ ..] = rest {
         let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
         let Some((message, after)) = tail.split_at_checked(len) else {
@@ -1020,14 +1014,16 @@ fn connect_stream_end(headers: &http::HeaderMap, body: &[u8]) -> Option<ConnectE
                 0 => connect_end_code(message),
                 _ => GrpcCode::Unknown,
             };
-            return Some(ConnectEnd { code, alone });
+            return Some(ConnectEnd {
+                code,
+                alone: rest.len() == body.len(),
+            });
         }
-        alone = false;
         rest = after;
     }
     Some(ConnectEnd {
         code: GrpcCode::Unknown,
-        alone,
+        alone: rest.len() == body.len(),
     })
 }
 

@@ -126,7 +126,7 @@ use lapin::protocol::AMQPSoftError;
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, btree_map::Entry};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -425,6 +425,21 @@ impl Held {
     /// What it waits for at `now` (see [`waiting`]).
     fn waiting(&self, now: SystemTime) -> HeldState {
         waiting(self.state, self.envelope.not_before, now)
+    }
+
+    /// Takes in another copy of the same message, its `not_before` and `attempts`,
+    /// before that copy's delivery is acked away: which is a retry's copy cannot be
+    /// told, so the message keeps the later not-before and the higher attempts of the
+    /// two (a lease in progress goes on; once it ends, the message waits for that
+    /// not-before).
+    fn absorb_copy(&mut self, not_before: SystemTime, attempts: u32) {
+        if not_before > self.envelope.not_before {
+            self.envelope.not_before = not_before;
+            if let HeldState::Scheduled(_) = self.state {
+                self.state = HeldState::Scheduled(not_before);
+            }
+        }
+        self.envelope.attempts = self.envelope.attempts.max(attempts);
     }
 }
 
@@ -1286,18 +1301,9 @@ impl Inner {
             if let Some(h) = st.held.get_mut(&id) {
                 // A second copy of a message already held (left by a `retry_later` whose
                 // republish was confirmed but whose ack of the old copy was lost): the
-                // held one goes on, this one is dropped from the queue. Which is the
-                // retry's copy cannot be told, so the message keeps the later
-                // not-before and the higher attempts of the two: a lease in progress
-                // goes on, but once it ends the message waits for that not-before (the
-                // retry's delay was lost when the original came first).
-                if envelope.not_before > h.envelope.not_before {
-                    h.envelope.not_before = envelope.not_before;
-                    if let HeldState::Scheduled(_) = h.state {
-                        h.state = HeldState::Scheduled(envelope.not_before);
-                    }
-                }
-                h.envelope.attempts = h.envelope.attempts.max(envelope.attempts);
+                // held one goes on, this one is dropped from the queue (the retry's
+                // delay kept, should the original have come first).
+                h.absorb_copy(envelope.not_before, envelope.attempts);
                 tracing::warn!(queue = %self.queue, %id, "postbox: duplicate copy of a held message acked");
                 self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
                     .await?;
@@ -1588,21 +1594,14 @@ impl Inner {
         if st.epoch != epoch {
             return;
         }
-        h.state = HeldState::Scheduled(not_before);
         let extra = match st.held.entry(id) {
-            std::collections::btree_map::Entry::Vacant(slot) => {
+            Entry::Vacant(slot) => {
+                h.state = HeldState::Scheduled(not_before);
                 slot.insert(h);
                 return;
             }
-            std::collections::btree_map::Entry::Occupied(mut slot) => {
-                let copy = slot.get_mut();
-                if not_before > copy.envelope.not_before {
-                    copy.envelope.not_before = not_before;
-                    if let HeldState::Scheduled(_) = copy.state {
-                        copy.state = HeldState::Scheduled(not_before);
-                    }
-                }
-                copy.envelope.attempts = copy.envelope.attempts.max(h.envelope.attempts);
+            Entry::Occupied(mut slot) => {
+                slot.get_mut().absorb_copy(not_before, h.envelope.attempts);
                 h
             }
         };

@@ -1653,10 +1653,7 @@ async fn declare(
             ours(&mut config);
             match js.create_stream(config).await {
                 Ok(_) => break,
-                Err(e)
-                    if matches!(e.kind(), CreateStreamErrorKind::JetStream(j)
-                    if j.error_code() == ErrorCode::STREAM_NAME_EXIST) =>
-                {
+                Err(e) if name_exists(&e) => {
                     existing = lookup(js, stream).await?;
                     if round == 1 {
                         return Err(QueueError::Unavailable(
@@ -1711,10 +1708,7 @@ async fn declare(
             Ok(_) => {}
             // Created meanwhile by another process with another window (an identical
             // create succeeds): updated below.
-            Err(e)
-                if matches!(e.kind(), CreateStreamErrorKind::JetStream(j)
-                if j.error_code() == ErrorCode::STREAM_NAME_EXIST) =>
-            {
+            Err(e) if name_exists(&e) => {
                 dead = lookup(js, &names.dead_stream).await?;
             }
             Err(e) => return Err(classify(e, "create dead-letter stream")),
@@ -1747,6 +1741,13 @@ async fn declare(
     )
     .await
     .map_err(|e| classify(e, "create consumer"))
+}
+
+/// Whether a create failed because a stream of that name exists (with another config:
+/// an identical create succeeds).
+fn name_exists(e: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    matches!(e.kind(), CreateStreamErrorKind::JetStream(j)
+        if j.error_code() == ErrorCode::STREAM_NAME_EXIST)
 }
 
 /// The stream's info, `None` if there is no such stream; any other failure is an error

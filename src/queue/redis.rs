@@ -438,10 +438,8 @@ async fn refuse_eviction(link: &Link) -> Result<(), QueueError> {
             None
         }
     };
-    let policy = match policy {
-        Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
-        Some(Value::SimpleString(s)) => s,
-        _ => return Ok(()),
+    let Some(Ok(policy)) = policy.map(string) else {
+        return Ok(());
     };
     if policy.starts_with("allkeys-") {
         return Err(QueueError::Backend(
