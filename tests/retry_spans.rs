@@ -33,12 +33,7 @@ async fn every_attempt_runs_in_its_own_retry_attempt_span() {
             })
         }
     });
-    let retry = RetryLayer::builder()
-        .max_retries(3)
-        .backoff(Backoff::constant(Duration::from_millis(10)))
-        .no_budget()
-        .build()
-        .unwrap();
+    let retry = three_retries();
     assert_eq!(retry.layer(inner).oneshot(7).await.unwrap(), 7);
 
     let seen = seen.lock().unwrap().clone();
@@ -87,12 +82,7 @@ async fn a_retrys_readiness_runs_in_its_attempts_span() {
         ready_in: Arc::default(),
         calls: Arc::default(),
     };
-    let retry = RetryLayer::builder()
-        .max_retries(3)
-        .backoff(Backoff::constant(Duration::from_millis(10)))
-        .no_budget()
-        .build()
-        .unwrap();
+    let retry = three_retries();
     assert_eq!(retry.layer(inner.clone()).oneshot(7).await.unwrap(), 7);
     let ready_in = inner.ready_in.lock().unwrap().clone();
     // The first attempt's readiness is the caller's `poll_ready`, before any attempt.
@@ -101,4 +91,16 @@ async fn a_retrys_readiness_runs_in_its_attempts_span() {
         [Some("retry_attempt"), Some("retry_attempt")],
         "{ready_in:?}"
     );
+}
+
+/// Up to three retries, 10 ms apart, without a budget.
+fn three_retries() -> RetryLayer<
+    postbox::retry::RetryPolicy<postbox::classify::ErrorClassifier, postbox::retry::Cloned, ()>,
+> {
+    RetryLayer::builder()
+        .max_retries(3)
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .no_budget()
+        .build()
+        .unwrap()
 }

@@ -1766,19 +1766,27 @@ async fn a_foreign_envelope_is_replayed_without_hop_by_hop_headers_and_with_a_ke
     assert_eq!(seen[0][IDEMPOTENCY_KEY_HEADER], id.to_string().as_str());
 }
 
-#[tokio::test(start_paused = true)]
-async fn replayer_dead_letters_expired_messages_without_replaying() {
-    let queue = Arc::new(MemoryQueue::new());
+/// An envelope for `uri`, due and long expired (at 1 s past the epoch).
+fn expired_envelope(uri: String) -> Envelope {
     let mut env = Envelope::new(
         "api.test",
         "POST",
-        "http://api.test/x",
+        uri,
         Bytes::new(),
         DeferReason::BulkheadFull,
     );
     env.not_before = SystemTime::UNIX_EPOCH;
     env.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1));
-    queue.enqueue(env).await.unwrap();
+    env
+}
+
+#[tokio::test(start_paused = true)]
+async fn replayer_dead_letters_expired_messages_without_replaying() {
+    let queue = Arc::new(MemoryQueue::new());
+    queue
+        .enqueue(expired_envelope("http://api.test/x".into()))
+        .await
+        .unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let handle = Replayer::http(queue.clone(), counting(200, calls.clone()))
         .spawn()
@@ -1795,16 +1803,10 @@ async fn replayer_dead_letters_expired_messages_without_replaying() {
 async fn the_depth_is_reported_while_a_backlog_keeps_the_leases_coming() {
     let queue = Arc::new(AckRecorder::default());
     for i in 0..50 {
-        let mut env = Envelope::new(
-            "api.test",
-            "POST",
-            format!("http://api.test/{i}"),
-            Bytes::new(),
-            DeferReason::BulkheadFull,
-        );
-        env.not_before = SystemTime::UNIX_EPOCH;
-        env.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1));
-        queue.enqueue(env).await.unwrap();
+        queue
+            .enqueue(expired_envelope(format!("http://api.test/{i}")))
+            .await
+            .unwrap();
     }
     let calls = Arc::new(AtomicUsize::new(0));
     let handle = Replayer::http(queue.clone(), counting(200, calls.clone()))
