@@ -871,11 +871,21 @@ impl Inner {
             }
         }
         let reason = format!("undecodable: {why}");
-        headers.insert(H_REASON, encode_reason(&reason).as_str());
+        let id = format!("{}.seq{}.dead", self.stream, sequence(&msg));
+        let Some(headers) =
+            dead_headers(headers, &reason, &id, msg.payload.len(), self.max_payload)
+        else {
+            // Stored under a larger max_payload than the server has now: no copy of it
+            // can be published. Left in the work stream, never decoded.
+            tracing::error!(subject = %msg.subject, size = msg.payload.len(), max_payload = self.max_payload, "postbox: an undecodable message is larger than the server's max_payload and cannot be dead-lettered");
+            if let Err(e) = msg.ack_with(AckKind::Nak(Some(self.ack_wait()))).await {
+                tracing::warn!(error = %e, "postbox: could not settle an undecodable message");
+            }
+            return;
+        };
         let publish = Publish::build()
             .payload(msg.payload.clone())
-            .headers(headers)
-            .message_id(format!("{}.seq{}.dead", self.stream, sequence(&msg)));
+            .headers(headers);
         let moved = self.publish(self.dead_subject.clone(), publish).await;
         let answer = match moved {
             Ok(_) => {
@@ -1936,20 +1946,72 @@ fn header_room(e: &Envelope) -> usize {
     e.idempotency_key.len() + e.destination.len() + 320
 }
 
+/// The headers an undecodable message of `payload` bytes is dead-lettered with: its own
+/// (`copied`), `Nats-Msg-Id: id` and `Postbox-Reason`, as many as fit in `max_payload`
+/// beside the payload (0: no limit known). A server closes the connection on a larger
+/// publish, and the move failed forever. The reason is cut to the room left, or left
+/// out; without room for the message id, the message's own headers alone (a move
+/// retried after a lost ack may then store a second copy), or none. `None` if the
+/// payload alone is too large.
+fn dead_headers(
+    copied: HeaderMap,
+    reason: &str,
+    id: &str,
+    payload: usize,
+    max_payload: usize,
+) -> Option<HeaderMap> {
+    // On the wire: `NATS/1.0\r\n`, a `Name: value\r\n` line each, `\r\n`; nothing
+    // for no headers.
+    let line = |name: &str, value: &str| name.len() + value.len() + 4;
+    let block = |h: &HeaderMap| {
+        if h.is_empty() {
+            return 0;
+        }
+        h.iter()
+            .flat_map(|(name, values)| values.iter().map(move |v| line(name.as_ref(), v.as_str())))
+            .sum::<usize>()
+            + 12
+    };
+    let room = match max_payload {
+        0 => usize::MAX,
+        max => max.checked_sub(payload)?,
+    };
+    let mut with_id = copied.clone();
+    with_id.insert("Nats-Msg-Id", id);
+    let used = block(&with_id);
+    if used <= room {
+        let left = (room - used).saturating_sub(line(H_REASON, ""));
+        let value = encode_reason_within(reason, left.min(REASON_MAX));
+        if !value.is_empty() {
+            with_id.insert(H_REASON, value.as_str());
+        }
+        Some(with_id)
+    } else if block(&copied) <= room {
+        Some(copied)
+    } else {
+        Some(HeaderMap::new())
+    }
+}
+
 /// A dead letter's reason as a `Postbox-Reason` value: percent-encoded UTF-8, every
 /// byte outside printable ASCII and `%` itself as `%XX` (a header value carries no
 /// line break, and the replayer's reasons hold error texts and `µs`), cut to
 /// [`REASON_MAX`] bytes encoded (the room kept for it, [`HEADROOM`]), at a character's
 /// end.
 fn encode_reason(reason: &str) -> String {
+    encode_reason_within(reason, REASON_MAX)
+}
+
+/// [`encode_reason`] cut to `max` bytes encoded.
+fn encode_reason_within(reason: &str, max: usize) -> String {
     use std::fmt::Write;
-    let mut out = String::with_capacity(reason.len().min(REASON_MAX));
+    let mut out = String::with_capacity(reason.len().min(max));
     for c in reason.chars() {
         let mut utf8 = [0; 4];
         let bytes = c.encode_utf8(&mut utf8).as_bytes();
         let plain = bytes.len() == 1 && (0x20..0x7f).contains(&bytes[0]) && bytes[0] != b'%';
         let len = if plain { 1 } else { 3 * bytes.len() };
-        if out.len() + len > REASON_MAX {
+        if out.len() + len > max {
             break;
         }
         if plain {
@@ -2125,5 +2187,60 @@ mod tests {
         let short = "400: délai 500µs\n100%";
         assert_eq!(decode_reason(&encode_reason(short)), short);
         assert_eq!(decode_reason("50% done"), "50% done");
+    }
+
+    /// Bytes `h` takes in a publish, as async-nats writes it (nothing when empty).
+    fn wire(h: &HeaderMap) -> usize {
+        if h.is_empty() {
+            return 0;
+        }
+        let mut n = "NATS/1.0\r\n\r\n".len();
+        for (name, values) in h.iter() {
+            for v in values {
+                n += format!("{}: {}\r\n", AsRef::<str>::as_ref(name), v.as_str()).len();
+            }
+        }
+        n
+    }
+
+    /// An undecodable message's dead-letter copy never exceeds the server's
+    /// `max_payload`: its reason is cut to the room left beside the payload, then its
+    /// message id and its own headers are left out; a payload alone too large has no
+    /// copy. (The reason was added whatever the size, and the server closed the
+    /// connection on every try to move it.)
+    #[test]
+    fn a_dead_letter_copy_fits_in_max_payload() {
+        let mut own = HeaderMap::new();
+        own.insert("Trace", "abc");
+        let reason = "undecodable: not an envelope ".repeat(40);
+        let max = 1000;
+        for payload in [0, 200, 900, 950, 990, 995, 1000] {
+            let h = dead_headers(own.clone(), &reason, "work.seq7.dead", payload, max)
+                .expect("the payload fits");
+            assert!(payload + wire(&h) <= max, "{payload}: {}", wire(&h));
+        }
+        let roomy = dead_headers(own.clone(), &reason, "work.seq7.dead", 200, max).unwrap();
+        assert_eq!(roomy.get("Nats-Msg-Id").unwrap().as_str(), "work.seq7.dead");
+        assert_eq!(roomy.get("Trace").unwrap().as_str(), "abc");
+        assert_eq!(
+            roomy.get(H_REASON).unwrap().as_str(),
+            encode_reason(&reason),
+            "the whole reason fits"
+        );
+        let tight = dead_headers(own.clone(), &reason, "work.seq7.dead", 900, max).unwrap();
+        let cut = tight.get(H_REASON).unwrap().as_str();
+        assert!(
+            encode_reason(&reason).starts_with(cut) && cut.len() < 100,
+            "{cut}"
+        );
+        assert!(tight.get("Nats-Msg-Id").is_some());
+        let bare = dead_headers(own.clone(), &reason, "work.seq7.dead", 995, max).unwrap();
+        assert!(bare.is_empty());
+        assert!(dead_headers(own.clone(), &reason, "id", 1001, max).is_none());
+        let unknown = dead_headers(own, &reason, "id", 1 << 20, 0).unwrap();
+        assert_eq!(
+            unknown.get(H_REASON).unwrap().as_str(),
+            encode_reason(&reason)
+        );
     }
 }

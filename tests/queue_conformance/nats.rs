@@ -427,6 +427,39 @@ async fn an_undecodable_message_is_dead_lettered_and_the_batch_goes_on() {
     assert!(q.dead_letters(10).await.unwrap().is_empty());
 }
 
+/// An undecodable message as large as the server takes (a plain producer's, without
+/// headers) reaches the dead-letter stream: its copy's reason is cut to fit. With the
+/// whole reason added, the copy was larger than `max_payload`, the server closed the
+/// connection on each try, and the message came back forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_message_at_the_servers_max_payload_is_dead_lettered() {
+    let (q, _purge) = make(options());
+    let max = q.jetstream().client().server_info().max_payload;
+    assert!(max > 1024, "max_payload {max}");
+    // Room beside the payload for the copy's message id and `Postbox-Reason:
+    // undecodable`, not for the rest of the reason.
+    let id = format!("{}.seq1.dead", q.streams().0);
+    let room = "NATS/1.0\r\n\r\n".len()
+        + format!("Nats-Msg-Id: {id}\r\n").len()
+        + "Postbox-Reason: undecodable\r\n".len();
+    let mut payload = b"PBOX\x63".to_vec();
+    payload.resize(max - room, b'x');
+    publish_raw(&q, "xbig", payload.clone()).await;
+    crate::suite::only_the_good_message_is_leased(&q).await;
+    let (work, dead) = q.streams();
+    assert_eq!(
+        stream_len(&q, dead).await,
+        1,
+        "the large one was dead-lettered"
+    );
+    assert_eq!(stream_len(&q, work).await, 1, "only the good one is left");
+    let stream = q.jetstream().get_stream(dead).await.unwrap();
+    let m = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(m.payload.len(), payload.len());
+    let reason = m.headers.get("Postbox-Reason").unwrap().as_str();
+    assert_eq!(reason, "undecodable");
+}
+
 /// Undecodable messages published with JetStream's own headers (`Nats-Expected-Last-
 /// Subject-Sequence: 0`, as postbox's enqueue sets, and a `Nats-Msg-Id`) all reach the
 /// dead-letter stream: the server keeps such headers with a message, and copied to the
