@@ -480,14 +480,18 @@ mod http_propagation {
         }
     }
 
-    /// Whether the deadline headers (written earlier) tell more time than is left
-    /// until `at`, by a millisecond or more (the milliseconds header's unit). False
-    /// if there are none.
+    /// Whether a deadline header (written earlier) tells more time than is left until
+    /// `at`, by a millisecond or more (the milliseconds header's unit). Each is judged on
+    /// its own: a `grpc-timeout` in microseconds is not excused by the milliseconds
+    /// header rounded down beside it. False if there are none.
     fn header_is_stale(headers: &http::HeaderMap, at: Instant) -> bool {
         if !headers.contains_key(TIMEOUT_MS_HEADER) && !headers.contains_key("grpc-timeout") {
             return false;
         }
-        let told = header_timeout(headers, is_grpc(headers));
+        let told = header_timeouts(headers, is_grpc(headers))
+            .into_iter()
+            .flatten()
+            .max();
         let left = at.saturating_duration_since(Instant::now());
         told.is_some_and(|told| told >= left.saturating_add(Duration::from_millis(1)))
     }
@@ -495,6 +499,15 @@ mod http_propagation {
     /// The shortest timeout in the request's headers: [`TIMEOUT_MS_HEADER`], and
     /// `grpc-timeout` on gRPC requests only (it means nothing on plain HTTP).
     fn header_timeout(headers: &http::HeaderMap, is_grpc: bool) -> Option<Duration> {
+        header_timeouts(headers, is_grpc)
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The timeouts `grpc-timeout` (on gRPC requests only) and [`TIMEOUT_MS_HEADER`]
+    /// tell, each if present and readable.
+    fn header_timeouts(headers: &http::HeaderMap, is_grpc: bool) -> [Option<Duration>; 2] {
         let grpc = headers
             .get("grpc-timeout")
             .filter(|_| is_grpc)
@@ -509,7 +522,7 @@ mod http_propagation {
                     .then(|| v.parse::<u64>().ok())?
             })
             .map(Duration::from_millis);
-        [grpc, ms].into_iter().flatten().min()
+        [grpc, ms]
     }
 
     /// Encodes a `grpc-timeout` value: at most 8 digits and a unit, choosing the finest
@@ -592,6 +605,26 @@ mod http_propagation {
             assert_eq!(d.at(), start + Duration::from_secs(2));
             assert_eq!(d.call_at(), start + Duration::from_secs(10));
             assert_eq!(req.headers()[TIMEOUT_MS_HEADER], "1995");
+        }
+
+        /// A `grpc-timeout` in microseconds that tells a millisecond more than is left
+        /// is rewritten, though the milliseconds header beside it (rounded down) does
+        /// not yet: each header is judged on its own. (Judged on the shorter of the two,
+        /// the next hop was told up to 2 ms past the deadline.)
+        #[tokio::test(start_paused = true)]
+        async fn a_grpc_timeout_past_the_deadline_is_rewritten_beside_a_rounded_ms_header() {
+            let at = Instant::now() + Duration::from_micros(1_500_900);
+            let mut req = Request::new(());
+            req.extensions_mut().insert(CallDeadline::new(at));
+            let h = req.headers_mut();
+            h.insert("content-type", HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-timeout", HeaderValue::from_static("1500900u"));
+            h.insert(TIMEOUT_MS_HEADER, HeaderValue::from_static("1500"));
+            tokio::time::advance(Duration::from_micros(1_800)).await;
+            refresh_stale_deadline_headers(&mut req);
+            let told = parse_grpc_timeout(req.headers()["grpc-timeout"].as_bytes()).unwrap();
+            assert_eq!(told, at - Instant::now());
+            assert_eq!(req.headers()[TIMEOUT_MS_HEADER], "1499");
         }
 
         #[test]
