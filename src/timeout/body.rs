@@ -33,6 +33,15 @@ use tower_service::Service;
 /// response body becomes a [`DeadlineBody`], bound by the call's deadline. A request
 /// without a `CallDeadline` gets an unbounded body. Needs tokio's timer.
 ///
+/// Two things bound a body sooner than the call's deadline:
+/// - Under an [`AttemptTimeoutLayer::http`](super::AttemptTimeoutLayer::http) with no
+///   call deadline outside (no [`DeadlineLayer::http`], no timeout header from the
+///   caller), the attempt's end is the call's deadline, and the body is held to it.
+/// - The next hop is told the attempt's end, not the call's: a server that honours
+///   `grpc-timeout` for the whole call (grpc-go, grpc-java) ends a streamed answer
+///   then. A method whose body outlasts its attempt timeout (a server stream) needs
+///   an attempt timeout that covers the body, or none.
+///
 /// ```
 /// use std::time::Duration;
 /// use postbox::timeout::{BodyDeadlineLayer, DeadlineLayer};
