@@ -361,10 +361,8 @@ impl Inner {
         while self.map.len() - self.in_progress > max && self.shed_one(now, "capacity") {}
     }
 
-    /// Makes room for one more remembered response.
-    fn evict(&mut self, capacity: usize, now: Instant) {
-        self.shed_count(capacity.saturating_sub(1), now);
-        // Also drop what has expired, to keep `order` short.
+    /// Drops what has expired at the front of `order`, to keep it short.
+    fn drop_expired(&mut self, now: Instant) {
         while let Some(Reverse((expires, _))) = self.order.peek() {
             if *expires > now {
                 break;
@@ -390,16 +388,13 @@ impl IdempotencyStore for MemoryStore {
                 Claim::Done(response.clone())
             }
             Some(Entry::InProgress { until, .. }) if *until > now => Claim::InProgress,
-            existing => {
-                // Room for a new key; and in any case what expired at the front goes,
-                // so keys only ever claimed again after they expire do not grow
-                // `order` (each `complete` adds an entry).
-                let room = if existing.is_none() {
-                    self.capacity
-                } else {
-                    usize::MAX
-                };
-                inner.evict(room, now);
+            _ => {
+                // What expired at the front goes, so keys only ever claimed again after
+                // they expire do not grow `order` (each `complete` adds an entry). Room
+                // for the answer is made when it is stored: a claim released without
+                // one (a `5xx`, a refusal) would have forgotten a live answer for
+                // nothing.
+                inner.drop_expired(now);
                 let (done, _) = watch::channel(());
                 let token = ClaimToken(inner.next_token);
                 inner.next_token += 1;
@@ -454,8 +449,7 @@ impl IdempotencyStore for MemoryStore {
                 .map
                 .insert(key.to_owned(), Entry::Done { response, expires });
             inner.order.push(Reverse((expires, key.to_owned())));
-            // Claims made while the store was full each found room, and come on top
-            // of it as they complete.
+            // Room for it: the answers that expire soonest go.
             inner.shed_count(self.capacity, now);
             inner.shed_bytes(self.max_bytes, now);
         }
@@ -739,10 +733,34 @@ mod tests {
             let token = proceed(&s, k, lock).await;
             s.complete(k, token, response(0), ttl).await.unwrap();
         }
-        proceed(&s, "c", lock).await;
+        let c = proceed(&s, "c", lock).await;
+        assert!(matches!(s.claim("a", lock).await.unwrap(), Claim::Done(_)));
+        s.complete("c", c, response(0), ttl).await.unwrap();
         assert_eq!(s.len(), 2);
         // "a" was evicted.
         proceed(&s, "a", lock).await;
+    }
+
+    /// A claim of a new key in a full store takes no room until its answer is stored:
+    /// released without one (a `5xx`, a refusal), it leaves every remembered answer.
+    /// (Room was made at the claim, and a live answer forgotten for nothing.)
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_released_without_an_answer_forgets_nothing_in_a_full_store() {
+        let s = MemoryStore::new(2);
+        let lock = Duration::from_secs(5);
+        let ttl = Duration::from_secs(60);
+        for k in ["a", "b"] {
+            let token = proceed(&s, k, lock).await;
+            s.complete(k, token, response(0), ttl).await.unwrap();
+        }
+        let x = proceed(&s, "x", lock).await;
+        s.release("x", x);
+        for k in ["a", "b"] {
+            assert!(
+                matches!(s.claim(k, lock).await.unwrap(), Claim::Done(_)),
+                "{k}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
