@@ -54,8 +54,11 @@ pub(crate) struct Config {
 /// Answers repeated requests with the same `Idempotency-Key` from a store instead of
 /// running the handler again; see the [module docs](super).
 ///
-/// The response body becomes [`BufferedBody<ResBody>`]: fully buffered when the
-/// response was remembered or replayed, streamed through otherwise. Errors are the
+/// The response body becomes [`BufferedBody<ResBody>`]: fully buffered when it was
+/// read to be remembered (up to `max_body`), whether or not it was then stored (a gRPC
+/// answer ending in `INTERNAL`, a refusal before the request body was read, a store
+/// that failed), and when replayed; streamed through when its head alone says it is not
+/// remembered (a status, an event stream, a `stream_through` method). Errors are the
 /// inner service's, unchanged (axum's `Infallible` stays `Infallible`).
 ///
 /// # Clone
