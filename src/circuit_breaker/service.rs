@@ -1,4 +1,4 @@
-use super::error::Error;
+use super::error::{Error, Open};
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::shared::Shared;
@@ -7,6 +7,7 @@ use crate::classify::{Classify, ErrorClassifier};
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tower_service::Service;
 
 /// The breaker and this service's reservation (a permit from `poll_ready`, or its
@@ -110,6 +111,28 @@ impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for CircuitBreaker<S, C> {
     }
 }
 
+impl<S, C> CircuitBreaker<S, C> {
+    /// The rejection `call` answers for one `poll_ready` rejected, as the breaker stands
+    /// now: a caller that did other work in between (`tower::steer`, a balancer) may
+    /// find it closed by hand or its break over. Admitted now, the call is still not
+    /// made (the inner service was never polled ready): a non-forced rejection with
+    /// no wait, so a retry polls again at once. (The stale one was returned: a forced
+    /// rejection, never retried, from a closed breaker, or the whole break to wait.)
+    #[cold]
+    #[inline(never)]
+    fn rejection_now(&self) -> Open {
+        let breaker = self.slot.breaker.breaker();
+        breaker.count_rejection();
+        match breaker.admit(&mut Now::lazy().deferring_start()) {
+            Ok(permit) => {
+                breaker.release(permit);
+                Open::new(Duration::ZERO)
+            }
+            Err(open) => open,
+        }
+    }
+}
+
 impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
 where
     S: Service<Req>,
@@ -160,9 +183,8 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let mut permit = self.slot.reserved.take();
-        if let Some(open) = permit.rejection() {
-            self.slot.breaker.breaker().count_rejection();
-            return ResponseFuture::rejected(open);
+        if permit.rejection().is_some() {
+            return ResponseFuture::rejected(self.rejection_now());
         }
         assert!(
             !permit.is_empty(),

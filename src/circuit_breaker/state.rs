@@ -15,8 +15,8 @@
 //! # Concurrency
 //! The whole hot state is one `AtomicU64` word: mode, generation and, in half-open,
 //! the probe slots and their results. Admitting a probe is one compare-and-swap on it,
-//! so at most `permitted_probes` are ever admitted per half-open period. Transitions
-//! happen under a small mutex (only on transitions), are checked against the
+//! so at most `permitted_probes` run at once (a slot given back admits another).
+//! Transitions happen under a small mutex (only on transitions), are checked against the
 //! generation a caller saw, and bump it: a late result from a call admitted before a
 //! transition is dropped and can never fire a second transition.
 

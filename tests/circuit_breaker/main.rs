@@ -919,6 +919,45 @@ async fn a_call_admitted_before_the_breaker_opened_is_rejected_once_ready() {
     assert_pending!(called.poll(), "the inner service was called");
 }
 
+/// A caller that polls once and calls later (`tower::steer`, a balancer) gets the
+/// rejection as the breaker stands at the call: closed by hand since, not a forced
+/// rejection (which a retry never repeats) but one with no wait; its break over since,
+/// no wait left. (The rejection seen by `poll_ready` was returned as it was.)
+#[tokio::test(start_paused = true)]
+async fn a_rejection_called_after_the_breaker_moved_on_says_what_holds_now() {
+    let (mut svc, mut handle, breaker) = one_failure_mock();
+    breaker.force_open();
+    assert_ready_ok!(svc.poll_ready());
+    breaker.force_closed();
+    let o = open_error(svc.call(()).await);
+    assert!(!o.is_forced(), "the breaker is closed");
+    assert_eq!(o.retry_after(), Duration::ZERO);
+    assert_eq!(breaker.state(), State::Closed);
+
+    // Tripped by one failure.
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(());
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("boom");
+    fut.await.unwrap_err();
+    assert_ready_ok!(svc.poll_ready());
+    let left = breaker.retry_after().expect("open");
+    assert!(left > Duration::ZERO);
+    advance(left).await;
+    assert_eq!(breaker.retry_after(), Some(Duration::ZERO));
+    let o = open_error(svc.call(()).await);
+    assert_eq!(o.retry_after(), Duration::ZERO, "the break is over");
+    assert_eq!(breaker.metrics().not_permitted(), 2);
+    // The probe it was admitted for and could not use is given back.
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(());
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(());
+    fut.await.unwrap();
+}
+
 /// A rejection `poll_ready` answered is not kept: polled again after the breaker was
 /// closed by hand (or its break ended), the service admits the call; and a rejection
 /// is counted once per call turned away, not per poll. (A balancer keeps a service
