@@ -116,7 +116,9 @@
 //! `postbox_queue_quarantined_total`, so the leases after it go on. It counts among the
 //! dead letters of [`Queue::depth`] (as a broker's undecodable dead letter does), is not
 //! listed by [`Queue::dead_letters`] (there is no envelope to list), and
-//! [`Queue::discard_dead_letters`] deletes it by its id.
+//! [`Queue::discard_dead_letters`] deletes it by its id. A release that can decode it
+//! (the newer one again, after a rollback) lists it among the dead letters, with its
+//! quarantine reason, after the others: [`Queue::redrive_dead_letters`] brings it back.
 
 use super::{
     DeadLetter, Depth, Enqueued, Envelope, LeaseToken, Leased, MessageId, Queue, QueueError,
@@ -2006,12 +2008,16 @@ impl Tables<'_> {
 
     /// Up to `max` dead letters; one whose bytes cannot be decoded is skipped and logged
     /// (it must not fail this read, nor the enqueues sharing its commit), and does not
-    /// count: `max` of them at the head must not hide the rest from a redrive.
+    /// count: `max` of them at the head must not hide the rest from a redrive. Then the
+    /// quarantined messages whose bytes this release decodes (written by a newer one,
+    /// quarantined by an older one after a rollback), with their quarantine reason, so
+    /// a redrive brings them back; those quarantined for missing bytes are not (bytes
+    /// there now are the same envelope enqueued again, a live message).
     fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         let mut out = Vec::new();
         for entry in self.dead.iter().map_err(redb_err)? {
             if out.len() >= max {
-                break;
+                return Ok(out);
             }
             let (id, reason) = entry.map_err(redb_err)?;
             match self.stored_envelope(id.value())? {
@@ -2024,6 +2030,23 @@ impl Tables<'_> {
                     reason = why,
                     "postbox: undecodable dead letter skipped"
                 ),
+            }
+        }
+        let quarantine = self.txn.open_table(QUARANTINE).map_err(redb_err)?;
+        for entry in quarantine.iter().map_err(redb_err)? {
+            if out.len() >= max {
+                break;
+            }
+            let (id, reason) = entry.map_err(redb_err)?;
+            if reason.value() == NOT_STORED {
+                continue;
+            }
+            // Still undecodable: logged when it was quarantined.
+            if let Ok(envelope) = self.stored_envelope(id.value())? {
+                out.push(DeadLetter {
+                    envelope,
+                    reason: reason.value().to_owned(),
+                });
             }
         }
         Ok(out)
@@ -2239,6 +2262,52 @@ mod tests {
             "the live message was discarded with the quarantine"
         );
         assert_eq!(got[0].envelope.id, env.id);
+        q.close().await.unwrap();
+    }
+
+    /// A message written by a newer release and quarantined by an older one (a
+    /// rollback) is listed among the dead letters once the newer release is back, and
+    /// a redrive delivers it. (Nothing could list it: a message whose enqueue was
+    /// answered was stranded for good.) One quarantined for missing bytes is not
+    /// listed.
+    #[tokio::test]
+    async fn a_message_from_a_newer_release_is_redriven_after_a_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let env = envelope("from-a-newer-release");
+        let gone = envelope("bytes-lost");
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        q.enqueue(env.clone()).await.unwrap();
+        q.enqueue(gone.clone()).await.unwrap();
+        q.close().await.unwrap();
+        let mut newer = env.encode();
+        newer[4] += 1;
+        set_stored_bytes(&path, env.id, Some(&newer));
+        set_stored_bytes(&path, gone.id, None);
+        // The older release quarantines both.
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let lease = Duration::from_secs(30);
+        assert!(
+            q.lease(10, lease, SystemTime::now())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(q.dead_letters(10).await.unwrap().is_empty());
+        assert_eq!(q.depth().await.unwrap().dead, 2);
+        q.close().await.unwrap();
+        // The newer release (which reads its own bytes) is back.
+        set_stored_bytes(&path, env.id, Some(&env.encode()));
+        let q = EmbeddedQueue::open(&path, EmbeddedOptions::new()).unwrap();
+        let dead = q.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].envelope.id, env.id);
+        assert!(dead[0].reason.contains("version"), "{}", dead[0].reason);
+        assert_eq!(q.redrive_dead_letters(10).await.unwrap(), 1);
+        let got = q.lease(10, lease, SystemTime::now()).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].envelope.idempotency_key, env.idempotency_key);
+        assert_eq!(q.depth().await.unwrap().dead, 1, "the missing one stays");
         q.close().await.unwrap();
     }
 
