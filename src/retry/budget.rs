@@ -249,7 +249,9 @@ impl RetryBudgetBuilder {
         self
     }
 
-    /// Retries always allowed per second, whatever the traffic (0 for none).
+    /// Retries always allowed per second, whatever the traffic (0 for none): a reserve
+    /// of `n × ttl` per window, as Finagle's, usable in a burst (with the defaults, 100
+    /// retries at once, then none until the window moves on).
     pub fn min_retries_per_sec(mut self, n: u32) -> Self {
         self.min_retries_per_sec = n;
         self

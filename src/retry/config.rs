@@ -78,7 +78,8 @@ impl Default for RetryConfig {
     }
 }
 
-/// How the backoff grows.
+/// How the backoff grows, before [`jitter`](BackoffConfig::jitter) (full by default,
+/// whatever the kind: `jitter = "none"` for the delays below exactly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -171,7 +172,8 @@ pub struct BudgetConfig {
     pub enabled: bool,
     /// Share of first attempts that may be retried (default 0.2).
     pub ratio: f64,
-    /// Retries always allowed per second (default 10).
+    /// Retries always allowed per second (default 10): `n × ttl` per window, usable
+    /// in a burst.
     pub min_retries_per_sec: u32,
     /// Window (default 10 s).
     #[serde(deserialize_with = "crate::duration::required")]
