@@ -9,8 +9,9 @@ use bytes::Bytes;
 /// [`Envelope`]'s does.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Captured {
-    /// Logical destination (for HTTP, the request's authority as written: `api:8080`,
-    /// or `api` without a port, not normalized).
+    /// Logical destination (for HTTP, the request's authority as the per-host breaker
+    /// keys it: `api:8080`, or `api` for `http://API:80`; in lower case, without
+    /// userinfo or the scheme's default port).
     pub destination: String,
     /// Request method, or a codec-defined verb (a gRPC path, an operation name).
     pub method: String,
@@ -243,11 +244,7 @@ pub(crate) mod http_codec {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Captured {
-        // Without userinfo: the destination goes into broker headers any consumer
-        // reads, and into logs; the credentials stay in the URI, for the replay.
-        let destination = crate::http::host_of(uri, headers)
-            .unwrap_or_default()
-            .to_owned();
+        let destination = destination_of(uri, headers);
         let keep = end_to_end(headers);
         let headers = headers
             .iter()
@@ -372,13 +369,61 @@ pub(crate) mod http_codec {
             Some(log)
         }
     }
+
+    /// A request's destination: its authority as the per-host breaker keys it (one for
+    /// `api.test`, `API.test` and `http://api.test:80`), so the replayer holds back every
+    /// spelling of a host whose breaker is open, not only the one that met it. Without
+    /// userinfo: the destination goes into broker headers any consumer reads, and into
+    /// logs; the credentials stay in the URI, for the replay.
+    pub(super) fn destination_of(uri: &Uri, headers: &HeaderMap) -> String {
+        let mut d = crate::http::host_of(uri, headers)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let default_port = match uri.scheme_str() {
+            Some(s) if s.eq_ignore_ascii_case("https") => ":443",
+            Some(s) if s.eq_ignore_ascii_case("http") => ":80",
+            _ => return d,
+        };
+        if d.len() > default_port.len() && d.ends_with(default_port) {
+            d.truncate(d.len() - default_port.len());
+        }
+        d
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::http_codec::rebuild_request;
+    use super::http_codec::{destination_of, rebuild_request};
     use crate::queue::{DeferReason, Envelope};
     use bytes::Bytes;
+    use http::HeaderMap;
+
+    /// Every spelling of one host is one destination, as the per-host breaker keys it:
+    /// case and the scheme's default port do not count, another port does. (Each
+    /// spelling was a destination of its own, and the replayer paused only the one
+    /// that met the open breaker.)
+    #[test]
+    fn a_destination_is_the_authority_the_breaker_keys() {
+        let of = |uri: &str, host: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(h) = host {
+                headers.insert(http::header::HOST, h.parse().unwrap());
+            }
+            destination_of(&uri.parse().unwrap(), &headers)
+        };
+        assert_eq!(of("http://api.test/x", None), "api.test");
+        assert_eq!(of("http://API.Test/x", None), "api.test");
+        assert_eq!(of("http://api.test:80/x", None), "api.test");
+        assert_eq!(of("https://api.test:443/x", None), "api.test");
+        assert_eq!(of("http://api.test:443/x", None), "api.test:443");
+        assert_eq!(of("https://api.test:8443/x", None), "api.test:8443");
+        assert_eq!(of("http://u:pw@[::1]:80/x", None), "[::1]");
+        assert_eq!(
+            of("/x", Some("API.test:80")),
+            "api.test:80",
+            "no scheme: the port stays"
+        );
+    }
 
     /// A replayed request is marked as held whole: a retry in the replay's stack keeps
     /// it whatever that stack's buffer limit (a larger replay was sent once).

@@ -82,8 +82,9 @@ pub struct Envelope {
     pub expires_at: Option<SystemTime>,
     /// Delivery attempts so far (leases).
     pub attempts: u32,
-    /// Logical destination (for HTTP, the request's authority as written: `api:8080`,
-    /// or `api` without a port, not normalized).
+    /// Logical destination (for HTTP, the request's authority as the per-host breaker
+    /// keys it: `api:8080`, or `api` for `http://API:80`; in lower case, without
+    /// userinfo or the scheme's default port).
     pub destination: String,
     /// Request method (`POST`; for non-HTTP requests, a codec-defined verb).
     pub method: String,
