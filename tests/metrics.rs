@@ -211,6 +211,70 @@ fn a_failure_not_deferred_past_the_expiry_is_counted_with_its_reason() {
     assert_eq!(counter(&handle, series), 1, "{}", handle.render());
 }
 
+/// A failure that would have been deferred but for the request's body, over
+/// `max_body` (known from its size, or found while it was read), is counted as not
+/// deferred with its reason: the requests a body limit leaves unprotected show. One
+/// that succeeds is not counted. (Such a failure passed through without a count.)
+#[cfg(feature = "http")]
+#[test]
+fn a_failure_not_deferred_for_its_body_size_is_counted() {
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body::{Body, Frame};
+    use http_body_util::Full;
+    use postbox::enqueue::{BufferedBody, EnqueueConfig, EnqueueFallbackLayer};
+    use postbox::queue::MemoryQueue;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    /// A body that tells no size.
+    struct NoHint(Full<Bytes>);
+    impl Body for NoHint {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Pin::new(&mut self.0).poll_frame(cx)
+        }
+    }
+
+    async fn send<B>(body: B, status: u16) -> StatusCode
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let inner = service_fn(move |_: Request<BufferedBody<B>>| async move {
+            let mut res = Response::new(Full::new(Bytes::new()));
+            *res.status_mut() = StatusCode::from_u16(status).unwrap();
+            Ok::<_, BoxError>(res)
+        });
+        let svc = EnqueueFallbackLayer::with_config(
+            Arc::new(MemoryQueue::new()),
+            EnqueueConfig::new().max_body(16),
+        )
+        .unwrap()
+        .layer(inner);
+        let req = Request::post("http://api.test/orders").body(body).unwrap();
+        svc.oneshot(req).await.unwrap().status()
+    }
+
+    let big = || Full::new(Bytes::from(vec![b'x'; 17]));
+    let handle = recorded(|| async {
+        assert_eq!(send(big(), 503).await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            send(NoHint(big()), 503).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(send(big(), 200).await, StatusCode::OK);
+    });
+    let series =
+        r#"postbox_calls_total{layer="enqueue",outcome="not_deferred",reason="retries-exhausted"}"#;
+    assert_eq!(counter(&handle, series), 2, "{}", handle.render());
+}
+
 /// An idempotency store that cannot claim a key fails open: the request runs, and is
 /// counted as `store_failed` (de-duplication was off for it).
 #[cfg(feature = "http")]

@@ -21,6 +21,8 @@ pin_project! {
         #[pin]
         state: DeferState<F>,
         shared: Arc<Shared<Q, C>>,
+        // Kept synchronous only because the body was over `max_body`.
+        too_large: bool,
     }
 }
 
@@ -44,7 +46,15 @@ impl<F, Q, C> DeferFuture<F, Q, C> {
         Self {
             state: DeferState::Calling { fut, capture },
             shared,
+            too_large: false,
         }
+    }
+
+    /// Marks the request as kept synchronous only because its body was over
+    /// `max_body` (see [`Shared::too_large_to_defer`]).
+    pub(crate) fn body_too_large(mut self) -> Self {
+        self.too_large = true;
+        self
     }
 }
 
@@ -77,6 +87,9 @@ where
                 DeferProj::Calling { fut, capture } => {
                     let out = ready!(fut.poll(cx)).map_err(Into::into);
                     let Some(capture) = capture.take() else {
+                        if *this.too_large {
+                            this.shared.too_large_to_defer(out.as_ref());
+                        }
                         this.state.set(DeferState::Done);
                         return Poll::Ready(out.map(Deferred::Completed));
                     };
@@ -134,6 +147,8 @@ mod http_future {
             shared: Arc<Shared<Q, C>>,
             // Polled before: the call waited (for the body, for readiness).
             waited: bool,
+            // Kept synchronous only because the body was over `max_body`.
+            too_large: bool,
         }
     }
 
@@ -189,7 +204,15 @@ mod http_future {
                 },
                 shared,
                 waited: false,
+                too_large: false,
             }
+        }
+
+        /// Marks the request as kept synchronous only because its body was over
+        /// `max_body` (see [`Shared::too_large_to_defer`]).
+        pub(crate) fn body_too_large(mut self) -> Self {
+            self.too_large = true;
+            self
         }
 
         pub(crate) fn collecting(
@@ -209,6 +232,7 @@ mod http_future {
                 },
                 shared,
                 waited: false,
+                too_large: false,
             }
         }
     }
@@ -262,6 +286,7 @@ mod http_future {
     fn defer_or_return<Q, C, ResBody>(
         shared: &Arc<Shared<Q, C>>,
         capture: Option<Capture>,
+        too_large: bool,
         out: Result<Response<ResBody>, BoxError>,
     ) -> Result<Pending, Result<Response<ResBody>, BoxError>>
     where
@@ -269,6 +294,9 @@ mod http_future {
         C: Classify<Response<ResBody>, BoxError>,
     {
         let Some(capture) = capture else {
+            if too_large {
+                shared.too_large_to_defer(out.as_ref());
+            }
             return Err(out);
         };
         let Some(t) =
@@ -347,6 +375,7 @@ mod http_future {
                                     limit,
                                     "request body over the limit; not deferrable"
                                 );
+                                *this.too_large = true;
                                 let req = Request::from_parts(
                                     parts,
                                     partial(buf, extra, body).into_upload(),
@@ -365,7 +394,12 @@ mod http_future {
                             // Judged like a failed call (a closed `Buffer`, a `Reconnect`
                             // that cannot connect): nothing was sent.
                             let capture = capture.take();
-                            match defer_or_return(this.shared, capture, Err(e.into())) {
+                            match defer_or_return(
+                                this.shared,
+                                capture,
+                                *this.too_large,
+                                Err(e.into()),
+                            ) {
                                 Ok(pending) => this.state.set(State::Enqueuing { pending }),
                                 Err(out) => {
                                     this.state.set(State::Done);
@@ -386,7 +420,7 @@ mod http_future {
                     }
                     StateProj::Calling { fut, capture } => {
                         let out = ready!(fut.poll(cx)).map_err(Into::into);
-                        match defer_or_return(this.shared, capture.take(), out) {
+                        match defer_or_return(this.shared, capture.take(), *this.too_large, out) {
                             Ok(pending) => this.state.set(State::Enqueuing { pending }),
                             Err(out) => {
                                 this.state.set(State::Done);

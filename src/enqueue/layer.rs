@@ -40,7 +40,9 @@ impl EnqueueConfig {
     }
 
     /// Request bodies up to `bytes` are buffered (and so may be deferred); larger ones
-    /// stream through and are never deferred. `0` defers only empty bodies.
+    /// stream through and are never deferred: a failure of one that would have been is
+    /// returned as it is, counted as `not_deferred` and logged at `warn`. `0` defers
+    /// only empty bodies.
     pub fn max_body(mut self, bytes: usize) -> Self {
         self.max_body = bytes;
         self

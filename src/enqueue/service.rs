@@ -3,9 +3,10 @@ use super::codec::{Captured, RequestCodec};
 use super::error::NotEnqueued;
 use super::future::DeferFuture;
 use super::layer::EnqueueConfig;
-use super::policy::{Trigger, path_of};
+use super::policy::{Trigger, path_of, trigger};
 use super::receipt::{Receipt, reason_str};
 use crate::BoxError;
+use crate::classify::Classify;
 use crate::queue::{DeferReason, Enqueued, Envelope, Queue, QueueError};
 use std::fmt;
 use std::future::Future;
@@ -115,6 +116,32 @@ impl<Q, C> Shared<Q, C> {
         existing
             .filter(|k| usable_key(k))
             .unwrap_or_else(new_idempotency_key)
+    }
+}
+
+impl<Q, C> Shared<Q, C> {
+    /// A request kept synchronous only because its body was over `max_body`: if its
+    /// outcome would have been deferred, counted as `not_deferred` and logged at
+    /// `warn` with the limit, so the requests a body limit leaves unprotected show.
+    #[cold]
+    pub(crate) fn too_large_to_defer<Res>(&self, outcome: Result<&Res, &BoxError>)
+    where
+        C: Classify<Res, BoxError>,
+    {
+        if let Some(t) = trigger(&self.classifier, outcome) {
+            tracing::warn!(
+                limit = self.config.max_body,
+                reason = reason_str(t.reason),
+                "request body over the enqueue layer's max_body; failure not deferred"
+            );
+            metrics::counter!(
+                "postbox_calls_total",
+                "layer" => "enqueue",
+                "outcome" => "not_deferred",
+                "reason" => reason_str(t.reason)
+            )
+            .increment(1);
+        }
     }
 }
 
@@ -374,6 +401,7 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
+        let mut too_large = false;
         let capture = self.codec.capture(&req).and_then(|captured| {
             let path = path_of(&captured.uri);
             if !self.shared.config.policy.may_defer(&captured.method, path) {
@@ -384,13 +412,15 @@ where
                     limit = self.shared.config.max_body,
                     "request body over the limit; not deferrable"
                 );
+                too_large = true;
                 return None;
             }
             let key = Shared::<Q, C>::key_or_new(self.codec.idempotency_key(&req));
             self.codec.set_idempotency_key(&mut req, &key);
             Some(Capture::new(key, captured))
         });
-        DeferFuture::new(self.inner.call(req), capture, self.shared.clone())
+        let fut = DeferFuture::new(self.inner.call(req), capture, self.shared.clone());
+        if too_large { fut.body_too_large() } else { fut }
     }
 }
 
@@ -545,7 +575,8 @@ mod http_flavour {
                     "request body over the limit; not deferrable"
                 );
                 let req = Request::from_parts(parts, BufferedBody::streaming(body).into_upload());
-                return ResponseFuture::readying(self.inner.clone(), req, None, shared);
+                return ResponseFuture::readying(self.inner.clone(), req, None, shared)
+                    .body_too_large();
             }
             if body.is_end_stream() {
                 send_key(&mut parts.headers, &key, made);
