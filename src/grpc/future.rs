@@ -275,18 +275,22 @@ fn finish<B, H: OnGrpcStatus>(
     // base64 body decoded first), and the body left as it is unless the status is
     // promoted into the headers (its trailers-only form), as for gRPC. Before, it looked
     // like an answer without a status: every one became `UNKNOWN`, its body emptied.
-    if let Some(kind @ (crate::http::GrpcKind::Web | crate::http::GrpcKind::WebText)) =
-        crate::http::grpc_kind(&parts.headers)
-    {
-        let frames = match kind {
-            crate::http::GrpcKind::WebText => {
-                Bytes::from(crate::classify::grpc::web_text_decode(&data).unwrap_or_default())
-            }
-            _ => data.clone(),
-        };
-        return finish_web(parts, data, frames, classifier, hook);
-    }
+    // Unless its status came as HTTP trailers: tonic-web's client layer inside turns the
+    // trailers frame into them, and leaves the content type. (That status was dropped,
+    // and every such answer read `UNKNOWN`.)
     let code = trailers.as_ref().and_then(GrpcCode::from_headers);
+    if code.is_none()
+        && let Some(kind @ (crate::http::GrpcKind::Web | crate::http::GrpcKind::WebText)) =
+            crate::http::grpc_kind(&parts.headers)
+    {
+        let text = kind == crate::http::GrpcKind::WebText;
+        let frames = if text {
+            Bytes::from(crate::classify::grpc::web_text_decode(&data).unwrap_or_default())
+        } else {
+            data.clone()
+        };
+        return finish_web(parts, data, frames, text, classifier, hook);
+    }
     let outcome = GrpcOutcome::new(
         code.unwrap_or(GrpcCode::Unknown),
         classifier.classify_trailers(trailers.as_ref()),
@@ -334,13 +338,15 @@ fn finish<B, H: OnGrpcStatus>(
 
 /// [`finish`] for a gRPC-Web answer: `data` is its body as it came, `frames` the same
 /// as gRPC-Web frames (decoded from base64 for `-text`), its status in the trailers frame
-/// that ends them. A non-OK or missing status of an answer with at most one message is
-/// promoted into the headers and the body dropped, as for gRPC; otherwise the body goes
-/// on as it is (its trailers in it).
+/// that ends them (`text`: `data` is base64). A non-OK or missing status of an answer
+/// with at most one message is promoted into the headers and the body dropped, as for
+/// gRPC; otherwise the body goes on as it is (its trailers in it), with a stand-in
+/// `UNKNOWN` trailers frame if it had no status.
 fn finish_web<B, H: OnGrpcStatus>(
     mut parts: Parts,
     data: Bytes,
     frames: Bytes,
+    text: bool,
     classifier: &GrpcClassifier,
     hook: &H,
 ) -> Response<GrpcStatusBody<B, H>> {
@@ -354,8 +360,37 @@ fn finish_web<B, H: OnGrpcStatus>(
     );
     hook.on_grpc_status(&outcome);
     parts.extensions.insert(outcome);
-    if code == Some(GrpcCode::Ok) || messages(&frames[..messages_end]) > 1 {
+    let many = messages(&frames[..messages_end]) > 1;
+    if code == Some(GrpcCode::Ok) || (code.is_some() && many) {
         return Response::from_parts(parts, GrpcStatusBody::buffered(data, None));
+    }
+    if many {
+        // Kept, as for gRPC, with the stand-in `UNKNOWN` in a trailers frame of its
+        // own (the body's, if it had one without a status): sent on as it came, the
+        // caller read a clean end.
+        let mut t = trailers.unwrap_or_default();
+        stand_in_unknown(&mut t);
+        let mut body = frames[..messages_end].to_vec();
+        let mut lines = Vec::new();
+        for (name, value) in &t {
+            lines.extend_from_slice(name.as_str().as_bytes());
+            lines.push(b':');
+            lines.extend_from_slice(value.as_bytes());
+            lines.extend_from_slice(b"\r\n");
+        }
+        body.push(0x80);
+        body.extend_from_slice(&u32::try_from(lines.len()).unwrap_or(u32::MAX).to_be_bytes());
+        body.extend_from_slice(&lines);
+        let body = if text {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .encode(&body)
+                .into_bytes()
+        } else {
+            body
+        };
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        return Response::from_parts(parts, GrpcStatusBody::buffered(Bytes::from(body), None));
     }
     for (name, value) in trailers.iter().flatten() {
         // Bounded (`MAX_WEB_TRAILER_FIELDS`), and never a panic on a full map.
@@ -552,7 +587,82 @@ mod tests {
         let two = [web_frame(0, b"a"), web_frame(0, b"b")].concat();
         let (parts, data) = call_web(WEB, two.clone()).await;
         assert!(parts.headers.get("grpc-status").is_none());
-        assert_eq!(&data[..], &two[..]);
+        assert!(data.starts_with(&two), "the messages are kept");
+    }
+
+    /// A gRPC-Web answer whose status came as HTTP trailers (tonic-web's client layer
+    /// inside turns the trailers frame into them and keeps the content type) is read
+    /// by those trailers, as a gRPC one: an OK answer keeps its message and trailers, a
+    /// non-OK one is promoted. (The trailers were dropped and every such answer read
+    /// `UNKNOWN`, its message emptied.)
+    #[tokio::test]
+    async fn a_grpc_web_answer_with_its_status_in_http_trailers_is_read_by_them() {
+        for (code, expected) in [("0", GrpcCode::Ok), ("14", GrpcCode::Unavailable)] {
+            let svc = GrpcStatusLayer::new().layer(service_fn(move |_: http::Request<()>| {
+                let t = trailers(&[("grpc-status", code), ("x-trace", "1")]);
+                async move {
+                    let body = Full::new(Bytes::from(web_frame(0, b"pong")))
+                        .map_err(|e| -> BoxError { match e {} })
+                        .with_trailers(std::future::ready(Some(Ok(t))));
+                    let mut res = Response::new(body);
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/grpc-web+proto"),
+                    );
+                    Ok::<_, BoxError>(res)
+                }
+            }));
+            let res = svc.oneshot(grpc_request()).await.unwrap();
+            let (parts, body) = res.into_parts();
+            let outcome = parts.extensions.get::<GrpcOutcome>().unwrap();
+            assert_eq!(outcome.code(), expected);
+            let collected = body.collect().await.unwrap();
+            if expected == GrpcCode::Ok {
+                assert!(parts.headers.get("grpc-status").is_none());
+                assert_eq!(collected.trailers().unwrap()["x-trace"], "1");
+                assert_eq!(&collected.to_bytes()[..], &web_frame(0, b"pong")[..]);
+            } else {
+                assert_eq!(parts.headers["grpc-status"], code);
+                assert_eq!(parts.headers["x-trace"], "1");
+            }
+        }
+    }
+
+    /// A gRPC-Web answer of two messages or more without a status keeps its messages
+    /// and ends with a stand-in `UNKNOWN` trailers frame (with the metadata of the one it
+    /// had), as a gRPC one ends with `UNKNOWN` trailers; in base64 too. (It went on as it
+    /// came: the caller read a clean end.)
+    #[tokio::test]
+    async fn a_grpc_web_stream_without_a_status_ends_in_a_stand_in_unknown() {
+        use base64::Engine as _;
+        let two = [web_frame(0, b"a"), web_frame(0, b"b")].concat();
+        let with_meta = [two.clone(), web_frame(0x80, b"x-trace: 1\r\n")].concat();
+        for (body, meta) in [(two.clone(), false), (with_meta, true)] {
+            for text in [false, true] {
+                let (content_type, sent) = if text {
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(&body);
+                    ("application/grpc-web-text", b64.into_bytes())
+                } else {
+                    ("application/grpc-web+proto", body.clone())
+                };
+                let (parts, data) = call_web(content_type, sent).await;
+                assert!(parts.headers.get("grpc-status").is_none());
+                assert_eq!(
+                    parts.extensions.get::<GrpcOutcome>().unwrap().code(),
+                    GrpcCode::Unknown
+                );
+                let frames = if text {
+                    crate::classify::grpc::web_text_decode(&data).unwrap()
+                } else {
+                    data.to_vec()
+                };
+                assert_eq!(&frames[..two.len()], &two[..], "the messages are kept");
+                let (end, t) = crate::classify::grpc::frames_trailers(&frames).unwrap();
+                assert_eq!(end, two.len());
+                assert_eq!(t["grpc-status"], "2");
+                assert_eq!(t.get("x-trace").is_some(), meta);
+            }
+        }
     }
 
     /// A gRPC-Web trailers frame of more distinct names than a `HeaderMap` holds (a
