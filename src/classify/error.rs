@@ -153,6 +153,20 @@ pub(crate) fn decisive_in_chain(err: &(dyn Error + 'static)) -> Option<Classific
     None
 }
 
+/// Whether a transport error (an `io::Error`, a `hyper::Error`) is under `status`: an
+/// `UNKNOWN` over one is tonic's stand-in for a transport failure it has no code for.
+#[cfg(feature = "grpc")]
+pub(crate) fn transport_error_under(status: &tonic::Status) -> bool {
+    let mut cur = status.source();
+    while let Some(e) = cur {
+        if as_type::<io::Error>(e).is_some() || as_type::<hyper::Error>(e).is_some() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// The source `to_status` gives the `UNAVAILABLE` it makes of a request hyper dropped
 /// before dispatching it (hyper's error cannot be cloned): read as that error is.
 #[cfg(any(feature = "grpc", feature = "hyper", feature = "reqwest"))]

@@ -387,6 +387,11 @@ impl<B, E: AsError> Classify<Response<B>, E> for GrpcClassifier {
                 if let Some(status) = crate::error::find_cause::<tonic::Status>(e) {
                     let code = GrpcCode::from_i32(status.code() as i32);
                     let headers = status.metadata().as_ref();
+                    // An `UNKNOWN` over a transport error is that error (a connection
+                    // reset mid-call): not the server's answer an override is about.
+                    if code == GrpcCode::Unknown && super::error::transport_error_under(status) {
+                        return classify_error(e);
+                    }
                     if self.overridden & (1 << code as u32) != 0
                         || retry_pushback(headers).is_some()
                     {
@@ -407,6 +412,41 @@ impl<B, E: AsError> Classify<Response<B>, E> for GrpcClassifier {
 mod tests {
     use super::*;
     use crate::classify::Class;
+
+    /// An `UNKNOWN` over a transport error (tonic's stand-in for a connection reset
+    /// mid-call) is that error, a retryable failure, whatever the overrides of
+    /// `UNKNOWN` say: they are about the server's answers. (With `UNKNOWN` overridden
+    /// as a success, a reset was a success, and the breaker never saw the outage.)
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn an_override_of_unknown_leaves_a_transport_error_under_it_alone() {
+        use crate::BoxError;
+        let reset = || -> BoxError {
+            tonic::Status::from_error(Box::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset,
+            )))
+            .into()
+        };
+        for classifier in [
+            GrpcClassifier::new().with_success(GrpcCode::Unknown),
+            GrpcClassifier::new().with_failure(GrpcCode::Unknown, false),
+        ] {
+            let err = reset();
+            let c = <GrpcClassifier as Classify<Response<()>, BoxError>>::classify(
+                &classifier,
+                Err(&err),
+            );
+            assert_eq!(c.class(), Class::Failure);
+            assert!(c.is_retryable());
+        }
+        // A server's `UNKNOWN` (no source) still follows the override.
+        let server: BoxError = tonic::Status::unknown("boom").into();
+        let c = <GrpcClassifier as Classify<Response<()>, BoxError>>::classify(
+            &GrpcClassifier::new().with_success(GrpcCode::Unknown),
+            Err(&server),
+        );
+        assert_eq!(c.class(), Class::Success);
+    }
 
     /// A `tonic::Status` error (a generated client's) is classified by this
     /// classifier's overrides and with the server's pushback, as the same status in a
