@@ -8,11 +8,15 @@
 //! |---|---|---|---|
 //! | [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | the breaker rejected the call | 503 + `Retry-After` | `UNAVAILABLE` + `grpc-retry-pushback-ms` |
 //! | [`bulkhead::error::Full`](crate::bulkhead::error::Full) | no permit | 503 + `Retry-After: 1` | `RESOURCE_EXHAUSTED` + `grpc-retry-pushback-ms: 1000` |
+//! | [`http::body::RequestBodyFailed`](crate::http::body::RequestBodyFailed) (`http`) | the caller's request body failed while it was read (a broken upload) | 400 | `CANCELLED` |
 //! | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) | attempt timed out | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | deadline passed | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) | deadline passed while the response body was read (a body error: a proxy that had not sent its head yet answers 504) | 504 | `DEADLINE_EXCEEDED` |
 //! | `tonic::TimeoutExpired` | a tonic `Channel` enforced the `grpc-timeout` it sent (tonic itself answers `CANCELLED`) | — | `DEADLINE_EXCEEDED` |
 //! | a canceled `hyper::Error` | the call was dropped before it was dispatched, its connection closed (tonic itself answers `CANCELLED`) | — | `UNAVAILABLE` |
+//!
+//! The text sent with a full bulkhead is a fixed one (`bulkhead full`): its `Display`
+//! names its capacity, which would tell a client how many slow requests fill it.
 //!
 //! # Example
 //! ```
@@ -93,6 +97,7 @@ mod http_mapping {
     use crate::bulkhead::error::Full;
     use crate::circuit_breaker::error::Open;
     use crate::enqueue::error::NotEnqueued;
+    use crate::http::body::RequestBodyFailed;
     use crate::timeout::error::{BodyDeadlineExceeded, DeadlineExceeded, Elapsed};
     use axum_core::body::Body;
     use axum_core::response::{IntoResponse, Response};
@@ -132,12 +137,14 @@ mod http_mapping {
     }
 
     impl IntoResponse for Full {
-        /// `503 Service Unavailable` with `Retry-After: 1`.
+        /// `503 Service Unavailable` with `Retry-After: 1`, and a fixed text: the
+        /// error's own names the capacity, which would tell a client how many slow
+        /// requests fill it.
         fn into_response(self) -> Response {
             respond(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some(Duration::from_secs(1)),
-                self.to_string(),
+                "bulkhead full".to_owned(),
             )
         }
     }
@@ -203,6 +210,16 @@ mod http_mapping {
         }
         if let Some(e) = find_cause::<BodyDeadlineExceeded>(err) {
             return Some(e.clone().into_response());
+        }
+        if find_cause::<RequestBodyFailed>(err).is_some() {
+            // The caller's upload broke (it went away): theirs, not a server error to
+            // log at `error` and count among the 5xx.
+            tracing::debug!(error = %err, "the request body failed; answered 400");
+            return Some(respond(
+                StatusCode::BAD_REQUEST,
+                None,
+                "the request body could not be read".to_owned(),
+            ));
         }
         find_cause::<NotEnqueued>(err).map(not_enqueued)
     }
@@ -282,7 +299,8 @@ mod grpc_mapping {
         /// `RESOURCE_EXHAUSTED`, with `grpc-retry-pushback-ms: 1000` (as HTTP's
         /// `Retry-After: 1`).
         fn from(e: Full) -> Self {
-            let mut status = Status::new(Code::ResourceExhausted, e.to_string());
+            // A fixed text, as over HTTP: the error's own names the capacity.
+            let mut status = Status::new(Code::ResourceExhausted, "bulkhead full");
             pushback(&mut status, Duration::from_secs(1));
             with_source(status, e)
         }
@@ -396,6 +414,10 @@ mod grpc_mapping {
         }
         if let Some(s) = find_cause::<Status>(err) {
             return Some(s.clone());
+        }
+        if find_cause::<crate::http::body::RequestBodyFailed>(err).is_some() {
+            // The caller's request stream broke: the caller went away.
+            return Some(Status::cancelled("the request body could not be read"));
         }
         if let Some(e) = find_cause::<NotEnqueued>(err) {
             // Its text names the original failure (an upstream's address) and the
@@ -691,6 +713,50 @@ mod tests {
             !text.contains("10.1.2.3") && !text.contains("redb"),
             "{text}"
         );
+    }
+
+    /// A caller's broken upload, anywhere in the chain, is answered `400` (gRPC:
+    /// `CANCELLED`): the caller's, not a server error logged at `error` level and counted
+    /// among the 5xx. (It was `500`, and gRPC `UNKNOWN`.)
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_broken_upload_answers_400_not_500() {
+        use crate::http::body::RequestBodyFailed;
+        let broken = || -> BoxError {
+            Box::new(Outer(Box::new(RequestBodyFailed::new(
+                std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+            ))))
+        };
+        assert_eq!(
+            into_response(broken()).status(),
+            http::StatusCode::BAD_REQUEST
+        );
+        #[cfg(feature = "grpc")]
+        assert_eq!(to_status(&*broken()).code(), tonic::Code::Cancelled);
+    }
+
+    /// A full bulkhead's answer does not tell the client its capacity (how many slow
+    /// requests fill it), over HTTP or gRPC.
+    #[cfg(feature = "http")]
+    #[tokio::test]
+    async fn a_full_bulkhead_does_not_tell_its_capacity() {
+        use axum_core::response::IntoResponse;
+        for full in [
+            Full::new(256, 0),
+            Full::new(256, 0).after_waiting(Duration::from_millis(50)),
+        ] {
+            let body = http_body_util::BodyExt::collect(full.clone().into_response().into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            assert!(
+                text.contains("bulkhead full") && !text.contains("256"),
+                "{text}"
+            );
+            #[cfg(feature = "grpc")]
+            assert!(!tonic::Status::from(full).message().contains("256"));
+        }
     }
 
     /// The same for gRPC: the `UNAVAILABLE` message is fixed.
