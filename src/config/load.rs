@@ -530,7 +530,8 @@ fn resolve(section: &mut Value, kind: &str, path: &str) -> Result<(), ConfigErro
 fn to_value(text: &str, format: Format) -> Result<Value, LoadError> {
     let Tree(v) = parse(text, format)?;
     Ok(match v {
-        // An empty YAML document or JSON `null` is an empty config.
+        // An empty YAML document is an empty config. (A JSON `null` is refused by the
+        // strict typed parse before.)
         Value::Null => Value::Object(Map::new()),
         mut v => {
             empty_tables(&mut v);
@@ -661,6 +662,45 @@ fn invalid(text: &str, format: Format, e: ConfigError) -> LoadError {
     LoadError::new(Some(format), Kind::Invalid(e)).at(Some(field), line, None)
 }
 
+thread_local! {
+    /// Set while [`load_with`] parses: only then is a `preset` field taken.
+    static LOADING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Reads a section's `preset` field: refused outside the loader, which alone applies
+/// presets. A config read through serde alone (`serde_json::from_str`, a field of an
+/// application's own config struct) kept the preset's name and the built-in defaults:
+/// a `standard_http_client` that was not one.
+pub(super) fn preset_name<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    use serde::Deserialize as _;
+    let name = Option::<String>::deserialize(d)?;
+    if name.is_some() && !LOADING.with(std::cell::Cell::get) {
+        return Err(serde::de::Error::custom(
+            "a preset is applied by the loader (`StackConfig::from_str`, `load`, \
+             `ClientConfig::preset`, `ServerConfig::preset`): read through serde alone, \
+             it would be ignored",
+        ));
+    }
+    Ok(name)
+}
+
+/// Sets [`LOADING`] for its life (put back as it was, a panic too).
+struct Loading(bool);
+
+impl Loading {
+    fn start() -> Self {
+        Self(LOADING.with(|l| l.replace(true)))
+    }
+}
+
+impl Drop for Loading {
+    fn drop(&mut self) {
+        LOADING.with(|l| l.set(self.0));
+    }
+}
+
 /// The common pipeline: strict typed parse (errors with lines), presets on the value
 /// tree, typed again, validated.
 fn load_with<T: DeserializeOwned>(
@@ -669,6 +709,7 @@ fn load_with<T: DeserializeOwned>(
     presets: impl FnOnce(&mut Value) -> Result<(), ConfigError>,
     validate: impl FnOnce(&T) -> Result<(), ConfigError>,
 ) -> Result<T, LoadError> {
+    let _loading = Loading::start();
     // A section that overrides part of a preset's table (the breaker's window without
     // its `type`) is incomplete on its own: its strict parse misses a field the merge
     // with the preset supplies. Any other strict error is the answer (with its line).

@@ -197,7 +197,11 @@ pub struct StackConfig {
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// The preset this section started from, if any.
+    /// The preset this section started from, if any. Presets are applied by the
+    /// loader ([`StackConfig::from_str`], [`load`](StackConfig::load),
+    /// [`preset`](Self::preset)): read through serde alone, a config naming one is an
+    /// error (its preset would be ignored).
+    #[serde(default, deserialize_with = "load::preset_name")]
     pub preset: Option<String>,
     /// One budget for every attempt and the backoff between them, propagated to the
     /// next hop.
@@ -604,7 +608,11 @@ impl EnqueueSection {
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct ServerConfig {
-    /// The preset this section started from, if any.
+    /// The preset this section started from, if any. Presets are applied by the
+    /// loader ([`StackConfig::from_str`], [`load`](StackConfig::load),
+    /// [`preset`](Self::preset)): read through serde alone, a config naming one is an
+    /// error (its preset would be ignored).
+    #[serde(default, deserialize_with = "load::preset_name")]
     pub preset: Option<String>,
     /// The longest a request may take (default 5 s).
     #[serde(deserialize_with = "duration::required")]
@@ -1203,6 +1211,30 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config naming a preset, read through serde alone (an application's own config
+    /// struct), is an error: only the loader applies presets. (It read as the built-in
+    /// defaults with the preset's name: a `standard_http_client` that was not one.) The
+    /// loader still applies it, and serde still reads a config without one.
+    #[test]
+    fn a_preset_read_through_serde_alone_is_an_error() {
+        let err = serde_json::from_str::<ClientConfig>(r#"{"preset":"standard_http_client"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("preset is applied by the loader"), "{err}");
+        let err = serde_json::from_str::<StackConfig>(r#"{"server":{"preset":"server"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("preset is applied by the loader"), "{err}");
+        let plain: ClientConfig = serde_json::from_str(r#"{"deadline":"3s"}"#).unwrap();
+        assert_eq!(plain.deadline, Duration::from_secs(3));
+        let loaded = StackConfig::from_str(
+            r#"{"client":{"preset":"standard_http_client"}}"#,
+            Format::Json,
+        )
+        .unwrap();
+        assert_eq!(loaded.client, ClientConfig::standard_http_client());
+    }
 
     #[test]
     fn presets_and_defaults_are_valid() {
