@@ -376,18 +376,19 @@ pub(crate) mod http_codec {
     /// userinfo: the destination goes into broker headers any consumer reads, and into
     /// logs; the credentials stay in the URI, for the replay.
     pub(super) fn destination_of(uri: &Uri, headers: &HeaderMap) -> String {
-        let mut d = crate::http::host_of(uri, headers)
+        let d = crate::http::host_of(uri, headers)
             .unwrap_or_default()
             .to_ascii_lowercase();
         let default_port = match uri.scheme_str() {
-            Some(s) if s.eq_ignore_ascii_case("https") => ":443",
-            Some(s) if s.eq_ignore_ascii_case("http") => ":80",
+            Some(s) if s.eq_ignore_ascii_case("https") => 443,
+            Some(s) if s.eq_ignore_ascii_case("http") => 80,
             _ => return d,
         };
-        if d.len() > default_port.len() && d.ends_with(default_port) {
-            d.truncate(d.len() - default_port.len());
+        // The port read as a number, as the breaker's key does (`:080` is `:80`).
+        match d.parse::<http::uri::Authority>() {
+            Ok(a) if a.port_u16() == Some(default_port) => a.host().to_owned(),
+            _ => d,
         }
-        d
     }
 }
 
@@ -418,6 +419,7 @@ mod tests {
         assert_eq!(of("http://api.test:443/x", None), "api.test:443");
         assert_eq!(of("https://api.test:8443/x", None), "api.test:8443");
         assert_eq!(of("http://u:pw@[::1]:80/x", None), "[::1]");
+        assert_eq!(of("http://api.test:080/x", None), "api.test");
         assert_eq!(
             of("/x", Some("API.test:80")),
             "api.test:80",
