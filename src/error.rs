@@ -18,6 +18,11 @@
 //! The text sent with a full bulkhead is a fixed one (`bulkhead full`): its `Display`
 //! names its capacity, which would tell a client how many slow requests fill it.
 //!
+//! `RequestBodyFailed` is taken for the incoming request's body (a proxy, or a handler,
+//! that passes its caller's body on): a handler that sends an upstream a body of its
+//! own (a file, a database stream) and maps the error with [`into_response`] answers
+//! its caller `400` for that body's failure; it should map that case itself.
+//!
 //! # Example
 //! ```
 //! use postbox::{BoxError, bulkhead::error::Full, error::{find_cause, is_caused_by}};
