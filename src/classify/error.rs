@@ -258,6 +258,11 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
     if as_type::<tonic::ConnectError>(e).is_some() {
         return Some(Classification::failure().with_effect(false));
     }
+    // A request whose body began to be sent reached a server, whatever failed after.
+    #[cfg(feature = "reqwest")]
+    if as_type::<crate::http::reqwest::FailedAfterSending>(e).is_some() {
+        return Some(Classification::failure());
+    }
     #[cfg(feature = "reqwest")]
     if let Some(r) = as_type::<reqwest::Error>(e) {
         if r.is_connect() {

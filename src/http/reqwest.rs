@@ -20,9 +20,13 @@
 
 use crate::BoxError;
 use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use tower_service::Service;
 
@@ -36,6 +40,14 @@ use tower_service::Service;
 /// credentials (`api_key`, `access_token`, `X-Amz-Signature`, `sig`, …) redacted: the
 /// enqueue fallback logs the error, and the replayer stores it as a dead letter's
 /// reason.
+///
+/// A request with a body that fails after reqwest began to send that body comes back as
+/// [`FailedAfterSending`] (the `reqwest::Error` its source): a client following
+/// redirects (reqwest's default) sends a `POST` answered `303` on as a `GET`, and that
+/// hop's failure to connect is no sign the `POST` was never sent. Without the wrapper,
+/// it read as a connect failure that never took effect, and a retry sent the `POST`
+/// again. A request without a body has no such mark: a client for calls that must not
+/// be repeated is best built with `redirect(reqwest::redirect::Policy::none())`.
 #[derive(Debug, Clone, Default)]
 pub struct ReqwestService {
     client: reqwest::Client,
@@ -71,8 +83,8 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State {
-        // The request is in flight.
-        Pending { #[pin] inner: Pending },
+        // The request is in flight (`sent`: its body was read).
+        Pending { #[pin] inner: Pending, sent: Option<Arc<AtomicBool>> },
         // The request could not be built (e.g. a relative URI).
         Invalid { error: Option<reqwest::Error> },
     }
@@ -99,10 +111,22 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        match reqwest::Request::try_from(req.map(reqwest::Body::wrap)) {
+        // hyper reads a body only once the request's head went out on a connection.
+        let sent = (!req.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        let req = match &sent {
+            Some(sent) => req.map(|inner| {
+                reqwest::Body::wrap(Marked {
+                    inner,
+                    sent: sent.clone(),
+                })
+            }),
+            None => req.map(reqwest::Body::wrap),
+        };
+        match reqwest::Request::try_from(req) {
             Ok(req) => ResponseFuture {
                 state: State::Pending {
                     inner: self.client.call(req),
+                    sent,
                 },
             },
             Err(e) => ResponseFuture {
@@ -117,10 +141,13 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Pending { inner } => {
-                let res = ready!(inner.poll(cx)).map_err(redacted)?;
-                Poll::Ready(Ok(res.into()))
-            }
+            StateProj::Pending { inner, sent } => match ready!(inner.poll(cx)) {
+                Ok(res) => Poll::Ready(Ok(res.into())),
+                Err(e) if sent.as_ref().is_some_and(|s| s.load(Ordering::Acquire)) => {
+                    Poll::Ready(Err(Box::new(FailedAfterSending(redacted(e)))))
+                }
+                Err(e) => Poll::Ready(Err(redacted(e).into())),
+            },
             StateProj::Invalid { error } => Poll::Ready(Err(redacted(
                 error
                     .take()
@@ -128,6 +155,64 @@ impl Future for ResponseFuture {
             )
             .into())),
         }
+    }
+}
+
+/// A request failed after its body began to be sent: the request reached a server, and
+/// may have taken effect, whatever the error says (a redirect's next hop refusing its
+/// connection, say). [`classify_error`](crate::classify::classify_error) reads it as a
+/// failure that may have taken effect. The `reqwest::Error` is its `source()` (found
+/// with [`find_cause`](crate::error::find_cause)); it prints as that error.
+#[derive(Debug)]
+pub struct FailedAfterSending(reqwest::Error);
+
+impl FailedAfterSending {
+    /// The reqwest error.
+    pub fn get_ref(&self) -> &reqwest::Error {
+        &self.0
+    }
+}
+
+impl fmt::Display for FailedAfterSending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for FailedAfterSending {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+pin_project! {
+    /// The caller's body, marking `sent` when it is first read.
+    struct Marked<B> {
+        #[pin]
+        inner: B,
+        sent: Arc<AtomicBool>,
+    }
+}
+
+impl<B: Body> Body for Marked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        this.sent.store(true, Ordering::Release);
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -275,6 +275,42 @@ mod client_stack {
             .unwrap()
     }
 
+    /// A `POST` answered `303` to a host that refuses connections (reqwest follows it as a
+    /// `GET`, its default) fails with an error that may have taken effect, and is not
+    /// sent again: the server took it once. (The next hop's refused connection read as
+    /// a request never sent, and each retry made another order.)
+    #[tokio::test]
+    async fn a_post_redirected_to_a_dead_host_is_not_sent_again() {
+        let dead = shared::DeadPort::new();
+        let gone = dead.addr();
+        let hits = Arc::new(AtomicU32::new(0));
+        let app = Router::new().route(
+            "/orders",
+            post({
+                let hits = hits.clone();
+                move || async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    (
+                        http::StatusCode::SEE_OTHER,
+                        [(http::header::LOCATION, format!("http://{gone}/orders/1"))],
+                    )
+                }
+            }),
+        );
+        let addr = serve(app).await;
+        let err = stack(breaker(10, Duration::from_secs(30)), 3)
+            .oneshot(post_to(addr, "/orders"))
+            .await
+            .unwrap_err();
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "sent again: {err}");
+        let c = Classify::<http::Response<reqwest::Body>, BoxError>::classify(
+            &HttpClassifier::new(),
+            Err(&err),
+        );
+        assert!(c.may_have_taken_effect());
+        assert!(is_caused_by::<reqwest::Error>(&*err));
+    }
+
     /// `/flaky` answers `first` to the first `n` calls, then `200`; returns the call count.
     async fn flaky(
         n: u32,
