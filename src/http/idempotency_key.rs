@@ -125,12 +125,25 @@ pub fn generate_idempotency_key() -> HeaderValue {
 }
 
 /// The request's `Idempotency-Key`, adding a [generated](generate_idempotency_key) one
-/// first if it has none, or none the server can use (see [`key_in`]: blank, not ASCII).
+/// first if it has none, or only blank ones.
+///
+/// A key that is not ASCII (see [`key_in`]) is left as it is, and returned: the
+/// request stays not retry-safe, as the enqueue layer leaves it. Replaced, the
+/// caller's own retry of the call went out under another generated key, and a server
+/// comparing raw bytes took it for another request.
 pub fn ensure_idempotency_key<B>(req: &mut Request<B>) -> HeaderValue {
     if let Some(v) = req
         .headers()
         .get(IDEMPOTENCY_KEY)
         .filter(|v| key_in(v).is_some())
+    {
+        return v.clone();
+    }
+    if let Some(v) = req
+        .headers()
+        .get_all(IDEMPOTENCY_KEY)
+        .iter()
+        .find(|v| v.to_str().is_err())
     {
         return v.clone();
     }
@@ -173,8 +186,14 @@ mod tests {
             req.headers_mut()
                 .insert(IDEMPOTENCY_KEY, HeaderValue::from_bytes(bad).unwrap());
             assert!(!is_retry_safe(req.method(), req.headers()), "{bad:?}");
+        }
+        // A blank key is replaced by a generated one.
+        for blank in [&b"   "[..], b""] {
+            let mut req = Request::post("/orders").body(()).unwrap();
+            req.headers_mut()
+                .insert(IDEMPOTENCY_KEY, HeaderValue::from_bytes(blank).unwrap());
             let key = ensure_idempotency_key(&mut req);
-            assert_eq!(key.len(), 36, "{bad:?} kept");
+            assert_eq!(key.len(), 36, "{blank:?} kept");
             assert_eq!(req.headers()[IDEMPOTENCY_KEY], key);
         }
         let mut req = Request::post("/orders").body(()).unwrap();
@@ -182,6 +201,21 @@ mod tests {
             .insert(IDEMPOTENCY_KEY, HeaderValue::from_static("order-7"));
         assert!(is_retry_safe(req.method(), req.headers()));
         assert_eq!(ensure_idempotency_key(&mut req), "order-7");
+    }
+
+    /// A key that is not ASCII is left as the caller sent it, not replaced by a
+    /// generated one: the caller's own retry sends the same bytes, and a server comparing
+    /// them must see the same key. The request stays not retry-safe. (It was replaced,
+    /// and each retry of the caller's went out under another key.)
+    #[test]
+    fn a_non_ascii_key_is_kept_not_replaced() {
+        let mut req = Request::post("/orders").body(()).unwrap();
+        let own = HeaderValue::from_bytes("cmd-\u{e9}1".as_bytes()).unwrap();
+        req.headers_mut().insert(IDEMPOTENCY_KEY, own.clone());
+        assert_eq!(ensure_idempotency_key(&mut req), own);
+        assert_eq!(req.headers().get_all(IDEMPOTENCY_KEY).iter().count(), 1);
+        assert_eq!(req.headers()[IDEMPOTENCY_KEY], own);
+        assert!(!is_retry_safe(req.method(), req.headers()));
     }
 
     /// The draft's structured-field string and the bare key are the same key; what is
