@@ -73,6 +73,7 @@ as_error_for!(
 /// | ✦ [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded), the call made | failure | no (the budget is spent) | yes |
 /// | ✦ [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) (the answer's body stalled) | failure | no (the budget is spent) | yes (it answered) |
 /// | ✦ `hyper_util` client error that is a connect error (with `hyper`) | failure | yes | no |
+/// | ✦ [`http::reqwest::FailedAfterSending`](crate::http::reqwest::FailedAfterSending) (with `reqwest`: failed after the request's body began to be sent, a redirect's next hop, say) | as the reqwest error under it | as the reqwest error under it | yes |
 /// | ✦ `reqwest::Error` that is a connect error (with `reqwest`) | failure | yes | no |
 /// | ✦ `reqwest::Error` building the request (with `reqwest`: the caller's malformed request) | ignored | no | no |
 /// | ✦ `io::Error` refused / address unavailable / address in use (connect) | failure | yes | no |
@@ -258,10 +259,12 @@ fn decisive(e: &(dyn Error + 'static)) -> Option<Classification> {
     if as_type::<tonic::ConnectError>(e).is_some() {
         return Some(Classification::failure().with_effect(false));
     }
-    // A request whose body began to be sent reached a server, whatever failed after.
+    // A request whose body began to be sent reached a server, whatever failed after:
+    // the error under it decides the rest (a caller's broken upload is still the
+    // caller's), only not that the request was never sent.
     #[cfg(feature = "reqwest")]
-    if as_type::<crate::http::reqwest::FailedAfterSending>(e).is_some() {
-        return Some(Classification::failure());
+    if let Some(f) = as_type::<crate::http::reqwest::FailedAfterSending>(e) {
+        return Some(classify_error(f.get_ref()).with_effect(true));
     }
     #[cfg(feature = "reqwest")]
     if let Some(r) = as_type::<reqwest::Error>(e) {

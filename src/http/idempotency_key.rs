@@ -177,8 +177,9 @@ mod tests {
     }
 
     /// A key the server's `Idempotency` layer cannot read (blank, not ASCII) does not
-    /// make a request retry-safe, and is replaced by a generated one: retried, a `POST`
-    /// with it was applied twice, the server passing it through undeduplicated.
+    /// make a request retry-safe: retried, a `POST` with it was applied twice, the server
+    /// passing it through undeduplicated. A blank one is replaced by a generated one (a
+    /// key that is not ASCII is kept: see the next test).
     #[test]
     fn a_blank_or_non_ascii_key_is_not_retry_safe() {
         for bad in [&b"   "[..], "cmd-\u{e9}1".as_bytes(), b""] {

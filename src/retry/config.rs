@@ -49,7 +49,8 @@ pub struct RetryConfig {
     /// The retry budget.
     pub budget: BudgetConfig,
     /// HTTP only (`RetryConfig::http_requests`): add a generated
-    /// `Idempotency-Key` to requests that are not retry-safe (default `false`).
+    /// `Idempotency-Key` to requests that are not retry-safe (default `false`); a
+    /// caller's key that is not ASCII is kept, and its request not retried.
     pub generate_idempotency_key: bool,
     /// HTTP only (`RetryConfig::http_requests`): treat every method as
     /// retry-safe, `POST` and `PATCH` included (default `false`; for services known to

@@ -193,7 +193,9 @@ mod http_requests {
 
         /// Adds a generated `Idempotency-Key` to every request that is not retry-safe
         /// before its first attempt (under [`retry_every_method`](Self::retry_every_method),
-        /// to every request whose method is not idempotent).
+        /// to every request whose method is not idempotent), but one carrying a key that
+        /// is not ASCII: that key is kept as the caller sent it, and the request stays
+        /// not retry-safe (see [`ensure_idempotency_key`]).
         pub fn generate_idempotency_key(mut self, generate: bool) -> Self {
             self.generate_key = generate;
             self

@@ -311,6 +311,52 @@ mod client_stack {
         assert!(is_caused_by::<reqwest::Error>(&*err));
     }
 
+    /// A caller's upload that breaks after reqwest began to send it stays the caller's
+    /// failure (ignored, not retried, not counted by a breaker) though it failed after
+    /// sending: only "never sent" is ruled out.
+    #[tokio::test]
+    async fn a_broken_upload_through_reqwest_is_still_the_callers() {
+        use bytes::Bytes;
+        use http_body::Frame;
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+
+        /// One frame, then an error.
+        struct Breaks(bool);
+        impl http_body::Body for Breaks {
+            type Data = Bytes;
+            type Error = std::io::Error;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                if std::mem::replace(&mut self.0, true) {
+                    Poll::Ready(Some(Err(std::io::ErrorKind::ConnectionReset.into())))
+                } else {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; 64])))))
+                }
+            }
+        }
+
+        let app = Router::new().route("/upload", post(|body: String| async move { body }));
+        let addr = serve(app).await;
+        let svc = ServiceBuilder::new()
+            .layer(BufferBodyLayer::new(16))
+            .service(ReqwestService::new(
+                reqwest::Client::builder().no_proxy().build().unwrap(),
+            ));
+        let req = http::Request::post(format!("http://{addr}/upload"))
+            .body(Breaks(false))
+            .unwrap();
+        let err: BoxError = svc.oneshot(req).await.unwrap_err();
+        let c = Classify::<http::Response<reqwest::Body>, BoxError>::classify(
+            &HttpClassifier::new(),
+            Err(&err),
+        );
+        assert_eq!(c.class(), Class::Ignored, "{err:?}");
+        assert!(!c.is_retryable());
+    }
+
     /// `/flaky` answers `first` to the first `n` calls, then `200`; returns the call count.
     async fn flaky(
         n: u32,
