@@ -396,6 +396,12 @@ async fn trip_and_wait(
     handle: &mut mock::Handle<(), ()>,
     h: &CircuitBreakerHandle,
 ) {
+    trip(svc, handle, h).await;
+    advance(Duration::from_secs(1)).await;
+}
+
+/// Trips the breaker with one failed call.
+async fn trip(svc: &mut MockSvc, handle: &mut mock::Handle<(), ()>, h: &CircuitBreakerHandle) {
     handle.allow(1);
     assert_ready_ok!(svc.poll_ready());
     let fut = svc.call(());
@@ -403,7 +409,6 @@ async fn trip_and_wait(
     send.send_error("boom");
     fut.await.unwrap_err();
     assert_eq!(h.state(), State::Open);
-    advance(Duration::from_secs(1)).await;
 }
 
 /// The documented defaults, as behaviour: a count window judged from 20 calls,
@@ -934,13 +939,7 @@ async fn a_rejection_called_after_the_breaker_moved_on_says_what_holds_now() {
     assert_eq!(o.retry_after(), Duration::ZERO);
     assert_eq!(breaker.state(), State::Closed);
 
-    // Tripped by one failure.
-    handle.allow(1);
-    assert_ready_ok!(svc.poll_ready());
-    let fut = svc.call(());
-    let (_, send) = handle.next_request().await.unwrap();
-    send.send_error("boom");
-    fut.await.unwrap_err();
+    trip(&mut svc, &mut handle, &breaker).await;
     assert_ready_ok!(svc.poll_ready());
     let left = breaker.retry_after().expect("open");
     assert!(left > Duration::ZERO);
