@@ -192,16 +192,24 @@ impl fmt::Debug for RedactedUri<'_> {
             }
             None => uri,
         };
-        let (before, query) = match rest.find(['?', '#']) {
-            Some(q) if rest[q..].starts_with('?') => (&rest[..q], Some(&rest[q + 1..])),
-            _ => (rest, None),
+        // The fragment first: `#access_token=…` (an OAuth implicit-flow callback) is
+        // redacted as a query is.
+        let (rest, fragment) = match rest.find('#') {
+            Some(h) => (&rest[..h], Some(&rest[h + 1..])),
+            None => (rest, None),
+        };
+        let (before, query) = match rest.find('?') {
+            Some(q) => (&rest[..q], Some(&rest[q + 1..])),
+            None => (rest, None),
         };
         shown.push_str(before);
         if let Some(query) = query {
-            let (query, fragment) = query.split_at(query.find('#').unwrap_or(query.len()));
             shown.push('?');
             redact_query(query, "<redacted>", &mut shown);
-            shown.push_str(fragment);
+        }
+        if let Some(fragment) = fragment {
+            shown.push('#');
+            redact_query(fragment, "<redacted>", &mut shown);
         }
         fmt::Debug::fmt(&shown, f)
     }
@@ -255,7 +263,11 @@ pub(crate) fn redact_query(query: &str, with: &str, out: &mut String) {
 pub(crate) fn is_secret_param(name: &str) -> bool {
     const SHORT: [&str; 6] = ["sig", "key", "code", "pwd", "jwt", "pass"];
     let name = percent_decoded(name);
-    is_credential(&name) || SHORT.iter().any(|s| name.eq_ignore_ascii_case(s))
+    // Any name ending in `key` (`access_key`, `private_key`, `clientKey`): a `monkey`
+    // redacted too costs nothing in a log.
+    let ends_in_key =
+        name.len() >= 3 && name.as_bytes()[name.len() - 3..].eq_ignore_ascii_case(b"key");
+    is_credential(&name) || ends_in_key || SHORT.iter().any(|s| name.eq_ignore_ascii_case(s))
 }
 
 /// `text` with its `%XX` escapes decoded (bytes that are not UTF-8 replaced).
@@ -1067,6 +1079,26 @@ mod tests {
         let shown = format!("{:?}", RedactedUri("https://api/x?api%5Fkey=ak-1&page=2"));
         assert!(!shown.contains("ak-1"), "{shown}");
         assert!(shown.contains("page=2"), "{shown}");
+    }
+
+    /// A credential in a URI's fragment (`#access_token=…`, an OAuth implicit-flow
+    /// callback an envelope built by hand or by another producer may carry) is redacted
+    /// as one in its query; so is any parameter whose name ends in `key` (`access_key`,
+    /// `private_key`, `clientKey`). (Both were shown.)
+    #[test]
+    fn a_credential_in_the_fragment_or_a_key_parameter_is_redacted() {
+        for uri in [
+            "https://app/cb#access_token=tok-1",
+            "https://app/cb?state=1#id_token=tok-1&x=2",
+            "https://api/x?access_key=tok-1&page=2",
+            "https://api/x?private_key=tok-1",
+            "https://api/x?clientKey=tok-1",
+        ] {
+            let shown = format!("{:?}", RedactedUri(uri));
+            assert!(!shown.contains("tok-1"), "{shown}");
+        }
+        let shown = format!("{:?}", RedactedUri("https://app/cb?state=1&page=2#top"));
+        assert!(shown.contains("state=1&page=2#top"), "{shown}");
     }
 
     #[test]
