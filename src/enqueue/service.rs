@@ -98,6 +98,17 @@ impl Head {
     }
 }
 
+/// Counts a failure passed through undeferred (`outcome="not_deferred"`).
+fn count_not_deferred(reason: DeferReason) {
+    metrics::counter!(
+        "postbox_calls_total",
+        "layer" => "enqueue",
+        "outcome" => "not_deferred",
+        "reason" => reason_str(reason)
+    )
+    .increment(1);
+}
+
 // === impl Shared ===
 
 impl<Q, C> Shared<Q, C> {
@@ -134,13 +145,7 @@ impl<Q, C> Shared<Q, C> {
                 reason = reason_str(t.reason),
                 "request body over the enqueue layer's max_body; failure not deferred"
             );
-            metrics::counter!(
-                "postbox_calls_total",
-                "layer" => "enqueue",
-                "outcome" => "not_deferred",
-                "reason" => reason_str(t.reason)
-            )
-            .increment(1);
+            count_not_deferred(t.reason);
         }
     }
 }
@@ -179,13 +184,7 @@ impl<Q: Queue, C> Shared<Q, C> {
                 ?wait,
                 "expired, or Retry-After past the message's expiry; not deferred"
             );
-            metrics::counter!(
-                "postbox_calls_total",
-                "layer" => "enqueue",
-                "outcome" => "not_deferred",
-                "reason" => reason_str(trigger.reason)
-            )
-            .increment(1);
+            count_not_deferred(trigger.reason);
         }
         deliverable
     }

@@ -724,8 +724,9 @@ mod tests {
         assert!(matches!(s.claim("c", lock).await.unwrap(), Claim::Done(_)));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn full_store_evicts_the_oldest_response() {
+    /// A store of capacity 2 holding answers for `a` and `b` (60 s TTL), with the claim
+    /// lock and TTL it used.
+    async fn full_of_a_and_b() -> (MemoryStore, Duration, Duration) {
         let s = MemoryStore::new(2);
         let lock = Duration::from_secs(5);
         let ttl = Duration::from_secs(60);
@@ -733,6 +734,12 @@ mod tests {
             let token = proceed(&s, k, lock).await;
             s.complete(k, token, response(0), ttl).await.unwrap();
         }
+        (s, lock, ttl)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_store_evicts_the_oldest_response() {
+        let (s, lock, ttl) = full_of_a_and_b().await;
         let c = proceed(&s, "c", lock).await;
         assert!(matches!(s.claim("a", lock).await.unwrap(), Claim::Done(_)));
         s.complete("c", c, response(0), ttl).await.unwrap();
@@ -746,13 +753,7 @@ mod tests {
     /// (Room was made at the claim, and a live answer forgotten for nothing.)
     #[tokio::test(start_paused = true)]
     async fn a_claim_released_without_an_answer_forgets_nothing_in_a_full_store() {
-        let s = MemoryStore::new(2);
-        let lock = Duration::from_secs(5);
-        let ttl = Duration::from_secs(60);
-        for k in ["a", "b"] {
-            let token = proceed(&s, k, lock).await;
-            s.complete(k, token, response(0), ttl).await.unwrap();
-        }
+        let (s, lock, _) = full_of_a_and_b().await;
         let x = proceed(&s, "x", lock).await;
         s.release("x", x);
         for k in ["a", "b"] {
