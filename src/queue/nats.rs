@@ -728,15 +728,16 @@ impl Inner {
         self.js.send_publish(subject, publish).await?.await
     }
 
-    /// Pulls up to `n` new deliveries into `held`.
+    /// Pulls up to `n` new deliveries into `held`. `Ok(true)` when the server gave all
+    /// that was asked for, so more may be waiting.
     async fn fetch(
         &self,
         held: &mut BTreeMap<MessageId, Held>,
         n: usize,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
         let n = n.min(self.max_held.saturating_sub(held.len()));
         if n == 0 {
-            return Ok(());
+            return Ok(false);
         }
         // Disconnected, a pull request would only wait in the client's queue (while
         // `held` is locked: a full queue waits for the reconnect), then go out to an
@@ -756,6 +757,7 @@ impl Inner {
             .await
             .map_err(|_| QueueError::Unavailable("nats fetch: no room to ask in time".into()))?
             .map_err(|e| classify(e, "fetch"))?;
+        let mut got = 0;
         loop {
             let next = tokio::time::timeout(self.request_timeout, batch.next()).await;
             let Some(msg) =
@@ -764,6 +766,7 @@ impl Inner {
                 break;
             };
             let mut msg = msg.map_err(|e| classify_dyn(&*e, "fetch"))?;
+            got += 1;
             let delivered = msg
                 .info()
                 .map(|i| u32::try_from(i.delivered).unwrap_or(1))
@@ -845,7 +848,7 @@ impl Inner {
                 }
             }
         }
-        Ok(())
+        Ok(got >= n)
     }
 
     /// Moves a delivery whose envelope cannot be decoded to the dead-letter stream, as it
@@ -919,6 +922,7 @@ impl Inner {
         // fails the lease only if nothing held is due (a limit of unacked deliveries set
         // on the consumer by hand, full of other processes', gives a fetch nothing; the
         // next declare sets none again).
+        let started = Instant::now();
         let due = held.values().filter(|h| h.due(now)).count();
         let mut moved = 0;
         if held.len() < self.max_held {
@@ -927,21 +931,35 @@ impl Inner {
         } else if due < max && self.lock_pacer().may() {
             moved = self.make_room(&mut held, max - due, now).await;
         }
-        if due < max
-            && let Err(e) = self.fetch(&mut held, max - due).await
-        {
-            if self.declare_again(true, &held).await {
-                self.forget_held(&mut held);
-                // Producers that met the same missing stream need not declare it again.
-                self.declarations.fetch_add(1, Ordering::Release);
+        // Fetched deliveries not due yet (retries a process that stopped left for
+        // later) are held, and the fetch goes on for what is behind them while the
+        // server has more, the hold has room, and for at most a quarter of `ack_wait`
+        // (the keep-alive waits for `held`).
+        let mut due_now = due;
+        while due_now < max {
+            match self.fetch(&mut held, max - due_now).await {
+                Ok(more) => {
+                    due_now = held.values().filter(|h| h.due(now)).count();
+                    if !more || started.elapsed() >= self.ack_wait() / 4 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if self.declare_again(true, &held).await {
+                        self.forget_held(&mut held);
+                        // Producers that met the same missing stream need not declare it
+                        // again.
+                        self.declarations.fetch_add(1, Ordering::Release);
+                    }
+                    if !held.values().any(|h| h.due(now)) {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "postbox: nats fetch failed; leasing what is held");
+                    break;
+                }
             }
-            if !held.values().any(|h| h.due(now)) {
-                return Err(e);
-            }
-            tracing::debug!(error = %e, "postbox: nats fetch failed; leasing what is held");
         }
         if moved > 0 {
-            let due_now = held.values().filter(|h| h.due(now)).count();
             self.lock_pacer().made(due_now > due);
         }
         let lease_until = super::saturating_add(now, lease_for);

@@ -875,6 +875,28 @@ async fn a_due_message_behind_a_full_hold_of_later_ones_is_leased() {
     assert_eq!(late[0].envelope.not_before, crate::suite::at(3600));
 }
 
+/// A lease for one message fetches past deliveries not due yet (retries a process
+/// that stopped left for later) to the due one behind them, in that one lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lease_fetches_past_later_deliveries_to_a_due_one() {
+    let (q, _purge) = make(options());
+    let lease_for = Duration::from_secs(30);
+    for (key, secs) in [("a", 600), ("b", 700), ("c", 800)] {
+        let mut e = crate::suite::envelope(key);
+        e.not_before = crate::suite::at(secs);
+        q.enqueue(e).await.unwrap();
+    }
+    let now_id = q.enqueue(crate::suite::envelope("now")).await.unwrap().id();
+    let got = q.lease(1, lease_for, crate::suite::at(0)).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(ids, vec![now_id], "the due message waits behind later ones");
+    q.ack(&[got[0].token]).await.unwrap();
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.in_flight), (3, 0), "{depth:?}");
+    let later = q.lease(10, lease_for, crate::suite::at(800)).await.unwrap();
+    assert_eq!(later.len(), 3);
+}
+
 /// A held delivery moved to the tail to make room while a newer copy of it is its
 /// subject's last message (a move or retry whose copy was stored but whose ack was
 /// lost) is acked, the newer copy kept. (It was dropped from the hold unacked: no
