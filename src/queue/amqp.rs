@@ -168,7 +168,9 @@ pub struct AmqpOptions {
 ///
 /// # Clone
 ///
-/// Clones share the connection, the lease table and the de-duplication index.
+/// Clones share the two connections (one leases and settles, one publishes: see
+/// `docs/queues.md` on memory and disk alarms), the lease table and the
+/// de-duplication index.
 #[derive(Clone)]
 pub struct AmqpQueue {
     inner: Arc<Inner>,
@@ -185,16 +187,18 @@ struct Inner {
     max_held: usize,
     timeout: Duration,
     max_message_size: usize,
-    link: Mutex<Option<Link>>,
-    /// After a failed connect, when the next may be tried (read and set under `link`).
-    cooldown: std::sync::Mutex<Cooldown>,
-    /// The last link's epoch, kept when a failed link is dropped: epochs only grow, so a
-    /// delivery held on a dead channel is never taken for one of the new channel.
+    /// The connection that leases and settles deliveries (gets, acks, nacks, depth).
+    consumer: Slot,
+    /// The connection that publishes: enqueues, and the copies a retry, a move or a
+    /// dead letter makes of a delivery held on `consumer`. During a memory or disk
+    /// alarm RabbitMQ stops reading from a connection once it publishes: on one
+    /// connection, an enqueue blocked by the alarm stopped every lease and ack with
+    /// it, and the replayer could not drain the backlog that raised the alarm.
+    publisher: Slot,
+    /// The last link's epoch (of either slot), kept when a failed link is dropped:
+    /// epochs only grow, so a delivery held on a dead channel is never taken for one of
+    /// the new channel, and an epoch names its slot.
     last_epoch: std::sync::atomic::AtomicU64,
-    /// A copy of the live `link`'s channel, read without waiting in line: every enqueue
-    /// asks for the channel, and 64 of them queueing on the async lock cost more than
-    /// the publish itself. Set and cleared (under `link`) with `link`.
-    fast: std::sync::Mutex<Option<(Channel, Arc<Connection>, u64)>>,
     state: Mutex<State>,
     keys: std::sync::Mutex<HashMap<String, Claim>>,
     /// Woken when a publish that an enqueue of its key waits for ends (stored or not).
@@ -298,6 +302,43 @@ struct Link {
     conn: Arc<Connection>,
     ch: Channel,
     epoch: u64,
+}
+
+/// One of the queue's two connections (see [`Inner::consumer`] and
+/// [`Inner::publisher`]), connected on first use and again after a failure.
+struct Slot {
+    link: Mutex<Option<Link>>,
+    /// After a failed connect, when the next may be tried (read and set under `link`).
+    cooldown: std::sync::Mutex<Cooldown>,
+    /// A copy of the live `link`'s channel, read without waiting in line: every enqueue
+    /// asks for the channel, and 64 of them queueing on the async lock cost more than
+    /// the publish itself. Set and cleared (under `link`) with `link`.
+    fast: std::sync::Mutex<Option<(Channel, Arc<Connection>, u64)>>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            link: Mutex::new(None),
+            cooldown: std::sync::Mutex::new(Cooldown::new()),
+            fast: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn lock_cooldown(&self) -> std::sync::MutexGuard<'_, Cooldown> {
+        // Only plain assignments run under this lock.
+        self.cooldown.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_fast(&self) -> std::sync::MutexGuard<'_, Option<(Channel, Arc<Connection>, u64)>> {
+        // Only a clone or an assignment runs under this lock.
+        self.fast.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the live link is the one of `epoch`.
+    fn is_live(&self, epoch: u64) -> bool {
+        self.lock_fast().as_ref().is_some_and(|l| l.2 == epoch)
+    }
 }
 
 /// Spaces out connects to a broker that is down: after a failed connect, callers fail
@@ -560,16 +601,16 @@ impl AmqpQueue {
             max_held: options.max_held,
             timeout: options.timeout,
             max_message_size: options.max_message_size,
-            link: Mutex::new(None),
-            cooldown: std::sync::Mutex::new(Cooldown::new()),
+            consumer: Slot::new(),
+            publisher: Slot::new(),
             last_epoch: std::sync::atomic::AtomicU64::new(0),
-            fast: std::sync::Mutex::new(None),
             state: Mutex::new(State::default()),
             keys: std::sync::Mutex::new(HashMap::new()),
             publish_ended: Notify::new(),
             reaping: std::sync::Mutex::new(Vec::new()),
         });
         inner.channel().await?;
+        inner.publisher().await?;
         Ok(Self { inner })
     }
 
@@ -582,16 +623,18 @@ impl AmqpQueue {
         ]
     }
 
-    /// The queue's channel on the current connection (connecting if needed), for
-    /// requests of your own: declarations, reads, deletes. It is the channel postbox
-    /// publishes on (publisher confirms on), and postbox takes the returns that come on
-    /// it: for publishes of your own, with `mandatory` or `wait_for_confirms`, open a
-    /// channel on a connection of your own.
+    /// The queue's publishing channel on its current connection (connecting if
+    /// needed), for requests of your own: declarations, reads, deletes. It is the
+    /// channel postbox publishes on (publisher confirms on), and postbox takes the
+    /// returns that come on it: for publishes of your own, with `mandatory` or
+    /// `wait_for_confirms`, open a channel on a connection of your own. (Leases and
+    /// acks go over a second connection, which never publishes: see
+    /// [`AmqpQueue`].)
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] if the broker cannot be reached.
     pub async fn channel(&self) -> Result<Channel, QueueError> {
-        Ok(self.inner.channel().await?.0)
+        Ok(self.inner.publisher().await?.0)
     }
 
     /// Deletes the three queues (all messages and dead letters) and forgets this
@@ -638,39 +681,39 @@ impl Inner {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_cooldown(&self) -> std::sync::MutexGuard<'_, Cooldown> {
-        // Only plain assignments run under this lock.
-        self.cooldown.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock_fast(&self) -> std::sync::MutexGuard<'_, Option<(Channel, Arc<Connection>, u64)>> {
-        // Only a clone or an assignment runs under this lock.
-        self.fast.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The current channel and its generation, connecting first if needed.
+    /// The consumer's current channel and its generation, connecting first if needed.
     async fn channel(&self) -> Result<(Channel, u64), QueueError> {
-        if let Some((ch, conn, epoch)) = self.lock_fast().as_ref()
+        self.connect(&self.consumer).await
+    }
+
+    /// The publisher's current channel and its generation, connecting first if needed.
+    async fn publisher(&self) -> Result<(Channel, u64), QueueError> {
+        self.connect(&self.publisher).await
+    }
+
+    /// `slot`'s current channel and its generation, connecting first if needed.
+    async fn connect(&self, slot: &Slot) -> Result<(Channel, u64), QueueError> {
+        if let Some((ch, conn, epoch)) = slot.lock_fast().as_ref()
             && conn.status().connected()
             && ch.status().connected()
         {
             return Ok((ch.clone(), *epoch));
         }
-        let mut link = self.link.lock().await;
+        let mut link = slot.link.lock().await;
         if let Some(l) = link.as_ref()
             && l.conn.status().connected()
             && l.ch.status().connected()
         {
             return Ok((l.ch.clone(), l.epoch));
         }
-        if let Some(e) = self.lock_cooldown().refuse(Instant::now()) {
+        if let Some(e) = slot.lock_cooldown().refuse(Instant::now()) {
             return Err(e);
         }
         let epoch = self
             .last_epoch
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
-        *self.lock_fast() = None;
+        *slot.lock_fast() = None;
         if let Some(old) = link.take() {
             close_in_background(old.conn, "reconnecting");
         }
@@ -701,16 +744,16 @@ impl Inner {
         };
         let (conn, ch) = match connected {
             Ok(pair) => {
-                self.lock_cooldown().connected();
+                slot.lock_cooldown().connected();
                 pair
             }
             Err(e) => {
-                self.lock_cooldown().failed(Instant::now(), &e);
+                slot.lock_cooldown().failed(Instant::now(), &e);
                 return Err(e);
             }
         };
         let conn = Arc::new(conn);
-        *self.lock_fast() = Some((ch.clone(), conn.clone(), epoch));
+        *slot.lock_fast() = Some((ch.clone(), conn.clone(), epoch));
         *link = Some(Link {
             conn,
             ch: ch.clone(),
@@ -721,14 +764,23 @@ impl Inner {
 
     /// Maps a failed call; the link is dropped so the next call reconnects.
     async fn fail(&self, e: lapin::Error, epoch: u64) -> QueueError {
-        let mut link = self.link.lock().await;
-        if link.as_ref().is_some_and(|l| l.epoch == epoch)
-            && let Some(old) = link.take()
-        {
-            *self.lock_fast() = None;
-            close_in_background(old.conn, "error");
-        }
+        self.unlink(epoch, "error").await;
         classify(e, "call")
+    }
+
+    /// Drops the link of `epoch` (of either slot), if it is still live, and closes its
+    /// connection (closed, not just dropped: see `close_in_background`).
+    async fn unlink(&self, epoch: u64, why: &'static str) {
+        for slot in [&self.consumer, &self.publisher] {
+            let mut link = slot.link.lock().await;
+            if link.as_ref().is_some_and(|l| l.epoch == epoch)
+                && let Some(old) = link.take()
+            {
+                *slot.lock_fast() = None;
+                close_in_background(old.conn, why);
+                return;
+            }
+        }
     }
 
     /// Declares the three queues (idempotent): on every connection, and again after a
@@ -819,6 +871,41 @@ impl Inner {
         self.declare_if_returned(ch, epoch, answer, routing_key)
             .await;
         Ok(answer)
+    }
+
+    /// Publishes a copy of a delivery held on the consumer's channel of `epoch` (a
+    /// retry's, a move's, a dead letter's) on the publisher's channel; see
+    /// [`copied`](Self::copied) for a failure.
+    async fn publish_copy(
+        &self,
+        epoch: u64,
+        routing_key: &str,
+        envelope: &Envelope,
+        extra: &[(&str, AMQPValue)],
+        expiration: Option<Duration>,
+    ) -> Result<Answer, QueueError> {
+        let published = async {
+            let (ch, at) = self.publisher().await?;
+            self.publish(&ch, at, routing_key, envelope, extra, expiration)
+                .await
+        };
+        self.copied(epoch, published.await).await
+    }
+
+    /// The outcome of the publish of a copy of a delivery held on the consumer's channel
+    /// of `epoch`. A failure (not a refusal) drops that channel too, as when both were
+    /// one: the caller took the delivery out of the hold, and leaves it to the broker,
+    /// which puts it back, rather than left unacked on a live channel, held by nobody,
+    /// until the broker's `consumer_timeout` closed the channel with every lease on it.
+    async fn copied(
+        &self,
+        epoch: u64,
+        published: Result<Answer, QueueError>,
+    ) -> Result<Answer, QueueError> {
+        if published.is_err() {
+            self.unlink(epoch, "a copy of a held delivery failed").await;
+        }
+        published
     }
 
     /// A publish came back (`answer`): its queue was deleted by hand, and is declared
@@ -1025,7 +1112,7 @@ impl Inner {
                 "postbox: another call's publish came back: declaring the queues again and publishing it again"
             );
             let published = async {
-                let (ch, epoch) = self.channel().await?;
+                let (ch, epoch) = self.publisher().await?;
                 if let Err(e) = self.io(epoch, self.declare(&ch)).await {
                     tracing::warn!(error = %e, "postbox: could not declare the queues again");
                 }
@@ -1078,14 +1165,7 @@ impl Inner {
     }
 
     async fn drop_link(&self, epoch: u64) {
-        let mut link = self.link.lock().await;
-        if link.as_ref().is_some_and(|l| l.epoch == epoch)
-            && let Some(old) = link.take()
-        {
-            *self.lock_fast() = None;
-            // Closed, not just dropped: see `close_in_background`.
-            close_in_background(old.conn, "timeout");
-        }
+        self.unlink(epoch, "timeout").await;
     }
 
     async fn enqueue(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
@@ -1118,7 +1198,7 @@ impl Inner {
             }
         }
         let result = async {
-            let (ch, epoch) = self.channel().await?;
+            let (ch, epoch) = self.publisher().await?;
             if let Some(capacity) = self.capacity {
                 // RabbitMQ applies a quorum queue's `x-max-length` a little late, so
                 // check first; the queue's own limit is the backstop under concurrency.
@@ -1244,14 +1324,19 @@ impl Inner {
                     // to tell where it came from, and why it is there.
                     let move_id = MessageId::new_v7().to_string();
                     let props = undecodable_dead_letter(&delivery.properties, &move_id, &e);
-                    let confirmation = self
-                        .publish_confirmed(&ch, epoch, &self.dead_queue, &delivery.data, props)
-                        .await?;
-                    let answer = self.answer(&confirmation, &move_id, &self.dead_queue);
-                    // Its queue deleted by hand: declared again, or every lease would
-                    // meet this message first, and fail, until another call did.
-                    self.declare_if_returned(&ch, epoch, answer, &self.dead_queue)
-                        .await;
+                    let moved = async {
+                        let (pch, at) = self.publisher().await?;
+                        let confirmation = self
+                            .publish_confirmed(&pch, at, &self.dead_queue, &delivery.data, props)
+                            .await?;
+                        let answer = self.answer(&confirmation, &move_id, &self.dead_queue);
+                        // Its queue deleted by hand: declared again, or every lease would
+                        // meet this message first, and fail, until another call did.
+                        self.declare_if_returned(&pch, at, answer, &self.dead_queue)
+                            .await;
+                        Ok::<_, QueueError>(answer)
+                    };
+                    let answer = self.copied(epoch, moved.await).await?;
                     if answer != Answer::Confirmed {
                         // Not moved: give it back to the queue rather than drop it.
                         let what = format!(
@@ -1424,7 +1509,7 @@ impl Inner {
                 // queue): the leases made above stand, and are handed out; the rest
                 // wait for the next lease. Failed with them, their attempts were
                 // counted for deliveries never made.
-                Err(e) if self.lock_fast().as_ref().is_some_and(|l| l.2 == epoch) => {
+                Err(e) if self.consumer.is_live(epoch) => {
                     tracing::debug!(queue = %self.queue, %id, error = %e, "postbox: a stale delivery could not be parked");
                     break;
                 }
@@ -1548,7 +1633,7 @@ impl Inner {
         let mut answer = if full {
             Answer::Nacked
         } else {
-            self.publish(ch, epoch, queue, &h.envelope, &[], ttl)
+            self.publish_copy(epoch, queue, &h.envelope, &[], ttl)
                 .await?
         };
         if answer == Answer::Nacked && ttl.is_none() {
@@ -1559,7 +1644,7 @@ impl Inner {
             tracing::debug!(queue = %queue, id = %h.envelope.id, "postbox: queue full; a retry held past the hold limit waits in the delay queue");
             (queue, ttl) = (&self.delay_queue, Some(wait.max(Duration::from_millis(1))));
             answer = self
-                .publish(ch, epoch, queue, &h.envelope, &[], ttl)
+                .publish_copy(epoch, queue, &h.envelope, &[], ttl)
                 .await?;
             if answer == Answer::Nacked {
                 return Ok(Parked::Held(h));
@@ -1759,11 +1844,11 @@ impl Inner {
     }
 
     async fn dead_letter(&self, token: LeaseToken, reason: &str) -> Result<(), QueueError> {
-        let (ch, epoch) = self.current().await?;
+        let (_, epoch) = self.current().await?;
         let h = Self::take(&mut *self.state.lock().await, token)?;
         let extra = [(H_REASON, string(cut(reason, MAX_HEADER_TEXT)))];
         let answer = self
-            .publish(&ch, epoch, &self.dead_queue, &h.envelope, &extra, None)
+            .publish_copy(epoch, &self.dead_queue, &h.envelope, &extra, None)
             .await?;
         if answer != Answer::Confirmed {
             let what = format!("{}: {}", self.dead_queue, answer.refusal());
@@ -1966,7 +2051,7 @@ impl Inner {
     async fn own_channel(&self) -> Result<(Channel, u64), QueueError> {
         let (_, epoch) = self.current().await?;
         let conn = {
-            let link = self.link.lock().await;
+            let link = self.consumer.link.lock().await;
             let Some(l) = link.as_ref() else {
                 return Err(QueueError::Unavailable("amqp: not connected".into()));
             };
@@ -2484,7 +2569,16 @@ mod tests {
             .await
             .expect("RabbitMQ must answer on 127.0.0.1:5672 (see shared/services.md)");
         let (_, epoch) = q.inner.channel().await.unwrap();
-        let old = q.inner.link.lock().await.as_ref().unwrap().conn.clone();
+        let old = q
+            .inner
+            .consumer
+            .link
+            .lock()
+            .await
+            .as_ref()
+            .unwrap()
+            .conn
+            .clone();
         assert!(old.status().connected());
         // An error on a call while the connection itself is fine (a channel-level
         // failure): the link is dropped and the next call connects anew.
@@ -2533,7 +2627,16 @@ mod tests {
         let leased = q.lease(1, Duration::from_secs(30), now).await.unwrap();
         assert_eq!(leased.len(), 1);
         let (_, epoch) = q.inner.channel().await.unwrap();
-        let old = q.inner.link.lock().await.as_ref().unwrap().conn.clone();
+        let old = q
+            .inner
+            .consumer
+            .link
+            .lock()
+            .await
+            .as_ref()
+            .unwrap()
+            .conn
+            .clone();
         q.inner.drop_link(epoch).await;
         let mut again = Vec::new();
         for _ in 0..100 {

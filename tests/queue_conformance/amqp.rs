@@ -170,6 +170,103 @@ async fn nothing_acknowledged_is_lost_when_the_broker_is_killed_and_restarted() 
     .await;
 }
 
+/// Runs `rabbitmqctl` (`POSTBOX_RABBITMQCTL`, default Debian's
+/// `/usr/lib/rabbitmq/bin/rabbitmqctl`, without the wrapper that switches user) against
+/// the private node of [`private_rabbitmq`]; returns its output.
+fn rabbitmqctl(server: &PrivateServer, args: &[&str]) -> String {
+    let program = std::env::var_os("POSTBOX_RABBITMQCTL")
+        .unwrap_or_else(|| "/usr/lib/rabbitmq/bin/rabbitmqctl".into());
+    let out = Command::new(&program)
+        .env("HOME", server.dir())
+        .arg("-n")
+        .arg(format!("postbox-test-{}@localhost", server.port()))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program:?} could not be run ({e})"));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// During a memory alarm RabbitMQ stops reading from a connection once it publishes.
+/// With an enqueue blocked by the alarm, the replayer still leases and acks: the queue
+/// leases over a connection that does not publish. (On one connection, the lease waited
+/// behind the blocked publish and timed out, and the backlog that raised the alarm was
+/// never drained.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
+    let server = PrivateServer::start(private_rabbitmq);
+    let port = server.port();
+    crate::broker::accepting("RabbitMQ node", port, Duration::from_secs(60)).await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let options = options().with_url(url);
+    // A node that accepts may still be booting: tried for up to a minute.
+    let mut booted = false;
+    for _ in 0..30 {
+        match AmqpQueue::connect(options.clone().with_timeout(Duration::from_secs(2))).await {
+            Ok(_) => {
+                booted = true;
+                break;
+            }
+            Err(QueueError::Unavailable(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(booted, "the private RabbitMQ node answered within a minute");
+    // Long enough for the blocked enqueue to outlast the checks below.
+    let q = AmqpQueue::connect(options.with_timeout(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let before = [
+        q.enqueue(crate::suite::envelope("a")).await.unwrap().id(),
+        q.enqueue(crate::suite::envelope("b")).await.unwrap().id(),
+    ];
+    rabbitmqctl(&server, &["set_vm_memory_high_watermark", "absolute", "1"]);
+    let blocked = tokio::spawn({
+        let q = q.clone();
+        async move { q.enqueue(crate::suite::envelope("c")).await }
+    });
+    // Until the broker holds the enqueue's connection blocked (at most a minute).
+    let mut states = String::new();
+    for _ in 0..60 {
+        states = rabbitmqctl(&server, &["list_connections", "state"]);
+        if states.lines().any(|l| l.trim() == "blocked") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        states.lines().any(|l| l.trim() == "blocked"),
+        "no connection blocked by the alarm: {states}"
+    );
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        q.lease(2, Duration::from_secs(30), crate::suite::at(0)),
+    )
+    .await
+    .expect("the lease waited behind the blocked enqueue")
+    .unwrap();
+    let mut ids: Vec<_> = got.iter().map(|l| l.envelope.id).collect();
+    ids.sort();
+    let mut want = before.to_vec();
+    want.sort();
+    assert_eq!(ids, want);
+    let tokens: Vec<_> = got.iter().map(|l| l.token).collect();
+    tokio::time::timeout(Duration::from_secs(5), q.ack(&tokens))
+        .await
+        .expect("the ack waited behind the blocked enqueue")
+        .unwrap();
+    assert!(!blocked.is_finished(), "the enqueue was not blocked");
+    rabbitmqctl(&server, &["set_vm_memory_high_watermark", "0.4"]);
+    // Once the alarm ends, the blocked enqueue is stored (or timed out), and enqueues
+    // go on.
+    let _ = blocked.await.unwrap();
+    retry!(q.enqueue(crate::suite::envelope("d")).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_connection_is_unavailable_then_reconnects() {
     let proxy = Proxy::start(host_port(&options().url())).await;

@@ -66,6 +66,11 @@ impl PrivateServer {
         self.port
     }
 
+    /// The process' data directory (its `HOME` too, for RabbitMQ's Erlang cookie).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Starts the process again, on the same port and directory, in a process group of
     /// its own (a broker started by a script, such as RabbitMQ's, is more than one
     /// process).
