@@ -128,7 +128,8 @@ pub struct RetryBuilder<C, R, H> {
 
 impl<C, R, H> RetryBuilder<C, R, H> {
     /// Retries after the first attempt: `max_retries(3)` means **up to 4 attempts in
-    /// all**; 0 disables retries.
+    /// all**; 0 disables retries. `u32::MAX` means no limit (as Polly's
+    /// `int.MaxValue`): only the budget, the deadline or the outcome ends the retries.
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
         self
