@@ -384,9 +384,13 @@ mod http_propagation {
             // writes `grpc-timeout`) wins: the next hop must not work longer than the
             // caller asked, and a retry inside must not give each attempt that whole
             // limit again (it reads the `CallDeadline`). An untrusting server never
-            // reads what a remote client sent.
+            // reads what a remote client sent. With a `CallDeadline`, a layer outside
+            // wrote the headers from it, rounded down (a shorter limit set before it is
+            // in it already): the milliseconds header read as a limit would cut the
+            // deadline by up to a millisecond, to `0` under one.
             let set = match self.headers {
                 Headers::Ignored => None,
+                _ if req.extensions().get::<CallDeadline>().is_some() => None,
                 Headers::CallerSet | Headers::Inbound => header_timeout(req.headers(), is_grpc),
             };
             let (deadline, remaining) = match set {

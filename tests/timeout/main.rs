@@ -292,6 +292,33 @@ async fn a_deadline_under_a_millisecond_away_is_not_over_for_the_layer_inside() 
     );
 }
 
+/// The attempt timeout inside a deadline layer tells the next hop the call's exact
+/// deadline: the headers the outer layer wrote with its `CallDeadline` are not a
+/// shorter limit the caller set. (Read as one, the milliseconds header, rounded down,
+/// cut the attempt's deadline by up to a millisecond, and under a millisecond left it
+/// sent `grpc-timeout: 0n`, which a gRPC server fails at once.)
+#[tokio::test(start_paused = true)]
+async fn an_attempt_inside_a_deadline_tells_the_exact_deadline_not_the_rounded_header() {
+    for (budget, told) in [(1_500, "1500000n"), (500, "500000n")] {
+        let start = Instant::now();
+        let svc = tower::ServiceBuilder::new()
+            .layer(DeadlineLayer::http(Duration::from_micros(budget)).unwrap())
+            .layer(AttemptTimeoutLayer::http(Duration::from_secs(1)).unwrap())
+            .service(tower::service_fn(|req: http::Request<()>| async move {
+                let at = req.extensions().get::<CallDeadline>().unwrap().at();
+                Ok::<_, BoxError>((req.headers()["grpc-timeout"].clone(), at))
+            }));
+        let mut req = http::Request::new(());
+        req.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        let (sent, at) = svc.oneshot(req).await.unwrap();
+        assert_eq!(sent, told, "a budget of {budget} µs");
+        assert_eq!(at, start + Duration::from_micros(budget));
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn plain_http_requests_get_the_timeout_ms_header_but_no_grpc_timeout() {
     let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
