@@ -200,6 +200,47 @@ async fn an_unreadable_response_is_not_taken_for_a_free_key() {
     assert_eq!(store.claim("k", LOCK).await.unwrap(), Claim::InProgress);
 }
 
+/// A repeat of a key whose remembered response is in an encoding this version cannot
+/// read fetches only its version, not the whole response: a repeat waits on it as in
+/// progress, claiming again every 50 ms for `lock_for` (about 1 200 claims of up to
+/// `max_body` each, before the fix).
+#[tokio::test]
+async fn a_response_in_another_version_is_not_fetched_whole() {
+    let prefix = fresh_prefix();
+    let store = instance(&prefix).await;
+    let mut raw = redis_connection().await;
+    let mut value = b"D\xff".to_vec();
+    value.resize(4 << 20, b'x');
+    let _: () = redis::cmd("SET")
+        .arg(store.redis_key("k"))
+        .arg(value)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    // Once first: the script loaded, so the measured claim is one round trip.
+    assert_eq!(store.claim("k", LOCK).await.unwrap(), Claim::InProgress);
+    let sent = async |raw: &mut redis::aio::MultiplexedConnection| -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(raw)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = sent(&mut raw).await;
+    assert_eq!(store.claim("k", LOCK).await.unwrap(), Claim::InProgress);
+    let after = sent(&mut raw).await;
+    // Other tests run meanwhile: far less than the 4 MiB value all the same.
+    assert!(after - before < 1 << 20, "{} bytes sent", after - before);
+}
+
 /// `release` (called from `Drop`) frees the key on a task of its own.
 #[tokio::test]
 async fn a_released_claim_frees_the_key() {

@@ -14,12 +14,17 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 /// Claims the key unless it is claimed or done: `P` (claimed now), `C` (in progress), or
-/// the remembered response (`D…`).
+/// the remembered response (`D…`); of a response in another encoding version than
+/// `ARGV[3]`, only its `D` and version (a repeat waiting on one, as in progress, would
+/// fetch all of it every 50 ms).
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"local v = redis.call('GET', KEYS[1])
 if v then
-  if string.sub(v, 1, 1) == 'D' then return v end
+  if string.sub(v, 1, 1) == 'D' then
+    if string.byte(v, 2) == tonumber(ARGV[3]) then return v end
+    return string.sub(v, 1, 2)
+  end
   return 'C'
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -248,7 +253,10 @@ impl IdempotencyStore for RedisStore {
         async move {
             let token = ClaimToken::random();
             let mut script = CLAIM.key(&rkey);
-            script.arg(claim_value(token)).arg(millis(lock_for));
+            script
+                .arg(claim_value(token))
+                .arg(millis(lock_for))
+                .arg(VERSION);
             // Until its answer is read, the claim may have been taken on the server
             // for a caller that will never hold it: this future dropped while the
             // script ran (the request cancelled), or its reply lost (the response
@@ -331,7 +339,10 @@ impl IdempotencyStore for RedisStore {
         let rkey = self.redis_key(key);
         async move {
             let mut script = EXTEND.key(&rkey);
-            script.arg(claim_value(token)).arg(millis(lock_for));
+            script
+                .arg(claim_value(token))
+                .arg(millis(lock_for))
+                .arg(VERSION);
             let extended: i64 = self.run(script).await?;
             Ok(extended == 1)
         }
