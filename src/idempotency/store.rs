@@ -99,8 +99,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Claim, BoxError>> + Send;
 
     /// Remembers `response` for `key` for `ttl`, ending the claim `token` and waking
-    /// waiters. If that claim was taken over (it expired and another request claimed
-    /// the key) or the key already has a response, nothing is stored.
+    /// waiters. If another request holds the key (the claim expired and it claimed the
+    /// key) or the key already has a response, nothing is stored. A claim that expired
+    /// with the key free again may store it (as `RedisStore` does
+    /// also after a takeover that was released since, which it cannot tell apart) or
+    /// not ([`MemoryStore`] stores it only if no other request claimed the key since):
+    /// the handler ran, so either is correct.
     ///
     /// # Errors
     /// The store is unreachable (or, for [`MemoryStore`], the answer is over its
