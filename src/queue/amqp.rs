@@ -50,7 +50,10 @@
 //! # Leases
 //!
 //! A lease is a delivery (`basic.get`, manual ack) that *this process* holds unacked on
-//! its channel. Deadlines and not-before are judged against the `now` passed to
+//! its channel. Gets, acks and nacks go over a connection that never publishes;
+//! enqueues, and the copies a retry, a move or a dead letter makes, over a second one,
+//! so a memory or disk alarm, which blocks a connection once it publishes, never stops
+//! the leases (see `docs/queues.md`). Deadlines and not-before are judged against the `now` passed to
 //! [`lease`](Queue::lease). If the connection or the process dies, RabbitMQ requeues
 //! every unacked delivery at once and the next `lease` gets them again (their attempts
 //! count that: quorum queues add `x-delivery-count`, less the deliveries this process
@@ -558,9 +561,9 @@ impl AmqpOptions {
 
     /// The largest encoded message `enqueue` sends (default 16 MiB, RabbitMQ 4's
     /// `max_message_size`; RabbitMQ 3 allows 128 MiB): a larger one is refused with
-    /// [`QueueError::Backend`]. Sent, the broker would close the channel every call of
-    /// this process shares, and the deliveries it holds would all be delivered again.
-    /// Set it to the broker's own `max_message_size` if that is lower.
+    /// [`QueueError::Backend`]. Sent, the broker would close the publishing channel,
+    /// which every enqueue of this process shares. Set it to the broker's own
+    /// `max_message_size` if that is lower.
     pub fn with_max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
@@ -609,8 +612,12 @@ impl AmqpQueue {
             publish_ended: Notify::new(),
             reaping: std::sync::Mutex::new(Vec::new()),
         });
-        inner.channel().await?;
-        inner.publisher().await?;
+        let (_, epoch) = inner.channel().await?;
+        if let Err(e) = inner.publisher().await {
+            // Closed: a connection only dropped stays open (see `close_in_background`).
+            inner.unlink(epoch, "connect failed").await;
+            return Err(e);
+        }
         Ok(Self { inner })
     }
 
@@ -624,15 +631,17 @@ impl AmqpQueue {
     }
 
     /// The queue's publishing channel on its current connection (connecting if
-    /// needed), for requests of your own: declarations, reads, deletes. It is the
-    /// channel postbox publishes on (publisher confirms on), and postbox takes the
-    /// returns that come on it: for publishes of your own, with `mandatory` or
-    /// `wait_for_confirms`, open a channel on a connection of your own. (Leases and
-    /// acks go over a second connection, which never publishes: see
+    /// needed), for requests of your own: declarations, deletes, passive reads of a
+    /// queue's depth. It is the channel postbox publishes on (publisher confirms on),
+    /// and postbox takes the returns that come on it: for publishes of your own, with
+    /// `mandatory` or `wait_for_confirms`, open a channel on a connection of your own.
+    /// (Leases and acks go over a second connection, which never publishes: see
     /// [`AmqpQueue`].)
     ///
     /// # Errors
-    /// [`QueueError::Unavailable`] if the broker cannot be reached.
+    /// [`QueueError::Unavailable`] if the broker cannot be reached, or while it blocks
+    /// publishing (a memory or disk alarm: requests on the channel would wait for its
+    /// end).
     pub async fn channel(&self) -> Result<Channel, QueueError> {
         Ok(self.inner.publisher().await?.0)
     }
@@ -686,8 +695,12 @@ impl Inner {
         self.connect(&self.consumer).await
     }
 
-    /// The publisher's current channel and its generation, connecting first if needed.
+    /// The publisher's current channel and its generation, connecting first if needed;
+    /// [`blocked`](Self::blocked) while the broker blocks it.
     async fn publisher(&self) -> Result<(Channel, u64), QueueError> {
+        if let Some(e) = self.blocked() {
+            return Err(e);
+        }
         self.connect(&self.publisher).await
     }
 
@@ -772,6 +785,11 @@ impl Inner {
     /// connection (closed, not just dropped: see `close_in_background`).
     async fn unlink(&self, epoch: u64, why: &'static str) {
         for slot in [&self.consumer, &self.publisher] {
+            // Not this slot's (its link is of another epoch), without waiting for its
+            // lock (held through a connect).
+            if !slot.is_live(epoch) {
+                continue;
+            }
             let mut link = slot.link.lock().await;
             if link.as_ref().is_some_and(|l| l.epoch == epoch)
                 && let Some(old) = link.take()
@@ -873,39 +891,36 @@ impl Inner {
         Ok(answer)
     }
 
-    /// Publishes a copy of a delivery held on the consumer's channel of `epoch` (a
-    /// retry's, a move's, a dead letter's) on the publisher's channel; see
-    /// [`copied`](Self::copied) for a failure.
+    /// Publishes a copy of a held delivery (a retry's, a move's, a dead letter's) on
+    /// the publisher's channel. A failure leaves the delivery to its caller, on its
+    /// channel, which lives on: see [`Parked::NotCopied`].
     async fn publish_copy(
         &self,
-        epoch: u64,
         routing_key: &str,
         envelope: &Envelope,
         extra: &[(&str, AMQPValue)],
         expiration: Option<Duration>,
     ) -> Result<Answer, QueueError> {
-        let published = async {
-            let (ch, at) = self.publisher().await?;
-            self.publish(&ch, at, routing_key, envelope, extra, expiration)
-                .await
-        };
-        self.copied(epoch, published.await).await
+        let (ch, at) = self.publisher().await?;
+        self.publish(&ch, at, routing_key, envelope, extra, expiration)
+            .await
     }
 
-    /// The outcome of the publish of a copy of a delivery held on the consumer's channel
-    /// of `epoch`. A failure (not a refusal) drops that channel too, as when both were
-    /// one: the caller took the delivery out of the hold, and leaves it to the broker,
-    /// which puts it back, rather than left unacked on a live channel, held by nobody,
-    /// until the broker's `consumer_timeout` closed the channel with every lease on it.
-    async fn copied(
-        &self,
-        epoch: u64,
-        published: Result<Answer, QueueError>,
-    ) -> Result<Answer, QueueError> {
-        if published.is_err() {
-            self.unlink(epoch, "a copy of a held delivery failed").await;
-        }
-        published
+    /// The error for a publish while the broker blocks the publishing connection (a
+    /// memory or disk alarm), if it does: answered at once, rather than after the
+    /// timeout (the connection is kept: made again, it would be blocked again at its
+    /// first publish).
+    fn blocked(&self) -> Option<QueueError> {
+        let blocked = self
+            .publisher
+            .lock_fast()
+            .as_ref()
+            .is_some_and(|(_, conn, _)| conn.status().blocked());
+        blocked.then(|| {
+            QueueError::Unavailable(
+                "amqp: the broker blocks publishing (a memory or disk alarm)".into(),
+            )
+        })
     }
 
     /// A publish came back (`answer`): its queue was deleted by hand, and is declared
@@ -953,6 +968,11 @@ impl Inner {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(self.fail(e, epoch).await),
             Err(_) => {
+                // Blocked by an alarm, the link is kept: the publish goes out, and its
+                // confirm is taken (see `Pending`), once the alarm ends.
+                if let Some(e) = self.blocked().filter(|_| self.publisher.is_live(epoch)) {
+                    return Err(e);
+                }
                 self.drop_link(epoch).await;
                 Err(QueueError::Unavailable(
                     "amqp publisher confirm timed out".into(),
@@ -1336,7 +1356,17 @@ impl Inner {
                             .await;
                         Ok::<_, QueueError>(answer)
                     };
-                    let answer = self.copied(epoch, moved.await).await?;
+                    let answer = match moved.await {
+                        Ok(answer) => answer,
+                        // The publishing connection failed or is blocked (an alarm):
+                        // given back to the queue, and the fetch ends here (it would
+                        // meet this message again first).
+                        Err(moving) => {
+                            tracing::warn!(queue = %self.queue, error = %moving, "postbox: an undecodable message could not be moved to the dead-letter queue yet");
+                            self.io(epoch, delivery.acker.nack(requeue())).await?;
+                            break;
+                        }
+                    };
                     if answer != Answer::Confirmed {
                         // Not moved: give it back to the queue rather than drop it.
                         let what = format!(
@@ -1445,6 +1475,11 @@ impl Inner {
                         main_full = true;
                         st.held.insert(id, h);
                     }
+                    Parked::NotCopied(h, e) => {
+                        tracing::debug!(queue = %self.queue, %id, error = %e, "postbox: a held delivery could not be parked; held on");
+                        st.held.insert(id, h);
+                        break;
+                    }
                     Parked::Main | Parked::Delay => {
                         st.died.remove(&id);
                     }
@@ -1502,6 +1537,11 @@ impl Inner {
                     st.held.insert(id, h);
                     break;
                 }
+                Ok(Parked::NotCopied(h, e)) => {
+                    tracing::debug!(queue = %self.queue, %id, error = %e, "postbox: a stale delivery could not be parked; held on");
+                    st.held.insert(id, h);
+                    break;
+                }
                 Ok(Parked::Main | Parked::Delay) => {
                     st.died.remove(&id);
                 }
@@ -1528,9 +1568,10 @@ impl Inner {
     /// holding `max_held` deliveries scheduled for later (the retries of a dependency
     /// that is down) fetches nothing more, and messages that are due — for another
     /// destination — wait behind them until those are due or the hold limit sends them
-    /// back. Best effort: a failure ends it (the fetch after it reports a broken
-    /// channel), and it starts no move once the call timeout has passed (the hold is
-    /// locked meanwhile). Returns how many moved.
+    /// back. Best effort: a failure ends it (a failed publish leaves the delivery held;
+    /// a broken channel is reported by the fetch after it), and it starts no move once
+    /// the call timeout has passed (the hold is locked meanwhile). Returns how many
+    /// moved.
     async fn make_room(
         &self,
         ch: &Channel,
@@ -1574,6 +1615,11 @@ impl Inner {
                     st.held.insert(id, h);
                     break;
                 }
+                Ok(Parked::NotCopied(h, e)) => {
+                    tracing::debug!(error = %e, "postbox: could not make room in a full hold");
+                    st.held.insert(id, h);
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "postbox: could not make room in a full hold");
                     break;
@@ -1597,6 +1643,9 @@ impl Inner {
 
     /// Republishes `h` to the main queue, or to the delay queue with a TTL if its
     /// not-before is further than the hold limit from `now`, then acks the delivery.
+    ///
+    /// [`Parked::NotCopied`]: the publish failed; the delivery is handed back to be held
+    /// here (its channel is not the publishing one, and lives on).
     ///
     /// [`Parked::Held`]: the main queue refused the copy (it is full): the delivery is
     /// handed back to be held here, scheduled, instead of nacked back to the queue,
@@ -1633,8 +1682,10 @@ impl Inner {
         let mut answer = if full {
             Answer::Nacked
         } else {
-            self.publish_copy(epoch, queue, &h.envelope, &[], ttl)
-                .await?
+            match self.publish_copy(queue, &h.envelope, &[], ttl).await {
+                Ok(answer) => answer,
+                Err(e) => return Ok(Parked::NotCopied(h, e)),
+            }
         };
         if answer == Answer::Nacked && ttl.is_none() {
             if h.received.elapsed() <= self.hold_limit {
@@ -1643,9 +1694,10 @@ impl Inner {
             }
             tracing::debug!(queue = %queue, id = %h.envelope.id, "postbox: queue full; a retry held past the hold limit waits in the delay queue");
             (queue, ttl) = (&self.delay_queue, Some(wait.max(Duration::from_millis(1))));
-            answer = self
-                .publish_copy(epoch, queue, &h.envelope, &[], ttl)
-                .await?;
+            answer = match self.publish_copy(queue, &h.envelope, &[], ttl).await {
+                Ok(answer) => answer,
+                Err(e) => return Ok(Parked::NotCopied(h, e)),
+            };
             if answer == Answer::Nacked {
                 return Ok(Parked::Held(h));
             }
@@ -1674,14 +1726,36 @@ impl Inner {
     /// over a second copy, with the later not-before and the higher attempts of the
     /// two, and this delivery is acked away (written over it, the copy's delivery was
     /// never settled, and its lease lost).
-    async fn hold_again(&self, mut h: Held, id: MessageId, not_before: SystemTime, epoch: u64) {
+    async fn hold_again(&self, h: Held, id: MessageId, not_before: SystemTime, epoch: u64) {
+        self.hold_as(
+            h,
+            id,
+            not_before,
+            Some(HeldState::Scheduled(not_before)),
+            epoch,
+        )
+        .await;
+    }
+
+    /// [`hold_again`](Self::hold_again), in `state` (`None`: as `h` was, its lease going
+    /// on).
+    async fn hold_as(
+        &self,
+        mut h: Held,
+        id: MessageId,
+        not_before: SystemTime,
+        state: Option<HeldState>,
+        epoch: u64,
+    ) {
         let mut st = self.state.lock().await;
         if st.epoch != epoch {
             return;
         }
         let extra = match st.held.entry(id) {
             Entry::Vacant(slot) => {
-                h.state = HeldState::Scheduled(not_before);
+                if let Some(state) = state {
+                    h.state = state;
+                }
                 slot.insert(h);
                 return;
             }
@@ -1805,14 +1879,18 @@ impl Inner {
         let now = st.now();
         drop(st);
         h.envelope.not_before = not_before;
-        if let Parked::Held(h) = self.park(&ch, epoch, h, now).await? {
-            // No room for the copy (a full queue is when retries pile up): held here,
-            // scheduled, this attempt counted. Only a lost connection loses the new
-            // not-before (the broker delivers it again at once, counted).
-            self.hold_again(h, token.id, not_before, epoch).await;
-            return Ok(());
+        match self.park(&ch, epoch, h, now).await? {
+            // No room for the copy (a full queue is when retries pile up), or no publish
+            // (an alarm blocks the publishing connection): held here, scheduled, this
+            // attempt counted. Only a lost connection loses the new not-before (the
+            // broker delivers it again at once, counted).
+            Parked::Held(h) => self.hold_again(h, token.id, not_before, epoch).await,
+            Parked::NotCopied(h, e) => {
+                tracing::warn!(queue = %self.queue, id = %token.id, error = %e, "postbox: a retry could not be republished; held here until it is due");
+                self.hold_again(h, token.id, not_before, epoch).await;
+            }
+            Parked::Main | Parked::Delay => self.gone(token.id).await,
         }
-        self.gone(token.id).await;
         Ok(())
     }
 
@@ -1831,11 +1909,12 @@ impl Inner {
             .is_ok_and(|wait| wait > self.hold_limit)
         {
             drop(st);
-            if let Parked::Held(h) = self.park(&ch, epoch, h, now).await? {
-                self.hold_again(h, token.id, not_before, epoch).await;
-                return Ok(());
+            match self.park(&ch, epoch, h, now).await? {
+                Parked::Held(h) | Parked::NotCopied(h, _) => {
+                    self.hold_again(h, token.id, not_before, epoch).await;
+                }
+                Parked::Main | Parked::Delay => self.gone(token.id).await,
             }
-            self.gone(token.id).await;
             return Ok(());
         }
         h.state = HeldState::Scheduled(not_before);
@@ -1847,9 +1926,18 @@ impl Inner {
         let (_, epoch) = self.current().await?;
         let h = Self::take(&mut *self.state.lock().await, token)?;
         let extra = [(H_REASON, string(cut(reason, MAX_HEADER_TEXT)))];
-        let answer = self
-            .publish_copy(epoch, &self.dead_queue, &h.envelope, &extra, None)
-            .await?;
+        let answer = match self
+            .publish_copy(&self.dead_queue, &h.envelope, &extra, None)
+            .await
+        {
+            Ok(answer) => answer,
+            // Held again as it was, its lease going on: the caller may try again.
+            Err(e) => {
+                let not_before = h.envelope.not_before;
+                self.hold_as(h, token.id, not_before, None, epoch).await;
+                return Err(e);
+            }
+        };
         if answer != Answer::Confirmed {
             let what = format!("{}: {}", self.dead_queue, answer.refusal());
             return Err(self.give_back(epoch, &h.acker, answer, what).await);
@@ -2390,10 +2478,6 @@ fn requeue() -> BasicNackOptions {
 }
 
 /// Where [`AmqpQueue`]'s `park` put a delivery.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "returned once per parked delivery, moved straight into the hold"
-)]
 enum Parked {
     /// Republished to the main queue (confirmed) and acked.
     Main,
@@ -2401,6 +2485,10 @@ enum Parked {
     Delay,
     /// Not republished (the main queue is full): to be held here again.
     Held(Held),
+    /// Not republished: the publish failed (a memory or disk alarm blocks the publishing
+    /// connection, or it broke) while the delivery's channel lives on. To be held here
+    /// again; nothing more is worth trying to publish now.
+    NotCopied(Held, QueueError),
 }
 
 /// The most times a returned message is published again when it fails or keeps coming

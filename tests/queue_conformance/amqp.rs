@@ -195,7 +195,9 @@ fn rabbitmqctl(server: &PrivateServer, args: &[&str]) -> String {
 /// With an enqueue blocked by the alarm, the replayer still leases and acks: the queue
 /// leases over a connection that does not publish. (On one connection, the lease waited
 /// behind the blocked publish and timed out, and the backlog that raised the alarm was
-/// never drained.)
+/// never drained.) Meanwhile enqueues fail at once; a retry is held here, not
+/// republished, and a dead letter fails with its lease kept, without ending the other
+/// leases; the blocked enqueue is stored once the alarm ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
     let server = PrivateServer::start(private_rabbitmq);
@@ -220,14 +222,15 @@ async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
     let q = AmqpQueue::connect(options.with_timeout(Duration::from_secs(60)))
         .await
         .unwrap();
-    let before = [
+    let ids = [
         q.enqueue(crate::suite::envelope("a")).await.unwrap().id(),
         q.enqueue(crate::suite::envelope("b")).await.unwrap().id(),
+        q.enqueue(crate::suite::envelope("c")).await.unwrap().id(),
     ];
     rabbitmqctl(&server, &["set_vm_memory_high_watermark", "absolute", "1"]);
     let blocked = tokio::spawn({
         let q = q.clone();
-        async move { q.enqueue(crate::suite::envelope("c")).await }
+        async move { q.enqueue(crate::suite::envelope("x")).await }
     });
     // Until the broker holds the enqueue's connection blocked (at most a minute).
     let mut states = String::new();
@@ -242,29 +245,58 @@ async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
         states.lines().any(|l| l.trim() == "blocked"),
         "no connection blocked by the alarm: {states}"
     );
-    let got = tokio::time::timeout(
-        Duration::from_secs(5),
-        q.lease(2, Duration::from_secs(30), crate::suite::at(0)),
-    )
-    .await
-    .expect("the lease waited behind the blocked enqueue")
-    .unwrap();
-    let mut ids: Vec<_> = got.iter().map(|l| l.envelope.id).collect();
-    ids.sort();
-    let mut want = before.to_vec();
-    want.sort();
-    assert_eq!(ids, want);
-    let tokens: Vec<_> = got.iter().map(|l| l.token).collect();
-    tokio::time::timeout(Duration::from_secs(5), q.ack(&tokens))
+    let quick = Duration::from_secs(5);
+    let lease_for = Duration::from_secs(30);
+    let got = tokio::time::timeout(quick, q.lease(3, lease_for, crate::suite::at(0)))
+        .await
+        .expect("the lease waited behind the blocked enqueue")
+        .unwrap();
+    let leased: HashSet<_> = got.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(leased, HashSet::from(ids));
+    let token = |id| got.iter().find(|l| l.envelope.id == id).unwrap().token;
+    // Once the client has heard the broker block it (at most 10 s), enqueues fail at
+    // once.
+    let mut refused = false;
+    for _ in 0..100 {
+        if let Ok(Err(QueueError::Unavailable(_))) =
+            tokio::time::timeout(Duration::from_millis(100), q.channel()).await
+        {
+            refused = true;
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "the client never heard the broker block publishing"
+    );
+    let refused = tokio::time::timeout(quick, q.enqueue(crate::suite::envelope("y")))
+        .await
+        .expect("an enqueue waited on the blocked connection");
+    assert!(
+        matches!(refused, Err(QueueError::Unavailable(_))),
+        "{refused:?}"
+    );
+    // A retry is held here; a dead letter fails, its lease kept for another try.
+    tokio::time::timeout(quick, q.retry_later(token(ids[0]), crate::suite::at(60)))
+        .await
+        .expect("retry_later waited on the blocked connection")
+        .unwrap();
+    let dead = tokio::time::timeout(quick, q.dead_letter(token(ids[1]), "done"))
+        .await
+        .expect("dead_letter waited on the blocked connection");
+    assert!(matches!(dead, Err(QueueError::Unavailable(_))), "{dead:?}");
+    tokio::time::timeout(quick, q.ack(&[token(ids[1]), token(ids[2])]))
         .await
         .expect("the ack waited behind the blocked enqueue")
         .unwrap();
     assert!(!blocked.is_finished(), "the enqueue was not blocked");
     rabbitmqctl(&server, &["set_vm_memory_high_watermark", "0.4"]);
-    // Once the alarm ends, the blocked enqueue is stored (or timed out), and enqueues
-    // go on.
-    let _ = blocked.await.unwrap();
-    retry!(q.enqueue(crate::suite::envelope("d")).await);
+    // Once the alarm ends, the blocked enqueue is stored (its connection kept), and the
+    // retry comes back when due.
+    let x = blocked.await.unwrap().unwrap().id();
+    let back = q.lease(10, lease_for, crate::suite::at(60)).await.unwrap();
+    let back: HashSet<_> = back.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(back, HashSet::from([ids[0], x]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
