@@ -265,6 +265,30 @@ pub(crate) mod http_codec {
         }
     }
 
+    /// The `idempotency-key` header a replay of `env` is sent with; `None` when the
+    /// envelope's key cannot be one (blank, from another producer, or no header can
+    /// carry it), and the message id is sent instead, as stable across its deliveries
+    /// (a redrive keeps it as the key: see [`Envelope::redriven`]). Never sent without a
+    /// key the receiver can de-duplicate on.
+    ///
+    /// The key goes out as the caller spelt it (quoted or bare) when the stored header
+    /// reads as the envelope's key: the receiver then reads the key it read from the
+    /// first attempt (`"a\"b"` sent bare would be another key).
+    pub(crate) fn key_header(env: &Envelope) -> Option<HeaderValue> {
+        let spelt = env
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(IDEMPOTENCY_KEY_HEADER))
+            .and_then(|(_, value)| HeaderValue::from_bytes(value).ok())
+            .filter(|value| {
+                crate::http::idempotency_key::key_in(value)
+                    .is_some_and(|key| key == env.idempotency_key.as_str())
+            });
+        spelt
+            .or_else(|| HeaderValue::from_str(&env.idempotency_key).ok())
+            .filter(|_| crate::enqueue::clock::usable_key(&env.idempotency_key))
+    }
+
     /// Rebuilds an HTTP request with a buffered body from an envelope.
     pub(crate) fn rebuild_request<B>(env: &Envelope) -> Result<Request<BufferedBody<B>>, BoxError> {
         let method = Method::from_bytes(env.method.as_bytes())?;
@@ -275,29 +299,10 @@ pub(crate) mod http_codec {
             .insert(crate::http::body::HeldWhole(env.body.len()));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
-        // Never sent without a key the receiver can de-duplicate on: an envelope from
-        // another producer with a blank key, or one no header can carry, is sent with
-        // its message id, as stable across its deliveries.
-        //
-        // The key goes out as the caller spelt it (quoted or bare) when the stored header
-        // reads as the envelope's key: the receiver then reads the key it read from the
-        // first attempt (`"a\"b"` sent bare would be another key).
-        let spelt = env
-            .headers
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(IDEMPOTENCY_KEY_HEADER))
-            .and_then(|(_, value)| HeaderValue::from_bytes(value).ok())
-            .filter(|value| {
-                crate::http::idempotency_key::key_in(value)
-                    .is_some_and(|key| key == env.idempotency_key.as_str())
-            });
-        let key = spelt
-            .or_else(|| HeaderValue::from_str(&env.idempotency_key).ok())
-            .filter(|_| crate::enqueue::clock::usable_key(&env.idempotency_key))
-            .unwrap_or_else(|| {
-                tracing::debug!(id = %env.id, "unusable idempotency key; sent with the message id");
-                HeaderValue::from_str(&env.id.to_string()).expect("a message id is a header value")
-            });
+        let key = key_header(env).unwrap_or_else(|| {
+            tracing::debug!(id = %env.id, "unusable idempotency key; sent with the message id");
+            HeaderValue::from_str(&env.id.to_string()).expect("a message id is a header value")
+        });
         // Room left for the layers the replay passes through, which add headers of
         // their own: a map filled to what it holds (24 576 names) panics on the next
         // insert. No request a client sends comes near.
@@ -425,6 +430,35 @@ mod tests {
             "api.test:80",
             "no scheme: the port stays"
         );
+    }
+
+    /// A dead letter whose replays went out under its message id (its key blank, or one
+    /// no header can carry) is redriven under that same key, not the copy's new id: a
+    /// receiver that took an earlier replay (its answer lost) would run it again. A
+    /// usable key is kept as it is.
+    #[test]
+    fn a_redrive_sends_the_key_the_replays_were_sent_with() {
+        let key_sent = |env: &Envelope| {
+            rebuild_request::<http_body_util::Empty<Bytes>>(env)
+                .unwrap()
+                .headers()["idempotency-key"]
+                .clone()
+        };
+        for key in ["", "  ", "a\nb", "order-7"] {
+            let mut env = Envelope::new(
+                "api:443",
+                "POST",
+                "https://api/orders",
+                "{}",
+                DeferReason::CircuitOpen,
+            );
+            env.idempotency_key = key.into();
+            let first = key_sent(&env);
+            let redriven = env.clone().redriven();
+            assert_ne!(redriven.id, env.id);
+            assert_eq!(key_sent(&redriven), first, "key {key:?}");
+            assert_eq!(key_sent(&redriven.redriven()), first, "key {key:?}, twice");
+        }
     }
 
     /// A replayed request is marked as held whole: a retry in the replay's stack keeps

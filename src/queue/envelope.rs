@@ -544,12 +544,25 @@ impl Envelope {
     /// [`MessageId::new_v7`] (so it is queued behind what is pending now), no attempts,
     /// and everything else kept — the idempotency key, so the effect still happens at
     /// most once; the not-before, so it is due at once; and the expiry, so a message
-    /// past it dies again instead of being sent late.
+    /// past it dies again instead of being sent late. A message whose replays went out
+    /// under its id (its key blank, from another producer, or one no HTTP header can
+    /// carry) gets that id as its key: sent under the copy's new id, a receiver that
+    /// took an earlier replay would run it again.
     #[must_use]
     pub fn redriven(self) -> Self {
+        #[cfg(feature = "http")]
+        let keyed_by_id = crate::enqueue::codec::http_codec::key_header(&self).is_none();
+        #[cfg(not(feature = "http"))]
+        let keyed_by_id = self.idempotency_key.trim().is_empty();
+        let idempotency_key = if keyed_by_id {
+            self.id.to_string()
+        } else {
+            self.idempotency_key
+        };
         Envelope {
             id: MessageId::new_v7(),
             attempts: 0,
+            idempotency_key,
             ..self
         }
     }
