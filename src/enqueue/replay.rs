@@ -1080,6 +1080,14 @@ where
                 return;
             }
         }
+        // The batch's earlier messages took the time (queue calls that stalled): its
+        // replay would be cut off at its first poll, after the request may have gone
+        // out, and counted. Back, uncounted and uncalled, for the next lease.
+        if Instant::now() >= cut_off {
+            tracing::debug!(id = %token.id, "the batch's cut-off passed before its turn; held back");
+            self.hold_back(token, Duration::ZERO).await;
+            return;
+        }
         // A codec of the user's that panics on one message must not end the worker
         // (and every later replay with it): that message is dead-lettered instead.
         let codec = &*self.codec;

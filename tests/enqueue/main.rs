@@ -2190,6 +2190,55 @@ async fn a_shutdown_with_the_queue_down_ends_soon_after_its_grace() {
     assert_eq!(depth(&queue.inner).await.in_flight, 4, "a lease was lost");
 }
 
+/// A message whose turn in its batch comes after the batch's cut-off (the queue calls
+/// for the messages before it stalled) is given back uncounted, not started: its
+/// replay would be cut off at its first poll, after the request may have gone out,
+/// and counted as a failed attempt.
+#[tokio::test(start_paused = true)]
+async fn a_batch_member_reached_after_the_cut_off_is_given_back_not_started() {
+    let queue = AckRecorder::default();
+    let mut expired = due_envelope("http://api.test/expired");
+    expired.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1));
+    queue.inner.enqueue(expired).await.unwrap();
+    let due = enqueue_raw(&queue.inner, "http://api.test/due").await;
+    // The expired message's dead letter stalls past the cut-off, then fails.
+    queue.fail_next_settles_after(1, Duration::from_secs(28));
+    let cut = Arc::new(AtomicUsize::new(0));
+    let svc = service_fn({
+        let cut = cut.clone();
+        move |_req: InnerReq| {
+            struct Cut(Option<Arc<AtomicUsize>>);
+            impl Drop for Cut {
+                fn drop(&mut self) {
+                    if let Some(cut) = self.0.take() {
+                        cut.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            let mut guard = Cut(Some(cut.clone()));
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                guard.0.take();
+                Ok::<_, BoxError>(respond(200, ""))
+            }
+        }
+    });
+    let handle = Replayer::http(Arc::new(queue.clone()), svc)
+        .lease_for(Duration::from_secs(30))
+        .lease_batch(2)
+        .spawn()
+        .unwrap();
+    eventually(|| handle.stats().replayed == 1).await;
+    let stats = handle.shutdown().await;
+    assert_eq!(
+        cut.load(Ordering::SeqCst),
+        0,
+        "a replay was started past its cut-off"
+    );
+    assert_eq!(stats.retried, 0);
+    assert!(queue.inner.get(due).is_none(), "{due} not replayed");
+}
+
 /// A replay cut short by a shutdown does not use up an attempt: a message on its last
 /// attempt is replayed by the next replayer, not dead-lettered unjudged at its lease.
 #[tokio::test(start_paused = true)]

@@ -210,8 +210,8 @@ impl AckRecorder {
         self.outage.store(n, Ordering::SeqCst);
     }
 
-    /// As [`fail_next_settles`](Self::fail_next_settles), a failing `release`
-    /// answering only after `delay`.
+    /// As [`fail_next_settles`](Self::fail_next_settles), a failing `release` or
+    /// `dead_letter` answering only after `delay`.
     pub(crate) fn fail_next_settles_after(&self, n: usize, delay: Duration) {
         *self.outage_delay.lock().unwrap() = delay;
         self.fail_next_settles(n);
@@ -307,8 +307,12 @@ impl Queue for AckRecorder {
     ) -> impl Future<Output = Result<(), QueueError>> + Send {
         self.dead_lettered.fetch_add(1, Ordering::SeqCst);
         let (down, inner, reason) = (self.down(), self.inner.clone(), reason.to_owned());
+        let delay = *self.outage_delay.lock().unwrap();
         async move {
-            down.map_or(Ok(()), Err)?;
+            if let Some(e) = down {
+                tokio::time::sleep(delay).await;
+                return Err(e);
+            }
             inner.dead_letter(token, &reason).await
         }
     }
