@@ -934,12 +934,17 @@ impl Inner {
         // Fetched deliveries not due yet (retries a process that stopped left for
         // later) are held, and the fetch goes on for what is behind them while the
         // server has more, the hold has room, and for at most a quarter of `ack_wait`
-        // (the keep-alive waits for `held`).
+        // (the keep-alive waits for `held`). After a round that brought too few due,
+        // rounds ask for at least `FETCH_AHEAD`: passing many later deliveries a few
+        // at a time would keep `held` locked for a round trip each.
+        const FETCH_AHEAD: usize = 64;
         let mut due_now = due;
+        let mut ask = max.saturating_sub(due);
         while due_now < max {
-            match self.fetch(&mut held, max - due_now).await {
+            match self.fetch(&mut held, ask).await {
                 Ok(more) => {
                     due_now = held.values().filter(|h| h.due(now)).count();
+                    ask = max.saturating_sub(due_now).max(FETCH_AHEAD);
                     if !more || started.elapsed() >= self.ack_wait() / 4 {
                         break;
                     }
