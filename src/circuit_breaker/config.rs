@@ -618,9 +618,38 @@ impl CircuitBreakerConfig {
     /// Validates and builds the layer.
     ///
     /// # Errors
-    /// As [`CircuitBreakerBuilder::build`].
+    /// As [`CircuitBreakerBuilder::build`]; also a `window` or `minimum_calls` set
+    /// (to other than its default) with `consecutive_failures`, where it has no effect.
     pub fn build(&self) -> Result<CircuitBreakerLayer<ErrorClassifier>, ConfigError> {
+        self.check_mode()?;
         self.builder().build()
+    }
+
+    /// With `consecutive_failures` the breaker trips on failures in a row and keeps no
+    /// window: a `window` or `minimum_calls` set to other than its default (which the
+    /// file cannot tell from not set) would be ignored, and is an error, as slow calls
+    /// are.
+    pub(crate) fn check_mode(&self) -> Result<(), ConfigError> {
+        if self.consecutive_failures.is_none() {
+            return Ok(());
+        }
+        let default = Self::default();
+        for (field, set) in [
+            ("circuit_breaker.window", self.window != default.window),
+            (
+                "circuit_breaker.minimum_calls",
+                self.minimum_calls != default.minimum_calls,
+            ),
+        ] {
+            if set {
+                return Err(ConfigError::new(
+                    field,
+                    "has no effect with consecutive_failures (the breaker trips on failures \
+                     in a row, and keeps no window): remove one of the two",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -630,6 +659,28 @@ mod tests {
 
     fn field(b: CircuitBreakerBuilder) -> String {
         b.validate().unwrap_err().field().to_owned()
+    }
+
+    /// A window or a minimum of calls beside `consecutive_failures` is an error: the
+    /// breaker keeps no window in that mode, and the file's settings did nothing.
+    #[test]
+    fn a_window_beside_consecutive_failures_is_an_error() {
+        for (extra, field) in [
+            (
+                r#""window": {"type": "time", "duration": "30s", "buckets": 10}"#,
+                "circuit_breaker.window",
+            ),
+            (r#""minimum_calls": 50"#, "circuit_breaker.minimum_calls"),
+        ] {
+            let config: CircuitBreakerConfig = serde_json::from_str(&format!(
+                r#"{{"consecutive_failures": 3, "break_duration": "5s", {extra}}}"#
+            ))
+            .unwrap();
+            assert_eq!(config.build().unwrap_err().field(), field);
+        }
+        let alone: CircuitBreakerConfig =
+            serde_json::from_str(r#"{"consecutive_failures": 3, "break_duration": "5s"}"#).unwrap();
+        assert!(alone.build().is_ok());
     }
 
     /// A growing break needs its cap: without one it was capped at `break_duration`,

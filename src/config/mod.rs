@@ -873,6 +873,9 @@ impl ClientConfig {
             .and_then(crate::retry::RetryBuilder::build)
             .map_err(|e| prefixed(p, e))?;
         self.circuit_breaker
+            .check_mode()
+            .map_err(|e| prefixed(p, e))?;
+        self.circuit_breaker
             .builder()
             .keyed_by_authority()
             .max_keys(self.breaker_keys.max_keys)
