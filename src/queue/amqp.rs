@@ -911,11 +911,13 @@ impl Inner {
     /// timeout (the connection is kept: made again, it would be blocked again at its
     /// first publish).
     fn blocked(&self) -> Option<QueueError> {
+        // Connected too: lapin leaves a connection that failed while blocked marked
+        // blocked, and that one is to be made again.
         let blocked = self
             .publisher
             .lock_fast()
             .as_ref()
-            .is_some_and(|(_, conn, _)| conn.status().blocked());
+            .is_some_and(|(_, conn, _)| conn.status().connected() && conn.status().blocked());
         blocked.then(|| {
             QueueError::Unavailable(
                 "amqp: the broker blocks publishing (a memory or disk alarm)".into(),
@@ -968,8 +970,9 @@ impl Inner {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(self.fail(e, epoch).await),
             Err(_) => {
-                // Blocked by an alarm, the link is kept: the publish goes out, and its
-                // confirm is taken (see `Pending`), once the alarm ends.
+                // Blocked by an alarm, the link is kept: the publish goes out once the
+                // alarm ends (and is stored, though answered `Unavailable` here), rather
+                // than a new connection blocked again at its first publish.
                 if let Some(e) = self.blocked().filter(|_| self.publisher.is_live(epoch)) {
                     return Err(e);
                 }

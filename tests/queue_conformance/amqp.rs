@@ -198,8 +198,9 @@ fn rabbitmqctl(server: &PrivateServer, args: &[&str]) -> String {
 /// never drained.) Meanwhile enqueues fail at once; a retry is held here, not
 /// republished, and a dead letter fails with its lease kept, without ending the other
 /// leases; the blocked enqueue is stored once the alarm ends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
+/// A private RabbitMQ node (at most a minute to boot) and a queue on it whose calls
+/// time out after `timeout`.
+async fn a_queue_on_a_private_node(timeout: Duration) -> (PrivateServer, AmqpQueue) {
     let server = PrivateServer::start(private_rabbitmq);
     let port = server.port();
     crate::broker::accepting("RabbitMQ node", port, Duration::from_secs(60)).await;
@@ -218,24 +219,27 @@ async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
         }
     }
     assert!(booted, "the private RabbitMQ node answered within a minute");
-    // Long enough for the blocked enqueue to outlast the checks below.
-    let q = AmqpQueue::connect(options.with_timeout(Duration::from_secs(60)))
+    let q = AmqpQueue::connect(options.with_timeout(timeout))
         .await
         .unwrap();
-    let ids = [
-        q.enqueue(crate::suite::envelope("a")).await.unwrap().id(),
-        q.enqueue(crate::suite::envelope("b")).await.unwrap().id(),
-        q.enqueue(crate::suite::envelope("c")).await.unwrap().id(),
-    ];
-    rabbitmqctl(&server, &["set_vm_memory_high_watermark", "absolute", "1"]);
+    (server, q)
+}
+
+/// Sets off a memory alarm on the node, has an enqueue wait on it, and returns once the
+/// broker and the client both hold the publishing connection blocked (at most a
+/// minute), with the waiting enqueue.
+async fn block_publishing(
+    server: &PrivateServer,
+    q: &AmqpQueue,
+) -> tokio::task::JoinHandle<Result<Enqueued, QueueError>> {
+    rabbitmqctl(server, &["set_vm_memory_high_watermark", "absolute", "1"]);
     let blocked = tokio::spawn({
         let q = q.clone();
         async move { q.enqueue(crate::suite::envelope("x")).await }
     });
-    // Until the broker holds the enqueue's connection blocked (at most a minute).
     let mut states = String::new();
     for _ in 0..60 {
-        states = rabbitmqctl(&server, &["list_connections", "state"]);
+        states = rabbitmqctl(server, &["list_connections", "state"]);
         if states.lines().any(|l| l.trim() == "blocked") {
             break;
         }
@@ -245,6 +249,34 @@ async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
         states.lines().any(|l| l.trim() == "blocked"),
         "no connection blocked by the alarm: {states}"
     );
+    // The client hears it (at most 10 s): its channel is refused then.
+    let mut refused = false;
+    for _ in 0..100 {
+        if let Ok(Err(QueueError::Unavailable(_))) =
+            tokio::time::timeout(Duration::from_millis(100), q.channel()).await
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused,
+        "the client never heard the broker block publishing"
+    );
+    blocked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
+    // Long enough for the blocked enqueue to outlast the checks meanwhile.
+    let (server, q) = a_queue_on_a_private_node(Duration::from_secs(60)).await;
+    let ids = [
+        q.enqueue(crate::suite::envelope("a")).await.unwrap().id(),
+        q.enqueue(crate::suite::envelope("b")).await.unwrap().id(),
+        q.enqueue(crate::suite::envelope("c")).await.unwrap().id(),
+    ];
+    let blocked = block_publishing(&server, &q).await;
     let quick = Duration::from_secs(5);
     let lease_for = Duration::from_secs(30);
     let got = tokio::time::timeout(quick, q.lease(3, lease_for, crate::suite::at(0)))
@@ -254,21 +286,7 @@ async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
     let leased: HashSet<_> = got.iter().map(|l| l.envelope.id).collect();
     assert_eq!(leased, HashSet::from(ids));
     let token = |id| got.iter().find(|l| l.envelope.id == id).unwrap().token;
-    // Once the client has heard the broker block it (at most 10 s), enqueues fail at
-    // once.
-    let mut refused = false;
-    for _ in 0..100 {
-        if let Ok(Err(QueueError::Unavailable(_))) =
-            tokio::time::timeout(Duration::from_millis(100), q.channel()).await
-        {
-            refused = true;
-            break;
-        }
-    }
-    assert!(
-        refused,
-        "the client never heard the broker block publishing"
-    );
+    // Enqueues fail at once.
     let refused = tokio::time::timeout(quick, q.enqueue(crate::suite::envelope("y")))
         .await
         .expect("an enqueue waited on the blocked connection");
@@ -297,6 +315,44 @@ async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
     let back = q.lease(10, lease_for, crate::suite::at(60)).await.unwrap();
     let back: HashSet<_> = back.iter().map(|l| l.envelope.id).collect();
     assert_eq!(back, HashSet::from([ids[0], x]));
+}
+
+/// A publishing connection that the broker closes while it is blocked (a broker
+/// restarted to end a disk alarm, an operator's `close_connection`) is made again once
+/// the alarm is over. (lapin leaves a failed connection marked blocked: taken for one
+/// still blocked, it refused every publish until the process restarted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_connection_closed_by_the_broker_is_made_again() {
+    let (server, q) = a_queue_on_a_private_node(Duration::from_secs(2)).await;
+    let blocked = block_publishing(&server, &q).await;
+    // The blocked enqueue gives up (the connection kept, blocked), then the broker
+    // closes the connection with no publish waiting on it.
+    let gave_up = blocked.await.unwrap();
+    assert!(
+        matches!(gave_up, Err(QueueError::Unavailable(_))),
+        "{gave_up:?}"
+    );
+    rabbitmqctl(&server, &["close_all_connections", "test"]);
+    rabbitmqctl(&server, &["set_vm_memory_high_watermark", "0.4"]);
+    let mut stored = None;
+    for _ in 0..100 {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            q.enqueue(crate::suite::envelope("after")),
+        )
+        .await
+        {
+            Ok(Ok(e)) => {
+                stored = Some(e);
+                break;
+            }
+            Ok(Err(QueueError::Unavailable(_))) | Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(e)) => panic!("{e}"),
+        }
+    }
+    assert!(stored.is_some(), "enqueues still refused after the alarm");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
