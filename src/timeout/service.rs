@@ -306,6 +306,8 @@ mod http_propagation {
     ///   `grpc-timeout`. A header already on the request with a shorter time (one the
     ///   caller set, as tonic's `Request::set_timeout` does) wins: the extension and
     ///   both headers then carry that time (the layer's own timer keeps its budget).
+    ///   Beside a [`CallDeadline`], a header within a millisecond of it is taken for
+    ///   the outer layer's copy of it, rounded down, not for a shorter limit.
     ///   A server that does not trust the previous hop uses
     ///   [`ignoring_inbound_headers`](Self::ignoring_inbound_headers): the headers
     ///   it received are then overwritten, never read.
@@ -385,13 +387,19 @@ mod http_propagation {
             // caller asked, and a retry inside must not give each attempt that whole
             // limit again (it reads the `CallDeadline`). An untrusting server never
             // reads what a remote client sent. With a `CallDeadline`, a layer outside
-            // wrote the headers from it, rounded down (a shorter limit set before it is
-            // in it already): the milliseconds header read as a limit would cut the
-            // deadline by up to a millisecond, to `0` under one.
+            // may have written the headers from it, rounded down by under a millisecond:
+            // only a limit shorter by more is the caller's (read as one, the milliseconds
+            // header cut the deadline by up to a millisecond, to `0` under one).
             let set = match self.headers {
                 Headers::Ignored => None,
-                _ if req.extensions().get::<CallDeadline>().is_some() => None,
-                Headers::CallerSet | Headers::Inbound => header_timeout(req.headers(), is_grpc),
+                Headers::CallerSet | Headers::Inbound => {
+                    let set = header_timeout(req.headers(), is_grpc);
+                    if req.extensions().get::<CallDeadline>().is_some() {
+                        set.filter(|&set| set.saturating_add(Duration::from_millis(1)) < remaining)
+                    } else {
+                        set
+                    }
+                }
             };
             let (deadline, remaining) = match set {
                 Some(set) if set < remaining => {

@@ -319,6 +319,32 @@ async fn an_attempt_inside_a_deadline_tells_the_exact_deadline_not_the_rounded_h
     }
 }
 
+/// A shorter limit the caller set in `grpc-timeout` still wins beside a
+/// `CallDeadline` it carries (one copied from the request it serves): only a header
+/// within a millisecond of the deadline is taken for a layer's rounded copy of it.
+#[tokio::test(start_paused = true)]
+async fn a_shorter_caller_timeout_beside_a_call_deadline_still_wins() {
+    let start = Instant::now();
+    let svc = AttemptTimeoutLayer::http(Duration::from_secs(5))
+        .unwrap()
+        .layer(tower::service_fn(|req: http::Request<()>| async move {
+            let at = req.extensions().get::<CallDeadline>().unwrap().at();
+            Ok::<_, BoxError>((req.headers()["grpc-timeout"].clone(), at))
+        }));
+    let mut req = http::Request::new(());
+    req.extensions_mut()
+        .insert(CallDeadline::new(start + Duration::from_secs(1)));
+    let h = req.headers_mut();
+    h.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-timeout", http::HeaderValue::from_static("100m"));
+    let (sent, at) = svc.oneshot(req).await.unwrap();
+    assert_eq!(sent, "100000u");
+    assert_eq!(at, start + Duration::from_millis(100));
+}
+
 #[tokio::test(start_paused = true)]
 async fn plain_http_requests_get_the_timeout_ms_header_but_no_grpc_timeout() {
     let (mut svc, mut handle) = mock::spawn_layer::<http::Request<()>, (), _>(
