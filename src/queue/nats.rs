@@ -934,9 +934,10 @@ impl Inner {
         // Fetched deliveries not due yet (retries a process that stopped left for
         // later) are held, and the fetch goes on for what is behind them while the
         // server has more, the hold has room, and for at most a quarter of `ack_wait`
-        // (the keep-alive waits for `held`). After a round that brought too few due,
-        // rounds ask for at least `FETCH_AHEAD`: passing many later deliveries a few
-        // at a time would keep `held` locked for a round trip each.
+        // (the keep-alive waits for `held`). Each round that brought too few due asks
+        // for twice as many, up to `FETCH_AHEAD`: passing many later deliveries a few
+        // at a time would keep `held` locked for a round trip each, and asking for many
+        // at once would hold here due ones another process could take.
         const FETCH_AHEAD: usize = 64;
         let mut due_now = due;
         let mut ask = max.saturating_sub(due);
@@ -944,7 +945,9 @@ impl Inner {
             match self.fetch(&mut held, ask).await {
                 Ok(more) => {
                     due_now = held.values().filter(|h| h.due(now)).count();
-                    ask = max.saturating_sub(due_now).max(FETCH_AHEAD);
+                    ask = max
+                        .saturating_sub(due_now)
+                        .max(ask.saturating_mul(2).min(FETCH_AHEAD));
                     if !more || started.elapsed() >= self.ack_wait() / 4 {
                         break;
                     }
