@@ -1179,6 +1179,12 @@ impl Inner {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.fail(e, epoch).await),
             Err(_) => {
+                // A call on the publishing channel behind a publish the broker blocks
+                // (an enqueue's capacity check): the link is kept, as by
+                // `publish_confirmed`.
+                if let Some(e) = self.blocked().filter(|_| self.publisher.is_live(epoch)) {
+                    return Err(e);
+                }
                 self.drop_link(epoch).await;
                 Err(QueueError::Unavailable(
                     "amqp: broker did not answer in time".into(),

@@ -191,13 +191,6 @@ fn rabbitmqctl(server: &PrivateServer, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// During a memory alarm RabbitMQ stops reading from a connection once it publishes.
-/// With an enqueue blocked by the alarm, the replayer still leases and acks: the queue
-/// leases over a connection that does not publish. (On one connection, the lease waited
-/// behind the blocked publish and timed out, and the backlog that raised the alarm was
-/// never drained.) Meanwhile enqueues fail at once; a retry is held here, not
-/// republished, and a dead letter fails with its lease kept, without ending the other
-/// leases; the blocked enqueue is stored once the alarm ends.
 /// A private RabbitMQ node (at most a minute to boot) and a queue on it whose calls
 /// time out after `timeout`.
 async fn a_queue_on_a_private_node(timeout: Duration) -> (PrivateServer, AmqpQueue) {
@@ -206,23 +199,25 @@ async fn a_queue_on_a_private_node(timeout: Duration) -> (PrivateServer, AmqpQue
     crate::broker::accepting("RabbitMQ node", port, Duration::from_secs(60)).await;
     let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let options = options().with_url(url);
-    // A node that accepts may still be booting: tried for up to a minute.
-    let mut booted = false;
+    let probe = booted(&options).await;
+    let q = AmqpQueue::connect(options.with_timeout(timeout))
+        .await
+        .unwrap();
+    drop(probe);
+    (server, q)
+}
+
+/// A queue with `options` (and a 2 s timeout) on a node that accepts connections but
+/// may still be booting: tried for up to a minute.
+async fn booted(options: &AmqpOptions) -> AmqpQueue {
     for _ in 0..30 {
         match AmqpQueue::connect(options.clone().with_timeout(Duration::from_secs(2))).await {
-            Ok(_) => {
-                booted = true;
-                break;
-            }
+            Ok(q) => return q,
             Err(QueueError::Unavailable(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
             Err(e) => panic!("{e}"),
         }
     }
-    assert!(booted, "the private RabbitMQ node answered within a minute");
-    let q = AmqpQueue::connect(options.with_timeout(timeout))
-        .await
-        .unwrap();
-    (server, q)
+    panic!("the private RabbitMQ node did not answer within a minute");
 }
 
 /// Sets off a memory alarm on the node, has an enqueue wait on it, and returns once the
@@ -267,6 +262,13 @@ async fn block_publishing(
     blocked
 }
 
+/// During a memory alarm RabbitMQ stops reading from a connection once it publishes.
+/// With an enqueue blocked by the alarm, the replayer still leases and acks: the queue
+/// leases over a connection that does not publish. (On one connection, the lease waited
+/// behind the blocked publish and timed out, and the backlog that raised the alarm was
+/// never drained.) Meanwhile enqueues fail at once; a retry is held here, not
+/// republished, and a dead letter fails with its lease kept, without ending the other
+/// leases; the blocked enqueue is stored once the alarm ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
     // Long enough for the blocked enqueue to outlast the checks meanwhile.
