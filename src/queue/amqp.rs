@@ -418,6 +418,12 @@ struct State {
     moved: HashMap<MessageId, Instant>,
     /// Spaces out making room while it brings nothing due.
     pacer: RoomPacer,
+    /// Undecodable deliveries whose move to the dead-letter queue could not be
+    /// published (an alarm blocks the publishing connection), held unacked on the
+    /// channel of `epoch` for a later lease to move, with why and since when: given
+    /// back, a quorum queue hands such a message out first again, and every lease
+    /// stopped at it.
+    aside: Vec<(lapin::message::Delivery, String, Instant)>,
 }
 
 impl State {
@@ -653,7 +659,11 @@ impl AmqpQueue {
     /// [`QueueError::Unavailable`] or [`QueueError::Backend`].
     pub async fn purge(&self) -> Result<(), QueueError> {
         let (ch, epoch) = self.inner.channel().await?;
-        self.inner.state.lock().await.held.clear();
+        {
+            let mut st = self.inner.state.lock().await;
+            st.held.clear();
+            st.aside.clear();
+        }
         self.inner.lock_keys().clear();
         // Enqueues waiting for a claim just forgotten would not hear its publish end.
         self.inner.publish_ended.notify_waiters();
@@ -1326,6 +1336,7 @@ impl Inner {
         if max == 0 {
             return Ok(Vec::new());
         }
+        self.move_aside(epoch, &mut st).await?;
         let due = st.held.values().filter(|h| h.due(now)).count();
         let mut moved = 0;
         if st.held.len() < self.max_held {
@@ -1348,49 +1359,17 @@ impl Inner {
             let mut envelope = match Envelope::decode(&delivery.data) {
                 Ok(e) => e,
                 Err(e) => {
-                    // An id of its own, so its return (if any) is told from another's;
-                    // the message's own properties and headers kept, for the operator
-                    // to tell where it came from, and why it is there.
-                    let move_id = MessageId::new_v7().to_string();
-                    let props = undecodable_dead_letter(&delivery.properties, &move_id, &e);
-                    let moved = async {
-                        let (pch, at) = self.publisher().await?;
-                        let confirmation = self
-                            .publish_confirmed(&pch, at, &self.dead_queue, &delivery.data, props)
-                            .await?;
-                        let answer = self.answer(&confirmation, &move_id, &self.dead_queue);
-                        // Its queue deleted by hand: declared again, or every lease would
-                        // meet this message first, and fail, until another call did.
-                        self.declare_if_returned(&pch, at, answer, &self.dead_queue)
-                            .await;
-                        Ok::<_, QueueError>(answer)
-                    };
-                    let answer = match moved.await {
-                        Ok(answer) => answer,
-                        // The publishing connection failed or is blocked (an alarm):
-                        // given back to the queue, and the fetch ends here (it would
-                        // meet this message again first).
-                        Err(moving) => {
-                            tracing::warn!(queue = %self.queue, error = %moving, "postbox: an undecodable message could not be moved to the dead-letter queue yet");
-                            self.io(epoch, delivery.acker.nack(requeue())).await?;
-                            break;
+                    let why = e.to_string();
+                    if let Some(kept) = self.move_undecodable(epoch, delivery, &why).await? {
+                        if st.aside.len() < super::hold::MOVE_AT_ONCE {
+                            st.aside.push((kept, why, Instant::now()));
+                            continue;
                         }
-                    };
-                    if answer != Answer::Confirmed {
-                        // Not moved: give it back to the queue rather than drop it.
-                        let what = format!(
-                            "{} (an undecodable message: {e}): {}",
-                            self.dead_queue,
-                            answer.refusal()
-                        );
-                        return Err(self.give_back(epoch, &delivery.acker, answer, what).await);
+                        // Enough set aside: given back, and the fetch ends here (it
+                        // would meet this message again first).
+                        self.io(epoch, kept.acker.nack(requeue())).await?;
+                        break;
                     }
-                    // Counted (and logged at error level) once moved, as by the other
-                    // backends: a move that failed comes back, and would be counted again.
-                    tracing::error!(queue = %self.queue, error = %e, "postbox: undecodable message moved to the dead-letter queue");
-                    metrics::counter!("postbox_queue_quarantined_total").increment(1);
-                    self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
-                        .await?;
                     continue;
                 }
             };
@@ -1567,6 +1546,94 @@ impl Inner {
             }
         }
         Ok(out)
+    }
+
+    /// Moves an undecodable delivery on the consumer's channel of `epoch` to the
+    /// dead-letter queue as it is (payload and properties but its own
+    /// `message_id`, with `postbox-reason: undecodable: {why}`), then acks it; counted
+    /// and logged once moved. `Ok(Some(delivery))`: not moved, the publish failed (a
+    /// broken or blocked publishing connection), the delivery still unacked. A move
+    /// the broker refused gives the delivery back and fails the call.
+    async fn move_undecodable(
+        &self,
+        epoch: u64,
+        delivery: lapin::message::Delivery,
+        why: &str,
+    ) -> Result<Option<lapin::message::Delivery>, QueueError> {
+        // An id of its own, so its return (if any) is told from another's; the
+        // message's own properties and headers kept, for the operator to tell where it
+        // came from, and why it is there.
+        let move_id = MessageId::new_v7().to_string();
+        let props = undecodable_dead_letter(&delivery.properties, &move_id, &why);
+        let moved = async {
+            let (pch, at) = self.publisher().await?;
+            let confirmation = self
+                .publish_confirmed(&pch, at, &self.dead_queue, &delivery.data, props)
+                .await?;
+            let answer = self.answer(&confirmation, &move_id, &self.dead_queue);
+            // Its queue deleted by hand: declared again, or every lease would meet this
+            // message first, and fail, until another call did.
+            self.declare_if_returned(&pch, at, answer, &self.dead_queue)
+                .await;
+            Ok::<_, QueueError>(answer)
+        };
+        let answer = match moved.await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, error = %e, "postbox: an undecodable message could not be moved to the dead-letter queue yet");
+                return Ok(Some(delivery));
+            }
+        };
+        if answer != Answer::Confirmed {
+            // Not moved: give it back to the queue rather than drop it.
+            let what = format!(
+                "{} (an undecodable message: {why}): {}",
+                self.dead_queue,
+                answer.refusal()
+            );
+            return Err(self.give_back(epoch, &delivery.acker, answer, what).await);
+        }
+        // Counted (and logged at error level) once moved, as by the other backends: a
+        // move that failed comes back, and would be counted again.
+        tracing::error!(queue = %self.queue, error = %why, "postbox: undecodable message moved to the dead-letter queue");
+        metrics::counter!("postbox_queue_quarantined_total").increment(1);
+        self.io(epoch, delivery.acker.ack(BasicAckOptions::default()))
+            .await?;
+        Ok(None)
+    }
+
+    /// Tries again to move the undecodable deliveries set aside ([`State::aside`]),
+    /// unless publishing is still blocked; one set aside for longer than the hold
+    /// limit is given back to its queue instead (held on, it would reach the broker's
+    /// `consumer_timeout`, which closes the channel with every lease on it).
+    async fn move_aside(&self, epoch: u64, st: &mut State) -> Result<(), QueueError> {
+        if st.aside.is_empty() {
+            return Ok(());
+        }
+        let blocked = self.blocked().is_some();
+        let mut left = std::mem::take(&mut st.aside).into_iter();
+        while let Some((delivery, why, since)) = left.next() {
+            let step = if since.elapsed() > self.hold_limit {
+                self.io(epoch, delivery.acker.nack(requeue()))
+                    .await
+                    .map(|_| None)
+            } else if blocked {
+                Ok(Some(delivery))
+            } else {
+                self.move_undecodable(epoch, delivery, &why).await
+            };
+            match step {
+                Ok(Some(kept)) => st.aside.push((kept, why, since)),
+                Ok(None) => {}
+                Err(e) => {
+                    // The rest stay set aside (a refused move gave only its own
+                    // delivery back).
+                    st.aside.extend(left);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes room in a full hold for the messages behind it: moves up to `n` (at most
@@ -1837,6 +1904,8 @@ impl Inner {
             if st.died.len() > UNCOUNTED_MAX {
                 st.died.clear();
             }
+            // On the dead channel: the broker puts them back.
+            st.aside.clear();
             for (id, h) in std::mem::take(&mut st.held) {
                 let died = st.died.entry(id).or_default();
                 if matches!(h.state, HeldState::Scheduled(_)) {

@@ -319,6 +319,48 @@ async fn leases_and_acks_go_on_while_an_alarm_blocks_enqueues() {
     assert_eq!(back, HashSet::from([ids[0], x]));
 }
 
+/// An undecodable message at the head of the queue while an alarm blocks publishing
+/// (its move to the dead-letter queue is a publish) is set aside, and the lease goes on
+/// past it; once the alarm ends, a lease moves it. (Given back, it ended the lease's
+/// fetch, and a quorum queue may hand it out first again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_message_during_an_alarm_does_not_stop_the_leases() {
+    let (server, q) = a_queue_on_a_private_node(Duration::from_secs(60)).await;
+    publish_raw(&q, 0, b"not an envelope", "orig-1").await;
+    let ids = HashSet::from([
+        q.enqueue(crate::suite::envelope("a")).await.unwrap().id(),
+        q.enqueue(crate::suite::envelope("b")).await.unwrap().id(),
+    ]);
+    let blocked = block_publishing(&server, &q).await;
+    let lease_for = Duration::from_secs(30);
+    let quick = Duration::from_secs(5);
+    let leased = tokio::time::timeout(quick, q.lease(3, lease_for, crate::suite::at(0)))
+        .await
+        .expect("the lease waited on the blocked connection")
+        .unwrap();
+    let got: HashSet<_> = leased.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(got, ids, "the lease stopped at the undecodable message");
+    let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+    q.ack(&tokens).await.unwrap();
+    rabbitmqctl(&server, &["set_vm_memory_high_watermark", "0.4"]);
+    blocked.await.unwrap().unwrap();
+    let mut dead = 0;
+    for _ in 0..50 {
+        let leased = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
+        let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
+        q.ack(&tokens).await.unwrap();
+        dead = q.depth().await.unwrap().dead;
+        if dead == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        dead, 1,
+        "the undecodable message was not moved after the alarm"
+    );
+}
+
 /// A publishing connection that the broker closes while it is blocked (a broker
 /// restarted to end a disk alarm, an operator's `close_connection`) is made again once
 /// the alarm is over. (lapin leaves a failed connection marked blocked: taken for one
