@@ -1346,7 +1346,10 @@ impl Inner {
             moved = self.make_room(&ch, epoch, &mut st, max - due, now).await;
         }
         let mut fetched = 0;
-        while fetched < max && st.held.len() < self.max_held {
+        // Once a move of an undecodable message failed, the others are set aside without
+        // trying (each try may wait the timeout, the hold locked).
+        let mut moves_fail = self.blocked().is_some();
+        while fetched < max && st.held.len() + st.aside.len() < self.max_held {
             let got = self
                 .io(
                     epoch,
@@ -1360,7 +1363,13 @@ impl Inner {
                 Ok(e) => e,
                 Err(e) => {
                     let why = e.to_string();
-                    if let Some(kept) = self.move_undecodable(epoch, delivery, &why).await? {
+                    let kept = if moves_fail {
+                        Some(delivery)
+                    } else {
+                        self.move_undecodable(epoch, delivery, &why).await?
+                    };
+                    if let Some(kept) = kept {
+                        moves_fail = true;
                         if st.aside.len() < super::hold::MOVE_AT_ONCE {
                             st.aside.push((kept, why, Instant::now()));
                             continue;
@@ -1602,35 +1611,44 @@ impl Inner {
         Ok(None)
     }
 
-    /// Tries again to move the undecodable deliveries set aside ([`State::aside`]),
-    /// unless publishing is still blocked; one set aside for longer than the hold
-    /// limit is given back to its queue instead (held on, it would reach the broker's
-    /// `consumer_timeout`, which closes the channel with every lease on it).
+    /// Tries again to move the undecodable deliveries set aside ([`State::aside`]):
+    /// none while publishing is blocked, and none after the first that fails or once
+    /// the call timeout has passed (the hold is locked meanwhile, as in
+    /// [`make_room`](Self::make_room)). One still not moved after the hold limit is
+    /// given back to its queue (held on, it would reach the broker's
+    /// `consumer_timeout`, which closes the channel with every lease on it). A move the
+    /// broker refuses gave its delivery back, and the others go on.
     async fn move_aside(&self, epoch: u64, st: &mut State) -> Result<(), QueueError> {
         if st.aside.is_empty() {
             return Ok(());
         }
-        let blocked = self.blocked().is_some();
-        let mut left = std::mem::take(&mut st.aside).into_iter();
-        while let Some((delivery, why, since)) = left.next() {
-            let step = if since.elapsed() > self.hold_limit {
-                self.io(epoch, delivery.acker.nack(requeue()))
-                    .await
-                    .map(|_| None)
-            } else if blocked {
+        let until = Instant::now().checked_add(self.timeout);
+        let mut stop = self.blocked().is_some();
+        for (delivery, why, since) in std::mem::take(&mut st.aside) {
+            stop |= until.is_some_and(|until| Instant::now() >= until);
+            let step = if stop {
                 Ok(Some(delivery))
             } else {
                 self.move_undecodable(epoch, delivery, &why).await
             };
-            match step {
-                Ok(Some(kept)) => st.aside.push((kept, why, since)),
-                Ok(None) => {}
+            let kept = match step {
+                Ok(kept) => kept,
+                Err(e) if self.consumer.is_live(epoch) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "postbox: an undecodable message set aside was refused by the dead-letter queue; given back");
+                    None
+                }
                 Err(e) => {
-                    // The rest stay set aside (a refused move gave only its own
-                    // delivery back).
-                    st.aside.extend(left);
+                    // The channel is gone, and the rest with it (the broker puts them
+                    // back).
                     return Err(e);
                 }
+            };
+            let Some(kept) = kept else { continue };
+            stop = true;
+            if since.elapsed() <= self.hold_limit {
+                st.aside.push((kept, why, since));
+            } else {
+                self.io(epoch, kept.acker.nack(requeue())).await?;
             }
         }
         Ok(())
@@ -2084,7 +2102,8 @@ impl Inner {
         Ok(Depth {
             pending: ready + held,
             in_flight,
-            dead,
+            // Undecodable messages set aside, bound for the dead letters.
+            dead: dead + st.aside.len() as u64,
         })
     }
 

@@ -342,23 +342,41 @@ async fn an_undecodable_message_during_an_alarm_does_not_stop_the_leases() {
     assert_eq!(got, ids, "the lease stopped at the undecodable message");
     let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
     q.ack(&tokens).await.unwrap();
+    // A lease meanwhile does not wait on the message set aside, which counts as dead.
+    let again = tokio::time::timeout(quick, q.lease(3, lease_for, crate::suite::at(0)))
+        .await
+        .expect("the lease waited on the blocked connection")
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(q.depth().await.unwrap().dead, 1);
     rabbitmqctl(&server, &["set_vm_memory_high_watermark", "0.4"]);
     blocked.await.unwrap().unwrap();
-    let mut dead = 0;
+    // In the dead-letter queue itself once a lease after the alarm moved it.
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let mut moved = 0;
     for _ in 0..50 {
         let leased = q.lease(10, lease_for, crate::suite::at(0)).await.unwrap();
         let tokens: Vec<_> = leased.iter().map(|l| l.token).collect();
         q.ack(&tokens).await.unwrap();
-        dead = q.depth().await.unwrap().dead;
-        if dead == 1 {
+        let ch = q.channel().await.unwrap();
+        moved = ch
+            .queue_declare(q.queues()[2], passive, Default::default())
+            .await
+            .unwrap()
+            .message_count();
+        if moved == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        dead, 1,
+        moved, 1,
         "the undecodable message was not moved after the alarm"
     );
+    assert_eq!(q.depth().await.unwrap().dead, 1, "counted twice");
 }
 
 /// A publishing connection that the broker closes while it is blocked (a broker
