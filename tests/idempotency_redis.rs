@@ -182,6 +182,18 @@ async fn redis_connection() -> redis::aio::MultiplexedConnection {
         .unwrap_or_else(|e| panic!("Redis is not reachable at {}: {e}", url()))
 }
 
+/// Stores `value` under `key` for a minute, behind the store's back.
+async fn set_for_a_minute(raw: &mut redis::aio::MultiplexedConnection, key: &str, value: &[u8]) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(raw)
+        .await
+        .unwrap();
+}
+
 /// A remembered response this version cannot read (written by a newer one, during a
 /// rolling deploy) is answered as in progress: the handler is not run again.
 #[tokio::test]
@@ -189,14 +201,12 @@ async fn an_unreadable_response_is_not_taken_for_a_free_key() {
     let prefix = fresh_prefix();
     let store = instance(&prefix).await;
     let mut raw = redis_connection().await;
-    let _: () = redis::cmd("SET")
-        .arg(store.redis_key("k"))
-        .arg(b"D\xff from a newer version".as_slice())
-        .arg("PX")
-        .arg(60_000)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    set_for_a_minute(
+        &mut raw,
+        &store.redis_key("k"),
+        b"D\xff from a newer version",
+    )
+    .await;
     assert_eq!(store.claim("k", LOCK).await.unwrap(), Claim::InProgress);
 }
 
@@ -211,14 +221,7 @@ async fn a_response_in_another_version_is_not_fetched_whole() {
     let mut raw = redis_connection().await;
     let mut value = b"D\xff".to_vec();
     value.resize(4 << 20, b'x');
-    let _: () = redis::cmd("SET")
-        .arg(store.redis_key("k"))
-        .arg(value)
-        .arg("PX")
-        .arg(60_000)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    set_for_a_minute(&mut raw, &store.redis_key("k"), &value).await;
     // Once first: the script loaded, so the measured claim is one round trip.
     assert_eq!(store.claim("k", LOCK).await.unwrap(), Claim::InProgress);
     let sent = async |raw: &mut redis::aio::MultiplexedConnection| -> u64 {

@@ -2747,6 +2747,12 @@ mod tests {
     }
 
     /// Needs RabbitMQ on 127.0.0.1:5672 (or `POSTBOX_AMQP_URL`); fails if it is down.
+    /// The queue's live consumer connection.
+    async fn consumer_connection(q: &AmqpQueue) -> Arc<Connection> {
+        let link = q.inner.consumer.link.lock().await;
+        link.as_ref().unwrap().conn.clone()
+    }
+
     #[tokio::test]
     async fn a_connection_replaced_after_an_error_is_closed() {
         let name = format!("unit-close-{}", MessageId::new_v7());
@@ -2754,16 +2760,7 @@ mod tests {
             .await
             .expect("RabbitMQ must answer on 127.0.0.1:5672 (see shared/services.md)");
         let (_, epoch) = q.inner.channel().await.unwrap();
-        let old = q
-            .inner
-            .consumer
-            .link
-            .lock()
-            .await
-            .as_ref()
-            .unwrap()
-            .conn
-            .clone();
+        let old = consumer_connection(&q).await;
         assert!(old.status().connected());
         // An error on a call while the connection itself is fine (a channel-level
         // failure): the link is dropped and the next call connects anew.
@@ -2812,16 +2809,7 @@ mod tests {
         let leased = q.lease(1, Duration::from_secs(30), now).await.unwrap();
         assert_eq!(leased.len(), 1);
         let (_, epoch) = q.inner.channel().await.unwrap();
-        let old = q
-            .inner
-            .consumer
-            .link
-            .lock()
-            .await
-            .as_ref()
-            .unwrap()
-            .conn
-            .clone();
+        let old = consumer_connection(&q).await;
         q.inner.drop_link(epoch).await;
         let mut again = Vec::new();
         for _ in 0..100 {
