@@ -979,18 +979,9 @@ impl Inner {
         match tokio::time::timeout(self.timeout, publish).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(self.fail(e, epoch).await),
-            Err(_) => {
-                // Blocked by an alarm, the link is kept: the publish goes out once the
-                // alarm ends (and is stored, though answered `Unavailable` here), rather
-                // than a new connection blocked again at its first publish.
-                if let Some(e) = self.blocked().filter(|_| self.publisher.is_live(epoch)) {
-                    return Err(e);
-                }
-                self.drop_link(epoch).await;
-                Err(QueueError::Unavailable(
-                    "amqp publisher confirm timed out".into(),
-                ))
-            }
+            Err(_) => Err(self
+                .timed_out(epoch, "amqp publisher confirm timed out")
+                .await),
         }
     }
 
@@ -1188,23 +1179,27 @@ impl Inner {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.fail(e, epoch).await),
-            Err(_) => {
-                // A call on the publishing channel behind a publish the broker blocks
-                // (an enqueue's capacity check): the link is kept, as by
-                // `publish_confirmed`.
-                if let Some(e) = self.blocked().filter(|_| self.publisher.is_live(epoch)) {
-                    return Err(e);
-                }
-                self.drop_link(epoch).await;
-                Err(QueueError::Unavailable(
-                    "amqp: broker did not answer in time".into(),
-                ))
-            }
+            Err(_) => Err(self
+                .timed_out(epoch, "amqp: broker did not answer in time")
+                .await),
         }
     }
 
     async fn drop_link(&self, epoch: u64) {
         self.unlink(epoch, "timeout").await;
+    }
+
+    /// The error for a call on the link of `epoch` that timed out (`what`), the link
+    /// dropped, unless it is the publishing link the broker blocks (a publish, or a
+    /// call behind one such as an enqueue's capacity check): that one is kept, and the
+    /// publish goes out once the alarm ends (stored, though answered `Unavailable`
+    /// here), rather than a new connection blocked again at its first publish.
+    async fn timed_out(&self, epoch: u64, what: &'static str) -> QueueError {
+        if let Some(e) = self.blocked().filter(|_| self.publisher.is_live(epoch)) {
+            return e;
+        }
+        self.drop_link(epoch).await;
+        QueueError::Unavailable(what.into())
     }
 
     async fn enqueue(&self, envelope: Envelope) -> Result<Enqueued, QueueError> {
