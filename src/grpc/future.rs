@@ -161,12 +161,25 @@ where
                         .classify_headers(parts.status, &parts.headers)
                     {
                         // Trailers-only (or a non-200 from a proxy): the status is final.
-                        let code = GrpcCode::from_headers(&parts.headers)
-                            .unwrap_or_else(|| GrpcCode::from_http_status(parts.status));
+                        let sent = GrpcCode::from_headers(&parts.headers);
+                        let code = sent.unwrap_or_else(|| GrpcCode::from_http_status(parts.status));
                         let outcome = GrpcOutcome::new(code, c, false);
                         this.hook.on_grpc_status(&outcome);
                         parts.extensions.insert(outcome);
                         this.state.set(State::Done);
+                        if sent.is_none() {
+                            // A proxy's page (a `502` from nginx, a `503` from a load
+                            // balancer): the status the gRPC spec has the client make
+                            // of it goes into the headers, and the page is dropped. Left
+                            // as it was, tonic read the page as gRPC frames, and its
+                            // caller got `INTERNAL` ("invalid compression flag") where
+                            // these layers had seen `UNAVAILABLE`.
+                            proxy_status(&mut parts, code);
+                            return Poll::Ready(Ok(Response::from_parts(
+                                parts,
+                                GrpcStatusBody::empty(),
+                            )));
+                        }
                         return Poll::Ready(Ok(Response::from_parts(
                             parts,
                             GrpcStatusBody::streaming(Bytes::new(), body, None),
@@ -405,6 +418,20 @@ fn finish_web<B, H: OnGrpcStatus>(
     Response::from_parts(parts, GrpcStatusBody::empty())
 }
 
+/// Makes a non-200 answer without a `grpc-status` (a proxy's) trailers-only, with
+/// `code` (from its HTTP status, as the gRPC spec maps it) and a `grpc-message` naming
+/// that status; its body is dropped.
+fn proxy_status(parts: &mut Parts, code: GrpcCode) {
+    parts
+        .headers
+        .insert("grpc-status", HeaderValue::from(code as i32));
+    let message = format!("HTTP%20{}%20from%20a%20proxy", parts.status.as_u16());
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        parts.headers.insert("grpc-message", message);
+    }
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+}
+
 /// Sets the `UNKNOWN` status that stands in for a missing one.
 fn stand_in_unknown(map: &mut HeaderMap) {
     map.insert("grpc-status", HeaderValue::from_static("2"));
@@ -626,6 +653,58 @@ mod tests {
                 assert_eq!(parts.headers["x-trace"], "1");
             }
         }
+    }
+
+    /// A proxy's non-200 page to a gRPC call (no `grpc-status`) is made the status the
+    /// gRPC spec maps its HTTP status to, in the headers, and the page is dropped, so
+    /// the caller reads what these layers classified. (tonic read the page as gRPC
+    /// frames: `INTERNAL`, "invalid compression flag", where the breaker and the retry
+    /// had seen `UNAVAILABLE`.) A non-200 with its own `grpc-status` keeps it.
+    #[tokio::test]
+    async fn a_proxys_error_page_is_the_status_the_spec_maps_it_to() {
+        for (status, grpc_status, expected) in [
+            (502, None, GrpcCode::Unavailable),
+            (404, None, GrpcCode::Unimplemented),
+            (503, Some("8"), GrpcCode::ResourceExhausted),
+        ] {
+            let svc =
+                GrpcStatusLayer::new().layer(service_fn(move |_: http::Request<()>| async move {
+                    let mut res =
+                        Response::new(Full::new(Bytes::from_static(b"<html>Bad Gateway</html>")));
+                    *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    let h = res.headers_mut();
+                    h.insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/html"),
+                    );
+                    h.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("24"));
+                    if let Some(g) = grpc_status {
+                        h.insert("grpc-status", HeaderValue::from_static(g));
+                    }
+                    Ok::<_, BoxError>(res)
+                }));
+            let res = svc.oneshot(grpc_request()).await.unwrap();
+            let (parts, body) = res.into_parts();
+            assert_eq!(
+                parts.extensions.get::<GrpcOutcome>().unwrap().code(),
+                expected
+            );
+            let status =
+                tonic::Status::from_header_map(&parts.headers).expect("a status in the headers");
+            assert_eq!(status.code() as i32, expected as i32, "{status:?}");
+            if grpc_status.is_none() {
+                assert!(
+                    status.message().contains(&status_text(parts.status)),
+                    "{status:?}"
+                );
+                assert!(parts.headers.get(http::header::CONTENT_LENGTH).is_none());
+                assert!(body.collect().await.unwrap().to_bytes().is_empty());
+            }
+        }
+    }
+
+    fn status_text(s: http::StatusCode) -> String {
+        s.as_u16().to_string()
     }
 
     /// A gRPC-Web answer of two messages or more without a status keeps its messages

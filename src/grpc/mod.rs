@@ -43,6 +43,12 @@
 //! A gRPC-Web answer (binary, or base64 `-text`, decoded to be read) is read the same
 //! way, its status taken from the trailers frame that ends its body.
 //!
+//! A non-200 answer to a gRPC call without a `grpc-status` (a proxy's `502` page, a
+//! load balancer's `503`) becomes trailers-only with the status the gRPC spec maps its
+//! HTTP status to (`UNAVAILABLE` for `429`, `502`, `503`, `504`) and a `grpc-message`
+//! naming the HTTP status; its page is dropped. tonic would read the page as gRPC
+//! frames and answer `INTERNAL`.
+//!
 //! Either way the final [`GrpcOutcome`] is put in the response's extensions when it is
 //! known before returning. A streamed gRPC-Web answer (`application/grpc-web`, binary)
 //! is reported with the status of the trailers frame that ends its body; a streamed
