@@ -9,6 +9,7 @@
 //! | [`circuit_breaker::error::Open`](crate::circuit_breaker::error::Open) | the breaker rejected the call | 503 + `Retry-After` | `UNAVAILABLE` + `grpc-retry-pushback-ms` |
 //! | [`bulkhead::error::Full`](crate::bulkhead::error::Full) | no permit | 503 + `Retry-After: 1` | `RESOURCE_EXHAUSTED` + `grpc-retry-pushback-ms: 1000` |
 //! | [`http::body::RequestBodyFailed`](crate::http::body::RequestBodyFailed) (`http`) | the caller's request body failed while it was read (a broken upload) | 400 | `CANCELLED` |
+//! | the same, over a body limit set outside (`http_body_util::LengthLimitError`: tower-http's `RequestBodyLimitLayer`) | the caller's body is larger than the server takes | 413 | `RESOURCE_EXHAUSTED` |
 //! | [`timeout::error::Elapsed`](crate::timeout::error::Elapsed) | attempt timed out | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::DeadlineExceeded`](crate::timeout::error::DeadlineExceeded) | deadline passed | 504 | `DEADLINE_EXCEEDED` |
 //! | [`timeout::error::BodyDeadlineExceeded`](crate::timeout::error::BodyDeadlineExceeded) | deadline passed while the response body was read (a body error: a proxy that had not sent its head yet answers 504) | 504 | `DEADLINE_EXCEEDED` |
@@ -217,6 +218,15 @@ mod http_mapping {
             return Some(e.clone().into_response());
         }
         if find_cause::<RequestBodyFailed>(err).is_some() {
+            // Over a limit a layer outside set (tower-http's `RequestBodyLimitLayer`):
+            // `413`, as without postbox.
+            if find_cause::<http_body_util::LengthLimitError>(err).is_some() {
+                return Some(respond(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    None,
+                    "the request body is too large".to_owned(),
+                ));
+            }
             // The caller's upload broke (it went away): theirs, not a server error to
             // log at `error` and count among the 5xx.
             tracing::debug!(error = %err, "the request body failed; answered 400");
@@ -421,6 +431,9 @@ mod grpc_mapping {
             return Some(s.clone());
         }
         if find_cause::<crate::http::body::RequestBodyFailed>(err).is_some() {
+            if find_cause::<http_body_util::LengthLimitError>(err).is_some() {
+                return Some(Status::resource_exhausted("the request body is too large"));
+            }
             // The caller's request stream broke: the caller went away.
             return Some(Status::cancelled("the request body could not be read"));
         }
@@ -737,7 +750,36 @@ mod tests {
             http::StatusCode::BAD_REQUEST
         );
         #[cfg(feature = "grpc")]
-        assert_eq!(to_status(&*broken()).code(), tonic::Code::Cancelled);
+        {
+            assert_eq!(to_status(&*broken()).code(), tonic::Code::Cancelled);
+            // The same through `IntoStatusLayer`'s mapping (it was `UNKNOWN`, with the
+            // error's own text).
+            assert_eq!(
+                crate::grpc::into_status(broken()).code(),
+                tonic::Code::Cancelled
+            );
+        }
+    }
+
+    /// A caller's body over a limit set outside (tower-http's `RequestBodyLimitLayer`,
+    /// met while the fallback collects the body) is `413` (gRPC: `RESOURCE_EXHAUSTED`),
+    /// as without postbox, not a broken upload's `400`.
+    #[cfg(feature = "http")]
+    #[tokio::test]
+    async fn a_body_over_a_limit_set_outside_answers_413() {
+        use crate::http::body::RequestBodyFailed;
+        use http_body_util::{BodyExt, Full, Limited};
+        let limited = || async {
+            let body = Full::new(bytes::Bytes::from_static(b"0123456789"));
+            Limited::new(body, 4).collect().await.unwrap_err()
+        };
+        let over: BoxError = Box::new(RequestBodyFailed::new(limited().await));
+        #[cfg(feature = "grpc")]
+        assert_eq!(to_status(&*over).code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            into_response(over).status(),
+            http::StatusCode::PAYLOAD_TOO_LARGE
+        );
     }
 
     /// A full bulkhead's answer does not tell the client its capacity (how many slow

@@ -21,7 +21,7 @@ use tower_service::Service;
 /// a full bulkhead `RESOURCE_EXHAUSTED`, a timeout or a passed deadline
 /// `DEADLINE_EXCEEDED`, tonic's own `TimeoutExpired` too, which tonic would answer
 /// `CANCELLED`, and so would it a call hyper dropped before dispatching it, its
-/// connection closed: `UNAVAILABLE`); anything else goes through tonic's own
+/// connection closed: `UNAVAILABLE`; a caller's broken upload `CANCELLED`); anything else goes through tonic's own
 /// [`Status::from_error`] (a `Status` in the chain, HTTP/2 and connect errors), so a
 /// transport failure reads exactly as it would without postbox.
 pub fn into_status(err: BoxError) -> Status {
@@ -32,6 +32,7 @@ pub fn into_status(err: BoxError) -> Status {
         || is_caused_by::<BodyDeadlineExceeded>(&*err)
         || is_caused_by::<tonic::TimeoutExpired>(&*err)
         || is_caused_by::<NotEnqueued>(&*err)
+        || is_caused_by::<crate::http::body::RequestBodyFailed>(&*err)
         || crate::error::find_cause::<hyper::Error>(&*err).is_some_and(hyper::Error::is_canceled)
     {
         return crate::error::to_status(&*err);
