@@ -41,6 +41,10 @@ use tower_service::Service;
 /// enqueue fallback logs the error, and the replayer stores it as a dead letter's
 /// reason.
 ///
+/// Credentials in the URL (`https://user:token@host/…`) are sent as `Authorization:
+/// Basic` (unless the request has an `Authorization` header) and taken out of the URL,
+/// as reqwest's own `RequestBuilder` does.
+///
 /// A request with a body that fails after reqwest began to send that body comes back as
 /// [`FailedAfterSending`] (the `reqwest::Error` its source): a client following
 /// redirects (reqwest's default) sends a `POST` answered `303` on as a `GET`, and that
@@ -123,17 +127,52 @@ where
             None => req.map(reqwest::Body::wrap),
         };
         match reqwest::Request::try_from(req) {
-            Ok(req) => ResponseFuture {
-                state: State::Pending {
-                    inner: self.client.call(req),
-                    sent,
-                },
-            },
+            Ok(mut req) => {
+                credentials_to_header(&mut req);
+                ResponseFuture {
+                    state: State::Pending {
+                        inner: self.client.call(req),
+                        sent,
+                    },
+                }
+            }
             Err(e) => ResponseFuture {
                 state: State::Invalid { error: Some(e) },
             },
         }
     }
+}
+
+/// Moves credentials in the URL (`https://user:token@host/…`) into an
+/// `Authorization: Basic` header (marked sensitive), unless the request has one, and out
+/// of the URL, as reqwest's `RequestBuilder` does. A request converted from an
+/// `http::Request` keeps them in the URL: a forward proxy (reqwest reads `HTTP_PROXY`)
+/// was sent them in clear text, HTTP/2 put them in `:authority`, and the server never
+/// saw them (a `401`).
+fn credentials_to_header(req: &mut reqwest::Request) {
+    let url = req.url();
+    if url.username().is_empty() && url.password().is_none() {
+        return;
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = decode(url.username());
+    let password = url.password().map(decode);
+    if !req.headers().contains_key(http::header::AUTHORIZATION) {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{user}:{}", password.unwrap_or_default()));
+        if let Ok(mut value) = http::HeaderValue::from_str(&format!("Basic {token}")) {
+            value.set_sensitive(true);
+            req.headers_mut().insert(http::header::AUTHORIZATION, value);
+        }
+    }
+    let url = req.url_mut();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
 }
 
 impl Future for ResponseFuture {

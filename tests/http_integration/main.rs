@@ -213,6 +213,51 @@ async fn a_server_deadline_answers_504() {
 
 // === the client stack around reqwest ===
 
+/// Credentials in the URL reach the server as `Authorization: Basic`, percent-decoded,
+/// and leave the URL, as with reqwest's own `RequestBuilder`; a header the caller set
+/// wins. (Through `ReqwestService` they stayed in the URL: the server got no
+/// credentials, and a forward proxy got them in the request line.)
+#[tokio::test]
+async fn credentials_in_the_url_are_sent_as_basic_auth() {
+    let app = Router::new().route(
+        "/echo",
+        axum::routing::get(|headers: http::HeaderMap| async move {
+            headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        }),
+    );
+    let addr = serve(app).await;
+    let client = ReqwestService::new(reqwest::Client::builder().no_proxy().build().unwrap());
+    let sent = |uri: String, header: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut req = http::Request::get(uri);
+            if let Some(h) = header {
+                req = req.header(http::header::AUTHORIZATION, h);
+            }
+            let res = client
+                .oneshot(req.body(String::new()).unwrap())
+                .await
+                .unwrap();
+            let body = http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .unwrap();
+            String::from_utf8(body.to_bytes().to_vec()).unwrap()
+        }
+    };
+    // base64("u@x:p w") = "dUB4OnAgdw=="
+    assert_eq!(
+        sent(format!("http://u%40x:p%20w@{addr}/echo"), None).await,
+        "Basic dUB4OnAgdw=="
+    );
+    assert_eq!(
+        sent(format!("http://u:p@{addr}/echo"), Some("Bearer t")).await,
+        "Bearer t"
+    );
+}
+
 mod client_stack {
     use super::*;
     use axum::routing::get;
