@@ -66,6 +66,8 @@
 #[cfg(feature = "http")]
 pub(crate) mod body;
 mod clock;
+#[cfg(not(feature = "http"))]
+pub(crate) use self::clock::usable_key;
 pub(crate) mod codec;
 pub mod error;
 pub mod future;

@@ -553,7 +553,7 @@ impl Envelope {
         #[cfg(feature = "http")]
         let keyed_by_id = crate::enqueue::codec::http_codec::key_header(&self).is_none();
         #[cfg(not(feature = "http"))]
-        let keyed_by_id = self.idempotency_key.trim().is_empty();
+        let keyed_by_id = !crate::enqueue::usable_key(&self.idempotency_key);
         let idempotency_key = if keyed_by_id {
             self.id.to_string()
         } else {
