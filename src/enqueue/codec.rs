@@ -397,7 +397,7 @@ pub(crate) mod http_codec {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "http"))]
 mod tests {
     use super::http_codec::{destination_of, rebuild_request};
     use crate::queue::{DeferReason, Envelope};
